@@ -1,0 +1,248 @@
+"""Routing data sets: prompts and per-model outcomes, in the shared on-disk format.
+
+Owns: reading a folder holding ``prompts.jsonl.gz`` (one JSON object per prompt) and
+``outcomes.csv.gz`` (``prompt_id,model,score``) into a ``RoutingData``: the prompts, the model
+names, and a (prompt x model) score matrix with NaN where a model has no result; the ``train`` /
+``test`` split; the rule that turns a raw score into right/wrong; and ``format_instruction``, the
+text a router sees for a prompt (used identically in training, evaluation and the proxy's tests).
+
+Does not know: aptitude suites, capability profiles, any model or the proxy.
+
+Correctness semantics (``is_correct``), by the prompt's ``dataset``:
+
+- ``mmlu``, ``arc_challenge``, ``arc_easy``, ``cmmlu``, ``ceval``: the score is the probability of
+  the gold option when the model answered correctly and 0 otherwise, so correct = score > 0.
+- ``gsm8k``, ``humaneval``, ``humaneval_js``, ``mbpp``: the score is the share of 10 samples that
+  were correct; we call a prompt correct when at least half were (score >= 0.5).
+- ``math_prealgebra``, ``mmlu_pro`` and any other data set: 0/1 (or a share): score >= 0.5.
+"""
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Mapping, Sequence
+
+import numpy as np
+
+PROMPTS_FILE = "prompts.jsonl.gz"
+OUTCOMES_FILE = "outcomes.csv.gz"
+LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+
+#: data sets whose score is the gold option's probability when right, 0 when wrong
+POSITIVE_IS_CORRECT = frozenset({"mmlu", "arc_challenge", "arc_easy", "cmmlu", "ceval"})
+
+
+class DataError(ValueError):
+    """A routing data folder is missing, malformed, or asked for something it does not hold."""
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    dataset: str
+    category: str
+    source: str
+    split: str
+    question: str
+    options: tuple[str, ...] = ()
+    answer: str | None = None
+
+    @classmethod
+    def from_json(cls, obj: Mapping) -> "Prompt":
+        return cls(
+            id=str(obj["id"]),
+            dataset=str(obj.get("dataset", "")),
+            category=str(obj.get("category", "")),
+            source=str(obj.get("source", "")),
+            split=str(obj.get("split", "")),
+            question=str(obj.get("question", "")),
+            options=tuple(str(o) for o in obj.get("options") or ()),
+            answer=obj.get("answer"),
+        )
+
+
+def format_instruction(prompt: Prompt | Mapping) -> str:
+    """The text a router sees: the question, then ``A. ...`` lines for the options if any."""
+    if isinstance(prompt, Mapping):
+        question, options = str(prompt.get("question", "")), list(prompt.get("options") or ())
+    else:
+        question, options = prompt.question, list(prompt.options)
+    if not options:
+        return question
+    lines = [f"{LETTERS[i]}. {opt}" for i, opt in enumerate(options[: len(LETTERS)])]
+    return question + "\n" + "\n".join(lines)
+
+
+def is_correct(dataset: str, scores: np.ndarray) -> np.ndarray:
+    """1.0 / 0.0 per score under the data set's semantics (module docstring); NaN stays NaN."""
+    scores = np.asarray(scores, dtype=np.float64)
+    right = scores > 0 if dataset in POSITIVE_IS_CORRECT else scores >= 0.5
+    return np.where(np.isnan(scores), np.nan, right.astype(np.float64))
+
+
+class RoutingData:
+    """Prompts and a (prompt x model) raw-score matrix (NaN = no result). Treat as immutable."""
+
+    def __init__(self, prompts: Sequence[Prompt], models: Sequence[str], scores: np.ndarray,
+                 path: str | None = None):
+        scores = np.asarray(scores, dtype=np.float64)
+        if scores.shape != (len(prompts), len(models)):
+            raise DataError(f"scores shape {scores.shape} != ({len(prompts)}, {len(models)})")
+        self.prompts: tuple[Prompt, ...] = tuple(prompts)
+        self.models: list[str] = list(models)
+        self.scores = scores
+        self.scores.setflags(write=False)
+        self.path = path
+        self._row = {p.id: i for i, p in enumerate(self.prompts)}
+        self._col = {m: j for j, m in enumerate(self.models)}
+        self._correct: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.prompts)
+
+    def __repr__(self) -> str:
+        return f"RoutingData({self.path!r}, {len(self)} prompts, {len(self.models)} models)"
+
+    @property
+    def ids(self) -> list[str]:
+        return [p.id for p in self.prompts]
+
+    def __contains__(self, prompt_id: str) -> bool:
+        return prompt_id in self._row
+
+    def prompt(self, prompt_id: str) -> Prompt:
+        try:
+            return self.prompts[self._row[prompt_id]]
+        except KeyError:
+            raise DataError(f"unknown prompt id {prompt_id!r}") from None
+
+    def rows(self, prompt_ids: Iterable[str]) -> np.ndarray:
+        try:
+            return np.array([self._row[i] for i in prompt_ids], dtype=np.int64)
+        except KeyError as exc:
+            raise DataError(f"unknown prompt id {exc.args[0]!r}") from None
+
+    def column(self, model: str) -> int:
+        try:
+            return self._col[model]
+        except KeyError:
+            raise DataError(f"model {model!r} not in {self.models}") from None
+
+    def subset(self, rows: Sequence[int] | np.ndarray, models: Sequence[str] | None = None) -> "RoutingData":
+        """The given rows (indices or a boolean mask), optionally restricted to some models."""
+        rows = np.asarray(rows)
+        idx = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
+        cols = [self.column(m) for m in models] if models is not None else list(range(len(self.models)))
+        out = RoutingData([self.prompts[i] for i in idx], [self.models[j] for j in cols],
+                          self.scores[np.ix_(idx, cols)], self.path)
+        return out
+
+    def split(self, name: str) -> "RoutingData":
+        """Only the prompts of one split (``train`` or ``test``)."""
+        mask = np.array([p.split == name for p in self.prompts], dtype=bool)
+        if not mask.any():
+            raise DataError(f"no prompts in split {name!r}")
+        return self.subset(mask)
+
+    def with_models(self, models: Sequence[str]) -> "RoutingData":
+        return self.subset(np.arange(len(self)), models)
+
+    def correct_matrix(self) -> np.ndarray:
+        """(prompt x model) 1.0 / 0.0 / NaN under each prompt's data set semantics."""
+        if self._correct is None:
+            out = np.full(self.scores.shape, np.nan)
+            datasets = np.array([p.dataset for p in self.prompts])
+            for ds in np.unique(datasets):
+                mask = datasets == ds
+                out[mask] = is_correct(str(ds), self.scores[mask])
+            out.setflags(write=False)
+            self._correct = out
+        return self._correct
+
+    def correct(self, model: str) -> np.ndarray:
+        """1.0 / 0.0 per prompt for ``model``, NaN where it has no result."""
+        return self.correct_matrix()[:, self.column(model)]
+
+
+def _read_prompts(path: Path) -> list[Prompt]:
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        return [Prompt.from_json(json.loads(line)) for line in fh if line.strip()]
+
+
+def _read_outcomes(path: Path, row_of: Mapping[str, int]) -> tuple[list[str], np.ndarray]:
+    models: dict[str, int] = {}
+    triples: list[tuple[int, int, float]] = []
+    with gzip.open(path, "rt", encoding="utf-8", newline="") as fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None or header[:3] != ["prompt_id", "model", "score"]:
+            raise DataError(f"{path}: expected header prompt_id,model,score, got {header}")
+        for pid, model, score in reader:
+            row = row_of.get(pid)
+            if row is None:
+                continue  # an outcome for a prompt this folder does not list: ignored
+            col = models.setdefault(model, len(models))
+            triples.append((row, col, float(score)))
+    scores = np.full((len(row_of), len(models)), np.nan)
+    if triples:
+        r, c, s = (np.array(x) for x in zip(*triples))
+        scores[r.astype(np.int64), c.astype(np.int64)] = s
+    return list(models), scores
+
+
+@lru_cache(maxsize=8)
+def _load_cached(path: str, mtime: float) -> RoutingData:
+    folder = Path(path)
+    prompts = _read_prompts(folder / PROMPTS_FILE)
+    row_of = {p.id: i for i, p in enumerate(prompts)}
+    if len(row_of) != len(prompts):
+        raise DataError(f"{folder}: duplicate prompt ids")
+    outcomes = folder / OUTCOMES_FILE
+    models, scores = _read_outcomes(outcomes, row_of) if outcomes.exists() else ([], np.zeros((len(prompts), 0)))
+    return RoutingData(prompts, models, scores, str(folder))
+
+
+def load_dataset(path: str | os.PathLike) -> RoutingData:
+    """Load a folder in the shared format; parsed once per path (and file version) per process."""
+    folder = Path(path).expanduser().resolve()
+    prompts = folder / PROMPTS_FILE
+    if not prompts.exists():
+        raise DataError(f"{folder} holds no {PROMPTS_FILE}")
+    outcomes = folder / OUTCOMES_FILE
+    mtime = max(prompts.stat().st_mtime, outcomes.stat().st_mtime if outcomes.exists() else 0.0)
+    return _load_cached(str(folder), mtime)
+
+
+def write_dataset(path: str | os.PathLike, prompts: Sequence[Prompt | Mapping],
+                  outcomes: Iterable[tuple[str, str, float]]) -> Path:
+    """Write a folder in the shared format (for subsets, fixtures and tests)."""
+    folder = Path(path)
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(folder / PROMPTS_FILE, "wt", encoding="utf-8") as fh:
+        for p in prompts:
+            obj = dict(p) if isinstance(p, Mapping) else {
+                "id": p.id, "dataset": p.dataset, "category": p.category, "source": p.source,
+                "split": p.split, "question": p.question, "options": list(p.options), "answer": p.answer}
+            fh.write(json.dumps(obj) + "\n")
+    with gzip.open(folder / OUTCOMES_FILE, "wt", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["prompt_id", "model", "score"])
+        writer.writerows(outcomes)
+    return folder
+
+
+def data_root() -> Path:
+    """Where the shared data lives: $SATROUTE_DATA_DIR, else ../shared/data beside the checkout."""
+    env = os.environ.get("SATROUTE_DATA_DIR")
+    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+__all__ = [
+    "DataError", "Prompt", "RoutingData", "data_root", "format_instruction", "is_correct", "load_dataset",
+    "write_dataset",
+]

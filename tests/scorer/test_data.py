@@ -1,0 +1,82 @@
+"""scorer.data: loading the shared format, splits, score semantics, the router's instruction text."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from scorer.data import DataError, Prompt, format_instruction, is_correct, load_dataset, write_dataset
+
+
+def _prompt(pid, dataset="mmlu", split="train", **kw):
+    return {"id": pid, "dataset": dataset, "category": kw.get("category", "anatomy"), "source": kw.get("source", "x"),
+            "split": split, "question": kw.get("question", f"q {pid}?"), "options": kw.get("options", []),
+            "answer": kw.get("answer")}
+
+
+@pytest.fixture()
+def folder(tmp_path):
+    prompts = [_prompt("p1"), _prompt("p2", split="test"), _prompt("g1", dataset="gsm8k"),
+               _prompt("g2", dataset="gsm8k", split="test"), _prompt("x1", dataset="mmlu_pro")]
+    outcomes = [("p1", "A", 0.31), ("p1", "B", 0.0), ("p2", "A", 0.0), ("g1", "A", 0.5), ("g1", "B", 0.4),
+                ("g2", "B", 1.0), ("x1", "A", 1), ("x1", "B", 0), ("unlisted", "A", 1)]
+    return write_dataset(tmp_path / "set", prompts, outcomes)
+
+
+def test_load_matrix_with_nan_for_missing(folder):
+    data = load_dataset(folder)
+    assert data.models == ["A", "B"]
+    assert data.ids == ["p1", "p2", "g1", "g2", "x1"]
+    assert data.scores[data.rows(["p1"])[0]].tolist() == [0.31, 0.0]
+    assert math.isnan(data.scores[1, 1]) and math.isnan(data.scores[3, 0])
+
+
+def test_correct_semantics_per_dataset(folder):
+    data = load_dataset(folder)
+    a, b = data.correct("A"), data.correct("B")
+    # mmlu: correct = score > 0 (0.31 is right); gsm8k: share >= 0.5; mmlu_pro 0/1
+    assert a[0] == 1.0 and b[0] == 0.0
+    assert a[2] == 1.0 and b[2] == 0.0
+    assert a[4] == 1.0 and b[4] == 0.0
+    assert math.isnan(b[1]) and math.isnan(a[3])
+    assert is_correct("gsm8k", np.array([0.49, 0.5])).tolist() == [0.0, 1.0]
+    assert is_correct("cmmlu", np.array([0.01, 0.0])).tolist() == [1.0, 0.0]
+
+
+def test_split_keeps_only_that_split(folder):
+    data = load_dataset(folder)
+    train, test = data.split("train"), data.split("test")
+    assert train.ids == ["p1", "g1", "x1"] and test.ids == ["p2", "g2"]
+    assert train.models == data.models
+    assert train.correct("A").tolist() == [1.0, 1.0, 1.0]
+    with pytest.raises(DataError):
+        data.split("validation")
+
+
+def test_loading_is_cached_per_path(folder):
+    assert load_dataset(folder) is load_dataset(str(folder))
+
+
+def test_unknown_model_and_missing_folder(folder, tmp_path):
+    with pytest.raises(DataError):
+        load_dataset(folder).correct("nope")
+    with pytest.raises(DataError):
+        load_dataset(tmp_path / "absent")
+
+
+def test_format_instruction_letters_options():
+    p = Prompt("i", "mmlu_pro", "c", "s", "train", "What is 2+2?", ("3", "4"), "B")
+    assert format_instruction(p) == "What is 2+2?\nA. 3\nB. 4"
+    assert format_instruction({"question": "Hi", "options": []}) == "Hi"
+    assert format_instruction({"question": "Q", "options": ["x"]}) == "Q\nA. x"
+
+
+@pytest.mark.data
+def test_real_sets_load(shared_data):
+    pro = load_dataset(shared_data / "mmlu_pro")
+    assert len(pro) == 12032 and len(pro.models) == 24
+    assert len(pro.split("test")) == 2420
+    rdc = load_dataset(shared_data / "routerdc")
+    assert len(rdc) == 20600 and len(rdc.models) == 7
+    assert not np.isnan(rdc.correct_matrix()).any()
