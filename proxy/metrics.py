@@ -1,0 +1,125 @@
+"""Prometheus metrics of one proxy instance, in a registry the app owns (no module-level collectors).
+
+Owns: the metric names, labels and buckets, the small ``observe_*`` methods the rest of the proxy
+calls, and the ``GET /metrics`` endpoint that renders the registry in Prometheus' text format.
+
+Does not know: where the events come from. The request log middleware (``proxy.logs``) reports each
+finished request (``observe_request``); dispatch reports upstream latency, retries, fallbacks and
+cooldowns; routing reports decisions and scorer latency; onboarding reports progress; the local
+server supervisor reports restarts. Each app builds its own ``Metrics`` so tests and several apps in
+one process never share counters.
+
+Names (all prefixed ``satroute_``):
+    requests_total{model,status}             finished requests by routed (or named) model
+    in_flight_requests                       requests being served right now
+    routing_decisions_total{model}           ``auto`` requests routed to each model
+    scorer_latency_seconds                   one Model-SAT scoring call
+    upstream_latency_seconds{model}          one upstream call, to the first byte for streams
+    fallbacks_total{from_model,to_model}     a failed model handed the request to the next-ranked
+    retries_total{model}                     retried upstream attempts
+    cooldowns_total{model}                   a model put in cooldown
+    onboarding_questions_answered{model}     graded aptitude answers stored so far
+    onboarding_questions_total{model}        questions in that model's aptitude test
+    onboarding_state{model,state}            1 for the model's current state, 0 for the others
+    local_server_up{name}                    1 while a managed local server answers
+    local_server_restarts_total{name}        restarts of a managed local server
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+from starlette.requests import Request
+from starlette.responses import Response
+
+# Scoring on a CPU takes tens to hundreds of milliseconds, on a GPU a few.
+SCORER_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# Upstream calls range from a loopback mock (ms) to long generations (minutes).
+UPSTREAM_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
+ONBOARDING_STATES = ("pending", "running", "stalled", "failed", "done")
+
+
+class Metrics:
+    """All collectors of one app, registered in its own ``CollectorRegistry``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None, prefix: str = "satroute"):
+        self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        r, p = self.registry, prefix
+        self.requests = Counter(f"{p}_requests", "Finished requests by routed model and status",
+                                ["model", "status"], registry=r)
+        self.in_flight = Gauge(f"{p}_in_flight_requests", "Requests being served now", registry=r)
+        self.routing_decisions = Counter(f"{p}_routing_decisions",
+                                         "Requests for the router's name routed to each model",
+                                         ["model"], registry=r)
+        self.scorer_latency = Histogram(f"{p}_scorer_latency_seconds",
+                                        "Time of one scoring call over all candidates",
+                                        buckets=SCORER_BUCKETS, registry=r)
+        self.upstream_latency = Histogram(f"{p}_upstream_latency_seconds",
+                                          "Upstream call time (to the first byte for streams)",
+                                          ["model"], buckets=UPSTREAM_BUCKETS, registry=r)
+        self.fallbacks = Counter(f"{p}_fallbacks", "Requests handed to the next-ranked model",
+                                 ["from_model", "to_model"], registry=r)
+        self.retries = Counter(f"{p}_retries", "Retried upstream attempts", ["model"], registry=r)
+        self.cooldowns = Counter(f"{p}_cooldowns", "Models put in cooldown", ["model"], registry=r)
+        self.onboarding_answered = Gauge(f"{p}_onboarding_questions_answered",
+                                         "Graded aptitude answers stored", ["model"], registry=r)
+        self.onboarding_total = Gauge(f"{p}_onboarding_questions_total",
+                                      "Questions in the model's aptitude test", ["model"],
+                                      registry=r)
+        self.onboarding_state = Gauge(f"{p}_onboarding_state",
+                                      "1 for the model's current onboarding state",
+                                      ["model", "state"], registry=r)
+        self.local_server_up = Gauge(f"{p}_local_server_up", "1 while the local server answers",
+                                     ["name"], registry=r)
+        self.local_server_restarts = Counter(f"{p}_local_server_restarts",
+                                             "Restarts of a managed local server", ["name"],
+                                             registry=r)
+
+    # -- what the rest of the proxy calls -------------------------------------------------------
+
+    def observe_request(self, model: str | None, status: int) -> None:
+        self.requests.labels(model=model or "none", status=str(status)).inc()
+
+    def observe_routing(self, model: str, scorer_seconds: float | None = None) -> None:
+        self.routing_decisions.labels(model=model).inc()
+        if scorer_seconds is not None:
+            self.scorer_latency.observe(scorer_seconds)
+
+    def observe_upstream(self, model: str, seconds: float) -> None:
+        self.upstream_latency.labels(model=model).observe(seconds)
+
+    def observe_fallback(self, from_model: str, to_model: str) -> None:
+        self.fallbacks.labels(from_model=from_model, to_model=to_model).inc()
+
+    def observe_retry(self, model: str) -> None:
+        self.retries.labels(model=model).inc()
+
+    def observe_cooldown(self, model: str) -> None:
+        self.cooldowns.labels(model=model).inc()
+
+    def observe_onboarding(self, model: str, answered: int, total: int, state: str) -> None:
+        self.onboarding_answered.labels(model=model).set(answered)
+        self.onboarding_total.labels(model=model).set(total)
+        states: Iterable[str] = ONBOARDING_STATES if state in ONBOARDING_STATES else (
+            *ONBOARDING_STATES, state)
+        for s in states:
+            self.onboarding_state.labels(model=model, state=s).set(1 if s == state else 0)
+
+    def observe_local_server(self, name: str, event: str) -> None:
+        """The ``on_event`` callback of ``proxy.localserver.LocalServer``."""
+        if event == "ready":
+            self.local_server_up.labels(name=name).set(1)
+        elif event in ("exited", "stopped"):
+            self.local_server_up.labels(name=name).set(0)
+        if event == "restarting":
+            self.local_server_restarts.labels(name=name).inc()
+
+    # -- exposition -----------------------------------------------------------------------------
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+    async def endpoint(self, request: Request) -> Response:
+        """``GET /metrics``: the registry in Prometheus' text exposition format."""
+        return Response(self.render(), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,44 @@
+"""A stand-in for llama-cpp-python's server in supervision tests: answers GET /v1/models on a port.
+
+Usage: python fake_model_server.py PORT [--exit-after SECONDS] [--exit-code N] [--never-ready]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self):  # noqa: N802 (http.server's naming)
+        body = json.dumps({"object": "list", "data": [{"id": "fake", "object": "model",
+                                                       "pid": os.getpid()}]}).encode()
+        self.send_response(200)
+        self.send_header("content-type", "application/json")
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args):
+        pass
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("port", type=int)
+    parser.add_argument("--exit-after", type=float)
+    parser.add_argument("--exit-code", type=int, default=3)
+    parser.add_argument("--never-ready", action="store_true")
+    args = parser.parse_args()
+    print(f"fake server pid {os.getpid()} starting", flush=True)
+    if args.exit_after is not None:
+        threading.Timer(args.exit_after, lambda: os._exit(args.exit_code)).start()
+    if args.never_ready:
+        threading.Event().wait()
+    ThreadingHTTPServer(("127.0.0.1", args.port), Handler).serve_forever()
+
+
+if __name__ == "__main__":
+    main()

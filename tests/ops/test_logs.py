@@ -1,0 +1,160 @@
+"""JSON request logs: one line per request, the request id header, what is and is never logged."""
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, StreamingResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from proxy.logs import (
+    REQUEST_ID_HEADER,
+    JsonFormatter,
+    Redactor,
+    RequestLogMiddleware,
+    request_record,
+)
+
+SECRET = "sk-live-THISMUSTNEVERLEAK1234"
+PROMPT = "What is the capital of Burkina Faso?"
+
+
+async def chat(request: Request) -> JSONResponse:
+    body = await request.json()
+    record = request_record(request)
+    record.requested_model = body["model"]
+    record.upstream_ms = 12.5
+    return JSONResponse(
+        {"id": "c1", "object": "chat.completion", "model": "small-model",
+         "choices": [{"index": 0, "message": {"role": "assistant", "content": "Ouagadougou"}}],
+         "usage": {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}},
+        headers={"x-satroute-model": "small-model",
+                 "x-satroute-scores": "small-model=0.8,big-model=0.6",
+                 "x-satroute-scorer-ms": "4.2"})
+
+
+async def stream(request: Request) -> StreamingResponse:
+    async def chunks():
+        for i in range(3):
+            yield f'data: {{"id":"c2","model":"streamer","choices":[{{"delta":{{"content":"{i}"}}}}]}}\n\n'
+        yield ('data: {"id":"c2","model":"streamer","choices":[],'
+               '"usage":{"prompt_tokens":5,"completion_tokens":3,"total_tokens":8}}\n\n')
+        yield "data: [DONE]\n\n"
+    return StreamingResponse(chunks(), media_type="text/event-stream")
+
+
+async def leak(request: Request) -> JSONResponse:
+    logging.getLogger("satroute.test").warning("upstream said: bad key %s", SECRET)
+    return JSONResponse({"ok": True})
+
+
+async def boom(request: Request) -> JSONResponse:
+    raise RuntimeError("handler crashed")
+
+
+def _client(include_prompts=False, records=None):
+    stream_out = io.StringIO()
+    handler = logging.StreamHandler(stream_out)
+    handler.setFormatter(JsonFormatter(Redactor(lambda: [SECRET])))
+    logger = logging.getLogger("satroute.request.test")
+    logger.handlers[:] = [handler]
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    other = logging.getLogger("satroute.test")
+    other.handlers[:] = [handler]
+    other.propagate = False
+    app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
+                            Route("/stream", stream), Route("/leak", leak), Route("/boom", boom),
+                            Route("/health", leak)])
+    app.add_middleware(RequestLogMiddleware, logger=logger, include_prompts=include_prompts,
+                       on_record=[records.append] if records is not None else ())
+    return TestClient(app, raise_server_exceptions=False), stream_out
+
+
+def _lines(out: io.StringIO) -> list[dict]:
+    return [json.loads(line) for line in out.getvalue().splitlines() if line.strip()]
+
+
+def test_one_json_line_per_request_with_model_scores_latency_usage_and_request_id():
+    client, out = _client()
+    response = client.post("/v1/chat/completions", json={
+        "model": "auto", "messages": [{"role": "user", "content": PROMPT}]},
+        headers={"authorization": f"Bearer {SECRET}"})
+    assert response.status_code == 200
+    rid = response.headers[REQUEST_ID_HEADER]
+    assert rid.startswith("req_")
+    [line] = _lines(out)
+    assert line["request_id"] == rid
+    assert line["status"] == 200 and line["method"] == "POST"
+    assert line["requested_model"] == "auto" and line["routed_model"] == "small-model"
+    assert line["scores"] == {"small-model": 0.8, "big-model": 0.6}
+    assert line["scorer_ms"] == 4.2 and line["upstream_ms"] == 12.5 and line["total_ms"] > 0
+    assert line["usage"] == {"prompt_tokens": 11, "completion_tokens": 3, "total_tokens": 14}
+    assert line["level"] == "info" and line["ts"].endswith("Z")
+    raw = out.getvalue()
+    assert PROMPT not in raw and "Ouagadougou" not in raw and SECRET not in raw
+    assert "prompt" not in line
+
+
+def test_prompt_text_is_logged_only_when_enabled():
+    client, out = _client(include_prompts=True)
+    client.post("/v1/chat/completions", json={
+        "model": "auto", "messages": [{"role": "system", "content": "be brief"},
+                                      {"role": "user", "content": [{"type": "text",
+                                                                    "text": PROMPT}]}]})
+    assert _lines(out)[0]["prompt"] == PROMPT
+
+
+def test_a_well_formed_incoming_request_id_is_kept_and_a_bad_one_replaced():
+    client, out = _client()
+    kept = client.get("/stream", headers={REQUEST_ID_HEADER: "trace-42.a"})
+    assert kept.headers[REQUEST_ID_HEADER] == "trace-42.a"
+    replaced = client.get("/stream", headers={REQUEST_ID_HEADER: "bad id <script>"})
+    assert replaced.headers[REQUEST_ID_HEADER].startswith("req_")
+    assert [line["request_id"] for line in _lines(out)] == [
+        "trace-42.a", replaced.headers[REQUEST_ID_HEADER]]
+
+
+def test_a_stream_is_logged_once_at_its_end_with_its_model_and_usage():
+    records = []
+    client, out = _client(records=records)
+    with client.stream("GET", "/stream") as response:
+        assert _lines(out) == []  # headers are out, the line waits for the end of the stream
+        body = b"".join(response.iter_bytes())
+    assert body.endswith(b"data: [DONE]\n\n")
+    [line] = _lines(out)
+    assert line["stream"] is True and line["routed_model"] == "streamer"
+    assert line["usage"]["total_tokens"] == 8 and line["ttfb_ms"] <= line["total_ms"]
+    assert len(records) == 1 and records[0].routed_model == "streamer"
+
+
+def test_secrets_are_redacted_from_every_log_line_whoever_writes_it():
+    client, out = _client()
+    client.get("/leak")
+    lines = _lines(out)
+    assert SECRET not in out.getvalue()
+    assert "[redacted]" in lines[0]["msg"]
+
+
+@pytest.mark.parametrize("text", ["Authorization: Bearer abcdefgh12345678",
+                                  "key=sk-ant-api03-abcdefghijkl", "gsk_abcdefghijklmnop"])
+def test_credential_shaped_strings_are_redacted_without_configuration(text):
+    redacted = Redactor()(text)
+    assert "[redacted]" in redacted
+    assert "abcdefgh" not in redacted
+
+
+def test_health_probes_are_counted_but_not_logged_and_a_crash_is_logged():
+    records = []
+    client, out = _client(records=records)
+    client.get("/health")
+    assert client.get("/boom").status_code == 500
+    lines = [line for line in _lines(out) if line["logger"] == "satroute.request.test"]
+    assert [r.path for r in records] == ["/health", "/boom"]
+    assert [line["path"] for line in lines] == ["/boom"]
+    assert lines[0]["status"] == 500 and "error" in lines[0]

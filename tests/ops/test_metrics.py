@@ -1,0 +1,77 @@
+"""The app-owned Prometheus registry: each observe_* moves the right series; /metrics renders it."""
+from __future__ import annotations
+
+from prometheus_client.parser import text_string_to_metric_families
+from starlette.applications import Starlette
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from proxy.metrics import Metrics
+
+
+def _samples(metrics: Metrics) -> dict[tuple[str, tuple], float]:
+    out = {}
+    for family in text_string_to_metric_families(metrics.render().decode()):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def test_two_apps_never_share_counters():
+    a, b = Metrics(), Metrics()
+    a.observe_request("m1", 200)
+    assert _samples(a)[("satroute_requests_total", (("model", "m1"), ("status", "200")))] == 1
+    assert not any(k[0] == "satroute_requests_total" for k in _samples(b))
+
+
+def test_every_observation_lands_in_its_series():
+    m = Metrics()
+    m.observe_request("m1", 200)
+    m.observe_request("m1", 200)
+    m.observe_request(None, 404)
+    m.observe_routing("m1", 0.03)
+    m.observe_upstream("m1", 0.2)
+    m.observe_fallback("m1", "m2")
+    m.observe_retry("m1")
+    m.observe_cooldown("m1")
+    m.observe_onboarding("new", answered=120, total=1000, state="running")
+    m.observe_local_server("smollm2", "ready")
+    m.observe_local_server("smollm2", "exited")
+    m.observe_local_server("smollm2", "restarting")
+    s = _samples(m)
+    assert s[("satroute_requests_total", (("model", "m1"), ("status", "200")))] == 2
+    assert s[("satroute_requests_total", (("model", "none"), ("status", "404")))] == 1
+    assert s[("satroute_routing_decisions_total", (("model", "m1"),))] == 1
+    assert s[("satroute_scorer_latency_seconds_count", ())] == 1
+    assert s[("satroute_scorer_latency_seconds_bucket", (("le", "0.05"),))] == 1
+    assert s[("satroute_scorer_latency_seconds_bucket", (("le", "0.025"),))] == 0
+    assert s[("satroute_upstream_latency_seconds_sum", (("model", "m1"),))] == 0.2
+    assert s[("satroute_fallbacks_total", (("from_model", "m1"), ("to_model", "m2")))] == 1
+    assert s[("satroute_retries_total", (("model", "m1"),))] == 1
+    assert s[("satroute_cooldowns_total", (("model", "m1"),))] == 1
+    assert s[("satroute_onboarding_questions_answered", (("model", "new"),))] == 120
+    assert s[("satroute_onboarding_questions_total", (("model", "new"),))] == 1000
+    assert s[("satroute_onboarding_state", (("model", "new"), ("state", "running")))] == 1
+    assert s[("satroute_onboarding_state", (("model", "new"), ("state", "done")))] == 0
+    assert s[("satroute_local_server_up", (("name", "smollm2"),))] == 0
+    assert s[("satroute_local_server_restarts_total", (("name", "smollm2"),))] == 1
+
+
+def test_onboarding_state_moves_to_done():
+    m = Metrics()
+    m.observe_onboarding("new", 10, 1000, "running")
+    m.observe_onboarding("new", 1000, 1000, "done")
+    s = _samples(m)
+    assert s[("satroute_onboarding_state", (("model", "new"), ("state", "done")))] == 1
+    assert s[("satroute_onboarding_state", (("model", "new"), ("state", "running")))] == 0
+
+
+def test_metrics_endpoint_serves_prometheus_text():
+    m = Metrics()
+    m.observe_request("m1", 502)
+    app = Starlette(routes=[Route("/metrics", m.endpoint)])
+    with TestClient(app) as client:
+        response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    assert 'satroute_requests_total{model="m1",status="502"} 1.0' in response.text
