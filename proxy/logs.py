@@ -168,7 +168,7 @@ class RequestLogMiddleware:
                  model_header: str = "x-satroute-model",
                  scores_header: str = "x-satroute-scores",
                  scorer_ms_header: str = "x-satroute-scorer-ms",
-                 failed_header: str = "x-satroute-failed-models",
+                 failed_header: str = "x-satroute-failed",
                  skip_paths: Iterable[str] = ("/health", "/ready", "/metrics")):
         self.app = app
         self.logger = logger or logging.getLogger("satroute.request")

@@ -1,0 +1,154 @@
+"""``GET /openapi.json``: an OpenAPI 3.1 description of the endpoints this app really serves.
+
+Owns: the document. It is built from the app's own route table at request time (so a route added
+later, e.g. the admin endpoints, appears with its methods and its handler's docstring even without
+an entry here), with request and response schemas taken from the wire types in ``proxy.protocol``
+for the endpoints described in detail, and the master-key bearer scheme on every non-public path.
+Does not know: what the handlers do beyond their docstrings; routing, dispatch.
+"""
+from __future__ import annotations
+
+import inspect
+from typing import Any, Iterable
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import BaseRoute, Mount, Route
+
+from proxy import protocol
+from proxy.auth import PUBLIC_PATHS
+
+OPENAPI_VERSION = "3.1.0"
+REF = "#/components/schemas/{model}"
+_ERROR = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {"error": {"type": "object", "properties": {
+        "message": {"type": "string"}, "type": {"type": "string"},
+        "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}},
+}
+_ERROR_CODES = {
+    "400": "malformed JSON, a body that is not an object, missing or invalid fields",
+    "401": "missing or wrong master key",
+    "404": "the model is neither the router's name nor a configured, available model",
+    "413": "the body is larger than the configured limit",
+    "429": "every candidate is rate limited (Retry-After says when to come back)",
+    "502": "every model tried failed before the first byte",
+    "503": "no routable model, or the scorer is not loaded",
+    "504": "the request deadline passed before any model answered",
+}
+_ROUTING_HEADERS = {
+    protocol.HEADER_MODEL: "the model that answered",
+    protocol.HEADER_ROUTE: "'routed' (chosen by the scorer) or 'direct' (named by the client)",
+    protocol.HEADER_SCORES: "routed only: name=score pairs, best first",
+    protocol.HEADER_SCORER_MS: "routed only: the scorer's latency in milliseconds",
+    protocol.HEADER_FAILED: "name:reason pairs of models that failed before the answering one",
+    "x-request-id": "the request id, also in the request's log line",
+}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"application/json": {"schema": schema}}
+
+
+def _errors(*codes: str) -> dict[str, Any]:
+    return {c: {"description": _ERROR_CODES[c], "content": _json({"$ref": REF.format(
+        model="Error")})} for c in codes}
+
+
+def _detailed(router_name: str) -> dict[tuple[str, str], dict[str, Any]]:
+    headers = {name: {"description": text, "schema": {"type": "string"}}
+               for name, text in _ROUTING_HEADERS.items()}
+    return {
+        ("/v1/chat/completions", "post"): {
+            "summary": "Create a chat completion, routed by Model-SAT when model is "
+                       f"'{router_name}'",
+            "description": "OpenAI's chat completions API. Every field the proxy does not read "
+                           "is passed to the upstream untouched. With `stream: true` the answer "
+                           "is server-sent events ending with `data: [DONE]`.",
+            "requestBody": {"required": True, "content": _json(
+                {"$ref": REF.format(model="ChatCompletionRequest")})},
+            "responses": {
+                "200": {"description": "the upstream's completion (JSON), or its chunks (SSE)",
+                        "headers": headers,
+                        "content": {"application/json": {"schema": {"type": "object"}},
+                                    "text/event-stream": {"schema": {"type": "string"}}}},
+                **_errors("400", "401", "404", "413", "429", "502", "503", "504")},
+        },
+        ("/v1/models", "get"): {
+            "summary": "The router's name and every configured model that is available",
+            "responses": {"200": {"description": "OpenAI's model list", "content": _json(
+                {"$ref": REF.format(model="ModelList")})}, **_errors("401")},
+        },
+        ("/health", "get"): {"summary": "The process is alive", "security": [],
+                             "responses": {"200": {"description": "ok"}}},
+        ("/ready", "get"): {
+            "summary": "Scorer loaded and at least one model reachable", "security": [],
+            "responses": {"200": {"description": "ready"},
+                          "503": {"description": "not ready; the body lists the reasons"}}},
+        ("/metrics", "get"): {
+            "summary": "Prometheus metrics (text exposition format)",
+            "responses": {"200": {"description": "metrics", "content": {
+                "text/plain": {"schema": {"type": "string"}}}}, **_errors("401")}},
+        ("/openapi.json", "get"): {
+            "summary": "This document",
+            "responses": {"200": {"description": "OpenAPI 3.1", "content": _json(
+                {"type": "object"})}}},
+    }
+
+
+def _components() -> dict[str, Any]:
+    schemas: dict[str, Any] = {"Error": _ERROR}
+    for model in (protocol.ChatCompletionRequest, protocol.ModelList):
+        schema = model.model_json_schema(ref_template=REF)
+        schemas.update(schema.pop("$defs", {}))
+        schemas[model.__name__] = schema
+    return schemas
+
+
+def _walk(routes: Iterable[BaseRoute], prefix: str = ""):
+    for route in routes:
+        if isinstance(route, Mount):
+            yield from _walk(route.routes, prefix + route.path)
+        elif isinstance(route, Route):
+            yield prefix + route.path, route
+
+
+def build_document(routes: Iterable[BaseRoute], *, router_name: str = "auto",
+                   public_paths: Iterable[str] = PUBLIC_PATHS,
+                   title: str = "satroute", version: str = "0.1.0") -> dict[str, Any]:
+    detailed = _detailed(router_name)
+    public = set(public_paths)
+    paths: dict[str, dict[str, Any]] = {}
+    for path, route in _walk(routes):
+        methods = sorted(m.lower() for m in (route.methods or {"GET"}) if m != "HEAD")
+        for method in methods:
+            op = detailed.get((path, method))
+            if op is None:
+                doc = inspect.getdoc(route.endpoint) or f"{method.upper()} {path}"
+                op = {"summary": doc.splitlines()[0],
+                      "responses": {"200": {"description": "success"}, **_errors("401")}}
+            op = {"operationId": f"{method}_{path.strip('/').replace('/', '_') or 'root'}",
+                  **op}
+            if path in public:
+                op["security"] = []
+            paths.setdefault(path, {})[method] = op
+    return {
+        "openapi": OPENAPI_VERSION,
+        "info": {"title": title, "version": version,
+                 "description": "OpenAI-compatible LLM routing proxy driven by Model-SAT."},
+        "paths": paths,
+        "components": {"schemas": _components(), "securitySchemes": {
+            "masterKey": {"type": "http", "scheme": "bearer",
+                          "description": "SATROUTE_MASTER_KEY, when one is set"}}},
+        "security": [{"masterKey": []}],
+    }
+
+
+async def openapi_endpoint(request: Request) -> Response:
+    """``GET /openapi.json``: the description of this app's endpoints."""
+    services = getattr(request.app.state, "services", None)
+    router = services.registry.snapshot.router.router_name if services is not None else "auto"
+    doc = build_document(request.app.routes, router_name=router)
+    return Response(orjson.dumps(doc), media_type="application/json")
