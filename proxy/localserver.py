@@ -309,3 +309,81 @@ class LocalServer:
 def default_threads() -> int:
     """One thread per two cores, at least one: the scorer and the event loop need CPU too."""
     return max(1, (os.cpu_count() or 2) // 2)
+
+
+MarkCallback = Callable[[str, "str | None"], None]
+
+
+class LocalServerManager:
+    """Keeps one supervised server per declared local model, in step with the live configuration.
+
+    ``specs()`` returns the wanted servers by model name (read from the current providers.yaml);
+    ``mark(name, reason)`` tells the registry a model is unavailable (``reason``) or back (``None``):
+    a model is unavailable from the moment its server is wanted until it answers, while it restarts,
+    and for good (until its configuration changes) when it cannot start at all.
+    """
+
+    def __init__(self, specs: Callable[[], dict[str, LocalServerSpec]], mark: MarkCallback, *,
+                 on_event: EventCallback | None = None,
+                 factory: Callable[..., LocalServer] | None = None,
+                 installed: Callable[[], bool] = llama_cpp_available):
+        self._specs = specs
+        self._mark = mark
+        self._on_event = on_event
+        self._factory = factory or LocalServer.for_spec
+        self._installed = installed
+        self.servers: dict[str, tuple[LocalServerSpec, LocalServer | None]] = {}
+
+    def _event(self, name: str, event: str) -> None:
+        if event == "ready":
+            self._mark(name, None)
+        elif event in ("exited", "restarting"):
+            self._mark(name, "its local server is restarting")
+        if self._on_event is not None:
+            self._on_event(name, event)
+
+    def mark_pending(self) -> None:
+        """Mark every wanted, not yet running model unavailable (call before serving requests)."""
+        for name in self._specs():
+            if name not in self.servers:
+                self._mark(name, "its local server is starting")
+
+    async def sync(self) -> None:
+        """Start servers newly declared or changed, stop those removed or changed."""
+        wanted = self._specs()
+        for name, (spec, server) in list(self.servers.items()):
+            if wanted.get(name) != spec:
+                del self.servers[name]
+                if server is not None:
+                    await server.stop()
+        for name, spec in wanted.items():
+            if name in self.servers:
+                continue
+            self._mark(name, "its local server is starting")
+            if not self._installed():
+                self.servers[name] = (spec, None)
+                self._mark(name, "llama-cpp-python is not installed (pip install 'satroute[local]')")
+                log.error("local model %s needs llama-cpp-python: pip install 'satroute[local]'",
+                          name)
+                continue
+            server = self._factory(spec, on_event=self._event)
+            self.servers[name] = (spec, server)
+            try:
+                await server.start()
+            except LocalServerError as exc:
+                self.servers[name] = (spec, None)
+                self._mark(name, f"its local server failed to start: {exc.message}")
+                log.error("%s", exc.message)
+
+    async def watch(self, interval_s: float) -> None:
+        """Sync now, then whenever the wanted servers change (run as a background task)."""
+        await self.sync()
+        while True:
+            await asyncio.sleep(interval_s)
+            if {n: s for n, (s, _) in self.servers.items()} != self._specs():
+                await self.sync()
+
+    async def stop(self) -> None:
+        servers = [server for _, server in self.servers.values() if server is not None]
+        self.servers.clear()
+        await asyncio.gather(*(server.stop() for server in servers))

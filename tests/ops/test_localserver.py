@@ -17,6 +17,7 @@ import pytest
 from proxy.localserver import (
     BUILTIN_SMOLLM2,
     LocalServer,
+    LocalServerManager,
     LocalServerError,
     LocalServerSpec,
     _Backoff,
@@ -165,3 +166,71 @@ async def test_the_real_smollm2_server_starts_answers_and_stops():
         pid = server.pid
         await server.stop()
     assert not _alive(pid)
+
+
+class _Marks:
+    def __init__(self):
+        self.log: list[tuple[str, str | None]] = []
+
+    def __call__(self, name, reason):
+        self.log.append((name, reason))
+
+    def current(self, name):
+        return next((r for n, r in reversed(self.log) if n == name), "never marked")
+
+
+def _fake_factory(spec: LocalServerSpec, **kwargs) -> LocalServer:
+    return LocalServer(spec.alias, [sys.executable, FAKE, str(spec.port), *spec.extra_args],
+                       spec.base_url, startup_timeout_s=spec.startup_timeout_s, stop_timeout_s=3,
+                       backoff=_Backoff(initial_s=0.05, max_s=0.2), **kwargs)
+
+
+def _spec(name: str, port: int, *extra: str, timeout: float = 10) -> LocalServerSpec:
+    return LocalServerSpec(model_path=Path("unused.gguf"), alias=name, port=port,
+                           extra_args=extra, startup_timeout_s=timeout)
+
+
+async def test_manager_marks_a_model_unavailable_until_its_server_answers_and_while_it_restarts():
+    wanted = {"local": _spec("local", free_port())}
+    marks, events = _Marks(), []
+    manager = LocalServerManager(lambda: dict(wanted), marks, factory=_fake_factory,
+                                 on_event=lambda n, e: events.append(e), installed=lambda: True)
+    manager.mark_pending()
+    assert marks.current("local") == "its local server is starting"
+    await manager.sync()
+    try:
+        assert marks.current("local") is None
+        server = manager.servers["local"][1]
+        os.kill(server.pid, signal.SIGKILL)
+        await _wait_for(lambda: "restarting" in events)
+        assert ("local", "its local server is restarting") in marks.log
+        await _wait_for(lambda: server.ready and marks.current("local") is None)
+        # a changed declaration replaces the server; a removed one stops it
+        old_pid = server.pid
+        wanted["local"] = _spec("local", free_port())
+        await manager.sync()
+        new = manager.servers["local"][1]
+        assert new is not server and new.ready and not _alive(old_pid)
+        del wanted["local"]
+        await manager.sync()
+        assert manager.servers == {} and not _alive(new.pid or -1) and not new.ready
+    finally:
+        await manager.stop()
+
+
+async def test_manager_leaves_a_model_unavailable_when_its_server_cannot_run():
+    wanted = {"broken": _spec("broken", free_port(), "--exit-after", "0", "--never-ready"),
+              "missing": _spec("missing", free_port())}
+    marks = _Marks()
+    manager = LocalServerManager(lambda: {"broken": wanted["broken"]}, marks,
+                                 factory=_fake_factory, installed=lambda: True)
+    await manager.sync()
+    assert marks.current("broken").startswith("its local server failed to start: ")
+    await manager.sync()  # no restart loop for a server that cannot start: same spec, same state
+    assert sum(1 for n, r in marks.log if n == "broken" and r and "failed" in r) == 1
+    not_installed = LocalServerManager(lambda: {"missing": wanted["missing"]}, marks,
+                                       factory=_fake_factory, installed=lambda: False)
+    await not_installed.sync()
+    assert "llama-cpp-python is not installed" in marks.current("missing")
+    await manager.stop()
+    await not_installed.stop()
