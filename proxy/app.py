@@ -1,0 +1,128 @@
+"""Composition root: builds settings, registry, scorer, dispatcher once and wires the Starlette app.
+
+Owns: ``create_app`` (the factory uvicorn and tests call), the ``Services`` every handler reaches
+through ``request.app.state.services``, and the lifespan: it loads the scorer in the background,
+watches providers.yaml for edits, runs startup hooks (``hook(services)``, which may start their own
+background tasks with ``services.spawn``), and closes everything on shutdown.
+Does not know: request parsing, routing policy, upstream protocols.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.routing import Route
+
+from proxy import endpoints
+from proxy.auth import MasterKeyAuth
+from proxy.cooldown import Cooldowns
+from proxy.dispatch import Dispatcher, RetryingDispatcher
+from proxy.errors import SatrouteError, plain_error_response
+from proxy.providers import ProfileSource, ProviderRegistry
+from proxy.scoring import ScorerHost
+from proxy.settings import Settings, environ
+
+log = logging.getLogger("satroute.app")
+
+StartupHook = Callable[["Services"], Awaitable[None] | None]
+
+
+@dataclass
+class Services:
+    """The long-lived objects of one app; built once, reached from handlers via app.state."""
+
+    settings: Settings
+    registry: ProviderRegistry
+    scoring: ScorerHost
+    dispatcher: Dispatcher
+    cooldowns: Cooldowns
+    tasks: set[asyncio.Task] = field(default_factory=set)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
+        """Start a background task that lives until shutdown (cancelled then); failures logged."""
+        task = asyncio.create_task(coro, name=name)
+        self.tasks.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background task %s failed: %r", task.get_name(), task.exception())
+
+    async def stop_tasks(self) -> None:
+        for task in list(self.tasks):
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+
+
+def build_services(settings: Settings, *, scorer: Any = None, dispatcher: Dispatcher | None = None,
+                   profile_source: ProfileSource | None = None) -> Services:
+    registry = ProviderRegistry(settings.config, environ, profile_source)
+    cooldowns = Cooldowns()
+    return Services(
+        settings=settings, registry=registry,
+        scoring=ScorerHost(scorer, threads=settings.scorer_threads),
+        dispatcher=dispatcher or RetryingDispatcher(cooldowns), cooldowns=cooldowns)
+
+
+async def _http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = "not_found" if exc.status_code == 404 else "method_not_allowed"
+    return plain_error_response(exc.status_code, f"{request.method} {request.url.path}: "
+                                f"{exc.detail}", "invalid_request_error", code)
+
+
+async def _internal_error(request: Request, exc: Exception) -> Response:
+    # The last resort: the trace goes to the log, never to the client.
+    log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return plain_error_response(500, "internal error in the proxy", "internal_error")
+
+
+def create_app(settings: Settings | None = None, *, scorer: Any = None,
+               dispatcher: Dispatcher | None = None, profile_source: ProfileSource | None = None,
+               startup: Iterable[StartupHook] = ()) -> Starlette:
+    """The ASGI app. Tests inject a scorer and/or dispatcher; a ConfigError raises here."""
+    settings = settings or Settings()
+    svc = build_services(settings, scorer=scorer, dispatcher=dispatcher,
+                         profile_source=profile_source)
+    hooks = list(startup)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        svc.spawn(svc.scoring.load(settings), "scorer-load")
+        svc.spawn(svc.registry.watch(settings.reload_interval_s), "config-watch")
+        for hook in hooks:
+            result = hook(svc)
+            if asyncio.iscoroutine(result):
+                await result
+        try:
+            yield
+        finally:
+            await svc.stop_tasks()
+            close = getattr(svc.dispatcher, "close", None)
+            if close is not None:
+                await close()
+            svc.scoring.close()
+
+    routes = [
+        Route("/v1/chat/completions", endpoints.chat_completions, methods=["POST"]),
+        Route("/v1/models", endpoints.list_models, methods=["GET"]),
+        Route("/health", endpoints.health, methods=["GET"]),
+        Route("/ready", endpoints.ready, methods=["GET"]),
+    ]
+    app = Starlette(
+        routes=routes, lifespan=lifespan,
+        middleware=[Middleware(MasterKeyAuth, master_key=settings.master_key_value())],
+        exception_handlers={SatrouteError: endpoints.satroute_error, HTTPException: _http_error,
+                            500: _internal_error})
+    app.state.services = svc
+    return app

@@ -1,0 +1,99 @@
+"""The ``satroute`` command line: ``serve`` here; ``train``, ``evaluate``, ``onboard`` delegated.
+
+Owns: argument parsing (only when ``main`` runs, never at import), turning flags into Settings
+overrides (flags win over ``SATROUTE_*`` environment variables), starting uvicorn, and lazy
+delegation: each delegated subcommand's module exposes ``add_arguments(parser)`` and
+``run(args) -> int``; a module that is missing gives a one-line error, not a traceback.
+Does not know: what the delegated commands do.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import logging
+import sys
+from types import ModuleType
+from typing import Sequence
+
+DELEGATED = {
+    "train": ("scorer.training", "train the Model-SAT scorer (capability instruction tuning)"),
+    "evaluate": ("scorer.evaluation", "evaluate routing against baselines"),
+    "onboard": ("proxy.onboarding", "run the aptitude test against a model and store its profile"),
+}
+
+
+def _delegate_module(name: str) -> ModuleType | None:
+    """The module, or None when it (or something it needs) is not installed."""
+    try:
+        if importlib.util.find_spec(name) is None:
+            return None
+        module = importlib.import_module(name)
+    except ImportError as exc:
+        print(f"satroute: cannot load {name}: {exc}", file=sys.stderr)
+        return None
+    if not (hasattr(module, "add_arguments") and hasattr(module, "run")):
+        return None
+    return module
+
+
+def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="satroute", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    serve = sub.add_parser("serve", help="run the OpenAI-compatible routing proxy")
+    serve.add_argument("--config", help="providers.yaml (env SATROUTE_CONFIG)")
+    serve.add_argument("--host", help="listen address (default 127.0.0.1; env SATROUTE_HOST)")
+    serve.add_argument("--port", type=int, help="listen port (default 8000; env SATROUTE_PORT)")
+    serve.add_argument("--scorer", choices=["modelsat", "constant"],
+                       help="routing scorer (default modelsat; env SATROUTE_SCORER)")
+    # Only the chosen delegated subcommand's module is imported (torch is heavy).
+    chosen = next((a for a in argv if not a.startswith("-")), None)
+    for name, (module, help_) in DELEGATED.items():
+        p = sub.add_parser(name, help=help_)
+        if name == chosen:
+            mod = _delegate_module(module)
+            if mod is not None:
+                mod.add_arguments(p)
+            else:
+                p.add_argument("rest", nargs=argparse.REMAINDER)
+    return parser
+
+
+def serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from proxy.app import create_app
+    from proxy.errors import ConfigError
+    from proxy.settings import Settings
+
+    overrides = {k: v for k in ("config", "host", "port", "scorer")
+                 if (v := getattr(args, k)) is not None}
+    settings = Settings(**overrides)
+    logging.basicConfig(level=settings.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        app = create_app(settings)
+    except ConfigError as exc:
+        print(f"satroute: invalid configuration: {exc}", file=sys.stderr)
+        return 2
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                access_log=False, loop="auto", http="auto", timeout_graceful_shutdown=10)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(argv).parse_args(argv)
+    if args.command == "serve":
+        return serve(args)
+    module = DELEGATED[args.command][0]
+    mod = _delegate_module(module)
+    if mod is None:
+        print(f"satroute {args.command}: not available in this installation "
+              f"(module {module} not found)", file=sys.stderr)
+        return 2
+    return int(mod.run(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

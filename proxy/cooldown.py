@@ -1,0 +1,45 @@
+"""Cooldown of failing models: who is left out of routing for now, and when they come back.
+
+Owns: counting consecutive transient failures per model name and the time until which a model is
+cooling down. A model that fails ``allowed_fails`` times in a row is cooled for ``cooldown_s``; the
+cooldown ends by itself; one more failure right after it ends cools the model again at once
+(half-open), a success clears the count.
+Does not know: why a call failed, HTTP, configuration files (limits are passed in per call).
+"""
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+
+class Cooldowns:
+    def __init__(self, clock: Callable[[], float] = time.monotonic):
+        self._clock = clock
+        self._fails: dict[str, int] = {}
+        self._until: dict[str, float] = {}
+
+    def cooling(self, name: str) -> bool:
+        until = self._until.get(name)
+        if until is None:
+            return False
+        if self._clock() < until:
+            return True
+        del self._until[name]
+        return False
+
+    def failure(self, name: str, allowed_fails: int, cooldown_s: float) -> bool:
+        """Count one failure; True when it starts a cooldown."""
+        count = self._fails.get(name, 0) + 1
+        if count >= allowed_fails and cooldown_s > 0:
+            self._until[name] = self._clock() + cooldown_s
+            self._fails[name] = allowed_fails - 1  # half-open once the cooldown ends
+            return True
+        self._fails[name] = count
+        return False
+
+    def success(self, name: str) -> None:
+        self._fails.pop(name, None)
+        self._until.pop(name, None)
+
+    def cooling_models(self) -> list[str]:
+        return [n for n in list(self._until) if self.cooling(n)]

@@ -1,0 +1,238 @@
+"""Dispatch: retries, per-request deadline, fallback, cooldown; the only module that imports litellm.
+
+Owns: calling the ranked targets of one request until one answers. Each target gets bounded
+attempts (tenacity: exponential backoff with jitter, at least the upstream's Retry-After, never past
+the request's deadline); a target that still fails before the first byte reaches the client hands
+over to the next-ranked one; transient failures feed the cooldowns; upstream 4xx answers go back to
+the client as they are, without retry or fallback.
+Two ways to make one attempt, chosen per model in providers.py (``Deployment.fast_path``):
+- pass-through (``upstream.py``) for OpenAI-compatible upstreams: the body goes out as the client
+  sent it, over a pooled HTTP client; litellm's own per-call cost is not paid (docs/benchmarks.md);
+- ``litellm.acompletion`` for every provider that needs request translation (Anthropic, Bedrock,
+  Gemini, Ollama's native API, ...).
+Does not know: HTTP serving, routing policy, where the targets came from.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator, Callable, Mapping, Protocol, Sequence
+
+import orjson
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+
+from proxy.cooldown import Cooldowns
+from proxy.errors import AllUpstreamsFailed, UpstreamClientError, UpstreamTransient
+from proxy.providers import Deployment, RouterSettings
+from proxy.settings import prepare_litellm_environment
+from proxy.upstream import RETRYABLE, Answer, PassThrough, retry_after_seconds
+
+log = logging.getLogger("satroute.dispatch")
+
+
+@dataclass
+class Call:
+    """One request to dispatch: the targets best first (fallbacks after the first)."""
+
+    targets: Sequence[Deployment]
+    body: Mapping[str, Any]  # the client's body; ``model`` is replaced per target
+    stream: bool
+    router: RouterSettings
+    redact: Callable[[str], str] = str
+    deadline: float = 0.0  # time.monotonic() by which the first byte must be in hand; 0: router's
+
+
+@dataclass
+class Reply:
+    """What answered: ``body`` (JSON bytes) or ``chunks`` (SSE events), model fields renamed."""
+
+    model: str
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    body: bytes | None = None
+    chunks: AsyncIterator[bytes] | None = None
+
+
+class Dispatcher(Protocol):
+    async def complete(self, call: Call) -> Reply: ...
+
+
+class RetryingDispatcher:
+    def __init__(self, cooldowns: Cooldowns, passthrough: PassThrough | None = None):
+        self.cooldowns = cooldowns
+        self.passthrough = passthrough or PassThrough()
+        self._litellm: Any = None
+        self._import_lock = asyncio.Lock()
+
+    async def close(self) -> None:
+        await self.passthrough.close()
+
+    async def complete(self, call: Call) -> Reply:
+        router = call.router
+        deadline = call.deadline or time.monotonic() + router.deadline_s
+        failed: list[tuple[str, str]] = []
+        timed_out = False
+        all_429 = True
+        last: UpstreamTransient | None = None
+        for target in call.targets:
+            if time.monotonic() >= deadline:
+                timed_out = True
+                break
+            try:
+                answer = await self._with_retries(target, call, deadline)
+            except UpstreamTransient as exc:
+                failed.append((target.name, _reason(exc)))
+                timed_out = exc.timeout
+                all_429 = all_429 and exc.upstream_status == 429
+                last = exc
+                log.warning("model %s failed: %s", target.name, exc.message)
+                continue
+            self.cooldowns.success(target.name)
+            return Reply(model=target.name, failed=failed, body=answer.body, chunks=answer.chunks)
+        names = ", ".join(f"{n} ({r})" for n, r in failed) or "none tried before the deadline"
+        err = AllUpstreamsFailed(f"every model failed: {names}", failed=failed, timeout=timed_out)
+        if last is not None and all_429:
+            err.status, err.code = 429, "rate_limited"
+            err.retry_after = last.retry_after
+        raise err
+
+    async def _with_retries(self, d: Deployment, call: Call, deadline: float) -> Answer:
+        router = call.router
+        retrying = AsyncRetrying(
+            stop=_Stop(router.num_retries + 1, deadline),
+            wait=_Wait(router.retry_backoff_s, router.retry_backoff_max_s, router.retry_after_max_s),
+            retry=retry_if_exception_type(UpstreamTransient),
+            reraise=True, sleep=asyncio.sleep)
+        async for attempt in retrying:
+            with attempt:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise UpstreamTransient(f"{d.name}: request deadline reached", model=d.name,
+                                            status=504, timeout=True)
+                try:
+                    return await self._attempt(d, call, min(router.timeout_s, remaining))
+                except UpstreamTransient:
+                    self.cooldowns.failure(d.name, router.allowed_fails, router.cooldown_s)
+                    raise
+        raise AssertionError("unreachable: tenacity reraises the last failure")
+
+    async def _attempt(self, d: Deployment, call: Call, first_byte_s: float) -> Answer:
+        if d.fast_path:
+            return await self.passthrough.attempt(d, call.body, call.stream, first_byte_s,
+                                                  call.router.timeout_s, call.redact)
+        return await self._litellm_attempt(d, call, first_byte_s)
+
+    async def _import_litellm(self) -> Any:
+        async with self._import_lock:
+            if self._litellm is None:
+                prepare_litellm_environment()
+
+                def load() -> Any:
+                    import litellm
+
+                    litellm.suppress_debug_info = True
+                    return litellm
+
+                self._litellm = await asyncio.to_thread(load)
+        return self._litellm
+
+    async def _litellm_attempt(self, d: Deployment, call: Call, first_byte_s: float) -> Answer:
+        litellm = self._litellm or await self._import_litellm()
+        import openai  # litellm's exceptions subclass the openai SDK's
+
+        kwargs = {k: v for k, v in d.params.items() if k not in ("max_retries", "num_retries")}
+        kwargs.update({k: v for k, v in call.body.items() if k != "model"})
+        kwargs.update(model=d.model, timeout=first_byte_s, num_retries=0, max_retries=0)
+        if d.api_base:
+            kwargs["api_base"] = d.api_base
+        if d.api_key:
+            kwargs["api_key"] = d.api_key
+        elif d.api_base:
+            # A self-hosted OpenAI-compatible server needs no key, but litellm's client insists.
+            kwargs["api_key"] = "no-key"
+        try:
+            async with asyncio.timeout(first_byte_s):
+                resp = await litellm.acompletion(**kwargs)
+                if not call.stream:
+                    resp.model = d.name
+                    return Answer(body=orjson.dumps(resp.model_dump(exclude_none=True)))
+                first = await anext(aiter(resp), None)
+        except TimeoutError:
+            raise UpstreamTransient(f"{d.name}: no answer within {first_byte_s:.1f}s",
+                                    model=d.name, status=504, timeout=True) from None
+        except openai.OpenAIError as exc:
+            raise _classify_litellm(exc, d.name, call.redact) from None
+        if first is None:
+            raise UpstreamTransient(f"{d.name}: stream closed before its first chunk", model=d.name)
+        return Answer(chunks=_litellm_chunks(first, resp, d.name, openai.OpenAIError))
+
+
+def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) -> Exception:
+    status = getattr(exc, "status_code", None)
+    message = redact(str(getattr(exc, "message", None) or exc))
+    if status is None or status in RETRYABLE:
+        response = getattr(exc, "response", None)
+        headers = (getattr(exc, "litellm_response_headers", None)
+                   or getattr(response, "headers", None) or {})
+        timeout = "timeout" in type(exc).__name__.lower()
+        return UpstreamTransient(f"{model}: {type(exc).__name__}: {message}", model=model,
+                                 status=status or 502, retry_after=retry_after_seconds(headers),
+                                 timeout=timeout)
+    body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
+                      "code": getattr(exc, "code", None)}}
+    return UpstreamClientError(message, status=int(status), model=model, upstream_body=body)
+
+
+async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type) -> AsyncIterator[bytes]:
+    def encode(chunk: Any) -> bytes:
+        chunk.model = name
+        return b"data: " + orjson.dumps(chunk.model_dump(exclude_none=True)) + b"\n\n"
+
+    yield encode(first)
+    try:
+        async for chunk in stream:
+            yield encode(chunk)
+    except errors as exc:
+        yield b"data: " + orjson.dumps({"error": {
+            "message": f"upstream stream interrupted: {type(exc).__name__}",
+            "type": "upstream_error", "param": None, "code": "stream_interrupted"}}) + b"\n\n"
+        return
+    yield b"data: [DONE]\n\n"
+
+
+def _reason(exc: UpstreamTransient) -> str:
+    if exc.timeout:
+        return "timeout"
+    if exc.upstream_status in RETRYABLE:
+        return f"http_{exc.upstream_status}"
+    return "connection"
+
+
+class _Wait:
+    """Exponential backoff with full jitter, but never shorter than the upstream's Retry-After."""
+
+    def __init__(self, base: float, cap: float, retry_after_cap: float):
+        self.base, self.cap, self.retry_after_cap = base, cap, retry_after_cap
+
+    def __call__(self, state: RetryCallState) -> float:
+        backoff = min(self.cap, self.base * 2 ** (state.attempt_number - 1))
+        wait = random.uniform(backoff / 2, backoff)
+        exc = state.outcome.exception() if state.outcome else None
+        after = getattr(exc, "retry_after", None)
+        if after is not None:
+            wait = max(wait, after if after <= self.retry_after_cap else float("inf"))
+        return wait
+
+
+class _Stop:
+    """Stop after ``attempts``, or when the next wait would end past the deadline."""
+
+    def __init__(self, attempts: int, deadline: float):
+        self.attempts, self.deadline = attempts, deadline
+
+    def __call__(self, state: RetryCallState) -> bool:
+        if state.attempt_number >= self.attempts:
+            return True
+        return time.monotonic() + state.upcoming_sleep >= self.deadline

@@ -1,0 +1,141 @@
+"""Thin HTTP handlers: read and check the request, delegate to routing and dispatch, write the answer.
+
+Owns: the endpoints ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``,
+``GET /ready``; the body size limit; JSON and shape errors (400/413 naming the problem); the routing
+headers; server-sent events for streams.
+Does not know: how scores are computed, how upstreams are called (``Services`` holds both).
+"""
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING, Any
+
+import orjson
+from pydantic import ValidationError
+from starlette.requests import Request
+from starlette.responses import Response, StreamingResponse
+
+from proxy import protocol
+from proxy.dispatch import Call, Reply
+from proxy.errors import BodyTooLarge, ModelNotFound, RequestError, SatrouteError, error_response
+from proxy.routing import Decision, candidates, instruction_text, rank
+
+if TYPE_CHECKING:
+    from proxy.app import Services
+
+JSON = "application/json"
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"request body is {declared} bytes; the limit is {limit}")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def parse_request(raw: bytes) -> tuple[dict[str, Any], protocol.ChatCompletionRequest]:
+    if not raw.strip():
+        raise RequestError("request body is empty; expected a JSON object", code="invalid_json")
+    try:
+        body = orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise RequestError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise RequestError(f"request body must be a JSON object, not {type(body).__name__}",
+                           code="invalid_body")
+    try:
+        req = protocol.ChatCompletionRequest.model_validate(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
+        raise RequestError(f"{loc}: {err['msg']}{more}", param=loc or None,
+                           code="invalid_value") from None
+    return body, req
+
+
+def services(request: Request) -> "Services":
+    return request.app.state.services
+
+
+async def chat_completions(request: Request) -> Response:
+    svc = services(request)
+    body, req = parse_request(await read_body(request, svc.settings.max_body_bytes))
+    route = body.pop(protocol.ROUTE_FIELD, None)
+    snap = svc.registry.snapshot
+    if req.model == snap.router.router_name:
+        pool = candidates(snap.models.values(), req.satroute.models if route else None,
+                          svc.cooldowns.cooling)
+        text = instruction_text(body["messages"], snap.router.routing_context_tokens)
+        scores, ms = await svc.scoring.score(text, {d.name: d.profile for d in pool})
+        decision = Decision(rank(scores, [d.name for d in pool]), routed=True, scorer_ms=ms)
+        targets = [snap.models[n] for n, _ in decision.ranked[: 1 + snap.router.max_fallbacks]]
+    else:
+        target = snap.models.get(req.model)
+        if target is None or not target.available:
+            why = "is not available" if target else "does not exist"
+            raise ModelNotFound(f"The model '{req.model}' {why}; GET /v1/models lists the models "
+                                f"served here, '{snap.router.router_name}' routes automatically",
+                                param="model")
+        decision = Decision(((target.name, 0.0),), routed=False)
+        targets = [target]
+    stream = req.stream is True
+    reply = await svc.dispatcher.complete(Call(targets=targets, body=body, stream=stream,
+                                               router=snap.router, redact=snap.redact))
+    headers = routing_headers(decision, reply)
+    if reply.chunks is not None:
+        return StreamingResponse(reply.chunks, media_type="text/event-stream",
+                                 headers={**headers, "Cache-Control": "no-cache"})
+    return Response(reply.body, media_type=JSON, headers=headers)
+
+
+def routing_headers(decision: Decision, reply: Reply) -> dict[str, str]:
+    headers = {protocol.HEADER_MODEL: reply.model,
+               protocol.HEADER_ROUTE: "routed" if decision.routed else "direct"}
+    if decision.routed:
+        headers[protocol.HEADER_SCORES] = decision.scores_header()
+        headers[protocol.HEADER_SCORER_MS] = f"{decision.scorer_ms:.2f}"
+    if reply.failed:
+        headers[protocol.HEADER_FAILED] = ",".join(f"{n}:{r}" for n, r in reply.failed)
+    return headers
+
+
+async def list_models(request: Request) -> Response:
+    snap = services(request).registry.snapshot
+    cards = [protocol.ModelCard(id=snap.router.router_name)]
+    cards += [protocol.ModelCard(id=d.name, owned_by=d.provider) for d in snap.available()]
+    return Response(protocol.ModelList(data=cards).model_dump_json(), media_type=JSON)
+
+
+async def health(request: Request) -> Response:
+    return Response(b'{"status":"ok"}', media_type=JSON)
+
+
+async def ready(request: Request) -> Response:
+    svc = services(request)
+    snap = svc.registry.snapshot
+    reasons = []
+    if not svc.scoring.ready:
+        reasons.append(f"scorer not loaded ({svc.scoring.error or 'loading'})")
+    reachable = [d.name for d in snap.available() if not svc.cooldowns.cooling(d.name)]
+    if not reachable:
+        reasons.append("no model is reachable (credentials missing or all cooling down)")
+    payload = {"status": "not ready" if reasons else "ready", "reasons": reasons,
+               "models": reachable, "cooling": svc.cooldowns.cooling_models(),
+               "checked_at": int(time.time())}
+    return Response(orjson.dumps(payload), status_code=503 if reasons else 200, media_type=JSON)
+
+
+async def satroute_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, SatrouteError)
+    headers = None
+    retry_after = getattr(exc, "retry_after", None)
+    if retry_after is not None:
+        headers = {"Retry-After": str(max(1, round(retry_after)))}
+    return error_response(exc, headers)

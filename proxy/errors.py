@@ -1,0 +1,140 @@
+"""The proxy's one error tree and the one place that turns an error into an HTTP response.
+
+Owns: every exception the proxy raises on purpose, their HTTP status, OpenAI error ``type`` and
+``code``, and the rendering to OpenAI's ``{"error": {"message", "type", "param", "code"}}`` shape.
+Does not know: where errors come from (parsing, routing, upstreams) or how they are logged.
+
+    SatrouteError                      base; never rendered with a stack trace
+    ├── ConfigError                    providers.yaml / settings invalid (start-up, hot reload)
+    ├── RequestError            400    the client's request is malformed or inconsistent
+    │   ├── BodyTooLarge        413
+    │   └── ModelNotFound       404    `model` is neither the router's name nor a configured model
+    ├── AuthError               401    missing or wrong master key
+    ├── ServiceUnavailable      503    no routable candidate, scorer not loaded
+    └── UpstreamError                  raised by dispatch
+        ├── UpstreamClientError 4xx    the upstream refused the request (400, 401, 404, ...):
+        │                              its status and error body go back to the client
+        ├── UpstreamTransient          retryable: connection error, timeout, 408, 429, 5xx
+        └── AllUpstreamsFailed  502/504 every model tried failed before the first byte
+
+Messages never carry API keys: dispatch redacts configured secrets before raising.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from starlette.responses import Response
+
+
+class SatrouteError(Exception):
+    status = 500
+    type = "internal_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param,
+                          "code": self.code}}
+
+
+class ConfigError(SatrouteError):
+    type = "config_error"
+
+
+class RequestError(SatrouteError):
+    status = 400
+    type = "invalid_request_error"
+
+
+class BodyTooLarge(RequestError):
+    status = 413
+    code = "body_too_large"
+
+
+class ModelNotFound(RequestError):
+    status = 404
+    code = "model_not_found"
+
+
+class AuthError(SatrouteError):
+    status = 401
+    type = "authentication_error"
+    code = "invalid_api_key"
+
+
+class ServiceUnavailable(SatrouteError):
+    status = 503
+    type = "service_unavailable"
+
+
+class UpstreamError(SatrouteError):
+    status = 502
+    type = "upstream_error"
+
+    def __init__(self, message: str, *, model: str = "", **kw: Any):
+        super().__init__(message, **kw)
+        self.model = model
+
+
+class UpstreamClientError(UpstreamError):
+    """A 4xx from the upstream: returned to the client as is (OpenAI shape), never retried."""
+
+    type = "invalid_request_error"
+
+    def __init__(self, message: str, *, status: int, model: str = "",
+                 upstream_body: dict[str, Any] | None = None):
+        super().__init__(message, model=model)
+        self.status = status
+        self.upstream_body = upstream_body
+
+    def body(self) -> dict[str, Any]:
+        if self.upstream_body is not None:
+            return self.upstream_body
+        return super().body()
+
+
+class UpstreamTransient(UpstreamError):
+    """Worth retrying; ``retry_after`` is the upstream's Retry-After in seconds, when it sent one."""
+
+    def __init__(self, message: str, *, model: str = "", status: int = 502,
+                 retry_after: float | None = None, timeout: bool = False):
+        super().__init__(message, model=model)
+        self.upstream_status = status
+        self.retry_after = retry_after
+        self.timeout = timeout
+
+
+class AllUpstreamsFailed(UpstreamError):
+    code = "upstream_failed"
+
+    def __init__(self, message: str, *, failed: list[tuple[str, str]], timeout: bool = False):
+        super().__init__(message)
+        self.failed = failed
+        self.retry_after: float | None = None
+        if timeout:
+            self.status = 504
+            self.code = "upstream_timeout"
+
+
+def error_body(message: str, type_: str, code: str | None = None,
+               param: str | None = None) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def error_response(exc: SatrouteError, headers: dict[str, str] | None = None) -> Response:
+    """The single renderer of errors to HTTP."""
+    return Response(orjson.dumps(exc.body()), status_code=exc.status,
+                    media_type="application/json", headers=headers)
+
+
+def plain_error_response(status: int, message: str, type_: str,
+                         code: str | None = None) -> Response:
+    return Response(orjson.dumps(error_body(message, type_, code)), status_code=status,
+                    media_type="application/json")

@@ -1,0 +1,74 @@
+"""OpenAI wire types for the endpoints the proxy serves; no logic beyond validation.
+
+Owns: the shape of a chat-completions request as far as the proxy reads it, the model list, and the
+names of the proxy's own additions to the wire format. Every field the proxy does not read is kept
+(``extra="allow"``) and forwarded untouched: the request body sent upstream is the client's own
+dict, not a re-serialisation of these models.
+Does not know: routing, dispatch, HTTP.
+
+Departures from the OpenAI spec (each one is ours, and documented in docs/routing.md):
+- ``ROUTE_FIELD`` (``"satroute"``): optional object ``{"models": [names]}`` that narrows the
+  candidates of a routed request. It is removed before the request goes upstream.
+- Response headers ``HEADER_*``: the routed model, the ranked scores, the scorer's latency, the
+  models that failed before the answering one.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+
+ROUTE_FIELD = "satroute"
+
+HEADER_MODEL = "x-satroute-model"
+HEADER_ROUTE = "x-satroute-route"  # "routed" or "direct"
+HEADER_SCORES = "x-satroute-scores"  # "name=0.8123,name2=0.4410", best first
+HEADER_SCORER_MS = "x-satroute-scorer-ms"
+HEADER_FAILED = "x-satroute-failed"  # "name:reason,name2:reason" (models tried before the answer)
+
+
+class ContentPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: StrictStr
+    text: StrictStr | None = None
+
+
+class Message(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: StrictStr
+    # None is legal for assistant turns that only carry tool_calls.
+    content: StrictStr | list[ContentPart] | None = None
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: StrictBool | None = None
+
+
+class RouteOptions(BaseModel):
+    """Our extension: ``{"satroute": {"models": ["a", "b"]}}`` narrows the routed candidates."""
+
+    model_config = ConfigDict(extra="forbid")
+    models: list[StrictStr] | None = Field(None, min_length=1)
+
+
+class ChatCompletionRequest(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: StrictStr = Field(min_length=1)
+    messages: list[Message] = Field(min_length=1)
+    stream: StrictBool | None = False
+    stream_options: StreamOptions | None = None
+    satroute: RouteOptions | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = 0
+    owned_by: str = "satroute"
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+

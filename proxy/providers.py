@@ -1,0 +1,339 @@
+"""providers.yaml: its schema, validation, credential and profile resolution, atomic hot reload.
+
+Owns: the admin's file. A LiteLLM ``model_list`` loads as it is (``model_name`` + ``litellm_params``;
+``api_key: os.environ/VAR`` references); our own per-model keys live under ``model_info`` (prices,
+context window, capability profile) and the router's under ``router_settings``. Other top-level
+LiteLLM sections (``litellm_settings``, ``general_settings``) are accepted and ignored.
+The registry holds one immutable ``Snapshot``; a reload builds a new one completely and swaps the
+reference, so a request always sees one consistent configuration. An invalid edit is logged and
+the last good snapshot keeps serving.
+Does not know: HTTP, litellm, scoring. Never logs or formats an API key.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Mapping, Protocol
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from proxy.errors import ConfigError
+
+log = logging.getLogger("satroute.providers")
+
+Profile = Mapping[str, float]
+ENV_PREFIX = "os.environ/"
+BUILTIN_PREFIX = "builtin:"
+# litellm providers that speak the OpenAI wire format as is: eligible for the pass-through path.
+OPENAI_COMPATIBLE = frozenset({"openai", "hosted_vllm", "custom_openai", "llamafile", "lm_studio"})
+SECRET_WORDS = ("key", "secret", "token", "password")
+
+
+class ProfileSource(Protocol):
+    """Where profiles of models without one in providers.yaml come from (the onboarding store)."""
+
+    def get(self, model_name: str) -> Profile | None: ...
+
+
+class LitellmParams(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    api_base: str | None = None
+    api_key: str | None = None
+
+
+class ModelInfo(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    input_price_per_mtok: float | None = Field(None, ge=0)
+    output_price_per_mtok: float | None = Field(None, ge=0)
+    context_window: int | None = Field(None, gt=0)
+    capability_profile: str | None = None
+    fast_path: bool | None = None  # None: decided from the provider (see OPENAI_COMPATIBLE)
+
+
+class ModelEntry(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model_name: str = Field(min_length=1)
+    litellm_params: LitellmParams
+    model_info: ModelInfo = Field(default_factory=ModelInfo)
+
+
+class RouterSettings(BaseModel):
+    # LiteLLM's own router_settings keys (routing_strategy, ...) are accepted and ignored.
+    model_config = ConfigDict(extra="allow")
+    router_name: str = Field("auto", min_length=1)
+    routing_context_tokens: int = Field(512, ge=16)
+    num_retries: int = Field(2, ge=0, le=10)
+    retry_backoff_s: float = Field(0.25, ge=0)
+    retry_backoff_max_s: float = Field(4.0, ge=0)
+    retry_after_max_s: float = Field(30.0, ge=0)
+    connect_timeout_s: float = Field(5.0, gt=0)
+    timeout_s: float = Field(600.0, gt=0, description="one attempt, until the first byte")
+    deadline_s: float = Field(900.0, gt=0, description="the whole request, retries included")
+    max_fallbacks: int = Field(2, ge=0)
+    allowed_fails: int = Field(3, ge=1, description="consecutive failures before a cooldown")
+    cooldown_s: float = Field(30.0, ge=0)
+    fast_path: bool = True
+
+
+class ProvidersFile(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    model_list: list[ModelEntry] = Field(min_length=1)
+    router_settings: RouterSettings = Field(default_factory=RouterSettings)
+
+    @model_validator(mode="after")
+    def _names_unique(self) -> "ProvidersFile":
+        seen: set[str] = set()
+        for i, entry in enumerate(self.model_list):
+            if entry.model_name in seen:
+                raise ValueError(f"model_list.{i}.model_name: duplicate name {entry.model_name!r}")
+            if entry.model_name == self.router_settings.router_name:
+                raise ValueError(f"model_list.{i}.model_name: {entry.model_name!r} is the router's "
+                                 "name (router_settings.router_name)")
+            seen.add(entry.model_name)
+        return self
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """One configured model, resolved: credentials looked up, profile loaded."""
+
+    name: str
+    model: str  # the litellm model string, e.g. "openai/gpt-4o-mini"
+    provider: str
+    upstream_model: str  # the model id the upstream itself knows
+    api_base: str | None
+    api_key: str | None = field(repr=False)
+    params: Mapping[str, Any] = field(repr=False)  # other litellm_params, resolved
+    info: ModelInfo
+    profile: Profile | None
+    unavailable: str | None  # why the model cannot be called, or None
+    fast_path: bool
+
+    @property
+    def available(self) -> bool:
+        return self.unavailable is None
+
+    @property
+    def routable(self) -> bool:
+        return self.unavailable is None and self.profile is not None
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    source: str
+    models: Mapping[str, Deployment]  # in config order
+    router: RouterSettings
+    secrets: tuple[str, ...] = field(repr=False)
+
+    def available(self) -> list[Deployment]:
+        return [d for d in self.models.values() if d.available]
+
+    def redact(self, text: str) -> str:
+        for secret in self.secrets:
+            text = text.replace(secret, "***")
+        return text
+
+
+def _describe_validation(path: Path, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"])
+        value = err.get("input")
+        shown = "***" if _secret(loc) else repr(_masked(value))[:120]
+        lines.append(f"{path}: {loc}: {err['msg']} (value: {shown})")
+    return "; ".join(lines)
+
+
+def _secret(key: str) -> bool:
+    return any(w in key.lower() for w in SECRET_WORDS)
+
+
+def _masked(value: Any) -> Any:
+    """A copy of a YAML value with every secret-looking key's value hidden."""
+    if isinstance(value, dict):
+        return {k: "***" if _secret(str(k)) else _masked(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_masked(v) for v in value]
+    return value
+
+
+def _describe_yaml(exc: yaml.YAMLError) -> str:
+    """Problem and position only: PyYAML's own message quotes the line, which may hold a key."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    problem = getattr(exc, "problem", None) or type(exc).__name__
+    context = getattr(exc, "context", None)
+    return f"{context + ': ' if context else ''}{problem}{where}"
+
+
+def _resolve(value: Any, env: Mapping[str, str]) -> tuple[Any, str | None]:
+    if isinstance(value, str) and value.startswith(ENV_PREFIX):
+        var = value[len(ENV_PREFIX):]
+        got = env.get(var)
+        return (got, None) if got else (None, var)
+    return value, None
+
+
+def _load_profile(ref: str, base: Path, where: str) -> dict[str, float]:
+    if ref.startswith(BUILTIN_PREFIX):
+        import scorer  # the public package only; cheap (torch is imported lazily there)
+
+        file = Path(scorer.__file__).parent / "assets" / "profiles" / f"{ref[len(BUILTIN_PREFIX):]}.json"
+    else:
+        file = (base / ref).resolve()
+    try:
+        data = json.loads(file.read_text())
+        tasks = data["tasks"]
+        profile = {str(k): float(v) for k, v in tasks.items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{where}: cannot read capability profile {ref!r} ({file}): "
+                          f"{type(exc).__name__}: {exc}") from None
+    if not profile or not all(0.0 <= v <= 1.0 for v in profile.values()):
+        raise ConfigError(f"{where}: capability profile {ref!r} needs accuracies in [0, 1]")
+    return profile
+
+
+def parse(text: str, path: Path, env: Mapping[str, str],
+          lookup: Callable[[str], Profile | None]) -> Snapshot:
+    """Validate providers.yaml's text and resolve it into a Snapshot; ConfigError names the key."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {_describe_yaml(exc)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: top level must be a mapping with a model_list")
+    try:
+        conf = ProvidersFile.model_validate(raw)
+    except ValidationError as exc:
+        raise ConfigError(_describe_validation(path, exc)) from None
+    models: dict[str, Deployment] = {}
+    secrets: list[str] = []
+    for i, entry in enumerate(conf.model_list):
+        where = f"{path}: model_list.{i}"
+        params = dict(entry.litellm_params.model_dump(exclude_none=True))
+        unavailable = None
+        for key in list(params):
+            params[key], missing = _resolve(params[key], env)
+            if missing:
+                unavailable = f"litellm_params.{key} references unset environment variable {missing}"
+            if _secret(key) and isinstance(params[key], str):
+                secrets.append(params[key])
+        model = params.pop("model")
+        provider, _, rest = model.partition("/")
+        if not rest:
+            provider, rest = "openai", model
+        info = entry.model_info
+        profile: Profile | None = None
+        if info.capability_profile:
+            profile = _load_profile(info.capability_profile, path.parent,
+                                    f"{where}.model_info.capability_profile")
+        else:
+            profile = lookup(entry.model_name)
+        fast = conf.router_settings.fast_path and provider in OPENAI_COMPATIBLE
+        if info.fast_path is not None:
+            fast = info.fast_path and conf.router_settings.fast_path
+        models[entry.model_name] = Deployment(
+            name=entry.model_name, model=model, provider=provider, upstream_model=rest,
+            api_base=params.pop("api_base", None), api_key=params.pop("api_key", None),
+            params=params, info=info, profile=profile, unavailable=unavailable, fast_path=fast)
+    secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+    return Snapshot(source=str(path), models=models, router=conf.router_settings,
+                    secrets=tuple(secrets))
+
+
+class ProviderRegistry:
+    """The live configuration: one Snapshot at a time, swapped whole on reload or profile change."""
+
+    def __init__(self, path: Path, env: Callable[[], Mapping[str, str]],
+                 profile_source: ProfileSource | None = None):
+        self.path = Path(path)
+        self._env = env
+        self._source = profile_source
+        self._profiles: dict[str, Profile] = {}  # set at run time (onboarding), kept over reloads
+        self._down: dict[str, str] = {}  # model -> why it is down (set at run time)
+        self._digest = b""
+        self._base: Snapshot
+        self.snapshot = self._build(self.path.read_text() if self.path.exists() else self._missing())
+
+    def _missing(self) -> str:
+        raise ConfigError(f"{self.path}: file not found")
+
+    def _lookup(self, name: str) -> Profile | None:
+        if name in self._profiles:
+            return self._profiles[name]
+        return self._source.get(name) if self._source is not None else None
+
+    def _build(self, text: str) -> Snapshot:
+        base = parse(text, self.path, self._env(), self._lookup)
+        self._digest = hashlib.sha256(text.encode()).digest()
+        for d in base.models.values():
+            if d.unavailable:
+                log.warning("model %s unavailable: %s", d.name, d.unavailable)
+        self._base = base
+        return self._derive()
+
+    def _derive(self) -> Snapshot:
+        """The parsed file plus what is known at run time (profiles, models marked down)."""
+        base = self._base
+        models = {}
+        for name, d in base.models.items():
+            profile = d.profile if d.info.capability_profile else self._lookup(name)
+            models[name] = replace(d, profile=profile,
+                                   unavailable=d.unavailable or self._down.get(name))
+        return replace(base, models=models)
+
+    def reload(self) -> bool:
+        """Re-read the file; True when a changed, valid configuration was swapped in."""
+        try:
+            text = self.path.read_text()
+        except OSError as exc:
+            log.error("config reload failed, keeping the last good configuration: %s: %s",
+                      self.path, exc)
+            return False
+        if hashlib.sha256(text.encode()).digest() == self._digest:
+            return False
+        try:
+            self.snapshot = self._build(text)
+        except ConfigError as exc:
+            log.error("config reload rejected, keeping the last good configuration: %s", exc)
+            self._digest = hashlib.sha256(text.encode()).digest()  # report a bad edit once
+            return False
+        log.info("config reloaded from %s: %d models", self.path, len(self.snapshot.models))
+        return True
+
+    async def watch(self, interval_s: float) -> None:
+        """Poll the file until cancelled (run from the app's lifespan)."""
+        last = None
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                st = self.path.stat()
+                stamp = (st.st_mtime_ns, st.st_size)
+            except OSError:
+                stamp = None
+            if stamp != last:
+                last = stamp
+                self.reload()
+
+    def set_profile(self, model_name: str, profile: Profile) -> None:
+        """Make a model routable with this profile (onboarding calls this when a test is graded)."""
+        self._profiles[model_name] = dict(profile)
+        self.refresh_profiles()
+
+    def refresh_profiles(self) -> None:
+        """Ask the profile source again for every model without a profile in providers.yaml."""
+        self.snapshot = self._derive()
+
+    def set_unavailable(self, model_name: str, reason: str | None) -> None:
+        """Mark a model down (left out of routing and /v1/models) with a reason, or back up (None)."""
+        if reason is None:
+            self._down.pop(model_name, None)
+        else:
+            self._down[model_name] = reason
+        self.snapshot = self._derive()

@@ -1,0 +1,109 @@
+"""Routing policy: what the scorer reads, who the candidates are, and the ranked decision. Pure.
+
+Owns: turning a chat into the instruction text the scorer scores (the last user turn plus as much
+earlier user/assistant context as fits a token budget; system and tool messages skipped; list
+content read for its text parts), choosing the candidates (routable, allowed by the request, not
+cooling down) and ranking them by score (ties keep providers.yaml's order).
+Does not know: HTTP, the scorer's internals, how a model is called. No I/O, no clock.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+from proxy.errors import RequestError, ServiceUnavailable
+from proxy.providers import Deployment
+
+CONTEXT_ROLES = frozenset({"user", "assistant"})
+SEPARATOR = "\n\n"
+
+
+@dataclass(frozen=True)
+class Decision:
+    ranked: tuple[tuple[str, float], ...]  # best first
+    routed: bool  # False: the client named a model
+    scorer_ms: float = 0.0
+
+    @property
+    def chosen(self) -> str:
+        return self.ranked[0][0]
+
+    def scores_header(self) -> str:
+        return ",".join(f"{name}={score:.4f}" for name, score in self.ranked)
+
+
+def approx_tokens(text: str) -> int:
+    """A tokenizer-free estimate (about 4 characters per token for English text and code)."""
+    return (len(text) + 3) // 4
+
+
+def message_text(message: Mapping[str, Any]) -> str:
+    """The text of a message whose content is a string or a list of parts (non-text skipped)."""
+    content = message.get("content")
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(p["text"] for p in content
+                         if isinstance(p, dict) and isinstance(p.get("text"), str))
+    return ""
+
+
+def instruction_text(messages: Sequence[Mapping[str, Any]], budget_tokens: int) -> str:
+    """The last user turn (cut to the budget) preceded by the newest earlier turns that fit."""
+    last_user = next((i for i in range(len(messages) - 1, -1, -1)
+                      if messages[i].get("role") == "user" and message_text(messages[i])), None)
+    if last_user is None:  # no user text at all: fall back to the newest message with text
+        last_user = next((i for i in range(len(messages) - 1, -1, -1)
+                          if message_text(messages[i])), None)
+        if last_user is None:
+            return ""
+    head = message_text(messages[last_user])
+    if approx_tokens(head) >= budget_tokens:
+        return head[: budget_tokens * 4]
+    parts = [head]
+    used = approx_tokens(head)
+    for msg in reversed(messages[:last_user]):
+        if msg.get("role") not in CONTEXT_ROLES:
+            continue
+        text = message_text(msg)
+        if not text:
+            continue
+        cost = approx_tokens(text) + 1
+        if used + cost > budget_tokens:
+            break
+        parts.append(text)
+        used += cost
+    return SEPARATOR.join(reversed(parts))
+
+
+def candidates(models: Iterable[Deployment], allow: Sequence[str] | None,
+               cooling: Callable[[str], bool]) -> list[Deployment]:
+    """Routable models the request allows, cooled-down ones left out unless nothing else is left."""
+    models = list(models)
+    pool = [d for d in models if d.routable]
+    if allow is not None:
+        known = {d.name for d in models}
+        allowed = set(allow)
+        pool = [d for d in pool if d.name in allowed]
+        if not pool:
+            raise RequestError(
+                f"satroute.models {sorted(allowed)} leaves no routable model; routable models "
+                f"need a capability profile (known: {sorted(known)})",
+                param="satroute.models", code="no_candidates")
+    if not pool:
+        raise ServiceUnavailable("no model is routable: none has a capability profile and "
+                                 "working credentials", code="no_candidates")
+    warm = [d for d in pool if not cooling(d.name)]
+    return warm or pool
+
+
+def rank(scores: Mapping[str, float], order: Sequence[str]) -> tuple[tuple[str, float], ...]:
+    """Candidates best first; a missing or NaN score ranks last; ties keep config order."""
+    def clean(name: str) -> float:
+        s = scores.get(name)
+        return -math.inf if s is None or math.isnan(s) else float(s)
+
+    keyed = [(clean(n), i, n) for i, n in enumerate(order)]
+    keyed.sort(key=lambda t: (-t[0], t[1]))
+    return tuple((n, s) for s, _, n in keyed)

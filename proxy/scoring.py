@@ -1,0 +1,84 @@
+"""The scorer as the proxy holds it: which one to load, loading it in the background, calling it.
+
+Owns: choosing the scorer from settings (``modelsat``: ``scorer.load_scorer``; ``constant``: every
+candidate scores the same, so the ranking is providers.yaml's order), loading it off the event loop
+so the server answers /health while a large model loads, and running ``score`` on a small thread
+pool because scoring is CPU-bound and synchronous. A scorer whose ``runs_inline`` attribute is true
+(the constant one) is called directly: a thread hop would cost more than the scoring.
+Does not know: HTTP, routing policy, the scorer's internals (only the ``scorer.Scorer`` seam).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Mapping
+
+from scorer import Profile, Scorer
+
+from proxy.errors import ServiceUnavailable
+from proxy.settings import Settings
+
+log = logging.getLogger("satroute.scoring")
+
+
+class ConstantScorer:
+    """Every candidate gets the same score: ties keep the configured order."""
+
+    runs_inline = True
+
+    def score(self, instruction: str, candidates: Mapping[str, Profile]) -> dict[str, float]:
+        return dict.fromkeys(candidates, 0.0)
+
+
+class ScorerHost:
+    def __init__(self, scorer: Scorer | None = None, threads: int = 1):
+        self.scorer = scorer
+        self.error: str | None = None
+        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="scorer")
+
+    @property
+    def ready(self) -> bool:
+        return self.scorer is not None
+
+    async def load(self, settings: Settings) -> None:
+        """Build the configured scorer (in a thread: the real one loads torch and weights)."""
+        if self.scorer is not None:
+            return
+        if settings.scorer == "constant":
+            self.scorer = ConstantScorer()
+            return
+        started = time.perf_counter()
+
+        def build() -> Scorer:
+            from scorer import load_scorer
+
+            return load_scorer(settings.scorer_checkpoint, device=settings.scorer_device)
+
+        try:
+            self.scorer = await asyncio.get_running_loop().run_in_executor(self._pool, build)
+        except (ImportError, OSError, RuntimeError, ValueError, KeyError) as exc:
+            self.error = f"{type(exc).__name__}: {exc}"
+            log.error("scorer failed to load; routed requests answer 503: %s", self.error)
+            return
+        log.info("scorer loaded in %.1f s", time.perf_counter() - started)
+
+    async def score(self, instruction: str,
+                    candidates: Mapping[str, Profile]) -> tuple[dict[str, float], float]:
+        """Scores and the scorer's latency in milliseconds."""
+        scorer = self.scorer
+        if scorer is None:
+            why = self.error or "still loading"
+            raise ServiceUnavailable(f"the routing scorer is not available ({why})",
+                                     code="scorer_unavailable")
+        started = time.perf_counter()
+        if getattr(scorer, "runs_inline", False):
+            scores = scorer.score(instruction, candidates)
+        else:
+            scores = await asyncio.get_running_loop().run_in_executor(
+                self._pool, scorer.score, instruction, candidates)
+        return scores, (time.perf_counter() - started) * 1000
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)

@@ -1,0 +1,49 @@
+"""Process settings: the only reader of environment variables in the proxy.
+
+Owns: what the process needs before it can read providers.yaml (where that file is, where to
+listen, the master key, which scorer to load, request size limits). Every field can be set by an
+environment variable with the ``SATROUTE_`` prefix (``SATROUTE_MASTER_KEY``, ``SATROUTE_PORT``, ...);
+command-line flags are passed as constructor arguments and win over the environment.
+Does not know: models, routing policy or retries; those live in providers.yaml (``providers.py``)
+so that they hot-reload.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SATROUTE_", extra="ignore")
+
+    config: Path = Field(Path("providers.yaml"), description="path to providers.yaml")
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    master_key: SecretStr | None = Field(
+        None, description="when set, every /v1/* and admin request needs 'Authorization: Bearer'")
+    scorer: Literal["modelsat", "constant"] = Field(
+        "modelsat", description="modelsat: scorer.load_scorer(); constant: every candidate ties")
+    scorer_checkpoint: str | None = None
+    scorer_device: str | None = None
+    scorer_threads: int = Field(1, ge=1, description="threads that run scoring off the event loop")
+    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    reload_interval_s: float = Field(1.0, gt=0, description="how often providers.yaml is checked")
+    log_level: str = "info"
+
+    def master_key_value(self) -> str | None:
+        key = self.master_key.get_secret_value() if self.master_key else None
+        return key or None
+
+
+def environ() -> dict[str, str]:
+    """The environment, for resolving ``os.environ/VAR`` references in providers.yaml."""
+    return dict(os.environ)
+
+
+def prepare_litellm_environment() -> None:
+    """litellm must not fetch its cost map from the network at import: set before importing it."""
+    os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"

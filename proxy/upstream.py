@@ -1,0 +1,207 @@
+"""The pass-through path: one attempt against an OpenAI-compatible upstream over a pooled client.
+
+Owns: building the upstream request (the client's JSON body with only ``model`` replaced, admin
+defaults from ``litellm_params`` filled in where the client set none), one shared aiohttp session
+with keep-alive, classifying the outcome (answer, retryable failure, client error), reading a stream
+up to its first event before committing, and rewriting the ``model`` field of the answer and of
+every streamed chunk to the configured name. Everything else in the bytes is kept as the upstream
+sent it (unknown fields, chunk boundaries per event).
+Does not know: retries, fallback, cooldown, routing (``dispatch.py`` drives it).
+"""
+from __future__ import annotations
+
+import asyncio
+import email.utils
+import re
+import time
+from dataclasses import dataclass
+from typing import Any, AsyncIterator, Mapping
+
+import aiohttp
+import orjson
+
+from proxy.errors import UpstreamClientError, UpstreamTransient
+from proxy.providers import Deployment
+
+# litellm_params keys that configure the transport, not the request body.
+TRANSPORT_KEYS = frozenset({
+    "api_base", "api_key", "api_version", "extra_headers", "organization", "timeout",
+    "stream_timeout", "max_retries", "num_retries", "rpm", "tpm", "custom_llm_provider",
+    "input_cost_per_token", "output_cost_per_token", "weight", "order",
+})
+DEFAULT_BASES = {"openai": "https://api.openai.com/v1"}
+MODEL_FIELD = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
+RETRYABLE = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
+
+
+def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
+    """Retry-After (seconds or HTTP date) or retry-after-ms, in seconds."""
+    ms = headers.get("retry-after-ms")
+    if ms:
+        try:
+            return max(0.0, float(ms) / 1000)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        return max(0.0, when.timestamp() - time.time())
+
+
+def rename_model(data: bytes, name_json: bytes) -> bytes:
+    """Replace the first ``"model": "..."`` (the top-level one in OpenAI payloads)."""
+    return MODEL_FIELD.sub(b'"model":' + name_json, data, count=1)
+
+
+def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
+             redact) -> Exception:
+    try:
+        parsed = orjson.loads(body) if body else None
+    except orjson.JSONDecodeError:
+        parsed = None
+    err = parsed.get("error") if isinstance(parsed, dict) else None
+    if isinstance(err, dict):
+        message = str(err.get("message", ""))
+    elif isinstance(err, str):
+        message = err
+    else:
+        message = body[:300].decode("utf-8", "replace")
+    message = redact(message) or f"upstream answered HTTP {status}"
+    if status in RETRYABLE:
+        return UpstreamTransient(f"{model}: HTTP {status}: {message}", model=model, status=status,
+                                 retry_after=retry_after_seconds(headers))
+    shaped = None
+    if isinstance(err, dict):
+        shaped = {"error": {"message": message, "type": err.get("type") or "invalid_request_error",
+                            "param": err.get("param"), "code": err.get("code")}}
+    return UpstreamClientError(message, status=status, model=model, upstream_body=shaped)
+
+
+@dataclass
+class Answer:
+    body: bytes | None = None
+    chunks: AsyncIterator[bytes] | None = None
+
+
+class PassThrough:
+    """Calls OpenAI-compatible upstreams directly over one pooled aiohttp session."""
+
+    def __init__(self, connect_timeout_s: float = 5.0):
+        self._connect = connect_timeout_s
+        self._session: aiohttp.ClientSession | None = None
+
+    def session(self) -> aiohttp.ClientSession:
+        if self._session is None or self._session.closed:
+            conn = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+            self._session = aiohttp.ClientSession(connector=conn, json_serialize=None,
+                                                  auto_decompress=True, skip_auto_headers=("User-Agent",))
+        return self._session
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @staticmethod
+    def url(d: Deployment) -> str:
+        base = d.api_base or DEFAULT_BASES.get(d.provider, "")
+        return base.rstrip("/") + "/chat/completions"
+
+    @staticmethod
+    def payload(d: Deployment, body: Mapping[str, Any]) -> bytes:
+        out = {k: v for k, v in d.params.items() if k not in TRANSPORT_KEYS and k not in body}
+        out.update(body)
+        out["model"] = d.upstream_model
+        return orjson.dumps(out)
+
+    @staticmethod
+    def headers(d: Deployment) -> dict[str, str]:
+        h = {"Content-Type": "application/json"}
+        if d.api_key:
+            h["Authorization"] = f"Bearer {d.api_key}"
+        if d.params.get("organization"):
+            h["OpenAI-Organization"] = str(d.params["organization"])
+        extra = d.params.get("extra_headers")
+        if isinstance(extra, dict):
+            h.update({str(k): str(v) for k, v in extra.items()})
+        return h
+
+    async def attempt(self, d: Deployment, body: Mapping[str, Any], stream: bool,
+                      first_byte_s: float, read_s: float, redact) -> Answer:
+        """One call; returns once the answer (or the stream's first event) is in hand."""
+        timeout = aiohttp.ClientTimeout(total=None, connect=self._connect, sock_read=read_s)
+        name_json = orjson.dumps(d.name)
+        resp = None
+        try:
+            async with asyncio.timeout(first_byte_s):
+                resp = await self.session().post(self.url(d), data=self.payload(d, body),
+                                                 headers=self.headers(d), timeout=timeout)
+                if resp.status != 200:
+                    raw = await resp.read()
+                    raise classify(resp.status, raw, d.name, resp.headers, redact)
+                if not stream:
+                    return Answer(body=rename_model(await resp.read(), name_json))
+                events = _events(resp)
+                first = await anext(events, b"")
+        except TimeoutError:
+            if resp is not None:
+                resp.close()
+            raise UpstreamTransient(f"{d.name}: no answer within {first_byte_s:.1f}s",
+                                    model=d.name, status=504, timeout=True) from None
+        except aiohttp.ClientError as exc:
+            if resp is not None:
+                resp.close()
+            raise UpstreamTransient(f"{d.name}: connection failed: {type(exc).__name__}: "
+                                    f"{redact(str(exc))}", model=d.name) from None
+        except (UpstreamClientError, UpstreamTransient):
+            resp.release()
+            raise
+        if not first:
+            resp.close()
+            raise UpstreamTransient(f"{d.name}: stream closed before its first event", model=d.name)
+        return Answer(chunks=_relay(first, events, name_json, resp))
+
+
+async def _events(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    """Complete SSE events (terminator included), batched per network read."""
+    buf = b""
+    async for data in resp.content.iter_any():
+        buf += data
+        if b"\r\n" in buf:
+            buf = buf.replace(b"\r\n", b"\n")
+        cut = buf.rfind(b"\n\n")
+        if cut < 0:
+            continue
+        yield buf[: cut + 2]
+        buf = buf[cut + 2:]
+    if buf.strip():
+        yield buf + b"\n\n"
+
+
+def _rename_events(batch: bytes, name_json: bytes) -> bytes:
+    if b'"model"' not in batch:
+        return batch
+    return b"\n\n".join(rename_model(ev, name_json) if ev.startswith(b"data:") else ev
+                        for ev in batch.split(b"\n\n"))
+
+
+async def _relay(first: bytes, events: AsyncIterator[bytes], name_json: bytes,
+                 resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+    try:
+        yield _rename_events(first, name_json)
+        try:
+            async for batch in events:
+                yield _rename_events(batch, name_json)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            # Headers are gone already: tell the client in-band, the OpenAI SDK raises on it.
+            msg = f"upstream stream interrupted: {type(exc).__name__}"
+            yield b"data: " + orjson.dumps({"error": {"message": msg, "type": "upstream_error",
+                                                      "param": None, "code": "stream_interrupted"}}) + b"\n\n"
+    finally:
+        resp.release()

@@ -1,0 +1,109 @@
+"""Bad input and authentication: always OpenAI's error shape, 400/401/413 naming the problem."""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def post(proxy, content: bytes | None = None, json=None, headers=None) -> httpx.Response:
+    return httpx.post(f"{proxy.url}/chat/completions", content=content, json=json,
+                      headers=headers, timeout=10)
+
+
+def assert_error(r: httpx.Response, status: int, *words: str) -> dict:
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"}
+    for word in words:
+        assert word in err["message"], (word, err["message"])
+    assert "Traceback" not in r.text
+    return err
+
+
+@pytest.fixture
+def proxy(config, upstream, start_proxy):
+    return start_proxy(config, max_body_bytes=2048)
+
+
+@pytest.mark.parametrize("body, words", [
+    (b"{not json", ["not valid JSON"]),
+    (b"", ["empty"]),
+    (b"[1, 2]", ["JSON object", "list"]),
+    (b'"text"', ["JSON object", "str"]),
+    (b"null", ["JSON object"]),
+])
+def test_malformed_bodies_are_400(proxy, upstream, body, words):
+    assert_error(post(proxy, content=body, headers={"content-type": "application/json"}),
+                 400, *words)
+    assert upstream.bodies() == []
+
+
+@pytest.mark.parametrize("body, param", [
+    ({"model": "auto"}, "messages"),
+    ({"model": "auto", "messages": []}, "messages"),
+    ({"messages": MESSAGES}, "model"),
+    ({"model": "", "messages": MESSAGES}, "model"),
+    ({"model": 5, "messages": MESSAGES}, "model"),
+    ({"model": "auto", "messages": "hi"}, "messages"),
+    ({"model": "auto", "messages": [{"content": "no role"}]}, "messages.0.role"),
+    ({"model": "auto", "messages": [{"role": "user", "content": 3}]}, "messages.0.content"),
+    ({"model": "auto", "messages": MESSAGES, "stream": "yes"}, "stream"),
+    ({"model": "auto", "messages": MESSAGES, "stream_options": {"include_usage": "x"}},
+     "stream_options.include_usage"),
+    ({"model": "auto", "messages": MESSAGES, "satroute": {"models": "m1"}}, "satroute.models"),
+    ({"model": "auto", "messages": MESSAGES, "satroute": {"modles": ["m1"]}}, "satroute.modles"),
+])
+def test_wrong_shapes_are_400_naming_the_field(proxy, upstream, body, param):
+    err = assert_error(post(proxy, json=body), 400, param)
+    assert err["param"].startswith(param)
+    assert upstream.bodies() == []
+
+
+def test_body_over_the_limit_is_413(proxy, upstream):
+    big = {"model": "auto", "messages": [{"role": "user", "content": "x" * 4096}]}
+    assert_error(post(proxy, json=big), 413, "limit")
+    # without a content-length (chunked upload) the limit holds too
+
+    def chunks():
+        yield b'{"model": "auto", "messages": [{"role": "user", "content": "'
+        for _ in range(10):
+            yield b"y" * 1000
+        yield b'"}]}'
+
+    assert_error(post(proxy, content=chunks()), 413, "limit")
+    assert upstream.bodies() == []
+
+
+def test_unknown_route_and_method_use_openai_shape(proxy):
+    assert_error(httpx.get(f"{proxy.url}/nope"), 404)
+    assert_error(httpx.get(f"{proxy.url}/chat/completions"), 405)
+
+
+def test_master_key_guards_v1_but_not_probes(config, upstream, start_proxy):
+    proxy = start_proxy(config, master_key="sk-master-123")
+    for headers, why in [(None, "missing"), ({"Authorization": "Bearer wrong"}, "invalid"),
+                         ({"Authorization": "sk-master-123"}, "invalid")]:
+        err = assert_error(post(proxy, json={"model": "m1", "messages": MESSAGES},
+                                headers=headers), 401, why)
+        assert err["code"] == "invalid_api_key"
+        assert "sk-master-123" not in str(err)
+    assert_error(httpx.get(f"{proxy.url}/models"), 401)
+    assert upstream.bodies() == []
+    assert httpx.get(f"{proxy.base}/health").status_code == 200
+    assert httpx.get(f"{proxy.base}/ready").status_code == 200
+    good = openai.OpenAI(base_url=proxy.url, api_key="sk-master-123", max_retries=0)
+    assert good.chat.completions.create(model="auto", messages=MESSAGES).model == "m1"
+    with pytest.raises(openai.AuthenticationError):
+        openai.OpenAI(base_url=proxy.url, api_key="nope", max_retries=0).models.list()
+
+
+def test_master_key_from_environment(config, upstream, start_proxy, monkeypatch):
+    monkeypatch.setenv("SATROUTE_MASTER_KEY", "env-key-456")
+    proxy = start_proxy(config)
+    assert post(proxy, json={"model": "m1", "messages": MESSAGES}).status_code == 401
+    ok = post(proxy, json={"model": "m1", "messages": MESSAGES},
+              headers={"Authorization": "Bearer env-key-456"})
+    assert ok.status_code == 200

@@ -1,0 +1,59 @@
+"""The satroute command line: serve's settings precedence, delegated subcommands, clear errors."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import types
+
+import pytest
+
+from proxy import cli
+
+
+def test_serve_flags_win_over_environment(monkeypatch, tmp_path):
+    seen = {}
+
+    def fake_run(app, host, port, **kw):
+        seen.update(host=host, port=port, settings=app.state.services.settings)
+
+    cfg = tmp_path / "providers.yaml"
+    cfg.write_text("model_list:\n  - {model_name: a, litellm_params: {model: openai/a}}\n")
+    monkeypatch.setenv("SATROUTE_PORT", "9100")
+    monkeypatch.setenv("SATROUTE_HOST", "127.0.0.2")
+    monkeypatch.setenv("SATROUTE_SCORER", "constant")
+    monkeypatch.setattr("uvicorn.run", fake_run)
+    assert cli.main(["serve", "--config", str(cfg), "--port", "9200"]) == 0
+    assert seen["port"] == 9200 and seen["host"] == "127.0.0.2"
+    assert seen["settings"].scorer == "constant" and seen["settings"].config == cfg
+
+
+def test_serve_with_invalid_config_exits_2_naming_the_key(tmp_path, capsys):
+    cfg = tmp_path / "providers.yaml"
+    cfg.write_text("model_list:\n  - {model_name: a, litellm_params: {modle: x}}\n")
+    assert cli.main(["serve", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "model_list.0.litellm_params.model" in err and str(cfg) in err
+
+
+def test_delegated_subcommand_runs_module(monkeypatch):
+    mod = types.ModuleType("fake_training")
+    mod.add_arguments = lambda p: p.add_argument("--epochs", type=int, default=1)
+    mod.run = lambda args: args.epochs + 40
+    monkeypatch.setitem(sys.modules, "fake_training", mod)
+    monkeypatch.setitem(cli.DELEGATED, "train", ("fake_training", "train"))
+    monkeypatch.setattr(cli.importlib.util, "find_spec", lambda name: object())
+    assert cli.main(["train", "--epochs", "2"]) == 42
+
+
+def test_missing_delegated_module_is_a_clear_error(monkeypatch, capsys):
+    monkeypatch.setitem(cli.DELEGATED, "onboard", ("proxy.no_such_module", "onboard"))
+    assert cli.main(["onboard"]) == 2
+    assert "not available" in capsys.readouterr().err
+
+
+def test_console_script_help_has_no_traceback():
+    out = subprocess.run([sys.executable, "-m", "proxy.cli", "--help"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0 and "serve" in out.stdout and "onboard" in out.stdout
+    with pytest.raises(SystemExit):
+        cli.main([])

@@ -1,0 +1,155 @@
+"""providers.yaml: LiteLLM compatibility, validation messages, credentials, profiles, registry."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from proxy.errors import ConfigError
+from proxy.providers import ProviderRegistry, parse
+
+LITELLM_CONFIG = """
+model_list:
+  - model_name: gpt-4o
+    litellm_params:
+      model: openai/gpt-4o
+      api_key: os.environ/OPENAI_API_KEY
+      rpm: 60
+  - model_name: claude
+    litellm_params:
+      model: anthropic/claude-3-5-sonnet-20240620
+      api_key: os.environ/ANTHROPIC_API_KEY
+  - model_name: local
+    litellm_params:
+      model: hosted_vllm/Qwen/Qwen2.5-7B-Instruct
+      api_base: http://localhost:8001/v1
+      temperature: 0.2
+    model_info:
+      id: abc
+litellm_settings:
+  drop_params: true
+router_settings:
+  routing_strategy: simple-shuffle
+general_settings:
+  master_key: sk-1234
+"""
+
+
+def snap(text: str, env=None, tmp: Path = Path("/tmp/x/providers.yaml"), lookup=lambda n: None):
+    return parse(text, tmp, env or {}, lookup)
+
+
+def test_existing_litellm_model_list_loads_as_is():
+    s = snap(LITELLM_CONFIG, {"OPENAI_API_KEY": "sk-a", "ANTHROPIC_API_KEY": "sk-b"})
+    assert list(s.models) == ["gpt-4o", "claude", "local"]
+    gpt, claude, local = s.models.values()
+    assert (gpt.provider, gpt.upstream_model, gpt.api_key) == ("openai", "gpt-4o", "sk-a")
+    assert gpt.fast_path and local.fast_path and not claude.fast_path  # anthropic: translated
+    assert local.upstream_model == "Qwen/Qwen2.5-7B-Instruct"
+    assert local.params["temperature"] == 0.2 and gpt.params["rpm"] == 60
+    assert s.router.router_name == "auto"
+    assert all(d.available and d.profile is None and not d.routable for d in s.models.values())
+    assert "sk-a" not in repr(gpt)
+
+
+def test_unresolved_env_key_marks_model_unavailable():
+    s = snap(LITELLM_CONFIG, {"OPENAI_API_KEY": "sk-a"})
+    assert s.models["gpt-4o"].available
+    assert "ANTHROPIC_API_KEY" in s.models["claude"].unavailable
+    assert [d.name for d in s.available()] == ["gpt-4o", "local"]
+
+
+@pytest.mark.parametrize("text, words", [
+    ("model_list: []", ["model_list", "at least 1"]),
+    ("model_list:\n  - model_name: a\n", ["model_list.0.litellm_params", "Field required"]),
+    ("model_list:\n  - model_name: a\n    litellm_params: {model: x}\n"
+     "    model_info: {input_price_per_mtok: -1}\n",
+     ["model_list.0.model_info.input_price_per_mtok", "-1"]),
+    ("model_list:\n  - {model_name: a, litellm_params: {model: x}}\n"
+     "router_settings: {num_retries: many}\n", ["router_settings.num_retries", "'many'"]),
+    ("model_list:\n  - {model_name: a, litellm_params: {model: x}}\n"
+     "  - {model_name: a, litellm_params: {model: y}}\n", ["duplicate name 'a'"]),
+    ("model_list:\n  - {model_name: auto, litellm_params: {model: x}}\n", ["router's name"]),
+    ("- just a list", ["top level"]),
+    ("model_list: [", ["not valid YAML", "line"]),
+])
+def test_validation_errors_name_file_key_and_value(text, words):
+    with pytest.raises(ConfigError) as err:
+        snap(text)
+    assert "/tmp/x/providers.yaml" in str(err.value)
+    for word in words:
+        assert word in str(err.value)
+
+
+def test_validation_errors_hide_keys():
+    text = "model_list:\n  - model_name: a\n    litellm_params: {api_key: sk-hidden-999}\n"
+    with pytest.raises(ConfigError) as err:
+        snap(text)
+    assert "sk-hidden-999" not in str(err.value) and "litellm_params" in str(err.value)
+
+
+def test_profiles_from_file_builtin_and_source(tmp_path, monkeypatch):
+    (tmp_path / "p.json").write_text(json.dumps({"model": "a", "suite": "s",
+                                                 "tasks": {"t1": 0.7}}))
+    import scorer
+
+    builtin = tmp_path / "pkg" / "assets" / "profiles" / "suite1"
+    builtin.mkdir(parents=True)
+    (builtin / "b.json").write_text(json.dumps({"model": "b", "suite": "suite1",
+                                                "tasks": {"t1": 0.2}}))
+    monkeypatch.setattr(scorer, "__file__", str(tmp_path / "pkg" / "__init__.py"))
+    text = """
+model_list:
+  - {model_name: a, litellm_params: {model: openai/a}, model_info: {capability_profile: p.json}}
+  - {model_name: b, litellm_params: {model: openai/b},
+     model_info: {capability_profile: "builtin:suite1/b"}}
+  - {model_name: c, litellm_params: {model: openai/c}}
+"""
+    s = parse(text, tmp_path / "providers.yaml", {}, {"c": {"t1": 0.9}}.get)
+    assert {n: dict(d.profile) for n, d in s.models.items()} == {
+        "a": {"t1": 0.7}, "b": {"t1": 0.2}, "c": {"t1": 0.9}}
+    with pytest.raises(ConfigError) as err:
+        parse(text.replace("p.json", "missing.json"), tmp_path / "providers.yaml", {}, dict().get)
+    assert "model_list.0.model_info.capability_profile" in str(err.value)
+    assert "missing.json" in str(err.value)
+
+
+class Source:
+    def __init__(self):
+        self.profiles = {}
+
+    def get(self, name):
+        return self.profiles.get(name)
+
+
+def test_registry_profiles_from_source_and_set_profile(tmp_path):
+    path = tmp_path / "providers.yaml"
+    path.write_text("model_list:\n  - {model_name: new, litellm_params: {model: openai/n}}\n"
+                    "  - {model_name: other, litellm_params: {model: openai/o}}\n")
+    source = Source()
+    reg = ProviderRegistry(path, dict, source)
+    assert not reg.snapshot.models["new"].routable
+    reg.set_profile("new", {"t": 0.5})  # onboarding marks it ready
+    assert reg.snapshot.models["new"].routable
+    source.profiles["other"] = {"t": 0.1}
+    reg.refresh_profiles()
+    assert reg.snapshot.models["other"].profile == {"t": 0.1}
+    # a later reload keeps profiles set at run time
+    path.write_text(path.read_text() + "router_settings: {router_name: best}\n")
+    assert reg.reload()
+    assert reg.snapshot.router.router_name == "best"
+    assert reg.snapshot.models["new"].routable and reg.snapshot.models["other"].routable
+    assert not reg.reload()  # unchanged
+
+
+def test_registry_missing_file_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        ProviderRegistry(tmp_path / "nope.yaml", dict)
+
+
+def test_example_providers_yaml_loads():
+    repo = Path(__file__).resolve().parents[2]
+    s = parse((repo / "providers.yaml").read_text(), repo / "providers.yaml",
+              {"OPENAI_API_KEY": "sk-x", "ANTHROPIC_API_KEY": "sk-y"}, lambda n: None)
+    assert len(s.models) >= 3 and s.router.router_name == "auto"

@@ -1,0 +1,99 @@
+"""Hot reload of providers.yaml (good and bad edits) and keys never leaking anywhere."""
+from __future__ import annotations
+
+import logging
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import model_entry, write_config
+
+MESSAGES = [{"role": "user", "content": "hi"}]
+
+
+def wait_for(predicate, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def model_ids(proxy) -> list[str]:
+    return [m["id"] for m in httpx.get(f"{proxy.url}/models").json()["data"]]
+
+
+def test_good_edit_takes_effect_without_restart(tmp_path, upstream, start_proxy):
+    path = write_config(tmp_path / "providers.yaml", [model_entry("m1", upstream.url, tmp_path)])
+    proxy = start_proxy(path)
+    assert model_ids(proxy) == ["auto", "m1"]
+    write_config(path, [model_entry("m1", upstream.url, tmp_path),
+                        model_entry("m9", upstream.url, tmp_path)], router_name="smart")
+    assert wait_for(lambda: model_ids(proxy) == ["smart", "m1", "m9"])
+    c = openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=0)
+    assert c.chat.completions.create(model="m9", messages=MESSAGES).model == "m9"
+    assert c.chat.completions.create(model="smart", messages=MESSAGES).model == "m1"
+
+
+def test_bad_edit_is_logged_and_last_good_config_keeps_serving(tmp_path, upstream, start_proxy,
+                                                               caplog):
+    path = write_config(tmp_path / "providers.yaml", [model_entry("m1", upstream.url, tmp_path)])
+    proxy = start_proxy(path)
+    caplog.set_level(logging.ERROR, logger="satroute.providers")
+    path.write_text("model_list:\n  - model_name: m2\n    litellm_params: {api_base: x}\n")
+    assert wait_for(lambda: "rejected" in caplog.text)
+    assert "model_list.0.litellm_params.model" in caplog.text and str(path) in caplog.text
+    assert model_ids(proxy) == ["auto", "m1"]
+    c = openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=0)
+    assert c.chat.completions.create(model="auto", messages=MESSAGES).model == "m1"
+    path.write_text(": : not yaml [")
+    assert wait_for(lambda: "not valid YAML" in caplog.text)
+    assert c.chat.completions.create(model="auto", messages=MESSAGES).model == "m1"
+
+
+def test_keys_never_appear_in_output_logs_or_errors(tmp_path, upstream, start_proxy, caplog,
+                                                    monkeypatch):
+    secret = "sk-live-SECRET-0123456789"
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", secret)
+    caplog.set_level(logging.DEBUG)
+    models = [model_entry("m1", upstream.url, tmp_path, key="os.environ/TEST_UPSTREAM_KEY"),
+              model_entry("m2", upstream.url, tmp_path, key="os.environ/TEST_UPSTREAM_KEY",
+                          fast_path=False)]
+    path = write_config(tmp_path / "providers.yaml", models)
+    proxy = start_proxy(path)
+    # the upstream gets the key ...
+    c = openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=0)
+    c.chat.completions.create(model="m1", messages=MESSAGES)
+    assert upstream.received[-1].headers["authorization"] == f"Bearer {secret}"
+    # ... but an upstream error echoing it is redacted, on both paths
+    seen = []
+    for name in ("m1", "m2"):
+        upstream.set(name, __import__("support.mock_upstream").mock_upstream.fail(
+            401, f"Incorrect API key provided: {secret}", "invalid_request_error"))
+        r = httpx.post(f"{proxy.url}/chat/completions", json={"model": name, "messages": MESSAGES})
+        assert r.status_code == 401
+        seen.append(r.text)
+    seen += [httpx.get(f"{proxy.url}/models").text, httpx.get(f"{proxy.base}/ready").text]
+    # a bad edit whose error would show the key
+    path.write_text(path.read_text().replace("os.environ/TEST_UPSTREAM_KEY", "[" + secret))
+    time.sleep(0.4)
+    assert all(secret not in text for text in seen)
+    assert secret not in caplog.text
+    assert "***" in seen[0]
+
+
+def test_unresolved_key_makes_model_unavailable_and_is_logged(tmp_path, upstream, start_proxy,
+                                                              caplog, monkeypatch):
+    monkeypatch.delenv("MISSING_KEY_VAR", raising=False)
+    caplog.set_level(logging.WARNING, logger="satroute.providers")
+    models = [model_entry("m1", upstream.url, tmp_path),
+              model_entry("m2", upstream.url, tmp_path, key="os.environ/MISSING_KEY_VAR")]
+    proxy = start_proxy(write_config(tmp_path / "providers.yaml", models))
+    assert "m2 unavailable" in caplog.text and "MISSING_KEY_VAR" in caplog.text
+    assert model_ids(proxy) == ["auto", "m1"]
+    with pytest.raises(openai.NotFoundError):
+        openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=0).chat.completions.create(
+            model="m2", messages=MESSAGES)

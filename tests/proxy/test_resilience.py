@@ -1,0 +1,141 @@
+"""Retries, Retry-After, fallback, cooldown and recovery, 4xx pass-through; on both dispatch paths."""
+from __future__ import annotations
+
+import time
+
+import httpx
+import openai
+import pytest
+
+from conftest import RecordingScorer, model_entry, write_config
+from support.mock_upstream import answer, drop, fail, rate_limit, stall
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+PATHS = [pytest.param(True, id="passthrough"), pytest.param(False, id="litellm")]
+
+
+def client(proxy) -> openai.OpenAI:
+    return openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=0, timeout=30)
+
+
+def setup(tmp_path, upstream, start_proxy, fast: bool, **router):
+    models = [model_entry(n, upstream.url, tmp_path, fast_path=fast) for n in ("m1", "m2", "m3")]
+    cfg = write_config(tmp_path / "providers.yaml", models, **router)
+    return start_proxy(cfg, scorer=RecordingScorer({"m1": 0.9, "m2": 0.5, "m3": 0.1}))
+
+
+@pytest.mark.parametrize("fast", PATHS)
+def test_transient_failures_are_retried_on_the_same_model(tmp_path, upstream, start_proxy, fast):
+    proxy = setup(tmp_path, upstream, start_proxy, fast)
+    upstream.queue("m1", fail(503), drop())
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.parse().model == "m1"
+    assert "x-satroute-failed" not in raw.headers
+    assert len(upstream.bodies("m1")) == 3 and upstream.bodies("m2") == []
+
+
+@pytest.mark.parametrize("fast", PATHS)
+def test_retry_after_is_honoured(tmp_path, upstream, start_proxy, fast):
+    proxy = setup(tmp_path, upstream, start_proxy, fast)
+    upstream.queue("m1", rate_limit(0.6))
+    started = time.monotonic()
+    assert client(proxy).chat.completions.create(model="auto", messages=MESSAGES).model == "m1"
+    assert time.monotonic() - started >= 0.6
+    first, second = [r.at for r in upstream.received if r.body["model"] == "m1"]
+    assert second - first >= 0.6
+
+
+@pytest.mark.parametrize("fast", PATHS)
+def test_falls_back_to_next_ranked_model_and_says_so(tmp_path, upstream, start_proxy, fast):
+    proxy = setup(tmp_path, upstream, start_proxy, fast)
+    upstream.set("m1", fail(500))
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.parse().model == "m2"
+    assert raw.headers["x-satroute-model"] == "m2"
+    assert raw.headers["x-satroute-failed"] == "m1:http_500"
+    assert len(upstream.bodies("m1")) == 3  # num_retries=2
+
+
+@pytest.mark.parametrize("fast", PATHS)
+def test_streaming_falls_back_before_the_first_byte(tmp_path, upstream, start_proxy, fast):
+    proxy = setup(tmp_path, upstream, start_proxy, fast, num_retries=0)
+    upstream.set("m1", fail(502))
+    with client(proxy).chat.completions.with_streaming_response.create(
+            model="auto", messages=MESSAGES, stream=True) as raw:
+        assert raw.headers["x-satroute-failed"] == "m1:http_502"
+        chunks = list(raw.parse())
+    assert {c.model for c in chunks} == {"m2"}
+
+
+@pytest.mark.parametrize("fast", PATHS)
+def test_upstream_client_errors_pass_through_unretried(tmp_path, upstream, start_proxy, fast):
+    proxy = setup(tmp_path, upstream, start_proxy, fast)
+    upstream.set("m1", fail(400, "context length exceeded: 9000 > 8192",
+                            "invalid_request_error"))
+    with pytest.raises(openai.BadRequestError) as err:
+        client(proxy).chat.completions.create(model="auto", messages=MESSAGES)
+    assert "context length exceeded" in err.value.message
+    assert len(upstream.bodies("m1")) == 1 and upstream.bodies("m2") == []
+    upstream.set("m2", fail(401, "bad upstream key", "authentication_error"))
+    with pytest.raises(openai.AuthenticationError):
+        client(proxy).chat.completions.create(model="m2", messages=MESSAGES)
+    upstream.set("m3", fail(404, "no such upstream model", "invalid_request_error"))
+    with pytest.raises(openai.NotFoundError):
+        client(proxy).chat.completions.create(model="m3", messages=MESSAGES)
+    assert len(upstream.bodies("m2")) == 1 and len(upstream.bodies("m3")) == 1
+
+
+def test_stalled_upstream_times_out_and_falls_back(tmp_path, upstream, start_proxy):
+    proxy = setup(tmp_path, upstream, start_proxy, True, timeout_s=0.3, num_retries=0)
+    upstream.set("m1", stall(5))
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.parse().model == "m2"
+    assert raw.headers["x-satroute-failed"] == "m1:timeout"
+
+
+def test_request_deadline_bounds_everything(tmp_path, upstream, start_proxy):
+    proxy = setup(tmp_path, upstream, start_proxy, True, timeout_s=0.4, deadline_s=0.7)
+    for name in ("m1", "m2", "m3"):
+        upstream.set(name, stall(5))
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as err:
+        client(proxy).chat.completions.create(model="auto", messages=MESSAGES)
+    assert err.value.status_code == 504 and err.value.code == "upstream_timeout"
+    assert time.monotonic() - started < 2.0
+
+
+def test_all_models_failing_is_502_naming_them(tmp_path, upstream, start_proxy):
+    proxy = setup(tmp_path, upstream, start_proxy, True, num_retries=0)
+    upstream.set("*", fail(500))
+    with pytest.raises(openai.APIStatusError) as err:
+        client(proxy).chat.completions.create(model="auto", messages=MESSAGES)
+    assert err.value.status_code == 502
+    assert all(n in err.value.message for n in ("m1", "m2", "m3"))
+
+
+def test_rate_limited_direct_call_returns_429_with_retry_after(tmp_path, upstream, start_proxy):
+    proxy = setup(tmp_path, upstream, start_proxy, True, num_retries=0)
+    upstream.set("m2", rate_limit(7))
+    r = httpx.post(f"{proxy.url}/chat/completions", json={"model": "m2", "messages": MESSAGES})
+    assert r.status_code == 429 and r.headers["retry-after"] == "7"
+    assert r.json()["error"]["code"] == "rate_limited"
+
+
+def test_failing_model_cools_down_and_comes_back(tmp_path, upstream, start_proxy):
+    proxy = setup(tmp_path, upstream, start_proxy, True, num_retries=0, allowed_fails=2,
+                  cooldown_s=0.8)
+    upstream.set("m1", fail(500))
+    c = client(proxy)
+    assert c.chat.completions.create(model="auto", messages=MESSAGES).model == "m2"
+    assert c.chat.completions.create(model="auto", messages=MESSAGES).model == "m2"
+    calls = len(upstream.bodies("m1"))
+    assert calls == 2
+    # cooling: m1 is not even tried
+    raw = c.chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.parse().model == "m2" and "x-satroute-failed" not in raw.headers
+    assert len(upstream.bodies("m1")) == calls
+    assert "m1" in httpx.get(f"{proxy.base}/ready").json()["cooling"]
+    upstream.set("m1", answer())
+    time.sleep(0.9)
+    assert c.chat.completions.create(model="auto", messages=MESSAGES).model == "m1"
+    assert "m1" not in httpx.get(f"{proxy.base}/ready").json()["cooling"]

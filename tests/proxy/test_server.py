@@ -1,0 +1,203 @@
+"""The proxy served by uvicorn on loopback, driven by the official openai SDK (sync, async, stream)."""
+from __future__ import annotations
+
+import httpx
+import openai
+import pytest
+
+from conftest import RecordingScorer
+
+MESSAGES = [{"role": "system", "content": "be brief"},
+            {"role": "user", "content": "what is 2+2?"}]
+
+
+def client(proxy, key: str = "unused") -> openai.OpenAI:
+    return openai.OpenAI(base_url=proxy.url, api_key=key, max_retries=0, timeout=20)
+
+
+def test_auto_routes_to_the_best_scored_model(config, upstream, start_proxy):
+    scorer = RecordingScorer({"m1": 0.2, "m2": 0.9, "m3": 0.5})
+    proxy = start_proxy(config, scorer=scorer)
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    resp = raw.parse()
+    assert resp.model == "m2"
+    assert resp.choices[0].message.content == "reply from m2"
+    assert raw.headers["x-satroute-model"] == "m2"
+    assert raw.headers["x-satroute-route"] == "routed"
+    assert raw.headers["x-satroute-scores"] == "m2=0.9000,m3=0.5000,m1=0.2000"
+    assert float(raw.headers["x-satroute-scorer-ms"]) >= 0
+    instruction, candidates = scorer.calls[0]
+    assert instruction == "what is 2+2?"  # the system prompt is not scored
+    assert set(candidates) == {"m1", "m2", "m3"}
+    assert candidates["m1"] == {"t1": 0.5, "t2": 0.5}
+    assert upstream.bodies()[-1]["model"] == "m2"
+
+
+def test_constant_scorer_ties_keep_config_order(config, upstream, start_proxy):
+    proxy = start_proxy(config)  # scorer=constant from settings
+    assert client(proxy).chat.completions.create(model="auto", messages=MESSAGES).model == "m1"
+
+
+def test_direct_call_is_not_routed(config, upstream, start_proxy):
+    scorer = RecordingScorer({"m2": 1.0})
+    proxy = start_proxy(config, scorer=scorer)
+    raw = client(proxy).chat.completions.with_raw_response.create(model="m3", messages=MESSAGES)
+    assert raw.parse().model == "m3"
+    assert raw.headers["x-satroute-route"] == "direct"
+    assert "x-satroute-scores" not in raw.headers
+    assert scorer.calls == []
+
+
+def test_unknown_model_is_404_model_not_found(config, upstream, start_proxy):
+    proxy = start_proxy(config)
+    with pytest.raises(openai.NotFoundError) as err:
+        client(proxy).chat.completions.create(model="gpt-nope", messages=MESSAGES)
+    assert err.value.code == "model_not_found"
+    assert "gpt-nope" in err.value.message
+    assert upstream.bodies() == []
+
+
+def test_allow_list_narrows_candidates(config, upstream, start_proxy):
+    scorer = RecordingScorer({"m1": 0.9, "m2": 0.1, "m3": 0.5})
+    proxy = start_proxy(config, scorer=scorer)
+    resp = client(proxy).chat.completions.create(
+        model="auto", messages=MESSAGES, extra_body={"satroute": {"models": ["m2", "m3"]}})
+    assert resp.model == "m3"
+    assert set(scorer.calls[0][1]) == {"m2", "m3"}
+    assert "satroute" not in upstream.bodies()[-1]  # our field never goes upstream
+
+
+def test_allow_list_without_routable_model_is_400(config, upstream, start_proxy):
+    proxy = start_proxy(config)
+    with pytest.raises(openai.BadRequestError) as err:
+        client(proxy).chat.completions.create(
+            model="auto", messages=MESSAGES, extra_body={"satroute": {"models": ["zz"]}})
+    assert err.value.code == "no_candidates"
+
+
+def test_pass_through_of_fields_the_proxy_does_not_use(config, upstream, start_proxy):
+    proxy = start_proxy(config)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+    messages = [{"role": "user", "content": [{"type": "text", "text": "describe"},
+                                             {"type": "image_url",
+                                              "image_url": {"url": "data:image/png;base64,AA"}}]}]
+    resp = client(proxy).chat.completions.create(
+        model="auto", messages=messages, tools=tools, tool_choice="auto", temperature=0.3, n=1,
+        seed=7, stop=["\n"], logprobs=True, user="u1",
+        response_format={"type": "json_object"}, extra_body={"vendor_knob": {"a": [1, 2]}})
+    assert resp.model == "m1"
+    sent = upstream.bodies()[-1]
+    for key, value in {"tools": tools, "tool_choice": "auto", "temperature": 0.3, "n": 1,
+                       "seed": 7, "stop": ["\n"], "logprobs": True, "user": "u1",
+                       "response_format": {"type": "json_object"},
+                       "vendor_knob": {"a": [1, 2]}, "messages": messages}.items():
+        assert sent[key] == value, key
+    # unknown response fields come back as the upstream sent them
+    assert resp.model_extra["x_mock_extra"] == {"kept": True}
+
+
+def test_streaming_sync_reports_routed_model_in_every_chunk(config, upstream, start_proxy):
+    proxy = start_proxy(config, scorer=RecordingScorer({"m3": 1.0}))
+    with client(proxy).chat.completions.with_streaming_response.create(
+            model="auto", messages=MESSAGES, stream=True) as raw:
+        assert raw.headers["x-satroute-model"] == "m3"
+        assert raw.headers["content-type"].startswith("text/event-stream")
+        chunks = list(raw.parse())
+    assert chunks and all(c.model == "m3" for c in chunks)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "reply from m3"
+    assert all(c.usage is None for c in chunks)
+
+
+def test_stream_include_usage(config, upstream, start_proxy):
+    proxy = start_proxy(config)
+    chunks = list(client(proxy).chat.completions.create(
+        model="m2", messages=MESSAGES, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 18
+    assert upstream.bodies()[-1]["stream_options"] == {"include_usage": True}
+
+
+async def test_async_client_non_streaming_and_streaming(config, upstream, start_proxy):
+    proxy = start_proxy(config, scorer=RecordingScorer({"m2": 1.0}))
+    async with openai.AsyncOpenAI(base_url=proxy.url, api_key="x", max_retries=0) as aclient:
+        resp = await aclient.chat.completions.create(model="auto", messages=MESSAGES)
+        assert resp.model == "m2"
+        text = ""
+        async for chunk in await aclient.chat.completions.create(
+                model="auto", messages=MESSAGES, stream=True):
+            assert chunk.model == "m2"
+            text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+        assert text == "reply from m2"
+
+
+def test_raw_sse_ends_with_done(config, upstream, start_proxy):
+    proxy = start_proxy(config)
+    with httpx.stream("POST", f"{proxy.url}/chat/completions",
+                      json={"model": "m1", "messages": MESSAGES, "stream": True}) as r:
+        text = "".join(r.iter_text())
+    assert text.rstrip().endswith("data: [DONE]")
+
+
+def test_models_lists_router_and_available_models(tmp_path, upstream, start_proxy, monkeypatch):
+    from conftest import model_entry, write_config
+
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    models = [model_entry("m1", upstream.url, tmp_path),
+              model_entry("locked", upstream.url, tmp_path, key="os.environ/NO_SUCH_KEY_VAR"),
+              model_entry("fresh", upstream.url, tmp_path, profile=False)]
+    proxy = start_proxy(write_config(tmp_path / "p.yaml", models, router_name="best"))
+    ids = [m.id for m in client(proxy).models.list()]
+    assert ids == ["best", "m1", "fresh"]
+    # a model without a profile is callable by name but never routed to
+    assert client(proxy).chat.completions.create(model="fresh", messages=MESSAGES).model == "fresh"
+    for _ in range(3):
+        assert client(proxy).chat.completions.create(model="best", messages=MESSAGES).model == "m1"
+    with pytest.raises(openai.NotFoundError):
+        client(proxy).chat.completions.create(model="locked", messages=MESSAGES)
+
+
+def test_health_and_ready(config, upstream, start_proxy):
+    proxy = start_proxy(config)
+    assert httpx.get(f"{proxy.base}/health").json() == {"status": "ok"}
+    ready = httpx.get(f"{proxy.base}/ready")
+    assert ready.status_code == 200 and ready.json()["models"] == ["m1", "m2", "m3"]
+
+
+def test_ready_is_503_while_the_scorer_is_unavailable(config, upstream, start_proxy, monkeypatch):
+    import scorer
+
+    def broken(*a, **k):
+        raise ImportError("no trained checkpoint")
+
+    monkeypatch.setattr(scorer, "load_scorer", broken)
+    proxy = start_proxy(config, scorer_kind="modelsat")
+    import time
+
+    time.sleep(0.2)
+    r = httpx.get(f"{proxy.base}/ready")
+    assert r.status_code == 503 and "scorer" in r.json()["reasons"][0]
+    with pytest.raises(openai.InternalServerError) as err:
+        client(proxy).chat.completions.create(model="auto", messages=MESSAGES)
+    assert err.value.status_code == 503 and err.value.code == "scorer_unavailable"
+    # direct calls still work
+    assert client(proxy).chat.completions.create(model="m1", messages=MESSAGES).model == "m1"
+
+
+def test_litellm_path_keeps_fields_and_reports_model(tmp_path, upstream, start_proxy):
+    from conftest import model_entry, write_config
+
+    cfg = write_config(tmp_path / "p.yaml",
+                       [model_entry("slow", upstream.url, tmp_path, fast_path=False,
+                                    upstream_name="vendor-model-1")])
+    proxy = start_proxy(cfg)
+    resp = client(proxy).chat.completions.create(
+        model="auto", messages=MESSAGES, temperature=0.2, seed=3,
+        response_format={"type": "json_object"}, extra_body={"vendor_knob": 1})
+    assert resp.model == "slow"
+    sent = upstream.bodies()[-1]
+    assert sent["model"] == "vendor-model-1"
+    assert (sent["temperature"], sent["seed"], sent["vendor_knob"]) == (0.2, 3, 1)
+    assert sent["response_format"] == {"type": "json_object"}
+    chunks = list(client(proxy).chat.completions.create(
+        model="slow", messages=MESSAGES, stream=True, stream_options={"include_usage": True}))
+    assert {c.model for c in chunks} == {"slow"}
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 18
