@@ -1,0 +1,227 @@
+"""Routing benchmarks: route a data set's test prompts with any ``Scorer``, next to the reference points.
+
+Owns: ``evaluate`` (routing accuracy of a scorer over a zoo, with each single model, the best single
+model, random choice, the oracle, and a per-benchmark breakdown by ``dataset``), ``compare`` (the
+same for several scorers on one prompt sample), and the ``satroute evaluate`` command
+(``add_arguments`` / ``run``; also ``python -m scorer.evaluation``).
+
+Does not know: how any scorer works inside (Model-SAT comes from ``scorer.load_scorer``, baselines from
+``scorer.baselines``), the proxy.
+
+Rules:
+- Routing picks the argmax of ``scorer.score(format_instruction(prompt), {model: profile})``; ties go
+  to the model listed first. A scorer with ``score_many(instructions, candidates)`` is called in
+  batches instead (same result, faster).
+- Missing outcomes: a prompt on which any zoo model has no recorded outcome is left out (for every
+  row of the table alike) and counted in ``n_missing``; every figure is over the same prompts.
+- ``random`` is the expected accuracy of a uniformly random pick; ``oracle`` is right when any zoo
+  model is right.
+- ``limit``: a fixed sample of that many prompts, drawn with ``seed`` from the eligible prompts and
+  kept in data order, so repeated runs and different scorers see the same prompts.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+
+from scorer import Profile, Scorer
+from scorer.data import RoutingData, format_instruction, load_dataset
+
+BATCH = 256
+
+
+def eligible_rows(data: RoutingData, models: Sequence[str], split: str = "test", limit: int | None = None,
+                  seed: int = 0) -> tuple[RoutingData, int]:
+    """The evaluated prompts (the split, complete for the zoo, optionally sampled) and how many were missing."""
+    part = data.split(split).with_models(models)
+    complete = ~np.isnan(part.correct_matrix()).any(axis=1)
+    rows = np.flatnonzero(complete)
+    if limit is not None and limit < len(rows):
+        rows = np.sort(np.random.default_rng(seed).choice(rows, size=limit, replace=False))
+    return part.subset(rows), int((~complete).sum())
+
+
+def route(scorer: Scorer, instructions: Sequence[str], models: Sequence[str],
+          profiles: Mapping[str, Profile]) -> np.ndarray:
+    """Index into ``models`` of the pick for each instruction."""
+    candidates = {m: profiles.get(m, {}) for m in models}
+    many = getattr(scorer, "score_many", None)
+    if many is not None:
+        results = [r for s in range(0, len(instructions), BATCH) for r in many(instructions[s:s + BATCH], candidates)]
+    else:
+        results = [scorer.score(text, candidates) for text in instructions]
+    return np.array([int(np.argmax([r.get(m, float("-inf")) for m in models])) for r in results], dtype=np.int64)
+
+
+def _table(correct: np.ndarray, models: Sequence[str]) -> dict:
+    singles = correct.mean(axis=0) if len(correct) else np.zeros(len(models))
+    best = int(np.argmax(singles))
+    return {
+        "n": int(len(correct)),
+        "singles": {m: round(float(a), 4) for m, a in zip(models, singles)},
+        "best_single": {"model": models[best], "accuracy": round(float(singles[best]), 4)},
+        "random": round(float(correct.mean()) if len(correct) else 0.0, 4),
+        "oracle": round(float(correct.max(axis=1).mean()) if len(correct) else 0.0, 4),
+    }
+
+
+def _accuracy(correct: np.ndarray, picks: np.ndarray) -> float:
+    return round(float(correct[np.arange(len(picks)), picks].mean()), 4) if len(picks) else 0.0
+
+
+def compare(scorers: Mapping[str, Scorer], data: RoutingData, models: Sequence[str],
+            profiles: Mapping[str, Profile], split: str = "test", limit: int | None = None, seed: int = 0) -> dict:
+    """Routing accuracy of each named scorer on one prompt sample, with the reference points."""
+    models = list(models)
+    part, n_missing = eligible_rows(data, models, split, limit, seed)
+    correct = part.correct_matrix()
+    texts = [format_instruction(p) for p in part.prompts]
+    picks = {name: route(s, texts, models, profiles) for name, s in scorers.items()}
+    report = {**_table(correct, models), "n_missing": n_missing, "models": models,
+              "scorers": {name: _accuracy(correct, p) for name, p in picks.items()},
+              "choices": {name: {m: round(float((p == j).mean()), 4) for j, m in enumerate(models)}
+                          for name, p in picks.items()}}
+    datasets = np.array([p.dataset for p in part.prompts])
+    if len(set(datasets)) > 1:
+        report["by_dataset"] = {}
+        for ds in sorted(set(datasets)):
+            mask = datasets == ds
+            report["by_dataset"][str(ds)] = {**_table(correct[mask], models),
+                                             "scorers": {n: _accuracy(correct[mask], p[mask]) for n, p in picks.items()}}
+    return report
+
+
+def evaluate(scorer: Scorer, data: RoutingData, models: Sequence[str], profiles: Mapping[str, Profile],
+             split: str = "test", limit: int | None = None, seed: int = 0) -> dict:
+    """Routing accuracy of one scorer (``router``) next to singles, best single, random, oracle."""
+    report = compare({"router": scorer}, data, models, profiles, split, limit, seed)
+    report["router"] = report["scorers"].pop("router")
+    report["choices"] = report["choices"]["router"]
+    for block in report.get("by_dataset", {}).values():
+        block["router"] = block.pop("scorers")["router"]
+    del report["scorers"]
+    return report
+
+
+# --- command line -------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, type=Path, help="a folder in the shared format")
+    parser.add_argument("--models", default=None, help="comma-separated zoo (default: every model in DIR)")
+    parser.add_argument("--checkpoint", default=None, help="Model-SAT checkpoint (default: the committed one)")
+    parser.add_argument("--router", default="model-sat",
+                        help="what routes: model-sat (the checkpoint), a baseline name (knn, mlp, rf, category), "
+                             "NAME=CHECKPOINT, or none")
+    parser.add_argument("--baselines", default="knn,mlp,rf,category",
+                        help="comma-separated baselines to report, 'none', or NAME=CHECKPOINT for another Model-SAT "
+                             "checkpoint (e.g. text_only=PATH)")
+    parser.add_argument("--suite", default=None, help="aptitude suite of the profiles (default: DIR's name if a "
+                                                      "suite has it, else mmlu_pro); none: no profiles")
+    parser.add_argument("--split", default="test")
+    parser.add_argument("--limit", type=int, default=None, help="a fixed, deterministic sample of N prompts")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--cache-dir", default=None, help="embedding cache (default: ~/.cache/satroute)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (1 is fastest on a busy 2-core machine)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def _profiles(args, data: RoutingData, models: Sequence[str]) -> dict[str, dict[str, float]]:
+    """Built-in profiles of the suite; a model without one gets it computed from DIR's outcomes."""
+    from scorer.aptitude import assets_dir, builtin_profiles, load_suite, profile_from_outcomes
+
+    if args.suite == "none":
+        return {m: {} for m in models}
+    name = args.suite or (args.data.name if (assets_dir() / "suites" / f"{args.data.name}.json").exists() else "mmlu_pro")
+    stored = builtin_profiles(name)
+    suite = None
+    out = {}
+    for m in models:
+        if m not in stored:
+            suite = suite or load_suite(name)
+            stored[m] = profile_from_outcomes(suite, data, m)
+        out[m] = stored[m]
+    return out
+
+
+def _build_scorer(spec: str, args, data: RoutingData, models: Sequence[str], embedder) -> Scorer:
+    from scorer import load_scorer
+    from scorer.baselines import BASELINES, train_baseline
+
+    name, _, path = spec.partition("=")
+    if path:
+        return load_scorer(path)
+    if name in BASELINES:
+        return train_baseline(name, data, models, embedder, args.seed, args.cache_dir)
+    if name == "model-sat":
+        return load_scorer(args.checkpoint)
+    raise SystemExit(f"unknown router/baseline {spec!r}")
+
+
+ROUTER_KEY = "\0router"  # cannot clash with a baseline's name
+
+
+def run(args: argparse.Namespace) -> int:
+    from scorer.embeddings import Embedder
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    data = load_dataset(args.data)
+    models = [m.strip() for m in args.models.split(",")] if args.models else list(data.models)
+    profiles = _profiles(args, data, models)
+    embedder = Embedder()
+    specs = [] if args.baselines in ("", "none") else [s.strip() for s in args.baselines.split(",") if s.strip()]
+    built = {spec: _build_scorer(spec, args, data, models, embedder)
+             for spec in dict.fromkeys(specs + ([args.router] if args.router != "none" else []))}
+    scorers = {spec.partition("=")[0]: built[spec] for spec in specs}
+    if args.router != "none":
+        scorers[ROUTER_KEY] = built[args.router]
+    report = compare(scorers, data, models, profiles, args.split, args.limit, args.seed)
+    report["router_name"] = args.router
+    report["router"] = report["scorers"].pop(ROUTER_KEY, None)
+    report["baselines"] = report.pop("scorers")
+    if ROUTER_KEY in report["choices"]:
+        report["choices"]["router"] = report["choices"].pop(ROUTER_KEY)
+    for block in report.get("by_dataset", {}).values():
+        block["router"] = block["scorers"].pop(ROUTER_KEY, None)
+        block["baselines"] = block.pop("scorers")
+    if args.json:
+        print(json.dumps(report))
+    else:
+        print(format_report(report))
+    return 0
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"
+
+
+def format_report(report: Mapping) -> str:
+    lines = [f"{report['n']} prompts ({report['n_missing']} left out: missing outcomes), zoo of {len(report['models'])}",
+             f"  router ({report.get('router_name', 'router')}): {_fmt(report['router'])}"]
+    lines += [f"  {name}: {acc:.4f}" for name, acc in report.get("baselines", {}).items()]
+    best = report["best_single"]
+    lines += [f"  best single ({best['model']}): {best['accuracy']:.4f}", f"  random: {report['random']:.4f}",
+              f"  oracle: {report['oracle']:.4f}"]
+    for ds, block in report.get("by_dataset", {}).items():
+        extra = " ".join(f"{k}={v:.4f}" for k, v in block.get("baselines", {}).items())
+        lines.append(f"  [{ds}] n={block['n']} router={_fmt(block['router'])} {extra} best={block['best_single']['accuracy']:.4f}"
+                     f" random={block['random']:.4f} oracle={block['oracle']:.4f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="satroute evaluate", description="Routing accuracy on a data set's test split.")
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,105 @@
+"""scorer.evaluation: routing numbers on a hand-checkable zoo, missing outcomes, limit, the CLI."""
+from __future__ import annotations
+
+import argparse
+import json
+
+import pytest
+
+from scorer.data import load_dataset, write_dataset
+from scorer.evaluation import add_arguments, compare, eligible_rows, evaluate, run
+
+MODELS = ["A", "B", "C"]
+# prompt -> (dataset, split, who is right); "?" marks a missing outcome for C
+ROWS = {
+    "t1": ("mmlu", "test", "A"),
+    "t2": ("mmlu", "test", "B"),
+    "t3": ("mmlu", "test", "AB"),
+    "t4": ("gsm8k", "test", ""),
+    "t5": ("gsm8k", "test", "C"),
+    "t6": ("gsm8k", "test", "A?"),
+    "r1": ("mmlu", "train", "A"),
+    "r2": ("gsm8k", "train", "C"),
+}
+
+
+@pytest.fixture()
+def data(tmp_path):
+    prompts = [{"id": p, "dataset": ds, "category": "cat", "source": "s", "split": sp, "question": f"route me {p}"}
+               for p, (ds, sp, _) in ROWS.items()]
+    outcomes = [(p, m, float(m in right)) for p, (_, _, right) in ROWS.items() for m in MODELS
+                if not (m == "C" and "?" in right)]
+    return load_dataset(write_dataset(tmp_path / "zoo", prompts, outcomes))
+
+
+class KeywordScorer:
+    """Routes 'route me tN' to a fixed model per prompt: a fake with the Scorer method only."""
+
+    def __init__(self, table):
+        self.table, self.calls = table, []
+
+    def score(self, instruction, candidates):
+        self.calls.append((instruction, dict(candidates)))
+        want = self.table[instruction.split()[-1]]
+        return {m: (1.0 if m == want else 0.0) for m in candidates}
+
+
+def test_hand_checked_numbers(data):
+    scorer = KeywordScorer({"t1": "A", "t2": "A", "t3": "B", "t4": "C", "t5": "C"})
+    profiles = {m: {"task": 0.5} for m in MODELS}
+    report = evaluate(scorer, data, MODELS, profiles)
+    # t6 dropped (C has no outcome); on t1..t5: router right on t1, t3, t5 = 3/5
+    assert report["n"] == 5 and report["n_missing"] == 1
+    assert report["router"] == 0.6
+    assert report["singles"] == {"A": 0.4, "B": 0.4, "C": 0.2}
+    assert report["best_single"] == {"model": "A", "accuracy": 0.4}
+    assert report["random"] == pytest.approx(round(5 / 15, 4))
+    assert report["oracle"] == 0.8
+    assert report["choices"] == {"A": 0.4, "B": 0.2, "C": 0.4}
+    assert report["by_dataset"]["gsm8k"]["router"] == 0.5 and report["by_dataset"]["mmlu"]["router"] == pytest.approx(0.6667)
+    instruction, candidates = scorer.calls[0]
+    assert instruction == "route me t1" and candidates == profiles  # profiles are handed to the scorer
+
+
+def test_ties_go_to_first_model_and_batched_path(data):
+    class Flat:
+        def score_many(self, instructions, candidates):
+            return [{m: 0.0 for m in candidates} for _ in instructions]
+
+        def score(self, instruction, candidates):
+            raise AssertionError("score_many should be used")
+
+    report = evaluate(Flat(), data, MODELS, {})
+    assert report["router"] == report["singles"]["A"]
+
+
+def test_limit_is_a_fixed_sample(data):
+    a, _ = eligible_rows(data, MODELS, limit=3, seed=0)
+    b, _ = eligible_rows(data, MODELS, limit=3, seed=0)
+    assert a.ids == b.ids and len(a) == 3 and all(i.startswith("t") and i != "t6" for i in a.ids)
+    scorer = KeywordScorer({f"t{i}": "A" for i in range(1, 7)})
+    assert compare({"x": scorer, "y": scorer}, data, MODELS, {}, limit=3)["n"] == 3
+
+
+def _cli(data, *extra):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(["--data", data.path, "--models", "A,B,C", *extra])
+
+
+def test_cli_json_keys(data, capsys, tmp_path):
+    args = _cli(data, "--router", "category", "--baselines", "category", "--json", "--suite", "none",
+                "--cache-dir", str(tmp_path))
+    assert run(args) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert {"n", "router", "best_single", "random", "oracle", "baselines"} <= set(out)
+    assert set(out["best_single"]) == {"model", "accuracy"}
+    # category baseline: train mmlu -> A, gsm8k -> C; test: t1..t3 -> A (2/3), t4, t5 -> C (1/2)
+    assert out["router"] == 0.6 and out["baselines"] == {"category": 0.6}
+    assert out["by_dataset"]["mmlu"]["baselines"]["category"] == pytest.approx(0.6667)
+
+
+def test_cli_text_report(data, capsys, tmp_path):
+    assert run(_cli(data, "--router", "none", "--baselines", "category", "--suite", "none")) == 0
+    text = capsys.readouterr().out
+    assert "router (none): -" in text and "category: 0.6000" in text and "oracle: 0.8000" in text
