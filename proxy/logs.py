@@ -169,7 +169,8 @@ class RequestLogMiddleware:
                  scores_header: str = "x-satroute-scores",
                  scorer_ms_header: str = "x-satroute-scorer-ms",
                  failed_header: str = "x-satroute-failed",
-                 skip_paths: Iterable[str] = ("/health", "/ready", "/metrics")):
+                 skip_paths: Iterable[str] = ("/health", "/ready", "/metrics"),
+                 in_flight=None):
         self.app = app
         self.logger = logger or logging.getLogger("satroute.request")
         self._include_prompts = include_prompts
@@ -179,6 +180,7 @@ class RequestLogMiddleware:
                          scorer_ms_header.lower().encode(): "scorer_ms",
                          failed_header.lower().encode(): "failed"}
         self.skip_paths = frozenset(skip_paths)
+        self.in_flight = in_flight  # a gauge-like object (inc/dec), e.g. Metrics.in_flight
 
     def include_prompts(self) -> bool:
         flag = self._include_prompts
@@ -223,9 +225,13 @@ class RequestLogMiddleware:
                     return
             await send(message)
 
+        if self.in_flight is not None:
+            self.in_flight.inc()
         try:
             await self.app(scope, receive_wrapper if want_prompt else receive, send_wrapper)
         finally:
+            if self.in_flight is not None:
+                self.in_flight.dec()
             if record.total_ms is None:  # the app failed or the client left before the end
                 failure = sys.exc_info()[0]
                 record.error = record.error or (failure.__name__ if failure else

@@ -81,6 +81,12 @@ class Metrics:
     def observe_request(self, model: str | None, status: int) -> None:
         self.requests.labels(model=model or "none", status=str(status)).inc()
 
+    def observe_record(self, record) -> None:
+        """A finished request from the request log middleware (``proxy.logs.RequestRecord``):
+        chat completions are counted by the model that answered (or was named) and status."""
+        if record.path.endswith("/chat/completions"):
+            self.observe_request(record.routed_model or record.requested_model, record.status)
+
     def observe_routing(self, model: str, scorer_seconds: float | None = None) -> None:
         self.routing_decisions.labels(model=model).inc()
         if scorer_seconds is not None:

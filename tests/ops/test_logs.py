@@ -158,3 +158,28 @@ def test_health_probes_are_counted_but_not_logged_and_a_crash_is_logged():
     assert [r.path for r in records] == ["/health", "/boom"]
     assert [line["path"] for line in lines] == ["/boom"]
     assert lines[0]["status"] == 500 and "error" in lines[0]
+
+
+def test_in_flight_gauge_counts_a_request_while_it_is_served():
+    seen = []
+
+    class Gauge:
+        value = 0
+
+        def inc(self):
+            self.value += 1
+
+        def dec(self):
+            self.value -= 1
+
+    gauge = Gauge()
+
+    async def probe(request):
+        seen.append(gauge.value)
+        return JSONResponse({})
+
+    app = Starlette(routes=[Route("/probe", probe)])
+    app.add_middleware(RequestLogMiddleware, in_flight=gauge)
+    with TestClient(app) as client:
+        client.get("/probe")
+    assert seen == [1] and gauge.value == 0

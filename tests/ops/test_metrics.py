@@ -75,3 +75,18 @@ def test_metrics_endpoint_serves_prometheus_text():
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain; version=")
     assert 'satroute_requests_total{model="m1",status="502"} 1.0' in response.text
+
+
+def test_request_records_count_chat_completions_by_answering_model():
+    from proxy.logs import RequestRecord
+
+    m = Metrics()
+    m.observe_record(RequestRecord("r1", "POST", "/v1/chat/completions", status=200,
+                                   requested_model="auto", routed_model="m2"))
+    m.observe_record(RequestRecord("r2", "POST", "/v1/chat/completions", status=404,
+                                   requested_model="nope"))
+    m.observe_record(RequestRecord("r3", "GET", "/v1/models", status=200))
+    s = _samples(m)
+    assert s[("satroute_requests_total", (("model", "m2"), ("status", "200")))] == 1
+    assert s[("satroute_requests_total", (("model", "nope"), ("status", "404")))] == 1
+    assert sum(v for k, v in s.items() if k[0] == "satroute_requests_total") == 2
