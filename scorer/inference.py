@@ -1,0 +1,178 @@
+"""Serving the trained Model-SAT network: ``ModelSATScorer.score(instruction, candidates)``.
+
+Owns: loading a checkpoint folder (``config.json`` + ``model.safetensors`` holding only the trained
+parts; the backbones come from the specs in the config), turning a profile into the candidate
+suffix phi reads (capability vectors or capability text, then the inquiry prompt), the per-profile
+cache of encoded capability vectors, the two re-orderings averaged at inference, device choice
+(CUDA with bf16 when there is a GPU, fp32 on the CPU) and thread safety (one lock around the
+forward pass: torch already uses every core for one request on the CPU).
+
+Does not know: HTTP, providers, routing policy, training.
+
+Checkpoint layout (``save_checkpoint``)::
+
+    config.json        ModelSATConfig
+    model.safetensors  connector (+ LoRA adapters): the only trained tensors
+    training.json      how it was trained (data, steps, seed, models never seen); informational
+"""
+from __future__ import annotations
+
+import json
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import torch
+
+from scorer.aptitude import Suite, load_keywords, load_suite
+from scorer.capability import SENTENCE_PREFIX, orders, task_clause
+from scorer.modeling import ModelSAT, ModelSATConfig
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "default"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+META = "training.json"
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint folder is missing or incomplete."""
+
+
+def save_checkpoint(model: ModelSAT, folder: str | Path, meta: Mapping | None = None) -> Path:
+    """Write config + trained parts (+ meta) into ``folder`` (files replaced atomically)."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (WEIGHTS + ".tmp")
+    save_file({k: v.contiguous().float() for k, v in model.trainable_state().items()}, str(tmp))
+    tmp.replace(folder / WEIGHTS)
+    model.config.save(folder / CONFIG)
+    if meta is not None:
+        (folder / META).write_text(json.dumps(dict(meta), indent=1) + "\n", encoding="utf-8")
+    return folder
+
+
+def load_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> ModelSAT:
+    """Rebuild the network from its config and the backbones, then load the trained parts."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / CONFIG).exists() or not (folder / WEIGHTS).exists():
+        raise CheckpointError(f"no Model-SAT checkpoint in {folder} (need {CONFIG} and {WEIGHTS})")
+    model = ModelSAT.from_backbones(ModelSATConfig.load(folder / CONFIG))
+    model.load_trainable_state(load_file(str(folder / WEIGHTS)))
+    return model.to(device=device, dtype=dtype).eval()
+
+
+class CapabilityWriter:
+    """Profile -> the candidate suffix ``[S, D]`` phi reads after the shared prefix.
+
+    Clause vectors are cached per clause text (a profile's 50 clauses are encoded once, and a
+    clause shared by two profiles once in all), so the per-request cost of a known profile is the
+    connector alone. ``keywords`` maps task ids to their five keywords (the suite's, then every
+    MMLU subject's, so a profile measured on another MMLU-based suite still reads).
+    """
+
+    def __init__(self, model: ModelSAT, keywords: Mapping[str, Sequence[str]], max_cached: int = 50_000):
+        self.model = model
+        self.keywords = dict(keywords)
+        self.max_cached = max_cached
+        self._vectors: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def clause_vectors(self, texts: Sequence[str]) -> torch.Tensor:
+        missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
+        self.misses += len(missing)
+        self.hits += len(texts) - len(missing)
+        if missing:
+            for text, vec in zip(missing, self.model.encode_clauses(list(missing))):
+                self._vectors[text] = vec
+            while len(self._vectors) > self.max_cached:
+                self._vectors.popitem(last=False)
+        return torch.stack([self._vectors[t] for t in texts])
+
+    def remember(self, texts: Sequence[str], vectors: torch.Tensor) -> None:
+        """Seed the cache with precomputed vectors (training precomputes every clause once)."""
+        for text, vec in zip(texts, vectors):
+            self._vectors[text] = vec
+
+    def suffix(self, profile: Mapping[str, float], order: Sequence[str]) -> torch.Tensor:
+        model, cfg = self.model, self.model.config
+        tasks = [t for t in order if t in profile and t in self.keywords]
+        tail = model.embed_ids(model.token_ids(cfg.tail))
+        if cfg.variant == "text":
+            text = " " + SENTENCE_PREFIX + ", ".join(
+                task_clause(self.keywords[t], profile[t]) for t in tasks[: cfg.text_max_tasks]) + "."
+            return torch.cat([model.embed_ids(model.token_ids(text)), tail])
+        texts = [task_clause(self.keywords[t], profile[t]) for t in tasks]
+        vecs = self.clause_vectors(texts)
+        accs = torch.tensor([float(profile[t]) for t in tasks], dtype=vecs.dtype)
+        caps = model.capability_embeds(vecs.to(tail.device, tail.dtype), accs.to(tail.device))
+        return torch.cat([caps.to(tail.dtype), tail])
+
+
+def score_candidates(model: ModelSAT, writer: CapabilityWriter, instruction: str,
+                     suffix_lists: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
+    """One instruction, ``n`` candidates x ``r`` suffixes each -> mean score per candidate ``[n]``.
+
+    The instruction prefix is computed once; all ``n * r`` suffixes run in one batch.
+    """
+    prefix = model.embed_ids(model.prefix_ids(instruction))
+    flat = [s for group in suffix_lists for s in group]
+    past = model.prefix_cache(prefix)
+    scores = model.score_shared(past, flat)
+    return scores.view(len(suffix_lists), -1).float().mean(dim=1)
+
+
+def _keywords_for(suite: Suite) -> dict[str, Sequence[str]]:
+    words: dict[str, Sequence[str]] = dict(load_keywords())
+    words.update(suite.keywords())
+    return words
+
+
+class ModelSATScorer:
+    """The ``scorer.Scorer`` seam over a trained Model-SAT checkpoint; safe to share across threads."""
+
+    def __init__(self, model: ModelSAT, suite: Suite):
+        self.model = model
+        self.suite = suite
+        self.writer = CapabilityWriter(model, _keywords_for(suite))
+        self.orders = orders(suite.task_ids, n=model.config.n_orders, seed=model.config.order_seed)
+        self._lock = threading.Lock()
+        self._suffixes: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
+
+    @classmethod
+    def load(cls, checkpoint: str | Path | None = None, device: str | None = None) -> "ModelSATScorer":
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+        model = load_model(checkpoint or DEFAULT_CHECKPOINT, device=device, dtype=dtype)
+        return cls(model, load_suite(model.config.suite))
+
+    def _candidate_suffixes(self, profile: Mapping[str, float]) -> list[torch.Tensor]:
+        key = tuple(sorted((str(k), round(float(v), 6)) for k, v in profile.items()))
+        cached = self._suffixes.get(key)
+        if cached is None:
+            extra = [t for t in profile if t not in set(self.suite.task_ids)]
+            cached = [self.writer.suffix(profile, list(order) + sorted(extra)) for order in self.orders]
+            self._suffixes[key] = cached
+            while len(self._suffixes) > 1024:
+                self._suffixes.popitem(last=False)
+        return cached
+
+    @torch.inference_mode()
+    def score(self, instruction: str, candidates: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
+        names = list(candidates)
+        if not names:
+            return {}
+        with self._lock:
+            suffixes = [self._candidate_suffixes(candidates[n]) for n in names]
+            scores = score_candidates(self.model, self.writer, instruction, suffixes)
+        return {n: float(s) for n, s in zip(names, scores.tolist())}
+
+
+__all__ = ["CapabilityWriter", "CheckpointError", "DEFAULT_CHECKPOINT", "ModelSATScorer", "load_model",
+           "save_checkpoint", "score_candidates"]

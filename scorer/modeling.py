@@ -1,0 +1,277 @@
+"""The Model-SAT network, whole forward pass in one file: psi -> connector -> phi -> score of 'Yes'.
+
+Owns: ``ModelSATConfig`` (everything needed to rebuild the network; saves to JSON), ``ModelSAT``
+(capability encoder psi, one-layer connector W, the first ``n_layers`` decoder layers of the LLM phi
+with its final norm and the tied LM-head row of the answer token), the LoRA adapter used to tune
+phi, and the two forward paths:
+
+- ``score_rows``: right-padded full sequences, plain causal attention (training groups whose rows
+  hold different instructions);
+- ``score_shared``: one instruction prefix whose key/value cache is computed once and shared by a
+  batch of candidate suffixes (inference, and the training groups over models for one instruction).
+
+Layout of one capability instruction (instruction first, so its cache is shared by every candidate
+and both re-orderings)::
+
+    [HEAD instruction MID] [capability vectors (encoder variant) | capability text (text variant)] [TAIL]
+     '------ prefix ------' '------------------------- candidate suffix --------------------------'
+
+The score is ``h_last . E['Yes']`` (the raw 'Yes' logit; only that row of the head is computed).
+
+Does not know: profiles, suites or how clause texts are written (``scorer.capability``), data sets,
+training loops, caching across requests (``scorer.inference``).
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+HEAD = "<|im_start|>user\nInstruction: "
+MID = ("\n\nWill a model with the following capability handle this instruction correctly?"
+       "\nCapability:")
+TAIL = "\nAnswer Yes or No.<|im_end|>\n<|im_start|>assistant\n"
+
+
+@dataclass
+class ModelSATConfig:
+    """Everything that defines the network; the checkpoint stores it as ``config.json``."""
+
+    variant: str = "encoder"          # "encoder" (psi + connector) or "text" (phi reads the sentence)
+    encoder: str = "default:minilm"   # psi: HF id, local path, or a scorer.backbones default
+    llm: str = "default:smollm2"      # phi: HF id, local path, .gguf, or a scorer.backbones default
+    n_layers: int = 6                 # decoder layers of phi kept (the rest are dropped)
+    max_instruction_tokens: int = 96
+    max_clause_tokens: int = 48       # psi's window per task clause
+    accuracy_feature: bool = False    # also feed each clause's accuracy as a scalar to the connector
+    lora_rank: int = 0                # 0 = phi frozen; >0 = LoRA on lora_targets of the top layers
+    lora_layers: int = 2              # how many of the kept layers (from the top) get adapters
+    lora_alpha: float = 16.0
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "o_proj"])
+    answer_token: str = "Yes"
+    text_max_tasks: int = 12          # text variant: tasks written into the sentence (cost bound)
+    head: str = HEAD
+    mid: str = MID
+    tail: str = TAIL
+    suite: str = "mmlu_pro"           # aptitude suite whose task keywords the clauses are written with
+    n_orders: int = 2                 # re-orderings averaged at inference
+    order_seed: int = 0
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1)
+
+    @classmethod
+    def from_dict(cls, obj: dict) -> "ModelSATConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in obj.items() if k in known})
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
+
+    @classmethod
+    def load(cls, path: str | Path) -> "ModelSATConfig":
+        return cls.from_dict(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+class LoRALinear(nn.Module):
+    """``base(x) + (alpha / r) * B(A(x))`` with the base frozen and B zero-initialised."""
+
+    def __init__(self, base: nn.Linear, rank: int, alpha: float):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features) / math.sqrt(base.in_features))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.base(x) + F.linear(F.linear(x, self.lora_a), self.lora_b) * self.scale
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class ModelSAT(nn.Module):
+    """psi + connector + truncated phi. Build with ``ModelSAT.from_backbones`` or from loaded parts."""
+
+    def __init__(self, config: ModelSATConfig, encoder: nn.Module | None, encoder_tokenizer,
+                 llm: nn.Module, llm_tokenizer):
+        super().__init__()
+        self.config = config
+        self.encoder = encoder
+        self.encoder_tokenizer = encoder_tokenizer
+        self.tokenizer = llm_tokenizer
+        body = llm.model if hasattr(llm, "model") else llm
+        lcfg = llm.config
+        self.embed = body.embed_tokens
+        self.layers = nn.ModuleList(list(body.layers)[: config.n_layers])
+        self.norm = body.norm
+        self.n_heads = lcfg.num_attention_heads
+        self.n_kv = lcfg.num_key_value_heads
+        self.head_dim = getattr(lcfg, "head_dim", None) or lcfg.hidden_size // self.n_heads
+        rope = getattr(lcfg, "rope_parameters", None) or {}
+        theta = rope.get("rope_theta", getattr(lcfg, "rope_theta", 10000.0))
+        inv = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
+        self.register_buffer("inv_freq", inv, persistent=False)
+        for p in self.parameters():
+            p.requires_grad_(False)
+        ids = llm_tokenizer(config.answer_token, add_special_tokens=False)["input_ids"]
+        self.answer_id = int(ids[-1])
+        d_llm = lcfg.hidden_size
+        if config.variant == "encoder":
+            if encoder is None:
+                raise ValueError("the encoder variant needs a capability encoder")
+            d_in = encoder.config.hidden_size + (1 if config.accuracy_feature else 0)
+            self.connector = nn.Linear(d_in, d_llm)
+            with torch.no_grad():  # a unit clause vector starts at the norm of phi's token embeddings
+                target = self.embed.weight.norm(dim=-1).mean()
+                nn.init.normal_(self.connector.weight, std=float(target) / math.sqrt(d_llm))
+                self.connector.bias.zero_()
+        elif config.variant != "text":
+            raise ValueError(f"unknown variant {config.variant!r}")
+        if config.lora_rank > 0:
+            for layer in list(self.layers)[len(self.layers) - config.lora_layers:]:
+                for name in config.lora_targets:
+                    parent = layer.self_attn if hasattr(layer.self_attn, name) else layer.mlp
+                    setattr(parent, name, LoRALinear(getattr(parent, name), config.lora_rank, config.lora_alpha))
+
+    @classmethod
+    def from_backbones(cls, config: ModelSATConfig) -> "ModelSAT":
+        from scorer.backbones import load_encoder, load_llm
+
+        enc = load_encoder(config.encoder) if config.variant == "encoder" else None
+        llm = load_llm(config.llm)
+        model = cls(config, enc.model if enc else None, enc.tokenizer if enc else None, llm.model, llm.tokenizer)
+        return model.eval()
+
+    # ---- trained parts -------------------------------------------------------------------------
+    def trainable_state(self) -> dict[str, torch.Tensor]:
+        """Only the parts training changes: the connector and the LoRA adapters."""
+        return {k: v.detach().clone() for k, v in self.state_dict().items()
+                if k.startswith("connector.") or ".lora_" in k}
+
+    def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
+        expected = set(self.trainable_state())
+        if set(state) != expected:
+            raise ValueError(f"checkpoint parts differ: missing {sorted(expected - set(state))[:3]}, "
+                             f"unexpected {sorted(set(state) - expected)[:3]}")
+        self.load_state_dict(state, strict=False)
+
+    # ---- psi + connector -------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_clauses(self, texts: list[str], batch_size: int = 128) -> torch.Tensor:
+        """psi: mean-pooled, L2-normalised sentence vectors, one per clause text ``[n, d_enc]``."""
+        out = []
+        for i in range(0, len(texts), batch_size):
+            tok = self.encoder_tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
+                                         max_length=self.config.max_clause_tokens, return_tensors="pt")
+            hidden = self.encoder(**tok).last_hidden_state
+            mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+            pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
+            out.append(F.normalize(pooled, dim=-1))
+        return torch.cat(out).to(self.embed.weight.dtype)
+
+    def capability_embeds(self, clause_vecs: torch.Tensor, accuracies: torch.Tensor) -> torch.Tensor:
+        """Connector W: ``[..., n_tasks, d_enc]`` (+ accuracies ``[..., n_tasks]``) -> phi's space."""
+        x = clause_vecs
+        if self.config.accuracy_feature:
+            x = torch.cat([x, accuracies.unsqueeze(-1).to(x.dtype)], dim=-1)
+        return self.connector(x)
+
+    # ---- token pieces ----------------------------------------------------------------------------
+    def token_ids(self, text: str) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def prefix_ids(self, instruction: str) -> list[int]:
+        """HEAD + the instruction truncated to ``max_instruction_tokens`` + MID."""
+        ids = self.token_ids(instruction)[: self.config.max_instruction_tokens]
+        return self.token_ids(self.config.head) + ids + self.token_ids(self.config.mid)
+
+    def embed_ids(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
+        ids = torch.as_tensor(ids, dtype=torch.long, device=self.embed.weight.device)
+        return self.embed(ids)
+
+    # ---- phi ----------------------------------------------------------------------------------
+    def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        emb = torch.cat([freqs, freqs], dim=-1)
+        dtype = self.embed.weight.dtype
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def _layer(self, layer, h, cos, sin, past, mask, is_causal):
+        """One LLaMA decoder layer; ``past`` = (k, v) of a shared prefix ``[1, n_kv, P, hd]``."""
+        b, t, _ = h.shape
+        attn = layer.self_attn
+        x = layer.input_layernorm(h)
+        q = attn.q_proj(x).view(b, t, self.n_heads, self.head_dim).transpose(1, 2)
+        k = attn.k_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        v = attn.v_proj(x).view(b, t, self.n_kv, self.head_dim).transpose(1, 2)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        kv = (k, v)
+        if past is not None:
+            pk, pv = past
+            k = torch.cat([pk.expand(b, -1, -1, -1), k], dim=2)
+            v = torch.cat([pv.expand(b, -1, -1, -1), v], dim=2)
+        o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal, enable_gqa=True)
+        h = h + attn.o_proj(o.transpose(1, 2).reshape(b, t, -1))
+        h = h + layer.mlp(layer.post_attention_layernorm(h))
+        return h, kv
+
+    def run_layers(self, h: torch.Tensor, start: int = 0, past: list | None = None):
+        """phi's kept layers over ``h [B, T, D]`` at positions ``start..``; returns (h, per-layer kv)."""
+        t = h.shape[1]
+        cos, sin = self._rope(torch.arange(start, start + t, device=h.device))
+        mask, is_causal = None, past is None
+        if past is not None:
+            p = past[0][0].shape[2]
+            own = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()
+            mask = torch.cat([torch.ones(t, p, dtype=torch.bool, device=h.device), own], dim=1)
+        kvs = []
+        for i, layer in enumerate(self.layers):
+            h, kv = self._layer(layer, h, cos, sin, None if past is None else past[i], mask, is_causal)
+            kvs.append(kv)
+        return h, kvs
+
+    def answer_score(self, last_hidden: torch.Tensor) -> torch.Tensor:
+        """The 'Yes' logit: final norm, then one row of the tied LM head."""
+        return self.norm(last_hidden) @ self.embed.weight[self.answer_id]
+
+    def _score_padded(self, rows, past=None) -> torch.Tensor:
+        """Right-pad ``rows`` (``[T_i, D]`` each) and read the score at each row's last real position.
+
+        Right padding needs no mask beyond the causal one: a pad only ever follows real tokens.
+        """
+        if isinstance(rows, torch.Tensor):
+            rows = list(rows)
+        lengths = torch.tensor([r.shape[0] for r in rows], device=rows[0].device)
+        batch = nn.utils.rnn.pad_sequence(rows, batch_first=True)
+        start = 0 if past is None else past[0][0].shape[2]
+        h, _ = self.run_layers(batch, start=start, past=past)
+        last = h[torch.arange(len(rows), device=h.device), lengths - 1]
+        return self.answer_score(last)
+
+    def score_rows(self, rows) -> torch.Tensor:
+        """Full sequences ``[T_i, D]`` (plain causal attention, no shared prefix) -> scores ``[B]``."""
+        return self._score_padded(rows)
+
+    def prefix_cache(self, prefix: torch.Tensor) -> list:
+        """The key/value cache of one prefix ``[P, D]``, shared by every candidate suffix."""
+        _, kvs = self.run_layers(prefix.unsqueeze(0))
+        return kvs
+
+    def score_shared(self, past: list, suffixes) -> torch.Tensor:
+        """Candidate suffixes (``[S_i, D]`` each, or one ``[B, S, D]`` tensor) after a cached prefix."""
+        return self._score_padded(suffixes, past=past)
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+
+__all__ = ["HEAD", "MID", "TAIL", "LoRALinear", "ModelSAT", "ModelSATConfig"]

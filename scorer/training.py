@@ -1,0 +1,297 @@
+"""Capability instruction tuning (``satroute train``): fits the connector, then connector + phi's LoRA.
+
+Owns: building the training pool from a routing data set's ``train`` split (the aptitude suite's own
+questions and a validation slice are held out of it; ``test`` is never read), the two group losses,
+the two stages, the validation routing accuracy, the JSONL log, periodic and resumable checkpoints.
+
+Losses, both cross-entropy over a group's 'Yes' scores with the positive as the target:
+- ``paper`` (the paper's term, always on): one model's capability (one random order + subset of
+  tasks), k instructions: 1 the model got right, k-1 it got wrong.
+- ``route`` (routing-aligned, weight ``--route-weight``): one instruction, g models: 1 that got it
+  right, g-1 that got it wrong (the instruction's cache is computed once for the group).
+Stage 1 trains the connector only; stage 2 adds phi's LoRA adapters, with the connector at a larger
+learning rate. The encoder psi stays frozen, so every clause vector is computed once up front.
+
+Does not know: serving, HTTP, evaluation baselines.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from scorer.aptitude import load_suite, profile_from_outcomes
+from scorer.capability import perturb, task_clause
+from scorer.data import RoutingData, data_root, format_instruction, load_dataset
+from scorer.inference import CapabilityWriter, _keywords_for, load_model, save_checkpoint, score_candidates
+from scorer.modeling import ModelSAT, ModelSATConfig
+
+STATE = "train_state.pt"
+
+
+@dataclass
+class Pool:
+    """What training samples from: instructions, the correct matrix, the models and their profiles."""
+
+    instructions: list[str]
+    correct: np.ndarray            # [n_prompts, n_models] 1 / 0 / NaN
+    models: list[str]
+    profiles: dict[str, dict[str, float]]
+
+
+def build_pools(data: RoutingData, suite_name: str, exclude: list[str], val_size: int, seed: int
+                ) -> tuple[Pool, Pool, object]:
+    """Train and validation pools from ``data``'s train split; suite questions are never instructions."""
+    suite = load_suite(suite_name)
+    train = data.split("train")
+    models = [m for m in train.models if m not in set(exclude)]
+    profiles = {m: profile_from_outcomes(suite, train, m) for m in models}
+    held = set(suite.question_ids)
+    rows = np.array([i for i, p in enumerate(train.prompts) if p.id not in held])
+    rng = np.random.default_rng(seed)
+    rng.shuffle(rows)
+    val_rows, train_rows = np.sort(rows[:val_size]), np.sort(rows[val_size:])
+    correct = train.with_models(models).correct_matrix()
+
+    def pool(idx):
+        return Pool([format_instruction(train.prompts[i]) for i in idx], correct[idx], models, profiles)
+
+    return pool(train_rows), pool(val_rows), suite
+
+
+class Trainer:
+    def __init__(self, model: ModelSAT, writer: CapabilityWriter, pool: Pool, val: Pool,
+                 val_models: list[str], args):
+        self.model, self.writer, self.pool, self.val, self.args = model, writer, pool, val, args
+        self.val_models = [m for m in val_models if m in pool.models] or pool.models[:5]
+        self.rng = random.Random(args.seed)
+        self.task_ids = list(next(iter(pool.profiles.values())))
+        c = np.nan_to_num(pool.correct, nan=-1)
+        self.right = [np.flatnonzero(c[:, j] == 1) for j in range(len(pool.models))]
+        self.wrong = [np.flatnonzero(c[:, j] == 0) for j in range(len(pool.models))]
+        self.step = 0
+        self.optimizer = None
+
+    # ---- groups -----------------------------------------------------------------------------
+    def group_losses(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One paper group and up to k route groups that share its k instruction prefixes.
+
+        Model j's capability (one random order + subset) meets k instructions (1 right, k-1 wrong):
+        the paper's loss. Each of those instructions also meets g models (1 right, g-1 wrong, j among
+        them where it fits): the routing loss. Every instruction's prefix is computed once.
+        """
+        a, rng, pool = self.args, self.rng, self.pool
+        j = rng.randrange(len(pool.models))
+        while len(self.right[j]) == 0 or len(self.wrong[j]) < a.k - 1:
+            j = rng.randrange(len(pool.models))
+        rows = [int(rng.choice(self.right[j]))] + [int(x) for x in rng.sample(list(self.wrong[j]), a.k - 1)]
+        order = perturb(self.task_ids, rng, min_frac=a.min_task_frac)
+        suffix_of: dict[int, torch.Tensor] = {}
+
+        def suffix(m: int) -> torch.Tensor:
+            if m not in suffix_of:
+                suffix_of[m] = self.writer.suffix(pool.profiles[pool.models[m]], order)
+            return suffix_of[m]
+
+        paper_scores, route_losses = [], []
+        for n, r in enumerate(rows):
+            group = self._route_group(r, j) if a.route_weight > 0 else []
+            cands = [j] + [m for m in group if m != j]
+            scores = score_candidates(self.model, self.writer, pool.instructions[r], [[suffix(m)] for m in cands])
+            paper_scores.append(scores[0])
+            if group:
+                g = scores[[cands.index(m) for m in group]]
+                route_losses.append(F.cross_entropy(g[None], torch.zeros(1, dtype=torch.long)))
+        paper = F.cross_entropy(torch.stack(paper_scores)[None], torch.zeros(1, dtype=torch.long))
+        route = torch.stack(route_losses).mean() if route_losses else None
+        return paper, route
+
+    def _route_group(self, r: int, j: int) -> list[int]:
+        """Models for instruction r: one that got it right first, then g-1 that got it wrong."""
+        row, g, rng = self.pool.correct[r], self.args.group_models, self.rng
+        pos = [m for m in range(len(row)) if row[m] == 1]
+        neg = [m for m in range(len(row)) if row[m] == 0]
+        if not pos or len(neg) < g - 1:
+            return []
+        first = j if j in pos else rng.choice(pos)
+        others = ([j] if j in neg else []) + rng.sample([m for m in neg if m != j], g - 1 - (j in neg))
+        return [first] + others
+
+    # ---- validation -------------------------------------------------------------------------
+    @torch.no_grad()
+    def validate(self) -> float:
+        """Routing accuracy over the validation slice for ``val_models`` (one fixed task order)."""
+        cols = [self.val.models.index(m) for m in self.val_models]
+        order = list(self.task_ids)
+        suffixes = [[self.writer.suffix(self.val.profiles[m], order)] for m in self.val_models]
+        hits = []
+        for i, text in enumerate(self.val.instructions[: self.args.val_size]):
+            outcome = self.val.correct[i, cols]
+            if np.isnan(outcome).all():
+                continue
+            scores = score_candidates(self.model, self.writer, text, suffixes)
+            hits.append(float(np.nan_to_num(outcome[int(scores.argmax())], nan=0.0)))
+        return float(np.mean(hits)) if hits else float("nan")
+
+    # ---- optimisation -----------------------------------------------------------------------
+    def set_stage(self, stage: int) -> None:
+        m, a = self.model, self.args
+        lora = [p for n, p in m.named_parameters() if ".lora_" in n]
+        for p in lora:
+            p.requires_grad_(stage == 2)
+        groups = [{"params": list(m.connector.parameters()) if hasattr(m, "connector") else [], "lr": a.lr}]
+        if stage == 2:
+            groups[0]["lr"] = a.lr_stage2_connector
+            groups.append({"params": lora, "lr": a.lr_lora})
+        groups = [g for g in groups if g["params"]]
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+        self.stage = stage
+
+    def train_step(self) -> dict:
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        paper, route = self.group_losses()
+        loss = paper if route is None else paper + self.args.route_weight * route
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), 1.0)
+        self.optimizer.step()
+        self.step += 1
+        return {"loss": loss.item(), "paper": paper.item(), "route": None if route is None else route.item()}
+
+    # ---- persistence ------------------------------------------------------------------------
+    def meta(self, out_dir: Path, extra: dict) -> dict:
+        a = self.args
+        return {"data": [Path(d).name for d in a.data], "suite": a.suite, "exclude_models": a.exclude_models,
+                "train_models": self.pool.models, "val_models": self.val_models, "steps": self.step,
+                "stage1_steps": a.stage1_steps, "seed": a.seed, "k": a.k, "group_models": a.group_models,
+                "route_weight": a.route_weight, "budget_minutes": a.budget_minutes, "device": "cpu", "threads": a.threads, **extra}
+
+    def save(self, out_dir: Path, extra: dict) -> None:
+        save_checkpoint(self.model, out_dir, self.meta(out_dir, extra))
+        torch.save({"step": self.step, "stage": self.stage, "optimizer": self.optimizer.state_dict(),
+                    "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state()}, out_dir / STATE)
+
+    def resume(self, out_dir: Path) -> None:
+        state = torch.load(out_dir / STATE, weights_only=False)
+        self.step = int(state["step"])
+        self.set_stage(int(state["stage"]))
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.rng.setstate(state["rng"])
+        torch.set_rng_state(state["torch_rng"])
+
+
+def _config_from_args(a) -> ModelSATConfig:
+    return ModelSATConfig(variant=a.variant, n_layers=a.n_layers, max_instruction_tokens=a.max_instruction_tokens,
+                          accuracy_feature=a.accuracy_feature, lora_rank=a.lora_rank,
+                          lora_layers=a.lora_layers, suite=a.suite,
+                          encoder=a.encoder, llm=a.llm, text_max_tasks=a.text_max_tasks)
+
+
+def _precompute_clauses(writer: CapabilityWriter, pools: list[Pool]) -> None:
+    """psi is frozen: encode every clause any profile can produce once."""
+    if writer.model.config.variant != "encoder":
+        return
+    texts = sorted({task_clause(writer.keywords[t], acc) for pool in pools
+                    for prof in pool.profiles.values() for t, acc in prof.items()})
+    writer.remember(texts, writer.model.encode_clauses(texts))
+
+
+def run(a) -> int:
+    torch.manual_seed(a.seed)
+    torch.set_num_threads(a.threads)
+    out_dir = Path(a.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(a.data[0])
+    pool, val, suite = build_pools(data, a.suite, a.exclude_models, a.val_size, a.seed)
+    resume = a.resume and (out_dir / STATE).exists()
+    model = load_model(out_dir) if resume else ModelSAT.from_backbones(_config_from_args(a))
+    writer = CapabilityWriter(model, _keywords_for(suite))
+    _precompute_clauses(writer, [pool, val])
+    trainer = Trainer(model, writer, pool, val, a.val_models.split(","), a)
+    trainer.set_stage(1 if a.stage1_steps > 0 else 2)
+    if resume:
+        trainer.resume(out_dir)
+    log = open(out_dir / "log.jsonl", "a", encoding="utf-8")
+    started, last_save = time.monotonic(), time.monotonic()
+    total = a.stage1_steps + a.stage2_steps
+    best = -1.0
+    from tqdm import tqdm
+
+    bar = tqdm(total=total, initial=trainer.step, desc="capability tuning", mininterval=10)
+    ema = None
+    while trainer.step < total:
+        if trainer.step >= a.stage1_steps and trainer.stage == 1 and model.config.lora_rank > 0:
+            trainer.set_stage(2)
+        rec = trainer.train_step()
+        ema = rec["loss"] if ema is None else 0.95 * ema + 0.05 * rec["loss"]
+        rec.update(step=trainer.step, stage=trainer.stage, ema=round(ema, 4),
+                   elapsed_s=round(time.monotonic() - started, 1))
+        bar.update(1)
+        bar.set_postfix(loss=f"{ema:.3f}", stage=trainer.stage)
+        out_of_time = a.budget_minutes and time.monotonic() - started > a.budget_minutes * 60
+        if trainer.step % a.val_every == 0 or trainer.step == total or out_of_time:
+            rec["val_routing_acc"] = trainer.validate()
+            best = max(best, rec["val_routing_acc"])
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+        if time.monotonic() - last_save > a.save_every_minutes * 60 or "val_routing_acc" in rec:
+            trainer.save(out_dir, {"val_routing_acc": rec.get("val_routing_acc"), "ema_loss": ema})
+            last_save = time.monotonic()
+        if out_of_time:
+            break
+    bar.close()
+    trainer.save(out_dir, {"ema_loss": ema, "best_val_routing_acc": best})
+    return 0
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--data", nargs="+", default=[str(data_root() / "mmlu_pro")], help="routing data folder")
+    p.add_argument("--suite", default="mmlu_pro")
+    p.add_argument("--out", default="runs/modelsat", help="checkpoint + log folder (resumable)")
+    p.add_argument("--resume", action="store_true", help="continue from --out's train_state.pt")
+    p.add_argument("--exclude-models", type=lambda s: [m for m in s.split(",") if m],
+                   default=["gemma-7b", "Yi-34B"], help="models never seen in training (unseen setting)")
+    p.add_argument("--variant", choices=["encoder", "text"], default="encoder")
+    p.add_argument("--encoder", default="default:minilm")
+    p.add_argument("--llm", default="default:smollm2")
+    p.add_argument("--n-layers", type=int, default=6)
+    p.add_argument("--max-instruction-tokens", type=int, default=96)
+    p.add_argument("--accuracy-feature", action="store_true")
+    p.add_argument("--text-max-tasks", type=int, default=12)
+    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--lora-layers", type=int, default=2, help="top kept layers of phi that get LoRA")
+    p.add_argument("--stage1-steps", type=int, default=300)
+    p.add_argument("--stage2-steps", type=int, default=600)
+    p.add_argument("--lr", type=float, default=2e-3, help="connector, stage 1")
+    p.add_argument("--lr-stage2-connector", type=float, default=5e-4)
+    p.add_argument("--lr-lora", type=float, default=2e-4)
+    p.add_argument("--k", type=int, default=4, help="paper group: 1 right + k-1 wrong instructions")
+    p.add_argument("--group-models", type=int, default=4, help="route group: 1 right + g-1 wrong models")
+    p.add_argument("--route-weight", type=float, default=1.0, help="0 = the paper's loss alone")
+    p.add_argument("--min-task-frac", type=float, default=0.5)
+    p.add_argument("--val-size", type=int, default=120)
+    p.add_argument("--val-models", default="Meta-Llama-3_1-8B-Instruct,Phi-3-mini-4k-instruct,gemma-7b,"
+                   "Qwen1.5-7B-Chat,Mistral-7B-Instruct-v0.2")
+    p.add_argument("--val-every", type=int, default=100)
+    p.add_argument("--save-every-minutes", type=float, default=10)
+    p.add_argument("--budget-minutes", type=float, default=0, help="stop after this wall time (0 = none)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seed", type=int, default=0)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
