@@ -103,3 +103,20 @@ def test_cli_text_report(data, capsys, tmp_path):
     assert run(_cli(data, "--router", "none", "--baselines", "category", "--suite", "none")) == 0
     text = capsys.readouterr().out
     assert "router (none): -" in text and "category: 0.6000" in text and "oracle: 0.8000" in text
+
+
+@pytest.mark.data
+def test_reference_points_match_the_data_readme(shared_data):
+    """The README's headroom table for the small MMLU-Pro zoo, reproduced by the harness."""
+    zoo = ["Meta-Llama-3_1-8B-Instruct", "Phi-3-mini-4k-instruct", "gemma-7b", "Qwen1.5-7B-Chat",
+           "Mistral-7B-Instruct-v0.2"]
+
+    class Always:
+        def score(self, instruction, candidates):
+            return {m: float(m == "Meta-Llama-3_1-8B-Instruct") for m in candidates}
+
+    report = evaluate(Always(), load_dataset(shared_data / "mmlu_pro"), zoo, {})
+    assert report["n"] == 2420 and report["n_missing"] == 0
+    assert report["best_single"] == {"model": "Meta-Llama-3_1-8B-Instruct", "accuracy": pytest.approx(0.436, abs=5e-4)}
+    assert report["router"] == report["best_single"]["accuracy"]
+    assert report["random"] == pytest.approx(0.338, abs=5e-4) and report["oracle"] == pytest.approx(0.670, abs=5e-4)
