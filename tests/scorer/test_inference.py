@@ -1,0 +1,117 @@
+"""ModelSATScorer on a tiny random network: checkpoints, averaging over orders, caches, threads."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+from scorer.inference import (CapabilityWriter, CheckpointError, ModelSATScorer, load_model, save_checkpoint,
+                              score_candidates)
+from support import tiny_modelsat as tiny
+
+PROFILES = {
+    "strong": {"algebra": 0.9, "biology": 0.8, "law": 0.7, "history": 0.85},
+    "weak": {"algebra": 0.1, "biology": 0.2, "law": 0.15, "history": 0.3},
+    "mixed": {"algebra": 0.95, "biology": 0.05, "law": 0.5, "history": 0.4},
+}
+
+
+def _scorer(**overrides) -> ModelSATScorer:
+    return ModelSATScorer(tiny.build(accuracy_feature=True, **overrides), tiny.suite())
+
+
+def test_scores_every_candidate_and_does_not_depend_on_their_order():
+    scorer = _scorer()
+    a = scorer.score("what is algebra ?", PROFILES)
+    b = scorer.score("what is algebra ?", dict(reversed(list(PROFILES.items()))))
+    assert set(a) == set(PROFILES)
+    assert all(isinstance(v, float) for v in a.values())
+    assert a == pytest.approx(b, abs=1e-5)
+    assert scorer.score("anything", {}) == {}
+
+
+def test_score_is_the_mean_over_the_two_reorderings():
+    scorer = _scorer()
+    assert len(scorer.orders) == 2 and scorer.orders[0] != scorer.orders[1]
+    got = scorer.score("biology cells", PROFILES)
+    with torch.no_grad():
+        per_order = [score_candidates(scorer.model, scorer.writer, "biology cells",
+                                      [[scorer.writer.suffix(PROFILES[m], order)] for m in PROFILES])
+                     for order in scorer.orders]
+    expected = (per_order[0] + per_order[1]) / 2
+    assert not torch.allclose(per_order[0], per_order[1])
+    assert [got[m] for m in PROFILES] == pytest.approx(expected.tolist(), abs=1e-5)
+
+
+def test_capability_vectors_are_cached_per_clause_and_profile():
+    scorer = _scorer()
+    scorer.score("law court", PROFILES)
+    misses = scorer.writer.misses
+    assert misses == len({(t, v) for p in PROFILES.values() for t, v in p.items()})
+    scorer.score("history war", PROFILES)
+    assert scorer.writer.misses == misses
+    scorer.score("history war", {"new": {**PROFILES["weak"], "law": 0.6}})
+    assert scorer.writer.misses == misses + 1
+
+
+def test_text_variant_reads_the_profile_as_words():
+    scorer = _scorer(variant="text", text_max_tasks=2)
+    tail = len(scorer.model.token_ids(scorer.model.config.tail))
+    two = scorer.writer.suffix(PROFILES["strong"], ["law", "history", "algebra"])
+    one = _scorer(variant="text", text_max_tasks=1).writer.suffix(PROFILES["strong"], ["law", "history"])
+    assert two.shape[0] > one.shape[0] > tail
+    # the tiny word-level vocabulary knows single digits: 0% and 5% must read differently
+    scores = scorer.score("what is law ?", {"a": {"law": 0.0}, "b": {"law": 0.05}})
+    assert scores["a"] != pytest.approx(scores["b"], abs=1e-6)
+
+
+def test_concurrent_calls_give_the_sequential_answers():
+    scorer = _scorer()
+    questions = ["what is algebra ?", "biology cells", "law court", "history war"]
+    expected = {q: scorer.score(q, PROFILES) for q in questions}
+    results, errors = {}, []
+
+    def work(q):
+        try:
+            for _ in range(3):
+                results.setdefault(q, []).append(scorer.score(q, PROFILES))
+        except RuntimeError as exc:  # surfaced below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(q,)) for q in questions]
+    [t.start() for t in threads]
+    [t.join(timeout=60) for t in threads]
+    assert not errors
+    for q in questions:
+        assert len(results[q]) == 3
+        for got in results[q]:
+            assert got == pytest.approx(expected[q], abs=1e-5)
+
+
+def test_checkpoint_round_trip_keeps_only_trained_parts(tmp_path, monkeypatch):
+    enc, llm = tiny.save_backbones(tmp_path / "backbones")
+    model = tiny.build(accuracy_feature=True, lora_rank=2, lora_layers=1, encoder=enc, llm=llm)
+    with torch.no_grad():
+        model.connector.weight.add_(0.5)
+        for n, p in model.named_parameters():
+            if ".lora_b" in n:
+                p.add_(0.1)
+    folder = save_checkpoint(model, tmp_path / "ckpt", {"steps": 3})
+    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "training.json"]
+    again = load_model(folder)
+    for k, v in model.trainable_state().items():
+        torch.testing.assert_close(again.trainable_state()[k], v)
+    monkeypatch.setattr("scorer.inference.load_suite", lambda name: tiny.suite())
+    loaded = ModelSATScorer.load(folder, device="cpu")
+    assert loaded.score("law court", PROFILES) == pytest.approx(
+        ModelSATScorer(model, tiny.suite()).score("law court", PROFILES), abs=1e-4)
+    with pytest.raises(CheckpointError):
+        load_model(tmp_path / "nowhere")
+
+
+def test_writer_skips_tasks_it_has_no_keywords_for():
+    model = tiny.build(accuracy_feature=True)
+    writer = CapabilityWriter(model, tiny.suite().keywords())
+    tail = len(model.token_ids(model.config.tail))
+    assert writer.suffix({"algebra": 0.5, "astrology": 0.9}, ["astrology", "algebra"]).shape[0] == 1 + tail

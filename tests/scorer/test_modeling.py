@@ -1,0 +1,88 @@
+"""The Model-SAT forward pass on a tiny random network: it must agree with the LLM's own forward."""
+from __future__ import annotations
+
+import torch
+
+from scorer.modeling import ModelSAT, ModelSATConfig
+from support import tiny_modelsat as tiny
+
+
+def _full_logit(llm, ids, answer_id, n_layers=None):
+    with torch.no_grad():
+        out = llm(input_ids=torch.tensor([ids]), output_hidden_states=True)
+    if n_layers is None:
+        return out.logits[0, -1, answer_id]
+    hidden = out.hidden_states[n_layers][0, -1]
+    return llm.model.norm(hidden) @ llm.model.embed_tokens.weight[answer_id]
+
+
+def _model(n_layers=3, **kw):
+    tok, llm, enc = tiny.parts(0)
+    return ModelSAT(ModelSATConfig(n_layers=n_layers, suite="tiny", **kw), enc, tok, llm, tok).eval(), llm
+
+
+def test_yes_score_is_the_llm_logit_of_the_answer_token():
+    model, llm = _model()
+    ids = model.prefix_ids("what is algebra ?") + model.token_ids(model.config.tail)
+    with torch.no_grad():
+        score = model.score_rows([model.embed_ids(ids)])
+    assert model.answer_id == model.tokenizer("Yes", add_special_tokens=False)["input_ids"][0]
+    torch.testing.assert_close(score[0], _full_logit(llm, ids, model.answer_id), rtol=1e-4, atol=1e-4)
+
+
+def test_truncated_phi_matches_the_hidden_state_of_that_layer():
+    model, llm = _model(n_layers=2)
+    assert len(model.layers) == 2
+    ids = model.prefix_ids("biology cells") + model.token_ids(model.config.tail)
+    with torch.no_grad():
+        score = model.score_rows([model.embed_ids(ids)])
+    torch.testing.assert_close(score[0], _full_logit(llm, ids, model.answer_id, n_layers=2), rtol=1e-4, atol=1e-4)
+
+
+def test_shared_prefix_cache_equals_unshared_rows_for_ragged_suffixes():
+    model, _ = _model(accuracy_feature=True)
+    prefix = model.embed_ids(model.prefix_ids("what is the law of the market ?"))
+    vecs = model.encode_clauses(['accuracy 50% on the task of "law"', 'accuracy 5% on the task of "war"',
+                                 'accuracy 90% on the task of "cells"'])
+    tail = model.embed_ids(model.token_ids(model.config.tail))
+    with torch.no_grad():
+        suffixes = [torch.cat([model.capability_embeds(vecs[:n], torch.rand(n)), tail]) for n in (3, 1, 2)]
+        shared = model.score_shared(model.prefix_cache(prefix), suffixes)
+        rows = model.score_rows([torch.cat([prefix, s]) for s in suffixes])
+    assert shared.shape == (3,)
+    torch.testing.assert_close(shared, rows, rtol=1e-4, atol=1e-4)
+
+
+def test_capability_vectors_land_in_phi_space_and_use_the_accuracy_feature():
+    model, _ = _model(accuracy_feature=True)
+    vecs = model.encode_clauses(["accuracy 10% on the task of \"law\""] * 4)
+    assert vecs.shape == (4, 32)
+    torch.testing.assert_close(vecs.norm(dim=-1), torch.ones(4))
+    low = model.capability_embeds(vecs, torch.zeros(4))
+    high = model.capability_embeds(vecs, torch.ones(4))
+    assert low.shape == (4, 64)
+    assert not torch.allclose(low, high)
+    plain, _ = _model(accuracy_feature=False)
+    torch.testing.assert_close(plain.capability_embeds(vecs, torch.zeros(4)),
+                               plain.capability_embeds(vecs, torch.ones(4)))
+
+
+def test_lora_starts_as_identity_and_only_trained_parts_are_trainable():
+    base, _ = _model()
+    lora, _ = _model(lora_rank=4, lora_layers=1)
+    ids = base.prefix_ids("history war") + base.token_ids(base.config.tail)
+    with torch.no_grad():
+        torch.testing.assert_close(lora.score_rows([lora.embed_ids(ids)]), base.score_rows([base.embed_ids(ids)]))
+    names = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert names and all(n.startswith("connector.") or ".lora_" in n for n in names)
+    assert all(n.startswith("connector.") or n.startswith("layers.2.") for n in names)
+    assert set(lora.trainable_state()) == names
+
+
+def test_text_variant_has_no_connector_and_config_round_trips(tmp_path):
+    model, _ = _model(variant="text", text_max_tasks=3)
+    assert not hasattr(model, "connector")
+    model.config.save(tmp_path / "config.json")
+    again = ModelSATConfig.load(tmp_path / "config.json")
+    assert again == model.config
+    assert ModelSATConfig.from_dict({**again.__dict__, "unknown_future_field": 1}) == again
