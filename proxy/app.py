@@ -26,6 +26,10 @@ from proxy.auth import MasterKeyAuth
 from proxy.cooldown import Cooldowns
 from proxy.dispatch import Dispatcher, RetryingDispatcher
 from proxy.errors import SatrouteError, plain_error_response
+from proxy.localserver import local_models_hook
+from proxy.logs import RequestLogMiddleware
+from proxy.metrics import Metrics
+from proxy.openapi import openapi_endpoint
 from proxy.providers import ProfileSource, ProviderRegistry
 from proxy.scoring import ScorerHost
 from proxy.settings import Settings, environ
@@ -44,6 +48,7 @@ class Services:
     scoring: ScorerHost
     dispatcher: Dispatcher
     cooldowns: Cooldowns
+    metrics: Metrics = field(default_factory=Metrics)
     tasks: set[asyncio.Task] = field(default_factory=set)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
@@ -68,10 +73,12 @@ def build_services(settings: Settings, *, scorer: Any = None, dispatcher: Dispat
                    profile_source: ProfileSource | None = None) -> Services:
     registry = ProviderRegistry(settings.config, environ, profile_source)
     cooldowns = Cooldowns()
+    metrics = Metrics()
     return Services(
         settings=settings, registry=registry,
         scoring=ScorerHost(scorer, threads=settings.scorer_threads),
-        dispatcher=dispatcher or RetryingDispatcher(cooldowns), cooldowns=cooldowns)
+        dispatcher=dispatcher or RetryingDispatcher(cooldowns, metrics=metrics),
+        cooldowns=cooldowns, metrics=metrics)
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -94,7 +101,7 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
     settings = settings or Settings()
     svc = build_services(settings, scorer=scorer, dispatcher=dispatcher,
                          profile_source=profile_source)
-    hooks = list(startup)
+    hooks = [local_models_hook, *startup]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -112,16 +119,24 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
             if close is not None:
                 await close()
             svc.scoring.close()
+            log.info("shutdown complete")
 
     routes = [
         Route("/v1/chat/completions", endpoints.chat_completions, methods=["POST"]),
         Route("/v1/models", endpoints.list_models, methods=["GET"]),
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/ready", endpoints.ready, methods=["GET"]),
+        Route("/metrics", svc.metrics.endpoint, methods=["GET"]),
+        Route("/openapi.json", openapi_endpoint, methods=["GET"]),
     ]
+    # Outermost: every request, 401s included, gets a request id and its one log line.
+    request_log = Middleware(RequestLogMiddleware, include_prompts=settings.log_prompts,
+                             on_record=[svc.metrics.observe_record],
+                             in_flight=svc.metrics.in_flight)
     app = Starlette(
         routes=routes, lifespan=lifespan,
-        middleware=[Middleware(MasterKeyAuth, master_key=settings.master_key_value())],
+        middleware=[request_log,
+                    Middleware(MasterKeyAuth, master_key=settings.master_key_value())],
         exception_handlers={SatrouteError: endpoints.satroute_error, HTTPException: _http_error,
                             500: _internal_error})
     app.state.services = svc

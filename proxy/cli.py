@@ -11,7 +11,6 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
-import logging
 import sys
 from types import ModuleType
 from typing import Sequence
@@ -64,20 +63,29 @@ def serve(args: argparse.Namespace) -> int:
 
     from proxy.app import create_app
     from proxy.errors import ConfigError
+    from proxy.logs import Redactor, configure_logging
     from proxy.settings import Settings
 
     overrides = {k: v for k in ("config", "host", "port", "scorer")
                  if (v := getattr(args, k)) is not None}
     settings = Settings(**overrides)
-    logging.basicConfig(level=settings.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    master = settings.master_key_value()
+    redactor = Redactor(lambda: [master] if master else [])
+    configure_logging(settings.log_level, redactor=redactor,
+                      json_lines=settings.log_format == "json")
     try:
         app = create_app(settings)
     except ConfigError as exc:
         print(f"satroute: invalid configuration: {exc}", file=sys.stderr)
         return 2
+    registry = app.state.services.registry
+    redactor.use(lambda: (*registry.snapshot.secrets, *([master] if master else [])))
+    # SIGTERM: uvicorn stops accepting, gives in-flight requests and streams the deadline, then
+    # the app's lifespan shutdown stops background work and saves state. log_config=None keeps
+    # our JSON handlers on uvicorn's loggers.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, loop="auto", http="auto", timeout_graceful_shutdown=10)
+                access_log=False, loop="auto", http="auto", log_config=None,
+                timeout_graceful_shutdown=settings.shutdown_timeout_s)
     return 0
 
 

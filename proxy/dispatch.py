@@ -60,8 +60,10 @@ class Dispatcher(Protocol):
 
 
 class RetryingDispatcher:
-    def __init__(self, cooldowns: Cooldowns, passthrough: PassThrough | None = None):
+    def __init__(self, cooldowns: Cooldowns, passthrough: PassThrough | None = None,
+                 metrics: Any = None):
         self.cooldowns = cooldowns
+        self.metrics = metrics  # proxy.metrics.Metrics or None: retries, fallbacks, latency
         self.passthrough = passthrough or PassThrough()
         self._litellm: Any = None
         self._import_lock = asyncio.Lock()
@@ -80,6 +82,8 @@ class RetryingDispatcher:
             if time.monotonic() >= deadline:
                 timed_out = True
                 break
+            if failed and self.metrics is not None:
+                self.metrics.observe_fallback(failed[-1][0], target.name)
             try:
                 answer = await self._with_retries(target, call, deadline)
             except UpstreamTransient as exc:
@@ -111,11 +115,19 @@ class RetryingDispatcher:
                 if remaining <= 0:
                     raise UpstreamTransient(f"{d.name}: request deadline reached", model=d.name,
                                             status=504, timeout=True)
+                if self.metrics is not None and attempt.retry_state.attempt_number > 1:
+                    self.metrics.observe_retry(d.name)
+                started = time.perf_counter()
                 try:
                     return await self._attempt(d, call, min(router.timeout_s, remaining))
                 except UpstreamTransient:
-                    self.cooldowns.failure(d.name, router.allowed_fails, router.cooldown_s)
+                    if (self.cooldowns.failure(d.name, router.allowed_fails, router.cooldown_s)
+                            and self.metrics is not None):
+                        self.metrics.observe_cooldown(d.name)
                     raise
+                finally:
+                    if self.metrics is not None:  # to the answer, or a stream's first chunk
+                        self.metrics.observe_upstream(d.name, time.perf_counter() - started)
         raise AssertionError("unreachable: tenacity reraises the last failure")
 
     async def _attempt(self, d: Deployment, call: Call, first_byte_s: float) -> Answer:

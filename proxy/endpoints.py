@@ -18,6 +18,7 @@ from starlette.responses import Response, StreamingResponse
 from proxy import protocol
 from proxy.dispatch import Call, Reply
 from proxy.errors import BodyTooLarge, ModelNotFound, RequestError, SatrouteError, error_response
+from proxy.providers import Deployment, Snapshot
 from proxy.routing import Decision, candidates, instruction_text, rank
 
 if TYPE_CHECKING:
@@ -69,12 +70,18 @@ async def chat_completions(request: Request) -> Response:
     body, req = parse_request(await read_body(request, svc.settings.max_body_bytes))
     route = body.pop(protocol.ROUTE_FIELD, None)
     snap = svc.registry.snapshot
-    if req.model == snap.router.router_name:
+    default = default_target(snap) if req.model == snap.router.router_name and not route else None
+    if default is not None:  # nothing is routable yet: the configured default model answers
+        decision = Decision(((default.name, 0.0),), routed=False)
+        targets = [default]
+        svc.metrics.observe_routing(default.name)
+    elif req.model == snap.router.router_name:
         pool = candidates(snap.models.values(), req.satroute.models if route else None,
                           svc.cooldowns.cooling)
         text = instruction_text(body["messages"], snap.router.routing_context_tokens)
         scores, ms = await svc.scoring.score(text, {d.name: d.profile for d in pool})
         decision = Decision(rank(scores, [d.name for d in pool]), routed=True, scorer_ms=ms)
+        svc.metrics.observe_routing(decision.chosen, ms / 1000)
         targets = [snap.models[n] for n, _ in decision.ranked[: 1 + snap.router.max_fallbacks]]
     else:
         target = snap.models.get(req.model)
@@ -89,10 +96,21 @@ async def chat_completions(request: Request) -> Response:
     reply = await svc.dispatcher.complete(Call(targets=targets, body=body, stream=stream,
                                                router=snap.router, redact=snap.redact))
     headers = routing_headers(decision, reply)
+    if default is not None:
+        headers[protocol.HEADER_ROUTE] = "default"
     if reply.chunks is not None:
         return StreamingResponse(reply.chunks, media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache"})
     return Response(reply.body, media_type=JSON, headers=headers)
+
+
+def default_target(snap: Snapshot) -> Deployment | None:
+    """``router_settings.default_model`` while no model is routable (none has a profile yet)."""
+    name = snap.router.default_model
+    target = snap.models.get(name) if name else None
+    if target is None or not target.available or any(d.routable for d in snap.models.values()):
+        return None
+    return target
 
 
 def routing_headers(decision: Decision, reply: Reply) -> dict[str, str]:
@@ -121,13 +139,16 @@ async def ready(request: Request) -> Response:
     svc = services(request)
     snap = svc.registry.snapshot
     reasons = []
-    if not svc.scoring.ready:
+    # The scorer matters once a model is routable; until then the default model answers `auto`.
+    if not svc.scoring.ready and default_target(snap) is None:
         reasons.append(f"scorer not loaded ({svc.scoring.error or 'loading'})")
     reachable = [d.name for d in snap.available() if not svc.cooldowns.cooling(d.name)]
     if not reachable:
         reasons.append("no model is reachable (credentials missing or all cooling down)")
     payload = {"status": "not ready" if reasons else "ready", "reasons": reasons,
                "models": reachable, "cooling": svc.cooldowns.cooling_models(),
+               "unavailable": {d.name: d.unavailable for d in snap.models.values()
+                               if d.unavailable},
                "checked_at": int(time.time())}
     return Response(orjson.dumps(payload), status_code=503 if reasons else 200, media_type=JSON)
 

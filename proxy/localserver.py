@@ -387,3 +387,48 @@ class LocalServerManager:
         servers = [server for _, server in self.servers.values() if server is not None]
         self.servers.clear()
         await asyncio.gather(*(server.stop() for server in servers))
+
+
+def specs_from_models(models, base_dir: Path) -> dict[str, LocalServerSpec]:
+    """Wanted servers from configured models whose ``model_info.local_server`` is set.
+
+    ``models`` are providers.py ``Deployment``s (read duck-typed: ``name``, ``info.local_server``
+    with ``model``, ``port``, ``n_ctx``, ``threads``, ``args``, ``startup_timeout_s``). A model file
+    that cannot be found gives a spec whose start fails, so the model is reported unavailable.
+    """
+    specs = {}
+    for d in models:
+        conf = getattr(d.info, "local_server", None)
+        if conf is None:
+            continue
+        try:
+            path = resolve_gguf(conf.model, base_dir)
+        except LocalServerError as exc:
+            path = Path(f"<{exc.message}>")
+        specs[d.name] = LocalServerSpec(
+            model_path=path, alias=d.upstream_model, port=conf.port, n_ctx=conf.n_ctx,
+            n_threads=conf.threads or default_threads(), extra_args=tuple(conf.args),
+            startup_timeout_s=conf.startup_timeout_s)
+    return specs
+
+
+def local_models_hook(services) -> None:
+    """App startup hook: run the local servers that providers.yaml declares, for the app's life.
+
+    Uses ``services.registry`` (``snapshot.models``, ``path``, ``set_unavailable``), ``services.
+    metrics.observe_local_server`` and ``services.spawn``; servers stop when the task is cancelled
+    at shutdown.
+    """
+    registry = services.registry
+    manager = LocalServerManager(
+        lambda: specs_from_models(registry.snapshot.models.values(), registry.path.parent),
+        registry.set_unavailable, on_event=services.metrics.observe_local_server)
+    manager.mark_pending()  # before the first request: unavailable until the server answers
+
+    async def run() -> None:
+        try:
+            await manager.watch(services.settings.reload_interval_s)
+        finally:
+            await manager.stop()
+
+    services.spawn(run(), "local-servers")

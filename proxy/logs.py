@@ -46,6 +46,10 @@ class Redactor:
     def __init__(self, secrets: Callable[[], Iterable[str]] | None = None):
         self._secrets = secrets
 
+    def use(self, secrets: Callable[[], Iterable[str]]) -> None:
+        """Read secrets from here from now on (e.g. the live configuration, once it is loaded)."""
+        self._secrets = secrets
+
     def __call__(self, text: str) -> str:
         if self._secrets is not None:
             for secret in self._secrets():
@@ -77,14 +81,26 @@ class JsonFormatter(logging.Formatter):
         return self.redactor(json.dumps(entry, default=str, ensure_ascii=False))
 
 
+class TextFormatter(logging.Formatter):
+    """Plain ``time level logger: message`` lines, redacted like the JSON ones."""
+
+    def __init__(self, redactor: Redactor | None = None):
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        self.redactor = redactor or Redactor()
+
+    def format(self, record: logging.LogRecord) -> str:
+        return self.redactor(super().format(record))
+
+
 def configure_logging(level: str = "info", *, redactor: Redactor | None = None,
-                      stream=None) -> logging.Handler:
-    """Send the ``satroute`` loggers (and uvicorn's) to ``stream`` as JSON lines; returns the handler.
+                      stream=None, json_lines: bool = True) -> logging.Handler:
+    """Send the ``satroute`` loggers (and uvicorn's) to ``stream``, as JSON lines unless
+    ``json_lines`` is false; returns the handler.
 
     Called by the process entry point, never at import. Calling again replaces the handler.
     """
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter(redactor))
+    handler.setFormatter(JsonFormatter(redactor) if json_lines else TextFormatter(redactor))
     handler.set_name("satroute-json")
     for name in ("satroute", "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)

@@ -47,8 +47,23 @@ class LitellmParams(BaseModel):
     api_key: str | None = None
 
 
+class LocalServerConfig(BaseModel):
+    """``model_info.local_server``: the proxy runs llama-cpp-python's server for this model itself
+    (a child process on 127.0.0.1:``port``; see proxy/localserver.py). ``api_base`` defaults to it."""
+
+    model_config = ConfigDict(extra="forbid")
+    model: str = Field("builtin:smollm2", min_length=1,
+                       description="builtin:smollm2 or a .gguf path (relative to this file)")
+    port: int = Field(8431, ge=1024, le=65535)
+    n_ctx: int = Field(2048, ge=256)
+    threads: int | None = Field(None, ge=1, description="None: half the CPU cores")
+    args: list[str] = Field(default_factory=list, description="more llama_cpp.server flags")
+    startup_timeout_s: float = Field(120.0, gt=0)
+
+
 class ModelInfo(BaseModel):
     model_config = ConfigDict(extra="allow")
+    local_server: LocalServerConfig | None = None
     input_price_per_mtok: float | None = Field(None, ge=0)
     output_price_per_mtok: float | None = Field(None, ge=0)
     context_window: int | None = Field(None, gt=0)
@@ -79,6 +94,8 @@ class RouterSettings(BaseModel):
     allowed_fails: int = Field(3, ge=1, description="consecutive failures before a cooldown")
     cooldown_s: float = Field(30.0, ge=0)
     fast_path: bool = True
+    default_model: str | None = Field(
+        None, description="where the router's name goes while no candidate has a profile")
 
 
 class ProvidersFile(BaseModel):
@@ -96,6 +113,15 @@ class ProvidersFile(BaseModel):
                 raise ValueError(f"model_list.{i}.model_name: {entry.model_name!r} is the router's "
                                  "name (router_settings.router_name)")
             seen.add(entry.model_name)
+        default = self.router_settings.default_model
+        if default is not None and default not in seen:
+            raise ValueError(f"router_settings.default_model: {default!r} is not a model_name "
+                             "of model_list")
+        ports = [e.model_info.local_server.port for e in self.model_list
+                 if e.model_info.local_server is not None]
+        if len(ports) != len(set(ports)):
+            raise ValueError(f"model_info.local_server.port: two local servers share a port "
+                             f"({sorted(ports)})")
         return self
 
 
@@ -238,9 +264,12 @@ def parse(text: str, path: Path, env: Mapping[str, str],
         fast = conf.router_settings.fast_path and provider in OPENAI_COMPATIBLE
         if info.fast_path is not None:
             fast = info.fast_path and conf.router_settings.fast_path
+        api_base = params.pop("api_base", None)
+        if api_base is None and info.local_server is not None:
+            api_base = f"http://127.0.0.1:{info.local_server.port}/v1"
         models[entry.model_name] = Deployment(
             name=entry.model_name, model=model, provider=provider, upstream_model=rest,
-            api_base=params.pop("api_base", None), api_key=params.pop("api_key", None),
+            api_base=api_base, api_key=params.pop("api_key", None),
             params=params, info=info, profile=profile, unavailable=unavailable, fast_path=fast)
     secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
     return Snapshot(source=str(path), models=models, router=conf.router_settings,

@@ -33,6 +33,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     reload_interval_s: float = Field(1.0, gt=0, description="how often providers.yaml is checked")
     log_level: str = "info"
+    log_format: Literal["json", "text"] = Field(
+        "json", description="json: one JSON object per line (one line per request); text: plain")
+    log_prompts: bool = Field(
+        False, description="put the last user turn's text in each request's log line")
+    shutdown_timeout_s: float = Field(
+        30.0, ge=0, description="on SIGTERM, how long in-flight requests and streams may finish")
+    state_dir: Path = Field(
+        Path("state"), description="persistent state (onboarding store); a volume in Docker")
 
     def master_key_value(self) -> str | None:
         key = self.master_key.get_secret_value() if self.master_key else None

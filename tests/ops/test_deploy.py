@@ -155,3 +155,29 @@ def test_stop_grace_outlasts_the_proxy_shutdown_deadline(proxy_service, docker):
     grace = proxy_service["stop_grace_period"]
     assert grace.endswith("s") and int(grace[:-1]) > Settings().shutdown_timeout_s
     assert proxy_service["stop_signal"] == docker["STOPSIGNAL"][0] == "SIGTERM"
+
+
+def test_the_vllm_service_serves_the_model_providers_yaml_points_at():
+    providers = yaml.safe_load((REPO / "providers.yaml").read_text())
+    vllm = _compose()["services"]["vllm"]
+    served = _flag(vllm["command"], "--model")
+    entry = next(e for e in providers["model_list"]
+                 if e["litellm_params"]["model"] == f"hosted_vllm/{served}")
+    assert entry["litellm_params"]["api_base"] == "os.environ/VLLM_API_BASE"
+    assert "VLLM_API_BASE" in _compose()["services"]["satroute"]["environment"]
+    assert _flag(vllm["command"], "--port") == "8000"
+
+
+def test_out_of_the_box_config_routes_to_the_local_model_without_keys():
+    from proxy.providers import parse
+
+    path = REPO / "providers.yaml"
+    snap = parse(path.read_text(), path, {}, lambda name: None)
+    available = [d for d in snap.models.values() if d.available]
+    assert [d.name for d in available] == [snap.router.default_model]
+    local = available[0]
+    assert local.info.local_server is not None and local.info.local_server.model == (
+        "builtin:smollm2")
+    assert local.api_base == f"http://127.0.0.1:{local.info.local_server.port}/v1"
+    hosted = [d for d in snap.models.values() if d.api_key is None and d.unavailable]
+    assert {d.name for d in hosted} >= {"gpt-4o", "claude-sonnet"}

@@ -1,0 +1,171 @@
+"""Operations wired into the real app: /metrics, request ids and log lines, /openapi.json, the
+default model while nothing is routable, unavailable models reported by /ready."""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from proxy.app import create_app
+from proxy.settings import Settings
+from support.mock_upstream import MockUpstream, fail
+from support.proxy_server import ProxyServer
+
+MESSAGES = [{"role": "user", "content": "Integrate x^2 from 0 to 3."}]
+FAST = {"num_retries": 1, "retry_backoff_s": 0.01, "retry_backoff_max_s": 0.02, "timeout_s": 2,
+        "deadline_s": 8, "max_fallbacks": 2, "allowed_fails": 2, "cooldown_s": 30}
+
+
+class PreferScorer:
+    def __init__(self, best: str):
+        self.best = best
+
+    def score(self, instruction, candidates):
+        return {name: (1.0 if name == self.best else 0.1) for name in candidates}
+
+
+def _entry(name: str, base: str, folder: Path, *, profile: bool = True, key: str | None = None):
+    info = {}
+    if profile:
+        (folder / f"{name}.json").write_text('{"model": "%s", "tasks": {"t1": 0.5}}' % name)
+        info["capability_profile"] = f"{name}.json"
+    params = {"model": f"openai/{name}", "api_base": base}
+    if key:
+        params["api_key"] = key
+    return {"model_name": name, "litellm_params": params, "model_info": info}
+
+
+def _config(folder: Path, models: list, **router) -> Path:
+    path = folder / "providers.yaml"
+    path.write_text(yaml.safe_dump({"model_list": models, "router_settings": {**FAST, **router}}))
+    return path
+
+
+def _metrics(base: str) -> dict:
+    text = httpx.get(f"{base}/metrics").text
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+@pytest.fixture
+def upstream():
+    with MockUpstream() as up:
+        yield up
+
+
+def _serve(config: Path, fake=None, **settings) -> ProxyServer:
+    opts = {"config": config, "scorer": "constant", "reload_interval_s": 0.1, **settings}
+    return ProxyServer(create_app(Settings(**opts), scorer=fake)).start()
+
+
+def test_a_routed_request_is_counted_logged_once_and_carries_its_request_id(
+        tmp_path, upstream, caplog):
+    caplog.set_level(logging.INFO, logger="satroute.request")
+    config = _config(tmp_path, [_entry("m1", upstream.url, tmp_path),
+                                _entry("m2", upstream.url, tmp_path)])
+    with _serve(config, fake=PreferScorer("m2")) as proxy:
+        client = openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+        completion = raw.parse()
+        rid = raw.headers["x-request-id"]
+        metrics = _metrics(proxy.base)
+        openapi = httpx.get(f"{proxy.base}/openapi.json").json()
+    assert completion.model == "m2" and rid.startswith("req_")
+    [line] = [r.fields for r in caplog.records if r.name == "satroute.request"
+              and r.fields["path"] == "/v1/chat/completions"]
+    assert line["request_id"] == rid and line["routed_model"] == "m2"
+    assert line["scores"] == {"m2": 1.0, "m1": 0.1} and line["scorer_ms"] >= 0
+    assert line["usage"]["total_tokens"] > 0
+    assert "Integrate" not in str(line)
+    assert metrics[("satroute_requests_total", (("model", "m2"), ("status", "200")))] == 1
+    assert metrics[("satroute_routing_decisions_total", (("model", "m2"),))] == 1
+    assert metrics[("satroute_scorer_latency_seconds_count", ())] == 1
+    assert metrics[("satroute_upstream_latency_seconds_count", (("model", "m2"),))] == 1
+    assert {"/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics",
+            "/openapi.json"} <= set(openapi["paths"])
+
+
+def test_retries_fallbacks_and_cooldowns_are_counted(tmp_path, upstream):
+    config = _config(tmp_path, [_entry("m1", upstream.url, tmp_path),
+                                _entry("m2", upstream.url, tmp_path)])
+    upstream.set("m2", fail(503))
+    with _serve(config, fake=PreferScorer("m2")) as proxy:
+        client = openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=0)
+        assert client.chat.completions.create(model="auto", messages=MESSAGES).model == "m1"
+        metrics = _metrics(proxy.base)
+    assert metrics[("satroute_retries_total", (("model", "m2"),))] == 1
+    assert metrics[("satroute_fallbacks_total", (("from_model", "m2"), ("to_model", "m1")))] == 1
+    assert metrics[("satroute_cooldowns_total", (("model", "m2"),))] == 1
+    assert metrics[("satroute_requests_total", (("model", "m1"), ("status", "200")))] == 1
+
+
+def test_metrics_need_the_master_key_when_one_is_set(tmp_path, upstream):
+    config = _config(tmp_path, [_entry("m1", upstream.url, tmp_path)])
+    with _serve(config, master_key="mk-0123456789") as proxy:
+        assert httpx.get(f"{proxy.base}/metrics").status_code == 401
+        ok = httpx.get(f"{proxy.base}/metrics", headers={"authorization": "Bearer mk-0123456789"})
+        assert ok.status_code == 200 and "satroute_requests_total" in ok.text
+
+
+def test_auto_goes_to_the_default_model_while_no_model_has_a_profile(tmp_path, upstream,
+                                                                      monkeypatch):
+    monkeypatch.delenv("NO_SUCH_KEY", raising=False)
+    config = _config(tmp_path, [
+        _entry("hosted", upstream.url, tmp_path, key="os.environ/NO_SUCH_KEY"),
+        _entry("local", upstream.url, tmp_path, profile=False)], default_model="local")
+    # the real scorer is never needed here: a scorer that cannot load must not block routing
+    with _serve(config, scorer="modelsat", scorer_checkpoint=str(tmp_path / "missing")) as proxy:
+        client = openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+        ready = httpx.get(f"{proxy.base}/ready").json()
+        models = [m.id for m in client.models.list()]
+    assert raw.parse().model == "local"
+    assert raw.headers["x-satroute-route"] == "default"
+    assert ready["status"] == "ready" and ready["models"] == ["local"]
+    assert "NO_SUCH_KEY" in ready["unavailable"]["hosted"]
+    assert models == ["auto", "local"]
+
+
+def test_once_a_model_is_routable_the_default_model_steps_aside(tmp_path, upstream):
+    config = _config(tmp_path, [_entry("scored", upstream.url, tmp_path),
+                                _entry("local", upstream.url, tmp_path, profile=False)],
+                     default_model="local")
+    with _serve(config) as proxy:
+        client = openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=0)
+        raw = client.chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.parse().model == "scored" and raw.headers["x-satroute-route"] == "routed"
+
+
+def test_a_default_model_that_is_not_configured_is_a_config_error(tmp_path, upstream):
+    from proxy.errors import ConfigError
+
+    config = _config(tmp_path, [_entry("m1", upstream.url, tmp_path)], default_model="nope")
+    with pytest.raises(ConfigError, match="default_model"):
+        create_app(Settings(config=config, scorer="constant"))
+
+
+def test_a_local_model_whose_server_cannot_start_is_reported_unavailable(tmp_path, upstream):
+    local = {"model_name": "tiny", "litellm_params": {"model": "openai/tiny"},
+             "model_info": {"local_server": {"model": "missing.gguf", "port": 8499,
+                                             "startup_timeout_s": 20}}}
+    config = _config(tmp_path, [_entry("m1", upstream.url, tmp_path), local])
+    with _serve(config) as proxy:
+        deadline = time.monotonic() + 30
+        while True:
+            ready = httpx.get(f"{proxy.base}/ready").json()
+            reason = ready["unavailable"].get("tiny", "")
+            if "starting" not in reason or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        models = httpx.get(f"{proxy.url}/models").json()["data"]
+    assert "local server" in reason or "llama-cpp-python" in reason, reason
+    assert "tiny" not in [m["id"] for m in models]

@@ -1,0 +1,128 @@
+"""Graceful shutdown of a real ``satroute serve`` process: SIGTERM stops accepting connections, lets
+in-flight streams finish within the deadline, runs the shutdown that saves state, and exits 0."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from proxy.localserver import free_port
+from tests.support.mock_upstream import MockUpstream, answer
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _config(tmp_path: Path, upstream: str) -> Path:
+    path = tmp_path / "providers.yaml"
+    path.write_text(
+        "model_list:\n"
+        "  - model_name: m1\n"
+        "    litellm_params: {model: openai/m1, api_base: '%s', api_key: sk-test-abcdefgh1234}\n"
+        % upstream)
+    return path
+
+
+def _serve(config: Path, port: int, tmp_path: Path, deadline_s: float) -> subprocess.Popen:
+    env = {**os.environ, "SATROUTE_SHUTDOWN_TIMEOUT_S": str(deadline_s),
+           "SATROUTE_STATE_DIR": str(tmp_path / "state"), "SATROUTE_SCORER": "constant"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--port", str(port)],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited early: {proc.stdout.read()}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                return proc
+        except httpx.TransportError:
+            time.sleep(0.1)
+    proc.kill()
+    raise AssertionError("serve did not start")
+
+
+def _stream(port: int, out: dict, first: threading.Event) -> None:
+    chunks = []
+    try:
+        with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30,
+                          json={"model": "m1", "stream": True,
+                                "messages": [{"role": "user", "content": "hi"}]}) as response:
+            out["status"] = response.status_code
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    chunks.append(line[6:])
+                    first.set()
+    except httpx.HTTPError as exc:
+        out["error"] = type(exc).__name__
+    finally:
+        out["chunks"] = chunks
+        first.set()
+
+
+def _json_lines(text: str) -> list[dict]:
+    lines = []
+    for line in text.splitlines():
+        try:
+            lines.append(json.loads(line))
+        except ValueError:
+            continue
+    return lines
+
+
+def test_sigterm_lets_an_in_flight_stream_finish_refuses_new_connections_and_exits_cleanly(
+        tmp_path):
+    with MockUpstream() as up:
+        up.set("m1", answer("one two three four five six", chunks=6, chunk_delay=0.4))
+        port = free_port()
+        proc = _serve(_config(tmp_path, up.url), port, tmp_path, deadline_s=15)
+        out, first = {}, threading.Event()
+        client = threading.Thread(target=_stream, args=(port, out, first))
+        client.start()
+        assert first.wait(15), "the stream never started"
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        with pytest.raises(httpx.ConnectError):
+            httpx.get(f"http://127.0.0.1:{port}/health", timeout=2)
+        client.join(20)
+        rc = proc.wait(20)
+        logs = proc.stdout.read()
+    assert rc == -signal.SIGTERM, logs  # uvicorn re-raises SIGTERM once it has shut down
+    assert out["status"] == 200 and "error" not in out, out
+    assert out["chunks"][-1] == "[DONE]"
+    text = "".join(json.loads(c)["choices"][0]["delta"].get("content") or ""
+                   for c in out["chunks"][:-1] if json.loads(c)["choices"])
+    assert text.split() == "one two three four five six".split()
+    lines = _json_lines(logs)
+    request_lines = [entry for entry in lines if entry.get("path") == "/v1/chat/completions"]
+    assert len(request_lines) == 1 and request_lines[0]["status"] == 200
+    assert any(entry.get("msg") == "shutdown complete" for entry in lines), logs
+    assert "sk-test-abcdefgh1234" not in logs
+
+
+def test_sigterm_cuts_a_stream_that_outlives_the_deadline(tmp_path):
+    with MockUpstream() as up:
+        up.set("m1", answer("slow " * 40, chunks=40, chunk_delay=0.5))
+        port = free_port()
+        proc = _serve(_config(tmp_path, up.url), port, tmp_path, deadline_s=1)
+        out, first = {}, threading.Event()
+        client = threading.Thread(target=_stream, args=(port, out, first))
+        client.start()
+        assert first.wait(15)
+        started = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(15)
+        took = time.monotonic() - started
+        client.join(10)
+        logs = proc.stdout.read()
+    assert rc == -signal.SIGTERM, logs  # uvicorn re-raises SIGTERM once it has shut down
+    assert took < 6, f"shutdown took {took:.1f} s with a 1 s deadline"
+    assert out["chunks"][-1:] != ["[DONE]"]
+    assert any(entry.get("msg") == "shutdown complete" for entry in _json_lines(logs)), logs
