@@ -1,0 +1,83 @@
+"""Grading of multiple-choice answers: the zero-shot chain-of-thought prompt and the answer extractor.
+
+Owns: the prompt a model is asked during its aptitude test (MMLU-Pro's chain-of-thought wording, zero
+shot, ending by asking for "the answer is (X)"), the extraction of the answer letter from a model's
+free text, and grading that letter against the gold one. Pure functions: no I/O, no model, no
+network. It does not know where questions come from, how a model is called, or how results are
+stored.
+
+The extractor is deliberately the grading rule of the routing data: every recorded outcome (and so
+every profile the scorer learned from) was graded by MMLU-Pro's harness, which reads the first
+"answer is (X)" and counts anything else as no answer. An onboarded model must be graded the same
+way, or its profile would not be comparable with the zoo's. Measured on the 60,160 recorded
+generations of ../shared/data/mmlu_pro (see tests/onboarding/test_grading_data.py), accepting more
+("Answer: B", "the answer is **B**", "the closest option is (B)") turns ~1,000 recorded misses into
+hits for one model alone. Within that rule it is robust: case and spacing, letters beyond the
+question's options ignored, the first valid statement wins (models caught in a repetition loop state
+the answer first and repeat noise after it), a letter must end there ("answer is Based on" is not B),
+and "\\boxed{X}" is read too. No bare letter is ever taken ("I" and "A" are words).
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+LETTERS = "ABCDEFGHIJ"
+
+_SYSTEM = (
+    "The following is a multiple choice question about {subject}. Think step by step and then finish "
+    'your answer with "the answer is (X)" where X is the correct letter choice.'
+)
+
+# "the answer is (X)": MMLU-Pro's own rule (the one every recorded outcome in the routing data was
+# graded with), made tolerant of case and spacing, and requiring that the letter ends there.
+_STATED = re.compile(r"(?i:answer\s+is)\s*\(?\s*([A-J])\s*\)?(?![A-Za-z0-9])")
+# A LaTeX-minded model may box its letter instead of stating it.
+_BOXED = re.compile(r"\\boxed\{\s*(?:\\text\{)?\s*\(?([A-J])\)?\s*\}?\s*\}")
+RULES = (_STATED, _BOXED)
+
+
+def subject_name(category: str) -> str:
+    """'ori_mmlu-high_school_biology' or 'high_school_biology' -> 'high school biology'."""
+    return category.rsplit("-", 1)[-1].replace("_", " ").strip() or "general knowledge"
+
+
+def build_messages(question: str, options: Sequence[str], subject: str = "") -> list[dict]:
+    """The zero-shot chain-of-thought prompt, as OpenAI chat messages (a system and a user message)."""
+    if not 2 <= len(options) <= len(LETTERS):
+        raise ValueError(f"a question needs 2 to {len(LETTERS)} options, got {len(options)}")
+    lines = [f"Question: {question.strip()}", "Options:"]
+    lines += [f"{LETTERS[i]}. {str(opt).strip()}" for i, opt in enumerate(options)]
+    lines.append("Answer: Let's think step by step.")
+    return [
+        {"role": "system", "content": _SYSTEM.format(subject=subject_name(subject))},
+        {"role": "user", "content": "\n".join(lines)},
+    ]
+
+
+def _first_valid(pattern: re.Pattern[str], text: str, valid: str) -> str | None:
+    for match in pattern.finditer(text):
+        letter = match.group(1).upper()
+        if letter in valid:
+            return letter
+    return None
+
+
+def extract_answer(text: str | None, n_options: int = len(LETTERS)) -> str | None:
+    """The answer letter a model's free text commits to, or None when it states none.
+
+    Only letters within the first ``n_options`` count: a 4-option question has no answer "G".
+    """
+    if not text:
+        return None
+    valid = LETTERS[: max(1, min(n_options, len(LETTERS)))]
+    for pattern in RULES:
+        letter = _first_valid(pattern, text, valid)
+        if letter is not None:
+            return letter
+    return None
+
+
+def grade(text: str | None, gold: str, n_options: int = len(LETTERS)) -> bool:
+    """True when the letter extracted from ``text`` is the gold letter; no answer grades wrong."""
+    return extract_answer(text, n_options) == gold.strip().upper()

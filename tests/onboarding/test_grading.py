@@ -1,0 +1,64 @@
+"""The aptitude prompt and the answer extractor (pure; no data needed)."""
+from __future__ import annotations
+
+import pytest
+
+from scorer.grading import build_messages, extract_answer, grade, subject_name
+
+
+def test_prompt_is_zero_shot_cot_and_asks_for_the_answer_is_x():
+    msgs = build_messages("What is 2+2?", ["3", "4", "5"], "ori_mmlu-elementary_mathematics")
+    assert [m["role"] for m in msgs] == ["system", "user"]
+    assert "elementary mathematics" in msgs[0]["content"]
+    assert 'the answer is (X)' in msgs[0]["content"]
+    user = msgs[1]["content"]
+    assert user.startswith("Question: What is 2+2?\nOptions:\nA. 3\nB. 4\nC. 5\n")
+    assert user.endswith("Answer: Let's think step by step.")
+
+
+def test_prompt_rejects_bad_option_counts():
+    with pytest.raises(ValueError):
+        build_messages("q", ["only one"])
+    with pytest.raises(ValueError):
+        build_messages("q", [str(i) for i in range(11)])
+
+
+@pytest.mark.parametrize("text,letter", [
+    ("Let's see. 2+2=4. The answer is (B).", "B"),
+    ("the answer is B", "B"),
+    ("The Answer Is ( C )", "C"),
+    ("answer is\n(D) because", "D"),
+    ("The answer is (J).", "J"),
+    ("Thus \\boxed{E}", "E"),
+    ("... the answer is (A). The answer is (C). The answer is (C).", "A"),  # first statement wins
+])
+def test_extracts_stated_letters(text, letter):
+    assert extract_answer(text) == letter
+
+
+@pytest.mark.parametrize("text", [
+    "", None, "I think A is wrong and so is B.", "The answer is Based on the options",
+    "Answer: none of these", "the answer is (a)",  # lower-case letters are words, not choices
+    "The answer is not among the choices.",
+])
+def test_no_statement_no_answer(text):
+    assert extract_answer(text) is None
+
+
+def test_letters_beyond_the_options_are_ignored():
+    assert extract_answer("The answer is (G). Sorry, the answer is (B).", n_options=4) == "B"
+    assert extract_answer("The answer is (G).", n_options=4) is None
+    assert extract_answer("The answer is (G).", n_options=10) == "G"
+
+
+def test_grade():
+    assert grade("so the answer is (C).", "C")
+    assert not grade("so the answer is (C).", "D")
+    assert not grade("no idea", "A")
+    assert grade("the answer is (c)", "C") is False
+
+
+def test_subject_name():
+    assert subject_name("ori_mmlu-high_school_biology") == "high school biology"
+    assert subject_name("law") == "law"
+    assert subject_name("") == "general knowledge"
