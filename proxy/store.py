@@ -1,0 +1,251 @@
+"""Persistent state: onboarding progress, graded answers, finished profiles, a routing log (SQLite).
+
+Owns: one SQLite file (``<state_dir>/satroute.db``) in WAL mode, and every SQL statement of the
+project. Every graded answer is committed on its own the moment it is recorded, so a crash or a kill
+loses nothing that was graded; a profile is written in the same transaction that marks its model
+``done``, so a half-finished profile can never be read as a finished one. ``get`` makes the store the
+``ProfileSource`` behind the provider registry: it answers only with finished profiles.
+One writer: all writes go through one connection under a lock (the proxy's event loop, or the
+``satroute onboard`` command); other processes may read at the same time (WAL), and a second writer
+waits ``busy_timeout`` rather than failing.
+Durability: ``synchronous=NORMAL`` in WAL mode survives any crash or kill of the process; only an
+operating-system crash or power loss may drop the last few commits (which are then asked again).
+Does not know: how questions are asked or graded, HTTP, the scorer.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Mapping
+
+DB_NAME = "satroute.db"
+STATUSES = ("pending", "running", "stalled", "failed", "done")
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS onboarding (
+    model TEXT PRIMARY KEY,
+    suite TEXT NOT NULL,
+    status TEXT NOT NULL,
+    reason TEXT,
+    total INTEGER NOT NULL DEFAULT 0,
+    estimated_cost REAL,
+    started_at REAL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS answers (
+    model TEXT NOT NULL,
+    question_id TEXT NOT NULL,
+    letter TEXT,
+    correct INTEGER NOT NULL,
+    text TEXT,
+    answered_at REAL NOT NULL,
+    PRIMARY KEY (model, question_id)
+);
+CREATE TABLE IF NOT EXISTS profiles (
+    model TEXT PRIMARY KEY,
+    suite TEXT NOT NULL,
+    tasks TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS routing_log (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    at REAL NOT NULL,
+    requested TEXT NOT NULL,
+    chosen TEXT NOT NULL,
+    scores TEXT,
+    scorer_ms REAL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One model's onboarding state as stored."""
+
+    model: str
+    suite: str
+    status: str
+    reason: str | None
+    total: int
+    done: int
+    correct: int
+    estimated_cost: float | None
+    updated_at: float
+
+    @property
+    def accuracy(self) -> float | None:
+        return self.correct / self.done if self.done else None
+
+    def to_json(self) -> dict:
+        return {"status": self.status, "reason": self.reason, "suite": self.suite,
+                "questions_done": self.done, "questions_total": self.total,
+                "accuracy_so_far": None if self.accuracy is None else round(self.accuracy, 4),
+                "estimated_cost_usd": self.estimated_cost, "updated_at": self.updated_at}
+
+
+@dataclass(frozen=True)
+class GradedAnswer:
+    question_id: str
+    letter: str | None
+    correct: bool
+    text: str | None = None
+
+
+class Store:
+    """The state database. Safe to share between threads; one instance per process."""
+
+    def __init__(self, state_dir: str | Path):
+        self.dir = Path(state_dir)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.path = self.dir / DB_NAME
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
+                                   check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA busy_timeout=30000")
+        with self._lock:
+            self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- onboarding status ------------------------------------------------------------------
+    def begin(self, model: str, suite: str, total: int, estimated_cost: float | None = None) -> None:
+        """Mark a model's onboarding as running (created if new; answers kept if resumed)."""
+        now = time.time()
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO onboarding (model, suite, status, reason, total, estimated_cost, "
+                "started_at, updated_at) VALUES (?, ?, 'running', NULL, ?, ?, ?, ?) "
+                "ON CONFLICT(model) DO UPDATE SET suite=excluded.suite, status='running', "
+                "reason=NULL, total=excluded.total, estimated_cost=excluded.estimated_cost, "
+                "updated_at=excluded.updated_at",
+                (model, suite, total, estimated_cost, now, now))
+
+    def set_status(self, model: str, status: str, reason: str | None = None,
+                   suite: str = "") -> None:
+        if status not in STATUSES:
+            raise ValueError(f"unknown onboarding status {status!r}")
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO onboarding (model, suite, status, reason, updated_at) "
+                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(model) DO UPDATE SET status=excluded.status, "
+                "reason=excluded.reason, updated_at=excluded.updated_at",
+                (model, suite, status, reason, time.time()))
+
+    def progress(self, model: str) -> Progress | None:
+        rows = self._progress("WHERE o.model = ?", (model,))
+        return rows[0] if rows else None
+
+    def all_progress(self) -> list[Progress]:
+        return self._progress("", ())
+
+    def _progress(self, where: str, args: tuple) -> list[Progress]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT o.model, o.suite, o.status, o.reason, o.total, o.estimated_cost, "
+                "o.updated_at, COUNT(a.question_id), COALESCE(SUM(a.correct), 0) "
+                f"FROM onboarding o LEFT JOIN answers a ON a.model = o.model {where} "
+                "GROUP BY o.model ORDER BY o.model", args).fetchall()
+        return [Progress(model=r[0], suite=r[1], status=r[2], reason=r[3], total=r[4],
+                         estimated_cost=r[5], updated_at=r[6], done=r[7], correct=r[8])
+                for r in rows]
+
+    # -- graded answers ---------------------------------------------------------------------
+    def record(self, model: str, answer: GradedAnswer) -> bool:
+        """Commit one graded answer now. False (and nothing changed) if it was already stored."""
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO answers (model, question_id, letter, correct, text, "
+                "answered_at) VALUES (?, ?, ?, ?, ?, ?)",
+                (model, answer.question_id, answer.letter, int(bool(answer.correct)), answer.text,
+                 time.time()))
+            return cur.rowcount == 1
+
+    def answered(self, model: str) -> set[str]:
+        with self._lock:
+            rows = self._db.execute("SELECT question_id FROM answers WHERE model = ?",
+                                    (model,)).fetchall()
+        return {r[0] for r in rows}
+
+    def graded(self, model: str) -> dict[str, bool]:
+        with self._lock:
+            rows = self._db.execute("SELECT question_id, correct FROM answers WHERE model = ?",
+                                    (model,)).fetchall()
+        return {q: bool(c) for q, c in rows}
+
+    def answers(self, model: str) -> list[GradedAnswer]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT question_id, letter, correct, text FROM answers WHERE model = ? "
+                "ORDER BY answered_at", (model,)).fetchall()
+        return [GradedAnswer(q, letter, bool(c), text) for q, letter, c, text in rows]
+
+    # -- profiles ---------------------------------------------------------------------------
+    def finish(self, model: str, suite: str, tasks: Mapping[str, float]) -> None:
+        """Store the finished profile and mark the model done, in one transaction."""
+        now = time.time()
+        body = json.dumps({k: float(v) for k, v in tasks.items()}, sort_keys=True)
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.execute(
+                    "INSERT INTO profiles (model, suite, tasks, created_at) VALUES (?, ?, ?, ?) "
+                    "ON CONFLICT(model) DO UPDATE SET suite=excluded.suite, tasks=excluded.tasks, "
+                    "created_at=excluded.created_at", (model, suite, body, now))
+                self._db.execute(
+                    "INSERT INTO onboarding (model, suite, status, reason, updated_at) "
+                    "VALUES (?, ?, 'done', NULL, ?) ON CONFLICT(model) DO UPDATE SET "
+                    "status='done', reason=NULL, updated_at=excluded.updated_at",
+                    (model, suite, now))
+            except sqlite3.Error:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    def get(self, model_name: str) -> dict[str, float] | None:
+        """A finished profile, or None (the ProfileSource seam of the provider registry)."""
+        with self._lock:
+            row = self._db.execute("SELECT tasks FROM profiles WHERE model = ?",
+                                   (model_name,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def profile_suite(self, model_name: str) -> str | None:
+        with self._lock:
+            row = self._db.execute("SELECT suite FROM profiles WHERE model = ?",
+                                   (model_name,)).fetchone()
+        return row[0] if row else None
+
+    def forget(self, model: str) -> None:
+        """Drop everything stored about a model (to onboard it again from scratch)."""
+        with self._lock:
+            for table in ("answers", "profiles", "onboarding"):
+                self._db.execute(f"DELETE FROM {table} WHERE model = ?", (model,))
+
+    # -- routing log ------------------------------------------------------------------------
+    def log_routes(self, entries: Iterable[tuple[str, str, Mapping[str, float], float]]) -> None:
+        """Append routing decisions ``(requested, chosen, scores, scorer_ms)`` in one commit."""
+        now = time.time()
+        rows = [(now, req, chosen, json.dumps(dict(scores)), ms) for req, chosen, scores, ms in entries]
+        with self._lock:
+            self._db.executemany("INSERT INTO routing_log (at, requested, chosen, scores, scorer_ms) "
+                                 "VALUES (?, ?, ?, ?, ?)", rows)
+
+    def recent_routes(self, limit: int = 100) -> list[dict]:
+        with self._lock:
+            rows = self._db.execute("SELECT at, requested, chosen, scores, scorer_ms FROM routing_log "
+                                    "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        return [{"at": at, "requested": r, "chosen": c, "scores": json.loads(s) if s else None,
+                 "scorer_ms": ms} for at, r, c, s, ms in rows]
