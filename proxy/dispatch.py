@@ -133,7 +133,8 @@ class RetryingDispatcher:
     async def _attempt(self, d: Deployment, call: Call, first_byte_s: float) -> Answer:
         if d.fast_path:
             return await self.passthrough.attempt(d, call.body, call.stream, first_byte_s,
-                                                  call.router.timeout_s, call.redact)
+                                                  call.router.timeout_s, call.redact,
+                                                  connect_s=call.router.connect_timeout_s)
         return await self._litellm_attempt(d, call, first_byte_s)
 
     async def _import_litellm(self) -> Any:
@@ -190,7 +191,7 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
                    or getattr(response, "headers", None) or {})
         timeout = "timeout" in type(exc).__name__.lower()
         return UpstreamTransient(f"{model}: {type(exc).__name__}: {message}", model=model,
-                                 status=status or 502, retry_after=retry_after_seconds(headers),
+                                 status=status or 0, retry_after=retry_after_seconds(headers),
                                  timeout=timeout)
     body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
                       "code": getattr(exc, "code", None)}}
@@ -217,7 +218,7 @@ async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type) -> A
 def _reason(exc: UpstreamTransient) -> str:
     if exc.timeout:
         return "timeout"
-    if exc.upstream_status in RETRYABLE:
+    if exc.upstream_status:
         return f"http_{exc.upstream_status}"
     return "connection"
 

@@ -101,9 +101,10 @@ class UpstreamClientError(UpstreamError):
 
 
 class UpstreamTransient(UpstreamError):
-    """Worth retrying; ``retry_after`` is the upstream's Retry-After in seconds, when it sent one."""
+    """Worth retrying; ``status`` is the upstream's HTTP status (0: none, the connection failed);
+    ``retry_after`` is its Retry-After in seconds, when it sent one."""
 
-    def __init__(self, message: str, *, model: str = "", status: int = 502,
+    def __init__(self, message: str, *, model: str = "", status: int = 0,
                  retry_after: float | None = None, timeout: bool = False):
         super().__init__(message, model=model)
         self.upstream_status = status

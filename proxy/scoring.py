@@ -73,11 +73,17 @@ class ScorerHost:
             raise ServiceUnavailable(f"the routing scorer is not available ({why})",
                                      code="scorer_unavailable")
         started = time.perf_counter()
-        if getattr(scorer, "runs_inline", False):
-            scores = scorer.score(instruction, candidates)
-        else:
-            scores = await asyncio.get_running_loop().run_in_executor(
-                self._pool, scorer.score, instruction, candidates)
+        try:
+            if getattr(scorer, "runs_inline", False):
+                scores = scorer.score(instruction, candidates)
+            else:
+                scores = await asyncio.get_running_loop().run_in_executor(
+                    self._pool, scorer.score, instruction, candidates)
+        except (RuntimeError, ValueError, KeyError, TypeError, MemoryError) as exc:
+            # A scorer bug or an exhausted device must not become a 500 with a trace.
+            log.error("scorer failed on a request: %s: %s", type(exc).__name__, exc)
+            raise ServiceUnavailable(f"the routing scorer failed ({type(exc).__name__}); call "
+                                     "a model by name meanwhile", code="scorer_failed") from None
         return scores, (time.perf_counter() - started) * 1000
 
     def close(self) -> None:

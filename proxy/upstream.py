@@ -133,9 +133,11 @@ class PassThrough:
         return h
 
     async def attempt(self, d: Deployment, body: Mapping[str, Any], stream: bool,
-                      first_byte_s: float, read_s: float, redact) -> Answer:
+                      first_byte_s: float, read_s: float, redact,
+                      connect_s: float | None = None) -> Answer:
         """One call; returns once the answer (or the stream's first event) is in hand."""
-        timeout = aiohttp.ClientTimeout(total=None, connect=self._connect, sock_read=read_s)
+        timeout = aiohttp.ClientTimeout(total=None, connect=connect_s or self._connect,
+                                        sock_read=read_s)
         name_json = orjson.dumps(d.name)
         resp = None
         try:

@@ -139,3 +139,43 @@ def test_failing_model_cools_down_and_comes_back(tmp_path, upstream, start_proxy
     time.sleep(0.9)
     assert c.chat.completions.create(model="auto", messages=MESSAGES).model == "m1"
     assert "m1" not in httpx.get(f"{proxy.base}/ready").json()["cooling"]
+
+
+def test_unreachable_upstream_falls_back_with_reason_connection(tmp_path, upstream, start_proxy):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    models = [model_entry("m1", dead, tmp_path), model_entry("m2", upstream.url, tmp_path)]
+    proxy = start_proxy(write_config(tmp_path / "providers.yaml", models),
+                        scorer=RecordingScorer({"m1": 1.0}))
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.parse().model == "m2"
+    assert raw.headers["x-satroute-failed"] == "m1:connection"
+
+
+def test_scorer_failure_is_503_not_500(config, upstream, start_proxy):
+    class Broken:
+        def score(self, instruction, candidates):
+            raise RuntimeError("CUDA out of memory")
+
+    proxy = start_proxy(config, scorer=Broken())
+    r = httpx.post(f"{proxy.url}/chat/completions", json={"model": "auto", "messages": MESSAGES})
+    assert r.status_code == 503 and r.json()["error"]["code"] == "scorer_failed"
+    assert "Traceback" not in r.text
+    assert client(proxy).chat.completions.create(model="m2", messages=MESSAGES).model == "m2"
+
+
+def test_litellm_is_imported_lazily_with_the_local_cost_map():
+    import subprocess
+    import sys
+
+    code = ("import os, sys; from proxy.app import create_app; "
+            "assert 'litellm' not in sys.modules; "
+            "from proxy.settings import prepare_litellm_environment as p; p(); "
+            "assert os.environ['LITELLM_LOCAL_MODEL_COST_MAP'] == 'True'")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "LITELLM_LOCAL_MODEL_COST_MAP"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         timeout=60)
+    assert out.returncode == 0, out.stderr
