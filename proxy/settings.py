@@ -41,6 +41,17 @@ class Settings(BaseSettings):
         30.0, ge=0, description="on SIGTERM, how long in-flight requests and streams may finish")
     state_dir: Path = Field(
         Path("state"), description="persistent state (onboarding store); a volume in Docker")
+    onboarding: bool = Field(
+        True, description="onboard models without a capability profile in the background")
+    onboarding_data: Path | None = Field(
+        None, description="folder with the aptitude questions (prompts.jsonl.gz); default: the "
+        "routing data if present, else MMLU-Pro from the Hugging Face hub")
+    onboarding_hub: bool = Field(True, description="may fetch the questions from the hub")
+    onboarding_suite: str = "mmlu_pro"
+    onboarding_concurrency: int = Field(8, ge=1, le=256)
+    onboarding_max_tokens: int = Field(2048, ge=16)
+    onboarding_spend_cap_usd: float | None = Field(
+        20.0, description="refuse to onboard a model whose estimated cost is above this (<0: none)")
 
     def master_key_value(self) -> str | None:
         key = self.master_key.get_secret_value() if self.master_key else None

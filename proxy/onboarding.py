@@ -1,0 +1,304 @@
+"""Onboarding: a model takes the aptitude test, its answers are graded and stored, its profile made.
+
+Owns: running the test for one model through one seam, ``Asker.ask(model, messages, **params) ->
+text`` (the proxy fills it with its dispatch path, so the same retries, timeouts and cooldowns
+apply; tests fill it with fakes); bounded concurrency; a spend cap checked against an estimate made
+from the model's prices before the first question, and enforced again while answers come in;
+states (``running``; ``stalled`` with the reason while the upstream is down, with backoff, until it
+answers again; ``failed`` with the reason when it never answered, refused the request, or the cap
+was reached; ``done``); resuming from the store without asking any stored question again; and the
+``satroute onboard`` command (``add_arguments``/``run``).
+A profile exists only once every question is graded: ``Store.finish`` writes it together with the
+``done`` status, so routing never sees a half-finished one.
+A crash loses only the questions in flight at that moment (at most ``concurrency``): they were never
+stored, so they are asked again on resume; every stored answer is final.
+Does not know: HTTP serving, litellm, the registry (``proxy.onboarding_service`` wires those).
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass
+from typing import Awaitable, Callable, Mapping, Protocol, Sequence
+
+from proxy.errors import ConfigError, UpstreamClientError, UpstreamError
+from proxy.questions import Question
+from proxy.store import GradedAnswer, Progress, Store
+from scorer.aptitude import Suite, profile_from_graded
+from scorer.grading import build_messages, extract_answer
+
+log = logging.getLogger("satroute.onboarding")
+
+# What a failed ask may raise: the dispatch path's errors, or a bare network/timeout error.
+TRANSIENT = (UpstreamError, TimeoutError, ConnectionError)
+
+
+class Asker(Protocol):
+    async def ask(self, model: str, messages: list[dict], **params: object) -> str: ...
+
+
+@dataclass(frozen=True)
+class Prices:
+    """USD per million tokens; None = unknown, counted as free (a local model)."""
+
+    input_per_mtok: float | None = None
+    output_per_mtok: float | None = None
+
+    def cost(self, input_tokens: float, output_tokens: float) -> float:
+        return ((self.input_per_mtok or 0.0) * input_tokens
+                + (self.output_per_mtok or 0.0) * output_tokens) / 1e6
+
+
+@dataclass(frozen=True)
+class Options:
+    concurrency: int = 8
+    max_tokens: int = 2048  # MMLU-Pro's own harness budget; a cut-off answer grades as no answer
+    temperature: float = 0.0
+    spend_cap_usd: float | None = 20.0  # None: no cap
+    expected_output_tokens: int = 400  # for the estimate; a chain of thought is ~200-600 tokens
+    backoff_s: float = 1.0  # first wait after a failure that the dispatch retries did not absorb
+    backoff_max_s: float = 60.0
+    give_up_s: float = 120.0  # a model that never answered for this long has failed
+
+
+def approx_tokens(text: str) -> int:
+    return (len(text) + 3) // 4
+
+
+def prompt_tokens(question: Question) -> int:
+    return sum(approx_tokens(m["content"]) + 4 for m in messages_for(question))
+
+
+def messages_for(question: Question) -> list[dict]:
+    return build_messages(question.question, question.options, question.subject)
+
+
+def estimate_cost(questions: Sequence[Question], prices: Prices, options: Options) -> float:
+    """USD the remaining questions should cost: prompt tokens + the expected answer length."""
+    tokens_in = sum(prompt_tokens(q) for q in questions)
+    return prices.cost(tokens_in, options.expected_output_tokens * len(questions))
+
+
+class _Run:
+    """Mutable state of one model's run, shared by its workers (one event loop, no locks)."""
+
+    def __init__(self, model: str, todo: Sequence[Question], answered_before: bool):
+        self.model = model
+        self.queue: deque[Question] = deque(todo)
+        self.in_flight = 0
+        self.ever_answered = answered_before
+        self.failures = 0  # consecutive transient failures
+        self.first_failure = 0.0
+        self.resume_at = 0.0
+        self.fatal: str | None = None
+        self.spent = 0.0
+
+
+class Onboarding:
+    """Runs the aptitude test of ``suite`` against models, one call of ``run`` per model."""
+
+    def __init__(self, store: Store, suite: Suite, questions: Sequence[Question], asker: Asker,
+                 options: Options = Options(),
+                 on_progress: Callable[[str, int, int], None] | None = None):
+        ids = set(suite.question_ids)
+        self.questions = [q for q in questions if q.id in ids]
+        if len(self.questions) != len(ids):
+            raise ValueError(f"{len(ids) - len(self.questions)} suite questions have no text")
+        self.store, self.suite, self.asker, self.options = store, suite, asker, options
+        self.on_progress = on_progress
+        self.clock: Callable[[], float] = time.monotonic
+        self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+
+    async def run(self, model: str, prices: Prices = Prices()) -> Progress:
+        """Onboard ``model`` (resuming from the store); returns its final stored progress."""
+        opts = self.options
+        done = self.store.answered(model)
+        todo = [q for q in self.questions if q.id not in done]
+        estimate = estimate_cost(todo, prices, opts)
+        total = len(self.questions)
+        if opts.spend_cap_usd is not None and estimate > opts.spend_cap_usd:
+            self.store.set_status(model, "failed", f"estimated cost ${estimate:.2f} for {len(todo)} "
+                                  f"questions exceeds the spend cap ${opts.spend_cap_usd:.2f}",
+                                  suite=self.suite.name)
+            return self._progress(model)
+        self.store.begin(model, self.suite.name, total, round(estimate, 4))
+        log.info("onboarding %s: %d of %d questions to ask (estimated $%.2f)",
+                 model, len(todo), total, estimate)
+        state = _Run(model, todo, answered_before=bool(done))
+        workers = [asyncio.create_task(self._worker(state, prices), name=f"onboard-{model}-{i}")
+                   for i in range(min(opts.concurrency, len(todo)))]
+        try:
+            await asyncio.gather(*workers)
+        finally:
+            for w in workers:
+                w.cancel()
+        if state.fatal is not None:
+            self.store.set_status(model, "failed", state.fatal, suite=self.suite.name)
+            log.error("onboarding %s failed: %s", model, state.fatal)
+            return self._progress(model)
+        graded = self.store.graded(model)
+        missing = [q.id for q in self.questions if q.id not in graded]
+        if missing:  # cannot happen unless the store was edited meanwhile
+            self.store.set_status(model, "failed", f"{len(missing)} answers missing after the run",
+                                  suite=self.suite.name)
+            return self._progress(model)
+        self.store.finish(model, self.suite.name, profile_from_graded(self.suite, graded))
+        log.info("onboarding %s done", model)
+        return self._progress(model)
+
+    def _progress(self, model: str) -> Progress:
+        progress = self.store.progress(model)
+        assert progress is not None
+        return progress
+
+    async def _worker(self, state: _Run, prices: Prices) -> None:
+        opts = self.options
+        while state.queue and state.fatal is None:
+            wait = state.resume_at - self.clock()
+            if wait > 0:  # the upstream is down: everyone waits for the backoff to end
+                await self.sleep(wait)
+                continue
+            question = state.queue.popleft()
+            state.in_flight += 1
+            try:
+                text = await self.asker.ask(state.model, messages_for(question),
+                                            max_tokens=opts.max_tokens,
+                                            temperature=opts.temperature)
+            except UpstreamClientError as exc:
+                state.queue.appendleft(question)
+                state.fatal = f"the upstream refused the request: {exc.message}"
+                return
+            except TRANSIENT as exc:
+                state.queue.append(question)  # asked again after the backoff
+                self._failed(state, f"{type(exc).__name__}: {getattr(exc, 'message', exc)}")
+                continue
+            finally:
+                state.in_flight -= 1
+            self._answered(state, question, text or "", prices)
+
+    def _answered(self, state: _Run, question: Question, text: str, prices: Prices) -> None:
+        letter = extract_answer(text, len(question.options))
+        self.store.record(state.model, GradedAnswer(question.id, letter, letter == question.answer,
+                                                    text))
+        if state.failures:
+            log.info("onboarding %s: upstream answers again, resuming", state.model)
+            self.store.set_status(state.model, "running", suite=self.suite.name)
+        state.failures, state.ever_answered = 0, True
+        state.spent += prices.cost(prompt_tokens(question), approx_tokens(text))
+        cap = self.options.spend_cap_usd
+        if cap is not None and state.spent > cap:
+            state.fatal = f"spend cap ${cap:.2f} reached after ${state.spent:.2f}"
+        if self.on_progress is not None:
+            self.on_progress(state.model, len(self.questions) - len(state.queue) - state.in_flight,
+                             len(self.questions))
+
+    def _failed(self, state: _Run, reason: str) -> None:
+        now = self.clock()
+        if state.failures == 0:
+            state.first_failure = now
+        state.failures += 1
+        opts = self.options
+        delay = min(opts.backoff_max_s, opts.backoff_s * 2 ** min(state.failures - 1, 20))
+        state.resume_at = max(state.resume_at, now + delay)
+        if not state.ever_answered and now - state.first_failure >= opts.give_up_s:
+            state.fatal = f"no answer for {now - state.first_failure:.0f}s: {reason}"
+            return
+        if state.failures == 1 or state.failures % 10 == 0:
+            log.warning("onboarding %s stalled (%d failures): %s", state.model, state.failures,
+                        reason)
+        self.store.set_status(state.model, "stalled", reason, suite=self.suite.name)
+
+
+def status_of(progress: Progress | None) -> dict:
+    """A model's status as the admin API shows it (``pending`` when nothing is stored yet)."""
+    if progress is None:
+        return {"status": "pending", "reason": None, "questions_done": 0, "questions_total": 0,
+                "accuracy_so_far": None}
+    return progress.to_json()
+
+
+def profile_body(model: str, suite: str, tasks: Mapping[str, float]) -> dict:
+    return {"model": model, "suite": suite, "tasks": dict(tasks)}
+
+
+# -- satroute onboard --config FILE MODEL ------------------------------------------------------
+def add_arguments(parser) -> None:
+    parser.add_argument("model", help="the model_name in providers.yaml to onboard")
+    parser.add_argument("--config", help="providers.yaml (default: SATROUTE_CONFIG or ./providers.yaml)")
+    parser.add_argument("--state-dir", help="state folder (default: SATROUTE_STATE_DIR or ./state)")
+    parser.add_argument("--data", help="folder with the questions' prompts.jsonl.gz "
+                        "(e.g. ../shared/data/mmlu_pro); default: the routing data if present, "
+                        "else MMLU-Pro from the Hugging Face hub")
+    parser.add_argument("--no-hub", action="store_true", help="never fetch questions from the hub")
+    parser.add_argument("--suite", default=None, help="aptitude suite (default mmlu_pro)")
+    parser.add_argument("--concurrency", type=int, default=None, help="questions in flight (default 8)")
+    parser.add_argument("--spend-cap", type=float, default=None,
+                        help="USD; refuse to start above this estimate (default 20; <0: no cap)")
+    parser.add_argument("--restart", action="store_true",
+                        help="forget the model's stored answers and profile first")
+
+
+def run(args) -> int:
+    """Run the same onboarding as the proxy, with a progress bar; exit 0 when the profile is stored."""
+    from proxy.settings import Settings
+
+    overrides = {k: v for k, v in (("config", args.config), ("state_dir", args.state_dir),
+                                   ("onboarding_data", args.data), ("onboarding_suite", args.suite),
+                                   ("onboarding_concurrency", args.concurrency),
+                                   ("onboarding_spend_cap_usd", args.spend_cap)) if v is not None}
+    if args.no_hub:
+        overrides["onboarding_hub"] = False
+    settings = Settings(**overrides)
+    try:
+        return asyncio.run(_run_cli(settings, args.model, args.restart))
+    except (ConfigError, ValueError) as exc:
+        print(f"satroute onboard: {getattr(exc, 'message', exc)}", file=sys.stderr)
+        return 2
+
+
+async def _run_cli(settings, model: str, restart: bool) -> int:
+    from tqdm import tqdm
+
+    from proxy.cooldown import Cooldowns
+    from proxy.dispatch import RetryingDispatcher
+    from proxy.onboarding_service import DispatchAsker, prices_of, service_options
+    from proxy.providers import ProviderRegistry
+    from proxy.questions import load_questions
+    from proxy.settings import environ
+    from scorer.aptitude import load_suite
+
+    with Store(settings.state_dir) as store:
+        if restart:
+            store.forget(model)
+        registry = ProviderRegistry(settings.config, environ, store)
+        d = registry.snapshot.models.get(model)
+        if d is None:
+            print(f"satroute onboard: no model {model!r} in {settings.config}", file=sys.stderr)
+            return 2
+        if not d.available:
+            print(f"satroute onboard: {model} is unavailable: {d.unavailable}", file=sys.stderr)
+            return 2
+        suite = load_suite(settings.onboarding_suite)
+        questions = load_questions(suite.question_ids, suite.name, settings.onboarding_data,
+                                   hub=settings.onboarding_hub, cache_dir=store.dir)
+        dispatcher = RetryingDispatcher(Cooldowns())
+        bar = tqdm(total=len(suite.question_ids), desc=f"onboarding {model}", unit="q",
+                   initial=len(store.answered(model)))
+
+        def tick(_model: str, done: int, total: int) -> None:
+            bar.update(max(0, done - bar.n))
+
+        engine = Onboarding(store, suite, questions, DispatchAsker(registry, dispatcher),
+                            service_options(settings), on_progress=tick)
+        try:
+            progress = await engine.run(model, prices_of(d))
+        finally:
+            bar.close()
+            await dispatcher.close()
+    acc = "n/a" if progress.accuracy is None else f"{progress.accuracy:.1%}"
+    print(f"{model}: {progress.status}{' (' + progress.reason + ')' if progress.reason else ''}; "
+          f"{progress.done}/{progress.total} questions, accuracy {acc}; state in {store.path}")
+    return 0 if progress.status == "done" else 1

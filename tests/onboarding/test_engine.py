@@ -1,0 +1,151 @@
+"""The onboarding engine against fake askers: grading, resume, stall, failure, spend cap."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from proxy.errors import AllUpstreamsFailed, UpstreamClientError
+from proxy.onboarding import Onboarding, Options, Prices, estimate_cost
+from proxy.store import Store
+from scorer.aptitude import profile_from_graded
+
+from onboarding.fakes import FakeAsker, make_suite
+
+
+@pytest.fixture
+def tiny():
+    return make_suite()
+
+FAST = Options(concurrency=4, backoff_s=0.01, backoff_max_s=0.02, give_up_s=0.2)
+
+
+def gold_map(questions):
+    return {q.id: q.answer for q in questions}
+
+
+async def test_full_run_grades_and_stores_the_profile(tmp_path, tiny):
+    suite, questions = tiny
+    gold = gold_map(questions)
+    right = {qid for i, qid in enumerate(sorted(gold)) if i % 3 != 0}
+    asker = FakeAsker(questions, lambda q: gold[q] if q in right else ("A" if gold[q] != "A" else "B"))
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, asker, FAST).run("m")
+        assert progress.status == "done" and progress.done == progress.total == 12
+        expected = profile_from_graded(suite, {q: q in right for q in gold})
+        assert store.get("m") == pytest.approx(expected)
+        assert set(asker.asked.values()) == {1}
+        assert asker.params[0] == {"max_tokens": 2048, "temperature": 0.0}
+
+
+async def test_concurrency_is_bounded(tmp_path, tiny):
+    suite, questions = tiny
+    asker = FakeAsker(questions, lambda q: "A", delay=0.01)
+    with Store(tmp_path) as store:
+        await Onboarding(store, suite, questions, asker, Options(concurrency=3)).run("m")
+    assert asker.peak == 3
+
+
+async def test_resume_never_asks_a_stored_question_again(tmp_path, tiny):
+    suite, questions = tiny
+    gold = gold_map(questions)
+    first = FakeAsker(questions, lambda q: gold[q], delay=0.005)
+    with Store(tmp_path) as store:
+        engine = Onboarding(store, suite, questions, first, Options(concurrency=2))
+        task = asyncio.create_task(engine.run("m"))
+        while len(store.answered("m")) < 5:
+            await asyncio.sleep(0.001)
+        task.cancel()  # the process dies mid-test
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        stored = store.answered("m")
+        assert store.get("m") is None  # no half-finished profile
+    with Store(tmp_path) as store:
+        second = FakeAsker(questions, lambda q: gold[q])
+        progress = await Onboarding(store, suite, questions, second, FAST).run("m")
+        assert progress.status == "done"
+        assert not stored & set(second.asked)
+        assert set(second.asked) | stored == set(gold)
+        assert store.get("m") == {t: 1.0 for t in suite.task_ids}
+
+
+async def test_upstream_down_mid_test_stalls_then_resumes(tmp_path, tiny):
+    suite, questions = tiny
+    asker = FakeAsker(questions, lambda q: "A", delay=0.002)
+    statuses = []
+    with Store(tmp_path) as store:
+        engine = Onboarding(store, suite, questions, asker, FAST)
+        down = [AllUpstreamsFailed("every model failed: m (connection)", failed=[("m", "connection")])
+                for _ in range(6)]
+
+        async def watch():
+            while True:
+                p = store.progress("m")
+                if p is not None:
+                    statuses.append((p.status, p.reason))
+                await asyncio.sleep(0.001)
+
+        watcher = asyncio.create_task(watch())
+
+        async def break_later():
+            while len(store.answered("m")) < 3:
+                await asyncio.sleep(0.001)
+            asker.failures.extend(down)
+
+        breaker = asyncio.create_task(break_later())
+        progress = await engine.run("m")
+        watcher.cancel()
+        await breaker
+    assert progress.status == "done" and progress.done == 12
+    assert any(s == "stalled" and "connection" in (r or "") for s, r in statuses)
+    assert set(asker.asked.values()) == {1}
+
+
+async def test_model_that_never_answers_fails_with_the_reason(tmp_path, tiny):
+    suite, questions = tiny
+    asker = FakeAsker(questions, lambda q: "A")
+    asker.failures = [ConnectionError("connection refused")] * 10_000
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, asker, FAST).run("m")
+        assert progress.status == "failed"
+        assert "connection refused" in progress.reason and "no answer for" in progress.reason
+        assert store.get("m") is None
+
+
+async def test_refused_request_fails_at_once(tmp_path, tiny):
+    suite, questions = tiny
+    asker = FakeAsker(questions, lambda q: "A")
+    asker.failures = [UpstreamClientError("model 'x' not found", status=404)]
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, asker, FAST).run("m")
+    assert progress.status == "failed" and "not found" in progress.reason
+
+
+async def test_spend_cap_refuses_before_the_first_question(tmp_path, tiny):
+    suite, questions = tiny
+    asker = FakeAsker(questions, lambda q: "A")
+    prices = Prices(input_per_mtok=10_000.0, output_per_mtok=30_000.0)
+    estimate = estimate_cost(questions, prices, FAST)
+    assert estimate > 1.0
+    opts = Options(concurrency=4, spend_cap_usd=1.0)
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, asker, opts).run("m", prices)
+        assert progress.status == "failed" and "exceeds the spend cap $1.00" in progress.reason
+        assert not asker.asked
+        roomy = Options(concurrency=4, spend_cap_usd=estimate * 2)
+        progress = await Onboarding(store, suite, questions, asker, roomy).run("m", prices)
+        assert progress.status == "done"
+        assert progress.estimated_cost == pytest.approx(estimate, rel=1e-3)
+
+
+async def test_spend_cap_is_enforced_while_answers_come_in(tmp_path, tiny):
+    suite, questions = tiny
+    long = FakeAsker(questions, lambda q: "A")
+    prices = Prices(0.0, 1_000_000.0)  # $1 per output token
+    opts = Options(concurrency=1, spend_cap_usd=estimate_cost(questions, prices,
+                                                            Options(expected_output_tokens=2)) + 1,
+                   expected_output_tokens=2)
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, long, opts).run("m", prices)
+    assert progress.status == "failed" and "spend cap" in progress.reason
+    assert 0 < sum(long.asked.values()) < 12
