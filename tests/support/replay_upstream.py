@@ -19,7 +19,8 @@ answering (what a model whose client died mid-request costs nothing, and is not 
         base_url = up.url                        # "http://127.0.0.1:PORT/v1"
         up.answered["gemma-7b"]                  # question ids answered, in order
 
-As a process (benchmarks): ``python tests/support/replay_upstream.py --data DIR --latency 0.5``.
+As a process: ``cd tests && python -m support.replay_upstream --data DIR --models M --latency 0.5``
+(prints its base URL).
 """
 from __future__ import annotations
 
@@ -29,18 +30,17 @@ import csv
 import gzip
 import json
 import re
-import socket
-import threading
 import time
 from collections import defaultdict
 from pathlib import Path
 from typing import Iterable
 
-import uvicorn
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
+
+from support.proxy_server import ProxyServer
 
 _QUESTION = re.compile(r"Question:\s*(.*?)\s*\nOptions:\s*\n(.*?)(?:\n\s*Answer:|\Z)", re.S)
 _OPTION = re.compile(r"^[A-J]\.\s?(.*)$")
@@ -115,7 +115,7 @@ class Replay:
 
 class ReplayUpstream:
     def __init__(self, folder: str | Path, models: Iterable[str], latency_s: float = 0.0,
-                 host: str = "127.0.0.1", port: int = 0, prefer: Iterable[str] = ()):
+                 host: str = "127.0.0.1", prefer: Iterable[str] = ()):
         self.replay = Replay(folder, models, prefer)
         self.latency_s = latency_s
         self.received: dict[str, list[str]] = defaultdict(list)
@@ -124,20 +124,13 @@ class ReplayUpstream:
         self._claimed: dict[str, set[str]] = defaultdict(set)
         self.paused = False
         self._epoch = 0  # bumped by drop_waiting()
-        self.host = host
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self.sock.bind((host, port))
-        self.port = self.sock.getsockname()[1]
         app = Starlette(routes=[Route("/v1/chat/completions", self._chat, methods=["POST"]),
                                 Route("/v1/models", self._models, methods=["GET"])])
-        self.server = uvicorn.Server(uvicorn.Config(app, log_level="warning", access_log=False,
-                                                    lifespan="off", backlog=2048))
-        self.thread: threading.Thread | None = None
+        self.server = ProxyServer(app, host)
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}/v1"
+        return self.server.url
 
     async def _models(self, request: Request) -> JSONResponse:
         return JSONResponse({"object": "list", "data": [{"id": m, "object": "model", "created": 0,
@@ -188,22 +181,11 @@ class ReplayUpstream:
         self.paused = False
 
     def start(self) -> "ReplayUpstream":
-        self.thread = threading.Thread(
-            target=lambda: asyncio.run(self.server.serve(sockets=[self.sock])),
-            name="replay-upstream", daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 20
-        while not self.server.started:
-            if time.monotonic() > deadline or not self.thread.is_alive():
-                raise RuntimeError("replay upstream did not start")
-            time.sleep(0.01)
+        self.server.start()
         return self
 
     def stop(self) -> None:
-        self.server.should_exit = True
-        if self.thread:
-            self.thread.join(10)
-        self.sock.close()
+        self.server.stop()
 
     def __enter__(self) -> "ReplayUpstream":
         return self.start()
@@ -216,10 +198,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", required=True, help="folder such as ../shared/data/mmlu_pro")
     parser.add_argument("--models", required=True, help="comma-separated models to replay")
-    parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--latency", type=float, default=0.0, help="seconds before each answer")
     args = parser.parse_args()
-    up = ReplayUpstream(args.data, args.models.split(","), args.latency, port=args.port).start()
+    up = ReplayUpstream(args.data, args.models.split(","), args.latency).start()
     print(up.url, flush=True)
     try:
         while True:
