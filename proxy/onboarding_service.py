@@ -56,7 +56,7 @@ def prices_of(d: Deployment) -> Prices:
 
 
 def needs_onboarding(d: Deployment) -> bool:
-    return d.available and not d.info.capability_profile and d.profile is None
+    return d.available and d.info.onboard and not d.info.capability_profile and d.profile is None
 
 
 class OnboardingService:

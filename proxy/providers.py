@@ -64,6 +64,7 @@ class LocalServerConfig(BaseModel):
 class ModelInfo(BaseModel):
     model_config = ConfigDict(extra="allow")
     local_server: LocalServerConfig | None = None
+    onboard: bool = Field(True, description="false: never give this model the aptitude test")
     input_price_per_mtok: float | None = Field(None, ge=0)
     output_price_per_mtok: float | None = Field(None, ge=0)
     context_window: int | None = Field(None, gt=0)

@@ -179,5 +179,8 @@ def test_out_of_the_box_config_routes_to_the_local_model_without_keys():
     assert local.info.local_server is not None and local.info.local_server.model == (
         "builtin:smollm2")
     assert local.api_base == f"http://127.0.0.1:{local.info.local_server.port}/v1"
+    from proxy.onboarding_service import needs_onboarding
+
+    assert local.info.onboard is False and not needs_onboarding(local)
     hosted = [d for d in snap.models.values() if d.api_key is None and d.unavailable]
     assert {d.name for d in hosted} >= {"gpt-4o", "claude-sonnet"}
