@@ -179,3 +179,31 @@ def test_litellm_is_imported_lazily_with_the_local_cost_map():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=60)
     assert out.returncode == 0, out.stderr
+
+
+@pytest.mark.parametrize("fast", PATHS)
+def test_stream_cut_after_first_byte_ends_with_in_band_error(tmp_path, upstream, start_proxy,
+                                                             fast):
+    proxy = setup(tmp_path, upstream, start_proxy, fast)
+    upstream.set("m1", answer("abcdefgh", chunks=4, cut_after=3, chunk_delay=0.05))
+    got = []
+    with pytest.raises(openai.APIError) as err:
+        for chunk in client(proxy).chat.completions.create(model="m1", messages=MESSAGES,
+                                                           stream=True):
+            got.append(chunk)
+    assert got and {c.model for c in got} == {"m1"}
+    assert "interrupted" in str(err.value.message)
+    assert upstream.bodies("m2") == []  # committed to m1: no fallback after the first byte
+
+
+def test_models_marked_ready_at_run_time_become_routable(tmp_path, upstream, start_proxy):
+    models = [model_entry("old", upstream.url, tmp_path),
+              model_entry("fresh", upstream.url, tmp_path, profile=False)]
+    proxy = start_proxy(write_config(tmp_path / "providers.yaml", models),
+                        scorer=RecordingScorer({"fresh": 1.0}))
+    assert client(proxy).chat.completions.create(model="auto", messages=MESSAGES).model == "old"
+    proxy.app.state.services.registry.set_profile("fresh", {"t1": 0.9})  # what onboarding does
+    assert client(proxy).chat.completions.create(model="auto", messages=MESSAGES).model == "fresh"
+    proxy.app.state.services.registry.set_unavailable("fresh", "local server down")
+    assert client(proxy).chat.completions.create(model="auto", messages=MESSAGES).model == "old"
+    assert "fresh" not in [m.id for m in client(proxy).models.list()]

@@ -2,7 +2,8 @@
 
 It speaks enough of the OpenAI API (``POST /v1/chat/completions``, streaming or not,
 ``stream_options.include_usage``; ``GET /v1/models``) and can be told, per model or per request,
-to answer, stream, fail with a status, stall, drop the connection, or answer 429 with Retry-After.
+to answer, stream, fail with a status, stall, drop the connection (before answering or in the
+middle of a stream), or answer 429 with Retry-After.
 It records every request body it received. Lean on purpose (asyncio + httptools, no framework) so
 that it is never the bottleneck of a benchmark.
 
@@ -42,11 +43,13 @@ class Behavior:
     delay: float = 0.0  # seconds before the answer (stall: before answering at all)
     chunks: int = 4  # streamed content chunks
     chunk_delay: float = 0.0
+    cut_after: int | None = None  # streams: close the connection after this many events
 
 
 def answer(content: str | None = None, delay: float = 0.0, chunks: int = 4,
-           chunk_delay: float = 0.0) -> Behavior:
-    return Behavior("answer", content=content, delay=delay, chunks=chunks, chunk_delay=chunk_delay)
+           chunk_delay: float = 0.0, cut_after: int | None = None) -> Behavior:
+    return Behavior("answer", content=content, delay=delay, chunks=chunks, chunk_delay=chunk_delay,
+                    cut_after=cut_after)
 
 
 def fail(status: int = 500, message: str = "mock failure", error_type: str | None = None,
@@ -263,7 +266,10 @@ class _Conn(asyncio.Protocol):
             events.append(sse({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
                                "created": 0, "model": model, "choices": [], "usage": usage()}))
         events.append(b"data: [DONE]\n\n")
-        for ev in events:
+        for i, ev in enumerate(events):
+            if b.cut_after is not None and i >= b.cut_after:
+                self.transport.close()  # mid-stream, without the terminating chunk
+                return
             self.transport.write(b"%x\r\n%s\r\n" % (len(ev), ev))
             if b.chunk_delay:
                 await asyncio.sleep(b.chunk_delay)
