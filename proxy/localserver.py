@@ -123,15 +123,22 @@ class LocalServerSpec:
         ]
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
-    """Linux: ask the kernel to SIGKILL the child when the proxy dies, so no server is orphaned."""
-    try:
-        import ctypes
+# Run in a fresh interpreter before exec'ing the real command (never between fork and exec: a
+# preexec function in a threaded parent can deadlock on a lock another thread held at the fork).
+# Linux: PR_SET_PDEATHSIG makes the kernel SIGKILL the server when the proxy dies, and it survives
+# execve; if the proxy already died before that, exit at once.
+_PDEATHSIG_SHIM = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"
+    "os.getppid() == int(sys.argv[1]) or sys.exit(70)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
 
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
+
+def _dies_with_parent(command: Sequence[str]) -> list[str]:
+    if not sys.platform.startswith("linux"):
+        return list(command)
+    return [sys.executable, "-c", _PDEATHSIG_SHIM, str(os.getpid()), *command]
 
 
 @dataclass
@@ -207,10 +214,9 @@ class LocalServer:
     async def _spawn(self) -> None:
         self._ready = False
         self.output_tail.clear()
-        preexec = _die_with_parent if sys.platform.startswith("linux") else None
         self._proc = await asyncio.create_subprocess_exec(
-            *self.command, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, env=self._env, preexec_fn=preexec)
+            *_dies_with_parent(self.command), stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=self._env)
         self._drain = asyncio.create_task(self._drain_output(self._proc))
         self._emit("started")
 

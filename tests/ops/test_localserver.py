@@ -9,6 +9,7 @@ import asyncio
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -234,3 +235,38 @@ async def test_manager_leaves_a_model_unavailable_when_its_server_cannot_run():
     assert "llama-cpp-python is not installed" in marks.current("missing")
     await manager.stop()
     await not_installed.stop()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_the_child_dies_when_the_proxy_is_killed(tmp_path):
+    import subprocess
+    import threading
+
+    port = free_port()
+    # a parent with another busy thread (as the proxy has: the scorer loading), then SIGKILLed
+    script = (
+        "import asyncio, sys, threading, time\n"
+        "sys.path.insert(0, %r)\n"
+        "from proxy.localserver import LocalServer\n"
+        "threading.Thread(target=lambda: [__import__('json') for _ in iter(int, 1)],"
+        " daemon=True).start()\n"
+        "async def main():\n"
+        "    s = LocalServer('fake', [sys.executable, %r, '%d'], 'http://127.0.0.1:%d')\n"
+        "    await s.start()\n"
+        "    print(s.pid, flush=True)\n"
+        "    await asyncio.sleep(60)\n"
+        "asyncio.run(main())\n" % (str(Path(__file__).resolve().parents[2]), FAKE, port, port))
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    line = []
+    reader = threading.Thread(target=lambda: line.append(parent.stdout.readline()))
+    reader.start()
+    reader.join(30)
+    assert line and line[0].strip().isdigit(), "the parent did not start its child"
+    child = int(line[0])
+    assert _alive(child)
+    parent.kill()
+    parent.wait(10)
+    deadline = time.monotonic() + 10
+    while _alive(child) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not _alive(child)

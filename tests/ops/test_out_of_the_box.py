@@ -1,0 +1,98 @@
+"""Out of the box: `satroute serve --config providers.yaml` with no API keys and no internet routes
+real requests to the built-in local model (SmolLM2 served by llama-cpp-python, started by the
+proxy), through the official openai SDK, streaming and not; SIGTERM stops the child server too."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+import yaml
+
+from proxy.localserver import free_port, llama_cpp_available
+
+REPO = Path(__file__).resolve().parents[2]
+KEYS = ("OPENAI_API_KEY", "ANTHROPIC_API_KEY", "GROQ_API_KEY", "VLLM_API_BASE",
+        "SATROUTE_MASTER_KEY", "SATROUTE_SCORER")
+
+pytestmark = [pytest.mark.backbone,
+              pytest.mark.skipif(not llama_cpp_available(),
+                                 reason="llama-cpp-python (extra 'local') not installed")]
+
+
+def _repo_config_on_free_port(tmp_path: Path) -> tuple[Path, int]:
+    """The repository's providers.yaml as it is, but with the local server on a free port."""
+    conf = yaml.safe_load((REPO / "providers.yaml").read_text())
+    local = next(e for e in conf["model_list"] if e.get("model_info", {}).get("local_server"))
+    port = free_port()
+    local["model_info"]["local_server"]["port"] = port
+    local["model_info"]["local_server"]["n_ctx"] = 1024
+    path = tmp_path / "providers.yaml"
+    path.write_text(yaml.safe_dump(conf))
+    return path, port
+
+
+def _wait_ready(base: str, proc: subprocess.Popen, timeout: float = 120) -> dict:
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"serve exited: {proc.stdout.read()}")
+        try:
+            last = httpx.get(f"{base}/ready", timeout=2)
+            if last.status_code == 200:
+                return last.json()
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    raise AssertionError(f"not ready: {last.text if last is not None else 'no answer'}")
+
+
+def test_serve_routes_real_requests_to_the_local_model_without_keys(tmp_path):
+    config, local_port = _repo_config_on_free_port(tmp_path)
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in KEYS}
+    env.update(SATROUTE_STATE_DIR=str(tmp_path / "state"), SATROUTE_SHUTDOWN_TIMEOUT_S="5")
+    satroute = Path(sys.executable).with_name("satroute")
+    proc = subprocess.Popen([str(satroute), "serve", "--config", str(config), "--port", str(port)],
+                            cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        ready = _wait_ready(base, proc)
+        assert ready["models"] == ["smollm2"]
+        assert {"gpt-4o", "claude-sonnet", "llama-3.1-8b"} <= set(ready["unavailable"])
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+        assert [m.id for m in client.models.list()] == ["auto", "smollm2"]
+        raw = client.chat.completions.with_raw_response.create(
+            model="auto", max_tokens=12, temperature=0,
+            messages=[{"role": "user", "content": "What is the capital of France?"}])
+        completion = raw.parse()
+        assert completion.model == "smollm2" and raw.headers["x-satroute-model"] == "smollm2"
+        assert raw.headers["x-satroute-route"] == "default"
+        assert completion.choices[0].message.content.strip()
+        assert completion.usage.completion_tokens >= 1
+        stream = client.chat.completions.create(
+            model="auto", max_tokens=8, temperature=0, stream=True,
+            stream_options={"include_usage": True},
+            messages=[{"role": "user", "content": "Say hello."}])
+        chunks = list(stream)
+        assert {c.model for c in chunks} == {"smollm2"}
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices).strip()
+        metrics = httpx.get(f"{base}/metrics").text
+        assert 'satroute_local_server_up{name="smollm2"} 1.0' in metrics
+        assert 'satroute_requests_total{model="smollm2",status="200"} 2.0' in metrics
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        rc = proc.wait(30)
+        logs = proc.stdout.read()
+    assert rc == -signal.SIGTERM, logs
+    with pytest.raises(httpx.TransportError):  # the child server went down with the proxy
+        httpx.get(f"http://127.0.0.1:{local_port}/v1/models", timeout=2)
+    assert "shutdown complete" in logs
