@@ -124,6 +124,7 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
     routes = [
         Route("/v1/chat/completions", endpoints.chat_completions, methods=["POST"]),
         Route("/v1/models", endpoints.list_models, methods=["GET"]),
+        Route("/v1/models/{model_id:path}", endpoints.retrieve_model, methods=["GET"]),
         Route("/health", endpoints.health, methods=["GET"]),
         Route("/ready", endpoints.ready, methods=["GET"]),
         Route("/metrics", svc.metrics.endpoint, methods=["GET"]),

@@ -131,6 +131,20 @@ async def list_models(request: Request) -> Response:
     return Response(protocol.ModelList(data=cards).model_dump_json(), media_type=JSON)
 
 
+async def retrieve_model(request: Request) -> Response:
+    snap = services(request).registry.snapshot
+    model_id = request.path_params["model_id"]
+    if model_id == snap.router.router_name:
+        card = protocol.ModelCard(id=model_id)
+    else:
+        target = snap.models.get(model_id)
+        if target is None or not target.available:
+            raise ModelNotFound(f"The model '{model_id}' does not exist or is not available",
+                                param="model")
+        card = protocol.ModelCard(id=target.name, owned_by=target.provider)
+    return Response(card.model_dump_json(), media_type=JSON)
+
+
 async def health(request: Request) -> Response:
     return Response(b'{"status":"ok"}', media_type=JSON)
 

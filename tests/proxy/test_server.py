@@ -201,3 +201,11 @@ def test_litellm_path_keeps_fields_and_reports_model(tmp_path, upstream, start_p
         model="slow", messages=MESSAGES, stream=True, stream_options={"include_usage": True}))
     assert {c.model for c in chunks} == {"slow"}
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 18
+
+
+def test_retrieve_model(config, upstream, start_proxy):
+    c = client(start_proxy(config))
+    assert c.models.retrieve("m2").id == "m2"
+    assert c.models.retrieve("auto").owned_by == "satroute"
+    with pytest.raises(openai.NotFoundError):
+        c.models.retrieve("nope")
