@@ -150,6 +150,13 @@ class ModelSAT(nn.Module):
         model = cls(config, enc.model if enc else None, enc.tokenizer if enc else None, llm.model, llm.tokenizer)
         return model.eval()
 
+    def train(self, mode: bool = True) -> "ModelSAT":
+        """psi is frozen: it stays in eval mode (no dropout) whatever the rest of the network does."""
+        super().train(mode)
+        if self.encoder is not None:
+            self.encoder.eval()
+        return self
+
     # ---- trained parts -------------------------------------------------------------------------
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Only the parts training changes: the connector and the LoRA adapters."""

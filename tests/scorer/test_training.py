@@ -1,0 +1,144 @@
+"""Capability instruction tuning on a tiny network: group losses, stages, resume, a real-data run."""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from scorer.inference import CapabilityWriter
+from scorer.training import Pool, Trainer, add_arguments
+from support import tiny_modelsat as tiny
+
+TOPICS = ["algebra", "biology", "law", "history"]
+
+
+def _args(**kw) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    a = p.parse_args([])
+    a.k, a.group_models, a.val_size, a.lr = 3, 2, 8, 2e-2
+    for k, v in kw.items():
+        setattr(a, k, v)
+    return a
+
+
+def _pool(n: int = 40) -> Pool:
+    """Model 'alg' is right exactly on algebra questions, 'bio' on biology ones; 'none' never."""
+    words = {"algebra": "equation", "biology": "cells", "law": "court", "history": "war"}
+    texts, rows = [], []
+    for i in range(n):
+        topic = TOPICS[i % 4]
+        texts.append(f"what is {topic} {words[topic]} ?")
+        rows.append([topic == "algebra", topic == "biology", 0.0])
+    profiles = {"alg": {"algebra": 0.9, "biology": 0.1, "law": 0.3, "history": 0.3},
+                "bio": {"algebra": 0.1, "biology": 0.9, "law": 0.3, "history": 0.3},
+                "none": {t: 0.0 for t in TOPICS}}
+    return Pool(texts, np.array(rows, dtype=float), ["alg", "bio", "none"], profiles)
+
+
+def _trainer(**kw) -> Trainer:
+    model = tiny.build(accuracy_feature=True, lora_rank=2, lora_layers=1)
+    pool = _pool()
+    writer = CapabilityWriter(model, tiny.suite().keywords())
+    return Trainer(model, writer, pool, _pool(8), ["alg", "bio", "none"], _args(**kw))
+
+
+def _fixed_loss(trainer: Trainer, seed: int = 123, groups: int = 6) -> float:
+    trainer.rng.seed(seed)
+    with torch.no_grad():
+        total = 0.0
+        for _ in range(groups):
+            paper, route = trainer.group_losses()
+            total += float(paper) + float(route)
+    return total / groups
+
+
+def test_group_losses_are_cross_entropies_over_the_groups():
+    trainer = _trainer()
+    paper, route = trainer.group_losses()
+    # an untrained connector barely tells the members of a group apart: close to log(group size)
+    assert paper.item() == pytest.approx(math.log(3), abs=0.5)
+    assert route.item() == pytest.approx(math.log(2), abs=0.5)
+    assert _trainer(route_weight=0.0).group_losses()[1] is None
+
+
+def test_route_group_puts_a_model_that_was_right_first():
+    trainer = _trainer()
+    for r in range(8):
+        group = trainer._route_group(r, 2)
+        if r % 4 >= 2:  # law / history: no model was right, no routing group
+            assert group == []
+            continue
+        assert len(group) == 2
+        assert trainer.pool.correct[r, group[0]] == 1
+        assert trainer.pool.correct[r, group[1]] == 0
+
+
+def test_stage_one_trains_the_connector_only_and_stage_two_adds_lora():
+    trainer = _trainer()
+    trainer.set_stage(1)
+    lora_before = {n: p.clone() for n, p in trainer.model.named_parameters() if ".lora_" in n}
+    w_before = trainer.model.connector.weight.clone()
+    for _ in range(2):
+        trainer.train_step()
+    assert not torch.equal(trainer.model.connector.weight, w_before)
+    assert all(torch.equal(p, lora_before[n]) for n, p in trainer.model.named_parameters() if ".lora_" in n)
+    trainer.set_stage(2)
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [trainer.args.lr_stage2_connector,
+                                                               trainer.args.lr_lora]
+    for _ in range(2):
+        trainer.train_step()
+    assert any(not torch.equal(p, lora_before[n]) for n, p in trainer.model.named_parameters() if ".lora_" in n)
+
+
+def test_training_reduces_the_loss():
+    # connector + LoRA (stage 2): a frozen random phi alone learns far too slowly to test
+    trainer = _trainer(lr_stage2_connector=3e-2, lr_lora=1e-2)
+    trainer.set_stage(2)
+    before = _fixed_loss(trainer)
+    for _ in range(40):
+        trainer.train_step()
+    assert _fixed_loss(trainer) < before - 0.2
+    assert 0.0 <= trainer.validate() <= 0.5  # only the algebra and biology questions are routable
+
+
+def test_save_and_resume_continue_the_same_run(tmp_path):
+    trainer = _trainer()
+    trainer.set_stage(1)
+    trainer.train_step()
+    trainer.save(tmp_path, {"note": "t"})
+    meta = json.loads((tmp_path / "training.json").read_text())
+    assert meta["steps"] == 1 and meta["train_models"] == ["alg", "bio", "none"]
+    expected = trainer.train_step()
+    other = _trainer()
+    other.model.load_trainable_state({k: v for k, v in _load(tmp_path).items()})
+    other.resume(tmp_path)
+    assert other.step == 1
+    got = other.train_step()
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-4)
+
+
+def _load(folder):
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+@pytest.mark.data
+def test_real_pools_hold_out_suite_questions_validation_and_excluded_models(shared_data):
+    from scorer.aptitude import load_suite
+    from scorer.data import load_dataset
+    from scorer.training import build_pools
+
+    data = load_dataset(shared_data / "mmlu_pro")
+    pool, val, suite = build_pools(data, "mmlu_pro", ["gemma-7b", "Yi-34B"], 50, 0)
+    assert "gemma-7b" not in pool.models and "Yi-34B" not in pool.models and len(pool.models) == 22
+    suite_texts = {data.prompt(q).question for q in load_suite("mmlu_pro").question_ids}
+    assert not any(t.split("\n")[0] in suite_texts for t in pool.instructions[:2000])
+    assert len(val.instructions) == 50 and not set(val.instructions) & set(pool.instructions)
+    assert len(pool.instructions) + 50 + len(suite.question_ids) == len(data.split("train"))
+    assert pool.correct.shape == (len(pool.instructions), 22)
