@@ -130,7 +130,9 @@ class MockUpstream:
     # -- lifecycle -------------------------------------------------------------------------------
     async def serve(self) -> None:
         self._loop = asyncio.get_running_loop()
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly, so asyncio sets TCP_NODELAY on accepted connections (streams
+        # are many small writes; Nagle would hold them back against the client's delayed ACK).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((self.host, self.port))
         self.port = sock.getsockname()[1]
