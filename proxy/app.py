@@ -21,7 +21,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import endpoints
+from proxy import admin, endpoints
 from proxy.auth import MasterKeyAuth
 from proxy.cooldown import Cooldowns
 from proxy.dispatch import Dispatcher, RetryingDispatcher
@@ -29,6 +29,7 @@ from proxy.errors import SatrouteError, plain_error_response
 from proxy.localserver import local_models_hook
 from proxy.logs import RequestLogMiddleware
 from proxy.metrics import Metrics
+from proxy.onboarding_service import onboarding_hook, open_store
 from proxy.openapi import openapi_endpoint
 from proxy.providers import ProfileSource, ProviderRegistry
 from proxy.scoring import ScorerHost
@@ -49,6 +50,7 @@ class Services:
     dispatcher: Dispatcher
     cooldowns: Cooldowns
     metrics: Metrics = field(default_factory=Metrics)
+    onboarding: Any = None  # OnboardingService, attached at start-up when onboarding is on
     tasks: set[asyncio.Task] = field(default_factory=set)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
@@ -99,9 +101,11 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
                startup: Iterable[StartupHook] = ()) -> Starlette:
     """The ASGI app. Tests inject a scorer and/or dispatcher; a ConfigError raises here."""
     settings = settings or Settings()
+    # The onboarding store is the registry's source of profiles unless a test injects its own.
+    store = open_store(settings) if profile_source is None else None
     svc = build_services(settings, scorer=scorer, dispatcher=dispatcher,
-                         profile_source=profile_source)
-    hooks = [local_models_hook, *startup]
+                         profile_source=profile_source or store)
+    hooks = [local_models_hook, *([onboarding_hook(store)] if store else []), *startup]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -129,6 +133,7 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
         Route("/ready", endpoints.ready, methods=["GET"]),
         Route("/metrics", svc.metrics.endpoint, methods=["GET"]),
         Route("/openapi.json", openapi_endpoint, methods=["GET"]),
+        *admin.routes(),
     ]
     # Outermost: every request, 401s included, gets a request id and its one log line.
     request_log = Middleware(RequestLogMiddleware, include_prompts=settings.log_prompts,

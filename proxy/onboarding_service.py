@@ -62,8 +62,9 @@ def needs_onboarding(d: Deployment) -> bool:
 class OnboardingService:
     def __init__(self, store: Store, registry: ProviderRegistry, asker: Any, spawn: Spawn, *,
                  suite: str = "mmlu_pro", data: Path | None = None, hub: bool = True,
-                 options: Options = Options()):
+                 options: Options = Options(), metrics: Any = None):
         self.store, self.registry, self.asker, self.spawn = store, registry, asker, spawn
+        self.metrics = metrics  # has observe_onboarding(model, answered, total, state), or None
         self.suite_name, self.data, self.hub, self.options = suite, data, hub, options
         self.runs: dict[str, asyncio.Task] = {}
         self._engine: Onboarding | None = None
@@ -81,7 +82,16 @@ class OnboardingService:
             if snap is not last:
                 last = snap
                 self.sync()
+            self._report()
             await asyncio.sleep(interval_s)
+
+    def _report(self) -> None:
+        """Onboarding progress into the metrics (one query, on each tick of the watch loop)."""
+        if self.metrics is None:
+            return
+        for p in self.store.all_progress():
+            if p.model in self.registry.snapshot.models:
+                self.metrics.observe_onboarding(p.model, p.done, p.total, p.status)
 
     def _file_digest(self) -> bytes:
         try:
@@ -177,3 +187,37 @@ def service_options(settings: Any) -> Options:
     return Options(concurrency=settings.onboarding_concurrency,
                    max_tokens=settings.onboarding_max_tokens,
                    spend_cap_usd=None if cap is None or cap < 0 else cap)
+
+
+def open_store(settings: Any) -> Store | None:
+    """The state store, when onboarding is on or an earlier ``satroute onboard`` left one."""
+    from proxy.store import DB_NAME
+
+    if settings.onboarding or (Path(settings.state_dir) / DB_NAME).exists():
+        return Store(settings.state_dir)
+    return None
+
+
+def onboarding_hook(store: Store) -> Callable[[Any], None]:
+    """A start-up hook: attach the service to the app's Services and start its watch loop."""
+
+    def hook(svc: Any) -> None:
+        settings = svc.settings
+        svc.spawn(_close_at_shutdown(store), "state-store")
+        if not settings.onboarding:
+            return
+        svc.onboarding = OnboardingService(
+            store, svc.registry, DispatchAsker(svc.registry, svc.dispatcher), svc.spawn,
+            suite=settings.onboarding_suite, data=settings.onboarding_data,
+            hub=settings.onboarding_hub, options=service_options(settings),
+            metrics=getattr(svc, "metrics", None))
+        svc.spawn(svc.onboarding.watch(min(0.5, settings.reload_interval_s)), "onboarding-watch")
+
+    return hook
+
+
+async def _close_at_shutdown(store: Store) -> None:
+    try:
+        await asyncio.Event().wait()
+    finally:
+        store.close()

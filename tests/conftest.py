@@ -7,6 +7,10 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
+# A proxy built by a test onboards nothing unless the test asks for it (Settings(onboarding=True)
+# or SATROUTE_ONBOARDING=true in a child's environment): models without a profile in other tests'
+# configurations must not start taking the aptitude test against their mock upstreams.
+os.environ.setdefault("SATROUTE_ONBOARDING", "false")
 
 
 def data_dir() -> Path:

@@ -18,7 +18,9 @@ class ProxyServer:
     def __init__(self, app: Starlette, host: str = "127.0.0.1"):
         self.app = app
         self.host = host
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP;
+        # without it every keep-alive response waits ~40 ms (Nagle meets the client's delayed ACK).
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
         self.port = self.sock.getsockname()[1]

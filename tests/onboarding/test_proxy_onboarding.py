@@ -1,0 +1,127 @@
+"""Onboarding inside the running proxy (no shared data): a tiny suite, the mock upstream, admin API."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import pytest
+import yaml
+
+from proxy.app import create_app
+from proxy.settings import Settings
+from scorer.data import write_dataset
+from support.mock_upstream import MockUpstream, answer, fail
+from support.proxy_server import ProxyServer
+
+KEY = "mk-onboarding-test"
+N_TASKS, PER_TASK = 2, 3
+
+
+class Recorder:
+    """A scorer that prefers the model named `fresh` and records the candidates it was shown."""
+
+    def __init__(self):
+        self.candidates: list[set[str]] = []
+        self.lock = threading.Lock()
+
+    def score(self, instruction, candidates):
+        with self.lock:
+            self.candidates.append(set(candidates))
+        return {m: (1.0 if m == "fresh" else 0.5) for m in candidates}
+
+
+def _suite_and_data(tmp_path):
+    tasks, prompts = [], []
+    for t in range(N_TASKS):
+        ids = [f"mmlu_pro/{t * 10 + i}" for i in range(PER_TASK)]
+        tasks.append({"id": f"task{t}", "keywords": ["a", "b", "c", "d", "e"], "question_ids": ids})
+        prompts += [{"id": q, "dataset": "mmlu_pro", "category": "c", "source": f"ori_mmlu-s{t}",
+                     "split": "train", "question": f"Question number {q}?",
+                     "options": ["w", "x", "y", "z"], "answer": "A" if t == 0 else "B"} for q in ids]
+    suite = tmp_path / "tiny_suite.json"
+    suite.write_text(json.dumps({"name": "tiny", "version": 1, "tasks": tasks}))
+    return suite, write_dataset(tmp_path / "questions", prompts, [])
+
+
+def _entry(name, base, tmp_path, profile=False):
+    info = {"input_price_per_mtok": 0.1, "output_price_per_mtok": 0.2}
+    if profile:
+        (tmp_path / f"{name}.json").write_text(json.dumps({"tasks": {"task0": 0.5, "task1": 0.5}}))
+        info["capability_profile"] = f"{name}.json"
+    return {"model_name": name, "litellm_params": {"model": f"openai/{name}", "api_base": base},
+            "model_info": info}
+
+
+def _write(path, models):
+    path.write_text(yaml.safe_dump({"model_list": models, "router_settings": {
+        "num_retries": 0, "timeout_s": 5, "deadline_s": 10}}))
+
+
+def _wait(get, check, timeout=15.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = get()
+        if check(value):
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"condition not met in {timeout}s; last: {value}")
+
+
+@pytest.fixture
+def up():
+    with MockUpstream() as mock:
+        yield mock
+
+
+def test_models_without_profile_onboard_in_the_background(tmp_path, up):
+    suite, data = _suite_and_data(tmp_path)
+    up.set("fresh", answer("Thinking... The answer is (A).", delay=0.3))  # right on task0 only
+    up.set("refused", fail(404, "no such model"))
+    config = tmp_path / "providers.yaml"
+    _write(config, [_entry("m1", up.url, tmp_path, profile=True), _entry("fresh", up.url, tmp_path)])
+    scorer = Recorder()
+    settings = Settings(config=config, scorer="constant", master_key=KEY, reload_interval_s=0.1,
+                        onboarding=True, state_dir=tmp_path / "state", onboarding_data=data,
+                        onboarding_suite=str(suite))
+    auth = {"Authorization": f"Bearer {KEY}"}
+    chat = {"model": "auto", "messages": [{"role": "user", "content": "hi"}]}
+    with ProxyServer(create_app(settings, scorer=scorer)) as proxy, httpx.Client(
+            base_url=proxy.base, headers=auth, timeout=10) as client:
+        status = lambda: client.get("/admin/onboarding").json()["models"]  # noqa: E731
+        running = _wait(status, lambda s: s["fresh"]["status"] == "running")
+        assert running["m1"]["profile_source"] == "providers.yaml"
+        # while it takes the test: callable by name, but not an `auto` candidate
+        assert client.post("/v1/chat/completions", json=chat).headers["x-satroute-model"] == "m1"
+        assert scorer.candidates[-1] == {"m1"}
+        assert client.get("/admin/models/fresh/profile").status_code == 404
+        done = _wait(status, lambda s: s["fresh"]["status"] == "done")["fresh"]
+        assert (done["questions_done"], done["questions_total"]) == (6, 6)
+        assert done["accuracy_so_far"] == 0.5 and done["profile_source"] == "onboarding"
+        profile = client.get("/admin/models/fresh/profile").json()
+        assert profile == {"model": "fresh", "suite": "tiny", "source": "onboarding",
+                           "tasks": {"task0": 1.0, "task1": 0.0}}
+        reply = client.post("/v1/chat/completions", json=chat)
+        assert reply.headers["x-satroute-model"] == "fresh"
+        assert scorer.candidates[-1] == {"m1", "fresh"}
+        asked = [b for b in up.bodies("fresh") if "Question number" in b["messages"][-1]["content"]]
+        assert len(asked) == 6 and asked[0]["temperature"] == 0.0
+        # the admin API is behind the master key
+        assert httpx.get(f"{proxy.base}/admin/onboarding").status_code == 401
+        assert httpx.get(f"{proxy.base}/admin/models/fresh/profile").status_code == 401
+        # a reload adds a model that cannot be onboarded: failed with the reason, the rest serves
+        _write(config, [_entry("m1", up.url, tmp_path, profile=True),
+                        _entry("fresh", up.url, tmp_path), _entry("refused", up.url, tmp_path)])
+        failed = _wait(status, lambda s: s.get("refused", {}).get("status") == "failed")
+        assert "no such model" in failed["refused"]["reason"]
+        assert client.post("/v1/chat/completions", json=chat).status_code == 200
+    # a restart serves the stored profile at once and asks nothing again
+    before = len(up.bodies("fresh"))
+    with ProxyServer(create_app(settings, scorer=scorer)) as proxy, httpx.Client(
+            base_url=proxy.base, headers=auth, timeout=10) as client:
+        assert client.get("/admin/models/fresh/profile").json()["tasks"] == {"task0": 1.0,
+                                                                              "task1": 0.0}
+        time.sleep(0.3)
+        assert client.get("/admin/onboarding").json()["models"]["fresh"]["status"] == "done"
+    assert len(up.bodies("fresh")) == before
