@@ -1,0 +1,75 @@
+"""Backbone resolution and the GGUF -> safetensors cache; the real backbones and checkpoint when present."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from scorer import backbones
+from scorer.backbones import BackboneError
+
+
+def test_cache_dir_follows_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("SATROUTE_CACHE_DIR", str(tmp_path))
+    assert backbones.cache_dir() == tmp_path
+    monkeypatch.delenv("SATROUTE_CACHE_DIR")
+    assert backbones.cache_dir() == Path.home() / ".cache" / "satroute"
+
+
+def test_specs_resolve_to_paths_or_pass_through(tmp_path):
+    assert backbones.resolve_encoder("intfloat/e5-large-v2") == "intfloat/e5-large-v2"
+    assert backbones.resolve_llm("Qwen/Qwen2.5-1.5B-Instruct") == "Qwen/Qwen2.5-1.5B-Instruct"
+    assert backbones.resolve_gguf(str(tmp_path / "m.gguf")) == tmp_path / "m.gguf"
+    assert backbones.resolve_gguf("some/hf-id") is None
+
+
+def test_a_converted_gguf_is_reused_without_reading_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("SATROUTE_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"not really a gguf")
+    out = backbones.converted_dir(gguf)
+    assert str(out).startswith(str(tmp_path / "cache"))
+    out.mkdir(parents=True)
+    (out / "config.json").write_text("{}")
+    monkeypatch.setattr(backbones, "_read_gguf", lambda path: pytest.fail("converted twice"))
+    assert backbones.convert_gguf(gguf) == out
+    assert backbones.resolve_llm(str(gguf)) == str(out)
+
+
+def test_unreadable_gguf_and_missing_package_raise_backbone_errors(tmp_path, monkeypatch):
+    monkeypatch.setenv("SATROUTE_CACHE_DIR", str(tmp_path / "cache"))
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"\0" * 64)
+    with pytest.raises(BackboneError):
+        backbones.convert_gguf(bad)
+    with pytest.raises(BackboneError):
+        backbones._package_dir("no_such_package_satroute")
+
+
+@pytest.mark.backbone
+def test_real_backbones_load_with_their_dimensions():
+    enc = backbones.load_encoder()
+    assert enc.model.config.hidden_size == 384
+    llm = backbones.load_llm()
+    assert llm.model.config.hidden_size == 576 and llm.model.config.model_type == "llama"
+    assert len(llm.tokenizer("Yes", add_special_tokens=False)["input_ids"]) == 1
+    assert not hasattr(llm.model.config, "quantization_config")
+
+
+@pytest.mark.backbone
+def test_committed_checkpoint_ranks_a_strong_model_above_a_weak_one():
+    from scorer import load_scorer
+    from scorer.aptitude import builtin_profiles
+
+    scorer = load_scorer(device="cpu")
+    profiles = builtin_profiles("mmlu_pro")
+    zoo = {m: profiles[m] for m in ("gpt4o", "Llama-2-7b-hf")}
+    questions = ["What is the derivative of x^3 + 2x with respect to x?",
+                 "Which amendment to the US Constitution protects freedom of speech?",
+                 "What organelle produces most of a eukaryotic cell's ATP?"]
+    wins = 0
+    for q in questions:
+        scores = scorer.score(q, zoo)
+        assert set(scores) == set(zoo)
+        wins += scores["gpt4o"] > scores["Llama-2-7b-hf"]
+    assert wins >= 2
