@@ -117,8 +117,7 @@ class ModelSAT(nn.Module):
         self.head_dim = getattr(lcfg, "head_dim", None) or lcfg.hidden_size // self.n_heads
         rope = getattr(lcfg, "rope_parameters", None) or {}
         theta = rope.get("rope_theta", getattr(lcfg, "rope_theta", 10000.0))
-        inv = 1.0 / (theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float32) / self.head_dim))
-        self.register_buffer("inv_freq", inv, persistent=False)
+        self.rope_theta = float(theta)  # a float, not a buffer: .to(bfloat16) must not round it
         for p in self.parameters():
             p.requires_grad_(False)
         ids = llm_tokenizer(config.answer_token, add_special_tokens=False)["input_ids"]
@@ -206,7 +205,9 @@ class ModelSAT(nn.Module):
 
     # ---- phi ----------------------------------------------------------------------------------
     def _rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        freqs = positions.to(torch.float32)[:, None] * self.inv_freq[None, :]
+        dims = torch.arange(0, self.head_dim, 2, dtype=torch.float32, device=positions.device)
+        inv_freq = 1.0 / (self.rope_theta ** (dims / self.head_dim))
+        freqs = positions.to(torch.float32)[:, None] * inv_freq[None, :]
         emb = torch.cat([freqs, freqs], dim=-1)
         dtype = self.embed.weight.dtype
         return emb.cos().to(dtype), emb.sin().to(dtype)

@@ -86,3 +86,14 @@ def test_text_variant_has_no_connector_and_config_round_trips(tmp_path):
     again = ModelSATConfig.load(tmp_path / "config.json")
     assert again == model.config
     assert ModelSATConfig.from_dict({**again.__dict__, "unknown_future_field": 1}) == again
+
+
+def test_bfloat16_copy_keeps_rope_in_float32_and_close_scores():
+    model, _ = _model()
+    ids = model.prefix_ids("what is the history of the war ?") + model.token_ids(model.config.tail)
+    with torch.no_grad():
+        ref = model.score_rows([model.embed_ids(ids)])
+        half = model.to(torch.bfloat16)
+        got = half.score_rows([half.embed_ids(ids)])
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), ref, rtol=0.05, atol=0.05)
