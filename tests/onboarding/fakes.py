@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from typing import Callable
 
@@ -54,3 +55,15 @@ class FakeAsker:
             return f"Thinking about it... The answer is ({self.decide(q.id)})."
         finally:
             self.in_flight -= 1
+
+
+def wait_for(get, check, timeout: float = 30.0, every: float = 0.02):
+    """Poll ``get()`` until ``check(value)``; the value, or AssertionError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = get()
+        if check(value):
+            return value
+        time.sleep(every)
+    raise AssertionError(f"condition not met in {timeout}s; last: {value}")

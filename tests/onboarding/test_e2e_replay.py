@@ -22,6 +22,7 @@ import yaml
 
 from scorer.aptitude import load_builtin_profile, load_suite, profile_from_outcomes, subject_of
 from scorer.data import load_dataset
+from onboarding.fakes import wait_for
 from support.replay_upstream import ReplayUpstream
 
 pytestmark = pytest.mark.data
@@ -81,17 +82,6 @@ class Proxy:
             self.proc.wait(30)
 
 
-def _wait(get, check, timeout: float = 60.0):
-    deadline = time.monotonic() + timeout
-    value = None
-    while time.monotonic() < deadline:
-        value = get()
-        if check(value):
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"condition not met in {timeout}s; last: {value}")
-
-
 def _question_of(data, subject: str) -> str:
     """A short test-split question of this subject (never one of the aptitude suite's)."""
     for p in data.prompts:
@@ -127,11 +117,11 @@ def test_onboard_kill_resume_and_route(tmp_path, shared_data):
         try:
             # the admin adds the new model; the reload starts its onboarding in the background
             _write(config, [_entry(OLD, up.url, f"builtin:mmlu_pro/{OLD}"), _entry(NEW, up.url)])
-            _wait(proxy.onboarding, lambda m: m.get(NEW, {}).get("questions_done", 0) >= 200)
+            wait_for(proxy.onboarding, lambda m: m.get(NEW, {}).get("questions_done", 0) >= 200)
             r = chat(proxy, _question_of(data, strong))
             assert r.headers["x-satroute-model"] == OLD  # not a candidate before it is done
             up.pause()  # halfway: hold the upstream, let what was answered be stored, kill
-            _wait(proxy.onboarding, lambda m: m[NEW]["questions_done"] == len(up.answered[NEW]),
+            wait_for(proxy.onboarding, lambda m: m[NEW]["questions_done"] == len(up.answered[NEW]),
                   timeout=10)
             done_at_kill = proxy.onboarding()[NEW]["questions_done"]
             assert 0 < done_at_kill < 1000
@@ -142,7 +132,7 @@ def test_onboard_kill_resume_and_route(tmp_path, shared_data):
 
         proxy = Proxy(env, port).start()
         try:
-            status = _wait(proxy.onboarding, lambda m: m[NEW]["status"] == "done")[NEW]
+            status = wait_for(proxy.onboarding, lambda m: m[NEW]["status"] == "done")[NEW]
             assert (status["questions_done"], status["questions_total"]) == (1000, 1000)
             profile = httpx.get(f"{proxy.base}/admin/models/{NEW}/profile", timeout=5).json()
             assert profile["source"] == "onboarding" and profile["suite"] == "mmlu_pro"

@@ -12,6 +12,7 @@ import yaml
 from proxy.app import create_app
 from proxy.settings import Settings
 from scorer.data import write_dataset
+from onboarding.fakes import wait_for
 from support.mock_upstream import MockUpstream, answer, fail
 from support.proxy_server import ProxyServer
 
@@ -59,16 +60,6 @@ def _write(path, models):
         "num_retries": 0, "timeout_s": 5, "deadline_s": 10}}))
 
 
-def _wait(get, check, timeout=15.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = get()
-        if check(value):
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"condition not met in {timeout}s; last: {value}")
-
-
 @pytest.fixture
 def up():
     with MockUpstream() as mock:
@@ -90,13 +81,13 @@ def test_models_without_profile_onboard_in_the_background(tmp_path, up):
     with ProxyServer(create_app(settings, scorer=scorer)) as proxy, httpx.Client(
             base_url=proxy.base, headers=auth, timeout=10) as client:
         status = lambda: client.get("/admin/onboarding").json()["models"]  # noqa: E731
-        running = _wait(status, lambda s: s["fresh"]["status"] == "running")
+        running = wait_for(status, lambda s: s["fresh"]["status"] == "running")
         assert running["m1"]["profile_source"] == "providers.yaml"
         # while it takes the test: callable by name, but not an `auto` candidate
         assert client.post("/v1/chat/completions", json=chat).headers["x-satroute-model"] == "m1"
         assert scorer.candidates[-1] == {"m1"}
         assert client.get("/admin/models/fresh/profile").status_code == 404
-        done = _wait(status, lambda s: s["fresh"]["status"] == "done")["fresh"]
+        done = wait_for(status, lambda s: s["fresh"]["status"] == "done")["fresh"]
         assert (done["questions_done"], done["questions_total"]) == (6, 6)
         assert done["accuracy_so_far"] == 0.5 and done["profile_source"] == "onboarding"
         profile = client.get("/admin/models/fresh/profile").json()
@@ -113,7 +104,7 @@ def test_models_without_profile_onboard_in_the_background(tmp_path, up):
         # a reload adds a model that cannot be onboarded: failed with the reason, the rest serves
         _write(config, [_entry("m1", up.url, tmp_path, profile=True),
                         _entry("fresh", up.url, tmp_path), _entry("refused", up.url, tmp_path)])
-        failed = _wait(status, lambda s: s.get("refused", {}).get("status") == "failed")
+        failed = wait_for(status, lambda s: s.get("refused", {}).get("status") == "failed")
         assert "no such model" in failed["refused"]["reason"]
         assert client.post("/v1/chat/completions", json=chat).status_code == 200
     # a restart serves the stored profile at once and asks nothing again
