@@ -1,12 +1,16 @@
-"""A small synthetic suite and a fake asker for the onboarding engine tests."""
+"""Helpers of the onboarding tests: a tiny suite (in memory or as files), a fake asker, providers.yaml."""
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections import Counter
 from typing import Callable
 
+import yaml
+
 from proxy.questions import Question
+from scorer.data import write_dataset
 from scorer.aptitude import Suite, Task
 
 LETTERS = "ABCD"
@@ -67,3 +71,31 @@ def wait_for(get, check, timeout: float = 30.0, every: float = 0.02):
             return value
         time.sleep(every)
     raise AssertionError(f"condition not met in {timeout}s; last: {value}")
+
+
+def tiny_suite_files(tmp_path, n_tasks: int = 2, per_task: int = 3):
+    """A suite JSON and a question folder: task0 answers A, task1 B; -> (suite path, folder)."""
+    tasks, prompts = [], []
+    for t in range(n_tasks):
+        ids = [f"mmlu_pro/{t * 10 + i}" for i in range(per_task)]
+        tasks.append({"id": f"task{t}", "keywords": ["a", "b", "c", "d", "e"], "question_ids": ids})
+        prompts += [{"id": q, "dataset": "mmlu_pro", "category": "c", "source": f"ori_mmlu-s{t}",
+                     "split": "train", "question": f"Question number {q}?",
+                     "options": ["w", "x", "y", "z"], "answer": "A" if t == 0 else "B"} for q in ids]
+    suite = tmp_path / "tiny_suite.json"
+    suite.write_text(json.dumps({"name": "tiny", "version": 1, "tasks": tasks}))
+    return suite, write_dataset(tmp_path / "questions", prompts, [])
+
+
+def model_entry(name, base, tmp_path, profile=False):
+    info = {"input_price_per_mtok": 0.1, "output_price_per_mtok": 0.2}
+    if profile:
+        (tmp_path / f"{name}.json").write_text(json.dumps({"tasks": {"task0": 0.5, "task1": 0.5}}))
+        info["capability_profile"] = f"{name}.json"
+    return {"model_name": name, "litellm_params": {"model": f"openai/{name}", "api_base": base},
+            "model_info": info}
+
+
+def write_providers(path, models):
+    path.write_text(yaml.safe_dump({"model_list": models, "router_settings": {
+        "num_retries": 0, "timeout_s": 5, "deadline_s": 10}}))

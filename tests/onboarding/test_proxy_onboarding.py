@@ -1,23 +1,19 @@
 """Onboarding inside the running proxy (no shared data): a tiny suite, the mock upstream, admin API."""
 from __future__ import annotations
 
-import json
 import threading
 import time
 
 import httpx
 import pytest
-import yaml
 
 from proxy.app import create_app
 from proxy.settings import Settings
-from scorer.data import write_dataset
-from onboarding.fakes import wait_for
+from onboarding.fakes import model_entry, tiny_suite_files, wait_for, write_providers
 from support.mock_upstream import MockUpstream, answer, fail
 from support.proxy_server import ProxyServer
 
 KEY = "mk-onboarding-test"
-N_TASKS, PER_TASK = 2, 3
 
 
 class Recorder:
@@ -33,33 +29,6 @@ class Recorder:
         return {m: (1.0 if m == "fresh" else 0.5) for m in candidates}
 
 
-def _suite_and_data(tmp_path):
-    tasks, prompts = [], []
-    for t in range(N_TASKS):
-        ids = [f"mmlu_pro/{t * 10 + i}" for i in range(PER_TASK)]
-        tasks.append({"id": f"task{t}", "keywords": ["a", "b", "c", "d", "e"], "question_ids": ids})
-        prompts += [{"id": q, "dataset": "mmlu_pro", "category": "c", "source": f"ori_mmlu-s{t}",
-                     "split": "train", "question": f"Question number {q}?",
-                     "options": ["w", "x", "y", "z"], "answer": "A" if t == 0 else "B"} for q in ids]
-    suite = tmp_path / "tiny_suite.json"
-    suite.write_text(json.dumps({"name": "tiny", "version": 1, "tasks": tasks}))
-    return suite, write_dataset(tmp_path / "questions", prompts, [])
-
-
-def _entry(name, base, tmp_path, profile=False):
-    info = {"input_price_per_mtok": 0.1, "output_price_per_mtok": 0.2}
-    if profile:
-        (tmp_path / f"{name}.json").write_text(json.dumps({"tasks": {"task0": 0.5, "task1": 0.5}}))
-        info["capability_profile"] = f"{name}.json"
-    return {"model_name": name, "litellm_params": {"model": f"openai/{name}", "api_base": base},
-            "model_info": info}
-
-
-def _write(path, models):
-    path.write_text(yaml.safe_dump({"model_list": models, "router_settings": {
-        "num_retries": 0, "timeout_s": 5, "deadline_s": 10}}))
-
-
 @pytest.fixture
 def up():
     with MockUpstream() as mock:
@@ -67,11 +36,11 @@ def up():
 
 
 def test_models_without_profile_onboard_in_the_background(tmp_path, up):
-    suite, data = _suite_and_data(tmp_path)
+    suite, data = tiny_suite_files(tmp_path)
     up.set("fresh", answer("Thinking... The answer is (A).", delay=0.3))  # right on task0 only
     up.set("refused", fail(404, "no such model"))
     config = tmp_path / "providers.yaml"
-    _write(config, [_entry("m1", up.url, tmp_path, profile=True), _entry("fresh", up.url, tmp_path)])
+    write_providers(config, [model_entry("m1", up.url, tmp_path, profile=True), model_entry("fresh", up.url, tmp_path)])
     scorer = Recorder()
     settings = Settings(config=config, scorer="constant", master_key=KEY, reload_interval_s=0.1,
                         onboarding=True, state_dir=tmp_path / "state", onboarding_data=data,
@@ -102,8 +71,8 @@ def test_models_without_profile_onboard_in_the_background(tmp_path, up):
         assert httpx.get(f"{proxy.base}/admin/onboarding").status_code == 401
         assert httpx.get(f"{proxy.base}/admin/models/fresh/profile").status_code == 401
         # a reload adds a model that cannot be onboarded: failed with the reason, the rest serves
-        _write(config, [_entry("m1", up.url, tmp_path, profile=True),
-                        _entry("fresh", up.url, tmp_path), _entry("refused", up.url, tmp_path)])
+        write_providers(config, [model_entry("m1", up.url, tmp_path, profile=True),
+                        model_entry("fresh", up.url, tmp_path), model_entry("refused", up.url, tmp_path)])
         failed = wait_for(status, lambda s: s.get("refused", {}).get("status") == "failed")
         assert "no such model" in failed["refused"]["reason"]
         assert client.post("/v1/chat/completions", json=chat).status_code == 200
