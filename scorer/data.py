@@ -138,9 +138,8 @@ class RoutingData:
         rows = np.asarray(rows)
         idx = np.flatnonzero(rows) if rows.dtype == bool else rows.astype(np.int64)
         cols = [self.column(m) for m in models] if models is not None else list(range(len(self.models)))
-        out = RoutingData([self.prompts[i] for i in idx], [self.models[j] for j in cols],
-                          self.scores[np.ix_(idx, cols)], self.path)
-        return out
+        return RoutingData([self.prompts[i] for i in idx], [self.models[j] for j in cols],
+                           self.scores[np.ix_(idx, cols)], self.path)
 
     def split(self, name: str) -> "RoutingData":
         """Only the prompts of one split (``train`` or ``test``)."""

@@ -126,6 +126,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="a fixed, deterministic sample of N prompts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: ~/.cache/satroute)")
+    parser.add_argument("--embed-tokens", type=int, default=128,
+                        help="tokens of each prompt the embedding baselines read (default 128)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -176,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
     data = load_dataset(args.data)
     models = [m.strip() for m in args.models.split(",")] if args.models else list(data.models)
     profiles = _profiles(args, data, models)
-    embedder = Embedder()
+    embedder = Embedder(max_length=args.embed_tokens)
     specs = [] if args.baselines in ("", "none") else [s.strip() for s in args.baselines.split(",") if s.strip()]
     built = {spec: _build_scorer(spec, args, data, models, embedder)
              for spec in dict.fromkeys(specs + ([args.router] if args.router != "none" else []))}
