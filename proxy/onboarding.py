@@ -22,7 +22,7 @@ import sys
 import time
 from collections import deque
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Mapping, Protocol, Sequence
+from typing import Awaitable, Callable, Protocol, Sequence
 
 from proxy.errors import ConfigError, UpstreamClientError, UpstreamError
 from proxy.questions import Question
@@ -218,10 +218,6 @@ def status_of(progress: Progress | None) -> dict:
         return {"status": "pending", "reason": None, "questions_done": 0, "questions_total": 0,
                 "accuracy_so_far": None}
     return progress.to_json()
-
-
-def profile_body(model: str, suite: str, tasks: Mapping[str, float]) -> dict:
-    return {"model": model, "suite": suite, "tasks": dict(tasks)}
 
 
 # -- satroute onboard --config FILE MODEL ------------------------------------------------------

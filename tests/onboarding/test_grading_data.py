@@ -2,9 +2,9 @@
 
 Every generation's extracted letter is compared with the ``pred`` the benchmark recorded for it.
 Two figures: over all 60,160 generations, and over those whose recorded letter the text states at
-all. The difference is 708 Llama-3.1-8B-Instruct records whose text (a repetition loop cut at the
-token limit) holds no standalone letter at all: the benchmark's harness recorded a seeded random
-guess for them ('G' for 10-option questions), which no extractor can read from the text.
+all. The difference is 708 records, 696 of them Llama-3.1-8B-Instruct outputs (a repetition loop
+cut at the token limit) that hold no standalone letter at all: the benchmark's harness recorded a
+seeded random guess for them ('G' for 694), which no extractor can read from the text.
 """
 from __future__ import annotations
 
