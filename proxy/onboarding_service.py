@@ -21,7 +21,7 @@ from typing import Any, Callable, Coroutine
 import orjson
 
 from proxy.dispatch import Call, Dispatcher
-from proxy.errors import ModelNotFound
+from proxy.errors import UpstreamClientError, UpstreamTransient
 from proxy.onboarding import Onboarding, Options, Prices, status_of
 from proxy.providers import Deployment, ProviderRegistry
 from proxy.questions import Question, QuestionSourceError, load_questions
@@ -42,13 +42,17 @@ class DispatchAsker:
         snap = self.registry.snapshot
         target = snap.models.get(model)
         if target is None:
-            raise ModelNotFound(f"model {model!r} is no longer in providers.yaml", param="model")
+            raise UpstreamClientError(f"model {model!r} is no longer in providers.yaml", status=404,
+                                      model=model)
         body = {"model": model, "messages": messages, **params}
         reply = await self.dispatcher.complete(Call(targets=[target], body=body, stream=False,
                                                     router=snap.router, redact=snap.redact))
-        data = orjson.loads(reply.body or b"{}")
-        choices = data.get("choices") or [{}]
-        return (choices[0].get("message") or {}).get("content") or ""
+        try:
+            message = orjson.loads(reply.body or b"{}")["choices"][0]["message"]
+            return message.get("content") or ""
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
+            raise UpstreamTransient(f"{model}: answer is not a chat completion: "
+                                    f"{(reply.body or b'')[:200]!r}", model=model) from None
 
 
 def prices_of(d: Deployment) -> Prices:

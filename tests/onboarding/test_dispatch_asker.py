@@ -1,0 +1,47 @@
+"""DispatchAsker: the onboarding seam over the proxy's dispatcher."""
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from proxy.dispatch import Reply
+from proxy.errors import UpstreamClientError, UpstreamTransient
+from proxy.onboarding_service import DispatchAsker
+from proxy.providers import ProviderRegistry
+
+
+class FakeDispatcher:
+    def __init__(self, body: bytes):
+        self.body, self.calls = body, []
+
+    async def complete(self, call):
+        self.calls.append(call)
+        return Reply(model=call.targets[0].name, body=self.body)
+
+
+@pytest.fixture
+def registry(tmp_path):
+    path = tmp_path / "providers.yaml"
+    path.write_text(yaml.safe_dump({"model_list": [
+        {"model_name": "m", "litellm_params": {"model": "openai/up-m", "api_base": "http://x/v1"}}]}))
+    return ProviderRegistry(path, dict)
+
+
+async def test_one_unstreamed_completion_to_the_named_model(registry):
+    fake = FakeDispatcher(b'{"choices": [{"message": {"role": "assistant", "content": "hi"}}]}')
+    msgs = [{"role": "user", "content": "q"}]
+    assert await DispatchAsker(registry, fake).ask("m", msgs, temperature=0.0) == "hi"
+    call = fake.calls[0]
+    assert [t.name for t in call.targets] == ["m"] and call.stream is False
+    assert call.body == {"model": "m", "messages": msgs, "temperature": 0.0}
+
+
+async def test_malformed_answers_and_unknown_models(registry):
+    with pytest.raises(UpstreamTransient, match="not a chat completion"):
+        await DispatchAsker(registry, FakeDispatcher(b"<html>")).ask("m", [])
+    with pytest.raises(UpstreamTransient):
+        await DispatchAsker(registry, FakeDispatcher(b'{"choices": []}')).ask("m", [])
+    assert await DispatchAsker(registry, FakeDispatcher(
+        b'{"choices": [{"message": {"content": null}}]}')).ask("m", []) == ""
+    with pytest.raises(UpstreamClientError, match="no longer in providers.yaml"):
+        await DispatchAsker(registry, FakeDispatcher(b"{}")).ask("gone", [])
