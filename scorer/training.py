@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -169,7 +168,7 @@ class Trainer:
     # ---- persistence ------------------------------------------------------------------------
     def meta(self, out_dir: Path, extra: dict) -> dict:
         a = self.args
-        return {"data": [Path(d).name for d in a.data], "suite": a.suite, "exclude_models": a.exclude_models,
+        return {"data": Path(a.data).name, "suite": a.suite, "exclude_models": a.exclude_models,
                 "train_models": self.pool.models, "val_models": self.val_models, "steps": self.step,
                 "stage1_steps": a.stage1_steps, "seed": a.seed, "k": a.k, "group_models": a.group_models,
                 "route_weight": a.route_weight, "budget_minutes": a.budget_minutes, "device": "cpu", "threads": a.threads, **extra}
@@ -209,7 +208,7 @@ def run(a) -> int:
     torch.set_num_threads(a.threads)
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(a.data[0])
+    data = load_dataset(a.data)
     pool, val, suite = build_pools(data, a.suite, a.exclude_models, a.val_size, a.seed)
     resume = a.resume and (out_dir / STATE).exists()
     model = load_model(out_dir) if resume else ModelSAT.from_backbones(_config_from_args(a))
@@ -253,7 +252,7 @@ def run(a) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", nargs="+", default=[str(data_root() / "mmlu_pro")], help="routing data folder")
+    p.add_argument("--data", default=str(data_root() / "mmlu_pro"), help="routing data folder (train split)")
     p.add_argument("--suite", default="mmlu_pro")
     p.add_argument("--out", default="runs/modelsat", help="checkpoint + log folder (resumable)")
     p.add_argument("--resume", action="store_true", help="continue from --out's train_state.pt")
@@ -262,28 +261,29 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--variant", choices=["encoder", "text"], default="encoder")
     p.add_argument("--encoder", default="default:minilm")
     p.add_argument("--llm", default="default:smollm2")
-    p.add_argument("--n-layers", type=int, default=6)
-    p.add_argument("--max-instruction-tokens", type=int, default=96)
-    p.add_argument("--accuracy-feature", action="store_true")
+    p.add_argument("--n-layers", type=int, default=4)
+    p.add_argument("--max-instruction-tokens", type=int, default=64)
+    p.add_argument("--accuracy-feature", action=argparse.BooleanOptionalAction, default=True,
+                   help="feed each clause's accuracy to the connector next to psi's vector")
     p.add_argument("--text-max-tasks", type=int, default=12)
     p.add_argument("--lora-rank", type=int, default=8)
     p.add_argument("--lora-layers", type=int, default=2, help="top kept layers of phi that get LoRA")
-    p.add_argument("--stage1-steps", type=int, default=300)
-    p.add_argument("--stage2-steps", type=int, default=600)
-    p.add_argument("--lr", type=float, default=2e-3, help="connector, stage 1")
-    p.add_argument("--lr-stage2-connector", type=float, default=5e-4)
-    p.add_argument("--lr-lora", type=float, default=2e-4)
-    p.add_argument("--k", type=int, default=4, help="paper group: 1 right + k-1 wrong instructions")
-    p.add_argument("--group-models", type=int, default=4, help="route group: 1 right + g-1 wrong models")
+    p.add_argument("--stage1-steps", type=int, default=41)
+    p.add_argument("--stage2-steps", type=int, default=400)
+    p.add_argument("--lr", type=float, default=5e-3, help="connector, stage 1")
+    p.add_argument("--lr-stage2-connector", type=float, default=2e-3)
+    p.add_argument("--lr-lora", type=float, default=1e-3)
+    p.add_argument("--k", type=int, default=3, help="paper group: 1 right + k-1 wrong instructions")
+    p.add_argument("--group-models", type=int, default=3, help="route group: 1 right + g-1 wrong models")
     p.add_argument("--route-weight", type=float, default=1.0, help="0 = the paper's loss alone")
-    p.add_argument("--min-task-frac", type=float, default=0.5)
-    p.add_argument("--val-size", type=int, default=120)
+    p.add_argument("--min-task-frac", type=float, default=0.3)
+    p.add_argument("--val-size", type=int, default=60)
     p.add_argument("--val-models", default="Meta-Llama-3_1-8B-Instruct,Phi-3-mini-4k-instruct,gemma-7b,"
                    "Qwen1.5-7B-Chat,Mistral-7B-Instruct-v0.2")
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--save-every-minutes", type=float, default=10)
     p.add_argument("--budget-minutes", type=float, default=0, help="stop after this wall time (0 = none)")
-    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
 
 
