@@ -85,3 +85,23 @@ def test_models_without_profile_onboard_in_the_background(tmp_path, up):
         time.sleep(0.3)
         assert client.get("/admin/onboarding").json()["models"]["fresh"]["status"] == "done"
     assert len(up.bodies("fresh")) == before
+
+
+def test_an_upstream_down_mid_test_stalls_then_resumes(tmp_path, up):
+    suite, data = tiny_suite_files(tmp_path, n_tasks=2, per_task=6)
+    up.set("fresh", answer("The answer is (B).", delay=0.05))
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("fresh", up.url, tmp_path)])
+    settings = Settings(config=config, scorer="constant", reload_interval_s=0.1, onboarding=True,
+                        state_dir=tmp_path / "state", onboarding_data=data,
+                        onboarding_suite=str(suite), onboarding_concurrency=1)
+    with ProxyServer(create_app(settings)) as proxy, httpx.Client(base_url=proxy.base) as client:
+        status = lambda: client.get("/admin/onboarding").json()["models"]["fresh"]  # noqa: E731
+        wait_for(status, lambda s: s["questions_done"] >= 2)
+        up.queue("fresh", fail(503, "upstream down"))  # the next request fails: 1 s backoff
+        stalled = wait_for(status, lambda s: s["status"] in ("stalled", "done"), every=0.005)
+        assert stalled["status"] == "stalled" and "http_503" in stalled["reason"]
+        done = wait_for(status, lambda s: s["status"] == "done")
+        assert (done["questions_done"], done["accuracy_so_far"]) == (12, 0.5)
+    answered = [b["messages"][-1]["content"] for b in up.bodies("fresh")]
+    assert len(answered) == 12 + 1  # the failed one was asked again, nothing else
