@@ -184,3 +184,17 @@ def test_out_of_the_box_config_routes_to_the_local_model_without_keys():
     assert local.info.onboard is False and not needs_onboarding(local)
     hosted = [d for d in snap.models.values() if d.api_key is None and d.unavailable]
     assert {d.name for d in hosted} >= {"gpt-4o", "claude-sonnet"}
+
+
+def test_every_file_the_image_copies_exists_and_is_not_docker_ignored():
+    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    ignored = set((REPO / ".dockerignore").read_text().split())
+    sources = []
+    for line in text.splitlines():
+        parts = line.split()
+        if parts and parts[0] == "COPY" and not parts[1].startswith("--from"):
+            sources += parts[1:-1]
+    assert {"pyproject.toml", "proxy", "scorer", "providers.yaml"} <= set(sources)
+    for src in sources:
+        assert (REPO / src).exists(), f"Dockerfile copies {src}, which is missing"
+        assert src not in ignored, f"{src} is excluded by .dockerignore"
