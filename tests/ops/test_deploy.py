@@ -198,3 +198,19 @@ def test_every_file_the_image_copies_exists_and_is_not_docker_ignored():
     for src in sources:
         assert (REPO / src).exists(), f"Dockerfile copies {src}, which is missing"
         assert src not in ignored, f"{src} is excluded by .dockerignore"
+
+
+def test_the_image_command_parses_with_the_cli_and_the_app_serves_the_checked_paths(
+        docker, proxy_service, tmp_path):
+    from proxy.app import create_app
+    from proxy.cli import build_parser
+    from proxy.settings import Settings
+
+    for argv in (_exec_form(docker["CMD"][0]), proxy_service["command"]):
+        args = build_parser(argv).parse_args(argv)
+        assert args.command == "serve" and args.port == 8000
+        assert args.config == "/etc/satroute/providers.yaml" and args.host == "0.0.0.0"
+    app = create_app(Settings(config=REPO / "providers.yaml", scorer="constant", onboarding=False,
+                              state_dir=tmp_path))
+    paths = {route.path for route in app.routes}
+    assert {"/ready", "/health", "/metrics", "/openapi.json", "/v1/chat/completions"} <= paths
