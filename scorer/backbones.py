@@ -20,6 +20,7 @@ import hashlib
 import importlib.util
 import os
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,14 +142,36 @@ def resolve_llm(spec: str) -> str:
     return str(convert_gguf(gguf)) if gguf is not None else spec
 
 
-def load_llm(spec: str = DEFAULT_LLM) -> Loaded:
-    """phi: a causal LM (``AutoModelForCausalLM``) and its tokenizer, fp32, eval mode."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+@contextmanager
+def _quiet_transformers():
+    from transformers.utils import logging as hf_logging
+
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(previous)
+
+
+def load_llm(spec: str = DEFAULT_LLM, n_layers: int | None = None) -> Loaded:
+    """phi: a causal LM (``AutoModelForCausalLM``) and its tokenizer, fp32, eval mode.
+
+    ``n_layers`` builds only the first decoder layers (the weights of the others are never read
+    into the model), which makes loading faster and the process smaller.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_llm(spec)
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype="float32")
+        config = AutoConfig.from_pretrained(path)
+        if n_layers is not None and n_layers < config.num_hidden_layers:
+            config.num_hidden_layers = n_layers
+            if getattr(config, "layer_types", None):
+                config.layer_types = list(config.layer_types)[:n_layers]
+        with _quiet_transformers():  # the dropped layers' weights are reported as unexpected keys
+            model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype="float32")
     except OSError as exc:
         raise BackboneError(f"cannot load LLM {spec!r}: {exc}") from exc
     return Loaded(model.eval(), tok)

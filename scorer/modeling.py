@@ -145,7 +145,7 @@ class ModelSAT(nn.Module):
         from scorer.backbones import load_encoder, load_llm
 
         enc = load_encoder(config.encoder) if config.variant == "encoder" else None
-        llm = load_llm(config.llm)
+        llm = load_llm(config.llm, n_layers=config.n_layers)
         model = cls(config, enc.model if enc else None, enc.tokenizer if enc else None, llm.model, llm.tokenizer)
         return model.eval()
 

@@ -54,6 +54,9 @@ def test_real_backbones_load_with_their_dimensions():
     assert llm.model.config.hidden_size == 576 and llm.model.config.model_type == "llama"
     assert len(llm.tokenizer("Yes", add_special_tokens=False)["input_ids"]) == 1
     assert not hasattr(llm.model.config, "quantization_config")
+    short = backbones.load_llm(n_layers=3)
+    assert len(short.model.model.layers) == 3
+    assert short.model.model.layers[2].mlp.up_proj.weight.equal(llm.model.model.layers[2].mlp.up_proj.weight)
 
 
 @pytest.mark.backbone
