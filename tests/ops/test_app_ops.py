@@ -63,8 +63,9 @@ def upstream():
 
 
 def _serve(config: Path, fake=None, **settings) -> ProxyServer:
-    opts = {"config": config, "scorer": "constant", "reload_interval_s": 0.1, **settings}
-    return ProxyServer(create_app(Settings(**opts), scorer=fake)).start()
+    opts = {"config": config, "scorer": "constant", "reload_interval_s": 0.1, "onboarding": False,
+            "state_dir": config.parent / "state", **settings}
+    return ProxyServer(create_app(Settings(**opts), scorer=fake))  # started by `with`
 
 
 def test_a_routed_request_is_counted_logged_once_and_carries_its_request_id(

@@ -32,7 +32,8 @@ def _config(tmp_path: Path, upstream: str) -> Path:
 
 def _serve(config: Path, port: int, tmp_path: Path, deadline_s: float) -> subprocess.Popen:
     env = {**os.environ, "SATROUTE_SHUTDOWN_TIMEOUT_S": str(deadline_s),
-           "SATROUTE_STATE_DIR": str(tmp_path / "state"), "SATROUTE_SCORER": "constant"}
+           "SATROUTE_STATE_DIR": str(tmp_path / "state"), "SATROUTE_SCORER": "constant",
+           "SATROUTE_ONBOARDING": "false"}
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--port", str(port)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
