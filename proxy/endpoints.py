@@ -18,6 +18,7 @@ from starlette.responses import Response, StreamingResponse
 from proxy import protocol
 from proxy.dispatch import Call, Reply
 from proxy.errors import BodyTooLarge, ModelNotFound, RequestError, SatrouteError, error_response
+from proxy.logs import request_record
 from proxy.providers import Deployment, Snapshot
 from proxy.routing import Decision, candidates, instruction_text, rank
 
@@ -93,8 +94,14 @@ async def chat_completions(request: Request) -> Response:
         decision = Decision(((target.name, 0.0),), routed=False)
         targets = [target]
     stream = req.stream is True
+    record = request_record(request)  # this request's log line (proxy.logs)
+    if record is not None:
+        record.requested_model = req.model
+    started = time.perf_counter()
     reply = await svc.dispatcher.complete(Call(targets=targets, body=body, stream=stream,
                                                router=snap.router, redact=snap.redact))
+    if record is not None:  # to the answer, or to a stream's first chunk; retries included
+        record.upstream_ms = round((time.perf_counter() - started) * 1000, 2)
     headers = routing_headers(decision, reply)
     if default is not None:
         headers[protocol.HEADER_ROUTE] = "default"

@@ -84,6 +84,7 @@ def test_a_routed_request_is_counted_logged_once_and_carries_its_request_id(
     [line] = [r.fields for r in caplog.records if r.name == "satroute.request"
               and r.fields["path"] == "/v1/chat/completions"]
     assert line["request_id"] == rid and line["routed_model"] == "m2"
+    assert line["requested_model"] == "auto" and 0 < line["upstream_ms"] <= line["total_ms"]
     assert line["scores"] == {"m2": 1.0, "m1": 0.1} and line["scorer_ms"] >= 0
     assert line["usage"]["total_tokens"] > 0
     assert "Integrate" not in str(line)
