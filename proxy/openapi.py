@@ -9,6 +9,7 @@ Does not know: what the handlers do beyond their docstrings; routing, dispatch.
 from __future__ import annotations
 
 import inspect
+import re
 from typing import Any, Iterable
 
 import orjson
@@ -21,6 +22,7 @@ from proxy.auth import PUBLIC_PATHS
 
 OPENAPI_VERSION = "3.1.0"
 REF = "#/components/schemas/{model}"
+_PARAM = re.compile(r"{(\w+):\w+}")
 _ERROR = {
     "type": "object",
     "required": ["error"],
@@ -108,11 +110,17 @@ def _components() -> dict[str, Any]:
 
 
 def _walk(routes: Iterable[BaseRoute], prefix: str = ""):
+    """(OpenAPI path, route): Starlette's ``{name:converter}`` becomes ``{name}``."""
     for route in routes:
         if isinstance(route, Mount):
             yield from _walk(route.routes, prefix + route.path)
         elif isinstance(route, Route):
-            yield prefix + route.path, route
+            yield _PARAM.sub(r"{\1}", prefix + route.path), route
+
+
+def _parameters(path: str) -> list[dict[str, Any]]:
+    return [{"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+            for name in re.findall(r"{(\w+)}", path)]
 
 
 def build_document(routes: Iterable[BaseRoute], *, router_name: str = "auto",
@@ -129,8 +137,10 @@ def build_document(routes: Iterable[BaseRoute], *, router_name: str = "auto",
                 doc = inspect.getdoc(route.endpoint) or f"{method.upper()} {path}"
                 op = {"summary": doc.splitlines()[0],
                       "responses": {"200": {"description": "success"}, **_errors("401")}}
-            op = {"operationId": f"{method}_{path.strip('/').replace('/', '_') or 'root'}",
-                  **op}
+            slug = re.sub(r"[^A-Za-z0-9_]", "", path.strip("/").replace("/", "_")) or "root"
+            op = {"operationId": f"{method}_{slug}", **op}
+            if _parameters(path):
+                op["parameters"] = _parameters(path)
             if path in public:
                 op["security"] = []
             paths.setdefault(path, {})[method] = op

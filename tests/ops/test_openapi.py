@@ -29,6 +29,7 @@ def _app() -> Starlette:
         Route("/ready", _ok, methods=["GET"]),
         Route("/metrics", _ok, methods=["GET"]),
         Route("/admin/onboarding", admin_thing, methods=["GET"]),
+        Route("/admin/models/{name:path}/profile", _ok, methods=["GET"]),
         Route("/openapi.json", openapi_endpoint, methods=["GET"]),
     ])
 
@@ -53,8 +54,12 @@ def test_every_served_route_is_described_and_nothing_else():
     doc = response.json()
     assert doc["openapi"].startswith("3.1")
     described = {(p, m) for p, ops in doc["paths"].items() for m in ops}
-    served = {(r.path, m.lower()) for r in app.routes for m in r.methods if m != "HEAD"}
+    served = {(r.path.replace(":path", ""), m.lower()) for r in app.routes for m in r.methods
+              if m != "HEAD"}
     assert described == served
+    profile = doc["paths"]["/admin/models/{name}/profile"]["get"]
+    assert profile["parameters"] == [{"name": "name", "in": "path", "required": True,
+                                      "schema": {"type": "string"}}]
     assert doc["paths"]["/admin/onboarding"]["get"]["summary"] == "List the onboarding jobs."
 
 
