@@ -83,6 +83,11 @@ def _detailed(router_name: str) -> dict[tuple[str, str], dict[str, Any]]:
             "responses": {"200": {"description": "OpenAI's model list", "content": _json(
                 {"$ref": REF.format(model="ModelList")})}, **_errors("401")},
         },
+        ("/v1/models/{model_id}", "get"): {
+            "summary": "One model card (the router's name or an available configured model)",
+            "responses": {"200": {"description": "OpenAI's model object", "content": _json(
+                {"$ref": REF.format(model="ModelCard")})}, **_errors("401", "404")},
+        },
         ("/health", "get"): {"summary": "The process is alive", "security": [],
                              "responses": {"200": {"description": "ok"}}},
         ("/ready", "get"): {
@@ -102,7 +107,7 @@ def _detailed(router_name: str) -> dict[tuple[str, str], dict[str, Any]]:
 
 def _components() -> dict[str, Any]:
     schemas: dict[str, Any] = {"Error": _ERROR}
-    for model in (protocol.ChatCompletionRequest, protocol.ModelList):
+    for model in (protocol.ChatCompletionRequest, protocol.ModelList, protocol.ModelCard):
         schema = model.model_json_schema(ref_template=REF)
         schemas.update(schema.pop("$defs", {}))
         schemas[model.__name__] = schema
