@@ -229,7 +229,19 @@ class LocalServer:
                 self.output_tail.append(line)
                 log.debug("%s| %s", self.name, line)
 
+    def _check_port_free(self) -> None:
+        """Another process answering on our port would pass for our child: refuse to start."""
+        url = httpx.URL(self.base_url)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                sock.bind((url.host, url.port or 80))
+            except OSError as exc:
+                raise LocalServerError(f"local server {self.name!r}: port {url.port} of "
+                                       f"{url.host} is already in use ({exc.strerror})") from None
+
     async def _spawn_and_wait(self) -> None:
+        self._check_port_free()
         await self._spawn()
         deadline = time.monotonic() + self.startup_timeout_s
         url = self.base_url + self.health_path

@@ -270,3 +270,14 @@ def test_the_child_dies_when_the_proxy_is_killed(tmp_path):
     while _alive(child) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert not _alive(child)
+
+
+async def test_a_port_already_taken_by_another_server_is_refused():
+    port = free_port()
+    other = _fake(port)
+    await other.start()
+    try:
+        with pytest.raises(LocalServerError, match="already in use"):
+            await _fake(port).start()
+    finally:
+        await other.stop()
