@@ -10,7 +10,7 @@ server supervisor reports restarts. Each app builds its own ``Metrics`` so tests
 one process never share counters.
 
 Names (all prefixed ``satroute_``):
-    requests_total{model,status}             finished requests by routed (or named) model
+    requests_total{model,status}             finished chat completions by answering model
     in_flight_requests                       requests being served right now
     routing_decisions_total{model}           ``auto`` requests routed to each model
     scorer_latency_seconds                   one Model-SAT scoring call
@@ -83,9 +83,11 @@ class Metrics:
 
     def observe_record(self, record) -> None:
         """A finished request from the request log middleware (``proxy.logs.RequestRecord``):
-        chat completions are counted by the model that answered (or was named) and status."""
+        chat completions are counted by the model that answered and status. A request no model
+        answered counts under ``none``: the name a client sent is never a label (a client could
+        otherwise grow the registry without bound)."""
         if record.path.endswith("/chat/completions"):
-            self.observe_request(record.routed_model or record.requested_model, record.status)
+            self.observe_request(record.routed_model, record.status)
 
     def observe_routing(self, model: str, scorer_seconds: float | None = None) -> None:
         self.routing_decisions.labels(model=model).inc()

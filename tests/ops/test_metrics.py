@@ -77,7 +77,7 @@ def test_metrics_endpoint_serves_prometheus_text():
     assert 'satroute_requests_total{model="m1",status="502"} 1.0' in response.text
 
 
-def test_request_records_count_chat_completions_by_answering_model():
+def test_request_records_count_chat_completions_by_answering_model_never_by_client_names():
     from proxy.logs import RequestRecord
 
     m = Metrics()
@@ -88,5 +88,5 @@ def test_request_records_count_chat_completions_by_answering_model():
     m.observe_record(RequestRecord("r3", "GET", "/v1/models", status=200))
     s = _samples(m)
     assert s[("satroute_requests_total", (("model", "m2"), ("status", "200")))] == 1
-    assert s[("satroute_requests_total", (("model", "nope"), ("status", "404")))] == 1
+    assert s[("satroute_requests_total", (("model", "none"), ("status", "404")))] == 1
     assert sum(v for k, v in s.items() if k[0] == "satroute_requests_total") == 2
