@@ -146,24 +146,38 @@ class Trainer:
         lora = [p for n, p in m.named_parameters() if ".lora_" in n]
         for p in lora:
             p.requires_grad_(stage == 2)
-        groups = [{"params": list(m.connector.parameters()) if hasattr(m, "connector") else [], "lr": a.lr}]
-        if stage == 2:
-            groups[0]["lr"] = a.lr_stage2_connector
-            groups.append({"params": lora, "lr": a.lr_lora})
-        groups = [g for g in groups if g["params"]]
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
         self.stage = stage
+        connector = list(m.connector.parameters()) if hasattr(m, "connector") else []
+        groups = [{"params": connector}] + ([{"params": lora}] if stage == 2 else [])
+        groups = [g for g in groups if g["params"]]
+        for group, lr in zip(groups, self._learning_rates()):
+            group["lr"] = lr
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
+
+    def _learning_rates(self) -> list[float]:
+        """Per optimizer group, in ``set_stage``'s order: [connector] or [connector, LoRA]."""
+        a = self.args
+        has_connector = hasattr(self.model, "connector")
+        if self.stage == 1:
+            return [a.lr]
+        return ([a.lr_stage2_connector] if has_connector else []) + [a.lr_lora]
 
     def train_step(self) -> dict:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        paper, route = self.group_losses()
-        loss = paper if route is None else paper + self.args.route_weight * route
-        loss.backward()
+        n = max(1, self.args.accumulate)
+        totals = {"loss": 0.0, "paper": 0.0, "route": 0.0}
+        for _ in range(n):  # several groups per optimizer step: one group alone is a very noisy gradient
+            paper, route = self.group_losses()
+            loss = paper if route is None else paper + self.args.route_weight * route
+            (loss / n).backward()
+            totals["loss"] += loss.item() / n
+            totals["paper"] += paper.item() / n
+            totals["route"] += 0.0 if route is None else route.item() / n
         torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), 1.0)
         self.optimizer.step()
         self.step += 1
-        return {"loss": loss.item(), "paper": paper.item(), "route": None if route is None else route.item()}
+        return totals
 
     # ---- persistence ------------------------------------------------------------------------
     def meta(self, out_dir: Path, extra: dict) -> dict:
@@ -171,7 +185,7 @@ class Trainer:
         return {"data": Path(a.data).name, "suite": a.suite, "exclude_models": a.exclude_models,
                 "train_models": self.pool.models, "val_models": self.val_models, "steps": self.step,
                 "stage1_steps": a.stage1_steps, "seed": a.seed, "k": a.k, "group_models": a.group_models,
-                "route_weight": a.route_weight, "budget_minutes": a.budget_minutes, "device": "cpu", "threads": a.threads, **extra}
+                "route_weight": a.route_weight, "accumulate": a.accumulate, "budget_minutes": a.budget_minutes, "device": "cpu", "threads": a.threads, **extra}
 
     def save(self, out_dir: Path, extra: dict) -> None:
         save_checkpoint(self.model, out_dir, self.meta(out_dir, extra))
@@ -183,6 +197,8 @@ class Trainer:
         self.step = int(state["step"])
         self.set_stage(int(state["stage"]))
         self.optimizer.load_state_dict(state["optimizer"])
+        for group, fresh in zip(self.optimizer.param_groups, self._learning_rates()):
+            group["lr"] = fresh  # the learning rates of this invocation win over the saved ones
         self.rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"])
 
@@ -215,7 +231,7 @@ def run(a) -> int:
     writer = CapabilityWriter(model, _keywords_for(suite))
     _precompute_clauses(writer, [pool, val])
     trainer = Trainer(model, writer, pool, val, a.val_models.split(","), a)
-    trainer.set_stage(1 if a.stage1_steps > 0 else 2)
+    trainer.set_stage(1 if a.stage1_steps > 0 and model.config.variant == "encoder" else 2)
     if resume:
         trainer.resume(out_dir)
     log = open(out_dir / "log.jsonl", "a", encoding="utf-8")
@@ -275,6 +291,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-lora", type=float, default=1e-3)
     p.add_argument("--k", type=int, default=3, help="paper group: 1 right + k-1 wrong instructions")
     p.add_argument("--group-models", type=int, default=3, help="route group: 1 right + g-1 wrong models")
+    p.add_argument("--accumulate", type=int, default=1, help="groups per optimizer step")
     p.add_argument("--route-weight", type=float, default=1.0, help="0 = the paper's loss alone")
     p.add_argument("--min-task-frac", type=float, default=0.3)
     p.add_argument("--val-size", type=int, default=60)
