@@ -4,7 +4,7 @@ Usage::
 
     python bench/scorer_latency.py [--checkpoint PATH] [--candidates 2,5,10,20] [--repeats 7]
                                    [--instruction-tokens 256] [--threads 2] [--device cpu]
-                                   [--json OUT.json] [--plot OUT.png]
+                                   [--instruction-budget N] [--json OUT.json] [--plot OUT.png]
 
 Each call scores one fresh instruction of ``--instruction-tokens`` tokens (before the checkpoint's
 own truncation) against n candidates with the built-in MMLU-Pro profiles (their capability vectors
@@ -50,6 +50,8 @@ def main(argv=None) -> int:
     p.add_argument("--instruction-tokens", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default=None)
+    p.add_argument("--instruction-budget", type=int, default=None,
+                   help="override the checkpoint's instruction token budget (cost study only)")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
     a = p.parse_args(argv)
@@ -63,6 +65,8 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     scorer = ModelSATScorer.load(a.checkpoint, device=a.device)
     load_s = time.perf_counter() - t0
+    if a.instruction_budget:
+        scorer.model.config.max_instruction_tokens = a.instruction_budget
     profiles = builtin_profiles("mmlu_pro")
     names = sorted(profiles)
     tok = scorer.model.tokenizer
