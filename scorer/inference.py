@@ -127,7 +127,8 @@ def score_candidates(model: ModelSAT, writer: CapabilityWriter, instruction: str
     return scores.view(len(suffix_lists), -1).float().mean(dim=1)
 
 
-def _keywords_for(suite: Suite) -> dict[str, Sequence[str]]:
+def suite_keywords(suite: Suite) -> dict[str, Sequence[str]]:
+    """Task id -> five keywords: every MMLU subject's, overridden by the suite's own."""
     words: dict[str, Sequence[str]] = dict(load_keywords())
     words.update(suite.keywords())
     return words
@@ -139,7 +140,7 @@ class ModelSATScorer:
     def __init__(self, model: ModelSAT, suite: Suite):
         self.model = model
         self.suite = suite
-        self.writer = CapabilityWriter(model, _keywords_for(suite))
+        self.writer = CapabilityWriter(model, suite_keywords(suite))
         self.orders = orders(suite.task_ids, n=model.config.n_orders, seed=model.config.order_seed)
         self._lock = threading.Lock()
         self._suffixes: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
@@ -175,4 +176,4 @@ class ModelSATScorer:
 
 
 __all__ = ["CapabilityWriter", "CheckpointError", "DEFAULT_CHECKPOINT", "ModelSATScorer", "load_model",
-           "save_checkpoint", "score_candidates"]
+           "save_checkpoint", "score_candidates", "suite_keywords"]

@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from scorer.aptitude import load_suite, profile_from_outcomes
 from scorer.capability import perturb, task_clause
 from scorer.data import RoutingData, data_root, format_instruction, load_dataset
-from scorer.inference import CapabilityWriter, _keywords_for, load_model, save_checkpoint, score_candidates
+from scorer.inference import CapabilityWriter, load_model, save_checkpoint, score_candidates, suite_keywords
 from scorer.modeling import ModelSAT, ModelSATConfig
 
 STATE = "train_state.pt"
@@ -232,7 +232,7 @@ def run(a) -> int:
     pool, val, suite = build_pools(data, a.suite, a.exclude_models, a.val_size, a.seed)
     resume = a.resume and (out_dir / STATE).exists()
     model = load_model(out_dir) if resume else ModelSAT.from_backbones(_config_from_args(a))
-    writer = CapabilityWriter(model, _keywords_for(suite))
+    writer = CapabilityWriter(model, suite_keywords(suite))
     _precompute_clauses(writer, [pool, val])
     trainer = Trainer(model, writer, pool, val, a.val_models.split(","), a)
     trainer.set_stage(1 if a.stage1_steps > 0 and model.config.variant == "encoder" else 2)
