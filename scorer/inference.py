@@ -82,8 +82,11 @@ class CapabilityWriter:
         self._vectors: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.hits = 0
         self.misses = 0
+        self.live = False  # training psi: encode every clause afresh, with autograd, no cache
 
     def clause_vectors(self, texts: Sequence[str]) -> torch.Tensor:
+        if self.live:
+            return self.model.encode_clauses_live(list(texts))
         missing = [t for t in dict.fromkeys(texts) if t not in self._vectors]
         self.misses += len(missing)
         self.hits += len(texts) - len(missing)

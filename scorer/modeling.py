@@ -53,6 +53,7 @@ class ModelSATConfig:
     lora_layers: int = 2              # how many of the kept layers (from the top) get adapters
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "o_proj"])
+    encoder_train_layers: int = 0     # top layers of psi tuned in stage 2 (0 = psi stays frozen)
     answer_token: str = "Yes"
     text_max_tasks: int = 12          # text variant: tasks written into the sentence (cost bound)
     head: str = HEAD
@@ -150,17 +151,30 @@ class ModelSAT(nn.Module):
         return model.eval()
 
     def train(self, mode: bool = True) -> "ModelSAT":
-        """psi is frozen: it stays in eval mode (no dropout) whatever the rest of the network does."""
+        """psi stays in eval mode (no dropout), frozen or tuned, whatever the rest of the network does."""
         super().train(mode)
         if self.encoder is not None:
             self.encoder.eval()
         return self
 
     # ---- trained parts -------------------------------------------------------------------------
+    def encoder_tuned_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of psi's top ``encoder_train_layers`` layers (tuned in stage 2)."""
+        n = self.config.encoder_train_layers
+        layers = getattr(getattr(self.encoder, "encoder", None), "layer", None)
+        if n <= 0 or layers is None:
+            return ()
+        return tuple(f"encoder.encoder.layer.{i}." for i in range(max(0, len(layers) - n), len(layers)))
+
+    def encoder_tuned_parameters(self) -> list[nn.Parameter]:
+        prefixes = self.encoder_tuned_prefixes()
+        return [p for n, p in self.named_parameters() if n.startswith(prefixes)] if prefixes else []
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Only the parts training changes: the connector and the LoRA adapters."""
+        """Only the parts training changes: the connector, the LoRA adapters, psi's tuned layers."""
+        tuned = ("connector.",) + self.encoder_tuned_prefixes()
         return {k: v.detach().clone() for k, v in self.state_dict().items()
-                if k.startswith("connector.") or ".lora_" in k}
+                if k.startswith(tuned) or ".lora_" in k}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
         expected = set(self.trainable_state())
@@ -173,6 +187,10 @@ class ModelSAT(nn.Module):
     @torch.no_grad()
     def encode_clauses(self, texts: list[str], batch_size: int = 128) -> torch.Tensor:
         """psi: mean-pooled, L2-normalised sentence vectors, one per clause text ``[n, d_enc]``."""
+        return self.encode_clauses_live(texts, batch_size)
+
+    def encode_clauses_live(self, texts: list[str], batch_size: int = 128) -> torch.Tensor:
+        """``encode_clauses`` with autograd on: stage 2 tunes psi's top layers through it."""
         out = []
         for i in range(0, len(texts), batch_size):
             tok = self.encoder_tokenizer(texts[i:i + batch_size], padding=True, truncation=True,

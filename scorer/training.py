@@ -10,7 +10,8 @@ Losses, both cross-entropy over a group's 'Yes' scores with the positive as the 
 - ``route`` (routing-aligned, weight ``--route-weight``): one instruction, g models: 1 that got it
   right, g-1 that got it wrong (the instruction's cache is computed once for the group).
 Stage 1 trains the connector only; stage 2 adds phi's LoRA adapters, with the connector at a larger
-learning rate. The encoder psi stays frozen, so every clause vector is computed once up front.
+learning rate, and, with ``--encoder-train-layers N``, psi's top N layers. While psi is frozen every
+clause vector is computed once up front; once it is tuned, clauses are encoded afresh each step.
 
 Does not know: serving, HTTP, evaluation baselines.
 """
@@ -146,25 +147,29 @@ class Trainer:
 
     # ---- optimisation -----------------------------------------------------------------------
     def set_stage(self, stage: int) -> None:
-        m, a = self.model, self.args
+        m = self.model
         lora = [p for n, p in m.named_parameters() if ".lora_" in n]
-        for p in lora:
+        encoder = m.encoder_tuned_parameters()
+        for p in lora + encoder:
             p.requires_grad_(stage == 2)
+        self.writer.live = stage == 2 and bool(encoder)  # a tuned psi cannot use cached vectors
         self.stage = stage
         connector = list(m.connector.parameters()) if hasattr(m, "connector") else []
-        groups = [{"params": connector}] + ([{"params": lora}] if stage == 2 else [])
+        groups = [{"params": connector}]
+        if stage == 2:
+            groups += [{"params": encoder}, {"params": lora}]
         groups = [g for g in groups if g["params"]]
         for group, lr in zip(groups, self._learning_rates()):
             group["lr"] = lr
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
 
     def _learning_rates(self) -> list[float]:
-        """Per optimizer group, in ``set_stage``'s order: [connector] or [connector, LoRA]."""
+        """Per optimizer group, in ``set_stage``'s order: [connector] or [connector, psi, LoRA]."""
         a = self.args
-        has_connector = hasattr(self.model, "connector")
         if self.stage == 1:
             return [a.lr]
-        return ([a.lr_stage2_connector] if has_connector else []) + [a.lr_lora]
+        return (([a.lr_stage2_connector] if hasattr(self.model, "connector") else [])
+                + ([a.lr_encoder] if self.model.encoder_tuned_parameters() else []) + [a.lr_lora])
 
     def train_step(self) -> dict:
         self.model.train()
@@ -211,11 +216,12 @@ def _config_from_args(a) -> ModelSATConfig:
     return ModelSATConfig(variant=a.variant, n_layers=a.n_layers, max_instruction_tokens=a.max_instruction_tokens,
                           accuracy_feature=a.accuracy_feature, lora_rank=a.lora_rank,
                           lora_layers=a.lora_layers, suite=a.suite,
+                          encoder_train_layers=a.encoder_train_layers,
                           encoder=a.encoder, llm=a.llm, text_max_tasks=a.text_max_tasks)
 
 
 def _precompute_clauses(writer: CapabilityWriter, pools: list[Pool]) -> None:
-    """psi is frozen: encode every clause any profile can produce once."""
+    """Encode every clause any profile can produce once (all stage 1 and a frozen psi need)."""
     if writer.model.config.variant != "encoder":
         return
     texts = sorted({task_clause(writer.keywords[t], acc) for pool in pools
@@ -293,6 +299,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=5e-3, help="connector, stage 1")
     p.add_argument("--lr-stage2-connector", type=float, default=2e-3)
     p.add_argument("--lr-lora", type=float, default=1e-3)
+    p.add_argument("--encoder-train-layers", type=int, default=0,
+                   help="top layers of psi tuned in stage 2 (0 = psi frozen, its clause vectors cached)")
+    p.add_argument("--lr-encoder", type=float, default=2e-4,
+                   help="learning rate of psi's tuned layers (full weights) in stage 2")
     p.add_argument("--k", type=int, default=3, help="paper group: 1 right + k-1 wrong instructions")
     p.add_argument("--group-models", type=int, default=3, help="route group: 1 right + g-1 wrong models")
     p.add_argument("--accumulate", type=int, default=1, help="groups per optimizer step")

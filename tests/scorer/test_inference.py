@@ -110,6 +110,22 @@ def test_checkpoint_round_trip_keeps_only_trained_parts(tmp_path, monkeypatch):
         load_model(tmp_path / "nowhere")
 
 
+def test_checkpoint_round_trip_carries_psis_tuned_layers(tmp_path, monkeypatch):
+    enc, llm = tiny.save_backbones(tmp_path / "backbones")
+    model = tiny.build(accuracy_feature=True, encoder_train_layers=1, encoder=enc, llm=llm)
+    with torch.no_grad():
+        for p in model.encoder_tuned_parameters():
+            p.add_(0.05)
+    state = model.trainable_state()
+    assert any(k.startswith("encoder.encoder.layer.0.") for k in state)
+    again = load_model(save_checkpoint(model, tmp_path / "ckpt"))
+    for k, v in state.items():
+        torch.testing.assert_close(again.trainable_state()[k], v)
+    monkeypatch.setattr("scorer.inference.load_suite", lambda name: tiny.suite())
+    assert ModelSATScorer(again, tiny.suite()).score("law court", PROFILES) == pytest.approx(
+        ModelSATScorer(model, tiny.suite()).score("law court", PROFILES), abs=1e-4)
+
+
 def test_writer_skips_tasks_it_has_no_keywords_for():
     model = tiny.build(accuracy_feature=True)
     writer = CapabilityWriter(model, tiny.suite().keywords())

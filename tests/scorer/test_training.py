@@ -95,6 +95,31 @@ def test_stage_one_trains_the_connector_only_and_stage_two_adds_lora():
     assert any(not torch.equal(p, lora_before[n]) for n, p in trainer.model.named_parameters() if ".lora_" in n)
 
 
+def test_stage_two_tunes_psis_top_layers_through_live_clause_vectors():
+    model = tiny.build(accuracy_feature=True, lora_rank=2, lora_layers=1, encoder_train_layers=1)
+    writer = CapabilityWriter(model, tiny.suite().keywords())
+    trainer = Trainer(model, writer, _pool(), _pool(8), ["alg", "bio", "none"], _args())
+    tuned = dict(model.named_parameters())
+    names = [n for n in tuned if n.startswith(model.encoder_tuned_prefixes())]
+    assert names and all(n.startswith("encoder.encoder.layer.0.") for n in names)
+    before = {n: tuned[n].clone() for n in names}
+    embeddings = model.encoder.embeddings.word_embeddings.weight.clone()
+    trainer.set_stage(1)
+    assert not writer.live
+    trainer.train_step()
+    assert all(torch.equal(tuned[n], before[n]) for n in names)  # stage 1: connector only
+    trainer.set_stage(2)
+    assert writer.live
+    a = trainer.args
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [a.lr_stage2_connector, a.lr_encoder,
+                                                               a.lr_lora]
+    for _ in range(2):
+        trainer.train_step()
+    assert any(not torch.equal(tuned[n], before[n]) for n in names)
+    assert torch.equal(model.encoder.embeddings.word_embeddings.weight, embeddings)  # below: frozen
+    assert set(names) <= set(model.trainable_state())
+
+
 def test_training_reduces_the_loss():
     # connector + LoRA (stage 2): a frozen random phi alone learns far too slowly to test
     trainer = _trainer(lr_stage2_connector=3e-2, lr_lora=1e-2)
