@@ -26,6 +26,7 @@ from typing import Awaitable, Callable, Protocol, Sequence
 
 from proxy.errors import ConfigError, UpstreamClientError, UpstreamError
 from proxy.questions import Question
+from proxy.routing import approx_tokens
 from proxy.store import GradedAnswer, Progress, Store
 from scorer.aptitude import Suite, profile_from_graded
 from scorer.grading import build_messages, extract_answer
@@ -62,10 +63,6 @@ class Options:
     backoff_s: float = 1.0  # first wait after a failure that the dispatch retries did not absorb
     backoff_max_s: float = 60.0
     give_up_s: float = 120.0  # a model that never answered for this long has failed
-
-
-def approx_tokens(text: str) -> int:
-    return (len(text) + 3) // 4
 
 
 def prompt_tokens(question: Question) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ import httpx
 import pytest
 import yaml
 
+from proxy.localserver import free_port
 from scorer.aptitude import load_builtin_profile, load_suite, profile_from_outcomes, subject_of
 from scorer.data import load_dataset
 from onboarding.fakes import wait_for
@@ -30,12 +30,6 @@ pytestmark = pytest.mark.data
 NEW = "Phi-3-mini-4k-instruct"  # onboarded through the replay of its recorded generations
 OLD = "gemma-7b"  # already known: its built-in profile
 LAUNCHER = Path(__file__).with_name("proxy_process.py")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _entry(name: str, base: str, profile: str | None = None) -> dict:
@@ -101,7 +95,7 @@ def test_onboard_kill_resume_and_route(tmp_path, shared_data):
     assert expected[strong] > old[strong] and old[weak] > expected[weak]
 
     config = tmp_path / "providers.yaml"
-    port = _free_port()
+    port = free_port()
     env = {**os.environ, "SATROUTE_CONFIG": str(config), "SATROUTE_PORT": str(port),
            "SATROUTE_STATE_DIR": str(tmp_path / "state"), "SATROUTE_ONBOARDING": "true",
            "SATROUTE_ONBOARDING_DATA": str(folder), "SATROUTE_ONBOARDING_CONCURRENCY": "32",
