@@ -71,18 +71,43 @@ def build_pools(data: RoutingData, suite_name: str, exclude: list[str], val_size
     return pool(train_rows), pool(val_rows), suite
 
 
+@dataclass
+class Source:
+    """One routing data set's share of training: its pools, the zoo validated on, its sampling weight."""
+
+    name: str
+    pool: Pool
+    val: Pool
+    val_models: list[str]
+    weight: float = 1.0
+
+    def __post_init__(self):
+        self.val_models = [m for m in self.val_models if m in self.pool.models] or self.pool.models[:8]
+        self.task_ids = list(next(iter(self.pool.profiles.values())))
+        c = np.nan_to_num(self.pool.correct, nan=-1)
+        self.right = [np.flatnonzero(c[:, j] == 1) for j in range(len(self.pool.models))]
+        self.wrong = [np.flatnonzero(c[:, j] == 0) for j in range(len(self.pool.models))]
+
+
 class Trainer:
-    def __init__(self, model: ModelSAT, writer: CapabilityWriter, pool: Pool, val: Pool,
-                 val_models: list[str], args):
-        self.model, self.writer, self.pool, self.val, self.args = model, writer, pool, val, args
-        self.val_models = [m for m in val_models if m in pool.models] or pool.models[:5]
+    """Trains on one or several ``Source``s; each group is drawn from one source, picked by weight."""
+
+    def __init__(self, model: ModelSAT, writer: CapabilityWriter, sources: list[Source], args):
+        self.model, self.writer, self.args = model, writer, args
+        self.sources = list(sources)
         self.rng = random.Random(args.seed)
-        self.task_ids = list(next(iter(pool.profiles.values())))
-        c = np.nan_to_num(pool.correct, nan=-1)
-        self.right = [np.flatnonzero(c[:, j] == 1) for j in range(len(pool.models))]
-        self.wrong = [np.flatnonzero(c[:, j] == 0) for j in range(len(pool.models))]
         self.step = 0
         self.optimizer = None
+        self.last_val: dict[str, float] = {}
+
+    @property
+    def pool(self) -> Pool:
+        return self.sources[0].pool
+
+    def _pick_source(self) -> Source:
+        if len(self.sources) == 1:
+            return self.sources[0]
+        return self.rng.choices(self.sources, weights=[s.weight for s in self.sources])[0]
 
     # ---- groups -----------------------------------------------------------------------------
     def group_losses(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -92,12 +117,13 @@ class Trainer:
         the paper's loss. Each of those instructions also meets g models (1 right, g-1 wrong, j among
         them where it fits): the routing loss. Every instruction's prefix is computed once.
         """
-        a, rng, pool = self.args, self.rng, self.pool
+        a, rng, src = self.args, self.rng, self._pick_source()
+        pool = src.pool
         j = rng.randrange(len(pool.models))
-        while len(self.right[j]) == 0 or len(self.wrong[j]) < a.k - 1:
+        while len(src.right[j]) == 0 or len(src.wrong[j]) < a.k - 1:
             j = rng.randrange(len(pool.models))
-        rows = [int(rng.choice(self.right[j]))] + [int(x) for x in rng.sample(list(self.wrong[j]), a.k - 1)]
-        order = perturb(self.task_ids, rng, min_frac=a.min_task_frac)
+        rows = [int(rng.choice(src.right[j]))] + [int(x) for x in rng.sample(list(src.wrong[j]), a.k - 1)]
+        order = perturb(src.task_ids, rng, min_frac=a.min_task_frac)
         suffix_of: dict[int, torch.Tensor] = {}
 
         def suffix(m: int) -> torch.Tensor:
@@ -107,7 +133,7 @@ class Trainer:
 
         paper_scores, route_losses = [], []
         for n, r in enumerate(rows):
-            group = self._route_group(r, j) if a.route_weight > 0 else []
+            group = self._route_group(r, j, src) if a.route_weight > 0 else []
             cands = [j] + [m for m in group if m != j]
             scores = score_candidates(self.model, self.writer, pool.instructions[r], [[suffix(m)] for m in cands])
             paper_scores.append(scores[0])
@@ -118,9 +144,10 @@ class Trainer:
         route = torch.stack(route_losses).mean() if route_losses else None
         return paper, route
 
-    def _route_group(self, r: int, j: int) -> list[int]:
+    def _route_group(self, r: int, j: int, src: Source | None = None) -> list[int]:
         """Models for instruction r: one that got it right first, then g-1 that got it wrong."""
-        row, g, rng = self.pool.correct[r], self.args.group_models, self.rng
+        pool = (src or self.sources[0]).pool
+        row, g, rng = pool.correct[r], self.args.group_models, self.rng
         pos = [m for m in range(len(row)) if row[m] == 1]
         neg = [m for m in range(len(row)) if row[m] == 0]
         if not pos or len(neg) < g - 1:
@@ -132,18 +159,35 @@ class Trainer:
     # ---- validation -------------------------------------------------------------------------
     @torch.no_grad()
     def validate(self) -> float:
-        """Routing accuracy over the validation slice for ``val_models`` (one fixed task order)."""
-        cols = [self.val.models.index(m) for m in self.val_models]
-        order = list(self.task_ids)
-        suffixes = [[self.writer.suffix(self.val.profiles[m], order)] for m in self.val_models]
-        hits = []
-        for i, text in enumerate(self.val.instructions[: self.args.val_size]):
-            outcome = self.val.correct[i, cols]
+        """Routing accuracy over each source's validation slice (one fixed task order), averaged.
+
+        Per source, the accuracy is also kept in ``last_val`` next to its best single model's on
+        the same slice, so a log line says whether routing beats always picking one model.
+        """
+        self.last_val = {}
+        for src in self.sources:
+            acc, best = self._validate_source(src)
+            self.last_val[src.name] = round(acc, 4)
+            self.last_val[src.name + ":best_single"] = round(best, 4)
+        accs = [self.last_val[s.name] for s in self.sources]
+        return float(np.mean(accs))
+
+    def _validate_source(self, src: Source) -> tuple[float, float]:
+        val = src.val
+        cols = [val.models.index(m) for m in src.val_models]
+        order = list(src.task_ids)
+        suffixes = [[self.writer.suffix(val.profiles[m], order)] for m in src.val_models]
+        hits, rows = [], []
+        for i, text in enumerate(val.instructions[: self.args.val_size]):
+            outcome = val.correct[i, cols]
             if np.isnan(outcome).all():
                 continue
             scores = score_candidates(self.model, self.writer, text, suffixes)
             hits.append(float(np.nan_to_num(outcome[int(scores.argmax())], nan=0.0)))
-        return float(np.mean(hits)) if hits else float("nan")
+            rows.append(np.nan_to_num(outcome, nan=0.0))
+        if not hits:
+            return float("nan"), float("nan")
+        return float(np.mean(hits)), float(np.max(np.mean(rows, axis=0)))
 
     # ---- optimisation -----------------------------------------------------------------------
     def set_stage(self, stage: int) -> None:
@@ -191,8 +235,10 @@ class Trainer:
     # ---- persistence ------------------------------------------------------------------------
     def meta(self, out_dir: Path, extra: dict) -> dict:
         a = self.args
-        return {"data": Path(a.data).name, "suite": a.suite, "exclude_models": a.exclude_models,
-                "train_models": self.pool.models, "val_models": self.val_models, "steps": self.step,
+        return {"data": [s.name for s in self.sources], "suite": self.model.config.suite, "exclude_models": a.exclude_models,
+                "data_weights": [s.weight for s in self.sources],
+                "train_models": [m for s in self.sources for m in s.pool.models],
+                "val_models": [m for s in self.sources for m in s.val_models], "steps": self.step,
                 "stage1_steps": a.stage1_steps, "seed": a.seed, "k": a.k, "group_models": a.group_models,
                 "route_weight": a.route_weight, "accumulate": a.accumulate, "budget_minutes": a.budget_minutes, "device": "cpu", "threads": a.threads, **extra}
 
@@ -212,10 +258,10 @@ class Trainer:
         torch.set_rng_state(state["torch_rng"])
 
 
-def _config_from_args(a) -> ModelSATConfig:
+def _config_from_args(a, suite: str) -> ModelSATConfig:
     return ModelSATConfig(variant=a.variant, n_layers=a.n_layers, max_instruction_tokens=a.max_instruction_tokens,
                           accuracy_feature=a.accuracy_feature, lora_rank=a.lora_rank,
-                          lora_layers=a.lora_layers, suite=a.suite,
+                          lora_layers=a.lora_layers, suite=suite,
                           encoder_train_layers=a.encoder_train_layers,
                           encoder=a.encoder, llm=a.llm, text_max_tasks=a.text_max_tasks)
 
@@ -229,18 +275,51 @@ def _precompute_clauses(writer: CapabilityWriter, pools: list[Pool]) -> None:
     writer.remember(texts, writer.model.encode_clauses(texts))
 
 
+def _suite_for(folder: str, suite_arg: str) -> str:
+    """The suite a data folder's profiles are measured on: given, or the one named like the folder."""
+    from scorer.aptitude import assets_dir
+
+    if suite_arg and suite_arg != "auto":
+        return suite_arg
+    name = Path(folder).name
+    return name if (assets_dir() / "suites" / f"{name}.json").exists() else "mmlu_pro"
+
+
+def build_sources(a) -> tuple[list[Source], object]:
+    """One ``Source`` per ``--data`` folder (comma-separated), with its suite and weight."""
+    folders = [f for f in str(a.data).split(",") if f]
+    suites = [s for s in str(a.suite).split(",") if s] or ["auto"]
+    if len(suites) == 1:
+        suites = suites * len(folders)
+    weights = [float(w) for w in str(a.data_weights).split(",") if w] if a.data_weights else [1.0] * len(folders)
+    if len(suites) != len(folders) or len(weights) != len(folders):
+        raise SystemExit("--suite and --data-weights need one value per --data folder (or one suite for all)")
+    sources, first_suite = [], None
+    for folder, suite_arg, weight in zip(folders, suites, weights):
+        pool, val, suite = build_pools(load_dataset(folder), _suite_for(folder, suite_arg), a.exclude_models,
+                                       a.val_size, a.seed)
+        first_suite = first_suite or suite
+        sources.append(Source(Path(folder).name, pool, val, a.val_models.split(","), weight))
+    return sources, first_suite
+
+
 def run(a) -> int:
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    data = load_dataset(a.data)
-    pool, val, suite = build_pools(data, a.suite, a.exclude_models, a.val_size, a.seed)
+    sources, suite = build_sources(a)
     resume = a.resume and (out_dir / STATE).exists()
-    model = load_model(out_dir) if resume else ModelSAT.from_backbones(_config_from_args(a))
+    if resume:
+        model = load_model(out_dir)
+    elif a.init:
+        model = load_model(a.init)  # warm start: the network and trained parts of another checkpoint
+        model.train()
+    else:
+        model = ModelSAT.from_backbones(_config_from_args(a, suite.name))
     writer = CapabilityWriter(model, suite_keywords(suite))
-    _precompute_clauses(writer, [pool, val])
-    trainer = Trainer(model, writer, pool, val, a.val_models.split(","), a)
+    _precompute_clauses(writer, [p for s in sources for p in (s.pool, s.val)])
+    trainer = Trainer(model, writer, sources, a)
     trainer.set_stage(1 if a.stage1_steps > 0 and model.config.variant == "encoder" else 2)
     if resume:
         trainer.resume(out_dir)
@@ -264,7 +343,11 @@ def run(a) -> int:
         out_of_time = a.budget_minutes and time.monotonic() - started > a.budget_minutes * 60
         if trainer.step % a.val_every == 0 or trainer.step == total or out_of_time:
             rec["val_routing_acc"] = trainer.validate()
-            best = max(best, rec["val_routing_acc"])
+            rec["val"] = dict(trainer.last_val)
+            if rec["val_routing_acc"] > best:  # keep the best-validated weights next to the latest
+                best = rec["val_routing_acc"]
+                save_checkpoint(model, out_dir / "best", trainer.meta(out_dir, {"val_routing_acc": best,
+                                                                                  "val": rec["val"]}))
         log.write(json.dumps(rec) + "\n")
         log.flush()
         if time.monotonic() - last_save > a.save_every_minutes * 60 or "val_routing_acc" in rec:
@@ -278,8 +361,12 @@ def run(a) -> int:
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--data", default=str(data_root() / "mmlu_pro"), help="routing data folder (train split)")
-    p.add_argument("--suite", default="mmlu_pro")
+    p.add_argument("--data", default=str(data_root() / "mmlu_pro"),
+                   help="routing data folder(s), comma-separated (train split)")
+    p.add_argument("--suite", default="auto", help="suite per --data folder, comma-separated; auto = the "
+                   "suite named like the folder, else mmlu_pro")
+    p.add_argument("--data-weights", default="", help="sampling weight per --data folder (default: equal)")
+    p.add_argument("--init", default="", help="start from this checkpoint's network and trained parts")
     p.add_argument("--out", default="runs/modelsat", help="checkpoint + log folder (resumable)")
     p.add_argument("--resume", action="store_true", help="continue from --out's train_state.pt")
     p.add_argument("--exclude-models", type=lambda s: [m for m in s.split(",") if m],

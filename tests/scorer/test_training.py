@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from scorer.inference import CapabilityWriter
-from scorer.training import Pool, Trainer, add_arguments
+from scorer.training import Pool, Source, Trainer, add_arguments
 from support import tiny_modelsat as tiny
 
 TOPICS = ["algebra", "biology", "law", "history"]
@@ -44,7 +44,7 @@ def _trainer(**kw) -> Trainer:
     model = tiny.build(accuracy_feature=True, lora_rank=2, lora_layers=1)
     pool = _pool()
     writer = CapabilityWriter(model, tiny.suite().keywords())
-    return Trainer(model, writer, pool, _pool(8), ["alg", "bio", "none"], _args(**kw))
+    return Trainer(model, writer, [Source("t", pool, _pool(8), ["alg", "bio", "none"])], _args(**kw))
 
 
 def _fixed_loss(trainer: Trainer, seed: int = 123, groups: int = 6) -> float:
@@ -98,7 +98,7 @@ def test_stage_one_trains_the_connector_only_and_stage_two_adds_lora():
 def test_stage_two_tunes_psis_top_layers_through_live_clause_vectors():
     model = tiny.build(accuracy_feature=True, lora_rank=2, lora_layers=1, encoder_train_layers=1)
     writer = CapabilityWriter(model, tiny.suite().keywords())
-    trainer = Trainer(model, writer, _pool(), _pool(8), ["alg", "bio", "none"], _args())
+    trainer = Trainer(model, writer, [Source("t", _pool(), _pool(8), ["alg", "bio", "none"])], _args())
     tuned = dict(model.named_parameters())
     names = [n for n in tuned if n.startswith(model.encoder_tuned_prefixes())]
     assert names and all(n.startswith("encoder.encoder.layer.0.") for n in names)
@@ -129,6 +129,44 @@ def test_training_reduces_the_loss():
         trainer.train_step()
     assert _fixed_loss(trainer) < before - 0.2
     assert 0.0 <= trainer.validate() <= 0.5  # only the algebra and biology questions are routable
+
+
+def _flipped_pool(n: int = 40) -> Pool:
+    """A second data set: its models are 'alg2' (right on algebra) and 'never' (never right)."""
+    base = _pool(n)
+    profiles = {"alg2": base.profiles["alg"], "never": base.profiles["none"]}
+    return Pool(base.instructions, base.correct[:, [0, 2]], ["alg2", "never"], profiles)
+
+
+def test_groups_come_from_each_source_by_weight_and_validation_reports_each():
+    model = tiny.build(accuracy_feature=True, lora_rank=2, lora_layers=1)
+    writer = CapabilityWriter(model, tiny.suite().keywords())
+    first = Source("a", _pool(), _pool(8), ["alg", "bio", "none"], weight=1.0)
+    second = Source("b", _flipped_pool(), _flipped_pool(8), ["not-there"], weight=3.0)
+    assert second.val_models == ["alg2", "never"]  # none of the asked models: the source's own
+    trainer = Trainer(model, writer, [first, second], _args())
+    trainer.rng.seed(0)
+    picks = [trainer._pick_source().name for _ in range(400)]
+    assert 0.65 < picks.count("b") / len(picks) < 0.85
+    trainer.set_stage(1)
+    trainer.train_step()
+    acc = trainer.validate()
+    assert set(trainer.last_val) == {"a", "a:best_single", "b", "b:best_single"}
+    assert acc == pytest.approx((trainer.last_val["a"] + trainer.last_val["b"]) / 2, abs=1e-3)
+    # on the 8 validation prompts: algebra (2 of 8) is the only topic 'alg2' gets right
+    assert trainer.last_val["b:best_single"] == pytest.approx(0.25)
+    assert trainer.last_val["a:best_single"] == pytest.approx(0.25)
+
+
+def test_sources_parse_one_suite_and_weight_per_folder(tmp_path):
+    from scorer.training import _suite_for, build_sources
+
+    assert _suite_for("/x/routerdc", "auto") == "routerdc"
+    assert _suite_for("/x/mmlu_pro", "auto") == "mmlu_pro"
+    assert _suite_for("/x/anything_else", "auto") == "mmlu_pro"
+    assert _suite_for("/x/routerdc", "mmlu_pro") == "mmlu_pro"
+    with pytest.raises(SystemExit):
+        build_sources(_args(data="a,b", data_weights="1,2,3"))
 
 
 def test_accumulation_averages_several_groups_per_step():
