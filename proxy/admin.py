@@ -1,13 +1,17 @@
-"""Admin endpoints for onboarding: ``GET /admin/onboarding`` and ``GET /admin/models/{name}/profile``.
+"""Admin endpoints: onboarding status, a model's capability profile, the routing log.
 
-Owns: the two read-only handlers and their JSON. They sit behind the master key like every route
+Owns: the three read-only handlers and their JSON. They sit behind the master key like every route
 outside ``/health`` and ``/ready`` (``proxy.auth``).
 ``/admin/onboarding``: ``{"enabled", "suite", "models": {name: {"status": pending | running |
 stalled | failed | done, "reason", "questions_done", "questions_total", "accuracy_so_far",
 "profile_source": "providers.yaml" | "onboarding" | null, ...}}}``.
 ``/admin/models/{name}/profile``: ``{"model", "suite", "source", "tasks": {task_id: accuracy}}``;
 404 in OpenAI's error shape for an unknown model or one without a profile yet.
-Does not know: how onboarding runs (``proxy.onboarding_service``), routing, dispatch.
+``/admin/routes?limit=N``: the routing log, newest first, ``{"object": "list", "data": [{"at",
+"requested", "chosen", "scores", "scorer_ms", "failed", "request_id"}]}``; ``limit`` 1 to 1000
+(default 100), 400 otherwise; an empty list when there is no routing log.
+Does not know: how onboarding runs (``proxy.onboarding_service``), how the routing log is written
+(``proxy.routelog``), routing, dispatch.
 """
 from __future__ import annotations
 
@@ -18,12 +22,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy.errors import ModelNotFound
+from proxy.errors import ModelNotFound, RequestError
 
 if TYPE_CHECKING:
     from proxy.app import Services
 
 JSON = "application/json"
+ROUTES_DEFAULT_LIMIT = 100
+ROUTES_MAX_LIMIT = 1000
 
 
 def _services(request: Request) -> "Services":
@@ -75,6 +81,28 @@ async def model_profile(request: Request) -> Response:
     return Response(orjson.dumps(body), media_type=JSON)
 
 
+async def routing_log(request: Request) -> Response:
+    """The most recent routing decisions, newest first (``?limit=N``, 1 to 1000, default 100).
+
+    ``{"object": "list", "data": [{"at", "requested", "chosen", "scores", "scorer_ms", "failed",
+    "request_id"}]}``; 400 for a bad limit; behind the master key.
+    """
+    raw = request.query_params.get("limit")
+    limit = ROUTES_DEFAULT_LIMIT if raw is None else _int_in(raw, 1, ROUTES_MAX_LIMIT)
+    if limit is None:
+        raise RequestError(f"limit must be an integer from 1 to {ROUTES_MAX_LIMIT}, not {raw!r}",
+                           param="limit", code="invalid_value")
+    route_log = _services(request).route_log
+    data = await route_log.recent(limit) if route_log is not None else []
+    return Response(orjson.dumps({"object": "list", "data": data}), media_type=JSON)
+
+
+def _int_in(text: str, low: int, high: int) -> int | None:
+    value = int(text) if text.isascii() and text.isdigit() and len(text) <= 9 else None
+    return value if value is not None and low <= value <= high else None
+
+
 def routes() -> list[Route]:
     return [Route("/admin/onboarding", onboarding_status, methods=["GET"]),
-            Route("/admin/models/{name:path}/profile", model_profile, methods=["GET"])]
+            Route("/admin/models/{name:path}/profile", model_profile, methods=["GET"]),
+            Route("/admin/routes", routing_log, methods=["GET"])]

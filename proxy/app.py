@@ -3,7 +3,8 @@
 Owns: ``create_app`` (the factory uvicorn and tests call), the ``Services`` every handler reaches
 through ``request.app.state.services``, and the lifespan: it loads the scorer in the background,
 watches providers.yaml for edits, runs startup hooks (``hook(services)``, which may start their own
-background tasks with ``services.spawn``), and closes everything on shutdown.
+background tasks with ``services.spawn``), and closes everything on shutdown: the routing log's last
+write first, then background tasks (the state store closes with them), the dispatcher, the scorer.
 Does not know: request parsing, routing policy, upstream protocols.
 """
 from __future__ import annotations
@@ -32,6 +33,7 @@ from proxy.metrics import Metrics
 from proxy.onboarding_service import onboarding_hook, open_store
 from proxy.openapi import openapi_endpoint
 from proxy.providers import ProfileSource, ProviderRegistry
+from proxy.routelog import route_log_hook
 from proxy.scoring import ScorerHost
 from proxy.settings import Settings, environ
 
@@ -51,6 +53,7 @@ class Services:
     cooldowns: Cooldowns
     metrics: Metrics = field(default_factory=Metrics)
     onboarding: Any = None  # OnboardingService, attached at start-up when onboarding is on
+    route_log: Any = None  # routelog.RouteLog, attached at start-up when there is a state store
     tasks: set[asyncio.Task] = field(default_factory=set)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
@@ -105,7 +108,8 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
     store = open_store(settings) if profile_source is None else None
     svc = build_services(settings, scorer=scorer, dispatcher=dispatcher,
                          profile_source=profile_source or store)
-    hooks = [local_models_hook, *([onboarding_hook(store)] if store else []), *startup]
+    hooks = [local_models_hook, *([onboarding_hook(store), route_log_hook(store)] if store else []),
+             *startup]
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -118,6 +122,8 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
         try:
             yield
         finally:
+            if svc.route_log is not None:  # its last write must land before the store closes
+                await svc.route_log.stop()
             await svc.stop_tasks()
             close = getattr(svc.dispatcher, "close", None)
             if close is not None:

@@ -185,6 +185,11 @@ class RetryingDispatcher:
 def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) -> Exception:
     status = getattr(exc, "status_code", None)
     message = redact(str(getattr(exc, "message", None) or exc))
+    failure = _transport_failure(exc)
+    if failure is not None:  # litellm labels these 500; report them as the pass-through path does
+        return UpstreamTransient(f"{model}: {type(exc).__name__}: {message}", model=model,
+                                 status=504 if failure == "timeout" else 0,
+                                 timeout=failure == "timeout")
     if status is None or status in RETRYABLE:
         response = getattr(exc, "response", None)
         headers = (getattr(exc, "litellm_response_headers", None)
@@ -196,6 +201,28 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
     body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
                       "code": getattr(exc, "code", None)}}
     return UpstreamClientError(message, status=int(status), model=model, upstream_body=body)
+
+
+def _transport_failure(exc: BaseException) -> str | None:
+    """``"timeout"`` or ``"connection"`` when no HTTP answer came back, else None.
+
+    litellm re-raises the openai SDK's ``APIConnectionError`` / ``APITimeoutError`` (or the
+    underlying connect error) as its own exceptions, some of them status 500
+    (``InternalServerError: Connection error``), keeping the original as the cause; the chain says
+    whether an upstream answered at all.
+    """
+    import openai
+
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if isinstance(link, (openai.APITimeoutError, TimeoutError)):
+            return "timeout"
+        if isinstance(link, (openai.APIConnectionError, ConnectionError)):
+            return "connection"
+        link = link.__cause__ or link.__context__
+    return None
 
 
 async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type) -> AsyncIterator[bytes]:

@@ -2,7 +2,8 @@
 
 Owns: the endpoints ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``,
 ``GET /ready``; the body size limit; JSON and shape errors (400/413 naming the problem); the routing
-headers; server-sent events for streams.
+headers; handing each answered request to the router's name to the routing log (``proxy.routelog``);
+server-sent events for streams.
 Does not know: how scores are computed, how upstreams are called (``Services`` holds both).
 """
 from __future__ import annotations
@@ -102,6 +103,11 @@ async def chat_completions(request: Request) -> Response:
                                                router=snap.router, redact=snap.redact))
     if record is not None:  # to the answer, or to a stream's first chunk; retries included
         record.upstream_ms = round((time.perf_counter() - started) * 1000, 2)
+    if svc.route_log is not None and (decision.routed or default is not None):
+        svc.route_log.record(
+            req.model, reply.model, scores=dict(decision.ranked) if decision.routed else None,
+            scorer_ms=decision.scorer_ms if decision.routed else None, failed=reply.failed,
+            request_id=record.request_id if record is not None else None)
     headers = routing_headers(decision, reply)
     if default is not None:
         headers[protocol.HEADER_ROUTE] = "default"

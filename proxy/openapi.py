@@ -98,6 +98,19 @@ def _detailed(router_name: str) -> dict[tuple[str, str], dict[str, Any]]:
             "summary": "Prometheus metrics (text exposition format)",
             "responses": {"200": {"description": "metrics", "content": {
                 "text/plain": {"schema": {"type": "string"}}}}, **_errors("401")}},
+        ("/admin/routes", "get"): {
+            "summary": "The routing log: the most recent requests to the router's name, newest "
+                       "first",
+            "parameters": [{"name": "limit", "in": "query", "required": False,
+                            "description": "how many entries (default 100)",
+                            "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
+            "responses": {
+                "200": {"description": "{object: list, data: [{at, requested, chosen, scores, "
+                                       "scorer_ms, failed, request_id}]}",
+                        "content": _json({"type": "object"})},
+                "400": {"description": "limit is not an integer from 1 to 1000",
+                        "content": _json({"$ref": REF.format(model="Error")})},
+                **_errors("401")}},
         ("/openapi.json", "get"): {
             "summary": "This document",
             "responses": {"200": {"description": "OpenAPI 3.1", "content": _json(

@@ -1,9 +1,10 @@
 """Process settings: the only reader of environment variables in the proxy.
 
 Owns: what the process needs before it can read providers.yaml (where that file is, where to
-listen, the master key, which scorer to load, request size limits). Every field can be set by an
-environment variable with the ``SATROUTE_`` prefix (``SATROUTE_MASTER_KEY``, ``SATROUTE_PORT``, ...);
-command-line flags are passed as constructor arguments and win over the environment.
+listen, the master key, which scorer to load, request size limits, where state and the routing log
+are kept). Every field can be set by an environment variable with the ``SATROUTE_`` prefix
+(``SATROUTE_MASTER_KEY``, ``SATROUTE_PORT``, ...); command-line flags are passed as constructor
+arguments and win over the environment.
 Does not know: models, routing policy or retries; those live in providers.yaml (``providers.py``)
 so that they hot-reload.
 """
@@ -52,6 +53,17 @@ class Settings(BaseSettings):
     onboarding_max_tokens: int = Field(2048, ge=16)
     onboarding_spend_cap_usd: float | None = Field(
         20.0, description="refuse to onboard a model whose estimated cost is above this (<0: none)")
+    route_log: bool = Field(
+        True, description="record each request to the router's name in the state store's routing "
+        "log (GET /admin/routes)")
+    route_log_flush_s: float = Field(
+        1.0, gt=0, description="how often pending routing-log entries are written, in one commit")
+    route_log_max_pending: int = Field(
+        10000, ge=1, description="routing-log entries held in memory between writes; when full, "
+        "the oldest are dropped (and counted in the log)")
+    route_log_keep: int = Field(
+        100000, ge=0, description="newest routing-log rows kept in the store, trimmed on each "
+        "write (0: no limit)")
 
     def master_key_value(self) -> str | None:
         key = self.master_key.get_secret_value() if self.master_key else None

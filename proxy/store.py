@@ -10,6 +10,9 @@ One writer: all writes go through one connection under a lock (the proxy's event
 waits ``busy_timeout`` rather than failing.
 Durability: ``synchronous=NORMAL`` in WAL mode survives any crash or kill of the process; only an
 operating-system crash or power loss may drop the last few commits (which are then asked again).
+Schema changes: a column added to an existing table is added to older databases when they are opened
+(``_COLUMNS_ADDED``), so a database written by an earlier version keeps working and its rows stay
+readable (the new columns read as null).
 Does not know: how questions are asked or graded, HTTP, the scorer.
 """
 from __future__ import annotations
@@ -57,9 +60,13 @@ CREATE TABLE IF NOT EXISTS routing_log (
     requested TEXT NOT NULL,
     chosen TEXT NOT NULL,
     scores TEXT,
-    scorer_ms REAL
+    scorer_ms REAL,
+    failed TEXT,
+    request_id TEXT
 );
 """
+# Columns added after a table was first released: (table, column, type), added when missing.
+_COLUMNS_ADDED = (("routing_log", "failed", "TEXT"), ("routing_log", "request_id", "TEXT"))
 
 
 @dataclass(frozen=True)
@@ -95,6 +102,23 @@ class GradedAnswer:
     text: str | None = None
 
 
+@dataclass(frozen=True)
+class RouteEntry:
+    """One answered request to the router's name: what answered it and how it was chosen.
+
+    ``scores`` and ``scorer_ms`` are None when the default model answered without scoring;
+    ``failed`` lists ``(model, reason)`` of the models that failed before ``chosen`` answered.
+    """
+
+    requested: str
+    chosen: str
+    scores: Mapping[str, float] | None
+    scorer_ms: float | None
+    failed: tuple[tuple[str, str], ...] = ()
+    request_id: str | None = None
+    at: float = 0.0  # unix seconds; 0: when it is written
+
+
 class Store:
     """The state database. Safe to share between threads; one instance per process."""
 
@@ -110,6 +134,24 @@ class Store:
         self._db.execute("PRAGMA busy_timeout=30000")
         with self._lock:
             self._db.executescript(_SCHEMA)
+            self._add_missing_columns()
+
+    def _add_missing_columns(self) -> None:
+        """Bring a database created by an earlier version up to ``_SCHEMA`` (caller holds the lock).
+
+        Checked and altered in one write transaction, so two processes opening the same old
+        database at once do not both add a column.
+        """
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for table, column, kind in _COLUMNS_ADDED:
+                have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                if column not in have:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
+        except sqlite3.Error:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -235,17 +277,36 @@ class Store:
                 self._db.execute(f"DELETE FROM {table} WHERE model = ?", (model,))
 
     # -- routing log ------------------------------------------------------------------------
-    def log_routes(self, entries: Iterable[tuple[str, str, Mapping[str, float], float]]) -> None:
-        """Append routing decisions ``(requested, chosen, scores, scorer_ms)`` in one commit."""
+    def log_routes(self, entries: Iterable[RouteEntry], keep: int = 0) -> None:
+        """Append routing decisions in one commit; with ``keep`` > 0, only the newest ``keep``
+        rows of the log are kept."""
         now = time.time()
-        rows = [(now, req, chosen, json.dumps(dict(scores)), ms) for req, chosen, scores, ms in entries]
+        rows = [(e.at or now, e.requested, e.chosen,
+                 None if e.scores is None else json.dumps(dict(e.scores)), e.scorer_ms,
+                 json.dumps([{"model": m, "reason": r} for m, r in e.failed]), e.request_id)
+                for e in entries]
         with self._lock:
-            self._db.executemany("INSERT INTO routing_log (at, requested, chosen, scores, scorer_ms) "
-                                 "VALUES (?, ?, ?, ?, ?)", rows)
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                self._db.executemany(
+                    "INSERT INTO routing_log (at, requested, chosen, scores, scorer_ms, failed, "
+                    "request_id) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                if keep > 0:
+                    self._db.execute(
+                        "DELETE FROM routing_log WHERE id <= (SELECT id FROM routing_log "
+                        "ORDER BY id DESC LIMIT 1 OFFSET ?)", (keep,))
+            except sqlite3.Error:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def recent_routes(self, limit: int = 100) -> list[dict]:
+        """The newest ``limit`` decisions, newest first. ``failed`` is None on rows written before
+        it was recorded; ``scores`` and ``scorer_ms`` are None where nothing was scored."""
         with self._lock:
-            rows = self._db.execute("SELECT at, requested, chosen, scores, scorer_ms FROM routing_log "
-                                    "ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+            rows = self._db.execute(
+                "SELECT at, requested, chosen, scores, scorer_ms, failed, request_id "
+                "FROM routing_log ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [{"at": at, "requested": r, "chosen": c, "scores": json.loads(s) if s else None,
-                 "scorer_ms": ms} for at, r, c, s, ms in rows]
+                 "scorer_ms": ms, "failed": json.loads(f) if f is not None else None,
+                 "request_id": rid} for at, r, c, s, ms, f, rid in rows]

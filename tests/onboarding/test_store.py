@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.store import GradedAnswer, Store
+from proxy.store import GradedAnswer, RouteEntry, Store
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -49,7 +49,7 @@ def test_unknown_status_is_refused(tmp_path):
 def test_wal_mode_and_routing_log(tmp_path):
     with Store(tmp_path) as s:
         assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
-        s.log_routes([("auto", "m1", {"m1": 0.9, "m2": 0.1}, 12.5)])
+        s.log_routes([RouteEntry("auto", "m1", {"m1": 0.9, "m2": 0.1}, 12.5)])
         assert s.recent_routes()[0]["chosen"] == "m1"
 
 

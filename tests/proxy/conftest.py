@@ -83,12 +83,15 @@ def config(tmp_path: Path, upstream: MockUpstream) -> Path:
 
 
 @pytest.fixture
-def start_proxy() -> Iterator[Callable[..., ProxyServer]]:
+def start_proxy(tmp_path: Path) -> Iterator[Callable[..., ProxyServer]]:
+    """Starts proxies on loopback; their state directory is the test's own (``tmp_path/state``),
+    never the working directory's."""
     servers: list[ProxyServer] = []
 
     def start(config: Path, scorer: Any = None, scorer_kind: str = "constant",
               **settings: Any) -> ProxyServer:
-        opts = {"config": config, "scorer": scorer_kind, "reload_interval_s": 0.1, **settings}
+        opts = {"config": config, "scorer": scorer_kind, "reload_interval_s": 0.1,
+                "state_dir": tmp_path / "state", **settings}
         server = ProxyServer(create_app(Settings(**opts), scorer=scorer)).start()
         servers.append(server)
         return server

@@ -141,13 +141,17 @@ def test_failing_model_cools_down_and_comes_back(tmp_path, upstream, start_proxy
     assert "m1" not in httpx.get(f"{proxy.base}/ready").json()["cooling"]
 
 
-def test_unreachable_upstream_falls_back_with_reason_connection(tmp_path, upstream, start_proxy):
+@pytest.mark.parametrize("fast", PATHS)
+def test_unreachable_upstream_falls_back_with_reason_connection(tmp_path, upstream, start_proxy,
+                                                                fast):
+    """Both dispatch paths name a refused connection alike (litellm reports it as a 500)."""
     import socket
 
     with socket.socket() as s:  # a port nobody listens on
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
-    models = [model_entry("m1", dead, tmp_path), model_entry("m2", upstream.url, tmp_path)]
+    models = [model_entry("m1", dead, tmp_path, fast_path=fast),
+              model_entry("m2", upstream.url, tmp_path)]
     proxy = start_proxy(write_config(tmp_path / "providers.yaml", models),
                         scorer=RecordingScorer({"m1": 1.0}))
     raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
