@@ -194,10 +194,10 @@ def service_options(settings: Any) -> Options:
 
 
 def open_store(settings: Any) -> Store | None:
-    """The state store, when onboarding is on or an earlier ``satroute onboard`` left one."""
+    """The state store, when onboarding or the routing log is on, or an earlier run left one."""
     from proxy.store import DB_NAME
 
-    if settings.onboarding or (Path(settings.state_dir) / DB_NAME).exists():
+    if settings.onboarding or settings.route_log or (Path(settings.state_dir) / DB_NAME).exists():
         return Store(settings.state_dir)
     return None
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,9 @@ REPO = Path(__file__).resolve().parents[1]
 # or SATROUTE_ONBOARDING=true in a child's environment): models without a profile in other tests'
 # configurations must not start taking the aptitude test against their mock upstreams.
 os.environ.setdefault("SATROUTE_ONBOARDING", "false")
+# The routing log opens the state store: a test's proxy keeps it in a throwaway folder, never in
+# the checkout's ./state (tests that look at the store pass their own state_dir).
+os.environ.setdefault("SATROUTE_STATE_DIR", tempfile.mkdtemp(prefix="satroute-test-state-"))
 
 
 def data_dir() -> Path:

@@ -167,10 +167,21 @@ def test_route_log_off_writes_nothing(tmp_path, upstream, start_proxy):
         assert store.recent_routes() == []
 
 
+def test_onboarding_off_still_opens_the_store_for_the_log(tmp_path, upstream, start_proxy):
+    config = write_config(tmp_path / "providers.yaml",
+                          [model_entry(n, upstream.url, tmp_path) for n in ("m1", "m2")])
+    proxy = start_proxy(config, route_log_flush_s=FLUSH_S)  # onboarding off, no satroute.db yet
+    assert client(proxy).chat.completions.create(model="auto", messages=MESSAGES).model == "m1"
+    assert wait_for_routes(proxy, 1)[0]["chosen"] == "m1"
+    proxy.stop()
+    assert (tmp_path / "state" / DB_NAME).exists()
+
+
 def test_without_a_store_there_is_no_log_and_requests_still_work(tmp_path, upstream, start_proxy):
     config = write_config(tmp_path / "providers.yaml",
                           [model_entry(n, upstream.url, tmp_path) for n in ("m1", "m2")])
-    proxy = start_proxy(config, route_log_flush_s=FLUSH_S)  # onboarding off, no satroute.db
+    # onboarding and the routing log off, no satroute.db: nothing opens the store
+    proxy = start_proxy(config, route_log=False, route_log_flush_s=FLUSH_S)
     assert client(proxy).chat.completions.create(model="auto", messages=MESSAGES).model == "m1"
     assert routes(proxy).json() == {"object": "list", "data": []}
     proxy.stop()
