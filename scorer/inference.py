@@ -105,7 +105,8 @@ class CapabilityWriter:
     def suffix(self, profile: Mapping[str, float], order: Sequence[str]) -> torch.Tensor:
         model, cfg = self.model, self.model.config
         tasks = [t for t in order if t in profile and t in self.keywords]
-        tail = model.embed_ids(model.token_ids(cfg.tail))
+        # paper layout: the capability is followed by the instruction, which brings its own tail
+        tail = model.embed_ids(model.token_ids(cfg.tail) if cfg.layout == "instruction_first" else [])
         if cfg.variant == "text":
             text = " " + SENTENCE_PREFIX + ", ".join(
                 task_clause(self.keywords[t], profile[t]) for t in tasks[: cfg.text_max_tasks]) + "."
@@ -121,10 +122,17 @@ def score_candidates(model: ModelSAT, writer: CapabilityWriter, instruction: str
                      suffix_lists: Sequence[Sequence[torch.Tensor]]) -> torch.Tensor:
     """One instruction, ``n`` candidates x ``r`` suffixes each -> mean score per candidate ``[n]``.
 
-    The instruction prefix is computed once; all ``n * r`` suffixes run in one batch.
+    Instruction first: the instruction prefix is computed once and all ``n * r`` suffixes run in one
+    batch after its cache. Paper layout: ``n * r`` full rows [head, capability, instruction] in one
+    batch.
     """
-    prefix = model.embed_ids(model.prefix_ids(instruction))
     flat = [s for group in suffix_lists for s in group]
+    if model.config.layout == "paper":
+        head = model.embed_ids(model.token_ids(model.config.head))
+        rest = model.embed_ids(model.instruction_ids(instruction))
+        scores = model.score_rows([torch.cat([head, s.to(head.dtype), rest]) for s in flat])
+        return scores.view(len(suffix_lists), -1).float().mean(dim=1)
+    prefix = model.embed_ids(model.prefix_ids(instruction))
     past = model.prefix_cache(prefix)
     scores = model.score_shared(past, flat)
     return scores.view(len(suffix_lists), -1).float().mean(dim=1)

@@ -16,6 +16,12 @@ and both re-orderings)::
     [HEAD instruction MID] [capability vectors (encoder variant) | capability text (text variant)] [TAIL]
      '------ prefix ------' '------------------------- candidate suffix --------------------------'
 
+The paper's layout (``layout="paper"``) puts the capability first, so every instruction token is
+read in the light of the candidate's capability, at the price of computing the instruction once per
+candidate and re-ordering instead of once per request (``score_rows``)::
+
+    [PAPER_HEAD] [capability vectors | text] [PAPER_MID instruction PAPER_TAIL]
+
 The score is ``h_last . E['Yes']`` (the raw 'Yes' logit; only that row of the head is computed).
 
 Does not know: profiles, suites or how clause texts are written (``scorer.capability``), data sets,
@@ -36,6 +42,12 @@ HEAD = "<|im_start|>user\nInstruction: "
 MID = ("\n\nWill a model with the following capability handle this instruction correctly?"
        "\nCapability:")
 TAIL = "\nAnswer Yes or No.<|im_end|>\n<|im_start|>assistant\n"
+# The paper's order: [capability, instruction, performance-inquiry prompt]
+PAPER_HEAD = "<|im_start|>user\nCapability:"
+PAPER_MID = "\n\nInstruction: "
+PAPER_TAIL = ("\n\nWill a model with the above capability handle this instruction correctly? "
+              "Answer Yes or No.<|im_end|>\n<|im_start|>assistant\n")
+LAYOUTS = {"instruction_first": (HEAD, MID, TAIL), "paper": (PAPER_HEAD, PAPER_MID, PAPER_TAIL)}
 
 
 @dataclass
@@ -62,6 +74,17 @@ class ModelSATConfig:
     suite: str = "mmlu_pro"           # aptitude suite whose task keywords the clauses are written with
     n_orders: int = 2                 # re-orderings averaged at inference
     order_seed: int = 0
+    layout: str = "instruction_first"  # or "paper": capability first (see the module docstring)
+
+    def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, not {self.layout!r}")
+
+    def with_layout(self, layout: str) -> "ModelSATConfig":
+        """The same network reading its pieces in ``layout``'s order, with that layout's prompts."""
+        head, mid, tail = LAYOUTS[layout]
+        return ModelSATConfig.from_dict({**asdict(self), "layout": layout, "head": head, "mid": mid,
+                                         "tail": tail})
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=1)
@@ -217,6 +240,11 @@ class ModelSAT(nn.Module):
         ids = self.token_ids(instruction)[: self.config.max_instruction_tokens]
         return self.token_ids(self.config.head) + ids + self.token_ids(self.config.mid)
 
+    def instruction_ids(self, instruction: str) -> list[int]:
+        """Paper layout: MID + the instruction truncated to ``max_instruction_tokens`` + TAIL."""
+        ids = self.token_ids(instruction)[: self.config.max_instruction_tokens]
+        return self.token_ids(self.config.mid) + ids + self.token_ids(self.config.tail)
+
     def embed_ids(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.embed.weight.device)
         return self.embed(ids)
@@ -300,4 +328,4 @@ class ModelSAT(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
-__all__ = ["HEAD", "MID", "TAIL", "LoRALinear", "ModelSAT", "ModelSATConfig"]
+__all__ = ["HEAD", "LAYOUTS", "MID", "PAPER_HEAD", "PAPER_MID", "PAPER_TAIL", "TAIL", "LoRALinear", "ModelSAT", "ModelSATConfig"]

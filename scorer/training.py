@@ -263,7 +263,8 @@ def _config_from_args(a, suite: str) -> ModelSATConfig:
                           accuracy_feature=a.accuracy_feature, lora_rank=a.lora_rank,
                           lora_layers=a.lora_layers, suite=suite,
                           encoder_train_layers=a.encoder_train_layers,
-                          encoder=a.encoder, llm=a.llm, text_max_tasks=a.text_max_tasks)
+                          encoder=a.encoder, llm=a.llm, text_max_tasks=a.text_max_tasks
+                          ).with_layout(a.layout or "instruction_first")
 
 
 def _precompute_clauses(writer: CapabilityWriter, pools: list[Pool]) -> None:
@@ -314,6 +315,8 @@ def run(a) -> int:
         model = load_model(out_dir)
     elif a.init:
         model = load_model(a.init)  # warm start: the network and trained parts of another checkpoint
+        if a.layout and a.layout != model.config.layout:  # connector + LoRA carry over to a new order
+            model.config = model.config.with_layout(a.layout)
         model.train()
     else:
         model = ModelSAT.from_backbones(_config_from_args(a, suite.name))
@@ -376,6 +379,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm", default="default:smollm2")
     p.add_argument("--n-layers", type=int, default=4)
     p.add_argument("--max-instruction-tokens", type=int, default=64)
+    p.add_argument("--layout", choices=["instruction_first", "paper"], default="",
+                   help="order of the pieces (default: instruction_first, or --init's)")
     p.add_argument("--accuracy-feature", action=argparse.BooleanOptionalAction, default=True,
                    help="feed each clause's accuracy to the connector next to psi's vector")
     p.add_argument("--text-max-tasks", type=int, default=12)

@@ -131,3 +131,40 @@ def test_writer_skips_tasks_it_has_no_keywords_for():
     writer = CapabilityWriter(model, tiny.suite().keywords())
     tail = len(model.token_ids(model.config.tail))
     assert writer.suffix({"algebra": 0.5, "astrology": 0.9}, ["astrology", "algebra"]).shape[0] == 1 + tail
+
+
+def _paper_scorer() -> ModelSATScorer:
+    model = tiny.build(accuracy_feature=True)
+    model.config = model.config.with_layout("paper")
+    return ModelSATScorer(model, tiny.suite())
+
+
+def test_paper_layout_reads_capability_then_instruction_then_the_question():
+    from scorer.modeling import PAPER_HEAD, PAPER_MID, PAPER_TAIL
+
+    scorer = _paper_scorer()
+    model, order = scorer.model, scorer.orders[0]
+    caps = scorer.writer.suffix(PROFILES["mixed"], order)
+    assert caps.shape[0] == 4  # four capability vectors, no tail: the instruction follows them
+    with torch.no_grad():
+        got = score_candidates(model, scorer.writer, "what is algebra ?", [[caps]])
+        ids = (model.token_ids(PAPER_HEAD), model.token_ids(PAPER_MID) + model.token_ids("what is algebra ?")
+               + model.token_ids(PAPER_TAIL))
+        row = torch.cat([model.embed_ids(ids[0]), caps, model.embed_ids(ids[1])])
+        assert got.item() == pytest.approx(model.score_rows([row]).item(), abs=1e-5)
+    scores = scorer.score("what is algebra ?", PROFILES)
+    assert set(scores) == set(PROFILES)
+    assert scores == pytest.approx(scorer.score("what is algebra ?", dict(reversed(list(PROFILES.items())))),
+                                   abs=1e-5)
+
+
+def test_layout_is_saved_with_the_checkpoint_and_checked(tmp_path, monkeypatch):
+    from scorer.modeling import ModelSATConfig
+
+    config = ModelSATConfig().with_layout("paper")
+    config.save(tmp_path / "config.json")
+    loaded = ModelSATConfig.load(tmp_path / "config.json")
+    assert loaded.layout == "paper" and loaded.head == config.head and loaded.tail == config.tail
+    assert ModelSATConfig.from_dict({}).layout == "instruction_first"  # configs saved before layouts
+    with pytest.raises(ValueError, match="layout"):
+        ModelSATConfig(layout="sideways")

@@ -218,3 +218,15 @@ def test_real_pools_hold_out_suite_questions_validation_and_excluded_models(shar
     assert len(pool.instructions) + 50 + len(suite.question_ids) <= len(data.split("train"))
     assert len(pool.instructions) + 50 + len(suite.question_ids) > len(data.split("train")) - 20
     assert pool.correct.shape == (len(pool.instructions), 22)
+
+
+def test_paper_layout_trains_through_full_rows():
+    # capability first: its signal must cross the whole instruction to reach the score, so the tiny
+    # network needs gentler steps than instruction-first (3e-2 makes it collapse to a constant score)
+    trainer = _trainer(lr_stage2_connector=3e-3, lr_lora=3e-3)
+    trainer.model.config = trainer.model.config.with_layout("paper")
+    trainer.set_stage(2)
+    before = _fixed_loss(trainer)
+    for _ in range(40):
+        trainer.train_step()
+    assert _fixed_loss(trainer) < before - 0.1
