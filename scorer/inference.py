@@ -46,7 +46,7 @@ def save_checkpoint(model: ModelSAT, folder: str | Path, meta: Mapping | None = 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     tmp = folder / (WEIGHTS + ".tmp")
-    save_file({k: v.contiguous().float() for k, v in model.trainable_state().items()}, str(tmp))
+    save_file({k: v.detach().float().cpu().contiguous() for k, v in model.trainable_state().items()}, str(tmp))
     tmp.replace(folder / WEIGHTS)
     model.config.save(folder / CONFIG)
     if meta is not None:

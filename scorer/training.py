@@ -89,6 +89,11 @@ class Source:
         self.wrong = [np.flatnonzero(c[:, j] == 0) for j in range(len(self.pool.models))]
 
 
+def _first(like: torch.Tensor) -> torch.Tensor:
+    """The target of a group whose positive is listed first, on the scores' device."""
+    return torch.zeros(1, dtype=torch.long, device=like.device)
+
+
 class Trainer:
     """Trains on one or several ``Source``s; each group is drawn from one source, picked by weight."""
 
@@ -139,8 +144,8 @@ class Trainer:
             paper_scores.append(scores[0])
             if group:
                 g = scores[[cands.index(m) for m in group]]
-                route_losses.append(F.cross_entropy(g[None], torch.zeros(1, dtype=torch.long)))
-        paper = F.cross_entropy(torch.stack(paper_scores)[None], torch.zeros(1, dtype=torch.long))
+                route_losses.append(F.cross_entropy(g[None], _first(g)))
+        paper = F.cross_entropy(torch.stack(paper_scores)[None], _first(paper_scores[0]))
         route = torch.stack(route_losses).mean() if route_losses else None
         return paper, route
 
@@ -240,7 +245,7 @@ class Trainer:
                 "train_models": [m for s in self.sources for m in s.pool.models],
                 "val_models": [m for s in self.sources for m in s.val_models], "steps": self.step,
                 "stage1_steps": a.stage1_steps, "seed": a.seed, "k": a.k, "group_models": a.group_models,
-                "route_weight": a.route_weight, "accumulate": a.accumulate, "budget_minutes": a.budget_minutes, "device": "cpu", "threads": a.threads, **extra}
+                "route_weight": a.route_weight, "accumulate": a.accumulate, "budget_minutes": a.budget_minutes, "device": str(next(self.model.parameters()).device), "threads": a.threads, **extra}
 
     def save(self, out_dir: Path, extra: dict) -> None:
         save_checkpoint(self.model, out_dir, self.meta(out_dir, extra))
@@ -248,14 +253,15 @@ class Trainer:
                     "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state()}, out_dir / STATE)
 
     def resume(self, out_dir: Path) -> None:
-        state = torch.load(out_dir / STATE, weights_only=False)
+        device = next(self.model.parameters()).device  # a CUDA run may resume on a CPU, and back
+        state = torch.load(out_dir / STATE, weights_only=False, map_location=device)
         self.step = int(state["step"])
         self.set_stage(int(state["stage"]))
         self.optimizer.load_state_dict(state["optimizer"])
         for group, fresh in zip(self.optimizer.param_groups, self._learning_rates()):
             group["lr"] = fresh  # the learning rates of this invocation win over the saved ones
         self.rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"].cpu())
 
 
 def _config_from_args(a, suite: str) -> ModelSATConfig:
@@ -311,15 +317,16 @@ def run(a) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     sources, suite = build_sources(a)
     resume = a.resume and (out_dir / STATE).exists()
+    device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if resume:
-        model = load_model(out_dir)
+        model = load_model(out_dir, device=device)
     elif a.init:
-        model = load_model(a.init)  # warm start: the network and trained parts of another checkpoint
+        model = load_model(a.init, device=device)  # warm start: the network and trained parts of another checkpoint
         if a.layout and a.layout != model.config.layout:  # connector + LoRA carry over to a new order
             model.config = model.config.with_layout(a.layout)
         model.train()
     else:
-        model = ModelSAT.from_backbones(_config_from_args(a, suite.name))
+        model = ModelSAT.from_backbones(_config_from_args(a, suite.name)).to(device)
     writer = CapabilityWriter(model, suite_keywords(suite))
     _precompute_clauses(writer, [p for s in sources for p in (s.pool, s.val)])
     trainer = Trainer(model, writer, sources, a)
@@ -406,6 +413,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--val-every", type=int, default=100)
     p.add_argument("--save-every-minutes", type=float, default=10)
     p.add_argument("--budget-minutes", type=float, default=0, help="stop after this wall time (0 = none)")
+    p.add_argument("--device", default="", help="cpu or cuda (default: cuda when there is one); fp32 either way")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
 

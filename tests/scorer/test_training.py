@@ -230,3 +230,17 @@ def test_paper_layout_trains_through_full_rows():
     for _ in range(40):
         trainer.train_step()
     assert _fixed_loss(trainer) < before - 0.1
+
+
+@pytest.mark.gpu
+def test_training_runs_on_cuda_and_saves_cpu_tensors(tmp_path):
+    trainer = _trainer(lr_stage2_connector=3e-2, lr_lora=1e-2)
+    trainer.model.to("cuda")
+    trainer.set_stage(2)
+    before = _fixed_loss(trainer)
+    for _ in range(40):
+        trainer.train_step()
+    assert _fixed_loss(trainer) < before - 0.2
+    trainer.save(tmp_path, {})
+    assert json.loads((tmp_path / "training.json").read_text())["device"].startswith("cuda")
+    assert all(t.device.type == "cpu" for t in _load(tmp_path).values())
