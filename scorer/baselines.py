@@ -1,6 +1,6 @@
 """Classic routing baselines, each trained on a data set's ``train`` split and used as a ``Scorer``.
 
-Owns: four baselines the paper compares Model-SAT with, all predicting per model the chance that it
+Owns: the four baselines the paper compares Model-SAT with, all predicting per model the chance that it
 answers an instruction right, from the instruction's sentence embedding (``scorer.embeddings``):
 
 - ``knn``: the share of the k nearest train prompts (cosine) each model got right; k is chosen on a
@@ -12,8 +12,12 @@ answers an instruction right, from the instruction's sentence embedding (``score
 - ``category``: per (data set, category) the model with the best train accuracy; the category of an
   instruction is looked up by its text among the data set's prompts (else the best overall model).
 
-Baselines know models only by name: a candidate unseen in training scores -inf (never chosen while a
-known candidate exists); profiles are ignored. That is exactly what Model-SAT adds.
+These four know models only by name: a candidate unseen in training scores -inf (never chosen while
+a known candidate exists); profiles are ignored. That is exactly what Model-SAT adds.
+
+- ``aptitude``: no training and no instruction: each candidate's mean accuracy over its aptitude
+  profile. It reads what Model-SAT reads about a model, so it places unseen models too: the floor a
+  profile-reading router has to clear.
 
 Does not know: how routing accuracy is computed (``scorer.evaluation``), Model-SAT, the proxy.
 """
@@ -171,13 +175,32 @@ class CategoryBestScorer(_PerModelScorer):
         return np.stack([(r == r.max()).astype(float) + 1e-3 * self.overall for r in rows])
 
 
+class AptitudeMeanScorer:
+    """Each candidate's mean accuracy over its aptitude profile; the same for every instruction.
+
+    The floor any profile-reading router must clear: it needs no training, reads only what
+    Model-SAT reads about a model (its profile), and so places unseen models too. A candidate with
+    an empty profile scores -inf.
+    """
+
+    name = "aptitude"
+
+    def score(self, instruction: str, candidates: Mapping[str, Profile]) -> dict[str, float]:
+        return {m: float(np.mean(list(p.values()))) if p else float("-inf") for m, p in candidates.items()}
+
+    def score_many(self, instructions: Sequence[str], candidates: Mapping[str, Profile]) -> list[dict[str, float]]:
+        return [self.score(text, candidates) for text in instructions]
+
+
 EMBEDDING_BASELINES = {"knn": train_knn, "mlp": train_mlp, "rf": train_rf}
-BASELINES = (*EMBEDDING_BASELINES, "category")
+BASELINES = (*EMBEDDING_BASELINES, "category", "aptitude")
 
 
 def train_baseline(name: str, data: RoutingData, models: Sequence[str], embedder: Embedder | None = None,
                    seed: int = 0, cache_dir=None) -> _PerModelScorer:
     """Train baseline ``name`` on ``data``'s train split for the zoo ``models``."""
+    if name == "aptitude":
+        return AptitudeMeanScorer()
     train = data.split("train").with_models(models)
     if name == "category":
         return CategoryBestScorer(train, models)
@@ -191,4 +214,4 @@ def train_baseline(name: str, data: RoutingData, models: Sequence[str], embedder
     return scorer
 
 
-__all__ = ["BASELINES", "CategoryBestScorer", "EmbeddingScorer", "train_baseline"]
+__all__ = ["AptitudeMeanScorer", "BASELINES", "CategoryBestScorer", "EmbeddingScorer", "train_baseline"]

@@ -99,3 +99,11 @@ def test_category_best(zoo):
     assert max(scorer.score("sum apples total 30", {"A": {}, "B": {}}).items(), key=lambda kv: kv[1])[0] == "B"
     unknown = scorer.score("never seen", {"A": {}, "B": {}})
     assert set(unknown) == {"A", "B"}
+
+
+def test_aptitude_mean_ranks_by_profile_and_places_unseen_models(zoo):
+    scorer = train_baseline("aptitude", zoo, ["A", "B"])
+    candidates = {"A": {"t1": 0.2, "t2": 0.4}, "New": {"t1": 0.9, "t2": 0.5}, "Empty": {}}
+    scores = scorer.score("anything at all", candidates)
+    assert scores == {"A": pytest.approx(0.3), "New": pytest.approx(0.7), "Empty": float("-inf")}
+    assert scorer.score_many(["one", "two"], candidates) == [scores, scores]  # the instruction is ignored
