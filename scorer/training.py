@@ -133,7 +133,7 @@ class Trainer:
 
         def suffix(m: int) -> torch.Tensor:
             if m not in suffix_of:
-                suffix_of[m] = self.writer.suffix(pool.profiles[pool.models[m]], order)
+                suffix_of[m] = self.writer.suffix(self._noisy(pool.profiles[pool.models[m]]), order)
             return suffix_of[m]
 
         paper_scores, route_losses = [], []
@@ -148,6 +148,17 @@ class Trainer:
         paper = F.cross_entropy(torch.stack(paper_scores)[None], _first(paper_scores[0]))
         route = torch.stack(route_losses).mean() if route_losses else None
         return paper, route
+
+    def _noisy(self, profile: dict[str, float]) -> dict[str, float]:
+        """The profile with N(0, ``--profile-noise``) added to each accuracy, in whole percents.
+
+        A profile is then never seen twice alike, so the network has to read its numbers rather
+        than recognise which training model it belongs to (unseen models have new numbers).
+        """
+        sigma = getattr(self.args, "profile_noise", 0.0)
+        if not sigma:
+            return profile
+        return {t: min(1.0, max(0.0, round(a + self.rng.gauss(0.0, sigma), 2))) for t, a in profile.items()}
 
     def _route_group(self, r: int, j: int, src: Source | None = None) -> list[int]:
         """Models for instruction r: one that got it right first, then g-1 that got it wrong."""
@@ -273,12 +284,20 @@ def _config_from_args(a, suite: str) -> ModelSATConfig:
                           ).with_layout(a.layout or "instruction_first")
 
 
-def _precompute_clauses(writer: CapabilityWriter, pools: list[Pool]) -> None:
-    """Encode every clause any profile can produce once (all stage 1 and a frozen psi need)."""
+def _precompute_clauses(writer: CapabilityWriter, pools: list[Pool], every_accuracy: bool = False) -> None:
+    """Encode every clause any profile can produce once (all stage 1 and a frozen psi need).
+
+    ``every_accuracy``: each task at every whole percent (what noisy profiles can produce).
+    """
     if writer.model.config.variant != "encoder":
         return
-    texts = sorted({task_clause(writer.keywords[t], acc) for pool in pools
-                    for prof in pool.profiles.values() for t, acc in prof.items()})
+    tasks = {t for pool in pools for prof in pool.profiles.values() for t in prof}
+    if every_accuracy:
+        texts = sorted({task_clause(writer.keywords[t], pct / 100) for t in tasks if t in writer.keywords
+                        for pct in range(101)})
+    else:
+        texts = sorted({task_clause(writer.keywords[t], acc) for pool in pools
+                        for prof in pool.profiles.values() for t, acc in prof.items()})
     writer.remember(texts, writer.model.encode_clauses(texts))
 
 
@@ -328,7 +347,7 @@ def run(a) -> int:
     else:
         model = ModelSAT.from_backbones(_config_from_args(a, suite.name)).to(device)
     writer = CapabilityWriter(model, suite_keywords(suite))
-    _precompute_clauses(writer, [p for s in sources for p in (s.pool, s.val)])
+    _precompute_clauses(writer, [p for s in sources for p in (s.pool, s.val)], every_accuracy=a.profile_noise > 0)
     trainer = Trainer(model, writer, sources, a)
     trainer.set_stage(1 if a.stage1_steps > 0 and model.config.variant == "encoder" else 2)
     if resume:
@@ -407,6 +426,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accumulate", type=int, default=1, help="groups per optimizer step")
     p.add_argument("--route-weight", type=float, default=1.0, help="0 = the paper's loss alone")
     p.add_argument("--min-task-frac", type=float, default=0.3)
+    p.add_argument("--profile-noise", type=float, default=0.0,
+                   help="std of the noise added to each training profile accuracy (0 = none)")
     p.add_argument("--val-size", type=int, default=60)
     p.add_argument("--val-models", default="Meta-Llama-3_1-8B-Instruct,Phi-3-mini-4k-instruct,gemma-7b,"
                    "Qwen1.5-7B-Chat,Mistral-7B-Instruct-v0.2")

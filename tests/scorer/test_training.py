@@ -244,3 +244,16 @@ def test_training_runs_on_cuda_and_saves_cpu_tensors(tmp_path):
     trainer.save(tmp_path, {})
     assert json.loads((tmp_path / "training.json").read_text())["device"].startswith("cuda")
     assert all(t.device.type == "cpu" for t in _load(tmp_path).values())
+
+
+def test_profile_noise_changes_every_accuracy_in_whole_percents_and_is_off_by_default():
+    profile = {"algebra": 0.9, "biology": 0.1, "law": 0.3, "history": 0.0}
+    assert _trainer()._noisy(profile) is profile
+    trainer = _trainer(profile_noise=0.1)
+    draws = [trainer._noisy(profile) for _ in range(50)]
+    assert all(set(d) == set(profile) for d in draws)
+    assert all(0.0 <= v <= 1.0 and abs(v * 100 - round(v * 100)) < 1e-6 for d in draws for v in d.values())
+    spread = np.std([d["law"] for d in draws])
+    assert 0.05 < spread < 0.15
+    trainer.set_stage(1)
+    trainer.train_step()  # noisy clauses are encoded on the fly when not precomputed
