@@ -2,7 +2,12 @@
 
 Owns: building the training pool from a routing data set's ``train`` split (the aptitude suite's own
 questions and a validation slice are held out of it; ``test`` is never read), the two group losses,
-the two stages, the validation routing accuracy, the JSONL log, periodic and resumable checkpoints.
+the two stages, the validation routing accuracy, the JSONL log, periodic and resumable checkpoints
+(and the best-validated weights in ``out/best``). Several data sets can share one run (``--data
+a,b``: each group is drawn from one of them, by ``--data-weights``, each with its own suite and
+validation slice); ``--init`` warm-starts from another checkpoint (``--layout`` may switch its
+order of pieces); ``--profile-noise`` perturbs the training profiles; ``--device cuda`` trains on
+a GPU.
 
 Losses, both cross-entropy over a group's 'Yes' scores with the positive as the target:
 - ``paper`` (the paper's term, always on): one model's capability (one random order + subset of
