@@ -17,13 +17,14 @@ Does not know: how questions are asked or graded, HTTP, the scorer.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping
+from typing import Iterable, Iterator, Mapping
 
 DB_NAME = "satroute.db"
 STATUSES = ("pending", "running", "stalled", "failed", "done")
@@ -136,22 +137,28 @@ class Store:
             self._db.executescript(_SCHEMA)
             self._add_missing_columns()
 
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[None]:
+        """One write transaction (caller holds the lock): committed, or rolled back on an error."""
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+        except sqlite3.Error:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
+
     def _add_missing_columns(self) -> None:
         """Bring a database created by an earlier version up to ``_SCHEMA`` (caller holds the lock).
 
         Checked and altered in one write transaction, so two processes opening the same old
         database at once do not both add a column.
         """
-        self._db.execute("BEGIN IMMEDIATE")
-        try:
+        with self._transaction():
             for table, column, kind in _COLUMNS_ADDED:
                 have = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
                 if column not in have:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
-        except sqlite3.Error:
-            self._db.execute("ROLLBACK")
-            raise
-        self._db.execute("COMMIT")
 
     def close(self) -> None:
         with self._lock:
@@ -240,22 +247,16 @@ class Store:
         """Store the finished profile and mark the model done, in one transaction."""
         now = time.time()
         body = json.dumps({k: float(v) for k, v in tasks.items()}, sort_keys=True)
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.execute(
-                    "INSERT INTO profiles (model, suite, tasks, created_at) VALUES (?, ?, ?, ?) "
-                    "ON CONFLICT(model) DO UPDATE SET suite=excluded.suite, tasks=excluded.tasks, "
-                    "created_at=excluded.created_at", (model, suite, body, now))
-                self._db.execute(
-                    "INSERT INTO onboarding (model, suite, status, reason, updated_at) "
-                    "VALUES (?, ?, 'done', NULL, ?) ON CONFLICT(model) DO UPDATE SET "
-                    "status='done', reason=NULL, updated_at=excluded.updated_at",
-                    (model, suite, now))
-            except sqlite3.Error:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock, self._transaction():
+            self._db.execute(
+                "INSERT INTO profiles (model, suite, tasks, created_at) VALUES (?, ?, ?, ?) "
+                "ON CONFLICT(model) DO UPDATE SET suite=excluded.suite, tasks=excluded.tasks, "
+                "created_at=excluded.created_at", (model, suite, body, now))
+            self._db.execute(
+                "INSERT INTO onboarding (model, suite, status, reason, updated_at) "
+                "VALUES (?, ?, 'done', NULL, ?) ON CONFLICT(model) DO UPDATE SET "
+                "status='done', reason=NULL, updated_at=excluded.updated_at",
+                (model, suite, now))
 
     def get(self, model_name: str) -> dict[str, float] | None:
         """A finished profile, or None (the ProfileSource seam of the provider registry)."""
@@ -285,20 +286,14 @@ class Store:
                  None if e.scores is None else json.dumps(dict(e.scores)), e.scorer_ms,
                  json.dumps([{"model": m, "reason": r} for m, r in e.failed]), e.request_id)
                 for e in entries]
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                self._db.executemany(
-                    "INSERT INTO routing_log (at, requested, chosen, scores, scorer_ms, failed, "
-                    "request_id) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
-                if keep > 0:
-                    self._db.execute(
-                        "DELETE FROM routing_log WHERE id <= (SELECT id FROM routing_log "
-                        "ORDER BY id DESC LIMIT 1 OFFSET ?)", (keep,))
-            except sqlite3.Error:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        with self._lock, self._transaction():
+            self._db.executemany(
+                "INSERT INTO routing_log (at, requested, chosen, scores, scorer_ms, failed, "
+                "request_id) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+            if keep > 0:
+                self._db.execute(
+                    "DELETE FROM routing_log WHERE id <= (SELECT id FROM routing_log "
+                    "ORDER BY id DESC LIMIT 1 OFFSET ?)", (keep,))
 
     def recent_routes(self, limit: int = 100) -> list[dict]:
         """The newest ``limit`` decisions, newest first. ``failed`` is None on rows written before
