@@ -131,10 +131,9 @@ def score_candidates(model: ModelSAT, writer: CapabilityWriter, instruction: str
         head = model.embed_ids(model.token_ids(model.config.head))
         rest = model.embed_ids(model.instruction_ids(instruction))
         scores = model.score_rows([torch.cat([head, s.to(head.dtype), rest]) for s in flat])
-        return scores.view(len(suffix_lists), -1).float().mean(dim=1)
-    prefix = model.embed_ids(model.prefix_ids(instruction))
-    past = model.prefix_cache(prefix)
-    scores = model.score_shared(past, flat)
+    else:
+        past = model.prefix_cache(model.embed_ids(model.prefix_ids(instruction)))
+        scores = model.score_shared(past, flat)
     return scores.view(len(suffix_lists), -1).float().mean(dim=1)
 
 

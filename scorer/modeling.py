@@ -237,13 +237,14 @@ class ModelSAT(nn.Module):
 
     def prefix_ids(self, instruction: str) -> list[int]:
         """HEAD + the instruction truncated to ``max_instruction_tokens`` + MID."""
-        ids = self.token_ids(instruction)[: self.config.max_instruction_tokens]
-        return self.token_ids(self.config.head) + ids + self.token_ids(self.config.mid)
+        return self.token_ids(self.config.head) + self._instruction(instruction) + self.token_ids(self.config.mid)
 
     def instruction_ids(self, instruction: str) -> list[int]:
         """Paper layout: MID + the instruction truncated to ``max_instruction_tokens`` + TAIL."""
-        ids = self.token_ids(instruction)[: self.config.max_instruction_tokens]
-        return self.token_ids(self.config.mid) + ids + self.token_ids(self.config.tail)
+        return self.token_ids(self.config.mid) + self._instruction(instruction) + self.token_ids(self.config.tail)
+
+    def _instruction(self, instruction: str) -> list[int]:
+        return self.token_ids(instruction)[: self.config.max_instruction_tokens]
 
     def embed_ids(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.embed.weight.device)
@@ -328,4 +329,5 @@ class ModelSAT(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
-__all__ = ["HEAD", "LAYOUTS", "MID", "PAPER_HEAD", "PAPER_MID", "PAPER_TAIL", "TAIL", "LoRALinear", "ModelSAT", "ModelSATConfig"]
+__all__ = ["HEAD", "LAYOUTS", "MID", "PAPER_HEAD", "PAPER_MID", "PAPER_TAIL", "TAIL", "LoRALinear", "ModelSAT",
+           "ModelSATConfig"]

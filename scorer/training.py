@@ -37,7 +37,7 @@ from scorer.aptitude import load_suite, profile_from_outcomes
 from scorer.capability import perturb, task_clause
 from scorer.data import RoutingData, data_root, format_instruction, load_dataset
 from scorer.inference import CapabilityWriter, load_model, save_checkpoint, score_candidates, suite_keywords
-from scorer.modeling import ModelSAT, ModelSATConfig
+from scorer.modeling import LAYOUTS, ModelSAT, ModelSATConfig
 
 STATE = "train_state.pt"
 
@@ -160,7 +160,7 @@ class Trainer:
         A profile is then never seen twice alike, so the network has to read its numbers rather
         than recognise which training model it belongs to (unseen models have new numbers).
         """
-        sigma = getattr(self.args, "profile_noise", 0.0)
+        sigma = self.args.profile_noise
         if not sigma:
             return profile
         return {t: min(1.0, max(0.0, round(a + self.rng.gauss(0.0, sigma), 2))) for t, a in profile.items()}
@@ -256,12 +256,13 @@ class Trainer:
     # ---- persistence ------------------------------------------------------------------------
     def meta(self, out_dir: Path, extra: dict) -> dict:
         a = self.args
-        return {"data": [s.name for s in self.sources], "suite": self.model.config.suite, "exclude_models": a.exclude_models,
-                "data_weights": [s.weight for s in self.sources],
+        return {"data": [s.name for s in self.sources], "suite": self.model.config.suite,
+                "exclude_models": a.exclude_models, "data_weights": [s.weight for s in self.sources],
                 "train_models": [m for s in self.sources for m in s.pool.models],
                 "val_models": [m for s in self.sources for m in s.val_models], "steps": self.step,
                 "stage1_steps": a.stage1_steps, "seed": a.seed, "k": a.k, "group_models": a.group_models,
-                "route_weight": a.route_weight, "accumulate": a.accumulate, "budget_minutes": a.budget_minutes, "device": str(next(self.model.parameters()).device), "threads": a.threads, **extra}
+                "route_weight": a.route_weight, "accumulate": a.accumulate, "budget_minutes": a.budget_minutes,
+                "device": str(next(self.model.parameters()).device), "threads": a.threads, **extra}
 
     def save(self, out_dir: Path, extra: dict) -> None:
         save_checkpoint(self.model, out_dir, self.meta(out_dir, extra))
@@ -296,10 +297,9 @@ def _precompute_clauses(writer: CapabilityWriter, pools: list[Pool], every_accur
     """
     if writer.model.config.variant != "encoder":
         return
-    tasks = {t for pool in pools for prof in pool.profiles.values() for t in prof}
     if every_accuracy:
-        texts = sorted({task_clause(writer.keywords[t], pct / 100) for t in tasks if t in writer.keywords
-                        for pct in range(101)})
+        tasks = {t for pool in pools for prof in pool.profiles.values() for t in prof if t in writer.keywords}
+        texts = sorted({task_clause(writer.keywords[t], pct / 100) for t in tasks for pct in range(101)})
     else:
         texts = sorted({task_clause(writer.keywords[t], acc) for pool in pools
                         for prof in pool.profiles.values() for t, acc in prof.items()})
@@ -352,7 +352,8 @@ def run(a) -> int:
     else:
         model = ModelSAT.from_backbones(_config_from_args(a, suite.name)).to(device)
     writer = CapabilityWriter(model, suite_keywords(suite))
-    _precompute_clauses(writer, [p for s in sources for p in (s.pool, s.val)], every_accuracy=a.profile_noise > 0)
+    _precompute_clauses(writer, [p for s in sources for p in (s.pool, s.val)],
+                        every_accuracy=a.profile_noise > 0)
     trainer = Trainer(model, writer, sources, a)
     trainer.set_stage(1 if a.stage1_steps > 0 and model.config.variant == "encoder" else 2)
     if resume:
@@ -410,7 +411,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm", default="default:smollm2")
     p.add_argument("--n-layers", type=int, default=4)
     p.add_argument("--max-instruction-tokens", type=int, default=64)
-    p.add_argument("--layout", choices=["instruction_first", "paper"], default="",
+    p.add_argument("--layout", choices=sorted(LAYOUTS), default="",
                    help="order of the pieces (default: instruction_first, or --init's)")
     p.add_argument("--accuracy-feature", action=argparse.BooleanOptionalAction, default=True,
                    help="feed each clause's accuracy to the connector next to psi's vector")
