@@ -2,7 +2,8 @@
 
 Owns: the endpoints ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``,
 ``GET /ready``; the body size limit; JSON and shape errors (400/413 naming the problem); the routing
-headers; handing each answered request to the router's name to the routing log (``proxy.routelog``);
+headers; handing each request to the router's name to the routing log (``proxy.routelog``), answered
+or not (when every model failed, with no answering model);
 server-sent events for streams.
 Does not know: how scores are computed, how upstreams are called (``Services`` holds both).
 """
@@ -18,7 +19,8 @@ from starlette.responses import Response, StreamingResponse
 
 from proxy import protocol
 from proxy.dispatch import Call, Reply
-from proxy.errors import BodyTooLarge, ModelNotFound, RequestError, SatrouteError, error_response
+from proxy.errors import (AllUpstreamsFailed, BodyTooLarge, ModelNotFound, RequestError, SatrouteError,
+                          error_response)
 from proxy.logs import request_record
 from proxy.providers import Deployment, Snapshot
 from proxy.routing import Decision, candidates, instruction_text, rank
@@ -99,15 +101,25 @@ async def chat_completions(request: Request) -> Response:
     if record is not None:
         record.requested_model = req.model
     started = time.perf_counter()
-    reply = await svc.dispatcher.complete(Call(targets=targets, body=body, stream=stream,
-                                               router=snap.router, redact=snap.redact))
+    logged = svc.route_log is not None and (decision.routed or default is not None)
+
+    def log_route(chosen: str | None, failed) -> None:
+        svc.route_log.record(
+            req.model, chosen, scores=dict(decision.ranked) if decision.routed else None,
+            scorer_ms=decision.scorer_ms if decision.routed else None, failed=failed,
+            request_id=record.request_id if record is not None else None)
+
+    try:
+        reply = await svc.dispatcher.complete(Call(targets=targets, body=body, stream=stream,
+                                                   router=snap.router, redact=snap.redact))
+    except AllUpstreamsFailed as exc:  # no model answered: the log says so, the client gets the error
+        if logged:
+            log_route(None, exc.failed)
+        raise
     if record is not None:  # to the answer, or to a stream's first chunk; retries included
         record.upstream_ms = round((time.perf_counter() - started) * 1000, 2)
-    if svc.route_log is not None and (decision.routed or default is not None):
-        svc.route_log.record(
-            req.model, reply.model, scores=dict(decision.ranked) if decision.routed else None,
-            scorer_ms=decision.scorer_ms if decision.routed else None, failed=reply.failed,
-            request_id=record.request_id if record is not None else None)
+    if logged:
+        log_route(reply.model, reply.failed)
     headers = routing_headers(decision, reply)
     if default is not None:
         headers[protocol.HEADER_ROUTE] = "default"

@@ -1,7 +1,7 @@
 """The routing log's writer: what answered each request to the router's name, kept in the store.
 
 Owns: ``RouteLog``, the bounded in-memory buffer the chat handler hands one entry per routed (or
-default-model) request to, and the background loop that writes the buffer to the store every
+default-model) request to, answered or not, and the background loop that writes the buffer to the store every
 ``SATROUTE_ROUTE_LOG_FLUSH_S`` in one ``Store.log_routes`` call on a worker thread, trimming the
 table to ``SATROUTE_ROUTE_LOG_KEEP`` rows. ``record`` does no I/O and never raises: when the buffer
 is full the oldest pending entry is dropped and counted, and the count is logged once per write.
@@ -46,7 +46,7 @@ class RouteLog:
     def pending(self) -> int:
         return len(self._pending)
 
-    def record(self, requested: str, chosen: str, *, scores: Mapping[str, float] | None = None,
+    def record(self, requested: str, chosen: str | None, *, scores: Mapping[str, float] | None = None,
                scorer_ms: float | None = None, failed: Sequence[tuple[str, str]] = (),
                request_id: str | None = None) -> None:
         """Queue one decision for the next write; drops the oldest pending one when full."""

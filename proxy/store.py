@@ -105,14 +105,15 @@ class GradedAnswer:
 
 @dataclass(frozen=True)
 class RouteEntry:
-    """One answered request to the router's name: what answered it and how it was chosen.
+    """One request to the router's name: what answered it and how it was chosen.
 
     ``scores`` and ``scorer_ms`` are None when the default model answered without scoring;
-    ``failed`` lists ``(model, reason)`` of the models that failed before ``chosen`` answered.
+    ``failed`` lists ``(model, reason)`` of the models that failed before ``chosen`` answered;
+    ``chosen`` is None when every model tried failed (the client got the error).
     """
 
     requested: str
-    chosen: str
+    chosen: str | None
     scores: Mapping[str, float] | None
     scorer_ms: float | None
     failed: tuple[tuple[str, str], ...] = ()
@@ -282,7 +283,7 @@ class Store:
         """Append routing decisions in one commit; with ``keep`` > 0, only the newest ``keep``
         rows of the log are kept."""
         now = time.time()
-        rows = [(e.at or now, e.requested, e.chosen,
+        rows = [(e.at or now, e.requested, e.chosen or "",  # the column predates unanswered rows: "" = none
                  None if e.scores is None else json.dumps(dict(e.scores)), e.scorer_ms,
                  json.dumps([{"model": m, "reason": r} for m, r in e.failed]), e.request_id)
                 for e in entries]
@@ -297,11 +298,12 @@ class Store:
 
     def recent_routes(self, limit: int = 100) -> list[dict]:
         """The newest ``limit`` decisions, newest first. ``failed`` is None on rows written before
-        it was recorded; ``scores`` and ``scorer_ms`` are None where nothing was scored."""
+        it was recorded; ``scores`` and ``scorer_ms`` are None where nothing was scored;
+        ``chosen`` is None where no model answered."""
         with self._lock:
             rows = self._db.execute(
                 "SELECT at, requested, chosen, scores, scorer_ms, failed, request_id "
                 "FROM routing_log ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
-        return [{"at": at, "requested": r, "chosen": c, "scores": json.loads(s) if s else None,
+        return [{"at": at, "requested": r, "chosen": c or None, "scores": json.loads(s) if s else None,
                  "scorer_ms": ms, "failed": json.loads(f) if f is not None else None,
                  "request_id": rid} for at, r, c, s, ms, f, rid in rows]

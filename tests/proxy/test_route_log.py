@@ -244,3 +244,18 @@ def test_openapi_describes_the_routing_log(tmp_path, upstream, start_proxy):
     (limit,) = op["parameters"]
     assert (limit["name"], limit["in"], limit["schema"]["maximum"]) == ("limit", "query", 1000)
     assert {"200", "400", "401"} <= set(op["responses"])
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_request_no_model_answered_is_logged_with_every_failure(tmp_path, upstream, start_proxy, stream):
+    proxy = serve(tmp_path, upstream, start_proxy, scores={"m1": 0.9, "m2": 0.5, "m3": 0.1})
+    for name in ("m1", "m2", "m3"):
+        upstream.set(name, fail(503))
+    with pytest.raises(openai.APIStatusError) as info:
+        client(proxy).chat.completions.create(model="auto", messages=MESSAGES, stream=stream,
+                                              extra_headers={"X-Request-ID": "req-all-failed"})
+    assert info.value.status_code >= 500
+    (entry,) = wait_for_routes(proxy, 1)
+    assert entry["chosen"] is None and entry["request_id"] == "req-all-failed"
+    assert entry["failed"] == [{"model": m, "reason": "http_503"} for m in ("m1", "m2", "m3")]
+    assert entry["scores"] == {"m1": 0.9, "m2": 0.5, "m3": 0.1}
