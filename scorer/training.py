@@ -13,7 +13,11 @@ Losses, both cross-entropy over a group's 'Yes' scores with the positive as the 
 - ``paper`` (the paper's term, always on): one model's capability (one random order + subset of
   tasks), k instructions: 1 the model got right, k-1 it got wrong.
 - ``route`` (routing-aligned, weight ``--route-weight``): one instruction, g models: 1 that got it
-  right, g-1 that got it wrong (the instruction's cache is computed once for the group).
+  right, g-1 that got it wrong (the instruction's cache is computed once for the group). With
+  ``--neighbours K`` its target is denoised instead: g random models, and the target distribution is
+  a softmax (temperature ``--target-temperature``) of each model's accuracy on the instruction's K
+  nearest train instructions (sentence-embedding cosine, the instruction itself left out). One
+  right/wrong outcome says little about which model suits a question; its neighbours say more.
 Stage 1 trains the connector only; stage 2 adds phi's LoRA adapters, with the connector at a larger
 learning rate, and, with ``--encoder-train-layers N``, psi's top N layers. While psi is frozen every
 clause vector is computed once up front; once it is tuned, clauses are encoded afresh each step.
@@ -50,11 +54,37 @@ class Pool:
     correct: np.ndarray            # [n_prompts, n_models] 1 / 0 / NaN
     models: list[str]
     profiles: dict[str, dict[str, float]]
+    soft: np.ndarray | None = None  # [n_prompts, n_models] neighbour accuracies (--neighbours), or None
 
 
-def build_pools(data: RoutingData, suite_name: str, exclude: list[str], val_size: int, seed: int
-                ) -> tuple[Pool, Pool, object]:
-    """Train and validation pools from ``data``'s train split; suite questions are never instructions."""
+def neighbour_targets(vectors: np.ndarray, correct: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
+    """Each row's mean outcome per model over its k most similar other rows (unit vectors, cosine).
+
+    NaN outcomes are left out of a mean; a model with no outcome among the neighbours gets NaN.
+    """
+    n = len(vectors)
+    k = min(k, n - 1)
+    known = ~np.isnan(correct)
+    values = np.nan_to_num(correct, nan=0.0)
+    out = np.full(correct.shape, np.nan, dtype=np.float32)
+    for start in range(0, n, chunk):
+        sims = vectors[start:start + chunk] @ vectors.T
+        sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf  # never itself
+        nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        counts = known[nearest].sum(1)
+        sums = values[nearest].sum(1)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            out[start:start + chunk] = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
+    return out
+
+
+def build_pools(data: RoutingData, suite_name: str, exclude: list[str], val_size: int, seed: int,
+                neighbours: int = 0) -> tuple[Pool, Pool, object]:
+    """Train and validation pools from ``data``'s train split; suite questions are never instructions.
+
+    ``neighbours`` > 0 also gives the train pool its denoised targets (``neighbour_targets`` over the
+    train pool's own rows, sentence embeddings from ``scorer.embeddings``' on-disk cache).
+    """
     suite = load_suite(suite_name)
     train = data.split("train")
     models = [m for m in train.models if m not in set(exclude)]
@@ -73,7 +103,13 @@ def build_pools(data: RoutingData, suite_name: str, exclude: list[str], val_size
     def pool(idx):
         return Pool([format_instruction(train.prompts[i]) for i in idx], correct[idx], models, profiles)
 
-    return pool(train_rows), pool(val_rows), suite
+    train_pool = pool(train_rows)
+    if neighbours > 0:
+        from scorer.embeddings import Embedder, dataset_embeddings
+
+        vectors = dataset_embeddings(train.subset(train_rows), Embedder())
+        train_pool.soft = neighbour_targets(vectors, train_pool.correct, neighbours)
+    return train_pool, pool(val_rows), suite
 
 
 @dataclass
@@ -143,13 +179,18 @@ class Trainer:
 
         paper_scores, route_losses = [], []
         for n, r in enumerate(rows):
-            group = self._route_group(r, j, src) if a.route_weight > 0 else []
+            soft = pool.soft is not None
+            group = (self._soft_group(r, j, src) if soft else self._route_group(r, j, src)) if a.route_weight > 0 else []
             cands = [j] + [m for m in group if m != j]
             scores = score_candidates(self.model, self.writer, pool.instructions[r], [[suffix(m)] for m in cands])
             paper_scores.append(scores[0])
             if group:
                 g = scores[[cands.index(m) for m in group]]
-                route_losses.append(F.cross_entropy(g[None], _first(g)))
+                if soft:
+                    target = torch.tensor(pool.soft[r, group], dtype=g.dtype, device=g.device)
+                    route_losses.append(F.cross_entropy(g[None], F.softmax(target / a.target_temperature, 0)[None]))
+                else:
+                    route_losses.append(F.cross_entropy(g[None], _first(g)))
         paper = F.cross_entropy(torch.stack(paper_scores)[None], _first(paper_scores[0]))
         route = torch.stack(route_losses).mean() if route_losses else None
         return paper, route
@@ -176,6 +217,15 @@ class Trainer:
         first = j if j in pos else rng.choice(pos)
         others = ([j] if j in neg else []) + rng.sample([m for m in neg if m != j], g - 1 - (j in neg))
         return [first] + others
+
+    def _soft_group(self, r: int, j: int, src: Source) -> list[int]:
+        """Models for instruction r under denoised targets: j and g-1 others with a target, at random."""
+        targets = src.pool.soft[r]
+        others = [int(m) for m in np.flatnonzero(~np.isnan(targets)) if m != j]
+        g = min(self.args.group_models, len(others) + 1)
+        if np.isnan(targets[j]) or g < 2:
+            return []
+        return [j] + self.rng.sample(others, g - 1)
 
     # ---- validation -------------------------------------------------------------------------
     @torch.no_grad()
@@ -261,7 +311,8 @@ class Trainer:
                 "train_models": [m for s in self.sources for m in s.pool.models],
                 "val_models": [m for s in self.sources for m in s.val_models], "steps": self.step,
                 "stage1_steps": a.stage1_steps, "seed": a.seed, "k": a.k, "group_models": a.group_models,
-                "route_weight": a.route_weight, "accumulate": a.accumulate, "budget_minutes": a.budget_minutes,
+                "route_weight": a.route_weight, "neighbours": a.neighbours,
+                "target_temperature": a.target_temperature, "accumulate": a.accumulate, "budget_minutes": a.budget_minutes,
                 "device": str(next(self.model.parameters()).device), "threads": a.threads, **extra}
 
     def save(self, out_dir: Path, extra: dict) -> None:
@@ -328,7 +379,7 @@ def build_sources(a) -> tuple[list[Source], object]:
     sources, first_suite = [], None
     for folder, suite_arg, weight in zip(folders, suites, weights):
         pool, val, suite = build_pools(load_dataset(folder), _suite_for(folder, suite_arg), a.exclude_models,
-                                       a.val_size, a.seed)
+                                       a.val_size, a.seed, neighbours=a.neighbours)
         first_suite = first_suite or suite
         sources.append(Source(Path(folder).name, pool, val, a.val_models.split(","), weight))
     return sources, first_suite
@@ -431,6 +482,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-models", type=int, default=3, help="route group: 1 right + g-1 wrong models")
     p.add_argument("--accumulate", type=int, default=1, help="groups per optimizer step")
     p.add_argument("--route-weight", type=float, default=1.0, help="0 = the paper's loss alone")
+    p.add_argument("--neighbours", type=int, default=0,
+                   help="route loss targets: each model's accuracy on the instruction's K nearest train "
+                   "instructions (0 = its own right/wrong outcome)")
+    p.add_argument("--target-temperature", type=float, default=0.05,
+                   help="softmax temperature of the --neighbours targets")
     p.add_argument("--min-task-frac", type=float, default=0.3)
     p.add_argument("--profile-noise", type=float, default=0.0,
                    help="std of the noise added to each training profile accuracy (0 = none)")

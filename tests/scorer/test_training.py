@@ -257,3 +257,56 @@ def test_profile_noise_changes_every_accuracy_in_whole_percents_and_is_off_by_de
     assert 0.05 < spread < 0.15
     trainer.set_stage(1)
     trainer.train_step()  # noisy clauses are encoded on the fly when not precomputed
+
+
+def test_neighbour_targets_average_the_nearest_other_rows_and_skip_unknown_outcomes():
+    from scorer.training import neighbour_targets
+
+    # rows 0-2 point one way, rows 3-4 the other; row 0 is never its own neighbour
+    v = np.array([[1, 0], [0.99, 0.14], [0.98, 0.2], [0, 1], [0.1, 0.99]], dtype=np.float32)
+    v /= np.linalg.norm(v, axis=1, keepdims=True)
+    correct = np.array([[1, 0], [0, 1], [0, np.nan], [1, 1], [0, 0]], dtype=float)
+    soft = neighbour_targets(v, correct, k=2, chunk=2)  # chunks smaller than the data: same answer
+    assert soft[0].tolist() == [0.0, 1.0]          # rows 1 and 2; row 2's NaN is left out
+    assert soft[3].tolist() == [0.0, 0.0]          # row 4 and the nearest of 0-2 (row 2: 0, NaN)
+    assert soft[2].tolist() == [0.5, 0.5]          # rows 1 and 0
+    only_nan = neighbour_targets(v[:2], np.array([[1, np.nan], [0, np.nan]]), k=1)
+    assert np.isnan(only_nan[:, 1]).all() and only_nan[:, 0].tolist() == [0.0, 1.0]
+
+
+def _soft_trainer(**kw) -> Trainer:
+    trainer = _trainer(**kw)
+    pool = trainer.pool
+    # denoised targets: on algebra 'alg' 0.9, on biology 'bio' 0.9, elsewhere all alike
+    pool.soft = np.where(pool.correct == 1, 0.9, 0.2).astype(np.float32)
+    return trainer
+
+
+def test_neighbour_targets_make_the_route_loss_a_soft_cross_entropy():
+    trainer = _soft_trainer(group_models=3, target_temperature=0.1)
+    src = trainer.sources[0]
+    for r in range(8):
+        group = trainer._soft_group(r, 2, src)
+        assert group[0] == 2 and sorted(group) == [0, 1, 2]  # every model has a target: no right/wrong needed
+    # an untrained network scores the three alike: the loss is the target's cross-entropy with uniform
+    _, route = trainer.group_losses()
+    assert route.item() == pytest.approx(math.log(3), abs=0.3)
+    trainer.pool.soft[:, 1] = np.nan  # a model without a target never enters a group
+    assert 1 not in trainer._soft_group(0, 0, src) and trainer._soft_group(0, 1, src) == []
+
+
+def test_training_on_neighbour_targets_learns_the_routing():
+    trainer = _soft_trainer(lr_stage2_connector=3e-2, lr_lora=1e-2, target_temperature=0.1)
+    trainer.set_stage(2)
+    before = _fixed_loss(trainer)
+    for _ in range(40):
+        trainer.train_step()
+    assert _fixed_loss(trainer) < before - 0.2
+
+
+def test_neighbours_is_parsed_and_off_by_default():
+    assert _args().neighbours == 0
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    a = p.parse_args(["--neighbours", "50", "--target-temperature", "0.1"])
+    assert (a.neighbours, a.target_temperature) == (50, 0.1)
