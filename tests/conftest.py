@@ -61,3 +61,24 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     return data_dir()
+
+
+_LOGGERS = ("satroute", "uvicorn", "uvicorn.error", "uvicorn.access")
+
+
+@pytest.fixture(autouse=True)
+def _restore_logging():
+    """Undo what a test's ``satroute serve`` (``configure_logging``) did to the loggers.
+
+    Left in place, its handler keeps writing to that test's captured stderr, which pytest has closed
+    by the next test ("--- Logging error ---"), and ``propagate = False`` hides records from caplog.
+    """
+    import logging
+
+    saved = {n: (list(lg.handlers), lg.level, lg.propagate, lg.disabled)
+             for n, lg in ((n, logging.getLogger(n)) for n in _LOGGERS)}
+    yield
+    for name, (handlers, level, propagate, disabled) in saved.items():
+        lg = logging.getLogger(name)
+        lg.handlers[:] = handlers
+        lg.level, lg.propagate, lg.disabled = level, propagate, disabled
