@@ -55,6 +55,7 @@ class Pool:
     models: list[str]
     profiles: dict[str, dict[str, float]]
     soft: np.ndarray | None = None  # [n_prompts, n_models] neighbour accuracies (--neighbours), or None
+    ids: list[str] | None = None     # the prompts' ids in the data set, where known
 
 
 def neighbour_targets(vectors: np.ndarray, correct: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
@@ -101,7 +102,8 @@ def build_pools(data: RoutingData, suite_name: str, exclude: list[str], val_size
     train_rows = np.array([i for i in train_rows if format_instruction(train.prompts[i]) not in val_texts])
 
     def pool(idx):
-        return Pool([format_instruction(train.prompts[i]) for i in idx], correct[idx], models, profiles)
+        return Pool([format_instruction(train.prompts[i]) for i in idx], correct[idx], models, profiles,
+                    ids=[train.prompts[i].id for i in idx])
 
     train_pool = pool(train_rows)
     if neighbours > 0:

@@ -1,0 +1,64 @@
+"""How much routing signal do the denoised training targets of ``satroute train --neighbours K`` hold?
+
+With ``--neighbours K`` the routing loss's target for an instruction is each model's accuracy on its
+K nearest train instructions (sentence-embedding cosine, itself left out). A scorer that reproduced
+those targets perfectly would route each train instruction to the argmax of its target. This script
+measures that routing accuracy on the training pool itself (the pool ``satroute train`` builds:
+suite questions and the validation slice held out), restricted to one zoo, for several K, next to
+the best single model and the oracle on the same rows. It is the ceiling of what distilling the
+targets can give on the training distribution; ``test`` is never read.
+
+    python bench/neighbour_targets.py --data ../shared/data/mmlu_pro --zoo small --k 10,30,100
+    python bench/neighbour_targets.py --data ../shared/data/routerdc --suite routerdc --zoo all
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from profile_headroom import ZOOS  # noqa: E402
+
+from scorer.data import data_root, load_dataset  # noqa: E402
+from scorer.embeddings import Embedder, dataset_embeddings  # noqa: E402
+from scorer.training import build_pools, neighbour_targets  # noqa: E402
+
+
+def ceiling(data_dir, suite: str, zoo: list[str] | None, ks: list[int], val_size: int = 60) -> list[dict]:
+    data = load_dataset(data_dir)
+    pool, _, _ = build_pools(data, suite, [], val_size, 0)
+    train = data.split("train")
+    vectors = dataset_embeddings(train.subset(train.rows(pool.ids)), Embedder())
+    cols = [pool.models.index(m) for m in (zoo or pool.models)]
+    correct = pool.correct[:, cols]
+    keep = ~np.isnan(correct).any(axis=1)  # the evaluation harness's rule: all zoo outcomes known
+    c = correct[keep]
+    out = []
+    for k in ks:
+        soft = neighbour_targets(vectors, pool.correct, k)[:, cols][keep]
+        pick = np.nan_to_num(soft, nan=-1.0).argmax(axis=1)
+        out.append({"k": k, "n": int(keep.sum()), "targets_argmax": round(float(c[np.arange(len(c)), pick].mean()), 4),
+                    "best_single": round(float(c.mean(axis=0).max()), 4), "oracle": round(float(c.max(axis=1).mean()), 4),
+                    "share_of_picks": {zoo_m: round(float(np.mean(pick == i)), 3)
+                                       for i, zoo_m in enumerate(zoo or pool.models)}})
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--data", default=str(data_root() / "mmlu_pro"))
+    ap.add_argument("--suite", default="mmlu_pro")
+    ap.add_argument("--zoo", default="small", help="small, mixed (MMLU-Pro) or all (every model of --data)")
+    ap.add_argument("--k", default="10,30,50,100")
+    a = ap.parse_args()
+    zoo = None if a.zoo == "all" else ZOOS[a.zoo]
+    for rec in ceiling(a.data, a.suite, zoo, [int(k) for k in a.k.split(",")]):
+        print(json.dumps({"data": Path(a.data).name, "zoo": a.zoo, **rec}))
+
+
+if __name__ == "__main__":
+    main()
