@@ -1,10 +1,11 @@
 """The routing log's writer: what answered each request to the router's name, kept in the store.
 
 Owns: ``RouteLog``, the bounded in-memory buffer the chat handler hands one entry per routed (or
-default-model) request to, answered or not, and the background loop that writes the buffer to the store every
-``SATROUTE_ROUTE_LOG_FLUSH_S`` in one ``Store.log_routes`` call on a worker thread, trimming the
-table to ``SATROUTE_ROUTE_LOG_KEEP`` rows. ``record`` does no I/O and never raises: when the buffer
-is full the oldest pending entry is dropped and counted, and the count is logged once per write.
+default-model) request to, answered or not, and the background loop that writes the buffer to the
+store every ``SATROUTE_ROUTE_LOG_FLUSH_S`` in one ``Store.log_routes`` call on a worker thread,
+trimming the table to ``SATROUTE_ROUTE_LOG_KEEP`` rows. ``record`` does no I/O and never raises: when
+the buffer is full the oldest pending entry is dropped and counted, and the count is logged once per
+write.
 ``stop`` writes whatever is pending; the app's lifespan calls it before background tasks are
 cancelled and the store is closed. Also reads recent entries back for ``GET /admin/routes``.
 ``route_log_hook`` is the start-up hook that attaches the log to the app's ``Services`` when there

@@ -10,8 +10,8 @@ order of pieces); ``--profile-noise`` perturbs the training profiles; ``--device
 a GPU.
 
 Losses, both cross-entropy over a group's 'Yes' scores with the positive as the target:
-- ``paper`` (the paper's term, always on): one model's capability (one random order + subset of
-  tasks), k instructions: 1 the model got right, k-1 it got wrong.
+- ``paper`` (the paper's term, weight ``--paper-weight``, 1 by default): one model's capability
+  (one random order + subset of tasks), k instructions: 1 the model got right, k-1 it got wrong.
 - ``route`` (routing-aligned, weight ``--route-weight``): one instruction, g models: 1 that got it
   right, g-1 that got it wrong (the instruction's cache is computed once for the group). With
   ``--neighbours K`` its target is denoised instead: g random models, and the target distribution is
@@ -180,8 +180,8 @@ class Trainer:
             return suffix_of[m]
 
         paper_scores, route_losses = [], []
-        for n, r in enumerate(rows):
-            soft = pool.soft is not None
+        soft = pool.soft is not None
+        for r in rows:
             group = (self._soft_group(r, j, src) if soft else self._route_group(r, j, src)) if a.route_weight > 0 else []
             cands = [j] + [m for m in group if m != j]
             scores = score_candidates(self.model, self.writer, pool.instructions[r], [[suffix(m)] for m in cands])
@@ -295,7 +295,7 @@ class Trainer:
         totals = {"loss": 0.0, "paper": 0.0, "route": 0.0}
         for _ in range(n):  # several groups per optimizer step: one group alone is a very noisy gradient
             paper, route = self.group_losses()
-            loss = paper if route is None else paper + self.args.route_weight * route
+            loss = self.args.paper_weight * paper + (0.0 if route is None else self.args.route_weight * route)
             (loss / n).backward()
             totals["loss"] += loss.item() / n
             totals["paper"] += paper.item() / n
@@ -313,7 +313,7 @@ class Trainer:
                 "train_models": [m for s in self.sources for m in s.pool.models],
                 "val_models": [m for s in self.sources for m in s.val_models], "steps": self.step,
                 "stage1_steps": a.stage1_steps, "seed": a.seed, "k": a.k, "group_models": a.group_models,
-                "route_weight": a.route_weight, "neighbours": a.neighbours,
+                "route_weight": a.route_weight, "paper_weight": a.paper_weight, "neighbours": a.neighbours,
                 "target_temperature": a.target_temperature, "accumulate": a.accumulate, "budget_minutes": a.budget_minutes,
                 "device": str(next(self.model.parameters()).device), "threads": a.threads, **extra}
 
@@ -484,6 +484,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--group-models", type=int, default=3, help="route group: 1 right + g-1 wrong models")
     p.add_argument("--accumulate", type=int, default=1, help="groups per optimizer step")
     p.add_argument("--route-weight", type=float, default=1.0, help="0 = the paper's loss alone")
+    p.add_argument("--paper-weight", type=float, default=1.0,
+                   help="weight of the paper's loss (below 1: its noisy, large gradients no longer "
+                   "drown the routing loss's under the gradient clip)")
     p.add_argument("--neighbours", type=int, default=0,
                    help="route loss targets: each model's accuracy on the instruction's K nearest train "
                    "instructions (0 = its own right/wrong outcome)")

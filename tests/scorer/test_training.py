@@ -310,3 +310,17 @@ def test_neighbours_is_parsed_and_off_by_default():
     add_arguments(p)
     a = p.parse_args(["--neighbours", "50", "--target-temperature", "0.1"])
     assert (a.neighbours, a.target_temperature) == (50, 0.1)
+
+
+def test_paper_weight_scales_the_papers_term_in_the_step_loss():
+    def step_loss(**kw) -> dict:
+        trainer = _trainer(**kw)
+        trainer.set_stage(2)
+        return trainer.train_step()
+
+    full, quarter, none = step_loss(), step_loss(paper_weight=0.25), step_loss(paper_weight=0.0)
+    # the same seed draws the same first group: same paper and route terms, differently weighted
+    assert quarter["paper"] == pytest.approx(full["paper"]) and none["route"] == pytest.approx(full["route"])
+    assert full["loss"] == pytest.approx(full["paper"] + full["route"], rel=1e-5)
+    assert quarter["loss"] == pytest.approx(0.25 * full["paper"] + full["route"], rel=1e-5)
+    assert none["loss"] == pytest.approx(full["route"], rel=1e-5)
