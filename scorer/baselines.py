@@ -3,8 +3,8 @@
 Owns: the four baselines the paper compares Model-SAT with, all predicting per model the chance that it
 answers an instruction right, from the instruction's sentence embedding (``scorer.embeddings``):
 
-- ``knn``: the share of the k nearest train prompts (cosine) each model got right; k is chosen on a
-  held-out slice of train.
+- ``knn``: the share of the k nearest train prompts (cosine; ``neighbour_counts``, which training's
+  ``--neighbours`` targets reuse) each model got right; k is chosen on a held-out slice of train.
 - ``mlp``: one hidden layer, one sigmoid output per model, trained with a masked binary
   cross-entropy (missing outcomes do not count), early-stopped on a held-out slice of train.
 - ``rf``: a multi-output random forest regressor on the embedding (a missing outcome is filled with
@@ -79,20 +79,32 @@ class EmbeddingScorer(_PerModelScorer):
         return self.fn(self.embedder.encode(instructions))
 
 
-def _knn_fn(X: np.ndarray, Y: np.ndarray, k: int) -> Callable[[np.ndarray], np.ndarray]:
+def neighbour_counts(Q: np.ndarray, X: np.ndarray, Y: np.ndarray, k: int, *, leave_self_out: bool = False,
+                     chunk: int = 512) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``Q``, over its ``k`` most similar rows of ``X`` (cosine of unit vectors): how
+    many each model got right (``Y``: 1 / 0 / NaN) and how many it has an outcome for.
+
+    ``leave_self_out``: ``Q`` is ``X`` itself and no row counts as its own neighbour.
+    """
     known = ~np.isnan(Y)
     Y0 = np.nan_to_num(Y)
+    hits, seen = np.empty((len(Q), Y.shape[1])), np.empty((len(Q), Y.shape[1]), dtype=np.int64)
+    for start in range(0, len(Q), chunk):
+        sims = Q[start:start + chunk] @ X.T
+        if leave_self_out:
+            sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf
+        nn = np.argpartition(-sims, min(k, len(X) - 1), axis=1)[:, :k]
+        hits[start:start + chunk], seen[start:start + chunk] = Y0[nn].sum(axis=1), known[nn].sum(axis=1)
+    return hits, seen
+
+
+def _knn_fn(X: np.ndarray, Y: np.ndarray, k: int) -> Callable[[np.ndarray], np.ndarray]:
     prior = np.nanmean(Y, axis=0)
 
     def fn(Q: np.ndarray) -> np.ndarray:
-        out = np.empty((len(Q), Y.shape[1]))
-        for start in range(0, len(Q), 512):
-            sims = Q[start:start + 512] @ X.T
-            nn = np.argpartition(-sims, min(k, len(X) - 1), axis=1)[:, :k]
-            hits, seen = Y0[nn].sum(axis=1), known[nn].sum(axis=1)
-            # one pseudo-count of the model's prior keeps a tie-free, defined estimate
-            out[start:start + 512] = (hits + prior) / (seen + 1)
-        return out
+        hits, seen = neighbour_counts(Q, X, Y, k)
+        # one pseudo-count of the model's prior keeps a tie-free, defined estimate
+        return (hits + prior) / (seen + 1)
 
     return fn
 
@@ -214,4 +226,5 @@ def train_baseline(name: str, data: RoutingData, models: Sequence[str], embedder
     return scorer
 
 
-__all__ = ["AptitudeMeanScorer", "BASELINES", "CategoryBestScorer", "EmbeddingScorer", "train_baseline"]
+__all__ = ["AptitudeMeanScorer", "BASELINES", "CategoryBestScorer", "EmbeddingScorer", "neighbour_counts",
+           "train_baseline"]

@@ -22,7 +22,8 @@ Stage 1 trains the connector only; stage 2 adds phi's LoRA adapters, with the co
 learning rate, and, with ``--encoder-train-layers N``, psi's top N layers. While psi is frozen every
 clause vector is computed once up front; once it is tuned, clauses are encoded afresh each step.
 
-Does not know: serving, HTTP, evaluation baselines.
+Does not know: serving, HTTP, evaluation baselines (``--neighbours`` reuses the kNN baseline's
+``neighbour_counts``, leaving each row out of its own neighbours).
 """
 from __future__ import annotations
 
@@ -38,6 +39,7 @@ import torch
 import torch.nn.functional as F
 
 from scorer.aptitude import load_suite, profile_from_outcomes
+from scorer.baselines import neighbour_counts
 from scorer.capability import perturb, task_clause
 from scorer.data import RoutingData, data_root, format_instruction, load_dataset
 from scorer.inference import CapabilityWriter, load_model, save_checkpoint, score_candidates, suite_keywords
@@ -59,24 +61,14 @@ class Pool:
 
 
 def neighbour_targets(vectors: np.ndarray, correct: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
-    """Each row's mean outcome per model over its k most similar other rows (unit vectors, cosine).
+    """Each row's mean outcome per model over its k most similar other rows (unit vectors, cosine;
+    the kNN baseline's count without its prior pseudo-count).
 
     NaN outcomes are left out of a mean; a model with no outcome among the neighbours gets NaN.
     """
-    n = len(vectors)
-    k = min(k, n - 1)
-    known = ~np.isnan(correct)
-    values = np.nan_to_num(correct, nan=0.0)
-    out = np.full(correct.shape, np.nan, dtype=np.float32)
-    for start in range(0, n, chunk):
-        sims = vectors[start:start + chunk] @ vectors.T
-        sims[np.arange(len(sims)), np.arange(start, start + len(sims))] = -np.inf  # never itself
-        nearest = np.argpartition(-sims, k - 1, axis=1)[:, :k]
-        counts = known[nearest].sum(1)
-        sums = values[nearest].sum(1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            out[start:start + chunk] = np.where(counts > 0, sums / np.maximum(counts, 1), np.nan)
-    return out
+    hits, seen = neighbour_counts(vectors, vectors, correct, min(k, len(vectors) - 1), leave_self_out=True,
+                                  chunk=chunk)
+    return np.where(seen > 0, hits / np.maximum(seen, 1), np.nan).astype(np.float32)
 
 
 def build_pools(data: RoutingData, suite_name: str, exclude: list[str], val_size: int, seed: int,
