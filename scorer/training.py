@@ -361,6 +361,16 @@ def _suite_for(folder: str, suite_arg: str) -> str:
     return name if (assets_dir() / "suites" / f"{name}.json").exists() else "mmlu_pro"
 
 
+def _best_so_far(out_dir: Path) -> float:
+    """The validation accuracy of the weights in ``out/best`` (-1 if none): a resumed run only
+    replaces them with better ones, as one uninterrupted run would."""
+    try:
+        meta = json.loads((out_dir / "best" / "training.json").read_text(encoding="utf-8"))
+        return float(meta["val_routing_acc"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return -1.0
+
+
 def build_sources(a) -> tuple[list[Source], object]:
     """One ``Source`` per ``--data`` folder (comma-separated), with its suite and weight."""
     folders = [f for f in str(a.data).split(",") if f]
@@ -406,7 +416,7 @@ def run(a) -> int:
     log = open(out_dir / "log.jsonl", "a", encoding="utf-8")
     started, last_save = time.monotonic(), time.monotonic()
     total = a.stage1_steps + a.stage2_steps
-    best = -1.0
+    best = _best_so_far(out_dir) if resume else -1.0
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=trainer.step, desc="capability tuning", mininterval=10)

@@ -198,6 +198,17 @@ def test_save_and_resume_continue_the_same_run(tmp_path):
     assert got["loss"] == pytest.approx(expected["loss"], rel=1e-4)
 
 
+def test_a_resumed_run_keeps_the_best_validation_of_the_runs_before_it(tmp_path):
+    from scorer.training import _best_so_far
+
+    assert _best_so_far(tmp_path) == -1.0  # nothing saved yet: any validation is an improvement
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "training.json").write_text('{"val_routing_acc": 0.65, "steps": 250}')
+    assert _best_so_far(tmp_path) == 0.65  # a resumed run must beat 0.65 to replace out/best
+    (tmp_path / "best" / "training.json").write_text("{not json")
+    assert _best_so_far(tmp_path) == -1.0
+
+
 def _load(folder):
     from safetensors.torch import load_file
 
