@@ -18,6 +18,10 @@ Losses, both cross-entropy over a group's 'Yes' scores with the positive as the 
   a softmax (temperature ``--target-temperature``) of each model's accuracy on the instruction's K
   nearest train instructions (sentence-embedding cosine, the instruction itself left out). One
   right/wrong outcome says little about which model suits a question; its neighbours say more.
+The paper's term teaches which instructions a capability gets right, not which of several
+capabilities gets one instruction right; with it on, the routing term's gradient stays too small to
+move the scores apart per request. The default checkpoint therefore ends with a routing-alignment
+stage: ``--init`` from a paper-loss run, ``--paper-weight 0``, ``--neighbours`` targets.
 Stage 1 trains the connector only; stage 2 adds phi's LoRA adapters, with the connector at a larger
 learning rate, and, with ``--encoder-train-layers N``, psi's top N layers. While psi is frozen every
 clause vector is computed once up front; once it is tuned, clauses are encoded afresh each step.
@@ -306,7 +310,8 @@ class Trainer:
                 "val_models": [m for s in self.sources for m in s.val_models], "steps": self.step,
                 "stage1_steps": a.stage1_steps, "seed": a.seed, "k": a.k, "group_models": a.group_models,
                 "route_weight": a.route_weight, "paper_weight": a.paper_weight, "neighbours": a.neighbours,
-                "target_temperature": a.target_temperature, "accumulate": a.accumulate, "budget_minutes": a.budget_minutes,
+                "target_temperature": a.target_temperature, "profile_noise": a.profile_noise,
+                "accumulate": a.accumulate, "budget_minutes": a.budget_minutes,
                 "device": str(next(self.model.parameters()).device), "threads": a.threads, **extra}
 
     def save(self, out_dir: Path, extra: dict) -> None:
@@ -488,7 +493,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--route-weight", type=float, default=1.0, help="0 = the paper's loss alone")
     p.add_argument("--paper-weight", type=float, default=1.0,
                    help="weight of the paper's loss (below 1: its noisy, large gradients no longer "
-                   "drown the routing loss's under the gradient clip)")
+                   "drown the routing loss's; 0 after a warm start: the routing-alignment stage that "
+                   "made the default checkpoint route per request)")
     p.add_argument("--neighbours", type=int, default=0,
                    help="route loss targets: each model's accuracy on the instruction's K nearest train "
                    "instructions (0 = its own right/wrong outcome)")

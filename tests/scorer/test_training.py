@@ -187,6 +187,7 @@ def test_save_and_resume_continue_the_same_run(tmp_path):
     trainer.save(tmp_path, {"note": "t"})
     meta = json.loads((tmp_path / "training.json").read_text())
     assert meta["steps"] == 1 and meta["train_models"] == ["alg", "bio", "none"]
+    assert meta["paper_weight"] == 1.0 and meta["profile_noise"] == 0.0  # how the weights were trained
     expected = trainer.train_step()
     other = _trainer()
     other.model.load_trainable_state({k: v for k, v in _load(tmp_path).items()})
