@@ -76,3 +76,33 @@ def test_committed_checkpoint_ranks_a_strong_model_above_a_weak_one():
         assert set(scores) == set(zoo)
         wins += scores["gpt4o"] > scores["Llama-2-7b-hf"]
     assert wins >= 2
+
+
+@pytest.mark.backbone
+def test_committed_checkpoint_routes_by_the_request_not_only_by_the_profile():
+    """RouterDC's zoo: maths word problems go to a maths specialist, Chinese questions do not.
+
+    A checkpoint that only ranks profiles (the same model for every request) fails this.
+    """
+    from scorer import load_scorer
+    from scorer.aptitude import builtin_profiles
+
+    scorer = load_scorer(device="cpu")
+    zoo = builtin_profiles("routerdc")
+    maths = {"meta-math/MetaMath-Mistral-7B", "cognitivecomputations/dolphin-2.9-llama3-8b"}
+    word_problems = [
+        "A baker makes 24 muffins every morning and sells them in boxes of 6. Each box costs $5. "
+        "How many dollars does the baker take in over one week?",
+        "Tom has 3 times as many marbles as Ann. Together they have 48 marbles. How many marbles does Tom have?",
+    ]
+    chinese = [
+        "下列哪一项是中国古代的四大发明之一？\nA. 火药\nB. 电灯\nC. 蒸汽机\nD. 电话\n答案：",
+        "在中国历史上，秦朝统一六国是在哪一年？\nA. 公元前221年\nB. 公元前206年\nC. 公元220年\nD. 公元589年\n答案：",
+    ]
+
+    def top(question: str) -> str:
+        scores = scorer.score(question, zoo)
+        return max(scores, key=scores.get)
+
+    assert all(top(q) in maths for q in word_problems)
+    assert not any(top(q) in maths for q in chinese)
