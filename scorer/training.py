@@ -46,10 +46,11 @@ from scorer.aptitude import load_suite, profile_from_outcomes
 from scorer.baselines import neighbour_counts
 from scorer.capability import perturb, task_clause
 from scorer.data import RoutingData, data_root, format_instruction, load_dataset
-from scorer.inference import CapabilityWriter, load_model, save_checkpoint, score_candidates, suite_keywords
+from scorer.inference import META, CapabilityWriter, load_model, save_checkpoint, score_candidates, suite_keywords
 from scorer.modeling import LAYOUTS, ModelSAT, ModelSATConfig
 
 STATE = "train_state.pt"
+BEST = "best"  # the best-validated weights so far, a checkpoint folder inside --out
 
 
 @dataclass
@@ -370,7 +371,7 @@ def _best_so_far(out_dir: Path) -> float:
     """The validation accuracy of the weights in ``out/best`` (-1 if none): a resumed run only
     replaces them with better ones, as one uninterrupted run would."""
     try:
-        meta = json.loads((out_dir / "best" / "training.json").read_text(encoding="utf-8"))
+        meta = json.loads((out_dir / BEST / META).read_text(encoding="utf-8"))
         return float(meta["val_routing_acc"])
     except (OSError, ValueError, KeyError, TypeError):
         return -1.0
@@ -441,7 +442,7 @@ def run(a) -> int:
             rec["val"] = dict(trainer.last_val)
             if rec["val_routing_acc"] > best:  # keep the best-validated weights next to the latest
                 best = rec["val_routing_acc"]
-                save_checkpoint(model, out_dir / "best", trainer.meta(out_dir, {"val_routing_acc": best,
+                save_checkpoint(model, out_dir / BEST, trainer.meta(out_dir, {"val_routing_acc": best,
                                                                                   "val": rec["val"]}))
         log.write(json.dumps(rec) + "\n")
         log.flush()
