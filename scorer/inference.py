@@ -129,10 +129,10 @@ def score_candidates(model: ModelSAT, writer: CapabilityWriter, instruction: str
     flat = [s for group in suffix_lists for s in group]
     if model.config.layout == "paper":
         head = model.embed_ids(model.token_ids(model.config.head))
-        rest = model.embed_ids(model.instruction_ids(instruction))
+        rest = model.instruction_embeds(instruction)
         scores = model.score_rows([torch.cat([head, s.to(head.dtype), rest]) for s in flat])
     else:
-        past = model.prefix_cache(model.embed_ids(model.prefix_ids(instruction)))
+        past = model.prefix_cache(model.instruction_embeds(instruction))
         scores = model.score_shared(past, flat)
     return scores.view(len(suffix_lists), -1).float().mean(dim=1)
 

@@ -16,6 +16,11 @@ and both re-orderings)::
     [HEAD instruction MID] [capability vectors (encoder variant) | capability text (text variant)] [TAIL]
      '------ prefix ------' '------------------------- candidate suffix --------------------------'
 
+With ``instruction_vector_tokens`` > 0, psi's sentence vector of the instruction (read over psi's
+own, longer window) goes through its own connector and sits just before the instruction's tokens,
+in either layout: phi then sees the whole instruction's gist, not only its first
+``max_instruction_tokens`` tokens.
+
 The paper's layout (``layout="paper"``) puts the capability first, so every instruction token is
 read in the light of the candidate's capability, at the price of computing the instruction once per
 candidate and re-ordering instead of once per request (``score_rows``)::
@@ -31,6 +36,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -75,6 +81,8 @@ class ModelSATConfig:
     n_orders: int = 2                 # re-orderings averaged at inference
     order_seed: int = 0
     layout: str = "instruction_first"  # or "paper": capability first (see the module docstring)
+    instruction_vector_tokens: int = 0  # >0: psi also reads the instruction's first N tokens; its
+    #                                     vector, through its own connector, is one more token of phi's
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:
@@ -158,11 +166,34 @@ class ModelSAT(nn.Module):
                 self.connector.bias.zero_()
         elif config.variant != "text":
             raise ValueError(f"unknown variant {config.variant!r}")
+        if config.instruction_vector_tokens > 0:
+            self.add_instruction_vector(config.instruction_vector_tokens)
         if config.lora_rank > 0:
             for layer in list(self.layers)[len(self.layers) - config.lora_layers:]:
                 for name in config.lora_targets:
                     parent = layer.self_attn if hasattr(layer.self_attn, name) else layer.mlp
                     setattr(parent, name, LoRALinear(getattr(parent, name), config.lora_rank, config.lora_alpha))
+
+    def add_instruction_vector(self, tokens: int) -> None:
+        """Give phi psi's sentence vector of the whole instruction (its first ``tokens`` tokens), as one
+        soft token just before the instruction's own tokens.
+
+        phi reads only ``max_instruction_tokens`` of the instruction; psi's window is longer and its
+        vector is the kind the kNN and MLP baselines route on. The vector has its own connector,
+        started as a copy of the clause connector (both map psi's space into phi's), so a checkpoint
+        trained without it keeps its scores' meaning when it is added.
+        """
+        if self.config.variant != "encoder":
+            raise ValueError("the instruction vector needs the encoder variant's psi")
+        d_enc = self.encoder.config.hidden_size
+        layer = nn.Linear(d_enc, self.connector.out_features).to(self.connector.weight.device,
+                                                                 self.connector.weight.dtype)
+        with torch.no_grad():
+            layer.weight.copy_(self.connector.weight[:, :d_enc])
+            layer.bias.copy_(self.connector.bias)
+        self.instruction_connector = layer
+        self.config.instruction_vector_tokens = int(tokens)
+        self._instruction_vectors: OrderedDict[str, torch.Tensor] = OrderedDict()
 
     @classmethod
     def from_backbones(cls, config: ModelSATConfig) -> "ModelSAT":
@@ -195,7 +226,7 @@ class ModelSAT(nn.Module):
 
     def trainable_state(self) -> dict[str, torch.Tensor]:
         """Only the parts training changes: the connector, the LoRA adapters, psi's tuned layers."""
-        tuned = ("connector.",) + self.encoder_tuned_prefixes()
+        tuned = ("connector.", "instruction_connector.") + self.encoder_tuned_prefixes()
         return {k: v.detach().clone() for k, v in self.state_dict().items()
                 if k.startswith(tuned) or ".lora_" in k}
 
@@ -214,10 +245,14 @@ class ModelSAT(nn.Module):
 
     def encode_clauses_live(self, texts: list[str], batch_size: int = 128) -> torch.Tensor:
         """``encode_clauses`` with autograd on: stage 2 tunes psi's top layers through it."""
+        return self._encode(texts, self.config.max_clause_tokens, batch_size)
+
+    def _encode(self, texts: list[str], max_length: int, batch_size: int = 128) -> torch.Tensor:
+        device = next(self.encoder.parameters()).device
         out = []
         for i in range(0, len(texts), batch_size):
             tok = self.encoder_tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
-                                         max_length=self.config.max_clause_tokens, return_tensors="pt")
+                                         max_length=max_length, return_tensors="pt").to(device)
             hidden = self.encoder(**tok).last_hidden_state
             mask = tok["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp_min(1.0)
@@ -231,6 +266,33 @@ class ModelSAT(nn.Module):
             x = torch.cat([x, accuracies.unsqueeze(-1).to(x.dtype)], dim=-1)
         return self.connector(x)
 
+    def instruction_vector(self, instruction: str) -> torch.Tensor:
+        """psi's vector of the instruction through its connector ``[1, D]``; psi is not tuned through
+        it, so the vectors of the last few thousand instructions are kept."""
+        vec = self._instruction_vectors.get(instruction)
+        if vec is None:
+            with torch.no_grad():
+                vec = self._encode([instruction], self.config.instruction_vector_tokens)[0]
+            self._instruction_vectors[instruction] = vec
+            while len(self._instruction_vectors) > 4096:
+                self._instruction_vectors.popitem(last=False)
+        else:
+            self._instruction_vectors.move_to_end(instruction)
+        weight = self.embed.weight  # a cached vector may predate a move to another device or dtype
+        return self.instruction_connector(vec.to(weight.device, weight.dtype))[None]
+
+    def instruction_embeds(self, instruction: str) -> torch.Tensor:
+        """The pieces around the instruction, embedded ``[P, D]``: HEAD + instruction + MID (instruction
+        first: the shared prefix), or MID + instruction + TAIL (the paper's layout). With an
+        instruction vector, it comes just before the instruction's tokens."""
+        cfg = self.config
+        before, after = (cfg.head, cfg.mid) if cfg.layout == "instruction_first" else (cfg.mid, cfg.tail)
+        pieces = [self.embed_ids(self.token_ids(before))]
+        if cfg.instruction_vector_tokens > 0:
+            pieces.append(self.instruction_vector(instruction))
+        pieces += [self.embed_ids(self._instruction(instruction)), self.embed_ids(self.token_ids(after))]
+        return torch.cat(pieces)
+
     # ---- token pieces ----------------------------------------------------------------------------
     def token_ids(self, text: str) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
@@ -238,10 +300,6 @@ class ModelSAT(nn.Module):
     def prefix_ids(self, instruction: str) -> list[int]:
         """HEAD + the instruction truncated to ``max_instruction_tokens`` + MID."""
         return self.token_ids(self.config.head) + self._instruction(instruction) + self.token_ids(self.config.mid)
-
-    def instruction_ids(self, instruction: str) -> list[int]:
-        """Paper layout: MID + the instruction truncated to ``max_instruction_tokens`` + TAIL."""
-        return self.token_ids(self.config.mid) + self._instruction(instruction) + self.token_ids(self.config.tail)
 
     def _instruction(self, instruction: str) -> list[int]:
         return self.token_ids(instruction)[: self.config.max_instruction_tokens]

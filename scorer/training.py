@@ -268,7 +268,8 @@ class Trainer:
             p.requires_grad_(stage == 2)
         self.writer.live = stage == 2 and bool(encoder)  # a tuned psi cannot use cached vectors
         self.stage = stage
-        connector = list(m.connector.parameters()) if hasattr(m, "connector") else []
+        connector = [p for name in ("connector", "instruction_connector") if hasattr(m, name)
+                     for p in getattr(m, name).parameters()]
         groups = [{"params": connector}]
         if stage == 2:
             groups += [{"params": encoder}, {"params": lora}]
@@ -337,7 +338,8 @@ def _config_from_args(a, suite: str) -> ModelSATConfig:
                           accuracy_feature=a.accuracy_feature, lora_rank=a.lora_rank,
                           lora_layers=a.lora_layers, suite=suite,
                           encoder_train_layers=a.encoder_train_layers,
-                          encoder=a.encoder, llm=a.llm, text_max_tasks=a.text_max_tasks
+                          encoder=a.encoder, llm=a.llm, text_max_tasks=a.text_max_tasks,
+                          instruction_vector_tokens=a.instruction_vector_tokens
                           ).with_layout(a.layout or "instruction_first")
 
 
@@ -377,6 +379,17 @@ def _best_so_far(out_dir: Path) -> float:
         return -1.0
 
 
+def warm_start(folder: str | Path, device: str, layout: str = "", instruction_vector_tokens: int = 0) -> ModelSAT:
+    """Another checkpoint's network and trained parts, read in ``layout``'s order (the connector and
+    LoRA carry over) and given an instruction vector if asked and it has none (one it has is kept)."""
+    model = load_model(folder, device=device)
+    if layout and layout != model.config.layout:
+        model.config = model.config.with_layout(layout)
+    if instruction_vector_tokens and not model.config.instruction_vector_tokens:
+        model.add_instruction_vector(instruction_vector_tokens)
+    return model
+
+
 def build_sources(a) -> tuple[list[Source], object]:
     """One ``Source`` per ``--data`` folder (comma-separated), with its suite and weight."""
     folders = [f for f in str(a.data).split(",") if f]
@@ -406,10 +419,7 @@ def run(a) -> int:
     if resume:
         model = load_model(out_dir, device=device)
     elif a.init:
-        model = load_model(a.init, device=device)  # warm start: the network and trained parts of another checkpoint
-        if a.layout and a.layout != model.config.layout:  # connector + LoRA carry over to a new order
-            model.config = model.config.with_layout(a.layout)
-        model.train()
+        model = warm_start(a.init, device, a.layout, a.instruction_vector_tokens).train()
     else:
         model = ModelSAT.from_backbones(_config_from_args(a, suite.name)).to(device)
     writer = CapabilityWriter(model, suite_keywords(suite))
@@ -472,6 +482,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--llm", default="default:smollm2")
     p.add_argument("--n-layers", type=int, default=4)
     p.add_argument("--max-instruction-tokens", type=int, default=64)
+    p.add_argument("--instruction-vector-tokens", type=int, default=0,
+                   help="psi also reads the instruction's first N tokens; its vector is one more token "
+                   "of phi's (0 = off; with --init, grown onto the warm start)")
     p.add_argument("--layout", choices=sorted(LAYOUTS), default="",
                    help="order of the pieces (default: instruction_first, or --init's)")
     p.add_argument("--accuracy-feature", action=argparse.BooleanOptionalAction, default=True,

@@ -110,6 +110,20 @@ def test_checkpoint_round_trip_keeps_only_trained_parts(tmp_path, monkeypatch):
         load_model(tmp_path / "nowhere")
 
 
+def test_checkpoint_round_trip_carries_the_instruction_vectors_connector(tmp_path, monkeypatch):
+    enc, llm = tiny.save_backbones(tmp_path / "backbones")
+    model = tiny.build(accuracy_feature=True, encoder=enc, llm=llm)
+    model.add_instruction_vector(48)  # grown onto a trained network, as ``--init`` does
+    with torch.no_grad():
+        model.instruction_connector.weight.add_(0.3)
+    again = load_model(save_checkpoint(model, tmp_path / "ckpt"))
+    assert again.config.instruction_vector_tokens == 48
+    torch.testing.assert_close(again.instruction_connector.weight, model.instruction_connector.weight)
+    monkeypatch.setattr("scorer.inference.load_suite", lambda name: tiny.suite())
+    assert ModelSATScorer.load(tmp_path / "ckpt", device="cpu").score("law court", PROFILES) == pytest.approx(
+        ModelSATScorer(model, tiny.suite()).score("law court", PROFILES), abs=1e-4)
+
+
 def test_checkpoint_round_trip_carries_psis_tuned_layers(tmp_path, monkeypatch):
     enc, llm = tiny.save_backbones(tmp_path / "backbones")
     model = tiny.build(accuracy_feature=True, encoder_train_layers=1, encoder=enc, llm=llm)
@@ -168,3 +182,12 @@ def test_layout_is_saved_with_the_checkpoint_and_checked(tmp_path, monkeypatch):
     assert ModelSATConfig.from_dict({}).layout == "instruction_first"  # configs saved before layouts
     with pytest.raises(ValueError, match="layout"):
         ModelSATConfig(layout="sideways")
+
+
+@pytest.mark.gpu
+def test_scorer_on_cuda_in_bfloat16_scores_like_the_cpu():
+    model = tiny.build(accuracy_feature=True, instruction_vector_tokens=32)
+    expected = ModelSATScorer(model, tiny.suite()).score("law court", PROFILES)
+    model.to(device="cuda", dtype=torch.bfloat16)  # psi's tokens and every piece must follow it there
+    got = ModelSATScorer(model, tiny.suite()).score("law court", PROFILES)
+    assert got == pytest.approx(expected, abs=0.1)

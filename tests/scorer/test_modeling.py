@@ -97,3 +97,36 @@ def test_bfloat16_copy_keeps_rope_in_float32_and_close_scores():
         got = half.score_rows([half.embed_ids(ids)])
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), ref, rtol=0.05, atol=0.05)
+
+
+def test_instruction_vector_reads_past_phis_window_as_one_more_prefix_token():
+    model, _ = _model(accuracy_feature=True, max_instruction_tokens=3)
+    a, b = "what is algebra equation court war", "what is algebra cells history law"
+    torch.testing.assert_close(model.instruction_embeds(a), model.embed_ids(model.prefix_ids(a)))
+    torch.testing.assert_close(model.instruction_embeds(a), model.instruction_embeds(b))  # phi sees 3 tokens
+
+    model.add_instruction_vector(64)
+    assert model.config.instruction_vector_tokens == 64
+    d_enc = model.encoder.config.hidden_size  # starts as the clause connector, less the accuracy column
+    torch.testing.assert_close(model.instruction_connector.weight, model.connector.weight[:, :d_enc])
+    with torch.no_grad():
+        ea, eb = model.instruction_embeds(a), model.instruction_embeds(b)
+    plain = model.embed_ids(model.prefix_ids(a))
+    assert ea.shape[0] == plain.shape[0] + 1
+    n_head = len(model.token_ids(model.config.head))
+    torch.testing.assert_close(torch.cat([ea[:n_head], ea[n_head + 1:]]), plain)
+    assert not torch.allclose(ea[n_head], eb[n_head])  # psi read the words phi's window cut off
+    assert set(model.trainable_state()) >= {"instruction_connector.weight", "instruction_connector.bias"}
+
+
+def test_instruction_vectors_are_encoded_once_per_instruction(monkeypatch):
+    model, _ = _model(accuracy_feature=True, instruction_vector_tokens=32)
+    calls = []
+    encode = model._encode
+    monkeypatch.setattr(model, "_encode", lambda texts, n, *r: calls.append((tuple(texts), n)) or encode(texts, n))
+    with torch.no_grad():
+        first = model.instruction_vector("law court")
+        again = model.instruction_vector("law court")
+        model.instruction_vector("history war")
+    torch.testing.assert_close(first, again)
+    assert calls == [(("law court",), 32), (("history war",), 32)]

@@ -180,6 +180,32 @@ def test_accumulation_averages_several_groups_per_step():
     assert rec["loss"] == pytest.approx(rec["paper"] + rec["route"], rel=1e-5)
 
 
+def test_both_connectors_train_in_every_stage():
+    trainer = _trainer()
+    trainer.model.add_instruction_vector(32)
+    for stage in (1, 2):
+        trainer.set_stage(stage)
+        before = trainer.model.instruction_connector.weight.clone()
+        trainer.train_step()
+        assert not torch.equal(trainer.model.instruction_connector.weight, before)
+
+
+def test_a_warm_start_changes_layout_and_grows_an_instruction_vector_only_once(tmp_path):
+    from scorer.inference import save_checkpoint
+    from scorer.training import warm_start
+
+    enc, llm = tiny.save_backbones(tmp_path / "backbones")
+    plain = save_checkpoint(tiny.build(accuracy_feature=True, encoder=enc, llm=llm), tmp_path / "plain")
+    assert not hasattr(warm_start(plain, "cpu"), "instruction_connector")
+    grown = warm_start(plain, "cpu", layout="paper", instruction_vector_tokens=24)
+    assert grown.config.layout == "paper" and grown.config.instruction_vector_tokens == 24
+    with torch.no_grad():
+        grown.instruction_connector.bias.add_(1.0)
+    again = warm_start(save_checkpoint(grown, tmp_path / "grown"), "cpu", instruction_vector_tokens=64)
+    assert again.config.instruction_vector_tokens == 24  # its trained vector is kept, not re-grown
+    torch.testing.assert_close(again.instruction_connector.bias, grown.instruction_connector.bias)
+
+
 def test_save_and_resume_continue_the_same_run(tmp_path):
     trainer = _trainer()
     trainer.set_stage(1)
