@@ -310,7 +310,8 @@ class Trainer:
                 "exclude_models": a.exclude_models, "data_weights": [s.weight for s in self.sources],
                 "train_models": [m for s in self.sources for m in s.pool.models],
                 "val_models": [m for s in self.sources for m in s.val_models], "steps": self.step,
-                "stage1_steps": a.stage1_steps, "seed": a.seed, "k": a.k, "group_models": a.group_models,
+                "stage1_steps": a.stage1_steps, "seed": a.seed, "split_seed": split_seed(a), "k": a.k,
+                "group_models": a.group_models,
                 "route_weight": a.route_weight, "paper_weight": a.paper_weight, "neighbours": a.neighbours,
                 "target_temperature": a.target_temperature, "profile_noise": a.profile_noise,
                 "accumulate": a.accumulate, "budget_minutes": a.budget_minutes,
@@ -390,6 +391,12 @@ def warm_start(folder: str | Path, device: str, layout: str = "", instruction_ve
     return model
 
 
+def split_seed(a) -> int:
+    """The seed of the train/validation split: ``--split-seed``, else ``--seed``. A run that warm-starts
+    from another with a new ``--seed`` keeps that run's split, so it validates on nothing either trained on."""
+    return a.seed if a.split_seed < 0 else a.split_seed
+
+
 def build_sources(a) -> tuple[list[Source], object]:
     """One ``Source`` per ``--data`` folder (comma-separated), with its suite and weight."""
     folders = [f for f in str(a.data).split(",") if f]
@@ -402,7 +409,7 @@ def build_sources(a) -> tuple[list[Source], object]:
     sources, first_suite = [], None
     for folder, suite_arg, weight in zip(folders, suites, weights):
         pool, val, suite = build_pools(load_dataset(folder), _suite_for(folder, suite_arg), a.exclude_models,
-                                       a.val_size, a.seed, neighbours=a.neighbours)
+                                       a.val_size, split_seed(a), neighbours=a.neighbours)
         first_suite = first_suite or suite
         sources.append(Source(Path(folder).name, pool, val, a.val_models.split(","), weight))
     return sources, first_suite
@@ -526,6 +533,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when there is one); fp32 either way")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--split-seed", type=int, default=-1,
+                   help="seed of the train/validation split (default: --seed); keep the --init run's "
+                   "when changing --seed, or its training rows land in validation")
 
 
 def main(argv=None) -> int:

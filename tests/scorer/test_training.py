@@ -350,6 +350,27 @@ def test_neighbours_is_parsed_and_off_by_default():
     assert (a.neighbours, a.target_temperature) == (50, 0.1)
 
 
+def test_the_split_follows_split_seed_so_a_warm_start_can_change_seed_and_keep_its_validation(monkeypatch):
+    import scorer.training as training
+
+    seeds = []
+
+    def pools(data, suite, exclude, val_size, seed, neighbours=0):
+        seeds.append(seed)
+        return _pool(), _pool(8), tiny.suite()
+
+    monkeypatch.setattr(training, "load_dataset", lambda folder: folder)
+    monkeypatch.setattr(training, "build_pools", pools)
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    for argv, split in ((["--seed", "3"], 3), (["--seed", "3", "--split-seed", "0"], 0)):
+        a = p.parse_args(["--data", "d1,d2", *argv])
+        training.build_sources(a)
+        assert seeds[-2:] == [split, split]  # the groups' draws still follow --seed (Trainer's rng)
+        trainer = Trainer(tiny.build(accuracy_feature=True), None, [], a)
+        assert trainer.meta(None, {})["split_seed"] == split
+
+
 def test_paper_weight_scales_the_papers_term_in_the_step_loss():
     def step_loss(**kw) -> dict:
         trainer = _trainer(**kw)
