@@ -6,10 +6,14 @@ those targets perfectly would route each train instruction to the argmax of its 
 measures that routing accuracy on the training pool itself (the pool ``satroute train`` builds:
 suite questions and the validation slice held out), restricted to one zoo, for several K, next to
 the best single model and the oracle on the same rows. It is the ceiling of what distilling the
-targets can give on the training distribution; ``test`` is never read.
+targets can give on the training distribution; ``test`` is never read. ``--category-prior``
+blends the targets with each model's accuracy on the rest of the row's category, as
+``satroute train --category-prior`` does; each record also gives the ceiling per benchmark.
 
     python bench/neighbour_targets.py --data ../shared/data/mmlu_pro --zoo small --k 10,30,100
     python bench/neighbour_targets.py --data ../shared/data/routerdc --suite routerdc --zoo all
+    python bench/neighbour_targets.py --data ../shared/data/routerdc --suite routerdc --zoo all \
+        --k 50 --category-prior 0,0.3,0.5,0.7,1
 """
 from __future__ import annotations
 
@@ -25,10 +29,11 @@ from profile_headroom import ZOOS  # noqa: E402
 
 from scorer.data import data_root, load_dataset  # noqa: E402
 from scorer.embeddings import Embedder, dataset_embeddings  # noqa: E402
-from scorer.training import build_pools, neighbour_targets  # noqa: E402
+from scorer.training import blend_targets, build_pools, category_means, neighbour_targets  # noqa: E402
 
 
-def ceiling(data_dir, suite: str, zoo: list[str] | None, ks: list[int], val_size: int = 60) -> list[dict]:
+def ceiling(data_dir, suite: str, zoo: list[str] | None, ks: list[int], val_size: int = 60,
+            priors: tuple[float, ...] = (0.0,)) -> list[dict]:
     data = load_dataset(data_dir)
     pool, _, _ = build_pools(data, suite, [], val_size, 0)
     train = data.split("train")
@@ -37,14 +42,24 @@ def ceiling(data_dir, suite: str, zoo: list[str] | None, ks: list[int], val_size
     correct = pool.correct[:, cols]
     keep = ~np.isnan(correct).any(axis=1)  # the evaluation harness's rule: all zoo outcomes known
     c = correct[keep]
+    prompts = {p.id: p for p in train.prompts}
+    keys = np.array([prompts[i].category or prompts[i].dataset for i in pool.ids])
+    benchmark = np.array([prompts[i].dataset for i in pool.ids])[keep]
+    prior = category_means(pool.correct, keys) if any(priors) else None
     out = []
     for k in ks:
-        soft = neighbour_targets(vectors, pool.correct, k)[:, cols][keep]
-        pick = np.nan_to_num(soft, nan=-1.0).argmax(axis=1)
-        out.append({"k": k, "n": int(keep.sum()), "targets_argmax": round(float(c[np.arange(len(c)), pick].mean()), 4),
-                    "best_single": round(float(c.mean(axis=0).max()), 4), "oracle": round(float(c.max(axis=1).mean()), 4),
-                    "share_of_picks": {zoo_m: round(float(np.mean(pick == i)), 3)
-                                       for i, zoo_m in enumerate(zoo or pool.models)}})
+        knn = neighbour_targets(vectors, pool.correct, k)
+        for w in priors:
+            soft = (blend_targets(knn, prior, w) if w else knn)[:, cols][keep]
+            pick = np.nan_to_num(soft, nan=-1.0).argmax(axis=1)
+            right = c[np.arange(len(c)), pick]
+            out.append({"k": k, "category_prior": w, "n": int(keep.sum()),
+                        "targets_argmax": round(float(right.mean()), 4),
+                        "best_single": round(float(c.mean(axis=0).max()), 4),
+                        "oracle": round(float(c.max(axis=1).mean()), 4),
+                        "by_dataset": {b: round(float(right[benchmark == b].mean()), 4) for b in np.unique(benchmark)},
+                        "share_of_picks": {zoo_m: round(float(np.mean(pick == i)), 3)
+                                           for i, zoo_m in enumerate(zoo or pool.models)}})
     return out
 
 
@@ -54,9 +69,11 @@ def main() -> None:
     ap.add_argument("--suite", default="mmlu_pro")
     ap.add_argument("--zoo", default="small", help="small, mixed (MMLU-Pro) or all (every model of --data)")
     ap.add_argument("--k", default="10,30,50,100")
+    ap.add_argument("--category-prior", default="0", help="comma-separated blend weights (0 = none)")
     a = ap.parse_args()
     zoo = None if a.zoo == "all" else ZOOS[a.zoo]
-    for rec in ceiling(a.data, a.suite, zoo, [int(k) for k in a.k.split(",")]):
+    priors = tuple(float(w) for w in a.category_prior.split(","))
+    for rec in ceiling(a.data, a.suite, zoo, [int(k) for k in a.k.split(",")], priors=priors):
         print(json.dumps({"data": Path(a.data).name, "zoo": a.zoo, **rec}))
 
 

@@ -18,6 +18,9 @@ Losses, both cross-entropy over a group's 'Yes' scores with the positive as the 
   a softmax (temperature ``--target-temperature``) of each model's accuracy on the instruction's K
   nearest train instructions (sentence-embedding cosine, the instruction itself left out). One
   right/wrong outcome says little about which model suits a question; its neighbours say more.
+  ``--category-prior W`` blends those accuracies with each model's accuracy on the rest of the
+  instruction's category (weight W): 50 neighbours are still a noisy estimate where models differ
+  by a few points (docs/evaluation.md, "Category prior", has the measurement).
 The paper's term teaches which instructions a capability gets right, not which of several
 capabilities gets one instruction right; with it on, the routing term's gradient stays too small to
 move the scores apart per request. The default checkpoint therefore ends with a routing-alignment
@@ -76,12 +79,35 @@ def neighbour_targets(vectors: np.ndarray, correct: np.ndarray, k: int, chunk: i
     return np.where(seen > 0, hits / np.maximum(seen, 1), np.nan).astype(np.float32)
 
 
+def category_means(correct: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Each row's mean outcome per model over the other rows of its category (the row itself left
+    out; NaN outcomes skipped; NaN where a model has no other outcome in the category)."""
+    out = np.full(correct.shape, np.nan, dtype=np.float32)
+    for key in np.unique(keys):
+        rows = keys == key
+        block = correct[rows]
+        known = ~np.isnan(block)
+        total, count = np.nansum(block, 0), known.sum(0)
+        others = count - known
+        out[rows] = np.where(others > 0, (total - np.nan_to_num(block)) / np.maximum(others, 1), np.nan)
+    return out
+
+
+def blend_targets(soft: np.ndarray, prior: np.ndarray, weight: float) -> np.ndarray:
+    """(1 - weight) * soft + weight * prior, falling back on whichever of the two is known."""
+    mixed = (1 - weight) * soft + weight * prior
+    return np.where(np.isnan(soft), prior, np.where(np.isnan(prior), soft, mixed)).astype(np.float32)
+
+
 def build_pools(data: RoutingData, suite_name: str, exclude: list[str], val_size: int, seed: int,
-                neighbours: int = 0) -> tuple[Pool, Pool, object]:
+                neighbours: int = 0, category_prior: float = 0.0) -> tuple[Pool, Pool, object]:
     """Train and validation pools from ``data``'s train split; suite questions are never instructions.
 
     ``neighbours`` > 0 also gives the train pool its denoised targets (``neighbour_targets`` over the
-    train pool's own rows, sentence embeddings from ``scorer.embeddings``' on-disk cache).
+    train pool's own rows, sentence embeddings from ``scorer.embeddings``' on-disk cache);
+    ``category_prior`` > 0 blends them with each model's accuracy on the other train rows of the
+    row's category (``blend_targets``): a neighbourhood of 50 is a noisy estimate where the models
+    differ by a few points.
     """
     suite = load_suite(suite_name)
     train = data.split("train")
@@ -108,6 +134,10 @@ def build_pools(data: RoutingData, suite_name: str, exclude: list[str], val_size
 
         vectors = dataset_embeddings(train.subset(train_rows), Embedder())
         train_pool.soft = neighbour_targets(vectors, train_pool.correct, neighbours)
+        if category_prior > 0:
+            keys = np.array([train.prompts[i].category or train.prompts[i].dataset for i in train_rows])
+            train_pool.soft = blend_targets(train_pool.soft, category_means(train_pool.correct, keys),
+                                            category_prior)
     return train_pool, pool(val_rows), suite
 
 
@@ -313,6 +343,7 @@ class Trainer:
                 "stage1_steps": a.stage1_steps, "seed": a.seed, "split_seed": split_seed(a), "k": a.k,
                 "group_models": a.group_models,
                 "route_weight": a.route_weight, "paper_weight": a.paper_weight, "neighbours": a.neighbours,
+                "category_prior": a.category_prior,
                 "target_temperature": a.target_temperature, "profile_noise": a.profile_noise,
                 "accumulate": a.accumulate, "budget_minutes": a.budget_minutes,
                 "device": str(next(self.model.parameters()).device), "threads": a.threads, **extra}
@@ -409,7 +440,8 @@ def build_sources(a) -> tuple[list[Source], object]:
     sources, first_suite = [], None
     for folder, suite_arg, weight in zip(folders, suites, weights):
         pool, val, suite = build_pools(load_dataset(folder), _suite_for(folder, suite_arg), a.exclude_models,
-                                       a.val_size, split_seed(a), neighbours=a.neighbours)
+                                       a.val_size, split_seed(a), neighbours=a.neighbours,
+                                       category_prior=a.category_prior)
         first_suite = first_suite or suite
         sources.append(Source(Path(folder).name, pool, val, a.val_models.split(","), weight))
     return sources, first_suite
@@ -519,6 +551,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--neighbours", type=int, default=0,
                    help="route loss targets: each model's accuracy on the instruction's K nearest train "
                    "instructions (0 = its own right/wrong outcome)")
+    p.add_argument("--category-prior", type=float, default=0.0,
+                   help="with --neighbours: weight of each model's accuracy on the row's category "
+                   "(train split, the row left out) blended into its neighbour targets (0 = none)")
     p.add_argument("--target-temperature", type=float, default=0.05,
                    help="softmax temperature of the --neighbours targets")
     p.add_argument("--min-task-frac", type=float, default=0.3)

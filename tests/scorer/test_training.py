@@ -258,6 +258,30 @@ def test_real_pools_hold_out_suite_questions_validation_and_excluded_models(shar
     assert pool.correct.shape == (len(pool.instructions), 22)
 
 
+@pytest.mark.data
+def test_real_pools_blend_the_category_prior_into_the_neighbour_targets(shared_data, monkeypatch):
+    import scorer.embeddings as embeddings
+    from scorer.data import load_dataset
+    from scorer.training import blend_targets, build_pools, category_means, neighbour_targets
+
+    def vectors(data, embedder):  # stands in for MiniLM: any fixed unit vectors will do here
+        v = np.random.default_rng(0).normal(size=(len(data.prompts), 8)).astype(np.float32)
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    monkeypatch.setattr(embeddings, "dataset_embeddings", vectors)
+    data = load_dataset(shared_data / "routerdc")
+    plain, _, _ = build_pools(data, "routerdc", [], 50, 0, neighbours=20)
+    blended, _, _ = build_pools(data, "routerdc", [], 50, 0, neighbours=20, category_prior=0.7)
+    train = data.split("train")
+    index = {p.id: p for p in train.prompts}
+    keys = np.array([index[i].category or index[i].dataset for i in plain.ids])
+    knn = neighbour_targets(vectors(train.subset(np.arange(len(plain.ids))), None), plain.correct, 20)
+    assert np.allclose(plain.soft, knn, equal_nan=True)
+    expected = blend_targets(plain.soft, category_means(plain.correct, keys), 0.7)
+    assert np.allclose(blended.soft, expected, equal_nan=True)
+    assert not np.allclose(blended.soft, plain.soft, equal_nan=True)
+
+
 def test_paper_layout_trains_through_full_rows():
     # capability first: its signal must cross the whole instruction to reach the score, so the tiny
     # network needs gentler steps than instruction-first (3e-2 makes it collapse to a constant score)
@@ -312,6 +336,27 @@ def test_neighbour_targets_average_the_nearest_other_rows_and_skip_unknown_outco
     assert np.isnan(only_nan[:, 1]).all() and only_nan[:, 0].tolist() == [0.0, 1.0]
 
 
+def test_category_means_leave_the_row_out_and_skip_unknown_outcomes():
+    from scorer.training import category_means
+
+    correct = np.array([[1, 0], [0, np.nan], [1, 1], [0, 0]], dtype=float)
+    means = category_means(correct, np.array(["a", "a", "a", "b"]))
+    assert means[0].tolist() == [0.5, 1.0]   # rows 1 and 2; row 1's NaN is left out
+    assert means[1].tolist() == [1.0, 0.5]   # its own NaN does not remove another row's outcome
+    assert means[2].tolist() == [0.5, 0.0]
+    assert np.isnan(means[3]).all()          # alone in its category: nothing to average
+
+
+def test_blend_targets_weigh_the_prior_and_fall_back_on_whichever_is_known():
+    from scorer.training import blend_targets
+
+    soft = np.array([[0.0, 1.0, np.nan, np.nan]], dtype=np.float32)
+    prior = np.array([[1.0, 0.0, 0.4, np.nan]], dtype=np.float32)
+    out = blend_targets(soft, prior, 0.7)
+    assert out[0, :3].tolist() == pytest.approx([0.7, 0.3, 0.4]) and np.isnan(out[0, 3])
+    assert blend_targets(soft, prior, 0.0)[0, :2].tolist() == [0.0, 1.0]
+
+
 def _soft_trainer(**kw) -> Trainer:
     trainer = _trainer(**kw)
     pool = trainer.pool
@@ -348,6 +393,7 @@ def test_neighbours_is_parsed_and_off_by_default():
     add_arguments(p)
     a = p.parse_args(["--neighbours", "50", "--target-temperature", "0.1"])
     assert (a.neighbours, a.target_temperature) == (50, 0.1)
+    assert a.category_prior == 0.0 and p.parse_args(["--category-prior", "0.7"]).category_prior == 0.7
 
 
 def test_the_split_follows_split_seed_so_a_warm_start_can_change_seed_and_keep_its_validation(monkeypatch):
@@ -355,7 +401,7 @@ def test_the_split_follows_split_seed_so_a_warm_start_can_change_seed_and_keep_i
 
     seeds = []
 
-    def pools(data, suite, exclude, val_size, seed, neighbours=0):
+    def pools(data, suite, exclude, val_size, seed, neighbours=0, category_prior=0.0):
         seeds.append(seed)
         return _pool(), _pool(8), tiny.suite()
 
