@@ -29,7 +29,7 @@ from profile_headroom import ZOOS  # noqa: E402
 
 from scorer.data import data_root, load_dataset  # noqa: E402
 from scorer.embeddings import Embedder, dataset_embeddings  # noqa: E402
-from scorer.training import blend_targets, build_pools, category_means, neighbour_targets  # noqa: E402
+from scorer.training import blend_targets, build_pools, category_key, category_means, neighbour_targets  # noqa: E402
 
 
 def ceiling(data_dir, suite: str, zoo: list[str] | None, ks: list[int], val_size: int = 60,
@@ -37,14 +37,14 @@ def ceiling(data_dir, suite: str, zoo: list[str] | None, ks: list[int], val_size
     data = load_dataset(data_dir)
     pool, _, _ = build_pools(data, suite, [], val_size, 0)
     train = data.split("train")
-    vectors = dataset_embeddings(train.subset(train.rows(pool.ids)), Embedder())
+    rows = train.subset(train.rows(pool.ids))  # the pool's prompts, in the pool's order
+    vectors = dataset_embeddings(rows, Embedder())
     cols = [pool.models.index(m) for m in (zoo or pool.models)]
     correct = pool.correct[:, cols]
     keep = ~np.isnan(correct).any(axis=1)  # the evaluation harness's rule: all zoo outcomes known
     c = correct[keep]
-    prompts = {p.id: p for p in train.prompts}
-    keys = np.array([prompts[i].category or prompts[i].dataset for i in pool.ids])
-    benchmark = np.array([prompts[i].dataset for i in pool.ids])[keep]
+    keys = np.array([category_key(p) for p in rows.prompts])
+    benchmark = np.array([p.dataset for p in rows.prompts])[keep]
     prior = category_means(pool.correct, keys) if any(priors) else None
     out = []
     for k in ks:

@@ -20,7 +20,8 @@ Losses, both cross-entropy over a group's 'Yes' scores with the positive as the 
   right/wrong outcome says little about which model suits a question; its neighbours say more.
   ``--category-prior W`` blends those accuracies with each model's accuracy on the rest of the
   instruction's category (weight W): 50 neighbours are still a noisy estimate where models differ
-  by a few points (docs/evaluation.md, "Category prior", has the measurement).
+  by a few points (docs/evaluation.md, "The instruction vector and a category prior", has the
+  measurement).
 The paper's term teaches which instructions a capability gets right, not which of several
 capabilities gets one instruction right; with it on, the routing term's gradient stays too small to
 move the scores apart per request. The default checkpoint therefore ends with a routing-alignment
@@ -79,6 +80,11 @@ def neighbour_targets(vectors: np.ndarray, correct: np.ndarray, k: int, chunk: i
     return np.where(seen > 0, hits / np.maximum(seen, 1), np.nan).astype(np.float32)
 
 
+def category_key(prompt) -> str:
+    """The category ``--category-prior`` averages over: the prompt's category, else its data set."""
+    return prompt.category or prompt.dataset
+
+
 def category_means(correct: np.ndarray, keys: np.ndarray) -> np.ndarray:
     """Each row's mean outcome per model over the other rows of its category (the row itself left
     out; NaN outcomes skipped; NaN where a model has no other outcome in the category)."""
@@ -135,7 +141,7 @@ def build_pools(data: RoutingData, suite_name: str, exclude: list[str], val_size
         vectors = dataset_embeddings(train.subset(train_rows), Embedder())
         train_pool.soft = neighbour_targets(vectors, train_pool.correct, neighbours)
         if category_prior > 0:
-            keys = np.array([train.prompts[i].category or train.prompts[i].dataset for i in train_rows])
+            keys = np.array([category_key(train.prompts[i]) for i in train_rows])
             train_pool.soft = blend_targets(train_pool.soft, category_means(train_pool.correct, keys),
                                             category_prior)
     return train_pool, pool(val_rows), suite

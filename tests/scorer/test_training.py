@@ -262,7 +262,7 @@ def test_real_pools_hold_out_suite_questions_validation_and_excluded_models(shar
 def test_real_pools_blend_the_category_prior_into_the_neighbour_targets(shared_data, monkeypatch):
     import scorer.embeddings as embeddings
     from scorer.data import load_dataset
-    from scorer.training import blend_targets, build_pools, category_means, neighbour_targets
+    from scorer.training import blend_targets, build_pools, category_key, category_means, neighbour_targets
 
     def vectors(data, embedder):  # stands in for MiniLM: any fixed unit vectors will do here
         v = np.random.default_rng(0).normal(size=(len(data.prompts), 8)).astype(np.float32)
@@ -273,9 +273,9 @@ def test_real_pools_blend_the_category_prior_into_the_neighbour_targets(shared_d
     plain, _, _ = build_pools(data, "routerdc", [], 50, 0, neighbours=20)
     blended, _, _ = build_pools(data, "routerdc", [], 50, 0, neighbours=20, category_prior=0.7)
     train = data.split("train")
-    index = {p.id: p for p in train.prompts}
-    keys = np.array([index[i].category or index[i].dataset for i in plain.ids])
-    knn = neighbour_targets(vectors(train.subset(np.arange(len(plain.ids))), None), plain.correct, 20)
+    rows = train.subset(train.rows(plain.ids))
+    keys = np.array([category_key(p) for p in rows.prompts])
+    knn = neighbour_targets(vectors(rows, None), plain.correct, 20)
     assert np.allclose(plain.soft, knn, equal_nan=True)
     expected = blend_targets(plain.soft, category_means(plain.correct, keys), 0.7)
     assert np.allclose(blended.soft, expected, equal_nan=True)
