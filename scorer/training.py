@@ -443,6 +443,10 @@ def build_sources(a) -> tuple[list[Source], object]:
     weights = [float(w) for w in str(a.data_weights).split(",") if w] if a.data_weights else [1.0] * len(folders)
     if len(suites) != len(folders) or len(weights) != len(folders):
         raise SystemExit("--suite and --data-weights need one value per --data folder (or one suite for all)")
+    if a.category_prior and a.neighbours <= 0:
+        raise SystemExit("--category-prior blends into the --neighbours targets: give --neighbours K too")
+    if not 0.0 <= a.category_prior <= 1.0:
+        raise SystemExit("--category-prior is a weight between 0 and 1")
     sources, first_suite = [], None
     for folder, suite_arg, weight in zip(folders, suites, weights):
         pool, val, suite = build_pools(load_dataset(folder), _suite_for(folder, suite_arg), a.exclude_models,

@@ -169,6 +169,16 @@ def test_sources_parse_one_suite_and_weight_per_folder(tmp_path):
         build_sources(_args(data="a,b", data_weights="1,2,3"))
 
 
+def test_a_category_prior_without_neighbour_targets_or_outside_0_1_is_refused():
+    from scorer.training import build_sources
+
+    # refused before any folder is read: a run that would silently train without its prior never starts
+    with pytest.raises(SystemExit, match="--neighbours"):
+        build_sources(_args(data="/nonexistent", category_prior=0.5, neighbours=0))
+    with pytest.raises(SystemExit, match="between 0 and 1"):
+        build_sources(_args(data="/nonexistent", category_prior=1.5, neighbours=50))
+
+
 def test_accumulation_averages_several_groups_per_step():
     trainer = _trainer(accumulate=3)
     trainer.set_stage(1)
