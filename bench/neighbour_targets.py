@@ -8,12 +8,15 @@ suite questions and the validation slice held out), restricted to one zoo, for s
 the best single model and the oracle on the same rows. It is the ceiling of what distilling the
 targets can give on the training distribution; ``test`` is never read. ``--category-prior``
 blends the targets with each model's accuracy on the rest of the row's category, as
-``satroute train --category-prior`` does; each record also gives the ceiling per benchmark.
+``satroute train --category-prior`` does (``--category-shrink`` pulling it toward the data set's,
+as there); each record also gives the ceiling per benchmark.
 
     python bench/neighbour_targets.py --data ../shared/data/mmlu_pro --zoo small --k 10,30,100
     python bench/neighbour_targets.py --data ../shared/data/routerdc --suite routerdc --zoo all
     python bench/neighbour_targets.py --data ../shared/data/routerdc --suite routerdc --zoo all \
         --k 50 --category-prior 0,0.3,0.5,0.7,1
+    python bench/neighbour_targets.py --data ../shared/data/routerdc --suite routerdc --zoo all \
+        --k 50 --category-prior 0.4,0.7 --category-shrink 0,10,30,100
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ from scorer.training import blend_targets, build_pools, category_key, category_m
 
 
 def ceiling(data_dir, suite: str, zoo: list[str] | None, ks: list[int], val_size: int = 60,
-            priors: tuple[float, ...] = (0.0,)) -> list[dict]:
+            priors: tuple[float, ...] = (0.0,), shrinks: tuple[float, ...] = (0.0,)) -> list[dict]:
     data = load_dataset(data_dir)
     pool, _, _ = build_pools(data, suite, [], val_size, 0)
     train = data.split("train")
@@ -45,15 +48,16 @@ def ceiling(data_dir, suite: str, zoo: list[str] | None, ks: list[int], val_size
     c = correct[keep]
     keys = np.array([category_key(p) for p in rows.prompts])
     benchmark = np.array([p.dataset for p in rows.prompts])[keep]
-    prior = category_means(pool.correct, keys) if any(priors) else None
+    parents = np.array([p.dataset for p in rows.prompts])
     out = []
     for k in ks:
         knn = neighbour_targets(vectors, pool.correct, k)
-        for w in priors:
+        for w, m in [(w, m) for w in priors for m in (shrinks if w else (0.0,))]:
+            prior = category_means(pool.correct, keys, parents, m) if w else None
             soft = (blend_targets(knn, prior, w) if w else knn)[:, cols][keep]
             pick = np.nan_to_num(soft, nan=-1.0).argmax(axis=1)
             right = c[np.arange(len(c)), pick]
-            out.append({"k": k, "category_prior": w, "n": int(keep.sum()),
+            out.append({"k": k, "category_prior": w, "category_shrink": m, "n": int(keep.sum()),
                         "targets_argmax": round(float(right.mean()), 4),
                         "best_single": round(float(c.mean(axis=0).max()), 4),
                         "oracle": round(float(c.max(axis=1).mean()), 4),
@@ -70,10 +74,13 @@ def main() -> None:
     ap.add_argument("--zoo", default="small", help="small, mixed (MMLU-Pro) or all (every model of --data)")
     ap.add_argument("--k", default="10,30,50,100")
     ap.add_argument("--category-prior", default="0", help="comma-separated blend weights (0 = none)")
+    ap.add_argument("--category-shrink", default="0",
+                    help="comma-separated pseudo-counts toward the data set's accuracies (0 = none)")
     a = ap.parse_args()
     zoo = None if a.zoo == "all" else ZOOS[a.zoo]
     priors = tuple(float(w) for w in a.category_prior.split(","))
-    for rec in ceiling(a.data, a.suite, zoo, [int(k) for k in a.k.split(",")], priors=priors):
+    shrinks = tuple(float(m) for m in a.category_shrink.split(","))
+    for rec in ceiling(a.data, a.suite, zoo, [int(k) for k in a.k.split(",")], priors=priors, shrinks=shrinks):
         print(json.dumps({"data": Path(a.data).name, "zoo": a.zoo, **rec}))
 
 

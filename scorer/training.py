@@ -21,7 +21,7 @@ Losses, both cross-entropy over a group's 'Yes' scores with the positive as the 
   ``--category-prior W`` blends those accuracies with each model's accuracy on the rest of the
   instruction's category (weight W): 50 neighbours are still a noisy estimate where models differ
   by a few points (docs/evaluation.md, "The instruction vector and a category prior", has the
-  measurement).
+  measurement); ``--category-shrink M`` pulls a small category's accuracies toward its data set's.
 The paper's term teaches which instructions a capability gets right, not which of several
 capabilities gets one instruction right; with it on, the routing term's gradient stays too small to
 move the scores apart per request. The default checkpoint therefore ends with a routing-alignment
@@ -85,18 +85,39 @@ def category_key(prompt) -> str:
     return prompt.category or prompt.dataset
 
 
-def category_means(correct: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    """Each row's mean outcome per model over the other rows of its category (the row itself left
-    out; NaN outcomes skipped; NaN where a model has no other outcome in the category)."""
-    out = np.full(correct.shape, np.nan, dtype=np.float32)
+def _left_out_means(correct: np.ndarray, keys: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row and model: the mean outcome over the other rows of its key (NaN where there is none)
+    and how many other known outcomes that mean averages."""
+    means = np.full(correct.shape, np.nan, dtype=np.float32)
+    counts = np.zeros(correct.shape, dtype=np.float32)
     for key in np.unique(keys):
         rows = keys == key
         block = correct[rows]
         known = ~np.isnan(block)
         total, count = np.nansum(block, 0), known.sum(0)
         others = count - known
-        out[rows] = np.where(others > 0, (total - np.nan_to_num(block)) / np.maximum(others, 1), np.nan)
-    return out
+        means[rows] = np.where(others > 0, (total - np.nan_to_num(block)) / np.maximum(others, 1), np.nan)
+        counts[rows] = others
+    return means, counts
+
+
+def category_means(correct: np.ndarray, keys: np.ndarray, parents: np.ndarray | None = None,
+                   shrink: float = 0.0) -> np.ndarray:
+    """Each row's mean outcome per model over the other rows of its category (the row itself left
+    out; NaN outcomes skipped; NaN where a model has no other outcome in the category).
+
+    With ``parents`` (each row's wider group, its data set) and ``shrink`` m > 0, a category of n
+    other outcomes gives (n * its mean + m * the parent's mean) / (n + m), the parent's mean also
+    leaving the row out, so that a 35-question MMLU subject does not crown a winner among models a
+    few points apart by chance (measured on RouterDC: it moves the targets' routing by 0.2 points at
+    most; docs/evaluation.md, sixth round).
+    """
+    means, counts = _left_out_means(correct, keys)
+    if parents is None or shrink <= 0:
+        return means
+    parent_means, _ = _left_out_means(correct, parents)
+    pulled = (counts * np.nan_to_num(means) + shrink * parent_means) / (counts + shrink)
+    return np.where(np.isnan(parent_means), means, pulled).astype(np.float32)
 
 
 def blend_targets(soft: np.ndarray, prior: np.ndarray, weight: float) -> np.ndarray:
@@ -106,7 +127,8 @@ def blend_targets(soft: np.ndarray, prior: np.ndarray, weight: float) -> np.ndar
 
 
 def build_pools(data: RoutingData, suite_name: str, exclude: list[str], val_size: int, seed: int,
-                neighbours: int = 0, category_prior: float = 0.0) -> tuple[Pool, Pool, object]:
+                neighbours: int = 0, category_prior: float = 0.0,
+                category_shrink: float = 0.0) -> tuple[Pool, Pool, object]:
     """Train and validation pools from ``data``'s train split; suite questions are never instructions.
 
     ``neighbours`` > 0 also gives the train pool its denoised targets (``neighbour_targets`` over the
@@ -114,6 +136,8 @@ def build_pools(data: RoutingData, suite_name: str, exclude: list[str], val_size
     ``category_prior`` > 0 blends them with each model's accuracy on the other train rows of the
     row's category (``blend_targets``): a neighbourhood of 50 is a noisy estimate where the models
     differ by a few points.
+    ``category_shrink`` > 0 pulls each category's accuracies toward its data set's
+    (``category_means``).
     """
     suite = load_suite(suite_name)
     train = data.split("train")
@@ -142,8 +166,9 @@ def build_pools(data: RoutingData, suite_name: str, exclude: list[str], val_size
         train_pool.soft = neighbour_targets(vectors, train_pool.correct, neighbours)
         if category_prior > 0:
             keys = np.array([category_key(train.prompts[i]) for i in train_rows])
-            train_pool.soft = blend_targets(train_pool.soft, category_means(train_pool.correct, keys),
-                                            category_prior)
+            parents = np.array([train.prompts[i].dataset for i in train_rows])
+            prior = category_means(train_pool.correct, keys, parents, category_shrink)
+            train_pool.soft = blend_targets(train_pool.soft, prior, category_prior)
     return train_pool, pool(val_rows), suite
 
 
@@ -350,6 +375,7 @@ class Trainer:
                 "group_models": a.group_models,
                 "route_weight": a.route_weight, "paper_weight": a.paper_weight, "neighbours": a.neighbours,
                 "category_prior": a.category_prior,
+                "category_shrink": a.category_shrink,
                 "target_temperature": a.target_temperature, "profile_noise": a.profile_noise,
                 "accumulate": a.accumulate, "budget_minutes": a.budget_minutes,
                 "device": str(next(self.model.parameters()).device), "threads": a.threads, **extra}
@@ -447,11 +473,13 @@ def build_sources(a) -> tuple[list[Source], object]:
         raise SystemExit("--category-prior blends into the --neighbours targets: give --neighbours K too")
     if not 0.0 <= a.category_prior <= 1.0:
         raise SystemExit("--category-prior is a weight between 0 and 1")
+    if a.category_shrink < 0:
+        raise SystemExit("--category-shrink is a pseudo-count, 0 or more")
     sources, first_suite = [], None
     for folder, suite_arg, weight in zip(folders, suites, weights):
         pool, val, suite = build_pools(load_dataset(folder), _suite_for(folder, suite_arg), a.exclude_models,
                                        a.val_size, split_seed(a), neighbours=a.neighbours,
-                                       category_prior=a.category_prior)
+                                       category_prior=a.category_prior, category_shrink=a.category_shrink)
         first_suite = first_suite or suite
         sources.append(Source(Path(folder).name, pool, val, a.val_models.split(","), weight))
     return sources, first_suite
@@ -564,6 +592,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--category-prior", type=float, default=0.0,
                    help="with --neighbours: weight of each model's accuracy on the row's category "
                    "(train split, the row left out) blended into its neighbour targets (0 = none)")
+    p.add_argument("--category-shrink", type=float, default=0.0,
+                   help="with --category-prior: pseudo-count pulling each category's accuracies toward "
+                   "its data set's (0 = none; a category of n train rows keeps n / (n + m) of its own)")
     p.add_argument("--target-temperature", type=float, default=0.05,
                    help="softmax temperature of the --neighbours targets")
     p.add_argument("--min-task-frac", type=float, default=0.3)

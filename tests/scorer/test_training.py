@@ -357,6 +357,27 @@ def test_category_means_leave_the_row_out_and_skip_unknown_outcomes():
     assert np.isnan(means[3]).all()          # alone in its category: nothing to average
 
 
+def test_category_shrink_pulls_a_small_category_toward_its_data_sets_mean():
+    from scorer.training import category_means
+
+    # data set "d": category "a" (rows 0-2) and "b" (rows 3-4); one model
+    correct = np.array([[1], [1], [0], [0], [0]], dtype=float)
+    keys, parents = np.array(["a", "a", "a", "b", "b"]), np.array(["d"] * 5)
+    plain = category_means(correct, keys)
+    assert category_means(correct, keys, parents, 0.0).tolist() == plain.tolist()
+    pulled = category_means(correct, keys, parents, 2.0)
+    # row 0: its category's other rows average 0.5 over n=2; the data set's other rows 0.25 over 4
+    assert pulled[0, 0] == pytest.approx((2 * 0.5 + 2 * 0.25) / 4)
+    # row 3: "b"'s other row 0.0 (n=1); the data set's others 2/4
+    assert pulled[3, 0] == pytest.approx((1 * 0.0 + 2 * 0.5) / 3)
+    # a category with no other row falls back on the data set's mean
+    lone = category_means(correct, np.array(["a", "a", "a", "b", "c"]), parents, 2.0)
+    assert lone[4, 0] == pytest.approx(0.5)
+    with pytest.raises(SystemExit, match="pseudo-count"):
+        from scorer.training import build_sources
+        build_sources(_args(data="/nonexistent", category_prior=0.5, neighbours=50, category_shrink=-1))
+
+
 def test_blend_targets_weigh_the_prior_and_fall_back_on_whichever_is_known():
     from scorer.training import blend_targets
 
@@ -411,7 +432,7 @@ def test_the_split_follows_split_seed_so_a_warm_start_can_change_seed_and_keep_i
 
     seeds = []
 
-    def pools(data, suite, exclude, val_size, seed, neighbours=0, category_prior=0.0):
+    def pools(data, suite, exclude, val_size, seed, neighbours=0, category_prior=0.0, category_shrink=0.0):
         seeds.append(seed)
         return _pool(), _pool(8), tiny.suite()
 
