@@ -32,7 +32,7 @@ from profile_headroom import ZOOS  # noqa: E402
 
 from scorer.data import data_root, load_dataset  # noqa: E402
 from scorer.embeddings import Embedder, dataset_embeddings  # noqa: E402
-from scorer.training import blend_targets, build_pools, category_key, category_means, neighbour_targets  # noqa: E402
+from scorer.training import blend_targets, build_pools, category_accuracies, neighbour_targets  # noqa: E402
 
 
 def ceiling(data_dir, suite: str, zoo: list[str] | None, ks: list[int], val_size: int = 60,
@@ -46,15 +46,14 @@ def ceiling(data_dir, suite: str, zoo: list[str] | None, ks: list[int], val_size
     correct = pool.correct[:, cols]
     keep = ~np.isnan(correct).any(axis=1)  # the evaluation harness's rule: all zoo outcomes known
     c = correct[keep]
-    keys = np.array([category_key(p) for p in rows.prompts])
     benchmark = np.array([p.dataset for p in rows.prompts])[keep]
-    parents = np.array([p.dataset for p in rows.prompts])
+    # the category accuracies depend on the shrinkage only: once each, not once per K and weight
+    prior = {m: category_accuracies(rows.prompts, pool.correct, m) for m in shrinks} if any(priors) else {}
     out = []
     for k in ks:
         knn = neighbour_targets(vectors, pool.correct, k)
         for w, m in [(w, m) for w in priors for m in (shrinks if w else (0.0,))]:
-            prior = category_means(pool.correct, keys, parents, m) if w else None
-            soft = (blend_targets(knn, prior, w) if w else knn)[:, cols][keep]
+            soft = (blend_targets(knn, prior[m], w) if w else knn)[:, cols][keep]
             pick = np.nan_to_num(soft, nan=-1.0).argmax(axis=1)
             right = c[np.arange(len(c)), pick]
             out.append({"k": k, "category_prior": w, "category_shrink": m, "n": int(keep.sum()),

@@ -120,6 +120,14 @@ def category_means(correct: np.ndarray, keys: np.ndarray, parents: np.ndarray | 
     return np.where(np.isnan(parent_means), means, pulled).astype(np.float32)
 
 
+def category_accuracies(prompts, correct: np.ndarray, shrink: float = 0.0) -> np.ndarray:
+    """``category_means`` over ``prompts`` (one per row of ``correct``): each row's category by
+    ``category_key``, pulled by ``shrink`` toward its data set's accuracies."""
+    keys = np.array([category_key(p) for p in prompts])
+    parents = np.array([p.dataset for p in prompts])
+    return category_means(correct, keys, parents, shrink)
+
+
 def blend_targets(soft: np.ndarray, prior: np.ndarray, weight: float) -> np.ndarray:
     """(1 - weight) * soft + weight * prior, falling back on whichever of the two is known."""
     mixed = (1 - weight) * soft + weight * prior
@@ -165,9 +173,7 @@ def build_pools(data: RoutingData, suite_name: str, exclude: list[str], val_size
         vectors = dataset_embeddings(train.subset(train_rows), Embedder())
         train_pool.soft = neighbour_targets(vectors, train_pool.correct, neighbours)
         if category_prior > 0:
-            keys = np.array([category_key(train.prompts[i]) for i in train_rows])
-            parents = np.array([train.prompts[i].dataset for i in train_rows])
-            prior = category_means(train_pool.correct, keys, parents, category_shrink)
+            prior = category_accuracies([train.prompts[i] for i in train_rows], train_pool.correct, category_shrink)
             train_pool.soft = blend_targets(train_pool.soft, prior, category_prior)
     return train_pool, pool(val_rows), suite
 

@@ -378,6 +378,22 @@ def test_category_shrink_pulls_a_small_category_toward_its_data_sets_mean():
         build_sources(_args(data="/nonexistent", category_prior=0.5, neighbours=50, category_shrink=-1))
 
 
+def test_category_accuracies_key_rows_by_category_else_data_set_and_shrink_toward_the_data_set():
+    from types import SimpleNamespace
+
+    from scorer.training import category_accuracies, category_means
+
+    prompts = [SimpleNamespace(category="a", dataset="d"), SimpleNamespace(category="a", dataset="d"),
+               SimpleNamespace(category="", dataset="d"), SimpleNamespace(category="", dataset="d"),
+               SimpleNamespace(category="", dataset="e")]
+    correct = np.array([[1], [0], [1], [1], [0]], dtype=float)
+    keys, parents = np.array(["a", "a", "d", "d", "e"]), np.array(["d", "d", "d", "d", "e"])
+    assert np.allclose(category_accuracies(prompts, correct), category_means(correct, keys), equal_nan=True)
+    assert np.allclose(category_accuracies(prompts, correct, 2.0), category_means(correct, keys, parents, 2.0),
+                       equal_nan=True)
+    assert category_accuracies(prompts, correct)[0, 0] == 0.0  # row 1's outcome, row 0 left out
+
+
 def test_blend_targets_weigh_the_prior_and_fall_back_on_whichever_is_known():
     from scorer.training import blend_targets
 
