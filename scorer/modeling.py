@@ -169,10 +169,36 @@ class ModelSAT(nn.Module):
         if config.instruction_vector_tokens > 0:
             self.add_instruction_vector(config.instruction_vector_tokens)
         if config.lora_rank > 0:
-            for layer in list(self.layers)[len(self.layers) - config.lora_layers:]:
-                for name in config.lora_targets:
-                    parent = layer.self_attn if hasattr(layer.self_attn, name) else layer.mlp
-                    setattr(parent, name, LoRALinear(getattr(parent, name), config.lora_rank, config.lora_alpha))
+            self._wrap_lora(list(self.layers)[len(self.layers) - config.lora_layers:])
+
+    def _wrap_lora(self, layers) -> None:
+        cfg = self.config
+        for layer in layers:
+            for name in cfg.lora_targets:
+                parent = layer.self_attn if hasattr(layer.self_attn, name) else layer.mlp
+                setattr(parent, name, LoRALinear(getattr(parent, name), cfg.lora_rank, cfg.lora_alpha))
+
+    def widen_lora(self, lora_layers: int) -> None:
+        """Give LoRA adapters to more of phi's kept layers (counted from the top), the ones it has kept.
+
+        A new adapter starts at zero (its B is zero), so a trained network scores exactly as before
+        and only then learns with the extra capacity. Narrowing is refused: it would drop trained parts.
+        """
+        cfg = self.config
+        if cfg.lora_rank <= 0:
+            raise ValueError("this network has no LoRA adapters to widen (lora_rank 0)")
+        lora_layers = min(int(lora_layers), len(self.layers))
+        if lora_layers < cfg.lora_layers:
+            raise ValueError(f"cannot narrow LoRA from {cfg.lora_layers} to {lora_layers} layers")
+        start, end = len(self.layers) - lora_layers, len(self.layers) - cfg.lora_layers
+        if start == end:
+            return
+        torch.manual_seed(0)  # the new adapters' A matrices are the same in every run
+        self._wrap_lora(list(self.layers)[start:end])
+        weight = self.embed.weight
+        for layer in list(self.layers)[start:end]:
+            layer.to(weight.device, weight.dtype)
+        cfg.lora_layers = lora_layers
 
     def add_instruction_vector(self, tokens: int) -> None:
         """Give phi psi's sentence vector of the whole instruction (its first ``tokens`` tokens), as one

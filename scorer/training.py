@@ -449,10 +449,14 @@ def _best_so_far(out_dir: Path) -> float:
         return -1.0
 
 
-def warm_start(folder: str | Path, device: str, layout: str = "", instruction_vector_tokens: int = 0) -> ModelSAT:
+def warm_start(folder: str | Path, device: str, layout: str = "", instruction_vector_tokens: int = 0,
+               lora_layers: int = 0) -> ModelSAT:
     """Another checkpoint's network and trained parts, read in ``layout``'s order (the connector and
-    LoRA carry over) and given an instruction vector if asked and it has none (one it has is kept)."""
+    LoRA carry over), given an instruction vector if asked and it has none (one it has is kept), and
+    LoRA on ``lora_layers`` of phi's kept layers if that is more than it has (new adapters start at zero)."""
     model = load_model(folder, device=device)
+    if lora_layers > model.config.lora_layers and model.config.lora_rank > 0:
+        model.widen_lora(lora_layers)
     if layout and layout != model.config.layout:
         model.config = model.config.with_layout(layout)
     if instruction_vector_tokens and not model.config.instruction_vector_tokens:
@@ -502,7 +506,7 @@ def run(a) -> int:
     if resume:
         model = load_model(out_dir, device=device)
     elif a.init:
-        model = warm_start(a.init, device, a.layout, a.instruction_vector_tokens).train()
+        model = warm_start(a.init, device, a.layout, a.instruction_vector_tokens, a.lora_layers).train()
     else:
         model = ModelSAT.from_backbones(_config_from_args(a, suite.name)).to(device)
     writer = CapabilityWriter(model, suite_keywords(suite))
@@ -574,7 +578,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="feed each clause's accuracy to the connector next to psi's vector")
     p.add_argument("--text-max-tasks", type=int, default=12)
     p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-layers", type=int, default=2, help="top kept layers of phi that get LoRA")
+    p.add_argument("--lora-layers", type=int, default=2, help="top kept layers of phi that get LoRA (with --init: widens the checkpoint's, never narrows)")
     p.add_argument("--stage1-steps", type=int, default=41)
     p.add_argument("--stage2-steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=5e-3, help="connector, stage 1")

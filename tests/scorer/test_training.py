@@ -216,6 +216,37 @@ def test_a_warm_start_changes_layout_and_grows_an_instruction_vector_only_once(t
     torch.testing.assert_close(again.instruction_connector.bias, grown.instruction_connector.bias)
 
 
+def test_a_warm_start_widens_lora_without_changing_a_score_and_the_new_adapters_train(tmp_path):
+    from scorer.inference import load_model, save_checkpoint
+    from scorer.training import warm_start
+
+    enc, llm = tiny.save_backbones(tmp_path / "backbones")
+    net = tiny.build(accuracy_feature=True, encoder=enc, llm=llm, lora_rank=4, lora_layers=1)
+    with torch.no_grad():  # a trained adapter: nonzero, so a lost one would change the score
+        for n, p in net.named_parameters():
+            if ".lora_b" in n:
+                p.normal_(0, 0.05)
+    narrow = save_checkpoint(net, tmp_path / "narrow")
+    rows = [(net.embed_ids(net.token_ids("Instruction : what is algebra ? Yes")),)]
+    wide = warm_start(narrow, "cpu", lora_layers=3)
+    assert wide.config.lora_layers == 3
+    assert sum(".lora_a" in k for k in wide.trainable_state()) == 3 * sum(
+        ".lora_a" in k for k in net.trainable_state())
+    with torch.no_grad():
+        torch.testing.assert_close(wide.score_rows([r[0] for r in rows]), net.score_rows([r[0] for r in rows]))
+    assert warm_start(narrow, "cpu", lora_layers=1).config.lora_layers == 1  # not asked to widen
+    with pytest.raises(ValueError, match="narrow"):
+        wide.widen_lora(2)
+    again = load_model(save_checkpoint(wide, tmp_path / "wide"), device="cpu")  # the widened parts load back
+    assert again.config.lora_layers == 3 and set(again.trainable_state()) == set(wide.trainable_state())
+    bottom = [p for n, p in wide.named_parameters() if n.startswith("layers.0.") and ".lora_b" in n]
+    assert bottom and all(torch.count_nonzero(p) == 0 for p in bottom)
+    wide.train()
+    loss = -wide.score_rows([r[0] for r in rows]).sum()
+    loss.backward()
+    assert any(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in bottom)
+
+
 def test_save_and_resume_continue_the_same_run(tmp_path):
     trainer = _trainer()
     trainer.set_stage(1)
