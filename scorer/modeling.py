@@ -193,10 +193,12 @@ class ModelSAT(nn.Module):
         start, end = len(self.layers) - lora_layers, len(self.layers) - cfg.lora_layers
         if start == end:
             return
-        torch.manual_seed(0)  # the new adapters' A matrices are the same in every run
-        self._wrap_lora(list(self.layers)[start:end])
+        added = list(self.layers)[start:end]
+        with torch.random.fork_rng(devices=[]):  # the same new A matrices in every run; the caller's RNG untouched
+            torch.manual_seed(0)
+            self._wrap_lora(added)
         weight = self.embed.weight
-        for layer in list(self.layers)[start:end]:
+        for layer in added:
             layer.to(weight.device, weight.dtype)
         cfg.lora_layers = lora_layers
 

@@ -578,7 +578,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="feed each clause's accuracy to the connector next to psi's vector")
     p.add_argument("--text-max-tasks", type=int, default=12)
     p.add_argument("--lora-rank", type=int, default=8)
-    p.add_argument("--lora-layers", type=int, default=2, help="top kept layers of phi that get LoRA (with --init: widens the checkpoint's, never narrows)")
+    p.add_argument("--lora-layers", type=int, default=2,
+                   help="top kept layers of phi that get LoRA (with --init: widens the checkpoint's, never narrows)")
     p.add_argument("--stage1-steps", type=int, default=41)
     p.add_argument("--stage2-steps", type=int, default=400)
     p.add_argument("--lr", type=float, default=5e-3, help="connector, stage 1")

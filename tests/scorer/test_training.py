@@ -227,22 +227,29 @@ def test_a_warm_start_widens_lora_without_changing_a_score_and_the_new_adapters_
             if ".lora_b" in n:
                 p.normal_(0, 0.05)
     narrow = save_checkpoint(net, tmp_path / "narrow")
-    rows = [(net.embed_ids(net.token_ids("Instruction : what is algebra ? Yes")),)]
+    rows = [net.embed_ids(net.token_ids("Instruction : what is algebra ? Yes"))]
     wide = warm_start(narrow, "cpu", lora_layers=3)
     assert wide.config.lora_layers == 3
     assert sum(".lora_a" in k for k in wide.trainable_state()) == 3 * sum(
         ".lora_a" in k for k in net.trainable_state())
     with torch.no_grad():
-        torch.testing.assert_close(wide.score_rows([r[0] for r in rows]), net.score_rows([r[0] for r in rows]))
+        torch.testing.assert_close(wide.score_rows(rows), net.score_rows(rows))
     assert warm_start(narrow, "cpu", lora_layers=1).config.lora_layers == 1  # not asked to widen
     with pytest.raises(ValueError, match="narrow"):
         wide.widen_lora(2)
+    other = load_model(narrow, device="cpu")
+    torch.manual_seed(123)
+    expected = torch.rand(1)
+    torch.manual_seed(123)
+    other.widen_lora(3)
+    assert torch.equal(torch.rand(1), expected)  # widening leaves the caller's RNG where it was
+    torch.testing.assert_close(other.trainable_state(), wide.trainable_state())  # the same new adapters
     again = load_model(save_checkpoint(wide, tmp_path / "wide"), device="cpu")  # the widened parts load back
     assert again.config.lora_layers == 3 and set(again.trainable_state()) == set(wide.trainable_state())
     bottom = [p for n, p in wide.named_parameters() if n.startswith("layers.0.") and ".lora_b" in n]
     assert bottom and all(torch.count_nonzero(p) == 0 for p in bottom)
     wide.train()
-    loss = -wide.score_rows([r[0] for r in rows]).sum()
+    loss = -wide.score_rows(rows).sum()
     loss.backward()
     assert any(p.grad is not None and torch.count_nonzero(p.grad) > 0 for p in bottom)
 
