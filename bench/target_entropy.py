@@ -54,10 +54,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--val-size", type=int, default=200)
     p.add_argument("--samples", type=int, default=20000)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--exclude-models", type=lambda s: [m for m in s.split(",") if m],
+                   default=["gemma-7b", "Yi-34B"], help="as satroute train: models its pools leave out")
     a = p.parse_args(argv)
     temps = [float(t) for t in a.temperature.split(",")]
     for folder in a.data.split(","):
-        pool, _, _ = build_pools(load_dataset(folder), _suite_for(folder, "auto"), [], a.val_size, a.seed,
+        pool, _, _ = build_pools(load_dataset(folder), _suite_for(folder, "auto"), a.exclude_models, a.val_size, a.seed,
                                  neighbours=a.neighbours, category_prior=a.category_prior)
         stats = group_stats(pool.soft, a.group_models, temps, a.samples, a.seed)
         print(json.dumps({"data": folder, "rows": len(pool.soft), "neighbours": a.neighbours,
