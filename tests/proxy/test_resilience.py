@@ -116,7 +116,8 @@ def test_all_models_failing_is_502_naming_them(tmp_path, upstream, start_proxy):
 def test_rate_limited_direct_call_returns_429_with_retry_after(tmp_path, upstream, start_proxy):
     proxy = setup(tmp_path, upstream, start_proxy, True, num_retries=0)
     upstream.set("m2", rate_limit(7))
-    r = httpx.post(f"{proxy.url}/chat/completions", json={"model": "m2", "messages": MESSAGES})
+    r = httpx.post(f"{proxy.url}/chat/completions", json={"model": "m2", "messages": MESSAGES},
+                   timeout=60)
     assert r.status_code == 429 and r.headers["retry-after"] == "7"
     assert r.json()["error"]["code"] == "rate_limited"
 
@@ -165,7 +166,8 @@ def test_scorer_failure_is_503_not_500(config, upstream, start_proxy):
             raise RuntimeError("CUDA out of memory")
 
     proxy = start_proxy(config, scorer=Broken())
-    r = httpx.post(f"{proxy.url}/chat/completions", json={"model": "auto", "messages": MESSAGES})
+    r = httpx.post(f"{proxy.url}/chat/completions", json={"model": "auto", "messages": MESSAGES},
+                   timeout=60)
     assert r.status_code == 503 and r.json()["error"]["code"] == "scorer_failed"
     assert "Traceback" not in r.text
     assert client(proxy).chat.completions.create(model="m2", messages=MESSAGES).model == "m2"

@@ -132,7 +132,7 @@ async def test_async_client_non_streaming_and_streaming(config, upstream, start_
 def test_raw_sse_ends_with_done(config, upstream, start_proxy):
     proxy = start_proxy(config)
     with httpx.stream("POST", f"{proxy.url}/chat/completions",
-                      json={"model": "m1", "messages": MESSAGES, "stream": True}) as r:
+                      json={"model": "m1", "messages": MESSAGES, "stream": True}, timeout=60) as r:
         text = "".join(r.iter_text())
     assert text.rstrip().endswith("data: [DONE]")
 
