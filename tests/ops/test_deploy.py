@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import subprocess
 import tomllib
 from pathlib import Path
 
@@ -40,7 +41,8 @@ def _dockerfile() -> dict[str, list[str]]:
         if word.upper() == "FROM":
             stages.append({})
         stages[-1].setdefault(word.upper(), []).append(rest.strip())
-    return stages[-1] | {"_ALL_RUN": [r for s in stages for r in s.get("RUN", [])]}
+    return stages[-1] | {f"_ALL_{word}": [r for s in stages for r in s.get(word, [])]
+                         for word in ("RUN", "ENV")}
 
 
 def _exec_form(text: str) -> list[str]:
@@ -214,3 +216,20 @@ def test_the_image_command_parses_with_the_cli_and_the_app_serves_the_checked_pa
                               state_dir=tmp_path))
     paths = {route.path for route in app.routes}
     assert {"/ready", "/health", "/metrics", "/openapi.json", "/v1/chat/completions"} <= paths
+
+
+def _installs_of_the_local_extra(commands: list[str]) -> list[list[str]]:
+    return [shlex.split(c) for c in commands if "pip install" in c and "local]" in c]
+
+
+def test_llama_cpp_is_compiled_generically_and_never_taken_from_pips_cache(docker):
+    # A native build segfaulted in chat completions on an AVX-512-FP16 host, and pip's wheel cache
+    # (not keyed by CMAKE_ARGS) handed CI a wheel built elsewhere: both setups must compile anew.
+    dry_run = subprocess.run(["make", "-n", "-B", "setup"], cwd=REPO, capture_output=True,
+                             text=True, check=True).stdout.splitlines()
+    (make_install,) = _installs_of_the_local_extra(dry_run)
+    assert "CMAKE_ARGS=-DGGML_NATIVE=OFF" in make_install and "--no-cache-dir" in make_install
+    (docker_install,) = _installs_of_the_local_extra(
+        [c for run in docker["_ALL_RUN"] for c in run.split("&&")])
+    assert "--no-cache-dir" in docker_install
+    assert "-DGGML_NATIVE=OFF" in _env(docker["_ALL_ENV"]).get("CMAKE_ARGS", "")
