@@ -224,7 +224,7 @@ def _installs_of_the_local_extra(commands: list[str]) -> list[list[str]]:
 
 def test_llama_cpp_is_compiled_generically_and_never_taken_from_pips_cache(docker):
     # A native build segfaulted in chat completions on an AVX-512-FP16 host, and pip's wheel cache
-    # (not keyed by CMAKE_ARGS) handed CI a wheel built elsewhere: both setups must compile anew.
+    # (not keyed by CMAKE_ARGS) can hand setup a wheel built elsewhere: both setups compile anew.
     dry_run = subprocess.run(["make", "-n", "-B", "setup"], cwd=REPO, capture_output=True,
                              text=True, check=True).stdout.splitlines()
     (make_install,) = _installs_of_the_local_extra(dry_run)
