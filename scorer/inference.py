@@ -3,7 +3,8 @@
 Owns: loading a checkpoint folder (``config.json`` + ``model.safetensors`` holding only the trained
 parts; the backbones come from the specs in the config), turning a profile into the candidate
 suffix phi reads (capability vectors or capability text, then the inquiry prompt), the per-profile
-cache of encoded capability vectors, the two re-orderings averaged at inference, device choice
+cache of encoded capability vectors, the two re-orderings averaged at inference, the calibrated
+``aptitude_weight`` (a candidate's score plus that weight times its profile's mean), device choice
 (CUDA with bf16 when there is a GPU, fp32 on the CPU) and thread safety (one lock around the
 forward pass: torch already uses every core for one request on the CPU).
 
@@ -137,6 +138,11 @@ def score_candidates(model: ModelSAT, writer: CapabilityWriter, instruction: str
     return scores.view(len(suffix_lists), -1).float().mean(dim=1)
 
 
+def aptitude(profile: Mapping[str, float]) -> float:
+    """A profile's overall aptitude: its mean accuracy over the tasks it has (0 for an empty one)."""
+    return float(sum(profile.values()) / len(profile)) if profile else 0.0
+
+
 def suite_keywords(suite: Suite) -> dict[str, Sequence[str]]:
     """Task id -> five keywords: every MMLU subject's, overridden by the suite's own."""
     words: dict[str, Sequence[str]] = dict(load_keywords())
@@ -182,8 +188,10 @@ class ModelSATScorer:
         with self._lock:
             suffixes = [self._candidate_suffixes(candidates[n]) for n in names]
             scores = score_candidates(self.model, self.writer, instruction, suffixes)
-        return {n: float(s) for n, s in zip(names, scores.tolist())}
+        weight = self.model.config.aptitude_weight
+        return {n: float(s) + (weight * aptitude(candidates[n]) if weight else 0.0)
+                for n, s in zip(names, scores.tolist())}
 
 
-__all__ = ["CapabilityWriter", "CheckpointError", "DEFAULT_CHECKPOINT", "ModelSATScorer", "load_model",
+__all__ = ["CapabilityWriter", "aptitude", "CheckpointError", "DEFAULT_CHECKPOINT", "ModelSATScorer", "load_model",
            "save_checkpoint", "score_candidates", "suite_keywords"]

@@ -83,6 +83,8 @@ class ModelSATConfig:
     layout: str = "instruction_first"  # or "paper": capability first (see the module docstring)
     instruction_vector_tokens: int = 0  # >0: psi also reads the instruction's first N tokens; its
     #                                     vector, through its own connector, is one more token of phi's
+    aptitude_weight: float = 0.0      # inference: + this x the mean of the candidate's profile (its
+    #                                   overall aptitude), fitted on the train split, not learned
 
     def __post_init__(self):
         if self.layout not in LAYOUTS:

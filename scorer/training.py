@@ -453,7 +453,8 @@ def warm_start(folder: str | Path, device: str, layout: str = "", instruction_ve
                lora_layers: int = 0) -> ModelSAT:
     """Another checkpoint's network and trained parts, read in ``layout``'s order (the connector and
     LoRA carry over), given an instruction vector if asked and it has none (one it has is kept), and
-    LoRA on ``lora_layers`` of phi's kept layers if that is more than it has (new adapters start at zero)."""
+    LoRA on ``lora_layers`` of phi's kept layers if that is more than it has (new adapters start at zero).
+    Its ``aptitude_weight`` is dropped: it was fitted to the old weights (``bench/router_scores.py``)."""
     model = load_model(folder, device=device)
     if lora_layers > model.config.lora_layers and model.config.lora_rank > 0:
         model.widen_lora(lora_layers)
@@ -461,6 +462,7 @@ def warm_start(folder: str | Path, device: str, layout: str = "", instruction_ve
         model.config = model.config.with_layout(layout)
     if instruction_vector_tokens and not model.config.instruction_vector_tokens:
         model.add_instruction_vector(instruction_vector_tokens)
+    model.config.aptitude_weight = 0.0  # fitted to the old weights; refit it for the new ones
     return model
 
 

@@ -191,3 +191,43 @@ def test_scorer_on_cuda_in_bfloat16_scores_like_the_cpu():
     model.to(device="cuda", dtype=torch.bfloat16)  # psi's tokens and every piece must follow it there
     got = ModelSATScorer(model, tiny.suite()).score("law court", PROFILES)
     assert got == pytest.approx(expected, abs=0.1)
+
+
+def test_aptitude_weight_adds_each_profiles_mean_to_its_score():
+    plain, weighted = _scorer(), _scorer(aptitude_weight=50.0)  # the same seed: the same network
+    base, got = plain.score("law court", PROFILES), weighted.score("law court", PROFILES)
+    for name, profile in PROFILES.items():
+        mean = sum(profile.values()) / len(profile)
+        assert got[name] == pytest.approx(base[name] + 50.0 * mean, abs=1e-4)
+    assert max(got, key=got.get) == "strong"  # at this weight the strongest profile wins
+
+
+def test_aptitude_weight_is_saved_with_the_checkpoint(tmp_path, monkeypatch):
+    enc, llm = tiny.save_backbones(tmp_path / "backbones")
+    model = tiny.build(accuracy_feature=True, aptitude_weight=6.0, encoder=enc, llm=llm)
+    save_checkpoint(model, tmp_path / "ckpt")
+    monkeypatch.setattr("scorer.inference.load_suite", lambda name: tiny.suite())
+    assert ModelSATScorer.load(tmp_path / "ckpt").model.config.aptitude_weight == 6.0
+
+
+def test_the_bench_that_fits_the_aptitude_weight_routes_as_the_weighted_scorer(tmp_path):
+    import importlib.util
+    from pathlib import Path
+
+    import numpy as np
+
+    path = Path(__file__).resolve().parents[2] / "bench" / "router_scores.py"
+    spec = importlib.util.spec_from_file_location("router_scores", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from scorer.inference import aptitude
+
+    names, texts = list(PROFILES), ["law court", "what is algebra ?", "biology cells", "history war"]
+    plain = _scorer()
+    scores = np.array([[plain.score(t, PROFILES)[m] for m in names] for t in texts])
+    apt = np.array([aptitude(PROFILES[m]) for m in names])
+    for weight in (0.0, 0.7, 3.0, 40.0):
+        weighted = _scorer(aptitude_weight=weight)
+        picks = [names.index(max((got := weighted.score(t, PROFILES)), key=got.get)) for t in texts]
+        correct = np.eye(len(names))[picks]  # right exactly where the weighted scorer's pick is
+        assert bench.routed(scores, correct, apt, weight, "raw") == 1.0

@@ -216,6 +216,17 @@ def test_a_warm_start_changes_layout_and_grows_an_instruction_vector_only_once(t
     torch.testing.assert_close(again.instruction_connector.bias, grown.instruction_connector.bias)
 
 
+def test_a_warm_start_drops_the_aptitude_weight_fitted_to_the_old_weights(tmp_path):
+    from scorer.inference import load_model, save_checkpoint
+    from scorer.training import warm_start
+
+    enc, llm = tiny.save_backbones(tmp_path / "backbones")
+    fitted = save_checkpoint(tiny.build(accuracy_feature=True, encoder=enc, llm=llm, aptitude_weight=2.5),
+                             tmp_path / "fitted")
+    assert load_model(fitted, device="cpu").config.aptitude_weight == 2.5
+    assert warm_start(fitted, "cpu").config.aptitude_weight == 0.0
+
+
 def test_a_warm_start_widens_lora_without_changing_a_score_and_the_new_adapters_train(tmp_path):
     from scorer.inference import load_model, save_checkpoint
     from scorer.training import warm_start

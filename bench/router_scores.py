@@ -1,0 +1,165 @@
+"""Raw Model-SAT scores per prompt and candidate, saved once, so routing rules over them can be
+studied without another forward pass.
+
+``dump`` scores every prompt of a split (or a seeded sample, as ``satroute evaluate --limit`` draws
+it) for every model listed, and writes an ``.npz``: ``ids``, ``datasets``, ``models``, ``scores``
+[prompts, models], ``correct`` [prompts, models], ``aptitude`` [models] (the mean of each profile),
+and ``val`` (train split only: the prompt is in the validation slice that ``satroute train`` held
+out with ``--val-size 200 --seed 0``, so the checkpoint never trained on it).
+
+    python bench/router_scores.py dump --data ../shared/data/routerdc --split train --limit 2000 \
+        --out runs/scores/default_routerdc_train.npz [--checkpoint C] [--models M1,M2] [--threads 1]
+
+``--shard K/N`` scores every N-th prompt from the K-th, so N processes can share a split; ``merge``
+joins their files. ``fit`` prints the routing accuracy of ``score + w * aptitude`` (the
+checkpoint's ``aptitude_weight``) over a grid of w, for each file and each zoo of the data README
+whose models the file holds (or the zoo of all its models), and the weight that does best on the
+mean over the train files (``--fit-on``):
+
+    python bench/router_scores.py fit runs/scores/*_train.npz runs/scores/*_test.npz
+
+Since a candidate's score does not depend on the other candidates, any zoo inside the listed models
+can then be routed from the file. Writes nothing into the repository unless told to.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from scorer.data import format_instruction, load_dataset
+from scorer.evaluation import _profiles, eligible_rows
+
+
+def _val_ids(data, data_dir: Path) -> set[str]:
+    from scorer.training import _suite_for, build_pools
+
+    _, val, _ = build_pools(data, _suite_for(str(data_dir), "auto"), [], 200, 0)
+    return set(val.ids or [])
+
+
+def dump(args: argparse.Namespace) -> int:
+    import torch
+
+    from scorer import load_scorer
+    from scorer.inference import aptitude
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = load_dataset(args.data)
+    models = [m.strip() for m in args.models.split(",")] if args.models else list(data.models)
+    args.suite = None
+    profiles = _profiles(args, data, models)
+    part, _ = eligible_rows(data, models, args.split, args.limit, args.seed)
+    shard, shards = (int(x) for x in args.shard.split("/"))
+    part = part.subset(np.arange(shard, len(part.prompts), shards))
+    scorer = load_scorer(args.checkpoint)
+    candidates = {m: profiles[m] for m in models}
+    scores = np.zeros((len(part.prompts), len(models)), dtype=np.float32)
+    start = time.time()
+    for i, prompt in enumerate(part.prompts):
+        got = scorer.score(format_instruction(prompt), candidates)
+        scores[i] = [got[m] for m in models]
+        if (i + 1) % 200 == 0:
+            print(f"{i + 1}/{len(part.prompts)} {time.time() - start:.0f}s", file=sys.stderr, flush=True)
+    ids = np.array([p.id for p in part.prompts])
+    val = np.isin(ids, list(_val_ids(data, args.data))) if args.split == "train" else np.zeros(len(ids), bool)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(args.out, ids=ids, datasets=np.array([p.dataset for p in part.prompts]), models=np.array(models),
+             scores=scores, correct=part.correct_matrix().astype(np.float32), val=val,
+             aptitude=np.array([aptitude(profiles[m]) for m in models]))
+    print(f"{len(ids)} prompts x {len(models)} models -> {args.out} ({time.time() - start:.0f}s)")
+    return 0
+
+
+ZOOS = {
+    "small": "Meta-Llama-3_1-8B-Instruct,Phi-3-mini-4k-instruct,gemma-7b,Qwen1.5-7B-Chat,Mistral-7B-Instruct-v0.2",
+    "mixed": "Meta-Llama-3_1-8B-Instruct,Phi-3-mini-4k-instruct,Yi-34B,Qwen1.5-72B-Chat,Meta-Llama-3-70B,"
+             "DeepSeek-Coder-V2,jamba-1.5-large,c4ai-command-r-v01",
+    "unseen_gemma": "gemma-7b,Qwen1.5-7B-Chat,Mistral-7B-Instruct-v0.2",
+    "unseen_yi": "Yi-34B,c4ai-command-r-v01,Meta-Llama-3-8B",
+}
+
+
+def zoo_views(path: Path, zoos: list[str]):
+    """(name, scores, correct, aptitude, val) for each named zoo whose models the file holds; a file
+    that holds none of them is one zoo of all its models ("all": RouterDC's seven)."""
+    z = np.load(path)
+    models = [str(m) for m in z["models"]]
+    held = [n for n in zoos if set(ZOOS[n].split(",")) <= set(models)] or ["all"]
+    for name in held:
+        cols = [models.index(m) for m in (models if name == "all" else ZOOS[name].split(","))]
+        yield name, z["scores"][:, cols], z["correct"][:, cols], z["aptitude"][cols], z["val"]
+
+
+def routed(scores: np.ndarray, correct: np.ndarray, aptitude: np.ndarray, weight: float, rule: str) -> float:
+    """Routing accuracy of argmax(score' + weight * aptitude); rule "z" standardises each prompt's scores first."""
+    s = scores.astype(np.float64)
+    if rule == "z":
+        s = (s - s.mean(axis=1, keepdims=True)) / (s.std(axis=1, keepdims=True) + 1e-9)
+    picks = np.argmax(s + weight * aptitude[None, :], axis=1)
+    return float((correct[np.arange(len(picks)), picks] > 0).mean())
+
+
+def merge(args: argparse.Namespace) -> int:
+    parts = [np.load(p) for p in args.files]
+    joined = {k: np.concatenate([p[k] for p in parts]) for k in ("ids", "datasets", "scores", "correct", "val")}
+    np.savez(args.out, models=parts[0]["models"], aptitude=parts[0]["aptitude"], **joined)
+    print(f"{len(joined['ids'])} prompts -> {args.out}")
+    return 0
+
+
+def fit(args: argparse.Namespace) -> int:
+    weights = [0.0] + [float(w) for w in np.geomspace(0.25, 256, 31)] + [1e6]
+    zoos = args.zoos.split(",")
+    for rule in ("raw", "z"):
+        table: dict[str, list[float]] = {}
+        for path in args.files:
+            for name, s, c, a, val in zoo_views(path, zoos):
+                key = f"{path.stem}:{name}"
+                table[key] = [routed(s, c, a, w, rule) for w in weights]
+                if args.val_only and val.any():
+                    table[key + ":val"] = [routed(s[val], c[val], a, w, rule) for w in weights]
+        print(f"rule {rule}")
+        print("weight  " + "  ".join(k for k in table))
+        for j, w in enumerate(weights):
+            print(f"{w:8.2f} " + "  ".join(f"{table[k][j]:.4f}".rjust(len(k)) for k in table))
+        fitted = [k for k in table if args.fit_on in k.split(":")[0] and not k.endswith(":val")]
+        if fitted:
+            j = int(np.argmax(np.mean([table[k] for k in fitted], axis=0)))  # ties: the smallest weight
+            print(f"selected on {', '.join(fitted)}: weight {weights[j]:.2f}; "
+                  + ", ".join(f"{k} {table[k][j]:.4f} (at 0: {table[k][0]:.4f})" for k in table))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = sub.add_parser("dump", help="score a split and save the matrix")
+    d.add_argument("--data", required=True, type=Path)
+    d.add_argument("--models", default=None)
+    d.add_argument("--checkpoint", default=None)
+    d.add_argument("--split", default="test")
+    d.add_argument("--limit", type=int, default=None)
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--threads", type=int, default=1)
+    d.add_argument("--shard", default="0/1", help="K/N: only every N-th prompt from the K-th (run N side by side)")
+    d.add_argument("--out", required=True, type=Path)
+    m = sub.add_parser("merge", help="join the shards of one dump into one file")
+    m.add_argument("files", nargs="+", type=Path)
+    m.add_argument("--out", required=True, type=Path)
+    f = sub.add_parser("fit", help="routing accuracy of score + weight * aptitude over a grid of weights")
+    f.add_argument("files", nargs="+", type=Path)
+    f.add_argument("--zoos", default=",".join(ZOOS))
+    f.add_argument("--fit-on", default="_train",
+                   help="select the weight on the mean over the files whose name contains this (default _train)")
+    f.add_argument("--val-only", action="store_true", help="also the validation slice alone (train files)")
+    args = parser.parse_args(argv)
+    return {"dump": dump, "merge": merge, "fit": fit}[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
