@@ -51,7 +51,6 @@ def dump(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     data = load_dataset(args.data)
     models = [m.strip() for m in args.models.split(",")] if args.models else list(data.models)
-    args.suite = None
     profiles = _profiles(args, data, models)
     part, _ = eligible_rows(data, models, args.split, args.limit, args.seed)
     shard, shards = (int(x) for x in args.shard.split("/"))
@@ -142,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--data", required=True, type=Path)
     d.add_argument("--models", default=None)
     d.add_argument("--checkpoint", default=None)
+    d.add_argument("--suite", default=None, help="aptitude suite of the profiles (default: as satroute evaluate)")
     d.add_argument("--split", default="test")
     d.add_argument("--limit", type=int, default=None)
     d.add_argument("--seed", type=int, default=0)
