@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import shutil
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -102,8 +103,14 @@ def convert_gguf(gguf: Path) -> Path:
         model, tok = _read_gguf(gguf)
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))
-        if not out.exists():
+        try:
             tmp.replace(out)
+        except OSError:
+            # Another process (a second worker starting at the same time) renamed its copy first;
+            # ours is the same conversion, and half a gigabyte: drop it.
+            if not (out / "config.json").exists():
+                raise
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -36,6 +36,44 @@ def test_a_converted_gguf_is_reused_without_reading_it(tmp_path, monkeypatch):
     assert backbones.resolve_llm(str(gguf)) == str(out)
 
 
+class _FakePart:
+    def __init__(self, name):
+        self.name = name
+
+    def save_pretrained(self, folder, **_):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / self.name).write_text("{}")
+
+
+def test_a_conversion_that_loses_the_race_leaves_no_copy_behind(tmp_path, monkeypatch):
+    monkeypatch.setenv("SATROUTE_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"not really a gguf")
+    out = backbones.converted_dir(gguf)
+
+    def read_while_another_process_finishes(path):
+        out.mkdir(parents=True)
+        (out / "config.json").write_text('{"from": "the other process"}')
+        (out / "tokenizer.json").write_text("{}")
+        return _FakePart("config.json"), _FakePart("tokenizer.json")
+
+    monkeypatch.setattr(backbones, "_read_gguf", read_while_another_process_finishes)
+    assert backbones.convert_gguf(gguf) == out
+    assert (out / "config.json").read_text() == '{"from": "the other process"}'
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+
+
+def test_a_first_conversion_is_renamed_into_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("SATROUTE_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"not really a gguf")
+    out = backbones.converted_dir(gguf)
+    monkeypatch.setattr(backbones, "_read_gguf", lambda path: (_FakePart("config.json"), _FakePart("tokenizer.json")))
+    assert backbones.convert_gguf(gguf) == out
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "tokenizer.json"]
+    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+
+
 def test_unreadable_gguf_and_missing_package_raise_backbone_errors(tmp_path, monkeypatch):
     monkeypatch.setenv("SATROUTE_CACHE_DIR", str(tmp_path / "cache"))
     bad = tmp_path / "bad.gguf"
