@@ -10,7 +10,10 @@ out with ``--val-size 200 --seed 0``, so the checkpoint never trained on it).
     python bench/router_scores.py dump --data ../shared/data/routerdc --split train --limit 2000 \
         --out runs/scores/default_routerdc_train.npz [--checkpoint C] [--models M1,M2] [--threads 1]
 
-``--shard K/N`` scores every N-th prompt from the K-th, so N processes can share a split; ``merge``
+``--all-rows`` keeps the prompts on which some listed model has no outcome (its ``correct`` is NaN
+there), so one file of twelve MMLU-Pro models serves the small zoo's 2,420 test prompts as well as
+the mixed zoo's 2,083: each zoo is routed on the rows complete for its own models, the rule of
+``satroute evaluate``. ``--shard K/N`` scores every N-th prompt from the K-th, so N processes can share a split; ``merge``
 joins their files. ``fit`` prints the routing accuracy of ``score + w * aptitude`` (the
 checkpoint's ``aptitude_weight``) over a grid of w, for each file and each zoo of the data README
 whose models the file holds (or the zoo of all its models), and the weight that does best on the
@@ -52,7 +55,13 @@ def dump(args: argparse.Namespace) -> int:
     data = load_dataset(args.data)
     models = [m.strip() for m in args.models.split(",")] if args.models else list(data.models)
     profiles = _profiles(args, data, models)
-    part, _ = eligible_rows(data, models, args.split, args.limit, args.seed)
+    if args.all_rows:
+        part = data.split(args.split).with_models(models)
+        if args.limit is not None and args.limit < len(part.prompts):
+            rng = np.random.default_rng(args.seed)
+            part = part.subset(np.sort(rng.choice(len(part.prompts), size=args.limit, replace=False)))
+    else:
+        part, _ = eligible_rows(data, models, args.split, args.limit, args.seed)
     shard, shards = (int(x) for x in args.shard.split("/"))
     part = part.subset(np.arange(shard, len(part.prompts), shards))
     scorer = load_scorer(args.checkpoint)
@@ -85,13 +94,15 @@ ZOOS = {
 
 def zoo_views(path: Path, zoos: list[str]):
     """(name, scores, correct, aptitude, val) for each named zoo whose models the file holds; a file
-    that holds none of them is one zoo of all its models ("all": RouterDC's seven)."""
+    that holds none of them is one zoo of all its models ("all": RouterDC's seven). Each zoo keeps
+    the rows on which every one of its models has an outcome."""
     z = np.load(path)
     models = [str(m) for m in z["models"]]
     held = [n for n in zoos if set(ZOOS[n].split(",")) <= set(models)] or ["all"]
     for name in held:
         cols = [models.index(m) for m in (models if name == "all" else ZOOS[name].split(","))]
-        yield name, z["scores"][:, cols], z["correct"][:, cols], z["aptitude"][cols], z["val"]
+        rows = ~np.isnan(z["correct"][:, cols]).any(axis=1)
+        yield name, z["scores"][rows][:, cols], z["correct"][rows][:, cols], z["aptitude"][cols], z["val"][rows]
 
 
 def routed(scores: np.ndarray, correct: np.ndarray, aptitude: np.ndarray, weight: float, rule: str) -> float:
@@ -146,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--limit", type=int, default=None)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, default=1)
+    d.add_argument("--all-rows", action="store_true",
+                   help="also the prompts on which some listed model has no outcome (each zoo drops them itself)")
     d.add_argument("--shard", default="0/1", help="K/N: only every N-th prompt from the K-th (run N side by side)")
     d.add_argument("--out", required=True, type=Path)
     m = sub.add_parser("merge", help="join the shards of one dump into one file")

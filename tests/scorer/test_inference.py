@@ -210,16 +210,22 @@ def test_aptitude_weight_is_saved_with_the_checkpoint(tmp_path, monkeypatch):
     assert ModelSATScorer.load(tmp_path / "ckpt").model.config.aptitude_weight == 6.0
 
 
-def test_the_bench_that_fits_the_aptitude_weight_routes_as_the_weighted_scorer(tmp_path):
+def _router_scores_bench():
+    """bench/router_scores.py, loaded as a module (bench/ is not a package)."""
     import importlib.util
     from pathlib import Path
-
-    import numpy as np
 
     path = Path(__file__).resolve().parents[2] / "bench" / "router_scores.py"
     spec = importlib.util.spec_from_file_location("router_scores", path)
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
+    return bench
+
+
+def test_the_bench_that_fits_the_aptitude_weight_routes_as_the_weighted_scorer(tmp_path):
+    import numpy as np
+
+    bench = _router_scores_bench()
     from scorer.inference import aptitude
 
     names, texts = list(PROFILES), ["law court", "what is algebra ?", "biology cells", "history war"]
@@ -231,3 +237,21 @@ def test_the_bench_that_fits_the_aptitude_weight_routes_as_the_weighted_scorer(t
         picks = [names.index(max((got := weighted.score(t, PROFILES)), key=got.get)) for t in texts]
         correct = np.eye(len(names))[picks]  # right exactly where the weighted scorer's pick is
         assert bench.routed(scores, correct, apt, weight, "raw") == 1.0
+
+
+def test_the_bench_routes_each_zoo_on_the_rows_complete_for_its_own_models(tmp_path):
+    """A dump made with --all-rows holds NaN outcomes; each zoo drops only the rows it lacks."""
+    import numpy as np
+
+    bench = _router_scores_bench()
+    models = list(dict.fromkeys(m for zoo in ("small", "mixed") for m in bench.ZOOS[zoo].split(",")))
+    correct = np.ones((6, len(models)), dtype=np.float32)
+    only_mixed = models.index("DeepSeek-Coder-V2")  # in the mixed zoo, not in the small one
+    correct[[1, 4], only_mixed] = np.nan
+    file = tmp_path / "dump.npz"
+    np.savez(file, ids=np.arange(6).astype(str), datasets=np.array(["d"] * 6), models=np.array(models),
+             scores=np.zeros_like(correct), correct=correct, val=np.zeros(6, bool), aptitude=np.zeros(len(models)))
+    views = {name: (s, c, val) for name, s, c, _, val in bench.zoo_views(file, ["small", "mixed"])}
+    assert len(views["small"][1]) == 6  # its models have every outcome: every row stays
+    assert len(views["mixed"][1]) == 4 and not np.isnan(views["mixed"][1]).any()
+    assert len(views["mixed"][0]) == len(views["mixed"][2]) == 4  # scores and val follow the same rows
