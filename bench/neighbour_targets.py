@@ -9,7 +9,10 @@ the best single model and the oracle on the same rows. It is the ceiling of what
 targets can give on the training distribution; ``test`` is never read. ``--category-prior``
 blends the targets with each model's accuracy on the rest of the row's category, as
 ``satroute train --category-prior`` does (``--category-shrink`` pulling it toward the data set's,
-as there); each record also gives the ceiling per benchmark.
+as there); each record also gives the ceiling per benchmark. ``--mlp-folds F`` adds the same
+records for another teacher, the MLP baseline's out-of-fold predictions (F folds over the pool, each
+fold predicted by an MLP trained on the others; ``"k": "mlp_oof"``): is a stronger learner of the
+train outcomes a better source of targets than the neighbours?
 
     python bench/neighbour_targets.py --data ../shared/data/mmlu_pro --zoo small --k 10,30,100
     python bench/neighbour_targets.py --data ../shared/data/routerdc --suite routerdc --zoo all
@@ -17,6 +20,8 @@ as there); each record also gives the ceiling per benchmark.
         --k 50 --category-prior 0,0.3,0.5,0.7,1
     python bench/neighbour_targets.py --data ../shared/data/routerdc --suite routerdc --zoo all \
         --k 50 --category-prior 0.4,0.7 --category-shrink 0,10,30,100
+    python bench/neighbour_targets.py --data ../shared/data/routerdc --suite routerdc --zoo all \
+        --k 50 --category-prior 0,0.5,0.7,1 --mlp-folds 5
 """
 from __future__ import annotations
 
@@ -30,13 +35,24 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from profile_headroom import ZOOS  # noqa: E402
 
+from scorer.baselines import train_mlp  # noqa: E402
 from scorer.data import data_root, load_dataset  # noqa: E402
 from scorer.embeddings import Embedder, dataset_embeddings  # noqa: E402
 from scorer.training import blend_targets, build_pools, category_accuracies, neighbour_targets  # noqa: E402
 
 
+def mlp_out_of_fold(vectors: np.ndarray, correct: np.ndarray, folds: int, seed: int = 0) -> np.ndarray:
+    """Each row's per-model probabilities from the MLP baseline trained on the other folds."""
+    fold = np.random.default_rng(seed).permutation(len(vectors)) % folds
+    out = np.zeros(correct.shape, dtype=np.float32)
+    for f in range(folds):
+        fn, _ = train_mlp(vectors[fold != f], correct[fold != f], seed=seed + f)
+        out[fold == f] = fn(vectors[fold == f])
+    return out
+
+
 def ceiling(data_dir, suite: str, zoo: list[str] | None, ks: list[int], val_size: int = 60,
-            priors: tuple[float, ...] = (0.0,), shrinks: tuple[float, ...] = (0.0,)) -> list[dict]:
+            priors: tuple[float, ...] = (0.0,), shrinks: tuple[float, ...] = (0.0,), mlp_folds: int = 0) -> list[dict]:
     data = load_dataset(data_dir)
     pool, _, _ = build_pools(data, suite, [], val_size, 0)
     train = data.split("train")
@@ -50,8 +66,11 @@ def ceiling(data_dir, suite: str, zoo: list[str] | None, ks: list[int], val_size
     # the category accuracies depend on the shrinkage only: once each, not once per K and weight
     prior = {m: category_accuracies(rows.prompts, pool.correct, m) for m in shrinks} if any(priors) else {}
     out = []
-    for k in ks:
-        knn = neighbour_targets(vectors, pool.correct, k)
+    teachers = [(k, lambda k=k: neighbour_targets(vectors, pool.correct, k)) for k in ks]
+    if mlp_folds:
+        teachers.append(("mlp_oof", lambda: mlp_out_of_fold(vectors, pool.correct, mlp_folds)))
+    for k, make in teachers:
+        knn = make()
         for w, m in [(w, m) for w in priors for m in (shrinks if w else (0.0,))]:
             soft = (blend_targets(knn, prior[m], w) if w else knn)[:, cols][keep]
             pick = np.nan_to_num(soft, nan=-1.0).argmax(axis=1)
@@ -73,13 +92,16 @@ def main() -> None:
     ap.add_argument("--zoo", default="small", help="small, mixed (MMLU-Pro) or all (every model of --data)")
     ap.add_argument("--k", default="10,30,50,100")
     ap.add_argument("--category-prior", default="0", help="comma-separated blend weights (0 = none)")
+    ap.add_argument("--mlp-folds", type=int, default=0,
+                    help="also the MLP baseline's out-of-fold predictions as targets, over this many folds")
     ap.add_argument("--category-shrink", default="0",
                     help="comma-separated pseudo-counts toward the data set's accuracies (0 = none)")
     a = ap.parse_args()
     zoo = None if a.zoo == "all" else ZOOS[a.zoo]
     priors = tuple(float(w) for w in a.category_prior.split(","))
     shrinks = tuple(float(m) for m in a.category_shrink.split(","))
-    for rec in ceiling(a.data, a.suite, zoo, [int(k) for k in a.k.split(",")], priors=priors, shrinks=shrinks):
+    for rec in ceiling(a.data, a.suite, zoo, [int(k) for k in a.k.split(",")], priors=priors, shrinks=shrinks,
+                       mlp_folds=a.mlp_folds):
         print(json.dumps({"data": Path(a.data).name, "zoo": a.zoo, **rec}))
 
 

@@ -21,12 +21,19 @@ mean over the train files (``--fit-on``):
 
     python bench/router_scores.py fit runs/scores/*_train.npz runs/scores/*_test.npz
 
+``report`` routes one file at one weight and prints, per zoo, one JSON object shaped like ``satroute
+evaluate --json``'s (``n``, ``router``, ``best_single``, ``random``, ``oracle``, ``singles``, the
+share of each model among the picks, and the same per benchmark):
+
+    python bench/router_scores.py report runs/scores/cprior_routerdc_test.npz --weight 6.35
+
 Since a candidate's score does not depend on the other candidates, any zoo inside the listed models
 can then be routed from the file. Writes nothing into the repository unless told to.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -34,7 +41,7 @@ from pathlib import Path
 import numpy as np
 
 from scorer.data import format_instruction, load_dataset
-from scorer.evaluation import _profiles, eligible_rows
+from scorer.evaluation import _accuracy, _profiles, _table, eligible_rows
 
 
 def _val_ids(data, data_dir: Path) -> set[str]:
@@ -92,17 +99,28 @@ ZOOS = {
 }
 
 
-def zoo_views(path: Path, zoos: list[str]):
-    """(name, scores, correct, aptitude, val) for each named zoo whose models the file holds; a file
-    that holds none of them is one zoo of all its models ("all": RouterDC's seven). Each zoo keeps
-    the rows on which every one of its models has an outcome."""
-    z = np.load(path)
+def _zoos_of(z, zoos: list[str]):
+    """(name, the zoo's models, their columns, the rows complete for them) for each named zoo whose
+    models the file holds; a file that holds none of them is one zoo of all its models ("all":
+    RouterDC's seven)."""
     models = [str(m) for m in z["models"]]
-    held = [n for n in zoos if set(ZOOS[n].split(",")) <= set(models)] or ["all"]
-    for name in held:
-        cols = [models.index(m) for m in (models if name == "all" else ZOOS[name].split(","))]
-        rows = ~np.isnan(z["correct"][:, cols]).any(axis=1)
+    for name in [n for n in zoos if set(ZOOS[n].split(",")) <= set(models)] or ["all"]:
+        names = models if name == "all" else ZOOS[name].split(",")
+        cols = [models.index(m) for m in names]
+        yield name, names, cols, ~np.isnan(z["correct"][:, cols]).any(axis=1)
+
+
+def zoo_views(path: Path, zoos: list[str]):
+    """(name, scores, correct, aptitude, val) for each zoo of ``_zoos_of``, on the rows on which
+    every one of its models has an outcome."""
+    z = np.load(path)
+    for name, _, cols, rows in _zoos_of(z, zoos):
         yield name, z["scores"][rows][:, cols], z["correct"][rows][:, cols], z["aptitude"][cols], z["val"][rows]
+
+
+def picks_at(scores: np.ndarray, aptitude: np.ndarray, weight: float) -> np.ndarray:
+    """Index of each prompt's pick: the argmax of ``score + weight * aptitude``."""
+    return np.argmax(scores.astype(np.float64) + weight * aptitude[None, :], axis=1)
 
 
 def routed(scores: np.ndarray, correct: np.ndarray, aptitude: np.ndarray, weight: float, rule: str) -> float:
@@ -110,8 +128,36 @@ def routed(scores: np.ndarray, correct: np.ndarray, aptitude: np.ndarray, weight
     s = scores.astype(np.float64)
     if rule == "z":
         s = (s - s.mean(axis=1, keepdims=True)) / (s.std(axis=1, keepdims=True) + 1e-9)
-    picks = np.argmax(s + weight * aptitude[None, :], axis=1)
+    picks = picks_at(s, aptitude, weight)
     return float((correct[np.arange(len(picks)), picks] > 0).mean())
+
+
+def zoo_report(scores: np.ndarray, correct: np.ndarray, aptitude: np.ndarray, datasets: np.ndarray,
+               models: list[str], weight: float) -> dict:
+    """``satroute evaluate``'s figures for one zoo, routed by ``score + weight * aptitude``."""
+    right = (correct > 0).astype(np.float64)
+    picks = picks_at(scores, aptitude, weight)
+
+    def block(rows: np.ndarray) -> dict:
+        share = np.bincount(picks[rows], minlength=len(models)) / max(1, rows.sum())
+        return {**_table(right[rows], models), "router": _accuracy(right[rows], picks[rows]),
+                "picks": {m: round(float(x), 4) for m, x in zip(models, share) if x > 0}}
+
+    everything = np.ones(len(picks), dtype=bool)
+    out = {"weight": weight, **block(everything)}
+    if len(set(datasets)) > 1:
+        out["by_dataset"] = {str(d): block(datasets == d) for d in sorted(set(datasets))}
+    return out
+
+
+def report(args: argparse.Namespace) -> int:
+    for path in args.files:
+        z = np.load(path)
+        for name, names, cols, rows in _zoos_of(z, args.zoos.split(",")):
+            got = zoo_report(z["scores"][rows][:, cols], z["correct"][rows][:, cols], z["aptitude"][cols],
+                             z["datasets"][rows], names, args.weight)
+            print(json.dumps({"file": path.name, "zoo": name, **got}))
+    return 0
 
 
 def merge(args: argparse.Namespace) -> int:
@@ -170,8 +216,12 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--fit-on", default="_train",
                    help="select the weight on the mean over the files whose name contains this (default _train)")
     f.add_argument("--val-only", action="store_true", help="also the validation slice alone (train files)")
+    r = sub.add_parser("report", help="evaluate-style figures of each zoo of each file at one weight")
+    r.add_argument("files", nargs="+", type=Path)
+    r.add_argument("--weight", type=float, default=0.0)
+    r.add_argument("--zoos", default=",".join(ZOOS))
     args = parser.parse_args(argv)
-    return {"dump": dump, "merge": merge, "fit": fit}[args.command](args)
+    return {"dump": dump, "merge": merge, "fit": fit, "report": report}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -255,3 +255,18 @@ def test_the_bench_routes_each_zoo_on_the_rows_complete_for_its_own_models(tmp_p
     assert len(views["small"][1]) == 6  # its models have every outcome: every row stays
     assert len(views["mixed"][1]) == 4 and not np.isnan(views["mixed"][1]).any()
     assert len(views["mixed"][0]) == len(views["mixed"][2]) == 4  # scores and val follow the same rows
+
+
+def test_the_bench_report_routes_as_the_fit_and_splits_by_benchmark():
+    import numpy as np
+
+    bench = _router_scores_bench()
+    scores = np.array([[0.0, 1.0], [2.0, 0.0], [0.0, 0.5], [0.0, 0.1]])
+    correct = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    aptitude, datasets = np.array([0.6, 0.4]), np.array(["gsm8k", "mmlu", "mmlu", "mmlu"])
+    got = bench.zoo_report(scores, correct, aptitude, datasets, ["a", "b"], weight=1.0)
+    # the weight adds 0.6 to a and 0.4 to b: it moves the last prompt to a (0.6 against 0.5) and no other
+    assert got["router"] == bench.routed(scores, correct, aptitude, 1.0, "raw") == 0.75
+    assert got["picks"] == {"a": 0.5, "b": 0.5}
+    assert got["best_single"] == {"model": "a", "accuracy": 0.75}
+    assert got["by_dataset"]["gsm8k"]["router"] == 1.0 and got["by_dataset"]["mmlu"]["router"] == 0.6667
