@@ -27,6 +27,14 @@ share of each model among the picks, and the same per benchmark):
 
     python bench/router_scores.py report runs/scores/cprior_routerdc_test.npz --weight 6.35
 
+``paired`` trains a baseline of ``satroute evaluate`` on the data set's train split, routes the
+file's prompts with it, and prints both accuracies on the same prompts with a paired bootstrap 95%
+interval of their difference (2,000 resamples, seed 0) and the prompts only one of the two gets
+right:
+
+    python bench/router_scores.py paired runs/scores/cprior_routerdc_test.npz --data ../shared/data/routerdc \
+        --baseline mlp --weight 6.35
+
 Since a candidate's score does not depend on the other candidates, any zoo inside the listed models
 can then be routed from the file. Writes nothing into the repository unless told to.
 """
@@ -160,6 +168,40 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+def paired_difference(router: np.ndarray, baseline: np.ndarray, resamples: int = 2000, seed: int = 0) -> dict:
+    """Mean of ``router - baseline`` (per-prompt 1/0 outcomes) and its paired bootstrap 95% interval."""
+    rng = np.random.default_rng(seed)
+    n = len(router)
+    diff = router.astype(np.float64) - baseline
+    boots = [diff[rng.integers(0, n, n)].mean() for _ in range(resamples)]
+    return {"diff": round(float(diff.mean()), 4),
+            "ci95": [round(float(np.percentile(boots, 2.5)), 4), round(float(np.percentile(boots, 97.5)), 4)],
+            "router_only_right": int(((router > 0) & (baseline == 0)).sum()),
+            "baseline_only_right": int(((router == 0) & (baseline > 0)).sum())}
+
+
+def paired(args: argparse.Namespace) -> int:
+    import torch
+
+    from scorer.baselines import train_baseline
+
+    torch.set_num_threads(args.threads)
+    z = np.load(args.file)
+    models = [str(m) for m in z["models"]]
+    data = load_dataset(args.data)
+    split = data.split(args.split)
+    by_id = {p.id: p for p in split.prompts}
+    texts = [format_instruction(by_id[str(i)]) for i in z["ids"]]
+    baseline = train_baseline(args.baseline, data, models)
+    picks = [int(np.argmax([got[m] for m in models])) for got in baseline.score_many(texts, {m: {} for m in models})]
+    right = (z["correct"] > 0).astype(np.float64)
+    rows = np.arange(len(texts))
+    base, routed_right = right[rows, picks], right[rows, picks_at(z["scores"], z["aptitude"], args.weight)]
+    print(json.dumps({"file": args.file.name, "n": len(texts), "weight": args.weight, "router": round(float(routed_right.mean()), 4),
+                      args.baseline: round(float(base.mean()), 4), **paired_difference(routed_right, base)}))
+    return 0
+
+
 def merge(args: argparse.Namespace) -> int:
     parts = [np.load(p) for p in args.files]
     joined = {k: np.concatenate([p[k] for p in parts]) for k in ("ids", "datasets", "scores", "correct", "val")}
@@ -220,8 +262,15 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("files", nargs="+", type=Path)
     r.add_argument("--weight", type=float, default=0.0)
     r.add_argument("--zoos", default=",".join(ZOOS))
+    q = sub.add_parser("paired", help="the router against a baseline on the same prompts, with a bootstrap interval")
+    q.add_argument("file", type=Path)
+    q.add_argument("--data", required=True, type=Path)
+    q.add_argument("--split", default="test")
+    q.add_argument("--baseline", default="mlp")
+    q.add_argument("--weight", type=float, default=0.0)
+    q.add_argument("--threads", type=int, default=1)
     args = parser.parse_args(argv)
-    return {"dump": dump, "merge": merge, "fit": fit, "report": report}[args.command](args)
+    return {"dump": dump, "merge": merge, "fit": fit, "report": report, "paired": paired}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -270,3 +270,16 @@ def test_the_bench_report_routes_as_the_fit_and_splits_by_benchmark():
     assert got["picks"] == {"a": 0.5, "b": 0.5}
     assert got["best_single"] == {"model": "a", "accuracy": 0.75}
     assert got["by_dataset"]["gsm8k"]["router"] == 1.0 and got["by_dataset"]["mmlu"]["router"] == 0.6667
+
+
+def test_the_bench_paired_difference_counts_the_prompts_each_router_alone_gets_right():
+    import numpy as np
+
+    bench = _router_scores_bench()
+    router, baseline = np.array([1, 1, 0, 1, 0, 1.0]), np.array([1, 0, 1, 0, 0, 1.0])
+    got = bench.paired_difference(router, baseline, resamples=500)
+    assert got["diff"] == round(1 / 6, 4)
+    assert (got["router_only_right"], got["baseline_only_right"]) == (2, 1)
+    assert got["ci95"][0] <= got["diff"] <= got["ci95"][1]
+    same = bench.paired_difference(router, router, resamples=50)
+    assert same["diff"] == 0 and same["ci95"] == [0, 0]
