@@ -95,8 +95,18 @@ def test_bfloat16_copy_keeps_rope_in_float32_and_close_scores():
         ref = model.score_rows([model.embed_ids(ids)])
         half = model.to(torch.bfloat16)
         got = half.score_rows([half.embed_ids(ids)])
-    assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got.float(), ref, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(got, ref, rtol=0.05, atol=0.05)
+
+
+def test_a_bfloat16_network_reads_its_score_in_float32():
+    """The logit is not rounded to bfloat16, whose steps (1/16 near 10) exceed many candidates' gaps."""
+    model, _ = _model()
+    model = model.to(torch.bfloat16)
+    hidden = torch.randn(16, model.embed.weight.shape[1], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        scores = model.answer_score(hidden.to(torch.bfloat16))
+    assert scores.dtype == torch.float32
+    assert (scores != scores.to(torch.bfloat16).float()).any()  # finer than bfloat16 can hold
 
 
 def test_instruction_vector_reads_past_phis_window_as_one_more_prefix_token():
