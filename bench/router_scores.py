@@ -10,14 +10,17 @@ out with ``--val-size 200 --seed 0``, so the checkpoint never trained on it).
     python bench/router_scores.py dump --data ../shared/data/routerdc --split train --limit 2000 \
         --out runs/scores/default_routerdc_train.npz [--checkpoint C] [--models M1,M2] [--threads 1]
 
-``--all-rows`` keeps the prompts on which some listed model has no outcome (its ``correct`` is NaN
-there), so one file of twelve MMLU-Pro models serves the small zoo's 2,420 test prompts as well as
-the mixed zoo's 2,083: each zoo is routed on the rows complete for its own models, the rule of
-``satroute evaluate``. ``--shard K/N`` scores every N-th prompt from the K-th, so N processes can share a split; ``merge``
-joins their files. ``fit`` prints the routing accuracy of ``score + w * aptitude`` (the
-checkpoint's ``aptitude_weight``) over a grid of w, for each file and each zoo of the data README
-whose models the file holds (or the zoo of all its models), and the weight that does best on the
-mean over the train files (``--fit-on``):
+The scores are the network's own: the checkpoint's ``aptitude_weight`` is left out and recorded
+(``checkpoint_weight``), and ``report``, ``paired`` and ``agree`` put it back unless ``--weight``
+says otherwise. ``--dtype`` is the scorer's (``auto``: as ``satroute serve`` would run it here; the
+file records the one used). ``--all-rows`` keeps the prompts on which some listed model has no outcome (its
+``correct`` is NaN there), so one file of twelve MMLU-Pro models serves the small zoo's 2,420 test
+prompts as well as the mixed zoo's 2,083: each zoo is routed on the rows complete for its own
+models, the rule of ``satroute evaluate``. ``--shard K/N`` scores every N-th prompt from the K-th,
+so N processes can share a split; ``merge`` joins their files. ``fit`` prints the routing accuracy
+of ``score + w * aptitude`` (the checkpoint's ``aptitude_weight``) over a grid of w, for each file
+and each zoo of the data README whose models the file holds (or the zoo of all its models), and the
+weight that does best on the mean over the train files (``--fit-on``):
 
     python bench/router_scores.py fit runs/scores/*_train.npz runs/scores/*_test.npz
 
@@ -32,8 +35,14 @@ file's prompts with it, and prints both accuracies on the same prompts with a pa
 interval of their difference (2,000 resamples, seed 0) and the prompts only one of the two gets
 right:
 
-    python bench/router_scores.py paired runs/scores/cprior_routerdc_test.npz --data ../shared/data/routerdc \
-        --baseline mlp --weight 6.35
+    python bench/router_scores.py paired runs/scores/cprior_routerdc_test.npz \
+        --data ../shared/data/routerdc --baseline mlp --weight 6.35
+
+``agree`` compares two dumps of the same prompts and models (the same network in two dtypes, say):
+per zoo, both accuracies at one weight, the share of prompts whose pick is the same, and the
+paired interval of the difference:
+
+    python bench/router_scores.py agree runs/scores/fp32.npz runs/scores/bf16.npz --weight 6.35
 
 Since a candidate's score does not depend on the other candidates, any zoo inside the listed models
 can then be routed from the file. Writes nothing into the repository unless told to.
@@ -59,6 +68,15 @@ def _val_ids(data, data_dir: Path) -> set[str]:
     return set(val.ids or [])
 
 
+def without_aptitude_weight(scorer) -> float:
+    """Set the scorer's aptitude weight to 0 and return what it was: a dump holds the network's own
+    scores, so that files of checkpoints with and without a weight compare, and any weight can be
+    put back by ``fit``, ``report``, ``paired`` or ``agree``."""
+    config = scorer.model.config
+    weight, config.aptitude_weight = float(config.aptitude_weight), 0.0
+    return weight
+
+
 def dump(args: argparse.Namespace) -> int:
     import torch
 
@@ -79,7 +97,8 @@ def dump(args: argparse.Namespace) -> int:
         part, _ = eligible_rows(data, models, args.split, args.limit, args.seed)
     shard, shards = (int(x) for x in args.shard.split("/"))
     part = part.subset(np.arange(shard, len(part.prompts), shards))
-    scorer = load_scorer(args.checkpoint)
+    scorer = load_scorer(args.checkpoint, dtype=args.dtype)
+    weight = without_aptitude_weight(scorer)
     candidates = {m: profiles[m] for m in models}
     scores = np.zeros((len(part.prompts), len(models)), dtype=np.float32)
     start = time.time()
@@ -93,7 +112,8 @@ def dump(args: argparse.Namespace) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(args.out, ids=ids, datasets=np.array([p.dataset for p in part.prompts]), models=np.array(models),
              scores=scores, correct=part.correct_matrix().astype(np.float32), val=val,
-             aptitude=np.array([aptitude(profiles[m]) for m in models]))
+             aptitude=np.array([aptitude(profiles[m]) for m in models]),
+             dtype=np.array(scorer.runs_on.split(", ")[1]), checkpoint_weight=np.array(weight))
     print(f"{len(ids)} prompts x {len(models)} models -> {args.out} ({time.time() - start:.0f}s)")
     return 0
 
@@ -158,12 +178,19 @@ def zoo_report(scores: np.ndarray, correct: np.ndarray, aptitude: np.ndarray, da
     return out
 
 
+def weight_for(z, asked: float | None) -> float:
+    """The weight asked for, else the one the dumped checkpoint is served with (0 for older files)."""
+    if asked is not None:
+        return asked
+    return float(z["checkpoint_weight"]) if "checkpoint_weight" in z.files else 0.0
+
+
 def report(args: argparse.Namespace) -> int:
     for path in args.files:
         z = np.load(path)
         for name, names, cols, rows in _zoos_of(z, args.zoos.split(",")):
             got = zoo_report(z["scores"][rows][:, cols], z["correct"][rows][:, cols], z["aptitude"][cols],
-                             z["datasets"][rows], names, args.weight)
+                             z["datasets"][rows], names, weight_for(z, args.weight))
             print(json.dumps({"file": path.name, "zoo": name, **got}))
     return 0
 
@@ -193,19 +220,41 @@ def paired(args: argparse.Namespace) -> int:
     by_id = {p.id: p for p in split.prompts}
     texts = [format_instruction(by_id[str(i)]) for i in z["ids"]]
     baseline = train_baseline(args.baseline, data, models)
-    picks = [int(np.argmax([got[m] for m in models])) for got in baseline.score_many(texts, {m: {} for m in models})]
+    got = baseline.score_many(texts, {m: {} for m in models})
+    picks = [int(np.argmax([g[m] for m in models])) for g in got]
     right = (z["correct"] > 0).astype(np.float64)
     rows = np.arange(len(texts))
-    base, routed_right = right[rows, picks], right[rows, picks_at(z["scores"], z["aptitude"], args.weight)]
-    print(json.dumps({"file": args.file.name, "n": len(texts), "weight": args.weight, "router": round(float(routed_right.mean()), 4),
-                      args.baseline: round(float(base.mean()), 4), **paired_difference(routed_right, base)}))
+    weight = weight_for(z, args.weight)
+    base, routed_right = right[rows, picks], right[rows, picks_at(z["scores"], z["aptitude"], weight)]
+    print(json.dumps({"file": args.file.name, "n": len(texts), "weight": weight,
+                      "router": round(float(routed_right.mean()), 4), args.baseline: round(float(base.mean()), 4),
+                      **paired_difference(routed_right, base)}))
+    return 0
+
+
+def agree(args: argparse.Namespace) -> int:
+    a, b = np.load(args.first), np.load(args.second)
+    if list(a["ids"]) != list(b["ids"]) or list(a["models"]) != list(b["models"]):
+        raise SystemExit("the two dumps must hold the same prompts and models, in the same order")
+    for name, _, cols, rows in _zoos_of(a, args.zoos.split(",")):
+        right = (a["correct"][rows][:, cols] > 0).astype(np.float64)
+        weights = [weight_for(z, args.weight) for z in (a, b)]
+        picks = [picks_at(z["scores"][rows][:, cols], z["aptitude"][cols], w) for z, w in zip((a, b), weights)]
+        first, second = (right[np.arange(len(p)), p] for p in picks)
+        print(json.dumps({"zoo": name, "n": int(rows.sum()), "weights": weights,
+                          "dtypes": [str(z["dtype"]) if "dtype" in z.files else "float32" for z in (a, b)],
+                          "first": round(float(first.mean()), 4), "second": round(float(second.mean()), 4),
+                          "same_pick": round(float(np.mean(picks[0] == picks[1])), 4),
+                          **{k.replace("router", "second").replace("baseline", "first"): v
+                             for k, v in paired_difference(second, first).items()}}))
     return 0
 
 
 def merge(args: argparse.Namespace) -> int:
     parts = [np.load(p) for p in args.files]
     joined = {k: np.concatenate([p[k] for p in parts]) for k in ("ids", "datasets", "scores", "correct", "val")}
-    np.savez(args.out, models=parts[0]["models"], aptitude=parts[0]["aptitude"], **joined)
+    kept = {k: parts[0][k] for k in ("models", "aptitude", "dtype", "checkpoint_weight") if k in parts[0].files}
+    np.savez(args.out, **kept, **joined)
     print(f"{len(joined['ids'])} prompts -> {args.out}")
     return 0
 
@@ -245,6 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--limit", type=int, default=None)
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--threads", type=int, default=1)
+    d.add_argument("--dtype", default="auto", help="auto (as served), float32 or bfloat16")
     d.add_argument("--all-rows", action="store_true",
                    help="also the prompts on which some listed model has no outcome (each zoo drops them itself)")
     d.add_argument("--shard", default="0/1", help="K/N: only every N-th prompt from the K-th (run N side by side)")
@@ -260,17 +310,23 @@ def main(argv: list[str] | None = None) -> int:
     f.add_argument("--val-only", action="store_true", help="also the validation slice alone (train files)")
     r = sub.add_parser("report", help="evaluate-style figures of each zoo of each file at one weight")
     r.add_argument("files", nargs="+", type=Path)
-    r.add_argument("--weight", type=float, default=0.0)
+    r.add_argument("--weight", type=float, default=None, help="default: the dumped checkpoint's own")
     r.add_argument("--zoos", default=",".join(ZOOS))
     q = sub.add_parser("paired", help="the router against a baseline on the same prompts, with a bootstrap interval")
     q.add_argument("file", type=Path)
     q.add_argument("--data", required=True, type=Path)
     q.add_argument("--split", default="test")
     q.add_argument("--baseline", default="mlp")
-    q.add_argument("--weight", type=float, default=0.0)
+    q.add_argument("--weight", type=float, default=None, help="default: the dumped checkpoint's own")
     q.add_argument("--threads", type=int, default=1)
+    g = sub.add_parser("agree", help="two dumps of the same prompts: both accuracies and how often they pick alike")
+    g.add_argument("first", type=Path)
+    g.add_argument("second", type=Path)
+    g.add_argument("--weight", type=float, default=None, help="default: each dumped checkpoint's own")
+    g.add_argument("--zoos", default=",".join(ZOOS))
     args = parser.parse_args(argv)
-    return {"dump": dump, "merge": merge, "fit": fit, "report": report, "paired": paired}[args.command](args)
+    return {"dump": dump, "merge": merge, "fit": fit, "report": report, "paired": paired,
+            "agree": agree}[args.command](args)
 
 
 if __name__ == "__main__":

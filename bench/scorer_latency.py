@@ -4,6 +4,7 @@ Usage::
 
     python bench/scorer_latency.py [--checkpoint PATH] [--candidates 2,5,10,20] [--repeats 7]
                                    [--instruction-tokens 256] [--threads 2] [--device cpu]
+                                   [--dtype auto|float32|bfloat16]
                                    [--instruction-budget N] [--json OUT.json] [--plot OUT.png]
 
 Each call scores one fresh instruction of ``--instruction-tokens`` tokens (before the checkpoint's
@@ -50,6 +51,7 @@ def main(argv=None) -> int:
     p.add_argument("--instruction-tokens", type=int, default=256)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--device", default=None)
+    p.add_argument("--dtype", default="auto", help="auto (as served), float32 or bfloat16")
     p.add_argument("--instruction-budget", type=int, default=None,
                    help="override the checkpoint's instruction token budget (cost study only)")
     p.add_argument("--json", default=None)
@@ -63,7 +65,7 @@ def main(argv=None) -> int:
     from scorer.inference import ModelSATScorer
 
     t0 = time.perf_counter()
-    scorer = ModelSATScorer.load(a.checkpoint, device=a.device)
+    scorer = ModelSATScorer.load(a.checkpoint, device=a.device, dtype=a.dtype)
     load_s = time.perf_counter() - t0
     if a.instruction_budget:
         scorer.model.config.max_instruction_tokens = a.instruction_budget
@@ -85,11 +87,11 @@ def main(argv=None) -> int:
         rows.append({"candidates": n, "p50_ms": statistics.median(times),
                      "p90_ms": sorted(times)[max(0, int(round(0.9 * len(times))) - 1)], "min_ms": min(times)})
     cfg = scorer.model.config
-    device = str(next(scorer.model.parameters()).device)
-    report = {"device": device, "threads": a.threads, "load_s": load_s, "rss_peak_mb": rss_peak_mb(),
+    device, dtype = scorer.runs_on.split(", ")
+    report = {"device": device, "dtype": dtype, "threads": a.threads, "load_s": load_s, "rss_peak_mb": rss_peak_mb(),
               "instruction_tokens": a.instruction_tokens, "instruction_budget": cfg.max_instruction_tokens,
               "n_layers": cfg.n_layers, "n_orders": cfg.n_orders, "variant": cfg.variant, "rows": rows}
-    print(f"device {device}, {a.threads} threads, {cfg.n_layers} layers of phi, instruction "
+    print(f"device {device} ({dtype}), {a.threads} threads, {cfg.n_layers} layers of phi, instruction "
           f"{a.instruction_tokens} tokens (truncated to {cfg.max_instruction_tokens}), {cfg.n_orders} orders")
     print(f"load {load_s:.2f} s, peak RSS {report['rss_peak_mb']:.0f} MB")
     print("| candidates | p50 ms | p90 ms | min ms |")

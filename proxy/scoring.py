@@ -54,7 +54,7 @@ class ScorerHost:
         def build() -> Scorer:
             from scorer import load_scorer
 
-            return load_scorer(settings.scorer_checkpoint, device=settings.scorer_device)
+            return load_scorer(settings.scorer_checkpoint, device=settings.scorer_device, dtype=settings.scorer_dtype)
 
         try:
             self.scorer = await asyncio.get_running_loop().run_in_executor(self._pool, build)
@@ -62,7 +62,8 @@ class ScorerHost:
             self.error = f"{type(exc).__name__}: {exc}"
             log.error("scorer failed to load; routed requests answer 503: %s", self.error)
             return
-        log.info("scorer loaded in %.1f s", time.perf_counter() - started)
+        where = getattr(self.scorer, "runs_on", "")  # e.g. "cpu, bfloat16", where a scorer says
+        log.info("scorer loaded in %.1f s%s", time.perf_counter() - started, f" ({where})" if where else "")
 
     async def score(self, instruction: str,
                     candidates: Mapping[str, Profile]) -> tuple[dict[str, float], float]:

@@ -30,6 +30,9 @@ class Settings(BaseSettings):
         "modelsat", description="modelsat: scorer.load_scorer(); constant: every candidate ties")
     scorer_checkpoint: str | None = None
     scorer_device: str | None = None
+    scorer_dtype: Literal["auto", "float32", "bfloat16"] = Field(
+        "auto", description="auto: bfloat16 on CUDA and on CPUs with native bfloat16 (AVX512-BF16, AMX), "
+                            "else float32")
     scorer_threads: int = Field(1, ge=1, description="threads that run scoring off the event loop")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     reload_interval_s: float = Field(1.0, gt=0, description="how often providers.yaml is checked")

@@ -7,8 +7,9 @@ Public API (the only names the proxy may use):
 - ``Scorer``: the one-method seam, ``score(instruction, candidates) -> {model: score}``, where
   ``candidates`` maps each candidate model's name to its profile. Higher is better; scores of one
   call are comparable with each other, not across calls.
-- ``load_scorer(checkpoint=None, device=None)``: the trained Model-SAT scorer (the committed default
-  checkpoint when ``checkpoint`` is None), on CUDA when available, else the CPU.
+- ``load_scorer(checkpoint=None, device=None, dtype=None)``: the trained Model-SAT scorer (the
+  committed default checkpoint when ``checkpoint`` is None), on CUDA when available, else the CPU;
+  in bfloat16 on CUDA and on CPUs that compute it natively, else float32, unless ``dtype`` says.
 """
 from __future__ import annotations
 
@@ -22,11 +23,13 @@ class Scorer(Protocol):
     def score(self, instruction: str, candidates: Mapping[str, Profile]) -> dict[str, float]: ...
 
 
-def load_scorer(checkpoint: str | None = None, device: str | None = None) -> Scorer:
-    """Load the trained Model-SAT scorer; imports torch lazily so importing ``scorer`` stays cheap."""
+def load_scorer(checkpoint: str | None = None, device: str | None = None, dtype: str | None = None) -> Scorer:
+    """Load the trained Model-SAT scorer; imports torch lazily so importing ``scorer`` stays cheap.
+
+    ``dtype``: ``auto`` (None), ``float32`` or ``bfloat16`` (``scorer.inference.default_dtype``)."""
     from scorer.inference import ModelSATScorer
 
-    return ModelSATScorer.load(checkpoint, device=device)
+    return ModelSATScorer.load(checkpoint, device=device, dtype=dtype)
 
 
 __all__ = ["Profile", "Scorer", "load_scorer"]

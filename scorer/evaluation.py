@@ -128,6 +128,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: ~/.cache/satroute)")
     parser.add_argument("--embed-tokens", type=int, default=128,
                         help="tokens of each prompt the embedding baselines read (default 128)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                        help="Model-SAT's dtype (auto: as satroute serve runs it here; before the eleventh "
+                             "round of docs/evaluation.md every figure was float32)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -157,11 +160,11 @@ def _build_scorer(spec: str, args, data: RoutingData, models: Sequence[str], emb
 
     name, _, path = spec.partition("=")
     if path:
-        return load_scorer(path)
+        return load_scorer(path, dtype=args.dtype)
     if name in BASELINES:
         return train_baseline(name, data, models, embedder, args.seed, args.cache_dir)
     if name == "model-sat":
-        return load_scorer(args.checkpoint)
+        return load_scorer(args.checkpoint, dtype=args.dtype)
     raise SystemExit(f"unknown router/baseline {spec!r}")
 
 
@@ -187,6 +190,8 @@ def run(args: argparse.Namespace) -> int:
         scorers[ROUTER_KEY] = built[args.router]
     report = compare(scorers, data, models, profiles, args.split, args.limit, args.seed)
     report["router_name"] = args.router
+    if args.router != "none":
+        report["router_runs_on"] = getattr(built[args.router], "runs_on", None)
     report["router"] = report["scorers"].pop(ROUTER_KEY, None)
     report["baselines"] = report.pop("scorers")
     if ROUTER_KEY in report["choices"]:

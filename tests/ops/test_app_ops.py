@@ -171,3 +171,33 @@ def test_a_local_model_whose_server_cannot_start_is_reported_unavailable(tmp_pat
         models = httpx.get(f"{proxy.url}/models").json()["data"]
     assert "local server" in reason or "llama-cpp-python" in reason, reason
     assert "tiny" not in [m["id"] for m in models]
+
+
+async def test_the_scorer_is_loaded_in_the_dtype_the_settings_name(monkeypatch, tmp_path, caplog):
+    import scorer as scorer_package
+    from proxy.scoring import ScorerHost
+
+    asked = []
+
+    class Loaded:
+        runs_on = "cpu, float32"
+
+        def score(self, instruction, candidates):
+            return dict.fromkeys(candidates, 0.0)
+
+    def fake_load(checkpoint=None, device=None, dtype=None):
+        asked.append((checkpoint, device, dtype))
+        return Loaded()
+
+    monkeypatch.setattr(scorer_package, "load_scorer", fake_load)
+    monkeypatch.setenv("SATROUTE_SCORER_DTYPE", "float32")
+    caplog.set_level(logging.INFO, logger="satroute.scoring")
+    host = ScorerHost()
+    await host.load(Settings(config=tmp_path / "providers.yaml", scorer="modelsat", scorer_device="cpu"))
+    assert asked == [(None, "cpu", "float32")] and host.ready
+    assert "(cpu, float32)" in caplog.text  # the log says where the scorer runs
+    monkeypatch.delenv("SATROUTE_SCORER_DTYPE")
+    assert Settings(config=tmp_path / "p.yaml").scorer_dtype == "auto"
+    monkeypatch.setenv("SATROUTE_SCORER_DTYPE", "float16")
+    with pytest.raises(ValueError, match="scorer_dtype"):
+        Settings(config=tmp_path / "p.yaml")

@@ -103,7 +103,7 @@ def test_checkpoint_round_trip_keeps_only_trained_parts(tmp_path, monkeypatch):
     for k, v in model.trainable_state().items():
         torch.testing.assert_close(again.trainable_state()[k], v)
     monkeypatch.setattr("scorer.inference.load_suite", lambda name: tiny.suite())
-    loaded = ModelSATScorer.load(folder, device="cpu")
+    loaded = ModelSATScorer.load(folder, device="cpu", dtype="float32")
     assert loaded.score("law court", PROFILES) == pytest.approx(
         ModelSATScorer(model, tiny.suite()).score("law court", PROFILES), abs=1e-4)
     with pytest.raises(CheckpointError):
@@ -120,7 +120,8 @@ def test_checkpoint_round_trip_carries_the_instruction_vectors_connector(tmp_pat
     assert again.config.instruction_vector_tokens == 48
     torch.testing.assert_close(again.instruction_connector.weight, model.instruction_connector.weight)
     monkeypatch.setattr("scorer.inference.load_suite", lambda name: tiny.suite())
-    assert ModelSATScorer.load(tmp_path / "ckpt", device="cpu").score("law court", PROFILES) == pytest.approx(
+    loaded = ModelSATScorer.load(tmp_path / "ckpt", device="cpu", dtype="float32")
+    assert loaded.score("law court", PROFILES) == pytest.approx(
         ModelSATScorer(model, tiny.suite()).score("law court", PROFILES), abs=1e-4)
 
 
@@ -200,6 +201,44 @@ def test_aptitude_weight_adds_each_profiles_mean_to_its_score():
         mean = sum(profile.values()) / len(profile)
         assert got[name] == pytest.approx(base[name] + 50.0 * mean, abs=1e-4)
     assert max(got, key=got.get) == "strong"  # at this weight the strongest profile wins
+
+
+def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path):
+    from scorer.inference import native_bf16_cpu
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f\n\nprocessor\t: 1\nflags\t\t: fpu avx512f\n")
+    assert not native_bf16_cpu(info)
+    for flag in ("avx512_bf16", "amx_bf16"):
+        info.write_text(f"processor\t: 0\nflags\t\t: fpu avx512f {flag} vaes\n")
+        assert native_bf16_cpu(info)
+    assert not native_bf16_cpu(tmp_path / "missing")  # not Linux, or no such file: never a guess
+
+
+def test_default_dtype_is_bfloat16_on_cuda_and_on_a_cpu_that_computes_it(monkeypatch):
+    import scorer.inference as inference
+
+    monkeypatch.setattr(inference, "native_bf16_cpu", lambda: False)
+    assert inference.default_dtype("cpu") == inference.default_dtype("cpu", "auto") == torch.float32
+    assert inference.default_dtype("cuda") == inference.default_dtype("cuda:1") == torch.bfloat16
+    monkeypatch.setattr(inference, "native_bf16_cpu", lambda: True)
+    assert inference.default_dtype("cpu") == torch.bfloat16
+    assert inference.default_dtype("cpu", "float32") == torch.float32  # asked for: no choosing
+    assert inference.default_dtype("cuda", torch.float32) == torch.float32
+    with pytest.raises(ValueError, match="dtype"):
+        inference.default_dtype("cpu", "float16")
+
+
+def test_a_checkpoint_loads_in_the_dtype_asked_and_scores_as_in_float32(tmp_path, monkeypatch):
+    enc, llm = tiny.save_backbones(tmp_path / "backbones")
+    save_checkpoint(tiny.build(accuracy_feature=True, encoder=enc, llm=llm), tmp_path / "ckpt")
+    monkeypatch.setattr("scorer.inference.load_suite", lambda name: tiny.suite())
+    full = ModelSATScorer.load(tmp_path / "ckpt", device="cpu", dtype="float32")
+    half = ModelSATScorer.load(tmp_path / "ckpt", device="cpu", dtype="bfloat16")
+    assert (full.runs_on, half.runs_on) == ("cpu, float32", "cpu, bfloat16")
+    got, expected = half.score("law court", PROFILES), full.score("law court", PROFILES)
+    assert all(isinstance(v, float) for v in got.values())
+    assert got == pytest.approx(expected, abs=0.1)
 
 
 def test_aptitude_weight_is_saved_with_the_checkpoint(tmp_path, monkeypatch):
@@ -283,3 +322,17 @@ def test_the_bench_paired_difference_counts_the_prompts_each_router_alone_gets_r
     assert got["ci95"][0] <= got["diff"] <= got["ci95"][1]
     same = bench.paired_difference(router, router, resamples=50)
     assert same["diff"] == 0 and same["ci95"] == [0, 0]
+
+
+def test_the_bench_dumps_the_networks_own_scores_and_puts_the_weight_back_when_asked(tmp_path):
+    import numpy as np
+
+    bench = _router_scores_bench()
+    plain, weighted = _scorer(), _scorer(aptitude_weight=6.0)  # the same seed: the same network
+    assert bench.without_aptitude_weight(weighted) == 6.0
+    assert weighted.score("law court", PROFILES) == pytest.approx(plain.score("law court", PROFILES), abs=1e-6)
+    file, old = tmp_path / "new.npz", tmp_path / "old.npz"
+    np.savez(file, checkpoint_weight=np.array(6.0))
+    np.savez(old, scores=np.zeros((1, 1)))  # dumped before the weight was recorded
+    assert bench.weight_for(np.load(file), None) == 6.0 and bench.weight_for(np.load(file), 0.0) == 0.0
+    assert bench.weight_for(np.load(old), None) == 0.0
