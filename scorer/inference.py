@@ -58,8 +58,9 @@ def default_dtype(device: str, requested: str | torch.dtype | None = None) -> to
     """The dtype the scorer runs in: ``requested`` (``float32``, ``bfloat16`` or a torch dtype), or,
     for None / ``auto``, bfloat16 on CUDA and on a CPU with native bfloat16, float32 elsewhere.
 
-    On the 2-core AVX512-BF16 CPU of docs/evaluation.md bfloat16 scores 1.8x faster than float32 and
-    routes RouterDC's and MMLU-Pro's test splits as float32 does within a few prompts (eleventh round).
+    On the 2-core AVX512-BF16 CPU of docs/evaluation.md bfloat16 scores 1.4x faster than float32 with
+    2 threads (1.8x with one) and routes RouterDC's and MMLU-Pro's test splits as float32 does within
+    a few prompts (eleventh round).
     """
     if isinstance(requested, torch.dtype):
         return requested
@@ -67,7 +68,7 @@ def default_dtype(device: str, requested: str | torch.dtype | None = None) -> to
         if requested not in DTYPES:
             raise ValueError(f"dtype must be auto, {' or '.join(DTYPES)}, not {requested!r}")
         return DTYPES[requested]
-    if str(device).startswith("cuda") or (str(device) == "cpu" and native_bf16_cpu()):
+    if str(device).startswith("cuda") or (str(device).startswith("cpu") and native_bf16_cpu()):
         return torch.bfloat16
     return torch.float32
 

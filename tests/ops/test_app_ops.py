@@ -193,7 +193,10 @@ async def test_the_scorer_is_loaded_in_the_dtype_the_settings_name(monkeypatch, 
     monkeypatch.setenv("SATROUTE_SCORER_DTYPE", "float32")
     caplog.set_level(logging.INFO, logger="satroute.scoring")
     host = ScorerHost()
-    await host.load(Settings(config=tmp_path / "providers.yaml", scorer="modelsat", scorer_device="cpu"))
+    try:
+        await host.load(Settings(config=tmp_path / "providers.yaml", scorer="modelsat", scorer_device="cpu"))
+    finally:
+        host.close()
     assert asked == [(None, "cpu", "float32")] and host.ready
     assert "(cpu, float32)" in caplog.text  # the log says where the scorer runs
     monkeypatch.delenv("SATROUTE_SCORER_DTYPE")
