@@ -8,18 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from scorer.inference import ModelSATScorer, aptitude
+from scorer.inference import aptitude
 from support import tiny_modelsat as tiny
 
-PROFILES = {
-    "strong": {"algebra": 0.9, "biology": 0.8, "law": 0.7, "history": 0.85},
-    "weak": {"algebra": 0.1, "biology": 0.2, "law": 0.15, "history": 0.3},
-    "mixed": {"algebra": 0.95, "biology": 0.05, "law": 0.5, "history": 0.4},
-}
-
-
-def _scorer(**overrides) -> ModelSATScorer:
-    return ModelSATScorer(tiny.build(accuracy_feature=True, **overrides), tiny.suite())
+PROFILES = tiny.PROFILES
+_scorer = tiny.scorer
 
 
 def _bench():

@@ -10,15 +10,8 @@ from scorer.inference import (CapabilityWriter, CheckpointError, ModelSATScorer,
                               score_candidates)
 from support import tiny_modelsat as tiny
 
-PROFILES = {
-    "strong": {"algebra": 0.9, "biology": 0.8, "law": 0.7, "history": 0.85},
-    "weak": {"algebra": 0.1, "biology": 0.2, "law": 0.15, "history": 0.3},
-    "mixed": {"algebra": 0.95, "biology": 0.05, "law": 0.5, "history": 0.4},
-}
-
-
-def _scorer(**overrides) -> ModelSATScorer:
-    return ModelSATScorer(tiny.build(accuracy_feature=True, **overrides), tiny.suite())
+PROFILES = tiny.PROFILES
+_scorer = tiny.scorer
 
 
 def test_scores_every_candidate_and_does_not_depend_on_their_order():

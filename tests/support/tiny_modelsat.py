@@ -8,6 +8,7 @@ from tokenizers.pre_tokenizers import Whitespace
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from scorer.aptitude import Suite, Task
+from scorer.inference import ModelSATScorer
 from scorer.modeling import ModelSAT, ModelSATConfig
 
 WORDS = ("Yes No accuracy on the task of model Instruction Answer or Will a with following capability handle "
@@ -61,3 +62,16 @@ def suite() -> Suite:
              Task("law", ("law", "court", "6", "7", "8"), ()),
              Task("history", ("history", "war", "9", "0", "1"), ()))
     return Suite("tiny", 1, tasks)
+
+
+# Three profiles over the tiny suite's tasks: one strong, one weak, one strong in algebra only.
+PROFILES = {
+    "strong": {"algebra": 0.9, "biology": 0.8, "law": 0.7, "history": 0.85},
+    "weak": {"algebra": 0.1, "biology": 0.2, "law": 0.15, "history": 0.3},
+    "mixed": {"algebra": 0.95, "biology": 0.05, "law": 0.5, "history": 0.4},
+}
+
+
+def scorer(**overrides) -> ModelSATScorer:
+    """A ModelSATScorer over ``build(accuracy_feature=True, **overrides)`` and the tiny suite."""
+    return ModelSATScorer(build(accuracy_feature=True, **overrides), suite())
