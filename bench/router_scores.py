@@ -44,6 +44,17 @@ paired interval of the difference:
 
     python bench/router_scores.py agree runs/scores/fp32.npz runs/scores/bf16.npz --weight 6.35
 
+``subject`` asks whether the profile says more per request than its mean: it routes by ``score +
+w * aptitude + v * subject``, where ``subject`` is the candidate's accuracy on the suite's task of
+the prompt's own MMLU subject (read from the data set's labels, which a served router does not
+have: an upper bound on any subject matcher), or the profile's mean where the suite has no such
+task. (w, v) is chosen on the mean over the train files; rows whose question is one of the suite's
+are left out, since the profile holds their own outcome:
+
+    python bench/router_scores.py subject runs/scores/*_train.npz runs/scores/*_test.npz \
+        --data ../shared/data/mmlu_pro
+
+
 Since a candidate's score does not depend on the other candidates, any zoo inside the listed models
 can then be routed from the file. Writes nothing into the repository unless told to.
 """
@@ -282,6 +293,55 @@ def fit(args: argparse.Namespace) -> int:
     return 0
 
 
+def subject_prior(z, data, suite_name: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """For each row of a dump: each model's accuracy on the suite's task of the prompt's MMLU
+    subject (the profile's mean where the suite has none) [rows, models], whether the suite had one,
+    and whether the question is itself one of the suite's."""
+    from scorer.aptitude import builtin_profiles, load_suite, subject_of
+
+    suite, profiles = load_suite(suite_name), builtin_profiles(suite_name)
+    models = [str(m) for m in z["models"]]
+    tasks, asked = set(suite.task_ids), set(suite.question_ids)
+    prompt_of = {p.id: p for p in data.prompts}
+    subjects = [subject_of(prompt_of[str(i)]) for i in z["ids"]]
+    mean = np.array([np.mean(list(profiles[m].values())) for m in models])
+    prior = np.array([[profiles[m][s] for m in models] if s in tasks else mean for s in subjects])
+    return prior, np.array([s in tasks for s in subjects]), np.isin(z["ids"], list(asked))
+
+
+def subject(args: argparse.Namespace) -> int:
+    from scorer.aptitude import assets_dir
+
+    data = load_dataset(args.data)
+    suite_name = args.suite or (args.data.name if (assets_dir() / "suites" / f"{args.data.name}.json").exists()
+                                else "mmlu_pro")
+    grid = [0.0] + [float(w) for w in np.geomspace(0.5, 32, 13)]
+    table, views = {}, {}
+    for path in args.files:
+        z = np.load(path)
+        prior, has, in_suite = subject_prior(z, data, suite_name)
+        for name, _, cols, rows in _zoos_of(z, args.zoos.split(",")):
+            rows = rows & ~in_suite
+            s, c, a, p = z["scores"][rows][:, cols], z["correct"][rows][:, cols], z["aptitude"][cols], prior[rows][:, cols]
+            key = f"{path.stem}:{name}"
+            views[key] = (s, c, a, p, weight_for(z, args.weight), float(has[rows].mean()))
+            table[key] = np.array([[routed(s + v * p, c, a, w, "raw") for v in grid] for w in grid])
+    fitted = [k for k in table if args.fit_on in k.split(":")[0]]
+    if not fitted:
+        raise SystemExit(f"no file name contains {args.fit_on!r} to choose the weights on")
+    i, j = np.unravel_index(np.argmax(np.mean([table[k] for k in fitted], axis=0)), (len(grid), len(grid)))
+    for key, (s, c, a, p, served, share) in views.items():
+        right = (c > 0).astype(np.float64)
+        print(json.dumps({"zoo": key, "n": len(s), "with_subject_task": round(share, 4),
+                          "best_single": round(float(right.mean(0).max()), 4),
+                          "served": {"w": served, "v": 0.0, "router": round(routed(s, c, a, served, "raw"), 4)},
+                          "chosen": {"w": round(grid[i], 2), "v": round(grid[j], 2),
+                                     "router": round(float(table[key][i, j]), 4)},
+                          "mean_only_best_on_this_file": round(float(table[key][:, 0].max()), 4),
+                          "best_on_this_file": round(float(table[key].max()), 4)}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -324,9 +384,16 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("second", type=Path)
     g.add_argument("--weight", type=float, default=None, help="default: each dumped checkpoint's own")
     g.add_argument("--zoos", default=",".join(ZOOS))
+    t = sub.add_parser("subject", help="score + w * aptitude + v * the aptitude on the prompt's own subject")
+    t.add_argument("files", nargs="+", type=Path)
+    t.add_argument("--data", required=True, type=Path)
+    t.add_argument("--suite", default=None, help="aptitude suite (default: as satroute evaluate)")
+    t.add_argument("--zoos", default=",".join(ZOOS))
+    t.add_argument("--fit-on", default="_train")
+    t.add_argument("--weight", type=float, default=None, help="the served w to compare with (default: the dumped checkpoint's own)")
     args = parser.parse_args(argv)
     return {"dump": dump, "merge": merge, "fit": fit, "report": report, "paired": paired,
-            "agree": agree}[args.command](args)
+            "agree": agree, "subject": subject}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ weight's fit, reports, paired comparisons, zoos on their complete rows)."""
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
@@ -87,3 +88,43 @@ def test_the_bench_dumps_the_networks_own_scores_and_puts_the_weight_back_when_a
     np.savez(old, scores=np.zeros((1, 1)))  # dumped before the weight was recorded
     assert bench.weight_for(np.load(file), None) == 6.0 and bench.weight_for(np.load(file), 0.0) == 0.0
     assert bench.weight_for(np.load(old), None) == 0.0
+
+
+def test_the_bench_subject_prior_reads_the_task_of_each_prompts_own_subject(tmp_path, capsys):
+    """``subject`` adds each candidate's aptitude on the prompt's MMLU subject; rows without a task
+    of the suite get the profile's mean, and the suite's own questions are left out."""
+    from scorer.aptitude import builtin_profiles, load_suite
+    from scorer.data import load_dataset, write_dataset
+
+    bench = _bench()
+    suite, profiles = load_suite("mmlu_pro"), builtin_profiles("mmlu_pro")
+    models = ["gemma-7b", "Yi-34B"]
+    # two subjects on which the two profiles disagree: each is better on one of them
+    tasks = [t for t in suite.task_ids if profiles[models[0]][t] != profiles[models[1]][t]]
+    better = {t: int(profiles[models[1]][t] > profiles[models[0]][t]) for t in tasks}
+    first = next(t for t in tasks if better[t] == 0)
+    second = next(t for t in tasks if better[t] == 1)
+    rows = [("p0", f"ori_mmlu-{first}"), ("p1", f"ori_mmlu-{second}"), ("p2", "stemez-Physics"),
+            (suite.question_ids[0], f"ori_mmlu-{first}")]
+    prompts = [{"id": i, "dataset": "mmlu_pro", "category": "x", "source": src, "split": "test",
+                "question": "q", "options": ["a", "b"], "answer": "A"} for i, src in rows]
+    data = load_dataset(write_dataset(tmp_path / "mmlu_pro", prompts, [(i, m, 1.0) for i, _ in rows for m in models]))
+    correct = np.zeros((4, 2), dtype=np.float32)
+    correct[0, 0] = correct[1, 1] = correct[3, 1] = 1.0  # right where its subject says
+    correct[2, 1] = 1.0  # no subject: right on the model with the stronger profile (Yi-34B)
+    mean = np.array([np.mean(list(profiles[m].values())) for m in models])
+    file = tmp_path / "x_train.npz"
+    np.savez(file, ids=np.array([i for i, _ in rows]), datasets=np.array(["mmlu_pro"] * 4), models=np.array(models),
+             scores=np.zeros((4, 2), np.float32), correct=correct, val=np.zeros(4, bool), aptitude=mean)
+    prior, has, in_suite = bench.subject_prior(np.load(file), data, "mmlu_pro")
+    assert prior[0].tolist() == [profiles[m][first] for m in models]
+    assert prior[1].tolist() == [profiles[m][second] for m in models]
+    assert prior[2].tolist() == pytest.approx(mean.tolist())  # no task of the suite: the mean
+    assert has.tolist() == [True, True, False, True] and in_suite.tolist() == [False, False, False, True]
+
+    assert bench.main(["subject", str(file), "--data", str(tmp_path / "mmlu_pro"), "--weight", "0"]) == 0
+    got = json.loads(capsys.readouterr().out.strip())
+    assert got["n"] == 3  # the suite's own question is left out
+    assert got["chosen"]["v"] > 0 and got["chosen"]["router"] == 1.0
+    # the mean alone sends both MMLU rows to one model: one of them is wrong
+    assert got["mean_only_best_on_this_file"] < 1.0
