@@ -4,11 +4,32 @@ Usage: ``python bench/plot_accuracy.py OUT.png LABEL=report.json [LABEL=report.j
 
 One group of bars per zoo (the LABEL): random choice, the best single model, each baseline, the
 router when the report has one, and the oracle. Prints the table it plots.
+
+``LABEL=report.json+scores.jsonl:ZOO:WEIGHT`` takes the router's figure from the line of a
+``bench/router_scores.py report`` output whose zoo and weight are those (a checkpoint routed from
+its saved scores), the rest from the ``satroute evaluate`` report; both must count the same prompts.
 """
 from __future__ import annotations
 
 import json
 import sys
+
+
+def load_report(spec: str) -> dict:
+    """``report.json`` or ``report.json+scores.jsonl:ZOO:WEIGHT`` (see the module's doc)."""
+    path, _, router = spec.partition("+")
+    with open(path, encoding="utf-8") as fh:
+        report = json.load(fh)
+    if not router:
+        return report
+    lines, zoo, weight = router.rsplit(":", 2)
+    with open(lines, encoding="utf-8") as fh:
+        found = [r for r in map(json.loads, fh) if r["zoo"] == zoo and float(r["weight"]) == float(weight)]
+    if len(found) != 1:
+        raise SystemExit(f"{lines}: {len(found)} lines of zoo {zoo!r} at weight {weight}, expected one")
+    if found[0]["n"] != report["n"]:
+        raise SystemExit(f"{lines} counts {found[0]['n']} prompts for {zoo!r}, {path} {report['n']}")
+    return {**report, "router": found[0]["router"], "router_name": "model-sat"}
 
 
 def main(argv: list[str]) -> int:
@@ -21,7 +42,7 @@ def main(argv: list[str]) -> int:
     import matplotlib.pyplot as plt
 
     out, pairs = argv[0], [a.partition("=") for a in argv[1:]]
-    reports = {label: json.load(open(path, encoding="utf-8")) for label, _, path in pairs}
+    reports = {label: load_report(spec) for label, _, spec in pairs}
     series: dict[str, list[float]] = {}
     for label, r in reports.items():
         row = {"random": r["random"], "best single": r["best_single"]["accuracy"], **r.get("baselines", {})}

@@ -2,14 +2,13 @@
 weight's fit, reports, paired comparisons, zoos on their complete rows)."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from scorer.inference import aptitude
+from support import bench_module
 from support import tiny_modelsat as tiny
 
 PROFILES = tiny.PROFILES
@@ -17,12 +16,7 @@ _scorer = tiny.scorer
 
 
 def _bench():
-    """bench/router_scores.py, loaded as a module (bench/ is not a package)."""
-    path = Path(__file__).resolve().parents[2] / "bench" / "router_scores.py"
-    spec = importlib.util.spec_from_file_location("router_scores", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
+    return bench_module.load("router_scores")
 
 
 def test_the_bench_that_fits_the_aptitude_weight_routes_as_the_weighted_scorer(tmp_path):
