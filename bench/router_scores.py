@@ -49,10 +49,12 @@ w * aptitude + v * subject``, where ``subject`` is the candidate's accuracy on t
 the prompt's own MMLU subject (read from the data set's labels, which a served router does not
 have: an upper bound on any subject matcher), or the profile's mean where the suite has no such
 task. (w, v) is chosen on the mean over the train files; rows whose question is one of the suite's
-are left out, since the profile holds their own outcome:
+are left out, since the profile holds their own outcome. ``--neighbours K`` reads the aptitude test
+question by question instead: ``subject`` becomes the candidate's mean outcome on the K questions of
+the suite nearest to the prompt (sentence embeddings, as the baselines'):
 
     python bench/router_scores.py subject runs/scores/*_train.npz runs/scores/*_test.npz \
-        --data ../shared/data/mmlu_pro
+        --data ../shared/data/mmlu_pro [--neighbours 30]
 
 
 Since a candidate's score does not depend on the other candidates, any zoo inside the listed models
@@ -309,17 +311,40 @@ def subject_prior(z, data, suite_name: str) -> tuple[np.ndarray, np.ndarray, np.
     return prior, np.array([s in tasks for s in subjects]), np.isin(z["ids"], list(asked))
 
 
+def neighbour_prior(z, data, suite_name: str, vectors: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """As ``subject_prior``, but each model's mean outcome over the ``k`` questions of the suite
+    nearest to the prompt (cosine of ``vectors``, one row per prompt of ``data``; the suite's
+    questions that ``data`` holds): the aptitude test read question by question, not task by task."""
+    from scorer.aptitude import load_suite
+
+    held = set(data.ids)
+    asked = [q for q in load_suite(suite_name).question_ids if q in held]
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    ids = [str(i) for i in z["ids"]]
+    nearest = np.argsort(-(unit[data.rows(ids)] @ unit[data.rows(asked)].T), axis=1, kind="stable")[:, :k]
+    cols = [data.column(str(m)) for m in z["models"]]
+    outcomes = data.correct_matrix()[data.rows(asked)][:, cols]
+    with np.errstate(invalid="ignore"):
+        prior = np.nanmean(outcomes[nearest], axis=1)
+    return np.nan_to_num(prior), np.ones(len(ids), dtype=bool), np.isin(ids, asked)
+
+
 def subject(args: argparse.Namespace) -> int:
     from scorer.aptitude import assets_dir
 
     data = load_dataset(args.data)
     suite_name = args.suite or (args.data.name if (assets_dir() / "suites" / f"{args.data.name}.json").exists()
                                 else "mmlu_pro")
+    if args.neighbours:
+        from scorer.embeddings import Embedder, dataset_embeddings
+
+        vectors = dataset_embeddings(data, Embedder())
     grid = [0.0] + [float(w) for w in np.geomspace(0.5, 32, 13)]
     table, views = {}, {}
     for path in args.files:
         z = np.load(path)
-        prior, has, in_suite = subject_prior(z, data, suite_name)
+        prior, has, in_suite = (neighbour_prior(z, data, suite_name, vectors, args.neighbours) if args.neighbours
+                                else subject_prior(z, data, suite_name))
         for name, _, cols, rows in _zoos_of(z, args.zoos.split(",")):
             rows = rows & ~in_suite
             s, c, a, p = z["scores"][rows][:, cols], z["correct"][rows][:, cols], z["aptitude"][cols], prior[rows][:, cols]
@@ -332,7 +357,9 @@ def subject(args: argparse.Namespace) -> int:
     i, j = np.unravel_index(np.argmax(np.mean([table[k] for k in fitted], axis=0)), (len(grid), len(grid)))
     for key, (s, c, a, p, served, share) in views.items():
         right = (c > 0).astype(np.float64)
-        print(json.dumps({"zoo": key, "n": len(s), "with_subject_task": round(share, 4),
+        prior = {"prior": f"{args.neighbours} suite neighbours"} if args.neighbours else {
+            "prior": "subject task", "with_subject_task": round(share, 4)}
+        print(json.dumps({"zoo": key, "n": len(s), **prior,
                           "best_single": round(float(right.mean(0).max()), 4),
                           "served": {"w": served, "v": 0.0, "router": round(routed(s, c, a, served, "raw"), 4)},
                           "chosen": {"w": round(grid[i], 2), "v": round(grid[j], 2),
@@ -391,6 +418,8 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--zoos", default=",".join(ZOOS))
     t.add_argument("--fit-on", default="_train")
     t.add_argument("--weight", type=float, default=None, help="the served w to compare with (default: the dumped checkpoint's own)")
+    t.add_argument("--neighbours", type=int, default=0,
+                   help="K: the prior is each model's mean outcome on the K suite questions nearest the prompt")
     args = parser.parse_args(argv)
     return {"dump": dump, "merge": merge, "fit": fit, "report": report, "paired": paired,
             "agree": agree, "subject": subject}[args.command](args)

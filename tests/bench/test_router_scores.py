@@ -122,3 +122,27 @@ def test_the_bench_subject_prior_reads_the_task_of_each_prompts_own_subject(tmp_
     assert got["chosen"]["v"] > 0 and got["chosen"]["router"] == 1.0
     # the mean alone sends both MMLU rows to one model: one of them is wrong
     assert got["mean_only_best_on_this_file"] < 1.0
+
+
+def test_the_bench_neighbour_prior_averages_each_models_outcomes_on_the_nearest_suite_questions(tmp_path):
+    from scorer.aptitude import load_suite
+    from scorer.data import load_dataset, write_dataset
+
+    bench = _bench()
+    asked = load_suite("mmlu_pro").question_ids[:3]
+    ids = list(asked) + ["p0", "p1"]
+    models = ["gemma-7b", "Yi-34B"]
+    right = {asked[0]: (1, 0), asked[1]: (1, 0), asked[2]: (0, 1), "p0": (1, 1), "p1": (0, 0)}
+    prompts = [{"id": i, "dataset": "mmlu_pro", "category": "x", "source": "s", "split": "test",
+                "question": "q", "options": ["a", "b"], "answer": "A"} for i in ids]
+    outcomes = [(i, m, float(right[i][j])) for i in ids for j, m in enumerate(models)]
+    data = load_dataset(write_dataset(tmp_path / "mmlu_pro", prompts, outcomes))
+    # p0 lies by the first two suite questions, p1 by the third; the suite's own rows lie on themselves
+    vectors = np.array([[1.0, 0.0], [0.9, 0.1], [0.0, 1.0], [1.0, 0.05], [0.05, 1.0]])
+    file = tmp_path / "dump.npz"
+    np.savez(file, ids=np.array(["p0", "p1", asked[2]]), models=np.array(models))
+    prior, has, in_suite = bench.neighbour_prior(np.load(file), data, "mmlu_pro", vectors, k=2)
+    assert prior.tolist() == [[1.0, 0.0], [0.5, 0.5], [0.5, 0.5]]
+    assert has.all() and in_suite.tolist() == [False, False, True]
+    prior, _, _ = bench.neighbour_prior(np.load(file), data, "mmlu_pro", vectors, k=1)
+    assert prior.tolist() == [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
