@@ -44,6 +44,8 @@ paired interval of the difference:
 
     python bench/router_scores.py agree runs/scores/fp32.npz runs/scores/bf16.npz --weight 6.35
 
+(``--second-weight`` gives the second file its own weight, to compare two networks each as served.)
+
 ``subject`` asks whether the profile says more per request than its mean: it routes by ``score +
 w * aptitude + v * subject``, where ``subject`` is the candidate's accuracy on the suite's task of
 the prompt's own MMLU subject (read from the data set's labels, which a served router does not
@@ -251,7 +253,8 @@ def agree(args: argparse.Namespace) -> int:
         raise SystemExit("the two dumps must hold the same prompts and models, in the same order")
     for name, _, cols, rows in _zoos_of(a, args.zoos.split(",")):
         right = (a["correct"][rows][:, cols] > 0).astype(np.float64)
-        weights = [weight_for(z, args.weight) for z in (a, b)]
+        second = args.weight if args.second_weight is None else args.second_weight
+        weights = [weight_for(a, args.weight), weight_for(b, second)]
         picks = [picks_at(z["scores"][rows][:, cols], z["aptitude"][cols], w) for z, w in zip((a, b), weights)]
         first, second = (right[np.arange(len(p)), p] for p in picks)
         print(json.dumps({"zoo": name, "n": int(rows.sum()), "weights": weights,
@@ -410,6 +413,8 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("first", type=Path)
     g.add_argument("second", type=Path)
     g.add_argument("--weight", type=float, default=None, help="default: each dumped checkpoint's own")
+    g.add_argument("--second-weight", type=float, default=None,
+                   help="the second file's, when the two networks are served with different weights (default: --weight)")
     g.add_argument("--zoos", default=",".join(ZOOS))
     t = sub.add_parser("subject", help="score + w * aptitude + v * the aptitude on the prompt's own subject")
     t.add_argument("files", nargs="+", type=Path)

@@ -146,3 +146,21 @@ def test_the_bench_neighbour_prior_averages_each_models_outcomes_on_the_nearest_
     assert has.all() and in_suite.tolist() == [False, False, True]
     prior, _, _ = bench.neighbour_prior(np.load(file), data, "mmlu_pro", vectors, k=1)
     assert prior.tolist() == [[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]]
+
+
+def test_the_bench_agree_compares_two_dumps_each_at_its_own_weight(tmp_path, capsys):
+    bench = _bench()
+    common = dict(ids=np.array(["a", "b", "c", "d"]), datasets=np.array(["d"] * 4), models=np.array(["x", "y"]),
+                  correct=np.array([[1, 0], [1, 0], [0, 1], [0, 1]], np.float32), val=np.zeros(4, bool),
+                  aptitude=np.array([1.0, 0.0]))
+    first, second = tmp_path / "first.npz", tmp_path / "second.npz"
+    np.savez(first, scores=np.array([[0, 1], [0, 1], [0, 1], [0, 1]], np.float32), **common)  # y unless w > 1
+    np.savez(second, scores=np.array([[1, 0], [1, 0], [0, 1], [0, 1]], np.float32), **common)  # right at w 0
+    assert bench.main(["agree", str(first), str(second), "--weight", "0"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert (got["first"], got["second"], got["same_pick"], got["weights"]) == (0.5, 1.0, 0.5, [0.0, 0.0])
+    assert bench.main(["agree", str(first), str(second), "--weight", "2", "--second-weight", "0"]) == 0
+    got = json.loads(capsys.readouterr().out)  # the first now picks x everywhere, the second is unchanged
+    assert (got["first"], got["second"], got["same_pick"], got["weights"]) == (0.5, 1.0, 0.5, [2.0, 0.0])
+    assert bench.main(["agree", str(first), str(second), "--weight", "2"]) == 0
+    assert json.loads(capsys.readouterr().out)["second"] == 0.5  # both at 2: the second picks x too
