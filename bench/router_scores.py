@@ -58,7 +58,6 @@ the suite nearest to the prompt (sentence embeddings, as the baselines'):
     python bench/router_scores.py subject runs/scores/*_train.npz runs/scores/*_test.npz \
         --data ../shared/data/mmlu_pro [--neighbours 30]
 
-
 Since a candidate's score does not depend on the other candidates, any zoo inside the listed models
 can then be routed from the file. Writes nothing into the repository unless told to.
 """
@@ -251,10 +250,10 @@ def agree(args: argparse.Namespace) -> int:
     a, b = np.load(args.first), np.load(args.second)
     if list(a["ids"]) != list(b["ids"]) or list(a["models"]) != list(b["models"]):
         raise SystemExit("the two dumps must hold the same prompts and models, in the same order")
+    weights = [weight_for(a, args.weight),
+               weight_for(b, args.weight if args.second_weight is None else args.second_weight)]
     for name, _, cols, rows in _zoos_of(a, args.zoos.split(",")):
         right = (a["correct"][rows][:, cols] > 0).astype(np.float64)
-        second = args.weight if args.second_weight is None else args.second_weight
-        weights = [weight_for(a, args.weight), weight_for(b, second)]
         picks = [picks_at(z["scores"][rows][:, cols], z["aptitude"][cols], w) for z, w in zip((a, b), weights)]
         first, second = (right[np.arange(len(p)), p] for p in picks)
         print(json.dumps({"zoo": name, "n": int(rows.sum()), "weights": weights,
@@ -360,9 +359,9 @@ def subject(args: argparse.Namespace) -> int:
     i, j = np.unravel_index(np.argmax(np.mean([table[k] for k in fitted], axis=0)), (len(grid), len(grid)))
     for key, (s, c, a, p, served, share) in views.items():
         right = (c > 0).astype(np.float64)
-        prior = {"prior": f"{args.neighbours} suite neighbours"} if args.neighbours else {
+        kind = {"prior": f"{args.neighbours} suite neighbours"} if args.neighbours else {
             "prior": "subject task", "with_subject_task": round(share, 4)}
-        print(json.dumps({"zoo": key, "n": len(s), **prior,
+        print(json.dumps({"zoo": key, "n": len(s), **kind,
                           "best_single": round(float(right.mean(0).max()), 4),
                           "served": {"w": served, "v": 0.0, "router": round(routed(s, c, a, served, "raw"), 4)},
                           "chosen": {"w": round(grid[i], 2), "v": round(grid[j], 2),
