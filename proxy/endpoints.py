@@ -185,7 +185,7 @@ async def ready(request: Request) -> Response:
     if not reachable:
         reasons.append("no model is reachable (credentials missing or all cooling down)")
     payload = {"status": "not ready" if reasons else "ready", "reasons": reasons,
-               "models": reachable, "cooling": svc.cooldowns.cooling_models(),
+               "models": reachable, "scorer": svc.scoring.describe(), "cooling": svc.cooldowns.cooling_models(),
                "unavailable": {d.name: d.unavailable for d in snap.models.values()
                                if d.unavailable},
                "checked_at": int(time.time())}

@@ -42,6 +42,16 @@ class ScorerHost:
     def ready(self) -> bool:
         return self.scorer is not None
 
+    def describe(self) -> dict:
+        """What ``/ready`` says about the scorer: ``state`` (loading, loaded, failed) and, once loaded,
+        where it runs (``runs_on``: "cuda, bfloat16", "cpu, float32"), or ``constant``."""
+        if self.scorer is None:
+            return {"state": "failed" if self.error else "loading"}
+        if getattr(self.scorer, "runs_inline", False):
+            return {"state": "loaded", "runs_on": "constant"}
+        where = getattr(self.scorer, "runs_on", None)
+        return {"state": "loaded", **({"runs_on": where} if where else {})}
+
     async def load(self, settings: Settings) -> None:
         """Build the configured scorer (in a thread: the real one loads torch and weights)."""
         if self.scorer is not None:

@@ -193,11 +193,13 @@ async def test_the_scorer_is_loaded_in_the_dtype_the_settings_name(monkeypatch, 
     monkeypatch.setenv("SATROUTE_SCORER_DTYPE", "float32")
     caplog.set_level(logging.INFO, logger="satroute.scoring")
     host = ScorerHost()
+    assert host.describe() == {"state": "loading"}
     try:
         await host.load(Settings(config=tmp_path / "providers.yaml", scorer="modelsat", scorer_device="cpu"))
     finally:
         host.close()
     assert asked == [(None, "cpu", "float32")] and host.ready
+    assert host.describe() == {"state": "loaded", "runs_on": "cpu, float32"}  # as /ready reports it
     assert "(cpu, float32)" in caplog.text  # the log says where the scorer runs
     monkeypatch.delenv("SATROUTE_SCORER_DTYPE")
     assert Settings(config=tmp_path / "p.yaml").scorer_dtype == "auto"

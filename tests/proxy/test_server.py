@@ -160,6 +160,7 @@ def test_health_and_ready(config, upstream, start_proxy):
     assert httpx.get(f"{proxy.base}/health").json() == {"status": "ok"}
     ready = httpx.get(f"{proxy.base}/ready")
     assert ready.status_code == 200 and ready.json()["models"] == ["m1", "m2", "m3"]
+    assert ready.json()["scorer"] == {"state": "loaded", "runs_on": "constant"}
 
 
 def test_ready_is_503_while_the_scorer_is_unavailable(config, upstream, start_proxy, monkeypatch):
@@ -175,6 +176,7 @@ def test_ready_is_503_while_the_scorer_is_unavailable(config, upstream, start_pr
     time.sleep(0.2)
     r = httpx.get(f"{proxy.base}/ready")
     assert r.status_code == 503 and "scorer" in r.json()["reasons"][0]
+    assert r.json()["scorer"] == {"state": "failed"}
     with pytest.raises(openai.InternalServerError) as err:
         client(proxy).chat.completions.create(model="auto", messages=MESSAGES)
     assert err.value.status_code == 503 and err.value.code == "scorer_unavailable"
