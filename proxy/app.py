@@ -113,8 +113,12 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        svc.spawn(svc.scoring.load(settings), "scorer-load")
+        def profiles() -> dict:
+            return {d.name: d.profile for d in svc.registry.snapshot.models.values() if d.routable}
+
+        svc.spawn(svc.scoring.load(settings, profiles), "scorer-load")
         svc.spawn(svc.registry.watch(settings.reload_interval_s), "config-watch")
+        svc.spawn(svc.scoring.keep_warm(profiles, max(1.0, settings.reload_interval_s)), "scorer-warm")
         for hook in hooks:
             result = hook(svc)
             if asyncio.iscoroutine(result):

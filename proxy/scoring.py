@@ -4,7 +4,9 @@ Owns: choosing the scorer from settings (``modelsat``: ``scorer.load_scorer``; `
 candidate scores the same, so the ranking is providers.yaml's order), loading it off the event loop
 so the server answers /health while a large model loads, and running ``score`` on a small thread
 pool because scoring is CPU-bound and synchronous. A scorer whose ``runs_inline`` attribute is true
-(the constant one) is called directly: a thread hop would cost more than the scoring.
+(the constant one) is called directly: a thread hop would cost more than the scoring. Warming the
+scorer up (its first forward pass, each routable profile's encoding) before requests meet those
+costs: at load, and again whenever a profile becomes routable.
 Does not know: HTTP, routing policy, the scorer's internals (only the ``scorer.Scorer`` seam).
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ import asyncio
 import logging
 import time
 from concurrent.futures import ThreadPoolExecutor
-from typing import Mapping
+from typing import Callable, Mapping
 
 from scorer import Profile, Scorer
 
@@ -32,11 +34,19 @@ class ConstantScorer:
         return dict.fromkeys(candidates, 0.0)
 
 
+Profiles = Callable[[], Mapping[str, Profile]]
+
+
+def _profile_key(profile: Profile) -> tuple:
+    return tuple(sorted((str(k), float(v)) for k, v in profile.items()))
+
+
 class ScorerHost:
     def __init__(self, scorer: Scorer | None = None, threads: int = 1):
         self.scorer = scorer
         self.error: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="scorer")
+        self._warm: set[tuple] = set()  # the profiles the scorer has already encoded
 
     @property
     def ready(self) -> bool:
@@ -52,8 +62,9 @@ class ScorerHost:
         where = getattr(self.scorer, "runs_on", None)
         return {"state": "loaded", **({"runs_on": where} if where else {})}
 
-    async def load(self, settings: Settings) -> None:
-        """Build the configured scorer (in a thread: the real one loads torch and weights)."""
+    async def load(self, settings: Settings, profiles: Profiles | None = None) -> None:
+        """Build the configured scorer (in a thread: the real one loads torch and weights), then
+        warm it up on ``profiles()`` (the routable models' profiles) before it takes requests."""
         if self.scorer is not None:
             return
         if settings.scorer == "constant":
@@ -67,13 +78,40 @@ class ScorerHost:
             return load_scorer(settings.scorer_checkpoint, device=settings.scorer_device, dtype=settings.scorer_dtype)
 
         try:
-            self.scorer = await asyncio.get_running_loop().run_in_executor(self._pool, build)
+            scorer = await asyncio.get_running_loop().run_in_executor(self._pool, build)
         except (ImportError, OSError, RuntimeError, ValueError, KeyError) as exc:
             self.error = f"{type(exc).__name__}: {exc}"
             log.error("scorer failed to load; routed requests answer 503: %s", self.error)
             return
-        where = getattr(self.scorer, "runs_on", "")  # e.g. "cpu, bfloat16", where a scorer says
+        where = getattr(scorer, "runs_on", "")  # e.g. "cpu, bfloat16", where a scorer says
         log.info("scorer loaded in %.1f s%s", time.perf_counter() - started, f" ({where})" if where else "")
+        await self._warm_up(scorer, dict(profiles()) if profiles else {}, first=True)
+        self.scorer = scorer
+
+    async def _warm_up(self, scorer: Scorer, profiles: Mapping[str, Profile], first: bool = False) -> None:
+        """Run the scorer's ``warm_up`` (if it has one) on the profiles it has not met yet, once
+        each: a failure is logged, never raised or retried (the request that meets it reports it)."""
+        warm = getattr(scorer, "warm_up", None)
+        fresh = {n: p for n, p in profiles.items() if _profile_key(p) not in self._warm}
+        if warm is None or not (fresh or first):
+            return
+        self._warm.update(_profile_key(p) for p in fresh.values())
+        started = time.perf_counter()
+        try:
+            await asyncio.get_running_loop().run_in_executor(self._pool, warm, fresh)
+        except (RuntimeError, ValueError, KeyError, TypeError, MemoryError) as exc:
+            log.warning("scorer warm-up failed: %s: %s", type(exc).__name__, exc)
+            return
+        log.info("scorer warmed up in %.0f ms (%d new profile%s)", (time.perf_counter() - started) * 1000,
+                 len(fresh), "" if len(fresh) == 1 else "s")
+
+    async def keep_warm(self, profiles: Profiles, interval_s: float) -> None:
+        """Until cancelled: encode each profile that becomes routable (a reload, an onboarding)
+        before a request needs it. Run from the app's lifespan beside the config watch."""
+        while True:
+            await asyncio.sleep(interval_s)
+            if self.scorer is not None:
+                await self._warm_up(self.scorer, dict(profiles()))
 
     async def score(self, instruction: str,
                     candidates: Mapping[str, Profile]) -> tuple[dict[str, float], float]:

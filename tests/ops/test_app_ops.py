@@ -206,3 +206,49 @@ async def test_the_scorer_is_loaded_in_the_dtype_the_settings_name(monkeypatch, 
     monkeypatch.setenv("SATROUTE_SCORER_DTYPE", "float16")
     with pytest.raises(ValueError, match="scorer_dtype"):
         Settings(config=tmp_path / "p.yaml")
+
+
+async def test_the_scorer_is_warmed_up_on_the_routable_profiles_before_it_takes_requests(monkeypatch, tmp_path, caplog):
+    import asyncio
+
+    import scorer as scorer_package
+    from proxy.scoring import ScorerHost
+
+    calls = []
+
+    class Loaded:
+        runs_on = "cpu, float32"
+        fail = False
+
+        def warm_up(self, profiles=None):
+            calls.append((sorted(profiles or {}), host.ready))
+            if self.fail:
+                raise RuntimeError("out of memory")
+
+        def score(self, instruction, candidates):
+            return dict.fromkeys(candidates, 0.0)
+
+    loaded = Loaded()
+    monkeypatch.setattr(scorer_package, "load_scorer", lambda *a, **k: loaded)
+    caplog.set_level(logging.INFO, logger="satroute.scoring")
+    routable = {"m1": {"law": 0.5}}
+    host = ScorerHost()
+    try:
+        await host.load(Settings(config=tmp_path / "providers.yaml", scorer="modelsat"), lambda: dict(routable))
+        assert calls == [(["m1"], False)] and host.ready  # warmed before it was marked ready
+        assert "scorer warmed up" in caplog.text
+        watcher = asyncio.create_task(host.keep_warm(lambda: dict(routable), 0.01))
+        await asyncio.sleep(0.05)
+        assert calls == [(["m1"], False)]  # nothing new: nothing encoded again
+        routable["m2"] = {"law": 0.9}  # onboarded, or added by a reload
+        routable["m1-copy"] = {"law": 0.5}  # the same profile under another name is already encoded
+        await asyncio.sleep(0.05)
+        assert calls == [(["m1"], False), (["m2"], True)]
+        loaded.fail = True
+        routable["m3"] = {"law": 0.1}
+        await asyncio.sleep(0.05)
+        assert "scorer warm-up failed: RuntimeError: out of memory" in caplog.text and host.ready
+        assert calls[2:] == [(["m3"], True)]  # tried once, not at every tick
+        watcher.cancel()
+    finally:
+        host.close()

@@ -48,6 +48,19 @@ def test_capability_vectors_are_cached_per_clause_and_profile():
     assert scorer.writer.misses == misses + 1
 
 
+def test_warm_up_encodes_the_profiles_it_is_given_so_their_first_request_misses_nothing():
+    scorer = _scorer()
+    scorer.warm_up(PROFILES)
+    misses = scorer.writer.misses
+    assert misses == len({(t, v) for p in PROFILES.values() for t, v in p.items()})
+    cold = _scorer()
+    assert scorer.score("law court", PROFILES) == cold.score("law court", PROFILES)  # it changes no score
+    assert scorer.writer.misses == misses
+    bare = _scorer()
+    bare.warm_up()  # no profiles yet: a stand-in of the suite's tasks runs the forward pass
+    assert bare.writer.misses == len(bare.suite.task_ids)
+
+
 def test_text_variant_reads_the_profile_as_words():
     scorer = _scorer(variant="text", text_max_tasks=2)
     tail = len(scorer.model.token_ids(scorer.model.config.tail))
