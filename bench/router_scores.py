@@ -5,7 +5,9 @@ studied without another forward pass.
 it) for every model listed, and writes an ``.npz``: ``ids``, ``datasets``, ``models``, ``scores``
 [prompts, models], ``correct`` [prompts, models], ``aptitude`` [models] (the mean of each profile),
 and ``val`` (train split only: the prompt is in the validation slice that ``satroute train`` held
-out with ``--val-size 200 --seed 0``, so the checkpoint never trained on it).
+out, so the checkpoint never trained on it: ``--val-size 200 --split-seed 0`` unless told the run's
+own). ``--only-val`` scores that slice alone: with a slice set aside large enough (``satroute train
+--val-size 2000``), it is where two candidates can be compared without looking at the test split.
 
     python bench/router_scores.py dump --data ../shared/data/routerdc --split train --limit 2000 \
         --out runs/scores/default_routerdc_train.npz [--checkpoint C] [--models M1,M2] [--threads 1]
@@ -75,10 +77,11 @@ from scorer.data import format_instruction, load_dataset
 from scorer.evaluation import _accuracy, _profiles, _table, eligible_rows
 
 
-def _val_ids(data, data_dir: Path) -> set[str]:
+def _val_ids(data, data_dir: Path, val_size: int = 200, split_seed: int = 0) -> set[str]:
+    """The ids of the validation slice ``satroute train --val-size N --split-seed S`` holds out."""
     from scorer.training import _suite_for, build_pools
 
-    _, val, _ = build_pools(data, _suite_for(str(data_dir), "auto"), [], 200, 0)
+    _, val, _ = build_pools(data, _suite_for(str(data_dir), "auto"), [], val_size, split_seed)
     return set(val.ids or [])
 
 
@@ -109,6 +112,11 @@ def dump(args: argparse.Namespace) -> int:
             part = part.subset(np.sort(rng.choice(len(part.prompts), size=args.limit, replace=False)))
     else:
         part, _ = eligible_rows(data, models, args.split, args.limit, args.seed)
+    held_out = _val_ids(data, args.data, args.val_size, args.split_seed) if args.split == "train" else set()
+    if args.only_val:
+        if args.split != "train" or args.limit is not None:
+            raise SystemExit("--only-val scores the train split's whole validation slice: no --limit, --split train")
+        part = part.subset(np.array([p.id in held_out for p in part.prompts], dtype=bool))
     shard, shards = (int(x) for x in args.shard.split("/"))
     part = part.subset(np.arange(shard, len(part.prompts), shards))
     scorer = load_scorer(args.checkpoint, dtype=args.dtype)
@@ -122,7 +130,7 @@ def dump(args: argparse.Namespace) -> int:
         if (i + 1) % 200 == 0:
             print(f"{i + 1}/{len(part.prompts)} {time.time() - start:.0f}s", file=sys.stderr, flush=True)
     ids = np.array([p.id for p in part.prompts])
-    val = np.isin(ids, list(_val_ids(data, args.data))) if args.split == "train" else np.zeros(len(ids), bool)
+    val = np.isin(ids, list(held_out)) if held_out else np.zeros(len(ids), bool)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     np.savez(args.out, ids=ids, datasets=np.array([p.dataset for p in part.prompts]), models=np.array(models),
              scores=scores, correct=part.correct_matrix().astype(np.float32), val=val,
@@ -386,6 +394,9 @@ def main(argv: list[str] | None = None) -> int:
     d.add_argument("--dtype", default="auto", help="auto (as served), float32 or bfloat16")
     d.add_argument("--all-rows", action="store_true",
                    help="also the prompts on which some listed model has no outcome (each zoo drops them itself)")
+    d.add_argument("--val-size", type=int, default=200, help="the validation slice of the checkpoint's training run")
+    d.add_argument("--split-seed", type=int, default=0, help="and its split seed")
+    d.add_argument("--only-val", action="store_true", help="score only that slice (train split)")
     d.add_argument("--shard", default="0/1", help="K/N: only every N-th prompt from the K-th (run N side by side)")
     d.add_argument("--out", required=True, type=Path)
     m = sub.add_parser("merge", help="join the shards of one dump into one file")

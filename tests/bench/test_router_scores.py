@@ -164,3 +164,31 @@ def test_the_bench_agree_compares_two_dumps_each_at_its_own_weight(tmp_path, cap
     assert (got["first"], got["second"], got["same_pick"], got["weights"]) == (0.5, 1.0, 0.5, [2.0, 0.0])
     assert bench.main(["agree", str(first), str(second), "--weight", "2"]) == 0
     assert json.loads(capsys.readouterr().out)["second"] == 0.5  # both at 2: the second picks x too
+
+
+def test_the_bench_dump_scores_the_validation_slice_alone_when_asked(tmp_path, monkeypatch):
+    """``dump --only-val`` keeps exactly the rows ``satroute train --val-size N`` held out, and a
+    full dump marks the same rows as ``val``."""
+    import scorer as scorer_package
+    from scorer.aptitude import builtin_profiles
+    from scorer.data import write_dataset
+
+    bench = _bench()
+    models = ["gemma-7b", "Yi-34B"]
+    ids = [f"t{i}" for i in range(8)]
+    prompts = [{"id": i, "dataset": "mmlu_pro", "category": "law", "source": "s", "split": "train",
+                "question": f"law court {n}", "options": ["a", "b"], "answer": "A"} for n, i in enumerate(ids)]
+    folder = write_dataset(tmp_path / "mmlu_pro", prompts, [(i, m, float(n % 2)) for n, i in enumerate(ids) for m in models])
+    monkeypatch.setattr(scorer_package, "load_scorer", lambda *a, **k: _scorer())
+    common = ["--data", str(folder), "--split", "train", "--models", ",".join(models), "--val-size", "3", "--threads", "0"]
+    assert bench.main(["dump", *common, "--out", str(tmp_path / "all.npz")]) == 0
+    assert bench.main(["dump", *common, "--only-val", "--out", str(tmp_path / "val.npz")]) == 0
+    whole, val = np.load(tmp_path / "all.npz"), np.load(tmp_path / "val.npz")
+    assert len(whole["ids"]) == 8 and whole["val"].sum() == 3
+    assert sorted(val["ids"]) == sorted(whole["ids"][whole["val"]]) and val["val"].all()
+    profiles = builtin_profiles("mmlu_pro")
+    first = str(val["ids"][0])
+    expected = _scorer().score(f"law court {ids.index(first)}\nA. a\nB. b", {m: profiles[m] for m in models})
+    assert val["scores"][0] == pytest.approx([expected[m] for m in models], abs=1e-4)
+    with pytest.raises(SystemExit, match="--only-val"):
+        bench.main(["dump", *common, "--only-val", "--limit", "2", "--out", str(tmp_path / "x.npz")])
