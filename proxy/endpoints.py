@@ -24,6 +24,7 @@ from proxy.errors import (AllUpstreamsFailed, BodyTooLarge, ModelNotFound, Reque
 from proxy.logs import request_record
 from proxy.providers import Deployment, Snapshot
 from proxy.routing import Decision, candidates, instruction_text, rank
+from proxy.scoring import ScorerDegraded, profile_means
 
 if TYPE_CHECKING:
     from proxy.app import Services
@@ -83,9 +84,15 @@ async def chat_completions(request: Request) -> Response:
         pool = candidates(snap.models.values(), req.satroute.models if route else None,
                           svc.cooldowns.cooling)
         text = instruction_text(body["messages"], snap.router.routing_context_tokens)
-        scores, ms = await svc.scoring.score(text, {d.name: d.profile for d in pool})
-        decision = Decision(rank(scores, [d.name for d in pool]), routed=True, scorer_ms=ms)
-        svc.metrics.observe_routing(decision.chosen, ms / 1000)
+        profiles = {d.name: d.profile for d in pool}
+        try:
+            scores, ms = await svc.scoring.score(text, profiles, snap.router.scorer_timeout_s)
+            degraded = None
+        except ScorerDegraded as exc:  # the request is still answered: ranked by the profiles
+            scores, ms, degraded = profile_means(profiles), exc.ms, exc.reason
+            svc.metrics.observe_degraded(exc.reason)
+        decision = Decision(rank(scores, [d.name for d in pool]), routed=True, scorer_ms=ms, degraded=degraded)
+        svc.metrics.observe_routing(decision.chosen, None if degraded else ms / 1000)
         targets = [snap.models[n] for n, _ in decision.ranked[: 1 + snap.router.max_fallbacks]]
     else:
         target = snap.models.get(req.model)
@@ -139,8 +146,10 @@ def default_target(snap: Snapshot) -> Deployment | None:
 
 
 def routing_headers(decision: Decision, reply: Reply) -> dict[str, str]:
-    headers = {protocol.HEADER_MODEL: reply.model,
-               protocol.HEADER_ROUTE: "routed" if decision.routed else "direct"}
+    route = ("aptitude" if decision.degraded else "routed") if decision.routed else "direct"
+    headers = {protocol.HEADER_MODEL: reply.model, protocol.HEADER_ROUTE: route}
+    if decision.degraded:
+        headers[protocol.HEADER_DEGRADED] = decision.degraded
     if decision.routed:
         headers[protocol.HEADER_SCORES] = decision.scores_header()
         headers[protocol.HEADER_SCORER_MS] = f"{decision.scorer_ms:.2f}"

@@ -55,6 +55,9 @@ class Metrics:
         self.scorer_latency = Histogram(f"{p}_scorer_latency_seconds",
                                         "Time of one scoring call over all candidates",
                                         buckets=SCORER_BUCKETS, registry=r)
+        self.scorer_degraded = Counter(f"{p}_scorer_degraded",
+                                       "Routed requests ranked by the profiles' means because the scorer "
+                                       "failed or timed out", ["reason"], registry=r)
         self.upstream_latency = Histogram(f"{p}_upstream_latency_seconds",
                                           "Upstream call time (to the first byte for streams)",
                                           ["model"], buckets=UPSTREAM_BUCKETS, registry=r)
@@ -93,6 +96,9 @@ class Metrics:
         self.routing_decisions.labels(model=model).inc()
         if scorer_seconds is not None:
             self.scorer_latency.observe(scorer_seconds)
+
+    def observe_degraded(self, reason: str) -> None:
+        self.scorer_degraded.labels(reason=reason).inc()
 
     def observe_upstream(self, model: str, seconds: float) -> None:
         self.upstream_latency.labels(model=model).observe(seconds)

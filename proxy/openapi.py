@@ -42,7 +42,10 @@ _ERROR_CODES = {
 }
 _ROUTING_HEADERS = {
     protocol.HEADER_MODEL: "the model that answered",
-    protocol.HEADER_ROUTE: "'routed' (chosen by the scorer) or 'direct' (named by the client)",
+    protocol.HEADER_ROUTE: "'routed' (chosen by the scorer), 'direct' (named by the client), 'default' "
+                           "(router_settings.default_model) or 'aptitude' (ranked by the profiles' means: "
+                           "the scorer failed or timed out)",
+    protocol.HEADER_DEGRADED: "'aptitude' only: scorer_failed or scorer_timeout",
     protocol.HEADER_SCORES: "routed only: name=score pairs, best first",
     protocol.HEADER_SCORER_MS: "routed only: the scorer's latency in milliseconds",
     protocol.HEADER_FAILED: "name:reason pairs of models that failed before the answering one",

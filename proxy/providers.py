@@ -92,6 +92,8 @@ class RouterSettings(BaseModel):
     timeout_s: float = Field(600.0, gt=0, description="one attempt, until the first byte")
     deadline_s: float = Field(900.0, gt=0, description="the whole request, retries included")
     max_fallbacks: int = Field(2, ge=0)
+    scorer_timeout_s: float = Field(
+        2.0, gt=0, description="longest wait for the scorer; then the profiles' means rank the request")
     allowed_fails: int = Field(3, ge=1, description="consecutive failures before a cooldown")
     cooldown_s: float = Field(30.0, ge=0)
     fast_path: bool = True

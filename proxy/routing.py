@@ -24,6 +24,7 @@ class Decision:
     ranked: tuple[tuple[str, float], ...]  # best first
     routed: bool  # False: the client named a model
     scorer_ms: float = 0.0
+    degraded: str | None = None  # why the profiles' means ranked it instead of the scorer
 
     @property
     def chosen(self) -> str:

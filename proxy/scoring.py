@@ -37,6 +37,21 @@ class ConstantScorer:
 Profiles = Callable[[], Mapping[str, Profile]]
 
 
+class ScorerDegraded(Exception):
+    """The scorer failed on one request or took too long: ``reason`` is ``scorer_failed`` or
+    ``scorer_timeout``, ``ms`` the time spent waiting."""
+
+    def __init__(self, reason: str, ms: float):
+        super().__init__(reason)
+        self.reason, self.ms = reason, ms
+
+
+def profile_means(candidates: Mapping[str, Profile]) -> dict[str, float]:
+    """What ranks a request when the scorer cannot: each candidate's mean aptitude (its profile's
+    mean accuracy), the floor a profile-reading router has to clear."""
+    return {n: (sum(p.values()) / len(p) if p else 0.0) for n, p in candidates.items()}
+
+
 def _profile_key(profile: Profile) -> tuple:
     return tuple(sorted((str(k), float(v)) for k, v in profile.items()))
 
@@ -113,9 +128,11 @@ class ScorerHost:
             if self.scorer is not None:
                 await self._warm_up(self.scorer, dict(profiles()))
 
-    async def score(self, instruction: str,
-                    candidates: Mapping[str, Profile]) -> tuple[dict[str, float], float]:
-        """Scores and the scorer's latency in milliseconds."""
+    async def score(self, instruction: str, candidates: Mapping[str, Profile],
+                    timeout_s: float | None = None) -> tuple[dict[str, float], float]:
+        """Scores and the scorer's latency in milliseconds. Raises ``ScorerDegraded`` when the
+        scorer fails on this request or takes longer than ``timeout_s`` (the caller can still rank
+        by the profiles), ``ServiceUnavailable`` while no scorer is loaded."""
         scorer = self.scorer
         if scorer is None:
             why = self.error or "still loading"
@@ -126,13 +143,17 @@ class ScorerHost:
             if getattr(scorer, "runs_inline", False):
                 scores = scorer.score(instruction, candidates)
             else:
-                scores = await asyncio.get_running_loop().run_in_executor(
-                    self._pool, scorer.score, instruction, candidates)
+                job = asyncio.get_running_loop().run_in_executor(self._pool, scorer.score, instruction, candidates)
+                # on timeout a queued call is cancelled; one already running finishes unseen
+                scores = await asyncio.wait_for(job, timeout_s) if timeout_s else await job
+        except asyncio.TimeoutError:
+            ms = (time.perf_counter() - started) * 1000
+            log.warning("scorer took over %.1f s; ranked by the profiles' means", timeout_s)
+            raise ScorerDegraded("scorer_timeout", ms) from None
         except (RuntimeError, ValueError, KeyError, TypeError, MemoryError) as exc:
             # A scorer bug or an exhausted device must not become a 500 with a trace.
             log.error("scorer failed on a request: %s: %s", type(exc).__name__, exc)
-            raise ServiceUnavailable(f"the routing scorer failed ({type(exc).__name__}); call "
-                                     "a model by name meanwhile", code="scorer_failed") from None
+            raise ScorerDegraded("scorer_failed", (time.perf_counter() - started) * 1000) from None
         return scores, (time.perf_counter() - started) * 1000
 
     def close(self) -> None:

@@ -160,17 +160,61 @@ def test_unreachable_upstream_falls_back_with_reason_connection(tmp_path, upstre
     assert raw.headers["x-satroute-failed"] == "m1:connection"
 
 
-def test_scorer_failure_is_503_not_500(config, upstream, start_proxy):
+def _means_config(tmp_path, upstream, **router):
+    """m1 (profile mean 0.25) before m2 (0.8): the means rank m2 first, the file's order m1."""
+    import json
+
+    models = []
+    for name, tasks in (("m1", {"t1": 0.2, "t2": 0.3}), ("m2", {"t1": 0.9, "t2": 0.7})):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"model": name, "suite": "test", "tasks": tasks}))
+        entry = model_entry(name, upstream.url)
+        entry["model_info"]["capability_profile"] = f"{name}.json"
+        models.append(entry)
+    return write_config(tmp_path / "providers.yaml", models, **router)
+
+
+def _metric(proxy, reason: str) -> float:
+    text = httpx.get(f"{proxy.base}/metrics").text
+    line = next((ln for ln in text.splitlines()
+                 if ln.startswith("satroute_scorer_degraded_total") and f'reason="{reason}"' in ln), None)
+    return float(line.split()[-1]) if line else 0.0
+
+
+def test_a_scorer_failure_is_answered_by_the_profile_means_not_a_503(tmp_path, upstream, start_proxy):
     class Broken:
         def score(self, instruction, candidates):
             raise RuntimeError("CUDA out of memory")
 
-    proxy = start_proxy(config, scorer=Broken())
-    r = httpx.post(f"{proxy.url}/chat/completions", json={"model": "auto", "messages": MESSAGES},
-                   timeout=60)
-    assert r.status_code == 503 and r.json()["error"]["code"] == "scorer_failed"
-    assert "Traceback" not in r.text
-    assert client(proxy).chat.completions.create(model="m2", messages=MESSAGES).model == "m2"
+    proxy = start_proxy(_means_config(tmp_path, upstream), scorer=Broken())
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.parse().model == "m2"  # the stronger profile, not the first in the file
+    assert raw.headers["x-satroute-route"] == "aptitude"
+    assert raw.headers["x-satroute-degraded"] == "scorer_failed"
+    assert raw.headers["x-satroute-scores"] == "m2=0.8000,m1=0.2500"
+    assert _metric(proxy, "scorer_failed") == 1.0
+    assert client(proxy).chat.completions.create(model="m1", messages=MESSAGES).model == "m1"
+
+
+def test_a_slow_scorer_is_not_waited_for_past_its_timeout(tmp_path, upstream, start_proxy):
+    class Slow:
+        def score(self, instruction, candidates):
+            time.sleep(1.0)
+            return {"m1": 1.0, "m2": 0.0}
+
+    proxy = start_proxy(_means_config(tmp_path, upstream, scorer_timeout_s=0.2), scorer=Slow())
+    started = time.perf_counter()
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert time.perf_counter() - started < 0.9  # answered before the scorer would have been
+    assert raw.parse().model == "m2" and raw.headers["x-satroute-degraded"] == "scorer_timeout"
+    assert 150 <= float(raw.headers["x-satroute-scorer-ms"]) < 900
+    assert _metric(proxy, "scorer_timeout") == 1.0
+    time.sleep(1.0)  # the abandoned call has finished; a scorer within its time routes again
+    (tmp_path / "providers.yaml").write_text((tmp_path / "providers.yaml").read_text()
+                                              .replace("scorer_timeout_s: 0.2", "scorer_timeout_s: 5.0"))
+    time.sleep(0.5)
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.parse().model == "m1" and raw.headers["x-satroute-route"] == "routed"
+    assert "x-satroute-degraded" not in raw.headers
 
 
 def test_litellm_is_imported_lazily_with_the_local_cost_map():
