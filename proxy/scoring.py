@@ -46,6 +46,10 @@ class ScorerDegraded(Exception):
         self.reason, self.ms = reason, ms
 
 
+class _TooLate(Exception):
+    """A queued scoring call skipped: it could not have ended before its deadline."""
+
+
 def profile_means(candidates: Mapping[str, Profile]) -> dict[str, float]:
     """What ranks a request when the scorer cannot: each candidate's mean aptitude (its profile's
     mean accuracy), the floor a profile-reading router has to clear."""
@@ -62,6 +66,7 @@ class ScorerHost:
         self.error: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="scorer")
         self._warm: set[tuple] = set()  # the profiles the scorer has already encoded
+        self._typical_s = 0.0  # a moving average of recent scoring calls
 
     @property
     def ready(self) -> bool:
@@ -143,10 +148,12 @@ class ScorerHost:
             if getattr(scorer, "runs_inline", False):
                 scores = scorer.score(instruction, candidates)
             else:
-                job = asyncio.get_running_loop().run_in_executor(self._pool, scorer.score, instruction, candidates)
+                deadline = started + timeout_s if timeout_s else None
+                job = asyncio.get_running_loop().run_in_executor(
+                    self._pool, self._run, scorer, instruction, candidates, deadline)
                 # on timeout a queued call is cancelled; one already running finishes unseen
                 scores = await asyncio.wait_for(job, timeout_s) if timeout_s else await job
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, _TooLate):
             ms = (time.perf_counter() - started) * 1000
             log.warning("scorer took over %.1f s; ranked by the profiles' means", timeout_s)
             raise ScorerDegraded("scorer_timeout", ms) from None
@@ -155,6 +162,18 @@ class ScorerHost:
             log.error("scorer failed on a request: %s: %s", type(exc).__name__, exc)
             raise ScorerDegraded("scorer_failed", (time.perf_counter() - started) * 1000) from None
         return scores, (time.perf_counter() - started) * 1000
+
+    def _run(self, scorer: Scorer, instruction: str, candidates: Mapping[str, Profile],
+             deadline: float | None) -> dict[str, float]:
+        """On a scorer thread: score, unless the call could no longer end before its deadline at
+        the recent pace. Under overload the oldest queued calls are the ones about to give up; a
+        queue served first-come would spend the scorer on them and answer nobody in time."""
+        now = time.perf_counter()
+        if deadline is not None and now + self._typical_s > deadline:
+            raise _TooLate
+        scores = scorer.score(instruction, candidates)
+        self._typical_s = 0.8 * self._typical_s + 0.2 * (time.perf_counter() - now)
+        return scores
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

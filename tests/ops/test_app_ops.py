@@ -252,3 +252,35 @@ async def test_the_scorer_is_warmed_up_on_the_routable_profiles_before_it_takes_
         watcher.cancel()
     finally:
         host.close()
+
+
+async def test_a_queued_scoring_call_that_cannot_end_in_time_is_skipped_not_run():
+    """Under overload the oldest queued calls are about to give up: the scorer skips them rather
+    than spend itself on answers nobody waits for, and their requests are ranked by the means."""
+    from proxy.scoring import ScorerDegraded, ScorerHost, _TooLate
+
+    ran = []
+
+    class Slow:
+        def score(self, instruction, candidates):
+            ran.append(instruction)
+            time.sleep(0.05)
+            return dict.fromkeys(candidates, 1.0)
+
+    host = ScorerHost(Slow())
+    try:
+        host._typical_s = 0.2  # recent calls took 0.2 s
+        with pytest.raises(_TooLate):
+            host._run(host.scorer, "late", {"m": {}}, time.perf_counter() + 0.1)
+        assert ran == []  # skipped: the scorer never ran it
+        assert host._run(host.scorer, "in time", {"m": {}}, time.perf_counter() + 1.0) == {"m": 1.0}
+        assert ran == ["in time"] and 0.05 < host._typical_s < 0.2  # the pace follows the calls
+        host._typical_s = 5.0
+        started = time.perf_counter()
+        with pytest.raises(ScorerDegraded) as err:
+            await host.score("hopeless", {"m": {}}, timeout_s=1.0)
+        assert err.value.reason == "scorer_timeout" and time.perf_counter() - started < 0.5  # at once
+        scores, ms = await host.score("no deadline", {"m": {}})  # no timeout: never skipped
+        assert scores == {"m": 1.0} and ms >= 50
+    finally:
+        host.close()

@@ -1,0 +1,129 @@
+"""Routed requests under concurrent load with the real Model-SAT scorer: end-to-end latency, the
+scorer's share of it, and how many requests the scorer timeout sends to the profiles' means.
+
+    .venv/bin/python bench/routed_load.py [--models 5] [--concurrency 1 4 16] [--requests 64]
+                                          [--scorer-timeout 2.0] [--json OUT.json]
+
+What runs, all on 127.0.0.1: the mock upstream (tests/support/mock_upstream.py, answering at once)
+and ``satroute serve`` with its default scorer and checkpoint, ``--models`` routable models (the
+built-in MMLU-Pro profiles) on that upstream, ``router_settings.scorer_timeout_s`` as given. For each
+concurrency, that many clients send ``--requests`` distinct ~120-token chat requests to ``auto``
+between them; each request's wall time, ``x-satroute-scorer-ms`` and ``x-satroute-route`` are
+recorded. Prints p50/p90 of both, requests per second, and the share routed by ``aptitude``.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+from proxy_overhead import free_port, start, stop, wait_http  # noqa: E402
+
+QUESTION = ("A train leaves the station at 9:40 and travels 214 km at an average speed of 82 km/h, "
+            "stopping twice for six minutes each. At what time does it arrive, and how would the "
+            "answer change if the second stop were cancelled? Explain each step of the reasoning. ")
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+async def load(url: str, concurrency: int, n: int, salt: int) -> dict:
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+    rows: list[dict] = []
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while not queue.empty():
+            i = queue.get_nowait()
+            body = {"model": "auto", "messages": [{"role": "user", "content": f"Case {salt}-{i}. {QUESTION}"}]}
+            started = time.perf_counter()
+            r = await http.post(url, json=body)
+            rows.append({"ms": (time.perf_counter() - started) * 1000, "status": r.status_code,
+                         "route": r.headers.get("x-satroute-route"),
+                         "scorer_ms": float(r.headers.get("x-satroute-scorer-ms", "nan"))})
+
+    started = time.perf_counter()
+    async with httpx.AsyncClient(timeout=60) as http:
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+    wall = time.perf_counter() - started
+    ok = [r for r in rows if r["status"] == 200]
+    return {"concurrency": concurrency, "requests": n, "errors": n - len(ok), "rps": n / wall,
+            "p50_ms": statistics.median(r["ms"] for r in ok), "p90_ms": percentile([r["ms"] for r in ok], 0.9),
+            "scorer_p50_ms": statistics.median(r["scorer_ms"] for r in ok),
+            "scorer_p90_ms": percentile([r["scorer_ms"] for r in ok], 0.9),
+            "aptitude_share": sum(r["route"] == "aptitude" for r in ok) / max(1, len(ok))}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", type=int, default=5)
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--scorer-timeout", type=float, default=2.0)
+    ap.add_argument("--json", default=None)
+    a = ap.parse_args(argv)
+
+    from scorer.aptitude import builtin_profiles
+
+    names = sorted(builtin_profiles("mmlu_pro"))[: a.models]
+    py = sys.executable
+    procs = []
+    with tempfile.TemporaryDirectory() as tmp:
+        up_port, port = free_port(), free_port()
+        upstream = f"http://127.0.0.1:{up_port}/v1"
+        entries = "".join(
+            f"  - model_name: {n}\n    litellm_params: {{model: openai/{n}, api_base: \"{upstream}\"}}\n"
+            f"    model_info: {{capability_profile: \"builtin:mmlu_pro/{n}\"}}\n" for n in names)
+        config = Path(tmp) / "providers.yaml"
+        config.write_text(f"model_list:\n{entries}router_settings: {{scorer_timeout_s: {a.scorer_timeout}}}\n")
+        try:
+            procs.append(start([py, str(REPO / "tests/support/mock_upstream.py"), "--port", str(up_port)]))
+            procs.append(start([py, "-m", "proxy.cli", "serve", "--config", str(config), "--port", str(port)],
+                               env={"SATROUTE_STATE_DIR": tmp, "SATROUTE_ONBOARDING": "false",
+                                    "PYTHONPATH": str(REPO)}, log=Path(tmp) / "serve.log"))
+            wait_http(f"http://127.0.0.1:{up_port}/v1/models")
+            base = f"http://127.0.0.1:{port}"
+            deadline = time.time() + 120
+            while time.time() < deadline:  # /ready: the scorer is loaded and warm
+                try:
+                    if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            else:
+                raise RuntimeError("the proxy did not become ready: " + (Path(tmp) / "serve.log").read_text()[-2000:])
+            ready = httpx.get(f"{base}/ready").json()
+            rows = [asyncio.run(load(f"{base}/v1/chat/completions", c, a.requests, salt))
+                    for salt, c in enumerate(a.concurrency)]
+        finally:
+            for p in reversed(procs):
+                stop(p)
+    report = {"models": a.models, "scorer": ready.get("scorer"), "scorer_timeout_s": a.scorer_timeout,
+              "cpus": os.cpu_count(), "rows": rows}
+    print(f"{a.models} routed models, scorer {ready.get('scorer')}, timeout {a.scorer_timeout} s, {os.cpu_count()} CPUs")
+    print("| concurrency | requests/s | p50 ms | p90 ms | scorer p50 ms | scorer p90 ms | ranked by aptitude | errors |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['concurrency']} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | "
+              f"{r['scorer_p50_ms']:.0f} | {r['scorer_p90_ms']:.0f} | {r['aptitude_share']:.0%} | {r['errors']} |")
+    if a.json:
+        Path(a.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
