@@ -114,7 +114,7 @@ async def chat_completions(request: Request) -> Response:
         svc.route_log.record(
             req.model, chosen, scores=dict(decision.ranked) if decision.routed else None,
             scorer_ms=decision.scorer_ms if decision.routed else None, failed=failed,
-            request_id=record.request_id if record is not None else None)
+            request_id=record.request_id if record is not None else None, degraded=decision.degraded)
 
     try:
         reply = await svc.dispatcher.complete(Call(targets=targets, body=body, stream=stream,

@@ -109,7 +109,7 @@ def _detailed(router_name: str) -> dict[tuple[str, str], dict[str, Any]]:
                             "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}],
             "responses": {
                 "200": {"description": "{object: list, data: [{at, requested, chosen, scores, "
-                                       "scorer_ms, failed, request_id}]}",
+                                       "scorer_ms, failed, request_id, degraded}]}",
                         "content": _json({"type": "object"})},
                 "400": {"description": "limit is not an integer from 1 to 1000",
                         "content": _json({"$ref": REF.format(model="Error")})},

@@ -49,11 +49,11 @@ class RouteLog:
 
     def record(self, requested: str, chosen: str | None, *, scores: Mapping[str, float] | None = None,
                scorer_ms: float | None = None, failed: Sequence[tuple[str, str]] = (),
-               request_id: str | None = None) -> None:
+               request_id: str | None = None, degraded: str | None = None) -> None:
         """Queue one decision for the next write; drops the oldest pending one when full."""
         self.add(RouteEntry(requested=requested, chosen=chosen,
                             scores=None if scores is None else dict(scores), scorer_ms=scorer_ms,
-                            failed=tuple(failed), request_id=request_id, at=time.time()))
+                            failed=tuple(failed), request_id=request_id, degraded=degraded, at=time.time()))
 
     def add(self, entry: RouteEntry) -> None:
         if len(self._pending) >= self.max_pending:

@@ -63,11 +63,13 @@ CREATE TABLE IF NOT EXISTS routing_log (
     scores TEXT,
     scorer_ms REAL,
     failed TEXT,
-    request_id TEXT
+    request_id TEXT,
+    degraded TEXT
 );
 """
 # Columns added after a table was first released: (table, column, type), added when missing.
-_COLUMNS_ADDED = (("routing_log", "failed", "TEXT"), ("routing_log", "request_id", "TEXT"))
+_COLUMNS_ADDED = (("routing_log", "failed", "TEXT"), ("routing_log", "request_id", "TEXT"),
+                  ("routing_log", "degraded", "TEXT"))
 
 
 @dataclass(frozen=True)
@@ -109,7 +111,8 @@ class RouteEntry:
 
     ``scores`` and ``scorer_ms`` are None when the default model answered without scoring;
     ``failed`` lists ``(model, reason)`` of the models that failed before ``chosen`` answered;
-    ``chosen`` is None when every model tried failed (the client got the error).
+    ``chosen`` is None when every model tried failed (the client got the error); ``degraded`` says
+    why the profiles' means ranked it (``scorer_failed``, ``scorer_timeout``) instead of the scorer.
     """
 
     requested: str
@@ -118,6 +121,7 @@ class RouteEntry:
     scorer_ms: float | None
     failed: tuple[tuple[str, str], ...] = ()
     request_id: str | None = None
+    degraded: str | None = None
     at: float = 0.0  # unix seconds; 0: when it is written
 
 
@@ -285,12 +289,12 @@ class Store:
         now = time.time()
         rows = [(e.at or now, e.requested, e.chosen or "",  # the column predates unanswered rows: "" = none
                  None if e.scores is None else json.dumps(dict(e.scores)), e.scorer_ms,
-                 json.dumps([{"model": m, "reason": r} for m, r in e.failed]), e.request_id)
+                 json.dumps([{"model": m, "reason": r} for m, r in e.failed]), e.request_id, e.degraded)
                 for e in entries]
         with self._lock, self._transaction():
             self._db.executemany(
                 "INSERT INTO routing_log (at, requested, chosen, scores, scorer_ms, failed, "
-                "request_id) VALUES (?, ?, ?, ?, ?, ?, ?)", rows)
+                "request_id, degraded) VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
             if keep > 0:
                 self._db.execute(
                     "DELETE FROM routing_log WHERE id <= (SELECT id FROM routing_log "
@@ -302,8 +306,8 @@ class Store:
         ``chosen`` is None where no model answered."""
         with self._lock:
             rows = self._db.execute(
-                "SELECT at, requested, chosen, scores, scorer_ms, failed, request_id "
+                "SELECT at, requested, chosen, scores, scorer_ms, failed, request_id, degraded "
                 "FROM routing_log ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
         return [{"at": at, "requested": r, "chosen": c or None, "scores": json.loads(s) if s else None,
                  "scorer_ms": ms, "failed": json.loads(f) if f is not None else None,
-                 "request_id": rid} for at, r, c, s, ms, f, rid in rows]
+                 "request_id": rid, "degraded": d} for at, r, c, s, ms, f, rid, d in rows]

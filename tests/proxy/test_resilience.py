@@ -193,6 +193,10 @@ def test_a_scorer_failure_is_answered_by_the_profile_means_not_a_503(tmp_path, u
     assert raw.headers["x-satroute-scores"] == "m2=0.8000,m1=0.2500"
     assert _metric(proxy, "scorer_failed") == 1.0
     assert client(proxy).chat.completions.create(model="m1", messages=MESSAGES).model == "m1"
+    deadline = time.time() + 10
+    while not (logged := httpx.get(f"{proxy.base}/admin/routes").json()["data"]) and time.time() < deadline:
+        time.sleep(0.1)  # the routing log is written in batches
+    assert logged[0]["degraded"] == "scorer_failed" and logged[0]["scores"] == {"m2": 0.8, "m1": 0.25}
 
 
 def test_a_slow_scorer_is_not_waited_for_past_its_timeout(tmp_path, upstream, start_proxy):

@@ -74,8 +74,9 @@ def test_routed_request_appears_with_answering_model_scores_and_request_id(
         assert isinstance(entry["scorer_ms"], float) and entry["scorer_ms"] >= 0
         assert started - 1 <= entry["at"] <= time.time()
     assert first["at"] <= newest["at"]
-    assert sorted(first) == ["at", "chosen", "failed", "request_id", "requested", "scorer_ms",
+    assert sorted(first) == ["at", "chosen", "degraded", "failed", "request_id", "requested", "scorer_ms",
                              "scores"]
+    assert first["degraded"] is None  # the scorer ranked it
     assert routes(proxy).json()["object"] == "list"
 
 
@@ -224,15 +225,16 @@ def test_opening_an_old_database_adds_the_new_columns_and_keeps_old_rows(tmp_pat
     old.close()
     with Store(tmp_path) as store:
         columns = [r[1] for r in store._db.execute("PRAGMA table_info(routing_log)")]
-        assert columns[-2:] == ["failed", "request_id"]
+        assert columns[-3:] == ["failed", "request_id", "degraded"]
         store.log_routes([RouteEntry("auto", "new-model", {"new-model": 0.9}, 1.0,
-                                     failed=(("old-model", "connection"),), request_id="req-new")])
+                                     failed=(("old-model", "connection"),), request_id="req-new",
+                                     degraded="scorer_timeout")])
         new, old_row = store.recent_routes()
     assert old_row == {"at": 1700000000.5, "requested": "auto", "chosen": "old-model",
                        "scores": {"old-model": 0.7}, "scorer_ms": 3.5, "failed": None,
-                       "request_id": None}
+                       "request_id": None, "degraded": None}
     assert new["failed"] == [{"model": "old-model", "reason": "connection"}]
-    assert new["request_id"] == "req-new"
+    assert new["request_id"] == "req-new" and new["degraded"] == "scorer_timeout"
     with Store(tmp_path) as store:  # opening again changes nothing
         assert [r[1] for r in store._db.execute("PRAGMA table_info(routing_log)")] == columns
         assert len(store.recent_routes()) == 2
