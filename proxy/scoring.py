@@ -155,7 +155,8 @@ class ScorerHost:
                 scores = await asyncio.wait_for(job, timeout_s) if timeout_s else await job
         except (asyncio.TimeoutError, _TooLate):
             ms = (time.perf_counter() - started) * 1000
-            log.warning("scorer took over %.1f s; ranked by the profiles' means", timeout_s)
+            log.warning("scorer could not answer within %.1f s (waited %.0f ms); ranked by the profiles' means",
+                        timeout_s, ms)
             raise ScorerDegraded("scorer_timeout", ms) from None
         except (RuntimeError, ValueError, KeyError, TypeError, MemoryError) as exc:
             # A scorer bug or an exhausted device must not become a 500 with a trace.
