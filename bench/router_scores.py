@@ -309,14 +309,14 @@ def subject_prior(z, data, suite_name: str) -> tuple[np.ndarray, np.ndarray, np.
     """For each row of a dump: each model's accuracy on the suite's task of the prompt's MMLU
     subject (the profile's mean where the suite has none) [rows, models], whether the suite had one,
     and whether the question is itself one of the suite's."""
-    from scorer.aptitude import builtin_profiles, load_suite, subject_of
+    from scorer.aptitude import aptitude, builtin_profiles, load_suite, subject_of
 
     suite, profiles = load_suite(suite_name), builtin_profiles(suite_name)
     models = [str(m) for m in z["models"]]
     tasks, asked = set(suite.task_ids), set(suite.question_ids)
     prompt_of = {p.id: p for p in data.prompts}
     subjects = [subject_of(prompt_of[str(i)]) for i in z["ids"]]
-    mean = np.array([np.mean(list(profiles[m].values())) for m in models])
+    mean = np.array([aptitude(profiles[m]) for m in models])
     prior = np.array([[profiles[m][s] for m in models] if s in tasks else mean for s in subjects])
     return prior, np.array([s in tasks for s in subjects]), np.isin(z["ids"], list(asked))
 
@@ -340,11 +340,10 @@ def neighbour_prior(z, data, suite_name: str, vectors: np.ndarray, k: int) -> tu
 
 
 def subject(args: argparse.Namespace) -> int:
-    from scorer.aptitude import assets_dir
+    from scorer.aptitude import suite_for
 
     data = load_dataset(args.data)
-    suite_name = args.suite or (args.data.name if (assets_dir() / "suites" / f"{args.data.name}.json").exists()
-                                else "mmlu_pro")
+    suite_name = suite_for(args.data, args.suite)
     if args.neighbours:
         from scorer.embeddings import Embedder, dataset_embeddings
 

@@ -53,7 +53,9 @@ class _TooLate(Exception):
 def profile_means(candidates: Mapping[str, Profile]) -> dict[str, float]:
     """What ranks a request when the scorer cannot: each candidate's mean aptitude (its profile's
     mean accuracy), the floor a profile-reading router has to clear."""
-    return {n: (sum(p.values()) / len(p) if p else 0.0) for n, p in candidates.items()}
+    from scorer.aptitude import aptitude
+
+    return {n: aptitude(p) for n, p in candidates.items()}
 
 
 def _profile_key(profile: Profile) -> tuple:
@@ -112,10 +114,11 @@ class ScorerHost:
         """Run the scorer's ``warm_up`` (if it has one) on the profiles it has not met yet, once
         each: a failure is logged, never raised or retried (the request that meets it reports it)."""
         warm = getattr(scorer, "warm_up", None)
-        fresh = {n: p for n, p in profiles.items() if _profile_key(p) not in self._warm}
+        keys = {n: _profile_key(p) for n, p in profiles.items()}
+        fresh = {n: profiles[n] for n, k in keys.items() if k not in self._warm}
         if warm is None or not (fresh or first):
             return
-        self._warm.update(_profile_key(p) for p in fresh.values())
+        self._warm.update(keys[n] for n in fresh)
         started = time.perf_counter()
         try:
             await asyncio.get_running_loop().run_in_executor(self._pool, warm, fresh)

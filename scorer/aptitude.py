@@ -224,8 +224,22 @@ def builtin_profiles(suite: str, root: str | os.PathLike | None = None) -> dict[
     return out
 
 
+def suite_for(folder: str | os.PathLike, suite: str | None = "auto") -> str:
+    """The suite a data folder's profiles are measured on: ``suite`` if given, else the committed
+    suite named like the folder, else ``mmlu_pro``."""
+    if suite and suite != "auto":
+        return suite
+    name = Path(folder).name
+    return name if (assets_dir() / "suites" / f"{name}.json").exists() else "mmlu_pro"
+
+
+def aptitude(profile: Mapping[str, float]) -> float:
+    """A profile's overall aptitude: its mean accuracy over the tasks it has (0 for an empty one)."""
+    return float(sum(profile.values()) / len(profile)) if profile else 0.0
+
+
 __all__ = [
-    "Suite", "Task", "build_suite", "builtin_profiles", "graded_from_outcomes", "load_builtin_profile",
+    "Suite", "Task", "aptitude", "build_suite", "builtin_profiles", "graded_from_outcomes", "load_builtin_profile",
     "load_keywords", "load_suite", "profile_filename", "profile_from_graded", "profile_from_outcomes",
-    "save_profile", "subject_of",
+    "save_profile", "subject_of", "suite_for",
 ]

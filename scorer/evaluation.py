@@ -138,11 +138,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _profiles(args, data: RoutingData, models: Sequence[str]) -> dict[str, dict[str, float]]:
     """Built-in profiles of the suite; a model without one gets it computed from DIR's outcomes."""
-    from scorer.aptitude import assets_dir, builtin_profiles, load_suite, profile_from_outcomes
+    from scorer.aptitude import builtin_profiles, load_suite, profile_from_outcomes, suite_for
 
     if args.suite == "none":
         return {m: {} for m in models}
-    name = args.suite or (args.data.name if (assets_dir() / "suites" / f"{args.data.name}.json").exists() else "mmlu_pro")
+    name = suite_for(args.data, args.suite)
     stored = builtin_profiles(name)
     suite = None
     out = {}

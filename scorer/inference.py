@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 
 import torch
 
-from scorer.aptitude import Suite, load_keywords, load_suite
+from scorer.aptitude import Suite, aptitude, load_keywords, load_suite
 from scorer.capability import SENTENCE_PREFIX, orders, task_clause
 from scorer.modeling import ModelSAT, ModelSATConfig
 
@@ -173,11 +173,6 @@ def score_candidates(model: ModelSAT, writer: CapabilityWriter, instruction: str
         past = model.prefix_cache(model.instruction_embeds(instruction))
         scores = model.score_shared(past, flat)
     return scores.view(len(suffix_lists), -1).float().mean(dim=1)
-
-
-def aptitude(profile: Mapping[str, float]) -> float:
-    """A profile's overall aptitude: its mean accuracy over the tasks it has (0 for an empty one)."""
-    return float(sum(profile.values()) / len(profile)) if profile else 0.0
 
 
 def suite_keywords(suite: Suite) -> dict[str, Sequence[str]]:

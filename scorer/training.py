@@ -46,7 +46,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scorer.aptitude import load_suite, profile_from_outcomes
+from scorer.aptitude import load_suite, profile_from_outcomes, suite_for
 from scorer.baselines import neighbour_counts
 from scorer.capability import perturb, task_clause
 from scorer.data import RoutingData, data_root, format_instruction, load_dataset
@@ -431,12 +431,7 @@ def _precompute_clauses(writer: CapabilityWriter, pools: list[Pool], every_accur
 
 def _suite_for(folder: str, suite_arg: str) -> str:
     """The suite a data folder's profiles are measured on: given, or the one named like the folder."""
-    from scorer.aptitude import assets_dir
-
-    if suite_arg and suite_arg != "auto":
-        return suite_arg
-    name = Path(folder).name
-    return name if (assets_dir() / "suites" / f"{name}.json").exists() else "mmlu_pro"
+    return suite_for(folder, suite_arg)
 
 
 def _best_so_far(out_dir: Path) -> float:
