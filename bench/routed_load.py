@@ -28,15 +28,11 @@ import httpx
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "bench"))
 from proxy_overhead import free_port, start, stop, wait_http  # noqa: E402
+from scorer_latency import percentile  # noqa: E402
 
 QUESTION = ("A train leaves the station at 9:40 and travels 214 km at an average speed of 82 km/h, "
             "stopping twice for six minutes each. At what time does it arrive, and how would the "
             "answer change if the second stop were cancelled? Explain each step of the reasoning. ")
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
 async def load(url: str, concurrency: int, n: int, salt: int) -> dict:

@@ -39,6 +39,12 @@ def instruction(tokenizer, n_tokens: int, salt: int) -> str:
     return tokenizer.decode(ids)
 
 
+def percentile(values: list[float], q: float) -> float:
+    """The nearest-rank ``q`` quantile of ``values`` (0 < q <= 1)."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
 def rss_peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
@@ -85,7 +91,7 @@ def main(argv=None) -> int:
             scorer.score(text, cands)
             times.append((time.perf_counter() - t) * 1000)
         rows.append({"candidates": n, "p50_ms": statistics.median(times),
-                     "p90_ms": sorted(times)[max(0, int(round(0.9 * len(times))) - 1)], "min_ms": min(times)})
+                     "p90_ms": percentile(times, 0.9), "min_ms": min(times)})
     cfg = scorer.model.config
     device, dtype = scorer.runs_on.split(", ")
     report = {"device": device, "dtype": dtype, "threads": a.threads, "load_s": load_s, "rss_peak_mb": rss_peak_mb(),
