@@ -10,11 +10,11 @@ import httpx
 import openai
 import pytest
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.app import create_app
 from proxy.settings import Settings
 from support.mock_upstream import MockUpstream, fail
+from support.prometheus import scrape
 from support.proxy_server import ProxyServer
 
 MESSAGES = [{"role": "user", "content": "Integrate x^2 from 0 to 3."}]
@@ -47,15 +47,6 @@ def _config(folder: Path, models: list, **router) -> Path:
     return path
 
 
-def _metrics(base: str) -> dict:
-    text = httpx.get(f"{base}/metrics").text
-    out = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
-    return out
-
-
 @pytest.fixture
 def upstream():
     with MockUpstream() as up:
@@ -78,7 +69,7 @@ def test_a_routed_request_is_counted_logged_once_and_carries_its_request_id(
         raw = client.chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
         completion = raw.parse()
         rid = raw.headers["x-request-id"]
-        metrics = _metrics(proxy.base)
+        metrics = scrape(proxy.base)
         openapi = httpx.get(f"{proxy.base}/openapi.json").json()
     assert completion.model == "m2" and rid.startswith("req_")
     [line] = [r.fields for r in caplog.records if r.name == "satroute.request"
@@ -103,7 +94,7 @@ def test_retries_fallbacks_and_cooldowns_are_counted(tmp_path, upstream):
     with _serve(config, fake=PreferScorer("m2")) as proxy:
         client = openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=0)
         assert client.chat.completions.create(model="auto", messages=MESSAGES).model == "m1"
-        metrics = _metrics(proxy.base)
+        metrics = scrape(proxy.base)
     assert metrics[("satroute_retries_total", (("model", "m2"),))] == 1
     assert metrics[("satroute_fallbacks_total", (("from_model", "m2"), ("to_model", "m1")))] == 1
     assert metrics[("satroute_cooldowns_total", (("model", "m2"),))] == 1

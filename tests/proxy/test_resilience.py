@@ -9,6 +9,7 @@ import pytest
 
 from conftest import RecordingScorer, model_entry, write_config
 from support.mock_upstream import answer, drop, fail, rate_limit, stall
+from support.prometheus import scrape
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 PATHS = [pytest.param(True, id="passthrough"), pytest.param(False, id="litellm")]
@@ -174,10 +175,7 @@ def _means_config(tmp_path, upstream, **router):
 
 
 def _metric(proxy, reason: str) -> float:
-    text = httpx.get(f"{proxy.base}/metrics").text
-    line = next((ln for ln in text.splitlines()
-                 if ln.startswith("satroute_scorer_degraded_total") and f'reason="{reason}"' in ln), None)
-    return float(line.split()[-1]) if line else 0.0
+    return scrape(proxy.base).get(("satroute_scorer_degraded_total", (("reason", reason),)), 0.0)
 
 
 def test_a_scorer_failure_is_answered_by_the_profile_means_not_a_503(tmp_path, upstream, start_proxy):
