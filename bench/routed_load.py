@@ -2,7 +2,7 @@
 scorer's share of it, and how many requests the scorer timeout sends to the profiles' means.
 
     .venv/bin/python bench/routed_load.py [--models 5] [--concurrency 1 4 16] [--requests 64]
-                                          [--scorer-timeout 2.0] [--json OUT.json]
+                                          [--scorer-timeout 2.0] [--again] [--json OUT.json]
 
 What runs, all on 127.0.0.1: the mock upstream (tests/support/mock_upstream.py, answering at once)
 and ``satroute serve`` with its default scorer and checkpoint, ``--models`` routable models (the
@@ -10,6 +10,8 @@ built-in MMLU-Pro profiles) on that upstream, ``router_settings.scorer_timeout_s
 concurrency, that many clients send ``--requests`` distinct ~120-token chat requests to ``auto``
 between them; each request's wall time, ``x-satroute-scorer-ms`` and ``x-satroute-route`` are
 recorded. Prints p50/p90 of both, requests per second, and the share routed by ``aptitude``.
+With ``--again``, each concurrency's requests are then sent a second time, as a client's retries
+would be (rows marked "again": the proxy answers them with the scores it remembers).
 """
 from __future__ import annotations
 
@@ -69,6 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--scorer-timeout", type=float, default=2.0)
+    ap.add_argument("--again", action="store_true", help="send each concurrency's requests a second time")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
 
@@ -103,8 +106,12 @@ def main(argv=None) -> int:
             else:
                 raise RuntimeError("the proxy did not become ready: " + (Path(tmp) / "serve.log").read_text()[-2000:])
             ready = httpx.get(f"{base}/ready").json()
-            rows = [asyncio.run(load(f"{base}/v1/chat/completions", c, a.requests, salt))
-                    for salt, c in enumerate(a.concurrency)]
+            rows = []
+            for salt, c in enumerate(a.concurrency):
+                rows.append(asyncio.run(load(f"{base}/v1/chat/completions", c, a.requests, salt)))
+                if a.again:  # the same requests once more: retries
+                    rows.append({**asyncio.run(load(f"{base}/v1/chat/completions", c, a.requests, salt)),
+                                 "again": True})
         finally:
             for p in reversed(procs):
                 stop(p)
@@ -114,7 +121,7 @@ def main(argv=None) -> int:
     print("| concurrency | requests/s | p50 ms | p90 ms | scorer p50 ms | scorer p90 ms | ranked by aptitude | errors |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['concurrency']} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | "
+        print(f"| {r['concurrency']}{' (again)' if r.get('again') else ''} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | "
               f"{r['scorer_p50_ms']:.0f} | {r['scorer_p90_ms']:.0f} | {r['aptitude_share']:.0%} | {r['errors']} |")
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")

@@ -86,13 +86,15 @@ async def chat_completions(request: Request) -> Response:
         text = instruction_text(body["messages"], snap.router.routing_context_tokens)
         profiles = {d.name: d.profile for d in pool}
         try:
-            scores, ms = await svc.scoring.score(text, profiles, snap.router.scorer_timeout_s)
+            scores, ms, remembered = await svc.scoring.score(text, profiles, snap.router.scorer_timeout_s)
             degraded = None
         except ScorerDegraded as exc:  # the request is still answered: ranked by the profiles
-            scores, ms, degraded = profile_means(profiles), exc.ms, exc.reason
+            scores, ms, remembered, degraded = profile_means(profiles), exc.ms, False, exc.reason
             svc.metrics.observe_degraded(exc.reason)
         decision = Decision(rank(scores, [d.name for d in pool]), routed=True, scorer_ms=ms, degraded=degraded)
-        svc.metrics.observe_routing(decision.chosen, None if degraded else ms / 1000)
+        # the latency histogram is the scorer's: remembered scores and fallbacks did not run it
+        svc.metrics.observe_routing(decision.chosen, None if degraded or remembered else ms / 1000,
+                                    remembered=remembered)
         targets = [snap.models[n] for n, _ in decision.ranked[: 1 + snap.router.max_fallbacks]]
     else:
         target = snap.models.get(req.model)

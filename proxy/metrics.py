@@ -13,7 +13,9 @@ Names (all prefixed ``satroute_``):
     requests_total{model,status}             finished chat completions by answering model
     in_flight_requests                       requests being served right now
     routing_decisions_total{model}           ``auto`` requests routed to each model
-    scorer_latency_seconds                   one Model-SAT scoring call
+    scorer_latency_seconds                   one Model-SAT scoring call (that ran)
+    scorer_remembered_total                  routed with an earlier request's scores (no scoring ran)
+    scorer_degraded_total{reason}            routed by the profiles' means: scorer failed or timed out
     upstream_latency_seconds{model}          one upstream call, to the first byte for streams
     fallbacks_total{from_model,to_model}     a failed model handed the request to the next-ranked
     retries_total{model}                     retried upstream attempts
@@ -55,6 +57,9 @@ class Metrics:
         self.scorer_latency = Histogram(f"{p}_scorer_latency_seconds",
                                         "Time of one scoring call over all candidates",
                                         buckets=SCORER_BUCKETS, registry=r)
+        self.scorer_remembered = Counter(f"{p}_scorer_remembered",
+                                         "Routed requests given the scores of an earlier request with "
+                                         "the same instruction and candidates (no scoring ran)", registry=r)
         self.scorer_degraded = Counter(f"{p}_scorer_degraded",
                                        "Routed requests ranked by the profiles' means because the scorer "
                                        "failed or timed out", ["reason"], registry=r)
@@ -92,10 +97,13 @@ class Metrics:
         if record.path.endswith("/chat/completions"):
             self.observe_request(record.routed_model, record.status)
 
-    def observe_routing(self, model: str, scorer_seconds: float | None = None) -> None:
+    def observe_routing(self, model: str, scorer_seconds: float | None = None,
+                        remembered: bool = False) -> None:
         self.routing_decisions.labels(model=model).inc()
         if scorer_seconds is not None:
             self.scorer_latency.observe(scorer_seconds)
+        if remembered:
+            self.scorer_remembered.inc()
 
     def observe_degraded(self, reason: str) -> None:
         self.scorer_degraded.labels(reason=reason).inc()

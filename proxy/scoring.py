@@ -6,16 +6,21 @@ so the server answers /health while a large model loads, and running ``score`` o
 pool because scoring is CPU-bound and synchronous. A scorer whose ``runs_inline`` attribute is true
 (the constant one) is called directly: a thread hop would cost more than the scoring. Warming the
 scorer up (its first forward pass, each routable profile's encoding) before requests meet those
-costs: at load, and again whenever a profile becomes routable.
+costs: at load, and again whenever a profile becomes routable. Remembering the last scores it
+gave: the scorer is deterministic, so a request scored again (a client's retry, a chat frontend's
+"regenerate", the same prompt sent twice) against the same candidates gets the same scores at once,
+without queueing behind other requests.
 Does not know: HTTP, routing policy, the scorer's internals (only the ``scorer.Scorer`` seam).
 """
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import time
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Mapping
+from typing import Callable, Mapping, NamedTuple
 
 from scorer import Profile, Scorer
 
@@ -46,6 +51,15 @@ class ScorerDegraded(Exception):
         self.reason, self.ms = reason, ms
 
 
+class Scored(NamedTuple):
+    """One request's scores, the milliseconds they took, and whether they were remembered from an
+    earlier request with the same instruction and candidates (then no scoring ran)."""
+
+    scores: dict[str, float]
+    ms: float
+    remembered: bool = False
+
+
 class _TooLate(Exception):
     """A queued scoring call skipped: it could not have ended before its deadline."""
 
@@ -62,13 +76,22 @@ def _profile_key(profile: Profile) -> tuple:
     return tuple(sorted((str(k), float(v)) for k, v in profile.items()))
 
 
+def _request_key(instruction: str, candidates: Mapping[str, Profile]) -> bytes:
+    """A 16-byte digest of what decides a request's scores: the instruction and each candidate's
+    name and profile (a profile that changes, after onboarding or a reload, is a new key)."""
+    parts = (instruction, sorted((str(n), _profile_key(p)) for n, p in candidates.items()))
+    return hashlib.blake2b(repr(parts).encode("utf-8"), digest_size=16).digest()
+
+
 class ScorerHost:
-    def __init__(self, scorer: Scorer | None = None, threads: int = 1):
+    def __init__(self, scorer: Scorer | None = None, threads: int = 1, remember: int = 1024):
         self.scorer = scorer
         self.error: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="scorer")
         self._warm: set[tuple] = set()  # the profiles the scorer has already encoded
         self._typical_s = 0.0  # a moving average of recent scoring calls
+        self._remember = remember  # how many requests' scores are kept (0: none)
+        self._recent: OrderedDict[bytes, dict[str, float]] = OrderedDict()
 
     @property
     def ready(self) -> bool:
@@ -137,18 +160,25 @@ class ScorerHost:
                 await self._warm_up(self.scorer, dict(profiles()))
 
     async def score(self, instruction: str, candidates: Mapping[str, Profile],
-                    timeout_s: float | None = None) -> tuple[dict[str, float], float]:
-        """Scores and the scorer's latency in milliseconds. Raises ``ScorerDegraded`` when the
-        scorer fails on this request or takes longer than ``timeout_s`` (the caller can still rank
-        by the profiles), ``ServiceUnavailable`` while no scorer is loaded."""
+                    timeout_s: float | None = None) -> Scored:
+        """Scores and the scorer's latency in milliseconds (``Scored``); scores given to an earlier
+        request with the same instruction and candidates come back at once, ``remembered``.
+        Raises ``ScorerDegraded`` when the scorer fails on this request or takes longer than
+        ``timeout_s`` (the caller can still rank by the profiles), ``ServiceUnavailable`` while no
+        scorer is loaded. Only scores the scorer gave are remembered, never a failure."""
         scorer = self.scorer
         if scorer is None:
             why = self.error or "still loading"
             raise ServiceUnavailable(f"the routing scorer is not available ({why})",
                                      code="scorer_unavailable")
         started = time.perf_counter()
+        inline = getattr(scorer, "runs_inline", False)
+        key = _request_key(instruction, candidates) if self._remember and not inline else None
+        if key is not None and key in self._recent:
+            self._recent.move_to_end(key)
+            return Scored(dict(self._recent[key]), (time.perf_counter() - started) * 1000, True)
         try:
-            if getattr(scorer, "runs_inline", False):
+            if inline:
                 scores = scorer.score(instruction, candidates)
             else:
                 deadline = started + timeout_s if timeout_s else None
@@ -165,7 +195,11 @@ class ScorerHost:
             # A scorer bug or an exhausted device must not become a 500 with a trace.
             log.error("scorer failed on a request: %s: %s", type(exc).__name__, exc)
             raise ScorerDegraded("scorer_failed", (time.perf_counter() - started) * 1000) from None
-        return scores, (time.perf_counter() - started) * 1000
+        if key is not None:
+            self._recent[key] = dict(scores)
+            while len(self._recent) > self._remember:
+                self._recent.popitem(last=False)
+        return Scored(scores, (time.perf_counter() - started) * 1000)
 
     def _run(self, scorer: Scorer, instruction: str, candidates: Mapping[str, Profile],
              deadline: float | None) -> dict[str, float]:

@@ -87,6 +87,34 @@ def test_a_routed_request_is_counted_logged_once_and_carries_its_request_id(
             "/openapi.json"} <= set(openapi["paths"])
 
 
+def test_a_request_sent_again_is_routed_with_its_remembered_scores(tmp_path, upstream):
+    """A client's retry or a frontend's "regenerate" sends the same chat again: it is routed as
+    before without scoring again, and the scorer latency histogram counts only calls that ran."""
+    calls = []
+
+    class Counting(PreferScorer):
+        def score(self, instruction, candidates):
+            calls.append(instruction)
+            return super().score(instruction, candidates)
+
+    config = _config(tmp_path, [_entry("m1", upstream.url, tmp_path),
+                                _entry("m2", upstream.url, tmp_path)])
+    with _serve(config, fake=Counting("m2")) as proxy:
+        client = openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=0)
+        first, again = (client.chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+                        for _ in range(2))
+        other = [{"role": "user", "content": "Name three prime numbers."}]
+        assert client.chat.completions.create(model="auto", messages=other).model == "m2"
+        metrics = scrape(proxy.base)
+    assert first.parse().model == again.parse().model == "m2"
+    assert again.headers["x-satroute-scores"] == first.headers["x-satroute-scores"] == "m2=1.0000,m1=0.1000"
+    assert again.headers["x-satroute-route"] == "routed"
+    assert len(calls) == 2 and calls[0] != calls[1]  # the first chat and the other one
+    assert metrics[("satroute_scorer_remembered_total", ())] == 1
+    assert metrics[("satroute_scorer_latency_seconds_count", ())] == 2
+    assert metrics[("satroute_routing_decisions_total", (("model", "m2"),))] == 3
+
+
 def test_retries_fallbacks_and_cooldowns_are_counted(tmp_path, upstream):
     config = _config(tmp_path, [_entry("m1", upstream.url, tmp_path),
                                 _entry("m2", upstream.url, tmp_path)])
@@ -245,6 +273,52 @@ async def test_the_scorer_is_warmed_up_on_the_routable_profiles_before_it_takes_
         host.close()
 
 
+async def test_the_scores_of_a_request_scored_again_are_remembered_not_recomputed():
+    """A retry or a "regenerate" sends the same instruction to the same candidates: the scorer is
+    deterministic, so its earlier scores answer at once. Anything that could change them (the
+    text, a candidate, a profile) is another request; a failure is never remembered."""
+    from proxy.scoring import ScorerDegraded, ScorerHost
+
+    calls = []
+
+    class Counting:
+        fail = False
+
+        def score(self, instruction, candidates):
+            calls.append(instruction)
+            if self.fail:
+                raise RuntimeError("CUDA out of memory")
+            return {n: len(instruction) + sum(p.values()) for n, p in candidates.items()}
+
+    host = ScorerHost(Counting(), remember=2)
+    cands = {"a": {"law": 0.5}, "b": {"law": 0.7}}
+    try:
+        first = await host.score("law court", cands, timeout_s=1.0)
+        again = await host.score("law court", dict(reversed(cands.items())), timeout_s=1.0)
+        assert calls == ["law court"] and not first.remembered and again.remembered
+        assert again.scores == first.scores and again.ms < first.ms
+        again.scores["a"] = -1.0  # a caller's change to its copy does not reach the next request
+        assert (await host.score("law court", cands)).scores == first.scores
+        await host.score("law court?", cands)  # another instruction
+        await host.score("law court", {**cands, "b": {"law": 0.8}})  # a profile changed (onboarding)
+        await host.score("law court", {"a": {"law": 0.5}})  # another set of candidates
+        assert calls == ["law court", "law court?", "law court", "law court"]
+        assert (await host.score("law court", cands)).remembered is False  # only the 2 newest are kept
+        host.scorer.fail = True
+        for _ in range(2):
+            with pytest.raises(ScorerDegraded):
+                await host.score("new text", cands)
+        assert calls[-2:] == ["new text", "new text"]  # the failure was not remembered
+    finally:
+        host.close()
+    forgetful = ScorerHost(Counting(), remember=0)
+    try:
+        await forgetful.score("law court", cands)
+        assert (await forgetful.score("law court", cands)).remembered is False
+    finally:
+        forgetful.close()
+
+
 async def test_a_queued_scoring_call_that_cannot_end_in_time_is_skipped_not_run():
     """Under overload the oldest queued calls are about to give up: the scorer skips them rather
     than spend itself on answers nobody waits for, and their requests are ranked by the means."""
@@ -271,7 +345,7 @@ async def test_a_queued_scoring_call_that_cannot_end_in_time_is_skipped_not_run(
         with pytest.raises(ScorerDegraded) as err:
             await host.score("hopeless", {"m": {}}, timeout_s=1.0)
         assert err.value.reason == "scorer_timeout" and time.perf_counter() - started < 0.5  # at once
-        scores, ms = await host.score("no deadline", {"m": {}})  # no timeout: never skipped
-        assert scores == {"m": 1.0} and ms >= 50
+        scored = await host.score("no deadline", {"m": {}})  # no timeout: never skipped
+        assert scored.scores == {"m": 1.0} and scored.ms >= 50 and not scored.remembered
     finally:
         host.close()
