@@ -2,7 +2,7 @@
 scorer's share of it, and how many requests the scorer timeout sends to the profiles' means.
 
     .venv/bin/python bench/routed_load.py [--models 5] [--concurrency 1 4 16] [--requests 64]
-                                          [--scorer-timeout 2.0] [--again] [--json OUT.json]
+                                          [--scorer-timeout 2.0] [--again] [--twins] [--json OUT.json]
 
 What runs, all on 127.0.0.1: the mock upstream (tests/support/mock_upstream.py, answering at once)
 and ``satroute serve`` with its default scorer and checkpoint, ``--models`` routable models (the
@@ -11,7 +11,9 @@ concurrency, that many clients send ``--requests`` distinct ~120-token chat requ
 between them; each request's wall time, ``x-satroute-scorer-ms`` and ``x-satroute-route`` are
 recorded. Prints p50/p90 of both, requests per second, and the share routed by ``aptitude``.
 With ``--again``, each concurrency's requests are then sent a second time, as a client's retries
-would be (rows marked "again": the proxy answers them with the scores it remembers).
+would be (rows marked "again": the proxy answers them with the scores it remembers). With
+``--twins``, every request is sent by two clients at the same moment (as a double submit or a
+client's early retry would be); ``scorer_calls`` is how many scoring calls the proxy made for them.
 """
 from __future__ import annotations
 
@@ -37,7 +39,15 @@ QUESTION = ("A train leaves the station at 9:40 and travels 214 km at an average
             "answer change if the second stop were cancelled? Explain each step of the reasoning. ")
 
 
-async def load(url: str, concurrency: int, n: int, salt: int) -> dict:
+def scorer_calls(base: str) -> float:
+    """The proxy's count of scoring calls so far (its scorer latency histogram's count)."""
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith("satroute_scorer_latency_seconds_count"):
+            return float(line.split()[-1])
+    return 0.0
+
+
+async def load(url: str, concurrency: int, n: int, salt: int, twins: bool = False) -> dict:
     queue: asyncio.Queue[int] = asyncio.Queue()
     for i in range(n):
         queue.put_nowait(i)
@@ -48,17 +58,17 @@ async def load(url: str, concurrency: int, n: int, salt: int) -> dict:
             i = queue.get_nowait()
             body = {"model": "auto", "messages": [{"role": "user", "content": f"Case {salt}-{i}. {QUESTION}"}]}
             started = time.perf_counter()
-            r = await http.post(url, json=body)
-            rows.append({"ms": (time.perf_counter() - started) * 1000, "status": r.status_code,
-                         "route": r.headers.get("x-satroute-route"),
-                         "scorer_ms": float(r.headers.get("x-satroute-scorer-ms", "nan"))})
+            for r in await asyncio.gather(*(http.post(url, json=body) for _ in range(2 if twins else 1))):
+                rows.append({"ms": (time.perf_counter() - started) * 1000, "status": r.status_code,
+                             "route": r.headers.get("x-satroute-route"),
+                             "scorer_ms": float(r.headers.get("x-satroute-scorer-ms", "nan"))})
 
     started = time.perf_counter()
     async with httpx.AsyncClient(timeout=60) as http:
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
     wall = time.perf_counter() - started
     ok = [r for r in rows if r["status"] == 200]
-    return {"concurrency": concurrency, "requests": n, "errors": n - len(ok), "rps": n / wall,
+    return {"concurrency": concurrency, "requests": len(rows), "errors": len(rows) - len(ok), "rps": len(rows) / wall,
             "p50_ms": statistics.median(r["ms"] for r in ok), "p90_ms": percentile([r["ms"] for r in ok], 0.9),
             "scorer_p50_ms": statistics.median(r["scorer_ms"] for r in ok),
             "scorer_p90_ms": percentile([r["scorer_ms"] for r in ok], 0.9),
@@ -72,6 +82,7 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=64)
     ap.add_argument("--scorer-timeout", type=float, default=2.0)
     ap.add_argument("--again", action="store_true", help="send each concurrency's requests a second time")
+    ap.add_argument("--twins", action="store_true", help="send every request twice at the same moment")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
 
@@ -107,22 +118,28 @@ def main(argv=None) -> int:
                 raise RuntimeError("the proxy did not become ready: " + (Path(tmp) / "serve.log").read_text()[-2000:])
             ready = httpx.get(f"{base}/ready").json()
             rows = []
+            url = f"{base}/v1/chat/completions"
             for salt, c in enumerate(a.concurrency):
-                rows.append(asyncio.run(load(f"{base}/v1/chat/completions", c, a.requests, salt)))
+                calls = scorer_calls(base)
+                rows.append(asyncio.run(load(url, c, a.requests, salt, a.twins)))
+                rows[-1]["scorer_calls"] = scorer_calls(base) - calls
                 if a.again:  # the same requests once more: retries
-                    rows.append({**asyncio.run(load(f"{base}/v1/chat/completions", c, a.requests, salt)),
-                                 "again": True})
+                    calls = scorer_calls(base)
+                    rows.append({**asyncio.run(load(url, c, a.requests, salt, a.twins)), "again": True})
+                    rows[-1]["scorer_calls"] = scorer_calls(base) - calls
         finally:
             for p in reversed(procs):
                 stop(p)
-    report = {"models": a.models, "scorer": ready.get("scorer"), "scorer_timeout_s": a.scorer_timeout,
+    report = {"models": a.models, "twins": a.twins, "scorer": ready.get("scorer"), "scorer_timeout_s": a.scorer_timeout,
               "cpus": os.cpu_count(), "rows": rows}
     print(f"{a.models} routed models, scorer {ready.get('scorer')}, timeout {a.scorer_timeout} s, {os.cpu_count()} CPUs")
-    print("| concurrency | requests/s | p50 ms | p90 ms | scorer p50 ms | scorer p90 ms | ranked by aptitude | errors |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("| concurrency | requests | requests/s | p50 ms | p90 ms | scorer p50 ms | scorer p90 ms | scoring calls "
+          "| ranked by aptitude | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['concurrency']}{' (again)' if r.get('again') else ''} | {r['rps']:.1f} | {r['p50_ms']:.0f} | {r['p90_ms']:.0f} | "
-              f"{r['scorer_p50_ms']:.0f} | {r['scorer_p90_ms']:.0f} | {r['aptitude_share']:.0%} | {r['errors']} |")
+        print(f"| {r['concurrency']}{' (again)' if r.get('again') else ''} | {r['requests']} | {r['rps']:.1f} | "
+              f"{r['p50_ms']:.0f} | {r['p90_ms']:.0f} | {r['scorer_p50_ms']:.0f} | {r['scorer_p90_ms']:.0f} | "
+              f"{r['scorer_calls']:.0f} | {r['aptitude_share']:.0%} | {r['errors']} |")
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return 0

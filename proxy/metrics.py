@@ -14,7 +14,7 @@ Names (all prefixed ``satroute_``):
     in_flight_requests                       requests being served right now
     routing_decisions_total{model}           ``auto`` requests routed to each model
     scorer_latency_seconds                   one Model-SAT scoring call (that ran)
-    scorer_remembered_total                  routed with an earlier request's scores (no scoring ran)
+    scorer_remembered_total                  routed with an identical request's scores (no new call)
     scorer_degraded_total{reason}            routed by the profiles' means: scorer failed or timed out
     upstream_latency_seconds{model}          one upstream call, to the first byte for streams
     fallbacks_total{from_model,to_model}     a failed model handed the request to the next-ranked
@@ -58,8 +58,9 @@ class Metrics:
                                         "Time of one scoring call over all candidates",
                                         buckets=SCORER_BUCKETS, registry=r)
         self.scorer_remembered = Counter(f"{p}_scorer_remembered",
-                                         "Routed requests given the scores of an earlier request with "
-                                         "the same instruction and candidates (no scoring ran)", registry=r)
+                                         "Routed requests given the scores of another request with the "
+                                         "same instruction and candidates (remembered, or being scored when "
+                                         "it came): no scoring call of their own", registry=r)
         self.scorer_degraded = Counter(f"{p}_scorer_degraded",
                                        "Routed requests ranked by the profiles' means because the scorer "
                                        "failed or timed out", ["reason"], registry=r)

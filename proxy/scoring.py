@@ -9,12 +9,14 @@ scorer up (its first forward pass, each routable profile's encoding) before requ
 costs: at load, and again whenever a profile becomes routable. Remembering the last scores it
 gave: the scorer is deterministic, so a request scored again (a client's retry, a chat frontend's
 "regenerate", the same prompt sent twice) against the same candidates gets the same scores at once,
-without queueing behind other requests.
+without queueing behind other requests, and one that arrives while its twin is still being scored
+waits for that call rather than queueing a second.
 Does not know: HTTP, routing policy, the scorer's internals (only the ``scorer.Scorer`` seam).
 """
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import logging
 import time
@@ -92,6 +94,7 @@ class ScorerHost:
         self._typical_s = 0.0  # a moving average of recent scoring calls
         self._remember = remember  # how many requests' scores are kept (0: none)
         self._recent: OrderedDict[bytes, dict[str, float]] = OrderedDict()
+        self._calls: dict[bytes, asyncio.Future] = {}  # scoring calls running or queued, by request
 
     @property
     def ready(self) -> bool:
@@ -161,11 +164,14 @@ class ScorerHost:
 
     async def score(self, instruction: str, candidates: Mapping[str, Profile],
                     timeout_s: float | None = None) -> Scored:
-        """Scores and the scorer's latency in milliseconds (``Scored``); scores given to an earlier
-        request with the same instruction and candidates come back at once, ``remembered``.
-        Raises ``ScorerDegraded`` when the scorer fails on this request or takes longer than
-        ``timeout_s`` (the caller can still rank by the profiles), ``ServiceUnavailable`` while no
-        scorer is loaded. Only scores the scorer gave are remembered, never a failure."""
+        """Scores and the scorer's latency in milliseconds (``Scored``). A request with the same
+        instruction and candidates as one scored earlier gets those scores at once, and one that
+        arrives while such a request is being scored waits for that call instead of queueing a
+        second: both come back ``remembered``. Raises ``ScorerDegraded`` when the scorer fails on
+        the request or takes longer than ``timeout_s`` (the caller can still rank by the profiles),
+        ``ServiceUnavailable`` while no scorer is loaded. Only scores the scorer gave are
+        remembered, never a failure; a call whose requests stopped waiting still finishes (if it
+        can in time) and is remembered, for their retries."""
         scorer = self.scorer
         if scorer is None:
             why = self.error or "still loading"
@@ -177,15 +183,22 @@ class ScorerHost:
         if key is not None and key in self._recent:
             self._recent.move_to_end(key)
             return Scored(dict(self._recent[key]), (time.perf_counter() - started) * 1000, True)
+        call = self._calls.get(key) if key is not None else None
+        joined = call is not None
         try:
             if inline:
                 scores = scorer.score(instruction, candidates)
             else:
-                deadline = started + timeout_s if timeout_s else None
-                job = asyncio.get_running_loop().run_in_executor(
-                    self._pool, self._run, scorer, instruction, candidates, deadline)
-                # on timeout a queued call is cancelled; one already running finishes unseen
-                scores = await asyncio.wait_for(job, timeout_s) if timeout_s else await job
+                if call is None:
+                    deadline = started + timeout_s if timeout_s else None
+                    call = asyncio.ensure_future(self._call(key, scorer, instruction, candidates, deadline))
+                    if key is not None:
+                        self._calls[key] = call
+                    call.add_done_callback(functools.partial(self._settled, key))
+                # shielded: a request that stops waiting leaves the call to the others waiting on
+                # it; a queued call past its deadline is skipped when its turn comes (``_run``)
+                shared = asyncio.shield(call)
+                scores = await asyncio.wait_for(shared, timeout_s) if timeout_s else await shared
         except (asyncio.TimeoutError, _TooLate):
             ms = (time.perf_counter() - started) * 1000
             log.warning("scorer could not answer within %.1f s (waited %.0f ms); ranked by the profiles' means",
@@ -195,11 +208,26 @@ class ScorerHost:
             # A scorer bug or an exhausted device must not become a 500 with a trace.
             log.error("scorer failed on a request: %s: %s", type(exc).__name__, exc)
             raise ScorerDegraded("scorer_failed", (time.perf_counter() - started) * 1000) from None
+        return Scored(dict(scores), (time.perf_counter() - started) * 1000, joined)
+
+    async def _call(self, key: bytes | None, scorer: Scorer, instruction: str,
+                    candidates: Mapping[str, Profile], deadline: float | None) -> dict[str, float]:
+        """One scoring call on the scorer's threads; its scores are remembered under ``key``."""
+        scores = await asyncio.get_running_loop().run_in_executor(
+            self._pool, self._run, scorer, instruction, candidates, deadline)
         if key is not None:
             self._recent[key] = dict(scores)
             while len(self._recent) > self._remember:
                 self._recent.popitem(last=False)
-        return Scored(scores, (time.perf_counter() - started) * 1000)
+        return scores
+
+    def _settled(self, key: bytes | None, call: asyncio.Future) -> None:
+        """A call ended: later requests find its scores remembered, or score afresh after a
+        failure. Its outcome is read here, so a failure nobody waited for is not reported as lost."""
+        if key is not None and self._calls.get(key) is call:
+            del self._calls[key]
+        if not call.cancelled():
+            call.exception()
 
     def _run(self, scorer: Scorer, instruction: str, candidates: Mapping[str, Profile],
              deadline: float | None) -> dict[str, float]:

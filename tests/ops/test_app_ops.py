@@ -319,6 +319,69 @@ async def test_the_scores_of_a_request_scored_again_are_remembered_not_recompute
         forgetful.close()
 
 
+async def test_twin_requests_in_flight_share_one_scoring_call_even_after_one_gives_up(caplog):
+    """A request that arrives while its twin (same instruction, same candidates) is being scored
+    waits for that call; the call outlives a request that stopped waiting, and its scores answer
+    the retry. A failure reaches every waiter and is not kept: the next twin is scored afresh."""
+    import asyncio
+    import gc
+
+    from proxy.scoring import ScorerDegraded, ScorerHost
+
+    calls = []
+
+    class Slow:
+        fail = False
+
+        def score(self, instruction, candidates):
+            calls.append(instruction)
+            time.sleep(0.2)
+            if self.fail:
+                raise RuntimeError("CUDA out of memory")
+            return dict.fromkeys(candidates, float(len(instruction)))
+
+    host = ScorerHost(Slow())
+    cands = {"a": {"law": 0.5}, "b": {"law": 0.7}}
+    try:
+        first, twin = await asyncio.gather(host.score("law court", cands, timeout_s=2.0),
+                                           host.score("law court", cands, timeout_s=2.0))
+        assert calls == ["law court"] and first.scores == twin.scores == {"a": 9.0, "b": 9.0}
+        assert (first.remembered, twin.remembered) == (False, True)
+
+        host._typical_s = 0.0  # below: calls that start in time, not skipped as hopeless
+        impatient = asyncio.ensure_future(host.score("war", cands, timeout_s=0.05))
+        await asyncio.sleep(0.01)
+        patient = await host.score("war", cands, timeout_s=2.0)  # joins the running call
+        with pytest.raises(ScorerDegraded):
+            await impatient  # gave up at 0.05 s without cancelling the call
+        assert patient.remembered and patient.scores == {"a": 3.0, "b": 3.0}
+        host._typical_s = 0.0
+        with pytest.raises(ScorerDegraded):
+            await host.score("cells", cands, timeout_s=0.05)  # alone, and gives up
+        await asyncio.sleep(0.3)
+        retry = await host.score("cells", cands, timeout_s=0.05)  # the call finished meanwhile
+        assert retry.remembered and retry.scores == {"a": 5.0, "b": 5.0}
+        assert calls == ["law court", "war", "cells"]
+
+        host.scorer.fail = True
+        caplog.set_level(logging.ERROR)
+        failures = await asyncio.gather(*(host.score("atoms", cands, timeout_s=2.0) for _ in range(2)),
+                                        return_exceptions=True)
+        assert [type(f).__name__ for f in failures] == ["ScorerDegraded"] * 2
+        assert all(f.reason == "scorer_failed" for f in failures) and calls[3:] == ["atoms"]
+        host._typical_s = 0.0
+        with pytest.raises(ScorerDegraded):
+            await host.score("energy", cands, timeout_s=0.05)  # nobody waits for this failure
+        await asyncio.sleep(0.3)
+        gc.collect()
+        assert "never retrieved" not in caplog.text
+        host.scorer.fail = False
+        assert not (await host.score("atoms", cands, timeout_s=2.0)).remembered  # scored afresh
+        assert calls[-1] == "atoms" and not host._calls
+    finally:
+        host.close()
+
+
 async def test_a_queued_scoring_call_that_cannot_end_in_time_is_skipped_not_run():
     """Under overload the oldest queued calls are about to give up: the scorer skips them rather
     than spend itself on answers nobody waits for, and their requests are ranked by the means."""
