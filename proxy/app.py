@@ -143,6 +143,7 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
         Route("/ready", endpoints.ready, methods=["GET"]),
         Route("/metrics", svc.metrics.endpoint, methods=["GET"]),
         Route("/openapi.json", openapi_endpoint, methods=["GET"]),
+        Route("/admin/route", endpoints.route_preview, methods=["POST"]),
         *admin.routes(),
     ]
     # Outermost: every request, 401s included, gets a request id and its one log line.

@@ -1,15 +1,17 @@
 """Thin HTTP handlers: read and check the request, delegate to routing and dispatch, write the answer.
 
 Owns: the endpoints ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /health``,
-``GET /ready``; the body size limit; JSON and shape errors (400/413 naming the problem); the routing
-headers; handing each request to the router's name to the routing log (``proxy.routelog``), answered
-or not (when every model failed, with no answering model);
+``GET /ready``, and ``POST /admin/route`` (where a request would go, decided as a real one is,
+with no model called); the body size limit; JSON and shape errors (400/413 naming the problem);
+the routing headers; handing each request to the router's name to the routing log
+(``proxy.routelog``), answered or not (when every model failed, with no answering model);
 server-sent events for streams.
 Does not know: how scores are computed, how upstreams are called (``Services`` holds both).
 """
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -70,17 +72,29 @@ def services(request: Request) -> "Services":
     return request.app.state.services
 
 
-async def chat_completions(request: Request) -> Response:
-    svc = services(request)
-    body, req = parse_request(await read_body(request, svc.settings.max_body_bytes))
+@dataclass(frozen=True)
+class Plan:
+    """Where a chat request goes: the decision, the models to try in order, the configuration it
+    was decided under, whether the default model answers because nothing is routable yet, and the
+    text the scorer read (routed only)."""
+
+    decision: Decision
+    targets: list[Deployment]
+    snap: Snapshot
+    default: bool = False
+    instruction: str | None = None
+
+
+async def plan_route(svc: "Services", body: dict[str, Any], req: protocol.ChatCompletionRequest) -> Plan:
+    """Choose the models for ``body`` (its ``satroute`` field is taken out): the named model, the
+    default model while nothing is routable, or the candidates ranked by the scorer (by the
+    profiles' means when it fails or times out). Records no metric and calls no model."""
     route = body.pop(protocol.ROUTE_FIELD, None)
     snap = svc.registry.snapshot
     default = default_target(snap) if req.model == snap.router.router_name and not route else None
     if default is not None:  # nothing is routable yet: the configured default model answers
-        decision = Decision(((default.name, 0.0),), routed=False)
-        targets = [default]
-        svc.metrics.observe_routing(default.name)
-    elif req.model == snap.router.router_name:
+        return Plan(Decision(((default.name, 0.0),), routed=False), [default], snap, default=True)
+    if req.model == snap.router.router_name:
         pool = candidates(snap.models.values(), req.satroute.models if route else None,
                           svc.cooldowns.cooling)
         text = instruction_text(body["messages"], snap.router.routing_context_tokens)
@@ -90,27 +104,39 @@ async def chat_completions(request: Request) -> Response:
             degraded = None
         except ScorerDegraded as exc:  # the request is still answered: ranked by the profiles
             scores, ms, remembered, degraded = profile_means(profiles), exc.ms, False, exc.reason
-            svc.metrics.observe_degraded(exc.reason)
-        decision = Decision(rank(scores, [d.name for d in pool]), routed=True, scorer_ms=ms, degraded=degraded)
-        # the latency histogram is the scorer's: remembered scores and fallbacks did not run it
-        svc.metrics.observe_routing(decision.chosen, None if degraded or remembered else ms / 1000,
-                                    remembered=remembered)
+        decision = Decision(rank(scores, [d.name for d in pool]), routed=True, scorer_ms=ms,
+                            degraded=degraded, remembered=remembered)
         targets = [snap.models[n] for n, _ in decision.ranked[: 1 + snap.router.max_fallbacks]]
-    else:
-        target = snap.models.get(req.model)
-        if target is None or not target.available:
-            why = "is not available" if target else "does not exist"
-            raise ModelNotFound(f"The model '{req.model}' {why}; GET /v1/models lists the models "
-                                f"served here, '{snap.router.router_name}' routes automatically",
-                                param="model")
-        decision = Decision(((target.name, 0.0),), routed=False)
-        targets = [target]
+        return Plan(decision, targets, snap, instruction=text)
+    target = snap.models.get(req.model)
+    if target is None or not target.available:
+        why = "is not available" if target else "does not exist"
+        raise ModelNotFound(f"The model '{req.model}' {why}; GET /v1/models lists the models "
+                            f"served here, '{snap.router.router_name}' routes automatically",
+                            param="model")
+    return Plan(Decision(((target.name, 0.0),), routed=False), [target], snap)
+
+
+async def chat_completions(request: Request) -> Response:
+    svc = services(request)
+    body, req = parse_request(await read_body(request, svc.settings.max_body_bytes))
+    plan = await plan_route(svc, body, req)
+    decision, targets, default, snap = plan.decision, plan.targets, plan.default, plan.snap
+    if default:
+        svc.metrics.observe_routing(decision.chosen)
+    elif decision.routed:
+        if decision.degraded:
+            svc.metrics.observe_degraded(decision.degraded)
+        # the latency histogram is the scorer's: remembered scores and fallbacks did not run it
+        ran = not (decision.degraded or decision.remembered)
+        svc.metrics.observe_routing(decision.chosen, decision.scorer_ms / 1000 if ran else None,
+                                    remembered=decision.remembered)
     stream = req.stream is True
     record = request_record(request)  # this request's log line (proxy.logs)
     if record is not None:
         record.requested_model = req.model
     started = time.perf_counter()
-    logged = svc.route_log is not None and (decision.routed or default is not None)
+    logged = svc.route_log is not None and (decision.routed or default)
 
     def log_route(chosen: str | None, failed) -> None:
         svc.route_log.record(
@@ -129,13 +155,35 @@ async def chat_completions(request: Request) -> Response:
         record.upstream_ms = round((time.perf_counter() - started) * 1000, 2)
     if logged:
         log_route(reply.model, reply.failed)
-    headers = routing_headers(decision, reply)
-    if default is not None:
-        headers[protocol.HEADER_ROUTE] = "default"
+    headers = routing_headers(decision, reply, default)
     if reply.chunks is not None:
         return StreamingResponse(reply.chunks, media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache"})
     return Response(reply.body, media_type=JSON, headers=headers)
+
+
+async def route_preview(request: Request) -> Response:
+    """Where a chat completion request would go, without calling any model (``POST /admin/route``).
+
+    The body is a chat completion request: ``model`` (the router's name, or a model's) and
+    ``messages``; ``satroute.models`` narrows the candidates as it does for a real request. The
+    answer: ``{"chosen", "route", "degraded", "ranked": [{"model", "score"}] (routed only, best
+    first), "tries": [models in the order they would be tried], "scorer_ms", "remembered",
+    "instruction" (the text the scorer read)}``. Counts no metric and writes no routing log; the
+    scores are remembered like a real request's. Errors as for chat completions (400, 404, 503).
+    The choice is ``chosen``, not ``model``: a request's log line reads ``model`` as the model that
+    answered, and none did.
+    """
+    svc = services(request)
+    body, req = parse_request(await read_body(request, svc.settings.max_body_bytes))
+    plan = await plan_route(svc, body, req)
+    d = plan.decision
+    payload = {"chosen": d.chosen, "route": route_kind(d, plan.default), "degraded": d.degraded,
+               "ranked": [{"model": n, "score": s} for n, s in d.ranked] if d.routed else [],
+               "tries": [t.name for t in plan.targets],
+               "scorer_ms": round(d.scorer_ms, 2) if d.routed else None,
+               "remembered": d.remembered, "instruction": plan.instruction}
+    return Response(orjson.dumps(payload), media_type=JSON)
 
 
 def default_target(snap: Snapshot) -> Deployment | None:
@@ -147,9 +195,16 @@ def default_target(snap: Snapshot) -> Deployment | None:
     return target
 
 
-def routing_headers(decision: Decision, reply: Reply) -> dict[str, str]:
-    route = ("aptitude" if decision.degraded else "routed") if decision.routed else "direct"
-    headers = {protocol.HEADER_MODEL: reply.model, protocol.HEADER_ROUTE: route}
+def route_kind(decision: Decision, default: bool = False) -> str:
+    """What ``x-satroute-route`` says: routed, aptitude (the profiles' means ranked it), direct
+    (the client named the model) or default (the default model, while nothing is routable)."""
+    if default:
+        return "default"
+    return ("aptitude" if decision.degraded else "routed") if decision.routed else "direct"
+
+
+def routing_headers(decision: Decision, reply: Reply, default: bool = False) -> dict[str, str]:
+    headers = {protocol.HEADER_MODEL: reply.model, protocol.HEADER_ROUTE: route_kind(decision, default)}
     if decision.degraded:
         headers[protocol.HEADER_DEGRADED] = decision.degraded
     if decision.routed:

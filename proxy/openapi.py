@@ -81,6 +81,19 @@ def _detailed(router_name: str) -> dict[tuple[str, str], dict[str, Any]]:
                                     "text/event-stream": {"schema": {"type": "string"}}}},
                 **_errors("400", "401", "404", "413", "429", "502", "503", "504")},
         },
+        ("/admin/route", "post"): {
+            "summary": "Where a chat completion request would go, without calling any model",
+            "description": "The same decision a real request gets (the scorer, the profiles' means "
+                           "when it fails, the default model, or the model named), with no "
+                           "metric counted and no routing log written.",
+            "requestBody": {"required": True, "content": _json(
+                {"$ref": REF.format(model="ChatCompletionRequest")})},
+            "responses": {
+                "200": {"description": "{chosen, route, degraded, ranked: [{model, score}], tries, "
+                                       "scorer_ms, remembered, instruction}",
+                        "content": _json({"type": "object"})},
+                **_errors("400", "401", "404", "413", "503")},
+        },
         ("/v1/models", "get"): {
             "summary": "The router's name and every configured model that is available",
             "responses": {"200": {"description": "OpenAI's model list", "content": _json(

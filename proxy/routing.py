@@ -25,6 +25,7 @@ class Decision:
     routed: bool  # False: the client named a model
     scorer_ms: float = 0.0
     degraded: str | None = None  # why the profiles' means ranked it instead of the scorer
+    remembered: bool = False  # the scores of an identical request: no scoring call of its own
 
     @property
     def chosen(self) -> str:

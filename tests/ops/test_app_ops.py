@@ -14,7 +14,7 @@ import yaml
 from proxy.app import create_app
 from proxy.settings import Settings
 from support.mock_upstream import MockUpstream, fail
-from support.prometheus import scrape
+from support.prometheus import scrape, scrape_with
 from support.proxy_server import ProxyServer
 
 MESSAGES = [{"role": "user", "content": "Integrate x^2 from 0 to 3."}]
@@ -84,7 +84,9 @@ def test_a_routed_request_is_counted_logged_once_and_carries_its_request_id(
     assert metrics[("satroute_scorer_latency_seconds_count", ())] == 1
     assert metrics[("satroute_upstream_latency_seconds_count", (("model", "m2"),))] == 1
     assert {"/v1/chat/completions", "/v1/models", "/health", "/ready", "/metrics",
-            "/openapi.json"} <= set(openapi["paths"])
+            "/openapi.json", "/admin/route"} <= set(openapi["paths"])
+    assert "ChatCompletionRequest" in openapi["paths"]["/admin/route"]["post"]["requestBody"]["content"][
+        "application/json"]["schema"]["$ref"]
 
 
 def test_a_request_sent_again_is_routed_with_its_remembered_scores(tmp_path, upstream):
@@ -135,6 +137,55 @@ def test_metrics_need_the_master_key_when_one_is_set(tmp_path, upstream):
         assert httpx.get(f"{proxy.base}/metrics").status_code == 401
         ok = httpx.get(f"{proxy.base}/metrics", headers={"authorization": "Bearer mk-0123456789"})
         assert ok.status_code == 200 and "satroute_requests_total" in ok.text
+
+
+def test_the_route_preview_decides_as_a_request_would_and_calls_no_model(tmp_path, upstream, caplog):
+    """POST /admin/route: the admin's "where would this go?", with the real decision (candidates,
+    scores, fallback order, the text the scorer read) and nothing sent upstream or counted."""
+    config = _config(tmp_path, [_entry("m1", upstream.url, tmp_path), _entry("m2", upstream.url, tmp_path),
+                                _entry("m3", upstream.url, tmp_path)], max_fallbacks=1)
+    key = {"authorization": "Bearer mk-0123456789"}
+    chat = [{"role": "user", "content": "What is a prime?"}, {"role": "assistant", "content": "A number."},
+            {"role": "user", "content": "Name three."}]
+    caplog.set_level(logging.INFO, logger="satroute.request")
+    with _serve(config, fake=PreferScorer("m2"), master_key="mk-0123456789") as proxy:
+        preview = f"{proxy.base}/admin/route"
+        assert httpx.post(preview, json={"model": "auto", "messages": chat}).status_code == 401
+        routed = httpx.post(preview, json={"model": "auto", "messages": chat}, headers=key).json()
+        narrowed = httpx.post(preview, headers=key, json={"model": "auto", "messages": chat,
+                                                          "satroute": {"models": ["m1", "m3"]}}).json()
+        direct = httpx.post(preview, json={"model": "m3", "messages": chat}, headers=key).json()
+        unknown = httpx.post(preview, json={"model": "m9", "messages": chat}, headers=key)
+        empty = httpx.post(preview, json={"model": "auto"}, headers=key)
+        metrics = scrape_with(proxy.base, key)
+        logged = httpx.get(f"{proxy.base}/admin/routes", headers=key).json()["data"]
+        sent = upstream.bodies()
+        client = openai.OpenAI(base_url=proxy.url, api_key="mk-0123456789", max_retries=0)
+        real = client.chat.completions.with_raw_response.create(model="auto", messages=chat)
+        deadline = time.time() + 10
+        while not (after := httpx.get(f"{proxy.base}/admin/routes", headers=key).json()["data"]) \
+                and time.time() < deadline:
+            time.sleep(0.1)  # the routing log is written in batches
+        remembered = scrape_with(proxy.base, key)[("satroute_scorer_remembered_total", ())]
+    assert routed["chosen"] == "m2" and routed["route"] == "routed" and routed["degraded"] is None
+    assert routed["ranked"] == [{"model": "m2", "score": 1.0}, {"model": "m1", "score": 0.1},
+                                {"model": "m3", "score": 0.1}]
+    assert routed["tries"] == ["m2", "m1"]  # the choice, then max_fallbacks more
+    assert routed["instruction"] == "What is a prime?\n\nA number.\n\nName three."
+    assert routed["scorer_ms"] >= 0 and routed["remembered"] is False
+    assert narrowed["chosen"] == "m1" and [r["model"] for r in narrowed["ranked"]] == ["m1", "m3"]
+    assert direct == {"chosen": "m3", "route": "direct", "degraded": None, "ranked": [], "tries": ["m3"],
+                      "scorer_ms": None, "remembered": False, "instruction": None}
+    assert unknown.status_code == 404 and unknown.json()["error"]["param"] == "model"
+    assert empty.status_code == 400
+    assert sent == [] and logged == []  # no model called, nothing in the routing log
+    assert not any(name.startswith("satroute_routing_decisions") for name, _ in metrics)
+    # the real request then routes the same way, with the scores the preview left behind
+    assert real.parse().model == "m2" and real.headers["x-satroute-scores"] == "m2=1.0000,m1=0.1000,m3=0.1000"
+    assert remembered == 1 and [(r["chosen"], r["requested"]) for r in after] == [("m2", "auto")]
+    lines = [r.fields for r in caplog.records if r.name == "satroute.request"]
+    previews = [f for f in lines if f["path"] == "/admin/route"]
+    assert len(previews) == 6 and not any(f.get("routed_model") for f in previews)  # nothing answered
 
 
 def test_auto_goes_to_the_default_model_while_no_model_has_a_profile(tmp_path, upstream,
