@@ -45,7 +45,7 @@ _ROUTING_HEADERS = {
     protocol.HEADER_ROUTE: "'routed' (chosen by the scorer), 'direct' (named by the client), 'default' "
                            "(router_settings.default_model) or 'aptitude' (ranked by the profiles' means: "
                            "the scorer failed or timed out)",
-    protocol.HEADER_DEGRADED: "'aptitude' only: scorer_failed or scorer_timeout",
+    protocol.HEADER_DEGRADED: "'aptitude' only: scorer_failed, scorer_timeout or scorer_stalled",
     protocol.HEADER_SCORES: "routed only: name=score pairs, best first",
     protocol.HEADER_SCORER_MS: "routed only: the scorer's latency in milliseconds",
     protocol.HEADER_FAILED: "name:reason pairs of models that failed before the answering one",

@@ -22,7 +22,7 @@ ROUTE_FIELD = "satroute"
 
 HEADER_MODEL = "x-satroute-model"
 HEADER_ROUTE = "x-satroute-route"  # "routed", "direct", "default", or "aptitude" (the scorer failed)
-HEADER_DEGRADED = "x-satroute-degraded"  # why "aptitude": scorer_failed or scorer_timeout
+HEADER_DEGRADED = "x-satroute-degraded"  # why "aptitude": scorer_failed, scorer_timeout, scorer_stalled
 HEADER_SCORES = "x-satroute-scores"  # "name=0.8123,name2=0.4410", best first
 HEADER_SCORER_MS = "x-satroute-scorer-ms"
 HEADER_FAILED = "x-satroute-failed"  # "name:reason,name2:reason" (models tried before the answer)

@@ -19,6 +19,7 @@ import asyncio
 import functools
 import hashlib
 import logging
+import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -45,8 +46,9 @@ Profiles = Callable[[], Mapping[str, Profile]]
 
 
 class ScorerDegraded(Exception):
-    """The scorer failed on one request or took too long: ``reason`` is ``scorer_failed`` or
-    ``scorer_timeout``, ``ms`` the time spent waiting."""
+    """The scorer failed on one request or took too long: ``reason`` is ``scorer_failed``,
+    ``scorer_timeout``, or ``scorer_stalled`` (one call has run far past any normal time, so the
+    request did not wait at all); ``ms`` the time spent waiting."""
 
     def __init__(self, reason: str, ms: float):
         super().__init__(reason)
@@ -86,7 +88,8 @@ def _request_key(instruction: str, candidates: Mapping[str, Profile]) -> bytes:
 
 
 class ScorerHost:
-    def __init__(self, scorer: Scorer | None = None, threads: int = 1, remember: int = 1024):
+    def __init__(self, scorer: Scorer | None = None, threads: int = 1, remember: int = 1024,
+                 stall_after_s: float = 10.0):
         self.scorer = scorer
         self.error: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="scorer")
@@ -95,20 +98,43 @@ class ScorerHost:
         self._remember = remember  # how many requests' scores are kept (0: none)
         self._recent: OrderedDict[bytes, dict[str, float]] = OrderedDict()
         self._calls: dict[bytes, asyncio.Future] = {}  # scoring calls running or queued, by request
+        # A call running longer than this (or 5 scorer timeouts, if longer) on every scorer thread
+        # is a stall: a hung device or a deadlock. Requests then skip the queue behind it and are
+        # ranked by the profiles' means at once, until a call returns.
+        self.stall_after_s = stall_after_s
+        self._stall_s = stall_after_s
+        self._busy_since: dict[int, float] = {}  # scorer thread -> when its current call began
+        self._busy_lock = threading.Lock()
+        self._threads = threads
+        self._stall_reported = False
 
     @property
     def ready(self) -> bool:
         return self.scorer is not None
 
     def describe(self) -> dict:
-        """What ``/ready`` says about the scorer: ``state`` (loading, loaded, failed) and, once loaded,
-        where it runs (``runs_on``: "cuda, bfloat16", "cpu, float32"), or ``constant``."""
+        """What ``/ready`` says about the scorer: ``state`` (loading, loaded, failed, or stalled with
+        ``busy_s``: every scorer thread stuck on one call, requests ranked by the profiles' means)
+        and, once loaded, where it runs (``runs_on``: "cuda, bfloat16", "cpu, float32"), or
+        ``constant``."""
         if self.scorer is None:
             return {"state": "failed" if self.error else "loading"}
         if getattr(self.scorer, "runs_inline", False):
             return {"state": "loaded", "runs_on": "constant"}
         where = getattr(self.scorer, "runs_on", None)
-        return {"state": "loaded", **({"runs_on": where} if where else {})}
+        busy = self.stalled_for()
+        state = {"state": "stalled", "busy_s": round(busy, 1)} if busy else {"state": "loaded"}
+        return {**state, **({"runs_on": where} if where else {})}
+
+    def stalled_for(self) -> float | None:
+        """When every scorer thread has been on one call for longer than the stall limit: how long
+        the most recent of those calls has run, in seconds; else None."""
+        with self._busy_lock:
+            starts = list(self._busy_since.values())
+        if len(starts) < self._threads:
+            return None  # a thread is free: calls still run
+        busy = time.perf_counter() - max(starts)
+        return busy if busy > self._stall_s else None
 
     async def load(self, settings: Settings, profiles: Profiles | None = None) -> None:
         """Build the configured scorer (in a thread: the real one loads torch and weights), then
@@ -185,6 +211,12 @@ class ScorerHost:
             return Scored(dict(self._recent[key]), (time.perf_counter() - started) * 1000, True)
         call = self._calls.get(key) if key is not None else None
         joined = call is not None
+        self._stall_s = max(self.stall_after_s, 5 * timeout_s if timeout_s else 0.0)
+        if not inline and (busy := self.stalled_for()) is not None:
+            if not self._stall_reported:
+                self._stall_reported = True
+                log.error("a scoring call has run for %.0f s; routing by the profiles' means until it returns", busy)
+            raise ScorerDegraded("scorer_stalled", 0.0)
         try:
             if inline:
                 scores = scorer.score(instruction, candidates)
@@ -237,8 +269,19 @@ class ScorerHost:
         now = time.perf_counter()
         if deadline is not None and now + self._typical_s > deadline:
             raise _TooLate
-        scores = scorer.score(instruction, candidates)
-        self._typical_s = 0.8 * self._typical_s + 0.2 * (time.perf_counter() - now)
+        thread = threading.get_ident()
+        with self._busy_lock:
+            self._busy_since[thread] = now
+        try:
+            scores = scorer.score(instruction, candidates)
+        finally:
+            with self._busy_lock:
+                del self._busy_since[thread]
+        took = time.perf_counter() - now
+        if took > self._stall_s and self._stall_reported:
+            log.warning("the stalled scoring call returned after %.0f s; scoring again", took)
+        self._stall_reported = False
+        self._typical_s = 0.8 * self._typical_s + 0.2 * took
         return scores
 
     def close(self) -> None:

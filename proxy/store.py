@@ -112,7 +112,7 @@ class RouteEntry:
     ``scores`` and ``scorer_ms`` are None when the default model answered without scoring;
     ``failed`` lists ``(model, reason)`` of the models that failed before ``chosen`` answered;
     ``chosen`` is None when every model tried failed (the client got the error); ``degraded`` says
-    why the profiles' means ranked it (``scorer_failed``, ``scorer_timeout``) instead of the scorer.
+    why the profiles' means ranked it (``scorer_failed``, ``scorer_timeout``, ``scorer_stalled``) instead of the scorer.
     """
 
     requested: str

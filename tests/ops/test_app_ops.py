@@ -433,6 +433,78 @@ async def test_twin_requests_in_flight_share_one_scoring_call_even_after_one_giv
         host.close()
 
 
+class _Hangs:
+    """Every candidate scores 1.0; the instruction "hang" blocks its thread until ``release``."""
+
+    def __init__(self, release):
+        self.release = release
+
+    def score(self, instruction, candidates):
+        if instruction == "hang":
+            self.release.wait(5)
+        return dict.fromkeys(candidates, 1.0)
+
+
+async def test_a_stalled_scorer_is_not_waited_for_and_is_reported_until_its_call_returns(caplog):
+    """A hung device or a deadlock: the one scorer thread never comes back. Past the stall limit
+    requests stop queueing behind it (each would wait its whole timeout) and are ranked by the
+    means at once; /ready's scorer says "stalled". When the call returns, scoring resumes."""
+    import asyncio
+    import threading
+
+    from proxy.scoring import ScorerDegraded, ScorerHost
+
+    release = threading.Event()
+    host = ScorerHost(_Hangs(release), stall_after_s=0.2)
+    cands = {"a": {"law": 0.5}}
+    try:
+        with pytest.raises(ScorerDegraded) as err:
+            await host.score("hang", cands, timeout_s=0.03)
+        assert err.value.reason == "scorer_timeout" and host.describe()["state"] == "loaded"
+        await asyncio.sleep(0.05)  # running 0.08 s: slow, not stalled yet
+        with pytest.raises(ScorerDegraded) as err:
+            await host.score("next", cands, timeout_s=0.03)
+        assert err.value.reason == "scorer_timeout"  # still waited its timeout in the queue
+        await asyncio.sleep(0.2)
+        caplog.set_level(logging.ERROR, logger="satroute.scoring")
+        started = time.perf_counter()
+        for _ in range(3):
+            with pytest.raises(ScorerDegraded) as err:
+                await host.score("another", cands, timeout_s=0.03)
+            assert err.value.reason == "scorer_stalled"
+        assert time.perf_counter() - started < 0.02  # not one of them waited
+        assert caplog.text.count("a scoring call has run for") == 1  # reported once, not per request
+        state = host.describe()
+        assert state["state"] == "stalled" and state["busy_s"] >= 0.2
+        release.set()
+        await asyncio.sleep(0.05)
+        assert host.describe()["state"] == "loaded"
+        assert (await host.score("after", cands, timeout_s=1.0)).scores == {"a": 1.0}
+    finally:
+        release.set()
+        host.close()
+
+
+async def test_one_stuck_thread_of_two_is_not_a_stall():
+    import asyncio
+    import threading
+
+    from proxy.scoring import ScorerHost
+
+    release = threading.Event()
+    host = ScorerHost(_Hangs(release), threads=2, stall_after_s=0.05)
+    try:
+        stuck = asyncio.ensure_future(host.score("hang", {"a": {}}, timeout_s=2.0))
+        await asyncio.sleep(0.1)
+        assert host.stalled_for() is None  # the other thread still scores
+        assert (await host.score("free", {"a": {}}, timeout_s=1.0)).scores == {"a": 1.0}
+        release.set()
+        await stuck
+    finally:
+        release.set()
+        host.close()
+
+
 async def test_a_queued_scoring_call_that_cannot_end_in_time_is_skipped_not_run():
     """Under overload the oldest queued calls are about to give up: the scorer skips them rather
     than spend itself on answers nobody waits for, and their requests are ranked by the means."""
