@@ -116,15 +116,17 @@ class ScorerHost:
         """What ``/ready`` says about the scorer: ``state`` (loading, loaded, failed, or stalled with
         ``busy_s``: every scorer thread stuck on one call, requests ranked by the profiles' means)
         and, once loaded, where it runs (``runs_on``: "cuda, bfloat16", "cpu, float32"), or
-        ``constant``."""
+        ``constant``, and which trained weights it holds (``checkpoint``: ``{"path",
+        "weights_sha256"}``), where the scorer says."""
         if self.scorer is None:
             return {"state": "failed" if self.error else "loading"}
         if getattr(self.scorer, "runs_inline", False):
             return {"state": "loaded", "runs_on": "constant"}
         where = getattr(self.scorer, "runs_on", None)
+        checkpoint = getattr(self.scorer, "checkpoint", None)
         busy = self.stalled_for()
         state = {"state": "stalled", "busy_s": round(busy, 1)} if busy else {"state": "loaded"}
-        return {**state, **({"runs_on": where} if where else {})}
+        return {**state, **({"runs_on": where} if where else {}), **({"checkpoint": checkpoint} if checkpoint else {})}
 
     def stalled_for(self) -> float | None:
         """When every scorer thread has been on one call for longer than the stall limit: how long
@@ -158,6 +160,9 @@ class ScorerHost:
             log.error("scorer failed to load; routed requests answer 503: %s", self.error)
             return
         where = getattr(scorer, "runs_on", "")  # e.g. "cpu, bfloat16", where a scorer says
+        checkpoint = getattr(scorer, "checkpoint", None)
+        if checkpoint:
+            where = f"{where}; checkpoint {checkpoint['path']}, weights {checkpoint['weights_sha256']}"
         log.info("scorer loaded in %.1f s%s", time.perf_counter() - started, f" ({where})" if where else "")
         await self._warm_up(scorer, dict(profiles()) if profiles else {}, first=True)
         self.scorer = scorer

@@ -19,6 +19,7 @@ Checkpoint layout (``save_checkpoint``)::
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 from collections import OrderedDict
@@ -90,6 +91,13 @@ def save_checkpoint(model: ModelSAT, folder: str | Path, meta: Mapping | None = 
     if meta is not None:
         (folder / META).write_text(json.dumps(dict(meta), indent=1) + "\n", encoding="utf-8")
     return folder
+
+
+def checkpoint_identity(folder: str | Path) -> dict[str, str]:
+    """``{"path", "weights_sha256"}``: the folder and the first 16 hex digits of the SHA-256 of its
+    trained weights (the same weights give the same digest wherever the folder is)."""
+    digest = hashlib.sha256((Path(folder) / WEIGHTS).read_bytes()).hexdigest()[:16]
+    return {"path": str(folder), "weights_sha256": digest}
 
 
 def load_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> ModelSAT:
@@ -185,9 +193,12 @@ def suite_keywords(suite: Suite) -> dict[str, Sequence[str]]:
 class ModelSATScorer:
     """The ``scorer.Scorer`` seam over a trained Model-SAT checkpoint; safe to share across threads."""
 
-    def __init__(self, model: ModelSAT, suite: Suite):
+    def __init__(self, model: ModelSAT, suite: Suite, checkpoint: Mapping[str, str] | None = None):
         self.model = model
         self.suite = suite
+        # which trained weights these are (``load``: the folder and a digest of its weights file),
+        # so an operator can tell the deployed checkpoint from another; None when built in memory
+        self.checkpoint = dict(checkpoint) if checkpoint else None
         self.writer = CapabilityWriter(model, suite_keywords(suite))
         self.orders = orders(suite.task_ids, n=model.config.n_orders, seed=model.config.order_seed)
         self._lock = threading.Lock()
@@ -200,8 +211,9 @@ class ModelSATScorer:
         (``default_dtype``: None or "auto" chooses by device)."""
         if device is None:
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        model = load_model(checkpoint or DEFAULT_CHECKPOINT, device=device, dtype=default_dtype(device, dtype))
-        return cls(model, load_suite(model.config.suite))
+        folder = Path(checkpoint or DEFAULT_CHECKPOINT)
+        model = load_model(folder, device=device, dtype=default_dtype(device, dtype))
+        return cls(model, load_suite(model.config.suite), checkpoint_identity(folder))
 
     @property
     def runs_on(self) -> str:
@@ -240,5 +252,5 @@ class ModelSATScorer:
                 for n, s in zip(names, scores.tolist())}
 
 
-__all__ = ["CapabilityWriter", "aptitude", "CheckpointError", "DEFAULT_CHECKPOINT", "DTYPES", "ModelSATScorer",
+__all__ = ["CapabilityWriter", "aptitude", "checkpoint_identity", "CheckpointError", "DEFAULT_CHECKPOINT", "DTYPES", "ModelSATScorer",
            "default_dtype", "load_model", "native_bf16_cpu", "save_checkpoint", "score_candidates", "suite_keywords"]

@@ -251,6 +251,7 @@ async def test_the_scorer_is_loaded_in_the_dtype_the_settings_name(monkeypatch, 
 
     class Loaded:
         runs_on = "cpu, float32"
+        checkpoint = {"path": "scorer/checkpoints/default", "weights_sha256": "0123456789abcdef"}
 
         def score(self, instruction, candidates):
             return dict.fromkeys(candidates, 0.0)
@@ -269,8 +270,10 @@ async def test_the_scorer_is_loaded_in_the_dtype_the_settings_name(monkeypatch, 
     finally:
         host.close()
     assert asked == [(None, "cpu", "float32")] and host.ready
-    assert host.describe() == {"state": "loaded", "runs_on": "cpu, float32"}  # as /ready reports it
-    assert "(cpu, float32)" in caplog.text  # the log says where the scorer runs
+    assert host.describe() == {"state": "loaded", "runs_on": "cpu, float32",  # as /ready reports it
+                               "checkpoint": Loaded.checkpoint}
+    # the log says where the scorer runs and which weights it holds
+    assert "(cpu, float32; checkpoint scorer/checkpoints/default, weights 0123456789abcdef)" in caplog.text
     monkeypatch.delenv("SATROUTE_SCORER_DTYPE")
     assert Settings(config=tmp_path / "p.yaml").scorer_dtype == "auto"
     monkeypatch.setenv("SATROUTE_SCORER_DTYPE", "float16")

@@ -112,6 +112,9 @@ def test_checkpoint_round_trip_keeps_only_trained_parts(tmp_path, monkeypatch):
     loaded = ModelSATScorer.load(folder, device="cpu", dtype="float32")
     assert loaded.score("law court", PROFILES) == pytest.approx(
         ModelSATScorer(model, tiny.suite()).score("law court", PROFILES), abs=1e-4)
+    digest = __import__("hashlib").sha256((folder / "model.safetensors").read_bytes()).hexdigest()
+    assert loaded.checkpoint == {"path": str(folder), "weights_sha256": digest[:16]}
+    assert ModelSATScorer(model, tiny.suite()).checkpoint is None  # built in memory: no file to name
     with pytest.raises(CheckpointError):
         load_model(tmp_path / "nowhere")
 
@@ -253,3 +256,10 @@ def test_aptitude_weight_is_saved_with_the_checkpoint(tmp_path, monkeypatch):
     save_checkpoint(model, tmp_path / "ckpt")
     monkeypatch.setattr("scorer.inference.load_suite", lambda name: tiny.suite())
     assert ModelSATScorer.load(tmp_path / "ckpt").model.config.aptitude_weight == 6.0
+
+
+def test_the_default_model_card_names_the_digest_of_the_committed_weights():
+    from scorer.inference import DEFAULT_CHECKPOINT, checkpoint_identity
+
+    digest = checkpoint_identity(DEFAULT_CHECKPOINT)["weights_sha256"]
+    assert f"`{digest}`" in (DEFAULT_CHECKPOINT / "README.md").read_text(encoding="utf-8")
