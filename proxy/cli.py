@@ -37,7 +37,9 @@ def _delegate_module(name: str) -> ModuleType | None:
 
 
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="satroute", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="satroute", description="satroute: an OpenAI-compatible proxy that routes each request with "
+                                     "Model-SAT. Commands: serve, train, evaluate, onboard.")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the OpenAI-compatible routing proxy")
     serve.add_argument("--config", help="providers.yaml (env SATROUTE_CONFIG)")
