@@ -623,7 +623,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0].replace("``", ""))
     add_arguments(p)
     return run(p.parse_args(argv))
 
