@@ -412,7 +412,7 @@ async def test_twin_requests_in_flight_share_one_scoring_call_even_after_one_giv
         host._typical_s = 0.0
         with pytest.raises(ScorerDegraded):
             await host.score("cells", cands, timeout_s=0.05)  # alone, and gives up
-        await asyncio.sleep(0.3)
+        await _settled(host)
         retry = await host.score("cells", cands, timeout_s=0.05)  # the call finished meanwhile
         assert retry.remembered and retry.scores == {"a": 5.0, "b": 5.0}
         assert calls == ["law court", "war", "cells"]
@@ -426,7 +426,7 @@ async def test_twin_requests_in_flight_share_one_scoring_call_even_after_one_giv
         host._typical_s = 0.0
         with pytest.raises(ScorerDegraded):
             await host.score("energy", cands, timeout_s=0.05)  # nobody waits for this failure
-        await asyncio.sleep(0.3)
+        await _settled(host)
         gc.collect()
         assert "never retrieved" not in caplog.text
         host.scorer.fail = False
@@ -434,6 +434,15 @@ async def test_twin_requests_in_flight_share_one_scoring_call_even_after_one_giv
         assert calls[-1] == "atoms" and not host._calls
     finally:
         host.close()
+
+
+async def _settled(host, within_s: float = 5.0) -> None:
+    """Until no scoring call of ``host`` is running or queued (a test's wait, bounded)."""
+    import asyncio
+
+    deadline = time.perf_counter() + within_s
+    while (host._calls or host._busy_since) and time.perf_counter() < deadline:
+        await asyncio.sleep(0.01)
 
 
 class _Hangs:
@@ -458,29 +467,29 @@ async def test_a_stalled_scorer_is_not_waited_for_and_is_reported_until_its_call
     from proxy.scoring import ScorerDegraded, ScorerHost
 
     release = threading.Event()
-    host = ScorerHost(_Hangs(release), stall_after_s=0.2)
+    host = ScorerHost(_Hangs(release), stall_after_s=0.5)
     cands = {"a": {"law": 0.5}}
     try:
         with pytest.raises(ScorerDegraded) as err:
             await host.score("hang", cands, timeout_s=0.03)
         assert err.value.reason == "scorer_timeout" and host.describe()["state"] == "loaded"
-        await asyncio.sleep(0.05)  # running 0.08 s: slow, not stalled yet
+        await asyncio.sleep(0.05)  # running about 0.08 s: slow, not stalled yet
         with pytest.raises(ScorerDegraded) as err:
             await host.score("next", cands, timeout_s=0.03)
         assert err.value.reason == "scorer_timeout"  # still waited its timeout in the queue
-        await asyncio.sleep(0.2)
+        await asyncio.sleep(0.5)
         caplog.set_level(logging.ERROR, logger="satroute.scoring")
         started = time.perf_counter()
         for _ in range(3):
             with pytest.raises(ScorerDegraded) as err:
-                await host.score("another", cands, timeout_s=0.03)
+                await host.score("another", cands, timeout_s=0.1)  # 5 timeouts = the 0.5 s limit
             assert err.value.reason == "scorer_stalled"
-        assert time.perf_counter() - started < 0.02  # not one of them waited
+        assert time.perf_counter() - started < 0.15  # not one of them waited (each would: 0.1 s)
         assert caplog.text.count("a scoring call has run for") == 1  # reported once, not per request
         state = host.describe()
-        assert state["state"] == "stalled" and state["busy_s"] >= 0.2
+        assert state["state"] == "stalled" and state["busy_s"] >= 0.5
         release.set()
-        await asyncio.sleep(0.05)
+        await _settled(host)
         assert host.describe()["state"] == "loaded"
         assert (await host.score("after", cands, timeout_s=1.0)).scores == {"a": 1.0}
     finally:
