@@ -98,6 +98,41 @@ def test_real_backbones_load_with_their_dimensions():
 
 
 @pytest.mark.backbone
+def test_the_first_conversion_holds_one_copy_of_the_weights_and_matches_the_cache(tmp_path):
+    """A fresh machine's first start dequantizes SmolLM2's GGUF: in a process of its own (as the
+    proxy's first scorer load would), peak memory stays under the scorer's 1.5 GB budget (it was
+    1.7 GB when a real fp32 model received the tensors), and the folder written loads as phi."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    code = ("import json, resource; from scorer import backbones; "
+            "out = backbones.convert_gguf(backbones.resolve_gguf('default:smollm2')); "
+            "print(json.dumps({'out': str(out), "
+            "'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
+    env = {**os.environ, "SATROUTE_CACHE_DIR": str(tmp_path / "cache")}
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["peak_mb"] < 1400, report
+    out = Path(report["out"])
+    assert sorted(p.name for p in out.iterdir()) == ["chat_template.jinja", "config.json", "generation_config.json",
+                                                     "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["architectures"] == ["LlamaForCausalLM"] and config["dtype"] == "float32"
+    assert "quantization_config" not in config
+    from safetensors import safe_open
+
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+        assert f.get_tensor("model.embed_tokens.weight").shape == (49152, 576)
+    assert len(names) == 272 and "lm_head.weight" not in names  # tied to the embeddings
+    llm = backbones.load_llm(str(out), n_layers=2)
+    assert llm.model.config.hidden_size == 576 and len(llm.model.model.layers) == 2
+
+
+@pytest.mark.backbone
 def test_committed_checkpoint_ranks_a_strong_model_above_a_weak_one():
     from scorer import load_scorer
     from scorer.aptitude import builtin_profiles
