@@ -15,7 +15,7 @@ Names (all prefixed ``satroute_``):
     routing_decisions_total{model}           ``auto`` requests routed to each model
     scorer_latency_seconds                   one Model-SAT scoring call (that ran)
     scorer_remembered_total                  routed with an identical request's scores (no new call)
-    scorer_degraded_total{reason}            routed by the profiles' means: scorer failed or timed out
+    scorer_degraded_total{reason}            routed by the profiles' means: scorer failed, timed out or is stalled
     upstream_latency_seconds{model}          one upstream call, to the first byte for streams
     fallbacks_total{from_model,to_model}     a failed model handed the request to the next-ranked
     retries_total{model}                     retried upstream attempts
@@ -63,7 +63,7 @@ class Metrics:
                                          "it came): no scoring call of their own", registry=r)
         self.scorer_degraded = Counter(f"{p}_scorer_degraded",
                                        "Routed requests ranked by the profiles' means because the scorer "
-                                       "failed or timed out", ["reason"], registry=r)
+                                       "failed, timed out or is stalled", ["reason"], registry=r)
         self.upstream_latency = Histogram(f"{p}_upstream_latency_seconds",
                                           "Upstream call time (to the first byte for streams)",
                                           ["model"], buckets=UPSTREAM_BUCKETS, registry=r)

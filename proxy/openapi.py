@@ -44,7 +44,7 @@ _ROUTING_HEADERS = {
     protocol.HEADER_MODEL: "the model that answered",
     protocol.HEADER_ROUTE: "'routed' (chosen by the scorer), 'direct' (named by the client), 'default' "
                            "(router_settings.default_model) or 'aptitude' (ranked by the profiles' means: "
-                           "the scorer failed or timed out)",
+                           "the scorer failed, timed out or is stalled)",
     protocol.HEADER_DEGRADED: "'aptitude' only: scorer_failed, scorer_timeout or scorer_stalled",
     protocol.HEADER_SCORES: "routed only: name=score pairs, best first",
     protocol.HEADER_SCORER_MS: "routed only: the scorer's latency in milliseconds",

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 ROUTE_FIELD = "satroute"
 
 HEADER_MODEL = "x-satroute-model"
-HEADER_ROUTE = "x-satroute-route"  # "routed", "direct", "default", or "aptitude" (the scorer failed)
+HEADER_ROUTE = "x-satroute-route"  # routed, direct, default, or aptitude (scorer failed, timed out, stalled)
 HEADER_DEGRADED = "x-satroute-degraded"  # why "aptitude": scorer_failed, scorer_timeout, scorer_stalled
 HEADER_SCORES = "x-satroute-scores"  # "name=0.8123,name2=0.4410", best first
 HEADER_SCORER_MS = "x-satroute-scorer-ms"
