@@ -142,7 +142,8 @@ def main(argv=None) -> int:
               "repeats": a.repeats, "rows": rows}
     print(f"device {device} ({dtype}), {a.threads} threads, {a.candidates} candidates x "
           f"{scorer.model.config.n_orders} orders, instruction {a.instruction_tokens} tokens; medians of {a.repeats}")
-    print("| B requests | sequential ms/request | stacked ms/request | psi | prefix | suffixes | speed-up | max score diff |")
+    print("| B requests | sequential ms/request | stacked ms/request | psi | prefix | suffixes | speed-up "
+          "| max score diff |")
     print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['batch']} | {r['sequential_ms_per_request']:.1f} | {r['stacked_ms_per_request']:.1f} | "

@@ -49,7 +49,8 @@ def main(argv=None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as cache:
         env = {**os.environ, "SATROUTE_CACHE_DIR": cache, "PYTHONPATH": str(REPO)}
-        child = [sys.executable, __file__, "--one", "--dtype", a.dtype, *(["--checkpoint", a.checkpoint] if a.checkpoint else [])]
+        child = [sys.executable, __file__, "--one", "--dtype", a.dtype,
+                 *(["--checkpoint", a.checkpoint] if a.checkpoint else [])]
         for start in ("first (empty cache)", "second"):
             done = subprocess.run(child, capture_output=True, text=True, env=env, check=True)
             rows.append({"start": start, **json.loads(done.stdout.strip().splitlines()[-1])})

@@ -252,5 +252,6 @@ class ModelSATScorer:
                 for n, s in zip(names, scores.tolist())}
 
 
-__all__ = ["CapabilityWriter", "aptitude", "checkpoint_identity", "CheckpointError", "DEFAULT_CHECKPOINT", "DTYPES", "ModelSATScorer",
+__all__ = ["CapabilityWriter", "aptitude", "checkpoint_identity", "CheckpointError", "DEFAULT_CHECKPOINT", "DTYPES",
+           "ModelSATScorer",
            "default_dtype", "load_model", "native_bf16_cpu", "save_checkpoint", "score_candidates", "suite_keywords"]
