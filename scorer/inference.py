@@ -253,5 +253,5 @@ class ModelSATScorer:
 
 
 __all__ = ["CapabilityWriter", "aptitude", "checkpoint_identity", "CheckpointError", "DEFAULT_CHECKPOINT", "DTYPES",
-           "ModelSATScorer",
-           "default_dtype", "load_model", "native_bf16_cpu", "save_checkpoint", "score_candidates", "suite_keywords"]
+           "ModelSATScorer", "default_dtype", "load_model", "native_bf16_cpu", "save_checkpoint",
+           "score_candidates", "suite_keywords"]
