@@ -202,7 +202,9 @@ class ScorerHost:
         the request or takes longer than ``timeout_s`` (the caller can still rank by the profiles),
         ``ServiceUnavailable`` while no scorer is loaded. Only scores the scorer gave are
         remembered, never a failure; a call whose requests stopped waiting still finishes (if it
-        can in time) and is remembered, for their retries."""
+        can in time) and is remembered, for their retries. A twin that joined a call later than
+        the request that started it has a later deadline: if the call is skipped as hopeless for
+        the earlier one, the twin still gets a call of its own."""
         scorer = self.scorer
         if scorer is None:
             why = self.error or "still loading"
@@ -226,16 +228,24 @@ class ScorerHost:
             if inline:
                 scores = scorer.score(instruction, candidates)
             else:
-                if call is None:
-                    deadline = started + timeout_s if timeout_s else None
-                    call = asyncio.ensure_future(self._call(key, scorer, instruction, candidates, deadline))
-                    if key is not None:
-                        self._calls[key] = call
-                    call.add_done_callback(functools.partial(self._settled, key))
-                # shielded: a request that stops waiting leaves the call to the others waiting on
-                # it; a queued call past its deadline is skipped when its turn comes (``_run``)
-                shared = asyncio.shield(call)
-                scores = await asyncio.wait_for(shared, timeout_s) if timeout_s else await shared
+                deadline = started + timeout_s if timeout_s else None
+                while True:
+                    if call is None:
+                        call = self._start(key, scorer, instruction, candidates, deadline)
+                    # shielded: a request that stops waiting leaves the call to the others waiting
+                    # on it; a queued call past its deadline is skipped when its turn comes (``_run``)
+                    shared = asyncio.shield(call)
+                    left = deadline - time.perf_counter() if deadline is not None else None
+                    try:
+                        scores = await asyncio.wait_for(shared, left) if left is not None else await shared
+                        break
+                    except _TooLate:
+                        if not joined:
+                            raise
+                        # skipped for the earlier deadline of the twin that started it: this
+                        # request's own is later, so it joins a newer call or starts its own
+                        newer = self._calls.get(key)
+                        call, joined = (newer, True) if newer is not None and newer is not call else (None, False)
         except (asyncio.TimeoutError, _TooLate):
             ms = (time.perf_counter() - started) * 1000
             log.warning("scorer could not answer within %.1f s (waited %.0f ms); ranked by the profiles' means",
@@ -246,6 +256,15 @@ class ScorerHost:
             log.error("scorer failed on a request: %s: %s", type(exc).__name__, exc)
             raise ScorerDegraded("scorer_failed", (time.perf_counter() - started) * 1000) from None
         return Scored(dict(scores), (time.perf_counter() - started) * 1000, joined)
+
+    def _start(self, key: bytes | None, scorer: Scorer, instruction: str, candidates: Mapping[str, Profile],
+               deadline: float | None) -> asyncio.Future:
+        """A new scoring call, found by its twins under ``key`` until it ends."""
+        call = asyncio.ensure_future(self._call(key, scorer, instruction, candidates, deadline))
+        if key is not None:
+            self._calls[key] = call
+        call.add_done_callback(functools.partial(self._settled, key))
+        return call
 
     async def _call(self, key: bytes | None, scorer: Scorer, instruction: str,
                     candidates: Mapping[str, Profile], deadline: float | None) -> dict[str, float]:

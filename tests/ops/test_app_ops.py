@@ -457,6 +457,39 @@ class _Hangs:
         return dict.fromkeys(candidates, 1.0)
 
 
+async def test_a_twin_with_time_left_is_scored_when_the_call_it_joined_is_skipped_as_hopeless():
+    """The first request's deadline made the shared call hopeless by the time its turn came; the
+    twin that joined it later still has time, so it gets a call of its own, not the means."""
+    import asyncio
+    import threading
+
+    from proxy.scoring import ScorerHost
+
+    release, calls = threading.Event(), []
+
+    class Counting(_Hangs):
+        def score(self, instruction, candidates):
+            calls.append(instruction)
+            return super().score(instruction, candidates)
+
+    host = ScorerHost(Counting(release))
+    cands = {"a": {"law": 0.5}}
+    try:
+        busy = asyncio.ensure_future(host.score("hang", cands, timeout_s=5.0))  # holds the thread
+        first = asyncio.ensure_future(host.score("law court", cands, timeout_s=0.1))  # queued behind it
+        await asyncio.sleep(0.02)
+        twin = asyncio.ensure_future(host.score("law court", cands, timeout_s=2.0))  # joins the first's call
+        asyncio.get_running_loop().call_later(0.3, release.set)  # the thread frees after the first gave up
+        scored = await twin
+        assert scored.scores == {"a": 1.0} and not scored.remembered  # scored by a call of its own
+        assert (await asyncio.gather(first, return_exceptions=True))[0].reason == "scorer_timeout"
+        assert calls == ["hang", "law court"]  # the hopeless call was skipped, the twin's ran
+        await busy
+    finally:
+        release.set()
+        host.close()
+
+
 async def test_a_stalled_scorer_is_not_waited_for_and_is_reported_until_its_call_returns(caplog):
     """A hung device or a deadlock: the one scorer thread never comes back. Past the stall limit
     requests stop queueing behind it (each would wait its whole timeout) and are ranked by the
