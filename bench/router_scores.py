@@ -79,9 +79,10 @@ from scorer.evaluation import _accuracy, _profiles, _table, eligible_rows
 
 def _val_ids(data, data_dir: Path, val_size: int = 200, split_seed: int = 0) -> set[str]:
     """The ids of the validation slice ``satroute train --val-size N --split-seed S`` holds out."""
-    from scorer.training import _suite_for, build_pools
+    from scorer.aptitude import suite_for
+    from scorer.training import build_pools
 
-    _, val, _ = build_pools(data, _suite_for(str(data_dir), "auto"), [], val_size, split_seed)
+    _, val, _ = build_pools(data, suite_for(data_dir, "auto"), [], val_size, split_seed)
     return set(val.ids or [])
 
 

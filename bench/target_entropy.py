@@ -21,8 +21,9 @@ import math
 
 import numpy as np
 
+from scorer.aptitude import suite_for
 from scorer.data import load_dataset
-from scorer.training import _suite_for, build_pools
+from scorer.training import build_pools
 
 
 def group_stats(soft: np.ndarray, g: int, temperatures: list[float], samples: int, seed: int) -> dict:
@@ -59,7 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     a = p.parse_args(argv)
     temps = [float(t) for t in a.temperature.split(",")]
     for folder in a.data.split(","):
-        pool, _, _ = build_pools(load_dataset(folder), _suite_for(folder, "auto"), a.exclude_models, a.val_size, a.seed,
+        pool, _, _ = build_pools(load_dataset(folder), suite_for(folder, "auto"), a.exclude_models, a.val_size, a.seed,
                                  neighbours=a.neighbours, category_prior=a.category_prior)
         stats = group_stats(pool.soft, a.group_models, temps, a.samples, a.seed)
         print(json.dumps({"data": folder, "rows": len(pool.soft), "neighbours": a.neighbours,

@@ -429,11 +429,6 @@ def _precompute_clauses(writer: CapabilityWriter, pools: list[Pool], every_accur
     writer.remember(texts, writer.model.encode_clauses(texts))
 
 
-def _suite_for(folder: str, suite_arg: str) -> str:
-    """The suite a data folder's profiles are measured on: given, or the one named like the folder."""
-    return suite_for(folder, suite_arg)
-
-
 def _best_so_far(out_dir: Path) -> float:
     """The validation accuracy of the weights in ``out/best`` (-1 if none): a resumed run only
     replaces them with better ones, as one uninterrupted run would."""
@@ -484,7 +479,7 @@ def build_sources(a) -> tuple[list[Source], object]:
         raise SystemExit("--category-shrink is a pseudo-count, 0 or more")
     sources, first_suite = [], None
     for folder, suite_arg, weight in zip(folders, suites, weights):
-        pool, val, suite = build_pools(load_dataset(folder), _suite_for(folder, suite_arg), a.exclude_models,
+        pool, val, suite = build_pools(load_dataset(folder), suite_for(folder, suite_arg), a.exclude_models,
                                        a.val_size, split_seed(a), neighbours=a.neighbours,
                                        category_prior=a.category_prior, category_shrink=a.category_shrink)
         first_suite = first_suite or suite

@@ -159,12 +159,13 @@ def test_groups_come_from_each_source_by_weight_and_validation_reports_each():
 
 
 def test_sources_parse_one_suite_and_weight_per_folder(tmp_path):
-    from scorer.training import _suite_for, build_sources
+    from scorer.aptitude import suite_for
+    from scorer.training import build_sources
 
-    assert _suite_for("/x/routerdc", "auto") == "routerdc"
-    assert _suite_for("/x/mmlu_pro", "auto") == "mmlu_pro"
-    assert _suite_for("/x/anything_else", "auto") == "mmlu_pro"
-    assert _suite_for("/x/routerdc", "mmlu_pro") == "mmlu_pro"
+    assert suite_for("/x/routerdc", "auto") == "routerdc"
+    assert suite_for("/x/mmlu_pro", "auto") == "mmlu_pro"
+    assert suite_for("/x/anything_else", "auto") == "mmlu_pro"
+    assert suite_for("/x/routerdc", "mmlu_pro") == "mmlu_pro"
     with pytest.raises(SystemExit):
         build_sources(_args(data="a,b", data_weights="1,2,3"))
 
