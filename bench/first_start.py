@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def one_start(checkpoint: str | None, dtype: str) -> dict:
-    import resource
+    from scorer_latency import rss_peak_mb  # bench helper beside this file
 
     started = time.perf_counter()
     from scorer import load_scorer
@@ -32,8 +32,7 @@ def one_start(checkpoint: str | None, dtype: str) -> dict:
     scorer = load_scorer(checkpoint, dtype=dtype)
     load_s = time.perf_counter() - started
     rss_mb = next(int(line.split()[1]) / 1024 for line in open("/proc/self/status") if line.startswith("VmRSS"))
-    return {"load_s": load_s, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_after_load_mb": rss_mb, "runs_on": scorer.runs_on}
+    return {"load_s": load_s, "peak_rss_mb": rss_peak_mb(), "rss_after_load_mb": rss_mb, "runs_on": scorer.runs_on}
 
 
 def main(argv=None) -> int:
