@@ -65,6 +65,8 @@ def _errors(*codes: str) -> dict[str, Any]:
 def _detailed(router_name: str) -> dict[tuple[str, str], dict[str, Any]]:
     headers = {name: {"description": text, "schema": {"type": "string"}}
                for name, text in _ROUTING_HEADERS.items()}
+    # a chat completion request: what /v1/chat/completions serves and /admin/route previews
+    chat_request = {"required": True, "content": _json({"$ref": REF.format(model="ChatCompletionRequest")})}
     return {
         ("/v1/chat/completions", "post"): {
             "summary": "Create a chat completion, routed by Model-SAT when model is "
@@ -72,8 +74,7 @@ def _detailed(router_name: str) -> dict[tuple[str, str], dict[str, Any]]:
             "description": "OpenAI's chat completions API. Every field the proxy does not read "
                            "is passed to the upstream untouched. With `stream: true` the answer "
                            "is server-sent events ending with `data: [DONE]`.",
-            "requestBody": {"required": True, "content": _json(
-                {"$ref": REF.format(model="ChatCompletionRequest")})},
+            "requestBody": chat_request,
             "responses": {
                 "200": {"description": "the upstream's completion (JSON), or its chunks (SSE)",
                         "headers": headers,
@@ -86,8 +87,7 @@ def _detailed(router_name: str) -> dict[tuple[str, str], dict[str, Any]]:
             "description": "The same decision a real request gets (the scorer, the profiles' means "
                            "when it fails, the default model, or the model named), with no "
                            "metric counted and no routing log written.",
-            "requestBody": {"required": True, "content": _json(
-                {"$ref": REF.format(model="ChatCompletionRequest")})},
+            "requestBody": chat_request,
             "responses": {
                 "200": {"description": "{chosen, route, degraded, ranked: [{model, score}], tries, "
                                        "scorer_ms, remembered, instruction}",
