@@ -5,6 +5,7 @@ Usage::
     python bench/batch_requests.py [--checkpoint PATH] [--batches 1,2,4,8] [--candidates 5]
                                    [--instruction-tokens 256] [--repeats 5] [--threads 2]
                                    [--device cpu] [--dtype auto] [--json OUT.json] [--profile]
+                                   [--bundle DIR]
 
 The proxy scores one request at a time (``ModelSATScorer.score``: psi's instruction vector, the
 instruction prefix through phi, then every candidate suffix in one batch after the prefix's cache).
@@ -17,7 +18,9 @@ checks that the scores agree (``max_diff``) before it reports a time.
 Prints, per B, the milliseconds per request of B sequential ``score`` calls and of the stacked pass
 (each stage and in all), and the stacked pass's speed-up. A speed-up near 1 means the device is
 already busy with one request and micro-batching would only add queueing delay. ``--profile`` also
-prints where five one-at-a-time ``score`` calls spend their time, by torch operator.
+prints where five one-at-a-time ``score`` calls spend their time, by torch operator. ``--bundle``
+builds the network over random backbone weights (``bench/backbone_bundle.py``): the same times, on a
+machine without the backbone packages.
 """
 from __future__ import annotations
 
@@ -42,6 +45,14 @@ def stacked_scores(scorer, texts: list[str], candidates: dict) -> tuple[list[dic
     from scorer.aptitude import aptitude
 
     model, cfg = scorer.model, scorer.model.config
+    on_cuda = model.embed.weight.device.type == "cuda"
+
+    def done() -> float:
+        """Now, once the device has finished what was queued (CUDA runs asynchronously)."""
+        if on_cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     if cfg.layout != "instruction_first":
         raise SystemExit("the stacked pass shares each request's prefix cache: instruction_first layout only")
     ms: dict[str, float] = {}
@@ -50,14 +61,14 @@ def stacked_scores(scorer, texts: list[str], candidates: dict) -> tuple[list[dic
         if cfg.instruction_vector_tokens > 0:
             for text, vec in zip(texts, model._encode(texts, cfg.instruction_vector_tokens)):
                 model._instruction_vectors[text] = vec  # what instruction_embeds reads next
-        ms["psi"] = (time.perf_counter() - t) * 1000
+        ms["psi"] = (done() - t) * 1000
 
         t = time.perf_counter()
         prefixes = [model.instruction_embeds(text) for text in texts]
         if len({p.shape[0] for p in prefixes}) != 1:
             raise SystemExit("instructions of different token counts: the stacked pass needs equal prefixes")
         _, kvs = model.run_layers(torch.stack(prefixes))
-        ms["prefix"] = (time.perf_counter() - t) * 1000
+        ms["prefix"] = (done() - t) * 1000
 
         t = time.perf_counter()
         names = list(candidates)
@@ -66,7 +77,7 @@ def stacked_scores(scorer, texts: list[str], candidates: dict) -> tuple[list[dic
         per_request = len(flat)
         past = [(k.repeat_interleave(per_request, dim=0), v.repeat_interleave(per_request, dim=0)) for k, v in kvs]
         raw = model.score_shared(past, flat * len(texts)).float()
-        ms["suffixes"] = (time.perf_counter() - t) * 1000
+        ms["suffixes"] = (done() - t) * 1000
     means = raw.view(len(texts), len(names), -1).mean(dim=2)
     weight = cfg.aptitude_weight
     out = [{n: float(s) + (weight * aptitude(candidates[n]) if weight else 0.0) for n, s in zip(names, row)}
@@ -87,6 +98,8 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="auto")
     p.add_argument("--json", default=None)
     p.add_argument("--profile", action="store_true", help="print the top operators of five score calls")
+    p.add_argument("--bundle", default=None,
+                   help="random backbone weights from this bench/backbone_bundle.py folder (timing only)")
     a = p.parse_args(argv)
 
     import torch
@@ -95,7 +108,12 @@ def main(argv=None) -> int:
     from scorer.aptitude import builtin_profiles
     from scorer.inference import ModelSATScorer
 
-    scorer = ModelSATScorer.load(a.checkpoint, device=a.device, dtype=a.dtype)
+    if a.bundle:
+        from backbone_bundle import build_scorer
+
+        scorer = build_scorer(a.checkpoint, a.bundle, device=a.device, dtype=a.dtype)
+    else:
+        scorer = ModelSATScorer.load(a.checkpoint, device=a.device, dtype=a.dtype)
     profiles = builtin_profiles("mmlu_pro")
     names = sorted(profiles)
     candidates = {f"{names[i % len(names)]}#{i}": profiles[names[i % len(names)]] for i in range(a.candidates)}
@@ -138,6 +156,7 @@ def main(argv=None) -> int:
         rows.append(row)
     device, dtype = scorer.runs_on.split(", ")
     report = {"device": device, "dtype": dtype, "threads": a.threads, "candidates": a.candidates,
+              "backbone_weights": "random (--bundle)" if a.bundle else "trained",
               "instruction_tokens": a.instruction_tokens, "n_orders": scorer.model.config.n_orders,
               "repeats": a.repeats, "rows": rows}
     print(f"device {device} ({dtype}), {a.threads} threads, {a.candidates} candidates x "
