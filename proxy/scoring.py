@@ -116,8 +116,9 @@ class ScorerHost:
         """What ``/ready`` says about the scorer: ``state`` (loading, loaded, failed, or stalled with
         ``busy_s``: every scorer thread stuck on one call, requests ranked by the profiles' means)
         and, once loaded, where it runs (``runs_on``: "cuda, bfloat16", "cpu, float32"), or
-        ``constant``, and which trained weights it holds (``checkpoint``: ``{"path",
-        "weights_sha256"}``), where the scorer says."""
+        ``constant``, which trained weights it holds (``checkpoint``: ``{"path",
+        "weights_sha256"}``), where the scorer says, and ``cuda_error`` when the machine has CUDA
+        but the scorer could not run there and runs on the CPU."""
         if self.scorer is None:
             return {"state": "failed" if self.error else "loading"}
         if getattr(self.scorer, "runs_inline", False):
@@ -125,8 +126,10 @@ class ScorerHost:
         where = getattr(self.scorer, "runs_on", None)
         checkpoint = getattr(self.scorer, "checkpoint", None)
         busy = self.stalled_for()
+        cuda_error = getattr(self.scorer, "cuda_error", None)
         state = {"state": "stalled", "busy_s": round(busy, 1)} if busy else {"state": "loaded"}
-        return {**state, **({"runs_on": where} if where else {}), **({"checkpoint": checkpoint} if checkpoint else {})}
+        return {**state, **({"runs_on": where} if where else {}), **({"checkpoint": checkpoint} if checkpoint else {}),
+                **({"cuda_error": cuda_error} if cuda_error else {})}
 
     def stalled_for(self) -> float | None:
         """When every scorer thread has been on one call for longer than the stall limit: how long

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -31,6 +32,8 @@ import torch
 from scorer.aptitude import Suite, aptitude, load_keywords, load_suite
 from scorer.capability import SENTENCE_PREFIX, orders, task_clause
 from scorer.modeling import ModelSAT, ModelSATConfig
+
+log = logging.getLogger("satroute.scorer")
 
 DEFAULT_CHECKPOINT = Path(__file__).resolve().parent / "checkpoints" / "default"
 WEIGHTS = "model.safetensors"
@@ -183,6 +186,17 @@ def score_candidates(model: ModelSAT, writer: CapabilityWriter, instruction: str
     return scores.view(len(suffix_lists), -1).float().mean(dim=1)
 
 
+def _release_cuda() -> None:
+    """Give back what a failed CUDA load left allocated (best effort: the device may be unusable)."""
+    import gc
+
+    gc.collect()
+    try:
+        torch.cuda.empty_cache()
+    except RuntimeError:
+        pass
+
+
 def suite_keywords(suite: Suite) -> dict[str, Sequence[str]]:
     """Task id -> five keywords: every MMLU subject's, overridden by the suite's own."""
     words: dict[str, Sequence[str]] = dict(load_keywords())
@@ -203,15 +217,44 @@ class ModelSATScorer:
         self.orders = orders(suite.task_ids, n=model.config.n_orders, seed=model.config.order_seed)
         self._lock = threading.Lock()
         self._suffixes: OrderedDict[tuple, list[torch.Tensor]] = OrderedDict()
+        # why the scorer runs on the CPU on a machine with CUDA (``load`` fell back), else None
+        self.cuda_error: str | None = None
 
     @classmethod
     def load(cls, checkpoint: str | Path | None = None, device: str | None = None,
              dtype: str | torch.dtype | None = None) -> "ModelSATScorer":
-        """The checkpoint on ``device`` (CUDA when there is one, else the CPU) in ``dtype``
-        (``default_dtype``: None or "auto" chooses by device)."""
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        """The checkpoint on ``device`` in ``dtype`` (``default_dtype``: None or "auto" chooses by
+        device).
+
+        With no ``device``, CUDA when there is one, else the CPU; and when the network cannot run
+        on that CUDA device (its memory taken by an inference server beside it, a driver or build
+        that cannot run kernels on this card), on the CPU, with the error kept in ``cuda_error``
+        and logged. A device named explicitly is never swapped for another: its errors raise.
+        """
         folder = Path(checkpoint or DEFAULT_CHECKPOINT)
+        if device is not None:
+            return cls._load_on(folder, device, dtype)
+        if not torch.cuda.is_available():
+            return cls._load_on(folder, "cpu", dtype)
+        from scorer.backbones import BackboneError
+
+        try:
+            scorer = cls._load_on(folder, "cuda", dtype)
+            scorer.warm_up()  # the first pass: where a card that takes the weights but cannot run them fails
+            return scorer
+        except BackboneError:
+            raise  # the backbones are missing: the CPU has no more of them
+        except RuntimeError as exc:  # torch.OutOfMemoryError and torch.AcceleratorError among them
+            error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
+        scorer = None  # a network that reached the card, if warm-up failed: drop it before the CPU load
+        _release_cuda()
+        log.warning("the scorer cannot run on CUDA (%s); it runs on the CPU", error)
+        scorer = cls._load_on(folder, "cpu", dtype)
+        scorer.cuda_error = error
+        return scorer
+
+    @classmethod
+    def _load_on(cls, folder: Path, device: str, dtype: str | torch.dtype | None) -> "ModelSATScorer":
         model = load_model(folder, device=device, dtype=default_dtype(device, dtype))
         return cls(model, load_suite(model.config.suite), checkpoint_identity(folder))
 

