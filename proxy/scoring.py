@@ -22,8 +22,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from concurrent.futures import ThreadPoolExecutor
-from typing import Callable, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 from scorer import Profile, Scorer
 
@@ -98,6 +99,7 @@ class ScorerHost:
         self._remember = remember  # how many requests' scores are kept (0: none)
         self._recent: OrderedDict[bytes, dict[str, float]] = OrderedDict()
         self._calls: dict[bytes, asyncio.Future] = {}  # scoring calls running or queued, by request
+        self._open = 0  # scoring calls started and not ended (on the event loop's side)
         # A call running longer than this (or 5 scorer timeouts, if longer) on every scorer thread
         # is a stall: a hung device or a deadlock. Requests then skip the queue behind it and are
         # ranked by the profiles' means at once, until a call returns.
@@ -180,11 +182,14 @@ class ScorerHost:
             return
         self._warm.update(keys[n] for n in fresh)
         started = time.perf_counter()
+        self._open += 1  # it holds a thread like a call: requests behind it are queued
         try:
-            await asyncio.get_running_loop().run_in_executor(self._pool, warm, fresh)
-        except (RuntimeError, ValueError, KeyError, TypeError, MemoryError) as exc:
+            await asyncio.get_running_loop().run_in_executor(self._pool, self._held, warm, fresh)
+        except Exception as exc:  # noqa: BLE001 (a warm-up that fails must not end keep_warm)
             log.warning("scorer warm-up failed: %s: %s", type(exc).__name__, exc)
             return
+        finally:
+            self._open -= 1
         log.info("scorer warmed up in %.0f ms (%d new profile%s)", (time.perf_counter() - started) * 1000,
                  len(fresh), "" if len(fresh) == 1 else "s")
 
@@ -254,8 +259,9 @@ class ScorerHost:
             log.warning("scorer could not answer within %.1f s (waited %.0f ms); ranked by the profiles' means",
                         timeout_s, ms)
             raise ScorerDegraded("scorer_timeout", ms) from None
-        except (RuntimeError, ValueError, KeyError, TypeError, MemoryError) as exc:
-            # A scorer bug or an exhausted device must not become a 500 with a trace.
+        except Exception as exc:  # noqa: BLE001 (cancellation is a BaseException and passes through)
+            # A scorer bug (torch's IndexError on an out-of-range token, say) or an exhausted
+            # device must not become a 500 with a trace: the request is ranked by the profiles.
             log.error("scorer failed on a request: %s: %s", type(exc).__name__, exc)
             raise ScorerDegraded("scorer_failed", (time.perf_counter() - started) * 1000) from None
         return Scored(dict(scores), (time.perf_counter() - started) * 1000, joined)
@@ -263,7 +269,10 @@ class ScorerHost:
     def _start(self, key: bytes | None, scorer: Scorer, instruction: str, candidates: Mapping[str, Profile],
                deadline: float | None) -> asyncio.Future:
         """A new scoring call, found by its twins under ``key`` until it ends."""
-        call = asyncio.ensure_future(self._call(key, scorer, instruction, candidates, deadline))
+        queued = self._open >= self._threads  # every thread has a call: this one waits behind them
+        self._open += 1
+        call = asyncio.ensure_future(self._call(key, scorer, instruction, candidates,
+                                                deadline if queued else None))
         if key is not None:
             self._calls[key] = call
         call.add_done_callback(functools.partial(self._settled, key))
@@ -271,7 +280,10 @@ class ScorerHost:
 
     async def _call(self, key: bytes | None, scorer: Scorer, instruction: str,
                     candidates: Mapping[str, Profile], deadline: float | None) -> dict[str, float]:
-        """One scoring call on the scorer's threads; its scores are remembered under ``key``."""
+        """One scoring call on the scorer's threads; its scores are remembered under ``key``.
+        ``deadline`` (a call queued behind others) lets ``_run`` skip it if it can no longer end in
+        time; a call that found a thread free has none, and always runs: it is how the pace is
+        measured again after a slow spell."""
         scores = await asyncio.get_running_loop().run_in_executor(
             self._pool, self._run, scorer, instruction, candidates, deadline)
         if key is not None:
@@ -283,6 +295,7 @@ class ScorerHost:
     def _settled(self, key: bytes | None, call: asyncio.Future) -> None:
         """A call ended: later requests find its scores remembered, or score afresh after a
         failure. Its outcome is read here, so a failure nobody waited for is not reported as lost."""
+        self._open -= 1
         if key is not None and self._calls.get(key) is call:
             del self._calls[key]
         if not call.cancelled():
@@ -293,23 +306,35 @@ class ScorerHost:
         """On a scorer thread: score, unless the call could no longer end before its deadline at
         the recent pace. Under overload the oldest queued calls are the ones about to give up; a
         queue served first-come would spend the scorer on them and answer nobody in time."""
-        now = time.perf_counter()
-        if deadline is not None and now + self._typical_s > deadline:
+        if deadline is not None and time.perf_counter() + self._typical_s > deadline:
             raise _TooLate
-        thread = threading.get_ident()
-        with self._busy_lock:
-            self._busy_since[thread] = now
-        try:
+        with self._busy() as took:
             scores = scorer.score(instruction, candidates)
+        if took[0] <= self._stall_s:  # a hang that ended is not the pace of the calls to come
+            self._typical_s = 0.8 * self._typical_s + 0.2 * took[0]
+        return scores
+
+    def _held(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` on a scorer thread, counted as busy like a scoring call."""
+        with self._busy():
+            return fn(*args)
+
+    @contextmanager
+    def _busy(self) -> Iterator[list[float]]:
+        """On a scorer thread, around anything that holds it (a scoring call, a warm-up): what the
+        stall detection counts. Yields a list that holds the seconds taken once the block ends."""
+        thread, started, took = threading.get_ident(), time.perf_counter(), [0.0]
+        with self._busy_lock:
+            self._busy_since[thread] = started
+        try:
+            yield took
         finally:
             with self._busy_lock:
                 del self._busy_since[thread]
-        took = time.perf_counter() - now
-        if took > self._stall_s and self._stall_reported:
-            log.warning("the stalled scoring call returned after %.0f s; scoring again", took)
-        self._stall_reported = False
-        self._typical_s = 0.8 * self._typical_s + 0.2 * took
-        return scores
+            took[0] = time.perf_counter() - started
+            if self._stall_reported and self.stalled_for() is None:  # it ended, well or not
+                self._stall_reported = False
+                log.warning("the stalled scorer call ended after %.0f s; scoring again", took[0])
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

@@ -573,6 +573,8 @@ async def test_one_stuck_thread_of_two_is_not_a_stall():
 async def test_a_queued_scoring_call_that_cannot_end_in_time_is_skipped_not_run():
     """Under overload the oldest queued calls are about to give up: the scorer skips them rather
     than spend itself on answers nobody waits for, and their requests are ranked by the means."""
+    import asyncio
+
     from proxy.scoring import ScorerDegraded, ScorerHost, _TooLate
 
     ran = []
@@ -591,12 +593,138 @@ async def test_a_queued_scoring_call_that_cannot_end_in_time_is_skipped_not_run(
         assert ran == []  # skipped: the scorer never ran it
         assert host._run(host.scorer, "in time", {"m": {}}, time.perf_counter() + 1.0) == {"m": 1.0}
         assert ran == ["in time"] and 0.05 < host._typical_s < 0.2  # the pace follows the calls
-        host._typical_s = 5.0
+        host._typical_s = 5.0  # a slow spell: at this pace no call ends within 1 s
+        # behind a call that holds the only thread, a queued call that cannot end in time is skipped
+        holder = asyncio.ensure_future(host.score("holds the thread", {"m": {}}))
+        await asyncio.sleep(0)
         started = time.perf_counter()
         with pytest.raises(ScorerDegraded) as err:
             await host.score("hopeless", {"m": {}}, timeout_s=1.0)
         assert err.value.reason == "scorer_timeout" and time.perf_counter() - started < 0.5  # at once
+        await holder
+        assert "hopeless" not in ran
+        # but a call that finds the thread free runs, whatever the pace says: it is how the pace
+        # is measured again, or one slow spell would leave the scorer unused until a restart
+        host._typical_s = 5.0
+        scored = await host.score("free thread", {"m": {}}, timeout_s=1.0)
+        assert scored.scores == {"m": 1.0} and host._typical_s < 5.0
         scored = await host.score("no deadline", {"m": {}})  # no timeout: never skipped
         assert scored.scores == {"m": 1.0} and scored.ms >= 50 and not scored.remembered
     finally:
+        host.close()
+
+
+async def test_the_scorer_is_used_again_after_a_slow_spell():
+    """Calls slower than the timeout for a while, then fast again: requests are scored again."""
+    from proxy.scoring import ScorerDegraded, ScorerHost
+
+    pace = {"s": 0.3}
+
+    class Moody:
+        calls = 0
+
+        def score(self, instruction, candidates):
+            Moody.calls += 1
+            time.sleep(pace["s"])
+            return dict.fromkeys(candidates, 1.0)
+
+    host = ScorerHost(Moody(), stall_after_s=60)
+    try:
+        for i in range(6):  # each call takes 0.3 s against a 0.2 s timeout
+            with pytest.raises(ScorerDegraded):
+                await host.score(f"slow {i}", {"m": {}}, timeout_s=0.2)
+            await _settled(host)
+        assert host._typical_s > 0.2
+        pace["s"] = 0.005
+        before = Moody.calls
+        for i in range(5):
+            assert (await host.score(f"fast {i}", {"m": {}}, timeout_s=0.2)).scores == {"m": 1.0}
+        assert Moody.calls - before == 5
+    finally:
+        host.close()
+
+
+@pytest.mark.parametrize("error", [IndexError("index out of range in self"), AttributeError("x"), OSError("io")])
+async def test_any_scorer_error_ranks_the_request_by_the_profiles_instead_of_failing_it(error):
+    from proxy.scoring import ScorerDegraded, ScorerHost
+
+    class Broken:
+        def score(self, instruction, candidates):
+            raise error
+
+    host = ScorerHost(Broken())
+    try:
+        for _ in range(2):  # and never remembered: the second request calls the scorer again
+            with pytest.raises(ScorerDegraded) as err:
+                await host.score("law court", {"m": {}}, timeout_s=1.0)
+            assert err.value.reason == "scorer_failed"
+    finally:
+        host.close()
+
+
+async def test_a_warm_up_that_hangs_is_a_stall_like_a_scoring_call_that_does():
+    import asyncio
+    import threading
+
+    from proxy.scoring import ScorerDegraded, ScorerHost
+
+    release = threading.Event()
+
+    class HangsInWarmUp:
+        def warm_up(self, profiles=None):
+            release.wait(10)  # the device hangs on a newly routable profile
+
+        def score(self, instruction, candidates):
+            return dict.fromkeys(candidates, 1.0)
+
+    host = ScorerHost(HangsInWarmUp(), stall_after_s=0.3)
+    watcher = asyncio.ensure_future(host.keep_warm(lambda: {"m": {"law": 0.5}}, 0.01))
+    try:
+        await asyncio.sleep(0.5)
+        assert host.describe()["state"] == "stalled"
+        started = time.perf_counter()
+        with pytest.raises(ScorerDegraded) as err:
+            await host.score("law court", {"m": {"law": 0.5}}, timeout_s=0.05)
+        assert err.value.reason == "scorer_stalled" and time.perf_counter() - started < 0.03
+        release.set()
+        await _settled(host)
+        assert (await host.score("law court", {"m": {"law": 0.5}}, timeout_s=1.0)).scores == {"m": 1.0}
+    finally:
+        watcher.cancel()
+        release.set()
+        host.close()
+
+
+async def test_a_stall_that_ends_in_an_error_is_reported_again_next_time(caplog):
+    import asyncio
+    import threading
+
+    from proxy.scoring import ScorerDegraded, ScorerHost
+
+    release = threading.Event()
+
+    class HangsThenFails:
+        def score(self, instruction, candidates):
+            if instruction.startswith("hang"):
+                release.wait(10)
+                release.clear()
+                raise RuntimeError("device lost")
+            return dict.fromkeys(candidates, 1.0)
+
+    caplog.set_level(logging.WARNING, logger="satroute.scoring")
+    host = ScorerHost(HangsThenFails(), stall_after_s=0.2)
+    try:
+        for round_ in range(2):
+            hung = asyncio.ensure_future(host.score(f"hang {round_}", {"m": {}}, timeout_s=0.04))
+            await asyncio.sleep(0.3)
+            with pytest.raises(ScorerDegraded) as err:
+                await host.score("law court", {"m": {}}, timeout_s=0.04)
+            assert err.value.reason == "scorer_stalled"
+            release.set()
+            await asyncio.gather(hung, return_exceptions=True)
+            await _settled(host)
+        assert caplog.text.count("a scoring call has run for") == 2  # each stall is reported
+        assert caplog.text.count("scoring again") == 2  # and so is each end
+    finally:
+        release.set()
         host.close()
