@@ -59,7 +59,7 @@ def stacked_scores(scorer, texts: list[str], candidates: dict) -> tuple[list[dic
     with torch.inference_mode():
         t = time.perf_counter()
         if cfg.instruction_vector_tokens > 0:
-            for text, vec in zip(texts, model._encode(texts, cfg.instruction_vector_tokens)):
+            for text, vec in zip(texts, model._encode(texts, model._psi_window(cfg.instruction_vector_tokens))):
                 model._instruction_vectors[text] = vec  # what instruction_embeds reads next
         ms["psi"] = (done() - t) * 1000
 

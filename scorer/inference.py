@@ -142,9 +142,12 @@ class CapabilityWriter:
         if missing:
             for text, vec in zip(missing, self.model.encode_clauses(list(missing))):
                 self._vectors[text] = vec
-            while len(self._vectors) > self.max_cached:
-                self._vectors.popitem(last=False)
-        return torch.stack([self._vectors[t] for t in texts])
+        for text in dict.fromkeys(texts):  # this call's clauses are the freshest: evicted last
+            self._vectors.move_to_end(text)
+        out = torch.stack([self._vectors[t] for t in texts])
+        while missing and len(self._vectors) > self.max_cached:
+            self._vectors.popitem(last=False)
+        return out
 
     def remember(self, texts: Sequence[str], vectors: torch.Tensor) -> None:
         """Seed the cache with precomputed vectors (training precomputes every clause once)."""
@@ -265,7 +268,9 @@ class ModelSATScorer:
         return f"{weight.device.type}, {str(weight.dtype).removeprefix('torch.')}"
 
     def _candidate_suffixes(self, profile: Mapping[str, float]) -> list[torch.Tensor]:
-        key = tuple(sorted((str(k), round(float(v), 6)) for k, v in profile.items()))
+        weight = self.model.embed.weight  # suffixes built before a move to another device or dtype are stale
+        key = (str(weight.device), str(weight.dtype),
+               *sorted((str(k), round(float(v), 6)) for k, v in profile.items()))
         cached = self._suffixes.get(key)
         if cached is None:
             extra = [t for t in profile if t not in set(self.suite.task_ids)]

@@ -277,6 +277,12 @@ class ModelSAT(nn.Module):
         """``encode_clauses`` with autograd on: stage 2 tunes psi's top layers through it."""
         return self._encode(texts, self.config.max_clause_tokens, batch_size)
 
+    def _psi_window(self, tokens: int) -> int:
+        """``tokens``, or fewer where psi has fewer positions (MiniLM: 512): a longer ``max_length``
+        would hand psi more tokens than it can place, and fail on long instructions."""
+        limit = getattr(getattr(self.encoder, "config", None), "max_position_embeddings", None)
+        return min(tokens, limit) if limit else tokens
+
     def _encode(self, texts: list[str], max_length: int, batch_size: int = 128) -> torch.Tensor:
         device = next(self.encoder.parameters()).device
         out = []
@@ -302,7 +308,7 @@ class ModelSAT(nn.Module):
         vec = self._instruction_vectors.get(instruction)
         if vec is None:
             with torch.no_grad():
-                vec = self._encode([instruction], self.config.instruction_vector_tokens)[0]
+                vec = self._encode([instruction], self._psi_window(self.config.instruction_vector_tokens))[0]
             self._instruction_vectors[instruction] = vec
             while len(self._instruction_vectors) > 4096:
                 self._instruction_vectors.popitem(last=False)

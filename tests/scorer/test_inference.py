@@ -49,6 +49,38 @@ def test_capability_vectors_are_cached_per_clause_and_profile():
     assert scorer.writer.misses == misses + 1
 
 
+def test_a_full_clause_cache_never_drops_a_clause_the_call_in_progress_reads():
+    scorer = _scorer()
+    expected = scorer.score("law court", PROFILES)
+    small = _scorer()
+    small.writer.max_cached = 3  # fewer than one profile's four clauses
+    for _ in range(2):
+        small._suffixes.clear()
+        assert small.score("law court", PROFILES) == pytest.approx(expected, abs=1e-6)
+        assert len(small.writer._vectors) == 3
+    small = _scorer()
+    small.writer.max_cached = 5
+    small.score("law court", {"weak": PROFILES["weak"]})  # its algebra clause is the oldest entry
+    shares = {"shares": {**PROFILES["strong"], "algebra": PROFILES["weak"]["algebra"]}}
+    assert small.score("law court", shares) == pytest.approx(scorer.score("law court", shares), abs=1e-6)
+
+
+def test_candidate_suffixes_follow_the_network_to_another_dtype():
+    scorer = _scorer()
+    scorer.score("law court", PROFILES)  # suffixes built in float32
+    scorer.model.to(torch.bfloat16)
+    got = scorer.score("law court", PROFILES)
+    fresh = ModelSATScorer(scorer.model, tiny.suite()).score("law court", PROFILES)
+    assert got == pytest.approx(fresh, abs=0.01)  # bfloat16's rounding: clause vectors kept from float32
+
+
+def test_an_instruction_vector_window_longer_than_psis_positions_reads_what_psi_can():
+    scorer = _scorer(instruction_vector_tokens=600)  # the tiny BERT, like MiniLM, has 512 positions
+    long = "what is algebra ? " * 200  # 800 tokens
+    capped = _scorer(instruction_vector_tokens=512)
+    assert scorer.score(long, PROFILES) == pytest.approx(capped.score(long, PROFILES), abs=1e-6)
+
+
 def test_warm_up_encodes_the_profiles_it_is_given_so_their_first_request_misses_nothing():
     scorer = _scorer()
     scorer.warm_up(PROFILES)
