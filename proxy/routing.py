@@ -1,8 +1,8 @@
 """Routing policy: what the scorer reads, who the candidates are, and the ranked decision. Pure.
 
-Owns: turning a chat into the instruction text the scorer scores (the last user turn plus as much
-earlier user/assistant context as fits a token budget; system and tool messages skipped; list
-content read for its text parts), choosing the candidates (routable, allowed by the request, not
+Owns: turning a chat into the instruction text the scorer scores (the last user turn, then as much
+earlier user/assistant context as fits a token budget, newest first; system and tool messages
+skipped; list content read for its text parts), choosing the candidates (routable, allowed by the request, not
 cooling down) and ranking them by score (ties keep providers.yaml's order).
 Does not know: HTTP, the scorer's internals, how a model is called. No I/O, no clock.
 """
@@ -51,13 +51,21 @@ def message_text(message: Mapping[str, Any]) -> str:
     return ""
 
 
+def _has_text(message: Mapping[str, Any]) -> bool:
+    return bool(message_text(message).strip())
+
+
 def instruction_text(messages: Sequence[Mapping[str, Any]], budget_tokens: int) -> str:
-    """The last user turn (cut to the budget) preceded by the newest earlier turns that fit."""
+    """The last user turn (cut to the budget) first, then the newest earlier turns that fit,
+    newest first.
+
+    The request comes first because the scorer reads the start of this text (the served
+    checkpoint: 64 tokens through phi, 256 through psi's instruction vector): a chat's earlier
+    answers placed before it would push the question being routed out of what is read."""
     last_user = next((i for i in range(len(messages) - 1, -1, -1)
-                      if messages[i].get("role") == "user" and message_text(messages[i])), None)
+                      if messages[i].get("role") == "user" and _has_text(messages[i])), None)
     if last_user is None:  # no user text at all: fall back to the newest message with text
-        last_user = next((i for i in range(len(messages) - 1, -1, -1)
-                          if message_text(messages[i])), None)
+        last_user = next((i for i in range(len(messages) - 1, -1, -1) if _has_text(messages[i])), None)
         if last_user is None:
             return ""
     head = message_text(messages[last_user])
@@ -69,14 +77,14 @@ def instruction_text(messages: Sequence[Mapping[str, Any]], budget_tokens: int) 
         if msg.get("role") not in CONTEXT_ROLES:
             continue
         text = message_text(msg)
-        if not text:
+        if not text.strip():
             continue
         cost = approx_tokens(text) + 1
         if used + cost > budget_tokens:
             break
         parts.append(text)
         used += cost
-    return SEPARATOR.join(reversed(parts))
+    return SEPARATOR.join(parts)
 
 
 def candidates(models: Iterable[Deployment], allow: Sequence[str] | None,

@@ -171,7 +171,7 @@ def test_the_route_preview_decides_as_a_request_would_and_calls_no_model(tmp_pat
     assert routed["ranked"] == [{"model": "m2", "score": 1.0}, {"model": "m1", "score": 0.1},
                                 {"model": "m3", "score": 0.1}]
     assert routed["tries"] == ["m2", "m1"]  # the choice, then max_fallbacks more
-    assert routed["instruction"] == "What is a prime?\n\nA number.\n\nName three."
+    assert routed["instruction"] == "Name three.\n\nA number.\n\nWhat is a prime?"  # the request first
     assert routed["scorer_ms"] >= 0 and routed["remembered"] is False
     assert narrowed["chosen"] == "m1" and [r["model"] for r in narrowed["ranked"]] == ["m1", "m3"]
     assert direct == {"chosen": "m3", "route": "direct", "degraded": None, "ranked": [], "tries": ["m3"],

@@ -20,11 +20,29 @@ def test_last_user_turn_plus_context_that_fits():
                                          {"type": "image_url", "image_url": {"url": "u"}},
                                          {"type": "text", "text": "and that"}]}]
     text = instruction_text(msgs, budget_tokens=512)
-    assert text.endswith("now this\nand that")
-    assert "first answer" in text and "first question" in text
+    # the request first (the scorer reads the start), then the context, newest first
+    assert text == "now this\nand that\n\nfirst answer\n\n" + "first question " * 10
     assert "SYSTEM" not in text and "TOOL OUTPUT" not in text
     small = instruction_text(msgs, budget_tokens=approx_tokens("now this\nand that") + 5)
-    assert small == "first answer\n\nnow this\nand that"
+    assert small == "now this\nand that\n\nfirst answer"
+
+
+def test_the_request_opens_the_instruction_however_long_the_chat_before_it():
+    """The served scorer reads the first 64 tokens of the instruction through phi: a long earlier
+    answer must not push the question being routed out of them."""
+    msgs = [{"role": "user", "content": "Tell me about Rome."},
+            {"role": "assistant", "content": "The Roman Empire began in 27 BC. " * 60},
+            {"role": "user", "content": "Write a fibonacci function in Rust."}]
+    assert instruction_text(msgs, 512).startswith("Write a fibonacci function in Rust.")
+
+
+def test_whitespace_is_not_text():
+    msgs = [{"role": "system", "content": "Translate to French."},
+            {"role": "user", "content": "Good morning"},
+            {"role": "assistant", "content": "  \n"},
+            {"role": "user", "content": "  "}]
+    assert instruction_text(msgs, 512) == "Good morning"
+    assert instruction_text(msgs[:1] + [{"role": "user", "content": " "}], 512) == "Translate to French."
 
 
 def test_long_last_turn_is_cut_to_budget_and_no_user_falls_back():
