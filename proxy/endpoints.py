@@ -60,7 +60,8 @@ def parse_request(raw: bytes) -> tuple[dict[str, Any], protocol.ChatCompletionRe
     try:
         req = protocol.ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
-        err = exc.errors()[0]
+        # a misspelt field first: "satroute.modles: not permitted" says more than "models: required"
+        err = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
         loc = ".".join(str(p) for p in err["loc"])
         more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
         raise RequestError(f"{loc}: {err['msg']}{more}", param=loc or None,
@@ -89,13 +90,14 @@ async def plan_route(svc: "Services", body: dict[str, Any], req: protocol.ChatCo
     """Choose the models for ``body`` (its ``satroute`` field is taken out): the named model, the
     default model while nothing is routable, or the candidates ranked by the scorer (by the
     profiles' means when it fails or times out). Records no metric and calls no model."""
-    route = body.pop(protocol.ROUTE_FIELD, None)
+    body.pop(protocol.ROUTE_FIELD, None)
+    narrowed = req.satroute is not None  # {"models": [...]}, checked by the request model
     snap = svc.registry.snapshot
-    default = default_target(snap) if req.model == snap.router.router_name and not route else None
+    default = default_target(snap) if req.model == snap.router.router_name and not narrowed else None
     if default is not None:  # nothing is routable yet: the configured default model answers
         return Plan(Decision(((default.name, 0.0),), routed=False), [default], snap, default=True)
     if req.model == snap.router.router_name:
-        pool = candidates(snap.models.values(), req.satroute.models if route else None,
+        pool = candidates(snap.models.values(), req.satroute.models if narrowed else None,
                           svc.cooldowns.cooling)
         text = instruction_text(body["messages"], snap.router.routing_context_tokens)
         profiles = {d.name: d.profile for d in pool}
@@ -204,14 +206,15 @@ def route_kind(decision: Decision, default: bool = False) -> str:
 
 
 def routing_headers(decision: Decision, reply: Reply, default: bool = False) -> dict[str, str]:
-    headers = {protocol.HEADER_MODEL: reply.model, protocol.HEADER_ROUTE: route_kind(decision, default)}
+    headers = {protocol.HEADER_MODEL: protocol.header_name(reply.model),
+               protocol.HEADER_ROUTE: route_kind(decision, default)}
     if decision.degraded:
         headers[protocol.HEADER_DEGRADED] = decision.degraded
     if decision.routed:
         headers[protocol.HEADER_SCORES] = decision.scores_header()
         headers[protocol.HEADER_SCORER_MS] = f"{decision.scorer_ms:.2f}"
     if reply.failed:
-        headers[protocol.HEADER_FAILED] = ",".join(f"{n}:{r}" for n, r in reply.failed)
+        headers[protocol.HEADER_FAILED] = ",".join(f"{protocol.header_name(n)}:{r}" for n, r in reply.failed)
     return headers
 
 

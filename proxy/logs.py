@@ -23,6 +23,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping
+from urllib.parse import unquote
 
 import orjson
 
@@ -151,7 +152,7 @@ def _parse_scores(value: str) -> dict[str, float] | None:
         if value.startswith("{"):
             return {str(k): float(v) for k, v in json.loads(value).items()}
         pairs = (p.split("=", 1) for p in value.split(",") if "=" in p)
-        return {k.strip(): float(v) for k, v in pairs}
+        return {unquote(k.strip()): float(v) for k, v in pairs}  # names percent-encoded where needed
     except (ValueError, TypeError, AttributeError):
         return None
 
@@ -266,7 +267,7 @@ class RequestLogMiddleware:
             what = self._headers.get(lname)
             text = value.decode("latin-1")
             if what == "model" and record.routed_model is None:
-                record.routed_model = text
+                record.routed_model = unquote(text)
             elif what == "scores" and record.scores is None:
                 record.scores = _parse_scores(text)
             elif what == "scorer_ms" and record.scorer_ms is None:
@@ -275,7 +276,7 @@ class RequestLogMiddleware:
                 except ValueError:
                     pass
             elif what == "failed" and not record.failed_models:
-                record.failed_models = [m.strip() for m in text.split(",") if m.strip()]
+                record.failed_models = [unquote(m.strip()) for m in text.split(",") if m.strip()]
 
     def _finish(self, record: RequestRecord, sniff: "_BodySniffer", started: float,
                 request_body: bytearray | None) -> None:

@@ -10,11 +10,12 @@ Departures from the OpenAI spec (each one is ours, and documented in docs/routin
 - ``ROUTE_FIELD`` (``"satroute"``): optional object ``{"models": [names]}`` that narrows the
   candidates of a routed request. It is removed before the request goes upstream.
 - Response headers ``HEADER_*``: the routed model, the ranked scores, the scorer's latency, the
-  models that failed before the answering one.
+  models that failed before the answering one; model names in them as ``header_name`` writes them.
 """
 from __future__ import annotations
 
 from typing import Literal
+from urllib.parse import quote
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
@@ -26,6 +27,16 @@ HEADER_DEGRADED = "x-satroute-degraded"  # why "aptitude": scorer_failed, scorer
 HEADER_SCORES = "x-satroute-scores"  # "name=0.8123,name2=0.4410", best first
 HEADER_SCORER_MS = "x-satroute-scorer-ms"
 HEADER_FAILED = "x-satroute-failed"  # "name:reason,name2:reason" (models tried before the answer)
+# What a model name may hold unchanged in those headers; anything else (",", "=", "%", spaces,
+# non-ASCII: a header value is Latin-1 on the wire) is percent-encoded as UTF-8.
+_HEADER_NAME_SAFE = "-._~/:@+!*()'"
+
+
+def header_name(name: str) -> str:
+    """A model name as the ``x-satroute-*`` headers carry it: unchanged for the usual names
+    (``gpt-4o``, ``openai/gpt-4o-mini``, ``llama3:8b``), percent-encoded otherwise, so any name
+    can be sent and read back (``urllib.parse.unquote``) and the lists stay parseable."""
+    return quote(name, safe=_HEADER_NAME_SAFE)
 
 
 class ContentPart(BaseModel):
@@ -50,7 +61,7 @@ class RouteOptions(BaseModel):
     """Our extension: ``{"satroute": {"models": ["a", "b"]}}`` narrows the routed candidates."""
 
     model_config = ConfigDict(extra="forbid")
-    models: list[StrictStr] | None = Field(None, min_length=1)
+    models: list[StrictStr] = Field(min_length=1)
 
 
 class ChatCompletionRequest(BaseModel):

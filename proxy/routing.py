@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from proxy.errors import RequestError, ServiceUnavailable
+from proxy.protocol import header_name
 from proxy.providers import Deployment
 
 CONTEXT_ROLES = frozenset({"user", "assistant"})
@@ -32,7 +33,7 @@ class Decision:
         return self.ranked[0][0]
 
     def scores_header(self) -> str:
-        return ",".join(f"{name}={score:.4f}" for name, score in self.ranked)
+        return ",".join(f"{header_name(name)}={score:.4f}" for name, score in self.ranked)
 
 
 def approx_tokens(text: str) -> int:

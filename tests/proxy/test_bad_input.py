@@ -55,6 +55,9 @@ def test_malformed_bodies_are_400(proxy, upstream, body, words):
      "stream_options.include_usage"),
     ({"model": "auto", "messages": MESSAGES, "satroute": {"models": "m1"}}, "satroute.models"),
     ({"model": "auto", "messages": MESSAGES, "satroute": {"modles": ["m1"]}}, "satroute.modles"),
+    ({"model": "auto", "messages": MESSAGES, "satroute": {}}, "satroute.models"),
+    ({"model": "auto", "messages": MESSAGES, "satroute": {"models": None}}, "satroute.models"),
+    ({"model": "auto", "messages": MESSAGES, "satroute": {"models": []}}, "satroute.models"),
 ])
 def test_wrong_shapes_are_400_naming_the_field(proxy, upstream, body, param):
     err = assert_error(post(proxy, json=body), 400, param)

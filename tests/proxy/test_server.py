@@ -211,3 +211,28 @@ def test_retrieve_model(config, upstream, start_proxy):
     assert c.models.retrieve("auto").owned_by == "satroute"
     with pytest.raises(openai.NotFoundError):
         c.models.retrieve("nope")
+
+
+def test_any_model_name_can_be_routed_to_and_read_back_from_the_headers(tmp_path, upstream, start_proxy):
+    """Header values are Latin-1 on the wire, and the score list is split at "," and "=": a name
+    outside plain ASCII or holding those is percent-encoded there, never a 500 after the answer."""
+    from urllib.parse import unquote
+
+    from proxy.logs import _parse_scores
+    from conftest import model_entry, write_config
+
+    models = [model_entry("qwen-中文", upstream.url, tmp_path, upstream_name="q"),
+              model_entry("a=1,b", upstream.url, tmp_path, upstream_name="ab"),
+              model_entry("openai/gpt-4o-mini", upstream.url, upstream_name="g")]  # called by name only
+    config = write_config(tmp_path / "providers.yaml", models)
+    proxy = start_proxy(config, scorer=RecordingScorer({"qwen-中文": 0.9, "a=1,b": 0.5}))
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.http_response.status_code == 200
+    assert raw.headers["x-satroute-model"] == "qwen-%E4%B8%AD%E6%96%87"
+    assert unquote(raw.headers["x-satroute-model"]) == "qwen-中文"
+    assert raw.headers["x-satroute-scores"] == "qwen-%E4%B8%AD%E6%96%87=0.9000,a%3D1%2Cb=0.5000"
+    assert _parse_scores(raw.headers["x-satroute-scores"]) == {"qwen-中文": 0.9, "a=1,b": 0.5}
+    direct = client(proxy).chat.completions.with_raw_response.create(model="a=1,b", messages=MESSAGES)
+    assert direct.headers["x-satroute-model"] == "a%3D1%2Cb"
+    plain = client(proxy).chat.completions.with_raw_response.create(model="openai/gpt-4o-mini", messages=MESSAGES)
+    assert plain.headers["x-satroute-model"] == "openai/gpt-4o-mini"  # the usual names pass unchanged
