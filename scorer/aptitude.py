@@ -178,8 +178,16 @@ def profile_from_graded(suite: Suite, graded: Mapping[str, bool | float]) -> dic
 
 
 def graded_from_outcomes(suite: Suite, data: RoutingData, model: str) -> dict[str, float]:
-    """``{question_id: 1.0/0.0}`` for the suite's questions ``model`` has a recorded outcome on."""
+    """``{question_id: 1.0/0.0}`` for the suite's questions ``model`` has a recorded outcome on.
+
+    A suite is built from train questions; one that names a question of another split (a suite
+    edited by hand, or built from other data) would carry test outcomes into a profile, so it is
+    refused (``DataError``)."""
     qids = [q for q in suite.question_ids if q in data]
+    foreign = [q for q in qids if data.prompt(q).split != "train"]
+    if foreign:
+        raise DataError(f"suite {suite.name!r} names {len(foreign)} question(s) outside the train split "
+                        f"(e.g. {foreign[0]!r}): a profile must not read them")
     values = data.correct(model)[data.rows(qids)]
     return {q: float(v) for q, v in zip(qids, values) if not np.isnan(v)}
 

@@ -70,6 +70,14 @@ def test_profiles_from_outcomes_and_graded_agree(data):
     assert profile_from_graded(suite, {"a2": True}) == {"anatomy": 1.0}  # no graded astronomy question
 
 
+def test_a_suite_naming_a_test_question_is_refused_before_a_profile_reads_it(data):
+    from scorer.aptitude import Task
+
+    suite = Suite("edited", 1, (Task("anatomy", ("a", "b", "c", "d", "e"), ("a2", "a4")),))  # a4 is test
+    with pytest.raises(DataError, match="outside the train split.*a4"):
+        profile_from_outcomes(suite, data, "A")
+
+
 def test_suite_and_profile_files_round_trip(data, tmp_path):
     suite = build_suite(data, "tiny", n_tasks=2, n_questions=2, seed=0, min_questions=2)
     suite.save(tmp_path / "tiny.json")
