@@ -156,7 +156,7 @@ class RetryingDispatcher:
         import openai  # litellm's exceptions subclass the openai SDK's
 
         kwargs = {k: v for k, v in d.params.items() if k not in ("max_retries", "num_retries")}
-        kwargs.update({k: v for k, v in call.body.items() if k != "model"})
+        kwargs.update(litellm_request_kwargs(call.body))
         kwargs.update(model=d.model, timeout=first_byte_s, num_retries=0, max_retries=0)
         if d.api_base:
             kwargs["api_base"] = d.api_base
@@ -180,6 +180,29 @@ class RetryingDispatcher:
         if first is None:
             raise UpstreamTransient(f"{d.name}: stream closed before its first chunk", model=d.name)
         return Answer(chunks=_litellm_chunks(first, resp, d.name, openai.OpenAIError))
+
+
+# The chat completion parameters of the OpenAI API: these go to litellm as its keyword arguments
+# (it translates them for each provider). Every other field of the client's body travels in
+# ``extra_body``, never as a keyword: litellm reads many keywords as its own settings (``api_base``,
+# ``base_url``, ``api_key``, ``extra_headers``, ``mock_response``, ``metadata``, ...), and a client
+# must not be able to choose where the configured credentials are sent.
+OPENAI_CHAT_PARAMS = frozenset({
+    "messages", "stream", "stream_options", "temperature", "top_p", "n", "stop", "max_tokens",
+    "max_completion_tokens", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+    "top_logprobs", "user", "response_format", "seed", "tools", "tool_choice", "parallel_tool_calls",
+    "functions", "function_call", "modalities", "audio", "prediction", "reasoning_effort",
+    "service_tier", "store", "web_search_options", "verbosity"})
+
+
+def litellm_request_kwargs(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The client's body as ``litellm.acompletion`` keywords: the OpenAI chat parameters as they
+    are, everything else (but ``model``, which the target sets) under ``extra_body``."""
+    kwargs = {k: v for k, v in body.items() if k in OPENAI_CHAT_PARAMS}
+    extra = {k: v for k, v in body.items() if k not in OPENAI_CHAT_PARAMS and k != "model"}
+    if extra:
+        kwargs["extra_body"] = extra
+    return kwargs
 
 
 def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) -> Exception:

@@ -259,3 +259,27 @@ def test_models_marked_ready_at_run_time_become_routable(tmp_path, upstream, sta
     proxy.app.state.services.registry.set_unavailable("fresh", "local server down")
     assert client(proxy).chat.completions.create(model="auto", messages=MESSAGES).model == "old"
     assert "fresh" not in [m.id for m in client(proxy).models.list()]
+
+
+def test_a_client_cannot_send_the_configured_key_elsewhere_through_litellm_keywords(tmp_path, upstream,
+                                                                                  start_proxy):
+    """litellm reads many keywords as its own settings (api_base, base_url, mock_response, ...):
+    fields of the client's body must reach the upstream as body fields, never as those settings."""
+    from support.mock_upstream import MockUpstream
+
+    secret = "sk-configured-server-key-0123456789"
+    cfg = write_config(tmp_path / "providers.yaml",
+                       [model_entry("m1", upstream.url, tmp_path, fast_path=False, key=secret)], num_retries=0)
+    proxy = start_proxy(cfg)
+    with MockUpstream() as elsewhere:
+        for field, value in (("base_url", elsewhere.url), ("api_base", elsewhere.url),
+                             ("mock_response", "a forged answer"), ("extra_headers", {"x-leak": "1"})):
+            r = httpx.post(f"{proxy.url}/chat/completions", timeout=30,
+                           json={"model": "m1", "messages": MESSAGES, field: value, "x_vendor": 7})
+            assert r.status_code == 200, r.text
+            assert r.json()["choices"][0]["message"]["content"] == "reply from m1", field
+        assert elsewhere.received == []
+    sent = upstream.received[-4:]
+    assert all(rec.headers.get("authorization") == f"Bearer {secret}" for rec in sent)
+    assert all(rec.body["x_vendor"] == 7 for rec in sent)  # unknown fields still reach the upstream
+    assert "x-leak" not in sent[-1].headers and sent[-1].body["extra_headers"] == {"x-leak": "1"}
