@@ -118,10 +118,15 @@ class RetryingDispatcher:
                 if self.metrics is not None and attempt.retry_state.attempt_number > 1:
                     self.metrics.observe_retry(d.name)
                 started = time.perf_counter()
+                budget = min(router.timeout_s, remaining)
                 try:
-                    return await self._attempt(d, call, min(router.timeout_s, remaining))
-                except UpstreamTransient:
-                    if (self.cooldowns.failure(d.name, router.allowed_fails, router.cooldown_s)
+                    return await self._attempt(d, call, budget)
+                except UpstreamTransient as exc:
+                    # a timeout the request's own deadline cut short, or a failure that may be the
+                    # request's, says nothing about the model: it must not cool it for everyone
+                    cut_short = exc.timeout and budget < router.timeout_s
+                    if (exc.counts and not cut_short
+                            and self.cooldowns.failure(d.name, router.allowed_fails, router.cooldown_s)
                             and self.metrics is not None):
                         self.metrics.observe_cooldown(d.name)
                     raise
@@ -213,6 +218,13 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
         return UpstreamTransient(f"{model}: {type(exc).__name__}: {message}", model=model,
                                  status=504 if failure == "timeout" else 0,
                                  timeout=failure == "timeout")
+    import openai
+
+    if isinstance(exc, openai.APIConnectionError):
+        # litellm's "connection error" with no network failure behind it: it failed on its own side,
+        # often translating this request (a malformed tool, say). Another model may take the
+        # request, but this one's health is not in question.
+        return UpstreamTransient(f"{model}: {type(exc).__name__}: {message}", model=model, counts=False)
     if status is None or status in RETRYABLE:
         response = getattr(exc, "response", None)
         headers = (getattr(exc, "litellm_response_headers", None)
@@ -234,18 +246,26 @@ def _transport_failure(exc: BaseException) -> str | None:
     (``InternalServerError: Connection error``), keeping the original as the cause; the chain says
     whether an upstream answered at all.
     """
+    import httpx
     import openai
 
     seen: set[int] = set()
     link: BaseException | None = exc
     while link is not None and id(link) not in seen:
         seen.add(id(link))
-        if isinstance(link, (openai.APITimeoutError, TimeoutError)):
+        if isinstance(link, (openai.APITimeoutError, TimeoutError, httpx.TimeoutException)):
             return "timeout"
-        if isinstance(link, (openai.APIConnectionError, ConnectionError)):
+        # a network failure underneath, not litellm's label alone: litellm also wraps its own
+        # errors (a request it could not translate) as APIConnectionError
+        if isinstance(link, (OSError, httpx.TransportError)) or _is_aiohttp_client_error(link):
             return "connection"
         link = link.__cause__ or link.__context__
     return None
+
+
+def _is_aiohttp_client_error(exc: BaseException) -> bool:
+    module = type(exc).__module__ or ""
+    return module.startswith("aiohttp") and any(c.__name__ == "ClientError" for c in type(exc).__mro__)
 
 
 async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type) -> AsyncIterator[bytes]:

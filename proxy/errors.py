@@ -102,14 +102,17 @@ class UpstreamClientError(UpstreamError):
 
 class UpstreamTransient(UpstreamError):
     """Worth retrying; ``status`` is the upstream's HTTP status (0: none, the connection failed);
-    ``retry_after`` is its Retry-After in seconds, when it sent one."""
+    ``retry_after`` is its Retry-After in seconds, when it sent one. ``counts``: whether it says
+    something about the model's health (False: the failure may be the request's own, as when
+    litellm fails before sending anything), so whether it feeds the model's cooldown."""
 
     def __init__(self, message: str, *, model: str = "", status: int = 0,
-                 retry_after: float | None = None, timeout: bool = False):
+                 retry_after: float | None = None, timeout: bool = False, counts: bool = True):
         super().__init__(message, model=model)
         self.upstream_status = status
         self.retry_after = retry_after
         self.timeout = timeout
+        self.counts = counts
 
 
 class AllUpstreamsFailed(UpstreamError):

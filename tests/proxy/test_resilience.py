@@ -283,3 +283,33 @@ def test_a_client_cannot_send_the_configured_key_elsewhere_through_litellm_keywo
     assert all(rec.headers.get("authorization") == f"Bearer {secret}" for rec in sent)
     assert all(rec.body["x_vendor"] == 7 for rec in sent)  # unknown fields still reach the upstream
     assert "x-leak" not in sent[-1].headers and sent[-1].body["extra_headers"] == {"x-leak": "1"}
+
+
+def test_a_request_litellm_cannot_translate_does_not_cool_the_model(tmp_path, upstream, start_proxy):
+    """litellm wraps its own failure to translate a request (here a tool without its function) as a
+    'connection error' though nothing was sent: the model's health is not in question."""
+    claude = model_entry("claude", upstream.url, tmp_path, key="sk-ant-0123456789")
+    claude["litellm_params"]["model"] = "anthropic/claude-3-5-sonnet-20241022"
+    cfg = write_config(tmp_path / "providers.yaml", [claude, model_entry("m2", upstream.url, tmp_path)],
+                       num_retries=1, allowed_fails=1)
+    proxy = start_proxy(cfg, scorer=RecordingScorer({"claude": 1.0, "m2": 0.5}))
+    for _ in range(2):
+        r = httpx.post(f"{proxy.url}/chat/completions", timeout=60,
+                       json={"model": "claude", "messages": MESSAGES, "tools": [{"type": "function"}]})
+        assert r.status_code >= 400
+    assert upstream.received == []  # litellm never sent it
+    assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == []
+
+
+def test_a_healthy_fallback_cut_short_by_the_deadline_is_not_cooled(tmp_path, upstream, start_proxy):
+    from support.mock_upstream import Behavior
+
+    cfg = write_config(tmp_path / "providers.yaml", [model_entry(n, upstream.url, tmp_path) for n in ("m1", "m2")],
+                       num_retries=0, timeout_s=5.0, deadline_s=1.0, allowed_fails=2, cooldown_s=30)
+    proxy = start_proxy(cfg, scorer=RecordingScorer({"m1": 1.0, "m2": 0.5}))
+    upstream.set("m1", Behavior("fail", status=503, message="overloaded", delay=0.9))  # slow 503s
+    upstream.set("m2", answer(delay=0.3))  # healthy, but left with 0.1 s of the request's deadline
+    for _ in range(2):
+        r = httpx.post(f"{proxy.url}/chat/completions", timeout=30, json={"model": "auto", "messages": MESSAGES})
+        assert r.status_code == 504
+    assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == ["m1"]  # m1 failed on its own time
