@@ -86,6 +86,9 @@ class RetryingDispatcher:
                 self.metrics.observe_fallback(failed[-1][0], target.name)
             try:
                 answer = await self._with_retries(target, call, deadline)
+            except UpstreamClientError as exc:  # its answer goes back as it is, with what failed before
+                exc.failed = failed
+                raise
             except UpstreamTransient as exc:
                 failed.append((target.name, _reason(exc)))
                 timed_out = exc.timeout

@@ -10,9 +10,11 @@ Does not know: how scores are computed, how upstreams are called (``Services`` h
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Coroutine
 
 import orjson
 from pydantic import ValidationError
@@ -22,7 +24,7 @@ from starlette.responses import Response, StreamingResponse
 from proxy import protocol
 from proxy.dispatch import Call, Reply
 from proxy.errors import (AllUpstreamsFailed, BodyTooLarge, ModelNotFound, RequestError, SatrouteError,
-                          error_response)
+                          UpstreamClientError, error_response)
 from proxy.logs import request_record
 from proxy.providers import Deployment, Snapshot
 from proxy.routing import Decision, candidates, instruction_text, rank
@@ -147,12 +149,20 @@ async def chat_completions(request: Request) -> Response:
             request_id=record.request_id if record is not None else None, degraded=decision.degraded)
 
     try:
-        reply = await svc.dispatcher.complete(Call(targets=targets, body=body, stream=stream,
-                                                   router=snap.router, redact=snap.redact))
+        reply = await _unless_the_client_leaves(request, svc.dispatcher.complete(
+            Call(targets=targets, body=body, stream=stream, router=snap.router, redact=snap.redact)))
     except AllUpstreamsFailed as exc:  # no model answered: the log says so, the client gets the error
         if logged:
             log_route(None, exc.failed)
         raise
+    except UpstreamClientError as exc:  # the model refused the request: logged, passed back as it is
+        if logged:
+            log_route(None, [*exc.failed, (exc.model, f"http_{exc.status}")])
+        raise
+    if reply is None:  # the client left before any model answered: the calls were cancelled
+        if record is not None:
+            record.error = "client disconnected"
+        return Response(status_code=499)
     if record is not None:  # to the answer, or to a stream's first chunk; retries included
         record.upstream_ms = round((time.perf_counter() - started) * 1000, 2)
     if logged:
@@ -162,6 +172,39 @@ async def chat_completions(request: Request) -> Response:
         return StreamingResponse(reply.chunks, media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache"})
     return Response(reply.body, media_type=JSON, headers=headers)
+
+
+async def _unless_the_client_leaves(request: Request, work: Coroutine[Any, Any, Reply]) -> Reply | None:
+    """``work``'s reply, or None when the client disconnects first: then ``work`` (retries,
+    fallbacks, the upstream call in flight) is cancelled, so nothing more is asked or paid for."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+
+    gone = asyncio.ensure_future(disconnected())
+    try:
+        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    except BaseException:  # this request's own task is cancelled (shutdown): so is the work
+        task.cancel()
+        raise
+    finally:
+        gone.cancel()  # a response that streams listens for the disconnect itself
+    if task.done():
+        return task.result()
+    task.cancel()  # the client left first
+    try:
+        reply = await task
+    except asyncio.CancelledError:
+        if asyncio.current_task().cancelling():  # not only the work: this request too
+            raise
+        return None
+    except Exception:  # noqa: BLE001 (it failed as it was cancelled; nobody is left to tell)
+        return None
+    if reply.chunks is not None and hasattr(reply.chunks, "aclose"):  # answered as it was cancelled
+        await reply.chunks.aclose()
+    return None
 
 
 async def route_preview(request: Request) -> Response:

@@ -93,6 +93,7 @@ class UpstreamClientError(UpstreamError):
         super().__init__(message, model=model)
         self.status = status
         self.upstream_body = upstream_body
+        self.failed: list[tuple[str, str]] = []  # models that failed before this one refused (dispatch)
 
     def body(self) -> dict[str, Any]:
         if self.upstream_body is not None:

@@ -313,3 +313,30 @@ def test_a_healthy_fallback_cut_short_by_the_deadline_is_not_cooled(tmp_path, up
         r = httpx.post(f"{proxy.url}/chat/completions", timeout=30, json={"model": "auto", "messages": MESSAGES})
         assert r.status_code == 504
     assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == ["m1"]  # m1 failed on its own time
+
+
+@pytest.mark.parametrize("fast", PATHS)
+def test_a_client_that_leaves_before_the_answer_stops_the_retries_and_fallbacks(tmp_path, upstream,
+                                                                               start_proxy, fast):
+    proxy = setup(tmp_path, upstream, start_proxy, fast, num_retries=2, timeout_s=0.6, deadline_s=20)
+    upstream.set("m1", stall(1.0))  # every attempt would time out, then m2 and m3 would be tried
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(f"{proxy.url}/chat/completions", timeout=0.3, json={"model": "auto", "messages": MESSAGES})
+    time.sleep(2.0)
+    # at most the one call in flight when the client left (litellm's first import may outlast it)
+    assert [r.body["model"] for r in upstream.received] in ([], ["m1"])
+    assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == []
+
+
+@pytest.mark.parametrize("fast", PATHS)
+def test_a_routed_request_the_model_refuses_is_in_the_routing_log(tmp_path, upstream, start_proxy, fast):
+    proxy = setup(tmp_path, upstream, start_proxy, fast)
+    upstream.queue("m1", fail(503), fail(503), fail(503))
+    upstream.queue("m2", fail(400, "context length exceeded", "invalid_request_error"))
+    r = httpx.post(f"{proxy.url}/chat/completions", timeout=30, json={"model": "auto", "messages": MESSAGES})
+    assert r.status_code == 400
+    deadline = time.time() + 10
+    while not (rows := httpx.get(f"{proxy.base}/admin/routes").json()["data"]) and time.time() < deadline:
+        time.sleep(0.1)  # the routing log is written in batches
+    assert [(row["chosen"], row["failed"]) for row in rows] == [
+        (None, [{"model": "m1", "reason": "http_503"}, {"model": "m2", "reason": "http_400"}])]
