@@ -5,9 +5,13 @@ text`` (the proxy fills it with its dispatch path, so the same retries, timeouts
 apply; tests fill it with fakes); bounded concurrency; a spend cap checked against an estimate made
 from the model's prices before the first question, and enforced again while answers come in;
 states (``running``; ``stalled`` with the reason while the upstream is down, with backoff, until it
-answers again; ``failed`` with the reason when it never answered, refused the request, or the cap
-was reached; ``done``); resuming from the store without asking any stored question again; and the
-``satroute onboard`` command (``add_arguments``/``run``).
+answers again; ``failed`` with the reason when it never answered, refused the model (or 10
+questions in a row), or the cap was reached; ``pending`` when an ``Asker`` cancelled the run with
+``RunCancelled``; ``done``); grading a question as no answer when the upstream refuses that one
+prompt (a 4xx other than 401/402/403/404) or it alone keeps failing while others are answered;
+resuming from the store without asking any stored question again (nor, when the upstream
+fingerprint changed, with the old answers); and the ``satroute onboard`` command
+(``add_arguments``/``run``).
 A profile exists only once every question is graded: ``Store.finish`` writes it together with the
 ``done`` status, so routing never sees a half-finished one.
 A crash loses only the questions in flight at that moment (at most ``concurrency``): they were never
@@ -18,9 +22,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import sys
 import time
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Awaitable, Callable, Protocol, Sequence
 
@@ -35,6 +40,11 @@ log = logging.getLogger("satroute.onboarding")
 
 # What a failed ask may raise: the dispatch path's errors, or a bare network/timeout error.
 TRANSIENT = (UpstreamError, TimeoutError, ConnectionError)
+
+
+class RunCancelled(Exception):
+    """Raised by an ``Asker`` when the run must stop without failing (the model left
+    providers.yaml): nothing is recorded against the model, and a later run resumes."""
 
 
 class Asker(Protocol):
@@ -63,6 +73,23 @@ class Options:
     backoff_s: float = 1.0  # first wait after a failure that the dispatch retries did not absorb
     backoff_max_s: float = 60.0
     give_up_s: float = 120.0  # a model that never answered for this long has failed
+    question_attempts: int = 5  # transient failures of one question, while others answer
+    refusals_in_a_row: int = 10  # 4xx about single prompts, no answer between: the run fails
+
+
+# A 4xx with these statuses refuses every request to the model (credentials, billing, no such
+# model); any other 4xx is about the one prompt (content filter, context length, ...).
+FATAL_STATUSES = frozenset({401, 402, 403, 404})
+_NO_SUCH_MODEL = re.compile(r"model_not_found|\bmodel\b.{0,120}?\b(?:not found|does not exist)",
+                            re.IGNORECASE | re.DOTALL)
+
+
+def refuses_the_model(exc: UpstreamClientError) -> bool:
+    """True when a 4xx means no request to this model can succeed, not just this prompt."""
+    if exc.status in FATAL_STATUSES:
+        return True
+    text = exc.message if exc.upstream_body is None else f"{exc.message} {exc.upstream_body}"
+    return _NO_SUCH_MODEL.search(text) is not None
 
 
 def prompt_tokens(question: Question) -> int:
@@ -91,7 +118,17 @@ class _Run:
         self.first_failure = 0.0
         self.resume_at = 0.0
         self.fatal: str | None = None
+        self.cancelled: str | None = None
         self.spent = 0.0
+        self.answers = 0  # answered in this run
+        self.epoch = 0  # counted failures so far: an ask remembers the one it started under
+        self.refused_in_a_row = 0  # 4xx about single prompts since the last answer
+        self.failed_since_answer: set[str] = set()  # questions failed since the last answer
+        self.strikes: Counter[str] = Counter()  # failures of a question while others answered
+
+    @property
+    def stopping(self) -> bool:
+        return self.fatal is not None or self.cancelled is not None
 
 
 class Onboarding:
@@ -109,22 +146,34 @@ class Onboarding:
         self.clock: Callable[[], float] = time.monotonic
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
-    async def run(self, model: str, prices: Prices = Prices()) -> Progress:
-        """Onboard ``model`` (resuming from the store); returns its final stored progress."""
+    async def run(self, model: str, prices: Prices = Prices(),
+                  upstream: str | None = None) -> Progress:
+        """Onboard ``model`` (resuming from the store); returns its final stored progress.
+
+        ``upstream`` fingerprints what answers for ``model`` (``upstream_fingerprint``): when the
+        store's answers came from another one, they are forgotten and the test starts over.
+        """
         opts = self.options
+        if upstream is not None and self.store.upstream_changed(model, upstream):
+            log.warning("onboarding %s: its upstream changed; forgetting its answers and profile",
+                        model)
+            self.store.forget(model)
         done = self.store.answered(model)
         todo = [q for q in self.questions if q.id not in done]
         estimate = estimate_cost(todo, prices, opts)
+        spent = self.store.spent(model)
         total = len(self.questions)
-        if opts.spend_cap_usd is not None and estimate > opts.spend_cap_usd:
+        if opts.spend_cap_usd is not None and spent + estimate > opts.spend_cap_usd:
+            before = f" plus ${spent:.2f} already spent" if spent else ""
             self.store.set_status(model, "failed", f"estimated cost ${estimate:.2f} for {len(todo)} "
-                                  f"questions exceeds the spend cap ${opts.spend_cap_usd:.2f}",
-                                  suite=self.suite.name)
+                                  f"questions{before} exceeds the spend cap "
+                                  f"${opts.spend_cap_usd:.2f}", suite=self.suite.name)
             return self._progress(model)
-        self.store.begin(model, self.suite.name, total, round(estimate, 4))
-        log.info("onboarding %s: %d of %d questions to ask (estimated $%.2f)",
-                 model, len(todo), total, estimate)
+        self.store.begin(model, self.suite.name, total, round(estimate, 4), upstream)
+        log.info("onboarding %s: %d of %d questions to ask (estimated $%.2f, $%.2f spent before)",
+                 model, len(todo), total, estimate, spent)
         state = _Run(model, todo, answered_before=bool(done))
+        state.spent = spent
         workers = [asyncio.create_task(self._worker(state, prices), name=f"onboard-{model}-{i}")
                    for i in range(min(opts.concurrency, len(todo)))]
         try:
@@ -132,6 +181,11 @@ class Onboarding:
         finally:
             for w in workers:
                 w.cancel()
+        if state.cancelled is not None:  # not a failure: the next run resumes where this stopped
+            log.info("onboarding %s cancelled: %s", model, state.cancelled)
+            self.store.set_status(model, "pending", f"cancelled: {state.cancelled}",
+                                  suite=self.suite.name)
+            return self._progress(model)
         if state.fatal is not None:
             self.store.set_status(model, "failed", state.fatal, suite=self.suite.name)
             log.error("onboarding %s failed: %s", model, state.fatal)
@@ -153,24 +207,34 @@ class Onboarding:
 
     async def _worker(self, state: _Run, prices: Prices) -> None:
         opts = self.options
-        while state.queue and state.fatal is None:
+        while state.queue and not state.stopping:
             wait = state.resume_at - self.clock()
             if wait > 0:  # the upstream is down: everyone waits for the backoff to end
                 await self.sleep(wait)
                 continue
             question = state.queue.popleft()
             state.in_flight += 1
+            epoch = state.epoch  # which backoff this ask started under
             try:
                 text = await self.asker.ask(state.model, messages_for(question),
                                             max_tokens=opts.max_tokens,
                                             temperature=opts.temperature)
-            except UpstreamClientError as exc:
+            except RunCancelled as exc:
                 state.queue.appendleft(question)
-                state.fatal = f"the upstream refused the request: {exc.message}"
+                state.cancelled = str(exc)
                 return
+            except UpstreamClientError as exc:
+                if refuses_the_model(exc):
+                    state.queue.appendleft(question)
+                    state.fatal = f"the upstream refused the request: {exc.message}"
+                    return
+                self._refused(state, question, exc)
+                continue
             except TRANSIENT as exc:
-                state.queue.append(question)  # asked again after the backoff
-                self._failed(state, f"{type(exc).__name__}: {getattr(exc, 'message', exc)}")
+                reason = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
+                if not self._give_up_on(state, question, reason):
+                    state.queue.append(question)  # asked again after the backoff
+                    self._failed(state, reason, epoch)
                 continue
             finally:
                 state.in_flight -= 1
@@ -178,34 +242,84 @@ class Onboarding:
 
     def _answered(self, state: _Run, question: Question, text: str, prices: Prices) -> None:
         letter = extract_answer(text, len(question.options))
+        cost = prices.cost(prompt_tokens(question), approx_tokens(text))
         self.store.record(state.model, GradedAnswer(question.id, letter, letter == question.answer,
-                                                    text))
+                                                    text), cost)
         if state.failures:
             log.info("onboarding %s: upstream answers again, resuming", state.model)
             self.store.set_status(state.model, "running", suite=self.suite.name)
         state.failures, state.ever_answered = 0, True
-        state.spent += prices.cost(prompt_tokens(question), approx_tokens(text))
+        state.answers += 1
+        state.refused_in_a_row = 0
+        state.failed_since_answer.clear()
+        state.spent += cost
         cap = self.options.spend_cap_usd
         if cap is not None and state.spent > cap:
             state.fatal = f"spend cap ${cap:.2f} reached after ${state.spent:.2f}"
+        self._tick(state)
+
+    def _no_answer(self, state: _Run, question: Question) -> None:
+        """Grade ``question`` as no answer (wrong): it could not be asked, and the run moves on."""
+        self.store.record(state.model, GradedAnswer(question.id, None, False, None))
+        self._tick(state)
+
+    def _tick(self, state: _Run) -> None:
         if self.on_progress is not None:
             self.on_progress(state.model, len(self.questions) - len(state.queue) - state.in_flight,
                              len(self.questions))
 
-    def _failed(self, state: _Run, reason: str) -> None:
+    def _refused(self, state: _Run, question: Question, exc: UpstreamClientError) -> None:
+        """A 4xx about this one prompt (content filter, context length): no answer, unless the
+        upstream refuses everything (then the run fails, and nothing refused was recorded)."""
+        state.refused_in_a_row += 1
+        limit = self.options.refusals_in_a_row
+        if state.refused_in_a_row >= limit:
+            state.queue.appendleft(question)
+            state.fatal = (f"the upstream refused {limit} requests in a row "
+                           f"(HTTP {exc.status}): {exc.message}")
+            return
+        if not state.answers:  # nothing answered in this run yet: it may refuse every request
+            state.queue.append(question)  # so ask this one again after the others
+            return
+        log.warning("onboarding %s: the upstream refused question %s (HTTP %s: %s); graded as no "
+                    "answer", state.model, question.id, exc.status, exc.message)
+        self._no_answer(state, question)
+
+    def _give_up_on(self, state: _Run, question: Question, reason: str) -> bool:
+        """Count a transient failure against ``question`` when it is the only question failing
+        while the model answers others (a failure of several questions is an outage, not theirs);
+        after ``question_attempts`` of them it is graded as no answer. True when given up."""
+        state.failed_since_answer.add(question.id)
+        if not state.ever_answered or state.failed_since_answer != {question.id}:
+            return False
+        state.strikes[question.id] += 1
+        attempts = self.options.question_attempts
+        if state.strikes[question.id] < attempts:
+            return False
+        log.warning("onboarding %s: question %s failed %d times while the model answered others "
+                    "(last: %s); graded as no answer", state.model, question.id, attempts, reason)
+        self._no_answer(state, question)
+        return True
+
+    def _failed(self, state: _Run, reason: str, epoch: int | None = None) -> None:
+        """A transient failure of an ask that started under backoff ``epoch``. Only an ask started
+        after the last counted failure counts (so an outage that fails every request in flight at
+        once is one failure, not ``concurrency`` of them); None: count it."""
         now = self.clock()
+        opts = self.options
         if state.failures == 0:
             state.first_failure = now
-        state.failures += 1
-        opts = self.options
-        delay = min(opts.backoff_max_s, opts.backoff_s * 2 ** min(state.failures - 1, 20))
-        state.resume_at = max(state.resume_at, now + delay)
+        if state.failures == 0 or epoch is None or epoch == state.epoch:
+            state.epoch += 1
+            state.failures += 1
+            delay = min(opts.backoff_max_s, opts.backoff_s * 2 ** min(state.failures - 1, 20))
+            state.resume_at = max(state.resume_at, now + delay)
+            if state.failures == 1 or state.failures % 10 == 0:
+                log.warning("onboarding %s stalled (%d failures): %s", state.model,
+                            state.failures, reason)
         if not state.ever_answered and now - state.first_failure >= opts.give_up_s:
             state.fatal = f"no answer for {now - state.first_failure:.0f}s: {reason}"
             return
-        if state.failures == 1 or state.failures % 10 == 0:
-            log.warning("onboarding %s stalled (%d failures): %s", state.model, state.failures,
-                        reason)
         self.store.set_status(state.model, "stalled", reason, suite=self.suite.name)
 
 
@@ -257,7 +371,8 @@ async def _run_cli(settings, model: str, restart: bool) -> int:
 
     from proxy.cooldown import Cooldowns
     from proxy.dispatch import RetryingDispatcher
-    from proxy.onboarding_service import DispatchAsker, prices_of, service_options
+    from proxy.onboarding_service import (DispatchAsker, prices_of, service_options,
+                                          upstream_fingerprint)
     from proxy.providers import ProviderRegistry
     from proxy.questions import load_questions
     from proxy.settings import environ
@@ -274,6 +389,11 @@ async def _run_cli(settings, model: str, restart: bool) -> int:
         if not d.available:
             print(f"satroute onboard: {model} is unavailable: {d.unavailable}", file=sys.stderr)
             return 2
+        upstream = upstream_fingerprint(d)
+        if store.upstream_changed(model, upstream):
+            print(f"satroute onboard: {model} now points at another upstream ({d.model}): "
+                  "forgetting its stored answers and profile", file=sys.stderr)
+            store.forget(model)
         suite = load_suite(settings.onboarding_suite)
         questions = load_questions(suite.question_ids, suite.name, settings.onboarding_data,
                                    hub=settings.onboarding_hub, cache_dir=store.dir)
@@ -287,7 +407,7 @@ async def _run_cli(settings, model: str, restart: bool) -> int:
         engine = Onboarding(store, suite, questions, DispatchAsker(registry, dispatcher),
                             service_options(settings), on_progress=tick)
         try:
-            progress = await engine.run(model, prices_of(d))
+            progress = await engine.run(model, prices_of(d), upstream)
         finally:
             bar.close()
             await dispatcher.close()

@@ -5,8 +5,10 @@ goes through the same retries, timeouts and cooldowns as traffic) and ``Onboardi
 watches the provider registry: at start-up and after every change of providers.yaml it starts a
 background run for each available model that has neither a profile in the file nor a finished one in
 the store (a failed run is tried again only when the file changes or the proxy restarts); it cancels
-runs of models removed from the file, and when a run is done it makes the registry read the store
-again, so the model becomes an ``auto`` candidate. Until then the model is callable by name only.
+runs of models removed from the file, forgets the stored answers and profile of a model whose
+upstream (``upstream_fingerprint``) changed and onboards it again, and when a run is done it makes
+the registry read the store again, so the model becomes an ``auto`` candidate. Until then the model
+is callable by name only. A run that crashes is recorded as ``failed`` with the reason.
 Also the JSON the admin endpoints show (``status``, ``profile``).
 Does not know: HTTP handlers, how answers are graded or stored (``proxy.onboarding``, ``proxy.store``).
 """
@@ -21,11 +23,12 @@ from typing import Any, Callable, Coroutine
 import orjson
 
 from proxy.dispatch import Call, Dispatcher
-from proxy.errors import UpstreamClientError, UpstreamTransient
-from proxy.onboarding import Onboarding, Options, Prices, status_of
+from proxy.errors import UpstreamTransient
+from proxy.onboarding import Onboarding, Options, Prices, RunCancelled, status_of
 from proxy.providers import Deployment, ProviderRegistry
 from proxy.questions import Question, QuestionSourceError, load_questions
 from proxy.store import Store
+from scorer.data import DataError
 
 log = logging.getLogger("satroute.onboarding")
 
@@ -42,17 +45,42 @@ class DispatchAsker:
         snap = self.registry.snapshot
         target = snap.models.get(model)
         if target is None:
-            raise UpstreamClientError(f"model {model!r} is no longer in providers.yaml", status=404,
-                                      model=model)
+            raise RunCancelled(f"model {model!r} is no longer in providers.yaml")
         body = {"model": model, "messages": messages, **params}
         reply = await self.dispatcher.complete(Call(targets=[target], body=body, stream=False,
                                                     router=snap.router, redact=snap.redact))
         try:
             message = orjson.loads(reply.body or b"{}")["choices"][0]["message"]
-            return message.get("content") or ""
+            return content_text(message.get("content"))
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise UpstreamTransient(f"{model}: answer is not a chat completion: "
                                     f"{(reply.body or b'')[:200]!r}", model=model) from None
+
+
+def content_text(content: object) -> str:
+    """A chat message's ``content`` as text: a string as is; a list of parts (``[{"type": "text",
+    "text": ...}, {"type": "thinking", ...}]``) as its text parts joined by newlines; None as "".
+    Anything else raises TypeError."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "\n".join(part["text"] for part in content if isinstance(part, dict)
+                         and part.get("type", "text") in ("text", "output_text")
+                         and isinstance(part.get("text"), str))
+    raise TypeError(f"message content is a {type(content).__name__}")
+
+
+def upstream_fingerprint(d: Deployment) -> str:
+    """What answers for a model name: its ``litellm_params.model`` and ``api_base`` (hashed, so
+    a secret in a URL never reaches the store). Stored answers of another upstream are stale."""
+    return hashlib.sha256(f"{d.model}\n{d.api_base or ''}".encode()).hexdigest()[:16]
+
+
+def onboardable(d: Deployment) -> bool:
+    """An available model whose profile (if any) comes from onboarding, not providers.yaml."""
+    return d.available and d.info.onboard and not d.info.capability_profile
 
 
 def prices_of(d: Deployment) -> Prices:
@@ -60,7 +88,7 @@ def prices_of(d: Deployment) -> Prices:
 
 
 def needs_onboarding(d: Deployment) -> bool:
-    return d.available and d.info.onboard and not d.info.capability_profile and d.profile is None
+    return onboardable(d) and d.profile is None
 
 
 class OnboardingService:
@@ -75,6 +103,7 @@ class OnboardingService:
         self._engine_lock = asyncio.Lock()
         self._source_error: str | None = None
         self._failed_stamp: dict[str, bytes] = {}  # model -> file digest when its run failed
+        self._run_upstream: dict[str, str] = {}  # model -> upstream fingerprint of its run
         self._digest = b""
 
     # -- the background loop ----------------------------------------------------------------
@@ -115,26 +144,70 @@ class OnboardingService:
                 log.info("onboarding %s cancelled: no longer in providers.yaml", name)
                 task.cancel()
         for name, d in models.items():
-            running = name in self.runs and not self.runs[name].done()
-            if running or not needs_onboarding(d):
+            task = self.runs.get(name)
+            running = task is not None and not task.done()
+            upstream = upstream_fingerprint(d)
+            if running:
+                if self._run_upstream.get(name) == upstream:
+                    continue
+                # another upstream answers under this name now: its answers are not the same
+                # model's; start over once the old run has stopped (no answer is recorded after
+                # the cancel: its workers are cancelled before they run again)
+                log.warning("onboarding %s: its upstream changed mid-run; starting over", name)
+                task.cancel()
+                self._reset(name)
+                if not onboardable(d):
+                    continue
+            elif not onboardable(d):
                 continue
-            if self._failed_stamp.get(name) == digest:
+            elif self.store.upstream_changed(name, upstream):
+                log.warning("onboarding %s: its upstream changed; forgetting its answers and "
+                            "profile, onboarding again", name)
+                self._reset(name)
+            elif d.profile is not None:
+                continue
+            elif self._failed_stamp.get(name) == digest:
                 continue  # failed with this very configuration; wait for an edit or a restart
-            self.runs[name] = self.spawn(self._run(d, digest), f"onboard-{name}")
+            self._run_upstream[name] = upstream
+            self.runs[name] = self.spawn(self._run(d, digest, after=task if running else None),
+                                         f"onboard-{name}")
 
-    async def _run(self, d: Deployment, digest: bytes) -> None:
+    def _reset(self, name: str) -> None:
+        """Forget a model's stored onboarding, and stop routing with its stored profile."""
+        self.store.forget(name)
+        self._failed_stamp.pop(name, None)
+        self.registry.refresh_profiles()
+
+    async def _run(self, d: Deployment, digest: bytes, after: asyncio.Task | None = None) -> None:
+        if after is not None:  # a cancelled run of the same model: let it stop first
+            await asyncio.gather(after, return_exceptions=True)
         try:
             engine = await self._get_engine()
+            progress = await engine.run(d.name, prices_of(d), upstream_fingerprint(d))
         except QuestionSourceError as exc:
-            self.store.set_status(d.name, "failed", exc.message, suite=self.suite_name)
-            self._failed_stamp[d.name] = digest
+            self._fail(d.name, digest, exc.message)
             return
-        progress = await engine.run(d.name, prices_of(d))
+        except DataError as exc:  # SATROUTE_ONBOARDING_SUITE names no suite, or a broken one
+            self._fail(d.name, digest, f"aptitude suite {self.suite_name!r} cannot be loaded: {exc}")
+            return
+        except Exception as exc:  # a bug must not leave the model "running" for ever
+            log.exception("onboarding %s crashed", d.name)
+            self._fail(d.name, digest, f"onboarding crashed: {type(exc).__name__}: {exc}")
+            return
         if progress.status == "done":
             self.registry.refresh_profiles()
             log.info("model %s onboarded: now an auto candidate", d.name)
         elif progress.status == "failed":
             self._failed_stamp[d.name] = digest
+
+    def _fail(self, model: str, digest: bytes, reason: str) -> None:
+        """Record a run that could not go on: ``failed`` with the reason, until the file changes."""
+        self._failed_stamp[model] = digest
+        log.error("onboarding %s failed: %s", model, reason)
+        try:
+            self.store.set_status(model, "failed", reason, suite=self.suite_name)
+        except Exception:  # the store itself is broken: the log says why
+            log.exception("onboarding %s: cannot record the failure", model)
 
     async def _get_engine(self) -> Onboarding:
         async with self._engine_lock:

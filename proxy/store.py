@@ -38,7 +38,9 @@ CREATE TABLE IF NOT EXISTS onboarding (
     total INTEGER NOT NULL DEFAULT 0,
     estimated_cost REAL,
     started_at REAL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    upstream TEXT,
+    spent_usd REAL
 );
 CREATE TABLE IF NOT EXISTS answers (
     model TEXT NOT NULL,
@@ -69,7 +71,8 @@ CREATE TABLE IF NOT EXISTS routing_log (
 """
 # Columns added after a table was first released: (table, column, type), added when missing.
 _COLUMNS_ADDED = (("routing_log", "failed", "TEXT"), ("routing_log", "request_id", "TEXT"),
-                  ("routing_log", "degraded", "TEXT"))
+                  ("routing_log", "degraded", "TEXT"), ("onboarding", "upstream", "TEXT"),
+                  ("onboarding", "spent_usd", "REAL"))
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,7 @@ class Progress:
     correct: int
     estimated_cost: float | None
     updated_at: float
+    spent: float = 0.0  # USD paid for its answers so far (estimated from their lengths)
 
     @property
     def accuracy(self) -> float | None:
@@ -94,7 +98,8 @@ class Progress:
         return {"status": self.status, "reason": self.reason, "suite": self.suite,
                 "questions_done": self.done, "questions_total": self.total,
                 "accuracy_so_far": None if self.accuracy is None else round(self.accuracy, 4),
-                "estimated_cost_usd": self.estimated_cost, "updated_at": self.updated_at}
+                "estimated_cost_usd": self.estimated_cost, "spent_usd": round(self.spent, 4),
+                "updated_at": self.updated_at}
 
 
 @dataclass(frozen=True)
@@ -176,17 +181,42 @@ class Store:
         self.close()
 
     # -- onboarding status ------------------------------------------------------------------
-    def begin(self, model: str, suite: str, total: int, estimated_cost: float | None = None) -> None:
-        """Mark a model's onboarding as running (created if new; answers kept if resumed)."""
+    def begin(self, model: str, suite: str, total: int, estimated_cost: float | None = None,
+              upstream: str | None = None) -> None:
+        """Mark a model's onboarding as running (created if new; answers kept if resumed);
+        ``upstream`` is the fingerprint of what answers (kept when None)."""
         now = time.time()
         with self._lock:
             self._db.execute(
                 "INSERT INTO onboarding (model, suite, status, reason, total, estimated_cost, "
-                "started_at, updated_at) VALUES (?, ?, 'running', NULL, ?, ?, ?, ?) "
+                "started_at, updated_at, upstream) VALUES (?, ?, 'running', NULL, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(model) DO UPDATE SET suite=excluded.suite, status='running', "
                 "reason=NULL, total=excluded.total, estimated_cost=excluded.estimated_cost, "
-                "updated_at=excluded.updated_at",
-                (model, suite, total, estimated_cost, now, now))
+                "updated_at=excluded.updated_at, "
+                "upstream=COALESCE(excluded.upstream, onboarding.upstream)",
+                (model, suite, total, estimated_cost, now, now, upstream))
+
+    def upstream_changed(self, model: str, upstream: str) -> bool:
+        """True when the model's stored answers came from another upstream than ``upstream`` (a
+        fingerprint). A row stored without one (by an earlier version) counts as the same
+        upstream and gets ``upstream`` recorded; nothing stored: False."""
+        with self._lock:
+            row = self._db.execute("SELECT upstream FROM onboarding WHERE model = ?",
+                                   (model,)).fetchone()
+            if row is None:
+                return False
+            if row[0] is None:
+                self._db.execute("UPDATE onboarding SET upstream = ? WHERE model = ? "
+                                 "AND upstream IS NULL", (upstream, model))
+                return False
+            return row[0] != upstream
+
+    def spent(self, model: str) -> float:
+        """USD recorded as paid for the model's onboarding (0 when none)."""
+        with self._lock:
+            row = self._db.execute("SELECT spent_usd FROM onboarding WHERE model = ?",
+                                   (model,)).fetchone()
+        return float(row[0] or 0.0) if row else 0.0
 
     def set_status(self, model: str, status: str, reason: str | None = None,
                    suite: str = "") -> None:
@@ -210,23 +240,30 @@ class Store:
         with self._lock:
             rows = self._db.execute(
                 "SELECT o.model, o.suite, o.status, o.reason, o.total, o.estimated_cost, "
-                "o.updated_at, COUNT(a.question_id), COALESCE(SUM(a.correct), 0) "
+                "o.updated_at, COUNT(a.question_id), COALESCE(SUM(a.correct), 0), o.spent_usd "
                 f"FROM onboarding o LEFT JOIN answers a ON a.model = o.model {where} "
                 "GROUP BY o.model ORDER BY o.model", args).fetchall()
         return [Progress(model=r[0], suite=r[1], status=r[2], reason=r[3], total=r[4],
-                         estimated_cost=r[5], updated_at=r[6], done=r[7], correct=r[8])
+                         estimated_cost=r[5], updated_at=r[6], done=r[7], correct=r[8],
+                         spent=r[9] or 0.0)
                 for r in rows]
 
     # -- graded answers ---------------------------------------------------------------------
-    def record(self, model: str, answer: GradedAnswer) -> bool:
-        """Commit one graded answer now. False (and nothing changed) if it was already stored."""
-        with self._lock:
+    def record(self, model: str, answer: GradedAnswer, cost: float = 0.0) -> bool:
+        """Commit one graded answer now, and add ``cost`` (USD) to the model's spend in the same
+        transaction. False (and nothing changed) if it was already stored."""
+        with self._lock, self._transaction():
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO answers (model, question_id, letter, correct, text, "
                 "answered_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (model, answer.question_id, answer.letter, int(bool(answer.correct)), answer.text,
                  time.time()))
-            return cur.rowcount == 1
+            if cur.rowcount != 1:
+                return False
+            if cost:
+                self._db.execute("UPDATE onboarding SET spent_usd = COALESCE(spent_usd, 0) + ? "
+                                 "WHERE model = ?", (cost, model))
+            return True
 
     def answered(self, model: str) -> set[str]:
         with self._lock:

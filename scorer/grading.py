@@ -16,6 +16,9 @@ hits for one model alone. Within that rule it is robust: case and spacing, lette
 question's options ignored, the first valid statement wins (models caught in a repetition loop state
 the answer first and repeat noise after it), a letter must end there ("answer is Based on" is not B),
 and "\\boxed{X}" is read too. No bare letter is ever taken ("I" and "A" are words).
+A reasoning model's ``<think>...</think>`` blocks are its scratchpad, not its answer: closed blocks
+are removed before the answer is read (text before a lone ``</think>`` too: some chat templates open
+the block in the prompt), and a ``<think>`` never closed (cut off while reasoning) is no answer.
 """
 from __future__ import annotations
 
@@ -35,6 +38,9 @@ _STATED = re.compile(r"(?i:answer\s+is)\s*\(?\s*([A-J])\s*\)?(?![A-Za-z0-9])")
 # A LaTeX-minded model may box its letter instead of stating it.
 _BOXED = re.compile(r"\\boxed\{\s*(?:\\text\{)?\s*\(?([A-J])\)?\s*\}?\s*\}")
 RULES = (_STATED, _BOXED)
+_THINK_OPEN = re.compile(r"<think>", re.IGNORECASE)
+_THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
+_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.IGNORECASE | re.DOTALL)
 
 
 def subject_name(category: str) -> str:
@@ -63,11 +69,30 @@ def _first_valid(pattern: re.Pattern[str], text: str, valid: str) -> str | None:
     return None
 
 
+def strip_reasoning(text: str) -> str | None:
+    """``text`` without its ``<think>...</think>`` blocks; None when a block is never closed.
+
+    Text up to a ``</think>`` that no ``<think>`` opened is reasoning too (templates that open the
+    block in the prompt, e.g. DeepSeek-R1's).
+    """
+    close, open_ = _THINK_CLOSE.search(text), _THINK_OPEN.search(text)
+    if close is not None and (open_ is None or open_.start() > close.start()):
+        text = text[close.end():]
+    text = _THINK_BLOCK.sub(" ", text)
+    if _THINK_OPEN.search(text) is not None:
+        return None  # cut off while reasoning: whatever it said there is not its answer
+    return text
+
+
 def extract_answer(text: str | None, n_options: int = len(LETTERS)) -> str | None:
     """The answer letter a model's free text commits to, or None when it states none.
 
     Only letters within the first ``n_options`` count: a 4-option question has no answer "G".
+    Reasoning blocks (``<think>...</think>``) are not read; an unclosed one is no answer.
     """
+    if not text:
+        return None
+    text = strip_reasoning(text)
     if not text:
         return None
     valid = LETTERS[: max(1, min(n_options, len(LETTERS)))]

@@ -5,7 +5,8 @@ import pytest
 import yaml
 
 from proxy.dispatch import Reply
-from proxy.errors import UpstreamClientError, UpstreamTransient
+from proxy.errors import UpstreamTransient
+from proxy.onboarding import RunCancelled
 from proxy.onboarding_service import DispatchAsker
 from proxy.providers import ProviderRegistry
 
@@ -43,5 +44,17 @@ async def test_malformed_answers_and_unknown_models(registry):
         await DispatchAsker(registry, FakeDispatcher(b'{"choices": []}')).ask("m", [])
     assert await DispatchAsker(registry, FakeDispatcher(
         b'{"choices": [{"message": {"content": null}}]}')).ask("m", []) == ""
-    with pytest.raises(UpstreamClientError, match="no longer in providers.yaml"):
+    with pytest.raises(RunCancelled, match="no longer in providers.yaml"):
         await DispatchAsker(registry, FakeDispatcher(b"{}")).ask("gone", [])
+
+
+async def test_content_as_a_list_of_parts_is_joined_text(registry):
+    body = (b'{"choices": [{"message": {"role": "assistant", "content": ['
+            b'{"type": "thinking", "thinking": [{"type": "text", "text": "hmm, (B)?"}]},'
+            b'{"type": "text", "text": "Step one."}, {"type": "text", "text": "The answer is (A)."}'
+            b']}}]}')
+    text = await DispatchAsker(registry, FakeDispatcher(body)).ask("m", [])
+    assert text == "Step one.\nThe answer is (A)."
+    with pytest.raises(UpstreamTransient, match="not a chat completion"):
+        await DispatchAsker(registry, FakeDispatcher(
+            b'{"choices": [{"message": {"content": {"text": "x"}}}]}')).ask("m", [])

@@ -149,3 +149,161 @@ async def test_spend_cap_is_enforced_while_answers_come_in(tmp_path, tiny):
         progress = await Onboarding(store, suite, questions, long, opts).run("m", prices)
     assert progress.status == "failed" and "spend cap" in progress.reason
     assert 0 < sum(long.asked.values()) < 12
+
+
+class Poison(FakeAsker):
+    """Answers "A" to everything but ``bad_id``, on which it raises ``make_exc()``."""
+
+    def __init__(self, questions, bad_id, make_exc):
+        super().__init__(questions, lambda q: "A")
+        self.bad_id, self.make_exc, self.bad_asks = bad_id, make_exc, 0
+
+    async def ask(self, model, messages, **params):
+        if self.question_of(messages).id == self.bad_id:
+            self.bad_asks += 1
+            await asyncio.sleep(0)
+            raise self.make_exc()
+        return await super().ask(model, messages, **params)
+
+
+async def test_a_prompt_refused_with_a_4xx_grades_as_no_answer(tmp_path, tiny):
+    suite, questions = tiny
+    bad = questions[5].id
+    asker = Poison(questions, bad, lambda: UpstreamClientError(
+        "The response was filtered due to the prompt triggering content management policy",
+        status=400))
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, asker, FAST).run("m")
+        assert progress.status == "done" and progress.done == 12
+        assert [(a.letter, a.correct) for a in store.answers("m") if a.question_id == bad] == [
+            (None, False)]
+    assert asker.bad_asks <= 2  # asked again only when it came before any answer
+
+
+@pytest.mark.parametrize("exc", [
+    UpstreamClientError("invalid api key", status=401),
+    UpstreamClientError("forbidden", status=403),
+    UpstreamClientError("The model `gpt-9` does not exist", status=400),
+    UpstreamClientError("bad request", status=400,
+                        upstream_body={"error": {"code": "model_not_found"}}),
+])
+async def test_a_4xx_about_the_model_fails_at_once(tmp_path, tiny, exc):
+    suite, questions = tiny
+    asker = FakeAsker(questions, lambda q: "A")
+    asker.failures = [exc]
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, asker, FAST).run("m")
+    assert progress.status == "failed" and exc.message in progress.reason
+
+
+async def test_a_4xx_on_every_prompt_fails_without_recording_any(tmp_path, tiny):
+    suite, questions = tiny
+    asker = FakeAsker(questions, lambda q: "A")
+    asker.failures = [UpstreamClientError("max_tokens is too large", status=400)] * 1000
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, asker, FAST).run("m")
+        assert progress.status == "failed" and "refused 10 requests in a row" in progress.reason
+        assert "max_tokens is too large" in progress.reason and not store.answered("m")
+
+
+async def test_a_question_failing_alone_is_given_up_after_bounded_attempts(tmp_path, tiny, caplog):
+    suite, questions = tiny
+    bad = questions[5].id
+    asker = Poison(questions, bad, lambda: AllUpstreamsFailed(
+        "m: HTTP 500: internal error processing this prompt", failed=[("m", "http_500")]))
+    with Store(tmp_path) as store:
+        progress = await asyncio.wait_for(
+            Onboarding(store, suite, questions, asker, FAST).run("m"), 10)
+        assert progress.status == "done" and progress.done == 12
+        assert [(a.letter, a.correct) for a in store.answers("m") if a.question_id == bad] == [
+            (None, False)]
+    assert asker.bad_asks == FAST.question_attempts == 5
+    assert f"question {bad} failed 5 times" in caplog.text
+
+
+async def test_an_outage_gives_up_on_no_question(tmp_path, tiny):
+    suite, questions = tiny
+    gold = gold_map(questions)
+    for concurrency in (1, 4):
+        asker = FakeAsker(questions, lambda q: gold[q], delay=0.001)
+        asker.failures = [ConnectionError("connection refused")] * 40
+
+        async def answer_first():
+            # the model answers once, then is down for 40 requests
+            asker.failures, held = [], asker.failures
+            while not asker.asked:
+                await asyncio.sleep(0.001)
+            asker.failures = held
+
+        opts = Options(concurrency=concurrency, backoff_s=0.001, backoff_max_s=0.002)
+        with Store(tmp_path / str(concurrency)) as store:
+            helper = asyncio.create_task(answer_first())
+            progress = await Onboarding(store, suite, questions, asker, opts).run("m")
+            await helper
+            assert progress.status == "done" and progress.accuracy == 1.0
+            assert not asker.failures
+
+
+async def test_one_blip_on_every_request_in_flight_counts_once(tmp_path):
+    suite, questions = make_suite(n_tasks=4, per_task=10)
+    asker = FakeAsker(questions, lambda q: "A", delay=0.01)
+    opts = Options(concurrency=8, backoff_s=0.05, backoff_max_s=10.0)
+    with Store(tmp_path) as store:
+        engine = Onboarding(store, suite, questions, asker, opts)
+        seen = []
+        counted = engine._failed
+
+        def failed(state, *args):
+            counted(state, *args)
+            seen.append((state.failures, state.resume_at - engine.clock()))
+
+        engine._failed = failed
+
+        async def blip():
+            while len(store.answered("m")) < 10:
+                await asyncio.sleep(0.001)
+            asker.failures = [AllUpstreamsFailed("m: HTTP 503: blip", failed=[("m", "http_503")])
+                              for _ in range(8)]
+
+        helper = asyncio.create_task(blip())
+        progress = await asyncio.wait_for(engine.run("m"), 10)
+        await helper
+    assert progress.status == "done"
+    assert len(seen) == 8
+    assert max(f for f, _ in seen) == 1 and max(d for _, d in seen) <= 0.05
+
+
+async def test_the_spend_cap_holds_across_restarts(tmp_path, tiny):
+    suite, questions = tiny
+    asker = FakeAsker(questions, lambda q: "A")
+    prices = Prices(0.0, 1_000_000.0)  # $1 per output token; answers are longer than expected
+    cap = estimate_cost(questions, prices, Options(expected_output_tokens=2)) + 1
+    opts = Options(concurrency=1, expected_output_tokens=2, spend_cap_usd=cap)
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, asker, opts).run("m", prices)
+    assert progress.status == "failed" and "reached after" in progress.reason
+    assert progress.spent > cap and progress.to_json()["spent_usd"] > cap
+    paid = sum(asker.asked.values())
+    assert 0 < paid < 12
+    for _ in range(3):  # each a fresh process: the cap is already spent, nothing is asked
+        with Store(tmp_path) as store:
+            progress = await Onboarding(store, suite, questions, asker, opts).run("m", prices)
+        assert progress.status == "failed"
+        assert "already spent exceeds the spend cap" in progress.reason
+    assert sum(asker.asked.values()) == paid
+
+
+async def test_answers_of_another_upstream_are_forgotten(tmp_path, tiny, caplog):
+    suite, questions = tiny
+    gold = gold_map(questions)
+    with Store(tmp_path) as store:
+        await Onboarding(store, suite, questions, FakeAsker(questions, lambda q: "A"),
+                         FAST).run("m", upstream="tiny")
+        assert store.progress("m").status == "done"
+        right = FakeAsker(questions, lambda q: gold[q])
+        progress = await Onboarding(store, suite, questions, right, FAST).run("m", upstream="tiny")
+        assert not right.asked  # same upstream: nothing asked again
+        progress = await Onboarding(store, suite, questions, right, FAST).run("m", upstream="big")
+        assert progress.status == "done" and progress.accuracy == 1.0
+        assert sum(right.asked.values()) == 12
+        assert "upstream changed" in caplog.text

@@ -62,3 +62,16 @@ def test_subject_name():
     assert subject_name("ori_mmlu-high_school_biology") == "high school biology"
     assert subject_name("law") == "law"
     assert subject_name("") == "general knowledge"
+
+
+@pytest.mark.parametrize("text,letter", [
+    ("<think>Maybe the answer is (A)... no wait, it's C.</think>\nThe answer is (C).", "C"),
+    ("<think>so the answer is (A)? 2+2=4</think> The answer is (C).", "C"),
+    ("<THINK>the answer is (A)</THINK><think>or is it (B)</think>The answer is (D).", "D"),
+    ("the answer is (A) maybe</think>\nThe answer is (B).", "B"),  # template opened the block
+    ("<think>the answer is (A), let me double-check the", None),  # cut off while reasoning
+    ("<think>the answer is (A)</think>The answer is (B). <think>hmm, the answer is (C)", None),
+    ("<think>the answer is (A)</think> I cannot tell.", None),
+])
+def test_reasoning_blocks_are_not_the_answer(text, letter):
+    assert extract_answer(text, 4) == letter

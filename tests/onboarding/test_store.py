@@ -82,3 +82,43 @@ def test_a_graded_answer_survives_a_kill(tmp_path):
         assert {f"q{i}" for i in reported} <= stored
         assert s.progress("m").status == "running"  # and no profile appeared
         assert s.get("m") is None
+
+
+def test_a_database_without_upstream_or_spend_columns_keeps_working(tmp_path):
+    import sqlite3
+
+    old = sqlite3.connect(tmp_path / "satroute.db")
+    old.executescript("""
+        CREATE TABLE onboarding (model TEXT PRIMARY KEY, suite TEXT NOT NULL, status TEXT NOT NULL,
+            reason TEXT, total INTEGER NOT NULL DEFAULT 0, estimated_cost REAL, started_at REAL,
+            updated_at REAL NOT NULL);
+        INSERT INTO onboarding VALUES ('m', 'suite', 'done', NULL, 2, 0.5, 1.0, 2.0);
+        CREATE TABLE answers (model TEXT NOT NULL, question_id TEXT NOT NULL, letter TEXT,
+            correct INTEGER NOT NULL, text TEXT, answered_at REAL NOT NULL,
+            PRIMARY KEY (model, question_id));
+        INSERT INTO answers VALUES ('m', 'q1', 'A', 1, 'the answer is (A)', 1.5);
+    """)
+    old.commit()
+    old.close()
+    with Store(tmp_path) as s:
+        p = s.progress("m")
+        assert (p.status, p.done, p.spent) == ("done", 1, 0.0) and s.spent("m") == 0.0
+        assert not s.upstream_changed("m", "fp-1")  # none stored: the same one, now recorded
+        assert not s.upstream_changed("m", "fp-1")
+        assert s.upstream_changed("m", "fp-2")
+        assert not s.upstream_changed("nobody", "fp-2")
+    with Store(tmp_path) as s:  # recorded durably
+        assert s.upstream_changed("m", "fp-2") and not s.upstream_changed("m", "fp-1")
+
+
+def test_spend_is_recorded_with_each_answer(tmp_path):
+    with Store(tmp_path) as s:
+        s.begin("m", "suite", total=3, upstream="fp")
+        assert s.record("m", GradedAnswer("q1", "A", True), cost=0.25)
+        assert s.record("m", GradedAnswer("q2", "B", False), cost=0.5)
+        assert not s.record("m", GradedAnswer("q1", "A", True), cost=9.0)  # stored before
+        assert s.spent("m") == 0.75 and s.progress("m").to_json()["spent_usd"] == 0.75
+        s.begin("m", "suite", total=3)  # resumed: spend and upstream kept
+        assert s.spent("m") == 0.75 and not s.upstream_changed("m", "fp")
+        s.forget("m")
+        assert s.spent("m") == 0.0

@@ -1,0 +1,216 @@
+"""OnboardingService without HTTP: crashes, bad settings and edits of providers.yaml mid-run."""
+from __future__ import annotations
+
+import asyncio
+
+import orjson
+
+from proxy.dispatch import Reply
+from proxy.onboarding import Onboarding, Options
+from proxy.onboarding_service import DispatchAsker, OnboardingService
+from proxy.providers import ProviderRegistry
+from proxy.store import Store
+
+from onboarding.fakes import make_suite, model_entry, write_providers
+
+
+def spawn(coro, name):
+    return asyncio.create_task(coro, name=name)
+
+
+class Answering:
+    """A dispatcher whose every completion carries ``content`` (after ``delay`` s)."""
+
+    def __init__(self, content, delay: float = 0.0):
+        self.content, self.delay, self.calls = content, delay, 0
+
+    async def complete(self, call):
+        self.calls += 1
+        await asyncio.sleep(self.delay)
+        body = {"choices": [{"message": {"role": "assistant", "content": self.content}}]}
+        return Reply(model=call.targets[0].name, body=orjson.dumps(body))
+
+
+async def wait_until(check, timeout: float = 10.0):
+    for _ in range(int(timeout / 0.01)):
+        if check():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError("condition not met")
+
+
+async def test_a_crash_in_a_run_is_recorded_as_failed(tmp_path, monkeypatch):
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
+    suite, questions = make_suite()
+    with Store(tmp_path / "state") as store:
+        registry = ProviderRegistry(config, dict, store)
+        svc = OnboardingService(store, registry, DispatchAsker(registry, Answering("x")), spawn)
+        svc._engine = Onboarding(store, suite, questions, svc.asker, Options(concurrency=2))
+
+        def boom(*args, **kw):
+            raise RuntimeError("a bug")
+
+        monkeypatch.setattr("proxy.onboarding.extract_answer", boom)
+        svc.sync()
+        await asyncio.wait_for(svc.runs["m"], 10)
+        entry = svc.status()["models"]["m"]
+        assert entry["status"] == "failed" and "RuntimeError: a bug" in entry["reason"]
+        svc.sync()  # failed with this very file: not started again until it changes
+        assert svc.runs["m"].done()
+
+
+async def test_content_parts_onboard_through_the_service(tmp_path):
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
+    suite, questions = make_suite()
+    parts = [{"type": "thinking", "thinking": [{"type": "text", "text": "hmm"}]},
+             {"type": "text", "text": "The answer is (A)."}]
+    with Store(tmp_path / "state") as store:
+        registry = ProviderRegistry(config, dict, store)
+        svc = OnboardingService(store, registry, DispatchAsker(registry, Answering(parts)), spawn)
+        svc._engine = Onboarding(store, suite, questions, svc.asker, Options(concurrency=2))
+        svc.sync()
+        await asyncio.wait_for(svc.runs["m"], 10)
+        assert store.progress("m").status == "done"
+        assert {a.letter for a in store.answers("m")} == {"A"}
+
+
+async def test_a_misspelt_suite_fails_with_a_clear_reason(tmp_path):
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
+    with Store(tmp_path / "state") as store:
+        registry = ProviderRegistry(config, dict, store)
+        svc = OnboardingService(store, registry, None, spawn, suite="mmlu-pro", hub=False)
+        svc.sync()
+        await asyncio.wait_for(svc.runs["m"], 10)
+        entry = svc.status()["models"]["m"]
+        assert entry["status"] == "failed"
+        assert "'mmlu-pro'" in entry["reason"] and "no aptitude suite" in entry["reason"]
+
+
+async def test_a_model_removed_mid_run_resumes_when_it_is_put_back(tmp_path):
+    """The ask that finds the model gone cancels the run (no failure stamped on the file), so
+    putting the same file back resumes the test where it stopped."""
+    config = tmp_path / "providers.yaml"
+    both = [model_entry("m", "http://127.0.0.1:9", tmp_path),
+            model_entry("other", "http://127.0.0.1:9", tmp_path, profile=True)]
+    write_providers(config, both)
+    original = config.read_bytes()
+    suite, questions = make_suite(n_tasks=5, per_task=20)
+    dispatcher = Answering("The answer is (A).", delay=0.01)
+    with Store(tmp_path / "state") as store:
+        registry = ProviderRegistry(config, dict, store)
+        svc = OnboardingService(store, registry, DispatchAsker(registry, dispatcher), spawn)
+        svc._engine = Onboarding(store, suite, questions, svc.asker, Options(concurrency=4))
+        svc.sync()
+        await wait_until(lambda: len(store.answered("m")) >= 10)
+        write_providers(config, both[1:])
+        registry.reload()  # the service has not synced yet: the next ask finds the model gone
+        run = svc.runs["m"]
+        await asyncio.wait_for(run, 10)
+        assert not run.cancelled()
+        progress = store.progress("m")
+        assert progress.status == "pending" and "no longer in providers.yaml" in progress.reason
+        stopped_at = progress.done
+        assert stopped_at < 100
+        svc.sync()
+        config.write_bytes(original)  # put back unchanged
+        registry.reload()
+        svc.sync()
+        assert not svc.runs["m"].done()
+        await asyncio.wait_for(svc.runs["m"], 20)
+        progress = store.progress("m")
+        assert progress.status == "done" and progress.done == 100
+        assert dispatcher.calls <= 100 + 4  # resumed: at most the in-flight ones asked again
+        await svc.stop()
+
+
+class ByUpstream:
+    """A dispatcher answering "(A)" from upstream model openai/tiny, "(B)" from any other."""
+
+    def __init__(self, delay: float = 0.0):
+        self.delay, self.calls = delay, {}
+
+    async def complete(self, call):
+        target = call.targets[0]
+        self.calls[target.model] = self.calls.get(target.model, 0) + 1
+        await asyncio.sleep(self.delay)
+        letter = "A" if target.model == "openai/tiny" else "B"
+        body = {"choices": [{"message": {"content": f"The answer is ({letter})."}}]}
+        return Reply(model=target.name, body=orjson.dumps(body))
+
+
+def pointing_at(upstream, tmp_path, api_base="http://127.0.0.1:9"):
+    entry = model_entry("m", api_base, tmp_path)
+    entry["litellm_params"]["model"] = upstream
+    return [entry]
+
+
+async def test_another_upstream_under_the_same_name_is_onboarded_again(tmp_path):
+    config = tmp_path / "providers.yaml"
+    write_providers(config, pointing_at("openai/tiny", tmp_path))
+    suite, questions = make_suite()
+    dispatcher = ByUpstream()
+    with Store(tmp_path / "state") as store:
+        registry = ProviderRegistry(config, dict, store)
+        svc = OnboardingService(store, registry, DispatchAsker(registry, dispatcher), spawn)
+        svc._engine = Onboarding(store, suite, questions, svc.asker, Options(concurrency=2))
+        svc.sync()
+        await asyncio.wait_for(svc.runs["m"], 10)
+        assert registry.snapshot.models["m"].profile is not None
+        svc.sync()  # nothing changed: nothing asked again
+        assert svc.runs["m"].done() and dispatcher.calls == {"openai/tiny": 12}
+        for edit in (pointing_at("openai/big", tmp_path),  # another model ...
+                     pointing_at("openai/big", tmp_path, "http://127.0.0.2:9")):  # ... or server
+            write_providers(config, edit)
+            registry.reload()
+            svc.sync()
+            assert registry.snapshot.models["m"].profile is None  # the old profile is not used
+            await asyncio.wait_for(svc.runs["m"], 10)
+            assert store.progress("m").status == "done"
+            assert {a.letter for a in store.answers("m")} == {"B"}
+        assert dispatcher.calls == {"openai/tiny": 12, "openai/big": 24}
+
+
+async def test_an_upstream_changed_mid_run_starts_over(tmp_path):
+    config = tmp_path / "providers.yaml"
+    write_providers(config, pointing_at("openai/tiny", tmp_path))
+    suite, questions = make_suite(n_tasks=5, per_task=10)
+    dispatcher = ByUpstream(delay=0.01)
+    with Store(tmp_path / "state") as store:
+        registry = ProviderRegistry(config, dict, store)
+        svc = OnboardingService(store, registry, DispatchAsker(registry, dispatcher), spawn)
+        svc._engine = Onboarding(store, suite, questions, svc.asker, Options(concurrency=2))
+        svc.sync()
+        await wait_until(lambda: len(store.answered("m")) >= 6)
+        first = svc.runs["m"]
+        write_providers(config, pointing_at("openai/big", tmp_path))
+        registry.reload()
+        svc.sync()
+        await asyncio.wait_for(svc.runs["m"], 20)
+        assert first.cancelled()
+        progress = store.progress("m")
+        assert progress.status == "done" and progress.done == 50
+        assert {a.letter for a in store.answers("m")} == {"B"}  # no answer of the old upstream
+
+
+async def test_a_store_without_upstream_fingerprints_keeps_its_profile(tmp_path):
+    """A profile stored by an earlier version (no fingerprint) is kept, and the fingerprint of
+    the upstream configured now is recorded."""
+    config = tmp_path / "providers.yaml"
+    write_providers(config, pointing_at("openai/tiny", tmp_path))
+    suite, questions = make_suite()
+    with Store(tmp_path / "state") as store:
+        store.finish("m", "tiny", {t: 0.5 for t in suite.task_ids})  # no fingerprint stored
+        registry = ProviderRegistry(config, dict, store)
+        dispatcher = ByUpstream()
+        svc = OnboardingService(store, registry, DispatchAsker(registry, dispatcher), spawn)
+        svc._engine = Onboarding(store, suite, questions, svc.asker, Options(concurrency=2))
+        svc.sync()
+        assert "m" not in svc.runs and registry.snapshot.models["m"].profile is not None
+        write_providers(config, pointing_at("openai/big", tmp_path))
+        registry.reload()
+        svc.sync()  # the fingerprint recorded above differs now
+        await asyncio.wait_for(svc.runs["m"], 10)
+        assert dispatcher.calls == {"openai/big": 12}
