@@ -119,6 +119,9 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
         svc.spawn(svc.scoring.load(settings, profiles), "scorer-load")
         svc.spawn(svc.registry.watch(settings.reload_interval_s), "config-watch")
         svc.spawn(svc.scoring.keep_warm(profiles, max(1.0, settings.reload_interval_s)), "scorer-warm")
+        prepare = getattr(svc.dispatcher, "prepare", None)
+        if prepare is not None:  # import litellm now if a model needs it, not in a request's time
+            svc.spawn(prepare(list(svc.registry.snapshot.models.values())), "dispatch-prepare")
         for hook in hooks:
             result = hook(svc)
             if asyncio.iscoroutine(result):

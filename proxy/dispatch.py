@@ -71,8 +71,18 @@ class RetryingDispatcher:
     async def close(self) -> None:
         await self.passthrough.close()
 
+    async def prepare(self, models: Sequence[Deployment]) -> None:
+        """Import litellm (seconds, once) when one of ``models`` is called through it, so that no
+        request waits for the import; the pass-through path needs nothing."""
+        if self._litellm is None and any(not d.fast_path for d in models):
+            await self._import_litellm()
+
     async def complete(self, call: Call) -> Reply:
         router = call.router
+        if self._litellm is None and not all(t.fast_path for t in call.targets):
+            # a model added since start-up is the first to need litellm: the import (seconds, once)
+            # is paid before the request's deadline starts, not out of the upstream's time
+            await self._import_litellm()
         deadline = call.deadline or time.monotonic() + router.deadline_s
         failed: list[tuple[str, str]] = []
         timed_out = False

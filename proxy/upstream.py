@@ -193,17 +193,31 @@ def _rename_events(batch: bytes, name_json: bytes) -> bytes:
                         for ev in batch.split(b"\n\n"))
 
 
+_FINISHED = re.compile(rb'data:\s*\[DONE\]|"finish_reason"\s*:\s*"')
+
+
+def _interrupted(why: str) -> bytes:
+    """The in-band error event of a stream cut short (headers are gone: the OpenAI SDK raises on it)."""
+    return b"data: " + orjson.dumps({"error": {"message": f"upstream stream interrupted: {why}",
+                                               "type": "upstream_error", "param": None,
+                                               "code": "stream_interrupted"}}) + b"\n\n"
+
+
 async def _relay(first: bytes, events: AsyncIterator[bytes], name_json: bytes,
                  resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
     try:
+        finished = _FINISHED.search(first) is not None
         yield _rename_events(first, name_json)
         try:
             async for batch in events:
+                finished = finished or _FINISHED.search(batch) is not None
                 yield _rename_events(batch, name_json)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            # Headers are gone already: tell the client in-band, the OpenAI SDK raises on it.
-            msg = f"upstream stream interrupted: {type(exc).__name__}"
-            yield b"data: " + orjson.dumps({"error": {"message": msg, "type": "upstream_error",
-                                                      "param": None, "code": "stream_interrupted"}}) + b"\n\n"
+            yield _interrupted(type(exc).__name__)
+            return
+        if not finished:
+            # the upstream closed the stream cleanly, but before a finish_reason or [DONE]: a
+            # client must not take the part it got for the whole answer
+            yield _interrupted("the upstream ended it before the answer was finished")
     finally:
         resp.release()

@@ -340,3 +340,76 @@ def test_a_routed_request_the_model_refuses_is_in_the_routing_log(tmp_path, upst
         time.sleep(0.1)  # the routing log is written in batches
     assert [(row["chosen"], row["failed"]) for row in rows] == [
         (None, [{"model": "m1", "reason": "http_503"}, {"model": "m2", "reason": "http_400"}])]
+
+
+def test_litellm_is_imported_at_start_up_when_a_model_needs_it(tmp_path, upstream, start_proxy):
+    """The import takes seconds: no request should wait for it, nor have it eat its deadline."""
+    cfg = write_config(tmp_path / "providers.yaml", [model_entry("m1", upstream.url, tmp_path, fast_path=False)])
+    proxy = start_proxy(cfg)
+    dispatcher = proxy.app.state.services.dispatcher
+    deadline = time.time() + 30
+    while dispatcher._litellm is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert dispatcher._litellm is not None and upstream.received == []  # before any request
+
+
+@pytest.fixture
+def dying_upstream():
+    """An OpenAI-compatible server whose streams end cleanly (a close-delimited body) after two
+    content chunks: no finish_reason, no [DONE], no transport error."""
+    import asyncio
+    import json
+    import threading
+
+    def event(model: str, content: str) -> bytes:
+        return b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": model,
+                                       "choices": [{"index": 0, "delta": {"content": content},
+                                                    "finish_reason": None}]}).encode() + b"\n\n"
+
+    async def handle(reader, writer):
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await reader.read(65536)
+        head, body = data.split(b"\r\n\r\n", 1)
+        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                          if line.lower().startswith(b"content-length")))
+        while len(body) < length:
+            body += await reader.read(65536)
+        model = json.loads(body)["model"]
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+        for piece in ("The answer ", "is "):
+            writer.write(event(model, piece))
+            await writer.drain()
+        writer.close()
+
+    ready, box = threading.Event(), {}
+
+    def serve():
+        async def main():
+            server = await asyncio.start_server(handle, "127.0.0.1", 0)
+            box.update(port=server.sockets[0].getsockname()[1], loop=asyncio.get_running_loop(),
+                       stop=asyncio.Event())
+            ready.set()
+            async with server:
+                await box["stop"].wait()
+        asyncio.run(main())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    ready.wait(5)
+    yield f"http://127.0.0.1:{box['port']}/v1"
+    box["loop"].call_soon_threadsafe(box["stop"].set)
+    thread.join(5)
+
+
+def test_a_stream_the_upstream_ends_before_the_answer_is_finished_ends_in_an_error(tmp_path, dying_upstream,
+                                                                                  start_proxy):
+    cfg = write_config(tmp_path / "providers.yaml", [model_entry("m1", dying_upstream, tmp_path, fast_path=True)],
+                       num_retries=0)
+    proxy = start_proxy(cfg)
+    stream = client(proxy).chat.completions.create(model="m1", messages=MESSAGES, stream=True)
+    text = []
+    with pytest.raises(openai.APIError, match="stream interrupted"):
+        for chunk in stream:
+            text.append(chunk.choices[0].delta.content or "")
+    assert "".join(text) == "The answer is "  # what came is relayed, and not taken for the whole
