@@ -28,7 +28,7 @@ from proxy.cooldown import Cooldowns
 from proxy.errors import AllUpstreamsFailed, UpstreamClientError, UpstreamTransient
 from proxy.providers import Deployment, RouterSettings
 from proxy.settings import prepare_litellm_environment
-from proxy.upstream import RETRYABLE, Answer, PassThrough, retry_after_seconds
+from proxy.upstream import RETRYABLE, Answer, PassThrough, classify, retry_after_seconds
 
 log = logging.getLogger("satroute.dispatch")
 
@@ -246,9 +246,38 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
         return UpstreamTransient(f"{model}: {type(exc).__name__}: {message}", model=model,
                                  status=status or 0, retry_after=retry_after_seconds(headers),
                                  timeout=timeout)
+    upstream = _upstream_error(exc)
+    if upstream is not None:  # the upstream's own error, passed back as the pass-through path does
+        return classify(int(status), orjson.dumps({"error": upstream}), model, {}, redact)
     body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
                       "code": getattr(exc, "code", None)}}
     return UpstreamClientError(message, status=int(status), model=model, upstream_body=body)
+
+
+def _upstream_error(exc: BaseException) -> dict | None:
+    """The upstream's ``error`` object behind a litellm exception, where one came back: litellm
+    keeps the provider call's exception in the chain, with the parsed body (``body``) or the
+    response itself; None when none is found."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        body = getattr(link, "body", None)
+        if isinstance(body, dict):
+            err = body.get("error", body)
+            if isinstance(err, dict) and isinstance(err.get("message"), str):
+                return err
+        raw = getattr(getattr(link, "response", None), "content", None)
+        if isinstance(raw, (bytes, bytearray)) and raw:
+            try:
+                parsed = orjson.loads(raw)
+            except orjson.JSONDecodeError:
+                parsed = None
+            err = parsed.get("error") if isinstance(parsed, dict) else None
+            if isinstance(err, dict) and isinstance(err.get("message"), str):
+                return err
+        link = link.__cause__ or link.__context__
+    return None
 
 
 def _transport_failure(exc: BaseException) -> str | None:

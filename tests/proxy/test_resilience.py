@@ -78,8 +78,11 @@ def test_upstream_client_errors_pass_through_unretried(tmp_path, upstream, start
     assert "context length exceeded" in err.value.message
     assert len(upstream.bodies("m1")) == 1 and upstream.bodies("m2") == []
     upstream.set("m2", fail(401, "bad upstream key", "authentication_error"))
-    with pytest.raises(openai.AuthenticationError):
+    with pytest.raises(openai.AuthenticationError) as err:
         client(proxy).chat.completions.create(model="m2", messages=MESSAGES)
+    # the upstream's own error object, on both paths (litellm's wording and type do not leak in)
+    assert err.value.body == {"message": "bad upstream key", "type": "authentication_error",
+                              "param": None, "code": "mock_error"}
     upstream.set("m3", fail(404, "no such upstream model", "invalid_request_error"))
     with pytest.raises(openai.NotFoundError):
         client(proxy).chat.completions.create(model="m3", messages=MESSAGES)
