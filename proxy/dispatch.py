@@ -175,7 +175,9 @@ class RetryingDispatcher:
 
         kwargs = {k: v for k, v in d.params.items() if k not in ("max_retries", "num_retries")}
         kwargs.update(litellm_request_kwargs(call.body))
-        kwargs.update(model=d.model, timeout=first_byte_s, num_retries=0, max_retries=0)
+        # litellm's timeout bounds each read of a stream, like the pass-through's sock_read: the
+        # whole timeout_s, not what the deadline left for the first chunk (asyncio.timeout below)
+        kwargs.update(model=d.model, timeout=call.router.timeout_s, num_retries=0, max_retries=0)
         if d.api_base:
             kwargs["api_base"] = d.api_base
         if d.api_key:

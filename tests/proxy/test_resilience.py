@@ -416,3 +416,20 @@ def test_a_stream_the_upstream_ends_before_the_answer_is_finished_ends_in_an_err
         for chunk in stream:
             text.append(chunk.choices[0].delta.content or "")
     assert "".join(text) == "The answer is "  # what came is relayed, and not taken for the whole
+
+
+@pytest.mark.parametrize("fast", PATHS)
+def test_a_committed_stream_may_pause_up_to_timeout_s_between_chunks(tmp_path, upstream, start_proxy, fast):
+    """A retry used most of the deadline, so the stream's first chunk had 0.5 s; once it came, the
+    gaps between chunks are bounded by timeout_s, as on the pass-through path, not by that 0.5 s."""
+    from support.mock_upstream import Behavior
+
+    cfg = write_config(tmp_path / "providers.yaml", [model_entry("m1", upstream.url, tmp_path, fast_path=fast)],
+                       num_retries=1, retry_backoff_s=0.01, retry_backoff_max_s=0.01, timeout_s=5.0, deadline_s=1.5)
+    proxy = start_proxy(cfg)
+    client(proxy).chat.completions.create(model="m1", messages=MESSAGES)  # litellm imported, connections warm
+    upstream.queue("m1", Behavior("fail", status=503, message="busy", delay=1.0),
+                   answer("abcdefgh", chunks=4, chunk_delay=0.7))
+    text = "".join(c.choices[0].delta.content or "" for c in
+                   client(proxy).chat.completions.create(model="m1", messages=MESSAGES, stream=True) if c.choices)
+    assert text == "abcdefgh"
