@@ -239,6 +239,8 @@ class OnboardingService:
             entry = status_of(self.store.progress(name))
             if entry["status"] == "pending" and not d.available:
                 entry["reason"] = f"unavailable: {d.unavailable}"
+            elif entry["status"] == "pending" and not d.info.onboard and d.profile is None:
+                entry["reason"] = "not onboarded: model_info.onboard is false"
             entry["profile_source"] = "onboarding" if d.profile is not None else None
             out[name] = entry
         return {"suite": self.suite_name, "models": out}

@@ -314,8 +314,9 @@ class Store:
         return row[0] if row else None
 
     def forget(self, model: str) -> None:
-        """Drop everything stored about a model (to onboard it again from scratch)."""
-        with self._lock:
+        """Drop everything stored about a model (to onboard it again from scratch), in one
+        transaction: a crash never leaves a profile without its answers."""
+        with self._lock, self._transaction():
             for table in ("answers", "profiles", "onboarding"):
                 self._db.execute(f"DELETE FROM {table} WHERE model = ?", (model,))
 

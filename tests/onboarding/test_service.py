@@ -2,14 +2,16 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 
 import orjson
+import pytest
 
 from proxy.dispatch import Reply
 from proxy.onboarding import Onboarding, Options
 from proxy.onboarding_service import DispatchAsker, OnboardingService
 from proxy.providers import ProviderRegistry
-from proxy.store import Store
+from proxy.store import GradedAnswer, Store
 
 from onboarding.fakes import make_suite, model_entry, write_providers
 
@@ -214,3 +216,24 @@ async def test_a_store_without_upstream_fingerprints_keeps_its_profile(tmp_path)
         svc.sync()  # the fingerprint recorded above differs now
         await asyncio.wait_for(svc.runs["m"], 10)
         assert dispatcher.calls == {"openai/big": 12}
+
+
+async def test_a_model_opted_out_says_so_and_forget_is_one_transaction(tmp_path):
+    config = tmp_path / "providers.yaml"
+    entry = model_entry("m", "http://127.0.0.1:9", tmp_path)
+    entry["model_info"]["onboard"] = False
+    write_providers(config, [entry])
+    with Store(tmp_path / "state") as store:
+        registry = ProviderRegistry(config, dict, store)
+        svc = OnboardingService(store, registry, DispatchAsker(registry, Answering("x")), spawn)
+        svc.sync()
+        assert "m" not in svc.runs
+        status = svc.status()["models"]["m"]
+        assert status["status"] == "pending" and "onboard is false" in status["reason"]
+        store.begin("m", "tiny", 2)
+        store.record("m", GradedAnswer("q1", "A", True, "The answer is (A)."))
+        store._db.execute("CREATE TRIGGER refuse BEFORE DELETE ON onboarding BEGIN "
+                          "SELECT RAISE(ABORT, 'disk gone'); END")
+        with pytest.raises(sqlite3.DatabaseError):
+            store.forget("m")
+        assert store.answered("m") == {"q1"}  # the answers were not deleted without the rest
