@@ -28,7 +28,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import httpx
 
@@ -156,6 +156,25 @@ class _Backoff:
         self.current_s = 0.0
 
 
+# What the child inherits of the proxy's environment: what a Python program and llama.cpp need to
+# run (paths, locale, threads, GPU selection), nothing else. llama-cpp-python's server reads HOST,
+# PORT, API_KEY and CONFIG_FILE from its environment over its flags (a HOST=0.0.0.0 meant for
+# something else would open it on every interface), and the proxy's own environment holds the
+# providers' keys and the master key, which the child has no use for.
+_CHILD_ENV_NAMES = frozenset({"PATH", "HOME", "USER", "LOGNAME", "SHELL", "LANG", "LANGUAGE", "TZ",
+                              "TMPDIR", "TEMP", "TMP", "LD_LIBRARY_PATH", "PYTHONPATH", "PYTHONHOME",
+                              "VIRTUAL_ENV", "SYSTEMROOT"})
+_CHILD_ENV_PREFIXES = ("LC_", "OMP_", "GGML_", "LLAMA_CPP_", "CUDA_", "NVIDIA_", "HIP_", "ROCR_")
+
+
+def child_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The local server's environment: ``environ`` (default ``os.environ``) cut to what running
+    it needs (``_CHILD_ENV_NAMES``, ``_CHILD_ENV_PREFIXES``)."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items()
+            if k in _CHILD_ENV_NAMES or k.startswith(_CHILD_ENV_PREFIXES)}
+
+
 class LocalServer:
     """Runs ``command`` as a child process and keeps it answering until ``stop()``.
 
@@ -175,7 +194,7 @@ class LocalServer:
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self._backoff = backoff or _Backoff()
-        self._env = env
+        self._env = env if env is not None else child_environment()
         self._on_event = on_event
         self._proc: asyncio.subprocess.Process | None = None
         self._supervisor: asyncio.Task | None = None

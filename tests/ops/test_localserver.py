@@ -281,3 +281,20 @@ async def test_a_port_already_taken_by_another_server_is_refused():
             await _fake(port).start()
     finally:
         await other.stop()
+
+
+async def test_the_child_inherits_neither_secrets_nor_what_would_reopen_it_on_every_interface(monkeypatch):
+    """llama-cpp-python's server takes HOST/PORT/API_KEY from its environment over its flags, and
+    the proxy's environment holds the providers' keys: the child gets only what it needs to run."""
+    for name, value in (("HOST", "0.0.0.0"), ("API_KEY", "x"), ("OPENAI_API_KEY", "sk-secret"),
+                        ("SATROUTE_MASTER_KEY", "mk"), ("OMP_NUM_THREADS", "2")):
+        monkeypatch.setenv(name, value)
+    show = ("import os; print(' '.join(f'{k}={os.environ.get(k)}' for k in "
+            "('HOST', 'API_KEY', 'OPENAI_API_KEY', 'SATROUTE_MASTER_KEY', 'OMP_NUM_THREADS')), "
+            "'PATH' in os.environ); raise SystemExit(3)")
+    server = LocalServer("env", [sys.executable, "-c", show], f"http://127.0.0.1:{free_port()}",
+                         startup_timeout_s=10, stop_timeout_s=3.0)
+    with pytest.raises(LocalServerError) as err:
+        await server.start()
+    assert ("HOST=None API_KEY=None OPENAI_API_KEY=None SATROUTE_MASTER_KEY=None OMP_NUM_THREADS=2 True"
+            in str(err.value))
