@@ -66,7 +66,8 @@ class Services:
     def _finished(self, task: asyncio.Task) -> None:
         self.tasks.discard(task)
         if not task.cancelled() and task.exception() is not None:
-            log.error("background task %s failed: %r", task.get_name(), task.exception())
+            exc = task.exception()  # its type and message, never its repr (which may quote data)
+            log.error("background task %s failed: %s: %s", task.get_name(), type(exc).__name__, exc)
 
     async def stop_tasks(self) -> None:
         for task in list(self.tasks):

@@ -253,7 +253,7 @@ def parse(text: str, path: Path, env: Mapping[str, str],
                 unavailable = f"litellm_params.{key} references unset environment variable {missing}"
             if _secret(key) and isinstance(params[key], str):
                 secrets.append(params[key])
-        model = params.pop("model")
+        model = params.pop("model") or ""  # unset: os.environ/ names a missing variable
         provider, _, rest = model.partition("/")
         if not rest:
             provider, rest = "openai", model
@@ -291,10 +291,21 @@ class ProviderRegistry:
         self._down: dict[str, str] = {}  # model -> why it is down (set at run time)
         self._digest = b""
         self._base: Snapshot
-        self.snapshot = self._build(self.path.read_text() if self.path.exists() else self._missing())
+        self.snapshot = self._build(self._read() if self.path.exists() else self._missing())
 
     def _missing(self) -> str:
         raise ConfigError(f"{self.path}: file not found")
+
+    def _read(self) -> str:
+        """The file's text; ``ConfigError`` (naming the position, never the bytes) when it is not
+        UTF-8, as a file saved by an editor in Latin-1 or cp1252 may be."""
+        raw = self.path.read_bytes()
+        try:
+            return raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            line = raw[: exc.start].count(b"\n") + 1
+            raise ConfigError(f"{self.path}: not UTF-8 text (line {line}, byte {exc.start}); "
+                              "save it as UTF-8") from None
 
     def _lookup(self, name: str) -> Profile | None:
         if name in self._profiles:
@@ -323,18 +334,25 @@ class ProviderRegistry:
     def reload(self) -> bool:
         """Re-read the file; True when a changed, valid configuration was swapped in."""
         try:
-            text = self.path.read_text()
+            raw = self.path.read_bytes()
         except OSError as exc:
             log.error("config reload failed, keeping the last good configuration: %s: %s",
                       self.path, exc)
             return False
-        if hashlib.sha256(text.encode()).digest() == self._digest:
+        digest = hashlib.sha256(raw).digest()
+        if digest == self._digest:
             return False
         try:
-            self.snapshot = self._build(text)
+            self.snapshot = self._build(self._read())
         except ConfigError as exc:
             log.error("config reload rejected, keeping the last good configuration: %s", exc)
-            self._digest = hashlib.sha256(text.encode()).digest()  # report a bad edit once
+            self._digest = digest  # report a bad edit once
+            return False
+        except Exception as exc:  # noqa: BLE001 (a bug must not end hot reload for good)
+            # its type only: a message or repr may quote the file, keys included
+            log.error("config reload failed, keeping the last good configuration: %s: %s (%s)",
+                      self.path, "unexpected error reading it", type(exc).__name__)
+            self._digest = digest
             return False
         log.info("config reloaded from %s: %d models", self.path, len(self.snapshot.models))
         return True
@@ -351,7 +369,10 @@ class ProviderRegistry:
                 stamp = None
             if stamp != last:
                 last = stamp
-                self.reload()
+                try:
+                    self.reload()
+                except Exception as exc:  # noqa: BLE001 (the watch must outlive any one edit)
+                    log.error("config reload failed: %s", type(exc).__name__)
 
     def set_profile(self, model_name: str, profile: Profile) -> None:
         """Make a model routable with this profile (onboarding calls this when a test is graded)."""

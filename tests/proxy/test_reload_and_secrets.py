@@ -98,3 +98,30 @@ def test_unresolved_key_makes_model_unavailable_and_is_logged(tmp_path, upstream
     with pytest.raises(openai.NotFoundError):
         openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=0).chat.completions.create(
             model="m2", messages=MESSAGES)
+
+
+def test_an_edit_that_is_not_utf8_or_names_an_unset_model_never_ends_hot_reload(tmp_path, upstream,
+                                                                               start_proxy, caplog):
+    """Such edits used to raise something other than a ConfigError: the watcher died (no later
+    edit was ever applied) and its log line quoted the file, keys included."""
+    from proxy.errors import ConfigError
+    from proxy.providers import ProviderRegistry
+
+    path = write_config(tmp_path / "providers.yaml", [model_entry("m1", upstream.url, tmp_path)])
+    proxy = start_proxy(path)
+    caplog.set_level(logging.ERROR)
+    latin1 = path.read_text().replace("model_list:", "# café\nmodel_list:", 1)
+    latin1 += "# api_key: sk-literal-KEY-9876543210\n"
+    path.write_bytes(latin1.encode("latin-1"))
+    assert wait_for(lambda: "not UTF-8" in caplog.text)
+    assert "sk-literal-KEY" not in caplog.text and "café" not in caplog.text
+    entries = [model_entry("m1", upstream.url, tmp_path), model_entry("m2", upstream.url, tmp_path)]
+    entries[1]["litellm_params"]["model"] = "os.environ/SATROUTE_TEST_UNSET_MODEL"
+    write_config(path, entries)
+    assert wait_for(lambda: "m2" in httpx.get(f"{proxy.base}/ready").json()["unavailable"])
+    assert "SATROUTE_TEST_UNSET_MODEL" in httpx.get(f"{proxy.base}/ready").json()["unavailable"]["m2"]
+    write_config(path, [model_entry("m1", upstream.url, tmp_path), model_entry("m3", upstream.url, tmp_path)])
+    assert wait_for(lambda: model_ids(proxy) == ["auto", "m1", "m3"])  # the watcher lives on
+    path.write_bytes(latin1.encode("latin-1"))
+    with pytest.raises(ConfigError, match="not UTF-8"):  # and at start-up: the usual clear error
+        ProviderRegistry(path, dict)
