@@ -19,7 +19,7 @@ PUBLIC_PATHS = frozenset({"/health", "/ready"})
 class MasterKeyAuth:
     def __init__(self, app: ASGIApp, master_key: str | None):
         self.app = app
-        self._key = f"Bearer {master_key}".encode() if master_key else None
+        self._key = master_key.encode() if master_key else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._key is None or scope["type"] != "http" or scope["path"] in PUBLIC_PATHS:
@@ -30,7 +30,9 @@ class MasterKeyAuth:
             if name == b"authorization":
                 given = value
                 break
-        if not hmac.compare_digest(given, self._key):
+        # the scheme is case-insensitive (RFC 9110) and may be followed by more than one space
+        scheme, _, token = given.strip().partition(b" ")
+        if not (scheme.lower() == b"bearer" and hmac.compare_digest(token.strip(), self._key)):
             reason = "missing Authorization header" if not given else "invalid API key"
             response = error_response(AuthError(f"{reason}: send 'Authorization: Bearer <key>'"),
                                       headers={"WWW-Authenticate": "Bearer"})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import logging
 import sys
 from types import ModuleType
 from typing import Sequence
@@ -60,6 +61,18 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) only listens where other machines cannot reach."""
+    import ipaddress
+
+    if host in ("localhost", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a host name (it may resolve anywhere); 0.0.0.0 and :: parse, as not loopback
+
+
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -82,6 +95,11 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     registry = app.state.services.registry
     redactor.use(lambda: (*registry.snapshot.secrets, *([master] if master else [])))
+    if not master and not is_loopback(settings.host):
+        logging.getLogger("satroute.app").warning(
+            "listening on %s without SATROUTE_MASTER_KEY: anyone who can reach this port can spend "
+            "the configured providers' keys and read /admin and /metrics; set a master key, or "
+            "listen on 127.0.0.1", settings.host)
     # SIGTERM: uvicorn stops accepting, gives in-flight requests and streams the deadline, then
     # the app's lifespan shutdown stops background work and saves state. log_config=None keeps
     # our JSON handlers on uvicorn's loggers.

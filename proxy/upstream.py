@@ -71,8 +71,8 @@ def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
         message = str(err.get("message", ""))
     elif isinstance(err, str):
         message = err
-    else:
-        message = body[:300].decode("utf-8", "replace")
+    else:  # redacted whole, then cut: a key across the cut would no longer match the redaction
+        message = redact(body.decode("utf-8", "replace"))[:300]
     message = redact(message) or f"upstream answered HTTP {status}"
     if status in RETRYABLE:
         return UpstreamTransient(f"{model}: HTTP {status}: {message}", model=model, status=status,

@@ -88,7 +88,9 @@ def test_unknown_route_and_method_use_openai_shape(proxy):
 def test_master_key_guards_v1_but_not_probes(config, upstream, start_proxy):
     proxy = start_proxy(config, master_key="sk-master-123")
     for headers, why in [(None, "missing"), ({"Authorization": "Bearer wrong"}, "invalid"),
-                         ({"Authorization": "sk-master-123"}, "invalid")]:
+                         ({"Authorization": "sk-master-123"}, "invalid"),
+                         ({"Authorization": "Basic sk-master-123"}, "invalid"),
+                         ({"Authorization": "Bearer sk-master-1234"}, "invalid")]:
         err = assert_error(post(proxy, json={"model": "m1", "messages": MESSAGES},
                                 headers=headers), 401, why)
         assert err["code"] == "invalid_api_key"
@@ -97,6 +99,8 @@ def test_master_key_guards_v1_but_not_probes(config, upstream, start_proxy):
     assert upstream.bodies() == []
     assert httpx.get(f"{proxy.base}/health").status_code == 200
     assert httpx.get(f"{proxy.base}/ready").status_code == 200
+    for spelled in ("bearer sk-master-123", "BEARER  sk-master-123"):  # the scheme is case-insensitive
+        assert httpx.get(f"{proxy.url}/models", headers={"Authorization": spelled}).status_code == 200
     good = openai.OpenAI(base_url=proxy.url, api_key="sk-master-123", max_retries=0)
     assert good.chat.completions.create(model="auto", messages=MESSAGES).model == "m1"
     with pytest.raises(openai.AuthenticationError):

@@ -57,3 +57,32 @@ def test_console_script_help_has_no_traceback():
     assert out.returncode == 0 and "serve" in out.stdout and "onboard" in out.stdout
     with pytest.raises(SystemExit):
         cli.main([])
+
+
+@pytest.mark.parametrize("host, master, warned", [("0.0.0.0", None, True), ("::", None, True),
+                                                  ("10.1.2.3", None, True), ("0.0.0.0", "mk-1", False),
+                                                  ("127.0.0.1", None, False), ("localhost", None, False),
+                                                  ("::1", None, False)])
+def test_serve_warns_when_reachable_from_other_machines_without_a_master_key(monkeypatch, tmp_path, host,
+                                                                            master, warned):
+    import logging
+
+    cfg = tmp_path / "providers.yaml"
+    cfg.write_text("model_list:\n  - {model_name: a, litellm_params: {model: openai/a}}\n")
+    monkeypatch.setenv("SATROUTE_SCORER", "constant")
+    monkeypatch.setenv("SATROUTE_LOG_FORMAT", "text")
+    if master:
+        monkeypatch.setenv("SATROUTE_MASTER_KEY", master)
+    else:
+        monkeypatch.delenv("SATROUTE_MASTER_KEY", raising=False)
+    monkeypatch.setattr("uvicorn.run", lambda app, **kw: None)
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("satroute.app").addHandler(handler)
+    try:
+        assert cli.main(["serve", "--config", str(cfg), "--host", host]) == 0
+    finally:
+        logging.getLogger("satroute.app").removeHandler(handler)
+    said = [r.getMessage() for r in records if "without SATROUTE_MASTER_KEY" in r.getMessage()]
+    assert bool(said) is warned

@@ -125,3 +125,13 @@ def test_an_edit_that_is_not_utf8_or_names_an_unset_model_never_ends_hot_reload(
     path.write_bytes(latin1.encode("latin-1"))
     with pytest.raises(ConfigError, match="not UTF-8"):  # and at start-up: the usual clear error
         ProviderRegistry(path, dict)
+
+
+def test_a_key_echoed_across_the_cut_of_a_non_json_error_body_is_still_redacted():
+    from proxy.upstream import classify
+
+    key = "sk-proj-REVIEWKEY0123456789abcdefABCDE"
+    body = b"<html>" + b"x" * 270 + b" you sent Bearer " + key.encode() + b"</html>"  # the key spans byte 300
+    for status in (401, 502):
+        err = classify(status, body, "m1", {}, lambda text: text.replace(key, "***"))
+        assert "REVIEWKEY" not in err.message and "***" in err.message
