@@ -26,6 +26,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from proxy.cooldown import Cooldowns
 from proxy.errors import AllUpstreamsFailed, UpstreamClientError, UpstreamTransient
+from proxy.protocol import OPENAI_CHAT_PARAMS
 from proxy.providers import Deployment, RouterSettings
 from proxy.settings import prepare_litellm_environment
 from proxy.upstream import RETRYABLE, Answer, PassThrough, classify, retry_after_seconds
@@ -202,17 +203,11 @@ class RetryingDispatcher:
         return Answer(chunks=_litellm_chunks(first, resp, d.name, openai.OpenAIError))
 
 
-# The chat completion parameters of the OpenAI API: these go to litellm as its keyword arguments
+# The OpenAI chat parameters (protocol.OPENAI_CHAT_PARAMS) go to litellm as its keyword arguments
 # (it translates them for each provider). Every other field of the client's body travels in
 # ``extra_body``, never as a keyword: litellm reads many keywords as its own settings (``api_base``,
 # ``base_url``, ``api_key``, ``extra_headers``, ``mock_response``, ``metadata``, ...), and a client
 # must not be able to choose where the configured credentials are sent.
-OPENAI_CHAT_PARAMS = frozenset({
-    "messages", "stream", "stream_options", "temperature", "top_p", "n", "stop", "max_tokens",
-    "max_completion_tokens", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
-    "top_logprobs", "user", "response_format", "seed", "tools", "tool_choice", "parallel_tool_calls",
-    "functions", "function_call", "modalities", "audio", "prediction", "reasoning_effort",
-    "service_tier", "store", "web_search_options", "verbosity"})
 
 
 def litellm_request_kwargs(body: Mapping[str, Any]) -> dict[str, Any]:

@@ -20,6 +20,14 @@ from urllib.parse import quote
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
 
 ROUTE_FIELD = "satroute"
+# The request parameters of the OpenAI chat completions API (besides ``model``; ``metadata`` left
+# out: litellm reads it as its own, so on its path a client's ``metadata`` travels in extra_body).
+OPENAI_CHAT_PARAMS = frozenset({
+    "messages", "stream", "stream_options", "temperature", "top_p", "n", "stop", "max_tokens",
+    "max_completion_tokens", "presence_penalty", "frequency_penalty", "logit_bias", "logprobs",
+    "top_logprobs", "user", "response_format", "seed", "tools", "tool_choice", "parallel_tool_calls",
+    "functions", "function_call", "modalities", "audio", "prediction", "reasoning_effort",
+    "service_tier", "store", "web_search_options", "verbosity"})
 
 HEADER_MODEL = "x-satroute-model"
 HEADER_ROUTE = "x-satroute-route"  # routed, direct, default, or aptitude (scorer failed, timed out, stalled)

@@ -21,14 +21,11 @@ import aiohttp
 import orjson
 
 from proxy.errors import UpstreamClientError, UpstreamTransient
+from proxy.protocol import OPENAI_CHAT_PARAMS
 from proxy.providers import Deployment
 
-# litellm_params keys that configure the transport, not the request body.
-TRANSPORT_KEYS = frozenset({
-    "api_base", "api_key", "api_version", "extra_headers", "organization", "timeout",
-    "stream_timeout", "max_retries", "num_retries", "rpm", "tpm", "custom_llm_provider",
-    "input_cost_per_token", "output_cost_per_token", "weight", "order",
-})
+# litellm_params keys that fill the request body where the client's body has none.
+BODY_DEFAULTS = OPENAI_CHAT_PARAMS - {"messages", "stream", "stream_options"}
 DEFAULT_BASES = {"openai": "https://api.openai.com/v1"}
 MODEL_FIELD = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
 RETRYABLE = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
@@ -115,7 +112,12 @@ class PassThrough:
 
     @staticmethod
     def payload(d: Deployment, body: Mapping[str, Any]) -> bytes:
-        out = {k: v for k, v in d.params.items() if k not in TRANSPORT_KEYS and k not in body}
+        # defaults from litellm_params: the OpenAI chat parameters (temperature, max_tokens, ...)
+        # and the fields of its extra_body; never litellm's own settings or other credentials
+        defaults = {k: v for k, v in d.params.items() if k in BODY_DEFAULTS}
+        extra = d.params.get("extra_body")
+        out = {**(extra if isinstance(extra, dict) else {}), **defaults}
+        out = {k: v for k, v in out.items() if k not in body}
         out.update(body)
         out["model"] = d.upstream_model
         return orjson.dumps(out)

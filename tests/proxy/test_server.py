@@ -236,3 +236,20 @@ def test_any_model_name_can_be_routed_to_and_read_back_from_the_headers(tmp_path
     assert direct.headers["x-satroute-model"] == "a%3D1%2Cb"
     plain = client(proxy).chat.completions.with_raw_response.create(model="openai/gpt-4o-mini", messages=MESSAGES)
     assert plain.headers["x-satroute-model"] == "openai/gpt-4o-mini"  # the usual names pass unchanged
+
+
+def test_the_pass_through_fills_only_chat_parameters_from_litellm_params(tmp_path, upstream, start_proxy):
+    """litellm_params also holds litellm's own settings and credentials under many names: only the
+    OpenAI chat parameters (and extra_body's fields) may become defaults of the upstream body."""
+    from conftest import model_entry, write_config
+
+    entry = model_entry("m1", upstream.url, tmp_path, fast_path=True)
+    entry["litellm_params"].update(temperature=0.3, max_tokens=64, drop_params=True, tags=["free"],
+                                   aws_secret_access_key="AWSSECRET0123456789", max_parallel_requests=4,
+                                   extra_body={"top_k": 5})
+    proxy = start_proxy(write_config(tmp_path / "providers.yaml", [entry]))
+    client(proxy).chat.completions.create(model="m1", messages=MESSAGES, max_tokens=8)
+    sent = upstream.bodies()[-1]
+    assert sent["temperature"] == 0.3 and sent["top_k"] == 5
+    assert sent["max_tokens"] == 8  # the client's own value wins
+    assert not {"drop_params", "tags", "aws_secret_access_key", "max_parallel_requests", "extra_body"} & set(sent)
