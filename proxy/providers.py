@@ -15,6 +15,7 @@ import asyncio
 import hashlib
 import json
 import logging
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
@@ -31,7 +32,7 @@ ENV_PREFIX = "os.environ/"
 BUILTIN_PREFIX = "builtin:"
 # litellm providers that speak the OpenAI wire format as is: eligible for the pass-through path.
 OPENAI_COMPATIBLE = frozenset({"openai", "hosted_vllm", "custom_openai", "llamafile", "lm_studio"})
-SECRET_WORDS = ("key", "secret", "token", "password")
+SECRET_WORDS = ("key", "secret", "token", "password", "authorization", "credential")
 
 
 class ProfileSource(Protocol):
@@ -183,12 +184,19 @@ def _secret(key: str) -> bool:
     return any(w in key.lower() for w in SECRET_WORDS)
 
 
+_URL_USERINFO = re.compile(r"(?<=://)[^/@\s]+@")
+_URL_QUERY = re.compile(r"(?<=\?)[^#\s]*")
+
+
 def _masked(value: Any) -> Any:
-    """A copy of a YAML value with every secret-looking key's value hidden."""
+    """A copy of a YAML value with every secret-looking key's value hidden, and in every string the
+    credentials a URL may carry (``user:password@``, the query string)."""
     if isinstance(value, dict):
         return {k: "***" if _secret(str(k)) else _masked(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_masked(v) for v in value]
+    if isinstance(value, str) and "://" in value:
+        return _URL_QUERY.sub("***", _URL_USERINFO.sub("***@", value))
     return value
 
 
@@ -201,11 +209,33 @@ def _describe_yaml(exc: yaml.YAMLError) -> str:
     return f"{context + ': ' if context else ''}{problem}{where}"
 
 
-def _resolve(value: Any, env: Mapping[str, str]) -> tuple[Any, str | None]:
+def _resolve(value: Any, env: Mapping[str, str], key: str = "",
+             secrets: list[str] | None = None) -> tuple[Any, str | None]:
+    """``value`` with its ``os.environ/VAR`` references replaced, at any depth (``extra_headers:
+    {api-key: os.environ/X}``), and the first unset variable it names (None: all set). Into
+    ``secrets`` go, at any depth, every string under a secret-like name (``SECRET_WORDS``) and
+    every value of 16 characters or more read from the environment under another name (a
+    credential kept in a variable need not be named like one; short values such as a timeout
+    would blank out unrelated text), ``model`` excepted: what redaction must hide."""
+    if isinstance(value, dict):
+        out, first = {}, None
+        for k, v in value.items():
+            out[k], missing = _resolve(v, env, str(k), secrets)
+            first = first or missing
+        return out, first
+    if isinstance(value, list):
+        items = [_resolve(v, env, key, secrets) for v in value]
+        return [v for v, _ in items], next((m for _, m in items if m), None)
     if isinstance(value, str) and value.startswith(ENV_PREFIX):
         var = value[len(ENV_PREFIX):]
         got = env.get(var)
-        return (got, None) if got else (None, var)
+        if not got:
+            return None, var
+        if secrets is not None and (_secret(key) or (len(got) >= 16 and key != "model")):
+            secrets.append(got)
+        return got, None
+    if secrets is not None and isinstance(value, str) and value and _secret(key):
+        secrets.append(value)
     return value, None
 
 
@@ -248,11 +278,9 @@ def parse(text: str, path: Path, env: Mapping[str, str],
         params = dict(entry.litellm_params.model_dump(exclude_none=True))
         unavailable = None
         for key in list(params):
-            params[key], missing = _resolve(params[key], env)
+            params[key], missing = _resolve(params[key], env, key, secrets)
             if missing:
                 unavailable = f"litellm_params.{key} references unset environment variable {missing}"
-            if _secret(key) and isinstance(params[key], str):
-                secrets.append(params[key])
         model = params.pop("model") or ""  # unset: os.environ/ names a missing variable
         provider, _, rest = model.partition("/")
         if not rest:

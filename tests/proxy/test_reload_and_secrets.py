@@ -135,3 +135,40 @@ def test_a_key_echoed_across_the_cut_of_a_non_json_error_body_is_still_redacted(
     for status in (401, 502):
         err = classify(status, body, "m1", {}, lambda text: text.replace(key, "***"))
         assert "REVIEWKEY" not in err.message and "***" in err.message
+
+
+def test_a_rejected_edit_never_shows_credentials_a_url_carries(tmp_path):
+    from proxy.errors import ConfigError
+    from proxy.providers import ProviderRegistry
+
+    path = tmp_path / "providers.yaml"
+    path.write_text("model_list:\n  - model_name: m1\n    litellm_params:\n"
+                    "      api_base: https://admin:hunter2pass@llm.example/v1?apikey=QWERTY123456\n")
+    with pytest.raises(ConfigError) as err:  # no litellm_params.model: rejected, the entry shown
+        ProviderRegistry(path, dict)
+    message = str(err.value)
+    assert "litellm_params.model" in message and "llm.example/v1" in message
+    assert "hunter2pass" not in message and "QWERTY123456" not in message
+
+
+def test_environment_references_and_secrets_are_found_at_any_depth(tmp_path, monkeypatch):
+    from proxy.providers import ProviderRegistry
+
+    monkeypatch.setenv("HDR_KEY", "azkey-9f8e7d6c5b4a3")
+    monkeypatch.setenv("SA_JSON", '{"type": "service_account", "private": "x"}')
+    monkeypatch.setenv("SHORT", "30")
+    path = tmp_path / "providers.yaml"
+    path.write_text("model_list:\n  - model_name: m1\n    litellm_params:\n      model: openai/x\n"
+                    "      extra_headers: {api-key: os.environ/HDR_KEY, x-literal-token: tok-LITERAL-123}\n"
+                    "      vertex_credentials: os.environ/SA_JSON\n      timeout: os.environ/SHORT\n"
+                    "  - model_name: m2\n    litellm_params:\n      model: openai/y\n"
+                    "      extra_headers: {api-key: os.environ/SATROUTE_TEST_NOT_SET}\n")
+    snap = ProviderRegistry(path, lambda: dict(__import__("os").environ)).snapshot
+    m1 = snap.models["m1"]
+    assert m1.params["extra_headers"] == {"api-key": "azkey-9f8e7d6c5b4a3", "x-literal-token": "tok-LITERAL-123"}
+    assert m1.available and m1.params["timeout"] == "30"
+    for secret in ("azkey-9f8e7d6c5b4a3", "tok-LITERAL-123", '{"type": "service_account", "private": "x"}'):
+        assert secret in snap.secrets
+    assert "30" not in snap.secrets  # a short setting is not a secret: it would blank out any "30"
+    assert not snap.models["m2"].available and "SATROUTE_TEST_NOT_SET" in snap.models["m2"].unavailable
+    assert "the key azkey-9f8e7d6c5b4a3" not in snap.redact("the key azkey-9f8e7d6c5b4a3")
