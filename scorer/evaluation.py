@@ -30,7 +30,7 @@ from typing import Mapping, Sequence
 import numpy as np
 
 from scorer import Profile, Scorer
-from scorer.data import RoutingData, format_instruction, load_dataset
+from scorer.data import DataError, RoutingData, format_instruction, load_dataset
 
 BATCH = 256
 
@@ -84,8 +84,8 @@ def compare(scorers: Mapping[str, Scorer], data: RoutingData, models: Sequence[s
     picks = {name: route(s, texts, models, profiles) for name, s in scorers.items()}
     report = {**_table(correct, models), "n_missing": n_missing, "models": models,
               "scorers": {name: _accuracy(correct, p) for name, p in picks.items()},
-              "choices": {name: {m: round(float((p == j).mean()), 4) for j, m in enumerate(models)}
-                          for name, p in picks.items()}}
+              "choices": {name: {m: round(float((p == j).mean()), 4) if len(p) else 0.0
+                                 for j, m in enumerate(models)} for name, p in picks.items()}}
     datasets = np.array([p.dataset for p in part.prompts])
     if len(set(datasets)) > 1:
         report["by_dataset"] = {}
@@ -123,7 +123,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", default=None, help="aptitude suite of the profiles (default: DIR's name if a "
                                                       "suite has it, else mmlu_pro); none: no profiles")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--limit", type=int, default=None, help="a fixed, deterministic sample of N prompts")
+    parser.add_argument("--limit", type=_positive, default=None, help="a fixed, deterministic sample of N prompts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: ~/.cache/satroute)")
     parser.add_argument("--embed-tokens", type=int, default=128,
@@ -171,7 +171,27 @@ def _build_scorer(spec: str, args, data: RoutingData, models: Sequence[str], emb
 ROUTER_KEY = "\0router"  # cannot clash with a baseline's name
 
 
+def _positive(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
 def run(args: argparse.Namespace) -> int:
+    """The evaluation; a wrong model name, data folder or checkpoint is one line on stderr and exit
+    code 2, not a traceback (and is found before any baseline is trained)."""
+    from scorer.inference import CheckpointError
+
+    try:
+        return _run(args)
+    except (DataError, CheckpointError) as exc:
+        print(f"satroute evaluate: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    from scorer.baselines import BASELINES
     from scorer.embeddings import Embedder
 
     if args.threads:
@@ -180,11 +200,16 @@ def run(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     data = load_dataset(args.data)
     models = [m.strip() for m in args.models.split(",")] if args.models else list(data.models)
+    unknown = [m for m in models if m not in data.models]
+    if unknown:
+        raise DataError(f"{', '.join(map(repr, unknown))} not in {args.data} (its models: {', '.join(data.models)})")
     profiles = _profiles(args, data, models)
     embedder = Embedder(max_length=args.embed_tokens)
     specs = [] if args.baselines in ("", "none") else [s.strip() for s in args.baselines.split(",") if s.strip()]
-    built = {spec: _build_scorer(spec, args, data, models, embedder)
-             for spec in dict.fromkeys(specs + ([args.router] if args.router != "none" else []))}
+    routers = [args.router] if args.router != "none" else []
+    # checkpoints first: a wrong path must not wait for every baseline to be trained
+    order = sorted(dict.fromkeys(specs + routers), key=lambda spec: spec.partition("=")[0] in BASELINES)
+    built = {spec: _build_scorer(spec, args, data, models, embedder) for spec in order}
     scorers = {spec.partition("=")[0]: built[spec] for spec in specs}
     if args.router != "none":
         scorers[ROUTER_KEY] = built[args.router]
@@ -200,7 +225,7 @@ def run(args: argparse.Namespace) -> int:
         block["router"] = block["scorers"].pop(ROUTER_KEY, None)
         block["baselines"] = block.pop("scorers")
     if args.json:
-        print(json.dumps(report))
+        print(json.dumps(report, allow_nan=False))
     else:
         print(format_report(report))
     return 0

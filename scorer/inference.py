@@ -90,10 +90,17 @@ def save_checkpoint(model: ModelSAT, folder: str | Path, meta: Mapping | None = 
     tmp = folder / (WEIGHTS + ".tmp")
     save_file({k: v.detach().float().cpu().contiguous() for k, v in model.trainable_state().items()}, str(tmp))
     tmp.replace(folder / WEIGHTS)
-    model.config.save(folder / CONFIG)
+    write_atomically(folder / CONFIG, model.config.to_json() + "\n")
     if meta is not None:
-        (folder / META).write_text(json.dumps(dict(meta), indent=1) + "\n", encoding="utf-8")
+        write_atomically(folder / META, json.dumps(dict(meta), indent=1) + "\n")
     return folder
+
+
+def write_atomically(path: Path, text: str) -> None:
+    """``path`` holds the old text or the new, never a part of either (a kill mid-write)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
 
 def checkpoint_identity(folder: str | Path) -> dict[str, str]:
@@ -302,4 +309,4 @@ class ModelSATScorer:
 
 __all__ = ["CapabilityWriter", "aptitude", "checkpoint_identity", "CheckpointError", "DEFAULT_CHECKPOINT", "DTYPES",
            "ModelSATScorer", "default_dtype", "load_model", "native_bf16_cpu", "save_checkpoint",
-           "score_candidates", "suite_keywords"]
+           "score_candidates", "suite_keywords", "write_atomically"]

@@ -50,7 +50,8 @@ from scorer.aptitude import load_suite, profile_from_outcomes, suite_for
 from scorer.baselines import neighbour_counts
 from scorer.capability import perturb, task_clause
 from scorer.data import RoutingData, data_root, format_instruction, load_dataset
-from scorer.inference import META, CapabilityWriter, load_model, save_checkpoint, score_candidates, suite_keywords
+from scorer.inference import (META, CapabilityWriter, load_model, save_checkpoint, score_candidates,
+                              suite_keywords, write_atomically)
 from scorer.modeling import LAYOUTS, ModelSAT, ModelSATConfig
 
 STATE = "train_state.pt"
@@ -386,14 +387,25 @@ class Trainer:
                 "accumulate": a.accumulate, "budget_minutes": a.budget_minutes,
                 "device": str(next(self.model.parameters()).device), "threads": a.threads, **extra}
 
-    def save(self, out_dir: Path, extra: dict) -> None:
+    def save(self, out_dir: Path, extra: dict, ema: float | None = None) -> None:
+        """The checkpoint, then the state a resume needs, the trained weights included: the state
+        file is written last and whole (renamed into place), so a kill at any point leaves one
+        that resumes exactly, whatever became of the checkpoint's files."""
         save_checkpoint(self.model, out_dir, self.meta(out_dir, extra))
+        tmp = out_dir / (STATE + ".tmp")
         torch.save({"step": self.step, "stage": self.stage, "optimizer": self.optimizer.state_dict(),
-                    "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state()}, out_dir / STATE)
+                    "rng": self.rng.getstate(), "torch_rng": torch.get_rng_state(), "ema": ema,
+                    "trainable": {k: v.detach().cpu() for k, v in self.model.trainable_state().items()}},
+                   tmp)
+        tmp.replace(out_dir / STATE)
 
-    def resume(self, out_dir: Path) -> None:
+    def resume(self, out_dir: Path) -> float | None:
+        """Continue from ``out_dir``'s state: its weights, step, stage, optimizer and random
+        state; returns the loss average it had reached (None: a state saved before it was kept)."""
         device = next(self.model.parameters()).device  # a CUDA run may resume on a CPU, and back
         state = torch.load(out_dir / STATE, weights_only=False, map_location=device)
+        if "trainable" in state:  # not the checkpoint's files: a kill may have left them a step ahead
+            self.model.load_trainable_state(state["trainable"])
         self.step = int(state["step"])
         self.set_stage(int(state["stage"]))
         self.optimizer.load_state_dict(state["optimizer"])
@@ -401,6 +413,7 @@ class Trainer:
             group["lr"] = fresh  # the learning rates of this invocation win over the saved ones
         self.rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"].cpu())
+        return state.get("ema")
 
 
 def _config_from_args(a, suite: str) -> ModelSATConfig:
@@ -506,18 +519,19 @@ def run(a) -> int:
                         every_accuracy=a.profile_noise > 0)
     trainer = Trainer(model, writer, sources, a)
     trainer.set_stage(1 if a.stage1_steps > 0 and model.config.variant == "encoder" else 2)
-    if resume:
-        trainer.resume(out_dir)
-    log = open(out_dir / "log.jsonl", "a", encoding="utf-8")
+    ema = trainer.resume(out_dir) if resume else None
+    log_path = out_dir / "log.jsonl"
+    if resume:  # the steps logged after the state was saved are run again: drop their lines
+        _truncate_log(log_path, trainer.step)
+    log = open(log_path, "a", encoding="utf-8")
     started, last_save = time.monotonic(), time.monotonic()
     total = a.stage1_steps + a.stage2_steps
     best = _best_so_far(out_dir) if resume else -1.0
     from tqdm import tqdm
 
     bar = tqdm(total=total, initial=trainer.step, desc="capability tuning", mininterval=10)
-    ema = None
     while trainer.step < total:
-        if trainer.step >= a.stage1_steps and trainer.stage == 1 and model.config.lora_rank > 0:
+        if trainer.step >= a.stage1_steps and trainer.stage == 1 and has_stage_two(model.config):
             trainer.set_stage(2)
         rec = trainer.train_step()
         ema = rec["loss"] if ema is None else 0.95 * ema + 0.05 * rec["loss"]
@@ -536,13 +550,34 @@ def run(a) -> int:
         log.write(json.dumps(rec) + "\n")
         log.flush()
         if time.monotonic() - last_save > a.save_every_minutes * 60 or "val_routing_acc" in rec:
-            trainer.save(out_dir, {"val_routing_acc": rec.get("val_routing_acc"), "ema_loss": ema})
+            trainer.save(out_dir, {"val_routing_acc": rec.get("val_routing_acc"), "ema_loss": ema}, ema)
             last_save = time.monotonic()
         if out_of_time:
             break
     bar.close()
-    trainer.save(out_dir, {"ema_loss": ema, "best_val_routing_acc": best})
+    trainer.save(out_dir, {"ema_loss": ema, "best_val_routing_acc": best}, ema)
     return 0
+
+
+def has_stage_two(config: ModelSATConfig) -> bool:
+    """Whether stage 2 tunes anything beyond the connectors: LoRA adapters or psi's top layers
+    (a network with neither stays in stage 1, at its learning rate)."""
+    return config.lora_rank > 0 or config.encoder_train_layers > 0
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """Keep the lines of ``path`` up to ``step`` (and no line a kill cut short)."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and int(rec.get("step", 0)) <= step:
+            kept.append(line)
+    write_atomically(path, "".join(f"{line}\n" for line in kept))
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

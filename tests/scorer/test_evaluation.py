@@ -99,6 +99,23 @@ def test_cli_json_keys(data, capsys, tmp_path):
     assert out["by_dataset"]["mmlu"]["baselines"]["category"] == pytest.approx(0.6667)
 
 
+def test_cli_mistakes_are_one_line_and_exit_2_before_any_baseline_is_trained(data, capsys, tmp_path, monkeypatch):
+    import scorer.baselines as baselines
+
+    trained = []
+    monkeypatch.setattr(baselines, "train_baseline", lambda name, *a, **k: trained.append(name))
+    args = _cli(data, "--router", "none", "--baselines", "category", "--suite", "none")
+    args.models = "A,NOT-A-MODEL"
+    assert run(args) == 2
+    assert "'NOT-A-MODEL' not in" in capsys.readouterr().err
+    missing = str(tmp_path / "no-checkpoint")
+    assert run(_cli(data, "--router", f"mine={missing}", "--baselines", "category", "--suite", "none")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "no Model-SAT checkpoint" in err and trained == []
+    with pytest.raises(SystemExit):  # argparse: a sample of no prompt is no evaluation
+        _cli(data, "--limit", "0")
+
+
 def test_cli_text_report(data, capsys, tmp_path):
     assert run(_cli(data, "--router", "none", "--baselines", "category", "--suite", "none")) == 0
     text = capsys.readouterr().out

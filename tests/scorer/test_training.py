@@ -285,6 +285,43 @@ def test_save_and_resume_continue_the_same_run(tmp_path):
     assert got["loss"] == pytest.approx(expected["loss"], rel=1e-4)
 
 
+def test_a_kill_between_the_checkpoint_and_the_state_still_resumes_the_same_run(tmp_path):
+    """The state is written last and holds the weights: a kill after the checkpoint's files were
+    replaced but before the state was leaves weights a step ahead, and a resume must not use them."""
+    from scorer.inference import save_checkpoint
+
+    trainer = _trainer()
+    trainer.set_stage(1)
+    trainer.train_step()
+    trainer.save(tmp_path, {}, ema=1.25)
+    expected = trainer.train_step()
+    save_checkpoint(trainer.model, tmp_path, trainer.meta(tmp_path, {}))  # ... killed before the state
+    assert not list(tmp_path.glob("*.tmp"))
+    other = _trainer()
+    other.model.load_trainable_state(_load(tmp_path))  # what load_model reads: a step ahead
+    assert other.resume(tmp_path) == 1.25 and other.step == 1
+    got = other.train_step()
+    assert got["loss"] == pytest.approx(expected["loss"], rel=1e-4)
+
+
+def test_psis_tuned_layers_alone_are_a_reason_for_stage_two():
+    from scorer.modeling import ModelSATConfig
+    from scorer.training import has_stage_two
+
+    assert has_stage_two(ModelSATConfig(lora_rank=0, encoder_train_layers=1))
+    assert has_stage_two(ModelSATConfig(lora_rank=8, encoder_train_layers=0))
+    assert not has_stage_two(ModelSATConfig(lora_rank=0, encoder_train_layers=0))
+
+
+def test_a_resume_drops_the_log_lines_of_the_steps_it_runs_again(tmp_path):
+    from scorer.training import _truncate_log
+
+    log = tmp_path / "log.jsonl"
+    log.write_text("".join(json.dumps({"step": i, "loss": 1.0}) + "\n" for i in range(1, 6)) + '{"step": 6, "lo')
+    _truncate_log(log, 3)
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+
+
 def test_a_resumed_run_keeps_the_best_validation_of_the_runs_before_it(tmp_path):
     from scorer.training import _best_so_far
 
