@@ -176,35 +176,33 @@ async def chat_completions(request: Request) -> Response:
 
 async def _unless_the_client_leaves(request: Request, work: Coroutine[Any, Any, Reply]) -> Reply | None:
     """``work``'s reply, or None when the client disconnects first: then ``work`` (retries,
-    fallbacks, the upstream call in flight) is cancelled, so nothing more is asked or paid for."""
-    task = asyncio.ensure_future(work)
+    fallbacks, the upstream call in flight) is cancelled, so nothing more is asked or paid for.
+    ``work`` runs in this request's own task; one small task waits for the disconnect and
+    cancels it (no task for the work itself: this runs on every request)."""
+    me = asyncio.current_task()
+    left = False
 
-    async def disconnected() -> None:
+    async def watch() -> None:
+        nonlocal left
         while (await request.receive())["type"] != "http.disconnect":
             pass
+        left = True
+        me.cancel()
 
-    gone = asyncio.ensure_future(disconnected())
+    watcher = asyncio.ensure_future(watch())
     try:
-        await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
-    except BaseException:  # this request's own task is cancelled (shutdown): so is the work
-        task.cancel()
+        reply = await work
+    except asyncio.CancelledError:
+        if left and me.uncancel() == 0:  # cancelled by the watcher alone, not by a shutdown
+            return None
         raise
     finally:
-        gone.cancel()  # a response that streams listens for the disconnect itself
-    if task.done():
-        return task.result()
-    task.cancel()  # the client left first
-    try:
-        reply = await task
-    except asyncio.CancelledError:
-        if asyncio.current_task().cancelling():  # not only the work: this request too
-            raise
+        watcher.cancel()  # a response that streams listens for the disconnect itself
+    if left:  # answered as the client left, before the cancellation landed
+        if me.uncancel() == 0 and reply.chunks is not None and hasattr(reply.chunks, "aclose"):
+            await reply.chunks.aclose()
         return None
-    except Exception:  # noqa: BLE001 (it failed as it was cancelled; nobody is left to tell)
-        return None
-    if reply.chunks is not None and hasattr(reply.chunks, "aclose"):  # answered as it was cancelled
-        await reply.chunks.aclose()
-    return None
+    return reply
 
 
 async def route_preview(request: Request) -> Response:
