@@ -11,7 +11,6 @@ Does not know: how scores are computed, how upstreams are called (``Services`` h
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Coroutine
@@ -197,11 +196,9 @@ async def _unless_the_client_leaves(request: Request, work: Coroutine[Any, Any, 
             return None
         raise
     finally:
+        # synchronously after the work returned: the watcher cannot have cancelled a finished work
+        # (it would have had to run first, and then the cancellation lands in the await above)
         watcher.cancel()  # a response that streams listens for the disconnect itself
-    if left:  # answered as the client left, before the cancellation landed
-        if me.uncancel() == 0 and reply.chunks is not None and hasattr(reply.chunks, "aclose"):
-            await reply.chunks.aclose()
-        return None
     return reply
 
 

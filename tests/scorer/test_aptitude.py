@@ -1,8 +1,6 @@
 """scorer.aptitude: suite selection from train questions, JSON round trip, profiles."""
 from __future__ import annotations
 
-import json
-
 import numpy as np
 import pytest
 
