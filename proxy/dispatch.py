@@ -203,16 +203,13 @@ class RetryingDispatcher:
         return Answer(chunks=_litellm_chunks(first, resp, d.name, openai.OpenAIError))
 
 
-# The OpenAI chat parameters (protocol.OPENAI_CHAT_PARAMS) go to litellm as its keyword arguments
-# (it translates them for each provider). Every other field of the client's body travels in
-# ``extra_body``, never as a keyword: litellm reads many keywords as its own settings (``api_base``,
-# ``base_url``, ``api_key``, ``extra_headers``, ``mock_response``, ``metadata``, ...), and a client
-# must not be able to choose where the configured credentials are sent.
-
-
 def litellm_request_kwargs(body: Mapping[str, Any]) -> dict[str, Any]:
-    """The client's body as ``litellm.acompletion`` keywords: the OpenAI chat parameters as they
-    are, everything else (but ``model``, which the target sets) under ``extra_body``."""
+    """The client's body as ``litellm.acompletion`` keywords: the OpenAI chat parameters
+    (``protocol.OPENAI_CHAT_PARAMS``, which litellm translates for each provider) as they are,
+    everything else (but ``model``, which the target sets) under ``extra_body``. Never another
+    keyword: litellm reads many as its own settings (``api_base``, ``base_url``, ``api_key``,
+    ``extra_headers``, ``mock_response``, ``metadata``, ...), and a client must not choose where the
+    configured credentials are sent."""
     kwargs = {k: v for k, v in body.items() if k in OPENAI_CHAT_PARAMS}
     extra = {k: v for k, v in body.items() if k not in OPENAI_CHAT_PARAMS and k != "model"}
     if extra:
@@ -285,6 +282,7 @@ def _transport_failure(exc: BaseException) -> str | None:
     (``InternalServerError: Connection error``), keeping the original as the cause; the chain says
     whether an upstream answered at all.
     """
+    import aiohttp
     import httpx
     import openai
 
@@ -296,15 +294,10 @@ def _transport_failure(exc: BaseException) -> str | None:
             return "timeout"
         # a network failure underneath, not litellm's label alone: litellm also wraps its own
         # errors (a request it could not translate) as APIConnectionError
-        if isinstance(link, (OSError, httpx.TransportError)) or _is_aiohttp_client_error(link):
+        if isinstance(link, (OSError, httpx.TransportError, aiohttp.ClientError)):
             return "connection"
         link = link.__cause__ or link.__context__
     return None
-
-
-def _is_aiohttp_client_error(exc: BaseException) -> bool:
-    module = type(exc).__module__ or ""
-    return module.startswith("aiohttp") and any(c.__name__ == "ClientError" for c in type(exc).__mro__)
 
 
 async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type) -> AsyncIterator[bytes]:
