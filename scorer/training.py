@@ -475,6 +475,16 @@ def split_seed(a) -> int:
     return a.seed if a.split_seed < 0 else a.split_seed
 
 
+def suite_reference(a) -> str:
+    """How the checkpoint's config names the suite of the first ``--data`` folder: a committed
+    suite by its name, a suite file by its absolute path (its name alone would not load it back
+    for ``satroute evaluate`` or the proxy)."""
+    folders = [f for f in str(a.data).split(",") if f]
+    first = ([s for s in str(a.suite).split(",") if s] or ["auto"])[0]
+    spec = suite_for(folders[0], first)
+    return str(Path(spec).resolve()) if Path(spec).suffix else spec
+
+
 def build_sources(a) -> tuple[list[Source], object]:
     """One ``Source`` per ``--data`` folder (comma-separated), with its suite and weight."""
     folders = [f for f in str(a.data).split(",") if f]
@@ -513,7 +523,7 @@ def run(a) -> int:
     elif a.init:
         model = warm_start(a.init, device, a.layout, a.instruction_vector_tokens, a.lora_layers).train()
     else:
-        model = ModelSAT.from_backbones(_config_from_args(a, suite.name)).to(device)
+        model = ModelSAT.from_backbones(_config_from_args(a, suite_reference(a))).to(device)
     writer = CapabilityWriter(model, suite_keywords(suite))
     _precompute_clauses(writer, [p for s in sources for p in (s.pool, s.val)],
                         every_accuracy=a.profile_noise > 0)

@@ -170,6 +170,18 @@ def test_sources_parse_one_suite_and_weight_per_folder(tmp_path):
         build_sources(_args(data="a,b", data_weights="1,2,3"))
 
 
+def test_a_suite_given_as_a_file_is_named_by_its_path_so_the_checkpoint_loads_it_back(tmp_path, monkeypatch):
+    from scorer.aptitude import load_suite
+    from scorer.training import suite_reference
+
+    path = tmp_path / "suites" / "mine.json"
+    tiny.suite().save(path)
+    monkeypatch.chdir(tmp_path)
+    ref = suite_reference(_args(data="somewhere/mmlu_pro", suite="suites/mine.json"))
+    assert ref == str(path) and load_suite(ref) == tiny.suite()
+    assert suite_reference(_args(data="somewhere/mmlu_pro", suite="auto")) == "mmlu_pro"  # committed: by name
+
+
 def test_a_category_prior_without_neighbour_targets_or_outside_0_1_is_refused():
     from scorer.training import build_sources
 
