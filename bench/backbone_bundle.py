@@ -71,6 +71,7 @@ def build_scorer(checkpoint: str | Path | None, bundle: str | Path, device: str 
     from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 
     from scorer.aptitude import load_suite
+    from scorer.backbones import keep_first_layers
     from scorer.inference import DEFAULT_CHECKPOINT, ModelSATScorer, default_dtype
     from scorer.modeling import ModelSAT, ModelSATConfig
 
@@ -84,12 +85,8 @@ def build_scorer(checkpoint: str | Path | None, bundle: str | Path, device: str 
         if cfg.variant == "encoder":
             encoder = AutoModel.from_config(AutoConfig.from_pretrained(bundle / "encoder"))
             enc_tok = AutoTokenizer.from_pretrained(bundle / "encoder")
-        lcfg = AutoConfig.from_pretrained(bundle / "llm")
-        if cfg.n_layers < lcfg.num_hidden_layers:  # as scorer.backbones.load_llm: only the kept layers
-            lcfg.num_hidden_layers = cfg.n_layers
-            if getattr(lcfg, "layer_types", None):
-                lcfg.layer_types = list(lcfg.layer_types)[: cfg.n_layers]
-        llm = AutoModelForCausalLM.from_config(lcfg)
+        llm = AutoModelForCausalLM.from_config(  # only the kept layers, as scorer.backbones.load_llm
+            keep_first_layers(AutoConfig.from_pretrained(bundle / "llm"), cfg.n_layers))
         model = ModelSAT(cfg, encoder, enc_tok, llm, AutoTokenizer.from_pretrained(bundle / "llm"))
     model.load_trainable_state(load_file(str(folder / "model.safetensors")))
     model = model.float().to(device=device, dtype=default_dtype(device, dtype)).eval()

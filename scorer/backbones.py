@@ -189,6 +189,16 @@ def _quiet_transformers():
         hf_logging.set_verbosity(previous)
 
 
+def keep_first_layers(config, n_layers: int | None):
+    """An LLM's ``config`` cut to its first ``n_layers`` decoder layers (None, or as many as it has:
+    unchanged); a model built from it has only those."""
+    if n_layers is not None and n_layers < config.num_hidden_layers:
+        config.num_hidden_layers = n_layers
+        if getattr(config, "layer_types", None):
+            config.layer_types = list(config.layer_types)[:n_layers]
+    return config
+
+
 def load_llm(spec: str = DEFAULT_LLM, n_layers: int | None = None) -> Loaded:
     """phi: a causal LM (``AutoModelForCausalLM``) and its tokenizer, fp32, eval mode.
 
@@ -200,11 +210,7 @@ def load_llm(spec: str = DEFAULT_LLM, n_layers: int | None = None) -> Loaded:
     path = resolve_llm(spec)
     try:
         tok = AutoTokenizer.from_pretrained(path)
-        config = AutoConfig.from_pretrained(path)
-        if n_layers is not None and n_layers < config.num_hidden_layers:
-            config.num_hidden_layers = n_layers
-            if getattr(config, "layer_types", None):
-                config.layer_types = list(config.layer_types)[:n_layers]
+        config = keep_first_layers(AutoConfig.from_pretrained(path), n_layers)
         with _quiet_transformers():  # the dropped layers' weights are reported as unexpected keys
             model = AutoModelForCausalLM.from_pretrained(path, config=config, dtype="float32")
     except OSError as exc:
@@ -212,5 +218,5 @@ def load_llm(spec: str = DEFAULT_LLM, n_layers: int | None = None) -> Loaded:
     return Loaded(model.eval(), tok)
 
 
-__all__ = ["BackboneError", "DEFAULT_ENCODER", "DEFAULT_LLM", "Loaded", "cache_dir",
+__all__ = ["BackboneError", "DEFAULT_ENCODER", "DEFAULT_LLM", "Loaded", "cache_dir", "keep_first_layers",
            "convert_gguf", "load_encoder", "load_llm", "resolve_encoder", "resolve_llm"]
