@@ -319,15 +319,13 @@ class ProviderRegistry:
         self._down: dict[str, str] = {}  # model -> why it is down (set at run time)
         self._digest = b""
         self._base: Snapshot
-        self.snapshot = self._build(self._read() if self.path.exists() else self._missing())
+        if not self.path.exists():
+            raise ConfigError(f"{self.path}: file not found")
+        self.snapshot = self._build(self._text(self.path.read_bytes()))
 
-    def _missing(self) -> str:
-        raise ConfigError(f"{self.path}: file not found")
-
-    def _read(self) -> str:
-        """The file's text; ``ConfigError`` (naming the position, never the bytes) when it is not
-        UTF-8, as a file saved by an editor in Latin-1 or cp1252 may be."""
-        raw = self.path.read_bytes()
+    def _text(self, raw: bytes) -> str:
+        """The file's bytes as text; ``ConfigError`` (naming the position, never the bytes) when
+        they are not UTF-8, as a file saved by an editor in Latin-1 or cp1252 may be."""
         try:
             return raw.decode("utf-8")
         except UnicodeDecodeError as exc:
@@ -371,15 +369,15 @@ class ProviderRegistry:
         if digest == self._digest:
             return False
         try:
-            self.snapshot = self._build(self._read())
+            self.snapshot = self._build(self._text(raw))
         except ConfigError as exc:
             log.error("config reload rejected, keeping the last good configuration: %s", exc)
             self._digest = digest  # report a bad edit once
             return False
         except Exception as exc:  # noqa: BLE001 (a bug must not end hot reload for good)
             # its type only: a message or repr may quote the file, keys included
-            log.error("config reload failed, keeping the last good configuration: %s: %s (%s)",
-                      self.path, "unexpected error reading it", type(exc).__name__)
+            log.error("config reload failed, keeping the last good configuration: %s: unexpected %s",
+                      self.path, type(exc).__name__)
             self._digest = digest
             return False
         log.info("config reloaded from %s: %d models", self.path, len(self.snapshot.models))
