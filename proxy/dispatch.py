@@ -29,7 +29,8 @@ from proxy.errors import AllUpstreamsFailed, UpstreamClientError, UpstreamTransi
 from proxy.protocol import OPENAI_CHAT_PARAMS
 from proxy.providers import Deployment, RouterSettings
 from proxy.settings import prepare_litellm_environment
-from proxy.upstream import RETRYABLE, Answer, PassThrough, classify, retry_after_seconds
+from proxy.upstream import (RETRYABLE, Answer, PassThrough, classify, interrupted_event,
+                            retry_after_seconds)
 
 log = logging.getLogger("satroute.dispatch")
 
@@ -310,9 +311,7 @@ async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type) -> A
         async for chunk in stream:
             yield encode(chunk)
     except errors as exc:
-        yield b"data: " + orjson.dumps({"error": {
-            "message": f"upstream stream interrupted: {type(exc).__name__}",
-            "type": "upstream_error", "param": None, "code": "stream_interrupted"}}) + b"\n\n"
+        yield interrupted_event(type(exc).__name__)
         return
     yield b"data: [DONE]\n\n"
 

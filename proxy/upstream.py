@@ -198,7 +198,7 @@ def _rename_events(batch: bytes, name_json: bytes) -> bytes:
 _FINISHED = re.compile(rb'data:\s*\[DONE\]|"finish_reason"\s*:\s*"')
 
 
-def _interrupted(why: str) -> bytes:
+def interrupted_event(why: str) -> bytes:
     """The in-band error event of a stream cut short (headers are gone: the OpenAI SDK raises on it)."""
     return b"data: " + orjson.dumps({"error": {"message": f"upstream stream interrupted: {why}",
                                                "type": "upstream_error", "param": None,
@@ -215,11 +215,11 @@ async def _relay(first: bytes, events: AsyncIterator[bytes], name_json: bytes,
                 finished = finished or _FINISHED.search(batch) is not None
                 yield _rename_events(batch, name_json)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            yield _interrupted(type(exc).__name__)
+            yield interrupted_event(type(exc).__name__)
             return
         if not finished:
             # the upstream closed the stream cleanly, but before a finish_reason or [DONE]: a
             # client must not take the part it got for the whole answer
-            yield _interrupted("the upstream ended it before the answer was finished")
+            yield interrupted_event("the upstream ended it before the answer was finished")
     finally:
         resp.release()
