@@ -306,12 +306,14 @@ class ScorerHost:
         """On a scorer thread: score, unless the call could no longer end before its deadline at
         the recent pace. Under overload the oldest queued calls are the ones about to give up; a
         queue served first-come would spend the scorer on them and answer nobody in time."""
-        if deadline is not None and time.perf_counter() + self._typical_s > deadline:
+        started = time.perf_counter()
+        if deadline is not None and started + self._typical_s > deadline:
             raise _TooLate
-        with self._busy() as took:
+        with self._busy():
             scores = scorer.score(instruction, candidates)
-        if took[0] <= self._stall_s:  # a hang that ended is not the pace of the calls to come
-            self._typical_s = 0.8 * self._typical_s + 0.2 * took[0]
+        took = time.perf_counter() - started
+        if took <= self._stall_s:  # a hang that ended is not the pace of the calls to come
+            self._typical_s = 0.8 * self._typical_s + 0.2 * took
         return scores
 
     def _held(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -320,21 +322,21 @@ class ScorerHost:
             return fn(*args)
 
     @contextmanager
-    def _busy(self) -> Iterator[list[float]]:
+    def _busy(self) -> Iterator[None]:
         """On a scorer thread, around anything that holds it (a scoring call, a warm-up): what the
-        stall detection counts. Yields a list that holds the seconds taken once the block ends."""
-        thread, started, took = threading.get_ident(), time.perf_counter(), [0.0]
+        stall detection counts."""
+        thread, started = threading.get_ident(), time.perf_counter()
         with self._busy_lock:
             self._busy_since[thread] = started
         try:
-            yield took
+            yield
         finally:
             with self._busy_lock:
                 del self._busy_since[thread]
-            took[0] = time.perf_counter() - started
             if self._stall_reported and self.stalled_for() is None:  # it ended, well or not
                 self._stall_reported = False
-                log.warning("the stalled scorer call ended after %.0f s; scoring again", took[0])
+                log.warning("the stalled scorer call ended after %.0f s; scoring again",
+                            time.perf_counter() - started)
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
