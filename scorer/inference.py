@@ -31,7 +31,7 @@ import torch
 
 from scorer.aptitude import Suite, aptitude, load_keywords, load_suite
 from scorer.capability import SENTENCE_PREFIX, orders, task_clause
-from scorer.modeling import ModelSAT, ModelSATConfig
+from scorer.modeling import ModelSAT, ModelSATConfig, write_atomically
 
 log = logging.getLogger("satroute.scorer")
 
@@ -90,17 +90,10 @@ def save_checkpoint(model: ModelSAT, folder: str | Path, meta: Mapping | None = 
     tmp = folder / (WEIGHTS + ".tmp")
     save_file({k: v.detach().float().cpu().contiguous() for k, v in model.trainable_state().items()}, str(tmp))
     tmp.replace(folder / WEIGHTS)
-    write_atomically(folder / CONFIG, model.config.to_json() + "\n")
+    model.config.save(folder / CONFIG)
     if meta is not None:
         write_atomically(folder / META, json.dumps(dict(meta), indent=1) + "\n")
     return folder
-
-
-def write_atomically(path: Path, text: str) -> None:
-    """``path`` holds the old text or the new, never a part of either (a kill mid-write)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(path)
 
 
 def checkpoint_identity(folder: str | Path) -> dict[str, str]:
@@ -309,4 +302,4 @@ class ModelSATScorer:
 
 __all__ = ["CapabilityWriter", "aptitude", "checkpoint_identity", "CheckpointError", "DEFAULT_CHECKPOINT", "DTYPES",
            "ModelSATScorer", "default_dtype", "load_model", "native_bf16_cpu", "save_checkpoint",
-           "score_candidates", "suite_keywords", "write_atomically"]
+           "score_candidates", "suite_keywords"]

@@ -56,6 +56,13 @@ PAPER_TAIL = ("\n\nWill a model with the above capability handle this instructio
 LAYOUTS = {"instruction_first": (HEAD, MID, TAIL), "paper": (PAPER_HEAD, PAPER_MID, PAPER_TAIL)}
 
 
+def write_atomically(path: Path, text: str) -> None:
+    """``path`` holds the old text or the new, never a part of either (a kill mid-write)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
+
+
 @dataclass
 class ModelSATConfig:
     """Everything that defines the network; the checkpoint stores it as ``config.json``."""
@@ -105,7 +112,7 @@ class ModelSATConfig:
         return cls(**{k: v for k, v in obj.items() if k in known})
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(self.to_json() + "\n", encoding="utf-8")
+        write_atomically(Path(path), self.to_json() + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> "ModelSATConfig":
@@ -426,4 +433,4 @@ class ModelSAT(nn.Module):
 
 
 __all__ = ["HEAD", "LAYOUTS", "MID", "PAPER_HEAD", "PAPER_MID", "PAPER_TAIL", "TAIL", "LoRALinear", "ModelSAT",
-           "ModelSATConfig"]
+           "ModelSATConfig", "write_atomically"]

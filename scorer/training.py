@@ -50,9 +50,8 @@ from scorer.aptitude import load_suite, profile_from_outcomes, suite_for
 from scorer.baselines import neighbour_counts
 from scorer.capability import perturb, task_clause
 from scorer.data import RoutingData, data_root, format_instruction, load_dataset
-from scorer.inference import (META, CapabilityWriter, load_model, save_checkpoint, score_candidates,
-                              suite_keywords, write_atomically)
-from scorer.modeling import LAYOUTS, ModelSAT, ModelSATConfig
+from scorer.inference import META, CapabilityWriter, load_model, save_checkpoint, score_candidates, suite_keywords
+from scorer.modeling import LAYOUTS, ModelSAT, ModelSATConfig, write_atomically
 
 STATE = "train_state.pt"
 BEST = "best"  # the best-validated weights so far, a checkpoint folder inside --out
