@@ -33,6 +33,15 @@ class Answering:
         return Reply(model=call.targets[0].name, body=orjson.dumps(body))
 
 
+def service(config, store, dispatcher, suite, questions, concurrency: int = 2):
+    """The providers.yaml at ``config`` as a registry, and an OnboardingService over it whose
+    questions go through ``dispatcher`` and whose engine asks ``suite``'s ``questions``."""
+    registry = ProviderRegistry(config, dict, store)
+    svc = OnboardingService(store, registry, DispatchAsker(registry, dispatcher), spawn)
+    svc._engine = Onboarding(store, suite, questions, svc.asker, Options(concurrency=concurrency))
+    return registry, svc
+
+
 async def wait_until(check, timeout: float = 10.0):
     for _ in range(int(timeout / 0.01)):
         if check():
@@ -46,9 +55,7 @@ async def test_a_crash_in_a_run_is_recorded_as_failed(tmp_path, monkeypatch):
     write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
     suite, questions = make_suite()
     with Store(tmp_path / "state") as store:
-        registry = ProviderRegistry(config, dict, store)
-        svc = OnboardingService(store, registry, DispatchAsker(registry, Answering("x")), spawn)
-        svc._engine = Onboarding(store, suite, questions, svc.asker, Options(concurrency=2))
+        registry, svc = service(config, store, Answering("x"), suite, questions)
 
         def boom(*args, **kw):
             raise RuntimeError("a bug")
@@ -69,9 +76,7 @@ async def test_content_parts_onboard_through_the_service(tmp_path):
     parts = [{"type": "thinking", "thinking": [{"type": "text", "text": "hmm"}]},
              {"type": "text", "text": "The answer is (A)."}]
     with Store(tmp_path / "state") as store:
-        registry = ProviderRegistry(config, dict, store)
-        svc = OnboardingService(store, registry, DispatchAsker(registry, Answering(parts)), spawn)
-        svc._engine = Onboarding(store, suite, questions, svc.asker, Options(concurrency=2))
+        registry, svc = service(config, store, Answering(parts), suite, questions)
         svc.sync()
         await asyncio.wait_for(svc.runs["m"], 10)
         assert store.progress("m").status == "done"
@@ -102,9 +107,7 @@ async def test_a_model_removed_mid_run_resumes_when_it_is_put_back(tmp_path):
     suite, questions = make_suite(n_tasks=5, per_task=20)
     dispatcher = Answering("The answer is (A).", delay=0.01)
     with Store(tmp_path / "state") as store:
-        registry = ProviderRegistry(config, dict, store)
-        svc = OnboardingService(store, registry, DispatchAsker(registry, dispatcher), spawn)
-        svc._engine = Onboarding(store, suite, questions, svc.asker, Options(concurrency=4))
+        registry, svc = service(config, store, dispatcher, suite, questions, concurrency=4)
         svc.sync()
         await wait_until(lambda: len(store.answered("m")) >= 10)
         write_providers(config, both[1:])
@@ -155,9 +158,7 @@ async def test_another_upstream_under_the_same_name_is_onboarded_again(tmp_path)
     suite, questions = make_suite()
     dispatcher = ByUpstream()
     with Store(tmp_path / "state") as store:
-        registry = ProviderRegistry(config, dict, store)
-        svc = OnboardingService(store, registry, DispatchAsker(registry, dispatcher), spawn)
-        svc._engine = Onboarding(store, suite, questions, svc.asker, Options(concurrency=2))
+        registry, svc = service(config, store, dispatcher, suite, questions)
         svc.sync()
         await asyncio.wait_for(svc.runs["m"], 10)
         assert registry.snapshot.models["m"].profile is not None
@@ -181,9 +182,7 @@ async def test_an_upstream_changed_mid_run_starts_over(tmp_path):
     suite, questions = make_suite(n_tasks=5, per_task=10)
     dispatcher = ByUpstream(delay=0.01)
     with Store(tmp_path / "state") as store:
-        registry = ProviderRegistry(config, dict, store)
-        svc = OnboardingService(store, registry, DispatchAsker(registry, dispatcher), spawn)
-        svc._engine = Onboarding(store, suite, questions, svc.asker, Options(concurrency=2))
+        registry, svc = service(config, store, dispatcher, suite, questions)
         svc.sync()
         await wait_until(lambda: len(store.answered("m")) >= 6)
         first = svc.runs["m"]
@@ -205,10 +204,8 @@ async def test_a_store_without_upstream_fingerprints_keeps_its_profile(tmp_path)
     suite, questions = make_suite()
     with Store(tmp_path / "state") as store:
         store.finish("m", "tiny", {t: 0.5 for t in suite.task_ids})  # no fingerprint stored
-        registry = ProviderRegistry(config, dict, store)
         dispatcher = ByUpstream()
-        svc = OnboardingService(store, registry, DispatchAsker(registry, dispatcher), spawn)
-        svc._engine = Onboarding(store, suite, questions, svc.asker, Options(concurrency=2))
+        registry, svc = service(config, store, dispatcher, suite, questions)
         svc.sync()
         assert "m" not in svc.runs and registry.snapshot.models["m"].profile is not None
         write_providers(config, pointing_at("openai/big", tmp_path))
