@@ -81,10 +81,9 @@ class RetryingDispatcher:
 
     async def complete(self, call: Call) -> Reply:
         router = call.router
-        if self._litellm is None and not all(t.fast_path for t in call.targets):
-            # a model added since start-up is the first to need litellm: the import (seconds, once)
-            # is paid before the request's deadline starts, not out of the upstream's time
-            await self._import_litellm()
+        # a model added since start-up may be the first to need litellm: its import (seconds,
+        # once) is paid before the request's deadline starts, not out of the upstream's time
+        await self.prepare(call.targets)
         deadline = call.deadline or time.monotonic() + router.deadline_s
         failed: list[tuple[str, str]] = []
         timed_out = False

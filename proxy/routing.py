@@ -2,8 +2,8 @@
 
 Owns: turning a chat into the instruction text the scorer scores (the last user turn, then as much
 earlier user/assistant context as fits a token budget, newest first; system and tool messages
-skipped; list content read for its text parts), choosing the candidates (routable, allowed by the request, not
-cooling down) and ranking them by score (ties keep providers.yaml's order).
+skipped; list content read for its text parts), choosing the candidates (routable, allowed by the
+request, not cooling down) and ranking them by score (ties keep providers.yaml's order).
 Does not know: HTTP, the scorer's internals, how a model is called. No I/O, no clock.
 """
 from __future__ import annotations
