@@ -100,7 +100,7 @@ def serve(args: argparse.Namespace) -> int:
             "listening on %s without SATROUTE_MASTER_KEY: anyone who can reach this port can spend "
             "the configured providers' keys and read /admin and /metrics; set a master key, or "
             "listen on 127.0.0.1", settings.host)
-    # SIGTERM: uvicorn stops accepting, gives in-flight requests and streams the deadline, then
+    # SIGTERM: uvicorn stops accepting, gives in-flight requests and streams shutdown_timeout_s, then
     # the app's lifespan shutdown stops background work and saves state. log_config=None keeps
     # our JSON handlers on uvicorn's loggers.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,

@@ -91,7 +91,8 @@ class RouterSettings(BaseModel):
     retry_after_max_s: float = Field(30.0, ge=0)
     connect_timeout_s: float = Field(5.0, gt=0)
     timeout_s: float = Field(600.0, gt=0, description="one attempt, until the first byte")
-    deadline_s: float = Field(900.0, gt=0, description="the whole request, retries included")
+    deadline_s: float = Field(
+        900.0, gt=0, description="dispatch to the answer or first chunk, retries and fallbacks included")
     max_fallbacks: int = Field(2, ge=0)
     scorer_timeout_s: float = Field(
         2.0, gt=0, description="longest wait for the scorer; then the profiles' means rank the request")
