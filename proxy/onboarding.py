@@ -167,7 +167,7 @@ class Onboarding:
             before = f" plus ${spent:.2f} already spent" if spent else ""
             self.store.set_status(model, "failed", f"estimated cost ${estimate:.2f} for {len(todo)} "
                                   f"questions{before} exceeds the spend cap "
-                                  f"${opts.spend_cap_usd:.2f}", suite=self.suite.name)
+                                  f"${opts.spend_cap_usd:.2f}", suite=self.suite.name, total=total)
             return self._progress(model)
         self.store.begin(model, self.suite.name, total, round(estimate, 4), upstream)
         log.info("onboarding %s: %d of %d questions to ask (estimated $%.2f, $%.2f spent before)",
@@ -201,7 +201,7 @@ class Onboarding:
         return self._progress(model)
 
     def _progress(self, model: str) -> Progress:
-        progress = self.store.progress(model)
+        progress = self.store.progress(model, self.suite.question_ids)
         assert progress is not None
         return progress
 

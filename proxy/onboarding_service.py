@@ -105,6 +105,7 @@ class OnboardingService:
         self._failed_stamp: dict[str, bytes] = {}  # model -> file digest when its run failed
         self._run_upstream: dict[str, str] = {}  # model -> upstream fingerprint of its run
         self._digest = b""
+        self._questions: frozenset[str] | None = None  # the suite's ids, once loaded
 
     # -- the background loop ----------------------------------------------------------------
     async def watch(self, interval_s: float) -> None:
@@ -122,7 +123,7 @@ class OnboardingService:
         """Onboarding progress into the metrics (one query, on each tick of the watch loop)."""
         if self.metrics is None:
             return
-        for p in self.store.all_progress():
+        for p in self.store.all_progress(self._suite_questions()):
             if p.model in self.registry.snapshot.models:
                 self.metrics.observe_onboarding(p.model, p.done, p.total, p.status)
 
@@ -227,6 +228,19 @@ class OnboardingService:
                 self._engine = Onboarding(self.store, suite, questions, self.asker, self.options)
             return self._engine
 
+    def _suite_questions(self) -> frozenset[str] | None:
+        """The suite's question ids, which progress counts (None while the suite cannot load:
+        every stored answer counts)."""
+        if self._questions is None:
+            from scorer.aptitude import load_suite
+
+            try:
+                suite = self._engine.suite if self._engine is not None else load_suite(self.suite_name)
+            except Exception:  # the run that needs the suite fails with the reason; this only counts
+                return None
+            self._questions = frozenset(suite.question_ids)
+        return self._questions
+
     # -- what the admin endpoints show ------------------------------------------------------
     def status(self) -> dict:
         snap = self.registry.snapshot
@@ -236,7 +250,7 @@ class OnboardingService:
                 out[name] = {"status": "done", "reason": None, "profile_source": "providers.yaml",
                              "questions_done": 0, "questions_total": 0, "accuracy_so_far": None}
                 continue
-            entry = status_of(self.store.progress(name))
+            entry = status_of(self.store.progress(name, self._suite_questions()))
             if entry["status"] == "pending" and not d.available:
                 entry["reason"] = f"unavailable: {d.unavailable}"
             elif entry["status"] == "pending" and not d.info.onboard and d.profile is None:

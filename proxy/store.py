@@ -24,7 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Collection, Iterable, Iterator, Mapping
 
 DB_NAME = "satroute.db"
 STATUSES = ("pending", "running", "stalled", "failed", "done")
@@ -219,30 +219,38 @@ class Store:
         return float(row[0] or 0.0) if row else 0.0
 
     def set_status(self, model: str, status: str, reason: str | None = None,
-                   suite: str = "") -> None:
+                   suite: str = "", total: int | None = None) -> None:
+        """Set a model's status and reason; ``total`` (the suite's question count) when given."""
         if status not in STATUSES:
             raise ValueError(f"unknown onboarding status {status!r}")
         with self._lock:
             self._db.execute(
-                "INSERT INTO onboarding (model, suite, status, reason, updated_at) "
-                "VALUES (?, ?, ?, ?, ?) ON CONFLICT(model) DO UPDATE SET status=excluded.status, "
-                "reason=excluded.reason, updated_at=excluded.updated_at",
-                (model, suite, status, reason, time.time()))
+                "INSERT INTO onboarding (model, suite, status, reason, total, updated_at) "
+                "VALUES (?, ?, ?, ?, COALESCE(?, 0), ?) ON CONFLICT(model) DO UPDATE SET "
+                "status=excluded.status, reason=excluded.reason, updated_at=excluded.updated_at, "
+                "total=COALESCE(?, onboarding.total)",
+                (model, suite, status, reason, total, time.time(), total))
 
-    def progress(self, model: str) -> Progress | None:
-        rows = self._progress("WHERE o.model = ?", (model,))
+    def progress(self, model: str, questions: Collection[str] | None = None) -> Progress | None:
+        """A model's stored state; with ``questions`` (the suite's ids), ``done`` and ``correct``
+        count only answers to those (answers kept from another suite are not progress on this one)."""
+        rows = self._progress("WHERE o.model = ?", (model,), questions)
         return rows[0] if rows else None
 
-    def all_progress(self) -> list[Progress]:
-        return self._progress("", ())
+    def all_progress(self, questions: Collection[str] | None = None) -> list[Progress]:
+        return self._progress("", (), questions)
 
-    def _progress(self, where: str, args: tuple) -> list[Progress]:
+    def _progress(self, where: str, args: tuple, questions: Collection[str] | None) -> list[Progress]:
+        on, on_args = "a.model = o.model", ()
+        if questions is not None:
+            on += " AND a.question_id IN (SELECT value FROM json_each(?))"
+            on_args = (json.dumps(sorted(questions)),)
         with self._lock:
             rows = self._db.execute(
                 "SELECT o.model, o.suite, o.status, o.reason, o.total, o.estimated_cost, "
                 "o.updated_at, COUNT(a.question_id), COALESCE(SUM(a.correct), 0), o.spent_usd "
-                f"FROM onboarding o LEFT JOIN answers a ON a.model = o.model {where} "
-                "GROUP BY o.model ORDER BY o.model", args).fetchall()
+                f"FROM onboarding o LEFT JOIN answers a ON {on} {where} "
+                "GROUP BY o.model ORDER BY o.model", on_args + args).fetchall()
         return [Progress(model=r[0], suite=r[1], status=r[2], reason=r[3], total=r[4],
                          estimated_cost=r[5], updated_at=r[6], done=r[7], correct=r[8],
                          spent=r[9] or 0.0)

@@ -131,6 +131,7 @@ async def test_spend_cap_refuses_before_the_first_question(tmp_path, tiny):
     with Store(tmp_path) as store:
         progress = await Onboarding(store, suite, questions, asker, opts).run("m", prices)
         assert progress.status == "failed" and "exceeds the spend cap $1.00" in progress.reason
+        assert (progress.done, progress.total) == (0, 12)  # the admin API shows 0 of 12, not 0 of 0
         assert not asker.asked
         roomy = Options(concurrency=4, spend_cap_usd=estimate * 2)
         progress = await Onboarding(store, suite, questions, asker, roomy).run("m", prices)
@@ -307,3 +308,27 @@ async def test_answers_of_another_upstream_are_forgotten(tmp_path, tiny, caplog)
         assert progress.status == "done" and progress.accuracy == 1.0
         assert sum(right.asked.values()) == 12
         assert "upstream changed" in caplog.text
+
+
+async def test_answers_kept_from_another_suite_are_not_progress_on_this_one(tmp_path):
+    """A model onboarded on one suite and then on another keeps its old answers (they are not
+    thrown away), but they count neither as questions done nor in the accuracy so far."""
+    from dataclasses import replace
+
+    from scorer.aptitude import Suite, Task
+
+    old_questions = [replace(q, id=f"old/{q.id}") for q in make_suite(n_tasks=2, per_task=3)[1]]
+    old_suite = Suite("old", 1, (Task("t", ("a", "b", "c", "d", "e"), tuple(q.id for q in old_questions)),))
+    new_suite, new_questions = make_suite(n_tasks=3, per_task=4)
+    with Store(tmp_path) as store:
+        asker = FakeAsker(old_questions, lambda q: "A")  # wrong on some of the old questions
+        await Onboarding(store, old_suite, old_questions, asker, FAST).run("m")
+        kept = len(store.answered("m"))
+        assert kept == len(old_questions) > 0
+        gold = gold_map(new_questions)
+        engine = Onboarding(store, new_suite, new_questions, FakeAsker(new_questions, lambda q: gold[q]), FAST)
+        progress = await engine.run("m")
+        assert progress.status == "done" and (progress.done, progress.total) == (12, 12)
+        assert progress.accuracy == 1.0
+        assert len(store.answered("m")) == 12 + kept  # nothing lost
+        assert store.progress("m").done == 12 + kept  # unfiltered: every stored answer

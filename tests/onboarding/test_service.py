@@ -234,3 +234,24 @@ async def test_a_model_opted_out_says_so_and_forget_is_one_transaction(tmp_path)
         with pytest.raises(sqlite3.DatabaseError):
             store.forget("m")
         assert store.answered("m") == {"q1"}  # the answers were not deleted without the rest
+
+
+async def test_status_counts_only_the_suite_s_questions(tmp_path):
+    """Answers stored for questions outside the suite (another suite's, kept) are not shown as
+    progress on this one, in the admin status nor in the metrics."""
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
+    suite, questions = make_suite()
+    with Store(tmp_path / "state") as store:
+        registry, svc = service(config, store, Answering("x"), suite, questions)
+        store.begin("m", suite.name, len(questions))
+        store.set_status("m", "stalled", "upstream down", suite=suite.name)
+        store.record("m", GradedAnswer(questions[0].id, questions[0].answer, True))
+        for i in range(5):
+            store.record("m", GradedAnswer(f"other-suite/{i}", "A", False))
+        entry = svc.status()["models"]["m"]
+        assert (entry["questions_done"], entry["questions_total"], entry["accuracy_so_far"]) == (1, 12, 1.0)
+        seen = []
+        svc.metrics = type("M", (), {"observe_onboarding": lambda self, *a: seen.append(a)})()
+        svc._report()
+        assert seen == [("m", 1, 12, "stalled")]
