@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import sys
 import time
@@ -79,7 +80,19 @@ class JsonFormatter(logging.Formatter):
             entry.update(fields)
         if record.exc_info and record.levelno >= logging.ERROR:
             entry["exc_type"] = record.exc_info[0].__name__ if record.exc_info[0] else None
-        return self.redactor(json.dumps(entry, default=str, ensure_ascii=False))
+        return self.redactor(json.dumps(_json_safe(entry), default=str, ensure_ascii=False))
+
+
+def _json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float (an unscored candidate's -inf) as None: JSON has no
+    Infinity or NaN, and a log shipper's parser rejects the whole line for one."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
 
 
 class TextFormatter(logging.Formatter):

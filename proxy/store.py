@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import sqlite3
 import threading
 import time
@@ -128,6 +129,11 @@ class RouteEntry:
     request_id: str | None = None
     degraded: str | None = None
     at: float = 0.0  # unix seconds; 0: when it is written
+
+
+def _finite_scores(scores: Mapping[str, float]) -> dict[str, float | None]:
+    """Scores as JSON can hold them: an unscored candidate (-inf, NaN) as None."""
+    return {k: v if math.isfinite(v) else None for k, v in scores.items()}
 
 
 class Store:
@@ -334,7 +340,7 @@ class Store:
         rows of the log are kept."""
         now = time.time()
         rows = [(e.at or now, e.requested, e.chosen or "",  # the column predates unanswered rows: "" = none
-                 None if e.scores is None else json.dumps(dict(e.scores)), e.scorer_ms,
+                 None if e.scores is None else json.dumps(_finite_scores(e.scores)), e.scorer_ms,
                  json.dumps([{"model": m, "reason": r} for m, r in e.failed]), e.request_id, e.degraded)
                 for e in entries]
         with self._lock, self._transaction():

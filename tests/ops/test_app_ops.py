@@ -188,6 +188,42 @@ def test_the_route_preview_decides_as_a_request_would_and_calls_no_model(tmp_pat
     assert len(previews) == 6 and not any(f.get("routed_model") for f in previews)  # nothing answered
 
 
+class UnscoredScorer:
+    """Scores m2 only: m1 gets NaN and m3 nothing (a scorer bug, or a model it cannot read)."""
+
+    def score(self, instruction, candidates):
+        return {"m1": float("nan"), "m2": 1.0}
+
+
+def test_an_unscored_candidate_ranks_last_and_every_json_surface_stays_json(tmp_path, upstream, caplog):
+    """-inf is how an unscored candidate ranks; JSON has no such number: the preview, the routing
+    log and the request's JSON log line show null (a log shipper rejects a line with -Infinity)."""
+    import json
+
+    from proxy.logs import JsonFormatter
+
+    config = _config(tmp_path, [_entry(n, upstream.url, tmp_path) for n in ("m1", "m2", "m3")])
+    caplog.set_level(logging.INFO, logger="satroute.request")
+    with _serve(config, fake=UnscoredScorer()) as proxy:
+        chat = {"model": "auto", "messages": MESSAGES}
+        preview = httpx.post(f"{proxy.base}/admin/route", json=chat).json()
+        raw = openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=0) \
+            .chat.completions.with_raw_response.create(**chat)
+        deadline = time.time() + 10
+        while not (logged := httpx.get(f"{proxy.base}/admin/routes").json()["data"]) \
+                and time.time() < deadline:
+            time.sleep(0.1)
+    assert preview["ranked"] == [{"model": "m2", "score": 1.0}, {"model": "m1", "score": None},
+                                 {"model": "m3", "score": None}]
+    assert raw.headers["x-satroute-model"] == "m2"
+    assert raw.headers["x-satroute-scores"] == "m2=1.0000,m1=-inf,m3=-inf"
+    assert logged[0]["scores"] == {"m2": 1.0, "m1": None, "m3": None}
+    routed = [r for r in caplog.records if getattr(r, "fields", {}).get("path") == "/v1/chat/completions"]
+    line = JsonFormatter().format(routed[0])
+    fields = json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in a JSON log line: {line}"))
+    assert fields["scores"] == {"m2": 1.0, "m1": None, "m3": None}
+
+
 def test_auto_goes_to_the_default_model_while_no_model_has_a_profile(tmp_path, upstream,
                                                                       monkeypatch):
     monkeypatch.delenv("NO_SUCH_KEY", raising=False)
