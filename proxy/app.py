@@ -91,7 +91,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = "not_found" if exc.status_code == 404 else "method_not_allowed"
     return plain_error_response(exc.status_code, f"{request.method} {request.url.path}: "
-                                f"{exc.detail}", "invalid_request_error", code)
+                                f"{exc.detail}", "invalid_request_error", code,
+                                headers=exc.headers)  # a 405's Allow
 
 
 async def _internal_error(request: Request, exc: Exception) -> Response:

@@ -316,6 +316,8 @@ async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type) -> A
 
 
 def _reason(exc: UpstreamTransient) -> str:
+    if exc.reason:
+        return exc.reason
     if exc.timeout:
         return "timeout"
     if exc.upstream_status:

@@ -301,8 +301,12 @@ async def ready(request: Request) -> Response:
 
 async def satroute_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, SatrouteError)
-    headers = None
+    headers: dict[str, str] = {}
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
-        headers = {"Retry-After": str(max(1, round(retry_after)))}
-    return error_response(exc, headers)
+        headers["Retry-After"] = str(max(1, round(retry_after)))
+    elif isinstance(exc, AllUpstreamsFailed):
+        # the proxy has already retried and fallen back: an SDK that retries the 502/504 on top
+        # (the openai SDKs do, twice by default) runs the whole cascade again; they honour this
+        headers["x-should-retry"] = "false"
+    return error_response(exc, headers or None)

@@ -21,7 +21,7 @@ Messages never carry API keys: dispatch redacts configured secrets before raisin
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 import orjson
 from starlette.responses import Response
@@ -105,11 +105,14 @@ class UpstreamTransient(UpstreamError):
     """Worth retrying; ``status`` is the upstream's HTTP status (0: none, the connection failed);
     ``retry_after`` is its Retry-After in seconds, when it sent one. ``counts``: whether it says
     something about the model's health (False: the failure may be the request's own, as when
-    litellm fails before sending anything), so whether it feeds the model's cooldown."""
+    litellm fails before sending anything), so whether it feeds the model's cooldown. ``reason``
+    names what failed when neither the status nor a timeout does (``x-satroute-failed``)."""
 
     def __init__(self, message: str, *, model: str = "", status: int = 0,
-                 retry_after: float | None = None, timeout: bool = False, counts: bool = True):
+                 retry_after: float | None = None, timeout: bool = False, counts: bool = True,
+                 reason: str | None = None):
         super().__init__(message, model=model)
+        self.reason = reason
         self.upstream_status = status
         self.retry_after = retry_after
         self.timeout = timeout
@@ -139,7 +142,7 @@ def error_response(exc: SatrouteError, headers: dict[str, str] | None = None) ->
                     media_type="application/json", headers=headers)
 
 
-def plain_error_response(status: int, message: str, type_: str,
-                         code: str | None = None) -> Response:
+def plain_error_response(status: int, message: str, type_: str, code: str | None = None,
+                         headers: Mapping[str, str] | None = None) -> Response:
     return Response(orjson.dumps(error_body(message, type_, code)), status_code=status,
-                    media_type="application/json")
+                    media_type="application/json", headers=headers)

@@ -151,6 +151,10 @@ class PassThrough:
                     raise classify(resp.status, raw, d.name, resp.headers, redact)
                 if not stream:
                     return Answer(body=rename_model(await resp.read(), name_json))
+                if resp.content_type == "application/json":  # stream: true ignored upstream
+                    sse = completion_as_events(await resp.read(), name_json, _wants_usage(body), d.name)
+                    resp.release()
+                    return Answer(chunks=_replay(sse))
                 events = _events(resp)
                 first = await anext(events, b"")
         except TimeoutError:
@@ -191,8 +195,54 @@ async def _events(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
 def _rename_events(batch: bytes, name_json: bytes) -> bytes:
     if b'"model"' not in batch:
         return batch
-    return b"\n\n".join(rename_model(ev, name_json) if ev.startswith(b"data:") else ev
-                        for ev in batch.split(b"\n\n"))
+    return b"\n\n".join(_rename_event(ev, name_json) for ev in batch.split(b"\n\n"))
+
+
+def _rename_event(event: bytes, name_json: bytes) -> bytes:
+    """The model renamed in an event's ``data:`` line, also behind ``event:`` or ``id:`` lines."""
+    if event.startswith(b"data:"):
+        return rename_model(event, name_json)
+    at = event.find(b"\ndata:")
+    return event if at < 0 else event[:at] + rename_model(event[at:], name_json)
+
+
+def _wants_usage(body: Mapping[str, Any]) -> bool:
+    options = body.get("stream_options")
+    return isinstance(options, Mapping) and options.get("include_usage") is True
+
+
+def completion_as_events(raw: bytes, name_json: bytes, include_usage: bool, model: str) -> bytes:
+    """A whole ``chat.completion`` (an upstream that answered a stream request with JSON) as the
+    SSE events a stream would have carried: one chunk with each choice's message as its delta, the
+    usage chunk if asked for, ``[DONE]``. Anything else is a failure of the model, before the first
+    byte (so it falls back), never relayed as a stream with no event in it."""
+    try:
+        answer = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        answer = None
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        raise UpstreamTransient(f"{model}: answered a stream request with JSON that is not a chat "
+                                f"completion", model=model, status=200, reason="bad_answer")
+    head = {k: answer[k] for k in ("id", "created", "system_fingerprint", "service_tier") if k in answer}
+    head.update(object="chat.completion.chunk", model=orjson.loads(name_json))
+    deltas = []
+    for i, choice in enumerate(choices):
+        message = choice.get("message") if isinstance(choice.get("message"), dict) else {}
+        delta = {k: v for k, v in message.items() if v is not None}
+        if isinstance(delta.get("tool_calls"), list):  # a chunk's tool calls carry their index
+            delta["tool_calls"] = [{"index": j, **call} if isinstance(call, dict) else call
+                                   for j, call in enumerate(delta["tool_calls"])]
+        deltas.append({"index": choice.get("index", i), "delta": delta,
+                       "logprobs": choice.get("logprobs"), "finish_reason": choice.get("finish_reason")})
+    events = [{**head, "choices": deltas}]
+    if include_usage and isinstance(answer.get("usage"), dict):
+        events.append({**head, "choices": [], "usage": answer["usage"]})
+    return b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+
+
+async def _replay(sse: bytes) -> AsyncIterator[bytes]:
+    yield sse
 
 
 _FINISHED = re.compile(rb'data:\s*\[DONE\]|"finish_reason"\s*:\s*"')

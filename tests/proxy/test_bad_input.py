@@ -82,7 +82,9 @@ def test_body_over_the_limit_is_413(proxy, upstream):
 
 def test_unknown_route_and_method_use_openai_shape(proxy):
     assert_error(httpx.get(f"{proxy.url}/nope"), 404)
-    assert_error(httpx.get(f"{proxy.url}/chat/completions"), 405)
+    wrong_method = httpx.get(f"{proxy.url}/chat/completions")
+    assert_error(wrong_method, 405)
+    assert wrong_method.headers["allow"] == "POST"  # RFC 9110: a 405 says what is allowed
 
 
 def test_master_key_guards_v1_but_not_probes(config, upstream, start_proxy):

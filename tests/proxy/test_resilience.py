@@ -117,6 +117,19 @@ def test_all_models_failing_is_502_naming_them(tmp_path, upstream, start_proxy):
     assert all(n in err.value.message for n in ("m1", "m2", "m3"))
 
 
+def test_an_sdk_does_not_repeat_the_cascade_the_proxy_already_ran(tmp_path, upstream, start_proxy):
+    """The openai SDK retries a 502/504 twice by default; the proxy has already retried and fallen
+    back, so it says x-should-retry: false and one client call costs one cascade, not three."""
+    proxy = setup(tmp_path, upstream, start_proxy, True, num_retries=0)
+    upstream.set("*", fail(500))
+    sdk = openai.OpenAI(base_url=proxy.url, api_key="x", timeout=30)  # the SDK's default retries
+    assert sdk.max_retries == 2
+    with pytest.raises(openai.InternalServerError) as err:
+        sdk.chat.completions.create(model="auto", messages=MESSAGES)
+    assert err.value.response.headers["x-should-retry"] == "false"
+    assert len(upstream.bodies()) == 3  # m1, m2, m3 once each
+
+
 def test_rate_limited_direct_call_returns_429_with_retry_after(tmp_path, upstream, start_proxy):
     proxy = setup(tmp_path, upstream, start_proxy, True, num_retries=0)
     upstream.set("m2", rate_limit(7))
@@ -356,18 +369,13 @@ def test_litellm_is_imported_at_start_up_when_a_model_needs_it(tmp_path, upstrea
     assert dispatcher._litellm is not None and upstream.received == []  # before any request
 
 
-@pytest.fixture
-def dying_upstream():
-    """An OpenAI-compatible server whose streams end cleanly (a close-delimited body) after two
-    content chunks: no finish_reason, no [DONE], no transport error."""
+def raw_upstream(respond):
+    """An HTTP server answering each POST with ``respond(request_json) -> bytes`` (status line,
+    headers and a close-delimited body) on a thread; a context manager yielding its /v1 URL."""
     import asyncio
+    import contextlib
     import json
     import threading
-
-    def event(model: str, content: str) -> bytes:
-        return b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": model,
-                                       "choices": [{"index": 0, "delta": {"content": content},
-                                                    "finish_reason": None}]}).encode() + b"\n\n"
 
     async def handle(reader, writer):
         data = b""
@@ -378,31 +386,54 @@ def dying_upstream():
                           if line.lower().startswith(b"content-length")))
         while len(body) < length:
             body += await reader.read(65536)
-        model = json.loads(body)["model"]
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
-        for piece in ("The answer ", "is "):
-            writer.write(event(model, piece))
-            await writer.drain()
+        writer.write(respond(json.loads(body)))
+        await writer.drain()
         writer.close()
 
-    ready, box = threading.Event(), {}
+    @contextlib.contextmanager
+    def running():
+        ready, box = threading.Event(), {}
 
-    def serve():
-        async def main():
-            server = await asyncio.start_server(handle, "127.0.0.1", 0)
-            box.update(port=server.sockets[0].getsockname()[1], loop=asyncio.get_running_loop(),
-                       stop=asyncio.Event())
-            ready.set()
-            async with server:
-                await box["stop"].wait()
-        asyncio.run(main())
+        def serve():
+            async def main():
+                server = await asyncio.start_server(handle, "127.0.0.1", 0)
+                box.update(port=server.sockets[0].getsockname()[1], loop=asyncio.get_running_loop(),
+                           stop=asyncio.Event())
+                ready.set()
+                async with server:
+                    await box["stop"].wait()
+            asyncio.run(main())
 
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    ready.wait(5)
-    yield f"http://127.0.0.1:{box['port']}/v1"
-    box["loop"].call_soon_threadsafe(box["stop"].set)
-    thread.join(5)
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        ready.wait(5)
+        try:
+            yield f"http://127.0.0.1:{box['port']}/v1"
+        finally:
+            box["loop"].call_soon_threadsafe(box["stop"].set)
+            thread.join(5)
+
+    return running()
+
+
+def _chunk_event(model: str, content: str, prefix: bytes = b"") -> bytes:
+    import json
+
+    return prefix + b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 0, "model": model,
+                                            "choices": [{"index": 0, "delta": {"content": content},
+                                                         "finish_reason": None}]}).encode() + b"\n\n"
+
+
+@pytest.fixture
+def dying_upstream():
+    """An OpenAI-compatible server whose streams end cleanly (a close-delimited body) after two
+    content chunks: no finish_reason, no [DONE], no transport error."""
+    def respond(request):
+        return (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+                + _chunk_event(request["model"], "The answer ") + _chunk_event(request["model"], "is "))
+
+    with raw_upstream(respond) as url:
+        yield url
 
 
 def test_a_stream_the_upstream_ends_before_the_answer_is_finished_ends_in_an_error(tmp_path, dying_upstream,
@@ -433,3 +464,62 @@ def test_a_committed_stream_may_pause_up_to_timeout_s_between_chunks(tmp_path, u
     text = "".join(c.choices[0].delta.content or "" for c in
                    client(proxy).chat.completions.create(model="m1", messages=MESSAGES, stream=True) if c.choices)
     assert text == "abcdefgh"
+
+
+def _json_reply(obj) -> bytes:
+    import json
+
+    return (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n"
+            + json.dumps(obj).encode())
+
+
+def test_a_stream_request_answered_with_json_reaches_the_client_as_a_stream(tmp_path, start_proxy):
+    """Some servers ignore stream: true and send the whole chat.completion: the client still gets
+    a stream with the answer (the tool call indexed, the usage chunk it asked for, [DONE]), not an
+    empty stream."""
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    completion = {"id": "cmpl-1", "object": "chat.completion", "created": 7, "model": "upstream-id",
+                  "choices": [{"index": 0, "finish_reason": "tool_calls", "logprobs": None,
+                               "message": {"role": "assistant", "content": "the full answer",
+                                           "tool_calls": [call]}}],
+                  "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+    with raw_upstream(lambda request: _json_reply(completion)) as url:
+        cfg = write_config(tmp_path / "providers.yaml", [model_entry("m1", url, tmp_path, fast_path=True)],
+                           num_retries=0)
+        proxy = start_proxy(cfg)
+        chunks = list(client(proxy).chat.completions.create(
+            model="m1", messages=MESSAGES, stream=True, stream_options={"include_usage": True}))
+    assert [c.model for c in chunks] == ["m1", "m1"]
+    first, last = chunks
+    assert first.id == "cmpl-1" and first.object == "chat.completion.chunk"
+    assert first.choices[0].delta.content == "the full answer"
+    assert first.choices[0].finish_reason == "tool_calls"
+    assert first.choices[0].delta.tool_calls[0].index == 0
+    assert first.choices[0].delta.tool_calls[0].function.name == "f"
+    assert last.choices == [] and last.usage.total_tokens == 8
+
+
+def test_a_stream_request_answered_with_other_json_falls_back(tmp_path, upstream, start_proxy):
+    with raw_upstream(lambda request: _json_reply({"status": "ok"})) as url:
+        cfg = write_config(tmp_path / "providers.yaml",
+                           [model_entry("m1", url, tmp_path, fast_path=True),
+                            model_entry("m2", upstream.url, tmp_path, fast_path=True)], num_retries=0)
+        proxy = start_proxy(cfg, scorer=RecordingScorer({"m1": 0.9, "m2": 0.5}))
+        raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES, stream=True)
+        text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+    assert raw.headers["x-satroute-model"] == "m2" and text
+    assert raw.headers["x-satroute-failed"] == "m1:bad_answer"
+
+
+def test_stream_events_with_event_or_id_lines_are_renamed_too(tmp_path, start_proxy):
+    def respond(request):
+        return (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+                + _chunk_event("upstream-id", "a", b"event: message\n")
+                + _chunk_event("upstream-id", "b", b"id: 2\n") + b"data: [DONE]\n\n")
+
+    with raw_upstream(respond) as url:
+        cfg = write_config(tmp_path / "providers.yaml", [model_entry("m1", url, tmp_path, fast_path=True)],
+                           num_retries=0)
+        proxy = start_proxy(cfg)
+        chunks = list(client(proxy).chat.completions.create(model="m1", messages=MESSAGES, stream=True))
+    assert [(c.model, c.choices[0].delta.content) for c in chunks] == [("m1", "a"), ("m1", "b")]
