@@ -79,20 +79,29 @@ class JsonFormatter(logging.Formatter):
         if isinstance(fields, Mapping):
             entry.update(fields)
         if record.exc_info and record.levelno >= logging.ERROR:
-            entry["exc_type"] = record.exc_info[0].__name__ if record.exc_info[0] else None
-        return self.redactor(json.dumps(_json_safe(entry), default=str, ensure_ascii=False))
+            kind, exc = record.exc_info[0], record.exc_info[1]
+            entry["exc_type"] = kind.__name__ if kind else None
+            entry["exc_message"] = str(exc) if exc is not None else None
+            entry["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(_loggable(entry, self.redactor), ensure_ascii=False)
 
 
-def _json_safe(value: Any) -> Any:
-    """``value`` with every non-finite float (an unscored candidate's -inf) as None: JSON has no
-    Infinity or NaN, and a log shipper's parser rejects the whole line for one."""
+def _loggable(value: Any, redact: Callable[[str], str]) -> Any:
+    """``value`` ready for ``json.dumps``: every string redacted before it is quoted (redacting the
+    JSON text could eat an escaping backslash, and a key with a quote in it would not match), every
+    non-finite float (an unscored candidate's -inf) None (JSON has neither Infinity nor NaN; a
+    log shipper rejects the whole line for one), anything else its redacted ``str``."""
+    if isinstance(value, str):
+        return redact(value)
     if isinstance(value, float):
         return value if math.isfinite(value) else None
+    if value is None or isinstance(value, (bool, int)):
+        return value
     if isinstance(value, Mapping):
-        return {k: _json_safe(v) for k, v in value.items()}
+        return {str(k): _loggable(v, redact) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_json_safe(v) for v in value]
-    return value
+        return [_loggable(v, redact) for v in value]
+    return redact(str(value))
 
 
 class TextFormatter(logging.Formatter):
@@ -299,6 +308,8 @@ class RequestLogMiddleware:
             record.routed_model = sniff.model
         if record.usage is None:
             record.usage = sniff.usage
+        if record.error is None:  # a stream that ended in an error event still said 200
+            record.error = sniff.error
         if request_body is not None:
             record.prompt = _prompt_text(bytes(request_body))
         for listener in self.on_record:
@@ -316,6 +327,7 @@ class _BodySniffer:
         self.kind: str | None = None
         self.model: str | None = None
         self.usage: dict[str, int] | None = None
+        self.error: str | None = None
         self._json = bytearray()
         self._sse_rest = b""
 
@@ -336,7 +348,8 @@ class _BodySniffer:
 
     def _sse_line(self, line: bytes) -> None:
         line = line.strip()
-        if not line.startswith(b"data:") or (self.model and b'"usage"' not in line):
+        if not line.startswith(b"data:") or (self.model and b'"usage"' not in line
+                                             and b'"error"' not in line):
             return
         try:
             obj = orjson.loads(line[5:])
@@ -352,6 +365,9 @@ class _BodySniffer:
         usage = obj.get("usage")
         if isinstance(usage, dict):
             self.usage = {k: v for k, v in usage.items() if isinstance(v, int)}
+        error = obj.get("error")
+        if isinstance(error, dict) and self.error is None:  # an error body, or a stream's error event
+            self.error = str(error.get("code") or error.get("type") or "error")
 
     def close(self) -> None:
         if self.kind == "json" and self._json:

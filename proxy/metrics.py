@@ -11,6 +11,7 @@ one process never share counters.
 
 Names (all prefixed ``satroute_``):
     requests_total{model,status}             finished chat completions by answering model
+    stream_errors_total{model}               streams that began (200) and ended in an error event
     in_flight_requests                       requests being served right now
     routing_decisions_total{model}           ``auto`` requests routed to each model
     scorer_latency_seconds                   one Model-SAT scoring call (that ran)
@@ -50,6 +51,9 @@ class Metrics:
         r, p = self.registry, prefix
         self.requests = Counter(f"{p}_requests", "Finished requests by routed model and status",
                                 ["model", "status"], registry=r)
+        self.stream_errors = Counter(f"{p}_stream_errors",
+                                     "Streamed answers that began and then ended in an error event "
+                                     "(the upstream's stream was cut short)", ["model"], registry=r)
         self.in_flight = Gauge(f"{p}_in_flight_requests", "Requests being served now", registry=r)
         self.routing_decisions = Counter(f"{p}_routing_decisions",
                                          "Requests for the router's name routed to each model",
@@ -97,6 +101,8 @@ class Metrics:
         otherwise grow the registry without bound)."""
         if record.path.endswith("/chat/completions"):
             self.observe_request(record.routed_model, record.status)
+            if record.stream and record.status == 200 and record.error:
+                self.stream_errors.labels(model=record.routed_model or "none").inc()
 
     def observe_routing(self, model: str, scorer_seconds: float | None = None,
                         remembered: bool = False) -> None:

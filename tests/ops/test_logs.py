@@ -21,6 +21,7 @@ from proxy.logs import (
 )
 
 SECRET = "sk-live-THISMUSTNEVERLEAK1234"
+QUOTED_SECRET = 'pa"ss\\word-1234'  # a configured secret with a quote and a backslash
 PROMPT = "What is the capital of Burkina Faso?"
 
 
@@ -57,10 +58,25 @@ async def boom(request: Request) -> JSONResponse:
     raise RuntimeError("handler crashed")
 
 
+async def quoted(request: Request) -> JSONResponse:
+    log = logging.getLogger("satroute.test")
+    log.warning('upstream rejected header "Authorization: Bearer abcdefgh12345678"')
+    log.warning("configured key %s in quotes", QUOTED_SECRET)
+    return JSONResponse({"ok": True})
+
+
+async def cut_stream(request: Request) -> StreamingResponse:
+    async def chunks():
+        yield 'data: {"id":"c3","model":"streamer","choices":[{"delta":{"content":"The answer"}}]}\n\n'
+        yield ('data: {"error":{"message":"upstream stream interrupted: ClientPayloadError",'
+               '"type":"upstream_error","param":null,"code":"stream_interrupted"}}\n\n')
+    return StreamingResponse(chunks(), media_type="text/event-stream")
+
+
 def _client(include_prompts=False, records=None):
     stream_out = io.StringIO()
     handler = logging.StreamHandler(stream_out)
-    handler.setFormatter(JsonFormatter(Redactor(lambda: [SECRET])))
+    handler.setFormatter(JsonFormatter(Redactor(lambda: [SECRET, QUOTED_SECRET])))
     logger = logging.getLogger("satroute.request.test")
     logger.handlers[:] = [handler]
     logger.setLevel(logging.INFO)
@@ -70,6 +86,7 @@ def _client(include_prompts=False, records=None):
     other.propagate = False
     app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
                             Route("/stream", stream), Route("/leak", leak), Route("/boom", boom),
+                            Route("/quoted", quoted), Route("/v1/cut/chat/completions", cut_stream),
                             Route("/health", leak)])
     app.add_middleware(RequestLogMiddleware, logger=logger, include_prompts=include_prompts,
                        on_record=[records.append] if records is not None else ())
@@ -147,6 +164,50 @@ def test_credential_shaped_strings_are_redacted_without_configuration(text):
     redacted = Redactor()(text)
     assert "[redacted]" in redacted
     assert "abcdefgh" not in redacted
+
+
+def test_redaction_keeps_every_line_json_and_finds_quoted_secrets():
+    """Redacting after json.dumps ate the backslash that escapes a quote after a Bearer token
+    (the line no longer parsed), and missed a secret whose quote the JSON text escapes."""
+    client, out = _client()
+    client.get("/quoted")
+    raw = [line for line in out.getvalue().splitlines() if line.strip()]
+    lines = [json.loads(line) for line in raw]  # every line parses
+    assert lines[0]["msg"] == 'upstream rejected header "Authorization: Bearer [redacted]"'
+    assert lines[1]["msg"] == "configured key [redacted] in quotes"
+    assert "abcdefgh" not in out.getvalue() and "ss\\\\word" not in out.getvalue()
+
+
+def test_a_stream_that_ends_in_an_error_event_is_logged_and_counted_as_one():
+    """The status stays 200 (the headers went before the cut), so the error event is what tells."""
+    from proxy.metrics import Metrics
+
+    metrics, records = Metrics(), []
+    client, out = _client(records=records)
+    client.get("/v1/cut/chat/completions")
+    client.get("/stream")
+    for record in records:
+        metrics.observe_record(record)
+    cut = _lines(out)[0]
+    assert cut["status"] == 200 and cut["stream"] is True and cut["error"] == "stream_interrupted"
+    assert "error" not in _lines(out)[1]
+    assert metrics.stream_errors.labels(model="streamer")._value.get() == 1
+
+
+def test_a_crash_logs_its_message_and_traceback_in_json():
+    """What the proxy's last-resort handler logs (satroute.app, with exc_info): in JSON too, the
+    message and the trace, redacted, not only the exception's class."""
+    try:
+        raise KeyError(f"api_base for {SECRET}")
+    except KeyError:
+        import sys
+
+        record = logging.LogRecord("satroute.app", logging.ERROR, __file__, 1,
+                                   "unhandled error on %s", ("POST /v1/chat/completions",), sys.exc_info())
+    line = json.loads(JsonFormatter(Redactor(lambda: [SECRET])).format(record))
+    assert line["exc_type"] == "KeyError" and line["exc_message"] == "'api_base for [redacted]'"
+    assert line["traceback"].startswith("Traceback") and "test_a_crash_logs" in line["traceback"]
+    assert SECRET not in json.dumps(line)
 
 
 def test_health_probes_are_counted_but_not_logged_and_a_crash_is_logged():
