@@ -98,6 +98,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 async def _internal_error(request: Request, exc: Exception) -> Response:
     # The last resort: the trace goes to the log, never to the client.
     log.error("unhandled error on %s %s", request.method, request.url.path, exc_info=exc)
+    return _crash_response()
+
+
+def _crash_response() -> Response:
     return plain_error_response(500, "internal error in the proxy", "internal_error")
 
 
@@ -154,7 +158,7 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
     # Outermost: every request, 401s included, gets a request id and its one log line.
     request_log = Middleware(RequestLogMiddleware, include_prompts=settings.log_prompts,
                              on_record=[svc.metrics.observe_record],
-                             in_flight=svc.metrics.in_flight)
+                             in_flight=svc.metrics.in_flight, crash_response=_crash_response)
     app = Starlette(
         routes=routes, lifespan=lifespan,
         middleware=[request_log,

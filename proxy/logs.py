@@ -209,8 +209,11 @@ class RequestLogMiddleware:
                  scorer_ms_header: str = "x-satroute-scorer-ms",
                  failed_header: str = "x-satroute-failed",
                  skip_paths: Iterable[str] = ("/health", "/ready", "/metrics"),
-                 in_flight=None):
+                 in_flight=None, crash_response: Callable[[], Any] | None = None):
         self.app = app
+        # the app's 500 (an ASGI response), sent from here when the app fails before answering,
+        # so it too carries the request id (Starlette's own 500 is sent from outside this layer)
+        self.crash_response = crash_response
         self.logger = logger or logging.getLogger("satroute.request")
         self._include_prompts = include_prompts
         self.on_record = list(on_record)
@@ -268,6 +271,11 @@ class RequestLogMiddleware:
             self.in_flight.inc()
         try:
             await self.app(scope, receive_wrapper if want_prompt else receive, send_wrapper)
+        except Exception as exc:
+            if record.status == 0 and self.crash_response is not None:
+                record.error = type(exc).__name__
+                await self.crash_response()(scope, receive, send_wrapper)
+            raise  # the app's error handling logs it; its own 500 sees one already sent
         finally:
             if self.in_flight is not None:
                 self.in_flight.dec()

@@ -188,6 +188,35 @@ def test_the_route_preview_decides_as_a_request_would_and_calls_no_model(tmp_pat
     assert len(previews) == 6 and not any(f.get("routed_model") for f in previews)  # nothing answered
 
 
+class CrashingDispatcher:
+    async def prepare(self, models):
+        pass
+
+    async def complete(self, call):
+        raise KeyError("a bug in dispatch")
+
+
+def test_an_unhandled_error_is_a_500_with_its_request_id_and_logged_with_its_trace(tmp_path, upstream, caplog):
+    """The client can quote the request id of the 500 it got; the log has the trace under it."""
+    config = _config(tmp_path, [_entry("m1", upstream.url, tmp_path)])
+    caplog.set_level(logging.INFO)
+    app = create_app(Settings(config=config, scorer="constant", onboarding=False,
+                              state_dir=tmp_path / "state"), dispatcher=CrashingDispatcher())
+    with ProxyServer(app) as proxy:
+        r = httpx.post(f"{proxy.url}/chat/completions", json={"model": "m1", "messages": MESSAGES},
+                       headers={"x-request-id": "trace-123"})
+        after = httpx.get(f"{proxy.url}/models", headers={"x-request-id": "trace-456"})
+    assert r.status_code == 500 and r.headers["x-request-id"] == "trace-123"
+    assert r.json()["error"] == {"message": "internal error in the proxy", "type": "internal_error",
+                                 "param": None, "code": None}
+    assert after.status_code == 200  # the server goes on
+    [line] = [rec.fields for rec in caplog.records if rec.name == "satroute.request"
+              and rec.fields["request_id"] == "trace-123"]
+    assert line["status"] == 500 and line["error"] == "KeyError"
+    crash = [rec for rec in caplog.records if rec.name == "satroute.app" and rec.exc_info]
+    assert crash and crash[0].exc_info[0] is KeyError
+
+
 class UnscoredScorer:
     """Scores m2 only: m1 gets NaN and m3 nothing (a scorer bug, or a model it cannot read)."""
 
