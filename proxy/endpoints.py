@@ -161,6 +161,8 @@ async def chat_completions(request: Request) -> Response:
     if reply is None:  # the client left before any model answered: the calls were cancelled
         if record is not None:
             record.error = "client disconnected"
+        if logged:  # the decision was made (and counted): the routing log has it too
+            log_route(None, [])
         return Response(status_code=499)
     if record is not None:  # to the answer, or to a stream's first chunk; retries included
         record.upstream_ms = round((time.perf_counter() - started) * 1000, 2)

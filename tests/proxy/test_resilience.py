@@ -342,6 +342,10 @@ def test_a_client_that_leaves_before_the_answer_stops_the_retries_and_fallbacks(
     # at most the one call in flight when the client left (litellm's first import may outlast it)
     assert [r.body["model"] for r in upstream.received] in ([], ["m1"])
     assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == []
+    deadline = time.time() + 10  # the decision was counted, so it is in the routing log too
+    while not (rows := httpx.get(f"{proxy.base}/admin/routes").json()["data"]) and time.time() < deadline:
+        time.sleep(0.1)
+    assert [(r["requested"], r["chosen"], r["failed"]) for r in rows] == [("auto", None, [])]
 
 
 @pytest.mark.parametrize("fast", PATHS)
