@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 
@@ -26,7 +27,7 @@ from proxy import admin, endpoints
 from proxy.auth import MasterKeyAuth
 from proxy.cooldown import Cooldowns
 from proxy.dispatch import Dispatcher, RetryingDispatcher
-from proxy.errors import SatrouteError, plain_error_response
+from proxy.errors import ConfigError, SatrouteError, plain_error_response
 from proxy.localserver import local_models_hook
 from proxy.logs import RequestLogMiddleware
 from proxy.metrics import Metrics
@@ -111,7 +112,11 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
     """The ASGI app. Tests inject a scorer and/or dispatcher; a ConfigError raises here."""
     settings = settings or Settings()
     # The onboarding store is the registry's source of profiles unless a test injects its own.
-    store = open_store(settings) if profile_source is None else None
+    try:
+        store = open_store(settings) if profile_source is None else None
+    except (OSError, sqlite3.Error) as exc:  # a file where the folder should be, no permission, ...
+        raise ConfigError(f"cannot open the state store in {settings.state_dir} "
+                          f"(SATROUTE_STATE_DIR): {exc}") from None
     svc = build_services(settings, scorer=scorer, dispatcher=dispatcher,
                          profile_source=profile_source or store)
     hooks = [local_models_hook, *([onboarding_hook(store), route_log_hook(store)] if store else []),

@@ -79,11 +79,17 @@ def serve(args: argparse.Namespace) -> int:
     from proxy.app import create_app
     from proxy.errors import ConfigError
     from proxy.logs import Redactor, configure_logging
-    from proxy.settings import Settings
+    from pydantic import ValidationError
+
+    from proxy.settings import Settings, describe_invalid
 
     overrides = {k: v for k in ("config", "host", "port", "scorer")
                  if (v := getattr(args, k)) is not None}
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        print(f"satroute: invalid settings: {describe_invalid(exc)}", file=sys.stderr)
+        return 2
     master = settings.master_key_value()
     redactor = Redactor(lambda: [master] if master else [])
     configure_logging(settings.log_level, redactor=redactor,

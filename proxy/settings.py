@@ -14,12 +14,24 @@ import os
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def describe_invalid(exc: ValidationError) -> str:
+    """One line naming each invalid setting by its environment variable and saying why (never
+    the value: it may be a key)."""
+    return "; ".join(f"SATROUTE_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
+                     for err in exc.errors())
 
 
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SATROUTE_", extra="ignore")
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _lower(cls, value: object) -> object:
+        return value.lower() if isinstance(value, str) else value
 
     config: Path = Field(Path("providers.yaml"), description="path to providers.yaml")
     host: str = "127.0.0.1"
@@ -36,7 +48,7 @@ class Settings(BaseSettings):
     scorer_threads: int = Field(1, ge=1, description="threads that run scoring off the event loop")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
     reload_interval_s: float = Field(1.0, gt=0, description="how often providers.yaml is checked")
-    log_level: str = "info"
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     log_format: Literal["json", "text"] = Field(
         "json", description="json: one JSON object per line (one line per request); text: plain")
     log_prompts: bool = Field(

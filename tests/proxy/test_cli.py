@@ -35,6 +35,45 @@ def test_serve_with_invalid_config_exits_2_naming_the_key(tmp_path, capsys):
     assert "model_list.0.litellm_params.model" in err and str(cfg) in err
 
 
+@pytest.mark.parametrize("env, named", [({"SATROUTE_PORT": "abc"}, "SATROUTE_PORT"),
+                                         ({"SATROUTE_SCORER": "foo"}, "SATROUTE_SCORER"),
+                                         ({"SATROUTE_LOG_LEVEL": "verbose"}, "SATROUTE_LOG_LEVEL"),
+                                         ({"SATROUTE_MAX_BODY_BYTES": "sk-secret-value-123"},
+                                          "SATROUTE_MAX_BODY_BYTES")])
+def test_serve_with_an_invalid_setting_exits_2_in_one_line(monkeypatch, tmp_path, capsys, env, named):
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setattr("uvicorn.run", lambda *a, **kw: pytest.fail("served with an invalid setting"))
+    assert cli.main(["serve", "--config", str(tmp_path / "providers.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("satroute: invalid settings: ") and named in err and err.count("\n") == 1
+    assert "sk-secret" not in err  # a value is never echoed: it may be a key
+
+
+def test_log_level_is_case_insensitive(monkeypatch):
+    from proxy.settings import Settings
+
+    monkeypatch.setenv("SATROUTE_LOG_LEVEL", "WARNING")
+    assert Settings().log_level == "warning"
+
+
+@pytest.mark.parametrize("broken", ["a_file", "db_is_a_folder"])
+def test_serve_with_an_unusable_state_dir_exits_2_in_one_line(monkeypatch, tmp_path, capsys, broken):
+    cfg = tmp_path / "providers.yaml"
+    cfg.write_text("model_list:\n  - {model_name: a, litellm_params: {model: openai/a}}\n")
+    state = tmp_path / "state"
+    if broken == "a_file":
+        state.write_text("not a folder")
+    else:
+        (state / "satroute.db").mkdir(parents=True)
+    monkeypatch.setenv("SATROUTE_SCORER", "constant")
+    monkeypatch.setenv("SATROUTE_STATE_DIR", str(state))
+    monkeypatch.setattr("uvicorn.run", lambda *a, **kw: pytest.fail("served without its state store"))
+    assert cli.main(["serve", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "cannot open the state store in" in err and str(state) in err and "Traceback" not in err
+
+
 def test_delegated_subcommand_runs_module(monkeypatch):
     mod = types.ModuleType("fake_training")
     mod.add_arguments = lambda p: p.add_argument("--epochs", type=int, default=1)
