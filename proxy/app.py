@@ -19,11 +19,12 @@ from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from proxy import admin, endpoints
+from proxy import admin, endpoints, protocol
 from proxy.auth import MasterKeyAuth
 from proxy.cooldown import Cooldowns
 from proxy.dispatch import Dispatcher, RetryingDispatcher
@@ -86,6 +87,12 @@ def build_services(settings: Settings, *, scorer: Any = None, dispatcher: Dispat
         scoring=ScorerHost(scorer, threads=settings.scorer_threads),
         dispatcher=dispatcher or RetryingDispatcher(cooldowns, metrics=metrics),
         cooldowns=cooldowns, metrics=metrics)
+
+
+# What a browser's script may read of an answer: the routing headers, the request id, Retry-After.
+EXPOSED_HEADERS = [protocol.HEADER_MODEL, protocol.HEADER_ROUTE, protocol.HEADER_DEGRADED,
+                   protocol.HEADER_SCORES, protocol.HEADER_SCORER_MS, protocol.HEADER_FAILED,
+                   "x-request-id", "retry-after", "x-should-retry"]
 
 
 async def _http_error(request: Request, exc: Exception) -> Response:
@@ -164,9 +171,13 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
     request_log = Middleware(RequestLogMiddleware, include_prompts=settings.log_prompts,
                              on_record=[svc.metrics.observe_record],
                              in_flight=svc.metrics.in_flight, crash_response=_crash_response)
+    # Then CORS (when origins are set), before the key check: a browser's preflight carries no key.
+    origins = settings.cors_origin_list()
+    cors = [Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+                       allow_headers=["*"], expose_headers=EXPOSED_HEADERS, max_age=600)] if origins else []
     app = Starlette(
         routes=routes, lifespan=lifespan,
-        middleware=[request_log,
+        middleware=[request_log, *cors,
                     Middleware(MasterKeyAuth, master_key=settings.master_key_value())],
         exception_handlers={SatrouteError: endpoints.satroute_error, HTTPException: _http_error,
                             500: _internal_error})

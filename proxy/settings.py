@@ -47,6 +47,9 @@ class Settings(BaseSettings):
                             "else float32")
     scorer_threads: int = Field(1, ge=1, description="threads that run scoring off the event loop")
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    cors_origins: str = Field(
+        "", description="comma-separated origins a browser may call from (CORS), '*' for any; "
+                        "empty: no CORS headers")
     reload_interval_s: float = Field(1.0, gt=0, description="how often providers.yaml is checked")
     log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
     log_format: Literal["json", "text"] = Field(
@@ -83,6 +86,9 @@ class Settings(BaseSettings):
     def master_key_value(self) -> str | None:
         key = self.master_key.get_secret_value() if self.master_key else None
         return key or None
+
+    def cors_origin_list(self) -> list[str]:
+        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
 
 
 def environ() -> dict[str, str]:

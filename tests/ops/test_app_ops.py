@@ -188,6 +188,35 @@ def test_the_route_preview_decides_as_a_request_would_and_calls_no_model(tmp_pat
     assert len(previews) == 6 and not any(f.get("routed_model") for f in previews)  # nothing answered
 
 
+def test_browser_frontends_get_cors_when_origins_are_configured(tmp_path, upstream):
+    """A browser client (Open WebUI's direct connections, a web chat in client mode) sends a
+    preflight without the key; the answer's routing headers must be readable by its script."""
+    config = _config(tmp_path, [_entry("m1", upstream.url, tmp_path)])
+    origin = "https://chat.example"
+    preflight = {"Origin": origin, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type, x-stainless-os"}
+    key = {"authorization": "Bearer mk-0123456789"}
+    body = {"model": "m1", "messages": MESSAGES}
+    with _serve(config, master_key="mk-0123456789", cors_origins=f"{origin}/, https://other.example") as proxy:
+        pre = httpx.options(f"{proxy.url}/chat/completions", headers=preflight)
+        answer = httpx.post(f"{proxy.url}/chat/completions", json=body, headers={**key, "Origin": origin})
+        refused = httpx.post(f"{proxy.url}/chat/completions", json=body, headers={"Origin": origin})
+        stranger = httpx.options(f"{proxy.url}/chat/completions",
+                                 headers={**preflight, "Origin": "https://evil.example"})
+    with _serve(config) as proxy:  # not configured: no CORS at all, as before
+        plain = httpx.options(f"{proxy.url}/chat/completions", headers=preflight)
+        unmarked = httpx.post(f"{proxy.url}/chat/completions", json=body, headers={"Origin": origin})
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == origin
+    assert "authorization" in pre.headers["access-control-allow-headers"].lower()
+    assert "POST" in pre.headers["access-control-allow-methods"]
+    assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == origin
+    exposed = answer.headers["access-control-expose-headers"].lower()
+    assert "x-satroute-model" in exposed and "x-request-id" in exposed
+    assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == origin
+    assert stranger.status_code == 400 and "access-control-allow-origin" not in stranger.headers
+    assert plain.status_code == 405 and "access-control-allow-origin" not in unmarked.headers
+
+
 class CrashingDispatcher:
     async def prepare(self, models):
         pass
