@@ -61,13 +61,34 @@ def parse_request(raw: bytes) -> tuple[dict[str, Any], protocol.ChatCompletionRe
     try:
         req = protocol.ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
-        # a misspelt field first: "satroute.modles: not permitted" says more than "models: required"
-        err = min(exc.errors(), key=lambda e: e["type"] != "extra_forbidden")
-        loc = ".".join(str(p) for p in err["loc"])
-        more = f" (and {exc.error_count() - 1} more problems)" if exc.error_count() > 1 else ""
-        raise RequestError(f"{loc}: {err['msg']}{more}", param=loc or None,
+        loc, message, more = _first_problem(exc.errors())
+        more_text = f" (and {more} more problems)" if more else ""
+        raise RequestError(f"{loc}: {message}{more_text}", param=loc or None,
                            code="invalid_value") from None
     return body, req
+
+
+def _first_problem(errors: list[dict]) -> tuple[str, str, int]:
+    """The problem to name: ``(param, message, how many others)``. A misspelt field first
+    ("satroute.modles: not permitted" says more than "models: required"); else the deepest one,
+    so that a content part without its ``type`` is named as such rather than as "content should
+    be a string". The union's branch names pydantic puts in a location (``str``,
+    ``list[ContentPart]``) are left out, and the branches that fail at the same place are named
+    together; the count leaves out the branches that failed above the one named."""
+    def place(err: dict) -> str:
+        return ".".join(str(p) for p in err["loc"]
+                        if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p)))
+
+    first = min(errors, key=lambda e: (e["type"] != "extra_forbidden", -len(e["loc"])))
+    where = place(first)
+    same = [e for e in errors if place(e) == where and len(e["loc"]) == len(first["loc"])]
+    message = " or ".join(dict.fromkeys(e["msg"] for e in same))
+    # the other branches of a union that failed deeper are not other problems
+    others = [e for e in errors if e not in same and not (where + ".").startswith(place(e) + ".")]
+    return where, message, len(others)
+
+
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
 
 
 def services(request: Request) -> "Services":
