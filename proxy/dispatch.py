@@ -133,8 +133,12 @@ class RetryingDispatcher:
                     self.metrics.observe_retry(d.name)
                 started = time.perf_counter()
                 budget = min(router.timeout_s, remaining)
+                timed = True
                 try:
                     return await self._attempt(d, call, budget)
+                except asyncio.CancelledError:  # the client left: the upstream's time is unknown
+                    timed = False
+                    raise
                 except UpstreamTransient as exc:
                     # a timeout the request's own deadline cut short, or a failure that may be the
                     # request's, says nothing about the model: it must not cool it for everyone
@@ -145,7 +149,7 @@ class RetryingDispatcher:
                         self.metrics.observe_cooldown(d.name)
                     raise
                 finally:
-                    if self.metrics is not None:  # to the answer, or a stream's first chunk
+                    if self.metrics is not None and timed:  # to the answer, or a stream's first chunk
                         self.metrics.observe_upstream(d.name, time.perf_counter() - started)
         raise AssertionError("unreachable: tenacity reraises the last failure")
 

@@ -346,6 +346,8 @@ def test_a_client_that_leaves_before_the_answer_stops_the_retries_and_fallbacks(
     while not (rows := httpx.get(f"{proxy.base}/admin/routes").json()["data"]) and time.time() < deadline:
         time.sleep(0.1)
     assert [(r["requested"], r["chosen"], r["failed"]) for r in rows] == [("auto", None, [])]
+    # the call cut off when the client left says nothing of the upstream's latency
+    assert ("satroute_upstream_latency_seconds_count", (("model", "m1"),)) not in scrape(proxy.base)
 
 
 @pytest.mark.parametrize("fast", PATHS)
