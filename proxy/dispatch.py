@@ -195,7 +195,7 @@ class RetryingDispatcher:
                 resp = await litellm.acompletion(**kwargs)
                 if not call.stream:
                     resp.model = d.name
-                    return Answer(body=orjson.dumps(resp.model_dump(exclude_none=True)))
+                    return Answer(body=orjson.dumps(openai_shape(resp.model_dump(exclude_none=True))))
                 first = await anext(aiter(resp), None)
         except TimeoutError:
             raise UpstreamTransient(f"{d.name}: no answer within {first_byte_s:.1f}s",
@@ -304,10 +304,29 @@ def _transport_failure(exc: BaseException) -> str | None:
     return None
 
 
+def openai_shape(obj: dict[str, Any]) -> dict[str, Any]:
+    """A litellm answer or chunk, dumped without its many empty fields, put back in OpenAI's shape:
+    the fields the API always sends even when null (a choice's ``finish_reason``, a message's
+    ``content``, as in a tool call), and ``choices: []`` on the usage chunk of
+    ``stream_options.include_usage`` (litellm gives it an empty delta)."""
+    choices = obj.get("choices")
+    if not isinstance(choices, list):
+        return obj
+    for choice in choices:
+        if isinstance(choice, dict):
+            choice.setdefault("finish_reason", None)
+            if isinstance(choice.get("message"), dict):
+                choice["message"].setdefault("content", None)
+    if obj.get("object") == "chat.completion.chunk" and isinstance(obj.get("usage"), dict) and all(
+            isinstance(c, dict) and not c.get("delta") and c.get("finish_reason") is None for c in choices):
+        obj["choices"] = []
+    return obj
+
+
 async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type) -> AsyncIterator[bytes]:
     def encode(chunk: Any) -> bytes:
         chunk.model = name
-        return b"data: " + orjson.dumps(chunk.model_dump(exclude_none=True)) + b"\n\n"
+        return b"data: " + orjson.dumps(openai_shape(chunk.model_dump(exclude_none=True))) + b"\n\n"
 
     yield encode(first)
     try:

@@ -529,3 +529,43 @@ def test_stream_events_with_event_or_id_lines_are_renamed_too(tmp_path, start_pr
         proxy = start_proxy(cfg)
         chunks = list(client(proxy).chat.completions.create(model="m1", messages=MESSAGES, stream=True))
     assert [(c.model, c.choices[0].delta.content) for c in chunks] == [("m1", "a"), ("m1", "b")]
+
+
+def test_the_litellm_path_keeps_openai_s_null_fields_and_empty_usage_choices(tmp_path, start_proxy):
+    """A tool-call answer's message has content: null, a chunk's finish_reason is null until the
+    end, and the usage chunk of include_usage has no choices, as from OpenAI (strict decoders
+    require them; litellm's dump without its empty fields had dropped them)."""
+    import json
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    completion = {"id": "cmpl-1", "object": "chat.completion", "created": 7, "model": "up",
+                  "choices": [{"index": 0, "finish_reason": "tool_calls",
+                               "message": {"role": "assistant", "content": None, "tool_calls": [call]}}],
+                  "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}}
+
+    def respond(request):
+        if not request.get("stream"):
+            return _json_reply(completion)
+        head = {"id": "c", "object": "chat.completion.chunk", "created": 7, "model": "up"}
+        events = [{**head, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"},
+                                        "finish_reason": None}]},
+                  {**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]},
+                  {**head, "choices": [], "usage": completion["usage"]}]
+        return (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+                + b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events) + b"data: [DONE]\n\n")
+
+    with raw_upstream(respond) as url:
+        cfg = write_config(tmp_path / "providers.yaml", [model_entry("m1", url, tmp_path, fast_path=False)],
+                           num_retries=0)
+        proxy = start_proxy(cfg)
+        body = {"model": "m1", "messages": MESSAGES}
+        answer = httpx.post(f"{proxy.url}/chat/completions", json=body, timeout=60).json()
+        streamed = httpx.post(f"{proxy.url}/chat/completions", timeout=60,
+                              json={**body, "stream": True, "stream_options": {"include_usage": True}}).text
+    message = answer["choices"][0]["message"]
+    assert "content" in message and message["content"] is None and message["tool_calls"][0]["id"] == "call_1"
+    chunks = [json.loads(e[len("data: "):]) for e in streamed.strip().split("\n\n") if e != "data: [DONE]"]
+    assert all("finish_reason" in c for chunk in chunks for c in chunk["choices"])
+    assert chunks[0]["choices"][0]["finish_reason"] is None
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 8
+    assert streamed.endswith("data: [DONE]\n\n")
