@@ -61,6 +61,12 @@ class Dispatcher(Protocol):
     async def complete(self, call: Call) -> Reply: ...
 
 
+# 4xx answers that say the model cannot be used as configured (its key is refused, or the
+# upstream has no such model), whatever the request: a routed request falls back from them, and
+# they count towards the model's cooldown. Any other 4xx is about the request and goes back as is.
+MODEL_REFUSALS = frozenset({401, 403, 404})
+
+
 class RetryingDispatcher:
     def __init__(self, cooldowns: Cooldowns, passthrough: PassThrough | None = None,
                  metrics: Any = None):
@@ -98,6 +104,15 @@ class RetryingDispatcher:
             try:
                 answer = await self._with_retries(target, call, deadline)
             except UpstreamClientError as exc:  # its answer goes back as it is, with what failed before
+                if exc.status in MODEL_REFUSALS:  # the model's key or name is wrong, not the request
+                    if (self.cooldowns.failure(target.name, router.allowed_fails, router.cooldown_s)
+                            and self.metrics is not None):
+                        self.metrics.observe_cooldown(target.name)
+                    if target is not call.targets[-1]:  # a routed request: the next model answers
+                        failed.append((target.name, f"http_{exc.status}"))
+                        all_429 = False
+                        log.warning("model %s refused the request: %s", target.name, exc.message)
+                        continue
                 exc.failed = failed
                 raise
             except UpstreamTransient as exc:

@@ -89,6 +89,27 @@ def test_upstream_client_errors_pass_through_unretried(tmp_path, upstream, start
     assert len(upstream.bodies("m2")) == 1 and len(upstream.bodies("m3")) == 1
 
 
+@pytest.mark.parametrize("fast", PATHS)
+def test_a_model_whose_key_is_refused_hands_routed_requests_to_the_next_and_cools(tmp_path, upstream,
+                                                                                 start_proxy, fast):
+    """One provider's revoked key (401), a model it no longer has (404): the routed request is
+    answered by the next-ranked model, and after allowed_fails such refusals the model leaves
+    routing for cooldown_s. A request naming that model gets the upstream's answer as it is."""
+    proxy = setup(tmp_path, upstream, start_proxy, fast, num_retries=0, allowed_fails=2, cooldown_s=30)
+    upstream.set("m1", fail(401, "invalid api key", "authentication_error"))
+    upstream.set("m2", fail(404, "model not found", "invalid_request_error"))
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.headers["x-satroute-model"] == "m3"
+    assert raw.headers["x-satroute-failed"] == "m1:http_401,m2:http_404"
+    with pytest.raises(openai.AuthenticationError):  # named: its own answer, no fallback
+        client(proxy).chat.completions.create(model="m1", messages=MESSAGES)
+    assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == ["m1"]  # refused twice in a row
+    assert len(upstream.bodies("m2")) == 1
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.headers["x-satroute-failed"] == "m2:http_404" and raw.headers["x-satroute-model"] == "m3"
+    assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == ["m1", "m2"]
+
+
 def test_stalled_upstream_times_out_and_falls_back(tmp_path, upstream, start_proxy):
     proxy = setup(tmp_path, upstream, start_proxy, True, timeout_s=0.3, num_retries=0)
     upstream.set("m1", stall(5))
