@@ -46,7 +46,8 @@ class Settings(BaseSettings):
         "auto", description="auto: bfloat16 on CUDA and on CPUs with native bfloat16 (AVX512-BF16, AMX), "
                             "else float32")
     scorer_threads: int = Field(1, ge=1, description="threads that run scoring off the event loop")
-    max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024)
+    # images travel inside the body as base64: a phone photo alone is 5 to 10 MB of it
+    max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     cors_origins: str = Field(
         "", description="comma-separated origins a browser may call from (CORS), '*' for any; "
                         "empty: no CORS headers")

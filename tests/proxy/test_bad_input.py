@@ -82,6 +82,21 @@ def test_body_over_the_limit_is_413(proxy, upstream):
     assert upstream.bodies() == []
 
 
+def test_a_photo_sent_as_base64_fits_the_default_limit(config, upstream, start_proxy):
+    """Frontends put images in the body as base64 data URLs; a phone photo is 5 to 10 MB of it."""
+    import base64
+
+    photo = "data:image/jpeg;base64," + base64.b64encode(b"\xff" * 7_000_000).decode()
+    body = {"model": "auto", "messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is in this picture?"},
+        {"type": "image_url", "image_url": {"url": photo}}]}]}
+    proxy = start_proxy(config)  # the default SATROUTE_MAX_BODY_BYTES
+    r = post(proxy, json=body)
+    assert r.status_code == 200, r.text[:300]
+    [sent] = upstream.bodies()
+    assert sent["messages"][0]["content"][1]["image_url"]["url"] == photo
+
+
 def test_unknown_route_and_method_use_openai_shape(proxy):
     assert_error(httpx.get(f"{proxy.url}/nope"), 404)
     wrong_method = httpx.get(f"{proxy.url}/chat/completions")
