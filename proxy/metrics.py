@@ -135,6 +135,16 @@ class Metrics:
         for s in states:
             self.onboarding_state.labels(model=model, state=s).set(1 if s == state else 0)
 
+    def forget_onboarding(self, model: str) -> None:
+        """Drop a model's onboarding series (it left providers.yaml): a gauge of a model that is no
+        longer configured would show its last state for ever."""
+        self.onboarding_answered.remove(model)
+        self.onboarding_total.remove(model)
+        states = {s.labels["state"] for m in self.onboarding_state.collect() for s in m.samples
+                  if s.labels.get("model") == model}
+        for state in states:
+            self.onboarding_state.remove(model, state)
+
     def observe_local_server(self, name: str, event: str) -> None:
         """The ``on_event`` callback of ``proxy.localserver.LocalServer``."""
         if event == "ready":

@@ -16,27 +16,37 @@ A profile exists only once every question is graded: ``Store.finish`` writes it 
 ``done`` status, so routing never sees a half-finished one.
 A crash loses only the questions in flight at that moment (at most ``concurrency``): they were never
 stored, so they are asked again on resume; every stored answer is final.
+One process at a time: a run holds the store's lease on its model (``Store.claim``), refreshed every
+``heartbeat_s`` and released however the run ends; ``run`` raises ``ModelBusy`` when another process
+onboards the model. Every store call runs on a worker thread (a write may wait for another process's
+lock for the busy timeout; the event loop, which also serves the proxy's requests, must not), and a
+write the store refuses (locked past that timeout, disk full) stalls the run and is tried again: an
+answer that was paid for is not dropped.
 Does not know: HTTP serving, litellm, the registry (``proxy.onboarding_service`` wires those).
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import signal
+import sqlite3
 import sys
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
-from typing import Awaitable, Callable, Protocol, Sequence
+from typing import Any, Awaitable, Callable, Protocol, Sequence, TypeVar
 
 from proxy.errors import ConfigError, UpstreamClientError, UpstreamError
 from proxy.questions import Question
 from proxy.routing import approx_tokens
-from proxy.store import GradedAnswer, Progress, Store
+from proxy.store import GradedAnswer, ModelBusy, Progress, Store
 from scorer.aptitude import Suite, profile_from_graded
 from scorer.grading import build_messages, extract_answer
 
 log = logging.getLogger("satroute.onboarding")
+T = TypeVar("T")
 
 # What a failed ask may raise: the dispatch path's errors, or a bare network/timeout error.
 TRANSIENT = (UpstreamError, TimeoutError, ConnectionError)
@@ -75,6 +85,7 @@ class Options:
     give_up_s: float = 120.0  # a model that never answered for this long has failed
     question_attempts: int = 5  # transient failures of one question, while others answer
     refusals_in_a_row: int = 10  # 4xx about single prompts, no answer between: the run fails
+    heartbeat_s: float = 5.0  # how often the run refreshes its lease (stale after LEASE_STALE_S)
 
 
 # A 4xx with these statuses refuses every request to the model (credentials, billing, no such
@@ -113,12 +124,14 @@ class _Run:
         self.model = model
         self.queue: deque[Question] = deque(todo)
         self.in_flight = 0
+        self.storing = 0  # answers being written: not progress until they are stored
         self.ever_answered = answered_before
         self.failures = 0  # consecutive transient failures
         self.first_failure = 0.0
         self.resume_at = 0.0
         self.fatal: str | None = None
         self.cancelled: str | None = None
+        self.lease_lost = False  # another process took the model over: stop, write nothing more
         self.spent = 0.0
         self.answers = 0  # answered in this run
         self.epoch = 0  # counted failures so far: an ask remembers the one it started under
@@ -128,7 +141,7 @@ class _Run:
 
     @property
     def stopping(self) -> bool:
-        return self.fatal is not None or self.cancelled is not None
+        return self.fatal is not None or self.cancelled is not None or self.lease_lost
 
 
 class Onboarding:
@@ -152,58 +165,141 @@ class Onboarding:
 
         ``upstream`` fingerprints what answers for ``model`` (``upstream_fingerprint``): when the
         store's answers came from another one, they are forgotten and the test starts over.
+        Raises ``ModelBusy`` (having asked and written nothing) when another process onboards
+        ``model`` now; this run's lease is released however it ends.
         """
+        await self._store(self.store.claim, model, self.suite.name)
+        try:
+            return await self._run(model, prices, upstream)
+        finally:
+            try:
+                await self._store(self.store.release, model)
+            except sqlite3.OperationalError as exc:  # the lease goes stale by itself
+                log.warning("onboarding %s: cannot release the lease: %s", model, exc)
+
+    async def _run(self, model: str, prices: Prices, upstream: str | None) -> Progress:
         opts = self.options
-        if upstream is not None and self.store.upstream_changed(model, upstream):
+        store = self.store
+        if upstream is not None and await self._store(store.upstream_changed, model, upstream):
             log.warning("onboarding %s: its upstream changed; forgetting its answers and profile",
                         model)
-            self.store.forget(model)
-        done = self.store.answered(model)
+            await self._store(store.forget, model)  # the lease too: ``begin`` takes it again
+        done = await self._store(store.answered, model)
         todo = [q for q in self.questions if q.id not in done]
         estimate = estimate_cost(todo, prices, opts)
-        spent = self.store.spent(model)
+        spent = await self._store(store.spent, model)
         total = len(self.questions)
         if opts.spend_cap_usd is not None and spent + estimate > opts.spend_cap_usd:
             before = f" plus ${spent:.2f} already spent" if spent else ""
-            self.store.set_status(model, "failed", f"estimated cost ${estimate:.2f} for {len(todo)} "
-                                  f"questions{before} exceeds the spend cap "
-                                  f"${opts.spend_cap_usd:.2f}", suite=self.suite.name, total=total)
-            return self._progress(model)
-        self.store.begin(model, self.suite.name, total, round(estimate, 4), upstream)
+            await self._store(store.set_status, model, "failed",
+                              f"estimated cost ${estimate:.2f} for {len(todo)} questions{before} "
+                              f"exceeds the spend cap ${opts.spend_cap_usd:.2f}",
+                              suite=self.suite.name, total=total)
+            return await self._progress(model)
+        await self._store(store.begin, model, self.suite.name, total, round(estimate, 4), upstream)
         log.info("onboarding %s: %d of %d questions to ask (estimated $%.2f, $%.2f spent before)",
                  model, len(todo), total, estimate, spent)
         state = _Run(model, todo, answered_before=bool(done))
         state.spent = spent
         workers = [asyncio.create_task(self._worker(state, prices), name=f"onboard-{model}-{i}")
                    for i in range(min(opts.concurrency, len(todo)))]
+        beat = asyncio.create_task(self._heartbeat(state), name=f"onboard-{model}-lease")
         try:
             await asyncio.gather(*workers)
         finally:
+            beat.cancel()
             for w in workers:
                 w.cancel()
+            # a worker storing an answer finishes that first: nothing is written after the run
+            await asyncio.gather(beat, *workers, return_exceptions=True)
+        if state.lease_lost:
+            raise ModelBusy(model, "another process (this run's lease went stale)")
         if state.cancelled is not None:  # not a failure: the next run resumes where this stopped
             log.info("onboarding %s cancelled: %s", model, state.cancelled)
-            self.store.set_status(model, "pending", f"cancelled: {state.cancelled}",
-                                  suite=self.suite.name)
-            return self._progress(model)
+            await self._store(store.set_status, model, "pending", f"cancelled: {state.cancelled}",
+                              suite=self.suite.name)
+            return await self._progress(model)
         if state.fatal is not None:
-            self.store.set_status(model, "failed", state.fatal, suite=self.suite.name)
+            await self._store(store.set_status, model, "failed", state.fatal, suite=self.suite.name)
             log.error("onboarding %s failed: %s", model, state.fatal)
-            return self._progress(model)
-        graded = self.store.graded(model)
+            return await self._progress(model)
+        graded = await self._store(store.graded, model)
         missing = [q.id for q in self.questions if q.id not in graded]
         if missing:  # cannot happen unless the store was edited meanwhile
-            self.store.set_status(model, "failed", f"{len(missing)} answers missing after the run",
-                                  suite=self.suite.name)
-            return self._progress(model)
-        self.store.finish(model, self.suite.name, profile_from_graded(self.suite, graded))
+            await self._store(store.set_status, model, "failed",
+                              f"{len(missing)} answers missing after the run", suite=self.suite.name)
+            return await self._progress(model)
+        await self._write(state, store.finish, model, self.suite.name,
+                          profile_from_graded(self.suite, graded))
         log.info("onboarding %s done", model)
-        return self._progress(model)
+        return await self._progress(model)
 
-    def _progress(self, model: str) -> Progress:
-        progress = self.store.progress(model, self.suite.question_ids)
+    async def _progress(self, model: str) -> Progress:
+        progress = await self._store(self.store.progress, model, self.suite.question_ids)
         assert progress is not None
         return progress
+
+    async def _store(self, call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """``call(*args, **kwargs)`` (a store method) on a worker thread. A cancellation waits for
+        the call to end before it goes on, so a run that stopped writes nothing afterwards and an
+        answer being stored is stored."""
+        task = asyncio.ensure_future(asyncio.to_thread(call, *args, **kwargs))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            await asyncio.wait([task])
+            if not task.cancelled():
+                task.exception()  # seen: the cancellation is what goes on
+            raise
+
+    async def _write(self, state: _Run, call: Callable[..., object], *args: Any) -> bool:
+        """A write the run cannot do without (an answer paid for, the profile): a refusal of the
+        store (locked past the busy timeout, disk full) stalls the run (no new question is asked
+        meanwhile) and the write is tried again with backoff, until it succeeds or the run is
+        cancelled. True when it had to wait."""
+        opts = self.options
+        delay, waited = opts.backoff_s, False
+        state.storing += 1
+        try:
+            while True:
+                try:
+                    await self._store(call, *args)
+                    return waited
+                except sqlite3.OperationalError as exc:
+                    reason = f"the state store refuses writes: {exc}"
+                    log.warning("onboarding %s stalled: %s; trying again in %.0fs", state.model,
+                                reason, delay)
+                    waited = True
+                    state.resume_at = max(state.resume_at, self.clock() + delay)
+                    await self._set_status(state, "stalled", reason)
+                    await self.sleep(delay)
+                    delay = min(opts.backoff_max_s, delay * 2)
+        finally:
+            state.storing -= 1
+
+    async def _set_status(self, state: _Run, status: str, reason: str | None = None) -> None:
+        """A status change along the way (stalled, running again): one the store refuses now is
+        only logged, the run goes on and the next change says it."""
+        try:
+            await self._store(self.store.set_status, state.model, status, reason,
+                              suite=self.suite.name)
+        except sqlite3.OperationalError as exc:
+            log.warning("onboarding %s: cannot record the status %s: %s", state.model, status, exc)
+
+    async def _heartbeat(self, state: _Run) -> None:
+        """Refresh the run's lease every ``heartbeat_s``. A lease found taken (this process
+        stalled past ``LEASE_STALE_S`` and another one took the model over) stops the run."""
+        while True:
+            await asyncio.sleep(self.options.heartbeat_s)
+            try:
+                held = await self._store(self.store.heartbeat, state.model)
+            except sqlite3.OperationalError as exc:  # locked now: the lease outlasts a few beats
+                log.warning("onboarding %s: cannot refresh the lease: %s", state.model, exc)
+                continue
+            if not held:
+                log.error("onboarding %s: another process took it over; stopping", state.model)
+                state.lease_lost = True
+                return
 
     async def _worker(self, state: _Run, prices: Prices) -> None:
         opts = self.options
@@ -228,26 +324,27 @@ class Onboarding:
                     state.queue.appendleft(question)
                     state.fatal = f"the upstream refused the request: {exc.message}"
                     return
-                self._refused(state, question, exc)
+                await self._refused(state, question, exc)
                 continue
             except TRANSIENT as exc:
                 reason = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
-                if not self._give_up_on(state, question, reason):
+                if not await self._give_up_on(state, question, reason):
                     state.queue.append(question)  # asked again after the backoff
-                    self._failed(state, reason, epoch)
+                    await self._failed(state, reason, epoch)
                 continue
             finally:
                 state.in_flight -= 1
-            self._answered(state, question, text or "", prices)
+            await self._answered(state, question, text or "", prices)
 
-    def _answered(self, state: _Run, question: Question, text: str, prices: Prices) -> None:
+    async def _answered(self, state: _Run, question: Question, text: str, prices: Prices) -> None:
         letter = extract_answer(text, len(question.options))
         cost = prices.cost(prompt_tokens(question), approx_tokens(text))
-        self.store.record(state.model, GradedAnswer(question.id, letter, letter == question.answer,
-                                                    text), cost)
-        if state.failures:
-            log.info("onboarding %s: upstream answers again, resuming", state.model)
-            self.store.set_status(state.model, "running", suite=self.suite.name)
+        waited = await self._write(state, self.store.record, state.model,
+                                   GradedAnswer(question.id, letter, letter == question.answer,
+                                                text), cost)
+        if state.failures or waited:
+            log.info("onboarding %s: answers are stored again, resuming", state.model)
+            await self._set_status(state, "running")
         state.failures, state.ever_answered = 0, True
         state.answers += 1
         state.refused_in_a_row = 0
@@ -258,17 +355,18 @@ class Onboarding:
             state.fatal = f"spend cap ${cap:.2f} reached after ${state.spent:.2f}"
         self._tick(state)
 
-    def _no_answer(self, state: _Run, question: Question) -> None:
+    async def _no_answer(self, state: _Run, question: Question) -> None:
         """Grade ``question`` as no answer (wrong): it could not be asked, and the run moves on."""
-        self.store.record(state.model, GradedAnswer(question.id, None, False, None))
+        await self._write(state, self.store.record, state.model,
+                          GradedAnswer(question.id, None, False, None))
         self._tick(state)
 
     def _tick(self, state: _Run) -> None:
         if self.on_progress is not None:
-            self.on_progress(state.model, len(self.questions) - len(state.queue) - state.in_flight,
-                             len(self.questions))
+            self.on_progress(state.model, len(self.questions) - len(state.queue) - state.in_flight
+                             - state.storing, len(self.questions))
 
-    def _refused(self, state: _Run, question: Question, exc: UpstreamClientError) -> None:
+    async def _refused(self, state: _Run, question: Question, exc: UpstreamClientError) -> None:
         """A 4xx about this one prompt (content filter, context length): no answer, unless the
         upstream refuses everything (then the run fails, and nothing refused was recorded)."""
         state.refused_in_a_row += 1
@@ -283,9 +381,9 @@ class Onboarding:
             return
         log.warning("onboarding %s: the upstream refused question %s (HTTP %s: %s); graded as no "
                     "answer", state.model, question.id, exc.status, exc.message)
-        self._no_answer(state, question)
+        await self._no_answer(state, question)
 
-    def _give_up_on(self, state: _Run, question: Question, reason: str) -> bool:
+    async def _give_up_on(self, state: _Run, question: Question, reason: str) -> bool:
         """Count a transient failure against ``question`` when it is the only question failing
         while the model answers others (a failure of several questions is an outage, not theirs);
         after ``question_attempts`` of them it is graded as no answer. True when given up."""
@@ -298,10 +396,10 @@ class Onboarding:
             return False
         log.warning("onboarding %s: question %s failed %d times while the model answered others "
                     "(last: %s); graded as no answer", state.model, question.id, attempts, reason)
-        self._no_answer(state, question)
+        await self._no_answer(state, question)
         return True
 
-    def _failed(self, state: _Run, reason: str, epoch: int | None = None) -> None:
+    async def _failed(self, state: _Run, reason: str, epoch: int | None = None) -> None:
         """A transient failure of an ask that started under backoff ``epoch``. Only an ask started
         after the last counted failure counts (so an outage that fails every request in flight at
         once is one failure, not ``concurrency`` of them); None: count it."""
@@ -320,7 +418,7 @@ class Onboarding:
         if not state.ever_answered and now - state.first_failure >= opts.give_up_s:
             state.fatal = f"no answer for {now - state.first_failure:.0f}s: {reason}"
             return
-        self.store.set_status(state.model, "stalled", reason, suite=self.suite.name)
+        await self._set_status(state, "stalled", reason)
 
 
 def status_of(progress: Progress | None) -> dict:
@@ -349,8 +447,12 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> int:
-    """Run the same onboarding as the proxy, with a progress bar; exit 0 when the profile is stored."""
-    from proxy.settings import Settings
+    """Run the same onboarding as the proxy, with a progress bar. Exit status: 0 when the profile
+    is stored, 1 when the run failed, 2 for a usage or configuration error (a model another process
+    onboards now included), 130 / 143 when interrupted by SIGINT / SIGTERM (the next run resumes)."""
+    from pydantic import ValidationError
+
+    from proxy.settings import Settings, describe_invalid
 
     overrides = {k: v for k, v in (("config", args.config), ("state_dir", args.state_dir),
                                    ("onboarding_data", args.data), ("onboarding_suite", args.suite),
@@ -358,15 +460,47 @@ def run(args) -> int:
                                    ("onboarding_spend_cap_usd", args.spend_cap)) if v is not None}
     if args.no_hub:
         overrides["onboarding_hub"] = False
-    settings = Settings(**overrides)
+    try:
+        settings = Settings(**overrides)
+    except ValidationError as exc:
+        print(f"satroute onboard: invalid settings: {describe_invalid(exc)}", file=sys.stderr)
+        return 2
     try:
         return asyncio.run(_run_cli(settings, args.model, args.restart))
     except (ConfigError, ValueError) as exc:
         print(f"satroute onboard: {getattr(exc, 'message', exc)}", file=sys.stderr)
         return 2
+    except sqlite3.Error as exc:  # the state store broke mid-run (what is stored stays stored)
+        print(f"satroute onboard: the state store failed: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # before the run could catch it (starting up, or a second Ctrl-C)
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 async def _run_cli(settings, model: str, restart: bool) -> int:
+    try:
+        store = Store(settings.state_dir)
+    except (OSError, sqlite3.Error) as exc:
+        print(f"satroute onboard: cannot open the state store in {settings.state_dir}: {exc}",
+              file=sys.stderr)
+        return 2
+    with store:
+        try:
+            return await _onboard_cli(settings, store, model, restart)
+        except ModelBusy as exc:
+            print(f"satroute onboard: {exc}; wait for that run to end (GET /admin/onboarding "
+                  "shows its progress) or stop it, then run this again", file=sys.stderr)
+            return 2
+        finally:
+            with contextlib.suppress(sqlite3.Error):  # else it goes stale by itself
+                store.release(model)
+
+
+async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int:
+    """The command once the store is open; raises ``ModelBusy`` when another process holds the
+    model. SIGINT and SIGTERM stop the run: the model is left ``pending`` ("interrupted"), and the
+    exit status is 128 + the signal."""
     from tqdm import tqdm
 
     from proxy.cooldown import Cooldowns
@@ -378,17 +512,29 @@ async def _run_cli(settings, model: str, restart: bool) -> int:
     from proxy.settings import environ
     from scorer.aptitude import load_suite
 
-    with Store(settings.state_dir) as store:
+    registry = ProviderRegistry(settings.config, environ, store)
+    d = registry.snapshot.models.get(model)
+    if d is None:
+        print(f"satroute onboard: no model {model!r} in {settings.config}", file=sys.stderr)
+        return 2
+    if not d.available:
+        print(f"satroute onboard: {model} is unavailable: {d.unavailable}", file=sys.stderr)
+        return 2
+    store.claim(model)  # before anything is forgotten, printed or asked
+    loop, main = asyncio.get_running_loop(), asyncio.current_task()
+    received: list[int] = []
+
+    def interrupt(signum: int) -> None:
+        if not received:  # a second signal does not cut short what the first one is finishing
+            main.cancel()
+        received.append(signum)
+
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, interrupt, signum)
+    suite = bar = dispatcher = None
+    try:
         if restart:
             store.forget(model)
-        registry = ProviderRegistry(settings.config, environ, store)
-        d = registry.snapshot.models.get(model)
-        if d is None:
-            print(f"satroute onboard: no model {model!r} in {settings.config}", file=sys.stderr)
-            return 2
-        if not d.available:
-            print(f"satroute onboard: {model} is unavailable: {d.unavailable}", file=sys.stderr)
-            return 2
         upstream = upstream_fingerprint(d)
         if store.upstream_changed(model, upstream):
             print(f"satroute onboard: {model} now points at another upstream ({d.model}): "
@@ -406,10 +552,27 @@ async def _run_cli(settings, model: str, restart: bool) -> int:
 
         engine = Onboarding(store, suite, questions, DispatchAsker(registry, dispatcher),
                             service_options(settings), on_progress=tick)
-        try:
-            progress = await engine.run(model, prices_of(d), upstream)
-        finally:
+        progress = await engine.run(model, prices_of(d), upstream)
+    except asyncio.CancelledError:
+        if not received:
+            raise
+        if bar is not None:
+            bar.close()  # before the line below, not after it
+            bar = None
+        ids = suite.question_ids if suite is not None else None
+        stored = store.progress(model, ids)
+        if stored is not None and stored.status in ("running", "stalled"):
+            store.set_status(model, "pending", "interrupted")
+        total = len(ids) if ids is not None else 0
+        print(f"interrupted: {stored.done if stored else 0}/{total} answers stored; run the same "
+              "command to resume", file=sys.stderr)
+        return 128 + received[0]
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        if bar is not None:
             bar.close()
+        if dispatcher is not None:
             await dispatcher.close()
     acc = "n/a" if progress.accuracy is None else f"{progress.accuracy:.1%}"
     print(f"{model}: {progress.status}{' (' + progress.reason + ')' if progress.reason else ''}; "

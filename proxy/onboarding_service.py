@@ -9,6 +9,10 @@ runs of models removed from the file, forgets the stored answers and profile of 
 upstream (``upstream_fingerprint``) changed and onboards it again, and when a run is done it makes
 the registry read the store again, so the model becomes an ``auto`` candidate. Until then the model
 is callable by name only. A run that crashes is recorded as ``failed`` with the reason.
+Other processes share the store (``satroute onboard``, another proxy): a model another process
+onboards now (``ModelBusy``), or whose run the store refused to start, is skipped and tried again on
+a later tick, never marked failed; a profile another process stored is picked up on the next tick.
+Store calls run on worker threads, never on the event loop that serves requests.
 Also the JSON the admin endpoints show (``status``, ``profile``).
 Does not know: HTTP handlers, how answers are graded or stored (``proxy.onboarding``, ``proxy.store``).
 """
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Coroutine
 
@@ -27,7 +32,7 @@ from proxy.errors import UpstreamTransient
 from proxy.onboarding import Onboarding, Options, Prices, RunCancelled, status_of
 from proxy.providers import Deployment, ProviderRegistry
 from proxy.questions import Question, QuestionSourceError, load_questions
-from proxy.store import Store
+from proxy.store import ModelBusy, Progress, Store
 from scorer.data import DataError
 
 log = logging.getLogger("satroute.onboarding")
@@ -106,26 +111,57 @@ class OnboardingService:
         self._run_upstream: dict[str, str] = {}  # model -> upstream fingerprint of its run
         self._digest = b""
         self._questions: frozenset[str] | None = None  # the suite's ids, once loaded
+        self._waiting: dict[str, str] = {}  # model -> why its run could not start now (tried again)
+        self._picked_up: dict[str, float] = {}  # model -> updated_at of the done row refreshed for
+        self._reported: set[str] = set()  # models with onboarding series in the metrics
 
     # -- the background loop ----------------------------------------------------------------
     async def watch(self, interval_s: float) -> None:
-        """Sync at once, then whenever the registry's snapshot changes (until cancelled)."""
+        """Sync at once, then whenever the registry's snapshot changes or a model waits to be
+        tried again (until cancelled). Each tick reads every model's stored progress once: to
+        pick up profiles another process stored, and for the metrics."""
         last = None
         while True:
+            progress = await asyncio.to_thread(self.store.all_progress, self._suite_questions())
+            self._pick_up_profiles(progress)
             snap = self.registry.snapshot
-            if snap is not last:
+            if snap is not last or self._waiting:
                 last = snap
-                self.sync()
-            self._report()
+                await self.sync()
+            self._report(progress)
             await asyncio.sleep(interval_s)
 
-    def _report(self) -> None:
-        """Onboarding progress into the metrics (one query, on each tick of the watch loop)."""
+    def _pick_up_profiles(self, progress: list[Progress]) -> None:
+        """Make the registry read the store again when a configured model it has no profile for is
+        ``done`` there while no run of this process is on it: another process (``satroute
+        onboard``) finished it. Once per finished row, so a row without its profile does not
+        make every tick read them all."""
+        models = self.registry.snapshot.models
+        for p in progress:
+            d, task = models.get(p.model), self.runs.get(p.model)
+            if (p.status != "done" or d is None or d.profile is not None
+                    or (task is not None and not task.done())
+                    or self._picked_up.get(p.model) == p.updated_at):
+                continue
+            self._picked_up[p.model] = p.updated_at
+            self.registry.refresh_profiles()
+            if self.registry.snapshot.models[p.model].profile is not None:
+                log.info("model %s was onboarded by another process: now an auto candidate",
+                         p.model)
+
+    def _report(self, progress: list[Progress]) -> None:
+        """Onboarding progress into the metrics; the series of models no longer configured are
+        dropped."""
         if self.metrics is None:
             return
-        for p in self.store.all_progress(self._suite_questions()):
-            if p.model in self.registry.snapshot.models:
+        models = self.registry.snapshot.models
+        for p in progress:
+            if p.model in models:
                 self.metrics.observe_onboarding(p.model, p.done, p.total, p.status)
+                self._reported.add(p.model)
+        for name in [m for m in self._reported if m not in models]:
+            self.metrics.forget_onboarding(name)
+            self._reported.discard(name)
 
     def _file_digest(self) -> bytes:
         try:
@@ -133,7 +169,7 @@ class OnboardingService:
         except OSError:
             return self._digest
 
-    def sync(self) -> None:
+    async def sync(self) -> None:
         """Start runs for models that need one; cancel runs of models that left the file."""
         digest = self._file_digest()
         if digest != self._digest:
@@ -144,6 +180,8 @@ class OnboardingService:
             if name not in models and not task.done():
                 log.info("onboarding %s cancelled: no longer in providers.yaml", name)
                 task.cancel()
+        for name in [m for m in self._waiting if m not in models or not needs_onboarding(models[m])]:
+            del self._waiting[name]  # gone, or profiled meanwhile (by the process it waited for)
         for name, d in models.items():
             task = self.runs.get(name)
             running = task is not None and not task.done()
@@ -152,19 +190,20 @@ class OnboardingService:
                 if self._run_upstream.get(name) == upstream:
                     continue
                 # another upstream answers under this name now: its answers are not the same
-                # model's; start over once the old run has stopped (no answer is recorded after
-                # the cancel: its workers are cancelled before they run again)
+                # model's; the next run forgets them once the old run has stopped (an answer
+                # being stored at the cancel is stored first), and starts over
                 log.warning("onboarding %s: its upstream changed mid-run; starting over", name)
                 task.cancel()
-                self._reset(name)
+                self._failed_stamp.pop(name, None)
                 if not onboardable(d):
                     continue
             elif not onboardable(d):
                 continue
-            elif self.store.upstream_changed(name, upstream):
+            elif await asyncio.to_thread(self.store.upstream_changed, name, upstream):
                 log.warning("onboarding %s: its upstream changed; forgetting its answers and "
                             "profile, onboarding again", name)
-                self._reset(name)
+                if not await self._reset(name):
+                    continue
             elif d.profile is not None:
                 continue
             elif self._failed_stamp.get(name) == digest:
@@ -173,11 +212,23 @@ class OnboardingService:
             self.runs[name] = self.spawn(self._run(d, digest, after=task if running else None),
                                          f"onboard-{name}")
 
-    def _reset(self, name: str) -> None:
-        """Forget a model's stored onboarding, and stop routing with its stored profile."""
-        self.store.forget(name)
+    async def _reset(self, name: str) -> bool:
+        """Forget a model's stored onboarding, and stop routing with its stored profile. False
+        (nothing forgotten) while another process onboards it: tried again on a later tick."""
+        try:
+            await asyncio.to_thread(self.store.forget, name)
+        except ModelBusy as exc:
+            self._wait(name, str(exc))
+            return False
         self._failed_stamp.pop(name, None)
         self.registry.refresh_profiles()
+        return True
+
+    def _wait(self, model: str, why: str) -> None:
+        """The model's run cannot start now, and is not failed: a later tick tries again."""
+        if self._waiting.get(model) != why:
+            log.info("onboarding %s: %s; trying again later", model, why)
+        self._waiting[model] = why
 
     async def _run(self, d: Deployment, digest: bytes, after: asyncio.Task | None = None) -> None:
         if after is not None:  # a cancelled run of the same model: let it stop first
@@ -185,28 +236,38 @@ class OnboardingService:
         try:
             engine = await self._get_engine()
             progress = await engine.run(d.name, prices_of(d), upstream_fingerprint(d))
+        except ModelBusy as exc:  # another process onboards it: no failure of this model
+            self._wait(d.name, str(exc))
+            return
+        except sqlite3.OperationalError as exc:  # the store refused a write for its busy timeout
+            self._wait(d.name, f"the state store refuses writes: {exc}")
+            return
         except QuestionSourceError as exc:
-            self._fail(d.name, digest, exc.message)
+            await self._fail(d.name, digest, exc.message)
             return
         except DataError as exc:  # SATROUTE_ONBOARDING_SUITE names no suite, or a broken one
-            self._fail(d.name, digest, f"aptitude suite {self.suite_name!r} cannot be loaded: {exc}")
+            await self._fail(d.name, digest,
+                             f"aptitude suite {self.suite_name!r} cannot be loaded: {exc}")
             return
         except Exception as exc:  # a bug must not leave the model "running" for ever
             log.exception("onboarding %s crashed", d.name)
-            self._fail(d.name, digest, f"onboarding crashed: {type(exc).__name__}: {exc}")
+            await self._fail(d.name, digest, f"onboarding crashed: {type(exc).__name__}: {exc}")
             return
+        self._waiting.pop(d.name, None)
         if progress.status == "done":
             self.registry.refresh_profiles()
             log.info("model %s onboarded: now an auto candidate", d.name)
         elif progress.status == "failed":
             self._failed_stamp[d.name] = digest
 
-    def _fail(self, model: str, digest: bytes, reason: str) -> None:
+    async def _fail(self, model: str, digest: bytes, reason: str) -> None:
         """Record a run that could not go on: ``failed`` with the reason, until the file changes."""
         self._failed_stamp[model] = digest
+        self._waiting.pop(model, None)
         log.error("onboarding %s failed: %s", model, reason)
         try:
-            self.store.set_status(model, "failed", reason, suite=self.suite_name)
+            await asyncio.to_thread(self.store.set_status, model, "failed", reason,
+                                    suite=self.suite_name)
         except Exception:  # the store itself is broken: the log says why
             log.exception("onboarding %s: cannot record the failure", model)
 

@@ -5,9 +5,14 @@ project. Every graded answer is committed on its own the moment it is recorded, 
 loses nothing that was graded; a profile is written in the same transaction that marks its model
 ``done``, so a half-finished profile can never be read as a finished one. ``get`` makes the store the
 ``ProfileSource`` behind the provider registry: it answers only with finished profiles.
-One writer: all writes go through one connection under a lock (the proxy's event loop, or the
-``satroute onboard`` command); other processes may read at the same time (WAL), and a second writer
-waits ``busy_timeout`` rather than failing.
+One writer per process: all writes go through one connection under a lock; reads go through a
+second connection, so a read never waits behind a write that waits for another process's lock. Other
+processes may read at the same time (WAL), and a second writer waits ``busy_timeout`` rather than
+failing (opening a new database included: switching it to WAL is retried while another process holds it).
+Who onboards a model: ``claim``/``begin`` take a lease on its ``onboarding`` row (``owner``, this
+process's id, and a ``heartbeat`` the run refreshes), granted only when no other live process holds it;
+a lease without a heartbeat for ``LEASE_STALE_S`` (or of a dead process on this host) is free again, so
+a crash never blocks a model for ever. ``ModelBusy`` says who holds it.
 Durability: ``synchronous=NORMAL`` in WAL mode survives any crash or kill of the process; only an
 operating-system crash or power loss may drop the last few commits (which are then asked again).
 Schema changes: a column added to an existing table is added to older databases when they are opened
@@ -20,6 +25,9 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
+import secrets
+import socket
 import sqlite3
 import threading
 import time
@@ -29,6 +37,8 @@ from typing import Collection, Iterable, Iterator, Mapping
 
 DB_NAME = "satroute.db"
 STATUSES = ("pending", "running", "stalled", "failed", "done")
+BUSY_TIMEOUT_S = 30.0  # a write waits this long for another process's lock
+LEASE_STALE_S = 60.0  # an onboarding lease without a heartbeat for this long is free again
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS onboarding (
@@ -41,7 +51,9 @@ CREATE TABLE IF NOT EXISTS onboarding (
     started_at REAL,
     updated_at REAL NOT NULL,
     upstream TEXT,
-    spent_usd REAL
+    spent_usd REAL,
+    owner TEXT,
+    heartbeat REAL
 );
 CREATE TABLE IF NOT EXISTS answers (
     model TEXT NOT NULL,
@@ -73,7 +85,16 @@ CREATE TABLE IF NOT EXISTS routing_log (
 # Columns added after a table was first released: (table, column, type), added when missing.
 _COLUMNS_ADDED = (("routing_log", "failed", "TEXT"), ("routing_log", "request_id", "TEXT"),
                   ("routing_log", "degraded", "TEXT"), ("onboarding", "upstream", "TEXT"),
-                  ("onboarding", "spent_usd", "REAL"))
+                  ("onboarding", "spent_usd", "REAL"), ("onboarding", "owner", "TEXT"),
+                  ("onboarding", "heartbeat", "REAL"))
+
+
+class ModelBusy(Exception):
+    """Another live process onboards the model (it holds a fresh lease on it)."""
+
+    def __init__(self, model: str, owner: str):
+        super().__init__(f"{model} is being onboarded by {owner}")
+        self.model, self.owner = model, owner
 
 
 @dataclass(frozen=True)
@@ -131,6 +152,27 @@ class RouteEntry:
     at: float = 0.0  # unix seconds; 0: when it is written
 
 
+def _busy(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_BUSY / SQLITE_LOCKED: another connection holds the lock; trying again may succeed."""
+    text = str(exc)
+    return "locked" in text or "busy" in text
+
+
+def _alive_here(owner: str) -> bool:
+    """False only when ``owner`` (host:pid:random) names a process of this host that has exited."""
+    host, _, rest = owner.partition(":")
+    pid = rest.partition(":")[0]
+    if host != socket.gethostname() or not pid.isdigit():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, but not ours to signal
+        pass
+    return True
+
+
 def _finite_scores(scores: Mapping[str, float]) -> dict[str, float | None]:
     """Scores as JSON can hold them: an unscored candidate (-inf, NaN) as None."""
     return {k: v if math.isfinite(v) else None for k, v in scores.items()}
@@ -139,30 +181,61 @@ def _finite_scores(scores: Mapping[str, float]) -> dict[str, float | None]:
 class Store:
     """The state database. Safe to share between threads; one instance per process."""
 
-    def __init__(self, state_dir: str | Path):
+    def __init__(self, state_dir: str | Path, lease_stale_s: float = LEASE_STALE_S):
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / DB_NAME
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.lease_stale_s = lease_stale_s
         self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, timeout=30.0, isolation_level=None,
-                                   check_same_thread=False)
-        self._db.execute("PRAGMA journal_mode=WAL")
+        self._read_lock = threading.Lock()
+        self._db = self._connect()
+        self._wal()
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA busy_timeout=30000")
         with self._lock:
             self._db.executescript(_SCHEMA)
             self._add_missing_columns()
+        self._reader = self._connect()
+
+    def _connect(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,
+                             check_same_thread=False)
+        db.execute(f"PRAGMA busy_timeout={int(BUSY_TIMEOUT_S * 1000)}")
+        return db
+
+    def _wal(self) -> None:
+        """Switch to WAL. That needs the database to itself, and SQLite answers BUSY at once (no
+        busy handler) while another process opens the same new file: try again, up to the busy
+        timeout."""
+        deadline = time.monotonic() + BUSY_TIMEOUT_S
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                return
+            except sqlite3.OperationalError as exc:
+                if not _busy(exc) or time.monotonic() >= deadline:
+                    raise
+            time.sleep(0.02)
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
-        """One write transaction (caller holds the lock): committed, or rolled back on an error."""
+        """One write transaction (caller holds the lock): committed, or rolled back on an error.
+        SQLite rolls back by itself on some errors (SQLITE_FULL): then there is nothing to roll
+        back, and a failing ROLLBACK never replaces the error that caused it."""
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield
-        except sqlite3.Error:
-            self._db.execute("ROLLBACK")
+            self._db.execute("COMMIT")
+        except BaseException:
+            if self._db.in_transaction:
+                with contextlib.suppress(sqlite3.Error):
+                    self._db.execute("ROLLBACK")
             raise
-        self._db.execute("COMMIT")
+
+    def _read(self, sql: str, args: tuple = ()) -> list[tuple]:
+        """Rows of one query, on the reading connection (never behind a write that waits)."""
+        with self._read_lock:
+            return self._reader.execute(sql, args).fetchall()
 
     def _add_missing_columns(self) -> None:
         """Bring a database created by an earlier version up to ``_SCHEMA`` (caller holds the lock).
@@ -177,7 +250,12 @@ class Store:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
-        with self._lock:
+        """Close the database, giving up the leases this instance still holds (its runs are over)."""
+        with self._lock, self._read_lock:
+            with contextlib.suppress(sqlite3.Error):
+                self._db.execute("UPDATE onboarding SET owner = NULL, heartbeat = NULL "
+                                 "WHERE owner = ?", (self.owner,))
+            self._reader.close()
             self._db.close()
 
     def __enter__(self) -> "Store":
@@ -187,20 +265,69 @@ class Store:
         self.close()
 
     # -- onboarding status ------------------------------------------------------------------
+    def _holder(self, model: str) -> str | None:
+        """The owner of another live process's fresh lease on ``model``, else None (caller is in a
+        write transaction, so the answer holds until it commits)."""
+        row = self._db.execute("SELECT owner, heartbeat FROM onboarding WHERE model = ?",
+                               (model,)).fetchone()
+        if row is None or row[0] is None or row[0] == self.owner:
+            return None
+        owner, beat = row
+        if time.time() - (beat or 0.0) >= self.lease_stale_s or not _alive_here(owner):
+            return None
+        return owner
+
+    @contextlib.contextmanager
+    def _leased(self, model: str) -> Iterator[None]:
+        """A write transaction on ``model``'s onboarding that no other live process holds
+        (``ModelBusy`` otherwise, and nothing written)."""
+        with self._lock, self._transaction():
+            owner = self._holder(model)
+            if owner is not None:
+                raise ModelBusy(model, owner)
+            yield
+
+    def claim(self, model: str, suite: str = "") -> None:
+        """Take the lease on onboarding ``model`` for this process (the row is created, ``pending``,
+        if new); raises ``ModelBusy`` when another live process holds it."""
+        now = time.time()
+        with self._leased(model):
+            self._db.execute(
+                "INSERT INTO onboarding (model, suite, status, updated_at, owner, heartbeat) "
+                "VALUES (?, ?, 'pending', ?, ?, ?) ON CONFLICT(model) DO UPDATE SET "
+                "owner=excluded.owner, heartbeat=excluded.heartbeat",
+                (model, suite, now, self.owner, now))
+
+    def heartbeat(self, model: str) -> bool:
+        """Refresh this process's lease on ``model``; False when it does not hold it (any more)."""
+        with self._lock:
+            cur = self._db.execute("UPDATE onboarding SET heartbeat = ? WHERE model = ? AND owner = ?",
+                                   (time.time(), model, self.owner))
+        return cur.rowcount == 1
+
+    def release(self, model: str) -> None:
+        """Give up this process's lease on ``model`` (nothing if it does not hold it)."""
+        with self._lock:
+            self._db.execute("UPDATE onboarding SET owner = NULL, heartbeat = NULL "
+                             "WHERE model = ? AND owner = ?", (model, self.owner))
+
     def begin(self, model: str, suite: str, total: int, estimated_cost: float | None = None,
               upstream: str | None = None) -> None:
-        """Mark a model's onboarding as running (created if new; answers kept if resumed);
-        ``upstream`` is the fingerprint of what answers (kept when None)."""
+        """Mark a model's onboarding as running under this process's lease (created if new;
+        answers kept if resumed); ``upstream`` is the fingerprint of what answers (kept when
+        None). Raises ``ModelBusy`` (and changes nothing) when another live process holds it."""
         now = time.time()
-        with self._lock:
+        with self._leased(model):
             self._db.execute(
                 "INSERT INTO onboarding (model, suite, status, reason, total, estimated_cost, "
-                "started_at, updated_at, upstream) VALUES (?, ?, 'running', NULL, ?, ?, ?, ?, ?) "
+                "started_at, updated_at, upstream, owner, heartbeat) "
+                "VALUES (?, ?, 'running', NULL, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(model) DO UPDATE SET suite=excluded.suite, status='running', "
                 "reason=NULL, total=excluded.total, estimated_cost=excluded.estimated_cost, "
                 "updated_at=excluded.updated_at, "
-                "upstream=COALESCE(excluded.upstream, onboarding.upstream)",
-                (model, suite, total, estimated_cost, now, now, upstream))
+                "upstream=COALESCE(excluded.upstream, onboarding.upstream), "
+                "owner=excluded.owner, heartbeat=excluded.heartbeat",
+                (model, suite, total, estimated_cost, now, now, upstream, self.owner, now))
 
     def upstream_changed(self, model: str, upstream: str) -> bool:
         """True when the model's stored answers came from another upstream than ``upstream`` (a
@@ -219,10 +346,8 @@ class Store:
 
     def spent(self, model: str) -> float:
         """USD recorded as paid for the model's onboarding (0 when none)."""
-        with self._lock:
-            row = self._db.execute("SELECT spent_usd FROM onboarding WHERE model = ?",
-                                   (model,)).fetchone()
-        return float(row[0] or 0.0) if row else 0.0
+        rows = self._read("SELECT spent_usd FROM onboarding WHERE model = ?", (model,))
+        return float(rows[0][0] or 0.0) if rows else 0.0
 
     def set_status(self, model: str, status: str, reason: str | None = None,
                    suite: str = "", total: int | None = None) -> None:
@@ -251,12 +376,11 @@ class Store:
         if questions is not None:
             on += " AND a.question_id IN (SELECT value FROM json_each(?))"
             on_args = (json.dumps(sorted(questions)),)
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT o.model, o.suite, o.status, o.reason, o.total, o.estimated_cost, "
-                "o.updated_at, COUNT(a.question_id), COALESCE(SUM(a.correct), 0), o.spent_usd "
-                f"FROM onboarding o LEFT JOIN answers a ON {on} {where} "
-                "GROUP BY o.model ORDER BY o.model", on_args + args).fetchall()
+        rows = self._read(
+            "SELECT o.model, o.suite, o.status, o.reason, o.total, o.estimated_cost, "
+            "o.updated_at, COUNT(a.question_id), COALESCE(SUM(a.correct), 0), o.spent_usd "
+            f"FROM onboarding o LEFT JOIN answers a ON {on} {where} "
+            "GROUP BY o.model ORDER BY o.model", on_args + args)
         return [Progress(model=r[0], suite=r[1], status=r[2], reason=r[3], total=r[4],
                          estimated_cost=r[5], updated_at=r[6], done=r[7], correct=r[8],
                          spent=r[9] or 0.0)
@@ -265,42 +389,35 @@ class Store:
     # -- graded answers ---------------------------------------------------------------------
     def record(self, model: str, answer: GradedAnswer, cost: float = 0.0) -> bool:
         """Commit one graded answer now, and add ``cost`` (USD) to the model's spend in the same
-        transaction. False (and nothing changed) if it was already stored."""
+        transaction. False if an answer was already stored (it is kept as it was); the cost is
+        added all the same: this answer was paid for too."""
         with self._lock, self._transaction():
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO answers (model, question_id, letter, correct, text, "
                 "answered_at) VALUES (?, ?, ?, ?, ?, ?)",
                 (model, answer.question_id, answer.letter, int(bool(answer.correct)), answer.text,
                  time.time()))
-            if cur.rowcount != 1:
-                return False
             if cost:
                 self._db.execute("UPDATE onboarding SET spent_usd = COALESCE(spent_usd, 0) + ? "
                                  "WHERE model = ?", (cost, model))
-            return True
+            return cur.rowcount == 1
 
     def answered(self, model: str) -> set[str]:
-        with self._lock:
-            rows = self._db.execute("SELECT question_id FROM answers WHERE model = ?",
-                                    (model,)).fetchall()
-        return {r[0] for r in rows}
+        return {r[0] for r in self._read("SELECT question_id FROM answers WHERE model = ?", (model,))}
 
     def graded(self, model: str) -> dict[str, bool]:
-        with self._lock:
-            rows = self._db.execute("SELECT question_id, correct FROM answers WHERE model = ?",
-                                    (model,)).fetchall()
+        rows = self._read("SELECT question_id, correct FROM answers WHERE model = ?", (model,))
         return {q: bool(c) for q, c in rows}
 
     def answers(self, model: str) -> list[GradedAnswer]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT question_id, letter, correct, text FROM answers WHERE model = ? "
-                "ORDER BY answered_at", (model,)).fetchall()
+        rows = self._read("SELECT question_id, letter, correct, text FROM answers WHERE model = ? "
+                          "ORDER BY answered_at", (model,))
         return [GradedAnswer(q, letter, bool(c), text) for q, letter, c, text in rows]
 
     # -- profiles ---------------------------------------------------------------------------
     def finish(self, model: str, suite: str, tasks: Mapping[str, float]) -> None:
-        """Store the finished profile and mark the model done, in one transaction."""
+        """Store the finished profile and mark the model done, in one transaction (which ends
+        the run's lease)."""
         now = time.time()
         body = json.dumps({k: float(v) for k, v in tasks.items()}, sort_keys=True)
         with self._lock, self._transaction():
@@ -311,26 +428,24 @@ class Store:
             self._db.execute(
                 "INSERT INTO onboarding (model, suite, status, reason, updated_at) "
                 "VALUES (?, ?, 'done', NULL, ?) ON CONFLICT(model) DO UPDATE SET "
-                "status='done', reason=NULL, updated_at=excluded.updated_at",
+                "status='done', reason=NULL, updated_at=excluded.updated_at, owner=NULL, "
+                "heartbeat=NULL",
                 (model, suite, now))
 
     def get(self, model_name: str) -> dict[str, float] | None:
         """A finished profile, or None (the ProfileSource seam of the provider registry)."""
-        with self._lock:
-            row = self._db.execute("SELECT tasks FROM profiles WHERE model = ?",
-                                   (model_name,)).fetchone()
-        return json.loads(row[0]) if row else None
+        rows = self._read("SELECT tasks FROM profiles WHERE model = ?", (model_name,))
+        return json.loads(rows[0][0]) if rows else None
 
     def profile_suite(self, model_name: str) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT suite FROM profiles WHERE model = ?",
-                                   (model_name,)).fetchone()
-        return row[0] if row else None
+        rows = self._read("SELECT suite FROM profiles WHERE model = ?", (model_name,))
+        return rows[0][0] if rows else None
 
     def forget(self, model: str) -> None:
         """Drop everything stored about a model (to onboard it again from scratch), in one
-        transaction: a crash never leaves a profile without its answers."""
-        with self._lock, self._transaction():
+        transaction: a crash never leaves a profile without its answers. Raises ``ModelBusy`` (and
+        drops nothing) while another live process onboards it."""
+        with self._leased(model):
             for table in ("answers", "profiles", "onboarding"):
                 self._db.execute(f"DELETE FROM {table} WHERE model = ?", (model,))
 
@@ -356,10 +471,8 @@ class Store:
         """The newest ``limit`` decisions, newest first. ``failed`` is None on rows written before
         it was recorded; ``scores`` and ``scorer_ms`` are None where nothing was scored;
         ``chosen`` is None where no model answered."""
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT at, requested, chosen, scores, scorer_ms, failed, request_id, degraded "
-                "FROM routing_log ORDER BY id DESC LIMIT ?", (limit,)).fetchall()
+        rows = self._read("SELECT at, requested, chosen, scores, scorer_ms, failed, request_id, "
+                          "degraded FROM routing_log ORDER BY id DESC LIMIT ?", (limit,))
         return [{"at": at, "requested": r, "chosen": c or None, "scores": json.loads(s) if s else None,
                  "scorer_ms": ms, "failed": json.loads(f) if f is not None else None,
                  "request_id": rid, "degraded": d} for at, r, c, s, ms, f, rid, d in rows]

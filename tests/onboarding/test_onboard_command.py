@@ -1,13 +1,24 @@
 """`satroute onboard --config FILE MODEL`: the same onboarding from the command line, same state."""
 from __future__ import annotations
 
+import contextlib
+import os
+import re
+import signal
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 
 from proxy.cli import main
-from proxy.store import Store
+from proxy.store import GradedAnswer, Store
 from support.mock_upstream import MockUpstream, answer
 
-from onboarding.fakes import model_entry, tiny_suite_files, write_providers
+from onboarding.fakes import model_entry, tiny_suite_files, wait_for, write_providers
+
+REPO = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -47,3 +58,90 @@ def test_onboard_command_errors(tmp_path, up, capsys):
     assert "no prompts.jsonl.gz" in capsys.readouterr().err
     assert main(["onboard", "fresh", *base, "--data", str(data), "--spend-cap", "0.0000001"]) == 1
     assert "exceeds the spend cap" in capsys.readouterr().out
+
+
+def test_onboard_command_leaves_a_model_another_process_onboards(tmp_path, up, capsys):
+    """While another process (here: another store) holds the model's lease, the command asks and
+    forgets nothing, says who holds it in one line, and exits 2; once released, it runs."""
+    suite, data = tiny_suite_files(tmp_path)
+    up.set("fresh", answer("So the answer is (B)."))
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("fresh", up.url, tmp_path)])
+    argv = ["onboard", "fresh", "--config", str(config), "--state-dir", str(tmp_path / "state"),
+            "--data", str(data), "--suite", str(suite)]
+    with Store(tmp_path / "state") as other:
+        other.begin("fresh", "tiny", 6)
+        other.record("fresh", GradedAnswer("mmlu_pro/0", "A", True))
+        for extra in ([], ["--restart"]):
+            assert main(argv + extra) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1
+            assert f"fresh is being onboarded by {other.owner}" in err
+            assert other.answered("fresh") == {"mmlu_pro/0"}  # --restart forgot nothing
+        assert not up.bodies("fresh")
+        assert other.progress("fresh").status == "running"
+        other.release("fresh")
+        assert main(argv) == 0
+        assert len(up.bodies("fresh")) == 5  # the stored answer is not asked again
+
+
+def test_onboard_command_invalid_settings_and_state_are_one_line(tmp_path, up, capsys):
+    suite, data = tiny_suite_files(tmp_path)
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("fresh", up.url, tmp_path)])
+    base = ["onboard", "fresh", "--config", str(config), "--data", str(data), "--suite", str(suite)]
+    assert main(base + ["--state-dir", str(tmp_path / "state"), "--concurrency", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("satroute onboard: invalid settings:") and "CONCURRENCY" in err
+    assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "satroute.db").write_text("not a database, " * 100)
+    for state in ("a-file", "bad"):
+        assert main(base + ["--state-dir", str(tmp_path / state)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("satroute onboard: cannot open the state store in")
+        assert len(err.strip().splitlines()) == 1
+    assert not up.bodies("fresh")
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_onboard_command_leaves_the_model_pending(tmp_path, up, signum):
+    """Ctrl-C or SIGTERM: no traceback, one line saying how far it got, exit 128 + the signal,
+    and the model stored as pending ("interrupted"), its lease released: the next run resumes."""
+    suite, data = tiny_suite_files(tmp_path, per_task=10)
+    up.set("fresh", answer("So the answer is (B).", delay=0.1))
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("fresh", up.url, tmp_path)])
+    state = tmp_path / "state"
+    cmd = [sys.executable, "-m", "proxy.cli", "onboard", "fresh", "--config", str(config),
+           "--state-dir", str(state), "--data", str(data), "--suite", str(suite),
+           "--concurrency", "1"]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    try:
+        db = state / "satroute.db"
+        wait_for(lambda: _answers(db), lambda n: n >= 2, timeout=30)
+        proc.send_signal(signum)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 128 + signum, err
+    assert "Traceback" not in err
+    last = err.replace("\r", "\n").strip().splitlines()[-1]
+    assert re.fullmatch(r"interrupted: \d+/20 answers stored; run the same command to resume", last)
+    with Store(state) as store:
+        progress = store.progress("fresh")
+        assert (progress.status, progress.reason) == ("pending", "interrupted")
+        assert f"{progress.done}/20" in last and 2 <= progress.done < 20
+        store.claim("fresh")  # released: another process may take it at once
+
+
+def _answers(db) -> int:
+    if not db.exists():
+        return 0
+    try:
+        with contextlib.closing(sqlite3.connect(db)) as conn:
+            return conn.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
+    except sqlite3.OperationalError:  # not created yet
+        return 0

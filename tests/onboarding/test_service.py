@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 
 import orjson
 import pytest
@@ -61,11 +62,11 @@ async def test_a_crash_in_a_run_is_recorded_as_failed(tmp_path, monkeypatch):
             raise RuntimeError("a bug")
 
         monkeypatch.setattr("proxy.onboarding.extract_answer", boom)
-        svc.sync()
+        await svc.sync()
         await asyncio.wait_for(svc.runs["m"], 10)
         entry = svc.status()["models"]["m"]
         assert entry["status"] == "failed" and "RuntimeError: a bug" in entry["reason"]
-        svc.sync()  # failed with this very file: not started again until it changes
+        await svc.sync()  # failed with this very file: not started again until it changes
         assert svc.runs["m"].done()
 
 
@@ -77,7 +78,7 @@ async def test_content_parts_onboard_through_the_service(tmp_path):
              {"type": "text", "text": "The answer is (A)."}]
     with Store(tmp_path / "state") as store:
         registry, svc = service(config, store, Answering(parts), suite, questions)
-        svc.sync()
+        await svc.sync()
         await asyncio.wait_for(svc.runs["m"], 10)
         assert store.progress("m").status == "done"
         assert {a.letter for a in store.answers("m")} == {"A"}
@@ -89,7 +90,7 @@ async def test_a_misspelt_suite_fails_with_a_clear_reason(tmp_path):
     with Store(tmp_path / "state") as store:
         registry = ProviderRegistry(config, dict, store)
         svc = OnboardingService(store, registry, None, spawn, suite="mmlu-pro", hub=False)
-        svc.sync()
+        await svc.sync()
         await asyncio.wait_for(svc.runs["m"], 10)
         entry = svc.status()["models"]["m"]
         assert entry["status"] == "failed"
@@ -108,7 +109,7 @@ async def test_a_model_removed_mid_run_resumes_when_it_is_put_back(tmp_path):
     dispatcher = Answering("The answer is (A).", delay=0.01)
     with Store(tmp_path / "state") as store:
         registry, svc = service(config, store, dispatcher, suite, questions, concurrency=4)
-        svc.sync()
+        await svc.sync()
         await wait_until(lambda: len(store.answered("m")) >= 10)
         write_providers(config, both[1:])
         registry.reload()  # the service has not synced yet: the next ask finds the model gone
@@ -119,10 +120,10 @@ async def test_a_model_removed_mid_run_resumes_when_it_is_put_back(tmp_path):
         assert progress.status == "pending" and "no longer in providers.yaml" in progress.reason
         stopped_at = progress.done
         assert stopped_at < 100
-        svc.sync()
+        await svc.sync()
         config.write_bytes(original)  # put back unchanged
         registry.reload()
-        svc.sync()
+        await svc.sync()
         assert not svc.runs["m"].done()
         await asyncio.wait_for(svc.runs["m"], 20)
         progress = store.progress("m")
@@ -159,16 +160,16 @@ async def test_another_upstream_under_the_same_name_is_onboarded_again(tmp_path)
     dispatcher = ByUpstream()
     with Store(tmp_path / "state") as store:
         registry, svc = service(config, store, dispatcher, suite, questions)
-        svc.sync()
+        await svc.sync()
         await asyncio.wait_for(svc.runs["m"], 10)
         assert registry.snapshot.models["m"].profile is not None
-        svc.sync()  # nothing changed: nothing asked again
+        await svc.sync()  # nothing changed: nothing asked again
         assert svc.runs["m"].done() and dispatcher.calls == {"openai/tiny": 12}
         for edit in (pointing_at("openai/big", tmp_path),  # another model ...
                      pointing_at("openai/big", tmp_path, "http://127.0.0.2:9")):  # ... or server
             write_providers(config, edit)
             registry.reload()
-            svc.sync()
+            await svc.sync()
             assert registry.snapshot.models["m"].profile is None  # the old profile is not used
             await asyncio.wait_for(svc.runs["m"], 10)
             assert store.progress("m").status == "done"
@@ -183,12 +184,12 @@ async def test_an_upstream_changed_mid_run_starts_over(tmp_path):
     dispatcher = ByUpstream(delay=0.01)
     with Store(tmp_path / "state") as store:
         registry, svc = service(config, store, dispatcher, suite, questions)
-        svc.sync()
+        await svc.sync()
         await wait_until(lambda: len(store.answered("m")) >= 6)
         first = svc.runs["m"]
         write_providers(config, pointing_at("openai/big", tmp_path))
         registry.reload()
-        svc.sync()
+        await svc.sync()
         await asyncio.wait_for(svc.runs["m"], 20)
         assert first.cancelled()
         progress = store.progress("m")
@@ -206,11 +207,11 @@ async def test_a_store_without_upstream_fingerprints_keeps_its_profile(tmp_path)
         store.finish("m", "tiny", {t: 0.5 for t in suite.task_ids})  # no fingerprint stored
         dispatcher = ByUpstream()
         registry, svc = service(config, store, dispatcher, suite, questions)
-        svc.sync()
+        await svc.sync()
         assert "m" not in svc.runs and registry.snapshot.models["m"].profile is not None
         write_providers(config, pointing_at("openai/big", tmp_path))
         registry.reload()
-        svc.sync()  # the fingerprint recorded above differs now
+        await svc.sync()  # the fingerprint recorded above differs now
         await asyncio.wait_for(svc.runs["m"], 10)
         assert dispatcher.calls == {"openai/big": 12}
 
@@ -223,7 +224,7 @@ async def test_a_model_opted_out_says_so_and_forget_is_one_transaction(tmp_path)
     with Store(tmp_path / "state") as store:
         registry = ProviderRegistry(config, dict, store)
         svc = OnboardingService(store, registry, DispatchAsker(registry, Answering("x")), spawn)
-        svc.sync()
+        await svc.sync()
         assert "m" not in svc.runs
         status = svc.status()["models"]["m"]
         assert status["status"] == "pending" and "onboard is false" in status["reason"]
@@ -253,5 +254,133 @@ async def test_status_counts_only_the_suite_s_questions(tmp_path):
         assert (entry["questions_done"], entry["questions_total"], entry["accuracy_so_far"]) == (1, 12, 1.0)
         seen = []
         svc.metrics = type("M", (), {"observe_onboarding": lambda self, *a: seen.append(a)})()
-        svc._report()
+        svc._report(store.all_progress(svc._suite_questions()))
         assert seen == [("m", 1, 12, "stalled")]
+
+
+async def test_a_model_another_process_onboards_is_left_to_it_and_its_profile_picked_up(tmp_path):
+    """`satroute onboard` holds the model: the proxy's service asks nothing and records no
+    failure, tries again on later ticks, and routes with the profile the other process stored
+    (no metrics configured, no edit of providers.yaml)."""
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
+    suite, questions = make_suite()
+    dispatcher = Answering("The answer is (A).")
+    with Store(tmp_path / "state") as store, Store(tmp_path / "state") as cli:
+        cli.claim("m", suite.name)
+        cli.begin("m", suite.name, len(questions))
+        registry, svc = service(config, store, dispatcher, suite, questions)
+        watch = asyncio.create_task(svc.watch(0.01))
+        try:
+            await wait_until(lambda: "m" in svc._waiting)
+            await asyncio.sleep(0.1)  # several ticks: tried again, still busy
+            assert dispatcher.calls == 0 and store.progress("m").status == "running"
+            assert "being onboarded by" in svc._waiting["m"] and "m" not in svc._failed_stamp
+            for q in questions:  # the other process finishes the test
+                cli.record("m", GradedAnswer(q.id, "A", q.answer == "A"))
+            cli.finish("m", suite.name, {t: 0.25 for t in suite.task_ids})
+            cli.release("m")
+            await wait_until(lambda: registry.snapshot.models["m"].profile is not None)
+            await asyncio.sleep(0.05)
+            assert dispatcher.calls == 0 and not svc._waiting
+            assert registry.snapshot.models["m"].profile == {t: 0.25 for t in suite.task_ids}
+        finally:
+            watch.cancel()
+            await svc.stop()
+
+
+async def test_a_profile_another_process_stored_is_routed_with_without_a_restart(tmp_path):
+    """`satroute onboard` onboards a model the proxy does not onboard itself (`onboard: false`)
+    while the proxy runs: the next tick of the watch loop picks the profile up (no metrics
+    configured, no edit of providers.yaml)."""
+    config = tmp_path / "providers.yaml"
+    entry = model_entry("m", "http://127.0.0.1:9", tmp_path)
+    entry["model_info"]["onboard"] = False
+    write_providers(config, [entry])
+    suite, questions = make_suite()
+    with Store(tmp_path / "state") as store:
+        registry, svc = service(config, store, Answering("x"), suite, questions)
+        watch = asyncio.create_task(svc.watch(0.01))
+        try:
+            await asyncio.sleep(0.05)
+            assert registry.snapshot.models["m"].profile is None
+            with Store(tmp_path / "state") as cli:
+                cli.begin("m", suite.name, len(questions))
+                cli.finish("m", suite.name, {t: 0.75 for t in suite.task_ids})
+            await wait_until(lambda: registry.snapshot.models["m"].profile is not None, 2)
+            assert registry.snapshot.models["m"].profile == {t: 0.75 for t in suite.task_ids}
+            assert "m" not in svc.runs
+        finally:
+            watch.cancel()
+
+
+async def test_a_model_freed_by_another_process_is_resumed_by_the_service(tmp_path):
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
+    suite, questions = make_suite()
+    dispatcher = Answering("The answer is (A).")
+    with Store(tmp_path / "state") as store:
+        with Store(tmp_path / "state") as cli:
+            cli.begin("m", suite.name, len(questions))
+            cli.record("m", GradedAnswer(questions[0].id, "A", True))
+            registry, svc = service(config, store, dispatcher, suite, questions)
+            watch = asyncio.create_task(svc.watch(0.01))
+            await wait_until(lambda: "m" in svc._waiting)
+        try:  # the other process stopped (its lease is released): the service takes over
+            await wait_until(lambda: registry.snapshot.models["m"].profile is not None)
+            assert dispatcher.calls == len(questions) - 1
+        finally:
+            watch.cancel()
+            await svc.stop()
+
+
+async def test_store_writes_never_block_the_event_loop(tmp_path):
+    """Another process holds the database's write lock: the onboarding's writes wait for it on
+    worker threads while the event loop (which serves the proxy's requests) goes on."""
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
+    suite, questions = make_suite(n_tasks=4, per_task=10)
+    with Store(tmp_path / "state") as store:
+        registry, svc = service(config, store, Answering("The answer is (A).", delay=0.005),
+                                suite, questions)
+        watch = asyncio.create_task(svc.watch(0.01))
+        await wait_until(lambda: len(store.answered("m")) >= 3)
+        other = sqlite3.connect(tmp_path / "state" / "satroute.db", isolation_level=None,
+                                check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")
+        threading.Timer(0.5, other.execute, ("COMMIT",)).start()  # held for 0.5 s
+        gaps, last = [], asyncio.get_running_loop().time()
+        for _ in range(40):  # 0.4 s of ticks while the lock is held
+            await asyncio.sleep(0.01)
+            now = asyncio.get_running_loop().time()
+            gaps.append(now - last)
+            last = now
+        held = len(store.answered("m"))
+        await asyncio.wait_for(svc.runs["m"], 10)
+        watch.cancel()
+        other.close()
+        assert max(gaps) < 0.2, max(gaps)
+        assert held < 40 and store.progress("m").status == "done"
+
+
+async def test_removed_models_leave_the_onboarding_metrics(tmp_path):
+    from proxy.metrics import Metrics
+
+    config = tmp_path / "providers.yaml"
+    both = [model_entry("m", "http://127.0.0.1:9", tmp_path),
+            model_entry("other", "http://127.0.0.1:9", tmp_path)]
+    write_providers(config, both)
+    suite, questions = make_suite()
+    with Store(tmp_path / "state") as store:
+        registry, svc = service(config, store, Answering("x"), suite, questions)
+        svc.metrics = metrics = Metrics()
+        for name in ("m", "other"):
+            store.begin(name, suite.name, len(questions))
+        svc._report(store.all_progress(svc._suite_questions()))
+        assert 'satroute_onboarding_state{model="m",state="running"} 1.0' in metrics.render().decode()
+        write_providers(config, both[1:])
+        registry.reload()
+        svc._report(store.all_progress(svc._suite_questions()))
+        text = metrics.render().decode()
+        assert 'model="m"' not in text
+        assert 'satroute_onboarding_state{model="other",state="running"} 1.0' in text

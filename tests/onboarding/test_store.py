@@ -3,14 +3,18 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
+import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 from pathlib import Path
 
 import pytest
 
-from proxy.store import GradedAnswer, RouteEntry, Store
+from proxy.store import GradedAnswer, ModelBusy, RouteEntry, Store
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -116,9 +120,127 @@ def test_spend_is_recorded_with_each_answer(tmp_path):
         s.begin("m", "suite", total=3, upstream="fp")
         assert s.record("m", GradedAnswer("q1", "A", True), cost=0.25)
         assert s.record("m", GradedAnswer("q2", "B", False), cost=0.5)
-        assert not s.record("m", GradedAnswer("q1", "A", True), cost=9.0)  # stored before
-        assert s.spent("m") == 0.75 and s.progress("m").to_json()["spent_usd"] == 0.75
+        # stored before (another process asked it too): kept as it was, but paid for all the same
+        assert not s.record("m", GradedAnswer("q1", "B", False), cost=9.0)
+        assert s.graded("m")["q1"] is True
+        assert s.spent("m") == 9.75 and s.progress("m").to_json()["spent_usd"] == 9.75
         s.begin("m", "suite", total=3)  # resumed: spend and upstream kept
-        assert s.spent("m") == 0.75 and not s.upstream_changed("m", "fp")
+        assert s.spent("m") == 9.75 and not s.upstream_changed("m", "fp")
         s.forget("m")
         assert s.spent("m") == 0.0
+
+
+def test_one_process_at_a_time_holds_a_model(tmp_path):
+    """The lease: another store (process) can neither begin, claim nor forget a model while its
+    owner's lease is fresh; it can once the owner releases it, or its heartbeat is stale."""
+    with Store(tmp_path) as a, Store(tmp_path, lease_stale_s=0.3) as b:
+        a.claim("m", "suite")
+        a.begin("m", "suite", total=3)
+        a.record("m", GradedAnswer("q1", "A", True))
+        for attempt in (lambda: b.claim("m"), lambda: b.begin("m", "suite", total=3),
+                        lambda: b.forget("m")):
+            with pytest.raises(ModelBusy) as busy:
+                attempt()
+            assert busy.value.owner == a.owner and busy.value.model == "m"
+        assert a.answered("m") == {"q1"} and a.progress("m").status == "running"
+        assert a.heartbeat("m") and not b.heartbeat("m")
+        a.release("m")
+        b.claim("m")  # released: free
+        assert not a.heartbeat("m")  # a's lease is gone
+        b.release("m")
+        a.claim("m")
+        time.sleep(0.35)  # no heartbeat from a: stale for b
+        b.begin("m", "suite", total=3)
+        assert b.heartbeat("m") and not a.heartbeat("m")
+        a.claim("other")
+    with Store(tmp_path) as c:  # closing a store gives up its leases
+        c.claim("other")
+
+
+def test_a_lease_of_a_dead_process_on_this_host_is_free(tmp_path):
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    dead = f"{socket.gethostname()}:{child.stdout.strip()}:abcd"
+    with Store(tmp_path) as s:
+        s.begin("m", "suite", total=3)
+        s._db.execute("UPDATE onboarding SET owner = ?, heartbeat = ?", (dead, time.time()))
+        s.claim("m")  # its heartbeat is fresh, but its process has exited
+        elsewhere = f"another-host:{child.stdout.strip()}:abcd"
+        s._db.execute("UPDATE onboarding SET owner = ?, heartbeat = ?", (elsewhere, time.time()))
+        with pytest.raises(ModelBusy):  # a process of another host: only its heartbeat tells
+            s.claim("m")
+
+
+def test_two_processes_claim_a_model_at_once_one_wins(tmp_path):
+    child = textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO)!r})
+        from proxy.store import ModelBusy, Store
+        s = Store({str(tmp_path)!r})
+        while time.time() < float(sys.argv[1]):
+            pass
+        try:
+            s.begin("m", "suite", total=3)
+            print("won", flush=True)
+            time.sleep(1)
+        except ModelBusy as exc:
+            print("busy", exc.owner == s.owner, flush=True)
+    """)
+    start = f"{time.time() + 1.0}"
+    procs = [subprocess.Popen([sys.executable, "-c", child, start], stdout=subprocess.PIPE,
+                              text=True) for _ in range(3)]
+    outs = sorted(p.communicate(timeout=20)[0].strip() for p in procs)
+    assert outs == ["busy False", "busy False", "won"]
+
+
+def test_opening_a_new_database_waits_while_another_process_switches_it(tmp_path, monkeypatch):
+    """Switching a new database to WAL answers "database is locked" at once (no busy handler)
+    while another process opens it at the same time: the open tries again."""
+    refusals = []
+
+    class Refusing(sqlite3.Connection):
+        def execute(self, sql, *args):
+            if sql == "PRAGMA journal_mode=WAL" and len(refusals) < 3:
+                refusals.append(sql)
+                raise sqlite3.OperationalError("database is locked")
+            return super().execute(sql, *args)
+
+    connect = Store._connect
+    monkeypatch.setattr(Store, "_connect", lambda self: connect(self) if refusals else
+                        sqlite3.connect(self.path, isolation_level=None, check_same_thread=False,
+                                        factory=Refusing))
+    with Store(tmp_path) as s:
+        assert len(refusals) == 3
+        assert s._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_a_full_disk_reports_its_own_error_and_leaves_no_transaction_open(tmp_path):
+    """SQLite rolls back by itself on SQLITE_FULL; the store must say "full", not "cannot
+    rollback", and go on writing once there is room."""
+    with Store(tmp_path) as s:
+        pages = s._db.execute("PRAGMA page_count").fetchone()[0]
+        s._db.execute(f"PRAGMA max_page_count={pages + 2}")
+        rows = [RouteEntry("auto", "m1", {"m1": 0.5}, 1.0, request_id="x" * 200)] * 3000
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            s.log_routes(rows)
+        assert not s._db.in_transaction
+        s._db.execute("PRAGMA max_page_count=1000000")
+        s.log_routes(rows[:1])
+        assert len(s.recent_routes()) == 1
+
+
+def test_a_read_does_not_wait_behind_a_write_waiting_for_another_process(tmp_path):
+    with Store(tmp_path) as s:
+        s.begin("m", "suite", total=3)
+        other = sqlite3.connect(tmp_path / "satroute.db", isolation_level=None,
+                                check_same_thread=False)
+        other.execute("BEGIN IMMEDIATE")  # another process holds the write lock for 1 s
+        threading.Timer(1.0, other.execute, ("COMMIT",)).start()
+        writer = threading.Thread(target=s.record, args=("m", GradedAnswer("q1", "A", True)))
+        writer.start()
+        time.sleep(0.1)  # the write waits for the lock, holding the store's
+        t0 = time.monotonic()
+        assert s.progress("m").done == 0 and s.get("m") is None
+        assert time.monotonic() - t0 < 0.5
+        writer.join(5)
+        assert s.answered("m") == {"q1"}
