@@ -30,6 +30,7 @@ import orjson
 from proxy.dispatch import Call, Dispatcher
 from proxy.errors import UpstreamTransient
 from proxy.onboarding import Onboarding, Options, Prices, RunCancelled, status_of
+from proxy.prices import listed_prices
 from proxy.providers import Deployment, ProviderRegistry
 from proxy.questions import Question, QuestionSourceError, load_questions
 from proxy.store import ModelBusy, Progress, Store
@@ -89,7 +90,14 @@ def onboardable(d: Deployment) -> bool:
 
 
 def prices_of(d: Deployment) -> Prices:
-    return Prices(d.info.input_price_per_mtok, d.info.output_price_per_mtok)
+    """The model's prices from providers.yaml; where it gives neither, litellm's price list for a
+    hosted model (``proxy.prices``), so that a gpt-4o added without prices is not taken for free."""
+    inp, out = d.info.input_price_per_mtok, d.info.output_price_per_mtok
+    if inp is None and out is None:
+        listed = listed_prices(d.model, d.provider, d.api_base)
+        if listed is not None:
+            inp, out = listed
+    return Prices(inp, out)
 
 
 def needs_onboarding(d: Deployment) -> bool:

@@ -1,0 +1,60 @@
+"""What a hosted model costs per million tokens, when providers.yaml does not say.
+
+Owns: reading litellm's bundled price list (``model_prices_and_context_window_backup.json``,
+shipped inside the litellm package) without importing litellm, once per process, and looking a
+deployment up in it. Onboarding estimates and caps its spend with these prices; a model that
+providers.yaml prices itself (``input_price_per_mtok`` / ``output_price_per_mtok``) is never
+looked up, and a model called at an ``api_base`` of its own (a self-hosted server, whatever its
+model is called) is not either: its price is not the provider's.
+Does not know: onboarding, the spend cap.
+"""
+from __future__ import annotations
+
+import functools
+import importlib.util
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("satroute.prices")
+
+PRICE_LIST = "model_prices_and_context_window_backup.json"
+
+
+@functools.cache
+def price_list() -> dict[str, Any]:
+    """litellm's bundled price list, ``{model: {"input_cost_per_token", ...}}``; empty when litellm
+    or the file is missing or unreadable (prices then come from providers.yaml only)."""
+    try:
+        spec = importlib.util.find_spec("litellm")
+        folders = list(spec.submodule_search_locations or []) if spec else []
+        for folder in folders:
+            path = Path(folder) / PRICE_LIST
+            if path.exists():
+                with open(path, encoding="utf-8") as fh:
+                    table = json.load(fh)
+                return table if isinstance(table, dict) else {}
+    except (OSError, ValueError, ImportError) as exc:
+        log.warning("litellm's price list cannot be read (%s): unpriced models count as free", exc)
+    return {}
+
+
+def listed_prices(model: str, provider: str, api_base: str | None) -> tuple[float, float] | None:
+    """USD per million input and output tokens of ``model`` (a litellm model string such as
+    ``openai/gpt-4o``) at its provider, or None when the list does not have it or the model is
+    served at an ``api_base`` of its own."""
+    if api_base:
+        return None
+    table = price_list()
+    bare = model.split("/", 1)[1] if "/" in model else model
+    for key in dict.fromkeys((model, bare)):
+        entry = table.get(key)
+        if not isinstance(entry, dict):
+            continue
+        if key != model and entry.get("litellm_provider") != provider:
+            continue  # the same name at another provider is another price
+        inp, out = entry.get("input_cost_per_token"), entry.get("output_cost_per_token")
+        if isinstance(inp, (int, float)) and isinstance(out, (int, float)):
+            return inp * 1e6, out * 1e6
+    return None
