@@ -103,6 +103,32 @@ def refuses_the_model(exc: UpstreamClientError) -> bool:
     return _NO_SUCH_MODEL.search(text) is not None
 
 
+# A 4xx that refuses one of the run's own parameters for this model (OpenAI's reasoning models:
+# "Unsupported parameter: 'max_tokens' ... Use 'max_completion_tokens' instead", "Unsupported
+# value: 'temperature' does not support 0 with this model"; litellm's "don't support temperature").
+_REFUSED_PARAM = re.compile(r"(?i)(unsupported|not supported|n't support|does not support|only the "
+                            r"default).{0,80}?\b(max_tokens|temperature)\b|\b(max_tokens|temperature)"
+                            r"\b.{0,80}?(unsupported|not supported|n't support|does not support)")
+
+
+def adapted_params(params: dict, exc: UpstreamClientError) -> dict | None:
+    """The run's sampling parameters as this model takes them, when ``exc`` refuses one of them:
+    ``max_tokens`` becomes ``max_completion_tokens``, a ``temperature`` it rejects is left to its
+    default. None when ``exc`` is about something else."""
+    text = exc.message if exc.upstream_body is None else f"{exc.message} {exc.upstream_body}"
+    match = _REFUSED_PARAM.search(text)
+    if match is None:
+        return None
+    name = match.group(2) or match.group(3)
+    if name not in params:
+        return None
+    out = dict(params)
+    value = out.pop(name)
+    if name == "max_tokens":
+        out["max_completion_tokens"] = value
+    return out
+
+
 def prompt_tokens(question: Question) -> int:
     return sum(approx_tokens(m["content"]) + 4 for m in messages_for(question))
 
@@ -125,6 +151,7 @@ class _Run:
         self.queue: deque[Question] = deque(todo)
         self.in_flight = 0
         self.storing = 0  # answers being written: not progress until they are stored
+        self.params: dict = {}  # the sampling parameters of each ask (adapted to what the model takes)
         self.ever_answered = answered_before
         self.failures = 0  # consecutive transient failures
         self.first_failure = 0.0
@@ -200,6 +227,7 @@ class Onboarding:
         log.info("onboarding %s: %d of %d questions to ask (estimated $%.2f, $%.2f spent before)",
                  model, len(todo), total, estimate, spent)
         state = _Run(model, todo, answered_before=bool(done))
+        state.params = {"max_tokens": opts.max_tokens, "temperature": opts.temperature}
         state.spent = spent
         workers = [asyncio.create_task(self._worker(state, prices), name=f"onboard-{model}-{i}")
                    for i in range(min(opts.concurrency, len(todo)))]
@@ -311,15 +339,22 @@ class Onboarding:
             question = state.queue.popleft()
             state.in_flight += 1
             epoch = state.epoch  # which backoff this ask started under
+            params = state.params
             try:
-                text = await self.asker.ask(state.model, messages_for(question),
-                                            max_tokens=opts.max_tokens,
-                                            temperature=opts.temperature)
+                text = await self.asker.ask(state.model, messages_for(question), **params)
             except RunCancelled as exc:
                 state.queue.appendleft(question)
                 state.cancelled = str(exc)
                 return
             except UpstreamClientError as exc:
+                adapted = adapted_params(params, exc)
+                if adapted is not None:  # asked again, as the model takes it; not the prompt's fault
+                    if state.params is params:
+                        log.warning("onboarding %s: the model refuses %s; asking with %s", state.model,
+                                    sorted(params), sorted(adapted))
+                        state.params = adapted
+                    state.queue.appendleft(question)
+                    continue
                 if refuses_the_model(exc):
                     state.queue.appendleft(question)
                     state.fatal = f"the upstream refused the request: {exc.message}"

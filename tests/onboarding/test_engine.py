@@ -401,3 +401,27 @@ async def test_an_answer_the_store_refuses_to_write_is_tried_again_not_lost(tmp_
         assert set(asker.asked.values()) == {1} and sum(asker.asked.values()) == 12
         assert ("stalled", "the state store refuses writes: database is locked") in statuses
         assert statuses[-1] == ("running", None)  # and it went on
+
+
+async def test_a_model_that_refuses_max_tokens_or_temperature_is_asked_as_it_takes_them(tmp_path, tiny):
+    """OpenAI's reasoning models refuse max_tokens (they take max_completion_tokens) and any
+    temperature but their default: the run asks as the model takes it, grading no prompt wrong."""
+    suite, questions = tiny
+    gold = gold_map(questions)
+
+    class Reasoning(FakeAsker):
+        async def ask(self, model, messages, **params):
+            if "max_tokens" in params:
+                raise UpstreamClientError("Unsupported parameter: 'max_tokens' is not supported with this "
+                                          "model. Use 'max_completion_tokens' instead.", status=400)
+            if "temperature" in params:
+                raise UpstreamClientError("Unsupported value: 'temperature' does not support 0 with this "
+                                          "model. Only the default (1) value is supported.", status=400)
+            return await super().ask(model, messages, **params)
+
+    asker = Reasoning(questions, lambda q: gold[q])
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, asker, FAST).run("o-model")
+        assert progress.status == "done" and progress.accuracy == 1.0
+    assert set(asker.asked.values()) == {1}
+    assert all(p == {"max_completion_tokens": 2048} for p in asker.params)
