@@ -157,9 +157,13 @@ class RequestRecord:
     usage: dict[str, int] | None = None
     error: str | None = None
     prompt: str | None = None
+    # the code of the error event that ended the response (a stream the upstream cut short), as
+    # against an error of the proxy or a client that left; in the log line as ``error``
+    upstream_error: str | None = None
 
     def fields(self) -> dict[str, Any]:
-        return {k: v for k, v in asdict(self).items() if v is not None and v != []}
+        return {k: v for k, v in asdict(self).items()
+                if v is not None and v != [] and k != "upstream_error"}
 
 
 def request_record(request) -> RequestRecord | None:
@@ -316,6 +320,7 @@ class RequestLogMiddleware:
             record.routed_model = sniff.model
         if record.usage is None:
             record.usage = sniff.usage
+        record.upstream_error = sniff.error
         if record.error is None:  # a stream that ended in an error event still said 200
             record.error = sniff.error
         if request_body is not None:

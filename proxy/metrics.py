@@ -101,7 +101,7 @@ class Metrics:
         otherwise grow the registry without bound)."""
         if record.path.endswith("/chat/completions"):
             self.observe_request(record.routed_model, record.status)
-            if record.stream and record.status == 200 and record.error:
+            if record.stream and record.status == 200 and record.upstream_error:  # not a client leaving
                 self.stream_errors.labels(model=record.routed_model or "none").inc()
 
     def observe_routing(self, model: str, scorer_seconds: float | None = None,

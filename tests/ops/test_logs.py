@@ -192,6 +192,14 @@ def test_a_stream_that_ends_in_an_error_event_is_logged_and_counted_as_one():
     assert cut["status"] == 200 and cut["stream"] is True and cut["error"] == "stream_interrupted"
     assert "error" not in _lines(out)[1]
     assert metrics.stream_errors.labels(model="streamer")._value.get() == 1
+    # a client that leaves mid-stream (a frontend's Stop button) is no upstream error
+    from proxy.logs import RequestRecord
+
+    left = RequestRecord("r", "POST", "/v1/chat/completions", status=200, routed_model="streamer",
+                         stream=True, error="response not completed")
+    metrics.observe_record(left)
+    assert metrics.stream_errors.labels(model="streamer")._value.get() == 1
+    assert "upstream_error" not in cut
 
 
 def test_a_crash_logs_its_message_and_traceback_in_json():
