@@ -167,17 +167,18 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
         Route("/admin/route", endpoints.route_preview, methods=["POST"]),
         *admin.routes(),
     ]
-    # Outermost: every request, 401s included, gets a request id and its one log line.
+    # Every request, 401s included, gets a request id and its one log line.
     request_log = Middleware(RequestLogMiddleware, include_prompts=settings.log_prompts,
                              on_record=[svc.metrics.observe_record],
                              in_flight=svc.metrics.in_flight, crash_response=_crash_response)
-    # Then CORS (when origins are set), before the key check: a browser's preflight carries no key.
+    # CORS (when origins are set) outermost: a browser's preflight, which carries no key, is answered
+    # before the key check, and every answer, the request log's own 500 included, carries its headers.
     origins = settings.cors_origin_list()
     cors = [Middleware(CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
                        allow_headers=["*"], expose_headers=EXPOSED_HEADERS, max_age=600)] if origins else []
     app = Starlette(
         routes=routes, lifespan=lifespan,
-        middleware=[request_log, *cors,
+        middleware=[*cors, request_log,
                     Middleware(MasterKeyAuth, master_key=settings.master_key_value())],
         exception_handlers={SatrouteError: endpoints.satroute_error, HTTPException: _http_error,
                             500: _internal_error})

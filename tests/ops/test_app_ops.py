@@ -246,6 +246,19 @@ def test_an_unhandled_error_is_a_500_with_its_request_id_and_logged_with_its_tra
     assert crash and crash[0].exc_info[0] is KeyError
 
 
+def test_with_cors_a_browser_can_read_the_500_and_its_request_id(tmp_path, upstream):
+    config = _config(tmp_path, [_entry("m1", upstream.url, tmp_path)])
+    origin = "https://chat.example"
+    app = create_app(Settings(config=config, scorer="constant", onboarding=False, cors_origins=origin,
+                              state_dir=tmp_path / "state"), dispatcher=CrashingDispatcher())
+    with ProxyServer(app) as proxy:
+        r = httpx.post(f"{proxy.url}/chat/completions", json={"model": "m1", "messages": MESSAGES},
+                       headers={"Origin": origin, "x-request-id": "trace-789"})
+    assert r.status_code == 500 and r.headers["access-control-allow-origin"] == origin
+    assert r.headers["x-request-id"] == "trace-789"
+    assert "x-request-id" in r.headers["access-control-expose-headers"].lower()
+
+
 class UnscoredScorer:
     """Scores m2 only: m1 gets NaN and m3 nothing (a scorer bug, or a model it cannot read)."""
 
