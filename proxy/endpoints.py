@@ -74,7 +74,8 @@ def _first_problem(errors: list[dict]) -> tuple[str, str, int]:
     so that a content part without its ``type`` is named as such rather than as "content should
     be a string". The union's branch names pydantic puts in a location (``str``,
     ``list[ContentPart]``) are left out, and the branches that fail at the same place are named
-    together; the count leaves out the branches that failed above the one named."""
+    together; the others are counted by place (a union failing both ways is one problem), leaving
+    out the branches that failed above the one named."""
     def place(err: dict) -> str:
         return ".".join(str(p) for p in err["loc"]
                         if not (isinstance(p, str) and (p in _UNION_TAGS or "[" in p)))
@@ -84,7 +85,7 @@ def _first_problem(errors: list[dict]) -> tuple[str, str, int]:
     same = [e for e in errors if place(e) == where and len(e["loc"]) == len(first["loc"])]
     message = " or ".join(dict.fromkeys(e["msg"] for e in same))
     # the other branches of a union that failed deeper are not other problems
-    others = [e for e in errors if e not in same and not (where + ".").startswith(place(e) + ".")]
+    others = {place(e) for e in errors if e not in same and not (where + ".").startswith(place(e) + ".")}
     return where, message, len(others)
 
 

@@ -67,6 +67,13 @@ def test_wrong_shapes_are_400_naming_the_field(proxy, upstream, body, param):
     assert upstream.bodies() == []
 
 
+def test_a_union_failing_both_ways_counts_as_one_more_problem(proxy, upstream):
+    body = {"model": "auto", "messages": [{"role": "user", "content": 5},
+                                          {"role": "user", "content": [{"text": "no type"}]}]}
+    err = assert_error(post(proxy, json=body), 400)
+    assert err["message"] == "messages.1.content.0.type: Field required (and 1 more problems)"
+
+
 def test_body_over_the_limit_is_413(proxy, upstream):
     big = {"model": "auto", "messages": [{"role": "user", "content": "x" * 4096}]}
     assert_error(post(proxy, json=big), 413, "limit")
