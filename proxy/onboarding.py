@@ -33,6 +33,7 @@ import re
 import signal
 import sqlite3
 import sys
+import threading
 import time
 from collections import Counter, deque
 from dataclasses import dataclass
@@ -210,7 +211,7 @@ class Onboarding:
         if upstream is not None and await self._store(store.upstream_changed, model, upstream):
             log.warning("onboarding %s: its upstream changed; forgetting its answers and profile",
                         model)
-            await self._store(store.forget, model)  # the lease too: ``begin`` takes it again
+            await self._store(store.forget, model)  # the lease stays this run's
         done = await self._store(store.answered, model)
         todo = [q for q in self.questions if q.id not in done]
         estimate = estimate_cost(todo, prices, opts)
@@ -330,7 +331,6 @@ class Onboarding:
                 return
 
     async def _worker(self, state: _Run, prices: Prices) -> None:
-        opts = self.options
         while state.queue and not state.stopping:
             wait = state.resume_at - self.clock()
             if wait > 0:  # the upstream is down: everyone waits for the backoff to end
@@ -532,6 +532,29 @@ async def _run_cli(settings, model: str, restart: bool) -> int:
                 store.release(model)
 
 
+async def _in_daemon_thread(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """``call`` on a thread of its own that does not hold the process up: an interrupted command
+    exits at once, not when a download of the questions ends (``asyncio.to_thread``'s pool is
+    waited for at exit)."""
+    loop = asyncio.get_running_loop()
+    result: asyncio.Future = loop.create_future()
+
+    def settle(outcome: BaseException | None, value: Any = None) -> None:
+        if not result.done():
+            result.set_exception(outcome) if outcome is not None else result.set_result(value)
+
+    def work() -> None:
+        try:
+            value, outcome = call(*args, **kwargs), None
+        except BaseException as exc:  # handed to the awaiting coroutine
+            value, outcome = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits any more
+            loop.call_soon_threadsafe(settle, outcome, value)
+
+    threading.Thread(target=work, name="satroute-load", daemon=True).start()
+    return await result
+
+
 async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int:
     """The command once the store is open; raises ``ModelBusy`` when another process holds the
     model. SIGINT and SIGTERM stop the run: the model is left ``pending`` ("interrupted"), and the
@@ -555,7 +578,7 @@ async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int
     if not d.available:
         print(f"satroute onboard: {model} is unavailable: {d.unavailable}", file=sys.stderr)
         return 2
-    store.claim(model)  # before anything is forgotten, printed or asked
+    await asyncio.to_thread(store.claim, model)  # before anything is forgotten, printed or asked
     loop, main = asyncio.get_running_loop(), asyncio.current_task()
     received: list[int] = []
 
@@ -568,16 +591,18 @@ async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int
         loop.add_signal_handler(signum, interrupt, signum)
     suite = bar = dispatcher = None
     try:
+        # on threads: the signal handlers above run only while the event loop does
         if restart:
-            store.forget(model)
+            await asyncio.to_thread(store.forget, model)
         upstream = upstream_fingerprint(d)
-        if store.upstream_changed(model, upstream):
+        if await asyncio.to_thread(store.upstream_changed, model, upstream):
             print(f"satroute onboard: {model} now points at another upstream ({d.model}): "
                   "forgetting its stored answers and profile", file=sys.stderr)
-            store.forget(model)
+            await asyncio.to_thread(store.forget, model)
         suite = load_suite(settings.onboarding_suite)
-        questions = load_questions(suite.question_ids, suite.name, settings.onboarding_data,
-                                   hub=settings.onboarding_hub, cache_dir=store.dir)
+        questions = await _in_daemon_thread(
+            load_questions, suite.question_ids, suite.name, settings.onboarding_data,
+            hub=settings.onboarding_hub, cache_dir=store.dir)
         dispatcher = RetryingDispatcher(Cooldowns())
         bar = tqdm(total=len(suite.question_ids), desc=f"onboarding {model}", unit="q",
                    initial=len(store.answered(model)))

@@ -130,13 +130,17 @@ class OnboardingService:
         pick up profiles another process stored, and for the metrics."""
         last = None
         while True:
-            progress = await asyncio.to_thread(self.store.all_progress, self._suite_questions())
-            self._pick_up_profiles(progress)
-            snap = self.registry.snapshot
-            if snap is not last or self._waiting:
-                last = snap
-                await self.sync()
-            self._report(progress)
+            try:
+                progress = await asyncio.to_thread(self.store.all_progress, self._suite_questions())
+                self._pick_up_profiles(progress)
+                snap = self.registry.snapshot
+                if snap is not last or self._waiting:
+                    last = snap
+                    await self.sync()
+                self._report(progress)
+            except Exception:  # one bad tick (the store locked past its timeout) must not end the loop
+                log.exception("onboarding: this check failed; trying again in %.1fs", interval_s)
+                last = None
             await asyncio.sleep(interval_s)
 
     def _pick_up_profiles(self, progress: list[Progress]) -> None:
@@ -207,7 +211,9 @@ class OnboardingService:
                     continue
             elif not onboardable(d):
                 continue
-            elif await asyncio.to_thread(self.store.upstream_changed, name, upstream):
+            elif (changed := await self._upstream_changed(name, upstream)) is None:
+                continue  # the store could not tell now: a later tick asks again
+            elif changed:
                 log.warning("onboarding %s: its upstream changed; forgetting its answers and "
                             "profile, onboarding again", name)
                 if not await self._reset(name):
@@ -220,13 +226,26 @@ class OnboardingService:
             self.runs[name] = self.spawn(self._run(d, digest, after=task if running else None),
                                          f"onboard-{name}")
 
+    async def _upstream_changed(self, name: str, upstream: str) -> bool | None:
+        """``Store.upstream_changed`` on a thread; None (and the model waits for a later tick)
+        when the store refuses the check now (locked past its busy timeout)."""
+        try:
+            return await asyncio.to_thread(self.store.upstream_changed, name, upstream)
+        except sqlite3.OperationalError as exc:
+            self._wait(name, f"the state store refuses writes: {exc}")
+            return None
+
     async def _reset(self, name: str) -> bool:
         """Forget a model's stored onboarding, and stop routing with its stored profile. False
-        (nothing forgotten) while another process onboards it: tried again on a later tick."""
+        (nothing forgotten) while another process onboards it, or the store refuses the write:
+        tried again on a later tick."""
         try:
             await asyncio.to_thread(self.store.forget, name)
         except ModelBusy as exc:
             self._wait(name, str(exc))
+            return False
+        except sqlite3.OperationalError as exc:
+            self._wait(name, f"the state store refuses writes: {exc}")
             return False
         self._failed_stamp.pop(name, None)
         self.registry.refresh_profiles()

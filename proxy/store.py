@@ -444,10 +444,19 @@ class Store:
     def forget(self, model: str) -> None:
         """Drop everything stored about a model (to onboard it again from scratch), in one
         transaction: a crash never leaves a profile without its answers. Raises ``ModelBusy`` (and
-        drops nothing) while another live process onboards it."""
+        drops nothing) while another live process onboards it. A lease this process holds on it is
+        kept (on a fresh ``pending`` row): forgetting, to start over, must not hand the model to
+        another process before the new run begins."""
         with self._leased(model):
+            held = self._db.execute("SELECT 1 FROM onboarding WHERE model = ? AND owner = ?",
+                                    (model, self.owner)).fetchone()
             for table in ("answers", "profiles", "onboarding"):
                 self._db.execute(f"DELETE FROM {table} WHERE model = ?", (model,))
+            if held:
+                now = time.time()
+                self._db.execute("INSERT INTO onboarding (model, suite, status, updated_at, owner, "
+                                 "heartbeat) VALUES (?, '', 'pending', ?, ?, ?)",
+                                 (model, now, self.owner, now))
 
     # -- routing log ------------------------------------------------------------------------
     def log_routes(self, entries: Iterable[RouteEntry], keep: int = 0) -> None:

@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,42 @@ def test_an_interrupted_onboard_command_leaves_the_model_pending(tmp_path, up, s
         assert (progress.status, progress.reason) == ("pending", "interrupted")
         assert f"{progress.done}/20" in last and 2 <= progress.done < 20
         store.claim("fresh")  # released: another process may take it at once
+
+
+SLOW_LOAD = """
+import sys, time
+import proxy.questions as q
+load = q.load_questions
+def slow(*args, **kwargs):
+    open(sys.argv[1], "w").close()  # the load has begun
+    time.sleep(20)  # a download of the questions from the hub
+    return load(*args, **kwargs)
+q.load_questions = slow
+from proxy import cli
+sys.exit(cli.main(sys.argv[2:]))
+"""
+
+
+def test_ctrl_c_while_the_questions_load_exits_at_once(tmp_path, up):
+    suite, data = tiny_suite_files(tmp_path)
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("fresh", up.url, tmp_path)])
+    started = tmp_path / "loading"
+    cmd = [sys.executable, "-c", SLOW_LOAD, str(started), "onboard", "fresh", "--config", str(config),
+           "--state-dir", str(tmp_path / "state"), "--data", str(data), "--suite", str(suite)]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "LITELLM_LOCAL_MODEL_COST_MAP": "True"})
+    try:
+        wait_for(lambda: started.exists(), bool, timeout=30)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=15)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert time.monotonic() - sent < 10  # not when the 20 s load ends
+    assert err.strip().splitlines()[-1].startswith("interrupted: 0/")
+    assert not up.bodies("fresh")
 
 
 def _answers(db) -> int:

@@ -384,3 +384,34 @@ async def test_removed_models_leave_the_onboarding_metrics(tmp_path):
         text = metrics.render().decode()
         assert 'model="m"' not in text
         assert 'satroute_onboarding_state{model="other",state="running"} 1.0' in text
+
+
+async def test_the_watch_loop_outlives_a_store_locked_past_its_busy_timeout(tmp_path, monkeypatch):
+    """Another process holds the write lock longer than the busy timeout just when a model's
+    stored answers must be forgotten (its upstream changed): the model waits, the loop goes on,
+    and the run starts once the lock is free."""
+    import proxy.store
+
+    monkeypatch.setattr(proxy.store, "BUSY_TIMEOUT_S", 0.2)
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
+    suite, questions = make_suite()
+    with Store(tmp_path / "state") as store:
+        store.claim("m")
+        store.begin("m", suite.name, total=len(questions), upstream="an-older-upstream")
+        store.record("m", GradedAnswer(questions[0].id, "A", True))
+        store.release("m")
+        registry, svc = service(config, store, Answering("The answer is (A)."), suite, questions)
+        other = sqlite3.connect(tmp_path / "state" / "satroute.db", isolation_level=None)
+        other.execute("BEGIN IMMEDIATE")  # another process writing, for longer than the timeout
+        watch = asyncio.create_task(svc.watch(0.05))
+        try:
+            await asyncio.sleep(0.8)
+            assert not watch.done() and "m" not in svc.runs and "m" in svc._waiting
+            other.execute("COMMIT")
+            await wait_until(lambda: "m" in svc.runs)
+            await asyncio.wait_for(svc.runs["m"], 10)
+            assert store.progress("m").status == "done" and not watch.done()
+        finally:
+            other.close()
+            watch.cancel()

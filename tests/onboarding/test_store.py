@@ -157,6 +157,25 @@ def test_one_process_at_a_time_holds_a_model(tmp_path):
         c.claim("other")
 
 
+def test_forgetting_a_model_keeps_the_lease_of_the_process_that_forgets(tmp_path):
+    """--restart, or a changed upstream: the answers go, the model stays this process's until its
+    new run begins (another process must not take it in between)."""
+    with Store(tmp_path) as a, Store(tmp_path) as b:
+        a.claim("m", "suite")
+        a.begin("m", "suite", total=3)
+        a.record("m", GradedAnswer("q1", "A", True), cost=0.5)
+        a.forget("m")
+        assert a.answered("m") == set() and a.spent("m") == 0.0
+        assert a.progress("m").status == "pending"
+        with pytest.raises(ModelBusy):
+            b.claim("m")
+        assert a.heartbeat("m")
+        a.begin("m", "suite", total=3)  # its own new run
+        a.release("m")
+        b.forget("m")  # held by nobody: forgotten, and no row is left
+        assert b.progress("m") is None
+
+
 def test_a_lease_of_a_dead_process_on_this_host_is_free(tmp_path):
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                            capture_output=True, text=True, check=True)
