@@ -13,11 +13,11 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Coroutine
+from typing import TYPE_CHECKING, Any, Coroutine, TypeVar
 
 import orjson
 from pydantic import ValidationError
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from proxy import protocol
@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from proxy.app import Services
 
 JSON = "application/json"
+T = TypeVar("T")
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -144,8 +145,16 @@ async def plan_route(svc: "Services", body: dict[str, Any], req: protocol.ChatCo
 
 async def chat_completions(request: Request) -> Response:
     svc = services(request)
-    body, req = parse_request(await read_body(request, svc.settings.max_body_bytes))
-    plan = await plan_route(svc, body, req)
+    try:
+        raw = await read_body(request, svc.settings.max_body_bytes)
+    except ClientDisconnect:  # it left while sending its request: no error of ours
+        return _client_left(request)
+    body, req = parse_request(raw)
+    # scoring runs for a client that waits: one that leaves meanwhile gets nothing more (the
+    # scoring call itself finishes, shared, and its scores are remembered for a retry)
+    plan = await _unless_the_client_leaves(request, plan_route(svc, body, req))
+    if plan is None:
+        return _client_left(request)
     decision, targets, default, snap = plan.decision, plan.targets, plan.default, plan.snap
     if default:
         svc.metrics.observe_routing(decision.chosen)
@@ -181,11 +190,9 @@ async def chat_completions(request: Request) -> Response:
             log_route(None, [*exc.failed, (exc.model, f"http_{exc.status}")])
         raise
     if reply is None:  # the client left before any model answered: the calls were cancelled
-        if record is not None:
-            record.error = "client disconnected"
         if logged:  # the decision was made (and counted): the routing log has it too
             log_route(None, [])
-        return Response(status_code=499)
+        return _client_left(request)
     if record is not None:  # to the answer, or to a stream's first chunk; retries included
         record.upstream_ms = round((time.perf_counter() - started) * 1000, 2)
     if logged:
@@ -197,9 +204,18 @@ async def chat_completions(request: Request) -> Response:
     return Response(reply.body, media_type=JSON, headers=headers)
 
 
-async def _unless_the_client_leaves(request: Request, work: Coroutine[Any, Any, Reply]) -> Reply | None:
-    """``work``'s reply, or None when the client disconnects first: then ``work`` (retries,
-    fallbacks, the upstream call in flight) is cancelled, so nothing more is asked or paid for.
+def _client_left(request: Request) -> Response:
+    """What a request whose client disconnected ends with: 499 in its log line (nobody reads it)."""
+    record = request_record(request)
+    if record is not None:
+        record.error = "client disconnected"
+    return Response(status_code=499)
+
+
+async def _unless_the_client_leaves(request: Request, work: Coroutine[Any, Any, T]) -> T | None:
+    """``work``'s result, or None when the client disconnects first: then ``work`` (scoring, or
+    retries, fallbacks and the upstream call in flight) is cancelled, so nothing more is asked or
+    paid for.
     ``work`` runs in this request's own task; one small task waits for the disconnect and
     cancels it (no task for the work itself: this runs on every request)."""
     me = asyncio.current_task()

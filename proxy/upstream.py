@@ -170,6 +170,10 @@ class PassThrough:
         except (UpstreamClientError, UpstreamTransient):
             resp.release()
             raise
+        except asyncio.CancelledError:  # the client left: the upstream must stop generating for it
+            if resp is not None:
+                resp.close()
+            raise
         if not first:
             resp.close()
             raise UpstreamTransient(f"{d.name}: stream closed before its first event", model=d.name)

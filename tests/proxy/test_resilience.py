@@ -398,7 +398,8 @@ def test_litellm_is_imported_at_start_up_when_a_model_needs_it(tmp_path, upstrea
 
 def raw_upstream(respond):
     """An HTTP server answering each POST with ``respond(request_json) -> bytes`` (status line,
-    headers and a close-delimited body) on a thread; a context manager yielding its /v1 URL."""
+    headers and a close-delimited body), or ``await respond(request_json, reader, writer)`` when
+    it is a coroutine function, on a thread; a context manager yielding its /v1 URL."""
     import asyncio
     import contextlib
     import json
@@ -413,8 +414,11 @@ def raw_upstream(respond):
                           if line.lower().startswith(b"content-length")))
         while len(body) < length:
             body += await reader.read(65536)
-        writer.write(respond(json.loads(body)))
-        await writer.drain()
+        if asyncio.iscoroutinefunction(respond):  # it writes itself, at its own pace
+            await respond(json.loads(body), reader, writer)
+        else:
+            writer.write(respond(json.loads(body)))
+            await writer.drain()
         writer.close()
 
     @contextlib.contextmanager
@@ -590,3 +594,74 @@ def test_the_litellm_path_keeps_openai_s_null_fields_and_empty_usage_choices(tmp
     assert chunks[0]["choices"][0]["finish_reason"] is None
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] == 8
     assert streamed.endswith("data: [DONE]\n\n")
+
+
+def test_a_client_leaving_before_the_first_event_closes_the_upstream_connection(tmp_path, start_proxy):
+    """The upstream sent its headers and is still thinking (a reasoning model, a queued vLLM
+    request): a client that leaves now must stop the generation, not leave it to run for nobody."""
+    import asyncio
+    import threading
+
+    closed = threading.Event()
+
+    async def respond(request, reader, writer):
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n")
+        await writer.drain()
+        try:
+            if await asyncio.wait_for(reader.read(1), 10) == b"":  # the proxy hung up
+                closed.set()
+        except (asyncio.TimeoutError, ConnectionError):
+            pass
+
+    with raw_upstream(respond) as url:
+        cfg = write_config(tmp_path / "providers.yaml", [model_entry("m1", url, tmp_path, fast_path=True)],
+                           num_retries=0)
+        proxy = start_proxy(cfg)
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{proxy.url}/chat/completions", timeout=httpx.Timeout(10, read=0.5),
+                       json={"model": "m1", "messages": MESSAGES, "stream": True})
+        assert closed.wait(5), "the upstream connection stayed open after the client left"
+
+
+def test_a_client_that_drops_its_upload_is_a_499_not_a_500(tmp_path, upstream, start_proxy, caplog):
+    import logging
+    import socket
+    from urllib.parse import urlsplit
+
+    proxy = setup(tmp_path, upstream, start_proxy, True)
+    host = urlsplit(proxy.base)
+    caplog.set_level(logging.INFO)
+    for _ in range(3):
+        with socket.create_connection((host.hostname, host.port)) as conn:
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                         b"content-length: 100000\r\n\r\n" + b'{"model": "auto", "messages": [' + b" " * 1000)
+        time.sleep(0.2)
+    metrics = scrape(proxy.base)
+    assert metrics.get(("satroute_requests_total", (("model", "none"), ("status", "499")))) == 3
+    assert ("satroute_requests_total", (("model", "none"), ("status", "500"))) not in metrics
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert upstream.bodies() == []
+
+
+def test_a_client_that_leaves_while_its_request_is_scored_is_let_go(tmp_path, upstream, start_proxy):
+    """Scoring is for a client that waits: one that leaves is not answered, counted or logged as
+    degraded when the scorer's timeout would have passed; the call itself finishes and its scores
+    are remembered for the client's retry."""
+    class Slow(RecordingScorer):
+        def score(self, instruction, candidates):
+            time.sleep(1.0)
+            return super().score(instruction, candidates)
+
+    scorer = Slow({"m1": 0.9, "m2": 0.5, "m3": 0.1})
+    models = [model_entry(n, upstream.url, tmp_path, fast_path=True) for n in ("m1", "m2", "m3")]
+    proxy = start_proxy(write_config(tmp_path / "providers.yaml", models, scorer_timeout_s=3.0), scorer=scorer)
+    body = {"model": "auto", "messages": MESSAGES}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{proxy.url}/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.3))
+    time.sleep(1.5)  # the scoring call ends meanwhile
+    metrics = scrape(proxy.base)
+    assert metrics.get(("satroute_requests_total", (("model", "none"), ("status", "499")))) == 1
+    assert not [k for k in metrics if k[0] == "satroute_routing_decisions_total"]
+    assert upstream.bodies() == []
+    retry = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert retry.headers["x-satroute-model"] == "m1" and len(scorer.calls) == 1  # remembered
