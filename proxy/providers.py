@@ -12,6 +12,7 @@ Does not know: HTTP, litellm, scoring. Never logs or formats an API key.
 from __future__ import annotations
 
 import asyncio
+import difflib
 import hashlib
 import json
 import logging
@@ -171,10 +172,27 @@ class Snapshot:
         return text
 
 
+def _warn_misspelt(path: Path, conf: "ProvidersFile") -> None:
+    """A warning for each unknown key of ``model_info`` or ``router_settings`` that is close to one
+    of ours (``capabilty_profile``): both take LiteLLM's own keys too, so an unknown key is not an
+    error, but a misspelt ``capability_profile`` would have the model onboarded, at a cost."""
+    sections = [(f"model_list.{i}.model_info", e.model_info) for i, e in enumerate(conf.model_list)]
+    sections.append(("router_settings", conf.router_settings))
+    for where, section in sections:
+        for key in section.model_extra or {}:
+            close = difflib.get_close_matches(key, type(section).model_fields, n=1, cutoff=0.8)
+            if close and close[0] != key:
+                log.warning("%s: %s.%s is not a key satroute reads; did you mean %s?",
+                            path, where, key, close[0])
+
+
 def _describe_validation(path: Path, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
+        if not loc:  # a check across the file (its message names the key): the value is the file
+            lines.append(f"{path}: {err['msg'].removeprefix('Value error, ')}")
+            continue
         value = err.get("input")
         shown = "***" if _secret(loc) else repr(_masked(value))[:120]
         lines.append(f"{path}: {loc}: {err['msg']} (value: {shown})")
@@ -272,6 +290,7 @@ def parse(text: str, path: Path, env: Mapping[str, str],
         conf = ProvidersFile.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_describe_validation(path, exc)) from None
+    _warn_misspelt(path, conf)
     models: dict[str, Deployment] = {}
     secrets: list[str] = []
     for i, entry in enumerate(conf.model_list):

@@ -82,6 +82,31 @@ def test_validation_errors_name_file_key_and_value(text, words):
         assert word in str(err.value)
 
 
+@pytest.mark.parametrize("text, expected", [
+    ("model_list:\n  - {model_name: a, litellm_params: {model: x, api_key: sk-hidden-999}}\n"
+     "  - {model_name: a, litellm_params: {model: y}}\n",
+     "/tmp/x/providers.yaml: model_list.1.model_name: duplicate name 'a'"),
+    ("model_list:\n  - {model_name: a, litellm_params: {model: x}}\nrouter_settings: {default_model: b}\n",
+     "/tmp/x/providers.yaml: router_settings.default_model: 'b' is not a model_name of model_list"),
+])
+def test_a_check_across_the_file_names_its_key_without_dumping_the_file(text, expected):
+    with pytest.raises(ConfigError) as err:
+        snap(text)
+    assert str(err.value) == expected
+
+
+def test_a_misspelt_key_of_ours_is_a_warning(caplog):
+    text = ("model_list:\n  - model_name: a\n    litellm_params: {model: x}\n"
+            "    model_info: {capabilty_profile: builtin:mmlu_pro/gpt4o, mode: chat}\n"
+            "router_settings: {num_retires: 5, routing_strategy: simple-shuffle}\n")
+    with caplog.at_level("WARNING", logger="satroute.providers"):
+        snap(text)
+    warned = [r.getMessage() for r in caplog.records]
+    assert any("model_list.0.model_info.capabilty_profile" in w and "capability_profile" in w for w in warned)
+    assert any("router_settings.num_retires" in w and "num_retries" in w for w in warned)
+    assert len(warned) == 2  # LiteLLM's own keys (mode, routing_strategy) are no typo
+
+
 def test_validation_errors_hide_keys():
     text = "model_list:\n  - model_name: a\n    litellm_params: {api_key: sk-hidden-999}\n"
     with pytest.raises(ConfigError) as err:
