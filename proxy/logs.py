@@ -105,14 +105,20 @@ def _loggable(value: Any, redact: Callable[[str], str]) -> Any:
 
 
 class TextFormatter(logging.Formatter):
-    """Plain ``time level logger: message`` lines, redacted like the JSON ones."""
+    """Plain ``time level logger: message`` lines, then the record's ``fields`` as ``key=value``
+    (values as JSON), redacted like the JSON ones."""
 
     def __init__(self, redactor: Redactor | None = None):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.redactor = redactor or Redactor()
 
     def format(self, record: logging.LogRecord) -> str:
-        return self.redactor(super().format(record))
+        line = super().format(record)
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, Mapping) and fields:
+            pairs = _loggable(fields, self.redactor)
+            line += " " + " ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in pairs.items())
+        return self.redactor(line)
 
 
 def configure_logging(level: str = "info", *, redactor: Redactor | None = None,

@@ -252,3 +252,17 @@ def test_in_flight_gauge_counts_a_request_while_it_is_served():
     with TestClient(app) as client:
         client.get("/probe")
     assert seen == [1] and gauge.value == 0
+
+
+def test_text_lines_carry_the_request_s_fields_too():
+    """SATROUTE_LOG_FORMAT=text: a plain line, but the request id, model, scores, error and the
+    prompt (when asked for) are still on it, redacted."""
+    from proxy.logs import TextFormatter
+
+    record = logging.LogRecord("satroute.request", logging.INFO, __file__, 1, "POST %s %s",
+                               ("/v1/chat/completions", 502), None)
+    record.fields = {"request_id": "req_1", "routed_model": "m1", "scores": {"m1": 0.5, "m2": float("-inf")},
+                     "error": "upstream_failed", "prompt": f"my key is {SECRET}"}
+    line = TextFormatter(Redactor(lambda: [SECRET])).format(record)
+    assert line.endswith('satroute.request: POST /v1/chat/completions 502 request_id="req_1" routed_model="m1" '
+                         'scores={"m1": 0.5, "m2": null} error="upstream_failed" prompt="my key is [redacted]"')
