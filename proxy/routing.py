@@ -98,10 +98,11 @@ def candidates(models: Iterable[Deployment], allow: Sequence[str] | None,
         allowed = set(allow)
         pool = [d for d in pool if d.name in allowed]
         if not pool:
-            raise RequestError(
-                f"satroute.models {sorted(allowed)} leaves no routable model; routable models "
-                f"need a capability profile (known: {sorted(known)})",
-                param="satroute.models", code="no_candidates")
+            why = "; ".join(f"{d.name}: " + (f"unavailable ({d.unavailable})" if d.unavailable
+                                              else "no capability profile yet")
+                            for d in models if d.name in allowed) or "none of them is configured"
+            raise RequestError(f"satroute.models {sorted(allowed)} leaves no routable model ({why}); "
+                               f"configured: {sorted(known)}", param="satroute.models", code="no_candidates")
     if not pool:
         raise ServiceUnavailable("no model is routable: none has a capability profile and "
                                  "working credentials", code="no_candidates")

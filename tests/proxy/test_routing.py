@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
@@ -78,7 +79,13 @@ def test_candidates_respect_profiles_allow_list_and_cooldown():
     assert names(candidates(models(), None, lambda n: n == "a")) == ["b", "c"]
     # everything cooling: better to try than to refuse
     assert names(candidates(models(), None, lambda n: True)) == ["a", "b", "c"]
-    with pytest.raises(RequestError):
-        candidates(models(("a",)), ["b"], lambda n: False)
+    with pytest.raises(RequestError) as refused:
+        candidates(models(("a",)), ["b", "zz"], lambda n: False)
+    assert "(b: no capability profile yet)" in refused.value.message  # why, per model named
+    gone = [replace(d, unavailable="litellm_params.api_key references unset environment variable K")
+            if d.name == "c" else d for d in models()]
+    with pytest.raises(RequestError) as refused:
+        candidates(gone, ["c"], lambda n: False)
+    assert "c: unavailable (litellm_params.api_key references unset environment variable K)" in refused.value.message
     with pytest.raises(ServiceUnavailable):
         candidates(models(()), None, lambda n: False)
