@@ -5,6 +5,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 CONFIG ?= providers.yaml
+# Where torch comes from. Unset: pip's own sources (a local CPU wheel where the machine provides
+# one; from PyPI, the CUDA build, GBs). On a CPU machine with internet access:
+#   make serve TORCH_INDEX=https://download.pytorch.org/whl/cpu
+TORCH_INDEX ?=
 
 .PHONY: serve test setup
 
@@ -14,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	# torch is pinned: this exact version is served from a local CPU wheel on CPU machines.
-	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	# llama.cpp (the 'local' extra) is compiled for a generic x86-64 CPU, as in the Dockerfile: its
 	# native build segfaulted in chat completions on an AVX-512-FP16 host. pip's wheel cache is not
 	# keyed by CMAKE_ARGS, so a wheel built earlier (natively, or on another CPU) would be reused

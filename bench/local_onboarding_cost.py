@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import statistics
 import sys
 import time
@@ -39,7 +40,8 @@ async def main() -> None:
     parser.add_argument("--n", type=int, default=8, help="questions to ask")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--max-tokens", type=int, default=Options().max_tokens)
-    parser.add_argument("--data", default=None, help="mmlu_pro data folder (default: shared data)")
+    parser.add_argument("--data", default=os.environ.get("SATROUTE_ONBOARDING_DATA"),
+                        help="mmlu_pro data folder (default: SATROUTE_ONBOARDING_DATA, else the shared data)")
     args = parser.parse_args()
 
     suite = load_suite("mmlu_pro")
