@@ -578,6 +578,11 @@ async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int
     if not d.available:
         print(f"satroute onboard: {model} is unavailable: {d.unavailable}", file=sys.stderr)
         return 2
+    if d.info.capability_profile:  # routing reads that one: a test would be paid for nothing
+        print(f"satroute onboard: {model} has model_info.capability_profile "
+              f"({d.info.capability_profile}) in {settings.config}, which routing uses; remove it "
+              "to have the model tested and routed on its measured profile", file=sys.stderr)
+        return 2
     await asyncio.to_thread(store.claim, model)  # before anything is forgotten, printed or asked
     loop, main = asyncio.get_running_loop(), asyncio.current_task()
     received: list[int] = []

@@ -55,6 +55,11 @@ def test_onboard_command_errors(tmp_path, up, capsys):
     base = ["--config", str(config), "--state-dir", str(tmp_path / "state"), "--suite", str(suite)]
     assert main(["onboard", "nope", *base, "--data", str(data)]) == 2
     assert "no model 'nope'" in capsys.readouterr().err
+    write_providers(config, [model_entry("fresh", up.url, tmp_path),
+                             model_entry("profiled", up.url, tmp_path, profile=True)])
+    assert main(["onboard", "profiled", *base, "--data", str(data)]) == 2  # its profile is in the file
+    assert "has model_info.capability_profile (profiled.json)" in capsys.readouterr().err
+    assert not up.bodies("profiled")
     assert main(["onboard", "fresh", *base, "--data", str(tmp_path / "missing")]) == 2
     assert "no prompts.jsonl.gz" in capsys.readouterr().err
     assert main(["onboard", "fresh", *base, "--data", str(data), "--spend-cap", "0.0000001"]) == 1
