@@ -75,7 +75,7 @@ async def model_profile(request: Request) -> Response:
     if svc.onboarding is not None:
         body = svc.onboarding.profile(name)
     else:
-        body = {"model": name, "suite": None,
+        body = {"model": name, "suite": d.profile_suite,
                 "source": "providers.yaml" if d.info.capability_profile else "onboarding",
                 "tasks": dict(d.profile)}
     return Response(orjson.dumps(body), media_type=JSON)

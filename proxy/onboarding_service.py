@@ -353,7 +353,7 @@ class OnboardingService:
         if d is None or d.profile is None:
             return None
         source = "providers.yaml" if d.info.capability_profile else "onboarding"
-        suite = self.store.profile_suite(name) if source == "onboarding" else None
+        suite = self.store.profile_suite(name) if source == "onboarding" else d.profile_suite
         return {"model": name, "suite": suite, "source": source, "tasks": dict(d.profile)}
 
     async def stop(self) -> None:

@@ -146,6 +146,7 @@ class Deployment:
     profile: Profile | None
     unavailable: str | None  # why the model cannot be called, or None
     fast_path: bool
+    profile_suite: str | None = None  # the suite of a profile providers.yaml gives, as its file says
 
     @property
     def available(self) -> bool:
@@ -258,7 +259,8 @@ def _resolve(value: Any, env: Mapping[str, str], key: str = "",
     return value, None
 
 
-def _load_profile(ref: str, base: Path, where: str) -> dict[str, float]:
+def _load_profile(ref: str, base: Path, where: str) -> tuple[dict[str, float], str | None]:
+    """The profile a ``capability_profile`` reference names, and the suite its file says."""
     if ref.startswith(BUILTIN_PREFIX):
         import scorer  # the public package only; cheap (torch is imported lazily there)
 
@@ -274,7 +276,8 @@ def _load_profile(ref: str, base: Path, where: str) -> dict[str, float]:
                           f"{type(exc).__name__}: {exc}") from None
     if not profile or not all(0.0 <= v <= 1.0 for v in profile.values()):
         raise ConfigError(f"{where}: capability profile {ref!r} needs accuracies in [0, 1]")
-    return profile
+    suite = data.get("suite")
+    return profile, suite if isinstance(suite, str) else None
 
 
 def parse(text: str, path: Path, env: Mapping[str, str],
@@ -307,9 +310,10 @@ def parse(text: str, path: Path, env: Mapping[str, str],
             provider, rest = "openai", model
         info = entry.model_info
         profile: Profile | None = None
+        suite: str | None = None
         if info.capability_profile:
-            profile = _load_profile(info.capability_profile, path.parent,
-                                    f"{where}.model_info.capability_profile")
+            profile, suite = _load_profile(info.capability_profile, path.parent,
+                                           f"{where}.model_info.capability_profile")
         else:
             profile = lookup(entry.model_name)
         fast = conf.router_settings.fast_path and provider in OPENAI_COMPATIBLE
@@ -321,7 +325,8 @@ def parse(text: str, path: Path, env: Mapping[str, str],
         models[entry.model_name] = Deployment(
             name=entry.model_name, model=model, provider=provider, upstream_model=rest,
             api_base=api_base, api_key=params.pop("api_key", None),
-            params=params, info=info, profile=profile, unavailable=unavailable, fast_path=fast)
+            params=params, info=info, profile=profile, unavailable=unavailable, fast_path=fast,
+            profile_suite=suite)
     secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
     return Snapshot(source=str(path), models=models, router=conf.router_settings,
                     secrets=tuple(secrets))

@@ -41,6 +41,7 @@ def test_models_without_profile_onboard_in_the_background(tmp_path, up):
     up.set("refused", fail(404, "no such model"))
     config = tmp_path / "providers.yaml"
     write_providers(config, [model_entry("m1", up.url, tmp_path, profile=True), model_entry("fresh", up.url, tmp_path)])
+    (tmp_path / "m1.json").write_text('{"suite": "tiny", "tasks": {"task0": 0.5, "task1": 0.5}}')
     scorer = Recorder()
     settings = Settings(config=config, scorer="constant", master_key=KEY, reload_interval_s=0.1,
                         onboarding=True, state_dir=tmp_path / "state", onboarding_data=data,
@@ -56,6 +57,8 @@ def test_models_without_profile_onboard_in_the_background(tmp_path, up):
         assert client.post("/v1/chat/completions", json=chat).headers["x-satroute-model"] == "m1"
         assert scorer.candidates[-1] == {"m1"}
         assert client.get("/admin/models/fresh/profile").status_code == 404
+        assert client.get("/admin/models/m1/profile").json() == {
+            "model": "m1", "suite": "tiny", "source": "providers.yaml", "tasks": {"task0": 0.5, "task1": 0.5}}
         done = wait_for(status, lambda s: s["fresh"]["status"] == "done")["fresh"]
         assert (done["questions_done"], done["questions_total"]) == (6, 6)
         assert done["accuracy_so_far"] == 0.5 and done["profile_source"] == "onboarding"

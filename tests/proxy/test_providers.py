@@ -134,6 +134,8 @@ model_list:
     s = parse(text, tmp_path / "providers.yaml", {}, {"c": {"t1": 0.9}}.get)
     assert {n: dict(d.profile) for n, d in s.models.items()} == {
         "a": {"t1": 0.7}, "b": {"t1": 0.2}, "c": {"t1": 0.9}}
+    # the suite a profile file names (the admin API shows it); the store knows an onboarded one's
+    assert {n: d.profile_suite for n, d in s.models.items()} == {"a": "s", "b": "suite1", "c": None}
     with pytest.raises(ConfigError) as err:
         parse(text.replace("p.json", "missing.json"), tmp_path / "providers.yaml", {}, dict().get)
     assert "model_list.0.model_info.capability_profile" in str(err.value)
