@@ -150,11 +150,16 @@ async def chat_completions(request: Request) -> Response:
     except ClientDisconnect:  # it left while sending its request: no error of ours
         return _client_left(request)
     body, req = parse_request(raw)
-    # scoring runs for a client that waits: one that leaves meanwhile gets nothing more (the
-    # scoring call itself finishes, shared, and its scores are remembered for a retry)
-    plan = await _unless_the_client_leaves(request, plan_route(svc, body, req))
-    if plan is None:
-        return _client_left(request)
+    planning = plan_route(svc, body, req)
+    if req.model == svc.registry.snapshot.router.router_name:
+        # scoring runs for a client that waits: one that leaves meanwhile gets nothing more (the
+        # scoring call itself finishes, shared, and its scores are remembered for a retry); a
+        # request naming its model has nothing to wait for here, and no watcher to pay for
+        plan = await _unless_the_client_leaves(request, planning)
+        if plan is None:
+            return _client_left(request)
+    else:
+        plan = await planning
     decision, targets, default, snap = plan.decision, plan.targets, plan.default, plan.snap
     if default:
         svc.metrics.observe_routing(decision.chosen)
