@@ -23,7 +23,7 @@ import hashlib
 import logging
 import sqlite3
 from pathlib import Path
-from typing import Any, Callable, Coroutine
+from typing import Any, Callable, Coroutine, Iterable
 
 import orjson
 
@@ -143,23 +143,22 @@ class OnboardingService:
                 last = None
             await asyncio.sleep(interval_s)
 
-    def _pick_up_profiles(self, progress: list[Progress]) -> None:
+    def _pick_up_profiles(self, progress: Iterable[Progress]) -> None:
         """Make the registry read the store again when a configured model it has no profile for is
-        ``done`` there while no run of this process is on it: another process (``satroute
-        onboard``) finished it. Once per finished row, so a row without its profile does not
-        make every tick read them all."""
+        ``done`` there: another process (``satroute onboard``) finished it, or this process's run
+        did a moment ago (its own refresh comes once the run has read its final progress back).
+        Once per finished row, so a row without its profile does not make every tick read them
+        all."""
         models = self.registry.snapshot.models
         for p in progress:
-            d, task = models.get(p.model), self.runs.get(p.model)
+            d = models.get(p.model)
             if (p.status != "done" or d is None or d.profile is not None
-                    or (task is not None and not task.done())
                     or self._picked_up.get(p.model) == p.updated_at):
                 continue
             self._picked_up[p.model] = p.updated_at
             self.registry.refresh_profiles()
             if self.registry.snapshot.models[p.model].profile is not None:
-                log.info("model %s was onboarded by another process: now an auto candidate",
-                         p.model)
+                log.info("model %s is onboarded: now an auto candidate", p.model)
 
     def _report(self, progress: list[Progress]) -> None:
         """Onboarding progress into the metrics; the series of models no longer configured are
@@ -331,6 +330,11 @@ class OnboardingService:
 
     # -- what the admin endpoints show ------------------------------------------------------
     def status(self) -> dict:
+        """Every configured model's onboarding, as the admin API shows it. A model shown ``done``
+        is an ``auto`` candidate already: a profile finished in the store is read into the
+        registry first (it may have been stored a moment ago, here or by another process)."""
+        progress = {p.model: p for p in self.store.all_progress(self._suite_questions())}
+        self._pick_up_profiles(progress.values())
         snap = self.registry.snapshot
         out: dict[str, dict] = {}
         for name, d in snap.models.items():
@@ -338,7 +342,7 @@ class OnboardingService:
                 out[name] = {"status": "done", "reason": None, "profile_source": "providers.yaml",
                              "questions_done": 0, "questions_total": 0, "accuracy_so_far": None}
                 continue
-            entry = status_of(self.store.progress(name, self._suite_questions()))
+            entry = status_of(progress.get(name))
             if entry["status"] == "pending" and not d.available:
                 entry["reason"] = f"unavailable: {d.unavailable}"
             elif entry["status"] == "pending" and not d.info.onboard and d.profile is None:

@@ -415,3 +415,23 @@ async def test_the_watch_loop_outlives_a_store_locked_past_its_busy_timeout(tmp_
         finally:
             other.close()
             watch.cancel()
+
+
+async def test_a_model_shown_done_is_already_an_auto_candidate(tmp_path):
+    """The profile is stored (a run that just finished, here or in another process) before the
+    registry reads it: the admin status must not say done while auto cannot pick the model yet."""
+    from scorer.aptitude import profile_from_graded
+
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
+    suite, questions = make_suite()
+    with Store(tmp_path / "state") as store:
+        registry, svc = service(config, store, Answering("x"), suite, questions)
+        store.begin("m", suite.name, total=len(questions))
+        for q in questions:
+            store.record("m", GradedAnswer(q.id, q.answer, True))
+        store.finish("m", suite.name, profile_from_graded(suite, {q.id: True for q in questions}))
+        assert registry.snapshot.models["m"].profile is None  # nobody told the registry yet
+        entry = svc.status()["models"]["m"]
+        assert entry["status"] == "done" and entry["profile_source"] == "onboarding"
+        assert registry.snapshot.models["m"].routable
