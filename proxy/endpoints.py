@@ -24,7 +24,7 @@ from proxy import protocol
 from proxy.dispatch import Call, Reply
 from proxy.errors import (AllUpstreamsFailed, BodyTooLarge, ModelNotFound, RequestError, SatrouteError,
                           UpstreamClientError, error_response)
-from proxy.logs import request_record
+from proxy.logs import RequestRecord, request_record
 from proxy.providers import Deployment, Snapshot
 from proxy.routing import Decision, candidates, instruction_text, rank
 from proxy.scoring import ScorerDegraded, profile_means
@@ -150,63 +150,75 @@ async def chat_completions(request: Request) -> Response:
     except ClientDisconnect:  # it left while sending its request: no error of ours
         return _client_left(request)
     body, req = parse_request(raw)
-    planning = plan_route(svc, body, req)
-    if req.model == svc.registry.snapshot.router.router_name:
-        # scoring runs for a client that waits: one that leaves meanwhile gets nothing more (the
-        # scoring call itself finishes, shared, and its scores are remembered for a retry); a
-        # request naming its model has nothing to wait for here, and no watcher to pay for
-        plan = await _unless_the_client_leaves(request, planning)
-        if plan is None:
-            return _client_left(request)
-    else:
-        plan = await planning
-    decision, targets, default, snap = plan.decision, plan.targets, plan.default, plan.snap
-    if default:
-        svc.metrics.observe_routing(decision.chosen)
-    elif decision.routed:
-        if decision.degraded:
-            svc.metrics.observe_degraded(decision.degraded)
-        # the latency histogram is the scorer's: remembered scores and fallbacks did not run it
-        ran = not (decision.degraded or decision.remembered)
-        svc.metrics.observe_routing(decision.chosen, decision.scorer_ms / 1000 if ran else None,
-                                    remembered=decision.remembered)
-    stream = req.stream is True
     record = request_record(request)  # this request's log line (proxy.logs)
     if record is not None:
         record.requested_model = req.model
-    started = time.perf_counter()
-    logged = svc.route_log is not None and (decision.routed or default)
-
-    def log_route(chosen: str | None, failed) -> None:
-        svc.route_log.record(
-            req.model, chosen, scores=dict(decision.ranked) if decision.routed else None,
-            scorer_ms=decision.scorer_ms if decision.routed else None, failed=failed,
-            request_id=record.request_id if record is not None else None, degraded=decision.degraded)
-
+    chat = _Chat(svc, body, req, record)
     try:
-        reply = await _unless_the_client_leaves(request, svc.dispatcher.complete(
-            Call(targets=targets, body=body, stream=stream, router=snap.router, redact=snap.redact)))
+        # one watcher for the whole request: a client that leaves while its request is scored or
+        # while models are called gets nothing more (a scoring call still finishes, shared, and
+        # its scores are remembered for a retry)
+        reply = await _unless_the_client_leaves(request, chat.run())
     except AllUpstreamsFailed as exc:  # no model answered: the log says so, the client gets the error
-        if logged:
-            log_route(None, exc.failed)
+        chat.log_route(None, exc.failed)
         raise
     except UpstreamClientError as exc:  # the model refused the request: logged, passed back as it is
-        if logged:
-            log_route(None, [*exc.failed, (exc.model, f"http_{exc.status}")])
+        chat.log_route(None, [*exc.failed, (exc.model, f"http_{exc.status}")])
         raise
     if reply is None:  # the client left before any model answered: the calls were cancelled
-        if logged:  # the decision was made (and counted): the routing log has it too
-            log_route(None, [])
+        chat.log_route(None, [])  # a decision made (and counted) is in the routing log too
         return _client_left(request)
     if record is not None:  # to the answer, or to a stream's first chunk; retries included
-        record.upstream_ms = round((time.perf_counter() - started) * 1000, 2)
-    if logged:
-        log_route(reply.model, reply.failed)
-    headers = routing_headers(decision, reply, default)
+        record.upstream_ms = round((time.perf_counter() - chat.started) * 1000, 2)
+    chat.log_route(reply.model, reply.failed)
+    plan = chat.plan
+    assert plan is not None  # a reply comes only after the plan
+    headers = routing_headers(plan.decision, reply, plan.default)
     if reply.chunks is not None:
         return StreamingResponse(reply.chunks, media_type="text/event-stream",
                                  headers={**headers, "Cache-Control": "no-cache"})
     return Response(reply.body, media_type=JSON, headers=headers)
+
+
+class _Chat:
+    """One chat completion between its body and its reply: the plan once it is made (the
+    decision counted in the metrics), the call to the models, and its routing-log entry."""
+
+    def __init__(self, svc: "Services", body: dict[str, Any], req: protocol.ChatCompletionRequest,
+                 record: RequestRecord | None):
+        self.svc, self.body, self.req, self.record = svc, body, req, record
+        self.plan: Plan | None = None
+        self.started = 0.0  # when the models were first called
+
+    async def run(self) -> Reply:
+        svc = self.svc
+        plan = self.plan = await plan_route(svc, self.body, self.req)
+        decision = plan.decision
+        if plan.default:
+            svc.metrics.observe_routing(decision.chosen)
+        elif decision.routed:
+            if decision.degraded:
+                svc.metrics.observe_degraded(decision.degraded)
+            # the latency histogram is the scorer's: remembered scores and fallbacks did not run it
+            ran = not (decision.degraded or decision.remembered)
+            svc.metrics.observe_routing(decision.chosen, decision.scorer_ms / 1000 if ran else None,
+                                        remembered=decision.remembered)
+        self.started = time.perf_counter()
+        return await svc.dispatcher.complete(Call(
+            targets=plan.targets, body=self.body, stream=self.req.stream is True,
+            router=plan.snap.router, redact=plan.snap.redact))
+
+    def log_route(self, chosen: str | None, failed) -> None:
+        """The routing-log entry of a request to the router's name (or answered by the default
+        model), once it was decided; nothing otherwise."""
+        plan, route_log = self.plan, self.svc.route_log
+        if plan is None or route_log is None or not (plan.decision.routed or plan.default):
+            return
+        decision, record = plan.decision, self.record
+        route_log.record(
+            self.req.model, chosen, scores=dict(decision.ranked) if decision.routed else None,
+            scorer_ms=decision.scorer_ms if decision.routed else None, failed=failed,
+            request_id=record.request_id if record is not None else None, degraded=decision.degraded)
 
 
 def _client_left(request: Request) -> Response:
