@@ -96,12 +96,16 @@ _NO_SUCH_MODEL = re.compile(r"model_not_found|\bmodel\b.{0,120}?\b(?:not found|d
                             re.IGNORECASE | re.DOTALL)
 
 
+def _error_text(exc: UpstreamClientError) -> str:
+    """What a 4xx says: its message, and the upstream's error body when there is one."""
+    return exc.message if exc.upstream_body is None else f"{exc.message} {exc.upstream_body}"
+
+
 def refuses_the_model(exc: UpstreamClientError) -> bool:
     """True when a 4xx means no request to this model can succeed, not just this prompt."""
     if exc.status in FATAL_STATUSES:
         return True
-    text = exc.message if exc.upstream_body is None else f"{exc.message} {exc.upstream_body}"
-    return _NO_SUCH_MODEL.search(text) is not None
+    return _NO_SUCH_MODEL.search(_error_text(exc)) is not None
 
 
 # A 4xx that refuses one of the run's own parameters for this model (OpenAI's reasoning models:
@@ -116,8 +120,7 @@ def adapted_params(params: dict, exc: UpstreamClientError) -> dict | None:
     """The run's sampling parameters as this model takes them, when ``exc`` refuses one of them:
     ``max_tokens`` becomes ``max_completion_tokens``, a ``temperature`` it rejects is left to its
     default. None when ``exc`` is about something else."""
-    text = exc.message if exc.upstream_body is None else f"{exc.message} {exc.upstream_body}"
-    match = _REFUSED_PARAM.search(text)
+    match = _REFUSED_PARAM.search(_error_text(exc))
     if match is None:
         return None
     name = match.group(2) or match.group(3)
