@@ -523,16 +523,13 @@ async def _run_cli(settings, model: str, restart: bool) -> int:
         print(f"satroute onboard: cannot open the state store in {settings.state_dir}: {exc}",
               file=sys.stderr)
         return 2
-    with store:
+    with store:  # closing it gives up the lease on the model, however the command ends
         try:
             return await _onboard_cli(settings, store, model, restart)
         except ModelBusy as exc:
             print(f"satroute onboard: {exc}; wait for that run to end (GET /admin/onboarding "
                   "shows its progress) or stop it, then run this again", file=sys.stderr)
             return 2
-        finally:
-            with contextlib.suppress(sqlite3.Error):  # else it goes stale by itself
-                store.release(model)
 
 
 async def _in_daemon_thread(call: Callable[..., T], *args: Any, **kwargs: Any) -> T:
