@@ -113,12 +113,12 @@ class TextFormatter(logging.Formatter):
         self.redactor = redactor or Redactor()
 
     def format(self, record: logging.LogRecord) -> str:
-        line = super().format(record)
+        line = self.redactor(super().format(record))
         fields = getattr(record, "fields", None)
-        if isinstance(fields, Mapping) and fields:
+        if isinstance(fields, Mapping) and fields:  # redacted before they are quoted, as in JSON
             pairs = _loggable(fields, self.redactor)
             line += " " + " ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in pairs.items())
-        return self.redactor(line)
+        return line
 
 
 def configure_logging(level: str = "info", *, redactor: Redactor | None = None,

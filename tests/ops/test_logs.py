@@ -266,3 +266,13 @@ def test_text_lines_carry_the_request_s_fields_too():
     line = TextFormatter(Redactor(lambda: [SECRET])).format(record)
     assert line.endswith('satroute.request: POST /v1/chat/completions 502 request_id="req_1" routed_model="m1" '
                          'scores={"m1": 0.5, "m2": null} error="upstream_failed" prompt="my key is [redacted]"')
+
+
+def test_text_lines_quote_a_redacted_value_whole():
+    """Redacting after quoting would eat the backslash before the quote that follows a token."""
+    from proxy.logs import TextFormatter
+
+    record = logging.LogRecord("satroute.request", logging.INFO, __file__, 1, "POST", (), None)
+    record.fields = {"prompt": 'curl -H "Authorization: Bearer abcdefgh12345678" https://x'}
+    line = TextFormatter(Redactor()).format(record)
+    assert line.endswith(r'prompt="curl -H \"Authorization: Bearer [redacted]\" https://x"')
