@@ -61,10 +61,11 @@ class Dispatcher(Protocol):
     async def complete(self, call: Call) -> Reply: ...
 
 
-# 4xx answers that say the model cannot be used as configured (its key is refused, or the
-# upstream has no such model), whatever the request: a routed request falls back from them, and
-# they count towards the model's cooldown. Any other 4xx is about the request and goes back as is.
-MODEL_REFUSALS = frozenset({401, 403, 404})
+# 4xx answers that say the model cannot be used as configured (its key is refused, its account
+# has no credit left, or the upstream has no such model), whatever the request: a routed request
+# falls back from them, and they count towards the model's cooldown. Any other 4xx is about the
+# request and goes back as is. Onboarding stops a run on the same statuses (FATAL_STATUSES).
+MODEL_REFUSALS = frozenset({401, 402, 403, 404})
 
 
 class RetryingDispatcher:
@@ -104,7 +105,7 @@ class RetryingDispatcher:
             try:
                 answer = await self._with_retries(target, call, deadline)
             except UpstreamClientError as exc:  # its answer goes back as it is, with what failed before
-                if exc.status in MODEL_REFUSALS:  # the model's key or name is wrong, not the request
+                if exc.status in MODEL_REFUSALS:  # the model is unusable, not the request
                     if (self.cooldowns.failure(target.name, router.allowed_fails, router.cooldown_s)
                             and self.metrics is not None):
                         self.metrics.observe_cooldown(target.name)

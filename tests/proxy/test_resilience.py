@@ -110,6 +110,19 @@ def test_a_model_whose_key_is_refused_hands_routed_requests_to_the_next_and_cool
     assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == ["m1", "m2"]
 
 
+@pytest.mark.parametrize("fast", PATHS)
+def test_a_model_out_of_credit_hands_routed_requests_to_the_next(tmp_path, upstream, start_proxy, fast):
+    """402 (the provider's account has no credit left) is the model's problem, not the request's."""
+    proxy = setup(tmp_path, upstream, start_proxy, fast, num_retries=0)
+    upstream.set("m1", fail(402, "Insufficient credits", "insufficient_quota"))
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.headers["x-satroute-model"] == "m2"
+    assert raw.headers["x-satroute-failed"] == "m1:http_402"
+    with pytest.raises(openai.APIStatusError) as err:  # named: its own answer, no fallback
+        client(proxy).chat.completions.create(model="m1", messages=MESSAGES)
+    assert err.value.status_code == 402 and "Insufficient credits" in err.value.message
+
+
 def test_stalled_upstream_times_out_and_falls_back(tmp_path, upstream, start_proxy):
     proxy = setup(tmp_path, upstream, start_proxy, True, timeout_s=0.3, num_retries=0)
     upstream.set("m1", stall(5))
