@@ -166,6 +166,11 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
         Route("/openapi.json", openapi_endpoint, methods=["GET"]),
         Route("/admin/route", endpoints.route_preview, methods=["POST"]),
         *admin.routes(),
+        # The same endpoints without the /v1 prefix, as LiteLLM's proxy serves them, for clients
+        # configured with the bare host as base URL; left out of /openapi.json.
+        Route("/chat/completions", endpoints.chat_completions, methods=["POST"], include_in_schema=False),
+        Route("/models", endpoints.list_models, methods=["GET"], include_in_schema=False),
+        Route("/models/{model_id:path}", endpoints.retrieve_model, methods=["GET"], include_in_schema=False),
     ]
     # Every request, 401s included, gets a request id and its one log line.
     request_log = Middleware(RequestLogMiddleware, include_prompts=settings.log_prompts,

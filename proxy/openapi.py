@@ -148,7 +148,7 @@ def _walk(routes: Iterable[BaseRoute], prefix: str = ""):
     for route in routes:
         if isinstance(route, Mount):
             yield from _walk(route.routes, prefix + route.path)
-        elif isinstance(route, Route):
+        elif isinstance(route, Route) and route.include_in_schema:
             yield _PARAM.sub(r"{\1}", prefix + route.path), route
 
 

@@ -253,3 +253,20 @@ def test_the_pass_through_fills_only_chat_parameters_from_litellm_params(tmp_pat
     assert sent["temperature"] == 0.3 and sent["top_k"] == 5
     assert sent["max_tokens"] == 8  # the client's own value wins
     assert not {"drop_params", "tags", "aws_secret_access_key", "max_parallel_requests", "extra_body"} & set(sent)
+
+
+def test_the_bare_host_serves_the_same_endpoints_behind_the_same_key(config, upstream, start_proxy):
+    """A client configured with the host alone as base URL (no /v1), as LiteLLM's proxy allows."""
+    proxy = start_proxy(config, scorer=RecordingScorer({"m2": 1.0}), master_key="sk-master-123")
+    bare = openai.OpenAI(base_url=proxy.base, api_key="sk-master-123", max_retries=0, timeout=20)
+    raw = bare.chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.parse().model == "m2" and raw.headers["x-satroute-route"] == "routed"
+    assert "auto" in {m.id for m in bare.models.list()}
+    assert bare.models.retrieve("m1").id == "m1"
+    stream = bare.chat.completions.create(model="m1", messages=MESSAGES, stream=True)
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices)
+    for path in ("/chat/completions", "/models", "/models/m1"):  # the key guards them too
+        method = httpx.post if path == "/chat/completions" else httpx.get
+        assert method(f"{proxy.base}{path}").status_code == 401
+    doc = httpx.get(f"{proxy.base}/openapi.json", headers={"Authorization": "Bearer sk-master-123"})
+    assert "/v1/models" in doc.json()["paths"] and "/models" not in doc.json()["paths"]
