@@ -100,6 +100,15 @@ def prices_of(d: Deployment) -> Prices:
     return Prices(inp, out)
 
 
+def _not_onboardable(d: Deployment) -> str:
+    """Why ``onboardable(d)`` is False, in the words of the admin's file."""
+    if not d.available:
+        return f"unavailable: {d.unavailable}"
+    if d.info.capability_profile:
+        return "providers.yaml gives its capability_profile"
+    return "model_info.onboard is false"
+
+
 def needs_onboarding(d: Deployment) -> bool:
     return onboardable(d) and d.profile is None
 
@@ -117,6 +126,8 @@ class OnboardingService:
         self._source_error: str | None = None
         self._failed_stamp: dict[str, bytes] = {}  # model -> file digest when its run failed
         self._run_upstream: dict[str, str] = {}  # model -> upstream fingerprint of its run
+        self._run_prices: dict[str, Prices] = {}  # model -> the prices its run counts spend at
+        self._stopping: dict[str, str] = {}  # model -> why sync stopped its run (recorded as pending)
         self._digest = b""
         self._questions: frozenset[str] | None = None  # the suite's ids, once loaded
         self._waiting: dict[str, str] = {}  # model -> why its run could not start now (tried again)
@@ -198,12 +209,20 @@ class OnboardingService:
             running = task is not None and not task.done()
             upstream = upstream_fingerprint(d)
             if running:
-                if self._run_upstream.get(name) == upstream:
+                same_upstream = self._run_upstream.get(name) == upstream
+                if same_upstream and onboardable(d) and self._run_prices.get(name) == prices_of(d):
                     continue
-                # another upstream answers under this name now: its answers are not the same
-                # model's; the next run forgets them once the old run has stopped (an answer
-                # being stored at the cancel is stored first), and starts over
-                log.warning("onboarding %s: its upstream changed mid-run; starting over", name)
+                if not same_upstream:
+                    # another upstream answers under this name now: its answers are not the same
+                    # model's; the next run forgets them once the old run has stopped (an answer
+                    # being stored at the cancel is stored first), and starts over
+                    log.warning("onboarding %s: its upstream changed mid-run; starting over", name)
+                elif not onboardable(d):  # the edit takes the model out of onboarding: stop paying
+                    self._stopping[name] = f"stopped: {_not_onboardable(d)}"
+                    log.warning("onboarding %s stopped: %s", name, _not_onboardable(d))
+                else:  # the spend so far stands; the rest is counted at the new prices
+                    log.warning("onboarding %s: its prices changed mid-run; going on at the new "
+                                "prices", name)
                 task.cancel()
                 self._failed_stamp.pop(name, None)
                 if not onboardable(d):
@@ -222,6 +241,7 @@ class OnboardingService:
             elif self._failed_stamp.get(name) == digest:
                 continue  # failed with this very configuration; wait for an edit or a restart
             self._run_upstream[name] = upstream
+            self._run_prices[name] = prices_of(d)
             self.runs[name] = self.spawn(self._run(d, digest, after=task if running else None),
                                          f"onboard-{name}")
 
@@ -262,6 +282,12 @@ class OnboardingService:
         try:
             engine = await self._get_engine()
             progress = await engine.run(d.name, prices_of(d), upstream_fingerprint(d))
+        except asyncio.CancelledError:
+            why = self._stopping.pop(d.name, None)
+            if why is not None:  # stopped by an edit, not by shutdown: the store must not say running
+                await asyncio.to_thread(self.store.set_status, d.name, "pending", why,
+                                        suite=self.suite_name)
+            raise
         except ModelBusy as exc:  # another process onboards it: no failure of this model
             self._wait(d.name, str(exc))
             return

@@ -197,6 +197,66 @@ async def test_an_upstream_changed_mid_run_starts_over(tmp_path):
         assert {a.letter for a in store.answers("m")} == {"B"}  # no answer of the old upstream
 
 
+@pytest.mark.parametrize("edit", ["onboard_false", "profile_given"])
+async def test_an_edit_that_takes_a_running_model_out_of_onboarding_stops_its_run(tmp_path, edit):
+    """`onboard: false` or a capability_profile added while the test runs: no more questions are
+    paid for, and the store says why the run stopped instead of "running"."""
+    config = tmp_path / "providers.yaml"
+    entry = model_entry("m", "http://127.0.0.1:9", tmp_path)
+    write_providers(config, [entry])
+    suite, questions = make_suite(n_tasks=5, per_task=20)
+    dispatcher = Answering("The answer is (A).", delay=0.01)
+    with Store(tmp_path / "state") as store:
+        registry, svc = service(config, store, dispatcher, suite, questions)
+        await svc.sync()
+        await wait_until(lambda: len(store.answered("m")) >= 6)
+        first = svc.runs["m"]
+        if edit == "onboard_false":
+            entry["model_info"]["onboard"] = False
+        else:
+            entry = model_entry("m", "http://127.0.0.1:9", tmp_path, profile=True)
+        write_providers(config, [entry])
+        registry.reload()
+        await svc.sync()
+        await asyncio.gather(first, return_exceptions=True)
+        asked = dispatcher.calls
+        await asyncio.sleep(0.2)
+        assert dispatcher.calls == asked < 100 and svc.runs["m"] is first and first.cancelled()
+        progress = store.progress("m")
+        reason = ("model_info.onboard is false" if edit == "onboard_false"
+                  else "providers.yaml gives its capability_profile")
+        assert progress.status == "pending" and progress.reason == f"stopped: {reason}"
+        shown = svc.status()["models"]["m"]
+        assert shown["status"] == ("pending" if edit == "onboard_false" else "done")
+        assert (registry.snapshot.models["m"].profile is None) == (edit == "onboard_false")
+
+
+async def test_prices_changed_mid_run_count_the_rest_of_the_run(tmp_path):
+    """A model first priced free, then at its real price: the run goes on at the new prices, so
+    the spend cap stops it, instead of finishing the test on the old prices' estimate."""
+    config = tmp_path / "providers.yaml"
+    entry = model_entry("m", "http://127.0.0.1:9", tmp_path)
+    entry["model_info"].update(input_price_per_mtok=0.0, output_price_per_mtok=0.0)
+    write_providers(config, [entry])
+    suite, questions = make_suite(n_tasks=5, per_task=20)
+    dispatcher = Answering("The answer is (A).", delay=0.01)
+    with Store(tmp_path / "state") as store:
+        registry = ProviderRegistry(config, dict, store)
+        svc = OnboardingService(store, registry, DispatchAsker(registry, dispatcher), spawn)
+        svc._engine = Onboarding(store, suite, questions, svc.asker,
+                                 Options(concurrency=2, spend_cap_usd=0.01))
+        await svc.sync()
+        await wait_until(lambda: len(store.answered("m")) >= 6)
+        entry["model_info"].update(input_price_per_mtok=5000.0, output_price_per_mtok=5000.0)
+        write_providers(config, [entry])
+        registry.reload()
+        await svc.sync()
+        await asyncio.wait_for(svc.runs["m"], 10)
+        progress = store.progress("m")
+        assert progress.status == "failed" and "exceeds the spend cap $0.01" in progress.reason
+        assert progress.done < 100 and registry.snapshot.models["m"].profile is None
+
+
 async def test_a_store_without_upstream_fingerprints_keeps_its_profile(tmp_path):
     """A profile stored by an earlier version (no fingerprint) is kept, and the fingerprint of
     the upstream configured now is recorded."""
