@@ -393,6 +393,8 @@ class LocalServerManager:
                 del self.servers[name]
                 if server is not None:
                     await server.stop()
+                if name not in wanted:  # no longer a local model (or gone): its mark goes too
+                    self._mark(name, None)
         for name, spec in wanted.items():
             if name in self.servers:
                 continue

@@ -223,16 +223,21 @@ async def test_manager_leaves_a_model_unavailable_when_its_server_cannot_run():
     wanted = {"broken": _spec("broken", free_port(), "--exit-after", "0", "--never-ready"),
               "missing": _spec("missing", free_port())}
     marks = _Marks()
-    manager = LocalServerManager(lambda: {"broken": wanted["broken"]}, marks,
+    manager = LocalServerManager(lambda: {k: v for k, v in wanted.items() if k == "broken"}, marks,
                                  factory=_fake_factory, installed=lambda: True)
     await manager.sync()
     assert marks.current("broken").startswith("its local server failed to start: ")
     await manager.sync()  # no restart loop for a server that cannot start: same spec, same state
     assert sum(1 for n, r in marks.log if n == "broken" and r and "failed" in r) == 1
-    not_installed = LocalServerManager(lambda: {"missing": wanted["missing"]}, marks,
-                                       factory=_fake_factory, installed=lambda: False)
+    not_installed = LocalServerManager(lambda: {k: v for k, v in wanted.items() if k == "missing"},
+                                       marks, factory=_fake_factory, installed=lambda: False)
     await not_installed.sync()
     assert "llama-cpp-python is not installed" in marks.current("missing")
+    # the local_server block removed (the model now points elsewhere, or is gone): no longer down
+    wanted.clear()
+    await manager.sync()
+    await not_installed.sync()
+    assert marks.current("broken") is None and marks.current("missing") is None
     await manager.stop()
     await not_installed.stop()
 
