@@ -15,8 +15,10 @@ Does not know: HTTP serving, routing policy, where the targets came from.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import random
+import re
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Callable, Mapping, Protocol, Sequence
@@ -27,7 +29,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 from proxy.cooldown import Cooldowns
 from proxy.errors import AllUpstreamsFailed, UpstreamClientError, UpstreamTransient
 from proxy.protocol import OPENAI_CHAT_PARAMS
-from proxy.providers import Deployment, RouterSettings
+from proxy.providers import OPENAI_COMPATIBLE, Deployment, RouterSettings
 from proxy.settings import prepare_litellm_environment
 from proxy.upstream import (RETRYABLE, Answer, PassThrough, classify, interrupted_event,
                             retry_after_seconds)
@@ -105,6 +107,13 @@ class RetryingDispatcher:
             try:
                 answer = await self._with_retries(target, call, deadline)
             except UpstreamClientError as exc:  # its answer goes back as it is, with what failed before
+                if exc.unfit is not None and target is not call.targets[-1]:
+                    # this model cannot take the request's parameters, another may: nothing was
+                    # sent, so the model's health is not in question (no cooldown)
+                    failed.append((target.name, exc.unfit))
+                    all_429 = False
+                    log.warning("model %s cannot take the request: %s", target.name, exc.message)
+                    continue
                 if exc.status in MODEL_REFUSALS:  # the model is unusable, not the request
                     if (self.cooldowns.failure(target.name, router.allowed_fails, router.cooldown_s)
                             and self.metrics is not None):
@@ -195,7 +204,7 @@ class RetryingDispatcher:
         import openai  # litellm's exceptions subclass the openai SDK's
 
         kwargs = {k: v for k, v in d.params.items() if k not in ("max_retries", "num_retries")}
-        kwargs.update(litellm_request_kwargs(call.body))
+        kwargs.update(litellm_request_kwargs(call.body, d, _openai_like(d.provider, d.upstream_model)))
         # litellm's timeout bounds each read of a stream, like the pass-through's sock_read: the
         # whole timeout_s, not what the deadline left for the first chunk (asyncio.timeout below)
         kwargs.update(model=d.model, timeout=call.router.timeout_s, num_retries=0, max_retries=0)
@@ -223,31 +232,84 @@ class RetryingDispatcher:
         return Answer(chunks=_litellm_chunks(first, resp, d.name, openai.OpenAIError))
 
 
-def litellm_request_kwargs(body: Mapping[str, Any]) -> dict[str, Any]:
+@functools.lru_cache(maxsize=256)
+def _openai_like(provider: str, model: str) -> bool:
+    """Whether litellm calls this provider in OpenAI's format, merging ``extra_body`` into the
+    request (OpenAI-compatible servers, Azure, and the providers litellm configures as OpenAI-like:
+    Groq, OpenRouter, Together, DeepSeek, Mistral, ...). Call only once litellm is imported."""
+    if provider in OPENAI_COMPATIBLE or provider in ("azure", "azure_ai"):
+        return True
+    try:
+        from litellm.llms.openai.chat.gpt_transformation import OpenAIGPTConfig
+        from litellm.types.utils import LlmProviders
+        from litellm.utils import ProviderConfigManager
+
+        config = ProviderConfigManager.get_provider_chat_config(model=model,
+                                                                provider=LlmProviders(provider))
+    except Exception:  # noqa: BLE001 (an unknown provider, or litellm moved these: not OpenAI-like)
+        return False
+    return isinstance(config, OpenAIGPTConfig)
+
+
+def litellm_request_kwargs(body: Mapping[str, Any], d: Deployment,
+                           openai_like: bool = True) -> dict[str, Any]:
     """The client's body as ``litellm.acompletion`` keywords: the OpenAI chat parameters
-    (``protocol.OPENAI_CHAT_PARAMS``, which litellm translates for each provider) as they are,
-    everything else (but ``model``, which the target sets) under ``extra_body``. Never another
-    keyword: litellm reads many as its own settings (``api_base``, ``base_url``, ``api_key``,
-    ``extra_headers``, ``mock_response``, ``metadata``, ...), and a client must not choose where the
-    configured credentials are sent."""
+    (``protocol.OPENAI_CHAT_PARAMS``, which litellm translates for each provider) as they are.
+    Never another keyword: litellm reads many as its own settings (``api_base``, ``base_url``,
+    ``api_key``, ``extra_headers``, ``mock_response``, ``metadata``, ...), and a client must not
+    choose where the configured credentials are sent.
+
+    Every other field (but ``model``, which the target sets) goes under ``extra_body``, merged
+    over the one in ``litellm_params``, for a provider called in OpenAI's format (``openai_like``);
+    so does ``user``, which litellm keeps only for models in OpenAI's own catalogue. A translated
+    provider (Anthropic, Gemini, ...) gets none of them: litellm would send ``extra_body`` as a
+    field of its own, which such an API refuses, so a routed request carrying an OpenAI-only field
+    (``metadata``, ``prompt_cache_key``) would fail on every such model."""
     kwargs = {k: v for k, v in body.items() if k in OPENAI_CHAT_PARAMS}
     extra = {k: v for k, v in body.items() if k not in OPENAI_CHAT_PARAMS and k != "model"}
+    if not openai_like:
+        if extra:
+            log.debug("model %s: fields its provider does not take left out: %s",
+                      d.name, ", ".join(sorted(extra)))
+        return kwargs
+    if "user" in kwargs:
+        extra["user"] = kwargs.pop("user")
+    configured = d.params.get("extra_body")
     if extra:
-        kwargs["extra_body"] = extra
+        kwargs["extra_body"] = {**(configured if isinstance(configured, dict) else {}), **extra}
     return kwargs
 
 
+_UNSUPPORTED = re.compile(r"does not support parameters: (\[[^\]]*\])")
+
+
 def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) -> Exception:
-    status = getattr(exc, "status_code", None)
+    import litellm
+
     message = redact(str(getattr(exc, "message", None) or exc))
-    failure = _transport_failure(exc)
+    if isinstance(exc, litellm.UnsupportedParamsError):  # refused before anything was sent
+        found = _UNSUPPORTED.search(message)
+        what = f"the parameters {found.group(1)}" if found else "a parameter of this request"
+        text = (f"model {model} cannot take {what}: its provider does not support them. Send the "
+                "request without them, or set litellm_params.drop_params: true for this model in "
+                "providers.yaml to have them dropped")
+        return UpstreamClientError(text, status=400, model=model, unfit="unsupported_params",
+                                   upstream_body={"error": {"message": text,
+                                                            "type": "invalid_request_error",
+                                                            "param": None,
+                                                            "code": "unsupported_parameter"}})
+    # the status the upstream answered, where one did: litellm relabels some (a 529 as 500, a
+    # 413 as 400, a 408 or 504 answer as its Timeout) and the pass-through path reports them as is
+    answered = _answered_status(exc)
+    status = answered or getattr(exc, "status_code", None)
+    failure = None if answered else _transport_failure(exc)
     if failure is not None:  # litellm labels these 500; report them as the pass-through path does
         return UpstreamTransient(f"{model}: {type(exc).__name__}: {message}", model=model,
                                  status=504 if failure == "timeout" else 0,
                                  timeout=failure == "timeout")
     import openai
 
-    if isinstance(exc, openai.APIConnectionError):
+    if isinstance(exc, openai.APIConnectionError) and not answered:
         # litellm's "connection error" with no network failure behind it: it failed on its own side,
         # often translating this request (a malformed tool, say). Another model may take the
         # request, but this one's health is not in question.
@@ -256,7 +318,7 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
         response = getattr(exc, "response", None)
         headers = (getattr(exc, "litellm_response_headers", None)
                    or getattr(response, "headers", None) or {})
-        timeout = "timeout" in type(exc).__name__.lower()
+        timeout = not answered and "timeout" in type(exc).__name__.lower()
         return UpstreamTransient(f"{model}: {type(exc).__name__}: {message}", model=model,
                                  status=status or 0, retry_after=retry_after_seconds(headers),
                                  timeout=timeout)
@@ -294,6 +356,21 @@ def _upstream_error(exc: BaseException) -> dict | None:
     return None
 
 
+def _answered_status(exc: BaseException) -> int | None:
+    """The HTTP status of the upstream's own answer behind a litellm exception (the provider
+    call's ``httpx.HTTPStatusError``, which litellm keeps in the chain), or None."""
+    import httpx
+
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        if isinstance(link, httpx.HTTPStatusError):
+            return link.response.status_code
+        link = link.__cause__ or link.__context__
+    return None
+
+
 def _transport_failure(exc: BaseException) -> str | None:
     """``"timeout"`` or ``"connection"`` when no HTTP answer came back, else None.
 
@@ -322,17 +399,33 @@ def _transport_failure(exc: BaseException) -> str | None:
 
 def openai_shape(obj: dict[str, Any]) -> dict[str, Any]:
     """A litellm answer or chunk, dumped without its many empty fields, put back in OpenAI's shape:
-    the fields the API always sends even when null (a choice's ``finish_reason``, a message's
-    ``content``, as in a tool call), and ``choices: []`` on the usage chunk of
+    the fields the API always sends even when null (a choice's ``finish_reason`` and
+    ``logprobs``, a message's ``content``, as in a tool call, and ``refusal``, which litellm moves
+    under ``provider_specific_fields``); none of litellm's own (``provider_specific_fields``, an
+    ``index`` on a whole message's tool calls); and ``choices: []`` on the usage chunk of
     ``stream_options.include_usage`` (litellm gives it an empty delta)."""
     choices = obj.get("choices")
     if not isinstance(choices, list):
         return obj
     for choice in choices:
-        if isinstance(choice, dict):
-            choice.setdefault("finish_reason", None)
-            if isinstance(choice.get("message"), dict):
-                choice["message"].setdefault("content", None)
+        if not isinstance(choice, dict):
+            continue
+        choice.setdefault("finish_reason", None)
+        choice.setdefault("logprobs", None)
+        choice.pop("provider_specific_fields", None)
+        message = choice.get("message")
+        if isinstance(message, dict):
+            extra = message.pop("provider_specific_fields", None)
+            message.setdefault("content", None)
+            message.setdefault("refusal", extra.get("refusal") if isinstance(extra, dict) else None)
+            for call in message.get("tool_calls") or ():
+                if isinstance(call, dict):
+                    call.pop("index", None)
+        delta = choice.get("delta")
+        if isinstance(delta, dict):
+            extra = delta.pop("provider_specific_fields", None)
+            if isinstance(extra, dict) and extra.get("refusal"):
+                delta.setdefault("refusal", extra["refusal"])
     if obj.get("object") == "chat.completion.chunk" and isinstance(obj.get("usage"), dict) and all(
             isinstance(c, dict) and not c.get("delta") and c.get("finish_reason") is None for c in choices):
         obj["choices"] = []

@@ -89,10 +89,13 @@ class UpstreamClientError(UpstreamError):
     type = "invalid_request_error"
 
     def __init__(self, message: str, *, status: int, model: str = "",
-                 upstream_body: dict[str, Any] | None = None):
+                 upstream_body: dict[str, Any] | None = None, unfit: str | None = None):
         super().__init__(message, model=model)
         self.status = status
         self.upstream_body = upstream_body
+        # set when the request is refused for what this model cannot take (a parameter its
+        # provider does not support), before anything was sent: another model may take it
+        self.unfit = unfit
         self.failed: list[tuple[str, str]] = []  # models that failed before this one refused (dispatch)
 
     def body(self) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """A real OpenAI-compatible HTTP server on 127.0.0.1 for tests and benchmarks.
 
 It speaks enough of the OpenAI API (``POST /v1/chat/completions``, streaming or not,
-``stream_options.include_usage``; ``GET /v1/models``) and can be told, per model or per request,
+``stream_options.include_usage``; ``GET /v1/models``), and of Anthropic's (``POST /v1/messages``,
+for the litellm path's translation), and can be told, per model or per request,
 to answer, stream, fail with a status, stall, drop the connection (before answering or in the
 middle of a stream), or answer 429 with Retry-After.
 It records every request body it received. Lean on purpose (asyncio + httptools, no framework) so
@@ -44,12 +45,14 @@ class Behavior:
     chunks: int = 4  # streamed content chunks
     chunk_delay: float = 0.0
     cut_after: int | None = None  # streams: close the connection after this many events
+    refusal: str | None = None  # answer with this refusal (OpenAI format) instead of content
 
 
 def answer(content: str | None = None, delay: float = 0.0, chunks: int = 4,
-           chunk_delay: float = 0.0, cut_after: int | None = None) -> Behavior:
+           chunk_delay: float = 0.0, cut_after: int | None = None,
+           refusal: str | None = None) -> Behavior:
     return Behavior("answer", content=content, delay=delay, chunks=chunks, chunk_delay=chunk_delay,
-                    cut_after=cut_after)
+                    cut_after=cut_after, refusal=refusal)
 
 
 def fail(status: int = 500, message: str = "mock failure", error_type: str | None = None,
@@ -224,6 +227,9 @@ class _Conn(asyncio.Protocol):
         if method == "GET" and path.endswith("/models"):
             self.write(200, json.dumps({"object": "list", "data": []}).encode())
             return
+        if method == "POST" and path.endswith("/messages"):
+            await self.handle_anthropic(path, headers, raw)
+            return
         if method != "POST" or not path.endswith("/chat/completions"):
             self.write(404, b'{"error":{"message":"not found","type":"invalid_request_error"}}')
             return
@@ -252,7 +258,48 @@ class _Conn(asyncio.Protocol):
         if body.get("stream"):
             await self.stream(model, text, b, body)
         else:
-            self.write(200, completion(model, text))
+            self.write(200, completion(model, text, b.refusal))
+
+    async def handle_anthropic(self, path: str, headers: dict[str, str], raw: bytes) -> None:
+        """Anthropic's Messages API, as strict as the real one about unknown top-level fields."""
+        body = json.loads(raw)
+        self.mock.record(path, headers, body)
+        model = body.get("model", "")
+        unknown = sorted(set(body) - ANTHROPIC_FIELDS)
+        if unknown:
+            self.write(400, anthropic_error("invalid_request_error",
+                                            f"{unknown[0]}: Extra inputs are not permitted"))
+            return
+        b = self.mock.behavior_for(model)
+        if b.delay:
+            await asyncio.sleep(b.delay)
+        if b.kind == "drop":
+            self.transport.close()
+            return
+        if b.kind == "fail":
+            self.write(b.status, anthropic_error(b.error_type, b.message))
+            return
+        text = b.content if b.content is not None else f"reply from {model}"
+        if not body.get("stream"):
+            self.write(200, json.dumps(anthropic_message(model, text)).encode())
+            return
+        start = anthropic_message(model, "")
+        start["content"], start["stop_reason"] = [], None
+        events = [("message_start", {"type": "message_start", "message": start}),
+                  ("content_block_start", {"type": "content_block_start", "index": 0,
+                                           "content_block": {"type": "text", "text": ""}}),
+                  ("content_block_delta", {"type": "content_block_delta", "index": 0,
+                                           "delta": {"type": "text_delta", "text": text}}),
+                  ("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                  ("message_delta", {"type": "message_delta", "usage": {"output_tokens": 7},
+                                     "delta": {"stop_reason": "end_turn", "stop_sequence": None}}),
+                  ("message_stop", {"type": "message_stop"})]
+        self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+                             b"transfer-encoding: chunked\r\n\r\n")
+        for name, data in events:
+            ev = f"event: {name}\ndata: {json.dumps(data)}\n\n".encode()
+            self.transport.write(b"%x\r\n%s\r\n" % (len(ev), ev))
+        self.transport.write(b"0\r\n\r\n")
 
     async def stream(self, model: str, text: str, b: Behavior, body: dict[str, Any]) -> None:
         self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
@@ -292,13 +339,31 @@ def chunk(model: str, delta: dict[str, Any], finish: str | None) -> bytes:
                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
 
 
-def completion(model: str, text: str) -> bytes:
+def completion(model: str, text: str, refusal: str | None = None) -> bytes:
+    message = ({"role": "assistant", "content": None, "refusal": refusal} if refusal is not None
+               else {"role": "assistant", "content": text})
     return json.dumps({
         "id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model,
         "system_fingerprint": "fp_mock", "x_mock_extra": {"kept": True},
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
-                     "finish_reason": "stop", "logprobs": None}],
+        "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
         "usage": usage()}, separators=(",", ":")).encode()
+
+
+# The top-level fields Anthropic's Messages API takes; any other is a 400.
+ANTHROPIC_FIELDS = frozenset({
+    "model", "messages", "max_tokens", "system", "stop_sequences", "stream", "temperature", "top_p",
+    "top_k", "metadata", "tools", "tool_choice", "thinking", "service_tier", "container",
+    "mcp_servers"})
+
+
+def anthropic_message(model: str, text: str) -> dict[str, Any]:
+    return {"id": "msg_mock", "type": "message", "role": "assistant", "model": model,
+            "content": [{"type": "text", "text": text}], "stop_reason": "end_turn",
+            "stop_sequence": None, "usage": {"input_tokens": 11, "output_tokens": 7}}
+
+
+def anthropic_error(error_type: str, message: str) -> bytes:
+    return json.dumps({"type": "error", "error": {"type": error_type, "message": message}}).encode()
 
 
 def main() -> None:

@@ -1,0 +1,113 @@
+"""The litellm path to a provider litellm translates for (Anthropic's Messages API, served by the
+mock upstream), driven by the openai SDK: what a client sees must not depend on which path or
+provider answered."""
+from __future__ import annotations
+
+import openai
+import pytest
+
+from conftest import RecordingScorer, model_entry, write_config
+from support.mock_upstream import answer, fail
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+
+
+def client(proxy) -> openai.OpenAI:
+    return openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=0, timeout=30)
+
+
+def claude(upstream, name: str = "claude", **params) -> dict:
+    """An Anthropic model on the mock upstream (litellm appends /v1/messages to api_base)."""
+    return {"model_name": name,
+            "litellm_params": {"model": f"anthropic/{name}-upstream", "api_key": "sk-ant-test",
+                               "api_base": upstream.url.removesuffix("/v1"), **params},
+            "model_info": {"capability_profile": "claude.profile.json"}}
+
+
+@pytest.fixture
+def proxy(tmp_path, upstream, start_proxy):
+    """claude ranked first, then an OpenAI-compatible model on each path."""
+    (tmp_path / "claude.profile.json").write_text('{"tasks": {"t1": 0.5}}')
+    models = [claude(upstream), model_entry("oai-lite", upstream.url, tmp_path, fast_path=False),
+              model_entry("oai-fast", upstream.url, tmp_path, fast_path=True)]
+    cfg = write_config(tmp_path / "providers.yaml", models, num_retries=0)
+    return start_proxy(cfg, scorer=RecordingScorer({"claude": 0.9, "oai-lite": 0.5, "oai-fast": 0.1}))
+
+
+def test_fields_outside_openai_s_chat_parameters_do_not_break_a_translated_provider(proxy, upstream):
+    """The SDK's `metadata` and vendor fields of OpenAI's (`prompt_cache_key`) are left out for
+    Anthropic, which refuses unknown fields; an OpenAI-like model still gets them."""
+    for model in ("auto", "claude"):
+        raw = client(proxy).chat.completions.with_raw_response.create(
+            model=model, messages=MESSAGES, metadata={"trace": "abc"},
+            extra_body={"prompt_cache_key": "k1"})
+        assert raw.headers["x-satroute-model"] == "claude" and "x-satroute-failed" not in raw.headers
+        assert raw.parse().choices[0].message.content == "reply from claude-upstream"
+        sent = upstream.bodies("claude-upstream")[-1]
+        assert not {"metadata", "prompt_cache_key", "extra_body"} & set(sent)
+    stream = client(proxy).chat.completions.create(model="claude", messages=MESSAGES, stream=True,
+                                                   extra_body={"prompt_cache_key": "k1"})
+    assert "".join(c.choices[0].delta.content or "" for c in stream if c.choices) == \
+        "reply from claude-upstream"
+    client(proxy).chat.completions.create(model="oai-lite", messages=MESSAGES, user="u-42",
+                                          extra_body={"prompt_cache_key": "k1"})
+    sent = upstream.bodies("oai-lite")[-1]
+    assert (sent["prompt_cache_key"], sent["user"]) == ("k1", "u-42")
+
+
+def test_the_configured_extra_body_is_merged_with_the_client_s(tmp_path, upstream, start_proxy):
+    entry = model_entry("oai-lite", upstream.url, tmp_path, fast_path=False)
+    entry["litellm_params"]["extra_body"] = {"admin_field": 1, "shared": "admin"}
+    proxy = start_proxy(write_config(tmp_path / "p.yaml", [entry]))
+    client(proxy).chat.completions.create(model="oai-lite", messages=MESSAGES,
+                                          extra_body={"client_field": 2, "shared": "client"})
+    sent = upstream.bodies("oai-lite")[-1]
+    assert (sent["admin_field"], sent["client_field"], sent["shared"]) == (1, 2, "client")
+
+
+def test_a_parameter_the_top_model_cannot_take_falls_back_and_a_named_call_says_why(proxy, upstream):
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES,
+                                                                  seed=7)
+    assert raw.headers["x-satroute-model"] == "oai-lite"
+    assert raw.headers["x-satroute-failed"] == "claude:unsupported_params"
+    assert upstream.bodies("claude-upstream") == []  # nothing was sent to it
+    with pytest.raises(openai.BadRequestError) as err:
+        client(proxy).chat.completions.create(model="claude", messages=MESSAGES, seed=7)
+    assert err.value.code == "unsupported_parameter"
+    assert "['seed']" in err.value.message and "drop_params" in err.value.message
+    assert "litellm_settings" not in err.value.message  # litellm's own proxy's advice is not ours
+    for _ in range(5):  # not the model's health: it never cools down for it
+        client(proxy).chat.completions.create(model="auto", messages=MESSAGES, seed=7)
+    assert client(proxy).chat.completions.create(model="auto", messages=MESSAGES).model == "claude"
+
+
+@pytest.mark.parametrize("status, reason, error", [
+    (529, "http_529", None), (504, "http_504", None), (408, "http_408", None),
+    (413, None, openai.APIStatusError)])
+def test_the_upstream_s_own_status_is_reported_as_on_the_pass_through(proxy, upstream, status,
+                                                                       reason, error):
+    """litellm relabels some answers (529 as 500, 504 and 408 as its timeout, 413 as 400)."""
+    upstream.set("claude-upstream", fail(status, f"status {status}", "api_error"))
+    if error is None:
+        raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+        assert raw.headers["x-satroute-failed"] == f"claude:{reason}"
+    else:
+        with pytest.raises(error) as err:
+            client(proxy).chat.completions.create(model="claude", messages=MESSAGES)
+        assert err.value.status_code == status and f"status {status}" in err.value.message
+
+
+def test_a_refusal_and_the_null_fields_come_back_in_openai_s_shape(proxy, upstream):
+    upstream.set("oai-lite", answer(refusal="I can't help with that."))
+    upstream.set("oai-fast", answer(refusal="I can't help with that."))
+    shapes = {}
+    for name in ("oai-lite", "oai-fast"):
+        raw = client(proxy).chat.completions.with_raw_response.create(model=name, messages=MESSAGES)
+        body = raw.http_response.json()
+        choice = body["choices"][0]
+        assert choice["message"]["refusal"] == "I can't help with that."
+        assert choice["message"]["content"] is None and choice["logprobs"] is None
+        assert "provider_specific_fields" not in choice and \
+            "provider_specific_fields" not in choice["message"]
+        shapes[name] = (sorted(choice), sorted(choice["message"]))
+    assert shapes["oai-lite"] == shapes["oai-fast"]
