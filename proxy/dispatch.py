@@ -157,7 +157,7 @@ class RetryingDispatcher:
                 if self.metrics is not None and attempt.retry_state.attempt_number > 1:
                     self.metrics.observe_retry(d.name)
                 started = time.perf_counter()
-                budget = min(router.timeout_s, remaining)
+                budget = min(attempt_timeout(d, router), remaining)
                 timed = True
                 try:
                     return await self._attempt(d, call, budget)
@@ -167,7 +167,7 @@ class RetryingDispatcher:
                 except UpstreamTransient as exc:
                     # a timeout the request's own deadline cut short, or a failure that may be the
                     # request's, says nothing about the model: it must not cool it for everyone
-                    cut_short = exc.timeout and budget < router.timeout_s
+                    cut_short = exc.timeout and budget < attempt_timeout(d, router)
                     if (exc.counts and not cut_short
                             and self.cooldowns.failure(d.name, router.allowed_fails, router.cooldown_s)
                             and self.metrics is not None):
@@ -181,7 +181,7 @@ class RetryingDispatcher:
     async def _attempt(self, d: Deployment, call: Call, first_byte_s: float) -> Answer:
         if d.fast_path:
             return await self.passthrough.attempt(d, call.body, call.stream, first_byte_s,
-                                                  call.router.timeout_s, call.redact,
+                                                  attempt_timeout(d, call.router), call.redact,
                                                   connect_s=call.router.connect_timeout_s)
         return await self._litellm_attempt(d, call, first_byte_s)
 
@@ -207,7 +207,8 @@ class RetryingDispatcher:
         kwargs.update(litellm_request_kwargs(call.body, d, _openai_like(d.provider, d.upstream_model)))
         # litellm's timeout bounds each read of a stream, like the pass-through's sock_read: the
         # whole timeout_s, not what the deadline left for the first chunk (asyncio.timeout below)
-        kwargs.update(model=d.model, timeout=call.router.timeout_s, num_retries=0, max_retries=0)
+        kwargs.update(model=d.model, timeout=attempt_timeout(d, call.router), num_retries=0,
+                      max_retries=0)
         if d.api_base:
             kwargs["api_base"] = d.api_base
         if d.api_key:
@@ -230,6 +231,17 @@ class RetryingDispatcher:
         if first is None:
             raise UpstreamTransient(f"{d.name}: stream closed before its first chunk", model=d.name)
         return Answer(chunks=_litellm_chunks(first, resp, d.name, openai.OpenAIError))
+
+
+def attempt_timeout(d: Deployment, router: RouterSettings) -> float:
+    """One attempt's limit for this model: its ``litellm_params.timeout`` (seconds) where it gives
+    one, as litellm's own router reads it (a slow local or reasoning model may need more than
+    the others), else ``router_settings.timeout_s``. The deadline bounds both."""
+    try:
+        own = float(d.params.get("timeout"))  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return router.timeout_s
+    return own if own > 0 and own != float("inf") else router.timeout_s
 
 
 @functools.lru_cache(maxsize=256)

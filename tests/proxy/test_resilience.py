@@ -131,6 +131,23 @@ def test_stalled_upstream_times_out_and_falls_back(tmp_path, upstream, start_pro
     assert raw.headers["x-satroute-failed"] == "m1:timeout"
 
 
+@pytest.mark.parametrize("fast", PATHS)
+def test_a_model_s_own_timeout_replaces_the_router_s(tmp_path, upstream, start_proxy, fast):
+    """litellm_params.timeout: shorter for a model that should fail fast, longer for a slow one."""
+    models = [model_entry(n, upstream.url, tmp_path, fast_path=fast) for n in ("m1", "m2")]
+    models[0]["litellm_params"]["timeout"] = 0.3
+    models[1]["litellm_params"]["timeout"] = 3
+    cfg = write_config(tmp_path / "providers.yaml", models, timeout_s=1.0, num_retries=0)
+    proxy = start_proxy(cfg, scorer=RecordingScorer({"m1": 0.9, "m2": 0.5}))
+    client(proxy).chat.completions.create(model="m2", messages=MESSAGES)  # litellm imported
+    upstream.set("m1", stall(5))
+    upstream.set("m2", answer(delay=1.5))
+    started = time.monotonic()
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.headers["x-satroute-failed"] == "m1:timeout" and raw.parse().model == "m2"
+    assert time.monotonic() - started < 1.5 + 0.3 + 0.7
+
+
 def test_request_deadline_bounds_everything(tmp_path, upstream, start_proxy):
     proxy = setup(tmp_path, upstream, start_proxy, True, timeout_s=0.4, deadline_s=0.7)
     for name in ("m1", "m2", "m3"):
