@@ -23,7 +23,8 @@ from starlette.responses import Response, StreamingResponse
 from proxy import protocol
 from proxy.dispatch import Call, Reply
 from proxy.errors import (AllUpstreamsFailed, BodyTooLarge, ModelNotFound, RequestError, SatrouteError,
-                          UpstreamClientError, error_response)
+                          ServiceUnavailable, UpstreamClientError, error_response)
+from proxy.localserver import STARTING_RETRY_AFTER_S, coming_back
 from proxy.logs import RequestRecord, request_record
 from proxy.providers import Deployment, Snapshot
 from proxy.routing import Decision, candidates, instruction_text, rank
@@ -135,6 +136,11 @@ async def plan_route(svc: "Services", body: dict[str, Any], req: protocol.ChatCo
         targets = [snap.models[n] for n, _ in decision.ranked[: 1 + snap.router.max_fallbacks]]
         return Plan(decision, targets, snap, instruction=text)
     target = snap.models.get(req.model)
+    if target is not None and coming_back(target.unavailable):  # a 503 the SDK retries, not a 404
+        err = ServiceUnavailable(f"The model '{req.model}' is not available yet: {target.unavailable}",
+                                 code="model_starting")
+        err.retry_after = STARTING_RETRY_AFTER_S
+        raise err
     if target is None or not target.available:
         why = "is not available" if target else "does not exist"
         raise ModelNotFound(f"The model '{req.model}' {why}; GET /v1/models lists the models "

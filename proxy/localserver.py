@@ -41,6 +41,24 @@ BUILTIN_SMOLLM2 = "builtin:smollm2"
 
 EventCallback = Callable[[str, str], None]
 
+# Why a local model is down, as the manager marks it; the first two and any reason ending with
+# TRYING_AGAIN say the server is on its way back (``coming_back``), the others need the admin.
+STARTING = "its local server is starting"
+RESTARTING = "its local server is restarting"
+TRYING_AGAIN = "; trying again"
+# A child that stayed up this long before it exited is restarted at once, not after a backoff that
+# earlier crashes grew: the backoff is for crash loops, not for the odd crash.
+STABLE_S = 60.0
+# The Retry-After of a request refused while a local model is on its way back: it usually answers
+# within seconds (SmolLM2 loads in about 1.5 s).
+STARTING_RETRY_AFTER_S = 5.0
+
+
+def coming_back(reason: str | None) -> bool:
+    """Whether a model marked down for ``reason`` is expected back without the admin's help (its
+    local server is starting, restarting, or trying again after a failed start)."""
+    return bool(reason) and (reason.startswith((STARTING, RESTARTING)) or reason.endswith(TRYING_AGAIN))
+
 
 class LocalServerError(SatrouteError):
     """The local model server could not be located, started, or did not answer in time."""
@@ -99,6 +117,7 @@ class LocalServerSpec:
     n_threads: int = 1
     extra_args: tuple[str, ...] = ()
     startup_timeout_s: float = 120.0
+    problem: str | None = None  # why it cannot run at all (its GGUF cannot be found): never spawned
 
     @property
     def base_url(self) -> str:
@@ -201,7 +220,9 @@ class LocalServer:
         self._drain: asyncio.Task | None = None
         self._stopping = False
         self._ready = False
+        self._up_since: float | None = None
         self.restarts = 0
+        self.last_error: str | None = None  # why the last start failed (event ``failed``)
         self.output_tail: collections.deque[str] = collections.deque(maxlen=40)
 
     @classmethod
@@ -224,10 +245,20 @@ class LocalServer:
         if self._on_event is not None:
             self._on_event(self.name, event)
 
-    async def start(self) -> None:
-        """Start the child and wait until it answers; then keep it alive in the background."""
+    async def start(self, keep_trying: bool = False) -> None:
+        """Start the child and wait until it answers; then keep it alive in the background.
+        A first start that fails raises ``LocalServerError``; with ``keep_trying`` the server
+        also goes on trying in the background, with backoff (a port another process held, a
+        child that crashed at start: both may pass), until ``stop()``."""
         self._stopping = False
-        await self._spawn_and_wait()
+        try:
+            await self._spawn_and_wait()
+        except LocalServerError as exc:
+            self.last_error = exc.message
+            if keep_trying:
+                self._supervisor = asyncio.create_task(self._supervise(running=False),
+                                                       name=f"localserver:{self.name}")
+            raise
         self._supervisor = asyncio.create_task(self._supervise(), name=f"localserver:{self.name}")
 
     async def _spawn(self) -> None:
@@ -277,6 +308,8 @@ class LocalServer:
                     response = await client.get(url)
                     if response.status_code == 200:
                         self._ready = True
+                        self._up_since = time.monotonic()
+                        self.last_error = None
                         self._emit("ready")
                         return
                 except httpx.TransportError:
@@ -288,16 +321,22 @@ class LocalServer:
                         f"{self.startup_timeout_s:.0f} s")
                 await asyncio.sleep(0.1)
 
-    async def _supervise(self) -> None:
+    async def _supervise(self, running: bool = True) -> None:
+        """Restart the child whenever it exits (``running``: it is up now; else its start just
+        failed), with a backoff that grows while it keeps failing or crashing soon after it
+        answered, and starts over once it has stayed up ``STABLE_S``."""
         while not self._stopping:
-            proc = self._proc
-            assert proc is not None
-            code = await proc.wait()
-            self._ready = False
-            if self._stopping:
-                return
-            self._emit("exited")
-            log.warning("local server %s exited with code %s; restarting", self.name, code)
+            if running:
+                proc = self._proc
+                assert proc is not None
+                code = await proc.wait()
+                self._ready = False
+                if self._stopping:
+                    return
+                if self._up_since is not None and time.monotonic() - self._up_since >= STABLE_S:
+                    self._backoff.reset()
+                self._emit("exited")
+                log.warning("local server %s exited with code %s; restarting", self.name, code)
             while not self._stopping:
                 await asyncio.sleep(self._backoff.next())
                 if self._stopping:
@@ -306,10 +345,12 @@ class LocalServer:
                 self._emit("restarting")
                 try:
                     await self._spawn_and_wait()
-                    self._backoff.reset()
                     break
                 except LocalServerError as exc:
+                    self.last_error = exc.message
                     log.warning("%s", exc)
+                    self._emit("failed")
+            running = True
 
     async def _terminate(self) -> None:
         proc = self._proc
@@ -357,15 +398,19 @@ class LocalServerManager:
     ``specs()`` returns the wanted servers by model name (read from the current providers.yaml);
     ``mark(name, reason)`` tells the registry a model is unavailable (``reason``) or back (``None``):
     a model is unavailable from the moment its server is wanted until it answers, while it restarts,
-    and for good (until its configuration changes) when it cannot start at all.
+    while a failed start is tried again (with backoff: a port another process held may be freed),
+    and until its configuration changes when it cannot run at all (its GGUF or llama-cpp-python is
+    missing). ``on_ready(name)`` is called whenever a server answers (again).
     """
 
     def __init__(self, specs: Callable[[], dict[str, LocalServerSpec]], mark: MarkCallback, *,
                  on_event: EventCallback | None = None,
                  factory: Callable[..., LocalServer] | None = None,
-                 installed: Callable[[], bool] = llama_cpp_available):
+                 installed: Callable[[], bool] = llama_cpp_available,
+                 on_ready: Callable[[str], None] | None = None):
         self._specs = specs
         self._mark = mark
+        self._on_ready = on_ready  # a server answers again: e.g. end the model's cooldown
         self._on_event = on_event
         self._factory = factory or LocalServer.for_spec
         self._installed = installed
@@ -374,8 +419,14 @@ class LocalServerManager:
     def _event(self, name: str, event: str) -> None:
         if event == "ready":
             self._mark(name, None)
-        elif event in ("exited", "restarting"):
-            self._mark(name, "its local server is restarting")
+            if self._on_ready is not None:  # the failures that cooled it were the old child's
+                self._on_ready(name)
+        elif event == "exited":
+            self._mark(name, RESTARTING)
+        elif event == "failed":
+            server = self.servers.get(name, (None, None))[1]
+            error = server.last_error if server is not None else None
+            self._mark(name, f"its local server failed to start: {error}{TRYING_AGAIN}")
         if self._on_event is not None:
             self._on_event(name, event)
 
@@ -383,7 +434,7 @@ class LocalServerManager:
         """Mark every wanted, not yet running model unavailable (call before serving requests)."""
         for name in self._specs():
             if name not in self.servers:
-                self._mark(name, "its local server is starting")
+                self._mark(name, STARTING)
 
     async def sync(self) -> None:
         """Start servers newly declared or changed, stop those removed or changed."""
@@ -392,13 +443,20 @@ class LocalServerManager:
             if wanted.get(name) != spec:
                 del self.servers[name]
                 if server is not None:
+                    if name in wanted:  # down before its server goes: no request is sent to it
+                        self._mark(name, f"{RESTARTING}: its configuration changed")
                     await server.stop()
                 if name not in wanted:  # no longer a local model (or gone): its mark goes too
                     self._mark(name, None)
         for name, spec in wanted.items():
             if name in self.servers:
                 continue
-            self._mark(name, "its local server is starting")
+            self._mark(name, STARTING)
+            if spec.problem is not None:
+                self.servers[name] = (spec, None)
+                self._mark(name, f"its local server cannot run: {spec.problem}")
+                log.error("local model %s: %s", name, spec.problem)
+                continue
             if not self._installed():
                 self.servers[name] = (spec, None)
                 self._mark(name, "llama-cpp-python is not installed (pip install 'satroute[local]')")
@@ -408,11 +466,10 @@ class LocalServerManager:
             server = self._factory(spec, on_event=self._event)
             self.servers[name] = (spec, server)
             try:
-                await server.start()
-            except LocalServerError as exc:
-                self.servers[name] = (spec, None)
-                self._mark(name, f"its local server failed to start: {exc.message}")
-                log.error("%s", exc.message)
+                await server.start(keep_trying=True)
+            except LocalServerError as exc:  # it goes on trying in the background
+                self._mark(name, f"its local server failed to start: {exc.message}{TRYING_AGAIN}")
+                log.error("%s; trying again", exc.message)
 
     async def watch(self, interval_s: float) -> None:
         """Sync now, then whenever the wanted servers change (run as a background task)."""
@@ -433,21 +490,22 @@ def specs_from_models(models, base_dir: Path) -> dict[str, LocalServerSpec]:
 
     ``models`` are providers.py ``Deployment``s (read duck-typed: ``name``, ``info.local_server``
     with ``model``, ``port``, ``n_ctx``, ``threads``, ``args``, ``startup_timeout_s``). A model file
-    that cannot be found gives a spec whose start fails, so the model is reported unavailable.
+    that cannot be found gives a spec with its ``problem``: never started, reported unavailable.
     """
     specs = {}
     for d in models:
         conf = getattr(d.info, "local_server", None)
         if conf is None:
             continue
+        problem = None
         try:
             path = resolve_gguf(conf.model, base_dir)
         except LocalServerError as exc:
-            path = Path(f"<{exc.message}>")
+            path, problem = Path(conf.model), exc.message
         specs[d.name] = LocalServerSpec(
             model_path=path, alias=d.upstream_model, port=conf.port, n_ctx=conf.n_ctx,
             n_threads=conf.threads or default_threads(), extra_args=tuple(conf.args),
-            startup_timeout_s=conf.startup_timeout_s)
+            startup_timeout_s=conf.startup_timeout_s, problem=problem)
     return specs
 
 
@@ -461,7 +519,8 @@ def local_models_hook(services) -> None:
     registry = services.registry
     manager = LocalServerManager(
         lambda: specs_from_models(registry.snapshot.models.values(), registry.path.parent),
-        registry.set_unavailable, on_event=services.metrics.observe_local_server)
+        registry.set_unavailable, on_event=services.metrics.observe_local_server,
+        on_ready=services.cooldowns.success)
     manager.mark_pending()  # before the first request: unavailable until the server answers
 
     async def run() -> None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
 from proxy.errors import RequestError, ServiceUnavailable
+from proxy.localserver import STARTING_RETRY_AFTER_S, coming_back
 from proxy.protocol import header_name
 from proxy.providers import Deployment
 
@@ -104,8 +105,14 @@ def candidates(models: Iterable[Deployment], allow: Sequence[str] | None,
             raise RequestError(f"satroute.models {sorted(allowed)} leaves no routable model ({why}); "
                                f"configured: {sorted(known)}", param="satroute.models", code="no_candidates")
     if not pool:
-        raise ServiceUnavailable("no model is routable: none has a capability profile and "
-                                 "working credentials", code="no_candidates")
+        down = [d for d in models if d.unavailable]
+        why = "; ".join(f"{d.name}: {d.unavailable}" for d in down)
+        err = ServiceUnavailable("no model is routable: none has a capability profile and "
+                                 "working credentials" + (f" ({why})" if why else ""),
+                                 code="no_candidates")
+        if any(coming_back(d.unavailable) for d in down):  # a local server on its way back
+            err.retry_after = STARTING_RETRY_AFTER_S
+        raise err
     warm = [d for d in pool if not cooling(d.name)]
     return warm or pool
 

@@ -22,6 +22,7 @@ from proxy.localserver import (
     LocalServerError,
     LocalServerSpec,
     _Backoff,
+    coming_back,
     free_port,
     llama_cpp_available,
     resolve_gguf,
@@ -303,3 +304,90 @@ async def test_the_child_inherits_neither_secrets_nor_what_would_reopen_it_on_ev
         await server.start()
     assert ("HOST=None API_KEY=None OPENAI_API_KEY=None SATROUTE_MASTER_KEY=None OMP_NUM_THREADS=2 True"
             in str(err.value))
+
+
+async def test_a_first_start_that_fails_is_tried_again_once_the_port_is_free():
+    """Another process held the port at start-up (a second proxy on the same config): once it is
+    gone, the model comes up without a restart or an edit."""
+    port = free_port()
+    other = _fake(port)
+    await other.start()
+    wanted = {"local": _spec("local", port)}
+    marks, ready = _Marks(), []
+    manager = LocalServerManager(lambda: dict(wanted), marks, factory=_fake_factory,
+                                 installed=lambda: True, on_ready=ready.append)
+    try:
+        await manager.sync()
+        reason = marks.current("local")
+        assert "already in use" in reason and coming_back(reason)
+        await asyncio.sleep(0.3)  # tried again meanwhile, still held: still says why
+        assert "already in use" in marks.current("local") and coming_back(marks.current("local"))
+        await other.stop()
+        await _wait_for(lambda: marks.current("local") is None)
+        assert ready == ["local"]  # the cooldown of its failures ends with it
+    finally:
+        await other.stop()
+        await manager.stop()
+
+
+async def test_a_model_whose_gguf_is_missing_is_never_started_and_says_why(tmp_path):
+    from types import SimpleNamespace
+
+    from proxy.localserver import specs_from_models
+
+    conf = SimpleNamespace(model="missing.gguf", port=free_port(), n_ctx=256, threads=1, args=[],
+                           startup_timeout_s=5)
+    model = SimpleNamespace(name="local", upstream_model="local", info=SimpleNamespace(local_server=conf))
+    specs = specs_from_models([model], tmp_path)
+    started = []
+    marks = _Marks()
+    manager = LocalServerManager(lambda: specs, marks, installed=lambda: True,
+                                 factory=lambda spec, **kw: started.append(spec))
+    await manager.sync()
+    assert started == [] and marks.current("local") == \
+        f"its local server cannot run: local model file not found: {tmp_path / 'missing.gguf'}"
+    assert not coming_back(marks.current("local"))
+    await manager.stop()
+
+
+async def test_a_changed_declaration_marks_the_model_down_before_its_server_stops():
+    wanted = {"local": _spec("local", free_port())}
+    marks = _Marks()
+    manager = LocalServerManager(lambda: dict(wanted), marks, factory=_fake_factory,
+                                 installed=lambda: True)
+    await manager.sync()
+    try:
+        server = manager.servers["local"][1]
+        stopping = server.stop
+
+        async def stop_and_look():
+            looked.append(marks.current("local"))
+            await stopping()
+
+        looked: list = []
+        server.stop = stop_and_look
+        wanted["local"] = _spec("local", free_port())
+        await manager.sync()
+        assert looked and coming_back(looked[0])
+        assert marks.current("local") is None
+    finally:
+        await manager.stop()
+
+
+async def test_a_child_that_crashes_soon_after_it_answers_is_restarted_with_growing_backoff(monkeypatch):
+    """The backoff starts over only after the child stayed up STABLE_S, so a crash loop after each
+    ready does not reload the model every 0.5 s for ever."""
+    import proxy.localserver as localserver
+
+    port = free_port()
+    server = _fake(port, "--exit-after", "0.2")
+    await server.start()
+    try:
+        await _wait_for(lambda: server.restarts >= 3, timeout=15)
+        assert server._backoff.current_s > server._backoff.initial_s
+        monkeypatch.setattr(localserver, "STABLE_S", 0.0)  # "stayed up long enough": starts over
+        restarts = server.restarts
+        await _wait_for(lambda: server.restarts >= restarts + 2, timeout=15)
+        assert server._backoff.current_s == server._backoff.initial_s
+    finally:
+        await server.stop()

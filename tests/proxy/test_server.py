@@ -270,3 +270,26 @@ def test_the_bare_host_serves_the_same_endpoints_behind_the_same_key(config, ups
         assert method(f"{proxy.base}{path}").status_code == 401
     doc = httpx.get(f"{proxy.base}/openapi.json", headers={"Authorization": "Bearer sk-master-123"})
     assert "/v1/models" in doc.json()["paths"] and "/models" not in doc.json()["paths"]
+
+
+def test_a_local_model_on_its_way_back_is_a_503_to_retry_not_a_404(tmp_path, upstream, start_proxy):
+    """While a local server (re)starts, a request naming its model and an `auto` request with
+    nothing else routable get 503 with the reason and Retry-After (the SDK waits and retries);
+    a model down for good stays a 404."""
+    from conftest import model_entry, write_config
+    from proxy.localserver import STARTING
+
+    cfg = write_config(tmp_path / "p.yaml", [model_entry("local", upstream.url, tmp_path),
+                                             model_entry("keyless", upstream.url, tmp_path)])
+    proxy = start_proxy(cfg)
+    registry = proxy.app.state.services.registry
+    registry.set_unavailable("local", STARTING)
+    registry.set_unavailable("keyless", "litellm_params.api_key references unset environment variable K")
+    for model, code in (("local", "model_starting"), ("auto", "no_candidates")):
+        raw = httpx.post(f"{proxy.url}/chat/completions", json={"model": model, "messages": MESSAGES})
+        assert raw.status_code == 503 and raw.json()["error"]["code"] == code
+        assert raw.headers["retry-after"] == "5" and STARTING in raw.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError):
+        client(proxy).chat.completions.create(model="keyless", messages=MESSAGES)
+    registry.set_unavailable("local", None)
+    assert client(proxy).chat.completions.create(model="local", messages=MESSAGES).model == "local"
