@@ -74,10 +74,12 @@ async def model_profile(request: Request) -> Response:
                             param="name", code="profile_not_found")
     if svc.onboarding is not None:
         body = svc.onboarding.profile(name)
-    else:
-        body = {"model": name, "suite": d.profile_suite,
-                "source": "providers.yaml" if d.info.capability_profile else "onboarding",
+    elif d.info.capability_profile:
+        body = {"model": name, "suite": d.profile_suite, "source": "providers.yaml",
                 "tasks": dict(d.profile)}
+    else:  # stored by an earlier run or by `satroute onboard`: the store knows its suite
+        suite = svc.store.profile_suite(name) if svc.store is not None else None
+        body = {"model": name, "suite": suite, "source": "onboarding", "tasks": dict(d.profile)}
     return Response(orjson.dumps(body), media_type=JSON)
 
 

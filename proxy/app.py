@@ -34,7 +34,7 @@ from proxy.logs import RequestLogMiddleware
 from proxy.metrics import Metrics
 from proxy.onboarding_service import onboarding_hook, open_store
 from proxy.openapi import openapi_endpoint
-from proxy.providers import ProfileSource, ProviderRegistry
+from proxy.providers import ProfileSource, ProviderRegistry, Snapshot
 from proxy.routelog import route_log_hook
 from proxy.scoring import ScorerHost
 from proxy.settings import Settings, environ
@@ -56,6 +56,7 @@ class Services:
     metrics: Metrics = field(default_factory=Metrics)
     onboarding: Any = None  # OnboardingService, attached at start-up when onboarding is on
     route_log: Any = None  # routelog.RouteLog, attached at start-up when there is a state store
+    store: Any = None  # proxy.store.Store, when there is a state store
     tasks: set[asyncio.Task] = field(default_factory=set)
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
@@ -77,10 +78,23 @@ class Services:
         await asyncio.gather(*self.tasks, return_exceptions=True)
 
 
+def follow_edit(cooldowns: Cooldowns, old: Snapshot, new: Snapshot) -> None:
+    """Cooldowns after an edit of providers.yaml: a model now reached another way (its model,
+    api_base or key changed: the fix for what failed) starts with a clean record, and no cooldown
+    outlasts a lowered ``cooldown_s``."""
+    for name, d in new.models.items():
+        before = old.models.get(name)
+        if before is None or (before.model, before.api_base, before.api_key) != (d.model, d.api_base,
+                                                                                 d.api_key):
+            cooldowns.forget(name)
+    cooldowns.shorten(new.router.cooldown_s)
+
+
 def build_services(settings: Settings, *, scorer: Any = None, dispatcher: Dispatcher | None = None,
                    profile_source: ProfileSource | None = None) -> Services:
     registry = ProviderRegistry(settings.config, environ, profile_source)
     cooldowns = Cooldowns()
+    registry.on_reload.append(lambda old, new: follow_edit(cooldowns, old, new))
     metrics = Metrics()
     return Services(
         settings=settings, registry=registry,
@@ -126,6 +140,7 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
                           f"(SATROUTE_STATE_DIR): {exc}") from None
     svc = build_services(settings, scorer=scorer, dispatcher=dispatcher,
                          profile_source=profile_source or store)
+    svc.store = store
     hooks = [local_models_hook, *([onboarding_hook(store), route_log_hook(store)] if store else []),
              *startup]
 

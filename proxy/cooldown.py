@@ -43,3 +43,14 @@ class Cooldowns:
 
     def cooling_models(self) -> list[str]:
         return [n for n in list(self._until) if self.cooling(n)]
+
+    def forget(self, name: str) -> None:
+        """Drop a model's record: what failed was another upstream (its configuration changed)."""
+        self.success(name)
+
+    def shorten(self, cooldown_s: float) -> None:
+        """End every cooldown at most ``cooldown_s`` from now (the setting was lowered)."""
+        latest = self._clock() + cooldown_s
+        for name, until in list(self._until.items()):
+            if until > latest:
+                self._until[name] = latest

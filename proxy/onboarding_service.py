@@ -31,7 +31,7 @@ from proxy.dispatch import Call, Dispatcher
 from proxy.errors import UpstreamTransient
 from proxy.onboarding import Onboarding, Options, Prices, RunCancelled, status_of
 from proxy.prices import listed_prices
-from proxy.providers import Deployment, ProviderRegistry
+from proxy.providers import Deployment, ProviderRegistry, upstream_fingerprint
 from proxy.questions import Question, QuestionSourceError, load_questions
 from proxy.store import ModelBusy, Progress, Store
 from scorer.data import DataError
@@ -76,12 +76,6 @@ def content_text(content: object) -> str:
                          and part.get("type", "text") in ("text", "output_text")
                          and isinstance(part.get("text"), str))
     raise TypeError(f"message content is a {type(content).__name__}")
-
-
-def upstream_fingerprint(d: Deployment) -> str:
-    """What answers for a model name: its ``litellm_params.model`` and ``api_base`` (hashed, so
-    a secret in a URL never reaches the store). Stored answers of another upstream are stale."""
-    return hashlib.sha256(f"{d.model}\n{d.api_base or ''}".encode()).hexdigest()[:16]
 
 
 def onboardable(d: Deployment) -> bool:

@@ -1,12 +1,17 @@
 """providers.yaml: its schema, validation, credential and profile resolution, atomic hot reload.
 
 Owns: the admin's file. A LiteLLM ``model_list`` loads as it is (``model_name`` + ``litellm_params``;
-``api_key: os.environ/VAR`` references); our own per-model keys live under ``model_info`` (prices,
-context window, capability profile) and the router's under ``router_settings``. Other top-level
-LiteLLM sections (``litellm_settings``, ``general_settings``) are accepted and ignored.
+``api_key: os.environ/VAR`` references) as long as each ``model_name`` appears once (LiteLLM's
+load-balancing form, one name over several deployments, is rejected with the duplicate named); our
+own per-model keys live under ``model_info`` (prices, context window, capability profile) and the
+router's under ``router_settings``. Other top-level LiteLLM sections (``litellm_settings``,
+``general_settings``) are accepted and ignored.
 The registry holds one immutable ``Snapshot``; a reload builds a new one completely and swaps the
 reference, so a request always sees one consistent configuration. An invalid edit is logged and
-the last good snapshot keeps serving.
+the last good snapshot keeps serving. What is watched is content, not timestamps: the file's bytes
+and those of the profile files it names, so an edit of a profile file reloads too.
+A profile onboarding stored is used only for the upstream it was measured on
+(``upstream_fingerprint``): another model or ``api_base`` under the same name has none.
 Does not know: HTTP, litellm, scoring. Never logs or formats an API key.
 """
 from __future__ import annotations
@@ -22,7 +27,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxy.errors import ConfigError
 
@@ -34,12 +39,21 @@ BUILTIN_PREFIX = "builtin:"
 # litellm providers that speak the OpenAI wire format as is: eligible for the pass-through path.
 OPENAI_COMPATIBLE = frozenset({"openai", "hosted_vllm", "custom_openai", "llamafile", "lm_studio"})
 SECRET_WORDS = ("key", "secret", "token", "password", "authorization", "credential")
+# llama_cpp.server flags a local_server block's args may not give (see LocalServerConfig).
+RESERVED_LOCAL_FLAGS = frozenset({"host", "port", "model", "model_alias", "n_ctx", "n_threads",
+                                  "n_threads_batch", "api_key", "config_file"})
 
 
 class ProfileSource(Protocol):
-    """Where profiles of models without one in providers.yaml come from (the onboarding store)."""
+    """Where profiles of models without one in providers.yaml come from (the onboarding store):
+    only a profile measured on ``upstream`` (an ``upstream_fingerprint``) is returned."""
 
-    def get(self, model_name: str) -> Profile | None: ...
+    def get(self, model_name: str, upstream: str) -> Profile | None: ...
+
+
+def _null_is_empty(value: Any) -> Any:
+    """A section whose keys are all commented out is YAML null: read it as an empty one."""
+    return {} if value is None else value
 
 
 class LitellmParams(BaseModel):
@@ -62,6 +76,18 @@ class LocalServerConfig(BaseModel):
     args: list[str] = Field(default_factory=list, description="more llama_cpp.server flags")
     startup_timeout_s: float = Field(120.0, gt=0)
 
+    @field_validator("args")
+    @classmethod
+    def _not_ours(cls, args: list[str]) -> list[str]:
+        """The flags the proxy sets, and those that would open the server beyond loopback or lock
+        the proxy out (llama_cpp.server's parser takes the last of a repeated flag)."""
+        for arg in args:
+            flag = arg.split("=", 1)[0].replace("-", "_").lstrip("_")
+            if flag in RESERVED_LOCAL_FLAGS:
+                raise ValueError(f"{arg.split('=', 1)[0]} is set by the proxy or would take the "
+                                 "server off loopback; it cannot be given in args")
+        return args
+
 
 class ModelInfo(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -79,6 +105,8 @@ class ModelEntry(BaseModel):
     model_name: str = Field(min_length=1)
     litellm_params: LitellmParams
     model_info: ModelInfo = Field(default_factory=ModelInfo)
+
+    _model_info_null = field_validator("model_info", mode="before")(_null_is_empty)
 
 
 class RouterSettings(BaseModel):
@@ -108,6 +136,8 @@ class ProvidersFile(BaseModel):
     model_config = ConfigDict(extra="allow")
     model_list: list[ModelEntry] = Field(min_length=1)
     router_settings: RouterSettings = Field(default_factory=RouterSettings)
+
+    _router_settings_null = field_validator("router_settings", mode="before")(_null_is_empty)
 
     @model_validator(mode="after")
     def _names_unique(self) -> "ProvidersFile":
@@ -157,6 +187,12 @@ class Deployment:
         return self.unavailable is None and self.profile is not None
 
 
+def upstream_fingerprint(d: Deployment) -> str:
+    """What answers for a model name: its ``litellm_params.model`` and ``api_base`` (hashed, so
+    a secret in a URL never reaches the store). A profile measured on another upstream is stale."""
+    return hashlib.sha256(f"{d.model}\n{d.api_base or ''}".encode()).hexdigest()[:16]
+
+
 @dataclass(frozen=True)
 class Snapshot:
     source: str
@@ -173,18 +209,48 @@ class Snapshot:
         return text
 
 
-def _warn_misspelt(path: Path, conf: "ProvidersFile") -> None:
-    """A warning for each unknown key of ``model_info`` or ``router_settings`` that is close to one
-    of ours (``capabilty_profile``): both take LiteLLM's own keys too, so an unknown key is not an
-    error, but a misspelt ``capability_profile`` would have the model onboarded, at a cost."""
-    sections = [(f"model_list.{i}.model_info", e.model_info) for i, e in enumerate(conf.model_list)]
-    sections.append(("router_settings", conf.router_settings))
-    for where, section in sections:
-        for key in section.model_extra or {}:
-            close = difflib.get_close_matches(key, type(section).model_fields, n=1, cutoff=0.8)
+def _warn_misspelt(path: Path, raw: dict) -> None:
+    """A warning for each unknown key, at the top level, in a ``model_list`` entry, its
+    ``litellm_params`` or ``model_info``, or ``router_settings``, that is close to one of ours
+    (``capabilty_profile``, ``api_bsae``): each takes LiteLLM's own keys too, so an unknown key is
+    not an error, but a misspelt ``capability_profile`` would have the model onboarded, at a cost,
+    and a misspelt ``api_base`` sends the prompts and the key to the provider's public endpoint.
+    Read from the YAML as it is, so a rejected file gets its hints too (``modle_list``)."""
+    sections: list[tuple[str, Any, type[BaseModel]]] = [
+        ("", raw, ProvidersFile), ("router_settings.", raw.get("router_settings"), RouterSettings)]
+    entries = raw.get("model_list")
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        sections.append((f"model_list.{i}.", entry, ModelEntry))
+        if isinstance(entry, dict):
+            sections += [(f"model_list.{i}.litellm_params.", entry.get("litellm_params"), LitellmParams),
+                         (f"model_list.{i}.model_info.", entry.get("model_info"), ModelInfo)]
+    for where, section, model in sections:
+        if not isinstance(section, dict):
+            continue
+        for key in map(str, section):
+            close = difflib.get_close_matches(key, model.model_fields, n=1, cutoff=0.8)
             if close and close[0] != key:
-                log.warning("%s: %s.%s is not a key satroute reads; did you mean %s?",
+                log.warning("%s: %s%s is not a key satroute reads; did you mean %s?",
                             path, where, key, close[0])
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader, noting every key given twice in one mapping: it keeps the last value,
+    as LiteLLM does, so such a file is not rejected, but the first value is silently lost."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.duplicates: list[tuple[str, int]] = []  # (key, line)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen = set()
+        for key_node, _ in node.value:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            if (key_node.tag, key_node.value) in seen:
+                self.duplicates.append((key_node.value, key_node.start_mark.line + 1))
+            seen.add((key_node.tag, key_node.value))
+        return super().construct_mapping(node, deep=deep)
 
 
 def _describe_validation(path: Path, exc: ValidationError) -> str:
@@ -280,20 +346,57 @@ def _load_profile(ref: str, base: Path, where: str) -> tuple[dict[str, float], s
     return profile, suite if isinstance(suite, str) else None
 
 
-def parse(text: str, path: Path, env: Mapping[str, str],
-          lookup: Callable[[str], Profile | None]) -> Snapshot:
-    """Validate providers.yaml's text and resolve it into a Snapshot; ConfigError names the key."""
+def _profile_files(raw: bytes, base: Path) -> tuple[Path, ...]:
+    """The local profile files providers.yaml's bytes name, read tolerantly (none when they do not
+    parse: ``parse`` reports that). ``builtin:`` profiles ship with the package: never watched."""
     try:
-        raw = yaml.safe_load(text)
+        conf = yaml.safe_load(raw)
+    except (yaml.YAMLError, ValueError, RecursionError):
+        return ()
+    entries = conf.get("model_list") if isinstance(conf, dict) else None
+    files = []
+    for entry in entries if isinstance(entries, list) else []:
+        info = entry.get("model_info") if isinstance(entry, dict) else None
+        ref = info.get("capability_profile") if isinstance(info, dict) else None
+        if isinstance(ref, str) and ref and not ref.startswith(BUILTIN_PREFIX):
+            files.append(base / ref)
+    return tuple(files)
+
+
+def _unreadable(path: Path, exc: OSError) -> str:
+    """Why providers.yaml cannot be read, in one line."""
+    if isinstance(exc, FileNotFoundError):
+        return f"{path}: file not found"
+    if isinstance(exc, IsADirectoryError):
+        return (f"{path}: is a directory, not a file (a Kubernetes ConfigMap mounted without "
+                "subPath? name the file inside it)")
+    return f"{path}: cannot read it: {exc.strerror or type(exc).__name__}"
+
+
+def parse(text: str, path: Path, env: Mapping[str, str],
+          lookup: Callable[[Deployment], Profile | None]) -> Snapshot:
+    """Validate providers.yaml's text and resolve it into a Snapshot; ConfigError names the key.
+    ``lookup`` gives the profile of a model without one in the file (onboarding's), or None."""
+    loader = _Loader(text)
+    try:
+        raw = loader.get_single_data()
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {_describe_yaml(exc)}") from None
+    except ValueError:  # a converter's (no position; its message quotes the value)
+        raise ConfigError(f"{path}: not valid YAML: a date, !!int or !!float value cannot be "
+                          "converted") from None
+    finally:
+        loader.dispose()
+    for key, line in loader.duplicates:
+        log.warning("%s: line %d: key %s appears twice in the same mapping; the last value counts",
+                    path, line, key)
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping with a model_list")
+    _warn_misspelt(path, raw)
     try:
         conf = ProvidersFile.model_validate(raw)
     except ValidationError as exc:
         raise ConfigError(_describe_validation(path, exc)) from None
-    _warn_misspelt(path, conf)
     models: dict[str, Deployment] = {}
     secrets: list[str] = []
     for i, entry in enumerate(conf.model_list):
@@ -314,19 +417,18 @@ def parse(text: str, path: Path, env: Mapping[str, str],
         if info.capability_profile:
             profile, suite = _load_profile(info.capability_profile, path.parent,
                                            f"{where}.model_info.capability_profile")
-        else:
-            profile = lookup(entry.model_name)
         fast = conf.router_settings.fast_path and provider in OPENAI_COMPATIBLE
         if info.fast_path is not None:
             fast = info.fast_path and conf.router_settings.fast_path
         api_base = params.pop("api_base", None)
         if api_base is None and info.local_server is not None:
             api_base = f"http://127.0.0.1:{info.local_server.port}/v1"
-        models[entry.model_name] = Deployment(
+        d = Deployment(
             name=entry.model_name, model=model, provider=provider, upstream_model=rest,
             api_base=api_base, api_key=params.pop("api_key", None),
             params=params, info=info, profile=profile, unavailable=unavailable, fast_path=fast,
             profile_suite=suite)
+        models[entry.model_name] = d if info.capability_profile else replace(d, profile=lookup(d))
     secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
     return Snapshot(source=str(path), models=models, router=conf.router_settings,
                     secrets=tuple(secrets))
@@ -342,11 +444,17 @@ class ProviderRegistry:
         self._source = profile_source
         self._profiles: dict[str, Profile] = {}  # set at run time (onboarding), kept over reloads
         self._down: dict[str, str] = {}  # model -> why it is down (set at run time)
-        self._digest = b""
+        self._scan: tuple[bytes, tuple[Path, ...]] = (b"", ())  # file digest -> profile files it names
+        self._read_error: str | None = None  # the read failure last logged
+        # called with (old, new) after an edit of the file is swapped in
+        self.on_reload: list[Callable[[Snapshot, Snapshot], None]] = []
         self._base: Snapshot
-        if not self.path.exists():
-            raise ConfigError(f"{self.path}: file not found")
-        self.snapshot = self._build(self._text(self.path.read_bytes()))
+        try:
+            raw = self.path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(_unreadable(self.path, exc)) from None
+        self._key = self._change_key(raw)
+        self.snapshot = self._build(self._text(raw))
 
     def _text(self, raw: bytes) -> str:
         """The file's bytes as text; ``ConfigError`` (naming the position, never the bytes) when
@@ -358,14 +466,28 @@ class ProviderRegistry:
             raise ConfigError(f"{self.path}: not UTF-8 text (line {line}, byte {exc.start}); "
                               "save it as UTF-8") from None
 
-    def _lookup(self, name: str) -> Profile | None:
-        if name in self._profiles:
-            return self._profiles[name]
-        return self._source.get(name) if self._source is not None else None
+    def _change_key(self, raw: bytes) -> bytes:
+        """What a reload compares: the file's bytes and those of the local profile files it names
+        (an edited profile file, or one copied in after the file that names it, is a change too)."""
+        digest = hashlib.sha256(raw).digest()
+        if self._scan[0] != digest:
+            self._scan = (digest, _profile_files(raw, self.path.parent))
+        key = hashlib.sha256(digest)
+        for file in self._scan[1]:
+            try:
+                key.update(b"+" + hashlib.sha256(file.read_bytes()).digest())
+            except OSError as exc:
+                key.update(b"-" + type(exc).__name__.encode())
+        return key.digest()
+
+    def _lookup(self, d: Deployment) -> Profile | None:
+        """The profile onboarding gave a model: set at run time, or stored for its upstream."""
+        if d.name in self._profiles:
+            return self._profiles[d.name]
+        return self._source.get(d.name, upstream_fingerprint(d)) if self._source is not None else None
 
     def _build(self, text: str) -> Snapshot:
         base = parse(text, self.path, self._env(), self._lookup)
-        self._digest = hashlib.sha256(text.encode()).digest()
         for d in base.models.values():
             if d.unavailable:
                 log.warning("model %s unavailable: %s", d.name, d.unavailable)
@@ -377,53 +499,58 @@ class ProviderRegistry:
         base = self._base
         models = {}
         for name, d in base.models.items():
-            profile = d.profile if d.info.capability_profile else self._lookup(name)
+            profile = d.profile if d.info.capability_profile else self._lookup(d)
             models[name] = replace(d, profile=profile,
                                    unavailable=d.unavailable or self._down.get(name))
         return replace(base, models=models)
 
     def reload(self) -> bool:
-        """Re-read the file; True when a changed, valid configuration was swapped in."""
+        """Re-read the file and the profile files it names; True when a changed, valid
+        configuration was swapped in. A failure is logged once, not on every call."""
         try:
             raw = self.path.read_bytes()
         except OSError as exc:
-            log.error("config reload failed, keeping the last good configuration: %s: %s",
-                      self.path, exc)
+            why = _unreadable(self.path, exc)
+            if why != self._read_error:
+                log.error("config reload failed, keeping the last good configuration: %s", why)
+                self._read_error = why
             return False
-        digest = hashlib.sha256(raw).digest()
-        if digest == self._digest:
+        self._read_error = None
+        key = self._change_key(raw)
+        if key == self._key:
             return False
+        self._key = key  # set before building: a bad edit is reported once
+        old = self.snapshot
         try:
             self.snapshot = self._build(self._text(raw))
         except ConfigError as exc:
             log.error("config reload rejected, keeping the last good configuration: %s", exc)
-            self._digest = digest  # report a bad edit once
             return False
         except Exception as exc:  # noqa: BLE001 (a bug must not end hot reload for good)
             # its type only: a message or repr may quote the file, keys included
             log.error("config reload failed, keeping the last good configuration: %s: unexpected %s",
                       self.path, type(exc).__name__)
-            self._digest = digest
             return False
         log.info("config reloaded from %s: %d models", self.path, len(self.snapshot.models))
+        for listener in self.on_reload:
+            listener(old, self.snapshot)
         return True
 
     async def watch(self, interval_s: float) -> None:
-        """Poll the file until cancelled (run from the app's lifespan)."""
-        last = None
+        """Reload every ``interval_s`` until cancelled (run from the app's lifespan). Each tick
+        reads and hashes the file and its profile files, no more when nothing changed: content,
+        not timestamps, so an edit of the same size within the file system's timestamp tick is
+        seen too."""
+        failing = None
         while True:
             await asyncio.sleep(interval_s)
             try:
-                st = self.path.stat()
-                stamp = (st.st_mtime_ns, st.st_size)
-            except OSError:
-                stamp = None
-            if stamp != last:
-                last = stamp
-                try:
-                    self.reload()
-                except Exception as exc:  # noqa: BLE001 (the watch must outlive any one edit)
+                self.reload()
+                failing = None
+            except Exception as exc:  # noqa: BLE001 (the watch must outlive any one edit)
+                if type(exc).__name__ != failing:  # once, not every tick
                     log.error("config reload failed: %s", type(exc).__name__)
+                failing = type(exc).__name__
 
     def set_profile(self, model_name: str, profile: Profile) -> None:
         """Make a model routable with this profile (onboarding calls this when a test is graded)."""

@@ -432,9 +432,14 @@ class Store:
                 "heartbeat=NULL",
                 (model, suite, now))
 
-    def get(self, model_name: str) -> dict[str, float] | None:
-        """A finished profile, or None (the ProfileSource seam of the provider registry)."""
-        rows = self._read("SELECT tasks FROM profiles WHERE model = ?", (model_name,))
+    def get(self, model_name: str, upstream: str | None = None) -> dict[str, float] | None:
+        """A finished profile, or None (the ProfileSource seam of the provider registry). With
+        ``upstream`` (a fingerprint), only one measured on that upstream: another model behind the
+        same name has no profile yet. A row without a recorded upstream (an earlier version's)
+        is taken as measured on it."""
+        rows = self._read("SELECT p.tasks FROM profiles p LEFT JOIN onboarding o ON o.model = p.model "
+                          "WHERE p.model = ? AND (? IS NULL OR o.upstream IS NULL OR o.upstream = ?)",
+                          (model_name, upstream, upstream))
         return json.loads(rows[0][0]) if rows else None
 
     def profile_suite(self, model_name: str) -> str | None:

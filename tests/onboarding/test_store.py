@@ -115,6 +115,20 @@ def test_a_database_without_upstream_or_spend_columns_keeps_working(tmp_path):
         assert s.upstream_changed("m", "fp-2") and not s.upstream_changed("m", "fp-1")
 
 
+def test_a_profile_is_given_only_for_the_upstream_it_was_measured_on(tmp_path):
+    """The registry asks with the model's upstream fingerprint: a profile measured on another
+    model or api_base under the same name is no profile of it (onboarding off re-tests nothing)."""
+    with Store(tmp_path) as s:
+        s.begin("m", "suite", total=1, upstream="fp-a")
+        s.finish("m", "suite", {"t1": 0.5})
+        assert s.get("m", "fp-a") == {"t1": 0.5}
+        assert s.get("m", "fp-b") is None
+        assert s.get("m") == {"t1": 0.5}  # no upstream given: whichever is stored
+        s.finish("legacy", "suite", {"t1": 0.7})  # no upstream recorded (an earlier version's row)
+        assert s.get("legacy", "fp-b") == {"t1": 0.7}
+        assert s.get("nobody", "fp-a") is None
+
+
 def test_spend_is_recorded_with_each_answer(tmp_path):
     with Store(tmp_path) as s:
         s.begin("m", "suite", total=3, upstream="fp")

@@ -35,6 +35,14 @@ def test_serve_with_invalid_config_exits_2_naming_the_key(tmp_path, capsys):
     assert "model_list.0.litellm_params.model" in err and str(cfg) in err
 
 
+def test_serve_with_a_directory_as_config_exits_2_in_one_line(tmp_path, capsys):
+    """A Kubernetes ConfigMap mounted without subPath: the config path is its folder."""
+    assert cli.main(["serve", "--config", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("satroute: invalid configuration: ") and "is a directory" in err
+    assert err.count("\n") == 1
+
+
 @pytest.mark.parametrize("env, named", [({"SATROUTE_PORT": "abc"}, "SATROUTE_PORT"),
                                          ({"SATROUTE_SCORER": "foo"}, "SATROUTE_SCORER"),
                                          ({"SATROUTE_LOG_LEVEL": "verbose"}, "SATROUTE_LOG_LEVEL"),

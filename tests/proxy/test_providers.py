@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from proxy.errors import ConfigError
-from proxy.providers import ProviderRegistry, parse
+from proxy.providers import ProviderRegistry, parse, upstream_fingerprint
+from proxy.store import Store
 
 LITELLM_CONFIG = """
 model_list:
@@ -73,6 +74,12 @@ def test_unresolved_env_key_marks_model_unavailable():
     ("model_list:\n  - {model_name: auto, litellm_params: {model: x}}\n", ["router's name"]),
     ("- just a list", ["top level"]),
     ("model_list: [", ["not valid YAML", "line"]),
+    # a local server's args may not reopen it beyond loopback or override what the proxy sets
+    ("model_list:\n  - {model_name: a, litellm_params: {model: openai/a},\n"
+     "     model_info: {local_server: {args: ['--n_batch', '64', '--host', '0.0.0.0']}}}\n",
+     ["model_list.0.model_info.local_server.args", "--host is set by the proxy"]),
+    ("model_list:\n  - {model_name: a, litellm_params: {model: openai/a},\n"
+     "     model_info: {local_server: {args: ['--api-key=k']}}}\n", ["--api-key"]),
 ])
 def test_validation_errors_name_file_key_and_value(text, words):
     with pytest.raises(ConfigError) as err:
@@ -107,6 +114,86 @@ def test_a_misspelt_key_of_ours_is_a_warning(caplog):
     assert len(warned) == 2  # LiteLLM's own keys (mode, routing_strategy) are no typo
 
 
+@pytest.mark.parametrize("text, where, meant", [
+    ("model_list:\n  - {model_name: a, litellm_params: {model: x}}\nrouter_setting: {cooldown_s: 1}\n",
+     "router_setting", "router_settings"),
+    ("model_list:\n  - {model_name: a, litellm_params: {model: x}, modle_info: {onboard: false}}\n",
+     "model_list.0.modle_info", "model_info"),
+    ("model_list:\n  - {model_name: a, litellm_param: {model: x}, litellm_params: {model: x}}\n",
+     "model_list.0.litellm_param", "litellm_params"),
+    ("model_list:\n  - {model_name: a, litellm_params: {model: openai/a, api_bsae: 'http://h/v1'}}\n",
+     "model_list.0.litellm_params.api_bsae", "api_base"),
+    ("model_list:\n  - {model_name: a, litellm_params: {model: openai/a, api_kye: sk-hidden-999}}\n",
+     "model_list.0.litellm_params.api_kye", "api_key"),
+])
+def test_a_misspelt_key_anywhere_is_a_warning(caplog, text, where, meant):
+    """Outside model_info and router_settings too: a misspelt api_base sends an openai/ model's
+    prompts and key to api.openai.com, silently but for this warning."""
+    with caplog.at_level("WARNING", logger="satroute.providers"):
+        snap(text)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 1 and f" {where} is not a key" in warned[0] and warned[0].endswith(f"{meant}?")
+    assert "sk-hidden" not in caplog.text
+
+
+def test_a_misspelt_model_list_is_named_in_a_warning_beside_the_error(caplog):
+    with caplog.at_level("WARNING", logger="satroute.providers"), pytest.raises(ConfigError):
+        snap("modle_list:\n  - {model_name: a, litellm_params: {model: x}}\n")
+    assert "modle_list is not a key satroute reads; did you mean model_list?" in caplog.text
+
+
+def test_litellm_own_keys_are_no_typo(caplog):
+    text = """
+model_list:
+  - model_name: azure
+    litellm_params: {model: azure/gpt-4o, api_version: '2024-02-01', rpm: 60, tpm: 1000,
+                     timeout: 30, max_retries: 1, organization: org, base_model: azure/gpt-4o,
+                     api_type: azure, input_cost_per_token: 0.1, custom_llm_provider: azure}
+    model_info: {id: abc, mode: chat, base_model: x, max_tokens: 10}
+router_settings: {routing_strategy: simple-shuffle, model_group_alias: {}}
+litellm_settings: {drop_params: true}
+general_settings: {master_key: sk-1234}
+environment_variables: {X: y}
+"""
+    with caplog.at_level("WARNING", logger="satroute.providers"):
+        snap(text)
+    assert [r.getMessage() for r in caplog.records] == []
+
+
+def test_a_key_given_twice_is_a_warning_naming_it_and_the_last_value_counts(caplog):
+    """LiteLLM (PyYAML) keeps the last value and says nothing: the file loads, with a warning.
+    A YAML merge (``<<``) is no repetition."""
+    text = ("base: &b {cooldown_s: 5}\n"
+            "model_list:\n  - model_name: a\n    litellm_params: {model: x}\n"
+            "router_settings:\n  <<: *b\n  cooldown_s: 7\n  num_retries: 1\n  num_retries: 4\n")
+    with caplog.at_level("WARNING", logger="satroute.providers"):
+        s = snap(text)
+    assert s.router.num_retries == 4 and s.router.cooldown_s == 7
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == ["/tmp/x/providers.yaml: line 9: key num_retries appears twice in the same "
+                      "mapping; the last value counts"]
+
+
+@pytest.mark.parametrize("text", [
+    "model_list:\n  - {model_name: a, litellm_params: {model: x}}\nrouter_settings:\n"
+    "  # routing_strategy: simple-shuffle\n",
+    "model_list:\n  - model_name: a\n    litellm_params: {model: x}\n    model_info:\n"
+    "      # mode: chat\n",
+    "model_list:\n  - {model_name: a, litellm_params: {model: x}}\nlitellm_settings:\n"
+    "general_settings:\n",
+])
+def test_a_section_with_every_key_commented_out_is_an_empty_one(text):
+    s = snap(text)
+    assert s.router.router_name == "auto" and s.models["a"].info.onboard
+
+
+def test_a_value_yaml_cannot_convert_is_a_config_error():
+    """PyYAML raises ValueError (not a YAMLError) for these: it used to escape as a traceback."""
+    with pytest.raises(ConfigError, match="not valid YAML") as err:
+        snap("model_list:\n  - {model_name: a, litellm_params: {model: x}, model_info: {d: 2024-13-01}}\n")
+    assert "2024-13" not in str(err.value)
+
+
 def test_validation_errors_hide_keys():
     text = "model_list:\n  - model_name: a\n    litellm_params: {api_key: sk-hidden-999}\n"
     with pytest.raises(ConfigError) as err:
@@ -131,13 +218,13 @@ model_list:
      model_info: {capability_profile: "builtin:suite1/b"}}
   - {model_name: c, litellm_params: {model: openai/c}}
 """
-    s = parse(text, tmp_path / "providers.yaml", {}, {"c": {"t1": 0.9}}.get)
+    s = parse(text, tmp_path / "providers.yaml", {}, lambda d: {"c": {"t1": 0.9}}.get(d.name))
     assert {n: dict(d.profile) for n, d in s.models.items()} == {
         "a": {"t1": 0.7}, "b": {"t1": 0.2}, "c": {"t1": 0.9}}
     # the suite a profile file names (the admin API shows it); the store knows an onboarded one's
     assert {n: d.profile_suite for n, d in s.models.items()} == {"a": "s", "b": "suite1", "c": None}
     with pytest.raises(ConfigError) as err:
-        parse(text.replace("p.json", "missing.json"), tmp_path / "providers.yaml", {}, dict().get)
+        parse(text.replace("p.json", "missing.json"), tmp_path / "providers.yaml", {}, lambda d: None)
     assert "model_list.0.model_info.capability_profile" in str(err.value)
     assert "missing.json" in str(err.value)
 
@@ -146,7 +233,7 @@ class Source:
     def __init__(self):
         self.profiles = {}
 
-    def get(self, name):
+    def get(self, name, upstream):
         return self.profiles.get(name)
 
 
@@ -173,6 +260,44 @@ def test_registry_profiles_from_source_and_set_profile(tmp_path):
 def test_registry_missing_file_is_a_config_error(tmp_path):
     with pytest.raises(ConfigError, match="not found"):
         ProviderRegistry(tmp_path / "nope.yaml", dict)
+
+
+def test_registry_on_a_directory_is_a_config_error(tmp_path):
+    """A Kubernetes ConfigMap mounted without subPath: the path is a folder."""
+    with pytest.raises(ConfigError, match="is a directory"):
+        ProviderRegistry(tmp_path, dict)
+
+
+def _entry(api_base: str, model: str = "openai/fresh") -> str:
+    return f"model_list:\n  - {{model_name: fresh, litellm_params: {{model: {model}, api_base: '{api_base}'}}}}\n"
+
+
+def test_a_stored_profile_counts_only_for_the_upstream_it_was_measured_on(tmp_path):
+    """With onboarding off nothing forgets a profile when its model's upstream changes: the
+    registry must not route another model with it."""
+    path = tmp_path / "providers.yaml"
+    path.write_text(_entry("http://a/v1"))
+    with Store(tmp_path / "state") as store:
+        reg = ProviderRegistry(path, dict, store)
+        measured_on = upstream_fingerprint(reg.snapshot.models["fresh"])
+        store.begin("fresh", "suite", total=1, upstream=measured_on)
+        store.finish("fresh", "suite", {"t": 0.5})
+        reg.refresh_profiles()
+        assert reg.snapshot.models["fresh"].routable
+        path.write_text(_entry("http://b/v1"))
+        assert reg.reload() and not reg.snapshot.models["fresh"].routable
+        path.write_text(_entry("http://a/v1", model="openai/other"))
+        assert reg.reload() and reg.snapshot.models["fresh"].profile is None
+        path.write_text(_entry("http://a/v1"))
+        assert reg.reload() and reg.snapshot.models["fresh"].profile == {"t": 0.5}
+
+
+def test_upstream_fingerprint_is_the_one_onboarding_records():
+    from proxy import onboarding_service
+
+    d = snap(_entry("http://a/v1")).models["fresh"]
+    assert onboarding_service.upstream_fingerprint(d) == upstream_fingerprint(d)
+    assert upstream_fingerprint(d) != upstream_fingerprint(snap(_entry("http://b/v1")).models["fresh"])
 
 
 def test_example_providers_yaml_loads():

@@ -172,3 +172,107 @@ def test_environment_references_and_secrets_are_found_at_any_depth(tmp_path, mon
     assert "30" not in snap.secrets  # a short setting is not a secret: it would blank out any "30"
     assert not snap.models["m2"].available and "SATROUTE_TEST_NOT_SET" in snap.models["m2"].unavailable
     assert "the key azkey-9f8e7d6c5b4a3" not in snap.redact("the key azkey-9f8e7d6c5b4a3")
+
+
+def _profiled(path, profile="p.json"):
+    """providers.yaml with one model whose profile is the file ``profile`` beside it."""
+    path.write_text("model_list:\n  - model_name: m1\n    litellm_params: {model: openai/m1}\n"
+                    f"    model_info: {{capability_profile: {profile}}}\n")
+    return path
+
+
+def _profile(path, acc):
+    path.write_text(f'{{"suite": "s", "tasks": {{"t": {acc}}}}}')
+
+
+def test_an_edited_profile_file_is_reloaded(tmp_path):
+    from proxy.providers import ProviderRegistry
+
+    _profile(tmp_path / "p.json", 0.5)
+    reg = ProviderRegistry(_profiled(tmp_path / "providers.yaml"), dict)
+    assert not reg.reload()
+    _profile(tmp_path / "p.json", 0.9)  # providers.yaml itself unchanged
+    assert reg.reload() and reg.snapshot.models["m1"].profile == {"t": 0.9}
+    assert not reg.reload()
+
+
+def test_an_edit_rejected_for_a_missing_profile_file_is_applied_once_the_file_appears(tmp_path, caplog):
+    """The admin saves providers.yaml a moment before copying the profile it names."""
+    from proxy.providers import ProviderRegistry
+
+    path = tmp_path / "providers.yaml"
+    path.write_text("model_list:\n  - {model_name: m0, litellm_params: {model: openai/m0}}\n")
+    reg = ProviderRegistry(path, dict)
+    caplog.set_level(logging.ERROR, logger="satroute.providers")
+    _profiled(path, "new.json")
+    assert not reg.reload() and not reg.reload()
+    assert [r.getMessage().count("reload rejected") for r in caplog.records] == [1]  # once
+    assert "new.json" in caplog.text
+    _profile(tmp_path / "new.json", 0.7)
+    assert reg.reload() and reg.snapshot.models["m1"].profile == {"t": 0.7}
+
+
+async def test_the_watch_sees_an_edit_of_the_same_size_and_mtime(tmp_path):
+    """A file system with a coarse timestamp (1 or 2 s) gives two quick saves the same mtime."""
+    import asyncio
+    import os
+
+    from proxy.providers import ProviderRegistry
+
+    path = tmp_path / "providers.yaml"
+
+    def save(cooldown):
+        path.write_text("model_list:\n  - {model_name: a, litellm_params: {model: openai/a}}\n"
+                        f"router_settings: {{cooldown_s: {cooldown}}}\n")
+
+    save(10)
+    reg = ProviderRegistry(path, dict)
+    watch = asyncio.create_task(reg.watch(0.01))
+    try:
+        save(30)
+        stamp = os.stat(path)
+        assert await _until(lambda: reg.snapshot.router.cooldown_s == 30)
+        save(60)
+        os.utime(path, ns=(stamp.st_atime_ns, stamp.st_mtime_ns))
+        assert await _until(lambda: reg.snapshot.router.cooldown_s == 60)
+    finally:
+        watch.cancel()
+
+
+async def test_the_watch_logs_a_failure_once_not_every_tick(tmp_path, caplog):
+    import asyncio
+
+    from proxy.providers import ProviderRegistry
+
+    path = tmp_path / "providers.yaml"
+    path.write_text("model_list:\n  - {model_name: a, litellm_params: {model: openai/a}}\n")
+    good = path.read_text()
+    reg = ProviderRegistry(path, dict)
+    caplog.set_level(logging.INFO, logger="satroute.providers")
+    watch = asyncio.create_task(reg.watch(0.005))
+    try:
+        path.unlink()
+        assert await _until(lambda: "file not found" in caplog.text)
+        await asyncio.sleep(0.1)  # many ticks
+        path.write_text("model_list: [")
+        assert await _until(lambda: "rejected" in caplog.text)
+        await asyncio.sleep(0.1)
+        path.write_text(good)
+        await asyncio.sleep(0.1)
+    finally:
+        watch.cancel()
+    logged = [r.getMessage().split(": ")[0] for r in caplog.records]
+    assert logged == ["config reload failed, keeping the last good configuration",
+                      "config reload rejected, keeping the last good configuration",
+                      f"config reloaded from {path}"]
+
+
+async def _until(predicate, timeout: float = 5.0) -> bool:
+    import asyncio
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        await asyncio.sleep(0.01)
+    return False

@@ -210,6 +210,29 @@ def test_failing_model_cools_down_and_comes_back(tmp_path, upstream, start_proxy
     assert "m1" not in httpx.get(f"{proxy.base}/ready").json()["cooling"]
 
 
+def test_an_edit_that_fixes_a_cooling_model_or_shortens_cooldowns_takes_effect(tmp_path, upstream,
+                                                                               start_proxy):
+    """The admin fixes m1's api_base: m1 is routed to at once, not after its cooldown; lowering
+    cooldown_s ends longer cooldowns already running."""
+    dead = "http://127.0.0.1:9/v1"
+    models = [model_entry("m1", dead, tmp_path), model_entry("m2", dead, tmp_path),
+              model_entry("m3", upstream.url, tmp_path)]
+    cfg = write_config(tmp_path / "providers.yaml", models, num_retries=0, allowed_fails=1,
+                       cooldown_s=120)
+    proxy = start_proxy(cfg, scorer=RecordingScorer({"m1": 0.9, "m2": 0.5, "m3": 0.1}))
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.headers["x-satroute-failed"] == "m1:connection,m2:connection"
+    assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == ["m1", "m2"]
+    models[0] = model_entry("m1", upstream.url, tmp_path)  # fixed
+    write_config(cfg, models, num_retries=0, allowed_fails=1, cooldown_s=0.5)
+    deadline = time.monotonic() + 5
+    while httpx.get(f"{proxy.base}/ready").json()["cooling"] != ["m2"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert client(proxy).chat.completions.create(model="auto", messages=MESSAGES).model == "m1"
+    time.sleep(0.6)  # m2's own cooldown now ends within the new cooldown_s
+    assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == []
+
+
 @pytest.mark.parametrize("fast", PATHS)
 def test_unreachable_upstream_falls_back_with_reason_connection(tmp_path, upstream, start_proxy,
                                                                 fast):

@@ -68,7 +68,8 @@ model_list:
 
 
 def models(profiled=("a", "b", "c")):
-    lookup = {n: {"t": 0.5} for n in profiled}.get
+    profiles = {n: {"t": 0.5} for n in profiled}
+    lookup = lambda d: profiles.get(d.name)  # noqa: E731
     return list(parse(CONF, __import__("pathlib").Path("p.yaml"), {}, lookup).models.values())
 
 
