@@ -28,6 +28,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from proxy.cooldown import Cooldowns
 from proxy.errors import AllUpstreamsFailed, UpstreamClientError, UpstreamTransient
+from proxy.logs import adopt_loggers
 from proxy.protocol import OPENAI_CHAT_PARAMS
 from proxy.providers import OPENAI_COMPATIBLE, Deployment, RouterSettings
 from proxy.settings import prepare_litellm_environment
@@ -194,6 +195,7 @@ class RetryingDispatcher:
                     import litellm
 
                     litellm.suppress_debug_info = True
+                    adopt_loggers("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
                     return litellm
 
                 self._litellm = await asyncio.to_thread(load)
@@ -337,8 +339,9 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
     upstream = _upstream_error(exc)
     if upstream is not None:  # the upstream's own error, passed back as the pass-through path does
         return classify(int(status), orjson.dumps({"error": upstream}), model, {}, redact)
+    code = getattr(exc, "code", None)
     body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
-                      "code": getattr(exc, "code", None)}}
+                      "code": redact(str(code)) if code is not None else None}}
     return UpstreamClientError(message, status=int(status), model=model, upstream_body=body)
 
 

@@ -50,6 +50,21 @@ async def read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+# Bounds that no real conversation reaches but that keep one request's validation in milliseconds
+# (three million messages took the event loop 41 s and 4 GB to refuse).
+MAX_MESSAGES = 20_000
+MAX_CONTENT_PARTS = 50_000
+# A body this large is parsed and validated on a thread, not on the event loop.
+PARSE_ON_THREAD_BYTES = 1 << 20
+MAX_LOGGED_MODEL = 256  # characters of an unknown model name in a log line or an error
+
+
+async def parse_request_async(raw: bytes) -> tuple[dict[str, Any], protocol.ChatCompletionRequest]:
+    if len(raw) < PARSE_ON_THREAD_BYTES:
+        return parse_request(raw)
+    return await asyncio.to_thread(parse_request, raw)
+
+
 def parse_request(raw: bytes) -> tuple[dict[str, Any], protocol.ChatCompletionRequest]:
     if not raw.strip():
         raise RequestError("request body is empty; expected a JSON object", code="invalid_json")
@@ -60,6 +75,21 @@ def parse_request(raw: bytes) -> tuple[dict[str, Any], protocol.ChatCompletionRe
     if not isinstance(body, dict):
         raise RequestError(f"request body must be a JSON object, not {type(body).__name__}",
                            code="invalid_body")
+    try:  # what the body must be to be sent on: orjson writes 255 levels, reads 1,024
+        orjson.dumps(body)
+    except orjson.JSONEncodeError:
+        raise RequestError("request body is nested too deeply (more than 255 levels)",
+                           code="invalid_body") from None
+    messages = body.get("messages")
+    if isinstance(messages, list):
+        if len(messages) > MAX_MESSAGES:
+            raise RequestError(f"messages: {len(messages)} messages; at most {MAX_MESSAGES} are "
+                               "taken", param="messages", code="invalid_value")
+        parts = sum(len(m["content"]) for m in messages
+                    if isinstance(m, dict) and isinstance(m.get("content"), list))
+        if parts > MAX_CONTENT_PARTS:
+            raise RequestError(f"messages: {parts} content parts; at most {MAX_CONTENT_PARTS} are "
+                               "taken", param="messages", code="invalid_value")
     try:
         req = protocol.ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:
@@ -143,7 +173,7 @@ async def plan_route(svc: "Services", body: dict[str, Any], req: protocol.ChatCo
         raise err
     if target is None or not target.available:
         why = "is not available" if target else "does not exist"
-        raise ModelNotFound(f"The model '{req.model}' {why}; GET /v1/models lists the models "
+        raise ModelNotFound(f"The model '{req.model[:MAX_LOGGED_MODEL]}' {why}; GET /v1/models lists the models "
                             f"served here, '{snap.router.router_name}' routes automatically",
                             param="model")
     return Plan(Decision(((target.name, 0.0),), routed=False), [target], snap)
@@ -155,10 +185,10 @@ async def chat_completions(request: Request) -> Response:
         raw = await read_body(request, svc.settings.max_body_bytes)
     except ClientDisconnect:  # it left while sending its request: no error of ours
         return _client_left(request)
-    body, req = parse_request(raw)
+    body, req = await parse_request_async(raw)
     record = request_record(request)  # this request's log line (proxy.logs)
-    if record is not None:
-        record.requested_model = req.model
+    if record is not None:  # cut: the client chooses it, and it is in every line of its requests
+        record.requested_model = req.model[:MAX_LOGGED_MODEL]
     chat = _Chat(svc, body, req, record)
     try:
         # one watcher for the whole request: a client that leaves while its request is scored or
@@ -278,7 +308,7 @@ async def route_preview(request: Request) -> Response:
     answered, and none did.
     """
     svc = services(request)
-    body, req = parse_request(await read_body(request, svc.settings.max_body_bytes))
+    body, req = await parse_request_async(await read_body(request, svc.settings.max_body_bytes))
     plan = await plan_route(svc, body, req)
     d = plan.decision
     payload = {"chosen": d.chosen, "route": route_kind(d, plan.default), "degraded": d.degraded,

@@ -104,6 +104,9 @@ def _loggable(value: Any, redact: Callable[[str], str]) -> Any:
     return redact(str(value))
 
 
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 class TextFormatter(logging.Formatter):
     """Plain ``time level logger: message`` lines, then the record's ``fields`` as ``key=value``
     (values as JSON), redacted like the JSON ones."""
@@ -111,6 +114,11 @@ class TextFormatter(logging.Formatter):
     def __init__(self, redactor: Redactor | None = None):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
         self.redactor = redactor or Redactor()
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        # one record, one line (a traceback, appended after it, keeps its own lines): a newline in
+        # a request's path (uvicorn decodes %0a) would otherwise start a line passing for a record
+        return _CONTROL.sub(lambda m: repr(m.group())[1:-1], super().formatMessage(record))
 
     def format(self, record: logging.LogRecord) -> str:
         line = self.redactor(super().format(record))
@@ -141,6 +149,24 @@ def configure_logging(level: str = "info", *, redactor: Redactor | None = None,
     # Our middleware writes one line per request; uvicorn's access log would be a second one.
     logging.getLogger("uvicorn.access").disabled = True
     return handler
+
+
+def adopt_loggers(*names: str) -> None:
+    """Send other libraries' loggers (litellm's, which installs a plain stderr handler of its own
+    at import) through the handler ``configure_logging`` set, so that every line is in the
+    configured format and redacted; warnings and worse only. Without that handler (a test, a
+    library user), nothing changes."""
+    ours = next((h for h in logging.getLogger("satroute").handlers if h.get_name() == "satroute-json"),
+                None)
+    if ours is None:
+        return
+    for name in names:
+        logger = logging.getLogger(name)
+        for old in list(logger.handlers):
+            logger.removeHandler(old)
+        logger.addHandler(ours)
+        logger.setLevel(logging.WARNING)
+        logger.propagate = False
 
 
 @dataclass

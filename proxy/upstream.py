@@ -75,10 +75,20 @@ def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
         return UpstreamTransient(f"{model}: HTTP {status}: {message}", model=model, status=status,
                                  retry_after=retry_after_seconds(headers))
     shaped = None
-    if isinstance(err, dict):
-        shaped = {"error": {"message": message, "type": err.get("type") or "invalid_request_error",
-                            "param": err.get("param"), "code": err.get("code")}}
+    if isinstance(err, dict):  # every field redacted: an upstream may echo the key in any of them
+        shaped = {"error": {"message": message,
+                            "type": _redacted(err.get("type"), redact) or "invalid_request_error",
+                            "param": _redacted(err.get("param"), redact),
+                            "code": _redacted(err.get("code"), redact)}}
     return UpstreamClientError(message, status=status, model=model, upstream_body=shaped)
+
+
+def _redacted(value: Any, redact) -> Any:
+    """A field of an upstream's error object as the client may see it: text redacted; a number
+    or null as it is; anything else (an object where a string belongs) as redacted text."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    return redact(value if isinstance(value, str) else orjson.dumps(value).decode())
 
 
 @dataclass

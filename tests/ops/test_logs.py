@@ -276,3 +276,45 @@ def test_text_lines_quote_a_redacted_value_whole():
     record.fields = {"prompt": 'curl -H "Authorization: Bearer abcdefgh12345678" https://x'}
     line = TextFormatter(Redactor()).format(record)
     assert line.endswith(r'prompt="curl -H \"Authorization: Bearer [redacted]\" https://x"')
+
+
+def test_a_newline_a_client_puts_in_its_path_cannot_forge_a_text_line():
+    """uvicorn decodes %0a in a path, and 401s are logged too: with no key, a client could write
+    a line of its own into the text log."""
+    from proxy.logs import TextFormatter
+
+    forged = "/v1/models\n2026-12-06 13:00:00,000 INFO satroute.request: GET /admin/routes 200\r"
+    record = logging.LogRecord("satroute.request", logging.INFO, __file__, 1, "%s %s %s",
+                               ("GET", forged, 401), None)
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        import sys
+
+        record.exc_info = sys.exc_info()
+    line = TextFormatter(Redactor()).format(record)
+    first, *traceback = line.split("\n")
+    assert "GET /v1/models\\n2026-12-06" in first and "\\r 401" in first
+    assert traceback[0].startswith("Traceback") and traceback[-1] == "ValueError: boom"
+
+
+def test_litellm_s_own_log_lines_go_through_ours_as_json_and_redacted():
+    from proxy.logs import adopt_loggers, configure_logging
+
+    out = io.StringIO()
+    handler = configure_logging("info", redactor=Redactor(lambda: [SECRET]), stream=out)
+    theirs = logging.getLogger("LiteLLM-test")
+    theirs.addHandler(logging.StreamHandler(io.StringIO()))  # what litellm installs at import
+    try:
+        adopt_loggers("LiteLLM-test")
+        theirs.info("chatter that is not worth a line")
+        theirs.warning("Image fetch of http://x/a\n{\"forged\": 1} failed with key %s", SECRET)
+        lines = out.getvalue().splitlines()
+        assert len(lines) == 1
+        logged = json.loads(lines[0])
+        assert logged["logger"] == "LiteLLM-test" and SECRET not in lines[0]
+        assert "\n{\"forged\": 1}" in logged["msg"]
+    finally:
+        for name in ("satroute", "uvicorn", "uvicorn.error", "LiteLLM-test"):
+            logging.getLogger(name).removeHandler(handler)
+        logging.getLogger("LiteLLM-test").handlers.clear()

@@ -1,8 +1,11 @@
 """Bad input and authentication: always OpenAI's error shape, 400/401/413 naming the problem."""
 from __future__ import annotations
 
+import functools
+
 import httpx
 import openai
+import orjson
 import pytest
 
 MESSAGES = [{"role": "user", "content": "hi"}]
@@ -140,3 +143,45 @@ def test_master_key_from_environment(config, upstream, start_proxy, monkeypatch)
     ok = post(proxy, json={"model": "m1", "messages": MESSAGES},
               headers={"Authorization": "Bearer env-key-456"})
     assert ok.status_code == 200
+
+
+def test_bodies_that_would_hold_the_event_loop_are_refused_cheaply(config, upstream, start_proxy):
+    """Millions of messages (inside the body limit) took the proxy 41 s and 4 GB to refuse while
+    every other request, /health included, waited; nesting past what can be sent on was a 500."""
+    from proxy.endpoints import MAX_CONTENT_PARTS, MAX_MESSAGES
+
+    proxy = start_proxy(config)  # the default body limit
+    cases = [({"model": "auto", "messages": [{"role": 1}] * (MAX_MESSAGES + 1)}, "messages"),
+             ({"model": "auto", "messages": [{"role": "user", "content": [
+                 {"type": "text", "text": ""}] * (MAX_CONTENT_PARTS + 1)}]}, "messages"),
+             ({"model": "auto", "messages": MESSAGES, "x": functools.reduce(
+                 lambda inner, _: [inner], range(600), [])}, None)]
+    for body, param in cases:
+        r = httpx.post(f"{proxy.url}/chat/completions", json=body, timeout=30)
+        assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+    assert upstream.bodies() == []
+
+
+async def test_a_large_body_is_parsed_off_the_event_loop():
+    import threading
+
+    from proxy import endpoints
+
+    seen = []
+    real = endpoints.parse_request
+    endpoints.parse_request = lambda raw: seen.append(threading.current_thread()) or real(raw)
+    try:
+        small = orjson.dumps({"model": "auto", "messages": MESSAGES})
+        big = orjson.dumps({"model": "auto", "messages": MESSAGES, "pad": "x" * (2 << 20)})
+        for raw in (small, big):
+            await endpoints.parse_request_async(raw)
+    finally:
+        endpoints.parse_request = real
+    assert seen[0] is threading.main_thread() and seen[1] is not threading.main_thread()
+
+
+def test_an_unknown_model_s_name_is_cut_in_the_error(config, upstream, start_proxy):
+    proxy = start_proxy(config)  # the default body limit
+    r = httpx.post(f"{proxy.url}/chat/completions",
+                   json={"model": "m" * 100_000, "messages": MESSAGES}, timeout=30)
+    assert r.status_code == 404 and len(r.json()["error"]["message"]) < 500

@@ -72,7 +72,7 @@ def test_keys_never_appear_in_output_logs_or_errors(tmp_path, upstream, start_pr
     seen = []
     for name in ("m1", "m2"):
         upstream.set(name, __import__("support.mock_upstream").mock_upstream.fail(
-            401, f"Incorrect API key provided: {secret}", "invalid_request_error"))
+            401, f"Incorrect API key provided: {secret}", f"invalid_key:{secret}"))  # type too
         r = httpx.post(f"{proxy.url}/chat/completions", json={"model": name, "messages": MESSAGES},
                        timeout=60)
         assert r.status_code == 401
