@@ -6,7 +6,8 @@ Public API (the only names the proxy may use):
   suite's tasks (see ``scorer.aptitude``).
 - ``Scorer``: the one-method seam, ``score(instruction, candidates) -> {model: score}``, where
   ``candidates`` maps each candidate model's name to its profile. Higher is better; scores of one
-  call are comparable with each other, not across calls.
+  call are comparable with each other, not across calls. A profile value that is not an accuracy
+  in [0, 1] (NaN, a percentage), or a profile with no task the scorer reads, is a ValueError.
 - ``load_scorer(checkpoint=None, device=None, dtype=None)``: the trained Model-SAT scorer (the
   committed default checkpoint when ``checkpoint`` is None), on CUDA when available, else the CPU;
   in bfloat16 on CUDA and on CPUs that compute it natively, else float32, unless ``dtype`` says.

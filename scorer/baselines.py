@@ -12,8 +12,9 @@ answers an instruction right, from the instruction's sentence embedding (``score
 - ``category``: per (data set, category) the model with the best train accuracy; the category of an
   instruction is looked up by its text among the data set's prompts (else the best overall model).
 
-These four know models only by name: a candidate unseen in training scores -inf (never chosen while
-a known candidate exists); profiles are ignored. That is exactly what Model-SAT adds.
+These four know models only by name: a candidate unseen in training (not in the zoo, or with no
+outcome on the train split) scores -inf (never chosen while a known candidate exists); profiles are
+ignored. That is exactly what Model-SAT adds.
 
 - ``aptitude``: no training and no instruction: each candidate's mean accuracy over its aptitude
   profile. It reads what Model-SAT reads about a model, so it places unseen models too: the floor a
@@ -28,7 +29,7 @@ from typing import Callable, Mapping, Sequence
 import numpy as np
 
 from scorer import Profile
-from scorer.data import RoutingData, format_instruction, load_dataset
+from scorer.data import DataError, RoutingData, format_instruction, load_dataset
 from scorer.embeddings import Embedder, dataset_embeddings
 
 HOLDOUT_FRAC = 0.1
@@ -213,15 +214,21 @@ def train_baseline(name: str, data: RoutingData, models: Sequence[str], embedder
     """Train baseline ``name`` on ``data``'s train split for the zoo ``models``."""
     if name == "aptitude":
         return AptitudeMeanScorer()
-    train = data.split("train").with_models(models)
-    if name == "category":
-        return CategoryBestScorer(train, models)
-    if name not in EMBEDDING_BASELINES:
+    if name != "category" and name not in EMBEDDING_BASELINES:
         raise ValueError(f"unknown baseline {name!r}; choose from {', '.join(BASELINES)}")
+    train = data.split("train").with_models(models)
+    # a model with no train outcome is unseen, like one outside the zoo: it scores -inf (its
+    # column would be all NaN: a NaN prior or table row, or a forest that refuses to fit)
+    seen = [m for m, known in zip(models, ~np.isnan(train.correct_matrix()).all(axis=0)) if known]
+    if not seen:
+        raise DataError(f"no model of the zoo has an outcome on {data.path}'s train split")
+    train = train.with_models(seen)
+    if name == "category":
+        return CategoryBestScorer(train, seen)
     embedder = embedder or Embedder()
     X = dataset_embeddings(train, embedder, cache_dir)
     fn, info = EMBEDDING_BASELINES[name](X, train.correct_matrix(), seed)
-    scorer = EmbeddingScorer(name, models, embedder, fn)
+    scorer = EmbeddingScorer(name, seen, embedder, fn)
     scorer.info = info
     return scorer
 

@@ -9,10 +9,11 @@ Does not know: how suites are chosen or profiles computed (``scorer.aptitude``).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from scorer.aptitude import assets_dir, build_suite, profile_from_outcomes, save_profile
-from scorer.data import data_root, load_dataset
+from scorer.data import DataError, data_root, load_dataset
 
 #: suite name -> data set folder it is built from
 SUITES = {"mmlu_pro": "mmlu_pro", "routerdc": "routerdc"}
@@ -38,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=None, help="assets folder (default: scorer/assets)")
     parser.add_argument("--seed", type=int, default=DEFAULT_SEED)
     args = parser.parse_args(argv)
-    paths = build(args.data or data_root(), args.out or assets_dir(), args.seed)
+    try:
+        paths = build(args.data or data_root(), args.out or assets_dir(), args.seed)
+    except DataError as exc:  # a data folder missing or malformed: one line, not a traceback
+        print(f"python -m scorer.build_assets: {exc}", file=sys.stderr)
+        return 2
     print(f"wrote {len(paths)} files")
     return 0
 

@@ -181,12 +181,21 @@ def _read_outcomes(path: Path, row_of: Mapping[str, int]) -> tuple[list[str], np
         header = next(reader, None)
         if header is None or header[:3] != ["prompt_id", "model", "score"]:
             raise DataError(f"{path}: expected header prompt_id,model,score, got {header}")
-        for pid, model, score in reader:
+        for fields in reader:
+            if not fields:
+                continue  # a blank line
+            if len(fields) < 3:
+                raise DataError(f"{path}: line {reader.line_num}: expected prompt_id,model,score, got {fields}")
+            pid, model, score = fields[:3]  # columns after the third are not ours to read
             row = row_of.get(pid)
             if row is None:
                 continue  # an outcome for a prompt this folder does not list: ignored
+            try:
+                value = float(score)
+            except ValueError:
+                raise DataError(f"{path}: line {reader.line_num}: score {score!r} is not a number") from None
             col = models.setdefault(model, len(models))
-            triples.append((row, col, float(score)))
+            triples.append((row, col, value))
     scores = np.full((len(row_of), len(models)), np.nan)
     if triples:
         r, c, s = (np.array(x) for x in zip(*triples))

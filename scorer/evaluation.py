@@ -55,7 +55,11 @@ def route(scorer: Scorer, instructions: Sequence[str], models: Sequence[str],
         results = [r for s in range(0, len(instructions), BATCH) for r in many(instructions[s:s + BATCH], candidates)]
     else:
         results = [scorer.score(text, candidates) for text in instructions]
-    return np.array([int(np.argmax([r.get(m, float("-inf")) for m in models])) for r in results], dtype=np.int64)
+    picks = []
+    for r in results:
+        scores = np.array([r.get(m, float("-inf")) for m in models], dtype=np.float64)
+        picks.append(int(np.argmax(np.where(np.isnan(scores), -np.inf, scores))))  # argmax takes NaN for the max
+    return np.array(picks, dtype=np.int64)
 
 
 def _table(correct: np.ndarray, models: Sequence[str]) -> dict:
@@ -123,7 +127,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--suite", default=None, help="aptitude suite of the profiles (default: DIR's name if a "
                                                       "suite has it, else mmlu_pro); none: no profiles")
     parser.add_argument("--split", default="test")
-    parser.add_argument("--limit", type=_positive, default=None, help="a fixed, deterministic sample of N prompts")
+    parser.add_argument("--limit", type=positive_int, default=None, help="a fixed, deterministic sample of N prompts")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: ~/.cache/satroute)")
     parser.add_argument("--embed-tokens", type=int, default=128,
@@ -154,6 +158,22 @@ def _profiles(args, data: RoutingData, models: Sequence[str]) -> dict[str, dict[
     return out
 
 
+def _check_profiles(args, profiles: Mapping[str, Profile], readers: Sequence[str]) -> None:
+    """Every model needs a profile when a router that reads them runs (``readers``: their specs):
+    an empty one would stop Model-SAT, or leave the aptitude baseline picking the first model."""
+    if not readers:
+        return
+    if args.suite == "none":
+        raise DataError(f"--suite none gives the models no profiles, and {', '.join(readers)} reads them")
+    from scorer.aptitude import suite_for
+
+    for model, profile in profiles.items():
+        if not profile:
+            raise DataError(f"model {model!r} has no outcomes on the questions of suite "
+                            f"{suite_for(args.data, args.suite)!r} in {args.data}; pass --suite with the suite "
+                            "its profiles are measured on")
+
+
 def _build_scorer(spec: str, args, data: RoutingData, models: Sequence[str], embedder) -> Scorer:
     from scorer import load_scorer
     from scorer.baselines import BASELINES, train_baseline
@@ -165,13 +185,14 @@ def _build_scorer(spec: str, args, data: RoutingData, models: Sequence[str], emb
         return train_baseline(name, data, models, embedder, args.seed, args.cache_dir)
     if name == "model-sat":
         return load_scorer(args.checkpoint, dtype=args.dtype)
-    raise SystemExit(f"unknown router/baseline {spec!r}")
+    raise ValueError(f"unknown router/baseline {spec!r} (choose model-sat, {', '.join(BASELINES)}, NAME=CHECKPOINT "
+                     "or none)")
 
 
 ROUTER_KEY = "\0router"  # cannot clash with a baseline's name
 
 
-def _positive(text: str) -> int:
+def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
@@ -179,13 +200,13 @@ def _positive(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The evaluation; a wrong model name, data folder or checkpoint is one line on stderr and exit
-    code 2, not a traceback (and is found before any baseline is trained)."""
+    """The evaluation; a wrong model name, router name, data folder or checkpoint is one line on
+    stderr and exit code 2, not a traceback (and is found before any baseline is trained)."""
     from scorer.inference import CheckpointError
 
     try:
         return _run(args)
-    except (DataError, CheckpointError) as exc:
+    except (DataError, CheckpointError, ValueError) as exc:
         print(f"satroute evaluate: {exc}", file=sys.stderr)
         return 2
 
@@ -199,6 +220,8 @@ def _run(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     data = load_dataset(args.data)
+    if not data.models:
+        raise DataError(f"no model outcomes in {args.data}")
     models = [m.strip() for m in args.models.split(",")] if args.models else list(data.models)
     unknown = [m for m in models if m not in data.models]
     if unknown:
@@ -207,9 +230,13 @@ def _run(args: argparse.Namespace) -> int:
     embedder = Embedder(max_length=args.embed_tokens)
     specs = [] if args.baselines in ("", "none") else [s.strip() for s in args.baselines.split(",") if s.strip()]
     routers = [args.router] if args.router != "none" else []
-    # checkpoints first: a wrong path must not wait for every baseline to be trained
-    order = sorted(dict.fromkeys(specs + routers), key=lambda spec: spec.partition("=")[0] in BASELINES)
-    built = {spec: _build_scorer(spec, args, data, models, embedder) for spec in order}
+    wanted = list(dict.fromkeys(specs + routers))
+    # checkpoints first, then the profiles they read: a wrong path or suite must not wait for
+    # every baseline to be trained
+    checkpoints = [spec for spec in wanted if spec not in BASELINES]
+    built = {spec: _build_scorer(spec, args, data, models, embedder) for spec in checkpoints}
+    _check_profiles(args, profiles, checkpoints + [spec for spec in wanted if spec == "aptitude"])
+    built.update({spec: _build_scorer(spec, args, data, models, embedder) for spec in wanted if spec not in built})
     scorers = {spec.partition("=")[0]: built[spec] for spec in specs}
     if args.router != "none":
         scorers[ROUTER_KEY] = built[args.router]

@@ -33,7 +33,8 @@ _SYSTEM = (
 )
 
 # "the answer is (X)": MMLU-Pro's own rule (the one every recorded outcome in the routing data was
-# graded with), made tolerant of case and spacing, and requiring that the letter ends there.
+# graded with), tolerant of the phrase's case and of spacing, and requiring that the letter ends
+# there; the letter itself must be a capital, as that rule reads it ("answer is (b)" is none).
 _STATED = re.compile(r"(?i:answer\s+is)\s*\(?\s*([A-J])\s*\)?(?![A-Za-z0-9])")
 # A LaTeX-minded model may box its letter instead of stating it.
 _BOXED = re.compile(r"\\boxed\{\s*(?:\\text\{)?\s*\(?([A-J])\)?\s*\}?\s*\}")
@@ -63,7 +64,7 @@ def build_messages(question: str, options: Sequence[str], subject: str = "") -> 
 
 def _first_valid(pattern: re.Pattern[str], text: str, valid: str) -> str | None:
     for match in pattern.finditer(text):
-        letter = match.group(1).upper()
+        letter = match.group(1)
         if letter in valid:
             return letter
     return None

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import numbers
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -78,7 +79,10 @@ def default_dtype(device: str, requested: str | torch.dtype | None = None) -> to
 
 
 class CheckpointError(FileNotFoundError):
-    """A checkpoint folder is missing or incomplete."""
+    """A checkpoint folder is missing or incomplete, or its config does not describe its weights.
+
+    Not a ``RuntimeError``: ``ModelSATScorer.load`` must not take it for a CUDA failure and load
+    the same broken checkpoint again on the CPU."""
 
 
 def save_checkpoint(model: ModelSAT, folder: str | Path, meta: Mapping | None = None) -> Path:
@@ -110,8 +114,14 @@ def load_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype = tor
     folder = Path(folder)
     if not (folder / CONFIG).exists() or not (folder / WEIGHTS).exists():
         raise CheckpointError(f"no Model-SAT checkpoint in {folder} (need {CONFIG} and {WEIGHTS})")
-    model = ModelSAT.from_backbones(ModelSATConfig.load(folder / CONFIG))
-    model.load_trainable_state(load_file(str(folder / WEIGHTS)))
+    try:  # a config that cannot be read, or names a network this code cannot run
+        model = ModelSAT.from_backbones(ModelSATConfig.load(folder / CONFIG))
+    except ValueError as exc:
+        raise CheckpointError(f"{folder / CONFIG}: {exc}") from None
+    try:  # on the CPU still: an error here is the checkpoint's, never the device's
+        model.load_trainable_state(load_file(str(folder / WEIGHTS)))
+    except ValueError as exc:
+        raise CheckpointError(f"{folder / CONFIG} does not describe the weights in {folder / WEIGHTS}: {exc}") from None
     return model.to(device=device, dtype=dtype).eval()
 
 
@@ -287,17 +297,32 @@ class ModelSATScorer:
         stand_in = {"warm-up": dict.fromkeys(self.suite.task_ids, 0.5)}
         self.score("Which of these statements is correct?", dict(profiles) if profiles else stand_in)
 
+    def read_profile(self, name: str, profile: Mapping[str, float]) -> dict[str, float]:
+        """The part of a candidate's profile the network reads: its tasks with keywords (the suite's,
+        or another MMLU subject's). ValueError, naming the candidate, for a value that is not an
+        accuracy in [0, 1] (a NaN, a percentage) or a profile with no task to read."""
+        for task, value in profile.items():
+            if not (isinstance(value, numbers.Real) and 0.0 <= value <= 1.0):  # NaN fails the comparison
+                raise ValueError(f"candidate {name!r}: accuracy {value!r} on task {task!r} is not a number in [0, 1]")
+        read = {t: v for t, v in profile.items() if t in self.writer.keywords}
+        if not read:
+            raise ValueError(f"candidate {name!r}: its profile has no task of suite {self.suite.name!r} "
+                             f"(nor another MMLU subject) for the scorer to read")
+        return read
+
     @torch.inference_mode()
     def score(self, instruction: str, candidates: Mapping[str, Mapping[str, float]]) -> dict[str, float]:
         names = list(candidates)
         if not names:
             return {}
+        read = [self.read_profile(n, candidates[n]) for n in names]
         with self._lock:
             suffixes = [self._candidate_suffixes(candidates[n]) for n in names]
             scores = score_candidates(self.model, self.writer, instruction, suffixes)
         weight = self.model.config.aptitude_weight
-        return {n: float(s) + (weight * aptitude(candidates[n]) if weight else 0.0)
-                for n, s in zip(names, scores.tolist())}
+        # the aptitude is the mean over what the network reads: a task it ignores moves neither
+        return {n: float(s) + (weight * aptitude(profile) if weight else 0.0)
+                for n, s, profile in zip(names, scores.tolist(), read)}
 
 
 __all__ = ["CapabilityWriter", "aptitude", "checkpoint_identity", "CheckpointError", "DEFAULT_CHECKPOINT", "DTYPES",

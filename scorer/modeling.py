@@ -29,6 +29,9 @@ candidate and re-ordering instead of once per request (``score_rows``)::
 
 The score is ``h_last . E['Yes']`` (the raw 'Yes' logit; only that row of the head is computed).
 
+phi's layers are run by this file's own code, which computes exactly what the library does for the
+architectures in ``SUPPORTED_LLMS`` with plain RoPE; another phi is refused when the network is built.
+
 Does not know: profiles, suites or how clause texts are written (``scorer.capability``), data sets,
 training loops, caching across requests (``scorer.inference``).
 """
@@ -54,6 +57,39 @@ PAPER_MID = "\n\nInstruction: "
 PAPER_TAIL = ("\n\nWill a model with the above capability handle this instruction correctly? "
               "Answer Yes or No.<|im_end|>\n<|im_start|>assistant\n")
 LAYOUTS = {"instruction_first": (HEAD, MID, TAIL), "paper": (PAPER_HEAD, PAPER_MID, PAPER_TAIL)}
+# phi's layers are run by ``ModelSAT._layer``, written for LLaMA's: separate q/k/v/o projections,
+# plain RoPE, one norm before attention and one before the MLP. These architectures compute exactly
+# what their library does through it; others would fail (Phi-3's fused qkv) or, worse, compute
+# something else without a word (Gemma-2's soft-capping and extra norms, Llama-3.1's scaled RoPE).
+SUPPORTED_LLMS = ("gemma", "llama", "mistral", "qwen2")
+# Generous: a token of the default backbones spans at most 81 characters (SmolLM2's longest) or one
+# word (MiniLM: at most 100 characters, or a longer word read as one [UNK]), so a text's first N
+# tokens lie in its first N * this many characters unless it holds long runs of spaces or of such
+# words. Cutting there first keeps a huge instruction from being tokenized whole, inside the
+# scorer's lock, for the few tokens kept; a text within the bound is read as it always was.
+CHARS_PER_TOKEN = 128
+
+
+def head_text(text: str, tokens: int) -> str:
+    """The start of ``text`` that holds its first ``tokens`` tokens (``CHARS_PER_TOKEN`` characters
+    each): both backbones keep a text's first tokens, so it is the end that goes. A text within that
+    bound is returned as it is."""
+    limit = tokens * CHARS_PER_TOKEN
+    return text if len(text) <= limit else text[:limit]
+
+
+def check_llm(llm_config) -> None:
+    """Refuse (ValueError) a phi whose layers ``ModelSAT._layer`` would not compute as its library does."""
+    kind = getattr(llm_config, "model_type", None)
+    if kind not in SUPPORTED_LLMS:
+        raise ValueError(f"phi is a {kind!r} model; the scorer's forward pass runs only "
+                         f"{', '.join(SUPPORTED_LLMS)} layers")
+    # transformers 5 keeps the RoPE settings in rope_parameters, 4 in rope_scaling (None when plain)
+    rope = getattr(llm_config, "rope_parameters", None) or getattr(llm_config, "rope_scaling", None) or {}
+    scaling = rope.get("rope_type", rope.get("type", "default"))
+    if scaling != "default":
+        raise ValueError(f"phi's RoPE scaling {scaling!r} is not supported: the scorer's forward pass "
+                         "computes plain RoPE")
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -150,6 +186,7 @@ class ModelSAT(nn.Module):
         self.tokenizer = llm_tokenizer
         body = llm.model if hasattr(llm, "model") else llm
         lcfg = llm.config
+        check_llm(lcfg)
         self.embed = body.embed_tokens
         self.layers = nn.ModuleList(list(body.layers)[: config.n_layers])
         self.norm = body.norm
@@ -268,10 +305,15 @@ class ModelSAT(nn.Module):
                 if k.startswith(tuned) or ".lora_" in k}
 
     def load_trainable_state(self, state: dict[str, torch.Tensor]) -> None:
-        expected = set(self.trainable_state())
-        if set(state) != expected:
-            raise ValueError(f"checkpoint parts differ: missing {sorted(expected - set(state))[:3]}, "
-                             f"unexpected {sorted(set(state) - expected)[:3]}")
+        """The trained parts, which must be exactly this network's, in their shapes (ValueError)."""
+        expected = self.trainable_state()
+        if set(state) != set(expected):
+            raise ValueError(f"checkpoint parts differ: missing {sorted(set(expected) - set(state))[:3]}, "
+                             f"unexpected {sorted(set(state) - set(expected))[:3]}")
+        wrong = [f"{k} {tuple(v.shape)} (the network's: {tuple(expected[k].shape)})" for k, v in state.items()
+                 if v.shape != expected[k].shape]
+        if wrong:
+            raise ValueError(f"checkpoint parts differ in shape: {', '.join(sorted(wrong)[:3])}")
         self.load_state_dict(state, strict=False)
 
     # ---- psi + connector -------------------------------------------------------------------------
@@ -312,15 +354,17 @@ class ModelSAT(nn.Module):
     def instruction_vector(self, instruction: str) -> torch.Tensor:
         """psi's vector of the instruction through its connector ``[1, D]``; psi is not tuned through
         it, so the vectors of the last few thousand instructions are kept."""
-        vec = self._instruction_vectors.get(instruction)
+        window = self._psi_window(self.config.instruction_vector_tokens)
+        text = head_text(instruction, window)  # also the key: a huge instruction is not kept whole
+        vec = self._instruction_vectors.get(text)
         if vec is None:
             with torch.no_grad():
-                vec = self._encode([instruction], self._psi_window(self.config.instruction_vector_tokens))[0]
-            self._instruction_vectors[instruction] = vec
+                vec = self._encode([text], window)[0]
+            self._instruction_vectors[text] = vec
             while len(self._instruction_vectors) > 4096:
                 self._instruction_vectors.popitem(last=False)
         else:
-            self._instruction_vectors.move_to_end(instruction)
+            self._instruction_vectors.move_to_end(text)
         weight = self.embed.weight  # a cached vector may predate a move to another device or dtype
         return self.instruction_connector(vec.to(weight.device, weight.dtype))[None]
 
@@ -345,7 +389,8 @@ class ModelSAT(nn.Module):
         return self.token_ids(self.config.head) + self._instruction(instruction) + self.token_ids(self.config.mid)
 
     def _instruction(self, instruction: str) -> list[int]:
-        return self.token_ids(instruction)[: self.config.max_instruction_tokens]
+        keep = self.config.max_instruction_tokens
+        return self.token_ids(head_text(instruction, keep))[:keep]
 
     def embed_ids(self, ids: list[int] | torch.Tensor) -> torch.Tensor:
         ids = torch.as_tensor(ids, dtype=torch.long, device=self.embed.weight.device)
@@ -432,5 +477,5 @@ class ModelSAT(nn.Module):
         return [p for p in self.parameters() if p.requires_grad]
 
 
-__all__ = ["HEAD", "LAYOUTS", "MID", "PAPER_HEAD", "PAPER_MID", "PAPER_TAIL", "TAIL", "LoRALinear", "ModelSAT",
-           "ModelSATConfig", "write_atomically"]
+__all__ = ["CHARS_PER_TOKEN", "HEAD", "LAYOUTS", "MID", "PAPER_HEAD", "PAPER_MID", "PAPER_TAIL", "SUPPORTED_LLMS",
+           "TAIL", "LoRALinear", "ModelSAT", "ModelSATConfig", "check_llm", "head_text", "write_atomically"]

@@ -38,6 +38,7 @@ from __future__ import annotations
 import argparse
 import json
 import random
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -49,12 +50,18 @@ import torch.nn.functional as F
 from scorer.aptitude import load_suite, profile_from_outcomes, suite_for
 from scorer.baselines import neighbour_counts
 from scorer.capability import perturb, task_clause
-from scorer.data import RoutingData, data_root, format_instruction, load_dataset
-from scorer.inference import META, CapabilityWriter, load_model, save_checkpoint, score_candidates, suite_keywords
+from scorer.data import DataError, RoutingData, data_root, format_instruction, load_dataset
+from scorer.evaluation import positive_int
+from scorer.inference import (META, CapabilityWriter, CheckpointError, load_model, save_checkpoint, score_candidates,
+                              suite_keywords)
 from scorer.modeling import LAYOUTS, ModelSAT, ModelSATConfig, write_atomically
 
 STATE = "train_state.pt"
 BEST = "best"  # the best-validated weights so far, a checkpoint folder inside --out
+# MMLU-Pro's unseen-model setting and validation zoo: the defaults, skipped where a folder lacks them
+DEFAULT_EXCLUDE = ["gemma-7b", "Yi-34B"]
+DEFAULT_VAL_MODELS = ["Meta-Llama-3_1-8B-Instruct", "Phi-3-mini-4k-instruct", "gemma-7b", "Qwen1.5-7B-Chat",
+                      "Mistral-7B-Instruct-v0.2"]
 
 
 @dataclass
@@ -211,6 +218,10 @@ class Trainer:
         self.step = 0
         self.optimizer = None
         self.last_val: dict[str, float] = {}
+        for src in self.sources:  # else drawing a paper group would never end
+            if not any(len(r) and len(w) >= args.k - 1 for r, w in zip(src.right, src.wrong)):
+                raise DataError(f"no model of {src.name} has a train instruction it got right and {args.k - 1} it "
+                                "got wrong (a paper group, --k): lower --k")
 
     @property
     def pool(self) -> Pool:
@@ -374,7 +385,7 @@ class Trainer:
     def meta(self, out_dir: Path, extra: dict) -> dict:
         a = self.args
         return {"data": [s.name for s in self.sources], "suite": self.model.config.suite,
-                "exclude_models": a.exclude_models, "data_weights": [s.weight for s in self.sources],
+                "exclude_models": excluded_models(a), "data_weights": [s.weight for s in self.sources],
                 "train_models": [m for s in self.sources for m in s.pool.models],
                 "val_models": [m for s in self.sources for m in s.val_models], "steps": self.step,
                 "stage1_steps": a.stage1_steps, "seed": a.seed, "split_seed": split_seed(a), "k": a.k,
@@ -484,13 +495,43 @@ def suite_reference(a) -> str:
     return str(Path(spec).resolve()) if Path(spec).suffix else spec
 
 
+def excluded_models(a) -> list[str]:
+    """``--exclude-models``, else ``DEFAULT_EXCLUDE``."""
+    return DEFAULT_EXCLUDE if a.exclude_models is None else a.exclude_models
+
+
+def _check_names(a, datasets: list[RoutingData]) -> None:
+    """A model named in ``--exclude-models`` or ``--val-models`` must be in some ``--data`` folder: a
+    misspelt name would train on the models meant to stay unseen, or validate on others."""
+    known = {m for d in datasets for m in d.models}
+    for flag, names in (("--exclude-models", a.exclude_models), ("--val-models", a.val_models)):
+        missing = [m for m in names or () if m not in known]
+        if missing:
+            raise DataError(f"{flag}: {', '.join(map(repr, missing))} in no --data folder "
+                            f"(their models: {', '.join(sorted(known))})")
+
+
+def _check_trainable(pool: Pool, data: RoutingData, suite) -> None:
+    """A pool to train on has models, each with a profile: an empty one gives the network nothing to read."""
+    if not pool.models:
+        raise DataError(f"every model of {data.path} is excluded (--exclude-models)" if data.models
+                        else f"no model outcomes in {data.path}")
+    for m, profile in pool.profiles.items():
+        if not profile:
+            raise DataError(f"model {m!r} has no outcomes on the questions of suite {suite.name!r} in {data.path}; "
+                            f"pass --suite with the suite measured on this data (or --exclude-models {m})")
+
+
 def build_sources(a) -> tuple[list[Source], object]:
     """One ``Source`` per ``--data`` folder (comma-separated), with its suite and weight."""
     folders = [f for f in str(a.data).split(",") if f]
     suites = [s for s in str(a.suite).split(",") if s] or ["auto"]
     if len(suites) == 1:
         suites = suites * len(folders)
-    weights = [float(w) for w in str(a.data_weights).split(",") if w] if a.data_weights else [1.0] * len(folders)
+    try:
+        weights = [float(w) for w in str(a.data_weights).split(",") if w] if a.data_weights else [1.0] * len(folders)
+    except ValueError:
+        raise ValueError(f"--data-weights takes numbers, one per --data folder, not {a.data_weights!r}") from None
     if len(suites) != len(folders) or len(weights) != len(folders):
         raise SystemExit("--suite and --data-weights need one value per --data folder (or one suite for all)")
     if a.category_prior and a.neighbours <= 0:
@@ -499,23 +540,40 @@ def build_sources(a) -> tuple[list[Source], object]:
         raise SystemExit("--category-prior is a weight between 0 and 1")
     if a.category_shrink < 0:
         raise SystemExit("--category-shrink is a pseudo-count, 0 or more")
+    datasets = [load_dataset(folder) for folder in folders]
+    if a.exclude_models is not None or a.val_models is not None:
+        _check_names(a, datasets)
     sources, first_suite = [], None
-    for folder, suite_arg, weight in zip(folders, suites, weights):
-        pool, val, suite = build_pools(load_dataset(folder), suite_for(folder, suite_arg), a.exclude_models,
+    for folder, data, suite_arg, weight in zip(folders, datasets, suites, weights):
+        pool, val, suite = build_pools(data, suite_for(folder, suite_arg), excluded_models(a),
                                        a.val_size, split_seed(a), neighbours=a.neighbours,
                                        category_prior=a.category_prior, category_shrink=a.category_shrink)
+        _check_trainable(pool, data, suite)
         first_suite = first_suite or suite
-        sources.append(Source(Path(folder).name, pool, val, a.val_models.split(","), weight))
+        val_models = DEFAULT_VAL_MODELS if a.val_models is None else a.val_models
+        sources.append(Source(Path(folder).name, pool, val, list(val_models), weight))
     return sources, first_suite
 
 
 def run(a) -> int:
+    """The training run; a wrong data folder, suite, checkpoint or option value is one line on
+    stderr and exit code 2, not a traceback."""
+    try:
+        return _run(a)
+    except (DataError, CheckpointError, ValueError) as exc:
+        print(f"satroute train: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(a) -> int:
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
     out_dir = Path(a.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     sources, suite = build_sources(a)
     resume = a.resume and (out_dir / STATE).exists()
+    if a.resume and not resume:
+        print(f"satroute train: --resume: no {STATE} in {out_dir}; starting a new run", file=sys.stderr)
     device = a.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if resume:
         model = load_model(out_dir, device=device)
@@ -532,7 +590,7 @@ def run(a) -> int:
     log_path = out_dir / "log.jsonl"
     if resume:  # the steps logged after the state was saved are run again: drop their lines
         _truncate_log(log_path, trainer.step)
-    log = open(log_path, "a", encoding="utf-8")
+    log = open(log_path, "a" if resume else "w", encoding="utf-8")  # a new run starts a new log
     started, last_save = time.monotonic(), time.monotonic()
     total = a.stage1_steps + a.stage2_steps
     best = _best_so_far(out_dir) if resume else -1.0
@@ -589,6 +647,10 @@ def _truncate_log(path: Path, step: int) -> None:
     write_atomically(path, "".join(f"{line}\n" for line in kept))
 
 
+def _names(text: str) -> list[str]:
+    return [m for m in text.split(",") if m]
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", default=str(data_root() / "mmlu_pro"),
                    help="routing data folder(s), comma-separated (train split)")
@@ -598,8 +660,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--init", default="", help="start from this checkpoint's network and trained parts")
     p.add_argument("--out", default="runs/modelsat", help="checkpoint + log folder (resumable)")
     p.add_argument("--resume", action="store_true", help="continue from --out's train_state.pt")
-    p.add_argument("--exclude-models", type=lambda s: [m for m in s.split(",") if m],
-                   default=["gemma-7b", "Yi-34B"], help="models never seen in training (unseen setting)")
+    p.add_argument("--exclude-models", type=_names, default=None,
+                   help="models never seen in training (unseen setting; default: "
+                   f"{','.join(DEFAULT_EXCLUDE)} where a folder has them)")
     p.add_argument("--variant", choices=["encoder", "text"], default="encoder")
     p.add_argument("--encoder", default="default:minilm")
     p.add_argument("--llm", default="default:smollm2")
@@ -625,7 +688,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="top layers of psi tuned in stage 2 (0 = psi frozen, its clause vectors cached)")
     p.add_argument("--lr-encoder", type=float, default=2e-4,
                    help="learning rate of psi's tuned layers (full weights) in stage 2")
-    p.add_argument("--k", type=int, default=3, help="paper group: 1 right + k-1 wrong instructions")
+    p.add_argument("--k", type=positive_int, default=3, help="paper group: 1 right + k-1 wrong instructions")
     p.add_argument("--group-models", type=int, default=3, help="route group: 1 right + g-1 wrong models")
     p.add_argument("--accumulate", type=int, default=1, help="groups per optimizer step")
     p.add_argument("--route-weight", type=float, default=1.0, help="0 = the paper's loss alone")
@@ -648,9 +711,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--profile-noise", type=float, default=0.0,
                    help="std of the noise added to each training profile accuracy (0 = none)")
     p.add_argument("--val-size", type=int, default=60)
-    p.add_argument("--val-models", default="Meta-Llama-3_1-8B-Instruct,Phi-3-mini-4k-instruct,gemma-7b,"
-                   "Qwen1.5-7B-Chat,Mistral-7B-Instruct-v0.2")
-    p.add_argument("--val-every", type=int, default=100)
+    p.add_argument("--val-models", type=_names, default=None,
+                   help=f"zoo routed on the validation slice (default: {','.join(DEFAULT_VAL_MODELS)} where a "
+                   "folder has them; a folder with none of them: its first 8 models)")
+    p.add_argument("--val-every", type=positive_int, default=100)
     p.add_argument("--save-every-minutes", type=float, default=10)
     p.add_argument("--budget-minutes", type=float, default=0, help="stop after this wall time (0 = none)")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when there is one); fp32 either way")

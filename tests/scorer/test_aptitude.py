@@ -112,3 +112,12 @@ def test_committed_suites_are_train_only_and_profiles_match(shared_data):
             direct = float(np.nanmean(data.correct(model)[data.rows(task.question_ids)]))
             assert stored[task.id] == pytest.approx(direct, abs=1e-4)
     assert build_suite(load_dataset(shared_data / "mmlu_pro"), "mmlu_pro") == load_suite("mmlu_pro")
+
+
+def test_build_assets_from_a_missing_data_folder_is_one_line_and_exit_2(tmp_path, capsys):
+    from scorer.build_assets import main
+
+    assert main(["--data", str(tmp_path / "nowhere"), "--out", str(tmp_path / "assets")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"python -m scorer.build_assets: {tmp_path / 'nowhere' / 'mmlu_pro'} holds no prompts.jsonl.gz\n"
+    assert not (tmp_path / "assets").exists()

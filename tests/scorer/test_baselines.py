@@ -107,3 +107,27 @@ def test_aptitude_mean_ranks_by_profile_and_places_unseen_models(zoo):
     scores = scorer.score("anything at all", candidates)
     assert scores == {"A": pytest.approx(0.3), "New": pytest.approx(0.7), "Empty": float("-inf")}
     assert scorer.score_many(["one", "two"], candidates) == [scores, scores]  # the instruction is ignored
+
+
+@pytest.fixture()
+def zoo_with_a_test_only_model(tmp_path, zoo):
+    """``zoo`` plus model C, right on every prompt but with outcomes on the test split only."""
+    outcomes = [(p.id, m, float(zoo.scores[i, j])) for i, p in enumerate(zoo.prompts) for j, m in enumerate(zoo.models)]
+    outcomes += [(p.id, "C", 1.0) for p in zoo.prompts if p.split == "test"]
+    return load_dataset(write_dataset(tmp_path / "zoo_c", zoo.prompts, outcomes))
+
+
+@pytest.mark.parametrize("name", ["knn", "mlp", "rf", "category"])
+def test_a_model_without_train_outcomes_scores_minus_infinity(zoo_with_a_test_only_model, tmp_path, name, one_thread):
+    data = zoo_with_a_test_only_model
+    scorer = train_baseline(name, data, ["A", "C", "B"], FakeEmbedder(), cache_dir=tmp_path)
+    for p in data.split("test").prompts:
+        scores = scorer.score(format_instruction(p), {"A": {}, "C": {}, "B": {}})
+        assert scores["C"] == float("-inf") and np.isfinite([scores["A"], scores["B"]]).all()
+
+
+def test_a_zoo_without_train_outcomes_is_a_data_error(zoo_with_a_test_only_model, tmp_path):
+    from scorer.data import DataError
+
+    with pytest.raises(DataError, match="no model of the zoo has an outcome on .*'s train split"):
+        train_baseline("knn", zoo_with_a_test_only_model, ["C"], FakeEmbedder(), cache_dir=tmp_path)

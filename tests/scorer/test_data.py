@@ -80,3 +80,27 @@ def test_real_sets_load(shared_data):
     rdc = load_dataset(shared_data / "routerdc")
     assert len(rdc) == 20600 and len(rdc.models) == 7
     assert not np.isnan(rdc.correct_matrix()).any()
+
+
+def _outcomes_file(tmp_path, text):
+    import gzip
+
+    folder = write_dataset(tmp_path / "set", [_prompt("p1"), _prompt("p2", split="test")], [])
+    with gzip.open(folder / "outcomes.csv.gz", "wt", encoding="utf-8", newline="") as fh:
+        fh.write(text)
+    return folder
+
+
+def test_outcomes_read_three_columns_and_skip_blank_lines(tmp_path):
+    folder = _outcomes_file(tmp_path, "prompt_id,model,score,note\np1,A,1,checked\n\np2,A,0,\n\n")
+    data = load_dataset(folder)
+    assert data.models == ["A"] and data.scores[:, 0].tolist() == [1.0, 0.0]
+
+
+@pytest.mark.parametrize("row, message", [("p2,A,", "line 3: score '' is not a number"),
+                                          ("p2,A,yes", "line 3: score 'yes' is not a number"),
+                                          ("p2,A", "line 3: expected prompt_id,model,score")])
+def test_a_malformed_outcome_row_is_a_data_error_naming_its_line(tmp_path, row, message):
+    folder = _outcomes_file(tmp_path, f"prompt_id,model,score\np1,A,1\n{row}\n")
+    with pytest.raises(DataError, match=message):
+        load_dataset(folder)

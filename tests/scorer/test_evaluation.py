@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 
 import pytest
 
@@ -137,3 +138,59 @@ def test_reference_points_match_the_data_readme(shared_data):
     assert report["best_single"] == {"model": "Meta-Llama-3_1-8B-Instruct", "accuracy": pytest.approx(0.436, abs=5e-4)}
     assert report["router"] == report["best_single"]["accuracy"]
     assert report["random"] == pytest.approx(0.338, abs=5e-4) and report["oracle"] == pytest.approx(0.670, abs=5e-4)
+
+
+def test_a_nan_score_is_never_the_pick():
+    from scorer.evaluation import route
+
+    class Broken:
+        def score(self, instruction, candidates):
+            return {"A": float("nan"), "B": 0.2, "C": 0.1}
+
+    assert route(Broken(), ["x", "y"], MODELS, {}).tolist() == [1, 1]
+
+
+def test_cli_a_folder_without_outcomes_is_one_line_and_exit_2(tmp_path, capsys):
+    folder = write_dataset(tmp_path / "bare", [{"id": "q1", "split": "test", "question": "what?"}], [])
+    args = argparse.ArgumentParser()
+    add_arguments(args)
+    assert run(args.parse_args(["--data", str(folder), "--router", "none", "--baselines", "category"])) == 2
+    assert capsys.readouterr().err == f"satroute evaluate: no model outcomes in {folder}\n"
+
+
+@pytest.mark.parametrize("flags", [("--router", "foo"), ("--router", "none", "--baselines", "category,foo")])
+def test_cli_an_unknown_router_or_baseline_is_one_line_and_exit_2(data, capsys, flags):
+    assert run(_cli(data, "--suite", "none", *flags)) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("satroute evaluate: unknown router/baseline 'foo'") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("router, suite, message", [
+    ("model-sat", "none", "--suite none gives the models no profiles, and model-sat reads them"),
+    ("aptitude", "none", "--suite none gives the models no profiles, and aptitude reads them"),
+    ("model-sat", "mmlu_pro", "model 'A' has no outcomes on the questions of suite 'mmlu_pro' in .*; pass --suite .*"),
+])
+def test_cli_a_router_that_reads_profiles_needs_a_profile_for_every_model(data, capsys, monkeypatch, router, suite,
+                                                                         message):
+    import scorer
+
+    trained = []
+    monkeypatch.setattr(scorer, "load_scorer", lambda *a, **k: KeywordScorer({}))
+    monkeypatch.setattr("scorer.baselines.train_baseline", lambda name, *a, **k: trained.append(name))
+    assert run(_cli(data, "--router", router, "--baselines", "category", "--suite", suite)) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(f"satroute evaluate: {message}\n", err) and trained == []
+
+
+def test_cli_a_checkpoint_whose_config_does_not_describe_its_weights_is_one_line_and_exit_2(data, capsys, tmp_path):
+    from scorer.inference import save_checkpoint
+    from support import tiny_modelsat as tiny
+
+    enc, llm = tiny.save_backbones(tmp_path / "backbones")
+    folder = save_checkpoint(tiny.build(accuracy_feature=True, encoder=enc, llm=llm), tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "accuracy_feature": False}))
+    assert run(_cli(data, "--router", f"mine={folder}", "--baselines", "none", "--suite", "none")) == 2
+    err = capsys.readouterr().err  # after the backbones' loading bars
+    assert err.splitlines()[-1].startswith(f"satroute evaluate: {folder / 'config.json'} does not describe the weights")
+    assert "Traceback" not in err

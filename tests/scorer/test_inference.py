@@ -358,3 +358,44 @@ def test_the_default_model_card_names_the_digest_of_the_committed_weights():
 
     digest = checkpoint_identity(DEFAULT_CHECKPOINT)["weights_sha256"]
     assert f"`{digest}`" in (DEFAULT_CHECKPOINT / "README.md").read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize("profile", [{}, {"astrology": 0.5, "tarot": 0.9}])
+def test_a_profile_with_no_task_to_read_is_a_value_error_naming_the_candidate(profile):
+    with pytest.raises(ValueError, match="candidate 'blank': its profile has no task of suite 'tiny'"):
+        _scorer().score("law court", {"strong": PROFILES["strong"], "blank": profile})
+
+
+@pytest.mark.parametrize("task, value", [("law", float("nan")), ("astrology", float("nan")), ("law", 70.0),
+                                         ("biology", -0.1), ("law", "0.7"), ("history", None)])
+def test_a_profile_value_that_is_no_accuracy_in_0_1_is_a_value_error(task, value):
+    bad = {**PROFILES["weak"], task: value}
+    with pytest.raises(ValueError, match=f"candidate 'bad': accuracy .* on task '{task}' is not a number in"):
+        _scorer().score("law court", {"strong": PROFILES["strong"], "bad": bad})
+
+
+def test_the_aptitude_mean_is_taken_over_the_tasks_the_network_reads():
+    weighted = _scorer(aptitude_weight=50.0)
+    base = weighted.score("law court", PROFILES)
+    padded = {n: {**p, "astrology": 1.0, "tarot": 1.0} for n, p in PROFILES.items()}  # tasks it cannot read
+    assert weighted.score("law court", padded) == base
+
+
+@pytest.mark.parametrize("edit, message", [({"lora_layers": 2}, "parts differ: missing"),
+                                           ({"accuracy_feature": False}, "parts differ in shape: connector.weight")])
+def test_a_config_that_does_not_describe_its_weights_is_a_checkpoint_error_not_a_cuda_failure(
+        tmp_path, monkeypatch, caplog, edit, message):
+    import json
+
+    enc, llm = tiny.save_backbones(tmp_path / "backbones")
+    folder = save_checkpoint(tiny.build(accuracy_feature=True, lora_rank=2, lora_layers=1, encoder=enc, llm=llm),
+                             tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, **edit}))
+    with pytest.raises(CheckpointError, match=f"config.json does not describe the weights .*{message}"):
+        load_model(folder)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the fallback must not take it for CUDA's
+    caplog.set_level(logging.WARNING, logger="satroute.scorer")
+    with pytest.raises(CheckpointError, match=str(folder / "config.json")):
+        ModelSATScorer.load(folder)
+    assert "cannot run on CUDA" not in caplog.text

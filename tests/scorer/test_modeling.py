@@ -1,6 +1,7 @@
 """The Model-SAT forward pass on a tiny random network: it must agree with the LLM's own forward."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 from scorer.modeling import ModelSAT, ModelSATConfig
@@ -140,3 +141,75 @@ def test_instruction_vectors_are_encoded_once_per_instruction(monkeypatch):
         model.instruction_vector("history war")
     torch.testing.assert_close(first, again)
     assert calls == [(("law court",), 32), (("history war",), 32)]
+
+
+def test_a_huge_instruction_is_cut_before_it_is_tokenized_and_reads_the_same():
+    from scorer.modeling import CHARS_PER_TOKEN, head_text
+
+    model, _ = _model(accuracy_feature=True, max_instruction_tokens=8, instruction_vector_tokens=16)
+    text = "what is algebra ? the law of the market " * 5000  # 200,000 characters
+    with torch.no_grad():
+        expected_ids = model.token_ids(text)[:8]
+        expected_vec = model.instruction_connector(model._encode([text], 16))
+    lengths = []
+
+    class Recording:
+        def __init__(self, tok):
+            self.tok = tok
+
+        def __call__(self, texts, **kw):
+            lengths.extend(len(t) for t in ([texts] if isinstance(texts, str) else texts))
+            return self.tok(texts, **kw)
+
+    model.tokenizer, model.encoder_tokenizer = Recording(model.tokenizer), Recording(model.encoder_tokenizer)
+    with torch.no_grad():
+        assert model._instruction(text) == expected_ids  # its start is kept, as the tokenizers keep it
+        torch.testing.assert_close(model.instruction_vector(text), expected_vec)
+    assert lengths and max(lengths) <= 16 * CHARS_PER_TOKEN
+    assert all(len(key) <= 16 * CHARS_PER_TOKEN for key in model._instruction_vectors)  # nor kept whole
+    short = "what is algebra ?"
+    assert head_text(short, 1) is short and head_text(text, 8) == text[:8 * CHARS_PER_TOKEN]
+
+
+def _library_hidden(kind: str, **extra):
+    """A tiny randomly initialised LLM of ``kind`` on the tiny vocabulary."""
+    import transformers
+
+    tok = tiny.tokenizer()
+    config_cls, model_cls = {"qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+                             "mistral": ("MistralConfig", "MistralForCausalLM"),
+                             "gemma": ("GemmaConfig", "GemmaForCausalLM"),
+                             "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+                             "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+                             "llama": ("LlamaConfig", "LlamaForCausalLM")}[kind]
+    torch.manual_seed(0)
+    config = getattr(transformers, config_cls)(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, pad_token_id=1, **extra)
+    return tok, getattr(transformers, model_cls)(config).eval()
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "gemma"])
+def test_the_supported_architectures_run_as_their_library_does(kind):
+    tok, llm = _library_hidden(kind)
+    _, _, enc = tiny.parts(0)
+    model = ModelSAT(ModelSATConfig(n_layers=2, suite="tiny"), enc, tok, llm, tok).eval()
+    with torch.no_grad():
+        x = model.embed_ids(model.token_ids("what is algebra ? Will a model with the following capability " * 3))
+        ours = model.norm(model.run_layers(x[None])[0])[0]
+        theirs = llm.model(inputs_embeds=x[None]).last_hidden_state[0]
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind, extra, message", [
+    ("phi3", {}, "'phi3' model"),
+    ("gemma2", {}, "'gemma2' model"),
+    ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
+     "RoPE scaling 'llama3'"),
+])
+def test_an_llm_the_forward_pass_would_compute_differently_is_refused(kind, extra, message):
+    tok, llm = _library_hidden(kind, **extra)
+    _, _, enc = tiny.parts(0)
+    with pytest.raises(ValueError, match=message):
+        ModelSAT(ModelSATConfig(n_layers=2, suite="tiny"), enc, tok, llm, tok)

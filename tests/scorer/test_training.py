@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -575,3 +576,89 @@ def test_paper_weight_scales_the_papers_term_in_the_step_loss():
     assert full["loss"] == pytest.approx(full["paper"] + full["route"], rel=1e-5)
     assert quarter["loss"] == pytest.approx(0.25 * full["paper"] + full["route"], rel=1e-5)
     assert none["loss"] == pytest.approx(full["route"], rel=1e-5)
+
+
+@pytest.fixture()
+def tiny_run(tmp_path):
+    """``satroute train`` arguments for a two-step run of the tiny network on a tiny data folder
+    (models 'alg' and 'bio' right on their topic's questions, 'none' never) with its own suite."""
+    from scorer.aptitude import Suite, Task
+    from scorer.data import write_dataset
+
+    words = {"algebra": "equation", "biology": "cells", "law": "court", "history": "war"}
+    prompts, outcomes, suite_ids = [], [], {t: [] for t in TOPICS}
+    for i in range(32):
+        topic = TOPICS[i % 4]
+        pid, split = f"q{i}", "train" if i < 24 else "test"
+        prompts.append({"id": pid, "dataset": "tiny", "category": topic, "split": split,
+                        "question": f"what is {topic} {words[topic]} {i % 10} ?"})
+        if split == "train" and len(suite_ids[topic]) < 2:
+            suite_ids[topic].append(pid)
+        outcomes += [(pid, "alg", float(topic == "algebra")), (pid, "bio", float(topic == "biology")),
+                     (pid, "none", 0.0)]
+    folder = write_dataset(tmp_path / "tinydata", prompts, outcomes)
+    suite = Suite("tinysuite", 1, tuple(Task(t, tiny.suite().task(t).keywords, tuple(suite_ids[t])) for t in TOPICS))
+    suite.save(tmp_path / "tinysuite.json")
+    enc, llm = tiny.save_backbones(tmp_path / "backbones")
+
+    def argv(*extra: str) -> list[str]:
+        return ["--data", str(folder), "--suite", str(tmp_path / "tinysuite.json"), "--out", str(tmp_path / "out"),
+                "--encoder", enc, "--llm", llm, "--n-layers", "3", "--lora-rank", "2", "--lora-layers", "1",
+                "--stage1-steps", "1", "--stage2-steps", "1", "--val-every", "1", "--val-size", "4", "--k", "2",
+                "--group-models", "2", "--threads", str(torch.get_num_threads()), *extra]
+
+    return argv
+
+
+def test_a_new_run_into_an_old_out_folder_starts_a_new_log(tiny_run, tmp_path):
+    from scorer.training import main
+
+    log = tmp_path / "out" / "log.jsonl"
+    assert main(tiny_run()) == 0
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+    assert main(tiny_run()) == 0  # not --resume: the old run's lines go
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+
+
+def test_resume_without_a_saved_state_says_it_starts_a_new_run(tiny_run, tmp_path, capsys):
+    from scorer.training import main
+
+    assert main(tiny_run("--resume")) == 0
+    assert f"--resume: no train_state.pt in {tmp_path / 'out'}; starting a new run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--exclude-models", "ALG"), "--exclude-models: 'ALG' in no --data folder"),
+    (("--val-models", "alg,Bio"), "--val-models: 'Bio' in no --data folder"),
+    (("--suite", "mmlu_pro"), "model 'alg' has no outcomes on the questions of suite 'mmlu_pro' in"),
+    (("--exclude-models", "alg,bio,none"), "every model of .* is excluded"),
+    (("--k", "20"), "no model of tinydata has a train instruction it got right and 19 it got wrong"),
+    (("--data-weights", "a"), "--data-weights takes numbers"),
+    (("--suite", "nosuch"), "no aptitude suite at"),
+    (("--init", "/nonexistent"), "no Model-SAT checkpoint in /nonexistent"),
+    (("--data", "/nonexistent"), "/nonexistent holds no prompts.jsonl.gz"),
+])
+def test_a_mistake_is_one_line_and_exit_2(tiny_run, capsys, flags, message):
+    from scorer.training import main
+
+    assert main(tiny_run(*flags)) == 2
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("satroute train:")]
+    assert len(lines) == 1 and re.match(f"satroute train: {message}", lines[0]), err
+
+
+def test_a_folder_without_a_train_split_is_one_line_and_exit_2(tiny_run, tmp_path, capsys):
+    from scorer.data import write_dataset
+    from scorer.training import main
+
+    folder = write_dataset(tmp_path / "testonly", [{"id": "q1", "split": "test", "question": "what?"}], [("q1", "a", 1)])
+    assert main(tiny_run("--data", str(folder))) == 2
+    assert capsys.readouterr().err == "satroute train: no prompts in split 'train'\n"
+
+
+@pytest.mark.parametrize("flag", ["--val-every", "--k"])
+def test_counts_that_must_be_positive_are_checked_when_parsed(flag):
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    with pytest.raises(SystemExit):
+        p.parse_args([flag, "0"])
