@@ -124,6 +124,16 @@ def _first_problem(errors: list[dict]) -> tuple[str, str, int]:
 _UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
 
 
+def _refuse_if_starting(target: Deployment | None) -> None:
+    """A local model on its way back (its server starting or restarting) is a 503 with
+    Retry-After, which the SDK waits for and retries, not a 404, which it does not."""
+    if target is not None and coming_back(target.unavailable):
+        err = ServiceUnavailable(f"The model '{target.name}' is not available yet: {target.unavailable}",
+                                 code="model_starting")
+        err.retry_after = STARTING_RETRY_AFTER_S
+        raise err
+
+
 def services(request: Request) -> "Services":
     return request.app.state.services
 
@@ -166,11 +176,7 @@ async def plan_route(svc: "Services", body: dict[str, Any], req: protocol.ChatCo
         targets = [snap.models[n] for n, _ in decision.ranked[: 1 + snap.router.max_fallbacks]]
         return Plan(decision, targets, snap, instruction=text)
     target = snap.models.get(req.model)
-    if target is not None and coming_back(target.unavailable):  # a 503 the SDK retries, not a 404
-        err = ServiceUnavailable(f"The model '{req.model}' is not available yet: {target.unavailable}",
-                                 code="model_starting")
-        err.retry_after = STARTING_RETRY_AFTER_S
-        raise err
+    _refuse_if_starting(target)
     if target is None or not target.available:
         why = "is not available" if target else "does not exist"
         raise ModelNotFound(f"The model '{req.model[:MAX_LOGGED_MODEL]}' {why}; GET /v1/models lists the models "
@@ -363,9 +369,10 @@ async def retrieve_model(request: Request) -> Response:
         card = protocol.ModelCard(id=model_id)
     else:
         target = snap.models.get(model_id)
+        _refuse_if_starting(target)
         if target is None or not target.available:
-            raise ModelNotFound(f"The model '{model_id}' does not exist or is not available",
-                                param="model")
+            raise ModelNotFound(f"The model '{model_id[:MAX_LOGGED_MODEL]}' does not exist or is not "
+                                "available", param="model")
         card = protocol.ModelCard(id=target.name, owned_by=target.provider)
     return Response(card.model_dump_json(), media_type=JSON)
 

@@ -463,7 +463,8 @@ class LocalServerManager:
                 log.error("local model %s needs llama-cpp-python: pip install 'satroute[local]'",
                           name)
                 continue
-            server = self._factory(spec, on_event=self._event)
+            # events under the model's name: the server's own is the upstream id (its alias)
+            server = self._factory(spec, on_event=lambda _, event, name=name: self._event(name, event))
             self.servers[name] = (spec, server)
             try:
                 await server.start(keep_trying=True)

@@ -206,14 +206,14 @@ class OnboardingService:
                 same_upstream = self._run_upstream.get(name) == upstream
                 if same_upstream and onboardable(d) and self._run_prices.get(name) == prices_of(d):
                     continue
-                if not same_upstream:
+                if not onboardable(d):  # the edit takes the model out of onboarding: stop paying
+                    self._stopping[name] = f"stopped: {_not_onboardable(d)}"
+                    log.warning("onboarding %s stopped: %s", name, _not_onboardable(d))
+                elif not same_upstream:
                     # another upstream answers under this name now: its answers are not the same
                     # model's; the next run forgets them once the old run has stopped (an answer
                     # being stored at the cancel is stored first), and starts over
                     log.warning("onboarding %s: its upstream changed mid-run; starting over", name)
-                elif not onboardable(d):  # the edit takes the model out of onboarding: stop paying
-                    self._stopping[name] = f"stopped: {_not_onboardable(d)}"
-                    log.warning("onboarding %s stopped: %s", name, _not_onboardable(d))
                 else:  # the spend so far stands; the rest is counted at the new prices
                     log.warning("onboarding %s: its prices changed mid-run; going on at the new "
                                 "prices", name)
@@ -408,7 +408,7 @@ def onboarding_hook(store: Store) -> Callable[[Any], None]:
 
     def hook(svc: Any) -> None:
         settings = svc.settings
-        svc.spawn(_close_at_shutdown(store), "state-store")
+        svc.spawn(_close_at_shutdown(store, svc), "state-store")
         if not settings.onboarding:
             return
         svc.onboarding = OnboardingService(
@@ -421,8 +421,12 @@ def onboarding_hook(store: Store) -> Callable[[Any], None]:
     return hook
 
 
-async def _close_at_shutdown(store: Store) -> None:
+async def _close_at_shutdown(store: Store, svc: Any) -> None:
     try:
         await asyncio.Event().wait()
     finally:
+        # the runs, cancelled at shutdown too, write their last answer and give up their leases
+        # before the store closes (else: "Cannot operate on a closed database", logged as a crash)
+        if getattr(svc, "onboarding", None) is not None:
+            await svc.onboarding.stop()
         store.close()

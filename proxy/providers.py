@@ -82,8 +82,11 @@ class LocalServerConfig(BaseModel):
         """The flags the proxy sets, and those that would open the server beyond loopback or lock
         the proxy out (llama_cpp.server's parser takes the last of a repeated flag)."""
         for arg in args:
+            if not arg.startswith("-"):
+                continue  # a value
             flag = arg.split("=", 1)[0].replace("-", "_").lstrip("_")
-            if flag in RESERVED_LOCAL_FLAGS:
+            # argparse takes an abbreviation (--hos) for the whole flag
+            if flag and any(reserved.startswith(flag) for reserved in RESERVED_LOCAL_FLAGS):
                 raise ValueError(f"{arg.split('=', 1)[0]} is set by the proxy or would take the "
                                  "server off loopback; it cannot be given in args")
         return args

@@ -108,3 +108,23 @@ def test_an_upstream_down_mid_test_stalls_then_resumes(tmp_path, up):
         assert (done["questions_done"], done["accuracy_so_far"]) == (12, 0.5)
     answered = [b["messages"][-1]["content"] for b in up.bodies("fresh")]
     assert len(answered) == 12 + 1  # the failed one was asked again, nothing else
+
+
+def test_a_run_cut_by_shutdown_is_no_crash_and_gives_up_its_lease(tmp_path, up, caplog):
+    """The runs stop before the state store closes: no 'crashed' (a write to a closed store) and
+    no lease left held, so the next start resumes at once."""
+    from proxy.store import Store
+
+    suite, data = tiny_suite_files(tmp_path)
+    up.set("fresh", answer("The answer is (A).", delay=0.5))
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("fresh", up.url, tmp_path)])
+    settings = Settings(config=config, scorer="constant", reload_interval_s=0.1, onboarding=True,
+                        state_dir=tmp_path / "state", onboarding_data=data, onboarding_suite=str(suite))
+    with ProxyServer(create_app(settings)) as proxy, httpx.Client(base_url=proxy.base, timeout=10) as client:
+        wait_for(lambda: client.get("/admin/onboarding").json()["models"],
+                 lambda s: s["fresh"]["status"] == "running")
+    assert "crashed" not in caplog.text and "closed database" not in caplog.text
+    with Store(tmp_path / "state") as store:
+        row = store._db.execute("SELECT owner FROM onboarding WHERE model = 'fresh'").fetchone()
+    assert row is not None and row[0] is None

@@ -197,7 +197,7 @@ async def test_an_upstream_changed_mid_run_starts_over(tmp_path):
         assert {a.letter for a in store.answers("m")} == {"B"}  # no answer of the old upstream
 
 
-@pytest.mark.parametrize("edit", ["onboard_false", "profile_given"])
+@pytest.mark.parametrize("edit", ["onboard_false", "profile_given", "elsewhere_and_onboard_false"])
 async def test_an_edit_that_takes_a_running_model_out_of_onboarding_stops_its_run(tmp_path, edit):
     """`onboard: false` or a capability_profile added while the test runs: no more questions are
     paid for, and the store says why the run stopped instead of "running"."""
@@ -211,10 +211,12 @@ async def test_an_edit_that_takes_a_running_model_out_of_onboarding_stops_its_ru
         await svc.sync()
         await wait_until(lambda: len(store.answered("m")) >= 6)
         first = svc.runs["m"]
-        if edit == "onboard_false":
-            entry["model_info"]["onboard"] = False
-        else:
+        if edit == "profile_given":
             entry = model_entry("m", "http://127.0.0.1:9", tmp_path, profile=True)
+        else:
+            entry["model_info"]["onboard"] = False
+            if edit == "elsewhere_and_onboard_false":  # another upstream in the same edit
+                entry["litellm_params"]["api_base"] = "http://127.0.0.2:9"
         write_providers(config, [entry])
         registry.reload()
         await svc.sync()
@@ -223,12 +225,12 @@ async def test_an_edit_that_takes_a_running_model_out_of_onboarding_stops_its_ru
         await asyncio.sleep(0.2)
         assert dispatcher.calls == asked < 100 and svc.runs["m"] is first and first.cancelled()
         progress = store.progress("m")
-        reason = ("model_info.onboard is false" if edit == "onboard_false"
-                  else "providers.yaml gives its capability_profile")
+        reason = ("providers.yaml gives its capability_profile" if edit == "profile_given"
+                  else "model_info.onboard is false")
         assert progress.status == "pending" and progress.reason == f"stopped: {reason}"
         shown = svc.status()["models"]["m"]
-        assert shown["status"] == ("pending" if edit == "onboard_false" else "done")
-        assert (registry.snapshot.models["m"].profile is None) == (edit == "onboard_false")
+        assert shown["status"] == ("done" if edit == "profile_given" else "pending")
+        assert (registry.snapshot.models["m"].profile is None) == (edit != "profile_given")
 
 
 async def test_prices_changed_mid_run_count_the_rest_of_the_run(tmp_path):

@@ -391,3 +391,18 @@ async def test_a_child_that_crashes_soon_after_it_answers_is_restarted_with_grow
         assert server._backoff.current_s == server._backoff.initial_s
     finally:
         await server.stop()
+
+
+async def test_a_model_named_otherwise_than_its_upstream_id_is_marked_under_its_own_name():
+    """model_name local-small, litellm_params.model openai/smollm2: the server's events are the
+    model's, so it comes up (and its cooldown ends) under local-small."""
+    wanted = {"local-small": _spec("smollm2", free_port())}
+    marks, ready = _Marks(), []
+    manager = LocalServerManager(lambda: dict(wanted), marks, factory=_fake_factory,
+                                 installed=lambda: True, on_ready=ready.append)
+    try:
+        await manager.sync()
+        assert marks.current("local-small") is None and ready == ["local-small"]
+        assert marks.current("smollm2") == "never marked"
+    finally:
+        await manager.stop()

@@ -80,6 +80,10 @@ def test_unresolved_env_key_marks_model_unavailable():
      ["model_list.0.model_info.local_server.args", "--host is set by the proxy"]),
     ("model_list:\n  - {model_name: a, litellm_params: {model: openai/a},\n"
      "     model_info: {local_server: {args: ['--api-key=k']}}}\n", ["--api-key"]),
+    ("model_list:\n  - {model_name: a, litellm_params: {model: openai/a},\n"  # argparse's abbreviations
+     "     model_info: {local_server: {args: ['--hos', '0.0.0.0']}}}\n", ["--hos is set by the proxy"]),
+    ("model_list:\n  - {model_name: a, litellm_params: {model: openai/a},\n"
+     "     model_info: {local_server: {args: ['--conf=x.yaml']}}}\n", ["--conf is set by the proxy"]),
 ])
 def test_validation_errors_name_file_key_and_value(text, words):
     with pytest.raises(ConfigError) as err:
@@ -305,3 +309,9 @@ def test_example_providers_yaml_loads():
     s = parse((repo / "providers.yaml").read_text(), repo / "providers.yaml",
               {"OPENAI_API_KEY": "sk-x", "ANTHROPIC_API_KEY": "sk-y"}, lambda n: None)
     assert len(s.models) >= 3 and s.router.router_name == "auto"
+
+
+def test_a_local_server_s_own_flags_and_values_are_taken():
+    s = snap("model_list:\n  - {model_name: a, litellm_params: {model: openai/a},\n"
+             "     model_info: {local_server: {args: ['--n_batch', '64', '--chat_format', 'model']}}}\n")
+    assert s.models["a"].info.local_server.args == ["--n_batch", "64", "--chat_format", "model"]

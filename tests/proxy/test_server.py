@@ -289,6 +289,10 @@ def test_a_local_model_on_its_way_back_is_a_503_to_retry_not_a_404(tmp_path, ups
         raw = httpx.post(f"{proxy.url}/chat/completions", json={"model": model, "messages": MESSAGES})
         assert raw.status_code == 503 and raw.json()["error"]["code"] == code
         assert raw.headers["retry-after"] == "5" and STARTING in raw.json()["error"]["message"]
+    raw = httpx.get(f"{proxy.url}/models/local")  # the same answer as a chat naming it
+    assert raw.status_code == 503 and raw.headers["retry-after"] == "5"
+    long = httpx.get(f"{proxy.url}/models/{'m' * 5000}")
+    assert long.status_code == 404 and len(long.json()["error"]["message"]) < 400
     with pytest.raises(openai.NotFoundError):
         client(proxy).chat.completions.create(model="keyless", messages=MESSAGES)
     registry.set_unavailable("local", None)
