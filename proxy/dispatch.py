@@ -239,8 +239,11 @@ def attempt_timeout(d: Deployment, router: RouterSettings) -> float:
     """One attempt's limit for this model: its ``litellm_params.timeout`` (seconds) where it gives
     one, as litellm's own router reads it (a slow local or reasoning model may need more than
     the others), else ``router_settings.timeout_s``. The deadline bounds both."""
+    own = d.params.get("timeout")
+    if own is None:  # the usual case, on every attempt: no exception to raise and catch
+        return router.timeout_s
     try:
-        own = float(d.params.get("timeout"))  # type: ignore[arg-type]
+        own = float(own)
     except (TypeError, ValueError):
         return router.timeout_s
     return own if own > 0 and own != float("inf") else router.timeout_s
