@@ -8,7 +8,7 @@ stalled | failed | done, "reason", "questions_done", "questions_total", "accurac
 ``/admin/models/{name}/profile``: ``{"model", "suite", "source", "tasks": {task_id: accuracy}}``;
 404 in OpenAI's error shape for an unknown model or one without a profile yet.
 ``/admin/routes?limit=N``: the routing log, newest first, ``{"object": "list", "data": [{"at",
-"requested", "chosen", "scores", "scorer_ms", "failed", "request_id"}]}``; ``limit`` 1 to 1000
+"requested", "chosen", "scores", "scorer_ms", "failed", "degraded", "request_id"}]}``; ``limit`` 1 to 1000
 (default 100), 400 otherwise; an empty list when there is no routing log.
 Does not know: how onboarding runs (``proxy.onboarding_service``), how the routing log is written
 (``proxy.routelog``), routing, dispatch.

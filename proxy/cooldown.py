@@ -1,6 +1,6 @@
 """Cooldown of failing models: who is left out of routing for now, and when they come back.
 
-Owns: counting consecutive transient failures per model name and the time until which a model is
+Owns: counting consecutive failures per model name (transient ones, and refusals of its key) and the time until which a model is
 cooling down. A model that fails ``allowed_fails`` times in a row is cooled for ``cooldown_s``; the
 cooldown ends by itself; one more failure right after it ends cools the model again at once
 (half-open), a success clears the count.

@@ -3,8 +3,9 @@
 Owns: calling the ranked targets of one request until one answers. Each target gets bounded
 attempts (tenacity: exponential backoff with jitter, at least the upstream's Retry-After, never past
 the request's deadline); a target that still fails before the first byte reaches the client hands
-over to the next-ranked one; transient failures feed the cooldowns; upstream 4xx answers go back to
-the client as they are, without retry or fallback.
+over to the next-ranked one, and so does a model refusal (401/402/403/404: its key, credit or name)
+or a parameter its provider does not take; transient failures and refusals feed the cooldowns;
+other upstream 4xx answers go back to the client as they are, without retry or fallback.
 Two ways to make one attempt, chosen per model in providers.py (``Deployment.fast_path``):
 - pass-through (``upstream.py``) for OpenAI-compatible upstreams: the body goes out as the client
   sent it, over a pooled HTTP client; litellm's own per-call cost is not paid (docs/benchmarks.md);

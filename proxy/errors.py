@@ -10,11 +10,11 @@ Does not know: where errors come from (parsing, routing, upstreams) or how they 
     │   ├── BodyTooLarge        413
     │   └── ModelNotFound       404    `model` is neither the router's name nor a configured model
     ├── AuthError               401    missing or wrong master key
-    ├── ServiceUnavailable      503    no routable candidate, scorer not loaded
+    ├── ServiceUnavailable      503    no routable candidate, scorer not loaded, a local model starting
     └── UpstreamError                  raised by dispatch
         ├── UpstreamClientError 4xx    the upstream refused the request (400, 401, 404, ...):
         │                              its status and error body go back to the client
-        ├── UpstreamTransient          retryable: connection error, timeout, 408, 429, 5xx
+        ├── UpstreamTransient          retryable: connection error, timeout, 408, 409, 425, 429, 5xx
         └── AllUpstreamsFailed  502/504 every model tried failed before the first byte
 
 Messages never carry API keys: dispatch redacts configured secrets before raising.

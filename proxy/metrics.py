@@ -25,7 +25,7 @@ Names (all prefixed ``satroute_``):
     onboarding_questions_total{model}        questions in that model's aptitude test
     onboarding_state{model,state}            1 for the model's current state, 0 for the others
     local_server_up{name}                    1 while a managed local server answers
-    local_server_restarts_total{name}        restarts of a managed local server
+    local_server_restarts_total{name}        restarts of a managed local server (and retries of a failed start)
 """
 from __future__ import annotations
 
@@ -86,7 +86,7 @@ class Metrics:
         self.local_server_up = Gauge(f"{p}_local_server_up", "1 while the local server answers",
                                      ["name"], registry=r)
         self.local_server_restarts = Counter(f"{p}_local_server_restarts",
-                                             "Restarts of a managed local server", ["name"],
+                                             "Restarts (and start retries) of a managed local server", ["name"],
                                              registry=r)
 
     # -- what the rest of the proxy calls -------------------------------------------------------

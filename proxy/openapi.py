@@ -37,7 +37,8 @@ _ERROR_CODES = {
     "413": "the body is larger than the configured limit",
     "429": "every candidate is rate limited (Retry-After says when to come back)",
     "502": "every model tried failed before the first byte",
-    "503": "no routable model, or the scorer is not loaded",
+    "503": "no routable model, the scorer is not loaded, or the named local model is starting "
+           "(Retry-After says when to come back)",
     "504": "the request deadline passed before any model answered",
 }
 _ROUTING_HEADERS = {
@@ -102,7 +103,7 @@ def _detailed(router_name: str) -> dict[tuple[str, str], dict[str, Any]]:
         ("/v1/models/{model_id}", "get"): {
             "summary": "One model card (the router's name or an available configured model)",
             "responses": {"200": {"description": "OpenAI's model object", "content": _json(
-                {"$ref": REF.format(model="ModelCard")})}, **_errors("401", "404")},
+                {"$ref": REF.format(model="ModelCard")})}, **_errors("401", "404", "503")},
         },
         ("/health", "get"): {"summary": "The process is alive", "security": [],
                              "responses": {"200": {"description": "ok"}}},
