@@ -298,7 +298,12 @@ def litellm_request_kwargs(body: Mapping[str, Any], d: Deployment,
     return kwargs
 
 
-_UNSUPPORTED = re.compile(r"does not support parameters: (\[[^\]]*\])")
+# litellm's words for a parameter a provider does not take: its generic "does not support
+# parameters: ['seed']", or a model family's own ("O-series models don't support temperature=0.0",
+# "claude-opus-4-7 does not support temperature=0.0")
+_LITELLM_PREFIX = re.compile(r"^(\s*litellm\.\w+:)+")
+_UNSUPPORTED = re.compile(r"does not support parameters: (\[[^\]]*\])|n't support (\w+)=|"
+                          r"does not support (\w+)=")
 
 
 def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) -> Exception:
@@ -307,10 +312,13 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
     message = redact(str(getattr(exc, "message", None) or exc))
     if isinstance(exc, litellm.UnsupportedParamsError):  # refused before anything was sent
         found = _UNSUPPORTED.search(message)
-        what = f"the parameters {found.group(1)}" if found else "a parameter of this request"
-        text = (f"model {model} cannot take {what}: its provider does not support them. Send the "
-                "request without them, or set litellm_params.drop_params: true for this model in "
-                "providers.yaml to have them dropped")
+        names = found.group(1) or f"['{found.group(2) or found.group(3)}']" if found else None
+        what = f"the parameters {names}" if names else "a parameter of this request"
+        # litellm's own reason, without its advice about its own proxy's settings
+        said = _LITELLM_PREFIX.sub("", message.split("To drop")[0].split("\n")[0]).strip()
+        text = (f"model {model} cannot take {what}: its provider does not support them ({said}). "
+                "Send the request without them, or set litellm_params.drop_params: true for this "
+                "model in providers.yaml to have them dropped")
         return UpstreamClientError(text, status=400, model=model, unfit="unsupported_params",
                                    upstream_body={"error": {"message": text,
                                                             "type": "invalid_request_error",

@@ -58,8 +58,18 @@ class RunCancelled(Exception):
     providers.yaml): nothing is recorded against the model, and a later run resumes."""
 
 
+@dataclass(frozen=True)
+class Said:
+    """A model's answer with the tokens its upstream billed for it (``usage``), where it told:
+    a reasoning model's hidden tokens are many times its visible text."""
+
+    text: str
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+
+
 class Asker(Protocol):
-    async def ask(self, model: str, messages: list[dict], **params: object) -> str: ...
+    async def ask(self, model: str, messages: list[dict], **params: object) -> "str | Said": ...
 
 
 @dataclass(frozen=True)
@@ -111,9 +121,12 @@ def refuses_the_model(exc: UpstreamClientError) -> bool:
 # A 4xx that refuses one of the run's own parameters for this model (OpenAI's reasoning models:
 # "Unsupported parameter: 'max_tokens' ... Use 'max_completion_tokens' instead", "Unsupported
 # value: 'temperature' does not support 0 with this model"; litellm's "don't support temperature").
+# Anthropic's: "`temperature` is deprecated for this model", "temperature may only be set to 1 when
+# thinking is enabled".
 _REFUSED_PARAM = re.compile(r"(?i)(unsupported|not supported|n't support|does not support|only the "
                             r"default).{0,80}?\b(max_tokens|temperature)\b|\b(max_tokens|temperature)"
-                            r"\b.{0,80}?(unsupported|not supported|n't support|does not support)")
+                            r"\b.{0,80}?(unsupported|not supported|n't support|does not support|"
+                            r"deprecated|may only be set)")
 
 
 def adapted_params(params: dict, exc: UpstreamClientError) -> dict | None:
@@ -344,7 +357,7 @@ class Onboarding:
             epoch = state.epoch  # which backoff this ask started under
             params = state.params
             try:
-                text = await self.asker.ask(state.model, messages_for(question), **params)
+                said = await self.asker.ask(state.model, messages_for(question), **params)
             except RunCancelled as exc:
                 state.queue.appendleft(question)
                 state.cancelled = str(exc)
@@ -358,6 +371,10 @@ class Onboarding:
                         state.params = adapted
                     state.queue.appendleft(question)
                     continue
+                if exc.unfit is not None:  # the run's parameters, not this prompt: every ask would fail
+                    state.queue.appendleft(question)
+                    state.fatal = f"the model cannot take the run's parameters: {exc.message}"
+                    return
                 if refuses_the_model(exc):
                     state.queue.appendleft(question)
                     state.fatal = f"the upstream refused the request: {exc.message}"
@@ -368,15 +385,20 @@ class Onboarding:
                 reason = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
                 if not await self._give_up_on(state, question, reason):
                     state.queue.append(question)  # asked again after the backoff
-                    await self._failed(state, reason, epoch)
+                    await self._failed(state, reason, epoch, getattr(exc, "retry_after", None))
                 continue
             finally:
                 state.in_flight -= 1
-            await self._answered(state, question, text or "", prices)
+            await self._answered(state, question, said if isinstance(said, Said) else Said(said or ""),
+                                 prices)
 
-    async def _answered(self, state: _Run, question: Question, text: str, prices: Prices) -> None:
+    async def _answered(self, state: _Run, question: Question, said: Said, prices: Prices) -> None:
+        text = said.text
         letter = extract_answer(text, len(question.options))
-        cost = prices.cost(prompt_tokens(question), approx_tokens(text))
+        # what the upstream billed, where it says (a reasoning model's hidden tokens included),
+        # else an estimate from the text
+        cost = prices.cost(prompt_tokens(question) if said.prompt_tokens is None else said.prompt_tokens,
+                           approx_tokens(text) if said.completion_tokens is None else said.completion_tokens)
         waited = await self._write(state, self.store.record, state.model,
                                    GradedAnswer(question.id, letter, letter == question.answer,
                                                 text), cost)
@@ -437,10 +459,12 @@ class Onboarding:
         await self._no_answer(state, question)
         return True
 
-    async def _failed(self, state: _Run, reason: str, epoch: int | None = None) -> None:
+    async def _failed(self, state: _Run, reason: str, epoch: int | None = None,
+                      retry_after: float | None = None) -> None:
         """A transient failure of an ask that started under backoff ``epoch``. Only an ask started
         after the last counted failure counts (so an outage that fails every request in flight at
-        once is one failure, not ``concurrency`` of them); None: count it."""
+        once is one failure, not ``concurrency`` of them); None: count it. No ask goes out again
+        before the upstream's ``retry_after`` (seconds), when it gave one."""
         now = self.clock()
         opts = self.options
         if state.failures == 0:
@@ -450,6 +474,8 @@ class Onboarding:
             state.failures += 1
             delay = min(opts.backoff_max_s, opts.backoff_s * 2 ** min(state.failures - 1, 20))
             state.resume_at = max(state.resume_at, now + delay)
+        if retry_after is not None:  # whichever ask it came with: the upstream said when
+            state.resume_at = max(state.resume_at, now + min(retry_after, opts.backoff_max_s))
             if state.failures == 1 or state.failures % 10 == 0:
                 log.warning("onboarding %s stalled (%d failures): %s", state.model,
                             state.failures, reason)

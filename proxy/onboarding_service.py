@@ -29,7 +29,7 @@ import orjson
 
 from proxy.dispatch import Call, Dispatcher
 from proxy.errors import UpstreamTransient
-from proxy.onboarding import Onboarding, Options, Prices, RunCancelled, status_of
+from proxy.onboarding import Onboarding, Options, Prices, RunCancelled, Said, status_of
 from proxy.prices import listed_prices
 from proxy.providers import Deployment, ProviderRegistry, upstream_fingerprint
 from proxy.questions import Question, QuestionSourceError, load_questions
@@ -47,7 +47,7 @@ class DispatchAsker:
     def __init__(self, registry: ProviderRegistry, dispatcher: Dispatcher):
         self.registry, self.dispatcher = registry, dispatcher
 
-    async def ask(self, model: str, messages: list[dict], **params: object) -> str:
+    async def ask(self, model: str, messages: list[dict], **params: object) -> Said:
         snap = self.registry.snapshot
         target = snap.models.get(model)
         if target is None:
@@ -56,11 +56,18 @@ class DispatchAsker:
         reply = await self.dispatcher.complete(Call(targets=[target], body=body, stream=False,
                                                     router=snap.router, redact=snap.redact))
         try:
-            message = orjson.loads(reply.body or b"{}")["choices"][0]["message"]
-            return content_text(message.get("content"))
+            answer = orjson.loads(reply.body or b"{}")
+            text = content_text(answer["choices"][0]["message"].get("content"))
+            usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
+            return Said(text, _tokens(usage.get("prompt_tokens")), _tokens(usage.get("completion_tokens")))
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise UpstreamTransient(f"{model}: answer is not a chat completion: "
                                     f"{(reply.body or b'')[:200]!r}", model=model) from None
+
+
+def _tokens(value: object) -> int | None:
+    """A usage count as the upstream gave it, or None when it gave none (or nonsense)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
 def content_text(content: object) -> str:

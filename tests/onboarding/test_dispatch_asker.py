@@ -6,7 +6,7 @@ import yaml
 
 from proxy.dispatch import Reply
 from proxy.errors import UpstreamTransient
-from proxy.onboarding import RunCancelled
+from proxy.onboarding import RunCancelled, Said
 from proxy.onboarding_service import DispatchAsker
 from proxy.providers import ProviderRegistry
 
@@ -29,9 +29,11 @@ def registry(tmp_path):
 
 
 async def test_one_unstreamed_completion_to_the_named_model(registry):
-    fake = FakeDispatcher(b'{"choices": [{"message": {"role": "assistant", "content": "hi"}}]}')
+    fake = FakeDispatcher(b'{"choices": [{"message": {"role": "assistant", "content": "hi"}}],'
+                          b' "usage": {"prompt_tokens": 12, "completion_tokens": 3000}}')
     msgs = [{"role": "user", "content": "q"}]
-    assert await DispatchAsker(registry, fake).ask("m", msgs, temperature=0.0) == "hi"
+    # the tokens billed, a reasoning model's hidden ones included, come with the text
+    assert await DispatchAsker(registry, fake).ask("m", msgs, temperature=0.0) == Said("hi", 12, 3000)
     call = fake.calls[0]
     assert [t.name for t in call.targets] == ["m"] and call.stream is False
     assert call.body == {"model": "m", "messages": msgs, "temperature": 0.0}
@@ -43,7 +45,8 @@ async def test_malformed_answers_and_unknown_models(registry):
     with pytest.raises(UpstreamTransient):
         await DispatchAsker(registry, FakeDispatcher(b'{"choices": []}')).ask("m", [])
     assert await DispatchAsker(registry, FakeDispatcher(
-        b'{"choices": [{"message": {"content": null}}]}')).ask("m", []) == ""
+        b'{"choices": [{"message": {"content": null}}], "usage": {"completion_tokens": "x"}}')
+    ).ask("m", []) == Said("")
     with pytest.raises(RunCancelled, match="no longer in providers.yaml"):
         await DispatchAsker(registry, FakeDispatcher(b"{}")).ask("gone", [])
 
@@ -53,8 +56,8 @@ async def test_content_as_a_list_of_parts_is_joined_text(registry):
             b'{"type": "thinking", "thinking": [{"type": "text", "text": "hmm, (B)?"}]},'
             b'{"type": "text", "text": "Step one."}, {"type": "text", "text": "The answer is (A)."}'
             b']}}]}')
-    text = await DispatchAsker(registry, FakeDispatcher(body)).ask("m", [])
-    assert text == "Step one.\nThe answer is (A)."
+    said = await DispatchAsker(registry, FakeDispatcher(body)).ask("m", [])
+    assert said.text == "Step one.\nThe answer is (A)."
     with pytest.raises(UpstreamTransient, match="not a chat completion"):
         await DispatchAsker(registry, FakeDispatcher(
             b'{"choices": [{"message": {"content": {"text": "x"}}}]}')).ask("m", [])

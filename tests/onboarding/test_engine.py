@@ -425,3 +425,79 @@ async def test_a_model_that_refuses_max_tokens_or_temperature_is_asked_as_it_tak
         assert progress.status == "done" and progress.accuracy == 1.0
     assert set(asker.asked.values()) == {1}
     assert all(p == {"max_completion_tokens": 2048} for p in asker.params)
+
+
+@pytest.mark.parametrize("refusal", [
+    # litellm refuses before sending, in its own words per model family
+    UpstreamClientError("model o cannot take the parameters ['temperature']: its provider does not "
+                        "support them (O-series models don't support temperature=0.0. Only "
+                        "temperature=1 is supported.)", status=400, unfit="unsupported_params"),
+    # Anthropic's own answers
+    UpstreamClientError("`temperature` is deprecated for this model.", status=400),
+    UpstreamClientError("temperature may only be set to 1 when thinking is enabled.", status=400),
+])
+async def test_every_wording_of_a_refused_temperature_leaves_it_to_the_model(tmp_path, tiny, refusal):
+    suite, questions = tiny
+    gold = gold_map(questions)
+
+    class NoTemperature(FakeAsker):
+        async def ask(self, model, messages, **params):
+            if "temperature" in params:
+                raise refusal
+            return await super().ask(model, messages, **params)
+
+    asker = NoTemperature(questions, lambda q: gold[q])
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, asker, FAST).run("m")
+        assert progress.status == "done" and progress.accuracy == 1.0
+    assert asker.params[-1] == {"max_tokens": 2048}
+
+
+async def test_a_parameter_the_run_cannot_drop_fails_at_once_naming_it(tmp_path, tiny):
+    """Refused before anything is sent, for every question alike: no '10 requests in a row'."""
+    suite, questions = tiny
+    asker = FakeAsker(questions, lambda q: "A")
+    asker.failures = [UpstreamClientError("model m cannot take the parameters ['max_completion_tokens']",
+                                          status=400, unfit="unsupported_params")] * 50
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, asker, FAST).run("m")
+    assert progress.status == "failed" and progress.done == 0
+    assert progress.reason.startswith("the model cannot take the run's parameters: ")
+    assert "['max_completion_tokens']" in progress.reason and len(asker.params) <= FAST.concurrency
+
+
+async def test_spend_counts_the_tokens_the_upstream_billed_when_it_says(tmp_path, tiny):
+    """A reasoning model's hidden tokens: 3,000 billed for a one-line answer."""
+    from proxy.onboarding import Said
+
+    suite, questions = tiny
+
+    class Billed(FakeAsker):
+        async def ask(self, model, messages, **params):
+            return Said(await super().ask(model, messages, **params), 100, 3000)
+
+    prices = Prices(1.0, 10.0)
+    with Store(tmp_path) as store:
+        await Onboarding(store, suite, questions, Billed(questions, lambda q: "A"), FAST).run("m", prices)
+        assert store.spent("m") == pytest.approx(12 * prices.cost(100, 3000))
+
+
+async def test_no_question_is_asked_again_before_the_upstream_s_retry_after(tmp_path, tiny):
+    suite, questions = tiny
+    limited = AllUpstreamsFailed("every model failed: m (http_429)", failed=[("m", "http_429")])
+    limited.retry_after = 0.5
+    asker = FakeAsker(questions, lambda q: "A")
+    asker.failures = [limited]
+    times = []
+    real_ask = asker.ask
+
+    async def ask(model, messages, **params):
+        times.append(asyncio.get_running_loop().time())
+        return await real_ask(model, messages, **params)
+
+    asker.ask = ask
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, asker,
+                                    Options(concurrency=1, backoff_s=0.01, backoff_max_s=5)).run("m")
+    assert progress.status == "done"
+    assert times[1] - times[0] >= 0.5  # not the 0.01 s backoff

@@ -111,3 +111,22 @@ def test_a_refusal_and_the_null_fields_come_back_in_openai_s_shape(proxy, upstre
             "provider_specific_fields" not in choice["message"]
         shapes[name] = (sorted(choice), sorted(choice["message"]))
     assert shapes["oai-lite"] == shapes["oai-fast"]
+
+
+def test_litellm_s_own_reason_for_a_refused_parameter_is_kept_without_its_proxy_advice():
+    """Model families have their own wording; onboarding reads the parameter's name from it."""
+    from proxy.dispatch import _classify_litellm
+    from proxy.settings import prepare_litellm_environment
+
+    prepare_litellm_environment()
+    import litellm
+
+    exc = litellm.UnsupportedParamsError(
+        message="O-series models don't support temperature=0.0. Only temperature=1 is supported. To "
+                "drop unsupported openai params from the call, set `litellm.drop_params = True`",
+        model="o3-mini", llm_provider="openai")
+    err = _classify_litellm(exc, "o3", str)
+    assert err.unfit == "unsupported_params" and err.status == 400
+    assert "cannot take the parameters ['temperature']" in err.message
+    assert "O-series models don't support temperature=0.0" in err.message
+    assert "litellm.drop_params" not in err.message and "drop_params: true" in err.message
