@@ -474,11 +474,11 @@ class Onboarding:
             state.failures += 1
             delay = min(opts.backoff_max_s, opts.backoff_s * 2 ** min(state.failures - 1, 20))
             state.resume_at = max(state.resume_at, now + delay)
-        if retry_after is not None:  # whichever ask it came with: the upstream said when
-            state.resume_at = max(state.resume_at, now + min(retry_after, opts.backoff_max_s))
             if state.failures == 1 or state.failures % 10 == 0:
                 log.warning("onboarding %s stalled (%d failures): %s", state.model,
                             state.failures, reason)
+        if retry_after is not None:  # whichever ask it came with: the upstream said when
+            state.resume_at = max(state.resume_at, now + min(retry_after, opts.backoff_max_s))
         if not state.ever_answered and now - state.first_failure >= opts.give_up_s:
             state.fatal = f"no answer for {now - state.first_failure:.0f}s: {reason}"
             return

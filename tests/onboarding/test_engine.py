@@ -482,7 +482,7 @@ async def test_spend_counts_the_tokens_the_upstream_billed_when_it_says(tmp_path
         assert store.spent("m") == pytest.approx(12 * prices.cost(100, 3000))
 
 
-async def test_no_question_is_asked_again_before_the_upstream_s_retry_after(tmp_path, tiny):
+async def test_no_question_is_asked_again_before_the_upstream_s_retry_after(tmp_path, tiny, caplog):
     suite, questions = tiny
     limited = AllUpstreamsFailed("every model failed: m (http_429)", failed=[("m", "http_429")])
     limited.retry_after = 0.5
@@ -501,3 +501,15 @@ async def test_no_question_is_asked_again_before_the_upstream_s_retry_after(tmp_
                                     Options(concurrency=1, backoff_s=0.01, backoff_max_s=5)).run("m")
     assert progress.status == "done"
     assert times[1] - times[0] >= 0.5  # not the 0.01 s backoff
+    assert "onboarding m stalled (1 failures): AllUpstreamsFailed" in caplog.text  # and said so
+
+
+async def test_a_stall_is_logged_when_it_begins(tmp_path, tiny, caplog):
+    from proxy.errors import UpstreamTransient
+
+    suite, questions = tiny
+    asker = FakeAsker(questions, lambda q: "A")
+    asker.failures = [UpstreamTransient("m: HTTP 503: overloaded", model="m", status=503)]
+    with Store(tmp_path) as store:
+        assert (await Onboarding(store, suite, questions, asker, FAST).run("m")).status == "done"
+    assert "onboarding m stalled (1 failures): UpstreamTransient: m: HTTP 503: overloaded" in caplog.text
