@@ -9,7 +9,8 @@ on shutdown. On Linux the child also gets SIGKILL from the kernel if the proxy i
 Does not know: providers.yaml (``providers.py`` turns a model's ``model_info.local_server`` block into
 a ``LocalServerSpec``), routing, dispatch or metrics; it reports what happens through an optional
 ``on_event(name, event)`` callback (events: ``started``, ``ready``, ``exited``, ``restarting``,
-``failed``: a start or restart attempt failed and is tried again, ``stopped``) so the caller can count restarts and mark the model up or down.
+``failed``: a start or restart attempt failed and is tried again, ``stopped``) so the caller can
+count restarts and mark the model up or down.
 
 Any other local server (vLLM, Ollama, a llama.cpp server you run yourself) is reached by URL with a
 plain ``api_base``; only the llama-cpp-python child is managed here. The supervisor is generic: any
@@ -400,7 +401,8 @@ class LocalServerManager:
     a model is unavailable from the moment its server is wanted until it answers, while it restarts,
     while a failed start is tried again (with backoff: a port another process held may be freed),
     and, when it cannot run at all, until its GGUF appears (the wanted specs are read again on every
-    tick) or, for llama-cpp-python missing, until its configuration changes. ``on_ready(name)`` is called whenever a server answers (again).
+    tick) or, for llama-cpp-python missing, until its configuration changes. ``on_ready(name)`` is
+    called whenever a server answers (again).
     """
 
     def __init__(self, specs: Callable[[], dict[str, LocalServerSpec]], mark: MarkCallback, *,
