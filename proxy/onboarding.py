@@ -1,7 +1,7 @@
 """Onboarding: a model takes the aptitude test, its answers are graded and stored, its profile made.
 
 Owns: running the test for one model through one seam, ``Asker.ask(model, messages, **params) ->
-text`` (the proxy fills it with its dispatch path, so the same retries, timeouts and cooldowns
+text`` or ``Said`` (the text with the usage billed; the proxy fills it with its dispatch path, so the same retries, timeouts and cooldowns
 apply; tests fill it with fakes); bounded concurrency; a spend cap checked against an estimate made
 from the model's prices before the first question, and enforced again while answers come in;
 states (``running``; ``stalled`` with the reason while the upstream is down, with backoff, until it
@@ -66,6 +66,18 @@ class Said:
     text: str
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
+    total_tokens: int | None = None
+
+    def billed(self, question: Question) -> tuple[int, int]:
+        """(input, output) tokens to count for the spend: the larger of what the usage says and
+        an estimate from the text, so a usage left out or zero-filled (litellm fills zeros for an
+        upstream that sends none), or one that counts reasoning only in its total, is no
+        discount."""
+        out = self.completion_tokens or 0
+        if self.total_tokens is not None and self.prompt_tokens is not None:
+            out = max(out, self.total_tokens - self.prompt_tokens)
+        return (max(self.prompt_tokens or 0, prompt_tokens(question)),
+                max(out, approx_tokens(self.text)))
 
 
 class Asker(Protocol):
@@ -395,10 +407,7 @@ class Onboarding:
     async def _answered(self, state: _Run, question: Question, said: Said, prices: Prices) -> None:
         text = said.text
         letter = extract_answer(text, len(question.options))
-        # what the upstream billed, where it says (a reasoning model's hidden tokens included),
-        # else an estimate from the text
-        cost = prices.cost(prompt_tokens(question) if said.prompt_tokens is None else said.prompt_tokens,
-                           approx_tokens(text) if said.completion_tokens is None else said.completion_tokens)
+        cost = prices.cost(*said.billed(question))
         waited = await self._write(state, self.store.record, state.model,
                                    GradedAnswer(question.id, letter, letter == question.answer,
                                                 text), cost)

@@ -30,10 +30,10 @@ def registry(tmp_path):
 
 async def test_one_unstreamed_completion_to_the_named_model(registry):
     fake = FakeDispatcher(b'{"choices": [{"message": {"role": "assistant", "content": "hi"}}],'
-                          b' "usage": {"prompt_tokens": 12, "completion_tokens": 3000}}')
+                          b' "usage": {"prompt_tokens": 12, "completion_tokens": 3000, "total_tokens": 3012}}')
     msgs = [{"role": "user", "content": "q"}]
     # the tokens billed, a reasoning model's hidden ones included, come with the text
-    assert await DispatchAsker(registry, fake).ask("m", msgs, temperature=0.0) == Said("hi", 12, 3000)
+    assert await DispatchAsker(registry, fake).ask("m", msgs, temperature=0.0) == Said("hi", 12, 3000, 3012)
     call = fake.calls[0]
     assert [t.name for t in call.targets] == ["m"] and call.stream is False
     assert call.body == {"model": "m", "messages": msgs, "temperature": 0.0}

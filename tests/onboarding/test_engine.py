@@ -466,20 +466,29 @@ async def test_a_parameter_the_run_cannot_drop_fails_at_once_naming_it(tmp_path,
     assert "['max_completion_tokens']" in progress.reason and len(asker.params) <= FAST.concurrency
 
 
-async def test_spend_counts_the_tokens_the_upstream_billed_when_it_says(tmp_path, tiny):
-    """A reasoning model's hidden tokens: 3,000 billed for a one-line answer."""
-    from proxy.onboarding import Said
+@pytest.mark.parametrize("usage, billed", [
+    ((100, 3000, None), lambda est_in, est_out: (max(100, est_in), 3000)),  # hidden reasoning tokens
+    ((100, 0, 3100), lambda est_in, est_out: (max(100, est_in), 3000)),  # counted in the total only
+    ((0, 0, 0), lambda est_in, est_out: (est_in, est_out)),  # zero-filled (litellm, no usage sent)
+    ((None, None, None), lambda est_in, est_out: (est_in, est_out)),  # none reported
+])
+async def test_spend_counts_what_the_upstream_billed_and_never_less_than_the_estimate(
+        tmp_path, tiny, usage, billed):
+    from proxy.onboarding import Said, prompt_tokens
+    from proxy.routing import approx_tokens
 
     suite, questions = tiny
 
     class Billed(FakeAsker):
         async def ask(self, model, messages, **params):
-            return Said(await super().ask(model, messages, **params), 100, 3000)
+            return Said(await super().ask(model, messages, **params), *usage)
 
     prices = Prices(1.0, 10.0)
+    answer = "Thinking about it... The answer is (A)."
+    expected = sum(prices.cost(*billed(prompt_tokens(q), approx_tokens(answer))) for q in questions)
     with Store(tmp_path) as store:
         await Onboarding(store, suite, questions, Billed(questions, lambda q: "A"), FAST).run("m", prices)
-        assert store.spent("m") == pytest.approx(12 * prices.cost(100, 3000))
+        assert store.spent("m") == pytest.approx(expected) and expected > 0
 
 
 async def test_no_question_is_asked_again_before_the_upstream_s_retry_after(tmp_path, tiny, caplog):
