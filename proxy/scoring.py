@@ -100,6 +100,7 @@ class ScorerHost:
         self._recent: OrderedDict[bytes, dict[str, float]] = OrderedDict()
         self._calls: dict[bytes, asyncio.Future] = {}  # scoring calls running or queued, by request
         self._open = 0  # scoring calls started and not ended (on the event loop's side)
+        self._unreadable: set[tuple[str, str]] = set()  # (model, why) already reported
         # A call running longer than this (or 5 scorer timeouts, if longer) on every scorer thread
         # is a stall: a hung device or a deadlock. Requests then skip the queue behind it and are
         # ranked by the profiles' means at once, until a call returns.
@@ -219,6 +220,12 @@ class ScorerHost:
             raise ServiceUnavailable(f"the routing scorer is not available ({why})",
                                      code="scorer_unavailable")
         started = time.perf_counter()
+        unread = self._unreadable_candidates(scorer, candidates)
+        if unread:  # scored last, the others as ever: one bad profile must not fail every request
+            candidates = {n: p for n, p in candidates.items() if n not in unread}
+            scored = await self.score(instruction, candidates, timeout_s) if candidates else \
+                Scored({}, 0.0, False)
+            return scored._replace(scores={**scored.scores, **dict.fromkeys(unread, float("-inf"))})
         inline = getattr(scorer, "runs_inline", False)
         key = _request_key(instruction, candidates) if self._remember and not inline else None
         if key is not None and key in self._recent:
@@ -265,6 +272,24 @@ class ScorerHost:
             log.error("scorer failed on a request: %s: %s", type(exc).__name__, exc)
             raise ScorerDegraded("scorer_failed", (time.perf_counter() - started) * 1000) from None
         return Scored(dict(scores), (time.perf_counter() - started) * 1000, joined)
+
+    def _unreadable_candidates(self, scorer: Scorer, candidates: Mapping[str, Profile]) -> list[str]:
+        """The candidates whose profile the scorer cannot read (``read_profile`` raises: no task of
+        its suite, say, in a profile file written by hand), each reported once."""
+        read = getattr(scorer, "read_profile", None)
+        if read is None:
+            return []
+        out = []
+        for name, profile in candidates.items():
+            try:
+                read(name, profile)
+            except ValueError as exc:
+                out.append(name)
+                if (name, str(exc)) not in self._unreadable:
+                    self._unreadable.add((name, str(exc)))
+                    log.warning("the scorer cannot read the profile of %s (%s): it is ranked last "
+                                "until its profile changes", name, exc)
+        return out
 
     def _start(self, key: bytes | None, scorer: Scorer, instruction: str, candidates: Mapping[str, Profile],
                deadline: float | None) -> asyncio.Future:

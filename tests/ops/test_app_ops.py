@@ -835,3 +835,33 @@ async def test_a_stall_that_ends_in_an_error_is_reported_again_next_time(caplog)
     finally:
         release.set()
         host.close()
+
+
+async def test_a_profile_the_scorer_cannot_read_ranks_its_model_last_not_every_request_degraded(caplog):
+    """A hand-written profile with no task of the scorer's suite: the Model-SAT scorer refuses it
+    (ValueError naming it). The others are still scored by the network, that model comes last, and
+    the log says so once."""
+    from proxy.scoring import ScorerHost
+
+    class Reading:
+        def read_profile(self, name, profile):
+            if "law" not in profile:
+                raise ValueError(f"candidate {name!r}: its profile has no task of suite 'mmlu_pro'")
+            return profile
+
+        def score(self, instruction, candidates):
+            for name, profile in candidates.items():
+                self.read_profile(name, profile)
+            return {n: p["law"] for n, p in candidates.items()}
+
+    host = ScorerHost(Reading())
+    cands = {"a": {"law": 0.5}, "custom": {"my_task": 0.9}, "b": {"law": 0.7}}
+    try:
+        for _ in range(2):
+            scored = await host.score("law court", cands, timeout_s=1.0)
+            assert scored.scores == {"a": 0.5, "b": 0.7, "custom": float("-inf")}
+        only = await host.score("law court", {"custom": {"my_task": 0.9}}, timeout_s=1.0)
+        assert only.scores == {"custom": float("-inf")}
+    finally:
+        host.close()
+    assert caplog.text.count("cannot read the profile of custom") == 1
