@@ -182,6 +182,8 @@ class ScorerHost:
         if warm is None or not (fresh or first):
             return
         self._warm.update(keys[n] for n in fresh)
+        for name in self._unreadable_candidates(scorer, fresh):  # would fail the others' warm-up
+            del fresh[name]
         started = time.perf_counter()
         self._open += 1  # it holds a thread like a call: requests behind it are queued
         try:

@@ -856,6 +856,10 @@ async def test_a_profile_the_scorer_cannot_read_ranks_its_model_last_not_every_r
 
     host = ScorerHost(Reading())
     cands = {"a": {"law": 0.5}, "custom": {"my_task": 0.9}, "b": {"law": 0.7}}
+    warmed = []
+    Reading.warm_up = lambda self, profiles: warmed.append(self.score("warm", profiles))
+    await host._warm_up(host.scorer, cands)  # the readable ones are warmed; no failure
+    assert warmed == [{"a": 0.5, "b": 0.7}] and "warm-up failed" not in caplog.text
     try:
         for _ in range(2):
             scored = await host.score("law court", cands, timeout_s=1.0)
