@@ -22,7 +22,7 @@ import random
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Mapping, Protocol, Sequence
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping, Protocol, Sequence
 
 import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
@@ -361,10 +361,7 @@ def _upstream_error(exc: BaseException) -> dict | None:
     """The upstream's ``error`` object behind a litellm exception, where one came back: litellm
     keeps the provider call's exception in the chain, with the parsed body (``body``) or the
     response itself; None when none is found."""
-    seen: set[int] = set()
-    link: BaseException | None = exc
-    while link is not None and id(link) not in seen:
-        seen.add(id(link))
+    for link in _chain(exc):
         body = getattr(link, "body", None)
         if isinstance(body, dict):
             err = body.get("error", body)
@@ -379,8 +376,18 @@ def _upstream_error(exc: BaseException) -> dict | None:
             err = parsed.get("error") if isinstance(parsed, dict) else None
             if isinstance(err, dict) and isinstance(err.get("message"), str):
                 return err
-        link = link.__cause__ or link.__context__
     return None
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and the exceptions behind it (cause, else context), each once: litellm keeps the
+    provider call's own exception, and with it what the upstream answered, down this chain."""
+    seen: set[int] = set()
+    link: BaseException | None = exc
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        yield link
+        link = link.__cause__ or link.__context__
 
 
 def _answered_status(exc: BaseException) -> int | None:
@@ -388,14 +395,8 @@ def _answered_status(exc: BaseException) -> int | None:
     call's ``httpx.HTTPStatusError``, which litellm keeps in the chain), or None."""
     import httpx
 
-    seen: set[int] = set()
-    link: BaseException | None = exc
-    while link is not None and id(link) not in seen:
-        seen.add(id(link))
-        if isinstance(link, httpx.HTTPStatusError):
-            return link.response.status_code
-        link = link.__cause__ or link.__context__
-    return None
+    return next((link.response.status_code for link in _chain(exc)
+                 if isinstance(link, httpx.HTTPStatusError)), None)
 
 
 def _transport_failure(exc: BaseException) -> str | None:
@@ -410,17 +411,13 @@ def _transport_failure(exc: BaseException) -> str | None:
     import httpx
     import openai
 
-    seen: set[int] = set()
-    link: BaseException | None = exc
-    while link is not None and id(link) not in seen:
-        seen.add(id(link))
+    for link in _chain(exc):
         if isinstance(link, (openai.APITimeoutError, TimeoutError, httpx.TimeoutException)):
             return "timeout"
         # a network failure underneath, not litellm's label alone: litellm also wraps its own
         # errors (a request it could not translate) as APIConnectionError
         if isinstance(link, (OSError, httpx.TransportError, aiohttp.ClientError)):
             return "connection"
-        link = link.__cause__ or link.__context__
     return None
 
 
