@@ -28,7 +28,7 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from proxy.cooldown import Cooldowns
-from proxy.errors import AllUpstreamsFailed, UpstreamClientError, UpstreamTransient
+from proxy.errors import MODEL_REFUSALS, AllUpstreamsFailed, UpstreamClientError, UpstreamTransient
 from proxy.logs import adopt_loggers
 from proxy.protocol import OPENAI_CHAT_PARAMS
 from proxy.providers import OPENAI_COMPATIBLE, Deployment, RouterSettings
@@ -63,13 +63,6 @@ class Reply:
 
 class Dispatcher(Protocol):
     async def complete(self, call: Call) -> Reply: ...
-
-
-# 4xx answers that say the model cannot be used as configured (its key is refused, its account
-# has no credit left, or the upstream has no such model), whatever the request: a routed request
-# falls back from them, and they count towards the model's cooldown. Any other 4xx is about the
-# request and goes back as is. Onboarding stops a run on the same statuses (FATAL_STATUSES).
-MODEL_REFUSALS = frozenset({401, 402, 403, 404})
 
 
 class RetryingDispatcher:
@@ -116,7 +109,9 @@ class RetryingDispatcher:
                     all_429 = False
                     log.warning("model %s cannot take the request: %s", target.name, exc.message)
                     continue
-                if exc.status in MODEL_REFUSALS:  # the model is unusable, not the request
+                # the model is unusable, not the request: it falls back, and counts towards the
+                # model's cooldown; any other 4xx is about the request and goes back as is
+                if exc.status in MODEL_REFUSALS:
                     if (self.cooldowns.failure(target.name, router.allowed_fails, router.cooldown_s)
                             and self.metrics is not None):
                         self.metrics.observe_cooldown(target.name)

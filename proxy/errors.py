@@ -83,6 +83,12 @@ class UpstreamError(SatrouteError):
         self.model = model
 
 
+# 4xx answers that say the model cannot be used as configured (its key is refused, its account has
+# no credit left, or the upstream has no such model), whatever the request: dispatch hands a routed
+# request to the next model on them, and onboarding stops a run.
+MODEL_REFUSALS = frozenset({401, 402, 403, 404})
+
+
 class UpstreamClientError(UpstreamError):
     """A 4xx from the upstream: returned to the client as is (OpenAI shape), never retried."""
 

@@ -39,7 +39,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol, Sequence, TypeVar
 
-from proxy.errors import ConfigError, UpstreamClientError, UpstreamError
+from proxy.errors import MODEL_REFUSALS, ConfigError, UpstreamClientError, UpstreamError
 from proxy.questions import Question
 from proxy.routing import approx_tokens
 from proxy.store import GradedAnswer, ModelBusy, Progress, Store
@@ -111,9 +111,8 @@ class Options:
     heartbeat_s: float = 5.0  # how often the run refreshes its lease (stale after LEASE_STALE_S)
 
 
-# A 4xx with these statuses refuses every request to the model (credentials, billing, no such
+# A 4xx in MODEL_REFUSALS refuses every request to the model (credentials, billing, no such
 # model); any other 4xx is about the one prompt (content filter, context length, ...).
-FATAL_STATUSES = frozenset({401, 402, 403, 404})
 _NO_SUCH_MODEL = re.compile(r"model_not_found|\bmodel\b.{0,120}?\b(?:not found|does not exist)",
                             re.IGNORECASE | re.DOTALL)
 
@@ -125,7 +124,7 @@ def _error_text(exc: UpstreamClientError) -> str:
 
 def refuses_the_model(exc: UpstreamClientError) -> bool:
     """True when a 4xx means no request to this model can succeed, not just this prompt."""
-    if exc.status in FATAL_STATUSES:
+    if exc.status in MODEL_REFUSALS:
         return True
     return _NO_SUCH_MODEL.search(_error_text(exc)) is not None
 
