@@ -240,25 +240,30 @@ class _Conn(asyncio.Protocol):
             return
         self.mock.record(path, headers, body)
         model = body.get("model", "")
-        b = self.mock.behavior_for(model)
-        if b.kind == "stall":
-            await asyncio.sleep(b.delay)
-        elif b.delay:
-            await asyncio.sleep(b.delay)
-        if b.kind == "drop":
-            self.transport.close()
+        b = await self.behave(model)
+        if b is None:
             return
         if b.kind == "fail":
-            extra = b"retry-after: %s\r\n" % str(b.retry_after).encode() if b.retry_after is not None else b""
             err = {"error": {"message": b.message, "type": b.error_type, "param": None,
                              "code": "mock_error" if b.status != 429 else "rate_limit_exceeded"}}
-            self.write(b.status, json.dumps(err).encode(), extra=extra)
+            self.write(b.status, json.dumps(err).encode(), extra=retry_after_header(b))
             return
         text = b.content if b.content is not None else f"reply from {model}"
         if body.get("stream"):
             await self.stream(model, text, b, body)
         else:
             self.write(200, completion(model, text, b.refusal))
+
+    async def behave(self, model: str) -> Behavior | None:
+        """The behaviour for ``model``'s request, after its delay (a stall's too); None when it is
+        to drop the connection, which is then closed."""
+        b = self.mock.behavior_for(model)
+        if b.delay:
+            await asyncio.sleep(b.delay)
+        if b.kind == "drop":
+            self.transport.close()
+            return None
+        return b
 
     async def handle_anthropic(self, path: str, headers: dict[str, str], raw: bytes) -> None:
         """Anthropic's Messages API, as strict as the real one about unknown top-level fields."""
@@ -270,14 +275,11 @@ class _Conn(asyncio.Protocol):
             self.write(400, anthropic_error("invalid_request_error",
                                             f"{unknown[0]}: Extra inputs are not permitted"))
             return
-        b = self.mock.behavior_for(model)
-        if b.delay:
-            await asyncio.sleep(b.delay)
-        if b.kind == "drop":
-            self.transport.close()
+        b = await self.behave(model)
+        if b is None:
             return
         if b.kind == "fail":
-            self.write(b.status, anthropic_error(b.error_type, b.message))
+            self.write(b.status, anthropic_error(b.error_type, b.message), extra=retry_after_header(b))
             return
         text = b.content if b.content is not None else f"reply from {model}"
         if not body.get("stream"):
@@ -323,6 +325,10 @@ class _Conn(asyncio.Protocol):
             if b.chunk_delay:
                 await asyncio.sleep(b.chunk_delay)
         self.transport.write(b"0\r\n\r\n")
+
+
+def retry_after_header(b: Behavior) -> bytes:
+    return b"retry-after: %s\r\n" % str(b.retry_after).encode() if b.retry_after is not None else b""
 
 
 def usage() -> dict[str, int]:
