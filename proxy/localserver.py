@@ -257,6 +257,7 @@ class LocalServer:
         except LocalServerError as exc:
             self.last_error = exc.message
             if keep_trying:
+                self._emit("failed")
                 self._supervisor = asyncio.create_task(self._supervise(running=False),
                                                        name=f"localserver:{self.name}")
             raise
@@ -470,8 +471,7 @@ class LocalServerManager:
             self.servers[name] = (spec, server)
             try:
                 await server.start(keep_trying=True)
-            except LocalServerError as exc:  # it goes on trying in the background
-                self._mark(name, f"its local server failed to start: {exc.message}{TRYING_AGAIN}")
+            except LocalServerError as exc:  # marked by its failed event; it goes on trying
                 log.error("%s; trying again", exc.message)
 
     async def watch(self, interval_s: float) -> None:
