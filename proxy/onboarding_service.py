@@ -19,7 +19,6 @@ Does not know: HTTP handlers, how answers are graded or stored (``proxy.onboardi
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import sqlite3
 from pathlib import Path
@@ -187,15 +186,9 @@ class OnboardingService:
             self.metrics.forget_onboarding(name)
             self._reported.discard(name)
 
-    def _file_digest(self) -> bytes:
-        try:
-            return hashlib.sha256(self.registry.path.read_bytes()).digest()
-        except OSError:
-            return self._digest
-
     async def sync(self) -> None:
         """Start runs for models that need one; cancel runs of models that left the file."""
-        digest = self._file_digest()
+        digest = self.registry.file_digest  # hashed by the registry's own reads of the file
         if digest != self._digest:
             self._digest = digest
             self._source_error = None  # a changed file may have fixed the data path: try again

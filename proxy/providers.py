@@ -469,6 +469,11 @@ class ProviderRegistry:
             raise ConfigError(f"{self.path}: not UTF-8 text (line {line}, byte {exc.start}); "
                               "save it as UTF-8") from None
 
+    @property
+    def file_digest(self) -> bytes:
+        """The sha256 of providers.yaml's bytes as last read (a read that failed leaves it)."""
+        return self._scan[0]
+
     def _change_key(self, raw: bytes) -> bytes:
         """What a reload compares: the file's bytes and those of the local profile files it names
         (an edited profile file, or one copied in after the file that names it, is a change too)."""
