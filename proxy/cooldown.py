@@ -28,12 +28,15 @@ class Cooldowns:
         return False
 
     def failure(self, name: str, allowed_fails: int, cooldown_s: float) -> bool:
-        """Count one failure; True when it starts a cooldown."""
+        """Count one failure; True when it starts a cooldown. A failure while the model is already
+        cooling (a request that was in flight when it began, or one naming the model) keeps it
+        cooling from now on, but is not a new cooldown: what the metric and the log count."""
         count = self._fails.get(name, 0) + 1
         if count >= allowed_fails and cooldown_s > 0:
+            started = not self.cooling(name)
             self._until[name] = self._clock() + cooldown_s
             self._fails[name] = allowed_fails - 1  # half-open once the cooldown ends
-            return True
+            return started
         self._fails[name] = count
         return False
 
