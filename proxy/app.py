@@ -98,7 +98,7 @@ def build_services(settings: Settings, *, scorer: Any = None, dispatcher: Dispat
     metrics = Metrics()
     return Services(
         settings=settings, registry=registry,
-        scoring=ScorerHost(scorer, threads=settings.scorer_threads),
+        scoring=ScorerHost(scorer, threads=settings.scorer_threads, on_call=metrics.observe_scoring),
         dispatcher=dispatcher or RetryingDispatcher(cooldowns, metrics=metrics),
         cooldowns=cooldowns, metrics=metrics)
 

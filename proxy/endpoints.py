@@ -241,10 +241,8 @@ class _Chat:
         elif decision.routed:
             if decision.degraded:
                 svc.metrics.observe_degraded(decision.degraded)
-            # the latency histogram is the scorer's: remembered scores and fallbacks did not run it
-            ran = not (decision.degraded or decision.remembered)
-            svc.metrics.observe_routing(decision.chosen, decision.scorer_ms / 1000 if ran else None,
-                                        remembered=decision.remembered)
+            # the scorer's latency histogram is fed by the scoring calls themselves (ScorerHost)
+            svc.metrics.observe_routing(decision.chosen, remembered=decision.remembered)
         self.started = time.perf_counter()
         return await svc.dispatcher.complete(Call(
             targets=plan.targets, body=self.body, stream=self.req.stream is True,

@@ -104,13 +104,14 @@ class Metrics:
             if record.stream and record.status == 200 and record.upstream_error:  # not a client leaving
                 self.stream_errors.labels(model=record.routed_model or "none").inc()
 
-    def observe_routing(self, model: str, scorer_seconds: float | None = None,
-                        remembered: bool = False) -> None:
+    def observe_routing(self, model: str, remembered: bool = False) -> None:
         self.routing_decisions.labels(model=model).inc()
-        if scorer_seconds is not None:
-            self.scorer_latency.observe(scorer_seconds)
         if remembered:
             self.scorer_remembered.inc()
+
+    def observe_scoring(self, seconds: float) -> None:
+        """One scoring call that ran, from the scorer's thread (prometheus_client is thread-safe)."""
+        self.scorer_latency.observe(seconds)
 
     def observe_degraded(self, reason: str) -> None:
         self.scorer_degraded.labels(reason=reason).inc()

@@ -90,8 +90,11 @@ def _request_key(instruction: str, candidates: Mapping[str, Profile]) -> bytes:
 
 class ScorerHost:
     def __init__(self, scorer: Scorer | None = None, threads: int = 1, remember: int = 1024,
-                 stall_after_s: float = 10.0):
+                 stall_after_s: float = 10.0, on_call: Callable[[float], None] | None = None):
         self.scorer = scorer
+        # told the seconds of every scoring call that ran to its end (on the thread that ran it),
+        # including those no request waited for any more: a slow scorer shows in full
+        self.on_call = on_call
         self.error: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="scorer")
         self._warm: set[tuple] = set()  # the profiles the scorer has already encoded
@@ -244,6 +247,8 @@ class ScorerHost:
         try:
             if inline:
                 scores = scorer.score(instruction, candidates)
+                if self.on_call is not None:
+                    self.on_call(time.perf_counter() - started)
             else:
                 deadline = started + timeout_s if timeout_s else None
                 while True:
@@ -339,6 +344,8 @@ class ScorerHost:
         with self._busy():
             scores = scorer.score(instruction, candidates)
         took = time.perf_counter() - started
+        if self.on_call is not None:
+            self.on_call(took)
         if took <= self._stall_s:  # a hang that ended is not the pace of the calls to come
             self._typical_s = 0.8 * self._typical_s + 0.2 * took
         return scores

@@ -117,6 +117,27 @@ def test_a_request_sent_again_is_routed_with_its_remembered_scores(tmp_path, ups
     assert metrics[("satroute_routing_decisions_total", (("model", "m2"),))] == 3
 
 
+def test_a_scoring_call_slower_than_the_scorer_timeout_is_still_in_the_latency_histogram(tmp_path, upstream):
+    class Slow:
+        def score(self, instruction, candidates):
+            time.sleep(1.2)
+            return {name: 1.0 for name in candidates}
+
+    config = _config(tmp_path, [_entry("m1", upstream.url, tmp_path), _entry("m2", upstream.url, tmp_path)],
+                     scorer_timeout_s=0.2)
+    with _serve(config, fake=Slow()) as proxy:
+        client = openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=0)
+        resp = client.chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+        assert resp.headers["x-satroute-degraded"] == "scorer_timeout"
+        waited = time.monotonic() + 10
+        while (metrics := scrape(proxy.base)).get(("satroute_scorer_latency_seconds_count", ())) != 1:
+            assert time.monotonic() < waited, "the scoring call that ran never reached the histogram"
+            time.sleep(0.1)
+    # the call's own time, past the request's timeout: the buckets above it can fill
+    assert metrics[("satroute_scorer_latency_seconds_sum", ())] >= 1.2
+    assert metrics[("satroute_scorer_latency_seconds_bucket", (("le", "1.0"),))] == 0
+
+
 def test_retries_fallbacks_and_cooldowns_are_counted(tmp_path, upstream):
     config = _config(tmp_path, [_entry("m1", upstream.url, tmp_path),
                                 _entry("m2", upstream.url, tmp_path)])
