@@ -107,7 +107,7 @@ class RetryingDispatcher:
                     # sent, so the model's health is not in question (no cooldown)
                     failed.append((target.name, exc.unfit))
                     all_429 = False
-                    log.warning("model %s cannot take the request: %s", target.name, exc.message)
+                    log.warning("%s; the next model is tried", exc.message)  # it names the model
                     continue
                 # the model is unusable, not the request: it falls back, and counts towards the
                 # model's cooldown; any other 4xx is about the request and goes back as is
@@ -160,6 +160,9 @@ class RetryingDispatcher:
                     return await self._attempt(d, call, budget)
                 except asyncio.CancelledError:  # the client left: the upstream's time is unknown
                     timed = False
+                    raise
+                except UpstreamClientError as exc:  # refused before anything was sent: no upstream time
+                    timed = exc.unfit is None
                     raise
                 except UpstreamTransient as exc:
                     # a timeout the request's own deadline cut short, or a failure that may be the
@@ -228,7 +231,7 @@ class RetryingDispatcher:
             raise _classify_litellm(exc, d.name, call.redact) from None
         if first is None:
             raise UpstreamTransient(f"{d.name}: stream closed before its first chunk", model=d.name)
-        return Answer(chunks=_litellm_chunks(first, resp, d.name, openai.OpenAIError))
+        return Answer(chunks=_litellm_chunks(first, resp, d.name, openai.OpenAIError, call.redact))
 
 
 def attempt_timeout(d: Deployment, router: RouterSettings) -> float:
@@ -310,15 +313,19 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
         names = found.group(1) or f"['{found.group(2) or found.group(3)}']" if found else None
         what = f"the parameters {names}" if names else "a parameter of this request"
         # litellm's own reason, without its advice about its own proxy's settings
-        said = _LITELLM_PREFIX.sub("", message.split("To drop")[0].split("\n")[0]).strip()
+        said = _said(message.split("To drop")[0])
         text = (f"model {model} cannot take {what}: its provider does not support them ({said}). "
                 "Send the request without them, or set litellm_params.drop_params: true for this "
                 "model in providers.yaml to have them dropped")
-        return UpstreamClientError(text, status=400, model=model, unfit="unsupported_params",
-                                   upstream_body={"error": {"message": text,
-                                                            "type": "invalid_request_error",
-                                                            "param": None,
-                                                            "code": "unsupported_parameter"}})
+        return _unfit(model, text, "unsupported_params", "unsupported_parameter")
+    image = getattr(litellm, "ImageFetchError", None)
+    if image is not None and isinstance(exc, image):
+        # litellm fetches an image URL itself for providers that take images inline, and refuses
+        # private and unresolvable hosts before anything is sent: another model (one given the
+        # URL) may take the request. Its advice names a setting of its own proxy, not ours.
+        said = _ADVICE.sub("", _said(message))
+        return _unfit(model, f"model {model} cannot take this request: {said}", "image_fetch",
+                      "image_fetch_failed")
     # the status the upstream answered, where one did: litellm relabels some (a 529 as 500, a
     # 413 as 400, a 408 or 504 answer as its Timeout) and the pass-through path reports them as is
     answered = _answered_status(exc)
@@ -331,10 +338,13 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
     import openai
 
     if isinstance(exc, openai.APIConnectionError) and not answered:
-        # litellm's "connection error" with no network failure behind it: it failed on its own side,
-        # often translating this request (a malformed tool, say). Another model may take the
-        # request, but this one's health is not in question.
-        return UpstreamTransient(f"{model}: {type(exc).__name__}: {message}", model=model, counts=False)
+        # litellm's "connection error" with no network failure behind it: it failed on its own
+        # side, translating this request for the provider (a tool_choice or a response_format
+        # outside OpenAI's spec, say), before sending anything. Another model may take the
+        # request; this one's health is not in question, and trying again would fail the same way.
+        text = (f"model {model} cannot take this request: litellm could not translate it for "
+                f"the model's provider ({_said(message)})")
+        return _unfit(model, text, "untranslatable", "untranslatable_request")
     if status is None or status in RETRYABLE:
         response = getattr(exc, "response", None)
         headers = (getattr(exc, "litellm_response_headers", None)
@@ -350,6 +360,25 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
     body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
                       "code": redact(str(code)) if code is not None else None}}
     return UpstreamClientError(message, status=int(status), model=model, upstream_body=body)
+
+
+# litellm's advice to the admin of its own proxy, at the end of some of its messages
+_ADVICE = re.compile(r"[;.]?\s*(an admin|if this is a legitimate)[^.]*general_settings[^.]*\.?", re.I)
+
+
+def _said(message: str) -> str:
+    """The first line of a litellm message, without its ``litellm.<Error>:`` labels (the rest
+    can be a traceback)."""
+    return _LITELLM_PREFIX.sub("", message.strip().split("\n")[0]).strip()
+
+
+def _unfit(model: str, text: str, reason: str, code: str) -> UpstreamClientError:
+    """A request this model cannot take, refused before anything was sent: a routed request falls
+    back (``x-satroute-failed: <model>:<reason>``, no retry, no cooldown); a request naming the
+    model, or the last candidate, gets this 400."""
+    return UpstreamClientError(text, status=400, model=model, unfit=reason,
+                               upstream_body={"error": {"message": text, "type": "invalid_request_error",
+                                                        "param": None, "code": code}})
 
 
 def _upstream_error(exc: BaseException) -> dict | None:
@@ -451,7 +480,8 @@ def openai_shape(obj: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
-async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type) -> AsyncIterator[bytes]:
+async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type,
+                          redact: Callable[[str], str]) -> AsyncIterator[bytes]:
     def encode(chunk: Any) -> bytes:
         chunk.model = name
         return b"data: " + orjson.dumps(openai_shape(chunk.model_dump(exclude_none=True))) + b"\n\n"
@@ -460,8 +490,9 @@ async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type) -> A
     try:
         async for chunk in stream:
             yield encode(chunk)
-    except errors as exc:
-        yield interrupted_event(type(exc).__name__)
+    except errors as exc:  # the upstream's own reason ("Overloaded"), not only litellm's class name
+        said = _said(redact(str(getattr(exc, "message", None) or exc)))
+        yield interrupted_event(said or type(exc).__name__)
         return
     yield b"data: [DONE]\n\n"
 

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import RecordingScorer, model_entry, write_config
 from support.mock_upstream import answer, fail
+from support.prometheus import scrape
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 
@@ -81,6 +82,45 @@ def test_a_parameter_the_top_model_cannot_take_falls_back_and_a_named_call_says_
     assert client(proxy).chat.completions.create(model="auto", messages=MESSAGES).model == "claude"
 
 
+TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
+
+
+@pytest.mark.parametrize("model, params, reason, code, said", [
+    # outside OpenAI's spec: litellm fails translating it, on the litellm path only
+    ("oai-lite", {"tool_choice": {"type": "function"}, "tools": TOOLS}, "untranslatable",
+     "untranslatable_request", "Invalid tool choice"),
+    ("claude", {"response_format": {"type": "json_schema"}}, "untranslatable",
+     "untranslatable_request", "json_schema"),
+    # litellm fetches images itself for Anthropic, and never from a private address
+    ("claude", {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "http://10.0.0.5/cat.png"}}]}]},
+     "image_fetch", "image_fetch_failed", "10.0.0.5"),
+])
+def test_a_request_litellm_refuses_to_send_falls_back_and_a_named_call_gets_the_reason(
+        tmp_path, upstream, start_proxy, model, params, reason, code, said):
+    (tmp_path / "claude.profile.json").write_text('{"tasks": {"t1": 0.5}}')
+    models = [claude(upstream), model_entry("oai-lite", upstream.url, tmp_path, fast_path=False),
+              model_entry("oai-fast", upstream.url, tmp_path, fast_path=True)]
+    scores = {"claude": 0.1, "oai-lite": 0.1, "oai-fast": 0.05, model: 0.9}
+    proxy = start_proxy(write_config(tmp_path / "providers.yaml", models, num_retries=2),
+                        scorer=RecordingScorer(scores))
+    body = {"messages": MESSAGES, **params}
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", **body)
+    assert raw.headers["x-satroute-failed"].startswith(f"{model}:{reason}")
+    assert raw.headers["x-satroute-model"] != model
+    with pytest.raises(openai.BadRequestError) as err:  # not a 502 "connection"
+        client(proxy).chat.completions.create(model=model, **body)
+    assert err.value.code == code and said in err.value.message
+    assert "general_settings" not in err.value.message and "Traceback" not in err.value.message
+    sent = upstream.bodies("claude-upstream" if model == "claude" else model)
+    assert sent == []  # nothing reached the upstream, and it was not tried again
+    metrics = scrape(proxy.base)  # no upstream time for a call never made, no retry, no cooldown
+    assert ("satroute_upstream_latency_seconds_count", (("model", model),)) not in metrics
+    assert ("satroute_retries_total", (("model", model),)) not in metrics
+    assert ("satroute_cooldowns_total", (("model", model),)) not in metrics
+
+
 @pytest.mark.parametrize("status, reason, error", [
     (529, "http_529", None), (504, "http_504", None), (408, "http_408", None),
     (413, None, openai.APIStatusError)])
@@ -130,3 +170,34 @@ def test_litellm_s_own_reason_for_a_refused_parameter_is_kept_without_its_proxy_
     assert "cannot take the parameters ['temperature']" in err.message
     assert "O-series models don't support temperature=0.0" in err.message
     assert "litellm.drop_params" not in err.message and "drop_params: true" in err.message
+
+
+def test_an_error_in_the_middle_of_a_litellm_stream_keeps_the_upstream_s_reason():
+    """Anthropic's mid-stream `event: error` ("Overloaded") reaches the client, redacted; not only
+    litellm's class name."""
+    import asyncio
+
+    from proxy.dispatch import _litellm_chunks
+
+    class Chunk:
+        model = ""
+
+        def model_dump(self, exclude_none=True):
+            return {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"content": "a"}}]}
+
+    class Failed(Exception):
+        message = "litellm.MidStreamFallbackError: AnthropicError - Overloaded (key sk-secret)\nTraceback ..."
+
+    async def stream():
+        yield Chunk()
+        raise Failed()
+
+    async def collect():
+        return [c async for c in _litellm_chunks(Chunk(), stream(), "claude", Failed,
+                                                  lambda s: s.replace("sk-secret", "[redacted]"))]
+
+    events = asyncio.run(collect())
+    last = events[-1].decode()
+    assert len(events) == 3 and '"code":"stream_interrupted"' in last
+    assert "AnthropicError - Overloaded (key [redacted])" in last
+    assert "sk-secret" not in last and "Traceback" not in last and "MidStreamFallbackError" not in last
