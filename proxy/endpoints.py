@@ -195,6 +195,7 @@ async def chat_completions(request: Request) -> Response:
     record = request_record(request)  # this request's log line (proxy.logs)
     if record is not None:  # cut: the client chooses it, and it is in every line of its requests
         record.requested_model = req.model[:MAX_LOGGED_MODEL]
+        record.stream = req.stream is True  # also when the answer is an error, not a stream
     chat = _Chat(svc, body, req, record)
     try:
         # one watcher for the whole request: a client that leaves while its request is scored or
@@ -203,9 +204,12 @@ async def chat_completions(request: Request) -> Response:
         reply = await _unless_the_client_leaves(request, chat.run())
     except AllUpstreamsFailed as exc:  # no model answered: the log says so, the client gets the error
         chat.log_route(None, exc.failed)
+        _log_failed(record, exc.failed)
         raise
     except UpstreamClientError as exc:  # the model refused the request: logged, passed back as it is
-        chat.log_route(None, [*exc.failed, (exc.model, f"http_{exc.status}")])
+        failed = [*exc.failed, (exc.model, exc.unfit or f"http_{exc.status}")]
+        chat.log_route(None, failed)
+        _log_failed(record, failed)
         raise
     if reply is None:  # the client left before any model answered: the calls were cancelled
         chat.log_route(None, [])  # a decision made (and counted) is in the routing log too
@@ -259,6 +263,13 @@ class _Chat:
             self.req.model, chosen, scores=dict(decision.ranked) if decision.routed else None,
             scorer_ms=decision.scorer_ms if decision.routed else None, failed=failed,
             request_id=record.request_id if record is not None else None, degraded=decision.degraded)
+
+
+def _log_failed(record: RequestRecord | None, failed) -> None:
+    """An error answer carries no ``x-satroute-failed`` header: its log line is told directly
+    which models failed, and why, as ``model:reason``."""
+    if record is not None:
+        record.failed_models = [f"{name}:{why}" for name, why in failed]
 
 
 def _client_left(request: Request) -> Response:

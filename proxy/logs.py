@@ -22,6 +22,7 @@ import re
 import sys
 import time
 import uuid
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Iterable, Mapping
 from urllib.parse import unquote
@@ -35,6 +36,18 @@ _SECRET_SHAPES = re.compile(
     r"(?i)(bearer\s+)[^\s\"',]+|\b(sk-[A-Za-z0-9_-]{8,}|gsk_[A-Za-z0-9]{8,}|hf_[A-Za-z0-9]{8,})")
 REDACTED = "[redacted]"
 _STATE_KEY = "satroute_request_record"
+# the id of the request being served, for every line logged while serving it (a dispatch warning
+# naming the model that failed), so that each can be tied to the request's own line; tasks the
+# request starts inherit it
+_REQUEST_ID: ContextVar[str | None] = ContextVar("satroute_request_id", default=None)
+
+
+def _with_request_id(fields: Any) -> Any:
+    """A record's ``fields``, with the id of the request being served when it has none."""
+    rid = _REQUEST_ID.get()
+    if rid is None or (isinstance(fields, Mapping) and "request_id" in fields):
+        return fields
+    return {**fields, "request_id": rid} if isinstance(fields, Mapping) else {"request_id": rid}
 _MAX_SNIFF_BYTES = 1 << 20  # non-streamed JSON bodies larger than this are not parsed for usage
 
 
@@ -75,7 +88,7 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
-        fields = getattr(record, "fields", None)
+        fields = _with_request_id(getattr(record, "fields", None))
         if isinstance(fields, Mapping):
             entry.update(fields)
         if record.exc_info and record.levelno >= logging.ERROR:
@@ -122,7 +135,7 @@ class TextFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         line = self.redactor(super().format(record))
-        fields = getattr(record, "fields", None)
+        fields = _with_request_id(getattr(record, "fields", None))
         if isinstance(fields, Mapping) and fields:  # redacted before they are quoted, as in JSON
             pairs = _loggable(fields, self.redactor)
             line += " " + " ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in pairs.items())
@@ -181,7 +194,7 @@ class RequestRecord:
     routed_model: str | None = None
     scores: dict[str, float] | None = None
     failed_models: list[str] = field(default_factory=list)
-    stream: bool = False
+    stream: bool | None = None  # the request's own ``stream`` where the handler read it
     scorer_ms: float | None = None
     upstream_ms: float | None = None
     ttfb_ms: float | None = None
@@ -275,6 +288,7 @@ class RequestLogMiddleware:
             request_id=incoming if _GOOD_REQUEST_ID.match(incoming) else new_request_id(),
             method=scope.get("method", ""), path=scope.get("path", ""))
         scope.setdefault("state", {})[_STATE_KEY] = record
+        serving = _REQUEST_ID.set(record.request_id)
         sniff = _BodySniffer()
         want_prompt = record.method == "POST" and self.include_prompts()
         request_body = bytearray()
@@ -313,12 +327,13 @@ class RequestLogMiddleware:
                 await self.crash_response()(scope, receive, send_wrapper)
             raise  # the app's error handling logs it; its own 500 sees one already sent
         finally:
+            _REQUEST_ID.reset(serving)
             if self.in_flight is not None:
                 self.in_flight.dec()
             if record.total_ms is None:  # the app failed or the client left before the end
                 failure = sys.exc_info()[0]
-                record.error = record.error or (failure.__name__ if failure else
-                                                "response not completed")
+                # an app that returns before its response ended: a stream whose client went away
+                record.error = record.error or (failure.__name__ if failure else "client disconnected")
                 record.status = record.status or 500
                 self._finish(record, sniff, started, request_body if want_prompt else None)
 
@@ -328,7 +343,8 @@ class RequestLogMiddleware:
             if lname == b"content-type":
                 sniff.kind = "sse" if b"event-stream" in value else (
                     "json" if b"json" in value else None)
-                record.stream = sniff.kind == "sse"
+                if record.stream is None:  # not a chat request: what the answer is
+                    record.stream = sniff.kind == "sse"
                 continue
             what = self._headers.get(lname)
             text = value.decode("latin-1")
@@ -347,6 +363,7 @@ class RequestLogMiddleware:
     def _finish(self, record: RequestRecord, sniff: "_BodySniffer", started: float,
                 request_body: bytearray | None) -> None:
         record.total_ms = round((time.perf_counter() - started) * 1000, 2)
+        record.stream = bool(record.stream)
         sniff.close()
         if record.routed_model is None:
             record.routed_model = sniff.model

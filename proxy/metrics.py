@@ -22,7 +22,7 @@ Names (all prefixed ``satroute_``):
     retries_total{model}                     retried upstream attempts
     cooldowns_total{model}                   a model put in cooldown
     onboarding_questions_answered{model}     graded aptitude answers stored so far
-    onboarding_questions_total{model}        questions in that model's aptitude test
+    onboarding_questions{model}              questions in that model's aptitude test
     onboarding_state{model,state}            1 for the model's current state, 0 for the others
     local_server_up{name}                    1 while a managed local server answers
     local_server_restarts_total{name}        restarts of a managed local server (and retries of a failed start)
@@ -38,6 +38,8 @@ from starlette.responses import Response
 
 # Scoring on a CPU takes tens to hundreds of milliseconds, on a GPU a few.
 SCORER_BUCKETS = (0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+# where chat completions are served (the second for clients given the bare host as base URL)
+CHAT_PATHS = frozenset({"/v1/chat/completions", "/chat/completions"})
 # Upstream calls range from a loopback mock (ms) to long generations (minutes).
 UPSTREAM_BUCKETS = (0.005, 0.025, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 ONBOARDING_STATES = ("pending", "running", "stalled", "failed", "done")
@@ -77,7 +79,8 @@ class Metrics:
         self.cooldowns = Counter(f"{p}_cooldowns", "Models put in cooldown", ["model"], registry=r)
         self.onboarding_answered = Gauge(f"{p}_onboarding_questions_answered",
                                          "Graded aptitude answers stored", ["model"], registry=r)
-        self.onboarding_total = Gauge(f"{p}_onboarding_questions_total",
+        # not ``_total``: Prometheus keeps that suffix for counters
+        self.onboarding_total = Gauge(f"{p}_onboarding_questions",
                                       "Questions in the model's aptitude test", ["model"],
                                       registry=r)
         self.onboarding_state = Gauge(f"{p}_onboarding_state",
@@ -99,7 +102,7 @@ class Metrics:
         chat completions are counted by the model that answered and status. A request no model
         answered counts under ``none``: the name a client sent is never a label (a client could
         otherwise grow the registry without bound)."""
-        if record.path.endswith("/chat/completions"):
+        if record.method == "POST" and record.path in CHAT_PATHS:  # not a GET's 405, nor a 404 elsewhere
             self.observe_request(record.routed_model, record.status)
             if record.stream and record.status == 200 and record.upstream_error:  # not a client leaving
                 self.stream_errors.labels(model=record.routed_model or "none").inc()

@@ -2,6 +2,8 @@
 default model while nothing is routable, unavailable models reported by /ready."""
 from __future__ import annotations
 
+import io
+import json
 import logging
 import time
 from pathlib import Path
@@ -12,6 +14,7 @@ import pytest
 import yaml
 
 from proxy.app import create_app
+from proxy.logs import configure_logging
 from proxy.settings import Settings
 from support.mock_upstream import MockUpstream, fail
 from support.prometheus import scrape, scrape_with
@@ -87,6 +90,33 @@ def test_a_routed_request_is_counted_logged_once_and_carries_its_request_id(
             "/openapi.json", "/admin/route"} <= set(openapi["paths"])
     assert "ChatCompletionRequest" in openapi["paths"]["/admin/route"]["post"]["requestBody"]["content"][
         "application/json"]["schema"]["$ref"]
+
+
+def test_the_log_line_of_a_failed_request_says_which_models_failed_and_that_it_was_a_stream(
+        tmp_path, upstream):
+    out = io.StringIO()
+    configure_logging("info", stream=out)  # as `satroute serve` does; undone after the test
+    config = _config(tmp_path, [_entry("m1", upstream.url, tmp_path), _entry("m2", upstream.url, tmp_path)],
+                     num_retries=0)
+    upstream.set("m1", fail(503))
+    upstream.set("m2", fail(500))
+    with _serve(config, fake=PreferScorer("m2")) as proxy:
+        client = openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=0)
+        with pytest.raises(openai.APIStatusError) as err:
+            client.chat.completions.create(model="auto", messages=MESSAGES, stream=True)
+        upstream.set("m1", fail(400, "bad prompt"))
+        with pytest.raises(openai.BadRequestError):
+            client.chat.completions.create(model="m1", messages=MESSAGES)
+    logged = [json.loads(line) for line in out.getvalue().splitlines()]
+    lines = [line for line in logged if line["logger"] == "satroute.request"
+             and line["path"] == "/v1/chat/completions"]
+    assert [(line["status"], line["stream"], line["failed_models"]) for line in lines] == [
+        (502, True, ["m2:http_500", "m1:http_503"]), (400, False, ["m1:http_400"])]
+    # the dispatch warnings that say why each model failed carry the request's id
+    rid = err.value.response.headers["x-request-id"]
+    warned = [line for line in logged if line["logger"] == "satroute.dispatch"]
+    assert [line.get("request_id") for line in warned[:2]] == [rid, rid]
+    assert not [line for line in logged if line["logger"] == "satroute.app" and "request_id" in line]
 
 
 def test_a_request_sent_again_is_routed_with_its_remembered_scores(tmp_path, upstream):

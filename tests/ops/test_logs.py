@@ -86,7 +86,7 @@ def _client(include_prompts=False, records=None):
     other.propagate = False
     app = Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
                             Route("/stream", stream), Route("/leak", leak), Route("/boom", boom),
-                            Route("/quoted", quoted), Route("/v1/cut/chat/completions", cut_stream),
+                            Route("/quoted", quoted), Route("/chat/completions", cut_stream, methods=["POST"]),
                             Route("/health", leak)])
     app.add_middleware(RequestLogMiddleware, logger=logger, include_prompts=include_prompts,
                        on_record=[records.append] if records is not None else ())
@@ -184,7 +184,7 @@ def test_a_stream_that_ends_in_an_error_event_is_logged_and_counted_as_one():
 
     metrics, records = Metrics(), []
     client, out = _client(records=records)
-    client.get("/v1/cut/chat/completions")
+    client.post("/chat/completions", json={})
     client.get("/stream")
     for record in records:
         metrics.observe_record(record)
@@ -196,7 +196,7 @@ def test_a_stream_that_ends_in_an_error_event_is_logged_and_counted_as_one():
     from proxy.logs import RequestRecord
 
     left = RequestRecord("r", "POST", "/v1/chat/completions", status=200, routed_model="streamer",
-                         stream=True, error="response not completed")
+                         stream=True, error="client disconnected")
     metrics.observe_record(left)
     assert metrics.stream_errors.labels(model="streamer")._value.get() == 1
     assert "upstream_error" not in cut
@@ -318,3 +318,42 @@ def test_litellm_s_own_log_lines_go_through_ours_as_json_and_redacted():
         for name in ("satroute", "uvicorn", "uvicorn.error", "LiteLLM-test"):
             logging.getLogger(name).removeHandler(handler)
         logging.getLogger("LiteLLM-test").handlers.clear()
+
+
+def test_a_stream_its_client_left_is_logged_as_such_with_the_status_it_had():
+    """Starlette ends a streaming response without its last body when the client disconnects (a
+    frontend's Stop button): the line says so, not that the proxy failed."""
+    import asyncio
+
+    out = io.StringIO()
+    logger = logging.getLogger("satroute.request.left")
+    logger.handlers[:] = [logging.StreamHandler(out)]
+    logger.handlers[0].setFormatter(JsonFormatter())
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b"data: {}\n\n", "more_body": True})
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        pass
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    asyncio.run(RequestLogMiddleware(app, logger=logger)(scope, receive, send))
+    [line] = _lines(out)
+    assert (line["status"], line["stream"], line["error"]) == (200, True, "client disconnected")
+
+
+def test_a_line_logged_while_a_request_is_served_carries_its_request_id():
+    client, out = _client()
+    rid = client.get("/leak").headers[REQUEST_ID_HEADER]
+    warning, request = _lines(out)
+    assert warning["msg"].startswith("upstream said") and warning["request_id"] == rid
+    assert request["request_id"] == rid
+    logging.getLogger("satroute.test").warning("outside any request")
+    assert "request_id" not in _lines(out)[-1]

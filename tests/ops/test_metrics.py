@@ -51,7 +51,7 @@ def test_every_observation_lands_in_its_series():
     assert s[("satroute_retries_total", (("model", "m1"),))] == 1
     assert s[("satroute_cooldowns_total", (("model", "m1"),))] == 1
     assert s[("satroute_onboarding_questions_answered", (("model", "new"),))] == 120
-    assert s[("satroute_onboarding_questions_total", (("model", "new"),))] == 1000
+    assert s[("satroute_onboarding_questions", (("model", "new"),))] == 1000
     assert s[("satroute_onboarding_state", (("model", "new"), ("state", "running")))] == 1
     assert s[("satroute_onboarding_state", (("model", "new"), ("state", "done")))] == 0
     assert s[("satroute_local_server_up", (("name", "smollm2"),))] == 0
@@ -91,3 +91,17 @@ def test_request_records_count_chat_completions_by_answering_model_never_by_clie
     assert s[("satroute_requests_total", (("model", "m2"), ("status", "200")))] == 1
     assert s[("satroute_requests_total", (("model", "none"), ("status", "404")))] == 1
     assert sum(v for k, v in s.items() if k[0] == "satroute_requests_total") == 2
+
+
+def test_only_posts_to_the_chat_route_count_as_chat_completions():
+    from proxy.logs import RequestRecord
+
+    m = Metrics()
+    for method, path, status in (("POST", "/v1/chat/completions", 200), ("POST", "/chat/completions", 400),
+                                 ("GET", "/v1/chat/completions", 405),
+                                 ("POST", "/v1/models/x/chat/completions", 404)):
+        m.observe_record(RequestRecord("r", method, path, status=status, routed_model="m1" if status == 200 else None))
+    s = _samples(m)
+    assert {k: v for k, v in s.items() if k[0] == "satroute_requests_total"} == {
+        ("satroute_requests_total", (("model", "m1"), ("status", "200"))): 1,
+        ("satroute_requests_total", (("model", "none"), ("status", "400"))): 1}
