@@ -25,6 +25,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
+from urllib.parse import urlsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -426,6 +427,10 @@ def parse(text: str, path: Path, env: Mapping[str, str],
         api_base = params.pop("api_base", None)
         if api_base is None and info.local_server is not None:
             api_base = f"http://127.0.0.1:{info.local_server.port}/v1"
+        if unavailable is None and params.get("api_key") and _has_userinfo(api_base):
+            # one Authorization header cannot carry both: every call would fail before it is sent
+            unavailable = ("litellm_params.api_base carries credentials (user:password@) and "
+                           "api_key is set too: give the model one of them")
         d = Deployment(
             name=entry.model_name, model=model, provider=provider, upstream_model=rest,
             api_base=api_base, api_key=params.pop("api_key", None),
@@ -435,6 +440,16 @@ def parse(text: str, path: Path, env: Mapping[str, str],
     secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
     return Snapshot(source=str(path), models=models, router=conf.router_settings,
                     secrets=tuple(secrets))
+
+
+def _has_userinfo(url: Any) -> bool:
+    """Whether ``url`` names credentials before its host (``https://user:pass@host``)."""
+    if not isinstance(url, str):
+        return False
+    try:
+        return "@" in urlsplit(url).netloc
+    except ValueError:  # not a URL at all: the call reports it
+        return False
 
 
 class ProviderRegistry:

@@ -61,6 +61,19 @@ def test_unresolved_env_key_marks_model_unavailable():
     assert [d.name for d in s.available()] == ["gpt-4o", "local"]
 
 
+def test_credentials_in_api_base_beside_an_api_key_mark_the_model_unavailable():
+    """One Authorization header cannot carry both: the call failed before it was sent (a 500 on
+    the pass-through path), on every request routed to the model."""
+    s = snap("model_list:\n"
+             "  - {model_name: both, litellm_params: {model: openai/x, api_key: sk-k,"
+             " api_base: 'https://u:p@host/v1'}}\n"
+             "  - {model_name: url_only, litellm_params: {model: openai/x, api_base: 'https://u:p@host/v1'}}\n"
+             "  - {model_name: key_only, litellm_params: {model: openai/x, api_key: sk-k,"
+             " api_base: 'https://host/v1'}}\n")
+    assert "user:password@" in s.models["both"].unavailable
+    assert s.models["url_only"].available and s.models["key_only"].available
+
+
 @pytest.mark.parametrize("text, words", [
     ("model_list: []", ["model_list", "at least 1"]),
     ("model_list:\n  - model_name: a\n", ["model_list.0.litellm_params", "Field required"]),
