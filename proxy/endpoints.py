@@ -211,6 +211,9 @@ async def chat_completions(request: Request) -> Response:
         chat.log_route(None, failed)
         _log_failed(record, failed)
         raise
+    except Exception:  # the proxy's own failure (a 500): the decision made is still in the routing log
+        chat.log_route(None, [])
+        raise
     if reply is None:  # the client left before any model answered: the calls were cancelled
         chat.log_route(None, [])  # a decision made (and counted) is in the routing log too
         return _client_left(request)

@@ -286,6 +286,14 @@ def test_an_unhandled_error_is_a_500_with_its_request_id_and_logged_with_its_tra
         r = httpx.post(f"{proxy.url}/chat/completions", json={"model": "m1", "messages": MESSAGES},
                        headers={"x-request-id": "trace-123"})
         after = httpx.get(f"{proxy.url}/models", headers={"x-request-id": "trace-456"})
+        routed = httpx.post(f"{proxy.url}/chat/completions", json={"model": "auto", "messages": MESSAGES},
+                            headers={"x-request-id": "trace-789"})
+        deadline = time.monotonic() + 5
+        while not (logged := httpx.get(f"{proxy.base}/admin/routes").json()["data"]):
+            assert time.monotonic() < deadline, "the routed request that failed is not in the routing log"
+            time.sleep(0.1)
+    assert routed.status_code == 500
+    assert [(e["request_id"], e["chosen"]) for e in logged] == [("trace-789", None)]
     assert r.status_code == 500 and r.headers["x-request-id"] == "trace-123"
     assert r.json()["error"] == {"message": "internal error in the proxy", "type": "internal_error",
                                  "param": None, "code": None}
