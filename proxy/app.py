@@ -16,6 +16,7 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 
+import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -28,7 +29,7 @@ from proxy import admin, endpoints, protocol
 from proxy.auth import MasterKeyAuth
 from proxy.cooldown import Cooldowns
 from proxy.dispatch import Dispatcher, RetryingDispatcher
-from proxy.errors import ConfigError, SatrouteError, plain_error_response
+from proxy.errors import ConfigError, SatrouteError, error_body, plain_error_response
 from proxy.localserver import local_models_hook
 from proxy.logs import RequestLogMiddleware
 from proxy.metrics import Metrics
@@ -127,6 +128,14 @@ def _crash_response() -> Response:
     return plain_error_response(500, "internal error in the proxy", "internal_error")
 
 
+def _shutdown_response() -> Response:
+    """A request still unanswered when the shutdown's grace period ran out: a 503 the SDKs retry
+    (elsewhere, behind a load balancer), rather than the server's plain-text 500."""
+    return plain_error_response(503, "the proxy is shutting down; send the request again",
+                                "server_error", "shutting_down",
+                                headers={"Retry-After": "1", "Connection": "close"})
+
+
 def create_app(settings: Settings | None = None, *, scorer: Any = None,
                dispatcher: Dispatcher | None = None, profile_source: ProfileSource | None = None,
                startup: Iterable[StartupHook] = ()) -> Starlette:
@@ -190,7 +199,11 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
     # Every request, 401s included, gets a request id and its one log line.
     request_log = Middleware(RequestLogMiddleware, include_prompts=settings.log_prompts,
                              on_record=[svc.metrics.observe_record],
-                             in_flight=svc.metrics.in_flight, crash_response=_crash_response)
+                             in_flight=svc.metrics.in_flight, crash_response=_crash_response,
+                             cut_response=_shutdown_response,
+                             cut_event=b"data: " + orjson.dumps(error_body(
+                                 "the proxy is shutting down: the answer is incomplete", "server_error",
+                                 "shutting_down")) + b"\n\n")
     # CORS (when origins are set) outermost: a browser's preflight, which carries no key, is answered
     # before the key check, and every answer, the request log's own 500 included, carries its headers.
     origins = settings.cors_origin_list()

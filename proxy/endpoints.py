@@ -211,7 +211,9 @@ async def chat_completions(request: Request) -> Response:
         chat.log_route(None, failed)
         _log_failed(record, failed)
         raise
-    except Exception:  # the proxy's own failure (a 500): the decision made is still in the routing log
+    except (Exception, asyncio.CancelledError):
+        # the proxy's own failure (a 500), or a shutdown that cut the request (the client left is
+        # not one: it ends in None): the decision made is still in the routing log
         chat.log_route(None, [])
         raise
     if reply is None:  # the client left before any model answered: the calls were cancelled

@@ -15,6 +15,7 @@ listeners (``on_record``), which is how ``proxy.metrics`` counts requests withou
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -258,11 +259,18 @@ class RequestLogMiddleware:
                  scorer_ms_header: str = "x-satroute-scorer-ms",
                  failed_header: str = "x-satroute-failed",
                  skip_paths: Iterable[str] = ("/health", "/ready", "/metrics"),
-                 in_flight=None, crash_response: Callable[[], Any] | None = None):
+                 in_flight=None, crash_response: Callable[[], Any] | None = None,
+                 cut_response: Callable[[], Any] | None = None,
+                 cut_event: bytes | None = None):
         self.app = app
         # the app's 500 (an ASGI response), sent from here when the app fails before answering,
         # so it too carries the request id (Starlette's own 500 is sent from outside this layer)
         self.crash_response = crash_response
+        # what a request cut by the server (a shutdown past its grace period) ends with: its
+        # answer (``cut_response``, an ASGI response) if none began, else this last event of a
+        # stream that began; without them the server's own plain 500, or a truncated stream
+        self.cut_response = cut_response
+        self.cut_event = cut_event
         self.logger = logger or logging.getLogger("satroute.request")
         self._include_prompts = include_prompts
         self.on_record = list(on_record)
@@ -321,6 +329,18 @@ class RequestLogMiddleware:
             self.in_flight.inc()
         try:
             await self.app(scope, receive_wrapper if want_prompt else receive, send_wrapper)
+        except asyncio.CancelledError:
+            # only the server cancels a request's own task: a shutdown whose grace period ran out
+            # (a client that leaves is let go by the app and by Starlette without one)
+            if self.cut_response is None:
+                raise
+            asyncio.current_task().uncancel()  # this request ends here, answered
+            record.error = "shutting_down"
+            if record.status == 0:
+                await self.cut_response()(scope, receive, send_wrapper)
+            elif sniff.kind == "sse" and self.cut_event is not None:
+                await send_wrapper({"type": "http.response.body", "body": self.cut_event,
+                                    "more_body": False})
         except Exception as exc:
             if record.status == 0 and self.crash_response is not None:
                 record.error = type(exc).__name__

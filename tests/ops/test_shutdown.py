@@ -1,5 +1,6 @@
 """Graceful shutdown of a real ``satroute serve`` process: SIGTERM stops accepting connections, lets
-in-flight streams finish within the deadline, runs the shutdown that saves state, and exits 0."""
+in-flight streams finish within the deadline, cuts what outlives it with an answer the SDK
+understands, runs the shutdown that saves state, and exits by the signal."""
 from __future__ import annotations
 
 import json
@@ -126,4 +127,54 @@ def test_sigterm_cuts_a_stream_that_outlives_the_deadline(tmp_path):
     assert rc == -signal.SIGTERM, logs  # uvicorn re-raises SIGTERM once it has shut down
     assert took < 6, f"shutdown took {took:.1f} s with a 1 s deadline"
     assert out["chunks"][-1:] != ["[DONE]"]
-    assert any(entry.get("msg") == "shutdown complete" for entry in _json_lines(logs)), logs
+    # it ends in an error event the SDK raises on, not in a truncated body
+    assert json.loads(out["chunks"][-1])["error"]["code"] == "shutting_down", out
+    assert "error" not in out, out
+    lines = _json_lines(logs)
+    assert any(entry.get("msg") == "shutdown complete" for entry in lines), logs
+    [line] = [entry for entry in lines if entry.get("path") == "/v1/chat/completions"]
+    assert (line["status"], line["error"]) == (200, "shutting_down")
+    assert not [entry for entry in lines if entry.get("level") == "error"
+                and "Exception in ASGI application" in entry.get("msg", "")], logs
+
+
+def test_sigterm_answers_a_request_that_outlives_the_deadline_with_a_503_and_logs_its_route(tmp_path):
+    import sqlite3
+
+    import openai
+
+    with MockUpstream() as up:
+        up.set("m1", answer("late", delay=8))
+        config = _config(tmp_path, up.url)
+        profile = tmp_path / "m1.json"
+        profile.write_text('{"tasks": {"t1": 0.5}}')
+        config.write_text(config.read_text() + "    model_info: {capability_profile: m1.json}\n")
+        port = free_port()
+        proc = _serve(config, port, tmp_path, deadline_s=1)
+        out = {}
+
+        def ask():
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0)
+            try:
+                client.chat.completions.create(model="auto", messages=[{"role": "user", "content": "hi"}])
+            except openai.APIStatusError as exc:
+                out["status"], out["code"] = exc.status_code, exc.code
+                out["retry_after"] = exc.response.headers.get("retry-after")
+                out["request_id"] = exc.response.headers.get("x-request-id")
+
+        client = threading.Thread(target=ask)
+        client.start()
+        deadline = time.monotonic() + 10
+        while not up.bodies("m1"):  # the request reached the upstream
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(15)
+        client.join(10)
+        logs = proc.stdout.read()
+    assert (out.get("status"), out.get("code"), out.get("retry_after")) == (503, "shutting_down", "1"), logs
+    lines = _json_lines(logs)
+    assert not [entry for entry in lines if "Exception in ASGI application" in entry.get("msg", "")], logs
+    with sqlite3.connect(tmp_path / "state" / "satroute.db") as db:
+        rows = db.execute("SELECT request_id, chosen FROM routing_log").fetchall()
+    assert rows == [(out["request_id"], "")], rows
