@@ -17,6 +17,13 @@ class Cooldowns:
         self._clock = clock
         self._fails: dict[str, int] = {}
         self._until: dict[str, float] = {}
+        # bumped when a model's upstream changes (``forget``): a failure of a call made to the
+        # upstream it had before (a request in flight across the edit) is not the new one's
+        self._epoch: dict[str, int] = {}
+
+    def epoch(self, name: str) -> int:
+        """Which upstream of ``name`` a call about to be made goes to; given back to ``failure``."""
+        return self._epoch.get(name, 0)
 
     def cooling(self, name: str) -> bool:
         until = self._until.get(name)
@@ -27,10 +34,13 @@ class Cooldowns:
         del self._until[name]
         return False
 
-    def failure(self, name: str, allowed_fails: int, cooldown_s: float) -> bool:
+    def failure(self, name: str, allowed_fails: int, cooldown_s: float, epoch: int | None = None) -> bool:
         """Count one failure; True when it starts a cooldown. A failure while the model is already
         cooling (a request that was in flight when it began, or one naming the model) keeps it
-        cooling from now on, but is not a new cooldown: what the metric and the log count."""
+        cooling from now on, but is not a new cooldown: what the metric and the log count. A
+        failure of a call made before the model's upstream changed (``epoch``) is not counted."""
+        if epoch is not None and epoch != self.epoch(name):
+            return False
         count = self._fails.get(name, 0) + 1
         if count >= allowed_fails and cooldown_s > 0:
             started = not self.cooling(name)
@@ -40,7 +50,9 @@ class Cooldowns:
         self._fails[name] = count
         return False
 
-    def success(self, name: str) -> None:
+    def success(self, name: str, epoch: int | None = None) -> None:
+        if epoch is not None and epoch != self.epoch(name):  # the upstream it had before answered
+            return
         self._fails.pop(name, None)
         self._until.pop(name, None)
 
@@ -48,8 +60,10 @@ class Cooldowns:
         return [n for n in list(self._until) if self.cooling(n)]
 
     def forget(self, name: str) -> None:
-        """Drop a model's record: what failed was another upstream (its configuration changed)."""
+        """Drop a model's record: what failed was another upstream (its configuration changed),
+        and so is what calls still in flight to it may yet fail on."""
         self.success(name)
+        self._epoch[name] = self.epoch(name) + 1
 
     def shorten(self, cooldown_s: float) -> None:
         """End every cooldown at most ``cooldown_s`` from now (the setting was lowered)."""

@@ -99,8 +99,9 @@ class RetryingDispatcher:
                 break
             if failed and self.metrics is not None:
                 self.metrics.observe_fallback(failed[-1][0], target.name)
+            epoch = self.cooldowns.epoch(target.name)  # its failures count only for this upstream
             try:
-                answer = await self._with_retries(target, call, deadline)
+                answer = await self._with_retries(target, call, deadline, epoch)
             except UpstreamClientError as exc:  # its answer goes back as it is, with what failed before
                 if exc.unfit is not None and target is not call.targets[-1]:
                     # this model cannot take the request's parameters, another may: nothing was
@@ -112,7 +113,7 @@ class RetryingDispatcher:
                 # the model is unusable, not the request: it falls back, and counts towards the
                 # model's cooldown; any other 4xx is about the request and goes back as is
                 if exc.status in MODEL_REFUSALS:
-                    if (self.cooldowns.failure(target.name, router.allowed_fails, router.cooldown_s)
+                    if (self.cooldowns.failure(target.name, router.allowed_fails, router.cooldown_s, epoch)
                             and self.metrics is not None):
                         self.metrics.observe_cooldown(target.name)
                     if target is not call.targets[-1]:  # a routed request: the next model answers
@@ -129,7 +130,7 @@ class RetryingDispatcher:
                 last = exc
                 log.warning("model %s failed: %s", target.name, exc.message)
                 continue
-            self.cooldowns.success(target.name)
+            self.cooldowns.success(target.name, epoch)
             return Reply(model=target.name, failed=failed, body=answer.body, chunks=answer.chunks)
         names = ", ".join(f"{n} ({r})" for n, r in failed) or "none tried before the deadline"
         err = AllUpstreamsFailed(f"every model failed: {names}", failed=failed, timeout=timed_out)
@@ -138,7 +139,7 @@ class RetryingDispatcher:
             err.retry_after = last.retry_after
         raise err
 
-    async def _with_retries(self, d: Deployment, call: Call, deadline: float) -> Answer:
+    async def _with_retries(self, d: Deployment, call: Call, deadline: float, epoch: int) -> Answer:
         router = call.router
         retrying = AsyncRetrying(
             stop=_Stop(router.num_retries + 1, deadline),
@@ -169,7 +170,7 @@ class RetryingDispatcher:
                     # request's, says nothing about the model: it must not cool it for everyone
                     cut_short = exc.timeout and budget < attempt_timeout(d, router)
                     if (exc.counts and not cut_short
-                            and self.cooldowns.failure(d.name, router.allowed_fails, router.cooldown_s)
+                            and self.cooldowns.failure(d.name, router.allowed_fails, router.cooldown_s, epoch)
                             and self.metrics is not None):
                         self.metrics.observe_cooldown(d.name)
                     raise

@@ -35,3 +35,17 @@ def test_a_success_clears_the_count_and_the_cooldown():
     assert c.failure("m", 2, 30) is True and c.cooling_models() == ["m"]
     c.success("m")
     assert c.cooling_models() == []
+
+
+def test_failures_of_calls_made_before_the_model_s_upstream_changed_do_not_count():
+    """An edit that fixed the model's api_base lands while requests to the old one are in flight:
+    their failures must not cool the model now reached another way."""
+    c = Cooldowns(Clock())
+    before = c.epoch("m")
+    assert c.failure("m", 2, 30, before) is False
+    c.forget("m")  # the edit
+    after = c.epoch("m")
+    assert [c.failure("m", 2, 30, before) for _ in range(3)] == [False] * 3
+    assert not c.cooling("m")
+    c.success("m", before)  # nor does an old call's success clear the new upstream's record
+    assert c.failure("m", 2, 30, after) is False and c.failure("m", 2, 30, after) is True

@@ -1,6 +1,7 @@
 """Retries, Retry-After, fallback, cooldown and recovery, 4xx pass-through; on both dispatch paths."""
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -231,6 +232,32 @@ def test_an_edit_that_fixes_a_cooling_model_or_shortens_cooldowns_takes_effect(t
     assert client(proxy).chat.completions.create(model="auto", messages=MESSAGES).model == "m1"
     time.sleep(0.6)  # m2's own cooldown now ends within the new cooldown_s
     assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == []
+
+
+def test_failures_in_flight_across_an_edit_that_fixed_the_model_do_not_cool_it(tmp_path, upstream,
+                                                                                start_proxy):
+    """A request to the old, failing api_base is still retrying when the fix lands: its failures
+    are the old upstream's, and must not take the fixed model out of routing."""
+    from support.mock_upstream import Behavior, MockUpstream
+
+    with MockUpstream() as bad:
+        bad.set("m1", Behavior("fail", status=503, message="down", error_type="server_error", delay=0.4))
+        cfg = write_config(tmp_path / "providers.yaml", [model_entry("m1", bad.url, tmp_path)],
+                           num_retries=2, retry_backoff_s=0.01, retry_backoff_max_s=0.01,
+                           allowed_fails=2, cooldown_s=120)
+        proxy = start_proxy(cfg)
+        out = {}
+        thread = threading.Thread(target=lambda: out.setdefault("status", httpx.post(
+            f"{proxy.url}/chat/completions", json={"model": "m1", "messages": MESSAGES}, timeout=30).status_code))
+        thread.start()
+        time.sleep(0.2)  # its first attempt is in flight
+        write_config(cfg, [model_entry("m1", upstream.url, tmp_path)], num_retries=2, retry_backoff_s=0.01,
+                     retry_backoff_max_s=0.01, allowed_fails=2, cooldown_s=120)
+        thread.join(30)
+    assert out["status"] == 502 and len(bad.bodies("m1")) == 3  # it kept to the upstream it began on
+    ready = httpx.get(f"{proxy.base}/ready")
+    assert ready.status_code == 200 and ready.json()["cooling"] == []
+    assert client(proxy).chat.completions.create(model="m1", messages=MESSAGES).model == "m1"
 
 
 @pytest.mark.parametrize("fast", PATHS)
