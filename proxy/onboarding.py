@@ -18,10 +18,14 @@ A crash loses only the questions in flight at that moment (at most ``concurrency
 stored, so they are asked again on resume; every stored answer is final.
 One process at a time: a run holds the store's lease on its model (``Store.claim``), refreshed every
 ``heartbeat_s`` and released however the run ends; ``run`` raises ``ModelBusy`` when another process
-onboards the model. Every store call runs on a worker thread (a write may wait for another process's
-lock for the busy timeout; the event loop, which also serves the proxy's requests, must not), and a
-write the store refuses (locked past that timeout, disk full) stalls the run and is tried again: an
-answer that was paid for is not dropped.
+onboards the model. The run's writes are made only under its lease (``leased=True``), and a worker
+checks the lease before a new question when the last heartbeat is late (the event loop was held
+up), so a run taken over stops at once, asking and writing nothing more. A run cancelled midway
+(shutdown, a signal) leaves its model ``pending`` ("interrupted"), not ``running``.
+Every store call runs on a worker thread (a write may wait for another process's lock for the busy
+timeout; the event loop, which also serves the proxy's requests, must not), and a write the store
+refuses (locked past that timeout, disk full) stalls the run and is tried again: an answer that
+was paid for is not dropped.
 Does not know: HTTP serving, litellm, the registry (``proxy.onboarding_service`` wires those).
 """
 from __future__ import annotations
@@ -187,6 +191,7 @@ class _Run:
         self.fatal: str | None = None
         self.cancelled: str | None = None
         self.lease_lost = False  # another process took the model over: stop, write nothing more
+        self.beat_at = 0.0  # clock time of the last refresh of the lease
         self.spent = 0.0
         self.answers = 0  # answered in this run
         self.epoch = 0  # counted failures so far: an ask remembers the one it started under
@@ -226,6 +231,12 @@ class Onboarding:
         await self._store(self.store.claim, model, self.suite.name)
         try:
             return await self._run(model, prices, upstream)
+        except asyncio.CancelledError:  # the proxy stops, or a signal: the store must not say running
+            try:
+                await self._store(self.store.interrupted, model)
+            except sqlite3.Error as exc:
+                log.warning("onboarding %s: cannot record the interruption: %s", model, exc)
+            raise
         finally:
             try:
                 await self._store(self.store.release, model)
@@ -249,7 +260,7 @@ class Onboarding:
             await self._store(store.set_status, model, "failed",
                               f"estimated cost ${estimate:.2f} for {len(todo)} questions{before} "
                               f"exceeds the spend cap ${opts.spend_cap_usd:.2f}",
-                              suite=self.suite.name, total=total)
+                              suite=self.suite.name, total=total, leased=True)
             return await self._progress(model)
         await self._store(store.begin, model, self.suite.name, total, round(estimate, 4), upstream)
         log.info("onboarding %s: %d of %d questions to ask (estimated $%.2f, $%.2f spent before)",
@@ -257,6 +268,7 @@ class Onboarding:
         state = _Run(model, todo, answered_before=bool(done))
         state.params = {"max_tokens": opts.max_tokens, "temperature": opts.temperature}
         state.spent = spent
+        state.beat_at = self.clock()  # ``begin`` refreshed the lease
         workers = [asyncio.create_task(self._worker(state, prices), name=f"onboard-{model}-{i}")
                    for i in range(min(opts.concurrency, len(todo)))]
         beat = asyncio.create_task(self._heartbeat(state), name=f"onboard-{model}-lease")
@@ -273,20 +285,22 @@ class Onboarding:
         if state.cancelled is not None:  # not a failure: the next run resumes where this stopped
             log.info("onboarding %s cancelled: %s", model, state.cancelled)
             await self._store(store.set_status, model, "pending", f"cancelled: {state.cancelled}",
-                              suite=self.suite.name)
+                              suite=self.suite.name, leased=True)
             return await self._progress(model)
         if state.fatal is not None:
-            await self._store(store.set_status, model, "failed", state.fatal, suite=self.suite.name)
+            await self._store(store.set_status, model, "failed", state.fatal, suite=self.suite.name,
+                              leased=True)
             log.error("onboarding %s failed: %s", model, state.fatal)
             return await self._progress(model)
         graded = await self._store(store.graded, model)
         missing = [q.id for q in self.questions if q.id not in graded]
         if missing:  # cannot happen unless the store was edited meanwhile
             await self._store(store.set_status, model, "failed",
-                              f"{len(missing)} answers missing after the run", suite=self.suite.name)
+                              f"{len(missing)} answers missing after the run", suite=self.suite.name,
+                              leased=True)
             return await self._progress(model)
         await self._write(state, store.finish, model, self.suite.name,
-                          profile_from_graded(self.suite, graded))
+                          profile_from_graded(self.suite, graded), leased=True)
         log.info("onboarding %s done", model)
         return await self._progress(model)
 
@@ -308,19 +322,24 @@ class Onboarding:
                 task.exception()  # seen: the cancellation is what goes on
             raise
 
-    async def _write(self, state: _Run, call: Callable[..., object], *args: Any) -> bool:
+    async def _write(self, state: _Run, call: Callable[..., object], *args: Any,
+                     **kwargs: Any) -> bool:
         """A write the run cannot do without (an answer paid for, the profile): a refusal of the
         store (locked past the busy timeout, disk full) stalls the run (no new question is asked
         meanwhile) and the write is tried again with backoff, until it succeeds or the run is
-        cancelled. True when it had to wait."""
+        cancelled. True when it had to wait. ``ModelBusy``: the lease was taken over, the run
+        stops."""
         opts = self.options
         delay, waited = opts.backoff_s, False
         state.storing += 1
         try:
             while True:
                 try:
-                    await self._store(call, *args)
+                    await self._store(call, *args, **kwargs)
                     return waited
+                except ModelBusy:
+                    self._lost(state)
+                    raise
                 except sqlite3.OperationalError as exc:
                     reason = f"the state store refuses writes: {exc}"
                     log.warning("onboarding %s stalled: %s; trying again in %.0fs", state.model,
@@ -338,9 +357,35 @@ class Onboarding:
         only logged, the run goes on and the next change says it."""
         try:
             await self._store(self.store.set_status, state.model, status, reason,
-                              suite=self.suite.name)
+                              suite=self.suite.name, leased=True)
+        except ModelBusy:
+            self._lost(state)
+            raise
         except sqlite3.OperationalError as exc:
             log.warning("onboarding %s: cannot record the status %s: %s", state.model, status, exc)
+
+    def _lost(self, state: _Run) -> None:
+        """The run's lease is gone (this process stalled past ``LEASE_STALE_S`` and another one
+        took the model over): every worker stops; logged once."""
+        if not state.lease_lost:
+            log.error("onboarding %s: another process took it over; stopping", state.model)
+        state.lease_lost = True
+
+    async def _still_held(self, state: _Run) -> bool:
+        """Before a new question: the lease, checked when the last heartbeat is late (the event
+        loop was held up, maybe past ``LEASE_STALE_S``), so that a run taken over asks nothing
+        more. A store locked now counts as held: the lease outlasts a few beats."""
+        if self.clock() - state.beat_at <= self.options.heartbeat_s:
+            return True
+        try:
+            held = await self._store(self.store.heartbeat, state.model)
+        except sqlite3.OperationalError:
+            return True
+        if not held:
+            self._lost(state)
+            return False
+        state.beat_at = self.clock()
+        return True
 
     async def _heartbeat(self, state: _Run) -> None:
         """Refresh the run's lease every ``heartbeat_s``. A lease found taken (this process
@@ -353,9 +398,9 @@ class Onboarding:
                 log.warning("onboarding %s: cannot refresh the lease: %s", state.model, exc)
                 continue
             if not held:
-                log.error("onboarding %s: another process took it over; stopping", state.model)
-                state.lease_lost = True
+                self._lost(state)
                 return
+            state.beat_at = self.clock()
 
     async def _worker(self, state: _Run, prices: Prices) -> None:
         while state.queue and not state.stopping:
@@ -363,6 +408,8 @@ class Onboarding:
             if wait > 0:  # the upstream is down: everyone waits for the backoff to end
                 await self.sleep(wait)
                 continue
+            if not await self._still_held(state):
+                return
             question = state.queue.popleft()
             state.in_flight += 1
             epoch = state.epoch  # which backoff this ask started under
@@ -409,7 +456,7 @@ class Onboarding:
         cost = prices.cost(*said.billed(question))
         waited = await self._write(state, self.store.record, state.model,
                                    GradedAnswer(question.id, letter, letter == question.answer,
-                                                text), cost)
+                                                text), cost, leased=True)
         if state.failures or waited:
             log.info("onboarding %s: answers are stored again, resuming", state.model)
             await self._set_status(state, "running")
@@ -426,7 +473,7 @@ class Onboarding:
     async def _no_answer(self, state: _Run, question: Question) -> None:
         """Grade ``question`` as no answer (wrong): it could not be asked, and the run moves on."""
         await self._write(state, self.store.record, state.model,
-                          GradedAnswer(question.id, None, False, None))
+                          GradedAnswer(question.id, None, False, None), leased=True)
         self._tick(state)
 
     def _tick(self, state: _Run) -> None:

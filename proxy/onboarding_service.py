@@ -13,7 +13,10 @@ Other processes share the store (``satroute onboard``, another proxy): a model a
 onboards now (``ModelBusy``), or whose run the store refused to start, is skipped and tried again on
 a later tick, never marked failed; a profile another process stored is picked up on the next tick.
 Store calls run on worker threads, never on the event loop that serves requests.
-Also the JSON the admin endpoints show (``status``, ``profile``).
+Also the JSON the admin endpoints show (``status``, ``profile``): a ``running`` or ``stalled`` row
+whose lease nobody holds (its process was killed, or an earlier version stopped without saying so)
+is shown ``pending`` ("interrupted"), since nothing runs it; a store that cannot be read answers 503
+with the reason. A check of the watch loop that fails logs the error once, not every tick.
 Does not know: HTTP handlers, how answers are graded or stored (``proxy.onboarding``, ``proxy.store``).
 """
 from __future__ import annotations
@@ -27,7 +30,7 @@ from typing import Any, Callable, Coroutine, Iterable
 import orjson
 
 from proxy.dispatch import Call, Dispatcher
-from proxy.errors import UpstreamTransient
+from proxy.errors import ServiceUnavailable, UpstreamTransient
 from proxy.onboarding import Onboarding, Options, Prices, RunCancelled, Said, status_of
 from proxy.prices import listed_prices
 from proxy.providers import Deployment, ProviderRegistry, upstream_fingerprint
@@ -134,6 +137,7 @@ class OnboardingService:
         self._waiting: dict[str, str] = {}  # model -> why its run could not start now (tried again)
         self._picked_up: dict[str, float] = {}  # model -> updated_at of the done row refreshed for
         self._reported: set[str] = set()  # models with onboarding series in the metrics
+        self._check_error: str | None = None  # why the watch loop's last check failed (logged once)
 
     # -- the background loop ----------------------------------------------------------------
     async def watch(self, interval_s: float) -> None:
@@ -150,10 +154,24 @@ class OnboardingService:
                     last = snap
                     await self.sync()
                 self._report(progress)
-            except Exception:  # one bad tick (the store locked past its timeout) must not end the loop
-                log.exception("onboarding: this check failed; trying again in %.1fs", interval_s)
+                if self._check_error is not None:
+                    log.info("onboarding: checks work again")
+                    self._check_error = None
+            except Exception as exc:  # one bad tick (the store locked past its timeout) must not end the loop
+                self._check_failed(exc, interval_s)
                 last = None
             await asyncio.sleep(interval_s)
+
+    def _check_failed(self, exc: Exception, interval_s: float) -> None:
+        """Log a failed check once per distinct error: a store that stays broken (damaged, disk
+        gone) would otherwise log a traceback every tick. A bug's traceback is logged, once."""
+        why = f"{type(exc).__name__}: {exc}"
+        if why == self._check_error:
+            return
+        self._check_error = why
+        log.error("onboarding: this check failed (%s); trying again every %.1fs (logged again "
+                  "only when the error changes)", why, interval_s,
+                  exc_info=None if isinstance(exc, sqlite3.Error) else exc)
 
     def _pick_up_profiles(self, progress: Iterable[Progress]) -> None:
         """Make the registry read the store again when a configured model it has no profile for is
@@ -180,7 +198,7 @@ class OnboardingService:
         models = self.registry.snapshot.models
         for p in progress:
             if p.model in models:
-                self.metrics.observe_onboarding(p.model, p.done, p.total, p.status)
+                self.metrics.observe_onboarding(p.model, p.done, p.total, self._shown(p)[0])
                 self._reported.add(p.model)
         for name in [m for m in self._reported if m not in models]:
             self.metrics.forget_onboarding(name)
@@ -350,12 +368,25 @@ class OnboardingService:
         return self._questions
 
     # -- what the admin endpoints show ------------------------------------------------------
+    def _shown(self, p: Progress) -> tuple[str, str | None]:
+        """A stored row's status and reason as shown: ``running`` or ``stalled`` without a held
+        lease is a run that was stopped without saying so (killed; an earlier version's shutdown):
+        nothing runs it, and the next run resumes it."""
+        if p.status in ("running", "stalled") and not self.store.held(p.owner, p.heartbeat):
+            return "pending", "interrupted"
+        return p.status, p.reason
+
     def status(self) -> dict:
         """Every configured model's onboarding, as the admin API shows it. A model shown ``done``
         is an ``auto`` candidate already: a profile finished in the store is read into the
-        registry first (it may have been stored a moment ago, here or by another process)."""
-        progress = {p.model: p for p in self.store.all_progress(self._suite_questions())}
-        self._pick_up_profiles(progress.values())
+        registry first (it may have been stored a moment ago, here or by another process).
+        ``ServiceUnavailable`` (503) when the store cannot be read (damaged, locked)."""
+        try:
+            progress = {p.model: p for p in self.store.all_progress(self._suite_questions())}
+            self._pick_up_profiles(progress.values())
+        except sqlite3.DatabaseError as exc:
+            raise ServiceUnavailable(f"the state store cannot be read ({self.store.path}): {exc}",
+                                     code="state_store_unavailable") from None
         snap = self.registry.snapshot
         out: dict[str, dict] = {}
         for name, d in snap.models.items():
@@ -363,7 +394,10 @@ class OnboardingService:
                 out[name] = {"status": "done", "reason": None, "profile_source": "providers.yaml",
                              "questions_done": 0, "questions_total": 0, "accuracy_so_far": None}
                 continue
-            entry = status_of(progress.get(name))
+            p = progress.get(name)
+            entry = status_of(p)
+            if p is not None:
+                entry["status"], entry["reason"] = self._shown(p)
             if entry["status"] == "pending" and not d.available:
                 entry["reason"] = f"unavailable: {d.unavailable}"
             elif entry["status"] == "pending" and not d.info.onboard and d.profile is None:

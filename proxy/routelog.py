@@ -5,9 +5,13 @@ default-model) request to, answered or not, and the background loop that writes 
 store every ``SATROUTE_ROUTE_LOG_FLUSH_S`` in one ``Store.log_routes`` call on a worker thread,
 trimming the table to ``SATROUTE_ROUTE_LOG_KEEP`` rows. ``record`` does no I/O and never raises: when
 the buffer is full the oldest pending entry is dropped and counted, and the count is logged once per
-write.
-``stop`` writes whatever is pending; the app's lifespan calls it before background tasks are
-cancelled and the store is closed. Also reads recent entries back for ``GET /admin/routes``.
+write. A write that fails (disk full, the database locked past its busy timeout) puts its entries
+back in front of the buffer, to be written by the next one; only what then overflows the buffer is
+dropped (the write is one transaction: none of a failed batch was written). A write failing again
+with the same error is not logged again; the first one that succeeds says so.
+``stop`` writes whatever is pending (what a failed last write leaves is lost, and logged); the app's
+lifespan calls it before background tasks are cancelled and the store is closed. Also reads recent
+entries back for ``GET /admin/routes``.
 ``route_log_hook`` is the start-up hook that attaches the log to the app's ``Services`` when there
 is a state store and ``SATROUTE_ROUTE_LOG`` is on; without a store there is no log.
 Does not know: HTTP, routing policy or which requests count as routed (the handler decides), SQL
@@ -36,10 +40,11 @@ class RouteLog:
         if max_pending < 1:
             raise ValueError("max_pending must be at least 1")
         self.store, self.flush_s, self.max_pending, self.keep = store, flush_s, max_pending, keep
-        self.dropped = 0  # entries dropped since start (buffer full, or a failed write)
+        self.dropped = 0  # entries dropped since start (buffer full, or lost at shutdown)
         self.written = 0  # entries written since start
         self._pending: deque[RouteEntry] = deque()
         self._dropped_unreported = 0
+        self._write_error: str | None = None  # why the last write failed (logged once); None: it did not
         self._stopping = asyncio.Event()
         self._write_lock = asyncio.Lock()
 
@@ -77,10 +82,20 @@ class RouteLog:
             try:
                 await asyncio.to_thread(self.store.log_routes, batch, self.keep)
             except (sqlite3.Error, OSError) as exc:
-                self.dropped += len(batch)
-                log.error("routing log: %d entries not written: %s: %s", len(batch),
-                          type(exc).__name__, exc)
+                # back in front of what came meanwhile, for the next write; the oldest overflow
+                lost = max(0, len(batch) + len(self._pending) - self.max_pending)
+                self._pending.extendleft(reversed(batch[lost:]))
+                self.dropped += lost
+                why = f"{type(exc).__name__}: {exc}"
+                if lost or why != self._write_error:
+                    log.error("routing log: %d entries not written, kept for the next write%s: %s",
+                              len(batch), f" ({lost} dropped: more than {self.max_pending} pending)"
+                              if lost else "", why)
+                self._write_error = why
                 return 0
+            if self._write_error is not None:
+                log.info("routing log: written again (%d entries)", len(batch))
+                self._write_error = None
             self.written += len(batch)
             return len(batch)
 
@@ -95,6 +110,11 @@ class RouteLog:
         """End the loop and write what is still pending (before the store is closed)."""
         self._stopping.set()
         await self.flush()
+        if self._pending:  # the last write failed: nothing writes them any more
+            self.dropped += len(self._pending)
+            log.error("routing log: %d entries lost at shutdown (the last write failed)",
+                      len(self._pending))
+            self._pending.clear()
 
     async def recent(self, limit: int) -> list[dict[str, Any]]:
         """The newest ``limit`` written entries, newest first (read on a worker thread)."""

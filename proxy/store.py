@@ -12,9 +12,15 @@ failing (opening a new database included: switching it to WAL is retried while a
 Who onboards a model: ``claim``/``begin`` take a lease on its ``onboarding`` row (``owner``, this
 process's id, and a ``heartbeat`` the run refreshes), granted only when no other live process holds it;
 a lease without a heartbeat for ``LEASE_STALE_S`` (or of a dead process on this host) is free again, so
-a crash never blocks a model for ever. ``ModelBusy`` says who holds it.
+a crash never blocks a model for ever. ``ModelBusy`` says who holds it. The owner names the process
+instance (``host:pid:random:boot-start``, the start time from /proc): a restarted container's proxy
+is PID 1 again on the same host name, and must not take its dead predecessor for alive. A run's own
+writes (``leased=True``) are made only while it still holds the lease.
 Durability: ``synchronous=NORMAL`` in WAL mode survives any crash or kill of the process; only an
 operating-system crash or power loss may drop the last few commits (which are then asked again).
+Damage: ``PRAGMA quick_check`` when the store opens (a damaged file is refused with one line,
+not met later as a traceback on every read); a stored profile that no longer parses is skipped with
+one warning.
 Schema changes: a column added to an existing table is added to older databases when they are opened
 (``_COLUMNS_ADDED``), so a database written by an earlier version keeps working and its rows stay
 readable (the new columns read as null).
@@ -24,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import math
 import os
 import secrets
@@ -34,6 +41,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection, Iterable, Iterator, Mapping
+
+log = logging.getLogger("satroute.store")
 
 DB_NAME = "satroute.db"
 STATUSES = ("pending", "running", "stalled", "failed", "done")
@@ -111,6 +120,8 @@ class Progress:
     estimated_cost: float | None
     updated_at: float
     spent: float = 0.0  # USD paid for its answers so far (estimated from their lengths)
+    owner: str | None = None  # the lease on it, as stored (``Store.held`` says if it is held)
+    heartbeat: float | None = None
 
     @property
     def accuracy(self) -> float | None:
@@ -158,10 +169,24 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
+def _instance(pid: int | str = "self") -> str | None:
+    """Which process instance ``pid`` is: the boot's id and the process's start time (clock ticks
+    since boot), from Linux's /proc; None where /proc does not say. A pid used again (a restarted
+    container's proxy is PID 1 again) is another instance."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        start = stat.rpartition(")")[2].split()[19]  # field 22; the fields after comm start at 3
+    except (OSError, IndexError):
+        return None
+    return f"{boot[:8]}-{start}"
+
+
 def _alive_here(owner: str) -> bool:
-    """False only when ``owner`` (host:pid:random) names a process of this host that has exited."""
-    host, _, rest = owner.partition(":")
-    pid = rest.partition(":")[0]
+    """False only when ``owner`` (host:pid:random[:instance]) names a process of this host that
+    has exited, or whose pid another process has now (its instance differs). An owner written
+    without an instance (by an earlier version) is judged by its pid alone."""
+    host, pid, _, instance = (owner.split(":", 3) + ["", "", ""])[:4]
     if host != socket.gethostname() or not pid.isdigit():
         return True
     try:
@@ -170,6 +195,10 @@ def _alive_here(owner: str) -> bool:
         return False
     except OSError:  # exists, but not ours to signal
         pass
+    if instance:
+        now = _instance(pid)
+        if now is not None and now != instance:
+            return False
     return True
 
 
@@ -185,12 +214,20 @@ class Store:
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / DB_NAME
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        instance = _instance()
+        self.owner = (f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+                      + (f":{instance}" if instance else ""))
         self.lease_stale_s = lease_stale_s
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()
+        self._bad_profiles: set[str] = set()  # models whose damaged stored profile was reported
         self._db = self._connect()
-        self._wal()
+        try:
+            self._wal()
+            self._check()
+        except BaseException:
+            self._db.close()
+            raise
         self._db.execute("PRAGMA synchronous=NORMAL")
         with self._lock:
             self._db.executescript(_SCHEMA)
@@ -216,6 +253,21 @@ class Store:
                 if not _busy(exc) or time.monotonic() >= deadline:
                     raise
             time.sleep(0.02)
+
+    def _check(self) -> None:
+        """Refuse a damaged database at once (a page of garbage: bit rot, a torn copy), with one
+        line that says what to do, rather than a traceback on every read that meets it later."""
+        try:
+            problems = [row[0] for row in self._db.execute("PRAGMA quick_check")]
+        except sqlite3.OperationalError:  # locked, out of memory: says nothing about damage
+            raise
+        except sqlite3.DatabaseError as exc:  # too damaged for the check to go through
+            problems = [str(exc)]
+        if problems != ["ok"]:
+            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
+            raise sqlite3.DatabaseError(
+                f"{self.path} is damaged: {problems[0]}{more}; restore it from a backup, or move "
+                "it away to start with an empty store (stored answers and profiles are then lost)")
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:
@@ -265,17 +317,31 @@ class Store:
         self.close()
 
     # -- onboarding status ------------------------------------------------------------------
+    def held(self, owner: str | None, heartbeat: float | None) -> bool:
+        """True when a lease stored as ``owner`` and ``heartbeat`` is held: it is this process's,
+        or another live process's fresh one."""
+        if owner is None:
+            return False
+        if owner == self.owner:
+            return True
+        return time.time() - (heartbeat or 0.0) < self.lease_stale_s and _alive_here(owner)
+
     def _holder(self, model: str) -> str | None:
         """The owner of another live process's fresh lease on ``model``, else None (caller is in a
         write transaction, so the answer holds until it commits)."""
         row = self._db.execute("SELECT owner, heartbeat FROM onboarding WHERE model = ?",
                                (model,)).fetchone()
-        if row is None or row[0] is None or row[0] == self.owner:
+        if row is None or row[0] == self.owner or not self.held(*row):
             return None
-        owner, beat = row
-        if time.time() - (beat or 0.0) >= self.lease_stale_s or not _alive_here(owner):
-            return None
-        return owner
+        return row[0]
+
+    def _own(self, model: str) -> None:
+        """Raise ``ModelBusy`` unless this process holds ``model``'s lease (caller is in a write
+        transaction): a run whose lease was taken over (or released under it) writes nothing."""
+        row = self._db.execute("SELECT owner FROM onboarding WHERE model = ?", (model,)).fetchone()
+        if row is None or row[0] != self.owner:
+            raise ModelBusy(model, row[0] if row is not None and row[0]
+                            else "another process (this run's lease was given up)")
 
     @contextlib.contextmanager
     def _leased(self, model: str) -> Iterator[None]:
@@ -350,17 +416,31 @@ class Store:
         return float(rows[0][0] or 0.0) if rows else 0.0
 
     def set_status(self, model: str, status: str, reason: str | None = None,
-                   suite: str = "", total: int | None = None) -> None:
-        """Set a model's status and reason; ``total`` (the suite's question count) when given."""
+                   suite: str = "", total: int | None = None, leased: bool = False) -> None:
+        """Set a model's status and reason; ``total`` (the suite's question count) when given.
+        ``leased``: only while this process holds the model's lease (``ModelBusy`` otherwise)."""
         if status not in STATUSES:
             raise ValueError(f"unknown onboarding status {status!r}")
-        with self._lock:
+        with self._lock, self._transaction():
+            if leased:
+                self._own(model)
             self._db.execute(
                 "INSERT INTO onboarding (model, suite, status, reason, total, updated_at) "
                 "VALUES (?, ?, ?, ?, COALESCE(?, 0), ?) ON CONFLICT(model) DO UPDATE SET "
                 "status=excluded.status, reason=excluded.reason, updated_at=excluded.updated_at, "
                 "total=COALESCE(?, onboarding.total)",
                 (model, suite, status, reason, total, time.time(), total))
+
+    def interrupted(self, model: str, reason: str = "interrupted") -> bool:
+        """Mark this process's run of ``model`` stopped midway (shutdown, a signal): ``pending``
+        with ``reason``, when it is ``running`` or ``stalled`` under this process's lease (a
+        status the run already settled is kept). True when marked."""
+        with self._lock:
+            cur = self._db.execute(
+                "UPDATE onboarding SET status = 'pending', reason = ?, updated_at = ? "
+                "WHERE model = ? AND owner = ? AND status IN ('running', 'stalled')",
+                (reason, time.time(), model, self.owner))
+        return cur.rowcount == 1
 
     def progress(self, model: str, questions: Collection[str] | None = None) -> Progress | None:
         """A model's stored state; with ``questions`` (the suite's ids), ``done`` and ``correct``
@@ -378,20 +458,24 @@ class Store:
             on_args = (json.dumps(sorted(questions)),)
         rows = self._read(
             "SELECT o.model, o.suite, o.status, o.reason, o.total, o.estimated_cost, "
-            "o.updated_at, COUNT(a.question_id), COALESCE(SUM(a.correct), 0), o.spent_usd "
-            f"FROM onboarding o LEFT JOIN answers a ON {on} {where} "
+            "o.updated_at, COUNT(a.question_id), COALESCE(SUM(a.correct), 0), o.spent_usd, "
+            f"o.owner, o.heartbeat FROM onboarding o LEFT JOIN answers a ON {on} {where} "
             "GROUP BY o.model ORDER BY o.model", on_args + args)
         return [Progress(model=r[0], suite=r[1], status=r[2], reason=r[3], total=r[4],
                          estimated_cost=r[5], updated_at=r[6], done=r[7], correct=r[8],
-                         spent=r[9] or 0.0)
+                         spent=r[9] or 0.0, owner=r[10], heartbeat=r[11])
                 for r in rows]
 
     # -- graded answers ---------------------------------------------------------------------
-    def record(self, model: str, answer: GradedAnswer, cost: float = 0.0) -> bool:
+    def record(self, model: str, answer: GradedAnswer, cost: float = 0.0,
+               leased: bool = False) -> bool:
         """Commit one graded answer now, and add ``cost`` (USD) to the model's spend in the same
         transaction. False if an answer was already stored (it is kept as it was); the cost is
-        added all the same: this answer was paid for too."""
+        added all the same: this answer was paid for too. ``leased``: only while this process
+        holds the model's lease (``ModelBusy``, and nothing written, otherwise)."""
         with self._lock, self._transaction():
+            if leased:
+                self._own(model)
             cur = self._db.execute(
                 "INSERT OR IGNORE INTO answers (model, question_id, letter, correct, text, "
                 "answered_at) VALUES (?, ?, ?, ?, ?, ?)",
@@ -415,12 +499,15 @@ class Store:
         return [GradedAnswer(q, letter, bool(c), text) for q, letter, c, text in rows]
 
     # -- profiles ---------------------------------------------------------------------------
-    def finish(self, model: str, suite: str, tasks: Mapping[str, float]) -> None:
+    def finish(self, model: str, suite: str, tasks: Mapping[str, float], leased: bool = False) -> None:
         """Store the finished profile and mark the model done, in one transaction (which ends
-        the run's lease)."""
+        the run's lease). ``leased``: only while this process holds the model's lease
+        (``ModelBusy``, and nothing written, otherwise)."""
         now = time.time()
         body = json.dumps({k: float(v) for k, v in tasks.items()}, sort_keys=True)
         with self._lock, self._transaction():
+            if leased:
+                self._own(model)
             self._db.execute(
                 "INSERT INTO profiles (model, suite, tasks, created_at) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(model) DO UPDATE SET suite=excluded.suite, tasks=excluded.tasks, "
@@ -440,7 +527,18 @@ class Store:
         rows = self._read("SELECT p.tasks FROM profiles p LEFT JOIN onboarding o ON o.model = p.model "
                           "WHERE p.model = ? AND (? IS NULL OR o.upstream IS NULL OR o.upstream = ?)",
                           (model_name, upstream, upstream))
-        return json.loads(rows[0][0]) if rows else None
+        if not rows:
+            return None
+        try:
+            tasks = json.loads(rows[0][0])
+            return {str(k): float(v) for k, v in tasks.items()}
+        except (ValueError, TypeError, AttributeError) as exc:  # one damaged row: not the others
+            if model_name not in self._bad_profiles:
+                self._bad_profiles.add(model_name)
+                log.warning("state store: the stored profile of %s is damaged (%s: %s); ignored, "
+                            "the model has no profile until it is onboarded again", model_name,
+                            type(exc).__name__, exc)
+            return None
 
     def profile_suite(self, model_name: str) -> str | None:
         rows = self._read("SELECT suite FROM profiles WHERE model = ?", (model_name,))

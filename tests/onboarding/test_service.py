@@ -14,41 +14,7 @@ from proxy.onboarding_service import DispatchAsker, OnboardingService
 from proxy.providers import ProviderRegistry
 from proxy.store import GradedAnswer, Store
 
-from onboarding.fakes import make_suite, model_entry, write_providers
-
-
-def spawn(coro, name):
-    return asyncio.create_task(coro, name=name)
-
-
-class Answering:
-    """A dispatcher whose every completion carries ``content`` (after ``delay`` s)."""
-
-    def __init__(self, content, delay: float = 0.0):
-        self.content, self.delay, self.calls = content, delay, 0
-
-    async def complete(self, call):
-        self.calls += 1
-        await asyncio.sleep(self.delay)
-        body = {"choices": [{"message": {"role": "assistant", "content": self.content}}]}
-        return Reply(model=call.targets[0].name, body=orjson.dumps(body))
-
-
-def service(config, store, dispatcher, suite, questions, concurrency: int = 2):
-    """The providers.yaml at ``config`` as a registry, and an OnboardingService over it whose
-    questions go through ``dispatcher`` and whose engine asks ``suite``'s ``questions``."""
-    registry = ProviderRegistry(config, dict, store)
-    svc = OnboardingService(store, registry, DispatchAsker(registry, dispatcher), spawn)
-    svc._engine = Onboarding(store, suite, questions, svc.asker, Options(concurrency=concurrency))
-    return registry, svc
-
-
-async def wait_until(check, timeout: float = 10.0):
-    for _ in range(int(timeout / 0.01)):
-        if check():
-            return
-        await asyncio.sleep(0.01)
-    raise AssertionError("condition not met")
+from onboarding.fakes import Answering, make_suite, model_entry, service, spawn, wait_until, write_providers
 
 
 async def test_a_crash_in_a_run_is_recorded_as_failed(tmp_path, monkeypatch):

@@ -203,6 +203,39 @@ def test_full_buffer_drops_the_oldest_and_counts_them(tmp_path, caplog):
     assert len(warnings) == 1 and "2 entries dropped" in warnings[0]
 
 
+def test_a_failed_write_keeps_its_entries_for_the_next_one(tmp_path, caplog):
+    """Disk full (or the database locked past its busy timeout): the entries of the failed write
+    go back in front of the buffer and are written once it works again; only what overflows the
+    buffer is dropped, and the same failure again is not logged again."""
+    caplog.set_level(logging.INFO, logger="satroute.routelog")
+    with Store(tmp_path) as store:
+        route_log = RouteLog(store, flush_s=3600, max_pending=4)
+        write, tried = store.log_routes, []
+
+        def full(entries, keep=0):
+            tried.append([e.chosen for e in entries])
+            if len(tried) == 1:  # requests answered while the write was going on
+                for n in (3, 4):
+                    route_log.record("auto", f"m{n}")
+            raise sqlite3.OperationalError("database or disk is full")
+
+        store.log_routes = full
+        for n in range(3):
+            route_log.record("auto", f"m{n}")
+        assert asyncio.run(route_log.flush()) == 0
+        assert (route_log.pending, route_log.dropped) == (4, 1)  # m0: one more than max_pending
+        assert asyncio.run(route_log.flush()) == 0  # still full
+        assert tried == [["m0", "m1", "m2"], ["m1", "m2", "m3", "m4"]]
+        store.log_routes = write  # space again
+        assert asyncio.run(route_log.flush()) == 4
+        assert [r["chosen"] for r in store.recent_routes()] == ["m4", "m3", "m2", "m1"]
+        assert (route_log.pending, route_log.written, route_log.dropped) == (0, 4, 1)
+    logged = [(r.levelname, r.getMessage()) for r in caplog.records]
+    assert len(logged) == 2
+    assert logged[0][0] == "ERROR" and "3 entries not written, kept for the next write (1 dropped" in logged[0][1]
+    assert logged[1] == ("INFO", "routing log: written again (4 entries)")
+
+
 def test_flush_keeps_only_the_newest_rows(tmp_path):
     with Store(tmp_path) as store:
         route_log = RouteLog(store, flush_s=3600, keep=4)

@@ -1,0 +1,238 @@
+"""Onboarding across stops, kills, restarts, takeovers and a damaged store: what the store says
+afterwards is what is true (nothing runs a model shown running), and a damaged store is told in one
+line, not a traceback per tick."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+
+from proxy.errors import ServiceUnavailable
+from proxy.onboarding import Onboarding, Options
+from proxy.providers import ProviderRegistry
+from proxy.store import GradedAnswer, ModelBusy, Store, _instance
+
+from onboarding.fakes import (FakeAsker, Answering, make_suite, model_entry, service, wait_until,
+                              write_providers)
+
+HOST = socket.gethostname()
+
+
+# -- a run stopped midway -------------------------------------------------------------------------
+async def test_a_run_stopped_at_shutdown_leaves_its_model_pending_interrupted(tmp_path):
+    """The proxy stops (SIGTERM) mid-run: the store says the model waits, not that it runs."""
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
+    suite, questions = make_suite(n_tasks=5, per_task=20)
+    with Store(tmp_path / "state") as store:
+        registry, svc = service(config, store, Answering("The answer is (A).", delay=0.01),
+                                suite, questions)
+        await svc.sync()
+        await wait_until(lambda: len(store.answered("m")) >= 4)
+        await svc.stop()  # what the app's shutdown does
+        progress = store.progress("m")
+        assert (progress.status, progress.reason, progress.owner) == ("pending", "interrupted", None)
+        assert 4 <= progress.done < 100
+        assert svc.status()["models"]["m"]["status"] == "pending"
+
+
+def _dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+@pytest.mark.parametrize("lease", ["released", "dead_process", "stale_elsewhere"])
+@pytest.mark.parametrize("config_now", ["onboard_false", "unavailable"])
+async def test_a_row_left_running_by_a_process_that_is_gone_is_shown_pending(tmp_path, lease,
+                                                                             config_now):
+    """A row ``running`` whose lease nobody holds (its process was killed with SIGKILL, or an
+    earlier version stopped without saying so) is shown ``pending`` ("interrupted"), with the
+    reason the file gives now for not onboarding it; a row another live process holds still runs."""
+    config = tmp_path / "providers.yaml"
+    entry = model_entry("m", "http://127.0.0.1:9", tmp_path)
+    if config_now == "onboard_false":
+        entry["model_info"]["onboard"] = False
+    else:
+        entry["litellm_params"]["api_key"] = "os.environ/SATROUTE_TEST_UNSET_KEY"
+    write_providers(config, [entry])
+    suite, questions = make_suite()
+    with Store(tmp_path / "state") as store:
+        with Store(tmp_path / "state") as other:  # the process that was onboarding it
+            other.claim("m", suite.name)
+            other.begin("m", suite.name, len(questions))
+            other.record("m", GradedAnswer(questions[0].id, "A", True))
+            registry, svc = service(config, store, Answering("x"), suite, questions)
+            assert svc.status()["models"]["m"]["status"] == "running"  # alive, fresh: it runs
+            owner, beat = {"released": (None, None),
+                           "dead_process": (f"{HOST}:{_dead_pid()}:0badf00d", time.time()),
+                           "stale_elsewhere": ("elsewhere:1:0badf00d", time.time() - 3600)}[lease]
+            other._db.execute("UPDATE onboarding SET owner = ?, heartbeat = ?", (owner, beat))
+        entry = svc.status()["models"]["m"]
+        assert entry["status"] == "pending" and entry["questions_done"] == 1
+        assert entry["reason"] == ("not onboarded: model_info.onboard is false"
+                                   if config_now == "onboard_false" else
+                                   "unavailable: litellm_params.api_key references unset "
+                                   "environment variable SATROUTE_TEST_UNSET_KEY")
+        seen = []
+        svc.metrics = type("M", (), {"observe_onboarding": lambda self, *a: seen.append(a)})()
+        svc._report(store.all_progress(svc._suite_questions()))
+        assert seen == [("m", 1, 12, "pending")]
+
+
+# -- who holds a lease ----------------------------------------------------------------------------
+def test_a_lease_of_a_dead_process_whose_pid_is_used_again_is_free(tmp_path):
+    """A restarted container's proxy is PID 1 again on the same host name: its predecessor's
+    lease, heartbeat still fresh, names the same pid but another process instance."""
+    here = _instance()
+    if here is None:
+        pytest.skip("no /proc here: leases are judged by the pid alone")
+    boot = here.partition("-")[0]
+    with Store(tmp_path) as store, Store(tmp_path) as same_process:
+        assert store.owner.startswith(f"{HOST}:{os.getpid()}:") and store.owner.endswith(f":{here}")
+
+        def held_by(owner: str) -> None:
+            store._db.execute("INSERT INTO onboarding (model, suite, status, updated_at, owner, "
+                              "heartbeat) VALUES ('m', 's', 'running', 0, ?, ?) ON CONFLICT(model) "
+                              "DO UPDATE SET owner = excluded.owner, heartbeat = excluded.heartbeat",
+                              (owner, time.time()))
+
+        held_by(f"{HOST}:{os.getpid()}:0badf00d:{boot}-1")  # our pid, started long before us
+        store.claim("m")  # free at once, not after LEASE_STALE_S
+        assert store.progress("m").owner == store.owner
+        held_by(same_process.owner)  # another Store of this very process: alive
+        with pytest.raises(ModelBusy):
+            store.claim("m")
+        held_by(f"{HOST}:{os.getpid()}:0badf00d")  # an earlier version's owner: by the pid alone
+        with pytest.raises(ModelBusy):
+            store.claim("m")
+
+
+# -- a run taken over -----------------------------------------------------------------------------
+async def test_a_run_taken_over_writes_nothing_more(tmp_path):
+    """The process stalls (its event loop blocked) past the lease's staleness and another one
+    takes the model over: the answers in flight then are not recorded, no question is asked."""
+    suite, questions = make_suite()
+    with Store(tmp_path) as store, Store(tmp_path, lease_stale_s=0.2) as other:
+        taken: list[int] = []
+        asked_after: list[str] = []
+
+        class Stalling(FakeAsker):
+            async def ask(self, model, messages, **params):
+                if taken:
+                    asked_after.append(self.question_of(messages).id)
+                if sum(self.asked.values()) == 4 and not taken:
+                    time.sleep(0.4)  # the whole process stalls
+                    other.claim("m")  # meanwhile another process takes the model over
+                    taken.append(len(store.answered("m")))
+                return await super().ask(model, messages, **params)
+
+        asker = Stalling(questions, lambda q: "A", delay=0.01)
+        engine = Onboarding(store, suite, questions, asker, Options(concurrency=2, heartbeat_s=0.05))
+        with pytest.raises(ModelBusy):
+            await asyncio.wait_for(engine.run("m"), 10)
+        assert taken and len(store.answered("m")) == taken[0]  # nothing recorded afterwards
+        assert asked_after == []
+        assert store.progress("m").owner == other.owner
+
+
+async def test_a_run_checks_its_lease_before_a_question_when_its_heartbeat_is_late(tmp_path):
+    """The lease is lost between two questions while the heartbeat is late: the next question is
+    not asked (paid for), without waiting for the next heartbeat."""
+    suite, questions = make_suite()
+    now = [1000.0]
+    with Store(tmp_path) as store, Store(tmp_path) as other:
+        asker = FakeAsker(questions, lambda q: "A")
+
+        def progress(model: str, done: int, total: int) -> None:
+            if done == 4:  # the process stalled past the staleness, and the model was taken over
+                other._db.execute("UPDATE onboarding SET owner = ?", (other.owner,))
+                now[0] += 60.0
+
+        engine = Onboarding(store, suite, questions, asker, Options(concurrency=1),
+                            on_progress=progress)
+        engine.clock = lambda: now[0]
+        with pytest.raises(ModelBusy):
+            await asyncio.wait_for(engine.run("m"), 10)
+        assert sum(asker.asked.values()) == 4 and len(store.answered("m")) == 4
+        assert store.progress("m").owner == other.owner
+
+
+# -- a damaged store ------------------------------------------------------------------------------
+def _damage(state) -> None:
+    """A page of garbage in a store whose header and schema are intact (bit rot, a torn copy)."""
+    with Store(state) as store:
+        store.begin("m", "tiny", 20)
+        for i in range(8):
+            store.record("m", GradedAnswer(f"mmlu_pro/{i}", "A", True, "z" * 3000))
+        store.finish("other", "tiny", {"task0": 1.0})
+    db = sqlite3.connect(state / "satroute.db")
+    db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    db.close()
+    path = state / "satroute.db"
+    pages = path.stat().st_size // 4096
+    with open(path, "r+b") as f:
+        f.seek(4096 * (pages - 2))
+        f.write(bytes(range(256)) * 16)
+
+
+def test_a_damaged_store_is_refused_when_it_opens_with_one_line(tmp_path):
+    _damage(tmp_path)
+    with pytest.raises(sqlite3.DatabaseError) as refused:
+        Store(tmp_path)
+    message = str(refused.value)
+    assert "satroute.db is damaged" in message and "backup" in message and "\n" not in message
+
+
+async def test_a_store_that_cannot_be_read_answers_503_and_the_loop_logs_it_once(tmp_path, caplog):
+    """Damage met after start-up: the admin status is a 503 with the reason, and the watch loop
+    logs the error once (no traceback per tick), and once more when it works again."""
+    caplog.set_level(logging.INFO, logger="satroute.onboarding")
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path, profile=True)])
+    suite, questions = make_suite()
+    with Store(tmp_path / "state") as store:
+        registry, svc = service(config, store, Answering("x"), suite, questions)
+        readable = store.all_progress
+
+        def damaged(*args, **kwargs):
+            raise sqlite3.DatabaseError("database disk image is malformed")
+
+        store.all_progress = damaged
+        with pytest.raises(ServiceUnavailable) as unavailable:
+            svc.status()
+        assert unavailable.value.status == 503 and "malformed" in unavailable.value.message
+        watch = asyncio.create_task(svc.watch(0.01))
+        try:
+            await asyncio.sleep(0.2)  # many ticks
+            store.all_progress = readable
+            await asyncio.sleep(0.05)
+        finally:
+            watch.cancel()
+        failed = [r for r in caplog.records if r.levelno == logging.ERROR]
+        assert len(failed) == 1 and "malformed" in failed[0].getMessage()
+        assert failed[0].exc_info is None
+        assert any("checks work again" in r.getMessage() for r in caplog.records)
+        assert svc.status()["models"]["m"]["status"] == "done"
+
+
+def test_a_damaged_stored_profile_is_skipped_with_one_warning(tmp_path, caplog):
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry(n, "http://127.0.0.1:9", tmp_path) for n in ("good", "bad")])
+    with Store(tmp_path / "state") as store:
+        for name in ("good", "bad"):
+            store.finish(name, "tiny", {"task0": 1.0, "task1": 0.0})
+        store._db.execute("UPDATE profiles SET tasks = '{\"task0\": 1.0, \"tas' WHERE model = 'bad'")
+        registry = ProviderRegistry(config, dict, store)  # start-up: no traceback
+        registry.refresh_profiles()
+        assert registry.snapshot.models["good"].profile == {"task0": 1.0, "task1": 0.0}
+        assert registry.snapshot.models["bad"].profile is None
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "stored profile of bad is damaged" in warnings[0]
