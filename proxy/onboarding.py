@@ -429,7 +429,7 @@ class Onboarding:
                         state.params = adapted
                     state.queue.appendleft(question)
                     continue
-                if exc.unfit is not None:  # the run's parameters, not this prompt: every ask would fail
+                if exc.unfit == "unsupported_params":  # the run's parameters: every ask would fail
                     state.queue.appendleft(question)
                     state.fatal = f"the model cannot take the run's parameters: {exc.message}"
                     return

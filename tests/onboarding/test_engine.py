@@ -466,6 +466,18 @@ async def test_a_parameter_the_run_cannot_drop_fails_at_once_naming_it(tmp_path,
     assert "['max_completion_tokens']" in progress.reason and len(asker.params) <= FAST.concurrency
 
 
+async def test_a_question_litellm_cannot_send_is_graded_no_answer_not_the_end_of_the_run(tmp_path, tiny):
+    """One question's text litellm could not translate for the provider is that question's
+    problem: the run goes on."""
+    suite, questions = tiny
+    asker = FakeAsker(questions, lambda q: "A")
+    asker.failures = [UpstreamClientError("model m cannot take this request: litellm could not translate it",
+                                          status=400, unfit="untranslatable")]
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, asker, FAST).run("m")
+    assert progress.status == "done" and progress.done == len(questions)
+
+
 @pytest.mark.parametrize("usage, billed", [
     ((100, 3000, None), lambda est_in, est_out: (max(100, est_in), 3000)),  # hidden reasoning tokens
     ((100, 0, 3100), lambda est_in, est_out: (max(100, est_in), 3000)),  # counted in the total only
