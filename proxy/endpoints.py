@@ -134,6 +134,20 @@ def _refuse_if_starting(target: Deployment | None) -> None:
         raise err
 
 
+def _wait_if_coming_back(snap: Snapshot, exc: AllUpstreamsFailed) -> None:
+    """Every model that failed is a local one whose server is restarting now (an edit of its
+    block, a crash): the failures were its old server going away under requests queued at it.
+    A 503 with Retry-After, which the SDK waits for and retries, not the 502 it does not retry."""
+    names = {name for name, _ in exc.failed}
+    back = [snap.models[n] for n in names if n in snap.models and coming_back(snap.models[n].unavailable)]
+    if names and len(back) == len(names):
+        err = ServiceUnavailable(f"The model '{back[0].name}' is not available yet: {back[0].unavailable}"
+                                 if len(back) == 1 else "No model is available yet: their local "
+                                 "servers are restarting", code="model_starting")
+        err.retry_after = STARTING_RETRY_AFTER_S
+        raise err from exc
+
+
 def services(request: Request) -> "Services":
     return request.app.state.services
 
@@ -205,6 +219,7 @@ async def chat_completions(request: Request) -> Response:
     except AllUpstreamsFailed as exc:  # no model answered: the log says so, the client gets the error
         chat.log_route(None, exc.failed)
         _log_failed(record, exc.failed)
+        _wait_if_coming_back(svc.registry.snapshot, exc)
         raise
     except UpstreamClientError as exc:  # the model refused the request: logged, passed back as it is
         failed = [*exc.failed, (exc.model, exc.unfit or f"http_{exc.status}")]

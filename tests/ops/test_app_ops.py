@@ -276,6 +276,38 @@ class CrashingDispatcher:
         raise KeyError("a bug in dispatch")
 
 
+def test_requests_failed_by_a_local_server_going_away_for_a_restart_are_told_to_come_back(tmp_path, upstream):
+    """An edit of a local_server block restarts the child under requests queued at it: they fail
+    on its connection. With the model now restarting they get the 503 + Retry-After new requests
+    get, which the SDK retries, not a 502 it does not."""
+    from proxy.errors import AllUpstreamsFailed
+    from proxy.localserver import RESTARTING
+
+    class Restarting:
+        async def prepare(self, models):
+            pass
+
+        async def complete(self, call):
+            registry.set_unavailable("m1", f"{RESTARTING}: its configuration changed")
+            raise AllUpstreamsFailed("every model failed: m1 (connection)", failed=[("m1", "connection")])
+
+    async def down(call):
+        raise AllUpstreamsFailed("every model failed: m2 (connection)", failed=[("m2", "connection")])
+
+    config = _config(tmp_path, [_entry("m1", upstream.url, tmp_path), _entry("m2", upstream.url, tmp_path)])
+    app = create_app(Settings(config=config, scorer="constant", onboarding=False,
+                              state_dir=tmp_path / "state"), dispatcher=Restarting())
+    registry = app.state.services.registry
+    with ProxyServer(app) as proxy:
+        cut = httpx.post(f"{proxy.url}/chat/completions", json={"model": "m1", "messages": MESSAGES})
+        registry.set_unavailable("m1", None)
+        app.state.services.dispatcher.complete = down  # a model that failed and is not coming back
+        failed = httpx.post(f"{proxy.url}/chat/completions", json={"model": "m2", "messages": MESSAGES})
+    assert cut.status_code == 503 and cut.headers["retry-after"] == "5"
+    assert cut.json()["error"]["code"] == "model_starting"
+    assert failed.status_code == 502 and failed.json()["error"]["code"] == "upstream_failed"
+
+
 def test_an_unhandled_error_is_a_500_with_its_request_id_and_logged_with_its_trace(tmp_path, upstream, caplog):
     """The client can quote the request id of the 500 it got; the log has the trace under it."""
     config = _config(tmp_path, [_entry("m1", upstream.url, tmp_path)])
