@@ -232,13 +232,20 @@ def _warn_misspelt(path: Path, raw: dict) -> None:
         if not isinstance(section, dict):
             continue
         for key in map(str, section):
+            if key in model.model_fields:  # ours, spelt right: the usual case, and cheap
+                continue
             close = difflib.get_close_matches(key, model.model_fields, n=1, cutoff=0.8)
             if close and close[0] != key:
                 log.warning("%s: %s%s is not a key satroute reads; did you mean %s?",
                             path, where, key, close[0])
 
 
-class _Loader(yaml.SafeLoader):
+# libyaml's parser where PyYAML was built with it (its wheels are): a reload runs on the event loop,
+# and the pure-Python parser took about 1 ms per model of providers.yaml
+_SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _Loader(_SafeLoader):
     """PyYAML's safe loader, noting every key given twice in one mapping: it keeps the last value,
     as LiteLLM does, so such a file is not rejected, but the first value is silently lost."""
 
@@ -354,7 +361,7 @@ def _profile_files(raw: bytes, base: Path) -> tuple[Path, ...]:
     """The local profile files providers.yaml's bytes name, read tolerantly (none when they do not
     parse: ``parse`` reports that). ``builtin:`` profiles ship with the package: never watched."""
     try:
-        conf = yaml.safe_load(raw)
+        conf = yaml.load(raw, Loader=_SafeLoader)  # noqa: S506 (a safe loader)
     except (yaml.YAMLError, ValueError, RecursionError):
         return ()
     entries = conf.get("model_list") if isinstance(conf, dict) else None
