@@ -57,6 +57,20 @@ def test_unknown_model_is_404_model_not_found(config, upstream, start_proxy):
     assert upstream.bodies() == []
 
 
+def test_the_openai_endpoints_not_served_are_a_404_the_sdk_understands(config, upstream, start_proxy):
+    """Responses, embeddings and legacy completions (docs/frontends.md): OpenAI's error shape, so
+    the SDK raises NotFoundError rather than failing to parse an HTML page."""
+    proxy = start_proxy(config)
+    with pytest.raises(openai.NotFoundError) as err:
+        client(proxy).responses.create(model="auto", input="hi")
+    assert err.value.code == "not_found"
+    with pytest.raises(openai.NotFoundError):
+        client(proxy).embeddings.create(model="auto", input="hi")
+    with pytest.raises(openai.NotFoundError):
+        client(proxy).completions.create(model="auto", prompt="hi")
+    assert upstream.bodies() == []
+
+
 def test_allow_list_narrows_candidates(config, upstream, start_proxy):
     scorer = RecordingScorer({"m1": 0.9, "m2": 0.1, "m3": 0.5})
     proxy = start_proxy(config, scorer=scorer)
