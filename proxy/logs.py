@@ -41,14 +41,6 @@ _STATE_KEY = "satroute_request_record"
 # naming the model that failed), so that each can be tied to the request's own line; tasks the
 # request starts inherit it
 _REQUEST_ID: ContextVar[str | None] = ContextVar("satroute_request_id", default=None)
-
-
-def _with_request_id(fields: Any) -> Any:
-    """A record's ``fields``, with the id of the request being served when it has none."""
-    rid = _REQUEST_ID.get()
-    if rid is None or (isinstance(fields, Mapping) and "request_id" in fields):
-        return fields
-    return {**fields, "request_id": rid} if isinstance(fields, Mapping) else {"request_id": rid}
 _MAX_SNIFF_BYTES = 1 << 20  # non-streamed JSON bodies larger than this are not parsed for usage
 
 
@@ -72,6 +64,14 @@ class Redactor:
                 if secret and len(secret) >= 4 and secret in text:
                     text = text.replace(secret, REDACTED)
         return _SECRET_SHAPES.sub(lambda m: (m.group(1) or "") + REDACTED, text)
+
+
+def _with_request_id(fields: Any) -> Any:
+    """A record's ``fields``, with the id of the request being served when it has none."""
+    rid = _REQUEST_ID.get()
+    if rid is None or (isinstance(fields, Mapping) and "request_id" in fields):
+        return fields
+    return {**fields, "request_id": rid} if isinstance(fields, Mapping) else {"request_id": rid}
 
 
 class JsonFormatter(logging.Formatter):
