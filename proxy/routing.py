@@ -58,8 +58,9 @@ def _has_text(message: Mapping[str, Any]) -> bool:
 
 
 def instruction_text(messages: Sequence[Mapping[str, Any]], budget_tokens: int) -> str:
-    """The last user turn (cut to the budget) first, then the newest earlier turns that fit,
-    newest first.
+    """The last user turn with text (cut to the budget) first, then the earlier turns that fit,
+    newest first (one too long for what is left is skipped: a long answer does not hide the
+    question before it).
 
     The request comes first because the scorer reads the start of this text (the served
     checkpoint: 64 tokens through phi, 256 through psi's instruction vector): a chat's earlier
@@ -83,7 +84,7 @@ def instruction_text(messages: Sequence[Mapping[str, Any]], budget_tokens: int) 
             continue
         cost = approx_tokens(text) + 1
         if used + cost > budget_tokens:
-            break
+            continue
         parts.append(text)
         used += cost
     return SEPARATOR.join(parts)

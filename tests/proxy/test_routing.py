@@ -37,6 +37,14 @@ def test_the_request_opens_the_instruction_however_long_the_chat_before_it():
     assert instruction_text(msgs, 512).startswith("Write a fibonacci function in Rust.")
 
 
+def test_a_long_answer_is_skipped_not_the_end_of_the_context():
+    """"and in French?" after a long answer: the question asked before it is still read."""
+    msgs = [{"role": "user", "content": "Explain the causes of World War I."},
+            {"role": "assistant", "content": "The causes were many. " * 120},
+            {"role": "user", "content": "and in French?"}]
+    assert instruction_text(msgs, 512) == "and in French?\n\nExplain the causes of World War I."
+
+
 def test_whitespace_is_not_text():
     msgs = [{"role": "system", "content": "Translate to French."},
             {"role": "user", "content": "Good morning"},
