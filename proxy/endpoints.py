@@ -28,7 +28,7 @@ from proxy.localserver import STARTING_RETRY_AFTER_S, coming_back
 from proxy.logs import RequestRecord, request_record
 from proxy.providers import Deployment, Snapshot
 from proxy.routing import Decision, candidates, instruction_text, rank
-from proxy.scoring import ScorerDegraded, profile_means
+from proxy.scoring import ScorerDegraded
 
 if TYPE_CHECKING:
     from proxy.app import Services
@@ -184,7 +184,8 @@ async def plan_route(svc: "Services", body: dict[str, Any], req: protocol.ChatCo
             scores, ms, remembered = await svc.scoring.score(text, profiles, snap.router.scorer_timeout_s)
             degraded = None
         except ScorerDegraded as exc:  # the request is still answered: ranked by the profiles
-            scores, ms, remembered, degraded = profile_means(profiles), exc.ms, False, exc.reason
+            scores, ms = svc.scoring.ranked_without_scorer(profiles), exc.ms
+            remembered, degraded = False, exc.reason
         decision = Decision(rank(scores, [d.name for d in pool]), routed=True, scorer_ms=ms,
                             degraded=degraded, remembered=remembered)
         targets = [snap.models[n] for n, _ in decision.ranked[: 1 + snap.router.max_fallbacks]]

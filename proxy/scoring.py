@@ -280,6 +280,15 @@ class ScorerHost:
             raise ScorerDegraded("scorer_failed", (time.perf_counter() - started) * 1000) from None
         return Scored(dict(scores), (time.perf_counter() - started) * 1000, joined)
 
+    def ranked_without_scorer(self, candidates: Mapping[str, Profile]) -> dict[str, float]:
+        """What ranks a request the scorer failed or timed out on: the profiles' means, but a
+        candidate whose profile the scorer cannot read last, as when the scorer ranks it."""
+        means = profile_means(candidates)
+        scorer = self.scorer
+        if scorer is not None:
+            means.update(dict.fromkeys(self._unreadable_candidates(scorer, candidates), float("-inf")))
+        return means
+
     def _unreadable_candidates(self, scorer: Scorer, candidates: Mapping[str, Profile]) -> list[str]:
         """The candidates whose profile the scorer cannot read (``read_profile`` raises: no task of
         its suite, say, in a profile file written by hand), each reported once."""

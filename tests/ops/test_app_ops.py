@@ -928,6 +928,28 @@ async def test_a_stall_that_ends_in_an_error_is_reported_again_next_time(caplog)
         host.close()
 
 
+def test_a_profile_the_scorer_cannot_read_stays_last_when_the_scorer_fails(tmp_path, upstream):
+    """Ranked by the profiles' means (the scorer failed), a hand-written profile with the highest
+    mean must not win: the scorer cannot read it, so it is last, as when the scorer ranks."""
+    class FailingReader:
+        def read_profile(self, name, profile):
+            if name == "custom":
+                raise ValueError("candidate 'custom': its profile has no task of suite 'mmlu_pro'")
+            return profile
+
+        def score(self, instruction, candidates):
+            raise RuntimeError("device lost")
+
+    entries = [_entry(n, upstream.url, tmp_path) for n in ("m1", "custom")]
+    (tmp_path / "custom.json").write_text('{"model": "custom", "tasks": {"my_task": 0.95}}')
+    with _serve(_config(tmp_path, entries), fake=FailingReader()) as proxy:
+        raw = openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=0) \
+            .chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.headers["x-satroute-degraded"] == "scorer_failed"
+    assert raw.headers["x-satroute-model"] == "m1"
+    assert raw.headers["x-satroute-scores"] == "m1=0.5000,custom=-inf"
+
+
 async def test_a_profile_the_scorer_cannot_read_ranks_its_model_last_not_every_request_degraded(caplog):
     """A hand-written profile with no task of the scorer's suite: the Model-SAT scorer refuses it
     (ValueError naming it). The others are still scored by the network, that model comes last, and
@@ -957,6 +979,8 @@ async def test_a_profile_the_scorer_cannot_read_ranks_its_model_last_not_every_r
             assert scored.scores == {"a": 0.5, "b": 0.7, "custom": float("-inf")}
         only = await host.score("law court", {"custom": {"my_task": 0.9}}, timeout_s=1.0)
         assert only.scores == {"custom": float("-inf")}
+        # and when the scorer fails or times out, the profiles' means rank it last all the same
+        assert host.ranked_without_scorer(cands) == {"a": 0.5, "b": 0.7, "custom": float("-inf")}
     finally:
         host.close()
     assert caplog.text.count("cannot read the profile of custom") == 1
