@@ -15,7 +15,7 @@ import email.utils
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Mapping
+from typing import Any, AsyncIterator, Iterator, Mapping
 
 import aiohttp
 import orjson
@@ -27,7 +27,7 @@ from proxy.providers import Deployment
 # litellm_params keys that fill the request body where the client's body has none.
 BODY_DEFAULTS = OPENAI_CHAT_PARAMS - {"messages", "stream", "stream_options"}
 DEFAULT_BASES = {"openai": "https://api.openai.com/v1"}
-MODEL_FIELD = re.compile(rb'"model"\s*:\s*"(?:[^"\\]|\\.)*"')
+MODEL_FIELD = re.compile(rb'"model"\s*:\s*(?:"(?:[^"\\]|\\.)*"|null)')
 RETRYABLE = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
 
 
@@ -53,8 +53,43 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
 
 
 def rename_model(data: bytes, name_json: bytes) -> bytes:
-    """Replace the first ``"model": "..."`` (the top-level one in OpenAI payloads)."""
+    """Replace the first ``"model": "..."`` (the top-level one in OpenAI payloads), or a null one."""
     return MODEL_FIELD.sub(b'"model":' + name_json, data, count=1)
+
+
+def _answer_or_failure(raw: bytes, name_json: bytes, model: str, content_type: str, redact) -> bytes:
+    """A non-streamed 200's body, renamed, when it is a chat completion; else the model's failure
+    (it falls back and counts towards cooldown, as on the litellm path): an error object sent
+    with 200 (vLLM, OpenRouter), an HTML page (a captive portal, a base URL that is not the API),
+    an empty body, a stream."""
+    try:
+        answer = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        answer = None
+    if isinstance(answer, dict) and isinstance(answer.get("choices"), list):
+        if isinstance(answer.get("model"), str):  # the usual case: the bytes as they came
+            return rename_model(raw, name_json)
+        answer["model"] = orjson.loads(name_json)  # null or absent: the configured name all the same
+        return orjson.dumps(answer)
+    raise _not_an_answer(answer, raw, model, content_type, redact)
+
+
+def _not_an_answer(parsed: Any, raw: bytes, model: str, content_type: str, redact) -> Exception:
+    """The failure a 200 that carries no answer stands for: the upstream's in-band error (by its
+    ``code`` where that is an HTTP status: a 4xx about the request goes back as it is), or
+    ``bad_answer``."""
+    err = parsed.get("error") if isinstance(parsed, dict) else None
+    if err is not None:
+        code = err.get("code") if isinstance(err, dict) else None
+        status = code if isinstance(code, int) and 400 <= code <= 599 else None
+        if status is not None:
+            return classify(status, raw, model, {}, redact)
+        said = err.get("message") if isinstance(err, dict) else err
+        return UpstreamTransient(f"{model}: answered 200 with an error: {redact(str(said))[:300]}",
+                                 model=model, status=200, reason="bad_answer")
+    what = "an empty body" if not raw.strip() else f"{content_type or 'a body'} that is not a chat completion"
+    return UpstreamTransient(f"{model}: answered 200 with {what}", model=model, status=200,
+                             reason="bad_answer")
 
 
 def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
@@ -160,13 +195,20 @@ class PassThrough:
                     raw = await resp.read()
                     raise classify(resp.status, raw, d.name, resp.headers, redact)
                 if not stream:
-                    return Answer(body=rename_model(await resp.read(), name_json))
-                if resp.content_type == "application/json":  # stream: true ignored upstream
-                    sse = completion_as_events(await resp.read(), name_json, _wants_usage(body), d.name)
-                    resp.release()
-                    return Answer(chunks=_replay(sse))
-                events = _events(resp)
-                first = await anext(events, b"")
+                    return Answer(body=_answer_or_failure(await resp.read(), name_json, d.name,
+                                                          resp.content_type, redact))
+                head = b""
+                if resp.content_type != "text/event-stream":
+                    # JSON (stream: true ignored upstream), an HTML page, or SSE under another
+                    # type: told apart by the first bytes
+                    head = await resp.content.readany()
+                    if not _looks_like_sse(head):
+                        sse = completion_as_events(head + await resp.read(), name_json, _wants_usage(body),
+                                                   d.name, resp.content_type, redact)
+                        resp.release()
+                        return Answer(chunks=_replay(sse))
+                events = _events(resp, head)
+                first = await _first_event(events, d.name, redact)
         except TimeoutError:
             if resp is not None:
                 resp.close()
@@ -187,23 +229,69 @@ class PassThrough:
         if not first:
             resp.close()
             raise UpstreamTransient(f"{d.name}: stream closed before its first event", model=d.name)
-        return Answer(chunks=_relay(first, events, name_json, resp))
+        return Answer(chunks=_relay(first, events, name_json, resp, _choices(body)))
 
 
-async def _events(resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
-    """Complete SSE events (terminator included), batched per network read."""
+def _looks_like_sse(head: bytes) -> bool:
+    start = head.lstrip()[:6]
+    return start.startswith((b"data:", b":", b"event:", b"id:", b"retry:"))
+
+
+def _data(batch: bytes) -> Iterator[bytes]:
+    """The ``data:`` payloads of a batch of complete events."""
+    for line in batch.split(b"\n"):
+        if line.startswith(b"data:"):
+            yield line[5:].strip()
+
+
+async def _first_event(events: AsyncIterator[bytes], model: str, redact) -> bytes:
+    """The stream up to its first ``data:`` event (what commits the request to this model), with
+    the comments before it (OpenRouter's ``: OPENROUTER PROCESSING`` keep-alives, which are not an
+    answer: the first-byte timeout still runs); b"" when it ends first. A first event that is an
+    error (vLLM and OpenRouter send one with status 200) is the model's failure, before the
+    commit: the request can still fall back."""
+    seen = b""
+    async for batch in events:
+        seen += batch
+        payload = next(_data(batch), None)
+        if payload is None:
+            continue
+        if payload.startswith(b"{") and b'"error"' in payload:
+            try:
+                parsed = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                parsed = None
+            if isinstance(parsed, dict) and "error" in parsed and "choices" not in parsed:
+                raise _not_an_answer(parsed, payload, model, "text/event-stream", redact)
+        return seen
+    return b""
+
+
+async def _events(resp: aiohttp.ClientResponse, head: bytes = b"") -> AsyncIterator[bytes]:
+    """Complete SSE events (terminator included), batched per network read; ``head``: bytes of
+    the body already read. Line ends are made ``\\n`` whichever of the three SSE allows came
+    (``\\r\\n``, or a lone ``\\r``: a ``\\r`` that ends a read waits for the next one)."""
     buf = b""
-    async for data in resp.content.iter_any():
+
+    async def reads() -> AsyncIterator[bytes]:
+        if head:
+            yield head
+        async for data in resp.content.iter_any():
+            yield data
+
+    async for data in reads():
         buf += data
-        if b"\r\n" in buf:
-            buf = buf.replace(b"\r\n", b"\n")
+        if b"\r" in buf:
+            held = buf.endswith(b"\r")
+            buf = (buf[:-1] if held else buf).replace(b"\r\n", b"\n").replace(b"\r", b"\n") \
+                + (b"\r" if held else b"")
         cut = buf.rfind(b"\n\n")
         if cut < 0:
             continue
         yield buf[: cut + 2]
         buf = buf[cut + 2:]
     if buf.strip():
-        yield buf + b"\n\n"
+        yield buf.rstrip(b"\r") + b"\n\n"
 
 
 def _rename_events(batch: bytes, name_json: bytes) -> bytes:
@@ -225,7 +313,8 @@ def _wants_usage(body: Mapping[str, Any]) -> bool:
     return isinstance(options, Mapping) and options.get("include_usage") is True
 
 
-def completion_as_events(raw: bytes, name_json: bytes, include_usage: bool, model: str) -> bytes:
+def completion_as_events(raw: bytes, name_json: bytes, include_usage: bool, model: str,
+                         content_type: str = "application/json", redact=str) -> bytes:
     """A whole ``chat.completion`` (an upstream that answered a stream request with JSON) as the
     SSE events a stream would have carried: one chunk with each choice's message as its delta, the
     usage chunk if asked for, ``[DONE]``. Anything else is a failure of the model, before the first
@@ -236,8 +325,7 @@ def completion_as_events(raw: bytes, name_json: bytes, include_usage: bool, mode
         answer = None
     choices = answer.get("choices") if isinstance(answer, dict) else None
     if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
-        raise UpstreamTransient(f"{model}: answered a stream request with JSON that is not a chat "
-                                f"completion", model=model, status=200, reason="bad_answer")
+        raise _not_an_answer(answer, raw, model, content_type, redact)
     head = {k: answer[k] for k in ("id", "created", "system_fingerprint", "service_tier") if k in answer}
     head.update(object="chat.completion.chunk", model=orjson.loads(name_json))
     deltas = []
@@ -259,7 +347,43 @@ async def _replay(sse: bytes) -> AsyncIterator[bytes]:
     yield sse
 
 
-_FINISHED = re.compile(rb'data:\s*\[DONE\]|"finish_reason"\s*:\s*"')
+# what may end a stream: [DONE], or a choice's finish_reason (a non-empty string); found by a
+# pattern, then read: only an event of the stream's own, never text inside a chunk's content
+_MAY_FINISH = re.compile(rb'\[DONE\]|"finish_reason"\s*:\s*"[^"]')
+
+
+def _choices(body: Mapping[str, Any]) -> int:
+    n = body.get("n")
+    return n if isinstance(n, int) and n > 1 else 1
+
+
+class _Finish:
+    """Whether a relayed stream has ended properly: ``[DONE]`` as an event's whole payload, or a
+    ``finish_reason`` for each of the ``n`` choices asked for."""
+
+    def __init__(self, choices: int):
+        self.choices = choices
+        self.finished: set[Any] = set()
+        self.done = False
+
+    def read(self, batch: bytes) -> None:
+        if self.done or not _MAY_FINISH.search(batch):
+            return
+        for payload in _data(batch):
+            if payload == b"[DONE]":
+                self.done = True
+                return
+            if b'"finish_reason"' not in payload:
+                continue
+            try:
+                chunk = orjson.loads(payload)
+            except orjson.JSONDecodeError:
+                continue
+            for choice in chunk.get("choices") or () if isinstance(chunk, dict) else ():
+                if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str) \
+                        and choice["finish_reason"]:
+                    self.finished.add(choice.get("index", 0))
+        self.done = len(self.finished) >= self.choices
 
 
 def interrupted_event(why: str) -> bytes:
@@ -270,18 +394,19 @@ def interrupted_event(why: str) -> bytes:
 
 
 async def _relay(first: bytes, events: AsyncIterator[bytes], name_json: bytes,
-                 resp: aiohttp.ClientResponse) -> AsyncIterator[bytes]:
+                 resp: aiohttp.ClientResponse, choices: int = 1) -> AsyncIterator[bytes]:
     try:
-        finished = _FINISHED.search(first) is not None
+        finish = _Finish(choices)
+        finish.read(first)
         yield _rename_events(first, name_json)
         try:
             async for batch in events:
-                finished = finished or _FINISHED.search(batch) is not None
+                finish.read(batch)
                 yield _rename_events(batch, name_json)
         except (aiohttp.ClientError, TimeoutError) as exc:
             yield interrupted_event(type(exc).__name__)
             return
-        if not finished:
+        if not finish.done:
             # the upstream closed the stream cleanly, but before a finish_reason or [DONE]: a
             # client must not take the part it got for the whole answer
             yield interrupted_event("the upstream ended it before the answer was finished")

@@ -10,6 +10,7 @@ import pytest
 
 from conftest import RecordingScorer, model_entry, write_config
 from support.mock_upstream import answer, drop, fail, rate_limit, stall
+from support.raw_upstream import raw_upstream
 from support.prometheus import scrape
 
 MESSAGES = [{"role": "user", "content": "hello"}]
@@ -474,57 +475,6 @@ def test_litellm_is_imported_at_start_up_when_a_model_needs_it(tmp_path, upstrea
     while dispatcher._litellm is None and time.time() < deadline:
         time.sleep(0.05)
     assert dispatcher._litellm is not None and upstream.received == []  # before any request
-
-
-def raw_upstream(respond):
-    """An HTTP server answering each POST with ``respond(request_json) -> bytes`` (status line,
-    headers and a close-delimited body), or ``await respond(request_json, reader, writer)`` when
-    it is a coroutine function, on a thread; a context manager yielding its /v1 URL."""
-    import asyncio
-    import contextlib
-    import json
-    import threading
-
-    async def handle(reader, writer):
-        data = b""
-        while b"\r\n\r\n" not in data:
-            data += await reader.read(65536)
-        head, body = data.split(b"\r\n\r\n", 1)
-        length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length")))
-        while len(body) < length:
-            body += await reader.read(65536)
-        if asyncio.iscoroutinefunction(respond):  # it writes itself, at its own pace
-            await respond(json.loads(body), reader, writer)
-        else:
-            writer.write(respond(json.loads(body)))
-            await writer.drain()
-        writer.close()
-
-    @contextlib.contextmanager
-    def running():
-        ready, box = threading.Event(), {}
-
-        def serve():
-            async def main():
-                server = await asyncio.start_server(handle, "127.0.0.1", 0)
-                box.update(port=server.sockets[0].getsockname()[1], loop=asyncio.get_running_loop(),
-                           stop=asyncio.Event())
-                ready.set()
-                async with server:
-                    await box["stop"].wait()
-            asyncio.run(main())
-
-        thread = threading.Thread(target=serve, daemon=True)
-        thread.start()
-        ready.wait(5)
-        try:
-            yield f"http://127.0.0.1:{box['port']}/v1"
-        finally:
-            box["loop"].call_soon_threadsafe(box["stop"].set)
-            thread.join(5)
-
-    return running()
 
 
 def _chunk_event(model: str, content: str, prefix: bytes = b"") -> bytes:
