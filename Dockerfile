@@ -32,6 +32,8 @@ COPY providers.yaml /etc/satroute/providers.yaml
 ENV PATH=/opt/satroute/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     SATROUTE_CONFIG=/etc/satroute/providers.yaml \
+    SATROUTE_HOST=0.0.0.0 \
+    SATROUTE_PORT=8000 \
     SATROUTE_STATE_DIR=/var/lib/satroute \
     SATROUTE_CACHE_DIR=/var/lib/satroute/cache
 USER satroute
@@ -40,7 +42,9 @@ VOLUME ["/var/lib/satroute"]
 EXPOSE 8000
 # SIGTERM starts the graceful shutdown: stop accepting, finish in-flight requests, save state.
 STOPSIGNAL SIGTERM
+# Straight to the proxy, never through an HTTP_PROXY the environment sets for the hosted APIs.
 HEALTHCHECK --interval=15s --timeout=5s --start-period=120s --retries=3 \
-  CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/ready', timeout=4)"]
+  CMD ["python", "-c", "import urllib.request as u; u.build_opener(u.ProxyHandler({})).open('http://127.0.0.1:8000/ready', timeout=4)"]
 ENTRYPOINT ["satroute"]
-CMD ["serve", "--config", "/etc/satroute/providers.yaml", "--host", "0.0.0.0", "--port", "8000"]
+# Settings from the environment above (flags would override what an admin sets in .env).
+CMD ["serve"]

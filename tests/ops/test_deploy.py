@@ -90,22 +90,32 @@ def test_image_installs_the_local_extra_and_the_builtin_gguf(docker):
 
 
 def test_port_agrees_between_dockerfile_compose_and_health_checks(docker, proxy_service):
-    port = _flag(_exec_form(docker["CMD"][0]), "--port")
+    image_env = _env(docker["ENV"])
+    port = image_env["SATROUTE_PORT"]
+    assert image_env["SATROUTE_HOST"] == "0.0.0.0"
     assert docker["EXPOSE"] == [port]
-    assert _flag(proxy_service["command"], "--port") == port
-    assert _flag(proxy_service["command"], "--host") == "0.0.0.0"
     assert f":{port}" in proxy_service["ports"][0] and proxy_service["ports"][0].endswith(port)
     ready = f"http://127.0.0.1:{port}/ready"
     assert ready in " ".join(proxy_service["healthcheck"]["test"])
     assert ready in docker["HEALTHCHECK"][0]
 
 
+def test_the_settings_come_from_the_environment_an_admin_can_change(docker, proxy_service):
+    """A flag in the image's command or compose's would override SATROUTE_CONFIG (which compose's
+    own comment tells admins to point at a mounted folder), SATROUTE_HOST and SATROUTE_PORT."""
+    for argv in (_exec_form(docker["CMD"][0]), proxy_service.get("command") or ["serve"]):
+        assert argv == ["serve"], argv
+
+
+def test_the_health_checks_bypass_an_http_proxy_set_for_the_hosted_apis(docker, proxy_service):
+    for check in (docker["HEALTHCHECK"][0], " ".join(proxy_service["healthcheck"]["test"])):
+        assert "ProxyHandler({})" in check and "urlopen(" not in check
+
+
 def test_config_and_state_paths_agree(docker, proxy_service):
-    config = _flag(_exec_form(docker["CMD"][0]), "--config")
     image_env = _env(docker["ENV"])
-    assert image_env["SATROUTE_CONFIG"] == config
+    config = image_env["SATROUTE_CONFIG"]
     assert proxy_service["environment"]["SATROUTE_CONFIG"] == config
-    assert _flag(proxy_service["command"], "--config") == config
     mounts = {v.split(":")[1]: v for v in proxy_service["volumes"]}
     assert mounts[config] == f"./providers.yaml:{config}:ro"
     assert (REPO / "providers.yaml").is_file()
@@ -208,10 +218,16 @@ def test_the_image_command_parses_with_the_cli_and_the_app_serves_the_checked_pa
     from proxy.cli import build_parser
     from proxy.settings import Settings
 
-    for argv in (_exec_form(docker["CMD"][0]), proxy_service["command"]):
+    env = _env(docker["ENV"])
+    for argv in (_exec_form(docker["CMD"][0]), proxy_service.get("command") or ["serve"]):
         args = build_parser(argv).parse_args(argv)
-        assert args.command == "serve" and args.port == 8000
-        assert args.config == "/etc/satroute/providers.yaml" and args.host == "0.0.0.0"
+        assert args.command == "serve"
+        settings = Settings(**{k: v for k in ("config", "host", "port")
+                               if (v := getattr(args, k)) is not None},
+                            **{k.removeprefix("SATROUTE_").lower(): v for k, v in env.items()
+                               if k in ("SATROUTE_CONFIG", "SATROUTE_HOST", "SATROUTE_PORT")})
+        assert (str(settings.config), settings.host, settings.port) == (
+            "/etc/satroute/providers.yaml", "0.0.0.0", 8000)
     app = create_app(Settings(config=REPO / "providers.yaml", scorer="constant", onboarding=False,
                               state_dir=tmp_path))
     paths = {route.path for route in app.routes}
