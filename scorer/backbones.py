@@ -76,8 +76,9 @@ def load_encoder(spec: str = DEFAULT_ENCODER) -> Loaded:
 
     path = resolve_encoder(spec)
     try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModel.from_pretrained(path)
+        with _quiet_transformers():
+            tok = AutoTokenizer.from_pretrained(path)
+            model = AutoModel.from_pretrained(path)
     except OSError as exc:
         raise BackboneError(f"cannot load encoder {spec!r}: {exc}") from exc
     return Loaded(model.float().eval(), tok)
@@ -152,7 +153,8 @@ def _read_gguf(gguf: Path):
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         with torch.device("meta"):
             layout = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-        tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=layout)["tensors"]
+        with _no_gguf_bar():
+            tensors = load_gguf_checkpoint(str(gguf), return_tensors=True, model_to_load=layout)["tensors"]
     except (OSError, ValueError, KeyError) as exc:
         raise BackboneError(f"cannot read GGUF {gguf}: {exc}") from exc
     tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
@@ -179,14 +181,36 @@ def resolve_llm(spec: str) -> str:
 
 @contextmanager
 def _quiet_transformers():
+    """transformers' warnings and progress bars off while a backbone loads: a proxy's log is one
+    JSON object per line ("Loading weights: 100%|..." is not one), and loads are seconds long."""
     from transformers.utils import logging as hf_logging
 
-    previous = hf_logging.get_verbosity()
+    previous, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
         hf_logging.set_verbosity(previous)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+@contextmanager
+def _no_gguf_bar():
+    """The GGUF reader's own progress bar (plain ``tqdm``, which transformers' switch does not
+    reach) off for a conversion."""
+    from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+    bar = getattr(gguf_utils, "tqdm", None)
+    if bar is None:
+        yield
+        return
+    gguf_utils.tqdm = lambda iterable, *args, **kwargs: iterable
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = bar
 
 
 def keep_first_layers(config, n_layers: int | None):

@@ -101,7 +101,8 @@ def test_real_backbones_load_with_their_dimensions():
 def test_the_first_conversion_holds_one_copy_of_the_weights_and_matches_the_cache(tmp_path):
     """A fresh machine's first start dequantizes SmolLM2's GGUF: in a process of its own (as the
     proxy's first scorer load would), peak memory stays under the scorer's 1.5 GB budget (it was
-    1.7 GB when a real fp32 model received the tensors), and the folder written loads as phi."""
+    1.7 GB when a real fp32 model received the tensors), no progress bar breaks the JSON log, and
+    the folder written loads as phi."""
     import json
     import os
     import subprocess
@@ -109,11 +110,14 @@ def test_the_first_conversion_holds_one_copy_of_the_weights_and_matches_the_cach
 
     code = ("import json, resource; from scorer import backbones; "
             "out = backbones.convert_gguf(backbones.resolve_gguf('default:smollm2')); "
+            "backbones.load_llm(str(out), n_layers=2); backbones.load_encoder(); "
             "print(json.dumps({'out': str(out), "
             "'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
     env = {**os.environ, "SATROUTE_CACHE_DIR": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
+    # no progress bar: a proxy's first start logs one JSON object per line
+    assert "it/s" not in done.stderr and "%|" not in done.stderr, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
     assert report["peak_mb"] < 1400, report
     out = Path(report["out"])
