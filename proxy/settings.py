@@ -26,7 +26,8 @@ def describe_invalid(exc: ValidationError) -> str:
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="SATROUTE_", extra="ignore")
+    # NaN and infinity are no setting: a NaN spend cap compared false with every cost (no cap)
+    model_config = SettingsConfigDict(env_prefix="SATROUTE_", extra="ignore", allow_inf_nan=False)
 
     @field_validator("log_level", mode="before")
     @classmethod

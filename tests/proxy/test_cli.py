@@ -47,7 +47,10 @@ def test_serve_with_a_directory_as_config_exits_2_in_one_line(tmp_path, capsys):
                                          ({"SATROUTE_SCORER": "foo"}, "SATROUTE_SCORER"),
                                          ({"SATROUTE_LOG_LEVEL": "verbose"}, "SATROUTE_LOG_LEVEL"),
                                          ({"SATROUTE_MAX_BODY_BYTES": "sk-secret-value-123"},
-                                          "SATROUTE_MAX_BODY_BYTES")])
+                                          "SATROUTE_MAX_BODY_BYTES"),
+                                         # NaN compared false with every cost: it disabled the cap
+                                         ({"SATROUTE_ONBOARDING_SPEND_CAP_USD": "nan"},
+                                          "SATROUTE_ONBOARDING_SPEND_CAP_USD")])
 def test_serve_with_an_invalid_setting_exits_2_in_one_line(monkeypatch, tmp_path, capsys, env, named):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
