@@ -88,7 +88,8 @@ def serve(args: argparse.Namespace) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        print(f"satroute: invalid settings: {describe_invalid(exc)}", file=sys.stderr)
+        flags = {k: f"--{k}" for k in overrides}
+        print(f"satroute: invalid settings: {describe_invalid(exc, flags)}", file=sys.stderr)
         return 2
     master = settings.master_key_value()
     redactor = Redactor(lambda: [master] if master else [])

@@ -582,7 +582,11 @@ def run(args) -> int:
     try:
         settings = Settings(**overrides)
     except ValidationError as exc:
-        print(f"satroute onboard: invalid settings: {describe_invalid(exc)}", file=sys.stderr)
+        flags = {"config": "--config", "state_dir": "--state-dir", "onboarding_data": "--data",
+                 "onboarding_suite": "--suite", "onboarding_concurrency": "--concurrency",
+                 "onboarding_spend_cap_usd": "--spend-cap", "onboarding_hub": "--no-hub"}
+        print(f"satroute onboard: invalid settings: {describe_invalid(exc, {k: flags[k] for k in overrides})}",
+              file=sys.stderr)
         return 2
     try:
         return asyncio.run(_run_cli(settings, args.model, args.restart))

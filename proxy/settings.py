@@ -12,17 +12,20 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Literal, Mapping
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
-def describe_invalid(exc: ValidationError) -> str:
-    """One line naming each invalid setting by its environment variable and saying why (never
-    the value: it may be a key)."""
-    return "; ".join(f"SATROUTE_{'_'.join(str(p) for p in err['loc']).upper()}: {err['msg']}"
-                     for err in exc.errors())
+def describe_invalid(exc: ValidationError, flags: Mapping[str, str] | None = None) -> str:
+    """One line naming each invalid setting and saying why (never the value: it may be a key):
+    by the flag that gave it (``flags``: setting name -> flag), else by its environment variable."""
+    named = []
+    for err in exc.errors():
+        key = "_".join(str(p) for p in err["loc"])
+        named.append(f"{(flags or {}).get(key) or 'SATROUTE_' + key.upper()}: {err['msg']}")
+    return "; ".join(named)
 
 
 class Settings(BaseSettings):

@@ -98,7 +98,7 @@ def test_onboard_command_invalid_settings_and_state_are_one_line(tmp_path, up, c
     base = ["onboard", "fresh", "--config", str(config), "--data", str(data), "--suite", str(suite)]
     assert main(base + ["--state-dir", str(tmp_path / "state"), "--concurrency", "0"]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("satroute onboard: invalid settings:") and "CONCURRENCY" in err
+    assert err.startswith("satroute onboard: invalid settings:") and "--concurrency: " in err
     assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
     (tmp_path / "a-file").write_text("")
     (tmp_path / "bad").mkdir()

@@ -136,3 +136,12 @@ def test_serve_warns_when_reachable_from_other_machines_without_a_master_key(mon
         logging.getLogger("satroute.app").removeHandler(handler)
     said = [r.getMessage() for r in records if "without SATROUTE_MASTER_KEY" in r.getMessage()]
     assert bool(said) is warned
+
+
+def test_a_bad_flag_value_is_named_by_its_flag_not_by_a_variable_nobody_set(tmp_path, capsys):
+    assert cli.main(["serve", "--config", str(tmp_path / "providers.yaml"), "--port", "70000"]) == 2
+    err = capsys.readouterr().err
+    assert "--port: " in err and "SATROUTE_PORT" not in err
+    assert cli.main(["onboard", "m", "--config", str(tmp_path / "providers.yaml"), "--concurrency", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "--concurrency: " in err and "SATROUTE_ONBOARDING_CONCURRENCY" not in err
