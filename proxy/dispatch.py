@@ -33,8 +33,8 @@ from proxy.logs import adopt_loggers
 from proxy.protocol import OPENAI_CHAT_PARAMS
 from proxy.providers import OPENAI_COMPATIBLE, Deployment, RouterSettings
 from proxy.settings import prepare_litellm_environment
-from proxy.upstream import (RETRYABLE, Answer, PassThrough, classify, interrupted_event,
-                            retry_after_seconds)
+from proxy.upstream import (RETRYABLE, Answer, PassThrough, classify, dumps_lenient,
+                            interrupted_event, retry_after_seconds)
 
 log = logging.getLogger("satroute.dispatch")
 
@@ -223,7 +223,7 @@ class RetryingDispatcher:
                 resp = await litellm.acompletion(**kwargs)
                 if not call.stream:
                     resp.model = d.name
-                    return Answer(body=orjson.dumps(openai_shape(resp.model_dump(exclude_none=True))))
+                    return Answer(body=dumps_lenient(openai_shape(resp.model_dump(exclude_none=True))))
                 first = await anext(aiter(resp), None)
         except TimeoutError:
             raise UpstreamTransient(f"{d.name}: no answer within {first_byte_s:.1f}s",
@@ -338,6 +338,11 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
                                  timeout=failure == "timeout")
     import openai
 
+    if isinstance(exc, openai.APIConnectionError) and not answered and _failed_reading_the_answer(exc):
+        # the upstream answered 200 with what litellm cannot read as an answer (an HTML page, an
+        # empty body, another shape): the model's failure, as on the pass-through path
+        return UpstreamTransient(f"{model}: answered with something that is no answer: {_said(message)}",
+                                 model=model, status=200, reason="bad_answer")
     if isinstance(exc, openai.APIConnectionError) and not answered:
         # litellm's "connection error" with no network failure behind it: it failed on its own
         # side, translating this request for the provider (a tool_choice or a response_format
@@ -380,6 +385,22 @@ def _unfit(model: str, text: str, reason: str, code: str) -> UpstreamClientError
     return UpstreamClientError(text, status=400, model=model, unfit=reason,
                                upstream_body={"error": {"message": text, "type": "invalid_request_error",
                                                         "param": None, "code": code}})
+
+
+# the functions in which litellm reads an upstream's answer: a failure raised in one of them is
+# the answer's, not the request's (litellm labels both APIConnectionError)
+_READING_THE_ANSWER = frozenset({"transform_response", "transform_parsed_response",
+                                 "convert_to_model_response_object", "chunk_parser"})
+
+
+def _failed_reading_the_answer(exc: BaseException) -> bool:
+    for link in _chain(exc):
+        tb = link.__traceback__
+        while tb is not None:
+            if tb.tb_frame.f_code.co_name in _READING_THE_ANSWER:
+                return True
+            tb = tb.tb_next
+    return False
 
 
 def _upstream_error(exc: BaseException) -> dict | None:
@@ -485,7 +506,7 @@ async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type,
                           redact: Callable[[str], str]) -> AsyncIterator[bytes]:
     def encode(chunk: Any) -> bytes:
         chunk.model = name
-        return b"data: " + orjson.dumps(openai_shape(chunk.model_dump(exclude_none=True))) + b"\n\n"
+        return b"data: " + dumps_lenient(openai_shape(chunk.model_dump(exclude_none=True))) + b"\n\n"
 
     yield encode(first)
     try:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import re
 import time
 from dataclasses import dataclass
@@ -57,20 +58,39 @@ def rename_model(data: bytes, name_json: bytes) -> bytes:
     return MODEL_FIELD.sub(b'"model":' + name_json, data, count=1)
 
 
+def loads_lenient(raw: bytes) -> Any:
+    """JSON as servers really write it: strict first (fast), else what Python's own reader takes
+    (``NaN``/``-Infinity`` in logprobs, a lone surrogate from an emoji cut at ``max_tokens``, a
+    stray byte that is not UTF-8); None when it is no JSON at all."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(raw.decode("utf-8", "replace"))
+    except ValueError:
+        return None
+
+
+def dumps_lenient(obj: Any) -> bytes:
+    """``orjson.dumps``, or the standard library's for what orjson refuses (a lone surrogate)."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        return json.dumps(obj).encode()
+
+
 def _answer_or_failure(raw: bytes, name_json: bytes, model: str, content_type: str, redact) -> bytes:
     """A non-streamed 200's body, renamed, when it is a chat completion; else the model's failure
     (it falls back and counts towards cooldown, as on the litellm path): an error object sent
     with 200 (vLLM, OpenRouter), an HTML page (a captive portal, a base URL that is not the API),
     an empty body, a stream."""
-    try:
-        answer = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        answer = None
+    answer = loads_lenient(raw)
     if isinstance(answer, dict) and isinstance(answer.get("choices"), list):
         if isinstance(answer.get("model"), str):  # the usual case: the bytes as they came
             return rename_model(raw, name_json)
         answer["model"] = orjson.loads(name_json)  # null or absent: the configured name all the same
-        return orjson.dumps(answer)
+        return dumps_lenient(answer)
     raise _not_an_answer(answer, raw, model, content_type, redact)
 
 
@@ -202,6 +222,8 @@ class PassThrough:
                     # JSON (stream: true ignored upstream), an HTML page, or SSE under another
                     # type: told apart by the first bytes
                     head = await resp.content.readany()
+                    while len(head.lstrip()) < 6 and (more := await resp.content.readany()):
+                        head += more  # enough to tell "data:" from "{" or "<html>"
                     if not _looks_like_sse(head):
                         sse = completion_as_events(head + await resp.read(), name_json, _wants_usage(body),
                                                    d.name, resp.content_type, redact)
@@ -238,10 +260,12 @@ def _looks_like_sse(head: bytes) -> bool:
 
 
 def _data(batch: bytes) -> Iterator[bytes]:
-    """The ``data:`` payloads of a batch of complete events."""
-    for line in batch.split(b"\n"):
-        if line.startswith(b"data:"):
-            yield line[5:].strip()
+    """The ``data:`` payload of each event of a batch of complete events (an event's several
+    ``data:`` lines joined by newlines, as SSE says)."""
+    for event in batch.split(b"\n\n"):
+        lines = [line[5:].strip() for line in event.split(b"\n") if line.startswith(b"data:")]
+        if lines:
+            yield b"\n".join(lines)
 
 
 async def _first_event(events: AsyncIterator[bytes], model: str, redact) -> bytes:
@@ -257,10 +281,7 @@ async def _first_event(events: AsyncIterator[bytes], model: str, redact) -> byte
         if payload is None:
             continue
         if payload.startswith(b"{") and b'"error"' in payload:
-            try:
-                parsed = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                parsed = None
+            parsed = loads_lenient(payload)
             if isinstance(parsed, dict) and "error" in parsed and "choices" not in parsed:
                 raise _not_an_answer(parsed, payload, model, "text/event-stream", redact)
         return seen
@@ -319,10 +340,7 @@ def completion_as_events(raw: bytes, name_json: bytes, include_usage: bool, mode
     SSE events a stream would have carried: one chunk with each choice's message as its delta, the
     usage chunk if asked for, ``[DONE]``. Anything else is a failure of the model, before the first
     byte (so it falls back), never relayed as a stream with no event in it."""
-    try:
-        answer = orjson.loads(raw)
-    except orjson.JSONDecodeError:
-        answer = None
+    answer = loads_lenient(raw)
     choices = answer.get("choices") if isinstance(answer, dict) else None
     if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
         raise _not_an_answer(answer, raw, model, content_type, redact)
@@ -340,7 +358,7 @@ def completion_as_events(raw: bytes, name_json: bytes, include_usage: bool, mode
     events = [{**head, "choices": deltas}]
     if include_usage and isinstance(answer.get("usage"), dict):
         events.append({**head, "choices": [], "usage": answer["usage"]})
-    return b"".join(b"data: " + orjson.dumps(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
+    return b"".join(b"data: " + dumps_lenient(e) + b"\n\n" for e in events) + b"data: [DONE]\n\n"
 
 
 async def _replay(sse: bytes) -> AsyncIterator[bytes]:
@@ -354,7 +372,9 @@ _MAY_FINISH = re.compile(rb'\[DONE\]|"finish_reason"\s*:\s*"[^"]')
 
 def _choices(body: Mapping[str, Any]) -> int:
     n = body.get("n")
-    return n if isinstance(n, int) and n > 1 else 1
+    if isinstance(n, float) and n.is_integer():  # 2.0: the upstream takes it as 2
+        n = int(n)
+    return n if isinstance(n, int) and not isinstance(n, bool) and n > 1 else 1
 
 
 class _Finish:
@@ -375,10 +395,7 @@ class _Finish:
                 return
             if b'"finish_reason"' not in payload:
                 continue
-            try:
-                chunk = orjson.loads(payload)
-            except orjson.JSONDecodeError:
-                continue
+            chunk = loads_lenient(payload)
             for choice in chunk.get("choices") or () if isinstance(chunk, dict) else ():
                 if isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str) \
                         and choice["finish_reason"]:

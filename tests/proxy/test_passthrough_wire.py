@@ -187,3 +187,64 @@ def test_a_null_or_missing_model_in_an_answer_becomes_the_configured_name(tmp_pa
             assert got.model == "m1"
         chunks = list(client(proxy).chat.completions.create(model="m1", messages=MESSAGES, stream=True))
     assert {c.model for c in chunks} == {"m1"}
+
+
+def test_an_answer_with_json_python_writes_is_relayed_not_refused(tmp_path, start_proxy):
+    """NaN in logprobs (json.dumps' default) and a lone surrogate (an emoji cut at max_tokens)
+    are no reason to refuse an answer that was relayed as it came before."""
+    body = (b'{"id": "c", "object": "chat.completion", "created": 0, "model": "up", "choices": [{"index": 0, '
+            b'"finish_reason": "length", "message": {"role": "assistant", "content": "Sure \\ud83d"}, '
+            b'"logprobs": {"content": [{"token": "x", "logprob": -Infinity, "bytes": null, "top_logprobs": []}]}}]}')
+    with raw_upstream(lambda request: reply(b"application/json", body)) as url:
+        cfg = write_config(tmp_path / "providers.yaml", [model_entry("m1", url, tmp_path, fast_path=True)],
+                           num_retries=0)
+        proxy = start_proxy(cfg)
+        import httpx
+
+        got = httpx.post(f"{proxy.url}/chat/completions", json={"model": "m1", "messages": MESSAGES}, timeout=30)
+        streamed = httpx.post(f"{proxy.url}/chat/completions", timeout=30,
+                              json={"model": "m1", "messages": MESSAGES, "stream": True})
+    assert got.status_code == 200 and b'"model":"m1"' in got.content and b"-Infinity" in got.content
+    assert streamed.status_code == 200 and "data: [DONE]" in streamed.text and '"m1"' in streamed.text
+
+
+def test_sse_under_another_type_is_recognised_when_its_first_read_is_short(tmp_path, start_proxy):
+    import asyncio
+
+    async def slow(request, reader, writer):
+        writer.write(reply(b"application/octet-stream", b"\n"))
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write(b"da")
+        await writer.drain()
+        await asyncio.sleep(0.2)
+        writer.write((b"ta" + chunk("a")[4:]) + chunk(None, "stop") + b"data: [DONE]\n\n")
+        await writer.drain()
+
+    with raw_upstream(slow) as url:
+        cfg = write_config(tmp_path / "providers.yaml", [model_entry("m1", url, tmp_path, fast_path=True)],
+                           num_retries=0)
+        proxy = start_proxy(cfg)
+        chunks = list(client(proxy).chat.completions.create(model="m1", messages=MESSAGES, stream=True))
+    assert [c.choices[0].delta.content for c in chunks] == ["a", None]
+
+
+def test_a_first_error_event_over_several_data_lines_falls_back(tmp_path, upstream, start_proxy):
+    error = b'data: {"error":\ndata: {"message": "overloaded", "code": 503}}\n\n'
+    with raw_upstream(lambda request: SSE + error) as url:
+        proxy = routed(tmp_path, upstream, start_proxy, url)
+        raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES,
+                                                                      stream=True)
+        list(raw.parse())
+    assert raw.headers["x-satroute-failed"] == "bad:http_503"
+
+
+def test_n_given_as_a_float_still_counts_its_choices(tmp_path, start_proxy):
+    one_done = chunk("a", index=0) + chunk("b", index=1) + chunk(None, "stop", index=0)
+    with raw_upstream(lambda request: SSE + one_done) as url:
+        cfg = write_config(tmp_path / "providers.yaml", [model_entry("m1", url, tmp_path, fast_path=True)],
+                           num_retries=0)
+        proxy = start_proxy(cfg)
+        with pytest.raises(openai.APIError, match="stream interrupted"):
+            list(client(proxy).chat.completions.create(model="m1", messages=MESSAGES, stream=True,
+                                                       extra_body={"n": 2.0}))

@@ -201,3 +201,44 @@ def test_an_error_in_the_middle_of_a_litellm_stream_keeps_the_upstream_s_reason(
     assert len(events) == 3 and '"code":"stream_interrupted"' in last
     assert "AnthropicError - Overloaded (key [redacted])" in last
     assert "sk-secret" not in last and "Traceback" not in last and "MidStreamFallbackError" not in last
+
+
+@pytest.mark.parametrize("body", [b"<html>Sign in to the Wi-Fi</html>", b'{"unexpected": true}'])
+def test_a_200_litellm_cannot_read_is_the_model_s_failure_not_the_request_s(tmp_path, upstream, start_proxy,
+                                                                          body):
+    """litellm labels a failure to read the answer as it labels one to translate the request
+    (APIConnectionError): this one falls back, counts towards cooldown, and is a 502 by name."""
+    from support.raw_upstream import raw_upstream
+
+    answer = (b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: " + str(len(body)).encode()
+              + b"\r\nconnection: close\r\n\r\n" + body)
+    with raw_upstream(lambda request: answer) as url:
+        bad = claude(upstream)
+        bad["litellm_params"]["api_base"] = url.removesuffix("/v1")
+        (tmp_path / "claude.profile.json").write_text('{"tasks": {"t1": 0.5}}')
+        cfg = write_config(tmp_path / "providers.yaml",
+                           [bad, model_entry("oai-fast", upstream.url, tmp_path, fast_path=True)],
+                           num_retries=0, allowed_fails=2)
+        proxy = start_proxy(cfg, scorer=RecordingScorer({"claude": 0.9, "oai-fast": 0.1}))
+        raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+        with pytest.raises(openai.InternalServerError) as err:
+            client(proxy).chat.completions.create(model="claude", messages=MESSAGES)
+        cooling = scrape(proxy.base).get(("satroute_cooldowns_total", (("model", "claude"),)))
+    assert raw.headers["x-satroute-failed"] == "claude:bad_answer" and raw.parse().model == "oai-fast"
+    assert err.value.status_code == 502 and "claude (bad_answer)" in err.value.message
+    assert cooling == 1  # two failures of its own, allowed_fails 2
+
+
+def test_an_answer_orjson_cannot_write_is_still_relayed_on_the_litellm_path(tmp_path, start_proxy):
+    """A lone surrogate (an emoji cut at max_tokens) made orjson refuse litellm's answer: a 500."""
+    from support.raw_upstream import raw_upstream
+
+    body = (b'{"id": "c", "object": "chat.completion", "created": 0, "model": "up", "choices": [{"index": 0, '
+            b'"finish_reason": "length", "message": {"role": "assistant", "content": "Sure \\ud83d"}}]}')
+    answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n" + body
+    with raw_upstream(lambda request: answer) as url:
+        cfg = write_config(tmp_path / "providers.yaml", [model_entry("lite", url, tmp_path, fast_path=False)],
+                           num_retries=0)
+        proxy = start_proxy(cfg)
+        got = client(proxy).chat.completions.create(model="lite", messages=MESSAGES)
+    assert got.model == "lite" and got.choices[0].message.content.startswith("Sure")
