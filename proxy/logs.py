@@ -296,7 +296,7 @@ class RequestLogMiddleware:
             request_id=incoming if _GOOD_REQUEST_ID.match(incoming) else new_request_id(),
             method=scope.get("method", ""), path=scope.get("path", ""))
         scope.setdefault("state", {})[_STATE_KEY] = record
-        serving = _REQUEST_ID.set(record.request_id)
+        _REQUEST_ID.set(record.request_id)
         sniff = _BodySniffer()
         want_prompt = record.method == "POST" and self.include_prompts()
         request_body = bytearray()
@@ -335,6 +335,8 @@ class RequestLogMiddleware:
             if self.cut_response is None:
                 raise
             asyncio.current_task().uncancel()  # this request ends here, answered
+            if record.total_ms is not None:  # its response had ended: nothing more may be sent
+                return
             record.error = "shutting_down"
             if record.status == 0:
                 await self.cut_response()(scope, receive, send_wrapper)
@@ -347,7 +349,8 @@ class RequestLogMiddleware:
                 await self.crash_response()(scope, receive, send_wrapper)
             raise  # the app's error handling logs it; its own 500 sees one already sent
         finally:
-            _REQUEST_ID.reset(serving)
+            # the id stays set: the line the app's last-resort handler logs with the trace, outside
+            # this layer, carries it too (each request runs in a task and context of its own)
             if self.in_flight is not None:
                 self.in_flight.dec()
             if record.total_ms is None:  # the app failed or the client left before the end

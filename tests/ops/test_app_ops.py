@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from proxy.app import create_app
-from proxy.logs import configure_logging
+from proxy.logs import JsonFormatter, configure_logging
 from proxy.settings import Settings
 from support.mock_upstream import MockUpstream, fail
 from support.prometheus import scrape, scrape_with
@@ -312,6 +312,10 @@ def test_an_unhandled_error_is_a_500_with_its_request_id_and_logged_with_its_tra
     """The client can quote the request id of the 500 it got; the log has the trace under it."""
     config = _config(tmp_path, [_entry("m1", upstream.url, tmp_path)])
     caplog.set_level(logging.INFO)
+    out = io.StringIO()
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(JsonFormatter())
+    logging.getLogger("satroute.app").addHandler(handler)
     app = create_app(Settings(config=config, scorer="constant", onboarding=False,
                               state_dir=tmp_path / "state"), dispatcher=CrashingDispatcher())
     with ProxyServer(app) as proxy:
@@ -324,9 +328,14 @@ def test_an_unhandled_error_is_a_500_with_its_request_id_and_logged_with_its_tra
         while not (logged := httpx.get(f"{proxy.base}/admin/routes").json()["data"]):
             assert time.monotonic() < deadline, "the routed request that failed is not in the routing log"
             time.sleep(0.1)
+    logging.getLogger("satroute.app").removeHandler(handler)
     assert routed.status_code == 500
     assert [(e["request_id"], e["chosen"]) for e in logged] == [("trace-789", None)]
     assert r.status_code == 500 and r.headers["x-request-id"] == "trace-123"
+    # the line with the trace, logged outside the request-log layer, names the request too
+    crash_lines = [json.loads(line) for line in out.getvalue().splitlines()
+                   if '"unhandled error' in line]
+    assert [line.get("request_id") for line in crash_lines][:1] == ["trace-123"]
     assert r.json()["error"] == {"message": "internal error in the proxy", "type": "internal_error",
                                  "param": None, "code": None}
     assert after.status_code == 200  # the server goes on
@@ -360,10 +369,6 @@ class UnscoredScorer:
 def test_an_unscored_candidate_ranks_last_and_every_json_surface_stays_json(tmp_path, upstream, caplog):
     """-inf is how an unscored candidate ranks; JSON has no such number: the preview, the routing
     log and the request's JSON log line show null (a log shipper rejects a line with -Infinity)."""
-    import json
-
-    from proxy.logs import JsonFormatter
-
     config = _config(tmp_path, [_entry(n, upstream.url, tmp_path) for n in ("m1", "m2", "m3")])
     caplog.set_level(logging.INFO, logger="satroute.request")
     with _serve(config, fake=UnscoredScorer()) as proxy:

@@ -357,3 +357,32 @@ def test_a_line_logged_while_a_request_is_served_carries_its_request_id():
     assert request["request_id"] == rid
     logging.getLogger("satroute.test").warning("outside any request")
     assert "request_id" not in _lines(out)[-1]
+
+
+def test_a_request_cut_after_its_response_ended_sends_nothing_more():
+    """A shutdown's cancellation that lands after the last body (a background task, say) must not
+    make the middleware send a cut event into a finished response."""
+    import asyncio
+
+    sent = []
+
+    async def app(scope, receive, send):
+        await send({"type": "http.response.start", "status": 200,
+                    "headers": [(b"content-type", b"text/event-stream")]})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n", "more_body": False})
+        raise asyncio.CancelledError  # the server's cancellation, after the end
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    async def cut():  # pragma: no cover - must not be called
+        raise AssertionError("a cut response after the end")
+
+    middleware = RequestLogMiddleware(app, logger=logging.getLogger("satroute.request.cut"),
+                                      cut_response=cut, cut_event=b"data: {}\n\n")
+    scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
+    asyncio.run(middleware(scope, receive, send))
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
