@@ -316,17 +316,24 @@ async def _events(resp: aiohttp.ClientResponse, head: bytes = b"") -> AsyncItera
 
 
 def _rename_events(batch: bytes, name_json: bytes) -> bytes:
-    if b'"model"' not in batch:
+    if b'"model"' not in batch and b'"choices"' not in batch:  # keep-alives, [DONE]
         return batch
     return b"\n\n".join(_rename_event(ev, name_json) for ev in batch.split(b"\n\n"))
 
 
 def _rename_event(event: bytes, name_json: bytes) -> bytes:
-    """The model renamed in an event's ``data:`` line, also behind ``event:`` or ``id:`` lines."""
-    if event.startswith(b"data:"):
-        return rename_model(event, name_json)
-    at = event.find(b"\ndata:")
-    return event if at < 0 else event[:at] + rename_model(event[at:], name_json)
+    """The model renamed in an event's ``data:`` line, also behind ``event:`` or ``id:`` lines;
+    given to a chunk that has none (some servers leave it out)."""
+    at = 0 if event.startswith(b"data:") else event.find(b"\ndata:") + 1
+    if at <= 0 and not event.startswith(b"data:"):
+        return event
+    data = event[at:]
+    if b'"model"' in data:
+        return event[:at] + rename_model(data, name_json)
+    brace = data.find(b"{")
+    if b'"choices"' in data and brace >= 0 and data[brace + 1:].lstrip().startswith(b'"'):
+        return event[:at] + data[:brace + 1] + b'"model":' + name_json + b"," + data[brace + 1:]
+    return event
 
 
 def _wants_usage(body: Mapping[str, Any]) -> bool:

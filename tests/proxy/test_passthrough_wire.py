@@ -177,7 +177,9 @@ def test_a_null_or_missing_model_in_an_answer_becomes_the_configured_name(tmp_pa
         if request["messages"][0]["content"] == "null":
             answer["model"] = None
         if request.get("stream"):
-            return SSE + chunk("a", model=None) + chunk(None, "stop", model=None) + b"data: [DONE]\n\n"
+            absent = chunk("b").replace(b'"model": "up", ', b"")
+            assert b'"model"' not in absent
+            return SSE + chunk("a", model=None) + absent + chunk(None, "stop", model=None) + b"data: [DONE]\n\n"
         return reply(b"application/json", json.dumps(answer).encode())
 
     with raw_upstream(respond) as url:
