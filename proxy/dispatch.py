@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import random
 import re
@@ -208,9 +209,13 @@ class RetryingDispatcher:
         kwargs = {k: v for k, v in d.params.items() if k not in ("max_retries", "num_retries")}
         kwargs.update(litellm_request_kwargs(call.body, d, _openai_like(d.provider, d.upstream_model)))
         # litellm's timeout bounds each read of a stream, like the pass-through's sock_read: the
-        # whole timeout_s, not what the deadline left for the first chunk (asyncio.timeout below)
-        kwargs.update(model=d.model, timeout=attempt_timeout(d, call.router), num_retries=0,
-                      max_retries=0)
+        # whole timeout_s, not what the deadline left for the first chunk (asyncio.timeout below);
+        # and the TCP connect by connect_timeout_s, as there: an unreachable host falls back soon
+        import httpx
+
+        limit = attempt_timeout(d, call.router)
+        kwargs.update(model=d.model, num_retries=0, max_retries=0,
+                      timeout=httpx.Timeout(limit, connect=min(call.router.connect_timeout_s, limit)))
         if d.api_base:
             kwargs["api_base"] = d.api_base
         if d.api_key:
@@ -224,6 +229,13 @@ class RetryingDispatcher:
                 if not call.stream:
                     resp.model = d.name
                     return Answer(body=dumps_lenient(openai_shape(resp.model_dump(exclude_none=True))))
+                # litellm makes a stream of anything that answers 200 (an HTML page becomes one
+                # empty chunk, finish_reason "stop"): what came must be a stream to be one
+                sent = ((getattr(resp, "_hidden_params", None) or {}).get("additional_headers") or {}) \
+                    .get("llm_provider-content-type")
+                if isinstance(sent, str) and "event-stream" not in sent:
+                    raise UpstreamTransient(f"{d.name}: answered a stream request with {sent}",
+                                            model=d.name, status=200, reason="bad_answer")
                 first = await anext(aiter(resp), None)
         except TimeoutError:
             raise UpstreamTransient(f"{d.name}: no answer within {first_byte_s:.1f}s",
@@ -330,6 +342,12 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
     # the status the upstream answered, where one did: litellm relabels some (a 529 as 500, a
     # 413 as 400, a 408 or 504 answer as its Timeout) and the pass-through path reports them as is
     answered = _answered_status(exc)
+    if not answered and (_failed_reading_the_answer(exc) or _NO_ANSWER in message):
+        # the upstream answered 200 with what litellm cannot read as an answer (an HTML page, an
+        # empty body, an error object, another shape): the model's failure, as on the
+        # pass-through path (litellm labels it a connection error, a 500 or a 422)
+        return UpstreamTransient(f"{model}: answered with something that is no answer: {_said(message)}",
+                                 model=model, status=200, reason="bad_answer")
     status = answered or getattr(exc, "status_code", None)
     failure = None if answered else _transport_failure(exc)
     if failure is not None:  # litellm labels these 500; report them as the pass-through path does
@@ -338,11 +356,6 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
                                  timeout=failure == "timeout")
     import openai
 
-    if isinstance(exc, openai.APIConnectionError) and not answered and _failed_reading_the_answer(exc):
-        # the upstream answered 200 with what litellm cannot read as an answer (an HTML page, an
-        # empty body, another shape): the model's failure, as on the pass-through path
-        return UpstreamTransient(f"{model}: answered with something that is no answer: {_said(message)}",
-                                 model=model, status=200, reason="bad_answer")
     if isinstance(exc, openai.APIConnectionError) and not answered:
         # litellm's "connection error" with no network failure behind it: it failed on its own
         # side, translating this request for the provider (a tool_choice or a response_format
@@ -363,9 +376,11 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
     if upstream is not None:  # the upstream's own error, passed back as the pass-through path does
         return classify(int(status), orjson.dumps({"error": upstream}), model, {}, redact)
     code = getattr(exc, "code", None)
-    body = {"error": {"message": message, "type": "invalid_request_error", "param": None,
+    # the upstream's words, without litellm's labels ("APIError: OpenAIException - ")
+    said = _PROVIDER_LABEL.sub("", _said(message)) or message
+    body = {"error": {"message": said, "type": "invalid_request_error", "param": None,
                       "code": redact(str(code)) if code is not None else None}}
-    return UpstreamClientError(message, status=int(status), model=model, upstream_body=body)
+    return UpstreamClientError(said, status=int(status), model=model, upstream_body=body)
 
 
 # litellm's advice to the admin of its own proxy, at the end of some of its messages
@@ -387,6 +402,9 @@ def _unfit(model: str, text: str, reason: str, code: str) -> UpstreamClientError
                                                         "param": None, "code": code}})
 
 
+_PROVIDER_LABEL = re.compile(r"^(\w+Error: )?\w+(Exception|Error) - ")
+# litellm's words for an upstream's 200 it could not parse (OpenAI-format providers)
+_NO_ANSWER = "Empty or invalid response from LLM endpoint"
 # the functions in which litellm reads an upstream's answer: a failure raised in one of them is
 # the answer's, not the request's (litellm labels both APIConnectionError)
 _READING_THE_ANSWER = frozenset({"transform_response", "transform_parsed_response",
@@ -395,6 +413,8 @@ _READING_THE_ANSWER = frozenset({"transform_response", "transform_parsed_respons
 
 def _failed_reading_the_answer(exc: BaseException) -> bool:
     for link in _chain(exc):
+        if isinstance(link, json.JSONDecodeError):  # a 200 whose body is no JSON (empty, HTML)
+            return True
         tb = link.__traceback__
         while tb is not None:
             if tb.tb_frame.f_code.co_name in _READING_THE_ANSWER:

@@ -242,3 +242,91 @@ def test_an_answer_orjson_cannot_write_is_still_relayed_on_the_litellm_path(tmp_
         proxy = start_proxy(cfg)
         got = client(proxy).chat.completions.create(model="lite", messages=MESSAGES)
     assert got.model == "lite" and got.choices[0].message.content.startswith("Sure")
+
+
+def _reply(content_type: bytes, body: bytes) -> bytes:
+    return (b"HTTP/1.1 200 OK\r\ncontent-type: " + content_type + b"\r\ncontent-length: "
+            + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+
+
+@pytest.mark.parametrize("answer", [
+    _reply(b"text/html", b"<html>Sign in to the Wi-Fi</html>"),
+    _reply(b"application/json", b""),
+    _reply(b"application/json", b'{"error": {"message": "engine died"}}'),
+], ids=["html", "empty", "error-object"])
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_a_200_that_is_no_answer_falls_back_on_the_litellm_path_as_on_the_other(
+        tmp_path, upstream, start_proxy, answer, stream):
+    """litellm made a streamed HTML page one empty chunk with finish_reason "stop" (a success
+    that cleared the model's failures), and an error object sent with 200 a 422."""
+    from support.raw_upstream import raw_upstream
+
+    with raw_upstream(lambda request: answer) as url:
+        cfg = write_config(tmp_path / "providers.yaml",
+                           [model_entry("lite", url, tmp_path, fast_path=False),
+                            model_entry("oai-fast", upstream.url, tmp_path, fast_path=True)], num_retries=0)
+        proxy = start_proxy(cfg, scorer=RecordingScorer({"lite": 0.9, "oai-fast": 0.1}))
+        raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES,
+                                                                      stream=stream)
+        if stream:
+            text = "".join(c.choices[0].delta.content or "" for c in raw.parse() if c.choices)
+        else:
+            text = raw.parse().choices[0].message.content
+    assert raw.headers["x-satroute-failed"] == "lite:bad_answer"
+    assert raw.headers["x-satroute-model"] == "oai-fast" and text
+
+
+def test_the_connect_timeout_bounds_a_connect_on_the_litellm_path_too(tmp_path, upstream, start_proxy):
+    """A listener whose backlog is full never completes a connect: connect_timeout_s, not the
+    attempt's timeout_s, decides when the next model is tried."""
+    import socket
+    import time
+
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(0)
+        port = hole.getsockname()[1]
+        fillers = []
+        for _ in range(3):  # fill the backlog: later connects hang
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            fillers.append(s)
+        time.sleep(0.1)
+        try:
+            cfg = write_config(tmp_path / "providers.yaml",
+                               [model_entry("lite", f"http://127.0.0.1:{port}/v1", tmp_path, fast_path=False),
+                                model_entry("oai-fast", upstream.url, tmp_path, fast_path=True)],
+                               num_retries=0, timeout_s=8, connect_timeout_s=0.5)
+            proxy = start_proxy(cfg, scorer=RecordingScorer({"lite": 0.9, "oai-fast": 0.1}))
+            client(proxy).chat.completions.create(model="oai-fast", messages=MESSAGES)  # litellm imported
+            started = time.monotonic()
+            raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+            took = time.monotonic() - started
+        finally:
+            for s in fillers:
+                s.close()
+    assert raw.headers["x-satroute-model"] == "oai-fast" and raw.headers["x-satroute-failed"].startswith("lite:")
+    assert took < 4, f"the connect took {took:.1f} s to give up, connect_timeout_s is 0.5"
+
+
+def test_an_upstream_error_that_is_not_json_reaches_the_client_in_its_own_words(tmp_path, start_proxy):
+    from support.raw_upstream import raw_upstream
+
+    page = b"<html>plain error 403</html>"
+    answer = (b"HTTP/1.1 403 Forbidden\r\ncontent-type: text/html\r\ncontent-length: " + str(len(page)).encode()
+              + b"\r\nconnection: close\r\n\r\n" + page)
+    with raw_upstream(lambda request: answer) as url:
+        cfg = write_config(tmp_path / "providers.yaml", [model_entry("lite", url, tmp_path, fast_path=False),
+                                                         model_entry("fast", url, tmp_path, fast_path=True)],
+                           num_retries=0)
+        proxy = start_proxy(cfg)
+        said = {}
+        for name in ("lite", "fast"):
+            with pytest.raises(openai.PermissionDeniedError) as err:
+                client(proxy).chat.completions.create(model=name, messages=MESSAGES)
+            said[name] = err.value.body["message"]
+    assert said["lite"] == said["fast"] == "<html>plain error 403</html>"
