@@ -434,10 +434,13 @@ def parse(text: str, path: Path, env: Mapping[str, str],
         api_base = params.pop("api_base", None)
         if api_base is None and info.local_server is not None:
             api_base = f"http://127.0.0.1:{info.local_server.port}/v1"
-        if unavailable is None and params.get("api_key") and _has_userinfo(api_base):
+        headers = params.get("extra_headers")
+        authorization = isinstance(headers, dict) and any(str(k).lower() == "authorization" for k in headers)
+        if unavailable is None and (params.get("api_key") or authorization) and _has_userinfo(api_base):
             # one Authorization header cannot carry both: every call would fail before it is sent
             unavailable = ("litellm_params.api_base carries credentials (user:password@) and "
-                           "api_key is set too: give the model one of them")
+                           f"{'api_key' if params.get('api_key') else 'extra_headers.Authorization'} "
+                           "is set too: give the model one of them")
         d = Deployment(
             name=entry.model_name, model=model, provider=provider, upstream_model=rest,
             api_base=api_base, api_key=params.pop("api_key", None),

@@ -252,6 +252,8 @@ class Store:
             except sqlite3.OperationalError as exc:
                 if not _busy(exc) or time.monotonic() >= deadline:
                     raise
+            except sqlite3.DatabaseError as exc:  # its first page is garbage: "file is not a database"
+                raise self._damaged(str(exc)) from None
             time.sleep(0.02)
 
     def _check(self) -> None:
@@ -265,9 +267,12 @@ class Store:
             problems = [str(exc)]
         if problems != ["ok"]:
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-            raise sqlite3.DatabaseError(
-                f"{self.path} is damaged: {problems[0]}{more}; restore it from a backup, or move "
-                "it away to start with an empty store (stored answers and profiles are then lost)")
+            raise self._damaged(f"{problems[0]}{more}")
+
+    def _damaged(self, problem: str) -> sqlite3.DatabaseError:
+        return sqlite3.DatabaseError(
+            f"{self.path} is damaged: {problem}; restore it from a backup, or move it away to "
+            "start with an empty store (stored answers and profiles are then lost)")
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:

@@ -250,7 +250,8 @@ class PassThrough:
             raise
         if not first:
             resp.close()
-            raise UpstreamTransient(f"{d.name}: stream closed before its first event", model=d.name)
+            raise UpstreamTransient(f"{d.name}: answered 200 with a stream that ended before its first "
+                                    "event", model=d.name, status=200, reason="bad_answer")
         return Answer(chunks=_relay(first, events, name_json, resp, _choices(body)))
 
 

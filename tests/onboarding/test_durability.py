@@ -183,8 +183,14 @@ def _damage(state) -> None:
         f.write(bytes(range(256)) * 16)
 
 
-def test_a_damaged_store_is_refused_when_it_opens_with_one_line(tmp_path):
-    _damage(tmp_path)
+@pytest.mark.parametrize("where", ["a later page", "the header"])
+def test_a_damaged_store_is_refused_when_it_opens_with_one_line(tmp_path, where):
+    if where == "the header":  # SQLite's "file is not a database", before any check can run
+        with Store(tmp_path):
+            pass
+        (tmp_path / "satroute.db").write_bytes(b"garbage, not SQLite " * 300)
+    else:
+        _damage(tmp_path)
     with pytest.raises(sqlite3.DatabaseError) as refused:
         Store(tmp_path)
     message = str(refused.value)

@@ -72,6 +72,10 @@ def test_credentials_in_api_base_beside_an_api_key_mark_the_model_unavailable():
              " api_base: 'https://host/v1'}}\n")
     assert "user:password@" in s.models["both"].unavailable
     assert s.models["url_only"].available and s.models["key_only"].available
+    header = snap("model_list:\n"
+                  "  - {model_name: h, litellm_params: {model: openai/x, api_base: 'https://u:p@host/v1',"
+                  " extra_headers: {authorization: Bearer t}}}\n")
+    assert "extra_headers.Authorization" in header.models["h"].unavailable
 
 
 @pytest.mark.parametrize("text, words", [
