@@ -230,10 +230,12 @@ class RetryingDispatcher:
                     resp.model = d.name
                     return Answer(body=dumps_lenient(openai_shape(resp.model_dump(exclude_none=True))))
                 # litellm makes a stream of anything that answers 200 (an HTML page becomes one
-                # empty chunk, finish_reason "stop"): what came must be a stream to be one
+                # empty chunk, finish_reason "stop"): what came must be a stream to be one, where
+                # the provider streams SSE (Bedrock, Ollama's own API and others stream otherwise)
                 sent = ((getattr(resp, "_hidden_params", None) or {}).get("additional_headers") or {}) \
                     .get("llm_provider-content-type")
-                if isinstance(sent, str) and "event-stream" not in sent:
+                sse = d.provider == "anthropic" or _openai_like(d.provider, d.upstream_model)
+                if sse and isinstance(sent, str) and "event-stream" not in sent:
                     raise UpstreamTransient(f"{d.name}: answered a stream request with {sent}",
                                             model=d.name, status=200, reason="bad_answer")
                 first = await anext(aiter(resp), None)
