@@ -404,6 +404,7 @@ def _unfit(model: str, text: str, reason: str, code: str) -> UpstreamClientError
                                                         "param": None, "code": code}})
 
 
+# litellm's label before a provider's own words: "APIError: OpenAIException - "
 _PROVIDER_LABEL = re.compile(r"^(\w+Error: )?\w+(Exception|Error) - ")
 # litellm's words for an upstream's 200 it could not parse (OpenAI-format providers)
 _NO_ANSWER = "Empty or invalid response from LLM endpoint"
