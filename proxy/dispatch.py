@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import functools
-import json
 import logging
 import random
 import re
@@ -229,16 +228,12 @@ class RetryingDispatcher:
                 if not call.stream:
                     resp.model = d.name
                     return Answer(body=dumps_lenient(openai_shape(resp.model_dump(exclude_none=True))))
-                # litellm makes a stream of anything that answers 200 (an HTML page becomes one
-                # empty chunk, finish_reason "stop"): what came must be a stream to be one, where
-                # the provider streams SSE (Bedrock, Ollama's own API and others stream otherwise)
-                sent = ((getattr(resp, "_hidden_params", None) or {}).get("additional_headers") or {}) \
-                    .get("llm_provider-content-type")
-                sse = d.provider == "anthropic" or _openai_like(d.provider, d.upstream_model)
-                if sse and isinstance(sent, str) and "event-stream" not in sent:
-                    raise UpstreamTransient(f"{d.name}: answered a stream request with {sent}",
-                                            model=d.name, status=200, reason="bad_answer")
                 first = await anext(aiter(resp), None)
+                if first is not None and _finished_empty(first):
+                    # litellm makes a stream of anything that answers 200 (an HTML page, an empty
+                    # body, keep-alives only): one empty chunk that says "stop". No answer begins so.
+                    raise UpstreamTransient(f"{d.name}: answered a stream request with no answer in it",
+                                            model=d.name, status=200, reason="bad_answer")
         except TimeoutError:
             raise UpstreamTransient(f"{d.name}: no answer within {first_byte_s:.1f}s",
                                     model=d.name, status=504, timeout=True) from None
@@ -247,6 +242,20 @@ class RetryingDispatcher:
         if first is None:
             raise UpstreamTransient(f"{d.name}: stream closed before its first chunk", model=d.name)
         return Answer(chunks=_litellm_chunks(first, resp, d.name, openai.OpenAIError, call.redact))
+
+
+def _finished_empty(chunk: Any) -> bool:
+    """A first chunk that ends every choice without a word (no role, content or tool call)."""
+    choices = getattr(chunk, "choices", None) or []
+    return bool(choices) and all(getattr(c, "finish_reason", None) and not _delta_says(getattr(c, "delta", None))
+                                 for c in choices)
+
+
+def _delta_says(delta: Any) -> bool:
+    if delta is None:
+        return False
+    return any(getattr(delta, key, None) for key in ("role", "content", "tool_calls", "function_call",
+                                                      "refusal", "reasoning_content"))
 
 
 def attempt_timeout(d: Deployment, router: RouterSettings) -> float:
@@ -378,8 +387,12 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
     if upstream is not None:  # the upstream's own error, passed back as the pass-through path does
         return classify(int(status), orjson.dumps({"error": upstream}), model, {}, redact)
     code = getattr(exc, "code", None)
-    # the upstream's words, without litellm's labels ("APIError: OpenAIException - ")
-    said = _PROVIDER_LABEL.sub("", _said(message)) or message
+    # the upstream's words, without litellm's labels ("APIError: OpenAIException - ") or the
+    # bytes' repr some providers' errors carry (b'<html>...'); none left: what the status says
+    said = _PROVIDER_LABEL.sub("", _said(message)).strip()
+    if len(said) >= 3 and said[:2] in ("b'", 'b"') and said[-1] == said[1]:
+        said = said[2:-1]
+    said = said or f"upstream answered HTTP {status}"
     body = {"error": {"message": said, "type": "invalid_request_error", "param": None,
                       "code": redact(str(code)) if code is not None else None}}
     return UpstreamClientError(said, status=int(status), model=model, upstream_body=body)
@@ -405,7 +418,7 @@ def _unfit(model: str, text: str, reason: str, code: str) -> UpstreamClientError
 
 
 # litellm's label before a provider's own words: "APIError: OpenAIException - "
-_PROVIDER_LABEL = re.compile(r"^(\w+Error: )?\w+(Exception|Error) - ")
+_PROVIDER_LABEL = re.compile(r"^(\w+Error: )?\w+(Exception|Error) -(\s|$)")
 # litellm's words for an upstream's 200 it could not parse (OpenAI-format providers)
 _NO_ANSWER = "Empty or invalid response from LLM endpoint"
 # the functions in which litellm reads an upstream's answer: a failure raised in one of them is
@@ -415,12 +428,15 @@ _READING_THE_ANSWER = frozenset({"transform_response", "transform_parsed_respons
 
 
 def _failed_reading_the_answer(exc: BaseException) -> bool:
+    """Whether litellm failed inside one of the functions that read an answer (a JSON error there
+    too: never one met translating the request, as a client's cut-off tool arguments are)."""
     for link in _chain(exc):
-        if isinstance(link, json.JSONDecodeError):  # a 200 whose body is no JSON (empty, HTML)
-            return True
         tb = link.__traceback__
         while tb is not None:
-            if tb.tb_frame.f_code.co_name in _READING_THE_ANSWER:
+            name = tb.tb_frame.f_code.co_name
+            if name in _READING_THE_ANSWER or (
+                    name in ("parse", "_parse")  # the openai SDK parsing a 200's body
+                    and str(tb.tb_frame.f_globals.get("__name__", "")).startswith("openai.")):
                 return True
             tb = tb.tb_next
     return False

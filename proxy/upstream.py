@@ -281,6 +281,9 @@ async def _first_event(events: AsyncIterator[bytes], model: str, redact) -> byte
         payload = next(_data(batch), None)
         if payload is None:
             continue
+        if payload == b"[DONE]":  # a stream that ends before any answer
+            raise UpstreamTransient(f"{model}: answered 200 with a stream that ended before its first "
+                                    "chunk", model=model, status=200, reason="bad_answer")
         if payload.startswith(b"{") and b'"error"' in payload:
             parsed = loads_lenient(payload)
             if isinstance(parsed, dict) and "error" in parsed and "choices" not in parsed:

@@ -47,6 +47,7 @@ def client(proxy) -> openai.OpenAI:
     (reply(b"application/json", b'{"error": {"message": "engine died"}}'), "bad_answer"),
     (reply(b"text/event-stream", b""), "bad_answer"),
     (reply(b"text/event-stream", b": keep-alive\n\n"), "bad_answer"),
+    (reply(b"text/event-stream", b"data: [DONE]\n\n"), "bad_answer"),
 ])
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_a_200_that_is_no_answer_is_the_model_s_failure(tmp_path, upstream, start_proxy, body, reason,

@@ -3,6 +3,7 @@ mock upstream), driven by the openai SDK: what a client sees must not depend on 
 provider answered."""
 from __future__ import annotations
 
+import httpx
 import openai
 import pytest
 
@@ -253,7 +254,9 @@ def _reply(content_type: bytes, body: bytes) -> bytes:
     _reply(b"text/html", b"<html>Sign in to the Wi-Fi</html>"),
     _reply(b"application/json", b""),
     _reply(b"application/json", b'{"error": {"message": "engine died"}}'),
-], ids=["html", "empty", "error-object"])
+    _reply(b"text/event-stream", b": keep-alive\n\n"),
+    _reply(b"text/event-stream", b"data: [DONE]\n\n"),
+], ids=["html", "empty", "error-object", "keep-alive", "done"])
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
 def test_a_200_that_is_no_answer_falls_back_on_the_litellm_path_as_on_the_other(
         tmp_path, upstream, start_proxy, answer, stream):
@@ -313,20 +316,60 @@ def test_the_connect_timeout_bounds_a_connect_on_the_litellm_path_too(tmp_path, 
     assert took < 4, f"the connect took {took:.1f} s to give up, connect_timeout_s is 0.5"
 
 
-def test_an_upstream_error_that_is_not_json_reaches_the_client_in_its_own_words(tmp_path, start_proxy):
+@pytest.mark.parametrize("stream", [False, True])
+def test_an_upstream_error_that_is_not_json_reaches_the_client_in_its_own_words(tmp_path, upstream,
+                                                                                start_proxy, stream):
     from support.raw_upstream import raw_upstream
 
     page = b"<html>plain error 403</html>"
     answer = (b"HTTP/1.1 403 Forbidden\r\ncontent-type: text/html\r\ncontent-length: " + str(len(page)).encode()
               + b"\r\nconnection: close\r\n\r\n" + page)
     with raw_upstream(lambda request: answer) as url:
+        anthropic = claude(upstream)
+        anthropic["litellm_params"]["api_base"] = url.removesuffix("/v1")
+        (tmp_path / "claude.profile.json").write_text('{"tasks": {"t1": 0.5}}')
         cfg = write_config(tmp_path / "providers.yaml", [model_entry("lite", url, tmp_path, fast_path=False),
-                                                         model_entry("fast", url, tmp_path, fast_path=True)],
-                           num_retries=0)
+                                                         model_entry("fast", url, tmp_path, fast_path=True),
+                                                         anthropic], num_retries=0)
         proxy = start_proxy(cfg)
         said = {}
-        for name in ("lite", "fast"):
+        for name in ("lite", "fast", "claude"):
             with pytest.raises(openai.PermissionDeniedError) as err:
-                client(proxy).chat.completions.create(model=name, messages=MESSAGES)
+                got = client(proxy).chat.completions.create(model=name, messages=MESSAGES, stream=stream)
+                list(got) if stream else None
             said[name] = err.value.body["message"]
-    assert said["lite"] == said["fast"] == "<html>plain error 403</html>"
+    assert said == dict.fromkeys(("lite", "fast", "claude"), "<html>plain error 403</html>")
+
+
+@pytest.mark.parametrize("content_type", [b"Text/Event-Stream", b"application/json", b"text/plain; charset=utf-8"])
+def test_a_real_stream_under_an_odd_content_type_is_still_relayed_on_the_litellm_path(tmp_path, start_proxy,
+                                                                                      content_type):
+    from support.raw_upstream import raw_upstream
+
+    events = (b'data: {"id":"c","object":"chat.completion.chunk","created":0,"model":"m","choices":[{"index":0,'
+              b'"delta":{"role":"assistant","content":"Hello"},"finish_reason":null}]}\n\n'
+              b'data: {"id":"c","object":"chat.completion.chunk","created":0,"model":"m","choices":[{"index":0,'
+              b'"delta":{},"finish_reason":"stop"}]}\n\ndata: [DONE]\n\n')
+    with raw_upstream(lambda request: _reply(content_type, events)) as url:
+        cfg = write_config(tmp_path / "providers.yaml", [model_entry("lite", url, tmp_path, fast_path=False)],
+                           num_retries=0)
+        proxy = start_proxy(cfg)
+        chunks = list(client(proxy).chat.completions.create(model="lite", messages=MESSAGES, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello"
+
+
+def test_a_client_s_malformed_tool_arguments_are_its_own_error_not_the_model_s(tmp_path, upstream, start_proxy):
+    """Arguments cut off at max_tokens, sent back in the chat: litellm cannot translate them for
+    Anthropic. That is a 400 for the client; it must not cool the model for everyone."""
+    (tmp_path / "claude.profile.json").write_text('{"tasks": {"t1": 0.5}}')
+    cfg = write_config(tmp_path / "providers.yaml", [claude(upstream)], num_retries=2, allowed_fails=2)
+    proxy = start_proxy(cfg)
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Par'}}
+    chat = [{"role": "user", "content": "weather?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": "call_1", "content": "sunny"}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}]
+    with pytest.raises(openai.BadRequestError):
+        client(proxy).chat.completions.create(model="claude", messages=chat, tools=tools)
+    ready = httpx.get(f"{proxy.base}/ready").json()
+    assert ready["cooling"] == [] and upstream.bodies("claude-upstream") == []
