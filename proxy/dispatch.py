@@ -206,7 +206,8 @@ class RetryingDispatcher:
         import openai  # litellm's exceptions subclass the openai SDK's
 
         kwargs = {k: v for k, v in d.params.items() if k not in ("max_retries", "num_retries")}
-        kwargs.update(litellm_request_kwargs(call.body, d, _openai_like(d.provider, d.upstream_model)))
+        openai_like = _openai_like(d.provider, d.upstream_model)
+        kwargs.update(litellm_request_kwargs(call.body, d, openai_like))
         # litellm's timeout bounds each read of a stream, like the pass-through's sock_read: the
         # whole timeout_s, not what the deadline left for the first chunk (asyncio.timeout below);
         # and the TCP connect by connect_timeout_s, as there: an unreachable host falls back soon
@@ -229,9 +230,11 @@ class RetryingDispatcher:
                     resp.model = d.name
                     return Answer(body=dumps_lenient(openai_shape(resp.model_dump(exclude_none=True))))
                 first = await anext(aiter(resp), None)
-                if first is not None and _finished_empty(first):
+                if first is not None and _finished_empty(first) and (openai_like or not _labelled_sse(resp)):
                     # litellm makes a stream of anything that answers 200 (an HTML page, an empty
-                    # body, keep-alives only): one empty chunk that says "stop". No answer begins so.
+                    # body, keep-alives only): one empty chunk that says "stop". An OpenAI-format
+                    # answer never begins so (its first chunk names the role); a translated
+                    # provider's empty answer does, so there the body's type must say it too.
                     raise UpstreamTransient(f"{d.name}: answered a stream request with no answer in it",
                                             model=d.name, status=200, reason="bad_answer")
         except TimeoutError:
@@ -242,6 +245,12 @@ class RetryingDispatcher:
         if first is None:
             raise UpstreamTransient(f"{d.name}: stream closed before its first chunk", model=d.name)
         return Answer(chunks=_litellm_chunks(first, resp, d.name, openai.OpenAIError, call.redact))
+
+
+def _labelled_sse(resp: Any) -> bool:
+    sent = ((getattr(resp, "_hidden_params", None) or {}).get("additional_headers") or {}) \
+        .get("llm_provider-content-type")
+    return not isinstance(sent, str) or "event-stream" in sent.lower()
 
 
 def _finished_empty(chunk: Any) -> bool:

@@ -373,3 +373,29 @@ def test_a_client_s_malformed_tool_arguments_are_its_own_error_not_the_model_s(t
         client(proxy).chat.completions.create(model="claude", messages=chat, tools=tools)
     ready = httpx.get(f"{proxy.base}/ready").json()
     assert ready["cooling"] == [] and upstream.bodies("claude-upstream") == []
+
+
+def test_an_empty_answer_from_a_translated_provider_is_an_answer_and_an_html_page_is_not(
+        tmp_path, upstream, start_proxy):
+    """Anthropic's stream of an empty answer and litellm's stream of an HTML page look the same
+    (one empty chunk that says "stop"); the body's type tells them apart."""
+    from support.raw_upstream import raw_upstream
+
+    (tmp_path / "claude.profile.json").write_text('{"tasks": {"t1": 0.5}}')
+    upstream.set("claude-upstream", answer(""))
+    page = _reply(b"text/html", b"<html>Sign in to the Wi-Fi</html>")
+    with raw_upstream(lambda request: page) as url:
+        portal = claude(upstream, name="portal")
+        portal["litellm_params"]["api_base"] = url.removesuffix("/v1")
+        portal["model_info"]["capability_profile"] = "claude.profile.json"
+        cfg = write_config(tmp_path / "providers.yaml",
+                           [claude(upstream), portal, model_entry("oai-fast", upstream.url, tmp_path)],
+                           num_retries=0)
+        proxy = start_proxy(cfg, scorer=RecordingScorer({"claude": 0.9, "portal": 0.9, "oai-fast": 0.1}))
+        empty = list(client(proxy).chat.completions.create(model="claude", messages=MESSAGES, stream=True))
+        raw = client(proxy).chat.completions.with_raw_response.create(
+            model="auto", messages=MESSAGES, stream=True, extra_body={"satroute": {"models": ["portal", "oai-fast"]}})
+        list(raw.parse())
+    assert empty and empty[-1].choices[0].finish_reason == "stop"
+    assert "".join(c.choices[0].delta.content or "" for c in empty if c.choices) == ""
+    assert raw.headers["x-satroute-failed"] == "portal:bad_answer"
