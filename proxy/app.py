@@ -16,7 +16,6 @@ import sqlite3
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 
-import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
@@ -29,7 +28,7 @@ from proxy import admin, endpoints, protocol
 from proxy.auth import MasterKeyAuth
 from proxy.cooldown import Cooldowns
 from proxy.dispatch import Dispatcher, RetryingDispatcher
-from proxy.errors import ConfigError, SatrouteError, error_body, plain_error_response
+from proxy.errors import ConfigError, SatrouteError, error_event, plain_error_response
 from proxy.localserver import local_models_hook
 from proxy.logs import RequestLogMiddleware
 from proxy.metrics import Metrics
@@ -201,9 +200,8 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
                              on_record=[svc.metrics.observe_record],
                              in_flight=svc.metrics.in_flight, crash_response=_crash_response,
                              cut_response=_shutdown_response,
-                             cut_event=b"data: " + orjson.dumps(error_body(
-                                 "the proxy is shutting down: the answer is incomplete", "server_error",
-                                 "shutting_down")) + b"\n\n")
+                             cut_event=error_event("the proxy is shutting down: the answer is incomplete",
+                                                   "server_error", "shutting_down"))
     # CORS (when origins are set) outermost: a browser's preflight, which carries no key, is answered
     # before the key check, and every answer, the request log's own 500 included, carries its headers.
     origins = settings.cors_origin_list()

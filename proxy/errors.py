@@ -145,6 +145,12 @@ def error_body(message: str, type_: str, code: str | None = None,
     return {"error": {"message": message, "type": type_, "param": param, "code": code}}
 
 
+def error_event(message: str, type_: str, code: str | None = None) -> bytes:
+    """An error as the in-band SSE event that ends a stream whose headers are gone (the OpenAI SDK
+    raises on it)."""
+    return b"data: " + orjson.dumps(error_body(message, type_, code)) + b"\n\n"
+
+
 def error_response(exc: SatrouteError, headers: dict[str, str] | None = None) -> Response:
     """The single renderer of errors to HTTP."""
     return Response(orjson.dumps(exc.body()), status_code=exc.status,

@@ -21,7 +21,7 @@ from typing import Any, AsyncIterator, Iterator, Mapping
 import aiohttp
 import orjson
 
-from proxy.errors import UpstreamClientError, UpstreamTransient
+from proxy.errors import UpstreamClientError, UpstreamTransient, error_event
 from proxy.protocol import OPENAI_CHAT_PARAMS
 from proxy.providers import Deployment
 
@@ -272,7 +272,7 @@ def _data(batch: bytes) -> Iterator[bytes]:
 async def _first_event(events: AsyncIterator[bytes], model: str, redact) -> bytes:
     """The stream up to its first ``data:`` event (what commits the request to this model), with
     the comments before it (OpenRouter's ``: OPENROUTER PROCESSING`` keep-alives, which are not an
-    answer: the first-byte timeout still runs); b"" when it ends first. A first event that is an
+    answer: the first-byte timeout still runs); b"" when it ends first, or ends with ``[DONE]``. A first event that is an
     error (vLLM and OpenRouter send one with status 200) is the model's failure, before the
     commit: the request can still fall back."""
     seen = b""
@@ -281,9 +281,8 @@ async def _first_event(events: AsyncIterator[bytes], model: str, redact) -> byte
         payload = next(_data(batch), None)
         if payload is None:
             continue
-        if payload == b"[DONE]":  # a stream that ends before any answer
-            raise UpstreamTransient(f"{model}: answered 200 with a stream that ended before its first "
-                                    "chunk", model=model, status=200, reason="bad_answer")
+        if payload == b"[DONE]":  # a stream that ends before any answer: as one that just ends
+            return b""
         if payload.startswith(b"{") and b'"error"' in payload:
             parsed = loads_lenient(payload)
             if isinstance(parsed, dict) and "error" in parsed and "choices" not in parsed:
@@ -329,7 +328,7 @@ def _rename_event(event: bytes, name_json: bytes) -> bytes:
     """The model renamed in an event's ``data:`` line, also behind ``event:`` or ``id:`` lines;
     given to a chunk that has none (some servers leave it out)."""
     at = 0 if event.startswith(b"data:") else event.find(b"\ndata:") + 1
-    if at <= 0 and not event.startswith(b"data:"):
+    if at == 0 and not event.startswith(b"data:"):  # no data line: a comment, an id
         return event
     data = event[at:]
     if b'"model"' in data:
@@ -416,9 +415,7 @@ class _Finish:
 
 def interrupted_event(why: str) -> bytes:
     """The in-band error event of a stream cut short (headers are gone: the OpenAI SDK raises on it)."""
-    return b"data: " + orjson.dumps({"error": {"message": f"upstream stream interrupted: {why}",
-                                               "type": "upstream_error", "param": None,
-                                               "code": "stream_interrupted"}}) + b"\n\n"
+    return error_event(f"upstream stream interrupted: {why}", "upstream_error", "stream_interrupted")
 
 
 async def _relay(first: bytes, events: AsyncIterator[bytes], name_json: bytes,
