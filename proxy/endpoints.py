@@ -124,28 +124,28 @@ def _first_problem(errors: list[dict]) -> tuple[str, str, int]:
 _UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
 
 
+def _starting(message: str) -> ServiceUnavailable:
+    """A 503 with Retry-After for local models on their way back (their server starting or
+    restarting), which the SDK waits for and retries, unlike a 404 or a 502."""
+    err = ServiceUnavailable(message, code="model_starting")
+    err.retry_after = STARTING_RETRY_AFTER_S
+    return err
+
+
 def _refuse_if_starting(target: Deployment | None) -> None:
-    """A local model on its way back (its server starting or restarting) is a 503 with
-    Retry-After, which the SDK waits for and retries, not a 404, which it does not."""
     if target is not None and coming_back(target.unavailable):
-        err = ServiceUnavailable(f"The model '{target.name}' is not available yet: {target.unavailable}",
-                                 code="model_starting")
-        err.retry_after = STARTING_RETRY_AFTER_S
-        raise err
+        raise _starting(f"The model '{target.name}' is not available yet: {target.unavailable}")
 
 
 def _wait_if_coming_back(snap: Snapshot, exc: AllUpstreamsFailed) -> None:
     """Every model that failed is a local one whose server is restarting now (an edit of its
-    block, a crash): the failures were its old server going away under requests queued at it.
-    A 503 with Retry-After, which the SDK waits for and retries, not the 502 it does not retry."""
+    block, a crash): the failures were its old server going away under requests queued at it."""
     names = {name for name, _ in exc.failed}
     back = [snap.models[n] for n in names if n in snap.models and coming_back(snap.models[n].unavailable)]
     if names and len(back) == len(names):
-        err = ServiceUnavailable(f"The model '{back[0].name}' is not available yet: {back[0].unavailable}"
-                                 if len(back) == 1 else "No model is available yet: their local "
-                                 "servers are restarting", code="model_starting")
-        err.retry_after = STARTING_RETRY_AFTER_S
-        raise err from exc
+        raise _starting(f"The model '{back[0].name}' is not available yet: {back[0].unavailable}"
+                        if len(back) == 1 else "No model is available yet: their local servers are "
+                        "restarting") from exc
 
 
 def services(request: Request) -> "Services":
