@@ -520,7 +520,8 @@ class ProviderRegistry:
         return self._source.get(d.name, upstream_fingerprint(d)) if self._source is not None else None
 
     def _build(self, text: str) -> Snapshot:
-        base = parse(text, self.path, self._env(), self._lookup)
+        # profiles from onboarding are looked up once, by _derive (a store read per model)
+        base = parse(text, self.path, self._env(), lambda d: None)
         for d in base.models.values():
             if d.unavailable:
                 log.warning("model %s unavailable: %s", d.name, d.unavailable)
