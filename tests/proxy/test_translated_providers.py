@@ -14,6 +14,12 @@ from support.prometheus import scrape
 MESSAGES = [{"role": "user", "content": "hello"}]
 
 
+def _reply(content_type: bytes, body: bytes, status: bytes = b"200 OK") -> bytes:
+    """A whole HTTP answer, for raw_upstream."""
+    return (b"HTTP/1.1 " + status + b"\r\ncontent-type: " + content_type + b"\r\ncontent-length: "
+            + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+
+
 def client(proxy) -> openai.OpenAI:
     return openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=0, timeout=30)
 
@@ -211,8 +217,7 @@ def test_a_200_litellm_cannot_read_is_the_model_s_failure_not_the_request_s(tmp_
     (APIConnectionError): this one falls back, counts towards cooldown, and is a 502 by name."""
     from support.raw_upstream import raw_upstream
 
-    answer = (b"HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: " + str(len(body)).encode()
-              + b"\r\nconnection: close\r\n\r\n" + body)
+    answer = _reply(b"text/html", body)
     with raw_upstream(lambda request: answer) as url:
         bad = claude(upstream)
         bad["litellm_params"]["api_base"] = url.removesuffix("/v1")
@@ -236,18 +241,13 @@ def test_an_answer_orjson_cannot_write_is_still_relayed_on_the_litellm_path(tmp_
 
     body = (b'{"id": "c", "object": "chat.completion", "created": 0, "model": "up", "choices": [{"index": 0, '
             b'"finish_reason": "length", "message": {"role": "assistant", "content": "Sure \\ud83d"}}]}')
-    answer = b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n" + body
+    answer = _reply(b"application/json", body)
     with raw_upstream(lambda request: answer) as url:
         cfg = write_config(tmp_path / "providers.yaml", [model_entry("lite", url, tmp_path, fast_path=False)],
                            num_retries=0)
         proxy = start_proxy(cfg)
         got = client(proxy).chat.completions.create(model="lite", messages=MESSAGES)
     assert got.model == "lite" and got.choices[0].message.content.startswith("Sure")
-
-
-def _reply(content_type: bytes, body: bytes) -> bytes:
-    return (b"HTTP/1.1 200 OK\r\ncontent-type: " + content_type + b"\r\ncontent-length: "
-            + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
 
 
 @pytest.mark.parametrize("answer", [
@@ -321,9 +321,7 @@ def test_an_upstream_error_that_is_not_json_reaches_the_client_in_its_own_words(
                                                                                 start_proxy, stream):
     from support.raw_upstream import raw_upstream
 
-    page = b"<html>plain error 403</html>"
-    answer = (b"HTTP/1.1 403 Forbidden\r\ncontent-type: text/html\r\ncontent-length: " + str(len(page)).encode()
-              + b"\r\nconnection: close\r\n\r\n" + page)
+    answer = _reply(b"text/html", b"<html>plain error 403</html>", b"403 Forbidden")
     with raw_upstream(lambda request: answer) as url:
         anthropic = claude(upstream)
         anthropic["litellm_params"]["api_base"] = url.removesuffix("/v1")
