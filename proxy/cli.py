@@ -16,6 +16,8 @@ import sys
 from types import ModuleType
 from typing import Sequence
 
+from proxy import __version__
+
 DELEGATED = {
     "train": ("scorer.training", "train the Model-SAT scorer (capability instruction tuning)"),
     "evaluate": ("scorer.evaluation", "evaluate routing against baselines"),
@@ -41,6 +43,7 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="satroute", description="satroute: an OpenAI-compatible proxy that routes each request with "
                                      "Model-SAT. Commands: serve, train, evaluate, onboard.")
+    parser.add_argument("--version", action="version", version=f"satroute {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the OpenAI-compatible routing proxy")
     serve.add_argument("--config", help="providers.yaml (env SATROUTE_CONFIG)")

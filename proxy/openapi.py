@@ -17,7 +17,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import BaseRoute, Mount, Route
 
-from proxy import protocol
+from proxy import __version__, protocol
 from proxy.auth import PUBLIC_PATHS
 
 OPENAPI_VERSION = "3.1.0"
@@ -160,7 +160,7 @@ def _parameters(path: str) -> list[dict[str, Any]]:
 
 def build_document(routes: Iterable[BaseRoute], *, router_name: str = "auto",
                    public_paths: Iterable[str] = PUBLIC_PATHS,
-                   title: str = "satroute", version: str = "0.1.0") -> dict[str, Any]:
+                   title: str = "satroute", version: str = __version__) -> dict[str, Any]:
     detailed = _detailed(router_name)
     public = set(public_paths)
     paths: dict[str, dict[str, Any]] = {}

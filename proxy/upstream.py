@@ -21,6 +21,7 @@ from typing import Any, AsyncIterator, Iterator, Mapping
 import aiohttp
 import orjson
 
+from proxy import __version__
 from proxy.errors import UpstreamClientError, UpstreamTransient, error_event
 from proxy.protocol import OPENAI_CHAT_PARAMS
 from proxy.providers import Deployment
@@ -28,6 +29,7 @@ from proxy.providers import Deployment
 # litellm_params keys that fill the request body where the client's body has none.
 BODY_DEFAULTS = OPENAI_CHAT_PARAMS - {"messages", "stream", "stream_options"}
 DEFAULT_BASES = {"openai": "https://api.openai.com/v1"}
+USER_AGENT = f"satroute/{__version__}"
 MODEL_FIELD = re.compile(rb'"model"\s*:\s*(?:"(?:[^"\\]|\\.)*"|null)')
 RETRYABLE = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
 
@@ -197,6 +199,8 @@ class PassThrough:
         extra = d.params.get("extra_headers")
         if isinstance(extra, dict):
             h.update({str(k): str(v) for k, v in extra.items()})
+        if not any(k.lower() == "user-agent" for k in h):  # an admin's own extra_headers win
+            h["User-Agent"] = USER_AGENT  # some gateways (WAFs) refuse a request with none
         return h
 
     async def attempt(self, d: Deployment, body: Mapping[str, Any], stream: bool,

@@ -109,6 +109,14 @@ def test_console_script_help_has_no_traceback():
         cli.main([])
 
 
+def test_version_names_the_installed_package(capsys):
+    from importlib.metadata import version
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["--version"])
+    assert exit_.value.code == 0
+    assert capsys.readouterr().out.strip() == f"satroute {version('satroute')}"
+
+
 @pytest.mark.parametrize("host, master, warned", [("0.0.0.0", None, True), ("::", None, True),
                                                   ("10.1.2.3", None, True), ("0.0.0.0", "mk-1", False),
                                                   ("127.0.0.1", None, False), ("localhost", None, False),

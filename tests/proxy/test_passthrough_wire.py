@@ -237,3 +237,21 @@ def test_sse_under_another_type_is_recognised_when_its_first_read_is_short(tmp_p
         proxy = start_proxy(cfg)
         chunks = list(client(proxy).chat.completions.create(model="m1", messages=MESSAGES, stream=True))
     assert [c.choices[0].delta.content for c in chunks] == ["a", None]
+
+
+def test_the_pass_through_names_itself_unless_the_admin_set_a_user_agent(tmp_path, upstream, start_proxy):
+    """Gateways behind a WAF may refuse a request with no User-Agent; an admin's extra_headers one is
+    sent instead of it, not beside it."""
+    from proxy.upstream import PassThrough, USER_AGENT
+
+    named = model_entry("named", upstream.url, tmp_path, fast_path=True)
+    named["litellm_params"]["extra_headers"] = {"user-agent": "acme-gateway-client/2"}
+    cfg = write_config(tmp_path / "providers.yaml",
+                       [model_entry("plain", upstream.url, tmp_path, fast_path=True), named])
+    proxy = start_proxy(cfg)
+    for name in ("plain", "named"):
+        client(proxy).chat.completions.create(model=name, messages=MESSAGES)
+    assert USER_AGENT.startswith("satroute/") and len(USER_AGENT) > len("satroute/")
+    assert [r.headers.get("user-agent") for r in upstream.received] == [USER_AGENT, "acme-gateway-client/2"]
+    deployment = proxy.app.state.services.registry.snapshot.models["named"]
+    assert [k for k in PassThrough.headers(deployment) if k.lower() == "user-agent"] == ["user-agent"]
