@@ -229,18 +229,30 @@ def _parse_scores(value: str) -> dict[str, float] | None:
         return None
 
 
+MAX_LOGGED_PROMPT = 4000  # characters of a logged prompt; the rest is counted, not written
+
+
 def _prompt_text(body: bytes) -> str | None:
-    """The last user turn's text of a chat request body (only read when prompts are logged)."""
+    """The last user turn's text of a chat request body (only read when prompts are logged), cut
+    to ``MAX_LOGGED_PROMPT`` characters. Any body the proxy was sent, well-formed or not, gives a
+    string or None: the request's log line must not depend on it."""
     try:
-        messages = orjson.loads(body).get("messages") or []
+        messages = orjson.loads(body).get("messages")
     except (orjson.JSONDecodeError, AttributeError):
+        return None
+    if not isinstance(messages, list):
         return None
     for message in reversed(messages):
         if isinstance(message, dict) and message.get("role") == "user":
             content = message.get("content")
             if isinstance(content, list):
-                content = " ".join(p.get("text", "") for p in content if isinstance(p, dict))
-            return content if isinstance(content, str) else None
+                content = " ".join(p["text"] for p in content
+                                   if isinstance(p, dict) and isinstance(p.get("text"), str))
+            if not isinstance(content, str):
+                return None
+            if len(content) > MAX_LOGGED_PROMPT:
+                content = f"{content[:MAX_LOGGED_PROMPT]}…(+{len(content) - MAX_LOGGED_PROMPT} chars)"
+            return content
     return None
 
 

@@ -127,6 +127,36 @@ def test_prompt_text_is_logged_only_when_enabled():
     assert _lines(out)[0]["prompt"] == PROMPT
 
 
+@pytest.mark.parametrize("body, prompt", [
+    ({"messages": [{"role": "user", "content": [{"type": "text", "text": "Describe this"},
+                                                {"type": "image_url", "image_url": {"url": "x"}, "text": None}]}]},
+     "Describe this"),
+    ({"messages": 5}, None),
+    ({"messages": "hello"}, None),
+    ({"messages": {"role": "user", "content": "hi"}}, None),
+    ({"messages": [{"role": "user", "content": {"text": "hi"}}]}, None),
+    ([1, 2], None),
+])
+def test_any_body_still_gets_its_log_line_when_prompts_are_logged(body, prompt):
+    """The prompt is read after the answer went out: a body the handler refused or a content part
+    with a null text must not cost the request its log line and its metrics."""
+    records: list = []
+    client, out = _client(include_prompts=True, records=records)
+    client.post("/v1/chat/completions", json=body)
+    [line] = _lines(out)
+    assert line.get("prompt") == prompt
+    assert len(records) == 1
+
+
+def test_a_logged_prompt_is_cut_to_a_bounded_length():
+    from proxy.logs import MAX_LOGGED_PROMPT
+
+    client, out = _client(include_prompts=True)
+    client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "x" * 200_000}]})
+    logged = _lines(out)[0]["prompt"]
+    assert logged == "x" * MAX_LOGGED_PROMPT + f"…(+{200_000 - MAX_LOGGED_PROMPT} chars)"
+
+
 def test_a_well_formed_incoming_request_id_is_kept_and_a_bad_one_replaced():
     client, out = _client()
     kept = client.get("/stream", headers={REQUEST_ID_HEADER: "trace-42.a"})
