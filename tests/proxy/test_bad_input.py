@@ -185,3 +185,24 @@ def test_an_unknown_model_s_name_is_cut_in_the_error(config, upstream, start_pro
     r = httpx.post(f"{proxy.url}/chat/completions",
                    json={"model": "m" * 100_000, "messages": MESSAGES}, timeout=30)
     assert r.status_code == 404 and len(r.json()["error"]["message"]) < 500
+
+
+def test_an_escaped_lone_surrogate_is_replaced_not_refused(proxy, upstream):
+    """A JavaScript client that cuts a string through an emoji sends ``"\\ud83d"``: JSON's grammar
+    takes it, so the proxy does too, sending U+FFFD on as a UTF-8 decoder would."""
+    body = (b'{"model": "m1", "messages": [{"role": "user", "content": '
+            b'"cut \\ud83d here, whole \\ud83d\\ude00, stray \\ude00"}]}')
+    r = post(proxy, content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 200, r.text
+    assert upstream.bodies()[-1]["messages"][0]["content"] == "cut \ufffd here, whole \U0001f600, stray \ufffd"
+
+
+@pytest.mark.parametrize("body, words", [
+    (b'{"model": "m1", "messages": [{"role": "user", "content": "\\ud83d"}], "temperature": NaN}', ["NaN"]),
+    (b'{"model": "m1", "messages": [{"role": "user", "content": "\\ud83d"}]', ["not valid JSON"]),
+    (b'{"model": "m1", "messages": [], "n": 123456789012345678901234567890, "x": "\\ud83d"}',
+     ["not valid JSON"]),
+])
+def test_a_lone_surrogate_does_not_let_other_faults_through(proxy, upstream, body, words):
+    assert_error(post(proxy, content=body, headers={"content-type": "application/json"}), 400, *words)
+    assert upstream.bodies() == []
