@@ -224,6 +224,9 @@ def _run(args: argparse.Namespace) -> int:
         raise DataError(f"no model outcomes in {args.data}")
     models = [m.strip() for m in args.models.split(",")] if args.models else list(data.models)
     unknown = [m for m in models if m not in data.models]
+    twice = sorted({m for m in models if models.count(m) > 1})
+    if twice:  # a zoo holds each model once: the report's zoo size and random choice would be wrong
+        raise DataError(f"--models names {', '.join(map(repr, twice))} more than once")
     if unknown:
         raise DataError(f"{', '.join(map(repr, unknown))} not in {args.data} (its models: {', '.join(data.models)})")
     profiles = _profiles(args, data, models)

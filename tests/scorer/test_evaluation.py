@@ -165,6 +165,15 @@ def test_cli_an_unknown_router_or_baseline_is_one_line_and_exit_2(data, capsys, 
     assert err.startswith("satroute evaluate: unknown router/baseline 'foo'") and err.count("\n") == 1
 
 
+def test_cli_a_model_named_twice_is_one_line_and_exit_2(data, capsys):
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    args = parser.parse_args(["--data", data.path, "--models", "A,B,A", "--router", "none", "--baselines",
+                              "category", "--suite", "none"])
+    assert run(args) == 2
+    assert capsys.readouterr().err == "satroute evaluate: --models names 'A' more than once\n"
+
+
 @pytest.mark.parametrize("router, suite, message", [
     ("model-sat", "none", "--suite none gives the models no profiles, and model-sat reads them"),
     ("aptitude", "none", "--suite none gives the models no profiles, and aptitude reads them"),
