@@ -115,6 +115,8 @@ class ModelSATConfig:
     lora_alpha: float = 16.0
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "v_proj", "o_proj"])
     encoder_train_layers: int = 0     # top layers of psi tuned in stage 2 (0 = psi stays frozen)
+    llm_train_layers: int = 0         # top kept layers of phi whose full weights stage 2 tunes (0: LoRA
+    #                                   alone, or phi frozen); their weights are then checkpoint parts
     answer_token: str = "Yes"
     text_max_tasks: int = 12          # text variant: tasks written into the sentence (cost bound)
     head: str = HEAD
@@ -298,9 +300,20 @@ class ModelSAT(nn.Module):
         prefixes = self.encoder_tuned_prefixes()
         return [p for n, p in self.named_parameters() if n.startswith(prefixes)] if prefixes else []
 
+    def llm_tuned_prefixes(self) -> tuple[str, ...]:
+        """State-dict prefixes of phi's top ``llm_train_layers`` kept layers (fully tuned in stage 2)."""
+        n = min(self.config.llm_train_layers, len(self.layers))
+        return tuple(f"layers.{i}." for i in range(len(self.layers) - n, len(self.layers))) if n > 0 else ()
+
+    def llm_tuned_parameters(self) -> list[nn.Parameter]:
+        """Those layers' own weights; their LoRA adapters, if any, are LoRA's."""
+        prefixes = self.llm_tuned_prefixes()
+        return [p for n, p in self.named_parameters()
+                if n.startswith(prefixes) and ".lora_" not in n] if prefixes else []
+
     def trainable_state(self) -> dict[str, torch.Tensor]:
-        """Only the parts training changes: the connector, the LoRA adapters, psi's tuned layers."""
-        tuned = ("connector.", "instruction_connector.") + self.encoder_tuned_prefixes()
+        """Only the parts training changes: the connector, the LoRA adapters, psi's and phi's tuned layers."""
+        tuned = ("connector.", "instruction_connector.") + self.encoder_tuned_prefixes() + self.llm_tuned_prefixes()
         return {k: v.detach().clone() for k, v in self.state_dict().items()
                 if k.startswith(tuned) or ".lora_" in k}
 
@@ -352,10 +365,16 @@ class ModelSAT(nn.Module):
         return self.connector(x)
 
     def instruction_vector(self, instruction: str) -> torch.Tensor:
-        """psi's vector of the instruction through its connector ``[1, D]``; psi is not tuned through
-        it, so the vectors of the last few thousand instructions are kept."""
+        """psi's vector of the instruction through its connector ``[1, D]``. While psi is frozen the
+        vectors of the last few thousand instructions are kept; while training tunes psi's top
+        layers (stage 2, ``encoder_train_layers``) each is computed afresh, through autograd: a kept
+        one would be psi's of some steps before."""
         window = self._psi_window(self.config.instruction_vector_tokens)
         text = head_text(instruction, window)  # also the key: a huge instruction is not kept whole
+        weight = self.embed.weight  # a cached vector may predate a move to another device or dtype
+        if any(p.requires_grad for p in self.encoder_tuned_parameters()):
+            self._instruction_vectors.clear()
+            return self.instruction_connector(self._encode([text], window)[0].to(weight.device, weight.dtype))[None]
         vec = self._instruction_vectors.get(text)
         if vec is None:
             with torch.no_grad():
@@ -365,7 +384,6 @@ class ModelSAT(nn.Module):
                 self._instruction_vectors.popitem(last=False)
         else:
             self._instruction_vectors.move_to_end(text)
-        weight = self.embed.weight  # a cached vector may predate a move to another device or dtype
         return self.instruction_connector(vec.to(weight.device, weight.dtype))[None]
 
     def instruction_embeds(self, instruction: str) -> torch.Tensor:

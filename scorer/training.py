@@ -26,8 +26,10 @@ The paper's term teaches which instructions a capability gets right, not which o
 capabilities gets one instruction right; with it on, the routing term's gradient stays too small to
 move the scores apart per request. The default checkpoint therefore ends with a routing-alignment
 stage: ``--init`` from a paper-loss run, ``--paper-weight 0``, ``--neighbours`` targets.
-Stage 1 trains the connector only; stage 2 adds phi's LoRA adapters, with the connector at a larger
-learning rate, and, with ``--encoder-train-layers N``, psi's top N layers. While psi is frozen every
+Stage 1 trains the connector only; stage 2 adds phi's LoRA adapters, and, with
+``--encoder-train-layers N``, psi's top N layers and, with ``--llm-train-layers N``, the full weights
+of phi's top N kept layers (beside LoRA, or instead of it with ``--lora-rank 0``); the connector and
+psi at a larger learning rate than phi's. While psi is frozen every
 clause vector is computed once up front; once it is tuned, clauses are encoded afresh each step.
 
 Does not know: serving, HTTP, evaluation baselines (``--neighbours`` reuses the kNN baseline's
@@ -37,7 +39,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass
@@ -159,7 +163,7 @@ def build_pools(data: RoutingData, suite_name: str, exclude: list[str], val_size
     models = [m for m in train.models if m not in set(exclude)]
     profiles = {m: profile_from_outcomes(suite, train, m) for m in models}
     held = set(suite.question_ids)
-    rows = np.array([i for i, p in enumerate(train.prompts) if p.id not in held])
+    rows = np.array([i for i, p in enumerate(train.prompts) if p.id not in held], dtype=np.int64)
     rng = np.random.default_rng(seed)
     rng.shuffle(rows)
     val_rows, train_rows = np.sort(rows[:val_size]), np.sort(rows[val_size:])
@@ -167,7 +171,11 @@ def build_pools(data: RoutingData, suite_name: str, exclude: list[str], val_size
 
     # MMLU-Pro repeats some question texts under other ids: no validation text may be trained on
     val_texts = {format_instruction(train.prompts[i]) for i in val_rows}
-    train_rows = np.array([i for i in train_rows if format_instruction(train.prompts[i]) not in val_texts])
+    train_rows = np.array([i for i in train_rows if format_instruction(train.prompts[i]) not in val_texts],
+                          dtype=np.int64)
+    if not len(train_rows):
+        raise DataError(f"--val-size {val_size} leaves no train prompt of {data.path} to train on "
+                        f"({len(rows)} outside the suite)")
 
     def pool(idx):
         return Pool([format_instruction(train.prompts[i]) for i in idx], correct[idx], models, profiles,
@@ -341,8 +349,8 @@ class Trainer:
     def set_stage(self, stage: int) -> None:
         m = self.model
         lora = [p for n, p in m.named_parameters() if ".lora_" in n]
-        encoder = m.encoder_tuned_parameters()
-        for p in lora + encoder:
+        encoder, llm = m.encoder_tuned_parameters(), m.llm_tuned_parameters()
+        for p in lora + encoder + llm:
             p.requires_grad_(stage == 2)
         self.writer.live = stage == 2 and bool(encoder)  # a tuned psi cannot use cached vectors
         self.stage = stage
@@ -350,19 +358,20 @@ class Trainer:
                      for p in getattr(m, name).parameters()]
         groups = [{"params": connector}]
         if stage == 2:
-            groups += [{"params": encoder}, {"params": lora}]
+            groups += [{"params": encoder}, {"params": llm}, {"params": lora}]
         groups = [g for g in groups if g["params"]]
         for group, lr in zip(groups, self._learning_rates()):
             group["lr"] = lr
         self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
 
     def _learning_rates(self) -> list[float]:
-        """Per optimizer group, in ``set_stage``'s order: [connector] or [connector, psi, LoRA]."""
+        """Per optimizer group, in ``set_stage``'s order: [connector] or [connector, psi, phi, LoRA]."""
         a = self.args
         if self.stage == 1:
             return [a.lr]
         return (([a.lr_stage2_connector] if hasattr(self.model, "connector") else [])
-                + ([a.lr_encoder] if self.model.encoder_tuned_parameters() else []) + [a.lr_lora])
+                + ([a.lr_encoder] if self.model.encoder_tuned_parameters() else [])
+                + ([a.lr_llm] if self.model.llm_tuned_parameters() else []) + [a.lr_lora])
 
     def train_step(self) -> dict:
         self.model.train()
@@ -430,7 +439,7 @@ def _config_from_args(a, suite: str) -> ModelSATConfig:
     return ModelSATConfig(variant=a.variant, n_layers=a.n_layers, max_instruction_tokens=a.max_instruction_tokens,
                           accuracy_feature=a.accuracy_feature, lora_rank=a.lora_rank,
                           lora_layers=a.lora_layers, suite=suite,
-                          encoder_train_layers=a.encoder_train_layers,
+                          encoder_train_layers=a.encoder_train_layers, llm_train_layers=a.llm_train_layers,
                           encoder=a.encoder, llm=a.llm, text_max_tasks=a.text_max_tasks,
                           instruction_vector_tokens=a.instruction_vector_tokens
                           ).with_layout(a.layout or "instruction_first")
@@ -463,14 +472,21 @@ def _best_so_far(out_dir: Path) -> float:
 
 
 def warm_start(folder: str | Path, device: str, layout: str = "", instruction_vector_tokens: int = 0,
-               lora_layers: int = 0) -> ModelSAT:
+               lora_layers: int = 0, encoder_train_layers: int = 0, llm_train_layers: int = 0) -> ModelSAT:
     """Another checkpoint's network and trained parts, read in ``layout``'s order (the connector and
     LoRA carry over), given an instruction vector if asked and it has none (one it has is kept), and
     LoRA on ``lora_layers`` of phi's kept layers if that is more than it has (new adapters start at zero).
+    So with psi's and phi's tuned layers: more than it tunes are tuned from here on (their weights
+    start as the backbones'); fewer are not asked for (its tuned layers stay its).
     Its ``aptitude_weight`` is dropped: it was fitted to the old weights (``bench/router_scores.py``)."""
     model = load_model(folder, device=device)
     if lora_layers > model.config.lora_layers and model.config.lora_rank > 0:
         model.widen_lora(lora_layers)
+    if llm_train_layers > len(model.layers):
+        raise ValueError(f"--llm-train-layers {llm_train_layers} is more than the {len(model.layers)} layers "
+                         f"of phi that {folder} keeps")
+    model.config.encoder_train_layers = max(model.config.encoder_train_layers, encoder_train_layers)
+    model.config.llm_train_layers = max(model.config.llm_train_layers, llm_train_layers)
     if layout and layout != model.config.layout:
         model.config = model.config.with_layout(layout)
     if instruction_vector_tokens and not model.config.instruction_vector_tokens:
@@ -522,8 +538,35 @@ def _check_trainable(pool: Pool, data: RoutingData, suite) -> None:
                             f"pass --suite with the suite measured on this data (or --exclude-models {m})")
 
 
+def check_options(a) -> None:
+    """Option values no run can use, refused before anything is read (ValueError naming the option)."""
+    at_least = {"--n-layers": (a.n_layers, 1), "--max-instruction-tokens": (a.max_instruction_tokens, 1),
+                "--text-max-tasks": (a.text_max_tasks, 1), "--lora-rank": (a.lora_rank, 0),
+                "--lora-layers": (a.lora_layers, 0), "--encoder-train-layers": (a.encoder_train_layers, 0),
+                "--llm-train-layers": (a.llm_train_layers, 0),
+                "--instruction-vector-tokens": (a.instruction_vector_tokens, 0),
+                "--stage1-steps": (a.stage1_steps, 0), "--stage2-steps": (a.stage2_steps, 0),
+                "--accumulate": (a.accumulate, 1), "--val-size": (a.val_size, 1), "--threads": (a.threads, 1),
+                "--neighbours": (a.neighbours, 0)}
+    for flag, (value, least) in at_least.items():
+        if value < least:
+            raise ValueError(f"{flag} is {value}; it takes {least} or more")
+    if a.llm_train_layers > a.n_layers and not a.init:
+        raise ValueError(f"--llm-train-layers {a.llm_train_layers} is more than the {a.n_layers} layers of phi "
+                         "kept (--n-layers)")
+    if a.route_weight > 0 and a.group_models < 2:
+        raise ValueError(f"--group-models is {a.group_models}; a routing group is one model that got the "
+                         "instruction right and at least one that got it wrong: 2 or more")
+    if a.device and a.device != "cpu":
+        if not re.fullmatch(r"cuda(:\d+)?", a.device):
+            raise ValueError(f"--device takes cpu or cuda (or cuda:N), not {a.device!r}")
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device {a.device}: this torch sees no CUDA device")
+
+
 def build_sources(a) -> tuple[list[Source], object]:
     """One ``Source`` per ``--data`` folder (comma-separated), with its suite and weight."""
+    check_options(a)
     folders = [f for f in str(a.data).split(",") if f]
     suites = [s for s in str(a.suite).split(",") if s] or ["auto"]
     if len(suites) == 1:
@@ -533,13 +576,13 @@ def build_sources(a) -> tuple[list[Source], object]:
     except ValueError:
         raise ValueError(f"--data-weights takes numbers, one per --data folder, not {a.data_weights!r}") from None
     if len(suites) != len(folders) or len(weights) != len(folders):
-        raise SystemExit("--suite and --data-weights need one value per --data folder (or one suite for all)")
+        raise ValueError("--suite and --data-weights need one value per --data folder (or one suite for all)")
     if a.category_prior and a.neighbours <= 0:
-        raise SystemExit("--category-prior blends into the --neighbours targets: give --neighbours K too")
+        raise ValueError("--category-prior blends into the --neighbours targets: give --neighbours K too")
     if not 0.0 <= a.category_prior <= 1.0:
-        raise SystemExit("--category-prior is a weight between 0 and 1")
+        raise ValueError("--category-prior is a weight between 0 and 1")
     if a.category_shrink < 0:
-        raise SystemExit("--category-shrink is a pseudo-count, 0 or more")
+        raise ValueError("--category-shrink is a pseudo-count, 0 or more")
     datasets = [load_dataset(folder) for folder in folders]
     if a.exclude_models is not None or a.val_models is not None:
         _check_names(a, datasets)
@@ -553,6 +596,17 @@ def build_sources(a) -> tuple[list[Source], object]:
         val_models = DEFAULT_VAL_MODELS if a.val_models is None else a.val_models
         sources.append(Source(Path(folder).name, pool, val, list(val_models), weight))
     return sources, first_suite
+
+
+def _finite(value):
+    """``value`` with every float that is not finite written as None (JSON's null)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def run(a) -> int:
@@ -578,7 +632,8 @@ def _run(a) -> int:
     if resume:
         model = load_model(out_dir, device=device)
     elif a.init:
-        model = warm_start(a.init, device, a.layout, a.instruction_vector_tokens, a.lora_layers).train()
+        model = warm_start(a.init, device, a.layout, a.instruction_vector_tokens, a.lora_layers,
+                           a.encoder_train_layers, a.llm_train_layers).train()
     else:
         model = ModelSAT.from_backbones(_config_from_args(a, suite_reference(a))).to(device)
     writer = CapabilityWriter(model, suite_keywords(suite))
@@ -614,7 +669,7 @@ def _run(a) -> int:
                 best = rec["val_routing_acc"]
                 save_checkpoint(model, out_dir / BEST, trainer.meta(out_dir, {"val_routing_acc": best,
                                                                                   "val": rec["val"]}))
-        log.write(json.dumps(rec) + "\n")
+        log.write(json.dumps(_finite(rec)) + "\n")  # NaN is no JSON: no validation prompt, a diverged loss
         log.flush()
         if time.monotonic() - last_save > a.save_every_minutes * 60 or "val_routing_acc" in rec:
             trainer.save(out_dir, {"val_routing_acc": rec.get("val_routing_acc"), "ema_loss": ema}, ema)
@@ -629,7 +684,7 @@ def _run(a) -> int:
 def has_stage_two(config: ModelSATConfig) -> bool:
     """Whether stage 2 tunes anything beyond the connectors: LoRA adapters or psi's top layers
     (a network with neither stays in stage 1, at its learning rate)."""
-    return config.lora_rank > 0 or config.encoder_train_layers > 0
+    return config.lora_rank > 0 or config.encoder_train_layers > 0 or config.llm_train_layers > 0
 
 
 def _truncate_log(path: Path, step: int) -> None:
@@ -686,8 +741,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr-lora", type=float, default=1e-3)
     p.add_argument("--encoder-train-layers", type=int, default=0,
                    help="top layers of psi tuned in stage 2 (0 = psi frozen, its clause vectors cached)")
-    p.add_argument("--lr-encoder", type=float, default=2e-4,
+    p.add_argument("--lr-encoder", type=float, default=2e-3,
                    help="learning rate of psi's tuned layers (full weights) in stage 2")
+    p.add_argument("--llm-train-layers", type=int, default=0,
+                   help="top kept layers of phi whose full weights stage 2 tunes, beside or instead of "
+                        "LoRA (--lora-rank 0); each SmolLM2 layer adds ~14 MB to the checkpoint")
+    p.add_argument("--lr-llm", type=float, default=1e-4,
+                   help="learning rate of phi's fully tuned layers in stage 2")
     p.add_argument("--k", type=positive_int, default=3, help="paper group: 1 right + k-1 wrong instructions")
     p.add_argument("--group-models", type=int, default=3, help="route group: 1 right + g-1 wrong models")
     p.add_argument("--accumulate", type=int, default=1, help="groups per optimizer step")

@@ -183,6 +183,25 @@ def test_checkpoint_round_trip_carries_psis_tuned_layers(tmp_path, monkeypatch):
         ModelSATScorer(model, tiny.suite()).score("law court", PROFILES), abs=1e-4)
 
 
+def test_checkpoint_round_trip_carries_phis_fully_tuned_layers(tmp_path, monkeypatch):
+    enc, llm = tiny.save_backbones(tmp_path / "backbones")
+    model = tiny.build(accuracy_feature=True, llm_train_layers=1, lora_rank=2, lora_layers=1, encoder=enc, llm=llm)
+    top = len(model.layers) - 1
+    with torch.no_grad():
+        for p in model.llm_tuned_parameters():
+            p.add_(0.05)
+    state = model.trainable_state()
+    assert any(k.startswith(f"layers.{top}.") and ".lora_" not in k for k in state)
+    assert not any(k.startswith(f"layers.{top - 1}.") for k in state)  # the layers below stay the backbone's
+    again = load_model(save_checkpoint(model, tmp_path / "ckpt"))
+    assert again.config.llm_train_layers == 1
+    for k, v in state.items():
+        torch.testing.assert_close(again.trainable_state()[k], v)
+    monkeypatch.setattr("scorer.inference.load_suite", lambda name: tiny.suite())
+    assert ModelSATScorer(again, tiny.suite()).score("law court", PROFILES) == pytest.approx(
+        ModelSATScorer(model, tiny.suite()).score("law court", PROFILES), abs=1e-4)
+
+
 def test_writer_skips_tasks_it_has_no_keywords_for():
     model = tiny.build(accuracy_feature=True)
     writer = CapabilityWriter(model, tiny.suite().keywords())

@@ -121,6 +121,79 @@ def test_stage_two_tunes_psis_top_layers_through_live_clause_vectors():
     assert set(names) <= set(model.trainable_state())
 
 
+@pytest.mark.parametrize("lora_rank", [0, 2], ids=["full", "full+lora"])
+def test_stage_two_can_tune_phis_top_layers_fully(lora_rank):
+    """The issue's "the LLM (full or LoRA)": --llm-train-layers N tunes the full weights of phi's
+    top N kept layers in stage 2, at --lr-llm, below the connector's and psi's rates by default."""
+    model = tiny.build(accuracy_feature=True, lora_rank=lora_rank, lora_layers=1, llm_train_layers=1)
+    writer = CapabilityWriter(model, tiny.suite().keywords())
+    trainer = Trainer(model, writer, [Source("t", _pool(), _pool(8), ["alg", "bio", "none"])], _args(lr_llm=1e-2))
+    top = len(model.layers) - 1
+    params = dict(model.named_parameters())
+    tuned = [n for n in params if n.startswith(f"layers.{top}.") and ".lora_" not in n]
+    below = [n for n in params if n.startswith(f"layers.{top - 1}.")]
+    assert tuned and below
+    before = {n: params[n].clone() for n in tuned + below}
+    trainer.set_stage(1)
+    trainer.train_step()
+    assert all(torch.equal(params[n], before[n]) for n in tuned)  # stage 1: connector only
+    trainer.set_stage(2)
+    a = trainer.args
+    assert [g["lr"] for g in trainer.optimizer.param_groups] == [a.lr_stage2_connector, a.lr_llm] + (
+        [a.lr_lora] if lora_rank else [])
+    for _ in range(2):
+        trainer.train_step()
+    assert any(not torch.equal(params[n], before[n]) for n in tuned)
+    assert all(torch.equal(params[n], before[n]) for n in below)
+    assert set(tuned) <= set(model.trainable_state())
+
+
+def test_the_default_stage_two_rates_are_larger_on_connector_and_encoder_than_on_phi():
+    a = _args()
+    assert min(a.lr_stage2_connector, a.lr_encoder) > max(a.lr_lora, a.lr_llm)
+
+
+def test_a_warm_start_can_tune_more_of_psi_and_phi_than_its_checkpoint(tmp_path):
+    from scorer.inference import save_checkpoint
+    from scorer.training import warm_start
+
+    enc, llm = tiny.save_backbones(tmp_path / "backbones")
+    folder = save_checkpoint(tiny.build(accuracy_feature=True, lora_rank=2, lora_layers=1, encoder=enc, llm=llm),
+                             tmp_path / "ckpt")
+    grown = warm_start(folder, "cpu", encoder_train_layers=1, llm_train_layers=2)
+    assert (grown.config.encoder_train_layers, grown.config.llm_train_layers) == (1, 2)
+    assert grown.encoder_tuned_parameters() and len(grown.llm_tuned_prefixes()) == 2
+    kept = warm_start(folder, "cpu")
+    assert (kept.config.encoder_train_layers, kept.config.llm_train_layers) == (0, 0)
+    with pytest.raises(ValueError, match="more than the 3 layers"):
+        warm_start(folder, "cpu", llm_train_layers=4)
+
+
+def test_a_tuned_psi_reads_each_instruction_afresh_not_from_vectors_of_earlier_steps():
+    """With psi's top layer tuned, an instruction vector kept from an earlier step would be an older
+    psi's: training, validation and the saved network would each see different inputs."""
+    model = tiny.build(accuracy_feature=True, lora_rank=2, lora_layers=1, encoder_train_layers=1,
+                       instruction_vector_tokens=16)
+    writer = CapabilityWriter(model, tiny.suite().keywords())
+    pool = _pool()
+    trainer = Trainer(model, writer, [Source("t", pool, _pool(8), ["alg", "bio", "none"])], _args(lr_encoder=5e-2))
+    trainer.set_stage(1)
+    trainer.train_step()  # psi frozen: vectors are kept
+    assert model._instruction_vectors
+    trainer.set_stage(2)
+    for _ in range(3):
+        trainer.train_step()
+    text = pool.instructions[0]
+    window = model._psi_window(model.config.instruction_vector_tokens)
+    with torch.no_grad():
+        fresh = model.instruction_connector(model._encode([text], window)[0])[None]
+        torch.testing.assert_close(model.instruction_vector(text), fresh)
+    assert not model._instruction_vectors
+    live = model.instruction_vector(text)  # and psi learns through it
+    live.sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.encoder_tuned_parameters())
+
+
 def test_training_reduces_the_loss():
     # connector + LoRA (stage 2): a frozen random phi alone learns far too slowly to test
     trainer = _trainer(lr_stage2_connector=3e-2, lr_lora=1e-2)
@@ -167,7 +240,7 @@ def test_sources_parse_one_suite_and_weight_per_folder(tmp_path):
     assert suite_for("/x/mmlu_pro", "auto") == "mmlu_pro"
     assert suite_for("/x/anything_else", "auto") == "mmlu_pro"
     assert suite_for("/x/routerdc", "mmlu_pro") == "mmlu_pro"
-    with pytest.raises(SystemExit):
+    with pytest.raises(ValueError, match="one value per --data folder"):
         build_sources(_args(data="a,b", data_weights="1,2,3"))
 
 
@@ -187,9 +260,9 @@ def test_a_category_prior_without_neighbour_targets_or_outside_0_1_is_refused():
     from scorer.training import build_sources
 
     # refused before any folder is read: a run that would silently train without its prior never starts
-    with pytest.raises(SystemExit, match="--neighbours"):
+    with pytest.raises(ValueError, match="--neighbours"):
         build_sources(_args(data="/nonexistent", category_prior=0.5, neighbours=0))
-    with pytest.raises(SystemExit, match="between 0 and 1"):
+    with pytest.raises(ValueError, match="between 0 and 1"):
         build_sources(_args(data="/nonexistent", category_prior=1.5, neighbours=50))
 
 
@@ -473,7 +546,7 @@ def test_category_shrink_pulls_a_small_category_toward_its_data_sets_mean():
     # a category with no other row falls back on the data set's mean
     lone = category_means(correct, np.array(["a", "a", "a", "b", "c"]), parents, 2.0)
     assert lone[4, 0] == pytest.approx(0.5)
-    with pytest.raises(SystemExit, match="pseudo-count"):
+    with pytest.raises(ValueError, match="pseudo-count"):
         from scorer.training import build_sources
         build_sources(_args(data="/nonexistent", category_prior=0.5, neighbours=50, category_shrink=-1))
 
@@ -637,6 +710,14 @@ def test_resume_without_a_saved_state_says_it_starts_a_new_run(tiny_run, tmp_pat
     (("--suite", "nosuch"), "no aptitude suite at"),
     (("--init", "/nonexistent"), "no Model-SAT checkpoint in /nonexistent"),
     (("--data", "/nonexistent"), "/nonexistent holds no prompts.jsonl.gz"),
+    (("--category-prior", "2", "--neighbours", "5"), "--category-prior is a weight between 0 and 1"),
+    (("--n-layers", "0"), "--n-layers is 0; it takes 1 or more"),
+    (("--val-size", "0"), "--val-size is 0; it takes 1 or more"),
+    (("--accumulate", "0"), "--accumulate is 0; it takes 1 or more"),
+    (("--group-models", "1"), "--group-models is 1; a routing group is one model"),
+    (("--device", "gpu"), "--device takes cpu or cuda"),
+    (("--val-size", "100000"), "--val-size 100000 leaves no train prompt of .* to train on"),
+    (("--llm-train-layers", "5"), "--llm-train-layers 5 is more than the 3 layers of phi kept"),
 ])
 def test_a_mistake_is_one_line_and_exit_2(tiny_run, capsys, flags, message):
     from scorer.training import main
@@ -645,6 +726,35 @@ def test_a_mistake_is_one_line_and_exit_2(tiny_run, capsys, flags, message):
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.startswith("satroute train:")]
     assert len(lines) == 1 and re.match(f"satroute train: {message}", lines[0]), err
+
+
+def test_a_run_that_tunes_phi_fully_without_lora_saves_a_checkpoint_that_loads(tiny_run, tmp_path):
+    from scorer.inference import load_model
+    from scorer.training import main
+
+    assert main(tiny_run("--llm-train-layers", "1", "--lora-rank", "0")) == 0
+    model = load_model(tmp_path / "out", device="cpu")
+    assert model.config.llm_train_layers == 1 and model.config.lora_rank == 0
+    assert any(k.startswith("layers.2.") for k in model.trainable_state())
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_asked_for_where_there_is_none_is_one_line_and_exit_2(tiny_run, capsys):
+    from scorer.training import main
+
+    assert main(tiny_run("--device", "cuda")) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == "satroute train: --device cuda: this torch sees no CUDA device"
+
+
+def test_the_log_writes_null_where_a_figure_is_not_a_number(tiny_run, tmp_path, monkeypatch):
+    """A validation slice with no outcome (or a diverged loss) gives NaN, which is no JSON."""
+    from scorer.training import Trainer, main
+
+    monkeypatch.setattr(Trainer, "validate", lambda self: float("nan"))
+    assert main(tiny_run()) == 0
+    lines = (tmp_path / "out" / "log.jsonl").read_text().splitlines()
+    records = [json.loads(line, parse_constant=lambda name: pytest.fail(f"{name} in the log")) for line in lines]
+    assert any("val_routing_acc" in r and r["val_routing_acc"] is None for r in records)
 
 
 def test_a_folder_without_a_train_split_is_one_line_and_exit_2(tiny_run, tmp_path, capsys):
