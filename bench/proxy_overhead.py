@@ -8,7 +8,8 @@ LiteLLM proxy in front of the same upstream. Prints its figures; not a test.
 What runs, all on 127.0.0.1:
 - the upstream: tests/support/mock_upstream.py (asyncio + httptools + uvloop), answering at once;
 - satroute: ``python -m proxy.cli serve`` with the constant scorer (so only the proxy is measured),
-  one routed model (``model: auto``);
+  one routed model (``model: auto``), its state (routing log) in a temporary folder, and none of
+  this shell's ``SATROUTE_*`` settings (a master key, a deployment's state dir);
 - the LiteLLM proxy: ``litellm --config`` from a separate venv (--litellm-bin; default
   .bench-venv/bin/litellm, set up with ``python3 -m venv .bench-venv &&
   .bench-venv/bin/pip install 'litellm[proxy]==1.102.4'``), same upstream;
@@ -62,10 +63,18 @@ def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = N
     raise RuntimeError(f"{url} did not come up")
 
 
+def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
+    """This shell's environment without its SATROUTE_* settings (a master key would make every
+    request a 401, a state dir would put the benchmark's requests in a deployment's routing log),
+    plus ``env``."""
+    own = {k: v for k, v in os.environ.items() if not k.startswith("SATROUTE_")}
+    return {**own, **(env or {})}
+
+
 def start(cmd: list[str], env: dict[str, str] | None = None, log: Path | None = None
           ) -> subprocess.Popen:
     out = open(log, "w") if log else subprocess.DEVNULL
-    return subprocess.Popen(cmd, env={**os.environ, **(env or {})}, stdout=out,
+    return subprocess.Popen(cmd, env=child_env(env), stdout=out,
                             stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -164,6 +173,10 @@ def main() -> int:
     if not shutil.which("wrk"):
         print("wrk not found (apt-get install wrk)", file=sys.stderr)
         return 2
+    if not args.skip_litellm and not Path(args.litellm_bin).exists():
+        print(f"{args.litellm_bin} not found: set up the LiteLLM proxy's venv (this file's docstring) "
+              "or pass --skip-litellm", file=sys.stderr)
+        return 2
     py = sys.executable
     tmp = Path(tempfile.mkdtemp(prefix="satroute-bench-"))
     up_port, our_port, their_port = free_port(), free_port(), free_port()
@@ -187,7 +200,8 @@ def main() -> int:
         elif args.profile:
             ours_cmd = [py, "-m", "pyinstrument", "-r", "text", "-o", args.profile,
                         "--show-all", "-m", "proxy.cli", *ours_cmd[3:]]
-        ours = start(ours_cmd, env={"SATROUTE_LOG_LEVEL": "warning"}, log=tmp / "satroute.log")
+        ours = start(ours_cmd, env={"SATROUTE_LOG_LEVEL": "warning", "SATROUTE_STATE_DIR": str(tmp / "state"),
+                                    "SATROUTE_ONBOARDING": "false"}, log=tmp / "satroute.log")
         procs.append(ours)
         wait_http(f"http://127.0.0.1:{our_port}/ready", proc=ours)
         targets = {"direct": f"{upstream}/chat/completions",
@@ -217,6 +231,12 @@ def main() -> int:
                               f"p50 {r['p50']:7.2f} ms  p99 {r['p99']:7.2f} ms  "
                               f"{r['rps']:8.1f} req/s  non-2xx {int(r['errors'])} {r['sock']}",
                               flush=True)
+        failed = {key: int(sum(r["errors"] for r in runs)) for key, runs in table.items()
+                  if any(r["errors"] for r in runs)}
+        if failed:  # figures of error answers are not the proxy's: no table of them
+            print("non-2xx answers, so no table: " + ", ".join(f"{n} {m} c={c}: {k}" for (m, c, n), k in
+                                                              failed.items()) + f" (logs in {tmp})", file=sys.stderr)
+            return 1
         report(table, targets)
     finally:
         for p in reversed(procs):

@@ -68,6 +68,8 @@ async def load(url: str, concurrency: int, n: int, salt: int, twins: bool = Fals
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
     wall = time.perf_counter() - started
     ok = [r for r in rows if r["status"] == 200]
+    if not ok:
+        raise SystemExit(f"no request answered 200 (statuses: {sorted({r['status'] for r in rows})})")
     return {"concurrency": concurrency, "requests": len(rows), "errors": len(rows) - len(ok), "rps": len(rows) / wall,
             "p50_ms": statistics.median(r["ms"] for r in ok), "p90_ms": percentile([r["ms"] for r in ok], 0.9),
             "scorer_p50_ms": statistics.median(r["scorer_ms"] for r in ok),
