@@ -81,7 +81,10 @@ class Services:
 def follow_edit(cooldowns: Cooldowns, old: Snapshot, new: Snapshot) -> None:
     """Cooldowns after an edit of providers.yaml: a model now reached another way (its model,
     api_base or key changed: the fix for what failed) starts with a clean record, and no cooldown
-    outlasts a lowered ``cooldown_s``."""
+    outlasts a lowered ``cooldown_s``. A model no longer in the file keeps no record (``/ready``
+    would list it as cooling)."""
+    for name in old.models.keys() - new.models.keys():
+        cooldowns.forget(name)
     for name, d in new.models.items():
         before = old.models.get(name)
         if before is None or (before.model, before.api_base, before.api_key) != (d.model, d.api_base,

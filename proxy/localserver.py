@@ -418,6 +418,7 @@ class LocalServerManager:
         self._factory = factory or LocalServer.for_spec
         self._installed = installed
         self.servers: dict[str, tuple[LocalServerSpec, LocalServer | None]] = {}
+        self._starts: dict[str, asyncio.Task] = {}  # servers still starting, by model name
 
     def _event(self, name: str, event: str) -> None:
         if event == "ready":
@@ -439,8 +440,12 @@ class LocalServerManager:
             if name not in self.servers:
                 self._mark(name, STARTING)
 
-    async def sync(self) -> None:
-        """Start servers newly declared or changed, stop those removed or changed."""
+    async def sync(self, wait: bool = True) -> None:
+        """Start servers newly declared or changed, stop those removed or changed. Every model to
+        start is marked starting before any starts; starts run side by side, each as its own task,
+        so one slow start (a large GGUF) holds up neither the others nor a later edit, which stops
+        a server still starting as it stops one that runs. ``wait``: return once the servers
+        started here answer (or failed to start); the watch does not wait."""
         wanted = self._specs()
         for name, (spec, server) in list(self.servers.items()):
             if wanted.get(name) != spec:
@@ -448,13 +453,21 @@ class LocalServerManager:
                 if server is not None:
                     if name in wanted:  # down before its server goes: no request is sent to it
                         self._mark(name, f"{RESTARTING}: its configuration changed")
+                    starting = self._starts.pop(name, None)
+                    if starting is not None:
+                        starting.cancel()
+                        await asyncio.gather(starting, return_exceptions=True)
                     await server.stop()
                 if name not in wanted:  # no longer a local model (or gone): its mark goes too
                     self._mark(name, None)
-        for name, spec in wanted.items():
-            if name in self.servers:
-                continue
+                    if self._on_event is not None:  # and its series: a gauge at 0 for ever would alert
+                        self._on_event(name, "removed")
+        new = [name for name in wanted if name not in self.servers]
+        for name in new:  # none is advertised as up while the others start
             self._mark(name, STARTING)
+        launched = []
+        for name in new:
+            spec = wanted[name]
             if spec.problem is not None:
                 self.servers[name] = (spec, None)
                 self._mark(name, f"its local server cannot run: {spec.problem}")
@@ -469,20 +482,35 @@ class LocalServerManager:
             # events under the model's name: the server's own is the upstream id (its alias)
             server = self._factory(spec, on_event=lambda _, event, name=name: self._event(name, event))
             self.servers[name] = (spec, server)
-            try:
-                await server.start(keep_trying=True)
-            except LocalServerError as exc:  # marked by its failed event; it goes on trying
-                log.error("%s; trying again", exc.message)
+            task = asyncio.create_task(self._start(name, server), name=f"localserver-start:{name}")
+            self._starts[name] = task
+            launched.append(task)
+        if wait and launched:
+            await asyncio.gather(*launched, return_exceptions=True)
+
+    async def _start(self, name: str, server: LocalServer) -> None:
+        try:
+            await server.start(keep_trying=True)
+        except LocalServerError as exc:  # marked by its failed event; it goes on trying
+            log.error("%s; trying again", exc.message)
+        finally:
+            if self._starts.get(name) is asyncio.current_task():
+                del self._starts[name]
 
     async def watch(self, interval_s: float) -> None:
         """Sync now, then whenever the wanted servers change (run as a background task)."""
-        await self.sync()
+        await self.sync(wait=False)
         while True:
             await asyncio.sleep(interval_s)
             if {n: s for n, (s, _) in self.servers.items()} != self._specs():
-                await self.sync()
+                await self.sync(wait=False)
 
     async def stop(self) -> None:
+        starts = list(self._starts.values())
+        self._starts.clear()
+        for task in starts:
+            task.cancel()
+        await asyncio.gather(*starts, return_exceptions=True)
         servers = [server for _, server in self.servers.values() if server is not None]
         self.servers.clear()
         await asyncio.gather(*(server.stop() for server in servers))

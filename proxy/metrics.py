@@ -157,6 +157,12 @@ class Metrics:
             self.local_server_up.labels(name=name).set(0)
         if event == "restarting":
             self.local_server_restarts.labels(name=name).inc()
+        if event == "removed":  # no longer declared: its series go, as a removed model's onboarding's do
+            for metric in (self.local_server_up, self.local_server_restarts):
+                try:
+                    metric.remove(name)
+                except KeyError:  # never observed (it never started)
+                    pass
 
     # -- exposition -----------------------------------------------------------------------------
 

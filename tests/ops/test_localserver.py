@@ -406,3 +406,58 @@ async def test_a_model_named_otherwise_than_its_upstream_id_is_marked_under_its_
         assert marks.current("smollm2") == "never marked"
     finally:
         await manager.stop()
+
+
+async def test_a_slow_start_holds_up_neither_another_model_nor_an_edit_that_removes_it():
+    """A large GGUF may take minutes to load: meanwhile a model added beside it is marked starting
+    at once and comes up, and an edit that removes the slow one stops its child at once."""
+    wanted = {"slow": _spec("slow", free_port(), "--never-ready", timeout=60)}
+    marks = _Marks()
+    manager = LocalServerManager(lambda: dict(wanted), marks, factory=_fake_factory, installed=lambda: True)
+    watch = asyncio.create_task(manager.watch(0.05))
+    try:
+        await _wait_for(lambda: "slow" in manager.servers and manager.servers["slow"][1].pid)
+        slow_pid = manager.servers["slow"][1].pid
+        wanted.clear()
+        wanted["quick"] = _spec("quick", free_port())
+        await _wait_for(lambda: "quick" in manager.servers, timeout=2)
+        assert ("quick", "its local server is starting") in marks.log
+        await _wait_for(lambda: marks.current("quick") is None, timeout=8)
+        await _wait_for(lambda: not _alive(slow_pid), timeout=5)
+        assert marks.current("slow") is None and "slow" not in manager.servers
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+        await manager.stop()
+
+
+async def test_a_model_no_longer_declared_is_reported_removed_once_its_server_stopped():
+    wanted = {"local": _spec("local", free_port())}
+    events = []
+    manager = LocalServerManager(lambda: dict(wanted), _Marks(), factory=_fake_factory, installed=lambda: True,
+                                 on_event=lambda name, event: events.append((name, event)))
+    try:
+        await manager.sync()
+        wanted.clear()
+        await manager.sync()
+        assert events[-2:] == [("local", "stopped"), ("local", "removed")]
+    finally:
+        await manager.stop()
+
+
+async def test_every_model_to_start_is_marked_starting_before_any_starts():
+    wanted = {"a": _spec("a", free_port()), "b": _spec("b", free_port())}
+    marks = _Marks()
+    seen = []
+
+    def factory(spec, **kwargs):
+        seen.append({name: marks.current(name) for name in wanted})
+        return _fake_factory(spec, **kwargs)
+
+    manager = LocalServerManager(lambda: dict(wanted), marks, factory=factory, installed=lambda: True)
+    try:
+        await manager.sync()
+        assert seen[0] == {"a": "its local server is starting", "b": "its local server is starting"}
+        assert marks.current("a") is None and marks.current("b") is None
+    finally:
+        await manager.stop()

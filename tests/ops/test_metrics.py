@@ -67,6 +67,18 @@ def test_onboarding_state_moves_to_done():
     assert s[("satroute_onboarding_state", (("model", "new"), ("state", "running")))] == 0
 
 
+def test_a_local_server_removed_from_the_file_leaves_no_series():
+    """A gauge stuck at 0 for a model removed on purpose would fire an "is it down?" alert."""
+    m = Metrics()
+    for event in ("ready", "restarting", "stopped"):
+        m.observe_local_server("gone", event)
+    m.observe_local_server("kept", "ready")
+    m.observe_local_server("gone", "removed")
+    m.observe_local_server("never-started", "removed")
+    names = {labels for (metric, labels) in _samples(m) if metric.startswith("satroute_local_server")}
+    assert names == {(("name", "kept"),)}
+
+
 def test_metrics_endpoint_serves_prometheus_text():
     m = Metrics()
     m.observe_request("m1", 502)

@@ -235,6 +235,21 @@ def test_an_edit_that_fixes_a_cooling_model_or_shortens_cooldowns_takes_effect(t
     assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == []
 
 
+def test_a_cooling_model_removed_from_the_file_is_no_longer_listed_as_cooling(tmp_path, upstream, start_proxy):
+    dead = "http://127.0.0.1:9/v1"
+    models = [model_entry("m1", dead, tmp_path), model_entry("m2", dead, tmp_path),
+              model_entry("m3", upstream.url, tmp_path)]
+    cfg = write_config(tmp_path / "providers.yaml", models, num_retries=0, allowed_fails=1, cooldown_s=120)
+    proxy = start_proxy(cfg, scorer=RecordingScorer({"m1": 0.9, "m2": 0.5, "m3": 0.1}))
+    client(proxy).chat.completions.create(model="auto", messages=MESSAGES)
+    assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == ["m1", "m2"]
+    write_config(cfg, [models[0], models[2]], num_retries=0, allowed_fails=1, cooldown_s=120)
+    deadline = time.monotonic() + 5
+    while httpx.get(f"{proxy.base}/ready").json()["models"] != ["m1", "m3"] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == ["m1"]
+
+
 def test_failures_in_flight_across_an_edit_that_fixed_the_model_do_not_cool_it(tmp_path, upstream,
                                                                                 start_proxy):
     """A request to the old, failing api_base is still retrying when the fix lands: its failures
