@@ -474,6 +474,7 @@ class ProviderRegistry:
         self._down: dict[str, str] = {}  # model -> why it is down (set at run time)
         self._scan: tuple[bytes, tuple[Path, ...]] = (b"", ())  # file digest -> profile files it names
         self._read_error: str | None = None  # the read failure last logged
+        self._unsettled: bytes | None = None  # a change seen once, taken when seen again unchanged
         # called with (old, new) after an edit of the file is swapped in
         self.on_reload: list[Callable[[Snapshot, Snapshot], None]] = []
         self._base: Snapshot
@@ -538,9 +539,14 @@ class ProviderRegistry:
                                    unavailable=d.unavailable or self._down.get(name))
         return replace(base, models=models)
 
-    def reload(self) -> bool:
+    def reload(self, settle: bool = False) -> bool:
         """Re-read the file and the profile files it names; True when a changed, valid
-        configuration was swapped in. A failure is logged once, not on every call."""
+        configuration was swapped in. A failure is logged once, not on every call.
+
+        ``settle`` (the watch): a change is taken only once a later call reads the same bytes, so a
+        file an editor is still writing (truncated, then written in pieces) is never taken even
+        when its first part is valid YAML: a model missing for a moment, or an ``api_base`` cut
+        short, would fail requests and make onboarding forget a model's answers."""
         try:
             raw = self.path.read_bytes()
         except OSError as exc:
@@ -552,7 +558,12 @@ class ProviderRegistry:
         self._read_error = None
         key = self._change_key(raw)
         if key == self._key:
+            self._unsettled = None
             return False
+        if settle and key != self._unsettled:  # changed since the last look: look again next tick
+            self._unsettled = key
+            return False
+        self._unsettled = None
         self._key = key  # set before building: a bad edit is reported once
         old = self.snapshot
         try:
@@ -574,12 +585,12 @@ class ProviderRegistry:
         """Reload every ``interval_s`` until cancelled (run from the app's lifespan). Each tick
         reads and hashes the file and its profile files, no more when nothing changed: content,
         not timestamps, so an edit of the same size within the file system's timestamp tick is
-        seen too."""
+        seen too. An edit is taken once two ticks in a row read it the same (``reload(settle=True)``)."""
         failing = None
         while True:
             await asyncio.sleep(interval_s)
             try:
-                self.reload()
+                self.reload(settle=True)
                 failing = None
             except Exception as exc:  # noqa: BLE001 (the watch must outlive any one edit)
                 if type(exc).__name__ != failing:  # once, not every tick

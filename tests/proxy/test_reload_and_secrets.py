@@ -276,3 +276,24 @@ async def _until(predicate, timeout: float = 5.0) -> bool:
             return True
         await asyncio.sleep(0.01)
     return False
+
+
+def test_the_watch_takes_an_edit_only_once_it_reads_the_same_twice(tmp_path):
+    """An editor that truncates then writes in pieces: its first piece may be valid YAML (one model
+    of two, an api_base cut short). Taken, it would fail requests naming the missing model and make
+    onboarding forget a model's stored answers for an upstream it never had."""
+    from proxy.providers import ProviderRegistry
+
+    path = tmp_path / "providers.yaml"
+    whole = ("model_list:\n  - {model_name: a, litellm_params: {model: openai/a, api_base: 'http://127.0.0.1:3000/v1'}}\n"
+             "  - {model_name: b, litellm_params: {model: openai/b}}\n")
+    path.write_text("model_list:\n  - {model_name: a, litellm_params: {model: openai/a}}\n")
+    reg = ProviderRegistry(path, dict)
+    path.write_text(whole[:whole.index("  - {model_name: b")])  # the first piece: valid on its own
+    assert not reg.reload(settle=True)  # seen once
+    path.write_text(whole)  # the rest lands before the next tick
+    assert not reg.reload(settle=True)  # changed again: seen once more
+    assert list(reg.snapshot.models) == ["a"] and reg.snapshot.models["a"].api_base is None
+    assert reg.reload(settle=True)  # the same bytes twice: taken
+    assert list(reg.snapshot.models) == ["a", "b"] and not reg.reload(settle=True)
+    assert reg.snapshot.models["a"].api_base == "http://127.0.0.1:3000/v1"
