@@ -164,7 +164,7 @@ class ScorerHost:
 
         try:
             scorer = await asyncio.get_running_loop().run_in_executor(self._pool, build)
-        except (ImportError, OSError, RuntimeError, ValueError, KeyError) as exc:
+        except Exception as exc:  # noqa: BLE001 (any failure: /ready must say it, not "loading" for ever)
             self.error = f"{type(exc).__name__}: {exc}"
             log.error("scorer failed to load; routed requests answer 503: %s", self.error)
             return

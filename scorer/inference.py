@@ -255,9 +255,10 @@ class ModelSATScorer:
             scorer = cls._load_on(folder, "cuda", dtype)
             scorer.warm_up()  # the first pass: where a card that takes the weights but cannot run them fails
             return scorer
-        except BackboneError:
-            raise  # the backbones are missing: the CPU has no more of them
-        except RuntimeError as exc:  # torch.OutOfMemoryError and torch.AcceleratorError among them
+        except (BackboneError, CheckpointError):
+            raise  # the backbones or the checkpoint are missing: the CPU has no more of them
+        except Exception as exc:  # noqa: BLE001 (torch.OutOfMemoryError, AcceleratorError, a kernel
+            # this torch or card lacks: whatever the CUDA pass raises, the CPU may still run it)
             error = f"{type(exc).__name__}: {(str(exc).strip().splitlines() or [''])[0]}"
         scorer = None  # a network that reached the card, if warm-up failed: drop it before the CPU load
         _release_cuda()

@@ -484,6 +484,25 @@ async def test_the_scorer_is_loaded_in_the_dtype_the_settings_name(monkeypatch, 
         Settings(config=tmp_path / "p.yaml")
 
 
+@pytest.mark.parametrize("error", [TypeError("unexpected keyword argument 'enable_gqa'"),
+                                   AssertionError("Torch not compiled with CUDA enabled")])
+async def test_a_scorer_that_fails_to_load_in_any_way_is_reported_not_loading_for_ever(monkeypatch, tmp_path, error):
+    import scorer as scorer_package
+    from proxy.scoring import ScorerHost
+
+    def fake_load(checkpoint=None, device=None, dtype=None):
+        raise error
+
+    monkeypatch.setattr(scorer_package, "load_scorer", fake_load)
+    host = ScorerHost()
+    try:
+        await host.load(Settings(config=tmp_path / "providers.yaml", scorer="modelsat"))
+    finally:
+        host.close()
+    assert not host.ready and host.error == f"{type(error).__name__}: {error}"
+    assert host.describe()["state"] != "loading"
+
+
 async def test_ready_says_why_the_scorer_runs_on_the_cpu_of_a_machine_with_cuda(monkeypatch, tmp_path):
     import scorer as scorer_package
     from proxy.scoring import ScorerHost
