@@ -202,6 +202,12 @@ class ModelSAT(nn.Module):
             p.requires_grad_(False)
         ids = llm_tokenizer(config.answer_token, add_special_tokens=False)["input_ids"]
         self.answer_id = int(ids[-1])
+        # the LM head's 'Yes' row: the embedding's own where the head is tied to it (SmolLM2, Qwen2.5
+        # up to 3B), else a copy of the head's (Mistral-7B, Qwen2.5-7B), kept alone, not the head
+        head = getattr(llm, "lm_head", None)
+        untied = head is not None and not getattr(lcfg, "tie_word_embeddings", True)
+        self.register_buffer("answer_head", head.weight[self.answer_id].detach().clone() if untied else None,
+                             persistent=False)
         d_llm = lcfg.hidden_size
         if config.variant == "encoder":
             if encoder is None:
@@ -459,10 +465,11 @@ class ModelSAT(nn.Module):
         return h, kvs
 
     def answer_score(self, last_hidden: torch.Tensor) -> torch.Tensor:
-        """The 'Yes' logit: final norm, then one row of the tied LM head, in float32 whatever the
+        """The 'Yes' logit: final norm, then the LM head's row of 'Yes', in float32 whatever the
         network's dtype. In bfloat16 a logit of about 10 is rounded to steps of 1/16, coarser than
         the gap between the two best candidates of one prompt in one case in ten (RouterDC)."""
-        return self.norm(last_hidden.float()) @ self.embed.weight[self.answer_id].float()
+        row = self.embed.weight[self.answer_id] if self.answer_head is None else self.answer_head
+        return self.norm(last_hidden.float()) @ row.float()
 
     def _score_padded(self, rows, past=None) -> torch.Tensor:
         """Right-pad ``rows`` (``[T_i, D]`` each) and read the score at each row's last real position.

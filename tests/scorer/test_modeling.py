@@ -185,7 +185,7 @@ def _library_hidden(kind: str, **extra):
     torch.manual_seed(0)
     config = getattr(transformers, config_cls)(
         vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, tie_word_embeddings=True, pad_token_id=1, **extra)
+        num_key_value_heads=2, head_dim=16, **{"tie_word_embeddings": True, "pad_token_id": 1, **extra})
     return tok, getattr(transformers, model_cls)(config).eval()
 
 
@@ -199,6 +199,21 @@ def test_the_supported_architectures_run_as_their_library_does(kind):
         ours = model.norm(model.run_layers(x[None])[0])[0]
         theirs = llm.model(inputs_embeds=x[None]).last_hidden_state[0]
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("tied", [True, False], ids=["tied head", "own head"])
+def test_the_yes_score_is_the_library_s_yes_logit_whether_or_not_the_head_is_tied(kind, tied):
+    """Mistral-7B and Qwen2.5-7B have an LM head of their own: its 'Yes' row, not the embedding's."""
+    tok, llm = _library_hidden(kind, tie_word_embeddings=tied)
+    assert (llm.lm_head.weight.data_ptr() == llm.model.embed_tokens.weight.data_ptr()) == tied
+    _, _, enc = tiny.parts(0)
+    model = ModelSAT(ModelSATConfig(n_layers=2, suite="tiny"), enc, tok, llm, tok).eval()
+    with torch.no_grad():
+        x = model.embed_ids(model.token_ids("what is algebra ? Will a model with the following capability"))
+        ours = model.answer_score(model.run_layers(x[None])[0][0, -1])
+        theirs = llm(inputs_embeds=x[None]).logits[0, -1, model.answer_id]
+    torch.testing.assert_close(ours, theirs.float(), rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("kind, extra, message", [
