@@ -29,8 +29,11 @@ def describe_invalid(exc: ValidationError, flags: Mapping[str, str] | None = Non
 
 
 class Settings(BaseSettings):
-    # NaN and infinity are no setting: a NaN spend cap compared false with every cost (no cap)
-    model_config = SettingsConfigDict(env_prefix="SATROUTE_", extra="ignore", allow_inf_nan=False)
+    # NaN and infinity are no setting: a NaN spend cap compared false with every cost (no cap).
+    # A variable set to nothing (compose's `SATROUTE_SCORER_DEVICE=`) is unset: "" was a device that
+    # failed after the whole network loaded, a folder "." for the onboarding data, a spend cap error.
+    model_config = SettingsConfigDict(env_prefix="SATROUTE_", extra="ignore", allow_inf_nan=False,
+                                      env_ignore_empty=True)
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -68,6 +68,19 @@ def test_log_level_is_case_insensitive(monkeypatch):
     assert Settings().log_level == "warning"
 
 
+def test_a_variable_set_to_nothing_is_a_setting_left_unset(monkeypatch):
+    """compose's `SATROUTE_SCORER_DEVICE=` (or an .env line with no value) means "not set": the
+    scorer picks its device, the onboarding data its folder, the spend cap its default."""
+    from proxy.settings import Settings
+
+    for name in ("SCORER_DEVICE", "SCORER_CHECKPOINT", "ONBOARDING_DATA", "ONBOARDING_SPEND_CAP_USD", "PORT"):
+        monkeypatch.setenv(f"SATROUTE_{name}", "")
+    settings, defaults = Settings(), Settings.model_construct()
+    assert settings.scorer_device is None and settings.scorer_checkpoint is None
+    assert settings.onboarding_data is None
+    assert (settings.onboarding_spend_cap_usd, settings.port) == (defaults.onboarding_spend_cap_usd, 8000)
+
+
 @pytest.mark.parametrize("broken", ["a_file", "db_is_a_folder"])
 def test_serve_with_an_unusable_state_dir_exits_2_in_one_line(monkeypatch, tmp_path, capsys, broken):
     cfg = tmp_path / "providers.yaml"
