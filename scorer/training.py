@@ -562,6 +562,10 @@ def check_options(a) -> None:
             raise ValueError(f"--device takes cpu or cuda (or cuda:N), not {a.device!r}")
         if not torch.cuda.is_available():
             raise ValueError(f"--device {a.device}: this torch sees no CUDA device")
+        index, count = int(a.device.partition(":")[2] or 0), torch.cuda.device_count()
+        if index >= count:
+            raise ValueError(f"--device {a.device}: this machine's CUDA devices are "
+                             f"{', '.join(f'cuda:{i}' for i in range(count))}")
 
 
 def build_sources(a) -> tuple[list[Source], object]:

@@ -746,6 +746,16 @@ def test_cuda_asked_for_where_there_is_none_is_one_line_and_exit_2(tiny_run, cap
     assert capsys.readouterr().err.splitlines()[-1] == "satroute train: --device cuda: this torch sees no CUDA device"
 
 
+def test_a_cuda_device_past_the_machine_s_count_is_one_line_and_exit_2(tiny_run, capsys, monkeypatch):
+    from scorer.training import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(tiny_run("--device", "cuda:1")) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "satroute train: --device cuda:1: this machine's CUDA devices are cuda:0")
+
+
 def test_the_log_writes_null_where_a_figure_is_not_a_number(tiny_run, tmp_path, monkeypatch):
     """A validation slice with no outcome (or a diverged loss) gives NaN, which is no JSON."""
     from scorer.training import Trainer, main
