@@ -61,7 +61,9 @@ def native_bf16_cpu(cpuinfo: str | Path = "/proc/cpuinfo") -> bool:
 
 def default_dtype(device: str, requested: str | torch.dtype | None = None) -> torch.dtype:
     """The dtype the scorer runs in: ``requested`` (``float32``, ``bfloat16`` or a torch dtype), or,
-    for None / ``auto``, bfloat16 on CUDA and on a CPU with native bfloat16, float32 elsewhere.
+    for None / ``auto``, bfloat16 where it is native: a CUDA card from Ampere on (compute
+    capability 8.0: A100, H100, L4, RTX 30xx) or a CPU with AVX512-BF16/AMX; float32 elsewhere (a
+    T4 or V100 only emulates bfloat16, slower than float32).
 
     On the 2-core AVX512-BF16 CPU of docs/evaluation.md bfloat16 scores 1.4x faster than float32 with
     2 threads (1.8x with one) and routes RouterDC's and MMLU-Pro's test splits as float32 does within
@@ -73,9 +75,20 @@ def default_dtype(device: str, requested: str | torch.dtype | None = None) -> to
         if requested not in DTYPES:
             raise ValueError(f"dtype must be auto, {' or '.join(DTYPES)}, not {requested!r}")
         return DTYPES[requested]
-    if str(device).startswith("cuda") or (str(device).startswith("cpu") and native_bf16_cpu()):
+    if str(device).startswith("cuda"):
+        return torch.bfloat16 if native_bf16_cuda(device) else torch.float32
+    if str(device).startswith("cpu") and native_bf16_cpu():
         return torch.bfloat16
     return torch.float32
+
+
+def native_bf16_cuda(device: str) -> bool:
+    """Whether the CUDA card ``device`` computes bfloat16 natively (compute capability 8.0 or later);
+    True when the capability cannot be read (the load that follows reports why)."""
+    try:
+        return torch.cuda.get_device_capability(torch.device(device)) >= (8, 0)
+    except (RuntimeError, AssertionError, ValueError):
+        return True
 
 
 class CheckpointError(FileNotFoundError):

@@ -284,12 +284,16 @@ def test_native_bfloat16_is_read_from_the_cpu_flags(tmp_path):
     assert not native_bf16_cpu(tmp_path / "missing")  # not Linux, or no such file: never a guess
 
 
-def test_default_dtype_is_bfloat16_on_cuda_and_on_a_cpu_that_computes_it(monkeypatch):
+def test_default_dtype_is_bfloat16_where_the_card_or_cpu_computes_it(monkeypatch):
     import scorer.inference as inference
 
+    capabilities = {0: (9, 0), 1: (8, 0), 2: (7, 5)}  # H100, A100, T4
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d: capabilities[d.index or 0])
     monkeypatch.setattr(inference, "native_bf16_cpu", lambda: False)
     assert inference.default_dtype("cpu") == inference.default_dtype("cpu", "auto") == torch.float32
     assert inference.default_dtype("cuda") == inference.default_dtype("cuda:1") == torch.bfloat16
+    assert inference.default_dtype("cuda:2") == torch.float32  # a T4 only emulates bfloat16
+    assert inference.default_dtype("cuda:2", "bfloat16") == torch.bfloat16  # asked for: no choosing
     monkeypatch.setattr(inference, "native_bf16_cpu", lambda: True)
     assert inference.default_dtype("cpu") == torch.bfloat16
     assert inference.default_dtype("cpu", "float32") == torch.float32  # asked for: no choosing
