@@ -16,9 +16,10 @@ hits for one model alone. Within that rule it is robust: case and spacing, lette
 question's options ignored, the first valid statement wins (models caught in a repetition loop state
 the answer first and repeat noise after it), a letter must end there ("answer is Based on" is not B),
 and "\\boxed{X}" is read too. No bare letter is ever taken ("I" and "A" are words).
-A reasoning model's ``<think>...</think>`` blocks are its scratchpad, not its answer: closed blocks
-are removed before the answer is read (text before a lone ``</think>`` too: some chat templates open
-the block in the prompt), and a ``<think>`` never closed (cut off while reasoning) is no answer.
+A reasoning model's ``<think>...</think>`` blocks (or ``<thinking>``, ``<reasoning>``, and the
+analysis channel of the harmony format) are its scratchpad, not its answer: closed blocks are
+removed before the answer is read (text before a lone ``</think>`` too: some chat templates open
+the block in the prompt), and a block never closed (cut off while reasoning) is no answer.
 """
 from __future__ import annotations
 
@@ -36,12 +37,20 @@ _SYSTEM = (
 # graded with), tolerant of the phrase's case and of spacing, and requiring that the letter ends
 # there; the letter itself must be a capital, as that rule reads it ("answer is (b)" is none).
 _STATED = re.compile(r"(?i:answer\s+is)\s*\(?\s*([A-J])\s*\)?(?![A-Za-z0-9])")
-# A LaTeX-minded model may box its letter instead of stating it.
-_BOXED = re.compile(r"\\boxed\{\s*(?:\\text\{)?\s*\(?([A-J])\)?\s*\}?\s*\}")
+# A LaTeX-minded model may box its letter instead of stating it: \boxed{B}, \boxed{(B)},
+# \boxed{\text{B}} (or \textbf, \mathrm, \mathbf), \boxed{B. 42}, \boxed{B) 42}; the letter must end
+# there (\boxed{A+B} is no letter).
+_BOXED = re.compile(r"\\boxed\{\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{)?\s*\(?\s*([A-J])(?=\s*[.):}])")
 RULES = (_STATED, _BOXED)
-_THINK_OPEN = re.compile(r"<think>", re.IGNORECASE)
-_THINK_CLOSE = re.compile(r"</think>", re.IGNORECASE)
-_THINK_BLOCK = re.compile(r"<think>.*?</think>", re.IGNORECASE | re.DOTALL)
+# Scratchpads: <think> (DeepSeek-R1, Qwen3), <thinking> and <reasoning> (fine-tunes), and the
+# analysis channel of OpenAI's harmony format (gpt-oss, where the server does not split it off).
+_SCRATCH = r"(?:think|thinking|reasoning)"
+_THINK_OPEN = re.compile(rf"<{_SCRATCH}>", re.IGNORECASE)
+_THINK_CLOSE = re.compile(rf"</{_SCRATCH}>", re.IGNORECASE)
+_THINK_BLOCK = re.compile(rf"<({_SCRATCH})>.*?</\1>", re.IGNORECASE | re.DOTALL)
+_HARMONY_ANALYSIS = re.compile(r"<\|channel\|>(?:analysis|commentary)<\|message\|>.*?(?:<\|end\|>|(?=<\|start\|>)|\Z)",
+                               re.DOTALL)
+_HARMONY_TAGS = re.compile(r"<\|(?:start|end|channel|message|return)\|>(?:assistant|final)?")
 
 
 def subject_name(category: str) -> str:
@@ -76,6 +85,11 @@ def strip_reasoning(text: str) -> str | None:
     Text up to a ``</think>`` that no ``<think>`` opened is reasoning too (templates that open the
     block in the prompt, e.g. DeepSeek-R1's).
     """
+    if "<|channel|>" in text:  # harmony: the final channel is the answer; an analysis never ended is none
+        if re.search(r"<\|channel\|>(?:analysis|commentary)<\|message\|>(?:(?!<\|end\|>|<\|start\|>).)*\Z",
+                     text, re.DOTALL):
+            return None
+        text = _HARMONY_TAGS.sub(" ", _HARMONY_ANALYSIS.sub(" ", text))
     close, open_ = _THINK_CLOSE.search(text), _THINK_OPEN.search(text)
     if close is not None and (open_ is None or open_.start() > close.start()):
         text = text[close.end():]

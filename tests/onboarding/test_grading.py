@@ -30,6 +30,12 @@ def test_prompt_rejects_bad_option_counts():
     ("answer is\n(D) because", "D"),
     ("The answer is (J).", "J"),
     ("Thus \\boxed{E}", "E"),
+    ("$\\boxed{\\textbf{B}}$", "B"),
+    ("The correct choice is $\\boxed{\\mathrm{B}}$", "B"),
+    ("\\boxed{B. 42}", "B"),
+    ("\\boxed{B) 42}", "B"),
+    ("\\boxed{\\text{B. the mitochondria}}", "B"),
+    ("\\boxed{(C)}", "C"),
     ("... the answer is (A). The answer is (C). The answer is (C).", "A"),  # first statement wins
 ])
 def test_extracts_stated_letters(text, letter):
@@ -40,6 +46,7 @@ def test_extracts_stated_letters(text, letter):
     "", None, "I think A is wrong and so is B.", "The answer is Based on the options",
     "Answer: none of these", "the answer is (a)",  # lower-case letters are words, not choices
     "The answer is not among the choices.",
+    "\\boxed{A+B}", "\\boxed{Based on}", "\\boxed{42}",  # no letter that ends there
 ])
 def test_no_statement_no_answer(text):
     assert extract_answer(text) is None
@@ -72,6 +79,13 @@ def test_subject_name():
     ("<think>the answer is (A), let me double-check the", None),  # cut off while reasoning
     ("<think>the answer is (A)</think>The answer is (B). <think>hmm, the answer is (C)", None),
     ("<think>the answer is (A)</think> I cannot tell.", None),
+    ("<thinking>the answer is (A)</thinking>\nThe answer is (B).", "B"),
+    ("<reasoning>the answer is (A)</reasoning>\nThe answer is (B).", "B"),
+    ("<thinking>the answer is (A), let me", None),
+    ("<|channel|>analysis<|message|>Maybe the answer is (A). No.<|end|><|start|>assistant<|channel|>final"
+     "<|message|>The answer is (B).<|return|>", "B"),
+    ("<|channel|>analysis<|message|>Maybe the answer is (A). Let me check", None),
+    ("<|start|>assistant<|channel|>final<|message|>The answer is (C).", "C"),
 ])
 def test_reasoning_blocks_are_not_the_answer(text, letter):
     assert extract_answer(text, 4) == letter
