@@ -71,6 +71,7 @@ class Said:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     total_tokens: int | None = None
+    cut_off: bool = False  # the upstream stopped it at max_tokens (finish_reason "length")
 
     def billed(self, question: Question) -> tuple[int, int]:
         """(input, output) tokens to count for the spend: the larger of what the usage says and
@@ -198,6 +199,8 @@ class _Run:
         self.refused_in_a_row = 0  # 4xx about single prompts since the last answer
         self.failed_since_answer: set[str] = set()  # questions failed since the last answer
         self.strikes: Counter[str] = Counter()  # failures of a question while others answered
+        self.cut_off = 0  # answers stopped at max_tokens before they stated a letter (graded wrong)
+        self.no_letter = 0  # answers that stated no letter in the form graded, cut off or not
 
     @property
     def stopping(self) -> bool:
@@ -299,8 +302,11 @@ class Onboarding:
                               f"{len(missing)} answers missing after the run", suite=self.suite.name,
                               leased=True)
             return await self._progress(model)
+        note = _understated(state, self.options.max_tokens)
+        if note:  # the profile stands, but an admin must see what it may understate
+            log.warning("onboarding %s done, but %s", model, note)
         await self._write(state, store.finish, model, self.suite.name,
-                          profile_from_graded(self.suite, graded), leased=True)
+                          profile_from_graded(self.suite, graded), note, leased=True)
         log.info("onboarding %s done", model)
         return await self._progress(model)
 
@@ -453,6 +459,13 @@ class Onboarding:
     async def _answered(self, state: _Run, question: Question, said: Said, prices: Prices) -> None:
         text = said.text
         letter = extract_answer(text, len(question.options))
+        state.no_letter += letter is None
+        if said.cut_off and letter is None:  # a reasoning model's budget spent before its answer
+            state.cut_off += 1
+            if state.cut_off == 1:
+                log.warning("onboarding %s: an answer was cut off at max_tokens=%d before it stated a "
+                            "letter (graded wrong); a reasoning model needs a larger "
+                            "SATROUTE_ONBOARDING_MAX_TOKENS", state.model, self.options.max_tokens)
         cost = prices.cost(*said.billed(question))
         waited = await self._write(state, self.store.record, state.model,
                                    GradedAnswer(question.id, letter, letter == question.answer,
@@ -538,6 +551,28 @@ class Onboarding:
             state.fatal = f"no answer for {now - state.first_failure:.0f}s: {reason}"
             return
         await self._set_status(state, "stalled", reason)
+
+
+# The share of answers stating no letter in the graded form above which a profile is flagged: the
+# recorded answers of the models the scorer was trained on state none in 1.2% of cases (708 of
+# 60,160, tests/onboarding/test_grading_data.py), asked with MMLU-Pro's 5-shot prompt.
+NO_LETTER_SHARE = 0.05
+
+
+def _understated(state: _Run, max_tokens: int) -> str | None:
+    """What the status's reason says of a finished run whose profile may understate its model:
+    answers cut off at ``max_tokens``, and answers in a form the grading does not read."""
+    notes = []
+    if state.cut_off:
+        notes.append(f"{state.cut_off} of {state.answers} answers of this run were cut off at "
+                     f"max_tokens={max_tokens} before they stated a letter (graded wrong; a model that "
+                     "reasons at length needs a larger SATROUTE_ONBOARDING_MAX_TOKENS)")
+    if state.answers and state.no_letter / state.answers > NO_LETTER_SHARE:
+        notes.append(f"{state.no_letter} of {state.answers} answers of this run stated no letter as "
+                     "'the answer is (X)' (graded wrong), against about 1% for the models the scorer "
+                     "learned from: its profile may understate it")
+        
+    return "; ".join(notes) or None
 
 
 def status_of(progress: Progress | None) -> dict:

@@ -59,10 +59,11 @@ class DispatchAsker:
                                                     router=snap.router, redact=snap.redact))
         try:
             answer = orjson.loads(reply.body or b"{}")
-            text = content_text(answer["choices"][0]["message"].get("content"))
+            choice = answer["choices"][0]
+            text = content_text(choice["message"].get("content"))
             usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
             return Said(text, _tokens(usage.get("prompt_tokens")), _tokens(usage.get("completion_tokens")),
-                        _tokens(usage.get("total_tokens")))
+                        _tokens(usage.get("total_tokens")), cut_off=choice.get("finish_reason") == "length")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise UpstreamTransient(f"{model}: answer is not a chat completion: "
                                     f"{(reply.body or b'')[:200]!r}", model=model) from None

@@ -504,10 +504,12 @@ class Store:
         return [GradedAnswer(q, letter, bool(c), text) for q, letter, c, text in rows]
 
     # -- profiles ---------------------------------------------------------------------------
-    def finish(self, model: str, suite: str, tasks: Mapping[str, float], leased: bool = False) -> None:
+    def finish(self, model: str, suite: str, tasks: Mapping[str, float], note: str | None = None,
+               leased: bool = False) -> None:
         """Store the finished profile and mark the model done, in one transaction (which ends
-        the run's lease). ``leased``: only while this process holds the model's lease
-        (``ModelBusy``, and nothing written, otherwise)."""
+        the run's lease); ``note``, the status's reason, says what the profile may understate.
+        ``leased``: only while this process holds the model's lease (``ModelBusy``, and nothing
+        written, otherwise)."""
         now = time.time()
         body = json.dumps({k: float(v) for k, v in tasks.items()}, sort_keys=True)
         with self._lock, self._transaction():
@@ -519,10 +521,10 @@ class Store:
                 "created_at=excluded.created_at", (model, suite, body, now))
             self._db.execute(
                 "INSERT INTO onboarding (model, suite, status, reason, updated_at) "
-                "VALUES (?, ?, 'done', NULL, ?) ON CONFLICT(model) DO UPDATE SET "
-                "status='done', reason=NULL, updated_at=excluded.updated_at, owner=NULL, "
+                "VALUES (?, ?, 'done', ?, ?) ON CONFLICT(model) DO UPDATE SET "
+                "status='done', reason=excluded.reason, updated_at=excluded.updated_at, owner=NULL, "
                 "heartbeat=NULL",
-                (model, suite, now))
+                (model, suite, note, now))
 
     def get(self, model_name: str, upstream: str | None = None) -> dict[str, float] | None:
         """A finished profile, or None (the ProfileSource seam of the provider registry). With

@@ -39,6 +39,13 @@ async def test_one_unstreamed_completion_to_the_named_model(registry):
     assert call.body == {"model": "m", "messages": msgs, "temperature": 0.0}
 
 
+async def test_an_answer_stopped_at_max_tokens_says_so(registry):
+    body = b'{"choices": [{"message": {"content": ""}, "finish_reason": "length"}]}'
+    assert await DispatchAsker(registry, FakeDispatcher(body)).ask("m", []) == Said("", cut_off=True)
+    whole = b'{"choices": [{"message": {"content": "The answer is (A)."}, "finish_reason": "stop"}]}'
+    assert not (await DispatchAsker(registry, FakeDispatcher(whole)).ask("m", [])).cut_off
+
+
 async def test_malformed_answers_and_unknown_models(registry):
     with pytest.raises(UpstreamTransient, match="not a chat completion"):
         await DispatchAsker(registry, FakeDispatcher(b"<html>")).ask("m", [])

@@ -534,3 +534,62 @@ async def test_a_stall_is_logged_when_it_begins(tmp_path, tiny, caplog):
     with Store(tmp_path) as store:
         assert (await Onboarding(store, suite, questions, asker, FAST).run("m")).status == "done"
     assert "onboarding m stalled (1 failures): UpstreamTransient: m: HTTP 503: overloaded" in caplog.text
+
+
+async def test_answers_cut_off_at_max_tokens_are_graded_wrong_and_said_so(tmp_path, tiny, caplog):
+    """A reasoning model that spends its budget thinking gives no answer (finish_reason "length"):
+    graded wrong as MMLU-Pro's harness does, but the profile may then understate it, which the admin
+    must be told, in the log and in the status's reason."""
+    import logging
+
+    from proxy.onboarding import Said
+
+    suite, questions = tiny
+    cut = {q.id for q in questions[:2]}
+
+    class Thinker(FakeAsker):
+        async def ask(self, model, messages, **params):
+            text = await super().ask(model, messages, **params)
+            if self.question_of(messages).id in cut:
+                return Said("Let me think about each option in turn. First,", cut_off=True)
+            return Said(text)
+
+    caplog.set_level(logging.WARNING, logger="satroute.onboarding")
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, Thinker(questions, lambda q: "A"),
+                                    Options(concurrency=1, max_tokens=512)).run("m", Prices())
+        assert progress.status == "done"
+        assert progress.reason.startswith(f"2 of {len(questions)} answers of this run were cut off at "
+                                          "max_tokens=512 before they stated a letter (graded wrong; ")
+        graded = store.graded("m")
+        assert not any(graded[q] for q in cut)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 2 and "SATROUTE_ONBOARDING_MAX_TOKENS" in warnings[0]
+    assert "SATROUTE_ONBOARDING_MAX_TOKENS" in warnings[1] and "2 of" in warnings[1]
+
+
+async def test_a_model_that_often_states_no_letter_in_the_graded_form_is_flagged(tmp_path, tiny):
+    """Asked zero-shot, a chat model may answer "**Answer: B**", which MMLU-Pro's rule (and so the
+    zoo's recorded outcomes) counts as no answer: above 5% of answers the status says so."""
+    suite, questions = tiny
+    slips = {q.id for q in questions[:2]}
+
+    class Bold(FakeAsker):
+        async def ask(self, model, messages, **params):
+            text = await super().ask(model, messages, **params)
+            return "**Answer: A**" if self.question_of(messages).id in slips else text
+
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, Bold(questions, lambda q: "A"), FAST).run("m", Prices())
+    assert progress.status == "done"
+    assert progress.reason == (f"2 of {len(questions)} answers of this run stated no letter as 'the answer "
+                               "is (X)' (graded wrong), against about 1% for the models the scorer learned "
+                               "from: its profile may understate it")
+
+
+async def test_a_run_with_no_answer_cut_off_is_done_with_no_reason(tmp_path, tiny):
+    suite, questions = tiny
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, FakeAsker(questions, lambda q: "A"), FAST).run(
+            "m", Prices())
+    assert progress.status == "done" and progress.reason is None
