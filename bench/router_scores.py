@@ -15,7 +15,7 @@ own). ``--only-val`` scores that slice alone: with a slice set aside large enoug
 The scores are the network's own: the checkpoint's ``aptitude_weight`` is left out and recorded
 (``checkpoint_weight``), and ``report``, ``paired`` and ``agree`` put it back unless ``--weight``
 says otherwise. ``--dtype`` is the scorer's (``auto``: as ``satroute serve`` would run it here; the
-file records the one used). ``--all-rows`` keeps the prompts on which some listed model has no outcome (its
+file records the one used). ``--all-rows`` (which takes no ``--limit``) keeps the prompts on which some listed model has no outcome (its
 ``correct`` is NaN there), so one file of twelve MMLU-Pro models serves the small zoo's 2,420 test
 prompts as well as the mixed zoo's 2,083: each zoo is routed on the rows complete for its own
 models, the rule of ``satroute evaluate``. ``--shard K/N`` scores every N-th prompt from the K-th,
@@ -107,10 +107,12 @@ def dump(args: argparse.Namespace) -> int:
     models = [m.strip() for m in args.models.split(",")] if args.models else list(data.models)
     profiles = _profiles(args, data, models)
     if args.all_rows:
+        if args.limit is not None:  # a sample of all rows is not the sample evaluate draws for any zoo
+            print("router_scores dump: --all-rows scores every prompt; --limit would draw a sample that "
+                  "no zoo's `satroute evaluate --limit` draws (it samples the rows complete for its "
+                  "models): give one or the other", file=sys.stderr)
+            return 2
         part = data.split(args.split).with_models(models)
-        if args.limit is not None and args.limit < len(part.prompts):
-            rng = np.random.default_rng(args.seed)
-            part = part.subset(np.sort(rng.choice(len(part.prompts), size=args.limit, replace=False)))
     else:
         part, _ = eligible_rows(data, models, args.split, args.limit, args.seed)
     held_out = _val_ids(data, args.data, args.val_size, args.split_seed) if args.split == "train" else set()

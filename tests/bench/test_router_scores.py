@@ -192,3 +192,6 @@ def test_the_bench_dump_scores_the_validation_slice_alone_when_asked(tmp_path, m
     assert val["scores"][0] == pytest.approx([expected[m] for m in models], abs=1e-4)
     with pytest.raises(SystemExit, match="--only-val"):
         bench.main(["dump", *common, "--only-val", "--limit", "2", "--out", str(tmp_path / "x.npz")])
+    # --all-rows scores every row: a --limit sample of them is no zoo's `satroute evaluate --limit` sample
+    assert bench.main(["dump", *common, "--all-rows", "--limit", "2", "--out", str(tmp_path / "y.npz")]) == 2
+    assert not (tmp_path / "y.npz").exists()
