@@ -483,6 +483,7 @@ class ProviderRegistry:
         except OSError as exc:
             raise ConfigError(_unreadable(self.path, exc)) from None
         self._key = self._change_key(raw)
+        self._acted = self._scan[0]
         self.snapshot = self._build(self._text(raw))
 
     def _text(self, raw: bytes) -> str:
@@ -497,8 +498,10 @@ class ProviderRegistry:
 
     @property
     def file_digest(self) -> bytes:
-        """The sha256 of providers.yaml's bytes as last read (a read that failed leaves it)."""
-        return self._scan[0]
+        """The sha256 of the providers.yaml bytes last acted on: taken into the snapshot, or
+        rejected. Not a change read once and held back to settle: what the snapshot holds is still
+        the earlier file's, and work stamped with this digest must be done with that snapshot."""
+        return self._acted
 
     def _change_key(self, raw: bytes) -> bytes:
         """What a reload compares: the file's bytes and those of the local profile files it names
@@ -565,6 +568,7 @@ class ProviderRegistry:
             return False
         self._unsettled = None
         self._key = key  # set before building: a bad edit is reported once
+        self._acted = self._scan[0]
         old = self.snapshot
         try:
             self.snapshot = self._build(self._text(raw))

@@ -463,3 +463,35 @@ async def test_a_model_shown_done_is_already_an_auto_candidate(tmp_path):
         entry = svc.status()["models"]["m"]
         assert entry["status"] == "done" and entry["profile_source"] == "onboarding"
         assert registry.snapshot.models["m"].routable
+
+
+async def test_an_edit_that_fixes_a_failed_run_starts_a_new_one_though_it_settles_first(tmp_path):
+    """The registry takes an edit once two reads agree; the onboarding service, which stamps a
+    failure with the file's digest and waits for another, must not see the new digest while the
+    snapshot is still the failing one's, or the fix would never start a run."""
+    config = tmp_path / "providers.yaml"
+    entry = model_entry("m", "http://127.0.0.1:9", tmp_path)
+    entry["model_info"].update(input_price_per_mtok=5000.0, output_price_per_mtok=5000.0)
+    write_providers(config, [entry])
+    suite, questions = make_suite()
+    with Store(tmp_path / "state") as store:
+        registry = ProviderRegistry(config, dict, store)
+        svc = OnboardingService(store, registry, DispatchAsker(registry, Answering("The answer is (A).")), spawn)
+        svc._engine = Onboarding(store, suite, questions, svc.asker, Options(concurrency=2, spend_cap_usd=0.01))
+        try:
+            await svc.sync()
+            await asyncio.wait_for(svc.runs["m"], 10)
+            assert store.progress("m").status == "failed"  # over the spend cap
+            entry["model_info"].update(input_price_per_mtok=0.0, output_price_per_mtok=0.0)  # the fix
+            write_providers(config, [entry])
+            before = registry.file_digest
+            assert not registry.reload(settle=True)  # read once, held back to settle ...
+            assert registry.file_digest == before  # ... so the digest is still the snapshot's
+            await svc.sync()  # an onboarding tick meanwhile
+            await asyncio.gather(*svc.runs.values())
+            assert registry.reload(settle=True)  # taken
+            await svc.sync()
+            await asyncio.wait_for(svc.runs["m"], 10)
+            assert store.progress("m").status == "done"
+        finally:
+            await svc.stop()
