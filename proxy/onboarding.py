@@ -200,7 +200,6 @@ class _Run:
         self.failed_since_answer: set[str] = set()  # questions failed since the last answer
         self.strikes: Counter[str] = Counter()  # failures of a question while others answered
         self.cut_off = 0  # answers stopped at max_tokens before they stated a letter (graded wrong)
-        self.no_letter = 0  # answers that stated no letter in the form graded, cut off or not
 
     @property
     def stopping(self) -> bool:
@@ -302,7 +301,9 @@ class Onboarding:
                               f"{len(missing)} answers missing after the run", suite=self.suite.name,
                               leased=True)
             return await self._progress(model)
-        note = _understated(state, self.options.max_tokens)
+        ids = set(self.suite.question_ids)
+        letters = [a.letter for a in await self._store(store.answers, model) if a.question_id in ids]
+        note = _understated(state, self.options.max_tokens, letters)
         if note:  # the profile stands, but an admin must see what it may understate
             log.warning("onboarding %s done, but %s", model, note)
         await self._write(state, store.finish, model, self.suite.name,
@@ -459,7 +460,6 @@ class Onboarding:
     async def _answered(self, state: _Run, question: Question, said: Said, prices: Prices) -> None:
         text = said.text
         letter = extract_answer(text, len(question.options))
-        state.no_letter += letter is None
         if said.cut_off and letter is None:  # a reasoning model's budget spent before its answer
             state.cut_off += 1
             if state.cut_off == 1:
@@ -559,19 +559,20 @@ class Onboarding:
 NO_LETTER_SHARE = 0.05
 
 
-def _understated(state: _Run, max_tokens: int) -> str | None:
+def _understated(state: _Run, max_tokens: int, letters: Sequence[str | None]) -> str | None:
     """What the status's reason says of a finished run whose profile may understate its model:
-    answers cut off at ``max_tokens``, and answers in a form the grading does not read."""
+    answers of this run cut off at ``max_tokens``, and, over all its stored answers (``letters``,
+    earlier runs' too: the profile is made of them), answers in a form the grading does not read."""
     notes = []
     if state.cut_off:
         notes.append(f"{state.cut_off} of {state.answers} answers of this run were cut off at "
                      f"max_tokens={max_tokens} before they stated a letter (graded wrong; a model that "
                      "reasons at length needs a larger SATROUTE_ONBOARDING_MAX_TOKENS)")
-    if state.answers and state.no_letter / state.answers > NO_LETTER_SHARE:
-        notes.append(f"{state.no_letter} of {state.answers} answers of this run stated no letter as "
-                     "'the answer is (X)' (graded wrong), against about 1% for the models the scorer "
-                     "learned from: its profile may understate it")
-        
+    none = sum(letter is None for letter in letters)
+    if letters and none / len(letters) > NO_LETTER_SHARE:
+        notes.append(f"{none} of its {len(letters)} answers stated no letter as 'the answer is (X)' "
+                     "(graded wrong), against about 1% for the models the scorer learned from: its "
+                     "profile may understate it")
     return "; ".join(notes) or None
 
 

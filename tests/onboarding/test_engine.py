@@ -582,9 +582,36 @@ async def test_a_model_that_often_states_no_letter_in_the_graded_form_is_flagged
     with Store(tmp_path) as store:
         progress = await Onboarding(store, suite, questions, Bold(questions, lambda q: "A"), FAST).run("m", Prices())
     assert progress.status == "done"
-    assert progress.reason == (f"2 of {len(questions)} answers of this run stated no letter as 'the answer "
-                               "is (X)' (graded wrong), against about 1% for the models the scorer learned "
-                               "from: its profile may understate it")
+    assert progress.reason == (f"2 of its {len(questions)} answers stated no letter as 'the answer is (X)' "
+                               "(graded wrong), against about 1% for the models the scorer learned from: "
+                               "its profile may understate it")
+
+
+@pytest.mark.parametrize("stored_slips, slips_now, flagged", [(5, 0, True), (0, 1, False)])
+async def test_the_no_letter_share_is_that_of_every_stored_answer_not_of_the_last_run(
+        tmp_path, stored_slips, slips_now, flagged):
+    """The profile is made of every stored answer, a resumed run's earlier ones too: a run that
+    resumes after slips is flagged, one slip in a short resumed run is not (1 of 30 stored)."""
+    from proxy.store import GradedAnswer
+
+    suite, questions = make_suite(3, 10)
+    before, after = questions[:20], questions[20:]
+
+    class Resumed(FakeAsker):
+        async def ask(self, model, messages, **params):
+            text = await super().ask(model, messages, **params)
+            return "**Answer: A**" if self.question_of(messages).id in {q.id for q in after[:slips_now]} else text
+
+    with Store(tmp_path) as store:
+        for n, q in enumerate(before):  # an earlier run's answers
+            letter = None if n < stored_slips else "A"
+            store.record("m", GradedAnswer(q.id, letter, letter == q.answer, "..."))
+        progress = await Onboarding(store, suite, questions, Resumed(questions, lambda q: "A"), FAST).run(
+            "m", Prices())
+    assert progress.status == "done"
+    assert (progress.reason is not None) == flagged
+    if flagged:
+        assert progress.reason.startswith(f"{stored_slips} of its {len(questions)} answers stated no letter")
 
 
 async def test_a_run_with_no_answer_cut_off_is_done_with_no_reason(tmp_path, tiny):
