@@ -11,8 +11,6 @@ Does not know: how scores are computed, how upstreams are called (``Services`` h
 from __future__ import annotations
 
 import asyncio
-import json
-import re
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Coroutine, TypeVar
@@ -67,47 +65,13 @@ async def parse_request_async(raw: bytes) -> tuple[dict[str, Any], protocol.Chat
     return await asyncio.to_thread(parse_request, raw)
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def _with_lone_surrogates_replaced(raw: bytes, exc: orjson.JSONDecodeError) -> Any:
-    """A body whose only fault is an escaped lone surrogate (``"\\ud83d"``: a JavaScript client that
-    cut a string through an emoji; JSON's grammar allows it, orjson does not), with each one
-    replaced by U+FFFD as a UTF-8 decoder would; any other fault is the client's 400."""
-    refused = RequestError(f"request body is not valid JSON: {exc}", code="invalid_json")
-    if "surrogate" not in str(exc):
-        raise refused from None
-
-    def no_constant(name: str) -> Any:  # NaN, Infinity: not JSON, whatever Python's reader says
-        raise json.JSONDecodeError(f"{name} is not a JSON value", "", 0)
-
-    def mend(value: Any) -> Any:
-        if isinstance(value, str):
-            return (value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-                    if _SURROGATE.search(value) else value)
-        if isinstance(value, list):
-            return [mend(v) for v in value]
-        if isinstance(value, dict):
-            return {mend(k): mend(v) for k, v in value.items()}
-        return value
-
-    try:
-        body = mend(json.loads(raw.decode("utf-8"), parse_constant=no_constant))
-        orjson.dumps(body)  # what orjson cannot send on (an integer past 64 bits) stays refused
-    except json.JSONDecodeError as other:  # a further fault: the reader that saw past the first names it
-        raise RequestError(f"request body is not valid JSON: {other.msg}", code="invalid_json") from None
-    except (ValueError, RecursionError, orjson.JSONEncodeError):
-        raise refused from None
-    return body
-
-
 def parse_request(raw: bytes) -> tuple[dict[str, Any], protocol.ChatCompletionRequest]:
     if not raw.strip():
         raise RequestError("request body is empty; expected a JSON object", code="invalid_json")
     try:
-        body = orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        body = _with_lone_surrogates_replaced(raw, exc)
+        body = protocol.read_json(raw)
+    except ValueError as exc:
+        raise RequestError(f"request body is not valid JSON: {exc}", code="invalid_json") from None
     if not isinstance(body, dict):
         raise RequestError(f"request body must be a JSON object, not {type(body).__name__}",
                            code="invalid_body")

@@ -30,6 +30,8 @@ from urllib.parse import unquote
 
 import orjson
 
+from proxy.protocol import read_json
+
 REQUEST_ID_HEADER = "x-request-id"
 _GOOD_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 # Shapes of credentials that must never reach a log even if nobody configured them as secrets.
@@ -237,8 +239,8 @@ def _prompt_text(body: bytes) -> str | None:
     to ``MAX_LOGGED_PROMPT`` characters. Any body the proxy was sent, well-formed or not, gives a
     string or None: the request's log line must not depend on it."""
     try:
-        messages = orjson.loads(body).get("messages")
-    except (orjson.JSONDecodeError, AttributeError):
+        messages = read_json(body).get("messages")  # as the handler read it (a lone surrogate mended)
+    except (ValueError, AttributeError):
         return None
     if not isinstance(messages, list):
         return None

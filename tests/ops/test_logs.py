@@ -136,13 +136,17 @@ def test_prompt_text_is_logged_only_when_enabled():
     ({"messages": {"role": "user", "content": "hi"}}, None),
     ({"messages": [{"role": "user", "content": {"text": "hi"}}]}, None),
     ([1, 2], None),
+    ('{"messages": [{"role": "user", "content": "cut \\ud83d here"}]}', "cut \ufffd here"),  # as the handler reads it
 ])
 def test_any_body_still_gets_its_log_line_when_prompts_are_logged(body, prompt):
     """The prompt is read after the answer went out: a body the handler refused or a content part
     with a null text must not cost the request its log line and its metrics."""
     records: list = []
     client, out = _client(include_prompts=True, records=records)
-    client.post("/v1/chat/completions", json=body)
+    if isinstance(body, str):  # raw JSON text, as a client wrote it
+        client.post("/v1/chat/completions", content=body.encode(), headers={"content-type": "application/json"})
+    else:
+        client.post("/v1/chat/completions", json=body)
     [line] = _lines(out)
     assert line.get("prompt") == prompt
     assert len(records) == 1
