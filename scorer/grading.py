@@ -38,10 +38,13 @@ _SYSTEM = (
 # there; the letter itself must be a capital, as that rule reads it ("answer is (b)" is none).
 _STATED = re.compile(r"(?i:answer\s+is)\s*\(?\s*([A-J])\s*\)?(?![A-Za-z0-9])")
 # A LaTeX-minded model may box its letter instead of stating it: \boxed{B}, \boxed{(B)},
-# \boxed{\text{B}} (or \textbf, \mathrm, \mathbf), \boxed{B. 42}, \boxed{B) 42}; the letter must end
-# there (\boxed{A+B} is no letter).
-_BOXED = re.compile(r"\\boxed\{\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{)?\s*\(?\s*([A-J])(?=\s*[.):}])")
-RULES = (_STATED, _BOXED)
+# \boxed{\text{B}} (or \textbf, \mathrm, \mathbf) first; then, anywhere in the text only when no box
+# holds a letter alone, the letter followed by its option's text, \boxed{B. 42}, \boxed{B) 42} (so
+# "\boxed{E. coli} ... \boxed{B}" is B). The letter must end there (\boxed{A+B} is no letter).
+_BOX_OPEN = r"\\boxed\{\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{)?\s*"
+_BOXED = re.compile(_BOX_OPEN + r"\(?\s*([A-J])\s*\)?\s*\}")
+_BOXED_WITH_TEXT = re.compile(_BOX_OPEN + r"\(?\s*([A-J])(?=\s*[.):])")
+RULES = (_STATED, _BOXED, _BOXED_WITH_TEXT)
 # Scratchpads: <think> (DeepSeek-R1, Qwen3), <thinking> and <reasoning> (fine-tunes), and the
 # analysis channel of OpenAI's harmony format (gpt-oss, where the server does not split it off).
 _SCRATCH = r"(?:think|thinking|reasoning)"

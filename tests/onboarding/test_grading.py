@@ -36,6 +36,7 @@ def test_prompt_rejects_bad_option_counts():
     ("\\boxed{B) 42}", "B"),
     ("\\boxed{\\text{B. the mitochondria}}", "B"),
     ("\\boxed{(C)}", "C"),
+    ("The bacterium is \\boxed{E. coli}, so option (B): \\boxed{B}", "B"),  # a box holding a letter alone wins
     ("... the answer is (A). The answer is (C). The answer is (C).", "A"),  # first statement wins
 ])
 def test_extracts_stated_letters(text, letter):
