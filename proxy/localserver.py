@@ -493,6 +493,9 @@ class LocalServerManager:
             await server.start(keep_trying=True)
         except LocalServerError as exc:  # marked by its failed event; it goes on trying
             log.error("%s; trying again", exc.message)
+        except Exception as exc:  # noqa: BLE001 (a bug: the model must not stay "starting" unseen)
+            log.exception("local model %s: its server could not be started", name)
+            self._mark(name, f"its local server failed to start: {type(exc).__name__}: {exc}")
         finally:
             if self._starts.get(name) is asyncio.current_task():
                 del self._starts[name]

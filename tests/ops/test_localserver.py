@@ -445,6 +445,24 @@ async def test_a_model_no_longer_declared_is_reported_removed_once_its_server_st
         await manager.stop()
 
 
+async def test_a_start_that_fails_in_an_unforeseen_way_says_so_instead_of_starting_for_ever(caplog):
+    class Broken(LocalServer):
+        async def start(self, keep_trying=False):
+            raise RuntimeError("no event loop policy for subprocesses")
+
+    wanted = {"local": _spec("local", free_port())}
+    marks = _Marks()
+    manager = LocalServerManager(lambda: dict(wanted), marks, installed=lambda: True,
+                                 factory=lambda spec, **kw: Broken("local", [], spec.base_url, **kw))
+    try:
+        await manager.sync()
+        assert marks.current("local") == ("its local server failed to start: RuntimeError: no event loop "
+                                          "policy for subprocesses")
+        assert "could not be started" in caplog.text
+    finally:
+        await manager.stop()
+
+
 async def test_every_model_to_start_is_marked_starting_before_any_starts():
     wanted = {"a": _spec("a", free_port()), "b": _spec("b", free_port())}
     marks = _Marks()
