@@ -1,7 +1,7 @@
 """OpenAI wire types for the endpoints the proxy serves; no logic beyond validation.
 
-Owns: the shape of a chat-completions request as far as the proxy reads it, the model list, and the
-names of the proxy's own additions to the wire format. Every field the proxy does not read is kept
+Owns: the shape of a chat-completions request as far as the proxy reads it (and how its JSON is
+read: ``read_json``), the model list, and the names of the proxy's own additions to the wire format. Every field the proxy does not read is kept
 (``extra="allow"``) and forwarded untouched: the request body sent upstream is the client's own
 dict, not a re-serialisation of these models.
 Does not know: routing, dispatch, HTTP.
@@ -95,7 +95,6 @@ class ModelCard(BaseModel):
 class ModelList(BaseModel):
     object: Literal["list"] = "list"
     data: list[ModelCard]
-
 
 
 _SURROGATE = re.compile("[\ud800-\udfff]")
