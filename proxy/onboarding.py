@@ -553,10 +553,12 @@ class Onboarding:
         await self._set_status(state, "stalled", reason)
 
 
-# The share of answers stating no letter in the graded form above which a profile is flagged: the
-# recorded answers of the models the scorer was trained on state none in 1.2% of cases (708 of
-# 60,160, tests/onboarding/test_grading_data.py), asked with MMLU-Pro's 5-shot prompt.
-NO_LETTER_SHARE = 0.05
+# The share of answers stating no letter in the graded form above which a profile is flagged. The
+# five zoo models whose answers are recorded (asked with MMLU-Pro's 5-shot prompt) state none in
+# 8.7% (Llama-3.1-8B-Instruct) to 23.4% (Qwen1.5-7B-Chat) of them, 15.9% overall
+# (tests/onboarding/test_grading_data.py): above all of them, a model's format, not its knowledge,
+# is likely what the grading missed.
+NO_LETTER_SHARE = 0.30
 
 
 def _understated(state: _Run, max_tokens: int, letters: Sequence[str | None]) -> str | None:
@@ -571,8 +573,8 @@ def _understated(state: _Run, max_tokens: int, letters: Sequence[str | None]) ->
     none = sum(letter is None for letter in letters)
     if letters and none / len(letters) > NO_LETTER_SHARE:
         notes.append(f"{none} of its {len(letters)} answers stated no letter as 'the answer is (X)' "
-                     "(graded wrong), against about 1% for the models the scorer learned from: its "
-                     "profile may understate it")
+                     "(graded wrong), more than any zoo model whose answers are recorded (9% to 23%): "
+                     "its profile may understate it")
     return "; ".join(notes) or None
 
 

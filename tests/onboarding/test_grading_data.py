@@ -21,12 +21,37 @@ from scorer.grading import extract_answer
 pytestmark = pytest.mark.data
 
 
-def _agreement(folder):
-    n_options = {}
+def _n_options(folder) -> dict[str, int]:
     with gzip.open(folder / "prompts.jsonl.gz", "rt", encoding="utf-8") as fh:
+        return {p["id"]: len(p["options"]) for p in map(json.loads, fh)}
+
+
+def _no_letter_shares(folder) -> dict[str, float]:
+    """Per model, the share of its recorded generations from which the extractor reads no letter."""
+    n_options = _n_options(folder)
+    total, none = Counter(), Counter()
+    with gzip.open(folder / "generations.jsonl.gz", "rt", encoding="utf-8") as fh:
         for line in fh:
-            p = json.loads(line)
-            n_options[p["id"]] = len(p["options"])
+            g = json.loads(line)
+            total[g["model"]] += 1
+            none[g["model"]] += extract_answer(g["text"], n_options[g["prompt_id"]]) is None
+    return {m: none[m] / total[m] for m in total}
+
+
+def test_no_zoo_model_s_recorded_answers_would_be_flagged_as_misread(shared_data):
+    """Onboarding flags a profile whose answers state no letter more often than NO_LETTER_SHARE; the
+    models the scorer learned from, asked as the data was, must all stay under it (and the status's
+    reason quotes their range)."""
+    from proxy.onboarding import NO_LETTER_SHARE
+
+    shares = _no_letter_shares(shared_data / "mmlu_pro")
+    print("\nno letter read, per model: " + ", ".join(f"{m} {v:.1%}" for m, v in sorted(shares.items())))
+    assert len(shares) == 5
+    assert 0.08 < min(shares.values()) and max(shares.values()) < 0.24 < NO_LETTER_SHARE
+
+
+def _agreement(folder):
+    n_options = _n_options(folder)
     preds = {}
     with gzip.open(folder / "predictions.csv.gz", "rt", encoding="utf-8") as fh:
         for row in csv.DictReader(fh):
