@@ -63,11 +63,15 @@ def wait_http(url: str, timeout: float = 90.0, proc: subprocess.Popen | None = N
     raise RuntimeError(f"{url} did not come up")
 
 
+# Where files are found, not how the proxy behaves: kept for the children.
+LOCATIONS = ("SATROUTE_CACHE_DIR", "SATROUTE_DATA_DIR")
+
+
 def child_env(env: dict[str, str] | None = None) -> dict[str, str]:
     """This shell's environment without its SATROUTE_* settings (a master key would make every
     request a 401, a state dir would put the benchmark's requests in a deployment's routing log),
-    plus ``env``."""
-    own = {k: v for k, v in os.environ.items() if not k.startswith("SATROUTE_")}
+    but with the variables that only locate files (the backbones' cache, the data), plus ``env``."""
+    own = {k: v for k, v in os.environ.items() if not k.startswith("SATROUTE_") or k in LOCATIONS}
     return {**own, **(env or {})}
 
 

@@ -10,7 +10,8 @@ Public API (the only names the proxy may use):
   in [0, 1] (NaN, a percentage), or a profile with no task the scorer reads, is a ValueError.
 - ``load_scorer(checkpoint=None, device=None, dtype=None)``: the trained Model-SAT scorer (the
   committed default checkpoint when ``checkpoint`` is None), on CUDA when available, else the CPU;
-  in bfloat16 on CUDA and on CPUs that compute it natively, else float32, unless ``dtype`` says.
+  in bfloat16 where it is native (a CUDA card of compute capability 8.0 on, or a CPU with
+  AVX512-BF16/AMX), else float32, unless ``dtype`` says.
 """
 from __future__ import annotations
 

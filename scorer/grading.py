@@ -83,7 +83,8 @@ def _first_valid(pattern: re.Pattern[str], text: str, valid: str) -> str | None:
 
 
 def strip_reasoning(text: str) -> str | None:
-    """``text`` without its ``<think>...</think>`` blocks; None when a block is never closed.
+    """``text`` without its scratchpads (``<think>``, ``<thinking>``, ``<reasoning>`` blocks, harmony's
+    analysis and commentary channels); None when one is never closed.
 
     Text up to a ``</think>`` that no ``<think>`` opened is reasoning too (templates that open the
     block in the prompt, e.g. DeepSeek-R1's).
@@ -106,7 +107,7 @@ def extract_answer(text: str | None, n_options: int = len(LETTERS)) -> str | Non
     """The answer letter a model's free text commits to, or None when it states none.
 
     Only letters within the first ``n_options`` count: a 4-option question has no answer "G".
-    Reasoning blocks (``<think>...</think>``) are not read; an unclosed one is no answer.
+    Scratchpads (``strip_reasoning``) are not read; an unclosed one is no answer.
     """
     if not text:
         return None

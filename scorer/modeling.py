@@ -2,7 +2,8 @@
 
 Owns: ``ModelSATConfig`` (everything needed to rebuild the network; saves to JSON), ``ModelSAT``
 (capability encoder psi, one-layer connector W, the first ``n_layers`` decoder layers of the LLM phi
-with its final norm and the tied LM-head row of the answer token), the LoRA adapter used to tune
+with its final norm and the LM-head row of the answer token: the embedding's where the head is
+tied, else a copy of the head's own), the LoRA adapter used to tune
 phi, and the two forward paths:
 
 - ``score_rows``: right-padded full sequences, plain causal attention (training groups whose rows
@@ -27,7 +28,8 @@ candidate and re-ordering instead of once per request (``score_rows``)::
 
     [PAPER_HEAD] [capability vectors | text] [PAPER_MID instruction PAPER_TAIL]
 
-The score is ``h_last . E['Yes']`` (the raw 'Yes' logit; only that row of the head is computed).
+The score is ``h_last . H['Yes']`` (the raw 'Yes' logit; only that row of the head H, which is the
+embedding E where phi ties them, is computed).
 
 phi's layers are run by this file's own code, which computes exactly what the library does for the
 architectures in ``SUPPORTED_LLMS`` with plain RoPE; another phi is refused when the network is built.

@@ -1,4 +1,5 @@
-"""Capability instruction tuning (``satroute train``): fits the connector, then connector + phi's LoRA.
+"""Capability instruction tuning (``satroute train``): fits the connector, then connector + phi
+(LoRA, or its top layers' full weights) and, when asked, psi's top layers.
 
 Owns: building the training pool from a routing data set's ``train`` split (the aptitude suite's own
 questions and a validation slice are held out of it; ``test`` is never read), the two group losses,
@@ -624,6 +625,7 @@ def run(a) -> int:
 
 
 def _run(a) -> int:
+    check_options(a)  # before anything is set or written: a mistake leaves no empty --out behind
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
     out_dir = Path(a.out)

@@ -14,9 +14,11 @@ def test_the_children_get_the_shell_s_environment_without_its_satroute_settings(
     monkeypatch.setenv("SATROUTE_MASTER_KEY", "mk-secret")
     monkeypatch.setenv("SATROUTE_STATE_DIR", "/srv/satroute/state")
     monkeypatch.setenv("PATH_FOR_THE_BENCH", "kept")
+    monkeypatch.setenv("SATROUTE_CACHE_DIR", "/srv/cache")  # where the backbones are: no new conversion
     env = proxy_overhead.child_env({"SATROUTE_STATE_DIR": "/tmp/bench-state"})
     assert "SATROUTE_MASTER_KEY" not in env
     assert env["SATROUTE_STATE_DIR"] == "/tmp/bench-state" and env["PATH_FOR_THE_BENCH"] == "kept"
+    assert env["SATROUTE_CACHE_DIR"] == "/srv/cache"
 
 
 def test_without_the_litellm_proxy_s_venv_the_bench_says_how_to_go_on(monkeypatch, capsys, tmp_path):

@@ -718,6 +718,7 @@ def test_resume_without_a_saved_state_says_it_starts_a_new_run(tiny_run, tmp_pat
     (("--device", "gpu"), "--device takes cpu or cuda"),
     (("--val-size", "100000"), "--val-size 100000 leaves no train prompt of .* to train on"),
     (("--llm-train-layers", "5"), "--llm-train-layers 5 is more than the 3 layers of phi kept"),
+    (("--threads", "0"), "--threads is 0; it takes 1 or more"),
 ])
 def test_a_mistake_is_one_line_and_exit_2(tiny_run, capsys, flags, message):
     from scorer.training import main
