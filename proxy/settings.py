@@ -50,8 +50,8 @@ class Settings(BaseSettings):
     scorer_checkpoint: str | None = None
     scorer_device: str | None = None
     scorer_dtype: Literal["auto", "float32", "bfloat16"] = Field(
-        "auto", description="auto: bfloat16 on CUDA cards (Ampere on) and CPUs with native bfloat16 (AVX512-BF16, AMX), "
-                            "else float32")
+        "auto", description="auto: bfloat16 on CUDA cards (Ampere on) and CPUs with native bfloat16 "
+                            "(AVX512-BF16, AMX), else float32")
     scorer_threads: int = Field(1, ge=1, description="threads that run scoring off the event loop")
     # images travel inside the body as base64: a phone photo alone is 5 to 10 MB of it
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
