@@ -294,7 +294,8 @@ class Onboarding:
                               leased=True)
             log.error("onboarding %s failed: %s", model, state.fatal)
             return await self._progress(model)
-        graded = await self._store(store.graded, model)
+        answers = await self._store(store.answers, model)
+        graded = {a.question_id: a.correct for a in answers}
         missing = [q.id for q in self.questions if q.id not in graded]
         if missing:  # cannot happen unless the store was edited meanwhile
             await self._store(store.set_status, model, "failed",
@@ -302,7 +303,7 @@ class Onboarding:
                               leased=True)
             return await self._progress(model)
         ids = set(self.suite.question_ids)
-        letters = [a.letter for a in await self._store(store.answers, model) if a.question_id in ids]
+        letters = [a.letter for a in answers if a.question_id in ids]
         note = _understated(state, self.options.max_tokens, letters)
         if note:  # the profile stands, but an admin must see what it may understate
             log.warning("onboarding %s done, but %s", model, note)

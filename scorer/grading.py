@@ -51,8 +51,10 @@ _SCRATCH = r"(?:think|thinking|reasoning)"
 _THINK_OPEN = re.compile(rf"<{_SCRATCH}>", re.IGNORECASE)
 _THINK_CLOSE = re.compile(rf"</{_SCRATCH}>", re.IGNORECASE)
 _THINK_BLOCK = re.compile(rf"<({_SCRATCH})>.*?</\1>", re.IGNORECASE | re.DOTALL)
-_HARMONY_ANALYSIS = re.compile(r"<\|channel\|>(?:analysis|commentary)<\|message\|>.*?(?:<\|end\|>|(?=<\|start\|>)|\Z)",
+_HARMONY_ANALYSIS = re.compile(r"<\|channel\|>(?:analysis|commentary)<\|message\|>.*?(?:<\|end\|>|(?=<\|start\|>))",
                                re.DOTALL)
+_HARMONY_UNENDED = re.compile(r"<\|channel\|>(?:analysis|commentary)<\|message\|>(?:(?!<\|end\|>|<\|start\|>).)*\Z",
+                              re.DOTALL)  # cut off while reasoning
 _HARMONY_TAGS = re.compile(r"<\|(?:start|end|channel|message|return)\|>(?:assistant|final)?")
 
 
@@ -90,8 +92,7 @@ def strip_reasoning(text: str) -> str | None:
     block in the prompt, e.g. DeepSeek-R1's).
     """
     if "<|channel|>" in text:  # harmony: the final channel is the answer; an analysis never ended is none
-        if re.search(r"<\|channel\|>(?:analysis|commentary)<\|message\|>(?:(?!<\|end\|>|<\|start\|>).)*\Z",
-                     text, re.DOTALL):
+        if _HARMONY_UNENDED.search(text):
             return None
         text = _HARMONY_TAGS.sub(" ", _HARMONY_ANALYSIS.sub(" ", text))
     close, open_ = _THINK_CLOSE.search(text), _THINK_OPEN.search(text)

@@ -379,12 +379,10 @@ class ModelSAT(nn.Module):
         one would be psi's of some steps before."""
         window = self._psi_window(self.config.instruction_vector_tokens)
         text = head_text(instruction, window)  # also the key: a huge instruction is not kept whole
-        weight = self.embed.weight  # a cached vector may predate a move to another device or dtype
         if any(p.requires_grad for p in self.encoder_tuned_parameters()):
             self._instruction_vectors.clear()
-            return self.instruction_connector(self._encode([text], window)[0].to(weight.device, weight.dtype))[None]
-        vec = self._instruction_vectors.get(text)
-        if vec is None:
+            vec = self._encode([text], window)[0]
+        elif (vec := self._instruction_vectors.get(text)) is None:
             with torch.no_grad():
                 vec = self._encode([text], window)[0]
             self._instruction_vectors[text] = vec
@@ -392,6 +390,7 @@ class ModelSAT(nn.Module):
                 self._instruction_vectors.popitem(last=False)
         else:
             self._instruction_vectors.move_to_end(text)
+        weight = self.embed.weight  # a cached vector may predate a move to another device or dtype
         return self.instruction_connector(vec.to(weight.device, weight.dtype))[None]
 
     def instruction_embeds(self, instruction: str) -> torch.Tensor:

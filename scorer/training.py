@@ -571,7 +571,6 @@ def check_options(a) -> None:
 
 def build_sources(a) -> tuple[list[Source], object]:
     """One ``Source`` per ``--data`` folder (comma-separated), with its suite and weight."""
-    check_options(a)
     folders = [f for f in str(a.data).split(",") if f]
     suites = [s for s in str(a.suite).split(",") if s] or ["auto"]
     if len(suites) == 1:
