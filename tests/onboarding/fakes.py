@@ -45,6 +45,7 @@ class FakeAsker:
         self.peak = 0
         self.failures: list[BaseException] = []  # raised in order, one per call, before answering
         self.params: list[dict] = []
+        self.answers: dict[str, object] = {}  # question id -> what to answer instead (text or Said)
 
     def question_of(self, messages) -> Question:
         user = messages[-1]["content"]
@@ -61,6 +62,8 @@ class FakeAsker:
             if self.failures:
                 raise self.failures.pop(0)
             self.asked[q.id] += 1
+            if q.id in self.answers:
+                return self.answers[q.id]
             return f"Thinking about it... The answer is ({self.decide(q.id)})."
         finally:
             self.in_flight -= 1

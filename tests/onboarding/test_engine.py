@@ -546,17 +546,12 @@ async def test_answers_cut_off_at_max_tokens_are_graded_wrong_and_said_so(tmp_pa
 
     suite, questions = tiny
     cut = {q.id for q in questions[:2]}
-
-    class Thinker(FakeAsker):
-        async def ask(self, model, messages, **params):
-            text = await super().ask(model, messages, **params)
-            if self.question_of(messages).id in cut:
-                return Said("Let me think about each option in turn. First,", cut_off=True)
-            return Said(text)
+    thinker = FakeAsker(questions, lambda q: "A")
+    thinker.answers = dict.fromkeys(cut, Said("Let me think about each option in turn. First,", cut_off=True))
 
     caplog.set_level(logging.WARNING, logger="satroute.onboarding")
     with Store(tmp_path) as store:
-        progress = await Onboarding(store, suite, questions, Thinker(questions, lambda q: "A"),
+        progress = await Onboarding(store, suite, questions, thinker,
                                     Options(concurrency=1, max_tokens=512)).run("m", Prices())
         assert progress.status == "done"
         assert progress.reason.startswith(f"2 of {len(questions)} answers of this run were cut off at "
@@ -572,15 +567,11 @@ async def test_a_model_that_often_states_no_letter_in_the_graded_form_is_flagged
     """Asked zero-shot, a chat model may answer "**Answer: B**", which MMLU-Pro's rule (and so the
     zoo's recorded outcomes) counts as no answer: above NO_LETTER_SHARE of answers the status says so."""
     suite, questions = tiny
-    slips = {q.id for q in questions[:4]}
-
-    class Bold(FakeAsker):
-        async def ask(self, model, messages, **params):
-            text = await super().ask(model, messages, **params)
-            return "**Answer: A**" if self.question_of(messages).id in slips else text
+    bold = FakeAsker(questions, lambda q: "A")
+    bold.answers = {q.id: "**Answer: A**" for q in questions[:4]}
 
     with Store(tmp_path) as store:
-        progress = await Onboarding(store, suite, questions, Bold(questions, lambda q: "A"), FAST).run("m", Prices())
+        progress = await Onboarding(store, suite, questions, bold, FAST).run("m", Prices())
     assert progress.status == "done"
     assert progress.reason == (f"4 of its {len(questions)} answers stated no letter as 'the answer is (X)' "
                                "(graded wrong), more than any zoo model whose answers are recorded (9% to "
@@ -596,18 +587,14 @@ async def test_the_no_letter_share_is_that_of_every_stored_answer_not_of_the_las
 
     suite, questions = make_suite(3, 10)
     before, after = questions[:20], questions[20:]
-
-    class Resumed(FakeAsker):
-        async def ask(self, model, messages, **params):
-            text = await super().ask(model, messages, **params)
-            return "**Answer: A**" if self.question_of(messages).id in {q.id for q in after[:slips_now]} else text
+    resumed = FakeAsker(questions, lambda q: "A")
+    resumed.answers = {q.id: "**Answer: A**" for q in after[:slips_now]}
 
     with Store(tmp_path) as store:
         for n, q in enumerate(before):  # an earlier run's answers
             letter = None if n < stored_slips else "A"
             store.record("m", GradedAnswer(q.id, letter, letter == q.answer, "..."))
-        progress = await Onboarding(store, suite, questions, Resumed(questions, lambda q: "A"), FAST).run(
-            "m", Prices())
+        progress = await Onboarding(store, suite, questions, resumed, FAST).run("m", Prices())
     assert progress.status == "done"
     assert (progress.reason is not None) == flagged
     if flagged:
