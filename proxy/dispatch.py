@@ -16,13 +16,15 @@ Does not know: HTTP serving, routing policy, where the targets came from.
 from __future__ import annotations
 
 import asyncio
+import collections
+import dataclasses
 import functools
 import logging
 import random
 import re
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Protocol, Sequence
 
 import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
@@ -73,6 +75,35 @@ class RetryingDispatcher:
         self.passthrough = passthrough or PassThrough()
         self._litellm: Any = None
         self._import_lock = asyncio.Lock()
+        self._busy: collections.Counter[str] = collections.Counter()  # calls under way, by model
+
+    def busy(self, name: str) -> int:
+        """How many calls to model ``name`` are under way, from their first attempt to the last
+        byte of their answer (a stream's end, or its close or drop when the client left): what a
+        local server's restart waits for before it stops the old one."""
+        return self._busy[name]
+
+    async def _held(self, name: str, attempts: Awaitable[Answer]) -> Answer:
+        self._busy[name] += 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self._busy[name] -= 1
+                if self._busy[name] <= 0:  # no entry left behind per name ever called
+                    del self._busy[name]
+
+        try:
+            answer = await attempts
+            if answer.chunks is not None:  # held until the stream is done with
+                return dataclasses.replace(answer, chunks=_HeldStream(answer.chunks, release))
+        except BaseException:
+            release()
+            raise
+        release()
+        return answer
 
     async def close(self) -> None:
         await self.passthrough.close()
@@ -101,7 +132,8 @@ class RetryingDispatcher:
                 self.metrics.observe_fallback(failed[-1][0], target.name)
             epoch = self.cooldowns.epoch(target.name)  # its failures count only for this upstream
             try:
-                answer = await self._with_retries(target, call, deadline, epoch)
+                answer = await self._held(target.name,
+                                          self._with_retries(target, call, deadline, epoch))
             except UpstreamClientError as exc:  # its answer goes back as it is, with what failed before
                 if exc.unfit is not None and target is not call.targets[-1]:
                     # this model cannot take the request's parameters, another may: nothing was
@@ -265,6 +297,33 @@ def _delta_says(delta: Any) -> bool:
         return False
     return any(getattr(delta, key, None) for key in ("role", "content", "tool_calls", "function_call",
                                                       "refusal", "reasoning_content"))
+
+
+class _HeldStream:
+    """A streamed answer that keeps its model counted busy until it ends, fails, is closed or is
+    dropped unread (a client that left before the first chunk never starts it)."""
+
+    def __init__(self, chunks: AsyncIterator[bytes], release: Callable[[], None]):
+        self._chunks, self._release = chunks, release
+
+    def __aiter__(self) -> "_HeldStream":
+        return self
+
+    async def __anext__(self) -> bytes:
+        try:
+            return await self._chunks.__anext__()
+        except BaseException:  # its end, an upstream failure, or the client gone (cancelled)
+            self._release()
+            raise
+
+    async def aclose(self) -> None:
+        self._release()
+        aclose = getattr(self._chunks, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+    def __del__(self) -> None:
+        self._release()
 
 
 def attempt_timeout(d: Deployment, router: RouterSettings) -> float:

@@ -53,6 +53,9 @@ STABLE_S = 60.0
 # The Retry-After of a request refused while a local model is on its way back: it usually answers
 # within seconds (SmolLM2 loads in about 1.5 s).
 STARTING_RETRY_AFTER_S = 5.0
+# How long an edited or removed local model's old server may go on answering what it was asked
+# before the edit (streams included) before it is stopped anyway.
+DRAIN_S = 60.0
 
 
 def coming_back(reason: str | None) -> bool:
@@ -139,6 +142,10 @@ class LocalServerSpec:
             "--n_ctx", str(self.n_ctx),
             "--n_threads", str(self.n_threads),
             "--n_threads_batch", str(self.n_threads),
+            # llama-cpp-python's default ends a stream early, with a bare [DONE], as soon as
+            # another request waits for the model: two users (or a user and onboarding) at once
+            # would cut each other's answers short. Requests queue instead. ``args`` may say true.
+            "--interrupt_requests", "false",
             *self.extra_args,
         ]
 
@@ -220,6 +227,7 @@ class LocalServer:
         self._supervisor: asyncio.Task | None = None
         self._drain: asyncio.Task | None = None
         self._stopping = False
+        self._stopped = False  # stop() ran to its end: a second stop() has nothing to do
         self._ready = False
         self._up_since: float | None = None
         self.restarts = 0
@@ -251,7 +259,7 @@ class LocalServer:
         A first start that fails raises ``LocalServerError``; with ``keep_trying`` the server
         also goes on trying in the background, with backoff (a port another process held, a
         child that crashed at start: both may pass), until ``stop()``."""
-        self._stopping = False
+        self._stopping = self._stopped = False
         try:
             await self._spawn_and_wait()
         except LocalServerError as exc:
@@ -365,8 +373,15 @@ class LocalServer:
             proc.kill()
             await proc.wait()
 
+    def hold(self) -> None:
+        """Restart the child no more: it is on its way out, once its last answers are done
+        (``stop()`` follows). It keeps running and answering until then."""
+        self._stopping = True
+
     async def stop(self) -> None:
         """Stop supervising, then SIGTERM the child (SIGKILL after ``stop_timeout_s``)."""
+        if self._stopped:
+            return
         self._stopping = True
         self._ready = False
         if self._supervisor is not None:
@@ -383,6 +398,7 @@ class LocalServer:
             except (asyncio.TimeoutError, asyncio.CancelledError):
                 self._drain.cancel()
             self._drain = None
+        self._stopped = True
         self._emit("stopped")
 
 
@@ -404,21 +420,31 @@ class LocalServerManager:
     and, when it cannot run at all, until its GGUF appears (the wanted specs are read again on every
     tick) or, for llama-cpp-python missing, until its configuration changes. ``on_ready(name)`` is
     called whenever a server answers (again).
+
+    A server whose model is edited or removed is taken out of routing at once, but stopped only
+    once ``busy(name)`` (the calls to the model under way, streams included) is 0, or after
+    ``drain_s``: the requests it was already answering finish (llama-cpp-python's server would cut
+    a stream short on SIGTERM). Its successor, on the same name or port, starts after it stopped.
     """
 
     def __init__(self, specs: Callable[[], dict[str, LocalServerSpec]], mark: MarkCallback, *,
                  on_event: EventCallback | None = None,
                  factory: Callable[..., LocalServer] | None = None,
                  installed: Callable[[], bool] = llama_cpp_available,
-                 on_ready: Callable[[str], None] | None = None):
+                 on_ready: Callable[[str], None] | None = None,
+                 busy: Callable[[str], int] | None = None, drain_s: float = DRAIN_S):
         self._specs = specs
         self._mark = mark
         self._on_ready = on_ready  # a server answers again: e.g. end the model's cooldown
         self._on_event = on_event
         self._factory = factory or LocalServer.for_spec
         self._installed = installed
+        self._busy = busy or (lambda name: 0)
+        self._drain_s = drain_s
         self.servers: dict[str, tuple[LocalServerSpec, LocalServer | None]] = {}
         self._starts: dict[str, asyncio.Task] = {}  # servers still starting, by model name
+        # servers on their way out (answering what they were asked, then stopped), by their task
+        self._retiring: dict[asyncio.Task, tuple[str, LocalServer]] = {}
 
     def _event(self, name: str, event: str) -> None:
         if event == "ready":
@@ -444,9 +470,12 @@ class LocalServerManager:
         """Start servers newly declared or changed, stop those removed or changed. Every model to
         start is marked starting before any starts; starts run side by side, each as its own task,
         so one slow start (a large GGUF) holds up neither the others nor a later edit, which stops
-        a server still starting as it stops one that runs. ``wait``: return once the servers
-        started here answer (or failed to start); the watch does not wait."""
+        a server still starting as it stops one that runs; one that runs is stopped once the
+        answers it was giving are done (``drain_s`` at most). ``wait``: return once the servers
+        started here answer (or failed to start) and those stopped here are stopped; the watch
+        does not wait."""
         wanted = self._specs()
+        retired = []
         for name, (spec, server) in list(self.servers.items()):
             if wanted.get(name) != spec:
                 del self.servers[name]
@@ -457,11 +486,12 @@ class LocalServerManager:
                     if starting is not None:
                         starting.cancel()
                         await asyncio.gather(starting, return_exceptions=True)
-                    await server.stop()
                 if name not in wanted:  # no longer a local model (or gone): its mark goes too
                     self._mark(name, None)
-                    if self._on_event is not None:  # and its series: a gauge at 0 for ever would alert
-                        self._on_event(name, "removed")
+                if server is not None:
+                    retired.append(self._retire(name, server, removed=name not in wanted))
+                elif name not in wanted:
+                    self._removed(name)
         new = [name for name in wanted if name not in self.servers]
         for name in new:  # none is advertised as up while the others start
             self._mark(name, STARTING)
@@ -485,11 +515,42 @@ class LocalServerManager:
             task = asyncio.create_task(self._start(name, server), name=f"localserver-start:{name}")
             self._starts[name] = task
             launched.append(task)
-        if wait and launched:
-            await asyncio.gather(*launched, return_exceptions=True)
+        if wait and (launched or retired):
+            await asyncio.gather(*launched, *retired, return_exceptions=True)
+
+    def _removed(self, name: str) -> None:
+        if self._on_event is not None:  # its series go too: a gauge at 0 for ever would alert
+            self._on_event(name, "removed")
+
+    def _retire(self, name: str, server: LocalServer, removed: bool) -> asyncio.Task:
+        server.hold()  # a child that dies meanwhile is not started again under the old settings
+        task = asyncio.create_task(self._drain_then_stop(name, server, removed),
+                                   name=f"localserver-stop:{name}")
+        self._retiring[task] = (name, server)
+        task.add_done_callback(lambda done: self._retiring.pop(done, None))
+        return task
+
+    async def _drain_then_stop(self, name: str, server: LocalServer, removed: bool) -> None:
+        try:
+            deadline = time.monotonic() + self._drain_s
+            while server.ready and self._busy(name) > 0:  # one still starting served nothing
+                if time.monotonic() >= deadline:
+                    log.warning("local model %s: %d answers still under way after %.0f s; its old "
+                                "server is stopped anyway", name, self._busy(name), self._drain_s)
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            await server.stop()
+            if removed:  # after its last "stopped"
+                self._removed(name)
 
     async def _start(self, name: str, server: LocalServer) -> None:
+        # the server it replaces (same name), or one leaving its port, must be gone first
+        before = [task for task, (other, old) in self._retiring.items()
+                  if other == name or old.base_url == server.base_url]
         try:
+            if before:
+                await asyncio.wait(before)  # cancelling this start does not cancel their stops
             await server.start(keep_trying=True)
         except LocalServerError as exc:  # marked by its failed event; it goes on trying
             log.error("%s; trying again", exc.message)
@@ -514,7 +575,12 @@ class LocalServerManager:
         for task in starts:
             task.cancel()
         await asyncio.gather(*starts, return_exceptions=True)
+        leaving = dict(self._retiring)  # shutting down: no more waiting for their answers
+        for task in leaving:
+            task.cancel()
+        await asyncio.gather(*leaving, return_exceptions=True)
         servers = [server for _, server in self.servers.values() if server is not None]
+        servers += [server for _, server in leaving.values()]
         self.servers.clear()
         await asyncio.gather(*(server.stop() for server in servers))
 
@@ -554,7 +620,7 @@ def local_models_hook(services) -> None:
     manager = LocalServerManager(
         lambda: specs_from_models(registry.snapshot.models.values(), registry.path.parent),
         registry.set_unavailable, on_event=services.metrics.observe_local_server,
-        on_ready=services.cooldowns.success)
+        on_ready=services.cooldowns.success, busy=getattr(services.dispatcher, "busy", None))
     manager.mark_pending()  # before the first request: unavailable until the server answers
 
     async def run() -> None:

@@ -6,6 +6,7 @@ test starts the real llama-cpp-python server with the SmolLM2 GGUF and asks it a
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -168,6 +169,43 @@ async def test_the_real_smollm2_server_starts_answers_and_stops():
         pid = server.pid
         await server.stop()
     assert not _alive(pid)
+
+
+@pytest.mark.backbone
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python (extra 'local') missing")
+async def test_a_second_request_to_the_real_server_waits_instead_of_cutting_a_stream_short():
+    """llama-cpp-python ends a running stream with a bare [DONE] when another request comes in,
+    unless told not to: two users of the local model would cut each other's answers short."""
+    spec = LocalServerSpec(model_path=resolve_gguf(BUILTIN_SMOLLM2), alias="smollm2",
+                           port=free_port(), n_ctx=512, n_threads=1, startup_timeout_s=90)
+    server = LocalServer.for_spec(spec, stop_timeout_s=5)
+    await server.start()
+    body = {"model": "smollm2", "max_tokens": 48, "temperature": 0,
+            "messages": [{"role": "user", "content": "Tell me a long story about a cat."}]}
+    try:
+        async with httpx.AsyncClient(trust_env=False, timeout=60) as client:
+            second = None
+            finish, pieces = None, 0
+            async with client.stream("POST", f"{spec.api_base}/chat/completions",
+                                     json={**body, "stream": True}) as response:
+                assert response.status_code == 200
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    choice = json.loads(line[len("data: "):])["choices"][0]
+                    pieces += bool(choice["delta"].get("content"))
+                    finish = choice["finish_reason"] or finish
+                    if pieces == 1 and second is None:  # the stream runs: another user asks
+                        second = asyncio.create_task(client.post(
+                            f"{spec.api_base}/chat/completions", json=body))
+                        await asyncio.sleep(0.2)  # it reaches the server and waits there
+            answered = await second
+        assert finish == "length", (finish, pieces)  # not cut short by the second request
+        assert pieces >= 40
+        assert answered.status_code == 200
+        assert answered.json()["usage"]["completion_tokens"] == 48
+    finally:
+        await server.stop()
 
 
 class _Marks:
@@ -479,3 +517,102 @@ async def test_every_model_to_start_is_marked_starting_before_any_starts():
         assert marks.current("a") is None and marks.current("b") is None
     finally:
         await manager.stop()
+
+
+class _Busy:
+    """The dispatcher's count of calls under way, by model, set by hand."""
+
+    def __init__(self):
+        self.calls: dict[str, int] = {}
+
+    def __call__(self, name: str) -> int:
+        return self.calls.get(name, 0)
+
+
+def _draining(wanted: dict, drain_s: float):
+    """A manager of the fake ``wanted`` servers whose calls under way are set by hand: it, that
+    count, its marks and its events."""
+    busy, marks, events = _Busy(), _Marks(), []
+    manager = LocalServerManager(lambda: dict(wanted), marks, factory=_fake_factory,
+                                 installed=lambda: True, busy=busy, drain_s=drain_s,
+                                 on_event=lambda name, event: events.append(event))
+    return manager, busy, marks, events
+
+
+async def test_an_edited_model_s_old_server_finishes_its_answers_before_it_stops():
+    """Stopped at once, llama-cpp-python's server cuts the streams it is sending short: the old
+    server stays up, out of routing, until its calls are done; then the new one starts."""
+    port = free_port()
+    wanted = {"local": _spec("local", port)}
+    manager, busy, marks, _ = _draining(wanted, drain_s=30)
+    await manager.sync()
+    try:
+        old = manager.servers["local"][1]
+        old_pid = old.pid
+        busy.calls["local"] = 1  # a stream under way
+        wanted["local"] = _spec("local", port, "--exit-code", "4")  # the same port, other flags
+        await manager.sync(wait=False)
+        assert coming_back(marks.current("local"))  # out of routing at once
+        await asyncio.sleep(0.5)
+        new = manager.servers["local"][1]
+        assert _alive(old_pid) and new is not old and new.pid is None  # waits for the old one
+        # not a failed start on a port still taken, tried again with a growing backoff
+        assert marks.current("local") == "its local server is starting"
+        busy.calls["local"] = 0
+        await _wait_for(lambda: not _alive(old_pid) and new.ready, timeout=10)
+        assert marks.current("local") is None and new.pid != old_pid
+    finally:
+        await manager.stop()
+
+
+async def test_a_removed_model_s_server_finishes_its_answers_then_its_series_go():
+    wanted = {"local": _spec("local", free_port())}
+    manager, busy, _, events = _draining(wanted, drain_s=30)
+    await manager.sync()
+    try:
+        pid = manager.servers["local"][1].pid
+        busy.calls["local"] = 2
+        wanted.clear()
+        await manager.sync(wait=False)
+        await asyncio.sleep(0.5)
+        assert _alive(pid) and "stopped" not in events and manager.servers == {}
+        busy.calls["local"] = 0
+        await _wait_for(lambda: not _alive(pid) and "removed" in events, timeout=10)
+        assert events[-2:] == ["stopped", "removed"]
+    finally:
+        await manager.stop()
+
+
+async def test_answers_that_never_end_hold_an_edit_up_drain_s_at_most(caplog):
+    port = free_port()
+    wanted = {"local": _spec("local", port)}
+    manager, busy, _, _ = _draining(wanted, drain_s=0.5)
+    await manager.sync()
+    try:
+        old_pid = manager.servers["local"][1].pid
+        busy.calls["local"] = 1  # for ever
+        wanted["local"] = _spec("local", port, "--exit-code", "4")
+        started = time.monotonic()
+        await manager.sync()  # waits for the old server's stop and the new one's start
+        assert not _alive(old_pid) and manager.servers["local"][1].ready
+        assert 0.5 <= time.monotonic() - started < 8
+        assert "1 answers still under way" in caplog.text
+    finally:
+        await manager.stop()
+
+
+@pytest.mark.parametrize("draining_s", [None, 0.3], ids=["before-its-drain-began", "while-it-drains"])
+async def test_shutting_down_stops_a_server_that_is_finishing_its_answers_at_once(draining_s):
+    wanted = {"local": _spec("local", free_port())}
+    manager, busy, _, events = _draining(wanted, drain_s=60)
+    await manager.sync()
+    pid = manager.servers["local"][1].pid
+    busy.calls["local"] = 1
+    wanted.clear()
+    await manager.sync(wait=False)
+    if draining_s is not None:
+        await asyncio.sleep(draining_s)
+    started = time.monotonic()
+    await manager.stop()
+    assert not _alive(pid) and time.monotonic() - started < 5
+    assert events.count("stopped") == 1  # stopped once, whoever stopped it

@@ -3,6 +3,7 @@ real requests to the built-in local model (SmolLM2 served by llama-cpp-python, s
 proxy), through the official openai SDK, streaming and not; SIGTERM stops the child server too."""
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -54,16 +55,21 @@ def _wait_ready(base: str, proc: subprocess.Popen, timeout: float = 120) -> dict
     raise AssertionError(f"not ready: {last.text if last is not None else 'no answer'}")
 
 
-def test_serve_routes_real_requests_to_the_local_model_without_keys(tmp_path):
-    config, local_port = _repo_config_on_free_port(tmp_path)
+def _serve(tmp_path: Path, config: Path, **settings: str) -> tuple[subprocess.Popen, str]:
+    """`satroute serve` on ``config`` with no provider key, on a free port: the process, its URL."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in KEYS}
-    env.update(SATROUTE_STATE_DIR=str(tmp_path / "state"), SATROUTE_SHUTDOWN_TIMEOUT_S="5")
+    env.update(SATROUTE_STATE_DIR=str(tmp_path / "state"), SATROUTE_SHUTDOWN_TIMEOUT_S="5", **settings)
     satroute = Path(sys.executable).with_name("satroute")
     proc = subprocess.Popen([str(satroute), "serve", "--config", str(config), "--port", str(port)],
                             cwd=tmp_path, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
+    return proc, f"http://127.0.0.1:{port}"
+
+
+def test_serve_routes_real_requests_to_the_local_model_without_keys(tmp_path):
+    config, local_port = _repo_config_on_free_port(tmp_path)
+    proc, base = _serve(tmp_path, config)
     try:
         ready = _wait_ready(base, proc)
         assert ready["models"] == ["smollm2"]
@@ -96,3 +102,46 @@ def test_serve_routes_real_requests_to_the_local_model_without_keys(tmp_path):
     with pytest.raises(httpx.TransportError):  # the child server went down with the proxy
         httpx.get(f"http://127.0.0.1:{local_port}/v1/models", timeout=2)
     assert "shutdown complete" in logs
+
+
+def test_an_edit_of_the_local_model_lets_the_answer_it_is_streaming_finish(tmp_path):
+    """An edit of the local_server block restarts the child; the stream it is sending runs to its
+    end first (stopped at once, llama-cpp-python's server would end it early with a bare [DONE])."""
+    config, _ = _repo_config_on_free_port(tmp_path)
+    proc, base = _serve(tmp_path, config, SATROUTE_RELOAD_INTERVAL_S="0.1", SATROUTE_ONBOARDING="false")
+    try:
+        _wait_ready(base, proc)
+        conf = yaml.safe_load(config.read_text())
+        local = next(e for e in conf["model_list"] if e["model_name"] == "smollm2")
+        local["model_info"]["local_server"]["n_ctx"] = 768
+        pieces, finish, seen_down = 0, None, False
+        with httpx.stream("POST", f"{base}/v1/chat/completions", timeout=120, json={
+                "model": "smollm2", "stream": True, "max_tokens": 300, "temperature": 0,
+                "messages": [{"role": "user", "content": "Tell me a long story about a cat."}]}) as r:
+            assert r.status_code == 200
+            for line in r.iter_lines():
+                if not line.startswith("data: {"):
+                    continue
+                event = json.loads(line[len("data: "):])
+                assert "error" not in event, (pieces, event)  # the stream was cut
+                choice = event["choices"][0]
+                pieces += bool(choice["delta"].get("content"))
+                finish = choice["finish_reason"] or finish
+                if pieces == 1:
+                    config.write_text(yaml.safe_dump(conf))  # the edit, mid-answer
+                if pieces % 10 == 0 and not seen_down:
+                    ready = httpx.get(f"{base}/ready", timeout=5).json()
+                    seen_down = "smollm2" in ready["unavailable"]  # out of routing: on its way back
+        assert seen_down, "the edit was not taken while the answer streamed"
+        assert finish == "length" and pieces >= 250, (finish, pieces)
+        _wait_ready(base, proc)  # back, on its new server
+        deadline = time.monotonic() + 60
+        while "smollm2" not in httpx.get(f"{base}/ready", timeout=5).json()["models"]:
+            assert time.monotonic() < deadline, "the edited local model did not come back"
+            time.sleep(0.2)
+        again = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
+            "model": "smollm2", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}]})
+        assert again.status_code == 200, again.text
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
