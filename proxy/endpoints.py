@@ -11,6 +11,7 @@ Does not know: how scores are computed, how upstreams are called (``Services`` h
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Coroutine, TypeVar
@@ -32,6 +33,8 @@ from proxy.scoring import ScorerDegraded
 
 if TYPE_CHECKING:
     from proxy.app import Services
+
+log = logging.getLogger("satroute.endpoints")
 
 JSON = "application/json"
 T = TypeVar("T")
@@ -242,9 +245,43 @@ async def chat_completions(request: Request) -> Response:
     assert plan is not None  # a reply comes only after the plan
     headers = routing_headers(plan.decision, reply, plan.default)
     if reply.chunks is not None:
-        return StreamingResponse(reply.chunks, media_type="text/event-stream",
-                                 headers={**headers, "Cache-Control": "no-cache"})
+        return _ClientPacedStream(reply.chunks, plan.snap.router.client_write_timeout_s, record,
+                                  media_type="text/event-stream",
+                                  headers={**headers, "Cache-Control": "no-cache"})
     return Response(reply.body, media_type=JSON, headers=headers)
+
+
+class _ClientStalled(Exception):
+    pass
+
+
+class _ClientPacedStream(StreamingResponse):
+    """A streamed answer that waits ``stall_s`` at most for a client that stopped reading without
+    leaving (its buffers full): then the answer ends there, and so does the call to the model,
+    whose connection (and, on a server of one's own, generation slot) it would hold for ever."""
+
+    def __init__(self, content, stall_s: float, record: RequestRecord | None, **kwargs: Any):
+        super().__init__(content, **kwargs)
+        self.stall_s, self.record = stall_s, record
+
+    async def stream_response(self, send) -> None:
+        async def paced(message) -> None:
+            try:
+                async with asyncio.timeout(self.stall_s):
+                    await send(message)
+            except TimeoutError:
+                raise _ClientStalled from None
+
+        try:
+            await super().stream_response(paced)
+        except _ClientStalled:
+            log.warning("the client read nothing of its stream for %.0f s (client_write_timeout_s): "
+                        "its answer is ended", self.stall_s)
+            if self.record is not None:
+                self.record.error = "client stopped reading"
+            aclose = getattr(self.body_iterator, "aclose", None)
+            if aclose is not None:
+                await aclose()
 
 
 class _Chat:

@@ -126,6 +126,8 @@ class RouterSettings(BaseModel):
     timeout_s: float = Field(600.0, gt=0, description="one attempt, until the first byte")
     deadline_s: float = Field(
         900.0, gt=0, description="dispatch to the answer or first chunk, retries and fallbacks included")
+    client_write_timeout_s: float = Field(
+        60.0, gt=0, description="longest a streamed answer waits for a client that stopped reading")
     max_fallbacks: int = Field(2, ge=0)
     scorer_timeout_s: float = Field(
         2.0, gt=0, description="longest wait for the scorer; then the profiles' means rank the request")
