@@ -149,6 +149,20 @@ class Metrics:
         for state in states:
             self.onboarding_state.remove(model, state)
 
+    def forget_model(self, model: str) -> None:
+        """Drop every request, routing and upstream series of a model that left providers.yaml:
+        an admin who renames models now and then would otherwise grow /metrics for ever."""
+        by_model = ((self.requests, ("model", "status")), (self.stream_errors, ("model",)),
+                    (self.routing_decisions, ("model",)), (self.upstream_latency, ("model",)),
+                    (self.retries, ("model",)), (self.cooldowns, ("model",)),
+                    (self.fallbacks, ("from_model", "to_model")))
+        for metric, names in by_model:
+            series = {tuple(sample.labels[n] for n in names)
+                      for family in metric.collect() for sample in family.samples
+                      if model in (sample.labels.get(n) for n in names if n != "status")}
+            for labels in series:
+                metric.remove(*labels)
+
     def observe_local_server(self, name: str, event: str) -> None:
         """The ``on_event`` callback of ``proxy.localserver.LocalServer``."""
         if event == "ready":

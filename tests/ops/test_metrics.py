@@ -79,6 +79,30 @@ def test_a_local_server_removed_from_the_file_leaves_no_series():
     assert names == {(("name", "kept"),)}
 
 
+def test_a_model_removed_from_the_file_leaves_no_series():
+    """Renamed models would otherwise grow /metrics by some 16 lines each, for ever."""
+    m = Metrics()
+    for model in ("gone", "kept"):
+        m.observe_request(model, 200)
+        m.observe_request(model, 502)
+        m.observe_routing(model)
+        m.observe_upstream(model, 0.2)
+        m.observe_retry(model)
+        m.observe_cooldown(model)
+        m.stream_errors.labels(model=model).inc()
+    m.observe_fallback("gone", "kept")
+    m.observe_fallback("kept", "gone")
+    m.observe_request(None, 404)
+    m.forget_model("gone")
+    m.forget_model("never-seen")
+    left = _samples(m)
+    assert not any("gone" in dict(labels).values() for _, labels in left)
+    assert left[("satroute_requests_total", (("model", "kept"), ("status", "502")))] == 1
+    assert left[("satroute_requests_total", (("model", "none"), ("status", "404")))] == 1
+    assert left[("satroute_upstream_latency_seconds_count", (("model", "kept"),))] == 1
+    assert left[("satroute_retries_total", (("model", "kept"),))] == 1
+
+
 def test_metrics_endpoint_serves_prometheus_text():
     m = Metrics()
     m.observe_request("m1", 502)

@@ -235,7 +235,8 @@ def test_an_edit_that_fixes_a_cooling_model_or_shortens_cooldowns_takes_effect(t
     assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == []
 
 
-def test_a_cooling_model_removed_from_the_file_is_no_longer_listed_as_cooling(tmp_path, upstream, start_proxy):
+def test_a_cooling_model_removed_from_the_file_is_listed_neither_as_cooling_nor_in_metrics(tmp_path, upstream,
+                                                                                           start_proxy):
     dead = "http://127.0.0.1:9/v1"
     models = [model_entry("m1", dead, tmp_path), model_entry("m2", dead, tmp_path),
               model_entry("m3", upstream.url, tmp_path)]
@@ -248,6 +249,10 @@ def test_a_cooling_model_removed_from_the_file_is_no_longer_listed_as_cooling(tm
     while httpx.get(f"{proxy.base}/ready").json()["models"] != ["m1", "m3"] and time.monotonic() < deadline:
         time.sleep(0.05)
     assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == ["m1"]
+    series = [dict(labels) for _, labels in scrape(proxy.base)]
+    assert not any("m2" in labels.values() for labels in series)  # cooldowns, fallbacks, latency
+    assert {"from_model": "m1", "to_model": "m2"} not in series
+    assert {"model": "m1"} in series  # a model still configured keeps its own
 
 
 def test_failures_in_flight_across_an_edit_that_fixed_the_model_do_not_cool_it(tmp_path, upstream,
