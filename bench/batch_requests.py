@@ -67,7 +67,7 @@ def stacked_scores(scorer, texts: list[str], candidates: dict) -> tuple[list[dic
         prefixes = [model.instruction_embeds(text) for text in texts]
         if len({p.shape[0] for p in prefixes}) != 1:
             raise SystemExit("instructions of different token counts: the stacked pass needs equal prefixes")
-        _, kvs = model.run_layers(torch.stack(prefixes))
+        kvs = model.prefix_cache(torch.stack(prefixes))  # padded as one request's is
         ms["prefix"] = (done() - t) * 1000
 
         t = time.perf_counter()

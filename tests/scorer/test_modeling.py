@@ -161,6 +161,9 @@ def test_a_huge_instruction_is_cut_before_it_is_tokenized_and_reads_the_same():
             lengths.extend(len(t) for t in ([texts] if isinstance(texts, str) else texts))
             return self.tok(texts, **kw)
 
+        def __getattr__(self, name):  # pad_token_id and the like
+            return getattr(self.tok, name)
+
     model.tokenizer, model.encoder_tokenizer = Recording(model.tokenizer), Recording(model.encoder_tokenizer)
     with torch.no_grad():
         assert model._instruction(text) == expected_ids  # its start is kept, as the tokenizers keep it
@@ -228,3 +231,34 @@ def test_an_llm_the_forward_pass_would_compute_differently_is_refused(kind, extr
     _, _, enc = tiny.parts(0)
     with pytest.raises(ValueError, match=message):
         ModelSAT(ModelSATConfig(n_layers=2, suite="tiny"), enc, tok, llm, tok)
+
+
+def test_inputs_are_padded_to_few_lengths_and_the_padding_changes_nothing():
+    """A CPU's kernel libraries keep what they built for each input shape: a length per
+    instruction made a serving process grow by some 270 MB over 75 lengths (bfloat16)."""
+    from scorer.modeling import PAD_MULTIPLE
+
+    model, _ = _model(accuracy_feature=True, max_instruction_tokens=64, instruction_vector_tokens=64)
+    words = "what is the law of the market and the history of war in cells".split()
+    texts = [" ".join(words[i % len(words)] for i in range(n)) for n in range(1, 61)]
+    seen = {"psi": set(), "phi": set()}
+    hooks = [model.encoder.register_forward_pre_hook(
+                 lambda _, args, kwargs: seen["psi"].add(kwargs["input_ids"].shape[1]), with_kwargs=True),
+             model.layers[0].self_attn.q_proj.register_forward_pre_hook(
+                 lambda _, args: seen["phi"].add(args[0].shape[1]))]
+    with torch.no_grad():
+        pasts = [model.prefix_cache(model.instruction_embeds(text)) for text in texts]
+    for hook in hooks:
+        hook.remove()
+    assert all(n % PAD_MULTIPLE == 0 for n in seen["psi"] | seen["phi"])
+    assert len(seen["psi"]) <= 64 // PAD_MULTIPLE and len(seen["phi"]) <= 6
+    with torch.no_grad():
+        for text, past in zip(texts, pasts):
+            _, unpadded = model.run_layers(model.instruction_embeds(text)[None])
+            for (k, v), (k0, v0) in zip(past, unpadded):  # the cut-back cache is the prefix's own
+                torch.testing.assert_close(k, k0, rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(v, v0, rtol=1e-5, atol=1e-5)
+            tok = model.encoder_tokenizer([text], truncation=True, max_length=64, return_tensors="pt")
+            hidden = model.encoder(**tok).last_hidden_state.mean(1)  # unpadded: every token real
+            torch.testing.assert_close(model._encode([text], 64)[0],
+                                       torch.nn.functional.normalize(hidden, dim=-1)[0], rtol=1e-5, atol=1e-5)
