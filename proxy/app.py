@@ -99,8 +99,7 @@ def build_services(settings: Settings, *, scorer: Any = None, dispatcher: Dispat
     cooldowns = Cooldowns()
     registry.on_reload.append(lambda old, new: follow_edit(cooldowns, old, new))
     metrics = Metrics()
-    registry.on_reload.append(lambda old, new: [metrics.forget_model(name)
-                                                for name in old.models.keys() - new.models.keys()])
+    registry.on_reload.append(lambda old, new: metrics.follow_models(old.models, new.models))
     return Services(
         settings=settings, registry=registry,
         scoring=ScorerHost(scorer, threads=settings.scorer_threads, on_call=metrics.observe_scoring),

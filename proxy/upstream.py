@@ -243,8 +243,10 @@ class PassThrough:
         except aiohttp.ClientError as exc:
             if resp is not None:
                 resp.close()
-            raise UpstreamTransient(f"{d.name}: connection failed: {type(exc).__name__}: "
-                                    f"{redact(str(exc))}", model=d.name) from None
+            if not (stream and resp is not None and resp.status == 200 and d.info.local_server is not None):
+                raise UpstreamTransient(f"{d.name}: connection failed: {type(exc).__name__}: "
+                                        f"{redact(str(exc))}", model=d.name) from None
+            first = b""  # a local server's stream that broke before its first event: as an empty one
         except (UpstreamClientError, UpstreamTransient):
             resp.release()
             raise
@@ -254,9 +256,34 @@ class PassThrough:
             raise
         if not first:
             resp.close()
+            if d.info.local_server is not None:
+                # llama-cpp-python's server ends at once (empty, or reset), a stream it cannot
+                # begin (a prompt longer than its context): asked again without streaming, it
+                # says why (its 400 goes back to the client), or answers in one piece
+                whole = await self._asked_again(d, body, first_byte_s, read_s, redact, connect_s)
+                return Answer(chunks=_replay(completion_as_events(whole, name_json, _wants_usage(body),
+                                                                  d.name, redact=redact)))
             raise UpstreamTransient(f"{d.name}: answered 200 with a stream that ended before its first "
                                     "event", model=d.name, status=200, reason="bad_answer")
         return Answer(chunks=_relay(first, events, name_json, resp, _choices(body)))
+
+    async def _asked_again(self, d: Deployment, body: Mapping[str, Any], first_byte_s: float,
+                           read_s: float, redact, connect_s: float | None) -> bytes:
+        """A local server's whole answer to ``body`` asked without streaming. Right after the
+        stream it could not begin, that server resets the next connection for a moment (measured:
+        at once, yes; 50 ms later, no): the question waits 0.1 s, and once more 0.5 s if it was."""
+        body = {k: v for k, v in body.items() if k != "stream_options"} | {"stream": False}
+        for pause in (0.1, 0.5):
+            await asyncio.sleep(pause)
+            try:
+                whole = await self.attempt(d, body, False, first_byte_s, read_s, redact, connect_s)
+            except UpstreamTransient as exc:
+                if pause == 0.5 or exc.upstream_status or exc.timeout:  # only a reset is asked again
+                    raise
+                continue
+            assert whole.body is not None
+            return whole.body
+        raise AssertionError("unreachable: the last pause raises or returns")
 
 
 def _looks_like_sse(head: bytes) -> bool:

@@ -616,3 +616,58 @@ async def test_shutting_down_stops_a_server_that_is_finishing_its_answers_at_onc
     await manager.stop()
     assert not _alive(pid) and time.monotonic() - started < 5
     assert events.count("stopped") == 1  # stopped once, whoever stopped it
+
+
+def test_requests_are_put_in_the_form_llama_cpp_s_server_reads():
+    from proxy.localserver import llama_cpp_request
+
+    calls = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    body = {"model": "m", "max_completion_tokens": 16, "messages": [
+        {"role": "developer", "content": "Be terse."},
+        {"role": "user", "content": [{"type": "text", "text": "Say"}, {"type": "text", "text": "hello."}]},
+        {"role": "assistant", "content": None, "tool_calls": calls},
+        {"role": "tool", "tool_call_id": "c1", "content": [{"type": "text", "text": "sunny"}]}],
+        "response_format": {"type": "json_schema", "json_schema": {"name": "c", "schema": {"type": "object"}}}}
+    out, why = llama_cpp_request(body)
+    assert why == "" and out["max_tokens"] == 16
+    assert [m["role"] for m in out["messages"]] == ["system", "user", "assistant", "tool"]
+    assert [m["content"] for m in out["messages"]] == ["Be terse.", "Say\nhello.", "", "sunny"]
+    assert out["messages"][2]["tool_calls"] == calls
+    assert out["response_format"] == {"type": "json_object", "schema": {"type": "object"}}
+    assert body["messages"][0]["role"] == "developer"  # the client's body is left as it was
+    assert llama_cpp_request({"max_tokens": 4, "max_completion_tokens": 16})[0]["max_tokens"] == 4
+    assert llama_cpp_request({"messages": [{"role": "user", "content": "hi"}]})[0] == {
+        "messages": [{"role": "user", "content": "hi"}]}  # what it reads already goes as it is
+
+
+def test_what_llama_cpp_s_server_cannot_answer_is_refused_before_it_is_sent():
+    from proxy.localserver import llama_cpp_request
+
+    image = {"messages": [{"role": "user", "content": [
+        {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": {"url": "data:,"}}]}]}
+    assert llama_cpp_request(image) == (None, "it reads text only (a message holds image_url)")
+    assert llama_cpp_request(image, vision=True)[0] == image  # a multimodal model takes the parts
+    assert llama_cpp_request({"n": 2, "messages": []})[0] is None
+    assert llama_cpp_request({"n": 1, "messages": []})[0] == {"n": 1, "messages": []}
+
+
+async def test_a_model_edited_then_removed_while_its_old_server_drains_leaves_no_series():
+    """The edit keeps the old server's series for its successor; the removal that follows must
+    still take them, after the old server's last "stopped" (a gauge at 0 for ever would alert)."""
+    port = free_port()
+    wanted = {"local": _spec("local", port)}
+    manager, busy, _, events = _draining(wanted, drain_s=30)
+    await manager.sync()
+    try:
+        busy.calls["local"] = 1
+        wanted["local"] = _spec("local", port, "--exit-code", "4")  # edited: the old one drains
+        await manager.sync(wait=False)
+        await asyncio.sleep(0.3)
+        wanted.clear()  # then removed: the successor waiting for it goes at once
+        await manager.sync(wait=False)
+        await asyncio.sleep(0.3)
+        busy.calls["local"] = 0
+        await _wait_for(lambda: not manager._retiring, timeout=10)
+        assert events[-2:] == ["stopped", "removed"]
+    finally:
+        await manager.stop()

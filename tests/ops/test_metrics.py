@@ -103,6 +103,19 @@ def test_a_model_removed_from_the_file_leaves_no_series():
     assert left[("satroute_retries_total", (("model", "kept"),))] == 1
 
 
+def test_a_removed_model_s_last_requests_do_not_bring_its_series_back_until_it_is_back():
+    m = Metrics()
+    m.follow_models(["gone", "kept"], ["kept"])
+    m.observe_request("gone", 200)  # its old local server was still answering
+    m.observe_upstream("gone", 0.1)
+    m.observe_fallback("kept", "gone")
+    m.observe_routing("gone")
+    assert not any("gone" in dict(labels).values() for _, labels in _samples(m))
+    m.follow_models(["kept"], ["kept", "gone"])  # listed again: counted again
+    m.observe_request("gone", 200)
+    assert _samples(m)[("satroute_requests_total", (("model", "gone"), ("status", "200")))] == 1
+
+
 def test_metrics_endpoint_serves_prometheus_text():
     m = Metrics()
     m.observe_request("m1", 502)

@@ -145,3 +145,56 @@ def test_an_edit_of_the_local_model_lets_the_answer_it_is_streaming_finish(tmp_p
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
+
+
+def test_the_local_model_takes_the_request_shapes_openai_takes_or_says_clearly_why_not(tmp_path):
+    """llama-cpp-python's server answers some shapes OpenAI accepts with a 500 (which the proxy
+    retried, answered 502 and cooled the only model for), ignores max_completion_tokens, and ends
+    at once a stream whose prompt is longer than its context."""
+    config, _ = _repo_config_on_free_port(tmp_path)
+    proc, base = _serve(tmp_path, config, SATROUTE_ONBOARDING="false")
+    try:
+        _wait_ready(base, proc)
+        client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+        calls = [{"id": "c1", "type": "function", "function": {"name": "weather", "arguments": "{}"}}]
+        shapes = {
+            "text parts": [{"role": "user", "content": [{"type": "text", "text": "Say hello."}]}],
+            "developer": [{"role": "developer", "content": "Be terse."}, {"role": "user", "content": "Hi"}],
+            "tool result": [{"role": "user", "content": "Weather?"},
+                            {"role": "assistant", "content": None, "tool_calls": calls},
+                            {"role": "tool", "tool_call_id": "c1", "content": "sunny"}]}
+        for name, messages in shapes.items():
+            answer = client.chat.completions.create(model="smollm2", max_tokens=4, messages=messages)
+            assert answer.choices[0].message.content is not None, name
+        schema = {"type": "json_schema", "json_schema": {"name": "c", "schema": {
+            "type": "object", "properties": {"color": {"type": "string"}}, "required": ["color"]}}}
+        answer = client.chat.completions.create(model="smollm2", max_tokens=24, response_format=schema,
+                                                messages=[{"role": "user", "content": "Name a color."}])
+        assert answer.choices[0].message.content.lstrip().startswith("{")
+        for stream in (False, True):  # honoured as max_tokens is: not written until n_ctx
+            kw = dict(model="smollm2", max_completion_tokens=6, temperature=0,
+                      messages=[{"role": "user", "content": "Tell me a long story about a cat."}])
+            if stream:
+                chunks = list(client.chat.completions.create(stream=True, **kw))
+                finish = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+                pieces = sum(bool(c.choices and c.choices[0].delta.content) for c in chunks)
+                assert finish == ["length"] and pieces <= 6
+            else:
+                answer = client.chat.completions.create(**kw)
+                assert answer.choices[0].finish_reason == "length" and answer.usage.completion_tokens == 6
+        with pytest.raises(openai.BadRequestError, match="reads text only") as refused:
+            client.chat.completions.create(model="smollm2", max_tokens=4, messages=[{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
+        assert refused.value.code == "untranslatable_request"
+        long = "The quick brown fox jumps over the lazy dog. " * 400  # ~4,000 tokens, n_ctx 1024
+        for stream in (False, True):
+            with pytest.raises(openai.BadRequestError) as too_long:
+                out = client.chat.completions.create(model="smollm2", max_tokens=4, stream=stream,
+                                                     messages=[{"role": "user", "content": long}])
+                list(out) if stream else None
+            assert too_long.value.code == "context_length_exceeded", stream
+        ready = httpx.get(f"{base}/ready", timeout=5).json()
+        assert ready["cooling"] == [] and ready["models"] == ["smollm2"]  # no request cooled it
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)

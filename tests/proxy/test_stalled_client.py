@@ -42,6 +42,7 @@ def test_a_client_that_stops_reading_is_let_go_with_the_model_s_call(tmp_path, u
     proxy = start_proxy(cfg, scorer=RecordingScorer({"m1": 1.0}))
     # far more than the buffers hold (16 MB), no two chunks alike (litellm ends a stream that repeats one)
     upstream.set("m1", answer("".join(f"{i:07d} " for i in range(2_000_000)), chunks=8000))
+    before = len(upstream.open)  # kept-alive connections of earlier calls
     clients = [_stalled_client(proxy.port) for _ in range(2)]
     try:
         time.sleep(0.5)
@@ -50,8 +51,12 @@ def test_a_client_that_stops_reading_is_let_go_with_the_model_s_call(tmp_path, u
         while _in_flight(proxy) > 0:
             assert time.monotonic() < deadline, "a stalled client still holds its request"
             time.sleep(0.2)
-        assert "read nothing of its stream for 1 s" in caplog.text
+        assert "a write to the client waited 1 s (client_write_timeout_s)" in caplog.text
         assert proxy.app.state.services.dispatcher.busy("m1") == 0  # the model's call is over
+        deadline = time.monotonic() + 3  # and its connection closed, not left to a garbage collection
+        while len(upstream.open) > before:
+            assert time.monotonic() < deadline, "the stalled calls' connections to the model are still open"
+            time.sleep(0.1)
     finally:
         for sock in clients:
             sock.close()

@@ -90,6 +90,7 @@ class MockUpstream:
             collections.deque)
         self._lock = threading.Lock()
         self.received: list[Received] = []
+        self.open: set["_Conn"] = set()  # the connections clients hold now
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.base_events.Server | None = None
         self._thread: threading.Thread | None = None
@@ -190,6 +191,7 @@ class _Conn(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
+        self.mock.open.add(self)
 
     def data_received(self, data: bytes) -> None:
         try:
@@ -198,6 +200,7 @@ class _Conn(asyncio.Protocol):
             self.transport.close()
 
     def connection_lost(self, exc: Exception | None) -> None:
+        self.mock.open.discard(self)
         if self.pending:
             self.pending.cancel()
 
