@@ -216,7 +216,8 @@ class RetryingDispatcher:
         local = d.info.local_server
         if local is not None:  # llama-cpp-python's server: what it cannot read is put as it reads it
             vision = any(str(arg).startswith("--clip_model") for arg in local.args)
-            body, why = llama_cpp_request(call.body, vision=vision)
+            # its defaults from litellm_params too: a max_completion_tokens there is as ignored
+            body, why = llama_cpp_request(PassThrough.with_defaults(d, call.body), vision=vision)
             if body is None:
                 raise _unfit(d.name, f"model {d.name} cannot take this request: {why}",
                              "untranslatable", "untranslatable_request")

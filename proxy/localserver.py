@@ -65,12 +65,13 @@ def llama_cpp_request(body: Mapping[str, Any],
     """An OpenAI chat request as llama-cpp-python's server takes it: ``(body, "")``, or ``(None,
     why)`` when it cannot take it at all. What OpenAI accepts and that server answers with a 500
     (its chat template fails, or its schema refuses) is put in the form it reads: a list of text
-    parts as one string, a ``developer`` message as ``system``, an assistant's null content (a
+    (and refusal) parts as one string, a ``developer`` message as ``system``, a null content (a
     tool call's) as empty, a ``json_schema`` response format as its own ``json_object`` with a
     schema; and ``max_completion_tokens``, which it ignores (it would write until its context is
     full), as ``max_tokens``. Images and sound need a multimodal model (``vision``: its ``args``
     give ``--clip_model_path``); ``n`` above 1 it would answer with one choice."""
-    if isinstance(body.get("n"), int) and body["n"] > 1:
+    n = body.get("n")
+    if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 1:  # 2.0 is taken as 2
         return None, "it answers one choice per request (n > 1)"
     out = dict(body)
     messages = []
@@ -82,13 +83,15 @@ def llama_cpp_request(body: Mapping[str, Any],
         if message.get("role") == "developer":
             message["role"] = "system"
         content = message.get("content")
-        if content is None and message.get("role") == "assistant":
+        if content is None:  # a tool call's (the schema lets any role's be null)
             message["content"] = ""
         elif isinstance(content, list) and not vision:
-            other = sorted({str(part.get("type")) for part in content if isinstance(part, dict)} - {"text"})
+            parts = [part for part in content if isinstance(part, dict)]
+            other = sorted({str(part.get("type")) for part in parts} - {"text", "refusal"})
             if other:
                 return None, f"it reads text only (a message holds {', '.join(other)})"
-            message["content"] = "\n".join(str(part.get("text") or "") for part in content)
+            message["content"] = "\n".join(str(part.get("text") or part.get("refusal") or "")
+                                            for part in parts)
         messages.append(message)
     if "messages" in body:
         out["messages"] = messages

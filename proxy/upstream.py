@@ -178,14 +178,20 @@ class PassThrough:
         return base.rstrip("/") + "/chat/completions"
 
     @staticmethod
-    def payload(d: Deployment, body: Mapping[str, Any]) -> bytes:
-        # defaults from litellm_params: the OpenAI chat parameters (temperature, max_tokens, ...)
-        # and the fields of its extra_body; never litellm's own settings or other credentials
+    def with_defaults(d: Deployment, body: Mapping[str, Any]) -> dict[str, Any]:
+        """``body`` with the model's defaults for what it does not say: from litellm_params, the
+        OpenAI chat parameters (temperature, max_tokens, ...) and the fields of its extra_body;
+        never litellm's own settings or other credentials."""
         defaults = {k: v for k, v in d.params.items() if k in BODY_DEFAULTS}
         extra = d.params.get("extra_body")
         out = {**(extra if isinstance(extra, dict) else {}), **defaults}
         out = {k: v for k, v in out.items() if k not in body}
         out.update(body)
+        return out
+
+    @staticmethod
+    def payload(d: Deployment, body: Mapping[str, Any]) -> bytes:
+        out = PassThrough.with_defaults(d, body)
         out["model"] = d.upstream_model
         return orjson.dumps(out)
 
@@ -207,6 +213,7 @@ class PassThrough:
                       first_byte_s: float, read_s: float, redact,
                       connect_s: float | None = None) -> Answer:
         """One call; returns once the answer (or the stream's first event) is in hand."""
+        started = time.monotonic()
         timeout = aiohttp.ClientTimeout(total=None, connect=connect_s or self._connect,
                                         sock_read=read_s)
         name_json = orjson.dumps(d.name)
@@ -260,23 +267,29 @@ class PassThrough:
                 # llama-cpp-python's server ends at once (empty, or reset), a stream it cannot
                 # begin (a prompt longer than its context): asked again without streaming, it
                 # says why (its 400 goes back to the client), or answers in one piece
-                whole = await self._asked_again(d, body, first_byte_s, read_s, redact, connect_s)
+                whole = await self._asked_again(d, body, started + first_byte_s, read_s, redact,
+                                                connect_s)
                 return Answer(chunks=_replay(completion_as_events(whole, name_json, _wants_usage(body),
                                                                   d.name, redact=redact)))
             raise UpstreamTransient(f"{d.name}: answered 200 with a stream that ended before its first "
                                     "event", model=d.name, status=200, reason="bad_answer")
         return Answer(chunks=_relay(first, events, name_json, resp, _choices(body)))
 
-    async def _asked_again(self, d: Deployment, body: Mapping[str, Any], first_byte_s: float,
+    async def _asked_again(self, d: Deployment, body: Mapping[str, Any], by: float,
                            read_s: float, redact, connect_s: float | None) -> bytes:
-        """A local server's whole answer to ``body`` asked without streaming. Right after the
-        stream it could not begin, that server resets the next connection for a moment (measured:
-        at once, yes; 50 ms later, no): the question waits 0.1 s, and once more 0.5 s if it was."""
+        """A local server's whole answer to ``body`` asked without streaming, by ``by`` (the
+        attempt's own first-byte limit, ``time.monotonic()``). Right after the stream it could not
+        begin, that server resets the next connection for a moment (measured: at once, yes; 50 ms
+        later, no): the question waits 0.1 s, and once more 0.5 s if it was."""
         body = {k: v for k, v in body.items() if k != "stream_options"} | {"stream": False}
         for pause in (0.1, 0.5):
+            left = by - time.monotonic() - pause
+            if left <= 0:
+                raise UpstreamTransient(f"{d.name}: no answer within the attempt's time", model=d.name,
+                                        status=504, timeout=True)
             await asyncio.sleep(pause)
             try:
-                whole = await self.attempt(d, body, False, first_byte_s, read_s, redact, connect_s)
+                whole = await self.attempt(d, body, False, left, read_s, redact, connect_s)
             except UpstreamTransient as exc:
                 if pause == 0.5 or exc.upstream_status or exc.timeout:  # only a reset is asked again
                     raise

@@ -636,6 +636,9 @@ def test_requests_are_put_in_the_form_llama_cpp_s_server_reads():
     assert out["response_format"] == {"type": "json_object", "schema": {"type": "object"}}
     assert body["messages"][0]["role"] == "developer"  # the client's body is left as it was
     assert llama_cpp_request({"max_tokens": 4, "max_completion_tokens": 16})[0]["max_tokens"] == 4
+    refused = {"messages": [{"role": "assistant", "content": [{"type": "refusal", "refusal": "No."}]},
+                            {"role": "user", "content": None}]}
+    assert [m["content"] for m in llama_cpp_request(refused)[0]["messages"]] == ["No.", ""]
     assert llama_cpp_request({"messages": [{"role": "user", "content": "hi"}]})[0] == {
         "messages": [{"role": "user", "content": "hi"}]}  # what it reads already goes as it is
 
@@ -648,6 +651,7 @@ def test_what_llama_cpp_s_server_cannot_answer_is_refused_before_it_is_sent():
     assert llama_cpp_request(image) == (None, "it reads text only (a message holds image_url)")
     assert llama_cpp_request(image, vision=True)[0] == image  # a multimodal model takes the parts
     assert llama_cpp_request({"n": 2, "messages": []})[0] is None
+    assert llama_cpp_request({"n": 2.0, "messages": []})[0] is None  # the server takes it as 2
     assert llama_cpp_request({"n": 1, "messages": []})[0] == {"n": 1, "messages": []}
 
 

@@ -1,0 +1,53 @@
+"""What dispatch sends a local model (llama-cpp-python's server): the request in the form that
+server reads, its litellm_params defaults included; and the re-ask of a stream it could not begin
+stays within the attempt's time."""
+from __future__ import annotations
+
+import time
+
+import pytest
+import yaml
+
+from proxy.cooldown import Cooldowns
+from proxy.dispatch import Call, RetryingDispatcher
+from proxy.errors import UpstreamTransient
+from proxy.providers import ProviderRegistry
+from proxy.upstream import Answer, PassThrough
+
+
+class Recording:
+    def __init__(self):
+        self.bodies = []
+
+    async def attempt(self, d, body, stream, first_byte_s, timeout_s, redact, connect_s=None):
+        self.bodies.append(body)
+        return Answer(body=b'{"choices": []}')
+
+    async def close(self):
+        pass
+
+
+@pytest.fixture
+def local(tmp_path):
+    path = tmp_path / "providers.yaml"
+    path.write_text(yaml.safe_dump({"model_list": [{
+        "model_name": "local", "litellm_params": {"model": "openai/smol", "max_completion_tokens": 6},
+        "model_info": {"local_server": {"model": "builtin:smollm2", "port": 28431}}}]}))
+    return ProviderRegistry(path, dict).snapshot
+
+
+async def test_a_local_model_s_defaults_are_put_in_the_form_its_server_reads_too(local):
+    sent = Recording()
+    dispatcher = RetryingDispatcher(Cooldowns(), passthrough=sent)
+    await dispatcher.complete(Call(targets=[local.models["local"]], stream=False, router=local.router,
+                                   body={"model": "local", "messages": [{"role": "user", "content": None}]}))
+    assert sent.bodies[0]["max_tokens"] == 6  # which the server reads; max_completion_tokens it ignores
+    assert sent.bodies[0]["messages"] == [{"role": "user", "content": ""}]
+
+
+async def test_asking_a_local_server_again_stays_within_the_attempt_s_time(local):
+    started = time.monotonic()
+    with pytest.raises(UpstreamTransient) as late:
+        await PassThrough()._asked_again(local.models["local"], {"stream": True, "messages": []},
+                                         started + 0.05, 5.0, str, None)
+    assert late.value.timeout and time.monotonic() - started < 0.05
