@@ -70,10 +70,10 @@ SUPPORTED_LLMS = ("gemma", "llama", "mistral", "qwen2")
 # words. Cutting there first keeps a huge instruction from being tokenized whole, inside the
 # scorer's lock, for the few tokens kept; a text within the bound is read as it always was.
 CHARS_PER_TOKEN = 128
-# psi's and phi's inputs are padded to a multiple of this many tokens (masked: the scores do not
-# change). A CPU's kernel libraries keep what they built for each input shape they meet, several
+# psi's and phi's inputs are padded to a multiple of this many tokens (masked: the scores move by
+# rounding only). A CPU's kernel libraries keep what they built for each input shape they meet, several
 # MB each in bfloat16: with every instruction length a shape of its own, a serving process grew by
-# about 270 MB over 75 lengths; with lengths in steps of 16 it stays within a few MB.
+# about 270 MB over 75 lengths; with lengths in steps of 16, by some 25 (bench/scorer_memory.py).
 PAD_MULTIPLE = 16
 
 
