@@ -45,13 +45,12 @@ def test_a_client_that_stops_reading_is_let_go_with_the_model_s_call(tmp_path, u
     before = len(upstream.open)  # kept-alive connections of earlier calls
     clients = [_stalled_client(proxy.port) for _ in range(2)]
     try:
-        time.sleep(0.5)
-        assert _in_flight(proxy) == 2  # both are being answered, and neither reads
         deadline = time.monotonic() + 15
         while _in_flight(proxy) > 0:
             assert time.monotonic() < deadline, "a stalled client still holds its request"
             time.sleep(0.2)
-        assert "a write to the client waited 1 s (client_write_timeout_s)" in caplog.text
+        # let go by the timeout, both (not answered in full: the buffers could not hold it)
+        assert caplog.text.count("a write to the client waited 1 s (client_write_timeout_s)") == 2
         assert proxy.app.state.services.dispatcher.busy("m1") == 0  # the model's call is over
         deadline = time.monotonic() + 3  # and its connection closed, not left to a garbage collection
         while len(upstream.open) > before:
