@@ -621,15 +621,13 @@ class LocalServerManager:
                 await self.sync(wait=False)
 
     async def stop(self) -> None:
-        starts = list(self._starts.values())
+        # shutting down: no start goes on, and no server on its way out waits for its answers
+        leaving = dict(self._retiring)
+        tasks = [*self._starts.values(), *leaving]
         self._starts.clear()
-        for task in starts:
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*starts, return_exceptions=True)
-        leaving = dict(self._retiring)  # shutting down: no more waiting for their answers
-        for task in leaving:
-            task.cancel()
-        await asyncio.gather(*leaving, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         servers = [server for _, server in self.servers.values() if server is not None]
         servers += [server for _, server in leaving.values()]
         self.servers.clear()
