@@ -21,6 +21,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from scorer_latency import rss_peak_mb  # noqa: E402 (bench/ is not a package)
 
 WORDS = ("the of a integral derive compute history chemistry law model proof theorem river city "
          "why how is market court cell war energy").split()
@@ -29,11 +32,6 @@ WORDS = ("the of a integral derive compute history chemistry law model proof the
 def rss_mb() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 // 2**20
-
-
-def peak_mb() -> int:
-    with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) // 1024
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     rnd = random.Random(0)
     counts = [int(c) for c in args.candidates.split(",")]
     scorer.score("warm up", {n: profiles[n] for n in names[:max(counts)]})
-    rows = [{"step": "loaded and warmed up", "rss_mb": rss_mb(), "peak_mb": peak_mb()}]
+    rows = [{"step": "loaded and warmed up", "rss_mb": rss_mb(), "peak_mb": round(rss_peak_mb())}]
     print(f"{scorer.runs_on}; {args.threads} thread(s)")
     print(f"{'after':<46} {'RSS MB':>7} {'peak MB':>8} {'s':>5}")
     print(f"{rows[0]['step']:<46} {rows[0]['rss_mb']:>7} {rows[0]['peak_mb']:>8}")
@@ -71,7 +69,7 @@ def main(argv: list[str] | None = None) -> None:
                 scorer.score(" ".join(rnd.choice(WORDS) for _ in range(words)), candidates)
             step = f"{count} candidates, 1..{args.words} words, pass {p}"
             rows.append({"step": step, "candidates": count, "pass": p, "rss_mb": rss_mb(),
-                         "peak_mb": peak_mb(), "seconds": round(time.perf_counter() - started, 1)})
+                         "peak_mb": round(rss_peak_mb()), "seconds": round(time.perf_counter() - started, 1)})
             print(f"{step:<46} {rows[-1]['rss_mb']:>7} {rows[-1]['peak_mb']:>8} {rows[-1]['seconds']:>5.0f}",
                   flush=True)
     if args.json:
