@@ -1,9 +1,9 @@
 """OpenAI wire types for the endpoints the proxy serves; no logic beyond validation.
 
 Owns: the shape of a chat-completions request as far as the proxy reads it (and how its JSON is
-read: ``read_json``), the model list, and the names of the proxy's own additions to the wire format. Every field the proxy does not read is kept
-(``extra="allow"``) and forwarded untouched: the request body sent upstream is the client's own
-dict, not a re-serialisation of these models.
+read: ``read_json``), the model list, and the names of the proxy's own additions to the wire format.
+Every field the proxy does not read is kept (``extra="allow"``) and forwarded untouched: the request
+body sent upstream is the client's own dict, not a re-serialisation of these models.
 Does not know: routing, dispatch, HTTP.
 
 Departures from the OpenAI spec (each one is ours, and documented in docs/routing.md):
