@@ -3,13 +3,18 @@
 Owns: counting consecutive failures per model name (transient ones, and refusals of its key) and the time until which a model is
 cooling down. A model that fails ``allowed_fails`` times in a row is cooled for ``cooldown_s``; the
 cooldown ends by itself; one more failure right after it ends cools the model again at once
-(half-open), a success clears the count.
+(half-open), a success clears the count. A failure may name its ``cause`` (which request it was):
+the same cause fails again without counting again until the model succeeds, so that one request
+the model cannot serve, retried by the proxy and then by its client, does not cool the model for
+everyone.
 Does not know: why a call failed, HTTP, configuration files (limits are passed in per call).
 """
 from __future__ import annotations
 
 import time
-from typing import Callable
+from typing import Callable, Hashable
+
+CAUSES_KEPT = 64  # per model, the causes counted since its last success: the oldest go first
 
 
 class Cooldowns:
@@ -20,6 +25,7 @@ class Cooldowns:
         # bumped when a model's upstream changes (``forget``): a failure of a call made to the
         # upstream it had before (a request in flight across the edit) is not the new one's
         self._epoch: dict[str, int] = {}
+        self._causes: dict[str, dict[Hashable, None]] = {}  # counted since the last success, in order
 
     def epoch(self, name: str) -> int:
         """Which upstream of ``name`` a call about to be made goes to; given back to ``failure``."""
@@ -34,13 +40,22 @@ class Cooldowns:
         del self._until[name]
         return False
 
-    def failure(self, name: str, allowed_fails: int, cooldown_s: float, epoch: int | None = None) -> bool:
+    def failure(self, name: str, allowed_fails: int, cooldown_s: float, epoch: int | None = None,
+                cause: Hashable | None = None) -> bool:
         """Count one failure; True when it starts a cooldown. A failure while the model is already
         cooling (a request that was in flight when it began, or one naming the model) keeps it
         cooling from now on, but is not a new cooldown: what the metric and the log count. A
-        failure of a call made before the model's upstream changed (``epoch``) is not counted."""
+        failure of a call made before the model's upstream changed (``epoch``), or one whose
+        ``cause`` already counted since the model's last success, is not counted."""
         if epoch is not None and epoch != self.epoch(name):
             return False
+        if cause is not None:
+            causes = self._causes.setdefault(name, {})
+            if cause in causes:
+                return False
+            causes[cause] = None
+            if len(causes) > CAUSES_KEPT:
+                del causes[next(iter(causes))]
         count = self._fails.get(name, 0) + 1
         if count >= allowed_fails and cooldown_s > 0:
             started = not self.cooling(name)
@@ -55,6 +70,7 @@ class Cooldowns:
             return
         self._fails.pop(name, None)
         self._until.pop(name, None)
+        self._causes.pop(name, None)
 
     def cooling_models(self) -> list[str]:
         return [n for n in list(self._until) if self.cooling(n)]

@@ -19,6 +19,7 @@ import asyncio
 import collections
 import dataclasses
 import functools
+import hashlib
 import logging
 import random
 import re
@@ -66,6 +67,21 @@ class Reply:
 
 class Dispatcher(Protocol):
     async def complete(self, call: Call) -> Reply: ...
+
+
+def _cause(exc: UpstreamTransient, body: Mapping[str, Any]) -> bytes | None:
+    """What a failure counts under towards the cooldown: the request (a digest of its body, the
+    ``model`` aside) when the upstream answered with an error that may be the request's own (a
+    ``5xx`` other than 502-504), so that its retries, by the proxy or by its client, count once;
+    None when nothing answered, in time or at all, the upstream said it is unavailable or
+    overloaded (``408``, ``409``, ``425``, ``429``, ``502``-``504``), or its answer is none (an
+    HTML page: a wrong ``api_base``, a captive portal): that is the model's state, and every
+    attempt counts."""
+    status = exc.upstream_status
+    if exc.timeout or not 500 <= status < 600 or status in (502, 503, 504):
+        return None
+    rest = {k: v for k, v in body.items() if k != "model"}
+    return hashlib.blake2b(dumps_lenient(rest), digest_size=16).digest()
 
 
 class RetryingDispatcher:
@@ -203,7 +219,8 @@ class RetryingDispatcher:
                     # request's, says nothing about the model: it must not cool it for everyone
                     cut_short = exc.timeout and budget < attempt_timeout(d, router)
                     if (exc.counts and not cut_short
-                            and self.cooldowns.failure(d.name, router.allowed_fails, router.cooldown_s, epoch)
+                            and self.cooldowns.failure(d.name, router.allowed_fails, router.cooldown_s, epoch,
+                                                       _cause(exc, call.body))
                             and self.metrics is not None):
                         self.metrics.observe_cooldown(d.name)
                     raise

@@ -49,3 +49,33 @@ def test_failures_of_calls_made_before_the_model_s_upstream_changed_do_not_count
     assert not c.cooling("m")
     c.success("m", before)  # nor does an old call's success clear the new upstream's record
     assert c.failure("m", 2, 30, after) is False and c.failure("m", 2, 30, after) is True
+
+
+def test_the_same_cause_counts_once_until_the_model_succeeds():
+    """A request the model cannot serve (its own 500), retried by the proxy and again by its
+    client, counts once: it must not cool the model for everyone. Other requests failing do."""
+    clock = Clock()
+    c = Cooldowns(clock)
+    assert [c.failure("m", 3, 30, cause=b"poison") for _ in range(9)] == [False] * 9
+    assert not c.cooling("m")
+    assert c.failure("m", 3, 30, cause=b"b") is False and c.failure("m", 3, 30) is True
+    clock.now += 31
+    assert not c.cooling("m")
+    # half-open: the request that already counted does not cool it again; another failure does
+    assert c.failure("m", 3, 30, cause=b"poison") is False and not c.cooling("m")
+    assert c.failure("m", 3, 30, cause=b"c") is True
+    c.success("m")  # a success forgets the causes: the same request failing again counts again
+    assert c.failure("m", 1, 30, cause=b"poison") is True
+
+
+def test_the_causes_kept_per_model_are_bounded():
+    from proxy.cooldown import CAUSES_KEPT
+
+    c = Cooldowns(Clock())
+    for i in range(CAUSES_KEPT + 10):  # a long outage: every request fails, none succeeds
+        c.failure("m", 10**9, 30, cause=i)
+    assert len(c._causes["m"]) == CAUSES_KEPT
+    assert c.failure("m", 10**9, 30, cause=CAUSES_KEPT + 9) is False  # the newest are kept
+    assert 0 not in c._causes["m"]
+    c.forget("m")
+    assert "m" not in c._causes

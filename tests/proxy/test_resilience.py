@@ -125,6 +125,39 @@ def test_a_model_out_of_credit_hands_routed_requests_to_the_next(tmp_path, upstr
     assert err.value.status_code == 402 and "Insufficient credits" in err.value.message
 
 
+@pytest.mark.parametrize("fast", PATHS)
+def test_one_request_a_model_cannot_serve_does_not_cool_it_for_everyone(tmp_path, upstream, start_proxy,
+                                                                       fast):
+    """A deterministic 500 on one prompt: the proxy retries it, and its user sends it twice more
+    (regenerate; a client that retries a 502), nine attempts in all; they count once, and the
+    model stays in routing. Other requests failing too is the model's state: three in a row cool
+    it (allowed_fails 3)."""
+    proxy = setup(tmp_path, upstream, start_proxy, fast, retry_backoff_s=0.01, retry_backoff_max_s=0.01)
+    upstream.set("m1", fail(500, "cannot render this prompt"))
+    for _ in range(3):
+        with pytest.raises(openai.InternalServerError):
+            client(proxy).chat.completions.create(model="m1", messages=MESSAGES)
+    assert len(upstream.bodies("m1")) == 9
+    assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == []
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.headers["x-satroute-failed"] == "m1:http_500"  # it was still tried first
+    for text in ("second prompt", "third prompt"):
+        client(proxy).chat.completions.create(model="auto", messages=[{"role": "user", "content": text}])
+    assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == ["m1"]
+    assert scrape(proxy.base)[("satroute_cooldowns_total", (("model", "m1"),))] == 1
+
+
+@pytest.mark.parametrize("fast", PATHS)
+def test_an_overloaded_model_cools_after_one_request(tmp_path, upstream, start_proxy, fast):
+    """503 (and 429, 502, 504, a refused connection, a timeout) is the model's state, not the
+    request's: every attempt counts, and one request whose three attempts meet it cools it."""
+    proxy = setup(tmp_path, upstream, start_proxy, fast, retry_backoff_s=0.01, retry_backoff_max_s=0.01)
+    upstream.set("m1", fail(503, "overloaded"))
+    assert client(proxy).chat.completions.create(model="auto", messages=MESSAGES).model == "m2"
+    assert len(upstream.bodies("m1")) == 3
+    assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == ["m1"]
+
+
 def test_stalled_upstream_times_out_and_falls_back(tmp_path, upstream, start_proxy):
     proxy = setup(tmp_path, upstream, start_proxy, True, timeout_s=0.3, num_retries=0)
     upstream.set("m1", stall(5))
@@ -197,8 +230,8 @@ def test_failing_model_cools_down_and_comes_back(tmp_path, upstream, start_proxy
                   cooldown_s=0.8)
     upstream.set("m1", fail(500))
     c = client(proxy)
-    assert c.chat.completions.create(model="auto", messages=MESSAGES).model == "m2"
-    assert c.chat.completions.create(model="auto", messages=MESSAGES).model == "m2"
+    for text in ("one", "two"):  # two requests (one sent twice would count once)
+        assert c.chat.completions.create(model="auto", messages=[{"role": "user", "content": text}]).model == "m2"
     calls = len(upstream.bodies("m1"))
     assert calls == 2
     # cooling: m1 is not even tried
