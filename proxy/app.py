@@ -100,11 +100,14 @@ def build_services(settings: Settings, *, scorer: Any = None, dispatcher: Dispat
     registry.on_reload.append(lambda old, new: follow_edit(cooldowns, old, new))
     metrics = Metrics()
     registry.on_reload.append(lambda old, new: metrics.follow_models(old.models, new.models))
+    dispatcher = dispatcher or RetryingDispatcher(cooldowns, metrics=metrics)
+    unusable = getattr(dispatcher, "unusable", None)
+    if unusable is not None:  # a model litellm cannot call is left out, with the reason, in /ready
+        registry.checks.append(unusable)
     return Services(
         settings=settings, registry=registry,
         scoring=ScorerHost(scorer, threads=settings.scorer_threads, on_call=metrics.observe_scoring),
-        dispatcher=dispatcher or RetryingDispatcher(cooldowns, metrics=metrics),
-        cooldowns=cooldowns, metrics=metrics)
+        dispatcher=dispatcher, cooldowns=cooldowns, metrics=metrics)
 
 
 # What a browser's script may read of an answer: the routing headers, the request id, Retry-After.
@@ -166,7 +169,19 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
         svc.spawn(svc.scoring.keep_warm(profiles, max(1.0, settings.reload_interval_s)), "scorer-warm")
         prepare = getattr(svc.dispatcher, "prepare", None)
         if prepare is not None:  # import litellm now if a model needs it, not in a request's time
-            svc.spawn(prepare(list(svc.registry.snapshot.models.values())), "dispatch-prepare")
+            async def prepared(snapshot: Snapshot) -> None:
+                await prepare(list(snapshot.models.values()))
+                svc.registry.refresh_profiles()  # what litellm cannot call is known now
+
+            def after_edit(old: Snapshot, new: Snapshot) -> None:  # its models may be the first to need litellm
+                try:
+                    asyncio.get_running_loop()
+                except RuntimeError:  # reloaded off the server's loop: the first request prepares
+                    return
+                svc.spawn(prepared(new), "dispatch-prepare")
+
+            svc.spawn(prepared(svc.registry.snapshot), "dispatch-prepare")
+            svc.registry.on_reload.append(after_edit)
         for hook in hooks:
             result = hook(svc)
             if asyncio.iscoroutine(result):

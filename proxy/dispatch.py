@@ -93,6 +93,7 @@ class RetryingDispatcher:
         self._litellm: Any = None
         self._import_lock = asyncio.Lock()
         self._busy: collections.Counter[str] = collections.Counter()  # calls under way, by model
+        self._unusable: dict[tuple[str, str, str], str | None] = {}  # litellm's provider check, remembered
 
     def busy(self, name: str) -> int:
         """How many calls to model ``name`` are under way, from their first attempt to the last
@@ -124,6 +125,29 @@ class RetryingDispatcher:
 
     async def close(self) -> None:
         await self.passthrough.close()
+
+    def unusable(self, d: Deployment) -> str | None:
+        """Why litellm cannot call model ``d`` at all: it finds no provider for its
+        ``litellm_params.model`` (a misspelt prefix, a served id with a slash and no prefix). None
+        when it can, on the pass-through path, and until litellm is imported (``prepare``): the
+        registry asks it again then."""
+        if d.fast_path or self._litellm is None:
+            return None
+        provider = _custom_provider(d)
+        key = (d.model, str(provider), str(d.api_base))
+        if key not in self._unusable:
+            if len(self._unusable) >= 1024:  # one entry per model ever configured: edits add more
+                self._unusable.clear()
+            try:
+                self._litellm.get_llm_provider(model=d.model, custom_llm_provider=provider,
+                                               api_base=d.api_base)
+                self._unusable[key] = None
+            except Exception:  # noqa: BLE001 (litellm's BadRequestError, or any failure to tell)
+                self._unusable[key] = (
+                    f"litellm knows no provider {d.model.partition('/')[0]!r} for litellm_params.model "
+                    f"{d.model!r}: write <provider>/<model id>, as openai/{d.model} for an "
+                    "OpenAI-compatible server")
+        return self._unusable[key]
 
     async def prepare(self, models: Sequence[Deployment]) -> None:
         """Import litellm (seconds, once) when one of ``models`` is called through it, so that no
@@ -264,7 +288,14 @@ class RetryingDispatcher:
         litellm = self._litellm or await self._import_litellm()
         import openai  # litellm's exceptions subclass the openai SDK's
 
+        why = self.unusable(d)
+        if why is not None:  # a request that reached it before the registry left it out
+            text = f"The model '{d.name}' cannot be called: {why}"
+            raise UpstreamClientError(text, status=404, model=d.name, upstream_body={"error": {
+                "message": text, "type": "invalid_request_error", "param": None, "code": "model_not_found"}})
         kwargs = {k: v for k, v in d.params.items() if k not in ("max_retries", "num_retries")}
+        if _custom_provider(d) is not None:
+            kwargs["custom_llm_provider"] = _custom_provider(d)
         openai_like = _openai_like(d.provider, d.upstream_model)
         kwargs.update(litellm_request_kwargs(call.body, d, openai_like))
         # litellm's timeout bounds each read of a stream, like the pass-through's sock_read: the
@@ -501,6 +532,13 @@ def _said(message: str) -> str:
     """The first line of a litellm message, without its ``litellm.<Error>:`` labels (the rest
     can be a traceback)."""
     return _LITELLM_PREFIX.sub("", message.strip().split("\n")[0]).strip()
+
+
+def _custom_provider(d: Deployment) -> Any:
+    """The provider litellm is told: the file's ``custom_llm_provider``, or ``openai`` for a model
+    without a provider prefix (as the pass-through path reads it; litellm would guess one from
+    the name, or find none for a served name of one's own)."""
+    return d.params.get("custom_llm_provider") or ("openai" if "/" not in d.model else None)
 
 
 def _unfit(model: str, text: str, reason: str, code: str) -> UpstreamClientError:

@@ -479,6 +479,10 @@ class ProviderRegistry:
         self._unsettled: bytes | None = None  # a change seen once, taken when seen again unchanged
         # called with (old, new) after an edit of the file is swapped in
         self.on_reload: list[Callable[[Snapshot, Snapshot], None]] = []
+        # what else can make a configured model unusable (the dispatcher: a provider litellm does
+        # not know), asked for each available model whenever the snapshot is derived
+        self.checks: list[Callable[[Deployment], str | None]] = []
+        self._flagged: dict[str, str] = {}  # model -> the check's reason last logged
         self._base: Snapshot
         try:
             raw = self.path.read_bytes()
@@ -538,10 +542,18 @@ class ProviderRegistry:
         """The parsed file plus what is known at run time (profiles, models marked down)."""
         base = self._base
         models = {}
+        flagged = {}
         for name, d in base.models.items():
             profile = d.profile if d.info.capability_profile else self._lookup(d)
-            models[name] = replace(d, profile=profile,
-                                   unavailable=d.unavailable or self._down.get(name))
+            why = d.unavailable or self._down.get(name)
+            if why is None:
+                why = next((r for r in (check(d) for check in self.checks) if r is not None), None)
+                if why is not None:
+                    flagged[name] = why
+                    if self._flagged.get(name) != why:
+                        log.warning("model %s unavailable: %s", name, why)
+            models[name] = replace(d, profile=profile, unavailable=why)
+        self._flagged = flagged
         return replace(base, models=models)
 
     def reload(self, settle: bool = False) -> bool:
@@ -609,7 +621,8 @@ class ProviderRegistry:
         self.refresh_profiles()
 
     def refresh_profiles(self) -> None:
-        """Ask the profile source again for every model without a profile in providers.yaml."""
+        """Ask the profile source again for every model without a profile in providers.yaml, and
+        the ``checks`` again for every model."""
         self.snapshot = self._derive()
 
     def set_unavailable(self, model_name: str, reason: str | None) -> None:

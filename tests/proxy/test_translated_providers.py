@@ -3,6 +3,8 @@ mock upstream), driven by the openai SDK: what a client sees must not depend on 
 provider answered."""
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -397,3 +399,76 @@ def test_an_empty_answer_from_a_translated_provider_is_an_answer_and_an_html_pag
     assert empty and empty[-1].choices[0].finish_reason == "stop"
     assert "".join(c.choices[0].delta.content or "" for c in empty if c.choices) == ""
     assert raw.headers["x-satroute-failed"] == "portal:bad_answer"
+
+
+def _wait_unavailable(proxy, name: str, present: bool = True) -> dict:
+    """/ready's ``unavailable`` once ``name`` is (or is no longer) in it: litellm's import, which
+    tells, runs in the background at start-up."""
+    deadline = time.monotonic() + 60
+    while True:
+        unavailable = httpx.get(f"{proxy.base}/ready").json()["unavailable"]
+        if (name in unavailable) == present or time.monotonic() > deadline:
+            return unavailable
+        time.sleep(0.1)
+
+
+def test_a_provider_litellm_does_not_know_leaves_the_model_out_with_the_reason(tmp_path, upstream,
+                                                                             start_proxy, caplog):
+    """A misspelt prefix (`opneai/`) or a served id with a slash and no prefix
+    (`meta-llama/...`, read as the provider `meta-llama`): litellm refuses every call with a 400
+    that blamed the client, and a routed request never reached the next model. Now such a model
+    is unavailable, with the reason in /ready and the log; an edit that fixes it brings it back."""
+    typo = model_entry("typo", upstream.url, tmp_path)
+    typo["litellm_params"]["model"] = "opneai/m1"
+    served = model_entry("served", upstream.url, tmp_path)
+    served["litellm_params"]["model"] = "meta-llama/Llama-3.1-8B-Instruct"
+    bare = model_entry("bare", upstream.url, tmp_path, fast_path=False)
+    bare["litellm_params"]["model"] = "my-model"  # no prefix: openai, on the litellm path too
+    models = [typo, served, bare, model_entry("m1", upstream.url, tmp_path)]
+    cfg = write_config(tmp_path / "providers.yaml", models, num_retries=0)
+    proxy = start_proxy(cfg, scorer=RecordingScorer({"typo": 0.9, "served": 0.8, "bare": 0.5, "m1": 0.1}))
+    unavailable = _wait_unavailable(proxy, "typo")
+    assert set(unavailable) == {"typo", "served"}
+    assert "litellm knows no provider 'opneai'" in unavailable["typo"]
+    assert "openai/meta-llama/Llama-3.1-8B-Instruct" in unavailable["served"]
+    assert any("model typo unavailable: litellm knows no provider" in r.getMessage() for r in caplog.records)
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.headers["x-satroute-model"] == "bare" and "x-satroute-failed" not in raw.headers
+    assert upstream.bodies("my-model")  # litellm called it as an OpenAI-compatible model
+    with pytest.raises(openai.NotFoundError) as err:
+        client(proxy).chat.completions.create(model="typo", messages=MESSAGES)
+    assert "'typo' is not available" in err.value.message  # as for any unavailable model
+    typo["litellm_params"]["model"] = "openai/m1"  # the admin's fix
+    write_config(cfg, models, num_retries=0)
+    assert "typo" not in _wait_unavailable(proxy, "typo", present=False)
+    assert client(proxy).chat.completions.create(model="auto", messages=MESSAGES).model == "typo"
+
+
+def test_a_request_that_reaches_a_model_litellm_cannot_call_falls_back(tmp_path, upstream):
+    """Before the registry has left it out (litellm was still importing), a routed request falls
+    back from such a model, and one naming it gets a 404 that says why."""
+    import asyncio
+
+    from proxy.cooldown import Cooldowns
+    from proxy.dispatch import Call, RetryingDispatcher
+    from proxy.errors import UpstreamClientError
+    from proxy.providers import parse
+
+    typo = model_entry("typo", upstream.url, tmp_path)
+    typo["litellm_params"]["model"] = "opneai/m1"
+    cfg = write_config(tmp_path / "providers.yaml", [typo, model_entry("m1", upstream.url, tmp_path)])
+    snap = parse(cfg.read_text(), cfg, {}, lambda d: None)
+    dispatcher = RetryingDispatcher(Cooldowns())
+
+    async def go(targets):
+        try:
+            return await dispatcher.complete(Call(targets=targets, body={"model": "auto", "messages": MESSAGES},
+                                                  stream=False, router=snap.router))
+        finally:
+            await dispatcher.close()
+
+    reply = asyncio.run(go([snap.models["typo"], snap.models["m1"]]))
+    assert reply.model == "m1" and reply.failed == [("typo", "http_404")]
+    with pytest.raises(UpstreamClientError) as err:
+        asyncio.run(go([snap.models["typo"]]))
+    assert err.value.status == 404 and "litellm knows no provider 'opneai'" in err.value.message
