@@ -215,6 +215,12 @@ class Snapshot:
         return text
 
 
+# keys satroute reads beyond a section's declared fields (left untyped: any may be os.environ/VAR)
+_READ_TOO: dict[type[BaseModel], tuple[str, ...]] = {
+    LitellmParams: ("timeout", "drop_params", "custom_llm_provider", "extra_body", "extra_headers",
+                    "organization")}
+
+
 def _warn_misspelt(path: Path, raw: dict) -> None:
     """A warning for each unknown key, at the top level, in a ``model_list`` entry, its
     ``litellm_params`` or ``model_info``, or ``router_settings``, that is close to one of ours
@@ -233,10 +239,11 @@ def _warn_misspelt(path: Path, raw: dict) -> None:
     for where, section, model in sections:
         if not isinstance(section, dict):
             continue
+        known = [*model.model_fields, *_READ_TOO.get(model, ())]
         for key in map(str, section):
-            if key in model.model_fields:  # ours, spelt right: the usual case, and cheap
+            if key in known:  # ours, spelt right: the usual case, and cheap
                 continue
-            close = difflib.get_close_matches(key, model.model_fields, n=1, cutoff=0.8)
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.8)
             if close and close[0] != key:
                 log.warning("%s: %s%s is not a key satroute reads; did you mean %s?",
                             path, where, key, close[0])

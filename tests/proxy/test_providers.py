@@ -146,6 +146,11 @@ def test_a_misspelt_key_of_ours_is_a_warning(caplog):
      "model_list.0.litellm_params.api_bsae", "api_base"),
     ("model_list:\n  - {model_name: a, litellm_params: {model: openai/a, api_kye: sk-hidden-999}}\n",
      "model_list.0.litellm_params.api_kye", "api_key"),
+    # read by satroute though litellm's (a per-model timeout; parameters a provider cannot take)
+    ("model_list:\n  - {model_name: a, litellm_params: {model: openai/a, timout: 5}}\n",
+     "model_list.0.litellm_params.timout", "timeout"),
+    ("model_list:\n  - {model_name: a, litellm_params: {model: anthropic/a, drop_param: true}}\n",
+     "model_list.0.litellm_params.drop_param", "drop_params"),
 ])
 def test_a_misspelt_key_anywhere_is_a_warning(caplog, text, where, meant):
     """Outside model_info and router_settings too: a misspelt api_base sends an openai/ model's
