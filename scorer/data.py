@@ -22,6 +22,8 @@ import csv
 import gzip
 import json
 import os
+import zlib
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -168,15 +170,43 @@ class RoutingData:
         return self.correct_matrix()[:, self.column(model)]
 
 
+@contextmanager
+def _gzip_text(path: Path, newline: str | None = None):
+    """``path`` opened as gzip-compressed UTF-8 text; a file that is not one is a ``DataError``."""
+    try:
+        with gzip.open(path, "rt", encoding="utf-8", newline=newline) as fh:
+            yield fh
+    except (gzip.BadGzipFile, EOFError, zlib.error):  # not gzip at all, or a damaged / cut-short one
+        raise DataError(f"{path}: not a gzip file") from None
+    except UnicodeDecodeError:
+        raise DataError(f"{path}: not UTF-8 text") from None
+
+
 def _read_prompts(path: Path) -> list[Prompt]:
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        return [Prompt.from_json(json.loads(line)) for line in fh if line.strip()]
+    prompts = []
+    with _gzip_text(path) as fh:
+        for n, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}: line {n}: not JSON ({exc.msg}, column {exc.colno})") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}: line {n}: expected a JSON object, got {type(obj).__name__}")
+            if "id" not in obj:
+                raise DataError(f"{path}: line {n}: the prompt has no \"id\"")
+            try:
+                prompts.append(Prompt.from_json(obj))
+            except TypeError as exc:  # e.g. "options" that is no list
+                raise DataError(f"{path}: line {n}: {exc}") from None
+    return prompts
 
 
 def _read_outcomes(path: Path, row_of: Mapping[str, int]) -> tuple[list[str], np.ndarray]:
     models: dict[str, int] = {}
     triples: list[tuple[int, int, float]] = []
-    with gzip.open(path, "rt", encoding="utf-8", newline="") as fh:
+    with _gzip_text(path, newline="") as fh:
         reader = csv.reader(fh)
         header = next(reader, None)
         if header is None or header[:3] != ["prompt_id", "model", "score"]:

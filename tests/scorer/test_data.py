@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
@@ -103,4 +104,29 @@ def test_outcomes_read_three_columns_and_skip_blank_lines(tmp_path):
 def test_a_malformed_outcome_row_is_a_data_error_naming_its_line(tmp_path, row, message):
     folder = _outcomes_file(tmp_path, f"prompt_id,model,score\np1,A,1\n{row}\n")
     with pytest.raises(DataError, match=message):
+        load_dataset(folder)
+
+
+@pytest.mark.parametrize("lines, message", [
+    ('{"id": "p1"}\n{"question": "where is my id?"}\n', r"line 2: the prompt has no \"id\""),
+    ('{"id": "p1"}\n\n[1, 2]\n', "line 3: expected a JSON object, got list"),
+    ('{"id": "p1"}\n{not json\n', r"line 2: not JSON \(Expecting property name enclosed in double quotes, column 2\)"),
+    ('{"id": "p1", "options": 5}\n', "line 1: 'int' object is not iterable"),
+])
+def test_a_malformed_prompt_line_is_a_data_error_naming_its_file_and_line(tmp_path, lines, message):
+    import gzip
+
+    folder = write_dataset(tmp_path / "set", [], [])
+    with gzip.open(folder / "prompts.jsonl.gz", "wt", encoding="utf-8") as fh:
+        fh.write(lines)
+    with pytest.raises(DataError, match=f"^{re.escape(str(folder / 'prompts.jsonl.gz'))}: {message}$"):
+        load_dataset(folder)
+
+
+@pytest.mark.parametrize("name", ["prompts.jsonl.gz", "outcomes.csv.gz"])
+@pytest.mark.parametrize("content", [b"prompt_id,model,score\n", b"\x1f\x8b\x08\x00cut short"])
+def test_a_file_that_is_not_gzip_is_a_data_error_naming_it(tmp_path, name, content):
+    folder = write_dataset(tmp_path / "set", [_prompt("p1")], [("p1", "A", 1.0)])
+    (folder / name).write_bytes(content)
+    with pytest.raises(DataError, match=f"^{re.escape(str(folder / name))}: not a gzip file$"):
         load_dataset(folder)
