@@ -13,7 +13,8 @@ Rules:
   to the model listed first. A scorer with ``score_many(instructions, candidates)`` is called in
   batches instead (same result, faster).
 - Missing outcomes: a prompt on which any zoo model has no recorded outcome is left out (for every
-  row of the table alike) and counted in ``n_missing``; every figure is over the same prompts.
+  row of the table alike) and counted in ``n_missing``; every figure is over the same prompts. A
+  split with no prompt left is a ``DataError`` (naming the models with no outcome there at all).
 - ``random`` is the expected accuracy of a uniformly random pick; ``oracle`` is right when any zoo
   model is right.
 - ``limit``: a fixed sample of that many prompts, drawn with ``seed`` from the eligible prompts and
@@ -39,7 +40,13 @@ def eligible_rows(data: RoutingData, models: Sequence[str], split: str = "test",
                   seed: int = 0) -> tuple[RoutingData, int]:
     """The evaluated prompts (the split, complete for the zoo, optionally sampled) and how many were missing."""
     part = data.split(split).with_models(models)
-    complete = ~np.isnan(part.correct_matrix()).any(axis=1)
+    known = ~np.isnan(part.correct_matrix())
+    complete = known.all(axis=1)
+    if not complete.any():  # every figure would be over no prompt
+        absent = [m for m, seen in zip(part.models, known.any(axis=0)) if not seen]
+        where = f" in {data.path}" if data.path else ""
+        raise DataError(f"no {split} prompt{where} has an outcome for every model of the zoo"
+                        + (f"; no outcome at all for {', '.join(map(repr, absent))}" if absent else ""))
     rows = np.flatnonzero(complete)
     if limit is not None and limit < len(rows):
         rows = np.sort(np.random.default_rng(seed).choice(rows, size=limit, replace=False))
@@ -128,14 +135,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                       "suite has it, else mmlu_pro); none: no profiles")
     parser.add_argument("--split", default="test")
     parser.add_argument("--limit", type=positive_int, default=None, help="a fixed, deterministic sample of N prompts")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: ~/.cache/satroute)")
-    parser.add_argument("--embed-tokens", type=int, default=128,
+    parser.add_argument("--embed-tokens", type=positive_int, default=128,
                         help="tokens of each prompt the embedding baselines read (default 128)")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="Model-SAT's dtype (auto: as satroute serve runs it here; before the eleventh "
                              "round of docs/evaluation.md every figure was float32)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
@@ -196,6 +203,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, not {value}")
     return value
 
 

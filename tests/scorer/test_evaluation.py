@@ -203,3 +203,38 @@ def test_cli_a_checkpoint_whose_config_does_not_describe_its_weights_is_one_line
     err = capsys.readouterr().err  # after the backbones' loading bars
     assert err.splitlines()[-1].startswith(f"satroute evaluate: {folder / 'config.json'} does not describe the weights")
     assert "Traceback" not in err
+
+
+def test_a_zoo_with_no_complete_test_prompt_is_an_error_naming_the_models_without_one(tmp_path, capsys):
+    prompts = [{"id": p, "split": sp, "question": p} for p, sp in (("r1", "train"), ("t1", "test"), ("t2", "test"))]
+    outcomes = [(p, m, 1.0) for p in ("r1", "t1", "t2") for m in "AB"] + [("r1", "C", 1.0)]
+    folder = write_dataset(tmp_path / "zoo", prompts, outcomes)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run(parser.parse_args(["--data", str(folder), "--router", "none", "--baselines", "category",
+                                  "--suite", "none", "--json"])) == 2
+    assert capsys.readouterr() == ("", f"satroute evaluate: no test prompt in {folder.resolve()} has an outcome for "
+                                       "every model of the zoo; no outcome at all for 'C'\n")
+    assert eligible_rows(load_dataset(folder), ["A", "B"])[0].ids == ["t1", "t2"]  # the zoo without C
+
+
+@pytest.mark.parametrize("flag, value, message", [
+    ("--threads", "-1", "must be 1 or more, not -1"), ("--threads", "0", "must be 1 or more, not 0"),
+    ("--embed-tokens", "-5", "must be 1 or more, not -5"), ("--embed-tokens", "0", "must be 1 or more, not 0"),
+    ("--seed", "-1", "must be 0 or more, not -1"),
+])
+def test_cli_numbers_out_of_range_are_refused_naming_their_option(data, capsys, flag, value, message):
+    with pytest.raises(SystemExit) as exc:
+        _cli(data, flag, value)
+    assert exc.value.code == 2
+    assert capsys.readouterr().err.splitlines()[-1].endswith(f"error: argument {flag}: {message}")
+
+
+def test_cli_a_malformed_prompt_line_is_one_line_and_exit_2(data, capsys):
+    import gzip
+
+    prompts = f"{data.path}/prompts.jsonl.gz"
+    with gzip.open(prompts, "wt", encoding="utf-8") as fh:
+        fh.write('{"id": "t1", "split": "test"}\n["t2"]\n')
+    assert run(_cli(data, "--router", "none", "--baselines", "category", "--suite", "none")) == 2
+    assert capsys.readouterr().err == f"satroute evaluate: {prompts}: line 2: expected a JSON object, got list\n"
