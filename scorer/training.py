@@ -386,6 +386,9 @@ class Trainer:
             totals["loss"] += loss.item() / n
             totals["paper"] += paper.item() / n
             totals["route"] += 0.0 if route is None else route.item() / n
+        if not math.isfinite(totals["loss"]):  # read above already: checking it costs no extra sync
+            raise ValueError(f"the loss of step {self.step + 1} is {totals['loss']}: training diverged; stopped "
+                             "before it reached the weights (--out keeps the last saved ones)")
         torch.nn.utils.clip_grad_norm_(self.model.trainable_parameters(), 1.0)
         self.optimizer.step()
         self.step += 1
@@ -552,9 +555,21 @@ def check_options(a) -> None:
     for flag, (value, least) in at_least.items():
         if value < least:
             raise ValueError(f"{flag} is {value}; it takes {least} or more")
-    if a.llm_train_layers > a.n_layers and not a.init:
-        raise ValueError(f"--llm-train-layers {a.llm_train_layers} is more than the {a.n_layers} layers of phi "
-                         "kept (--n-layers)")
+    if not a.budget_minutes >= 0:
+        raise ValueError(f"--budget-minutes is {a.budget_minutes}; it takes 0 (no limit) or more")
+    if not a.target_temperature > 0:
+        raise ValueError(f"--target-temperature is {a.target_temperature}; it takes a number above 0")
+    # the network's shape is --init's, or the saved run's on --resume: --n-layers does not bound them
+    if not a.init and not (a.resume and (Path(a.out) / STATE).exists()):
+        if a.llm_train_layers > a.n_layers:
+            raise ValueError(f"--llm-train-layers {a.llm_train_layers} is more than the {a.n_layers} layers of phi "
+                             "kept (--n-layers)")
+        if a.lora_rank > 0 and a.lora_layers > a.n_layers:
+            raise ValueError(f"--lora-layers {a.lora_layers} is more than the {a.n_layers} layers of phi "
+                             "kept (--n-layers)")
+    if Path(a.out).exists() and not Path(a.out).is_dir():
+        raise ValueError(f"--out {a.out} is a file, not a folder")
+    data_options(a)
     if a.route_weight > 0 and a.group_models < 2:
         raise ValueError(f"--group-models is {a.group_models}; a routing group is one model that got the "
                          "instruction right and at least one that got it wrong: 2 or more")
@@ -569,8 +584,8 @@ def check_options(a) -> None:
                              f"{', '.join(f'cuda:{i}' for i in range(count))}")
 
 
-def build_sources(a) -> tuple[list[Source], object]:
-    """One ``Source`` per ``--data`` folder (comma-separated), with its suite and weight."""
+def data_options(a) -> tuple[list[str], list[str], list[float]]:
+    """``--data`` folders with a suite and a sampling weight each (ValueError naming the option)."""
     folders = [f for f in str(a.data).split(",") if f]
     suites = [s for s in str(a.suite).split(",") if s] or ["auto"]
     if len(suites) == 1:
@@ -581,6 +596,14 @@ def build_sources(a) -> tuple[list[Source], object]:
         raise ValueError(f"--data-weights takes numbers, one per --data folder, not {a.data_weights!r}") from None
     if len(suites) != len(folders) or len(weights) != len(folders):
         raise ValueError("--suite and --data-weights need one value per --data folder (or one suite for all)")
+    if not all(math.isfinite(w) and w >= 0 for w in weights) or not sum(weights) > 0:
+        raise ValueError(f"--data-weights takes weights of 0 or more, at least one above 0, not {a.data_weights!r}")
+    return folders, suites, weights
+
+
+def build_sources(a) -> tuple[list[Source], object]:
+    """One ``Source`` per ``--data`` folder (comma-separated), with its suite and weight."""
+    folders, suites, weights = data_options(a)
     if a.category_prior and a.neighbours <= 0:
         raise ValueError("--category-prior blends into the --neighbours targets: give --neighbours K too")
     if not 0.0 <= a.category_prior <= 1.0:
@@ -614,8 +637,8 @@ def _finite(value):
 
 
 def run(a) -> int:
-    """The training run; a wrong data folder, suite, checkpoint or option value is one line on
-    stderr and exit code 2, not a traceback."""
+    """The training run; a wrong data folder, suite, checkpoint or option value, or a loss that
+    diverges, is one line on stderr and exit code 2, not a traceback."""
     try:
         return _run(a)
     except (DataError, CheckpointError, ValueError) as exc:
@@ -628,7 +651,10 @@ def _run(a) -> int:
     torch.manual_seed(a.seed)
     torch.set_num_threads(a.threads)
     out_dir = Path(a.out)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in its path, no permission
+        raise ValueError(f"--out {out_dir}: {exc.strerror or exc}") from None
     sources, suite = build_sources(a)
     resume = a.resume and (out_dir / STATE).exists()
     if a.resume and not resume:
@@ -660,7 +686,11 @@ def _run(a) -> int:
     while trainer.step < total:
         if trainer.step >= a.stage1_steps and trainer.stage == 1 and has_stage_two(model.config):
             trainer.set_stage(2)
-        rec = trainer.train_step()
+        try:
+            rec = trainer.train_step()
+        except ValueError:  # a diverged loss: its one line goes below the bar's, not after it
+            bar.close()
+            raise
         ema = rec["loss"] if ema is None else 0.95 * ema + 0.05 * rec["loss"]
         rec.update(step=trainer.step, stage=trainer.stage, ema=round(ema, 4),
                    elapsed_s=round(time.monotonic() - started, 1))
@@ -674,7 +704,7 @@ def _run(a) -> int:
                 best = rec["val_routing_acc"]
                 save_checkpoint(model, out_dir / BEST, trainer.meta(out_dir, {"val_routing_acc": best,
                                                                                   "val": rec["val"]}))
-        log.write(json.dumps(_finite(rec)) + "\n")  # NaN is no JSON: no validation prompt, a diverged loss
+        log.write(json.dumps(_finite(rec)) + "\n")  # NaN is no JSON: a validation slice with no prompt
         log.flush()
         if time.monotonic() - last_save > a.save_every_minutes * 60 or "val_routing_acc" in rec:
             trainer.save(out_dir, {"val_routing_acc": rec.get("val_routing_acc"), "ema_loss": ema}, ema)

@@ -758,7 +758,7 @@ def test_a_cuda_device_past_the_machine_s_count_is_one_line_and_exit_2(tiny_run,
 
 
 def test_the_log_writes_null_where_a_figure_is_not_a_number(tiny_run, tmp_path, monkeypatch):
-    """A validation slice with no outcome (or a diverged loss) gives NaN, which is no JSON."""
+    """A validation slice with no outcome gives NaN, which is no JSON."""
     from scorer.training import Trainer, main
 
     monkeypatch.setattr(Trainer, "validate", lambda self: float("nan"))
@@ -783,3 +783,76 @@ def test_counts_that_must_be_positive_are_checked_when_parsed(flag):
     add_arguments(p)
     with pytest.raises(SystemExit):
         p.parse_args([flag, "0"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--target-temperature", "0"), "--target-temperature is 0.0; it takes a number above 0"),
+    (("--target-temperature=-0.5",), "--target-temperature is -0.5; it takes a number above 0"),
+    (("--data-weights", "0"), "--data-weights takes weights of 0 or more, at least one above 0, not '0'"),
+    (("--data-weights=-1",), "--data-weights takes weights of 0 or more, at least one above 0, not '-1'"),
+    (("--data-weights", "nan"), "--data-weights takes weights of 0 or more, at least one above 0, not 'nan'"),
+    (("--data-weights", "1,1"), r"--suite and --data-weights need one value per --data folder \(or one suite for all\)"),
+    (("--budget-minutes=-1",), r"--budget-minutes is -1.0; it takes 0 \(no limit\) or more"),
+    (("--lora-layers", "4"), r"--lora-layers 4 is more than the 3 layers of phi kept \(--n-layers\)"),
+])
+def test_an_option_value_no_run_can_use_is_refused_before_out_is_created(tiny_run, tmp_path, capsys, flags,
+                                                                            message):
+    from scorer.training import main
+
+    assert main(tiny_run(*flags)) == 2
+    assert re.fullmatch(f"satroute train: {message}\n", capsys.readouterr().err)
+    assert not (tmp_path / "out").exists()
+
+
+def test_an_out_that_is_a_file_is_one_line_and_exit_2(tiny_run, tmp_path, capsys):
+    from scorer.training import main
+
+    (tmp_path / "file").write_text("not a folder")
+    assert main(tiny_run("--out", str(tmp_path / "file"))) == 2
+    assert capsys.readouterr().err == f"satroute train: --out {tmp_path / 'file'} is a file, not a folder\n"
+    assert main(tiny_run("--out", str(tmp_path / "file" / "out"))) == 2  # a file in its path
+    assert capsys.readouterr().err == f"satroute train: --out {tmp_path / 'file' / 'out'}: Not a directory\n"
+
+
+def test_a_resume_takes_its_network_from_the_run_so_n_layers_does_not_bound_its_layers(tiny_run, tmp_path):
+    from scorer.inference import load_model
+    from scorer.training import main
+
+    assert main(tiny_run("--lora-layers", "2")) == 0
+    assert main(tiny_run("--lora-layers", "2", "--n-layers", "1", "--stage2-steps", "2", "--resume")) == 0
+    config = load_model(tmp_path / "out", device="cpu").config
+    assert (config.n_layers, config.lora_layers) == (3, 2)
+
+
+def test_a_loss_that_is_not_finite_stops_the_run_before_it_reaches_the_weights(tiny_run, tmp_path, capsys,
+                                                                                monkeypatch):
+    from safetensors.torch import load_file
+
+    from scorer.training import main
+
+    original, calls = Trainer.group_losses, []
+
+    def diverging(self):
+        paper, route = original(self)
+        calls.append(1)
+        return (paper * float("nan") if len(calls) > 1 else paper), route
+
+    monkeypatch.setattr(Trainer, "group_losses", diverging)
+    assert main(tiny_run()) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "satroute train: the loss of step 2 is nan: training diverged; stopped before it reached the weights "
+        "(--out keeps the last saved ones)")
+    out = tmp_path / "out"
+    assert [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()] == [1]
+    for folder in (out, out / "best"):
+        assert not any(v.isnan().any() for v in load_file(folder / "model.safetensors").values())
+    assert torch.load(out / "train_state.pt", weights_only=False)["step"] == 1
+
+
+def test_a_data_file_that_is_not_gzip_is_one_line_and_exit_2(tiny_run, tmp_path, capsys):
+    from scorer.training import main
+
+    outcomes = tmp_path / "tinydata" / "outcomes.csv.gz"
+    outcomes.write_text("prompt_id,model,score\nq1,alg,1\n")
+    assert main(tiny_run()) == 2
+    assert capsys.readouterr().err == f"satroute train: {outcomes}: not a gzip file\n"
