@@ -364,8 +364,8 @@ class ModelSAT(nn.Module):
         for i in range(0, len(texts), batch_size):
             tok = self.encoder_tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
                                          max_length=max_length, return_tensors="pt")
-            length = tok["input_ids"].shape[1]
-            extra = self._psi_window(-(-length // PAD_MULTIPLE) * PAD_MULTIPLE) - length
+            length = tok["input_ids"].shape[1]  # 0 for empty texts where the tokenizer adds no [CLS]/[SEP]
+            extra = self._psi_window(max(1, -(-length // PAD_MULTIPLE)) * PAD_MULTIPLE) - length
             pad_id = self.encoder_tokenizer.pad_token_id or 0
             tok = {key: F.pad(value, (0, extra), value=pad_id if key == "input_ids" else 0).to(device)
                    for key, value in tok.items()}

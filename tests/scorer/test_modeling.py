@@ -262,3 +262,20 @@ def test_inputs_are_padded_to_few_lengths_and_the_padding_changes_nothing():
             hidden = model.encoder(**tok).last_hidden_state.mean(1)  # unpadded: every token real
             torch.testing.assert_close(model._encode([text], 64)[0],
                                        torch.nn.functional.normalize(hidden, dim=-1)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("text", ["", "   "])
+def test_an_empty_instruction_is_read_by_psi_as_a_padded_masked_input(text):
+    """The tiny tokenizer adds no [CLS]/[SEP]: an empty text has no token, and psi met a 0-length batch."""
+    from scorer.modeling import PAD_MULTIPLE
+
+    model, _ = _model(accuracy_feature=True, instruction_vector_tokens=8)
+    lengths = []
+    hook = model.encoder.register_forward_pre_hook(
+        lambda _, args, kwargs: lengths.append(kwargs["input_ids"].shape[1]), with_kwargs=True)
+    with torch.no_grad():
+        vec = model._encode([text, "law court"], 8)
+        embeds = model.instruction_embeds(text)
+    hook.remove()
+    assert lengths[-1] == PAD_MULTIPLE and torch.isfinite(vec).all() and torch.isfinite(embeds).all()
+    assert not vec[0].any()  # no token to pool: a zero vector, not a mean over padding
