@@ -465,6 +465,7 @@ async def ready(request: Request) -> Response:
                "models": reachable, "scorer": svc.scoring.describe(), "cooling": svc.cooldowns.cooling_models(),
                "unavailable": {d.name: d.unavailable for d in snap.models.values()
                                if d.unavailable},
+               "config_rejected": svc.registry.rejected,
                "checked_at": int(time.time())}
     return Response(orjson.dumps(payload), status_code=503 if reasons else 200, media_type=JSON)
 

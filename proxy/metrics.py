@@ -26,6 +26,7 @@ Names (all prefixed ``satroute_``):
     onboarding_state{model,state}            1 for the model's current state, 0 for the others
     local_server_up{name}                    1 while a managed local server answers
     local_server_restarts_total{name}        restarts of a managed local server (and retries of a failed start)
+    config_rejected                          1 while providers.yaml on disk is not what is served (unreadable, or its edit rejected)
 """
 from __future__ import annotations
 
@@ -92,6 +93,9 @@ class Metrics:
         self.local_server_restarts = Counter(f"{p}_local_server_restarts",
                                              "Restarts (and start retries) of a managed local server", ["name"],
                                              registry=r)
+        self.config_rejected = Gauge(f"{p}_config_rejected",
+                                     "1 while providers.yaml on disk is not the configuration served: "
+                                     "it cannot be read, or its last edit was rejected", registry=r)
 
     # -- what the rest of the proxy calls -------------------------------------------------------
 

@@ -483,6 +483,7 @@ class ProviderRegistry:
         self._down: dict[str, str] = {}  # model -> why it is down (set at run time)
         self._scan: tuple[bytes, tuple[Path, ...]] = (b"", ())  # file digest -> profile files it names
         self._read_error: str | None = None  # the read failure last logged
+        self._key_rejected: str | None = None  # why the file last acted on was not taken, or None
         self._unsettled: bytes | None = None  # a change seen once, taken when seen again unchanged
         # called with (old, new) after an edit of the file is swapped in
         self.on_reload: list[Callable[[Snapshot, Snapshot], None]] = []
@@ -595,16 +596,25 @@ class ProviderRegistry:
             self.snapshot = self._build(self._text(raw))
         except ConfigError as exc:
             log.error("config reload rejected, keeping the last good configuration: %s", exc)
+            self._key_rejected = str(exc)
             return False
         except Exception as exc:  # noqa: BLE001 (a bug must not end hot reload for good)
             # its type only: a message or repr may quote the file, keys included
-            log.error("config reload failed, keeping the last good configuration: %s: unexpected %s",
-                      self.path, type(exc).__name__)
+            self._key_rejected = f"{self.path}: unexpected {type(exc).__name__}"
+            log.error("config reload failed, keeping the last good configuration: %s", self._key_rejected)
             return False
+        self._key_rejected = None
         log.info("config reloaded from %s: %d models", self.path, len(self.snapshot.models))
         for listener in self.on_reload:
             listener(old, self.snapshot)
         return True
+
+    @property
+    def rejected(self) -> str | None:
+        """Why the file on disk is not the configuration served (it cannot be read, or its last
+        edit was rejected), as logged; None when it is. Shown in /ready and as a metric, so an edit
+        that did not land is not known only from one log line, or from the restart it fails."""
+        return self._read_error or self._key_rejected
 
     async def watch(self, interval_s: float) -> None:
         """Reload every ``interval_s`` until cancelled (run from the app's lifespan). Each tick

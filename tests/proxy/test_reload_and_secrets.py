@@ -9,6 +9,7 @@ import openai
 import pytest
 
 from conftest import model_entry, write_config
+from support.prometheus import scrape
 
 MESSAGES = [{"role": "user", "content": "hi"}]
 
@@ -42,16 +43,31 @@ def test_bad_edit_is_logged_and_last_good_config_keeps_serving(tmp_path, upstrea
                                                                caplog):
     path = write_config(tmp_path / "providers.yaml", [model_entry("m1", upstream.url, tmp_path)])
     proxy = start_proxy(path)
+    good = path.read_text()
+
+    def rejected():  # what /ready and /metrics tell an admin who missed the log line
+        ready = httpx.get(f"{proxy.base}/ready")
+        assert ready.status_code == 200  # still serving: the last good configuration
+        return ready.json()["config_rejected"], scrape(proxy.base)[("satroute_config_rejected", ())]
+
+    assert rejected() == (None, 0)
     caplog.set_level(logging.ERROR, logger="satroute.providers")
     path.write_text("model_list:\n  - model_name: m2\n    litellm_params: {api_base: x}\n")
     assert wait_for(lambda: "rejected" in caplog.text)
     assert "model_list.0.litellm_params.model" in caplog.text and str(path) in caplog.text
+    why, flag = rejected()
+    assert flag == 1 and str(path) in why and "model_list.0.litellm_params.model" in why
     assert model_ids(proxy) == ["auto", "m1"]
     c = openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=0)
     assert c.chat.completions.create(model="auto", messages=MESSAGES).model == "m1"
     path.write_text(": : not yaml [")
     assert wait_for(lambda: "not valid YAML" in caplog.text)
+    assert "not valid YAML" in rejected()[0]
     assert c.chat.completions.create(model="auto", messages=MESSAGES).model == "m1"
+    path.unlink()  # unreadable (an editor that moves the file away and back)
+    assert wait_for(lambda: rejected()[0] == f"{path}: file not found")
+    path.write_text(good)  # the file served, back as it was
+    assert wait_for(lambda: rejected() == (None, 0))
 
 
 def test_keys_never_appear_in_output_logs_or_errors(tmp_path, upstream, start_proxy, caplog,
