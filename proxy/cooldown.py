@@ -12,7 +12,7 @@ Does not know: why a call failed, HTTP, configuration files (limits are passed i
 from __future__ import annotations
 
 import time
-from typing import Callable, Hashable
+from typing import Callable, Hashable, Mapping
 
 CAUSES_KEPT = 64  # per model, the causes counted since its last success: the oldest go first
 
@@ -24,12 +24,23 @@ class Cooldowns:
         self._until: dict[str, float] = {}
         # bumped when a model's upstream changes (``forget``): a failure of a call made to the
         # upstream it had before (a request in flight across the edit) is not the new one's
-        self._epoch: dict[str, int] = {}
+        self._epoch: dict[str, int] = {}  # replaced, never changed in place: ``epochs`` hands it out
+        self._began: dict[str, float] = {}  # when each model's current cooldown began
         self._causes: dict[str, dict[Hashable, None]] = {}  # counted since the last success, in order
 
     def epoch(self, name: str) -> int:
         """Which upstream of ``name`` a call about to be made goes to; given back to ``failure``."""
         return self._epoch.get(name, 0)
+
+    def epochs(self) -> Mapping[str, int]:
+        """Every model's epoch as of now, read in O(1) (a model absent is at 0): taken together with
+        the configuration a request is planned under, since its calls go to the upstreams that
+        configuration names, however late they are made (after scoring, as fallbacks)."""
+        return self._epoch
+
+    def now(self) -> float:
+        """The clock's time: when a call was made, given back to ``success``."""
+        return self._clock()
 
     def cooling(self, name: str) -> bool:
         until = self._until.get(name)
@@ -59,18 +70,27 @@ class Cooldowns:
         count = self._fails.get(name, 0) + 1
         if count >= allowed_fails and cooldown_s > 0:
             started = not self.cooling(name)
+            if started:
+                self._began[name] = self._clock()
             self._until[name] = self._clock() + cooldown_s
             self._fails[name] = allowed_fails - 1  # half-open once the cooldown ends
             return started
         self._fails[name] = count
         return False
 
-    def success(self, name: str, epoch: int | None = None) -> None:
+    def success(self, name: str, epoch: int | None = None, since: float | None = None) -> None:
+        """A call to ``name`` answered: its record is cleared, and its cooldown ended, unless the
+        call was made to the upstream it had before (``epoch``), or before (``since``, from
+        ``now``) a cooldown that is still running began: requests let in before an overload
+        finishing well do not say that the model takes new ones again."""
         if epoch is not None and epoch != self.epoch(name):  # the upstream it had before answered
+            return
+        if since is not None and self.cooling(name) and self._began.get(name, since) > since:
             return
         self._fails.pop(name, None)
         self._until.pop(name, None)
         self._causes.pop(name, None)
+        self._began.pop(name, None)
 
     def cooling_models(self) -> list[str]:
         return [n for n in list(self._until) if self.cooling(n)]
@@ -79,7 +99,7 @@ class Cooldowns:
         """Drop a model's record: what failed was another upstream (its configuration changed),
         and so is what calls still in flight to it may yet fail on."""
         self.success(name)
-        self._epoch[name] = self.epoch(name) + 1
+        self._epoch = {**self._epoch, name: self.epoch(name) + 1}
 
     def shorten(self, cooldown_s: float) -> None:
         """End every cooldown at most ``cooldown_s`` from now (the setting was lowered)."""

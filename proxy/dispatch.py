@@ -53,6 +53,9 @@ class Call:
     router: RouterSettings
     redact: Callable[[str], str] = str
     deadline: float = 0.0  # time.monotonic() by which the first byte must be in hand; 0: router's
+    # the cooldowns' epochs as of the configuration ``targets`` come from (Cooldowns.epochs); None:
+    # as of each call, for targets read from the configuration just before
+    epochs: Mapping[str, int] | None = None
 
 
 @dataclass
@@ -171,7 +174,10 @@ class RetryingDispatcher:
                 break
             if failed and self.metrics is not None:
                 self.metrics.observe_fallback(failed[-1][0], target.name)
-            epoch = self.cooldowns.epoch(target.name)  # its failures count only for this upstream
+            # its failures count only for the upstream it goes to, the one the plan's configuration names
+            epoch = (call.epochs.get(target.name, 0) if call.epochs is not None
+                     else self.cooldowns.epoch(target.name))
+            called = self.cooldowns.now()
             try:
                 answer = await self._held(target.name,
                                           self._with_retries(target, call, deadline, epoch))
@@ -203,7 +209,7 @@ class RetryingDispatcher:
                 last = exc
                 log.warning("model %s failed: %s", target.name, exc.message)
                 continue
-            self.cooldowns.success(target.name, epoch)
+            self.cooldowns.success(target.name, epoch, since=called)
             return Reply(model=target.name, failed=failed, body=answer.body, chunks=answer.chunks)
         names = ", ".join(f"{n} ({r})" for n, r in failed) or "none tried before the deadline"
         err = AllUpstreamsFailed(f"every model failed: {names}", failed=failed, timeout=timed_out)

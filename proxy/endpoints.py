@@ -14,7 +14,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Coroutine, TypeVar
+from typing import TYPE_CHECKING, Any, Coroutine, Mapping, TypeVar
 
 import orjson
 from pydantic import ValidationError
@@ -166,6 +166,7 @@ class Plan:
     snap: Snapshot
     default: bool = False
     instruction: str | None = None
+    epochs: Mapping[str, int] | None = None  # the cooldowns' epochs as of ``snap`` (Cooldowns.epochs)
 
 
 async def plan_route(svc: "Services", body: dict[str, Any], req: protocol.ChatCompletionRequest) -> Plan:
@@ -174,10 +175,13 @@ async def plan_route(svc: "Services", body: dict[str, Any], req: protocol.ChatCo
     profiles' means when it fails or times out). Records no metric and calls no model."""
     body.pop(protocol.ROUTE_FIELD, None)
     narrowed = req.satroute is not None  # {"models": [...]}, checked by the request model
-    snap = svc.registry.snapshot
+    # read together (an edit swaps both in one step): a model's api_base fixed while this request
+    # is scored must not count the old upstream's failures against the new one
+    snap, epochs = svc.registry.snapshot, svc.cooldowns.epochs()
     default = default_target(snap) if req.model == snap.router.router_name and not narrowed else None
     if default is not None:  # nothing is routable yet: the configured default model answers
-        return Plan(Decision(((default.name, 0.0),), routed=False), [default], snap, default=True)
+        return Plan(Decision(((default.name, 0.0),), routed=False), [default], snap, default=True,
+                    epochs=epochs)
     if req.model == snap.router.router_name:
         pool = candidates(snap.models.values(), req.satroute.models if narrowed else None,
                           svc.cooldowns.cooling)
@@ -192,7 +196,7 @@ async def plan_route(svc: "Services", body: dict[str, Any], req: protocol.ChatCo
         decision = Decision(rank(scores, [d.name for d in pool]), routed=True, scorer_ms=ms,
                             degraded=degraded, remembered=remembered)
         targets = [snap.models[n] for n, _ in decision.ranked[: 1 + snap.router.max_fallbacks]]
-        return Plan(decision, targets, snap, instruction=text)
+        return Plan(decision, targets, snap, instruction=text, epochs=epochs)
     target = snap.models.get(req.model)
     _refuse_if_starting(target)
     if target is None or not target.available:
@@ -200,7 +204,7 @@ async def plan_route(svc: "Services", body: dict[str, Any], req: protocol.ChatCo
         raise ModelNotFound(f"The model '{req.model[:MAX_LOGGED_MODEL]}' {why}; GET /v1/models lists the models "
                             f"served here, '{snap.router.router_name}' routes automatically",
                             param="model")
-    return Plan(Decision(((target.name, 0.0),), routed=False), [target], snap)
+    return Plan(Decision(((target.name, 0.0),), routed=False), [target], snap, epochs=epochs)
 
 
 async def chat_completions(request: Request) -> Response:
@@ -311,7 +315,7 @@ class _Chat:
         self.started = time.perf_counter()
         return await svc.dispatcher.complete(Call(
             targets=plan.targets, body=self.body, stream=self.req.stream is True,
-            router=plan.snap.router, redact=plan.snap.redact))
+            router=plan.snap.router, redact=plan.snap.redact, epochs=plan.epochs))
 
     def log_route(self, chosen: str | None, failed) -> None:
         """The routing-log entry of a request to the router's name (or answered by the default

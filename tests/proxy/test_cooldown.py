@@ -79,3 +79,31 @@ def test_the_causes_kept_per_model_are_bounded():
     assert 0 not in c._causes["m"]
     c.forget("m")
     assert "m" not in c._causes
+
+
+def test_successes_of_calls_made_before_a_cooldown_began_do_not_end_it():
+    """Requests let in before an overload finish well while new ones get 429: the cooldown the
+    model earned stands. A call made once it cools (a request naming it) that succeeds ends it."""
+    clock = Clock()
+    c = Cooldowns(clock)
+    before = c.now()
+    clock.now += 1
+    assert [c.failure("m", 3, 30) for _ in range(3)] == [False, False, True]
+    clock.now += 1
+    c.success("m", since=before)
+    assert c.cooling("m")
+    c.success("m", since=c.now())
+    assert not c.cooling("m")
+    # with no cooldown running, any success clears the count
+    c.failure("m", 3, 30)
+    c.success("m", since=before)
+    assert [c.failure("m", 3, 30) for _ in range(3)] == [False, False, True]
+
+
+def test_epochs_taken_before_an_edit_stay_as_they_were():
+    """A request planned under the old configuration keeps the epochs of that moment: an edit
+    swaps in a new map, it does not change the one handed out."""
+    c = Cooldowns(Clock())
+    taken = c.epochs()
+    c.forget("m")
+    assert taken.get("m", 0) == 0 and c.epochs()["m"] == 1 == c.epoch("m")

@@ -314,6 +314,62 @@ def test_failures_in_flight_across_an_edit_that_fixed_the_model_do_not_cool_it(t
     assert client(proxy).chat.completions.create(model="m1", messages=MESSAGES).model == "m1"
 
 
+class SlowScorer(RecordingScorer):
+    def score(self, instruction, candidates):
+        time.sleep(1.0)  # a CPU scorer under load
+        return super().score(instruction, candidates)
+
+
+def test_failures_of_a_request_scored_across_an_edit_that_fixed_the_model_do_not_cool_it(tmp_path, upstream,
+                                                                                       start_proxy):
+    """The fix lands while the request is being scored: its calls still go to the old, dead
+    api_base (the configuration it was planned under), and their failures are not the new one's."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+    cfg = write_config(tmp_path / "providers.yaml", [model_entry("m1", dead, tmp_path),
+                                                     model_entry("m2", upstream.url, tmp_path)],
+                       retry_backoff_s=0.01, retry_backoff_max_s=0.01, cooldown_s=120)
+    proxy = start_proxy(cfg, scorer=SlowScorer({"m1": 1.0, "m2": 0.5}))
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("raw", client(proxy).chat.completions.with_raw_response.create(
+        model="auto", messages=MESSAGES)))
+    thread.start()
+    time.sleep(0.3)  # being scored
+    write_config(cfg, [model_entry("m1", upstream.url, tmp_path), model_entry("m2", upstream.url, tmp_path)],
+                 retry_backoff_s=0.01, retry_backoff_max_s=0.01, cooldown_s=120)
+    thread.join(30)
+    assert out["raw"].headers["x-satroute-failed"] == "m1:connection"  # it went where it was planned
+    assert out["raw"].headers["x-satroute-model"] == "m2"
+    assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == []
+    assert client(proxy).chat.completions.create(model="auto", messages=MESSAGES).model == "m1"
+
+
+def test_requests_let_in_before_an_overload_do_not_end_its_cooldown(tmp_path, upstream, start_proxy):
+    """Five slow requests are in flight to m1 when it starts refusing new work (429) and cools;
+    their answers arriving afterwards do not bring it back before cooldown_s."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    proxy = setup(tmp_path, upstream, start_proxy, True, num_retries=0, cooldown_s=30)
+    upstream.set("m1", answer(delay=1.0))
+    with ThreadPoolExecutor(8) as pool:
+        slow = [pool.submit(client(proxy).chat.completions.create, model="m1",
+                            messages=[{"role": "user", "content": f"slow {i}"}]) for i in range(5)]
+        time.sleep(0.3)
+        upstream.set("m1", fail(429, "overloaded"))
+        for i in range(3):
+            raw = client(proxy).chat.completions.with_raw_response.create(
+                model="auto", messages=[{"role": "user", "content": f"burst {i}"}])
+            assert raw.headers["x-satroute-failed"] == "m1:http_429"
+        assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == ["m1"]
+        assert [f.result().model for f in slow] == ["m1"] * 5
+    assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == ["m1"]
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.parse().model == "m2" and "x-satroute-failed" not in raw.headers  # not even tried
+
+
 @pytest.mark.parametrize("fast", PATHS)
 def test_unreachable_upstream_falls_back_with_reason_connection(tmp_path, upstream, start_proxy,
                                                                 fast):
