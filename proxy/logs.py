@@ -99,7 +99,7 @@ class JsonFormatter(logging.Formatter):
             entry["exc_type"] = kind.__name__ if kind else None
             entry["exc_message"] = str(exc) if exc is not None else None
             entry["traceback"] = self.formatException(record.exc_info)
-        return json.dumps(_loggable(entry, self.redactor), ensure_ascii=False)
+        return _BREAKS.sub(_json_escape, json.dumps(_loggable(entry, self.redactor), ensure_ascii=False))
 
 
 def _loggable(value: Any, redact: Callable[[str], str]) -> Any:
@@ -120,7 +120,15 @@ def _loggable(value: Any, redact: Callable[[str], str]) -> Any:
     return redact(str(value))
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# what json.dumps leaves as it is but still ends a line for some readers (str.splitlines, editors,
+# log viewers: NEL, U+2028, U+2029) or drives a terminal (C1 controls, CSI among them): a client's
+# path, model name or message must not make its own line, nor move a reader's cursor
+_BREAKS = re.compile("[\x7f-\x9f\u2028\u2029]")
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def _json_escape(match: re.Match) -> str:
+    return f"\\u{ord(match.group()):04x}"  # only ever inside a JSON string: still the same text
 
 
 class TextFormatter(logging.Formatter):
@@ -141,7 +149,8 @@ class TextFormatter(logging.Formatter):
         fields = _with_request_id(getattr(record, "fields", None))
         if isinstance(fields, Mapping) and fields:  # redacted before they are quoted, as in JSON
             pairs = _loggable(fields, self.redactor)
-            line += " " + " ".join(f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in pairs.items())
+            line += " " + _BREAKS.sub(_json_escape, " ".join(
+                f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in pairs.items()))
         return line
 
 
@@ -307,7 +316,10 @@ class RequestLogMiddleware:
         incoming = dict(scope.get("headers") or ()).get(REQUEST_ID_HEADER.encode(), b"").decode(
             "latin-1")
         record = RequestRecord(
-            request_id=incoming if _GOOD_REQUEST_ID.match(incoming) else new_request_id(),
+            # one shaped like a credential would be [redacted] in the log, which then could not be
+            # tied to the header the client got: it is given a fresh one, as a malformed one is
+            request_id=(incoming if _GOOD_REQUEST_ID.match(incoming) and not _SECRET_SHAPES.search(incoming)
+                        else new_request_id()),
             method=scope.get("method", ""), path=scope.get("path", ""))
         scope.setdefault("state", {})[_STATE_KEY] = record
         _REQUEST_ID.set(record.request_id)

@@ -167,8 +167,11 @@ def test_a_well_formed_incoming_request_id_is_kept_and_a_bad_one_replaced():
     assert kept.headers[REQUEST_ID_HEADER] == "trace-42.a"
     replaced = client.get("/stream", headers={REQUEST_ID_HEADER: "bad id <script>"})
     assert replaced.headers[REQUEST_ID_HEADER].startswith("req_")
+    # one shaped like a credential would read [redacted] in the log and match no header
+    secretish = client.get("/stream", headers={REQUEST_ID_HEADER: "trace-hf_0123456789abcdef"})
+    assert secretish.headers[REQUEST_ID_HEADER].startswith("req_")
     assert [line["request_id"] for line in _lines(out)] == [
-        "trace-42.a", replaced.headers[REQUEST_ID_HEADER]]
+        "trace-42.a", replaced.headers[REQUEST_ID_HEADER], secretish.headers[REQUEST_ID_HEADER]]
 
 
 def test_a_stream_is_logged_once_at_its_end_with_its_model_and_usage():
@@ -330,6 +333,24 @@ def test_a_newline_a_client_puts_in_its_path_cannot_forge_a_text_line():
     first, *traceback = line.split("\n")
     assert "GET /v1/models\\n2026-12-06" in first and "\\r 401" in first
     assert traceback[0].startswith("Traceback") and traceback[-1] == "ValueError: boom"
+
+
+@pytest.mark.parametrize("brk", ["\u2028", "\u2029", "\x85"])
+def test_no_character_a_line_reader_splits_on_can_forge_a_line_in_either_format(brk):
+    """str.splitlines, editors and log viewers also end a line at NEL, U+2028 and U+2029, which
+    json.dumps leaves as they are: a path or a model name must not make a line of its own; nor
+    may a C1 control (CSI) drive the terminal that shows the log."""
+    from proxy.logs import JsonFormatter, TextFormatter
+
+    forged = f"/v1/x{brk}2026-12-06 23:59:59,000 ERROR satroute.app: master key rotated\x9b2J"
+    record = logging.LogRecord("satroute.request", logging.INFO, __file__, 1, "%s %s %s",
+                               ("GET", forged, 401), None)
+    record.fields = {"requested_model": forged}
+    for formatter in (TextFormatter(Redactor()), JsonFormatter(Redactor())):
+        line = formatter.format(record)
+        assert len(line.splitlines()) == 1 and "\x9b" not in line, type(formatter).__name__
+    logged = json.loads(JsonFormatter(Redactor()).format(record))
+    assert logged["requested_model"] == forged and logged["msg"] == f"GET {forged} 401"  # the same text
 
 
 def test_litellm_s_own_log_lines_go_through_ours_as_json_and_redacted():
