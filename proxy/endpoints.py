@@ -172,7 +172,8 @@ class Plan:
 async def plan_route(svc: "Services", body: dict[str, Any], req: protocol.ChatCompletionRequest) -> Plan:
     """Choose the models for ``body`` (its ``satroute`` field is taken out): the named model, the
     default model while nothing is routable, or the candidates ranked by the scorer (by the
-    profiles' means when it fails or times out). Records no metric and calls no model."""
+    profiles' means when it fails or times out). Records no metric but the scorer's own (its call's
+    latency) and calls no model."""
     body.pop(protocol.ROUTE_FIELD, None)
     narrowed = req.satroute is not None  # {"models": [...]}, checked by the request model
     # read together (an edit swaps both in one step): a model's api_base fixed while this request
@@ -382,7 +383,8 @@ async def route_preview(request: Request) -> Response:
     ``messages``; ``satroute.models`` narrows the candidates as it does for a real request. The
     answer: ``{"chosen", "route", "degraded", "ranked": [{"model", "score"}] (routed only, best
     first), "tries": [models in the order they would be tried], "scorer_ms", "remembered",
-    "instruction" (the text the scorer read)}``. Counts no metric and writes no routing log; the
+    "instruction" (the text the scorer read)}``. Counts no request or routing decision (its scoring
+    call is in the scorer's latency histogram, like any) and writes no routing log; the
     scores are remembered like a real request's. Errors as for chat completions (400, 404, 503).
     The choice is ``chosen``, not ``model``: a request's log line reads ``model`` as the model that
     answered, and none did.

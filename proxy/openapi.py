@@ -86,8 +86,9 @@ def _detailed(router_name: str) -> dict[tuple[str, str], dict[str, Any]]:
         ("/admin/route", "post"): {
             "summary": "Where a chat completion request would go, without calling any model",
             "description": "The same decision a real request gets (the scorer, the profiles' means "
-                           "when it fails, the default model, or the model named), with no "
-                           "metric counted and no routing log written.",
+                           "when it fails, the default model, or the model named), counted as "
+                           "no request or routing decision (its scoring call is in the scorer's "
+                           "latency histogram) and with no routing log written.",
             "requestBody": chat_request,
             "responses": {
                 "200": {"description": "{chosen, route, degraded, ranked: [{model, score}], tries, "
