@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Protocol, Sequence
 
 import orjson
-from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type
+from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from proxy.cooldown import Cooldowns
 from proxy.errors import MODEL_REFUSALS, AllUpstreamsFailed, UpstreamClientError, UpstreamTransient
@@ -180,7 +180,8 @@ class RetryingDispatcher:
             called = self.cooldowns.now()
             try:
                 answer = await self._held(target.name,
-                                          self._with_retries(target, call, deadline, epoch))
+                                          self._with_retries(target, call, deadline, epoch,
+                                                             last=target is call.targets[-1]))
             except UpstreamClientError as exc:  # its answer goes back as it is, with what failed before
                 if exc.unfit is not None and target is not call.targets[-1]:
                     # this model cannot take the request's parameters, another may: nothing was
@@ -218,12 +219,16 @@ class RetryingDispatcher:
             err.retry_after = last.retry_after
         raise err
 
-    async def _with_retries(self, d: Deployment, call: Call, deadline: float, epoch: int) -> Answer:
+    async def _with_retries(self, d: Deployment, call: Call, deadline: float, epoch: int,
+                            last: bool = True) -> Answer:
+        """``d``'s attempts. Unless it is the ``last`` model to try, they stop once ``d`` cools
+        down (its failures, or other requests', put it there): the next-ranked model answers."""
         router = call.router
         retrying = AsyncRetrying(
             stop=_Stop(router.num_retries + 1, deadline),
             wait=_Wait(router.retry_backoff_s, router.retry_backoff_max_s, router.retry_after_max_s),
-            retry=retry_if_exception_type(UpstreamTransient),
+            retry=retry_if_exception(lambda exc: isinstance(exc, UpstreamTransient)
+                                     and (last or not self.cooldowns.cooling(d.name))),
             reraise=True, sleep=asyncio.sleep)
         async for attempt in retrying:
             with attempt:

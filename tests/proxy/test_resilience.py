@@ -314,6 +314,23 @@ def test_failures_in_flight_across_an_edit_that_fixed_the_model_do_not_cool_it(t
     assert client(proxy).chat.completions.create(model="m1", messages=MESSAGES).model == "m1"
 
 
+@pytest.mark.parametrize("fast", PATHS)
+def test_a_model_that_cools_down_is_not_retried_further_when_another_can_answer(tmp_path, upstream,
+                                                                               start_proxy, fast):
+    """Its retries stop once it cools (here its own second failure, allowed_fails 2; under load,
+    other requests' too): the next-ranked model answers rather than the overloaded one being
+    asked three more times. A request naming it has no other model: it keeps its retries."""
+    proxy = setup(tmp_path, upstream, start_proxy, fast, num_retries=4, allowed_fails=2,
+                  retry_backoff_s=0.01, retry_backoff_max_s=0.01)
+    upstream.set("m1", fail(503, "overloaded"))
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.parse().model == "m2" and raw.headers["x-satroute-failed"] == "m1:http_503"
+    assert len(upstream.bodies("m1")) == 2
+    with pytest.raises(openai.InternalServerError):
+        client(proxy).chat.completions.create(model="m1", messages=MESSAGES)
+    assert len(upstream.bodies("m1")) == 2 + 5
+
+
 class SlowScorer(RecordingScorer):
     def score(self, instruction, candidates):
         time.sleep(1.0)  # a CPU scorer under load
