@@ -56,6 +56,7 @@ class Call:
     # the cooldowns' epochs as of the configuration ``targets`` come from (Cooldowns.epochs); None:
     # as of each call, for targets read from the configuration just before
     epochs: Mapping[str, int] | None = None
+    digest: bytes | None = field(default=None, init=False)  # of the body, once needed (_cause)
 
 
 @dataclass
@@ -72,7 +73,7 @@ class Dispatcher(Protocol):
     async def complete(self, call: Call) -> Reply: ...
 
 
-def _cause(exc: UpstreamTransient, body: Mapping[str, Any]) -> bytes | None:
+def _cause(exc: UpstreamTransient, call: "Call") -> bytes | None:
     """What a failure counts under towards the cooldown: the request (a digest of its body, the
     ``model`` aside) when the upstream answered with an error that may be the request's own (a
     ``5xx`` other than 502-504), so that its retries, by the proxy or by its client, count once;
@@ -83,8 +84,10 @@ def _cause(exc: UpstreamTransient, body: Mapping[str, Any]) -> bytes | None:
     status = exc.upstream_status
     if exc.timeout or not 500 <= status < 600 or status in (502, 503, 504):
         return None
-    rest = {k: v for k, v in body.items() if k != "model"}
-    return hashlib.blake2b(dumps_lenient(rest), digest_size=16).digest()
+    if call.digest is None:  # once per request, however many of its attempts fail so
+        rest = {k: v for k, v in call.body.items() if k != "model"}
+        call.digest = hashlib.blake2b(dumps_lenient(rest), digest_size=16).digest()
+    return call.digest
 
 
 class RetryingDispatcher:
@@ -255,7 +258,7 @@ class RetryingDispatcher:
                     cut_short = exc.timeout and budget < attempt_timeout(d, router)
                     if (exc.counts and not cut_short
                             and self.cooldowns.failure(d.name, router.allowed_fails, router.cooldown_s, epoch,
-                                                       _cause(exc, call.body))
+                                                       _cause(exc, call))
                             and self.metrics is not None):
                         self.metrics.observe_cooldown(d.name)
                     raise

@@ -107,3 +107,26 @@ def test_epochs_taken_before_an_edit_stay_as_they_were():
     taken = c.epochs()
     c.forget("m")
     assert taken.get("m", 0) == 0 and c.epochs()["m"] == 1 == c.epoch("m")
+
+
+def test_a_request_s_body_is_digested_once_however_many_of_its_attempts_fail(monkeypatch):
+    """A body may be 32 MiB: its digest (what a 500 counts under) is taken once per request, on
+    the event loop, not at each failed attempt; failures that count per attempt need none."""
+    import proxy.dispatch as dispatch
+    from proxy.errors import UpstreamTransient
+    from proxy.providers import RouterSettings
+
+    dumped = []
+    real = dispatch.dumps_lenient
+    monkeypatch.setattr(dispatch, "dumps_lenient", lambda obj: dumped.append(obj) or real(obj))
+    call = dispatch.Call(targets=[], body={"model": "a", "messages": [{"role": "user", "content": "x"}]},
+                         stream=False, router=RouterSettings())
+    assert dispatch._cause(UpstreamTransient("m", status=503), call) is None
+    assert dispatch._cause(UpstreamTransient("m", status=500, timeout=True), call) is None
+    assert dumped == []
+    first = dispatch._cause(UpstreamTransient("m", status=500), call)
+    assert dispatch._cause(UpstreamTransient("m", status=501), call) == first
+    assert dumped == [{"messages": [{"role": "user", "content": "x"}]}]  # the model aside, once
+    other = dispatch.Call(targets=[], body={"model": "b", "messages": [{"role": "user", "content": "x"}]},
+                          stream=False, router=RouterSettings())
+    assert dispatch._cause(UpstreamTransient("m", status=500), other) == first  # named or routed alike
