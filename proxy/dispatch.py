@@ -73,16 +73,21 @@ class Dispatcher(Protocol):
     async def complete(self, call: Call) -> Reply: ...
 
 
+# 5xx that say the upstream is unreachable or overloaded, whatever was asked: gateways (502-504),
+# Cloudflare's origin down, refused, timed out (520-524), Anthropic's overloaded_error (529)
+_UNAVAILABLE_5XX = frozenset({502, 503, 504, 520, 521, 522, 523, 524, 529})
+
+
 def _cause(exc: UpstreamTransient, call: "Call") -> bytes | None:
     """What a failure counts under towards the cooldown: the request (a digest of its body, the
     ``model`` aside) when the upstream answered with an error that may be the request's own (a
-    ``5xx`` other than 502-504), so that its retries, by the proxy or by its client, count once;
-    None when nothing answered, in time or at all, the upstream said it is unavailable or
-    overloaded (``408``, ``409``, ``425``, ``429``, ``502``-``504``), or its answer is none (an
-    HTML page: a wrong ``api_base``, a captive portal): that is the model's state, and every
-    attempt counts."""
+    ``5xx`` not in ``_UNAVAILABLE_5XX``), so that its retries, by the proxy or by its client,
+    count once; None when nothing answered, in time or at all, the upstream said it is unavailable
+    or overloaded (``408``, ``409``, ``425``, ``429``, ``_UNAVAILABLE_5XX``), or it answered 200
+    with no answer (an HTML page: a wrong ``api_base``, a captive portal): that is the model's
+    state, and every attempt counts."""
     status = exc.upstream_status
-    if exc.timeout or not 500 <= status < 600 or status in (502, 503, 504):
+    if exc.timeout or not 500 <= status < 600 or status in _UNAVAILABLE_5XX:
         return None
     if call.digest is None:  # once per request, however many of its attempts fail so
         rest = {k: v for k, v in call.body.items() if k != "model"}
@@ -180,11 +185,11 @@ class RetryingDispatcher:
             # its failures count only for the upstream it goes to, the one the plan's configuration names
             epoch = (call.epochs.get(target.name, 0) if call.epochs is not None
                      else self.cooldowns.epoch(target.name))
-            called = self.cooldowns.now()
+            called = [self.cooldowns.now()]  # when its last attempt was made
             try:
                 answer = await self._held(target.name,
                                           self._with_retries(target, call, deadline, epoch,
-                                                             last=target is call.targets[-1]))
+                                                             last=target is call.targets[-1], called=called))
             except UpstreamClientError as exc:  # its answer goes back as it is, with what failed before
                 if exc.unfit is not None and target is not call.targets[-1]:
                     # this model cannot take the request's parameters, another may: nothing was
@@ -213,7 +218,7 @@ class RetryingDispatcher:
                 last = exc
                 log.warning("model %s failed: %s", target.name, exc.message)
                 continue
-            self.cooldowns.success(target.name, epoch, since=called)
+            self.cooldowns.success(target.name, epoch, since=called[0])
             return Reply(model=target.name, failed=failed, body=answer.body, chunks=answer.chunks)
         names = ", ".join(f"{n} ({r})" for n, r in failed) or "none tried before the deadline"
         err = AllUpstreamsFailed(f"every model failed: {names}", failed=failed, timeout=timed_out)
@@ -223,10 +228,12 @@ class RetryingDispatcher:
         raise err
 
     async def _with_retries(self, d: Deployment, call: Call, deadline: float, epoch: int,
-                            last: bool = True) -> Answer:
-        """``d``'s attempts. Unless it is the ``last`` model to try, they stop once ``d`` cools
-        down (its failures, or other requests', put it there): the next-ranked model answers."""
+                            last: bool = True, called: list[float] | None = None) -> Answer:
+        """``d``'s attempts; ``called[0]`` is set to when each is made. Unless it is the ``last``
+        model to try, they stop once ``d`` cools down (its failures, or other requests', put it
+        there, before or during a wait between attempts): the next-ranked model answers."""
         router = call.router
+        failure: UpstreamTransient | None = None
         retrying = AsyncRetrying(
             stop=_Stop(router.num_retries + 1, deadline),
             wait=_Wait(router.retry_backoff_s, router.retry_backoff_max_s, router.retry_after_max_s),
@@ -239,11 +246,15 @@ class RetryingDispatcher:
                 if remaining <= 0:
                     raise UpstreamTransient(f"{d.name}: request deadline reached", model=d.name,
                                             status=504, timeout=True)
+                if failure is not None and not last and self.cooldowns.cooling(d.name):
+                    raise failure  # it cooled while this request waited to ask it again
                 if self.metrics is not None and attempt.retry_state.attempt_number > 1:
                     self.metrics.observe_retry(d.name)
                 started = time.perf_counter()
                 budget = min(attempt_timeout(d, router), remaining)
                 timed = True
+                if called is not None:
+                    called[0] = self.cooldowns.now()
                 try:
                     return await self._attempt(d, call, budget)
                 except asyncio.CancelledError:  # the client left: the upstream's time is unknown
@@ -261,6 +272,7 @@ class RetryingDispatcher:
                                                        _cause(exc, call))
                             and self.metrics is not None):
                         self.metrics.observe_cooldown(d.name)
+                    failure = exc
                     raise
                 finally:
                     if self.metrics is not None and timed:  # to the answer, or a stream's first chunk

@@ -148,11 +148,13 @@ def test_one_request_a_model_cannot_serve_does_not_cool_it_for_everyone(tmp_path
 
 
 @pytest.mark.parametrize("fast", PATHS)
-def test_an_overloaded_model_cools_after_one_request(tmp_path, upstream, start_proxy, fast):
-    """503 (and 429, 502, 504, a refused connection, a timeout) is the model's state, not the
-    request's: every attempt counts, and one request whose three attempts meet it cools it."""
+@pytest.mark.parametrize("status", [503, 529, 522])
+def test_an_overloaded_model_cools_after_one_request(tmp_path, upstream, start_proxy, fast, status):
+    """503, Anthropic's 529 overloaded_error, Cloudflare's 522 (and 429, 502, 504, 520-524, a
+    refused connection, a timeout) are the model's state, not the request's: every attempt
+    counts, and one request whose three attempts meet it cools it."""
     proxy = setup(tmp_path, upstream, start_proxy, fast, retry_backoff_s=0.01, retry_backoff_max_s=0.01)
-    upstream.set("m1", fail(503, "overloaded"))
+    upstream.set("m1", fail(status, "overloaded"))
     assert client(proxy).chat.completions.create(model="auto", messages=MESSAGES).model == "m2"
     assert len(upstream.bodies("m1")) == 3
     assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == ["m1"]
@@ -329,6 +331,36 @@ def test_a_model_that_cools_down_is_not_retried_further_when_another_can_answer(
     with pytest.raises(openai.InternalServerError):
         client(proxy).chat.completions.create(model="m1", messages=MESSAGES)
     assert len(upstream.bodies("m1")) == 2 + 5
+
+
+def test_a_retry_that_succeeds_ends_the_cooldown_its_request_ran_into(tmp_path, upstream, start_proxy):
+    """Two 503s cool m1 (allowed_fails 2); the request's third attempt, made after that, is
+    answered: m1 answers again, and stays in routing."""
+    proxy = setup(tmp_path, upstream, start_proxy, True, allowed_fails=2, retry_backoff_s=0.01,
+                  retry_backoff_max_s=0.01)
+    upstream.queue("m1", fail(503), fail(503))
+    assert client(proxy).chat.completions.create(model="m1", messages=MESSAGES).model == "m1"
+    assert len(upstream.bodies("m1")) == 3
+    assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == []
+
+
+def test_a_model_that_cools_while_a_request_waits_out_its_retry_after_is_not_asked_again(
+        tmp_path, upstream, start_proxy):
+    """Request A waits 2 s (m1's Retry-After) to ask m1 again; meanwhile request B's failure cools
+    m1. A falls back to m2 when its wait ends, without asking the cooling model once more."""
+    proxy = setup(tmp_path, upstream, start_proxy, True, num_retries=1, allowed_fails=2)
+    upstream.set("m1", rate_limit(2.0))
+    out = {}
+    thread = threading.Thread(target=lambda: out.setdefault("raw", client(proxy).chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "A"}])))
+    thread.start()
+    time.sleep(0.5)
+    raw = client(proxy).chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "B"}])
+    assert raw.parse().model == "m2"  # B's failure cooled m1: no wait, no retry
+    thread.join(30)
+    assert out["raw"].parse().model == "m2" and out["raw"].headers["x-satroute-failed"] == "m1:http_429"
+    assert len(upstream.bodies("m1")) == 2  # A once, B once
 
 
 class SlowScorer(RecordingScorer):
