@@ -31,6 +31,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from proxy.errors import ConfigError
+from proxy.logs import Redactor
 
 log = logging.getLogger("satroute.providers")
 
@@ -614,7 +615,9 @@ class ProviderRegistry:
         """Why the file on disk is not the configuration served (it cannot be read, or its last
         edit was rejected), as logged; None when it is. Shown in /ready and as a metric, so an edit
         that did not land is not known only from one log line, or from the restart it fails."""
-        return self._read_error or self._key_rejected
+        why = self._read_error or self._key_rejected
+        # as logged: /ready is open, and a rejected edit's values (an extra_headers token) are in it
+        return None if why is None else Redactor(lambda: self.snapshot.secrets)(why)
 
     async def watch(self, interval_s: float) -> None:
         """Reload every ``interval_s`` until cancelled (run from the app's lifespan). Each tick

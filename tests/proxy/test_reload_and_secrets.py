@@ -63,6 +63,10 @@ def test_bad_edit_is_logged_and_last_good_config_keeps_serving(tmp_path, upstrea
     path.write_text(": : not yaml [")
     assert wait_for(lambda: "not valid YAML" in caplog.text)
     assert "not valid YAML" in rejected()[0]
+    # /ready is open: a rejected edit's values are redacted there as in the log
+    path.write_text("model_list:\n  - litellm_params: {model: openai/x, extra_headers: {X-Org: sk-proj-ABCDEFGH1234}}\n")
+    assert wait_for(lambda: "X-Org" in (rejected()[0] or ""))
+    assert "sk-proj-ABCDEFGH1234" not in rejected()[0] and "[redacted]" in rejected()[0]
     assert c.chat.completions.create(model="auto", messages=MESSAGES).model == "m1"
     path.unlink()  # unreadable (an editor that moves the file away and back)
     assert wait_for(lambda: rejected()[0] == f"{path}: file not found")
