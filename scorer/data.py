@@ -208,24 +208,27 @@ def _read_outcomes(path: Path, row_of: Mapping[str, int]) -> tuple[list[str], np
     triples: list[tuple[int, int, float]] = []
     with _gzip_text(path, newline="") as fh:
         reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None or header[:3] != ["prompt_id", "model", "score"]:
-            raise DataError(f"{path}: expected header prompt_id,model,score, got {header}")
-        for fields in reader:
-            if not fields:
-                continue  # a blank line
-            if len(fields) < 3:
-                raise DataError(f"{path}: line {reader.line_num}: expected prompt_id,model,score, got {fields}")
-            pid, model, score = fields[:3]  # columns after the third are not ours to read
-            row = row_of.get(pid)
-            if row is None:
-                continue  # an outcome for a prompt this folder does not list: ignored
-            try:
-                value = float(score)
-            except ValueError:
-                raise DataError(f"{path}: line {reader.line_num}: score {score!r} is not a number") from None
-            col = models.setdefault(model, len(models))
-            triples.append((row, col, value))
+        try:
+            header = next(reader, None)
+            if header is None or header[:3] != ["prompt_id", "model", "score"]:
+                raise DataError(f"{path}: expected header prompt_id,model,score, got {header}")
+            for fields in reader:
+                if not fields:
+                    continue  # a blank line
+                if len(fields) < 3:
+                    raise DataError(f"{path}: line {reader.line_num}: expected prompt_id,model,score, got {fields}")
+                pid, model, score = fields[:3]  # columns after the third are not ours to read
+                row = row_of.get(pid)
+                if row is None:
+                    continue  # an outcome for a prompt this folder does not list: ignored
+                try:
+                    value = float(score)
+                except ValueError:
+                    raise DataError(f"{path}: line {reader.line_num}: score {score!r} is not a number") from None
+                col = models.setdefault(model, len(models))
+                triples.append((row, col, value))
+        except csv.Error as exc:  # a stray quote swallows the rest of the file into one field
+            raise DataError(f"{path}: line {reader.line_num}: {exc}") from None
     scores = np.full((len(row_of), len(models)), np.nan)
     if triples:
         r, c, s = (np.array(x) for x in zip(*triples))

@@ -130,3 +130,14 @@ def test_a_file_that_is_not_gzip_is_a_data_error_naming_it(tmp_path, name, conte
     (folder / name).write_bytes(content)
     with pytest.raises(DataError, match=f"^{re.escape(str(folder / name))}: not a gzip file$"):
         load_dataset(folder)
+
+
+def test_a_stray_quote_in_the_outcomes_is_a_data_error_naming_the_file(tmp_path):
+    """The csv reader reads on to the next quote: past its field limit, csv.Error, not a traceback."""
+    import gzip
+
+    folder = write_dataset(tmp_path / "set", [{"id": f"p{i}", "question": "q", "split": "test"} for i in range(3)], [])
+    with gzip.open(folder / "outcomes.csv.gz", "wt", encoding="utf-8") as fh:
+        fh.write('prompt_id,model,score\np0,"model-a,1\n' + "p1,model-a,1\n" * 12_000)
+    with pytest.raises(DataError, match=f"^{re.escape(str(folder / 'outcomes.csv.gz'))}: line \\d+: field larger"):
+        load_dataset(folder)
