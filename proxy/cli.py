@@ -81,6 +81,7 @@ def serve(args: argparse.Namespace) -> int:
 
     from proxy.app import create_app
     from proxy.errors import ConfigError
+    from proxy.httpserver import BoundedHttpToolsProtocol
     from proxy.logs import Redactor, configure_logging
     from pydantic import ValidationError
 
@@ -114,7 +115,7 @@ def serve(args: argparse.Namespace) -> int:
     # the app's lifespan shutdown stops background work and saves state. log_config=None keeps
     # our JSON handlers on uvicorn's loggers.
     uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, loop="auto", http="auto", log_config=None,
+                access_log=False, loop="auto", http=BoundedHttpToolsProtocol, log_config=None,
                 timeout_graceful_shutdown=settings.shutdown_timeout_s)
     return 0
 

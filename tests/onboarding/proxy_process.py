@@ -22,6 +22,7 @@ sys.path.insert(0, str(REPO))
 import uvicorn  # noqa: E402
 
 from proxy.app import create_app  # noqa: E402
+from proxy.httpserver import BoundedHttpToolsProtocol  # noqa: E402
 from proxy.settings import Settings  # noqa: E402
 
 
@@ -48,7 +49,8 @@ class SubjectScorer:
 def main() -> None:
     settings = Settings()
     app = create_app(settings, scorer=SubjectScorer(os.environ["SATROUTE_TEST_PROMPTS"]))
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning", access_log=False,
+                http=BoundedHttpToolsProtocol)  # as `satroute serve` runs it
 
 
 if __name__ == "__main__":

@@ -13,9 +13,11 @@ import time
 import uvicorn
 from starlette.applications import Starlette
 
+from proxy.httpserver import BoundedHttpToolsProtocol
+
 
 class ProxyServer:
-    def __init__(self, app: Starlette, host: str = "127.0.0.1"):
+    def __init__(self, app: Starlette, host: str = "127.0.0.1", http: type | None = None):
         self.app = app
         self.host = host
         # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY only on sockets whose proto says TCP;
@@ -24,8 +26,9 @@ class ProxyServer:
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.sock.bind((host, 0))
         self.port = self.sock.getsockname()[1]
+        # the protocol `satroute serve` runs (bounded request heads), unless a test gives its own
         config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on",
-                                timeout_graceful_shutdown=2)
+                                timeout_graceful_shutdown=2, http=http or BoundedHttpToolsProtocol)
         self.server = uvicorn.Server(config)
         self.thread: threading.Thread | None = None
 

@@ -1,0 +1,157 @@
+"""The HTTP server's bounds on what one client can hold: a request head's size and time, and a
+body that stops arriving. Without them one connection sending a 200 MiB header took the process
+45 s of CPU, and connections that never finished a request were kept for ever."""
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+
+from proxy.httpserver import MAX_HEAD_BYTES, BoundedHttpToolsProtocol
+from tests.support.proxy_server import ProxyServer
+
+
+class QuickProtocol(BoundedHttpToolsProtocol):
+    head_timeout_s = 0.5
+
+
+async def echo(request: Request) -> PlainTextResponse:
+    return PlainTextResponse(f"{len(await request.body())}")
+
+
+@pytest.fixture
+def server():
+    app = Starlette(routes=[Route("/", echo, methods=["GET", "POST"])])
+    with ProxyServer(app, http=QuickProtocol) as srv:
+        yield srv
+
+
+def _connect(server) -> socket.socket:
+    sock = socket.create_connection((server.host, server.port), timeout=5)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def _response(sock: socket.socket) -> bytes:
+    """One whole response (head and its content-length body) read from ``sock``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += sock.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    while len(body) < length:
+        body += sock.recv(65536)
+    return head + b"\r\n\r\n" + body
+
+
+def test_a_head_over_the_bound_is_refused_with_431_before_it_is_parsed(server):
+    with _connect(server) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * (MAX_HEAD_BYTES + 1))
+        answer = _read_all(sock)  # the server closes the connection
+    assert answer.startswith(b"HTTP/1.1 431 ")
+
+
+def test_heads_within_the_bound_are_served_on_a_kept_alive_connection(server):
+    """The bound is per request: two heads of 40 KiB on one connection are both under it."""
+    with _connect(server) as sock:
+        for _ in range(2):
+            sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 40_000 + b"\r\n\r\n")
+            assert _response(sock).startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_connection_that_sends_nothing_is_closed(server):
+    with _connect(server) as sock:
+        started = time.monotonic()
+        assert _read_all(sock) == b""  # closed, with nothing to answer
+    assert time.monotonic() - started < 3
+
+
+def test_a_head_that_stops_arriving_gets_408(server):
+    with _connect(server) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nx-half: ")
+        assert _read_all(sock).startswith(b"HTTP/1.1 408 ")
+
+
+def test_the_head_timeout_does_not_bound_a_body_or_a_kept_alive_connection_s_next_request(server):
+    """A body that arrives after the head's time (an upload) is read; a second request sent
+    later on the same connection gets its own head time."""
+    with _connect(server) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: 5\r\n\r\nab")
+        time.sleep(0.8)
+        sock.sendall(b"cde")
+        assert _response(sock).endswith(b"\r\n\r\n5")
+        time.sleep(0.3)
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert _response(sock).startswith(b"HTTP/1.1 200 ")
+
+
+def test_a_body_that_stops_arriving_gets_408(monkeypatch, tmp_path):
+    """A client that declared more than it sends, or a chunked body that never ends, would
+    hold its connection and a request slot for ever."""
+    from proxy import endpoints
+    from proxy.app import create_app
+    from proxy.settings import Settings
+
+    monkeypatch.setattr(endpoints, "BODY_IDLE_TIMEOUT_S", 0.5)
+    cfg = tmp_path / "providers.yaml"
+    cfg.write_text("model_list:\n  - model_name: m1\n    litellm_params: {model: openai/m1, api_base: 'http://127.0.0.1:9/v1'}\n")
+    app = create_app(Settings(config=cfg, scorer="constant", state_dir=tmp_path / "state", onboarding=False))
+    with ProxyServer(app) as srv:
+        for head in (b"content-length: 1000\r\n\r\n{\"model\": ", b"transfer-encoding: chunked\r\n\r\n5\r\n{\"mod\r\n"):
+            with _connect(srv) as sock:
+                started = time.monotonic()
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                             + head)
+                answer = _response(sock)
+            assert answer.startswith(b"HTTP/1.1 408 ") and b'"code":"request_timeout"' in answer
+            assert time.monotonic() - started < 5
+
+
+def test_satroute_serve_runs_the_bounded_protocol(tmp_path):
+    """What `satroute serve` hands uvicorn: checked on the real process, with a head over the
+    bound."""
+    from proxy.localserver import free_port
+    from tests.ops.test_shutdown import _config, _serve
+
+    port = free_port()
+    proc = _serve(_config(tmp_path, "http://127.0.0.1:9/v1"), port, tmp_path, deadline_s=2)
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * (MAX_HEAD_BYTES + 10))
+            assert _read_all(sock).startswith(b"HTTP/1.1 431 ")
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+def test_the_bound_costs_a_normal_request_nothing_it_can_see():
+    """A head split across reads at its very end still completes (the end is found in the read
+    that carries it)."""
+    app = Starlette(routes=[Route("/", echo, methods=["GET", "POST"])])
+
+    async def go():
+        with ProxyServer(app, http=QuickProtocol) as srv:
+            reader, writer = await asyncio.open_connection(srv.host, srv.port)
+            writer.write(b"GET / HTTP/1.1\r\nhost: x\r\n\r")
+            await writer.drain()
+            await asyncio.sleep(0.1)
+            writer.write(b"\n")
+            await writer.drain()
+            line = await asyncio.wait_for(reader.readline(), 5)
+            writer.close()
+            return line
+
+    assert asyncio.run(go()).startswith(b"HTTP/1.1 200 ")
