@@ -23,7 +23,7 @@ from starlette.responses import Response, StreamingResponse
 
 from proxy import protocol
 from proxy.dispatch import Call, Reply
-from proxy.errors import (AllUpstreamsFailed, BodyTooLarge, ModelNotFound, RequestError, SatrouteError,
+from proxy.errors import (AllUpstreamsFailed, BodyTimeout, BodyTooLarge, ModelNotFound, RequestError, SatrouteError,
                           ServiceUnavailable, UpstreamClientError, error_response)
 from proxy.localserver import STARTING_RETRY_AFTER_S, coming_back
 from proxy.logs import RequestRecord, request_record
@@ -40,12 +40,26 @@ JSON = "application/json"
 T = TypeVar("T")
 
 
+# A body none of which arrives for this long is given up (408): a client that declared more than it
+# sends, or a chunked body that never ends, would otherwise hold its connection for ever.
+BODY_IDLE_TIMEOUT_S = 30.0
+
+
 async def read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"request body is {declared} bytes; the limit is {limit}")
     chunks, size = [], 0
-    async for chunk in request.stream():
+    stream = aiter(request.stream())
+    while True:
+        try:
+            async with asyncio.timeout(BODY_IDLE_TIMEOUT_S):
+                chunk = await anext(stream)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise BodyTimeout(f"no part of the request body arrived for {BODY_IDLE_TIMEOUT_S:g}s "
+                              f"({size} bytes received)") from None
         size += len(chunk)
         if size > limit:
             raise BodyTooLarge(f"request body exceeds the limit of {limit} bytes")
@@ -93,6 +107,10 @@ def parse_request(raw: bytes) -> tuple[dict[str, Any], protocol.ChatCompletionRe
         if parts > MAX_CONTENT_PARTS:
             raise RequestError(f"messages: {parts} content parts; at most {MAX_CONTENT_PARTS} are "
                                "taken", param="messages", code="invalid_value")
+    route = body.get(protocol.ROUTE_FIELD)
+    if isinstance(route, dict) and len(route) > 16:  # each key but models would be one error more
+        raise RequestError(f"{protocol.ROUTE_FIELD}: {len(route)} keys; it takes models only",
+                           param=protocol.ROUTE_FIELD, code="invalid_value")
     try:
         req = protocol.ChatCompletionRequest.model_validate(body)
     except ValidationError as exc:

@@ -58,6 +58,11 @@ class BodyTooLarge(RequestError):
     code = "body_too_large"
 
 
+class BodyTimeout(RequestError):
+    status = 408
+    code = "request_timeout"
+
+
 class ModelNotFound(RequestError):
     status = 404
     code = "model_not_found"
