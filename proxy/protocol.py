@@ -69,11 +69,15 @@ class StreamOptions(BaseModel):
     include_usage: StrictBool | None = None
 
 
+MAX_ROUTE_MODELS = 1024  # names in satroute.models; no deployment lists that many models
+
+
 class RouteOptions(BaseModel):
     """Our extension: ``{"satroute": {"models": ["a", "b"]}}`` narrows the routed candidates."""
 
     model_config = ConfigDict(extra="forbid")
-    models: list[StrictStr] = Field(min_length=1)
+    # bounded: a list of a million wrong items was a million validation errors (seconds, GBs)
+    models: list[StrictStr] = Field(min_length=1, max_length=MAX_ROUTE_MODELS)
 
 
 class ChatCompletionRequest(BaseModel):

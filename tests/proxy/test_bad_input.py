@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import functools
+import time
 
 import httpx
 import openai
@@ -155,10 +156,17 @@ def test_bodies_that_would_hold_the_event_loop_are_refused_cheaply(config, upstr
              ({"model": "auto", "messages": [{"role": "user", "content": [
                  {"type": "text", "text": ""}] * (MAX_CONTENT_PARTS + 1)}]}, "messages"),
              ({"model": "auto", "messages": MESSAGES, "x": functools.reduce(
-                 lambda inner, _: [inner], range(600), [])}, None)]
+                 lambda inner, _: [inner], range(600), [])}, None),
+             # a million wrong names, or keys, were a million validation errors: 4 s and 1 GB
+             ({"model": "auto", "messages": MESSAGES, "satroute": {"models": [1] * 200_000}},
+              "satroute.models"),
+             ({"model": "auto", "messages": MESSAGES, "satroute": {f"k{i}": 1 for i in range(100_000)}},
+              "satroute")]
     for body, param in cases:
+        started = time.monotonic()
         r = httpx.post(f"{proxy.url}/chat/completions", json=body, timeout=30)
         assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+        assert time.monotonic() - started < 2, param
     assert upstream.bodies() == []
 
 
