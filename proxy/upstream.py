@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import email.utils
 import json
+import math
 import re
 import time
 from dataclasses import dataclass
@@ -35,18 +36,21 @@ RETRYABLE = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    """Retry-After (seconds or HTTP date) or retry-after-ms, in seconds."""
+    """Retry-After (seconds or HTTP date) or retry-after-ms, in seconds; one that is no finite
+    number (``1e999``, ``nan``) is none."""
     ms = headers.get("retry-after-ms")
     if ms:
         try:
-            return max(0.0, float(ms) / 1000)
+            if math.isfinite(seconds := float(ms) / 1000):
+                return max(0.0, seconds)
         except ValueError:
             pass
     value = headers.get("retry-after")
     if not value:
         return None
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
+        return max(0.0, seconds) if math.isfinite(seconds) else None
     except ValueError:
         try:
             when = email.utils.parsedate_to_datetime(value)

@@ -227,6 +227,16 @@ def test_rate_limited_direct_call_returns_429_with_retry_after(tmp_path, upstrea
     assert r.json()["error"]["code"] == "rate_limited"
 
 
+def test_a_retry_after_that_is_no_finite_number_is_ignored_not_a_500(tmp_path, upstream, start_proxy):
+    """`Retry-After: inf` (or 1e999) was read as an infinite wait: the 429 became a 500."""
+    proxy = setup(tmp_path, upstream, start_proxy, True, num_retries=0)
+    upstream.set("m2", rate_limit(float("inf")))
+    r = httpx.post(f"{proxy.url}/chat/completions", json={"model": "m2", "messages": MESSAGES},
+                   timeout=60)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
+    assert "retry-after" not in r.headers
+
+
 def test_failing_model_cools_down_and_comes_back(tmp_path, upstream, start_proxy):
     proxy = setup(tmp_path, upstream, start_proxy, True, num_retries=0, allowed_fails=2,
                   cooldown_s=0.8)
