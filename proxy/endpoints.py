@@ -24,7 +24,7 @@ from starlette.responses import Response, StreamingResponse
 from proxy import protocol
 from proxy.dispatch import Call, Reply
 from proxy.errors import (AllUpstreamsFailed, BodyTimeout, BodyTooLarge, ModelNotFound, RequestError, SatrouteError,
-                          ServiceUnavailable, UpstreamClientError, error_response)
+                          ServiceUnavailable, UnsupportedEncoding, UpstreamClientError, error_response)
 from proxy.localserver import STARTING_RETRY_AFTER_S, coming_back
 from proxy.logs import RequestRecord, request_record
 from proxy.providers import Deployment, Snapshot
@@ -46,6 +46,10 @@ BODY_IDLE_TIMEOUT_S = 30.0
 
 
 async def read_body(request: Request, limit: int) -> bytes:
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", ""):  # read as JSON it would be a puzzling "not valid UTF-8"
+        raise UnsupportedEncoding(f"request bodies are read as they are sent: Content-Encoding "
+                                  f"{encoding[:40]!r} is not supported; send the body uncompressed")
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise BodyTooLarge(f"request body is {declared} bytes; the limit is {limit}")

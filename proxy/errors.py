@@ -58,6 +58,11 @@ class BodyTooLarge(RequestError):
     code = "body_too_large"
 
 
+class UnsupportedEncoding(RequestError):
+    status = 415
+    code = "unsupported_content_encoding"
+
+
 class BodyTimeout(RequestError):
     status = 408
     code = "request_timeout"

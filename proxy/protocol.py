@@ -112,6 +112,11 @@ def read_json(raw: bytes) -> Any:
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
+        if str(exc).startswith("str is not valid UTF-8"):  # orjson says "surrogates" for any bad byte
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as bad:
+                raise ValueError(f"not UTF-8 text (byte {bad.start})") from None
         if "surrogate" not in str(exc):
             raise ValueError(str(exc)) from None
         first = str(exc)

@@ -108,6 +108,20 @@ def test_a_photo_sent_as_base64_fits_the_default_limit(config, upstream, start_p
     assert sent["messages"][0]["content"][1]["image_url"]["url"] == photo
 
 
+def test_a_compressed_body_is_refused_saying_so(proxy, upstream):
+    """No OpenAI client compresses its request; one that does got "surrogates not allowed"."""
+    import gzip
+
+    raw = gzip.compress(orjson.dumps({"model": "auto", "messages": MESSAGES}))
+    r = httpx.post(f"{proxy.url}/chat/completions", content=raw,
+                   headers={"content-type": "application/json", "content-encoding": "gzip"})
+    assert r.status_code == 415 and r.json()["error"]["code"] == "unsupported_content_encoding"
+    assert "'gzip' is not supported" in r.json()["error"]["message"]
+    r = httpx.post(f"{proxy.url}/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "not UTF-8 text (byte 1)" in r.json()["error"]["message"]
+    assert upstream.bodies() == []
+
+
 def test_unknown_route_and_method_use_openai_shape(proxy):
     assert_error(httpx.get(f"{proxy.url}/nope"), 404)
     wrong_method = httpx.get(f"{proxy.url}/chat/completions")
