@@ -585,7 +585,8 @@ def check_options(a) -> None:
 
 
 def data_options(a) -> tuple[list[str], list[str], list[float]]:
-    """``--data`` folders with a suite and a sampling weight each (ValueError naming the option)."""
+    """``--data`` folders with a suite and a sampling weight each, the options of the targets
+    built from them checked too (ValueError naming the option)."""
     folders = [f for f in str(a.data).split(",") if f]
     suites = [s for s in str(a.suite).split(",") if s] or ["auto"]
     if len(suites) == 1:
@@ -598,18 +599,19 @@ def data_options(a) -> tuple[list[str], list[str], list[float]]:
         raise ValueError("--suite and --data-weights need one value per --data folder (or one suite for all)")
     if not all(math.isfinite(w) and w >= 0 for w in weights) or not sum(weights) > 0:
         raise ValueError(f"--data-weights takes weights of 0 or more, at least one above 0, not {a.data_weights!r}")
+    # how the routing targets are built from the folders
+    if a.category_prior and a.neighbours <= 0:
+        raise ValueError("--category-prior blends into the --neighbours targets: give --neighbours K too")
+    if not 0.0 <= a.category_prior <= 1.0:
+        raise ValueError("--category-prior is a weight between 0 and 1")
+    if not a.category_shrink >= 0:
+        raise ValueError("--category-shrink is a pseudo-count, 0 or more")
     return folders, suites, weights
 
 
 def build_sources(a) -> tuple[list[Source], object]:
     """One ``Source`` per ``--data`` folder (comma-separated), with its suite and weight."""
     folders, suites, weights = data_options(a)
-    if a.category_prior and a.neighbours <= 0:
-        raise ValueError("--category-prior blends into the --neighbours targets: give --neighbours K too")
-    if not 0.0 <= a.category_prior <= 1.0:
-        raise ValueError("--category-prior is a weight between 0 and 1")
-    if a.category_shrink < 0:
-        raise ValueError("--category-shrink is a pseudo-count, 0 or more")
     datasets = [load_dataset(folder) for folder in folders]
     if a.exclude_models is not None or a.val_models is not None:
         _check_names(a, datasets)

@@ -794,6 +794,9 @@ def test_counts_that_must_be_positive_are_checked_when_parsed(flag):
     (("--data-weights", "1,1"), r"--suite and --data-weights need one value per --data folder \(or one suite for all\)"),
     (("--budget-minutes=-1",), r"--budget-minutes is -1.0; it takes 0 \(no limit\) or more"),
     (("--lora-layers", "4"), r"--lora-layers 4 is more than the 3 layers of phi kept \(--n-layers\)"),
+    (("--category-prior", "0.5"), "--category-prior blends into the --neighbours targets: give --neighbours K too"),
+    (("--neighbours", "5", "--category-prior", "2"), "--category-prior is a weight between 0 and 1"),
+    (("--category-shrink=-1",), "--category-shrink is a pseudo-count, 0 or more"),
 ])
 def test_an_option_value_no_run_can_use_is_refused_before_out_is_created(tiny_run, tmp_path, capsys, flags,
                                                                             message):
