@@ -1,20 +1,32 @@
 """The HTTP server's protocol: uvicorn's httptools protocol, bounded where a client could hold it.
 
-Owns: how large a request head (request line and headers) may be and how long it may take to
-arrive. uvicorn's httptools protocol bounds neither: one connection sending a header of hundreds of
-MiB costs the process seconds of CPU per 64 MiB (the value is built by repeated concatenation) and
-as much memory, and a connection that sends half a head, or nothing, is kept for ever (its
-keep-alive timeout starts only after a response). A head larger than ``MAX_HEAD_BYTES`` gets a
-``431`` and the connection is closed; one not complete ``HEAD_TIMEOUT_S`` after the connection
-opened (or its previous request began) gets a ``408`` and the connection is closed.
-Does not know: the app, bodies (``proxy.endpoints.read_body`` bounds those).
+Owns: how many bytes the parser may read outside a body, and how long a request head may take to
+arrive. uvicorn's httptools protocol bounds neither: one connection sending a header (or a chunked
+body's trailer) of hundreds of MiB costs the process seconds of CPU per 64 MiB (httptools builds
+the value by repeated concatenation) and as much memory, and a connection that sends half a head,
+or nothing, is kept for ever (its keep-alive timeout starts only after a response).
+
+- More than ``MAX_HEAD_BYTES`` fed to the parser with no body byte among them (a request line and
+  headers, a chunked body's size lines and trailers) is refused before the parser reads much past
+  the bound: ``431``, and the connection is closed (after the response still owed on it, if any).
+  Bytes that follow body bytes in one piece fed are counted from the next piece on, so trailers
+  are refused within twice the bound.
+- A head not complete ``HEAD_TIMEOUT_S`` after the connection opened, or after the request's first
+  byte on a kept-alive connection, gets ``408`` (nothing, if nothing came) and the connection is
+  closed; not while an earlier request on it is still being answered.
+
+Both answers are OpenAI's error shape, as every other. Does not know: the app; a body's pace
+(``proxy.endpoints.read_body`` bounds that).
 """
 from __future__ import annotations
 
 import asyncio
 from typing import Any
 
+import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from proxy.errors import error_body
 
 MAX_HEAD_BYTES = 64 * 1024  # nginx's default allows 32 KiB of headers, h11 16 KiB
 HEAD_TIMEOUT_S = 30.0  # nginx's client_header_timeout is 60 s
@@ -26,9 +38,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        self._in_head = True  # a head is being read: from the connection or a request's first byte
-        self._head_bytes = 0
+        self._run = 0  # bytes fed since the parser last read body bytes or ended a message
+        self._in_head = True  # a head is awaited: from the connection, or a request's first byte
+        self._began = False  # the awaited head's first byte has come
         self._head_timer: asyncio.TimerHandle | None = None
+        self._refused = False  # what comes after a refusal is not read
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -39,25 +53,35 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if self.transport.is_closing():
-            return
-        if self._in_head:  # counted before the parser sees it: it is the parser that is costly
-            end = data.find(b"\r\n\r\n")
-            self._head_bytes += len(data) if end < 0 else end + 4
-            if self._head_bytes > self.max_head_bytes:
-                self._refuse(431, "Request Header Fields Too Large",
-                             f"request line and headers over {self.max_head_bytes} bytes")
-                return
-        super().data_received(data)
+        # fed in pieces no larger than what is left under the bound: the parser never reads past
+        # it outside a body, and the bytes of a body reset the count as it reads them
+        while data and not self._refused and not self.transport.is_closing():
+            room = self.max_head_bytes + 1 - self._run
+            piece, data = data[:room], data[room:]
+            self._run += len(piece)
+            super().data_received(piece)
+            if self._run > self.max_head_bytes and not self._refused:
+                self._refuse(431, "Request Header Fields Too Large", "request_header_too_large",
+                             f"over {self.max_head_bytes} bytes of request line, headers or "
+                             "trailers")
+
+    def on_body(self, body: bytes) -> None:
+        self._run = 0
+        super().on_body(body)
+
+    def on_message_complete(self) -> None:
+        self._run = 0
+        super().on_message_complete()
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
+        self._began = True
         if not self._in_head:  # the next request on a kept-alive connection
-            self._in_head, self._head_bytes = True, 0
+            self._in_head = True
             self._arm()
 
     def on_headers_complete(self) -> None:
-        self._in_head = False
+        self._in_head = self._began = False
         self._disarm()
         super().on_headers_complete()
 
@@ -70,18 +94,35 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._head_timer.cancel()
             self._head_timer = None
 
+    def _owed(self) -> bool:
+        """Whether an earlier request on this connection is still being answered (pipelined): its
+        answer goes first, and reading waits for it."""
+        return (self.cycle is not None and not self.cycle.response_complete) or bool(self.pipeline)
+
     def _head_timed_out(self) -> None:
         self._head_timer = None
-        if not self._in_head or self.transport.is_closing():
+        if not self._in_head or self._refused or self.transport.is_closing():
             return
-        if self._head_bytes:  # a request began: say why it ends
-            self._refuse(408, "Request Timeout", f"request head not received within {self.head_timeout_s:g}s")
+        if self._owed():  # its head may be waiting on our reading, paused for the earlier answer
+            self._arm()
+        elif self._began or self._run:  # a request began: say why it ends
+            self._refuse(408, "Request Timeout", "request_timeout",
+                         f"request head not received within {self.head_timeout_s:g}s")
         else:  # nothing was sent: nothing to answer
             self.transport.close()
 
-    def _refuse(self, status: int, phrase: str, message: str) -> None:
-        body = message.encode()
-        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: text/plain; charset=utf-8\r\n"
-                             b"content-length: %d\r\nconnection: close\r\n\r\n%s"
-                             % (status, phrase.encode(), len(body), body))
+    def _refuse(self, status: int, phrase: str, code: str, message: str) -> None:
+        self._refused = True
+        self._disarm()
+        if self._in_head and self._owed():  # an earlier request's answer first, then close
+            self.transport.pause_reading()
+            if self.cycle is not None:
+                self.cycle.keep_alive = False
+            return
+        if self.cycle is not None and self.cycle.response_started and not self.cycle.response_complete:
+            self.transport.close()  # this request's own answer began (its trailers came late): cut
+            return
+        body = orjson.dumps(error_body(message, "invalid_request_error", code))
+        self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+                             b"connection: close\r\n\r\n%s" % (status, phrase.encode(), len(body), body))
         self.transport.close()

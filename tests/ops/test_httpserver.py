@@ -25,9 +25,14 @@ async def echo(request: Request) -> PlainTextResponse:
     return PlainTextResponse(f"{len(await request.body())}")
 
 
+async def slow(request: Request) -> PlainTextResponse:
+    await asyncio.sleep(1.0)
+    return PlainTextResponse("slow")
+
+
 @pytest.fixture
 def server():
-    app = Starlette(routes=[Route("/", echo, methods=["GET", "POST"])])
+    app = Starlette(routes=[Route("/", echo, methods=["GET", "POST"]), Route("/slow", slow)])
     with ProxyServer(app, http=QuickProtocol) as srv:
         yield srv
 
@@ -62,6 +67,54 @@ def test_a_head_over_the_bound_is_refused_with_431_before_it_is_parsed(server):
         sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * (MAX_HEAD_BYTES + 1))
         answer = _read_all(sock)  # the server closes the connection
     assert answer.startswith(b"HTTP/1.1 431 ")
+    assert b'"code":"request_header_too_large"' in answer  # OpenAI's error shape, as every other
+
+
+def test_a_chunked_body_s_trailers_are_bounded_as_headers_are(server):
+    """llhttp hands trailers to the same callbacks as headers, built up the same costly way.
+    (What follows body bytes in the same read is counted from the next read: twice the bound.)"""
+    with _connect(server) as sock:
+        sock.sendall(b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n"
+                     b"5\r\nhello\r\n0\r\nx-trailer: " + b"a" * (2 * MAX_HEAD_BYTES + 10))
+        assert _read_all(sock).startswith(b"HTTP/1.1 431 ")
+
+
+def test_a_body_larger_than_the_bound_is_no_head_even_when_the_head_s_end_is_split(server):
+    """The head's blank line split across two reads, the second carrying 100 KB of body: the
+    body's bytes are not head bytes."""
+    body = b"x" * 100_000
+    for cut in (1, 2, 3, 4):
+        with _connect(server) as sock:
+            raw = b"POST / HTTP/1.1\r\nhost: x\r\ncontent-length: %d\r\n\r\n" % len(body) + body
+            head_end = raw.index(b"\r\n\r\n")
+            sock.sendall(raw[:head_end + cut])
+            time.sleep(0.05)
+            sock.sendall(raw[head_end + cut:])
+            assert _response(sock).endswith(b"\r\n\r\n100000"), cut
+
+
+def test_the_second_request_on_a_connection_is_bounded_as_the_first(server):
+    with _connect(server) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert _response(sock).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * (MAX_HEAD_BYTES + 1) + b"\r\n\r\n")
+        assert _read_all(sock).startswith(b"HTTP/1.1 431 ")
+    with _connect(server) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n\r\n")
+        assert _response(sock).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nx-half: ")
+        assert _read_all(sock).startswith(b"HTTP/1.1 408 ")
+
+
+def test_a_pipelined_head_s_timer_does_not_cut_the_answer_still_owed(server):
+    """Request 1 takes 1 s; request 2's head, begun behind it, is never finished. The head timeout
+    (0.5 s) passes while request 1 is being answered: its answer comes whole, then request 2's 408."""
+    with _connect(server) as sock:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\nGET / HTTP/1.1\r\nho")
+        first = _response(sock)
+        rest = _read_all(sock)
+    assert first.startswith(b"HTTP/1.1 200 ") and first.endswith(b"slow")
+    assert rest.startswith(b"HTTP/1.1 408 ")
 
 
 def test_heads_within_the_bound_are_served_on_a_kept_alive_connection(server):
@@ -82,7 +135,8 @@ def test_a_connection_that_sends_nothing_is_closed(server):
 def test_a_head_that_stops_arriving_gets_408(server):
     with _connect(server) as sock:
         sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nx-half: ")
-        assert _read_all(sock).startswith(b"HTTP/1.1 408 ")
+        answer = _read_all(sock)
+    assert answer.startswith(b"HTTP/1.1 408 ") and b'"code":"request_timeout"' in answer
 
 
 def test_the_head_timeout_does_not_bound_a_body_or_a_kept_alive_connection_s_next_request(server):
