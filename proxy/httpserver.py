@@ -8,12 +8,13 @@ or nothing, is kept for ever (its keep-alive timeout starts only after a respons
 
 - More than ``MAX_HEAD_BYTES`` fed to the parser with no body byte among them (a request line and
   headers, a chunked body's size lines and trailers) is refused before the parser reads much past
-  the bound: ``431``, and the connection is closed (after the response still owed on it, if any).
+  the bound: ``431``, and the connection is closed; a pipelined head refused behind an answer
+  still owed gets no answer of its own: the connection is closed once that answer is sent.
   Bytes that follow body bytes in one piece fed are counted from the next piece on, so trailers
   are refused within twice the bound.
-- A head not complete ``HEAD_TIMEOUT_S`` after the connection opened, or after the request's first
-  byte on a kept-alive connection, gets ``408`` (nothing, if nothing came) and the connection is
-  closed; not while an earlier request on it is still being answered.
+- A head not complete ``HEAD_TIMEOUT_S`` after the connection opened, or after the first byte that
+  follows an answer on a kept-alive connection, gets ``408`` (nothing, if nothing came) and the
+  connection is closed; not while an earlier request on it is still being answered.
 
 Both answers are OpenAI's error shape, as every other. Does not know: the app; a body's pace
 (``proxy.endpoints.read_body`` bounds that).
@@ -30,6 +31,7 @@ from proxy.errors import error_body
 
 MAX_HEAD_BYTES = 64 * 1024  # nginx's default allows 32 KiB of headers, h11 16 KiB
 HEAD_TIMEOUT_S = 30.0  # nginx's client_header_timeout is 60 s
+LINGER_S = 2.0  # after a refusal, how long what the client still sends is read and dropped
 
 
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
@@ -53,6 +55,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if not self._in_head and self.timeout_keep_alive_task is not None:
+            # bytes on a connection idle after its answer (a bare CRLF, or the rest of a body the
+            # app never read) end uvicorn's keep-alive timer: they start a head, and its timer
+            self._in_head = True
+            self._arm()
         # fed in pieces no larger than what is left under the bound: the parser never reads past
         # it outside a body, and the bytes of a body reset the count as it reads them
         while data and not self._refused and not self.transport.is_closing():
@@ -125,4 +132,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         body = orjson.dumps(error_body(message, "invalid_request_error", code))
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                              b"connection: close\r\n\r\n%s" % (status, phrase.encode(), len(body), body))
-        self.transport.close()
+        # a lingering close: what the client is still sending is read and dropped for a moment, so
+        # that its unread bytes do not make the kernel reset the connection before it reads this
+        try:
+            self.transport.write_eof()
+        except (NotImplementedError, OSError, RuntimeError):
+            pass
+        self.loop.call_later(LINGER_S, self.transport.close)

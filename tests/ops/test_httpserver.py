@@ -30,9 +30,14 @@ async def slow(request: Request) -> PlainTextResponse:
     return PlainTextResponse("slow")
 
 
+async def early(request: Request) -> PlainTextResponse:  # answers without reading the body
+    return PlainTextResponse("early")
+
+
 @pytest.fixture
 def server():
-    app = Starlette(routes=[Route("/", echo, methods=["GET", "POST"]), Route("/slow", slow)])
+    app = Starlette(routes=[Route("/", echo, methods=["GET", "POST"]), Route("/slow", slow),
+                            Route("/early", early, methods=["POST"])])
     with ProxyServer(app, http=QuickProtocol) as srv:
         yield srv
 
@@ -104,6 +109,26 @@ def test_the_second_request_on_a_connection_is_bounded_as_the_first(server):
         assert _response(sock).startswith(b"HTTP/1.1 200 ")
         sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nx-half: ")
         assert _read_all(sock).startswith(b"HTTP/1.1 408 ")
+
+
+@pytest.mark.parametrize("after", [b"\r\n", b"x"], ids=["bare CRLF", "unread body byte"])
+def test_bytes_after_an_answer_do_not_hold_the_connection(server, after):
+    """A bare CRLF (llhttp begins no message on it), or one more byte of a body the app answered
+    without reading, ended uvicorn's keep-alive timer with no other to follow: held for ever."""
+    with _connect(server) as sock:
+        sock.sendall(b"POST /early HTTP/1.1\r\nhost: x\r\ncontent-length: 1000\r\n\r\nabc")
+        assert _response(sock).endswith(b"early")
+        sock.sendall(after)
+        started = time.monotonic()
+        _read_all(sock)  # closed (with a 408, or nothing), not held
+    assert time.monotonic() - started < 3
+
+
+def test_a_client_that_writes_its_whole_oversized_head_before_reading_gets_the_431(server):
+    """Closing with its bytes unread made the kernel reset the connection: no 431 to read."""
+    with _connect(server) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 300_000 + b"\r\n\r\n")
+        assert _read_all(sock).startswith(b"HTTP/1.1 431 ")
 
 
 def test_a_pipelined_head_s_timer_does_not_cut_the_answer_still_owed(server):
