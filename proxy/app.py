@@ -105,6 +105,7 @@ def build_services(settings: Settings, *, scorer: Any = None, dispatcher: Dispat
     unusable = getattr(dispatcher, "unusable", None)
     if unusable is not None:  # a model litellm cannot call is left out, with the reason, in /ready
         registry.checks.append(unusable)
+        dispatcher.on_litellm.append(registry.refresh_profiles)  # it tells once litellm is loaded
     return Services(
         settings=settings, registry=registry,
         scoring=ScorerHost(scorer, threads=settings.scorer_threads, on_call=metrics.observe_scoring),
@@ -170,18 +171,14 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
         svc.spawn(svc.scoring.keep_warm(profiles, max(1.0, settings.reload_interval_s)), "scorer-warm")
         prepare = getattr(svc.dispatcher, "prepare", None)
         if prepare is not None:  # import litellm now if a model needs it, not in a request's time
-            async def prepared(snapshot: Snapshot) -> None:
-                await prepare(list(snapshot.models.values()))
-                svc.registry.refresh_profiles()  # what litellm cannot call is known now
-
             def after_edit(old: Snapshot, new: Snapshot) -> None:  # its models may be the first to need litellm
                 try:
                     asyncio.get_running_loop()
                 except RuntimeError:  # reloaded off the server's loop: the first request prepares
                     return
-                svc.spawn(prepared(new), "dispatch-prepare")
+                svc.spawn(prepare(list(new.models.values())), "dispatch-prepare")
 
-            svc.spawn(prepared(svc.registry.snapshot), "dispatch-prepare")
+            svc.spawn(prepare(list(svc.registry.snapshot.models.values())), "dispatch-prepare")
             svc.registry.on_reload.append(after_edit)
         for hook in hooks:
             result = hook(svc)

@@ -105,6 +105,8 @@ class RetryingDispatcher:
         self._import_lock = asyncio.Lock()
         self._busy: collections.Counter[str] = collections.Counter()  # calls under way, by model
         self._unusable: dict[tuple[str, str, str], str | None] = {}  # litellm's provider check, remembered
+        # called once litellm is imported, when ``unusable`` starts to tell (the registry asks again)
+        self.on_litellm: list[Callable[[], None]] = []
 
     def busy(self, name: str) -> int:
         """How many calls to model ``name`` are under way, from their first attempt to the last
@@ -140,8 +142,8 @@ class RetryingDispatcher:
     def unusable(self, d: Deployment) -> str | None:
         """Why litellm cannot call model ``d`` at all: it finds no provider for its
         ``litellm_params.model`` (a misspelt prefix, a served id with a slash and no prefix). None
-        when it can, on the pass-through path, and until litellm is imported (``prepare``): the
-        registry asks it again then."""
+        when it can, on the pass-through path, and until litellm is imported (``prepare``; then
+        ``on_litellm`` is called)."""
         if d.fast_path or self._litellm is None:
             return None
         provider = _custom_provider(d)
@@ -308,6 +310,11 @@ class RetryingDispatcher:
                     return litellm
 
                 self._litellm = await asyncio.to_thread(load)
+                for listener in self.on_litellm:
+                    try:
+                        listener()
+                    except Exception as exc:  # noqa: BLE001 (the request that imported goes on)
+                        log.error("after litellm's import: %s", type(exc).__name__)
         return self._litellm
 
     async def _litellm_attempt(self, d: Deployment, call: Call, first_byte_s: float) -> Answer:
@@ -320,8 +327,9 @@ class RetryingDispatcher:
             raise UpstreamClientError(text, status=404, model=d.name, upstream_body={"error": {
                 "message": text, "type": "invalid_request_error", "param": None, "code": "model_not_found"}})
         kwargs = {k: v for k, v in d.params.items() if k not in ("max_retries", "num_retries")}
-        if _custom_provider(d) is not None:
-            kwargs["custom_llm_provider"] = _custom_provider(d)
+        provider = _custom_provider(d)
+        if provider is not None:
+            kwargs["custom_llm_provider"] = provider
         openai_like = _openai_like(d.provider, d.upstream_model)
         kwargs.update(litellm_request_kwargs(call.body, d, openai_like))
         # litellm's timeout bounds each read of a stream, like the pass-through's sock_read: the
