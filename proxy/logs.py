@@ -124,7 +124,7 @@ def _loggable(value: Any, redact: Callable[[str], str]) -> Any:
 # log viewers: NEL, U+2028, U+2029) or drives a terminal (C1 controls, CSI among them): a client's
 # path, model name or message must not make its own line, nor move a reader's cursor
 _BREAKS = re.compile("[\x7f-\x9f\u2028\u2029]")
-_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_CONTROL = re.compile(f"[\x00-\x1f]|{_BREAKS.pattern}")  # and C0 controls, for the text format
 
 
 def _json_escape(match: re.Match) -> str:
