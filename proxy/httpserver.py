@@ -15,6 +15,12 @@ or nothing, is kept for ever (its keep-alive timeout starts only after a respons
 - A head not complete ``HEAD_TIMEOUT_S`` after the connection opened, or after the first byte that
   follows an answer on a kept-alive connection, gets ``408`` (nothing, if nothing came) and the
   connection is closed; not while an earlier request on it is still being answered.
+- An offer to switch protocols that the server does not take (``Connection: Upgrade`` with
+  ``Upgrade: h2c``, which Java's ``HttpClient`` sends on every ``http://`` request by default) is
+  declined, as RFC 9110 section 7.8 allows: the request is answered as plain HTTP/1.1, with its
+  body. httptools ends such a request at its head (no body reaches the app, and the body's bytes
+  are then parsed as a request of their own); the head is therefore read again, without the
+  offer, by a fresh parser, followed by what came after it.
 
 Both answers are OpenAI's error shape, as every other. Does not know: the app; a body's pace
 (``proxy.endpoints.read_body`` bounds that).
@@ -24,6 +30,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import httptools
 import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
@@ -45,6 +52,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._began = False  # the awaited head's first byte has come
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False  # what comes after a refusal is not read
+        self._declined = False  # this head offers a protocol switch the server does not take
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -66,17 +74,55 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             room = self.max_head_bytes + 1 - self._run
             piece, data = data[:room], data[room:]
             self._run += len(piece)
-            super().data_received(piece)
+            self._feed(piece)
             if self._run > self.max_head_bytes and not self._refused:
                 self._refuse(431, "Request Header Fields Too Large", "request_header_too_large",
                              f"over {self.max_head_bytes} bytes of request line, headers or "
                              "trailers")
+
+    def _feed(self, data: bytes) -> None:
+        """uvicorn's ``data_received`` (0.55), but an upgrade it would not take is declined."""
+        self._unset_keepalive_if_required()
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+        except httptools.HttpParserUpgrade as exc:
+            if self._declined:
+                self._read_again_without_the_offer(data[exc.args[0]:])
+            elif self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:  # CONNECT: uvicorn's answer, unchanged
+                self._unsupported_upgrade_warning()
+
+    def _read_again_without_the_offer(self, rest: bytes) -> None:
+        """The declined head, as it was parsed but without its offer to switch protocols, and
+        ``rest`` (what followed it in the piece fed) to a fresh parser."""
+        self._declined = False
+        offer = {b"upgrade", b"http2-settings"}
+        lines = [self.parser.get_method() + b" " + self.url + b" HTTP/"
+                 + self.parser.get_http_version().encode("ascii")]
+        for name, value in self.headers:
+            if name == b"connection":
+                value = b", ".join(t.strip() for t in value.split(b",") if t.strip().lower() not in offer)
+                if not value:
+                    continue
+            elif name in offer:
+                continue
+            lines.append(name + b": " + value)
+        self.parser = httptools.HttpRequestParser(self)
+        self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
+        self._feed(b"\r\n".join(lines) + b"\r\n\r\n" + rest)
 
     def on_body(self, body: bytes) -> None:
         self._run = 0
         super().on_body(body)
 
     def on_message_complete(self) -> None:
+        if self._declined:  # httptools ends a request that offers an upgrade at its head
+            return
         self._run = 0
         super().on_message_complete()
 
@@ -88,6 +134,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self._arm()
 
     def on_headers_complete(self) -> None:
+        if self.parser.should_upgrade() and not self._should_upgrade() \
+                and self.parser.get_method() != b"CONNECT":  # CONNECT's switch is its method's
+            self._declined = True  # read again without the offer (_feed), with its body
+            return
         self._in_head = self._began = False
         self._disarm()
         super().on_headers_complete()

@@ -37,7 +37,8 @@ async def early(request: Request) -> PlainTextResponse:  # answers without readi
 @pytest.fixture
 def server():
     app = Starlette(routes=[Route("/", echo, methods=["GET", "POST"]), Route("/slow", slow),
-                            Route("/early", early, methods=["POST"])])
+                            Route("/early", early, methods=["POST"]),
+                            Route("/headers", headers, methods=["POST"])])
     with ProxyServer(app, http=QuickProtocol) as srv:
         yield srv
 
@@ -122,6 +123,39 @@ def test_bytes_after_an_answer_do_not_hold_the_connection(server, after):
         started = time.monotonic()
         _read_all(sock)  # closed (with a 408, or nothing), not held
     assert time.monotonic() - started < 3
+
+
+async def headers(request: Request) -> PlainTextResponse:
+    body = await request.body()
+    return PlainTextResponse(f"{len(body)} " + ",".join(f"{k}={v}" for k, v in request.headers.items()))
+
+
+_OFFER = b"connection: Upgrade, HTTP2-Settings\r\nupgrade: h2c\r\nhttp2-settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n"
+
+
+@pytest.mark.parametrize("framing", ["length", "chunked"])
+@pytest.mark.parametrize("split", [False, True], ids=["one piece", "body sent apart"])
+def test_an_h2c_upgrade_offer_is_declined_and_the_request_served_with_its_body(server, framing, split):
+    """Java's HttpClient offers ``Upgrade: h2c`` on every http:// request (LangChain4j, Spring's
+    JDK client). httptools ended such a request at its head: the app read an empty body (a 400
+    for every chat request) and the body's bytes were parsed as a request of their own."""
+    body = b'{"model": "auto", "messages": []}'
+    framed = (b"content-length: %d\r\n\r\n%s" % (len(body), body) if framing == "length" else
+              b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(body), body))
+    head, _, rest = framed.partition(b"\r\n\r\n")
+    with _connect(server) as sock:
+        for _ in range(2):  # it sends the offer again on each request; the connection lives on
+            sock.sendall(b"POST /headers HTTP/1.1\r\nhost: x\r\n" + _OFFER + head + b"\r\n\r\n")
+            if split:
+                time.sleep(0.1)
+            sock.sendall(rest)
+            answer = _response(sock)
+            assert answer.startswith(b"HTTP/1.1 200 "), answer
+            seen = answer.partition(b"\r\n\r\n")[2].decode()
+            assert seen.startswith(f"{len(body)} "), seen
+            assert "upgrade" not in seen.lower() and "http2-settings" not in seen  # declined
+        sock.sendall(b"GET / HTTP/1.1\r\nhost: x\r\n" + _OFFER + b"\r\n")  # no body at all
+        assert _response(sock).startswith(b"HTTP/1.1 200 ")
 
 
 def test_a_client_that_writes_its_whole_oversized_head_before_reading_gets_the_431(server):
