@@ -443,15 +443,16 @@ class _Finish:
         self.choices = choices
         self.finished: set[Any] = set()
         self.done = False
+        self.said_done = False  # [DONE] itself came (a client may wait for it)
 
     def read(self, batch: bytes) -> None:
-        if self.done or not _MAY_FINISH.search(batch):
+        if self.said_done or not _MAY_FINISH.search(batch):
             return
         for payload in _data(batch):
             if payload == b"[DONE]":
-                self.done = True
+                self.done = self.said_done = True
                 return
-            if b'"finish_reason"' not in payload:
+            if self.done or b'"finish_reason"' not in payload:
                 continue
             chunk = loads_lenient(payload)
             for choice in chunk.get("choices") or () if isinstance(chunk, dict) else ():
@@ -483,5 +484,7 @@ async def _relay(first: bytes, events: AsyncIterator[bytes], name_json: bytes,
             # the upstream closed the stream cleanly, but before a finish_reason or [DONE]: a
             # client must not take the part it got for the whole answer
             yield interrupted_event("the upstream ended it before the answer was finished")
+        elif not finish.said_done:  # finished, but the upstream left out the [DONE] clients wait for
+            yield b"data: [DONE]\n\n"
     finally:
         resp.release()

@@ -678,6 +678,38 @@ def test_a_stream_the_upstream_ends_before_the_answer_is_finished_ends_in_an_err
     assert "".join(text) == "The answer is "  # what came is relayed, and not taken for the whole
 
 
+def _finish_event(model: str, usage: bool = False) -> bytes:
+    import json
+
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": model,
+             "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
+    out = b"data: " + json.dumps(chunk).encode() + b"\n\n"
+    if usage:
+        chunk = {**chunk, "choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 2, "total_tokens": 5}}
+        out += b"data: " + json.dumps(chunk).encode() + b"\n\n"
+    return out
+
+
+@pytest.mark.parametrize("said_done", [False, True], ids=["upstream left it out", "upstream sent it"])
+def test_a_finished_stream_ends_with_exactly_one_done(tmp_path, start_proxy, said_done):
+    """Some servers end a finished stream (every choice has its finish_reason) without [DONE]; a
+    client that reads until [DONE] (as the docs promise every stream ends) must get it, once."""
+    def respond(request):
+        return (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nconnection: close\r\n\r\n"
+                + _chunk_event(request["model"], "Hi") + _finish_event(request["model"], usage=True)
+                + (b"data: [DONE]\n\n" if said_done else b""))
+
+    with raw_upstream(respond) as url:
+        cfg = write_config(tmp_path / "providers.yaml", [model_entry("m1", url, tmp_path, fast_path=True)],
+                           num_retries=0)
+        proxy = start_proxy(cfg)
+        r = httpx.post(f"{proxy.url}/chat/completions", timeout=10,
+                       json={"model": "m1", "messages": MESSAGES, "stream": True})
+    events = [e for e in r.text.split("\n\n") if e.strip()]
+    assert events[-1] == "data: [DONE]" and r.text.count("[DONE]") == 1, r.text
+    assert '"usage"' in events[-2] and "stream_interrupted" not in r.text
+
+
 @pytest.mark.parametrize("fast", PATHS)
 def test_a_committed_stream_may_pause_up_to_timeout_s_between_chunks(tmp_path, upstream, start_proxy, fast):
     """A retry used most of the deadline, so the stream's first chunk had 0.5 s; once it came, the
