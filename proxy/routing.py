@@ -34,7 +34,10 @@ class Decision:
         return self.ranked[0][0]
 
     def scores_header(self) -> str:
-        return ",".join(f"{header_name(name)}={score:.4f}" for name, score in self.ranked)
+        """``name=score`` pairs, best first; a candidate the scorer could not read (ranked last)
+        as ``-Infinity``, which JavaScript's ``parseFloat`` reads too (``-inf`` it reads as NaN)."""
+        return ",".join(f"{header_name(name)}={score:.4f}" if math.isfinite(score) else
+                        f"{header_name(name)}={'-' if score < 0 else ''}Infinity" for name, score in self.ranked)
 
 
 def approx_tokens(text: str) -> int:

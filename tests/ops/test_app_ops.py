@@ -383,7 +383,8 @@ def test_an_unscored_candidate_ranks_last_and_every_json_surface_stays_json(tmp_
     assert preview["ranked"] == [{"model": "m2", "score": 1.0}, {"model": "m1", "score": None},
                                  {"model": "m3", "score": None}]
     assert raw.headers["x-satroute-model"] == "m2"
-    assert raw.headers["x-satroute-scores"] == "m2=1.0000,m1=-inf,m3=-inf"
+    # a number JavaScript's parseFloat reads (it read -inf as NaN)
+    assert raw.headers["x-satroute-scores"] == "m2=1.0000,m1=-Infinity,m3=-Infinity"
     assert logged[0]["scores"] == {"m2": 1.0, "m1": None, "m3": None}
     routed = [r for r in caplog.records if getattr(r, "fields", {}).get("path") == "/v1/chat/completions"]
     line = JsonFormatter().format(routed[0])
@@ -971,7 +972,7 @@ def test_a_profile_the_scorer_cannot_read_stays_last_when_the_scorer_fails(tmp_p
             .chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
     assert raw.headers["x-satroute-degraded"] == "scorer_failed"
     assert raw.headers["x-satroute-model"] == "m1"
-    assert raw.headers["x-satroute-scores"] == "m1=0.5000,custom=-inf"
+    assert raw.headers["x-satroute-scores"] == "m1=0.5000,custom=-Infinity"
 
 
 async def test_a_profile_the_scorer_cannot_read_ranks_its_model_last_not_every_request_degraded(caplog):
