@@ -37,8 +37,8 @@ from proxy.logs import adopt_loggers
 from proxy.protocol import OPENAI_CHAT_PARAMS
 from proxy.providers import OPENAI_COMPATIBLE, Deployment, RouterSettings
 from proxy.settings import prepare_litellm_environment
-from proxy.upstream import (RETRYABLE, Answer, PassThrough, classify, dumps_lenient,
-                            interrupted_event, retry_after_seconds)
+from proxy.upstream import (CONTEXT_WINDOW, RETRYABLE, Answer, PassThrough, classify, dumps_lenient,
+                            interrupted_event, retry_after_seconds, too_long)
 
 log = logging.getLogger("satroute.dispatch")
 
@@ -194,8 +194,8 @@ class RetryingDispatcher:
                                                              last=target is call.targets[-1], called=called))
             except UpstreamClientError as exc:  # its answer goes back as it is, with what failed before
                 if exc.unfit is not None and target is not call.targets[-1]:
-                    # this model cannot take the request's parameters, another may: nothing was
-                    # sent, so the model's health is not in question (no cooldown)
+                    # this model cannot take the request's parameters (or its length), another
+                    # may: the model's health is not in question (no cooldown)
                     failed.append((target.name, exc.unfit))
                     all_429 = False
                     log.warning("%s; the next model is tried", exc.message)  # it names the model
@@ -263,7 +263,7 @@ class RetryingDispatcher:
                     timed = False
                     raise
                 except UpstreamClientError as exc:  # refused before anything was sent: no upstream time
-                    timed = exc.unfit is None
+                    timed = exc.unfit in (None, CONTEXT_WINDOW)  # that one the model answered
                     raise
                 except UpstreamTransient as exc:
                     # a timeout the request's own deadline cut short, or a failure that may be the
@@ -545,7 +545,10 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
                                  timeout=timeout)
     upstream = _upstream_error(exc)
     if upstream is not None:  # the upstream's own error, passed back as the pass-through path does
-        return classify(int(status), orjson.dumps({"error": upstream}), model, {}, redact)
+        refused = classify(int(status), orjson.dumps({"error": upstream}), model, {}, redact)
+        if isinstance(refused, UpstreamClientError) and isinstance(exc, litellm.ContextWindowExceededError):
+            refused.unfit = CONTEXT_WINDOW  # litellm knows its providers' words for it
+        return refused
     code = getattr(exc, "code", None)
     # the upstream's words, without litellm's labels ("APIError: OpenAIException - ") or the
     # bytes' repr some providers' errors carry (b'<html>...'); none left: what the status says
@@ -555,7 +558,9 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
     said = said or f"upstream answered HTTP {status}"
     body = {"error": {"message": said, "type": "invalid_request_error", "param": None,
                       "code": redact(str(code)) if code is not None else None}}
-    return UpstreamClientError(said, status=int(status), model=model, upstream_body=body)
+    fits = not (isinstance(exc, litellm.ContextWindowExceededError) or too_long(int(status), f"{code} {said}"))
+    return UpstreamClientError(said, status=int(status), model=model, upstream_body=body,
+                               unfit=None if fits else CONTEXT_WINDOW)
 
 
 # litellm's advice to the admin of its own proxy, at the end of some of its messages

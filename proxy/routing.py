@@ -93,9 +93,44 @@ def instruction_text(messages: Sequence[Mapping[str, Any]], budget_tokens: int) 
     return SEPARATOR.join(parts)
 
 
+# characters per token for the context-window check: few tokenizers average more on real text, so
+# the estimate errs low (a request it lets through that is too long falls back when the model
+# says so), and a model is never passed over for a request it could have taken
+CHARS_PER_TOKEN_AT_MOST = 5
+
+
+def tokens_needed(body: Mapping[str, Any]) -> int:
+    """A low estimate of the context a chat request needs: its messages' text, and the completion
+    tokens it asks for (``max_completion_tokens`` or ``max_tokens``)."""
+    chars = sum(len(message_text(m)) for m in body.get("messages") or () if isinstance(m, Mapping))
+    asked = body.get("max_completion_tokens", body.get("max_tokens"))
+    asked = asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else 0
+    return chars // CHARS_PER_TOKEN_AT_MOST + asked
+
+
+def context_window(d: Deployment) -> int | None:
+    """A model's context window in tokens: ``model_info.context_window``, else a local server's
+    ``n_ctx``; None when unknown."""
+    if d.info.context_window is not None:
+        return d.info.context_window
+    return d.info.local_server.n_ctx if d.info.local_server is not None else None
+
+
+def with_room(pool: list[Deployment], needed: int) -> list[Deployment]:
+    """The models of ``pool`` whose context window holds ``needed`` tokens (or is unknown); when
+    none does, those with the widest window (the one most likely to take it)."""
+    windows = {d.name: context_window(d) for d in pool}
+    roomy = [d for d in pool if windows[d.name] is None or windows[d.name] >= needed]
+    if roomy or not pool:
+        return roomy
+    widest = max(windows.values())  # every window is known here: an unknown one has room
+    return [d for d in pool if windows[d.name] == widest]
+
+
 def candidates(models: Iterable[Deployment], allow: Sequence[str] | None,
-               cooling: Callable[[str], bool]) -> list[Deployment]:
-    """Routable models the request allows, cooled-down ones left out unless nothing else is left."""
+               cooling: Callable[[str], bool], needed_tokens: int = 0) -> list[Deployment]:
+    """Routable models the request allows, with room for its ``needed_tokens`` (``with_room``),
+    cooled-down ones left out unless nothing else is left."""
     models = list(models)
     pool = [d for d in models if d.routable]
     if allow is not None:
@@ -117,6 +152,7 @@ def candidates(models: Iterable[Deployment], allow: Sequence[str] | None,
         if any(coming_back(d.unavailable) for d in down):  # a local server on its way back
             err.retry_after = STARTING_RETRY_AFTER_S
         raise err
+    pool = with_room(pool, needed_tokens)
     warm = [d for d in pool if not cooling(d.name)]
     return warm or pool
 

@@ -73,11 +73,11 @@ def test_streaming_falls_back_before_the_first_byte(tmp_path, upstream, start_pr
 @pytest.mark.parametrize("fast", PATHS)
 def test_upstream_client_errors_pass_through_unretried(tmp_path, upstream, start_proxy, fast):
     proxy = setup(tmp_path, upstream, start_proxy, fast)
-    upstream.set("m1", fail(400, "context length exceeded: 9000 > 8192",
-                            "invalid_request_error"))
+    # (a request too long for the model is the exception: tests/proxy/test_context_window.py)
+    upstream.set("m1", fail(400, "temperature must be at most 2", "invalid_request_error"))
     with pytest.raises(openai.BadRequestError) as err:
         client(proxy).chat.completions.create(model="auto", messages=MESSAGES)
-    assert "context length exceeded" in err.value.message
+    assert "temperature must be at most 2" in err.value.message
     assert len(upstream.bodies("m1")) == 1 and upstream.bodies("m2") == []
     upstream.set("m2", fail(401, "bad upstream key", "authentication_error"))
     with pytest.raises(openai.AuthenticationError) as err:
@@ -624,7 +624,7 @@ def test_a_client_that_leaves_before_the_answer_stops_the_retries_and_fallbacks(
 def test_a_routed_request_the_model_refuses_is_in_the_routing_log(tmp_path, upstream, start_proxy, fast):
     proxy = setup(tmp_path, upstream, start_proxy, fast)
     upstream.queue("m1", fail(503), fail(503), fail(503))
-    upstream.queue("m2", fail(400, "context length exceeded", "invalid_request_error"))
+    upstream.queue("m2", fail(400, "temperature must be at most 2", "invalid_request_error"))
     r = httpx.post(f"{proxy.url}/chat/completions", timeout=30, json={"model": "auto", "messages": MESSAGES})
     assert r.status_code == 400
     deadline = time.time() + 10
