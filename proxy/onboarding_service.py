@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Iterable
@@ -94,15 +95,39 @@ def onboardable(d: Deployment) -> bool:
     return d.available and d.info.onboard and not d.info.capability_profile
 
 
+# LiteLLM's own per-deployment price keys (USD per token), in model_info or litellm_params: a
+# LiteLLM model_list priced so loads as it is, and its models are not taken for free
+LITELLM_PRICE_KEYS = ("input_cost_per_token", "output_cost_per_token")
+
+
 def prices_of(d: Deployment) -> Prices:
-    """The model's prices from providers.yaml; where it gives neither, litellm's price list for a
-    hosted model (``proxy.prices``), so that a gpt-4o added without prices is not taken for free."""
+    """The model's prices from providers.yaml: ours (``*_price_per_mtok``), else LiteLLM's
+    (``*_cost_per_token``, in ``model_info`` or ``litellm_params``); where it gives neither,
+    litellm's price list for a hosted model (``proxy.prices``), so that a gpt-4o added without
+    prices is not taken for free."""
     inp, out = d.info.input_price_per_mtok, d.info.output_price_per_mtok
+    if inp is None and out is None:
+        for section in (d.info.model_extra or {}, d.params):
+            costs = [_price(section.get(key)) for key in LITELLM_PRICE_KEYS]
+            if costs != [None, None]:
+                inp, out = (None if c is None else c * 1e6 for c in costs)
+                break
     if inp is None and out is None:
         listed = listed_prices(d.model, d.provider, d.api_base)
         if listed is not None:
             inp, out = listed
     return Prices(inp, out)
+
+
+def _price(value: Any) -> float | None:
+    """A LiteLLM cost as a number (YAML may give it as a string: ``"2.5e-06"``), or None."""
+    if isinstance(value, bool):
+        return None
+    try:
+        price = float(value)
+    except (TypeError, ValueError):
+        return None
+    return price if math.isfinite(price) and price >= 0 else None
 
 
 def _not_onboardable(d: Deployment) -> str:

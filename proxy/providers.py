@@ -250,6 +250,24 @@ def _warn_misspelt(path: Path, raw: dict) -> None:
                             path, where, key, close[0])
 
 
+# LiteLLM's per-deployment limits: its router enforces them, satroute does not
+_NOT_ENFORCED = ("rpm", "tpm", "max_parallel_requests")
+
+
+def _warn_not_enforced(path: Path, raw: dict) -> None:
+    """A warning for each model whose entry sets one of LiteLLM's rate limits: a LiteLLM file
+    loads as it is, and an admin who kept them would otherwise believe the upstream protected."""
+    entries = raw.get("model_list")
+    for i, entry in enumerate(entries if isinstance(entries, list) else []):
+        for section in ("litellm_params", "model_info"):
+            given = entry.get(section) if isinstance(entry, dict) else None
+            keys = [k for k in _NOT_ENFORCED if isinstance(given, dict) and k in given]
+            if keys:
+                log.warning("%s: model_list.%d.%s: %s: LiteLLM's rate limits are not enforced by "
+                            "satroute (a model's 429 is retried, then cools it down)",
+                            path, i, section, ", ".join(keys))
+
+
 # libyaml's parser where PyYAML was built with it (its wheels are): a reload runs on the event loop,
 # and the pure-Python parser took about 1 ms per model of providers.yaml
 _SafeLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
@@ -414,6 +432,7 @@ def parse(text: str, path: Path, env: Mapping[str, str],
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping with a model_list")
     _warn_misspelt(path, raw)
+    _warn_not_enforced(path, raw)
     try:
         conf = ProvidersFile.model_validate(raw)
     except ValidationError as exc:

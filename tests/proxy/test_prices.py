@@ -70,3 +70,31 @@ def test_onboarding_prices_a_hosted_model_providers_yaml_leaves_unpriced(tmp_pat
     assert (got["hosted"].input_per_mtok, got["hosted"].output_per_mtok) == pytest.approx((2.5, 10.0))
     assert (got["priced"].input_per_mtok, got["priced"].output_per_mtok) == (1.0, 2.0)
     assert (got["mine"].input_per_mtok, got["mine"].output_per_mtok) == (None, None)
+
+
+def test_a_litellm_model_list_s_own_prices_are_read(tmp_path):
+    """A LiteLLM model_list prices a deployment with its own keys (USD per token, in model_info or
+    litellm_params). They were ignored: an Azure or OpenRouter deployment (an api_base of its own,
+    so not in litellm's list) priced so was onboarded as free, past any spend cap."""
+    import yaml
+
+    from proxy.onboarding_service import prices_of
+    from proxy.providers import ProviderRegistry
+
+    base = {"model": "azure/gpt-4o", "api_base": "https://example.openai.azure.com", "api_key": "sk-test-0123456789"}
+    path = tmp_path / "providers.yaml"
+    path.write_text(yaml.safe_dump({"model_list": [
+        {"model_name": "info", "litellm_params": base,
+         "model_info": {"input_cost_per_token": 2.5e-06, "output_cost_per_token": "1e-05"}},
+        {"model_name": "params", "litellm_params": {**base, "input_cost_per_token": 5e-07}},
+        {"model_name": "ours", "litellm_params": base,  # ours win over LiteLLM's
+         "model_info": {"input_price_per_mtok": 1.0, "output_price_per_mtok": 2.0,
+                        "input_cost_per_token": 2.5e-06, "output_cost_per_token": 1e-05}},
+        {"model_name": "junk", "litellm_params": base,
+         "model_info": {"input_cost_per_token": "free", "output_cost_per_token": -1}}]}))
+    got = {name: (p.input_per_mtok, p.output_per_mtok)
+           for name, p in ((n, prices_of(d)) for n, d in ProviderRegistry(path, dict).snapshot.models.items())}
+    assert got["info"] == pytest.approx((2.5, 10.0))
+    assert got["params"][0] == pytest.approx(0.5) and got["params"][1] is None
+    assert got["ours"] == (1.0, 2.0)
+    assert got["junk"] == (None, None)

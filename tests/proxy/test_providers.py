@@ -162,6 +162,20 @@ def test_a_misspelt_key_anywhere_is_a_warning(caplog, text, where, meant):
     assert "sk-hidden" not in caplog.text
 
 
+def test_litellm_s_rate_limits_are_said_to_be_unenforced(caplog):
+    """A LiteLLM model_list loads as it is; its rpm/tpm are not enforced here, and the admin who
+    kept them must not believe the upstream protected."""
+    text = ("model_list:\n  - {model_name: a, litellm_params: {model: openai/a, rpm: 10, tpm: 1000}}\n"
+            "  - {model_name: b, litellm_params: {model: openai/b}, model_info: {max_parallel_requests: 2}}\n"
+            "  - {model_name: c, litellm_params: {model: openai/c}}\n")
+    with caplog.at_level("WARNING", logger="satroute.providers"):
+        snap(text)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2
+    assert "model_list.0.litellm_params: rpm, tpm: LiteLLM's rate limits are not enforced" in warned[0]
+    assert "model_list.1.model_info: max_parallel_requests" in warned[1]
+
+
 def test_a_misspelt_model_list_is_named_in_a_warning_beside_the_error(caplog):
     with caplog.at_level("WARNING", logger="satroute.providers"), pytest.raises(ConfigError):
         snap("modle_list:\n  - {model_name: a, litellm_params: {model: x}}\n")
@@ -183,7 +197,10 @@ environment_variables: {X: y}
 """
     with caplog.at_level("WARNING", logger="satroute.providers"):
         snap(text)
-    assert [r.getMessage() for r in caplog.records] == []
+    # no typo; only that its rate limits are not enforced here
+    assert [r.getMessage().split(": ", 1)[1] for r in caplog.records] == [
+        "model_list.0.litellm_params: rpm, tpm: LiteLLM's rate limits are not enforced by satroute "
+        "(a model's 429 is retried, then cools it down)"]
 
 
 def test_a_key_given_twice_is_a_warning_naming_it_and_the_last_value_counts(caplog):
