@@ -169,6 +169,17 @@ def test_stop_grace_outlasts_the_proxy_shutdown_deadline(proxy_service, docker):
     assert proxy_service["stop_signal"] == docker["STOPSIGNAL"][0] == "SIGTERM"
 
 
+def test_every_service_s_log_is_rotated():
+    """Docker keeps a container's output for ever by default, on the disk of the state volume; the
+    proxy logs a line per request (about 450 bytes)."""
+    for name, service in _compose()["services"].items():
+        logging = service.get("logging") or {}
+        options = logging.get("options") or {}
+        assert logging.get("driver") == "local" or (
+            logging.get("driver") == "json-file" and options.get("max-size") and options.get("max-file")), name
+    assert "logging" not in _compose("docker-compose.cpu.yml")["services"].get("satroute", {})
+
+
 def test_the_vllm_service_serves_the_model_providers_yaml_points_at():
     providers = yaml.safe_load((REPO / "providers.yaml").read_text())
     vllm = _compose()["services"]["vllm"]
@@ -178,6 +189,8 @@ def test_the_vllm_service_serves_the_model_providers_yaml_points_at():
     assert entry["litellm_params"]["api_base"] == "os.environ/VLLM_API_BASE"
     assert "VLLM_API_BASE" in _compose()["services"]["satroute"]["environment"]
     assert _flag(vllm["command"], "--port") == "8000"
+    # routing leaves the model out for a request longer than this: it must be what vLLM serves
+    assert entry["model_info"]["context_window"] == int(_flag(vllm["command"], "--max-model-len"))
 
 
 def test_out_of_the_box_config_routes_to_the_local_model_without_keys():
