@@ -181,6 +181,9 @@ class ScorerHost:
         each: a failure is logged, never raised or retried (the request that meets it reports it)."""
         warm = getattr(scorer, "warm_up", None)
         keys = {n: _profile_key(p) for n, p in profiles.items()}
+        # only the profiles routable now are remembered: a model re-onboarded or renamed a
+        # thousand times leaves no trace (one that comes back is encoded again, in milliseconds)
+        self._warm.intersection_update(keys.values())
         fresh = {n: profiles[n] for n, k in keys.items() if k not in self._warm}
         if warm is None or not (fresh or first):
             return

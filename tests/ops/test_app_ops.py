@@ -565,6 +565,11 @@ async def test_the_scorer_is_warmed_up_on_the_routable_profiles_before_it_takes_
         await asyncio.sleep(0.05)
         assert "scorer warm-up failed: RuntimeError: out of memory" in caplog.text and host.ready
         assert calls[2:] == [(["m3"], True)]  # tried once, not at every tick
+        loaded.fail = False
+        for version in range(50):  # a profile re-measured (or a model renamed) again and again
+            routable["m3"] = {"law": version / 100}
+            await asyncio.sleep(0.02)
+        assert len(host._warm) == len({str(p) for p in routable.values()})  # only what is routable now
         watcher.cancel()
     finally:
         host.close()
