@@ -55,6 +55,9 @@ T = TypeVar("T")
 
 # What a failed ask may raise: the dispatch path's errors, or a bare network/timeout error.
 TRANSIENT = (UpstreamError, TimeoutError, ConnectionError)
+# what tells a model that answers from one that is down, when only failing questions are left
+PROBE = "Reply with the word OK."
+PROBE_TOKENS = 16
 
 
 class RunCancelled(Exception):
@@ -187,7 +190,10 @@ class _Run:
         self.params: dict = {}  # the sampling parameters of each ask (adapted to what the model takes)
         self.ever_answered = answered_before
         self.failures = 0  # consecutive transient failures
-        self.first_failure = 0.0
+        self.started = self.answered_at = 0.0  # clock times: the run's start, its last answer
+        self.quiet = False  # said stalled because asks are out and no answer came for give_up_s
+        self.probing = False
+        self.asking: set[str] = set()  # the questions in flight
         self.resume_at = 0.0
         self.fatal: str | None = None
         self.cancelled: str | None = None
@@ -270,7 +276,7 @@ class Onboarding:
         state = _Run(model, todo, answered_before=bool(done))
         state.params = {"max_tokens": opts.max_tokens, "temperature": opts.temperature}
         state.spent = spent
-        state.beat_at = self.clock()  # ``begin`` refreshed the lease
+        state.beat_at = state.started = state.answered_at = self.clock()  # ``begin`` refreshed the lease
         workers = [asyncio.create_task(self._worker(state, prices), name=f"onboard-{model}-{i}")
                    for i in range(min(opts.concurrency, len(todo)))]
         beat = asyncio.create_task(self._heartbeat(state), name=f"onboard-{model}-lease")
@@ -409,6 +415,21 @@ class Onboarding:
                 self._lost(state)
                 return
             state.beat_at = self.clock()
+            await self._quiet(state)
+
+    async def _quiet(self, state: _Run) -> None:
+        """Say ``stalled`` when questions are out and none has been answered for ``give_up_s``
+        (an upstream that accepts requests and never answers fails each only at its timeout,
+        ten minutes by default, and showed ``running`` all along); the next answer says
+        ``running`` again."""
+        waited = self.clock() - state.answered_at
+        if state.quiet or not state.in_flight or state.failures or waited < self.options.give_up_s:
+            return
+        state.quiet = True
+        reason = (f"no answer for {waited:.0f}s; {state.in_flight} question"
+                  f"{'' if state.in_flight == 1 else 's'} waiting on the upstream")
+        log.warning("onboarding %s stalled: %s", state.model, reason)
+        await self._set_status(state, "stalled", reason)
 
     async def _worker(self, state: _Run, prices: Prices) -> None:
         while state.queue and not state.stopping:
@@ -420,6 +441,7 @@ class Onboarding:
                 return
             question = state.queue.popleft()
             state.in_flight += 1
+            state.asking.add(question.id)
             epoch = state.epoch  # which backoff this ask started under
             params = state.params
             try:
@@ -449,12 +471,13 @@ class Onboarding:
                 continue
             except TRANSIENT as exc:
                 reason = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
-                if not await self._give_up_on(state, question, reason):
+                if not await self._give_up_on(state, question, reason, prices):
                     state.queue.append(question)  # asked again after the backoff
                     await self._failed(state, reason, epoch, getattr(exc, "retry_after", None))
                 continue
             finally:
                 state.in_flight -= 1
+                state.asking.discard(question.id)
             await self._answered(state, question, said if isinstance(said, Said) else Said(said or ""),
                                  prices)
 
@@ -471,10 +494,11 @@ class Onboarding:
         waited = await self._write(state, self.store.record, state.model,
                                    GradedAnswer(question.id, letter, letter == question.answer,
                                                 text), cost, leased=True)
-        if state.failures or waited:
+        if state.failures or waited or state.quiet:
             log.info("onboarding %s: answers are stored again, resuming", state.model)
             await self._set_status(state, "running")
-        state.failures, state.ever_answered = 0, True
+        state.failures, state.ever_answered, state.quiet = 0, True, False
+        state.answered_at = self.clock()
         state.answers += 1
         state.refused_in_a_row = 0
         state.failed_since_answer.clear()
@@ -512,12 +536,46 @@ class Onboarding:
                     "answer", state.model, question.id, exc.status, exc.message)
         await self._no_answer(state, question)
 
-    async def _give_up_on(self, state: _Run, question: Question, reason: str) -> bool:
+    async def _model_answers(self, state: _Run, prices: Prices) -> bool:
+        """Whether the model answers now, when every question left has failed since its last
+        answer (two questions that always fail, left last, fail in turn: neither failed alone,
+        and nothing else was left to answer, so the run stalled for ever). Asked with a probe of
+        a few tokens that is no question of the test (no stored answer is asked again); its cost
+        counts for the spend. False at once while another worker probes."""
+        if state.probing:
+            return False
+        cap = "max_completion_tokens" if "max_completion_tokens" in state.params else "max_tokens"
+        state.probing = True
+        try:
+            said = await self.asker.ask(state.model, [{"role": "user", "content": PROBE}],
+                                        **{**state.params, cap: PROBE_TOKENS})
+        except (*TRANSIENT, UpstreamClientError, RunCancelled):
+            return False  # still down (a cancellation is seen by the next ask)
+        finally:
+            state.probing = False
+        said = said if isinstance(said, Said) else Said(said or "")
+        cost = prices.cost(max(said.prompt_tokens or 0, approx_tokens(PROBE)),
+                           max(said.completion_tokens or 0, PROBE_TOKENS))
+        if cost:
+            state.spent += cost
+            await self._write(state, self.store.add_spend, state.model, cost, leased=True)
+        return True
+
+    async def _give_up_on(self, state: _Run, question: Question, reason: str, prices: Prices) -> bool:
         """Count a transient failure against ``question`` when it is the only question failing
-        while the model answers others (a failure of several questions is an outage, not theirs);
-        after ``question_attempts`` of them it is graded as no answer. True when given up."""
+        while the model answers others, or, when no other question is left to be answered, when
+        the model answers a probe (``_model_answers``): a failure of several questions is an
+        outage, not theirs. After ``question_attempts`` of them it is graded as no answer. True
+        when given up."""
         state.failed_since_answer.add(question.id)
-        if not state.ever_answered or state.failed_since_answer != {question.id}:
+        if not state.ever_answered:
+            return False
+        if {q.id for q in state.queue} | state.asking <= state.failed_since_answer:
+            # nothing left that may still be answered (this question alone, or those that always
+            # fail, left last): whether the model answers at all is asked, not inferred
+            if not await self._model_answers(state, prices):
+                return False
+        elif state.failed_since_answer != {question.id}:
             return False
         state.strikes[question.id] += 1
         attempts = self.options.question_attempts
@@ -525,6 +583,7 @@ class Onboarding:
             return False
         log.warning("onboarding %s: question %s failed %d times while the model answered others "
                     "(last: %s); graded as no answer", state.model, question.id, attempts, reason)
+        state.failed_since_answer.discard(question.id)  # graded: it keeps no other from counting
         await self._no_answer(state, question)
         return True
 
@@ -536,8 +595,6 @@ class Onboarding:
         before the upstream's ``retry_after`` (seconds), when it gave one."""
         now = self.clock()
         opts = self.options
-        if state.failures == 0:
-            state.first_failure = now
         if state.failures == 0 or epoch is None or epoch == state.epoch:
             state.epoch += 1
             state.failures += 1
@@ -548,8 +605,10 @@ class Onboarding:
                             state.failures, reason)
         if retry_after is not None:  # whichever ask it came with: the upstream said when
             state.resume_at = max(state.resume_at, now + min(retry_after, opts.backoff_max_s))
-        if not state.ever_answered and now - state.first_failure >= opts.give_up_s:
-            state.fatal = f"no answer for {now - state.first_failure:.0f}s: {reason}"
+        if not state.ever_answered and now - state.started >= opts.give_up_s:
+            # counted from the run's start: a hung upstream's first failure (its timeout) comes
+            # late, and counting from it doubled the wait for a model that never answered
+            state.fatal = f"no answer for {now - state.started:.0f}s: {reason}"
             return
         await self._set_status(state, "stalled", reason)
 

@@ -491,6 +491,15 @@ class Store:
                                  "WHERE model = ?", (cost, model))
             return cur.rowcount == 1
 
+    def add_spend(self, model: str, cost: float, leased: bool = False) -> None:
+        """Add ``cost`` (USD) to the model's spend: a request of the run that is no answer (a
+        probe of whether the model answers at all)."""
+        with self._lock, self._transaction():
+            if leased:
+                self._own(model)
+            self._db.execute("UPDATE onboarding SET spent_usd = COALESCE(spent_usd, 0) + ? WHERE model = ?",
+                             (cost, model))
+
     def answered(self, model: str) -> set[str]:
         return {r[0] for r in self._read("SELECT question_id FROM answers WHERE model = ?", (model,))}
 

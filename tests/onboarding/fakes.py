@@ -11,7 +11,7 @@ import orjson
 import yaml
 
 from proxy.dispatch import Reply
-from proxy.onboarding import Onboarding, Options
+from proxy.onboarding import PROBE, Onboarding, Options
 from proxy.onboarding_service import DispatchAsker, OnboardingService
 from proxy.providers import ProviderRegistry
 from proxy.questions import Question
@@ -46,6 +46,7 @@ class FakeAsker:
         self.failures: list[BaseException] = []  # raised in order, one per call, before answering
         self.params: list[dict] = []
         self.answers: dict[str, object] = {}  # question id -> what to answer instead (text or Said)
+        self.probes: list[dict] = []  # the parameters of each probe (Onboarding._model_answers)
 
     def question_of(self, messages) -> Question:
         user = messages[-1]["content"]
@@ -53,6 +54,8 @@ class FakeAsker:
         return self.by_text[text]
 
     async def ask(self, model, messages, **params):
+        if messages[-1]["content"] == PROBE:  # is the model up? (no question of the test)
+            return await self.probe(params)
         q = self.question_of(messages)
         self.params.append(params)
         self.in_flight += 1
@@ -67,6 +70,14 @@ class FakeAsker:
             return f"Thinking about it... The answer is ({self.decide(q.id)})."
         finally:
             self.in_flight -= 1
+
+
+    async def probe(self, params) -> str:
+        self.probes.append(params)
+        await asyncio.sleep(self.delay)
+        if self.failures:
+            raise self.failures.pop(0)
+        return "OK"
 
 
 def wait_for(get, check, timeout: float = 30.0, every: float = 0.02):

@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from proxy.errors import AllUpstreamsFailed, UpstreamClientError
-from proxy.onboarding import Onboarding, Options, Prices, estimate_cost
+from proxy.onboarding import PROBE, PROBE_TOKENS, Onboarding, Options, Prices, estimate_cost
 from proxy.store import ModelBusy, Store
 from scorer.aptitude import profile_from_graded
 
@@ -161,7 +161,7 @@ class Poison(FakeAsker):
         self.bad_id, self.make_exc, self.bad_asks = bad_id, make_exc, 0
 
     async def ask(self, model, messages, **params):
-        if self.question_of(messages).id == self.bad_id:
+        if messages[-1]["content"] != PROBE and self.question_of(messages).id == self.bad_id:
             self.bad_asks += 1
             await asyncio.sleep(0)
             raise self.make_exc()
@@ -221,6 +221,69 @@ async def test_a_question_failing_alone_is_given_up_after_bounded_attempts(tmp_p
             (None, False)]
     assert asker.bad_asks == FAST.question_attempts == 5
     assert f"question {bad} failed 5 times" in caplog.text
+
+
+class Poisons(FakeAsker):
+    """Answers "A" to everything but ``bad`` (ids), on which it fails with a 500 every time."""
+
+    def __init__(self, questions, bad):
+        super().__init__(questions, lambda q: "A")
+        self.bad = set(bad)
+        self.bad_asks: dict[str, int] = dict.fromkeys(bad, 0)
+
+    async def ask(self, model, messages, **params):
+        if messages[-1]["content"] == PROBE:
+            return await self.probe(params)
+        q = self.question_of(messages)
+        if q.id in self.bad:
+            self.bad_asks[q.id] += 1
+            await asyncio.sleep(0.001)
+            raise AllUpstreamsFailed("m: HTTP 500: cannot template this prompt", failed=[("m", "http_500")])
+        return await super().ask(model, messages, **params)
+
+
+@pytest.mark.parametrize("concurrency", [1, 4])
+async def test_two_questions_that_always_fail_are_both_graded_and_the_run_ends(tmp_path, tiny, concurrency):
+    """Left last, two such questions failed in turn: each failure had the other's beside it, so
+    neither was ever counted against, and the run stayed stalled for ever."""
+    suite, questions = tiny
+    bad = [questions[3].id, questions[8].id]
+    asker = Poisons(questions, bad)
+    opts = Options(concurrency=concurrency, backoff_s=0.001, backoff_max_s=0.002, give_up_s=0.2)
+    with Store(tmp_path) as store:
+        progress = await asyncio.wait_for(Onboarding(store, suite, questions, asker, opts).run(
+            "m", Prices(1.0, 2.0)), 10)
+        assert progress.status == "done" and progress.done == 12
+        assert sorted(a.question_id for a in store.answers("m") if a.letter is None) == sorted(bad)
+        assert progress.spent > 0  # the probes' few tokens are counted
+    assert all(n <= 2 * opts.question_attempts for n in asker.bad_asks.values()), asker.bad_asks
+    assert set(asker.asked.values()) == {1}  # no answered question asked again: a probe tells
+    assert asker.probes and all(p["max_tokens"] == PROBE_TOKENS for p in asker.probes)
+
+
+async def test_an_upstream_that_never_answers_is_said_stalled_then_fails_from_the_run_s_start(tmp_path, tiny):
+    """It accepts every request and answers none: each ask fails only at its timeout. The run said
+    running all along, and failed only give_up_s after that first timeout (30 minutes with the
+    router's defaults)."""
+    suite, questions = tiny
+
+    class Hung(FakeAsker):
+        async def ask(self, model, messages, **params):
+            await asyncio.sleep(0.6)  # the ask's timeout
+            raise AllUpstreamsFailed("every model failed: m (timeout)", failed=[("m", "timeout")], timeout=True)
+
+    opts = Options(concurrency=2, backoff_s=0.01, backoff_max_s=0.02, give_up_s=0.3, heartbeat_s=0.02)
+    statuses = []
+    with Store(tmp_path) as store:
+        run = asyncio.create_task(Onboarding(store, suite, questions, Hung(questions, lambda q: "A"), opts).run("m"))
+        while not run.done():
+            stored = store.progress("m")
+            statuses.append((stored.status, stored.reason) if stored else None)
+            await asyncio.sleep(0.02)
+        progress = run.result()
+    quiet = [r for s, r in filter(None, statuses) if s == "stalled"]
+    assert quiet and "no answer for" in quiet[0] and "2 questions waiting on the upstream" in quiet[0]
+    assert progress.status == "failed" and "timeout" in progress.reason  # at its first failure
 
 
 async def test_an_outage_gives_up_on_no_question(tmp_path, tiny):
