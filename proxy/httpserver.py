@@ -81,25 +81,30 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                              "trailers")
 
     def _feed(self, data: bytes) -> None:
-        """uvicorn's ``data_received`` (0.55), but an upgrade it would not take is declined."""
+        """uvicorn's ``data_received`` (0.55), but an upgrade it would not take is declined: the
+        head is read again without the offer, with what followed it (a loop, not a recursion:
+        a thousand such heads pipelined in one read are a thousand turns)."""
         self._unset_keepalive_if_required()
-        try:
-            self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            msg = "Invalid HTTP request received."
-            self.logger.warning(msg)
-            self.send_400_response(msg)
-        except httptools.HttpParserUpgrade as exc:
-            if self._declined:
-                self._read_again_without_the_offer(data[exc.args[0]:])
-            elif self._should_upgrade():
-                self.handle_websocket_upgrade()
-            else:  # CONNECT: uvicorn's answer, unchanged
-                self._unsupported_upgrade_warning()
+        while data:
+            try:
+                self.parser.feed_data(data)
+            except httptools.HttpParserError:
+                msg = "Invalid HTTP request received."
+                self.logger.warning(msg)
+                self.send_400_response(msg)
+            except httptools.HttpParserUpgrade as exc:
+                if self._declined:
+                    data = self._without_the_offer() + data[exc.args[0]:]
+                    continue
+                if self._should_upgrade():
+                    self.handle_websocket_upgrade()
+                else:  # CONNECT: uvicorn's answer, unchanged
+                    self._unsupported_upgrade_warning()
+            return
 
-    def _read_again_without_the_offer(self, rest: bytes) -> None:
-        """The declined head, as it was parsed but without its offer to switch protocols, and
-        ``rest`` (what followed it in the piece fed) to a fresh parser."""
+    def _without_the_offer(self) -> bytes:
+        """The declined head, as it was parsed but without its offer to switch protocols, for a
+        fresh parser (now ``self.parser``) to read."""
         self._declined = False
         offer = {b"upgrade", b"http2-settings"}
         lines = [self.parser.get_method() + b" " + self.url + b" HTTP/"
@@ -114,7 +119,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             lines.append(name + b": " + value)
         self.parser = httptools.HttpRequestParser(self)
         self.parser.set_dangerous_leniencies(lenient_data_after_close=True)
-        self._feed(b"\r\n".join(lines) + b"\r\n\r\n" + rest)
+        return b"\r\n".join(lines) + b"\r\n\r\n"
 
     def on_body(self, body: bytes) -> None:
         self._run = 0

@@ -158,6 +158,16 @@ def test_an_h2c_upgrade_offer_is_declined_and_the_request_served_with_its_body(s
         assert _response(sock).startswith(b"HTTP/1.1 200 ")
 
 
+def test_a_thousand_pipelined_upgrade_offers_are_each_answered(server):
+    """Each declined head was read again by a call within the last: 500 in one read passed
+    Python's recursion limit, and the connection died with a traceback in the log."""
+    with _connect(server) as sock:
+        sock.sendall((b"GET / HTTP/1.1\r\nhost: x\r\n" + _OFFER + b"\r\n") * 1000
+                     + b"GET / HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+        answers = _read_all(sock)
+    assert answers.count(b"HTTP/1.1 200 ") == 1001
+
+
 def test_a_client_that_writes_its_whole_oversized_head_before_reading_gets_the_431(server):
     """Closing with its bytes unread made the kernel reset the connection: no 431 to read."""
     with _connect(server) as sock:
