@@ -9,6 +9,7 @@ Does not know: HTTP, the scorer's internals, how a model is called. No I/O, no c
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -60,6 +61,21 @@ def _has_text(message: Mapping[str, Any]) -> bool:
     return bool(message_text(message).strip())
 
 
+# Open WebUI's retrieval template replaces the user's turn with instructions, the documents found
+# and, last, the question in these tags: the question is what is routed, not the template's start
+_RAG_QUERY = re.compile(r"<user_query>\s*(.*?)\s*</user_query>", re.S)
+
+
+def _asked(text: str) -> str:
+    """A user turn's own question: the last ``<user_query>`` block of a retrieval template with
+    text in it, else the turn as it is."""
+    if "<user_query>" in text:
+        found = [q for q in _RAG_QUERY.findall(text) if q.strip()]
+        if found:
+            return found[-1]
+    return text
+
+
 def instruction_text(messages: Sequence[Mapping[str, Any]], budget_tokens: int) -> str:
     """The last user turn with text (cut to the budget) first, then the earlier turns that fit,
     newest first (one too long for what is left is skipped: a long answer does not hide the
@@ -67,14 +83,16 @@ def instruction_text(messages: Sequence[Mapping[str, Any]], budget_tokens: int) 
 
     The request comes first because the scorer reads the start of this text (the served
     checkpoint: 64 tokens through phi, 256 through psi's instruction vector): a chat's earlier
-    answers placed before it would push the question being routed out of what is read."""
+    answers placed before it would push the question being routed out of what is read. For the
+    same reason a retrieval template's question (``_asked``) stands for the turn that holds it:
+    the template's instructions and documents come first, and every such request read alike."""
     last_user = next((i for i in range(len(messages) - 1, -1, -1)
                       if messages[i].get("role") == "user" and _has_text(messages[i])), None)
     if last_user is None:  # no user text at all: fall back to the newest message with text
         last_user = next((i for i in range(len(messages) - 1, -1, -1) if _has_text(messages[i])), None)
         if last_user is None:
             return ""
-    head = message_text(messages[last_user])
+    head = _asked(message_text(messages[last_user]))
     if approx_tokens(head) >= budget_tokens:
         return head[: budget_tokens * 4]
     parts = [head]

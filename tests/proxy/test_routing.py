@@ -45,6 +45,25 @@ def test_a_long_answer_is_skipped_not_the_end_of_the_context():
     assert instruction_text(msgs, 512) == "and in French?\n\nExplain the causes of World War I."
 
 
+def _retrieval_turn(question: str) -> str:
+    """A user turn as Open WebUI's retrieval template writes it: its instructions, the documents
+    found, and the question last, in <user_query> tags (wording ours)."""
+    return ("### Task:\nAnswer the query with the documents below, citing them by id.\n"
+            "### Guidelines:\n- Say so when the documents do not hold the answer.\n" * 20
+            + "<context>\n<source id=\"1\">" + "Quarterly revenue rose by four percent. " * 200
+            + "</source>\n</context>\n<user_query>\n" + question + "\n</user_query>\n")
+
+
+def test_a_retrieval_template_s_question_is_what_is_scored():
+    """The template's start is the same for every such request: read from it, every question asked
+    over documents was scored alike (the question came thousands of tokens later)."""
+    msgs = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"},
+            {"role": "user", "content": _retrieval_turn("Prove that the square root of 2 is irrational.")}]
+    assert instruction_text(msgs, 512) == "Prove that the square root of 2 is irrational.\n\nHi!\n\nHello"
+    empty = [{"role": "user", "content": "<user_query>  </user_query> plain words"}]  # no question in it
+    assert instruction_text(empty, 512) == "<user_query>  </user_query> plain words"
+
+
 def test_whitespace_is_not_text():
     msgs = [{"role": "system", "content": "Translate to French."},
             {"role": "user", "content": "Good morning"},
