@@ -117,13 +117,13 @@ def instruction_text(messages: Sequence[Mapping[str, Any]], budget_tokens: int) 
 CHARS_PER_TOKEN_AT_MOST = 5
 
 
-def tokens_needed(body: Mapping[str, Any]) -> int:
-    """A low estimate of the context a chat request needs: its messages' text, and the completion
-    tokens it asks for (``max_completion_tokens`` or ``max_tokens``)."""
+def tokens_needed(body: Mapping[str, Any]) -> tuple[int, int]:
+    """A low estimate of the context a chat request needs: (its messages' text, the completion
+    tokens it asks for: ``max_completion_tokens`` or ``max_tokens``)."""
     chars = sum(len(message_text(m)) for m in body.get("messages") or () if isinstance(m, Mapping))
     asked = body.get("max_completion_tokens", body.get("max_tokens"))
     asked = asked if isinstance(asked, int) and not isinstance(asked, bool) and asked > 0 else 0
-    return chars // CHARS_PER_TOKEN_AT_MOST + asked
+    return chars // CHARS_PER_TOKEN_AT_MOST, asked
 
 
 def context_window(d: Deployment) -> int | None:
@@ -134,11 +134,15 @@ def context_window(d: Deployment) -> int | None:
     return d.info.local_server.n_ctx if d.info.local_server is not None else None
 
 
-def with_room(pool: list[Deployment], needed: int) -> list[Deployment]:
-    """The models of ``pool`` whose context window holds ``needed`` tokens (or is unknown); when
-    none does, those with the widest window (the one most likely to take it)."""
+def with_room(pool: list[Deployment], needed: tuple[int, int]) -> list[Deployment]:
+    """The models of ``pool`` whose context window holds ``needed`` (prompt and completion tokens;
+    for a local server, the prompt alone: llama-cpp-python shortens a completion to the room
+    left, it refuses only a prompt too long), or whose window is unknown; when none does, those
+    with the widest window (the one most likely to take it)."""
+    prompt, completion = needed
     windows = {d.name: context_window(d) for d in pool}
-    roomy = [d for d in pool if windows[d.name] is None or windows[d.name] >= needed]
+    roomy = [d for d in pool if windows[d.name] is None
+             or windows[d.name] >= prompt + (0 if d.info.local_server is not None else completion)]
     if roomy or not pool:
         return roomy
     widest = max(windows.values())  # every window is known here: an unknown one has room
@@ -146,7 +150,7 @@ def with_room(pool: list[Deployment], needed: int) -> list[Deployment]:
 
 
 def candidates(models: Iterable[Deployment], allow: Sequence[str] | None,
-               cooling: Callable[[str], bool], needed_tokens: int = 0) -> list[Deployment]:
+               cooling: Callable[[str], bool], needed_tokens: tuple[int, int] = (0, 0)) -> list[Deployment]:
     """Routable models the request allows, with room for its ``needed_tokens`` (``with_room``),
     cooled-down ones left out unless nothing else is left."""
     models = list(models)

@@ -30,22 +30,24 @@ def _deployment(name: str, window: int | None = None, n_ctx: int | None = None) 
 def test_the_estimate_errs_low_and_counts_the_completion_asked_for():
     body = {"messages": [{"role": "system", "content": "a" * 1000},
                          {"role": "user", "content": [{"type": "text", "text": "b" * 500}]}]}
-    assert tokens_needed(body) == 1500 // CHARS_PER_TOKEN_AT_MOST
-    assert tokens_needed({**body, "max_tokens": 700}) == 300 + 700
-    assert tokens_needed({**body, "max_completion_tokens": 50, "max_tokens": 700}) == 350
-    assert tokens_needed({"messages": "not a list", "max_tokens": True}) == 0
+    assert tokens_needed(body) == (1500 // CHARS_PER_TOKEN_AT_MOST, 0)
+    assert tokens_needed({**body, "max_tokens": 700}) == (300, 700)
+    assert tokens_needed({**body, "max_completion_tokens": 50, "max_tokens": 700}) == (300, 50)
+    assert tokens_needed({"messages": "not a list", "max_tokens": True}) == (0, 0)
 
 
 def test_models_without_room_are_left_out_and_an_unknown_window_is_room():
     small, big, unknown, local = (_deployment("small", 2048), _deployment("big", 128_000),
                                   _deployment("unknown"), _deployment("local", n_ctx=1024))
     pool = [small, big, unknown, local]
-    assert [d.name for d in with_room(pool, 1000)] == ["small", "big", "unknown", "local"]
-    assert [d.name for d in with_room(pool, 1500)] == ["small", "big", "unknown"]  # n_ctx counts
-    assert [d.name for d in with_room(pool, 5000)] == ["big", "unknown"]
+    assert [d.name for d in with_room(pool, (1000, 0))] == ["small", "big", "unknown", "local"]
+    assert [d.name for d in with_room(pool, (1500, 0))] == ["small", "big", "unknown"]  # n_ctx counts
+    assert [d.name for d in with_room(pool, (5000, 0))] == ["big", "unknown"]
+    # the completion asked for counts, but not at a local server, which shortens it to the room left
+    assert [d.name for d in with_room(pool, (100, 4000))] == ["big", "unknown", "local"]
     # longer than every window as estimated: the widest is the one asked (it may hold it)
-    assert [d.name for d in with_room([small, local], 5000)] == ["small"]
-    assert [d.name for d in candidates(pool, None, lambda name: False, 5000)] == ["big", "unknown"]
+    assert [d.name for d in with_room([small, local], (5000, 0))] == ["small"]
+    assert [d.name for d in candidates(pool, None, lambda name: False, (5000, 0))] == ["big", "unknown"]
 
 
 @pytest.mark.parametrize("said", [
