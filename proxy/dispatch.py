@@ -558,7 +558,7 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
     said = said or f"upstream answered HTTP {status}"
     body = {"error": {"message": said, "type": "invalid_request_error", "param": None,
                       "code": redact(str(code)) if code is not None else None}}
-    fits = not (isinstance(exc, litellm.ContextWindowExceededError) or too_long(int(status), f"{code} {said}"))
+    fits = not (isinstance(exc, litellm.ContextWindowExceededError) or too_long(int(status), said, str(code)))
     return UpstreamClientError(said, status=int(status), model=model, upstream_body=body,
                                unfit=None if fits else CONTEXT_WINDOW)
 

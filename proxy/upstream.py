@@ -141,23 +141,31 @@ def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
                             "type": _redacted(err.get("type"), redact) or "invalid_request_error",
                             "param": _redacted(err.get("param"), redact),
                             "code": _redacted(err.get("code"), redact)}}
-    said = f"{err.get('code')} {err.get('type')} {message}" if isinstance(err, dict) else message
-    unfit = CONTEXT_WINDOW if too_long(status, said) else None
+    labels = f"{err.get('code')} {err.get('type')}" if isinstance(err, dict) else ""
+    unfit = CONTEXT_WINDOW if too_long(status, message, labels) else None
     return UpstreamClientError(message, status=status, model=model, upstream_body=shaped, unfit=unfit)
 
 
 # a model's answer that the request is longer than its context: OpenAI's and llama-cpp-python's
 # code, vLLM's and OpenAI's words, llama.cpp's server's type and words, Anthropic's words
 CONTEXT_WINDOW = "context_window"
-_TOO_LONG = re.compile(r"context[_ ]length[_ ]exceeded|maximum context length|exceed_context_size"
-                       r"|exceeds? (the )?(available |model'?s? )?context|prompt is too long", re.I)
+_TOO_LONG_LABEL = re.compile(r"context_length_exceeded|exceed_context_size", re.I)
+_TOO_LONG_WORDS = re.compile(r"context[_ ]length[_ ]exceeded|maximum context length"
+                             r"|exceeds? (the )?(available |model'?s? )?context|prompt is too long", re.I)
+# where an error message starts quoting the request back (a validation error's "input": ...,
+# input_value=..., 'content': ...), whose words are the client's, not the model's
+_ECHO = re.compile(r"""\b(input|input_value|messages|content)['"]?\s*[:=]""", re.I)
 
 
-def too_long(status: int, said: str) -> bool:
-    """Whether a 4xx says (in ``said``: its error's code, type and message) that the request does
-    not fit the model's context window: another model's may hold it, so a routed request falls
-    back, and the model is not cooled."""
-    return 400 <= status < 500 and bool(_TOO_LONG.search(said))
+def too_long(status: int, message: str, labels: str = "") -> bool:
+    """Whether a 4xx says that the request does not fit the model's context window (another
+    model's may hold it: a routed request falls back, and the model is not cooled): by its
+    error's code or type (``labels``), or by the words of its message's start, before any echo of
+    the request (a question about "the maximum context length" is no such answer)."""
+    if not 400 <= status < 500:
+        return False
+    said = _ECHO.split(message[:200], 1)[0]
+    return bool(_TOO_LONG_LABEL.search(labels) or _TOO_LONG_WORDS.search(said))
 
 
 def _redacted(value: Any, redact) -> Any:

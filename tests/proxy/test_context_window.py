@@ -65,6 +65,11 @@ def test_an_upstream_s_words_for_too_long_make_the_request_unfit_for_it(said):
     other = classify(400, orjson.dumps({"error": {"code": "invalid_value", "message": "bad temperature"}}),
                      "m", {}, str)
     assert other.unfit is None
+    # a validation error quoting the request back: the client's words are not the model's answer
+    echo = ("1 validation error: messages.0.name: Input should be a valid string [type=string_type, "
+            "input_value={'role': 'user', 'content': 'What is the maximum context length of GPT-4?'}]")
+    for body in ({"error": {"code": 400, "message": echo}}, {"detail": echo}):
+        assert classify(400, orjson.dumps(body), "m", {}, str).unfit is None, body
 
 
 def _setup(tmp_path, upstream, start_proxy, fast: bool, small_window: int | None):
