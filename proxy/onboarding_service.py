@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import math
 import sqlite3
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Iterable
@@ -33,7 +32,7 @@ import orjson
 from proxy.dispatch import Call, Dispatcher
 from proxy.errors import ServiceUnavailable, UpstreamTransient
 from proxy.onboarding import Onboarding, Options, Prices, RunCancelled, Said, status_of
-from proxy.prices import listed_prices
+from proxy.prices import LITELLM_PRICE_KEYS, litellm_cost, listed_prices
 from proxy.providers import Deployment, ProviderRegistry, upstream_fingerprint
 from proxy.questions import Question, QuestionSourceError, load_questions
 from proxy.store import ModelBusy, Progress, Store
@@ -95,11 +94,6 @@ def onboardable(d: Deployment) -> bool:
     return d.available and d.info.onboard and not d.info.capability_profile
 
 
-# LiteLLM's own per-deployment price keys (USD per token), in model_info or litellm_params: a
-# LiteLLM model_list priced so loads as it is, and its models are not taken for free
-LITELLM_PRICE_KEYS = ("input_cost_per_token", "output_cost_per_token")
-
-
 def prices_of(d: Deployment) -> Prices:
     """The model's prices from providers.yaml: ours (``*_price_per_mtok``), else LiteLLM's
     (``*_cost_per_token``, in ``model_info`` or ``litellm_params``); where it gives neither,
@@ -108,7 +102,7 @@ def prices_of(d: Deployment) -> Prices:
     inp, out = d.info.input_price_per_mtok, d.info.output_price_per_mtok
     if inp is None and out is None:
         for section in (d.info.model_extra or {}, d.params):
-            costs = [_price(section.get(key)) for key in LITELLM_PRICE_KEYS]
+            costs = [litellm_cost(section.get(key)) for key in LITELLM_PRICE_KEYS]
             if costs != [None, None]:
                 inp, out = (None if c is None else c * 1e6 for c in costs)
                 break
@@ -117,17 +111,6 @@ def prices_of(d: Deployment) -> Prices:
         if listed is not None:
             inp, out = listed
     return Prices(inp, out)
-
-
-def _price(value: Any) -> float | None:
-    """A LiteLLM cost as a number (YAML may give it as a string: ``"2.5e-06"``), or None."""
-    if isinstance(value, bool):
-        return None
-    try:
-        price = float(value)
-    except (TypeError, ValueError):
-        return None
-    return price if math.isfinite(price) and price >= 0 else None
 
 
 def _not_onboardable(d: Deployment) -> str:

@@ -14,6 +14,7 @@ import functools
 import importlib.util
 import json
 import logging
+import math
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,23 @@ def price_list() -> dict[str, Any]:
     except (OSError, ValueError, ImportError) as exc:
         log.warning("litellm's price list cannot be read (%s): unpriced models count as free", exc)
     return {}
+
+
+# LiteLLM's own per-deployment price keys (USD per token), in model_info or litellm_params: a
+# LiteLLM model_list priced so loads as it is, and its models are not taken for free
+LITELLM_PRICE_KEYS = ("input_cost_per_token", "output_cost_per_token")
+
+
+def litellm_cost(value: Any) -> float | None:
+    """A LiteLLM cost as a number (YAML 1.1 reads ``2.5e-6`` as a string), or None when it is
+    absent or no non-negative number."""
+    if isinstance(value, bool):
+        return None
+    try:
+        price = float(value)
+    except (TypeError, ValueError):
+        return None
+    return price if math.isfinite(price) and price >= 0 else None
 
 
 def listed_prices(model: str, provider: str, api_base: str | None) -> tuple[float, float] | None:

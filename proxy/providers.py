@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from proxy.errors import ConfigError
 from proxy.logs import Redactor
+from proxy.prices import LITELLM_PRICE_KEYS, litellm_cost
 
 log = logging.getLogger("satroute.providers")
 
@@ -256,7 +257,8 @@ _NOT_ENFORCED = ("rpm", "tpm", "max_parallel_requests")
 
 def _warn_not_enforced(path: Path, raw: dict) -> None:
     """A warning for each model whose entry sets one of LiteLLM's rate limits: a LiteLLM file
-    loads as it is, and an admin who kept them would otherwise believe the upstream protected."""
+    loads as it is, and an admin who kept them would otherwise believe the upstream protected;
+    and for a LiteLLM price that is no price (onboarding's spend counts it as free)."""
     entries = raw.get("model_list")
     for i, entry in enumerate(entries if isinstance(entries, list) else []):
         for section in ("litellm_params", "model_info"):
@@ -266,6 +268,11 @@ def _warn_not_enforced(path: Path, raw: dict) -> None:
                 log.warning("%s: model_list.%d.%s: %s: LiteLLM's rate limits are not enforced by "
                             "satroute (a model's 429 is retried, then cools it down)",
                             path, i, section, ", ".join(keys))
+            unread = [k for k in LITELLM_PRICE_KEYS if isinstance(given, dict) and given.get(k) is not None
+                      and litellm_cost(given[k]) is None]
+            if unread:  # the spend cap would count that side as free
+                log.warning("%s: model_list.%d.%s: %s: not a price (USD per token, a number 0 or "
+                            "more); onboarding counts it as free", path, i, section, ", ".join(unread))
 
 
 # libyaml's parser where PyYAML was built with it (its wheels are): a reload runs on the event loop,

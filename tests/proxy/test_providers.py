@@ -176,6 +176,19 @@ def test_litellm_s_rate_limits_are_said_to_be_unenforced(caplog):
     assert "model_list.1.model_info: max_parallel_requests" in warned[1]
 
 
+def test_a_litellm_price_that_is_no_price_is_a_warning(caplog):
+    """Onboarding's spend cap counts it as free: an admin must hear so (ours are refused)."""
+    text = ("model_list:\n  - model_name: a\n    litellm_params: {model: openai/a, input_cost_per_token: '$2.5e-6'}\n"
+            "    model_info: {input_cost_per_token: 2.5e-06, output_cost_per_token: -1}\n"
+            "  - {model_name: b, litellm_params: {model: openai/b}, model_info: {input_cost_per_token: '2.5e-06'}}\n")
+    with caplog.at_level("WARNING", logger="satroute.providers"):
+        snap(text)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2, warned  # b's, a string YAML reads from 2.5e-06, is a price
+    assert "model_list.0.litellm_params: input_cost_per_token: not a price" in warned[0]
+    assert "model_list.0.model_info: output_cost_per_token: not a price" in warned[1]
+
+
 def test_a_misspelt_model_list_is_named_in_a_warning_beside_the_error(caplog):
     with caplog.at_level("WARNING", logger="satroute.providers"), pytest.raises(ConfigError):
         snap("modle_list:\n  - {model_name: a, litellm_params: {model: x}}\n")
