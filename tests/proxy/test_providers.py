@@ -123,13 +123,18 @@ def test_a_check_across_the_file_names_its_key_without_dumping_the_file(text, ex
     assert str(err.value) == expected
 
 
+def _warnings(caplog, text: str) -> list[str]:
+    """The warnings of loading ``text`` as providers.yaml."""
+    with caplog.at_level("WARNING", logger="satroute.providers"):
+        snap(text)
+    return [r.getMessage() for r in caplog.records]
+
+
 def test_a_misspelt_key_of_ours_is_a_warning(caplog):
     text = ("model_list:\n  - model_name: a\n    litellm_params: {model: x}\n"
             "    model_info: {capabilty_profile: builtin:mmlu_pro/gpt4o, mode: chat}\n"
             "router_settings: {num_retires: 5, routing_strategy: simple-shuffle}\n")
-    with caplog.at_level("WARNING", logger="satroute.providers"):
-        snap(text)
-    warned = [r.getMessage() for r in caplog.records]
+    warned = _warnings(caplog, text)
     assert any("model_list.0.model_info.capabilty_profile" in w and "capability_profile" in w for w in warned)
     assert any("router_settings.num_retires" in w and "num_retries" in w for w in warned)
     assert len(warned) == 2  # LiteLLM's own keys (mode, routing_strategy) are no typo
@@ -155,9 +160,7 @@ def test_a_misspelt_key_of_ours_is_a_warning(caplog):
 def test_a_misspelt_key_anywhere_is_a_warning(caplog, text, where, meant):
     """Outside model_info and router_settings too: a misspelt api_base sends an openai/ model's
     prompts and key to api.openai.com, silently but for this warning."""
-    with caplog.at_level("WARNING", logger="satroute.providers"):
-        snap(text)
-    warned = [r.getMessage() for r in caplog.records]
+    warned = _warnings(caplog, text)
     assert len(warned) == 1 and f" {where} is not a key" in warned[0] and warned[0].endswith(f"{meant}?")
     assert "sk-hidden" not in caplog.text
 
@@ -168,9 +171,7 @@ def test_litellm_s_rate_limits_are_said_to_be_unenforced(caplog):
     text = ("model_list:\n  - {model_name: a, litellm_params: {model: openai/a, rpm: 10, tpm: 1000}}\n"
             "  - {model_name: b, litellm_params: {model: openai/b}, model_info: {max_parallel_requests: 2}}\n"
             "  - {model_name: c, litellm_params: {model: openai/c}}\n")
-    with caplog.at_level("WARNING", logger="satroute.providers"):
-        snap(text)
-    warned = [r.getMessage() for r in caplog.records]
+    warned = _warnings(caplog, text)
     assert len(warned) == 2
     assert "model_list.0.litellm_params: rpm, tpm: LiteLLM's rate limits are not enforced" in warned[0]
     assert "model_list.1.model_info: max_parallel_requests" in warned[1]
@@ -181,9 +182,7 @@ def test_a_litellm_price_that_is_no_price_is_a_warning(caplog):
     text = ("model_list:\n  - model_name: a\n    litellm_params: {model: openai/a, input_cost_per_token: '$2.5e-6'}\n"
             "    model_info: {input_cost_per_token: 2.5e-06, output_cost_per_token: -1}\n"
             "  - {model_name: b, litellm_params: {model: openai/b}, model_info: {input_cost_per_token: '2.5e-06'}}\n")
-    with caplog.at_level("WARNING", logger="satroute.providers"):
-        snap(text)
-    warned = [r.getMessage() for r in caplog.records]
+    warned = _warnings(caplog, text)
     assert len(warned) == 2, warned  # b's, a string YAML reads from 2.5e-06, is a price
     assert "model_list.0.litellm_params: input_cost_per_token: not a price" in warned[0]
     assert "model_list.0.model_info: output_cost_per_token: not a price" in warned[1]
