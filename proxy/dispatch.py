@@ -178,6 +178,7 @@ class RetryingDispatcher:
         timed_out = False
         all_429 = True
         last: UpstreamTransient | None = None
+        said_after: float | None = None  # the longest Retry-After of the failures
         for target in call.targets:
             if time.monotonic() >= deadline:
                 timed_out = True
@@ -215,6 +216,8 @@ class RetryingDispatcher:
                 raise
             except UpstreamTransient as exc:
                 failed.append((target.name, _reason(exc)))
+                if exc.retry_after is not None:
+                    said_after = max(said_after or 0.0, exc.retry_after)
                 timed_out = exc.timeout
                 all_429 = all_429 and exc.upstream_status == 429
                 last = exc
@@ -224,6 +227,7 @@ class RetryingDispatcher:
             return Reply(model=target.name, failed=failed, body=answer.body, chunks=answer.chunks)
         names = ", ".join(f"{n} ({r})" for n, r in failed) or "none tried before the deadline"
         err = AllUpstreamsFailed(f"every model failed: {names}", failed=failed, timeout=timed_out)
+        err.upstream_retry_after = said_after
         if last is not None and all_429:
             err.status, err.code = 429, "rate_limited"
             err.retry_after = last.retry_after

@@ -144,7 +144,10 @@ class AllUpstreamsFailed(UpstreamError):
     def __init__(self, message: str, *, failed: list[tuple[str, str]], timeout: bool = False):
         super().__init__(message)
         self.failed = failed
-        self.retry_after: float | None = None
+        self.retry_after: float | None = None  # sent to the client: when every failure was a 429
+        # the longest Retry-After any failure carried (a 503's too), for a caller that waits on
+        # the models itself (onboarding); not sent to a client, whose other models may answer
+        self.upstream_retry_after: float | None = None
         if timeout:
             self.status = 504
             self.code = "upstream_timeout"

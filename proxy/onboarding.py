@@ -473,7 +473,10 @@ class Onboarding:
                 reason = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
                 if not await self._give_up_on(state, question, reason, prices):
                     state.queue.append(question)  # asked again after the backoff
-                    await self._failed(state, reason, epoch, getattr(exc, "retry_after", None))
+                    # a 503's Retry-After too, not only a 429's (RFC 9110: both say when)
+                    said = getattr(exc, "upstream_retry_after", None)
+                    await self._failed(state, reason, epoch,
+                                       said if said is not None else getattr(exc, "retry_after", None))
                 continue
             finally:
                 state.in_flight -= 1

@@ -566,10 +566,13 @@ async def test_spend_counts_what_the_upstream_billed_and_never_less_than_the_est
         assert store.spent("m") == pytest.approx(expected) and expected > 0
 
 
-async def test_no_question_is_asked_again_before_the_upstream_s_retry_after(tmp_path, tiny, caplog):
+@pytest.mark.parametrize("status", [429, 503])
+async def test_no_question_is_asked_again_before_the_upstream_s_retry_after(tmp_path, tiny, caplog, status):
     suite, questions = tiny
-    limited = AllUpstreamsFailed("every model failed: m (http_429)", failed=[("m", "http_429")])
-    limited.retry_after = 0.5
+    limited = AllUpstreamsFailed(f"every model failed: m (http_{status})", failed=[("m", f"http_{status}")])
+    if status == 429:  # every failure a 429: the client is told too
+        limited.retry_after = 0.5
+    limited.upstream_retry_after = 0.5  # a 503's says when as well
     asker = FakeAsker(questions, lambda q: "A")
     asker.failures = [limited]
     times = []

@@ -895,3 +895,26 @@ def test_a_client_that_leaves_while_its_request_is_scored_is_let_go(tmp_path, up
     assert upstream.bodies() == []
     retry = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
     assert retry.headers["x-satroute-model"] == "m1" and len(scorer.calls) == 1  # remembered
+
+
+async def test_a_503_s_retry_after_reaches_a_caller_that_waits_on_the_model_itself(tmp_path, upstream):
+    """Onboarding waits on its model: it honoured a 429's Retry-After and not a 503's (RFC 9110
+    gives both), asking again on its own 1, 2, 4 s backoff. A client is not told to wait (its
+    other models may answer): the Retry-After of a failure only goes back when all were 429s."""
+    from proxy.cooldown import Cooldowns
+    from proxy.dispatch import Call, RetryingDispatcher
+    from proxy.errors import AllUpstreamsFailed
+    from proxy.providers import ProviderRegistry
+
+    cfg = write_config(tmp_path / "providers.yaml", [model_entry("m1", upstream.url, tmp_path, fast_path=True)],
+                       num_retries=0, retry_after_max_s=1)
+    snap = ProviderRegistry(cfg, dict).snapshot
+    upstream.set("m1", fail(503, "down for maintenance", retry_after=45))
+    dispatcher = RetryingDispatcher(Cooldowns())
+    try:
+        with pytest.raises(AllUpstreamsFailed) as err:
+            await dispatcher.complete(Call(targets=[snap.models["m1"]], body={"model": "m1", "messages": MESSAGES},
+                                           stream=False, router=snap.router, redact=snap.redact))
+    finally:
+        await dispatcher.close()
+    assert err.value.upstream_retry_after == 45 and err.value.retry_after is None
