@@ -160,7 +160,8 @@ class OnboardingService:
                 self._pick_up_profiles(progress)
                 snap = self.registry.snapshot
                 if snap is not last or self._waiting:
-                    last = snap
+                    await self._dispatch_ready(snap)
+                    last = self.registry.snapshot  # litellm's import may have left a model out
                     await self.sync()
                 self._report(progress)
                 if self._check_error is not None:
@@ -170,6 +171,14 @@ class OnboardingService:
                 self._check_failed(exc, interval_s)
                 last = None
             await asyncio.sleep(interval_s)
+
+    async def _dispatch_ready(self, snap: Any) -> None:
+        """litellm imported before a run starts for a model that needs it: its checks (a provider
+        it does not know) make such a model unavailable, "pending" with the reason, where a run
+        started before the import was refused by the dispatcher ("failed", and a cooldown)."""
+        prepare = getattr(getattr(self.asker, "dispatcher", None), "prepare", None)
+        if prepare is not None:
+            await prepare([d for d in snap.models.values() if needs_onboarding(d)])
 
     def _check_failed(self, exc: Exception, interval_s: float) -> None:
         """Log a failed check once per distinct error: a store that stays broken (damaged, disk

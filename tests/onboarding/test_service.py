@@ -495,3 +495,39 @@ async def test_an_edit_that_fixes_a_failed_run_starts_a_new_one_though_it_settle
             assert store.progress("m").status == "done"
         finally:
             await svc.stop()
+
+
+async def test_a_model_litellm_cannot_call_is_pending_from_the_first_check_never_failed(tmp_path):
+    """A provider litellm does not know ('opnai/'): at start-up the watch began its run before
+    litellm was imported, so the dispatcher refused every ask: 'failed', and the model cooled,
+    where the same model added later was 'pending', unavailable, with the reason. litellm is now
+    imported before the first run starts."""
+    from proxy.cooldown import Cooldowns
+    from proxy.dispatch import RetryingDispatcher
+
+    config = tmp_path / "providers.yaml"
+    entry = model_entry("typo", "http://127.0.0.1:9", tmp_path)
+    entry["litellm_params"]["model"] = "opnai/typo"
+    entry["model_info"]["fast_path"] = False  # the litellm path, as a provider it does not know takes
+    write_providers(config, [entry])
+    suite, questions = make_suite()
+    cooldowns = Cooldowns()
+    dispatcher = RetryingDispatcher(cooldowns)
+    with Store(tmp_path / "state") as store:
+        registry = ProviderRegistry(config, dict, store)
+        registry.checks.append(dispatcher.unusable)  # as the app wires them
+        dispatcher.on_litellm.append(registry.refresh_profiles)
+        svc = OnboardingService(store, registry, DispatchAsker(registry, dispatcher), spawn)
+        svc._engine = Onboarding(store, suite, questions, svc.asker, Options(concurrency=2))
+        watch = asyncio.create_task(svc.watch(0.05))
+        try:
+            await wait_until(lambda: registry.snapshot.models["typo"].unavailable is not None, 30)
+            await asyncio.sleep(0.3)  # a few more checks
+            shown = svc.status()["models"]["typo"]
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+            await dispatcher.close()
+        assert shown["status"] == "pending" and "litellm knows no provider 'opnai'" in shown["reason"]
+        assert "typo" not in svc.runs and store.progress("typo") is None
+        assert cooldowns.cooling_models() == []
