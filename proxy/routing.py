@@ -9,7 +9,6 @@ Does not know: HTTP, the scorer's internals, how a model is called. No I/O, no c
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Mapping, Sequence
 
@@ -63,17 +62,25 @@ def _has_text(message: Mapping[str, Any]) -> bool:
 
 # Open WebUI's retrieval template replaces the user's turn with instructions, the documents found
 # and, last, the question in these tags: the question is what is routed, not the template's start
-_RAG_QUERY = re.compile(r"<user_query>\s*(.*?)\s*</user_query>", re.S)
+QUERY_OPEN, QUERY_CLOSE = "<user_query>", "</user_query>"
 
 
 def _asked(text: str) -> str:
-    """A user turn's own question: the last ``<user_query>`` block of a retrieval template with
-    text in it, else the turn as it is."""
-    if "<user_query>" in text:
-        found = [q for q in _RAG_QUERY.findall(text) if q.strip()]
-        if found:
-            return found[-1]
-    return text
+    """A user turn's own question when the turn is a retrieval template's (documents, a
+    ``<context>`` or ``<source`` block, then the question in ``<user_query>`` tags that end the
+    turn), else the turn as it is: a question that only quotes the tags, or a template with its
+    placeholder (``{{QUERY}}``), is read whole. Found by string search, in linear time (a regex
+    backtracked for seconds on an unclosed tag and a few KB of spaces)."""
+    end = text.rfind(QUERY_CLOSE)
+    if end < 0 or text[end + len(QUERY_CLOSE):].strip():
+        return text
+    start = text.rfind(QUERY_OPEN, 0, end)
+    if start < 0 or ("<context>" not in text[:start] and "<source" not in text[:start]):
+        return text
+    question = text[start + len(QUERY_OPEN):end].strip()
+    if not question or (question.startswith("{{") and question.endswith("}}")):
+        return text
+    return question
 
 
 def instruction_text(messages: Sequence[Mapping[str, Any]], budget_tokens: int) -> str:

@@ -60,8 +60,23 @@ def test_a_retrieval_template_s_question_is_what_is_scored():
     msgs = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi!"},
             {"role": "user", "content": _retrieval_turn("Prove that the square root of 2 is irrational.")}]
     assert instruction_text(msgs, 512) == "Prove that the square root of 2 is irrational.\n\nHi!\n\nHello"
-    empty = [{"role": "user", "content": "<user_query>  </user_query> plain words"}]  # no question in it
-    assert instruction_text(empty, 512) == "<user_query>  </user_query> plain words"
+    for whole in ("<context>x</context><user_query>  </user_query>",  # no question in it
+                  "<user_query>what?</user_query>",  # no documents before it: not the template
+                  "<context>x</context><user_query>what?</user_query> and then more words",  # not last
+                  "Why is my template wrong?\n<context>{{CONTEXT}}</context>\n<user_query>{{QUERY}}</user_query>"):
+        assert instruction_text([{"role": "user", "content": whole}], 512) == whole[:2048], whole
+
+
+def test_reading_a_turn_for_its_question_takes_linear_time():
+    """A regex on the tags backtracked: an unclosed tag and 4,000 spaces held the event loop (and
+    every other request) for 27 s."""
+    import time
+
+    for text in ("<user_query>" + " " * 200_000, "<user_query>" * 50_000, "</user_query>" * 50_000,
+                 "<context>" + "<user_query> " * 50_000 + "</user_query>"):
+        started = time.perf_counter()
+        instruction_text([{"role": "user", "content": text}], 512)
+        assert time.perf_counter() - started < 0.05, text[:40]
 
 
 def test_whitespace_is_not_text():
