@@ -148,6 +148,7 @@ class AllUpstreamsFailed(UpstreamError):
         # the longest Retry-After any failure carried (a 503's too), for a caller that waits on
         # the models itself (onboarding); not sent to a client, whose other models may answer
         self.upstream_retry_after: float | None = None
+        self.timeout = timeout  # the last failure was one
         if timeout:
             self.status = 504
             self.code = "upstream_timeout"

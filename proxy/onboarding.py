@@ -191,6 +191,7 @@ class _Run:
         self.ever_answered = answered_before
         self.failures = 0  # consecutive transient failures
         self.started = self.answered_at = 0.0  # clock times: the run's start, its last answer
+        self.first_failure = 0.0  # of the failures in a row
         self.quiet = False  # said stalled because asks are out and no answer came for give_up_s
         self.probing = False
         self.asking: set[str] = set()  # the questions in flight
@@ -476,7 +477,8 @@ class Onboarding:
                     # a 503's Retry-After too, not only a 429's (RFC 9110: both say when)
                     said = getattr(exc, "upstream_retry_after", None)
                     await self._failed(state, reason, epoch,
-                                       said if said is not None else getattr(exc, "retry_after", None))
+                                       said if said is not None else getattr(exc, "retry_after", None),
+                                       timeout=isinstance(exc, TimeoutError) or getattr(exc, "timeout", False))
                 continue
             finally:
                 state.in_flight -= 1
@@ -552,7 +554,9 @@ class Onboarding:
         try:
             said = await self.asker.ask(state.model, [{"role": "user", "content": PROBE}],
                                         **{**state.params, cap: PROBE_TOKENS})
-        except (*TRANSIENT, UpstreamClientError, RunCancelled):
+        except UpstreamClientError:  # a refusal of the probe itself (its few tokens under a
+            return True  # thinking budget, say) is an answer: the model is up
+        except (*TRANSIENT, RunCancelled):
             return False  # still down (a cancellation is seen by the next ask)
         finally:
             state.probing = False
@@ -591,13 +595,15 @@ class Onboarding:
         return True
 
     async def _failed(self, state: _Run, reason: str, epoch: int | None = None,
-                      retry_after: float | None = None) -> None:
+                      retry_after: float | None = None, timeout: bool = False) -> None:
         """A transient failure of an ask that started under backoff ``epoch``. Only an ask started
         after the last counted failure counts (so an outage that fails every request in flight at
         once is one failure, not ``concurrency`` of them); None: count it. No ask goes out again
         before the upstream's ``retry_after`` (seconds), when it gave one."""
         now = self.clock()
         opts = self.options
+        if state.failures == 0:
+            state.first_failure = now
         if state.failures == 0 or epoch is None or epoch == state.epoch:
             state.epoch += 1
             state.failures += 1
@@ -608,10 +614,12 @@ class Onboarding:
                             state.failures, reason)
         if retry_after is not None:  # whichever ask it came with: the upstream said when
             state.resume_at = max(state.resume_at, now + min(retry_after, opts.backoff_max_s))
-        if not state.ever_answered and now - state.started >= opts.give_up_s:
-            # counted from the run's start: a hung upstream's first failure (its timeout) comes
-            # late, and counting from it doubled the wait for a model that never answered
-            state.fatal = f"no answer for {now - state.started:.0f}s: {reason}"
+        # a timeout counts from the run's start (the ask waited all along: a hung upstream's first
+        # failure comes at its timeout, and counting from it doubled the wait); another failure
+        # from the first one (a slow model's answers may be on their way past one 429)
+        since = state.started if timeout else state.first_failure
+        if not state.ever_answered and now - since >= opts.give_up_s:
+            state.fatal = f"no answer for {now - since:.0f}s: {reason}"
             return
         await self._set_status(state, "stalled", reason)
 

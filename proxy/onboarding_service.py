@@ -147,6 +147,7 @@ class OnboardingService:
         self._picked_up: dict[str, float] = {}  # model -> updated_at of the done row refreshed for
         self._reported: set[str] = set()  # models with onboarding series in the metrics
         self._check_error: str | None = None  # why the watch loop's last check failed (logged once)
+        self._prepare_failed = False  # litellm's import failed once: not tried before every sync
 
     # -- the background loop ----------------------------------------------------------------
     async def watch(self, interval_s: float) -> None:
@@ -177,8 +178,15 @@ class OnboardingService:
         it does not know) make such a model unavailable, "pending" with the reason, where a run
         started before the import was refused by the dispatcher ("failed", and a cooldown)."""
         prepare = getattr(getattr(self.asker, "dispatcher", None), "prepare", None)
-        if prepare is not None:
+        if prepare is None or self._prepare_failed:
+            return
+        try:
             await prepare([d for d in snap.models.values() if needs_onboarding(d)])
+        except Exception as exc:  # noqa: BLE001 (a broken litellm must not stop every model's test)
+            # once: the runs go on, and a model that needs litellm fails on its own with the reason
+            self._prepare_failed = True
+            log.error("onboarding: litellm cannot be loaded (%s: %s); the models that need it "
+                      "fail their test with the reason", type(exc).__name__, exc)
 
     def _check_failed(self, exc: Exception, interval_s: float) -> None:
         """Log a failed check once per distinct error: a store that stays broken (damaged, disk

@@ -269,7 +269,7 @@ def _warn_not_enforced(path: Path, raw: dict) -> None:
                             "satroute (a model's 429 is retried, then cools it down)",
                             path, i, section, ", ".join(keys))
             unread = [k for k in LITELLM_PRICE_KEYS if isinstance(given, dict) and given.get(k) is not None
-                      and litellm_cost(given[k]) is None]
+                      and not str(given[k]).startswith(ENV_PREFIX) and litellm_cost(given[k]) is None]
             if unread:  # the spend cap would count that side as free
                 log.warning("%s: model_list.%d.%s: %s: not a price (USD per token, a number 0 or "
                             "more); onboarding counts it as free", path, i, section, ", ".join(unread))

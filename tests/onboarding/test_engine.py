@@ -261,6 +261,43 @@ async def test_two_questions_that_always_fail_are_both_graded_and_the_run_ends(t
     assert asker.probes and all(p["max_tokens"] == PROBE_TOKENS for p in asker.probes)
 
 
+async def test_a_probe_the_model_refuses_still_says_it_answers(tmp_path, tiny):
+    """A model with a thinking budget refuses the probe's few tokens with a 400: that is an
+    answer. Taken for an outage, the last question's failures never counted: stalled for ever."""
+    suite, questions = tiny
+    bad = questions[5].id
+
+    class RefusesProbe(Poisons):
+        async def probe(self, params):
+            self.probes.append(params)
+            raise UpstreamClientError("max_tokens must be greater than thinking.budget_tokens", status=400)
+
+    asker = RefusesProbe(questions, [bad])
+    opts = Options(concurrency=2, backoff_s=0.001, backoff_max_s=0.002, give_up_s=0.2)
+    with Store(tmp_path) as store:
+        progress = await asyncio.wait_for(Onboarding(store, suite, questions, asker, opts).run("m"), 10)
+        assert progress.status == "done" and progress.done == 12
+    assert asker.bad_asks[bad] == opts.question_attempts and asker.probes
+
+
+async def test_one_transient_failure_does_not_fail_a_slow_model_whose_answers_are_coming(tmp_path, tiny):
+    """A large model on a CPU takes minutes per answer; one 429 past give_up_s, before its first
+    answer, is no sign it never answers (only a timeout, an ask that waited all along, is)."""
+    suite, questions = tiny
+    asker = FakeAsker(questions, lambda q: "A", delay=0.5)  # each answer takes longer than give_up_s
+    opts = Options(concurrency=2, backoff_s=0.01, backoff_max_s=0.02, give_up_s=0.3)
+
+    async def one_429_later():
+        await asyncio.sleep(0.35)
+        asker.failures.append(AllUpstreamsFailed("every model failed: m (http_429)", failed=[("m", "http_429")]))
+
+    with Store(tmp_path) as store:
+        blip = asyncio.create_task(one_429_later())
+        progress = await asyncio.wait_for(Onboarding(store, suite, questions, asker, opts).run("m"), 20)
+        await blip
+    assert progress.status == "done" and progress.done == 12
+
+
 async def test_an_upstream_that_never_answers_is_said_stalled_then_fails_from_the_run_s_start(tmp_path, tiny):
     """It accepts every request and answers none: each ask fails only at its timeout. The run said
     running all along, and failed only give_up_s after that first timeout (30 minutes with the
@@ -318,8 +355,8 @@ async def test_one_blip_on_every_request_in_flight_counts_once(tmp_path):
         seen = []
         counted = engine._failed
 
-        async def failed(state, *args):
-            await counted(state, *args)
+        async def failed(state, *args, **kwargs):
+            await counted(state, *args, **kwargs)
             seen.append((state.failures, state.resume_at - engine.clock()))
 
         engine._failed = failed

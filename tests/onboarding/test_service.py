@@ -531,3 +531,32 @@ async def test_a_model_litellm_cannot_call_is_pending_from_the_first_check_never
         assert shown["status"] == "pending" and "litellm knows no provider 'opnai'" in shown["reason"]
         assert "typo" not in svc.runs and store.progress("typo") is None
         assert cooldowns.cooling_models() == []
+
+
+async def test_a_litellm_that_cannot_be_loaded_stops_no_test(tmp_path, caplog):
+    """The watch imports litellm before a run starts: an import that fails must not keep every
+    model (those that never use litellm too) from its test, nor be tried again every tick."""
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
+    suite, questions = make_suite()
+
+    class Broken(Answering):
+        prepared = 0
+
+        async def prepare(self, models):
+            self.prepared += 1
+            raise ImportError("No module named 'litellm.llms'")
+
+    dispatcher = Broken("The answer is (A).")
+    with Store(tmp_path / "state") as store:
+        registry, svc = service(config, store, dispatcher, suite, questions)
+        watch = asyncio.create_task(svc.watch(0.02))
+        try:
+            await wait_until(lambda: "m" in svc.runs)
+            await asyncio.wait_for(svc.runs["m"], 10)
+            await asyncio.sleep(0.1)  # more ticks
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+        assert store.progress("m").status == "done"
+    assert dispatcher.prepared == 1 and "litellm cannot be loaded (ImportError" in caplog.text

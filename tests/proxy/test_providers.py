@@ -181,9 +181,11 @@ def test_a_litellm_price_that_is_no_price_is_a_warning(caplog):
     """Onboarding's spend cap counts it as free: an admin must hear so (ours are refused)."""
     text = ("model_list:\n  - model_name: a\n    litellm_params: {model: openai/a, input_cost_per_token: '$2.5e-6'}\n"
             "    model_info: {input_cost_per_token: 2.5e-06, output_cost_per_token: -1}\n"
-            "  - {model_name: b, litellm_params: {model: openai/b}, model_info: {input_cost_per_token: '2.5e-06'}}\n")
+            "  - {model_name: b, litellm_params: {model: openai/b}, model_info: {input_cost_per_token: '2.5e-06'}}\n"
+            "  - {model_name: c, litellm_params: {model: openai/c, input_cost_per_token: os.environ/C_PRICE}}\n")
     warned = _warnings(caplog, text)
-    assert len(warned) == 2, warned  # b's, a string YAML reads from 2.5e-06, is a price
+    # b's, a string YAML reads from 2.5e-06, is a price; c's is read from the environment
+    assert len(warned) == 2, warned
     assert "model_list.0.litellm_params: input_cost_per_token: not a price" in warned[0]
     assert "model_list.0.model_info: output_cost_per_token: not a price" in warned[1]
 
