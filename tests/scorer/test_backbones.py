@@ -100,26 +100,43 @@ def test_real_backbones_load_with_their_dimensions():
 @pytest.mark.backbone
 def test_the_first_conversion_holds_one_copy_of_the_weights_and_matches_the_cache(tmp_path):
     """A fresh machine's first start dequantizes SmolLM2's GGUF: in a process of its own (as the
-    proxy's first scorer load would), peak memory stays under the scorer's 1.5 GB budget (it was
-    1.7 GB when a real fp32 model received the tensors), no progress bar breaks the JSON log, and
-    the folder written loads as phi."""
+    proxy's first scorer load would), the private memory it peaks at holds one copy of the weights
+    (two made it 1.7 GB of RSS when a real fp32 model received the tensors), no progress bar
+    breaks the JSON log, and the folder written loads as phi.
+
+    The bound is on anonymous memory (RssAnon, sampled), not on the peak RSS: that also counts
+    the pages of shared libraries and of the mmapped GGUF that the process touched, which depend
+    on what the page cache holds. Measured on the 2-core CPU: RssAnon peaks at about 975 MB and
+    RSS at 1,190-1,240 MB alone, while RSS reached 1,404 and 1,474 MB in two full runs of the
+    suite, with the same private memory."""
     import json
     import os
     import subprocess
     import sys
 
-    code = ("import json, resource; from scorer import backbones; "
-            "out = backbones.convert_gguf(backbones.resolve_gguf('default:smollm2')); "
-            "backbones.load_llm(str(out), n_layers=2); backbones.load_encoder(); "
-            "print(json.dumps({'out': str(out), "
-            "'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))")
+    code = ("import json, resource, threading, time\n"
+            "peak = [0]\n"
+            "def sample():\n"
+            "    while True:\n"
+            "        with open('/proc/self/status') as f:\n"
+            "            for line in f:\n"
+            "                if line.startswith('RssAnon:'):\n"
+            "                    peak[0] = max(peak[0], int(line.split()[1]))\n"
+            "        time.sleep(0.002)\n"
+            "threading.Thread(target=sample, daemon=True).start()\n"
+            "from scorer import backbones\n"
+            "out = backbones.convert_gguf(backbones.resolve_gguf('default:smollm2'))\n"
+            "backbones.load_llm(str(out), n_layers=2); backbones.load_encoder()\n"
+            "time.sleep(0.02)\n"
+            "print(json.dumps({'out': str(out), 'peak_anon_mb': peak[0] / 1024,\n"
+            "                  'peak_mb': resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))\n")
     env = {**os.environ, "SATROUTE_CACHE_DIR": str(tmp_path / "cache")}
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     # no progress bar: a proxy's first start logs one JSON object per line
     assert "it/s" not in done.stderr and "%|" not in done.stderr, done.stderr[-2000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])
-    assert report["peak_mb"] < 1400, report
+    assert 500 < report["peak_anon_mb"] < 1200, report  # one copy (513 MB of fp32), not two
     out = Path(report["out"])
     assert sorted(p.name for p in out.iterdir()) == ["chat_template.jinja", "config.json", "generation_config.json",
                                                      "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
