@@ -475,9 +475,9 @@ class Onboarding:
                 if not await self._give_up_on(state, question, reason, prices):
                     state.queue.append(question)  # asked again after the backoff
                     # a 503's Retry-After too, not only a 429's (RFC 9110: both say when)
-                    said = getattr(exc, "upstream_retry_after", None)
+                    told = getattr(exc, "upstream_retry_after", None)
                     await self._failed(state, reason, epoch,
-                                       said if said is not None else getattr(exc, "retry_after", None),
+                                       told if told is not None else getattr(exc, "retry_after", None),
                                        timeout=isinstance(exc, TimeoutError) or getattr(exc, "timeout", False))
                 continue
             finally:
