@@ -195,6 +195,8 @@ class _Run:
         self.quiet = False  # said stalled because asks are out and no answer came for give_up_s
         self.probing = False
         self.asking: set[str] = set()  # the questions in flight
+        self.prices = Prices()  # what answers cost now (providers.yaml may change them mid-run)
+        self.price_now: Callable[[], Prices] = Prices
         self.resume_at = 0.0
         self.fatal: str | None = None
         self.cancelled: str | None = None
@@ -228,12 +230,14 @@ class Onboarding:
         self.clock: Callable[[], float] = time.monotonic
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
 
-    async def run(self, model: str, prices: Prices = Prices(),
+    async def run(self, model: str, prices: Prices | Callable[[], Prices] = Prices(),
                   upstream: str | None = None) -> Progress:
         """Onboard ``model`` (resuming from the store); returns its final stored progress.
 
-        ``upstream`` fingerprints what answers for ``model`` (``upstream_fingerprint``): when the
-        store's answers came from another one, they are forgotten and the test starts over.
+        ``prices`` may be a callable, read before each question: what answers cost now (an
+        edit of providers.yaml mid-run). ``upstream`` fingerprints what answers for ``model``
+        (``upstream_fingerprint``): when the store's answers came from another one, they are
+        forgotten and the test starts over.
         Raises ``ModelBusy`` (having asked and written nothing) when another process onboards
         ``model`` now; this run's lease is released however it ends.
         """
@@ -252,7 +256,7 @@ class Onboarding:
             except sqlite3.OperationalError as exc:  # the lease goes stale by itself
                 log.warning("onboarding %s: cannot release the lease: %s", model, exc)
 
-    async def _run(self, model: str, prices: Prices, upstream: str | None) -> Progress:
+    async def _run(self, model: str, priced: Prices | Callable[[], Prices], upstream: str | None) -> Progress:
         opts = self.options
         store = self.store
         if upstream is not None and await self._store(store.upstream_changed, model, upstream):
@@ -261,6 +265,8 @@ class Onboarding:
             await self._store(store.forget, model)  # the lease stays this run's
         done = await self._store(store.answered, model)
         todo = [q for q in self.questions if q.id not in done]
+        price_now = priced if callable(priced) else (lambda: priced)
+        prices = price_now()
         estimate = estimate_cost(todo, prices, opts)
         spent = await self._store(store.spent, model)
         total = len(self.questions)
@@ -275,10 +281,11 @@ class Onboarding:
         log.info("onboarding %s: %d of %d questions to ask (estimated $%.2f, $%.2f spent before)",
                  model, len(todo), total, estimate, spent)
         state = _Run(model, todo, answered_before=bool(done))
+        state.prices, state.price_now = prices, price_now
         state.params = {"max_tokens": opts.max_tokens, "temperature": opts.temperature}
         state.spent = spent
         state.beat_at = state.started = state.answered_at = self.clock()  # ``begin`` refreshed the lease
-        workers = [asyncio.create_task(self._worker(state, prices), name=f"onboard-{model}-{i}")
+        workers = [asyncio.create_task(self._worker(state), name=f"onboard-{model}-{i}")
                    for i in range(min(opts.concurrency, len(todo)))]
         beat = asyncio.create_task(self._heartbeat(state), name=f"onboard-{model}-lease")
         try:
@@ -432,8 +439,10 @@ class Onboarding:
         log.warning("onboarding %s stalled: %s", state.model, reason)
         await self._set_status(state, "stalled", reason)
 
-    async def _worker(self, state: _Run, prices: Prices) -> None:
+    async def _worker(self, state: _Run) -> None:
         while state.queue and not state.stopping:
+            if not self._repriced(state):
+                return
             wait = state.resume_at - self.clock()
             if wait > 0:  # the upstream is down: everyone waits for the backoff to end
                 await self.sleep(wait)
@@ -472,7 +481,7 @@ class Onboarding:
                 continue
             except TRANSIENT as exc:
                 reason = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
-                if not await self._give_up_on(state, question, reason, prices):
+                if not await self._give_up_on(state, question, reason):
                     state.queue.append(question)  # asked again after the backoff
                     # a 503's Retry-After too, not only a 429's (RFC 9110: both say when)
                     told = getattr(exc, "upstream_retry_after", None)
@@ -483,10 +492,27 @@ class Onboarding:
             finally:
                 state.in_flight -= 1
                 state.asking.discard(question.id)
-            await self._answered(state, question, said if isinstance(said, Said) else Said(said or ""),
-                                 prices)
+            await self._answered(state, question, said if isinstance(said, Said) else Said(said or ""))
 
-    async def _answered(self, state: _Run, question: Question, said: Said, prices: Prices) -> None:
+    def _repriced(self, state: _Run) -> bool:
+        """The run's prices as providers.yaml gives them now: an edit mid-run counts the rest of
+        the run at the new prices, with the asks in flight kept (they are paid for), and the
+        spend cap checked again on the estimate for what is left. False when that is over it."""
+        prices = state.price_now()
+        if prices == state.prices:
+            return True
+        state.prices = prices
+        cap = self.options.spend_cap_usd
+        left = estimate_cost(state.queue, prices, self.options)
+        if cap is not None and state.spent + left > cap:
+            state.fatal = (f"estimated cost ${left:.2f} for {len(state.queue)} questions plus "
+                           f"${state.spent:.2f} already spent exceeds the spend cap ${cap:.2f} "
+                           "(prices changed mid-run)")
+            return False
+        log.info("onboarding %s: going on at the new prices", state.model)
+        return True
+
+    async def _answered(self, state: _Run, question: Question, said: Said) -> None:
         text = said.text
         letter = extract_answer(text, len(question.options))
         if said.cut_off and letter is None:  # a reasoning model's budget spent before its answer
@@ -495,7 +521,7 @@ class Onboarding:
                 log.warning("onboarding %s: an answer was cut off at max_tokens=%d before it stated a "
                             "letter (graded wrong); a reasoning model needs a larger "
                             "SATROUTE_ONBOARDING_MAX_TOKENS", state.model, self.options.max_tokens)
-        cost = prices.cost(*said.billed(question))
+        cost = state.prices.cost(*said.billed(question))
         waited = await self._write(state, self.store.record, state.model,
                                    GradedAnswer(question.id, letter, letter == question.answer,
                                                 text), cost, leased=True)
@@ -541,7 +567,7 @@ class Onboarding:
                     "answer", state.model, question.id, exc.status, exc.message)
         await self._no_answer(state, question)
 
-    async def _model_answers(self, state: _Run, prices: Prices) -> bool:
+    async def _model_answers(self, state: _Run) -> bool:
         """Whether the model answers now, when every question left has failed since its last
         answer (two questions that always fail, left last, fail in turn: neither failed alone,
         and nothing else was left to answer, so the run stalled for ever). Asked with a probe of
@@ -561,14 +587,14 @@ class Onboarding:
         finally:
             state.probing = False
         said = said if isinstance(said, Said) else Said(said or "")
-        cost = prices.cost(max(said.prompt_tokens or 0, approx_tokens(PROBE)),
+        cost = state.prices.cost(max(said.prompt_tokens or 0, approx_tokens(PROBE)),
                            max(said.completion_tokens or 0, PROBE_TOKENS))
         if cost:
             state.spent += cost
             await self._write(state, self.store.add_spend, state.model, cost, leased=True)
         return True
 
-    async def _give_up_on(self, state: _Run, question: Question, reason: str, prices: Prices) -> bool:
+    async def _give_up_on(self, state: _Run, question: Question, reason: str) -> bool:
         """Count a transient failure against ``question`` when it is the only question failing
         while the model answers others, or, when no other question is left to be answered, when
         the model answers a probe (``_model_answers``): a failure of several questions is an
@@ -580,7 +606,7 @@ class Onboarding:
         if {q.id for q in state.queue} | state.asking <= state.failed_since_answer:
             # nothing left that may still be answered (this question alone, or those that always
             # fail, left last): whether the model answers at all is asked, not inferred
-            if not await self._model_answers(state, prices):
+            if not await self._model_answers(state):
                 return False
         elif state.failed_since_answer != {question.id}:
             return False

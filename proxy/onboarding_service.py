@@ -249,19 +249,22 @@ class OnboardingService:
             upstream = upstream_fingerprint(d)
             if running:
                 same_upstream = self._run_upstream.get(name) == upstream
-                if same_upstream and onboardable(d) and self._run_prices.get(name) == prices_of(d):
+                if same_upstream and onboardable(d):
+                    if self._run_prices.get(name) != prices_of(d):
+                        # the spend so far stands; the run reads the new prices for the rest
+                        # (Onboarding._repriced), its asks in flight kept: they are paid for
+                        log.warning("onboarding %s: its prices changed mid-run; going on at the "
+                                    "new prices", name)
+                        self._run_prices[name] = prices_of(d)
                     continue
                 if not onboardable(d):  # the edit takes the model out of onboarding: stop paying
                     self._stopping[name] = f"stopped: {_not_onboardable(d)}"
                     log.warning("onboarding %s stopped: %s", name, _not_onboardable(d))
-                elif not same_upstream:
+                else:
                     # another upstream answers under this name now: its answers are not the same
                     # model's; the next run forgets them once the old run has stopped (an answer
                     # being stored at the cancel is stored first), and starts over
                     log.warning("onboarding %s: its upstream changed mid-run; starting over", name)
-                else:  # the spend so far stands; the rest is counted at the new prices
-                    log.warning("onboarding %s: its prices changed mid-run; going on at the new "
-                                "prices", name)
                 task.cancel()
                 self._failed_stamp.pop(name, None)
                 if not onboardable(d):
@@ -320,7 +323,9 @@ class OnboardingService:
             await asyncio.gather(after, return_exceptions=True)
         try:
             engine = await self._get_engine()
-            progress = await engine.run(d.name, prices_of(d), upstream_fingerprint(d))
+            fallback = prices_of(d)
+            progress = await engine.run(d.name, lambda: self._run_prices.get(d.name, fallback),
+                                        upstream_fingerprint(d))
         except asyncio.CancelledError:
             why = self._stopping.pop(d.name, None)
             if why is not None:  # stopped by an edit, not by shutdown: the store must not say running

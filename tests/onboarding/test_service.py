@@ -225,6 +225,32 @@ async def test_prices_changed_mid_run_count_the_rest_of_the_run(tmp_path):
         assert progress.done < 100 and registry.snapshot.models["m"].profile is None
 
 
+async def test_a_price_edit_mid_run_keeps_the_asks_in_flight(tmp_path):
+    """The run was cancelled and started again at the new prices: the questions in flight, paid
+    for, were asked again. It now reads the new prices and goes on."""
+    config = tmp_path / "providers.yaml"
+    entry = model_entry("m", "http://127.0.0.1:9", tmp_path)
+    entry["model_info"].update(input_price_per_mtok=0.0, output_price_per_mtok=0.0)  # free at first
+    write_providers(config, [entry])
+    suite, questions = make_suite(n_tasks=5, per_task=8)
+    dispatcher = Answering("The answer is (A).", delay=0.02)
+    with Store(tmp_path / "state") as store:
+        registry, svc = service(config, store, dispatcher, suite, questions, concurrency=4)
+        await svc.sync()
+        run = svc.runs["m"]
+        await wait_until(lambda: len(store.answered("m")) >= 8)
+        entry["model_info"].update(input_price_per_mtok=1.0, output_price_per_mtok=2.0)
+        write_providers(config, [entry])
+        registry.reload()
+        await svc.sync()
+        assert svc.runs["m"] is run  # the same run goes on
+        await asyncio.wait_for(run, 10)
+        progress = store.progress("m")
+    assert progress.status == "done" and progress.done == 40
+    assert dispatcher.calls == 40  # no question asked twice
+    assert progress.spent > 0.0  # the answers after the edit, at the new prices
+
+
 async def test_a_store_without_upstream_fingerprints_keeps_its_profile(tmp_path):
     """A profile stored by an earlier version (no fingerprint) is kept, and the fingerprint of
     the upstream configured now is recorded."""
