@@ -487,8 +487,7 @@ class Store:
                 (model, answer.question_id, answer.letter, int(bool(answer.correct)), answer.text,
                  time.time()))
             if cost:
-                self._db.execute("UPDATE onboarding SET spent_usd = COALESCE(spent_usd, 0) + ? "
-                                 "WHERE model = ?", (cost, model))
+                self._spend(model, cost)
             return cur.rowcount == 1
 
     def add_spend(self, model: str, cost: float, leased: bool = False) -> None:
@@ -497,8 +496,12 @@ class Store:
         with self._lock, self._transaction():
             if leased:
                 self._own(model)
-            self._db.execute("UPDATE onboarding SET spent_usd = COALESCE(spent_usd, 0) + ? WHERE model = ?",
-                             (cost, model))
+            self._spend(model, cost)
+
+    def _spend(self, model: str, cost: float) -> None:
+        """Within the caller's transaction: ``cost`` (USD) added to the model's spend."""
+        self._db.execute("UPDATE onboarding SET spent_usd = COALESCE(spent_usd, 0) + ? WHERE model = ?",
+                         (cost, model))
 
     def answered(self, model: str) -> set[str]:
         return {r[0] for r in self._read("SELECT question_id FROM answers WHERE model = ?", (model,))}
