@@ -182,7 +182,8 @@ def estimate_cost(questions: Sequence[Question], prices: Prices, options: Option
 class _Run:
     """Mutable state of one model's run, shared by its workers (one event loop, no locks)."""
 
-    def __init__(self, model: str, todo: Sequence[Question], answered_before: bool):
+    def __init__(self, model: str, todo: Sequence[Question], answered_before: bool,
+                 price_now: Callable[[], Prices], prices: Prices):
         self.model = model
         self.queue: deque[Question] = deque(todo)
         self.in_flight = 0
@@ -195,8 +196,8 @@ class _Run:
         self.quiet = False  # said stalled because asks are out and no answer came for give_up_s
         self.probing = False
         self.asking: set[str] = set()  # the questions in flight
-        self.prices = Prices()  # what answers cost now (providers.yaml may change them mid-run)
-        self.price_now: Callable[[], Prices] = Prices
+        self.price_now = price_now  # what answers cost now (providers.yaml may change it mid-run)
+        self.prices = prices  # as last read
         self.resume_at = 0.0
         self.fatal: str | None = None
         self.cancelled: str | None = None
@@ -280,8 +281,7 @@ class Onboarding:
         await self._store(store.begin, model, self.suite.name, total, round(estimate, 4), upstream)
         log.info("onboarding %s: %d of %d questions to ask (estimated $%.2f, $%.2f spent before)",
                  model, len(todo), total, estimate, spent)
-        state = _Run(model, todo, answered_before=bool(done))
-        state.prices, state.price_now = prices, price_now
+        state = _Run(model, todo, answered_before=bool(done), price_now=price_now, prices=prices)
         state.params = {"max_tokens": opts.max_tokens, "temperature": opts.temperature}
         state.spent = spent
         state.beat_at = state.started = state.answered_at = self.clock()  # ``begin`` refreshed the lease
@@ -588,7 +588,7 @@ class Onboarding:
             state.probing = False
         said = said if isinstance(said, Said) else Said(said or "")
         cost = state.prices.cost(max(said.prompt_tokens or 0, approx_tokens(PROBE)),
-                           max(said.completion_tokens or 0, PROBE_TOKENS))
+                                 max(said.completion_tokens or 0, PROBE_TOKENS))
         if cost:
             state.spent += cost
             await self._write(state, self.store.add_spend, state.model, cost, leased=True)

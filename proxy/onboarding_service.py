@@ -250,12 +250,13 @@ class OnboardingService:
             if running:
                 same_upstream = self._run_upstream.get(name) == upstream
                 if same_upstream and onboardable(d):
-                    if self._run_prices.get(name) != prices_of(d):
+                    prices = prices_of(d)
+                    if self._run_prices.get(name) != prices:
                         # the spend so far stands; the run reads the new prices for the rest
                         # (Onboarding._repriced), its asks in flight kept: they are paid for
                         log.warning("onboarding %s: its prices changed mid-run; going on at the "
                                     "new prices", name)
-                        self._run_prices[name] = prices_of(d)
+                        self._run_prices[name] = prices
                     continue
                 if not onboardable(d):  # the edit takes the model out of onboarding: stop paying
                     self._stopping[name] = f"stopped: {_not_onboardable(d)}"
