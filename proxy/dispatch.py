@@ -547,11 +547,13 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
         return UpstreamTransient(f"{model}: {type(exc).__name__}: {message}", model=model,
                                  status=status or 0, retry_after=retry_after_seconds(headers),
                                  timeout=timeout)
+    # litellm knows its providers' words for a request longer than the model's context
+    too_long_for_it = isinstance(exc, litellm.ContextWindowExceededError)
     upstream = _upstream_error(exc)
     if upstream is not None:  # the upstream's own error, passed back as the pass-through path does
         refused = classify(int(status), orjson.dumps({"error": upstream}), model, {}, redact)
-        if isinstance(refused, UpstreamClientError) and isinstance(exc, litellm.ContextWindowExceededError):
-            refused.unfit = CONTEXT_WINDOW  # litellm knows its providers' words for it
+        if isinstance(refused, UpstreamClientError) and too_long_for_it:
+            refused.unfit = CONTEXT_WINDOW
         return refused
     code = getattr(exc, "code", None)
     # the upstream's words, without litellm's labels ("APIError: OpenAIException - ") or the
@@ -562,7 +564,7 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
     said = said or f"upstream answered HTTP {status}"
     body = {"error": {"message": said, "type": "invalid_request_error", "param": None,
                       "code": redact(str(code)) if code is not None else None}}
-    fits = not (isinstance(exc, litellm.ContextWindowExceededError) or too_long(int(status), said, str(code)))
+    fits = not (too_long_for_it or too_long(int(status), said, str(code)))
     return UpstreamClientError(said, status=int(status), model=model, upstream_body=body,
                                unfit=None if fits else CONTEXT_WINDOW)
 

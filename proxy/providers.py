@@ -255,7 +255,7 @@ def _warn_misspelt(path: Path, raw: dict) -> None:
 _NOT_ENFORCED = ("rpm", "tpm", "max_parallel_requests")
 
 
-def _warn_not_enforced(path: Path, raw: dict) -> None:
+def _warn_litellm_keys(path: Path, raw: dict) -> None:
     """A warning for each model whose entry sets one of LiteLLM's rate limits: a LiteLLM file
     loads as it is, and an admin who kept them would otherwise believe the upstream protected;
     and for a LiteLLM price that is no price (onboarding's spend counts it as free)."""
@@ -263,12 +263,14 @@ def _warn_not_enforced(path: Path, raw: dict) -> None:
     for i, entry in enumerate(entries if isinstance(entries, list) else []):
         for section in ("litellm_params", "model_info"):
             given = entry.get(section) if isinstance(entry, dict) else None
-            keys = [k for k in _NOT_ENFORCED if isinstance(given, dict) and k in given]
+            if not isinstance(given, dict):
+                continue
+            keys = [k for k in _NOT_ENFORCED if k in given]
             if keys:
                 log.warning("%s: model_list.%d.%s: %s: LiteLLM's rate limits are not enforced by "
                             "satroute (a model's 429 is retried, then cools it down)",
                             path, i, section, ", ".join(keys))
-            unread = [k for k in LITELLM_PRICE_KEYS if isinstance(given, dict) and given.get(k) is not None
+            unread = [k for k in LITELLM_PRICE_KEYS if given.get(k) is not None
                       and not str(given[k]).startswith(ENV_PREFIX) and litellm_cost(given[k]) is None]
             if unread:  # the spend cap would count that side as free
                 log.warning("%s: model_list.%d.%s: %s: not a price (USD per token, a number 0 or "
@@ -439,7 +441,7 @@ def parse(text: str, path: Path, env: Mapping[str, str],
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping with a model_list")
     _warn_misspelt(path, raw)
-    _warn_not_enforced(path, raw)
+    _warn_litellm_keys(path, raw)
     try:
         conf = ProvidersFile.model_validate(raw)
     except ValidationError as exc:

@@ -36,8 +36,12 @@ class Decision:
     def scores_header(self) -> str:
         """``name=score`` pairs, best first; a candidate the scorer could not read (ranked last)
         as ``-Infinity``, which JavaScript's ``parseFloat`` reads too (``-inf`` it reads as NaN)."""
-        return ",".join(f"{header_name(name)}={score:.4f}" if math.isfinite(score) else
-                        f"{header_name(name)}={'-' if score < 0 else ''}Infinity" for name, score in self.ranked)
+        def number(score: float) -> str:
+            if math.isfinite(score):
+                return f"{score:.4f}"
+            return "-Infinity" if score < 0 else "Infinity"
+
+        return ",".join(f"{header_name(name)}={number(score)}" for name, score in self.ranked)
 
 
 def approx_tokens(text: str) -> int:
