@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import sqlite3
+import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Coroutine, Iterable
 
@@ -58,6 +59,17 @@ class Services:
     route_log: Any = None  # routelog.RouteLog, attached at start-up when there is a state store
     store: Any = None  # proxy.store.Store, when there is a state store
     tasks: set[asyncio.Task] = field(default_factory=set)
+    stopping_since: float | None = None  # time.monotonic() when the shutdown began
+    forced: Callable[[], bool] = lambda: False  # the server was told to quit at once (Ctrl+C twice)
+
+    def begin_shutdown(self) -> None:
+        """The shutdown begins (SIGTERM, before the in-flight requests' grace period): onboarding
+        asks no new question from now on. Called again by the lifespan's end, which it starts
+        only once."""
+        if self.stopping_since is None:
+            self.stopping_since = time.monotonic()
+        if self.onboarding is not None:
+            self.onboarding.begin_drain()
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task:
         """Start a background task that lives until shutdown (cancelled then); failures logged."""
@@ -187,6 +199,11 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
         try:
             yield
         finally:
+            svc.begin_shutdown()
+            if svc.onboarding is not None:  # its asks out are paid for: their answers are stored
+                assert svc.stopping_since is not None
+                await svc.onboarding.drain(svc.stopping_since + settings.shutdown_timeout_s,
+                                           svc.forced)
             if svc.route_log is not None:  # its last write must land before the store closes
                 await svc.route_log.stop()
             await svc.stop_tasks()

@@ -14,7 +14,7 @@ import importlib.util
 import logging
 import sys
 from types import ModuleType
-from typing import Sequence
+from typing import Any, Sequence
 
 from proxy import __version__
 
@@ -112,12 +112,26 @@ def serve(args: argparse.Namespace) -> int:
             "the configured providers' keys and read /admin and /metrics; set a master key, or "
             "listen on 127.0.0.1", settings.host)
     # SIGTERM: uvicorn stops accepting, gives in-flight requests and streams shutdown_timeout_s, then
-    # the app's lifespan shutdown stops background work and saves state. log_config=None keeps
+    # the app's lifespan shutdown stops background work and saves state; onboarding stops asking at
+    # the signal, and its questions already sent share that grace period. log_config=None keeps
     # our JSON handlers on uvicorn's loggers.
-    uvicorn.run(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                access_log=False, loop="auto", http=BoundedHttpToolsProtocol, log_config=None,
-                timeout_graceful_shutdown=settings.shutdown_timeout_s)
-    return 0
+    services = app.state.services
+
+    class Server(uvicorn.Server):
+        async def shutdown(self, sockets: Any = None) -> None:
+            services.begin_shutdown()  # onboarding's asks out share the requests' grace period
+            await super().shutdown(sockets)
+
+    config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
+                            access_log=False, loop="auto", http=BoundedHttpToolsProtocol,
+                            log_config=None, timeout_graceful_shutdown=settings.shutdown_timeout_s)
+    server = Server(config)
+    services.forced = lambda: server.force_exit
+    try:
+        server.run()
+    except KeyboardInterrupt:
+        pass
+    return 0 if server.started else 3  # stopped before it started: uvicorn.run's status
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -230,6 +230,18 @@ class Onboarding:
         self.on_progress = on_progress
         self.clock: Callable[[], float] = time.monotonic
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
+        self.draining = False  # the proxy is stopping: no new ask, the ones out are answered
+        self._live: set[_Run] = set()
+
+    def drain(self) -> None:
+        """Ask no new question (the proxy is stopping): the asks out are answered and their
+        answers stored (``asks_out`` says how many are left), then each run stops ``pending``
+        ("interrupted") and the next start resumes it, asking nothing twice."""
+        self.draining = True
+
+    def asks_out(self) -> int:
+        """Asks sent and not yet answered and stored, over every run (a probe included)."""
+        return sum(s.in_flight + s.storing + s.probing for s in self._live)
 
     async def run(self, model: str, prices: Prices | Callable[[], Prices] = Prices(),
                   upstream: str | None = None) -> Progress:
@@ -288,9 +300,11 @@ class Onboarding:
         workers = [asyncio.create_task(self._worker(state), name=f"onboard-{model}-{i}")
                    for i in range(min(opts.concurrency, len(todo)))]
         beat = asyncio.create_task(self._heartbeat(state), name=f"onboard-{model}-lease")
+        self._live.add(state)
         try:
             await asyncio.gather(*workers)
         finally:
+            self._live.discard(state)
             beat.cancel()
             for w in workers:
                 w.cancel()
@@ -307,6 +321,11 @@ class Onboarding:
             await self._store(store.set_status, model, "failed", state.fatal, suite=self.suite.name,
                               leased=True)
             log.error("onboarding %s failed: %s", model, state.fatal)
+            return await self._progress(model)
+        if self.draining and state.queue:  # the proxy stops; every ask sent was answered and stored
+            log.info("onboarding %s stopped for the shutdown; %d questions left for the next start",
+                     model, len(state.queue))
+            await self._store(store.interrupted, model)
             return await self._progress(model)
         answers = await self._store(store.answers, model)
         graded = {a.question_id: a.correct for a in answers}
@@ -440,14 +459,14 @@ class Onboarding:
         await self._set_status(state, "stalled", reason)
 
     async def _worker(self, state: _Run) -> None:
-        while state.queue and not state.stopping:
+        while state.queue and not state.stopping and not self.draining:
             if not self._repriced(state):
                 return
             wait = state.resume_at - self.clock()
             if wait > 0:  # the upstream is down: everyone waits for the backoff to end
                 await self.sleep(wait)
                 continue
-            if not await self._still_held(state):
+            if not await self._still_held(state) or self.draining:  # (that may have waited on the store)
                 return
             question = state.queue.popleft()
             state.in_flight += 1
@@ -573,7 +592,7 @@ class Onboarding:
         and nothing else was left to answer, so the run stalled for ever). Asked with a probe of
         a few tokens that is no question of the test (no stored answer is asked again); its cost
         counts for the spend. False at once while another worker probes."""
-        if state.probing:
+        if state.probing or self.draining:
             return False
         cap = "max_completion_tokens" if "max_completion_tokens" in state.params else "max_tokens"
         state.probing = True

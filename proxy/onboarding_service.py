@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import sqlite3
+import time
 from pathlib import Path
 from typing import Any, Callable, Coroutine, Iterable
 
@@ -148,6 +149,7 @@ class OnboardingService:
         self._reported: set[str] = set()  # models with onboarding series in the metrics
         self._check_error: str | None = None  # why the watch loop's last check failed (logged once)
         self._prepare_failed = False  # litellm's import failed once: not tried before every sync
+        self.draining = False  # the proxy is stopping: no run starts, no new question is asked
 
     # -- the background loop ----------------------------------------------------------------
     async def watch(self, interval_s: float) -> None:
@@ -232,6 +234,8 @@ class OnboardingService:
 
     async def sync(self) -> None:
         """Start runs for models that need one; cancel runs of models that left the file."""
+        if self.draining:
+            return
         digest = self.registry.file_digest  # hashed by the registry's own reads of the file
         if digest != self._digest:
             self._digest = digest
@@ -384,6 +388,8 @@ class OnboardingService:
                     self._source_error = exc.message
                     raise
                 self._engine = Onboarding(self.store, suite, questions, self.asker, self.options)
+                if self.draining:
+                    self._engine.drain()
             return self._engine
 
     def _suite_questions(self) -> frozenset[str] | None:
@@ -446,6 +452,28 @@ class OnboardingService:
         source = "providers.yaml" if d.info.capability_profile else "onboarding"
         suite = self.store.profile_suite(name) if source == "onboarding" else d.profile_suite
         return {"model": name, "suite": suite, "source": source, "tasks": dict(d.profile)}
+
+    def begin_drain(self) -> None:
+        """The proxy is stopping: start no run and ask no new question; the asks out go on."""
+        self.draining = True
+        if self._engine is not None:
+            self._engine.drain()
+
+    async def drain(self, deadline: float, forced: Callable[[], bool] = lambda: False) -> None:
+        """Let the questions already sent be answered and stored, until ``deadline``
+        (``time.monotonic``) or ``forced()``: they are paid for, and an answer cut off is paid
+        again at the next start. ``stop`` cancels what is left."""
+        self.begin_drain()
+        engine = self._engine
+        if engine is None or not engine.asks_out():
+            return
+        log.info("onboarding: waiting up to %.0fs for the %d questions sent to be answered",
+                 max(0.0, deadline - time.monotonic()), engine.asks_out())
+        while engine.asks_out() and time.monotonic() < deadline and not forced():
+            await asyncio.sleep(0.05)
+        if engine.asks_out():
+            log.warning("onboarding: %d questions sent were not answered before the shutdown's "
+                        "deadline; they are asked again at the next start", engine.asks_out())
 
     async def stop(self) -> None:
         for task in self.runs.values():

@@ -65,7 +65,7 @@ class Settings(BaseSettings):
     log_prompts: bool = Field(
         False, description="put the last user turn's text in each request's log line")
     shutdown_timeout_s: float = Field(
-        30.0, ge=0, description="on SIGTERM, how long in-flight requests and streams may finish")
+        30.0, ge=0, description="on SIGTERM, how long in-flight requests, streams and onboarding questions already sent may finish")
     state_dir: Path = Field(
         Path("state"), description="persistent state (onboarding store); a volume in Docker")
     onboarding: bool = Field(

@@ -43,6 +43,74 @@ async def test_a_run_stopped_at_shutdown_leaves_its_model_pending_interrupted(tm
         assert svc.status()["models"]["m"]["status"] == "pending"
 
 
+class Counting(Answering):
+    """``Answering``, counting the completions it finished (each one paid for)."""
+
+    def __init__(self, content, delay: float = 0.0):
+        super().__init__(content, delay)
+        self.finished = 0
+
+    async def complete(self, call):
+        reply = await super().complete(call)
+        self.finished += 1
+        return reply
+
+
+async def _started(tmp_path, store, dispatcher, concurrency):
+    """A service onboarding ``m`` (100 questions) through ``dispatcher``, synced: its run started."""
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
+    suite, questions = make_suite(n_tasks=5, per_task=20)
+    registry, svc = service(config, store, dispatcher, suite, questions, concurrency=concurrency)
+    await svc.sync()
+    return svc
+
+
+async def test_a_shutdown_stores_the_answers_to_the_questions_sent_and_asks_none_twice(tmp_path):
+    """SIGTERM mid-run: no new question is sent, the ones out are answered and stored (they are
+    paid for), the model is left pending ("interrupted"), and the next start asks only the rest:
+    every question once over both runs."""
+    with Store(tmp_path / "state") as store:
+        first = Counting("The answer is (A).", delay=0.4)
+        svc = await _started(tmp_path, store, first, concurrency=4)
+        await wait_until(lambda: len(store.answered("m")) >= 4 and first.calls > first.finished)
+        svc.begin_drain()  # the signal: before the requests' grace period, as `serve` does
+        sent = first.calls
+        await asyncio.wait_for(svc.drain(time.monotonic() + 10), 5)
+        await svc.stop()
+        assert first.calls == sent  # nothing sent after the signal
+        progress = store.progress("m")
+        assert len(store.answered("m")) == first.finished == first.calls  # every one stored
+        assert (progress.status, progress.reason, progress.owner) == ("pending", "interrupted", None)
+        await svc.sync()  # a tick after the drain starts nothing
+        assert first.calls == sent and not any(not t.done() for t in svc.runs.values())
+
+        second = Counting("The answer is (A).")
+        svc = await _started(tmp_path, store, second, concurrency=4)
+        await wait_until(lambda: store.progress("m").status == "done")
+        assert first.calls + second.calls == 100  # none asked twice
+        await svc.stop()
+
+
+@pytest.mark.parametrize("how", ["deadline", "forced"])
+async def test_a_shutdown_waits_for_the_questions_sent_no_longer_than_its_deadline(tmp_path, how):
+    """An upstream slower than the grace period (or Ctrl+C twice) does not hold the shutdown: the
+    asks out are cut, and asked again at the next start."""
+    with Store(tmp_path / "state") as store:
+        slow = Counting("The answer is (A).", delay=30)
+        svc = await _started(tmp_path, store, slow, concurrency=2)
+        await wait_until(lambda: slow.calls == 2)
+        began = time.monotonic()
+        if how == "deadline":
+            await svc.drain(began + 0.3)
+        else:
+            await svc.drain(began + 60, forced=lambda: time.monotonic() > began + 0.3)
+        await svc.stop()
+        assert time.monotonic() - began < 3
+        progress = store.progress("m")
+        assert (progress.status, progress.reason, progress.done) == ("pending", "interrupted", 0)
+
+
 def _dead_pid() -> int:
     child = subprocess.Popen([sys.executable, "-c", "pass"])
     child.wait()

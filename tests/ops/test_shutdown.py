@@ -31,10 +31,11 @@ def _config(tmp_path: Path, upstream: str) -> Path:
     return path
 
 
-def _serve(config: Path, port: int, tmp_path: Path, deadline_s: float) -> subprocess.Popen:
+def _serve(config: Path, port: int, tmp_path: Path, deadline_s: float,
+           env: dict[str, str] | None = None) -> subprocess.Popen:
     env = {**os.environ, "SATROUTE_SHUTDOWN_TIMEOUT_S": str(deadline_s),
            "SATROUTE_STATE_DIR": str(tmp_path / "state"), "SATROUTE_SCORER": "constant",
-           "SATROUTE_ONBOARDING": "false"}
+           "SATROUTE_ONBOARDING": "false", **(env or {})}
     proc = subprocess.Popen(
         [sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--port", str(port)],
         cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -51,11 +52,11 @@ def _serve(config: Path, port: int, tmp_path: Path, deadline_s: float) -> subpro
     raise AssertionError("serve did not start")
 
 
-def _stream(port: int, out: dict, first: threading.Event) -> None:
+def _stream(port: int, out: dict, first: threading.Event, model: str = "m1") -> None:
     chunks = []
     try:
         with httpx.stream("POST", f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30,
-                          json={"model": "m1", "stream": True,
+                          json={"model": model, "stream": True,
                                 "messages": [{"role": "user", "content": "hi"}]}) as response:
             out["status"] = response.status_code
             for line in response.iter_lines():
@@ -178,3 +179,65 @@ def test_sigterm_answers_a_request_that_outlives_the_deadline_with_a_503_and_log
     with sqlite3.connect(tmp_path / "state" / "satroute.db") as db:
         rows = db.execute("SELECT request_id, chosen FROM routing_log").fetchall()
     assert rows == [(out["request_id"], "")], rows
+
+
+def test_sigterm_mid_onboarding_stores_the_answers_to_the_questions_already_sent(tmp_path):
+    """The questions out at SIGTERM are paid for: they are answered and stored within the grace
+    period, and none is sent after the signal, even while a client's stream still runs (the
+    onboarding stops asking at the signal, not once the requests are done), so the next start
+    asks none of them again."""
+    from proxy.store import Store
+    from tests.onboarding.fakes import tiny_suite_files
+
+    suite, data = tiny_suite_files(tmp_path, n_tasks=2, per_task=5)
+    with MockUpstream() as up:
+        up.set("m1", answer("The answer is (A).", delay=2.0))
+        up.set("m2", answer("one two three four five six", chunks=6, chunk_delay=1.0))
+        config = _config(tmp_path, up.url)
+        config.write_text(config.read_text() + (
+            "  - model_name: m2\n"
+            "    litellm_params: {model: openai/m2, api_base: '%s', api_key: sk-test-abcdefgh1234}\n"
+            "    model_info: {onboard: false}\n" % up.url))
+        port = free_port()
+        env = {"SATROUTE_ONBOARDING": "true", "SATROUTE_ONBOARDING_SUITE": str(suite),
+               "SATROUTE_ONBOARDING_DATA": str(data), "SATROUTE_ONBOARDING_CONCURRENCY": "2"}
+        proc = _serve(config, port, tmp_path, deadline_s=15, env=env)
+        deadline = time.monotonic() + 30
+        while len(up.bodies("m1")) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert len(up.bodies("m1")) == 2, "the test never started"
+        out, first = {}, threading.Event()
+        client = threading.Thread(target=_stream, args=(port, out, first, "m2"))
+        client.start()
+        assert first.wait(15), "the stream never started"
+        proc.send_signal(signal.SIGTERM)
+        client.join(20)
+        rc = proc.wait(20)
+        logs = proc.stdout.read()
+        sent = len(up.bodies("m1"))
+    assert rc == -signal.SIGTERM, logs
+    assert out["status"] == 200 and out["chunks"][-1] == "[DONE]", out
+    assert sent == 2, logs  # nothing asked after the signal, though the stream ran 6 s more
+    with Store(tmp_path / "state") as store:
+        progress = store.progress("m1")
+        assert len(store.answered("m1")) == 2, logs  # both answers stored
+    assert (progress.status, progress.reason, progress.owner) == ("pending", "interrupted", None)
+    assert any(entry.get("msg") == "shutdown complete" for entry in _json_lines(logs)), logs
+
+
+def test_serve_exits_3_when_its_port_is_taken(tmp_path):
+    """A port already in use: uvicorn cannot start, and `satroute serve` says so by its status
+    (3, uvicorn's own), not 0, so a supervisor sees the failure."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {**os.environ, "SATROUTE_STATE_DIR": str(tmp_path / "state"),
+               "SATROUTE_SCORER": "constant", "SATROUTE_ONBOARDING": "false"}
+        done = subprocess.run(
+            [sys.executable, "-m", "proxy.cli", "serve", "--config",
+             str(_config(tmp_path, "http://127.0.0.1:9/v1")), "--port", str(port)],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3, done.stdout + done.stderr
