@@ -13,15 +13,17 @@ from proxy import cli
 def test_serve_flags_win_over_environment(monkeypatch, tmp_path):
     seen = {}
 
-    def fake_run(app, host, port, **kw):
-        seen.update(host=host, port=port, settings=app.state.services.settings)
+    def fake_run(server, sockets=None):  # uvicorn.Server.run: what it would serve, and where
+        seen.update(host=server.config.host, port=server.config.port,
+                    settings=server.config.app.state.services.settings)
+        server.started = True
 
     cfg = tmp_path / "providers.yaml"
     cfg.write_text("model_list:\n  - {model_name: a, litellm_params: {model: openai/a}}\n")
     monkeypatch.setenv("SATROUTE_PORT", "9100")
     monkeypatch.setenv("SATROUTE_HOST", "127.0.0.2")
     monkeypatch.setenv("SATROUTE_SCORER", "constant")
-    monkeypatch.setattr("uvicorn.run", fake_run)
+    monkeypatch.setattr("uvicorn.Server.run", fake_run)
     assert cli.main(["serve", "--config", str(cfg), "--port", "9200"]) == 0
     assert seen["port"] == 9200 and seen["host"] == "127.0.0.2"
     assert seen["settings"].scorer == "constant" and seen["settings"].config == cfg
@@ -54,7 +56,7 @@ def test_serve_with_a_directory_as_config_exits_2_in_one_line(tmp_path, capsys):
 def test_serve_with_an_invalid_setting_exits_2_in_one_line(monkeypatch, tmp_path, capsys, env, named):
     for key, value in env.items():
         monkeypatch.setenv(key, value)
-    monkeypatch.setattr("uvicorn.run", lambda *a, **kw: pytest.fail("served with an invalid setting"))
+    monkeypatch.setattr("uvicorn.Server.run", lambda *a, **kw: pytest.fail("served with an invalid setting"))
     assert cli.main(["serve", "--config", str(tmp_path / "providers.yaml")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("satroute: invalid settings: ") and named in err and err.count("\n") == 1
@@ -92,7 +94,7 @@ def test_serve_with_an_unusable_state_dir_exits_2_in_one_line(monkeypatch, tmp_p
         (state / "satroute.db").mkdir(parents=True)
     monkeypatch.setenv("SATROUTE_SCORER", "constant")
     monkeypatch.setenv("SATROUTE_STATE_DIR", str(state))
-    monkeypatch.setattr("uvicorn.run", lambda *a, **kw: pytest.fail("served without its state store"))
+    monkeypatch.setattr("uvicorn.Server.run", lambda *a, **kw: pytest.fail("served without its state store"))
     assert cli.main(["serve", "--config", str(cfg)]) == 2
     err = capsys.readouterr().err
     assert "cannot open the state store in" in err and str(state) in err and "Traceback" not in err
@@ -146,7 +148,7 @@ def test_serve_warns_when_reachable_from_other_machines_without_a_master_key(mon
         monkeypatch.setenv("SATROUTE_MASTER_KEY", master)
     else:
         monkeypatch.delenv("SATROUTE_MASTER_KEY", raising=False)
-    monkeypatch.setattr("uvicorn.run", lambda app, **kw: None)
+    monkeypatch.setattr("uvicorn.Server.run", lambda server, sockets=None: setattr(server, "started", True))
     records = []
     handler = logging.Handler()
     handler.emit = records.append
