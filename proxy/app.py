@@ -26,7 +26,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from proxy import admin, endpoints, protocol
-from proxy.auth import MasterKeyAuth
+from proxy.auth import MasterKeyAuth, is_loopback
 from proxy.cooldown import Cooldowns
 from proxy.dispatch import Dispatcher, RetryingDispatcher
 from proxy.errors import ConfigError, SatrouteError, error_event, plain_error_response
@@ -244,7 +244,8 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
     app = Starlette(
         routes=routes, lifespan=lifespan,
         middleware=[*cors, request_log,
-                    Middleware(MasterKeyAuth, master_key=settings.master_key_value())],
+                    Middleware(MasterKeyAuth, master_key=settings.master_key_value(),
+                               origins=origins, loopback=is_loopback(settings.host))],
         exception_handlers={SatrouteError: endpoints.satroute_error, HTTPException: _http_error,
                             500: _internal_error})
     app.state.services = svc

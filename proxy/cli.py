@@ -64,18 +64,6 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
-def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address or a name) only listens where other machines cannot reach."""
-    import ipaddress
-
-    if host in ("localhost", "ip6-localhost"):
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False  # a host name (it may resolve anywhere); 0.0.0.0 and :: parse, as not loopback
-
-
 def serve(args: argparse.Namespace) -> int:
     import uvicorn
 
@@ -106,6 +94,8 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     registry = app.state.services.registry
     redactor.use(lambda: (*registry.snapshot.secrets, *([master] if master else [])))
+    from proxy.auth import is_loopback
+
     if not master and not is_loopback(settings.host):
         logging.getLogger("satroute.app").warning(
             "listening on %s without SATROUTE_MASTER_KEY: anyone who can reach this port can spend "

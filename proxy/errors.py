@@ -79,6 +79,14 @@ class AuthError(SatrouteError):
     code = "invalid_api_key"
 
 
+class PermissionDenied(SatrouteError):
+    """403: a request this proxy does not take from where it came (a web page, while no master
+    key is set)."""
+    status = 403
+    type = "permission_error"
+    code = "forbidden_origin"
+
+
 class ServiceUnavailable(SatrouteError):
     status = 503
     type = "service_unavailable"

@@ -265,7 +265,47 @@ def test_browser_frontends_get_cors_when_origins_are_configured(tmp_path, upstre
     assert "x-satroute-model" in exposed and "x-request-id" in exposed
     assert refused.status_code == 401 and refused.headers["access-control-allow-origin"] == origin
     assert stranger.status_code == 400 and "access-control-allow-origin" not in stranger.headers
-    assert plain.status_code == 405 and "access-control-allow-origin" not in unmarked.headers
+    # not configured: no CORS headers; without a master key a page's requests are refused (403)
+    assert plain.status_code == 403 and "access-control-allow-origin" not in unmarked.headers
+
+
+def test_without_a_master_key_a_web_page_cannot_use_the_proxy(tmp_path, upstream):
+    """No key, on loopback (the default): a page on any site could send a simple cross-site POST
+    (text/plain, no preflight) and spend the providers' keys, or, renaming the address through DNS
+    rebinding, read the answers and /admin. Such requests are refused (403); clients that are not
+    browsers, pages on this machine, desktop apps and listed origins are served as before."""
+    config = _config(tmp_path, [_entry("m1", upstream.url, tmp_path)])
+    chat = json.dumps({"model": "m1", "messages": MESSAGES})
+    simple = {"Content-Type": "text/plain"}  # what a page sends without a preflight
+    with _serve(config, cors_origins="https://chat.example") as proxy:
+        url = f"{proxy.url}/chat/completions"
+
+        def post(**headers):
+            return httpx.post(url, content=chat, headers={**simple, **headers})
+
+        cross_site = post(Origin="https://evil.example")
+        rebound = httpx.get(f"{proxy.base}/admin/routes", headers={"Host": "rebind.evil.example"})
+        rebound_v6 = httpx.get(f"{proxy.base}/v1/models", headers={"Host": "[2001:db8::1]:8000"})
+        served = [post(), post(Origin="https://chat.example"), post(Origin="http://localhost:3000"),
+                  post(Origin="http://127.0.0.1:8080"), post(Origin="app://chatbox"),
+                  post(Origin="vscode-webview://abc"), post(Host="localhost:8000"),
+                  post(Host="[::1]:8000")]
+        probes = httpx.get(f"{proxy.base}/health", headers={"Host": "rebind.evil.example"})
+    assert cross_site.status_code == 403 and cross_site.json()["error"]["code"] == "forbidden_origin"
+    assert "SATROUTE_MASTER_KEY" in cross_site.json()["error"]["message"]
+    assert rebound.status_code == 403 and "loopback" in rebound.json()["error"]["message"]
+    assert rebound_v6.status_code == 403
+    assert [r.status_code for r in served] == [200] * len(served)
+    assert probes.status_code == 200
+    assert len(upstream.bodies("m1")) == len(served)  # nothing was sent for the refused ones
+    with _serve(config, master_key="mk-0123456789") as proxy:  # with a key, the key decides
+        keyed = httpx.post(f"{proxy.url}/chat/completions", content=chat,
+                           headers={**simple, "Origin": "https://evil.example",
+                                    "authorization": "Bearer mk-0123456789"})
+    with _serve(config, host="0.0.0.0") as proxy:  # not on loopback: any name reaches it
+        named = httpx.post(f"{proxy.url}/chat/completions", content=chat,
+                           headers={**simple, "Host": "satroute:8000"})
+    assert keyed.status_code == 200 and named.status_code == 200
 
 
 class CrashingDispatcher:

@@ -236,7 +236,7 @@ def test_a_body_that_stops_arriving_gets_408(monkeypatch, tmp_path):
         for head in (b"content-length: 1000\r\n\r\n{\"model\": ", b"transfer-encoding: chunked\r\n\r\n5\r\n{\"mod\r\n"):
             with _connect(srv) as sock:
                 started = time.monotonic()
-                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
                              + head)
                 answer = _response(sock)
             assert answer.startswith(b"HTTP/1.1 408 ") and b'"code":"request_timeout"' in answer

@@ -863,7 +863,7 @@ def test_a_client_that_drops_its_upload_is_a_499_not_a_500(tmp_path, upstream, s
     caplog.set_level(logging.INFO)
     for _ in range(3):
         with socket.create_connection((host.hostname, host.port)) as conn:
-            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            conn.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: localhost\r\ncontent-type: application/json\r\n"
                          b"content-length: 100000\r\n\r\n" + b'{"model": "auto", "messages": [' + b" " * 1000)
         time.sleep(0.2)
     metrics = scrape(proxy.base)
