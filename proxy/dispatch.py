@@ -37,8 +37,8 @@ from proxy.logs import adopt_loggers
 from proxy.protocol import OPENAI_CHAT_PARAMS
 from proxy.providers import OPENAI_COMPATIBLE, Deployment, RouterSettings
 from proxy.settings import prepare_litellm_environment
-from proxy.upstream import (CONTEXT_WINDOW, RETRYABLE, Answer, PassThrough, classify, dumps_lenient,
-                            interrupted_event, retry_after_seconds, too_long)
+from proxy.upstream import (CONTEXT_WINDOW, RETRYABLE, UNSUPPORTED, Answer, PassThrough, cannot_read,
+                            classify, dumps_lenient, interrupted_event, retry_after_seconds, too_long)
 
 log = logging.getLogger("satroute.dispatch")
 
@@ -267,7 +267,7 @@ class RetryingDispatcher:
                     timed = False
                     raise
                 except UpstreamClientError as exc:  # refused before anything was sent: no upstream time
-                    timed = exc.unfit in (None, CONTEXT_WINDOW)  # that one the model answered
+                    timed = exc.unfit in (None, CONTEXT_WINDOW, UNSUPPORTED)  # the model answered those
                     raise
                 except UpstreamTransient as exc:
                     # a timeout the request's own deadline cut short, or a failure that may be the
@@ -288,9 +288,8 @@ class RetryingDispatcher:
     async def _attempt(self, d: Deployment, call: Call, first_byte_s: float) -> Answer:
         local = d.info.local_server
         if local is not None:  # llama-cpp-python's server: what it cannot read is put as it reads it
-            vision = any(str(arg).startswith("--clip_model") for arg in local.args)
             # its defaults from litellm_params too: a max_completion_tokens there is as ignored
-            body, why = llama_cpp_request(PassThrough.with_defaults(d, call.body), vision=vision)
+            body, why = llama_cpp_request(PassThrough.with_defaults(d, call.body), vision=local.vision)
             if body is None:
                 raise _unfit(d.name, f"model {d.name} cannot take this request: {why}",
                              "untranslatable", "untranslatable_request")
@@ -565,8 +564,9 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
     body = {"error": {"message": said, "type": "invalid_request_error", "param": None,
                       "code": redact(str(code)) if code is not None else None}}
     fits = not (too_long_for_it or too_long(int(status), said, str(code)))
+    unfit = CONTEXT_WINDOW if not fits else UNSUPPORTED if cannot_read(int(status), said) else None
     return UpstreamClientError(said, status=int(status), model=model, upstream_body=body,
-                               unfit=None if fits else CONTEXT_WINDOW)
+                               unfit=unfit)
 
 
 # litellm's advice to the admin of its own proxy, at the end of some of its messages

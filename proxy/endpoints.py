@@ -28,7 +28,8 @@ from proxy.errors import (AllUpstreamsFailed, BodyTimeout, BodyTooLarge, ModelNo
 from proxy.localserver import STARTING_RETRY_AFTER_S, coming_back
 from proxy.logs import RequestRecord, request_record
 from proxy.providers import Deployment, Snapshot
-from proxy.routing import Decision, candidates, instruction_text, rank, tokens_needed
+from proxy.routing import (Decision, candidates, features_needed, instruction_text, rank,
+                           tokens_needed)
 from proxy.scoring import ScorerDegraded
 
 if TYPE_CHECKING:
@@ -207,7 +208,7 @@ async def plan_route(svc: "Services", body: dict[str, Any], req: protocol.ChatCo
                     epochs=epochs)
     if req.model == snap.router.router_name:
         pool = candidates(snap.models.values(), req.satroute.models if narrowed else None,
-                          svc.cooldowns.cooling, tokens_needed(body))
+                          svc.cooldowns.cooling, tokens_needed(body), features_needed(body))
         text = instruction_text(body["messages"], snap.router.routing_context_tokens)
         profiles = {d.name: d.profile for d in pool}
         try:

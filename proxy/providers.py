@@ -94,6 +94,11 @@ class LocalServerConfig(BaseModel):
                                  "server off loopback; it cannot be given in args")
         return args
 
+    @property
+    def vision(self) -> bool:
+        """Whether the server reads images: llama-cpp-python's needs a ``--clip_model_path``."""
+        return any(str(arg).startswith("--clip_model") for arg in self.args)
+
 
 class ModelInfo(BaseModel):
     model_config = ConfigDict(extra="allow")
@@ -102,6 +107,12 @@ class ModelInfo(BaseModel):
     input_price_per_mtok: float | None = Field(None, ge=0)
     output_price_per_mtok: float | None = Field(None, ge=0)
     context_window: int | None = Field(None, gt=0)
+    # LiteLLM's keys for what a model can read: false leaves it out of routing for requests that
+    # need it (image, audio or file parts; tools); unset: it is not left out
+    supports_vision: bool | None = None
+    supports_function_calling: bool | None = None
+    supports_audio_input: bool | None = None
+    supports_pdf_input: bool | None = None
     capability_profile: str | None = None
     fast_path: bool | None = None  # None: decided from the provider (see OPENAI_COMPATIBLE)
 

@@ -160,10 +160,49 @@ def with_room(pool: list[Deployment], needed: tuple[int, int]) -> list[Deploymen
     return [d for d in pool if windows[d.name] == widest]
 
 
+# a content part's type -> the model_info key (LiteLLM's) a model that reads it has
+PART_NEEDS = {"image_url": "supports_vision", "input_audio": "supports_audio_input",
+              "file": "supports_pdf_input"}
+
+
+def features_needed(body: Mapping[str, Any]) -> frozenset[str]:
+    """What a chat request needs a model to read, as LiteLLM's ``model_info`` keys name it: image,
+    audio or file parts in any turn (the whole conversation is sent), ``tools`` (or the older
+    ``functions``)."""
+    needs = set()
+    if body.get("tools") or body.get("functions"):
+        needs.add("supports_function_calling")
+    for msg in body.get("messages") or ():
+        content = msg.get("content") if isinstance(msg, Mapping) else None
+        if isinstance(content, list):
+            needs.update(PART_NEEDS[p["type"]] for p in content
+                         if isinstance(p, Mapping) and p.get("type") in PART_NEEDS)
+    return frozenset(needs)
+
+
+def supports(d: Deployment, feature: str) -> bool | None:
+    """``model_info.<feature>`` as the file says it; unset, a local server reads images only with a
+    ``--clip_model_path``; otherwise None (unknown)."""
+    said = getattr(d.info, feature)
+    if said is not None:
+        return said
+    if feature == "supports_vision" and d.info.local_server is not None:
+        return d.info.local_server.vision
+    return None
+
+
+def able(pool: list[Deployment], needs: frozenset[str]) -> list[Deployment]:
+    """The models of ``pool`` not known to be unable to read the request (``features_needed``);
+    when none is left, ``pool`` (the best-ranked one says why it cannot, as it would have)."""
+    fit = [d for d in pool if all(supports(d, f) is not False for f in needs)]
+    return fit or pool
+
+
 def candidates(models: Iterable[Deployment], allow: Sequence[str] | None,
-               cooling: Callable[[str], bool], needed_tokens: tuple[int, int] = (0, 0)) -> list[Deployment]:
-    """Routable models the request allows, with room for its ``needed_tokens`` (``with_room``),
-    cooled-down ones left out unless nothing else is left."""
+               cooling: Callable[[str], bool], needed_tokens: tuple[int, int] = (0, 0),
+               needs: frozenset[str] = frozenset()) -> list[Deployment]:
+    """Routable models the request allows, able to read it (``able``), with room for its
+    ``needed_tokens`` (``with_room``), cooled-down ones left out unless nothing else is left."""
     models = list(models)
     pool = [d for d in models if d.routable]
     if allow is not None:
@@ -185,7 +224,7 @@ def candidates(models: Iterable[Deployment], allow: Sequence[str] | None,
         if any(coming_back(d.unavailable) for d in down):  # a local server on its way back
             err.retry_after = STARTING_RETRY_AFTER_S
         raise err
-    pool = with_room(pool, needed_tokens)
+    pool = with_room(able(pool, needs), needed_tokens)
     warm = [d for d in pool if not cooling(d.name)]
     return warm or pool
 

@@ -125,6 +125,8 @@ def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
     except orjson.JSONDecodeError:
         parsed = None
     err = parsed.get("error") if isinstance(parsed, dict) else None
+    if err is None and isinstance(parsed, dict) and parsed.get("object") == "error":
+        err = parsed  # vLLM's shape: {"object": "error", "message", "type", "code"} at the top
     if isinstance(err, dict):
         message = str(err.get("message", ""))
     elif isinstance(err, str):
@@ -132,6 +134,7 @@ def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
     else:  # redacted whole, then cut: a key across the cut would no longer match the redaction
         message = redact(body.decode("utf-8", "replace"))[:300]
     message = redact(message) or f"upstream answered HTTP {status}"
+    labels = f"{err.get('code')} {err.get('type')}" if isinstance(err, dict) else ""
     if status in RETRYABLE:
         return UpstreamTransient(f"{model}: HTTP {status}: {message}", model=model, status=status,
                                  retry_after=retry_after_seconds(headers))
@@ -141,8 +144,8 @@ def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
                             "type": _redacted(err.get("type"), redact) or "invalid_request_error",
                             "param": _redacted(err.get("param"), redact),
                             "code": _redacted(err.get("code"), redact)}}
-    labels = f"{err.get('code')} {err.get('type')}" if isinstance(err, dict) else ""
-    unfit = CONTEXT_WINDOW if too_long(status, message, labels) else None
+    unfit = (CONTEXT_WINDOW if too_long(status, message, labels)
+             else UNSUPPORTED if cannot_read(status, message) else None)
     return UpstreamClientError(message, status=status, model=model, upstream_body=shaped, unfit=unfit)
 
 
@@ -166,6 +169,26 @@ def too_long(status: int, message: str, labels: str = "") -> bool:
         return False
     said = _ECHO.split(message[:200], 1)[0]
     return bool(_TOO_LONG_LABEL.search(labels) or _TOO_LONG_WORDS.search(said))
+
+
+# a model's answer that it cannot read a part of the request another model may (images, audio,
+# tools): vLLM's words for images and for tools without its tool parser, OpenAI's, llama.cpp's
+# server's, Ollama's, and the common forms of "does not support X" / "X is not supported"
+UNSUPPORTED = "unsupported_feature"
+_FEATURE = r"(tools?|tool[ _]?(use|calling|calls)|function[ _]?calling|images?|image[ _]input|vision|audio( input)?)"
+_CANNOT_READ_WORDS = re.compile(
+    r"not a multimodal model|only supported by certain models|tool choice requires"
+    rf"|(does not|doesn'?t|do not|cannot) (support|accept|take) {_FEATURE}\b"
+    rf"|\b{_FEATURE} (input )?(is |are )?not supported", re.I)
+
+
+def cannot_read(status: int, message: str) -> bool:
+    """Whether a 4xx says the model cannot read a part of the request (its images, audio or
+    tools) that another model may: a routed request falls back, and the model is not cooled. By
+    the words of the message's start, before any echo of the request (as ``too_long``)."""
+    if not 400 <= status < 500:
+        return False
+    return bool(_CANNOT_READ_WORDS.search(_ECHO.split(message[:300], 1)[0]))
 
 
 def _redacted(value: Any, redact) -> Any:
