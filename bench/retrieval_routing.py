@@ -1,7 +1,10 @@
 """Routing accuracy when a frontend wraps the question in a retrieval template.
 
-Open WebUI's retrieval (documents attached to a chat, web search) replaces the user's turn with a
-template: instructions, the documents found, and the question last, in ``<user_query>`` tags. The
+Open WebUI's retrieval (documents attached to a chat, web search) wraps the user's turn in a
+template: instructions, the documents found in a ``<context>`` block, then the question. Older
+versions replace the turn with it, the question last in ``<user_query>`` tags (``--shape
+replaced``); newer ones put the template before the user's own turn, without the tags
+(``--shape prepended``). The
 proxy scores the start of the last user turn; this measures what reading the template's start
 costs, against reading the question the template holds (what ``proxy.routing.instruction_text``
 does now), on a seeded sample of a data set's test prompts, with the served scorer:
@@ -26,15 +29,20 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
-def wrapped(question: str) -> str:
+def wrapped(question: str, shape: str = "replaced") -> str:
+    if shape == "prepended":  # the template before the user's turn, the query not quoted
+        return template_start() + "</context>\n\n" + question
+    return template_start() + "</context>\n<user_query>\n" + question + "\n</user_query>\n"
+
+
+def template_start() -> str:
     return ("### Task:\nAnswer the user's query with the documents below, citing a document by its "
             "id where the answer comes from it.\n### Guidelines:\n- If the documents do not hold "
             "the answer, say so and answer from what you know.\n- Answer in the language of the "
             "query.\n- Do not quote these instructions.\n<context>\n"
             + "".join(f'<source id="{i}">' + "The committee met on Tuesday to review the annual "
                       "budget, the staffing plan and the schedule for the coming year. " * 12
-                      + "</source>\n" for i in range(1, 4))
-            + "</context>\n<user_query>\n" + question + "\n</user_query>\n")
+                      + "</source>\n" for i in range(1, 4)))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -44,6 +52,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--budget", type=int, default=512, help="router_settings.routing_context_tokens")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--shape", choices=["replaced", "prepended"], default="replaced",
+                        help="how the template holds the turn (see above)")
     args = parser.parse_args(argv)
     os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
     import numpy as np
@@ -62,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     part, _ = eligible_rows(data, models, limit=args.limit, seed=args.seed)
     correct = part.correct_matrix()
     plain = [format_instruction(p) for p in part.prompts]
-    turns = [wrapped(q) for q in plain]
+    turns = [wrapped(q, args.shape) for q in plain]
     readings = {
         "plain": [instruction_text([{"role": "user", "content": q}], args.budget) for q in plain],
         "template start": [t[: args.budget * 4] for t in turns],

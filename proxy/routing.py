@@ -64,27 +64,55 @@ def _has_text(message: Mapping[str, Any]) -> bool:
     return bool(message_text(message).strip())
 
 
-# Open WebUI's retrieval template replaces the user's turn with instructions, the documents found
-# and, last, the question in these tags: the question is what is routed, not the template's start
+# Open WebUI's retrieval: its template (instructions, then the documents found in a <context>
+# block) is put before the user's own turn, or (older versions) replaces it, with the question last
+# in <user_query> tags; either way the question is what is routed, not the template's start
 QUERY_OPEN, QUERY_CLOSE = "<user_query>", "</user_query>"
+CONTEXT_OPEN, CONTEXT_CLOSE = "<context>", "</context>"
 
 
 def _asked(text: str) -> str:
-    """A user turn's own question when the turn is a retrieval template's (documents, a
-    ``<context>`` or ``<source`` block, then the question in ``<user_query>`` tags that end the
-    turn), else the turn as it is: a question that only quotes the tags, or a template with its
-    placeholder (``{{QUERY}}``), is read whole. Found by string search, in linear time (a regex
-    backtracked for seconds on an unclosed tag and a few KB of spaces)."""
+    """A user turn's own question when the turn is a retrieval template's, else the turn as it is.
+
+    The template's shapes: documents (a ``<context>`` or ``<source`` block), then the question in
+    ``<user_query>`` tags that end the turn, or that only the user's own words (the same question
+    again: the template put before the turn) follow; or, with no such tags (Open WebUI's template
+    since it stopped quoting the query), the ``<context>`` block and then the user's turn. A
+    question that only quotes the tags, or a template with its placeholders (``{{QUERY}}``,
+    ``{{CONTEXT}}``), is read whole. Found by string search, in linear time (a regex backtracked
+    for seconds on an unclosed tag and a few KB of spaces)."""
     end = text.rfind(QUERY_CLOSE)
-    if end < 0 or text[end + len(QUERY_CLOSE):].strip():
+    if end >= 0:
+        start = text.rfind(QUERY_OPEN, 0, end)
+        if start < 0 or (CONTEXT_OPEN not in text[:start] and "<source" not in text[:start]):
+            return text
+        question = text[start + len(QUERY_OPEN):end].strip()
+        after = text[end + len(QUERY_CLOSE):].strip()
+        if not question or _placeholder(question) or after not in ("", question):
+            return text
+        return question
+    close = text.rfind(CONTEXT_CLOSE)
+    opened = text.rfind(CONTEXT_OPEN, 0, close) if close >= 0 else -1
+    if opened < 0 or _placeholder(text[opened + len(CONTEXT_OPEN):close].strip()):
         return text
-    start = text.rfind(QUERY_OPEN, 0, end)
-    if start < 0 or ("<context>" not in text[:start] and "<source" not in text[:start]):
-        return text
-    question = text[start + len(QUERY_OPEN):end].strip()
-    if not question or (question.startswith("{{") and question.endswith("}}")):
-        return text
-    return question
+    question = text[close + len(CONTEXT_CLOSE):].strip()
+    return question or text
+
+
+def _placeholder(text: str) -> bool:
+    return text.startswith("{{") and text.endswith("}}")
+
+
+def _turn_text(message: Mapping[str, Any]) -> str:
+    """The text of the turn being routed, its own words first: of several text parts, the last
+    one first (Continue puts the files and code a user attaches as text parts before what the
+    user typed), then the earlier ones, newest first."""
+    content = message.get("content")
+    if isinstance(content, list):
+        texts = [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        if len(texts) > 1:
+            return "\n".join(reversed(texts))
+    return message_text(message)
 
 
 def instruction_text(messages: Sequence[Mapping[str, Any]], budget_tokens: int) -> str:
@@ -103,7 +131,7 @@ def instruction_text(messages: Sequence[Mapping[str, Any]], budget_tokens: int) 
         last_user = next((i for i in range(len(messages) - 1, -1, -1) if _has_text(messages[i])), None)
         if last_user is None:
             return ""
-    head = _asked(message_text(messages[last_user]))
+    head = _asked(_turn_text(messages[last_user]))
     if approx_tokens(head) >= budget_tokens:
         return head[: budget_tokens * 4]
     parts = [head]

@@ -21,11 +21,12 @@ def test_last_user_turn_plus_context_that_fits():
                                          {"type": "image_url", "image_url": {"url": "u"}},
                                          {"type": "text", "text": "and that"}]}]
     text = instruction_text(msgs, budget_tokens=512)
-    # the request first (the scorer reads the start), then the context, newest first
-    assert text == "now this\nand that\n\nfirst answer\n\n" + "first question " * 10
+    # the request first (the scorer reads the start; its last text part first), then the
+    # context, newest first
+    assert text == "and that\nnow this\n\nfirst answer\n\n" + "first question " * 10
     assert "SYSTEM" not in text and "TOOL OUTPUT" not in text
-    small = instruction_text(msgs, budget_tokens=approx_tokens("now this\nand that") + 5)
-    assert small == "now this\nand that\n\nfirst answer"
+    small = instruction_text(msgs, budget_tokens=approx_tokens("and that\nnow this") + 5)
+    assert small == "and that\nnow this\n\nfirst answer"
 
 
 def test_the_request_opens_the_instruction_however_long_the_chat_before_it():
@@ -65,6 +66,41 @@ def test_a_retrieval_template_s_question_is_what_is_scored():
                   "<context>x</context><user_query>what?</user_query> and then more words",  # not last
                   "Why is my template wrong?\n<context>{{CONTEXT}}</context>\n<user_query>{{QUERY}}</user_query>"):
         assert instruction_text([{"role": "user", "content": whole}], 512) == whole[:2048], whole
+
+
+def _template_before_the_turn(question: str, quoted: bool) -> str:
+    """A user turn as Open WebUI's middleware writes it now: its retrieval template (instructions,
+    the documents found in <context>, in older templates the query again in <user_query> tags) put
+    before the user's own turn (wording ours)."""
+    template = ("### Task:\nRespond to the user query using the provided context.\n" * 20
+                + "<context>\n<source id=\"1\">" + "Quarterly revenue rose by four percent. " * 200
+                + "</source>\n</context>\n")
+    if quoted:
+        template += "<user_query>\n" + question + "\n</user_query>\n"
+    return template + "\n" + question
+
+
+@pytest.mark.parametrize("quoted", [False, True])
+def test_a_question_after_a_retrieval_template_put_before_it_is_what_is_scored(quoted):
+    """Open WebUI puts its template before the user's turn (``append=False``), and its default
+    template no longer quotes the query: the turn ends with the user's words after </context>.
+    Read from its start, every question asked over documents or web search was scored alike."""
+    question = "Prove that the square root of 2 is irrational."
+    msgs = [{"role": "user", "content": _template_before_the_turn(question, quoted)}]
+    assert instruction_text(msgs, 512) == question
+    for whole in ("<context>{{CONTEXT}}</context>\nWhy is my template wrong?",  # the placeholder
+                  "<context>some documents</context>",  # nothing after them
+                  "<context>x</context><user_query>what?</user_query>\nsomething else"):  # not the same
+        assert instruction_text([{"role": "user", "content": whole}], 512) == whole, whole
+
+
+def test_the_words_a_user_typed_are_read_before_the_files_attached_to_them():
+    """Continue sends the files and code a user attaches (@file, a selection) as text parts before
+    what the user typed: the typed question is what is scored first."""
+    attached = {"type": "text", "text": "```src/app.py\n" + "def handler(request):\n    pass\n" * 200 + "```\n"}
+    typed = {"type": "text", "text": "Why does this handler never return a response?"}
+    msgs = [{"role": "user", "content": [attached, typed]}]
+    assert instruction_text(msgs, 512).startswith("Why does this handler never return a response?\n```src")
 
 
 def test_reading_a_turn_for_its_question_takes_linear_time():
