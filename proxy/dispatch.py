@@ -38,7 +38,8 @@ from proxy.protocol import OPENAI_CHAT_PARAMS
 from proxy.providers import OPENAI_COMPATIBLE, Deployment, RouterSettings
 from proxy.settings import prepare_litellm_environment
 from proxy.upstream import (CONTEXT_WINDOW, RETRYABLE, UNSUPPORTED, Answer, PassThrough, cannot_read,
-                            classify, dumps_lenient, interrupted_event, retry_after_seconds, too_long)
+                            classify, dumps_lenient, interrupted_event, out_of_quota,
+                            retry_after_seconds, too_long)
 
 log = logging.getLogger("satroute.dispatch")
 
@@ -231,6 +232,7 @@ class RetryingDispatcher:
         if last is not None and all_429:
             err.status, err.code = 429, "rate_limited"
             err.retry_after = last.retry_after
+            err.message = f"{err.message}; the last said: {last.message}"  # which limit, in its words
         raise err
 
     async def _with_retries(self, d: Deployment, call: Call, deadline: float, epoch: int,
@@ -243,8 +245,10 @@ class RetryingDispatcher:
         retrying = AsyncRetrying(
             stop=_Stop(router.num_retries + 1, deadline),
             wait=_Wait(router.retry_backoff_s, router.retry_backoff_max_s, router.retry_after_max_s),
+            # a timeout is not asked again of the same model while another one may answer: it
+            # took the whole attempt's time, and a model that hangs would take it again
             retry=retry_if_exception(lambda exc: isinstance(exc, UpstreamTransient)
-                                     and (last or not self.cooldowns.cooling(d.name))),
+                                     and (last or not (exc.timeout or self.cooldowns.cooling(d.name)))),
             reraise=True, sleep=asyncio.sleep)
         async for attempt in retrying:
             with attempt:
@@ -538,7 +542,7 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
         text = (f"model {model} cannot take this request: litellm could not translate it for "
                 f"the model's provider ({_said(message)})")
         return _unfit(model, text, "untranslatable", "untranslatable_request")
-    if status is None or status in RETRYABLE:
+    if status is None or status in RETRYABLE and not out_of_quota(int(status), message):
         response = getattr(exc, "response", None)
         headers = (getattr(exc, "litellm_response_headers", None)
                    or getattr(response, "headers", None) or {})

@@ -505,8 +505,9 @@ async def satroute_error(request: Request, exc: Exception) -> Response:
     retry_after = getattr(exc, "retry_after", None)
     if retry_after is not None:
         headers["Retry-After"] = str(max(1, round(retry_after)))
-    elif isinstance(exc, AllUpstreamsFailed):
-        # the proxy has already retried and fallen back: an SDK that retries the 502/504 on top
-        # (the openai SDKs do, twice by default) runs the whole cascade again; they honour this
+    if isinstance(exc, AllUpstreamsFailed):
+        # the proxy has already retried (a 429 after waiting its Retry-After) and fallen back: an
+        # SDK that retries on top (the openai SDKs do, twice by default) runs the whole cascade
+        # again, three times the load on a provider that is refusing it; they honour this
         headers["x-should-retry"] = "false"
     return error_response(exc, headers or None)

@@ -104,7 +104,9 @@ class UpstreamError(SatrouteError):
 # 4xx answers that say the model cannot be used as configured (its key is refused, its account has
 # no credit left, or the upstream has no such model), whatever the request: dispatch hands a routed
 # request to the next model on them, and onboarding stops a run.
-MODEL_REFUSALS = frozenset({401, 402, 403, 404})
+# 429 only as an UpstreamClientError: a quota used up (``insufficient_quota``), which waiting does
+# not fix; a rate limit is an UpstreamTransient, retried
+MODEL_REFUSALS = frozenset({401, 402, 403, 404, 429})
 
 
 class UpstreamClientError(UpstreamError):

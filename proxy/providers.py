@@ -136,9 +136,12 @@ class RouterSettings(BaseModel):
     retry_backoff_max_s: float = Field(4.0, ge=0)
     retry_after_max_s: float = Field(30.0, ge=0)
     connect_timeout_s: float = Field(5.0, gt=0)
-    timeout_s: float = Field(600.0, gt=0, description="one attempt, until the first byte")
+    # an attempt that hangs leaves time for the next model within the deadline, and the deadline
+    # ends before the openai SDKs' own 600 s: a client gets the proxy's answer (the next model's,
+    # or a 504 it is told not to retry), not its own timeout and two retries of the whole cascade
+    timeout_s: float = Field(300.0, gt=0, description="one attempt, until the first byte")
     deadline_s: float = Field(
-        900.0, gt=0, description="dispatch to the answer or first chunk, retries and fallbacks included")
+        590.0, gt=0, description="dispatch to the answer or first chunk, retries and fallbacks included")
     client_write_timeout_s: float = Field(
         60.0, gt=0, description="longest a streamed answer waits for a client that stopped reading")
     max_fallbacks: int = Field(2, ge=0)

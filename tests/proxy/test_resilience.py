@@ -185,6 +185,33 @@ def test_a_model_s_own_timeout_replaces_the_router_s(tmp_path, upstream, start_p
     assert time.monotonic() - started < 1.5 + 0.3 + 0.7
 
 
+@pytest.mark.parametrize("fast", PATHS)
+def test_a_model_that_hangs_is_not_asked_again_while_another_may_answer(tmp_path, upstream,
+                                                                        start_proxy, fast):
+    """A timeout took the attempt's whole time: retrying it on the same model, when two retries of
+    the timeout do not fit in the deadline, gave a 504 with the next model never asked. The next
+    model answers at once; a request naming the hung model keeps its retries."""
+    proxy = setup(tmp_path, upstream, start_proxy, fast, timeout_s=0.5, deadline_s=1.4, num_retries=2)
+    client(proxy).chat.completions.create(model="m2", messages=MESSAGES)  # litellm imported
+    upstream.set("m1", stall(5))
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.parse().model == "m2" and raw.headers["x-satroute-failed"] == "m1:timeout"
+    assert len(upstream.bodies("m1")) == 1
+    with pytest.raises(openai.APIStatusError) as err:
+        client(proxy).chat.completions.create(model="m1", messages=MESSAGES)
+    assert err.value.status_code == 504 and len(upstream.bodies("m1")) == 1 + 3  # its own retries
+
+
+def test_the_default_deadline_ends_before_the_sdks_own_timeout():
+    """The openai SDKs give up after 600 s and retry twice: the proxy answers first, and an attempt
+    that hangs leaves room for the next model."""
+    from proxy.providers import RouterSettings
+
+    router, sdk = RouterSettings(), openai.OpenAI(api_key="x")
+    assert router.deadline_s < sdk.timeout.read
+    assert router.deadline_s - router.timeout_s >= 0.9 * router.timeout_s  # the next: near a whole attempt
+
+
 def test_request_deadline_bounds_everything(tmp_path, upstream, start_proxy):
     proxy = setup(tmp_path, upstream, start_proxy, True, timeout_s=0.4, deadline_s=0.7)
     for name in ("m1", "m2", "m3"):
@@ -225,6 +252,43 @@ def test_rate_limited_direct_call_returns_429_with_retry_after(tmp_path, upstrea
                    timeout=60)
     assert r.status_code == 429 and r.headers["retry-after"] == "7"
     assert r.json()["error"]["code"] == "rate_limited"
+
+
+@pytest.mark.parametrize("fast", PATHS)
+def test_a_used_up_quota_is_no_rate_limit_it_falls_back_at_once_and_is_not_retried(
+        tmp_path, upstream, start_proxy, fast):
+    """OpenAI's 429 insufficient_quota ("You exceeded your current quota"): waiting does not help.
+    It was retried three times (nine with the SDK's own retries) and its words replaced by
+    "rate_limited"; now it counts like a 402: the next model answers, the model cools down, and a
+    request naming it gets the provider's own error."""
+    proxy = setup(tmp_path, upstream, start_proxy, fast, allowed_fails=2)
+    upstream.set("m1", fail(429, "You exceeded your current quota, please check your plan and "
+                            "billing details.", "insufficient_quota"))
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.parse().model == "m2" and raw.headers["x-satroute-failed"] == "m1:http_429"
+    assert len(upstream.bodies("m1")) == 1
+    with pytest.raises(openai.RateLimitError) as err:
+        client(proxy).chat.completions.create(model="m1", messages=MESSAGES)
+    assert "exceeded your current quota" in err.value.message
+    assert err.value.body["type"] == "insufficient_quota"
+    assert len(upstream.bodies("m1")) == 2
+    assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == ["m1"]
+
+
+def test_an_sdk_does_not_repeat_a_rate_limited_cascade_the_proxy_already_waited_on(
+        tmp_path, upstream, start_proxy):
+    """A 429 with Retry-After: the proxy waited and asked again (three attempts); the openai SDK,
+    which retries a 429 twice on its own, is told not to: one client call, three upstream calls,
+    not nine. The provider's words say which limit."""
+    proxy = setup(tmp_path, upstream, start_proxy, True, num_retries=2)
+    upstream.set("m2", fail(429, "Rate limit reached for requests per min (RPM)", retry_after=0.1))
+    sdk = openai.OpenAI(base_url=proxy.url, api_key="x", timeout=30)  # the SDK's default retries
+    with pytest.raises(openai.RateLimitError) as err:
+        sdk.chat.completions.create(model="m2", messages=MESSAGES)
+    assert err.value.response.headers["x-should-retry"] == "false"
+    assert err.value.response.headers["retry-after"] == "1"
+    assert err.value.code == "rate_limited" and "requests per min" in err.value.message
+    assert len(upstream.bodies("m2")) == 3
 
 
 def test_a_retry_after_that_is_no_finite_number_is_ignored_not_a_500(tmp_path, upstream, start_proxy):
@@ -918,3 +982,4 @@ async def test_a_503_s_retry_after_reaches_a_caller_that_waits_on_the_model_itse
     finally:
         await dispatcher.close()
     assert err.value.upstream_retry_after == 45 and err.value.retry_after is None
+
