@@ -38,7 +38,7 @@ from proxy.protocol import OPENAI_CHAT_PARAMS
 from proxy.providers import OPENAI_COMPATIBLE, Deployment, RouterSettings
 from proxy.settings import prepare_litellm_environment
 from proxy.upstream import (CONTEXT_WINDOW, RETRYABLE, UNSUPPORTED, Answer, PassThrough, cannot_read,
-                            classify, dumps_lenient, interrupted_event, out_of_quota,
+                            classify, dumps_lenient, interrupted_event, out_of_quota, redirected,
                             retry_after_seconds, too_long)
 
 log = logging.getLogger("satroute.dispatch")
@@ -314,6 +314,7 @@ class RetryingDispatcher:
 
                     litellm.suppress_debug_info = True
                     adopt_loggers("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
+                    follow_no_redirects()
                     return litellm
 
                 self._litellm = await asyncio.to_thread(load)
@@ -527,6 +528,8 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
         return UpstreamTransient(f"{model}: answered with something that is no answer: {_said(message)}",
                                  model=model, status=200, reason="bad_answer")
     status = answered or getattr(exc, "status_code", None)
+    if isinstance(status, int) and 300 <= status < 400:
+        return redirected(model, status)
     failure = None if answered else _transport_failure(exc)
     if failure is not None:  # litellm labels these 500; report them as the pass-through path does
         return UpstreamTransient(f"{model}: {type(exc).__name__}: {message}", model=model,
@@ -655,6 +658,37 @@ def _chain(exc: BaseException) -> Iterator[BaseException]:
         seen.add(id(link))
         yield link
         link = link.__cause__ or link.__context__
+
+
+def follow_no_redirects() -> None:
+    """litellm's HTTP clients follow redirects: an upstream that answers 307 (a moved domain, a
+    gateway, a hijacked name) would get the request sent on to another host, prompt and headers
+    with it (httpx drops ``Authorization`` across origins, not an ``x-api-key`` or an admin's
+    ``extra_headers``). Its two factories of async clients are wrapped so that every client they
+    make follows none: a 3xx is then the model's failure (``_classify_litellm``), as on the
+    pass-through path."""
+    from litellm.llms.custom_httpx.http_handler import AsyncHTTPHandler
+    from litellm.llms.openai.common_utils import BaseOpenAILLM
+
+    if getattr(AsyncHTTPHandler.create_client, "_satroute", False):
+        return
+    make_handler_client = AsyncHTTPHandler.create_client
+    make_openai_client = BaseOpenAILLM._get_async_http_client
+
+    def unfollowing(client: Any) -> Any:
+        if client is not None:
+            client.follow_redirects = False
+        return client
+
+    def create_client(self: Any, *args: Any, **kwargs: Any) -> Any:
+        return unfollowing(make_handler_client(self, *args, **kwargs))
+
+    def get_async_http_client(*args: Any, **kwargs: Any) -> Any:
+        return unfollowing(make_openai_client(*args, **kwargs))
+
+    create_client._satroute = True  # type: ignore[attr-defined]
+    AsyncHTTPHandler.create_client = create_client  # type: ignore[method-assign]
+    BaseOpenAILLM._get_async_http_client = staticmethod(get_async_http_client)  # type: ignore[method-assign]
 
 
 def _answered_status(exc: BaseException) -> int | None:

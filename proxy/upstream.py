@@ -118,6 +118,14 @@ def _not_an_answer(parsed: Any, raw: bytes, model: str, content_type: str, redac
                              reason="bad_answer")
 
 
+def redirected(model: str, status: int) -> UpstreamTransient:
+    """A 3xx answer: not followed (the request carries the model's key and the prompt, which must
+    not go to a host the admin did not configure); the model's failure, as a 200 with no answer."""
+    return UpstreamTransient(f"{model}: answered HTTP {status}, a redirect, which is not followed "
+                             "(the request carries the model's key): set api_base to where it "
+                             "points", model=model, status=status, reason="bad_answer")
+
+
 def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
              redact) -> Exception:
     try:
@@ -282,8 +290,13 @@ class PassThrough:
         resp = None
         try:
             async with asyncio.timeout(first_byte_s):
+                # a redirect is not followed: it would send the request, key and prompt, on to
+                # another host; it is the model's failure (below)
                 resp = await self.session().post(self.url(d), data=self.payload(d, body),
-                                                 headers=self.headers(d), timeout=timeout)
+                                                 headers=self.headers(d), timeout=timeout,
+                                                 allow_redirects=False)
+                if 300 <= resp.status < 400:
+                    raise redirected(d.name, resp.status)
                 if resp.status != 200:
                     raw = await resp.read()
                     raise classify(resp.status, raw, d.name, resp.headers, redact)

@@ -983,3 +983,31 @@ async def test_a_503_s_retry_after_reaches_a_caller_that_waits_on_the_model_itse
         await dispatcher.close()
     assert err.value.upstream_retry_after == 45 and err.value.retry_after is None
 
+
+@pytest.mark.parametrize("path", ["passthrough", "litellm", "anthropic"])
+def test_an_upstream_s_redirect_is_not_followed_to_another_host(tmp_path, upstream, start_proxy, path):
+    """An upstream answering 307 (a moved domain, a gateway, a hijacked name) had the request sent
+    on, prompt and headers with it: httpx and aiohttp drop Authorization across origins, not an
+    x-api-key (Anthropic's key, through litellm) or an admin's extra_headers. A redirect is now
+    the model's failure: a routed request goes to the next model, and nothing reaches the other
+    host."""
+    def moved(request):
+        return (b"HTTP/1.1 307 Temporary Redirect\r\nLocation: " + upstream.url.encode()
+                + b"/chat/completions\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+
+    with raw_upstream(moved) as url:
+        hop = model_entry("hop", url, tmp_path, key="sk-ant-0123456789abcdef",
+                          fast_path=path == "passthrough")
+        hop["litellm_params"]["extra_headers"] = {"x-gateway-key": "gw-0123456789abcdef"}
+        if path == "anthropic":
+            hop["litellm_params"]["model"] = "anthropic/claude-3-5-sonnet-20241022"
+            hop["litellm_params"]["api_base"] = url.removesuffix("/v1")
+        cfg = write_config(tmp_path / "providers.yaml", [hop, model_entry("m2", upstream.url, tmp_path)],
+                           num_retries=0)
+        proxy = start_proxy(cfg, scorer=RecordingScorer({"hop": 1.0, "m2": 0.5}))
+        raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+        assert raw.parse().model == "m2" and raw.headers["x-satroute-failed"] == "hop:bad_answer"
+        with pytest.raises(openai.APIStatusError) as err:
+            client(proxy).chat.completions.create(model="hop", messages=MESSAGES)
+    assert err.value.status_code == 502 and "hop (bad_answer)" in err.value.message
+    assert [r.body.get("model") for r in upstream.received] == ["m2"]  # nothing followed the 307
