@@ -3,6 +3,7 @@ scorer's share of it, and how many requests the scorer timeout sends to the prof
 
     .venv/bin/python bench/routed_load.py [--models 5] [--concurrency 1 4 16] [--requests 64]
                                           [--scorer-timeout 2.0] [--again] [--twins] [--json OUT.json]
+                                          [--local-model] [--torch-threads N]
 
 What runs, all on 127.0.0.1: the mock upstream (tests/support/mock_upstream.py, answering at once)
 and ``satroute serve`` with its default scorer and checkpoint, ``--models`` routable models (the
@@ -14,6 +15,10 @@ With ``--again``, each concurrency's requests are then sent a second time, as a 
 would be (rows marked "again": the proxy answers them with the scores it remembers). With
 ``--twins``, every request is sent by two clients at the same moment (as a double submit or a
 client's early retry would be); ``scorer_calls`` is how many scoring calls the proxy made for them.
+With ``--local-model``, providers.yaml also holds the built-in local model (SmolLM2 on llama-cpp-python,
+which the proxy starts; not routed to), and a client keeps it generating (256-token answers) while
+each concurrency's requests run: the tokens it produced meanwhile are reported. ``--torch-threads``
+sets SATROUTE_SCORER_TORCH_THREADS (default: the cores the local model leaves).
 """
 from __future__ import annotations
 
@@ -24,6 +29,7 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -77,6 +83,33 @@ async def load(url: str, concurrency: int, n: int, salt: int, twins: bool = Fals
             "aptitude_share": sum(r["route"] == "aptitude" for r in ok) / max(1, len(ok))}
 
 
+class generating:
+    """With ``on``: a client keeps the local model answering 256-token requests while the block
+    runs; yields a one-item list, the completion tokens it got."""
+
+    def __init__(self, url: str, on: bool):
+        self.url, self.on, self.tokens = url, on, [0]
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            r = httpx.post(self.url, timeout=120, json={"model": "local", "max_tokens": 256, "messages": [
+                {"role": "user", "content": "Write a long story about a dragon."}]})
+            self.tokens[0] += (r.json().get("usage") or {}).get("completion_tokens", 0)
+
+    def __enter__(self) -> list[int]:
+        if self.on:
+            self.thread.start()
+            time.sleep(2)  # it is generating when the routed requests start
+        return self.tokens
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        if self.on:
+            self.thread.join()
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", type=int, default=5)
@@ -86,6 +119,8 @@ def main(argv=None) -> int:
     ap.add_argument("--again", action="store_true", help="send each concurrency's requests a second time")
     ap.add_argument("--twins", action="store_true", help="send every request twice at the same moment")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--local-model", action="store_true", help="keep the built-in local model generating")
+    ap.add_argument("--torch-threads", type=int, default=None, help="SATROUTE_SCORER_TORCH_THREADS")
     a = ap.parse_args(argv)
 
     from scorer.aptitude import builtin_profiles
@@ -99,19 +134,25 @@ def main(argv=None) -> int:
         entries = "".join(
             f"  - model_name: {n}\n    litellm_params: {{model: openai/{n}, api_base: \"{upstream}\"}}\n"
             f"    model_info: {{capability_profile: \"builtin:mmlu_pro/{n}\"}}\n" for n in names)
+        if a.local_model:
+            entries += ("  - model_name: local\n    litellm_params: {model: openai/local}\n    model_info: "
+                        f"{{onboard: false, local_server: {{model: 'builtin:smollm2', port: {free_port()}, n_ctx: 2048}}}}\n")
         config = Path(tmp) / "providers.yaml"
         config.write_text(f"model_list:\n{entries}router_settings: {{scorer_timeout_s: {a.scorer_timeout}}}\n")
+        env = {"SATROUTE_STATE_DIR": tmp, "SATROUTE_ONBOARDING": "false", "PYTHONPATH": str(REPO)}
+        if a.torch_threads:
+            env["SATROUTE_SCORER_TORCH_THREADS"] = str(a.torch_threads)
         try:
             procs.append(start([py, str(REPO / "tests/support/mock_upstream.py"), "--port", str(up_port)]))
             procs.append(start([py, "-m", "proxy.cli", "serve", "--config", str(config), "--port", str(port)],
-                               env={"SATROUTE_STATE_DIR": tmp, "SATROUTE_ONBOARDING": "false",
-                                    "PYTHONPATH": str(REPO)}, log=Path(tmp) / "serve.log"))
+                               env=env, log=Path(tmp) / "serve.log"))
             wait_http(f"http://127.0.0.1:{up_port}/v1/models")
             base = f"http://127.0.0.1:{port}"
             deadline = time.time() + 120
-            while time.time() < deadline:  # /ready: the scorer is loaded and warm
+            while time.time() < deadline:  # /ready: the scorer is loaded and warm (and the local model up)
                 try:
-                    if httpx.get(f"{base}/ready", timeout=2).status_code == 200:
+                    if httpx.get(f"{base}/ready", timeout=2).status_code == 200 and (
+                            not a.local_model or '"local"' in httpx.get(f"{base}/v1/models").text):
                         break
                 except httpx.HTTPError:
                     pass
@@ -123,8 +164,10 @@ def main(argv=None) -> int:
             url = f"{base}/v1/chat/completions"
             for salt, c in enumerate(a.concurrency):
                 calls = scorer_calls(base)
-                rows.append(asyncio.run(load(url, c, a.requests, salt, a.twins)))
+                with generating(url, a.local_model) as tokens:
+                    rows.append(asyncio.run(load(url, c, a.requests, salt, a.twins)))
                 rows[-1]["scorer_calls"] = scorer_calls(base) - calls
+                rows[-1]["local_tokens"] = tokens[0]
                 if a.again:  # the same requests once more: retries
                     calls = scorer_calls(base)
                     rows.append({**asyncio.run(load(url, c, a.requests, salt, a.twins)), "again": True})
@@ -134,14 +177,16 @@ def main(argv=None) -> int:
                 stop(p)
     report = {"models": a.models, "twins": a.twins, "scorer": ready.get("scorer"), "scorer_timeout_s": a.scorer_timeout,
               "cpus": os.cpu_count(), "rows": rows}
-    print(f"{a.models} routed models, scorer {ready.get('scorer')}, timeout {a.scorer_timeout} s, {os.cpu_count()} CPUs")
+    print(f"{a.models} routed models, scorer {ready.get('scorer')}, timeout {a.scorer_timeout} s, {os.cpu_count()} CPUs"
+          + (", the local model generating meanwhile" if a.local_model else ""))
     print("| concurrency | requests | requests/s | p50 ms | p90 ms | scorer p50 ms | scorer p90 ms | scoring calls "
-          "| ranked by aptitude | errors |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "| ranked by aptitude | errors |" + (" local model tokens |" if a.local_model else ""))
+    print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if a.local_model else ""))
     for r in rows:
         print(f"| {r['concurrency']}{' (again)' if r.get('again') else ''} | {r['requests']} | {r['rps']:.1f} | "
               f"{r['p50_ms']:.0f} | {r['p90_ms']:.0f} | {r['scorer_p50_ms']:.0f} | {r['scorer_p90_ms']:.0f} | "
-              f"{r['scorer_calls']:.0f} | {r['aptitude_share']:.0%} | {r['errors']} |")
+              f"{r['scorer_calls']:.0f} | {r['aptitude_share']:.0%} | {r['errors']} |"
+              + (f" {r.get('local_tokens', 0)} |" if a.local_model else ""))
     if a.json:
         Path(a.json).write_text(json.dumps(report, indent=1) + "\n", encoding="utf-8")
     return 0

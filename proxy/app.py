@@ -30,7 +30,7 @@ from proxy.auth import MasterKeyAuth, is_loopback
 from proxy.cooldown import Cooldowns
 from proxy.dispatch import Dispatcher, RetryingDispatcher
 from proxy.errors import ConfigError, SatrouteError, error_event, plain_error_response
-from proxy.localserver import local_models_hook
+from proxy.localserver import default_threads, local_models_hook
 from proxy.logs import RequestLogMiddleware
 from proxy.metrics import Metrics
 from proxy.onboarding_service import onboarding_hook, open_store
@@ -178,7 +178,14 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
         def profiles() -> dict:
             return {d.name: d.profile for d in svc.registry.snapshot.models.values() if d.routable}
 
-        svc.spawn(svc.scoring.load(settings, profiles), "scorer-load")
+        busy = getattr(svc.dispatcher, "busy", None)
+
+        def cores_busy() -> int:  # the threads of the local model servers answering now
+            return sum(d.info.local_server.threads or default_threads()
+                       for d in svc.registry.snapshot.models.values()
+                       if d.info.local_server is not None and busy is not None and busy(d.name) > 0)
+
+        svc.spawn(svc.scoring.load(settings, profiles, cores_busy), "scorer-load")
         svc.spawn(svc.registry.watch(settings.reload_interval_s), "config-watch")
         svc.spawn(svc.scoring.keep_warm(profiles, max(1.0, settings.reload_interval_s)), "scorer-warm")
         prepare = getattr(svc.dispatcher, "prepare", None)

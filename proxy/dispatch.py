@@ -19,6 +19,7 @@ import asyncio
 import collections
 import dataclasses
 import functools
+import gc
 import hashlib
 import logging
 import random
@@ -318,6 +319,7 @@ class RetryingDispatcher:
                     return litellm
 
                 self._litellm = await asyncio.to_thread(load)
+                gc.freeze()  # its modules leave the collector's walks (see ScorerHost.load)
                 for listener in self.on_litellm:
                     try:
                         listener()

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import gc
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -97,6 +99,8 @@ class ScorerHost:
         self.on_call = on_call
         self.error: str | None = None
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="scorer")
+        self._torch_threads: Callable[[], int] | None = None  # torch's threads for a call now
+        self._thread_state = threading.local()  # what each scorer thread has set torch to
         self._warm: set[tuple] = set()  # the profiles the scorer has already encoded
         self._typical_s = 0.0  # a moving average of recent scoring calls
         self._remember = remember  # how many requests' scores are kept (0: none)
@@ -147,19 +151,32 @@ class ScorerHost:
         busy = time.perf_counter() - max(starts)
         return busy if busy > self._stall_s else None
 
-    async def load(self, settings: Settings, profiles: Profiles | None = None) -> None:
+    async def load(self, settings: Settings, profiles: Profiles | None = None,
+                   cores_busy: Callable[[], int] | None = None) -> None:
         """Build the configured scorer (in a thread: the real one loads torch and weights), then
-        warm it up on ``profiles()`` (the routable models' profiles) before it takes requests."""
+        warm it up on ``profiles()`` (the routable models' profiles) before it takes requests.
+
+        torch runs a call on ``settings.scorer_torch_threads`` threads, by default on the cores
+        that ``cores_busy()`` (the threads of the local model servers answering now) leaves, read
+        at each call: on all of them, a scoring call and a local model generating beside it slowed
+        each other down two to four times (their threads spin on a busy CPU), and routed requests
+        timed out to the aptitude ranking; an idle local server takes nothing.
+        Once warm, what start-up built is frozen out of the garbage collector's walks
+        (``gc.freeze``): a full collection over it held the event loop for ~350 ms."""
         if self.scorer is not None:
             return
         if settings.scorer == "constant":
             self.scorer = ConstantScorer()
             return
         started = time.perf_counter()
+        told = settings.scorer_torch_threads
+        self._torch_threads = (lambda: told) if told else (
+            lambda: max(1, (os.cpu_count() or 1) - (cores_busy() if cores_busy else 0)))
 
         def build() -> Scorer:
             from scorer import load_scorer
 
+            self._use_torch_threads()
             return load_scorer(settings.scorer_checkpoint, device=settings.scorer_device, dtype=settings.scorer_dtype)
 
         try:
@@ -172,9 +189,11 @@ class ScorerHost:
         checkpoint = getattr(scorer, "checkpoint", None)
         if checkpoint:
             where = f"{where}; checkpoint {checkpoint['path']}, weights {checkpoint['weights_sha256']}"
-        log.info("scorer loaded in %.1f s%s", time.perf_counter() - started, f" ({where})" if where else "")
+        log.info("scorer loaded in %.1f s (%s%s torch threads)", time.perf_counter() - started,
+                 f"{where}; " if where else "", told or "up to %d" % (os.cpu_count() or 1))
         await self._warm_up(scorer, dict(profiles()) if profiles else {}, first=True)
         self.scorer = scorer
+        gc.freeze()
 
     async def _warm_up(self, scorer: Scorer, profiles: Mapping[str, Profile], first: bool = False) -> None:
         """Run the scorer's ``warm_up`` (if it has one) on the profiles it has not met yet, once
@@ -367,10 +386,24 @@ class ScorerHost:
         with self._busy():
             return fn(*args)
 
+    def _use_torch_threads(self) -> None:
+        """torch's thread count for the call about to run on this scorer thread (OpenMP keeps one
+        per calling thread), set when it changes."""
+        if self._torch_threads is None:
+            return
+        wanted = self._torch_threads()
+        if getattr(self._thread_state, "torch", None) == wanted:
+            return
+        import torch
+
+        torch.set_num_threads(wanted)
+        self._thread_state.torch = wanted
+
     @contextmanager
     def _busy(self) -> Iterator[None]:
         """On a scorer thread, around anything that holds it (a scoring call, a warm-up): what the
         stall detection counts."""
+        self._use_torch_threads()
         thread, started = threading.get_ident(), time.perf_counter()
         with self._busy_lock:
             self._busy_since[thread] = started

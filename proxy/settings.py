@@ -53,6 +53,9 @@ class Settings(BaseSettings):
         "auto", description="auto: bfloat16 on CUDA cards (Ampere on) and CPUs with native bfloat16 "
                             "(AVX512-BF16, AMX), else float32")
     scorer_threads: int = Field(1, ge=1, description="threads that run scoring off the event loop")
+    scorer_torch_threads: int | None = Field(
+        None, ge=1, description="CPU threads torch uses for one scoring call; unset: the cores the "
+        "local model servers of providers.yaml leave, at least one")
     # images travel inside the body as base64: a phone photo alone is 5 to 10 MB of it
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     cors_origins: str = Field(

@@ -517,12 +517,69 @@ async def test_the_scorer_is_loaded_in_the_dtype_the_settings_name(monkeypatch, 
     assert host.describe() == {"state": "loaded", "runs_on": "cpu, float32",  # as /ready reports it
                                "checkpoint": Loaded.checkpoint}
     # the log says where the scorer runs and which weights it holds
-    assert "(cpu, float32; checkpoint scorer/checkpoints/default, weights 0123456789abcdef)" in caplog.text
+    assert "(cpu, float32; checkpoint scorer/checkpoints/default, weights 0123456789abcdef; " in caplog.text
     monkeypatch.delenv("SATROUTE_SCORER_DTYPE")
     assert Settings(config=tmp_path / "p.yaml").scorer_dtype == "auto"
     monkeypatch.setenv("SATROUTE_SCORER_DTYPE", "float16")
     with pytest.raises(ValueError, match="scorer_dtype"):
         Settings(config=tmp_path / "p.yaml")
+
+
+def test_the_scorer_leaves_a_busy_local_server_its_cores_and_freezes_what_start_up_built(
+        monkeypatch, tmp_path):
+    """torch used every core: with a local model generating beside it, a scoring call took 2 to 4
+    times longer (both spin on a busy CPU) and routed requests timed out to the aptitude ranking.
+    A call now takes the cores the local servers answering at that moment leave (an idle one takes
+    none); SATROUTE_SCORER_TORCH_THREADS fixes the number. Once loaded, start-up's objects are
+    frozen out of the garbage collector's walks: a full collection over them held the event loop
+    for ~350 ms."""
+    import gc
+    import os
+
+    import torch
+
+    import scorer as scorer_package
+
+    class Loaded:  # says how many threads torch has on the thread that scores
+        def score(self, instruction, candidates):
+            return dict.fromkeys(candidates, float(torch.get_num_threads()))
+
+    monkeypatch.setattr(scorer_package, "load_scorer", lambda *a, **kw: Loaded())
+    config = _config(tmp_path, [
+        {"model_name": "local", "litellm_params": {"model": "openai/local"},
+         "model_info": {"local_server": {"model": str(tmp_path / "missing.gguf"), "threads": 1}}},
+        _entry("m1", "http://127.0.0.1:9/v1", tmp_path)])
+    cores = os.cpu_count() or 1
+
+    def preview(n):  # a new text each time: scores remembered for a text are not scored again
+        return {"model": "auto", "messages": [{"role": "user", "content": f"Question {n}?"}]}
+    gc.unfreeze()
+
+    def threads_used(**settings) -> list[float]:
+        app = create_app(Settings(config=config, scorer="modelsat", scorer_device="cpu",
+                                  reload_interval_s=0.1, onboarding=False,
+                                  state_dir=tmp_path / "state", **settings))
+        with ProxyServer(app) as proxy:
+            wait = time.monotonic() + 30
+            while httpx.get(f"{proxy.base}/ready").json()["scorer"]["state"] != "loaded":
+                assert time.monotonic() < wait, "the scorer never loaded"
+                time.sleep(0.05)
+            def score(n):
+                return httpx.post(f"{proxy.base}/admin/route", json=preview(n)).json()["ranked"][0]["score"]
+
+            used = [score(1)]
+            app.state.services.dispatcher._busy["local"] += 1  # the local model is answering a call
+            used.append(score(2))
+            app.state.services.dispatcher._busy["local"] -= 1
+            used.append(score(3))
+        return used
+
+    try:
+        assert threads_used() == [cores, max(1, cores - 1), cores]
+        assert gc.get_freeze_count() > 0
+        assert threads_used(scorer_torch_threads=3) == [3, 3, 3]
+    finally:
+        gc.unfreeze()
 
 
 @pytest.mark.parametrize("error", [TypeError("unexpected keyword argument 'enable_gqa'"),
