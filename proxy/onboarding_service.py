@@ -11,7 +11,8 @@ the registry read the store again, so the model becomes an ``auto`` candidate. U
 is callable by name only. A run that crashes is recorded as ``failed`` with the reason.
 Other processes share the store (``satroute onboard``, another proxy): a model another process
 onboards now (``ModelBusy``), or whose run the store refused to start, is skipped and tried again on
-a later tick, never marked failed; a profile another process stored is picked up on the next tick.
+a later tick, never marked failed; a profile another process stored (again) is picked up on the next
+tick, and one it forgot stops being routed with.
 Store calls run on worker threads, never on the event loop that serves requests.
 Also the JSON the admin endpoints show (``status``, ``profile``): a ``running`` or ``stalled`` row
 whose lease nobody holds (its process was killed, or an earlier version stopped without saying so)
@@ -145,7 +146,9 @@ class OnboardingService:
         self._digest = b""
         self._questions: frozenset[str] | None = None  # the suite's ids, once loaded
         self._waiting: dict[str, str] = {}  # model -> why its run could not start now (tried again)
-        self._picked_up: dict[str, float] = {}  # model -> updated_at of the done row refreshed for
+        # model -> the stored profile the registry last read for it: its done row's updated_at,
+        # or None (the store held no finished profile)
+        self._picked_up: dict[str, float | None] = {}
         self._reported: set[str] = set()  # models with onboarding series in the metrics
         self._check_error: str | None = None  # why the watch loop's last check failed (logged once)
         self._prepare_failed = False  # litellm's import failed once: not tried before every sync
@@ -202,21 +205,33 @@ class OnboardingService:
                   exc_info=None if isinstance(exc, sqlite3.Error) else exc)
 
     def _pick_up_profiles(self, progress: Iterable[Progress]) -> None:
-        """Make the registry read the store again when a configured model it has no profile for is
-        ``done`` there: another process (``satroute onboard``) finished it, or this process's run
-        did a moment ago (its own refresh comes once the run has read its final progress back).
-        Once per finished row, so a row without its profile does not make every tick read them
-        all."""
-        models = self.registry.snapshot.models
-        for p in progress:
-            d = models.get(p.model)
-            if (p.status != "done" or d is None or d.profile is not None
-                    or self._picked_up.get(p.model) == p.updated_at):
-                continue
-            self._picked_up[p.model] = p.updated_at
+        """Make the registry read the store again when a configured model's stored profile is not
+        the one it last read: its row is ``done`` with another ``updated_at`` (another process,
+        ``satroute onboard``, finished it or measured it again; or this process's run finished a
+        moment ago), or it is no longer ``done`` while the model is routed with a profile (``onboard
+        --restart`` forgot it: the model stops being an ``auto`` candidate, and the next sync
+        onboards it again like any model without a profile). One read of the registry per tick
+        for all such models, and once per stored version, so a row without its profile does not
+        make every tick read them all."""
+        stored = {p.model: p.updated_at if p.status == "done" else None for p in progress}
+        before = self.registry.snapshot.models
+        seen = {name: stored.get(name) for name, d in before.items() if not d.info.capability_profile}
+        stale = [name for name, version in seen.items()
+                 if (name not in self._picked_up or self._picked_up[name] != version)
+                 and (version is not None or before[name].profile is not None)]
+        if stale:
             self.registry.refresh_profiles()
-            if self.registry.snapshot.models[p.model].profile is not None:
-                log.info("model %s is onboarded: now an auto candidate", p.model)
+            after = self.registry.snapshot.models
+            for name in stale:
+                was, now = before[name].profile, after[name].profile if name in after else None
+                if now is not None and was is None:
+                    log.info("model %s is onboarded: now an auto candidate", name)
+                elif now is not None and now != was:
+                    log.info("model %s: the store holds a new profile for it; routed with that one", name)
+                elif now is None and was is not None:
+                    log.warning("model %s: its stored profile was forgotten; no longer an auto "
+                                "candidate until it is onboarded again", name)
+        self._picked_up.update(seen)
 
     def _report(self, progress: list[Progress]) -> None:
         """Onboarding progress into the metrics; the series of models no longer configured are

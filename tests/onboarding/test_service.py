@@ -368,6 +368,47 @@ async def test_a_profile_another_process_stored_is_routed_with_without_a_restart
             watch.cancel()
 
 
+@pytest.mark.parametrize("how", ["measured_again", "forgotten"])
+async def test_a_profile_another_process_replaced_or_forgot_is_not_routed_with(tmp_path, how):
+    """`satroute onboard --restart` beside a proxy that routes with the model's stored profile.
+    Measured again: the next ticks route with the new profile (no restart, no edit). Stopped
+    midway, the store holding no profile and part of a new test: the proxy stops routing with the
+    forgotten profile and, once the other process let go of the model, resumes that test."""
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
+    suite, questions = make_suite()
+    with Store(tmp_path / "state") as store, Store(tmp_path / "state") as cli:
+        cli.finish("m", suite.name, {t: 0.25 for t in suite.task_ids})
+        dispatcher = Answering("The answer is (A).")
+        registry, svc = service(config, store, dispatcher, suite, questions)
+        watch = asyncio.create_task(svc.watch(0.01))
+        try:
+            await asyncio.sleep(0.05)
+            assert registry.snapshot.models["m"].profile == {t: 0.25 for t in suite.task_ids}
+            cli.claim("m", suite.name)
+            cli.forget("m")
+            cli.begin("m", suite.name, len(questions))
+            if how == "measured_again":
+                cli.finish("m", suite.name, {t: 0.75 for t in suite.task_ids}, leased=True)
+                await wait_until(lambda: registry.snapshot.models["m"].profile
+                                 == {t: 0.75 for t in suite.task_ids}, 2)
+                assert svc.profile("m")["tasks"] == {t: 0.75 for t in suite.task_ids}
+                assert dispatcher.calls == 0
+                return
+            for q in questions[:3]:
+                cli.record("m", GradedAnswer(q.id, "B", q.answer == "B"), leased=True)
+            await wait_until(lambda: registry.snapshot.models["m"].profile is None, 2)
+            assert svc.profile("m") is None and dispatcher.calls == 0  # the other process holds it
+            cli.interrupted("m")
+            cli.release("m")
+            await wait_until(lambda: registry.snapshot.models["m"].profile is not None)
+            assert dispatcher.calls == len(questions) - 3  # resumed, not started over
+            assert store.progress("m").status == "done"
+        finally:
+            watch.cancel()
+            await svc.stop()
+
+
 async def test_a_model_freed_by_another_process_is_resumed_by_the_service(tmp_path):
     config = tmp_path / "providers.yaml"
     write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
