@@ -20,7 +20,8 @@ Durability: ``synchronous=NORMAL`` in WAL mode survives any crash or kill of the
 operating-system crash or power loss may drop the last few commits (which are then asked again).
 Damage: ``PRAGMA quick_check`` when the store opens (a damaged file is refused with one line,
 not met later as a traceback on every read); a stored profile that no longer parses is skipped with
-one warning.
+one warning. A file this process cannot write (SQLite opens it read-only without a word) is refused
+when the store opens too, by a write that changes nothing.
 Schema changes: a column added to an existing table is added to older databases when they are opened
 (``_COLUMNS_ADDED``), so a database written by an earlier version keeps working and its rows stay
 readable (the new columns read as null).
@@ -225,13 +226,14 @@ class Store:
         try:
             self._wal()
             self._check()
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            with self._lock:
+                self._writable()
+                self._db.executescript(_SCHEMA)
+                self._add_missing_columns()
         except BaseException:
             self._db.close()
             raise
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        with self._lock:
-            self._db.executescript(_SCHEMA)
-            self._add_missing_columns()
         self._reader = self._connect()
 
     def _connect(self) -> sqlite3.Connection:
@@ -268,6 +270,21 @@ class Store:
         if problems != ["ok"]:
             more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
             raise self._damaged(f"{problems[0]}{more}")
+
+    def _writable(self) -> None:
+        """Refuse a database this process cannot write (a file owned by another user, a read-only
+        mount) at once (caller holds the lock): SQLite opens such a file read-only without a word,
+        and every write (answers, the routing log) would fail later. Setting ``user_version`` to
+        its own value is a real write that changes nothing."""
+        try:
+            version = self._db.execute("PRAGMA user_version").fetchone()[0]
+            self._db.execute(f"PRAGMA user_version={int(version)}")
+        except sqlite3.OperationalError as exc:
+            if not (exc.sqlite_errorname or "").startswith("SQLITE_READONLY"):
+                raise  # locked past the busy timeout: says nothing about permissions
+            raise sqlite3.OperationalError(
+                f"{self.path} cannot be written ({exc}): give the user this process runs as "
+                "write access to it and to its folder") from None
 
     def _damaged(self, problem: str) -> sqlite3.DatabaseError:
         return sqlite3.DatabaseError(

@@ -21,6 +21,7 @@ from proxy.store import GradedAnswer, ModelBusy, Store, _instance
 
 from onboarding.fakes import (FakeAsker, Answering, make_suite, model_entry, service, wait_until,
                               write_providers)
+from support.read_only import make_read_only
 
 HOST = socket.gethostname()
 
@@ -263,6 +264,19 @@ def test_a_damaged_store_is_refused_when_it_opens_with_one_line(tmp_path, where)
         Store(tmp_path)
     message = str(refused.value)
     assert "satroute.db is damaged" in message and "backup" in message and "\n" not in message
+
+
+def test_a_store_that_cannot_be_written_is_refused_when_it_opens_with_one_line(tmp_path, monkeypatch):
+    """A satroute.db owned by another user (restored by root, a read-only volume): SQLite opens
+    it read-only without a word, so every answer and the routing log would be lost later."""
+    with Store(tmp_path) as store:
+        store.begin("m", "tiny", 20)
+    make_read_only(monkeypatch, tmp_path / "satroute.db")
+    with pytest.raises(sqlite3.OperationalError) as refused:
+        Store(tmp_path)
+    message = str(refused.value)
+    assert "satroute.db cannot be written" in message and "write access" in message
+    assert "\n" not in message
 
 
 async def test_a_store_that_cannot_be_read_answers_503_and_the_loop_logs_it_once(tmp_path, caplog):

@@ -8,6 +8,8 @@ import types
 import pytest
 
 from proxy import cli
+from proxy.store import Store
+from support.read_only import make_read_only
 
 
 def test_serve_flags_win_over_environment(monkeypatch, tmp_path):
@@ -83,15 +85,18 @@ def test_a_variable_set_to_nothing_is_a_setting_left_unset(monkeypatch):
     assert (settings.onboarding_spend_cap_usd, settings.port) == (defaults.onboarding_spend_cap_usd, 8000)
 
 
-@pytest.mark.parametrize("broken", ["a_file", "db_is_a_folder"])
+@pytest.mark.parametrize("broken", ["a_file", "db_is_a_folder", "db_read_only"])
 def test_serve_with_an_unusable_state_dir_exits_2_in_one_line(monkeypatch, tmp_path, capsys, broken):
     cfg = tmp_path / "providers.yaml"
     cfg.write_text("model_list:\n  - {model_name: a, litellm_params: {model: openai/a}}\n")
     state = tmp_path / "state"
     if broken == "a_file":
         state.write_text("not a folder")
-    else:
+    elif broken == "db_is_a_folder":
         (state / "satroute.db").mkdir(parents=True)
+    else:  # left by an earlier run as another user: serving would lose every write
+        Store(state).close()
+        make_read_only(monkeypatch, state / "satroute.db")
     monkeypatch.setenv("SATROUTE_SCORER", "constant")
     monkeypatch.setenv("SATROUTE_STATE_DIR", str(state))
     monkeypatch.setattr("uvicorn.Server.run", lambda *a, **kw: pytest.fail("served without its state store"))
