@@ -804,7 +804,7 @@ async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int
     from proxy.dispatch import RetryingDispatcher
     from proxy.onboarding_service import (DispatchAsker, prices_of, service_options,
                                           upstream_fingerprint)
-    from proxy.providers import ProviderRegistry
+    from proxy.providers import ProviderRegistry, legacy_fingerprint
     from proxy.questions import load_questions
     from proxy.settings import environ
     from scorer.aptitude import load_suite
@@ -839,7 +839,7 @@ async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int
         if restart:
             await asyncio.to_thread(store.forget, model)
         upstream = upstream_fingerprint(d)
-        if await asyncio.to_thread(store.upstream_changed, model, upstream):
+        if await asyncio.to_thread(store.upstream_changed, model, upstream, legacy_fingerprint(d)):
             print(f"satroute onboard: {model} now points at another upstream ({d.model}): "
                   "forgetting its stored answers and profile", file=sys.stderr)
             await asyncio.to_thread(store.forget, model)

@@ -35,7 +35,7 @@ from proxy.dispatch import Call, Dispatcher
 from proxy.errors import ServiceUnavailable, UpstreamTransient
 from proxy.onboarding import Onboarding, Options, Prices, RunCancelled, Said, status_of
 from proxy.prices import LITELLM_PRICE_KEYS, litellm_cost, listed_prices
-from proxy.providers import Deployment, ProviderRegistry, upstream_fingerprint
+from proxy.providers import Deployment, ProviderRegistry, legacy_fingerprint, upstream_fingerprint
 from proxy.questions import Question, QuestionSourceError, load_questions
 from proxy.store import ModelBusy, Progress, Store
 from scorer.data import DataError
@@ -291,7 +291,7 @@ class OnboardingService:
                     continue
             elif not onboardable(d):
                 continue
-            elif (changed := await self._upstream_changed(name, upstream)) is None:
+            elif (changed := await self._upstream_changed(name, upstream, legacy_fingerprint(d))) is None:
                 continue  # the store could not tell now: a later tick asks again
             elif changed:
                 log.warning("onboarding %s: its upstream changed; forgetting its answers and "
@@ -307,11 +307,11 @@ class OnboardingService:
             self.runs[name] = self.spawn(self._run(d, digest, after=task if running else None),
                                          f"onboard-{name}")
 
-    async def _upstream_changed(self, name: str, upstream: str) -> bool | None:
+    async def _upstream_changed(self, name: str, upstream: str, legacy: str) -> bool | None:
         """``Store.upstream_changed`` on a thread; None (and the model waits for a later tick)
         when the store refuses the check now (locked past its busy timeout)."""
         try:
-            return await asyncio.to_thread(self.store.upstream_changed, name, upstream)
+            return await asyncio.to_thread(self.store.upstream_changed, name, upstream, legacy)
         except sqlite3.OperationalError as exc:
             self._wait(name, f"the state store refuses writes: {exc}")
             return None

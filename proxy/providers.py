@@ -25,7 +25,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -49,9 +49,10 @@ RESERVED_LOCAL_FLAGS = frozenset({"host", "port", "model", "model_alias", "n_ctx
 
 class ProfileSource(Protocol):
     """Where profiles of models without one in providers.yaml come from (the onboarding store):
-    only a profile measured on ``upstream`` (an ``upstream_fingerprint``) is returned."""
+    only a profile measured on ``upstream`` (an ``upstream_fingerprint``; or recorded by an
+    earlier version as ``legacy``, its ``legacy_fingerprint``) is returned."""
 
-    def get(self, model_name: str, upstream: str) -> Profile | None: ...
+    def get(self, model_name: str, upstream: str, legacy: str | None = None) -> Profile | None: ...
 
 
 def _null_is_empty(value: Any) -> Any:
@@ -210,9 +211,39 @@ class Deployment:
 
 
 def upstream_fingerprint(d: Deployment) -> str:
-    """What answers for a model name: its ``litellm_params.model`` and ``api_base`` (hashed, so
-    a secret in a URL never reaches the store). A profile measured on another upstream is stale."""
-    return hashlib.sha256(f"{d.model}\n{d.api_base or ''}".encode()).hexdigest()[:16]
+    """What answers for a model name: its provider (``openai`` where ``litellm_params.model`` names
+    none) and the model id the upstream knows, and ``api_base`` as it reaches the upstream
+    (``_plain_base``), hashed. The same upstream written another way (``fake`` or ``openai/fake``,
+    a trailing ``/``, ``LOCALHOST``, a rotated password in the URL) has the same fingerprint; a
+    profile measured on another upstream (another host, 127.0.0.1 for localhost included) is
+    stale."""
+    return _fingerprint(f"{d.provider}/{d.upstream_model}", _plain_base(d.api_base))
+
+
+def legacy_fingerprint(d: Deployment) -> str:
+    """The fingerprint earlier versions recorded for ``d``: of ``litellm_params.model`` and
+    ``api_base`` as written. A store holding it measured the same upstream as one holding
+    ``upstream_fingerprint(d)`` (and gets that one recorded instead)."""
+    return _fingerprint(d.model, d.api_base or "")
+
+
+def _fingerprint(model: str, api_base: str) -> str:
+    """Hashed, so that a secret in a URL never reaches the store."""
+    return hashlib.sha256(f"{model}\n{api_base}".encode()).hexdigest()[:16]
+
+
+def _plain_base(api_base: str | None) -> str:
+    """``api_base`` without what does not change the upstream: credentials (``user:password@``),
+    the case of its scheme and host, a trailing ``/``. The port, path and query are kept as
+    written."""
+    if not api_base:
+        return ""
+    try:
+        url = urlsplit(api_base)
+    except ValueError:  # not a URL at all: as written
+        return api_base.rstrip("/")
+    host = url.netloc.rpartition("@")[2].lower()
+    return urlunsplit((url.scheme.lower(), host, url.path.rstrip("/"), url.query, url.fragment))
 
 
 @dataclass(frozen=True)
@@ -578,7 +609,9 @@ class ProviderRegistry:
         """The profile onboarding gave a model: set at run time, or stored for its upstream."""
         if d.name in self._profiles:
             return self._profiles[d.name]
-        return self._source.get(d.name, upstream_fingerprint(d)) if self._source is not None else None
+        if self._source is None:
+            return None
+        return self._source.get(d.name, upstream_fingerprint(d), legacy_fingerprint(d))
 
     def _build(self, text: str) -> Snapshot:
         # profiles from onboarding are looked up once, by _derive (a store read per model)

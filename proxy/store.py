@@ -417,18 +417,19 @@ class Store:
                 "owner=excluded.owner, heartbeat=excluded.heartbeat",
                 (model, suite, total, estimated_cost, now, now, upstream, self.owner, now))
 
-    def upstream_changed(self, model: str, upstream: str) -> bool:
+    def upstream_changed(self, model: str, upstream: str, legacy: str | None = None) -> bool:
         """True when the model's stored answers came from another upstream than ``upstream`` (a
-        fingerprint). A row stored without one (by an earlier version) counts as the same
-        upstream and gets ``upstream`` recorded; nothing stored: False."""
+        fingerprint). A row stored without one, or with ``legacy`` (the same upstream's
+        fingerprint in an earlier version's form), counts as the same upstream and gets
+        ``upstream`` recorded; nothing stored: False."""
         with self._lock:
             row = self._db.execute("SELECT upstream FROM onboarding WHERE model = ?",
                                    (model,)).fetchone()
             if row is None:
                 return False
-            if row[0] is None:
+            if row[0] is None or row[0] == legacy != upstream:
                 self._db.execute("UPDATE onboarding SET upstream = ? WHERE model = ? "
-                                 "AND upstream IS NULL", (upstream, model))
+                                 "AND upstream IS ?", (upstream, model, row[0]))
                 return False
             return row[0] != upstream
 
@@ -555,14 +556,15 @@ class Store:
                 "heartbeat=NULL",
                 (model, suite, note, now))
 
-    def get(self, model_name: str, upstream: str | None = None) -> dict[str, float] | None:
+    def get(self, model_name: str, upstream: str | None = None,
+            legacy: str | None = None) -> dict[str, float] | None:
         """A finished profile, or None (the ProfileSource seam of the provider registry). With
         ``upstream`` (a fingerprint), only one measured on that upstream: another model behind the
-        same name has no profile yet. A row without a recorded upstream (an earlier version's)
-        is taken as measured on it."""
+        same name has no profile yet. A row without a recorded upstream, or with ``legacy`` (the
+        same upstream's fingerprint in an earlier version's form), is taken as measured on it."""
         rows = self._read("SELECT p.tasks FROM profiles p LEFT JOIN onboarding o ON o.model = p.model "
-                          "WHERE p.model = ? AND (? IS NULL OR o.upstream IS NULL OR o.upstream = ?)",
-                          (model_name, upstream, upstream))
+                          "WHERE p.model = ? AND (? IS NULL OR o.upstream IS NULL OR o.upstream = ? "
+                          "OR o.upstream = ?)", (model_name, upstream, upstream, legacy))
         if not rows:
             return None
         try:

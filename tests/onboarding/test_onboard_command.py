@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import signal
@@ -89,6 +90,27 @@ def test_onboard_command_leaves_a_model_another_process_onboards(tmp_path, up, c
         other.release("fresh")
         assert main(argv) == 0
         assert len(up.bodies("fresh")) == 5  # the stored answer is not asked again
+
+
+def test_onboard_command_resumes_a_run_an_earlier_version_fingerprinted(tmp_path, up, capsys):
+    """Upgrading: the store holds the upstream's fingerprint in an earlier version's form (of
+    litellm_params.model as written, here without its provider): the same upstream, so the
+    answers stored are kept and only the others asked."""
+    suite, data = tiny_suite_files(tmp_path)
+    up.set("fresh", answer("So the answer is (B)."))
+    config = tmp_path / "providers.yaml"
+    entry = model_entry("fresh", up.url, tmp_path)
+    entry["litellm_params"]["model"] = "fresh"
+    write_providers(config, [entry])
+    with Store(tmp_path / "state") as store:
+        store.begin("fresh", "tiny", 6,
+                    upstream=hashlib.sha256(f"fresh\n{up.url}".encode()).hexdigest()[:16])
+        store.record("fresh", GradedAnswer("mmlu_pro/0", "A", True))
+        store.interrupted("fresh")
+    assert main(["onboard", "fresh", "--config", str(config), "--state-dir", str(tmp_path / "state"),
+                 "--data", str(data), "--suite", str(suite)]) == 0
+    assert "another upstream" not in capsys.readouterr().err
+    assert len(up.bodies("fresh")) == 5  # the stored answer is not asked again
 
 
 def test_onboard_command_invalid_settings_and_state_are_one_line(tmp_path, up, capsys):

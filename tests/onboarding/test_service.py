@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import sqlite3
 import threading
 
@@ -11,7 +12,7 @@ import pytest
 from proxy.dispatch import Reply
 from proxy.onboarding import Onboarding, Options
 from proxy.onboarding_service import DispatchAsker, OnboardingService
-from proxy.providers import ProviderRegistry
+from proxy.providers import ProviderRegistry, upstream_fingerprint
 from proxy.store import GradedAnswer, Store
 
 from onboarding.fakes import Answering, make_suite, model_entry, service, spawn, wait_until, write_providers
@@ -268,6 +269,42 @@ async def test_a_store_without_upstream_fingerprints_keeps_its_profile(tmp_path)
         await svc.sync()  # the fingerprint recorded above differs now
         await asyncio.wait_for(svc.runs["m"], 10)
         assert dispatcher.calls == {"openai/big": 12}
+
+
+async def test_a_store_with_fingerprints_of_the_earlier_form_keeps_its_profiles(tmp_path):
+    """Upgrading: the store holds fingerprints an earlier version hashed from litellm_params.model
+    and api_base as written. Nothing is onboarded again, the models are routed with their profiles
+    (an opted-out one too, which onboarding never checks), the fingerprint is rewritten to today's
+    form, and an edit that writes the same upstream another way changes nothing."""
+    def earlier_form(entry: dict) -> str:
+        params = entry["litellm_params"]
+        return hashlib.sha256(f"{params['model']}\n{params['api_base']}".encode()).hexdigest()[:16]
+
+    config = tmp_path / "providers.yaml"
+    entries = [model_entry(name, "http://user:pw1@Upstream.example:9/v1/", tmp_path)
+               for name in ("m", "off")]
+    entries[0]["litellm_params"]["model"] = "tiny"  # no provider: openai
+    entries[1]["model_info"]["onboard"] = False
+    write_providers(config, entries)
+    suite, questions = make_suite()
+    with Store(tmp_path / "state") as store:
+        for entry in entries:
+            name = entry["model_name"]
+            store.begin(name, suite.name, len(questions), upstream=earlier_form(entry))
+            store.finish(name, suite.name, {t: 0.5 for t in suite.task_ids})
+        dispatcher = ByUpstream()
+        registry, svc = service(config, store, dispatcher, suite, questions)
+        await svc.sync()
+        assert not svc.runs and dispatcher.calls == {}
+        assert registry.snapshot.models["m"].routable and registry.snapshot.models["off"].routable
+        stored = store._read("SELECT upstream FROM onboarding WHERE model = 'm'")[0][0]
+        assert stored == upstream_fingerprint(registry.snapshot.models["m"]) != earlier_form(entries[0])
+        entries[0]["litellm_params"].update(model="openai/tiny", api_base="http://user:pw2@upstream.example:9/v1")
+        write_providers(config, entries)
+        assert registry.reload()
+        await svc.sync()
+        assert not svc.runs and dispatcher.calls == {}
+        assert registry.snapshot.models["m"].profile == {t: 0.5 for t in suite.task_ids}
 
 
 async def test_a_model_opted_out_says_so_and_forget_is_one_transaction(tmp_path):

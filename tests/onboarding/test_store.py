@@ -129,6 +129,22 @@ def test_a_profile_is_given_only_for_the_upstream_it_was_measured_on(tmp_path):
         assert s.get("nobody", "fp-a") is None
 
 
+def test_an_upstream_fingerprint_of_an_earlier_version_s_form_counts_as_the_same(tmp_path):
+    """A store written before the fingerprint was normalised holds the earlier form (``legacy``):
+    the same upstream, whose profile is given, and whose fingerprint is rewritten to today's form."""
+    with Store(tmp_path) as s:
+        s.begin("m", "suite", total=1, upstream="fp-old-form")
+        s.finish("m", "suite", {"t1": 0.5})
+        assert s.get("m", "fp-new-form", legacy="fp-old-form") == {"t1": 0.5}
+        assert s.get("m", "fp-new-form") is None and s.get("m", "fp-other", legacy="fp-x") is None
+        assert s.upstream_changed("m", "fp-other", legacy="fp-x")
+        assert not s.upstream_changed("m", "fp-new-form", legacy="fp-old-form")
+    with Store(tmp_path) as s:  # rewritten durably: the earlier form is no longer needed
+        assert not s.upstream_changed("m", "fp-new-form")
+        assert s.upstream_changed("m", "fp-old-form")
+        assert s.get("m", "fp-new-form") == {"t1": 0.5}
+
+
 def test_spend_is_recorded_with_each_answer(tmp_path):
     with Store(tmp_path) as s:
         s.begin("m", "suite", total=3, upstream="fp")

@@ -290,7 +290,7 @@ class Source:
     def __init__(self):
         self.profiles = {}
 
-    def get(self, name, upstream):
+    def get(self, name, upstream, legacy=None):
         return self.profiles.get(name)
 
 
@@ -355,6 +355,27 @@ def test_upstream_fingerprint_is_the_one_onboarding_records():
     d = snap(_entry("http://a/v1")).models["fresh"]
     assert onboarding_service.upstream_fingerprint(d) == upstream_fingerprint(d)
     assert upstream_fingerprint(d) != upstream_fingerprint(snap(_entry("http://b/v1")).models["fresh"])
+
+
+def test_the_same_upstream_written_another_way_has_the_same_fingerprint():
+    """A trailing slash, the host's or scheme's case, a rotated password in the URL, or the
+    provider prefix the file may leave out (openai) name the same upstream: a profile measured on
+    it must not be forgotten, and the test paid again, for such an edit."""
+    def fingerprint(api_base: str, model: str = "openai/fresh") -> str:
+        return upstream_fingerprint(snap(_entry(api_base, model)).models["fresh"])
+
+    same = fingerprint("http://user:pw1@h.example:8000/v1")
+    for written in ("http://user:pw1@h.example:8000/v1/", "http://user:pw2@h.example:8000/v1",
+                    "http://h.example:8000/v1", "HTTP://H.Example:8000/v1"):
+        assert fingerprint(written) == same, written
+    assert fingerprint("http://h.example:8000/v1", model="fresh") == same
+    for other in ("http://h.example:8001/v1", "http://h.example:8000/v2", "https://h.example:8000/v1",
+                  "http://h.example:8000/V1", "http://other.example:8000/v1"):
+        assert fingerprint(other) != same, other
+    assert fingerprint("http://h.example:8000/v1", model="hosted_vllm/fresh") != same
+    # two names of the same machine, in general two hosts
+    assert fingerprint("http://localhost:8000/v1") != fingerprint("http://127.0.0.1:8000/v1")
+    assert fingerprint("http://LOCALHOST:8000/v1/") == fingerprint("http://localhost:8000/v1")
 
 
 def test_example_providers_yaml_loads():
