@@ -11,8 +11,8 @@ processes may read at the same time (WAL), and a second writer waits ``busy_time
 failing (opening a new database included: switching it to WAL is retried while another process holds it).
 Who onboards a model: ``claim``/``begin`` take a lease on its ``onboarding`` row (``owner``, this
 process's id, and a ``heartbeat`` the run refreshes), granted only when no other live process holds it;
-a lease without a heartbeat for ``LEASE_STALE_S`` (or of a dead process on this host) is free again, so
-a crash never blocks a model for ever. ``ModelBusy`` says who holds it. The owner names the process
+a lease without a heartbeat for ``LEASE_STALE_S`` (or with one as far in the future, or of a dead
+process on this host) is free again, so a crash never blocks a model for ever. ``ModelBusy`` says who holds it. The owner names the process
 instance (``host:pid:random:boot-start``, the start time from /proc): a restarted container's proxy
 is PID 1 again on the same host name, and must not take its dead predecessor for alive. A run's own
 writes (``leased=True``) are made only while it still holds the lease.
@@ -341,12 +341,14 @@ class Store:
     # -- onboarding status ------------------------------------------------------------------
     def held(self, owner: str | None, heartbeat: float | None) -> bool:
         """True when a lease stored as ``owner`` and ``heartbeat`` is held: it is this process's,
-        or another live process's fresh one."""
+        or another live process's fresh one (its heartbeat less than ``lease_stale_s`` from now,
+        either way: one further ahead was written by a host whose clock was ahead, or before the
+        clock was stepped back, and would keep a killed process's lease for as long)."""
         if owner is None:
             return False
         if owner == self.owner:
             return True
-        return time.time() - (heartbeat or 0.0) < self.lease_stale_s and _alive_here(owner)
+        return abs(time.time() - (heartbeat or 0.0)) < self.lease_stale_s and _alive_here(owner)
 
     def _holder(self, model: str) -> str | None:
         """The owner of another live process's fresh lease on ``model``, else None (caller is in a

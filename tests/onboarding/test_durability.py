@@ -157,6 +157,13 @@ async def test_a_row_left_running_by_a_process_that_is_gone_is_shown_pending(tmp
 
 
 # -- who holds a lease ----------------------------------------------------------------------------
+def _lease(store: Store, owner: str, heartbeat: float) -> None:
+    """Model ``m`` stored ``running`` under a lease of ``owner`` with ``heartbeat``."""
+    store._db.execute("INSERT INTO onboarding (model, suite, status, updated_at, owner, heartbeat) "
+                      "VALUES ('m', 's', 'running', 0, ?, ?) ON CONFLICT(model) DO UPDATE SET "
+                      "owner = excluded.owner, heartbeat = excluded.heartbeat", (owner, heartbeat))
+
+
 def test_a_lease_of_a_dead_process_whose_pid_is_used_again_is_free(tmp_path):
     """A restarted container's proxy is PID 1 again on the same host name: its predecessor's
     lease, heartbeat still fresh, names the same pid but another process instance."""
@@ -168,10 +175,7 @@ def test_a_lease_of_a_dead_process_whose_pid_is_used_again_is_free(tmp_path):
         assert store.owner.startswith(f"{HOST}:{os.getpid()}:") and store.owner.endswith(f":{here}")
 
         def held_by(owner: str) -> None:
-            store._db.execute("INSERT INTO onboarding (model, suite, status, updated_at, owner, "
-                              "heartbeat) VALUES ('m', 's', 'running', 0, ?, ?) ON CONFLICT(model) "
-                              "DO UPDATE SET owner = excluded.owner, heartbeat = excluded.heartbeat",
-                              (owner, time.time()))
+            _lease(store, owner, time.time())
 
         held_by(f"{HOST}:{os.getpid()}:0badf00d:{boot}-1")  # our pid, started long before us
         store.claim("m")  # free at once, not after LEASE_STALE_S
@@ -182,6 +186,21 @@ def test_a_lease_of_a_dead_process_whose_pid_is_used_again_is_free(tmp_path):
         held_by(f"{HOST}:{os.getpid()}:0badf00d")  # an earlier version's owner: by the pid alone
         with pytest.raises(ModelBusy):
             store.claim("m")
+
+
+def test_a_lease_whose_heartbeat_is_far_in_the_future_is_free(tmp_path):
+    """A heartbeat written by a host whose clock was ahead, or before the clock was stepped
+    back, says nothing about the process now: further than the staleness in the future, the lease
+    is free (else a killed process would block the model for as long); a little ahead (clocks a
+    few seconds apart), it is held."""
+    with Store(tmp_path) as store:
+        _lease(store, "elsewhere:1:0badf00d", time.time() + 5)
+        with pytest.raises(ModelBusy):
+            store.claim("m")
+        _lease(store, "elsewhere:1:0badf00d", time.time() + 3600)
+        assert not store.held("elsewhere:1:0badf00d", time.time() + 3600)
+        store.claim("m")
+        assert store.progress("m").owner == store.owner
 
 
 # -- a run taken over -----------------------------------------------------------------------------
