@@ -268,8 +268,11 @@ class Store:
         except sqlite3.DatabaseError as exc:  # too damaged for the check to go through
             problems = [str(exc)]
         if problems != ["ok"]:
-            more = f" (and {len(problems) - 1} more problems)" if len(problems) > 1 else ""
-            raise self._damaged(f"{problems[0]}{more}")
+            # one row may hold several lines, the first of them SQLite's "*** in database main ***"
+            lines = [line.strip() for problem in problems for line in str(problem).splitlines()
+                     if line.strip() and not line.startswith("*** ")] or ["quick_check failed"]
+            more = f" (and {len(lines) - 3} more problems)" if len(lines) > 3 else ""
+            raise self._damaged("; ".join(lines[:3]) + more)
 
     def _writable(self) -> None:
         """Refuse a database this process cannot write (a file owned by another user, a read-only

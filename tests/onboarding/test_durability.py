@@ -254,8 +254,9 @@ async def test_a_run_checks_its_lease_before_a_question_when_its_heartbeat_is_la
 
 
 # -- a damaged store ------------------------------------------------------------------------------
-def _damage(state) -> None:
-    """A page of garbage in a store whose header and schema are intact (bit rot, a torn copy)."""
+def _damage(state, page: int | None = None) -> None:
+    """A page of garbage in a store whose header and schema are intact (bit rot, a torn copy):
+    ``page`` (counted from 1), else the last but one."""
     with Store(state) as store:
         store.begin("m", "tiny", 20)
         for i in range(8):
@@ -267,22 +268,25 @@ def _damage(state) -> None:
     path = state / "satroute.db"
     pages = path.stat().st_size // 4096
     with open(path, "r+b") as f:
-        f.seek(4096 * (pages - 2))
+        f.seek(4096 * ((page or pages - 1) - 1))
         f.write(bytes(range(256)) * 16)
 
 
-@pytest.mark.parametrize("where", ["a later page", "the header"])
+@pytest.mark.parametrize("where", ["a later page", "the header", "a table's first page"])
 def test_a_damaged_store_is_refused_when_it_opens_with_one_line(tmp_path, where):
     if where == "the header":  # SQLite's "file is not a database", before any check can run
         with Store(tmp_path):
             pass
         (tmp_path / "satroute.db").write_bytes(b"garbage, not SQLite " * 300)
-    else:
-        _damage(tmp_path)
+    else:  # a table's first page: quick_check's answer starts "*** in database main ***\n"
+        _damage(tmp_path, 3 if where == "a table's first page" else None)
     with pytest.raises(sqlite3.DatabaseError) as refused:
         Store(tmp_path)
     message = str(refused.value)
     assert "satroute.db is damaged" in message and "backup" in message and "\n" not in message
+    assert "***" not in message
+    if where == "a table's first page":
+        assert "is damaged: Page 3: " in message
 
 
 def test_a_store_that_cannot_be_written_is_refused_when_it_opens_with_one_line(tmp_path, monkeypatch):
