@@ -759,21 +759,84 @@ def openai_shape(obj: dict[str, Any]) -> dict[str, Any]:
     return obj
 
 
+class _ChoiceEnds:
+    """What litellm's stream wrapper loses of a streamed answer with ``n`` > 1 choices, put back.
+    litellm keeps one ``finish_reason`` for the whole stream and sends it on one closing chunk, for
+    choice 0, dropping the upstream's end of every choice; and it strips the role from every chunk
+    after the stream's first (dropping a chunk that had nothing else), so the other choices start
+    without one. OpenAI starts every choice with its role and ends every one with a
+    ``finish_reason``, and the SDKs' stream helpers rely on it (the Node SDK throws "missing
+    finish_reason for choice 1").
+
+    ``seen`` notes a chunk's choices as it goes out, giving a choice first seen after the stream's
+    first one the role that one had; ``closings`` are, once, the chunks that end every choice seen
+    and not ended, with the stream's ``finish_reason``: none for a one-choice stream, nor for a
+    stream that ended no choice."""
+
+    def __init__(self) -> None:
+        self.role: Any = None
+        self.started: dict[int, None] = {}  # choice indexes, in the order they came
+        self.ended: set[int] = set()
+        self.finish: Any = None  # the last finish_reason relayed: the stream's, as litellm keeps one
+        self.ending: dict[str, Any] = {}  # the chunk that carried it: the others' ends copy its fields
+
+    def seen(self, obj: dict[str, Any]) -> dict[str, Any]:
+        for choice in obj.get("choices") or ():
+            index = choice.get("index") if isinstance(choice, dict) else None
+            if not isinstance(index, int):
+                continue
+            delta = choice.get("delta")
+            if index not in self.started and isinstance(delta, dict):
+                if not self.started:
+                    self.role = delta.get("role")
+                elif self.role is not None and "role" not in delta:
+                    delta["role"] = self.role
+            self.started.setdefault(index)
+            if choice.get("finish_reason") is not None:
+                self.ended.add(index)
+                self.finish, self.ending = choice["finish_reason"], obj
+        return obj
+
+    def closings(self) -> list[dict[str, Any]]:
+        if self.finish is None:  # the stream never ended a choice: there is no reason to give
+            return []
+        left = [index for index in self.started if index not in self.ended]
+        self.ended.update(left)
+        closings = []
+        for index in left:
+            closing = dict(self.ending, choices=[{"index": index, "delta": {}, "logprobs": None,
+                                                  "finish_reason": self.finish}])
+            closing.pop("usage", None)  # include_usage's usage is sent once, on its own chunk
+            closings.append(closing)
+        return closings
+
+
 async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type,
                           redact: Callable[[str], str]) -> AsyncIterator[bytes]:
-    def encode(chunk: Any) -> bytes:
+    ends = _ChoiceEnds()
+
+    def shaped(chunk: Any) -> dict[str, Any]:
         chunk.model = name
-        return b"data: " + dumps_lenient(openai_shape(chunk.model_dump(exclude_none=True))) + b"\n\n"
+        return openai_shape(chunk.model_dump(exclude_none=True))
+
+    def encode(obj: dict[str, Any]) -> bytes:
+        return b"data: " + dumps_lenient(obj) + b"\n\n"
 
     try:
-        yield encode(first)
+        yield encode(ends.seen(shaped(first)))
         try:
             async for chunk in stream:
-                yield encode(chunk)
+                obj = shaped(chunk)
+                if obj.get("choices") == [] and "usage" in obj:  # include_usage's chunk stays the last
+                    for closing in ends.closings():
+                        yield encode(closing)
+                yield encode(ends.seen(obj))
         except errors as exc:  # the upstream's own reason ("Overloaded"), not only litellm's class name
             said = _said(redact(str(getattr(exc, "message", None) or exc)))
             yield interrupted_event(said or type(exc).__name__)
             return
+        for closing in ends.closings():
+            yield encode(closing)
         yield b"data: [DONE]\n\n"
     finally:  # closed early (a client that stopped reading): the model's connection goes now, not at GC
         aclose = getattr(stream, "aclose", None)

@@ -8,6 +8,7 @@ import time
 import httpx
 import openai
 import pytest
+from openai.lib.streaming.chat import ChatCompletionStreamState
 
 from conftest import RecordingScorer, model_entry, write_config
 from support.mock_upstream import answer, fail
@@ -162,6 +163,42 @@ def test_a_refusal_and_the_null_fields_come_back_in_openai_s_shape(proxy, upstre
     assert shapes["oai-lite"] == shapes["oai-fast"]
 
 
+def _streamed(proxy, name: str, **params) -> list:
+    """The chunks of a streamed answer, with include_usage's chunk."""
+    return list(client(proxy).chat.completions.create(model=name, messages=MESSAGES, stream=True,
+                                                      stream_options={"include_usage": True}, **params))
+
+
+@pytest.mark.parametrize("finish", ["stop", "length"])
+def test_every_choice_of_a_streamed_n_answer_starts_and_ends_as_on_the_pass_through(proxy, upstream, finish):
+    """litellm ends only choice 0 (the upstream ends each) and names only its role; the proxy ends
+    and names the others, with the stream's finish_reason, before the usage chunk."""
+    for name in ("oai-lite", "oai-fast"):
+        upstream.set(name, answer(finish=finish))
+    ends = {}
+    for name in ("oai-lite", "oai-fast"):
+        chunks = _streamed(proxy, name, n=2)
+        assert [c.usage is not None for c in chunks] == [False] * (len(chunks) - 1) + [True]
+        assert chunks[-1].choices == [] and chunks[-1].usage.total_tokens == 18
+        assert {(c.id, c.created, c.model) for c in chunks} == {(chunks[0].id, chunks[0].created, name)}
+        ends[name] = sorted((c.index, c.finish_reason) for chunk in chunks for c in chunk.choices if c.finish_reason)
+        state = ChatCompletionStreamState()  # the SDK's own accumulator, as its .stream() helper uses
+        for chunk in chunks:
+            state.handle_chunk(chunk)
+        assert [(c.index, c.message.role, c.message.content, c.finish_reason)
+                for c in state.current_completion_snapshot.choices] == \
+            [(i, "assistant", f"reply from {name}", finish) for i in (0, 1)]
+    assert ends["oai-lite"] == ends["oai-fast"] == [(0, finish), (1, finish)]
+
+
+def test_a_one_choice_stream_gets_no_chunk_more_on_the_litellm_path(proxy, upstream):
+    """The relay's closing of the other choices adds nothing to a stream with one."""
+    lite, fast = _streamed(proxy, "oai-lite"), _streamed(proxy, "oai-fast")
+    assert len(lite) == len(fast) == 7  # the role, 4 pieces, the end, the usage
+    assert [c.choices[0].finish_reason for c in lite[:-1]] == [None] * 5 + ["stop"]
+    assert lite[-1].choices == [] and lite[-1].usage is not None
+
+
 def test_litellm_s_own_reason_for_a_refused_parameter_is_kept_without_its_proxy_advice():
     """Model families have their own wording; onboarding reads the parameter's name from it."""
     from proxy.dispatch import _classify_litellm
@@ -210,6 +247,38 @@ def test_an_error_in_the_middle_of_a_litellm_stream_keeps_the_upstream_s_reason(
     assert len(events) == 3 and '"code":"stream_interrupted"' in last
     assert "AnthropicError - Overloaded (key [redacted])" in last
     assert "sk-secret" not in last and "Traceback" not in last and "MidStreamFallbackError" not in last
+
+
+def test_a_litellm_stream_of_n_choices_cut_mid_way_ends_in_the_error_not_in_invented_ends():
+    """Choice 0 ended, choice 1 not yet, then the upstream failed: no finish_reason is given to
+    choice 1, which did not finish; the stream ends in the error event."""
+    import asyncio
+
+    from proxy.dispatch import _litellm_chunks
+
+    class Chunk:
+        model = ""
+
+        def __init__(self, index, finish=None):
+            self.choice = {"index": index, "delta": {"content": "a"}, "finish_reason": finish}
+
+        def model_dump(self, exclude_none=True):
+            return {"id": "c", "object": "chat.completion.chunk", "choices": [dict(self.choice)]}
+
+    class Failed(Exception):
+        message = "Overloaded"
+
+    async def stream():
+        yield Chunk(1)
+        yield Chunk(0, "stop")
+        raise Failed()
+
+    async def collect():
+        return [c async for c in _litellm_chunks(Chunk(0), stream(), "m", Failed, str)]
+
+    events = asyncio.run(collect())
+    assert len(events) == 4 and b'"finish_reason":"stop"' in events[2]
+    assert b'"code":"stream_interrupted"' in events[3]
 
 
 @pytest.mark.parametrize("body", [b"<html>Sign in to the Wi-Fi</html>", b'{"unexpected": true}'])

@@ -1,8 +1,8 @@
 """A real OpenAI-compatible HTTP server on 127.0.0.1 for tests and benchmarks.
 
-It speaks enough of the OpenAI API (``POST /v1/chat/completions``, streaming or not,
-``stream_options.include_usage``; ``GET /v1/models``), and of Anthropic's (``POST /v1/messages``,
-for the litellm path's translation), and can be told, per model or per request,
+It speaks enough of the OpenAI API (``POST /v1/chat/completions``, streaming or not, a stream with
+``n`` choices, ``stream_options.include_usage``; ``GET /v1/models``), and of Anthropic's
+(``POST /v1/messages``, for the litellm path's translation), and can be told, per model or per request,
 to answer, stream, fail with a status, stall, drop the connection (before answering or in the
 middle of a stream), or answer 429 with Retry-After.
 It records every request body it received. Lean on purpose (asyncio + httptools, no framework) so
@@ -46,13 +46,14 @@ class Behavior:
     chunk_delay: float = 0.0
     cut_after: int | None = None  # streams: close the connection after this many events
     refusal: str | None = None  # answer with this refusal (OpenAI format) instead of content
+    finish: str = "stop"  # the answer's finish_reason, each choice's in a stream of n
 
 
 def answer(content: str | None = None, delay: float = 0.0, chunks: int = 4,
            chunk_delay: float = 0.0, cut_after: int | None = None,
-           refusal: str | None = None) -> Behavior:
+           refusal: str | None = None, finish: str = "stop") -> Behavior:
     return Behavior("answer", content=content, delay=delay, chunks=chunks, chunk_delay=chunk_delay,
-                    cut_after=cut_after, refusal=refusal)
+                    cut_after=cut_after, refusal=refusal, finish=finish)
 
 
 def fail(status: int = 500, message: str = "mock failure", error_type: str | None = None,
@@ -255,7 +256,7 @@ class _Conn(asyncio.Protocol):
         if body.get("stream"):
             await self.stream(model, text, b, body)
         else:
-            self.write(200, completion(model, text, b.refusal))
+            self.write(200, completion(model, text, b.refusal, b.finish))
 
     async def behave(self, model: str) -> Behavior | None:
         """The behaviour for ``model``'s request, after its delay (a stall's too); None when it is
@@ -312,9 +313,11 @@ class _Conn(asyncio.Protocol):
         n = max(1, b.chunks)
         step = max(1, -(-len(text) // n))
         pieces = [text[i:i + step] for i in range(0, len(text), step)] or [""]
-        events = [chunk(model, {"role": "assistant", "content": ""}, None)]
-        events += [chunk(model, {"content": p}, None) for p in pieces]
-        events.append(chunk(model, {}, "stop"))
+        # n choices as OpenAI streams them: one choice a chunk, interleaved, each ended by its own
+        choices = range(choices_asked(body))
+        events = [chunk(model, {"role": "assistant", "content": ""}, None, i) for i in choices]
+        events += [chunk(model, {"content": p}, None, i) for p in pieces for i in choices]
+        events += [chunk(model, {}, b.finish, i) for i in choices]
         opts = body.get("stream_options") or {}
         if opts.get("include_usage"):
             events.append(sse({"id": "chatcmpl-mock", "object": "chat.completion.chunk",
@@ -342,19 +345,24 @@ def sse(obj: dict[str, Any]) -> bytes:
     return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
 
 
-def chunk(model: str, delta: dict[str, Any], finish: str | None) -> bytes:
+def choices_asked(body: dict[str, Any]) -> int:
+    n = body.get("n")
+    return int(n) if isinstance(n, (int, float)) and n >= 1 else 1
+
+
+def chunk(model: str, delta: dict[str, Any], finish: str | None, index: int = 0) -> bytes:
     return sse({"id": "chatcmpl-mock", "object": "chat.completion.chunk", "created": 0,
                 "model": model, "system_fingerprint": "fp_mock",
-                "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]})
+                "choices": [{"index": index, "delta": delta, "finish_reason": finish}]})
 
 
-def completion(model: str, text: str, refusal: str | None = None) -> bytes:
+def completion(model: str, text: str, refusal: str | None = None, finish: str = "stop") -> bytes:
     message = ({"role": "assistant", "content": None, "refusal": refusal} if refusal is not None
                else {"role": "assistant", "content": text})
     return json.dumps({
         "id": "chatcmpl-mock", "object": "chat.completion", "created": 0, "model": model,
         "system_fingerprint": "fp_mock", "x_mock_extra": {"kept": True},
-        "choices": [{"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}],
+        "choices": [{"index": 0, "message": message, "finish_reason": finish, "logprobs": None}],
         "usage": usage()}, separators=(",", ":")).encode()
 
 
