@@ -69,7 +69,9 @@ def llama_cpp_request(body: Mapping[str, Any],
     tool call's) as empty, a ``json_schema`` response format as its own ``json_object`` with a
     schema; and ``max_completion_tokens``, which it ignores (it would write until its context is
     full), as ``max_tokens``. Images and sound need a multimodal model (``vision``: its ``args``
-    give ``--clip_model_path``); ``n`` above 1 it would answer with one choice."""
+    give ``--clip_model_path``), and it takes images only inline (``data:`` URLs): it would fetch
+    any other URL itself, with no check of scheme or address (``file://``, the cloud metadata
+    service, a port on loopback). ``n`` above 1 it would answer with one choice."""
     n = body.get("n")
     if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 1:  # 2.0 is taken as 2
         return None, "it answers one choice per request (n > 1)"
@@ -92,6 +94,9 @@ def llama_cpp_request(body: Mapping[str, Any],
                 return None, f"it reads text only (a message holds {', '.join(other)})"
             message["content"] = "\n".join(str(part.get("text") or part.get("refusal") or "")
                                             for part in parts)
+        elif isinstance(content, list) and not all(_inline(part) for part in content):
+            return None, ("it takes images only inline, as data: URLs (a message holds an "
+                          "image_url of another kind)")
         messages.append(message)
     if "messages" in body:
         out["messages"] = messages
@@ -103,6 +108,17 @@ def llama_cpp_request(body: Mapping[str, Any],
     if body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
         out["max_tokens"] = body["max_completion_tokens"]
     return out, ""
+
+
+def _inline(part: Any) -> bool:
+    """Whether a content part fetches nothing at llama-cpp-python's server: anything but an
+    ``image_url``, or one whose URL (an object's ``url``, or the string it reads too) is a
+    ``data:`` URL, the only kind its chat handlers decode instead of opening with urllib."""
+    if not isinstance(part, dict) or part.get("type") != "image_url":
+        return True
+    image = part.get("image_url")
+    url = image.get("url") if isinstance(image, dict) else image
+    return isinstance(url, str) and url.startswith("data:")
 
 
 def coming_back(reason: str | None) -> bool:

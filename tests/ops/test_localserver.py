@@ -655,6 +655,26 @@ def test_what_llama_cpp_s_server_cannot_answer_is_refused_before_it_is_sent():
     assert llama_cpp_request({"n": 1, "messages": []})[0] == {"n": 1, "messages": []}
 
 
+@pytest.mark.parametrize("url", [
+    "http://169.254.169.254/latest/meta-data/", "http://127.0.0.1:8000/admin/routes",
+    "file:///etc/passwd", "https://example.com/cat.png", "DATA:image/png;base64,AAAA", " data:,"])
+def test_a_multimodal_local_model_takes_images_inline_only(url):
+    """llama-cpp-python's chat handlers open any image URL that is not a data: URL with urllib
+    (file:// included, any address): the proxy must not make the machine fetch for a client."""
+    from proxy.localserver import llama_cpp_request
+
+    def asking(image_url):
+        return {"messages": [{"role": "system", "content": "Look."}, {"role": "user", "content": [
+            {"type": "text", "text": "What is this?"}, {"type": "image_url", "image_url": image_url}]}]}
+
+    why = "it takes images only inline, as data: URLs (a message holds an image_url of another kind)"
+    assert llama_cpp_request(asking({"url": url}), vision=True) == (None, why)
+    assert llama_cpp_request(asking(url), vision=True) == (None, why)  # the server reads a bare string too
+    assert llama_cpp_request(asking({"detail": "low"}), vision=True) == (None, why)
+    inline = asking({"url": "data:image/png;base64,iVBORw0KGgo="})
+    assert llama_cpp_request(inline, vision=True)[0] == inline
+
+
 async def test_a_model_edited_then_removed_while_its_old_server_drains_leaves_no_series():
     """The edit keeps the old server's series for its successor; the removal that follows must
     still take them, after the old server's last "stopped" (a gauge at 0 for ever would alert)."""

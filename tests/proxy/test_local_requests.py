@@ -1,6 +1,6 @@
 """What dispatch sends a local model (llama-cpp-python's server): the request in the form that
-server reads, its litellm_params defaults included; and the re-ask of a stream it could not begin
-stays within the attempt's time."""
+server reads, its litellm_params defaults included; nothing that would make that server fetch a URL;
+and the re-ask of a stream it could not begin stays within the attempt's time."""
 from __future__ import annotations
 
 import time
@@ -10,7 +10,7 @@ import yaml
 
 from proxy.cooldown import Cooldowns
 from proxy.dispatch import Call, RetryingDispatcher
-from proxy.errors import UpstreamTransient
+from proxy.errors import UpstreamClientError, UpstreamTransient
 from proxy.providers import ProviderRegistry
 from proxy.upstream import Answer, PassThrough
 
@@ -43,6 +43,29 @@ async def test_a_local_model_s_defaults_are_put_in_the_form_its_server_reads_too
                                    body={"model": "local", "messages": [{"role": "user", "content": None}]}))
     assert sent.bodies[0]["max_tokens"] == 6  # which the server reads; max_completion_tokens it ignores
     assert sent.bodies[0]["messages"] == [{"role": "user", "content": ""}]
+
+
+async def test_an_image_by_url_is_never_sent_to_a_multimodal_local_model(tmp_path):
+    path = tmp_path / "providers.yaml"
+    path.write_text(yaml.safe_dump({"model_list": [{
+        "model_name": "llava", "litellm_params": {"model": "openai/llava"},
+        "model_info": {"local_server": {"model": "builtin:smollm2", "port": 28432,
+                                        "args": ["--clip_model_path", "mmproj.gguf"]}}}]}))
+    snap = ProviderRegistry(path, dict).snapshot
+    sent = Recording()
+    dispatcher = RetryingDispatcher(Cooldowns(), passthrough=sent)
+
+    def asking(url):
+        return Call(targets=[snap.models["llava"]], stream=False, router=snap.router, body={
+            "model": "llava", "messages": [{"role": "user", "content": [
+                {"type": "image_url", "image_url": {"url": url}}]}]})
+
+    with pytest.raises(UpstreamClientError) as refused:
+        await dispatcher.complete(asking("http://169.254.169.254/latest/meta-data/"))
+    assert refused.value.status == 400 and refused.value.unfit == "untranslatable"
+    assert "data: URLs" in str(refused.value) and sent.bodies == []
+    await dispatcher.complete(asking("data:image/png;base64,iVBORw0KGgo="))
+    assert len(sent.bodies) == 1  # an inline image still goes
 
 
 async def test_asking_a_local_server_again_stays_within_the_attempt_s_time(local):
