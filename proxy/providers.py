@@ -24,6 +24,7 @@ import logging
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from secrets import token_urlsafe
 from typing import Any, Callable, Mapping, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -69,7 +70,8 @@ class LitellmParams(BaseModel):
 
 class LocalServerConfig(BaseModel):
     """``model_info.local_server``: the proxy runs llama-cpp-python's server for this model itself
-    (a child process on 127.0.0.1:``port``; see proxy/localserver.py). ``api_base`` defaults to it."""
+    (a child process on 127.0.0.1:``port``; see proxy/localserver.py). ``api_base`` defaults to it,
+    and ``api_key`` is always the registry's ``local_key``, which that server asks for."""
 
     model_config = ConfigDict(extra="forbid")
     model: str = Field("builtin:smollm2", min_length=1,
@@ -467,9 +469,11 @@ def _unreadable(path: Path, exc: OSError) -> str:
 
 
 def parse(text: str, path: Path, env: Mapping[str, str],
-          lookup: Callable[[Deployment], Profile | None]) -> Snapshot:
+          lookup: Callable[[Deployment], Profile | None], local_key: str | None = None) -> Snapshot:
     """Validate providers.yaml's text and resolve it into a Snapshot; ConfigError names the key.
-    ``lookup`` gives the profile of a model without one in the file (onboarding's), or None."""
+    ``lookup`` gives the profile of a model without one in the file (onboarding's), or None.
+    ``local_key`` is the ``api_key`` of every model with a ``local_server`` (the key its server
+    is started with; one in ``litellm_params`` is not used), and a secret of the snapshot."""
     loader = _Loader(text)
     try:
         raw = loader.get_single_data()
@@ -517,16 +521,20 @@ def parse(text: str, path: Path, env: Mapping[str, str],
         api_base = params.pop("api_base", None)
         if api_base is None and info.local_server is not None:
             api_base = f"http://127.0.0.1:{info.local_server.port}/v1"
+        api_key = params.pop("api_key", None)
+        if info.local_server is not None and local_key:
+            api_key = local_key
+            secrets.append(local_key)
         headers = params.get("extra_headers")
         authorization = isinstance(headers, dict) and any(str(k).lower() == "authorization" for k in headers)
-        if unavailable is None and (params.get("api_key") or authorization) and _has_userinfo(api_base):
+        if unavailable is None and (api_key or authorization) and _has_userinfo(api_base):
             # one Authorization header cannot carry both: every call would fail before it is sent
             unavailable = ("litellm_params.api_base carries credentials (user:password@) and "
-                           f"{'api_key' if params.get('api_key') else 'extra_headers.Authorization'} "
+                           f"{'api_key' if api_key else 'extra_headers.Authorization'} "
                            "is set too: give the model one of them")
         d = Deployment(
             name=entry.model_name, model=model, provider=provider, upstream_model=rest,
-            api_base=api_base, api_key=params.pop("api_key", None),
+            api_base=api_base, api_key=api_key,
             params=params, info=info, profile=profile, unavailable=unavailable, fast_path=fast,
             profile_suite=suite)
         models[entry.model_name] = d if info.capability_profile else replace(d, profile=lookup(d))
@@ -546,13 +554,19 @@ def _has_userinfo(url: Any) -> bool:
 
 
 class ProviderRegistry:
-    """The live configuration: one Snapshot at a time, swapped whole on reload or profile change."""
+    """The live configuration: one Snapshot at a time, swapped whole on reload or profile change.
+
+    ``local_key``: the key the proxy's own local servers are started with and asked with (see
+    ``parse``); by default a new random one, for this registry's life (the process's)."""
 
     def __init__(self, path: Path, env: Callable[[], Mapping[str, str]],
-                 profile_source: ProfileSource | None = None):
+                 profile_source: ProfileSource | None = None, local_key: str | None = None):
         self.path = Path(path)
         self._env = env
         self._source = profile_source
+        # a model's own local server answers only the proxy: without it anyone on the machine (or
+        # a web page, its CORS allows any origin) would use the model past the master key
+        self.local_key = local_key or token_urlsafe(32)
         self._profiles: dict[str, Profile] = {}  # set at run time (onboarding), kept over reloads
         self._down: dict[str, str] = {}  # model -> why it is down (set at run time)
         self._scan: tuple[bytes, tuple[Path, ...]] = (b"", ())  # file digest -> profile files it names
@@ -615,7 +629,7 @@ class ProviderRegistry:
 
     def _build(self, text: str) -> Snapshot:
         # profiles from onboarding are looked up once, by _derive (a store read per model)
-        base = parse(text, self.path, self._env(), lambda d: None)
+        base = parse(text, self.path, self._env(), lambda d: None, self.local_key)
         for d in base.models.values():
             if d.unavailable:
                 log.warning("model %s unavailable: %s", d.name, d.unavailable)

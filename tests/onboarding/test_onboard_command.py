@@ -67,6 +67,27 @@ def test_onboard_command_errors(tmp_path, up, capsys):
     assert "exceeds the spend cap" in capsys.readouterr().out
 
 
+def test_onboard_command_asks_a_local_model_with_the_key_the_serving_proxy_kept(tmp_path, up, capsys):
+    """A local_server model's server is the running proxy's and answers only with the key that
+    proxy started it with, which it keeps in the state folder: the command reads it there."""
+    from proxy.localserver import publish_key
+
+    suite, data = tiny_suite_files(tmp_path)
+    entry = model_entry("local", up.url, tmp_path)
+    entry["model_info"]["local_server"] = {"model": "builtin:smollm2", "port": 28434}
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [entry])
+    argv = ["onboard", "local", "--config", str(config), "--state-dir", str(tmp_path / "state"),
+            "--data", str(data), "--suite", str(suite)]
+    assert main(argv) == 2  # no proxy has run on this state: its server would refuse every question
+    assert "start satroute serve with the same state directory" in capsys.readouterr().err
+    assert not up.bodies("local")
+    publish_key(tmp_path / "state", "the-serving-proxy-s-key")
+    assert main(argv) == 0
+    asked = {r.headers.get("authorization") for r in up.received}
+    assert asked == {"Bearer the-serving-proxy-s-key"} and len(up.bodies("local")) == 6
+
+
 def test_onboard_command_leaves_a_model_another_process_onboards(tmp_path, up, capsys):
     """While another process (here: another store) holds the model's lease, the command asks and
     forgets nothing, says who holds it in one line, and exits 2; once released, it runs."""

@@ -208,6 +208,71 @@ async def test_a_second_request_to_the_real_server_waits_instead_of_cutting_a_st
         await server.stop()
 
 
+@pytest.mark.backbone
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python (extra 'local') missing")
+async def test_the_real_server_answers_only_requests_that_carry_its_key():
+    """Without a key, anyone on the machine (or a web page: its CORS allows any origin) would use
+    the model on its port, past the proxy's master key. The key is not on its command line, which
+    any user can read."""
+    spec = LocalServerSpec(model_path=resolve_gguf(BUILTIN_SMOLLM2), alias="smollm2",
+                           port=free_port(), n_ctx=256, n_threads=1, startup_timeout_s=90,
+                           api_key="k-" + "x" * 40)
+    server = LocalServer.for_spec(spec, stop_timeout_s=5)
+    await server.start()  # its health check carries the key
+    try:
+        body = {"model": "smollm2", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}
+        async with httpx.AsyncClient(trust_env=False, timeout=60) as client:
+            for headers in ({}, {"Authorization": "Bearer wrong"},
+                            {"Origin": "https://page.example", "Authorization": "Basic eDp5"}):
+                assert (await client.get(f"{spec.api_base}/models", headers=headers)).status_code == 401
+                refused = await client.post(f"{spec.api_base}/chat/completions", json=body, headers=headers)
+                assert refused.status_code == 401
+            answered = await client.post(f"{spec.api_base}/chat/completions", json=body,
+                                         headers=spec.headers())
+        assert answered.status_code == 200, answered.text
+        command = Path(f"/proc/{server.pid}/cmdline").read_bytes()
+        assert b"smollm2" in command and spec.api_key.encode() not in command
+    finally:
+        await server.stop()
+
+
+def test_the_key_is_kept_for_the_onboard_command_readable_by_its_owner_only(tmp_path):
+    from proxy.localserver import KEY_FILE, publish_key, published_key
+
+    assert published_key(tmp_path) is None
+    (tmp_path / f".{KEY_FILE}.{os.getpid()}").write_text("left by a crash")
+    os.chmod(tmp_path / f".{KEY_FILE}.{os.getpid()}", 0o644)
+    publish_key(tmp_path, "first")
+    publish_key(tmp_path, "second")  # each start of the proxy has its own
+    assert published_key(tmp_path) == "second"
+    assert (tmp_path / KEY_FILE).stat().st_mode & 0o777 == 0o600
+    assert [p.name for p in tmp_path.iterdir()] == [KEY_FILE]
+
+
+def test_a_local_model_is_asked_with_the_key_its_server_is_started_with(tmp_path):
+    """The registry's key is the deployment's api_key (what dispatch sends, a secret to redact)
+    and the spec's (what the server is started with, and its health check sends)."""
+    from proxy.localserver import specs_from_models
+    from proxy.providers import ProviderRegistry
+
+    path = tmp_path / "providers.yaml"
+    path.write_text(json.dumps({"model_list": [
+        {"model_name": "local", "litellm_params": {"model": "openai/smol", "api_key": "ignored"},
+         "model_info": {"local_server": {"model": "builtin:smollm2", "port": 28433}}},
+        {"model_name": "hosted", "litellm_params": {"model": "openai/gpt-4o", "api_key": "sk-hosted"}}]}))
+    registry = ProviderRegistry(path, dict)
+    key = registry.local_key
+    assert len(key) >= 32 and key != ProviderRegistry(path, dict).local_key  # one per process
+    snap = registry.snapshot
+    assert snap.models["local"].api_key == key and snap.models["hosted"].api_key == "sk-hosted"
+    assert key in snap.secrets and key not in snap.redact(f"Bearer {key}")
+    spec = specs_from_models(snap.models.values(), tmp_path)["local"]
+    assert spec.api_key == key and key not in repr(spec) and key not in " ".join(spec.command())
+    assert spec.headers() == {"Authorization": f"Bearer {key}"}
+    assert spec.environment({"PATH": "/bin", "API_KEY": "theirs"}) == {"PATH": "/bin", "API_KEY": key}
+    assert ProviderRegistry(path, dict, local_key="given").snapshot.models["local"].api_key == "given"
+
+
 class _Marks:
     def __init__(self):
         self.log: list[tuple[str, str | None]] = []
@@ -375,7 +440,8 @@ async def test_a_model_whose_gguf_is_missing_is_never_started_and_says_why(tmp_p
 
     conf = SimpleNamespace(model="missing.gguf", port=free_port(), n_ctx=256, threads=1, args=[],
                            startup_timeout_s=5)
-    model = SimpleNamespace(name="local", upstream_model="local", info=SimpleNamespace(local_server=conf))
+    model = SimpleNamespace(name="local", upstream_model="local", api_key=None,
+                            info=SimpleNamespace(local_server=conf))
     specs = specs_from_models([model], tmp_path)
     started = []
     marks = _Marks()

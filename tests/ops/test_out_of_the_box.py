@@ -94,11 +94,20 @@ def test_serve_routes_real_requests_to_the_local_model_without_keys(tmp_path):
         metrics = httpx.get(f"{base}/metrics").text
         assert 'satroute_local_server_up{name="smollm2"} 1.0' in metrics
         assert 'satroute_requests_total{model="smollm2",status="200"} 2.0' in metrics
+        # the local server next to the proxy answers the proxy only (and satroute onboard, which
+        # reads the key this start kept in the state folder), not whoever reaches its port
+        direct = f"http://127.0.0.1:{local_port}/v1/chat/completions"
+        body = {"model": "smollm2", "max_tokens": 1, "messages": [{"role": "user", "content": "Hi"}]}
+        assert httpx.post(direct, json=body, timeout=60).status_code == 401
+        key = (tmp_path / "state" / "local_server.key").read_text()
+        assert httpx.post(direct, json=body, timeout=60,
+                          headers={"Authorization": f"Bearer {key}"}).status_code == 200
     finally:
         proc.send_signal(signal.SIGTERM)
         rc = proc.wait(30)
         logs = proc.stdout.read()
     assert rc == -signal.SIGTERM, logs
+    assert key not in logs
     with pytest.raises(httpx.TransportError):  # the child server went down with the proxy
         httpx.get(f"http://127.0.0.1:{local_port}/v1/models", timeout=2)
     assert "shutdown complete" in logs
