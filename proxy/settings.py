@@ -107,6 +107,17 @@ def environ() -> dict[str, str]:
     return dict(os.environ)
 
 
+# litellm's switches to its bundled copy of what it would otherwise fetch from GitHub or its site:
+# the cost map (at import), which beta headers Anthropic and Bedrock take (a blocking httpx.get, 5 s
+# timeout, on the event loop, on the first request that carries one), and, for its own proxy server
+# (never run here, set all the same), its blog posts, autorouter presets and policy templates.
+LITELLM_LOCAL_SWITCHES = ("LITELLM_LOCAL_MODEL_COST_MAP", "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS",
+                          "LITELLM_LOCAL_BLOG_POSTS", "LITELLM_LOCAL_AUTOROUTER_PRESETS",
+                          "LITELLM_LOCAL_POLICY_TEMPLATES")
+
+
 def prepare_litellm_environment() -> None:
-    """litellm must not fetch its cost map from the network at import: set before importing it."""
-    os.environ["LITELLM_LOCAL_MODEL_COST_MAP"] = "True"
+    """litellm fetches nothing from the network on its own, at import or at a request (offline, a
+    fetch would hold the event loop up to its timeout): set before importing it."""
+    for name in LITELLM_LOCAL_SWITCHES:
+        os.environ[name] = "True"

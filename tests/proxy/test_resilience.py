@@ -573,11 +573,12 @@ def test_litellm_is_imported_lazily_with_the_local_cost_map():
     import subprocess
     import sys
 
+    switches = ("LITELLM_LOCAL_MODEL_COST_MAP", "LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS")
     code = ("import os, sys; from proxy.app import create_app; "
             "assert 'litellm' not in sys.modules; "
             "from proxy.settings import prepare_litellm_environment as p; p(); "
-            "assert os.environ['LITELLM_LOCAL_MODEL_COST_MAP'] == 'True'")
-    env = {k: v for k, v in __import__("os").environ.items() if k != "LITELLM_LOCAL_MODEL_COST_MAP"}
+            f"assert all(os.environ[name] == 'True' for name in {switches!r})")
+    env = {k: v for k, v in __import__("os").environ.items() if k not in switches}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
                          timeout=60)
     assert out.returncode == 0, out.stderr

@@ -3,6 +3,7 @@ mock upstream), driven by the openai SDK: what a client sees must not depend on 
 provider answered."""
 from __future__ import annotations
 
+import os
 import time
 
 import httpx
@@ -541,3 +542,30 @@ def test_a_request_that_reaches_a_model_litellm_cannot_call_falls_back(tmp_path,
     with pytest.raises(UpstreamClientError) as err:
         asyncio.run(go([snap.models["typo"]]))
     assert err.value.status == 404 and "litellm knows no provider 'opneai'" in err.value.message
+
+
+def test_the_first_request_with_an_anthropic_beta_header_fetches_nothing(proxy, upstream, monkeypatch):
+    """litellm reads which beta headers a provider takes from a config it fetches from GitHub,
+    with a blocking httpx.get (5 s timeout) on the event loop, on the first request that carries
+    one (an MCP tool adds one): offline, every request to the proxy would wait. Its bundled copy
+    is what the proxy uses, as it does for the cost map."""
+    from proxy.settings import prepare_litellm_environment
+
+    monkeypatch.delenv("LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS", raising=False)
+    prepare_litellm_environment()
+    from litellm import anthropic_beta_headers_manager as manager
+
+    monkeypatch.setattr(manager, "_BETA_HEADERS_CONFIG", None)  # as in a fresh process
+    fetched = []
+
+    def no_network(url, *args, **kwargs):
+        fetched.append(url)
+        raise httpx.ConnectError("no network in this test")
+
+    monkeypatch.setattr(httpx, "get", no_network)
+    raw = client(proxy).chat.completions.with_raw_response.create(
+        model="claude", messages=MESSAGES,
+        tools=[{"type": "url", "url": "https://example.com/mcp", "name": "x"}])
+    assert raw.headers["x-satroute-model"] == "claude"
+    assert manager._BETA_HEADERS_CONFIG  # read, from the bundled copy
+    assert fetched == [] and os.environ["LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS"] == "True"
