@@ -161,6 +161,14 @@ def test_vllm_runs_only_in_its_profile_on_the_gpu():
     assert vllm["image"].split(":")[1] not in ("", "latest"), "pin the vLLM image"
 
 
+def test_the_vllm_service_gets_its_token_only_not_the_env_file_with_every_key():
+    """.env holds every provider's key and the master key: a third-party image needs none of
+    them, only the token of the gated model it downloads."""
+    vllm = _compose()["services"]["vllm"]
+    assert "env_file" not in vllm
+    assert vllm["environment"] == {"HF_TOKEN": "${HF_TOKEN:-}"}  # compose reads it from .env
+
+
 def test_stop_grace_outlasts_the_proxy_shutdown_deadline(proxy_service, docker):
     from proxy.settings import Settings
 
