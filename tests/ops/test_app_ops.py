@@ -306,6 +306,15 @@ def test_without_a_master_key_a_web_page_cannot_use_the_proxy(tmp_path, upstream
         named = httpx.post(f"{proxy.url}/chat/completions", content=chat,
                            headers={**simple, "Host": "satroute:8000"})
     assert keyed.status_code == 200 and named.status_code == 200
+    # a page loaded from a file (a desktop app's) sends Origin: null, as a sandboxed page can:
+    # refused unless the admin accepts it
+    with _serve(config) as proxy:
+        null_refused = httpx.post(f"{proxy.url}/chat/completions", content=chat,
+                                  headers={**simple, "Origin": "null"})
+    with _serve(config, cors_origins="null") as proxy:
+        null_listed = httpx.post(f"{proxy.url}/chat/completions", content=chat,
+                                 headers={**simple, "Origin": "null"})
+    assert null_refused.status_code == 403 and null_listed.status_code == 200
 
 
 class CrashingDispatcher:
