@@ -547,7 +547,7 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
         text = (f"model {model} cannot take this request: litellm could not translate it for "
                 f"the model's provider ({_said(message)})")
         return _unfit(model, text, "untranslatable", "untranslatable_request")
-    if status is None or status in RETRYABLE and not out_of_quota(int(status), message):
+    if status is None or status in RETRYABLE and not out_of_quota(int(status), _labels(exc)):
         response = getattr(exc, "response", None)
         headers = (getattr(exc, "litellm_response_headers", None)
                    or getattr(response, "headers", None) or {})
@@ -627,6 +627,13 @@ def _failed_reading_the_answer(exc: BaseException) -> bool:
                 return True
             tb = tb.tb_next
     return False
+
+
+def _labels(exc: BaseException) -> str:
+    """The code and type of the upstream's error behind a litellm exception ("" when none came
+    back), as ``classify`` reads them."""
+    err = _upstream_error(exc)
+    return f"{err.get('code')} {err.get('type')}" if err is not None else ""
 
 
 def _upstream_error(exc: BaseException) -> dict | None:

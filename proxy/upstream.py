@@ -143,7 +143,7 @@ def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
         message = redact(body.decode("utf-8", "replace"))[:300]
     message = redact(message) or f"upstream answered HTTP {status}"
     labels = f"{err.get('code')} {err.get('type')}" if isinstance(err, dict) else ""
-    if status in RETRYABLE and not out_of_quota(status, message, labels):
+    if status in RETRYABLE and not out_of_quota(status, labels):
         return UpstreamTransient(f"{model}: HTTP {status}: {message}", model=model, status=status,
                                  retry_after=retry_after_seconds(headers))
     shaped = None
@@ -168,15 +168,17 @@ _TOO_LONG_WORDS = re.compile(r"context[_ ]length[_ ]exceeded|maximum context len
 _ECHO = re.compile(r"""\b(input|input_value|messages|content)['"]?\s*[:=]""", re.I)
 
 
-# a 429 that says the account's quota or credit is used up (OpenAI's ``insufficient_quota``, its
-# words "exceeded your current quota"): no wait makes it answer, unlike a rate limit
-_NO_QUOTA = re.compile(r"insufficient_quota|exceeded your current quota", re.I)
+# a 429 that says the account's quota or credit is used up: OpenAI's code and type
+# ``insufficient_quota``. By that label only, never by words: Gemini says "You exceeded your current
+# quota" for its per-minute limits too, which a wait does clear
+_NO_QUOTA = re.compile(r"\binsufficient_quota\b")
 
 
-def out_of_quota(status: int, message: str, labels: str = "") -> bool:
-    """Whether a 429 says the quota is used up rather than the rate too high: not retried, it
-    refuses the model as a 402 does (a routed request falls back, and the model cools down)."""
-    return status == 429 and bool(_NO_QUOTA.search(labels) or _NO_QUOTA.search(message[:300]))
+def out_of_quota(status: int, labels: str) -> bool:
+    """Whether a 429 says the quota is used up rather than the rate too high, by its error's code
+    or type (``labels``): not retried, it refuses the model as a 402 does (a routed request falls
+    back, and the model cools down)."""
+    return status == 429 and bool(_NO_QUOTA.search(labels))
 
 
 def too_long(status: int, message: str, labels: str = "") -> bool:

@@ -275,6 +275,18 @@ def test_a_used_up_quota_is_no_rate_limit_it_falls_back_at_once_and_is_not_retri
     assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == ["m1"]
 
 
+@pytest.mark.parametrize("fast", PATHS)
+def test_a_rate_limit_in_quota_words_is_still_a_rate_limit(tmp_path, upstream, start_proxy, fast):
+    """Gemini says "You exceeded your current quota" for its per-minute limits, which a wait
+    clears: only OpenAI's insufficient_quota label means a used-up quota, never the words."""
+    proxy = setup(tmp_path, upstream, start_proxy, fast)
+    said = ("You exceeded your current quota, please check your plan and billing details. Quota "
+            "exceeded for metric: generate_content_free_tier_requests, limit: 2. Please retry in 1s.")
+    upstream.queue("m1", fail(429, said, "RESOURCE_EXHAUSTED", retry_after=0.1), answer("after the wait"))
+    reply = client(proxy).chat.completions.create(model="m1", messages=MESSAGES)
+    assert reply.choices[0].message.content == "after the wait" and len(upstream.bodies("m1")) == 2
+
+
 def test_an_sdk_does_not_repeat_a_rate_limited_cascade_the_proxy_already_waited_on(
         tmp_path, upstream, start_proxy):
     """A 429 with Retry-After: the proxy waited and asked again (three attempts); the openai SDK,
