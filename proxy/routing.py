@@ -103,15 +103,24 @@ def _placeholder(text: str) -> bool:
     return text.startswith("{{") and text.endswith("}}")
 
 
+def _attached(text: str) -> bool:
+    """Whether a text part reads as something attached to a question rather than typed: a fenced
+    block (Continue's files and code) or a tagged one (``<environment_details>``, ``<task>``)."""
+    start = text.lstrip()[:3]
+    return start == "```" or start[:1] == "<"
+
+
 def _turn_text(message: Mapping[str, Any]) -> str:
-    """The text of the turn being routed, its own words first: of several text parts, the last
-    one first (Continue puts the files and code a user attaches as text parts before what the
-    user typed), then the earlier ones, newest first."""
+    """The text of the turn being routed, its own words first: of several text parts, the plain
+    ones (what the user typed) before the attached ones, each in order. Continue sends the files
+    and code a user attaches as fenced parts before the typed question; Cline and its forks send
+    ``<task>`` then ``<environment_details>``, all tagged, which stay in order (the task first)."""
     content = message.get("content")
     if isinstance(content, list):
         texts = [p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
         if len(texts) > 1:
-            return "\n".join(reversed(texts))
+            typed = [t for t in texts if not _attached(t)]
+            return "\n".join(typed + [t for t in texts if _attached(t)])
     return message_text(message)
 
 

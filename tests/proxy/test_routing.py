@@ -21,12 +21,11 @@ def test_last_user_turn_plus_context_that_fits():
                                          {"type": "image_url", "image_url": {"url": "u"}},
                                          {"type": "text", "text": "and that"}]}]
     text = instruction_text(msgs, budget_tokens=512)
-    # the request first (the scorer reads the start; its last text part first), then the
-    # context, newest first
-    assert text == "and that\nnow this\n\nfirst answer\n\n" + "first question " * 10
+    # the request first (the scorer reads the start), then the context, newest first
+    assert text == "now this\nand that\n\nfirst answer\n\n" + "first question " * 10
     assert "SYSTEM" not in text and "TOOL OUTPUT" not in text
-    small = instruction_text(msgs, budget_tokens=approx_tokens("and that\nnow this") + 5)
-    assert small == "and that\nnow this\n\nfirst answer"
+    small = instruction_text(msgs, budget_tokens=approx_tokens("now this\nand that") + 5)
+    assert small == "now this\nand that\n\nfirst answer"
 
 
 def test_the_request_opens_the_instruction_however_long_the_chat_before_it():
@@ -101,6 +100,17 @@ def test_the_words_a_user_typed_are_read_before_the_files_attached_to_them():
     typed = {"type": "text", "text": "Why does this handler never return a response?"}
     msgs = [{"role": "user", "content": [attached, typed]}]
     assert instruction_text(msgs, 512).startswith("Why does this handler never return a response?\n```src")
+
+
+def test_an_agent_s_task_is_read_before_the_environment_it_sends_after_it():
+    """Cline (and Roo Code, Kilo Code) sends the task, then its <environment_details> (open tabs,
+    the time, a file listing) as the last part: read last part first, the listing filled the
+    budget and the task was never scored."""
+    task = {"type": "text", "text": "<task>\nProve that the square root of 2 is irrational.\n</task>"}
+    details = {"type": "text", "text": "<environment_details>\n# VSCode Visible Files\n"
+                                       + "src/module_%d.py\n" * 400 + "</environment_details>"}
+    text = instruction_text([{"role": "user", "content": [task, details]}], 512)
+    assert text.startswith("<task>\nProve that the square root of 2 is irrational.")
 
 
 def test_reading_a_turn_for_its_question_takes_linear_time():
