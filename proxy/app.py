@@ -30,7 +30,7 @@ from proxy.auth import MasterKeyAuth, is_loopback
 from proxy.cooldown import Cooldowns
 from proxy.dispatch import Dispatcher, RetryingDispatcher
 from proxy.errors import ConfigError, SatrouteError, error_event, plain_error_response
-from proxy.localserver import default_threads, local_models_hook
+from proxy.localserver import default_threads, local_models_hook, published_key
 from proxy.logs import RequestLogMiddleware
 from proxy.metrics import Metrics
 from proxy.onboarding_service import onboarding_hook, open_store
@@ -106,8 +106,8 @@ def follow_edit(cooldowns: Cooldowns, old: Snapshot, new: Snapshot) -> None:
 
 
 def build_services(settings: Settings, *, scorer: Any = None, dispatcher: Dispatcher | None = None,
-                   profile_source: ProfileSource | None = None) -> Services:
-    registry = ProviderRegistry(settings.config, environ, profile_source)
+                   profile_source: ProfileSource | None = None, local_key: str | None = None) -> Services:
+    registry = ProviderRegistry(settings.config, environ, profile_source, local_key=local_key)
     cooldowns = Cooldowns()
     registry.on_reload.append(lambda old, new: follow_edit(cooldowns, old, new))
     metrics = Metrics()
@@ -167,8 +167,11 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
     except (OSError, sqlite3.Error) as exc:  # a file where the folder should be, no permission, ...
         raise ConfigError(f"cannot open the state store in {settings.state_dir} "
                           f"(SATROUTE_STATE_DIR): {exc}") from None
+    # the local servers' key of the last start, kept in the state folder: a `satroute onboard` that
+    # read it goes on asking the local model across a restart of this proxy
     svc = build_services(settings, scorer=scorer, dispatcher=dispatcher,
-                         profile_source=profile_source or store)
+                         profile_source=profile_source or store,
+                         local_key=published_key(store.dir) if store is not None else None)
     svc.store = store
     hooks = [local_models_hook, *([onboarding_hook(store), route_log_hook(store)] if store else []),
              *startup]

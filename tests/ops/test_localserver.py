@@ -249,6 +249,28 @@ def test_the_key_is_kept_for_the_onboard_command_readable_by_its_owner_only(tmp_
     assert [p.name for p in tmp_path.iterdir()] == [KEY_FILE]
 
 
+def test_a_restarted_proxy_keeps_its_local_servers_key(tmp_path):
+    """A new key at each start made a running `satroute onboard` of a local model (hours long)
+    fail on 401s when the proxy restarted (a deploy, a crash under a restart policy): the key
+    kept in the state folder is used again."""
+    from proxy.app import create_app
+    from proxy.localserver import published_key
+    from proxy.settings import Settings
+    from support.proxy_server import ProxyServer
+
+    path = tmp_path / "providers.yaml"
+    path.write_text(json.dumps({"model_list": [
+        {"model_name": "local", "litellm_params": {"model": "openai/smol"},
+         "model_info": {"local_server": {"model": str(tmp_path / "missing.gguf"), "port": 28434}}}]}))
+    settings = Settings(config=path, scorer="constant", state_dir=tmp_path / "state", onboarding=True)
+    keys = []
+    for _ in range(2):
+        app = create_app(settings)
+        with ProxyServer(app):
+            keys.append(app.state.services.registry.snapshot.models["local"].api_key)
+    assert keys[0] == keys[1] == published_key(tmp_path / "state") and len(keys[0]) >= 32
+
+
 def test_a_local_model_is_asked_with_the_key_its_server_is_started_with(tmp_path):
     """The registry's key is the deployment's api_key (what dispatch sends, a secret to redact)
     and the spec's (what the server is started with, and its health check sends)."""
