@@ -27,8 +27,11 @@ APP_SCHEMES = frozenset({"app", "file", "tauri", "vscode-webview"})
 
 
 def is_loopback(host: str) -> bool:
-    """Whether ``host`` (an address or a name) only listens where other machines cannot reach."""
-    if host in ("localhost", "ip6-localhost"):
+    """Whether ``host`` (an address or a name) only listens where other machines cannot reach:
+    a loopback address, ``localhost`` or a name under it (``tauri.localhost``: RFC 6761 keeps
+    them on loopback, and browsers resolve them there themselves, so DNS cannot rebind them)."""
+    host = host.lower().rstrip(".")
+    if host in ("localhost", "ip6-localhost") or host.endswith(".localhost"):
         return True
     try:
         return ipaddress.ip_address(host.strip("[]")).is_loopback

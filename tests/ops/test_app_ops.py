@@ -288,7 +288,9 @@ def test_without_a_master_key_a_web_page_cannot_use_the_proxy(tmp_path, upstream
         rebound_v6 = httpx.get(f"{proxy.base}/v1/models", headers={"Host": "[2001:db8::1]:8000"})
         served = [post(), post(Origin="https://chat.example"), post(Origin="http://localhost:3000"),
                   post(Origin="http://127.0.0.1:8080"), post(Origin="app://chatbox"),
-                  post(Origin="vscode-webview://abc"), post(Host="localhost:8000"),
+                  post(Origin="vscode-webview://abc"), post(Origin="http://tauri.localhost"),
+                  post(Origin="https://tauri.localhost"), post(Host="localhost:8000"),
+                  post(Host="app.localhost:8000"),
                   post(Host="[::1]:8000")]
         probes = httpx.get(f"{proxy.base}/health", headers={"Host": "rebind.evil.example"})
     assert cross_site.status_code == 403 and cross_site.json()["error"]["code"] == "forbidden_origin"
