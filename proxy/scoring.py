@@ -68,7 +68,18 @@ class Scored(NamedTuple):
 
 
 class _TooLate(Exception):
-    """A queued scoring call skipped: it could not have ended before its deadline."""
+    """A queued scoring call skipped: it could not have ended before its deadline, or no request
+    waits for it any more."""
+
+
+class _Ticket:
+    """How many requests wait on one scoring call now (they come and go on the event loop; the
+    scorer thread reads it when the call's turn comes)."""
+
+    __slots__ = ("waiters",)
+
+    def __init__(self) -> None:
+        self.waiters = 0
 
 
 def profile_means(candidates: Mapping[str, Profile]) -> dict[str, float]:
@@ -106,6 +117,7 @@ class ScorerHost:
         self._remember = remember  # how many requests' scores are kept (0: none)
         self._recent: OrderedDict[bytes, dict[str, float]] = OrderedDict()
         self._calls: dict[bytes, asyncio.Future] = {}  # scoring calls running or queued, by request
+        self._tickets: dict[asyncio.Future, _Ticket] = {}  # who waits on each call running or queued
         self._open = 0  # scoring calls started and not ended (on the event loop's side)
         self._unreadable: set[tuple[str, str]] = set()  # (model, why) already reported
         # A call running longer than this (or 5 scorer timeouts, if longer) on every scorer thread
@@ -280,6 +292,9 @@ class ScorerHost:
                     # on it; a queued call past its deadline is skipped when its turn comes (``_run``)
                     shared = asyncio.shield(call)
                     left = deadline - time.perf_counter() if deadline is not None else None
+                    ticket = self._tickets.get(call)
+                    if ticket is not None:
+                        ticket.waiters += 1
                     try:
                         scores = await asyncio.wait_for(shared, left) if left is not None else await shared
                         break
@@ -290,6 +305,9 @@ class ScorerHost:
                         # request's own is later, so it joins a newer call or starts its own
                         newer = self._calls.get(key)
                         call, joined = (newer, True) if newer is not None and newer is not call else (None, False)
+                    finally:  # answered, timed out, or the client left: a call nobody waits for is skipped
+                        if ticket is not None:
+                            ticket.waiters -= 1
         except (asyncio.TimeoutError, _TooLate):
             ms = (time.perf_counter() - started) * 1000
             log.warning("scorer could not answer within %.1f s (waited %.0f ms); ranked by the profiles' means",
@@ -334,21 +352,24 @@ class ScorerHost:
         """A new scoring call, found by its twins under ``key`` until it ends."""
         queued = self._open >= self._threads  # every thread has a call: this one waits behind them
         self._open += 1
+        ticket = _Ticket()
         call = asyncio.ensure_future(self._call(key, scorer, instruction, candidates,
-                                                deadline if queued else None))
+                                                deadline if queued else None, ticket))
+        self._tickets[call] = ticket
         if key is not None:
             self._calls[key] = call
         call.add_done_callback(functools.partial(self._settled, key))
         return call
 
     async def _call(self, key: bytes | None, scorer: Scorer, instruction: str,
-                    candidates: Mapping[str, Profile], deadline: float | None) -> dict[str, float]:
+                    candidates: Mapping[str, Profile], deadline: float | None,
+                    ticket: _Ticket | None = None) -> dict[str, float]:
         """One scoring call on the scorer's threads; its scores are remembered under ``key``.
         ``deadline`` (a call queued behind others) lets ``_run`` skip it if it can no longer end in
         time; a call that found a thread free has none, and always runs: it is how the pace is
         measured again after a slow spell."""
         scores = await asyncio.get_running_loop().run_in_executor(
-            self._pool, self._run, scorer, instruction, candidates, deadline)
+            self._pool, self._run, scorer, instruction, candidates, deadline, ticket)
         if key is not None:
             self._recent[key] = dict(scores)
             while len(self._recent) > self._remember:
@@ -359,18 +380,24 @@ class ScorerHost:
         """A call ended: later requests find its scores remembered, or score afresh after a
         failure. Its outcome is read here, so a failure nobody waited for is not reported as lost."""
         self._open -= 1
+        self._tickets.pop(call, None)
         if key is not None and self._calls.get(key) is call:
             del self._calls[key]
         if not call.cancelled():
             call.exception()
 
     def _run(self, scorer: Scorer, instruction: str, candidates: Mapping[str, Profile],
-             deadline: float | None) -> dict[str, float]:
+             deadline: float | None, ticket: _Ticket | None = None) -> dict[str, float]:
         """On a scorer thread: score, unless the call could no longer end before its deadline at
-        the recent pace. Under overload the oldest queued calls are the ones about to give up; a
-        queue served first-come would spend the scorer on them and answer nobody in time."""
+        the recent pace, or every request that waited for it has left (clients that hung up while
+        queued: a burst of them held the next live request for seconds). Under overload the oldest
+        queued calls are the ones about to give up; a queue served first-come would spend the
+        scorer on them and answer nobody in time. A call already running finishes, its scores
+        remembered for a retry."""
         started = time.perf_counter()
         if deadline is not None and started + self._typical_s > deadline:
+            raise _TooLate
+        if ticket is not None and ticket.waiters == 0:
             raise _TooLate
         with self._busy():
             scores = scorer.score(instruction, candidates)

@@ -974,6 +974,40 @@ def test_a_client_that_leaves_while_its_request_is_scored_is_let_go(tmp_path, up
     assert retry.headers["x-satroute-model"] == "m1" and len(scorer.calls) == 1  # remembered
 
 
+def test_a_queued_scoring_call_nobody_waits_for_any_more_is_skipped(tmp_path, upstream, start_proxy):
+    """Clients that hang up while their requests wait for the scorer (a stop button, a client's
+    timeout): their queued calls ran anyway, one after the other, and held the next live request
+    for seconds. A queued call whose every request has left is skipped; the running one finishes."""
+    class Slow(RecordingScorer):
+        def score(self, instruction, candidates):
+            time.sleep(0.5)
+            return super().score(instruction, candidates)
+
+    scorer = Slow({"m1": 0.9, "m2": 0.5})
+    models = [model_entry(n, upstream.url, tmp_path, fast_path=True) for n in ("m1", "m2")]
+    proxy = start_proxy(write_config(tmp_path / "providers.yaml", models, scorer_timeout_s=10.0), scorer=scorer)
+
+    def leave_early(text):
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(f"{proxy.url}/chat/completions", timeout=httpx.Timeout(10, read=0.2),
+                       json={"model": "auto", "messages": [{"role": "user", "content": text}]})
+
+    threads = [threading.Thread(target=leave_early, args=(f"question {i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+        time.sleep(0.02)  # in order: the first one's call runs, the others' queue behind it
+    for t in threads:
+        t.join()
+    started = time.monotonic()
+    live = client(proxy).chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": "the live one"}])
+    waited = time.monotonic() - started
+    assert live.headers["x-satroute-model"] == "m1" and live.headers["x-satroute-route"] == "routed"
+    asked = [c[0] for c in scorer.calls]
+    assert len(asked) == 2 and asked[-1] == "the live one"  # the running one, then: the queued three skipped
+    assert waited < 1.5  # the running call's rest and its own, not three more calls first
+
+
 async def test_a_503_s_retry_after_reaches_a_caller_that_waits_on_the_model_itself(tmp_path, upstream):
     """Onboarding waits on its model: it honoured a 429's Retry-After and not a 503's (RFC 9110
     gives both), asking again on its own 1, 2, 4 s backoff. A client is not told to wait (its
