@@ -447,7 +447,7 @@ class Onboarding:
     async def _quiet(self, state: _Run) -> None:
         """Say ``stalled`` when questions are out and none has been answered for ``give_up_s``
         (an upstream that accepts requests and never answers fails each only at its timeout,
-        ten minutes by default, and showed ``running`` all along); the next answer says
+        five minutes by default, and showed ``running`` all along); the next answer says
         ``running`` again."""
         waited = self.clock() - state.answered_at
         if state.quiet or not state.in_flight or state.failures or waited < self.options.give_up_s:
