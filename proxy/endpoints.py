@@ -254,8 +254,8 @@ async def chat_completions(request: Request) -> Response:
     chat = _Chat(svc, body, req, record)
     try:
         # one watcher for the whole request: a client that leaves while its request is scored or
-        # while models are called gets nothing more (a scoring call still finishes, shared, and
-        # its scores are remembered for a retry)
+        # while models are called gets nothing more (a scoring call already running finishes,
+        # shared, and its scores are remembered for a retry; one still queued is skipped)
         reply = await _unless_the_client_leaves(request, chat.run())
     except AllUpstreamsFailed as exc:  # no model answered: the log says so, the client gets the error
         chat.log_route(None, exc.failed)

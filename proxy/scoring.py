@@ -249,8 +249,9 @@ class ScorerHost:
         second: both come back ``remembered``. Raises ``ScorerDegraded`` when the scorer fails on
         the request or takes longer than ``timeout_s`` (the caller can still rank by the profiles),
         ``ServiceUnavailable`` while no scorer is loaded. Only scores the scorer gave are
-        remembered, never a failure; a call whose requests stopped waiting still finishes (if it
-        can in time) and is remembered, for their retries. A twin that joined a call later than
+        remembered, never a failure; a call already running when its requests stop waiting
+        finishes and is remembered, for their retries, and one still queued then is skipped
+        (``_run``). A twin that joined a call later than
         the request that started it has a later deadline: if the call is skipped as hopeless for
         the earlier one, the twin still gets a call of its own."""
         scorer = self.scorer
