@@ -30,7 +30,7 @@ from proxy.auth import MasterKeyAuth, is_loopback
 from proxy.cooldown import Cooldowns
 from proxy.dispatch import Dispatcher, RetryingDispatcher
 from proxy.errors import ConfigError, SatrouteError, error_event, plain_error_response
-from proxy.localserver import default_threads, local_models_hook, published_key
+from proxy.localserver import local_models_hook, published_key, threads_of
 from proxy.logs import RequestLogMiddleware
 from proxy.metrics import Metrics
 from proxy.onboarding_service import onboarding_hook, open_store
@@ -184,8 +184,7 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
         busy = getattr(svc.dispatcher, "busy", None)
 
         def cores_busy() -> int:  # the threads of the local model servers answering now
-            return sum(d.info.local_server.threads or default_threads()
-                       for d in svc.registry.snapshot.models.values()
+            return sum(threads_of(d.info.local_server) for d in svc.registry.snapshot.models.values()
                        if d.info.local_server is not None and busy is not None and busy(d.name) > 0)
 
         svc.spawn(svc.scoring.load(settings, profiles, cores_busy), "scorer-load")

@@ -39,8 +39,8 @@ from proxy.protocol import OPENAI_CHAT_PARAMS
 from proxy.providers import OPENAI_COMPATIBLE, Deployment, RouterSettings
 from proxy.settings import prepare_litellm_environment
 from proxy.upstream import (CONTEXT_WINDOW, RETRYABLE, UNSUPPORTED, Answer, PassThrough, cannot_read,
-                            classify, dumps_lenient, interrupted_event, out_of_quota, redirected,
-                            retry_after_seconds, too_long)
+                            classify, dumps_lenient, error_labels, interrupted_event, out_of_quota,
+                            redirected, retry_after_seconds, too_long)
 
 log = logging.getLogger("satroute.dispatch")
 
@@ -547,7 +547,8 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
         text = (f"model {model} cannot take this request: litellm could not translate it for "
                 f"the model's provider ({_said(message)})")
         return _unfit(model, text, "untranslatable", "untranslatable_request")
-    if status is None or status in RETRYABLE and not out_of_quota(int(status), _labels(exc)):
+    upstream = _upstream_error(exc)  # the upstream's own error object, where one came back
+    if status is None or status in RETRYABLE and not out_of_quota(int(status), error_labels(upstream)):
         response = getattr(exc, "response", None)
         headers = (getattr(exc, "litellm_response_headers", None)
                    or getattr(response, "headers", None) or {})
@@ -557,7 +558,6 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
                                  timeout=timeout)
     # litellm knows its providers' words for a request longer than the model's context
     too_long_for_it = isinstance(exc, litellm.ContextWindowExceededError)
-    upstream = _upstream_error(exc)
     if upstream is not None:  # the upstream's own error, passed back as the pass-through path does
         refused = classify(int(status), orjson.dumps({"error": upstream}), model, {}, redact)
         if isinstance(refused, UpstreamClientError) and too_long_for_it:
@@ -627,13 +627,6 @@ def _failed_reading_the_answer(exc: BaseException) -> bool:
                 return True
             tb = tb.tb_next
     return False
-
-
-def _labels(exc: BaseException) -> str:
-    """The code and type of the upstream's error behind a litellm exception ("" when none came
-    back), as ``classify`` reads them."""
-    err = _upstream_error(exc)
-    return f"{err.get('code')} {err.get('type')}" if err is not None else ""
 
 
 def _upstream_error(exc: BaseException) -> dict | None:

@@ -489,6 +489,11 @@ def default_threads() -> int:
     return max(1, (os.cpu_count() or 2) // 2)
 
 
+def threads_of(conf: Any) -> int:
+    """The threads a ``local_server`` block's server runs on: its ``threads``, else the default."""
+    return conf.threads or default_threads()
+
+
 MarkCallback = Callable[[str, "str | None"], None]
 
 
@@ -689,7 +694,7 @@ def specs_from_models(models, base_dir: Path) -> dict[str, LocalServerSpec]:
             path, problem = Path(conf.model), exc.message
         specs[d.name] = LocalServerSpec(
             model_path=path, alias=d.upstream_model, port=conf.port, n_ctx=conf.n_ctx,
-            n_threads=conf.threads or default_threads(), extra_args=tuple(conf.args),
+            n_threads=threads_of(conf), extra_args=tuple(conf.args),
             startup_timeout_s=conf.startup_timeout_s, problem=problem, api_key=d.api_key)
     return specs
 

@@ -55,7 +55,7 @@ class Settings(BaseSettings):
     scorer_threads: int = Field(1, ge=1, description="threads that run scoring off the event loop")
     scorer_torch_threads: int | None = Field(
         None, ge=1, description="CPU threads torch uses for one scoring call; unset: the cores the "
-        "local model servers of providers.yaml leave, at least one")
+        "local model servers answering at that moment leave, at least one")
     # images travel inside the body as base64: a phone photo alone is 5 to 10 MB of it
     max_body_bytes: int = Field(32 * 1024 * 1024, ge=1024)
     cors_origins: str = Field(

@@ -126,6 +126,12 @@ def redirected(model: str, status: int) -> UpstreamTransient:
                              "points", model=model, status=status, reason="bad_answer")
 
 
+def error_labels(err: Any) -> str:
+    """An upstream error object's ``code`` and ``type``, as the checks that read them by label
+    (``out_of_quota``, ``too_long``) take them; "" for no object."""
+    return f"{err.get('code')} {err.get('type')}" if isinstance(err, dict) else ""
+
+
 def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
              redact) -> Exception:
     try:
@@ -142,7 +148,7 @@ def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
     else:  # redacted whole, then cut: a key across the cut would no longer match the redaction
         message = redact(body.decode("utf-8", "replace"))[:300]
     message = redact(message) or f"upstream answered HTTP {status}"
-    labels = f"{err.get('code')} {err.get('type')}" if isinstance(err, dict) else ""
+    labels = error_labels(err)
     if status in RETRYABLE and not out_of_quota(status, labels):
         return UpstreamTransient(f"{model}: HTTP {status}: {message}", model=model, status=status,
                                  retry_after=retry_after_seconds(headers))
