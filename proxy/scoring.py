@@ -185,10 +185,9 @@ class ScorerHost:
         self._torch_threads = (lambda: told) if told else (
             lambda: max(1, (os.cpu_count() or 1) - (cores_busy() if cores_busy else 0)))
 
-        def build() -> Scorer:
+        def build() -> Scorer:  # torch's threads are set where calls run (``_busy``)
             from scorer import load_scorer
 
-            self._use_torch_threads()
             return load_scorer(settings.scorer_checkpoint, device=settings.scorer_device, dtype=settings.scorer_dtype)
 
         try:
