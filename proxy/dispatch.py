@@ -835,6 +835,11 @@ async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type,
             said = _said(redact(str(getattr(exc, "message", None) or exc)))
             yield interrupted_event(said or type(exc).__name__)
             return
+        except Exception as exc:  # litellm could not read what came (OpenRouter's error chunk with a
+            # string code raises ValueError): the client gets the error event, not a cut connection
+            log.warning("%s: the model's stream could not be read: %s", name, redact(repr(exc))[:300])
+            yield interrupted_event(f"the answer of {name} could not be read")
+            return
         for closing in ends.closings():
             yield encode(closing)
         yield b"data: [DONE]\n\n"

@@ -569,3 +569,34 @@ def test_the_first_request_with_an_anthropic_beta_header_fetches_nothing(proxy, 
     assert raw.headers["x-satroute-model"] == "claude"
     assert manager._BETA_HEADERS_CONFIG  # read, from the bundled copy
     assert fetched == [] and os.environ["LITELLM_LOCAL_ANTHROPIC_BETA_HEADERS"] == "True"
+
+
+def test_an_error_chunk_litellm_cannot_read_ends_the_stream_in_the_error_event(tmp_path, start_proxy):
+    """OpenRouter reports a failure mid-stream as a chunk with `error.code: "server_error"`, on
+    which litellm raises ValueError, not an OpenAIError: the client must get the in-band error
+    event (the SDK raises APIError), not a connection cut mid-body."""
+    import json
+
+    from support.raw_upstream import raw_upstream
+
+    first = {"id": "gen-1", "object": "chat.completion.chunk", "created": 1, "model": "openai/gpt-4o",
+             "choices": [{"index": 0, "delta": {"role": "assistant", "content": "Hello "},
+                          "finish_reason": None}]}
+    broken = {"id": "gen-1", "object": "chat.completion.chunk", "created": 1, "model": "openai/gpt-4o",
+              "error": {"code": "server_error", "message": "Provider disconnected unexpectedly"},
+              "choices": [{"index": 0, "delta": {"content": ""}, "finish_reason": "error"}]}
+    body = b"".join([b": OPENROUTER PROCESSING\n\n", b"data: " + json.dumps(first).encode() + b"\n\n",
+                     b"data: " + json.dumps(broken).encode() + b"\n\n", b"data: [DONE]\n\n"])
+    with raw_upstream(lambda request: _reply(b"text/event-stream", body)) as url:
+        entry = {"model_name": "routed-or",
+                 "litellm_params": {"model": "openrouter/openai/gpt-4o", "api_key": "sk-or-test",
+                                    "api_base": url}}
+        proxy = start_proxy(write_config(tmp_path / "providers.yaml", [entry], num_retries=0))
+        seen = ""
+        with pytest.raises(openai.APIError) as raised:
+            for chunk in client(proxy).chat.completions.create(model="routed-or", messages=MESSAGES,
+                                                               stream=True):
+                seen += (chunk.choices[0].delta.content or "") if chunk.choices else ""
+        assert seen == "Hello "
+        assert "upstream stream interrupted" in str(raised.value) and "routed-or" in str(raised.value)
+        assert "invalid literal" not in str(raised.value)
