@@ -364,7 +364,7 @@ class RetryingDispatcher:
                     resp.model = d.name
                     return Answer(body=dumps_lenient(openai_shape(resp.model_dump(exclude_none=True))))
                 first = await anext(aiter(resp), None)
-                if first is not None and _finished_empty(first) and (openai_like or not _labelled_sse(resp)):
+                if first is not None and _finished_empty(first) and (openai_like or not _labelled_stream(resp)):
                     # litellm makes a stream of anything that answers 200 (an HTML page, an empty
                     # body, keep-alives only): one empty chunk that says "stop". An OpenAI-format
                     # answer never begins so (its first chunk names the role); a translated
@@ -381,10 +381,14 @@ class RetryingDispatcher:
         return Answer(chunks=_litellm_chunks(first, resp, d.name, openai.OpenAIError, call.redact))
 
 
-def _labelled_sse(resp: Any) -> bool:
+# the types a provider's own stream is sent as: SSE, Ollama's JSON lines, Bedrock's event stream
+_STREAM_TYPES = ("event-stream", "ndjson", "jsonl", "json-seq", "eventstream")
+
+
+def _labelled_stream(resp: Any) -> bool:
     sent = ((getattr(resp, "_hidden_params", None) or {}).get("additional_headers") or {}) \
         .get("llm_provider-content-type")
-    return not isinstance(sent, str) or "event-stream" in sent.lower()
+    return not isinstance(sent, str) or any(kind in sent.lower() for kind in _STREAM_TYPES)
 
 
 def _finished_empty(chunk: Any) -> bool:

@@ -600,3 +600,34 @@ def test_an_error_chunk_litellm_cannot_read_ends_the_stream_in_the_error_event(t
         assert seen == "Hello "
         assert "upstream stream interrupted" in str(raised.value) and "routed-or" in str(raised.value)
         assert "invalid literal" not in str(raised.value)
+
+
+@pytest.mark.parametrize("model", ["ollama/llama3", "ollama_chat/llama3"])
+def test_an_empty_streamed_answer_from_ollama_is_an_answer(tmp_path, start_proxy, model):
+    """Ollama streams JSON lines (`application/x-ndjson`), never SSE: its empty answer, one line
+    that says done, is an answer, as it is not streamed; it was `bad_answer`, retried, a 502 and
+    the model cooled after one request."""
+    import json
+
+    from support.raw_upstream import raw_upstream
+
+    done = {"model": "llama3", "created_at": "2025-01-01T00:00:00Z", "done": True, "done_reason": "stop",
+            "message": {"role": "assistant", "content": ""}, "response": "", "prompt_eval_count": 5,
+            "eval_count": 0}
+    calls = []
+
+    def respond(request):
+        calls.append(request)
+        return _reply(b"application/x-ndjson", json.dumps(done).encode() + b"\n")
+
+    with raw_upstream(respond) as url:
+        entry = {"model_name": "local-ollama",
+                 "litellm_params": {"model": model, "api_base": url.removesuffix("/v1")}}
+        proxy = start_proxy(write_config(tmp_path / "providers.yaml", [entry], num_retries=2,
+                                         allowed_fails=1))
+        chunks = list(client(proxy).chat.completions.create(model="local-ollama", messages=MESSAGES,
+                                                            stream=True))
+        ready = httpx.get(f"{proxy.base}/ready").json()
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert len(calls) == 1 and ready["cooling"] == []
