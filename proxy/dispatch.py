@@ -32,7 +32,7 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from proxy.cooldown import Cooldowns
-from proxy.errors import MODEL_REFUSALS, AllUpstreamsFailed, UpstreamClientError, UpstreamTransient
+from proxy.errors import AllUpstreamsFailed, UpstreamClientError, UpstreamTransient
 from proxy.localserver import llama_cpp_request
 from proxy.logs import adopt_loggers
 from proxy.protocol import OPENAI_CHAT_PARAMS
@@ -205,7 +205,7 @@ class RetryingDispatcher:
                     continue
                 # the model is unusable, not the request: it falls back, and counts towards the
                 # model's cooldown; any other 4xx is about the request and goes back as is
-                if exc.status in MODEL_REFUSALS:
+                if exc.refuses_the_model():
                     if (self.cooldowns.failure(target.name, router.allowed_fails, router.cooldown_s, epoch)
                             and self.metrics is not None):
                         self.metrics.observe_cooldown(target.name)

@@ -21,6 +21,7 @@ Messages never carry API keys: dispatch redacts configured secrets before raisin
 """
 from __future__ import annotations
 
+import re
 from typing import Any, Mapping
 
 import orjson
@@ -103,7 +104,8 @@ class UpstreamError(SatrouteError):
 
 # 4xx answers that say the model cannot be used as configured (its key is refused, its account has
 # no credit left, or the upstream has no such model), whatever the request: dispatch hands a routed
-# request to the next model on them, and onboarding stops a run.
+# request to the next model on them, and onboarding stops a run; but a 403 for flagged input is
+# about the prompt (UpstreamClientError.refuses_the_model).
 # 429 only as an UpstreamClientError: a quota used up (``insufficient_quota``), which waiting does
 # not fix; a rate limit is an UpstreamTransient, retried
 MODEL_REFUSALS = frozenset({401, 402, 403, 404, 429})
@@ -128,6 +130,20 @@ class UpstreamClientError(UpstreamError):
         if self.upstream_body is not None:
             return self.upstream_body
         return super().body()
+
+    def text(self) -> str:
+        """What the 4xx says: its message, and the upstream's error body when there is one."""
+        return self.message if self.upstream_body is None else f"{self.message} {self.upstream_body}"
+
+    def refuses_the_model(self) -> bool:
+        """A status of MODEL_REFUSALS, except a moderation refusal of this request's content:
+        OpenRouter's 403 for a model it moderates ("Your input was flagged for ...", with
+        ``metadata.reasons`` and ``flagged_input``) is about the prompt, as Azure's 400
+        ``content_filter`` is; another prompt to the same model is answered."""
+        return self.status in MODEL_REFUSALS and not (self.status == 403 and _FLAGGED.search(self.text()))
+
+
+_FLAGGED = re.compile(r"\bflagged\b", re.IGNORECASE)
 
 
 class UpstreamTransient(UpstreamError):

@@ -43,7 +43,7 @@ from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Protocol, Sequence, TypeVar
 
-from proxy.errors import MODEL_REFUSALS, ConfigError, UpstreamClientError, UpstreamError
+from proxy.errors import ConfigError, UpstreamClientError, UpstreamError
 from proxy.questions import Question
 from proxy.routing import approx_tokens
 from proxy.store import GradedAnswer, ModelBusy, Progress, Store
@@ -120,21 +120,15 @@ class Options:
 
 
 # A 4xx in MODEL_REFUSALS refuses every request to the model (credentials, billing, no such
-# model); any other 4xx is about the one prompt (content filter, context length, ...).
+# model), unless it says the input was flagged; any other 4xx is about the one prompt (content
+# filter, context length, ...).
 _NO_SUCH_MODEL = re.compile(r"model_not_found|\bmodel\b.{0,120}?\b(?:not found|does not exist)",
                             re.IGNORECASE | re.DOTALL)
 
 
-def _error_text(exc: UpstreamClientError) -> str:
-    """What a 4xx says: its message, and the upstream's error body when there is one."""
-    return exc.message if exc.upstream_body is None else f"{exc.message} {exc.upstream_body}"
-
-
 def refuses_the_model(exc: UpstreamClientError) -> bool:
     """True when a 4xx means no request to this model can succeed, not just this prompt."""
-    if exc.status in MODEL_REFUSALS:
-        return True
-    return _NO_SUCH_MODEL.search(_error_text(exc)) is not None
+    return exc.refuses_the_model() or _NO_SUCH_MODEL.search(exc.text()) is not None
 
 
 # A 4xx that refuses one of the run's own parameters for this model (OpenAI's reasoning models:
@@ -152,7 +146,7 @@ def adapted_params(params: dict, exc: UpstreamClientError) -> dict | None:
     """The run's sampling parameters as this model takes them, when ``exc`` refuses one of them:
     ``max_tokens`` becomes ``max_completion_tokens``, a ``temperature`` it rejects is left to its
     default. None when ``exc`` is about something else."""
-    match = _REFUSED_PARAM.search(_error_text(exc))
+    match = _REFUSED_PARAM.search(exc.text())
     if match is None:
         return None
     name = match.group(2) or match.group(3)

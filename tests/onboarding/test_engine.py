@@ -182,6 +182,22 @@ async def test_a_prompt_refused_with_a_4xx_grades_as_no_answer(tmp_path, tiny):
     assert asker.bad_asks <= 2  # asked again only when it came before any answer
 
 
+async def test_a_prompt_flagged_by_a_moderating_provider_grades_as_no_answer(tmp_path, tiny):
+    """OpenRouter's 403 for a moderated model's flagged input is about the prompt: one flagged
+    question used to fail the whole run (and every retry of it) as a refused key would."""
+    suite, questions = tiny
+    bad = questions[5].id
+    asker = Poison(questions, bad, lambda: UpstreamClientError(
+        'openai/gpt-4o requires moderation on OpenRouter. Your input was flagged for "violence".',
+        status=403, upstream_body={"error": {"code": 403, "message": "...", "metadata": {
+            "reasons": ["violence"], "flagged_input": "...", "provider_name": None}}}))
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, asker, FAST).run("m")
+        assert progress.status == "done" and progress.done == 12
+        assert [(a.letter, a.correct) for a in store.answers("m") if a.question_id == bad] == [
+            (None, False)]
+
+
 @pytest.mark.parametrize("exc", [
     UpstreamClientError("invalid api key", status=401),
     UpstreamClientError("forbidden", status=403),

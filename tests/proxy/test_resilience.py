@@ -113,6 +113,22 @@ def test_a_model_whose_key_is_refused_hands_routed_requests_to_the_next_and_cool
 
 
 @pytest.mark.parametrize("fast", PATHS)
+def test_a_403_for_a_flagged_prompt_is_the_request_s_not_the_model_s(tmp_path, upstream, start_proxy, fast):
+    """OpenRouter refuses a moderated model's flagged input with 403 ("Your input was flagged"):
+    like Azure's 400 content_filter, it goes back to the client as it is, and three flagged
+    prompts no longer take the model out of routing for everyone else's clean ones."""
+    proxy = setup(tmp_path, upstream, start_proxy, fast, num_retries=0, allowed_fails=2, cooldown_s=30)
+    upstream.set("m1", fail(403, 'openai/gpt-4o requires moderation on OpenRouter. Your input was '
+                                 'flagged for "violence". No credits were charged.', "moderation"))
+    for _ in range(3):
+        with pytest.raises(openai.PermissionDeniedError) as err:
+            client(proxy).chat.completions.create(model="auto", messages=MESSAGES)
+        assert "Your input was flagged" in err.value.message
+    assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == []
+    assert len(upstream.bodies("m1")) == 3 and upstream.bodies("m2") == []
+
+
+@pytest.mark.parametrize("fast", PATHS)
 def test_a_model_out_of_credit_hands_routed_requests_to_the_next(tmp_path, upstream, start_proxy, fast):
     """402 (the provider's account has no credit left) is the model's problem, not the request's."""
     proxy = setup(tmp_path, upstream, start_proxy, fast, num_retries=0)
