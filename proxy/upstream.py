@@ -61,7 +61,8 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
 
 def rename_model(data: bytes, name_json: bytes) -> bytes:
     """Replace the first ``"model": "..."`` (the top-level one in OpenAI payloads), or a null one."""
-    return MODEL_FIELD.sub(b'"model":' + name_json, data, count=1)
+    field = b'"model":' + name_json  # a function, not a template: a name's backslashes stay as they are
+    return MODEL_FIELD.sub(lambda _: field, data, count=1)
 
 
 def loads_lenient(raw: bytes) -> Any:

@@ -252,6 +252,21 @@ def test_any_model_name_can_be_routed_to_and_read_back_from_the_headers(tmp_path
     assert plain.headers["x-satroute-model"] == "openai/gpt-4o-mini"  # the usual names pass unchanged
 
 
+@pytest.mark.parametrize("name", ['we"ird\\x', "a\\nb", "tab\tname", "ctl\x01x"])
+def test_a_name_with_backslashes_or_control_characters_comes_back_as_it_is(tmp_path, upstream,
+                                                                         start_proxy, name):
+    """The configured name replaces the upstream's `model` in the bytes of the answer: it was
+    used as a regex template, so `\\x` made invalid JSON, `\\n` a newline and `\x01` a 500
+    after the upstream had answered."""
+    from conftest import model_entry, write_config
+
+    proxy = start_proxy(write_config(tmp_path / "providers.yaml",
+                                     [model_entry(name, upstream.url, tmp_path, upstream_name="u", fast_path=True)]))
+    assert client(proxy).chat.completions.create(model=name, messages=MESSAGES).model == name
+    chunks = list(client(proxy).chat.completions.create(model=name, messages=MESSAGES, stream=True))
+    assert chunks and {c.model for c in chunks} == {name}
+
+
 def test_the_pass_through_fills_only_chat_parameters_from_litellm_params(tmp_path, upstream, start_proxy):
     """litellm_params also holds litellm's own settings and credentials under many names: only the
     OpenAI chat parameters (and extra_body's fields) may become defaults of the upstream body."""
