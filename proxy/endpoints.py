@@ -26,7 +26,7 @@ from proxy.dispatch import Call, Reply
 from proxy.errors import (AllUpstreamsFailed, BodyTimeout, BodyTooLarge, ModelNotFound, RequestError, SatrouteError,
                           ServiceUnavailable, UnsupportedEncoding, UpstreamClientError, error_response)
 from proxy.localserver import STARTING_RETRY_AFTER_S, coming_back
-from proxy.logs import RequestRecord, request_record
+from proxy.logs import RequestRecord, parse_scores, request_record
 from proxy.providers import Deployment, Snapshot
 from proxy.routing import (Decision, candidates, features_needed, instruction_text, rank,
                            tokens_needed)
@@ -259,13 +259,13 @@ async def chat_completions(request: Request) -> Response:
         reply = await _unless_the_client_leaves(request, chat.run())
     except AllUpstreamsFailed as exc:  # no model answered: the log says so, the client gets the error
         chat.log_route(None, exc.failed)
-        _log_failed(record, exc.failed)
+        _log_failed(record, exc.failed, chat.plan)
         _wait_if_coming_back(svc.registry.snapshot, exc)
         raise
     except UpstreamClientError as exc:  # the model refused the request: logged, passed back as it is
         failed = [*exc.failed, (exc.model, exc.unfit or f"http_{exc.status}")]
         chat.log_route(None, failed)
-        _log_failed(record, failed)
+        _log_failed(record, failed, chat.plan)
         raise
     except (Exception, asyncio.CancelledError):
         # the proxy's own failure (a 500), or a shutdown that cut the request (the client left is
@@ -363,11 +363,16 @@ class _Chat:
             request_id=record.request_id if record is not None else None, degraded=decision.degraded)
 
 
-def _log_failed(record: RequestRecord | None, failed) -> None:
-    """An error answer carries no ``x-satroute-failed`` header: its log line is told directly
-    which models failed, and why, as ``model:reason``."""
-    if record is not None:
-        record.failed_models = [f"{name}:{why}" for name, why in failed]
+def _log_failed(record: RequestRecord | None, failed, plan: Plan | None) -> None:
+    """An error answer carries no routing headers: its log line is told directly which models
+    failed, and why, as ``model:reason``, and a routed request's scores and scoring time, as an
+    answer's line reads them from its headers."""
+    if record is None:
+        return
+    record.failed_models = [f"{name}:{why}" for name, why in failed]
+    if plan is not None and plan.decision.routed:
+        record.scores = parse_scores(plan.decision.scores_header())
+        record.scorer_ms = round(plan.decision.scorer_ms, 2)
 
 
 def _client_left(request: Request) -> Response:

@@ -228,7 +228,7 @@ def request_record(request) -> RequestRecord | None:
     return request.scope.get("state", {}).get(_STATE_KEY)
 
 
-def _parse_scores(value: str) -> dict[str, float] | None:
+def parse_scores(value: str) -> dict[str, float] | None:
     """Routing-scores header: JSON object, or ``model=score`` pairs separated by commas."""
     value = value.strip()
     try:
@@ -400,7 +400,7 @@ class RequestLogMiddleware:
             if what == "model" and record.routed_model is None:
                 record.routed_model = unquote(text)
             elif what == "scores" and record.scores is None:
-                record.scores = _parse_scores(text)
+                record.scores = parse_scores(text)
             elif what == "scorer_ms" and record.scorer_ms is None:
                 try:
                     record.scorer_ms = float(text)

@@ -112,6 +112,10 @@ def test_the_log_line_of_a_failed_request_says_which_models_failed_and_that_it_w
              and line["path"] == "/v1/chat/completions"]
     assert [(line["status"], line["stream"], line["failed_models"]) for line in lines] == [
         (502, True, ["m2:http_500", "m1:http_503"]), (400, False, ["m1:http_400"])]
+    # a routed request no model answered was scored all the same: its line says so, as an
+    # answer's line does (and a request that named its model has no scores)
+    assert set(lines[0]["scores"]) == {"m1", "m2"} and lines[0]["scorer_ms"] >= 0
+    assert "scores" not in lines[1] and "scorer_ms" not in lines[1]
     # the dispatch warnings that say why each model failed carry the request's id
     rid = err.value.response.headers["x-request-id"]
     warned = [line for line in logged if line["logger"] == "satroute.dispatch"]

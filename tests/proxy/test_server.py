@@ -232,7 +232,7 @@ def test_any_model_name_can_be_routed_to_and_read_back_from_the_headers(tmp_path
     outside plain ASCII or holding those is percent-encoded there, never a 500 after the answer."""
     from urllib.parse import unquote
 
-    from proxy.logs import _parse_scores
+    from proxy.logs import parse_scores
     from conftest import model_entry, write_config
 
     models = [model_entry("qwen-中文", upstream.url, tmp_path, upstream_name="q"),
@@ -245,7 +245,7 @@ def test_any_model_name_can_be_routed_to_and_read_back_from_the_headers(tmp_path
     assert raw.headers["x-satroute-model"] == "qwen-%E4%B8%AD%E6%96%87"
     assert unquote(raw.headers["x-satroute-model"]) == "qwen-中文"
     assert raw.headers["x-satroute-scores"] == "qwen-%E4%B8%AD%E6%96%87=0.9000,a%3D1%2Cb=0.5000"
-    assert _parse_scores(raw.headers["x-satroute-scores"]) == {"qwen-中文": 0.9, "a=1,b": 0.5}
+    assert parse_scores(raw.headers["x-satroute-scores"]) == {"qwen-中文": 0.9, "a=1,b": 0.5}
     direct = client(proxy).chat.completions.with_raw_response.create(model="a=1,b", messages=MESSAGES)
     assert direct.headers["x-satroute-model"] == "a%3D1%2Cb"
     plain = client(proxy).chat.completions.with_raw_response.create(model="openai/gpt-4o-mini", messages=MESSAGES)
