@@ -310,8 +310,8 @@ class ScorerHost:
                             ticket.waiters -= 1
         except (asyncio.TimeoutError, _TooLate):
             ms = (time.perf_counter() - started) * 1000
-            log.warning("scorer could not answer within %.1f s (waited %.0f ms); ranked by the profiles' means",
-                        timeout_s, ms)
+            log.warning("scorer could not answer within %.0f ms (waited %.0f ms); ranked by the profiles' means",
+                        timeout_s * 1000, ms)
             raise ScorerDegraded("scorer_timeout", ms) from None
         except Exception as exc:  # noqa: BLE001 (cancellation is a BaseException and passes through)
             # A scorer bug (torch's IndexError on an out-of-range token, say) or an exhausted
