@@ -524,4 +524,10 @@ async def satroute_error(request: Request, exc: Exception) -> Response:
         # SDK that retries on top (the openai SDKs do, twice by default) runs the whole cascade
         # again, three times the load on a provider that is refusing it; they honour this
         headers["x-should-retry"] = "false"
+    elif isinstance(exc, UpstreamClientError):
+        # the last model's refusal, passed back: never retried here, and an SDK's retry of a
+        # 429 (a used-up quota) would run the fallbacks before it again
+        headers["x-should-retry"] = "false"
+        if exc.failed:
+            headers[protocol.HEADER_FAILED] = ",".join(f"{protocol.header_name(n)}:{r}" for n, r in exc.failed)
     return error_response(exc, headers or None)

@@ -293,6 +293,24 @@ def test_a_used_up_quota_is_no_rate_limit_it_falls_back_at_once_and_is_not_retri
 
 
 @pytest.mark.parametrize("fast", PATHS)
+def test_a_used_up_quota_passed_back_after_a_fallback_is_not_retried_by_the_sdk(
+        tmp_path, upstream, start_proxy, fast):
+    """The last model's used-up quota is passed back as a 429: without `x-should-retry: false`
+    the openai SDK (two retries by default) sent the whole routed chain three times, and the
+    answer did not say which model had failed before it."""
+    proxy = setup(tmp_path, upstream, start_proxy, fast, num_retries=0, allowed_fails=5)
+    upstream.set("m1", fail(503))
+    upstream.set("m2", fail(429, "You exceeded your current quota.", "insufficient_quota"))
+    retrying = openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=2, timeout=30)
+    with pytest.raises(openai.RateLimitError) as err:
+        retrying.chat.completions.create(model="auto", messages=MESSAGES,
+                                         extra_body={"satroute": {"models": ["m1", "m2"]}})
+    assert err.value.response.headers["x-should-retry"] == "false"
+    assert err.value.response.headers["x-satroute-failed"] == "m1:http_503"
+    assert len(upstream.bodies("m1")) == 1 and len(upstream.bodies("m2")) == 1
+
+
+@pytest.mark.parametrize("fast", PATHS)
 def test_a_rate_limit_in_quota_words_is_still_a_rate_limit(tmp_path, upstream, start_proxy, fast):
     """Gemini says "You exceeded your current quota" for its per-minute limits, which a wait
     clears: only OpenAI's insufficient_quota label means a used-up quota, never the words."""
