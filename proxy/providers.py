@@ -409,7 +409,9 @@ def _resolve(value: Any, env: Mapping[str, str], key: str = "",
         return [v for v, _ in items], next((m for _, m in items if m), None)
     if isinstance(value, str) and value.startswith(ENV_PREFIX):
         var = value[len(ENV_PREFIX):]
-        got = env.get(var)
+        # a value read from a file (a Kubernetes or Docker secret, `$(cat key)`) ends in a line
+        # break, which no header or URL may carry
+        got = (env.get(var) or "").strip()
         if not got:
             return None, var
         if secrets is not None and (_secret(key) or (len(got) >= 16 and key != "model")):
@@ -532,6 +534,8 @@ def parse(text: str, path: Path, env: Mapping[str, str],
             unavailable = ("litellm_params.api_base carries credentials (user:password@) and "
                            f"{'api_key' if api_key else 'extra_headers.Authorization'} "
                            "is set too: give the model one of them")
+        if unavailable is None:
+            unavailable = _unsendable(api_base, api_key, params)
         d = Deployment(
             name=entry.model_name, model=model, provider=provider, upstream_model=rest,
             api_base=api_base, api_key=api_key,
@@ -541,6 +545,31 @@ def parse(text: str, path: Path, env: Mapping[str, str],
     secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
     return Snapshot(source=str(path), models=models, router=conf.router_settings,
                     secrets=tuple(secrets))
+
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+def _unsendable(api_base: Any, api_key: Any, params: Mapping[str, Any]) -> str | None:
+    """Why no call to the model could be sent as configured (every one would fail before it
+    leaves, a 500 or a connection error in the middle of routing), or None."""
+    if api_base is not None:
+        try:
+            url = urlsplit(str(api_base))
+            ok = url.scheme.lower() in ("http", "https") and bool(url.hostname)
+        except ValueError:
+            ok = False
+        if not ok:
+            shown = f" ({api_base!r})" if "@" not in str(api_base) else ""
+            return f"litellm_params.api_base is not an http:// or https:// URL with a host{shown}"
+    headers = params.get("extra_headers")
+    sent = {"api_key": api_key, "organization": params.get("organization"),
+            **({f"extra_headers.{k}": v for k, v in headers.items()} if isinstance(headers, dict) else {})}
+    for key, value in sent.items():
+        if isinstance(value, str) and _CONTROL.search(value):
+            return (f"litellm_params.{key} holds a control character (a line break inside it?): "
+                    "no HTTP header can carry it")
+    return None
 
 
 def _has_userinfo(url: Any) -> bool:

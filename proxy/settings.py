@@ -96,7 +96,9 @@ class Settings(BaseSettings):
 
     def master_key_value(self) -> str | None:
         key = self.master_key.get_secret_value() if self.master_key else None
-        return key or None
+        # a key read from a file (a Docker or Kubernetes secret) ends in a line break that no
+        # client sends: kept, it refused every request; blank, it is no key
+        return (key.strip() or None) if key else None
 
     def cors_origin_list(self) -> list[str]:
         return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]

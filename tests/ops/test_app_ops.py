@@ -194,6 +194,17 @@ def test_metrics_need_the_master_key_when_one_is_set(tmp_path, upstream):
         assert ok.status_code == 200 and "satroute_requests_total" in ok.text
 
 
+def test_a_master_key_read_from_a_file_with_its_line_break_is_the_key_without_it(tmp_path, upstream):
+    """`SATROUTE_MASTER_KEY=$(cat key)` keeps the line break of a secret file: kept in the key,
+    no client could ever send it, and every request was refused."""
+    config = _config(tmp_path, [_entry("m1", upstream.url, tmp_path)])
+    with _serve(config, master_key="mk-0123456789\n") as proxy:
+        assert httpx.get(f"{proxy.base}/v1/models").status_code == 401
+        ok = httpx.get(f"{proxy.base}/v1/models", headers={"authorization": "Bearer mk-0123456789"})
+        assert ok.status_code == 200
+    assert Settings(master_key=" \n").master_key_value() is None
+
+
 def test_the_route_preview_decides_as_a_request_would_and_calls_no_model(tmp_path, upstream, caplog):
     """POST /admin/route: the admin's "where would this go?", with the real decision (candidates,
     scores, fallback order, the text the scorer read) and nothing sent upstream or counted."""

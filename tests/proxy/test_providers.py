@@ -78,6 +78,33 @@ def test_credentials_in_api_base_beside_an_api_key_mark_the_model_unavailable():
     assert "extra_headers.Authorization" in header.models["h"].unavailable
 
 
+def test_a_key_read_from_a_file_with_its_line_break_is_sent_without_it():
+    """A secret mounted from a file (`kubectl create secret --from-file`, `KEY=$(cat f)`) ends
+    in a line break: aiohttp refused the header, a 500 on every routed request."""
+    s = snap(LITELLM_CONFIG, {"OPENAI_API_KEY": "sk-a\n", "ANTHROPIC_API_KEY": " \r\n"})
+    assert s.models["gpt-4o"].api_key == "sk-a" and s.models["gpt-4o"].available
+    assert "ANTHROPIC_API_KEY" in s.models["claude"].unavailable  # nothing but the line break
+
+
+@pytest.mark.parametrize("params, words", [
+    ("api_base: '127.0.0.1:11434/v1'", ["api_base", "http:// or https://", "127.0.0.1:11434/v1"]),
+    ("api_base: 'htp://host/v1'", ["api_base", "http:// or https://"]),
+    ("api_base: 'http:///v1'", ["api_base", "with a host"]),
+    ("api_base: 'hxxp://u:secret@host/v1'", ["api_base", "http:// or https://"]),
+    ("api_key: \"sk-a\\nb\"", ["api_key", "control character"]),
+    ("extra_headers: {X-Team: \"t\\r1\"}", ["extra_headers.X-Team", "control character"]),
+])
+def test_a_model_no_call_could_be_sent_to_is_unavailable_with_the_reason(params, words):
+    """Every call to it failed before leaving (a bare `connection` failure, or a 500 from
+    aiohttp's header check) while /ready said it was ready."""
+    s = snap("model_list:\n  - {model_name: m, litellm_params: {model: openai/x, %s}}\n"
+             "  - {model_name: ok, litellm_params: {model: openai/x, api_base: 'HTTPS://host:8443/v1'}}\n"
+             % params)
+    why = s.models["m"].unavailable
+    assert why is not None and all(w in why for w in words), why
+    assert "secret" not in why and s.models["ok"].available
+
+
 @pytest.mark.parametrize("text, words", [
     ("model_list: []", ["model_list", "at least 1"]),
     ("model_list:\n  - model_name: a\n", ["model_list.0.litellm_params", "Field required"]),
