@@ -22,12 +22,15 @@ or nothing, is kept for ever (its keep-alive timeout starts only after a respons
   are then parsed as a request of their own); the head is therefore read again, without the
   offer, by a fresh parser, followed by what came after it.
 
-Both answers are OpenAI's error shape, as every other. Does not know: the app; a body's pace
+Both answers are OpenAI's error shape, as every other, with an ``x-request-id`` and the request's
+log line (the app's middleware, which writes every other, never sees them). Does not know: the
+app; a body's pace
 (``proxy.endpoints.read_body`` bounds that).
 """
 from __future__ import annotations
 
 import asyncio
+import logging
 from typing import Any
 
 import httptools
@@ -35,6 +38,9 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.errors import error_body
+from proxy.logs import new_request_id
+
+_request_log = logging.getLogger("satroute.request")
 
 MAX_HEAD_BYTES = 64 * 1024  # nginx's default allows 32 KiB of headers, h11 16 KiB
 HEAD_TIMEOUT_S = 30.0  # nginx's client_header_timeout is 60 s
@@ -185,8 +191,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()  # this request's own answer began (its trailers came late): cut
             return
         body = orjson.dumps(error_body(message, "invalid_request_error", code))
+        request_id = new_request_id()
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
-                             b"connection: close\r\n\r\n%s" % (status, phrase.encode(), len(body), body))
+                             b"x-request-id: %s\r\nconnection: close\r\n\r\n%s"
+                             % (status, phrase.encode(), len(body), request_id.encode(), body))
+        # answered below the app, whose middleware writes every other request's line: this one's
+        # line is written here, so that a refused request leaves a trace too
+        path = getattr(self, "url", b"").decode("latin-1", "replace")[:200] if self._began else ""
+        fields = {"request_id": request_id, "path": path, "status": status, "error": code}
+        if self.client:
+            fields["client"] = "%s:%s" % tuple(self.client)
+        _request_log.info("- %s %d", path or "-", status, extra={"fields": fields})
         # a lingering close: what the client is still sending is read and dropped for a moment, so
         # that its unread bytes do not make the kernel reset the connection before it reads this
         try:

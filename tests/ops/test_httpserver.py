@@ -76,6 +76,26 @@ def test_a_head_over_the_bound_is_refused_with_431_before_it_is_parsed(server):
     assert b'"code":"request_header_too_large"' in answer  # OpenAI's error shape, as every other
 
 
+def test_a_refused_head_has_its_log_line_and_request_id(server, caplog):
+    """Answered below the app, a 431 or 408 was in no log: the one line every request gets."""
+    import logging
+
+    caplog.set_level(logging.INFO, logger="satroute.request")
+    with _connect(server) as sock:
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * (MAX_HEAD_BYTES + 1))
+        answer = _read_all(sock)
+    with _connect(server) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")  # and nothing more
+        timed_out = _read_all(sock)
+    lines = [r for r in caplog.records if r.name == "satroute.request"]
+    assert [(r.fields["status"], r.fields["error"], r.fields["path"]) for r in lines] == [
+        (431, "request_header_too_large", "/v1/models"), (408, "request_timeout", "/v1/chat/completions")]
+    rid = lines[0].fields["request_id"]
+    assert f"x-request-id: {rid}\r\n".encode() in answer and rid.startswith("req_")
+    assert lines[1].fields["request_id"].encode() in timed_out
+    assert all(r.fields["client"].startswith("127.0.0.1:") for r in lines)
+
+
 def test_a_chunked_body_s_trailers_are_bounded_as_headers_are(server):
     """llhttp hands trailers to the same callbacks as headers, built up the same costly way.
     (What follows body bytes in the same read is counted from the next read: twice the bound.)"""
