@@ -75,6 +75,7 @@ class Said:
     completion_tokens: int | None = None
     total_tokens: int | None = None
     cut_off: bool = False  # the upstream stopped it at max_tokens (finish_reason "length")
+    filtered: bool = False  # the provider withheld it (finish_reason "content_filter": a safety block)
 
     def billed(self, question: Question) -> tuple[int, int]:
         """(input, output) tokens to count for the spend: the larger of what the usage says and
@@ -204,6 +205,7 @@ class _Run:
         self.failed_since_answer: set[str] = set()  # questions failed since the last answer
         self.strikes: Counter[str] = Counter()  # failures of a question while others answered
         self.cut_off = 0  # answers stopped at max_tokens before they stated a letter (graded wrong)
+        self.filtered = 0  # answers the provider's content filter withheld, with no letter (graded wrong)
 
     @property
     def stopping(self) -> bool:
@@ -528,7 +530,9 @@ class Onboarding:
     async def _answered(self, state: _Run, question: Question, said: Said) -> None:
         text = said.text
         letter = extract_answer(text, len(question.options))
-        if said.cut_off and letter is None:  # a reasoning model's budget spent before its answer
+        if said.filtered and letter is None:  # a safety block: no sign of the answer's form
+            state.filtered += 1
+        elif said.cut_off and letter is None:  # a reasoning model's budget spent before its answer
             state.cut_off += 1
             if state.cut_off == 1:
                 log.warning("onboarding %s: an answer was cut off at max_tokens=%d before it stated a "
@@ -680,9 +684,14 @@ def _understated(state: _Run, max_tokens: int, letters: Sequence[str | None]) ->
         notes.append(f"{state.cut_off} of {state.answers} answers of this run were cut off at "
                      f"max_tokens={max_tokens} before they stated a letter (graded wrong; a model that "
                      "reasons at length needs a larger SATROUTE_ONBOARDING_MAX_TOKENS)")
-    none = sum(letter is None for letter in letters)
-    if letters and none / len(letters) > NO_LETTER_SHARE:
-        notes.append(f"{none} of its {len(letters)} answers stated no letter as 'the answer is (X)' "
+    if state.filtered:
+        notes.append(f"{state.filtered} of {state.answers} answers of this run were withheld by the "
+                     "provider's content filter (finish_reason content_filter; graded wrong)")
+    # the filter's blocks say nothing of the form of the model's answers: not counted in it
+    none = sum(letter is None for letter in letters) - state.filtered
+    read = len(letters) - state.filtered
+    if read > 0 and none / read > NO_LETTER_SHARE:
+        notes.append(f"{none} of its {read} answers stated no letter as 'the answer is (X)' "
                      "(graded wrong), more than any zoo model whose answers are recorded (9% to 23%): "
                      "its profile may understate it")
     return "; ".join(notes) or None

@@ -65,7 +65,8 @@ class DispatchAsker:
             text = content_text(choice["message"].get("content"))
             usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
             return Said(text, _tokens(usage.get("prompt_tokens")), _tokens(usage.get("completion_tokens")),
-                        _tokens(usage.get("total_tokens")), cut_off=choice.get("finish_reason") == "length")
+                        _tokens(usage.get("total_tokens")), cut_off=choice.get("finish_reason") == "length",
+                        filtered=choice.get("finish_reason") == "content_filter")
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise UpstreamTransient(f"{model}: answer is not a chat completion: "
                                     f"{(reply.body or b'')[:200]!r}", model=model) from None

@@ -46,6 +46,11 @@ async def test_an_answer_stopped_at_max_tokens_says_so(registry):
     assert not (await DispatchAsker(registry, FakeDispatcher(whole)).ask("m", [])).cut_off
 
 
+async def test_an_answer_withheld_by_the_content_filter_says_so(registry):
+    body = b'{"choices": [{"message": {"content": null}, "finish_reason": "content_filter"}]}'
+    assert await DispatchAsker(registry, FakeDispatcher(body)).ask("m", []) == Said("", filtered=True)
+
+
 async def test_malformed_answers_and_unknown_models(registry):
     with pytest.raises(UpstreamTransient, match="not a chat completion"):
         await DispatchAsker(registry, FakeDispatcher(b"<html>")).ask("m", [])

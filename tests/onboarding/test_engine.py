@@ -697,6 +697,22 @@ async def test_a_model_that_often_states_no_letter_in_the_graded_form_is_flagged
                                "23%): its profile may understate it")
 
 
+async def test_answers_the_content_filter_withheld_are_said_so_not_blamed_on_their_form(tmp_path, tiny):
+    """Gemini's safety blocks (finish_reason content_filter) are graded wrong; the status used to
+    say the model answered in a form the grading does not read, which it never did."""
+    from proxy.onboarding import Said
+
+    suite, questions = tiny
+    blocked = FakeAsker(questions, lambda q: "A")
+    blocked.answers = {q.id: Said("", filtered=True) for q in questions[:4]}
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, blocked, FAST).run("m", Prices())
+        assert sum(store.graded("m").values()) <= len(questions) - 4
+    assert progress.status == "done"
+    assert progress.reason == (f"4 of {len(questions)} answers of this run were withheld by the provider's "
+                               "content filter (finish_reason content_filter; graded wrong)")
+
+
 @pytest.mark.parametrize("stored_slips, slips_now, flagged", [(10, 0, True), (0, 4, False)])
 async def test_the_no_letter_share_is_that_of_every_stored_answer_not_of_the_last_run(
         tmp_path, stored_slips, slips_now, flagged):
