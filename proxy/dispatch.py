@@ -33,7 +33,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from proxy.cooldown import Cooldowns
 from proxy.errors import AllUpstreamsFailed, UpstreamClientError, UpstreamTransient
-from proxy.localserver import llama_cpp_request
+from proxy.localserver import LOCAL_ONLY_FIELDS, llama_cpp_request
 from proxy.logs import adopt_loggers
 from proxy.protocol import OPENAI_CHAT_PARAMS
 from proxy.providers import OPENAI_COMPATIBLE, Deployment, RouterSettings
@@ -293,8 +293,12 @@ class RetryingDispatcher:
     async def _attempt(self, d: Deployment, call: Call, first_byte_s: float) -> Answer:
         local = d.info.local_server
         if local is not None:  # llama-cpp-python's server: what it cannot read is put as it reads it
-            # its defaults from litellm_params too: a max_completion_tokens there is as ignored
-            body, why = llama_cpp_request(PassThrough.with_defaults(d, call.body), vision=local.vision)
+            # its defaults from litellm_params too: a max_completion_tokens there is as ignored.
+            # A client's `grammar` (llama.cpp's own field, not OpenAI's) is not sent: some grammars
+            # crash that server (a rule never defined, a left recursion), and with it the model for
+            # every client; an admin's, in extra_body, is
+            asked = {k: v for k, v in call.body.items() if k not in LOCAL_ONLY_FIELDS}
+            body, why = llama_cpp_request(PassThrough.with_defaults(d, asked), vision=local.vision)
             if body is None:
                 raise _unfit(d.name, f"model {d.name} cannot take this request: {why}",
                              "untranslatable", "untranslatable_request")

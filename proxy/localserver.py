@@ -64,6 +64,12 @@ STARTING_RETRY_AFTER_S = 5.0
 DRAIN_S = 60.0
 
 
+# Fields of a client's request a local model's server is not sent: llama.cpp's GBNF `grammar`,
+# which OpenAI does not define and which crashes that server on some values (an undefined rule,
+# a left recursion: a segfault, the model down for every client while it restarts)
+LOCAL_ONLY_FIELDS = frozenset({"grammar"})
+
+
 def llama_cpp_request(body: Mapping[str, Any],
                       vision: bool = False) -> tuple[dict[str, Any] | None, str]:
     """An OpenAI chat request as llama-cpp-python's server takes it: ``(body, "")``, or ``(None,

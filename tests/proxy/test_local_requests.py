@@ -45,6 +45,25 @@ async def test_a_local_model_s_defaults_are_put_in_the_form_its_server_reads_too
     assert sent.bodies[0]["messages"] == [{"role": "user", "content": ""}]
 
 
+async def test_a_client_s_grammar_is_not_sent_to_a_local_model_an_admin_s_is(local, tmp_path):
+    """Some GBNF grammars crash llama-cpp-python's server (a segfault): one client could keep the
+    shared model down by sending one every time it came back."""
+    sent = Recording()
+    dispatcher = RetryingDispatcher(Cooldowns(), passthrough=sent)
+    body = {"model": "local", "messages": [{"role": "user", "content": "hi"}], "grammar": "root ::= foo",
+            "top_k": 20}
+    await dispatcher.complete(Call(targets=[local.models["local"]], stream=False, router=local.router, body=body))
+    assert "grammar" not in sent.bodies[0] and sent.bodies[0]["top_k"] == 20  # llama.cpp's sampling stays
+    path = tmp_path / "admin.yaml"
+    path.write_text(yaml.safe_dump({"model_list": [{
+        "model_name": "local", "litellm_params": {"model": "openai/smol",
+                                                  "extra_body": {"grammar": 'root ::= "yes" | "no"'}},
+        "model_info": {"local_server": {"model": "builtin:smollm2", "port": 28432}}}]}))
+    admin = ProviderRegistry(path, dict).snapshot
+    await dispatcher.complete(Call(targets=[admin.models["local"]], stream=False, router=admin.router, body=body))
+    assert sent.bodies[1]["grammar"] == 'root ::= "yes" | "no"'
+
+
 async def test_an_image_by_url_is_never_sent_to_a_multimodal_local_model(tmp_path):
     path = tmp_path / "providers.yaml"
     path.write_text(yaml.safe_dump({"model_list": [{
