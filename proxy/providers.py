@@ -82,6 +82,14 @@ class LocalServerConfig(BaseModel):
     args: list[str] = Field(default_factory=list, description="more llama_cpp.server flags")
     startup_timeout_s: float = Field(120.0, gt=0)
 
+    @field_validator("n_ctx")
+    @classmethod
+    def _whole_blocks(cls, n_ctx: int) -> int:
+        """Rounded up to a multiple of 256: llama.cpp pads the context so, while llama-cpp-python
+        sizes its buffers by the number given, and a prompt or answer that fits the padding but
+        not the number was a 500 (not the 400 or ``length`` a full context gets)."""
+        return -(-n_ctx // 256) * 256
+
     @field_validator("args")
     @classmethod
     def _not_ours(cls, args: list[str]) -> list[str]:

@@ -405,6 +405,21 @@ def test_the_same_upstream_written_another_way_has_the_same_fingerprint():
     assert fingerprint("http://LOCALHOST:8000/v1/") == fingerprint("http://localhost:8000/v1")
 
 
+@pytest.mark.parametrize("asked, used", [(256, 256), (640, 768), (1000, 1024), (2048, 2048), (4000, 4096)])
+def test_a_local_server_s_context_is_whole_blocks_of_256(asked, used):
+    """llama.cpp pads n_ctx to a multiple of 256 while llama-cpp-python sizes its buffers by the
+    number given: a request filling the padding was a 500 instead of a 400 or `length`."""
+    from proxy.localserver import LocalServerSpec
+    from proxy.routing import context_window
+
+    s = snap("model_list:\n  - {model_name: m, litellm_params: {model: openai/m},\n"
+             f"     model_info: {{local_server: {{n_ctx: {asked}}}}}}}\n")
+    d = s.models["m"]
+    assert d.info.local_server.n_ctx == used and context_window(d) == used
+    command = LocalServerSpec(model_path=Path("m.gguf"), alias="m", port=28431, n_ctx=d.info.local_server.n_ctx).command()
+    assert command[command.index("--n_ctx") + 1] == str(used)
+
+
 def test_example_providers_yaml_loads():
     repo = Path(__file__).resolve().parents[2]
     s = parse((repo / "providers.yaml").read_text(), repo / "providers.yaml",
