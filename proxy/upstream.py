@@ -17,7 +17,7 @@ import math
 import re
 import time
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Iterator, Mapping
+from typing import Any, AsyncIterator, Callable, Iterator, Mapping
 
 import aiohttp
 import orjson
@@ -357,7 +357,8 @@ class PassThrough:
                                                                   d.name, redact=redact)))
             raise UpstreamTransient(f"{d.name}: answered 200 with a stream that ended before its first "
                                     "event", model=d.name, status=200, reason="bad_answer")
-        return Answer(chunks=_relay(first, events, name_json, resp, _choices(body)))
+        shape = _FirstToolDeltas() if d.info.local_server is not None else None
+        return Answer(chunks=_relay(first, events, name_json, resp, _choices(body), shape))
 
     async def _asked_again(self, d: Deployment, body: Mapping[str, Any], by: float,
                            read_s: float, redact, connect_s: float | None) -> bytes:
@@ -547,16 +548,59 @@ def interrupted_event(why: str) -> bytes:
     return error_event(f"upstream stream interrupted: {why}", "upstream_error", "stream_interrupted")
 
 
+class _FirstToolDeltas:
+    """llama-cpp-python's streamed tool calls as OpenAI streams them. Its server repeats a call's
+    ``id``, ``type`` and ``function.name`` in every delta, and the same call again as the legacy
+    ``function_call``: clients join a call's deltas field by field (the openai SDK's stream helpers
+    made ``get_wget_wget_w...`` of ``get_w``, and an id seven ids long). Those fields are kept in a
+    call's first delta only, and ``function_call`` is dropped beside ``tool_calls``."""
+
+    def __init__(self) -> None:
+        self.begun: set[tuple[Any, Any]] = set()  # (choice index, tool call index) seen
+
+    def __call__(self, batch: bytes) -> bytes:
+        if b'"tool_calls"' not in batch:
+            return batch
+        return b"\n\n".join(self._event(event) for event in batch.split(b"\n\n"))
+
+    def _event(self, event: bytes) -> bytes:
+        at = 0 if event.startswith(b"data:") else event.find(b"\ndata:") + 1
+        if (at == 0 and not event.startswith(b"data:")) or b'"tool_calls"' not in event:
+            return event
+        chunk = loads_lenient(event[at + 5:])
+        if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
+            return event
+        for choice in chunk["choices"]:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+            if not isinstance(calls, list):
+                continue
+            delta.pop("function_call", None)
+            for call in calls:
+                if not isinstance(call, dict):
+                    continue
+                key = (choice.get("index"), call.get("index"))
+                if key not in self.begun:
+                    self.begun.add(key)
+                    continue
+                call.pop("id", None)
+                call.pop("type", None)
+                if isinstance(call.get("function"), dict):
+                    call["function"].pop("name", None)
+        return event[:at] + b"data: " + dumps_lenient(chunk)
+
+
 async def _relay(first: bytes, events: AsyncIterator[bytes], name_json: bytes,
-                 resp: aiohttp.ClientResponse, choices: int = 1) -> AsyncIterator[bytes]:
+                 resp: aiohttp.ClientResponse, choices: int = 1,
+                 shape: Callable[[bytes], bytes] | None = None) -> AsyncIterator[bytes]:
     try:
         finish = _Finish(choices)
         finish.read(first)
-        yield _rename_events(first, name_json)
+        yield _rename_events(shape(first) if shape else first, name_json)
         try:
             async for batch in events:
                 finish.read(batch)
-                yield _rename_events(batch, name_json)
+                yield _rename_events(shape(batch) if shape else batch, name_json)
         except (aiohttp.ClientError, TimeoutError) as exc:
             yield interrupted_event(type(exc).__name__)
             return

@@ -93,3 +93,54 @@ async def test_asking_a_local_server_again_stays_within_the_attempt_s_time(local
         await PassThrough()._asked_again(local.models["local"], {"stream": True, "messages": []},
                                          started + 0.05, 5.0, str, None)
     assert late.value.timeout and time.monotonic() - started < 0.05
+
+
+async def test_a_local_model_s_streamed_tool_call_names_its_id_and_name_once(tmp_path):
+    """llama-cpp-python's server repeats a tool call's id, type and name in every delta (and the
+    call again as the legacy function_call): the openai SDK joined them into `get_wget_wget_w...`.
+    As OpenAI streams it, they come in the call's first delta only."""
+    import json
+
+    from openai.lib.streaming.chat import ChatCompletionStreamState
+    from openai.types.chat import ChatCompletionChunk
+
+    from support.raw_upstream import raw_upstream
+
+    def chunk(delta, finish=None):
+        return b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "smol",
+                                       "choices": [{"index": 0, "delta": delta, "logprobs": None,
+                                                    "finish_reason": finish}]}).encode() + b"\n\n"
+
+    def call(arguments):
+        return {"role": None, "content": None, "function_call": {"name": "get_w", "arguments": arguments},
+                "tool_calls": [{"index": 0, "id": "call__0_get_w", "type": "function",
+                                "function": {"name": "get_w", "arguments": arguments}}]}
+
+    events = [chunk({"role": "assistant", "content": None, "function_call": None, "tool_calls": None}),
+              *(chunk(call(a)) for a in ('{"', "city", '":"', "Paris", '"}')),
+              chunk({"role": None, "content": None, "function_call": None, "tool_calls": None}, "tool_calls"),
+              b"data: [DONE]\n\n"]
+    body = b"".join(events)
+    answer = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: "
+              + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+    with raw_upstream(lambda request: answer) as url:
+        path = tmp_path / "providers.yaml"
+        path.write_text(yaml.safe_dump({"model_list": [{
+            "model_name": "smol", "litellm_params": {"model": "openai/smol", "api_base": url},
+            "model_info": {"local_server": {"model": "builtin:smollm2", "port": 28433}}}]}))
+        snap = ProviderRegistry(path, dict).snapshot
+        passthrough = PassThrough()
+        try:
+            reply = await RetryingDispatcher(Cooldowns(), passthrough=passthrough).complete(Call(
+                targets=[snap.models["smol"]], stream=True, router=snap.router,
+                body={"model": "smol", "messages": [{"role": "user", "content": "Weather in Paris?"}]}))
+            streamed = b"".join([c async for c in reply.chunks])
+        finally:
+            await passthrough.close()
+    state = ChatCompletionStreamState()
+    for line in streamed.split(b"\n\n"):
+        if line.startswith(b"data: {"):
+            state.handle_chunk(ChatCompletionChunk.model_validate(json.loads(line[6:])))
+    made = state.get_final_completion().choices[0].message.tool_calls[0]
+    assert (made.id, made.function.name, made.function.arguments) == ("call__0_get_w", "get_w", '{"city":"Paris"}')
+    assert b'"function_call":{' not in streamed
