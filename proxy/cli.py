@@ -12,6 +12,7 @@ import argparse
 import importlib
 import importlib.util
 import logging
+import os
 import sys
 from types import ModuleType
 from typing import Any, Sequence
@@ -73,7 +74,8 @@ def serve(args: argparse.Namespace) -> int:
     from proxy.logs import Redactor, configure_logging
     from pydantic import ValidationError
 
-    from proxy.settings import Settings, describe_invalid
+    from proxy.providers import env_references
+    from proxy.settings import Settings, describe_invalid, unknown_variables, warn_unknown_variables
 
     overrides = {k: v for k in ("config", "host", "port", "scorer")
                  if (v := getattr(args, k)) is not None}
@@ -84,9 +86,21 @@ def serve(args: argparse.Namespace) -> int:
         print(f"satroute: invalid settings: {describe_invalid(exc, flags)}", file=sys.stderr)
         return 2
     master = settings.master_key_value()
+    unknown = unknown_variables(os.environ, env_references(settings.config))
+    # A key set under a misspelt name (SATROUTE_MASTERKEY, SATROUTE_MASTER_KEY_FILE) is no mere
+    # misspelling: the admin meant every request to need it, and a warning in the start-up log
+    # would leave the proxy open to anyone who reaches it. One set to nothing sets nothing, as
+    # SATROUTE_MASTER_KEY= does: a warning.
+    meant = [name for name, close in unknown if close == "SATROUTE_MASTER_KEY" and os.environ[name]]
+    if meant and not master:
+        print(f"satroute: {meant[0]} is not a setting satroute reads; did you mean "
+              "SATROUTE_MASTER_KEY? Not starting without the master key it looks meant to set: "
+              "rename it, or unset it to run without a key", file=sys.stderr)
+        return 2
     redactor = Redactor(lambda: [master] if master else [])
     configure_logging(settings.log_level, redactor=redactor,
                       json_lines=settings.log_format == "json")
+    warn_unknown_variables(unknown)
     try:
         app = create_app(settings)
     except ConfigError as exc:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import re
 import signal
 import sqlite3
@@ -728,7 +729,8 @@ def run(args) -> int:
     onboards now included), 130 / 143 when interrupted by SIGINT / SIGTERM (the next run resumes)."""
     from pydantic import ValidationError
 
-    from proxy.settings import Settings, describe_invalid
+    from proxy.providers import env_references
+    from proxy.settings import Settings, describe_invalid, unknown_variables, warn_unknown_variables
 
     overrides = {k: v for k, v in (("config", args.config), ("state_dir", args.state_dir),
                                    ("onboarding_data", args.data), ("onboarding_suite", args.suite),
@@ -745,6 +747,8 @@ def run(args) -> int:
         print(f"satroute onboard: invalid settings: {describe_invalid(exc, {k: flags[k] for k in overrides})}",
               file=sys.stderr)
         return 2
+    # the master key's misspellings included: this command serves nothing, so a warning is enough
+    warn_unknown_variables(unknown_variables(os.environ, env_references(settings.config)))
     try:
         return asyncio.run(_run_cli(settings, args.model, args.restart))
     except (ConfigError, ValueError) as exc:

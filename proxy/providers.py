@@ -468,6 +468,20 @@ def _profile_files(raw: bytes, base: Path) -> tuple[Path, ...]:
     return tuple(files)
 
 
+_ENV_REFERENCE = re.compile(re.escape(ENV_PREFIX) + r"([A-Za-z_][A-Za-z0-9_]*)")
+
+
+def env_references(path: Path) -> frozenset[str]:
+    """The variables providers.yaml at ``path`` names with ``os.environ/``, found in its text (a
+    comment's too): a ``SATROUTE_*`` one among them is the admin's, no misspelt setting. Empty when
+    the file cannot be read (loading it says why)."""
+    try:
+        text = path.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    return frozenset(_ENV_REFERENCE.findall(text))
+
+
 def _unreadable(path: Path, exc: OSError) -> str:
     """Why providers.yaml cannot be read, in one line."""
     if isinstance(exc, FileNotFoundError):

@@ -10,13 +10,17 @@ so that they hot-reload.
 """
 from __future__ import annotations
 
+import difflib
+import logging
 import os
 from pathlib import Path
-from typing import Literal, Mapping
+from typing import Iterable, Literal, Mapping
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+log = logging.getLogger("satroute.settings")
+PREFIX = "SATROUTE_"
 
 def describe_invalid(exc: ValidationError, flags: Mapping[str, str] | None = None) -> str:
     """One line naming each invalid setting and saying why (never the value: it may be a key):
@@ -102,6 +106,46 @@ class Settings(BaseSettings):
 
     def cors_origin_list(self) -> list[str]:
         return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
+
+
+# The SATROUTE_* variables read outside Settings, so none is a misspelt setting: where the scorer's
+# converted weights (scorer/backbones.py) and the routing data (scorer/data.py) live, and the test
+# suite's own (tests/conftest.py, tests/onboarding/proxy_process.py), which a test run hands on to
+# the proxies it starts. A name read with os.environ anywhere else belongs here too.
+READ_ELSEWHERE = ("SATROUTE_CACHE_DIR", "SATROUTE_DATA_DIR", "SATROUTE_SLOW_TESTS",
+                  "SATROUTE_TEST_PROMPTS")
+
+
+def unknown_variables(environ: Mapping[str, str],
+                      also_read: Iterable[str] = ()) -> list[tuple[str, str | None]]:
+    """Each ``SATROUTE_*`` variable in ``environ`` that nothing reads, in name order, with the
+    variable it is closest to (None: none is close). A setting's variable is matched in any case,
+    as pydantic-settings reads it; ``READ_ELSEWHERE`` and ``also_read`` (the names providers.yaml
+    refers to with ``os.environ/``) in their exact case, as ``os.environ`` is read."""
+    settings = {PREFIX + name.upper() for name in Settings.model_fields}
+    elsewhere = {*READ_ELSEWHERE, *also_read}
+    # compared after the prefix, which every candidate shares: with it, SATROUTE_FOO is as close
+    # to SATROUTE_HOST as SATROUTE_MASTERKEY is to SATROUTE_MASTER_KEY
+    known = {name[len(PREFIX):]: name for name in (*sorted(settings), *READ_ELSEWHERE)}
+    unknown = []
+    for name in sorted(environ):
+        if not name.upper().startswith(PREFIX) or name.upper() in settings or name in elsewhere:
+            continue
+        close = difflib.get_close_matches(name[len(PREFIX):].upper(), known, n=1, cutoff=0.8)
+        unknown.append((name, known[close[0]] if close else None))
+    return unknown
+
+
+def warn_unknown_variables(unknown: Iterable[tuple[str, str | None]]) -> None:
+    """A warning for each of ``unknown_variables``: a misspelt setting is otherwise ignored without
+    a word, and its default (onboarding on, the spend cap at 20 USD) is what runs. Names only,
+    never a value: it may be a key."""
+    for name, close in unknown:
+        if close:
+            log.warning("environment variable %s is not a setting satroute reads; did you mean %s?",
+                        name, close)
+        else:
+            log.warning("environment variable %s is not a setting satroute reads; it is ignored", name)
 
 
 def environ() -> dict[str, str]:

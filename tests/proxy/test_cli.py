@@ -173,3 +173,119 @@ def test_a_bad_flag_value_is_named_by_its_flag_not_by_a_variable_nobody_set(tmp_
     assert cli.main(["onboard", "m", "--config", str(tmp_path / "providers.yaml"), "--concurrency", "0"]) == 2
     err = capsys.readouterr().err
     assert "--concurrency: " in err and "SATROUTE_ONBOARDING_CONCURRENCY" not in err
+
+
+
+
+@pytest.fixture
+def settings_log():
+    """The records the ``satroute.settings`` logger gives while the test runs."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("satroute.settings")
+    logger.addHandler(handler)
+    yield records
+    logger.removeHandler(handler)
+
+
+def _one_model(tmp_path, key_ref: str = "") -> str:
+    cfg = tmp_path / "providers.yaml"
+    cfg.write_text("model_list:\n  - {model_name: a, litellm_params: {model: openai/a%s}}\n"
+                   % (f", api_key: os.environ/{key_ref}" if key_ref else ""))
+    return str(cfg)
+
+
+def test_serve_warns_once_for_each_satroute_variable_nothing_reads(monkeypatch, tmp_path, settings_log):
+    """A misspelt setting was ignored without a word, and its default ran (onboarding on, a 20 USD
+    cap): each is named, with the setting it is closest to. Variables read elsewhere are not."""
+    env = {"SATROUTE_ONBOARD": "false", "SATROUTE_ONBOARDING_SPEND_CAP": "1",
+           "SATROUTE_SCORER_DEVISE": "cpu", "SATROUTE_WHATEVER": "sk-secret-value-123",
+           "satroute_data_dir": "/data",  # read by os.environ, in this case only
+           # read elsewhere, a setting in another case, a variable providers.yaml names
+           "SATROUTE_DATA_DIR": "/data", "SATROUTE_CACHE_DIR": "/cache", "satroute_log_level": "info",
+           "SATROUTE_OPENAI_KEY": "sk-provider-key-123456", "SATROUTE_SCORER": "constant"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr("uvicorn.Server.run", lambda server, sockets=None: setattr(server, "started", True))
+    assert cli.main(["serve", "--config", _one_model(tmp_path, "SATROUTE_OPENAI_KEY")]) == 0
+    said = [r.getMessage() for r in settings_log]
+    assert {r.levelname for r in settings_log} == {"WARNING"}
+    assert said == [
+        "environment variable SATROUTE_ONBOARD is not a setting satroute reads; did you mean SATROUTE_ONBOARDING?",
+        "environment variable SATROUTE_ONBOARDING_SPEND_CAP is not a setting satroute reads; did you mean "
+        "SATROUTE_ONBOARDING_SPEND_CAP_USD?",
+        "environment variable SATROUTE_SCORER_DEVISE is not a setting satroute reads; did you mean "
+        "SATROUTE_SCORER_DEVICE?",
+        "environment variable SATROUTE_WHATEVER is not a setting satroute reads; it is ignored",
+        "environment variable satroute_data_dir is not a setting satroute reads; did you mean SATROUTE_DATA_DIR?",
+    ]
+
+
+@pytest.mark.parametrize("name", ["SATROUTE_MASTERKEY", "SATROUTE_MASTER_KY", "satroute_masterkey",
+                                  "SATROUTE_MASTER_KEY_FILE"])
+def test_serve_refuses_to_start_without_the_master_key_it_was_given_under_a_misspelt_name(
+        monkeypatch, tmp_path, capsys, name):
+    """The admin meant every request to need a key: a warning would leave the proxy open."""
+    monkeypatch.delenv("SATROUTE_MASTER_KEY", raising=False)
+    monkeypatch.setenv(name, "s3cret-admin-key")
+    monkeypatch.setenv("SATROUTE_SCORER", "constant")
+    monkeypatch.setattr("uvicorn.Server.run", lambda *a, **kw: pytest.fail("served without the master key"))
+    assert cli.main(["serve", "--config", _one_model(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"satroute: {name} is not a setting satroute reads; did you mean "
+                          "SATROUTE_MASTER_KEY? Not starting") and err.count("\n") == 1, err
+    assert "s3cret" not in err
+
+
+@pytest.mark.parametrize("env", [{"SATROUTE_MASTERKEY": ""},  # set to nothing, as the key would be
+                                 {"SATROUTE_MASTERKEY": "old-key", "SATROUTE_MASTER_KEY": "mk-1"}])
+def test_a_misspelt_master_key_beside_no_key_meant_or_the_key_itself_is_a_warning(
+        monkeypatch, tmp_path, settings_log, env):
+    monkeypatch.delenv("SATROUTE_MASTER_KEY", raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SATROUTE_SCORER", "constant")
+    monkeypatch.setattr("uvicorn.Server.run", lambda server, sockets=None: setattr(server, "started", True))
+    assert cli.main(["serve", "--config", _one_model(tmp_path)]) == 0
+    assert [r.getMessage() for r in settings_log] == [
+        "environment variable SATROUTE_MASTERKEY is not a setting satroute reads; did you mean "
+        "SATROUTE_MASTER_KEY?"]
+
+
+def test_onboard_warns_for_each_satroute_variable_nothing_reads(monkeypatch, tmp_path, capsys, settings_log):
+    """`satroute onboard` reads the same settings (the spend cap, the data folder); it serves
+    nothing, so a misspelt master key is a warning there."""
+    monkeypatch.setenv("SATROUTE_ONBOARDING_SPEND_CAP", "1")
+    monkeypatch.setenv("SATROUTE_MASTERKEY", "s3cret-admin-key")
+    monkeypatch.setenv("SATROUTE_STATE_DIR", str(tmp_path / "state"))
+    assert cli.main(["onboard", "nope", "--config", _one_model(tmp_path)]) == 2  # no such model
+    assert "no model 'nope'" in capsys.readouterr().err
+    assert [r.getMessage() for r in settings_log] == [
+        "environment variable SATROUTE_MASTERKEY is not a setting satroute reads; did you mean "
+        "SATROUTE_MASTER_KEY?",
+        "environment variable SATROUTE_ONBOARDING_SPEND_CAP is not a setting satroute reads; did you mean "
+        "SATROUTE_ONBOARDING_SPEND_CAP_USD?"]
+
+
+def test_every_satroute_variable_the_project_reads_or_documents_is_known():
+    """``READ_ELSEWHERE`` is the one list of the variables read outside Settings: one read with
+    os.environ, set by the image or compose, or in the settings table, is never warned about."""
+    import re
+    from pathlib import Path
+
+    from proxy.settings import unknown_variables
+
+    repo = Path(__file__).resolve().parents[2]
+    names = set()
+    for folder in ("proxy", "scorer", "bench", "tests"):
+        for file in (repo / folder).rglob("*.py"):
+            names |= set(re.findall(r"""environ(?:\.get\(|\[)\s*["'](SATROUTE_\w+)""", file.read_text()))
+    for file in ("Dockerfile", "docker-compose.yml", "docker-compose.cpu.yml", "pyproject.toml"):
+        names |= set(re.findall(r"SATROUTE_\w+", (repo / file).read_text()))
+    table = (repo / "docs" / "configuration.md").read_text()
+    names |= set(re.findall(r"^\| `(SATROUTE_\w+)`", table, re.MULTILINE))
+    assert {"SATROUTE_DATA_DIR", "SATROUTE_CACHE_DIR", "SATROUTE_SLOW_TESTS", "SATROUTE_PORT"} <= names
+    assert unknown_variables(dict.fromkeys(names, "x")) == []
