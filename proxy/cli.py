@@ -1,7 +1,7 @@
 """The ``satroute`` command line: ``serve`` here; ``train``, ``evaluate``, ``onboard`` delegated.
 
 Owns: argument parsing (only when ``main`` runs, never at import), turning flags into Settings
-overrides (flags win over ``SATROUTE_*`` environment variables), starting uvicorn, and lazy
+overrides (flags win over ``SATROUTE_*`` environment variables), starting uvicorn, SIGHUP, and lazy
 delegation: each delegated subcommand's module exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; a module that is missing gives a one-line error, not a traceback.
 Does not know: what the delegated commands do.
@@ -9,15 +9,23 @@ Does not know: what the delegated commands do.
 from __future__ import annotations
 
 import argparse
+import asyncio
+import contextlib
 import importlib
 import importlib.util
 import logging
 import os
+import signal
 import sys
+import threading
 from types import ModuleType
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
 from proxy import __version__
+
+if TYPE_CHECKING:
+    from proxy.logs import Redactor
+    from proxy.settings import Settings
 
 DELEGATED = {
     "train": ("scorer.training", "train the Model-SAT scorer (capability instruction tuning)"),
@@ -65,12 +73,45 @@ def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     return parser
 
 
-def serve(args: argparse.Namespace) -> int:
-    import uvicorn
+class Hangups:
+    """SIGHUP's handler while ``satroute serve`` runs (entered on the main thread; elsewhere it
+    catches nothing): ``check`` runs on the event loop at the loop's next turn, and the process
+    never ends by it. One that comes before the loop runs (the app still being built, the scorer
+    loading) waits for it; one after the loop has closed is dropped (the process is ending)."""
 
-    from proxy.app import create_app
-    from proxy.errors import ConfigError
-    from proxy.httpserver import BoundedHttpToolsProtocol
+    def __init__(self) -> None:
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._check: Callable[[], None] | None = None
+        self._pending = False
+        self._previous: Any = None
+
+    def __enter__(self) -> Hangups:
+        if threading.current_thread() is threading.main_thread() and hasattr(signal, "SIGHUP"):
+            self._previous = signal.signal(signal.SIGHUP, self._received)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGHUP, self._previous)
+
+    def attach(self, loop: asyncio.AbstractEventLoop, check: Callable[[], None]) -> None:
+        """From now on a SIGHUP runs ``check`` on ``loop``; one received before runs it now."""
+        self._loop, self._check = loop, check
+        if self._pending:
+            self._pending = False
+            loop.call_soon(check)
+
+    def _received(self, signum: int, frame: Any) -> None:
+        # A handler runs between two bytecodes of whatever the main thread is doing, the event
+        # loop's own code or a reload by the watch included: the check waits for the loop's turn.
+        if self._loop is None or self._check is None:
+            self._pending = True
+            return
+        with contextlib.suppress(RuntimeError):  # the loop has closed
+            self._loop.call_soon_threadsafe(self._check)
+
+
+def serve(args: argparse.Namespace) -> int:
     from proxy.logs import Redactor, configure_logging
     from pydantic import ValidationError
 
@@ -101,6 +142,21 @@ def serve(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, redactor=redactor,
                       json_lines=settings.log_format == "json")
     warn_unknown_variables(unknown)
+    # SIGHUP (the "reload" signal of nginx, HAProxy and systemd's ExecReload=, or the terminal
+    # closing) ended the process by its default action, cutting the requests in flight and losing
+    # the routing log's pending rows: it is caught from here on, the app's building included.
+    with Hangups() as hangups:
+        return _serve_app(settings, master, redactor, hangups)
+
+
+def _serve_app(settings: Settings, master: str | None, redactor: Redactor, hangups: Hangups) -> int:
+    """Build the app and serve it until a signal ends it; the exit status."""
+    import uvicorn
+
+    from proxy.app import create_app
+    from proxy.errors import ConfigError
+    from proxy.httpserver import BoundedHttpToolsProtocol
+
     try:
         app = create_app(settings)
     except ConfigError as exc:
@@ -121,7 +177,21 @@ def serve(args: argparse.Namespace) -> int:
     # our JSON handlers on uvicorn's loggers.
     services = app.state.services
 
+    # SIGHUP: providers.yaml is checked at once, as the watch checks it (an invalid file is
+    # reported, the last good configuration serves on), and the outcome logged. Once the shutdown
+    # has begun it is only logged: a reload then would start work the shutdown has already stopped.
+
+    def hangup() -> None:
+        if services.stopping_since is not None:
+            logging.getLogger("satroute.app").info("SIGHUP: shutting down; providers.yaml not checked")
+        else:
+            registry.reload_now("SIGHUP")
+
     class Server(uvicorn.Server):
+        async def serve(self, sockets: Any = None) -> None:
+            hangups.attach(asyncio.get_running_loop(), hangup)
+            await super().serve(sockets)
+
         async def shutdown(self, sockets: Any = None) -> None:
             services.begin_shutdown()  # onboarding's asks out share the requests' grace period
             await super().shutdown(sockets)

@@ -750,6 +750,24 @@ class ProviderRegistry:
             listener(old, self.snapshot)
         return True
 
+    def reload_now(self, why: str) -> None:
+        """Check the file now (``why``: what asked, SIGHUP), as the watch does but taking a change
+        at once (whoever asks has finished the edit), and log what came of it in one line: taken,
+        unchanged, or not taken, the last good configuration serving on. Never raises."""
+        try:
+            changed = self.reload()
+        except Exception as exc:  # noqa: BLE001 (as in the watch: no edit may end the process)
+            log.error("%s: config check failed, keeping the last good configuration: %s",
+                      why, type(exc).__name__)
+            return
+        if changed:
+            log.info("%s: %s checked: reloaded, %d models", why, self.path, len(self.snapshot.models))
+        elif self.rejected is not None:
+            log.warning("%s: %s checked: not taken, keeping the last good configuration: %s",
+                        why, self.path, self.rejected)
+        else:
+            log.info("%s: %s checked: unchanged", why, self.path)
+
     @property
     def rejected(self) -> str | None:
         """Why the file on disk is not the configuration served (it cannot be read, or its last

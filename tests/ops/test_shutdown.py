@@ -1,6 +1,6 @@
 """Graceful shutdown of a real ``satroute serve`` process: SIGTERM stops accepting connections, lets
 in-flight streams finish within the deadline, cuts what outlives it with an answer the SDK
-understands, runs the shutdown that saves state, and exits by the signal."""
+understands, runs the shutdown that saves state, and exits by the signal. SIGHUP ends nothing."""
 from __future__ import annotations
 
 import json
@@ -241,3 +241,71 @@ def test_serve_exits_3_when_its_port_is_taken(tmp_path):
              str(_config(tmp_path, "http://127.0.0.1:9/v1")), "--port", str(port)],
             cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 3, done.stdout + done.stderr
+
+
+def test_sighup_checks_providers_yaml_at_once_and_never_stops_the_proxy(tmp_path):
+    """SIGHUP (systemd's ExecReload=, nginx's and HAProxy's reload, a closed terminal) ended the
+    process at once, cutting a request in flight. It takes an edit now, without waiting for the
+    watch (an hour apart here); an invalid file is reported and the last good configuration
+    serves on; the request in flight is answered; SIGTERM still ends it gracefully."""
+    with MockUpstream() as up:
+        up.set("m1", answer("late but whole", delay=2))
+        up.set("m2", answer("from m2"))
+        config = _config(tmp_path, up.url)
+        port = free_port()
+        proc = _serve(config, port, tmp_path, deadline_s=5, env={"SATROUTE_RELOAD_INTERVAL_S": "3600"})
+        base = f"http://127.0.0.1:{port}"
+        try:
+            out = {}
+
+            def ask():
+                out["response"] = httpx.post(f"{base}/v1/chat/completions", timeout=30, json={
+                    "model": "m1", "messages": [{"role": "user", "content": "hi"}]})
+
+            client = threading.Thread(target=ask)
+            client.start()
+            deadline = time.monotonic() + 10
+            while not up.bodies("m1"):  # the request reached the upstream
+                assert time.monotonic() < deadline, "the request never reached the upstream"
+                time.sleep(0.05)
+            proc.send_signal(signal.SIGHUP)  # nothing changed: checked, and nothing else
+            client.join(20)
+            assert out["response"].status_code == 200, out["response"].text
+            assert out["response"].json()["choices"][0]["message"]["content"] == "late but whole"
+
+            def models() -> list[str]:
+                return [m["id"] for m in httpx.get(f"{base}/v1/models", timeout=5).json()["data"]]
+
+            def soon(check) -> bool:
+                deadline = time.monotonic() + 10
+                while not check():
+                    if time.monotonic() > deadline:
+                        return False
+                    time.sleep(0.05)
+                return True
+
+            config.write_text(config.read_text() + (
+                "  - model_name: m2\n"
+                "    litellm_params: {model: openai/m2, api_base: '%s', api_key: sk-test-abcdefgh1234}\n"
+                % up.url))
+            proc.send_signal(signal.SIGHUP)
+            assert soon(lambda: "m2" in models()), models()
+            config.write_text(config.read_text() + "  - {model_name: m3}\n")  # no litellm_params
+            proc.send_signal(signal.SIGHUP)
+            assert soon(lambda: httpx.get(f"{base}/ready", timeout=5).json()["config_rejected"])
+            assert models() == ["auto", "m1", "m2"]  # the last good configuration
+            assert httpx.post(f"{base}/v1/chat/completions", timeout=10, json={
+                "model": "m2", "messages": [{"role": "user", "content": "hi"}]}).status_code == 200
+            assert proc.poll() is None
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(20)
+        logs = proc.stdout.read()
+    assert rc == -signal.SIGTERM, logs
+    said = [entry["msg"] for entry in _json_lines(logs) if entry.get("msg", "").startswith("SIGHUP")]
+    assert said[0] == f"SIGHUP: {config} checked: unchanged", said
+    assert said[1] == f"SIGHUP: {config} checked: reloaded, 2 models", said
+    assert said[2].startswith(f"SIGHUP: {config} checked: not taken, keeping the last good "
+                              f"configuration: {config}: model_list.2"), said
+    assert len(said) == 3, said
+    assert any(entry.get("msg") == "shutdown complete" for entry in _json_lines(logs)), logs

@@ -289,3 +289,33 @@ def test_every_satroute_variable_the_project_reads_or_documents_is_known():
     names |= set(re.findall(r"^\| `(SATROUTE_\w+)`", table, re.MULTILINE))
     assert {"SATROUTE_DATA_DIR", "SATROUTE_CACHE_DIR", "SATROUTE_SLOW_TESTS", "SATROUTE_PORT"} <= names
     assert unknown_variables(dict.fromkeys(names, "x")) == []
+
+
+def test_a_sighup_while_serve_starts_waits_for_the_event_loop_and_none_ends_the_process():
+    """From the app's building on (the scorer may take a while to load), a SIGHUP is caught: one
+    before the event loop runs is acted on once it does, one after it has closed is dropped, and
+    the handler before is back once serve returns."""
+    import asyncio
+    import os
+    import signal
+
+    checks = []
+    before = signal.getsignal(signal.SIGHUP)
+    with cli.Hangups() as hangups:
+        os.kill(os.getpid(), signal.SIGHUP)  # the app being built: nothing runs it yet
+
+        async def serving():
+            hangups.attach(asyncio.get_running_loop(), lambda: checks.append("checked"))
+            await asyncio.sleep(0.05)
+            assert checks == ["checked"]
+            os.kill(os.getpid(), signal.SIGHUP)
+            for _ in range(100):
+                if len(checks) == 2:
+                    break
+                await asyncio.sleep(0.01)
+
+        asyncio.run(serving())
+        assert checks == ["checked", "checked"]
+        os.kill(os.getpid(), signal.SIGHUP)  # the loop has closed: dropped, no error
+    assert checks == ["checked", "checked"]
+    assert signal.getsignal(signal.SIGHUP) == before
