@@ -22,6 +22,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 log = logging.getLogger("satroute.settings")
 PREFIX = "SATROUTE_"
 
+
 def describe_invalid(exc: ValidationError, flags: Mapping[str, str] | None = None) -> str:
     """One line naming each invalid setting and saying why (never the value: it may be a key):
     by the flag that gave it (``flags``: setting name -> flag), else by its environment variable."""
