@@ -39,10 +39,11 @@ training loops, caching across requests (``scorer.inference``).
 """
 from __future__ import annotations
 
+import difflib
 import json
 import math
 from collections import OrderedDict
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
@@ -139,6 +140,31 @@ class ModelSATConfig:
     #                                   overall aptitude), fitted on the train split, not learned
 
     def __post_init__(self):
+        """Refuse (ValueError, naming the field) what no network can be built or scored with: a
+        checkpoint's config.json is edited by hand (its ``aptitude_weight`` is meant to be), and a
+        value of the wrong type or range otherwise loaded fine and failed on every scoring call."""
+        for f in fields(self):
+            value, kind = getattr(self, f.name), type(f.default) if f.default is not MISSING else list
+            if kind is float:
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            elif kind is int:
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif kind is list:
+                ok = isinstance(value, list) and all(isinstance(v, str) for v in value)
+            else:
+                ok = isinstance(value, kind)
+            if not ok:
+                raise ValueError(f"{f.name} must be {'a finite number' if kind is float else kind.__name__}"
+                                 f"{' of strings' if kind is list else ''}, not {value!r}")
+        for name in ("n_layers", "max_instruction_tokens", "max_clause_tokens", "text_max_tasks", "n_orders"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be 1 or more, not {getattr(self, name)}")
+        for name in ("lora_rank", "lora_layers", "encoder_train_layers", "llm_train_layers",
+                     "instruction_vector_tokens"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be 0 or more, not {getattr(self, name)}")
+        if self.variant not in ("encoder", "text"):
+            raise ValueError(f"variant must be 'encoder' or 'text', not {self.variant!r}")
         if self.layout not in LAYOUTS:
             raise ValueError(f"layout must be one of {sorted(LAYOUTS)}, not {self.layout!r}")
 
@@ -153,7 +179,16 @@ class ModelSATConfig:
 
     @classmethod
     def from_dict(cls, obj: dict) -> "ModelSATConfig":
-        known = {f.name for f in fields(cls)}
+        """The config ``obj`` describes. A key it does not know is left out (a later version's
+        field), unless it is close to one it knows: that is refused (ValueError), since a misspelt
+        ``aptitude_wieght`` left the weight at 0 without a word."""
+        if not isinstance(obj, dict):
+            raise ValueError(f"a config is a JSON object, not {type(obj).__name__}")
+        known = [f.name for f in fields(cls)]
+        for key in obj:
+            close = [] if key in known else difflib.get_close_matches(str(key), known, n=1, cutoff=0.8)
+            if close:
+                raise ValueError(f"unknown field {key!r}; did you mean {close[0]!r}?")
         return cls(**{k: v for k, v in obj.items() if k in known})
 
     def save(self, path: str | Path) -> None:

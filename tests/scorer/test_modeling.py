@@ -1,6 +1,9 @@
 """The Model-SAT forward pass on a tiny random network: it must agree with the LLM's own forward."""
 from __future__ import annotations
 
+import re
+from dataclasses import asdict
+
 import pytest
 import torch
 
@@ -87,6 +90,27 @@ def test_text_variant_has_no_connector_and_config_round_trips(tmp_path):
     again = ModelSATConfig.load(tmp_path / "config.json")
     assert again == model.config
     assert ModelSATConfig.from_dict({**again.__dict__, "unknown_future_field": 1}) == again
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"aptitude_weight": "8.0"}, "aptitude_weight must be a finite number"),
+    ({"aptitude_weight": float("nan")}, "aptitude_weight must be a finite number"),
+    ({"max_instruction_tokens": "64"}, "max_instruction_tokens must be int"),
+    ({"n_layers": "4"}, "n_layers must be int"),
+    ({"n_orders": 0}, "n_orders must be 1 or more"),
+    ({"lora_rank": -1}, "lora_rank must be 0 or more"),
+    ({"accuracy_feature": 1}, "accuracy_feature must be bool"),
+    ({"lora_targets": "q_proj"}, "lora_targets must be list of strings"),
+    ({"variant": "audio"}, "variant must be 'encoder' or 'text'"),
+    ({"aptitude_wieght": 8.0}, "unknown field 'aptitude_wieght'; did you mean 'aptitude_weight'?"),
+])
+def test_a_config_no_network_can_be_scored_with_is_refused_naming_the_field(change, words):
+    """config.json is edited by hand (its model card says how to set aptitude_weight): a value of
+    the wrong type or range loaded fine and failed on every scoring call, or scored NaN; a
+    misspelt field was dropped without a word."""
+    with pytest.raises(ValueError, match=re.escape(words)):
+        ModelSATConfig.from_dict({**asdict(ModelSATConfig()), **change})
+    assert ModelSATConfig.from_dict({**asdict(ModelSATConfig()), "lora_alpha": 16}).lora_alpha == 16
 
 
 def test_bfloat16_copy_keeps_rope_in_float32_and_close_scores():
