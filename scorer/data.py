@@ -43,6 +43,16 @@ class DataError(ValueError):
     """A routing data folder is missing, malformed, or asked for something it does not hold."""
 
 
+def mended(text: str) -> str:
+    """``text`` as a tokenizer takes it: a lone surrogate (half an emoji, from a string cut
+    through one) as U+FFFD, as the proxy mends a request's; any other text as it is."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 @dataclass(frozen=True)
 class Prompt:
     id: str
@@ -62,8 +72,8 @@ class Prompt:
             category=str(obj.get("category", "")),
             source=str(obj.get("source", "")),
             split=str(obj.get("split", "")),
-            question=str(obj.get("question", "")),
-            options=tuple(str(o) for o in obj.get("options") or ()),
+            question=mended(str(obj.get("question", ""))),
+            options=tuple(mended(str(o)) for o in obj.get("options") or ()),
             answer=obj.get("answer"),
         )
 

@@ -50,6 +50,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from scorer.data import mended
+
 HEAD = "<|im_start|>user\nInstruction: "
 MID = ("\n\nWill a model with the following capability handle this instruction correctly?"
        "\nCapability:")
@@ -397,7 +399,7 @@ class ModelSAT(nn.Module):
         device = next(self.encoder.parameters()).device
         out = []
         for i in range(0, len(texts), batch_size):
-            tok = self.encoder_tokenizer(texts[i:i + batch_size], padding=True, truncation=True,
+            tok = self.encoder_tokenizer([mended(t) for t in texts[i:i + batch_size]], padding=True, truncation=True,
                                          max_length=max_length, return_tensors="pt")
             length = tok["input_ids"].shape[1]  # 0 for empty texts where the tokenizer adds no [CLS]/[SEP]
             extra = self._psi_window(max(1, -(-length // PAD_MULTIPLE)) * PAD_MULTIPLE) - length
@@ -452,7 +454,7 @@ class ModelSAT(nn.Module):
 
     # ---- token pieces ----------------------------------------------------------------------------
     def token_ids(self, text: str) -> list[int]:
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
+        return list(self.tokenizer(mended(text), add_special_tokens=False)["input_ids"])
 
     def prefix_ids(self, instruction: str) -> list[int]:
         """HEAD + the instruction truncated to ``max_instruction_tokens`` + MID."""

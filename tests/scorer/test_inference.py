@@ -433,3 +433,14 @@ def test_a_config_that_does_not_describe_its_weights_is_a_checkpoint_error_not_a
     with pytest.raises(CheckpointError, match=str(folder / "config.json")):
         ModelSATScorer.load(folder)
     assert "cannot run on CUDA" not in caplog.text
+
+
+def test_an_instruction_with_a_lone_surrogate_is_scored_as_the_proxy_mends_it():
+    """Half an emoji (a string cut through one, as JSON may carry it): the tokenizer raised a
+    TypeError; the text is scored with U+FFFD in its place, as a request's is."""
+    from scorer.data import Prompt
+
+    scorer = _scorer()
+    assert scorer.score("what is law ? \ud83d", PROFILES) == pytest.approx(
+        scorer.score("what is law ? \ufffd", PROFILES), abs=1e-6)
+    assert Prompt.from_json({"id": "p", "question": "2+2? \ud83d", "options": ["\udc00"]}).question == "2+2? \ufffd"
