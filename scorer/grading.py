@@ -16,10 +16,12 @@ hits for one model alone. Within that rule it is robust: case and spacing, lette
 question's options ignored, the first valid statement wins (models caught in a repetition loop state
 the answer first and repeat noise after it), a letter must end there ("answer is Based on" is not B),
 and "\\boxed{X}" is read too. No bare letter is ever taken ("I" and "A" are words).
-A reasoning model's ``<think>...</think>`` blocks (or ``<thinking>``, ``<reasoning>``, and the
-analysis channel of the harmony format) are its scratchpad, not its answer: closed blocks are
+A reasoning model's ``<think>...</think>`` blocks (or ``<thinking>``, ``<reasoning>``, ``[THINK]``,
+``<seed:think>``, ``<|START_THINKING|>``, ``◁think▷``, and the analysis channel of the harmony
+format, its special tokens kept or dropped) are its scratchpad, not its answer: closed blocks are
 removed before the answer is read (text before a lone ``</think>`` too: some chat templates open
-the block in the prompt), and a block never closed (cut off while reasoning) is no answer.
+the block in the prompt), and a block never closed that opens what is left (cut off while
+reasoning) is no answer.
 """
 from __future__ import annotations
 
@@ -45,17 +47,25 @@ _BOX_OPEN = r"\\boxed\{\s*(?:\\(?:text|textbf|mathrm|mathbf)\s*\{)?\s*"
 _BOXED = re.compile(_BOX_OPEN + r"\(?\s*([A-J])\s*\)?\s*\}")
 _BOXED_WITH_TEXT = re.compile(_BOX_OPEN + r"\(?\s*([A-J])(?=\s*[.):])")
 RULES = (_STATED, _BOXED, _BOXED_WITH_TEXT)
-# Scratchpads: <think> (DeepSeek-R1, Qwen3), <thinking> and <reasoning> (fine-tunes), and the
-# analysis channel of OpenAI's harmony format (gpt-oss, where the server does not split it off).
-_SCRATCH = r"(?:think|thinking|reasoning)"
-_THINK_OPEN = re.compile(rf"<{_SCRATCH}>", re.IGNORECASE)
-_THINK_CLOSE = re.compile(rf"</{_SCRATCH}>", re.IGNORECASE)
-_THINK_BLOCK = re.compile(rf"<({_SCRATCH})>.*?</\1>", re.IGNORECASE | re.DOTALL)
+# Scratchpads, as reasoning models open and close them: <think> (DeepSeek-R1, Qwen3), <thinking> and
+# <reasoning> (fine-tunes), [THINK] (Magistral), <seed:think> (Seed-OSS), <|START_THINKING|>
+# (Command A Reasoning), ◁think▷ (Kimi); and the analysis channel of OpenAI's harmony format (gpt-oss,
+# where the server does not split it off), below.
+_SCRATCHPADS = (("<think>", "</think>"), ("<thinking>", "</thinking>"), ("<reasoning>", "</reasoning>"),
+                ("[THINK]", "[/THINK]"), ("<seed:think>", "</seed:think>"),
+                ("<|START_THINKING|>", "<|END_THINKING|>"), ("◁think▷", "◁/think▷"))
+_THINK_OPEN = re.compile("|".join(re.escape(o) for o, _ in _SCRATCHPADS), re.IGNORECASE)
+_THINK_CLOSE = re.compile("|".join(re.escape(c) for _, c in _SCRATCHPADS), re.IGNORECASE)
+_THINK_BLOCK = re.compile("|".join(f"{re.escape(o)}.*?{re.escape(c)}" for o, c in _SCRATCHPADS),
+                          re.IGNORECASE | re.DOTALL)
 _HARMONY_ANALYSIS = re.compile(r"<\|channel\|>(?:analysis|commentary)<\|message\|>.*?(?:<\|end\|>|(?=<\|start\|>))",
                                re.DOTALL)
 _HARMONY_UNENDED = re.compile(r"<\|channel\|>(?:analysis|commentary)<\|message\|>(?:(?!<\|end\|>|<\|start\|>).)*\Z",
                               re.DOTALL)  # cut off while reasoning
 _HARMONY_TAGS = re.compile(r"<\|(?:start|end|channel|message|return)\|>(?:assistant|final)?")
+# harmony from a server that drops special tokens from its text: "analysis...assistantfinal..."
+_HARMONY_BARE = re.compile(r"\s*(?:analysis|commentary)\S")
+_HARMONY_BARE_FINAL = "assistantfinal"
 
 
 def subject_name(category: str) -> str:
@@ -85,21 +95,31 @@ def _first_valid(pattern: re.Pattern[str], text: str, valid: str) -> str | None:
 
 
 def strip_reasoning(text: str) -> str | None:
-    """``text`` without its scratchpads (``<think>``, ``<thinking>``, ``<reasoning>`` blocks, harmony's
-    analysis and commentary channels); None when one is never closed.
+    """``text`` without its scratchpads (the blocks of ``_SCRATCHPADS``, harmony's analysis and
+    commentary channels); None when it is cut off inside one.
 
-    Text up to a ``</think>`` that no ``<think>`` opened is reasoning too (templates that open the
-    block in the prompt, e.g. DeepSeek-R1's).
+    Text up to a closing tag that no opening tag opened is reasoning too (templates that open the
+    block in the prompt, e.g. DeepSeek-R1's; and a block nested in another). An opening tag never
+    closed is a cut-off only where it opens what is left: one further on is a mention ("the
+    ``<reasoning>`` element"), or a block begun after the answer was stated, which stays first.
     """
     if "<|channel|>" in text:  # harmony: the final channel is the answer; an analysis never ended is none
         if _HARMONY_UNENDED.search(text):
             return None
         text = _HARMONY_TAGS.sub(" ", _HARMONY_ANALYSIS.sub(" ", text))
-    close, open_ = _THINK_CLOSE.search(text), _THINK_OPEN.search(text)
-    if close is not None and (open_ is None or open_.start() > close.start()):
-        text = text[close.end():]
-    text = _THINK_BLOCK.sub(" ", text)
-    if _THINK_OPEN.search(text) is not None:
+    elif _HARMONY_BARE.match(text) and _HARMONY_BARE_FINAL in text:
+        text = text[text.rindex(_HARMONY_BARE_FINAL) + len(_HARMONY_BARE_FINAL):]
+    while True:
+        close, open_ = _THINK_CLOSE.search(text), _THINK_OPEN.search(text)
+        if close is not None and (open_ is None or open_.start() > close.start()):
+            text = text[close.end():]
+            continue
+        shorter = _THINK_BLOCK.sub(" ", text)
+        if shorter == text:
+            break
+        text = shorter
+    open_ = _THINK_OPEN.search(text)
+    if open_ is not None and not text[:open_.start()].strip():
         return None  # cut off while reasoning: whatever it said there is not its answer
     return text
 

@@ -78,7 +78,8 @@ def test_subject_name():
     ("<THINK>the answer is (A)</THINK><think>or is it (B)</think>The answer is (D).", "D"),
     ("the answer is (A) maybe</think>\nThe answer is (B).", "B"),  # template opened the block
     ("<think>the answer is (A), let me double-check the", None),  # cut off while reasoning
-    ("<think>the answer is (A)</think>The answer is (B). <think>hmm, the answer is (C)", None),
+    # a block begun after the answer was stated, then cut off: the stated answer is the first
+    ("<think>the answer is (A)</think>The answer is (B). <think>hmm, the answer is (C)", "B"),
     ("<think>the answer is (A)</think> I cannot tell.", None),
     ("<thinking>the answer is (A)</thinking>\nThe answer is (B).", "B"),
     ("<reasoning>the answer is (A)</reasoning>\nThe answer is (B).", "B"),
@@ -89,4 +90,26 @@ def test_subject_name():
     ("<|start|>assistant<|channel|>final<|message|>The answer is (C).", "C"),
 ])
 def test_reasoning_blocks_are_not_the_answer(text, letter):
+    assert extract_answer(text, 4) == letter
+
+
+@pytest.mark.parametrize("text,letter", [
+    # gpt-oss through a server that drops harmony's special tokens from the text
+    ("analysisThe question asks... maybe the answer is (A)? No, 2+2=4.assistantfinalThe answer is (C).", "C"),
+    ("commentaryLooking it up: the answer is (A)?assistantfinalThe answer is (D).", "D"),
+    ("Analysis: the answer is (B).", "B"),  # an answer that begins with the word is no channel
+    ("[THINK]maybe the answer is (A)?[/THINK]The answer is (C).", "C"),  # Magistral
+    ("<seed:think>maybe the answer is (A)?</seed:think>The answer is (C).", "C"),  # Seed-OSS
+    ("<|START_THINKING|>maybe the answer is (A)?<|END_THINKING|>The answer is (C).", "C"),  # Command A
+    ("◁think▷maybe the answer is (A)?◁/think▷The answer is (C).", "C"),  # Kimi
+    ("[THINK]the answer is (A), let me", None),  # cut off while reasoning
+    # nested blocks: what is left of the outer one is reasoning too
+    ("<think>first <think>the answer is (A)?</think> so the answer is (B)?</think>The answer is (C).", "C"),
+    # a tag mentioned in a finished answer is no scratchpad left open
+    ("The `<reasoning>` element is not valid HTML, so the answer is (C).", "C"),
+    ("<think>2+2=4</think>As I noted in my <think> block, the answer is (D).", "D"),
+])
+def test_the_scratchpads_of_other_reasoning_models_are_not_the_answer(text, letter):
+    """Read as the answer, a scratchpad's tentative letter became the graded one: every answer of
+    a model that reasons in these formats, right after its reasoning, was graded on its first guess."""
     assert extract_answer(text, 4) == letter
