@@ -42,13 +42,17 @@ class Question:
     id: str
     question: str
     options: tuple[str, ...]
-    answer: str  # gold letter
+    answer: str  # gold letter, a capital as the grader reads it
     subject: str  # e.g. "ori_mmlu-high_school_biology" or a category name
+
+    def __post_init__(self) -> None:
+        # a folder of one's own may write "c": compared as it came, every answer graded wrong
+        object.__setattr__(self, "answer", self.answer.strip().upper())
 
     @classmethod
     def from_json(cls, obj: dict) -> "Question":
         return cls(id=str(obj["id"]), question=str(obj["question"]),
-                   options=tuple(str(o) for o in obj["options"]), answer=str(obj["answer"]).strip(),
+                   options=tuple(str(o) for o in obj["options"]), answer=str(obj["answer"]),
                    subject=str(obj.get("source") or obj.get("category") or ""))
 
     def to_json(self) -> dict:
@@ -83,7 +87,7 @@ def from_folder(folder: str | Path, ids: Sequence[str]) -> list[Question]:
 def hub_row_to_question(row: dict) -> Question:
     """One row of the hub's MMLU-Pro test split as a Question (``question_id`` n -> ``mmlu_pro/n``)."""
     return Question(id=f"{ID_PREFIX}{int(row['question_id'])}", question=str(row["question"]),
-                    options=tuple(str(o) for o in row["options"]), answer=str(row["answer"]).strip(),
+                    options=tuple(str(o) for o in row["options"]), answer=str(row["answer"]),
                     subject=str(row.get("src") or row.get("category") or ""))
 
 

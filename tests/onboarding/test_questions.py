@@ -23,6 +23,26 @@ def test_from_folder_in_suite_order(tmp_path):
     assert qs[0].subject == "ori_mmlu-college_mathematics"
 
 
+async def test_a_gold_letter_written_in_lower_case_grades_as_the_capital(tmp_path):
+    """A folder of one's own wrote "b": compared as it came with the capital the grader reads,
+    every answer of an onboarded model was graded wrong (accuracy 0% for a perfect model)."""
+    from fakes import FakeAsker
+    from proxy.onboarding import Onboarding, Options
+    from proxy.store import Store
+    from scorer.aptitude import Suite, Task
+
+    prompts = [{"id": f"mmlu_pro/{n}", "dataset": "mmlu_pro", "category": "math", "source": "ori_mmlu-x",
+                "split": "train", "question": f"q{n}?", "options": ["1", "2", "3"], "answer": " b "}
+               for n in (1, 2)]
+    questions = from_folder(write_dataset(tmp_path / "lower", prompts, []), ["mmlu_pro/1", "mmlu_pro/2"])
+    assert [q.answer for q in questions] == ["B", "B"]
+    suite = Suite("lower", 1, (Task("t", ("a", "b", "c", "d", "e"), ("mmlu_pro/1", "mmlu_pro/2")),))
+    with Store(tmp_path / "state") as store:
+        progress = await Onboarding(store, suite, questions, FakeAsker(questions, lambda q: "B"),
+                                    Options(concurrency=1)).run("m")
+        assert progress.status == "done" and progress.accuracy == 1.0
+
+
 def test_folder_missing_questions_or_files_is_a_clear_error(tmp_path):
     with pytest.raises(QuestionSourceError, match="lacks 1"):
         from_folder(_folder(tmp_path), ["mmlu_pro/70", "mmlu_pro/5"])
