@@ -64,7 +64,7 @@ _HARMONY_UNENDED = re.compile(r"<\|channel\|>(?:analysis|commentary)<\|message\|
                               re.DOTALL)  # cut off while reasoning
 _HARMONY_TAGS = re.compile(r"<\|(?:start|end|channel|message|return)\|>(?:assistant|final)?")
 # harmony from a server that drops special tokens from its text: "analysis...assistantfinal..."
-_HARMONY_BARE = re.compile(r"\s*(?:analysis|commentary)\S")
+_HARMONY_BARE = re.compile(r"\s*(?:analysis|commentary)(?=[A-Za-z])")
 _HARMONY_BARE_FINAL = "assistantfinal"
 
 
@@ -107,7 +107,9 @@ def strip_reasoning(text: str) -> str | None:
         if _HARMONY_UNENDED.search(text):
             return None
         text = _HARMONY_TAGS.sub(" ", _HARMONY_ANALYSIS.sub(" ", text))
-    elif _HARMONY_BARE.match(text) and _HARMONY_BARE_FINAL in text:
+    elif _HARMONY_BARE.match(text):  # the same, its tokens dropped: no final channel is a cut-off
+        if _HARMONY_BARE_FINAL not in text:
+            return None
         text = text[text.rindex(_HARMONY_BARE_FINAL) + len(_HARMONY_BARE_FINAL):]
     while True:
         close, open_ = _THINK_CLOSE.search(text), _THINK_OPEN.search(text)

@@ -97,7 +97,9 @@ def test_reasoning_blocks_are_not_the_answer(text, letter):
     # gpt-oss through a server that drops harmony's special tokens from the text
     ("analysisThe question asks... maybe the answer is (A)? No, 2+2=4.assistantfinalThe answer is (C).", "C"),
     ("commentaryLooking it up: the answer is (A)?assistantfinalThe answer is (D).", "D"),
+    ("analysisWe need 2+2. Maybe the answer is (A)? Let me", None),  # cut off in its analysis
     ("Analysis: the answer is (B).", "B"),  # an answer that begins with the word is no channel
+    ("analysis: the answer is (B).", "B"),
     ("[THINK]maybe the answer is (A)?[/THINK]The answer is (C).", "C"),  # Magistral
     ("<seed:think>maybe the answer is (A)?</seed:think>The answer is (C).", "C"),  # Seed-OSS
     ("<|START_THINKING|>maybe the answer is (A)?<|END_THINKING|>The answer is (C).", "C"),  # Command A
