@@ -33,6 +33,7 @@ from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from proxy.cooldown import Cooldowns
 from proxy.errors import AllUpstreamsFailed, UpstreamClientError, UpstreamTransient
+from proxy.grammars import GrammarCheck
 from proxy.localserver import LOCAL_ONLY_FIELDS, llama_cpp_request
 from proxy.logs import adopt_loggers
 from proxy.protocol import OPENAI_CHAT_PARAMS
@@ -103,6 +104,7 @@ class RetryingDispatcher:
         self.cooldowns = cooldowns
         self.metrics = metrics  # proxy.metrics.Metrics or None: retries, fallbacks, latency
         self.passthrough = passthrough or PassThrough()
+        self.grammars = GrammarCheck()  # what a local model's server is sent, checked first
         self._litellm: Any = None
         self._import_lock = asyncio.Lock()
         self._busy: collections.Counter[str] = collections.Counter()  # calls under way, by model
@@ -299,6 +301,9 @@ class RetryingDispatcher:
             # every client; an admin's, in extra_body, is
             asked = {k: v for k, v in call.body.items() if k not in LOCAL_ONLY_FIELDS}
             body, why = llama_cpp_request(PassThrough.with_defaults(d, asked), vision=local.vision)
+            if body is not None:  # a schema that would crash the server, for every client
+                why = await self.grammars.why_not(body) or ""
+                body = None if why else body
             if body is None:
                 raise _unfit(d.name, f"model {d.name} cannot take this request: {why}",
                              "untranslatable", "untranslatable_request")
