@@ -237,9 +237,12 @@ class LocalServerSpec:
 # Run in a fresh interpreter before exec'ing the real command (never between fork and exec: a
 # preexec function in a threaded parent can deadlock on a lock another thread held at the fork).
 # Linux: PR_SET_PDEATHSIG makes the kernel SIGKILL the server when the proxy dies, and it survives
-# execve; if the proxy already died before that, exit at once.
+# execve; if the proxy already died before that, exit at once. SIGHUP is ignored, which execve keeps
+# too: a closed terminal signals the proxy's whole process group, and the proxy serves on through
+# it (a reload signal to it), so its server must not end either, cutting the streams in flight.
 _PDEATHSIG_SHIM = (
     "import ctypes, os, signal, sys\n"
+    "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
     "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"
     "os.getppid() == int(sys.argv[1]) or sys.exit(70)\n"
     "os.execvp(sys.argv[2], sys.argv[2:])\n"

@@ -94,6 +94,22 @@ async def test_a_child_that_dies_is_restarted_on_the_same_port():
         await server.stop()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the shim that sets it is Linux's")
+async def test_a_child_ignores_the_sighup_of_a_closed_terminal():
+    """A closed terminal signals the whole process group: the proxy serves on through SIGHUP, and
+    its server must too, or every stream in flight is cut."""
+    port = free_port()
+    server = _fake(port)
+    await server.start()
+    try:
+        pid = server.pid
+        os.kill(pid, signal.SIGHUP)
+        await asyncio.sleep(0.5)
+        assert _alive(pid) and server.pid == pid and server.restarts == 0
+    finally:
+        await server.stop()
+
+
 async def test_a_child_that_keeps_crashing_keeps_being_restarted_with_backoff():
     port = free_port()
     server = _fake(port, "--exit-after", "0.3")
