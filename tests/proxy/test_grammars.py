@@ -7,15 +7,9 @@ import stat
 import time
 
 import pytest
-import yaml
 
-from proxy.cooldown import Cooldowns
-from proxy.dispatch import Call, RetryingDispatcher
-from proxy.errors import UpstreamClientError
 from proxy.grammars import GrammarCheck, request_schemas
 from proxy.localserver import llama_cpp_available
-from proxy.providers import ProviderRegistry
-from proxy.upstream import Answer
 
 PHONE = {"type": "object", "properties": {"phone": {"type": "string", "pattern": "^\\d{3}-\\d{4}$"}}}
 QUOTED = {"type": "object", "properties": {'say "hi"': {"type": "string"}}}
@@ -88,39 +82,3 @@ async def test_where_no_check_can_run_requests_are_sent_as_before(tmp_path, capl
     check = GrammarCheck(python=_fake_python(tmp_path, "exit 1\n"))
     assert await check.why_not(_fmt(PHONE)) is None
     assert "not checked before they are sent" in caplog.text
-
-
-class Recording:
-    def __init__(self):
-        self.bodies = []
-
-    async def attempt(self, d, body, stream, first_byte_s, timeout_s, redact, connect_s=None):
-        self.bodies.append(body)
-        return Answer(body=b'{"choices": []}')
-
-    async def close(self):
-        pass
-
-
-@real
-@pytest.mark.parametrize("asked", [
-    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": PHONE}}},
-    _tool(QUOTED),
-])
-async def test_a_local_model_is_never_sent_a_schema_that_would_crash_its_server(tmp_path, asked):
-    path = tmp_path / "providers.yaml"
-    path.write_text(yaml.safe_dump({"model_list": [{
-        "model_name": "local", "litellm_params": {"model": "openai/smol"},
-        "model_info": {"local_server": {"model": "builtin:smollm2", "port": 28434}}}]}))
-    snap = ProviderRegistry(path, dict).snapshot
-    sent = Recording()
-    dispatcher = RetryingDispatcher(Cooldowns(), passthrough=sent)
-    body = {"model": "local", "messages": [{"role": "user", "content": "hi"}], **asked}
-    with pytest.raises(UpstreamClientError) as refused:
-        await dispatcher.complete(Call(targets=[snap.models["local"]], stream=False, router=snap.router, body=body))
-    assert refused.value.status == 400 and refused.value.unfit == "untranslatable"
-    assert "cannot parse" in refused.value.message and sent.bodies == []
-    fine = {"model": "local", "messages": body["messages"],
-            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": PLAIN}}}
-    await dispatcher.complete(Call(targets=[snap.models["local"]], stream=False, router=snap.router, body=fine))
-    assert len(sent.bodies) == 1

@@ -11,6 +11,7 @@ import yaml
 from proxy.cooldown import Cooldowns
 from proxy.dispatch import Call, RetryingDispatcher
 from proxy.errors import UpstreamClientError, UpstreamTransient
+from proxy.localserver import llama_cpp_available
 from proxy.providers import ProviderRegistry
 from proxy.upstream import Answer, PassThrough
 
@@ -144,3 +145,34 @@ async def test_a_local_model_s_streamed_tool_call_names_its_id_and_name_once(tmp
     made = state.get_final_completion().choices[0].message.tool_calls[0]
     assert (made.id, made.function.name, made.function.arguments) == ("call__0_get_w", "get_w", '{"city":"Paris"}')
     assert b'"function_call":{' not in streamed
+
+
+PHONE = {"type": "object", "properties": {"phone": {"type": "string", "pattern": "^\\d{3}-\\d{4}$"}}}
+QUOTED_TOOL = {"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+    "type": "object", "properties": {'say "hi"': {"type": "string"}}}}}],
+    "tool_choice": {"type": "function", "function": {"name": "f"}}}
+PLAIN = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+
+
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python (extra 'local') missing")
+@pytest.mark.parametrize("asked", [
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": PHONE}}},
+    QUOTED_TOOL,
+])
+async def test_a_local_model_is_never_sent_a_schema_that_would_crash_its_server(tmp_path, asked):
+    path = tmp_path / "providers.yaml"
+    path.write_text(yaml.safe_dump({"model_list": [{
+        "model_name": "local", "litellm_params": {"model": "openai/smol"},
+        "model_info": {"local_server": {"model": "builtin:smollm2", "port": 28434}}}]}))
+    snap = ProviderRegistry(path, dict).snapshot
+    sent = Recording()
+    dispatcher = RetryingDispatcher(Cooldowns(), passthrough=sent)
+    body = {"model": "local", "messages": [{"role": "user", "content": "hi"}], **asked}
+    with pytest.raises(UpstreamClientError) as refused:
+        await dispatcher.complete(Call(targets=[snap.models["local"]], stream=False, router=snap.router, body=body))
+    assert refused.value.status == 400 and refused.value.unfit == "untranslatable"
+    assert "cannot parse" in refused.value.message and sent.bodies == []
+    fine = {"model": "local", "messages": body["messages"],
+            "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": PLAIN}}}
+    await dispatcher.complete(Call(targets=[snap.models["local"]], stream=False, router=snap.router, body=fine))
+    assert len(sent.bodies) == 1
