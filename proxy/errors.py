@@ -143,7 +143,9 @@ class UpstreamClientError(UpstreamError):
         return self.status in MODEL_REFUSALS and not (self.status == 403 and _FLAGGED.search(self.text()))
 
 
-_FLAGGED = re.compile(r"\bflagged\b", re.IGNORECASE)
+# OpenRouter's words ("Your input was flagged for ...") or its body's metadata key, not the bare
+# word: "your account has been flagged" refuses the key, as any other 403
+_FLAGGED = re.compile(r"\binput (?:was|has been|is) flagged\b|\bflagged_input\b", re.IGNORECASE)
 
 
 class UpstreamTransient(UpstreamError):

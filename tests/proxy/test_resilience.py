@@ -127,6 +127,11 @@ def test_a_403_for_a_flagged_prompt_is_the_request_s_not_the_model_s(tmp_path, u
         assert "Your input was flagged" in err.value.message
     assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == []
     assert len(upstream.bodies("m1")) == 3 and upstream.bodies("m2") == []
+    # an account flagged is a key refused, as any other 403: the next model answers
+    upstream.set("m1", fail(403, "Your account has been flagged for suspicious activity and API access "
+                                 "is disabled.", "permission_error"))
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.headers["x-satroute-model"] == "m2" and raw.headers["x-satroute-failed"] == "m1:http_403"
 
 
 @pytest.mark.parametrize("fast", PATHS)
