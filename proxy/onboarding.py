@@ -333,7 +333,9 @@ class Onboarding:
                               leased=True)
             return await self._progress(model)
         ids = set(self.suite.question_ids)
-        letters = [a.letter for a in answers if a.question_id in ids]
+        # the form of the answers: those with no text at all (a content filter's block, an empty
+        # answer, in this run or an earlier one) show none
+        letters = [a.letter for a in answers if a.question_id in ids and (a.text or "").strip()]
         note = _understated(state, self.options.max_tokens, letters)
         if note:  # the profile stands, but an admin must see what it may understate
             log.warning("onboarding %s done, but %s", model, note)
@@ -678,8 +680,9 @@ NO_LETTER_SHARE = 0.30
 
 def _understated(state: _Run, max_tokens: int, letters: Sequence[str | None]) -> str | None:
     """What the status's reason says of a finished run whose profile may understate its model:
-    answers of this run cut off at ``max_tokens``, and, over all its stored answers (``letters``,
-    earlier runs' too: the profile is made of them), answers in a form the grading does not read."""
+    answers of this run cut off at ``max_tokens`` or withheld by a content filter, and, over all its
+    stored answers that hold text (``letters``, earlier runs' too: the profile is made of them),
+    answers in a form the grading does not read."""
     notes = []
     if state.cut_off:
         notes.append(f"{state.cut_off} of {state.answers} answers of this run were cut off at "
@@ -688,11 +691,9 @@ def _understated(state: _Run, max_tokens: int, letters: Sequence[str | None]) ->
     if state.filtered:
         notes.append(f"{state.filtered} of {state.answers} answers of this run were withheld by the "
                      "provider's content filter (finish_reason content_filter; graded wrong)")
-    # the filter's blocks say nothing of the form of the model's answers: not counted in it
-    none = sum(letter is None for letter in letters) - state.filtered
-    read = len(letters) - state.filtered
-    if read > 0 and none / read > NO_LETTER_SHARE:
-        notes.append(f"{none} of its {read} answers stated no letter as 'the answer is (X)' "
+    none = sum(letter is None for letter in letters)
+    if letters and none / len(letters) > NO_LETTER_SHARE:
+        notes.append(f"{none} of its {len(letters)} answers stated no letter as 'the answer is (X)' "
                      "(graded wrong), more than any zoo model whose answers are recorded (9% to 23%): "
                      "its profile may understate it")
     return "; ".join(notes) or None

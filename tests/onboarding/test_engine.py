@@ -713,6 +713,20 @@ async def test_answers_the_content_filter_withheld_are_said_so_not_blamed_on_the
                                "content filter (finish_reason content_filter; graded wrong)")
 
 
+async def test_answers_withheld_in_an_earlier_run_are_not_blamed_on_their_form_either(tmp_path):
+    """A resumed run counts every stored answer: 12 of 30 withheld by a content filter in the run
+    that was interrupted read as 12 answers that stated no letter."""
+    from proxy.store import GradedAnswer
+
+    suite, questions = make_suite(3, 10)
+    with Store(tmp_path) as store:
+        for q in questions[:12]:  # the interrupted run's answers: withheld, no text
+            store.record("m", GradedAnswer(q.id, None, False, ""))
+        progress = await Onboarding(store, suite, questions, FakeAsker(questions, lambda q: "A"),
+                                    FAST).run("m", Prices())
+    assert progress.status == "done" and "stated no letter" not in (progress.reason or "")
+
+
 @pytest.mark.parametrize("stored_slips, slips_now, flagged", [(10, 0, True), (0, 4, False)])
 async def test_the_no_letter_share_is_that_of_every_stored_answer_not_of_the_last_run(
         tmp_path, stored_slips, slips_now, flagged):
