@@ -197,7 +197,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                              % (status, phrase.encode(), len(body), request_id.encode(), body))
         # answered below the app, whose middleware writes every other request's line: this one's
         # line is written here, so that a refused request leaves a trace too
-        path = getattr(self, "url", b"").decode("latin-1", "replace")[:200] if self._began else ""
+        # the path as far as it came, without its query (which may carry a token), as every other
+        # request's line has it
+        path = getattr(self, "url", b"").partition(b"?")[0].decode("latin-1", "replace")[:200] if self._began else ""
         fields = {"request_id": request_id, "path": path, "status": status, "error": code}
         if self.client:
             fields["client"] = "%s:%s" % tuple(self.client)

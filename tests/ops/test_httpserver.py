@@ -82,12 +82,14 @@ def test_a_refused_head_has_its_log_line_and_request_id(server, caplog):
 
     caplog.set_level(logging.INFO, logger="satroute.request")
     with _connect(server) as sock:
-        sock.sendall(b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * (MAX_HEAD_BYTES + 1))
+        sock.sendall(b"GET /v1/models?access_token=secret-token HTTP/1.1\r\nhost: x\r\nx-big: "
+                     + b"a" * (MAX_HEAD_BYTES + 1))
         answer = _read_all(sock)
     with _connect(server) as sock:
         sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\n")  # and nothing more
         timed_out = _read_all(sock)
     lines = [r for r in caplog.records if r.name == "satroute.request"]
+    assert "secret-token" not in caplog.text  # the query is not logged, as in every other line
     assert [(r.fields["status"], r.fields["error"], r.fields["path"]) for r in lines] == [
         (431, "request_header_too_large", "/v1/models"), (408, "request_timeout", "/v1/chat/completions")]
     rid = lines[0].fields["request_id"]
