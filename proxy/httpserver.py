@@ -199,7 +199,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # line is written here, so that a refused request leaves a trace too
         # the path as far as it came, without its query (which may carry a token), as every other
         # request's line has it
-        path = getattr(self, "url", b"").partition(b"?")[0].decode("latin-1", "replace")[:200] if self._began else ""
+        url = getattr(self, "url", b"") if self._began else b""
+        path = url.partition(b"?")[0].decode("latin-1", "replace")[:200]
         fields = {"request_id": request_id, "path": path, "status": status, "error": code}
         if self.client:
             fields["client"] = "%s:%s" % tuple(self.client)
