@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import importlib.util
 import logging
 import os
@@ -541,6 +542,7 @@ class LocalServerManager:
         self._starts: dict[str, asyncio.Task] = {}  # servers still starting, by model name
         # servers on their way out (answering what they were asked, then stopped), by their task
         self._retiring: dict[asyncio.Task, tuple[str, LocalServer]] = {}
+        self._edited = asyncio.Event()  # the configuration changed: the watch syncs now
 
     def _event(self, name: str, event: str) -> None:
         if event == "ready":
@@ -561,6 +563,19 @@ class LocalServerManager:
         for name in self._specs():
             if name not in self.servers:
                 self._mark(name, STARTING)
+
+    def mark_edited(self) -> None:
+        """Mark, at once, every model whose wanted server is not the one it runs (a model added,
+        or its ``local_server`` block edited), and have the watch sync now. Called as an edit is
+        swapped in: until then the new configuration sent requests to a port no server answered
+        on yet (connection failures, a 502 and the model cooled) and /ready listed the model."""
+        for name, spec in self._specs().items():
+            running = self.servers.get(name)
+            if running is None:
+                self._mark(name, STARTING)
+            elif running[0] != spec:
+                self._mark(name, f"{RESTARTING}: its configuration changed")
+        self._edited.set()
 
     async def sync(self, wait: bool = True) -> None:
         """Start servers newly declared or changed, stop those removed or changed. Every model to
@@ -665,7 +680,9 @@ class LocalServerManager:
         """Sync now, then whenever the wanted servers change (run as a background task)."""
         await self.sync(wait=False)
         while True:
-            await asyncio.sleep(interval_s)
+            with contextlib.suppress(TimeoutError):  # each tick, or at once after an edit
+                await asyncio.wait_for(self._edited.wait(), interval_s)
+            self._edited.clear()
             if {n: s for n, (s, _) in self.servers.items()} != self._specs():
                 await self.sync(wait=False)
 
@@ -752,6 +769,8 @@ def local_models_hook(services) -> None:
         registry.set_unavailable, on_event=services.metrics.observe_local_server,
         on_ready=services.cooldowns.success, busy=getattr(services.dispatcher, "busy", None))
     manager.mark_pending()  # before the first request: unavailable until the server answers
+    # and an edit's new or changed server: marked as the edit is swapped in, not at the next tick
+    registry.on_reload.append(lambda old, new: manager.mark_edited())
 
     async def run() -> None:
         try:

@@ -516,6 +516,29 @@ async def test_a_changed_declaration_marks_the_model_down_before_its_server_stop
         await manager.stop()
 
 
+async def test_an_edit_marks_its_new_and_changed_servers_at_once_and_the_watch_starts_them_then():
+    """Until the watch's next tick the edited configuration sent requests to a port no server
+    answered on yet: connection failures, a 502, the model cooled, and /ready listing it."""
+    wanted = {"kept": _spec("kept", free_port()), "edited": _spec("edited", free_port())}
+    marks = _Marks()
+    manager = LocalServerManager(lambda: dict(wanted), marks, factory=_fake_factory, installed=lambda: True)
+    await manager.sync()
+    watch = asyncio.create_task(manager.watch(60.0))
+    try:
+        marks.log.clear()
+        wanted["edited"] = _spec("edited", free_port())
+        wanted["added"] = _spec("added", free_port())
+        manager.mark_edited()  # as the edit is swapped in: before any request can see it
+        assert coming_back(marks.current("edited")) and coming_back(marks.current("added"))
+        assert marks.current("kept") == "never marked"
+        # and the watch syncs now, not at its next tick a minute later
+        await _wait_for(lambda: marks.current("added") is None and marks.current("edited") is None, timeout=15)
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+        await manager.stop()
+
+
 async def test_a_child_that_crashes_soon_after_it_answers_is_restarted_with_growing_backoff(monkeypatch):
     """The backoff starts over only after the child stayed up STABLE_S, so a crash loop after each
     ready does not reload the model every 0.5 s for ever."""
