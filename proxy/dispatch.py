@@ -302,7 +302,11 @@ class RetryingDispatcher:
             asked = {k: v for k, v in call.body.items() if k not in LOCAL_ONLY_FIELDS}
             body, why = llama_cpp_request(PassThrough.with_defaults(d, asked), vision=local.vision)
             if body is not None:  # a schema that would crash the server, for every client
-                why = await self.grammars.why_not(body) or ""
+                try:  # within the attempt's time: a burst of new schemas waits for its check
+                    async with asyncio.timeout(first_byte_s):
+                        why = await self.grammars.why_not(body, local.own_chat_format) or ""
+                except TimeoutError:
+                    why = "its JSON schemas could not be checked against its server's grammar parser in time"
                 body = None if why else body
             if body is None:
                 raise _unfit(d.name, f"model {d.name} cannot take this request: {why}",

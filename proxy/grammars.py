@@ -29,26 +29,33 @@ CHECK_TIMEOUT_S = 30.0
 REMEMBERED = 1024  # verdicts kept, by schema
 
 
-def request_schemas(body: Mapping[str, Any]) -> list[tuple[str, str]]:
+def request_schemas(body: Mapping[str, Any], every_tool: bool = False) -> list[tuple[str, str]]:
     """``(what, schema as the server dumps it)`` for each schema of ``body`` (in the form
-    ``proxy.localserver.llama_cpp_request`` gives it) that the server makes a grammar of."""
+    ``proxy.localserver.llama_cpp_request`` gives it) that the server makes a grammar of, resolved
+    as its chat handler resolves them: legacy ``functions`` replace ``tools``, a ``function_call``
+    naming one is the ``tool_choice``, and the first tool of that name is the one. ``every_tool``:
+    every tool's parameters, whatever the choice (a ``--chat_format`` such as
+    ``chatml-function-calling`` builds grammars of the tool the model picks)."""
     found = []
     fmt = body.get("response_format")
     if isinstance(fmt, Mapping) and fmt.get("type") == "json_object" and fmt.get("schema") is not None:
         found.append(("response_format's schema", fmt["schema"]))
+    tools = body.get("tools")
+    functions = body.get("functions")
+    if isinstance(functions, list):
+        tools = [{"type": "function", "function": function} for function in functions]
+    tools = [tool["function"] for tool in tools if isinstance(tool, Mapping)
+             and isinstance(tool.get("function"), Mapping)] if isinstance(tools, list) else []
     choice = body.get("tool_choice")
-    if isinstance(choice, Mapping):
-        name = choice.get("function", {}).get("name") if isinstance(choice.get("function"), Mapping) else None
-        for tool in body.get("tools") or ():
-            function = tool.get("function") if isinstance(tool, Mapping) else None
-            if isinstance(function, Mapping) and function.get("name") == name and "parameters" in function:
-                found.append((f"the parameters of tool {name!r}", function["parameters"]))
     call = body.get("function_call")
-    if isinstance(call, Mapping):
-        for function in body.get("functions") or ():
-            if isinstance(function, Mapping) and function.get("name") == call.get("name") \
-                    and "parameters" in function:
-                found.append((f"the parameters of function {call.get('name')!r}", function["parameters"]))
+    if isinstance(call, Mapping) and "name" in call:
+        choice = {"type": "function", "function": {"name": call["name"]}}
+    named = choice.get("function") if isinstance(choice, Mapping) else None
+    name = named.get("name") if isinstance(named, Mapping) else None
+    chosen = next((tool for tool in tools if tool.get("name") == name), None) if name is not None else None
+    for tool in (tools if every_tool else [chosen] if chosen is not None else []):
+        if "parameters" in tool:
+            found.append((f"the parameters of tool {tool.get('name')!r}", tool["parameters"]))
     return [(what, json.dumps(schema)) for what, schema in found]
 
 
@@ -59,28 +66,31 @@ class GrammarCheck:
         self.timeout_s, self.python = timeout_s, python
         self._verdicts: collections.OrderedDict[str, str | None] = collections.OrderedDict()
         self._lock = asyncio.Lock()  # one checking process at a time: a burst of one new schema checks it once
-        self._said_unchecked = False
+        self._waiting: dict[str, str] = {}  # schemas requests wait to have checked, by key
+        self.disabled: str | None = None  # why no check can run here: schemas are sent as they are
 
-    async def why_not(self, body: Mapping[str, Any]) -> str | None:
-        schemas = request_schemas(body)
-        if not schemas:
+    async def why_not(self, body: Mapping[str, Any], every_tool: bool = False) -> str | None:
+        schemas = request_schemas(body, every_tool)
+        if not schemas or self.disabled is not None:
             return None
         keys = [hashlib.sha256(schema.encode()).hexdigest() for _, schema in schemas]
-        unchecked: set[str] = set()  # no check can run here: sent as they are, and not remembered
-        if any(key not in self._verdicts for key in keys):
+        mine = {key: schema for key, (_, schema) in zip(keys, schemas) if key not in self._verdicts}
+        if mine:
+            self._waiting.update(mine)
             async with self._lock:
-                todo = {key: schema for key, (_, schema) in zip(keys, schemas) if key not in self._verdicts}
+                # everything waiting now, other requests' schemas too: one process for the lot
+                todo = {k: v for k, v in {**self._waiting, **mine}.items() if k not in self._verdicts}
+                for key in todo:
+                    self._waiting.pop(key, None)
                 if todo:
                     for key, verdict in zip(todo, await self._check(list(todo.values()))):
-                        if verdict == _SEND_UNCHECKED:
-                            unchecked.add(key)
-                        elif verdict != _UNCHECKED:
+                        if verdict != _UNCHECKED:
                             self._verdicts[key] = verdict
                             while len(self._verdicts) > REMEMBERED:
                                 self._verdicts.popitem(last=False)
+        if self.disabled is not None:
+            return None
         for (what, _), key in zip(schemas, keys):
-            if key in unchecked:
-                continue
             if key not in self._verdicts:
                 return f"{what} could not be checked against its server's grammar parser (in {self.timeout_s:g} s)"
             self._verdicts.move_to_end(key)
@@ -89,42 +99,50 @@ class GrammarCheck:
         return None
 
     async def _check(self, schemas: list[str]) -> list[str | None]:
-        """One verdict per schema, in order: None (it parses), why not, or ``_UNCHECKED``."""
+        """One verdict per schema, in order: None (it parses), why not, or ``_UNCHECKED``. A schema
+        that crashes the checking process is refused, and the ones after it checked in another."""
         from proxy.localserver import LocalServerError, builtin_gguf_path
 
         try:
             vocab = builtin_gguf_path()
         except LocalServerError as exc:  # a setup that cannot check: sent unchecked, as before
             self._cannot_check(exc.message)
-            return [_SEND_UNCHECKED] * len(schemas)
+            return [_UNCHECKED] * len(schemas)
+        verdicts: list[str | None] = []
+        while len(verdicts) < len(schemas):
+            got, status = await self._run(str(vocab), schemas[len(verdicts):])
+            verdicts += got
+            if status is not None and status < 0:  # killed by the schema after its last verdict
+                verdicts.append("llama.cpp crashed on it")
+                continue
+            if status != 0:  # out of time (None), or the check itself could not run
+                if status is not None:
+                    self._cannot_check(f"python -m proxy.grammars exited with status {status}")
+                break
+        return (verdicts + [_UNCHECKED] * len(schemas))[:len(schemas)]
+
+    async def _run(self, vocab: str, schemas: list[str]) -> tuple[list[str | None], int | None]:
+        """The verdicts one checking process gave, and its exit status (None: out of time)."""
         proc = await asyncio.create_subprocess_exec(
-            self.python, "-m", "proxy.grammars", str(vocab),
+            self.python, "-m", "proxy.grammars", vocab,
             stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.DEVNULL)
         try:
             out, _ = await asyncio.wait_for(proc.communicate(json.dumps(schemas).encode()), self.timeout_s)
         except TimeoutError:
-            return [_UNCHECKED] * len(schemas)
+            return [], None
         finally:
             if proc.returncode is None:
                 proc.kill()
                 await proc.wait()
-        verdicts = [json.loads(line) for line in out.decode().splitlines() if line.strip()]
-        if proc.returncode is not None and proc.returncode < 0:  # killed by the schema after the last verdict
-            verdicts += ["llama.cpp crashed on it"] + [_UNCHECKED] * (len(schemas) - len(verdicts) - 1)
-        elif proc.returncode != 0:  # the check itself could not run (llama-cpp-python, the vocabulary)
-            self._cannot_check(f"python -m proxy.grammars exited with status {proc.returncode}")
-            verdicts += [_SEND_UNCHECKED] * (len(schemas) - len(verdicts))
-        return verdicts[:len(schemas)]
+        return [json.loads(line) for line in out.decode().splitlines() if line.strip()], proc.returncode
 
     def _cannot_check(self, why: str) -> None:
-        if not self._said_unchecked:
-            self._said_unchecked = True
-            log.warning("local models' grammars are not checked before they are sent: %s", why)
+        self.disabled = why
+        log.warning("local models' grammars are not checked before they are sent: %s", why)
 
 
 _UNCHECKED = "it could not be checked"  # in time: the request is refused, and it is checked again next time
-_SEND_UNCHECKED = "no check can run"  # here at all: sent as it is, as before the check existed
 
 
 def _main(gguf: str) -> int:

@@ -106,6 +106,12 @@ class LocalServerConfig(BaseModel):
         return args
 
     @property
+    def own_chat_format(self) -> bool:
+        """Whether ``args`` choose llama-cpp-python's chat handler (``--chat_format``): some build
+        grammars of every tool, not only of one the request forces."""
+        return any(str(arg).replace("-", "_").startswith("__chat_format") for arg in self.args)
+
+    @property
     def vision(self) -> bool:
         """Whether the server reads images: llama-cpp-python's needs a ``--clip_model_path``."""
         return any(str(arg).startswith("--clip_model") for arg in self.args)

@@ -3,6 +3,8 @@ own: llama-cpp-python's converter writes grammars llama.cpp cannot parse for eve
 and its server then crashes, taking the model down for every client."""
 from __future__ import annotations
 
+import asyncio
+import json
 import stat
 import time
 
@@ -29,13 +31,33 @@ def _tool(schema, forced=True):
     return body
 
 
-def test_the_schemas_the_server_makes_grammars_of():
-    assert [what for what, _ in request_schemas(_fmt(PLAIN))] == ["response_format's schema"]
-    assert [what for what, _ in request_schemas(_tool(PLAIN))] == ["the parameters of tool 'f'"]
-    assert request_schemas(_tool(PHONE, forced=False)) == []  # "auto": no grammar of its parameters
+def _whats(body, every_tool=False):
+    return [what for what, _ in request_schemas(body, every_tool)]
+
+
+def test_the_schemas_the_server_makes_grammars_of_resolved_as_it_resolves_them():
+    assert _whats(_fmt(PLAIN)) == ["response_format's schema"]
+    assert _whats(_tool(PLAIN)) == ["the parameters of tool 'f'"]
+    assert _whats(_tool(PHONE, forced=False)) == []  # "auto": no grammar of its parameters
+    assert _whats(_tool(PHONE, forced=False), every_tool=True) == [  # a --chat_format's handler
+        "the parameters of tool 'f'", "the parameters of tool 'g'"]
     legacy = {"functions": [{"name": "f", "parameters": PLAIN}], "function_call": {"name": "f"}}
-    assert [what for what, _ in request_schemas(legacy)] == ["the parameters of function 'f'"]
+    assert _whats(legacy) == ["the parameters of tool 'f'"]
+    # legacy functions replace tools, and a function_call naming one is the tool_choice: the
+    # server's own resolution, which two mixed forms got past the check by
+    mixed = {"functions": [{"name": "f", "parameters": PHONE}], "tool_choice": {"type": "function",
+                                                                                "function": {"name": "f"}}}
+    assert [json.loads(s) for _, s in request_schemas(mixed)] == [PHONE]
+    other = {**_tool(PLAIN, forced=False), "function_call": {"name": "g"}}
+    assert [json.loads(s) for _, s in request_schemas(other)] == [PHONE]
+    twice = {"tools": [{"type": "function", "function": {"name": "f", "parameters": PHONE}},
+                       {"type": "function", "function": {"name": "f", "parameters": PLAIN}}],
+             "tool_choice": {"type": "function", "function": {"name": "f"}}}
+    assert [json.loads(s) for _, s in request_schemas(twice)] == [PHONE]  # the first of that name
     assert request_schemas({"response_format": {"type": "json_object"}}) == []
+    for shape in (5, True, "x", [5], [{"function": 5}]):  # not a 500: llama.cpp's own refusal comes
+        assert request_schemas({"tools": shape, "tool_choice": {"type": "function", "function": {"name": "f"}},
+                                "functions": shape, "function_call": {"name": "f"}}) == []
 
 
 @real
@@ -64,11 +86,28 @@ def _fake_python(tmp_path, script: str) -> str:
     return str(path)
 
 
-async def test_a_schema_that_crashes_the_check_is_refused_and_the_next_checked_again(tmp_path):
-    check = GrammarCheck(python=_fake_python(tmp_path, "echo null\nkill -SEGV $$\n"))
-    both = {**_fmt(PLAIN), **_tool(QUOTED)}
-    assert "crashed" in await check.why_not(both) and "tool 'f'" in await check.why_not(both)
+async def test_a_schema_that_crashes_the_check_is_refused_and_the_ones_after_it_checked(tmp_path):
+    # the first process answers one schema then dies; the next checks what was left
+    runs = tmp_path / "runs"
+    check = GrammarCheck(python=_fake_python(tmp_path, f"echo run >> {runs}\n"
+                                                       f"if [ $(wc -l < {runs}) -eq 1 ]; then echo null; kill -SEGV $$; fi\n"
+                                                       "echo null\n"))
+    three = {**_fmt(PLAIN), **_tool(QUOTED, forced=False), "functions": None}
+    assert await check.why_not(three, every_tool=True) is not None  # the tool that crashed it
     assert await check.why_not(_fmt(PLAIN)) is None  # the first one's verdict, remembered
+    assert "crashed" in await check.why_not(_tool(QUOTED))
+    assert await check.why_not(_tool(PHONE, forced=False), every_tool=True) is None  # checked after it
+    assert len(runs.read_text().split()) == 2
+
+
+async def test_new_schemas_waiting_at_once_are_checked_together_not_one_process_each(tmp_path):
+    runs = tmp_path / "runs"
+    check = GrammarCheck(python=_fake_python(tmp_path, f"echo run >> {runs}\nsleep 0.3\n"
+                                                       "for i in 1 2 3 4 5 6 7 8 9 10; do echo null; done\n"))
+    schemas = [{"type": "object", "properties": {f"p{n}": {"type": "string"}}} for n in range(10)]
+    started = time.perf_counter()
+    assert await asyncio.gather(*(check.why_not(_fmt(schema)) for schema in schemas)) == [None] * 10
+    assert len(runs.read_text().split()) == 2 and time.perf_counter() - started < 2.5  # not 10 x 0.3 s
 
 
 async def test_a_check_that_cannot_finish_in_time_refuses_the_request_and_is_not_remembered(tmp_path):
