@@ -28,6 +28,7 @@ import contextlib
 import importlib.util
 import logging
 import os
+import re
 import signal
 import socket
 import sys
@@ -111,6 +112,12 @@ def llama_cpp_request(body: Mapping[str, Any],
         messages.append(message)
     if "messages" in body:
         out["messages"] = messages
+    for function in _functions(body):
+        name = function.get("name")
+        if not (isinstance(name, str) and _TOOL_NAME.fullmatch(name)):
+            # as OpenAI requires; a chat format that writes the names into a grammar as they
+            # are (chatml-function-calling) crashes the server on a quote in one
+            return None, f"a tool's name must be 1 to 64 letters, digits, '_' or '-', not {str(name)[:80]!r}"
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
         spec = fmt.get("json_schema")
@@ -119,6 +126,17 @@ def llama_cpp_request(body: Mapping[str, Any],
     if body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
         out["max_tokens"] = body["max_completion_tokens"]
     return out, ""
+
+
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+
+
+def _functions(body: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    """The functions a request declares, as ``tools`` or as legacy ``functions``."""
+    tools = body.get("tools") if isinstance(body.get("tools"), list) else []
+    functions = body.get("functions") if isinstance(body.get("functions"), list) else []
+    return [*(t["function"] for t in tools if isinstance(t, dict) and isinstance(t.get("function"), dict)),
+            *(f for f in functions if isinstance(f, dict))]
 
 
 def _inline(part: Any) -> bool:

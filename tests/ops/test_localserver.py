@@ -782,6 +782,24 @@ def test_what_llama_cpp_s_server_cannot_answer_is_refused_before_it_is_sent():
     assert llama_cpp_request({"n": 1, "messages": []})[0] == {"n": 1, "messages": []}
 
 
+@pytest.mark.parametrize("tools", [
+    {"tools": [{"type": "function", "function": {"name": 'get "x"', "parameters": {}}}]},
+    {"functions": [{"name": "a b", "parameters": {}}]},
+    {"tools": [{"type": "function", "function": {"name": "x" * 65}}]},
+    {"tools": [{"type": "function", "function": {"parameters": {}}}]},
+])
+def test_a_tool_name_openai_would_refuse_is_refused_for_a_local_model(tools):
+    """A chat format that writes tool names into a grammar as they are (chatml-function-calling)
+    crashes the server on a quote in one; OpenAI refuses such names too."""
+    from proxy.localserver import llama_cpp_request
+
+    body, why = llama_cpp_request({"messages": [], **tools})
+    assert body is None and "tool's name must be 1 to 64 letters" in why
+    fine = {"messages": [], "tools": [{"type": "function", "function": {"name": "get_weather-2"}}]}
+    assert llama_cpp_request(fine)[0] == fine
+    assert llama_cpp_request({"messages": [], "tools": 5})[0] == {"messages": [], "tools": 5}  # its own 400
+
+
 @pytest.mark.parametrize("url", [
     "http://169.254.169.254/latest/meta-data/", "http://127.0.0.1:8000/admin/routes",
     "file:///etc/passwd", "https://example.com/cat.png", "DATA:image/png;base64,AAAA", " data:,"])
