@@ -87,6 +87,10 @@ class ChatCompletionRequest(BaseModel):
     stream: StrictBool | None = False
     stream_options: StreamOptions | None = None
     satroute: RouteOptions | None = None
+    # arrays, as OpenAI refuses anything else with a 400; not checked further (each provider says
+    # what it takes of them): a local model's server answered a 500, retried, for ``"tools": 5``
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
 
 
 class _FirstFaultMessage(Message):

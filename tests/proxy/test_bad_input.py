@@ -64,6 +64,8 @@ def test_malformed_bodies_are_400(proxy, upstream, body, words):
     ({"model": "auto", "messages": MESSAGES, "satroute": {}}, "satroute.models"),
     ({"model": "auto", "messages": MESSAGES, "satroute": {"models": None}}, "satroute.models"),
     ({"model": "auto", "messages": MESSAGES, "satroute": {"models": []}}, "satroute.models"),
+    ({"model": "auto", "messages": MESSAGES, "tools": 5}, "tools"),  # as OpenAI: an array
+    ({"model": "auto", "messages": MESSAGES, "functions": {"name": "f"}}, "functions"),
 ])
 def test_wrong_shapes_are_400_naming_the_field(proxy, upstream, body, param):
     err = assert_error(post(proxy, json=body), 400, param)
