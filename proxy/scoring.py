@@ -34,6 +34,10 @@ from proxy.errors import ServiceUnavailable
 from proxy.settings import Settings
 
 log = logging.getLogger("satroute.scoring")
+# The Retry-After of a routed request refused while the scorer loads (about 7 s after a start on
+# 2 CPU cores): the openai SDKs wait that long before each of their two retries, where their own
+# backoff (under 2 s in all) gave up first.
+LOADING_RETRY_AFTER_S = 5.0
 
 
 class ConstantScorer:
@@ -256,8 +260,11 @@ class ScorerHost:
         scorer = self.scorer
         if scorer is None:
             why = self.error or "still loading"
-            raise ServiceUnavailable(f"the routing scorer is not available ({why})",
+            err = ServiceUnavailable(f"the routing scorer is not available ({why})",
                                      code="scorer_unavailable")
+            if self.error is None:  # it loads in seconds after a start: the SDKs wait and retry
+                err.retry_after = LOADING_RETRY_AFTER_S
+            raise err
         started = time.perf_counter()
         unread = self._unreadable_candidates(scorer, candidates)
         if unread:  # scored last, the others as ever: one bad profile must not fail every request

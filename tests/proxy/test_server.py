@@ -194,8 +194,32 @@ def test_ready_is_503_while_the_scorer_is_unavailable(config, upstream, start_pr
     with pytest.raises(openai.InternalServerError) as err:
         client(proxy).chat.completions.create(model="auto", messages=MESSAGES)
     assert err.value.status_code == 503 and err.value.code == "scorer_unavailable"
+    assert "retry-after" not in err.value.response.headers  # failed: it will not come back by waiting
     # direct calls still work
     assert client(proxy).chat.completions.create(model="m1", messages=MESSAGES).model == "m1"
+
+
+def test_a_routed_request_while_the_scorer_loads_says_when_to_retry(config, upstream, start_proxy, monkeypatch):
+    """The scorer loads for seconds after every start: without Retry-After the openai SDK's own
+    backoff (under 2 s) gave up first, and every client's first requests after a restart failed."""
+    import threading
+
+    import scorer
+
+    loaded = threading.Event()
+
+    def slow(*a, **k):
+        loaded.wait(30)
+        raise ImportError("never mind")
+
+    monkeypatch.setattr(scorer, "load_scorer", slow)
+    proxy = start_proxy(config, scorer_kind="modelsat")
+    try:
+        raw = httpx.post(f"{proxy.url}/chat/completions", json={"model": "auto", "messages": MESSAGES})
+        assert raw.status_code == 503 and raw.json()["error"]["code"] == "scorer_unavailable"
+        assert "still loading" in raw.json()["error"]["message"] and raw.headers["retry-after"] == "5"
+    finally:
+        loaded.set()
 
 
 def test_litellm_path_keeps_fields_and_reports_model(tmp_path, upstream, start_proxy):
