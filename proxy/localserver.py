@@ -257,8 +257,8 @@ class LocalServerSpec:
 # preexec function in a threaded parent can deadlock on a lock another thread held at the fork).
 # Linux: PR_SET_PDEATHSIG makes the kernel SIGKILL the server when the proxy dies, and it survives
 # execve; if the proxy already died before that, exit at once. SIGHUP is ignored, which execve keeps
-# too: a closed terminal signals the proxy's whole process group, and the proxy serves on through
-# it (a reload signal to it), so its server must not end either, cutting the streams in flight.
+# too (the server runs in a session of its own, out of reach of the terminal's signals; this keeps a
+# SIGHUP sent to it by hand from cutting the streams in flight, as it does not stop the proxy).
 _PDEATHSIG_SHIM = (
     "import ctypes, os, signal, sys\n"
     "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
@@ -384,9 +384,14 @@ class LocalServer:
     async def _spawn(self) -> None:
         self._ready = False
         self.output_tail.clear()
+        # in a session of its own: Ctrl+C in the proxy's terminal signals the whole foreground
+        # group, and the server ended at once while the proxy, in its grace period, still had
+        # requests queued for it (a 502 each); it is stopped by the proxy's shutdown, and dies
+        # with the proxy (the shim's PDEATHSIG) if that is killed
         self._proc = await asyncio.create_subprocess_exec(
             *_dies_with_parent(self.command), stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=self._env)
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=self._env,
+            start_new_session=True)
         self._drain = asyncio.create_task(self._drain_output(self._proc))
         self._emit("started")
 

@@ -94,6 +94,18 @@ async def test_a_child_that_dies_is_restarted_on_the_same_port():
         await server.stop()
 
 
+async def test_a_child_is_out_of_reach_of_the_terminal_s_ctrl_c():
+    """Ctrl+C signals the terminal's whole foreground group: the server ended at once while the
+    proxy, in its grace period, still had requests queued for it (a 502 each)."""
+    port = free_port()
+    server = _fake(port)
+    await server.start()
+    try:
+        assert os.getpgid(server.pid) != os.getpgid(0) and os.getsid(server.pid) != os.getsid(0)
+    finally:
+        await server.stop()
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the shim that sets it is Linux's")
 async def test_a_child_ignores_the_sighup_of_a_closed_terminal():
     """A closed terminal signals the whole process group: the proxy serves on through SIGHUP, and
