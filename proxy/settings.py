@@ -132,9 +132,23 @@ def unknown_variables(environ: Mapping[str, str],
     for name in sorted(environ):
         if not name.upper().startswith(PREFIX) or name.upper() in settings or name in elsewhere:
             continue
-        close = difflib.get_close_matches(name[len(PREFIX):].upper(), known, n=1, cutoff=0.8)
+        rest = name[len(PREFIX):].upper()
+        close = difflib.get_close_matches(rest, known, n=1, cutoff=0.8) or \
+            [k for k in known if _one_edit_apart(rest, k)][:1]  # PROT, HOTS: short names' slips
         unknown.append((name, known[close[0]] if close else None))
     return unknown
+
+
+def _one_edit_apart(a: str, b: str) -> bool:
+    """Whether one letter added, dropped, changed, or two neighbours swapped make ``a`` of ``b``."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1
+                                  and a[diff[0]] == b[diff[1]] and a[diff[1]] == b[diff[0]])
+    short, long_ = sorted((a, b), key=len)
+    return any(long_[:i] + long_[i + 1:] == short for i in range(len(long_)))
 
 
 def warn_unknown_variables(unknown: Iterable[tuple[str, str | None]]) -> None:

@@ -224,6 +224,17 @@ def test_serve_warns_once_for_each_satroute_variable_nothing_reads(monkeypatch, 
     ]
 
 
+@pytest.mark.parametrize("typed, meant", [("SATROUTE_PROT", "SATROUTE_PORT"), ("SATROUTE_HOTS", "SATROUTE_HOST"),
+                                          ("SATROUTE_HSOT", "SATROUTE_HOST"), ("SATROUTE_POT", "SATROUTE_PORT"),
+                                          ("SATROUTE_CONIFG", "SATROUTE_CONFIG"), ("SATROUTE_FOO", None)])
+def test_a_short_setting_s_slip_is_named_too(typed, meant):
+    """Two letters swapped in a four-letter name is no closer than 0.75 by difflib's ratio:
+    SATROUTE_PROT was "ignored", with no word of SATROUTE_PORT."""
+    from proxy.settings import unknown_variables
+
+    assert unknown_variables({typed: "1"}) == [(typed, meant)]
+
+
 @pytest.mark.parametrize("name", ["SATROUTE_MASTERKEY", "SATROUTE_MASTER_KY", "satroute_masterkey",
                                   "SATROUTE_MASTER_KEY_FILE"])
 def test_serve_refuses_to_start_without_the_master_key_it_was_given_under_a_misspelt_name(
