@@ -186,6 +186,11 @@ def _serve_app(settings: Settings, master: str | None, redactor: Redactor, hangu
             logging.getLogger("satroute.app").info("SIGHUP: shutting down; providers.yaml not checked")
         else:
             registry.reload_now("SIGHUP")
+            if services.onboarding is not None:  # an upstream that was down may be back
+                again = services.onboarding.retry_failed()
+                if again:
+                    logging.getLogger("satroute.app").info("SIGHUP: onboarding tried again for %s",
+                                                           ", ".join(again))
 
     class Server(uvicorn.Server):
         async def serve(self, sockets: Any = None) -> None:

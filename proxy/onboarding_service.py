@@ -129,6 +129,10 @@ def needs_onboarding(d: Deployment) -> bool:
     return onboardable(d) and d.profile is None
 
 
+_RETRY_HINT = ("onboarding %s is tried again when its entry in providers.yaml changes, at the next "
+               "start, or on SIGHUP (kill -HUP)")
+
+
 class OnboardingService:
     def __init__(self, store: Store, registry: ProviderRegistry, asker: Any, spawn: Spawn, *,
                  suite: str = "mmlu_pro", data: Path | None = None, hub: bool = True,
@@ -376,12 +380,14 @@ class OnboardingService:
             log.info("model %s onboarded: now an auto candidate", d.name)
         elif progress.status == "failed":
             self._failed_stamp[d.name] = digest
+            log.info(_RETRY_HINT, d.name)
 
     async def _fail(self, model: str, digest: bytes, reason: str) -> None:
         """Record a run that could not go on: ``failed`` with the reason, until the file changes."""
         self._failed_stamp[model] = digest
         self._waiting.pop(model, None)
         log.error("onboarding %s failed: %s", model, reason)
+        log.info(_RETRY_HINT, model)
         try:
             await asyncio.to_thread(self.store.set_status, model, "failed", reason,
                                     suite=self.suite_name)
@@ -468,6 +474,13 @@ class OnboardingService:
         source = "providers.yaml" if d.info.capability_profile else "onboarding"
         suite = self.store.profile_suite(name) if source == "onboarding" else d.profile_suite
         return {"model": name, "suite": suite, "source": source, "tasks": dict(d.profile)}
+
+    def retry_failed(self) -> list[str]:
+        """Have the next tick onboard again every model whose run failed (SIGHUP: its upstream,
+        down or refusing, may be back, with providers.yaml unchanged); the models, by name."""
+        failed = sorted(self._failed_stamp)
+        self._failed_stamp.clear()
+        return failed
 
     def begin_drain(self) -> None:
         """The proxy is stopping: start no run and ask no new question; the asks out go on."""

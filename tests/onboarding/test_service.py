@@ -601,6 +601,47 @@ async def test_an_edit_that_fixes_a_failed_run_starts_a_new_one_though_it_settle
             await svc.stop()
 
 
+async def test_a_failed_run_is_tried_again_when_asked_with_the_file_unchanged(tmp_path, caplog):
+    """An upstream down or refusing while a model was added failed its run; once it was back,
+    nothing short of an edit or a restart tried again (SIGHUP asks for this), and the failure
+    did not say how to."""
+    import logging
+
+    from proxy.errors import UpstreamClientError
+
+    class RefusingThenAnswering(Answering):
+        refusing = True
+
+        async def complete(self, call):
+            if self.refusing:
+                self.calls += 1
+                raise UpstreamClientError("invalid api key", status=401, model="m")
+            return await super().complete(call)
+
+    caplog.set_level(logging.INFO, logger="satroute.onboarding")
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
+    suite, questions = make_suite()
+    upstream = RefusingThenAnswering("The answer is (A).")
+    with Store(tmp_path / "state") as store:
+        registry, svc = service(config, store, upstream, suite, questions)
+        try:
+            await svc.sync()
+            await asyncio.wait_for(svc.runs["m"], 10)
+            assert store.progress("m").status == "failed"
+            assert "tried again when its entry in providers.yaml changes, at the next start, or on SIGHUP" \
+                in caplog.text
+            upstream.refusing = False  # the key is fixed at the provider's end
+            await svc.sync()
+            assert svc.runs["m"].done() and store.progress("m").status == "failed"  # not by itself
+            assert svc.retry_failed() == ["m"]
+            await svc.sync()
+            await asyncio.wait_for(svc.runs["m"], 10)
+            assert store.progress("m").status == "done"
+        finally:
+            await svc.stop()
+
+
 async def test_a_model_litellm_cannot_call_is_pending_from_the_first_check_never_failed(tmp_path):
     """A provider litellm does not know ('opnai/'): at start-up the watch began its run before
     litellm was imported, so the dispatcher refused every ask: 'failed', and the model cooled,
