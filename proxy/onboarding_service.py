@@ -158,6 +158,7 @@ class OnboardingService:
         self._check_error: str | None = None  # why the watch loop's last check failed (logged once)
         self._prepare_failed = False  # litellm's import failed once: not tried before every sync
         self.draining = False  # the proxy is stopping: no run starts, no new question is asked
+        self._retry_asked = False  # retry_failed: the next tick syncs, the file unchanged
 
     # -- the background loop ----------------------------------------------------------------
     async def watch(self, interval_s: float) -> None:
@@ -170,7 +171,8 @@ class OnboardingService:
                 progress = await asyncio.to_thread(self.store.all_progress, self._suite_questions())
                 self._pick_up_profiles(progress)
                 snap = self.registry.snapshot
-                if snap is not last or self._waiting:
+                if snap is not last or self._waiting or self._retry_asked:
+                    self._retry_asked = False
                     await self._dispatch_ready(snap)
                     last = self.registry.snapshot  # litellm's import may have left a model out
                     await self.sync()
@@ -480,6 +482,7 @@ class OnboardingService:
         down or refusing, may be back, with providers.yaml unchanged); the models, by name."""
         failed = sorted(self._failed_stamp)
         self._failed_stamp.clear()
+        self._retry_asked = bool(failed)
         return failed
 
     def begin_drain(self) -> None:

@@ -632,12 +632,13 @@ async def test_a_failed_run_is_tried_again_when_asked_with_the_file_unchanged(tm
             assert "tried again when its entry in providers.yaml changes, at the next start, or on SIGHUP" \
                 in caplog.text
             upstream.refusing = False  # the key is fixed at the provider's end
-            await svc.sync()
+            watching = asyncio.create_task(svc.watch(0.02))  # as the proxy runs it: the file unchanged
+            await asyncio.sleep(0.2)
             assert svc.runs["m"].done() and store.progress("m").status == "failed"  # not by itself
             assert svc.retry_failed() == ["m"]
-            await svc.sync()
-            await asyncio.wait_for(svc.runs["m"], 10)
-            assert store.progress("m").status == "done"
+            await wait_until(lambda: store.progress("m").status == "done", 10)
+            watching.cancel()
+            await asyncio.gather(watching, return_exceptions=True)
         finally:
             await svc.stop()
 
