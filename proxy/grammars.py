@@ -27,6 +27,9 @@ log = logging.getLogger("satroute.dispatch")
 
 CHECK_TIMEOUT_S = 30.0
 REMEMBERED = 1024  # verdicts kept, by schema
+MAX_CRASHES = 3  # checking processes a batch may crash (0.3 s each) before the rest waits for the next
+# exit statuses of ``python -m proxy.grammars`` that say no check can run here, whatever the schema
+_SETUP_FAILURES = {3: "llama-cpp-python cannot be imported", 2: "llama.cpp cannot read the vocabulary"}
 
 
 def request_schemas(body: Mapping[str, Any], every_tool: bool = False) -> list[tuple[str, str]]:
@@ -109,24 +112,33 @@ class GrammarCheck:
             self._cannot_check(exc.message)
             return [_UNCHECKED] * len(schemas)
         verdicts: list[str | None] = []
+        crashes = 0
         while len(verdicts) < len(schemas):
             got, status = await self._run(str(vocab), schemas[len(verdicts):])
             verdicts += got
             if status is not None and status < 0:  # killed by the schema after its last verdict
                 verdicts.append("llama.cpp crashed on it")
-                continue
-            if status != 0:  # out of time (None), or the check itself could not run
-                if status is not None:
-                    self._cannot_check(f"python -m proxy.grammars exited with status {status}")
-                break
+                crashes += 1
+                if crashes < MAX_CRASHES:  # bounded: a request of many such tools holds no lock for long
+                    continue
+            elif status in _SETUP_FAILURES:  # no check can run here at all
+                self._cannot_check(_SETUP_FAILURES[status])
+            elif status:  # this once (out of time, a process that could not start): asked again next time
+                log.warning("local models' grammar check failed (status %s); the requests it was "
+                            "for are refused, and it is tried again for the next", status)
+            break
         return (verdicts + [_UNCHECKED] * len(schemas))[:len(schemas)]
 
     async def _run(self, vocab: str, schemas: list[str]) -> tuple[list[str | None], int | None]:
         """The verdicts one checking process gave, and its exit status (None: out of time)."""
-        proc = await asyncio.create_subprocess_exec(
-            self.python, "-m", "proxy.grammars", vocab,
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.DEVNULL)
+        try:
+            proc = await asyncio.create_subprocess_exec(
+                self.python, "-m", "proxy.grammars", vocab,
+                stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.DEVNULL)
+        except OSError as exc:  # out of processes or files for a moment: this batch only
+            log.warning("local models' grammar check cannot start a process: %s", exc)
+            return [], 1
         try:
             out, _ = await asyncio.wait_for(proc.communicate(json.dumps(schemas).encode()), self.timeout_s)
         except TimeoutError:
@@ -148,8 +160,11 @@ _UNCHECKED = "it could not be checked"  # in time: the request is refused, and i
 def _main(gguf: str) -> int:
     """Read a JSON list of schemas on stdin; print one verdict per line as it is reached: null
     (llama.cpp parses the grammar the server would build) or why not."""
-    import llama_cpp
-    from llama_cpp import llama_grammar
+    try:
+        import llama_cpp
+        from llama_cpp import llama_grammar
+    except ImportError:
+        return 3
 
     quiet = llama_cpp.llama_log_callback(lambda *args: None)  # kept referenced while llama.cpp may call it
     llama_cpp.llama_log_set(quiet, None)

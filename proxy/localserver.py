@@ -112,7 +112,10 @@ def llama_cpp_request(body: Mapping[str, Any],
         messages.append(message)
     if "messages" in body:
         out["messages"] = messages
-    for function in _functions(body):
+    declared = _functions(body)
+    if len(declared) > MAX_TOOLS:
+        return None, f"it takes {MAX_TOOLS} tools at most, as OpenAI does (the request declares {len(declared)})"
+    for function in declared:
         name = function.get("name")
         if not (isinstance(name, str) and _TOOL_NAME.fullmatch(name)):
             # as OpenAI requires; a chat format that writes the names into a grammar as they
@@ -129,6 +132,7 @@ def llama_cpp_request(body: Mapping[str, Any],
 
 
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MAX_TOOLS = 128  # OpenAI's own bound; each tool's schema is checked before a local model is sent it
 
 
 def _functions(body: Mapping[str, Any]) -> list[Mapping[str, Any]]:

@@ -810,6 +810,9 @@ def test_a_tool_name_openai_would_refuse_is_refused_for_a_local_model(tools):
     fine = {"messages": [], "tools": [{"type": "function", "function": {"name": "get_weather-2"}}]}
     assert llama_cpp_request(fine)[0] == fine
     assert llama_cpp_request({"messages": [], "tools": 5})[0] == {"messages": [], "tools": 5}  # its own 400
+    tools = [{"type": "function", "function": {"name": f"t{n}"}} for n in range(129)]
+    assert "128 tools at most" in llama_cpp_request({"messages": [], "tools": tools})[1]
+    assert llama_cpp_request({"messages": [], "tools": tools[:128]})[0] is not None
 
 
 @pytest.mark.parametrize("url", [

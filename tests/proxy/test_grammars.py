@@ -118,6 +118,28 @@ async def test_a_check_that_cannot_finish_in_time_refuses_the_request_and_is_not
 
 
 async def test_where_no_check_can_run_requests_are_sent_as_before(tmp_path, caplog):
-    check = GrammarCheck(python=_fake_python(tmp_path, "exit 1\n"))
+    check = GrammarCheck(python=_fake_python(tmp_path, "exit 3\n"))  # llama-cpp-python missing
     assert await check.why_not(_fmt(PHONE)) is None
-    assert "not checked before they are sent" in caplog.text
+    assert "not checked before they are sent: llama-cpp-python cannot be imported" in caplog.text
+
+
+async def test_a_check_that_fails_once_is_not_given_up_for_good(tmp_path):
+    """One failure of the checking process (a moment out of memory) turned the check off for
+    the proxy's life: a schema that crashes the server then went through."""
+    runs = tmp_path / "runs"
+    check = GrammarCheck(python=_fake_python(tmp_path, f"echo run >> {runs}\n"
+                                                       f"if [ $(wc -l < {runs}) -eq 1 ]; then exit 1; fi\n"
+                                                       'echo \'"llama.cpp refuses the grammar"\'\n'))
+    assert "could not be checked" in await check.why_not(_fmt(PHONE))  # this once: refused
+    assert check.disabled is None
+    assert "cannot parse" in await check.why_not(_fmt(PHONE))  # checked the next time
+
+
+async def test_a_request_of_many_crashing_schemas_holds_the_check_a_bounded_time(tmp_path):
+    runs = tmp_path / "runs"
+    check = GrammarCheck(python=_fake_python(tmp_path, f"echo run >> {runs}\nkill -SEGV $$\n"))
+    many = {"tools": [{"type": "function", "function": {"name": f"t{n}", "parameters": {"type": "string",
+                                                                                        "maxLength": n}}}
+                      for n in range(60)]}
+    assert "crashed" in await check.why_not(many, every_tool=True)
+    assert len(runs.read_text().split()) == 3  # not 60 processes of 0.3 s behind one lock
