@@ -839,11 +839,22 @@ async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type,
     def encode(obj: dict[str, Any]) -> bytes:
         return b"data: " + dumps_lenient(obj) + b"\n\n"
 
+    def invented(obj: dict[str, Any]) -> bool:
+        # litellm ends a stream its upstream closed before finishing the answer (no finish reason,
+        # no Anthropic message_stop) with a chunk of its own that says "stop": a cut tool call's
+        # arguments would be taken for whole ones
+        return (getattr(stream, "received_finish_reason", "") is None
+                and getattr(stream, "intermittent_finish_reason", None) is None
+                and any(isinstance(c, dict) and c.get("finish_reason") for c in obj.get("choices") or ()))
+
     try:
         yield encode(ends.seen(shaped(first)))
         try:
             async for chunk in stream:
                 obj = shaped(chunk)
+                if invented(obj):
+                    yield interrupted_event("the upstream ended it before the answer was finished")
+                    return
                 if obj.get("choices") == [] and "usage" in obj:  # include_usage's chunk stays the last
                     for closing in ends.closings():
                         yield encode(closing)

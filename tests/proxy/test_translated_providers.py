@@ -631,3 +631,48 @@ def test_an_empty_streamed_answer_from_ollama_is_an_answer(tmp_path, start_proxy
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == ""
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
     assert len(calls) == 1 and ready["cooling"] == []
+
+
+@pytest.mark.parametrize("ended", [False, True])
+def test_a_tool_call_stream_the_upstream_closed_unfinished_ends_in_the_error_event(tmp_path, start_proxy, ended):
+    """Anthropic's stream closed cleanly in the middle of a tool call's arguments (no
+    message_delta, no message_stop): litellm ends it with a chunk of its own that says "stop", and
+    the client took arguments that are no JSON for a finished answer in text. As on the
+    pass-through path, such a stream ends in the error event; a finished one as ever."""
+    import json
+
+    from support.raw_upstream import raw_upstream
+
+    def event(name, obj):
+        return f"event: {name}\ndata: {json.dumps(obj)}\n\n".encode()
+
+    events = [event("message_start", {"type": "message_start", "message": {
+                  "id": "msg_01", "type": "message", "role": "assistant", "model": "claude-x", "content": [],
+                  "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 5, "output_tokens": 1}}}),
+              event("content_block_start", {"type": "content_block_start", "index": 0, "content_block": {
+                  "type": "tool_use", "id": "toolu_01", "name": "get_weather", "input": {}}}),
+              event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+                  "type": "input_json_delta", "partial_json": '{"city": "Pa'}})]
+    if ended:
+        events += [event("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": {
+                       "type": "input_json_delta", "partial_json": 'ris"}'}}),
+                   event("content_block_stop", {"type": "content_block_stop", "index": 0}),
+                   event("message_delta", {"type": "message_delta", "delta": {"stop_reason": "tool_use",
+                                                                               "stop_sequence": None},
+                                           "usage": {"output_tokens": 9}}),
+                   event("message_stop", {"type": "message_stop"})]
+    with raw_upstream(lambda request: _reply(b"text/event-stream", b"".join(events))) as url:
+        entry = {"model_name": "claude", "litellm_params": {"model": "anthropic/claude-x", "api_key": "sk-ant-test",
+                                                            "api_base": url.removesuffix("/v1")}}
+        proxy = start_proxy(write_config(tmp_path / "providers.yaml", [entry], num_retries=0))
+        tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+            "type": "object", "properties": {"city": {"type": "string"}}}}}]
+        stream = client(proxy).chat.completions.create(model="claude", messages=MESSAGES, tools=tools, stream=True)
+        if not ended:
+            with pytest.raises(openai.APIError, match="upstream stream interrupted"):
+                list(stream)
+            return
+        chunks = list(stream)
+    calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+    assert "".join(call[0].function.arguments or "" for call in calls) == '{"city": "Paris"}'
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
