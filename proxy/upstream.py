@@ -310,8 +310,10 @@ class PassThrough:
                     raw = await resp.read()
                     raise classify(resp.status, raw, d.name, resp.headers, redact)
                 if not stream:
-                    return Answer(body=_answer_or_failure(await resp.read(), name_json, d.name,
-                                                          resp.content_type, redact))
+                    raw = await resp.read()
+                    if d.info.local_server is not None:
+                        raw = _without_legacy_call(raw)
+                    return Answer(body=_answer_or_failure(raw, name_json, d.name, resp.content_type, redact))
                 head = b""
                 if resp.content_type != "text/event-stream":
                     # JSON (stream: true ignored upstream), an HTML page, or SSE under another
@@ -353,8 +355,8 @@ class PassThrough:
                 # says why (its 400 goes back to the client), or answers in one piece
                 whole = await self._asked_again(d, body, started + first_byte_s, read_s, redact,
                                                 connect_s)
-                return Answer(chunks=_replay(completion_as_events(whole, name_json, _wants_usage(body),
-                                                                  d.name, redact=redact)))
+                return Answer(chunks=_replay(completion_as_events(_without_legacy_call(whole), name_json,
+                                                                  _wants_usage(body), d.name, redact=redact)))
             raise UpstreamTransient(f"{d.name}: answered 200 with a stream that ended before its first "
                                     "event", model=d.name, status=200, reason="bad_answer")
         shape = _FirstToolDeltas() if d.info.local_server is not None else None
@@ -546,6 +548,23 @@ class _Finish:
 def interrupted_event(why: str) -> bytes:
     """The in-band error event of a stream cut short (headers are gone: the OpenAI SDK raises on it)."""
     return error_event(f"upstream stream interrupted: {why}", "upstream_error", "stream_interrupted")
+
+
+def _without_legacy_call(raw: bytes) -> bytes:
+    """llama-cpp-python's whole answer without the legacy ``function_call`` it writes beside
+    ``tool_calls`` (OpenAI never sends it in reply to ``tools``: a client reading it first acts on
+    the call twice, or sends it back); anything else as it came."""
+    if b'"function_call"' not in raw:
+        return raw
+    answer = loads_lenient(raw)
+    choices = answer.get("choices") if isinstance(answer, dict) else None
+    if not isinstance(choices, list):
+        return raw
+    for choice in choices:
+        message = choice.get("message") if isinstance(choice, dict) else None
+        if isinstance(message, dict) and message.get("tool_calls"):
+            message.pop("function_call", None)
+    return dumps_lenient(answer)
 
 
 class _FirstToolDeltas:

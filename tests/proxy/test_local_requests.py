@@ -176,3 +176,36 @@ async def test_a_local_model_is_never_sent_a_schema_that_would_crash_its_server(
             "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": PLAIN}}}
     await dispatcher.complete(Call(targets=[snap.models["local"]], stream=False, router=snap.router, body=fine))
     assert len(sent.bodies) == 1
+
+
+async def test_a_local_model_s_whole_answer_with_tool_calls_has_no_legacy_function_call(tmp_path):
+    """llama-cpp-python writes the call again as the legacy `function_call` beside `tool_calls`,
+    which OpenAI never sends in reply to `tools`: a client reading it first acts on it twice.
+    The streamed answer already went without it; the whole one now does too."""
+    import json
+
+    from support.raw_upstream import raw_upstream
+
+    call = {"id": "call__0_get_w", "type": "function", "function": {"name": "get_w", "arguments": '{"city": "Paris"}'}}
+    whole = json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "smol", "choices": [{
+        "index": 0, "finish_reason": "tool_calls", "logprobs": None, "message": {
+            "role": "assistant", "content": None, "tool_calls": [call],
+            "function_call": {"name": "get_w", "arguments": '{"city": "Paris"}'}}}],
+        "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}}).encode()
+    answer = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+              + str(len(whole)).encode() + b"\r\nconnection: close\r\n\r\n" + whole)
+    with raw_upstream(lambda request: answer) as url:
+        path = tmp_path / "providers.yaml"
+        path.write_text(yaml.safe_dump({"model_list": [{
+            "model_name": "smol", "litellm_params": {"model": "openai/smol", "api_base": url},
+            "model_info": {"local_server": {"model": "builtin:smollm2", "port": 28435}}}]}))
+        snap = ProviderRegistry(path, dict).snapshot
+        passthrough = PassThrough()
+        try:
+            reply = await RetryingDispatcher(Cooldowns(), passthrough=passthrough).complete(Call(
+                targets=[snap.models["smol"]], stream=False, router=snap.router,
+                body={"model": "smol", "messages": [{"role": "user", "content": "Weather in Paris?"}]}))
+        finally:
+            await passthrough.close()
+    message = json.loads(reply.body)["choices"][0]["message"]
+    assert message["tool_calls"] == [call] and "function_call" not in message
