@@ -105,8 +105,6 @@ async def test_a_local_model_s_streamed_tool_call_names_its_id_and_name_once(tmp
     from openai.lib.streaming.chat import ChatCompletionStreamState
     from openai.types.chat import ChatCompletionChunk
 
-    from support.raw_upstream import raw_upstream
-
     def chunk(delta, finish=None):
         return b"data: " + json.dumps({"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "smol",
                                        "choices": [{"index": 0, "delta": delta, "logprobs": None,
@@ -121,23 +119,7 @@ async def test_a_local_model_s_streamed_tool_call_names_its_id_and_name_once(tmp
               *(chunk(call(a)) for a in ('{"', "city", '":"', "Paris", '"}')),
               chunk({"role": None, "content": None, "function_call": None, "tool_calls": None}, "tool_calls"),
               b"data: [DONE]\n\n"]
-    body = b"".join(events)
-    answer = (b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncontent-length: "
-              + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
-    with raw_upstream(lambda request: answer) as url:
-        path = tmp_path / "providers.yaml"
-        path.write_text(yaml.safe_dump({"model_list": [{
-            "model_name": "smol", "litellm_params": {"model": "openai/smol", "api_base": url},
-            "model_info": {"local_server": {"model": "builtin:smollm2", "port": 28433}}}]}))
-        snap = ProviderRegistry(path, dict).snapshot
-        passthrough = PassThrough()
-        try:
-            reply = await RetryingDispatcher(Cooldowns(), passthrough=passthrough).complete(Call(
-                targets=[snap.models["smol"]], stream=True, router=snap.router,
-                body={"model": "smol", "messages": [{"role": "user", "content": "Weather in Paris?"}]}))
-            streamed = b"".join([c async for c in reply.chunks])
-        finally:
-            await passthrough.close()
+    streamed = await _asked_through_the_pass_through(tmp_path, b"text/event-stream", b"".join(events), stream=True)
     state = ChatCompletionStreamState()
     for line in streamed.split(b"\n\n"):
         if line.startswith(b"data: {"):
@@ -184,28 +166,35 @@ async def test_a_local_model_s_whole_answer_with_tool_calls_has_no_legacy_functi
     The streamed answer already went without it; the whole one now does too."""
     import json
 
-    from support.raw_upstream import raw_upstream
-
     call = {"id": "call__0_get_w", "type": "function", "function": {"name": "get_w", "arguments": '{"city": "Paris"}'}}
     whole = json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "smol", "choices": [{
         "index": 0, "finish_reason": "tool_calls", "logprobs": None, "message": {
             "role": "assistant", "content": None, "tool_calls": [call],
             "function_call": {"name": "get_w", "arguments": '{"city": "Paris"}'}}}],
         "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}}).encode()
-    answer = (b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
-              + str(len(whole)).encode() + b"\r\nconnection: close\r\n\r\n" + whole)
+    answered = await _asked_through_the_pass_through(tmp_path, b"application/json", whole, stream=False)
+    message = json.loads(answered)["choices"][0]["message"]
+    assert message["tool_calls"] == [call] and "function_call" not in message
+
+
+async def _asked_through_the_pass_through(tmp_path, content_type: bytes, body: bytes, stream: bool) -> bytes:
+    """What dispatch makes of ``body``, answered by a local model's server (a raw upstream in its
+    place) through the real pass-through: the answer's bytes, a stream's joined."""
+    from support.raw_upstream import raw_upstream
+
+    answer = (b"HTTP/1.1 200 OK\r\ncontent-type: " + content_type + b"\r\ncontent-length: "
+              + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
     with raw_upstream(lambda request: answer) as url:
         path = tmp_path / "providers.yaml"
         path.write_text(yaml.safe_dump({"model_list": [{
             "model_name": "smol", "litellm_params": {"model": "openai/smol", "api_base": url},
-            "model_info": {"local_server": {"model": "builtin:smollm2", "port": 28435}}}]}))
+            "model_info": {"local_server": {"model": "builtin:smollm2", "port": 28433}}}]}))
         snap = ProviderRegistry(path, dict).snapshot
         passthrough = PassThrough()
         try:
             reply = await RetryingDispatcher(Cooldowns(), passthrough=passthrough).complete(Call(
-                targets=[snap.models["smol"]], stream=False, router=snap.router,
+                targets=[snap.models["smol"]], stream=stream, router=snap.router,
                 body={"model": "smol", "messages": [{"role": "user", "content": "Weather in Paris?"}]}))
+            return b"".join([c async for c in reply.chunks]) if stream else reply.body
         finally:
             await passthrough.close()
-    message = json.loads(reply.body)["choices"][0]["message"]
-    assert message["tool_calls"] == [call] and "function_call" not in message
