@@ -839,15 +839,24 @@ async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type,
     def encode(obj: dict[str, Any]) -> bytes:
         return b"data: " + dumps_lenient(obj) + b"\n\n"
 
+    told = [False]  # litellm has had a finish reason from the upstream, at any chunk so far
+
+    def heard() -> None:
+        # Gemini's is held only while its chunk is read (litellm forgets it at a later frame
+        # without one, a usage-only tail): it is looked for after every chunk
+        if getattr(stream, "received_finish_reason", None) or getattr(stream, "intermittent_finish_reason", None):
+            told[0] = True
+
     def invented(obj: dict[str, Any]) -> bool:
         # litellm ends a stream its upstream closed before finishing the answer (no finish reason,
         # no Anthropic message_stop) with a chunk of its own that says "stop": a cut tool call's
         # arguments would be taken for whole ones
-        return (getattr(stream, "received_finish_reason", "") is None
-                and getattr(stream, "intermittent_finish_reason", None) is None
+        heard()
+        return (not told[0] and hasattr(stream, "received_finish_reason")
                 and any(isinstance(c, dict) and c.get("finish_reason") for c in obj.get("choices") or ()))
 
     try:
+        heard()
         yield encode(ends.seen(shaped(first)))
         try:
             async for chunk in stream:

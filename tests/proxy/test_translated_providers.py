@@ -676,3 +676,23 @@ def test_a_tool_call_stream_the_upstream_closed_unfinished_ends_in_the_error_eve
     calls = [c.choices[0].delta.tool_calls for c in chunks if c.choices and c.choices[0].delta.tool_calls]
     assert "".join(call[0].function.arguments or "" for call in calls) == '{"city": "Paris"}'
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "tool_calls"
+
+
+def test_a_gemini_stream_whose_finish_is_followed_by_a_usage_frame_ends_as_finished(tmp_path, start_proxy):
+    """litellm holds Gemini's finish reason only while its frame is read, and forgets it at a
+    later usage-only frame: its closing "stop" is then its own, but the upstream did finish; the
+    answer must not end in the error event that a stream closed unfinished gets."""
+    import json
+
+    from support.raw_upstream import raw_upstream
+
+    frames = [{"candidates": [{"content": {"parts": [{"text": "Hello"}], "role": "model"}, "finishReason": "STOP"}]},
+              {"usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 2, "totalTokenCount": 5}}]
+    body = b"".join(b"data: " + json.dumps(frame).encode() + b"\r\n\r\n" for frame in frames)
+    with raw_upstream(lambda request: _reply(b"text/event-stream", body)) as url:
+        entry = {"model_name": "gem", "litellm_params": {"model": "gemini/gemini-2.0-flash", "api_key": "g-test",
+                                                         "api_base": url}}
+        proxy = start_proxy(write_config(tmp_path / "providers.yaml", [entry], num_retries=0))
+        chunks = list(client(proxy).chat.completions.create(model="gem", messages=MESSAGES, stream=True))
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
