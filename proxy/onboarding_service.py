@@ -482,7 +482,7 @@ class OnboardingService:
         down or refusing, may be back, with providers.yaml unchanged); the models, by name."""
         failed = sorted(self._failed_stamp)
         self._failed_stamp.clear()
-        self._retry_asked = bool(failed)
+        self._retry_asked = self._retry_asked or bool(failed)  # two before a tick: still asked
         return failed
 
     def begin_drain(self) -> None:
