@@ -29,7 +29,8 @@ CHECK_TIMEOUT_S = 30.0
 REMEMBERED = 1024  # verdicts kept, by schema
 MAX_CRASHES = 3  # checking processes a batch may crash (0.3 s each) before the rest waits for the next
 # exit statuses of ``python -m proxy.grammars`` that say no check can run here, whatever the schema
-_SETUP_FAILURES = {3: "llama-cpp-python cannot be imported", 2: "llama.cpp cannot read the vocabulary"}
+# (llama-cpp-python is not installed); any other failure may pass (a moment out of memory)
+_SETUP_FAILURES = {3: "llama-cpp-python is not installed"}
 
 
 def request_schemas(body: Mapping[str, Any], every_tool: bool = False) -> list[tuple[str, str]]:
@@ -163,8 +164,10 @@ def _main(gguf: str) -> int:
     try:
         import llama_cpp
         from llama_cpp import llama_grammar
-    except ImportError:
-        return 3
+    except ModuleNotFoundError as exc:
+        if exc.name == "llama_cpp":  # not installed: no check can run here
+            return 3
+        raise  # anything else (a library that could not be mapped, out of memory): this once
 
     quiet = llama_cpp.llama_log_callback(lambda *args: None)  # kept referenced while llama.cpp may call it
     llama_cpp.llama_log_set(quiet, None)

@@ -120,7 +120,7 @@ async def test_a_check_that_cannot_finish_in_time_refuses_the_request_and_is_not
 async def test_where_no_check_can_run_requests_are_sent_as_before(tmp_path, caplog):
     check = GrammarCheck(python=_fake_python(tmp_path, "exit 3\n"))  # llama-cpp-python missing
     assert await check.why_not(_fmt(PHONE)) is None
-    assert "not checked before they are sent: llama-cpp-python cannot be imported" in caplog.text
+    assert "not checked before they are sent: llama-cpp-python is not installed" in caplog.text
 
 
 async def test_a_check_that_fails_once_is_not_given_up_for_good(tmp_path):
