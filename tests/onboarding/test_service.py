@@ -636,6 +636,7 @@ async def test_a_failed_run_is_tried_again_when_asked_with_the_file_unchanged(tm
             await asyncio.sleep(0.2)
             assert svc.runs["m"].done() and store.progress("m").status == "failed"  # not by itself
             assert svc.retry_failed() == ["m"]
+            assert svc.retry_failed() == []  # a second SIGHUP before the tick takes nothing back
             await wait_until(lambda: store.progress("m").status == "done", 10)
             watching.cancel()
             await asyncio.gather(watching, return_exceptions=True)
