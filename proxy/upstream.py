@@ -312,7 +312,7 @@ class PassThrough:
                 if not stream:
                     raw = await resp.read()
                     if d.info.local_server is not None:
-                        raw = _without_legacy_call(raw)
+                        raw = _one_call_form(raw, _legacy_functions(body))
                     return Answer(body=_answer_or_failure(raw, name_json, d.name, resp.content_type, redact))
                 head = b""
                 if resp.content_type != "text/event-stream":
@@ -355,11 +355,12 @@ class PassThrough:
                 # says why (its 400 goes back to the client), or answers in one piece
                 whole = await self._asked_again(d, body, started + first_byte_s, read_s, redact,
                                                 connect_s)
-                return Answer(chunks=_replay(completion_as_events(_without_legacy_call(whole), name_json,
-                                                                  _wants_usage(body), d.name, redact=redact)))
+                whole = _one_call_form(whole, _legacy_functions(body))
+                return Answer(chunks=_replay(completion_as_events(whole, name_json, _wants_usage(body),
+                                                                  d.name, redact=redact)))
             raise UpstreamTransient(f"{d.name}: answered 200 with a stream that ended before its first "
                                     "event", model=d.name, status=200, reason="bad_answer")
-        shape = _FirstToolDeltas() if d.info.local_server is not None else None
+        shape = _FirstToolDeltas(_legacy_functions(body)) if d.info.local_server is not None else None
         return Answer(chunks=_relay(first, events, name_json, resp, _choices(body), shape))
 
     async def _asked_again(self, d: Deployment, body: Mapping[str, Any], by: float,
@@ -550,10 +551,17 @@ def interrupted_event(why: str) -> bytes:
     return error_event(f"upstream stream interrupted: {why}", "upstream_error", "stream_interrupted")
 
 
-def _without_legacy_call(raw: bytes) -> bytes:
-    """llama-cpp-python's whole answer without the legacy ``function_call`` it writes beside
-    ``tool_calls`` (OpenAI never sends it in reply to ``tools``: a client reading it first acts on
-    the call twice, or sends it back); anything else as it came."""
+def _legacy_functions(body: Mapping[str, Any]) -> bool:
+    """Whether a request declares its functions the legacy way (``functions``, no ``tools``): OpenAI
+    answers it with ``function_call``, and a request with ``tools`` with ``tool_calls``."""
+    return isinstance(body.get("functions"), list) and not body.get("tools")
+
+
+def _one_call_form(raw: bytes, legacy: bool) -> bytes:
+    """llama-cpp-python's whole answer with its call in the one form OpenAI would give it: the
+    server writes a call both as ``tool_calls`` and as the legacy ``function_call``, and a client
+    reading the other one too acts on the call twice, or sends it back. ``legacy``: the request
+    declared ``functions`` (``function_call`` is kept), else ``tools``; anything else as it came."""
     if b'"function_call"' not in raw:
         return raw
     answer = loads_lenient(raw)
@@ -562,51 +570,64 @@ def _without_legacy_call(raw: bytes) -> bytes:
         return raw
     for choice in choices:
         message = choice.get("message") if isinstance(choice, dict) else None
-        if isinstance(message, dict) and message.get("tool_calls"):
-            message.pop("function_call", None)
+        if isinstance(message, dict) and message.get("tool_calls") and message.get("function_call"):
+            message.pop("tool_calls" if legacy else "function_call")
     return dumps_lenient(answer)
 
 
 class _FirstToolDeltas:
-    """llama-cpp-python's streamed tool calls as OpenAI streams them. Its server repeats a call's
+    """llama-cpp-python's streamed calls as OpenAI streams them. Its server repeats a call's
     ``id``, ``type`` and ``function.name`` in every delta, and the same call again as the legacy
     ``function_call``: clients join a call's deltas field by field (the openai SDK's stream helpers
-    made ``get_wget_wget_w...`` of ``get_w``, and an id seven ids long). Those fields are kept in a
-    call's first delta only, and ``function_call`` is dropped beside ``tool_calls``."""
+    made ``get_wget_wget_w...`` of ``get_w``, and an id seven ids long). A call keeps its name (and
+    id, type) in its first delta only, in the one form the request asked for (``legacy``:
+    ``function_call``, for a request that declared ``functions``; else ``tool_calls``)."""
 
-    def __init__(self) -> None:
-        self.begun: set[tuple[Any, Any]] = set()  # (choice index, tool call index) seen
+    def __init__(self, legacy: bool = False) -> None:
+        self.legacy = legacy
+        self.begun: set[tuple[Any, Any]] = set()  # (choice index, tool call index or "legacy") seen
 
     def __call__(self, batch: bytes) -> bytes:
-        if b'"tool_calls"' not in batch:
+        if b'"tool_calls"' not in batch and b'"function_call"' not in batch:
             return batch
         return b"\n\n".join(self._event(event) for event in batch.split(b"\n\n"))
 
     def _event(self, event: bytes) -> bytes:
         at = 0 if event.startswith(b"data:") else event.find(b"\ndata:") + 1
-        if (at == 0 and not event.startswith(b"data:")) or b'"tool_calls"' not in event:
+        if at == 0 and not event.startswith(b"data:"):
             return event
         chunk = loads_lenient(event[at + 5:])
         if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
             return event
         for choice in chunk["choices"]:
             delta = choice.get("delta") if isinstance(choice, dict) else None
-            calls = delta.get("tool_calls") if isinstance(delta, dict) else None
+            if not isinstance(delta, dict):
+                continue
+            if self.legacy:
+                delta.pop("tool_calls", None)
+                call = delta.get("function_call")
+                if isinstance(call, dict) and not self._first(choice.get("index"), "legacy"):
+                    call.pop("name", None)
+                continue
+            calls = delta.get("tool_calls")
             if not isinstance(calls, list):
                 continue
             delta.pop("function_call", None)
             for call in calls:
-                if not isinstance(call, dict):
-                    continue
-                key = (choice.get("index"), call.get("index"))
-                if key not in self.begun:
-                    self.begun.add(key)
+                if not isinstance(call, dict) or self._first(choice.get("index"), call.get("index")):
                     continue
                 call.pop("id", None)
                 call.pop("type", None)
                 if isinstance(call.get("function"), dict):
                     call["function"].pop("name", None)
         return event[:at] + b"data: " + dumps_lenient(chunk)
+
+    def _first(self, choice: Any, call: Any) -> bool:
+        """Whether this is the first delta of this call of this choice."""
+        if (choice, call) in self.begun:
+            return False
+        self.begun.add((choice, call))
+        return True
 
 
 async def _relay(first: bytes, events: AsyncIterator[bytes], name_json: bytes,

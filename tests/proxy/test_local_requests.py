@@ -96,10 +96,16 @@ async def test_asking_a_local_server_again_stays_within_the_attempt_s_time(local
     assert late.value.timeout and time.monotonic() - started < 0.05
 
 
-async def test_a_local_model_s_streamed_tool_call_names_its_id_and_name_once(tmp_path):
+FUNCTION = {"name": "get_w", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}
+ASKED = {"tools": {"tools": [{"type": "function", "function": FUNCTION}]}, "functions": {"functions": [FUNCTION]}}
+
+
+@pytest.mark.parametrize("form", ["tools", "functions"])
+async def test_a_local_model_s_streamed_call_names_its_id_and_name_once(tmp_path, form):
     """llama-cpp-python's server repeats a tool call's id, type and name in every delta (and the
     call again as the legacy function_call): the openai SDK joined them into `get_wget_wget_w...`.
-    As OpenAI streams it, they come in the call's first delta only."""
+    As OpenAI streams it, they come in the call's first delta only, in the form asked for:
+    `tool_calls` for `tools`, `function_call` for legacy `functions`."""
     import json
 
     from openai.lib.streaming.chat import ChatCompletionStreamState
@@ -119,14 +125,20 @@ async def test_a_local_model_s_streamed_tool_call_names_its_id_and_name_once(tmp
               *(chunk(call(a)) for a in ('{"', "city", '":"', "Paris", '"}')),
               chunk({"role": None, "content": None, "function_call": None, "tool_calls": None}, "tool_calls"),
               b"data: [DONE]\n\n"]
-    streamed = await _asked_through_the_pass_through(tmp_path, b"text/event-stream", b"".join(events), stream=True)
+    streamed = await _asked_through_the_pass_through(tmp_path, b"text/event-stream", b"".join(events), stream=True,
+                                                     **ASKED[form])
     state = ChatCompletionStreamState()
     for line in streamed.split(b"\n\n"):
         if line.startswith(b"data: {"):
             state.handle_chunk(ChatCompletionChunk.model_validate(json.loads(line[6:])))
-    made = state.get_final_completion().choices[0].message.tool_calls[0]
-    assert (made.id, made.function.name, made.function.arguments) == ("call__0_get_w", "get_w", '{"city":"Paris"}')
-    assert b'"function_call":{' not in streamed
+    message = state.get_final_completion().choices[0].message
+    if form == "tools":
+        made = message.tool_calls[0]
+        assert (made.id, made.function.name, made.function.arguments) == ("call__0_get_w", "get_w", '{"city":"Paris"}')
+        assert b'"function_call":{' not in streamed
+    else:
+        assert (message.function_call.name, message.function_call.arguments) == ("get_w", '{"city":"Paris"}')
+        assert b'"tool_calls":[' not in streamed
 
 
 PHONE = {"type": "object", "properties": {"phone": {"type": "string", "pattern": "^\\d{3}-\\d{4}$"}}}
@@ -160,10 +172,11 @@ async def test_a_local_model_is_never_sent_a_schema_that_would_crash_its_server(
     assert len(sent.bodies) == 1
 
 
-async def test_a_local_model_s_whole_answer_with_tool_calls_has_no_legacy_function_call(tmp_path):
-    """llama-cpp-python writes the call again as the legacy `function_call` beside `tool_calls`,
-    which OpenAI never sends in reply to `tools`: a client reading it first acts on it twice.
-    The streamed answer already went without it; the whole one now does too."""
+@pytest.mark.parametrize("form", ["tools", "functions"])
+async def test_a_local_model_s_whole_answer_has_its_call_in_the_form_asked_for(tmp_path, form):
+    """llama-cpp-python writes a call both as `tool_calls` and as the legacy `function_call`;
+    OpenAI answers `tools` with the one and legacy `functions` with the other: a client reading
+    both acts on the call twice."""
     import json
 
     call = {"id": "call__0_get_w", "type": "function", "function": {"name": "get_w", "arguments": '{"city": "Paris"}'}}
@@ -172,14 +185,21 @@ async def test_a_local_model_s_whole_answer_with_tool_calls_has_no_legacy_functi
             "role": "assistant", "content": None, "tool_calls": [call],
             "function_call": {"name": "get_w", "arguments": '{"city": "Paris"}'}}}],
         "usage": {"prompt_tokens": 5, "completion_tokens": 5, "total_tokens": 10}}).encode()
-    answered = await _asked_through_the_pass_through(tmp_path, b"application/json", whole, stream=False)
+    answered = await _asked_through_the_pass_through(tmp_path, b"application/json", whole, stream=False,
+                                                     **ASKED[form])
     message = json.loads(answered)["choices"][0]["message"]
-    assert message["tool_calls"] == [call] and "function_call" not in message
+    if form == "tools":
+        assert message["tool_calls"] == [call] and "function_call" not in message
+    else:
+        assert message["function_call"] == {"name": "get_w", "arguments": '{"city": "Paris"}'}
+        assert "tool_calls" not in message
 
 
-async def _asked_through_the_pass_through(tmp_path, content_type: bytes, body: bytes, stream: bool) -> bytes:
+async def _asked_through_the_pass_through(tmp_path, content_type: bytes, body: bytes, stream: bool,
+                                          **asked) -> bytes:
     """What dispatch makes of ``body``, answered by a local model's server (a raw upstream in its
-    place) through the real pass-through: the answer's bytes, a stream's joined."""
+    place) through the real pass-through, to a request with ``asked`` in it: the answer's bytes,
+    a stream's joined."""
     from support.raw_upstream import raw_upstream
 
     answer = (b"HTTP/1.1 200 OK\r\ncontent-type: " + content_type + b"\r\ncontent-length: "
@@ -194,7 +214,7 @@ async def _asked_through_the_pass_through(tmp_path, content_type: bytes, body: b
         try:
             reply = await RetryingDispatcher(Cooldowns(), passthrough=passthrough).complete(Call(
                 targets=[snap.models["smol"]], stream=stream, router=snap.router,
-                body={"model": "smol", "messages": [{"role": "user", "content": "Weather in Paris?"}]}))
+                body={"model": "smol", "messages": [{"role": "user", "content": "Weather in Paris?"}], **asked}))
             return b"".join([c async for c in reply.chunks]) if stream else reply.body
         finally:
             await passthrough.close()
