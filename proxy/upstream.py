@@ -572,6 +572,8 @@ def _one_call_form(raw: bytes, legacy: bool) -> bytes:
         message = choice.get("message") if isinstance(choice, dict) else None
         if isinstance(message, dict) and message.get("tool_calls") and message.get("function_call"):
             message.pop("tool_calls" if legacy else "function_call")
+            if legacy and choice.get("finish_reason") == "tool_calls":
+                choice["finish_reason"] = "function_call"
     return dumps_lenient(answer)
 
 
@@ -588,7 +590,7 @@ class _FirstToolDeltas:
         self.begun: set[tuple[Any, Any]] = set()  # (choice index, tool call index or "legacy") seen
 
     def __call__(self, batch: bytes) -> bytes:
-        if b'"tool_calls"' not in batch and b'"function_call"' not in batch:
+        if b'"tool_calls"' not in batch and b'"function_call"' not in batch and not self.legacy:
             return batch
         return b"\n\n".join(self._event(event) for event in batch.split(b"\n\n"))
 
@@ -605,6 +607,8 @@ class _FirstToolDeltas:
                 continue
             if self.legacy:
                 delta.pop("tool_calls", None)
+                if choice.get("finish_reason") == "tool_calls":
+                    choice["finish_reason"] = "function_call"
                 call = delta.get("function_call")
                 if isinstance(call, dict) and not self._first(choice.get("index"), "legacy"):
                     call.pop("name", None)

@@ -139,6 +139,7 @@ async def test_a_local_model_s_streamed_call_names_its_id_and_name_once(tmp_path
     else:
         assert (message.function_call.name, message.function_call.arguments) == ("get_w", '{"city":"Paris"}')
         assert b'"tool_calls":[' not in streamed
+        assert state.get_final_completion().choices[0].finish_reason == "function_call"
 
 
 PHONE = {"type": "object", "properties": {"phone": {"type": "string", "pattern": "^\\d{3}-\\d{4}$"}}}
@@ -192,7 +193,7 @@ async def test_a_local_model_s_whole_answer_has_its_call_in_the_form_asked_for(t
         assert message["tool_calls"] == [call] and "function_call" not in message
     else:
         assert message["function_call"] == {"name": "get_w", "arguments": '{"city": "Paris"}'}
-        assert "tool_calls" not in message
+        assert "tool_calls" not in message and json.loads(answered)["choices"][0]["finish_reason"] == "function_call"
 
 
 async def _asked_through_the_pass_through(tmp_path, content_type: bytes, body: bytes, stream: bool,
