@@ -6,7 +6,7 @@ legacy ``function_call``). Its converter writes grammars llama.cpp cannot parse 
 schemas (a ``pattern`` with ``\\d``, a property name or an ``enum`` value holding a ``"``), and the
 server does not check what llama.cpp returns: it crashes (a segfault), and with it the model for
 every client, streams in flight included. So each such grammar is built and parsed first in a
-throwaway process (``python -m proxy.grammars``, about 0.2 s: llama.cpp's own parser, on the
+throwaway process (``python -m proxy.grammars``, about 0.3 s: llama.cpp's own parser, on the
 built-in model's vocabulary, which a grammar of a schema never refers to), once per schema: the
 verdicts are remembered. A request whose grammar llama.cpp refuses, or that could not be checked,
 is refused (``why_not``) instead of sent.
