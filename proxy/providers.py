@@ -575,7 +575,7 @@ def parse(text: str, path: Path, env: Mapping[str, str],
                     secrets=tuple(secrets))
 
 
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # a tab is allowed inside a header value
 
 
 def _unsendable(api_base: Any, api_key: Any, params: Mapping[str, Any]) -> str | None:

@@ -105,6 +105,11 @@ def test_a_model_no_call_could_be_sent_to_is_unavailable_with_the_reason(params,
     assert "secret" not in why and s.models["ok"].available
 
 
+def test_a_tab_inside_a_header_value_is_no_control_character_http_refuses():
+    s = snap("model_list:\n  - {model_name: m, litellm_params: {model: openai/x, extra_headers: {X-Note: \"a\\tb\"}}}\n")
+    assert s.models["m"].available
+
+
 @pytest.mark.parametrize("text, words", [
     ("model_list: []", ["model_list", "at least 1"]),
     ("model_list:\n  - model_name: a\n", ["model_list.0.litellm_params", "Field required"]),
