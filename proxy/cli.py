@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import contextvars
 import importlib
 import importlib.util
 import logging
@@ -99,7 +100,7 @@ class Hangups:
         self._loop, self._check = loop, check
         if self._pending:
             self._pending = False
-            loop.call_soon(check)
+            loop.call_soon(check, context=contextvars.Context())
 
     def _received(self, signum: int, frame: Any) -> None:
         # A handler runs between two bytecodes of whatever the main thread is doing, the event
@@ -108,7 +109,9 @@ class Hangups:
             self._pending = True
             return
         with contextlib.suppress(RuntimeError):  # the loop has closed
-            self._loop.call_soon_threadsafe(self._check)
+            # in a context of its own: the signal may come while a request's task runs, whose
+            # request id would be on the check's log lines
+            self._loop.call_soon_threadsafe(self._check, context=contextvars.Context())
 
 
 def serve(args: argparse.Namespace) -> int:

@@ -330,3 +330,28 @@ def test_a_sighup_while_serve_starts_waits_for_the_event_loop_and_none_ends_the_
         os.kill(os.getpid(), signal.SIGHUP)  # the loop has closed: dropped, no error
     assert checks == ["checked", "checked"]
     assert signal.getsignal(signal.SIGHUP) == before
+
+
+def test_a_sighup_during_a_request_is_checked_out_of_that_request_s_log_context():
+    """The signal interrupts whatever runs, a request's task included: its request id was on the
+    SIGHUP lines, which belong to no request."""
+    import asyncio
+    import os
+    import signal
+
+    from proxy.logs import _REQUEST_ID
+
+    seen = []
+    with cli.Hangups() as hangups:
+        async def serving():
+            hangups.attach(asyncio.get_running_loop(), lambda: seen.append(_REQUEST_ID.get()))
+
+            async def a_request():
+                _REQUEST_ID.set("req_of_a_client")
+                os.kill(os.getpid(), signal.SIGHUP)  # handled here, in the request's task
+                await asyncio.sleep(0.05)
+
+            await asyncio.create_task(a_request())
+
+        asyncio.run(serving())
+    assert seen == [None]
