@@ -561,8 +561,10 @@ def _one_call_form(raw: bytes, legacy: bool) -> bytes:
     """llama-cpp-python's whole answer with its call in the one form OpenAI would give it: the
     server writes a call both as ``tool_calls`` and as the legacy ``function_call``, and a client
     reading the other one too acts on the call twice, or sends it back. ``legacy``: the request
-    declared ``functions`` (``function_call`` is kept), else ``tools``; anything else as it came."""
-    if b'"function_call"' not in raw:
+    declared ``functions``: its ``function_call`` is made of the first tool call (some chat formats
+    write a wrong name there, or none), and it finishes with ``function_call``; else ``tools``.
+    Anything else as it came."""
+    if b'"function_call"' not in raw and not (legacy and b'"tool_calls"' in raw):
         return raw
     answer = loads_lenient(raw)
     choices = answer.get("choices") if isinstance(answer, dict) else None
@@ -570,9 +572,17 @@ def _one_call_form(raw: bytes, legacy: bool) -> bytes:
         return raw
     for choice in choices:
         message = choice.get("message") if isinstance(choice, dict) else None
-        if isinstance(message, dict) and message.get("tool_calls") and message.get("function_call"):
-            message.pop("tool_calls" if legacy else "function_call")
-            if legacy and choice.get("finish_reason") == "tool_calls":
+        calls = message.get("tool_calls") if isinstance(message, dict) else None
+        if not (isinstance(calls, list) and calls):
+            continue
+        if not legacy:
+            message.pop("function_call", None)
+            continue
+        function = calls[0].get("function") if isinstance(calls[0], dict) else None
+        if isinstance(function, dict):
+            message["function_call"] = {"name": function.get("name"), "arguments": function.get("arguments")}
+            del message["tool_calls"]
+            if choice.get("finish_reason") == "tool_calls":
                 choice["finish_reason"] = "function_call"
     return dumps_lenient(answer)
 
@@ -605,8 +615,15 @@ class _FirstToolDeltas:
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if not isinstance(delta, dict):
                 continue
-            if self.legacy:
-                delta.pop("tool_calls", None)
+            if self.legacy:  # the first tool call, as function_call (some chat formats write a wrong one)
+                calls = delta.pop("tool_calls", None)
+                first = next((c for c in calls if isinstance(c, dict) and c.get("index", 0) == 0), None) \
+                    if isinstance(calls, list) else None
+                if isinstance(first, dict) and isinstance(first.get("function"), dict):
+                    delta["function_call"] = {k: v for k, v in first["function"].items()
+                                              if k in ("name", "arguments")}
+                elif isinstance(calls, list):  # another call's delta: no part of the one legacy call
+                    delta.pop("function_call", None)
                 if choice.get("finish_reason") == "tool_calls":
                     choice["finish_reason"] = "function_call"
                 call = delta.get("function_call")

@@ -116,8 +116,8 @@ async def test_a_local_model_s_streamed_call_names_its_id_and_name_once(tmp_path
                                        "choices": [{"index": 0, "delta": delta, "logprobs": None,
                                                     "finish_reason": finish}]}).encode() + b"\n\n"
 
-    def call(arguments):
-        return {"role": None, "content": None, "function_call": {"name": "get_w", "arguments": arguments},
+    def call(arguments):  # function_call's name as chatml-function-calling writes it: wrong
+        return {"role": None, "content": None, "function_call": {"name": "get_w:", "arguments": arguments},
                 "tool_calls": [{"index": 0, "id": "call__0_get_w", "type": "function",
                                 "function": {"name": "get_w", "arguments": arguments}}]}
 
@@ -171,6 +171,29 @@ async def test_a_local_model_is_never_sent_a_schema_that_would_crash_its_server(
             "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": PLAIN}}}
     await dispatcher.complete(Call(targets=[snap.models["local"]], stream=False, router=snap.router, body=fine))
     assert len(sent.bodies) == 1
+
+
+@pytest.mark.parametrize("written", [
+    {"name": "get_w:", "arguments": '{"city": "Paris"}'},  # chatml-function-calling's own, wrong
+    None,  # or none at all, for two calls
+])
+async def test_a_legacy_call_is_made_of_the_first_tool_call_not_the_server_s_copy(tmp_path, written):
+    """With a --chat_format such as chatml-function-calling, the server writes function_call with
+    a wrong name (or none for two calls): a legacy client got `get_w:` or no call it could read."""
+    import json
+
+    calls = [{"id": f"call_{n}", "type": "function", "function": {"name": name, "arguments": '{"city": "Paris"}'}}
+             for n, name in enumerate(["get_w", "get_w"])]
+    message = {"role": "assistant", "content": None, "tool_calls": calls}
+    if written is not None:
+        message["function_call"] = written
+    whole = json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "smol", "choices": [{
+        "index": 0, "finish_reason": "tool_calls", "logprobs": None, "message": message}]}).encode()
+    answered = json.loads(await _asked_through_the_pass_through(tmp_path, b"application/json", whole, stream=False,
+                                                                **ASKED["functions"]))
+    choice = answered["choices"][0]
+    assert choice["message"]["function_call"] == {"name": "get_w", "arguments": '{"city": "Paris"}'}
+    assert "tool_calls" not in choice["message"] and choice["finish_reason"] == "function_call"
 
 
 @pytest.mark.parametrize("form", ["tools", "functions"])
