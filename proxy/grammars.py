@@ -28,9 +28,11 @@ log = logging.getLogger("satroute.dispatch")
 CHECK_TIMEOUT_S = 30.0
 REMEMBERED = 1024  # verdicts kept, by schema
 MAX_CRASHES = 3  # checking processes a batch may crash (0.3 s each) before the rest waits for the next
-# exit statuses of ``python -m proxy.grammars`` that say no check can run here, whatever the schema
-# (llama-cpp-python is not installed); any other failure may pass (a moment out of memory)
-_SETUP_FAILURES = {3: "llama-cpp-python is not installed"}
+# exit statuses of ``python -m proxy.grammars`` that say no check can run here, whatever the schema:
+# llama-cpp-python is not installed (at once), or the vocabulary cannot be read (a damaged file;
+# so once out of memory too: only after that many runs in a row); any other failure may pass
+_SETUP_FAILURES = {3: "llama-cpp-python is not installed", 2: "llama.cpp cannot read the vocabulary"}
+_SETUP_RUNS = {3: 1, 2: 3}
 
 
 def request_schemas(body: Mapping[str, Any], every_tool: bool = False) -> list[tuple[str, str]]:
@@ -72,6 +74,8 @@ class GrammarCheck:
         self._lock = asyncio.Lock()  # one checking process at a time: a burst of one new schema checks it once
         self._waiting: dict[str, str] = {}  # schemas requests wait to have checked, by key
         self.disabled: str | None = None  # why no check can run here: schemas are sent as they are
+        self._failed_in_a_row = 0  # checking runs that ended in a setup failure, one after another
+        self._trouble = "it could not be run"  # why the last schemas went unchecked, for the refusal
 
     async def why_not(self, body: Mapping[str, Any], every_tool: bool = False) -> str | None:
         schemas = request_schemas(body, every_tool)
@@ -96,7 +100,7 @@ class GrammarCheck:
             return None
         for (what, _), key in zip(schemas, keys):
             if key not in self._verdicts:
-                return f"{what} could not be checked against its server's grammar parser (in {self.timeout_s:g} s)"
+                return f"{what} could not be checked against its server's grammar parser: {self._trouble}"
             self._verdicts.move_to_end(key)
             if self._verdicts[key] is not None:
                 return f"{what} makes a grammar its server cannot parse ({self._verdicts[key]})"
@@ -122,11 +126,16 @@ class GrammarCheck:
                 crashes += 1
                 if crashes < MAX_CRASHES:  # bounded: a request of many such tools holds no lock for long
                     continue
-            elif status in _SETUP_FAILURES:  # no check can run here at all
-                self._cannot_check(_SETUP_FAILURES[status])
-            elif status:  # this once (out of time, a process that could not start): asked again next time
-                log.warning("local models' grammar check failed (status %s); the requests it was "
-                            "for are refused, and it is tried again for the next", status)
+            else:
+                self._failed_in_a_row = self._failed_in_a_row + 1 if status in _SETUP_FAILURES else 0
+                if status in _SETUP_FAILURES and self._failed_in_a_row >= _SETUP_RUNS[status]:
+                    self._cannot_check(_SETUP_FAILURES[status])  # no check can run here at all
+                elif status is None:
+                    self._trouble = f"it took longer than {self.timeout_s:g} s"
+                elif status:  # this once (a process that could not start, out of memory): asked again next time
+                    self._trouble = f"the check failed (status {status})"
+                    log.warning("local models' grammar check failed (status %s); the requests it was "
+                                "for are refused, and it is tried again for the next", status)
             break
         return (verdicts + [_UNCHECKED] * len(schemas))[:len(schemas)]
 

@@ -123,6 +123,17 @@ async def test_where_no_check_can_run_requests_are_sent_as_before(tmp_path, capl
     assert "not checked before they are sent: llama-cpp-python is not installed" in caplog.text
 
 
+async def test_a_vocabulary_that_cannot_be_read_again_and_again_turns_the_check_off(tmp_path, caplog):
+    """A damaged vocabulary is no passing failure: every schema request was refused for good. A
+    moment out of memory reads the same once, so it takes three runs in a row."""
+    check = GrammarCheck(python=_fake_python(tmp_path, "exit 2\n"))
+    for _ in range(2):
+        refused = await check.why_not(_fmt(PHONE))
+        assert "could not be checked" in refused and "(status 2)" in refused and "30 s" not in refused
+    assert await check.why_not(_fmt(PHONE)) is None and check.disabled == "llama.cpp cannot read the vocabulary"
+    assert "not checked before they are sent: llama.cpp cannot read the vocabulary" in caplog.text
+
+
 async def test_a_check_that_fails_once_is_not_given_up_for_good(tmp_path):
     """One failure of the checking process (a moment out of memory) turned the check off for
     the proxy's life: a schema that crashes the server then went through."""
