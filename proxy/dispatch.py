@@ -232,10 +232,11 @@ class RetryingDispatcher:
         names = ", ".join(f"{n} ({r})" for n, r in failed) or "none tried before the deadline"
         err = AllUpstreamsFailed(f"every model failed: {names}", failed=failed, timeout=timed_out)
         err.upstream_retry_after = said_after
+        if last is not None:  # what failed, in its words ("Overloaded"; for a 429, which limit)
+            err.message = f"{err.message}; the last said: {last.message}"
         if last is not None and all_429:
             err.status, err.code = 429, "rate_limited"
             err.retry_after = last.retry_after
-            err.message = f"{err.message}; the last said: {last.message}"  # which limit, in its words
         raise err
 
     async def _with_retries(self, d: Deployment, call: Call, deadline: float, epoch: int,

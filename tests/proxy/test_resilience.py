@@ -114,6 +114,19 @@ def test_a_model_whose_key_is_refused_hands_routed_requests_to_the_next_and_cool
 
 
 @pytest.mark.parametrize("fast", PATHS)
+def test_a_502_ends_with_the_last_model_s_own_words(tmp_path, upstream, start_proxy, fast):
+    """"every model failed: m1 (http_503)" told a client that named the model nothing of why;
+    the provider's words ("Service is too busy") come last, as a 429's already did."""
+    proxy = setup(tmp_path, upstream, start_proxy, fast, num_retries=0)
+    upstream.set("m1", fail(503, "Service is too busy. Please retry later.", "service_unavailable_error"))
+    with pytest.raises(openai.InternalServerError) as err:
+        client(proxy).chat.completions.create(model="m1", messages=MESSAGES)
+    said = err.value.body["message"]
+    assert err.value.status_code == 502 and said.startswith("every model failed: m1 (http_503); the last said: ")
+    assert said.endswith("Service is too busy. Please retry later.")
+
+
+@pytest.mark.parametrize("fast", PATHS)
 def test_a_403_for_a_flagged_prompt_is_the_request_s_not_the_model_s(tmp_path, upstream, start_proxy, fast):
     """OpenRouter refuses a moderated model's flagged input with 403 ("Your input was flagged"):
     like Azure's 400 content_filter, it goes back to the client as it is, and three flagged
