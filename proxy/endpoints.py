@@ -455,6 +455,11 @@ def route_kind(decision: Decision, default: bool = False) -> str:
     return ("aptitude" if decision.degraded else "routed") if decision.routed else "direct"
 
 
+def failed_header(failed) -> str:
+    """``x-satroute-failed``: ``name:reason`` of each model that failed, names as headers carry them."""
+    return ",".join(f"{protocol.header_name(n)}:{r}" for n, r in failed)
+
+
 def routing_headers(decision: Decision, reply: Reply, default: bool = False) -> dict[str, str]:
     headers = {protocol.HEADER_MODEL: protocol.header_name(reply.model),
                protocol.HEADER_ROUTE: route_kind(decision, default)}
@@ -464,7 +469,7 @@ def routing_headers(decision: Decision, reply: Reply, default: bool = False) -> 
         headers[protocol.HEADER_SCORES] = decision.scores_header()
         headers[protocol.HEADER_SCORER_MS] = f"{decision.scorer_ms:.2f}"
     if reply.failed:
-        headers[protocol.HEADER_FAILED] = ",".join(f"{protocol.header_name(n)}:{r}" for n, r in reply.failed)
+        headers[protocol.HEADER_FAILED] = failed_header(reply.failed)
     return headers
 
 
@@ -529,5 +534,5 @@ async def satroute_error(request: Request, exc: Exception) -> Response:
         # 429 (a used-up quota) would run the fallbacks before it again
         headers["x-should-retry"] = "false"
         if exc.failed:
-            headers[protocol.HEADER_FAILED] = ",".join(f"{protocol.header_name(n)}:{r}" for n, r in exc.failed)
+            headers[protocol.HEADER_FAILED] = failed_header(exc.failed)
     return error_response(exc, headers or None)
