@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 import orjson
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+
+from scorer.data import mended  # a lone surrogate as U+FFFD, as the scorer reads its data
 
 ROUTE_FIELD = "satroute"
 # The request parameters of the OpenAI chat completions API (besides ``model``; ``metadata`` left
@@ -118,9 +119,6 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
 def read_json(raw: bytes) -> Any:
     """A request body's JSON, as orjson reads it; ValueError (its message names the fault) when it
     is none. One fault orjson refuses is mended instead: an escaped lone surrogate (``"\\ud83d"``,
@@ -151,8 +149,7 @@ def read_json(raw: bytes) -> Any:
 
     def mend(value: Any) -> Any:
         if isinstance(value, str):
-            return (value.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
-                    if _SURROGATE.search(value) else value)
+            return mended(value)
         if isinstance(value, list):
             return [mend(v) for v in value]
         if isinstance(value, dict):
