@@ -586,22 +586,20 @@ class LocalServerManager:
             self._on_event(name, event)
 
     def mark_pending(self) -> None:
-        """Mark every wanted, not yet running model unavailable (call before serving requests)."""
-        for name in self._specs():
-            if name not in self.servers:
-                self._mark(name, STARTING)
-
-    def mark_edited(self) -> None:
-        """Mark, at once, every model whose wanted server is not the one it runs (a model added,
-        or its ``local_server`` block edited), and have the watch sync now. Called as an edit is
-        swapped in: until then the new configuration sent requests to a port no server answered
-        on yet (connection failures, a 502 and the model cooled) and /ready listed the model."""
+        """Mark, at once, every model whose wanted server is not the one it runs unavailable: not
+        started yet (call before serving requests), or its ``local_server`` block edited."""
         for name, spec in self._specs().items():
             running = self.servers.get(name)
             if running is None:
                 self._mark(name, STARTING)
             elif running[0] != spec:
                 self._mark(name, f"{RESTARTING}: its configuration changed")
+
+    def mark_edited(self) -> None:
+        """``mark_pending``, and have the watch sync now. Called as an edit is swapped in: until
+        then the new configuration sent requests to a port no server answered on yet (connection
+        failures, a 502 and the model cooled) and /ready listed the model."""
+        self.mark_pending()
         self._edited.set()
 
     async def sync(self, wait: bool = True) -> None:
