@@ -130,11 +130,32 @@ EXPOSED_HEADERS = [protocol.HEADER_MODEL, protocol.HEADER_ROUTE, protocol.HEADER
                    "x-request-id", "retry-after", "x-should-retry"]
 
 
+# OpenAI's APIs other than chat completions, by the first part of their path after /v1. A client
+# that calls one (the Agents SDK calls the Responses API by default) is told what is served, and
+# frameworks that read any 404 as "model not found" at least print a message that says what to do.
+OTHER_OPENAI_APIS = frozenset({
+    "responses", "embeddings", "completions", "audio", "images", "moderations", "files",
+    "uploads", "batches", "fine_tuning", "assistants", "threads", "vector_stores", "realtime",
+    "conversations", "containers", "videos", "evals"})
+NOT_SERVED = ("not served here: satroute serves the Chat Completions API (POST /v1/chat/completions) "
+              "and the model list (GET /v1/models); set the client to use chat completions "
+              "(docs/frontends.md says how for common SDKs and frameworks)")
+
+
+def _other_openai_api(path: str) -> bool:
+    parts = path.strip("/").split("/")
+    if parts[0] == "v1":
+        parts = parts[1:]
+    return bool(parts) and parts[0] in OTHER_OPENAI_APIS
+
+
 async def _http_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, HTTPException)
     code = "not_found" if exc.status_code == 404 else "method_not_allowed"
-    return plain_error_response(exc.status_code, f"{request.method} {request.url.path}: "
-                                f"{exc.detail}", "invalid_request_error", code,
+    said = (NOT_SERVED if exc.status_code == 404 and _other_openai_api(request.url.path)
+            else exc.detail)
+    return plain_error_response(exc.status_code, f"{request.method} {request.url.path}: {said}",
+                                "invalid_request_error", code,
                                 headers=exc.headers)  # a 405's Allow
 
 

@@ -64,11 +64,20 @@ def test_the_openai_endpoints_not_served_are_a_404_the_sdk_understands(config, u
     with pytest.raises(openai.NotFoundError) as err:
         client(proxy).responses.create(model="auto", input="hi")
     assert err.value.code == "not_found"
-    with pytest.raises(openai.NotFoundError):
+    # Frameworks report a 404 as "model not found": the message is what tells the user what to do.
+    assert "POST /v1/responses: not served here" in err.value.message
+    assert "POST /v1/chat/completions" in err.value.message
+    with pytest.raises(openai.NotFoundError) as err:
         client(proxy).embeddings.create(model="auto", input="hi")
-    with pytest.raises(openai.NotFoundError):
+    assert "not served here" in err.value.message
+    with pytest.raises(openai.NotFoundError) as err:
         client(proxy).completions.create(model="auto", prompt="hi")
+    assert "not served here" in err.value.message
     assert upstream.bodies() == []
+    # A path that is no API of OpenAI's keeps the plain answer.
+    other = httpx.get(f"{proxy.base}/v1/nothing-here")
+    assert other.status_code == 404
+    assert other.json()["error"]["message"] == "GET /v1/nothing-here: Not Found"
 
 
 def test_allow_list_narrows_candidates(config, upstream, start_proxy):
