@@ -3,7 +3,7 @@ scorer's share of it, and how many requests the scorer timeout sends to the prof
 
     .venv/bin/python bench/routed_load.py [--models 5] [--concurrency 1 4 16] [--requests 64]
                                           [--scorer-timeout 2.0] [--again] [--twins] [--json OUT.json]
-                                          [--local-model] [--torch-threads N]
+                                          [--local-model] [--torch-threads N] [--spinners N]
 
 What runs, all on 127.0.0.1: the mock upstream (tests/support/mock_upstream.py, answering at once)
 and ``satroute serve`` with its default scorer and checkpoint, ``--models`` routable models (the
@@ -18,7 +18,9 @@ client's early retry would be); ``scorer_calls`` is how many scoring calls the p
 With ``--local-model``, providers.yaml also holds the built-in local model (SmolLM2 on llama-cpp-python,
 which the proxy starts; not routed to), and a client keeps it generating (256-token answers) while
 each concurrency's requests run: the tokens it produced meanwhile are reported. ``--torch-threads``
-sets SATROUTE_SCORER_TORCH_THREADS (default: the cores the local model leaves).
+sets SATROUTE_SCORER_TORCH_THREADS (default: the cores the local model and other processes leave).
+With ``--spinners N``, N other processes each keep a core busy (a busy loop) while the requests run,
+as an inference server or a build beside the proxy would.
 """
 from __future__ import annotations
 
@@ -121,6 +123,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None)
     ap.add_argument("--local-model", action="store_true", help="keep the built-in local model generating")
     ap.add_argument("--torch-threads", type=int, default=None, help="SATROUTE_SCORER_TORCH_THREADS")
+    ap.add_argument("--spinners", type=int, default=0, help="other processes each keeping a core busy")
     a = ap.parse_args(argv)
 
     from scorer.aptitude import builtin_profiles
@@ -160,6 +163,10 @@ def main(argv=None) -> int:
             else:
                 raise RuntimeError("the proxy did not become ready: " + (Path(tmp) / "serve.log").read_text()[-2000:])
             ready = httpx.get(f"{base}/ready").json()
+            for _ in range(a.spinners):  # stopped with the others, in ``finally``
+                procs.append(start([py, "-c", "while True: pass"]))
+            if a.spinners:
+                time.sleep(2.0)  # the proxy reads other processes' load once a second
             rows = []
             url = f"{base}/v1/chat/completions"
             for salt, c in enumerate(a.concurrency):
@@ -175,10 +182,11 @@ def main(argv=None) -> int:
         finally:
             for p in reversed(procs):
                 stop(p)
-    report = {"models": a.models, "twins": a.twins, "scorer": ready.get("scorer"), "scorer_timeout_s": a.scorer_timeout,
+    report = {"models": a.models, "twins": a.twins, "spinners": a.spinners, "scorer": ready.get("scorer"), "scorer_timeout_s": a.scorer_timeout,
               "cpus": os.cpu_count(), "rows": rows}
     print(f"{a.models} routed models, scorer {ready.get('scorer')}, timeout {a.scorer_timeout} s, {os.cpu_count()} CPUs"
-          + (", the local model generating meanwhile" if a.local_model else ""))
+          + (", the local model generating meanwhile" if a.local_model else "")
+          + (f", {a.spinners} other process(es) each keeping a core busy" if a.spinners else ""))
     print("| concurrency | requests | requests/s | p50 ms | p90 ms | scorer p50 ms | scorer p90 ms | scoring calls "
           "| ranked by aptitude | errors |" + (" local model tokens |" if a.local_model else ""))
     print("|---|---|---|---|---|---|---|---|---|---|" + ("---|" if a.local_model else ""))

@@ -28,6 +28,7 @@ from starlette.routing import Route
 from proxy import admin, endpoints, protocol
 from proxy.auth import MasterKeyAuth, is_loopback
 from proxy.cooldown import Cooldowns
+from proxy.cpuload import CpuLoad
 from proxy.dispatch import Dispatcher, RetryingDispatcher
 from proxy.errors import ConfigError, SatrouteError, error_event, plain_error_response
 from proxy.localserver import local_models_hook, published_key, threads_of
@@ -204,11 +205,18 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
 
         busy = getattr(svc.dispatcher, "busy", None)
 
-        def cores_busy() -> int:  # the threads of the local model servers answering now
-            return sum(threads_of(d.info.local_server) for d in svc.registry.snapshot.models.values()
-                       if d.info.local_server is not None and busy is not None and busy(d.name) > 0)
+        others = CpuLoad()
+
+        def cores_busy() -> int:
+            # the threads of the local model servers answering now (known at once), or the cores
+            # other processes (those servers among them) kept busy over the last second
+            local = sum(threads_of(d.info.local_server) for d in svc.registry.snapshot.models.values()
+                        if d.info.local_server is not None and busy is not None and busy(d.name) > 0)
+            return max(local, others.busy_cores())
 
         svc.spawn(svc.scoring.load(settings, profiles, cores_busy), "scorer-load")
+        if settings.scorer == "modelsat" and not settings.scorer_torch_threads:
+            svc.spawn(others.watch(1.0), "cpu-load")
         svc.spawn(svc.registry.watch(settings.reload_interval_s), "config-watch")
         svc.spawn(svc.scoring.keep_warm(profiles, max(1.0, settings.reload_interval_s)), "scorer-warm")
         prepare = getattr(svc.dispatcher, "prepare", None)

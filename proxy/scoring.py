@@ -173,7 +173,8 @@ class ScorerHost:
         warm it up on ``profiles()`` (the routable models' profiles) before it takes requests.
 
         torch runs a call on ``settings.scorer_torch_threads`` threads, by default on the cores
-        that ``cores_busy()`` (the threads of the local model servers answering now) leaves, read
+        that ``cores_busy()`` (the threads of the local model servers answering now, or the cores
+        other processes kept busy over the last second: proxy/app.py) leaves, read
         at each call: on all of them, a scoring call and a local model generating beside it slowed
         each other down two to four times (their threads spin on a busy CPU), and routed requests
         timed out to the aptitude ranking; an idle local server takes nothing.
