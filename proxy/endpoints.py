@@ -514,6 +514,8 @@ async def ready(request: Request) -> Response:
                "unavailable": {d.name: d.unavailable for d in snap.models.values()
                                if d.unavailable},
                "config_rejected": svc.registry.rejected,
+               # profiles of several aptitude suites: routing goes on, biased (providers.py says)
+               "mixed_suites": snap.mixed_suites(),
                "checked_at": int(time.time())}
     return Response(orjson.dumps(payload), status_code=503 if reasons else 200, media_type=JSON)
 

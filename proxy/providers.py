@@ -12,6 +12,8 @@ the last good snapshot keeps serving. What is watched is content, not timestamps
 and those of the profile files it names, so an edit of a profile file reloads too.
 A profile onboarding stored is used only for the upstream it was measured on
 (``upstream_fingerprint``): another model or ``api_base`` under the same name has none.
+Profiles measured on different aptitude suites are not comparable: a configuration that mixes them
+still serves, with a warning naming the models of each suite (``Snapshot.mixed_suites``, in /ready).
 Does not know: HTTP, litellm, scoring. Never logs or formats an API key.
 """
 from __future__ import annotations
@@ -40,6 +42,7 @@ log = logging.getLogger("satroute.providers")
 Profile = Mapping[str, float]
 ENV_PREFIX = "os.environ/"
 BUILTIN_PREFIX = "builtin:"
+UNKNOWN_SUITE = "unknown"  # what Snapshot.mixed_suites calls a profile that names no suite
 # litellm providers that speak the OpenAI wire format as is: eligible for the pass-through path.
 OPENAI_COMPATIBLE = frozenset({"openai", "hosted_vllm", "custom_openai", "llamafile", "lm_studio"})
 SECRET_WORDS = ("key", "secret", "token", "password", "authorization", "credential")
@@ -54,6 +57,9 @@ class ProfileSource(Protocol):
     earlier version as ``legacy``, its ``legacy_fingerprint``) is returned."""
 
     def get(self, model_name: str, upstream: str, legacy: str | None = None) -> Profile | None: ...
+
+    def profile_suite(self, model_name: str) -> str | None:
+        """The suite the profile ``get`` returns was measured on (None: not known)."""
 
 
 def _null_is_empty(value: Any) -> Any:
@@ -215,7 +221,9 @@ class Deployment:
     profile: Profile | None
     unavailable: str | None  # why the model cannot be called, or None
     fast_path: bool
-    profile_suite: str | None = None  # the suite of a profile providers.yaml gives, as its file says
+    # the suite the profile was measured on: as its file says (providers.yaml), or as onboarding
+    # stored it; None when not known
+    profile_suite: str | None = None
 
     @property
     def available(self) -> bool:
@@ -271,6 +279,18 @@ class Snapshot:
 
     def available(self) -> list[Deployment]:
         return [d for d in self.models.values() if d.available]
+
+    def mixed_suites(self) -> dict[str, list[str]] | None:
+        """The models that have a profile, by the aptitude suite it was measured on (``unknown``
+        for a profile whose suite is not known), in config order; None when they are all of one
+        suite. The scorer compares profiles as they are: accuracies measured on different
+        questions (RouterDC's 4-option ones, MMLU-Pro's 10-option ones) favour the easier suite's
+        models, so a mix is reported (a warning, /ready), never routed on silently."""
+        suites: dict[str, list[str]] = {}
+        for d in self.models.values():
+            if d.profile is not None:
+                suites.setdefault(d.profile_suite or UNKNOWN_SUITE, []).append(d.name)
+        return suites if len(suites) > 1 else None
 
     def redact(self, text: str) -> str:
         for secret in self.secrets:
@@ -624,7 +644,9 @@ class ProviderRegistry:
         # a model's own local server answers only the proxy: without it anyone on the machine (or
         # a web page, its CORS allows any origin) would use the model past the master key
         self.local_key = local_key or token_urlsafe(32)
-        self._profiles: dict[str, Profile] = {}  # set at run time (onboarding), kept over reloads
+        # model -> (profile, its suite), set at run time (onboarding), kept over reloads
+        self._profiles: dict[str, tuple[Profile, str | None]] = {}
+        self._mixed: dict[str, list[str]] | None = None  # the mix of suites last warned about
         self._down: dict[str, str] = {}  # model -> why it is down (set at run time)
         self._scan: tuple[bytes, tuple[Path, ...]] = (b"", ())  # file digest -> profile files it names
         self._read_error: str | None = None  # the read failure last logged
@@ -676,13 +698,15 @@ class ProviderRegistry:
                 key.update(b"-" + type(exc).__name__.encode())
         return key.digest()
 
-    def _lookup(self, d: Deployment) -> Profile | None:
-        """The profile onboarding gave a model: set at run time, or stored for its upstream."""
+    def _lookup(self, d: Deployment) -> tuple[Profile | None, str | None]:
+        """The profile onboarding gave a model (set at run time, or stored for its upstream) and
+        the suite it was measured on; (None, None) while it has none."""
         if d.name in self._profiles:
             return self._profiles[d.name]
         if self._source is None:
-            return None
-        return self._source.get(d.name, upstream_fingerprint(d), legacy_fingerprint(d))
+            return None, None
+        profile = self._source.get(d.name, upstream_fingerprint(d), legacy_fingerprint(d))
+        return profile, None if profile is None else self._source.profile_suite(d.name)
 
     def _build(self, text: str) -> Snapshot:
         # profiles from onboarding are looked up once, by _derive (a store read per model)
@@ -691,6 +715,7 @@ class ProviderRegistry:
             if d.unavailable:
                 log.warning("model %s unavailable: %s", d.name, d.unavailable)
         self._base = base
+        self._mixed = None  # a load or reload says again what it still mixes
         return self._derive()
 
     def _derive(self) -> Snapshot:
@@ -699,7 +724,8 @@ class ProviderRegistry:
         models = {}
         flagged = {}
         for name, d in base.models.items():
-            profile = d.profile if d.info.capability_profile else self._lookup(d)
+            profile, suite = ((d.profile, d.profile_suite) if d.info.capability_profile
+                              else self._lookup(d))
             why = d.unavailable or self._down.get(name)
             if why is None:
                 why = next((r for r in (check(d) for check in self.checks) if r is not None), None)
@@ -707,9 +733,22 @@ class ProviderRegistry:
                     flagged[name] = why
                     if self._flagged.get(name) != why:
                         log.warning("model %s unavailable: %s", name, why)
-            models[name] = replace(d, profile=profile, unavailable=why)
+            models[name] = replace(d, profile=profile, profile_suite=suite, unavailable=why)
         self._flagged = flagged
-        return replace(base, models=models)
+        snapshot = replace(base, models=models)
+        self._warn_mixed(snapshot.mixed_suites())
+        return snapshot
+
+    def _warn_mixed(self, mixed: dict[str, list[str]] | None) -> None:
+        """A warning when the profiles are of several suites: at every load and reload, and when
+        a profile onboarding adds (or a model it forgets) changes the mix."""
+        if mixed is not None and mixed != self._mixed:
+            log.warning("capability profiles measured on different aptitude suites are compared in "
+                        "routing, though their accuracies are not on one scale (the models of the "
+                        "easier suite are favoured): %s. Give every model a profile of one suite "
+                        "(docs/configuration.md, \"Capability profiles and suites\")",
+                        "; ".join(f"{suite}: {', '.join(names)}" for suite, names in mixed.items()))
+        self._mixed = mixed
 
     def reload(self, settle: bool = False) -> bool:
         """Re-read the file and the profile files it names; True when a changed, valid
@@ -799,9 +838,9 @@ class ProviderRegistry:
                     log.error("config reload failed: %s", type(exc).__name__)
                 failing = type(exc).__name__
 
-    def set_profile(self, model_name: str, profile: Profile) -> None:
-        """Make a model routable with this profile (onboarding calls this when a test is graded)."""
-        self._profiles[model_name] = dict(profile)
+    def set_profile(self, model_name: str, profile: Profile, suite: str | None = None) -> None:
+        """Make a model routable with this profile, measured on ``suite`` (None: not known)."""
+        self._profiles[model_name] = (dict(profile), suite)
         self.refresh_profiles()
 
     def refresh_profiles(self) -> None:

@@ -477,6 +477,30 @@ def test_auto_goes_to_the_default_model_while_no_model_has_a_profile(tmp_path, u
     assert models == ["auto", "local"]
 
 
+def test_ready_lists_the_models_of_each_suite_when_profiles_mix_suites(tmp_path, upstream):
+    """Profiles of several aptitude suites are not on one scale: routing goes on, and /ready says
+    which models were measured on which suite (null once they share one)."""
+    models = [_entry("rdc", upstream.url, tmp_path, profile=False),
+              _entry("pro", upstream.url, tmp_path, profile=False)]
+    models[0]["model_info"]["capability_profile"] = "builtin:routerdc/meta-llama--Meta-Llama-3-8B"
+    models[1]["model_info"]["capability_profile"] = "builtin:mmlu_pro/Meta-Llama-3-8B"
+    config = _config(tmp_path, models)
+    with _serve(config) as proxy:
+        ready = httpx.get(f"{proxy.base}/ready")
+        client = openai.OpenAI(base_url=proxy.url, api_key="x", max_retries=0)
+        routed = client.chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+        models[0]["model_info"]["capability_profile"] = "builtin:mmlu_pro/Mistral-7B-v0.1"
+        config = _config(tmp_path, models)
+        deadline = time.monotonic() + 5
+        while httpx.get(f"{proxy.base}/ready").json()["mixed_suites"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        after = httpx.get(f"{proxy.base}/ready").json()
+    assert ready.status_code == 200 and ready.json()["mixed_suites"] == {"routerdc": ["rdc"],
+                                                                         "mmlu_pro": ["pro"]}
+    assert routed.headers["x-satroute-route"] == "routed"
+    assert after["mixed_suites"] is None
+
+
 def test_once_a_model_is_routable_the_default_model_steps_aside(tmp_path, upstream):
     config = _config(tmp_path, [_entry("scored", upstream.url, tmp_path),
                                 _entry("local", upstream.url, tmp_path, profile=False)],

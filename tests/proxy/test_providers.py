@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -325,6 +326,9 @@ class Source:
     def get(self, name, upstream, legacy=None):
         return self.profiles.get(name)
 
+    def profile_suite(self, name):
+        return "mmlu_pro" if name in self.profiles else None
+
 
 def test_registry_profiles_from_source_and_set_profile(tmp_path):
     path = tmp_path / "providers.yaml"
@@ -344,6 +348,63 @@ def test_registry_profiles_from_source_and_set_profile(tmp_path):
     assert reg.snapshot.router.router_name == "best"
     assert reg.snapshot.models["new"].routable and reg.snapshot.models["other"].routable
     assert not reg.reload()  # unchanged
+
+
+def _suites_config(*entries: tuple[str, str | None]) -> str:
+    """providers.yaml with a model per (name, capability_profile or None: onboarded)."""
+    lines = ["model_list:"]
+    for name, ref in entries:
+        info = f", model_info: {{capability_profile: '{ref}'}}" if ref else ""
+        lines.append(f"  - {{model_name: {name}, litellm_params: {{model: openai/{name}}}{info}}}")
+    return "\n".join(lines) + "\n"
+
+
+def _mix_warnings(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "different aptitude suites" in r.getMessage()]
+
+
+def test_profiles_of_different_suites_are_reported_not_compared_silently(tmp_path, caplog):
+    """The same model profiled on RouterDC's 4-option questions outscores its MMLU-Pro-profiled
+    self on every prompt: a mix still serves, but is logged at load and reload naming the models
+    of each suite, and is listed for /ready. A model without a profile yet does not count."""
+    caplog.set_level(logging.WARNING, logger="satroute.providers")
+    path = tmp_path / "providers.yaml"
+    path.write_text(_suites_config(("rdc", "builtin:routerdc/meta-llama--Meta-Llama-3-8B"),
+                                   ("pro", "builtin:mmlu_pro/Meta-Llama-3-8B"),
+                                   ("pro2", "builtin:mmlu_pro/Mistral-7B-v0.1"),
+                                   ("pending", None)))
+    source = Source()
+    reg = ProviderRegistry(path, dict, source)
+    mixed = {"routerdc": ["rdc"], "mmlu_pro": ["pro", "pro2"]}
+    assert reg.snapshot.mixed_suites() == mixed
+    assert all(d.routable for n, d in reg.snapshot.models.items() if n != "pending")  # still served
+    [warning] = _mix_warnings(caplog)
+    assert "routerdc: rdc; mmlu_pro: pro, pro2" in warning and "pending" not in warning
+    reg.refresh_profiles()  # nothing changed: not said again
+    assert len(_mix_warnings(caplog)) == 1
+    # onboarding's profile counts with the suite the store recorded for it
+    source.profiles["pending"] = {"anatomy": 0.5}
+    reg.refresh_profiles()
+    assert reg.snapshot.models["pending"].profile_suite == "mmlu_pro"
+    assert reg.snapshot.mixed_suites() == {"routerdc": ["rdc"], "mmlu_pro": ["pro", "pro2", "pending"]}
+    assert len(_mix_warnings(caplog)) == 2
+    path.write_text(path.read_text() + "router_settings: {router_name: best}\n")
+    assert reg.reload() and len(_mix_warnings(caplog)) == 3  # every reload says it again
+    # one suite: nothing to say
+    path.write_text(_suites_config(("pro", "builtin:mmlu_pro/Meta-Llama-3-8B"), ("pending", None)))
+    assert reg.reload() and reg.snapshot.mixed_suites() is None and len(_mix_warnings(caplog)) == 3
+
+
+def test_a_profile_naming_no_suite_is_not_taken_for_any_suite(tmp_path, caplog):
+    """A profile file without ``suite`` may have been measured on anything: beside one that names
+    its suite it is reported as ``unknown``; alone, or beside others like it, it is not."""
+    (tmp_path / "p.json").write_text(json.dumps({"model": "a", "tasks": {"anatomy": 0.7}}))
+    path = tmp_path / "providers.yaml"
+    path.write_text(_suites_config(("own", "p.json"), ("own2", "p.json")))
+    assert ProviderRegistry(path, dict).snapshot.mixed_suites() is None
+    path.write_text(_suites_config(("own", "p.json"), ("pro", "builtin:mmlu_pro/Meta-Llama-3-8B")))
+    assert ProviderRegistry(path, dict).snapshot.mixed_suites() == {"unknown": ["own"],
+                                                                    "mmlu_pro": ["pro"]}
 
 
 def test_registry_missing_file_is_a_config_error(tmp_path):
@@ -373,6 +434,7 @@ def test_a_stored_profile_counts_only_for_the_upstream_it_was_measured_on(tmp_pa
         store.finish("fresh", "suite", {"t": 0.5})
         reg.refresh_profiles()
         assert reg.snapshot.models["fresh"].routable
+        assert reg.snapshot.models["fresh"].profile_suite == "suite"  # as the store recorded it
         path.write_text(_entry("http://b/v1"))
         assert reg.reload() and not reg.snapshot.models["fresh"].routable
         path.write_text(_entry("http://a/v1", model="openai/other"))
