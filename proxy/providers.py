@@ -459,9 +459,15 @@ def _resolve(value: Any, env: Mapping[str, str], key: str = "",
 def _load_profile(ref: str, base: Path, where: str) -> tuple[dict[str, float], str | None]:
     """The profile a ``capability_profile`` reference names, and the suite its file says."""
     if ref.startswith(BUILTIN_PREFIX):
-        import scorer  # the public package only; cheap (torch is imported lazily there)
+        # the scorer's own resolution (no torch): a model name with a `/` (RouterDC's, the one
+        # the profile file and `satroute evaluate` give) names the file that spells it `--`
+        from scorer.aptitude import builtin_profile_path
+        from scorer.data import DataError
 
-        file = Path(scorer.__file__).parent / "assets" / "profiles" / f"{ref[len(BUILTIN_PREFIX):]}.json"
+        try:
+            file = builtin_profile_path(ref)
+        except DataError as exc:
+            raise ConfigError(f"{where}: {exc}") from None
     else:
         file = (base / ref).resolve()
     try:

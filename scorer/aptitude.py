@@ -210,13 +210,21 @@ def save_profile(suite: Suite, model: str, profile: Mapping[str, float], root: s
     return path
 
 
-def load_builtin_profile(ref: str, root: str | os.PathLike | None = None) -> dict:
-    """``builtin:<suite>/<model>`` (or ``<suite>/<model>``) -> ``{"model", "suite", "tasks"}``."""
+def builtin_profile_path(ref: str, root: str | os.PathLike | None = None) -> Path:
+    """The file ``builtin:<suite>/<model>`` (or ``<suite>/<model>``) names, whether or not it
+    exists: the model as its profile's ``model`` field spells it (``meta-llama/Meta-Llama-3-8B``)
+    or as its file is named (``meta-llama--Meta-Llama-3-8B``) is the same file. ``DataError`` for
+    a reference not of that form."""
     body = ref.removeprefix("builtin:")
     suite, sep, model = body.partition("/")
     if not sep or not model:
         raise DataError(f"expected builtin:<suite>/<model>, got {ref!r}")
-    path = Path(root or assets_dir() / "profiles") / suite / profile_filename(model)
+    return Path(root or assets_dir() / "profiles") / suite / profile_filename(model)
+
+
+def load_builtin_profile(ref: str, root: str | os.PathLike | None = None) -> dict:
+    """``builtin:<suite>/<model>`` (or ``<suite>/<model>``) -> ``{"model", "suite", "tasks"}``."""
+    path = builtin_profile_path(ref, root)
     if not path.exists():
         raise DataError(f"no built-in profile {ref!r} (looked for {path})")
     return json.loads(path.read_text(encoding="utf-8"))
@@ -247,7 +255,7 @@ def aptitude(profile: Mapping[str, float]) -> float:
 
 
 __all__ = [
-    "Suite", "Task", "aptitude", "build_suite", "builtin_profiles", "graded_from_outcomes", "load_builtin_profile",
-    "load_keywords", "load_suite", "profile_filename", "profile_from_graded", "profile_from_outcomes",
-    "save_profile", "subject_of", "suite_for",
+    "Suite", "Task", "aptitude", "build_suite", "builtin_profile_path", "builtin_profiles", "graded_from_outcomes",
+    "load_builtin_profile", "load_keywords", "load_suite", "profile_filename", "profile_from_graded",
+    "profile_from_outcomes", "save_profile", "subject_of", "suite_for",
 ]

@@ -294,13 +294,13 @@ def test_validation_errors_hide_keys():
 def test_profiles_from_file_builtin_and_source(tmp_path, monkeypatch):
     (tmp_path / "p.json").write_text(json.dumps({"model": "a", "suite": "s",
                                                  "tasks": {"t1": 0.7}}))
-    import scorer
+    import scorer.aptitude
 
     builtin = tmp_path / "pkg" / "assets" / "profiles" / "suite1"
     builtin.mkdir(parents=True)
     (builtin / "b.json").write_text(json.dumps({"model": "b", "suite": "suite1",
                                                 "tasks": {"t1": 0.2}}))
-    monkeypatch.setattr(scorer, "__file__", str(tmp_path / "pkg" / "__init__.py"))
+    monkeypatch.setattr(scorer.aptitude, "assets_dir", lambda: tmp_path / "pkg" / "assets")
     text = """
 model_list:
   - {model_name: a, litellm_params: {model: openai/a}, model_info: {capability_profile: p.json}}
@@ -317,6 +317,31 @@ model_list:
         parse(text.replace("p.json", "missing.json"), tmp_path / "providers.yaml", {}, lambda d: None)
     assert "model_list.0.model_info.capability_profile" in str(err.value)
     assert "missing.json" in str(err.value)
+
+
+def test_a_builtin_profile_is_named_by_its_model_name_slash_and_all():
+    """RouterDC's model names have a `/` (`meta-math/MetaMath-Mistral-7B`), as the profile file's
+    own `model` field and `satroute evaluate` spell them; the file writes it `--`. Both spellings
+    name the profile, as in the scorer's loader; a missing one still says what was looked for."""
+    from scorer.aptitude import load_builtin_profile
+
+    def entry(ref: str) -> str:
+        return (f"model_list:\n  - {{model_name: m, litellm_params: {{model: openai/m}}, "
+                f"model_info: {{capability_profile: '{ref}'}}}}\n")
+
+    shipped = load_builtin_profile("builtin:routerdc/meta-math/MetaMath-Mistral-7B")
+    for ref in ("builtin:routerdc/meta-math/MetaMath-Mistral-7B",
+                "builtin:routerdc/meta-math--MetaMath-Mistral-7B"):
+        d = snap(entry(ref)).models["m"]
+        assert dict(d.profile) == shipped["tasks"] and d.profile_suite == "routerdc", ref
+    with pytest.raises(ConfigError) as err:
+        snap(entry("builtin:routerdc/meta-math/No-Such-Model"))
+    said = str(err.value)
+    assert "model_list.0.model_info.capability_profile" in said
+    assert "'builtin:routerdc/meta-math/No-Such-Model'" in said
+    assert str(Path("profiles") / "routerdc" / "meta-math--No-Such-Model.json") in said
+    with pytest.raises(ConfigError, match=r"capability_profile: expected builtin:<suite>/<model>"):
+        snap(entry("builtin:gpt4o"))
 
 
 class Source:
