@@ -330,6 +330,7 @@ class RetryingDispatcher:
                     litellm.suppress_debug_info = True
                     adopt_loggers("LiteLLM", "LiteLLM Router", "LiteLLM Proxy")
                     follow_no_redirects()
+                    keep_provider_deltas()
                     return litellm
 
                 self._litellm = await asyncio.to_thread(load)
@@ -376,7 +377,8 @@ class RetryingDispatcher:
                 resp = await litellm.acompletion(**kwargs)
                 if not call.stream:
                     resp.model = d.name
-                    return Answer(body=dumps_lenient(openai_shape(resp.model_dump(exclude_none=True))))
+                    return Answer(body=dumps_lenient(openai_shape(resp.model_dump(exclude_none=True),
+                                                                  translated=not openai_like)))
                 first = await anext(aiter(resp), None)
                 if first is not None and _finished_empty(first) and (openai_like or not _labelled_stream(resp)):
                     # litellm makes a stream of anything that answers 200 (an HTML page, an empty
@@ -392,7 +394,8 @@ class RetryingDispatcher:
             raise _classify_litellm(exc, d.name, call.redact) from None
         if first is None:
             raise UpstreamTransient(f"{d.name}: stream closed before its first chunk", model=d.name)
-        return Answer(chunks=_litellm_chunks(first, resp, d.name, openai.OpenAIError, call.redact))
+        return Answer(chunks=_litellm_chunks(first, resp, d.name, openai.OpenAIError, call.redact,
+                                             translated=not openai_like))
 
 
 # the types a provider's own stream is sent as: SSE, Ollama's JSON lines, Bedrock's event stream
@@ -492,13 +495,17 @@ def litellm_request_kwargs(body: Mapping[str, Any], d: Deployment,
     so does ``user``, which litellm keeps only for models in OpenAI's own catalogue. A translated
     provider (Anthropic, Gemini, ...) gets none of them: litellm would send ``extra_body`` as a
     field of its own, which such an API refuses, so a routed request carrying an OpenAI-only field
-    (``metadata``, ``prompt_cache_key``) would fail on every such model."""
+    (``metadata``, ``prompt_cache_key``) would fail on every such model. Such a provider's own
+    fields on an assistant message (Gemini's ``thought_signatures``, as ``openai_shape`` gave them)
+    go back where litellm reads them (``_set_aside``)."""
     kwargs = {k: v for k, v in body.items() if k in OPENAI_CHAT_PARAMS}
     extra = {k: v for k, v in body.items() if k not in OPENAI_CHAT_PARAMS and k != "model"}
     if not openai_like:
         if extra:
             log.debug("model %s: fields its provider does not take left out: %s",
                       d.name, ", ".join(sorted(extra)))
+        if isinstance(kwargs.get("messages"), list):
+            kwargs["messages"] = [_set_aside(message) for message in kwargs["messages"]]
         return kwargs
     if "user" in kwargs:
         extra["user"] = kwargs.pop("user")
@@ -506,6 +513,25 @@ def litellm_request_kwargs(body: Mapping[str, Any], d: Deployment,
     if extra:
         kwargs["extra_body"] = {**(configured if isinstance(configured, dict) else {}), **extra}
     return kwargs
+
+
+# the fields of an assistant message that are OpenAI's, or litellm's place for the others
+_OPENAI_ASSISTANT_FIELDS = frozenset({"role", "content", "name", "tool_calls", "function_call", "refusal",
+                                      "audio", "provider_specific_fields"})
+
+
+def _set_aside(message: Any) -> Any:
+    """An assistant message of a client's, with the provider's own fields on it (Gemini's
+    ``thought_signatures``, which ``openai_shape`` lifted from litellm's
+    ``provider_specific_fields``) also under ``provider_specific_fields``, where litellm's
+    translation reads them back (the client's own there win); any other message as it is."""
+    if not isinstance(message, dict) or message.get("role") != "assistant":
+        return message
+    own = {k: v for k, v in message.items() if k not in _OPENAI_ASSISTANT_FIELDS}
+    if not own:
+        return message
+    kept = message.get("provider_specific_fields")
+    return {**message, "provider_specific_fields": {**own, **(kept if isinstance(kept, dict) else {})}}
 
 
 # litellm's words for a parameter a provider does not take: its generic "does not support
@@ -711,6 +737,35 @@ def follow_no_redirects() -> None:
     BaseOpenAILLM._get_async_http_client = staticmethod(get_async_http_client)  # type: ignore[method-assign]
 
 
+# the fields of a delta that litellm's own test of a streamed chunk reads (``is_chunk_non_empty``)
+_JUDGED_DELTA_FIELDS = frozenset({"content", "role", "function_call", "tool_calls", "audio"})
+
+
+def keep_provider_deltas() -> None:
+    """litellm drops a streamed chunk from an OpenAI-format provider whose delta carries none of the
+    fields it knows (content, tool calls, ``reasoning_content``): OpenRouter's chunk that carries
+    only the encrypted ``reasoning_details`` a client must send back on its next turn (Gemini 3's
+    reasoning), a delta's ``refusal``. Its test of a chunk is wrapped so that a delta with a value
+    in any other field is kept too; the pass-through path relays every chunk."""
+    from litellm.litellm_core_utils.streaming_handler import CustomStreamWrapper
+
+    if getattr(CustomStreamWrapper.is_chunk_non_empty, "_satroute", False):
+        return
+    judge = CustomStreamWrapper.is_chunk_non_empty
+
+    def is_chunk_non_empty(self: Any, completion_obj: Any, model_response: Any, response_obj: Any) -> bool:
+        if judge(self, completion_obj, model_response, response_obj):
+            return True
+        choices = getattr(model_response, "choices", None)
+        delta = getattr(choices[0], "delta", None) if choices else None
+        extra = getattr(delta, "model_extra", None) or {}
+        return any(value not in (None, "", [], {}) for key, value in extra.items()
+                   if key not in _JUDGED_DELTA_FIELDS)
+
+    is_chunk_non_empty._satroute = True  # type: ignore[attr-defined]
+    CustomStreamWrapper.is_chunk_non_empty = is_chunk_non_empty  # type: ignore[method-assign]
+
+
 def _answered_status(exc: BaseException) -> int | None:
     """The HTTP status of the upstream's own answer behind a litellm exception (the provider
     call's ``httpx.HTTPStatusError``, which litellm keeps in the chain), or None."""
@@ -742,39 +797,67 @@ def _transport_failure(exc: BaseException) -> str | None:
     return None
 
 
-def openai_shape(obj: dict[str, Any]) -> dict[str, Any]:
+def openai_shape(obj: dict[str, Any], translated: bool = False) -> dict[str, Any]:
     """A litellm answer or chunk, dumped without its many empty fields, put back in OpenAI's shape:
     the fields the API always sends even when null (a choice's ``finish_reason`` and
-    ``logprobs``, a message's ``content``, as in a tool call, and ``refusal``, which litellm moves
-    under ``provider_specific_fields``); none of litellm's own (``provider_specific_fields``, an
-    ``index`` on a whole message's tool calls); and ``choices: []`` on the usage chunk of
+    ``logprobs``, a message's ``content``, as in a tool call, and ``refusal``); the provider's own
+    fields of a message or delta, which litellm moves under ``provider_specific_fields``
+    (OpenRouter's ``reasoning`` and ``reasoning_details``, Gemini's ``thought_signatures``), back
+    on it as the pass-through path gives them (``_lift``); none of litellm's own additions:
+    ``provider_specific_fields`` itself, an ``index`` on a whole message's tool calls, the empty
+    ``images`` it gives every Gemini message and the empty ``vertex_ai_*`` lists beside it, and
+    for a provider it ``translated`` (no OpenAI-format upstream wrote the usage) the Anthropic
+    names it gives the usage beside OpenAI's (``cache_read_input_tokens``: OpenAI's is
+    ``prompt_tokens_details.cached_tokens``, there too); and ``choices: []`` on the usage chunk of
     ``stream_options.include_usage`` (litellm gives it an empty delta)."""
     choices = obj.get("choices")
     if not isinstance(choices, list):
         return obj
+    for key in [k for k, v in obj.items() if k.startswith("vertex_ai_") and v == []]:
+        del obj[key]
+    usage = obj.get("usage")
+    if translated and isinstance(usage, dict):
+        for key in _LITELLM_USAGE:
+            usage.pop(key, None)
     for choice in choices:
         if not isinstance(choice, dict):
             continue
         choice.setdefault("finish_reason", None)
         choice.setdefault("logprobs", None)
         choice.pop("provider_specific_fields", None)
+        for part in ("message", "delta"):
+            said = choice.get(part)
+            if not isinstance(said, dict):
+                continue
+            _lift(said, said.pop("provider_specific_fields", None))
+            if said.get("images") == []:
+                del said["images"]
         message = choice.get("message")
         if isinstance(message, dict):
-            extra = message.pop("provider_specific_fields", None)
             message.setdefault("content", None)
-            message.setdefault("refusal", extra.get("refusal") if isinstance(extra, dict) else None)
+            message.setdefault("refusal", None)
             for call in message.get("tool_calls") or ():
                 if isinstance(call, dict):
                     call.pop("index", None)
-        delta = choice.get("delta")
-        if isinstance(delta, dict):
-            extra = delta.pop("provider_specific_fields", None)
-            if isinstance(extra, dict) and extra.get("refusal"):
-                delta.setdefault("refusal", extra["refusal"])
-    if obj.get("object") == "chat.completion.chunk" and isinstance(obj.get("usage"), dict) and all(
+    if obj.get("object") == "chat.completion.chunk" and isinstance(usage, dict) and all(
             isinstance(c, dict) and not c.get("delta") and c.get("finish_reason") is None for c in choices):
         obj["choices"] = []
     return obj
+
+
+# the names litellm gives a translated provider's usage beside OpenAI's own, in Anthropic's words
+_LITELLM_USAGE = ("cache_read_input_tokens", "cache_creation_input_tokens")
+
+
+def _lift(said: dict[str, Any], kept: Any) -> None:
+    """The fields of the provider's own that litellm ``kept`` aside for a message or delta, put
+    back on it, where litellm gave it none of that name (Anthropic's ``thinking_blocks`` are in
+    both); a null is left out, as litellm writes some the provider never sent (Anthropic's
+    ``citations``, OpenAI's ``refusal``)."""
+    if isinstance(kept, dict):
+        for key, value in kept.items():
+            if value is not None:
+                said.setdefault(key, value)
 
 
 class _ChoiceEnds:
@@ -830,12 +913,12 @@ class _ChoiceEnds:
 
 
 async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type,
-                          redact: Callable[[str], str]) -> AsyncIterator[bytes]:
+                          redact: Callable[[str], str], translated: bool = False) -> AsyncIterator[bytes]:
     ends = _ChoiceEnds()
 
     def shaped(chunk: Any) -> dict[str, Any]:
         chunk.model = name
-        return openai_shape(chunk.model_dump(exclude_none=True))
+        return openai_shape(chunk.model_dump(exclude_none=True), translated)
 
     def encode(obj: dict[str, Any]) -> bytes:
         return b"data: " + dumps_lenient(obj) + b"\n\n"
@@ -866,6 +949,8 @@ async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type,
                     yield interrupted_event("the upstream ended it before the answer was finished")
                     return
                 if obj.get("choices") == [] and "usage" in obj:  # include_usage's chunk stays the last
+                    if isinstance(obj["usage"], dict) and "cost" in obj["usage"] and _estimated_cost(stream):
+                        del obj["usage"]["cost"]
                     for closing in ends.closings():
                         yield encode(closing)
                 yield encode(ends.seen(obj))
@@ -885,6 +970,15 @@ async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type,
         aclose = getattr(stream, "aclose", None)
         if aclose is not None:
             await aclose()
+
+
+def _estimated_cost(stream: Any) -> bool:
+    """Whether the ``usage.cost`` on the usage chunk of a litellm stream is litellm's own estimate,
+    from its price map, not the provider's: no chunk the provider sent gave one (OpenRouter's
+    does, and it is kept). False when it cannot tell (litellm no longer keeps the chunks)."""
+    chunks = getattr(stream, "chunks", None)
+    return isinstance(chunks, list) and not any(
+        getattr(getattr(chunk, "usage", None), "cost", None) is not None for chunk in chunks)
 
 
 def _reason(exc: UpstreamTransient) -> str:

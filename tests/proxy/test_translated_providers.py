@@ -164,6 +164,129 @@ def test_a_refusal_and_the_null_fields_come_back_in_openai_s_shape(proxy, upstre
     assert shapes["oai-lite"] == shapes["oai-fast"]
 
 
+# OpenRouter's reasoning for Gemini 3: the encrypted detail is what a client must send back
+ENCRYPTED = {"type": "reasoning.encrypted", "data": "gAAAAB-blob", "id": "rs_1",
+             "format": "google-gemini-v1", "index": 0}
+
+
+def _openrouter(request) -> bytes:
+    """OpenRouter's answer with reasoning, whole or streamed as it streams it (the encrypted
+    detail alone in a chunk), with its own usage.cost."""
+    import json
+
+    head = {"id": "gen-1", "created": 1, "model": "google/gemini-3-pro-preview", "provider": "Google"}
+    usage = {"prompt_tokens": 5, "completion_tokens": 9, "total_tokens": 14, "cost": 0.00123}
+    if not request.get("stream"):
+        message = {"role": "assistant", "content": "42", "refusal": None, "reasoning": "6 times 7",
+                   "reasoning_details": [ENCRYPTED]}
+        choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
+        whole = {**head, "object": "chat.completion", "choices": [choice], "usage": usage}
+        return _reply(b"application/json", json.dumps(whole).encode())
+    text = {"type": "reasoning.text", "text": "6 times 7", "index": 0}
+    deltas = [({"role": "assistant", "content": "", "reasoning": "6 times 7", "reasoning_details": [text]}, None),
+              ({"role": "assistant", "content": "", "reasoning": None, "reasoning_details": [ENCRYPTED]}, None),
+              ({"role": "assistant", "content": "42"}, None), ({"role": "assistant", "content": ""}, "stop")]
+    events = [{**head, "object": "chat.completion.chunk",
+               "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]} for delta, finish in deltas]
+    events.append({**head, "object": "chat.completion.chunk", "choices": [], "usage": usage})
+    return _reply(b"text/event-stream", b"".join(b"data: " + json.dumps(e).encode() + b"\n\n" for e in events)
+                  + b"data: [DONE]\n\n")
+
+
+def test_a_provider_s_reasoning_fields_reach_the_client_on_the_litellm_path_too(tmp_path, start_proxy):
+    """OpenRouter's `reasoning` and `reasoning_details` (litellm keeps them aside, under
+    `provider_specific_fields`, and drops a streamed chunk that carries only the encrypted detail),
+    and its own usage.cost, reach the client as on the pass-through path."""
+    from support.raw_upstream import raw_upstream
+
+    with raw_upstream(_openrouter) as url:
+        models = [{"model_name": "or-lite", "litellm_params": {"model": "openrouter/google/gemini-3-pro-preview",
+                                                               "api_key": "sk-or-test", "api_base": url}},
+                  {"model_name": "or-fast", "litellm_params": {"model": "openai/google/gemini-3-pro-preview",
+                                                               "api_base": url}}]
+        proxy = start_proxy(write_config(tmp_path / "providers.yaml", models, num_retries=0))
+        seen = {}
+        for name in ("or-lite", "or-fast"):
+            whole = client(proxy).chat.completions.with_raw_response.create(model=name, messages=MESSAGES)
+            body = whole.http_response.json()
+            message = body["choices"][0]["message"]
+            assert "provider_specific_fields" not in message
+            chunks = _streamed(proxy, name)
+            details = [d for c in chunks if c.choices for d in (c.choices[0].delta.model_extra or {}).get(
+                "reasoning_details") or ()]
+            seen[name] = (message["reasoning"], message["reasoning_details"], body["usage"]["cost"],
+                          details, chunks[-1].usage.model_extra.get("cost"))
+    assert seen["or-lite"] == seen["or-fast"] == (
+        "6 times 7", [ENCRYPTED], 0.00123,
+        [{"type": "reasoning.text", "text": "6 times 7", "index": 0}, ENCRYPTED], 0.00123)
+
+
+def test_a_streamed_refusal_reaches_the_client_on_the_litellm_path_too(tmp_path, start_proxy):
+    """OpenAI streams a refusal in `delta.refusal`, with no content: litellm dropped those chunks."""
+    import json
+
+    from support.raw_upstream import raw_upstream
+
+    def chunk(delta, finish=None):
+        event = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "gpt-4o",
+                 "choices": [{"index": 0, "delta": delta, "finish_reason": finish}]}
+        return b"data: " + json.dumps(event).encode() + b"\n\n"
+
+    body = (chunk({"role": "assistant", "content": None, "refusal": ""}) + chunk({"refusal": "I can't "})
+            + chunk({"refusal": "help with that."}) + chunk({}, "stop") + b"data: [DONE]\n\n")
+    with raw_upstream(lambda request: _reply(b"text/event-stream", body)) as url:
+        entry = model_entry("oai-lite", url, tmp_path, fast_path=False)
+        proxy = start_proxy(write_config(tmp_path / "providers.yaml", [entry], num_retries=0))
+        chunks = list(client(proxy).chat.completions.create(model="oai-lite", messages=MESSAGES, stream=True))
+    assert "".join(c.choices[0].delta.refusal or "" for c in chunks if c.choices) == "I can't help with that."
+
+
+def test_gemini_s_thought_signature_goes_to_the_client_and_back_without_litellm_s_additions(
+        tmp_path, start_proxy):
+    """Gemini 3's signature of its text (litellm keeps it under `provider_specific_fields`) reaches
+    the client, and goes back to Gemini when the client sends the message back on its next turn;
+    what litellm adds of its own does not reach the client: an empty `images`, empty
+    `vertex_ai_*` lists, the Anthropic names of the usage's cached tokens, and a `usage.cost` of
+    its own estimate on a stream's usage chunk (Gemini gives none)."""
+    import json
+
+    from support.raw_upstream import raw_upstream
+
+    parts = [{"text": "Thinking about 6*7.", "thought": True}, {"text": "42", "thoughtSignature": "sig-text"}]
+    frame = {"candidates": [{"content": {"role": "model", "parts": parts}, "finishReason": "STOP", "index": 0}],
+             "usageMetadata": {"promptTokenCount": 10, "candidatesTokenCount": 5, "totalTokenCount": 40,
+                               "thoughtsTokenCount": 25, "cachedContentTokenCount": 4},
+             "modelVersion": "gemini-3-pro-preview"}
+    replies = [_reply(b"application/json", json.dumps(frame).encode()),
+               _reply(b"text/event-stream", b"data: " + json.dumps(frame).encode() + b"\r\n\r\n"),
+               _reply(b"application/json", json.dumps(frame).encode())]
+    asked = []
+
+    def respond(request):
+        asked.append(request)
+        return replies[len(asked) - 1]
+
+    with raw_upstream(respond) as url:
+        entry = {"model_name": "gem", "litellm_params": {"model": "gemini/gemini-3-pro-preview",
+                                                         "api_key": "g-test", "api_base": url}}
+        proxy = start_proxy(write_config(tmp_path / "providers.yaml", [entry], num_retries=0))
+        raw = client(proxy).chat.completions.with_raw_response.create(model="gem", messages=MESSAGES)
+        body = raw.http_response.json()
+        message = body["choices"][0]["message"]
+        assert message["thought_signatures"] == ["sig-text"] and message["content"] == "42"
+        assert "images" not in message and not [k for k in body if k.startswith("vertex_ai_")]
+        assert "cache_read_input_tokens" not in body["usage"]
+        assert body["usage"]["prompt_tokens_details"]["cached_tokens"] == 4  # OpenAI's name for them
+        chunks = _streamed(proxy, "gem")
+        signed = [(c.choices[0].delta.model_extra or {}).get("thought_signatures") for c in chunks if c.choices]
+        assert signed[0] == ["sig-text"]
+        usage = chunks[-1].usage
+        assert usage.total_tokens == 40 and not {"cost", "cache_read_input_tokens"} & set(usage.model_extra)
+        client(proxy).chat.completions.create(model="gem", messages=[*MESSAGES, message,
+                                                                     {"role": "user", "content": "and 6*8?"}])
+    assert {"text": "42", "thoughtSignature": "sig-text"} in asked[2]["contents"][1]["parts"]
+
+
 def _streamed(proxy, name: str, **params) -> list:
     """The chunks of a streamed answer, with include_usage's chunk."""
     return list(client(proxy).chat.completions.create(model=name, messages=MESSAGES, stream=True,
