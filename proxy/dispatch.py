@@ -39,9 +39,9 @@ from proxy.logs import adopt_loggers
 from proxy.protocol import OPENAI_CHAT_PARAMS
 from proxy.providers import OPENAI_COMPATIBLE, Deployment, RouterSettings
 from proxy.settings import prepare_litellm_environment
-from proxy.upstream import (CONTEXT_WINDOW, RETRYABLE, UNSUPPORTED, Answer, PassThrough, cannot_read,
-                            classify, dumps_lenient, error_labels, interrupted_event, out_of_quota,
-                            redirected, retry_after_seconds, too_long)
+from proxy.upstream import (CONTEXT_WINDOW, LIMIT_NAMES, RETRYABLE, UNSUPPORTED, Answer, PassThrough,
+                            cannot_read, classify, dumps_lenient, error_labels, interrupted_event,
+                            out_of_quota, redirected, retry_after_seconds, too_long)
 
 log = logging.getLogger("satroute.dispatch")
 
@@ -351,7 +351,11 @@ class RetryingDispatcher:
             text = f"The model '{d.name}' cannot be called: {why}"
             raise UpstreamClientError(text, status=404, model=d.name, upstream_body={"error": {
                 "message": text, "type": "invalid_request_error", "param": None, "code": "model_not_found"}})
-        kwargs = {k: v for k, v in d.params.items() if k not in ("max_retries", "num_retries")}
+        # the client's limit on the answer, under either name, replaces the model's default under
+        # either (LIMIT_NAMES): litellm would send both, which OpenAI refuses
+        limited = not LIMIT_NAMES.isdisjoint(call.body)
+        kwargs = {k: v for k, v in d.params.items()
+                  if k not in ("max_retries", "num_retries") and not (limited and k in LIMIT_NAMES)}
         provider = _custom_provider(d)
         if provider is not None:
             kwargs["custom_llm_provider"] = provider

@@ -29,6 +29,10 @@ from proxy.providers import Deployment
 
 # litellm_params keys that fill the request body where the client's body has none.
 BODY_DEFAULTS = OPENAI_CHAT_PARAMS - {"messages", "stream", "stream_options"}
+# the two names of a request's one limit on its answer: a model's default under either fills it
+# only when the client gave neither (OpenAI refuses the two together, 400
+# invalid_parameter_combination), on both paths
+LIMIT_NAMES = frozenset({"max_tokens", "max_completion_tokens"})
 DEFAULT_BASES = {"openai": "https://api.openai.com/v1"}
 USER_AGENT = f"satroute/{__version__}"
 MODEL_FIELD = re.compile(rb'"model"\s*:\s*(?:"(?:[^"\\]|\\.)*"|null)')
@@ -260,11 +264,13 @@ class PassThrough:
     def with_defaults(d: Deployment, body: Mapping[str, Any]) -> dict[str, Any]:
         """``body`` with the model's defaults for what it does not say: from litellm_params, the
         OpenAI chat parameters (temperature, max_tokens, ...) and the fields of its extra_body;
-        never litellm's own settings or other credentials."""
+        never litellm's own settings or other credentials. A limit on the answer the client gave,
+        under either name, is the one limit (``LIMIT_NAMES``)."""
         defaults = {k: v for k, v in d.params.items() if k in BODY_DEFAULTS}
         extra = d.params.get("extra_body")
         out = {**(extra if isinstance(extra, dict) else {}), **defaults}
-        out = {k: v for k, v in out.items() if k not in body}
+        limited = not LIMIT_NAMES.isdisjoint(body)
+        out = {k: v for k, v in out.items() if k not in body and not (limited and k in LIMIT_NAMES)}
         out.update(body)
         return out
 

@@ -317,6 +317,29 @@ def test_the_pass_through_fills_only_chat_parameters_from_litellm_params(tmp_pat
     assert not {"drop_params", "tags", "aws_secret_access_key", "max_parallel_requests", "extra_body"} & set(sent)
 
 
+@pytest.mark.parametrize("fast_path", [True, False], ids=["pass-through", "litellm"])
+def test_a_configured_limit_gives_way_to_the_client_s_under_either_name(tmp_path, upstream, start_proxy,
+                                                                         fast_path):
+    """max_tokens and max_completion_tokens are one limit: OpenAI refuses the two together (400
+    invalid_parameter_combination), so a model's default under one name was a 400 for every client
+    that sends the other (the SDKs' max_completion_tokens). The default fills the limit only when
+    the client gave neither, under the name the admin wrote."""
+    from conftest import model_entry, write_config
+
+    entries = [model_entry("tokens", upstream.url, tmp_path, fast_path=fast_path),
+               model_entry("completion", upstream.url, tmp_path, fast_path=fast_path)]
+    entries[0]["litellm_params"]["max_tokens"] = 512
+    entries[1]["litellm_params"]["max_completion_tokens"] = 512
+    proxy = start_proxy(write_config(tmp_path / "providers.yaml", entries))
+    limits = ("max_tokens", "max_completion_tokens")
+    for name, configured in zip(("tokens", "completion"), limits):
+        for asked in limits:
+            client(proxy).chat.completions.create(model=name, messages=MESSAGES, **{asked: 4000})
+            assert {k: v for k, v in upstream.bodies(name)[-1].items() if k in limits} == {asked: 4000}
+        client(proxy).chat.completions.create(model=name, messages=MESSAGES)
+        assert {k: v for k, v in upstream.bodies(name)[-1].items() if k in limits} == {configured: 512}
+
+
 def test_the_bare_host_serves_the_same_endpoints_behind_the_same_key(config, upstream, start_proxy):
     """A client configured with the host alone as base URL (no /v1), as LiteLLM's proxy allows."""
     proxy = start_proxy(config, scorer=RecordingScorer({"m2": 1.0}), master_key="sk-master-123")
