@@ -361,6 +361,8 @@ class RetryingDispatcher:
             kwargs["custom_llm_provider"] = provider
         openai_like = _openai_like(d.provider, d.upstream_model)
         kwargs.update(litellm_request_kwargs(call.body, d, openai_like))
+        if not openai_like:
+            _fit_thinking(litellm, kwargs, d)
         # litellm's timeout bounds each read of a stream, like the pass-through's sock_read: the
         # whole timeout_s, not what the deadline left for the first chunk (asyncio.timeout below);
         # and the TCP connect by connect_timeout_s, as there: an unreachable host falls back soon
@@ -400,6 +402,59 @@ class RetryingDispatcher:
             raise UpstreamTransient(f"{d.name}: stream closed before its first chunk", model=d.name)
         return Answer(chunks=_litellm_chunks(first, resp, d.name, openai.OpenAIError, call.redact,
                                              translated=not openai_like))
+
+
+# Anthropic's least thinking budget: thinking.budget_tokens must be at least this, and below max_tokens
+_LEAST_THINKING_BUDGET = 1024
+
+
+def _fit_thinking(litellm: Any, kwargs: dict[str, Any], d: Deployment) -> None:
+    """A ``reasoning_effort`` that litellm turns into Anthropic's thinking (Claude, also on Bedrock
+    or Vertex AI), made a request Anthropic takes, or refused as one this model cannot take.
+
+    litellm gives older Claude models a fixed ``thinking.budget_tokens`` per effort (low 1024,
+    medium 2048, high 4096, ...) and keeps the request's limit on the answer, which Anthropic
+    refuses unless it is above the budget; in OpenAI's terms that limit counts the reasoning too,
+    so the budget is fitted under it (to the limit less one, as litellm fits one of its own), sent
+    as ``thinking`` in place of the effort. A limit that leaves no room for Anthropic's least budget
+    (``_LEAST_THINKING_BUDGET``), or a ``temperature`` other than 1 beside thinking (adaptive too),
+    which Anthropic refuses, raise ``_unfit``: a routed request goes to another model, one naming
+    this model gets the 400. Anything else (no thinking, a provider litellm maps otherwise, a
+    mapping litellm fails to make: its own call says why) is left as it is."""
+    effort = kwargs.get("reasoning_effort")
+    said = effort.get("effort") if isinstance(effort, dict) else effort
+    if not isinstance(said, str) or said == "none" or "thinking" in kwargs:
+        return
+    limit_name = next((name for name in ("max_completion_tokens", "max_tokens") if isinstance(
+        kwargs.get(name), (int, float)) and not isinstance(kwargs[name], bool)), None)
+    temperature = kwargs.get("temperature")
+    if limit_name is None and temperature in (None, 1):
+        return  # nothing that could clash: litellm sets max_tokens above its budget itself
+    try:
+        model, provider, _, _ = litellm.get_llm_provider(
+            model=d.model, custom_llm_provider=_custom_provider(d), api_base=d.api_base)
+        thinking = litellm.get_optional_params(model=model, custom_llm_provider=provider,
+                                               reasoning_effort=effort).get("thinking")
+    except Exception:  # noqa: BLE001 (litellm's own call raises it again, classified)
+        return
+    if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "adaptive"):
+        return
+    if temperature not in (None, 1):
+        raise _unfit(d.name, f"model {d.name} cannot take the parameters ['reasoning_effort', "
+                     f"'temperature'] together: its provider thinks for reasoning_effort {said!r}, and "
+                     "`temperature` may only be set to 1 when thinking is enabled. Send the request "
+                     "without one of them", "unsupported_params", "unsupported_parameter")
+    budget, limit = thinking.get("budget_tokens"), kwargs.get(limit_name) if limit_name else None
+    if thinking["type"] != "enabled" or not isinstance(budget, int) or limit is None or budget < limit:
+        return
+    if int(limit) - 1 < _LEAST_THINKING_BUDGET:
+        raise _unfit(d.name, f"model {d.name} cannot take the parameters ['reasoning_effort', "
+                     f"'{limit_name}'] together: its provider thinks for reasoning_effort {said!r} with a "
+                     f"budget of at least {_LEAST_THINKING_BUDGET} tokens, below the limit on the answer, "
+                     f"and {limit_name} is {limit}. Send a higher {limit_name}, or no reasoning_effort",
+                     "unsupported_params", "unsupported_parameter")
+    del kwargs["reasoning_effort"]
+    kwargs["thinking"] = {"type": "enabled", "budget_tokens": int(limit) - 1}
 
 
 # the types a provider's own stream is sent as: SSE, Ollama's JSON lines, Bedrock's event stream

@@ -93,6 +93,86 @@ def test_a_parameter_the_top_model_cannot_take_falls_back_and_a_named_call_says_
     assert client(proxy).chat.completions.create(model="auto", messages=MESSAGES).model == "claude"
 
 
+@pytest.fixture
+def thinking_proxy(tmp_path, upstream, start_proxy):
+    """Claude models that think for reasoning_effort, on the mock upstream: one with a fixed
+    budget per effort (Sonnet 4.5), one adaptive (Sonnet 4.6), ranked above an OpenAI-compatible
+    model."""
+    (tmp_path / "claude.profile.json").write_text('{"tasks": {"t1": 0.5}}')
+    models = [claude(upstream, "sonnet-45", model="anthropic/claude-sonnet-4-5-20250929"),
+              claude(upstream, "sonnet-46", model="anthropic/claude-sonnet-4-6"),
+              model_entry("oai-lite", upstream.url, tmp_path, fast_path=False)]
+    scores = {"sonnet-45": 0.9, "sonnet-46": 0.8, "oai-lite": 0.1}
+    return start_proxy(write_config(tmp_path / "providers.yaml", models, num_retries=2),
+                       scorer=RecordingScorer(scores))
+
+
+@pytest.mark.parametrize("effort, limit, budget", [
+    ("high", {"max_completion_tokens": 4096}, 4095), ("medium", {"max_tokens": 2048}, 2047),
+    ("xhigh", {"max_tokens": 1025}, 1024), ("low", {"max_completion_tokens": 3000}, 1024)])
+def test_a_claude_thinking_budget_is_fitted_under_the_client_s_limit(thinking_proxy, upstream, effort, limit,
+                                                                      budget):
+    """litellm gives each effort a fixed budget (high: 4096) and keeps the client's limit, which
+    Anthropic refuses unless it is above the budget; the limit counts the reasoning in OpenAI's
+    terms, so it stays, and the budget goes under it."""
+    for model in ("sonnet-45", "auto"):
+        raw = client(thinking_proxy).chat.completions.with_raw_response.create(
+            model=model, messages=MESSAGES, reasoning_effort=effort, **limit)
+        assert raw.headers["x-satroute-model"] == "sonnet-45" and "x-satroute-failed" not in raw.headers
+        sent = upstream.bodies("claude-sonnet-4-5-20250929")[-1]
+        assert sent["max_tokens"] == next(iter(limit.values()))
+        assert sent["thinking"] == {"type": "enabled", "budget_tokens": budget}
+
+
+@pytest.mark.parametrize("model, params, said", [
+    ("sonnet-45", {"max_tokens": 1024}, "Send a higher max_tokens"),
+    ("sonnet-45", {"temperature": 0.7}, "`temperature` may only be set to 1 when thinking is enabled"),
+    ("sonnet-46", {"temperature": 0.7}, "`temperature` may only be set to 1 when thinking is enabled")])
+def test_reasoning_effort_claude_cannot_take_falls_back_and_a_named_call_gets_the_reason(
+        thinking_proxy, upstream, model, params, said):
+    """A limit with no room for Anthropic's least budget (1024, below the limit), or a temperature
+    other than 1 beside thinking: Anthropic refuses the request litellm makes of it. A routed
+    request goes to the next model, without retry or cooldown; one naming the model gets a 400 that
+    says why; nothing is sent to Claude."""
+    body = {"messages": MESSAGES, "reasoning_effort": "low", **params}
+    for _ in range(4):  # not the model's health: it never cools down for it
+        raw = client(thinking_proxy).chat.completions.with_raw_response.create(
+            model="auto", extra_body={"satroute": {"models": [model, "oai-lite"]}}, **body)
+        assert raw.headers["x-satroute-model"] == "oai-lite"
+        assert raw.headers["x-satroute-failed"] == f"{model}:unsupported_params"
+    with pytest.raises(openai.BadRequestError) as err:
+        client(thinking_proxy).chat.completions.create(model=model, **body)
+    assert err.value.code == "unsupported_parameter" and said in err.value.message
+    assert not [b for b in upstream.bodies() if str(b.get("model")).startswith("claude")]
+    assert "x-satroute-failed" not in client(thinking_proxy).chat.completions.with_raw_response.create(
+        model="auto", extra_body={"satroute": {"models": [model, "oai-lite"]}}, messages=MESSAGES).headers
+
+
+def test_onboarding_leaves_its_temperature_out_for_a_claude_model_configured_to_think(tmp_path):
+    """A model with `reasoning_effort` in its litellm_params refuses onboarding's temperature in
+    words onboarding reads: it asks again without it, rather than grading every question wrong."""
+    from proxy.dispatch import _fit_thinking
+    from proxy.errors import UpstreamClientError
+    from proxy.onboarding import adapted_params
+    from proxy.providers import parse
+    from proxy.settings import prepare_litellm_environment
+
+    prepare_litellm_environment()
+    import litellm
+
+    entry = {"model_name": "sonnet", "litellm_params": {"model": "anthropic/claude-sonnet-4-5-20250929",
+                                                        "api_key": "sk-ant-test", "reasoning_effort": "high"}}
+    cfg = write_config(tmp_path / "providers.yaml", [entry])
+    model = parse(cfg.read_text(), cfg, {}, lambda d: None).models["sonnet"]
+    asked = {"temperature": 0.0, "max_tokens": 2048}
+    with pytest.raises(UpstreamClientError) as refused:
+        _fit_thinking(litellm, {**model.params, **asked}, model)
+    assert adapted_params(asked, refused.value) == {"max_tokens": 2048}
+    kwargs = {**model.params, "max_tokens": 2048}
+    _fit_thinking(litellm, kwargs, model)  # as asked again: the budget under onboarding's limit
+    assert kwargs["thinking"] == {"type": "enabled", "budget_tokens": 2047} and "reasoning_effort" not in kwargs
+
+
 TOOLS = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}]
 
 

@@ -270,7 +270,8 @@ class _Conn(asyncio.Protocol):
         return b
 
     async def handle_anthropic(self, path: str, headers: dict[str, str], raw: bytes) -> None:
-        """Anthropic's Messages API, as strict as the real one about unknown top-level fields."""
+        """Anthropic's Messages API, as strict as the real one about unknown top-level fields and
+        about what may go with thinking."""
         body = json.loads(raw)
         self.mock.record(path, headers, body)
         model = body.get("model", "")
@@ -278,6 +279,10 @@ class _Conn(asyncio.Protocol):
         if unknown:
             self.write(400, anthropic_error("invalid_request_error",
                                             f"{unknown[0]}: Extra inputs are not permitted"))
+            return
+        refused = thinking_refused(body)
+        if refused:
+            self.write(400, anthropic_error("invalid_request_error", refused))
             return
         b = await self.behave(model)
         if b is None:
@@ -369,8 +374,18 @@ def completion(model: str, text: str, refusal: str | None = None, finish: str = 
 # The top-level fields Anthropic's Messages API takes; any other is a 400.
 ANTHROPIC_FIELDS = frozenset({
     "model", "messages", "max_tokens", "system", "stop_sequences", "stream", "temperature", "top_p",
-    "top_k", "metadata", "tools", "tool_choice", "thinking", "service_tier", "container",
+    "top_k", "metadata", "tools", "tool_choice", "thinking", "output_config", "service_tier", "container",
     "mcp_servers"})
+
+
+def thinking_refused(body: dict[str, Any]) -> str | None:
+    """Anthropic's words for a request whose thinking it does not take with the rest of it."""
+    thinking = body.get("thinking") if isinstance(body.get("thinking"), dict) else {}
+    if thinking.get("type") == "enabled" and body.get("max_tokens", 0) <= thinking.get("budget_tokens", 0):
+        return "`max_tokens` must be greater than `thinking.budget_tokens`"
+    if thinking.get("type") in ("enabled", "adaptive") and body.get("temperature") not in (None, 1):
+        return "`temperature` may only be set to 1 when thinking is enabled"
+    return None
 
 
 def anthropic_message(model: str, text: str) -> dict[str, Any]:
