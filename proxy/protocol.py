@@ -20,7 +20,7 @@ from typing import Annotated, Any, Literal
 from urllib.parse import quote
 
 import orjson
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 
 from scorer.data import mended  # a lone surrogate as U+FFFD, as the scorer reads its data
 
@@ -71,6 +71,7 @@ class StreamOptions(BaseModel):
 
 
 MAX_ROUTE_MODELS = 1024  # names in satroute.models; no deployment lists that many models
+MAX_TOP_LOGPROBS = 20  # OpenAI's bound on top_logprobs
 
 
 class RouteOptions(BaseModel):
@@ -92,6 +93,10 @@ class ChatCompletionRequest(BaseModel):
     # what it takes of them): a local model's server answered a 500, retried, for ``"tools": 5``
     tools: list[Any] | None = None
     functions: list[Any] | None = None
+    # 0 to 20, as OpenAI refuses any other with a 400: a local model's server takes any number and
+    # writes that many alternatives of every token (at 100,000, its whole vocabulary: about 43 MB
+    # of its memory and 25 MB of the proxy's a token)
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
 
 
 class _FirstFaultMessage(Message):

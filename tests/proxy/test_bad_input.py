@@ -66,11 +66,25 @@ def test_malformed_bodies_are_400(proxy, upstream, body, words):
     ({"model": "auto", "messages": MESSAGES, "satroute": {"models": []}}, "satroute.models"),
     ({"model": "auto", "messages": MESSAGES, "tools": 5}, "tools"),  # as OpenAI: an array
     ({"model": "auto", "messages": MESSAGES, "functions": {"name": "f"}}, "functions"),
+    # OpenAI's bound, 0 to 20: a local model's server wrote its whole vocabulary for every token
+    ({"model": "auto", "messages": MESSAGES, "logprobs": True, "top_logprobs": 100_000}, "top_logprobs"),
+    ({"model": "auto", "messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ({"model": "auto", "messages": MESSAGES, "logprobs": True, "top_logprobs": -1}, "top_logprobs"),
+    ({"model": "auto", "messages": MESSAGES, "logprobs": True, "top_logprobs": 1e30}, "top_logprobs"),
 ])
 def test_wrong_shapes_are_400_naming_the_field(proxy, upstream, body, param):
     err = assert_error(post(proxy, json=body), 400, param)
     assert err["param"] == param  # the field the client sent, never pydantic's union branch names
     assert upstream.bodies() == []
+
+
+@pytest.mark.parametrize("top", [0, 20])
+def test_top_logprobs_within_openai_s_bound_is_taken(top):
+    from proxy.endpoints import parse_request
+
+    body, req = parse_request(orjson.dumps({"model": "auto", "messages": MESSAGES, "logprobs": True,
+                                            "top_logprobs": top}))
+    assert body["top_logprobs"] == req.top_logprobs == top
 
 
 def test_a_union_failing_both_ways_counts_as_one_more_problem(proxy, upstream):
