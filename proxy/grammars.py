@@ -9,9 +9,13 @@ every client, streams in flight included. So each such grammar is built and pars
 throwaway process (``python -m proxy.grammars``, about 0.3 s: llama.cpp's own parser, on the
 built-in model's vocabulary, which a grammar of a schema never refers to), once per schema: the
 verdicts are remembered. A request whose grammar llama.cpp refuses, or that could not be checked,
-is refused (``why_not``) instead of sent.
+is refused (``why_not``) instead of sent; so is one whose schema is larger than OpenAI takes for
+Structured Outputs (``past_bounds``): llama.cpp's sampler follows every alternative of a grammar at
+once, at every token, and one client's enum of 20,000 values held the model 30 s (60,000: 138 s)
+while every other client waited.
 
-Owns: which schemas of a request become grammars, and the check. Does not know: dispatch.
+Owns: which schemas of a request become grammars, their bounds, and the check. Does not know:
+dispatch.
 """
 from __future__ import annotations
 
@@ -35,8 +39,139 @@ _SETUP_FAILURES = {3: "llama-cpp-python is not installed", 2: "llama.cpp cannot 
 _SETUP_RUNS = {3: 1, 2: 3}
 
 
+# What a local model takes of a JSON schema: OpenAI's bounds for Structured Outputs, counted so that
+# they bound what sampling costs. Its 1,000 enum values count every alternative the grammar gives
+# the sampler (anyOf and oneOf branches, optional properties, which OpenAI's strict schemas do not
+# have, a list of types, a pattern's "|" too: 5,000 consts in an anyOf cost as much as 5,000 enum
+# values, an object's 900 optional properties as much as 1,000); the names' length counts patterns.
+MAX_ALTERNATIVES = 1_000  # enum values and alternatives, in all
+MAX_PROPERTIES = 5_000  # object properties, in all
+MAX_NESTING = 10  # objects and arrays within one another
+MAX_LENGTH = 120_000  # characters of property and definition names, enum and const values, patterns
+LARGE_ENUM = 250  # an enum of more values than this...
+MAX_LARGE_ENUM_LENGTH = 15_000  # ...has this many characters of string values at most
+
+
+class _Past(Exception):
+    """A schema's count passed one of the bounds (its message says which)."""
+
+
+def past_bounds(schema: Any) -> str | None:
+    """Why ``schema`` is larger than a local model takes (the ``MAX_*`` bounds above), or None.
+    Counted as if each ``$ref`` to a ``#/...`` definition were written out where it stands (a
+    reference back into a definition it is already inside counts nothing: a recursive schema),
+    so references cannot multiply what the sampler follows unseen; each definition is measured
+    once, and counting stops at the first bound passed."""
+    names = 0
+    for defs in ("$defs", "definitions"):
+        found = schema.get(defs) if isinstance(schema, dict) else None
+        names += sum(len(name) for name in found) if isinstance(found, dict) else 0
+    try:
+        _within(*_measure(schema, schema, {}, names))
+    except _Past as exc:
+        return str(exc)
+    except RecursionError:
+        return "its definitions refer to one another too deeply to be measured"
+    return None
+
+
+_NOTHING = (0, 0, 0, 0)
+
+
+def _measure(node: Any, root: Any, measured: dict[int, tuple[int, int, int, int] | None],
+             length: int = 0) -> tuple[int, int, int, int]:
+    """``(alternatives, properties, length, levels)`` of a schema and all below it, ``length``
+    counted from the given one (the root's definition names), raising ``_Past`` once one passes
+    its bound; ``measured``: the sizes of the definitions measured so far, by id (None: being
+    measured, further up)."""
+    if not isinstance(node, dict):
+        return _NOTHING
+    if "$ref" in node:  # as the server's converter reads it: the reference alone
+        target = _definition(root, node["$ref"])
+        if target is None:  # one it cannot resolve: it falls back to its plain JSON grammar
+            return _NOTHING
+        if id(target) not in measured:
+            measured[id(target)] = None
+            measured[id(target)] = _measure(target, root, measured)
+        return measured[id(target)] or _NOTHING
+    alternatives = properties = levels = 0
+    enum = node.get("enum")
+    if isinstance(enum, list):
+        alternatives += len(enum)
+        _within(alternatives)
+        strings = sum(len(v) for v in enum if isinstance(v, str))
+        if len(enum) > LARGE_ENUM and strings > MAX_LARGE_ENUM_LENGTH:
+            raise _Past(f"an enum of more than {LARGE_ENUM} values with more than "
+                        f"{MAX_LARGE_ENUM_LENGTH:,} characters of strings")
+        length += strings + sum(len(json.dumps(v)) for v in enum if not isinstance(v, str))
+    if "const" in node:
+        const = node["const"]
+        length += len(const) if isinstance(const, str) else len(json.dumps(const))
+    same: list[Any] = []  # schemas of this same value: a union's branches, allOf's parts
+    for union in ("anyOf", "oneOf"):
+        if isinstance(node.get(union), list):
+            alternatives += len(node[union])
+            same += node[union]
+    same += node["allOf"] if isinstance(node.get("allOf"), list) else []
+    alternatives += len(node["type"]) if isinstance(node.get("type"), list) else 0
+    if isinstance(node.get("pattern"), str):
+        alternatives += node["pattern"].count("|")
+        length += len(node["pattern"])
+    inside: list[Any] = []  # schemas of the values within it: its properties, its items
+    props = node.get("properties")
+    if isinstance(props, dict):
+        properties += len(props)
+        required = node.get("required")
+        required = set(r for r in required if isinstance(r, str)) if isinstance(required, list) else set()
+        alternatives += sum(name not in required for name in props)  # any of them may come next
+        length += sum(len(name) for name in props)
+        inside += props.values()
+    for key in ("items", "prefixItems", "additionalProperties"):
+        value = node.get(key)
+        inside += value if isinstance(value, list) else [value] if isinstance(value, dict) else []
+    _within(alternatives, properties, length)
+    for child, nests in [*((c, False) for c in same), *((c, True) for c in inside)]:
+        more = _measure(child, root, measured)
+        alternatives, properties, length = alternatives + more[0], properties + more[1], length + more[2]
+        levels = max(levels, more[3] + nests)
+        _within(alternatives, properties, length, levels)
+    return alternatives, properties, length, levels
+
+
+def _within(alternatives: int, properties: int = 0, length: int = 0, levels: int = 0) -> None:
+    """Raise ``_Past`` naming the first count past its bound."""
+    for count, bound, what in (
+            (alternatives, MAX_ALTERNATIVES, "enum values and alternatives in all (anyOf and oneOf "
+                                             "branches, optional properties, types in a list, a "
+                                             "pattern's '|')"),
+            (properties, MAX_PROPERTIES, "object properties in all"),
+            (length, MAX_LENGTH, "characters in all of property and definition names, enum and const "
+                                 "values, and patterns"),
+            (levels, MAX_NESTING, "levels of objects and arrays within one another")):
+        if count > bound:
+            raise _Past(f"more than {bound:,} {what}")
+
+
+def _definition(root: Any, ref: Any) -> Any:
+    """What a ``#/...`` reference points at in ``root``, read as the server's converter reads it
+    (no other reference resolves there: a remote one is never fetched); None for none."""
+    if not (isinstance(ref, str) and ref.startswith("#/")):
+        return None
+    target = root
+    for part in ref[2:].split("/"):
+        if not isinstance(target, dict) or part not in target:
+            return None
+        target = target[part]
+    return target
+
+
 def request_schemas(body: Mapping[str, Any], every_tool: bool = False) -> list[tuple[str, str]]:
-    """``(what, schema as the server dumps it)`` for each schema of ``body`` (in the form
+    """``(what, schema as the server dumps it)`` for each schema of ``body`` (``schemas_of``)."""
+    return [(what, json.dumps(schema)) for what, schema in schemas_of(body, every_tool)]
+
+
+def schemas_of(body: Mapping[str, Any], every_tool: bool = False) -> list[tuple[str, Any]]:
+    """``(what, schema)`` for each schema of ``body`` (in the form
     ``proxy.localserver.llama_cpp_request`` gives it) that the server makes a grammar of, resolved
     as its chat handler resolves them: legacy ``functions`` replace ``tools``, a ``function_call``
     naming one is the ``tool_choice``, and the first tool of that name is the one. ``every_tool``:
@@ -62,7 +197,7 @@ def request_schemas(body: Mapping[str, Any], every_tool: bool = False) -> list[t
     for tool in (tools if every_tool else [chosen] if chosen is not None else []):
         if "parameters" in tool:
             found.append((f"the parameters of tool {tool.get('name')!r}", tool["parameters"]))
-    return [(what, json.dumps(schema)) for what, schema in found]
+    return found
 
 
 class GrammarCheck:
@@ -78,9 +213,15 @@ class GrammarCheck:
         self._trouble = "it could not be run"  # why the last schemas went unchecked, for the refusal
 
     async def why_not(self, body: Mapping[str, Any], every_tool: bool = False) -> str | None:
-        schemas = request_schemas(body, every_tool)
-        if not schemas or self.disabled is not None:
+        found = schemas_of(body, every_tool)
+        for what, schema in found:  # whether or not a check can run here
+            past = past_bounds(schema)
+            if past is not None:
+                return (f"{what} is past the bounds OpenAI sets for Structured Outputs, which a "
+                        f"local model keeps to: {past}")
+        if not found or self.disabled is not None:
             return None
+        schemas = [(what, json.dumps(schema)) for what, schema in found]
         keys = [hashlib.sha256(schema.encode()).hexdigest() for _, schema in schemas]
         mine = {key: schema for key, (_, schema) in zip(keys, schemas) if key not in self._verdicts}
         if mine:

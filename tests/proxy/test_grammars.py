@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from proxy.grammars import GrammarCheck, request_schemas
+from proxy.grammars import GrammarCheck, past_bounds, request_schemas
 from proxy.localserver import llama_cpp_available
 
 PHONE = {"type": "object", "properties": {"phone": {"type": "string", "pattern": "^\\d{3}-\\d{4}$"}}}
@@ -154,3 +154,68 @@ async def test_a_request_of_many_crashing_schemas_holds_the_check_a_bounded_time
                       for n in range(60)]}
     assert "crashed" in await check.why_not(many, every_tool=True)
     assert len(runs.read_text().split()) == 3  # not 60 processes of 0.3 s behind one lock
+
+
+def _enum(n):
+    return {"type": "object", "properties": {"v": {"enum": [f"value-{i}" for i in range(n)]}}, "required": ["v"]}
+
+
+def _nested(levels):
+    schema = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "object", "properties": {"a": schema}, "required": ["a"]}
+    return schema
+
+
+def _required(properties):
+    return {"type": "object", "properties": properties, "required": list(properties)}
+
+
+@pytest.mark.parametrize("within, past", [
+    (_enum(1000), _enum(1001)),  # OpenAI's 1,000 enum values
+    ({"anyOf": [{"const": n} for n in range(1000)]}, {"anyOf": [{"const": n} for n in range(1001)]}),
+    ({"type": "string", "pattern": "^(" + "|".join(map(str, range(1001))) + ")$"},
+     {"type": "string", "pattern": "^(" + "|".join(map(str, range(1002))) + ")$"}),
+    ({"type": ["string", "null"]}, {"type": ["string"] * 1001}),
+    ({"type": "object", "properties": {f"p{n}": {"type": "integer"} for n in range(1000)}},  # optional
+     {"type": "object", "properties": {f"p{n}": {"type": "integer"} for n in range(1001)}}),
+    (_required({f"p{n}": {"type": "integer"} for n in range(5000)}),  # OpenAI's 5,000 properties
+     _required({f"p{n}": {"type": "integer"} for n in range(5001)})),
+    (_nested(10), _nested(11)),  # OpenAI's 10 levels
+    (_required({"x" * 120_000: {"type": "string"}}), _required({"x" * 120_001: {"type": "string"}})),
+    ({"enum": ["x" * 60] * 250}, {"enum": ["x" * 60] * 251}),  # past 250 values, 15,000 characters
+    # a definition counts wherever it is referenced: 30 x 30 x 30 alternatives in a 2 kB schema
+    ({"$defs": {"a": {"anyOf": [{"const": n} for n in range(30)]},
+                "b": {"anyOf": [{"$ref": "#/$defs/a"}] * 30}}, "$ref": "#/$defs/b"},
+     {"$defs": {"a": {"anyOf": [{"const": n} for n in range(30)]},
+                "b": {"anyOf": [{"$ref": "#/$defs/a"}] * 30},
+                "c": {"anyOf": [{"$ref": "#/$defs/b"}] * 30}}, "$ref": "#/$defs/c"}),
+])
+def test_a_schema_past_openai_s_bounds_is_past_a_local_model_s(within, past):
+    """llama.cpp's sampler follows every alternative of the grammar at every token: one client's
+    enum of 20,000 values held the local model 30 s, and every other client waited as long."""
+    assert past_bounds(within) is None
+    assert past_bounds(past) is not None
+
+
+def test_a_recursive_schema_is_measured_once_around():
+    tree = {"$defs": {"node": _required({"name": {"type": "string"},
+                                         "children": {"type": "array", "items": {"$ref": "#/$defs/node"}}})},
+            "$ref": "#/$defs/node"}
+    assert past_bounds(tree) is None
+    chain = {"$defs": {f"d{n}": {"$ref": f"#/$defs/d{n + 1}"} for n in range(5000)}, "$ref": "#/$defs/d0"}
+    assert "too deeply" in past_bounds(chain)
+
+
+async def test_a_schema_past_the_bounds_is_refused_before_any_check(tmp_path):
+    runs = tmp_path / "runs"
+    check = GrammarCheck(python=_fake_python(tmp_path, f"echo run >> {runs}\necho null\n"))
+    started = time.perf_counter()
+    refused = await check.why_not(_fmt(_enum(20_000)))
+    assert refused.startswith("response_format's schema is past the bounds OpenAI sets")
+    assert "more than 1,000 enum values" in refused
+    assert "the parameters of tool 'f'" in await check.why_not(_tool(_enum(20_000)))
+    assert not runs.exists() and time.perf_counter() - started < 0.5
+    assert await check.why_not(_fmt(_enum(1000))) is None and runs.exists()  # within them: checked
+    check.disabled = "llama-cpp-python is not installed"  # and where no check runs, bounded all the same
+    assert "more than 1,000 enum values" in await check.why_not(_fmt(_enum(20_000)))

@@ -147,6 +147,7 @@ QUOTED_TOOL = {"tools": [{"type": "function", "function": {"name": "f", "paramet
     "type": "object", "properties": {'say "hi"': {"type": "string"}}}}}],
     "tool_choice": {"type": "function", "function": {"name": "f"}}}
 PLAIN = {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}
+ENUM_20K = {"type": "object", "properties": {"v": {"enum": [f"value-{n}" for n in range(20_000)]}}, "required": ["v"]}
 
 
 @pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python (extra 'local') missing")
@@ -171,6 +172,38 @@ async def test_a_local_model_is_never_sent_a_schema_that_would_crash_its_server(
             "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": PLAIN}}}
     await dispatcher.complete(Call(targets=[snap.models["local"]], stream=False, router=snap.router, body=fine))
     assert len(sent.bodies) == 1
+
+
+@pytest.mark.parametrize("asked", [
+    {"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": ENUM_20K}}},
+    {"tools": [{"type": "function", "function": {"name": "f", "parameters": ENUM_20K}}],
+     "tool_choice": {"type": "function", "function": {"name": "f"}}},
+])
+async def test_a_schema_past_openai_s_bounds_is_not_sent_to_a_local_model_another_answers(tmp_path, asked):
+    """An enum of 20,000 values (a 0.3 MB body) held the local model 30 s, every other client
+    waiting as long: it is refused as a schema llama.cpp cannot parse is, and a routed request
+    goes to the next model."""
+    path = tmp_path / "providers.yaml"
+    path.write_text(yaml.safe_dump({"model_list": [
+        {"model_name": "local", "litellm_params": {"model": "openai/smol"},
+         "model_info": {"local_server": {"model": "builtin:smollm2", "port": 28435}}},
+        {"model_name": "remote", "litellm_params": {"model": "openai/gpt", "api_base": "http://127.0.0.1:9/v1",
+                                                    "api_key": "k"}}]}))
+    snap = ProviderRegistry(path, dict).snapshot
+    sent = Recording()
+    dispatcher = RetryingDispatcher(Cooldowns(), passthrough=sent)
+    body = {"model": "local", "messages": [{"role": "user", "content": "hi"}], **asked}
+    started = time.monotonic()
+    with pytest.raises(UpstreamClientError) as refused:
+        await dispatcher.complete(Call(targets=[snap.models["local"]], stream=False, router=snap.router, body=body))
+    assert refused.value.status == 400 and refused.value.unfit == "untranslatable"
+    assert refused.value.body()["error"]["code"] == "untranslatable_request"
+    assert "more than 1,000 enum values" in refused.value.message and sent.bodies == []
+    assert time.monotonic() - started < 1
+    routed = await dispatcher.complete(Call(targets=[snap.models["local"], snap.models["remote"]], stream=False,
+                                            router=snap.router, body={**body, "model": "auto"}))
+    assert routed.model == "remote" and routed.failed == [("local", "untranslatable")]
+    assert len(sent.bodies) == 1 and not dispatcher.cooldowns.cooling("local")
 
 
 @pytest.mark.parametrize("written", [
