@@ -41,7 +41,7 @@ from proxy.providers import OPENAI_COMPATIBLE, Deployment, RouterSettings
 from proxy.settings import prepare_litellm_environment
 from proxy.upstream import (CONTEXT_WINDOW, LIMIT_NAMES, RETRYABLE, UNSUPPORTED, Answer, PassThrough,
                             cannot_read, classify, dumps_lenient, error_labels, interrupted_event,
-                            out_of_quota, redirected, retry_after_seconds, too_long)
+                            out_of_quota, redirected, retry_after_seconds, too_long, unfit_request)
 
 log = logging.getLogger("satroute.dispatch")
 
@@ -310,8 +310,8 @@ class RetryingDispatcher:
                     why = "its JSON schemas could not be checked against its server's grammar parser in time"
                 body = None if why else body
             if body is None:
-                raise _unfit(d.name, f"model {d.name} cannot take this request: {why}",
-                             "untranslatable", "untranslatable_request")
+                raise unfit_request(d.name, f"model {d.name} cannot take this request: {why}",
+                                    "untranslatable", "untranslatable_request")
             call = dataclasses.replace(call, body=body)
         if d.fast_path:
             return await self.passthrough.attempt(d, call.body, call.stream, first_byte_s,
@@ -397,7 +397,8 @@ class RetryingDispatcher:
             raise UpstreamTransient(f"{d.name}: no answer within {first_byte_s:.1f}s",
                                     model=d.name, status=504, timeout=True) from None
         except openai.OpenAIError as exc:
-            raise _classify_litellm(exc, d.name, call.redact) from None
+            raise _classify_litellm(exc, d.name, call.redact,
+                                    local=d.info.local_server is not None) from None
         if first is None:
             raise UpstreamTransient(f"{d.name}: stream closed before its first chunk", model=d.name)
         return Answer(chunks=_litellm_chunks(first, resp, d.name, openai.OpenAIError, call.redact,
@@ -418,7 +419,7 @@ def _fit_thinking(litellm: Any, kwargs: dict[str, Any], d: Deployment) -> None:
     so the budget is fitted under it (to the limit less one, as litellm fits one of its own), sent
     as ``thinking`` in place of the effort. A limit that leaves no room for Anthropic's least budget
     (``_LEAST_THINKING_BUDGET``), or a ``temperature`` other than 1 beside thinking (adaptive too),
-    which Anthropic refuses, raise ``_unfit``: a routed request goes to another model, one naming
+    which Anthropic refuses, raise ``unfit_request``: a routed request goes to another model, one naming
     this model gets the 400. Anything else (no thinking, a provider litellm maps otherwise, a
     mapping litellm fails to make: its own call says why) is left as it is."""
     effort = kwargs.get("reasoning_effort")
@@ -440,19 +441,19 @@ def _fit_thinking(litellm: Any, kwargs: dict[str, Any], d: Deployment) -> None:
     if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "adaptive"):
         return
     if temperature not in (None, 1):
-        raise _unfit(d.name, f"model {d.name} cannot take the parameters ['reasoning_effort', "
-                     f"'temperature'] together: its provider thinks for reasoning_effort {said!r}, and "
-                     "`temperature` may only be set to 1 when thinking is enabled. Send the request "
-                     "without one of them", "unsupported_params", "unsupported_parameter")
+        raise unfit_request(d.name, f"model {d.name} cannot take the parameters ['reasoning_effort', "
+                            f"'temperature'] together: its provider thinks for reasoning_effort {said!r}, and "
+                            "`temperature` may only be set to 1 when thinking is enabled. Send the request "
+                            "without one of them", "unsupported_params", "unsupported_parameter")
     budget, limit = thinking.get("budget_tokens"), kwargs.get(limit_name) if limit_name else None
     if thinking["type"] != "enabled" or not isinstance(budget, int) or limit is None or budget < limit:
         return
     if int(limit) - 1 < _LEAST_THINKING_BUDGET:
-        raise _unfit(d.name, f"model {d.name} cannot take the parameters ['reasoning_effort', "
-                     f"'{limit_name}'] together: its provider thinks for reasoning_effort {said!r} with a "
-                     f"budget of at least {_LEAST_THINKING_BUDGET} tokens, below the limit on the answer, "
-                     f"and {limit_name} is {limit}. Send a higher {limit_name}, or no reasoning_effort",
-                     "unsupported_params", "unsupported_parameter")
+        raise unfit_request(d.name, f"model {d.name} cannot take the parameters ['reasoning_effort', "
+                            f"'{limit_name}'] together: its provider thinks for reasoning_effort {said!r} with a "
+                            f"budget of at least {_LEAST_THINKING_BUDGET} tokens, below the limit on the answer, "
+                            f"and {limit_name} is {limit}. Send a higher {limit_name}, or no reasoning_effort",
+                            "unsupported_params", "unsupported_parameter")
     del kwargs["reasoning_effort"]
     kwargs["thinking"] = {"type": "enabled", "budget_tokens": int(limit) - 1}
 
@@ -601,7 +602,10 @@ _UNSUPPORTED = re.compile(r"does not support parameters: (\[[^\]]*\])|n't suppor
                           r"does not support (\w+)=")
 
 
-def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) -> Exception:
+def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str],
+                      local: bool = False) -> Exception:
+    """What a litellm exception stands for, as ``upstream.classify`` says for the pass-through
+    path (``local``: the model's upstream is its local llama-cpp-python server)."""
     import litellm
 
     message = redact(str(getattr(exc, "message", None) or exc))
@@ -614,15 +618,15 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
         text = (f"model {model} cannot take {what}: its provider does not support them ({said}). "
                 "Send the request without them, or set litellm_params.drop_params: true for this "
                 "model in providers.yaml to have them dropped")
-        return _unfit(model, text, "unsupported_params", "unsupported_parameter")
+        return unfit_request(model, text, "unsupported_params", "unsupported_parameter")
     image = getattr(litellm, "ImageFetchError", None)
     if image is not None and isinstance(exc, image):
         # litellm fetches an image URL itself for providers that take images inline, and refuses
         # private and unresolvable hosts before anything is sent: another model (one given the
         # URL) may take the request. Its advice names a setting of its own proxy, not ours.
         said = _ADVICE.sub("", _said(message))
-        return _unfit(model, f"model {model} cannot take this request: {said}", "image_fetch",
-                      "image_fetch_failed")
+        return unfit_request(model, f"model {model} cannot take this request: {said}", "image_fetch",
+                             "image_fetch_failed")
     # the status the upstream answered, where one did: litellm relabels some (a 529 as 500, a
     # 413 as 400, a 408 or 504 answer as its Timeout) and the pass-through path reports them as is
     answered = _answered_status(exc)
@@ -649,8 +653,12 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str]) 
         # request; this one's health is not in question, and trying again would fail the same way.
         text = (f"model {model} cannot take this request: litellm could not translate it for "
                 f"the model's provider ({_said(message)})")
-        return _unfit(model, text, "untranslatable", "untranslatable_request")
+        return unfit_request(model, text, "untranslatable", "untranslatable_request")
     upstream = _upstream_error(exc)  # the upstream's own error object, where one came back
+    if local and status == 500 and upstream is not None:  # a refusal of its server's validation?
+        refused = classify(500, orjson.dumps({"error": upstream}), model, {}, redact, local=True)
+        if isinstance(refused, UpstreamClientError):
+            return refused
     if status is None or status in RETRYABLE and not out_of_quota(int(status), error_labels(upstream)):
         response = getattr(exc, "response", None)
         headers = (getattr(exc, "litellm_response_headers", None)
@@ -696,15 +704,6 @@ def _custom_provider(d: Deployment) -> Any:
     without a provider prefix (as the pass-through path reads it; litellm would guess one from
     the name, or find none for a served name of one's own)."""
     return d.params.get("custom_llm_provider") or ("openai" if "/" not in d.model else None)
-
-
-def _unfit(model: str, text: str, reason: str, code: str) -> UpstreamClientError:
-    """A request this model cannot take, refused before anything was sent: a routed request falls
-    back (``x-satroute-failed: <model>:<reason>``, no retry, no cooldown); a request naming the
-    model, or the last candidate, gets this 400."""
-    return UpstreamClientError(text, status=400, model=model, unfit=reason,
-                               upstream_body={"error": {"message": text, "type": "invalid_request_error",
-                                                        "param": None, "code": code}})
 
 
 # litellm's label before a provider's own words: "APIError: OpenAIException - "

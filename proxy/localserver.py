@@ -22,6 +22,7 @@ command that serves ``GET <health_path>`` works, which is how tests drive it wit
 """
 from __future__ import annotations
 
+import ast
 import asyncio
 import collections
 import contextlib
@@ -83,10 +84,22 @@ def llama_cpp_request(body: Mapping[str, Any],
     full), as ``max_tokens``. Images and sound need a multimodal model (``vision``: its ``args``
     give ``--clip_model_path``), and it takes images only inline (``data:`` URLs): it would fetch
     any other URL itself, with no check of scheme or address (``file://``, the cloud metadata
-    service, a port on loopback). ``n`` above 1 it would answer with one choice."""
+    service, a port on loopback). ``n`` above 1 it would answer with one choice. Of the fields its
+    own validation refuses with a 500 (``validation_refusal`` reads the others), those that are
+    cheap to check are checked here: a ``seed`` that is no 64-bit integer, a ``top_k`` below 0, a
+    ``response_format`` that is no object."""
     n = body.get("n")
     if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 1:  # 2.0 is taken as 2
         return None, "it answers one choice per request (n > 1)"
+    seed = body.get("seed")
+    if seed is not None and not _seed(seed):
+        return None, f"it takes a seed that is a 64-bit integer, not {str(seed)[:40]}"
+    top_k = body.get("top_k")  # llama.cpp's own field: vLLM's -1 (no limit) is its 0
+    if isinstance(top_k, (int, float)) and not isinstance(top_k, bool) and top_k < 0:
+        return None, f"it takes a top_k of 0 (no limit) or more, not {top_k}"
+    fmt = body.get("response_format")
+    if fmt is not None and not isinstance(fmt, dict):
+        return None, f"it takes a response_format that is an object, not {type(fmt).__name__}"
     out = dict(body)
     messages = []
     for message in body.get("messages") or ():
@@ -121,7 +134,6 @@ def llama_cpp_request(body: Mapping[str, Any],
             # as OpenAI requires; a chat format that writes the names into a grammar as they
             # are (chatml-function-calling) crashes the server on a quote in one
             return None, f"a tool's name must be 1 to 64 letters, digits, '_' or '-', not {str(name)[:80]!r}"
-    fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
         spec = fmt.get("json_schema")
         schema = spec.get("schema") if isinstance(spec, dict) else None
@@ -129,6 +141,51 @@ def llama_cpp_request(body: Mapping[str, Any],
     if body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
         out["max_tokens"] = body["max_completion_tokens"]
     return out, ""
+
+
+def _seed(seed: Any) -> bool:
+    """Whether the server takes ``seed``: an integer a 64-bit seed holds, signed or not, or a
+    float without fraction within 64 signed bits (as its validation reads one). A client's integer
+    past 64 bits arrives a float, as orjson (the proxy's JSON reader) reads it: 2**64 as 1.8e19."""
+    if isinstance(seed, bool):
+        return False
+    if isinstance(seed, int):
+        return -(1 << 63) <= seed < (1 << 64)
+    return isinstance(seed, float) and seed.is_integer() and -(1 << 63) <= seed < (1 << 63)
+
+
+# llama-cpp-python's server answers a request its own request model refuses (FastAPI's
+# validation) with a 500: its message is "N validation error(s):", one pydantic error a line (as
+# Python writes a dict, quoting the client's value), then the last frame of its traceback
+_VALIDATION = re.compile(r"(\d+) validation errors?:\n")
+_QUOTED = r"'(?:[^'\\]|\\.)*'|" + r'"(?:[^"\\]|\\.)*"'  # a string, as Python writes one
+_PROBLEM = re.compile(rf"^  \{{'type': '\w+', 'loc': \(((?:{_QUOTED}|-?\d+|, )*),?\), 'msg': ({_QUOTED})", re.M)
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict", "list"})
+
+
+def validation_refusal(message: str) -> tuple[str, str | None] | None:
+    """What a 500 of llama-cpp-python's server says of a request its validation refused (a
+    ``top_k`` below 0, a ``seed`` past 64 bits, a ``response_format`` that is no object): its
+    first problem as ``where: what``, the others counted, and the field it is in; None when
+    ``message`` is no such refusal. Never its traceback (the server's install path) nor the
+    client's values it quotes."""
+    head = _VALIDATION.match(message)
+    if head is None:
+        return None
+    count = int(head.group(1))
+    first = _PROBLEM.search(message, head.end())
+    try:
+        loc = ast.literal_eval(f"({first.group(1)},)") if first else ()
+        said = ast.literal_eval(first.group(2)) if first else None
+    except (ValueError, SyntaxError):
+        loc, said = (), None
+    if not isinstance(said, str) or not isinstance(loc, tuple):
+        return head.group(0).strip().rstrip(":"), None
+    # the request's body, and the fields in it; not pydantic's names of a union's branches
+    where = [str(part) for part in loc[1 if loc[:1] == ("body",) else 0:]
+             if not (isinstance(part, str) and (part in _UNION_TAGS or "[" in part or part[:1].isupper()))]
+    more = f" (and {count - 1} more problems)" if count > 1 else ""
+    return f"{'.'.join(where)[:200] or 'request'}: {said[:200]}{more}", where[0][:200] if where else None
 
 
 _TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")

@@ -24,6 +24,7 @@ import orjson
 
 from proxy import __version__
 from proxy.errors import UpstreamClientError, UpstreamTransient, error_event
+from proxy.localserver import validation_refusal
 from proxy.protocol import OPENAI_CHAT_PARAMS
 from proxy.providers import Deployment
 
@@ -137,8 +138,21 @@ def error_labels(err: Any) -> str:
     return f"{err.get('code')} {err.get('type')}" if isinstance(err, dict) else ""
 
 
+def unfit_request(model: str, text: str, reason: str, code: str,
+                  param: str | None = None) -> UpstreamClientError:
+    """A request this model cannot take: a routed request falls back (``x-satroute-failed:
+    <model>:<reason>``, no retry, no cooldown); a request naming the model, or the last
+    candidate, gets this 400."""
+    return UpstreamClientError(text, status=400, model=model, unfit=reason,
+                               upstream_body={"error": {"message": text, "type": "invalid_request_error",
+                                                        "param": param, "code": code}})
+
+
 def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
-             redact) -> Exception:
+             redact, local: bool = False) -> Exception:
+    """What an upstream's answer other than 200 stands for: a failure worth retrying, or the
+    refusal of the request (a 4xx). ``local``: the upstream is a local model's llama-cpp-python
+    server, whose 500 for a request its validation refuses is that refusal, as OpenAI's 400."""
     try:
         parsed = orjson.loads(body) if body else None
     except orjson.JSONDecodeError:
@@ -153,6 +167,11 @@ def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
     else:  # redacted whole, then cut: a key across the cut would no longer match the redaction
         message = redact(body.decode("utf-8", "replace"))[:300]
     message = redact(message) or f"upstream answered HTTP {status}"
+    refused = validation_refusal(message) if local and status == 500 else None
+    if refused is not None:  # the request's own fault: not retried, and the model's health unquestioned
+        said, param = refused
+        return unfit_request(model, f"model {model} cannot take this request: its server refused {said}",
+                             "untranslatable", "untranslatable_request", param)
     labels = error_labels(err)
     if status in RETRYABLE and not out_of_quota(status, labels):
         return UpstreamTransient(f"{model}: HTTP {status}: {message}", model=model, status=status,
@@ -314,7 +333,8 @@ class PassThrough:
                     raise redirected(d.name, resp.status)
                 if resp.status != 200:
                     raw = await resp.read()
-                    raise classify(resp.status, raw, d.name, resp.headers, redact)
+                    raise classify(resp.status, raw, d.name, resp.headers, redact,
+                                   local=d.info.local_server is not None)
                 if not stream:
                     raw = await resp.read()
                     if d.info.local_server is not None:

@@ -794,6 +794,47 @@ def test_what_llama_cpp_s_server_cannot_answer_is_refused_before_it_is_sent():
     assert llama_cpp_request({"n": 1, "messages": []})[0] == {"n": 1, "messages": []}
 
 
+@pytest.mark.parametrize("field, refused, taken", [
+    # a client's 2**64 comes as a float (orjson's reading of an integer past 64 bits), which the
+    # server's validation refuses with a 500; what a 64-bit seed holds, signed or not, it takes
+    ("seed", [float(2 ** 64), 1.5, True, "7", -(2 ** 63) - 1], [2 ** 64 - 1, -(2 ** 63), -1, 5.0]),
+    ("top_k", [-1, -0.5], [0, 40]),  # llama.cpp's own field: 0 is no limit
+    ("response_format", ["json_object", ["json_object"]], [{"type": "text"}]),
+])
+def test_fields_the_server_s_validation_refuses_are_refused_before_it_is_sent(field, refused, taken):
+    """It answers them with a 500 carrying its traceback, which was retried and cooled the model."""
+    from proxy.localserver import llama_cpp_request
+
+    for value in refused:
+        out, why = llama_cpp_request({"messages": [], field: value})
+        assert out is None and field in why, value
+    for value in taken:
+        assert llama_cpp_request({"messages": [], field: value})[0] == {"messages": [], field: value}
+
+
+def test_the_server_s_validation_500_is_read_without_its_traceback():
+    from proxy.localserver import validation_refusal
+
+    def said(*problems):
+        lines = "".join(f"\n  {problem}" for problem in problems)
+        return (f"{len(problems)} validation error{'s' if len(problems) > 1 else ''}:{lines}\n\n"
+                '  File "/srv/venv/lib/python3.11/site-packages/llama_cpp/server/app.py", line 376, '
+                "in create_chat_completion\n    POST /v1/chat/completions")
+
+    top_k = ("{'type': 'greater_than_equal', 'loc': ('body', 'top_k'), 'msg': 'Input should be greater than "
+             "or equal to 0', 'input': -1, 'ctx': {'ge': 0}}")
+    assert validation_refusal(said(top_k)) == ("top_k: Input should be greater than or equal to 0", "top_k")
+    union = ("{'type': 'literal_error', 'loc': ('body', 'messages', 0, 'ChatCompletionRequestSystemMessage', "
+             "'role'), 'msg': \"Input should be 'system'\", 'input': 'secret words', 'ctx': {'expected': \"'system'\"}}")
+    assert validation_refusal(said(union, top_k)) == (
+        "messages.0.role: Input should be 'system' (and 1 more problems)", "messages")
+    odd = "{'type': 'float_parsing', 'loc': ('body', 'logit_bias', 'a)b'), 'msg': 'Input should be a valid number'}"
+    assert validation_refusal(said(odd)) == ("logit_bias.a)b: Input should be a valid number", "logit_bias")
+    assert validation_refusal("1 validation error:\n  something else") == ("1 validation error", None)
+    assert validation_refusal("Requested tokens (5000) exceed context window of 2048") is None
+    assert validation_refusal("boom: 1 validation error:\n  " + top_k) is None  # its message's start only
+
+
 @pytest.mark.parametrize("tools", [
     {"tools": [{"type": "function", "function": {"name": 'get "x"', "parameters": {}}}]},
     {"functions": [{"name": "a b", "parameters": {}}]},

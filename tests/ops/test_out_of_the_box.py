@@ -195,6 +195,15 @@ def test_the_local_model_takes_the_request_shapes_openai_takes_or_says_clearly_w
             client.chat.completions.create(model="smollm2", max_tokens=4, messages=[{"role": "user", "content": [
                 {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}]}])
         assert refused.value.code == "untranslatable_request"
+        # what its validation refuses is the request's 400, not its 500 with its traceback (retried,
+        # and cooling the model): checked before it is sent, or read from its answer
+        for name, extra in {"seed": {"seed": 2 ** 64}, "top_k": {"top_k": -1},
+                            "response_format": {"response_format": "json_object"},
+                            "mirostat_mode": {"mirostat_mode": 7}}.items():
+            refused = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={
+                "model": "smollm2", "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}], **extra})
+            assert refused.status_code == 400 and name in refused.json()["error"]["message"], refused.text
+            assert "site-packages" not in refused.text and "File " not in refused.text
         long = "The quick brown fox jumps over the lazy dog. " * 400  # ~4,000 tokens, n_ctx 1024
         for stream in (False, True):
             with pytest.raises(openai.BadRequestError) as too_long:

@@ -3,6 +3,7 @@ server reads, its litellm_params defaults included; nothing that would make that
 and the re-ask of a stream it could not begin stays within the attempt's time."""
 from __future__ import annotations
 
+import json
 import time
 
 import pytest
@@ -250,6 +251,71 @@ async def test_a_local_model_s_whole_answer_has_its_call_in_the_form_asked_for(t
     else:
         assert message["function_call"] == {"name": "get_w", "arguments": '{"city": "Paris"}'}
         assert "tool_calls" not in message and json.loads(answered)["choices"][0]["finish_reason"] == "function_call"
+
+
+# llama-cpp-python's answer to a request its validation refuses: a 500, its traceback's last frame with it
+VALIDATION_500 = json.dumps({"error": {"message": (
+    "1 validation error:\n  {'type': 'less_than_equal', 'loc': ('body', 'mirostat_mode'), 'msg': 'Input should "
+    "be less than or equal to 2', 'input': 7, 'ctx': {'le': 2}}\n\n  File \"/srv/venv/lib/python3.11/"
+    "site-packages/llama_cpp/server/app.py\", line 376, in create_chat_completion\n    POST /v1/chat/completions"),
+    "type": "internal_server_error", "param": None, "code": None}}).encode()
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+async def test_a_local_server_s_validation_500_is_a_400_never_retried_nor_cooling_the_model(tmp_path, fast_path):
+    """OpenAI answers a value out of range with a 400; llama-cpp-python's server with a 500 and its
+    traceback, which went to the client as a 502 after two retries, and three such requests put the
+    model in cooldown for everyone."""
+    from proxy.errors import AllUpstreamsFailed
+    from support.raw_upstream import raw_upstream
+
+    asked = []
+
+    def respond(request):
+        asked.append(request)
+        if request["model"] == "gpt":
+            body = json.dumps({"id": "c", "object": "chat.completion", "created": 1, "model": "gpt", "choices": [{
+                "index": 0, "finish_reason": "stop", "logprobs": None,
+                "message": {"role": "assistant", "content": "Hi"}}]}).encode()
+            status = b"200 OK"
+        else:
+            body, status = (VALIDATION_500 if request.get("mirostat_mode") != 1 else
+                            b'{"error": {"message": "boom", "type": "internal_server_error"}}'), b"500 Internal Server Error"
+        return (b"HTTP/1.1 " + status + b"\r\ncontent-type: application/json\r\ncontent-length: "
+                + str(len(body)).encode() + b"\r\nconnection: close\r\n\r\n" + body)
+
+    with raw_upstream(respond) as url:
+        path = tmp_path / "providers.yaml"
+        path.write_text(yaml.safe_dump({"model_list": [
+            {"model_name": "smol", "litellm_params": {"model": "openai/smol", "api_base": url},
+             "model_info": {"local_server": {"model": "builtin:smollm2", "port": 28436}, "fast_path": fast_path}},
+            {"model_name": "remote", "litellm_params": {"model": "openai/gpt", "api_base": url}}],
+            "router_settings": {"num_retries": 2, "retry_backoff_s": 0.01, "retry_backoff_max_s": 0.02,
+                                "allowed_fails": 3}}))
+        snap = ProviderRegistry(path, dict).snapshot
+        passthrough = PassThrough()
+        dispatcher = RetryingDispatcher(Cooldowns(), passthrough=passthrough)
+        try:
+            def call(*targets, **fields):
+                return Call(targets=[snap.models[t] for t in targets], stream=False, router=snap.router,
+                            body={"model": targets[0], "messages": [{"role": "user", "content": "hi"}], **fields})
+
+            for mode in (7, 8, 9):  # three distinct requests, as three clients' would be
+                with pytest.raises(UpstreamClientError) as refused:
+                    await dispatcher.complete(call("smol", mirostat_mode=mode))
+                error = refused.value.body()["error"]
+                assert refused.value.status == 400 and error["type"] == "invalid_request_error"
+                assert error["code"] == "untranslatable_request" and error["param"] == "mirostat_mode"
+                assert error["message"] == ("model smol cannot take this request: its server refused "
+                                            "mirostat_mode: Input should be less than or equal to 2")
+            assert len(asked) == 3 and not dispatcher.cooldowns.cooling("smol")  # not retried, not cooled
+            routed = await dispatcher.complete(call("smol", "remote", mirostat_mode=7))
+            assert routed.model == "remote" and routed.failed == [("smol", "untranslatable")]
+            with pytest.raises(AllUpstreamsFailed):  # any other 500 of its server is still its failure
+                await dispatcher.complete(call("smol", mirostat_mode=1))
+            assert len(asked) == 5 + 3
+        finally:
+            await passthrough.close()
 
 
 async def _asked_through_the_pass_through(tmp_path, content_type: bytes, body: bytes, stream: bool,
