@@ -441,19 +441,21 @@ def _fit_thinking(litellm: Any, kwargs: dict[str, Any], d: Deployment) -> None:
     if not isinstance(thinking, dict) or thinking.get("type") not in ("enabled", "adaptive"):
         return
     if temperature not in (None, 1):
-        raise unfit_request(d.name, f"model {d.name} cannot take the parameters ['reasoning_effort', "
-                            f"'temperature'] together: its provider thinks for reasoning_effort {said!r}, and "
-                            "`temperature` may only be set to 1 when thinking is enabled. Send the request "
-                            "without one of them", "unsupported_params", "unsupported_parameter")
+        raise unfit_request(
+            d.name, f"model {d.name} cannot take the parameters ['reasoning_effort', 'temperature'] "
+            f"together: its provider thinks for reasoning_effort {said!r}, and `temperature` may only "
+            "be set to 1 when thinking is enabled. Send the request without one of them",
+            "unsupported_params", "unsupported_parameter")
     budget, limit = thinking.get("budget_tokens"), kwargs.get(limit_name) if limit_name else None
     if thinking["type"] != "enabled" or not isinstance(budget, int) or limit is None or budget < limit:
         return
     if int(limit) - 1 < _LEAST_THINKING_BUDGET:
-        raise unfit_request(d.name, f"model {d.name} cannot take the parameters ['reasoning_effort', "
-                            f"'{limit_name}'] together: its provider thinks for reasoning_effort {said!r} with a "
-                            f"budget of at least {_LEAST_THINKING_BUDGET} tokens, below the limit on the answer, "
-                            f"and {limit_name} is {limit}. Send a higher {limit_name}, or no reasoning_effort",
-                            "unsupported_params", "unsupported_parameter")
+        raise unfit_request(
+            d.name, f"model {d.name} cannot take the parameters ['reasoning_effort', '{limit_name}'] "
+            f"together: its provider thinks for reasoning_effort {said!r} with a budget of at least "
+            f"{_LEAST_THINKING_BUDGET} tokens, below the limit on the answer, and {limit_name} is "
+            f"{limit}. Send a higher {limit_name}, or no reasoning_effort",
+            "unsupported_params", "unsupported_parameter")
     del kwargs["reasoning_effort"]
     kwargs["thinking"] = {"type": "enabled", "budget_tokens": int(limit) - 1}
 
