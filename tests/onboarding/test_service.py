@@ -208,7 +208,16 @@ async def test_prices_changed_mid_run_count_the_rest_of_the_run(tmp_path):
     entry["model_info"].update(input_price_per_mtok=0.0, output_price_per_mtok=0.0)
     write_providers(config, [entry])
     suite, questions = make_suite(n_tasks=5, per_task=20)
-    dispatcher = Answering("The answer is (A).", delay=0.01)
+
+    class Held(Answering):  # answers 8 questions, then waits for the new prices: on a busy
+        go = asyncio.Event()  # machine the free run could finish before the edit was read
+
+        async def complete(self, call):
+            if self.calls >= 8:
+                await self.go.wait()
+            return await super().complete(call)
+
+    dispatcher = Held("The answer is (A).", delay=0.01)
     with Store(tmp_path / "state") as store:
         registry = ProviderRegistry(config, dict, store)
         svc = OnboardingService(store, registry, DispatchAsker(registry, dispatcher), spawn)
@@ -220,6 +229,7 @@ async def test_prices_changed_mid_run_count_the_rest_of_the_run(tmp_path):
         write_providers(config, [entry])
         registry.reload()
         await svc.sync()
+        dispatcher.go.set()
         await asyncio.wait_for(svc.runs["m"], 10)
         progress = store.progress("m")
         assert progress.status == "failed" and "exceeds the spend cap $0.01" in progress.reason
