@@ -31,7 +31,7 @@ from proxy.cooldown import Cooldowns
 from proxy.cpuload import CpuLoad
 from proxy.dispatch import Dispatcher, RetryingDispatcher
 from proxy.errors import ConfigError, SatrouteError, error_event, plain_error_response
-from proxy.localserver import local_models_hook, published_key, threads_of
+from proxy.localserver import local_models_hook, shared_key, threads_of
 from proxy.logs import RequestLogMiddleware
 from proxy.metrics import Metrics
 from proxy.onboarding_service import onboarding_hook, open_store
@@ -189,11 +189,12 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
     except (OSError, sqlite3.Error) as exc:  # a file where the folder should be, no permission, ...
         raise ConfigError(f"cannot open the state store in {settings.state_dir} "
                           f"(SATROUTE_STATE_DIR): {exc}") from None
-    # the local servers' key of the last start, kept in the state folder: a `satroute onboard` that
-    # read it goes on asking the local model across a restart of this proxy
+    # the local servers' key kept in the state folder (or made and kept there now, once for every
+    # proxy on it): a `satroute onboard` that read it goes on asking the local model across a
+    # restart of this proxy, and asks any proxy's servers on that folder with it
     svc = build_services(settings, scorer=scorer, dispatcher=dispatcher,
                          profile_source=profile_source or store,
-                         local_key=published_key(store.dir) if store is not None else None)
+                         local_key=shared_key(store.dir) if store is not None else None)
     svc.store = store
     hooks = [local_models_hook, *([onboarding_hook(store), route_log_hook(store)] if store else []),
              *startup]

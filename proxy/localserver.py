@@ -36,6 +36,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from secrets import token_urlsafe
 from typing import Any, Callable, Mapping, Sequence
 
 import httpx
@@ -807,10 +808,13 @@ def specs_from_models(models, base_dir: Path) -> dict[str, LocalServerSpec]:
     return specs
 
 
-def publish_key(folder: Path, key: str) -> None:
+def publish_key(folder: Path, key: str) -> str:
     """Keep ``key`` in ``folder/KEY_FILE``, readable by its owner only, where ``satroute onboard``
-    (another process, asking the local servers this process runs) finds it: replaced whole, so a
-    reader never sees part of it."""
+    (another process, asking the local servers this process runs) finds it, unless a key is kept
+    there already; the key kept there is returned. The file is created whole (a reader never sees
+    part of it) and never replaced: of two proxies started together on one state folder, each
+    kept its own key, the other's servers refused `satroute onboard` with 401s, and the model's
+    run failed."""
     path = Path(folder) / KEY_FILE
     part = path.with_name(f".{KEY_FILE}.{os.getpid()}")
     part.unlink(missing_ok=True)  # one left by a crash: created anew, so with these permissions
@@ -819,7 +823,28 @@ def publish_key(folder: Path, key: str) -> None:
         os.write(fd, key.encode())
     finally:
         os.close(fd)
-    os.replace(part, path)
+    try:
+        os.link(part, path)  # fails if the file is there: the first proxy's key stays
+    except FileExistsError:
+        pass
+    except OSError:  # a file system without hard links: replaced only while there is none
+        if published_key(folder) is None:
+            os.replace(part, path)
+    finally:
+        part.unlink(missing_ok=True)
+    return published_key(folder) or key
+
+
+def shared_key(folder: Path) -> str | None:
+    """The key of the local servers of every proxy on the state folder ``folder``: the one kept
+    there, or a new one kept there now (``publish_key``); None when the folder cannot keep one."""
+    key = published_key(folder)
+    if key is not None:
+        return key
+    try:
+        return publish_key(folder, token_urlsafe(32))
+    except OSError:
+        return None
 
 
 def published_key(folder: Path) -> str | None:
@@ -842,7 +867,10 @@ def local_models_hook(services) -> None:
     store = getattr(services, "store", None)
     if store is not None:
         try:
-            publish_key(store.dir, registry.local_key)
+            if publish_key(store.dir, registry.local_key) != registry.local_key:
+                log.warning("%s in %s holds another key than this proxy's local servers ask for "
+                            "(written since this proxy started): satroute onboard cannot ask them "
+                            "until this proxy restarts", KEY_FILE, store.dir)
         except OSError as exc:  # the proxy's own requests carry the key all the same
             log.warning("cannot write %s in %s (%s): satroute onboard cannot ask a local model",
                         KEY_FILE, store.dir, exc.strerror or type(exc).__name__)

@@ -270,11 +270,41 @@ def test_the_key_is_kept_for_the_onboard_command_readable_by_its_owner_only(tmp_
     assert published_key(tmp_path) is None
     (tmp_path / f".{KEY_FILE}.{os.getpid()}").write_text("left by a crash")
     os.chmod(tmp_path / f".{KEY_FILE}.{os.getpid()}", 0o644)
-    publish_key(tmp_path, "first")
-    publish_key(tmp_path, "second")  # each start of the proxy has its own
-    assert published_key(tmp_path) == "second"
+    assert publish_key(tmp_path, "first") == "first"
+    # never replaced: another proxy on the same state folder asks with the key kept there
+    assert publish_key(tmp_path, "second") == "first"
+    assert published_key(tmp_path) == "first"
     assert (tmp_path / KEY_FILE).stat().st_mode & 0o777 == 0o600
     assert [p.name for p in tmp_path.iterdir()] == [KEY_FILE]
+
+
+def _start_on(folder, barrier, out):  # a proxy's start, in a process of its own
+    from proxy.localserver import shared_key
+
+    barrier.wait()
+    out.put(shared_key(folder))
+
+
+def test_proxies_started_together_on_one_state_folder_share_one_key(tmp_path):
+    """Each made its own key and wrote it over the other's: the servers of the one whose key was
+    overwritten refused `satroute onboard` (401) until it restarted (2 times in 10 here)."""
+    import multiprocessing
+
+    from proxy.localserver import published_key
+
+    context = multiprocessing.get_context("fork")
+    for attempt in range(10):
+        folder = tmp_path / str(attempt)
+        folder.mkdir()
+        barrier, out = context.Barrier(6), context.Queue()
+        starts = [context.Process(target=_start_on, args=(folder, barrier, out)) for _ in range(6)]
+        for start in starts:
+            start.start()
+        keys = [out.get(timeout=30) for _ in starts]
+        for start in starts:
+            start.join(30)
+        assert len(set(keys)) == 1 and keys[0] == published_key(folder) and len(keys[0]) >= 32
+        assert [p.name for p in folder.iterdir()] == ["local_server.key"]
 
 
 def test_a_restarted_proxy_keeps_its_local_servers_key(tmp_path):
