@@ -241,19 +241,20 @@ class Onboarding:
         return sum(s.in_flight + s.storing + s.probing for s in self._live)
 
     async def run(self, model: str, prices: Prices | Callable[[], Prices] = Prices(),
-                  upstream: str | None = None) -> Progress:
+                  upstream: str | None = None, legacy: str | None = None) -> Progress:
         """Onboard ``model`` (resuming from the store); returns its final stored progress.
 
         ``prices`` may be a callable, read before each question: what answers cost now (an
         edit of providers.yaml mid-run). ``upstream`` fingerprints what answers for ``model``
-        (``upstream_fingerprint``): when the store's answers came from another one, they are
-        forgotten and the test starts over.
+        (``upstream_fingerprint``; ``legacy``, its ``legacy_fingerprint``, the form earlier
+        versions recorded): when the store's answers came from another one, they are forgotten
+        and the test starts over.
         Raises ``ModelBusy`` (having asked and written nothing) when another process onboards
         ``model`` now; this run's lease is released however it ends.
         """
         await self._store(self.store.claim, model, self.suite.name)
         try:
-            return await self._run(model, prices, upstream)
+            return await self._run(model, prices, upstream, legacy)
         except asyncio.CancelledError:  # the proxy stops, or a signal: the store must not say running
             try:
                 await self._store(self.store.interrupted, model)
@@ -266,10 +267,11 @@ class Onboarding:
             except sqlite3.OperationalError as exc:  # the lease goes stale by itself
                 log.warning("onboarding %s: cannot release the lease: %s", model, exc)
 
-    async def _run(self, model: str, priced: Prices | Callable[[], Prices], upstream: str | None) -> Progress:
+    async def _run(self, model: str, priced: Prices | Callable[[], Prices], upstream: str | None,
+                   legacy: str | None) -> Progress:
         opts = self.options
         store = self.store
-        if upstream is not None and await self._store(store.upstream_changed, model, upstream):
+        if upstream is not None and await self._store(store.upstream_changed, model, upstream, legacy):
             log.warning("onboarding %s: its upstream changed; forgetting its answers and profile",
                         model)
             await self._store(store.forget, model)  # the lease stays this run's
@@ -287,7 +289,8 @@ class Onboarding:
                               f"exceeds the spend cap ${opts.spend_cap_usd:.2f}",
                               suite=self.suite.name, total=total, leased=True)
             return await self._progress(model)
-        await self._store(store.begin, model, self.suite.name, total, round(estimate, 4), upstream)
+        await self._store(store.begin, model, self.suite.name, total, round(estimate, 4), upstream,
+                          legacy)
         log.info("onboarding %s: %d of %d questions to ask (estimated $%.2f, $%.2f spent before)",
                  model, len(todo), total, estimate, spent)
         state = _Run(model, todo, answered_before=bool(done), price_now=price_now, prices=prices)
@@ -872,7 +875,7 @@ async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int
 
         engine = Onboarding(store, suite, questions, DispatchAsker(registry, dispatcher),
                             service_options(settings), on_progress=tick)
-        progress = await engine.run(model, prices_of(d), upstream)
+        progress = await engine.run(model, prices_of(d), upstream, legacy_fingerprint(d))
     except asyncio.CancelledError:
         if not received:
             raise

@@ -247,7 +247,8 @@ def upstream_fingerprint(d: Deployment) -> str:
 def legacy_fingerprint(d: Deployment) -> str:
     """The fingerprint earlier versions recorded for ``d``: of ``litellm_params.model`` and
     ``api_base`` as written. A store holding it measured the same upstream as one holding
-    ``upstream_fingerprint(d)`` (and gets that one recorded instead)."""
+    ``upstream_fingerprint(d)``; it is kept as it is (earlier versions sharing the store read it),
+    and it is the form a new row's ``upstream`` is recorded in, beside today's."""
     return _fingerprint(d.model, d.api_base or "")
 
 

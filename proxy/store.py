@@ -63,7 +63,8 @@ CREATE TABLE IF NOT EXISTS onboarding (
     upstream TEXT,
     spent_usd REAL,
     owner TEXT,
-    heartbeat REAL
+    heartbeat REAL,
+    upstream_plain TEXT
 );
 CREATE TABLE IF NOT EXISTS answers (
     model TEXT NOT NULL,
@@ -96,7 +97,7 @@ CREATE TABLE IF NOT EXISTS routing_log (
 _COLUMNS_ADDED = (("routing_log", "failed", "TEXT"), ("routing_log", "request_id", "TEXT"),
                   ("routing_log", "degraded", "TEXT"), ("onboarding", "upstream", "TEXT"),
                   ("onboarding", "spent_usd", "REAL"), ("onboarding", "owner", "TEXT"),
-                  ("onboarding", "heartbeat", "REAL"))
+                  ("onboarding", "heartbeat", "REAL"), ("onboarding", "upstream_plain", "TEXT"))
 
 
 class ModelBusy(Exception):
@@ -405,38 +406,51 @@ class Store:
                              "WHERE model = ? AND owner = ?", (model, self.owner))
 
     def begin(self, model: str, suite: str, total: int, estimated_cost: float | None = None,
-              upstream: str | None = None) -> None:
+              upstream: str | None = None, legacy: str | None = None) -> None:
         """Mark a model's onboarding as running under this process's lease (created if new;
-        answers kept if resumed); ``upstream`` is the fingerprint of what answers (kept when
-        None). Raises ``ModelBusy`` (and changes nothing) when another live process holds it."""
+        answers kept if resumed). ``upstream`` and ``legacy`` fingerprint what answers (as
+        ``upstream_changed`` takes them): they are recorded where the row holds none, a stored one
+        is kept (the run checked it names this upstream). Raises ``ModelBusy`` (and changes
+        nothing) when another live process holds it."""
         now = time.time()
         with self._leased(model):
             self._db.execute(
                 "INSERT INTO onboarding (model, suite, status, reason, total, estimated_cost, "
-                "started_at, updated_at, upstream, owner, heartbeat) "
-                "VALUES (?, ?, 'running', NULL, ?, ?, ?, ?, ?, ?, ?) "
+                "started_at, updated_at, upstream, upstream_plain, owner, heartbeat) "
+                "VALUES (?, ?, 'running', NULL, ?, ?, ?, ?, ?, ?, ?, ?) "
                 "ON CONFLICT(model) DO UPDATE SET suite=excluded.suite, status='running', "
                 "reason=NULL, total=excluded.total, estimated_cost=excluded.estimated_cost, "
                 "updated_at=excluded.updated_at, "
-                "upstream=COALESCE(excluded.upstream, onboarding.upstream), "
+                "upstream=COALESCE(onboarding.upstream, excluded.upstream), "
+                "upstream_plain=COALESCE(onboarding.upstream_plain, excluded.upstream_plain), "
                 "owner=excluded.owner, heartbeat=excluded.heartbeat",
-                (model, suite, total, estimated_cost, now, now, upstream, self.owner, now))
+                (model, suite, total, estimated_cost, now, now, legacy or upstream, upstream,
+                 self.owner, now))
 
     def upstream_changed(self, model: str, upstream: str, legacy: str | None = None) -> bool:
         """True when the model's stored answers came from another upstream than ``upstream`` (a
-        fingerprint). A row stored without one, or with ``legacy`` (the same upstream's
-        fingerprint in an earlier version's form), counts as the same upstream and gets
-        ``upstream`` recorded; nothing stored: False."""
+        fingerprint, ``upstream_fingerprint``). The same upstream: a row whose ``upstream_plain``
+        or ``upstream`` is ``upstream``, or whose ``upstream`` is ``legacy`` (the same upstream's
+        fingerprint in the form earlier versions compute, ``legacy_fingerprint``), or one stored
+        without a fingerprint. A stored fingerprint is never rewritten: an earlier version sharing
+        the store (a rolling upgrade, a rollback) compares ``upstream`` with its own form, and
+        would take any other for another upstream and forget the model. What is missing is filled
+        in: ``upstream`` in the ``legacy`` form (which every version that fingerprints reads) when
+        given, and ``upstream_plain``. Nothing stored: False."""
         with self._lock:
-            row = self._db.execute("SELECT upstream FROM onboarding WHERE model = ?",
+            row = self._db.execute("SELECT upstream, upstream_plain FROM onboarding WHERE model = ?",
                                    (model,)).fetchone()
             if row is None:
                 return False
-            if row[0] is None or row[0] == legacy != upstream:
-                self._db.execute("UPDATE onboarding SET upstream = ? WHERE model = ? "
-                                 "AND upstream IS ?", (upstream, model, row[0]))
-                return False
-            return row[0] != upstream
+            stored, plain = row
+            if stored is not None and stored not in (upstream, legacy) and plain != upstream:
+                return True
+            if stored is None or plain is None:
+                self._db.execute("UPDATE onboarding SET upstream = COALESCE(upstream, ?), "
+                                 "upstream_plain = COALESCE(upstream_plain, ?) WHERE model = ? "
+                                 "AND upstream IS ? AND upstream_plain IS ?",
+                                 (legacy or upstream, upstream, model, stored, plain))
+            return False
 
     def spent(self, model: str) -> float:
         """USD recorded as paid for the model's onboarding (0 when none)."""
@@ -566,10 +580,12 @@ class Store:
         """A finished profile, or None (the ProfileSource seam of the provider registry). With
         ``upstream`` (a fingerprint), only one measured on that upstream: another model behind the
         same name has no profile yet. A row without a recorded upstream, or with ``legacy`` (the
-        same upstream's fingerprint in an earlier version's form), is taken as measured on it."""
+        same upstream's fingerprint in an earlier version's form), is taken as measured on it
+        (as ``upstream_changed`` does)."""
         rows = self._read("SELECT p.tasks FROM profiles p LEFT JOIN onboarding o ON o.model = p.model "
                           "WHERE p.model = ? AND (? IS NULL OR o.upstream IS NULL OR o.upstream = ? "
-                          "OR o.upstream = ?)", (model_name, upstream, upstream, legacy))
+                          "OR o.upstream = ? OR o.upstream_plain = ?)",
+                          (model_name, upstream, upstream, legacy, upstream))
         if not rows:
             return None
         try:

@@ -284,8 +284,9 @@ async def test_a_store_without_upstream_fingerprints_keeps_its_profile(tmp_path)
 async def test_a_store_with_fingerprints_of_the_earlier_form_keeps_its_profiles(tmp_path):
     """Upgrading: the store holds fingerprints an earlier version hashed from litellm_params.model
     and api_base as written. Nothing is onboarded again, the models are routed with their profiles
-    (an opted-out one too, which onboarding never checks), the fingerprint is rewritten to today's
-    form, and an edit that writes the same upstream another way changes nothing."""
+    (an opted-out one too, which onboarding never checks), the fingerprint is kept as it is (an
+    earlier version sharing the store reads it) with today's form recorded beside it, and an edit
+    that writes the same upstream another way changes nothing."""
     def earlier_form(entry: dict) -> str:
         params = entry["litellm_params"]
         return hashlib.sha256(f"{params['model']}\n{params['api_base']}".encode()).hexdigest()[:16]
@@ -302,19 +303,49 @@ async def test_a_store_with_fingerprints_of_the_earlier_form_keeps_its_profiles(
             name = entry["model_name"]
             store.begin(name, suite.name, len(questions), upstream=earlier_form(entry))
             store.finish(name, suite.name, {t: 0.5 for t in suite.task_ids})
+        store._db.execute("UPDATE onboarding SET upstream_plain = NULL")  # an earlier version's rows
         dispatcher = ByUpstream()
         registry, svc = service(config, store, dispatcher, suite, questions)
         await svc.sync()
         assert not svc.runs and dispatcher.calls == {}
         assert registry.snapshot.models["m"].routable and registry.snapshot.models["off"].routable
-        stored = store._read("SELECT upstream FROM onboarding WHERE model = 'm'")[0][0]
-        assert stored == upstream_fingerprint(registry.snapshot.models["m"]) != earlier_form(entries[0])
+        stored, plain = store._read("SELECT upstream, upstream_plain FROM onboarding WHERE model = 'm'")[0]
+        assert stored == earlier_form(entries[0]) != plain == upstream_fingerprint(registry.snapshot.models["m"])
         entries[0]["litellm_params"].update(model="openai/tiny", api_base="http://user:pw2@upstream.example:9/v1")
         write_providers(config, entries)
         assert registry.reload()
         await svc.sync()
         assert not svc.runs and dispatcher.calls == {}
         assert registry.snapshot.models["m"].profile == {t: 0.5 for t in suite.task_ids}
+
+
+async def test_a_run_resumed_from_an_earlier_version_keeps_its_fingerprint(tmp_path):
+    """Upgrading midway through a model's test (a rolling upgrade: an earlier version beside this
+    one on the same state directory): the run resumes without asking a stored question again, and
+    leaves the fingerprint in the earlier version's form, so that version, which compares it with
+    its own (litellm_params.model and api_base as written), still finds the same upstream and does
+    not forget the model and onboard it again."""
+    config = tmp_path / "providers.yaml"
+    entry = model_entry("m", "http://user:pw@Upstream.example:9/v1/", tmp_path)
+    entry["litellm_params"]["model"] = "tiny"  # no provider: openai
+    write_providers(config, [entry])
+    params = entry["litellm_params"]
+    earlier = hashlib.sha256(f"{params['model']}\n{params['api_base']}".encode()).hexdigest()[:16]
+    suite, questions = make_suite()
+    with Store(tmp_path / "state") as store:
+        store.begin("m", suite.name, len(questions), upstream=earlier)
+        for q in questions[:5]:
+            store.record("m", GradedAnswer(q.id, "A", True, "The answer is (A)."))
+        store._db.execute("UPDATE onboarding SET upstream_plain = NULL, status = 'pending'")
+        dispatcher = ByUpstream()
+        registry, svc = service(config, store, dispatcher, suite, questions)
+        await svc.sync()
+        await asyncio.wait_for(svc.runs["m"], 10)
+        assert store.progress("m").status == "done"
+        assert sum(dispatcher.calls.values()) == len(questions) - 5  # nothing asked twice
+        stored = store._read("SELECT upstream FROM onboarding WHERE model = 'm'")[0][0]
+        assert stored == earlier  # what the earlier version compares with its own form
+        assert registry.snapshot.models["m"].routable
 
 
 async def test_a_model_opted_out_says_so_and_forget_is_one_transaction(tmp_path):

@@ -129,20 +129,66 @@ def test_a_profile_is_given_only_for_the_upstream_it_was_measured_on(tmp_path):
         assert s.get("nobody", "fp-a") is None
 
 
+def _changed_for_an_earlier_version(path: Path, model: str, its_form: str) -> bool:
+    """``Store.upstream_changed`` as versions before the fingerprint was normalised decide it: the
+    ``upstream`` column against their own form (``legacy_fingerprint``), nothing else."""
+    db = sqlite3.connect(path / "satroute.db")
+    try:
+        stored = db.execute("SELECT upstream FROM onboarding WHERE model = ?", (model,)).fetchone()[0]
+    finally:
+        db.close()
+    return stored is not None and stored != its_form
+
+
+def _as_an_earlier_version(path: Path, model: str, upstream: str | None) -> None:
+    """A finished model as an earlier version stored it: ``upstream`` only (or none at all)."""
+    with Store(path) as s:
+        s.finish(model, "suite", {"t1": 0.5})
+    db = sqlite3.connect(path / "satroute.db")
+    db.execute("UPDATE onboarding SET upstream = ? WHERE model = ?", (upstream, model))
+    db.commit()
+    db.close()
+
+
 def test_an_upstream_fingerprint_of_an_earlier_version_s_form_counts_as_the_same(tmp_path):
     """A store written before the fingerprint was normalised holds the earlier form (``legacy``):
-    the same upstream, whose profile is given, and whose fingerprint is rewritten to today's form."""
+    the same upstream, whose profile is given. Its fingerprint is kept as it is, so that an earlier
+    version sharing the store (a rolling upgrade, a rollback), which compares it with its own form,
+    still finds the same upstream; today's form is recorded beside it, and does without the
+    earlier one from then on."""
+    _as_an_earlier_version(tmp_path, "m", "fp-old-form")
     with Store(tmp_path) as s:
-        s.begin("m", "suite", total=1, upstream="fp-old-form")
-        s.finish("m", "suite", {"t1": 0.5})
         assert s.get("m", "fp-new-form", legacy="fp-old-form") == {"t1": 0.5}
         assert s.get("m", "fp-new-form") is None and s.get("m", "fp-other", legacy="fp-x") is None
         assert s.upstream_changed("m", "fp-other", legacy="fp-x")
         assert not s.upstream_changed("m", "fp-new-form", legacy="fp-old-form")
-    with Store(tmp_path) as s:  # rewritten durably: the earlier form is no longer needed
-        assert not s.upstream_changed("m", "fp-new-form")
-        assert s.upstream_changed("m", "fp-old-form")
+        assert not _changed_for_an_earlier_version(tmp_path, "m", "fp-old-form")
+        s.claim("m")
+        s.begin("m", "suite", total=1, upstream="fp-new-form", legacy="fp-old-form")  # a run resumed
+    assert not _changed_for_an_earlier_version(tmp_path, "m", "fp-old-form")
+    with Store(tmp_path) as s:
+        assert not s.upstream_changed("m", "fp-new-form")  # today's form was recorded beside it
         assert s.get("m", "fp-new-form") == {"t1": 0.5}
+        assert s.upstream_changed("m", "fp-other") and s.get("m", "fp-other") is None
+    assert not _changed_for_an_earlier_version(tmp_path, "m", "fp-old-form")
+
+
+def test_a_fingerprint_is_recorded_in_the_form_earlier_versions_read(tmp_path):
+    """A row stored without a fingerprint (by a version that recorded none), and a new one, get
+    the earlier form in ``upstream``, the one every version that fingerprints compares with its
+    own: one sharing the store, or rolled back to, finds the same upstream and forgets nothing."""
+    _as_an_earlier_version(tmp_path, "unrecorded", None)
+    with Store(tmp_path) as s:
+        assert not s.upstream_changed("unrecorded", "fp-new-form", legacy="fp-old-form")
+        assert not _changed_for_an_earlier_version(tmp_path, "unrecorded", "fp-old-form")
+        s.claim("new")
+        s.begin("new", "suite", total=1, upstream="fp-new-form", legacy="fp-old-form")
+        assert not s.upstream_changed("new", "fp-new-form", legacy="fp-old-form")
+        assert not s.upstream_changed("new", "fp-new-form")
+        s.begin("plain", "suite", total=1, upstream="fp-only")  # no earlier form given: today's
+        assert not s.upstream_changed("plain", "fp-only")
+    assert not _changed_for_an_earlier_version(tmp_path, "new", "fp-old-form")
+    assert not _changed_for_an_earlier_version(tmp_path, "plain", "fp-only")
 
 
 def test_spend_is_recorded_with_each_answer(tmp_path):
