@@ -10,7 +10,9 @@ questions in a row), or the cap was reached; ``pending`` when an ``Asker`` cance
 ``RunCancelled``; ``done``); grading a question as no answer when the upstream refuses that one
 prompt (a 4xx other than 401/402/403/404) or it alone keeps failing while others are answered;
 resuming from the store without asking any stored question again (nor, when the upstream
-fingerprint changed, with the old answers); and the ``satroute onboard`` command
+fingerprint changed, with the old answers); grading stored answers again with this version's
+grader, from their stored text (``regrade``: a run does it before it resumes, so a fixed grader's
+earlier faults do not stay in the profile); and the ``satroute onboard`` command
 (``add_arguments``/``run``).
 A profile exists only once every question is graded: ``Store.finish`` writes it together with the
 ``done`` status, so routing never sees a half-finished one.
@@ -267,6 +269,39 @@ class Onboarding:
             except sqlite3.OperationalError as exc:  # the lease goes stale by itself
                 log.warning("onboarding %s: cannot release the lease: %s", model, exc)
 
+    async def regrade(self, model: str, leased: bool = False) -> int:
+        """Grade ``model``'s stored answers to the suite's questions again with this version's
+        grader, from what is stored: an answer's text as the upstream gave it (one stored without
+        text, no answer, by its letter), against the question's gold letter as loaded now. The
+        grades that change are rewritten, with the profile they make where one of this suite is
+        stored (``Store.regrade``), and logged. Returns how many changed. ``leased``: the caller's
+        run holds the model's lease; otherwise ``ModelBusy`` (nothing written) while another live
+        process holds it."""
+        answers = await self._store(self.store.answers, model)
+        by_id = {q.id: q for q in self.questions}
+        changed: dict[str, tuple[str | None, bool]] = {}
+        for a in answers:
+            q = by_id.get(a.question_id)
+            if q is None:  # another suite's question: its gold is not loaded
+                continue
+            letter = a.letter if a.text is None else extract_answer(a.text, len(q.options))
+            right = letter is not None and letter == q.answer
+            if right != a.correct:
+                changed[a.question_id] = (letter, right)
+        if not changed:
+            return 0
+        graded = {a.question_id: changed[a.question_id][1] if a.question_id in changed else a.correct
+                  for a in answers}
+        rewrote = await self._store(self.store.regrade, model, changed,
+                                    profile_from_graded(self.suite, graded), self.suite.name,
+                                    leased=leased)
+        now_right = sum(right for _, right in changed.values())
+        log.warning("onboarding %s: %d of its %d stored answers are graded otherwise by this "
+                    "version's grader (%d now right, %d now wrong); their grades%s are rewritten",
+                    model, len(changed), len(answers), now_right, len(changed) - now_right,
+                    " and its profile" if rewrote else "")
+        return len(changed)
+
     async def _run(self, model: str, priced: Prices | Callable[[], Prices], upstream: str | None,
                    legacy: str | None) -> Progress:
         opts = self.options
@@ -275,6 +310,8 @@ class Onboarding:
             log.warning("onboarding %s: its upstream changed; forgetting its answers and profile",
                         model)
             await self._store(store.forget, model)  # the lease stays this run's
+        # answers an earlier version graded stored otherwise: the profile is made of today's grades
+        await self.regrade(model, leased=True)
         done = await self._store(store.answered, model)
         todo = [q for q in self.questions if q.id not in done]
         price_now = priced if callable(priced) else (lambda: priced)

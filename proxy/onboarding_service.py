@@ -12,7 +12,9 @@ is callable by name only. A run that crashes is recorded as ``failed`` with the 
 Other processes share the store (``satroute onboard``, another proxy): a model another process
 onboards now (``ModelBusy``), or whose run the store refused to start, is skipped and tried again on
 a later tick, never marked failed; a profile another process stored (again) is picked up on the next
-tick, and one it forgot stops being routed with.
+tick, and one it forgot stops being routed with. Once per process, each configured model's stored
+answers are graded again with this version's grader (``Onboarding.regrade``), and a profile whose
+grades change is rewritten.
 Store calls run on worker threads, never on the event loop that serves requests.
 Also the JSON the admin endpoints show (``status``, ``profile``): a ``running`` or ``stalled`` row
 whose lease nobody holds (its process was killed, or an earlier version stopped without saying so)
@@ -155,6 +157,8 @@ class OnboardingService:
         # or None (the store held no finished profile)
         self._picked_up: dict[str, float | None] = {}
         self._reported: set[str] = set()  # models with onboarding series in the metrics
+        self._regraded: set[str] = set()  # models whose stored answers this process graded again
+        self._regrade_error: str | None = None  # why stored answers cannot be graded again (logged once)
         self._check_error: str | None = None  # why the watch loop's last check failed (logged once)
         self._prepare_failed = False  # litellm's import failed once: not tried before every sync
         self.draining = False  # the proxy is stopping: no run starts, no new question is asked
@@ -176,6 +180,7 @@ class OnboardingService:
                     await self._dispatch_ready(snap)
                     last = self.registry.snapshot  # litellm's import may have left a model out
                     await self.sync()
+                await self._regrade(progress)
                 self._report(progress)
                 if self._check_error is not None:
                     log.info("onboarding: checks work again")
@@ -239,6 +244,40 @@ class OnboardingService:
                     log.warning("model %s: its stored profile was forgotten; no longer an auto "
                                 "candidate until it is onboarded again", name)
         self._picked_up.update(seen)
+
+    async def _regrade(self, progress: Iterable[Progress]) -> None:
+        """Once per process, each configured model's stored answers graded again with this
+        version's grader (``Onboarding.regrade``): an earlier version's faulty grades must not stay
+        in its profile. A model this process runs is graded again by its run; one another live
+        process holds (it may be onboarding it) is left for a later tick, as is one the store
+        refuses to write now. Without the questions (they cannot be loaded) nothing is graded
+        again; said once."""
+        models = self.registry.snapshot.models
+        due = [p for p in progress if p.done and p.model not in self._regraded and p.model in models
+               and not models[p.model].info.capability_profile]
+        if not due:
+            return
+        try:
+            engine = await self._get_engine()
+        except (QuestionSourceError, DataError) as exc:
+            why = exc.message if isinstance(exc, QuestionSourceError) else str(exc)
+            if why != self._regrade_error:
+                log.warning("onboarding: stored answers are not graded again by this version: %s", why)
+            self._regrade_error = why
+            return
+        self._regrade_error = None
+        for p in due:
+            task = self.runs.get(p.model)
+            if task is not None and not task.done():
+                self._regraded.add(p.model)  # its run grades them again under its lease
+                continue
+            if self.store.held(p.owner, p.heartbeat):
+                continue
+            try:
+                await engine.regrade(p.model)
+            except (ModelBusy, sqlite3.OperationalError):
+                continue
+            self._regraded.add(p.model)
 
     def _report(self, progress: list[Progress]) -> None:
         """Onboarding progress into the metrics; the series of models no longer configured are

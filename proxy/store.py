@@ -204,6 +204,11 @@ def _alive_here(owner: str) -> bool:
     return True
 
 
+def _profile_json(tasks: Mapping[str, float]) -> str:
+    """A profile as the ``profiles`` table stores it."""
+    return json.dumps({k: float(v) for k, v in tasks.items()}, sort_keys=True)
+
+
 def _finite_scores(scores: Mapping[str, float]) -> dict[str, float | None]:
     """Scores as JSON can hold them: an unscored candidate (-inf, NaN) as None."""
     return {k: v if math.isfinite(v) else None for k, v in scores.items()}
@@ -552,6 +557,35 @@ class Store:
                           "ORDER BY answered_at", (model,))
         return [GradedAnswer(q, letter, bool(c), text) for q, letter, c, text in rows]
 
+    def regrade(self, model: str, grades: Mapping[str, tuple[str | None, bool]],
+                profile: Mapping[str, float] | None = None, suite: str = "",
+                leased: bool = False) -> bool:
+        """Rewrite stored answers graded again (``grades``: question id -> its letter and whether
+        it is right) and, with ``profile``, the model's stored profile when it was measured on
+        ``suite`` (one of another suite is kept), in one transaction; a rewritten profile gives its
+        ``done`` row a new ``updated_at``, so the processes sharing the store read it again. True
+        when the profile was rewritten. ``leased``: only while this process holds the model's
+        lease; otherwise only while no other live process holds it (it may be onboarding the
+        model). ``ModelBusy``, and nothing written, otherwise."""
+        now = time.time()
+        with self._lock, self._transaction():
+            if leased:
+                self._own(model)
+            elif (owner := self._holder(model)) is not None:
+                raise ModelBusy(model, owner)
+            self._db.executemany("UPDATE answers SET letter = ?, correct = ? WHERE model = ? "
+                                 "AND question_id = ?",
+                                 [(letter, int(right), model, q) for q, (letter, right) in grades.items()])
+            if profile is None:
+                return False
+            cur = self._db.execute("UPDATE profiles SET tasks = ?, created_at = ? WHERE model = ? "
+                                   "AND suite = ?", (_profile_json(profile), now, model, suite))
+            if cur.rowcount == 0:
+                return False
+            self._db.execute("UPDATE onboarding SET updated_at = ? WHERE model = ? AND status = 'done'",
+                             (now, model))
+            return True
+
     # -- profiles ---------------------------------------------------------------------------
     def finish(self, model: str, suite: str, tasks: Mapping[str, float], note: str | None = None,
                leased: bool = False) -> None:
@@ -560,7 +594,7 @@ class Store:
         ``leased``: only while this process holds the model's lease (``ModelBusy``, and nothing
         written, otherwise)."""
         now = time.time()
-        body = json.dumps({k: float(v) for k, v in tasks.items()}, sort_keys=True)
+        body = _profile_json(tasks)
         with self._lock, self._transaction():
             if leased:
                 self._own(model)

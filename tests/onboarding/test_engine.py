@@ -727,6 +727,31 @@ async def test_answers_withheld_in_an_earlier_run_are_not_blamed_on_their_form_e
     assert progress.status == "done" and "stated no letter" not in (progress.reason or "")
 
 
+async def test_a_resumed_run_grades_the_answers_stored_before_again(tmp_path, tiny, caplog):
+    """A run resumed after an upgrade that fixed the grader (an earlier version compared the gold
+    letters of a question folder of one's own as written, "c", and graded every answer wrong):
+    the answers stored before are graded again from their text, so the profile is not a mix of the
+    earlier grades and today's; an answer stored without text (none) stays wrong, and nothing
+    stored is asked again."""
+    from proxy.store import GradedAnswer
+
+    suite, questions = tiny
+    gold = gold_map(questions)
+    with Store(tmp_path) as store:
+        for q in questions[:6]:  # right, graded wrong
+            store.record("m", GradedAnswer(q.id, q.answer, False, f"The answer is ({q.answer})."))
+        store.record("m", GradedAnswer(questions[6].id, None, False, None))  # refused: no answer
+        asker = FakeAsker(questions, lambda q: gold[q])
+        progress = await Onboarding(store, suite, questions, asker, FAST).run("m")
+        assert progress.status == "done" and progress.correct == len(questions) - 1
+        assert set(asker.asked) == {q.id for q in questions[7:]}
+        expected = profile_from_graded(suite, {q: q != questions[6].id for q in gold})
+        assert store.get("m") == pytest.approx(expected)
+    assert [r.getMessage() for r in caplog.records if "graded otherwise" in r.getMessage()] == [
+        "onboarding m: 6 of its 7 stored answers are graded otherwise by this version's grader "
+        "(6 now right, 0 now wrong); their grades are rewritten"]
+
+
 @pytest.mark.parametrize("stored_slips, slips_now, flagged", [(10, 0, True), (0, 4, False)])
 async def test_the_no_letter_share_is_that_of_every_stored_answer_not_of_the_last_run(
         tmp_path, stored_slips, slips_now, flagged):
@@ -742,7 +767,8 @@ async def test_the_no_letter_share_is_that_of_every_stored_answer_not_of_the_las
     with Store(tmp_path) as store:
         for n, q in enumerate(before):  # an earlier run's answers
             letter = None if n < stored_slips else "A"
-            store.record("m", GradedAnswer(q.id, letter, letter == q.answer, "..."))
+            text = "..." if letter is None else "The answer is (A)."
+            store.record("m", GradedAnswer(q.id, letter, letter == q.answer, text))
         progress = await Onboarding(store, suite, questions, resumed, FAST).run("m", Prices())
     assert progress.status == "done"
     assert (progress.reason is not None) == flagged

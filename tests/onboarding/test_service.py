@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import sqlite3
 import threading
 
@@ -335,7 +336,7 @@ async def test_a_run_resumed_from_an_earlier_version_keeps_its_fingerprint(tmp_p
     with Store(tmp_path / "state") as store:
         store.begin("m", suite.name, len(questions), upstream=earlier)
         for q in questions[:5]:
-            store.record("m", GradedAnswer(q.id, "A", True, "The answer is (A)."))
+            store.record("m", GradedAnswer(q.id, q.answer, True, f"The answer is ({q.answer})."))
         store._db.execute("UPDATE onboarding SET upstream_plain = NULL, status = 'pending'")
         dispatcher = ByUpstream()
         registry, svc = service(config, store, dispatcher, suite, questions)
@@ -346,6 +347,43 @@ async def test_a_run_resumed_from_an_earlier_version_keeps_its_fingerprint(tmp_p
         stored = store._read("SELECT upstream FROM onboarding WHERE model = 'm'")[0][0]
         assert stored == earlier  # what the earlier version compares with its own form
         assert registry.snapshot.models["m"].routable
+
+
+async def test_answers_an_earlier_grader_got_wrong_are_graded_again_once(tmp_path, caplog):
+    """An earlier version graded a model's answers wrong (it compared the gold letters of a
+    question folder of one's own as written, "c"): its profile said 0.0, and it was done. The
+    service grades each model's stored answers again from their text when it first reads them,
+    once per process (not every tick): the grades and the profile are rewritten, routed with, and
+    logged once. A model another process holds (it may be onboarding it) is left alone until it
+    lets go."""
+    caplog.set_level(logging.INFO, logger="satroute.onboarding")
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry(name, "http://127.0.0.1:9", tmp_path) for name in ("m", "held")])
+    suite, questions = make_suite()
+    right = {t: 1.0 for t in suite.task_ids}
+    with Store(tmp_path / "state") as store, Store(tmp_path / "state") as other:
+        for name in ("m", "held"):
+            for q in questions:  # every answer right, graded wrong
+                store.record(name, GradedAnswer(q.id, q.answer, False, f"The answer is ({q.answer})."))
+            store.finish(name, suite.name, {t: 0.0 for t in suite.task_ids})
+        other.claim("held")
+        registry, svc = service(config, store, Answering("x"), suite, questions)
+        watch = asyncio.create_task(svc.watch(0.01))
+        try:
+            await wait_until(lambda: registry.snapshot.models["m"].profile == right)
+            assert store.progress("m").correct == len(questions) and not svc.runs
+            assert store.progress("held").correct == 0 and store.get("held") == {t: 0.0 for t in right}
+            store._db.execute("UPDATE answers SET correct = 0 WHERE model = 'm'")
+            other.release("held")
+            await wait_until(lambda: registry.snapshot.models["held"].profile == right)
+            await asyncio.sleep(0.1)  # more ticks
+            assert store.progress("m").correct == 0  # graded again once, not on every tick
+        finally:
+            watch.cancel()
+    logged = [r.getMessage() for r in caplog.records if "graded otherwise" in r.getMessage()]
+    assert logged == [f"onboarding {name}: 12 of its 12 stored answers are graded otherwise by this "
+                      "version's grader (12 now right, 0 now wrong); their grades and its profile "
+                      "are rewritten" for name in ("m", "held")]
 
 
 async def test_a_model_opted_out_says_so_and_forget_is_one_transaction(tmp_path):

@@ -191,6 +191,33 @@ def test_a_fingerprint_is_recorded_in_the_form_earlier_versions_read(tmp_path):
     assert not _changed_for_an_earlier_version(tmp_path, "plain", "fp-only")
 
 
+def test_answers_graded_again_are_rewritten_with_their_profile(tmp_path):
+    """``regrade`` rewrites the grades and the profile of the suite they were measured on in one
+    transaction (a profile of another suite is kept), and gives the done row a new updated_at so
+    that the processes sharing the store read the profile again; never while another live
+    process holds the model, which may be onboarding it."""
+    with Store(tmp_path) as s, Store(tmp_path) as other:
+        for model, suite in (("m", "suite"), ("measured-elsewhere", "other-suite")):
+            s.record(model, GradedAnswer("q1", "A", False, "The answer is (A)."))
+            s.record(model, GradedAnswer("q2", "B", True, "The answer is (B)."))
+            s.finish(model, suite, {"t1": 0.5})
+        before = s.progress("m").updated_at
+        time.sleep(0.01)
+        assert s.regrade("m", {"q1": ("A", True)}, {"t1": 1.0}, "suite")
+        assert s.graded("m") == {"q1": True, "q2": True} and s.get("m") == {"t1": 1.0}
+        assert s.progress("m").updated_at > before and s.progress("m").status == "done"
+        assert not s.regrade("measured-elsewhere", {"q1": ("A", True)}, {"t1": 1.0}, "suite")
+        assert s.graded("measured-elsewhere")["q1"] and s.get("measured-elsewhere") == {"t1": 0.5}
+        other.claim("m")
+        with pytest.raises(ModelBusy):
+            s.regrade("m", {"q2": (None, False)}, {"t1": 0.5}, "suite")
+        assert s.graded("m")["q2"] and s.get("m") == {"t1": 1.0}
+        with pytest.raises(ModelBusy):  # a run's own regrade needs its lease
+            s.regrade("m", {"q2": (None, False)}, leased=True)
+        assert not other.regrade("m", {"q2": (None, False)}, leased=True)
+        assert s.answers("m")[1] == GradedAnswer("q2", None, False, "The answer is (B).")
+
+
 def test_spend_is_recorded_with_each_answer(tmp_path):
     with Store(tmp_path) as s:
         s.begin("m", "suite", total=3, upstream="fp")
