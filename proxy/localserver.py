@@ -816,8 +816,8 @@ def publish_key(folder: Path, key: str) -> str:
     kept its own key, the other's servers refused `satroute onboard` with 401s, and the model's
     run failed."""
     path = Path(folder) / KEY_FILE
-    part = path.with_name(f".{KEY_FILE}.{os.getpid()}")
-    part.unlink(missing_ok=True)  # one left by a crash: created anew, so with these permissions
+    # a name no other process writes: in containers every proxy is process 1
+    part = path.with_name(f".{KEY_FILE}.{os.getpid()}.{token_urlsafe(8)}")
     fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
         os.write(fd, key.encode())
@@ -844,7 +844,7 @@ def shared_key(folder: Path) -> str | None:
     try:
         return publish_key(folder, token_urlsafe(32))
     except OSError:
-        return None
+        return published_key(folder)  # another proxy's, if it kept one meanwhile
 
 
 def published_key(folder: Path) -> str | None:

@@ -275,19 +275,26 @@ def test_the_key_is_kept_for_the_onboard_command_readable_by_its_owner_only(tmp_
     assert publish_key(tmp_path, "second") == "first"
     assert published_key(tmp_path) == "first"
     assert (tmp_path / KEY_FILE).stat().st_mode & 0o777 == 0o600
-    assert [p.name for p in tmp_path.iterdir()] == [KEY_FILE]
+    assert sorted(p.name for p in tmp_path.iterdir()) == [f".{KEY_FILE}.{os.getpid()}", KEY_FILE]
 
 
-def _start_on(folder, barrier, out):  # a proxy's start, in a process of its own
+def _start_on(folder, barrier, out, first_process):  # a proxy's start, in a process of its own
+    import types
+
+    import proxy.localserver as localserver
     from proxy.localserver import shared_key
 
+    if first_process:  # in a container of its own, as docker compose --scale runs each
+        localserver.os = types.SimpleNamespace(**{**vars(os), "getpid": lambda: 1})
     barrier.wait()
     out.put(shared_key(folder))
 
 
-def test_proxies_started_together_on_one_state_folder_share_one_key(tmp_path):
+@pytest.mark.parametrize("containers", [False, True], ids=["processes", "containers"])
+def test_proxies_started_together_on_one_state_folder_share_one_key(tmp_path, containers):
     """Each made its own key and wrote it over the other's: the servers of the one whose key was
-    overwritten refused `satroute onboard` (401) until it restarted (2 times in 10 here)."""
+    overwritten refused `satroute onboard` (401) until it restarted (2 times in 10 here). In
+    containers, where every proxy is process 1, they must not write one another's part file."""
     import multiprocessing
 
     from proxy.localserver import published_key
@@ -297,7 +304,8 @@ def test_proxies_started_together_on_one_state_folder_share_one_key(tmp_path):
         folder = tmp_path / str(attempt)
         folder.mkdir()
         barrier, out = context.Barrier(6), context.Queue()
-        starts = [context.Process(target=_start_on, args=(folder, barrier, out)) for _ in range(6)]
+        starts = [context.Process(target=_start_on, args=(folder, barrier, out, containers))
+                  for _ in range(6)]
         for start in starts:
             start.start()
         keys = [out.get(timeout=30) for _ in starts]
