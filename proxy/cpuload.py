@@ -17,6 +17,14 @@ import time
 from collections.abc import Callable
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU set: taskset, docker --cpuset-cpus), not the
+    host's: torch threads beyond them wait on one another."""
+    if hasattr(os, "sched_getaffinity"):
+        return max(1, len(os.sched_getaffinity(0)))
+    return os.cpu_count() or 1
+
+
 class CpuLoad:
     def __init__(self, stat_path: str = "/proc/stat",
                  own_cpu: Callable[[], float] = time.process_time,

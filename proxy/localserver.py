@@ -41,6 +41,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 import httpx
 
+from proxy.cpuload import usable_cores
 from proxy.errors import SatrouteError
 
 log = logging.getLogger("satroute.localserver")
@@ -580,8 +581,9 @@ class LocalServer:
 
 
 def default_threads() -> int:
-    """One thread per two cores, at least one: the scorer and the event loop need CPU too."""
-    return max(1, (os.cpu_count() or 2) // 2)
+    """One thread per two of the cores the proxy may run on, at least one: the scorer and the
+    event loop need CPU too."""
+    return max(1, usable_cores() // 2)
 
 
 def threads_of(conf: Any) -> int:

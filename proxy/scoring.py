@@ -20,7 +20,6 @@ import functools
 import gc
 import hashlib
 import logging
-import os
 import threading
 import time
 from collections import OrderedDict
@@ -30,6 +29,7 @@ from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 from scorer import Profile, Scorer
 
+from proxy.cpuload import usable_cores
 from proxy.errors import ServiceUnavailable
 from proxy.settings import Settings
 
@@ -188,7 +188,7 @@ class ScorerHost:
         started = time.perf_counter()
         told = settings.scorer_torch_threads
         self._torch_threads = (lambda: told) if told else (
-            lambda: max(1, (os.cpu_count() or 1) - (cores_busy() if cores_busy else 0)))
+            lambda: max(1, usable_cores() - (cores_busy() if cores_busy else 0)))
 
         def build() -> Scorer:  # torch's threads are set where calls run (``_busy``)
             from scorer import load_scorer
@@ -206,7 +206,7 @@ class ScorerHost:
         if checkpoint:
             where = f"{where}; checkpoint {checkpoint['path']}, weights {checkpoint['weights_sha256']}"
         log.info("scorer loaded in %.1f s (%s%s torch threads)", time.perf_counter() - started,
-                 f"{where}; " if where else "", told or "up to %d" % (os.cpu_count() or 1))
+                 f"{where}; " if where else "", told or "up to %d" % usable_cores())
         await self._warm_up(scorer, dict(profiles()) if profiles else {}, first=True)
         self.scorer = scorer
         gc.freeze()

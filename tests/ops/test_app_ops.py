@@ -602,7 +602,7 @@ def test_the_scorer_leaves_a_busy_local_server_its_cores_and_freezes_what_start_
         {"model_name": "local", "litellm_params": {"model": "openai/local"},
          "model_info": {"local_server": {"model": str(tmp_path / "missing.gguf"), "threads": 1}}},
         _entry("m1", "http://127.0.0.1:9/v1", tmp_path)])
-    cores = os.cpu_count() or 1
+    cores = len(os.sched_getaffinity(0))  # the cores the proxy may run on, not the host's
     others = {"cores": 0}  # what the load of other processes says, set by the test
 
     class OtherLoad:

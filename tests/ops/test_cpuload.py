@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from proxy.cpuload import CpuLoad
+from proxy.cpuload import CpuLoad, usable_cores
 
 CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
 TICK = os.sysconf("SC_CLK_TCK")
@@ -98,3 +98,10 @@ def test_the_real_proc_stat_sees_a_busy_process(tmp_path):
         spinner.kill()
         spinner.wait()
     assert seen >= 0.7  # the spinner's core, and whatever else ran meanwhile
+
+
+def test_the_usable_cores_are_the_cpu_set_not_the_host(monkeypatch):
+    """Under taskset or docker --cpuset-cpus torch got a thread for every core of the host."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    assert usable_cores() == 1
