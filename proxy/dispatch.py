@@ -41,7 +41,8 @@ from proxy.providers import OPENAI_COMPATIBLE, Deployment, RouterSettings
 from proxy.settings import prepare_litellm_environment
 from proxy.upstream import (CONTEXT_WINDOW, LIMIT_NAMES, RETRYABLE, UNSUPPORTED, Answer, PassThrough,
                             cannot_read, classify, dumps_lenient, error_labels, interrupted_event,
-                            out_of_quota, redirected, retry_after_seconds, too_long, unfit_request)
+                            limited, out_of_quota, redirected, retry_after_seconds, too_long,
+                            unfit_request)
 
 log = logging.getLogger("satroute.dispatch")
 
@@ -352,15 +353,17 @@ class RetryingDispatcher:
             raise UpstreamClientError(text, status=404, model=d.name, upstream_body={"error": {
                 "message": text, "type": "invalid_request_error", "param": None, "code": "model_not_found"}})
         # the client's limit on the answer, under either name, replaces the model's default under
-        # either (LIMIT_NAMES): litellm would send both, which OpenAI refuses
-        limited = not LIMIT_NAMES.isdisjoint(call.body)
+        # either (LIMIT_NAMES): litellm would send both, which OpenAI refuses; a null the client
+        # sent leaves the default in place (litellm reads a None keyword as not given)
+        told = limited(call.body)
         kwargs = {k: v for k, v in d.params.items()
-                  if k not in ("max_retries", "num_retries") and not (limited and k in LIMIT_NAMES)}
+                  if k not in ("max_retries", "num_retries") and not (told and k in LIMIT_NAMES)}
         provider = _custom_provider(d)
         if provider is not None:
             kwargs["custom_llm_provider"] = provider
         openai_like = _openai_like(d.provider, d.upstream_model)
-        kwargs.update(litellm_request_kwargs(call.body, d, openai_like))
+        kwargs.update({k: v for k, v in litellm_request_kwargs(call.body, d, openai_like).items()
+                       if not (v is None and k in kwargs)})
         if not openai_like:
             _fit_thinking(litellm, kwargs, d)
         # litellm's timeout bounds each read of a stream, like the pass-through's sock_read: the

@@ -35,6 +35,11 @@ BODY_DEFAULTS = OPENAI_CHAT_PARAMS - {"messages", "stream", "stream_options"}
 # invalid_parameter_combination), on both paths
 LIMIT_NAMES = frozenset({"max_tokens", "max_completion_tokens"})
 DEFAULT_BASES = {"openai": "https://api.openai.com/v1"}
+
+
+def limited(body: Mapping[str, Any]) -> bool:
+    """Whether the client set a limit on the answer, under either name (a null sets none)."""
+    return any(body.get(name) is not None for name in LIMIT_NAMES)
 USER_AGENT = f"satroute/{__version__}"
 MODEL_FIELD = re.compile(rb'"model"\s*:\s*(?:"(?:[^"\\]|\\.)*"|null)')
 RETRYABLE = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
@@ -284,13 +289,16 @@ class PassThrough:
         """``body`` with the model's defaults for what it does not say: from litellm_params, the
         OpenAI chat parameters (temperature, max_tokens, ...) and the fields of its extra_body;
         never litellm's own settings or other credentials. A limit on the answer the client gave,
-        under either name, is the one limit (``LIMIT_NAMES``)."""
+        under either name, is the one limit (``LIMIT_NAMES``). A field the client sent as null is
+        one it left unset, as OpenAI reads it: a default fills it."""
         defaults = {k: v for k, v in d.params.items() if k in BODY_DEFAULTS}
         extra = d.params.get("extra_body")
         out = {**(extra if isinstance(extra, dict) else {}), **defaults}
-        limited = not LIMIT_NAMES.isdisjoint(body)
-        out = {k: v for k, v in out.items() if k not in body and not (limited and k in LIMIT_NAMES)}
-        out.update(body)
+        out = {k: v for k, v in out.items()
+               if body.get(k) is None and not (k in LIMIT_NAMES and limited(body))}
+        limit_filled = not LIMIT_NAMES.isdisjoint(out)
+        out.update({k: v for k, v in body.items()
+                    if not (v is None and (k in out or (k in LIMIT_NAMES and limit_filled)))})
         return out
 
     @staticmethod

@@ -338,6 +338,10 @@ def test_a_configured_limit_gives_way_to_the_client_s_under_either_name(tmp_path
             assert {k: v for k, v in upstream.bodies(name)[-1].items() if k in limits} == {asked: 4000}
         client(proxy).chat.completions.create(model=name, messages=MESSAGES)
         assert {k: v for k, v in upstream.bodies(name)[-1].items() if k in limits} == {configured: 512}
+        # a null is a limit left unset, as OpenAI reads it: the default fills it, and the null goes
+        for asked in limits:
+            client(proxy).chat.completions.create(model=name, messages=MESSAGES, extra_body={asked: None})
+            assert {k: v for k, v in upstream.bodies(name)[-1].items() if k in limits} == {configured: 512}
 
 
 def test_the_bare_host_serves_the_same_endpoints_behind_the_same_key(config, upstream, start_proxy):
