@@ -40,11 +40,15 @@ _SETUP_RUNS = {3: 1, 2: 3}
 
 
 # What a local model takes of a JSON schema: OpenAI's bounds for Structured Outputs, counted so that
-# they bound what sampling costs. Its 1,000 enum values count every alternative the grammar gives
-# the sampler (anyOf and oneOf branches, optional properties, which OpenAI's strict schemas do not
-# have, a list of types, a pattern's "|" too: 5,000 consts in an anyOf cost as much as 5,000 enum
-# values, an object's 900 optional properties as much as 1,000); the names' length counts patterns.
-MAX_ALTERNATIVES = 1_000  # enum values and alternatives, in all
+# they bound what sampling costs. The sampler follows, at each token, every alternative open at
+# that point of the grammar; its cost grows with those, not with the schema's size: a 1,000-value
+# enum took 83 ms a token against 25-37 ms for a small schema, while 600 nullable fields (two types
+# each, one field after another) took 21 ms. So the 1,000 of OpenAI's enum values bounds the
+# alternatives open at once: an enum's values, the branches of an anyOf or oneOf (with all they
+# open in turn: 5,000 consts in an anyOf cost as much as 5,000 enum values), a list of types, a
+# pattern's "|", and the optional properties of one object that may come next (900 cost about as
+# much as 1,000 enum values). The other bounds are OpenAI's on the schema's size.
+MAX_ALTERNATIVES = 1_000  # alternatives open at once
 MAX_PROPERTIES = 5_000  # object properties, in all
 MAX_NESTING = 10  # objects and arrays within one another
 MAX_LENGTH = 120_000  # characters of property and definition names, enum and const values, patterns
@@ -80,10 +84,10 @@ _NOTHING = (0, 0, 0, 0)
 
 def _measure(node: Any, root: Any, measured: dict[int, tuple[int, int, int, int] | None],
              length: int = 0) -> tuple[int, int, int, int]:
-    """``(alternatives, properties, length, levels)`` of a schema and all below it, ``length``
-    counted from the given one (the root's definition names), raising ``_Past`` once one passes
-    its bound; ``measured``: the sizes of the definitions measured so far, by id (None: being
-    measured, further up)."""
+    """``(alternatives open at once, properties, length, levels)`` of a schema and all below it,
+    ``length`` counted from the given one (the root's definition names), raising ``_Past`` once
+    one passes its bound; ``measured``: the sizes of the definitions measured so far, by id
+    (None: being measured, further up)."""
     if not isinstance(node, dict):
         return _NOTHING
     if "$ref" in node:  # as the server's converter reads it: the reference alone
@@ -94,11 +98,14 @@ def _measure(node: Any, root: Any, measured: dict[int, tuple[int, int, int, int]
             measured[id(target)] = None
             measured[id(target)] = _measure(target, root, measured)
         return measured[id(target)] or _NOTHING
-    alternatives = properties = levels = 0
+    # open at once: what starts the value (an enum's values, every branch, each type of a list,
+    # a pattern's alternatives: added up), or, later in it, one property's value, one item, or
+    # the optional properties that may come next (the most of these)
+    starts = later = properties = levels = 0
     enum = node.get("enum")
     if isinstance(enum, list):
-        alternatives += len(enum)
-        _within(alternatives)
+        starts += len(enum)
+        _within(starts)
         strings = sum(len(v) for v in enum if isinstance(v, str))
         if len(enum) > LARGE_ENUM and strings > MAX_LARGE_ENUM_LENGTH:
             raise _Past(f"an enum of more than {LARGE_ENUM} values with more than "
@@ -107,43 +114,48 @@ def _measure(node: Any, root: Any, measured: dict[int, tuple[int, int, int, int]
     if "const" in node:
         const = node["const"]
         length += len(const) if isinstance(const, str) else len(json.dumps(const))
-    same: list[Any] = []  # schemas of this same value: a union's branches, allOf's parts
+    branches: list[Any] = []  # schemas of which the value is any one: all open at its start
     for union in ("anyOf", "oneOf"):
         if isinstance(node.get(union), list):
-            alternatives += len(node[union])
-            same += node[union]
-    same += node["allOf"] if isinstance(node.get("allOf"), list) else []
-    alternatives += len(node["type"]) if isinstance(node.get("type"), list) else 0
+            branches += node[union]
+    parts = node["allOf"] if isinstance(node.get("allOf"), list) else []  # all of them, merged
+    starts += len(node["type"]) if isinstance(node.get("type"), list) else 0
     if isinstance(node.get("pattern"), str):
-        alternatives += node["pattern"].count("|")
+        starts += node["pattern"].count("|")
         length += len(node["pattern"])
-    inside: list[Any] = []  # schemas of the values within it: its properties, its items
+    inside: list[Any] = []  # schemas of the values within it, one after another
     props = node.get("properties")
     if isinstance(props, dict):
         properties += len(props)
         required = node.get("required")
         required = set(r for r in required if isinstance(r, str)) if isinstance(required, list) else set()
-        alternatives += sum(name not in required for name in props)  # any of them may come next
+        later = sum(name not in required for name in props)  # any of them may come next
         length += sum(len(name) for name in props)
         inside += props.values()
     for key in ("items", "prefixItems", "additionalProperties"):
         value = node.get(key)
         inside += value if isinstance(value, list) else [value] if isinstance(value, dict) else []
-    _within(alternatives, properties, length)
-    for child, nests in [*((c, False) for c in same), *((c, True) for c in inside)]:
+    _within(max(starts, later), properties, length)
+    for child, kind in [*((c, "branch") for c in branches), *((c, "part") for c in parts),
+                        *((c, "inside") for c in inside)]:
         more = _measure(child, root, measured)
-        alternatives, properties, length = alternatives + more[0], properties + more[1], length + more[2]
-        levels = max(levels, more[3] + nests)
-        _within(alternatives, properties, length, levels)
-    return alternatives, properties, length, levels
+        if kind == "branch":
+            starts += max(more[0], 1)
+        else:
+            later = max(later, more[0])
+        properties, length = properties + more[1], length + more[2]
+        levels = max(levels, more[3] + (kind == "inside"))
+        _within(max(starts, later), properties, length, levels)
+    return max(starts, later), properties, length, levels
 
 
 def _within(alternatives: int, properties: int = 0, length: int = 0, levels: int = 0) -> None:
     """Raise ``_Past`` naming the first count past its bound."""
     for count, bound, what in (
-            (alternatives, MAX_ALTERNATIVES, "enum values and alternatives in all (anyOf and oneOf "
-                                             "branches, optional properties, types in a list, a "
-                                             "pattern's '|')"),
+            (alternatives, MAX_ALTERNATIVES, "enum values and other alternatives open at once "
+                                             "(anyOf and oneOf branches with all they open, types "
+                                             "in a list, a pattern's '|', an object's optional "
+                                             "properties)"),
             (properties, MAX_PROPERTIES, "object properties in all"),
             (length, MAX_LENGTH, "characters in all of property and definition names, enum and const "
                                  "values, and patterns"),
