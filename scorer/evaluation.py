@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -142,6 +143,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
                         help="Model-SAT's dtype (auto: as satroute serve runs it here; before the eleventh "
                              "round of docs/evaluation.md every figure was float32)")
+    parser.add_argument("--aptitude-weight", type=finite_float, default=None, metavar="W",
+                        help="score each Model-SAT checkpoint loaded here with this aptitude weight in place "
+                             "of its config's (0: the network's own scores, as the figures of "
+                             "docs/evaluation.md's rounds 4 to 8 were measured)")
     parser.add_argument("--threads", type=positive_int, default=None,
                         help="torch CPU threads (1 is fastest on a busy 2-core machine)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
@@ -187,13 +192,21 @@ def _build_scorer(spec: str, args, data: RoutingData, models: Sequence[str], emb
 
     name, _, path = spec.partition("=")
     if path:
-        return load_scorer(path, dtype=args.dtype)
+        return _weighted(load_scorer(path, dtype=args.dtype), args)
     if name in BASELINES:
         return train_baseline(name, data, models, embedder, args.seed, args.cache_dir)
     if name == "model-sat":
-        return load_scorer(args.checkpoint, dtype=args.dtype)
+        return _weighted(load_scorer(args.checkpoint, dtype=args.dtype), args)
     raise ValueError(f"unknown router/baseline {spec!r} (choose model-sat, {', '.join(BASELINES)}, NAME=CHECKPOINT "
                      "or none)")
+
+
+def _weighted(scorer: Scorer, args) -> Scorer:
+    """A Model-SAT scorer with ``--aptitude-weight`` in place of its checkpoint's, when given."""
+    weight = getattr(args, "aptitude_weight", None)
+    if weight is not None:
+        scorer.model.config.aptitude_weight = weight
+    return scorer
 
 
 ROUTER_KEY = "\0router"  # cannot clash with a baseline's name
@@ -203,6 +216,13 @@ def positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be 1 or more, not {value}")
+    return value
+
+
+def finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, not {text}")
     return value
 
 

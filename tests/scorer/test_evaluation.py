@@ -205,6 +205,33 @@ def test_cli_a_checkpoint_whose_config_does_not_describe_its_weights_is_one_line
     assert "Traceback" not in err
 
 
+def test_cli_aptitude_weight_replaces_the_checkpoints_own(data, tmp_path, monkeypatch):
+    """A checkpoint whose config was given a weight later (route_alignment's 2.52, ninth round) is
+    scored as it was before that (0) only with the override: its earlier figures reproduce."""
+    from scorer.evaluation import _build_scorer
+    from scorer.inference import save_checkpoint
+    from support import tiny_modelsat as tiny
+
+    enc, llm = tiny.save_backbones(tmp_path / "backbones")
+    folder = save_checkpoint(tiny.build(accuracy_feature=True, encoder=enc, llm=llm), tmp_path / "ckpt")
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "aptitude_weight": 2.5}))
+    monkeypatch.setattr("scorer.inference.load_suite", lambda name: tiny.suite())
+    profiles = {"strong": {t: 0.9 for t in tiny.suite().task_ids}, "weak": {t: 0.1 for t in tiny.suite().task_ids}}
+
+    def scores(*flags, spec="model-sat"):
+        router = _build_scorer(spec, _cli(data, "--checkpoint", str(folder), "--dtype", "float32", *flags),
+                               data, MODELS, None)
+        return router.score("law court", profiles)
+
+    own, none, given = scores(), scores("--aptitude-weight", "0"), scores("--aptitude-weight", "1")
+    for name, mean in (("strong", 0.9), ("weak", 0.1)):
+        assert own[name] - none[name] == pytest.approx(2.5 * mean, abs=1e-4)
+        assert given[name] - none[name] == pytest.approx(mean, abs=1e-4)
+    # the same for a checkpoint named as NAME=CHECKPOINT
+    assert scores("--aptitude-weight", "0", spec=f"mine={folder}") == pytest.approx(none)
+
+
 def test_a_zoo_with_no_complete_test_prompt_is_an_error_naming_the_models_without_one(tmp_path, capsys):
     prompts = [{"id": p, "split": sp, "question": p} for p, sp in (("r1", "train"), ("t1", "test"), ("t2", "test"))]
     outcomes = [(p, m, 1.0) for p in ("r1", "t1", "t2") for m in "AB"] + [("r1", "C", 1.0)]
@@ -222,6 +249,8 @@ def test_a_zoo_with_no_complete_test_prompt_is_an_error_naming_the_models_withou
     ("--threads", "-1", "must be 1 or more, not -1"), ("--threads", "0", "must be 1 or more, not 0"),
     ("--embed-tokens", "-5", "must be 1 or more, not -5"), ("--embed-tokens", "0", "must be 1 or more, not 0"),
     ("--seed", "-1", "must be 0 or more, not -1"),
+    ("--aptitude-weight", "nan", "must be a finite number, not nan"),
+    ("--aptitude-weight", "inf", "must be a finite number, not inf"),
 ])
 def test_cli_numbers_out_of_range_are_refused_naming_their_option(data, capsys, flag, value, message):
     with pytest.raises(SystemExit) as exc:
