@@ -49,7 +49,7 @@ from typing import Any, Awaitable, Callable, Protocol, Sequence, TypeVar
 from proxy.errors import ConfigError, UpstreamClientError, UpstreamError
 from proxy.questions import Question
 from proxy.routing import approx_tokens
-from proxy.store import GradedAnswer, ModelBusy, Progress, Store
+from proxy.store import GradedAnswer, ModelBusy, Progress, Store, UpstreamInUse
 from scorer.aptitude import Suite, profile_from_graded
 from scorer.grading import build_messages, extract_answer
 
@@ -252,7 +252,9 @@ class Onboarding:
         versions recorded): when the store's answers came from another one, they are forgotten
         and the test starts over.
         Raises ``ModelBusy`` (having asked and written nothing) when another process onboards
-        ``model`` now; this run's lease is released however it ends.
+        ``model`` now, or ``UpstreamInUse`` when the store's answers came from another upstream
+        that another live process points ``model`` at; this run's lease is released however it
+        ends.
         """
         await self._store(self.store.claim, model, self.suite.name)
         try:
@@ -307,9 +309,9 @@ class Onboarding:
         opts = self.options
         store = self.store
         if upstream is not None and await self._store(store.upstream_changed, model, upstream, legacy):
-            log.warning("onboarding %s: its upstream changed; forgetting its answers and profile",
-                        model)
-            await self._store(store.forget, model)  # the lease stays this run's
+            await self._store(store.forget, model, moved=True)  # the lease stays this run's
+            log.warning("onboarding %s: its upstream changed; its answers and profile were "
+                        "forgotten", model)
         # answers an earlier version graded stored otherwise: the profile is made of today's grades
         await self.regrade(model, leased=True)
         done = await self._store(store.answered, model)
@@ -813,6 +815,10 @@ async def _run_cli(settings, model: str, restart: bool) -> int:
     with store:  # closing it gives up the lease on the model, however the command ends
         try:
             return await _onboard_cli(settings, store, model, restart)
+        except UpstreamInUse as exc:
+            print(f"satroute onboard: {exc}; point {model} at the same upstream in "
+                  f"{settings.config}, or stop that proxy, then run this again", file=sys.stderr)
+            return 2
         except ModelBusy as exc:
             print(f"satroute onboard: {exc}; wait for that run to end (GET /admin/onboarding "
                   "shows its progress) or stop it, then run this again", file=sys.stderr)
@@ -896,9 +902,9 @@ async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int
             await asyncio.to_thread(store.forget, model)
         upstream = upstream_fingerprint(d)
         if await asyncio.to_thread(store.upstream_changed, model, upstream, legacy_fingerprint(d)):
+            await asyncio.to_thread(store.forget, model, moved=True)
             print(f"satroute onboard: {model} now points at another upstream ({d.model}): "
-                  "forgetting its stored answers and profile", file=sys.stderr)
-            await asyncio.to_thread(store.forget, model)
+                  "its stored answers and profile were forgotten", file=sys.stderr)
         suite = load_suite(settings.onboarding_suite)
         questions = await _in_daemon_thread(
             load_questions, suite.question_ids, suite.name, settings.onboarding_data,

@@ -12,7 +12,11 @@ is callable by name only. A run that crashes is recorded as ``failed`` with the 
 Other processes share the store (``satroute onboard``, another proxy): a model another process
 onboards now (``ModelBusy``), or whose run the store refused to start, is skipped and tried again on
 a later tick, never marked failed; a profile another process stored (again) is picked up on the next
-tick, and one it forgot stops being routed with. Once per process, each configured model's stored
+tick, and one it forgot stops being routed with. The service records in the store which upstream
+each model it would onboard points at (``Store.using``, refreshed every tick at most, and at least
+every quarter of the lease's staleness), and a model whose stored answers came from the upstream
+another live proxy points it at is not forgotten (``UpstreamInUse``): it waits, ``pending`` with
+the reason, until that proxy stops or agrees. Once per process, each configured model's stored
 answers are graded again with this version's grader (``Onboarding.regrade``), and a profile whose
 grades change is rewritten.
 Store calls run on worker threads, never on the event loop that serves requests.
@@ -39,7 +43,7 @@ from proxy.onboarding import Onboarding, Options, Prices, RunCancelled, Said, st
 from proxy.prices import LITELLM_PRICE_KEYS, litellm_cost, listed_prices
 from proxy.providers import Deployment, ProviderRegistry, legacy_fingerprint, upstream_fingerprint
 from proxy.questions import Question, QuestionSourceError, load_questions
-from proxy.store import ModelBusy, Progress, Store
+from proxy.store import ModelBusy, Progress, Store, UpstreamInUse
 from scorer.data import DataError
 
 log = logging.getLogger("satroute.onboarding")
@@ -147,6 +151,10 @@ class OnboardingService:
         self._engine_lock = asyncio.Lock()
         self._source_error: str | None = None
         self._failed_stamp: dict[str, bytes] = {}  # model -> file digest when its run failed
+        # model -> why its stored answers are another proxy's, on another upstream (shown pending)
+        self._elsewhere: dict[str, str] = {}
+        self._announced: dict[str, tuple[str, str]] | None = None  # what Store.using last recorded
+        self._announced_at = 0.0  # time.monotonic() of that
         self._run_upstream: dict[str, str] = {}  # model -> upstream fingerprint of its run
         self._run_prices: dict[str, Prices] = {}  # model -> the prices its run counts spend at
         self._stopping: dict[str, str] = {}  # model -> why sync stopped its run (recorded as pending)
@@ -174,6 +182,7 @@ class OnboardingService:
             try:
                 progress = await asyncio.to_thread(self.store.all_progress, self._suite_questions())
                 self._pick_up_profiles(progress)
+                await self._announce()
                 snap = self.registry.snapshot
                 if snap is not last or self._waiting or self._retry_asked:
                     self._retry_asked = False
@@ -204,6 +213,23 @@ class OnboardingService:
             self._prepare_failed = True
             log.error("onboarding: litellm cannot be loaded (%s: %s); the models that need it "
                       "fail their test with the reason", type(exc).__name__, exc)
+
+    async def _announce(self) -> None:
+        """Record in the store the upstream each model this process would onboard points at
+        (``Store.using``) when that changed, and otherwise often enough that the record never
+        goes stale while the process runs: another proxy then keeps the answers this one's
+        upstream gave. A store that refuses the write now (locked past its busy timeout) is asked
+        again on the next call; the checks of this one go on."""
+        now = {name: (upstream_fingerprint(d), legacy_fingerprint(d))
+               for name, d in self.registry.snapshot.models.items() if onboardable(d)}
+        fresh = time.monotonic() - self._announced_at < self.store.lease_stale_s / 4
+        if now == self._announced and fresh:
+            return
+        try:
+            await asyncio.to_thread(self.store.using, now)
+        except sqlite3.OperationalError:
+            return
+        self._announced, self._announced_at = now, time.monotonic()
 
     def _check_failed(self, exc: Exception, interval_s: float) -> None:
         """Log a failed check once per distinct error: a store that stays broken (damaged, disk
@@ -280,14 +306,17 @@ class OnboardingService:
             self._regraded.add(p.model)
 
     def _report(self, progress: list[Progress]) -> None:
-        """Onboarding progress into the metrics; the series of models no longer configured are
-        dropped."""
+        """Onboarding progress into the metrics (none for a model whose stored answers are
+        another upstream's: ``pending``); the series of models no longer configured are dropped."""
         if self.metrics is None:
             return
         models = self.registry.snapshot.models
         for p in progress:
             if p.model in models:
-                self.metrics.observe_onboarding(p.model, p.done, p.total, self._shown(p)[0])
+                if p.model in self._elsewhere:
+                    self.metrics.observe_onboarding(p.model, 0, 0, "pending")
+                else:
+                    self.metrics.observe_onboarding(p.model, p.done, p.total, self._shown(p)[0])
                 self._reported.add(p.model)
         for name in [m for m in self._reported if m not in models]:
             self.metrics.forget_onboarding(name)
@@ -301,6 +330,7 @@ class OnboardingService:
         if digest != self._digest:
             self._digest = digest
             self._source_error = None  # a changed file may have fixed the data path: try again
+        await self._announce()  # before anything is forgotten: what this process points at now
         models = self.registry.snapshot.models
         for name, task in list(self.runs.items()):
             if name not in models and not task.done():
@@ -308,6 +338,7 @@ class OnboardingService:
                 task.cancel()
         for name in [m for m in self._waiting if m not in models or not needs_onboarding(models[m])]:
             del self._waiting[name]  # gone, or profiled meanwhile (by the process it waited for)
+            self._elsewhere.pop(name, None)
         for name, d in models.items():
             task = self.runs.get(name)
             running = task is not None and not task.done()
@@ -340,10 +371,10 @@ class OnboardingService:
             elif (changed := await self._upstream_changed(name, upstream, legacy_fingerprint(d))) is None:
                 continue  # the store could not tell now: a later tick asks again
             elif changed:
-                log.warning("onboarding %s: its upstream changed; forgetting its answers and "
-                            "profile, onboarding again", name)
                 if not await self._reset(name):
                     continue
+                log.warning("onboarding %s: its upstream changed; its answers and profile were "
+                            "forgotten, onboarding it again", name)
             elif d.profile is not None:
                 continue
             elif self._failed_stamp.get(name) == digest:
@@ -357,26 +388,38 @@ class OnboardingService:
         """``Store.upstream_changed`` on a thread; None (and the model waits for a later tick)
         when the store refuses the check now (locked past its busy timeout)."""
         try:
-            return await asyncio.to_thread(self.store.upstream_changed, name, upstream, legacy)
+            changed = await asyncio.to_thread(self.store.upstream_changed, name, upstream, legacy)
         except sqlite3.OperationalError as exc:
             self._wait(name, f"the state store refuses writes: {exc}")
             return None
+        if not changed:  # what is stored is this upstream's (again)
+            self._elsewhere.pop(name, None)
+        return changed
 
     async def _reset(self, name: str) -> bool:
         """Forget a model's stored onboarding, and stop routing with its stored profile. False
-        (nothing forgotten) while another process onboards it, or the store refuses the write:
-        tried again on a later tick."""
+        (nothing forgotten) while another process onboards it or points it at the upstream its
+        stored answers came from, or the store refuses the write: tried again on a later tick."""
         try:
-            await asyncio.to_thread(self.store.forget, name)
+            await asyncio.to_thread(self.store.forget, name, moved=True)
         except ModelBusy as exc:
-            self._wait(name, str(exc))
+            self._busy(name, exc)
             return False
         except sqlite3.OperationalError as exc:
             self._wait(name, f"the state store refuses writes: {exc}")
             return False
         self._failed_stamp.pop(name, None)
+        self._elsewhere.pop(name, None)
         self.registry.refresh_profiles()
         return True
+
+    def _busy(self, model: str, exc: ModelBusy) -> None:
+        """``_wait`` for ``exc``; one that says the stored answers are another proxy's, on
+        another upstream, is also what ``status`` shows for the model."""
+        if isinstance(exc, UpstreamInUse):
+            self._elsewhere[model] = (f"{exc}; onboarded on this proxy's upstream once that proxy "
+                                      "stops or points it there too")
+        self._wait(model, str(exc))
 
     def _wait(self, model: str, why: str) -> None:
         """The model's run cannot start now, and is not failed: a later tick tries again."""
@@ -399,7 +442,7 @@ class OnboardingService:
                                         suite=self.suite_name)
             raise
         except ModelBusy as exc:  # another process onboards it: no failure of this model
-            self._wait(d.name, str(exc))
+            self._busy(d.name, exc)
             return
         except sqlite3.OperationalError as exc:  # the store refused a write for its busy timeout
             self._wait(d.name, f"the state store refuses writes: {exc}")
@@ -416,6 +459,7 @@ class OnboardingService:
             await self._fail(d.name, digest, f"onboarding crashed: {type(exc).__name__}: {exc}")
             return
         self._waiting.pop(d.name, None)
+        self._elsewhere.pop(d.name, None)
         if progress.status == "done":
             self.registry.refresh_profiles()
             log.info("model %s onboarded: now an auto candidate", d.name)
@@ -497,7 +541,10 @@ class OnboardingService:
                 continue
             p = progress.get(name)
             entry = status_of(p)
-            if p is not None:
+            if name in self._elsewhere:  # what is stored is another upstream's, not this one's
+                entry = status_of(None)
+                entry["reason"] = self._elsewhere[name]
+            elif p is not None:
                 entry["status"], entry["reason"] = self._shown(p)
             if entry["status"] == "pending" and not d.available:
                 entry["reason"] = f"unavailable: {d.unavailable}"

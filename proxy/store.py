@@ -16,6 +16,12 @@ process on this host) is free again, so a crash never blocks a model for ever. `
 instance (``host:pid:random:boot-start``, the start time from /proc): a restarted container's proxy
 is PID 1 again on the same host name, and must not take its dead predecessor for alive. A run's own
 writes (``leased=True``) are made only while it still holds the lease.
+Which upstream each proxy points a model at: a proxy records it (``using``, refreshed like a
+heartbeat), and a model is forgotten because it now points at another upstream
+(``forget(moved=True)``) only while no other live process points it at the stored one
+(``UpstreamInUse`` otherwise): two proxies that disagree on a model's upstream (two hosts'
+providers.yaml, a rolling deploy that changes ``api_base``) would otherwise forget each other's
+answers, profile and spend in turn, for ever.
 Durability: ``synchronous=NORMAL`` in WAL mode survives any crash or kill of the process; only an
 operating-system crash or power loss may drop the last few commits (which are then asked again).
 Damage: ``PRAGMA quick_check`` when the store opens (a damaged file is refused with one line,
@@ -81,6 +87,14 @@ CREATE TABLE IF NOT EXISTS profiles (
     tasks TEXT NOT NULL,
     created_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS upstream_users (
+    model TEXT NOT NULL,
+    owner TEXT NOT NULL,
+    upstream TEXT NOT NULL,
+    legacy TEXT,
+    seen REAL NOT NULL,
+    PRIMARY KEY (model, owner)
+);
 CREATE TABLE IF NOT EXISTS routing_log (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     at REAL NOT NULL,
@@ -106,6 +120,17 @@ class ModelBusy(Exception):
     def __init__(self, model: str, owner: str):
         super().__init__(f"{model} is being onboarded by {owner}")
         self.model, self.owner = model, owner
+
+
+class UpstreamInUse(ModelBusy):
+    """The model's stored answers came from another upstream than this process's, and another live
+    process points the model at that upstream now: they are its, and are not forgotten."""
+
+    def __init__(self, model: str, owner: str):
+        super().__init__(model, owner)
+        self.args = (f"another proxy on this state directory ({owner}) points {model} at another "
+                     "upstream, which its stored answers and profile come from: they are kept "
+                     "while it does",)
 
 
 @dataclass(frozen=True)
@@ -333,11 +358,13 @@ class Store:
                     self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
-        """Close the database, giving up the leases this instance still holds (its runs are over)."""
+        """Close the database, giving up the leases this instance still holds (its runs are over)
+        and its record of the upstreams it points models at (``using``)."""
         with self._lock, self._read_lock:
             with contextlib.suppress(sqlite3.Error):
                 self._db.execute("UPDATE onboarding SET owner = NULL, heartbeat = NULL "
                                  "WHERE owner = ?", (self.owner,))
+                self._db.execute("DELETE FROM upstream_users WHERE owner = ?", (self.owner,))
             self._reader.close()
             self._db.close()
 
@@ -409,6 +436,30 @@ class Store:
         with self._lock:
             self._db.execute("UPDATE onboarding SET owner = NULL, heartbeat = NULL "
                              "WHERE model = ? AND owner = ?", (model, self.owner))
+
+    def using(self, upstreams: Mapping[str, tuple[str, str | None]]) -> None:
+        """Record the upstream this process points each model at now (model -> its fingerprint and
+        that fingerprint in the earlier versions' form, as ``upstream_changed`` takes them),
+        replacing what it recorded before. A record counts while it is held as a lease is (its
+        process alive, refreshed within ``lease_stale_s``): the caller refreshes it well within
+        that. Records gone stale are dropped."""
+        now = time.time()
+        with self._lock, self._transaction():
+            self._db.execute("DELETE FROM upstream_users WHERE owner = ? OR seen < ?",
+                             (self.owner, now - self.lease_stale_s))
+            self._db.executemany(
+                "INSERT INTO upstream_users (model, owner, upstream, legacy, seen) VALUES (?, ?, ?, ?, ?)",
+                [(m, self.owner, u, legacy, now) for m, (u, legacy) in upstreams.items()])
+
+    def _user(self, model: str) -> str | None:
+        """Another live process that points ``model`` at the upstream its stored answers came
+        from (``using``; the same upstream as ``upstream_changed`` tells it), else None (caller is
+        in a write transaction, so the answer holds until it commits)."""
+        rows = self._db.execute(
+            "SELECT u.owner, u.seen FROM upstream_users u JOIN onboarding o ON o.model = u.model "
+            "WHERE u.model = ? AND u.owner != ? AND (o.upstream_plain = u.upstream "
+            "OR o.upstream IN (u.upstream, u.legacy))", (model, self.owner)).fetchall()
+        return next((owner for owner, seen in rows if self.held(owner, seen)), None)
 
     def begin(self, model: str, suite: str, total: int, estimated_cost: float | None = None,
               upstream: str | None = None, legacy: str | None = None) -> None:
@@ -637,13 +688,18 @@ class Store:
         rows = self._read("SELECT suite FROM profiles WHERE model = ?", (model_name,))
         return rows[0][0] if rows else None
 
-    def forget(self, model: str) -> None:
+    def forget(self, model: str, moved: bool = False) -> None:
         """Drop everything stored about a model (to onboard it again from scratch), in one
         transaction: a crash never leaves a profile without its answers. Raises ``ModelBusy`` (and
-        drops nothing) while another live process onboards it. A lease this process holds on it is
-        kept (on a fresh ``pending`` row): forgetting, to start over, must not hand the model to
-        another process before the new run begins."""
+        drops nothing) while another live process onboards it. ``moved``: forgotten because this
+        process points the model at another upstream than the stored answers came from; then
+        also ``UpstreamInUse`` (and nothing dropped) while another live process points it at
+        theirs (``using``). A lease this process holds on it is kept (on a fresh ``pending`` row):
+        forgetting, to start over, must not hand the model to another process before the new run
+        begins."""
         with self._leased(model):
+            if moved and (user := self._user(model)) is not None:
+                raise UpstreamInUse(model, user)
             held = self._db.execute("SELECT 1 FROM onboarding WHERE model = ? AND owner = ?",
                                     (model, self.owner)).fetchone()
             for table in ("answers", "profiles", "onboarding"):

@@ -88,15 +88,21 @@ def test_onboard_command_asks_a_local_model_with_the_key_the_serving_proxy_kept(
     assert asked == {"Bearer the-serving-proxy-s-key"} and len(up.bodies("local")) == 6
 
 
-def test_onboard_command_leaves_a_model_another_process_onboards(tmp_path, up, capsys):
-    """While another process (here: another store) holds the model's lease, the command asks and
-    forgets nothing, says who holds it in one line, and exits 2; once released, it runs."""
+def onboard_fresh(tmp_path, up) -> list[str]:
+    """The command's arguments to onboard model `fresh` of a tiny suite on ``up``, which answers
+    (B) to every question."""
     suite, data = tiny_suite_files(tmp_path)
     up.set("fresh", answer("So the answer is (B)."))
     config = tmp_path / "providers.yaml"
     write_providers(config, [model_entry("fresh", up.url, tmp_path)])
-    argv = ["onboard", "fresh", "--config", str(config), "--state-dir", str(tmp_path / "state"),
+    return ["onboard", "fresh", "--config", str(config), "--state-dir", str(tmp_path / "state"),
             "--data", str(data), "--suite", str(suite)]
+
+
+def test_onboard_command_leaves_a_model_another_process_onboards(tmp_path, up, capsys):
+    """While another process (here: another store) holds the model's lease, the command asks and
+    forgets nothing, says who holds it in one line, and exits 2; once released, it runs."""
+    argv = onboard_fresh(tmp_path, up)
     with Store(tmp_path / "state") as other:
         other.begin("fresh", "tiny", 6)
         other.record("fresh", GradedAnswer("mmlu_pro/0", "A", True))
@@ -111,6 +117,27 @@ def test_onboard_command_leaves_a_model_another_process_onboards(tmp_path, up, c
         other.release("fresh")
         assert main(argv) == 0
         assert len(up.bodies("fresh")) == 5  # the stored answer is not asked again
+
+
+def test_onboard_command_keeps_the_answers_of_the_upstream_a_running_proxy_points_at(tmp_path, up, capsys):
+    """A proxy on the same state directory points the model at another upstream, on which its
+    stored profile was measured: the command forgets and asks nothing, says so in one line, and
+    exits 2; once that proxy no longer points there, it forgets and onboards."""
+    argv = onboard_fresh(tmp_path, up)
+    with Store(tmp_path / "state") as proxy:
+        proxy.begin("fresh", "tiny", 6, upstream="elsewhere")
+        proxy.finish("fresh", "tiny", {"task0": 0.5, "task1": 0.5})
+        proxy.using({"fresh": ("elsewhere", None)})
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1
+        assert f"another proxy on this state directory ({proxy.owner}) points fresh at another " \
+               "upstream" in err and "point fresh at the same upstream in" in err
+        assert not up.bodies("fresh") and proxy.get("fresh") == {"task0": 0.5, "task1": 0.5}
+        proxy.using({})
+        assert main(argv) == 0
+        assert "its stored answers and profile were forgotten" in capsys.readouterr().err
+        assert len(up.bodies("fresh")) == 6
 
 
 def test_onboard_command_resumes_a_run_an_earlier_version_fingerprinted(tmp_path, up, capsys):

@@ -145,6 +145,59 @@ async def test_another_upstream_under_the_same_name_is_onboarded_again(tmp_path)
         assert dispatcher.calls == {"openai/tiny": 12, "openai/big": 24}
 
 
+async def test_two_proxies_pointing_a_model_at_two_upstreams_keep_each_other_s_profile(tmp_path, caplog):
+    """Two proxies on one state directory, each one's providers.yaml pointing `m` at its own server
+    (two hosts; a rolling deploy that changes api_base while the old proxy still runs): each forgot
+    the other's finished profile in turn and paid the whole test again, for ever, the spend reset
+    each time so that the cap never stopped it. The second leaves the first's profile, pending
+    with the reason, and onboards its own upstream once the first stops."""
+    caplog.set_level(logging.INFO, logger="satroute.onboarding")
+    old_config, new_config = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    write_providers(old_config, pointing_at("openai/tiny", tmp_path, "http://127.0.0.1:9"))
+    write_providers(new_config, pointing_at("openai/tiny", tmp_path, "http://127.0.0.2:9"))
+    suite, questions = make_suite()
+    old_upstream, new_upstream = Answering("The answer is (A)."), Answering("The answer is (B).")
+    old_store, new_store = Store(tmp_path / "state"), Store(tmp_path / "state")
+    old_registry, old = service(old_config, old_store, old_upstream, suite, questions)
+    new_registry, new = service(new_config, new_store, new_upstream, suite, questions)
+    seen = []
+    new.metrics = type("M", (), {"observe_onboarding": lambda self, *a: seen.append(a)})()
+    old_watch = asyncio.create_task(old.watch(0.01))
+    new_watch = None
+    try:
+        await wait_until(lambda: old_registry.snapshot.models["m"].profile is not None)
+        new_watch = asyncio.create_task(new.watch(0.01))
+        await wait_until(lambda: "m" in new._waiting)
+        await asyncio.sleep(0.3)  # many ticks of both
+        assert old_upstream.calls == len(questions) and new_upstream.calls == 0
+        assert old_registry.snapshot.models["m"].profile is not None
+        assert new_registry.snapshot.models["m"].profile is None  # not its upstream's
+        assert {a.letter for a in old_store.answers("m")} == {"A"}
+        assert old.status()["models"]["m"]["status"] == "done"
+        entry = new.status()["models"]["m"]
+        assert entry["status"] == "pending" and entry["questions_done"] == 0
+        assert f"another proxy on this state directory ({old_store.owner}) points m at another " \
+               "upstream" in entry["reason"]
+        assert seen[-1] == ("m", 0, 0, "pending")
+        waits = [r.getMessage() for r in caplog.records if "another proxy" in r.getMessage()]
+        assert len(waits) == 1 and "trying again later" in waits[0]  # said once, not every tick
+        assert "forgotten" not in caplog.text
+    finally:
+        old_watch.cancel()
+        await old.stop()
+        old_store.close()  # the old proxy stops: the new one onboards its own upstream
+    try:
+        await wait_until(lambda: new_registry.snapshot.models["m"].profile is not None)
+        assert new_upstream.calls == len(questions)
+        assert {a.letter for a in new_store.answers("m")} == {"B"}
+        assert new.status()["models"]["m"]["status"] == "done"
+    finally:
+        if new_watch is not None:
+            new_watch.cancel()
+        await new.stop()
+        new_store.close()
+
+
 async def test_an_upstream_changed_mid_run_starts_over(tmp_path):
     config = tmp_path / "providers.yaml"
     write_providers(config, pointing_at("openai/tiny", tmp_path))

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from proxy.store import GradedAnswer, ModelBusy, RouteEntry, Store
+from proxy.store import GradedAnswer, ModelBusy, RouteEntry, Store, UpstreamInUse
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -277,6 +277,55 @@ def test_forgetting_a_model_keeps_the_lease_of_the_process_that_forgets(tmp_path
         a.release("m")
         b.forget("m")  # held by nobody: forgotten, and no row is left
         assert b.progress("m") is None
+
+
+def test_answers_another_live_process_points_at_are_not_forgotten_for_another_upstream(tmp_path):
+    """Two proxies on one state directory point a model at two upstreams (two hosts'
+    providers.yaml; a rolling deploy that changes api_base): the stored answers and profile are
+    the one's whose upstream they came from, and the other may not forget them while that one
+    points there (in either form of the fingerprint). They may be forgotten once it points
+    elsewhere, stops (closes its store), dies, or its record goes stale; and by a process that
+    itself pointed there (an edit of one proxy's own file), or for ``--restart``."""
+    child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                           capture_output=True, text=True, check=True)
+    dead = f"{socket.gethostname()}:{child.stdout.strip()}:abcd"
+    with Store(tmp_path, lease_stale_s=0.3) as mine, Store(tmp_path) as other:
+
+        def measured_on_u1():
+            other.begin("m", "suite", 1, upstream="u1", legacy="u1-old")
+            other.finish("m", "suite", {"t": 0.5})
+
+        measured_on_u1()
+        mine.using({"m": ("u2", "u2-old")})
+        for points in (("u1", "u1-old"), ("u1", None), ("u1-other-form", "u1-old")):
+            other.using({"m": points})
+            with pytest.raises(UpstreamInUse) as in_use:
+                mine.forget("m", moved=True)
+            assert in_use.value.owner == other.owner and other.owner in str(in_use.value)
+            assert isinstance(in_use.value, ModelBusy) and mine.get("m") == {"t": 0.5}
+        other.using({"m": ("u2", "u2-old")})  # it points there too now
+        mine.forget("m", moved=True)
+        assert mine.progress("m") is None
+        for gone in ("stale", "dead", "closed"):
+            measured_on_u1()
+            other.using({"m": ("u1", "u1-old")})
+            if gone == "stale":
+                time.sleep(0.35)  # not refreshed: it no longer runs (a host gone)
+            elif gone == "dead":
+                mine._db.execute("UPDATE upstream_users SET owner = ? WHERE owner = ?",
+                                 (dead, other.owner))
+            else:
+                other.close()
+            mine.forget("m", moved=True)
+            assert mine.progress("m") is None
+        with Store(tmp_path) as other:
+            measured_on_u1()
+            mine.using({"m": ("u1", "u1-old")})  # only this process pointed there ...
+            mine.forget("m", moved=True)  # ... and its file was edited since: forgotten
+            measured_on_u1()
+            other.using({"m": ("u1", "u1-old")})
+            mine.forget("m")  # --restart, not for another upstream: not refused
+            assert mine.progress("m") is None
 
 
 def test_a_lease_of_a_dead_process_on_this_host_is_free(tmp_path):
