@@ -243,14 +243,16 @@ class Onboarding:
         return sum(s.in_flight + s.storing + s.probing for s in self._live)
 
     async def run(self, model: str, prices: Prices | Callable[[], Prices] = Prices(),
-                  upstream: str | None = None, legacy: str | None = None) -> Progress:
+                  upstream: str | None = None, legacy: str | None = None,
+                  config: str | None = None) -> Progress:
         """Onboard ``model`` (resuming from the store); returns its final stored progress.
 
         ``prices`` may be a callable, read before each question: what answers cost now (an
         edit of providers.yaml mid-run). ``upstream`` fingerprints what answers for ``model``
         (``upstream_fingerprint``; ``legacy``, its ``legacy_fingerprint``, the form earlier
         versions recorded): when the store's answers came from another one, they are forgotten
-        and the test starts over.
+        and the test starts over. ``config``, a digest of what the run depends on, is stored with
+        a failure (``Store.failure``).
         Raises ``ModelBusy`` (having asked and written nothing) when another process onboards
         ``model`` now, or ``UpstreamInUse`` when the store's answers came from another upstream
         that another live process points ``model`` at; this run's lease is released however it
@@ -258,7 +260,7 @@ class Onboarding:
         """
         await self._store(self.store.claim, model, self.suite.name)
         try:
-            return await self._run(model, prices, upstream, legacy)
+            return await self._run(model, prices, upstream, legacy, config)
         except asyncio.CancelledError:  # the proxy stops, or a signal: the store must not say running
             try:
                 await self._store(self.store.interrupted, model)
@@ -305,7 +307,7 @@ class Onboarding:
         return len(changed)
 
     async def _run(self, model: str, priced: Prices | Callable[[], Prices], upstream: str | None,
-                   legacy: str | None) -> Progress:
+                   legacy: str | None, config: str | None) -> Progress:
         opts = self.options
         store = self.store
         if upstream is not None and await self._store(store.upstream_changed, model, upstream, legacy):
@@ -326,7 +328,7 @@ class Onboarding:
             await self._store(store.set_status, model, "failed",
                               f"estimated cost ${estimate:.2f} for {len(todo)} questions{before} "
                               f"exceeds the spend cap ${opts.spend_cap_usd:.2f}",
-                              suite=self.suite.name, total=total, leased=True)
+                              suite=self.suite.name, total=total, leased=True, config=config)
             return await self._progress(model)
         await self._store(store.begin, model, self.suite.name, total, round(estimate, 4), upstream,
                           legacy)
@@ -358,7 +360,7 @@ class Onboarding:
             return await self._progress(model)
         if state.fatal is not None:
             await self._store(store.set_status, model, "failed", state.fatal, suite=self.suite.name,
-                              leased=True)
+                              leased=True, config=config)
             log.error("onboarding %s failed: %s", model, state.fatal)
             return await self._progress(model)
         if self.draining and state.queue:  # the proxy stops; every ask sent was answered and stored
@@ -372,7 +374,7 @@ class Onboarding:
         if missing:  # cannot happen unless the store was edited meanwhile
             await self._store(store.set_status, model, "failed",
                               f"{len(missing)} answers missing after the run", suite=self.suite.name,
-                              leased=True)
+                              leased=True, config=config)
             return await self._progress(model)
         ids = set(self.suite.question_ids)
         # the form of the answers: those with no text at all (a content filter's block, an empty

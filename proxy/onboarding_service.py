@@ -4,7 +4,8 @@ Owns: ``DispatchAsker`` (the onboarding seam filled with the proxy's own dispatc
 goes through the same retries, timeouts and cooldowns as traffic) and ``OnboardingService``, which
 watches the provider registry: at start-up and after every change of providers.yaml it starts a
 background run for each available model that has neither a profile in the file nor a finished one in
-the store (a failed run is tried again only when the file changes or the proxy restarts); it cancels
+the store (a failed run is tried again only when the file changes, the proxy restarts or on SIGHUP,
+and so is one another process failed with the same configuration since then: ``run_config``); it cancels
 runs of models removed from the file, forgets the stored answers and profile of a model whose
 upstream (``upstream_fingerprint``) changed and onboards it again, and when a run is done it makes
 the registry read the store again, so the model becomes an ``auto`` candidate. Until then the model
@@ -29,6 +30,9 @@ Does not know: HTTP handlers, how answers are graded or stored (``proxy.onboardi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import hashlib
+import json
 import logging
 import sqlite3
 import time
@@ -135,6 +139,15 @@ def needs_onboarding(d: Deployment) -> bool:
     return onboardable(d) and d.profile is None
 
 
+def run_config(d: Deployment, suite: str, options: Options) -> str:
+    """What a run of ``d`` depends on, hashed (as a failure is stored): its entry in providers.yaml
+    as resolved (the upstream, its key and parameters, ``model_info`` with the prices), the suite
+    and the onboarding options. Processes that compute the same one would fail the same way."""
+    what = [d.model, d.api_base, d.api_key, dict(d.params), d.info.model_dump(mode="json"), suite,
+            dataclasses.asdict(options)]
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 _RETRY_HINT = ("onboarding %s is tried again when its entry in providers.yaml changes, at the next "
                "start, or on SIGHUP (kill -HUP)")
 
@@ -151,6 +164,9 @@ class OnboardingService:
         self._engine_lock = asyncio.Lock()
         self._source_error: str | None = None
         self._failed_stamp: dict[str, bytes] = {}  # model -> file digest when its run failed
+        # when the configuration was last read (a start, a changed file, SIGHUP): a failure another
+        # process stored since, with the same configuration, is this process's too
+        self._since = time.time()
         # model -> why its stored answers are another proxy's, on another upstream (shown pending)
         self._elsewhere: dict[str, str] = {}
         self._announced: dict[str, tuple[str, str]] | None = None  # what Store.using last recorded
@@ -329,6 +345,7 @@ class OnboardingService:
         digest = self.registry.file_digest  # hashed by the registry's own reads of the file
         if digest != self._digest:
             self._digest = digest
+            self._since = time.time()
             self._source_error = None  # a changed file may have fixed the data path: try again
         await self._announce()  # before anything is forgotten: what this process points at now
         models = self.registry.snapshot.models
@@ -343,6 +360,7 @@ class OnboardingService:
             task = self.runs.get(name)
             running = task is not None and not task.done()
             upstream = upstream_fingerprint(d)
+            config = run_config(d, self.suite_name, self.options)
             if running:
                 same_upstream = self._run_upstream.get(name) == upstream
                 if same_upstream and onboardable(d):
@@ -379,9 +397,11 @@ class OnboardingService:
                 continue
             elif self._failed_stamp.get(name) == digest:
                 continue  # failed with this very configuration; wait for an edit or a restart
+            elif await self._failed_elsewhere(name, config, digest):
+                continue  # another process failed it with this very configuration meanwhile
             self._run_upstream[name] = upstream
             self._run_prices[name] = prices_of(d)
-            self.runs[name] = self.spawn(self._run(d, digest, after=task if running else None),
+            self.runs[name] = self.spawn(self._run(d, digest, config, after=task if running else None),
                                          f"onboard-{name}")
 
     async def _upstream_changed(self, name: str, upstream: str, legacy: str) -> bool | None:
@@ -413,6 +433,26 @@ class OnboardingService:
         self.registry.refresh_profiles()
         return True
 
+    async def _failed_elsewhere(self, name: str, config: str, digest: bytes) -> bool:
+        """True when the model's stored failure was recorded with ``config`` since this process
+        last read its configuration (another process failed it as this one would): then it is
+        this process's failure too (stamped with ``digest``; logged once), tried again at the
+        same times as one of its own. A store that cannot be read now: True, and a later tick
+        asks again."""
+        try:
+            failure = await asyncio.to_thread(self.store.failure, name)
+        except sqlite3.OperationalError as exc:
+            self._wait(name, f"the state store cannot be read: {exc}")
+            return True
+        if failure is None or failure[0] != config or failure[1] < self._since:
+            return False
+        self._failed_stamp[name] = digest
+        self._waiting.pop(name, None)
+        log.warning("onboarding %s: another process on this state directory failed it with the "
+                    "same configuration: %s", name, failure[2])
+        log.info(_RETRY_HINT, name)
+        return True
+
     def _busy(self, model: str, exc: ModelBusy) -> None:
         """``_wait`` for ``exc``; one that says the stored answers are another proxy's, on
         another upstream, is also what ``status`` shows for the model."""
@@ -427,14 +467,17 @@ class OnboardingService:
             log.info("onboarding %s: %s; trying again later", model, why)
         self._waiting[model] = why
 
-    async def _run(self, d: Deployment, digest: bytes, after: asyncio.Task | None = None) -> None:
+    async def _run(self, d: Deployment, digest: bytes, config: str,
+                   after: asyncio.Task | None = None) -> None:
+        """Onboard ``d``; a failure is stamped with ``digest`` (the file's) here and stored with
+        ``config`` (``run_config``) for the other processes."""
         if after is not None:  # a cancelled run of the same model: let it stop first
             await asyncio.gather(after, return_exceptions=True)
         try:
             engine = await self._get_engine()
             fallback = prices_of(d)
             progress = await engine.run(d.name, lambda: self._run_prices.get(d.name, fallback),
-                                        upstream_fingerprint(d), legacy_fingerprint(d))
+                                        upstream_fingerprint(d), legacy_fingerprint(d), config)
         except asyncio.CancelledError:
             why = self._stopping.pop(d.name, None)
             if why is not None:  # stopped by an edit, not by shutdown: the store must not say running
@@ -448,15 +491,15 @@ class OnboardingService:
             self._wait(d.name, f"the state store refuses writes: {exc}")
             return
         except QuestionSourceError as exc:
-            await self._fail(d.name, digest, exc.message)
+            await self._fail(d.name, digest, config, exc.message)
             return
         except DataError as exc:  # SATROUTE_ONBOARDING_SUITE names no suite, or a broken one
-            await self._fail(d.name, digest,
+            await self._fail(d.name, digest, config,
                              f"aptitude suite {self.suite_name!r} cannot be loaded: {exc}")
             return
         except Exception as exc:  # a bug must not leave the model "running" for ever
             log.exception("onboarding %s crashed", d.name)
-            await self._fail(d.name, digest, f"onboarding crashed: {type(exc).__name__}: {exc}")
+            await self._fail(d.name, digest, config, f"onboarding crashed: {type(exc).__name__}: {exc}")
             return
         self._waiting.pop(d.name, None)
         self._elsewhere.pop(d.name, None)
@@ -467,15 +510,16 @@ class OnboardingService:
             self._failed_stamp[d.name] = digest
             log.info(_RETRY_HINT, d.name)
 
-    async def _fail(self, model: str, digest: bytes, reason: str) -> None:
-        """Record a run that could not go on: ``failed`` with the reason, until the file changes."""
+    async def _fail(self, model: str, digest: bytes, config: str, reason: str) -> None:
+        """Record a run that could not go on: ``failed`` with the reason (and ``config``, for the
+        other processes), until the file changes."""
         self._failed_stamp[model] = digest
         self._waiting.pop(model, None)
         log.error("onboarding %s failed: %s", model, reason)
         log.info(_RETRY_HINT, model)
         try:
             await asyncio.to_thread(self.store.set_status, model, "failed", reason,
-                                    suite=self.suite_name)
+                                    suite=self.suite_name, config=config)
         except Exception:  # the store itself is broken: the log says why
             log.exception("onboarding %s: cannot record the failure", model)
 
@@ -568,6 +612,7 @@ class OnboardingService:
         down or refusing, may be back, with providers.yaml unchanged); the models, by name."""
         failed = sorted(self._failed_stamp)
         self._failed_stamp.clear()
+        self._since = time.time()  # a failure stored before is not this configuration's to keep
         self._retry_asked = self._retry_asked or bool(failed)  # two before a tick: still asked
         return failed
 

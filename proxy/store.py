@@ -22,6 +22,8 @@ heartbeat), and a model is forgotten because it now points at another upstream
 (``UpstreamInUse`` otherwise): two proxies that disagree on a model's upstream (two hosts'
 providers.yaml, a rolling deploy that changes ``api_base``) would otherwise forget each other's
 answers, profile and spend in turn, for ever.
+A failure is stored with a digest of the configuration it failed with (``failure``), so that
+another process with the same one need not pay for the same failure again.
 Durability: ``synchronous=NORMAL`` in WAL mode survives any crash or kill of the process; only an
 operating-system crash or power loss may drop the last few commits (which are then asked again).
 Damage: ``PRAGMA quick_check`` when the store opens (a damaged file is refused with one line,
@@ -70,7 +72,8 @@ CREATE TABLE IF NOT EXISTS onboarding (
     spent_usd REAL,
     owner TEXT,
     heartbeat REAL,
-    upstream_plain TEXT
+    upstream_plain TEXT,
+    failed_config TEXT
 );
 CREATE TABLE IF NOT EXISTS answers (
     model TEXT NOT NULL,
@@ -111,7 +114,8 @@ CREATE TABLE IF NOT EXISTS routing_log (
 _COLUMNS_ADDED = (("routing_log", "failed", "TEXT"), ("routing_log", "request_id", "TEXT"),
                   ("routing_log", "degraded", "TEXT"), ("onboarding", "upstream", "TEXT"),
                   ("onboarding", "spent_usd", "REAL"), ("onboarding", "owner", "TEXT"),
-                  ("onboarding", "heartbeat", "REAL"), ("onboarding", "upstream_plain", "TEXT"))
+                  ("onboarding", "heartbeat", "REAL"), ("onboarding", "upstream_plain", "TEXT"),
+                  ("onboarding", "failed_config", "TEXT"))
 
 
 class ModelBusy(Exception):
@@ -514,20 +518,32 @@ class Store:
         return float(rows[0][0] or 0.0) if rows else 0.0
 
     def set_status(self, model: str, status: str, reason: str | None = None,
-                   suite: str = "", total: int | None = None, leased: bool = False) -> None:
+                   suite: str = "", total: int | None = None, leased: bool = False,
+                   config: str | None = None) -> None:
         """Set a model's status and reason; ``total`` (the suite's question count) when given.
-        ``leased``: only while this process holds the model's lease (``ModelBusy`` otherwise)."""
+        ``leased``: only while this process holds the model's lease (``ModelBusy`` otherwise).
+        ``config``, with ``failed``: a digest of the configuration the run failed with, which
+        ``failure`` gives other processes to compare with theirs."""
         if status not in STATUSES:
             raise ValueError(f"unknown onboarding status {status!r}")
         with self._lock, self._transaction():
             if leased:
                 self._own(model)
             self._db.execute(
-                "INSERT INTO onboarding (model, suite, status, reason, total, updated_at) "
-                "VALUES (?, ?, ?, ?, COALESCE(?, 0), ?) ON CONFLICT(model) DO UPDATE SET "
-                "status=excluded.status, reason=excluded.reason, updated_at=excluded.updated_at, "
-                "total=COALESCE(?, onboarding.total)",
-                (model, suite, status, reason, total, time.time(), total))
+                "INSERT INTO onboarding (model, suite, status, reason, total, updated_at, "
+                "failed_config) VALUES (?, ?, ?, ?, COALESCE(?, 0), ?, ?) ON CONFLICT(model) DO "
+                "UPDATE SET status=excluded.status, reason=excluded.reason, "
+                "updated_at=excluded.updated_at, total=COALESCE(?, onboarding.total), "
+                "failed_config=excluded.failed_config",
+                (model, suite, status, reason, total, time.time(),
+                 config if status == "failed" else None, total))
+
+    def failure(self, model: str) -> tuple[str | None, float, str | None] | None:
+        """The model's stored failure: the digest of the configuration it failed with (None where
+        none was recorded), when (``updated_at``) and why; None unless its status is ``failed``."""
+        rows = self._read("SELECT failed_config, updated_at, reason FROM onboarding WHERE model = ? "
+                          "AND status = 'failed'", (model,))
+        return rows[0] if rows else None
 
     def interrupted(self, model: str, reason: str = "interrupted") -> bool:
         """Mark this process's run of ``model`` stopped midway (shutdown, a signal): ``pending``

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import sqlite3
@@ -774,6 +775,68 @@ async def test_a_failed_run_is_tried_again_when_asked_with_the_file_unchanged(tm
             await asyncio.gather(watching, return_exceptions=True)
         finally:
             await svc.stop()
+
+
+async def test_a_run_another_proxy_failed_with_the_same_configuration_is_not_run_again(tmp_path, caplog):
+    """Two proxies on one state directory with the same providers.yaml: a run one of them failed
+    (the upstream refuses the key) was run again by the other, with the file unchanged and no
+    restart, and paid for again. The other takes that failure for its own: it tries again on
+    SIGHUP, and a proxy started afterwards (a restart) tries again too, once."""
+    from proxy.errors import UpstreamClientError
+    from proxy.onboarding_service import run_config
+
+    class Refusing(Answering):
+        async def complete(self, call):
+            self.calls += 1
+            raise UpstreamClientError("invalid api key", status=401, model="m")
+
+    def runs():
+        return sum("questions to ask" in r.getMessage() for r in caplog.records)
+
+    caplog.set_level(logging.INFO, logger="satroute.onboarding")
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
+    suite, questions = make_suite()
+    upstream = Refusing("x")
+    with Store(tmp_path / "state") as a_store, Store(tmp_path / "state") as b_store:
+        a_registry, a = service(config, a_store, upstream, suite, questions)
+        b_registry, b = service(config, b_store, upstream, suite, questions)
+        d = a_registry.snapshot.models["m"]
+        assert run_config(d, "mmlu_pro", a.options) == run_config(b_registry.snapshot.models["m"],
+                                                                  "mmlu_pro", b.options)
+        other_key = dataclasses.replace(d, api_key="another-key")
+        assert run_config(other_key, "mmlu_pro", a.options) != run_config(d, "mmlu_pro", a.options)
+        watches = [asyncio.create_task(svc.watch(0.01)) for svc in (a, b)]
+        try:
+            await wait_until(lambda: a_store.progress("m") is not None
+                             and a_store.progress("m").status == "failed")
+            await asyncio.sleep(0.3)  # many ticks of both
+            assert runs() == 1
+            for svc in (a, b):
+                entry = svc.status()["models"]["m"]
+                assert entry["status"] == "failed" and "invalid api key" in entry["reason"]
+            assert "failed it with the same configuration" in caplog.text
+            assert b.retry_failed() == ["m"]  # SIGHUP, whether it ran it or took the other's failure
+            await wait_until(lambda: runs() == 2)
+            await asyncio.sleep(0.3)
+            assert runs() == 2  # the other took this failure for its own too
+            with Store(tmp_path / "state") as c_store:  # a proxy (re)started: it tries once
+                c_registry, c = service(config, c_store, upstream, suite, questions)
+                c_watch = asyncio.create_task(c.watch(0.01))
+                try:
+                    await wait_until(lambda: runs() == 3)
+                    await asyncio.sleep(0.3)
+                    assert runs() == 3
+                finally:
+                    c_watch.cancel()
+                    await asyncio.gather(c_watch, return_exceptions=True)
+                    await c.stop()
+        finally:
+            for watch in watches:
+                watch.cancel()
+            await asyncio.gather(*watches, return_exceptions=True)
+            await a.stop()
+            await b.stop()
 
 
 async def test_a_model_litellm_cannot_call_is_pending_from_the_first_check_never_failed(tmp_path):
