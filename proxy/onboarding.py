@@ -215,6 +215,23 @@ class _Run:
         return self.fatal is not None or self.cancelled is not None or self.lease_lost
 
 
+def _graded_otherwise(answers: Sequence[Any], questions: Sequence[Question]
+                      ) -> dict[str, tuple[str | None, bool]]:
+    """The stored ``answers`` this version's grader grades otherwise: question id -> (letter,
+    right); answers to questions not in ``questions`` (another suite's) are left as they are."""
+    by_id = {q.id: q for q in questions}
+    changed: dict[str, tuple[str | None, bool]] = {}
+    for a in answers:
+        q = by_id.get(a.question_id)
+        if q is None:  # another suite's question: its gold is not loaded
+            continue
+        letter = a.letter if a.text is None else extract_answer(a.text, len(q.options))
+        right = letter is not None and letter == q.answer
+        if right != a.correct:
+            changed[a.question_id] = (letter, right)
+    return changed
+
+
 class Onboarding:
     """Runs the aptitude test of ``suite`` against models, one call of ``run`` per model."""
 
@@ -282,16 +299,9 @@ class Onboarding:
         run holds the model's lease; otherwise ``ModelBusy`` (nothing written) while another live
         process holds it."""
         answers = await self._store(self.store.answers, model)
-        by_id = {q.id: q for q in self.questions}
-        changed: dict[str, tuple[str | None, bool]] = {}
-        for a in answers:
-            q = by_id.get(a.question_id)
-            if q is None:  # another suite's question: its gold is not loaded
-                continue
-            letter = a.letter if a.text is None else extract_answer(a.text, len(q.options))
-            right = letter is not None and letter == q.answer
-            if right != a.correct:
-                changed[a.question_id] = (letter, right)
+        # on a worker thread, as the store's calls: a model's 1,000 long answers (a reasoning
+        # model's) took half a second of the grader, and the serving loop must not wait on it
+        changed = await asyncio.to_thread(_graded_otherwise, answers, self.questions)
         if not changed:
             return 0
         graded = {a.question_id: changed[a.question_id][1] if a.question_id in changed else a.correct

@@ -752,6 +752,31 @@ async def test_a_resumed_run_grades_the_answers_stored_before_again(tmp_path, ti
         "(6 now right, 0 now wrong); their grades are rewritten"]
 
 
+async def test_stored_answers_are_graded_again_off_the_serving_loop(tmp_path, tiny, monkeypatch):
+    """Grading a model's stored answers again ran on the event loop that serves requests: 1,000
+    long answers (a reasoning model's) held it half a second, once per model at every start."""
+    import threading
+
+    import proxy.onboarding as onboarding
+    from proxy.store import GradedAnswer
+
+    suite, questions = tiny
+    graders = set()
+    real = onboarding.extract_answer
+
+    def extract_answer(text, n_options):
+        graders.add(threading.current_thread())
+        return real(text, n_options)
+
+    monkeypatch.setattr(onboarding, "extract_answer", extract_answer)
+    with Store(tmp_path) as store:
+        for q in questions[:6]:
+            store.record("m", GradedAnswer(q.id, q.answer, False, f"The answer is ({q.answer})."))
+        assert await Onboarding(store, suite, questions, FakeAsker(questions, lambda q: None),
+                                FAST).regrade("m") == 6
+    assert graders and threading.current_thread() not in graders
+
+
 @pytest.mark.parametrize("stored_slips, slips_now, flagged", [(10, 0, True), (0, 4, False)])
 async def test_the_no_letter_share_is_that_of_every_stored_answer_not_of_the_last_run(
         tmp_path, stored_slips, slips_now, flagged):
