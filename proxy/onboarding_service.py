@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import hashlib
+import hmac
 import json
 import logging
 import sqlite3
@@ -139,13 +140,17 @@ def needs_onboarding(d: Deployment) -> bool:
     return onboardable(d) and d.profile is None
 
 
-def run_config(d: Deployment, suite: str, options: Options) -> str:
+def run_config(d: Deployment, suite: str, options: Options, secret: str) -> str:
     """What a run of ``d`` depends on, hashed (as a failure is stored): its entry in providers.yaml
     as resolved (the upstream, its key and parameters, ``model_info`` with the prices), the suite
-    and the onboarding options. Processes that compute the same one would fail the same way."""
+    and the onboarding options. Processes that compute the same one would fail the same way.
+    Keyed with ``secret``, the state directory's own (the local servers' key, readable by its
+    owner only, the same for every proxy on it): a plain hash of what holds the model's key would
+    let anyone who reads the store test guesses of that key offline."""
     what = [d.model, d.api_base, d.api_key, dict(d.params), d.info.model_dump(mode="json"), suite,
             dataclasses.asdict(options)]
-    return hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    text = json.dumps(what, sort_keys=True, default=str).encode()
+    return hmac.new(secret.encode(), text, hashlib.sha256).hexdigest()[:16]
 
 
 _RETRY_HINT = ("onboarding %s is tried again when its entry in providers.yaml changes, at the next "
@@ -360,7 +365,7 @@ class OnboardingService:
             task = self.runs.get(name)
             running = task is not None and not task.done()
             upstream = upstream_fingerprint(d)
-            config = run_config(d, self.suite_name, self.options)
+            config = run_config(d, self.suite_name, self.options, self.registry.local_key)
             if running:
                 same_upstream = self._run_upstream.get(name) == upstream
                 if same_upstream and onboardable(d):

@@ -141,7 +141,10 @@ class Answering:
 def service(config, store, dispatcher, suite, questions, concurrency: int = 2):
     """The providers.yaml at ``config`` as a registry, and an OnboardingService over it whose
     questions go through ``dispatcher`` and whose engine asks ``suite``'s ``questions``."""
-    registry = ProviderRegistry(config, dict, store)
+    from proxy.localserver import shared_key
+
+    # the state directory's key, as the proxy's (proxy/app.py): what a stored failure is keyed with
+    registry = ProviderRegistry(config, dict, store, local_key=shared_key(store.dir))
     svc = OnboardingService(store, registry, DispatchAsker(registry, dispatcher), spawn)
     svc._engine = Onboarding(store, suite, questions, svc.asker, Options(concurrency=concurrency))
     return registry, svc

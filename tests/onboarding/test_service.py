@@ -802,10 +802,13 @@ async def test_a_run_another_proxy_failed_with_the_same_configuration_is_not_run
         a_registry, a = service(config, a_store, upstream, suite, questions)
         b_registry, b = service(config, b_store, upstream, suite, questions)
         d = a_registry.snapshot.models["m"]
-        assert run_config(d, "mmlu_pro", a.options) == run_config(b_registry.snapshot.models["m"],
-                                                                  "mmlu_pro", b.options)
+        mine = run_config(d, "mmlu_pro", a.options, a_registry.local_key)
+        assert mine == run_config(b_registry.snapshot.models["m"], "mmlu_pro", b.options,
+                                  b_registry.local_key)
         other_key = dataclasses.replace(d, api_key="another-key")
-        assert run_config(other_key, "mmlu_pro", a.options) != run_config(d, "mmlu_pro", a.options)
+        assert run_config(other_key, "mmlu_pro", a.options, a_registry.local_key) != mine
+        # keyed with the state directory's secret: the store alone cannot test guesses of the key
+        assert run_config(d, "mmlu_pro", a.options, "") != mine
         watches = [asyncio.create_task(svc.watch(0.01)) for svc in (a, b)]
         try:
             await wait_until(lambda: a_store.progress("m") is not None
