@@ -394,6 +394,8 @@ class OnboardingService:
             elif (changed := await self._upstream_changed(name, upstream, legacy_fingerprint(d))) is None:
                 continue  # the store could not tell now: a later tick asks again
             elif changed:
+                if name in self._elsewhere and await self._still_elsewhere(name):
+                    continue  # read, not a write lock twice a second: another proxy's still
                 if not await self._reset(name):
                     continue
                 log.warning("onboarding %s: its upstream changed; its answers and profile were "
@@ -420,6 +422,14 @@ class OnboardingService:
         if not changed:  # what is stored is this upstream's (again)
             self._elsewhere.pop(name, None)
         return changed
+
+    async def _still_elsewhere(self, name: str) -> bool:
+        """Whether another live process still points ``name`` at the upstream its stored answers
+        came from (``Store.upstream_user``, a read); a store that cannot be read now: True."""
+        try:
+            return await asyncio.to_thread(self.store.upstream_user, name) is not None
+        except sqlite3.OperationalError:
+            return True
 
     async def _reset(self, name: str) -> bool:
         """Forget a model's stored onboarding, and stop routing with its stored profile. False

@@ -455,14 +455,21 @@ class Store:
                 "INSERT INTO upstream_users (model, owner, upstream, legacy, seen) VALUES (?, ?, ?, ?, ?)",
                 [(m, self.owner, u, legacy, now) for m, (u, legacy) in upstreams.items()])
 
+    _USERS = ("SELECT u.owner, u.seen FROM upstream_users u JOIN onboarding o ON o.model = u.model "
+              "WHERE u.model = ? AND u.owner != ? AND (o.upstream_plain = u.upstream "
+              "OR o.upstream IN (u.upstream, u.legacy))")
+
     def _user(self, model: str) -> str | None:
         """Another live process that points ``model`` at the upstream its stored answers came
         from (``using``; the same upstream as ``upstream_changed`` tells it), else None (caller is
         in a write transaction, so the answer holds until it commits)."""
-        rows = self._db.execute(
-            "SELECT u.owner, u.seen FROM upstream_users u JOIN onboarding o ON o.model = u.model "
-            "WHERE u.model = ? AND u.owner != ? AND (o.upstream_plain = u.upstream "
-            "OR o.upstream IN (u.upstream, u.legacy))", (model, self.owner)).fetchall()
+        rows = self._db.execute(self._USERS, (model, self.owner)).fetchall()
+        return next((owner for owner, seen in rows if self.held(owner, seen)), None)
+
+    def upstream_user(self, model: str) -> str | None:
+        """``_user`` read without a write transaction: what a process waiting on another's upstream
+        asks on each tick, so that waiting takes no write lock (``forget`` checks again in its own)."""
+        rows = self._read(self._USERS, (model, self.owner))
         return next((owner for owner, seen in rows if self.held(owner, seen)), None)
 
     def begin(self, model: str, suite: str, total: int, estimated_cost: float | None = None,

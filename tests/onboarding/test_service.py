@@ -163,6 +163,9 @@ async def test_two_proxies_pointing_a_model_at_two_upstreams_keep_each_other_s_p
     new_registry, new = service(new_config, new_store, new_upstream, suite, questions)
     seen = []
     new.metrics = type("M", (), {"observe_onboarding": lambda self, *a: seen.append(a)})()
+    forgets = []
+    real_forget = new_store.forget
+    new_store.forget = lambda *a, **k: (forgets.append(a), real_forget(*a, **k))[1]
     old_watch = asyncio.create_task(old.watch(0.01))
     new_watch = None
     try:
@@ -183,6 +186,8 @@ async def test_two_proxies_pointing_a_model_at_two_upstreams_keep_each_other_s_p
         waits = [r.getMessage() for r in caplog.records if "another proxy" in r.getMessage()]
         assert len(waits) == 1 and "trying again later" in waits[0]  # said once, not every tick
         assert "forgotten" not in caplog.text
+        # waiting reads the other proxy's record; it took a write lock once, not on every tick
+        assert len(forgets) == 1
     finally:
         old_watch.cancel()
         await old.stop()
