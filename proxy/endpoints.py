@@ -26,7 +26,7 @@ from proxy.dispatch import Call, Reply
 from proxy.errors import (AllUpstreamsFailed, BodyTimeout, BodyTooLarge, ModelNotFound, RequestError, SatrouteError,
                           ServiceUnavailable, UnsupportedEncoding, UpstreamClientError, error_response)
 from proxy.localserver import STARTING_RETRY_AFTER_S, coming_back
-from proxy.logs import RequestRecord, parse_scores, request_record
+from proxy.logs import Redactor, RequestRecord, parse_scores, redacted, request_record
 from proxy.providers import Deployment, Snapshot
 from proxy.routing import (Decision, candidates, features_needed, instruction_text, rank,
                            tokens_needed)
@@ -517,6 +517,9 @@ async def ready(request: Request) -> Response:
                # profiles of several aptitude suites: routing goes on, biased (providers.py says)
                "mixed_suites": snap.mixed_suites(),
                "checked_at": int(time.time())}
+    # open to anyone who reaches the port: every string as the log shows it, the configuration's
+    # secrets redacted (a reason may quote a value read from the environment, an api_base)
+    payload = redacted(payload, Redactor(lambda: snap.secrets))
     return Response(orjson.dumps(payload), status_code=503 if reasons else 200, media_type=JSON)
 
 

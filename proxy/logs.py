@@ -99,14 +99,15 @@ class JsonFormatter(logging.Formatter):
             entry["exc_type"] = kind.__name__ if kind else None
             entry["exc_message"] = str(exc) if exc is not None else None
             entry["traceback"] = self.formatException(record.exc_info)
-        return _BREAKS.sub(_json_escape, json.dumps(_loggable(entry, self.redactor), ensure_ascii=False))
+        return _BREAKS.sub(_json_escape, json.dumps(redacted(entry, self.redactor), ensure_ascii=False))
 
 
-def _loggable(value: Any, redact: Callable[[str], str]) -> Any:
-    """``value`` ready for ``json.dumps``: every string redacted before it is quoted (redacting the
-    JSON text could eat an escaping backslash, and a key with a quote in it would not match), every
-    non-finite float (an unscored candidate's -inf) None (JSON has neither Infinity nor NaN; a
-    log shipper rejects the whole line for one), anything else its redacted ``str``."""
+def redacted(value: Any, redact: Callable[[str], str]) -> Any:
+    """``value`` ready for ``json.dumps``: every string, a mapping's keys included, redacted before
+    it is quoted (redacting the JSON text could eat an escaping backslash, and a key with a quote in
+    it would not match), every non-finite float (an unscored candidate's -inf) None (JSON has
+    neither Infinity nor NaN; a log shipper rejects the whole line for one), anything else its
+    redacted ``str``. For a log line, and for what an open endpoint (``/ready``) shows."""
     if isinstance(value, str):
         return redact(value)
     if isinstance(value, float):
@@ -114,9 +115,9 @@ def _loggable(value: Any, redact: Callable[[str], str]) -> Any:
     if value is None or isinstance(value, (bool, int)):
         return value
     if isinstance(value, Mapping):
-        return {str(k): _loggable(v, redact) for k, v in value.items()}
+        return {redact(str(k)): redacted(v, redact) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_loggable(v, redact) for v in value]
+        return [redacted(v, redact) for v in value]
     return redact(str(value))
 
 
@@ -148,7 +149,7 @@ class TextFormatter(logging.Formatter):
         line = self.redactor(super().format(record))
         fields = _with_request_id(getattr(record, "fields", None))
         if isinstance(fields, Mapping) and fields:  # redacted before they are quoted, as in JSON
-            pairs = _loggable(fields, self.redactor)
+            pairs = redacted(fields, self.redactor)
             line += " " + _BREAKS.sub(_json_escape, " ".join(
                 f"{k}={json.dumps(v, ensure_ascii=False)}" for k, v in pairs.items()))
         return line

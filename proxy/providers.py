@@ -615,8 +615,9 @@ def _unsendable(api_base: Any, api_key: Any, params: Mapping[str, Any]) -> str |
         except ValueError:
             ok = False
         if not ok:
-            shown = f" ({api_base!r})" if "@" not in str(api_base) else ""
-            return f"litellm_params.api_base is not an http:// or https:// URL with a host{shown}"
+            shown = _shown_base(str(api_base))
+            return ("litellm_params.api_base is not an http:// or https:// URL with a host"
+                    + (f" ({shown!r})" if shown else ""))
     headers = params.get("extra_headers")
     sent = {"api_key": api_key, "organization": params.get("organization"),
             **({f"extra_headers.{k}": v for k, v in headers.items()} if isinstance(headers, dict) else {})}
@@ -625,6 +626,20 @@ def _unsendable(api_base: Any, api_key: Any, params: Mapping[str, Any]) -> str |
             return (f"litellm_params.{key} holds a control character (a line break inside it?): "
                     "no HTTP header can carry it")
     return None
+
+
+def _shown_base(api_base: str) -> str | None:
+    """What a reason may quote of an ``api_base``: its scheme, host and path, as far as they can be
+    told apart; never its query or fragment (``?access_token=...``), nor credentials
+    (``user:password@``). None when nothing can be shown so: the reason goes to the log and to
+    the public ``/ready``."""
+    try:
+        url = urlsplit(api_base)
+    except ValueError:
+        return None
+    shown = urlunsplit((url.scheme, url.netloc.rpartition("@")[2], url.path, "", ""))
+    # written without a scheme (`admin:pw@host/v1`), credentials are read as the path
+    return shown if shown and "@" not in shown else None
 
 
 def _has_userinfo(url: Any) -> bool:

@@ -171,6 +171,41 @@ def test_a_rejected_edit_never_shows_credentials_a_url_carries(tmp_path):
     assert "hunter2pass" not in message and "QWERTY123456" not in message
 
 
+@pytest.mark.parametrize("api_base, shown, hidden", [
+    ("vllm.internal:8000/v1?access_token=tok_5e6f7a8b9c0d", "vllm.internal:8000/v1", "tok_5e6f7a8b9c0d"),
+    ("hxxp://admin:hunter2pass@10.20.30.40:9999/v1?k=QWERTY1", "hxxp://10.20.30.40:9999/v1", "hunter2pass"),
+    ("admin:hunter2pass@10.20.30.40:9999/v1", None, "hunter2pass"),
+])
+def test_an_api_base_no_call_could_use_is_shown_without_its_query_or_credentials(tmp_path, api_base, shown,
+                                                                                 hidden):
+    """The reason a model is unavailable goes to the log and to the open /ready: it quoted the
+    whole value, a token in its query string included."""
+    from proxy.providers import parse
+
+    snap = parse("model_list:\n  - {model_name: m, litellm_params: {model: openai/x, api_base: '%s'}}\n"
+                 % api_base, tmp_path / "providers.yaml", {}, lambda d: None)
+    why = snap.models["m"].unavailable
+    assert why is not None and "not an http:// or https:// URL" in why
+    assert hidden not in why and "QWERTY1" not in why and "?" not in why
+    assert (f"({shown!r})" in why) if shown else why.endswith("with a host")
+
+
+def test_ready_shows_every_reason_with_the_configuration_s_secrets_redacted(tmp_path, upstream, start_proxy,
+                                                                           monkeypatch):
+    """/ready answers without a key: an api_base read from the environment (a value of its length
+    counts as a secret) was shown whole in the model's reason, a token in its path included."""
+    token = "tok_9f8e7d6c5b4a39281706"
+    monkeypatch.setenv("GW_BASE", f"gw.internal:8080/{token}/v1")
+    gateway = model_entry("gw", upstream.url, tmp_path)
+    gateway["litellm_params"]["api_base"] = "os.environ/GW_BASE"
+    proxy = start_proxy(write_config(tmp_path / "providers.yaml", [model_entry("m1", upstream.url, tmp_path),
+                                                                  gateway]))
+    ready = httpx.get(f"{proxy.base}/ready")
+    assert ready.status_code == 200 and "gw" in ready.json()["unavailable"]
+    assert "[redacted]" in ready.json()["unavailable"]["gw"]
+    assert token not in ready.text
+
+
 def test_environment_references_and_secrets_are_found_at_any_depth(tmp_path, monkeypatch):
     from proxy.providers import ProviderRegistry
 
