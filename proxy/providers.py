@@ -652,6 +652,14 @@ def _has_userinfo(url: Any) -> bool:
         return False
 
 
+def _redacted(text: str, snapshot: Snapshot) -> str:
+    """``text`` with ``snapshot``'s secrets (and credential-shaped strings) redacted, as the log
+    redacts them. What the registry logs about a configuration it is building is redacted here: the
+    log's own redactor reads the secrets of the configuration served, which at start-up is none
+    yet, and after an edit lacks those the edit adds."""
+    return Redactor(lambda: snapshot.secrets)(text)
+
+
 class ProviderRegistry:
     """The live configuration: one Snapshot at a time, swapped whole on reload or profile change.
 
@@ -735,7 +743,7 @@ class ProviderRegistry:
         base = parse(text, self.path, self._env(), lambda d: None, self.local_key)
         for d in base.models.values():
             if d.unavailable:
-                log.warning("model %s unavailable: %s", d.name, d.unavailable)
+                log.warning("model %s unavailable: %s", d.name, _redacted(d.unavailable, base))
         self._base = base
         self._mixed = None  # a load or reload says again what it still mixes
         return self._derive()
@@ -754,7 +762,7 @@ class ProviderRegistry:
                 if why is not None:
                     flagged[name] = why
                     if self._flagged.get(name) != why:
-                        log.warning("model %s unavailable: %s", name, why)
+                        log.warning("model %s unavailable: %s", name, _redacted(why, base))
             models[name] = replace(d, profile=profile, profile_suite=suite, unavailable=why)
         self._flagged = flagged
         snapshot = replace(base, models=models)
@@ -842,7 +850,7 @@ class ProviderRegistry:
         that did not land is not known only from one log line, or from the restart it fails."""
         why = self._read_error or self._key_rejected
         # as logged: /ready is open, and a rejected edit's values (an extra_headers token) are in it
-        return None if why is None else Redactor(lambda: self.snapshot.secrets)(why)
+        return None if why is None else _redacted(why, self.snapshot)
 
     async def watch(self, interval_s: float) -> None:
         """Reload every ``interval_s`` until cancelled (run from the app's lifespan). Each tick

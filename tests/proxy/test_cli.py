@@ -166,6 +166,24 @@ def test_serve_warns_when_reachable_from_other_machines_without_a_master_key(mon
     assert bool(said) is warned
 
 
+def test_start_up_lines_are_redacted_for_the_configuration_s_secrets(monkeypatch, tmp_path, capsys):
+    """The registry is built, and says why a model is unavailable, before the log's redactor is
+    handed the configuration's secrets: a value read with os.environ/ (a token in an api_base's
+    path) was written as it is at start-up, and redacted only after an edit."""
+    token = "tok_5e6f7a8b9c0d1e2f3a4b"
+    cfg = tmp_path / "providers.yaml"
+    cfg.write_text("model_list:\n  - {model_name: a, litellm_params: {model: openai/a}}\n"
+                   "  - {model_name: gw, litellm_params: {model: openai/b, api_base: os.environ/GW_BASE}}\n")
+    monkeypatch.setenv("GW_BASE", f"vllm.internal:8000/{token}/v1")
+    monkeypatch.setenv("SATROUTE_SCORER", "constant")
+    monkeypatch.setenv("SATROUTE_MASTER_KEY", "mk-startup-0123")
+    monkeypatch.setattr("uvicorn.Server.run", lambda server, sockets=None: setattr(server, "started", True))
+    assert cli.main(["serve", "--config", str(cfg)]) == 0
+    err = capsys.readouterr().err
+    assert "model gw unavailable: " in err and "[redacted]" in err
+    assert token not in err
+
+
 def test_a_bad_flag_value_is_named_by_its_flag_not_by_a_variable_nobody_set(tmp_path, capsys):
     assert cli.main(["serve", "--config", str(tmp_path / "providers.yaml"), "--port", "70000"]) == 2
     err = capsys.readouterr().err

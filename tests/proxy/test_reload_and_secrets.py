@@ -206,6 +206,25 @@ def test_ready_shows_every_reason_with_the_configuration_s_secrets_redacted(tmp_
     assert token not in ready.text
 
 
+def test_an_edit_s_own_secrets_are_redacted_in_what_it_makes_the_registry_log(tmp_path, caplog):
+    """The log redacts the secrets of the configuration served: the lines about an edit being
+    taken in (a model it makes unavailable) are written before it serves, so they are redacted
+    with the edit's own secrets, as at start-up."""
+    from proxy.providers import ProviderRegistry
+
+    token = "tok_0a1b2c3d4e5f6a7b8c9d"
+    env = {"GW_BASE": f"gw.internal:8080/{token}/v1"}
+    path = tmp_path / "providers.yaml"
+    path.write_text("model_list:\n  - {model_name: m1, litellm_params: {model: openai/m1}}\n")
+    registry = ProviderRegistry(path, lambda: env)
+    caplog.set_level(logging.WARNING, logger="satroute.providers")
+    path.write_text(path.read_text()
+                    + "  - {model_name: gw, litellm_params: {model: openai/b, api_base: os.environ/GW_BASE}}\n")
+    assert registry.reload()
+    assert "model gw unavailable: " in caplog.text and "[redacted]" in caplog.text
+    assert token not in caplog.text
+
+
 def test_environment_references_and_secrets_are_found_at_any_depth(tmp_path, monkeypatch):
     from proxy.providers import ProviderRegistry
 
