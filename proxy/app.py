@@ -114,7 +114,7 @@ def build_services(settings: Settings, *, scorer: Any = None, dispatcher: Dispat
     metrics = Metrics()
     registry.on_reload.append(lambda old, new: metrics.follow_models(old.models, new.models))
     metrics.config_rejected.set_function(lambda: float(registry.rejected is not None))
-    dispatcher = dispatcher or RetryingDispatcher(cooldowns, metrics=metrics)
+    dispatcher = dispatcher or RetryingDispatcher(cooldowns, metrics=metrics, log_prompts=settings.log_prompts)
     unusable = getattr(dispatcher, "unusable", None)
     if unusable is not None:  # a model litellm cannot call is left out, with the reason, in /ready
         registry.checks.append(unusable)

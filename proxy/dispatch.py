@@ -32,7 +32,7 @@ import orjson
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception
 
 from proxy.cooldown import Cooldowns
-from proxy.errors import AllUpstreamsFailed, UpstreamClientError, UpstreamTransient
+from proxy.errors import AllUpstreamsFailed, UpstreamClientError, UpstreamError, UpstreamTransient
 from proxy.grammars import GrammarCheck
 from proxy.localserver import LOCAL_ONLY_FIELDS, llama_cpp_request
 from proxy.logs import adopt_loggers
@@ -41,8 +41,8 @@ from proxy.providers import OPENAI_COMPATIBLE, Deployment, RouterSettings
 from proxy.settings import prepare_litellm_environment
 from proxy.upstream import (CONTEXT_WINDOW, LIMIT_NAMES, RETRYABLE, UNSUPPORTED, Answer, PassThrough,
                             cannot_read, classify, dumps_lenient, error_labels, interrupted_event,
-                            limited, out_of_quota, redirected, retry_after_seconds, too_long,
-                            unfit_request)
+                            labelled, limited, out_of_quota, redirected, retry_after_seconds, too_long,
+                            unfit_request, unfit_summary)
 
 log = logging.getLogger("satroute.dispatch")
 
@@ -101,8 +101,11 @@ def _cause(exc: UpstreamTransient, call: "Call") -> bytes | None:
 
 class RetryingDispatcher:
     def __init__(self, cooldowns: Cooldowns, passthrough: PassThrough | None = None,
-                 metrics: Any = None):
+                 metrics: Any = None, log_prompts: bool = False):
         self.cooldowns = cooldowns
+        # SATROUTE_LOG_PROMPTS: off, a failure is logged by its summary, without the upstream's
+        # words (or litellm's), which may quote the request back
+        self.log_prompts = log_prompts
         self.metrics = metrics  # proxy.metrics.Metrics or None: retries, fallbacks, latency
         self.passthrough = passthrough or PassThrough()
         self.grammars = GrammarCheck()  # what a local model's server is sent, checked first
@@ -204,7 +207,7 @@ class RetryingDispatcher:
                     # may: the model's health is not in question (no cooldown)
                     failed.append((target.name, exc.unfit))
                     all_429 = False
-                    log.warning("%s; the next model is tried", exc.message)  # it names the model
+                    log.warning("%s; the next model is tried", self._told(exc))  # it names the model
                     continue
                 # the model is unusable, not the request: it falls back, and counts towards the
                 # model's cooldown; any other 4xx is about the request and goes back as is
@@ -215,7 +218,7 @@ class RetryingDispatcher:
                     if target is not call.targets[-1]:  # a routed request: the next model answers
                         failed.append((target.name, f"http_{exc.status}"))
                         all_429 = False
-                        log.warning("model %s refused the request: %s", target.name, exc.message)
+                        log.warning("model %s refused the request: %s", target.name, self._told(exc))
                         continue
                 exc.failed = failed
                 raise
@@ -226,7 +229,7 @@ class RetryingDispatcher:
                 timed_out = exc.timeout
                 all_429 = all_429 and exc.upstream_status == 429
                 last = exc
-                log.warning("model %s failed: %s", target.name, exc.message)
+                log.warning("model %s failed: %s", target.name, self._told(exc))
                 continue
             self.cooldowns.success(target.name, epoch, since=called[0])
             return Reply(model=target.name, failed=failed, body=answer.body, chunks=answer.chunks)
@@ -235,10 +238,16 @@ class RetryingDispatcher:
         err.upstream_retry_after = said_after
         if last is not None:  # what failed, in its words ("Overloaded"; for a 429, which limit)
             err.message = f"{err.message}; the last said: {last.message}"
+            err.summary = f"{err.summary}; the last said: {last.summary}"
         if last is not None and all_429:
             err.status, err.code = 429, "rate_limited"
             err.retry_after = last.retry_after
         raise err
+
+    def _told(self, exc: UpstreamError) -> str:
+        """What the log says of a model's failure: its message while prompts are logged, else its
+        summary (its status and error labels, no words of the upstream's)."""
+        return exc.message if self.log_prompts else exc.summary
 
     async def _with_retries(self, d: Deployment, call: Call, deadline: float, epoch: int,
                             last: bool = True, called: list[float] | None = None) -> Answer:
@@ -405,7 +414,7 @@ class RetryingDispatcher:
         if first is None:
             raise UpstreamTransient(f"{d.name}: stream closed before its first chunk", model=d.name)
         return Answer(chunks=_litellm_chunks(first, resp, d.name, openai.OpenAIError, call.redact,
-                                             translated=not openai_like))
+                                             translated=not openai_like, texts=self.log_prompts))
 
 
 # Anthropic's least thinking budget: thinking.budget_tokens must be at least this, and below max_tokens
@@ -631,7 +640,8 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str],
         # URL) may take the request. Its advice names a setting of its own proxy, not ours.
         said = _ADVICE.sub("", _said(message))
         return unfit_request(model, f"model {model} cannot take this request: {said}", "image_fetch",
-                             "image_fetch_failed")
+                             "image_fetch_failed",  # litellm's words name the client's URL
+                             summary=f"model {model} cannot take this request: an image could not be fetched")
     # the status the upstream answered, where one did: litellm relabels some (a 529 as 500, a
     # 413 as 400, a 408 or 504 answer as its Timeout) and the pass-through path reports them as is
     answered = _answered_status(exc)
@@ -640,7 +650,8 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str],
         # empty body, an error object, another shape): the model's failure, as on the
         # pass-through path (litellm labels it a connection error, a 500 or a 422)
         return UpstreamTransient(f"{model}: answered with something that is no answer: {_said(message)}",
-                                 model=model, status=200, reason="bad_answer")
+                                 model=model, status=200, reason="bad_answer",
+                                 summary=f"{model}: answered with something that is no answer")
     status = answered or getattr(exc, "status_code", None)
     if isinstance(status, int) and 300 <= status < 400:
         return redirected(model, status)
@@ -648,7 +659,7 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str],
     if failure is not None:  # litellm labels these 500; report them as the pass-through path does
         return UpstreamTransient(f"{model}: {type(exc).__name__}: {message}", model=model,
                                  status=504 if failure == "timeout" else 0,
-                                 timeout=failure == "timeout")
+                                 timeout=failure == "timeout", summary=f"{model}: {type(exc).__name__}")
     import openai
 
     if isinstance(exc, openai.APIConnectionError) and not answered:
@@ -657,8 +668,10 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str],
         # outside OpenAI's spec, say), before sending anything. Another model may take the
         # request; this one's health is not in question, and trying again would fail the same way.
         text = (f"model {model} cannot take this request: litellm could not translate it for "
-                f"the model's provider ({_said(message)})")
-        return unfit_request(model, text, "untranslatable", "untranslatable_request")
+                "the model's provider")
+        # litellm's words may quote what it could not translate, the messages included
+        return unfit_request(model, f"{text} ({_said(message)})", "untranslatable", "untranslatable_request",
+                             summary=text)
     upstream = _upstream_error(exc)  # the upstream's own error object, where one came back
     if local and status == 500 and upstream is not None:  # a refusal of its server's validation?
         refused = classify(500, orjson.dumps({"error": upstream}), model, {}, redact, local=True)
@@ -671,7 +684,8 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str],
         timeout = not answered and "timeout" in type(exc).__name__.lower()
         return UpstreamTransient(f"{model}: {type(exc).__name__}: {message}", model=model,
                                  status=status or 0, retry_after=retry_after_seconds(headers),
-                                 timeout=timeout)
+                                 timeout=timeout, summary=f"{model}: {type(exc).__name__}" + (
+                                     f": HTTP {status}{labelled(upstream, redact)}" if status else ""))
     # litellm knows its providers' words for a request longer than the model's context
     too_long_for_it = isinstance(exc, litellm.ContextWindowExceededError)
     if upstream is not None:  # the upstream's own error, passed back as the pass-through path does
@@ -690,8 +704,8 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str],
                       "code": redact(str(code)) if code is not None else None}}
     fits = not (too_long_for_it or too_long(int(status), said, str(code)))
     unfit = CONTEXT_WINDOW if not fits else UNSUPPORTED if cannot_read(int(status), said) else None
-    return UpstreamClientError(said, status=int(status), model=model, upstream_body=body,
-                               unfit=unfit)
+    return UpstreamClientError(said, status=int(status), model=model, upstream_body=body, unfit=unfit,
+                               summary=unfit_summary(model, unfit, f"HTTP {status}{labelled({'code': code}, redact)}"))
 
 
 # litellm's advice to the admin of its own proxy, at the end of some of its messages
@@ -976,7 +990,11 @@ class _ChoiceEnds:
 
 
 async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type,
-                          redact: Callable[[str], str], translated: bool = False) -> AsyncIterator[bytes]:
+                          redact: Callable[[str], str], translated: bool = False,
+                          texts: bool = False) -> AsyncIterator[bytes]:
+    """The SSE events of a litellm stream whose ``first`` chunk is in hand. ``texts``: a chunk that
+    cannot be read is logged with what it said (else by its exception's type only: it may quote
+    the answer, or the request back)."""
     ends = _ChoiceEnds()
 
     def shaped(chunk: Any) -> dict[str, Any]:
@@ -1023,7 +1041,8 @@ async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type,
             return
         except Exception as exc:  # litellm could not read what came (OpenRouter's error chunk with a
             # string code raises ValueError): the client gets the error event, not a cut connection
-            log.warning("%s: the model's stream could not be read: %s", name, redact(repr(exc))[:300])
+            log.warning("%s: the model's stream could not be read: %s", name,
+                        redact(repr(exc))[:300] if texts else type(exc).__name__)
             yield interrupted_event(f"the answer of {name} could not be read")
             return
         for closing in ends.closings():

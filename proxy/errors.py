@@ -97,9 +97,14 @@ class UpstreamError(SatrouteError):
     status = 502
     type = "upstream_error"
 
-    def __init__(self, message: str, *, model: str = "", **kw: Any):
+    def __init__(self, message: str, *, model: str = "", summary: str | None = None, **kw: Any):
         super().__init__(message, **kw)
         self.model = model
+        # what the log says of it while prompts are not logged (SATROUTE_LOG_PROMPTS): the message
+        # where the proxy wrote all of it, else one without the upstream's words, which may quote
+        # the request back (a 400 "... 'the user's text' ...", a traceback); the client gets the
+        # message either way
+        self.summary = message if summary is None else summary
 
 
 # 4xx answers that say the model cannot be used as configured (its key is refused, its account has
@@ -117,8 +122,9 @@ class UpstreamClientError(UpstreamError):
     type = "invalid_request_error"
 
     def __init__(self, message: str, *, status: int, model: str = "",
-                 upstream_body: dict[str, Any] | None = None, unfit: str | None = None):
-        super().__init__(message, model=model)
+                 upstream_body: dict[str, Any] | None = None, unfit: str | None = None,
+                 summary: str | None = None):
+        super().__init__(message, model=model, summary=summary)
         self.status = status
         self.upstream_body = upstream_body
         # set when the request is refused for what this model cannot take (a parameter its
@@ -157,8 +163,8 @@ class UpstreamTransient(UpstreamError):
 
     def __init__(self, message: str, *, model: str = "", status: int = 0,
                  retry_after: float | None = None, timeout: bool = False, counts: bool = True,
-                 reason: str | None = None):
-        super().__init__(message, model=model)
+                 reason: str | None = None, summary: str | None = None):
+        super().__init__(message, model=model, summary=summary)
         self.reason = reason
         self.upstream_status = status
         self.retry_after = retry_after

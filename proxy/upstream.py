@@ -123,7 +123,8 @@ def _not_an_answer(parsed: Any, raw: bytes, model: str, content_type: str, redac
             return classify(status, raw, model, {}, redact)
         said = err.get("message") if isinstance(err, dict) else err
         return UpstreamTransient(f"{model}: answered 200 with an error: {redact(str(said))[:300]}",
-                                 model=model, status=200, reason="bad_answer")
+                                 model=model, status=200, reason="bad_answer",
+                                 summary=f"{model}: answered 200 with an error{labelled(err, redact)}")
     what = "an empty body" if not raw.strip() else f"{content_type or 'a body'} that is not a chat completion"
     return UpstreamTransient(f"{model}: answered 200 with {what}", model=model, status=200,
                              reason="bad_answer")
@@ -143,12 +144,23 @@ def error_labels(err: Any) -> str:
     return f"{err.get('code')} {err.get('type')}" if isinstance(err, dict) else ""
 
 
+def labelled(err: Any, redact) -> str:
+    """`` (type, code)`` of an upstream's error object, each redacted and cut to 80 characters; ""
+    when it gives neither. What the log says of an upstream's error while prompts are not logged
+    (``UpstreamError.summary``), beside its status: never its message, which may quote the request
+    back."""
+    labels = [str(_redacted(err[k], redact))[:80] for k in ("type", "code")
+              if isinstance(err, dict) and err.get(k) is not None]
+    return f" ({', '.join(labels)})" if labels else ""
+
+
 def unfit_request(model: str, text: str, reason: str, code: str,
-                  param: str | None = None) -> UpstreamClientError:
+                  param: str | None = None, summary: str | None = None) -> UpstreamClientError:
     """A request this model cannot take: a routed request falls back (``x-satroute-failed:
     <model>:<reason>``, no retry, no cooldown); a request naming the model, or the last
-    candidate, gets this 400."""
-    return UpstreamClientError(text, status=400, model=model, unfit=reason,
+    candidate, gets this 400. ``summary``: ``text`` without what came from elsewhere (litellm's
+    words), where it quotes any."""
+    return UpstreamClientError(text, status=400, model=model, unfit=reason, summary=summary,
                                upstream_body={"error": {"message": text, "type": "invalid_request_error",
                                                         "param": param, "code": code}})
 
@@ -178,9 +190,10 @@ def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
         return unfit_request(model, f"model {model} cannot take this request: its server refused {said}",
                              "untranslatable", "untranslatable_request", param)
     labels = error_labels(err)
+    said = f"HTTP {status}{labelled(err, redact)}"  # the summary: no words of the upstream's
     if status in RETRYABLE and not out_of_quota(status, labels):
         return UpstreamTransient(f"{model}: HTTP {status}: {message}", model=model, status=status,
-                                 retry_after=retry_after_seconds(headers))
+                                 retry_after=retry_after_seconds(headers), summary=f"{model}: {said}")
     shaped = None
     if isinstance(err, dict):  # every field redacted: an upstream may echo the key in any of them
         shaped = {"error": {"message": message,
@@ -189,7 +202,14 @@ def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
                             "code": _redacted(err.get("code"), redact)}}
     unfit = (CONTEXT_WINDOW if too_long(status, message, labels)
              else UNSUPPORTED if cannot_read(status, message) else None)
-    return UpstreamClientError(message, status=status, model=model, upstream_body=shaped, unfit=unfit)
+    return UpstreamClientError(message, status=status, model=model, upstream_body=shaped, unfit=unfit,
+                               summary=unfit_summary(model, unfit, said))
+
+
+def unfit_summary(model: str, unfit: str | None, said: str) -> str:
+    """The summary of an upstream's 4xx (``said``: its status and labels): one that says the
+    request does not fit this model (``unfit``) names the model, as the proxy's own refusals do."""
+    return said if unfit is None else f"model {model} cannot take this request ({unfit}): {said}"
 
 
 # a model's answer that the request is longer than its context: OpenAI's and llama-cpp-python's

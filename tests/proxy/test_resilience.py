@@ -1113,3 +1113,76 @@ def test_an_upstream_s_redirect_is_not_followed_to_another_host(tmp_path, upstre
             client(proxy).chat.completions.create(model="hop", messages=MESSAGES)
     assert err.value.status_code == 502 and "hop (bad_answer)" in err.value.message
     assert [r.body.get("model") for r in upstream.received] == ["m2"]  # nothing followed the 307
+
+
+SECRET_PROMPT = "PATIENT-RECORD-4471 John Doe"
+
+
+@pytest.mark.parametrize("fast", PATHS)
+@pytest.mark.parametrize("prompts", [False, True], ids=["prompts_off", "prompts_on"])
+def test_an_upstream_error_quoting_the_prompt_is_logged_by_its_status_and_labels_unless_prompts_are(
+        tmp_path, upstream, start_proxy, caplog, fast, prompts):
+    """Upstreams quote the request in their errors (a 500 "while processing '...'", a 400 with the
+    messages' input_value): with SATROUTE_LOG_PROMPTS off the text reached the log through the
+    lines that say a model failed, refused the request or could not take it. It is logged by its
+    status and its error's type and code; the client gets the upstream's words either way."""
+    models = [model_entry(n, upstream.url, tmp_path, fast_path=fast) for n in ("m1", "m2", "m3", "m4")]
+    cfg = write_config(tmp_path / "providers.yaml", models, num_retries=0, max_fallbacks=3)
+    proxy = start_proxy(cfg, scorer=RecordingScorer({"m1": 0.9, "m2": 0.7, "m3": 0.5, "m4": 0.1}),
+                        log_prompts=prompts)
+    upstream.set("m1", fail(500, f"Internal error while processing prompt '{SECRET_PROMPT}'"))
+    upstream.set("m2", fail(403, f"model not allowed for this prompt: {SECRET_PROMPT}", "permission_error"))
+    upstream.set("m3", fail(400, "This model's maximum context length is 8192 tokens; input_value="
+                            f"[{{'role': 'user', 'content': '{SECRET_PROMPT}'}}]", "invalid_request_error"))
+    caplog.set_level(logging.WARNING, logger="satroute.dispatch")
+    raw = client(proxy).chat.completions.with_raw_response.create(
+        model="auto", messages=[{"role": "user", "content": SECRET_PROMPT}])
+    assert raw.headers["x-satroute-failed"] == "m1:http_500,m2:http_403,m3:context_window"
+    said = [r.getMessage() for r in caplog.records if r.name == "satroute.dispatch"]
+    assert len(said) == 3, said
+    assert all(SECRET_PROMPT in line for line in said) is prompts
+    if not prompts:
+        assert not any(SECRET_PROMPT in line for line in said)
+        assert "model m1 failed: m1: " in said[0] and "HTTP 500" in said[0] and "mock_error" in said[0]
+        assert said[1] == "model m2 refused the request: HTTP 403 (permission_error, mock_error)"
+        assert said[2] == ("model m3 cannot take this request (context_window): HTTP 400 "
+                           "(invalid_request_error, mock_error); the next model is tried")
+    with pytest.raises(openai.PermissionDeniedError) as err:  # the client still reads the upstream's words
+        client(proxy).chat.completions.create(model="m2", messages=[{"role": "user", "content": SECRET_PROMPT}])
+    assert SECRET_PROMPT in err.value.message
+
+
+def test_a_non_json_error_body_is_summed_up_by_its_status_alone():
+    """A traceback the upstream sends as text quotes the request's values: none of it in the summary."""
+    from proxy.upstream import classify
+
+    body = f"Traceback (most recent call last):\n  ValueError: bad input '{SECRET_PROMPT}'".encode()
+    for status in (500, 422):
+        err = classify(status, body, "m1", {}, str)
+        assert SECRET_PROMPT in err.message and SECRET_PROMPT not in err.summary
+        assert err.summary == (f"m1: HTTP {status}" if status == 500 else f"HTTP {status}")
+
+
+async def test_a_litellm_stream_chunk_that_cannot_be_read_is_logged_by_its_type_unless_prompts_are(caplog):
+    from proxy.dispatch import _litellm_chunks
+
+    class Chunk:
+        model = "x"
+
+        def model_dump(self, exclude_none=True):
+            return {"id": "c1", "object": "chat.completion.chunk", "created": 1, "model": self.model,
+                    "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"}}]}
+
+    async def stream():
+        yield Chunk()
+        raise ValueError(f"cannot read chunk {{'content': '{SECRET_PROMPT}'}}")
+
+    caplog.set_level(logging.WARNING, logger="satroute.dispatch")
+    for texts in (False, True):
+        caplog.clear()
+        chunks = stream()
+        events = [e async for e in _litellm_chunks(await anext(chunks), chunks, "m1", KeyError, str, texts=texts)]
+        assert b"could not be read" in events[-1]
+        [line] = [r.getMessage() for r in caplog.records]
+        assert line.startswith("m1: the model's stream could not be read: ")
+        assert (SECRET_PROMPT in line) is texts and ("ValueError" in line)
