@@ -29,7 +29,8 @@ def describe_invalid(exc: ValidationError, flags: Mapping[str, str] | None = Non
     named = []
     for err in exc.errors():
         key = "_".join(str(p) for p in err["loc"])
-        named.append(f"{(flags or {}).get(key) or 'SATROUTE_' + key.upper()}: {err['msg']}")
+        said = err["msg"].removeprefix("Value error, ")  # a validator's own words
+        named.append(f"{(flags or {}).get(key) or 'SATROUTE_' + key.upper()}: {said}")
     return "; ".join(named)
 
 
@@ -44,6 +45,18 @@ class Settings(BaseSettings):
     @classmethod
     def _lower(cls, value: object) -> object:
         return value.lower() if isinstance(value, str) else value
+
+    @field_validator("master_key")
+    @classmethod
+    def _sendable(cls, key: SecretStr | None) -> SecretStr | None:
+        """A master key every client can send: ASCII. httpx and the openai SDKs refuse to send any
+        other character in a header (UnicodeEncodeError, in the client), and the clients that do
+        send one send it in Latin-1 or in UTF-8, of which only one could match: a proxy that
+        started with such a key was open to curl and shut to the SDKs."""
+        if key is not None and not key.get_secret_value().isascii():
+            raise ValueError("the key must be ASCII text (letters, digits, punctuation): clients "
+                             "cannot send other characters in the Authorization header")
+        return key
 
     config: Path = Field(Path("providers.yaml"), description="path to providers.yaml")
     host: str = "127.0.0.1"

@@ -269,6 +269,19 @@ def test_serve_refuses_to_start_without_the_master_key_it_was_given_under_a_miss
     assert "s3cret" not in err
 
 
+@pytest.mark.parametrize("key", ["s3cr3t-master-kéy", "mk-\u2013dash", "ключ-0123"])
+def test_serve_refuses_a_master_key_clients_cannot_send(monkeypatch, tmp_path, capsys, key):
+    """A key with a character beyond ASCII started, and then httpx and the openai SDKs raised
+    UnicodeEncodeError before sending a request, and clients that send Latin-1 got 401."""
+    monkeypatch.setenv("SATROUTE_MASTER_KEY", key)
+    monkeypatch.setenv("SATROUTE_SCORER", "constant")
+    monkeypatch.setattr("uvicorn.Server.run", lambda *a, **kw: pytest.fail("served with a key no SDK can send"))
+    assert cli.main(["serve", "--config", _one_model(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("satroute: invalid settings: SATROUTE_MASTER_KEY: the key must be ASCII")
+    assert err.count("\n") == 1 and key not in err and "Value error" not in err
+
+
 @pytest.mark.parametrize("env", [{"SATROUTE_MASTERKEY": ""},  # set to nothing, as the key would be
                                  {"SATROUTE_MASTERKEY": "old-key", "SATROUTE_MASTER_KEY": "mk-1"}])
 def test_a_misspelt_master_key_beside_no_key_meant_or_the_key_itself_is_a_warning(
