@@ -419,10 +419,12 @@ async def route_preview(request: Request) -> Response:
     The body is a chat completion request: ``model`` (the router's name, or a model's) and
     ``messages``; ``satroute.models`` narrows the candidates as it does for a real request. The
     answer: ``{"chosen", "route", "degraded", "ranked": [{"model", "score"}] (routed only, best
-    first), "tries": [models in the order they would be tried], "scorer_ms", "remembered",
-    "instruction" (the text the scorer read)}``. Counts no request or routing decision (its scoring
-    call is in the scorer's latency histogram, like any) and writes no routing log; the
-    scores are remembered like a real request's. Errors as for chat completions (400, 404, 503).
+    first), "tries": [models in the order they would be tried], "scorer_ms", "instruction" (the
+    text the scorer read)}``. Counts no request or routing decision (its scoring call is in the
+    scorer's latency histogram, like any) and writes no routing log; the scores are remembered
+    like a real request's. Whether they were remembered is not said: remembered scores are another
+    client's request of the same text, which the clients sharing the key need not be told of.
+    Errors as for chat completions (400, 404, 503).
     The choice is ``chosen``, not ``model``: a request's log line reads ``model`` as the model that
     answered, and none did.
     """
@@ -434,7 +436,7 @@ async def route_preview(request: Request) -> Response:
                "ranked": [{"model": n, "score": s} for n, s in d.ranked] if d.routed else [],
                "tries": [t.name for t in plan.targets],
                "scorer_ms": round(d.scorer_ms, 2) if d.routed else None,
-               "remembered": d.remembered, "instruction": plan.instruction}
+               "instruction": plan.instruction}
     return Response(orjson.dumps(payload), media_type=JSON)
 
 

@@ -92,7 +92,7 @@ def _detailed(router_name: str) -> dict[tuple[str, str], dict[str, Any]]:
             "requestBody": chat_request,
             "responses": {
                 "200": {"description": "{chosen, route, degraded, ranked: [{model, score}], tries, "
-                                       "scorer_ms, remembered, instruction}",
+                                       "scorer_ms, instruction}",
                         "content": _json({"type": "object"})},
                 **_errors("400", "401", "404", "413", "503")},
         },
