@@ -236,13 +236,15 @@ class OnboardingService:
                       "fail their test with the reason", type(exc).__name__, exc)
 
     async def _announce(self) -> None:
-        """Record in the store the upstream each model this process would onboard points at
-        (``Store.using``) when that changed, and otherwise often enough that the record never
-        goes stale while the process runs: another proxy then keeps the answers this one's
+        """Record in the store the upstream each model this process onboards or routes on a
+        stored profile points at (``Store.using``; ``onboard: false`` ones too: they route on the
+        profile another run stored) when that changed, and otherwise often enough that the record
+        never goes stale while the process runs: another proxy then keeps the answers this one's
         upstream gave. A store that refuses the write now (locked past its busy timeout) is asked
         again on the next call; the checks of this one go on."""
         now = {name: (upstream_fingerprint(d), legacy_fingerprint(d))
-               for name, d in self.registry.snapshot.models.items() if onboardable(d)}
+               for name, d in self.registry.snapshot.models.items()
+               if d.available and not d.info.capability_profile}
         fresh = time.monotonic() - self._announced_at < self.store.lease_stale_s / 4
         if now == self._announced and fresh:
             return

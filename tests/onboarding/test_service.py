@@ -204,6 +204,34 @@ async def test_two_proxies_pointing_a_model_at_two_upstreams_keep_each_other_s_p
         new_store.close()
 
 
+async def test_a_proxy_routing_a_model_it_does_not_onboard_on_its_stored_profile_keeps_it(tmp_path):
+    """`onboard: false` routes on a profile onboarding stored for the same upstream: such a proxy
+    recorded nothing of the upstream it points the model at, and another proxy pointing the model
+    elsewhere forgot that profile while the first still routed on it."""
+    old_config, new_config = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    write_providers(old_config, pointing_at("openai/tiny", tmp_path, "http://127.0.0.1:9"))
+    write_providers(new_config, pointing_at("openai/tiny", tmp_path, "http://127.0.0.2:9"))
+    suite, questions = make_suite()
+    new_upstream = Answering("The answer is (B).")
+    with Store(tmp_path / "state") as old_store, Store(tmp_path / "state") as new_store:
+        old_registry, old = service(old_config, old_store, Answering("The answer is (A)."), suite,
+                                    questions)
+        await old.sync()
+        await asyncio.wait_for(old.runs["m"], 10)
+        not_onboarded = pointing_at("openai/tiny", tmp_path, "http://127.0.0.1:9")
+        not_onboarded[0]["model_info"]["onboard"] = False  # routed on what is stored, as it is
+        write_providers(old_config, not_onboarded)
+        old_registry.reload()
+        await old._announce()
+        assert old_registry.snapshot.models["m"].profile is not None
+        new_registry, new = service(new_config, new_store, new_upstream, suite, questions)
+        for _ in range(5):
+            await new.sync()
+        assert new_upstream.calls == 0 and "m" in new._elsewhere
+        old_registry.refresh_profiles()
+        assert old_registry.snapshot.models["m"].profile is not None
+
+
 async def test_an_upstream_changed_mid_run_starts_over(tmp_path):
     config = tmp_path / "providers.yaml"
     write_providers(config, pointing_at("openai/tiny", tmp_path))
