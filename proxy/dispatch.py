@@ -704,8 +704,9 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str],
                       "code": redact(str(code)) if code is not None else None}}
     fits = not (too_long_for_it or too_long(int(status), said, str(code)))
     unfit = CONTEXT_WINDOW if not fits else UNSUPPORTED if cannot_read(int(status), said) else None
+    labels = f"HTTP {status}{labelled({'code': code}, redact)}"
     return UpstreamClientError(said, status=int(status), model=model, upstream_body=body, unfit=unfit,
-                               summary=unfit_summary(model, unfit, f"HTTP {status}{labelled({'code': code}, redact)}"))
+                               summary=unfit_summary(model, unfit, labels))
 
 
 # litellm's advice to the admin of its own proxy, at the end of some of its messages
