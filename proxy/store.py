@@ -19,7 +19,7 @@ writes (``leased=True``) are made only while it still holds the lease.
 Which upstream each proxy points a model at: a proxy records it (``using``, refreshed like a
 heartbeat), and a model is forgotten because it now points at another upstream
 (``forget(moved=True)``) only while no other live process points it at the stored one
-(``UpstreamInUse`` otherwise): two proxies that disagree on a model's upstream (two hosts'
+(``UpstreamInUse`` otherwise): two proxies that disagree on a model's upstream (two containers'
 providers.yaml, a rolling deploy that changes ``api_base``) would otherwise forget each other's
 answers, profile and spend in turn, for ever.
 A failure is stored with a digest of the configuration it failed with (``failure``), so that
