@@ -237,14 +237,15 @@ class OnboardingService:
 
     async def _announce(self) -> None:
         """Record in the store the upstream each model this process onboards or routes on a
-        stored profile points at (``Store.using``; ``onboard: false`` ones too: they route on the
-        profile another run stored) when that changed, and otherwise often enough that the record
+        stored profile points at (``Store.using``; ``onboard: false`` ones that route on the
+        profile another run stored too; one with no profile has nothing to keep) when that changed, and otherwise often enough that the record
         never goes stale while the process runs: another proxy then keeps the answers this one's
         upstream gave. A store that refuses the write now (locked past its busy timeout) is asked
         again on the next call; the checks of this one go on."""
         now = {name: (upstream_fingerprint(d), legacy_fingerprint(d))
                for name, d in self.registry.snapshot.models.items()
-               if d.available and not d.info.capability_profile}
+               if onboardable(d) or (d.available and not d.info.capability_profile
+                                     and d.profile is not None)}
         fresh = time.monotonic() - self._announced_at < self.store.lease_stale_s / 4
         if now == self._announced and fresh:
             return

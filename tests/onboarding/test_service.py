@@ -232,6 +232,35 @@ async def test_a_proxy_routing_a_model_it_does_not_onboard_on_its_stored_profile
         assert old_registry.snapshot.models["m"].profile is not None
 
 
+async def test_a_proxy_listing_a_model_it_neither_onboards_nor_routes_keeps_nothing_from_others(tmp_path):
+    """`onboard: false` with no profile stored for its upstream (that run failed): the proxy routes
+    on nothing, and must not keep another proxy from onboarding the model on its own upstream."""
+    class Down(Answering):
+        async def complete(self, call):
+            self.calls += 1
+            raise RuntimeError("upstream down")
+
+    old_config, new_config = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    write_providers(old_config, pointing_at("openai/tiny", tmp_path, "http://127.0.0.1:9"))
+    write_providers(new_config, pointing_at("openai/tiny", tmp_path, "http://127.0.0.2:9"))
+    suite, questions = make_suite()
+    new_upstream = Answering("The answer is (B).")
+    with Store(tmp_path / "state") as old_store, Store(tmp_path / "state") as new_store:
+        old_registry, old = service(old_config, old_store, Down("x"), suite, questions)
+        await old.sync()
+        await asyncio.wait_for(old.runs["m"], 10)
+        assert old_store.progress("m").status == "failed"
+        not_onboarded = pointing_at("openai/tiny", tmp_path, "http://127.0.0.1:9")
+        not_onboarded[0]["model_info"]["onboard"] = False
+        write_providers(old_config, not_onboarded)
+        old_registry.reload()
+        await old._announce()
+        new_registry, new = service(new_config, new_store, new_upstream, suite, questions)
+        await new.sync()
+        await asyncio.wait_for(new.runs["m"], 10)
+        assert new_upstream.calls == len(questions) and "m" not in new._elsewhere
+
+
 async def test_an_upstream_changed_mid_run_starts_over(tmp_path):
     config = tmp_path / "providers.yaml"
     write_providers(config, pointing_at("openai/tiny", tmp_path))
