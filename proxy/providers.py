@@ -597,7 +597,12 @@ def parse(text: str, path: Path, env: Mapping[str, str],
             params=params, info=info, profile=profile, unavailable=unavailable, fast_path=fast,
             profile_suite=suite)
         models[entry.model_name] = d if info.capability_profile else replace(d, profile=lookup(d))
-    secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+    # a placeholder key that a model's name or id holds (Ollama's `ollama`, LM Studio's
+    # `lm-studio`) is no secret: redacting it made `ollama-qwen` `[redacted]-qwen` in the log and
+    # in /ready, and two such models one
+    public = [*models, *(d.model for d in models.values())]
+    secrets = sorted({s for s in secrets if len(s) >= 4 and not any(s in p for p in public)},
+                     key=len, reverse=True)
     return Snapshot(source=str(path), models=models, router=conf.router_settings,
                     secrets=tuple(secrets))
 

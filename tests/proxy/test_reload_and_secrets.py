@@ -206,6 +206,21 @@ def test_ready_shows_every_reason_with_the_configuration_s_secrets_redacted(tmp_
     assert token not in ready.text
 
 
+def test_a_placeholder_key_a_model_name_holds_is_not_redacted_out_of_the_name(tmp_path, upstream,
+                                                                              start_proxy):
+    """Ollama's `api_key: ollama` and LM Studio's `lm-studio` are placeholders: redacted as secrets,
+    /ready listed `[redacted]-qwen`, and of two unusable models one, under the same name."""
+    ollama = model_entry("ollama-qwen", "localhost:11434/v1", tmp_path)
+    ollama["litellm_params"]["api_key"] = "ollama"
+    studio = model_entry("lm-studio-qwen", "localhost:1234/v1", tmp_path)
+    studio["litellm_params"]["api_key"] = "lm-studio"
+    proxy = start_proxy(write_config(tmp_path / "providers.yaml", [model_entry("m1", upstream.url, tmp_path),
+                                                                  ollama, studio]))
+    ready = httpx.get(f"{proxy.base}/ready").json()
+    assert set(ready["unavailable"]) == {"ollama-qwen", "lm-studio-qwen"}
+    assert "[redacted]" not in str(ready)
+
+
 def test_an_edit_s_own_secrets_are_redacted_in_what_it_makes_the_registry_log(tmp_path, caplog):
     """The log redacts the secrets of the configuration served: the lines about an edit being
     taken in (a model it makes unavailable) are written before it serves, so they are redacted
