@@ -53,9 +53,12 @@ class Settings(BaseSettings):
         other character in a header (UnicodeEncodeError, in the client), and the clients that do
         send one send it in Latin-1 or in UTF-8, of which only one could match: a proxy that
         started with such a key was open to curl and shut to the SDKs."""
-        if key is not None and not key.get_secret_value().isascii():
-            raise ValueError("the key must be ASCII text (letters, digits, punctuation): clients "
-                             "cannot send other characters in the Authorization header")
+        # its ends as master_key_value strips them: a file's closing line break is no fault
+        value = key.get_secret_value().strip() if key is not None else ""
+        if not value.isascii() or any(c < " " or c == "\x7f" for c in value):
+            raise ValueError("the key must be ASCII text (letters, digits, punctuation), on one "
+                             "line: clients cannot send other characters in the Authorization "
+                             "header")
         return key
 
     config: Path = Field(Path("providers.yaml"), description="path to providers.yaml")

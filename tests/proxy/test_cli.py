@@ -269,10 +269,12 @@ def test_serve_refuses_to_start_without_the_master_key_it_was_given_under_a_miss
     assert "s3cret" not in err
 
 
-@pytest.mark.parametrize("key", ["s3cr3t-master-kéy", "mk-\u2013dash", "ключ-0123"])
+@pytest.mark.parametrize("key", ["s3cr3t-master-kéy", "mk-\u2013dash", "ключ-0123",
+                                 "line-one\nline-two", "mk\x7fdel"])
 def test_serve_refuses_a_master_key_clients_cannot_send(monkeypatch, tmp_path, capsys, key):
     """A key with a character beyond ASCII started, and then httpx and the openai SDKs raised
-    UnicodeEncodeError before sending a request, and clients that send Latin-1 got 401."""
+    UnicodeEncodeError before sending a request, and clients that send Latin-1 got 401; one with a
+    line break inside (a secret file of two lines) started, and no client could send it."""
     monkeypatch.setenv("SATROUTE_MASTER_KEY", key)
     monkeypatch.setenv("SATROUTE_SCORER", "constant")
     monkeypatch.setattr("uvicorn.Server.run", lambda *a, **kw: pytest.fail("served with a key no SDK can send"))
