@@ -659,7 +659,10 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str],
     if failure is not None:  # litellm labels these 500; report them as the pass-through path does
         return UpstreamTransient(f"{model}: {type(exc).__name__}: {message}", model=model,
                                  status=504 if failure == "timeout" else 0,
-                                 timeout=failure == "timeout", summary=f"{model}: {type(exc).__name__}")
+                                 timeout=failure == "timeout",
+                                 summary=f"{model}: " + ("no answer in time" if failure == "timeout"
+                                                         else "connection failed")
+                                 + f" ({type(exc).__name__})")
     import openai
 
     if isinstance(exc, openai.APIConnectionError) and not answered:

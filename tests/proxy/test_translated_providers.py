@@ -422,6 +422,25 @@ def test_litellm_s_own_reason_for_a_refused_parameter_is_kept_without_its_proxy_
     assert "litellm.drop_params" not in err.message and "drop_params: true" in err.message
 
 
+def test_a_litellm_connection_failure_is_summed_up_as_one_not_as_litellm_s_label():
+    """With prompts off the log reads the summary: litellm labels a refused connection an
+    InternalServerError, which read as an upstream's HTTP 500."""
+    import httpx
+
+    from proxy.dispatch import _classify_litellm
+    from proxy.settings import prepare_litellm_environment
+
+    prepare_litellm_environment()
+    import litellm
+
+    for cause, said in ((httpx.ConnectError("refused"), "connection failed"),
+                        (httpx.ReadTimeout("slow"), "no answer in time")):
+        exc = litellm.InternalServerError(message="Connection error.", model="m", llm_provider="openai")
+        exc.__cause__ = cause
+        err = _classify_litellm(exc, "m", str)
+        assert err.summary == f"m: {said} (InternalServerError)", err.summary
+
+
 def test_an_error_in_the_middle_of_a_litellm_stream_keeps_the_upstream_s_reason():
     """Anthropic's mid-stream `event: error` ("Overloaded") reaches the client, redacted; not only
     litellm's class name."""
