@@ -14,7 +14,7 @@ Other processes share the store (``satroute onboard``, another proxy): a model a
 onboards now (``ModelBusy``), or whose run the store refused to start, is skipped and tried again on
 a later tick, never marked failed; a profile another process stored (again) is picked up on the next
 tick, and one it forgot stops being routed with. The service records in the store which upstream
-each model it would onboard points at (``Store.using``, refreshed every tick at most, and at least
+each model it would onboard, or routes on a stored profile, points at (``Store.using``, refreshed every tick at most, and at least
 every quarter of the lease's staleness), and a model whose stored answers came from the upstream
 another live proxy points it at is not forgotten (``UpstreamInUse``): it waits, ``pending`` with
 the reason, until that proxy stops or agrees. Once per process, each configured model's stored
@@ -236,11 +236,11 @@ class OnboardingService:
                       "fail their test with the reason", type(exc).__name__, exc)
 
     async def _announce(self) -> None:
-        """Record in the store the upstream each model this process onboards or routes on a
-        stored profile points at (``Store.using``; ``onboard: false`` ones that route on the
-        profile another run stored too; one with no profile has nothing to keep) when that changed, and otherwise often enough that the record
-        never goes stale while the process runs: another proxy then keeps the answers this one's
-        upstream gave. A store that refuses the write now (locked past its busy timeout) is asked
+        """Record in the store the upstream each model this process onboards points at, and each
+        it routes with ``onboard: false`` on a profile another run stored (one with no profile
+        has nothing to keep) (``Store.using``), when that changed, and otherwise often enough that
+        the record never goes stale while the process runs: another proxy then keeps the answers
+        this one's upstream gave. A store that refuses the write now (locked past its busy timeout) is asked
         again on the next call; the checks of this one go on."""
         now = {name: (upstream_fingerprint(d), legacy_fingerprint(d))
                for name, d in self.registry.snapshot.models.items()
