@@ -557,12 +557,21 @@ def parse(text: str, path: Path, env: Mapping[str, str],
     for i, entry in enumerate(conf.model_list):
         where = f"{path}: model_list.{i}"
         params = dict(entry.litellm_params.model_dump(exclude_none=True))
+        written_key = params.get("api_key")
         unavailable = None
+        found: list[str] = []  # this entry's secrets
         for key in list(params):
-            params[key], missing = _resolve(params[key], env, key, secrets)
+            params[key], missing = _resolve(params[key], env, key, found)
             if missing:
                 unavailable = f"litellm_params.{key} references unset environment variable {missing}"
         model = params.pop("model") or ""  # unset: os.environ/ names a missing variable
+        if (isinstance(written_key, str) and not written_key.startswith(ENV_PREFIX)
+                and (written_key in entry.model_name or written_key in model)):
+            # a placeholder written as the key and held by the entry's own name or id (Ollama's
+            # `ollama`, LM Studio's `lm-studio`) is no secret: redacted, `ollama-qwen` was
+            # `[redacted]-qwen` in the log and in /ready, and two such models one
+            found.remove(written_key)
+        secrets += found
         provider, _, rest = model.partition("/")
         if not rest:
             provider, rest = "openai", model
@@ -597,12 +606,7 @@ def parse(text: str, path: Path, env: Mapping[str, str],
             params=params, info=info, profile=profile, unavailable=unavailable, fast_path=fast,
             profile_suite=suite)
         models[entry.model_name] = d if info.capability_profile else replace(d, profile=lookup(d))
-    # a placeholder key that a model's name or id holds (Ollama's `ollama`, LM Studio's
-    # `lm-studio`) is no secret: redacting it made `ollama-qwen` `[redacted]-qwen` in the log and
-    # in /ready, and two such models one
-    public = [*models, *(d.model for d in models.values())]
-    secrets = sorted({s for s in secrets if len(s) >= 4 and not any(s in p for p in public)},
-                     key=len, reverse=True)
+    secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
     return Snapshot(source=str(path), models=models, router=conf.router_settings,
                     secrets=tuple(secrets))
 

@@ -221,6 +221,21 @@ def test_a_placeholder_key_a_model_name_holds_is_not_redacted_out_of_the_name(tm
     assert "[redacted]" not in str(ready)
 
 
+def test_a_key_read_from_the_environment_stays_a_secret_whatever_model_names_hold(tmp_path):
+    """Only a placeholder written as the entry's own key and held by its own name or id is
+    exempt: a real key another entry's model id happens to contain is redacted."""
+    from proxy.providers import ProviderRegistry
+
+    path = tmp_path / "providers.yaml"
+    path.write_text(
+        "model_list:\n"
+        "  - {model_name: prod-gpt, litellm_params: {model: openai/gpt, api_key: os.environ/VLLM_KEY}}\n"
+        "  - {model_name: big, litellm_params: {model: mistral/mistral-large-latest, api_key: sk-big-01}}\n"
+        "  - {model_name: ollama-qwen, litellm_params: {model: openai/qwen, api_key: ollama}}\n")
+    registry = ProviderRegistry(path, lambda: {"VLLM_KEY": "large-latest"})
+    assert set(registry.snapshot.secrets) == {"large-latest", "sk-big-01"}
+
+
 def test_an_edit_s_own_secrets_are_redacted_in_what_it_makes_the_registry_log(tmp_path, caplog):
     """The log redacts the secrets of the configuration served: the lines about an edit being
     taken in (a model it makes unavailable) are written before it serves, so they are redacted
