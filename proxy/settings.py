@@ -55,7 +55,7 @@ class Settings(BaseSettings):
         started with such a key was open to curl and shut to the SDKs."""
         # its ends as master_key_value strips them: a file's closing line break is no fault
         value = key.get_secret_value().strip() if key is not None else ""
-        if not value.isascii() or any(c < " " or c == "\x7f" for c in value):
+        if not value.isascii() or any((c < " " and c != "\t") or c == "\x7f" for c in value):
             raise ValueError("the key must be ASCII text (letters, digits, punctuation), on one "
                              "line: clients cannot send other characters in the Authorization "
                              "header")

@@ -284,6 +284,14 @@ def test_serve_refuses_a_master_key_clients_cannot_send(monkeypatch, tmp_path, c
     assert err.count("\n") == 1 and key not in err and "Value error" not in err
 
 
+def test_a_master_key_with_a_tab_inside_is_taken(monkeypatch, tmp_path):
+    """A header value may carry a tab (RFC 9110), and httpx and the SDKs send one."""
+    from proxy.settings import Settings
+
+    monkeypatch.setenv("SATROUTE_MASTER_KEY", "mk\ttabbed\n")
+    assert Settings().master_key_value() == "mk\ttabbed"
+
+
 @pytest.mark.parametrize("env", [{"SATROUTE_MASTERKEY": ""},  # set to nothing, as the key would be
                                  {"SATROUTE_MASTERKEY": "old-key", "SATROUTE_MASTER_KEY": "mk-1"}])
 def test_a_misspelt_master_key_beside_no_key_meant_or_the_key_itself_is_a_warning(
