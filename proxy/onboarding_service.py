@@ -237,15 +237,18 @@ class OnboardingService:
 
     async def _announce(self) -> None:
         """Record in the store the upstream each model this process onboards points at, and each
-        it routes with ``onboard: false`` on a profile another run stored (one with no profile
-        has nothing to keep) (``Store.using``), when that changed, and otherwise often enough that
+        it routes with ``onboard: false`` on a profile another run stored (``Store.using``; one
+        with no profile whose run failed with this configuration, or that it does not onboard,
+        has nothing to keep), when that changed, and otherwise often enough that
         the record never goes stale while the process runs: another proxy then keeps the answers
         this one's upstream gave. A store that refuses the write now (locked past its busy timeout) is asked
         again on the next call; the checks of this one go on."""
+        failed_now = {name for name, stamp in self._failed_stamp.items()
+                      if stamp == self.registry.file_digest}  # not run again as configured
         now = {name: (upstream_fingerprint(d), legacy_fingerprint(d))
                for name, d in self.registry.snapshot.models.items()
-               if onboardable(d) or (d.available and not d.info.capability_profile
-                                     and d.profile is not None)}
+               if (onboardable(d) or d.available and not d.info.capability_profile)
+               and (d.profile is not None or (onboardable(d) and name not in failed_now))}
         fresh = time.monotonic() - self._announced_at < self.store.lease_stale_s / 4
         if now == self._announced and fresh:
             return

@@ -232,9 +232,12 @@ async def test_a_proxy_routing_a_model_it_does_not_onboard_on_its_stored_profile
         assert old_registry.snapshot.models["m"].profile is not None
 
 
-async def test_a_proxy_listing_a_model_it_neither_onboards_nor_routes_keeps_nothing_from_others(tmp_path):
-    """`onboard: false` with no profile stored for its upstream (that run failed): the proxy routes
-    on nothing, and must not keep another proxy from onboarding the model on its own upstream."""
+@pytest.mark.parametrize("then_not_onboarded", [True, False])
+async def test_a_proxy_listing_a_model_it_neither_onboards_nor_routes_keeps_nothing_from_others(
+        tmp_path, then_not_onboarded):
+    """No profile stored for its upstream (that run failed), then `onboard: false`, or as it was (a
+    failed run waits for an edit, a restart or SIGHUP): the proxy routes on nothing, and must not
+    keep another proxy from onboarding the model on its own upstream."""
     class Down(Answering):
         async def complete(self, call):
             self.calls += 1
@@ -250,10 +253,11 @@ async def test_a_proxy_listing_a_model_it_neither_onboards_nor_routes_keeps_noth
         await old.sync()
         await asyncio.wait_for(old.runs["m"], 10)
         assert old_store.progress("m").status == "failed"
-        not_onboarded = pointing_at("openai/tiny", tmp_path, "http://127.0.0.1:9")
-        not_onboarded[0]["model_info"]["onboard"] = False
-        write_providers(old_config, not_onboarded)
-        old_registry.reload()
+        if then_not_onboarded:
+            not_onboarded = pointing_at("openai/tiny", tmp_path, "http://127.0.0.1:9")
+            not_onboarded[0]["model_info"]["onboard"] = False
+            write_providers(old_config, not_onboarded)
+            old_registry.reload()
         await old._announce()
         new_registry, new = service(new_config, new_store, new_upstream, suite, questions)
         await new.sync()
