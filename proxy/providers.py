@@ -426,21 +426,23 @@ def _describe_yaml(exc: yaml.YAMLError) -> str:
 
 
 def _resolve(value: Any, env: Mapping[str, str], key: str = "",
-             secrets: list[str] | None = None) -> tuple[Any, str | None]:
+             secrets: list[str] | None = None,
+             from_env: set[str] | None = None) -> tuple[Any, str | None]:
     """``value`` with its ``os.environ/VAR`` references replaced, at any depth (``extra_headers:
     {api-key: os.environ/X}``), and the first unset variable it names (None: all set). Into
     ``secrets`` go, at any depth, every string under a secret-like name (``SECRET_WORDS``) and
     every value of 16 characters or more read from the environment under another name (a
     credential kept in a variable need not be named like one; short values such as a timeout
-    would blank out unrelated text), ``model`` excepted: what redaction must hide."""
+    would blank out unrelated text), ``model`` excepted: what redaction must hide. Into
+    ``from_env`` go all values read from the environment."""
     if isinstance(value, dict):
         out, first = {}, None
         for k, v in value.items():
-            out[k], missing = _resolve(v, env, str(k), secrets)
+            out[k], missing = _resolve(v, env, str(k), secrets, from_env)
             first = first or missing
         return out, first
     if isinstance(value, list):
-        items = [_resolve(v, env, key, secrets) for v in value]
+        items = [_resolve(v, env, key, secrets, from_env) for v in value]
         return [v for v, _ in items], next((m for _, m in items if m), None)
     if isinstance(value, str) and value.startswith(ENV_PREFIX):
         var = value[len(ENV_PREFIX):]
@@ -449,6 +451,8 @@ def _resolve(value: Any, env: Mapping[str, str], key: str = "",
         got = (env.get(var) or "").strip()
         if not got:
             return None, var
+        if from_env is not None:
+            from_env.add(got)
         if secrets is not None and (_secret(key) or (len(got) >= 16 and key != "model")):
             secrets.append(got)
         return got, None
@@ -554,24 +558,20 @@ def parse(text: str, path: Path, env: Mapping[str, str],
         raise ConfigError(_describe_validation(path, exc)) from None
     models: dict[str, Deployment] = {}
     secrets: list[str] = []
+    written_keys: set[str] = set()  # api_key values written as they are, not read from the environment
+    from_env: set[str] = set()
     for i, entry in enumerate(conf.model_list):
         where = f"{path}: model_list.{i}"
         params = dict(entry.litellm_params.model_dump(exclude_none=True))
         written_key = params.get("api_key")
+        if isinstance(written_key, str) and written_key and not written_key.startswith(ENV_PREFIX):
+            written_keys.add(written_key)
         unavailable = None
-        found: list[str] = []  # this entry's secrets
         for key in list(params):
-            params[key], missing = _resolve(params[key], env, key, found)
+            params[key], missing = _resolve(params[key], env, key, secrets, from_env)
             if missing:
                 unavailable = f"litellm_params.{key} references unset environment variable {missing}"
         model = params.pop("model") or ""  # unset: os.environ/ names a missing variable
-        if (isinstance(written_key, str) and not written_key.startswith(ENV_PREFIX)
-                and (written_key in entry.model_name or written_key in model)):
-            # a placeholder written as the key and held by the entry's own name or id (Ollama's
-            # `ollama`, LM Studio's `lm-studio`) is no secret: redacted, `ollama-qwen` was
-            # `[redacted]-qwen` in the log and in /ready, and two such models one
-            found.remove(written_key)
-        secrets += found
         provider, _, rest = model.partition("/")
         if not rest:
             provider, rest = "openai", model
@@ -606,7 +606,14 @@ def parse(text: str, path: Path, env: Mapping[str, str],
             params=params, info=info, profile=profile, unavailable=unavailable, fast_path=fast,
             profile_suite=suite)
         models[entry.model_name] = d if info.capability_profile else replace(d, profile=lookup(d))
-    secrets = sorted({s for s in secrets if len(s) >= 4}, key=len, reverse=True)
+    # a placeholder written as a key (Ollama's `ollama`, LM Studio's `lm-studio`) that a model's
+    # name or id holds is public already, and no secret: redacted, `ollama-qwen` was
+    # `[redacted]-qwen` in the log and in /ready, and two such models one; a value read from the
+    # environment stays a secret whatever the names hold
+    public = [*models, *(d.model for d in models.values())]
+    placeholders = {k for k in written_keys - from_env if any(k in p for p in public)}
+    secrets = sorted({s for s in secrets if len(s) >= 4 and s not in placeholders},
+                     key=len, reverse=True)
     return Snapshot(source=str(path), models=models, router=conf.router_settings,
                     secrets=tuple(secrets))
 

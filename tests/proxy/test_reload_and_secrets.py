@@ -236,6 +236,23 @@ def test_a_key_read_from_the_environment_stays_a_secret_whatever_model_names_hol
     assert set(registry.snapshot.secrets) == {"large-latest", "sk-big-01"}
 
 
+def test_placeholder_keys_written_twice_held_by_another_entry_or_empty(tmp_path):
+    """A placeholder is exempt wherever the file writes it (also in extra_headers) and whichever
+    model's name holds it; an empty key (a keyless server) is no secret and no fault."""
+    from proxy.providers import ProviderRegistry
+
+    path = tmp_path / "providers.yaml"
+    path.write_text(
+        "model_list:\n"
+        "  - {model_name: llama3, litellm_params: {model: openai/llama3, api_key: ollama,"
+        " extra_headers: {api-key: ollama}}}\n"
+        "  - {model_name: ollama-qwen, litellm_params: {model: ollama/qwen2.5}}\n"
+        "  - {model_name: vllm, litellm_params: {model: openai/v, api_key: ''}}\n")
+    registry = ProviderRegistry(path, dict)
+    assert registry.snapshot.secrets == () and set(registry.snapshot.models) == {"llama3", "ollama-qwen", "vllm"}
+    assert registry.snapshot.redact("ollama-qwen") == "ollama-qwen"
+
+
 def test_an_edit_s_own_secrets_are_redacted_in_what_it_makes_the_registry_log(tmp_path, caplog):
     """The log redacts the secrets of the configuration served: the lines about an edit being
     taken in (a model it makes unavailable) are written before it serves, so they are redacted
