@@ -122,6 +122,22 @@ def pointing_at(upstream, tmp_path, api_base="http://127.0.0.1:9"):
     return [entry]
 
 
+def two_proxies_configs(tmp_path):
+    """The providers.yaml of two proxies pointing `m` at two upstreams: (the old's, the new's)."""
+    old_config, new_config = tmp_path / "old.yaml", tmp_path / "new.yaml"
+    write_providers(old_config, pointing_at("openai/tiny", tmp_path, "http://127.0.0.1:9"))
+    write_providers(new_config, pointing_at("openai/tiny", tmp_path, "http://127.0.0.2:9"))
+    return old_config, new_config
+
+
+def stop_onboarding(old_config, old_registry, tmp_path):
+    """The old proxy's `m` set to `onboard: false`, on the same upstream, and reloaded."""
+    not_onboarded = pointing_at("openai/tiny", tmp_path, "http://127.0.0.1:9")
+    not_onboarded[0]["model_info"]["onboard"] = False
+    write_providers(old_config, not_onboarded)
+    old_registry.reload()
+
+
 async def test_another_upstream_under_the_same_name_is_onboarded_again(tmp_path):
     config = tmp_path / "providers.yaml"
     write_providers(config, pointing_at("openai/tiny", tmp_path))
@@ -148,14 +164,12 @@ async def test_another_upstream_under_the_same_name_is_onboarded_again(tmp_path)
 
 async def test_two_proxies_pointing_a_model_at_two_upstreams_keep_each_other_s_profile(tmp_path, caplog):
     """Two proxies on one state directory, each one's providers.yaml pointing `m` at its own server
-    (two hosts; a rolling deploy that changes api_base while the old proxy still runs): each forgot
+    (two containers; a rolling deploy that changes api_base while the old proxy still runs): each forgot
     the other's finished profile in turn and paid the whole test again, for ever, the spend reset
     each time so that the cap never stopped it. The second leaves the first's profile, pending
     with the reason, and onboards its own upstream once the first stops."""
     caplog.set_level(logging.INFO, logger="satroute.onboarding")
-    old_config, new_config = tmp_path / "old.yaml", tmp_path / "new.yaml"
-    write_providers(old_config, pointing_at("openai/tiny", tmp_path, "http://127.0.0.1:9"))
-    write_providers(new_config, pointing_at("openai/tiny", tmp_path, "http://127.0.0.2:9"))
+    old_config, new_config = two_proxies_configs(tmp_path)
     suite, questions = make_suite()
     old_upstream, new_upstream = Answering("The answer is (A)."), Answering("The answer is (B).")
     old_store, new_store = Store(tmp_path / "state"), Store(tmp_path / "state")
@@ -208,9 +222,7 @@ async def test_a_proxy_routing_a_model_it_does_not_onboard_on_its_stored_profile
     """`onboard: false` routes on a profile onboarding stored for the same upstream: such a proxy
     recorded nothing of the upstream it points the model at, and another proxy pointing the model
     elsewhere forgot that profile while the first still routed on it."""
-    old_config, new_config = tmp_path / "old.yaml", tmp_path / "new.yaml"
-    write_providers(old_config, pointing_at("openai/tiny", tmp_path, "http://127.0.0.1:9"))
-    write_providers(new_config, pointing_at("openai/tiny", tmp_path, "http://127.0.0.2:9"))
+    old_config, new_config = two_proxies_configs(tmp_path)
     suite, questions = make_suite()
     new_upstream = Answering("The answer is (B).")
     with Store(tmp_path / "state") as old_store, Store(tmp_path / "state") as new_store:
@@ -218,10 +230,7 @@ async def test_a_proxy_routing_a_model_it_does_not_onboard_on_its_stored_profile
                                     questions)
         await old.sync()
         await asyncio.wait_for(old.runs["m"], 10)
-        not_onboarded = pointing_at("openai/tiny", tmp_path, "http://127.0.0.1:9")
-        not_onboarded[0]["model_info"]["onboard"] = False  # routed on what is stored, as it is
-        write_providers(old_config, not_onboarded)
-        old_registry.reload()
+        stop_onboarding(old_config, old_registry, tmp_path)  # routed on what is stored, as it is
         await old._announce()
         assert old_registry.snapshot.models["m"].profile is not None
         new_registry, new = service(new_config, new_store, new_upstream, suite, questions)
@@ -243,9 +252,7 @@ async def test_a_proxy_listing_a_model_it_neither_onboards_nor_routes_keeps_noth
             self.calls += 1
             raise RuntimeError("upstream down")
 
-    old_config, new_config = tmp_path / "old.yaml", tmp_path / "new.yaml"
-    write_providers(old_config, pointing_at("openai/tiny", tmp_path, "http://127.0.0.1:9"))
-    write_providers(new_config, pointing_at("openai/tiny", tmp_path, "http://127.0.0.2:9"))
+    old_config, new_config = two_proxies_configs(tmp_path)
     suite, questions = make_suite()
     new_upstream = Answering("The answer is (B).")
     with Store(tmp_path / "state") as old_store, Store(tmp_path / "state") as new_store:
@@ -254,10 +261,7 @@ async def test_a_proxy_listing_a_model_it_neither_onboards_nor_routes_keeps_noth
         await asyncio.wait_for(old.runs["m"], 10)
         assert old_store.progress("m").status == "failed"
         if then_not_onboarded:
-            not_onboarded = pointing_at("openai/tiny", tmp_path, "http://127.0.0.1:9")
-            not_onboarded[0]["model_info"]["onboard"] = False
-            write_providers(old_config, not_onboarded)
-            old_registry.reload()
+            stop_onboarding(old_config, old_registry, tmp_path)
         await old._announce()
         new_registry, new = service(new_config, new_store, new_upstream, suite, questions)
         await new.sync()
