@@ -215,6 +215,12 @@ class _Run:
         return self.fatal is not None or self.cancelled is not None or self.lease_lost
 
 
+def _right(question: Question, letter: str | None) -> bool:
+    """Whether ``letter``, read from an answer, is ``question``'s gold: the rule of a live answer's
+    grade and of a stored one's graded again (``_graded_otherwise``)."""
+    return letter is not None and letter == question.answer
+
+
 def _graded_otherwise(answers: Sequence[Any], questions: Sequence[Question]
                       ) -> dict[str, tuple[str | None, bool]]:
     """The stored ``answers`` this version's grader grades otherwise: question id -> (letter,
@@ -226,7 +232,7 @@ def _graded_otherwise(answers: Sequence[Any], questions: Sequence[Question]
         if q is None:  # another suite's question: its gold is not loaded
             continue
         letter = a.letter if a.text is None else extract_answer(a.text, len(q.options))
-        right = letter is not None and letter == q.answer
+        right = _right(q, letter)
         if right != a.correct:
             changed[a.question_id] = (letter, right)
     return changed
@@ -597,7 +603,7 @@ class Onboarding:
                             "SATROUTE_ONBOARDING_MAX_TOKENS", state.model, self.options.max_tokens)
         cost = state.prices.cost(*said.billed(question))
         waited = await self._write(state, self.store.record, state.model,
-                                   GradedAnswer(question.id, letter, letter == question.answer,
+                                   GradedAnswer(question.id, letter, _right(question, letter),
                                                 text), cost, leased=True)
         if state.failures or waited or state.quiet:
             log.info("onboarding %s: answers are stored again, resuming", state.model)

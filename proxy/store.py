@@ -49,7 +49,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Collection, Iterable, Iterator, Mapping
+from typing import Collection, Iterable, Iterator, Mapping, Sequence
 
 log = logging.getLogger("satroute.store")
 
@@ -463,14 +463,16 @@ class Store:
         """Another live process that points ``model`` at the upstream its stored answers came
         from (``using``; the same upstream as ``upstream_changed`` tells it), else None (caller is
         in a write transaction, so the answer holds until it commits)."""
-        rows = self._db.execute(self._USERS, (model, self.owner)).fetchall()
-        return next((owner for owner, seen in rows if self.held(owner, seen)), None)
+        return self._live(self._db.execute(self._USERS, (model, self.owner)).fetchall())
 
     def upstream_user(self, model: str) -> str | None:
         """``_user`` read without a write transaction: what a process waiting on another's upstream
         asks on each tick, so that waiting takes no write lock (``forget`` checks again in its own)."""
-        rows = self._read(self._USERS, (model, self.owner))
-        return next((owner for owner, seen in rows if self.held(owner, seen)), None)
+        return self._live(self._read(self._USERS, (model, self.owner)))
+
+    def _live(self, users: Sequence[tuple[str, float]]) -> str | None:
+        """The first of ``users`` (``(owner, seen)`` rows of ``_USERS``) held as a lease is."""
+        return next((owner for owner, seen in users if self.held(owner, seen)), None)
 
     def begin(self, model: str, suite: str, total: int, estimated_cost: float | None = None,
               upstream: str | None = None, legacy: str | None = None) -> None:
