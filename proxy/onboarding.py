@@ -267,7 +267,7 @@ class Onboarding:
 
     async def run(self, model: str, prices: Prices | Callable[[], Prices] = Prices(),
                   upstream: str | None = None, legacy: str | None = None,
-                  config: str | None = None) -> Progress:
+                  config: str | None = None, failed_since: float | None = None) -> Progress:
         """Onboard ``model`` (resuming from the store); returns its final stored progress.
 
         ``prices`` may be a callable, read before each question: what answers cost now (an
@@ -275,13 +275,14 @@ class Onboarding:
         (``upstream_fingerprint``; ``legacy``, its ``legacy_fingerprint``, the form earlier
         versions recorded): when the store's answers came from another one, they are forgotten
         and the test starts over. ``config``, a digest of what the run depends on, is stored with
-        a failure (``Store.failure``).
+        a failure (``Store.failure``); with ``failed_since``, a stored failure of that
+        ``config`` recorded since then raises ``FailedAlready`` instead of a run (``Store.claim``).
         Raises ``ModelBusy`` (having asked and written nothing) when another process onboards
         ``model`` now, or ``UpstreamInUse`` when the store's answers came from another upstream
         that another live process points ``model`` at; this run's lease is released however it
         ends.
         """
-        await self._store(self.store.claim, model, self.suite.name)
+        await self._store(self.store.claim, model, self.suite.name, config, failed_since)
         try:
             return await self._run(model, prices, upstream, legacy, config)
         except asyncio.CancelledError:  # the proxy stops, or a signal: the store must not say running

@@ -498,7 +498,8 @@ class OnboardingService:
             engine = await self._get_engine()
             fallback = prices_of(d)
             progress = await engine.run(d.name, lambda: self._run_prices.get(d.name, fallback),
-                                        upstream_fingerprint(d), legacy_fingerprint(d), config)
+                                        upstream_fingerprint(d), legacy_fingerprint(d), config,
+                                        failed_since=self._since)
         except asyncio.CancelledError:
             why = self._stopping.pop(d.name, None)
             if why is not None:  # stopped by an edit, not by shutdown: the store must not say running

@@ -126,6 +126,17 @@ class ModelBusy(Exception):
         self.model, self.owner = model, owner
 
 
+class FailedAlready(ModelBusy):
+    """Another process failed the model's run with the same configuration since this one read
+    its own (``Store.claim``): the failure is this process's too, and no run begins."""
+
+    def __init__(self, model: str, reason: str | None):
+        super().__init__(model, "")
+        self.reason = reason
+        self.args = (f"another process on this state directory failed it with the same "
+                     f"configuration: {reason}",)
+
+
 class UpstreamInUse(ModelBusy):
     """The model's stored answers came from another upstream than this process's, and another live
     process points the model at that upstream now: they are its, and are not forgotten."""
@@ -417,11 +428,21 @@ class Store:
                 raise ModelBusy(model, owner)
             yield
 
-    def claim(self, model: str, suite: str = "") -> None:
+    def claim(self, model: str, suite: str = "", config: str | None = None,
+              failed_since: float | None = None) -> None:
         """Take the lease on onboarding ``model`` for this process (the row is created, ``pending``,
-        if new); raises ``ModelBusy`` when another live process holds it."""
+        if new); raises ``ModelBusy`` when another live process holds it, and ``FailedAlready``
+        (nothing written) when the model's stored failure was recorded with ``config`` at
+        ``failed_since`` or later: checked under the lease, where a check before taking it let a
+        run begin after another process had failed the same one meanwhile."""
         now = time.time()
         with self._leased(model):
+            if config is not None and failed_since is not None:
+                row = self._db.execute("SELECT reason FROM onboarding WHERE model = ? AND status = "
+                                       "'failed' AND failed_config = ? AND updated_at >= ?",
+                                       (model, config, failed_since)).fetchone()
+                if row is not None:
+                    raise FailedAlready(model, row[0])
             self._db.execute(
                 "INSERT INTO onboarding (model, suite, status, updated_at, owner, heartbeat) "
                 "VALUES (?, ?, 'pending', ?, ?, ?) ON CONFLICT(model) DO UPDATE SET "

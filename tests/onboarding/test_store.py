@@ -415,3 +415,24 @@ def test_a_read_does_not_wait_behind_a_write_waiting_for_another_process(tmp_pat
         assert time.monotonic() - t0 < 0.5
         writer.join(5)
         assert s.answered("m") == {"q1"}
+
+
+def test_a_run_is_not_claimed_for_a_failure_of_its_configuration_stored_meanwhile(tmp_path):
+    """A proxy checked another's stored failure before claiming the lease: a run of its own could
+    begin in between, just after the other failed, and pay for the same failure again. The check
+    is made in the claim, under the lease."""
+    import time
+
+    from proxy.store import FailedAlready
+
+    with Store(tmp_path) as other, Store(tmp_path) as mine:
+        read_at = time.time()  # when this process read its configuration
+        other.set_status("m", "failed", "invalid api key", suite="s", config="cfg-1")
+        with pytest.raises(FailedAlready, match="same configuration: invalid api key"):
+            mine.claim("m", "s", config="cfg-1", failed_since=read_at)
+        assert mine.progress("m").status == "failed" and mine.progress("m").owner is None
+        mine.claim("m", "s", config="cfg-2", failed_since=read_at)  # another configuration: runs
+        mine.release("m")
+        mine.claim("m", "s", config="cfg-1", failed_since=time.time() + 1)  # read after: runs
+        mine.release("m")
+        mine.claim("m", "s")  # `satroute onboard`: no such check
