@@ -167,7 +167,10 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
 
 
 def _crash_response() -> Response:
-    return plain_error_response(500, "internal error in the proxy", "internal_error")
+    # the server closes the connection after an error the app raised: said, so that a client's
+    # pool opens a new one for its next request instead of meeting a reset on this one
+    return plain_error_response(500, "internal error in the proxy", "internal_error",
+                                headers={"Connection": "close"})
 
 
 def _shutdown_response() -> Response:

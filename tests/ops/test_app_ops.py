@@ -389,10 +389,12 @@ def test_an_unhandled_error_is_a_500_with_its_request_id_and_logged_with_its_tra
     logging.getLogger("satroute.app").addHandler(handler)
     app = create_app(Settings(config=config, scorer="constant", onboarding=False,
                               state_dir=tmp_path / "state"), dispatcher=CrashingDispatcher())
-    with ProxyServer(app) as proxy:
-        r = httpx.post(f"{proxy.url}/chat/completions", json={"model": "m1", "messages": MESSAGES},
-                       headers={"x-request-id": "trace-123"})
-        after = httpx.get(f"{proxy.url}/models", headers={"x-request-id": "trace-456"})
+    with ProxyServer(app) as proxy, httpx.Client() as pooled:
+        r = pooled.post(f"{proxy.url}/chat/completions", json={"model": "m1", "messages": MESSAGES},
+                        headers={"x-request-id": "trace-123"})
+        # the same client's next request: the server closed the connection after the crash, and
+        # said so, so the pool opens a new one (it met a reset on the old one)
+        after = pooled.get(f"{proxy.url}/models", headers={"x-request-id": "trace-456"})
         routed = httpx.post(f"{proxy.url}/chat/completions", json={"model": "auto", "messages": MESSAGES},
                             headers={"x-request-id": "trace-789"})
         deadline = time.monotonic() + 5
