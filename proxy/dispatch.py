@@ -411,10 +411,30 @@ class RetryingDispatcher:
         except openai.OpenAIError as exc:
             raise _classify_litellm(exc, d.name, call.redact,
                                     local=d.info.local_server is not None) from None
+        except UpstreamError:
+            raise  # this function's own verdict on what litellm returned
+        except Exception as exc:  # noqa: BLE001 (litellm's own failure, whatever it raised)
+            raise _litellm_failed(exc, d.name, call.redact) from None
         if first is None:
             raise UpstreamTransient(f"{d.name}: stream closed before its first chunk", model=d.name)
         return Answer(chunks=_litellm_chunks(first, resp, d.name, openai.OpenAIError, call.redact,
                                              translated=not openai_like, texts=self.log_prompts))
+
+
+def _litellm_failed(exc: Exception, model: str, redact: Callable[[str], str]) -> UpstreamError:
+    """An exception of litellm's that is none of its API errors (those subclass the openai SDK's):
+    its own code failed on this request, building it for the provider (a ``TypeError`` on a value of
+    a shape it did not expect) or reading it, where it does not map the failure to one of its
+    errors. The request's, not the model's health's: not retried, not counted toward a cooldown; a
+    routed request goes to another model, one naming this model gets a 400 saying what failed
+    (``untranslatable``, as for a request litellm says it cannot translate). The traceback goes to
+    the log: it is litellm's fault to report upstream."""
+    log.warning("model %s: litellm failed on a request: %s", model, type(exc).__name__, exc_info=exc)
+    said = redact(f"{type(exc).__name__}: {exc}")[:300]
+    return unfit_request(model, f"model {model} cannot take this request: litellm failed making it "
+                                f"({said})", "untranslatable", "untranslatable_request",
+                         summary=f"model {model} cannot take this request: litellm failed making it "
+                                 f"({type(exc).__name__})")
 
 
 # Anthropic's least thinking budget: thinking.budget_tokens must be at least this, and below max_tokens
@@ -572,7 +592,9 @@ def litellm_request_kwargs(body: Mapping[str, Any], d: Deployment,
     (``metadata``, ``prompt_cache_key``) would fail on every such model. Such a provider's own
     fields on an assistant message (Gemini's ``thought_signatures``, as ``openai_shape`` gave them)
     go back where litellm reads them (``_set_aside``)."""
-    kwargs = {k: v for k, v in body.items() if k in OPENAI_CHAT_PARAMS}
+    # a null is left out: litellm reads a None keyword as not given, except where its own code
+    # reads the value itself (``web_search_options: null`` raised a TypeError before any call)
+    kwargs = {k: v for k, v in body.items() if k in OPENAI_CHAT_PARAMS and v is not None}
     extra = {k: v for k, v in body.items() if k not in OPENAI_CHAT_PARAMS and k != "model"}
     if not openai_like:
         if extra:

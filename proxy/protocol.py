@@ -97,6 +97,9 @@ class ChatCompletionRequest(BaseModel):
     # writes that many alternatives of every token (at 100,000, its whole vocabulary: about 43 MB
     # of its memory and 25 MB of the proxy's a token)
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=MAX_TOP_LOGPROBS)] | None = None
+    # an object, as OpenAI refuses anything else with a 400: litellm builds its own options from
+    # it before sending, and any other value raised a TypeError there (a 500 on that path)
+    web_search_options: dict[str, Any] | None = None
 
 
 class _FirstFaultMessage(Message):

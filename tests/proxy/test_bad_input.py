@@ -71,6 +71,8 @@ def test_malformed_bodies_are_400(proxy, upstream, body, words):
     ({"model": "auto", "messages": MESSAGES, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
     ({"model": "auto", "messages": MESSAGES, "logprobs": True, "top_logprobs": -1}, "top_logprobs"),
     ({"model": "auto", "messages": MESSAGES, "logprobs": True, "top_logprobs": 1e30}, "top_logprobs"),
+    # an object, as OpenAI: litellm's own code failed on any other value (a 500 on its path)
+    ({"model": "auto", "messages": MESSAGES, "web_search_options": "x"}, "web_search_options"),
 ])
 def test_wrong_shapes_are_400_naming_the_field(proxy, upstream, body, param):
     err = assert_error(post(proxy, json=body), 400, param)

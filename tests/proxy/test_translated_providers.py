@@ -918,3 +918,55 @@ def test_a_gemini_stream_whose_finish_is_followed_by_a_usage_frame_ends_as_finis
         chunks = list(client(proxy).chat.completions.create(model="gem", messages=MESSAGES, stream=True))
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "Hello"
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
+def test_a_null_web_search_options_is_a_field_left_unset_on_the_litellm_path(proxy, upstream, stream):
+    """litellm reads the field itself before calling (a null raised a TypeError there: a 500, and a
+    routed request never reached its next model); a null is a field not given, as for OpenAI."""
+    for model in ("claude", "oai-lite", "auto"):
+        r = httpx.post(f"{proxy.url}/chat/completions", timeout=30,
+                       json={"model": model, "messages": MESSAGES, "stream": stream,
+                             "web_search_options": None})
+        assert r.status_code == 200, (model, r.text)
+        assert r.headers.get("x-satroute-failed") is None
+    sent = upstream.bodies("oai-lite")
+    assert sent and all("web_search_options" not in body for body in sent)
+
+
+def test_a_web_search_options_that_is_no_object_is_refused_as_openai_does(proxy, upstream):
+    for value in ("x", [], 5, True):
+        r = httpx.post(f"{proxy.url}/chat/completions", timeout=30,
+                       json={"model": "claude", "messages": MESSAGES, "web_search_options": value})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "web_search_options"
+    assert upstream.received == []
+
+
+def test_a_failure_of_litellm_s_own_code_falls_back_and_a_named_call_gets_a_400(proxy, upstream, monkeypatch,
+                                                                                 caplog):
+    """Whatever litellm raises that is none of its API errors (its own code failing on a request)
+    is the request's: a routed request goes to the next model, with no retry and no cooldown; one
+    naming the model gets a 400 saying what failed; the trace goes to the log, never a 500."""
+    import litellm
+
+    calls = []
+
+    async def broken(**kwargs):
+        calls.append(kwargs["model"])
+        raise TypeError("WebSearchOptions() argument after ** must be a mapping")
+
+    client(proxy).chat.completions.create(model="oai-lite", messages=MESSAGES)  # litellm imported
+    monkeypatch.setattr(litellm, "acompletion", broken)
+    for stream in (False, True):
+        r = httpx.post(f"{proxy.url}/chat/completions", timeout=30,
+                       json={"model": "auto", "messages": MESSAGES, "stream": stream})
+        assert r.status_code == 200, r.text
+        assert r.headers["x-satroute-failed"] == "claude:untranslatable,oai-lite:untranslatable"
+        assert r.headers["x-satroute-model"] == "oai-fast"
+    with pytest.raises(openai.BadRequestError) as err:
+        client(proxy).chat.completions.create(model="claude", messages=MESSAGES)
+    assert err.value.code == "untranslatable_request"
+    assert "litellm failed making it (TypeError: WebSearchOptions()" in err.value.message
+    assert calls == ["anthropic/claude-upstream", "openai/oai-lite"] * 2 + ["anthropic/claude-upstream"]
+    assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == []
+    assert any(rec.exc_info and rec.exc_info[0] is TypeError for rec in caplog.records)
