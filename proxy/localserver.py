@@ -84,12 +84,13 @@ def llama_cpp_request(body: Mapping[str, Any],
     tool call's) as empty, a ``json_schema`` response format as its own ``json_object`` with a
     schema; and ``max_completion_tokens``, which it ignores (it would write until its context is
     full), as ``max_tokens``. Images and sound need a multimodal model (``vision``: its ``args``
-    give ``--clip_model_path``), and it takes images only inline (``data:`` URLs): it would fetch
-    any other URL itself, with no check of scheme or address (``file://``, the cloud metadata
-    service, a port on loopback). ``n`` above 1 it would answer with one choice. Of the fields its
-    own validation refuses with a 500 (``validation_refusal`` reads the others), those that are
-    cheap to check are checked here: a ``seed`` that is no 64-bit integer, a ``top_k`` below 0, a
-    ``response_format`` that is no object."""
+    give a multimodal ``--chat_format`` and its ``--clip_model_path``), and it takes images only
+    inline (``data:`` URLs): it would fetch any other URL itself, with no check of scheme or
+    address (``file://``, the cloud metadata service, a port on loopback). ``n`` above 1 it would
+    answer with one choice. Of the fields its own validation refuses with a 500
+    (``validation_refusal`` reads the others), those that are cheap to check are checked here: a
+    ``seed`` that is no 64-bit integer, a ``top_k`` below 0, a ``response_format`` that is no
+    object."""
     n = body.get("n")
     if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 1:  # 2.0 is taken as 2
         return None, "it answers one choice per request (n > 1)"

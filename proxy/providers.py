@@ -49,6 +49,12 @@ SECRET_WORDS = ("key", "secret", "token", "password", "authorization", "credenti
 # llama_cpp.server flags a local_server block's args may not give (see LocalServerConfig).
 RESERVED_LOCAL_FLAGS = frozenset({"host", "port", "model", "model_alias", "n_ctx", "n_threads",
                                   "n_threads_batch", "api_key", "config_file"})
+# The chat formats for which llama-cpp-python's server loads an image handler, each with the
+# --clip_model_path it needs (load_llama_from_model_settings in llama_cpp/server/model.py, 0.3.x).
+# Under any other format, or none, the server loads no clip model and fails on every request whose
+# content is a list of parts (a 500: "can only concatenate str (not "list") to str").
+MULTIMODAL_CHAT_FORMATS = frozenset({"llava-1-5", "llava-1-6", "obsidian", "mtmd", "gemma4", "moondream",
+                                     "nanollava", "llama-3-vision-alpha", "minicpm-v-2.6", "qwen2.5-vl"})
 
 
 class ProfileSource(Protocol):
@@ -102,25 +108,58 @@ class LocalServerConfig(BaseModel):
         """The flags the proxy sets, and those that would open the server beyond loopback or lock
         the proxy out (llama_cpp.server's parser takes the last of a repeated flag)."""
         for arg in args:
-            if not arg.startswith("-"):
-                continue  # a value
-            flag = arg.split("=", 1)[0].replace("-", "_").lstrip("_")
+            flag = _flag(arg)
             # argparse takes an abbreviation (--hos) for the whole flag
             if flag and any(reserved.startswith(flag) for reserved in RESERVED_LOCAL_FLAGS):
                 raise ValueError(f"{arg.split('=', 1)[0]} is set by the proxy or would take the "
                                  "server off loopback; it cannot be given in args")
         return args
 
+    @field_validator("args")
+    @classmethod
+    def _clip_with_its_format(cls, args: list[str]) -> list[str]:
+        """A ``--clip_model_path`` only beside a multimodal ``--chat_format``: under another one
+        the server ignores the clip model, and the model, taken to read images, failed on every
+        request with content parts (its 500, retried, cooled the model for everyone)."""
+        clip, chat_format = _given(args, "clip_model_path"), _given(args, "chat_format")
+        if clip is not None and chat_format not in MULTIMODAL_CHAT_FORMATS:
+            chosen = f"--chat_format {chat_format}" if chat_format is not None else "no --chat_format"
+            raise ValueError(f"--clip_model_path needs a multimodal --chat_format "
+                             f"({', '.join(sorted(MULTIMODAL_CHAT_FORMATS))}), the one the model "
+                             f"was made for: with {chosen} llama-cpp-python's server loads no "
+                             "image handler and fails on every request with content parts")
+        return args
+
     @property
     def own_chat_format(self) -> bool:
         """Whether ``args`` choose llama-cpp-python's chat handler (``--chat_format``): some build
         grammars of every tool, not only of one the request forces."""
-        return any(str(arg).replace("-", "_").startswith("__chat_format") for arg in self.args)
+        return _given(self.args, "chat_format") is not None
 
     @property
     def vision(self) -> bool:
-        """Whether the server reads images: llama-cpp-python's needs a ``--clip_model_path``."""
-        return any(str(arg).startswith("--clip_model") for arg in self.args)
+        """Whether the server reads images: llama-cpp-python's loads an image handler only for a
+        multimodal ``--chat_format`` (``MULTIMODAL_CHAT_FORMATS``) with a ``--clip_model_path``."""
+        return (_given(self.args, "chat_format") in MULTIMODAL_CHAT_FORMATS
+                and _given(self.args, "clip_model_path") is not None)
+
+
+def _flag(arg: str) -> str:
+    """The llama_cpp.server flag ``arg`` names, as written (``--chat-format=x``: ``chat_format``);
+    empty for a value."""
+    return arg.split("=", 1)[0].replace("-", "_").lstrip("_") if arg.startswith("-") else ""
+
+
+def _given(args: list[str], name: str) -> str | None:
+    """The value ``args`` give llama_cpp.server's flag ``name``, as its parser reads them: the last
+    one given, under the flag's name or an abbreviation (argparse takes any prefix naming one
+    flag), after ``=`` or as the next argument; None when the flag is not given."""
+    value = None
+    for i, arg in enumerate(args):
+        flag = _flag(arg)
+        if flag and name.startswith(flag):
+            value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else "")
+    return value
 
 
 class ModelInfo(BaseModel):

@@ -219,7 +219,8 @@ def features_needed(body: Mapping[str, Any]) -> frozenset[str]:
 
 def supports(d: Deployment, feature: str) -> bool | None:
     """``model_info.<feature>`` as the file says it; unset, a local server reads images only with a
-    ``--clip_model_path``; otherwise None (unknown)."""
+    multimodal ``--chat_format`` and its ``--clip_model_path`` (``LocalServerConfig.vision``);
+    otherwise None (unknown)."""
     said = getattr(d.info, feature)
     if said is not None:
         return said

@@ -52,7 +52,8 @@ def test_models_known_unable_are_left_out_and_an_unknown_one_is_kept():
     vision = _deployment("vision", supports_vision=True)
     unknown = _deployment("unknown")
     local = _deployment("local", local=LocalServerConfig())
-    local_clip = _deployment("local-clip", local=LocalServerConfig(args=["--clip_model_path", "x.gguf"]))
+    local_clip = _deployment("local-clip", local=LocalServerConfig(
+        args=["--clip_model_path", "x.gguf", "--chat_format", "llava-1-6"]))
     pool = [text_only, vision, unknown, local, local_clip]
     cool = lambda name: False  # noqa: E731
 
@@ -60,7 +61,7 @@ def test_models_known_unable_are_left_out_and_an_unknown_one_is_kept():
         return [d.name for d in candidates(pool, None, cool, needs=frozenset(needs))]
 
     assert names([]) == ["text", "vision", "unknown", "local", "local-clip"]
-    assert names(["supports_vision"]) == ["vision", "unknown", "local-clip"]  # a local one needs clip
+    assert names(["supports_vision"]) == ["vision", "unknown", "local-clip"]  # a local one needs clip and format
     assert names(["supports_function_calling"]) == ["vision", "unknown", "local", "local-clip"]
     assert names(["supports_vision", "supports_function_calling"]) == ["vision", "unknown", "local-clip"]
     # none can: the pool as it was (the best-scored one says why it cannot)

@@ -71,7 +71,8 @@ async def test_an_image_by_url_is_never_sent_to_a_multimodal_local_model(tmp_pat
     path.write_text(yaml.safe_dump({"model_list": [{
         "model_name": "llava", "litellm_params": {"model": "openai/llava"},
         "model_info": {"local_server": {"model": "builtin:smollm2", "port": 28432,
-                                        "args": ["--clip_model_path", "mmproj.gguf"]}}}]}))
+                                        "args": ["--clip_model_path", "mmproj.gguf",
+                                                 "--chat_format", "llava-1-5"]}}}]}))
     snap = ProviderRegistry(path, dict).snapshot
     sent = Recording()
     dispatcher = RetryingDispatcher(Cooldowns(), passthrough=sent)

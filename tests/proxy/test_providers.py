@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from proxy.errors import ConfigError
-from proxy.providers import ProviderRegistry, parse, upstream_fingerprint
+from proxy.providers import LocalServerConfig, ProviderRegistry, parse, upstream_fingerprint
 from proxy.store import Store
 
 LITELLM_CONFIG = """
@@ -134,6 +134,15 @@ def test_a_tab_inside_a_header_value_is_no_control_character_http_refuses():
      "     model_info: {local_server: {args: ['--hos', '0.0.0.0']}}}\n", ["--hos is set by the proxy"]),
     ("model_list:\n  - {model_name: a, litellm_params: {model: openai/a},\n"
      "     model_info: {local_server: {args: ['--conf=x.yaml']}}}\n", ["--conf is set by the proxy"]),
+    # a clip model is loaded only by a multimodal chat format: without one, every request with
+    # content parts failed with the server's 500
+    ("model_list:\n  - {model_name: a, litellm_params: {model: openai/a},\n"
+     "     model_info: {local_server: {args: ['--clip_model_path', 'mmproj.gguf']}}}\n",
+     ["model_list.0.model_info.local_server.args", "--clip_model_path needs a multimodal --chat_format",
+      "llava-1-5", "with no --chat_format"]),
+    ("model_list:\n  - {model_name: a, litellm_params: {model: openai/a},\n"
+     "     model_info: {local_server: {args: ['--chat_format=chatml', '--clip', 'mmproj.gguf']}}}\n",
+     ["--clip_model_path needs a multimodal --chat_format", "with --chat_format chatml"]),
 ])
 def test_validation_errors_name_file_key_and_value(text, words):
     with pytest.raises(ConfigError) as err:
@@ -523,3 +532,19 @@ def test_a_local_server_s_own_flags_and_values_are_taken():
     s = snap("model_list:\n  - {model_name: a, litellm_params: {model: openai/a},\n"
              "     model_info: {local_server: {args: ['--n_batch', '64', '--chat_format', 'model']}}}\n")
     assert s.models["a"].info.local_server.args == ["--n_batch", "64", "--chat_format", "model"]
+
+
+@pytest.mark.parametrize("args, vision", [
+    (["--chat_format", "llava-1-5", "--clip_model_path", "mmproj.gguf"], True),
+    (["--clip=mmproj.gguf", "--chat_f=qwen2.5-vl"], True),  # argparse's abbreviations, with =
+    (["--chat_format", "chatml", "--chat_format", "moondream", "--clip_model_path", "m.gguf"], True),  # the last
+    (["--chat_format", "llava-1-5"], False),  # no clip model: the server cannot load its handler
+    (["--chat_format", "chatml-function-calling"], False),
+    ([], False),
+])
+def test_a_local_server_reads_images_only_with_a_clip_model_and_a_multimodal_format(args, vision):
+    """llama-cpp-python's server loads an image handler only for a multimodal --chat_format; a
+    --clip_model_path alone it ignores."""
+    conf = LocalServerConfig(args=args)
+    assert conf.vision is vision
+    assert conf.own_chat_format is bool(args)
