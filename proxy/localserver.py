@@ -80,17 +80,18 @@ def llama_cpp_request(body: Mapping[str, Any],
     """An OpenAI chat request as llama-cpp-python's server takes it: ``(body, "")``, or ``(None,
     why)`` when it cannot take it at all. What OpenAI accepts and that server answers with a 500
     (its chat template fails, or its schema refuses) is put in the form it reads: a list of text
-    (and refusal) parts as one string, a ``developer`` message as ``system``, a null content (a
-    tool call's) as empty, a ``json_schema`` response format as its own ``json_object`` with a
-    schema; and ``max_completion_tokens``, which it ignores (it would write until its context is
-    full), as ``max_tokens``. Images and sound need a multimodal model (``vision``: its ``args``
-    give a multimodal ``--chat_format`` and its ``--clip_model_path``), and it takes images only
-    inline (``data:`` URLs): it would fetch any other URL itself, with no check of scheme or
-    address (``file://``, the cloud metadata service, a port on loopback). ``n`` above 1 it would
-    answer with one choice. Of the fields its own validation refuses with a 500
-    (``validation_refusal`` reads the others), those that are cheap to check are checked here: a
-    ``seed`` that is no 64-bit integer, a ``top_k`` below 0, a ``response_format`` that is no
-    object."""
+    (and refusal) parts as one string (but in a multimodal model's user message, the only kind
+    whose parts it reads), a ``developer`` message as ``system``, a null content (a tool call's)
+    as empty, a ``json_schema`` response format as its own ``json_object`` with a schema; and
+    ``max_completion_tokens``, which it ignores (it would write until its context is full), as
+    ``max_tokens``. Images need a multimodal model (``vision``: its ``args`` give a multimodal
+    ``--chat_format`` and its ``--clip_model_path``), in a user message; sound and files it never
+    reads. It takes images only inline (``data:`` URLs): it would fetch any other URL itself, with
+    no check of scheme or address (``file://``, the cloud metadata service, a port on loopback).
+    ``n`` above 1 it would answer with one choice. Of the fields its own validation refuses with
+    a 500 (``validation_refusal`` reads the others), those that are cheap to check are checked
+    here: a ``seed`` that is no 64-bit integer, a ``top_k`` below 0, a ``response_format`` that is
+    no object."""
     n = body.get("n")
     if isinstance(n, (int, float)) and not isinstance(n, bool) and n > 1:  # 2.0 is taken as 2
         return None, "it answers one choice per request (n > 1)"
@@ -115,16 +116,22 @@ def llama_cpp_request(body: Mapping[str, Any],
         content = message.get("content")
         if content is None:  # a tool call's (the schema lets any role's be null)
             message["content"] = ""
-        elif isinstance(content, list) and not vision:
-            parts = [part for part in content if isinstance(part, dict)]
-            other = sorted({str(part.get("type")) for part in parts} - {"text", "refusal"})
+        elif isinstance(content, list) and vision and message.get("role") == "user":
+            # its request model takes parts in user messages only, text and images; any other
+            # part it refuses with a 500 listing every branch of its schema
+            other = _other_parts(content, {"text", "image_url"})
             if other:
-                return None, f"it reads text only (a message holds {', '.join(other)})"
+                return None, f"it reads text and images only (a message holds {other})"
+            if not all(_inline(part) for part in content):
+                return None, ("it takes images only inline, as data: URLs (a message holds an "
+                              "image_url of another kind)")
+        elif isinstance(content, list):
+            other = _other_parts(content, {"text", "refusal"})
+            if other:
+                return None, (f"it reads only text in messages other than the user's (one holds {other})"
+                              if vision else f"it reads text only (a message holds {other})")
             message["content"] = "\n".join(str(part.get("text") or part.get("refusal") or "")
-                                            for part in parts)
-        elif isinstance(content, list) and not all(_inline(part) for part in content):
-            return None, ("it takes images only inline, as data: URLs (a message holds an "
-                          "image_url of another kind)")
+                                            for part in content if isinstance(part, dict))
         messages.append(message)
     if "messages" in body:
         out["messages"] = messages
@@ -144,6 +151,11 @@ def llama_cpp_request(body: Mapping[str, Any],
     if body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
         out["max_tokens"] = body["max_completion_tokens"]
     return out, ""
+
+
+def _other_parts(content: list[Any], read: set[str]) -> str:
+    """The types of ``content``'s parts outside ``read``, named in order (empty: none)."""
+    return ", ".join(sorted({str(part.get("type")) for part in content if isinstance(part, dict)} - read))
 
 
 def _seed(seed: Any) -> bool:

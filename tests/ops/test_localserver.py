@@ -832,6 +832,37 @@ def test_what_llama_cpp_s_server_cannot_answer_is_refused_before_it_is_sent():
     assert llama_cpp_request({"n": 1, "messages": []})[0] == {"n": 1, "messages": []}
 
 
+def test_a_multimodal_model_gets_parts_in_user_messages_only_and_of_those_text_and_images():
+    """llama-cpp-python's request model takes content parts in user messages only, and there text
+    and image_url parts only: a system, developer, assistant or tool turn sent as parts, or a
+    sound or a file beside an image, was refused with a 500 listing every branch of its schema."""
+    from proxy.localserver import llama_cpp_request
+
+    text = {"type": "text", "text": "Look."}
+    image = {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgo="}}
+    asked = [{"role": "developer", "content": [text]}, {"role": "system", "content": [text, text]},
+             {"role": "user", "content": [text, image]},
+             {"role": "assistant", "content": [{"type": "text", "text": "A cat."},
+                                               {"type": "refusal", "refusal": "No more."}]},
+             {"role": "tool", "tool_call_id": "c1", "content": [text]},
+             {"role": "user", "content": [text]}]
+    out, why = llama_cpp_request({"messages": asked}, vision=True)
+    assert why == "" and [m["content"] for m in out["messages"]] == [
+        "Look.", "Look.\nLook.", [text, image], "A cat.\nNo more.", "Look.", [text]]
+    assert out["messages"][0]["role"] == "system"
+    if llama_cpp_available():  # what its server's own request model takes
+        from llama_cpp.server.types import CreateChatCompletionRequest
+
+        CreateChatCompletionRequest.model_validate(out)
+    for part in ({"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}},
+                 {"type": "file", "file": {"file_data": "data:application/pdf;base64,JVBERi0="}}):
+        said = llama_cpp_request({"messages": [{"role": "user", "content": [text, image, part]}]}, vision=True)
+        assert said == (None, f"it reads text and images only (a message holds {part['type']})")
+    elsewhere = {"messages": [{"role": "assistant", "content": [image]}, {"role": "user", "content": "hi"}]}
+    assert llama_cpp_request(elsewhere, vision=True) == (
+        None, "it reads only text in messages other than the user's (one holds image_url)")
+
+
 @pytest.mark.parametrize("field, refused, taken", [
     # a client's 2**64 comes as a float (orjson's reading of an integer past 64 bits), which the
     # server's validation refuses with a 500; what a 64-bit seed holds, signed or not, it takes
