@@ -38,6 +38,7 @@ from proxy.localserver import LOCAL_ONLY_FIELDS, llama_cpp_request
 from proxy.logs import adopt_loggers
 from proxy.protocol import OPENAI_CHAT_PARAMS
 from proxy.providers import OPENAI_COMPATIBLE, Deployment, RouterSettings
+from proxy.routing import part_types
 from proxy.settings import prepare_litellm_environment
 from proxy.upstream import (CONTEXT_WINDOW, LIMIT_NAMES, RETRYABLE, UNSUPPORTED, Answer, PassThrough,
                             cannot_read, classify, dumps_lenient, error_labels, interrupted_event,
@@ -353,6 +354,11 @@ class RetryingDispatcher:
         return self._litellm
 
     async def _litellm_attempt(self, d: Deployment, call: Call, first_byte_s: float) -> Answer:
+        dropped = sorted(part_types(call.body) & d.dropped_parts)
+        if dropped:  # sent without them, the model answered as if they were not there
+            raise unfit_request(d.name, f"model {d.name} cannot take this request: litellm leaves "
+                                f"{', '.join(dropped)} parts out of what it sends the model's provider",
+                                "untranslatable", "untranslatable_request", param="messages")
         litellm = self._litellm or await self._import_litellm()
         import openai  # litellm's exceptions subclass the openai SDK's
 
@@ -667,6 +673,14 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str],
     # the status the upstream answered, where one did: litellm relabels some (a 529 as 500, a
     # 413 as 400, a 408 or 504 answer as its Timeout) and the pass-through path reports them as is
     answered = _answered_status(exc)
+    uncounted = None if answered else _UNCOUNTED_PART.search(message)
+    if uncounted is not None:
+        # litellm counting the request's tokens, for a provider whose answer says none (Ollama's:
+        # it counts them whether or not it does), fails on a part type it does not know (sound, a
+        # refusal) after the upstream answered: the request's failure, which every attempt repeats
+        return unfit_request(model, f"model {model} cannot take this request: litellm cannot read its "
+                             f"{uncounted.group(1)} parts for the model's provider",
+                             "untranslatable", "untranslatable_request", param="messages")
     if not answered and (_failed_reading_the_answer(exc) or _NO_ANSWER in message):
         # the upstream answered 200 with what litellm cannot read as an answer (an HTML page, an
         # empty body, an error object, another shape): the model's failure, as on the
@@ -755,6 +769,9 @@ def _custom_provider(d: Deployment) -> Any:
 _PROVIDER_LABEL = re.compile(r"^(\w+Error: )?\w+(Exception|Error) -(\s|$)")
 # litellm's words for an upstream's 200 it could not parse (OpenAI-format providers)
 _NO_ANSWER = "Empty or invalid response from LLM endpoint"
+# litellm's words for a content part its token counter does not know ("Error getting number of
+# tokens from content list: Invalid content item type: input_audio. Expected ...")
+_UNCOUNTED_PART = re.compile(r"Invalid content item type: ([\w-]{1,40})")
 # the functions in which litellm reads an upstream's answer: a failure raised in one of them is
 # the answer's, not the request's (litellm labels both APIConnectionError)
 _READING_THE_ANSWER = frozenset({"transform_response", "transform_parsed_response",

@@ -45,6 +45,19 @@ BUILTIN_PREFIX = "builtin:"
 UNKNOWN_SUITE = "unknown"  # what Snapshot.mixed_suites calls a profile that names no suite
 # litellm providers that speak the OpenAI wire format as is: eligible for the pass-through path.
 OPENAI_COMPATIBLE = frozenset({"openai", "hosted_vllm", "custom_openai", "llamafile", "lm_studio"})
+# The content parts litellm's translation for a provider leaves out of what it sends, with no error:
+# the model answered as if they were not there. As litellm 1.102's translation code reads them:
+# Anthropic's (anthropic_messages_pt) sends text, images and files, not sound; so does Bedrock's
+# (_bedrock_converse_messages_pt; Claude by invoke is Anthropic's); Ollama's chat and generate
+# APIs (OllamaChatConfig.transform_request, ollama_pt) take text and images only; DeepSeek's
+# (DeepSeekChatConfig) makes one string of any content but text and images.
+LITELLM_DROPPED_PARTS: Mapping[str, frozenset[str]] = {
+    "anthropic": frozenset({"input_audio"}),
+    "bedrock": frozenset({"input_audio"}),
+    "deepseek": frozenset({"input_audio", "file"}),
+    "ollama": frozenset({"input_audio", "file"}),
+    "ollama_chat": frozenset({"input_audio", "file"}),
+}
 SECRET_WORDS = ("key", "secret", "token", "password", "authorization", "credential")
 # llama_cpp.server flags a local_server block's args may not give (see LocalServerConfig).
 RESERVED_LOCAL_FLAGS = frozenset({"host", "port", "model", "model_alias", "n_ctx", "n_threads",
@@ -271,6 +284,16 @@ class Deployment:
     @property
     def routable(self) -> bool:
         return self.unavailable is None and self.profile is not None
+
+    @property
+    def dropped_parts(self) -> frozenset[str]:
+        """The types of content part this model is never sent: those litellm's translation for
+        its provider (``custom_llm_provider``, else the one its model names) leaves out
+        (``LITELLM_DROPPED_PARTS``), when it is called through litellm."""
+        if self.fast_path:
+            return frozenset()
+        provider = self.params.get("custom_llm_provider") or self.provider
+        return LITELLM_DROPPED_PARTS.get(str(provider), frozenset())
 
 
 def upstream_fingerprint(d: Deployment) -> str:

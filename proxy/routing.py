@@ -202,25 +202,34 @@ PART_NEEDS = {"image_url": "supports_vision", "input_audio": "supports_audio_inp
               "file": "supports_pdf_input"}
 
 
+def part_types(body: Mapping[str, Any]) -> frozenset[str]:
+    """The types of the content parts of a chat request, in any turn."""
+    types = set()
+    for msg in body.get("messages") or ():
+        content = msg.get("content") if isinstance(msg, Mapping) else None
+        if isinstance(content, list):
+            types.update(p["type"] for p in content if isinstance(p, Mapping) and isinstance(p.get("type"), str))
+    return frozenset(types)
+
+
 def features_needed(body: Mapping[str, Any]) -> frozenset[str]:
     """What a chat request needs a model to read, as LiteLLM's ``model_info`` keys name it: image,
     audio or file parts in any turn (the whole conversation is sent), ``tools`` (or the older
     ``functions``)."""
-    needs = set()
+    needs = {PART_NEEDS[kind] for kind in part_types(body) if kind in PART_NEEDS}
     if body.get("tools") or body.get("functions"):
         needs.add("supports_function_calling")
-    for msg in body.get("messages") or ():
-        content = msg.get("content") if isinstance(msg, Mapping) else None
-        if isinstance(content, list):
-            needs.update(PART_NEEDS[p["type"]] for p in content
-                         if isinstance(p, Mapping) and p.get("type") in PART_NEEDS)
     return frozenset(needs)
 
 
 def supports(d: Deployment, feature: str) -> bool | None:
-    """``model_info.<feature>`` as the file says it; unset, a local server reads images only with a
+    """False for the parts litellm's translation for the model's provider leaves out
+    (``Deployment.dropped_parts``), whatever the file says: the model is never sent them; else
+    ``model_info.<feature>`` as the file says it; unset, a local server reads images only with a
     multimodal ``--chat_format`` and its ``--clip_model_path`` (``LocalServerConfig.vision``);
     otherwise None (unknown)."""
+    if any(PART_NEEDS.get(kind) == feature for kind in d.dropped_parts):
+        return False
     said = getattr(d.info, feature)
     if said is not None:
         return said

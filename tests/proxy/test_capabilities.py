@@ -7,6 +7,8 @@ without cooling. Before, the keys were accepted and never read: the best-scored 
 400 reached the client, with the vision model never asked."""
 from __future__ import annotations
 
+from dataclasses import replace
+
 import httpx
 import openai
 import orjson
@@ -14,7 +16,7 @@ import pytest
 
 from conftest import RecordingScorer, model_entry, write_config
 from proxy.providers import Deployment, LocalServerConfig, ModelInfo
-from proxy.routing import candidates, features_needed
+from proxy.routing import candidates, features_needed, part_types, supports
 from proxy.upstream import UNSUPPORTED, classify
 from support.mock_upstream import fail
 
@@ -67,6 +69,23 @@ def test_models_known_unable_are_left_out_and_an_unknown_one_is_kept():
     # none can: the pool as it was (the best-scored one says why it cannot)
     assert [d.name for d in candidates([text_only, local], None, cool,
                                        needs=frozenset({"supports_vision"}))] == ["text", "local"]
+
+
+def test_a_part_litellm_leaves_out_for_a_provider_makes_its_models_unable_to_read_it():
+    """litellm's translation for Anthropic leaves sound out, for Ollama sound and files: the
+    model answered as if they were not there, whatever its model_info said."""
+    claude = replace(_deployment("claude", supports_audio_input=True), provider="anthropic", fast_path=False)
+    ollama = replace(_deployment("ollama"), provider="ollama_chat", fast_path=False)
+    named = replace(_deployment("named"), params={"custom_llm_provider": "ollama"}, fast_path=False)
+    passed = replace(_deployment("passed"), provider="anthropic")  # sent as it is (fast_path)
+    assert [supports(claude, f) for f in ("supports_audio_input", "supports_pdf_input", "supports_vision")] == [
+        False, None, None]
+    assert [supports(d, "supports_pdf_input") for d in (ollama, named, passed)] == [False, False, None]
+    audio = frozenset({"supports_audio_input"})
+    assert [d.name for d in candidates([claude, ollama, named, passed], None, lambda n: False, needs=audio)] == [
+        "passed"]
+    assert part_types({"messages": [{"content": "hi"}, {"content": [{"type": "text"}, {"type": 3}, "x"]},
+                                    {"content": [{"type": "input_audio"}]}, None]}) == {"text", "input_audio"}
 
 
 def test_a_yaml_value_that_is_not_a_boolean_is_refused():

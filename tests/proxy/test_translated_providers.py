@@ -11,7 +11,7 @@ import openai
 import pytest
 from openai.lib.streaming.chat import ChatCompletionStreamState
 
-from conftest import RecordingScorer, model_entry, write_config
+from conftest import RecordingScorer, model_entry, profile_file, write_config
 from support.mock_upstream import answer, fail
 from support.prometheus import scrape
 
@@ -970,3 +970,83 @@ def test_a_failure_of_litellm_s_own_code_falls_back_and_a_named_call_gets_a_400(
     assert calls == ["anthropic/claude-upstream", "openai/oai-lite"] * 2 + ["anthropic/claude-upstream"]
     assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == []
     assert any(rec.exc_info and rec.exc_info[0] is TypeError for rec in caplog.records)
+
+
+AUDIO = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+PDF = {"type": "file", "file": {"filename": "a.pdf", "file_data": "data:application/pdf;base64,JVBERi0="}}
+OLLAMA_ANSWER = {"model": "llama3", "created_at": "2025-01-01T00:00:00Z", "done": True, "done_reason": "stop",
+                 "message": {"role": "assistant", "content": "Hello"}, "prompt_eval_count": 5, "eval_count": 1}
+
+
+def _translated(tmp_path, model: str, url: str) -> dict:
+    """A model of ``model``'s provider on ``url``, with a profile (ranked by the test's scorer)."""
+    return {"model_name": "translated",
+            "litellm_params": {"model": model, "api_key": "sk-test", "api_base": url.removesuffix("/v1")},
+            "model_info": {"capability_profile": profile_file(tmp_path, "translated")}}
+
+
+@pytest.mark.parametrize("model, part", [("anthropic/claude-x", AUDIO), ("ollama_chat/llama3", AUDIO),
+                                         ("ollama/llama3", PDF)])
+def test_a_part_litellm_would_leave_out_is_refused_unsent_and_a_routed_request_skips_the_model(
+        tmp_path, upstream, start_proxy, model, part):
+    """litellm's translation for Anthropic leaves sound out, for Ollama sound and files: the model
+    answered 200 as if they were not there."""
+    import json
+
+    from support.raw_upstream import raw_upstream
+
+    calls = []
+
+    def respond(request):
+        calls.append(request)
+        return _reply(b"application/json", json.dumps(OLLAMA_ANSWER).encode())
+
+    messages = [{"role": "user", "content": [{"type": "text", "text": "What is in it?"}, part]}]
+    with raw_upstream(respond) as url:
+        cfg = write_config(tmp_path / "providers.yaml", [_translated(tmp_path, model, url),
+                                                         model_entry("oai-fast", upstream.url, tmp_path, fast_path=True)])
+        proxy = start_proxy(cfg, scorer=RecordingScorer({"translated": 0.9, "oai-fast": 0.1}))
+        with pytest.raises(openai.BadRequestError) as err:
+            client(proxy).chat.completions.create(model="translated", messages=messages)
+        raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=messages)
+    assert err.value.code == "untranslatable_request" and err.value.param == "messages"
+    assert err.value.body["message"] == (f"model translated cannot take this request: litellm leaves "
+                                         f"{part['type']} parts out of what it sends the model's provider")
+    assert raw.headers["x-satroute-model"] == "oai-fast" and "x-satroute-failed" not in raw.headers
+    assert calls == []
+
+
+def test_a_part_litellm_cannot_count_after_ollama_answered_is_the_request_s_failure_not_the_model_s(
+        tmp_path, upstream, start_proxy):
+    """Reading Ollama's answer, litellm counts the request's tokens and fails on a part type its
+    counter does not know (an assistant's refusal part): that was `bad_answer`, retried, and
+    counted towards the model's cooldown, for every client."""
+    import json
+
+    from support.raw_upstream import raw_upstream
+
+    calls = []
+
+    def respond(request):
+        calls.append(request)
+        return _reply(b"application/json", json.dumps(OLLAMA_ANSWER).encode())
+
+    messages = [{"role": "user", "content": "Tell me a secret."},
+                {"role": "assistant", "content": [{"type": "refusal", "refusal": "I cannot."}]},
+                {"role": "user", "content": "Then say hello."}]
+    with raw_upstream(respond) as url:
+        cfg = write_config(tmp_path / "providers.yaml",
+                           [_translated(tmp_path, "ollama_chat/llama3", url),
+                            model_entry("oai-fast", upstream.url, tmp_path, fast_path=True)],
+                           num_retries=2, allowed_fails=1)
+        proxy = start_proxy(cfg, scorer=RecordingScorer({"translated": 0.9, "oai-fast": 0.1}))
+        raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=messages)
+        with pytest.raises(openai.BadRequestError) as err:
+            client(proxy).chat.completions.create(model="translated", messages=messages)
+        ready = httpx.get(f"{proxy.base}/ready").json()
+    assert raw.headers["x-satroute-failed"] == "translated:untranslatable"
+    assert raw.headers["x-satroute-model"] == "oai-fast"
+    assert err.value.code == "untranslatable_request" and err.value.body["message"] == (
+        "model translated cannot take this request: litellm cannot read its refusal parts for the "
+        "model's provider")
+    assert len(calls) == 2 and ready["cooling"] == []  # one call each, never retried
