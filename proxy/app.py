@@ -28,7 +28,7 @@ from starlette.routing import Route
 from proxy import admin, endpoints, protocol
 from proxy.auth import MasterKeyAuth, is_loopback
 from proxy.cooldown import Cooldowns
-from proxy.cpuload import CpuLoad
+from proxy.cpuload import CpuLoad, busy_within_quota
 from proxy.dispatch import Dispatcher, RetryingDispatcher
 from proxy.errors import ConfigError, SatrouteError, error_event, plain_error_response
 from proxy.localserver import local_models_hook, shared_key, threads_of
@@ -216,7 +216,7 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
             # other processes (those servers among them) kept busy over the last second
             local = sum(threads_of(d.info.local_server) for d in svc.registry.snapshot.models.values()
                         if d.info.local_server is not None and busy is not None and busy(d.name) > 0)
-            return max(local, others.busy_cores())
+            return max(local, busy_within_quota(others.busy_cores()))
 
         svc.spawn(svc.scoring.load(settings, profiles, cores_busy), "scorer-load")
         if settings.scorer == "modelsat" and not settings.scorer_torch_threads:

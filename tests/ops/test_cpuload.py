@@ -5,7 +5,7 @@ import os
 
 import pytest
 
-from proxy.cpuload import CpuLoad, usable_cores
+from proxy.cpuload import CpuLoad, busy_within_quota, cpu_quota, usable_cores
 
 CPUS = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else [0]
 TICK = os.sysconf("SC_CLK_TCK")
@@ -105,3 +105,56 @@ def test_the_usable_cores_are_the_cpu_set_not_the_host(monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {3}, raising=False)
     monkeypatch.setattr(os, "cpu_count", lambda: 64)
     assert usable_cores() == 1
+
+
+def _cgroup(tmp_path, own: str, files: dict[str, str]) -> tuple[str, str]:
+    root = tmp_path / "cgroup"
+    for name, text in files.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).write_text(text)
+    (tmp_path / "self").write_text(own)
+    return str(root), str(tmp_path / "self")
+
+
+@pytest.mark.parametrize("own, files, quota", [
+    # a container (its cgroup namespace: its own cgroup is the root), docker --cpus=1.5, v2
+    ("0::/\n", {"cpu.max": "150000 100000\n"}, 1.5),
+    ("0::/\n", {"cpu.max": "max 100000\n"}, None),
+    # a host process in a Kubernetes pod's cgroup, with a tighter limit on a level above, v2
+    ("0::/kubepods/pod1/c1\n", {"kubepods/pod1/c1/cpu.max": "400000 100000", "kubepods/pod1/cpu.max": "200000 100000",
+                                "kubepods/cpu.max": "max 100000"}, 2.0),
+    # hybrid: v2 under unified/, v1's cpu controller mounted with cpuacct
+    ("2:cpu,cpuacct:/docker/abc\n0::/\n", {"cpu,cpuacct/docker/abc/cpu.cfs_quota_us": "50000",
+                                           "cpu,cpuacct/docker/abc/cpu.cfs_period_us": "100000"}, 0.5),
+    # v1 without a quota (-1), and the container's own mount where its path is not found
+    ("1:cpu:/docker/abc\n", {"cpu/cpu.cfs_quota_us": "-1", "cpu/cpu.cfs_period_us": "100000"}, None),
+    ("1:cpu:/docker/abc\n", {"cpu/cpu.cfs_quota_us": "300000", "cpu/cpu.cfs_period_us": "100000"}, 3.0),
+    ("0::/\n", {"cpu.max": "garbage"}, None),
+    ("", {}, None),
+])
+def test_the_cpu_quota_is_read_from_the_process_s_cgroup(tmp_path, own, files, quota):
+    assert cpu_quota(*_cgroup(tmp_path, own, files)) == quota
+
+
+def test_the_usable_cores_are_the_quota_s_not_the_cpu_set_s(tmp_path, monkeypatch):
+    """Under docker --cpus=1 or a Kubernetes CPU limit on a 16-core node, torch got 16 threads, and
+    a local model 8: the quota stops them all once its time is spent, and scoring calls passed the
+    scorer's timeout."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    root, own = _cgroup(tmp_path, "0::/\n", {"cpu.max": "100000 100000"})
+    assert usable_cores(root, own) == 1
+    root, own = _cgroup(tmp_path, "0::/\n", {"cpu.max": "450000 100000"})
+    assert usable_cores(root, own) == 4  # whole cores: a fifth thread would be stopped each period
+    root, own = _cgroup(tmp_path, "0::/\n", {"cpu.max": "3200000 100000"})
+    assert usable_cores(root, own) == 16  # a quota above the CPU set leaves the set
+
+
+def test_other_processes_take_from_the_scorer_only_what_the_quota_leaves(monkeypatch):
+    import proxy.cpuload as cpuload
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(cpuload, "usable_cores", lambda: 4)
+    assert busy_within_quota(10) == 0  # 6 cores left free beside ours: the 4 are whole
+    assert busy_within_quota(14) == 2
+    monkeypatch.setattr(cpuload, "usable_cores", lambda: 16)
+    assert busy_within_quota(3) == 3  # no quota: every busy core is one less
