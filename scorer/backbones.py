@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
+import secrets
 import shutil
 import threading
 from contextlib import contextmanager
@@ -108,7 +109,9 @@ def convert_gguf(gguf: Path) -> Path:
     with _CONVERT_LOCK:
         if (out / "config.json").exists():
             return out
-        tmp = out.with_name(out.name + f".tmp{os.getpid()}")
+        # a name no other process picks: every container's proxy is process 1, and two replicas
+        # starting on one shared volume wrote one folder, and one of them failed to load
+        tmp = out.with_name(out.name + f".tmp{os.getpid()}-{secrets.token_hex(6)}")
         model, tok = _read_gguf(gguf)
         model.save_pretrained(str(tmp), safe_serialization=True)
         tok.save_pretrained(str(tmp))

