@@ -67,6 +67,12 @@ STARTING_RETRY_AFTER_S = 5.0
 # How long an edited or removed local model's old server may go on answering what it was asked
 # before the edit (streams included) before it is stopped anyway.
 DRAIN_S = 60.0
+# How long a server may take to stop at the proxy's shutdown before it is killed. By then the proxy's
+# requests are done or cut (its grace period is over), so what a server still computes was
+# abandoned (llama-cpp-python's server finishes a non-streamed answer before it takes its stop
+# signal); a server stopped while the proxy goes on (an edit) gets its ``stop_timeout_s``. The 10 s
+# of that default, after the grace period, overran the compose file's stop_grace_period.
+SHUTDOWN_STOP_S = 1.0
 
 
 # Fields of a client's request a local model's server is not sent: llama.cpp's GBNF `grammar`,
@@ -567,13 +573,14 @@ class LocalServer:
                     self._emit("failed")
             running = True
 
-    async def _terminate(self) -> None:
+    async def _terminate(self, timeout_s: float | None = None) -> None:
         proc = self._proc
         if proc is None or proc.returncode is not None:
             return
         proc.send_signal(STOP_SIGNAL)
         try:
-            await asyncio.wait_for(proc.wait(), self.stop_timeout_s)
+            await asyncio.wait_for(proc.wait(), self.stop_timeout_s if timeout_s is None
+                                   else timeout_s)
         except asyncio.TimeoutError:
             proc.kill()
             await proc.wait()
@@ -583,8 +590,9 @@ class LocalServer:
         (``stop()`` follows). It keeps running and answering until then."""
         self._stopping = True
 
-    async def stop(self) -> None:
-        """Stop supervising, then send the child ``STOP_SIGNAL`` (SIGKILL after ``stop_timeout_s``)."""
+    async def stop(self, timeout_s: float | None = None) -> None:
+        """Stop supervising, then send the child ``STOP_SIGNAL`` (SIGKILL after ``timeout_s``,
+        default ``stop_timeout_s``)."""
         if self._stopped:
             return
         self._stopping = True
@@ -596,7 +604,7 @@ class LocalServer:
             except asyncio.CancelledError:
                 pass
             self._supervisor = None
-        await self._terminate()
+        await self._terminate(timeout_s)
         if self._drain is not None:
             try:
                 await asyncio.wait_for(self._drain, 1.0)
@@ -657,6 +665,7 @@ class LocalServerManager:
         # servers on their way out (answering what they were asked, then stopped), by their task
         self._retiring: dict[asyncio.Task, tuple[str, LocalServer]] = {}
         self._edited = asyncio.Event()  # the configuration changed: the watch syncs now
+        self._stop_timeout_s: float | None = None  # the servers' own, until the shutdown
 
     def _event(self, name: str, event: str) -> None:
         if event == "ready":
@@ -763,7 +772,7 @@ class LocalServerManager:
                     break
                 await asyncio.sleep(0.1)
         finally:
-            await server.stop()
+            await server.stop(self._stop_timeout_s)
             # gone from the file by now (removed, maybe after an edit), and no other server of its
             # name still on its way out: its series go, after this last "stopped"
             this = asyncio.current_task()
@@ -799,7 +808,10 @@ class LocalServerManager:
                 await self.sync(wait=False)
 
     async def stop(self) -> None:
-        # shutting down: no start goes on, and no server on its way out waits for its answers
+        """The proxy shuts down: stop every server, those on their way out included, each given
+        ``SHUTDOWN_STOP_S`` to end before it is killed."""
+        # no start goes on, and no server on its way out waits for its answers
+        self._stop_timeout_s = SHUTDOWN_STOP_S
         leaving = dict(self._retiring)
         tasks = [*self._starts.values(), *leaving]
         self._starts.clear()
@@ -809,7 +821,7 @@ class LocalServerManager:
         servers = [server for _, server in self.servers.values() if server is not None]
         servers += [server for _, server in leaving.values()]
         self.servers.clear()
-        await asyncio.gather(*(server.stop() for server in servers))
+        await asyncio.gather(*(server.stop(SHUTDOWN_STOP_S) for server in servers))
 
 
 def specs_from_models(models, base_dir: Path) -> dict[str, LocalServerSpec]:

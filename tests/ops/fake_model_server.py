@@ -1,16 +1,19 @@
 """A stand-in for llama-cpp-python's server in supervision tests: answers GET /v1/models on a port.
 
 Usage: python fake_model_server.py PORT [--exit-after SECONDS] [--exit-code N] [--never-ready]
-                                 [--uvicorn]
+                                 [--uvicorn] [--ignore-stop]
 
 ``--uvicorn`` serves through uvicorn, as llama-cpp-python's server does: it installs its own SIGINT
-and SIGTERM handlers (a graceful stop), over whatever the process inherited.
+and SIGTERM handlers (a graceful stop), over whatever the process inherited. ``--ignore-stop``
+ignores SIGINT and SIGTERM, as llama-cpp-python's server does while it computes a non-streamed
+answer (its client gone or not): it stops once that is done.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import signal
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -46,8 +49,12 @@ def main() -> None:
     parser.add_argument("--exit-code", type=int, default=3)
     parser.add_argument("--never-ready", action="store_true")
     parser.add_argument("--uvicorn", action="store_true")
+    parser.add_argument("--ignore-stop", action="store_true")
     args = parser.parse_args()
     print(f"fake server pid {os.getpid()} starting", flush=True)
+    if args.ignore_stop:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if args.exit_after is not None:
         threading.Timer(args.exit_after, lambda: os._exit(args.exit_code)).start()
     if args.never_ready:

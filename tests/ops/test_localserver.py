@@ -438,9 +438,10 @@ class _Marks:
         return next((r for n, r in reversed(self.log) if n == name), "never marked")
 
 
-def _fake_factory(spec: LocalServerSpec, **kwargs) -> LocalServer:
+def _fake_factory(spec: LocalServerSpec, stop_timeout_s: float = 3, **kwargs) -> LocalServer:
     return LocalServer(spec.alias, [sys.executable, FAKE, str(spec.port), *spec.extra_args],
-                       spec.base_url, startup_timeout_s=spec.startup_timeout_s, stop_timeout_s=3,
+                       spec.base_url, startup_timeout_s=spec.startup_timeout_s,
+                       stop_timeout_s=stop_timeout_s,
                        backoff=_Backoff(initial_s=0.05, max_s=0.2), **kwargs)
 
 
@@ -618,9 +619,9 @@ async def test_a_changed_declaration_marks_the_model_down_before_its_server_stop
         server = manager.servers["local"][1]
         stopping = server.stop
 
-        async def stop_and_look():
+        async def stop_and_look(*args):
             looked.append(marks.current("local"))
-            await stopping()
+            await stopping(*args)
 
         looked: list = []
         server.stop = stop_and_look
@@ -772,11 +773,11 @@ class _Busy:
         return self.calls.get(name, 0)
 
 
-def _draining(wanted: dict, drain_s: float):
+def _draining(wanted: dict, drain_s: float, factory=_fake_factory):
     """A manager of the fake ``wanted`` servers whose calls under way are set by hand: it, that
     count, its marks and its events."""
     busy, marks, events = _Busy(), _Marks(), []
-    manager = LocalServerManager(lambda: dict(wanted), marks, factory=_fake_factory,
+    manager = LocalServerManager(lambda: dict(wanted), marks, factory=factory,
                                  installed=lambda: True, busy=busy, drain_s=drain_s,
                                  on_event=lambda name, event: events.append(event))
     return manager, busy, marks, events
@@ -859,6 +860,26 @@ async def test_shutting_down_stops_a_server_that_is_finishing_its_answers_at_onc
     await manager.stop()
     assert not _alive(pid) and time.monotonic() - started < 5
     assert events.count("stopped") == 1  # stopped once, whoever stopped it
+
+
+@pytest.mark.parametrize("leaving", [False, True], ids=["serving", "on-its-way-out"])
+async def test_shutting_down_waits_a_second_at_most_for_a_server_that_does_not_stop(leaving):
+    """At shutdown the proxy's grace period is over: what a server still computes was abandoned
+    (llama-cpp-python's finishes a non-streamed answer before it takes its stop signal). Its 10 s
+    stop_timeout_s, after that grace period, overran the compose file's stop_grace_period."""
+    wanted = {"local": _spec("local", free_port(), "--ignore-stop")}
+    manager, busy, _, _ = _draining(wanted, drain_s=60,
+                                    factory=lambda spec, **kw: _fake_factory(spec, 10, **kw))
+    await manager.sync()
+    pid = manager.servers["local"][1].pid
+    if leaving:  # removed by an edit, finishing its answers
+        busy.calls["local"] = 1
+        wanted.clear()
+        await manager.sync(wait=False)
+        await asyncio.sleep(0.3)
+    started = time.monotonic()
+    await manager.stop()
+    assert not _alive(pid) and time.monotonic() - started < 3
 
 
 def test_requests_are_put_in_the_form_llama_cpp_s_server_reads():
