@@ -3,7 +3,11 @@
 # (docker-compose.yml reserves it) and the CPU otherwise.
 #
 #   docker build -t satroute .
-#   docker run -p 8000:8000 -v "$PWD/providers.yaml:/etc/satroute/providers.yaml:ro" satroute
+#   docker run --stop-timeout 40 -p 8000:8000 \
+#     -v "$PWD/providers.yaml:/etc/satroute/providers.yaml:ro" satroute
+#
+# --stop-timeout: docker stop kills the container 10 s after its SIGTERM by default, cutting the 30 s
+# the proxy gives in-flight requests (SATROUTE_SHUTDOWN_TIMEOUT_S) and its final writes.
 
 FROM python:3.11-slim AS build
 RUN apt-get update \
