@@ -221,7 +221,9 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
         svc.spawn(svc.scoring.load(settings, profiles, cores_busy), "scorer-load")
         if settings.scorer == "modelsat" and not settings.scorer_torch_threads:
             svc.spawn(others.watch(1.0), "cpu-load")
-        svc.spawn(svc.registry.watch(settings.reload_interval_s), "config-watch")
+        # until the shutdown begins: an edit during its grace period is logged, not taken
+        svc.spawn(svc.registry.watch(settings.reload_interval_s,
+                                     lambda: svc.stopping_since is not None), "config-watch")
         svc.spawn(svc.scoring.keep_warm(profiles, max(1.0, settings.reload_interval_s)), "scorer-warm")
         prepare = getattr(svc.dispatcher, "prepare", None)
         if prepare is not None:  # import litellm now if a model needs it, not in a request's time

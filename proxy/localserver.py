@@ -651,7 +651,8 @@ class LocalServerManager:
                  factory: Callable[..., LocalServer] | None = None,
                  installed: Callable[[], bool] = llama_cpp_available,
                  on_ready: Callable[[str], None] | None = None,
-                 busy: Callable[[str], int] | None = None, drain_s: float = DRAIN_S):
+                 busy: Callable[[str], int] | None = None, drain_s: float = DRAIN_S,
+                 stopping: Callable[[], bool] = lambda: False):
         self._specs = specs
         self._mark = mark
         self._on_ready = on_ready  # a server answers again: e.g. end the model's cooldown
@@ -660,6 +661,7 @@ class LocalServerManager:
         self._installed = installed
         self._busy = busy or (lambda name: 0)
         self._drain_s = drain_s
+        self._shutting_down = stopping  # the proxy's shutdown has begun: the watch syncs no more
         self.servers: dict[str, tuple[LocalServerSpec, LocalServer | None]] = {}
         self._starts: dict[str, asyncio.Task] = {}  # servers still starting, by model name
         # servers on their way out (answering what they were asked, then stopped), by their task
@@ -798,14 +800,22 @@ class LocalServerManager:
                 del self._starts[name]
 
     async def watch(self, interval_s: float) -> None:
-        """Sync now, then whenever the wanted servers change (run as a background task)."""
+        """Sync now, then whenever the wanted servers change (run as a background task), until
+        ``stopping()``: from then on a change is logged once, not applied (a server started then
+        would be one more for the shutdown to stop; the servers running go on answering)."""
         await self.sync(wait=False)
+        held = False
         while True:
             with contextlib.suppress(TimeoutError):  # each tick, or at once after an edit
                 await asyncio.wait_for(self._edited.wait(), interval_s)
             self._edited.clear()
             if {n: s for n, (s, _) in self.servers.items()} != self._specs():
-                await self.sync(wait=False)
+                if not self._shutting_down():
+                    await self.sync(wait=False)
+                elif not held:
+                    held = True
+                    log.info("local model servers: the configuration changed; not applied, the "
+                             "proxy is stopping")
 
     async def stop(self) -> None:
         """The proxy shuts down: stop every server, those on their way out included, each given
@@ -901,8 +911,8 @@ def local_models_hook(services) -> None:
 
     Uses ``services.registry`` (``snapshot.models``, ``path``, ``set_unavailable``, ``local_key``,
     which it publishes in ``services.store.dir`` when there is a store), ``services.metrics.
-    observe_local_server`` and ``services.spawn``; servers stop when the task is cancelled at
-    shutdown.
+    observe_local_server``, ``services.stopping_since`` (once set, no server is started or stopped
+    for an edit) and ``services.spawn``; servers stop when the task is cancelled at shutdown.
     """
     registry = services.registry
     store = getattr(services, "store", None)
@@ -918,7 +928,8 @@ def local_models_hook(services) -> None:
     manager = LocalServerManager(
         lambda: specs_from_models(registry.snapshot.models.values(), registry.path.parent),
         registry.set_unavailable, on_event=services.metrics.observe_local_server,
-        on_ready=services.cooldowns.success, busy=getattr(services.dispatcher, "busy", None))
+        on_ready=services.cooldowns.success, busy=getattr(services.dispatcher, "busy", None),
+        stopping=lambda: services.stopping_since is not None)
     manager.mark_pending()  # before the first request: unavailable until the server answers
     # and an edit's new or changed server: marked as the edit is swapped in, not at the next tick
     registry.on_reload.append(lambda old, new: manager.mark_edited())

@@ -930,21 +930,41 @@ class ProviderRegistry:
         # as logged: /ready is open, and a rejected edit's values (an extra_headers token) are in it
         return None if why is None else _redacted(why, self.snapshot)
 
-    async def watch(self, interval_s: float) -> None:
+    async def watch(self, interval_s: float, stopping: Callable[[], bool] = lambda: False) -> None:
         """Reload every ``interval_s`` until cancelled (run from the app's lifespan). Each tick
         reads and hashes the file and its profile files, no more when nothing changed: content,
         not timestamps, so an edit of the same size within the file system's timestamp tick is
-        seen too. An edit is taken once two ticks in a row read it the same (``reload(settle=True)``)."""
+        seen too. An edit is taken once two ticks in a row read it the same (``reload(settle=True)``).
+        Once ``stopping()`` (the shutdown has begun) no edit is taken: each is logged once, as
+        not applied."""
         failing = None
+        held = None  # the edit last logged as not applied
         while True:
             await asyncio.sleep(interval_s)
             try:
+                if stopping():
+                    held = self._hold(held)
+                    continue
                 self.reload(settle=True)
                 failing = None
             except Exception as exc:  # noqa: BLE001 (the watch must outlive any one edit)
                 if type(exc).__name__ != failing:  # once, not every tick
                     log.error("config reload failed: %s", type(exc).__name__)
                 failing = type(exc).__name__
+
+    def _hold(self, logged: bytes | None) -> bytes | None:
+        """Take no edit, the proxy is stopping: a reload then would start work the shutdown has
+        already stopped (a local model's new server, in a process on its way out). An edit not
+        logged yet (``logged``: the last one that was) is logged; the one logged now is returned."""
+        try:
+            key = self._change_key(self.path.read_bytes())
+        except OSError:
+            return logged
+        if key in (self._key, logged):
+            return logged
+        log.info("%s edited: not applied, the proxy is stopping (its next start reads it)",
+                 self.path)
+        return key
 
     def set_profile(self, model_name: str, profile: Profile, suite: str | None = None) -> None:
         """Make a model routable with this profile, measured on ``suite`` (None: not known)."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import signal
 import sys
@@ -650,6 +651,27 @@ async def test_an_edit_marks_its_new_and_changed_servers_at_once_and_the_watch_s
         assert marks.current("kept") == "never marked"
         # and the watch syncs now, not at its next tick a minute later
         await _wait_for(lambda: marks.current("added") is None and marks.current("edited") is None, timeout=15)
+    finally:
+        watch.cancel()
+        await asyncio.gather(watch, return_exceptions=True)
+        await manager.stop()
+
+
+async def test_once_the_proxy_is_stopping_the_watch_starts_no_server(caplog):
+    """A model whose GGUF appears during the shutdown's grace period (looked for every tick) is
+    not started in the process on its way out: it would be one more server for the shutdown."""
+    caplog.set_level(logging.INFO, logger="satroute.localserver")
+    wanted, stopping, marks = {}, [], _Marks()
+    manager = LocalServerManager(lambda: dict(wanted), marks, factory=_fake_factory,
+                                 installed=lambda: True, stopping=lambda: bool(stopping))
+    watch = asyncio.create_task(manager.watch(0.02))
+    try:
+        await asyncio.sleep(0.1)
+        stopping.append(True)
+        wanted["local"] = _spec("local", free_port())
+        await asyncio.sleep(0.3)
+        assert manager.servers == {} and marks.log == []
+        assert caplog.text.count("not applied, the proxy is stopping") == 1
     finally:
         watch.cancel()
         await asyncio.gather(watch, return_exceptions=True)

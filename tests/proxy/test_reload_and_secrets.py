@@ -39,6 +39,21 @@ def test_good_edit_takes_effect_without_restart(tmp_path, upstream, start_proxy)
     assert c.chat.completions.create(model="smart", messages=MESSAGES).model == "m1"
 
 
+def test_an_edit_during_the_shutdown_s_grace_period_is_logged_not_taken(tmp_path, upstream,
+                                                                        start_proxy, caplog):
+    """As SIGHUP then is: a reload during the grace period would start work the shutdown has
+    already stopped (a local model the edit adds got its server started in the exiting process)."""
+    path = write_config(tmp_path / "providers.yaml", [model_entry("m1", upstream.url, tmp_path)])
+    proxy = start_proxy(path)
+    caplog.set_level(logging.INFO, logger="satroute.providers")
+    proxy.app.state.services.begin_shutdown()  # what SIGTERM does, before the grace period
+    write_config(path, [model_entry("m1", upstream.url, tmp_path),
+                        model_entry("m9", upstream.url, tmp_path)])
+    time.sleep(0.6)  # six ticks of the watch: two take an edit
+    assert model_ids(proxy) == ["auto", "m1"]
+    assert caplog.text.count("not applied, the proxy is stopping") == 1  # once, not every tick
+
+
 def test_bad_edit_is_logged_and_last_good_config_keeps_serving(tmp_path, upstream, start_proxy,
                                                                caplog):
     path = write_config(tmp_path / "providers.yaml", [model_entry("m1", upstream.url, tmp_path)])
