@@ -61,6 +61,7 @@ class Services:
     store: Any = None  # proxy.store.Store, when there is a state store
     tasks: set[asyncio.Task] = field(default_factory=set)
     stopping_since: float | None = None  # time.monotonic() when the shutdown began
+    leaving: bool = False  # a stop signal came: /ready says not ready (SATROUTE_SHUTDOWN_DELAY_S)
     forced: Callable[[], bool] = lambda: False  # the server was told to quit at once (Ctrl+C twice)
 
     def begin_shutdown(self) -> None:

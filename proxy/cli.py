@@ -19,6 +19,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from types import ModuleType
 from typing import TYPE_CHECKING, Any, Callable, Sequence
 
@@ -201,6 +202,20 @@ def _serve_app(settings: Settings, master: str | None, redactor: Redactor, hangu
             await super().serve(sockets)
 
         async def shutdown(self, sockets: Any = None) -> None:
+            # SATROUTE_SHUTDOWN_DELAY_S: serving on, new connections too, while /ready says not
+            # ready, so that a load balancer (a Kubernetes Service, which learns of the stop only
+            # as its endpoints are updated, seconds later) takes the proxy out before its listener
+            # closes; Ctrl+C twice ends the wait
+            services.leaving = True
+            delay = settings.shutdown_delay_s
+            if delay > 0 and not self.force_exit:
+                logging.getLogger("satroute.app").info(
+                    "stop signal: serving on for %.3g s, /ready answering 503, before the shutdown", delay)
+                end, ticks = time.monotonic() + delay, 0
+                while not self.force_exit and time.monotonic() < end:
+                    await asyncio.sleep(min(0.1, max(0.0, end - time.monotonic())))
+                    ticks += 1
+                    await self.on_tick(ticks)  # uvicorn's clock: the Date header stays right
             services.begin_shutdown()  # onboarding's asks out share the requests' grace period
             await super().shutdown(sockets)
 

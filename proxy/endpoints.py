@@ -505,6 +505,9 @@ async def ready(request: Request) -> Response:
     svc = services(request)
     snap = svc.registry.snapshot
     reasons = []
+    if svc.leaving or svc.stopping_since is not None:
+        # SATROUTE_SHUTDOWN_DELAY_S: still serving, but a load balancer should send no more
+        reasons.append("shutting down")
     # The scorer matters once a model is routable; until then the default model answers `auto`.
     if not svc.scoring.ready and default_target(snap) is None:
         reasons.append(f"scorer not loaded ({svc.scoring.error or 'loading'})")

@@ -90,6 +90,9 @@ class Settings(BaseSettings):
         False, description="put the last user turn's text in each request's log line")
     shutdown_timeout_s: float = Field(
         30.0, ge=0, description="on SIGTERM, how long in-flight requests, streams and onboarding questions already sent may finish")
+    shutdown_delay_s: float = Field(
+        0.0, ge=0, description="on SIGTERM, how long the proxy goes on serving, /ready answering 503, "
+        "before its shutdown begins: a load balancer takes it out of rotation first")
     state_dir: Path = Field(
         Path("state"), description="persistent state (onboarding store); a volume in Docker")
     onboarding: bool = Field(

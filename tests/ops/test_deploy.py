@@ -183,7 +183,8 @@ def test_stop_grace_outlasts_the_proxy_shutdown_deadline(proxy_service, docker):
     from proxy.localserver import SHUTDOWN_STOP_S
     from proxy.settings import Settings
 
-    needed = Settings().shutdown_timeout_s + SHUTDOWN_STOP_S  # then its local servers stop
+    defaults = Settings()  # the delay before the shutdown, its grace period, then local servers stop
+    needed = defaults.shutdown_delay_s + defaults.shutdown_timeout_s + SHUTDOWN_STOP_S
     grace = proxy_service["stop_grace_period"]
     assert grace.endswith("s") and int(grace[:-1]) > needed
     assert int(_flag(_documented_docker_run(), "--stop-timeout")) > needed

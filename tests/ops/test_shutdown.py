@@ -309,3 +309,31 @@ def test_sighup_checks_providers_yaml_at_once_and_never_stops_the_proxy(tmp_path
                               f"configuration: {config}: model_list.2"), said
     assert len(said) == 3, said
     assert any(entry.get("msg") == "shutdown complete" for entry in _json_lines(logs)), logs
+
+
+def test_with_a_shutdown_delay_the_proxy_serves_on_not_ready_before_it_stops(tmp_path):
+    """A Kubernetes Service learns of a stopping pod as its endpoints are updated, seconds after the
+    signal: a listener closed at once refused the requests sent meanwhile. With the delay the
+    proxy serves on, new connections too, and /ready says it is leaving."""
+    with MockUpstream() as up:
+        up.set("m1", answer("hello"))
+        port = free_port()
+        proc = _serve(_config(tmp_path, up.url), port, tmp_path, deadline_s=5,
+                      env={"SATROUTE_SHUTDOWN_DELAY_S": "3"})
+        base = f"http://127.0.0.1:{port}"
+        assert httpx.get(f"{base}/ready", timeout=5).status_code == 200
+        signalled = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        ready = httpx.get(f"{base}/ready", timeout=5)  # a new connection, still taken
+        chat = httpx.post(f"{base}/v1/chat/completions", timeout=10,
+                          json={"model": "m1", "messages": [{"role": "user", "content": "hi"}]})
+        waited = time.monotonic() - signalled
+        rc = proc.wait(20)
+        stopped_after = time.monotonic() - signalled
+        logs = proc.stdout.read()
+    assert waited < 2.5, "the requests were answered late"
+    assert ready.status_code == 503 and ready.json()["reasons"] == ["shutting down"], ready.text
+    assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"] == "hello"
+    assert rc == -signal.SIGTERM and 3 <= stopped_after < 10, (rc, stopped_after, logs)
+    assert any(entry.get("msg") == "shutdown complete" for entry in _json_lines(logs)), logs
