@@ -5,7 +5,9 @@ attempts (tenacity: exponential backoff with jitter, at least the upstream's Ret
 the request's deadline); a target that still fails before the first byte reaches the client hands
 over to the next-ranked one, and so does a model refusal (401/402/403/404: its key, credit or name)
 or a parameter its provider does not take; transient failures and refusals feed the cooldowns;
-other upstream 4xx answers go back to the client as they are, without retry or fallback.
+other upstream 4xx answers go back to the client as they are, without retry or fallback. A caller
+that asks for it (``Call.attempts``: onboarding, which counts its spend) gets how each attempt ended
+and whether the upstream may have billed it without an answer (``Attempt``).
 Two ways to make one attempt, chosen per model in providers.py (``Deployment.fast_path``):
 - pass-through (``upstream.py``) for OpenAI-compatible upstreams: the body goes out as the client
   sent it, over a pooled HTTP client; litellm's own per-call cost is not paid (docs/benchmarks.md);
@@ -61,7 +63,16 @@ class Call:
     # the cooldowns' epochs as of the configuration ``targets`` come from (Cooldowns.epochs); None:
     # as of each call, for targets read from the configuration just before
     epochs: Mapping[str, int] | None = None
+    # where given, how each attempt ended is appended to it (``Attempt``): onboarding counts those
+    # the upstream may have billed without an answer; None (traffic): nothing is recorded
+    attempts: list["Attempt"] | None = None
     digest: bytes | None = field(default=None, init=False)  # of the body, once needed (_cause)
+
+    def note(self, model: str, failure: UpstreamClientError | UpstreamTransient | None = None) -> None:
+        """Record one attempt to ``model`` in ``attempts`` (where given): answered (``failure``
+        None), or failed with ``failure``."""
+        if self.attempts is not None:
+            self.attempts.append(Attempt.of(model, failure))
 
 
 @dataclass
@@ -72,6 +83,37 @@ class Reply:
     failed: list[tuple[str, str]] = field(default_factory=list)
     body: bytes | None = None
     chunks: AsyncIterator[bytes] | None = None
+
+
+# an upstream's answers that refuse a request before generating any of it, besides every 3xx and
+# 4xx: unavailable (503), overloaded (Anthropic's 529)
+_REFUSED_UNSERVED = frozenset({503, 529})
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """How one attempt of a call ended: ``outcome`` is "answered", or why it failed as
+    ``x-satroute-failed`` says it ("timeout", "connection", "http_503", "bad_answer", ...).
+    ``billed``: the upstream may have generated, and billed, an answer the call did not get: the
+    request was sent and no answer of the upstream's said it was refused unserved (a timeout, a
+    connection cut after sending, a 5xx other than 503 and 529: a gateway's 502, 504 or 524 while
+    the model went on, a 500 midway; a 200 that carries no answer). Never billed: a connection
+    that was never made, a 3xx or 4xx (429 included), a 503 or 529, a request refused before
+    sending."""
+
+    model: str
+    outcome: str
+    billed: bool = False
+
+    @classmethod
+    def of(cls, model: str, failure: UpstreamClientError | UpstreamTransient | None) -> "Attempt":
+        if failure is None:
+            return cls(model, "answered")
+        if isinstance(failure, UpstreamClientError):  # a 4xx, or refused before it was sent
+            return cls(model, failure.unfit or f"http_{failure.status}")
+        status = failure.upstream_status
+        refused = not failure.timeout and (300 <= status < 500 or status in _REFUSED_UNSERVED)
+        return cls(model, _reason(failure), failure.sent and not refused)
 
 
 class Dispatcher(Protocol):
@@ -281,14 +323,16 @@ class RetryingDispatcher:
                 if called is not None:
                     called[0] = self.cooldowns.now()
                 try:
-                    return await self._attempt(d, call, budget)
+                    answer = await self._attempt(d, call, budget)
                 except asyncio.CancelledError:  # the client left: the upstream's time is unknown
                     timed = False
                     raise
                 except UpstreamClientError as exc:  # refused before anything was sent: no upstream time
                     timed = exc.unfit in (None, CONTEXT_WINDOW, UNSUPPORTED)  # the model answered those
+                    call.note(d.name, exc)
                     raise
                 except UpstreamTransient as exc:
+                    call.note(d.name, exc)
                     # a timeout the request's own deadline cut short, or a failure that may be the
                     # request's, says nothing about the model: it must not cool it for everyone
                     cut_short = exc.timeout and budget < attempt_timeout(d, router)
@@ -302,6 +346,8 @@ class RetryingDispatcher:
                 finally:
                     if self.metrics is not None and timed:  # to the answer, or a stream's first chunk
                         self.metrics.observe_upstream(d.name, time.perf_counter() - started)
+                call.note(d.name)
+                return answer
         raise AssertionError("unreachable: tenacity reraises the last failure")
 
     async def _attempt(self, d: Deployment, call: Call, first_byte_s: float) -> Answer:
@@ -695,7 +741,7 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str],
     if failure is not None:  # litellm labels these 500; report them as the pass-through path does
         return UpstreamTransient(f"{model}: {type(exc).__name__}: {message}", model=model,
                                  status=504 if failure == "timeout" else 0,
-                                 timeout=failure == "timeout",
+                                 timeout=failure == "timeout", sent=not _never_connected(exc),
                                  summary=f"{model}: " + ("no answer in time" if failure == "timeout"
                                                          else "connection failed")
                                  + f" ({type(exc).__name__})")
@@ -915,6 +961,17 @@ def _transport_failure(exc: BaseException) -> str | None:
         if isinstance(link, (OSError, httpx.TransportError, aiohttp.ClientError)):
             return "connection"
     return None
+
+
+def _never_connected(exc: BaseException) -> bool:
+    """Whether the transport failure behind a litellm exception is one of connecting (refused,
+    unresolvable, timed out connecting): the request never reached the upstream."""
+    import aiohttp
+    import httpx
+
+    return any(isinstance(link, (httpx.ConnectError, httpx.ConnectTimeout, ConnectionRefusedError,
+                                 aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError))
+               for link in _chain(exc))
 
 
 def openai_shape(obj: dict[str, Any], translated: bool = False) -> dict[str, Any]:

@@ -105,6 +105,9 @@ class UpstreamError(SatrouteError):
         # the request back (a 400 "... 'the user's text' ...", a traceback); the client gets the
         # message either way
         self.summary = message if summary is None else summary
+        # how many attempts of the call the upstream may have billed with no answer back, where
+        # the caller counted them (onboarding's asker, from ``Call.attempts``); None: not counted
+        self.unanswered: int | None = None
 
 
 # 4xx answers that say the model cannot be used as configured (its key is refused, its account has
@@ -159,17 +162,20 @@ class UpstreamTransient(UpstreamError):
     ``retry_after`` is its Retry-After in seconds, when it sent one. ``counts``: whether it says
     something about the model's health (False: the failure may be the request's own, as when
     litellm fails before sending anything), so whether it feeds the model's cooldown. ``reason``
-    names what failed when neither the status nor a timeout does (``x-satroute-failed``)."""
+    names what failed when neither the status nor a timeout does (``x-satroute-failed``).
+    ``sent``: whether the request may have reached the upstream (False: the connection to it was
+    never made, so nothing was generated for it, nor billed)."""
 
     def __init__(self, message: str, *, model: str = "", status: int = 0,
                  retry_after: float | None = None, timeout: bool = False, counts: bool = True,
-                 reason: str | None = None, summary: str | None = None):
+                 reason: str | None = None, summary: str | None = None, sent: bool = True):
         super().__init__(message, model=model, summary=summary)
         self.reason = reason
         self.upstream_status = status
         self.retry_after = retry_after
         self.timeout = timeout
         self.counts = counts
+        self.sent = sent
 
 
 class AllUpstreamsFailed(UpstreamError):

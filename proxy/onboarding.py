@@ -3,7 +3,8 @@
 Owns: running the test for one model through one seam, ``Asker.ask(model, messages, **params) ->
 text`` or ``Said`` (the text with the usage billed; the proxy fills it with its dispatch path, so the same retries, timeouts and cooldowns
 apply; tests fill it with fakes); bounded concurrency; a spend cap checked against an estimate made
-from the model's prices before the first question, and enforced again while answers come in;
+from the model's prices before the first question, and enforced again while answers come in and
+as asks are sent that bring none but may be billed (timed out, cut off: ``unanswered``);
 states (``running``; ``stalled`` with the reason while the upstream is down, with backoff, until it
 answers again; ``failed`` with the reason when it never answered, refused the model (or 10
 questions in a row), or the cap was reached; ``pending`` when an ``Asker`` cancelled the run with
@@ -79,6 +80,9 @@ class Said:
     total_tokens: int | None = None
     cut_off: bool = False  # the upstream stopped it at max_tokens (finish_reason "length")
     filtered: bool = False  # the provider withheld it (finish_reason "content_filter": a safety block)
+    # attempts of the same ask before this answer that the upstream may have billed with no answer
+    # back (timed out, cut after sending: dispatch's retries), counted apart from ``billed``
+    unanswered: int = 0
 
     def billed(self, question: Question) -> tuple[int, int]:
         """(input, output) tokens to count for the spend: the larger of what the usage says and
@@ -94,6 +98,26 @@ class Said:
 
 class Asker(Protocol):
     async def ask(self, model: str, messages: list[dict], **params: object) -> "str | Said": ...
+
+
+def unanswered(exc: BaseException) -> int:
+    """How many attempts of a failed ask the upstream may have billed with no answer back: as the
+    ``Asker`` counted them (the exception's ``unanswered``: ``DispatchAsker`` reads dispatch's
+    record of each attempt), else one for a timeout (the request was out when the wait ended)
+    and none for another failure."""
+    told = getattr(exc, "unanswered", None)
+    if isinstance(told, int):
+        return told
+    return int(isinstance(exc, TimeoutError) or getattr(exc, "timeout", False) is True)
+
+
+def answer_budget(params: dict, default: int) -> int:
+    """The longest answer an ask with ``params`` allows (``max_completion_tokens`` where the
+    model takes that name, else ``max_tokens``; ``default`` where neither is given)."""
+    for name in ("max_completion_tokens", "max_tokens"):
+        if isinstance(params.get(name), int):
+            return params[name]
+    return default
 
 
 @dataclass(frozen=True)
@@ -534,7 +558,7 @@ class Onboarding:
             epoch = state.epoch  # which backoff this ask started under
             params = state.params
             try:
-                said = await self.asker.ask(state.model, messages_for(question), **params)
+                said = await self._ask(state, messages_for(question), params, prompt_tokens(question))
             except RunCancelled as exc:
                 state.queue.appendleft(question)
                 state.cancelled = str(exc)
@@ -571,7 +595,43 @@ class Onboarding:
             finally:
                 state.in_flight -= 1
                 state.asking.discard(question.id)
-            await self._answered(state, question, said if isinstance(said, Said) else Said(said or ""))
+            await self._answered(state, question, said)
+
+    async def _ask(self, state: _Run, messages: list[dict], params: dict, prompt: int) -> Said:
+        """One ask of the run. The attempts it sent that the upstream may have billed with no
+        answer back (``Said.unanswered``; a failure's, ``unanswered``) count for the spend and the
+        cap at once, each as ``prompt`` tokens in and the whole answer budget the ask allowed out
+        (``max_tokens``): nothing of their answer came to measure, and it may have run to that
+        limit (a timed-out one likely did), so the expected answer length could count less than
+        was billed; the budget never does (an upstream bills no more than it was allowed)."""
+        try:
+            said = await self.asker.ask(state.model, messages, **params)
+        except TRANSIENT as exc:
+            lost = unanswered(exc)
+            if lost:
+                await self._spend(state, lost * state.prices.cost(
+                    prompt, answer_budget(params, self.options.max_tokens)))
+            raise
+        said = said if isinstance(said, Said) else Said(said or "")
+        if said.unanswered:
+            await self._spend(state, said.unanswered * state.prices.cost(
+                prompt, answer_budget(params, self.options.max_tokens)))
+        return said
+
+    async def _spend(self, state: _Run, cost: float) -> None:
+        """Count ``cost`` (USD) of requests that brought no answer to store (attempts unanswered,
+        a probe) for the spend, stored as the answers' is, and for the cap."""
+        if not cost:
+            return
+        state.spent += cost
+        await self._write(state, self.store.add_spend, state.model, cost, leased=True)
+        self._capped(state)
+
+    def _capped(self, state: _Run) -> None:
+        """Stop the run (``fatal``) once its spend passed the cap."""
+        cap = self.options.spend_cap_usd
+        if cap is not None and state.spent > cap and state.fatal is None:
+            state.fatal = f"spend cap ${cap:.2f} reached after ${state.spent:.2f}"
 
     def _repriced(self, state: _Run) -> bool:
         """The run's prices as providers.yaml gives them now: an edit mid-run counts the rest of
@@ -615,9 +675,7 @@ class Onboarding:
         state.refused_in_a_row = 0
         state.failed_since_answer.clear()
         state.spent += cost
-        cap = self.options.spend_cap_usd
-        if cap is not None and state.spent > cap:
-            state.fatal = f"spend cap ${cap:.2f} reached after ${state.spent:.2f}"
+        self._capped(state)
         self._tick(state)
 
     async def _no_answer(self, state: _Run, question: Question) -> None:
@@ -659,20 +717,16 @@ class Onboarding:
         cap = "max_completion_tokens" if "max_completion_tokens" in state.params else "max_tokens"
         state.probing = True
         try:
-            said = await self.asker.ask(state.model, [{"role": "user", "content": PROBE}],
-                                        **{**state.params, cap: PROBE_TOKENS})
+            said = await self._ask(state, [{"role": "user", "content": PROBE}],
+                                   {**state.params, cap: PROBE_TOKENS}, approx_tokens(PROBE))
         except UpstreamClientError:  # a refusal of the probe itself (its few tokens under a
             return True  # thinking budget, say) is an answer: the model is up
         except (*TRANSIENT, RunCancelled):
             return False  # still down (a cancellation is seen by the next ask)
         finally:
             state.probing = False
-        said = said if isinstance(said, Said) else Said(said or "")
-        cost = state.prices.cost(max(said.prompt_tokens or 0, approx_tokens(PROBE)),
-                                 max(said.completion_tokens or 0, PROBE_TOKENS))
-        if cost:
-            state.spent += cost
-            await self._write(state, self.store.add_spend, state.model, cost, leased=True)
+        await self._spend(state, state.prices.cost(max(said.prompt_tokens or 0, approx_tokens(PROBE)),
+                                                   max(said.completion_tokens or 0, PROBE_TOKENS)))
         return True
 
     async def _give_up_on(self, state: _Run, question: Question, reason: str) -> bool:

@@ -42,8 +42,8 @@ from typing import Any, Callable, Coroutine, Iterable
 
 import orjson
 
-from proxy.dispatch import Call, Dispatcher
-from proxy.errors import ServiceUnavailable, UpstreamTransient
+from proxy.dispatch import Attempt, Call, Dispatcher
+from proxy.errors import ServiceUnavailable, UpstreamError, UpstreamTransient
 from proxy.onboarding import Onboarding, Options, Prices, RunCancelled, Said, status_of
 from proxy.prices import LITELLM_PRICE_KEYS, litellm_cost, listed_prices
 from proxy.providers import Deployment, ProviderRegistry, legacy_fingerprint, upstream_fingerprint
@@ -57,7 +57,10 @@ Spawn = Callable[[Coroutine[Any, Any, Any], str], asyncio.Task]
 
 
 class DispatchAsker:
-    """``Asker`` over the proxy's dispatcher: one non-streamed chat completion to one named model."""
+    """``Asker`` over the proxy's dispatcher: one non-streamed chat completion to one named model.
+    The attempts dispatch made that the upstream may have billed with no answer back
+    (``Attempt.billed``) are counted: an answer's in ``Said.unanswered``, a failure's as the
+    exception's ``unanswered``."""
 
     def __init__(self, registry: ProviderRegistry, dispatcher: Dispatcher):
         self.registry, self.dispatcher = registry, dispatcher
@@ -68,8 +71,15 @@ class DispatchAsker:
         if target is None:
             raise RunCancelled(f"model {model!r} is no longer in providers.yaml")
         body = {"model": model, "messages": messages, **params}
-        reply = await self.dispatcher.complete(Call(targets=[target], body=body, stream=False,
-                                                    router=snap.router, redact=snap.redact))
+        tried: list[Attempt] = []  # how each attempt ended, dispatch's retries included
+        try:
+            reply = await self.dispatcher.complete(Call(targets=[target], body=body, stream=False,
+                                                        router=snap.router, redact=snap.redact,
+                                                        attempts=tried))
+        except UpstreamError as exc:
+            exc.unanswered = sum(a.billed for a in tried)
+            raise
+        unanswered = sum(a.billed for a in tried)
         try:
             answer = orjson.loads(reply.body or b"{}")
             choice = answer["choices"][0]
@@ -77,10 +87,12 @@ class DispatchAsker:
             usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
             return Said(text, _tokens(usage.get("prompt_tokens")), _tokens(usage.get("completion_tokens")),
                         _tokens(usage.get("total_tokens")), cut_off=choice.get("finish_reason") == "length",
-                        filtered=choice.get("finish_reason") == "content_filter")
+                        filtered=choice.get("finish_reason") == "content_filter", unanswered=unanswered)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise UpstreamTransient(f"{model}: answer is not a chat completion: "
-                                    f"{(reply.body or b'')[:200]!r}", model=model) from None
+            failure = UpstreamTransient(f"{model}: answer is not a chat completion: "
+                                        f"{(reply.body or b'')[:200]!r}", model=model)
+            failure.unanswered = unanswered + 1  # this one came back, and may be billed too
+            raise failure from None
 
 
 def _tokens(value: object) -> int | None:

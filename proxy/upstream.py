@@ -382,17 +382,21 @@ class PassThrough:
                         return Answer(chunks=_replay(sse))
                 events = _events(resp, head)
                 first = await _first_event(events, d.name, redact)
-        except TimeoutError:
+        except TimeoutError as exc:
             if resp is not None:
                 resp.close()
+            # aiohttp's own connect timeout is one too: the request never went out
             raise UpstreamTransient(f"{d.name}: no answer within {first_byte_s:.1f}s",
-                                    model=d.name, status=504, timeout=True) from None
+                                    model=d.name, status=504, timeout=True,
+                                    sent=not isinstance(exc, aiohttp.ConnectionTimeoutError)) from None
         except aiohttp.ClientError as exc:
             if resp is not None:
                 resp.close()
             if not (stream and resp is not None and resp.status == 200 and d.info.local_server is not None):
+                # refused, unresolvable: never sent; reset or closed later: maybe generated
                 raise UpstreamTransient(f"{d.name}: connection failed: {type(exc).__name__}: "
-                                        f"{redact(str(exc))}", model=d.name) from None
+                                        f"{redact(str(exc))}", model=d.name,
+                                        sent=not isinstance(exc, aiohttp.ClientConnectorError)) from None
             first = b""  # a local server's stream that broke before its first event: as an empty one
         except (UpstreamClientError, UpstreamTransient):
             resp.release()

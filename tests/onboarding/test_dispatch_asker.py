@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from proxy.dispatch import Reply
-from proxy.errors import UpstreamTransient
+from proxy.dispatch import Attempt, Reply
+from proxy.errors import AllUpstreamsFailed, UpstreamTransient
 from proxy.onboarding import RunCancelled, Said
 from proxy.onboarding_service import DispatchAsker
 from proxy.providers import ProviderRegistry
@@ -73,3 +73,35 @@ async def test_content_as_a_list_of_parts_is_joined_text(registry):
     with pytest.raises(UpstreamTransient, match="not a chat completion"):
         await DispatchAsker(registry, FakeDispatcher(
             b'{"choices": [{"message": {"content": {"text": "x"}}}]}')).ask("m", [])
+
+
+class Retrying(FakeDispatcher):
+    """Records ``tried`` in the call's attempts, then answers with ``body`` or raises ``failure``."""
+
+    def __init__(self, body: bytes, tried: list[Attempt], failure: Exception | None = None):
+        super().__init__(body)
+        self.tried, self.failure = tried, failure
+
+    async def complete(self, call):
+        call.attempts.extend(self.tried)
+        if self.failure is not None:
+            raise self.failure
+        return await super().complete(call)
+
+
+async def test_attempts_that_may_be_billed_with_no_answer_are_counted(registry):
+    """Dispatch's retries that timed out or were cut after sending are paid for: the answer (or the
+    failure) says how many; a 429 and a connection never made cost nothing."""
+    tried = [Attempt("m", "timeout", True), Attempt("m", "http_429"), Attempt("m", "connection", True),
+             Attempt("m", "connection")]
+    body = b'{"choices": [{"message": {"content": "The answer is (A)."}}]}'
+    said = await DispatchAsker(registry, Retrying(body, tried + [Attempt("m", "answered")])).ask("m", [])
+    assert said.unanswered == 2 and said.text == "The answer is (A)."
+    down = AllUpstreamsFailed("every model failed: m (timeout)", failed=[("m", "timeout")], timeout=True)
+    with pytest.raises(AllUpstreamsFailed) as failed:
+        await DispatchAsker(registry, Retrying(b"", [*tried, Attempt("m", "timeout", True)], down)
+                            ).ask("m", [])
+    assert failed.value.unanswered == 3
+    with pytest.raises(UpstreamTransient) as garbled:  # it came back, unread: maybe billed too
+        await DispatchAsker(registry, Retrying(b'{"choices": []}', tried)).ask("m", [])
+    assert garbled.value.unanswered == 3

@@ -619,6 +619,50 @@ async def test_spend_counts_what_the_upstream_billed_and_never_less_than_the_est
         assert store.spent("m") == pytest.approx(expected) and expected > 0
 
 
+def timed_out(attempts: int | None) -> AllUpstreamsFailed:
+    """An ask that timed out, after ``attempts`` billed with no answer back (None: not counted by
+    the asker)."""
+    exc = AllUpstreamsFailed("every model failed: m (timeout)", failed=[("m", "timeout")], timeout=True)
+    exc.unanswered = attempts
+    return exc
+
+
+async def test_attempts_sent_and_not_answered_count_for_the_spend(tmp_path, tiny):
+    """A provider bills what it generated for an ask that timed out (dispatch's retries too): each
+    such attempt counts its prompt and the whole answer budget, stored as the answers' spend is; an
+    attempt refused before any generation (a 429, a connection never made) costs nothing."""
+    from proxy.onboarding import Said
+    from proxy.routing import approx_tokens
+
+    suite, questions = tiny
+    asker = FakeAsker(questions, lambda q: "A")
+    # two timed out in dispatch, none sent, one bare timeout (an asker that does not count: one)
+    asker.failures = [timed_out(2), timed_out(0), TimeoutError("read timed out")]
+    asker.answers[questions[-1].id] = Said("The answer is (A).", unanswered=1)  # retried, then answered
+    prices = Prices(0.0, 1.0)  # output only: the prompts' lengths aside
+    answers = (11 * approx_tokens("Thinking about it... The answer is (A).")
+               + approx_tokens("The answer is (A)."))
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, asker, FAST).run("m", prices)
+    assert progress.status == "done"
+    with Store(tmp_path) as store:  # stored: a restart counts it too
+        assert store.spent("m") == pytest.approx(prices.cost(0, answers + (2 + 1 + 1) * 2048))
+
+
+async def test_the_spend_cap_stops_a_run_whose_asks_time_out(tmp_path, tiny):
+    """Answers that come cost little, asks that time out were paid in full: the cap counts them."""
+    suite, questions = tiny
+    asker = FakeAsker(questions, lambda q: "A")
+    asker.failures = [timed_out(1)] * 3
+    prices = Prices(0.0, 1_000.0)  # an unanswered attempt: 2048 tokens, $2.05
+    opts = Options(concurrency=1, backoff_s=0.01, backoff_max_s=0.02, spend_cap_usd=5.0)
+    assert estimate_cost(questions, prices, opts) < 5.0
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, asker, opts).run("m", prices)
+    assert progress.status == "failed" and "spend cap $5.00 reached after $6.1" in progress.reason
+    assert progress.spent > 6.0
+
+
 @pytest.mark.parametrize("status", [429, 503])
 async def test_no_question_is_asked_again_before_the_upstream_s_retry_after(tmp_path, tiny, caplog, status):
     suite, questions = tiny

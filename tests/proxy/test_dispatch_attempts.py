@@ -1,0 +1,58 @@
+"""What dispatch records of each attempt for a caller that asks (``Call.attempts``: onboarding
+counts its spend so): how it ended, and whether the upstream may have billed it with no answer
+back; on both dispatch paths."""
+from __future__ import annotations
+
+import pytest
+
+from conftest import model_entry, write_config
+from proxy.cooldown import Cooldowns
+from proxy.dispatch import Call, RetryingDispatcher
+from proxy.errors import AllUpstreamsFailed, UpstreamClientError
+from proxy.providers import ProviderRegistry
+from support.mock_upstream import answer, drop, fail, stall
+
+MESSAGES = [{"role": "user", "content": "hello"}]
+PATHS = [pytest.param(True, id="passthrough"), pytest.param(False, id="litellm")]
+
+
+async def complete(tmp_path, base, fast, tried, **router):
+    """One unstreamed call to model m1 at ``base``, its attempts recorded in ``tried``."""
+    cfg = write_config(tmp_path / "providers.yaml", [model_entry("m1", base, tmp_path, fast_path=fast)],
+                       **router)
+    snap = ProviderRegistry(cfg, dict).snapshot
+    dispatcher = RetryingDispatcher(Cooldowns())
+    try:
+        return await dispatcher.complete(Call(targets=[snap.models["m1"]], stream=False,
+                                              body={"model": "m1", "messages": MESSAGES},
+                                              router=snap.router, attempts=tried))
+    finally:
+        await dispatcher.close()
+
+
+@pytest.mark.parametrize("fast", PATHS)
+async def test_each_attempt_says_how_it_ended_and_whether_it_may_be_billed(tmp_path, upstream, fast):
+    """A timeout, a connection cut after the request was sent and a 500 may each have been
+    generated and billed; a 503, a 429 and a 400 were refused before anything was generated."""
+    upstream.queue("m1", stall(1.5), drop(), fail(503), fail(429), fail(500), answer("hi"))
+    tried: list = []
+    reply = await complete(tmp_path, upstream.url, fast, tried, num_retries=5, timeout_s=0.5,
+                           allowed_fails=100)
+    assert reply.model == "m1"
+    assert [(a.model, a.outcome, a.billed) for a in tried] == [
+        ("m1", "timeout", True), ("m1", "connection", True), ("m1", "http_503", False),
+        ("m1", "http_429", False), ("m1", "http_500", True), ("m1", "answered", False)]
+    upstream.queue("m1", stall(1.5), fail(400, "bad temperature"))
+    tried.clear()
+    with pytest.raises(UpstreamClientError):
+        await complete(tmp_path, upstream.url, fast, tried, num_retries=1, timeout_s=0.5)
+    assert [(a.outcome, a.billed) for a in tried] == [("timeout", True), ("http_400", False)]
+
+
+@pytest.mark.parametrize("fast", PATHS)
+async def test_a_connection_never_made_is_never_billed(tmp_path, fast):
+    tried: list = []
+    with pytest.raises(AllUpstreamsFailed):
+        await complete(tmp_path, "http://127.0.0.1:9/v1", fast, tried, num_retries=1)
+    assert [(a.outcome, a.billed) for a in tried] == [("connection", False)] * 2
+
