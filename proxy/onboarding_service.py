@@ -121,22 +121,35 @@ def onboardable(d: Deployment) -> bool:
 
 
 def prices_of(d: Deployment) -> Prices:
-    """The model's prices from providers.yaml: ours (``*_price_per_mtok``), else LiteLLM's
-    (``*_cost_per_token``, in ``model_info`` or ``litellm_params``); where it gives neither,
-    litellm's price list for a hosted model (``proxy.prices``), so that a gpt-4o added without
-    prices is not taken for free."""
-    inp, out = d.info.input_price_per_mtok, d.info.output_price_per_mtok
-    if inp is None and out is None:
-        for section in (d.info.model_extra or {}, d.params):
-            costs = [litellm_cost(section.get(key)) for key in LITELLM_PRICE_KEYS]
-            if costs != [None, None]:
-                inp, out = (None if c is None else c * 1e6 for c in costs)
-                break
-    if inp is None and out is None:
+    """The model's prices, each side (input, output) from the first source that gives it: ours in
+    providers.yaml (``*_price_per_mtok``), LiteLLM's there (``*_cost_per_token``, in
+    ``model_info``, then ``litellm_params``), then litellm's price list for a hosted model
+    (``proxy.prices``), so that a gpt-4o added without prices, or with one side only, is not
+    taken for free on either side. A side none of them gives counts as free; where the other side
+    is known, a warning says so, once per model and side."""
+    sides = [d.info.input_price_per_mtok, d.info.output_price_per_mtok]
+    for section in (d.info.model_extra or {}, d.params):
+        for i, key in enumerate(LITELLM_PRICE_KEYS):
+            cost = litellm_cost(section.get(key)) if sides[i] is None else None
+            if cost is not None:
+                sides[i] = cost * 1e6
+    if None in sides:
         listed = listed_prices(d.model, d.provider, d.api_base)
         if listed is not None:
-            inp, out = listed
+            sides = [given if given is not None else price for given, price in zip(sides, listed)]
+    inp, out = sides
+    if (inp is None) != (out is None):
+        missing = "input" if inp is None else "output"
+        if (d.name, missing) not in _FREE_SIDES:
+            _FREE_SIDES.add((d.name, missing))
+            log.warning("onboarding %s: providers.yaml prices its %s tokens only, and litellm's price "
+                        "list does not know it: onboarding counts its %s tokens as free (set "
+                        "model_info.%s_price_per_mtok)", d.name, "output" if inp is None else "input",
+                        missing, missing)
     return Prices(inp, out)
+
+
+_FREE_SIDES: set[tuple[str, str]] = set()  # (model, side) counted free, the other side priced: warned
 
 
 def _not_onboardable(d: Deployment) -> str:

@@ -2,10 +2,10 @@
 
 Owns: reading litellm's bundled price list (``model_prices_and_context_window_backup.json``,
 shipped inside the litellm package) without importing litellm, once per process, and looking a
-deployment up in it. Onboarding estimates and caps its spend with these prices; a model that
-providers.yaml prices itself (``input_price_per_mtok`` / ``output_price_per_mtok``) is never
-looked up, and a model called at an ``api_base`` of its own (a self-hosted server, whatever its
-model is called) is not either: its price is not the provider's.
+deployment up in it. Onboarding estimates and caps its spend with these prices, for each side
+(input, output) that providers.yaml does not price itself (``onboarding_service.prices_of``); a
+model called at an ``api_base`` of its own (a self-hosted server, whatever its model is called) is
+never looked up: its price is not the provider's.
 Does not know: onboarding, the spend cap.
 """
 from __future__ import annotations

@@ -98,3 +98,38 @@ def test_a_litellm_model_list_s_own_prices_are_read(tmp_path):
     assert got["params"][0] == pytest.approx(0.5) and got["params"][1] is None
     assert got["ours"] == (1.0, 2.0)
     assert got["junk"] == (None, None)
+
+
+def test_a_side_left_unpriced_is_taken_from_the_next_source_or_said_free(tmp_path, caplog):
+    """A gpt-4o priced for its input only counted its output as free ($0.53 for the whole test
+    where $4.53 is due): each side comes from the first source that gives it, and one that none
+    gives, beside a priced one, is said once to be counted free."""
+    import yaml
+
+    from proxy.onboarding_service import prices_of
+    from proxy.providers import ProviderRegistry
+
+    key = "sk-test-0123456789"
+    azure = {"model": "azure/gpt-4o", "api_base": "https://example.openai.azure.com", "api_key": key}
+    path = tmp_path / "providers.yaml"
+    path.write_text(yaml.safe_dump({"model_list": [
+        {"model_name": "ours_in", "litellm_params": {"model": "openai/gpt-4o", "api_key": key},
+         "model_info": {"input_price_per_mtok": 3.0}},
+        {"model_name": "litellm_in", "litellm_params": {"model": "openai/gpt-4o", "api_key": key,
+                                                        "input_cost_per_token": 2e-06}},
+        {"model_name": "mixed", "litellm_params": {**azure, "input_cost_per_token": 5e-07},
+         "model_info": {"output_price_per_mtok": 4.0}},
+        {"model_name": "azure_in", "litellm_params": azure, "model_info": {"input_price_per_mtok": 1.0}}]}))
+    models = ProviderRegistry(path, dict).snapshot.models
+    with caplog.at_level("WARNING", logger="satroute.onboarding"):
+        got = {name: (p.input_per_mtok, p.output_per_mtok)
+               for name, p in ((n, prices_of(d)) for n, d in models.items())}
+        prices_of(models["azure_in"])  # every sync reads them again: said once
+    assert got["ours_in"] == pytest.approx((3.0, 10.0))  # the output from litellm's list
+    assert got["litellm_in"] == pytest.approx((2.0, 10.0))
+    assert got["mixed"] == pytest.approx((0.5, 4.0))
+    assert got["azure_in"] == (1.0, None)  # an api_base of its own: not in the list
+    said = [r.getMessage() for r in caplog.records if "as free" in r.getMessage()]
+    assert said == ["onboarding azure_in: providers.yaml prices its input tokens only, and litellm's "
+                    "price list does not know it: onboarding counts its output tokens as free (set "
+                    "model_info.output_price_per_mtok)"]
