@@ -187,6 +187,12 @@ def adapted_params(params: dict, exc: UpstreamClientError) -> dict | None:
     return out
 
 
+def spend_kept(spent: float) -> str:
+    """What a line saying that a model's answers were forgotten for another upstream adds about
+    the spend kept (``Store.forget``); "" when nothing was spent."""
+    return f"; the ${spent:.2f} spent on it is kept, and counts against the spend cap" if spent else ""
+
+
 def prompt_tokens(question: Question) -> int:
     return sum(approx_tokens(m["content"]) + 4 for m in messages_for(question))
 
@@ -352,9 +358,9 @@ class Onboarding:
         opts = self.options
         store = self.store
         if upstream is not None and await self._store(store.upstream_changed, model, upstream, legacy):
-            await self._store(store.forget, model, moved=True)  # the lease stays this run's
+            kept = await self._store(store.forget, model, moved=True)  # the lease stays this run's
             log.warning("onboarding %s: its upstream changed; its answers and profile were "
-                        "forgotten", model)
+                        "forgotten%s", model, spend_kept(kept))
         # answers an earlier version graded stored otherwise: the profile is made of today's grades
         await self.regrade(model, leased=True)
         done = await self._store(store.answered, model)
@@ -366,6 +372,10 @@ class Onboarding:
         total = len(self.questions)
         if opts.spend_cap_usd is not None and spent + estimate > opts.spend_cap_usd:
             before = f" plus ${spent:.2f} already spent" if spent else ""
+            forgotten = (await self._progress(model)).spent_forgotten
+            if forgotten:
+                before += (f" (${forgotten:.2f} of it on answers forgotten when it pointed at "
+                           "another upstream)")
             await self._store(store.set_status, model, "failed",
                               f"estimated cost ${estimate:.2f} for {len(todo)} questions{before} "
                               f"exceeds the spend cap ${opts.spend_cap_usd:.2f}",
@@ -836,7 +846,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--spend-cap", type=float, default=None,
                         help="USD; refuse to start above this estimate (default 20; <0: no cap)")
     parser.add_argument("--restart", action="store_true",
-                        help="forget the model's stored answers and profile first")
+                        help="forget the model's stored answers, profile and spend first")
 
 
 def run(args) -> int:
@@ -971,13 +981,15 @@ async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int
     suite = bar = dispatcher = None
     try:
         # on threads: the signal handlers above run only while the event loop does
-        if restart:
-            await asyncio.to_thread(store.forget, model)
+        if restart and (dropped := await asyncio.to_thread(store.forget, model)):
+            print(f"satroute onboard: --restart: the stored answers and profile of {model}, and the "
+                  f"${dropped:.2f} spent on its onboarding, were forgotten: the spend cap counts from "
+                  "$0 again", file=sys.stderr)
         upstream = upstream_fingerprint(d)
         if await asyncio.to_thread(store.upstream_changed, model, upstream, legacy_fingerprint(d)):
-            await asyncio.to_thread(store.forget, model, moved=True)
+            kept = await asyncio.to_thread(store.forget, model, moved=True)
             print(f"satroute onboard: {model} now points at another upstream ({d.model}): "
-                  "its stored answers and profile were forgotten", file=sys.stderr)
+                  f"its stored answers and profile were forgotten{spend_kept(kept)}", file=sys.stderr)
         suite = load_suite(settings.onboarding_suite)
         questions = await _in_daemon_thread(
             load_questions, suite.question_ids, suite.name, settings.onboarding_data,

@@ -44,7 +44,7 @@ import orjson
 
 from proxy.dispatch import Attempt, Call, Dispatcher
 from proxy.errors import ServiceUnavailable, UpstreamError, UpstreamTransient
-from proxy.onboarding import Onboarding, Options, Prices, RunCancelled, Said, status_of
+from proxy.onboarding import Onboarding, Options, Prices, RunCancelled, Said, spend_kept, status_of
 from proxy.prices import LITELLM_PRICE_KEYS, litellm_cost, listed_prices
 from proxy.providers import Deployment, ProviderRegistry, legacy_fingerprint, upstream_fingerprint
 from proxy.questions import Question, QuestionSourceError, load_questions
@@ -427,10 +427,10 @@ class OnboardingService:
             elif changed:
                 if name in self._elsewhere and await self._still_elsewhere(name):
                     continue  # read, not a write lock twice a second: another proxy's still
-                if not await self._reset(name):
+                if (kept := await self._reset(name)) is None:
                     continue
                 log.warning("onboarding %s: its upstream changed; its answers and profile were "
-                            "forgotten, onboarding it again", name)
+                            "forgotten%s; onboarding it again", name, spend_kept(kept))
             elif d.profile is not None:
                 continue
             elif self._failed_stamp.get(name) == digest:
@@ -462,22 +462,23 @@ class OnboardingService:
         except sqlite3.OperationalError:
             return True
 
-    async def _reset(self, name: str) -> bool:
-        """Forget a model's stored onboarding, and stop routing with its stored profile. False
+    async def _reset(self, name: str) -> float | None:
+        """Forget a model's stored answers and profile for another upstream, and stop routing with
+        its stored profile; the USD its onboarding spent, which is kept (``Store.forget``). None
         (nothing forgotten) while another process onboards it or points it at the upstream its
         stored answers came from, or the store refuses the write: tried again on a later tick."""
         try:
-            await asyncio.to_thread(self.store.forget, name, moved=True)
+            kept = await asyncio.to_thread(self.store.forget, name, moved=True)
         except ModelBusy as exc:
             self._busy(name, exc)
-            return False
+            return None
         except sqlite3.OperationalError as exc:
             self._wait(name, f"the state store refuses writes: {exc}")
-            return False
+            return None
         self._failed_stamp.pop(name, None)
         self._elsewhere.pop(name, None)
         self.registry.refresh_profiles()
-        return True
+        return kept
 
     async def _failed_elsewhere(self, name: str, config: str, digest: bytes) -> bool:
         """True when the model's stored failure was recorded with ``config`` since this process

@@ -21,7 +21,9 @@ heartbeat), and a model is forgotten because it now points at another upstream
 (``forget(moved=True)``) only while no other live process points it at the stored one
 (``UpstreamInUse`` otherwise): two proxies that disagree on a model's upstream (two containers'
 providers.yaml, a rolling deploy that changes ``api_base``) would otherwise forget each other's
-answers, profile and spend in turn, for ever.
+answers and profile in turn, for ever. What a model's onboarding spent outlives forgetting its
+answers for another upstream (``spent_forgotten_usd``, beside the ``spent_usd`` of the answers
+stored): the spend cap covers the model's name across such edits.
 A failure is stored with a digest of the configuration it failed with (``failure``), so that
 another process with the same one need not pay for the same failure again.
 Durability: ``synchronous=NORMAL`` in WAL mode survives any crash or kill of the process; only an
@@ -73,7 +75,8 @@ CREATE TABLE IF NOT EXISTS onboarding (
     owner TEXT,
     heartbeat REAL,
     upstream_plain TEXT,
-    failed_config TEXT
+    failed_config TEXT,
+    spent_forgotten_usd REAL
 );
 CREATE TABLE IF NOT EXISTS answers (
     model TEXT NOT NULL,
@@ -115,7 +118,7 @@ _COLUMNS_ADDED = (("routing_log", "failed", "TEXT"), ("routing_log", "request_id
                   ("routing_log", "degraded", "TEXT"), ("onboarding", "upstream", "TEXT"),
                   ("onboarding", "spent_usd", "REAL"), ("onboarding", "owner", "TEXT"),
                   ("onboarding", "heartbeat", "REAL"), ("onboarding", "upstream_plain", "TEXT"),
-                  ("onboarding", "failed_config", "TEXT"))
+                  ("onboarding", "failed_config", "TEXT"), ("onboarding", "spent_forgotten_usd", "REAL"))
 
 
 class ModelBusy(Exception):
@@ -161,9 +164,10 @@ class Progress:
     correct: int
     estimated_cost: float | None
     updated_at: float
-    spent: float = 0.0  # USD paid for its answers so far (estimated from their lengths)
+    spent: float = 0.0  # USD paid for its onboarding so far (estimated from lengths), as ``Store.spent``
     owner: str | None = None  # the lease on it, as stored (``Store.held`` says if it is held)
     heartbeat: float | None = None
+    spent_forgotten: float = 0.0  # of ``spent``, what answers since forgotten cost (``Store.forget``)
 
     @property
     def accuracy(self) -> float | None:
@@ -174,6 +178,7 @@ class Progress:
                 "questions_done": self.done, "questions_total": self.total,
                 "accuracy_so_far": None if self.accuracy is None else round(self.accuracy, 4),
                 "estimated_cost_usd": self.estimated_cost, "spent_usd": round(self.spent, 4),
+                "spent_forgotten_usd": round(self.spent_forgotten, 4),
                 "updated_at": self.updated_at}
 
 
@@ -543,9 +548,12 @@ class Store:
             return False
 
     def spent(self, model: str) -> float:
-        """USD recorded as paid for the model's onboarding (0 when none)."""
-        rows = self._read("SELECT spent_usd FROM onboarding WHERE model = ?", (model,))
-        return float(rows[0][0] or 0.0) if rows else 0.0
+        """USD recorded as paid for the model's onboarding (0 when none): for the answers stored
+        (``spent_usd``, which is all earlier versions read) and for those forgotten since because
+        the model pointed at another upstream (``spent_forgotten_usd``: ``forget``)."""
+        rows = self._read("SELECT COALESCE(spent_usd, 0) + COALESCE(spent_forgotten_usd, 0) "
+                          "FROM onboarding WHERE model = ?", (model,))
+        return float(rows[0][0]) if rows else 0.0
 
     def set_status(self, model: str, status: str, reason: str | None = None,
                    suite: str = "", total: int | None = None, leased: bool = False,
@@ -603,11 +611,12 @@ class Store:
         rows = self._read(
             "SELECT o.model, o.suite, o.status, o.reason, o.total, o.estimated_cost, "
             "o.updated_at, COUNT(a.question_id), COALESCE(SUM(a.correct), 0), o.spent_usd, "
-            f"o.owner, o.heartbeat FROM onboarding o LEFT JOIN answers a ON {on} {where} "
-            "GROUP BY o.model ORDER BY o.model", on_args + args)
+            f"o.owner, o.heartbeat, o.spent_forgotten_usd FROM onboarding o LEFT JOIN answers a "
+            f"ON {on} {where} GROUP BY o.model ORDER BY o.model", on_args + args)
         return [Progress(model=r[0], suite=r[1], status=r[2], reason=r[3], total=r[4],
                          estimated_cost=r[5], updated_at=r[6], done=r[7], correct=r[8],
-                         spent=r[9] or 0.0, owner=r[10], heartbeat=r[11])
+                         spent=(r[9] or 0.0) + (r[12] or 0.0), owner=r[10], heartbeat=r[11],
+                         spent_forgotten=r[12] or 0.0)
                 for r in rows]
 
     # -- graded answers ---------------------------------------------------------------------
@@ -734,27 +743,34 @@ class Store:
         rows = self._read("SELECT suite FROM profiles WHERE model = ?", (model_name,))
         return rows[0][0] if rows else None
 
-    def forget(self, model: str, moved: bool = False) -> None:
-        """Drop everything stored about a model (to onboard it again from scratch), in one
+    def forget(self, model: str, moved: bool = False) -> float:
+        """Drop what is stored about a model's test (to onboard it again from scratch), in one
         transaction: a crash never leaves a profile without its answers. Raises ``ModelBusy`` (and
         drops nothing) while another live process onboards it. ``moved``: forgotten because this
         process points the model at another upstream than the stored answers came from; then
         also ``UpstreamInUse`` (and nothing dropped) while another live process points it at
-        theirs (``using``). A lease this process holds on it is kept (on a fresh ``pending`` row):
-        forgetting, to start over, must not hand the model to another process before the new run
-        begins."""
+        theirs (``using``), and what the model's onboarding spent is kept with its name
+        (``spent_forgotten_usd``, which ``spent`` counts), so that the spend cap covers it across
+        such edits; without ``moved`` (an admin's ``--restart``) the spend goes too. Returns the
+        USD spent before: kept, or dropped. A lease this process holds on it is kept (on a fresh
+        ``pending`` row, which also holds the spend kept): forgetting, to start over, must not hand
+        the model to another process before the new run begins."""
         with self._leased(model):
             if moved and (user := self._user(model)) is not None:
                 raise UpstreamInUse(model, user)
-            held = self._db.execute("SELECT 1 FROM onboarding WHERE model = ? AND owner = ?",
-                                    (model, self.owner)).fetchone()
+            row = self._db.execute("SELECT owner = ?, COALESCE(spent_usd, 0) + "
+                                   "COALESCE(spent_forgotten_usd, 0) FROM onboarding WHERE model = ?",
+                                   (self.owner, model)).fetchone()
+            held, spent = (bool(row[0]), row[1]) if row is not None else (False, 0.0)
             for table in ("answers", "profiles", "onboarding"):
                 self._db.execute(f"DELETE FROM {table} WHERE model = ?", (model,))
-            if held:
+            kept = spent if moved and spent else None
+            if held or kept is not None:
                 now = time.time()
                 self._db.execute("INSERT INTO onboarding (model, suite, status, updated_at, owner, "
-                                 "heartbeat) VALUES (?, '', 'pending', ?, ?, ?)",
-                                 (model, now, self.owner, now))
+                                 "heartbeat, spent_forgotten_usd) VALUES (?, '', 'pending', ?, ?, ?, ?)",
+                                 (model, now, self.owner if held else None, now if held else None, kept))
+            return spent
 
     # -- routing log ------------------------------------------------------------------------
     def log_routes(self, entries: Iterable[RouteEntry], keep: int = 0) -> None:

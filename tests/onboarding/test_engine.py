@@ -412,6 +412,29 @@ async def test_the_spend_cap_holds_across_restarts(tmp_path, tiny):
     assert sum(asker.asked.values()) == paid
 
 
+async def test_the_spend_cap_holds_across_edits_of_the_upstream(tmp_path, tiny, caplog):
+    """api_base edited back and forth (127.0.0.1, localhost: another upstream each time) forgot the
+    spend with the answers, and each run spent the cap again: the spend is kept, and said so."""
+    suite, questions = tiny
+    asker = FakeAsker(questions, lambda q: "A")
+    prices = Prices(0.0, 1_000_000.0)
+    cap = estimate_cost(questions, prices, Options(expected_output_tokens=2)) + 1
+    opts = Options(concurrency=1, expected_output_tokens=2, spend_cap_usd=cap)
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, asker, opts).run("m", prices, upstream="a")
+        assert progress.status == "failed" and "reached after" in progress.reason
+        paid, spent = sum(asker.asked.values()), progress.spent
+        for upstream in ("b", "a", "b"):
+            progress = await Onboarding(store, suite, questions, asker, opts).run("m", prices,
+                                                                                  upstream=upstream)
+            assert progress.status == "failed" and progress.done == 0
+            assert f"plus ${spent:.2f} already spent (${spent:.2f} of it on answers forgotten when it " \
+                   "pointed at another upstream) exceeds the spend cap" in progress.reason
+            assert progress.to_json()["spent_forgotten_usd"] == progress.to_json()["spent_usd"] > cap
+    assert sum(asker.asked.values()) == paid
+    assert f"forgotten; the ${spent:.2f} spent on it is kept, and counts against the spend cap" in caplog.text
+
+
 async def test_answers_of_another_upstream_are_forgotten(tmp_path, tiny, caplog):
     suite, questions = tiny
     gold = gold_map(questions)

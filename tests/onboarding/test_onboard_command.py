@@ -45,8 +45,16 @@ def test_onboard_command_stores_the_profile_and_resumes(tmp_path, up, capsys):
     asked = len(up.bodies("fresh"))
     assert main(argv) == 0  # done already: nothing is asked again
     assert len(up.bodies("fresh")) == asked
+    with Store(tmp_path / "state") as store:
+        spent = store.spent("fresh")
+    capsys.readouterr()
     assert main(argv + ["--restart"]) == 0  # --restart forgets and asks everything again
     assert len(up.bodies("fresh")) == asked + 6
+    # the spend too, and it says so: what an admin does to start over past the cap
+    assert (f"--restart: the stored answers and profile of fresh, and the ${spent:.2f} spent on its "
+            "onboarding, were forgotten: the spend cap counts from $0 again") in capsys.readouterr().err
+    with Store(tmp_path / "state") as store:
+        assert store.spent("fresh") == pytest.approx(spent)  # the new run's alone
 
 
 def test_onboard_command_errors(tmp_path, up, capsys):
@@ -126,6 +134,7 @@ def test_onboard_command_keeps_the_answers_of_the_upstream_a_running_proxy_point
     argv = onboard_fresh(tmp_path, up)
     with Store(tmp_path / "state") as proxy:
         proxy.begin("fresh", "tiny", 6, upstream="elsewhere")
+        proxy.record("fresh", GradedAnswer("mmlu_pro/0", "A", True), cost=0.5)
         proxy.finish("fresh", "tiny", {"task0": 0.5, "task1": 0.5})
         proxy.using({"fresh": ("elsewhere", None)})
         assert main(argv) == 2
@@ -136,8 +145,9 @@ def test_onboard_command_keeps_the_answers_of_the_upstream_a_running_proxy_point
         assert not up.bodies("fresh") and proxy.get("fresh") == {"task0": 0.5, "task1": 0.5}
         proxy.using({})
         assert main(argv) == 0
-        assert "its stored answers and profile were forgotten" in capsys.readouterr().err
-        assert len(up.bodies("fresh")) == 6
+        assert ("its stored answers and profile were forgotten; the $0.50 spent on it is kept, and "
+                "counts against the spend cap") in capsys.readouterr().err
+        assert len(up.bodies("fresh")) == 6 and proxy.spent("fresh") > 0.5
 
 
 def test_onboard_command_resumes_a_run_an_earlier_version_fingerprinted(tmp_path, up, capsys):

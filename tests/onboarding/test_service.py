@@ -162,6 +162,36 @@ async def test_another_upstream_under_the_same_name_is_onboarded_again(tmp_path)
         assert dispatcher.calls == {"openai/tiny": 12, "openai/big": 24}
 
 
+async def test_the_spend_of_answers_forgotten_for_another_upstream_is_kept_and_shown(tmp_path, caplog):
+    """An edit of api_base forgets the answers and profile, not what they cost: the log line says
+    so, the status shows it, and the run on the new upstream adds to it."""
+    config = tmp_path / "providers.yaml"
+
+    def priced(api_base):
+        entries = pointing_at("openai/tiny", tmp_path, api_base)
+        entries[0]["model_info"] = {"input_price_per_mtok": 100.0, "output_price_per_mtok": 100.0}
+        return entries
+
+    write_providers(config, priced("http://127.0.0.1:9"))
+    suite, questions = make_suite()
+    with Store(tmp_path / "state") as store:
+        registry, svc = service(config, store, ByUpstream(), suite, questions)
+        await svc.sync()
+        await asyncio.wait_for(svc.runs["m"], 10)
+        first = store.spent("m")
+        write_providers(config, priced("http://localhost:9"))
+        registry.reload()
+        with caplog.at_level(logging.WARNING, logger="satroute.onboarding"):
+            await svc.sync()
+        assert (f"onboarding m: its upstream changed; its answers and profile were forgotten; the "
+                f"${first:.2f} spent on it is kept, and counts against the spend cap; onboarding it "
+                "again") in caplog.text
+        await asyncio.wait_for(svc.runs["m"], 10)
+        shown = svc.status()["models"]["m"]
+        assert shown["status"] == "done" and shown["spent_forgotten_usd"] == round(first, 4)
+        assert shown["spent_usd"] == pytest.approx(2 * first, abs=1e-4)
+
+
 async def test_two_proxies_pointing_a_model_at_two_upstreams_keep_each_other_s_profile(tmp_path, caplog):
     """Two proxies on one state directory, each one's providers.yaml pointing `m` at its own server
     (two containers; a rolling deploy that changes api_base while the old proxy still runs): each forgot

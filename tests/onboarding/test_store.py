@@ -233,6 +233,37 @@ def test_spend_is_recorded_with_each_answer(tmp_path):
         assert s.spent("m") == 0.0
 
 
+def test_the_spend_outlives_answers_forgotten_for_another_upstream(tmp_path):
+    """Each edit of api_base forgot the spend with the answers, so edits back and forth spent
+    without limit: the spend stays with the model's name (in a column of its own: ``spent_usd``,
+    which earlier versions read, is still the spend of the answers stored); an admin's
+    ``--restart`` (``forget`` without ``moved``) drops it too, and says how much."""
+    import sqlite3
+
+    with Store(tmp_path) as s:
+        s.begin("m", "suite", total=3, upstream="a")
+        s.record("m", GradedAnswer("q1", "A", True), cost=0.5)
+        s.release("m")
+        assert s.forget("m", moved=True) == 0.5  # no lease held: the row stays for the spend
+        p = s.progress("m")
+        assert (p.status, p.done, p.owner, p.spent, p.spent_forgotten) == ("pending", 0, None, 0.5, 0.5)
+        assert p.to_json()["spent_usd"] == 0.5 and p.to_json()["spent_forgotten_usd"] == 0.5
+        assert s.answered("m") == set() and s.get("m") is None and s.spent("m") == 0.5
+        assert not s.upstream_changed("m", "b")  # nothing of another upstream's left to forget
+        s.claim("m", "suite")
+        s.begin("m", "suite", total=3, upstream="b")
+        s.record("m", GradedAnswer("q1", "B", False), cost=0.25)
+        assert s.spent("m") == 0.75 and s.progress("m").to_json()["spent_usd"] == 0.75
+        assert s.upstream_changed("m", "a")
+        assert s.forget("m", moved=True) == 0.75  # held: the lease and the spend both stay
+        assert s.spent("m") == 0.75 and s.heartbeat("m")
+        db = sqlite3.connect(tmp_path / "satroute.db")
+        assert db.execute("SELECT spent_usd, spent_forgotten_usd FROM onboarding").fetchall() == [(None, 0.75)]
+        db.close()
+        assert s.forget("m") == 0.75  # --restart: the spend goes with the rest
+        assert s.spent("m") == 0.0 and s.progress("m").spent_forgotten == 0.0
+
+
 def test_one_process_at_a_time_holds_a_model(tmp_path):
     """The lease: another store (process) can neither begin, claim nor forget a model while its
     owner's lease is fresh; it can once the owner releases it, or its heartbeat is stale."""
