@@ -83,17 +83,24 @@ class Said:
     # attempts of the same ask before this answer that the upstream may have billed with no answer
     # back (timed out, cut after sending: dispatch's retries), counted apart from ``billed``
     unanswered: int = 0
+    # the reasoning its upstream returned beside the answer (``reasoning_content``, thinking parts):
+    # not graded, but generated and billed
+    reasoning: str = ""
 
-    def billed(self, question: Question) -> tuple[int, int]:
+    def billed(self, question: Question, budget: int = 0) -> tuple[int, int]:
         """(input, output) tokens to count for the spend: the larger of what the usage says and
-        an estimate from the text, so a usage left out or zero-filled (litellm fills zeros for an
-        upstream that sends none), or one that counts reasoning only in its total, is no
-        discount."""
+        an estimate from the text (the answer's and the reasoning's returned beside it), so a
+        usage left out or zero-filled (litellm fills zeros for an upstream that sends none), or
+        one that counts reasoning only in its total, is no discount. An answer cut off at the
+        limit with no usage to say what it cost counts ``budget`` (the ask's ``max_tokens``) at
+        least: reasoning it did not return may have spent it all."""
         out = self.completion_tokens or 0
         if self.total_tokens is not None and self.prompt_tokens is not None:
             out = max(out, self.total_tokens - self.prompt_tokens)
+        if self.cut_off and out <= 0:
+            out = budget
         return (max(self.prompt_tokens or 0, prompt_tokens(question)),
-                max(out, approx_tokens(self.text)))
+                max(out, approx_tokens(self.text) + approx_tokens(self.reasoning)))
 
 
 class Asker(Protocol):
@@ -605,7 +612,7 @@ class Onboarding:
             finally:
                 state.in_flight -= 1
                 state.asking.discard(question.id)
-            await self._answered(state, question, said)
+            await self._answered(state, question, said, answer_budget(params, self.options.max_tokens))
 
     async def _ask(self, state: _Run, messages: list[dict], params: dict, prompt: int) -> Said:
         """One ask of the run. The attempts it sent that the upstream may have billed with no
@@ -661,7 +668,7 @@ class Onboarding:
         log.info("onboarding %s: going on at the new prices", state.model)
         return True
 
-    async def _answered(self, state: _Run, question: Question, said: Said) -> None:
+    async def _answered(self, state: _Run, question: Question, said: Said, budget: int) -> None:
         text = said.text
         letter = extract_answer(text, len(question.options))
         if said.filtered and letter is None:  # a safety block: no sign of the answer's form
@@ -672,7 +679,7 @@ class Onboarding:
                 log.warning("onboarding %s: an answer was cut off at max_tokens=%d before it stated a "
                             "letter (graded wrong); a reasoning model needs a larger "
                             "SATROUTE_ONBOARDING_MAX_TOKENS", state.model, self.options.max_tokens)
-        cost = state.prices.cost(*said.billed(question))
+        cost = state.prices.cost(*said.billed(question, budget))
         waited = await self._write(state, self.store.record, state.model,
                                    GradedAnswer(question.id, letter, _right(question, letter),
                                                 text), cost, leased=True)

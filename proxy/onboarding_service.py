@@ -87,7 +87,8 @@ class DispatchAsker:
             usage = answer.get("usage") if isinstance(answer.get("usage"), dict) else {}
             return Said(text, _tokens(usage.get("prompt_tokens")), _tokens(usage.get("completion_tokens")),
                         _tokens(usage.get("total_tokens")), cut_off=choice.get("finish_reason") == "length",
-                        filtered=choice.get("finish_reason") == "content_filter", unanswered=unanswered)
+                        filtered=choice.get("finish_reason") == "content_filter", unanswered=unanswered,
+                        reasoning=reasoning_text(choice["message"]))
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             failure = UpstreamTransient(f"{model}: answer is not a chat completion: "
                                         f"{(reply.body or b'')[:200]!r}", model=model)
@@ -113,6 +114,34 @@ def content_text(content: object) -> str:
                          and part.get("type", "text") in ("text", "output_text")
                          and isinstance(part.get("text"), str))
     raise TypeError(f"message content is a {type(content).__name__}")
+
+
+def reasoning_text(message: dict) -> str:
+    """The reasoning a chat message carries beside its answer, where its upstream returns it: a
+    reasoning parser's ``reasoning_content`` (vLLM, llama.cpp, DeepSeek's API) or ``reasoning``
+    (OpenRouter, newer vLLM), ``thinking_blocks`` (Claude's, through litellm), OpenRouter's
+    ``reasoning_details`` (their text or summary; an encrypted one has none to measure), or
+    ``content`` parts of type ``thinking`` or ``reasoning``. The longest of them: several carry
+    the same text (litellm gives Claude's thinking both as ``reasoning_content`` and as
+    ``thinking_blocks``). "" when there is none."""
+    content = message.get("content")
+    parts = [part for part in content if isinstance(part, dict) and part.get("type") in
+             ("thinking", "reasoning")] if isinstance(content, list) else []
+    fields = [message.get(name) for name in ("reasoning_content", "reasoning", "thinking_blocks",
+                                             "reasoning_details")]
+    return max((_text_within(field) for field in (*fields, parts)), key=len)
+
+
+def _text_within(value: object) -> str:
+    """The text a reasoning field holds: a string, or parts (nested) holding it as ``text``,
+    ``thinking`` or ``summary``."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):
+        return "\n".join(filter(None, map(_text_within, value)))
+    if isinstance(value, dict):
+        return "\n".join(filter(None, (_text_within(value.get(k)) for k in ("text", "thinking", "summary"))))
+    return ""
 
 
 def onboardable(d: Deployment) -> bool:

@@ -105,3 +105,22 @@ async def test_attempts_that_may_be_billed_with_no_answer_are_counted(registry):
     with pytest.raises(UpstreamTransient) as garbled:  # it came back, unread: maybe billed too
         await DispatchAsker(registry, Retrying(b'{"choices": []}', tried)).ask("m", [])
     assert garbled.value.unanswered == 3
+
+
+@pytest.mark.parametrize("message", [
+    {"content": "The answer is (A).", "reasoning_content": "x" * 8000},  # a reasoning parser's
+    {"content": "The answer is (A).", "reasoning": "x" * 8000},  # OpenRouter's, newer vLLM's
+    {"content": "The answer is (A).", "reasoning_content": "x" * 8000,  # litellm gives Claude's twice
+     "thinking_blocks": [{"type": "thinking", "thinking": "x" * 8000, "signature": "s"}]},
+    {"content": "The answer is (A).", "reasoning_details": [{"type": "reasoning.text", "text": "x" * 8000},
+                                                            {"type": "reasoning.encrypted", "data": "y"}]},
+    {"content": [{"type": "thinking", "thinking": [{"type": "text", "text": "x" * 8000}]},
+                 {"type": "text", "text": "The answer is (A)."}]},
+])
+async def test_reasoning_returned_beside_the_answer_comes_with_it(registry, message):
+    """Not graded, but billed: the spend counts its length where no usage says what it cost."""
+    import orjson
+
+    body = orjson.dumps({"choices": [{"message": {"role": "assistant", **message}}]})
+    said = await DispatchAsker(registry, FakeDispatcher(body)).ask("m", [])
+    assert said.text == "The answer is (A)." and said.reasoning == "x" * 8000

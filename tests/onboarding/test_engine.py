@@ -642,6 +642,24 @@ async def test_spend_counts_what_the_upstream_billed_and_never_less_than_the_est
         assert store.spent("m") == pytest.approx(expected) and expected > 0
 
 
+async def test_reasoning_and_a_cut_off_answer_count_when_no_usage_says_what_was_billed(tmp_path, tiny):
+    """A reasoning model's upstream that sends no usage: the reasoning returned beside the answer
+    (``reasoning_content``, 2,000 tokens) counts as its text does, and an answer cut off at
+    max_tokens, its reasoning not returned, counts the whole budget."""
+    from proxy.onboarding import Said
+    from proxy.routing import approx_tokens
+
+    suite, questions = tiny
+    asker = FakeAsker(questions, lambda q: "A")
+    text = "Thinking about it... The answer is (A)."
+    asker.answers[questions[0].id] = Said(text, reasoning="x" * 8000)
+    asker.answers[questions[1].id] = Said("", cut_off=True)
+    prices = Prices(0.0, 1.0)
+    with Store(tmp_path) as store:
+        await Onboarding(store, suite, questions, asker, FAST).run("m", prices)
+        assert store.spent("m") == pytest.approx(prices.cost(0, 11 * approx_tokens(text) + 2000 + 2048))
+
+
 def timed_out(attempts: int | None) -> AllUpstreamsFailed:
     """An ask that timed out, after ``attempts`` billed with no answer back (None: not counted by
     the asker)."""
