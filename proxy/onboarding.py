@@ -388,8 +388,10 @@ class Onboarding:
                               f"exceeds the spend cap ${opts.spend_cap_usd:.2f}",
                               suite=self.suite.name, total=total, leased=True, config=config)
             return await self._progress(model)
-        await self._store(store.begin, model, self.suite.name, total, round(estimate, 4), upstream,
-                          legacy)
+        # the whole onboarding's estimate, as the cap sees it: a resumed run's is what was spent
+        # plus what is left, not the questions left alone beside the spend of the others
+        await self._store(store.begin, model, self.suite.name, total, round(spent + estimate, 4),
+                          upstream, legacy)
         log.info("onboarding %s: %d of %d questions to ask (estimated $%.2f, $%.2f spent before)",
                  model, len(todo), total, estimate, spent)
         state = _Run(model, todo, answered_before=bool(done), price_now=price_now, prices=prices)

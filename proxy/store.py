@@ -162,7 +162,7 @@ class Progress:
     total: int
     done: int
     correct: int
-    estimated_cost: float | None
+    estimated_cost: float | None  # USD the whole onboarding is estimated at (spent + left) as its run began
     updated_at: float
     spent: float = 0.0  # USD paid for its onboarding so far (estimated from lengths), as ``Store.spent``
     owner: str | None = None  # the lease on it, as stored (``Store.held`` says if it is held)

@@ -70,6 +70,32 @@ async def test_resume_never_asks_a_stored_question_again(tmp_path, tiny):
         assert store.get("m") == {t: 1.0 for t in suite.task_ids}
 
 
+async def test_the_estimated_cost_of_a_resumed_run_is_the_whole_test_s(tmp_path, tiny):
+    """Resumed after a restart, the estimate shown beside the spend covered only the questions
+    left (0.0587 for the whole test, then 0.0409, then 0.0164 beside 1.0 spent): it is what was
+    spent plus the estimate for what is left, as the cap counts it."""
+    suite, questions = tiny
+    prices = Prices(1.0, 10.0)
+    with Store(tmp_path) as store:
+        engine = Onboarding(store, suite, questions, FakeAsker(questions, lambda q: "A", delay=0.005),
+                            Options(concurrency=2))
+        task = asyncio.create_task(engine.run("m", prices))
+        while len(store.answered("m")) < 5:
+            await asyncio.sleep(0.001)
+        assert store.progress("m").estimated_cost == pytest.approx(estimate_cost(questions, prices, FAST),
+                                                                   abs=1e-4)
+        task.cancel()  # the process stops mid-test
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        spent, done = store.spent("m"), store.answered("m")
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, FakeAsker(questions, lambda q: "A"),
+                                    FAST).run("m", prices)
+    left = [q for q in questions if q.id not in done]
+    assert progress.status == "done" and 0 < len(left) < 12
+    assert progress.estimated_cost == pytest.approx(spent + estimate_cost(left, prices, FAST), abs=1e-4)
+
+
 async def test_upstream_down_mid_test_stalls_then_resumes(tmp_path, tiny):
     suite, questions = tiny
     asker = FakeAsker(questions, lambda q: "A", delay=0.002)
