@@ -8,6 +8,8 @@
 #
 # --stop-timeout: docker stop kills the container 10 s after its SIGTERM by default, cutting the 30 s
 # the proxy gives in-flight requests (SATROUTE_SHUTDOWN_TIMEOUT_S) and its final writes.
+# Memory: give it 2 GB if limited (-m 2g): the first start peaks at 1.6 GiB while the scorer's LLM is
+# converted into the cache (docs/configuration.md, "Memory").
 
 FROM python:3.11-slim AS build
 RUN apt-get update \
