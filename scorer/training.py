@@ -4,11 +4,11 @@
 Owns: building the training pool from a routing data set's ``train`` split (the aptitude suite's own
 questions and a validation slice are held out of it; ``test`` is never read), the two group losses,
 the two stages, the validation routing accuracy, the JSONL log, periodic and resumable checkpoints
-(and the best-validated weights in ``out/best``). Several data sets can share one run (``--data
-a,b``: each group is drawn from one of them, by ``--data-weights``, each with its own suite and
-validation slice); ``--init`` warm-starts from another checkpoint (``--layout`` may switch its
-order of pieces); ``--profile-noise`` perturbs the training profiles; ``--device cuda`` trains on
-a GPU.
+(and the best-validated weights in ``out/best``; SIGINT or SIGTERM ends a run after its step, saved,
+for ``--resume``). Several data sets can share one run (``--data a,b``: each group is drawn from one
+of them, by ``--data-weights``, each with its own suite and validation slice); ``--init`` warm-starts
+from another checkpoint (``--layout`` may switch its order of pieces); ``--profile-noise`` perturbs
+the training profiles; ``--device cuda`` trains on a GPU.
 
 Losses, both cross-entropy over a group's 'Yes' scores with the positive as the target:
 - ``paper`` (the paper's term, weight ``--paper-weight``, 1 by default): one model's capability
@@ -43,7 +43,9 @@ import json
 import math
 import random
 import re
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,6 +227,7 @@ class Trainer:
         self.sources = list(sources)
         self.rng = random.Random(args.seed)
         self.step = 0
+        self.saved_step: int | None = None  # the step of the state in --out (None: none yet)
         self.optimizer = None
         self.last_val: dict[str, float] = {}
         for src in self.sources:  # else drawing a paper group would never end
@@ -421,6 +424,7 @@ class Trainer:
                     "trainable": {k: v.detach().cpu() for k, v in self.model.trainable_state().items()}},
                    tmp)
         tmp.replace(out_dir / STATE)
+        self.saved_step = self.step
 
     def resume(self, out_dir: Path) -> float | None:
         """Continue from ``out_dir``'s state: its weights, step, stage, optimizer and random
@@ -436,6 +440,7 @@ class Trainer:
             group["lr"] = fresh  # the learning rates of this invocation win over the saved ones
         self.rng.setstate(state["rng"])
         torch.set_rng_state(state["torch_rng"].cpu())
+        self.saved_step = self.step
         return state.get("ema")
 
 
@@ -638,14 +643,48 @@ def _finite(value):
     return value
 
 
+class StopSignals:
+    """SIGINT and SIGTERM while the training loop runs (entered on the main thread; elsewhere it
+    catches nothing). The first is kept in ``signum``: the loop ends after the step in progress,
+    saved. A second raises ``KeyboardInterrupt`` where the loop is (stop at once, the last save
+    stands), which leaving the block swallows, setting ``cut``."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.cut = False
+        self._previous: dict[int, object] = {}
+
+    def __enter__(self) -> StopSignals:
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                self._previous[signum] = signal.signal(signum, self._received)
+        return self
+
+    def __exit__(self, kind: type | None, *exc: object) -> bool:
+        for signum, previous in self._previous.items():
+            signal.signal(signum, previous)
+        self.cut = self.signum is not None and kind is KeyboardInterrupt
+        return self.cut
+
+    def _received(self, signum: int, frame: object) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+
 def run(a) -> int:
     """The training run; a wrong data folder, suite, checkpoint or option value, or a loss that
-    diverges, is one line on stderr and exit code 2, not a traceback."""
+    diverges, is one line on stderr and exit code 2, not a traceback. SIGINT or SIGTERM while it
+    trains ends it after the step in progress, saved for ``--resume``: one line on stderr, exit code
+    128 + the signal (130 / 143); a Ctrl+C before the first step is one line and 130."""
     try:
         return _run(a)
     except (DataError, CheckpointError, ValueError) as exc:
         print(f"satroute train: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # reading the data or building the network: nothing trained to save
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def _run(a) -> int:
@@ -684,37 +723,44 @@ def _run(a) -> int:
     best = _best_so_far(out_dir) if resume else -1.0
     from tqdm import tqdm
 
-    bar = tqdm(total=total, initial=trainer.step, desc="capability tuning", mininterval=10)
-    while trainer.step < total:
-        if trainer.step >= a.stage1_steps and trainer.stage == 1 and has_stage_two(model.config):
-            trainer.set_stage(2)
-        try:
+    # the bar closes before a line below it is printed (a diverged loss, an interruption); the last
+    # save is made while the signals are still caught, so that a first one waits for it
+    with StopSignals() as stop, tqdm(total=total, initial=trainer.step, desc="capability tuning",
+                                     mininterval=10) as bar:
+        while trainer.step < total:
+            if trainer.step >= a.stage1_steps and trainer.stage == 1 and has_stage_two(model.config):
+                trainer.set_stage(2)
             rec = trainer.train_step()
-        except ValueError:  # a diverged loss: its one line goes below the bar's, not after it
-            bar.close()
-            raise
-        ema = rec["loss"] if ema is None else 0.95 * ema + 0.05 * rec["loss"]
-        rec.update(step=trainer.step, stage=trainer.stage, ema=round(ema, 4),
-                   elapsed_s=round(time.monotonic() - started, 1))
-        bar.update(1)
-        bar.set_postfix(loss=f"{ema:.3f}", stage=trainer.stage)
-        out_of_time = a.budget_minutes and time.monotonic() - started > a.budget_minutes * 60
-        if trainer.step % a.val_every == 0 or trainer.step == total or out_of_time:
-            rec["val_routing_acc"] = trainer.validate()
-            rec["val"] = dict(trainer.last_val)
-            if rec["val_routing_acc"] > best:  # keep the best-validated weights next to the latest
-                best = rec["val_routing_acc"]
-                save_checkpoint(model, out_dir / BEST, trainer.meta(out_dir, {"val_routing_acc": best,
-                                                                                  "val": rec["val"]}))
-        log.write(json.dumps(_finite(rec)) + "\n")  # NaN is no JSON: a validation slice with no prompt
-        log.flush()
-        if time.monotonic() - last_save > a.save_every_minutes * 60 or "val_routing_acc" in rec:
-            trainer.save(out_dir, {"val_routing_acc": rec.get("val_routing_acc"), "ema_loss": ema}, ema)
-            last_save = time.monotonic()
-        if out_of_time:
-            break
-    bar.close()
-    trainer.save(out_dir, {"ema_loss": ema, "best_val_routing_acc": best}, ema)
+            ema = rec["loss"] if ema is None else 0.95 * ema + 0.05 * rec["loss"]
+            rec.update(step=trainer.step, stage=trainer.stage, ema=round(ema, 4),
+                       elapsed_s=round(time.monotonic() - started, 1))
+            bar.update(1)
+            bar.set_postfix(loss=f"{ema:.3f}", stage=trainer.stage)
+            out_of_time = a.budget_minutes and time.monotonic() - started > a.budget_minutes * 60
+            if trainer.step % a.val_every == 0 or trainer.step == total or out_of_time:
+                rec["val_routing_acc"] = trainer.validate()
+                rec["val"] = dict(trainer.last_val)
+                if rec["val_routing_acc"] > best:  # keep the best-validated weights next to the latest
+                    best = rec["val_routing_acc"]
+                    save_checkpoint(model, out_dir / BEST, trainer.meta(out_dir, {"val_routing_acc": best,
+                                                                                      "val": rec["val"]}))
+            log.write(json.dumps(_finite(rec)) + "\n")  # NaN is no JSON: a validation slice with no prompt
+            log.flush()
+            if time.monotonic() - last_save > a.save_every_minutes * 60 or "val_routing_acc" in rec:
+                trainer.save(out_dir, {"val_routing_acc": rec.get("val_routing_acc"), "ema_loss": ema}, ema)
+                last_save = time.monotonic()
+            if out_of_time or stop.signum is not None:
+                break
+        trainer.save(out_dir, {"ema_loss": ema, "best_val_routing_acc": best}, ema)
+    if stop.cut:  # a second signal: stopped mid-step
+        saved = (f"step {trainer.saved_step}/{total} is saved in {out_dir}; run the same command with --resume to "
+                 "continue from it" if trainer.saved_step is not None else "nothing saved yet")
+        print(f"interrupted again: stopped at once; {saved}", file=sys.stderr)
+        return 128 + stop.signum
+    if stop.signum is not None and trainer.step < total:
+        print(f"interrupted: step {trainer.step}/{total} saved in {out_dir}; run the same command with --resume to "
+              "continue", file=sys.stderr)
+        return 128 + stop.signum
     return 0
 
 

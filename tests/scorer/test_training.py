@@ -859,3 +859,95 @@ def test_a_data_file_that_is_not_gzip_is_one_line_and_exit_2(tiny_run, tmp_path,
     outcomes.write_text("prompt_id,model,score\nq1,alg,1\n")
     assert main(tiny_run()) == 2
     assert capsys.readouterr().err == f"satroute train: {outcomes}: not a gzip file\n"
+
+
+
+@pytest.fixture()
+def signals_caught():
+    """SIGINT and SIGTERM do nothing to the test process outside the code under test (which
+    catches them while it trains)."""
+    import signal
+
+    previous = {s: signal.signal(s, lambda *_: None) for s in (signal.SIGINT, signal.SIGTERM)}
+    yield
+    for s, handler in previous.items():
+        signal.signal(s, handler)
+
+
+def _signal_at(monkeypatch, step: int, *signums: int) -> None:
+    """Trainer.train_step sends the process ``signums``, one after the other, during step ``step``."""
+    import os
+
+    original = Trainer.train_step
+
+    def train_step(self):
+        rec = original(self)
+        if self.step == step:
+            for signum in signums:
+                os.kill(os.getpid(), signum)
+        return rec
+
+    monkeypatch.setattr(Trainer, "train_step", train_step)
+
+
+def _logged_steps(out) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("signame, status", [("SIGINT", 130), ("SIGTERM", 143)])
+def test_a_signal_saves_the_step_in_progress_and_resume_continues_from_it(tiny_run, tmp_path, capsys, monkeypatch,
+                                                                         signals_caught, signame, status):
+    """Ctrl+C (or a container's stop) ends the run after the step it interrupts, saved: nothing
+    since the last save is lost, and --resume runs each step once."""
+    import signal
+
+    from scorer.training import main
+
+    out = tmp_path / "out"
+    flags = ("--stage2-steps", "6", "--val-every", "100")  # no validation, so no save, before the end
+    _signal_at(monkeypatch, 3, getattr(signal, signame))
+    assert main(tiny_run(*flags)) == status
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"interrupted: step 3/7 saved in {out}; run the same command with --resume "
+                                    "to continue")
+    assert "Traceback" not in err
+    assert _logged_steps(out) == [1, 2, 3]
+    assert torch.load(out / "train_state.pt", weights_only=False)["step"] == 3
+    monkeypatch.undo()
+    assert main(tiny_run(*flags, "--resume")) == 0
+    assert "starting a new run" not in capsys.readouterr().err
+    assert _logged_steps(out) == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_a_second_signal_stops_at_once_and_the_last_save_stands(tiny_run, tmp_path, capsys, monkeypatch,
+                                                                signals_caught):
+    import signal
+
+    from scorer.training import main
+
+    out = tmp_path / "out"
+    flags = ("--stage2-steps", "6", "--val-every", "2")  # saved at step 2
+    _signal_at(monkeypatch, 3, signal.SIGINT, signal.SIGINT)
+    assert main(tiny_run(*flags)) == 130
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"interrupted again: stopped at once; step 2/7 is saved in {out}; run the same command with --resume to "
+        "continue from it")
+    assert torch.load(out / "train_state.pt", weights_only=False)["step"] == 2
+    monkeypatch.undo()
+    assert main(tiny_run(*flags, "--resume")) == 0
+    assert _logged_steps(out) == [1, 2, 3, 4, 5, 6, 7]
+
+
+def test_ctrl_c_before_training_began_is_one_line_and_exit_130(tiny_run, capsys, monkeypatch):
+    from scorer import training
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training, "build_sources", interrupted)
+    try:
+        status = training.main(tiny_run())
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl+C before the first step is a traceback")
+    assert status == 130
+    assert capsys.readouterr().err == "interrupted\n"
