@@ -92,10 +92,30 @@ def native_bf16_cuda(device: str) -> bool:
 
 
 class CheckpointError(FileNotFoundError):
-    """A checkpoint folder is missing or incomplete, or its config does not describe its weights.
+    """A checkpoint folder is missing or incomplete, a file of it (or a training state) cannot be
+    read, or its config does not describe its weights.
 
     Not a ``RuntimeError``: ``ModelSATScorer.load`` must not take it for a CUDA failure and load
     the same broken checkpoint again on the CPU."""
+
+
+LFS_POINTER = b"version https://git-lfs"  # how a Git LFS pointer file begins
+
+
+def unreadable(path: str | Path, exc: BaseException, what: str) -> CheckpointError:
+    """The ``CheckpointError`` for ``path``, which failed to load as ``what`` with ``exc``: named,
+    with the first sentence of the reason, or, for a Git LFS pointer (a clone made without git-lfs),
+    saying so."""
+    try:
+        with open(path, "rb") as f:
+            pointer = f.read(len(LFS_POINTER)) == LFS_POINTER
+    except OSError:
+        pointer = False
+    if pointer:
+        return CheckpointError(f"{path} is a Git LFS pointer, not the file itself: this checkout was made "
+                               "without git-lfs (install it, then run `git lfs pull`)")
+    reason = (str(exc).strip().splitlines() or [""])[0].split(". ")[0] or type(exc).__name__
+    return CheckpointError(f"{path} is damaged, or not {what}: {reason}")
 
 
 def save_checkpoint(model: ModelSAT, folder: str | Path, meta: Mapping | None = None) -> Path:
@@ -121,18 +141,25 @@ def checkpoint_identity(folder: str | Path) -> dict[str, str]:
 
 
 def load_model(folder: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32) -> ModelSAT:
-    """Rebuild the network from its config and the backbones, then load the trained parts."""
+    """Rebuild the network from its config and the backbones, then load the trained parts;
+    ``CheckpointError`` naming the file when a file is missing or cannot be read, or the config does
+    not describe the weights."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
     if not (folder / CONFIG).exists() or not (folder / WEIGHTS).exists():
         raise CheckpointError(f"no Model-SAT checkpoint in {folder} (need {CONFIG} and {WEIGHTS})")
+    try:  # a file cut short, another program's, a Git LFS pointer: found before the backbones load
+        weights = load_file(str(folder / WEIGHTS))
+    except (SafetensorError, OSError) as exc:
+        raise unreadable(folder / WEIGHTS, exc, "a safetensors file") from None
     try:  # a config that cannot be read, or names a network this code cannot run
         model = ModelSAT.from_backbones(ModelSATConfig.load(folder / CONFIG))
     except ValueError as exc:
         raise CheckpointError(f"{folder / CONFIG}: {exc}") from None
     try:  # on the CPU still: an error here is the checkpoint's, never the device's
-        model.load_trainable_state(load_file(str(folder / WEIGHTS)))
+        model.load_trainable_state(weights)
     except ValueError as exc:
         raise CheckpointError(f"{folder / CONFIG} does not describe the weights in {folder / WEIGHTS}: {exc}") from None
     return model.to(device=device, dtype=dtype).eval()
@@ -341,4 +368,4 @@ class ModelSATScorer:
 
 __all__ = ["CapabilityWriter", "aptitude", "checkpoint_identity", "CheckpointError", "DEFAULT_CHECKPOINT", "DTYPES",
            "ModelSATScorer", "default_dtype", "load_model", "native_bf16_cpu", "save_checkpoint",
-           "score_candidates", "suite_keywords"]
+           "score_candidates", "suite_keywords", "unreadable"]

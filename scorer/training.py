@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import pickle
 import random
 import re
 import signal
@@ -60,7 +61,7 @@ from scorer.capability import perturb, task_clause
 from scorer.data import DataError, RoutingData, data_root, format_instruction, load_dataset
 from scorer.evaluation import positive_int
 from scorer.inference import (META, CapabilityWriter, CheckpointError, load_model, save_checkpoint, score_candidates,
-                              suite_keywords)
+                              suite_keywords, unreadable)
 from scorer.modeling import LAYOUTS, ModelSAT, ModelSATConfig, write_atomically
 
 STATE = "train_state.pt"
@@ -428,18 +429,27 @@ class Trainer:
 
     def resume(self, out_dir: Path) -> float | None:
         """Continue from ``out_dir``'s state: its weights, step, stage, optimizer and random
-        state; returns the loss average it had reached (None: a state saved before it was kept)."""
+        state; returns the loss average it had reached (None: a state saved before it was kept).
+        A state that cannot be read or does not fit this network is a ``CheckpointError`` naming it."""
+        path = out_dir / STATE
         device = next(self.model.parameters()).device  # a CUDA run may resume on a CPU, and back
-        state = torch.load(out_dir / STATE, weights_only=False, map_location=device)
-        if "trainable" in state:  # not the checkpoint's files: a kill may have left them a step ahead
-            self.model.load_trainable_state(state["trainable"])
-        self.step = int(state["step"])
-        self.set_stage(int(state["stage"]))
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:  # a file cut short (a full disk, a copy), another program's: a line naming it, not a traceback
+            state = torch.load(path, weights_only=False, map_location=device)
+        except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as exc:
+            raise unreadable(path, exc, "a training state") from None
+        try:
+            if "trainable" in state:  # not the checkpoint's files: a kill may have left them a step ahead
+                self.model.load_trainable_state(state["trainable"])
+            self.step = int(state["step"])
+            self.set_stage(int(state["stage"]))
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.rng.setstate(state["rng"])
+            torch.set_rng_state(state["torch_rng"].cpu())
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"{path} is not a training state of this run's network: "
+                                  f"{type(exc).__name__}: {exc}") from None
         for group, fresh in zip(self.optimizer.param_groups, self._learning_rates()):
             group["lr"] = fresh  # the learning rates of this invocation win over the saved ones
-        self.rng.setstate(state["rng"])
-        torch.set_rng_state(state["torch_rng"].cpu())
         self.saved_step = self.step
         return state.get("ema")
 

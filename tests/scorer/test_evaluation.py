@@ -205,6 +205,23 @@ def test_cli_a_checkpoint_whose_config_does_not_describe_its_weights_is_one_line
     assert "Traceback" not in err
 
 
+
+def test_cli_a_checkpoint_whose_weights_are_a_git_lfs_pointer_is_one_line_and_exit_2(data, capsys, tmp_path):
+    from scorer.inference import save_checkpoint
+    from support import tiny_modelsat as tiny
+
+    enc, llm = tiny.save_backbones(tmp_path / "backbones")
+    folder = save_checkpoint(tiny.build(accuracy_feature=True, encoder=enc, llm=llm), tmp_path / "ckpt")
+    (folder / "model.safetensors").write_text("version https://git-lfs.github.com/spec/v1\noid sha256:4d7a\n"
+                                              "size 12345678\n")
+    assert run(_cli(data, "--router", f"mine={folder}", "--baselines", "none", "--suite", "none")) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1] == (f"satroute evaluate: {folder / 'model.safetensors'} is a Git LFS pointer, not the "
+                                    "file itself: this checkout was made without git-lfs (install it, then run "
+                                    "`git lfs pull`)")
+    assert "Traceback" not in err
+
+
 def test_cli_aptitude_weight_replaces_the_checkpoints_own(data, tmp_path, monkeypatch):
     """A checkpoint whose config was given a weight later (route_alignment's 2.52, ninth round) is
     scored as it was before that (0) only with the override: its earlier figures reproduce."""

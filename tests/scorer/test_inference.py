@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 import threading
 
 import pytest
@@ -431,6 +432,29 @@ def test_a_config_that_does_not_describe_its_weights_is_a_checkpoint_error_not_a
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the fallback must not take it for CUDA's
     caplog.set_level(logging.WARNING, logger="satroute.scorer")
     with pytest.raises(CheckpointError, match=str(folder / "config.json")):
+        ModelSATScorer.load(folder)
+    assert "cannot run on CUDA" not in caplog.text
+
+
+
+@pytest.mark.parametrize("weights, message", [
+    (lambda good: good[:500], "is damaged, or not a safetensors file: Error while deserializing header"),
+    (lambda good: b"", "is damaged, or not a safetensors file: Error while deserializing header"),
+    (lambda good: (b"version https://git-lfs.github.com/spec/v1\noid sha256:4d7a2146\nsize 12345678\n"),
+     "is a Git LFS pointer, not the file itself: this checkout was made without git-lfs"),
+], ids=["cut-short", "empty", "git-lfs-pointer"])
+def test_weights_that_cannot_be_read_are_a_checkpoint_error_naming_the_file_not_a_cuda_failure(
+        tmp_path, monkeypatch, caplog, weights, message):
+    """A file cut short, or the pointer a clone without git-lfs leaves in the weights' place."""
+    enc, llm = tiny.save_backbones(tmp_path / "backbones")
+    folder = save_checkpoint(tiny.build(accuracy_feature=True, encoder=enc, llm=llm), tmp_path / "ckpt")
+    path = folder / "model.safetensors"
+    path.write_bytes(weights(path.read_bytes()))
+    with pytest.raises(CheckpointError, match=re.escape(f"{path} ") + message):
+        load_model(folder)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # not loaded again on the CPU
+    caplog.set_level(logging.WARNING, logger="satroute.scorer")
+    with pytest.raises(CheckpointError, match=message):
         ModelSATScorer.load(folder)
     assert "cannot run on CUDA" not in caplog.text
 

@@ -951,3 +951,35 @@ def test_ctrl_c_before_training_began_is_one_line_and_exit_130(tiny_run, capsys,
         pytest.fail("Ctrl+C before the first step is a traceback")
     assert status == 130
     assert capsys.readouterr().err == "interrupted\n"
+
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda good: good[:1000], "is damaged, or not a training state: PytorchStreamReader failed"),
+    (lambda good: b"garbage\n", "is damaged, or not a training state: "),
+    (lambda good: b"", "is damaged, or not a training state: Ran out of input"),
+], ids=["cut-short", "not-a-state", "empty"])
+def test_a_damaged_training_state_is_one_line_naming_it_and_exit_2(tiny_run, tmp_path, capsys, damage, message):
+    """A state file cut short (a full disk, a copy that stopped), or not one at all."""
+    from scorer.training import main
+
+    assert main(tiny_run()) == 0
+    state = tmp_path / "out" / "train_state.pt"
+    state.write_bytes(damage(state.read_bytes()))
+    capsys.readouterr()
+    assert main(tiny_run("--stage2-steps", "3", "--resume")) == 2
+    err = capsys.readouterr().err
+    assert re.fullmatch(re.escape(f"satroute train: {state} ") + message + ".*\n", err.splitlines(True)[-1])
+    assert "Traceback" not in err
+
+
+def test_a_training_state_of_another_kind_is_one_line_naming_it_and_exit_2(tiny_run, tmp_path, capsys):
+    from scorer.training import main
+
+    assert main(tiny_run()) == 0
+    state = tmp_path / "out" / "train_state.pt"
+    torch.save({"step": 2}, state)
+    capsys.readouterr()
+    assert main(tiny_run("--stage2-steps", "3", "--resume")) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"satroute train: {state} is not a training state of this run's network: KeyError: 'stage'")
