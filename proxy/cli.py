@@ -12,11 +12,13 @@ import argparse
 import asyncio
 import contextlib
 import contextvars
+import errno
 import importlib
 import importlib.util
 import logging
 import os
 import signal
+import socket
 import sys
 import threading
 import time
@@ -115,6 +117,50 @@ class Hangups:
             self._loop.call_soon_threadsafe(self._check, context=contextvars.Context())
 
 
+BACKLOG = 2048  # uvicorn's default, for the sockets opened before it starts
+
+
+def listening_sockets(host: str, port: int) -> list[socket.socket]:
+    """Sockets listening on ``host``:``port``, opened as uvicorn's event loop opens them
+    (``loop.create_server``: one per address the host resolves to, an empty host every interface,
+    SO_REUSEADDR, an IPv6 socket IPv6-only). OSError when one cannot be opened (none is left open).
+
+    They listen at once: a socket only bound does not hold the port on Linux, so a second
+    ``satroute serve`` started while the first is starting would bind it too, and fail only when
+    its own app had started."""
+    infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
+    sockets: list[socket.socket] = []
+    try:
+        for family, kind, proto, _, address in dict.fromkeys(infos):
+            try:
+                sock = socket.socket(family, kind, proto)
+            except OSError:  # a family this machine lacks (IPv6 turned off): as the event loop, skip it
+                continue
+            sockets.append(sock)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(BACKLOG)
+        if not sockets:
+            raise OSError(f"no socket can be opened for {host!r}")
+    except BaseException:
+        for sock in sockets:
+            sock.close()
+        raise
+    return sockets
+
+
+def _listen_error(host: str, port: int, exc: OSError) -> str:
+    """The line for a port ``listening_sockets`` could not take."""
+    where = f"[{host}]:{port}" if ":" in host else f"{host or '*'}:{port}"
+    reason = exc.strerror or str(exc)
+    if exc.errno == errno.EADDRINUSE:
+        reason += ("; another process listens there (a satroute serve already running?): stop it, or "
+                   "choose another port (--port, SATROUTE_PORT)")
+    return f"satroute: cannot listen on {where}: {reason}"
+
+
 def serve(args: argparse.Namespace) -> int:
     from proxy.logs import Redactor, configure_logging
     from pydantic import ValidationError
@@ -154,7 +200,25 @@ def serve(args: argparse.Namespace) -> int:
 
 
 def _serve_app(settings: Settings, master: str | None, redactor: Redactor, hangups: Hangups) -> int:
-    """Build the app and serve it until a signal ends it; the exit status."""
+    """Take the port, build the app and serve it until a signal ends it; the exit status (2: the
+    port cannot be taken, or the configuration is invalid)."""
+    # the port first: one in use (a proxy already running) is told before anything is started,
+    # the local model servers and onboarding included
+    try:
+        sockets = listening_sockets(settings.host, settings.port)
+    except OSError as exc:
+        print(_listen_error(settings.host, settings.port, exc), file=sys.stderr)
+        return 2
+    try:
+        return _serve_on(sockets, settings, master, redactor, hangups)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def _serve_on(sockets: list[socket.socket], settings: Settings, master: str | None, redactor: Redactor,
+              hangups: Hangups) -> int:
+    """Build the app and serve it on ``sockets`` until a signal ends it; the exit status."""
     import uvicorn
 
     from proxy.app import create_app
@@ -201,6 +265,11 @@ def _serve_app(settings: Settings, master: str | None, redactor: Redactor, hangu
             hangups.attach(asyncio.get_running_loop(), hangup)
             await super().serve(sockets)
 
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started:  # uvicorn leaves its "running on" line to whoever opened the sockets
+                self._log_started_message(sockets)
+
         async def shutdown(self, sockets: Any = None) -> None:
             # SATROUTE_SHUTDOWN_DELAY_S: serving on, new connections too, while /ready says not
             # ready, so that a load balancer (a Kubernetes Service, which learns of the stop only
@@ -220,12 +289,12 @@ def _serve_app(settings: Settings, master: str | None, redactor: Redactor, hangu
             await super().shutdown(sockets)
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
-                            access_log=False, loop="auto", http=BoundedHttpToolsProtocol,
+                            access_log=False, loop="auto", http=BoundedHttpToolsProtocol, backlog=BACKLOG,
                             log_config=None, timeout_graceful_shutdown=settings.shutdown_timeout_s)
     server = Server(config)
     services.forced = lambda: server.force_exit
     try:
-        server.run()
+        server.run(sockets=sockets)
     except KeyboardInterrupt:
         pass
     return 0 if server.started else 3  # stopped before it started: uvicorn.run's status

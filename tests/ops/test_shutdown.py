@@ -225,22 +225,51 @@ def test_sigterm_mid_onboarding_stores_the_answers_to_the_questions_already_sent
     assert any(entry.get("msg") == "shutdown complete" for entry in _json_lines(logs)), logs
 
 
-def test_serve_exits_3_when_its_port_is_taken(tmp_path):
-    """A port already in use: uvicorn cannot start, and `satroute serve` says so by its status
-    (3, uvicorn's own), not 0, so a supervisor sees the failure."""
+def _serve_again(config: Path, port: int, tmp_path: Path) -> subprocess.CompletedProcess:
+    """``satroute serve`` run to its end, as ``_serve`` starts it."""
+    env = {**os.environ, "SATROUTE_STATE_DIR": str(tmp_path / "state"), "SATROUTE_SCORER": "constant",
+           "SATROUTE_ONBOARDING": "false"}
+    return subprocess.run([sys.executable, "-m", "proxy.cli", "serve", "--config", str(config), "--port", str(port)],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_serve_on_a_port_in_use_exits_2_in_one_line_before_starting_anything(tmp_path):
+    """A port already in use: one line naming it and why, exit 2 as for the other start-up
+    errors, before the app is built (uvicorn found it only once the app, its local model servers
+    and onboarding had started, and stopped them again: exit 3, a status documented nowhere)."""
     import socket
 
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = {**os.environ, "SATROUTE_STATE_DIR": str(tmp_path / "state"),
-               "SATROUTE_SCORER": "constant", "SATROUTE_ONBOARDING": "false"}
-        done = subprocess.run(
-            [sys.executable, "-m", "proxy.cli", "serve", "--config",
-             str(_config(tmp_path, "http://127.0.0.1:9/v1")), "--port", str(port)],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert done.returncode == 3, done.stdout + done.stderr
+        done = _serve_again(_config(tmp_path, "http://127.0.0.1:9/v1"), port, tmp_path)
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert done.stderr == (f"satroute: cannot listen on 127.0.0.1:{port}: Address already in use; another process "
+                           "listens there (a satroute serve already running?): stop it, or choose another port "
+                           "(--port, SATROUTE_PORT)\n")
+    assert not (tmp_path / "state").exists()  # nothing was started: no store opened, no key made
+
+
+def test_a_second_serve_on_the_port_of_a_running_one_exits_2_and_leaves_it_serving(tmp_path):
+    with MockUpstream() as up:
+        up.set("m1", answer("still here"))
+        config, port = _config(tmp_path, up.url), free_port()
+        proc = _serve(config, port, tmp_path, deadline_s=5)
+        try:
+            done = _serve_again(config, port, tmp_path)
+            assert done.returncode == 2, done.stdout + done.stderr
+            assert done.stderr.startswith(f"satroute: cannot listen on 127.0.0.1:{port}: Address already in use")
+            reply = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", timeout=30, json={
+                "model": "m1", "messages": [{"role": "user", "content": "hi"}]})
+            assert reply.status_code == 200 and reply.json()["choices"][0]["message"]["content"] == "still here"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(20)
+        logs = proc.stdout.read()
+    assert rc == -signal.SIGTERM, logs
+    assert any(entry.get("msg") == f"Uvicorn running on http://127.0.0.1:{port} (Press CTRL+C to quit)"
+               for entry in _json_lines(logs)), logs
 
 
 def test_sighup_checks_providers_yaml_at_once_and_never_stops_the_proxy(tmp_path):

@@ -11,6 +11,15 @@ from proxy import cli
 from proxy.store import Store
 from support.read_only import make_read_only
 
+LISTENING_SOCKETS = cli.listening_sockets
+
+
+@pytest.fixture(autouse=True)
+def no_port(monkeypatch):
+    """serve's tests here fake uvicorn's run: they take no port (8000 may be another process's
+    on this machine, and 10.1.2.3 is none of its addresses)."""
+    monkeypatch.setattr(cli, "listening_sockets", lambda host, port: [])
+
 
 def test_serve_flags_win_over_environment(monkeypatch, tmp_path):
     seen = {}
@@ -396,3 +405,61 @@ def test_a_sighup_during_a_request_is_checked_out_of_that_request_s_log_context(
 
         asyncio.run(serving())
     assert seen == [None]
+
+
+def test_serve_takes_its_port_as_uvicorn_would_and_holds_it_before_the_app_starts():
+    """Listening, not only bound (a bound socket does not keep a second process off the port on
+    Linux), with SO_REUSEADDR (a restart takes the port of connections in TIME_WAIT), and not
+    handed down to the local model servers the proxy starts."""
+    import socket
+
+    sockets = LISTENING_SOCKETS("127.0.0.1", 0)
+    try:
+        [sock] = sockets
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN) == 1
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR) == 1
+        assert not sock.get_inheritable()
+        with pytest.raises(OSError) as taken:
+            LISTENING_SOCKETS("127.0.0.1", sock.getsockname()[1])
+        assert "satroute: cannot listen on 127.0.0.1:%d: Address already in use; another process listens there" % (
+            sock.getsockname()[1]) in cli._listen_error("127.0.0.1", sock.getsockname()[1], taken.value)
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_serve_takes_an_ipv6_port_for_ipv6_only():
+    import socket
+
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    try:
+        sockets = LISTENING_SOCKETS("::1", 0)
+    except OSError as exc:
+        pytest.skip(f"no IPv6 loopback here: {exc}")
+    try:
+        [sock] = sockets
+        assert sock.family == socket.AF_INET6
+        assert sock.getsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY) == 1
+        assert cli._listen_error("::1", 8000, OSError(98, "Address already in use")).startswith(
+            "satroute: cannot listen on [::1]:8000: Address already in use")
+    finally:
+        for sock in sockets:
+            sock.close()
+
+
+def test_serve_on_a_port_in_use_exits_2_in_one_line_and_builds_nothing(monkeypatch, tmp_path, capsys):
+    import socket
+
+    import proxy.app
+
+    monkeypatch.setattr(cli, "listening_sockets", LISTENING_SOCKETS)
+    monkeypatch.setattr(proxy.app, "create_app", lambda *a, **kw: pytest.fail("built the app on a port in use"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert cli.main(["serve", "--config", _one_model(tmp_path), "--port", str(port)]) == 2
+    assert capsys.readouterr().err == (
+        f"satroute: cannot listen on 127.0.0.1:{port}: Address already in use; another process listens there (a "
+        "satroute serve already running?): stop it, or choose another port (--port, SATROUTE_PORT)\n")
