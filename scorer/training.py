@@ -744,8 +744,10 @@ def _run(a) -> int:
             ema = rec["loss"] if ema is None else 0.95 * ema + 0.05 * rec["loss"]
             rec.update(step=trainer.step, stage=trainer.stage, ema=round(ema, 4),
                        elapsed_s=round(time.monotonic() - started, 1))
+            # the figures first, drawn with the step by update at the bar's pace (every 10 s at most):
+            # set_postfix draws at once by default, a line per step in a log that stderr goes to
+            bar.set_postfix(loss=f"{ema:.3f}", stage=trainer.stage, refresh=False)
             bar.update(1)
-            bar.set_postfix(loss=f"{ema:.3f}", stage=trainer.stage)
             out_of_time = a.budget_minutes and time.monotonic() - started > a.budget_minutes * 60
             if trainer.step % a.val_every == 0 or trainer.step == total or out_of_time:
                 rec["val_routing_acc"] = trainer.validate()

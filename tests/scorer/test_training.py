@@ -983,3 +983,20 @@ def test_a_training_state_of_another_kind_is_one_line_naming_it_and_exit_2(tiny_
     assert main(tiny_run("--stage2-steps", "3", "--resume")) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"satroute train: {state} is not a training state of this run's network: KeyError: 'stage'")
+
+
+def test_the_progress_bar_draws_at_its_own_pace_not_once_a_step(tiny_run, tmp_path, capsys, monkeypatch):
+    """stderr sent to a log: a line per step (thousands an hour) was written there, though the
+    bar is set to redraw every 10 s at most; it still shows the loss and stage when it draws."""
+    from scorer.training import main
+
+    def fast_step(self):
+        self.step += 1
+        return {"loss": 1.25, "paper": 1.25, "route": 0.0}
+
+    monkeypatch.setattr(Trainer, "train_step", fast_step)
+    assert main(tiny_run("--stage2-steps", "499", "--val-every", "1000")) == 0
+    err = capsys.readouterr().err
+    draws = [line for line in err.split("\r") if line.startswith("capability tuning")]
+    assert len(draws) <= 4, f"{len(draws)} draws for 500 steps"
+    assert "500/500" in draws[-1] and "loss=1.250, stage=2" in draws[-1]
