@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import signal
 import sys
 from pathlib import Path
 from typing import Mapping, Sequence
@@ -235,7 +236,8 @@ def non_negative_int(text: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     """The evaluation; a wrong model name, router name, data folder or checkpoint is one line on
-    stderr and exit code 2, not a traceback (and is found before any baseline is trained)."""
+    stderr and exit code 2, not a traceback (and is found before any baseline is trained). Ctrl+C
+    is one line too, and exit code 130 (nothing is lost: the report comes at the end)."""
     from scorer.inference import CheckpointError
 
     try:
@@ -243,6 +245,9 @@ def run(args: argparse.Namespace) -> int:
     except (DataError, CheckpointError, ValueError) as exc:
         print(f"satroute evaluate: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 128 + signal.SIGINT
 
 
 def _run(args: argparse.Namespace) -> int:

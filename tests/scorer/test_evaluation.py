@@ -284,3 +284,19 @@ def test_cli_a_malformed_prompt_line_is_one_line_and_exit_2(data, capsys):
         fh.write('{"id": "t1", "split": "test"}\n["t2"]\n')
     assert run(_cli(data, "--router", "none", "--baselines", "category", "--suite", "none")) == 2
     assert capsys.readouterr().err == f"satroute evaluate: {prompts}: line 2: expected a JSON object, got list\n"
+
+
+def test_cli_ctrl_c_is_one_line_and_exit_130(data, capsys, monkeypatch):
+    """A long evaluation stopped by Ctrl+C: no 65-line traceback, the status a shell expects."""
+    import scorer.evaluation
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(scorer.evaluation, "compare", interrupted)
+    try:
+        status = run(_cli(data, "--router", "none", "--baselines", "category", "--suite", "none"))
+    except KeyboardInterrupt:
+        pytest.fail("Ctrl+C is a traceback")
+    assert status == 130
+    assert capsys.readouterr() == ("", "interrupted\n")
