@@ -4,6 +4,7 @@ Owns: argument parsing (only when ``main`` runs, never at import), turning flags
 overrides (flags win over ``SATROUTE_*`` environment variables), starting uvicorn, SIGHUP, and lazy
 delegation: each delegated subcommand's module exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; a module that is missing gives a one-line error, not a traceback.
+``onboard MODEL`` shows the provider registry's warnings about MODEL only.
 Does not know: what the delegated commands do.
 """
 from __future__ import annotations
@@ -300,6 +301,18 @@ def _serve_on(sockets: list[socket.socket], settings: Settings, master: str | No
     return 0 if server.started else 3  # stopped before it started: uvicorn.run's status
 
 
+class OtherModels(logging.Filter):
+    """Drops the provider registry's "model X unavailable" warnings about every model but one."""
+
+    def __init__(self, model: str) -> None:
+        super().__init__()
+        self.model = model
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        about = record.args[0] if record.msg == "model %s unavailable: %s" and record.args else self.model
+        return about == self.model
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser(argv).parse_args(argv)
@@ -311,7 +324,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"satroute {args.command}: not available in this installation "
               f"(module {module} not found)", file=sys.stderr)
         return 2
-    return int(mod.run(args))
+    if args.command != "onboard" or not isinstance(getattr(args, "model", None), str):
+        return int(mod.run(args))
+    # `satroute onboard MODEL` reads the whole providers.yaml, whose registry warns about each
+    # model that is unavailable; of those, only MODEL's concern the command, whose error about
+    # it is then one line, not one line after the warnings about every other model
+    registry_log, others = logging.getLogger("satroute.providers"), OtherModels(args.model)
+    registry_log.addFilter(others)
+    try:
+        return int(mod.run(args))
+    finally:
+        registry_log.removeFilter(others)
 
 
 if __name__ == "__main__":

@@ -463,3 +463,28 @@ def test_serve_on_a_port_in_use_exits_2_in_one_line_and_builds_nothing(monkeypat
     assert capsys.readouterr().err == (
         f"satroute: cannot listen on 127.0.0.1:{port}: Address already in use; another process listens there (a "
         "satroute serve already running?): stop it, or choose another port (--port, SATROUTE_PORT)\n")
+
+
+def test_onboard_shows_the_registry_s_warnings_about_its_model_only(tmp_path):
+    """providers.yaml's other unavailable models are not this command's concern: their warnings
+    came before its one-line error, one per model."""
+    import os
+    from pathlib import Path
+
+    cfg = tmp_path / "providers.yaml"
+    cfg.write_text("model_list:\n" + "".join(
+        f"  - {{model_name: {name}, litellm_params: {{model: openai/{name}, api_key: os.environ/SATROUTE_TEST_UNSET}}}}\n"
+        for name in ("one", "two", "three")))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SATROUTE_")}
+
+    def onboard(model: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "proxy.cli", "onboard", model, "--config", str(cfg),
+                               "--state-dir", str(tmp_path / "state")], cwd=Path(cli.__file__).parents[1],
+                              env=env, capture_output=True, text=True, timeout=60)
+
+    done = onboard("nosuch")
+    assert (done.returncode, done.stderr) == (2, f"satroute onboard: no model 'nosuch' in {cfg}\n")
+    done = onboard("two")
+    why = "litellm_params.api_key references unset environment variable SATROUTE_TEST_UNSET"
+    assert (done.returncode, done.stderr) == (2, f"model two unavailable: {why}\n"
+                                                 f"satroute onboard: two is unavailable: {why}\n")
