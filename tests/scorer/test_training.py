@@ -1000,3 +1000,25 @@ def test_the_progress_bar_draws_at_its_own_pace_not_once_a_step(tiny_run, tmp_pa
     draws = [line for line in err.split("\r") if line.startswith("capability tuning")]
     assert len(draws) <= 4, f"{len(draws)} draws for 500 steps"
     assert "500/500" in draws[-1] and "loss=1.250, stage=2" in draws[-1]
+
+
+def test_help_describes_every_option_and_gives_its_default():
+    """`satroute train --help` listed eight options with no word on what they do, and no default."""
+    p = argparse.ArgumentParser(prog="satroute train")
+    add_arguments(p)
+    options = [a for a in p._actions if a.option_strings and a.dest != "help"]
+    assert [a.option_strings[0] for a in options if not a.help] == []
+    formatter = p._get_formatter()
+
+    def shown(flag: str) -> str:
+        action = next(a for a in options if flag in a.option_strings)
+        return formatter._get_help_string(action) % {"default": action.default}
+
+    for flag, default in [("--variant", "encoder"), ("--encoder", "default:minilm"), ("--llm", "default:smollm2"),
+                          ("--n-layers", "4"), ("--max-instruction-tokens", "64"), ("--text-max-tasks", "12"),
+                          ("--min-task-frac", "0.3"), ("--seed", "0"), ("--stage2-steps", "400"),
+                          ("--save-every-minutes", "10")]:
+        assert shown(flag).endswith(f" (default: {default})"), flag
+    # an option whose help says its default in words is not given a second one
+    assert shown("--device").count("default") == 1 and shown("--split-seed").count("(default") == 1
+    assert "(default: 4)" in " ".join(p.format_help().split())
