@@ -4,7 +4,8 @@ Owns: argument parsing (only when ``main`` runs, never at import), turning flags
 overrides (flags win over ``SATROUTE_*`` environment variables), starting uvicorn, SIGHUP, and lazy
 delegation: each delegated subcommand's module exposes ``add_arguments(parser)`` and
 ``run(args) -> int``; a module that is missing gives a one-line error, not a traceback.
-``onboard MODEL`` shows the provider registry's warnings about MODEL only.
+``onboard MODEL`` leaves out the provider registry's warnings about unavailable models (its
+own error names MODEL's reason).
 Does not know: what the delegated commands do.
 """
 from __future__ import annotations
@@ -301,16 +302,11 @@ def _serve_on(sockets: list[socket.socket], settings: Settings, master: str | No
     return 0 if server.started else 3  # stopped before it started: uvicorn.run's status
 
 
-class OtherModels(logging.Filter):
-    """Drops the provider registry's "model X unavailable" warnings about every model but one."""
-
-    def __init__(self, model: str) -> None:
-        super().__init__()
-        self.model = model
+class UnavailableWarnings(logging.Filter):
+    """Drops the provider registry's "model X unavailable" warnings."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        about = record.args[0] if record.msg == "model %s unavailable: %s" and record.args else self.model
-        return about == self.model
+        return record.msg != "model %s unavailable: %s"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -327,9 +323,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command != "onboard" or not isinstance(getattr(args, "model", None), str):
         return int(mod.run(args))
     # `satroute onboard MODEL` reads the whole providers.yaml, whose registry warns about each
-    # model that is unavailable; of those, only MODEL's concern the command, whose error about
-    # it is then one line, not one line after the warnings about every other model
-    registry_log, others = logging.getLogger("satroute.providers"), OtherModels(args.model)
+    # model that is unavailable: the others are not the command's concern, and MODEL's reason is
+    # in the command's own error, which is then one line
+    registry_log, others = logging.getLogger("satroute.providers"), UnavailableWarnings()
     registry_log.addFilter(others)
     try:
         return int(mod.run(args))

@@ -465,7 +465,7 @@ def test_serve_on_a_port_in_use_exits_2_in_one_line_and_builds_nothing(monkeypat
         "satroute serve already running?): stop it, or choose another port (--port, SATROUTE_PORT)\n")
 
 
-def test_onboard_shows_the_registry_s_warnings_about_its_model_only(tmp_path):
+def test_onboard_s_error_about_an_unavailable_model_is_one_line(tmp_path):
     """providers.yaml's other unavailable models are not this command's concern: their warnings
     came before its one-line error, one per model."""
     import os
@@ -486,5 +486,4 @@ def test_onboard_shows_the_registry_s_warnings_about_its_model_only(tmp_path):
     assert (done.returncode, done.stderr) == (2, f"satroute onboard: no model 'nosuch' in {cfg}\n")
     done = onboard("two")
     why = "litellm_params.api_key references unset environment variable SATROUTE_TEST_UNSET"
-    assert (done.returncode, done.stderr) == (2, f"model two unavailable: {why}\n"
-                                                 f"satroute onboard: two is unavailable: {why}\n")
+    assert (done.returncode, done.stderr) == (2, f"satroute onboard: two is unavailable: {why}\n")
