@@ -7,7 +7,9 @@ over to the next-ranked one, and so does a model refusal (401/402/403/404: its k
 or a parameter its provider does not take; transient failures and refusals feed the cooldowns;
 other upstream 4xx answers go back to the client as they are, without retry or fallback. A caller
 that asks for it (``Call.attempts``: onboarding, which counts its spend) gets how each attempt ended
-and whether the upstream may have billed it without an answer (``Attempt``).
+and whether the upstream may have billed it without an answer (``Attempt``); one that paces its
+requests itself (``Call.paced``: onboarding) gets a rate limit (429, 503, 529, a Retry-After) at
+once, without retries.
 Two ways to make one attempt, chosen per model in providers.py (``Deployment.fast_path``):
 - pass-through (``upstream.py``) for OpenAI-compatible upstreams: the body goes out as the client
   sent it, over a pooled HTTP client; litellm's own per-call cost is not paid (docs/benchmarks.md);
@@ -66,6 +68,11 @@ class Call:
     # where given, how each attempt ended is appended to it (``Attempt``): onboarding counts those
     # the upstream may have billed without an answer; None (traffic): nothing is recorded
     attempts: list["Attempt"] | None = None
+    # the caller paces its own requests to the upstream (onboarding: many questions at once): a
+    # failure that says the upstream limits how fast it is asked (``UpstreamTransient.slow_down``)
+    # is raised at once, not waited out and retried here, so that the caller holds all its
+    # requests, not this one alone
+    paced: bool = False
     digest: bytes | None = field(default=None, init=False)  # of the body, once needed (_cause)
 
     def note(self, model: str, failure: UpstreamClientError | UpstreamTransient | None = None) -> None:
@@ -279,6 +286,7 @@ class RetryingDispatcher:
         names = ", ".join(f"{n} ({r})" for n, r in failed) or "none tried before the deadline"
         err = AllUpstreamsFailed(f"every model failed: {names}", failed=failed, timeout=timed_out)
         err.upstream_retry_after = said_after
+        err.slow_down = last is not None and last.slow_down
         if last is not None:  # what failed, in its words ("Overloaded"; for a 429, which limit)
             err.message = f"{err.message}; the last said: {last.message}"
             err.summary = f"{err.summary}; the last said: {last.summary}"
@@ -304,7 +312,9 @@ class RetryingDispatcher:
             wait=_Wait(router.retry_backoff_s, router.retry_backoff_max_s, router.retry_after_max_s),
             # a timeout is not asked again of the same model while another one may answer: it
             # took the whole attempt's time, and a model that hangs would take it again
+            # a caller that paces itself (``Call.paced``) gets a rate limit at once
             retry=retry_if_exception(lambda exc: isinstance(exc, UpstreamTransient)
+                                     and not (call.paced and exc.slow_down)
                                      and (last or not (exc.timeout or self.cooldowns.cooling(d.name)))),
             reraise=True, sleep=asyncio.sleep)
         async for attempt in retrying:

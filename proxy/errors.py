@@ -157,6 +157,11 @@ class UpstreamClientError(UpstreamError):
 _FLAGGED = re.compile(r"\binput (?:was|has been|is) flagged\b|\bflagged_input\b", re.IGNORECASE)
 
 
+# statuses that say the upstream limits how fast it is asked: rate limited (429), unavailable
+# (503), overloaded (Anthropic's 529)
+SLOW_DOWN = frozenset({429, 503, 529})
+
+
 class UpstreamTransient(UpstreamError):
     """Worth retrying; ``status`` is the upstream's HTTP status (0: none, the connection failed);
     ``retry_after`` is its Retry-After in seconds, when it sent one. ``counts``: whether it says
@@ -177,6 +182,12 @@ class UpstreamTransient(UpstreamError):
         self.counts = counts
         self.sent = sent
 
+    @property
+    def slow_down(self) -> bool:
+        """Whether the upstream said it limits how fast it is asked: a ``SLOW_DOWN`` status, or
+        a ``Retry-After`` (which says when to ask again)."""
+        return self.retry_after is not None or self.upstream_status in SLOW_DOWN
+
 
 class AllUpstreamsFailed(UpstreamError):
     code = "upstream_failed"
@@ -188,6 +199,9 @@ class AllUpstreamsFailed(UpstreamError):
         # the longest Retry-After any failure carried (a 503's too), for a caller that waits on
         # the models itself (onboarding); not sent to a client, whose other models may answer
         self.upstream_retry_after: float | None = None
+        # the last failure said the upstream limits how fast it is asked
+        # (``UpstreamTransient.slow_down``), for a caller that paces its requests (onboarding)
+        self.slow_down = False
         self.timeout = timeout  # the last failure was one
         if timeout:
             self.status = 504

@@ -2,7 +2,9 @@
 
 Owns: running the test for one model through one seam, ``Asker.ask(model, messages, **params) ->
 text`` or ``Said`` (the text with the usage billed; the proxy fills it with its dispatch path, so the same retries, timeouts and cooldowns
-apply; tests fill it with fakes); bounded concurrency; a spend cap checked against an estimate made
+apply, but for a rate limit, which it raises at once; tests fill it with fakes); bounded
+concurrency, paced by the upstream's rate limits (``_Pace``: a 429's hold on every question, and
+fewer questions at once after it); a spend cap checked against an estimate made
 from the model's prices before the first question, and enforced again while answers come in and
 as asks are sent that bring none but may be billed (timed out, cut off: ``unanswered``);
 states (``running``; ``stalled`` with the reason while the upstream is down, with backoff, until it
@@ -214,11 +216,66 @@ def estimate_cost(questions: Sequence[Question], prices: Prices, options: Option
     return prices.cost(tokens_in, options.expected_output_tokens * len(questions))
 
 
+class _Pace:
+    """How fast an upstream is asked (one event loop, no locks): at most ``limit`` questions in
+    flight (``in_flight``), none sent before ``resume_at`` (a clock time: the upstream's hold).
+    ``limit`` starts at the run's concurrency; a failure that says the upstream limits how fast it
+    is asked (a 429, 503 or 529, a Retry-After) halves it, down to 1, once for the asks in flight
+    then (``epoch``), and each answer to an ask sent since adds ``1 / limit`` back, up to the
+    concurrency again: one question more for each round of answers, so the questions held do not
+    all go again at once."""
+
+    def __init__(self, concurrency: int):
+        self.concurrency = concurrency
+        self.limit = float(concurrency)
+        self.in_flight = 0
+        self.resume_at = 0.0
+        self.epoch = 0  # times the limit was cut: an ask remembers the one it started under
+        self._freed = asyncio.Event()
+
+    @property
+    def full(self) -> bool:
+        return self.in_flight >= int(self.limit)
+
+    def freed(self) -> Awaitable[bool]:
+        """Awaited until a question in flight ends (``release``) or ``wake`` is called."""
+        return self._freed.wait()
+
+    def wake(self) -> None:
+        """Wake every worker waiting in ``freed`` (to look at the queue, the run's end, again)."""
+        self._freed.set()
+        self._freed = asyncio.Event()
+
+    def take(self) -> int:
+        """One more question in flight; the ``epoch`` it goes out under."""
+        self.in_flight += 1
+        return self.epoch
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self.wake()
+
+    def answered(self, epoch: int) -> None:
+        """An answer to an ask sent under ``epoch``: one sent since the last cut grows the limit."""
+        if epoch == self.epoch:
+            self.limit = min(float(self.concurrency), self.limit + 1 / int(self.limit))
+
+    def slow_down(self, epoch: int) -> None:
+        """Halve the limit for a rate limit met by an ask sent under ``epoch``: the asks in flight
+        when it was cut already were sent at the rate that was too fast, and cut it once."""
+        if epoch == self.epoch:
+            self.epoch += 1
+            self.limit = max(1.0, self.limit / 2)
+
+    def hold(self, until: float) -> None:
+        self.resume_at = max(self.resume_at, until)
+
+
 class _Run:
     """Mutable state of one model's run, shared by its workers (one event loop, no locks)."""
 
     def __init__(self, model: str, todo: Sequence[Question], answered_before: bool,
-                 price_now: Callable[[], Prices], prices: Prices):
+                 price_now: Callable[[], Prices], prices: Prices, pace: _Pace):
         self.model = model
         self.queue: deque[Question] = deque(todo)
         self.in_flight = 0
@@ -233,7 +290,8 @@ class _Run:
         self.asking: set[str] = set()  # the questions in flight
         self.price_now = price_now  # what answers cost now (providers.yaml may change it mid-run)
         self.prices = prices  # as last read
-        self.resume_at = 0.0
+        self.resume_at = 0.0  # clock time before which this run asks nothing (its backoff)
+        self.pace = pace  # how fast its upstream is asked
         self.fatal: str | None = None
         self.cancelled: str | None = None
         self.lease_lost = False  # another process took the model over: stop, write nothing more
@@ -394,7 +452,8 @@ class Onboarding:
                           upstream, legacy)
         log.info("onboarding %s: %d of %d questions to ask (estimated $%.2f, $%.2f spent before)",
                  model, len(todo), total, estimate, spent)
-        state = _Run(model, todo, answered_before=bool(done), price_now=price_now, prices=prices)
+        state = _Run(model, todo, answered_before=bool(done), price_now=price_now, prices=prices,
+                     pace=_Pace(opts.concurrency))
         state.params = {"max_tokens": opts.max_tokens, "temperature": opts.temperature}
         state.spent = spent
         state.beat_at = state.started = state.answered_at = self.clock()  # ``begin`` refreshed the lease
@@ -562,17 +621,29 @@ class Onboarding:
         await self._set_status(state, "stalled", reason)
 
     async def _worker(self, state: _Run) -> None:
+        try:
+            await self._asking(state)
+        finally:  # a worker that stops lets the others waiting for a turn see why
+            state.pace.wake()
+
+    async def _asking(self, state: _Run) -> None:
+        pace = state.pace
         while state.queue and not state.stopping and not self.draining:
             if not self._repriced(state):
                 return
-            wait = state.resume_at - self.clock()
-            if wait > 0:  # the upstream is down: everyone waits for the backoff to end
-                await self.sleep(wait)
-                continue
             if not await self._still_held(state) or self.draining:  # (that may have waited on the store)
                 return
+            # from here to the ask, nothing awaits: what is checked is what holds when it is sent
+            wait = max(state.resume_at, pace.resume_at) - self.clock()
+            if wait > 0:  # the upstream is down, or said to wait: everyone waits for it to end
+                await self.sleep(wait)
+                continue
+            if pace.full:  # as many questions in flight as the upstream is asked at once now
+                await pace.freed()
+                continue
             question = state.queue.popleft()
             state.in_flight += 1
+            paced = pace.take()  # how fast the upstream was asked when this ask went
             state.asking.add(question.id)
             epoch = state.epoch  # which backoff this ask started under
             params = state.params
@@ -603,17 +674,24 @@ class Onboarding:
                 continue
             except TRANSIENT as exc:
                 reason = f"{type(exc).__name__}: {getattr(exc, 'message', exc)}"
-                if not await self._give_up_on(state, question, reason):
+                # a rate limit says how fast the upstream is asked, nothing of the question
+                limited = getattr(exc, "slow_down", False) is True
+                if limited or not await self._give_up_on(state, question, reason):
                     state.queue.append(question)  # asked again after the backoff
+                    if limited:
+                        pace.slow_down(paced)
                     # a 503's Retry-After too, not only a 429's (RFC 9110: both say when)
                     told = getattr(exc, "upstream_retry_after", None)
                     await self._failed(state, reason, epoch,
                                        told if told is not None else getattr(exc, "retry_after", None),
-                                       timeout=isinstance(exc, TimeoutError) or getattr(exc, "timeout", False))
+                                       timeout=isinstance(exc, TimeoutError) or getattr(exc, "timeout", False),
+                                       limited=limited)
                 continue
             finally:
                 state.in_flight -= 1
+                pace.release()
                 state.asking.discard(question.id)
+            pace.answered(paced)
             await self._answered(state, question, said, answer_budget(params, self.options.max_tokens))
 
     async def _ask(self, state: _Run, messages: list[dict], params: dict, prompt: int) -> Said:
@@ -775,11 +853,13 @@ class Onboarding:
         return True
 
     async def _failed(self, state: _Run, reason: str, epoch: int | None = None,
-                      retry_after: float | None = None, timeout: bool = False) -> None:
+                      retry_after: float | None = None, timeout: bool = False,
+                      limited: bool = False) -> None:
         """A transient failure of an ask that started under backoff ``epoch``. Only an ask started
         after the last counted failure counts (so an outage that fails every request in flight at
-        once is one failure, not ``concurrency`` of them); None: count it. No ask goes out again
-        before the upstream's ``retry_after`` (seconds), when it gave one."""
+        once is one failure, not ``concurrency`` of them); None: count it. No ask goes out to the
+        upstream again before its ``retry_after`` (seconds), when it gave one, nor, when it said
+        it limits how fast it is asked (``limited``: a 429, 503, 529), before the backoff ends."""
         now = self.clock()
         opts = self.options
         if state.failures == 0:
@@ -793,7 +873,9 @@ class Onboarding:
                 log.warning("onboarding %s stalled (%d failures): %s", state.model,
                             state.failures, reason)
         if retry_after is not None:  # whichever ask it came with: the upstream said when
-            state.resume_at = max(state.resume_at, now + min(retry_after, opts.backoff_max_s))
+            state.pace.hold(now + min(retry_after, opts.backoff_max_s))
+        elif limited:
+            state.pace.hold(state.resume_at)
         # a timeout counts from the run's start (the ask waited all along: a hung upstream's first
         # failure comes at its timeout, and counting from it doubled the wait); another failure
         # from the first one (a slow model's answers may be on their way past one 429)

@@ -57,7 +57,8 @@ Spawn = Callable[[Coroutine[Any, Any, Any], str], asyncio.Task]
 
 
 class DispatchAsker:
-    """``Asker`` over the proxy's dispatcher: one non-streamed chat completion to one named model.
+    """``Asker`` over the proxy's dispatcher: one non-streamed chat completion to one named model,
+    with dispatch's retries except of a rate limit (``Call.paced``: the engine paces the run).
     The attempts dispatch made that the upstream may have billed with no answer back
     (``Attempt.billed``) are counted: an answer's in ``Said.unanswered``, a failure's as the
     exception's ``unanswered``."""
@@ -73,9 +74,11 @@ class DispatchAsker:
         body = {"model": model, "messages": messages, **params}
         tried: list[Attempt] = []  # how each attempt ended, dispatch's retries included
         try:
+            # paced: a rate limit comes back at once, for the engine to hold every question (a
+            # retry here after its Retry-After held this one alone while the others were sent)
             reply = await self.dispatcher.complete(Call(targets=[target], body=body, stream=False,
                                                         router=snap.router, redact=snap.redact,
-                                                        attempts=tried))
+                                                        attempts=tried, paced=True))
         except UpstreamError as exc:
             exc.unanswered = sum(a.billed for a in tried)
             raise

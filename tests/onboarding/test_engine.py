@@ -755,6 +755,50 @@ async def test_no_question_is_asked_again_before_the_upstream_s_retry_after(tmp_
     assert "onboarding m stalled (1 failures): AllUpstreamsFailed" in caplog.text  # and said so
 
 
+def rate_limited(model="m", retry_after=None):
+    """What dispatch raises for an ask the upstream rate-limited (``Call.paced``: at once)."""
+    exc = AllUpstreamsFailed(f"every model failed: {model} (http_429)", failed=[(model, "http_429")])
+    exc.retry_after = exc.upstream_retry_after = retry_after
+    exc.slow_down = True
+    return exc
+
+
+class Timed(FakeAsker):
+    """Records when each question is sent and how many are in flight then (``sent``), and when
+    each failure comes back (``failed_at``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sent: list[tuple[float, int]] = []
+        self.failed_at: list[float] = []
+
+    async def ask(self, model, messages, **params):
+        loop = asyncio.get_running_loop()
+        self.sent.append((loop.time(), self.in_flight + 1))
+        try:
+            return await super().ask(model, messages, **params)
+        except Exception:
+            self.failed_at.append(loop.time())
+            raise
+
+
+async def test_after_a_rate_limit_fewer_questions_go_at_once_growing_back_as_answers_come(tmp_path):
+    """The questions held for a rate limit went again all at once when the hold ended, and met
+    the limit again in lockstep: half as many go, and one more for each round of answers."""
+    suite, questions = make_suite(n_tasks=4, per_task=10)
+    asker = Timed(questions, lambda q: "A", delay=0.02)
+    asker.failures = [rate_limited(retry_after=0.1)]
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, asker,
+                                    Options(concurrency=4, backoff_s=0.01, backoff_max_s=5)).run("m")
+    assert progress.status == "done"
+    after = [(at, n) for at, n in asker.sent if at >= asker.failed_at[0]]
+    assert after[0][0] >= asker.failed_at[0] + 0.09  # none before the hold ended
+    after = [n for _, n in after]
+    assert max(after[:4]) == 2  # half of the 4 at first
+    assert max(after) == 4  # and all of them again once answers came
+
+
 async def test_a_stall_is_logged_when_it_begins(tmp_path, tiny, caplog):
     from proxy.errors import UpstreamTransient
 

@@ -3,6 +3,8 @@ counts its spend so): how it ended, and whether the upstream may have billed it 
 back; on both dispatch paths."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from conftest import model_entry, write_config
@@ -10,13 +12,13 @@ from proxy.cooldown import Cooldowns
 from proxy.dispatch import Call, RetryingDispatcher
 from proxy.errors import AllUpstreamsFailed, UpstreamClientError
 from proxy.providers import ProviderRegistry
-from support.mock_upstream import answer, drop, fail, stall
+from support.mock_upstream import answer, drop, fail, rate_limit, stall
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 PATHS = [pytest.param(True, id="passthrough"), pytest.param(False, id="litellm")]
 
 
-async def complete(tmp_path, base, fast, tried, **router):
+async def complete(tmp_path, base, fast, tried, paced=False, **router):
     """One unstreamed call to model m1 at ``base``, its attempts recorded in ``tried``."""
     cfg = write_config(tmp_path / "providers.yaml", [model_entry("m1", base, tmp_path, fast_path=fast)],
                        **router)
@@ -25,7 +27,7 @@ async def complete(tmp_path, base, fast, tried, **router):
     try:
         return await dispatcher.complete(Call(targets=[snap.models["m1"]], stream=False,
                                               body={"model": "m1", "messages": MESSAGES},
-                                              router=snap.router, attempts=tried))
+                                              router=snap.router, attempts=tried, paced=paced))
     finally:
         await dispatcher.close()
 
@@ -56,3 +58,22 @@ async def test_a_connection_never_made_is_never_billed(tmp_path, fast):
         await complete(tmp_path, "http://127.0.0.1:9/v1", fast, tried, num_retries=1)
     assert [(a.outcome, a.billed) for a in tried] == [("connection", False)] * 2
 
+
+
+@pytest.mark.parametrize("fast", PATHS)
+async def test_a_caller_that_paces_itself_gets_a_rate_limit_at_once(tmp_path, upstream, fast):
+    """Onboarding holds all its questions for a rate limit: one ask that waited out the
+    Retry-After and retried alone, its failure unseen, let the others be sent meanwhile. The
+    attempts before it are retried and recorded as ever (the spend counts them)."""
+    for limit, said in ((rate_limit(5.0), 5.0), (fail(503), None), (fail(529), None)):
+        upstream.queue("m1", fail(500), limit, answer("too late"))
+        tried: list = []
+        with pytest.raises(AllUpstreamsFailed) as failed:
+            await asyncio.wait_for(complete(tmp_path, upstream.url, fast, tried, paced=True,
+                                            num_retries=2, allowed_fails=100), 3)
+        assert failed.value.slow_down and failed.value.upstream_retry_after == said
+        assert [(a.outcome, a.billed) for a in tried] == [("http_500", True),
+                                                          (f"http_{limit.status}", False)]
+        upstream.reset()
+    upstream.queue("m1", rate_limit(0.2))  # traffic still waits it out and retries
+    assert (await complete(tmp_path, upstream.url, fast, [], num_retries=1)).model == "m1"
