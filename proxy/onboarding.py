@@ -143,7 +143,7 @@ class Prices:
 
 @dataclass(frozen=True)
 class Options:
-    concurrency: int = 8
+    concurrency: int = 8  # questions in flight per upstream account (``run``'s ``account``)
     max_tokens: int = 2048  # MMLU-Pro's own harness budget; a cut-off answer grades as no answer
     temperature: float = 0.0
     spend_cap_usd: float | None = 20.0  # None: no cap
@@ -349,6 +349,9 @@ class Onboarding:
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         self.draining = False  # the proxy is stopping: no new ask, the ones out are answered
         self._live: set[_Run] = set()
+        # how fast each upstream is asked, shared by the runs on it (``run``'s ``account``; else
+        # the model's own): key -> (the pace, how many runs use it)
+        self._paces: dict[tuple[str, str], tuple[_Pace, int]] = {}
 
     def drain(self) -> None:
         """Ask no new question (the proxy is stopping): the asks out are answered and their
@@ -362,7 +365,8 @@ class Onboarding:
 
     async def run(self, model: str, prices: Prices | Callable[[], Prices] = Prices(),
                   upstream: str | None = None, legacy: str | None = None,
-                  config: str | None = None, failed_since: float | None = None) -> Progress:
+                  config: str | None = None, failed_since: float | None = None,
+                  account: str | None = None) -> Progress:
         """Onboard ``model`` (resuming from the store); returns its final stored progress.
 
         ``prices`` may be a callable, read before each question: what answers cost now (an
@@ -375,11 +379,13 @@ class Onboarding:
         Raises ``ModelBusy`` (having asked and written nothing) when another process onboards
         ``model`` now, or ``UpstreamInUse`` when the store's answers came from another upstream
         that another live process points ``model`` at; this run's lease is released however it
-        ends.
+        ends. Runs given the same ``account`` (``upstream_account``: one provider account, whose
+        rate limits its models share) share one pace: at most ``concurrency`` questions in flight
+        over all of them, and a hold one of them meets holds them all; None: the run's own.
         """
         await self._store(self.store.claim, model, self.suite.name, config, failed_since)
         try:
-            return await self._run(model, prices, upstream, legacy, config)
+            return await self._run(model, prices, upstream, legacy, config, account)
         except asyncio.CancelledError:  # the proxy stops, or a signal: the store must not say running
             try:
                 await self._store(self.store.interrupted, model)
@@ -419,7 +425,7 @@ class Onboarding:
         return len(changed)
 
     async def _run(self, model: str, priced: Prices | Callable[[], Prices], upstream: str | None,
-                   legacy: str | None, config: str | None) -> Progress:
+                   legacy: str | None, config: str | None, account: str | None) -> Progress:
         opts = self.options
         store = self.store
         if upstream is not None and await self._store(store.upstream_changed, model, upstream, legacy):
@@ -452,8 +458,11 @@ class Onboarding:
                           upstream, legacy)
         log.info("onboarding %s: %d of %d questions to ask (estimated $%.2f, $%.2f spent before)",
                  model, len(todo), total, estimate, spent)
+        paced = ("account", account) if account is not None else ("model", model)
+        pace, runs = self._paces.get(paced, (_Pace(opts.concurrency), 0))
+        self._paces[paced] = (pace, runs + 1)
         state = _Run(model, todo, answered_before=bool(done), price_now=price_now, prices=prices,
-                     pace=_Pace(opts.concurrency))
+                     pace=pace)
         state.params = {"max_tokens": opts.max_tokens, "temperature": opts.temperature}
         state.spent = spent
         state.beat_at = state.started = state.answered_at = self.clock()  # ``begin`` refreshed the lease
@@ -468,8 +477,13 @@ class Onboarding:
             beat.cancel()
             for w in workers:
                 w.cancel()
-            # a worker storing an answer finishes that first: nothing is written after the run
-            await asyncio.gather(beat, *workers, return_exceptions=True)
+            try:
+                # a worker storing an answer finishes that first: nothing is written after the run
+                await asyncio.gather(beat, *workers, return_exceptions=True)
+            finally:
+                pace, runs = self._paces.pop(paced)
+                if runs > 1:  # the last run on the upstream forgets how fast it was asked
+                    self._paces[paced] = (pace, runs - 1)
         if state.lease_lost:
             raise ModelBusy(model, "another process (this run's lease went stale)")
         if state.cancelled is not None:  # not a failure: the next run resumes where this stopped

@@ -9,7 +9,8 @@ and so is one another process failed with the same configuration since then: ``r
 runs of models removed from the file, forgets the stored answers and profile of a model whose
 upstream (``upstream_fingerprint``) changed and onboards it again, and when a run is done it makes
 the registry read the store again, so the model becomes an ``auto`` candidate. Until then the model
-is callable by name only. A run that crashes is recorded as ``failed`` with the reason.
+is callable by name only. The runs of models on one provider account (``upstream_account``) are
+paced together: one concurrency, one hold. A run that crashes is recorded as ``failed`` with the reason.
 Other processes share the store (``satroute onboard``, another proxy): a model another process
 onboards now (``ModelBusy``), or whose run the store refused to start, is skipped and tried again on
 a later tick, never marked failed; a profile another process stored (again) is picked up on the next
@@ -46,7 +47,8 @@ from proxy.dispatch import Attempt, Call, Dispatcher
 from proxy.errors import ServiceUnavailable, UpstreamError, UpstreamTransient
 from proxy.onboarding import Onboarding, Options, Prices, RunCancelled, Said, spend_kept, status_of
 from proxy.prices import LITELLM_PRICE_KEYS, litellm_cost, listed_prices
-from proxy.providers import Deployment, ProviderRegistry, legacy_fingerprint, upstream_fingerprint
+from proxy.providers import (Deployment, ProviderRegistry, legacy_fingerprint, upstream_account,
+                             upstream_fingerprint)
 from proxy.questions import Question, QuestionSourceError, load_questions
 from proxy.store import ModelBusy, Progress, Store, UpstreamInUse
 from scorer.data import DataError
@@ -557,7 +559,7 @@ class OnboardingService:
             fallback = prices_of(d)
             progress = await engine.run(d.name, lambda: self._run_prices.get(d.name, fallback),
                                         upstream_fingerprint(d), legacy_fingerprint(d), config,
-                                        failed_since=self._since)
+                                        failed_since=self._since, account=upstream_account(d))
         except asyncio.CancelledError:
             why = self._stopping.pop(d.name, None)
             if why is not None:  # stopped by an edit, not by shutdown: the store must not say running

@@ -21,12 +21,13 @@ from __future__ import annotations
 import asyncio
 import difflib
 import hashlib
+import hmac
 import json
 import logging
 import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from secrets import token_urlsafe
+from secrets import token_bytes, token_urlsafe
 from typing import Any, Callable, Mapping, Protocol
 from urllib.parse import urlsplit, urlunsplit
 
@@ -312,6 +313,19 @@ def legacy_fingerprint(d: Deployment) -> str:
     ``upstream_fingerprint(d)``; it is kept as it is (earlier versions sharing the store read it),
     and it is the form a new row's ``upstream`` is recorded in, beside today's."""
     return _fingerprint(d.model, d.api_base or "")
+
+
+def upstream_account(d: Deployment) -> str:
+    """What the models sharing one provider account have in common, whose rate limits they share:
+    the provider, ``api_base`` as it reaches the upstream (``_plain_base``) and the API key. For
+    this process only (onboarding paces the models on one account together): hashed with a key
+    made at start, so that what holds the API key can neither be read back nor used to test
+    guesses of it, should it ever be logged; never stored."""
+    text = f"{d.provider}\n{_plain_base(d.api_base)}\n{d.api_key or ''}".encode()
+    return hmac.new(_ACCOUNT_KEY, text, hashlib.sha256).hexdigest()[:16]
+
+
+_ACCOUNT_KEY = token_bytes(32)  # upstream_account's: this process's own
 
 
 def _fingerprint(model: str, api_base: str) -> str:

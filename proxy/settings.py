@@ -102,7 +102,9 @@ class Settings(BaseSettings):
         "routing data if present, else MMLU-Pro from the Hugging Face hub")
     onboarding_hub: bool = Field(True, description="may fetch the questions from the hub")
     onboarding_suite: str = "mmlu_pro"
-    onboarding_concurrency: int = Field(8, ge=1, le=256)
+    onboarding_concurrency: int = Field(
+        8, ge=1, le=256, description="questions in flight at once per provider account (the "
+        "models sharing a provider, api_base and key, onboarded at once, share them)")
     onboarding_max_tokens: int = Field(2048, ge=16)
     onboarding_spend_cap_usd: float | None = Field(
         20.0, description="refuse to onboard a model whose estimated cost is above this (<0: none)")

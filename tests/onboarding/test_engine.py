@@ -764,17 +764,17 @@ def rate_limited(model="m", retry_after=None):
 
 
 class Timed(FakeAsker):
-    """Records when each question is sent and how many are in flight then (``sent``), and when
-    each failure comes back (``failed_at``)."""
+    """Records when each question is sent, how many are in flight then and to which model
+    (``sent``), and when each failure comes back (``failed_at``)."""
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self.sent: list[tuple[float, int]] = []
+        self.sent: list[tuple[float, int, str]] = []
         self.failed_at: list[float] = []
 
     async def ask(self, model, messages, **params):
         loop = asyncio.get_running_loop()
-        self.sent.append((loop.time(), self.in_flight + 1))
+        self.sent.append((loop.time(), self.in_flight + 1, model))
         try:
             return await super().ask(model, messages, **params)
         except Exception:
@@ -792,11 +792,30 @@ async def test_after_a_rate_limit_fewer_questions_go_at_once_growing_back_as_ans
         progress = await Onboarding(store, suite, questions, asker,
                                     Options(concurrency=4, backoff_s=0.01, backoff_max_s=5)).run("m")
     assert progress.status == "done"
-    after = [(at, n) for at, n in asker.sent if at >= asker.failed_at[0]]
+    after = [(at, n) for at, n, _ in asker.sent if at >= asker.failed_at[0]]
     assert after[0][0] >= asker.failed_at[0] + 0.09  # none before the hold ended
     after = [n for _, n in after]
     assert max(after[:4]) == 2  # half of the 4 at first
     assert max(after) == 4  # and all of them again once answers came
+
+
+async def test_models_on_one_provider_account_share_its_holds_and_its_questions_in_flight(tmp_path):
+    """Three models on one provider, each with its own concurrency and hold, had up to three times
+    as many questions out as one, and went on asking while the provider had told a sibling to
+    wait: a run's ``account`` is shared by the runs on the same one."""
+    suite, questions = make_suite(n_tasks=4, per_task=5)
+    asker = Timed(questions, lambda q: "A", delay=0.02)
+    asker.failures = [rate_limited(retry_after=0.2)]
+    opts = Options(concurrency=3, backoff_s=0.01, backoff_max_s=5)
+    with Store(tmp_path) as store:
+        engine = Onboarding(store, suite, questions, asker, opts)
+        done = await asyncio.gather(*(engine.run(m, account="one") for m in ("m1", "m2", "m3")))
+        assert {p.status for p in done} == {"done"}
+        assert asker.peak == 3  # over the three models together
+        told = asker.failed_at[0]
+        assert not [(at, m) for at, _, m in asker.sent if told < at < told + 0.19]  # no model asked
+        apart = await asyncio.gather(*(engine.run(m, account=m) for m in ("m4", "m5")))
+        assert {p.status for p in apart} == {"done"} and asker.peak == 6  # two accounts: 3 each
 
 
 async def test_a_stall_is_logged_when_it_begins(tmp_path, tiny, caplog):

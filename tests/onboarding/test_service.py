@@ -53,6 +53,38 @@ async def test_content_parts_onboard_through_the_service(tmp_path):
         assert {a.letter for a in store.answers("m")} == {"A"}
 
 
+async def test_models_on_one_provider_account_are_asked_within_one_concurrency(tmp_path):
+    """Each model had onboarding_concurrency questions out: three models on one account, three
+    times as many as the account was meant to get. Another account gets its own."""
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry(m, base, tmp_path) for m, base in (
+        ("m1", "http://127.0.0.1:9/v1"), ("m2", "http://127.0.0.1:9/v1"), ("m3", "http://127.0.0.1:9/v1/"),
+        ("other", "http://127.0.0.1:10/v1"))])
+    suite, questions = make_suite()
+
+    class Counting(Answering):
+        def __init__(self, content, delay):
+            super().__init__(content, delay)
+            self.out, self.peak = {}, {}  # by api_base
+
+        async def complete(self, call):
+            base = call.targets[0].api_base.rstrip("/")
+            self.out[base] = self.out.get(base, 0) + 1
+            self.peak[base] = max(self.peak.get(base, 0), self.out[base])
+            try:
+                return await super().complete(call)
+            finally:
+                self.out[base] -= 1
+
+    dispatcher = Counting("The answer is (A).", delay=0.01)
+    with Store(tmp_path / "state") as store:
+        registry, svc = service(config, store, dispatcher, suite, questions, concurrency=2)
+        await svc.sync()
+        await asyncio.wait_for(asyncio.gather(*svc.runs.values()), 10)
+        assert {store.progress(m).status for m in ("m1", "m2", "m3", "other")} == {"done"}
+    assert dispatcher.peak == {"http://127.0.0.1:9/v1": 2, "http://127.0.0.1:10/v1": 2}
+
+
 async def test_a_misspelt_suite_fails_with_a_clear_reason(tmp_path):
     config = tmp_path / "providers.yaml"
     write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])

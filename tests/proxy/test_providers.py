@@ -506,6 +506,29 @@ def test_the_same_upstream_written_another_way_has_the_same_fingerprint():
     assert fingerprint("http://LOCALHOST:8000/v1/") == fingerprint("http://localhost:8000/v1")
 
 
+def test_models_on_one_provider_account_share_one_upstream_account():
+    """Onboarding paces the models on one account together (their rate limits are the account's):
+    the same provider, api_base and key, whatever the model; another key or host is another
+    account. The key itself is in nothing it gives."""
+    from proxy.providers import upstream_account
+
+    def account(model: str, base: str | None, key: str | None) -> str:
+        entry = {"model_name": "m", "litellm_params": {"model": model, "api_key": key}}
+        if base is not None:
+            entry["litellm_params"]["api_base"] = base
+        return upstream_account(snap(json.dumps({"model_list": [entry]})).models["m"])
+
+    one = account("openai/a", "http://h.example/v1", "sk-secret-1")
+    assert account("openai/b", "http://h.example/v1/", "sk-secret-1") == one
+    assert account("b", "HTTP://h.example/v1", "sk-secret-1") == one
+    for other in (("openai/a", "http://h.example/v1", "sk-secret-2"),
+                  ("openai/a", "http://other.example/v1", "sk-secret-1"),
+                  ("anthropic/a", None, "sk-secret-1"), ("openai/a", None, "sk-secret-1")):
+        assert account(*other) != one, other
+    assert account("openai/gpt-4o", None, "k") == account("openai/gpt-4o-mini", None, "k")
+    assert "secret" not in one and len(one) == 16
+
+
 @pytest.mark.parametrize("asked, used", [(256, 256), (640, 768), (1000, 1024), (2048, 2048), (4000, 4096)])
 def test_a_local_server_s_context_is_whole_blocks_of_256(asked, used):
     """llama.cpp pads n_ctx to a multiple of 256 while llama-cpp-python sizes its buffers by the
