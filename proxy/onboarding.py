@@ -8,9 +8,9 @@ fewer questions at once after it); a spend cap checked against an estimate made
 from the model's prices before the first question, and enforced again while answers come in and
 as asks are sent that bring none but may be billed (timed out, cut off: ``unanswered``);
 states (``running``; ``stalled`` with the reason while the upstream is down, with backoff, until it
-answers again; ``failed`` with the reason when it never answered, refused the model (or 10
-questions in a row), or the cap was reached; ``pending`` when an ``Asker`` cancelled the run with
-``RunCancelled``; ``done``); grading a question as no answer when the upstream refuses that one
+answers again, or while it holds the run (a rate limit's hold, until the end it says); ``failed``
+with the reason when it never answered, refused the model (or 10 questions in a row), or the cap
+was reached; ``pending`` when an ``Asker`` cancelled the run with ``RunCancelled``; ``done``); grading a question as no answer when the upstream refuses that one
 prompt (a 4xx other than 401/402/403/404) or it alone keeps failing while others are answered;
 resuming from the store without asking any stored question again (nor, when the upstream
 fingerprint changed, with the old answers); grading stored answers again with this version's
@@ -230,6 +230,11 @@ class _Pace:
         self.limit = float(concurrency)
         self.in_flight = 0
         self.resume_at = 0.0
+        # what the hold is: the Retry-After the upstream said (None: it said none), the model
+        # whose question was told, and the hold's clock time at its start
+        self.said: float | None = None
+        self.told: str = ""
+        self.held_at = 0.0
         self.epoch = 0  # times the limit was cut: an ask remembers the one it started under
         self._freed = asyncio.Event()
 
@@ -267,8 +272,11 @@ class _Pace:
             self.epoch += 1
             self.limit = max(1.0, self.limit / 2)
 
-    def hold(self, until: float) -> None:
-        self.resume_at = max(self.resume_at, until)
+    def hold(self, now: float, until: float, said: float | None, model: str) -> None:
+        """Send nothing before ``until``, a hold ``said`` (a Retry-After, or None) to ``model``'s
+        question at ``now``; a longer hold on already stays."""
+        if until > self.resume_at:
+            self.resume_at, self.said, self.told, self.held_at = until, said, model, now
 
 
 class _Run:
@@ -292,6 +300,8 @@ class _Run:
         self.prices = prices  # as last read
         self.resume_at = 0.0  # clock time before which this run asks nothing (its backoff)
         self.pace = pace  # how fast its upstream is asked
+        self.stalled = False  # the status it last said is stalled
+        self.held_until = 0.0  # the upstream's hold (pace.resume_at) that status says it waits out
         self.fatal: str | None = None
         self.cancelled: str | None = None
         self.lease_lost = False  # another process took the model over: stop, write nothing more
@@ -540,20 +550,19 @@ class Onboarding:
             raise
 
     async def _write(self, state: _Run, call: Callable[..., object], *args: Any,
-                     **kwargs: Any) -> bool:
+                     **kwargs: Any) -> None:
         """A write the run cannot do without (an answer paid for, the profile): a refusal of the
         store (locked past the busy timeout, disk full) stalls the run (no new question is asked
         meanwhile) and the write is tried again with backoff, until it succeeds or the run is
-        cancelled. True when it had to wait. ``ModelBusy``: the lease was taken over, the run
-        stops."""
+        cancelled. ``ModelBusy``: the lease was taken over, the run stops."""
         opts = self.options
-        delay, waited = opts.backoff_s, False
+        delay = opts.backoff_s
         state.storing += 1
         try:
             while True:
                 try:
                     await self._store(call, *args, **kwargs)
-                    return waited
+                    return
                 except ModelBusy:
                     self._lost(state)
                     raise
@@ -561,7 +570,6 @@ class Onboarding:
                     reason = f"the state store refuses writes: {exc}"
                     log.warning("onboarding %s stalled: %s; trying again in %.0fs", state.model,
                                 reason, delay)
-                    waited = True
                     state.resume_at = max(state.resume_at, self.clock() + delay)
                     await self._set_status(state, "stalled", reason)
                     await self.sleep(delay)
@@ -572,6 +580,7 @@ class Onboarding:
     async def _set_status(self, state: _Run, status: str, reason: str | None = None) -> None:
         """A status change along the way (stalled, running again): one the store refuses now is
         only logged, the run goes on and the next change says it."""
+        state.stalled = status == "stalled"
         try:
             await self._store(self.store.set_status, state.model, status, reason,
                               suite=self.suite.name, leased=True)
@@ -647,6 +656,17 @@ class Onboarding:
                 return
             if not await self._still_held(state) or self.draining:  # (that may have waited on the store)
                 return
+            if pace.resume_at > self.clock() and state.held_until != pace.resume_at:
+                # the upstream said to wait (maybe to another model on its account): say so
+                state.held_until = pace.resume_at
+                await self._set_status(state, "stalled", self._held(state))
+                continue
+            if state.held_until and pace.resume_at <= self.clock():
+                state.held_until = 0.0
+                if state.stalled:
+                    log.info("onboarding %s: the upstream's hold is over, resuming", state.model)
+                    await self._set_status(state, "running")
+                continue
             # from here to the ask, nothing awaits: what is checked is what holds when it is sent
             wait = max(state.resume_at, pace.resume_at) - self.clock()
             if wait > 0:  # the upstream is down, or said to wait: everyone waits for it to end
@@ -774,10 +794,11 @@ class Onboarding:
                             "letter (graded wrong); a reasoning model needs a larger "
                             "SATROUTE_ONBOARDING_MAX_TOKENS", state.model, self.options.max_tokens)
         cost = state.prices.cost(*said.billed(question, budget))
-        waited = await self._write(state, self.store.record, state.model,
-                                   GradedAnswer(question.id, letter, _right(question, letter),
-                                                text), cost, leased=True)
-        if state.failures or waited or state.quiet:
+        await self._write(state, self.store.record, state.model,
+                          GradedAnswer(question.id, letter, _right(question, letter), text), cost,
+                          leased=True)
+        # an answer to a question sent before the upstream said to wait: the run still waits
+        if state.stalled and self.clock() >= state.pace.resume_at:
             log.info("onboarding %s: answers are stored again, resuming", state.model)
             await self._set_status(state, "running")
         state.failures, state.ever_answered, state.quiet = 0, True, False
@@ -887,9 +908,13 @@ class Onboarding:
                 log.warning("onboarding %s stalled (%d failures): %s", state.model,
                             state.failures, reason)
         if retry_after is not None:  # whichever ask it came with: the upstream said when
-            state.pace.hold(now + min(retry_after, opts.backoff_max_s))
+            state.pace.hold(now, now + min(retry_after, opts.backoff_max_s), retry_after, state.model)
         elif limited:
-            state.pace.hold(state.resume_at)
+            state.pace.hold(now, state.resume_at, None, state.model)
+        # the status says the hold (its end is when it says running again), or this failure alone
+        state.held_until = state.pace.resume_at if limited and state.pace.resume_at > now else 0.0
+        if state.held_until:
+            reason = f"{reason}; {self._held(state)}"
         # a timeout counts from the run's start (the ask waited all along: a hung upstream's first
         # failure comes at its timeout, and counting from it doubled the wait); another failure
         # from the first one (a slow model's answers may be on their way past one 429)
@@ -898,6 +923,22 @@ class Onboarding:
             state.fatal = f"no answer for {now - since:.0f}s: {reason}"
             return
         await self._set_status(state, "stalled", reason)
+
+    def _held(self, state: _Run) -> str:
+        """What the status of ``state``'s run says of the hold on its upstream (``_Pace.hold``):
+        how long the upstream asked to wait, and when the run resumes (UTC; its own backoff may
+        end later)."""
+        pace, now = state.pace, self.clock()
+        until = max(state.resume_at, pace.resume_at)
+        at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() + until - now))
+        held = pace.resume_at - pace.held_at
+        said = ("limits how fast it is asked" if pace.said is None
+                else f"asked to wait {round(pace.said, 1):g}s (Retry-After)")
+        told = ("" if pace.told == state.model
+                else f" when asked for {pace.told}, another model on its provider account")
+        longest = (f" after {round(held, 1):g}s, the longest hold," if pace.said is not None
+                   and pace.said > held + 0.5 else "")
+        return f"the upstream {said}{told}; resuming{longest} at {at}"
 
 
 # The share of answers stating no letter in the graded form above which a profile is flagged. The

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 
 import pytest
 
@@ -11,7 +12,7 @@ from proxy.onboarding import PROBE, PROBE_TOKENS, Onboarding, Options, Prices, e
 from proxy.store import ModelBusy, Store
 from scorer.aptitude import profile_from_graded
 
-from onboarding.fakes import FakeAsker, make_suite
+from onboarding.fakes import FakeAsker, make_suite, wait_until
 
 
 @pytest.fixture
@@ -568,6 +569,30 @@ async def test_an_answer_the_store_refuses_to_write_is_tried_again_not_lost(tmp_
         assert statuses[-1] == ("running", None)  # and it went on
 
 
+async def test_a_stall_of_the_store_while_grading_a_refused_prompt_ends_at_the_next_answer(tmp_path, tiny):
+    """The write of a prompt's no-answer, refused by the store for a while, said stalled; the
+    answers after it were stored at once, and the run said stalled until it was done."""
+    suite, questions = tiny
+    asker = Poison(questions, questions[5].id, lambda: UpstreamClientError("content filter", status=400))
+    asker.delay = 0.005
+    with Store(tmp_path) as store:
+        record, set_status, statuses, refused = store.record, store.set_status, [], []
+
+        def refusing(model, graded, *args, **kwargs):
+            if graded.text is None and not refused:  # the no-answer, the first time
+                refused.append(graded)
+                raise sqlite3.OperationalError("database is locked")
+            return record(model, graded, *args, **kwargs)
+
+        store.record = refusing
+        store.set_status = lambda model, status, reason=None, **kw: (
+            statuses.append((status, reason)), set_status(model, status, reason, **kw))
+        progress = await Onboarding(store, suite, questions, asker, FAST).run("m")
+    assert progress.status == "done" and refused
+    assert ("stalled", "the state store refuses writes: database is locked") in statuses
+    assert statuses[-1] == ("running", None)
+
+
 async def test_a_model_that_refuses_max_tokens_or_temperature_is_asked_as_it_takes_them(tmp_path, tiny):
     """OpenAI's reasoning models refuse max_tokens (they take max_completion_tokens) and any
     temperature but their default: the run asks as the model takes it, grading no prompt wrong."""
@@ -816,6 +841,83 @@ async def test_models_on_one_provider_account_share_its_holds_and_its_questions_
         assert not [(at, m) for at, _, m in asker.sent if told < at < told + 0.19]  # no model asked
         apart = await asyncio.gather(*(engine.run(m, account=m) for m in ("m4", "m5")))
         assert {p.status for p in apart} == {"done"} and asker.peak == 6  # two accounts: 3 each
+
+
+async def test_a_run_the_upstream_holds_says_stalled_until_the_hold_is_over(tmp_path):
+    """An answer that came during the hold (its question sent before) said "running", reason
+    null, for the rest of a 57 s Retry-After with nothing in flight: the run stays stalled, saying
+    why and until when, and so does a run of another model on the same provider account."""
+    suite, questions = make_suite(n_tasks=3, per_task=4)
+
+    class LimitedOnce(FakeAsker):  # m1's first question is rate limited, the others answered
+        told_at = None
+        limited = False
+
+        async def ask(self, model, messages, **params):
+            if model == "m1" and not self.limited:
+                self.limited = True
+                await asyncio.sleep(0.01)
+                self.told_at = asyncio.get_running_loop().time()
+                raise rate_limited("m1", retry_after=0.4)
+            return await super().ask(model, messages, **params)
+
+    asker = LimitedOnce(questions, lambda q: "A", delay=0.03)
+    seen = {"m1": [], "m2": []}
+    with Store(tmp_path) as store:
+        async def watch():
+            while True:
+                for m, statuses in seen.items():
+                    p = store.progress(m)
+                    if p is not None:
+                        statuses.append((asyncio.get_running_loop().time(), p.status, p.reason))
+                await asyncio.sleep(0.01)
+
+        watcher = asyncio.create_task(watch())
+        engine = Onboarding(store, suite, questions, asker, Options(concurrency=4, backoff_s=0.01))
+        first = asyncio.create_task(engine.run("m1", account="one"))
+        await wait_until(lambda: asker.in_flight == 3)  # m1's other questions are out
+        done = await asyncio.gather(first, engine.run("m2", account="one"))
+        watcher.cancel()
+    assert {p.status for p in done} == {"done"}
+    end = asker.told_at + 0.4
+    for m, statuses in seen.items():
+        during = [(status, reason) for at, status, reason in statuses if asker.told_at + 0.05 < at < end - 0.05]
+        assert during and all(status == "stalled" for status, _ in during), (m, during)
+        assert all("asked to wait 0.4s (Retry-After)" in reason and "; resuming at 20" in reason
+                   for _, reason in during)
+        told = " when asked for m1, another model on its provider account"
+        assert all((told in reason) == (m == "m2") for _, reason in during)
+        assert ("running", None) in [(status, reason) for at, status, reason in statuses if at > end]
+
+
+async def test_a_held_run_says_when_it_resumes_its_own_backoff_included(tmp_path, tiny):
+    """The upstream asked to wait 20 s, and the run's own backoff after its failures is 60 s:
+    it resumes in 60 s, and says so."""
+    import datetime
+
+    suite, questions = tiny
+    now = [1000.0]
+
+    async def sleep(seconds):
+        now[0] += seconds
+        await asyncio.sleep(0)
+
+    asker = FakeAsker(questions, lambda q: "A")
+    asker.failures = [rate_limited(retry_after=20)]
+    with Store(tmp_path) as store:
+        set_status, said = store.set_status, []
+        store.set_status = lambda model, status, reason=None, **kw: (
+            said.append((time.time(), status, reason)), set_status(model, status, reason, **kw))
+        engine = Onboarding(store, suite, questions, asker,
+                            Options(concurrency=1, backoff_s=60, backoff_max_s=60))
+        engine.clock, engine.sleep = (lambda: now[0]), sleep
+        assert (await asyncio.wait_for(engine.run("m"), 10)).status == "done"
+    at, status, reason = said[0]
+    assert status == "stalled" and "the upstream asked to wait 20s (Retry-After); resuming at " in reason
+    resumes = datetime.datetime.strptime(reason.rpartition(" at ")[2], "%Y-%m-%dT%H:%M:%SZ").replace(
+        tzinfo=datetime.timezone.utc).timestamp()
+    assert at + 58 < resumes < at + 61
+    assert said[1][1:] == ("running", None)
 
 
 async def test_a_stall_is_logged_when_it_begins(tmp_path, tiny, caplog):
