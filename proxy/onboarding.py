@@ -911,17 +911,19 @@ class Onboarding:
             state.pace.hold(now, now + min(retry_after, opts.backoff_max_s), retry_after, state.model)
         elif limited:
             state.pace.hold(now, state.resume_at, None, state.model)
-        # the status says the hold (its end is when it says running again), or this failure alone
-        state.held_until = state.pace.resume_at if limited and state.pace.resume_at > now else 0.0
-        if state.held_until:
-            reason = f"{reason}; {self._held(state)}"
         # a timeout counts from the run's start (the ask waited all along: a hung upstream's first
         # failure comes at its timeout, and counting from it doubled the wait); another failure
         # from the first one (a slow model's answers may be on their way past one 429)
         since = state.started if timeout else state.first_failure
         if not state.ever_answered and now - since >= opts.give_up_s:
-            state.fatal = f"no answer for {now - since:.0f}s: {reason}"
+            # nothing answered since the run began: the first failure heard of may have come
+            # long after (a gateway's 500s after dispatch's attempts, each waiting on the model)
+            state.fatal = f"no answer for {now - state.started:.0f}s: {reason}"
             return
+        # the status says the hold (its end is when it says running again), or this failure alone
+        state.held_until = state.pace.resume_at if limited and state.pace.resume_at > now else 0.0
+        if state.held_until:
+            reason = f"{reason}; {self._held(state)}"
         await self._set_status(state, "stalled", reason)
 
     def _held(self, state: _Run) -> str:

@@ -140,6 +140,38 @@ async def test_model_that_never_answers_fails_with_the_reason(tmp_path, tiny):
         assert store.get("m") is None
 
 
+@pytest.mark.parametrize("fails, takes, said", [
+    # each 429 at once, held 20 s or the backoff, whichever is longer: 0, 20, ..., 100, 132
+    (lambda: rate_limited(retry_after=20), 0, "no answer for 132s: "),
+    # a gateway's 500 after 40 s each (dispatch's attempts): the first failure is seen at 40 s
+    (lambda: AllUpstreamsFailed("every model failed: m (http_500)", failed=[("m", "http_500")]), 40,
+     "no answer for 167s: "),
+], ids=["429s", "slow 500s"])
+async def test_a_model_that_never_answers_says_for_how_long_since_the_run_began(tmp_path, tiny, fails, takes, said):
+    """It failed 2 minutes after the first failure the run heard of, and said "no answer for
+    120s" where nothing had been answered for longer: the time is the run's, from its start. A
+    run failed while the upstream held it does not say when it resumes."""
+    suite, questions = tiny
+    now = [1000.0]
+
+    class Failing(FakeAsker):
+        async def ask(self, model, messages, **params):
+            now[0] += takes
+            raise fails()
+
+    async def sleep(seconds):
+        now[0] += seconds
+        await asyncio.sleep(0)
+
+    with Store(tmp_path) as store:
+        engine = Onboarding(store, suite, questions, Failing(questions, lambda q: "A"),
+                            Options(concurrency=1, backoff_s=1, backoff_max_s=60, give_up_s=120))
+        engine.clock, engine.sleep = (lambda: now[0]), sleep
+        progress = await asyncio.wait_for(engine.run("m"), 10)
+    assert progress.status == "failed" and progress.reason.startswith(said), progress.reason
+    assert "resuming" not in progress.reason  # it does not
+
+
 async def test_refused_request_fails_at_once(tmp_path, tiny):
     suite, questions = tiny
     asker = FakeAsker(questions, lambda q: "A")
