@@ -41,7 +41,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import pickle
 import random
 import re
 import signal
@@ -435,8 +434,11 @@ class Trainer:
         device = next(self.model.parameters()).device  # a CUDA run may resume on a CPU, and back
         try:  # a file cut short (a full disk, a copy), another program's: a line naming it, not a traceback
             state = torch.load(path, weights_only=False, map_location=device)
-        except (RuntimeError, ValueError, EOFError, OSError, pickle.UnpicklingError) as exc:
+        except Exception as exc:  # noqa: BLE001 (unpickling another program's file raises anything)
             raise unreadable(path, exc, "a training state") from None
+        if not isinstance(state, dict):  # a torch file of something else (a bare tensor, a list)
+            raise CheckpointError(f"{path} is not a training state of this run's network: "
+                                  f"it holds a {type(state).__name__}")
         try:
             if "trainable" in state:  # not the checkpoint's files: a kill may have left them a step ahead
                 self.model.load_trainable_state(state["trainable"])
@@ -445,7 +447,7 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             self.rng.setstate(state["rng"])
             torch.set_rng_state(state["torch_rng"].cpu())
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as exc:  # torch's: a state of another size
             raise CheckpointError(f"{path} is not a training state of this run's network: "
                                   f"{type(exc).__name__}: {exc}") from None
         for group, fresh in zip(self.optimizer.param_groups, self._learning_rates()):

@@ -973,16 +973,33 @@ def test_a_damaged_training_state_is_one_line_naming_it_and_exit_2(tiny_run, tmp
     assert "Traceback" not in err
 
 
-def test_a_training_state_of_another_kind_is_one_line_naming_it_and_exit_2(tiny_run, tmp_path, capsys):
+# a pickle of a class from a package this environment lacks: another tool's checkpoint
+_FOREIGN = (b"\x80\x04\x95\x1f\x00\x00\x00\x00\x00\x00\x00\x8c\x0elightning_fake\x94\x8c\x05Thing"
+            b"\x94\x93\x94)\x81\x94.")
+
+
+def _with_rng(state: dict) -> dict:
+    return {**state, "torch_rng": torch.zeros(3, dtype=torch.uint8)}  # a generator state of another size
+
+
+@pytest.mark.parametrize("write, said", [
+    (lambda path: torch.save({"step": 2}, path), "is not a training state of this run's network: KeyError: 'stage'"),
+    (lambda path: torch.save(torch.zeros(3), path),
+     "is not a training state of this run's network: it holds a Tensor"),
+    (lambda path: path.write_bytes(_FOREIGN), "is damaged, or not a training state: No module named 'lightning_fake'"),
+    (lambda path: torch.save(_with_rng(torch.load(path, weights_only=False)), path),
+     "is not a training state of this run's network: RuntimeError"),
+], ids=["keys", "tensor", "foreign-class", "rng-size"])
+def test_a_training_state_of_another_kind_is_one_line_naming_it_and_exit_2(tiny_run, tmp_path, capsys, write, said):
     from scorer.training import main
 
     assert main(tiny_run()) == 0
     state = tmp_path / "out" / "train_state.pt"
-    torch.save({"step": 2}, state)
+    write(state)
     capsys.readouterr()
     assert main(tiny_run("--stage2-steps", "3", "--resume")) == 2
-    assert capsys.readouterr().err.splitlines()[-1] == (
-        f"satroute train: {state} is not a training state of this run's network: KeyError: 'stage'")
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(f"satroute train: {state} {said}") and "Traceback" not in err
 
 
 def test_the_progress_bar_draws_at_its_own_pace_not_once_a_step(tiny_run, tmp_path, capsys, monkeypatch):
