@@ -26,9 +26,11 @@ import functools
 import gc
 import hashlib
 import logging
+import os
 import random
 import re
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, Awaitable, Callable, Iterator, Mapping, Protocol, Sequence
 
@@ -476,22 +478,29 @@ class RetryingDispatcher:
         except UpstreamError:
             raise  # this function's own verdict on what litellm returned
         except Exception as exc:  # noqa: BLE001 (litellm's own failure, whatever it raised)
-            raise _litellm_failed(exc, d.name, call.redact) from None
+            raise _litellm_failed(exc, d.name, call.redact, texts=self.log_prompts) from None
         if first is None:
             raise UpstreamTransient(f"{d.name}: stream closed before its first chunk", model=d.name)
         return Answer(chunks=_litellm_chunks(first, resp, d.name, openai.OpenAIError, call.redact,
                                              translated=not openai_like, texts=self.log_prompts))
 
 
-def _litellm_failed(exc: Exception, model: str, redact: Callable[[str], str]) -> UpstreamError:
+def _litellm_failed(exc: Exception, model: str, redact: Callable[[str], str],
+                    texts: bool = False) -> UpstreamError:
     """An exception of litellm's that is none of its API errors (those subclass the openai SDK's):
     its own code failed on this request, building it for the provider (a ``TypeError`` on a value of
     a shape it did not expect) or reading it, where it does not map the failure to one of its
     errors. The request's, not the model's health's: not retried, not counted toward a cooldown; a
     routed request goes to another model, one naming this model gets a 400 saying what failed
-    (``untranslatable``, as for a request litellm says it cannot translate). The traceback goes to
-    the log: it is litellm's fault to report upstream."""
-    log.warning("model %s: litellm failed on a request: %s", model, type(exc).__name__, exc_info=exc)
+    (``untranslatable``, as for a request litellm says it cannot translate). The log says where it
+    was raised: it is litellm's fault to report upstream; its traceback and message only where
+    ``texts`` (SATROUTE_LOG_PROMPTS), since the message may quote the request."""
+    if texts:
+        log.error("model %s: litellm failed on a request: %s", model, type(exc).__name__, exc_info=exc)
+    else:
+        frames = traceback.extract_tb(exc.__traceback__)
+        where = f" in {frames[-1].name} ({os.path.basename(frames[-1].filename)}:{frames[-1].lineno})" if frames else ""
+        log.error("model %s: litellm failed on a request: %s%s", model, type(exc).__name__, where)
     said = redact(f"{type(exc).__name__}: {exc}")[:300]
     return unfit_request(model, f"model {model} cannot take this request: litellm failed making it "
                                 f"({said})", "untranslatable", "untranslatable_request",

@@ -969,7 +969,13 @@ def test_a_failure_of_litellm_s_own_code_falls_back_and_a_named_call_gets_a_400(
     assert "litellm failed making it (TypeError: WebSearchOptions()" in err.value.message
     assert calls == ["anthropic/claude-upstream", "openai/oai-lite"] * 2 + ["anthropic/claude-upstream"]
     assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == []
-    assert any(rec.exc_info and rec.exc_info[0] is TypeError for rec in caplog.records)
+    # the log says where litellm failed, not its message (which may quote the request: prompts
+    # are logged only with SATROUTE_LOG_PROMPTS)
+    said = [rec.getMessage() for rec in caplog.records if "litellm failed on a request" in rec.getMessage()]
+    assert said and all(line.startswith("model ") and ": TypeError in broken (test_translated_providers.py:"
+                        in line for line in said)
+    assert not any(rec.exc_info for rec in caplog.records if "litellm failed" in rec.getMessage())
+    assert "must be a mapping" not in caplog.text
 
 
 AUDIO = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
@@ -1050,3 +1056,19 @@ def test_a_part_litellm_cannot_count_after_ollama_answered_is_the_request_s_fail
         "model translated cannot take this request: litellm cannot read its refusal parts for the "
         "model's provider")
     assert len(calls) == 2 and ready["cooling"] == []  # one call each, never retried
+
+
+def test_litellm_s_own_failure_is_logged_with_its_trace_only_where_prompts_are(caplog):
+    from proxy.dispatch import _litellm_failed
+
+    try:
+        raise ValueError("cannot count tokens in message {'content': 'a private prompt'}")
+    except ValueError as exc:
+        caught = exc
+    for texts in (False, True):
+        caplog.clear()
+        _litellm_failed(caught, "m1", str, texts=texts)
+        [record] = [r for r in caplog.records if "litellm failed" in r.getMessage()]
+        assert record.levelname == "ERROR"  # the JSON log keeps a trace at ERROR only
+        assert bool(record.exc_info) is texts
+        assert ("a private prompt" in caplog.text) is texts
