@@ -58,6 +58,20 @@ def litellm_cost(value: Any) -> float | None:
     return price if math.isfinite(price) and price >= 0 else None
 
 
+def listed_flag(model: str, provider: str, flag: str) -> bool:
+    """Whether litellm's list says ``flag`` (``supports_vision``, ...) of ``model`` (a litellm
+    model string such as ``deepseek/deepseek-chat``) at ``provider``, as litellm looks it up: the
+    whole string, else the name without its prefix where that entry is the same provider's. False
+    where the list has neither, or does not say: what litellm's own ``supports_*`` answer then."""
+    table = price_list()
+    bare = model.split("/", 1)[1] if "/" in model else model
+    for key in dict.fromkeys((model, bare)):
+        entry = table.get(key)
+        if isinstance(entry, dict) and (key == model or entry.get("litellm_provider") == provider):
+            return entry.get(flag) is True  # the same name at another provider is another model
+    return False
+
+
 def listed_prices(model: str, provider: str, api_base: str | None) -> tuple[float, float] | None:
     """USD per million input and output tokens of ``model`` (a litellm model string such as
     ``openai/gpt-4o``) at its provider, or None when the list does not have it or the model is

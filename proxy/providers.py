@@ -36,7 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from proxy.errors import ConfigError
 from proxy.logs import Redactor
-from proxy.prices import LITELLM_PRICE_KEYS, litellm_cost
+from proxy.prices import LITELLM_PRICE_KEYS, listed_flag, litellm_cost
 
 log = logging.getLogger("satroute.providers")
 
@@ -51,14 +51,22 @@ OPENAI_COMPATIBLE = frozenset({"openai", "hosted_vllm", "custom_openai", "llamaf
 # Anthropic's (anthropic_messages_pt) sends text, images and files, not sound; so does Bedrock's
 # (_bedrock_converse_messages_pt; Claude by invoke is Anthropic's); Ollama's chat and generate
 # APIs (OllamaChatConfig.transform_request, ollama_pt) take text and images only; DeepSeek's
-# (DeepSeekChatConfig) makes one string of any content but text and images.
+# (DeepSeekChatConfig) makes one string of every message's parts, but keeps a user turn's text and
+# images for a model litellm's list says reads images (LITELLM_IMAGES_IF_LISTED); Mistral's
+# (MistralConfig._transform_messages) makes one string of a request's parts unless one is an image
+# or a file; Heroku's makes one string of every message's parts.
 LITELLM_DROPPED_PARTS: Mapping[str, frozenset[str]] = {
     "anthropic": frozenset({"input_audio"}),
     "bedrock": frozenset({"input_audio"}),
-    "deepseek": frozenset({"input_audio", "file"}),
+    "deepseek": frozenset({"image_url", "input_audio", "file"}),
+    "heroku": frozenset({"image_url", "input_audio", "file"}),
+    "mistral": frozenset({"input_audio"}),
     "ollama": frozenset({"input_audio", "file"}),
     "ollama_chat": frozenset({"input_audio", "file"}),
 }
+# providers whose translation keeps images for the models litellm's own list marks
+# ``supports_vision`` (and drops them for the others, its own names and unknown ones included)
+LITELLM_IMAGES_IF_LISTED = frozenset({"deepseek"})
 SECRET_WORDS = ("key", "secret", "token", "password", "authorization", "credential")
 # llama_cpp.server flags a local_server block's args may not give (see LocalServerConfig).
 RESERVED_LOCAL_FLAGS = frozenset({"host", "port", "model", "model_alias", "n_ctx", "n_threads",
@@ -293,8 +301,11 @@ class Deployment:
         (``LITELLM_DROPPED_PARTS``), when it is called through litellm."""
         if self.fast_path:
             return frozenset()
-        provider = self.params.get("custom_llm_provider") or self.provider
-        return LITELLM_DROPPED_PARTS.get(str(provider), frozenset())
+        provider = str(self.params.get("custom_llm_provider") or self.provider)
+        dropped = LITELLM_DROPPED_PARTS.get(provider, frozenset())
+        if provider in LITELLM_IMAGES_IF_LISTED and listed_flag(self.model, provider, "supports_vision"):
+            dropped -= {"image_url"}
+        return dropped
 
 
 def upstream_fingerprint(d: Deployment) -> str:

@@ -88,6 +88,23 @@ def test_a_part_litellm_leaves_out_for_a_provider_makes_its_models_unable_to_rea
                                     {"content": [{"type": "input_audio"}]}, None]}) == {"text", "input_audio"}
 
 
+@pytest.mark.parametrize("model, provider, images", [
+    ("deepseek/deepseek-chat", "deepseek", False),  # listed, no vision: its parts become one string
+    ("deepseek/deepseek-v4-flash", "deepseek", True),  # listed supports_vision: images are sent
+    ("deepseek/my-finetune", "deepseek", False),  # unlisted: as litellm, no vision
+    ("mistral/voxtral-mini-latest", "mistral", True),  # sound left out unless an image or file goes
+    ("heroku/claude-4-sonnet", "heroku", False),  # every message made one string
+])
+def test_what_litellm_leaves_out_may_depend_on_the_model_as_its_list_says(model, provider, images):
+    """DeepSeek's translation keeps images only for the models litellm's list says read them, and
+    Mistral's and Heroku's make strings of parts: the answer came back as if they were not sent."""
+    d = replace(_deployment("d", supports_vision=True, supports_audio_input=True), model=model,
+                provider=provider, fast_path=False)
+    assert ("image_url" not in d.dropped_parts) is images
+    assert supports(d, "supports_vision") is images
+    assert "input_audio" in d.dropped_parts and supports(d, "supports_audio_input") is False
+
+
 def test_a_yaml_value_that_is_not_a_boolean_is_refused():
     with pytest.raises(ValueError, match="supports_vision"):
         ModelInfo(supports_vision="sometimes")
