@@ -62,6 +62,12 @@ class Services:
     tasks: set[asyncio.Task] = field(default_factory=set)
     stopping_since: float | None = None  # time.monotonic() when the shutdown began
     leaving: bool = False  # a stop signal came: /ready says not ready (SATROUTE_SHUTDOWN_DELAY_S)
+
+    @property
+    def stop_signalled(self) -> bool:
+        """A stop signal came (the shutdown may not have begun: SATROUTE_SHUTDOWN_DELAY_S): no
+        configuration edit is taken from now on, and no onboarding is tried again."""
+        return self.leaving or self.stopping_since is not None
     forced: Callable[[], bool] = lambda: False  # the server was told to quit at once (Ctrl+C twice)
 
     def begin_shutdown(self) -> None:
@@ -224,7 +230,7 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
             svc.spawn(others.watch(1.0), "cpu-load")
         # until the shutdown begins: an edit during its grace period is logged, not taken
         svc.spawn(svc.registry.watch(settings.reload_interval_s,
-                                     lambda: svc.stopping_since is not None), "config-watch")
+                                     lambda: svc.stop_signalled), "config-watch")
         svc.spawn(svc.scoring.keep_warm(profiles, max(1.0, settings.reload_interval_s)), "scorer-warm")
         prepare = getattr(svc.dispatcher, "prepare", None)
         if prepare is not None:  # import litellm now if a model needs it, not in a request's time

@@ -252,7 +252,7 @@ def _serve_on(sockets: list[socket.socket], settings: Settings, master: str | No
     # has begun it is only logged: a reload then would start work the shutdown has already stopped.
 
     def hangup() -> None:
-        if services.stopping_since is not None:
+        if services.stop_signalled:
             logging.getLogger("satroute.app").info("SIGHUP: shutting down; providers.yaml not checked")
         else:
             registry.reload_now("SIGHUP")

@@ -911,7 +911,7 @@ def local_models_hook(services) -> None:
 
     Uses ``services.registry`` (``snapshot.models``, ``path``, ``set_unavailable``, ``local_key``,
     which it publishes in ``services.store.dir`` when there is a store), ``services.metrics.
-    observe_local_server``, ``services.stopping_since`` (once set, no server is started or stopped
+    observe_local_server``, ``services.stop_signalled`` (once set, no server is started or stopped
     for an edit) and ``services.spawn``; servers stop when the task is cancelled at shutdown.
     """
     registry = services.registry
@@ -929,7 +929,7 @@ def local_models_hook(services) -> None:
         lambda: specs_from_models(registry.snapshot.models.values(), registry.path.parent),
         registry.set_unavailable, on_event=services.metrics.observe_local_server,
         on_ready=services.cooldowns.success, busy=getattr(services.dispatcher, "busy", None),
-        stopping=lambda: services.stopping_since is not None)
+        stopping=lambda: services.stop_signalled)
     manager.mark_pending()  # before the first request: unavailable until the server answers
     # and an edit's new or changed server: marked as the edit is swapped in, not at the next tick
     registry.on_reload.append(lambda old, new: manager.mark_edited())

@@ -348,12 +348,18 @@ def test_with_a_shutdown_delay_the_proxy_serves_on_not_ready_before_it_stops(tmp
         up.set("m1", answer("hello"))
         port = free_port()
         proc = _serve(_config(tmp_path, up.url), port, tmp_path, deadline_s=5,
-                      env={"SATROUTE_SHUTDOWN_DELAY_S": "3"})
+                      env={"SATROUTE_SHUTDOWN_DELAY_S": "4"})
         base = f"http://127.0.0.1:{port}"
         assert httpx.get(f"{base}/ready", timeout=5).status_code == 200
         signalled = time.monotonic()
         proc.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
+        time.sleep(0.3)
+        # an edit made now is not taken, nor a SIGHUP's check: the process is on its way out
+        config = tmp_path / "providers.yaml"
+        config.write_text(config.read_text() + config.read_text().split("\n", 1)[1].replace("m1", "m2"))
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.5)  # the watch's interval is 1 s
+        models = [m["id"] for m in httpx.get(f"{base}/v1/models", timeout=5).json()["data"]]
         ready = httpx.get(f"{base}/ready", timeout=5)  # a new connection, still taken
         chat = httpx.post(f"{base}/v1/chat/completions", timeout=10,
                           json={"model": "m1", "messages": [{"role": "user", "content": "hi"}]})
@@ -361,8 +367,11 @@ def test_with_a_shutdown_delay_the_proxy_serves_on_not_ready_before_it_stops(tmp
         rc = proc.wait(20)
         stopped_after = time.monotonic() - signalled
         logs = proc.stdout.read()
-    assert waited < 2.5, "the requests were answered late"
+    assert waited < 2.9, "the requests were answered late"
+    assert "m2" not in models, models
+    assert "SIGHUP: shutting down; providers.yaml not checked" in logs
+    assert "edited: not applied, the proxy is stopping" in logs
     assert ready.status_code == 503 and ready.json()["reasons"] == ["shutting down"], ready.text
     assert chat.status_code == 200 and chat.json()["choices"][0]["message"]["content"] == "hello"
-    assert rc == -signal.SIGTERM and 3 <= stopped_after < 10, (rc, stopped_after, logs)
+    assert rc == -signal.SIGTERM and 4 <= stopped_after < 11, (rc, stopped_after, logs)
     assert any(entry.get("msg") == "shutdown complete" for entry in _json_lines(logs)), logs
