@@ -106,7 +106,8 @@ class Attempt:
     ``billed``: the upstream may have generated, and billed, an answer the call did not get: the
     request was sent and no answer of the upstream's said it was refused unserved (a timeout, a
     connection cut after sending, a 5xx other than 503 and 529: a gateway's 502, 504 or 524 while
-    the model went on, a 500 midway; a 200 that carries no answer). Never billed: a connection
+    the model went on, a 500 midway; a 200 that carries no answer; one cancelled while it was out,
+    ``cancelled``, since whether it had been sent cannot be told). Never billed: a connection
     that was never made, a 3xx or 4xx (429 included), a 503 or 529, a request refused before
     sending."""
 
@@ -338,6 +339,8 @@ class RetryingDispatcher:
                     answer = await self._attempt(d, call, budget)
                 except asyncio.CancelledError:  # the client left: the upstream's time is unknown
                     timed = False
+                    if call.attempts is not None:  # cut while out: whether it was sent is not known
+                        call.attempts.append(Attempt(d.name, "cancelled", billed=True))
                     raise
                 except UpstreamClientError as exc:  # refused before anything was sent: no upstream time
                     timed = exc.unfit in (None, CONTEXT_WINDOW, UNSUPPORTED)  # the model answered those

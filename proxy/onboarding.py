@@ -26,7 +26,8 @@ One process at a time: a run holds the store's lease on its model (``Store.claim
 onboards the model. The run's writes are made only under its lease (``leased=True``), and a worker
 checks the lease before a new question when the last heartbeat is late (the event loop was held
 up), so a run taken over stops at once, asking and writing nothing more. A run cancelled midway
-(shutdown, a signal) leaves its model ``pending`` ("interrupted"), not ``running``.
+(shutdown, a signal) leaves its model ``pending`` ("interrupted"), not ``running``, the asks it
+had out counted for the spend (the upstream bills them all the same).
 Every store call runs on a worker thread (a write may wait for another process's lock for the busy
 timeout; the event loop, which also serves the proxy's requests, must not), and a write the store
 refuses (locked past that timeout, disk full) stalls the run and is tried again: an answer that
@@ -110,14 +111,15 @@ class Asker(Protocol):
 
 
 def unanswered(exc: BaseException) -> int:
-    """How many attempts of a failed ask the upstream may have billed with no answer back: as the
-    ``Asker`` counted them (the exception's ``unanswered``: ``DispatchAsker`` reads dispatch's
-    record of each attempt), else one for a timeout (the request was out when the wait ended)
-    and none for another failure."""
+    """How many attempts of a failed or cancelled ask the upstream may have billed with no answer
+    back: as the ``Asker`` counted them (the exception's ``unanswered``: ``DispatchAsker`` reads
+    dispatch's record of each attempt), else one for a timeout (the request was out when the
+    wait ended) or a cancellation (it may have been), and none for another failure."""
     told = getattr(exc, "unanswered", None)
     if isinstance(told, int):
         return told
-    return int(isinstance(exc, TimeoutError) or getattr(exc, "timeout", False) is True)
+    return int(isinstance(exc, (TimeoutError, asyncio.CancelledError))
+               or getattr(exc, "timeout", False) is True)
 
 
 def answer_budget(params: dict, default: int) -> int:
@@ -734,13 +736,22 @@ class Onboarding:
         cap at once, each as ``prompt`` tokens in and the whole answer budget the ask allowed out
         (``max_tokens``): nothing of their answer came to measure, and it may have run to that
         limit (a timed-out one likely did), so the expected answer length could count less than
-        was billed; the budget never does (an upstream bills no more than it was allowed)."""
+        was billed; the budget never does (an upstream bills no more than it was allowed). An ask
+        cancelled (the run stops: its model left providers.yaml or changed upstream, the proxy's
+        stop, a signal) counts the attempts it sent as well, the one out when it came included,
+        before the cancellation goes on (``_spend_cut``)."""
         try:
             said = await self.asker.ask(state.model, messages, **params)
         except TRANSIENT as exc:
             lost = unanswered(exc)
             if lost:
                 await self._spend(state, lost * state.prices.cost(
+                    prompt, answer_budget(params, self.options.max_tokens)))
+            raise
+        except asyncio.CancelledError as exc:
+            lost = unanswered(exc)
+            if lost:
+                await self._spend_cut(state, lost * state.prices.cost(
                     prompt, answer_budget(params, self.options.max_tokens)))
             raise
         said = said if isinstance(said, Said) else Said(said or "")
@@ -757,6 +768,20 @@ class Onboarding:
         state.spent += cost
         await self._write(state, self.store.add_spend, state.model, cost, leased=True)
         self._capped(state)
+
+    async def _spend_cut(self, state: _Run, cost: float) -> None:
+        """Count ``cost`` (USD) of asks a cancellation cut for the spend, stored while the run
+        stops. Tried once: a store that refuses it (locked past the busy timeout, the lease taken
+        over) is logged, not waited out, since the run must stop; a second cancellation meanwhile
+        waits for the write to end (``_store``)."""
+        if not cost:
+            return
+        state.spent += cost
+        try:
+            await self._store(self.store.add_spend, state.model, cost, leased=True)
+        except (ModelBusy, sqlite3.Error) as exc:
+            log.warning("onboarding %s: cannot store the $%.4f its asks cut by the stop may have "
+                        "cost: %s", state.model, cost, exc)
 
     def _capped(self, state: _Run) -> None:
         """Stop the run (``fatal``) once its spend passed the cap."""

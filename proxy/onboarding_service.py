@@ -62,8 +62,8 @@ class DispatchAsker:
     """``Asker`` over the proxy's dispatcher: one non-streamed chat completion to one named model,
     with dispatch's retries except of a rate limit (``Call.paced``: the engine paces the run).
     The attempts dispatch made that the upstream may have billed with no answer back
-    (``Attempt.billed``) are counted: an answer's in ``Said.unanswered``, a failure's as the
-    exception's ``unanswered``."""
+    (``Attempt.billed``) are counted: an answer's in ``Said.unanswered``, a failure's, or a
+    cancellation's (the one out when it came included), as the exception's ``unanswered``."""
 
     def __init__(self, registry: ProviderRegistry, dispatcher: Dispatcher):
         self.registry, self.dispatcher = registry, dispatcher
@@ -81,7 +81,8 @@ class DispatchAsker:
             reply = await self.dispatcher.complete(Call(targets=[target], body=body, stream=False,
                                                         router=snap.router, redact=snap.redact,
                                                         attempts=tried, paced=True))
-        except UpstreamError as exc:
+        except (UpstreamError, asyncio.CancelledError) as exc:
+            # a cancelled ask too (the run stopped): what it sent before is billed all the same
             exc.unanswered = sum(a.billed for a in tried)
             raise
         unanswered = sum(a.billed for a in tried)

@@ -1,14 +1,21 @@
 """DispatchAsker: the onboarding seam over the proxy's dispatcher."""
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 import yaml
 
-from proxy.dispatch import Attempt, Reply
+from proxy.cooldown import Cooldowns
+from proxy.dispatch import Attempt, Reply, RetryingDispatcher
 from proxy.errors import AllUpstreamsFailed, UpstreamTransient
-from proxy.onboarding import RunCancelled, Said
+from proxy.onboarding import Onboarding, Options, Prices, RunCancelled, Said, prompt_tokens
 from proxy.onboarding_service import DispatchAsker
 from proxy.providers import ProviderRegistry
+from proxy.store import Store
+from support.mock_upstream import MockUpstream, answer, fail, stall
+
+from onboarding.fakes import make_suite, wait_until
 
 
 class FakeDispatcher:
@@ -105,6 +112,90 @@ async def test_attempts_that_may_be_billed_with_no_answer_are_counted(registry):
     with pytest.raises(UpstreamTransient) as garbled:  # it came back, unread: maybe billed too
         await DispatchAsker(registry, Retrying(b'{"choices": []}', tried)).ask("m", [])
     assert garbled.value.unanswered == 3
+
+
+class Seen:
+    """The proxy's dispatcher, each call it is given kept (``calls``: their attempts so far)."""
+
+    def __init__(self, dispatcher):
+        self.dispatcher, self.calls = dispatcher, []
+
+    async def complete(self, call):
+        self.calls.append(call)
+        return await self.dispatcher.complete(call)
+
+
+def mock_registry(tmp_path, base, **router):
+    path = tmp_path / "providers.yaml"
+    path.write_text(yaml.safe_dump({"model_list": [
+        {"model_name": "m", "litellm_params": {"model": "openai/m", "api_base": base, "api_key": "k"}}],
+        "router_settings": {"timeout_s": 30, "deadline_s": 60, **router}}))
+    return ProviderRegistry(path, dict)
+
+
+async def unanswered_when_cut(asker, until) -> int | None:
+    """Ask model m, cancel the ask once ``until()``: the ``unanswered`` its cancellation carries."""
+    async def asking():
+        try:
+            await asker.ask("m", [{"role": "user", "content": "q"}])
+        except asyncio.CancelledError as exc:
+            return getattr(exc, "unanswered", None)
+        raise AssertionError("answered before the cancellation")
+
+    task = asyncio.create_task(asking())
+    await wait_until(until)
+    task.cancel()
+    return await asyncio.wait_for(task, 5)
+
+
+async def test_a_cancelled_ask_counts_the_attempts_it_sent_the_one_out_included(tmp_path):
+    """A run stopped mid-ask (its model removed or pointed elsewhere, the proxy's stop): the
+    cancellation dropped dispatch's record, so what the upstream had been sent counted nothing.
+    It carries the attempts that may be billed: one that failed so before, and the one out (sent
+    or not: it cannot be told); cut between two attempts (dispatch's backoff), none is out."""
+    with MockUpstream() as up:
+        dispatcher = RetryingDispatcher(Cooldowns())
+        try:
+            up.queue("m", fail(500), stall(30))
+            asker = DispatchAsker(mock_registry(tmp_path, up.url, num_retries=1,
+                                                retry_backoff_s=0.01), dispatcher)
+            assert await unanswered_when_cut(asker, lambda: len(up.received) == 2) == 2
+            up.reset()
+            up.queue("m", fail(500))
+            seen = Seen(dispatcher)
+            asker = DispatchAsker(mock_registry(tmp_path, up.url, num_retries=1,
+                                                retry_backoff_s=10), seen)
+            assert await unanswered_when_cut(
+                asker, lambda: seen.calls and len(seen.calls[0].attempts) == 1) == 1
+            assert [(a.outcome, a.billed) for a in seen.calls[0].attempts] == [("http_500", True)]
+        finally:
+            await dispatcher.close()
+
+
+async def test_a_run_stopped_with_questions_out_counts_them_for_the_spend(tmp_path):
+    """The upstream received 4 questions, then the run was cancelled (as an edit of its api_base
+    cancels it): the stored spend was $0; it is each question's prompt and answer budget."""
+    suite, questions = make_suite(n_tasks=2, per_task=4)
+    prices = Prices(10.0, 30.0)
+    with MockUpstream() as up:
+        up.set("m", answer("The answer is (A).", delay=30))
+        dispatcher = RetryingDispatcher(Cooldowns())
+        try:
+            with Store(tmp_path) as store:
+                engine = Onboarding(store, suite, questions,
+                                    DispatchAsker(mock_registry(tmp_path, up.url, num_retries=0), dispatcher),
+                                    Options(concurrency=4))
+                task = asyncio.create_task(engine.run("m", prices))
+                await wait_until(lambda: len(up.received) == 4)
+                task.cancel()
+                with pytest.raises(asyncio.CancelledError):
+                    await asyncio.wait_for(task, 5)
+                spent = store.spent("m")
+        finally:
+            await dispatcher.close()
+    asked = [q for q in questions if any(q.question in str(b) for b in up.bodies("m"))]
+    assert len(asked) == 4
+    assert spent == pytest.approx(sum(prices.cost(prompt_tokens(q), 2048) for q in asked))
 
 
 @pytest.mark.parametrize("message", [

@@ -787,6 +787,64 @@ async def test_the_spend_cap_stops_a_run_whose_asks_time_out(tmp_path, tiny):
     assert progress.spent > 6.0
 
 
+class CutAsker(FakeAsker):
+    """Each ask cut by a cancellation says it sent ``told`` attempts with no answer back (None:
+    says nothing)."""
+
+    def __init__(self, questions, told: int | None):
+        super().__init__(questions, lambda q: "A", delay=30)
+        self.told = told
+
+    async def ask(self, model, messages, **params):
+        try:
+            return await super().ask(model, messages, **params)
+        except asyncio.CancelledError as exc:
+            if self.told is not None:
+                exc.unanswered = self.told
+            raise
+
+
+@pytest.mark.parametrize("told, counted", [(None, 1), (2, 2), (0, 0)])
+async def test_asks_a_stopped_run_cut_count_for_the_spend(tmp_path, tiny, told, counted):
+    """A run stopped with questions out (its model left providers.yaml or changed upstream, the
+    proxy's stop, a signal) stored no spend for them, though the upstream had them and bills them:
+    each counts its attempts sent (as the asker says; one, the ask out, where it says nothing) at
+    the whole answer budget, stored before the run stops, which stops as it did."""
+    suite, questions = tiny
+    asker = CutAsker(questions, told)
+    prices = Prices(0.0, 1.0)  # output only: the prompts' lengths aside
+    with Store(tmp_path) as store:
+        task = asyncio.create_task(Onboarding(store, suite, questions, asker,
+                                              Options(concurrency=3)).run("m", prices))
+        await wait_until(lambda: asker.in_flight == 3)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+        progress = store.progress("m")
+    assert progress.status == "pending" and progress.reason == "interrupted" and progress.done == 0
+    assert progress.spent == pytest.approx(prices.cost(0, 3 * counted * 2048))
+
+
+async def test_a_stopped_run_whose_cut_asks_the_store_refuses_still_stops_at_once(tmp_path, tiny, caplog):
+    """Their spend is written once, not tried again with backoff as an answer is: the run must
+    stop (the proxy's stop waits for it). What could not be stored is logged."""
+    suite, questions = tiny
+    asker = CutAsker(questions, None)
+    with Store(tmp_path) as store:
+        def refusing(*args, **kwargs):
+            raise sqlite3.OperationalError("database is locked")
+
+        store.add_spend = refusing
+        task = asyncio.create_task(Onboarding(store, suite, questions, asker, FAST).run("m", Prices(0.0, 1.0)))
+        await wait_until(lambda: asker.in_flight == 4)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+        progress = store.progress("m")
+        assert progress.status == "pending" and progress.owner is None and progress.spent == 0
+    assert "cannot store the $0.0020 its asks cut by the stop may have cost: database is locked" in caplog.text
+
+
 @pytest.mark.parametrize("status", [429, 503])
 async def test_no_question_is_asked_again_before_the_upstream_s_retry_after(tmp_path, tiny, caplog, status):
     suite, questions = tiny
