@@ -46,6 +46,8 @@ BUILTIN_PREFIX = "builtin:"
 UNKNOWN_SUITE = "unknown"  # what Snapshot.mixed_suites calls a profile that names no suite
 # litellm providers that speak the OpenAI wire format as is: eligible for the pass-through path.
 OPENAI_COMPATIBLE = frozenset({"openai", "hosted_vllm", "custom_openai", "llamafile", "lm_studio"})
+# where a provider's models are asked when they have no api_base of their own
+DEFAULT_BASES = {"openai": "https://api.openai.com/v1"}
 # The content parts litellm's translation for a provider leaves out of what it sends, with no error:
 # the model answered as if they were not there. As litellm 1.102's translation code reads them:
 # Anthropic's (anthropic_messages_pt) sends text, images and files, not sound; so does Bedrock's
@@ -328,15 +330,42 @@ def legacy_fingerprint(d: Deployment) -> str:
 
 def upstream_account(d: Deployment) -> str:
     """What the models sharing one provider account have in common, whose rate limits they share:
-    the provider, ``api_base`` as it reaches the upstream (``_plain_base``) and the API key. For
-    this process only (onboarding paces the models on one account together): hashed with a key
-    made at start, so that what holds the API key can neither be read back nor used to test
-    guesses of it, should it ever be logged; never stored."""
-    text = f"{d.provider}\n{_plain_base(d.api_base)}\n{d.api_key or ''}".encode()
+    the provider; the upstream, ``api_base`` as it reaches it (``_plain_base``), the provider's
+    own where it has none (``DEFAULT_BASES``: one OpenAI key written with and without
+    ``api_base: https://api.openai.com/v1`` is one account); and whom it knows the requests to
+    come from: the API key, the credentials in ``api_base`` (``user:password@``), the
+    ``organization`` and the ``extra_headers`` that carry credentials (``_ACCOUNT_HEADERS``, by
+    any case of their name), so that teams on one gateway with keys of their own are accounts
+    of their own. For this process only (onboarding paces the models on one account together):
+    hashed with a key made at start, so that what holds the credentials can neither be read back
+    nor used to test guesses of them, should it ever be logged; never stored."""
+    base = d.api_base or DEFAULT_BASES.get(d.provider)
+    headers = d.params.get("extra_headers")
+    sent = sorted((str(k).lower(), str(v)) for k, v in headers.items()
+                  if str(k).lower() in _ACCOUNT_HEADERS) if isinstance(headers, dict) else []
+    text = json.dumps([d.provider, _plain_base(base), _userinfo(base), d.api_key or "",
+                       str(d.params.get("organization") or ""), sent]).encode()
     return hmac.new(_ACCOUNT_KEY, text, hashlib.sha256).hexdigest()[:16]
 
 
 _ACCOUNT_KEY = token_bytes(32)  # upstream_account's: this process's own
+# extra_headers that say whom a request comes from: a key (OpenAI's Authorization, Azure's
+# api-key, Anthropic's x-api-key, Gemini's x-goog-api-key), or the OpenAI organization or project
+# whose rate limits it counts against
+_ACCOUNT_HEADERS = frozenset({"authorization", "api-key", "x-api-key", "x-goog-api-key",
+                              "openai-organization", "openai-project"})
+
+
+def _userinfo(api_base: str | None) -> str:
+    """The credentials ``api_base`` names before its host (``user:password``), as written; ""
+    when it names none."""
+    if not api_base:
+        return ""
+    try:
+        netloc = urlsplit(api_base).netloc
+    except ValueError:  # not a URL at all: the call reports it
+        return ""
+    return netloc.rpartition("@")[0]
 
 
 def _fingerprint(model: str, api_base: str) -> str:

@@ -26,7 +26,7 @@ from proxy import __version__
 from proxy.errors import UpstreamClientError, UpstreamTransient, error_event
 from proxy.localserver import validation_refusal
 from proxy.protocol import OPENAI_CHAT_PARAMS
-from proxy.providers import Deployment
+from proxy.providers import DEFAULT_BASES, Deployment
 
 # litellm_params keys that fill the request body where the client's body has none.
 BODY_DEFAULTS = OPENAI_CHAT_PARAMS - {"messages", "stream", "stream_options"}
@@ -34,7 +34,6 @@ BODY_DEFAULTS = OPENAI_CHAT_PARAMS - {"messages", "stream", "stream_options"}
 # only when the client gave neither (OpenAI refuses the two together, 400
 # invalid_parameter_combination), on both paths
 LIMIT_NAMES = frozenset({"max_tokens", "max_completion_tokens"})
-DEFAULT_BASES = {"openai": "https://api.openai.com/v1"}
 
 
 def limited(body: Mapping[str, Any]) -> bool:

@@ -529,6 +529,41 @@ def test_models_on_one_provider_account_share_one_upstream_account():
     assert "secret" not in one and len(one) == 16
 
 
+def test_an_upstream_account_is_whom_the_upstream_knows_the_requests_to_come_from():
+    """One OpenAI key written with and without `api_base: https://api.openai.com/v1` (where it goes
+    either way) was two accounts, paced apart; teams on one gateway told apart by the credentials
+    in its URL or by keys in extra_headers were one, paced together. The credentials in the URL,
+    the ones extra_headers carry (by any case of their name) and the organization count; other
+    headers do not, and none of it is in what it gives."""
+    from proxy.providers import upstream_account
+
+    def account(**params) -> str:
+        entry = {"model_name": "m", "litellm_params": {"model": "openai/a", **params}}
+        return upstream_account(snap(json.dumps({"model_list": [entry]})).models["m"])
+
+    key = account(api_key="sk-secret-1")
+    assert account(api_key="sk-secret-1", api_base="https://api.openai.com/v1/") == key
+    assert account(api_key="sk-secret-1", api_base="https://gw.example/v1") != key
+    assert account(api_key="sk-secret-1", organization="org-secret-2") != key
+
+    alice = account(api_base="http://alice:secret-a@gw.example/v1")
+    assert account(api_base="http://alice:secret-a@GW.example/v1/", model="openai/b") == alice
+    assert account(api_base="http://bob:secret-b@gw.example/v1") != alice
+    assert account(api_base="http://gw.example/v1") != alice
+
+    base = "http://gw.example/v1"
+    for name in ("Authorization", "api-key", "X-API-Key", "x-goog-api-key", "OpenAI-Organization",
+                 "OpenAI-Project"):
+        team_a = account(api_base=base, extra_headers={name: "secret-of-team-a"})
+        assert account(api_base=base, extra_headers={name.lower(): "secret-of-team-a",
+                                                     "X-Title": "another app"}) == team_a, name
+        assert account(api_base=base, extra_headers={name: "secret-of-team-b"}) != team_a, name
+        assert account(api_base=base) != team_a, name
+        assert "secret" not in team_a and len(team_a) == 16
+    assert account(api_base=base, extra_headers={"X-Title": "an app"}) == account(api_base=base)
+    assert "secret" not in alice + key
+
+
 @pytest.mark.parametrize("asked, used", [(256, 256), (640, 768), (1000, 1024), (2048, 2048), (4000, 4096)])
 def test_a_local_server_s_context_is_whole_blocks_of_256(asked, used):
     """llama.cpp pads n_ctx to a multiple of 256 while llama-cpp-python sizes its buffers by the
