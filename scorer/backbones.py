@@ -17,6 +17,7 @@ Specs:
 """
 from __future__ import annotations
 
+import glob
 import hashlib
 import importlib.util
 import os
@@ -26,6 +27,11 @@ import threading
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not on Windows: one process at a time is then not enforced
+    fcntl = None  # type: ignore[assignment]
 
 DEFAULT_ENCODER = "default:minilm"
 DEFAULT_LLM = "default:smollm2"
@@ -101,14 +107,36 @@ def converted_dir(gguf: Path) -> Path:
     return cache_dir() / "llm" / f"{gguf.stem}-{key}"
 
 
+@contextmanager
+def _converting(out: Path):
+    """Held while ``out`` is converted: this process's threads, and other processes on the same
+    cache (two replicas starting on one volume), one at a time (``flock`` on ``<out>.lock``, where
+    the platform has it)."""
+    with _CONVERT_LOCK:
+        if fcntl is None:
+            yield
+            return
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.with_name(out.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF into a safetensors folder once; return the folder (atomic rename)."""
     out = converted_dir(gguf)
     if (out / "config.json").exists():
         return out
-    with _CONVERT_LOCK:
+    with _converting(out):
         if (out / "config.json").exists():
-            return out
+            return out  # another process converted it meanwhile
+        # what a conversion killed part way left (half a gigabyte each: a container killed for
+        # its memory at every start left one more); under the lock, none is anyone's in progress
+        for stale in out.parent.glob(glob.escape(out.name) + ".tmp*"):
+            shutil.rmtree(stale, ignore_errors=True)
         # a name no other process picks: every container's proxy is process 1, and two replicas
         # starting on one shared volume wrote one folder, and one of them failed to load
         tmp = out.with_name(out.name + f".tmp{os.getpid()}-{secrets.token_hex(6)}")

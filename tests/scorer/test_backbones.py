@@ -61,7 +61,7 @@ def test_a_conversion_that_loses_the_race_leaves_no_copy_behind(tmp_path, monkey
     monkeypatch.setattr(backbones, "_read_gguf", read_while_another_process_finishes)
     assert backbones.convert_gguf(gguf) == out
     assert (out / "config.json").read_text() == '{"from": "the other process"}'
-    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+    assert sorted(p.name for p in out.parent.iterdir() if not p.name.endswith(".lock")) == [out.name]
 
 
 def test_a_first_conversion_is_renamed_into_place(tmp_path, monkeypatch):
@@ -72,7 +72,7 @@ def test_a_first_conversion_is_renamed_into_place(tmp_path, monkeypatch):
     monkeypatch.setattr(backbones, "_read_gguf", lambda path: (_FakePart("config.json"), _FakePart("tokenizer.json")))
     assert backbones.convert_gguf(gguf) == out
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "tokenizer.json"]
-    assert sorted(p.name for p in out.parent.iterdir()) == [out.name]
+    assert sorted(p.name for p in out.parent.iterdir() if not p.name.endswith(".lock")) == [out.name]
 
 
 def test_unreadable_gguf_and_missing_package_raise_backbone_errors(tmp_path, monkeypatch):
@@ -253,3 +253,53 @@ def test_two_processes_converting_at_once_write_folders_of_their_own(tmp_path, m
     shutil.rmtree(out)  # as if the other process's conversion had not landed yet
     assert backbones.convert_gguf(gguf) == out
     assert len(set(written)) == 2 and all(Path(w).parent == out.parent for w in written)
+
+
+def test_what_a_killed_conversion_left_is_removed_by_the_next(tmp_path, monkeypatch):
+    """A container killed for its memory while converting left half a gigabyte behind at every
+    start: the temporary folders' names are random, so nothing reused or removed them."""
+    monkeypatch.setenv("SATROUTE_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"not really a gguf")
+    out = backbones.converted_dir(gguf)
+    out.parent.mkdir(parents=True)
+    for left in (".tmp1-0123456789ab", ".tmp1-ba9876543210", ".tmp4242"):  # the last: an earlier version's
+        (out.parent / (out.name + left)).mkdir()
+        (out.parent / (out.name + left) / "model.safetensors").write_bytes(b"x" * 1000)
+    (out.parent / "other-model-abc.tmp1-0123").mkdir()  # another GGUF's: not this one's to remove
+    monkeypatch.setattr(backbones, "_read_gguf", lambda path: (_FakePart("config.json"), _FakePart("tokenizer.json")))
+    assert backbones.convert_gguf(gguf) == out
+    assert sorted(p.name for p in out.parent.iterdir() if not p.name.endswith(".lock")) == sorted([
+        out.name, "other-model-abc.tmp1-0123"])
+
+
+def test_one_process_at_a_time_converts_and_the_others_take_its_folder(tmp_path, monkeypatch):
+    """Two replicas starting on one shared cache: the second waits for the first's conversion and
+    loads it, rather than converting (and holding the memory for) a second copy."""
+    import subprocess
+    import sys
+    import textwrap
+
+    monkeypatch.setenv("SATROUTE_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "tiny.gguf"
+    gguf.write_bytes(b"not really a gguf")
+    out = backbones.converted_dir(gguf)
+    script = textwrap.dedent(f"""
+        import fcntl, sys, time
+        from pathlib import Path
+        out = Path({str(out)!r})
+        out.parent.mkdir(parents=True, exist_ok=True)
+        with open(out.with_name(out.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            print("locked", flush=True)
+            time.sleep(1.0)
+            out.mkdir()
+            (out / "config.json").write_text("{{}}")
+    """)
+    other = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True)
+    try:
+        assert other.stdout.readline().strip() == "locked"
+        monkeypatch.setattr(backbones, "_read_gguf", lambda path: pytest.fail("converted a second time"))
+        assert backbones.convert_gguf(gguf) == out
+    finally:
+        other.wait(10)
