@@ -125,27 +125,39 @@ BACKLOG = 2048  # uvicorn's default, for the sockets opened before it starts
 def listening_sockets(host: str, port: int) -> list[socket.socket]:
     """Sockets listening on ``host``:``port``, opened as uvicorn's event loop opens them
     (``loop.create_server``: one per address the host resolves to, an empty host every interface,
-    SO_REUSEADDR, an IPv6 socket IPv6-only). OSError when one cannot be opened (none is left open).
+    SO_REUSEADDR, an IPv6 socket IPv6-only). An address the machine cannot bind (``::1`` for
+    ``localhost`` where IPv6 is turned off) is skipped, as Python 3.13's event loop skips it, unless
+    it is the only one. OSError when a socket cannot be opened (none is left open), its
+    ``filename`` the address that failed.
 
     They listen at once: a socket only bound does not hold the port on Linux, so a second
     ``satroute serve`` started while the first is starting would bind it too, and fail only when
     its own app had started."""
     infos = socket.getaddrinfo(host or None, port, socket.AF_UNSPEC, socket.SOCK_STREAM, 0, socket.AI_PASSIVE)
     sockets: list[socket.socket] = []
+    unbindable: OSError | None = None
     try:
         for family, kind, proto, _, address in dict.fromkeys(infos):
             try:
                 sock = socket.socket(family, kind, proto)
             except OSError:  # a family this machine lacks (IPv6 turned off): as the event loop, skip it
                 continue
-            sockets.append(sock)
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             if family == socket.AF_INET6 and hasattr(socket, "IPPROTO_IPV6"):
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(BACKLOG)
+            try:
+                sock.bind(address)
+                sock.listen(BACKLOG)
+            except OSError as exc:
+                sock.close()
+                failed = OSError(exc.errno, exc.strerror, _address(address[0], address[1]))
+                if exc.errno != errno.EADDRNOTAVAIL:
+                    raise failed from None
+                unbindable = failed  # not an address of this machine now: the others may serve
+                continue
+            sockets.append(sock)
         if not sockets:
-            raise OSError(f"no socket can be opened for {host!r}")
+            raise unbindable or OSError(f"no socket can be opened for {host!r}")
     except BaseException:
         for sock in sockets:
             sock.close()
@@ -153,9 +165,15 @@ def listening_sockets(host: str, port: int) -> list[socket.socket]:
     return sockets
 
 
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host or '*'}:{port}"
+
+
 def _listen_error(host: str, port: int, exc: OSError) -> str:
     """The line for a port ``listening_sockets`` could not take."""
-    where = f"[{host}]:{port}" if ":" in host else f"{host or '*'}:{port}"
+    where = _address(host, port)
+    if exc.filename and exc.filename != where:  # the address the name resolved to that failed
+        where += f" ({exc.filename})"
     reason = exc.strerror or str(exc)
     if exc.errno == errno.EADDRINUSE:
         reason += ("; another process listens there (a satroute serve already running?): stop it, or "

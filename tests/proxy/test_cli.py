@@ -448,6 +448,31 @@ def test_serve_takes_an_ipv6_port_for_ipv6_only():
             sock.close()
 
 
+def test_an_address_of_the_name_the_machine_cannot_bind_is_skipped_unless_it_is_the_only_one(monkeypatch):
+    """`localhost` resolving to ::1 as well where IPv6 is turned off (Docker's default): the proxy
+    listens on 127.0.0.1, as Python 3.13's event loop does, and names the address if none is left."""
+    import errno
+    import socket
+
+    resolved = socket.getaddrinfo
+
+    def names(addresses):
+        return lambda host, port, *args: [info for a in addresses for info in resolved(a, port, *args)]
+
+    monkeypatch.setattr(socket, "getaddrinfo", names(["127.0.0.1", "192.0.2.1"]))  # the second: no address of ours
+    [sock] = LISTENING_SOCKETS("localhost", 0)
+    try:
+        assert sock.getsockname()[0] == "127.0.0.1"
+    finally:
+        sock.close()
+    monkeypatch.setattr(socket, "getaddrinfo", names(["192.0.2.1"]))
+    with pytest.raises(OSError) as failed:
+        LISTENING_SOCKETS("localhost", 8123)
+    assert failed.value.errno == errno.EADDRNOTAVAIL
+    assert cli._listen_error("localhost", 8123, failed.value).startswith(
+        "satroute: cannot listen on localhost:8123 (192.0.2.1:8123): ")
+
+
 def test_serve_on_a_port_in_use_exits_2_in_one_line_and_builds_nothing(monkeypatch, tmp_path, capsys):
     import socket
 
