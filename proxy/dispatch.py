@@ -48,8 +48,8 @@ from proxy.routing import part_types
 from proxy.settings import prepare_litellm_environment
 from proxy.upstream import (CONTEXT_WINDOW, LIMIT_NAMES, RETRYABLE, UNSUPPORTED, Answer, PassThrough,
                             cannot_read, classify, dumps_lenient, error_labels, interrupted_event,
-                            labelled, limited, out_of_quota, redirected, retry_after_seconds, too_long,
-                            unfit_request, unfit_summary)
+                            labelled, limited, out_of_quota, redirected, too_long,
+                            unfit_request, unfit_summary, wait_seconds)
 
 log = logging.getLogger("satroute.dispatch")
 
@@ -790,7 +790,7 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str],
                    or getattr(response, "headers", None) or {})
         timeout = not answered and "timeout" in type(exc).__name__.lower()
         return UpstreamTransient(f"{model}: {type(exc).__name__}: {message}", model=model,
-                                 status=status or 0, retry_after=retry_after_seconds(headers),
+                                 status=status or 0, retry_after=wait_seconds(status or 0, headers),
                                  timeout=timeout, summary=f"{model}: {type(exc).__name__}" + (
                                      f": HTTP {status}{labelled(upstream, redact)}" if status else ""))
     # litellm knows its providers' words for a request longer than the model's context
@@ -1196,7 +1196,8 @@ def _reason(exc: UpstreamTransient) -> str:
 
 
 class _Wait:
-    """Exponential backoff with full jitter, but never shorter than the upstream's Retry-After."""
+    """Exponential backoff with full jitter, but never shorter than the wait the upstream named
+    (``retry_after``: its Retry-After, or a 429's rate-limit reset)."""
 
     def __init__(self, base: float, cap: float, retry_after_cap: float):
         self.base, self.cap, self.retry_after_cap = base, cap, retry_after_cap

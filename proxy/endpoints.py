@@ -537,8 +537,11 @@ async def satroute_error(request: Request, exc: Exception) -> Response:
     if isinstance(exc, AllUpstreamsFailed):
         # the proxy has already retried (a 429 after waiting its Retry-After) and fallen back: an
         # SDK that retries on top (the openai SDKs do, twice by default) runs the whole cascade
-        # again, three times the load on a provider that is refusing it; they honour this
-        headers["x-should-retry"] = "false"
+        # again, three times the load on a provider that is refusing it; they honour this. A
+        # rate limit that named no wait is the exception: the proxy's backoff was short, and the
+        # SDK's own (it waits longer at each retry) is the only wait left before the limit clears
+        if not (exc.status == 429 and retry_after is None):
+            headers["x-should-retry"] = "false"
     elif isinstance(exc, UpstreamClientError):
         # the last model's refusal, passed back: never retried here, and an SDK's retry of a
         # 429 (a used-up quota) would run the fallbacks before it again

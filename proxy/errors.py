@@ -164,7 +164,8 @@ SLOW_DOWN = frozenset({429, 503, 529})
 
 class UpstreamTransient(UpstreamError):
     """Worth retrying; ``status`` is the upstream's HTTP status (0: none, the connection failed);
-    ``retry_after`` is its Retry-After in seconds, when it sent one. ``counts``: whether it says
+    ``retry_after`` is the wait it named, in seconds: its Retry-After, or for a 429 without one,
+    when the rate limit it hit is whole again (``upstream.wait_seconds``). ``counts``: whether it says
     something about the model's health (False: the failure may be the request's own, as when
     litellm fails before sending anything), so whether it feeds the model's cooldown. ``reason``
     names what failed when neither the status nor a timeout does (``x-satroute-failed``).
@@ -185,7 +186,7 @@ class UpstreamTransient(UpstreamError):
     @property
     def slow_down(self) -> bool:
         """Whether the upstream said it limits how fast it is asked: a ``SLOW_DOWN`` status, or
-        a ``Retry-After`` (which says when to ask again)."""
+        a wait it named (``retry_after``: when to ask again)."""
         return self.retry_after is not None or self.upstream_status in SLOW_DOWN
 
 

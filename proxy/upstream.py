@@ -11,6 +11,7 @@ Does not know: retries, fallback, cooldown, routing (``dispatch.py`` drives it).
 from __future__ import annotations
 
 import asyncio
+import datetime
 import email.utils
 import json
 import math
@@ -66,6 +67,69 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
         except (TypeError, ValueError):
             return None
         return max(0.0, when.timestamp() - time.time())
+
+
+# the rate limits whose reset a 429 may name without a Retry-After, each as the header that says
+# how much of it is left and the one that says when it is whole again: OpenAI's (a duration,
+# "6m0s") and Anthropic's (an RFC 3339 time)
+_OPENAI_LIMITS = tuple((f"x-ratelimit-remaining-{kind}", f"x-ratelimit-reset-{kind}")
+                       for kind in ("requests", "tokens"))
+_ANTHROPIC_LIMITS = tuple((f"anthropic-ratelimit-{kind}-remaining", f"anthropic-ratelimit-{kind}-reset")
+                          for kind in ("requests", "tokens", "input-tokens", "output-tokens"))
+# a Go duration as OpenAI writes one: "1s", "20ms", "1.5s", "6m0s", "2h3m4.5s"
+_DURATION = re.compile(r"(?:\d+(?:\.\d*)?(?:h|ms|us|µs|ns|m|s))+")
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?)(h|ms|us|µs|ns|m|s)")
+_UNIT_S = {"h": 3600.0, "m": 60.0, "s": 1.0, "ms": 1e-3, "us": 1e-6, "µs": 1e-6, "ns": 1e-9}
+
+
+def _duration_s(value: str) -> float | None:
+    """A Go duration ("6m0s") in seconds; None for anything else (a bare number, which could as
+    well be a time as a length, is not read)."""
+    text = value.strip()
+    if not _DURATION.fullmatch(text):
+        return None
+    return sum(float(n) * _UNIT_S[unit] for n, unit in _DURATION_PART.findall(text))
+
+
+def _time_left_s(value: str) -> float | None:
+    """An RFC 3339 time ("2026-12-07T14:00:00Z") as seconds from now (0 once it is past); None
+    for anything else."""
+    try:
+        when = datetime.datetime.fromisoformat(value.strip())
+        if when.tzinfo is None:  # no offset: not RFC 3339, and a local time would be a guess
+            return None
+        return max(0.0, when.timestamp() - time.time())
+    except (ValueError, OverflowError):  # OverflowError: year 1 less a day
+        return None
+
+
+def rate_limit_reset_seconds(headers: Mapping[str, str]) -> float | None:
+    """When a 429's rate limit is whole again, in seconds, from the headers OpenAI and Anthropic
+    send with it in place of a Retry-After: ``x-ratelimit-reset-requests`` / ``-tokens``, and
+    ``anthropic-ratelimit-{requests,tokens,input-tokens,output-tokens}-reset``. Of the limits
+    whose remaining count is 0 (those used up), the latest reset; when none says so, the latest of
+    them all (the request may need more than is left of one, and none is named). None when no
+    such header can be read."""
+    said = {str(k).lower(): str(v) for k, v in headers.items()}
+    resets: list[tuple[float, bool]] = []  # (seconds, used up)
+    for limits, read in ((_OPENAI_LIMITS, _duration_s), (_ANTHROPIC_LIMITS, _time_left_s)):
+        for remaining, reset in limits:
+            seconds = read(said[reset]) if reset in said else None
+            if seconds is not None and math.isfinite(seconds):
+                resets.append((seconds, said.get(remaining, "").strip() == "0"))
+    used_up = [seconds for seconds, empty in resets if empty]
+    return max(used_up or [seconds for seconds, _ in resets], default=None)
+
+
+def wait_seconds(status: int, headers: Mapping[str, str]) -> float | None:
+    """How long the upstream said to wait before it is asked again: its Retry-After
+    (``retry_after_seconds``), else, for a 429, when the rate limit it hit is whole again
+    (``rate_limit_reset_seconds``); None when it said neither. Only a 429's reset headers are
+    read: OpenAI sends them with every answer, and on a 500 they say nothing of waiting."""
+    said = retry_after_seconds(headers)
+    if said is None and status == 429:
+        said = rate_limit_reset_seconds(headers)
+    return said
 
 
 def rename_model(data: bytes, name_json: bytes) -> bytes:
@@ -192,7 +256,7 @@ def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
     said = f"HTTP {status}{labelled(err, redact)}"  # the summary: no words of the upstream's
     if status in RETRYABLE and not out_of_quota(status, labels):
         return UpstreamTransient(f"{model}: HTTP {status}: {message}", model=model, status=status,
-                                 retry_after=retry_after_seconds(headers), summary=f"{model}: {said}")
+                                 retry_after=wait_seconds(status, headers), summary=f"{model}: {said}")
     shaped = None
     if isinstance(err, dict):  # every field redacted: an upstream may echo the key in any of them
         shaped = {"error": {"message": message,

@@ -49,6 +49,98 @@ def test_retry_after_is_honoured(tmp_path, upstream, start_proxy, fast):
     assert second - first >= 0.6
 
 
+# a 429 as OpenAI sends one for a per-minute limit: no Retry-After, only when each limit resets
+def openai_rate_limit(requests_reset: str, tokens_reset: str | None = None, tokens_left: str = "9000"):
+    said = {"x-ratelimit-remaining-requests": "0", "x-ratelimit-reset-requests": requests_reset}
+    if tokens_reset is not None:
+        said.update({"x-ratelimit-remaining-tokens": tokens_left, "x-ratelimit-reset-tokens": tokens_reset})
+    return fail(429, "Rate limit reached for requests per min (RPM)", "requests", headers=said)
+
+
+@pytest.mark.parametrize("fast", PATHS)
+def test_a_429_without_retry_after_waits_for_its_rate_limit_s_reset(tmp_path, upstream, start_proxy, fast):
+    """OpenAI's 429 for a per-minute limit names no Retry-After, only when the limit resets
+    (x-ratelimit-reset-requests: 1s): the proxy asked again after its own short backoff, three
+    times in half a second, and failed the client while the same SDK call made to the provider
+    waited the second and was answered."""
+    proxy = setup(tmp_path, upstream, start_proxy, fast)
+    upstream.queue("m1", openai_rate_limit("600ms", tokens_reset="6m0s"), answer("after the reset"))
+    reply = client(proxy).chat.completions.create(model="m1", messages=MESSAGES)
+    assert reply.choices[0].message.content == "after the reset"
+    first, second = [r.at for r in upstream.received if r.body["model"] == "m1"]
+    assert second - first >= 0.6  # the requests' limit, used up; not the tokens' (9000 left)
+
+
+def test_an_anthropic_429_without_retry_after_waits_for_its_rate_limit_s_reset(tmp_path, upstream,
+                                                                              start_proxy):
+    """Anthropic's reset headers are times (RFC 3339), read through litellm's exception."""
+    import datetime
+
+    entry = {"model_name": "claude", "litellm_params": {"model": "anthropic/claude-upstream",
+             "api_key": "sk-ant-test", "api_base": upstream.url.removesuffix("/v1")}}
+    proxy = start_proxy(write_config(tmp_path / "providers.yaml", [entry]))
+    reset = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=1.5)
+    upstream.queue("claude-upstream", fail(429, "This request would exceed the rate limit", "rate_limit_error",
+                                           headers={"anthropic-ratelimit-requests-remaining": "0",
+                                                    "anthropic-ratelimit-requests-reset": reset.isoformat()}),
+                   answer("after the reset"))
+    reply = client(proxy).chat.completions.create(model="claude", messages=MESSAGES)
+    assert reply.choices[0].message.content == "after the reset"
+    first, second = [r.at for r in upstream.received if r.body["model"] == "claude-upstream"]
+    assert second - first >= 1.0
+
+
+def test_the_wait_a_429_names_in_its_reset_headers():
+    """Which reset a 429 without Retry-After is waited for: the used-up limit's, else the latest."""
+    import datetime
+
+    from proxy.upstream import wait_seconds
+
+    def openai(requests, tokens, requests_left="5", tokens_left="5"):
+        return {"x-ratelimit-reset-requests": requests, "x-ratelimit-remaining-requests": requests_left,
+                "x-ratelimit-reset-tokens": tokens, "x-ratelimit-remaining-tokens": tokens_left}
+
+    for said, seconds in [("1s", 1), ("20ms", 0.02), ("1.5s", 1.5), ("6m0s", 360), ("2h3m4.5s", 7384.5)]:
+        assert wait_seconds(429, {"x-ratelimit-reset-requests": said}) == pytest.approx(seconds)
+    assert wait_seconds(429, openai("1s", "6m0s", requests_left="0")) == 1
+    assert wait_seconds(429, openai("1s", "6m0s", tokens_left="0")) == 360
+    assert wait_seconds(429, openai("1s", "6m0s")) == 360  # none used up: both must be whole
+    assert wait_seconds(429, {"x-ratelimit-reset-requests": "1s", "retry-after": "7"}) == 7
+    # a bare number may be a time as well as a length; a 500 says nothing of waiting
+    assert wait_seconds(429, {"x-ratelimit-reset-requests": "30"}) is None
+    assert wait_seconds(500, {"x-ratelimit-reset-requests": "1s"}) is None
+    soon = datetime.datetime.now(datetime.timezone.utc) + datetime.timedelta(seconds=30)
+    past = datetime.datetime(2020, 1, 1, tzinfo=datetime.timezone.utc)
+    anthropic = {"anthropic-ratelimit-tokens-remaining": "0",
+                 "anthropic-ratelimit-tokens-reset": soon.isoformat().replace("+00:00", "Z"),
+                 "anthropic-ratelimit-requests-remaining": "3",
+                 "anthropic-ratelimit-requests-reset": past.isoformat()}
+    assert 28 < wait_seconds(429, anthropic) <= 30
+    assert wait_seconds(429, {"anthropic-ratelimit-requests-reset": "soon"}) is None
+
+
+def test_a_rate_limit_s_reset_reaches_the_client_as_retry_after(tmp_path, upstream, start_proxy):
+    proxy = setup(tmp_path, upstream, start_proxy, True, num_retries=0)
+    upstream.set("m2", openai_rate_limit("3s"))
+    r = httpx.post(f"{proxy.url}/chat/completions", json={"model": "m2", "messages": MESSAGES}, timeout=60)
+    assert r.status_code == 429 and r.headers["retry-after"] == "3"
+    assert r.headers["x-should-retry"] == "false"
+
+
+def test_a_429_that_names_no_wait_at_all_leaves_the_sdk_its_own_backoff(tmp_path, upstream, start_proxy):
+    """With no Retry-After nor reset to wait for, the proxy's retries came a quarter of a second
+    apart: `x-should-retry: false` then left the client no wait at all before the error."""
+    proxy = setup(tmp_path, upstream, start_proxy, True, num_retries=0)
+    upstream.set("m2", fail(429, "Rate limit reached", "requests"))
+    sdk = openai.OpenAI(base_url=proxy.url, api_key="x", timeout=30)  # the SDK's default retries
+    upstream.queue("m2", fail(429, "Rate limit reached", "requests"), answer("on the SDK's retry"))
+    assert sdk.chat.completions.create(model="m2", messages=MESSAGES).choices[0].message.content \
+        == "on the SDK's retry"
+    r = httpx.post(f"{proxy.url}/chat/completions", json={"model": "m2", "messages": MESSAGES}, timeout=60)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
+    assert "x-should-retry" not in r.headers and "retry-after" not in r.headers
+
+
 @pytest.mark.parametrize("fast", PATHS)
 def test_falls_back_to_next_ranked_model_and_says_so(tmp_path, upstream, start_proxy, fast):
     proxy = setup(tmp_path, upstream, start_proxy, fast)

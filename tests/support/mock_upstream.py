@@ -47,6 +47,7 @@ class Behavior:
     cut_after: int | None = None  # streams: close the connection after this many events
     refusal: str | None = None  # answer with this refusal (OpenAI format) instead of content
     finish: str = "stop"  # the answer's finish_reason, each choice's in a stream of n
+    headers: tuple[tuple[str, str], ...] = ()  # a failure's own headers (a rate limit's resets)
 
 
 def answer(content: str | None = None, delay: float = 0.0, chunks: int = 4,
@@ -57,10 +58,10 @@ def answer(content: str | None = None, delay: float = 0.0, chunks: int = 4,
 
 
 def fail(status: int = 500, message: str = "mock failure", error_type: str | None = None,
-         retry_after: float | None = None) -> Behavior:
+         retry_after: float | None = None, headers: dict[str, str] | None = None) -> Behavior:
     etype = error_type or ("invalid_request_error" if status < 500 else "server_error")
     return Behavior("fail", status=status, message=message, error_type=etype,
-                    retry_after=retry_after)
+                    retry_after=retry_after, headers=tuple((headers or {}).items()))
 
 
 def rate_limit(retry_after: float = 1.0) -> Behavior:
@@ -339,7 +340,9 @@ class _Conn(asyncio.Protocol):
 
 
 def retry_after_header(b: Behavior) -> bytes:
-    return b"retry-after: %s\r\n" % str(b.retry_after).encode() if b.retry_after is not None else b""
+    """A failure's headers: its Retry-After, where it has one, and its own."""
+    said = b"retry-after: %s\r\n" % str(b.retry_after).encode() if b.retry_after is not None else b""
+    return said + b"".join(b"%s: %s\r\n" % (k.encode(), v.encode()) for k, v in b.headers)
 
 
 def usage() -> dict[str, int]:
