@@ -1,9 +1,10 @@
 """Dispatch: retries, per-request deadline, fallback, cooldown; the only module that imports litellm.
 
 Owns: calling the ranked targets of one request until one answers. Each target gets bounded
-attempts (tenacity: exponential backoff with jitter, at least the upstream's Retry-After, never past
+attempts (tenacity: exponential backoff with jitter, at least the wait the upstream names, never past
 the request's deadline); a target that still fails before the first byte reaches the client hands
-over to the next-ranked one, and so does a model refusal (401/402/403/404: its key, credit or name)
+over to the next-ranked one (at once, not retried, after a timeout or a rate limit: a 429, or a
+wait the upstream names), and so does a model refusal (401/402/403/404: its key, credit or name)
 or a parameter its provider does not take; transient failures and refusals feed the cooldowns;
 other upstream 4xx answers go back to the client as they are, without retry or fallback. A caller
 that asks for it (``Call.attempts``: onboarding, which counts its spend) gets how each attempt ended
@@ -307,18 +308,21 @@ class RetryingDispatcher:
                             last: bool = True, called: list[float] | None = None) -> Answer:
         """``d``'s attempts; ``called[0]`` is set to when each is made. Unless it is the ``last``
         model to try, they stop once ``d`` cools down (its failures, or other requests', put it
-        there, before or during a wait between attempts): the next-ranked model answers."""
+        there, before or during a wait between attempts), times out, or is rate limited (``_waits``):
+        the next-ranked model answers."""
         router = call.router
         failure: UpstreamTransient | None = None
         retrying = AsyncRetrying(
             stop=_Stop(router.num_retries + 1, deadline),
             wait=_Wait(router.retry_backoff_s, router.retry_backoff_max_s, router.retry_after_max_s),
             # a timeout is not asked again of the same model while another one may answer: it
-            # took the whole attempt's time, and a model that hangs would take it again
+            # took the whole attempt's time, and a model that hangs would take it again; nor is a
+            # rate limit (a 429, or any failure that names a wait): the next model may answer now
             # a caller that paces itself (``Call.paced``) gets a rate limit at once
             retry=retry_if_exception(lambda exc: isinstance(exc, UpstreamTransient)
                                      and not (call.paced and exc.slow_down)
-                                     and (last or not (exc.timeout or self.cooldowns.cooling(d.name)))),
+                                     and (last or not (exc.timeout or _waits(exc)
+                                                       or self.cooldowns.cooling(d.name)))),
             reraise=True, sleep=asyncio.sleep)
         async for attempt in retrying:
             with attempt:
@@ -1193,6 +1197,13 @@ def _reason(exc: UpstreamTransient) -> str:
     if exc.upstream_status:
         return f"http_{exc.upstream_status}"
     return "connection"
+
+
+def _waits(exc: UpstreamTransient) -> bool:
+    """Whether ``exc`` says the model can take the request only later: a 429, or a failure that
+    names how long to wait (``retry_after``). A routed request does not wait for it while another
+    model may answer at once."""
+    return exc.upstream_status == 429 or exc.retry_after is not None
 
 
 class _Wait:

@@ -40,13 +40,31 @@ def test_transient_failures_are_retried_on_the_same_model(tmp_path, upstream, st
 
 @pytest.mark.parametrize("fast", PATHS)
 def test_retry_after_is_honoured(tmp_path, upstream, start_proxy, fast):
+    """The last (here the only) model a request may try is asked again once its wait is over."""
     proxy = setup(tmp_path, upstream, start_proxy, fast)
     upstream.queue("m1", rate_limit(0.6))
     started = time.monotonic()
-    assert client(proxy).chat.completions.create(model="auto", messages=MESSAGES).model == "m1"
+    assert client(proxy).chat.completions.create(model="m1", messages=MESSAGES).model == "m1"
     assert time.monotonic() - started >= 0.6
     first, second = [r.at for r in upstream.received if r.body["model"] == "m1"]
     assert second - first >= 0.6
+
+
+@pytest.mark.parametrize("fast", PATHS)
+@pytest.mark.parametrize("limit", [pytest.param(rate_limit(2.0), id="retry-after"),
+                                   pytest.param(fail(429, "Rate limit reached", "requests"), id="no-wait-named"),
+                                   pytest.param(fail(503, "down for maintenance", retry_after=2.0), id="503-retry-after")])
+def test_a_rate_limited_model_hands_a_routed_request_to_the_next_at_once(tmp_path, upstream, start_proxy,
+                                                                        fast, limit):
+    """A routed request waited out the first model's Retry-After (twice) while the next-ranked
+    model, on another provider, was free: a rate limit says the model can take the request only
+    later, and the next one may take it now, as after a timeout."""
+    proxy = setup(tmp_path, upstream, start_proxy, fast)
+    upstream.set("m1", limit)
+    started = time.monotonic()
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.parse().model == "m2" and raw.headers["x-satroute-failed"] == f"m1:http_{limit.status}"
+    assert time.monotonic() - started < 1.5 and len(upstream.bodies("m1")) == 1
 
 
 # a 429 as OpenAI sends one for a per-minute limit: no Retry-After, only when each limit resets
@@ -575,12 +593,14 @@ def test_a_retry_that_succeeds_ends_the_cooldown_its_request_ran_into(tmp_path, 
     assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == []
 
 
-def test_a_model_that_cools_while_a_request_waits_out_its_retry_after_is_not_asked_again(
+def test_a_model_that_cools_while_a_request_waits_to_ask_it_again_is_not_asked_again(
         tmp_path, upstream, start_proxy):
-    """Request A waits 2 s (m1's Retry-After) to ask m1 again; meanwhile request B's failure cools
-    m1. A falls back to m2 when its wait ends, without asking the cooling model once more."""
-    proxy = setup(tmp_path, upstream, start_proxy, True, num_retries=1, allowed_fails=2)
-    upstream.set("m1", rate_limit(2.0))
+    """Request A waits 1 to 2 s (its backoff after m1's 503) to ask m1 again; meanwhile request
+    B's failure cools m1. A falls back to m2 when its wait ends, without asking the cooling model
+    once more."""
+    proxy = setup(tmp_path, upstream, start_proxy, True, num_retries=1, allowed_fails=2,
+                  retry_backoff_s=2.0, retry_backoff_max_s=2.0)
+    upstream.set("m1", fail(503))
     out = {}
     thread = threading.Thread(target=lambda: out.setdefault("raw", client(proxy).chat.completions.with_raw_response.create(
         model="auto", messages=[{"role": "user", "content": "A"}])))
@@ -590,7 +610,7 @@ def test_a_model_that_cools_while_a_request_waits_out_its_retry_after_is_not_ask
         model="auto", messages=[{"role": "user", "content": "B"}])
     assert raw.parse().model == "m2"  # B's failure cooled m1: no wait, no retry
     thread.join(30)
-    assert out["raw"].parse().model == "m2" and out["raw"].headers["x-satroute-failed"] == "m1:http_429"
+    assert out["raw"].parse().model == "m2" and out["raw"].headers["x-satroute-failed"] == "m1:http_503"
     assert len(upstream.bodies("m1")) == 2  # A once, B once
 
 
