@@ -7,7 +7,8 @@ cooldown ends by itself; one more failure right after it ends cools the model ag
 the same cause fails again without counting again until the model succeeds, so that one request
 the model cannot serve, retried by the proxy and then by its client, does not cool the model for
 everyone.
-Does not know: why a call failed, HTTP, configuration files (limits are passed in per call).
+Does not know: why a call failed (a failure's label is kept as given, to say which models last
+failed so: ``failing``), HTTP, configuration files (limits are passed in per call).
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ class Cooldowns:
         self._epoch: dict[str, int] = {}  # replaced, never changed in place: ``epochs`` hands it out
         self._began: dict[str, float] = {}  # when each model's current cooldown began
         self._causes: dict[str, dict[Hashable, None]] = {}  # counted since the last success, in order
+        self._why: dict[str, str] = {}  # the label of each model's last failure, since its last success
 
     def epoch(self, name: str) -> int:
         """Which upstream of ``name`` a call about to be made goes to; given back to ``failure``."""
@@ -52,14 +54,17 @@ class Cooldowns:
         return False
 
     def failure(self, name: str, allowed_fails: int, cooldown_s: float, epoch: int | None = None,
-                cause: Hashable | None = None) -> bool:
+                cause: Hashable | None = None, why: str | None = None) -> bool:
         """Count one failure; True when it starts a cooldown. A failure while the model is already
         cooling (a request that was in flight when it began, or one naming the model) keeps it
         cooling from now on, but is not a new cooldown: what the metric and the log count. A
         failure of a call made before the model's upstream changed (``epoch``), or one whose
-        ``cause`` already counted since the model's last success, is not counted."""
+        ``cause`` already counted since the model's last success, is not counted. ``why``: its
+        label (``insufficient_quota``), kept as the model's last until it succeeds (``failing``)."""
         if epoch is not None and epoch != self.epoch(name):
             return False
+        if why is not None:
+            self._why[name] = why
         if cause is not None:
             causes = self._causes.setdefault(name, {})
             if cause in causes:
@@ -91,9 +96,14 @@ class Cooldowns:
         self._until.pop(name, None)
         self._causes.pop(name, None)
         self._began.pop(name, None)
+        self._why.pop(name, None)
 
     def cooling_models(self) -> list[str]:
         return [n for n in list(self._until) if self.cooling(n)]
+
+    def failing(self, why: str) -> list[str]:
+        """The models whose last failure was labelled ``why``, and that have not succeeded since."""
+        return [name for name, said in self._why.items() if said == why]
 
     def forget(self, name: str) -> None:
         """Drop a model's record: what failed was another upstream (its configuration changed),

@@ -121,7 +121,7 @@ class Attempt:
         if failure is None:
             return cls(model, "answered")
         if isinstance(failure, UpstreamClientError):  # a 4xx, or refused before it was sent
-            return cls(model, failure.unfit or f"http_{failure.status}")
+            return cls(model, failure.reason)
         status = failure.upstream_status
         refused = not failure.timeout and (300 <= status < 500 or status in _REFUSED_UNSERVED)
         return cls(model, _reason(failure), failure.sent and not refused)
@@ -238,9 +238,10 @@ class RetryingDispatcher:
         deadline = call.deadline or time.monotonic() + router.deadline_s
         failed: list[tuple[str, str]] = []
         timed_out = False
-        all_429 = True
+        all_429 = True  # every model tried answered 429: a rate limit, or a used-up quota
         last: UpstreamTransient | None = None
         said_after: float | None = None  # the longest Retry-After of the failures
+        soonest: float | None = None  # the shortest: when a model may answer again
         for target in call.targets:
             if time.monotonic() >= deadline:
                 timed_out = True
@@ -266,12 +267,16 @@ class RetryingDispatcher:
                 # the model is unusable, not the request: it falls back, and counts towards the
                 # model's cooldown; any other 4xx is about the request and goes back as is
                 if exc.refuses_the_model():
-                    if (self.cooldowns.failure(target.name, router.allowed_fails, router.cooldown_s, epoch)
+                    if (self.cooldowns.failure(target.name, router.allowed_fails, router.cooldown_s, epoch,
+                                               why=exc.reason)
                             and self.metrics is not None):
                         self.metrics.observe_cooldown(target.name)
-                    if target is not call.targets[-1]:  # a routed request: the next model answers
-                        failed.append((target.name, f"http_{exc.status}"))
-                        all_429 = False
+                    quota = exc.status == 429  # a used-up quota: the one 429 that is refused
+                    # a routed request: the next model answers; the last model out of quota after
+                    # others rate limited it: the client is told when those may answer (below)
+                    if target is not call.targets[-1] or (quota and last is not None and all_429):
+                        failed.append((target.name, exc.reason))
+                        all_429 = all_429 and quota
                         log.warning("model %s refused the request: %s", target.name, self._told(exc))
                         continue
                 exc.failed = failed
@@ -280,6 +285,7 @@ class RetryingDispatcher:
                 failed.append((target.name, _reason(exc)))
                 if exc.retry_after is not None:
                     said_after = max(said_after or 0.0, exc.retry_after)
+                    soonest = min(soonest if soonest is not None else exc.retry_after, exc.retry_after)
                 timed_out = exc.timeout
                 all_429 = all_429 and exc.upstream_status == 429
                 last = exc
@@ -294,9 +300,9 @@ class RetryingDispatcher:
         if last is not None:  # what failed, in its words ("Overloaded"; for a 429, which limit)
             err.message = f"{err.message}; the last said: {last.message}"
             err.summary = f"{err.summary}; the last said: {last.summary}"
-        if last is not None and all_429:
+        if last is not None and all_429:  # rate limited, the models out of quota aside
             err.status, err.code = 429, "rate_limited"
-            err.retry_after = last.retry_after
+            err.retry_after = soonest
         raise err
 
     def _told(self, exc: UpstreamError) -> str:
@@ -357,7 +363,7 @@ class RetryingDispatcher:
                     cut_short = exc.timeout and budget < attempt_timeout(d, router)
                     if (exc.counts and not cut_short
                             and self.cooldowns.failure(d.name, router.allowed_fails, router.cooldown_s, epoch,
-                                                       _cause(exc, call))
+                                                       _cause(exc, call), why=_reason(exc))
                             and self.metrics is not None):
                         self.metrics.observe_cooldown(d.name)
                     failure = exc

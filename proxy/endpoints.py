@@ -263,7 +263,7 @@ async def chat_completions(request: Request) -> Response:
         _wait_if_coming_back(svc.registry.snapshot, exc)
         raise
     except UpstreamClientError as exc:  # the model refused the request: logged, passed back as it is
-        failed = [*exc.failed, (exc.model, exc.unfit or f"http_{exc.status}")]
+        failed = [*exc.failed, (exc.model, exc.reason)]
         chat.log_route(None, failed)
         _log_failed(record, failed, chat.plan)
         raise
@@ -516,6 +516,8 @@ async def ready(request: Request) -> Response:
         reasons.append("no model is reachable (credentials missing or all cooling down)")
     payload = {"status": "not ready" if reasons else "ready", "reasons": reasons,
                "models": reachable, "scorer": svc.scoring.describe(), "cooling": svc.cooldowns.cooling_models(),
+               # whose last call said its quota is used up (a 429 insufficient_quota), none answered since
+               "out_of_quota": svc.cooldowns.failing("insufficient_quota"),
                "unavailable": {d.name: d.unavailable for d in snap.models.values()
                                if d.unavailable},
                "config_rejected": svc.registry.rejected,

@@ -144,6 +144,15 @@ class UpstreamClientError(UpstreamError):
         """What the 4xx says: its message, and the upstream's error body when there is one."""
         return self.message if self.upstream_body is None else f"{self.message} {self.upstream_body}"
 
+    @property
+    def reason(self) -> str:
+        """Why the model failed, as ``x-satroute-failed`` says it: what it cannot take
+        (``unfit``), ``insufficient_quota`` for a 429 (as an UpstreamClientError, only a used-up
+        quota: MODEL_REFUSALS), else ``http_<status>``."""
+        if self.unfit:
+            return self.unfit
+        return "insufficient_quota" if self.status == 429 else f"http_{self.status}"
+
     def refuses_the_model(self) -> bool:
         """A status of MODEL_REFUSALS, except a moderation refusal of this request's content:
         OpenRouter's 403 for a model it moderates ("Your input was flagged for ...", with

@@ -53,6 +53,11 @@ async def test_each_attempt_says_how_it_ended_and_whether_it_may_be_billed(tmp_p
     with pytest.raises(UpstreamClientError):
         await complete(tmp_path, upstream.url, fast, tried, num_retries=1, timeout_s=0.5)
     assert [(a.outcome, a.billed) for a in tried] == [("timeout", True), ("http_400", False)]
+    upstream.queue("m1", fail(429, "You exceeded your current quota.", "insufficient_quota"))
+    tried.clear()
+    with pytest.raises(UpstreamClientError):  # a used-up quota, by its own name: no rate limit
+        await complete(tmp_path, upstream.url, fast, tried, num_retries=1)
+    assert [(a.outcome, a.billed) for a in tried] == [("insufficient_quota", False)]
 
 
 @pytest.mark.parametrize("fast", PATHS)

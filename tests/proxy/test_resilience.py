@@ -410,14 +410,15 @@ def test_a_used_up_quota_is_no_rate_limit_it_falls_back_at_once_and_is_not_retri
     upstream.set("m1", fail(429, "You exceeded your current quota, please check your plan and "
                             "billing details.", "insufficient_quota"))
     raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
-    assert raw.parse().model == "m2" and raw.headers["x-satroute-failed"] == "m1:http_429"
+    assert raw.parse().model == "m2" and raw.headers["x-satroute-failed"] == "m1:insufficient_quota"
     assert len(upstream.bodies("m1")) == 1
     with pytest.raises(openai.RateLimitError) as err:
         client(proxy).chat.completions.create(model="m1", messages=MESSAGES)
     assert "exceeded your current quota" in err.value.message
     assert err.value.body["type"] == "insufficient_quota"
     assert len(upstream.bodies("m1")) == 2
-    assert httpx.get(f"{proxy.base}/ready").json()["cooling"] == ["m1"]
+    ready = httpx.get(f"{proxy.base}/ready").json()
+    assert ready["cooling"] == ["m1"] and ready["out_of_quota"] == ["m1"]
 
 
 @pytest.mark.parametrize("fast", PATHS)
@@ -436,6 +437,50 @@ def test_a_used_up_quota_passed_back_after_a_fallback_is_not_retried_by_the_sdk(
     assert err.value.response.headers["x-should-retry"] == "false"
     assert err.value.response.headers["x-satroute-failed"] == "m1:http_503"
     assert len(upstream.bodies("m1")) == 1 and len(upstream.bodies("m2")) == 1
+
+
+QUOTA = fail(429, "You exceeded your current quota, please check your plan and billing details.",
+             "insufficient_quota")
+
+
+def routes(proxy, count: int) -> list:
+    """The routing log's rows, once ``count`` are written (it is written in batches)."""
+    deadline = time.time() + 10
+    while len(rows := httpx.get(f"{proxy.base}/admin/routes").json()["data"]) < count and time.time() < deadline:
+        time.sleep(0.1)
+    return rows
+
+
+@pytest.mark.parametrize("fast", PATHS)
+def test_models_rate_limited_or_out_of_quota_answer_429_with_the_soonest_retry_after(
+        tmp_path, upstream, start_proxy, fast):
+    """Every model tried answered 429, one of them for a used-up quota: the request answered 502
+    "every model failed: m1 (http_429), ..." (the quota first) or passed the quota's 429 back (the
+    quota last), either way without the Retry-After of the models only rate limited, and the
+    quota was labelled http_429 as a rate limit is. The soonest Retry-After is the one passed on."""
+    proxy = setup(tmp_path, upstream, start_proxy, fast, num_retries=0, allowed_fails=10)
+    ask = {"model": "auto", "messages": MESSAGES}
+    upstream.set("m1", QUOTA)
+    upstream.set("m2", rate_limit(3))
+    upstream.set("m3", rate_limit(1))
+    for soonest, models in (("1", ["m1", "m2", "m3"]), ("3", ["m1", "m3"])):
+        ask["satroute"] = {"models": models}
+        r = httpx.post(f"{proxy.url}/chat/completions", json=ask, timeout=30)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
+        assert r.headers["retry-after"] == soonest and r.headers["x-should-retry"] == "false"
+        assert "(insufficient_quota)" in r.json()["error"]["message"]
+        upstream.set("m1", rate_limit(3))  # then the model out of quota is the last one tried
+        upstream.set("m3", QUOTA)
+    assert [[(f["model"], f["reason"]) for f in row["failed"]] for row in routes(proxy, 2)] == [
+        [("m1", "http_429"), ("m3", "insufficient_quota")],  # newest first
+        [("m1", "insufficient_quota"), ("m2", "http_429"), ("m3", "http_429")]]
+    assert sorted(httpx.get(f"{proxy.base}/ready").json()["out_of_quota"]) == ["m3"]
+    upstream.set("m1", QUOTA)  # every model out of quota: the last one's own 429, not to be retried
+    r = httpx.post(f"{proxy.url}/chat/completions", json=ask, timeout=30)
+    assert r.status_code == 429 and r.json()["error"]["type"] == "insufficient_quota"
+    assert r.headers["x-should-retry"] == "false" and "retry-after" not in r.headers
+    assert r.headers["x-satroute-failed"] == "m1:insufficient_quota"
+    assert sorted(httpx.get(f"{proxy.base}/ready").json()["out_of_quota"]) == ["m1", "m3"]
 
 
 @pytest.mark.parametrize("fast", PATHS)
