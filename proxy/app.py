@@ -101,8 +101,8 @@ class Services:
 def follow_edit(cooldowns: Cooldowns, old: Snapshot, new: Snapshot) -> None:
     """Cooldowns after an edit of providers.yaml: a model now reached another way (its model,
     api_base or key changed: the fix for what failed) starts with a clean record, and no cooldown
-    outlasts a lowered ``cooldown_s``. A model no longer in the file keeps no record (``/ready``
-    would list it as cooling)."""
+    outlasts a lowered ``cooldown_s`` (one for a wait an upstream named, ``cooldown_max_s``). A
+    model no longer in the file keeps no record (``/ready`` would list it as cooling)."""
     for name in old.models.keys() - new.models.keys():
         cooldowns.forget(name)
     for name, d in new.models.items():
@@ -110,7 +110,8 @@ def follow_edit(cooldowns: Cooldowns, old: Snapshot, new: Snapshot) -> None:
         if before is None or (before.model, before.api_base, before.api_key) != (d.model, d.api_base,
                                                                                  d.api_key):
             cooldowns.forget(name)
-    cooldowns.shorten(new.router.cooldown_s)
+    router = new.router
+    cooldowns.shorten(router.cooldown_s, router.cooldown_max_s if router.cooldown_s > 0 else 0.0)
 
 
 def build_services(settings: Settings, *, scorer: Any = None, dispatcher: Dispatcher | None = None,

@@ -1,9 +1,10 @@
 """Cooldown of failing models: who is left out of routing for now, and when they come back.
 
 Owns: counting consecutive failures per model name (transient ones, and refusals of its key) and the time until which a model is
-cooling down. A model that fails ``allowed_fails`` times in a row is cooled for ``cooldown_s``; the
-cooldown ends by itself; one more failure right after it ends cools the model again at once
-(half-open), a success clears the count. A failure may name its ``cause`` (which request it was):
+cooling down. A model that fails ``allowed_fails`` times in a row is cooled for ``cooldown_s``, or
+for the wait the failure named (a Retry-After: the caller bounds it); the cooldown ends by itself;
+one more failure right after it ends cools the model again at once (half-open), a success clears
+the count. A failure may name its ``cause`` (which request it was):
 the same cause fails again without counting again until the model succeeds, so that one request
 the model cannot serve, retried by the proxy and then by its client, does not cool the model for
 everyone.
@@ -29,6 +30,7 @@ class Cooldowns:
         self._began: dict[str, float] = {}  # when each model's current cooldown began
         self._causes: dict[str, dict[Hashable, None]] = {}  # counted since the last success, in order
         self._why: dict[str, str] = {}  # the label of each model's last failure, since its last success
+        self._named: set[str] = set()  # cooling for a wait its upstream named, not for cooldown_s
 
     def epoch(self, name: str) -> int:
         """Which upstream of ``name`` a call about to be made goes to; given back to ``failure``."""
@@ -51,16 +53,20 @@ class Cooldowns:
         if self._clock() < until:
             return True
         del self._until[name]
+        self._named.discard(name)
         return False
 
     def failure(self, name: str, allowed_fails: int, cooldown_s: float, epoch: int | None = None,
-                cause: Hashable | None = None, why: str | None = None) -> bool:
-        """Count one failure; True when it starts a cooldown. A failure while the model is already
-        cooling (a request that was in flight when it began, or one naming the model) keeps it
-        cooling from now on, but is not a new cooldown: what the metric and the log count. A
-        failure of a call made before the model's upstream changed (``epoch``), or one whose
-        ``cause`` already counted since the model's last success, is not counted. ``why``: its
-        label (``insufficient_quota``), kept as the model's last until it succeeds (``failing``)."""
+                cause: Hashable | None = None, why: str | None = None, wait: float | None = None) -> bool:
+        """Count one failure; True when it starts a cooldown. The cooldown lasts ``cooldown_s``, or
+        ``wait`` where the failure named one (seconds, bounded by the caller); none while
+        ``cooldown_s`` is 0 (cooldowns are off). A failure while the model is already cooling (a
+        request that was in flight when it began, or one naming the model) keeps it cooling at
+        least its own time from now, but is not a new cooldown: what the metric and the log
+        count. A failure of a call made before the model's upstream changed (``epoch``), or one
+        whose ``cause`` already counted since the model's last success, is not counted. ``why``:
+        its label (``insufficient_quota``), kept as the model's last until it succeeds
+        (``failing``)."""
         if epoch is not None and epoch != self.epoch(name):
             return False
         if why is not None:
@@ -73,11 +79,20 @@ class Cooldowns:
             if len(causes) > CAUSES_KEPT:
                 del causes[next(iter(causes))]
         count = self._fails.get(name, 0) + 1
-        if count >= allowed_fails and cooldown_s > 0:
+        length = cooldown_s if wait is None or cooldown_s <= 0 else wait
+        if count >= allowed_fails and length > 0:
             started = not self.cooling(name)
             if started:
                 self._began[name] = self._clock()
-            self._until[name] = self._clock() + cooldown_s
+            until = self._clock() + length
+            # a failure that names no wait (or a shorter one) does not cut short a longer wait
+            # an earlier one named
+            if until >= self._until.get(name, until):
+                self._until[name] = until
+                if wait is not None:
+                    self._named.add(name)
+                else:
+                    self._named.discard(name)
             self._fails[name] = allowed_fails - 1  # half-open once the cooldown ends
             return started
         self._fails[name] = count
@@ -97,6 +112,7 @@ class Cooldowns:
         self._causes.pop(name, None)
         self._began.pop(name, None)
         self._why.pop(name, None)
+        self._named.discard(name)
 
     def cooling_models(self) -> list[str]:
         return [n for n in list(self._until) if self.cooling(n)]
@@ -111,9 +127,11 @@ class Cooldowns:
         self.success(name)
         self._epoch = {**self._epoch, name: self.epoch(name) + 1}
 
-    def shorten(self, cooldown_s: float) -> None:
-        """End every cooldown at most ``cooldown_s`` from now (the setting was lowered)."""
-        latest = self._clock() + cooldown_s
+    def shorten(self, cooldown_s: float, named_max_s: float | None = None) -> None:
+        """End every cooldown at most ``cooldown_s`` from now (the setting was lowered), and one
+        that lasts the wait its failure named at most ``named_max_s`` (None: ``cooldown_s``)."""
+        now = self._clock()
         for name, until in list(self._until.items()):
+            latest = now + (named_max_s if name in self._named and named_max_s is not None else cooldown_s)
             if until > latest:
                 self._until[name] = latest

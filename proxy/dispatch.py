@@ -363,7 +363,8 @@ class RetryingDispatcher:
                     cut_short = exc.timeout and budget < attempt_timeout(d, router)
                     if (exc.counts and not cut_short
                             and self.cooldowns.failure(d.name, router.allowed_fails, router.cooldown_s, epoch,
-                                                       _cause(exc, call), why=_reason(exc))
+                                                       _cause(exc, call), why=_reason(exc),
+                                                       wait=_cooling_wait(exc, router))
                             and self.metrics is not None):
                         self.metrics.observe_cooldown(d.name)
                     failure = exc
@@ -1203,6 +1204,15 @@ def _reason(exc: UpstreamTransient) -> str:
     if exc.upstream_status:
         return f"http_{exc.upstream_status}"
     return "connection"
+
+
+def _cooling_wait(exc: UpstreamTransient, router: RouterSettings) -> float | None:
+    """How long ``exc`` cools its model if it starts a cooldown: the wait it named, at least 1 s
+    (a Retry-After's own unit: a reset "20ms" away, or past, would cool it for nothing) and at most
+    ``cooldown_max_s``; None where it named none (``cooldown_s``)."""
+    if exc.retry_after is None:
+        return None
+    return min(max(exc.retry_after, 1.0), router.cooldown_max_s)
 
 
 def _waits(exc: UpstreamTransient) -> bool:

@@ -235,6 +235,9 @@ class RouterSettings(BaseModel):
         2.0, gt=0, description="longest wait for the scorer; then the profiles' means rank the request")
     allowed_fails: int = Field(3, ge=1, description="consecutive failures before a cooldown")
     cooldown_s: float = Field(30.0, ge=0)
+    # a failure that names its wait (Retry-After, a rate limit's reset) cools its model that long,
+    # up to this: an hourly or daily limit keeps it out for its hour, not for 30 s at a time
+    cooldown_max_s: float = Field(3600.0, gt=0, description="longest cooldown a named wait sets")
     fast_path: bool = True
     default_model: str | None = Field(
         None, description="where the router's name goes while no candidate has a profile")

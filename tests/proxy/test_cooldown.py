@@ -27,6 +27,43 @@ def test_a_failure_while_cooling_keeps_the_model_out_but_is_not_a_new_cooldown()
     assert c.failure("m", 3, 30) is True
 
 
+def test_a_cooldown_lasts_the_wait_its_failure_named():
+    """A 429 with Retry-After: 3600 (an hourly limit) cooled its model for cooldown_s, and the
+    model was asked again every 30 s; a Retry-After: 1 kept it out for 30 s."""
+    clock = Clock()
+    c = Cooldowns(clock)
+    assert c.failure("m", 2, 30) is False and c.failure("m", 2, 30, wait=3600) is True
+    clock.now += 3599
+    assert c.cooling("m")
+    clock.now += 2
+    assert not c.cooling("m")
+    assert c.failure("m", 2, 30, wait=1) is True  # half-open: one more failure cools it again
+    clock.now += 1.5
+    assert not c.cooling("m")
+    # a failure while it cools that names no wait, or a shorter one, does not cut its wait short
+    assert c.failure("m", 2, 30, wait=600) is True
+    assert c.failure("m", 2, 30) is False and c.failure("m", 2, 30, wait=5) is False
+    clock.now += 599
+    assert c.cooling("m")
+    clock.now += 2
+    assert not c.cooling("m")
+    assert c.failure("m", 1, 0, wait=600) is False and not c.cooling("m")  # cooldown_s 0: none at all
+
+
+def test_lowering_the_settings_shortens_the_cooldowns_running():
+    """An edit that lowers cooldown_s ends the cooldowns it set sooner; those for a wait the
+    upstream named are bounded by cooldown_max_s instead."""
+    clock = Clock()
+    c = Cooldowns(clock)
+    c.failure("plain", 1, 30)
+    c.failure("named", 1, 30, wait=3600)
+    c.shorten(5, 60)
+    clock.now += 10
+    assert c.cooling_models() == ["named"]
+    clock.now += 51
+    assert c.cooling_models() == []
+
+
 def test_a_success_clears_the_count_and_the_cooldown():
     c = Cooldowns(Clock())
     assert c.failure("m", 2, 30) is False

@@ -541,6 +541,29 @@ def test_failing_model_cools_down_and_comes_back(tmp_path, upstream, start_proxy
     assert "m1" not in httpx.get(f"{proxy.base}/ready").json()["cooling"]
 
 
+def test_a_rate_limited_model_cools_for_the_wait_it_named(tmp_path, upstream, start_proxy):
+    """Routed traffic asked a model that said Retry-After: 3600 again every cooldown_s, and kept
+    one that said Retry-After: 1 out for 30 s: it now cools for the wait named, up to
+    cooldown_max_s."""
+    proxy = setup(tmp_path, upstream, start_proxy, True, num_retries=0, allowed_fails=1,
+                  cooldown_s=30, cooldown_max_s=2)
+
+    def cooled_for() -> float:
+        raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+        assert raw.parse().model == "m2" and raw.headers["x-satroute-failed"] == "m1:http_429"
+        began = time.monotonic()
+        while httpx.get(f"{proxy.base}/ready").json()["cooling"] and time.monotonic() - began < 5:
+            time.sleep(0.05)
+        return time.monotonic() - began
+
+    upstream.queue("m1", rate_limit(1))
+    assert 0.7 < cooled_for() < 2
+    assert client(proxy).chat.completions.create(model="auto", messages=MESSAGES).model == "m1"
+    upstream.queue("m1", rate_limit(3600))
+    assert 1.5 < cooled_for() < 4  # cooldown_max_s
+    assert len(upstream.bodies("m1")) == 3
+
+
 def test_an_edit_that_fixes_a_cooling_model_or_shortens_cooldowns_takes_effect(tmp_path, upstream,
                                                                                start_proxy):
     """The admin fixes m1's api_base: m1 is routed to at once, not after its cooldown; lowering
