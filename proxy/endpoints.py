@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Coroutine, Mapping, TypeVar
@@ -534,8 +535,8 @@ async def satroute_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, SatrouteError)
     headers: dict[str, str] = {}
     retry_after = getattr(exc, "retry_after", None)
-    if retry_after is not None:
-        headers["Retry-After"] = str(max(1, round(retry_after)))
+    if retry_after is not None:  # whole seconds, rounded up: 2.5 s is not over after 2
+        headers["Retry-After"] = str(max(1, math.ceil(retry_after)))
     if isinstance(exc, AllUpstreamsFailed):
         # the proxy has already retried (a 429 after waiting its Retry-After) and fallen back: an
         # SDK that retries on top (the openai SDKs do, twice by default) runs the whole cascade

@@ -511,6 +511,16 @@ def test_an_sdk_does_not_repeat_a_rate_limited_cascade_the_proxy_already_waited_
     assert len(upstream.bodies("m2")) == 3
 
 
+def test_the_retry_after_passed_on_is_rounded_up(tmp_path, upstream, start_proxy):
+    """retry-after-ms: 2500 reached the client as Retry-After: 2 (rounded half to even): a client
+    that trusts it asks again half a second too soon."""
+    proxy = setup(tmp_path, upstream, start_proxy, True, num_retries=0)
+    for said, passed in (("2500", "3"), ("1200", "2"), ("3000", "3"), ("10", "1")):
+        upstream.set("m2", fail(429, "rate limited", "requests", headers={"retry-after-ms": said}))
+        r = httpx.post(f"{proxy.url}/chat/completions", json={"model": "m2", "messages": MESSAGES}, timeout=60)
+        assert r.status_code == 429 and r.headers["retry-after"] == passed
+
+
 def test_a_retry_after_that_is_no_finite_number_is_ignored_not_a_500(tmp_path, upstream, start_proxy):
     """`Retry-After: inf` (or 1e999) was read as an infinite wait: the 429 became a 500."""
     proxy = setup(tmp_path, upstream, start_proxy, True, num_retries=0)
