@@ -242,6 +242,7 @@ class RetryingDispatcher:
         last: UpstreamTransient | None = None
         said_after: float | None = None  # the longest Retry-After of the failures
         soonest: float | None = None  # the shortest: when a model may answer again
+        unnamed = False  # a model rate limited the request without naming a wait: it may be soon
         for target in call.targets:
             if time.monotonic() >= deadline:
                 timed_out = True
@@ -286,6 +287,8 @@ class RetryingDispatcher:
                 if exc.retry_after is not None:
                     said_after = max(said_after or 0.0, exc.retry_after)
                     soonest = min(soonest if soonest is not None else exc.retry_after, exc.retry_after)
+                elif exc.upstream_status == 429:
+                    unnamed = True
                 timed_out = exc.timeout
                 all_429 = all_429 and exc.upstream_status == 429
                 last = exc
@@ -302,7 +305,10 @@ class RetryingDispatcher:
             err.summary = f"{err.summary}; the last said: {last.summary}"
         if last is not None and all_429:  # rate limited, the models out of quota aside
             err.status, err.code = 429, "rate_limited"
-            err.retry_after = soonest
+            # when a model may take it again: the soonest wait named, unless one named none (then
+            # the client's own backoff is the wait, not another model's hour), and never past
+            # cooldown_max_s, after which the proxy asks the model again whatever it said
+            err.retry_after = None if unnamed or soonest is None else min(soonest, router.cooldown_max_s)
         raise err
 
     def _told(self, exc: UpstreamError) -> str:

@@ -484,6 +484,22 @@ def test_models_rate_limited_or_out_of_quota_answer_429_with_the_soonest_retry_a
 
 
 @pytest.mark.parametrize("fast", PATHS)
+def test_a_long_named_wait_does_not_hide_a_model_that_named_none(tmp_path, upstream, start_proxy, fast):
+    """m1 limited for an hour, m2 for a moment with no wait named: the client was told to wait an
+    hour and not to retry, where its SDK's own retry a second later was answered by m2; and a wait
+    past cooldown_max_s went out as it came (years), though the proxy asks the model again by then."""
+    proxy = setup(tmp_path, upstream, start_proxy, fast, num_retries=0, allowed_fails=10, cooldown_max_s=600)
+    ask = {"model": "auto", "messages": MESSAGES, "satroute": {"models": ["m1", "m2"]}}
+    upstream.set("m1", rate_limit(3600))
+    upstream.set("m2", fail(429, "Rate limit reached", "rate_limit_exceeded"))
+    r = httpx.post(f"{proxy.url}/chat/completions", json=ask, timeout=30)
+    assert r.status_code == 429 and "retry-after" not in r.headers and "x-should-retry" not in r.headers
+    upstream.set("m2", rate_limit(999_999))
+    r = httpx.post(f"{proxy.url}/chat/completions", json=ask, timeout=30)
+    assert r.status_code == 429 and r.headers["retry-after"] == "600"
+
+
+@pytest.mark.parametrize("fast", PATHS)
 def test_a_rate_limit_in_quota_words_is_still_a_rate_limit(tmp_path, upstream, start_proxy, fast):
     """Gemini says "You exceeded your current quota" for its per-minute limits, which a wait
     clears: only OpenAI's insufficient_quota label means a used-up quota, never the words."""
