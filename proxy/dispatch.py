@@ -272,7 +272,7 @@ class RetryingDispatcher:
                                                why=exc.reason)
                             and self.metrics is not None):
                         self.metrics.observe_cooldown(target.name)
-                    quota = exc.status == 429  # a used-up quota: the one 429 that is refused
+                    quota = exc.out_of_credit  # a used-up quota (the one 429 that is refused), no credit
                     # a routed request: the next model answers; the last model out of quota after
                     # others rate limited it: the client is told when those may answer (below)
                     if target is not call.targets[-1] or (quota and last is not None and all_429):

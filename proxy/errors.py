@@ -147,18 +147,32 @@ class UpstreamClientError(UpstreamError):
     @property
     def reason(self) -> str:
         """Why the model failed, as ``x-satroute-failed`` says it: what it cannot take
-        (``unfit``), ``insufficient_quota`` for a 429 (as an UpstreamClientError, only a used-up
-        quota: MODEL_REFUSALS), else ``http_<status>``."""
+        (``unfit``), ``insufficient_quota`` where its account is out of quota or credit
+        (``out_of_credit``), else ``http_<status>``."""
         if self.unfit:
             return self.unfit
-        return "insufficient_quota" if self.status == 429 else f"http_{self.status}"
+        return "insufficient_quota" if self.out_of_credit else f"http_{self.status}"
+
+    @property
+    def out_of_credit(self) -> bool:
+        """The model's account has no quota or credit left: a 429 (as an UpstreamClientError, only a
+        used-up quota), a 402, or Anthropic's 400 "Your credit balance is too low"."""
+        return (self.unfit is None and self.status in (402, 429)
+                or self.status == 400 and bool(_NO_CREDIT.search(self.text())))
 
     def refuses_the_model(self) -> bool:
         """A status of MODEL_REFUSALS, except a moderation refusal of this request's content:
         OpenRouter's 403 for a model it moderates ("Your input was flagged for ...", with
         ``metadata.reasons`` and ``flagged_input``) is about the prompt, as Azure's 400
-        ``content_filter`` is; another prompt to the same model is answered."""
-        return self.status in MODEL_REFUSALS and not (self.status == 403 and _FLAGGED.search(self.text()))
+        ``content_filter`` is; another prompt to the same model is answered. And a model out of
+        credit, whatever the status it says it with (``out_of_credit``)."""
+        return (self.status in MODEL_REFUSALS and not (self.status == 403 and _FLAGGED.search(self.text()))
+                or self.out_of_credit)
+
+
+# Anthropic's words for an account out of credit, which it sends as a 400 invalid_request_error
+# (every request to any of its models is refused until credit is bought)
+_NO_CREDIT = re.compile(r"credit balance is too low", re.IGNORECASE)
 
 
 # OpenRouter's words ("Your input was flagged for ...") or its body's metadata key, not the bare

@@ -264,10 +264,30 @@ def test_a_model_out_of_credit_hands_routed_requests_to_the_next(tmp_path, upstr
     upstream.set("m1", fail(402, "Insufficient credits", "insufficient_quota"))
     raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
     assert raw.headers["x-satroute-model"] == "m2"
-    assert raw.headers["x-satroute-failed"] == "m1:http_402"
+    assert raw.headers["x-satroute-failed"] == "m1:insufficient_quota"
     with pytest.raises(openai.APIStatusError) as err:  # named: its own answer, no fallback
         client(proxy).chat.completions.create(model="m1", messages=MESSAGES)
     assert err.value.status_code == 402 and "Insufficient credits" in err.value.message
+
+
+@pytest.mark.parametrize("fast", PATHS)
+def test_an_account_out_of_credit_said_in_a_400_is_the_model_s_problem(tmp_path, upstream, start_proxy, fast):
+    """Anthropic says its account has no credit left with a 400 invalid_request_error: every routed
+    request ranking the model first failed with that 400, for ever (a 400 is never the model's)."""
+    proxy = setup(tmp_path, upstream, start_proxy, fast, num_retries=0, allowed_fails=2)
+    upstream.set("m1", fail(400, "Your credit balance is too low to access the Anthropic API. Please go to "
+                                 "Plans & Billing to upgrade or purchase credits.", "invalid_request_error"))
+    for _ in range(2):
+        raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+        assert raw.headers["x-satroute-model"] == "m2"
+        assert raw.headers["x-satroute-failed"] == "m1:insufficient_quota"
+    ready = httpx.get(f"{proxy.base}/ready").json()
+    assert ready["cooling"] == ["m1"] and ready["out_of_quota"] == ["m1"]
+    upstream.set("m1", fail(400, "temperature: must be at most 2", "invalid_request_error"))
+    upstream.set("m2", fail(400, "temperature: must be at most 2", "invalid_request_error"))
+    r = httpx.post(f"{proxy.url}/chat/completions", timeout=30,  # any other 400 is the request's
+                   json={"model": "auto", "messages": MESSAGES, "satroute": {"models": ["m2", "m3"]}})
+    assert r.status_code == 400 and "x-satroute-failed" not in r.headers
 
 
 @pytest.mark.parametrize("fast", PATHS)
