@@ -13,8 +13,11 @@ failed so: ``failing``), HTTP, configuration files (limits are passed in per cal
 """
 from __future__ import annotations
 
+import logging
 import time
 from typing import Callable, Hashable, Mapping
+
+log = logging.getLogger("satroute.cooldown")
 
 CAUSES_KEPT = 64  # per model, the causes counted since its last success: the oldest go first
 
@@ -93,6 +96,10 @@ class Cooldowns:
                     self._named.add(name)
                 else:
                     self._named.discard(name)
+            if started:  # a cooldown of an hour (an upstream's named wait) must not pass unseen
+                log.warning("model %s cooling down for %.0f s (%s)", name, length,
+                            "the wait its upstream named" if wait is not None
+                            else f"{count} failures in a row")
             self._fails[name] = allowed_fails - 1  # half-open once the cooldown ends
             return started
         self._fails[name] = count
@@ -116,6 +123,11 @@ class Cooldowns:
 
     def cooling_models(self) -> list[str]:
         return [n for n in list(self._until) if self.cooling(n)]
+
+    def cooling_left(self) -> dict[str, float]:
+        """The seconds each cooling model has left, from now."""
+        now = self._clock()
+        return {n: round(self._until[n] - now, 1) for n in self.cooling_models() if n in self._until}
 
     def failing(self, why: str) -> list[str]:
         """The models whose last failure was labelled ``why``, and that have not succeeded since."""

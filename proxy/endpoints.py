@@ -517,6 +517,7 @@ async def ready(request: Request) -> Response:
         reasons.append("no model is reachable (credentials missing or all cooling down)")
     payload = {"status": "not ready" if reasons else "ready", "reasons": reasons,
                "models": reachable, "scorer": svc.scoring.describe(), "cooling": svc.cooldowns.cooling_models(),
+               "cooling_left_s": svc.cooldowns.cooling_left(),
                # whose last call said its quota is used up (a 429 insufficient_quota), none answered since
                "out_of_quota": svc.cooldowns.failing("insufficient_quota"),
                "unavailable": {d.name: d.unavailable for d in snap.models.values()

@@ -50,6 +50,22 @@ def test_a_cooldown_lasts_the_wait_its_failure_named():
     assert c.failure("m", 1, 0, wait=600) is False and not c.cooling("m")  # cooldown_s 0: none at all
 
 
+def test_a_cooldown_says_how_long_it_lasts_and_why(caplog):
+    """One 429 header can now take a model out of routing for everyone for an hour: the log and
+    /ready (cooling_left_s) say so, where only the model's name was listed."""
+    clock = Clock()
+    c = Cooldowns(clock)
+    c.failure("named", 1, 30, wait=3600)
+    c.failure("counted", 2, 30)
+    c.failure("counted", 2, 30)
+    assert c.cooling_left() == {"named": 3600.0, "counted": 30.0}
+    clock.now += 100
+    assert c.cooling_left() == {"named": 3500.0}
+    assert [r.getMessage() for r in caplog.records if r.name == "satroute.cooldown"] == [
+        "model named cooling down for 3600 s (the wait its upstream named)",
+        "model counted cooling down for 30 s (2 failures in a row)"]
+
+
 def test_lowering_the_settings_shortens_the_cooldowns_running():
     """An edit that lowers cooldown_s ends the cooldowns it set sooner; those for a wait the
     upstream named are bounded by cooldown_max_s instead."""
