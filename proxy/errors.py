@@ -157,8 +157,17 @@ class UpstreamClientError(UpstreamError):
     def out_of_credit(self) -> bool:
         """The model's account has no quota or credit left: a 429 (as an UpstreamClientError, only a
         used-up quota), a 402, or Anthropic's 400 "Your credit balance is too low"."""
-        return (self.unfit is None and self.status in (402, 429)
-                or self.status == 400 and bool(_NO_CREDIT.search(self.text())))
+        if self.unfit is not None:  # the proxy's own refusal of what the model cannot take
+            return False
+        if self.status in (402, 429):
+            return True
+        # by the upstream's own error object only, its message as Anthropic begins it: a 400 that
+        # quotes the request back (OpenAI's "Invalid value: '...'", vLLM's input_value=...) must
+        # not let a client make a model look out of credit, and cool it for everyone
+        err = self.upstream_body.get("error") if isinstance(self.upstream_body, dict) else None
+        said = err.get("message") if isinstance(err, dict) else None
+        return (self.status == 400 and isinstance(said, str) and err.get("type") == "invalid_request_error"
+                and _NO_CREDIT.match(said) is not None)
 
     def refuses_the_model(self) -> bool:
         """A status of MODEL_REFUSALS, except a moderation refusal of this request's content:
@@ -172,7 +181,7 @@ class UpstreamClientError(UpstreamError):
 
 # Anthropic's words for an account out of credit, which it sends as a 400 invalid_request_error
 # (every request to any of its models is refused until credit is bought)
-_NO_CREDIT = re.compile(r"credit balance is too low", re.IGNORECASE)
+_NO_CREDIT = re.compile(r"\s*Your credit balance is too low")
 
 
 # OpenRouter's words ("Your input was flagged for ...") or its body's metadata key, not the bare

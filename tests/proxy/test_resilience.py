@@ -283,11 +283,28 @@ def test_an_account_out_of_credit_said_in_a_400_is_the_model_s_problem(tmp_path,
         assert raw.headers["x-satroute-failed"] == "m1:insufficient_quota"
     ready = httpx.get(f"{proxy.base}/ready").json()
     assert ready["cooling"] == ["m1"] and ready["out_of_quota"] == ["m1"]
-    upstream.set("m1", fail(400, "temperature: must be at most 2", "invalid_request_error"))
-    upstream.set("m2", fail(400, "temperature: must be at most 2", "invalid_request_error"))
-    r = httpx.post(f"{proxy.url}/chat/completions", timeout=30,  # any other 400 is the request's
-                   json={"model": "auto", "messages": MESSAGES, "satroute": {"models": ["m2", "m3"]}})
-    assert r.status_code == 400 and "x-satroute-failed" not in r.headers
+    # any other 400 is the request's: one that quotes the client's own words back included, or a
+    # client could make every model look out of credit, and cool it for everyone
+    for said in ("temperature: must be at most 2",
+                 "Invalid value: 'Your credit balance is too low'. Supported values are: 'system', 'user'"):
+        upstream.set("m2", fail(400, said, "invalid_request_error"))
+        r = httpx.post(f"{proxy.url}/chat/completions", timeout=30,
+                       json={"model": "auto", "messages": MESSAGES, "satroute": {"models": ["m2", "m3"]}})
+        assert r.status_code == 400 and "x-satroute-failed" not in r.headers
+
+
+def test_only_the_upstream_s_own_words_say_an_account_is_out_of_credit():
+    from proxy.errors import UpstreamClientError
+
+    def refusal(message, type_="invalid_request_error", unfit=None):
+        return UpstreamClientError(f"m1: {message}", status=400, model="m1", unfit=unfit,
+                                   upstream_body={"error": {"message": message, "type": type_}})
+
+    assert refusal("Your credit balance is too low to access the Anthropic API.").out_of_credit
+    assert not refusal("Invalid value: 'Your credit balance is too low'.").out_of_credit
+    assert not refusal("Your credit balance is too low", type_="other").out_of_credit
+    assert not refusal("Your credit balance is too low", unfit="untranslatable").out_of_credit
+    assert not UpstreamClientError("x", status=402, unfit="untranslatable").out_of_credit
 
 
 @pytest.mark.parametrize("fast", PATHS)
