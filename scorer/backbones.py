@@ -24,6 +24,7 @@ import os
 import secrets
 import shutil
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,6 +126,18 @@ def _converting(out: Path):
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
 
+STALE_CONVERSION_S = 600.0  # a conversion writes every few seconds; it takes under a minute here
+
+
+def _idle_s(folder: Path) -> float:
+    """Seconds since anything in ``folder`` (or the folder itself) was last written."""
+    try:
+        times = [folder.stat().st_mtime, *(p.stat().st_mtime for p in folder.iterdir())]
+    except OSError:
+        return 0.0  # going away, or unreadable: not ours to remove
+    return time.time() - max(times)
+
+
 def convert_gguf(gguf: Path) -> Path:
     """Dequantize a GGUF into a safetensors folder once; return the folder (atomic rename)."""
     out = converted_dir(gguf)
@@ -134,9 +147,12 @@ def convert_gguf(gguf: Path) -> Path:
         if (out / "config.json").exists():
             return out  # another process converted it meanwhile
         # what a conversion killed part way left (half a gigabyte each: a container killed for
-        # its memory at every start left one more); under the lock, none is anyone's in progress
+        # its memory at every start left one more); under the lock none is a conversion of this
+        # version's in progress, but an earlier version converts without the lock: only a folder
+        # no one has written to for a while is removed
         for stale in out.parent.glob(glob.escape(out.name) + ".tmp*"):
-            shutil.rmtree(stale, ignore_errors=True)
+            if _idle_s(stale) > STALE_CONVERSION_S:
+                shutil.rmtree(stale, ignore_errors=True)
         # a name no other process picks: every container's proxy is process 1, and two replicas
         # starting on one shared volume wrote one folder, and one of them failed to load
         tmp = out.with_name(out.name + f".tmp{os.getpid()}-{secrets.token_hex(6)}")

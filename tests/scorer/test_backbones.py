@@ -1,7 +1,9 @@
 """Backbone resolution and the GGUF -> safetensors cache; the real backbones and checkpoint when present."""
 from __future__ import annotations
 
+import os
 import shutil
+import time
 from pathlib import Path
 
 import pytest
@@ -263,14 +265,21 @@ def test_what_a_killed_conversion_left_is_removed_by_the_next(tmp_path, monkeypa
     gguf.write_bytes(b"not really a gguf")
     out = backbones.converted_dir(gguf)
     out.parent.mkdir(parents=True)
+    hour_ago = time.time() - 3600
     for left in (".tmp1-0123456789ab", ".tmp1-ba9876543210", ".tmp4242"):  # the last: an earlier version's
-        (out.parent / (out.name + left)).mkdir()
-        (out.parent / (out.name + left) / "model.safetensors").write_bytes(b"x" * 1000)
+        folder = out.parent / (out.name + left)
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"x" * 1000)
+        for path in (folder / "model.safetensors", folder):
+            os.utime(path, (hour_ago, hour_ago))
+    # an earlier version converting now, without the lock: written to a moment ago, not removed
+    (out.parent / (out.name + ".tmp1")).mkdir()
+    (out.parent / (out.name + ".tmp1") / "config.json").write_text("{}")
     (out.parent / "other-model-abc.tmp1-0123").mkdir()  # another GGUF's: not this one's to remove
     monkeypatch.setattr(backbones, "_read_gguf", lambda path: (_FakePart("config.json"), _FakePart("tokenizer.json")))
     assert backbones.convert_gguf(gguf) == out
     assert sorted(p.name for p in out.parent.iterdir() if not p.name.endswith(".lock")) == sorted([
-        out.name, "other-model-abc.tmp1-0123"])
+        out.name, out.name + ".tmp1", "other-model-abc.tmp1-0123"])
 
 
 def test_one_process_at_a_time_converts_and_the_others_take_its_folder(tmp_path, monkeypatch):
