@@ -226,7 +226,7 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
                         if d.info.local_server is not None and busy is not None and busy(d.name) > 0)
             return max(local, busy_within_quota(others.busy_cores()))
 
-        svc.spawn(svc.scoring.load(settings, profiles, cores_busy), "scorer-load")
+        svc.spawn(svc.scoring.keep_loading(settings, profiles, cores_busy), "scorer-load")
         if settings.scorer == "modelsat" and not settings.scorer_torch_threads:
             svc.spawn(others.watch(1.0), "cpu-load")
         # until the shutdown begins: an edit during its grace period is logged, not taken

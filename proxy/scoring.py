@@ -209,7 +209,23 @@ class ScorerHost:
                  f"{where}; " if where else "", told or "up to %d" % usable_cores())
         await self._warm_up(scorer, dict(profiles()) if profiles else {}, first=True)
         self.scorer = scorer
+        self.error = None
         gc.freeze()
+
+    async def keep_loading(self, settings: Settings, profiles: Profiles | None = None,
+                           cores_busy: Callable[[], int] | None = None, first_wait_s: float = 5.0,
+                           max_wait_s: float = 300.0) -> None:
+        """``load``, and again while it fails, after ``first_wait_s``, doubling up to ``max_wait_s``:
+        a failure that passes (a volume mounted late, a full disk freed, a checkpoint pulled with
+        git-lfs) no longer leaves the proxy not ready for good, which a liveness probe (``/health``
+        answers) never restarts. ``error`` says the last failure meanwhile."""
+        wait = first_wait_s
+        await self.load(settings, profiles, cores_busy)
+        while self.scorer is None and self.error is not None:
+            log.info("scorer: loading it again in %.0f s", wait)
+            await asyncio.sleep(wait)
+            await self.load(settings, profiles, cores_busy)
+            wait = min(wait * 2, max_wait_s)
 
     async def _warm_up(self, scorer: Scorer, profiles: Mapping[str, Profile], first: bool = False) -> None:
         """Run the scorer's ``warm_up`` (if it has one) on the profiles it has not met yet, once

@@ -2,6 +2,7 @@
 default model while nothing is routable, unavailable models reported by /ready."""
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import logging
@@ -672,6 +673,31 @@ async def test_a_scorer_that_fails_to_load_in_any_way_is_reported_not_loading_fo
         host.close()
     assert not host.ready and host.error == f"{type(error).__name__}: {error}"
     assert host.describe()["state"] != "loading"
+
+
+async def test_a_scorer_that_failed_to_load_is_loaded_again_once_the_fault_passes(monkeypatch, tmp_path):
+    """A failure that passes (another replica's conversion on a shared volume, a volume mounted
+    late) left the proxy not ready for good, and /health answering, so nothing restarted it."""
+    import scorer as scorer_package
+    from proxy.scoring import ConstantScorer, ScorerHost
+
+    tries = []
+
+    def fake_load(checkpoint=None, device=None, dtype=None):
+        tries.append(time.monotonic())
+        if len(tries) < 3:
+            raise OSError("No such file or directory: 'model.safetensors'")
+        return ConstantScorer()
+
+    monkeypatch.setattr(scorer_package, "load_scorer", fake_load)
+    host = ScorerHost()
+    try:
+        await asyncio.wait_for(host.keep_loading(Settings(config=tmp_path / "providers.yaml", scorer="modelsat"),
+                                                 first_wait_s=0.05, max_wait_s=0.1), 10)
+    finally:
+        host.close()
+    assert host.ready and host.error is None and len(tries) == 3
+    assert tries[2] - tries[1] >= 0.09  # the wait doubled
 
 
 async def test_ready_says_why_the_scorer_runs_on_the_cpu_of_a_machine_with_cuda(monkeypatch, tmp_path):
