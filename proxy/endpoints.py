@@ -506,7 +506,7 @@ async def ready(request: Request) -> Response:
     svc = services(request)
     snap = svc.registry.snapshot
     reasons = []
-    if svc.leaving or svc.stopping_since is not None:
+    if svc.stop_signalled:
         # SATROUTE_SHUTDOWN_DELAY_S: still serving, but a load balancer should send no more
         reasons.append("shutting down")
     # The scorer matters once a model is routable; until then the default model answers `auto`.

@@ -740,24 +740,19 @@ class Onboarding:
         cancelled (the run stops: its model left providers.yaml or changed upstream, the proxy's
         stop, a signal) counts the attempts it sent as well, the one out when it came included,
         before the cancellation goes on (``_spend_cut``)."""
+        def lost(attempts: int) -> float:  # at the prices of when the ask came back
+            return attempts * state.prices.cost(prompt, answer_budget(params, self.options.max_tokens))
+
         try:
             said = await self.asker.ask(state.model, messages, **params)
         except TRANSIENT as exc:
-            lost = unanswered(exc)
-            if lost:
-                await self._spend(state, lost * state.prices.cost(
-                    prompt, answer_budget(params, self.options.max_tokens)))
+            await self._spend(state, lost(unanswered(exc)))
             raise
         except asyncio.CancelledError as exc:
-            lost = unanswered(exc)
-            if lost:
-                await self._spend_cut(state, lost * state.prices.cost(
-                    prompt, answer_budget(params, self.options.max_tokens)))
+            await self._spend_cut(state, lost(unanswered(exc)))
             raise
         said = said if isinstance(said, Said) else Said(said or "")
-        if said.unanswered:
-            await self._spend(state, said.unanswered * state.prices.cost(
-                prompt, answer_budget(params, self.options.max_tokens)))
+        await self._spend(state, lost(said.unanswered))
         return said
 
     async def _spend(self, state: _Run, cost: float) -> None:

@@ -307,7 +307,7 @@ class OnboardingService:
                       if stamp == self.registry.file_digest}  # not run again as configured
         now = {name: (upstream_fingerprint(d), legacy_fingerprint(d))
                for name, d in self.registry.snapshot.models.items()
-               if (onboardable(d) or d.available and not d.info.capability_profile)
+               if d.available and not d.info.capability_profile  # onboardable, or routed on a stored profile
                and (d.profile is not None or (onboardable(d) and name not in failed_now))}
         fresh = time.monotonic() - self._announced_at < self.store.lease_stale_s / 4
         if now == self._announced and fresh:

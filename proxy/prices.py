@@ -16,7 +16,7 @@ import json
 import logging
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 log = logging.getLogger("satroute.prices")
 
@@ -58,18 +58,25 @@ def litellm_cost(value: Any) -> float | None:
     return price if math.isfinite(price) and price >= 0 else None
 
 
-def listed_flag(model: str, provider: str, flag: str) -> bool:
-    """Whether litellm's list says ``flag`` (``supports_vision``, ...) of ``model`` (a litellm
-    model string such as ``deepseek/deepseek-chat``) at ``provider``, as litellm looks it up: the
-    whole string, else the name without its prefix where that entry is the same provider's. False
-    where the list has neither, or does not say: what litellm's own ``supports_*`` answer then."""
+def _listed(model: str, provider: str) -> Iterator[dict[str, Any]]:
+    """litellm's list entries for ``model`` (a litellm model string such as ``openai/gpt-4o``) at
+    ``provider``, in the order litellm looks them up: the whole string, then the name without its
+    prefix where that entry is the same provider's (the same name at another provider is another
+    model)."""
     table = price_list()
     bare = model.split("/", 1)[1] if "/" in model else model
     for key in dict.fromkeys((model, bare)):
         entry = table.get(key)
         if isinstance(entry, dict) and (key == model or entry.get("litellm_provider") == provider):
-            return entry.get(flag) is True  # the same name at another provider is another model
-    return False
+            yield entry
+
+
+def listed_flag(model: str, provider: str, flag: str) -> bool:
+    """Whether litellm's list says ``flag`` (``supports_vision``, ...) of ``model`` at ``provider``,
+    by its first entry (``_listed``). False where the list has none, or does not say: what
+    litellm's own ``supports_*`` answer then."""
+    entry = next(_listed(model, provider), None)
+    return entry is not None and entry.get(flag) is True
 
 
 def listed_prices(model: str, provider: str, api_base: str | None) -> tuple[float, float] | None:
@@ -78,14 +85,7 @@ def listed_prices(model: str, provider: str, api_base: str | None) -> tuple[floa
     served at an ``api_base`` of its own."""
     if api_base:
         return None
-    table = price_list()
-    bare = model.split("/", 1)[1] if "/" in model else model
-    for key in dict.fromkeys((model, bare)):
-        entry = table.get(key)
-        if not isinstance(entry, dict):
-            continue
-        if key != model and entry.get("litellm_provider") != provider:
-            continue  # the same name at another provider is another price
+    for entry in _listed(model, provider):
         inp, out = entry.get("input_cost_per_token"), entry.get("output_cost_per_token")
         if isinstance(inp, (int, float)) and isinstance(out, (int, float)):
             return inp * 1e6, out * 1e6

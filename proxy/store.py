@@ -121,6 +121,11 @@ _COLUMNS_ADDED = (("routing_log", "failed", "TEXT"), ("routing_log", "request_id
                   ("onboarding", "failed_config", "TEXT"), ("onboarding", "spent_forgotten_usd", "REAL"))
 
 
+# what a model's onboarding spent, as ``Store.spent`` counts it: on the answers stored, and on those
+# forgotten since for another upstream
+_SPENT = "COALESCE(spent_usd, 0) + COALESCE(spent_forgotten_usd, 0)"
+
+
 class ModelBusy(Exception):
     """Another live process onboards the model (it holds a fresh lease on it)."""
 
@@ -551,8 +556,7 @@ class Store:
         """USD recorded as paid for the model's onboarding (0 when none): for the answers stored
         (``spent_usd``, which is all earlier versions read) and for those forgotten since because
         the model pointed at another upstream (``spent_forgotten_usd``: ``forget``)."""
-        rows = self._read("SELECT COALESCE(spent_usd, 0) + COALESCE(spent_forgotten_usd, 0) "
-                          "FROM onboarding WHERE model = ?", (model,))
+        rows = self._read(f"SELECT {_SPENT} FROM onboarding WHERE model = ?", (model,))
         return float(rows[0][0]) if rows else 0.0
 
     def set_status(self, model: str, status: str, reason: str | None = None,
@@ -758,8 +762,7 @@ class Store:
         with self._leased(model):
             if moved and (user := self._user(model)) is not None:
                 raise UpstreamInUse(model, user)
-            row = self._db.execute("SELECT owner = ?, COALESCE(spent_usd, 0) + "
-                                   "COALESCE(spent_forgotten_usd, 0) FROM onboarding WHERE model = ?",
+            row = self._db.execute(f"SELECT owner = ?, {_SPENT} FROM onboarding WHERE model = ?",
                                    (self.owner, model)).fetchone()
             held, spent = (bool(row[0]), row[1]) if row is not None else (False, 0.0)
             for table in ("answers", "profiles", "onboarding"):
