@@ -239,7 +239,9 @@ class OnboardingService:
         self._run_upstream: dict[str, str] = {}  # model -> upstream fingerprint of its run
         self._run_prices: dict[str, Prices] = {}  # model -> the prices its run counts spend at
         self._stopping: dict[str, str] = {}  # model -> why sync stopped its run (recorded as pending)
-        self._digest = b""
+        # the file as ``_since`` read it: the first tick, the file unchanged, keeps that time (a
+        # failure another process stored between the start and that tick is this one's too)
+        self._digest = registry.file_digest
         self._questions: frozenset[str] | None = None  # the suite's ids, once loaded
         self._waiting: dict[str, str] = {}  # model -> why its run could not start now (tried again)
         # model -> the stored profile the registry last read for it: its done row's updated_at,

@@ -909,27 +909,54 @@ async def test_a_failed_run_is_tried_again_when_asked_with_the_file_unchanged(tm
             await svc.stop()
 
 
+class RefusingKey(Answering):
+    """An upstream that refuses the key of every request: a run fails at its first question."""
+
+    async def complete(self, call):
+        from proxy.errors import UpstreamClientError
+
+        self.calls += 1
+        raise UpstreamClientError("invalid api key", status=401, model="m")
+
+
+def _refused_everywhere(tmp_path, caplog):
+    """providers.yaml with model ``m`` on an upstream refusing its key, the suite and questions,
+    and that upstream; onboarding's log caught from INFO."""
+    caplog.set_level(logging.INFO, logger="satroute.onboarding")
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
+    suite, questions = make_suite()
+    return config, suite, questions, RefusingKey("x")
+
+
+async def test_a_failure_stored_before_a_proxy_s_first_tick_is_its_own_too(tmp_path, caplog):
+    """Two proxies started together: one failed the run before the other's first tick, which took
+    the file for read anew and the failure for older than its reading: it ran the same run again,
+    and paid for it (the test below failed one run in four on a busy machine)."""
+    config, suite, questions, upstream = _refused_everywhere(tmp_path, caplog)
+    with Store(tmp_path / "state") as a_store, Store(tmp_path / "state") as b_store:
+        _, a = service(config, a_store, upstream, suite, questions)
+        _, b = service(config, b_store, upstream, suite, questions)  # started: its file read now
+        await a.sync()
+        await wait_until(lambda: a_store.progress("m") is not None
+                         and a_store.progress("m").status == "failed")
+        await b.sync()  # its first tick, after the other's failure
+        await asyncio.sleep(0.2)
+    assert sum("questions to ask" in r.getMessage() for r in caplog.records) == 1
+    assert "failed it with the same configuration" in caplog.text
+
+
 async def test_a_run_another_proxy_failed_with_the_same_configuration_is_not_run_again(tmp_path, caplog):
     """Two proxies on one state directory with the same providers.yaml: a run one of them failed
     (the upstream refuses the key) was run again by the other, with the file unchanged and no
     restart, and paid for again. The other takes that failure for its own: it tries again on
     SIGHUP, and a proxy started afterwards (a restart) tries again too, once."""
-    from proxy.errors import UpstreamClientError
     from proxy.onboarding_service import run_config
-
-    class Refusing(Answering):
-        async def complete(self, call):
-            self.calls += 1
-            raise UpstreamClientError("invalid api key", status=401, model="m")
 
     def runs():
         return sum("questions to ask" in r.getMessage() for r in caplog.records)
 
-    caplog.set_level(logging.INFO, logger="satroute.onboarding")
-    config = tmp_path / "providers.yaml"
-    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
-    suite, questions = make_suite()
-    upstream = Refusing("x")
+    config, suite, questions, upstream = _refused_everywhere(tmp_path, caplog)
     with Store(tmp_path / "state") as a_store, Store(tmp_path / "state") as b_store:
         a_registry, a = service(config, a_store, upstream, suite, questions)
         b_registry, b = service(config, b_store, upstream, suite, questions)
