@@ -718,7 +718,7 @@ def parse(text: str, path: Path, env: Mapping[str, str],
                            f"{'api_key' if api_key else 'extra_headers.Authorization'} "
                            "is set too: give the model one of them")
         if unavailable is None:
-            unavailable = _unsendable(api_base, api_key, params)
+            unavailable = _unsendable(api_base, api_key, params, litellm_path=not fast)
         d = Deployment(
             name=entry.model_name, model=model, provider=provider, upstream_model=rest,
             api_base=api_base, api_key=api_key,
@@ -740,7 +740,8 @@ def parse(text: str, path: Path, env: Mapping[str, str],
 _CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")  # a tab is allowed inside a header value
 
 
-def _unsendable(api_base: Any, api_key: Any, params: Mapping[str, Any]) -> str | None:
+def _unsendable(api_base: Any, api_key: Any, params: Mapping[str, Any], *,
+                litellm_path: bool = True) -> str | None:
     """Why no call to the model could be sent as configured (every one would fail before it
     leaves, a 500 or a connection error in the middle of routing), or None."""
     if api_base is not None:
@@ -757,9 +758,22 @@ def _unsendable(api_base: Any, api_key: Any, params: Mapping[str, Any]) -> str |
     sent = {"api_key": api_key, "organization": params.get("organization"),
             **({f"extra_headers.{k}": v for k, v in headers.items()} if isinstance(headers, dict) else {})}
     for key, value in sent.items():
-        if isinstance(value, str) and _CONTROL.search(value):
+        if not isinstance(value, str):
+            continue
+        if _CONTROL.search(value):
             return (f"litellm_params.{key} holds a control character (a line break inside it?): "
                     "no HTTP header can carry it")
+        # litellm's HTTP client sends header values as ASCII only, and every call failed before
+        # it left (a 500 each, the model cooled again and again); a key or organization id is
+        # ASCII at every provider, so a character beyond it (a zero-width space pasted with the
+        # key) is a mistake on either path; the direct path sends other headers' UTF-8 bytes
+        if (litellm_path or not key.startswith("extra_headers.")) and not value.isascii():
+            at = next(i for i, c in enumerate(value) if not c.isascii())
+            return (f"litellm_params.{key} holds a non-ASCII character (U+{ord(value[at]):04X} at "
+                    f"position {at})"
+                    + (": a character pasted with it?" if not key.startswith("extra_headers.")
+                       else ": this model's calls go through litellm, which sends header "
+                            "values as ASCII only"))
     return None
 
 

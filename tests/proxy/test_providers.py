@@ -606,3 +606,34 @@ def test_a_local_server_reads_images_only_with_a_clip_model_and_a_multimodal_for
     conf = LocalServerConfig(args=args)
     assert conf.vision is vision
     assert conf.own_chat_format is bool(args)
+
+
+@pytest.mark.parametrize("model, params, words", [
+    # a zero-width space pasted with the key: no provider's key holds one, on either path
+    ("openai/x", "api_key: \"sk-abcd\\u200b\"", ["api_key", "non-ASCII", "U+200B", "position 7"]),
+    ("anthropic/x", "api_key: \"sk-abcd\\u200b\"", ["api_key", "U+200B"]),
+    ("openai/x", "organization: \"org-é\"", ["organization", "U+00E9"]),
+    # litellm's HTTP client encodes header values as ASCII: every call failed before it left
+    ("anthropic/x", "extra_headers: {X-Title: \"我的应用\"}", ["extra_headers.X-Title", "U+6211", "litellm"]),
+])
+def test_a_header_value_beyond_ascii_that_cannot_be_sent_makes_the_model_unavailable(model, params, words):
+    s = snap("model_list:\n  - {model_name: m, litellm_params: {model: %s, %s}}\n" % (model, params))
+    why = s.models["m"].unavailable
+    assert why is not None and all(w in why for w in words), why
+    assert "abcd" not in why  # the key itself is never quoted
+
+
+def test_the_direct_path_sends_other_headers_utf8_bytes_and_stays_available():
+    s = snap("model_list:\n  - {model_name: m, litellm_params: {model: openai/x,"
+             " extra_headers: {X-Title: \"café\"}}}\n"
+             "  - {model_name: l, litellm_params: {model: openai/x, extra_headers: {X-Title: \"café\"}},"
+             " model_info: {fast_path: false}}\n")
+    assert s.models["m"].available and s.models["m"].fast_path
+    assert "litellm" in (s.models["l"].unavailable or "")
+
+
+def test_litellms_http_client_cannot_send_a_header_value_beyond_ascii():
+    """What the refusal above stands on: if httpx ever sends such values, it can go."""
+    import httpx
+    with pytest.raises(UnicodeEncodeError):
+        httpx.Request("POST", "http://127.0.0.1:9/", headers={"X-Title": "café"})
