@@ -160,6 +160,20 @@ def dumps_lenient(obj: Any) -> bytes:
         return json.dumps(obj).encode()
 
 
+def utf8_repaired(data: bytes) -> bytes:
+    """``data`` as UTF-8 a client can decode: a byte sequence that is not (a character cut at
+    ``max_tokens`` by a server that stops on a byte) becomes U+FFFD, as in the text the lenient
+    reader took; the openai SDK raised a bare UnicodeDecodeError on the bytes relayed as they
+    came. Valid bytes (nearly always) are returned as they are."""
+    if data.isascii():
+        return data
+    try:
+        data.decode("utf-8")
+        return data
+    except UnicodeDecodeError:
+        return data.decode("utf-8", "replace").encode()
+
+
 def _answer_or_failure(raw: bytes, name_json: bytes, model: str, content_type: str, redact) -> bytes:
     """A non-streamed 200's body, renamed, when it is a chat completion; else the model's failure
     (it falls back and counts towards cooldown, as on the litellm path): an error object sent
@@ -168,7 +182,7 @@ def _answer_or_failure(raw: bytes, name_json: bytes, model: str, content_type: s
     answer = loads_lenient(raw)
     if isinstance(answer, dict) and isinstance(answer.get("choices"), list):
         if isinstance(answer.get("model"), str):  # the usual case: the bytes as they came
-            return rename_model(raw, name_json)
+            return rename_model(utf8_repaired(raw), name_json)
         answer["model"] = orjson.loads(name_json)  # null or absent: the configured name all the same
         return dumps_lenient(answer)
     raise _not_an_answer(answer, raw, model, content_type, redact)
@@ -778,11 +792,11 @@ async def _relay(first: bytes, events: AsyncIterator[bytes], name_json: bytes,
     try:
         finish = _Finish(choices)
         finish.read(first)
-        yield _rename_events(shape(first) if shape else first, name_json)
+        yield _rename_events(utf8_repaired(shape(first) if shape else first), name_json)
         try:
             async for batch in events:
                 finish.read(batch)
-                yield _rename_events(shape(batch) if shape else batch, name_json)
+                yield _rename_events(utf8_repaired(shape(batch) if shape else batch), name_json)
         except (aiohttp.ClientError, TimeoutError) as exc:
             yield interrupted_event(type(exc).__name__)
             return

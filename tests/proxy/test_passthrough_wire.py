@@ -218,6 +218,29 @@ def test_an_answer_with_json_python_writes_is_relayed_not_refused(tmp_path, star
     assert streamed.status_code == 200 and "data: [DONE]" in streamed.text and '"m1"' in streamed.text
 
 
+def test_an_answer_with_bytes_that_are_not_utf8_reaches_the_sdk_as_text(tmp_path, start_proxy):
+    """A server that stops on a byte cuts a character (an emoji's first two bytes at max_tokens):
+    relayed as they came, the openai SDK raised a bare UnicodeDecodeError, streamed or not."""
+    cut = "Sure 🚀".encode()[:-2]
+
+    def respond(request):
+        if request.get("stream"):
+            return SSE + chunk("a").replace(b'"a"', b'"' + cut + b'"') + chunk(None, "stop") + b"data: [DONE]\n\n"
+        return reply(b"application/json",
+                     b'{"id": "c", "object": "chat.completion", "created": 0, "model": "up", "choices": [{"index": 0, '
+                     b'"finish_reason": "length", "message": {"role": "assistant", "content": "' + cut + b'"}}]}')
+
+    with raw_upstream(respond) as url:
+        cfg = write_config(tmp_path / "providers.yaml", [model_entry("m1", url, tmp_path, fast_path=True)],
+                           num_retries=0)
+        proxy = start_proxy(cfg)
+        got = client(proxy).chat.completions.create(model="m1", messages=MESSAGES)
+        chunks = list(client(proxy).chat.completions.create(model="m1", messages=MESSAGES, stream=True))
+    assert got.model == "m1" and got.choices[0].message.content == "Sure \ufffd"
+    assert [c.choices[0].delta.content for c in chunks] == ["Sure \ufffd", None]
+    assert {c.model for c in chunks} == {"m1"}
+
+
 def test_sse_under_another_type_is_recognised_when_its_first_read_is_short(tmp_path, start_proxy):
     import asyncio
 
