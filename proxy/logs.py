@@ -16,6 +16,7 @@ listeners (``on_record``), which is how ``proxy.metrics`` counts requests withou
 from __future__ import annotations
 
 import asyncio
+import codecs
 import json
 import logging
 import math
@@ -79,9 +80,12 @@ def _with_request_id(fields: Any) -> Any:
 class JsonFormatter(logging.Formatter):
     """One JSON object per line: ts, level, logger, msg, and the record's ``fields`` extra."""
 
-    def __init__(self, redactor: Redactor | None = None):
+    def __init__(self, redactor: Redactor | None = None, *, ascii_only: bool = False):
         super().__init__()
         self.redactor = redactor or Redactor()
+        # for a stream that is not UTF-8: Python writes a character it cannot encode as
+        # ``\U0001f680``, no JSON escape, and a shipper dropped the line about that model
+        self.ascii_only = ascii_only
 
     def format(self, record: logging.LogRecord) -> str:
         entry: dict[str, Any] = {
@@ -99,7 +103,8 @@ class JsonFormatter(logging.Formatter):
             entry["exc_type"] = kind.__name__ if kind else None
             entry["exc_message"] = str(exc) if exc is not None else None
             entry["traceback"] = self.formatException(record.exc_info)
-        return _BREAKS.sub(_json_escape, json.dumps(redacted(entry, self.redactor), ensure_ascii=False))
+        return _BREAKS.sub(_json_escape, json.dumps(redacted(entry, self.redactor),
+                                                        ensure_ascii=self.ascii_only))
 
 
 def redacted(value: Any, redact: Callable[[str], str]) -> Any:
@@ -155,6 +160,17 @@ class TextFormatter(logging.Formatter):
         return line
 
 
+def _utf8(stream) -> bool:
+    """Whether ``stream`` writes UTF-8 (a stream that says no encoding is taken to)."""
+    encoding = getattr(stream, "encoding", None)
+    if not isinstance(encoding, str):
+        return True
+    try:
+        return codecs.lookup(encoding).name == "utf-8"
+    except LookupError:
+        return False
+
+
 def configure_logging(level: str = "info", *, redactor: Redactor | None = None,
                       stream=None, json_lines: bool = True) -> logging.Handler:
     """Send the ``satroute`` loggers (and uvicorn's) to ``stream``, as JSON lines unless
@@ -163,7 +179,8 @@ def configure_logging(level: str = "info", *, redactor: Redactor | None = None,
     Called by the process entry point, never at import. Calling again replaces the handler.
     """
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter(redactor) if json_lines else TextFormatter(redactor))
+    handler.setFormatter(JsonFormatter(redactor, ascii_only=not _utf8(handler.stream))
+                         if json_lines else TextFormatter(redactor))
     handler.set_name("satroute-json")
     for name in ("satroute", "uvicorn", "uvicorn.error"):
         logger = logging.getLogger(name)

@@ -441,3 +441,23 @@ def test_a_request_cut_after_its_response_ended_sends_nothing_more():
     scope = {"type": "http", "method": "POST", "path": "/v1/chat/completions", "headers": []}
     asyncio.run(middleware(scope, receive, send))
     assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+
+
+@pytest.mark.parametrize("encoding, kept", [("ascii", False), ("latin-1", False), ("utf-8", True),
+                                            ("UTF8", True)])
+def test_a_line_about_a_name_beyond_the_streams_encoding_is_still_json(encoding, kept):
+    """A stream that is not UTF-8 (PYTHONIOENCODING, a Latin-1 locale) writes what it cannot
+    encode as ``\\U0001f680``, no JSON escape: the line about that model was dropped by a shipper."""
+    from proxy.logs import configure_logging
+
+    raw = io.BytesIO()
+    out = io.TextIOWrapper(raw, encoding=encoding, errors="backslashreplace", write_through=True)
+    handler = configure_logging("info", stream=out)
+    try:
+        logging.getLogger("satroute.request").info("routed", extra={"fields": {"routed_model": "my model 🚀 é"}})
+        line = raw.getvalue().decode(encoding).strip()
+        assert json.loads(line)["routed_model"] == "my model 🚀 é"
+        assert ("🚀" in line) is kept
+    finally:
+        for name in ("satroute", "uvicorn", "uvicorn.error"):
+            logging.getLogger(name).removeHandler(handler)
