@@ -17,6 +17,7 @@ import contextvars
 import errno
 import importlib
 import importlib.util
+import io
 import logging
 import os
 import signal
@@ -327,8 +328,20 @@ class UnavailableWarnings(logging.Filter):
         return record.msg != "model %s unavailable: %s"
 
 
+def _tolerant_stdout() -> None:
+    """A character stdout cannot encode (a model named in Chinese, stdout ASCII or Latin-1 under
+    PYTHONIOENCODING or a locale) is written escaped, as Python writes it to stderr: printing the
+    summary of a finished `satroute onboard` raised, and the stored run was reported as a
+    configuration error with exit 2."""
+    reconfigure = getattr(sys.stdout, "reconfigure", None)
+    if reconfigure is not None:
+        with contextlib.suppress(ValueError, io.UnsupportedOperation):
+            reconfigure(errors="backslashreplace")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _tolerant_stdout()
     args = build_parser(argv).parse_args(argv)
     if args.command == "serve":
         return serve(args)

@@ -267,3 +267,21 @@ def _answers(db) -> int:
             return conn.execute("SELECT COUNT(*) FROM answers").fetchone()[0]
     except sqlite3.OperationalError:  # not created yet
         return 0
+
+
+def test_a_finished_run_is_reported_as_such_on_a_stdout_that_is_not_utf8(tmp_path, up, monkeypatch):
+    """Printing the summary about a model named in Chinese raised on an ASCII stdout
+    (PYTHONIOENCODING=ascii, a Latin-1 locale): the stored run was reported as a configuration
+    error, exit 2."""
+    import io
+
+    suite, data = tiny_suite_files(tmp_path)
+    up.set("模型🚀", answer("So the answer is (B)."))
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("模型🚀", up.url, tmp_path)])
+    raw = io.BytesIO()
+    monkeypatch.setattr(sys, "stdout", io.TextIOWrapper(raw, encoding="ascii", write_through=True))
+    argv = ["onboard", "模型🚀", "--config", str(config), "--state-dir", str(tmp_path / "state"),
+            "--data", str(data), "--suite", str(suite), "--concurrency", "2"]
+    assert main(argv) == 0
+    assert "\\u6a21\\u578b\\U0001f680: done; 6/6 questions" in raw.getvalue().decode("ascii")
