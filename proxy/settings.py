@@ -15,6 +15,7 @@ import logging
 import os
 from pathlib import Path
 from typing import Iterable, Literal, Mapping
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -127,7 +128,33 @@ class Settings(BaseSettings):
         return (key.strip() or None) if key else None
 
     def cors_origin_list(self) -> list[str]:
-        return [o.strip().rstrip("/") for o in self.cors_origins.split(",") if o.strip()]
+        return [browser_origin(o.strip().rstrip("/")) for o in self.cors_origins.split(",") if o.strip()]
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def browser_origin(origin: str) -> str:
+    """``origin`` as a browser writes it in its Origin header, which is matched exactly: scheme
+    and host in lower case, an international host name in its ASCII form (``https://例え.jp``
+    arrives as ``https://xn--r8jz45g.jp``), the scheme's default port left out. Anything that is
+    no plain http(s) origin (``*``, a path, an app's own scheme) is left as it is."""
+    try:
+        parts = urlsplit(origin)
+        port = parts.port
+    except ValueError:
+        return origin
+    host = parts.hostname
+    if parts.scheme.lower() not in _DEFAULT_PORTS or not host or parts.path or parts.query or parts.fragment or "@" in parts.netloc:
+        return origin
+    try:
+        host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        pass  # not a name IDNA can write: compared as it is
+    if ":" in host:
+        host = f"[{host}]"
+    scheme = parts.scheme.lower()
+    return f"{scheme}://{host}" + (f":{port}" if port is not None and port != _DEFAULT_PORTS.get(scheme) else "")
 
 
 # The SATROUTE_* variables read outside Settings, so none is a misspelt setting: where the scorer's

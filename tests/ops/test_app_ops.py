@@ -340,6 +340,26 @@ def test_without_a_master_key_a_web_page_cannot_use_the_proxy(tmp_path, upstream
     assert null_refused.status_code == 403 and null_listed.status_code == 200
 
 
+def test_an_origin_is_matched_as_a_browser_writes_it(tmp_path, upstream):
+    """Browsers send an international host in its ASCII form, scheme and host in lower case and
+    no default port: `https://例え.jp` as written never matched, and its page was refused."""
+    from proxy.settings import Settings
+
+    listed = "https://例え.jp, HTTPS://Chat.Example:443/, http://[::1]:8080, app://Chatbox, *x"
+    assert Settings(cors_origins=listed).cors_origin_list() == [
+        "https://xn--r8jz45g.jp", "https://chat.example", "http://[::1]:8080", "app://Chatbox", "*x"]
+    config = _config(tmp_path, [_entry("m1", upstream.url, tmp_path)])
+    chat = json.dumps({"model": "m1", "messages": MESSAGES})
+    preflight = {"Origin": "https://xn--r8jz45g.jp", "Access-Control-Request-Method": "POST"}
+    with _serve(config, cors_origins=listed) as proxy:
+        pre = httpx.options(f"{proxy.url}/chat/completions", headers=preflight)
+        posted = [httpx.post(f"{proxy.url}/chat/completions", content=chat,
+                             headers={"Content-Type": "text/plain", "Origin": origin})
+                  for origin in ("https://xn--r8jz45g.jp", "https://chat.example")]
+    assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://xn--r8jz45g.jp"
+    assert [r.status_code for r in posted] == [200, 200]
+
+
 class CrashingDispatcher:
     async def prepare(self, models):
         pass
