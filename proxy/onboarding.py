@@ -443,7 +443,7 @@ class Onboarding:
         if upstream is not None and await self._store(store.upstream_changed, model, upstream, legacy):
             kept = await self._store(store.forget, model, moved=True)  # the lease stays this run's
             log.warning("onboarding %s: its upstream changed; its answers and profile were "
-                        "forgotten%s", model, spend_kept(kept))
+                        "forgotten%s; onboarding it again", model, spend_kept(kept))
         # answers an earlier version graded stored otherwise: the profile is made of today's grades
         await self.regrade(model, leased=True)
         done = await self._store(store.answered, model)
