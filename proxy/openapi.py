@@ -34,8 +34,16 @@ _ERROR_CODES = {
     "400": "malformed JSON, a body that is not an object, missing or invalid fields",
     "401": "missing or wrong master key",
     "404": "the model is neither the router's name nor a configured, available model",
+    "4XX": "the named model refused the request (its provider's 4xx, passed on: a 402 or a quota "
+           "error when its account is out of credit)",
+    "403": "a web page's request (its Origin is not listed in SATROUTE_CORS_ORIGINS) while no "
+           "master key is set, or a loopback proxy reached under another host name",
+    "408": "the body did not arrive in time",
     "413": "the body is larger than the configured limit",
-    "429": "every candidate is rate limited (Retry-After says when to come back)",
+    "415": "a Content-Encoding the proxy does not read",
+    "429": "every candidate is rate limited (Retry-After, when a model named a wait: the soonest "
+           "one); or the named model's own 429, passed on",
+    "431": "the request's header fields are too large (the connection is then closed)",
     "502": "every model tried failed before the first byte",
     "503": "no routable model, the scorer is not loaded, or the named local model is starting "
            "(Retry-After says when to come back)",
@@ -51,6 +59,34 @@ _ROUTING_HEADERS = {
     protocol.HEADER_SCORER_MS: "routed only: the scorer's latency in milliseconds",
     protocol.HEADER_FAILED: "name:reason pairs of models that failed before the answering one",
     "x-request-id": "the request id, also in the request's log line",
+}
+
+
+_NAMES = {"type": "array", "items": {"type": "string"}}
+_READY = {
+    "type": "object",
+    "required": ["status", "reasons", "models", "scorer", "cooling", "cooling_left_s",
+                 "out_of_quota", "unavailable", "config_rejected", "mixed_suites", "checked_at"],
+    "properties": {
+        "status": {"enum": ["ready", "not ready"]},
+        "reasons": {**_NAMES, "description": "why not ready (e.g. 'shutting down')"},
+        "models": {**_NAMES, "description": "the models that can be routed to now"},
+        "scorer": {"type": "object", "description": "state (loading, loaded, failed, stalled), "
+                   "runs_on, checkpoint, busy_s, cuda_error"},
+        "cooling": {**_NAMES, "description": "the models cooling down after failures"},
+        "cooling_left_s": {"type": "object", "additionalProperties": {"type": "number"},
+                           "description": "the seconds each cooling model has left"},
+        "out_of_quota": {**_NAMES, "description": "the models whose last call said their "
+                         "account is out of quota or credit, none answered since"},
+        "unavailable": {"type": "object", "additionalProperties": {"type": "string"},
+                        "description": "configured models left out of routing, with why"},
+        "config_rejected": {"type": ["string", "null"], "description": "why the providers.yaml "
+                            "on disk is not the configuration served"},
+        "mixed_suites": {"type": ["object", "null"], "additionalProperties": _NAMES,
+                         "description": "the models with a profile, by aptitude suite, when "
+                         "there are several"},
+        "checked_at": {"type": "integer", "description": "Unix time of this answer"},
+    },
 }
 
 
@@ -81,7 +117,8 @@ def _detailed(router_name: str) -> dict[tuple[str, str], dict[str, Any]]:
                         "headers": headers,
                         "content": {"application/json": {"schema": {"type": "object"}},
                                     "text/event-stream": {"schema": {"type": "string"}}}},
-                **_errors("400", "401", "404", "413", "429", "502", "503", "504")},
+                **_errors("400", "401", "403", "404", "408", "413", "415", "429", "431", "4XX",
+                          "502", "503", "504")},
         },
         ("/admin/route", "post"): {
             "summary": "Where a chat completion request would go, without calling any model",
@@ -109,9 +146,10 @@ def _detailed(router_name: str) -> dict[tuple[str, str], dict[str, Any]]:
         ("/health", "get"): {"summary": "The process is alive", "security": [],
                              "responses": {"200": {"description": "ok"}}},
         ("/ready", "get"): {
-            "summary": "Scorer loaded and at least one model reachable", "security": [],
-            "responses": {"200": {"description": "ready"},
-                          "503": {"description": "not ready; the body lists the reasons"}}},
+            "summary": "Ready to route: not stopping, the scorer loaded (or a default model to "
+                       "answer meanwhile), and at least one model reachable", "security": [],
+            "responses": {"200": {"description": "ready", "content": _json(_READY)},
+                          "503": {"description": "not ready; `reasons` says why", "content": _json(_READY)}}},
         ("/metrics", "get"): {
             "summary": "Prometheus metrics (text exposition format)",
             "responses": {"200": {"description": "metrics", "content": {

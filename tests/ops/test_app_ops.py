@@ -17,7 +17,7 @@ import yaml
 from proxy.app import create_app
 from proxy.logs import JsonFormatter, configure_logging
 from proxy.settings import Settings
-from support.mock_upstream import MockUpstream, fail
+from support.mock_upstream import MockUpstream, fail, rate_limit
 from support.prometheus import scrape, scrape_with
 from support.proxy_server import ProxyServer
 
@@ -358,6 +358,25 @@ def test_an_origin_is_matched_as_a_browser_writes_it(tmp_path, upstream):
                   for origin in ("https://xn--r8jz45g.jp", "https://chat.example")]
     assert pre.status_code == 200 and pre.headers["access-control-allow-origin"] == "https://xn--r8jz45g.jp"
     assert [r.status_code for r in posted] == [200, 200]
+
+
+def test_ready_answers_what_openapi_json_describes(tmp_path, upstream):
+    """Its body grew (cooling_left_s, out_of_quota, the shutting-down reason) while the document
+    said only "the body lists the reasons": each field a monitor reads is described, typed."""
+    import jsonschema
+
+    upstream.set("m2", rate_limit(30))
+    config = _config(tmp_path, [_entry("m1", upstream.url, tmp_path), _entry("m2", upstream.url, tmp_path),
+                                _entry("m3", upstream.url, tmp_path, key="os.environ/SATROUTE_TEST_UNSET_KEY")],
+                     num_retries=0, allowed_fails=1)
+    with _serve(config) as proxy:
+        httpx.post(f"{proxy.url}/chat/completions", json={"model": "m2", "messages": MESSAGES})
+        ready = httpx.get(f"{proxy.base}/ready").json()
+        doc = httpx.get(f"{proxy.base}/openapi.json").json()
+    schema = doc["paths"]["/ready"]["get"]["responses"]["200"]["content"]["application/json"]["schema"]
+    assert ready["cooling_left_s"] and ready["unavailable"]  # the fields are not empty here
+    jsonschema.validate(ready, schema)
+    assert set(ready) == set(schema["properties"]) == set(schema["required"])
 
 
 class CrashingDispatcher:
