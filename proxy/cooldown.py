@@ -87,19 +87,25 @@ class Cooldowns:
             started = not self.cooling(name)
             if started:
                 self._began[name] = self._clock()
-            until = self._clock() + length
+            now = self._clock()
+            until = now + length
+            before = self._until.get(name, until)
             # a failure that names no wait (or a shorter one) does not cut short a longer wait
             # an earlier one named
-            if until >= self._until.get(name, until):
+            if until >= before:
                 self._until[name] = until
                 if wait is not None:
                     self._named.add(name)
                 else:
                     self._named.discard(name)
+            reason = (f"the wait its upstream named{f', {why}' if why else ''}" if wait is not None
+                      else f"{count} failures in a row{f', the last {why}' if why else ''}")
             if started:  # a cooldown of an hour (an upstream's named wait) must not pass unseen
-                log.warning("model %s cooling down for %.0f s (%s)", name, length,
-                            "the wait its upstream named" if wait is not None
-                            else f"{count} failures in a row")
+                log.warning("model %s cooling down for %.0f s (%s)", name, length, reason)
+            elif until - before >= max(1.0, (before - self._began.get(name, now)) / 4):
+                # nor one stretched so (a 30 s cooldown that a 429 made an hour); failures of the
+                # requests in flight when it began, each a moment later, are not worth a line
+                log.warning("model %s still cooling down, now for %.0f s more (%s)", name, length, reason)
             self._fails[name] = allowed_fails - 1  # half-open once the cooldown ends
             return started
         self._fails[name] = count
@@ -114,6 +120,9 @@ class Cooldowns:
             return
         if since is not None and self.cooling(name) and self._began.get(name, since) > since:
             return
+        if self.cooling(name):  # it ends before its time: the line that said how long was wrong
+            log.info("model %s answered: its cooldown ended %.0f s early", name,
+                     self._until[name] - self._clock())
         self._fails.pop(name, None)
         self._until.pop(name, None)
         self._causes.pop(name, None)
@@ -136,6 +145,9 @@ class Cooldowns:
     def forget(self, name: str) -> None:
         """Drop a model's record: what failed was another upstream (its configuration changed),
         and so is what calls still in flight to it may yet fail on."""
+        if self.cooling(name):
+            log.info("model %s: its upstream changed; its cooldown ended", name)
+            self._until.pop(name, None)
         self.success(name)
         self._epoch = {**self._epoch, name: self.epoch(name) + 1}
 

@@ -1,6 +1,8 @@
 """Cooldowns: when a model starts cooling, and what a failure during a cooldown does."""
 from __future__ import annotations
 
+import logging
+
 from proxy.cooldown import Cooldowns
 
 
@@ -64,6 +66,34 @@ def test_a_cooldown_says_how_long_it_lasts_and_why(caplog):
     assert [r.getMessage() for r in caplog.records if r.name == "satroute.cooldown"] == [
         "model named cooling down for 3600 s (the wait its upstream named)",
         "model counted cooling down for 30 s (2 failures in a row)"]
+
+
+def test_a_cooldown_stretched_or_ended_early_says_so(caplog):
+    """The only line said 30 s while a 429 kept the model out for an hour, and a cooldown a
+    success ended at once was still logged as lasting 30 s; a quota's cooldown said only how many
+    failures."""
+    caplog.set_level(logging.INFO, logger="satroute.cooldown")
+    clock = Clock()
+    c = Cooldowns(clock)
+    c.failure("m", 1, 30, why="http_500")
+    clock.now += 0.2
+    c.failure("m", 1, 30, why="http_500")  # a request in flight when it began: no line
+    clock.now += 5
+    c.failure("m", 1, 30, why="http_429", wait=3600)
+    c.failure("q", 1, 30, why="insufficient_quota")
+    clock.now += 1
+    c.success("q")
+    c.success("m", since=clock.now - 100)  # made before the cooldown began: says nothing
+    c.failure("f", 1, 30)
+    c.forget("f")
+    assert [r.getMessage() for r in caplog.records if r.name == "satroute.cooldown"] == [
+        "model m cooling down for 30 s (1 failures in a row, the last http_500)",
+        "model m still cooling down, now for 3600 s more (the wait its upstream named, http_429)",
+        "model q cooling down for 30 s (1 failures in a row, the last insufficient_quota)",
+        "model q answered: its cooldown ended 29 s early",
+        "model f cooling down for 30 s (1 failures in a row)",
+        "model f: its upstream changed; its cooldown ended"]
+    assert c.cooling_left() == {"m": 3599.0}
 
 
 def test_lowering_the_settings_shortens_the_cooldowns_running():
