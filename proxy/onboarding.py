@@ -658,6 +658,8 @@ class Onboarding:
                 return
             if not await self._still_held(state) or self.draining:  # (that may have waited on the store)
                 return
+            if not state.queue:  # another worker took the last question meanwhile
+                continue
             if pace.resume_at > self.clock() and state.held_until != pace.resume_at:
                 # the upstream said to wait (maybe to another model on its account): say so
                 state.held_until = pace.resume_at

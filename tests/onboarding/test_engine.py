@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+from dataclasses import replace
 import sqlite3
 import time
 
@@ -1175,3 +1176,22 @@ async def test_a_run_with_no_answer_cut_off_is_done_with_no_reason(tmp_path, tin
         progress = await Onboarding(store, suite, questions, FakeAsker(questions, lambda q: "A"), FAST).run(
             "m", Prices())
     assert progress.status == "done" and progress.reason is None
+
+
+async def test_a_worker_that_waited_on_the_lease_check_does_not_take_a_question_already_taken(tmp_path, tiny):
+    """Workers check that questions are left, then may wait on the store (the lease, checked when
+    a heartbeat is late: a busy store of a big zoo's runs); another worker took the last one
+    meanwhile, and popping the empty queue crashed the run at 999 of 1,000 answers: `failed`,
+    never retried by itself."""
+    suite, questions = tiny
+    with Store(tmp_path) as store:
+        engine = Onboarding(store, suite, questions, FakeAsker(questions, lambda q: "A", delay=0.01),
+                            replace(FAST, concurrency=len(questions) - 1))
+
+        async def slow_check(state):  # every worker waits here, as on a late heartbeat
+            await asyncio.sleep(0.2)
+            return True
+
+        engine._still_held = slow_check
+        progress = await engine.run("m")
+    assert progress.status == "done" and progress.done == len(questions)
