@@ -238,6 +238,7 @@ class _Pace:
         self.told: str = ""
         self.held_at = 0.0
         self.epoch = 0  # times the limit was cut: an ask remembers the one it started under
+        self.runs: list[_Run] = []  # the runs asking through it, in the order they began
         self._freed = asyncio.Event()
 
     @property
@@ -252,6 +253,19 @@ class _Pace:
         """Wake every worker waiting in ``freed`` (to look at the queue, the run's end, again)."""
         self._freed.set()
         self._freed = asyncio.Event()
+
+    def first_in_line(self, run: _Run, now: float) -> bool:
+        """Whether a worker of ``run`` may take a free place now. The runs on one account are
+        served in the order they began, so the first finishes (and joins routing) first: shared
+        round the runs, ten models on one key all finished together near the end, none routable
+        before. A run before it that cannot ask now (in its backoff, stopping, its workers gone,
+        nothing left to send) holds no one back."""
+        for other in self.runs:
+            if other is run:
+                return True
+            if other.queue and other.workers and not other.stopping and other.resume_at <= now:
+                return False
+        return True
 
     def take(self) -> int:
         """One more question in flight; the ``epoch`` it goes out under."""
@@ -316,6 +330,7 @@ class _Run:
         self.strikes: Counter[str] = Counter()  # failures of a question while others answered
         self.cut_off = 0  # answers stopped at max_tokens before they stated a letter (graded wrong)
         self.filtered = 0  # answers the provider's content filter withheld, with no letter (graded wrong)
+        self.workers = 0  # asking now: the run's pace serves it in its turn while any is
 
     @property
     def stopping(self) -> bool:
@@ -478,8 +493,10 @@ class Onboarding:
         state.params = {"max_tokens": opts.max_tokens, "temperature": opts.temperature}
         state.spent = spent
         state.beat_at = state.started = state.answered_at = self.clock()  # ``begin`` refreshed the lease
+        pace.runs.append(state)
+        state.workers = min(opts.concurrency, len(todo))
         workers = [asyncio.create_task(self._worker(state), name=f"onboard-{model}-{i}")
-                   for i in range(min(opts.concurrency, len(todo)))]
+                   for i in range(state.workers)]
         beat = asyncio.create_task(self._heartbeat(state), name=f"onboard-{model}-lease")
         self._live.add(state)
         try:
@@ -493,6 +510,8 @@ class Onboarding:
                 # a worker storing an answer finishes that first: nothing is written after the run
                 await asyncio.gather(beat, *workers, return_exceptions=True)
             finally:
+                pace.runs.remove(state)
+                pace.wake()  # the runs after it in line ask now
                 pace, runs = self._paces.pop(paced)
                 if runs > 1:  # the last run on the upstream forgets how fast it was asked
                     self._paces[paced] = (pace, runs - 1)
@@ -649,6 +668,7 @@ class Onboarding:
         try:
             await self._asking(state)
         finally:  # a worker that stops lets the others waiting for a turn see why
+            state.workers -= 1
             state.pace.wake()
 
     async def _asking(self, state: _Run) -> None:
@@ -676,10 +696,14 @@ class Onboarding:
             if wait > 0:  # the upstream is down, or said to wait: everyone waits for it to end
                 await self.sleep(wait)
                 continue
-            if pace.full:  # as many questions in flight as the upstream is asked at once now
+            # as many questions in flight as the upstream is asked at once now, or another
+            # model's run on its account, begun earlier, has the turn
+            if pace.full or not pace.first_in_line(state, self.clock()):
                 await pace.freed()
                 continue
             question = state.queue.popleft()
+            if not state.queue:  # the runs after it in line may take the places left
+                pace.wake()
             state.in_flight += 1
             paced = pace.take()  # how fast the upstream was asked when this ask went
             state.asking.add(question.id)

@@ -936,6 +936,38 @@ async def test_models_on_one_provider_account_share_its_holds_and_its_questions_
         assert {p.status for p in apart} == {"done"} and asker.peak == 6  # two accounts: 3 each
 
 
+async def test_models_on_one_account_are_onboarded_one_after_another_not_all_together(tmp_path):
+    """The account's places went round every run in turn: ten models on one key were each half
+    done at half time and all became routable only near the end (the first after 343 s of 425).
+    The run begun first is served first; one that cannot ask now (its backoff) holds no one back."""
+    suite, questions = make_suite(n_tasks=2, per_task=6)
+    asker = Timed(questions, lambda q: "A", delay=0.01)
+    opts = Options(concurrency=3, backoff_s=0.05, backoff_max_s=0.05)
+    with Store(tmp_path) as store:
+        engine = Onboarding(store, suite, questions, asker, opts)
+        finished: list[str] = []
+
+        async def run(m):
+            progress = await engine.run(m, account="one")
+            finished.append(m)
+            return progress
+
+        done = await asyncio.gather(*(run(m) for m in ("m1", "m2", "m3")))
+        assert {p.status for p in done} == {"done"} and finished == ["m1", "m2", "m3"]
+        n = len(questions)
+        assert [m for _, _, m in asker.sent] == ["m1"] * n + ["m2"] * n + ["m3"] * n
+        assert asker.peak == 3  # the places were all used all along
+        # m1 fails once, its backoff lets m2 ask meanwhile; m1 has the turn again after it
+        asker.sent.clear()
+        asker.failures = [TimeoutError("slow")]
+        done = await asyncio.gather(*(engine.run(m, account="two") for m in ("m4", "m5")))
+        assert {p.status for p in done} == {"done"}
+        order = [m for _, _, m in asker.sent]
+        first_m5 = order.index("m5")
+        assert first_m5 < len(order) - n  # m5 was not kept waiting through m4's backoff
+        assert "m4" in order[first_m5:]
+
+
 async def test_a_run_the_upstream_holds_says_stalled_until_the_hold_is_over(tmp_path):
     """An answer that came during the hold (its question sent before) said "running", reason
     null, for the rest of a 57 s Retry-After with nothing in flight: the run stays stalled, saying
