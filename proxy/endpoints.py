@@ -30,8 +30,8 @@ from proxy.localserver import STARTING_RETRY_AFTER_S, coming_back
 from proxy.logs import Redactor, RequestRecord, parse_scores, redacted, request_record
 from proxy.providers import Deployment, Snapshot
 from proxy.routing import (Decision, candidates, features_needed, instruction_text, rank,
-                           tokens_needed)
-from proxy.scoring import ScorerDegraded
+                           shortlist, tokens_needed)
+from proxy.scoring import ScorerDegraded, profile_means
 
 if TYPE_CHECKING:
     from proxy.app import Services
@@ -220,15 +220,18 @@ async def plan_route(svc: "Services", body: dict[str, Any], req: protocol.ChatCo
         pool = candidates(snap.models.values(), req.satroute.models if narrowed else None,
                           svc.cooldowns.cooling, tokens_needed(body), features_needed(body))
         text = instruction_text(body["messages"], snap.router.routing_context_tokens)
-        profiles = {d.name: d.profile for d in pool}
+        # past max_scored_candidates, the scorer reads those with the best means; the others are
+        # tried after them, best mean first, shown unscored (-Infinity)
+        read, unread = shortlist(pool, snap.router.max_scored_candidates, profile_means)
         try:
-            scores, ms, remembered = await svc.scoring.score(text, profiles, snap.router.scorer_timeout_s)
+            scores, ms, remembered = await svc.scoring.score(
+                text, {d.name: d.profile for d in read}, snap.router.scorer_timeout_s)
+            ranked = rank(scores, [d.name for d in read]) + tuple((d.name, -math.inf) for d in unread)
             degraded = None
         except ScorerDegraded as exc:  # the request is still answered: ranked by the profiles
-            scores, ms = svc.scoring.ranked_without_scorer(profiles), exc.ms
-            remembered, degraded = False, exc.reason
-        decision = Decision(rank(scores, [d.name for d in pool]), routed=True, scorer_ms=ms,
-                            degraded=degraded, remembered=remembered)
+            scores, ms = svc.scoring.ranked_without_scorer({d.name: d.profile for d in pool}), exc.ms
+            ranked, remembered, degraded = rank(scores, [d.name for d in pool]), False, exc.reason
+        decision = Decision(ranked, routed=True, scorer_ms=ms, degraded=degraded, remembered=remembered)
         targets = [snap.models[n] for n, _ in decision.ranked[: 1 + snap.router.max_fallbacks]]
         return Plan(decision, targets, snap, instruction=text, epochs=epochs)
     target = snap.models.get(req.model)

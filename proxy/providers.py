@@ -233,6 +233,11 @@ class RouterSettings(BaseModel):
     max_fallbacks: int = Field(2, ge=0)
     scorer_timeout_s: float = Field(
         2.0, gt=0, description="longest wait for the scorer; then the profiles' means rank the request")
+    # the scorer's time grows with the candidates (a forward pass each): on a CPU, 60 of them took
+    # about 2 s, the timeout above, and most requests were ranked by the means alone
+    max_scored_candidates: int = Field(
+        20, ge=0, description="the candidates the scorer reads, those with the best profile means; "
+        "the rest are tried after them (0: every candidate)")
     allowed_fails: int = Field(3, ge=1, description="consecutive failures before a cooldown")
     cooldown_s: float = Field(30.0, ge=0)
     # a failure that names its wait (Retry-After, a rate limit's reset) cools its model that long,

@@ -34,8 +34,8 @@ class Decision:
         return self.ranked[0][0]
 
     def scores_header(self) -> str:
-        """``name=score`` pairs, best first; a candidate the scorer could not read (ranked last)
-        as ``-Infinity``, which JavaScript's ``parseFloat`` reads too (``-inf`` it reads as NaN)."""
+        """``name=score`` pairs, best first; a candidate the scorer could not read or did not read
+        (past ``max_scored_candidates``; ranked last) as ``-Infinity``, which JavaScript's ``parseFloat`` reads too (``-inf`` it reads as NaN)."""
         def number(score: float) -> str:
             if math.isfinite(score):
                 return f"{score:.4f}"
@@ -274,6 +274,18 @@ def candidates(models: Iterable[Deployment], allow: Sequence[str] | None,
     pool = with_room(able(pool, needs), needed_tokens)
     warm = [d for d in pool if not cooling(d.name)]
     return warm or pool
+
+
+def shortlist(pool: list[Deployment], limit: int,
+              means: Callable[[Mapping[str, Any]], Mapping[str, float]]) -> tuple[list[Deployment], list[Deployment]]:
+    """The candidates the scorer reads (at most ``limit``, 0: all; those with the best profile
+    ``means``, in config order) and the others, best mean first (ties in config order)."""
+    if not limit or len(pool) <= limit:
+        return pool, []
+    mean = means({d.name: d.profile for d in pool})
+    order = sorted(range(len(pool)), key=lambda i: (-mean[pool[i].name], i))
+    kept = set(order[:limit])
+    return [d for i, d in enumerate(pool) if i in kept], [pool[i] for i in order[limit:]]
 
 
 def rank(scores: Mapping[str, float], order: Sequence[str]) -> tuple[tuple[str, float], ...]:

@@ -1429,3 +1429,35 @@ async def test_a_litellm_stream_chunk_that_cannot_be_read_is_logged_by_its_type_
         [line] = [r.getMessage() for r in caplog.records]
         assert line.startswith("m1: the model's stream could not be read: ")
         assert (SECRET_PROMPT in line) is texts and ("ValueError" in line)
+
+
+def _profiled(tmp_path, name: str, mean: float) -> dict:
+    import json
+
+    (tmp_path / f"{name}.json").write_text(json.dumps({"model": name, "tasks": {"t1": mean, "t2": mean}}))
+    entry = model_entry(name, "http://127.0.0.1:9", tmp_path, profile=False)
+    entry["model_info"]["capability_profile"] = f"{name}.json"
+    return entry
+
+
+@pytest.mark.parametrize("limit, read", [(None, 20), (3, 3), (0, 25)])
+def test_the_scorer_reads_the_candidates_with_the_best_means_past_its_limit(tmp_path, start_proxy, limit, read):
+    """With no limit, the scorer read every candidate in one pass: 60 took about 2 s on a CPU, the
+    scorer's timeout, and most requests were ranked by the means alone. Past
+    max_scored_candidates it reads those with the best profile means; the others come after
+    them, best mean first, shown unscored."""
+    means = {f"m{i:02d}": (i * 7 % 25) / 25 for i in range(25)}  # all different, not in config order
+    router = {} if limit is None else {"max_scored_candidates": limit}
+    cfg = write_config(tmp_path / "providers.yaml", [_profiled(tmp_path, n, m) for n, m in means.items()],
+                       **router)
+    scorer = RecordingScorer({"m00": 9.0})  # the worst mean: read only without a limit
+    proxy = start_proxy(cfg, scorer=scorer)
+    r = httpx.post(f"{proxy.base}/admin/route", json={"model": "auto", "messages": [{"role": "user", "content": "hi"}]})
+    assert r.status_code == 200, r.text
+    best = sorted(means, key=lambda n: -means[n])
+    (_, asked), = scorer.calls
+    assert sorted(asked) == sorted(best[:read])
+    ranked = [e["model"] for e in r.json()["ranked"]]
+    assert sorted(ranked[:read]) == sorted(best[:read]) and ranked[read:] == best[read:]
+    assert all(e["score"] is None or e["score"] == float("-inf") for e in r.json()["ranked"][read:])
+    assert r.json()["chosen"] == ("m00" if read == 25 else ranked[0])
