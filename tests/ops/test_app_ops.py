@@ -1249,3 +1249,37 @@ async def test_a_profile_the_scorer_cannot_read_ranks_its_model_last_not_every_r
     finally:
         host.close()
     assert caplog.text.count("cannot read the profile of custom") == 1
+
+
+async def test_a_warm_up_of_many_profiles_lets_requests_be_scored_between_its_parts(tmp_path, monkeypatch):
+    """60 profiles of a reload were encoded in one 7 s call, and the requests queued behind it
+    waited out the scorer's timeout: they are encoded a few at a time, requests in between."""
+    import scorer as scorer_package
+    from proxy.scoring import WARM_UP_CHUNK, ScorerHost
+
+    events = []
+
+    class Loaded:
+        runs_on = "cpu, float32"
+
+        def warm_up(self, profiles=None):
+            time.sleep(0.1)
+            events.append(("warm", len(profiles or {})))
+
+        def score(self, instruction, candidates):
+            events.append(("score", len(candidates)))
+            return dict.fromkeys(candidates, 0.0)
+
+    monkeypatch.setattr(scorer_package, "load_scorer", lambda *a, **k: Loaded())
+    host = ScorerHost()
+    try:
+        await host.load(Settings(config=tmp_path / "providers.yaml", scorer="modelsat"), lambda: {})
+        events.clear()
+        many = {f"m{i}": {"law": i / 100} for i in range(3 * WARM_UP_CHUNK)}
+        warming = asyncio.create_task(host._warm_up(host.scorer, many))
+        await asyncio.sleep(0.05)
+        await host.score("hello", {"m0": many["m0"]}, 5.0)
+        await warming
+    finally:
+        host.close()
+    assert events == [("warm", WARM_UP_CHUNK), ("score", 1), ("warm", WARM_UP_CHUNK), ("warm", WARM_UP_CHUNK)]
