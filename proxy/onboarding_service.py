@@ -39,7 +39,7 @@ import logging
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Iterable
+from typing import Any, Callable, Coroutine, Iterable, Mapping
 
 import orjson
 
@@ -426,6 +426,7 @@ class OnboardingService:
             if name not in models and not task.done():
                 log.info("onboarding %s cancelled: no longer in providers.yaml", name)
                 task.cancel()
+        self._forget_gone(models)
         for name in [m for m in self._waiting if m not in models or not needs_onboarding(models[m])]:
             del self._waiting[name]  # gone, or profiled meanwhile (by the process it waited for)
             self._elsewhere.pop(name, None)
@@ -478,6 +479,24 @@ class OnboardingService:
             self._run_prices[name] = prices_of(d)
             self.runs[name] = self.spawn(self._run(d, digest, config, after=task if running else None),
                                          f"onboard-{name}")
+
+    def _forget_gone(self, models: Mapping[str, Any]) -> None:
+        """Drop what is kept about models no longer in providers.yaml once their runs ended: a
+        cancelled run's task held its whole stack (some 180 KB), and a proxy whose admins add and
+        remove models for weeks kept one for every name it ever onboarded."""
+        for name in [n for n, task in self.runs.items() if n not in models and task.done()]:
+            task = self.runs.pop(name)
+            if not task.cancelled():
+                task.exception()  # read: a failure was logged by the task's done-callback
+            for kept in (self._run_upstream, self._run_prices, self._picked_up, self._failed_stamp):
+                kept.pop(name, None)
+            self._regraded.discard(name)
+        for name in [n for n in (*self._picked_up, *self._failed_stamp, *self._regraded)
+                     if n not in models and n not in self.runs]:
+            self._picked_up.pop(name, None)
+            self._failed_stamp.pop(name, None)
+            self._regraded.discard(name)
+        _FREE_SIDES.difference_update({k for k in _FREE_SIDES if k[0] not in models})
 
     async def _upstream_changed(self, name: str, upstream: str, legacy: str) -> bool | None:
         """``Store.upstream_changed`` on a thread; None (and the model waits for a later tick)

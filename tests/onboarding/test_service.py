@@ -1064,3 +1064,37 @@ async def test_a_litellm_that_cannot_be_loaded_stops_no_test(tmp_path, caplog):
             await asyncio.gather(watch, return_exceptions=True)
         assert store.progress("m").status == "done"
     assert dispatcher.prepared == 1 and "litellm cannot be loaded (ImportError" in caplog.text
+
+
+async def test_what_is_kept_about_a_model_goes_when_it_leaves_the_file(tmp_path):
+    """Every run stayed in ``runs`` for the life of the process, a cancelled one with its whole
+    stack (some 180 KB): admins who add and remove models for weeks grew the proxy by one for
+    every name ever onboarded."""
+    import gc
+    import weakref
+
+    from proxy import onboarding_service
+
+    config = tmp_path / "providers.yaml"
+    other = model_entry("other", "http://127.0.0.1:9", tmp_path, profile=True)
+    suite, questions = make_suite(n_tasks=5, per_task=20)
+    dispatcher = Answering("The answer is (A).", delay=0.01)
+    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path), other])
+    with Store(tmp_path / "state") as store:
+        registry, svc = service(config, store, dispatcher, suite, questions, concurrency=2)
+        await svc.sync()
+        await wait_until(lambda: len(store.answered("m")) >= 4)
+        run = svc.runs["m"]
+        state = weakref.ref(next(iter(svc._engine._live)))  # the run's state, held by its stack
+        onboarding_service._FREE_SIDES.add(("m", "output"))
+        write_providers(config, [other])
+        registry.reload()
+        await svc.sync()  # cancels the run
+        await asyncio.wait_for(asyncio.gather(run, return_exceptions=True), 10)
+        assert run.cancelled()
+        await svc.sync()
+        del run
+        gc.collect()
+        assert "m" not in svc.runs and state() is None
+        assert "m" not in svc._run_upstream and "m" not in svc._run_prices and "m" not in svc._picked_up
+        assert ("m", "output") not in onboarding_service._FREE_SIDES
