@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import logging
 import os
 import re
@@ -65,6 +66,12 @@ TRANSIENT = (UpstreamError, TimeoutError, ConnectionError)
 # what tells a model that answers from one that is down, when only failing questions are left
 PROBE = "Reply with the word OK."
 PROBE_TOKENS = 16
+
+
+# the upstream (``upstream_fingerprint``) the run asking now was begun for, seen by its asker's
+# asks (the workers' tasks inherit it): an ask sent after an edit that points the model elsewhere
+# would store another model's answers as this one's
+RUN_UPSTREAM: contextvars.ContextVar[str | None] = contextvars.ContextVar("run_upstream", default=None)
 
 
 class RunCancelled(Exception):
@@ -485,6 +492,7 @@ class Onboarding:
                           upstream, legacy)
         log.info("onboarding %s: %d of %d questions to ask (estimated $%.2f, $%.2f spent before)",
                  model, len(todo), total, estimate, spent)
+        RUN_UPSTREAM.set(upstream)  # in this task's context, which its workers' copy
         paced = ("account", account) if account is not None else ("model", model)
         pace, runs = self._paces.get(paced, (_Pace(opts.concurrency), 0))
         self._paces[paced] = (pace, runs + 1)

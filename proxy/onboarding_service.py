@@ -45,7 +45,8 @@ import orjson
 
 from proxy.dispatch import Attempt, Call, Dispatcher
 from proxy.errors import ServiceUnavailable, UpstreamError, UpstreamTransient
-from proxy.onboarding import Onboarding, Options, Prices, RunCancelled, Said, spend_kept, status_of
+from proxy.onboarding import (RUN_UPSTREAM, Onboarding, Options, Prices, RunCancelled, Said, spend_kept,
+                              status_of)
 from proxy.prices import LITELLM_PRICE_KEYS, litellm_cost, listed_prices
 from proxy.providers import (Deployment, ProviderRegistry, legacy_fingerprint, upstream_account,
                              upstream_fingerprint)
@@ -73,6 +74,12 @@ class DispatchAsker:
         target = snap.models.get(model)
         if target is None:
             raise RunCancelled(f"model {model!r} is no longer in providers.yaml")
+        began_for = RUN_UPSTREAM.get()
+        if began_for is not None and upstream_fingerprint(target) != began_for:
+            # an edit points it at another upstream: its answers are not this run's model's, and
+            # the run stops before one is stored (an edit undone before the next check let them
+            # in as the model's own)
+            raise RunCancelled(f"model {model!r} points at another upstream now")
         body = {"model": model, "messages": messages, **params}
         tried: list[Attempt] = []  # how each attempt ended, dispatch's retries included
         try:
@@ -607,6 +614,11 @@ class OnboardingService:
             return
         self._waiting.pop(d.name, None)
         self._elsewhere.pop(d.name, None)
+        if progress.status == "pending":
+            # stopped at an ask by an edit (the model gone, or pointing elsewhere): the next tick
+            # looks again, since the edit may have been undone meanwhile, with no change left for
+            # it to see (the run resumes, or starts over on the other upstream)
+            self._retry_asked = True
         if progress.status == "done":
             self.registry.refresh_profiles()
             log.info("model %s onboarded: now an auto candidate", d.name)

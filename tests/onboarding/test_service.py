@@ -1098,3 +1098,42 @@ async def test_what_is_kept_about_a_model_goes_when_it_leaves_the_file(tmp_path)
         assert "m" not in svc.runs and state() is None
         assert "m" not in svc._run_upstream and "m" not in svc._run_prices and "m" not in svc._picked_up
         assert ("m", "output") not in onboarding_service._FREE_SIDES
+
+
+@pytest.mark.parametrize("middle", ["elsewhere", "removed"])
+async def test_an_edit_undone_before_the_next_tick_neither_mixes_answers_nor_stops_the_run(tmp_path, middle):
+    """Two reloads between ticks (SIGHUP twice, config tooling): re-pointed, the questions asked
+    meanwhile went to the other upstream and its answers were stored as the model's own (16-21%
+    of its profile); removed, the run stopped "pending" at its next ask and, the file being back
+    as it was, nothing ever started it again."""
+    config = tmp_path / "providers.yaml"
+    write_providers(config, pointing_at("openai/tiny", tmp_path))
+    original = config.read_bytes()
+    suite, questions = make_suite(n_tasks=4, per_task=5)
+
+    class SomeSlow(ByUpstream):  # one worker is mostly in a slow ask, the other asks quickly
+        async def complete(self, call):
+            self.delay = 0.8 if sum(self.calls.values()) % 4 == 3 else 0.01
+            return await super().complete(call)
+
+    dispatcher = SomeSlow()
+    with Store(tmp_path / "state") as store:
+        registry, svc = service(config, store, dispatcher, suite, questions, concurrency=2)
+        watch = asyncio.create_task(svc.watch(0.5))
+        try:
+            await wait_until(lambda: len(store.answered("m")) >= 4)
+            if middle == "elsewhere":
+                write_providers(config, pointing_at("openai/other", tmp_path))
+            else:
+                write_providers(config, [model_entry("unrelated", "http://127.0.0.1:9", tmp_path, profile=True)])
+            registry.reload_now("SIGHUP")
+            await asyncio.sleep(0.1)  # asks meet the edit; no tick comes in between
+            config.write_bytes(original)
+            registry.reload_now("SIGHUP")
+            await wait_until(lambda: store.progress("m").status == "done", timeout=20)
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+            await svc.stop()
+        assert {a.letter for a in store.answers("m")} == {"A"} and store.progress("m").done == len(questions)
+        assert dispatcher.calls.get("openai/other", 0) == 0
