@@ -270,7 +270,8 @@ class OnboardingService:
         last = None
         while True:
             try:
-                progress = await asyncio.to_thread(self.store.all_progress, self._suite_questions())
+                progress = await asyncio.to_thread(self.store.all_progress, self._suite_questions(),
+                                                   list(self.registry.snapshot.models))
                 self._pick_up_profiles(progress)
                 await self._announce()
                 snap = self.registry.snapshot
@@ -687,7 +688,8 @@ class OnboardingService:
         registry first (it may have been stored a moment ago, here or by another process).
         ``ServiceUnavailable`` (503) when the store cannot be read (damaged, locked)."""
         try:
-            progress = {p.model: p for p in self.store.all_progress(self._suite_questions())}
+            progress = {p.model: p for p in self.store.all_progress(self._suite_questions(),
+                                                                    list(self.registry.snapshot.models))}
             self._pick_up_profiles(progress.values())
         except sqlite3.DatabaseError as exc:
             raise ServiceUnavailable(f"the state store cannot be read ({self.store.path}): {exc}",

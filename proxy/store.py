@@ -604,8 +604,15 @@ class Store:
         rows = self._progress("WHERE o.model = ?", (model,), questions)
         return rows[0] if rows else None
 
-    def all_progress(self, questions: Collection[str] | None = None) -> list[Progress]:
-        return self._progress("", (), questions)
+    def all_progress(self, questions: Collection[str] | None = None,
+                     models: Collection[str] | None = None) -> list[Progress]:
+        """Every stored model's progress, or those of ``models`` only: the rows of models no
+        longer configured stay (their spend is kept), and reading them all at every tick cost a
+        long-lived proxy more with each model it ever onboarded."""
+        if models is None:
+            return self._progress("", (), questions)
+        return self._progress("WHERE o.model IN (SELECT value FROM json_each(?))",
+                              (json.dumps(sorted(models)),), questions)
 
     def _progress(self, where: str, args: tuple, questions: Collection[str] | None) -> list[Progress]:
         on, on_args = "a.model = o.model", ()

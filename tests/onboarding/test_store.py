@@ -19,6 +19,19 @@ from proxy.store import GradedAnswer, ModelBusy, RouteEntry, Store, UpstreamInUs
 REPO = Path(__file__).resolve().parents[2]
 
 
+def test_progress_of_the_models_asked_for_only(tmp_path):
+    """The watch reads the configured models' rows only: those of models removed stay (their
+    spend is kept), and reading them all every tick grew with every model ever onboarded."""
+    with Store(tmp_path) as s:
+        for m in ("a", "b", "c"):
+            s.begin(m, "suite", total=2, estimated_cost=0.0)
+            s.record(m, GradedAnswer("q1", "A", m != "b"))
+        assert [p.model for p in s.all_progress()] == ["a", "b", "c"]
+        picked = s.all_progress(["q1"], models=["c", "b", "gone"])
+        assert [(p.model, p.done, p.correct) for p in picked] == [("b", 1, 0), ("c", 1, 1)]
+        assert s.all_progress(models=[]) == []
+
+
 def test_answers_progress_and_profile(tmp_path):
     with Store(tmp_path) as s:
         assert s.progress("m") is None and s.get("m") is None
