@@ -48,9 +48,9 @@ from proxy.providers import OPENAI_COMPATIBLE, Deployment, RouterSettings
 from proxy.routing import part_types
 from proxy.settings import prepare_litellm_environment
 from proxy.upstream import (CONTEXT_WINDOW, LIMIT_NAMES, RETRYABLE, UNSUPPORTED, Answer, PassThrough,
-                            cannot_read, classify, dumps_lenient, error_labels, interrupted_event,
-                            labelled, limited, out_of_quota, redirected, too_long,
-                            unfit_request, unfit_summary, wait_seconds)
+                            StreamStalled, cannot_read, classify, dumps_lenient, error_labels,
+                            interrupted_event, labelled, limited, out_of_quota, redirected,
+                            too_long, unfit_request, unfit_summary, wait_seconds, within_gaps)
 
 log = logging.getLogger("satroute.dispatch")
 
@@ -347,7 +347,7 @@ class RetryingDispatcher:
                 if self.metrics is not None and attempt.retry_state.attempt_number > 1:
                     self.metrics.observe_retry(d.name)
                 started = time.perf_counter()
-                budget = min(attempt_timeout(d, router), remaining)
+                budget = min(attempt_timeout(d, router, call.stream), remaining)
                 timed = True
                 if called is not None:
                     called[0] = self.cooldowns.now()
@@ -366,7 +366,7 @@ class RetryingDispatcher:
                     call.note(d.name, exc)
                     # a timeout the request's own deadline cut short, or a failure that may be the
                     # request's, says nothing about the model: it must not cool it for everyone
-                    cut_short = exc.timeout and budget < attempt_timeout(d, router)
+                    cut_short = exc.timeout and budget < attempt_timeout(d, router, call.stream)
                     if (exc.counts and not cut_short
                             and self.cooldowns.failure(d.name, router.allowed_fails, router.cooldown_s, epoch,
                                                        _cause(exc, call), why=_reason(exc),
@@ -404,7 +404,7 @@ class RetryingDispatcher:
             call = dataclasses.replace(call, body=body)
         if d.fast_path:
             return await self.passthrough.attempt(d, call.body, call.stream, first_byte_s,
-                                                  attempt_timeout(d, call.router), call.redact,
+                                                  attempt_timeout(d, call.router, call.stream), call.redact,
                                                   connect_s=call.router.connect_timeout_s)
         return await self._litellm_attempt(d, call, first_byte_s)
 
@@ -449,8 +449,9 @@ class RetryingDispatcher:
         # either (LIMIT_NAMES): litellm would send both, which OpenAI refuses; a null the client
         # sent leaves the default in place (litellm reads a None keyword as not given)
         told = limited(call.body)
-        kwargs = {k: v for k, v in d.params.items()
-                  if k not in ("max_retries", "num_retries") and not (told and k in LIMIT_NAMES)}
+        kwargs = {k: v for k, v in d.params.items()  # the timeouts: below
+                  if k not in ("max_retries", "num_retries", "timeout", "stream_timeout")
+                  and not (told and k in LIMIT_NAMES)}
         provider = _custom_provider(d)
         if provider is not None:
             kwargs["custom_llm_provider"] = provider
@@ -464,7 +465,7 @@ class RetryingDispatcher:
         # and the TCP connect by connect_timeout_s, as there: an unreachable host falls back soon
         import httpx
 
-        limit = attempt_timeout(d, call.router)
+        limit = attempt_timeout(d, call.router, call.stream)
         kwargs.update(model=d.model, num_retries=0, max_retries=0,
                       timeout=httpx.Timeout(limit, connect=min(call.router.connect_timeout_s, limit)))
         if d.api_base:
@@ -502,7 +503,8 @@ class RetryingDispatcher:
         if first is None:
             raise UpstreamTransient(f"{d.name}: stream closed before its first chunk", model=d.name)
         return Answer(chunks=_litellm_chunks(first, resp, d.name, openai.OpenAIError, call.redact,
-                                             translated=not openai_like, texts=self.log_prompts))
+                                             translated=not openai_like, texts=self.log_prompts,
+                                             gap_s=limit))
 
 
 def _litellm_failed(exc: Exception, model: str, redact: Callable[[str], str],
@@ -634,11 +636,13 @@ class _HeldStream:
         self._release()
 
 
-def attempt_timeout(d: Deployment, router: RouterSettings) -> float:
+def attempt_timeout(d: Deployment, router: RouterSettings, stream: bool = False) -> float:
     """One attempt's limit for this model: its ``litellm_params.timeout`` (seconds) where it gives
     one, as litellm's own router reads it (a slow local or reasoning model may need more than
-    the others), else ``router_settings.timeout_s``. The deadline bounds both."""
-    own = d.params.get("timeout")
+    the others), or for a streamed request its ``stream_timeout`` where it gives one, else
+    ``router_settings.timeout_s``. The deadline bounds both. It is also the longest gap between
+    a stream's events."""
+    own = d.params.get("stream_timeout") if stream and "stream_timeout" in d.params else d.params.get("timeout")
     if own is None:  # the usual case, on every attempt: no exception to raise and catch
         return router.timeout_s
     try:
@@ -1130,10 +1134,11 @@ class _ChoiceEnds:
 
 async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type,
                           redact: Callable[[str], str], translated: bool = False,
-                          texts: bool = False) -> AsyncIterator[bytes]:
+                          texts: bool = False, gap_s: float | None = None) -> AsyncIterator[bytes]:
     """The SSE events of a litellm stream whose ``first`` chunk is in hand. ``texts``: a chunk that
     cannot be read is logged with what it said (else by its exception's type only: it may quote
-    the answer, or the request back)."""
+    the answer, or the request back). ``gap_s``: the longest wait for the next chunk (an upstream
+    that keeps its connection alive with comments, which litellm reads past, never ended)."""
     ends = _ChoiceEnds()
 
     def shaped(chunk: Any) -> dict[str, Any]:
@@ -1163,7 +1168,7 @@ async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type,
         heard()
         yield encode(ends.seen(shaped(first)))
         try:
-            async for chunk in stream:
+            async for chunk in (stream if gap_s is None else within_gaps(stream, gap_s)):
                 obj = shaped(chunk)
                 if invented(obj):
                     yield interrupted_event("the upstream ended it before the answer was finished")
@@ -1174,6 +1179,9 @@ async def _litellm_chunks(first: Any, stream: Any, name: str, errors: type,
                     for closing in ends.closings():
                         yield encode(closing)
                 yield encode(ends.seen(obj))
+        except StreamStalled as exc:
+            yield interrupted_event(str(exc))
+            return
         except errors as exc:  # the upstream's own reason ("Overloaded"), not only litellm's class name
             said = _said(redact(str(getattr(exc, "message", None) or exc)))
             yield interrupted_event(said or type(exc).__name__)

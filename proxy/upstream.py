@@ -457,7 +457,7 @@ class PassThrough:
                                                    d.name, resp.content_type, redact)
                         resp.release()
                         return Answer(chunks=_replay(sse))
-                events = _events(resp, head)
+                events = within_gaps(_events(resp, head), read_s, _has_data)
                 first = await _first_event(events, d.name, redact)
         except TimeoutError as exc:
             if resp is not None:
@@ -558,11 +558,52 @@ async def _first_event(events: AsyncIterator[bytes], model: str, redact) -> byte
     return b""
 
 
+MAX_EVENT_BYTES = 16 * 1024 * 1024  # of one SSE event not yet complete
+
+
+class EventTooLarge(aiohttp.ClientPayloadError):
+    """The upstream sent more than ``MAX_EVENT_BYTES`` without ending an event."""
+
+
+class StreamStalled(TimeoutError):
+    """No event of a stream came for the longest gap allowed (its message says how long)."""
+
+
+async def within_gaps(items: AsyncIterator[Any], gap_s: float,
+                      counts: Callable[[Any], bool] = lambda item: True) -> AsyncIterator[Any]:
+    """``items`` as they come, until ``gap_s`` of waiting passes with none that ``counts`` (a
+    stream's data event: keep-alive comments, and bytes that never end an event, do not; a
+    socket's read timeout restarts at every byte, and such a stream never ended): then
+    ``StreamStalled``. The time its consumer takes between items is not waiting."""
+    waited = 0.0
+    it = aiter(items)
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        try:
+            async with asyncio.timeout(max(0.0, gap_s - waited)):
+                item = await anext(it)
+        except StopAsyncIteration:
+            return
+        except TimeoutError:
+            raise StreamStalled(f"no event for {gap_s:.0f}s") from None
+        waited = 0.0 if counts(item) else waited + loop.time() - started
+        yield item
+
+
+def _has_data(batch: bytes) -> bool:
+    return next(_data(batch), None) is not None
+
+
 async def _events(resp: aiohttp.ClientResponse, head: bytes = b"") -> AsyncIterator[bytes]:
     """Complete SSE events (terminator included), batched per network read; ``head``: bytes of
     the body already read. Line ends are made ``\\n`` whichever of the three SSE allows came
-    (``\\r\\n``, or a lone ``\\r``: a ``\\r`` that ends a read waits for the next one)."""
-    buf = b""
+    (``\\r\\n``, or a lone ``\\r``: a ``\\r`` that ends a read waits for the next one). Each
+    read is looked at once (the bytes pending were scanned and copied again at every read: an
+    upstream that never ended an event took a core), and more than ``MAX_EVENT_BYTES`` pending
+    is ``EventTooLarge``."""
+    buf = bytearray()
+    held = False  # a \r that ended the last read: \r\n or \r, told by the next one
 
     async def reads() -> AsyncIterator[bytes]:
         if head:
@@ -571,18 +612,22 @@ async def _events(resp: aiohttp.ClientResponse, head: bytes = b"") -> AsyncItera
             yield data
 
     async for data in reads():
+        if held:
+            data, held = b"\r" + data, False
+        if b"\r" in data:
+            held = data.endswith(b"\r")
+            data = (data[:-1] if held else data).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+        start = max(0, len(buf) - 1)  # an event's end may span the last read and this one
         buf += data
-        if b"\r" in buf:
-            held = buf.endswith(b"\r")
-            buf = (buf[:-1] if held else buf).replace(b"\r\n", b"\n").replace(b"\r", b"\n") \
-                + (b"\r" if held else b"")
-        cut = buf.rfind(b"\n\n")
+        cut = buf.rfind(b"\n\n", start)
         if cut < 0:
+            if len(buf) > MAX_EVENT_BYTES:
+                raise EventTooLarge(f"more than {MAX_EVENT_BYTES >> 20} MiB without the end of an event")
             continue
-        yield buf[: cut + 2]
-        buf = buf[cut + 2:]
-    if buf.strip():
-        yield buf.rstrip(b"\r") + b"\n\n"
+        yield bytes(buf[: cut + 2])
+        del buf[: cut + 2]
+    if bytes(buf).strip():
+        yield bytes(buf) + b"\n\n"
 
 
 def _rename_events(batch: bytes, name_json: bytes) -> bytes:
@@ -798,7 +843,8 @@ async def _relay(first: bytes, events: AsyncIterator[bytes], name_json: bytes,
                 finish.read(batch)
                 yield _rename_events(utf8_repaired(shape(batch) if shape else batch), name_json)
         except (aiohttp.ClientError, TimeoutError) as exc:
-            yield interrupted_event(type(exc).__name__)
+            yield interrupted_event(str(exc) if isinstance(exc, (StreamStalled, EventTooLarge))
+                                    else type(exc).__name__)
             return
         if not finish.done:
             # the upstream closed the stream cleanly, but before a finish_reason or [DONE]: a

@@ -278,3 +278,78 @@ def test_the_pass_through_names_itself_unless_the_admin_set_a_user_agent(tmp_pat
     assert [r.headers.get("user-agent") for r in upstream.received] == [USER_AGENT, "acme-gateway-client/2"]
     deployment = proxy.app.state.services.registry.snapshot.models["named"]
     assert [k for k in PassThrough.headers(deployment) if k.lower() == "user-agent"] == ["user-agent"]
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+@pytest.mark.parametrize("after_first", ["pings", "trickle"])
+def test_a_stream_kept_open_with_no_event_ends_after_its_gap(tmp_path, start_proxy, fast_path, after_first):
+    """After its first chunk an upstream sent keep-alive comments (a stuck backend behind a
+    gateway), or a byte a second that never ended an event: the socket's read timeout restarted
+    at each byte, and the client waited for ever. No event for timeout_s ends the stream."""
+    import asyncio
+
+    async def stuck(request, reader, writer):
+        writer.write(SSE + chunk("first"))
+        await writer.drain()
+        for _ in range(100):
+            await asyncio.sleep(0.2)
+            writer.write(b": ping\n\n" if after_first == "pings" else b"d")
+            await writer.drain()
+
+    with raw_upstream(stuck) as url:
+        cfg = write_config(tmp_path / "providers.yaml", [model_entry("m1", url, tmp_path, fast_path=fast_path)],
+                           num_retries=0, timeout_s=1.0, deadline_s=30)
+        proxy = start_proxy(cfg)
+        began = time.monotonic()
+        got = []
+        with pytest.raises(openai.APIError, match="no event for 1s|stream interrupted"):
+            for c in client(proxy).chat.completions.create(model="m1", messages=MESSAGES, stream=True):
+                got.append(c.choices[0].delta.content)
+        took = time.monotonic() - began
+    assert got == ["first"] and took < 6, took
+
+
+def test_an_event_that_never_ends_is_bounded(tmp_path, start_proxy, monkeypatch):
+    """An upstream that sent bytes without ending an event had them piled up, each read copying
+    and scanning them all again: 150 MiB and a core after a minute, every other request slower."""
+    import asyncio
+
+    from proxy import upstream as upstream_module
+
+    monkeypatch.setattr(upstream_module, "MAX_EVENT_BYTES", 1 << 20)
+
+    async def flood(request, reader, writer):
+        writer.write(SSE + chunk("first") + b"data: {\"x\": \"")
+        for _ in range(64):
+            writer.write(b"y" * 65536)
+            await writer.drain()
+        await asyncio.sleep(5)
+
+    with raw_upstream(flood) as url:
+        cfg = write_config(tmp_path / "providers.yaml", [model_entry("m1", url, tmp_path, fast_path=True)],
+                           num_retries=0, timeout_s=10.0)
+        proxy = start_proxy(cfg)
+        with pytest.raises(openai.APIError, match="more than 1 MiB without the end of an event"):
+            list(client(proxy).chat.completions.create(model="m1", messages=MESSAGES, stream=True))
+
+
+@pytest.mark.parametrize("fast_path", [True, False])
+def test_a_models_stream_timeout_bounds_its_streamed_requests(tmp_path, start_proxy, fast_path):
+    """litellm_params.stream_timeout, which LiteLLM configs carry, was ignored: a streamed request
+    to a hung model waited timeout_s."""
+    import asyncio
+
+    async def hung(request, reader, writer):
+        await asyncio.sleep(10)
+
+    with raw_upstream(hung) as url:
+        entry = model_entry("m1", url, tmp_path, fast_path=fast_path)
+        entry["litellm_params"]["stream_timeout"] = 1
+        cfg = write_config(tmp_path / "providers.yaml", [entry], num_retries=0, timeout_s=6.0, deadline_s=30)
+        proxy = start_proxy(cfg)
+        client(proxy).models.list()  # the litellm import is not the attempt's time
+        began = time.monotonic()
+        with pytest.raises(openai.APIError):
+            list(client(proxy).chat.completions.create(model="m1", messages=MESSAGES, stream=True))
+        took = time.monotonic() - began
+    assert took < 4, took
