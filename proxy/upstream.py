@@ -462,10 +462,13 @@ class PassThrough:
         except TimeoutError as exc:
             if resp is not None:
                 resp.close()
-            # aiohttp's own connect timeout is one too: the request never went out
-            raise UpstreamTransient(f"{d.name}: no answer within {first_byte_s:.1f}s",
-                                    model=d.name, status=504, timeout=True,
-                                    sent=not isinstance(exc, aiohttp.ConnectionTimeoutError)) from None
+            # aiohttp's own connect timeout is one too: the request never went out (said so: an
+            # unreachable host is not a slow model)
+            unsent = isinstance(exc, aiohttp.ConnectionTimeoutError)
+            said = (f"could not connect within {connect_s or self._connect:.1f}s" if unsent
+                    else f"no answer within {first_byte_s:.1f}s")
+            raise UpstreamTransient(f"{d.name}: {said}", model=d.name, status=504, timeout=True,
+                                    sent=not unsent) from None
         except aiohttp.ClientError as exc:
             if resp is not None:
                 resp.close()

@@ -1072,3 +1072,35 @@ def test_litellm_s_own_failure_is_logged_with_its_trace_only_where_prompts_are(c
         assert record.levelname == "ERROR"  # the JSON log keeps a trace at ERROR only
         assert bool(record.exc_info) is texts
         assert ("a private prompt" in caplog.text) is texts
+
+
+def test_a_connect_that_timed_out_is_not_told_as_a_slow_answer(tmp_path, start_proxy):
+    """The 504 and the log said "no answer within 8.0s" for an attempt that gave up connecting
+    after 0.5 s: an unreachable host read as a slow model."""
+    import socket
+    import time
+
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(0)
+        port = hole.getsockname()[1]
+        fillers = []
+        for _ in range(3):  # fill the backlog: later connects hang
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            fillers.append(s)
+        time.sleep(0.1)
+        try:
+            cfg = write_config(tmp_path / "providers.yaml",
+                               [model_entry("far", f"http://127.0.0.1:{port}/v1", tmp_path, fast_path=True)],
+                               num_retries=0, timeout_s=8, connect_timeout_s=0.5)
+            proxy = start_proxy(cfg)
+            r = httpx.post(f"{proxy.url}/chat/completions", json={"model": "far", "messages": MESSAGES}, timeout=30)
+        finally:
+            for s in fillers:
+                s.close()
+    assert r.status_code == 504 and "far: could not connect within 0.5s" in r.json()["error"]["message"], r.text
