@@ -642,14 +642,25 @@ def attempt_timeout(d: Deployment, router: RouterSettings, stream: bool = False)
     the others), or for a streamed request its ``stream_timeout`` where it gives one, else
     ``router_settings.timeout_s``. The deadline bounds both. It is also the longest gap between
     a stream's events."""
-    own = d.params.get("stream_timeout") if stream and "stream_timeout" in d.params else d.params.get("timeout")
+    if stream and "stream_timeout" in d.params:
+        # as LiteLLM reads it: one that is not a positive number (null, 0) is not given
+        given = _seconds(d.params["stream_timeout"])
+        if given is not None:
+            return given
+    own = d.params.get("timeout")
     if own is None:  # the usual case, on every attempt: no exception to raise and catch
         return router.timeout_s
+    own = _seconds(own)
+    return router.timeout_s if own is None else own
+
+
+def _seconds(value: Any) -> float | None:
+    """``value`` as a finite positive number of seconds, or None."""
     try:
-        own = float(own)
+        seconds = float(value)
     except (TypeError, ValueError):
-        return router.timeout_s
-    return own if own > 0 and own != float("inf") else router.timeout_s
+        return None
+    return seconds if 0 < seconds < float("inf") else None
 
 
 @functools.lru_cache(maxsize=256)

@@ -178,3 +178,18 @@ def test_candidates_respect_profiles_allow_list_and_cooldown():
     assert "c: unavailable (litellm_params.api_key references unset environment variable K)" in refused.value.message
     with pytest.raises(ServiceUnavailable):
         candidates(models(()), None, lambda n: False)
+
+
+@pytest.mark.parametrize("stream_timeout, streamed", [(60, 60.0), (None, 900.0), (0, 900.0), ("0", 900.0),
+                                                      ("abc", 900.0), ("45", 45.0), (float("inf"), 900.0)])
+def test_a_stream_timeout_that_is_no_positive_number_is_not_given(stream_timeout, streamed):
+    """As LiteLLM reads it: a null or 0 stream_timeout copied from its config left a slow model's
+    streams at the router's 300 s where its own timeout says 900."""
+    from proxy.dispatch import attempt_timeout
+
+    snap = parse("model_list:\n  - {model_name: m, litellm_params: {model: openai/x, timeout: 900}}\n",
+                 __import__("pathlib").Path("p.yaml"), {}, lambda d: None)
+    d = snap.models["m"]
+    d = replace(d, params={**d.params, "stream_timeout": stream_timeout})
+    assert attempt_timeout(d, snap.router, stream=True) == streamed
+    assert attempt_timeout(d, snap.router, stream=False) == 900.0
