@@ -314,7 +314,10 @@ class _Run:
         self.params: dict = {}  # the sampling parameters of each ask (adapted to what the model takes)
         self.ever_answered = answered_before
         self.failures = 0  # consecutive transient failures
-        self.started = self.answered_at = 0.0  # clock times: the run's start, its last answer
+        # clock times: when the run sent its first question (its wait in line behind another
+        # run on its account is no wait on the upstream), and its last answer
+        self.started = self.answered_at = 0.0
+        self.asked = False  # it has sent a question
         self.first_failure = 0.0  # of the failures in a row
         self.quiet = False  # said stalled because asks are out and no answer came for give_up_s
         self.probing = False
@@ -712,6 +715,9 @@ class Onboarding:
             question = state.queue.popleft()
             if not state.queue:  # the runs after it in line may take the places left
                 pace.wake()
+            if not state.asked:  # what "no answer for" counts from
+                state.asked = True
+                state.started = state.answered_at = self.clock()
             state.in_flight += 1
             paced = pace.take()  # how fast the upstream was asked when this ask went
             state.asking.add(question.id)

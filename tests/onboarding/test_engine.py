@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from dataclasses import replace
 import sqlite3
 import time
@@ -1229,3 +1230,30 @@ async def test_a_worker_that_waited_on_the_lease_check_does_not_take_a_question_
         engine._still_held = slow_check
         progress = await engine.run("m")
     assert progress.status == "done" and progress.done == len(questions)
+
+
+async def test_a_run_waiting_in_line_on_its_account_has_not_been_waiting_on_its_upstream(tmp_path, caplog):
+    """Served after another model's run on its account, a run that had sent nothing for minutes
+    was failed by its first timed-out ask ("no answer for ...": a cold start), or said stalled as
+    soon as its first question was out: the clocks ran from the run's start, not its first ask."""
+    suite, questions = make_suite(n_tasks=3, per_task=10)
+
+    class ColdStart(FakeAsker):  # b's first ask times out (a model loading), then it answers
+        async def ask(self, model, messages, **params):
+            if model == "b" and not self.failures_seen:
+                self.failures_seen = True
+                await asyncio.sleep(0.1)
+                raise TimeoutError("the upstream did not answer in time")
+            return await super().ask(model, messages, **params)
+
+    asker = ColdStart(questions, lambda q: "A", delay=0.05)
+    asker.failures_seen = False
+    opts = Options(concurrency=1, backoff_s=0.01, backoff_max_s=0.02, give_up_s=1.0)
+    with Store(tmp_path) as store, caplog.at_level(logging.WARNING, logger="satroute.onboarding"):
+        engine = Onboarding(store, suite, questions, asker, opts)
+        first = asyncio.create_task(engine.run("a", account="one"))
+        await wait_until(lambda: asker.asked)  # a asks first: b waits its turn, some 1.5 s
+        b = await engine.run("b", account="one")
+        await first
+    assert b.status == "done" and b.done == len(questions), b.reason
+    assert "onboarding b stalled: no answer for" not in caplog.text
