@@ -591,6 +591,8 @@ class OnboardingService:
                                         upstream_fingerprint(d), legacy_fingerprint(d), config,
                                         failed_since=self._since, account=upstream_account(d))
         except asyncio.CancelledError:
+            # the next tick drops what is kept about a model that left the file, its run ended
+            self._retry_asked = True
             why = self._stopping.pop(d.name, None)
             if why is not None:  # stopped by an edit, not by shutdown: the store must not say running
                 await asyncio.to_thread(self.store.set_status, d.name, "pending", why,

@@ -1078,24 +1078,35 @@ async def test_what_is_kept_about_a_model_goes_when_it_leaves_the_file(tmp_path)
     config = tmp_path / "providers.yaml"
     other = model_entry("other", "http://127.0.0.1:9", tmp_path, profile=True)
     suite, questions = make_suite(n_tasks=5, per_task=20)
-    dispatcher = Answering("The answer is (A).", delay=0.01)
+
+    class ThenHangs(Answering):  # four answers, then every ask hangs: the tick cancels the run
+        async def complete(self, call):
+            if self.calls >= 4:
+                await asyncio.Event().wait()
+            return await super().complete(call)
+
+    dispatcher = ThenHangs("The answer is (A).", delay=0.01)
     write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path), other])
     with Store(tmp_path / "state") as store:
         registry, svc = service(config, store, dispatcher, suite, questions, concurrency=2)
-        await svc.sync()
-        await wait_until(lambda: len(store.answered("m")) >= 4)
-        run = svc.runs["m"]
-        state = weakref.ref(next(iter(svc._engine._live)))  # the run's state, held by its stack
-        onboarding_service._FREE_SIDES.add(("m", "output"))
-        write_providers(config, [other])
-        registry.reload()
-        await svc.sync()  # cancels the run
-        await asyncio.wait_for(asyncio.gather(run, return_exceptions=True), 10)
-        assert run.cancelled()
-        await svc.sync()
-        del run
+        watch = asyncio.create_task(svc.watch(0.05))
+        try:
+            await wait_until(lambda: len(store.answered("m")) >= 4 and svc._engine._live
+                             and next(iter(svc._engine._live)).in_flight == 2)
+            run = svc.runs["m"]
+            state = weakref.ref(next(iter(svc._engine._live)))  # the run's state, held by its stack
+            onboarding_service._FREE_SIDES.add(("m", "output"))
+            write_providers(config, [other])
+            registry.reload()  # the watch's next tick cancels the run; no edit comes after
+            await asyncio.wait_for(asyncio.gather(run, return_exceptions=True), 10)
+            assert run.cancelled()
+            del run
+            await wait_until(lambda: "m" not in svc.runs)
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
         gc.collect()
-        assert "m" not in svc.runs and state() is None
+        assert state() is None
         assert "m" not in svc._run_upstream and "m" not in svc._run_prices and "m" not in svc._picked_up
         assert ("m", "output") not in onboarding_service._FREE_SIDES
 
