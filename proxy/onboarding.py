@@ -386,6 +386,9 @@ class Onboarding:
         self.sleep: Callable[[float], Awaitable[None]] = asyncio.sleep
         self.draining = False  # the proxy is stopping: no new ask, the ones out are answered
         self._live: set[_Run] = set()
+        # model -> the status (and reason) its live run could not record: the store refused the
+        # write (a full disk), and what it holds still says running; shown instead of it
+        self.unstored: dict[str, tuple[str, str | None]] = {}
         # how fast each upstream is asked, shared by the runs on it (``run``'s ``account``; else
         # the model's own): key -> (the pace, how many runs use it)
         self._paces: dict[tuple[str, str], tuple[_Pace, int]] = {}
@@ -514,6 +517,7 @@ class Onboarding:
             await asyncio.gather(*workers)
         finally:
             self._live.discard(state)
+            self.unstored.pop(model, None)
             beat.cancel()
             for w in workers:
                 w.cancel()
@@ -616,11 +620,13 @@ class Onboarding:
         try:
             await self._store(self.store.set_status, state.model, status, reason,
                               suite=self.suite.name, leased=True)
+            self.unstored.pop(state.model, None)
         except ModelBusy:
             self._lost(state)
             raise
         except sqlite3.OperationalError as exc:
             log.warning("onboarding %s: cannot record the status %s: %s", state.model, status, exc)
+            self.unstored[state.model] = (status, reason)
 
     def _lost(self, state: _Run) -> None:
         """The run's lease is gone (this process stalled past ``LEASE_STALE_S`` and another one

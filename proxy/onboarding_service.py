@@ -679,7 +679,11 @@ class OnboardingService:
     def _shown(self, p: Progress) -> tuple[str, str | None]:
         """A stored row's status and reason as shown: ``running`` or ``stalled`` without a held
         lease is a run that was stopped without saying so (killed; an earlier version's shutdown):
-        nothing runs it, and the next run resumes it."""
+        nothing runs it, and the next run resumes it. A live run's status that the store refused
+        to record (a full disk: the row still says running) is shown instead of the row's."""
+        unstored = self._engine.unstored.get(p.model) if self._engine is not None else None
+        if unstored is not None:  # this process's live run, whose store refuses writes now
+            return unstored
         if p.status in ("running", "stalled") and not self.store.held(p.owner, p.heartbeat):
             return "pending", "interrupted"
         return p.status, p.reason

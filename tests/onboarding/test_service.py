@@ -1148,3 +1148,33 @@ async def test_an_edit_undone_before_the_next_tick_neither_mixes_answers_nor_sto
             await svc.stop()
         assert {a.letter for a in store.answers("m")} == {"A"} and store.progress("m").done == len(questions)
         assert dispatcher.calls.get("openai/other", 0) == 0
+
+
+async def test_a_run_the_store_refuses_to_record_shows_stalled_not_the_rows_running(tmp_path):
+    """A full disk refused every write, the stalled status included: /admin/onboarding read the
+    row, which still said running with no reason, through the whole outage."""
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
+    suite, questions = make_suite(n_tasks=4, per_task=5)
+    with Store(tmp_path / "state") as store:
+        registry, svc = service(config, store, Answering("The answer is (A).", delay=0.01), suite, questions)
+        record, set_status, full = store.record, store.set_status, [False]
+
+        def refused(write):
+            def call(*args, **kwargs):
+                if full[0]:
+                    raise sqlite3.OperationalError("database or disk is full")
+                return write(*args, **kwargs)
+            return call
+
+        store.record, store.set_status = refused(record), refused(set_status)
+        await svc.sync()
+        await wait_until(lambda: len(store.answered("m")) >= 3)
+        full[0] = True
+        await wait_until(lambda: svc.status()["models"]["m"]["status"] == "stalled")
+        shown = svc.status()["models"]["m"]
+        assert shown["reason"] == "the state store refuses writes: database or disk is full"
+        assert store.progress("m").status == "running"  # what the store still says
+        full[0] = False
+        await asyncio.wait_for(svc.runs["m"], 20)
+        assert svc.status()["models"]["m"]["status"] == "done"
