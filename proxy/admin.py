@@ -39,7 +39,7 @@ def _services(request: Request) -> "Services":
 async def onboarding_status(request: Request) -> Response:
     """Onboarding status of every configured model: state, reason, questions done, accuracy so far.
 
-    ``{"enabled", "suite", "models": {name: {"status", "reason", "questions_done",
+    ``{"enabled", "suite", "stopped", "models": {name: {"status", "reason", "questions_done",
     "questions_total", "accuracy_so_far", "profile_source"}}}``; behind the master key.
     """
     svc = _services(request)
@@ -51,7 +51,7 @@ async def onboarding_status(request: Request) -> Response:
                          "profile_source": ("providers.yaml" if d.info.capability_profile
                                             else "onboarding" if d.profile is not None else None)}
                   for name, d in snap.models.items()}
-        payload = {"enabled": False, "suite": None, "models": models}
+        payload = {"enabled": False, "suite": None, "stopped": None, "models": models}
     else:
         payload = {"enabled": True, **service.status()}
     return Response(orjson.dumps(payload), media_type=JSON)

@@ -526,6 +526,8 @@ async def ready(request: Request) -> Response:
                "unavailable": {d.name: d.unavailable for d in snap.models.values()
                                if d.unavailable},
                "config_rejected": svc.registry.rejected,
+               # the state store's file deleted or replaced under the running proxy (routing goes on)
+               "state_store": svc.onboarding.store_lost if svc.onboarding is not None else None,
                # profiles of several aptitude suites: routing goes on, biased (providers.py says)
                "mixed_suites": snap.mixed_suites(),
                "checked_at": int(time.time())}

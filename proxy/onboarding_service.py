@@ -232,6 +232,7 @@ class OnboardingService:
         self.metrics = metrics  # has observe_onboarding(model, answered, total, state), or None
         self.suite_name, self.data, self.hub, self.options = suite, data, hub, options
         self.runs: dict[str, asyncio.Task] = {}
+        self.store_lost: str | None = None  # why onboarding stopped: the store's file went away
         self._engine: Onboarding | None = None
         self._engine_lock = asyncio.Lock()
         self._source_error: str | None = None
@@ -270,6 +271,7 @@ class OnboardingService:
         last = None
         while True:
             try:
+                self._check_store_file()
                 progress = await asyncio.to_thread(self.store.all_progress, self._suite_questions(),
                                                    list(self.registry.snapshot.models))
                 self._pick_up_profiles(progress)
@@ -289,6 +291,21 @@ class OnboardingService:
                 self._check_failed(exc, interval_s)
                 last = None
             await asyncio.sleep(interval_s)
+
+    def _check_store_file(self) -> None:
+        """Stop onboarding, said once, when the state store's file was deleted or replaced under
+        the running proxy: its answers went on being written to the file SQLite had open, where
+        nothing reads them, and were asked and paid for again after a restart, while the status
+        counted them as stored."""
+        if self.store_lost is not None:
+            return
+        why = self.store.file_changed()
+        if why is None:
+            return
+        self.store_lost = (f"the state store {self.store.path} {why} while the proxy runs: "
+                           "onboarding stopped, and the routing log is not kept; restart the proxy")
+        log.error("%s", self.store_lost)
+        self.begin_drain()
 
     async def _dispatch_ready(self, snap: Any) -> None:
         """litellm imported before a run starts for a model that needs it: its checks (a provider
@@ -720,7 +737,7 @@ class OnboardingService:
                 entry["reason"] = "not onboarded: model_info.onboard is false"
             entry["profile_source"] = "onboarding" if d.profile is not None else None
             out[name] = entry
-        return {"suite": self.suite_name, "models": out}
+        return {"suite": self.suite_name, "stopped": self.store_lost, "models": out}
 
     def profile(self, name: str) -> dict | None:
         """``{"model", "suite", "source", "tasks"}`` for a model that has a profile, else None."""

@@ -66,7 +66,8 @@ _NAMES = {"type": "array", "items": {"type": "string"}}
 _READY = {
     "type": "object",
     "required": ["status", "reasons", "models", "scorer", "cooling", "cooling_left_s",
-                 "out_of_quota", "unavailable", "config_rejected", "mixed_suites", "checked_at"],
+                 "out_of_quota", "unavailable", "config_rejected", "state_store", "mixed_suites",
+                 "checked_at"],
     "properties": {
         "status": {"enum": ["ready", "not ready"]},
         "reasons": {**_NAMES, "description": "why not ready (e.g. 'shutting down')"},
@@ -82,6 +83,8 @@ _READY = {
                         "description": "configured models left out of routing, with why"},
         "config_rejected": {"type": ["string", "null"], "description": "why the providers.yaml "
                             "on disk is not the configuration served"},
+        "state_store": {"type": ["string", "null"], "description": "why onboarding stopped: "
+                        "the state store's file was deleted or replaced while the proxy runs"},
         "mixed_suites": {"type": ["object", "null"], "additionalProperties": _NAMES,
                          "description": "the models with a profile, by aptitude suite, when "
                          "there are several"},

@@ -291,6 +291,23 @@ class Store:
             self._db.close()
             raise
         self._reader = self._connect()
+        self._identity = self._file_identity()
+
+    def _file_identity(self) -> tuple[int, int] | None:
+        try:
+            st = os.stat(self.path)
+        except OSError:
+            return None
+        return st.st_dev, st.st_ino
+
+    def file_changed(self) -> str | None:
+        """Why the database file at ``path`` is no longer the one this store writes, or None: it
+        was deleted, or another file was put in its place (a backup restored while the proxy
+        runs). SQLite goes on writing to the file it opened, where nothing will read it."""
+        now = self._file_identity()
+        if now == self._identity:
+            return None
+        return "was deleted" if now is None else "was replaced by another file"
 
     def _connect(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=BUSY_TIMEOUT_S, isolation_level=None,

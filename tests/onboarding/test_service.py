@@ -1178,3 +1178,37 @@ async def test_a_run_the_store_refuses_to_record_shows_stalled_not_the_rows_runn
         full[0] = False
         await asyncio.wait_for(svc.runs["m"], 20)
         assert svc.status()["models"]["m"]["status"] == "done"
+
+
+@pytest.mark.parametrize("how", ["deleted", "replaced"])
+async def test_a_state_store_file_deleted_or_replaced_under_the_proxy_stops_onboarding(tmp_path, how, caplog):
+    """SQLite went on writing to the file it had open: the status counted answers up to 88 that
+    no restart would find, and they were asked and paid for again (190 asks for 100 answers)."""
+    import shutil
+
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
+    suite, questions = make_suite(n_tasks=5, per_task=20)
+    dispatcher = Answering("The answer is (A).", delay=0.02)
+    with Store(tmp_path / "state") as store:
+        registry, svc = service(config, store, dispatcher, suite, questions)
+        watch = asyncio.create_task(svc.watch(0.05))
+        try:
+            await wait_until(lambda: len(store.answered("m")) >= 4)
+            if how == "deleted":
+                for suffix in ("", "-wal", "-shm"):
+                    (tmp_path / "state" / f"satroute.db{suffix}").unlink(missing_ok=True)
+            else:  # a backup restored over it
+                shutil.copy(tmp_path / "state" / "satroute.db", tmp_path / "backup.db")
+                (tmp_path / "backup.db").replace(tmp_path / "state" / "satroute.db")
+            with caplog.at_level(logging.ERROR, logger="satroute.onboarding"):
+                await wait_until(lambda: svc.store_lost is not None)
+            await asyncio.wait_for(svc.runs["m"], 10)  # its asks out end; no new one goes
+            asked = dispatcher.calls
+            await asyncio.sleep(0.3)
+        finally:
+            watch.cancel()
+            await asyncio.gather(watch, return_exceptions=True)
+        assert dispatcher.calls == asked < len(questions)
+        assert f"satroute.db {'was deleted' if how == 'deleted' else 'was replaced by another file'}" in svc.store_lost
+        assert svc.status()["stopped"] == svc.store_lost and svc.store_lost in caplog.text
