@@ -30,7 +30,7 @@ from proxy.auth import MasterKeyAuth, is_loopback
 from proxy.cooldown import Cooldowns
 from proxy.cpuload import CpuLoad, busy_within_quota
 from proxy.dispatch import Dispatcher, RetryingDispatcher
-from proxy.errors import ConfigError, SatrouteError, error_event, plain_error_response
+from proxy.errors import SatrouteError, StateStoreError, error_event, plain_error_response
 from proxy.localserver import local_models_hook, shared_key, threads_of
 from proxy.logs import RequestLogMiddleware
 from proxy.metrics import Metrics
@@ -40,6 +40,7 @@ from proxy.providers import ProfileSource, ProviderRegistry, Snapshot
 from proxy.routelog import route_log_hook
 from proxy.scoring import ScorerHost
 from proxy.settings import Settings, environ
+from proxy.store import unopenable
 
 log = logging.getLogger("satroute.app")
 
@@ -198,8 +199,7 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
     try:
         store = open_store(settings) if profile_source is None else None
     except (OSError, sqlite3.Error) as exc:  # a file where the folder should be, no permission, ...
-        raise ConfigError(f"cannot open the state store in {settings.state_dir} "
-                          f"(SATROUTE_STATE_DIR): {exc}") from None
+        raise StateStoreError(unopenable(settings.state_dir, exc) + " (SATROUTE_STATE_DIR)") from None
     # the local servers' key kept in the state folder (or made and kept there now, once for every
     # proxy on it): a `satroute onboard` that read it goes on asking the local model across a
     # restart of this proxy, and asks any proxy's servers on that folder with it

@@ -243,13 +243,14 @@ def _serve_on(sockets: list[socket.socket], settings: Settings, master: str | No
     import uvicorn
 
     from proxy.app import create_app
-    from proxy.errors import ConfigError
+    from proxy.errors import ConfigError, StateStoreError
     from proxy.httpserver import BoundedHttpToolsProtocol
 
     try:
         app = create_app(settings)
     except ConfigError as exc:
-        print(f"satroute: invalid configuration: {exc}", file=sys.stderr)
+        what = "" if isinstance(exc, StateStoreError) else "invalid configuration: "
+        print(f"satroute: {what}{exc}", file=sys.stderr)
         return 2
     registry = app.state.services.registry
     redactor.use(lambda: (*registry.snapshot.secrets, *([master] if master else [])))

@@ -49,6 +49,10 @@ class ConfigError(SatrouteError):
     type = "config_error"
 
 
+class StateStoreError(ConfigError):
+    """The state store cannot be opened at start-up: no fault of the configuration's."""
+
+
 class RequestError(SatrouteError):
     status = 400
     type = "invalid_request_error"

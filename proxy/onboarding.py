@@ -54,7 +54,7 @@ from typing import Any, Awaitable, Callable, Protocol, Sequence, TypeVar
 from proxy.errors import ConfigError, UpstreamClientError, UpstreamError
 from proxy.questions import Question
 from proxy.routing import approx_tokens
-from proxy.store import GradedAnswer, ModelBusy, Progress, Store, UpstreamInUse
+from proxy.store import GradedAnswer, ModelBusy, Progress, Store, UpstreamInUse, unopenable
 from scorer.aptitude import Suite, profile_from_graded
 from scorer.grading import build_messages, extract_answer
 
@@ -1106,8 +1106,7 @@ async def _run_cli(settings, model: str, restart: bool) -> int:
     try:
         store = Store(settings.state_dir)
     except (OSError, sqlite3.Error) as exc:
-        print(f"satroute onboard: cannot open the state store in {settings.state_dir}: {exc}",
-              file=sys.stderr)
+        print(f"satroute onboard: {unopenable(settings.state_dir, exc)}", file=sys.stderr)
         return 2
     with store:  # closing it gives up the lease on the model, however the command ends
         try:

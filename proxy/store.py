@@ -45,6 +45,7 @@ import logging
 import math
 import os
 import secrets
+import shutil
 import socket
 import sqlite3
 import threading
@@ -262,6 +263,22 @@ def _profile_json(tasks: Mapping[str, float]) -> str:
 def _finite_scores(scores: Mapping[str, float]) -> dict[str, float | None]:
     """Scores as JSON can hold them: an unscored candidate (-inf, NaN) as None."""
     return {k: v if math.isfinite(v) else None for k, v in scores.items()}
+
+
+def unopenable(state_dir: str | Path, exc: BaseException) -> str:
+    """What the line about a state store that cannot be opened says: the error, and what SQLite's
+    own words ("disk I/O error", "unable to open database file") leave out, where it can be told:
+    a folder that cannot be written, a filesystem that is full."""
+    folder = Path(state_dir)
+    hint = ""
+    try:
+        if folder.is_dir() and not os.access(folder, os.W_OK):
+            hint = " (the folder cannot be written: a read-only volume, or another user's)"
+        elif folder.is_dir() and (free := shutil.disk_usage(folder).free) < 1 << 20:
+            hint = f" (its filesystem is full: {free} bytes free)"
+    except OSError:
+        pass
+    return f"cannot open the state store in {state_dir}: {exc}{hint}"
 
 
 class Store:

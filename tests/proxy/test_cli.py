@@ -512,3 +512,32 @@ def test_onboard_s_error_about_an_unavailable_model_is_one_line(tmp_path):
     done = onboard("two")
     why = "litellm_params.api_key references unset environment variable SATROUTE_TEST_UNSET"
     assert (done.returncode, done.stderr) == (2, f"satroute onboard: two is unavailable: {why}\n")
+
+
+def test_a_state_store_that_cannot_be_opened_is_no_invalid_configuration(tmp_path, monkeypatch, capsys):
+    """A full disk or a read-only volume was told as "invalid configuration: ... disk I/O error"
+    or "unable to open database file": the line says which, where it can be told."""
+    import collections
+    import sqlite3
+
+    from proxy import store as store_module
+
+    cfg = tmp_path / "providers.yaml"
+    cfg.write_text("model_list:\n  - {model_name: a, litellm_params: {model: openai/a}}\n")
+    state = tmp_path / "state"
+    state.mkdir()
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(store_module.shutil, "disk_usage", lambda p: usage(10 << 20, 10 << 20, 4096))
+    full = store_module.unopenable(state, sqlite3.OperationalError("database or disk is full"))
+    assert full == f"cannot open the state store in {state}: database or disk is full (its filesystem is full: 4096 bytes free)"
+    monkeypatch.setattr(store_module.os, "access", lambda p, mode: False)
+    assert "(the folder cannot be written: a read-only volume, or another user's)" in store_module.unopenable(
+        state, sqlite3.OperationalError("unable to open database file"))
+    state.rmdir()
+    state.write_text("not a folder")
+    monkeypatch.setenv("SATROUTE_SCORER", "constant")
+    monkeypatch.setenv("SATROUTE_STATE_DIR", str(state))
+    monkeypatch.setattr("uvicorn.Server.run", lambda *a, **kw: pytest.fail("served without its state store"))
+    assert cli.main(["serve", "--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("satroute: cannot open the state store in") and "invalid configuration" not in err
