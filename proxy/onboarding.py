@@ -318,6 +318,9 @@ class _Run:
         # run on its account is no wait on the upstream), and its last answer
         self.started = self.answered_at = 0.0
         self.asked = False  # it has sent a question
+        # since when it has waited, nothing of its own out, for another run on its account to
+        # leave it a place: no wait on its upstream, so the clocks above move on by it
+        self.in_line_since: float | None = None
         self.first_failure = 0.0  # of the failures in a row
         self.quiet = False  # said stalled because asks are out and no answer came for give_up_s
         self.probing = False
@@ -716,12 +719,19 @@ class Onboarding:
             # as many questions in flight as the upstream is asked at once now, or another
             # model's run on its account, begun earlier, has the turn
             if pace.full or not pace.first_in_line(state, self.clock()):
+                if state.in_flight == 0 and state.in_line_since is None:
+                    state.in_line_since = self.clock()
                 await pace.freed()
                 continue
             question = state.queue.popleft()
             if not state.queue:  # the runs after it in line may take the places left
                 pace.wake()
-            if not state.asked:  # what "no answer for" counts from
+            if state.in_line_since is not None:  # what "no answer for" counts, less its wait in line
+                waited, state.in_line_since = self.clock() - state.in_line_since, None
+                state.started += waited
+                state.answered_at += waited
+                state.first_failure += waited
+            if not state.asked:  # counted from its first ask
                 state.asked = True
                 state.started = state.answered_at = self.clock()
             state.in_flight += 1

@@ -1257,3 +1257,31 @@ async def test_a_run_waiting_in_line_on_its_account_has_not_been_waiting_on_its_
         await first
     assert b.status == "done" and b.done == len(questions), b.reason
     assert "onboarding b stalled: no answer for" not in caplog.text
+
+
+async def test_every_wait_in_line_on_its_account_is_no_wait_on_its_upstream(tmp_path):
+    """Not only the wait before its first ask: a run that got a place while the run before it
+    was in its backoff, then waited in line again while that one asked all its questions, was
+    failed by its next failure ("no answer for" the whole wait), after two asks."""
+    from proxy.errors import UpstreamError
+
+    suite, questions = make_suite(n_tasks=3, per_task=10)
+
+    class Loading(FakeAsker):  # a fails once; b fails twice (a cold start's 503s)
+        async def ask(self, model, messages, **params):
+            if self.fails.get(model):
+                self.fails[model] -= 1
+                await asyncio.sleep(0.01)
+                raise UpstreamError("HTTP 503: model is loading")
+            return await super().ask(model, messages, **params)
+
+    asker = Loading(questions, lambda q: "A", delay=0.05)
+    asker.fails = {"a": 1, "b": 2}
+    opts = Options(concurrency=1, backoff_s=0.2, backoff_max_s=0.4, give_up_s=1.0)
+    with Store(tmp_path) as store:
+        engine = Onboarding(store, suite, questions, asker, opts)
+        first = asyncio.create_task(engine.run("a", account="one"))
+        await wait_until(lambda: asker.failures or asker.asked or not asker.fails["a"])
+        b = await engine.run("b", account="one")
+        a = await first
+    assert a.status == "done" and b.status == "done" and b.done == len(questions), b.reason
