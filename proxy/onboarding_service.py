@@ -233,6 +233,7 @@ class OnboardingService:
         self.suite_name, self.data, self.hub, self.options = suite, data, hub, options
         self.runs: dict[str, asyncio.Task] = {}
         self.store_lost: str | None = None  # why onboarding stopped: the store's file went away
+        self._store_suspect = False  # the last tick found the store's file changed
         self._engine: Onboarding | None = None
         self._engine_lock = asyncio.Lock()
         self._source_error: str | None = None
@@ -271,7 +272,7 @@ class OnboardingService:
         last = None
         while True:
             try:
-                self._check_store_file()
+                await self._check_store_file()
                 progress = await asyncio.to_thread(self.store.all_progress, self._suite_questions(),
                                                    list(self.registry.snapshot.models))
                 self._pick_up_profiles(progress)
@@ -292,15 +293,17 @@ class OnboardingService:
                 last = None
             await asyncio.sleep(interval_s)
 
-    def _check_store_file(self) -> None:
+    async def _check_store_file(self) -> None:
         """Stop onboarding, said once, when the state store's file was deleted or replaced under
         the running proxy: its answers went on being written to the file SQLite had open, where
         nothing reads them, and were asked and paid for again after a restart, while the status
-        counted them as stored."""
+        counted them as stored. Seen on two ticks in a row (a network volume's passing glitch
+        is not a lost store), each looked at on a thread (a hung volume must not hold the loop)."""
         if self.store_lost is not None:
             return
-        why = self.store.file_changed()
-        if why is None:
+        why = await asyncio.to_thread(self.store.file_changed)
+        if why is None or not self._store_suspect:
+            self._store_suspect = why is not None
             return
         self.store_lost = (f"the state store {self.store.path} {why} while the proxy runs: "
                            "onboarding stopped, and the routing log is not kept; restart the proxy")
@@ -751,6 +754,8 @@ class OnboardingService:
     def retry_failed(self) -> list[str]:
         """Have the next tick onboard again every model whose run failed (SIGHUP: its upstream,
         down or refusing, may be back, with providers.yaml unchanged); the models, by name."""
+        if self.draining:  # stopping, or stopped for a lost store: nothing is tried again
+            return []
         failed = sorted(self._failed_stamp)
         self._failed_stamp.clear()
         self._since = time.time()  # a failure stored before is not this configuration's to keep

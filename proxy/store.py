@@ -308,20 +308,29 @@ class Store:
             self._db.close()
             raise
         self._reader = self._connect()
-        self._identity = self._file_identity()
+        try:
+            self._identity = self._file_identity()
+        except OSError:
+            self._identity = None
 
     def _file_identity(self) -> tuple[int, int] | None:
+        """The database file's (device, inode); None when it does not exist. Another failure of
+        ``stat`` (a network volume's ESTALE, a timeout) is raised: it tells nothing."""
         try:
             st = os.stat(self.path)
-        except OSError:
+        except FileNotFoundError:
             return None
         return st.st_dev, st.st_ino
 
     def file_changed(self) -> str | None:
         """Why the database file at ``path`` is no longer the one this store writes, or None: it
         was deleted, or another file was put in its place (a backup restored while the proxy
-        runs). SQLite goes on writing to the file it opened, where nothing will read it."""
-        now = self._file_identity()
+        runs). SQLite goes on writing to the file it opened, where nothing will read it. None too
+        when it cannot be told now (``stat`` failed otherwise)."""
+        try:
+            now = self._file_identity()
+        except OSError:
+            return None
         if now == self._identity:
             return None
         return "was deleted" if now is None else "was replaced by another file"

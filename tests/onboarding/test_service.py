@@ -1212,3 +1212,34 @@ async def test_a_state_store_file_deleted_or_replaced_under_the_proxy_stops_onbo
         assert dispatcher.calls == asked < len(questions)
         assert f"satroute.db {'was deleted' if how == 'deleted' else 'was replaced by another file'}" in svc.store_lost
         assert svc.status()["stopped"] == svc.store_lost and svc.store_lost in caplog.text
+
+
+async def test_a_passing_stat_failure_of_the_state_store_is_no_lost_store(tmp_path, monkeypatch):
+    """One ESTALE of a network volume stopped onboarding until a restart, the file unchanged."""
+    import errno
+    import os
+
+    from proxy import store as store_module
+
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("m", "http://127.0.0.1:9", tmp_path)])
+    suite, questions = make_suite(n_tasks=4, per_task=5)
+    with Store(tmp_path / "state") as store:
+        registry, svc = service(config, store, Answering("The answer is (A).", delay=0.01), suite, questions)
+        real, failures = os.stat, [3]
+
+        def flaky(path, *args, **kwargs):
+            if str(path).endswith("satroute.db") and failures[0]:
+                failures[0] -= 1
+                raise OSError(errno.ESTALE, "Stale file handle")
+            return real(path, *args, **kwargs)
+
+        monkeypatch.setattr(store_module.os, "stat", flaky)
+        for _ in range(4):
+            await svc._check_store_file()
+        assert failures == [0] and svc.store_lost is None and not svc.draining
+        assert svc.retry_failed() == []  # nothing failed
+        svc._failed_stamp["x"] = b"d"
+        svc.begin_drain()  # stopping (or stopped for a lost store): SIGHUP tries nothing again
+        assert svc.retry_failed() == [] and "x" in svc._failed_stamp
+        await svc.stop()
