@@ -308,10 +308,9 @@ class Store:
             self._db.close()
             raise
         self._reader = self._connect()
-        try:
+        self._identity: tuple[int, int] | None = None  # unknown until a stat tells it
+        with contextlib.suppress(OSError):
             self._identity = self._file_identity()
-        except OSError:
-            self._identity = None
 
     def _file_identity(self) -> tuple[int, int] | None:
         """The database file's (device, inode); None when it does not exist. Another failure of
@@ -330,6 +329,9 @@ class Store:
         try:
             now = self._file_identity()
         except OSError:
+            return None
+        if self._identity is None:  # a stat at open failed (a network volume's ESTALE): this is it
+            self._identity = now
             return None
         if now == self._identity:
             return None
