@@ -91,3 +91,22 @@ def test_compare_times_both_scorers_in_alternation(bundle):
     (row,) = report["rows"]
     assert row["candidates"] == 2 and row["trained_p50_ms"] > 0 and row["random_p50_ms"] > 0
     assert row["ratio"] == pytest.approx(row["random_p50_ms"] / row["trained_p50_ms"])
+
+
+def test_a_step_that_fails_leaves_the_others_to_run_and_is_named(bundle, tmp_path):
+    """One crashing step (a CUDA error in the first latency curve) ended the script there: a
+    machine lent for minutes gave back nothing else. The commit is named even where the copy of
+    the tree holds no .git."""
+    python = tmp_path / "python"
+    python.write_text("#!/usr/bin/env bash\n"
+                      "case \" $* \" in *scorer_latency.py*\" --json \"*\"scorer_latency_cpu.json\"*) "
+                      "echo 'RuntimeError: CUDA error (injected)' >&2; exit 3;; esac\n"
+                      f"exec {sys.executable} \"$@\"\n")
+    python.chmod(0o755)
+    out = tmp_path / "out"
+    run = _check(bundle, out, DEVICE="cpu", REPEATS="1", CANDIDATES="2", BATCHES="1", PYTHON=str(python),
+                 COMMIT="abc1234")
+    assert run.returncode == 3, run.stdout[-2000:] + run.stderr[-2000:]
+    assert "cuda_check: failed: the latency curve (exit 3)" in run.stderr
+    assert (out / "scorer_latency_cpu_256.json").exists() and (out / "batch_requests_cpu.json").exists()
+    assert "commit abc1234" in (out / "env.txt").read_text()
