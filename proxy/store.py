@@ -309,8 +309,12 @@ class Store:
             raise
         self._reader = self._connect()
         self._identity: tuple[int, int] | None = None  # unknown until a stat tells it
-        with contextlib.suppress(OSError):
-            self._identity = self._file_identity()
+        for attempt in range(3):  # a network volume's passing ESTALE
+            try:
+                self._identity = self._file_identity()
+                break
+            except OSError:
+                time.sleep(0.05 * (attempt + 1))
 
     def _file_identity(self) -> tuple[int, int] | None:
         """The database file's (device, inode); None when it does not exist. Another failure of
@@ -330,7 +334,9 @@ class Store:
             now = self._file_identity()
         except OSError:
             return None
-        if self._identity is None:  # a stat at open failed (a network volume's ESTALE): this is it
+        if self._identity is None:  # the stats at open failed (a network volume's ESTALE)
+            if now is None:  # SQLite made the file when the store opened: it was there then
+                return "was deleted"
             self._identity = now
             return None
         if now == self._identity:

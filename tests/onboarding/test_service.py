@@ -1243,8 +1243,13 @@ async def test_a_passing_stat_failure_of_the_state_store_is_no_lost_store(tmp_pa
         svc.begin_drain()  # stopping (or stopped for a lost store): SIGHUP tries nothing again
         assert svc.retry_failed() == [] and "x" in svc._failed_stamp
         await svc.stop()
-    failures[0] = 1  # once more, while a store opens: its file is not known yet, not another one
-    with Store(tmp_path / "state") as reopened:
-        assert failures == [0] and reopened.file_changed() is None and reopened.file_changed() is None
+    for at_open in (1, 3):  # while a store opens: tried again; failing throughout, its file is
+        failures[0] = at_open  # not known yet, which is not another file
+        with Store(tmp_path / "state") as reopened:
+            assert failures == [0] and reopened.file_changed() is None and reopened.file_changed() is None
+            (tmp_path / "state" / "satroute.db").unlink()
+            assert reopened.file_changed() == "was deleted"
+    failures[0] = 3
+    with Store(tmp_path / "state") as reopened:  # deleted before any stat could tell it: still told
         (tmp_path / "state" / "satroute.db").unlink()
         assert reopened.file_changed() == "was deleted"
