@@ -406,6 +406,10 @@ class Onboarding:
         """Asks sent and not yet answered and stored, over every run (a probe included)."""
         return sum(s.in_flight + s.storing + s.probing for s in self._live)
 
+    def answers_unstored(self) -> int:
+        """Of ``asks_out``, the answers in hand that wait for the store to take them."""
+        return sum(s.storing for s in self._live)
+
     async def run(self, model: str, prices: Prices | Callable[[], Prices] = Prices(),
                   upstream: str | None = None, legacy: str | None = None,
                   config: str | None = None, failed_since: float | None = None,

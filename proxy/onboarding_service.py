@@ -781,8 +781,14 @@ class OnboardingService:
         while engine.asks_out() and time.monotonic() < deadline and not forced():
             await asyncio.sleep(0.05)
         if engine.asks_out():
-            log.warning("onboarding: %d questions sent were not answered before the shutdown's "
-                        "deadline; they are asked again at the next start", engine.asks_out())
+            held = engine.answers_unstored()
+            out = engine.asks_out() - held
+            said = [f"{out} question{'s' if out != 1 else ''} sent were not answered"] if out else []
+            if held:  # answered and paid for, but the store refused them (a full disk)
+                said.append(f"{held} answer{'s' if held != 1 else ''} received could not be stored "
+                            "(the state store refuses writes)")
+            log.warning("onboarding: %s before the shutdown's deadline; they are asked again at the "
+                        "next start", " and ".join(said))
 
     async def stop(self) -> None:
         for task in self.runs.values():

@@ -347,3 +347,27 @@ def test_a_damaged_stored_profile_is_skipped_with_one_warning(tmp_path, caplog):
         assert registry.snapshot.models["bad"].profile is None
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "stored profile of bad is damaged" in warnings[0]
+
+
+async def test_a_shutdown_says_which_asks_out_were_answered_but_could_not_be_stored(tmp_path, caplog):
+    """During a store outage (a full disk) the shutdown waited its grace period for answers in
+    hand, then called them "not answered": paid for, asked again at the next start, and the log
+    pointed at the upstream instead of the disk."""
+    with Store(tmp_path / "state") as store:
+        answering = Counting("The answer is (A).", delay=0.01)
+        svc = await _started(tmp_path, store, answering, concurrency=2)
+        await wait_until(lambda: len(store.answered("m")) >= 2)
+        record = store.record
+
+        def full(*args, **kwargs):
+            raise sqlite3.OperationalError("database or disk is full")
+
+        store.record = full
+        await wait_until(lambda: svc._engine.answers_unstored() == 2)
+        with caplog.at_level(logging.WARNING, logger="satroute.onboarding"):
+            await svc.drain(time.monotonic() + 0.3)
+        store.record = record
+        await svc.stop()
+    assert ("onboarding: 2 answers received could not be stored (the state store refuses writes) "
+            "before the shutdown's deadline") in caplog.text
+    assert "were not answered" not in caplog.text
