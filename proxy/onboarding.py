@@ -267,12 +267,16 @@ class _Pace:
         round the runs, ten models on one key all finished together near the end, none routable
         before. A run before it that cannot ask now (in its backoff, stopping, its workers gone,
         nothing left to send) holds no one back."""
+        return self.ahead_of(run, now) is None
+
+    def ahead_of(self, run: _Run, now: float) -> _Run | None:
+        """The run begun earlier on the account that has the turn before ``run`` now, or None."""
         for other in self.runs:
             if other is run:
-                return True
+                return None
             if other.queue and other.workers and not other.stopping and other.resume_at <= now:
-                return False
-        return True
+                return other
+        return None
 
     def take(self) -> int:
         """One more question in flight; the ``epoch`` it goes out under."""
@@ -321,6 +325,7 @@ class _Run:
         # since when it has waited, nothing of its own out, for another run on its account to
         # leave it a place: no wait on its upstream, so the clocks above move on by it
         self.in_line_since: float | None = None
+        self.said_in_line = False  # its status says it waits in line
         self.first_failure = 0.0  # of the failures in a row
         self.quiet = False  # said stalled because asks are out and no answer came for give_up_s
         self.probing = False
@@ -722,10 +727,21 @@ class Onboarding:
                 continue
             # as many questions in flight as the upstream is asked at once now, or another
             # model's run on its account, begun earlier, has the turn
-            if pace.full or not pace.first_in_line(state, self.clock()):
+            ahead = pace.ahead_of(state, self.clock())
+            if pace.full or ahead is not None:
                 if state.in_flight == 0 and state.in_line_since is None:
                     state.in_line_since = self.clock()
+                    if ahead is not None:  # not a stale failure's "stalled", nor "running" unsaid
+                        await self._set_status(
+                            state, "running", f"waiting for {ahead.model}, begun earlier on its "
+                            "provider account: its models are onboarded one after another")
+                        state.said_in_line = True
+                        continue  # that awaited: what holds now is looked at again
                 await pace.freed()
+                continue
+            if state.said_in_line:  # its turn: the status says so before it asks
+                state.said_in_line = False
+                await self._set_status(state, "running")
                 continue
             question = state.queue.popleft()
             if not state.queue:  # the runs after it in line may take the places left

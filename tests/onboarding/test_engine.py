@@ -1285,3 +1285,26 @@ async def test_every_wait_in_line_on_its_account_is_no_wait_on_its_upstream(tmp_
         b = await engine.run("b", account="one")
         a = await first
     assert a.status == "done" and b.status == "done" and b.done == len(questions), b.reason
+
+
+async def test_a_run_waiting_in_line_says_so_not_a_stale_failure(tmp_path):
+    """Waiting behind another model's run on its account, a run showed "stalled" with a timeout
+    of minutes before (its backoff long over), or "running" with nothing asked."""
+    suite, questions = make_suite(n_tasks=2, per_task=6)
+    asker = Timed(questions, lambda q: "A", delay=0.02)
+    with Store(tmp_path) as store:
+        set_status, said = store.set_status, []
+        store.set_status = lambda model, status, reason=None, **kw: (
+            said.append((model, status, reason)), set_status(model, status, reason, **kw))
+        engine = Onboarding(store, suite, questions, asker, Options(concurrency=2))
+        first = asyncio.create_task(engine.run("m1", account="one"))
+        await wait_until(lambda: asker.sent)
+        second = await engine.run("m2", account="one")
+        await first
+    assert second.status == "done"
+    mine = [(status, reason) for model, status, reason in said if model == "m2"]
+    waiting = ("running", "waiting for m1, begun earlier on its provider account: its models are "
+               "onboarded one after another")
+    assert mine.index(waiting) < mine.index(("running", None))
+    first_m2 = next(at for at, _, m in asker.sent if m == "m2")
+    assert all(at < first_m2 for at, _, m in asker.sent if m == "m1")  # it waited all along
