@@ -3,6 +3,7 @@ mock upstream), driven by the openai SDK: what a client sees must not depend on 
 provider answered."""
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -573,9 +574,9 @@ def test_a_200_that_is_no_answer_falls_back_on_the_litellm_path_as_on_the_other(
     assert raw.headers["x-satroute-model"] == "oai-fast" and text
 
 
-def test_the_connect_timeout_bounds_a_connect_on_the_litellm_path_too(tmp_path, upstream, start_proxy):
-    """A listener whose backlog is full never completes a connect: connect_timeout_s, not the
-    attempt's timeout_s, decides when the next model is tried."""
+@contextlib.contextmanager
+def _never_connecting_port():
+    """The port of a loopback listener whose backlog is full: a connect to it never completes."""
     import socket
     import time
 
@@ -594,18 +595,27 @@ def test_the_connect_timeout_bounds_a_connect_on_the_litellm_path_too(tmp_path, 
             fillers.append(s)
         time.sleep(0.1)
         try:
-            cfg = write_config(tmp_path / "providers.yaml",
-                               [model_entry("lite", f"http://127.0.0.1:{port}/v1", tmp_path, fast_path=False),
-                                model_entry("oai-fast", upstream.url, tmp_path, fast_path=True)],
-                               num_retries=0, timeout_s=8, connect_timeout_s=0.5)
-            proxy = start_proxy(cfg, scorer=RecordingScorer({"lite": 0.9, "oai-fast": 0.1}))
-            client(proxy).chat.completions.create(model="oai-fast", messages=MESSAGES)  # litellm imported
-            started = time.monotonic()
-            raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
-            took = time.monotonic() - started
+            yield port
         finally:
             for s in fillers:
                 s.close()
+
+
+def test_the_connect_timeout_bounds_a_connect_on_the_litellm_path_too(tmp_path, upstream, start_proxy):
+    """A listener whose backlog is full never completes a connect: connect_timeout_s, not the
+    attempt's timeout_s, decides when the next model is tried."""
+    import time
+
+    with _never_connecting_port() as port:
+        cfg = write_config(tmp_path / "providers.yaml",
+                           [model_entry("lite", f"http://127.0.0.1:{port}/v1", tmp_path, fast_path=False),
+                            model_entry("oai-fast", upstream.url, tmp_path, fast_path=True)],
+                           num_retries=0, timeout_s=8, connect_timeout_s=0.5)
+        proxy = start_proxy(cfg, scorer=RecordingScorer({"lite": 0.9, "oai-fast": 0.1}))
+        client(proxy).chat.completions.create(model="oai-fast", messages=MESSAGES)  # litellm imported
+        started = time.monotonic()
+        raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+        took = time.monotonic() - started
     assert raw.headers["x-satroute-model"] == "oai-fast" and raw.headers["x-satroute-failed"].startswith("lite:")
     assert took < 4, f"the connect took {took:.1f} s to give up, connect_timeout_s is 0.5"
 
@@ -1077,30 +1087,10 @@ def test_litellm_s_own_failure_is_logged_with_its_trace_only_where_prompts_are(c
 def test_a_connect_that_timed_out_is_not_told_as_a_slow_answer(tmp_path, start_proxy):
     """The 504 and the log said "no answer within 8.0s" for an attempt that gave up connecting
     after 0.5 s: an unreachable host read as a slow model."""
-    import socket
-    import time
-
-    with socket.socket() as hole:
-        hole.bind(("127.0.0.1", 0))
-        hole.listen(0)
-        port = hole.getsockname()[1]
-        fillers = []
-        for _ in range(3):  # fill the backlog: later connects hang
-            s = socket.socket()
-            s.setblocking(False)
-            try:
-                s.connect(("127.0.0.1", port))
-            except BlockingIOError:
-                pass
-            fillers.append(s)
-        time.sleep(0.1)
-        try:
-            cfg = write_config(tmp_path / "providers.yaml",
-                               [model_entry("far", f"http://127.0.0.1:{port}/v1", tmp_path, fast_path=True)],
-                               num_retries=0, timeout_s=8, connect_timeout_s=0.5)
-            proxy = start_proxy(cfg)
-            r = httpx.post(f"{proxy.url}/chat/completions", json={"model": "far", "messages": MESSAGES}, timeout=30)
-        finally:
-            for s in fillers:
-                s.close()
+    with _never_connecting_port() as port:
+        cfg = write_config(tmp_path / "providers.yaml",
+                           [model_entry("far", f"http://127.0.0.1:{port}/v1", tmp_path, fast_path=True)],
+                           num_retries=0, timeout_s=8, connect_timeout_s=0.5)
+        proxy = start_proxy(cfg)
+        r = httpx.post(f"{proxy.url}/chat/completions", json={"model": "far", "messages": MESSAGES}, timeout=30)
     assert r.status_code == 504 and "far: could not connect within 0.5s" in r.json()["error"]["message"], r.text
