@@ -261,16 +261,12 @@ class _Pace:
         self._freed.set()
         self._freed = asyncio.Event()
 
-    def first_in_line(self, run: _Run, now: float) -> bool:
-        """Whether a worker of ``run`` may take a free place now. The runs on one account are
-        served in the order they began, so the first finishes (and joins routing) first: shared
-        round the runs, ten models on one key all finished together near the end, none routable
-        before. A run before it that cannot ask now (in its backoff, stopping, its workers gone,
-        nothing left to send) holds no one back."""
-        return self.ahead_of(run, now) is None
-
     def ahead_of(self, run: _Run, now: float) -> _Run | None:
-        """The run begun earlier on the account that has the turn before ``run`` now, or None."""
+        """The run that has the turn before ``run`` now, or None: a worker of ``run`` may take a
+        free place. The runs on one account are served in the order they began, so the first
+        finishes (and joins routing) first: shared round the runs, ten models on one key all
+        finished together near the end, none routable before. A run before it that cannot ask now
+        (in its backoff, stopping, its workers gone, nothing left to send) holds no one back."""
         for other in self.runs:
             if other is run:
                 return None

@@ -516,13 +516,11 @@ class OnboardingService:
             task = self.runs.pop(name)
             if not task.cancelled():
                 task.exception()  # read: a failure was logged by the task's done-callback
-            for kept in (self._run_upstream, self._run_prices, self._picked_up, self._failed_stamp):
-                kept.pop(name, None)
-            self._regraded.discard(name)
-        for name in [n for n in (*self._picked_up, *self._failed_stamp, *self._regraded)
-                     if n not in models and n not in self.runs]:
-            self._picked_up.pop(name, None)
-            self._failed_stamp.pop(name, None)
+        kept = (self._run_upstream, self._run_prices, self._picked_up, self._failed_stamp)
+        for name in {n for names in (*kept, self._regraded) for n in names
+                     if n not in models and n not in self.runs}:  # a live run still reads its own
+            for by_name in kept:
+                by_name.pop(name, None)
             self._regraded.discard(name)
         _FREE_SIDES.difference_update({k for k in _FREE_SIDES if k[0] not in models})
 
