@@ -772,13 +772,13 @@ def _unsendable(api_base: Any, api_key: Any, params: Mapping[str, Any], *,
         # it left (a 500 each, the model cooled again and again); a key or organization id is
         # ASCII at every provider, so a character beyond it (a zero-width space pasted with the
         # key) is a mistake on either path; the direct path sends other headers' UTF-8 bytes
-        if (litellm_path or not key.startswith("extra_headers.")) and not value.isascii():
+        header = key.startswith("extra_headers.")
+        if (litellm_path or not header) and not value.isascii():
             at = next(i for i, c in enumerate(value) if not c.isascii())
             return (f"litellm_params.{key} holds a non-ASCII character (U+{ord(value[at]):04X} at "
                     f"position {at})"
-                    + (": a character pasted with it?" if not key.startswith("extra_headers.")
-                       else ": this model's calls go through litellm, which sends header "
-                            "values as ASCII only"))
+                    + (": this model's calls go through litellm, which sends header values as "
+                       "ASCII only" if header else ": a character pasted with it?"))
     return None
 
 

@@ -35,7 +35,8 @@ class Decision:
 
     def scores_header(self) -> str:
         """``name=score`` pairs, best first; a candidate the scorer could not read or did not read
-        (past ``max_scored_candidates``; ranked last) as ``-Infinity``, which JavaScript's ``parseFloat`` reads too (``-inf`` it reads as NaN)."""
+        (past ``max_scored_candidates``; ranked last) as ``-Infinity``, which JavaScript's
+        ``parseFloat`` reads too (``-inf`` it reads as NaN)."""
         def number(score: float) -> str:
             if math.isfinite(score):
                 return f"{score:.4f}"

@@ -144,8 +144,9 @@ def browser_origin(origin: str) -> str:
         port = parts.port
     except ValueError:
         return origin
-    host = parts.hostname
-    if parts.scheme.lower() not in _DEFAULT_PORTS or not host or parts.path or parts.query or parts.fragment or "@" in parts.netloc:
+    host, scheme = parts.hostname, parts.scheme.lower()
+    if (scheme not in _DEFAULT_PORTS or not host or parts.path or parts.query or parts.fragment
+            or "@" in parts.netloc):
         return origin
     try:
         host = host.encode("idna").decode("ascii")
@@ -153,7 +154,6 @@ def browser_origin(origin: str) -> str:
         pass  # not a name IDNA can write: compared as it is
     if ":" in host:
         host = f"[{host}]"
-    scheme = parts.scheme.lower()
     return f"{scheme}://{host}" + (f":{port}" if port is not None and port != _DEFAULT_PORTS.get(scheme) else "")
 
 

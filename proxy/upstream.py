@@ -629,7 +629,7 @@ async def _events(resp: aiohttp.ClientResponse, head: bytes = b"") -> AsyncItera
             continue
         yield bytes(buf[: cut + 2])
         del buf[: cut + 2]
-    if bytes(buf).strip():
+    if buf.strip():
         yield bytes(buf) + b"\n\n"
 
 

@@ -95,6 +95,11 @@ def _rope(llm_config) -> dict:
     return getattr(llm_config, "rope_parameters", None) or getattr(llm_config, "rope_scaling", None) or {}
 
 
+def _rope_scaling(rope: dict) -> str:
+    """The RoPE variant ``_rope``'s settings name ("default": plain RoPE)."""
+    return rope.get("rope_type", rope.get("type", "default"))
+
+
 def as_llama(llm: nn.Module) -> nn.Module:
     """A Phi-3 causal LM with plain RoPE (Phi-3-mini-4k) as the LLaMA one that computes the same:
     its fused ``qkv_proj`` and ``gate_up_proj`` split into LLaMA's projections, the same weights
@@ -104,7 +109,7 @@ def as_llama(llm: nn.Module) -> nn.Module:
         return llm
     rope = _rope(cfg)
     partial = rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None) or 1.0)
-    if rope.get("rope_type", rope.get("type", "default")) != "default" or float(partial) != 1.0:
+    if _rope_scaling(rope) != "default" or float(partial) != 1.0:
         return llm  # the 128k models' longrope: refused by check_llm
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -146,8 +151,7 @@ def check_llm(llm_config) -> None:
     if kind not in SUPPORTED_LLMS:
         raise ValueError(f"phi is a {kind!r} model; the scorer's forward pass runs only "
                          f"{', '.join(SUPPORTED_LLMS)} layers, and phi3 with plain RoPE")
-    rope = _rope(llm_config)
-    scaling = rope.get("rope_type", rope.get("type", "default"))
+    scaling = _rope_scaling(_rope(llm_config))
     if scaling != "default":
         raise ValueError(f"phi's RoPE scaling {scaling!r} is not supported: the scorer's forward pass "
                          "computes plain RoPE")
