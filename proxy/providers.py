@@ -322,10 +322,13 @@ def upstream_fingerprint(d: Deployment) -> str:
     """What answers for a model name: its provider (``openai`` where ``litellm_params.model`` names
     none) and the model id the upstream knows, and ``api_base`` as it reaches the upstream
     (``_plain_base``), hashed. The same upstream written another way (``fake`` or ``openai/fake``,
-    a trailing ``/``, ``LOCALHOST``, a rotated password in the URL) has the same fingerprint; a
-    profile measured on another upstream (another host, 127.0.0.1 for localhost included) is
-    stale."""
-    return _fingerprint(f"{d.provider}/{d.upstream_model}", _plain_base(d.api_base))
+    a trailing ``/``, ``LOCALHOST``, a rotated password in the URL, the provider's own
+    ``api_base`` written out or left out: ``DEFAULT_BASES``) has the same fingerprint; a profile
+    measured on another upstream (another host, 127.0.0.1 for localhost included) is stale."""
+    base = _plain_base(d.api_base)
+    if base and base == _plain_base(DEFAULT_BASES.get(d.provider)):
+        base = ""  # the form of a model that names no api_base, as every version has recorded it
+    return _fingerprint(f"{d.provider}/{d.upstream_model}", base)
 
 
 def legacy_fingerprint(d: Deployment) -> str:

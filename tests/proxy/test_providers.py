@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from proxy.errors import ConfigError
-from proxy.providers import LocalServerConfig, ProviderRegistry, parse, upstream_fingerprint
+from proxy.providers import LocalServerConfig, ProviderRegistry, legacy_fingerprint, parse, upstream_fingerprint
 from proxy.store import Store
 
 LITELLM_CONFIG = """
@@ -504,6 +504,35 @@ def test_the_same_upstream_written_another_way_has_the_same_fingerprint():
     # two names of the same machine, in general two hosts
     assert fingerprint("http://localhost:8000/v1") != fingerprint("http://127.0.0.1:8000/v1")
     assert fingerprint("http://LOCALHOST:8000/v1/") == fingerprint("http://localhost:8000/v1")
+
+
+def test_the_provider_s_own_api_base_written_out_is_the_same_upstream(tmp_path):
+    """OpenAI's api_base written out (or left out again) is the upstream a hosted model had: its
+    profile is kept, not forgotten and the whole test paid for again (at no price, since a model
+    with an api_base of its own is not priced from litellm's list)."""
+    def model(api_base: str | None, name: str = "openai/gpt-4o"):
+        params = {"model": name} | ({"api_base": api_base} if api_base is not None else {})
+        return snap(json.dumps({"model_list": [{"model_name": "m", "litellm_params": params}]})).models["m"]
+
+    bare = upstream_fingerprint(model(None))
+    for written in ("https://api.openai.com/v1", "https://api.openai.com/v1/", "HTTPS://API.OpenAI.com/v1"):
+        assert upstream_fingerprint(model(written)) == bare, written
+    assert upstream_fingerprint(model(None, "gpt-4o")) == bare
+    for other in ("https://api.openai.com/v2", "https://eu.api.openai.com/v1", "http://api.openai.com/v1"):
+        assert upstream_fingerprint(model(other)) != bare, other
+    # a model onboarded with no api_base keeps its profile when it is written out
+    path = tmp_path / "providers.yaml"
+    path.write_text("model_list:\n  - {model_name: m, litellm_params: {model: openai/gpt-4o}}\n")
+    with Store(tmp_path / "state") as store:
+        reg = ProviderRegistry(path, dict, store)
+        d = reg.snapshot.models["m"]
+        store.begin("m", "suite", total=1, upstream=upstream_fingerprint(d), legacy=legacy_fingerprint(d))
+        store.finish("m", "suite", {"t": 0.5})
+        path.write_text("model_list:\n  - {model_name: m, litellm_params: {model: openai/gpt-4o, "
+                        "api_base: 'https://api.openai.com/v1/'}}\n")
+        assert reg.reload() and reg.snapshot.models["m"].profile == {"t": 0.5}
+        d = reg.snapshot.models["m"]
+        assert not store.upstream_changed("m", upstream_fingerprint(d), legacy_fingerprint(d))
 
 
 def test_models_on_one_provider_account_share_one_upstream_account():
