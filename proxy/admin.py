@@ -15,6 +15,7 @@ Does not know: how onboarding runs (``proxy.onboarding_service``), how the routi
 """
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 import orjson
@@ -60,13 +61,18 @@ async def onboarding_status(request: Request) -> Response:
 async def model_profile(request: Request) -> Response:
     """A model's capability profile: its accuracy on each task of the aptitude suite.
 
-    ``{"model", "suite", "source", "tasks": {task_id: accuracy}}``; 404 while it has none.
+    ``{"model", "suite", "source", "tasks": {task_id: accuracy}}``; 404 while it has none. A name
+    no longer in providers.yaml (renamed, removed) whose profile the store still holds gets it,
+    with ``"configured": false``: saved, it is a ``capability_profile`` for the new name.
     """
     svc = _services(request)
     name = request.path_params["name"]
     d = svc.registry.snapshot.models.get(name)
     if d is None:
-        raise ModelNotFound(f"no model {name!r} in providers.yaml", param="name")
+        stored = await asyncio.to_thread(_stored_profile, svc.store, name) if svc.store else None
+        if stored is None:
+            raise ModelNotFound(f"no model {name!r} in providers.yaml", param="name")
+        return Response(orjson.dumps(stored), media_type=JSON)
     if d.profile is None:
         status = svc.onboarding.status()["models"].get(name, {}) if svc.onboarding else {}
         why = status.get("status", "pending")
@@ -81,6 +87,16 @@ async def model_profile(request: Request) -> Response:
         suite = svc.store.profile_suite(name) if svc.store is not None else None
         body = {"model": name, "suite": suite, "source": "onboarding", "tasks": dict(d.profile)}
     return Response(orjson.dumps(body), media_type=JSON)
+
+
+def _stored_profile(store, name: str) -> dict | None:
+    """The profile the store holds under ``name`` whatever upstream it was measured on, as the
+    profile endpoint gives it, or None."""
+    tasks = store.get(name)
+    if tasks is None:
+        return None
+    return {"model": name, "suite": store.profile_suite(name), "source": "onboarding",
+            "configured": False, "tasks": tasks}
 
 
 async def routing_log(request: Request) -> Response:
