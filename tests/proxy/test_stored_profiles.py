@@ -3,6 +3,7 @@ routed and shown, with its suite, only while the model's upstream is the one it 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import httpx
 
@@ -11,13 +12,20 @@ from proxy.providers import parse, upstream_fingerprint
 from proxy.store import Store
 
 
-def test_a_stored_profile_is_used_and_shown_only_for_its_upstream(tmp_path, upstream, start_proxy):
+def _stored_fresh(tmp_path, upstream) -> tuple[dict, Path]:
+    """m1, and "fresh" with no profile in providers.yaml but one onboarding stored for its
+    upstream (t1: 0.9, suite mmlu_pro)."""
     fresh = model_entry("fresh", upstream.url, profile=False)
     path = write_config(tmp_path / "providers.yaml", [model_entry("m1", upstream.url, tmp_path), fresh])
     measured_on = upstream_fingerprint(parse(path.read_text(), path, {}, lambda d: None).models["fresh"])
     with Store(tmp_path / "state") as store:
         store.begin("fresh", "mmlu_pro", total=1, upstream=measured_on)
         store.finish("fresh", "mmlu_pro", {"t1": 0.9})
+    return fresh, path
+
+
+def test_a_stored_profile_is_used_and_shown_only_for_its_upstream(tmp_path, upstream, start_proxy):
+    fresh, path = _stored_fresh(tmp_path, upstream)
     proxy = start_proxy(path, onboarding=False)
 
     def profile() -> httpx.Response:
@@ -40,12 +48,7 @@ def test_a_renamed_model_s_stored_profile_is_shown_and_carried_to_the_new_name(t
                                                                               start_proxy):
     """A rename onboards the model again under its new name; the profile the store holds under
     the old name is still shown, and saved as a capability_profile it serves the new name."""
-    fresh = model_entry("fresh", upstream.url, profile=False)
-    path = write_config(tmp_path / "providers.yaml", [model_entry("m1", upstream.url, tmp_path), fresh])
-    measured_on = upstream_fingerprint(parse(path.read_text(), path, {}, lambda d: None).models["fresh"])
-    with Store(tmp_path / "state") as store:
-        store.begin("fresh", "mmlu_pro", total=1, upstream=measured_on)
-        store.finish("fresh", "mmlu_pro", {"t1": 0.9})
+    fresh, path = _stored_fresh(tmp_path, upstream)
     renamed = dict(fresh, model_name="renamed")
     write_config(path, [model_entry("m1", upstream.url, tmp_path), renamed])
     proxy = start_proxy(path, onboarding=False)
