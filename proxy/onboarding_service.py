@@ -414,7 +414,7 @@ class OnboardingService:
             if task is not None and not task.done():
                 self._regraded.add(p.model)  # its run grades them again under its lease
                 continue
-            if self.store.held(p.owner, p.heartbeat):
+            if self.store.held(p.owner, p.heartbeat, ("lease", p.model)):
                 continue
             try:
                 await engine.regrade(p.model)
@@ -424,16 +424,19 @@ class OnboardingService:
 
     def _report(self, progress: list[Progress]) -> None:
         """Onboarding progress into the metrics (none for a model whose stored answers are
-        another upstream's: ``pending``); the series of models no longer configured are dropped."""
+        another upstream's: ``pending``); the series of models no longer configured are dropped.
+        Each configured model's lease is read on every tick, metrics or not: the store judges a
+        lease it has read before by its own monotonic clock (``Store.held``)."""
+        models = self.registry.snapshot.models
+        shown = {p.model: self._shown(p)[0] for p in progress if p.model in models}
         if self.metrics is None:
             return
-        models = self.registry.snapshot.models
         for p in progress:
             if p.model in models:
                 if p.model in self._elsewhere:
                     self.metrics.observe_onboarding(p.model, 0, 0, "pending")
                 else:
-                    self.metrics.observe_onboarding(p.model, p.done, p.total, self._shown(p)[0])
+                    self.metrics.observe_onboarding(p.model, p.done, p.total, shown[p.model])
                 self._reported.add(p.model)
         for name in [m for m in self._reported if m not in models]:
             self.metrics.forget_onboarding(name)
@@ -702,7 +705,8 @@ class OnboardingService:
         unstored = self._engine.unstored.get(p.model) if self._engine is not None else None
         if unstored is not None:  # this process's live run, whose store refuses writes now
             return unstored
-        if p.status in ("running", "stalled") and not self.store.held(p.owner, p.heartbeat):
+        if p.status in ("running", "stalled") and not self.store.held(p.owner, p.heartbeat,
+                                                                      ("lease", p.model)):
             return "pending", "interrupted"
         return p.status, p.reason
 

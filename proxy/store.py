@@ -255,6 +255,41 @@ def _alive_here(owner: str) -> bool:
     return True
 
 
+class _Sightings:
+    """When the time stored in another process's records (a lease's heartbeat, the ``seen`` of
+    its upstream record) was written, on this process's monotonic clock: a record whose time
+    changed since it was last read here was written since, whatever the wall clock did meanwhile.
+    Read for the first time, its age is taken from the wall clock (the onboarding service reads
+    every configured model's lease on each tick, and the upstream records it waits on, so that
+    those it decides on were read before a step). Records not read for a while are forgotten
+    (their owners' processes come and go)."""
+
+    def __init__(self, stale_s: float):
+        self._stale_s = stale_s
+        self._seen: dict[tuple[str, ...], tuple[float, float, float]] = {}  # time, written, read
+        self._lock = threading.Lock()
+        self._pruned = time.monotonic()
+
+    def age(self, key: tuple[str, ...], stored: float) -> float:
+        """Seconds since the record ``key`` was written with ``stored``, as best this process
+        can tell."""
+        mono, wall = time.monotonic(), time.time()
+        with self._lock:
+            before = self._seen.get(key)
+            if before is None:  # the wall clock is all there is to go by
+                age = abs(wall - stored)
+                written = mono - age if age < self._stale_s else -math.inf
+            elif before[0] != stored:  # written since it was read last: not before that read
+                written = mono - min(max(0.0, wall - stored), mono - before[2])
+            else:
+                written = before[1]
+            self._seen[key] = (stored, written, mono)
+            if mono - self._pruned > 10 * self._stale_s:
+                self._pruned = mono
+                self._seen = {k: v for k, v in self._seen.items() if mono - v[2] < 10 * self._stale_s}
+        return mono - written
+
+
 def _profile_json(tasks: Mapping[str, float]) -> str:
     """A profile as the ``profiles`` table stores it."""
     return json.dumps({k: float(v) for k, v in tasks.items()}, sort_keys=True)
@@ -295,6 +330,7 @@ class Store:
         self._lock = threading.Lock()
         self._read_lock = threading.Lock()
         self._bad_profiles: set[str] = set()  # models whose damaged stored profile was reported
+        self._sightings = _Sightings(lease_stale_s)
         self._db = self._connect()
         try:
             self._wal()
@@ -451,23 +487,31 @@ class Store:
         self.close()
 
     # -- onboarding status ------------------------------------------------------------------
-    def held(self, owner: str | None, heartbeat: float | None) -> bool:
+    def held(self, owner: str | None, heartbeat: float | None, row: tuple[str, str] | None = None) -> bool:
         """True when a lease stored as ``owner`` and ``heartbeat`` is held: it is this process's,
-        or another live process's fresh one (its heartbeat less than ``lease_stale_s`` from now,
-        either way: one further ahead was written by a host whose clock was ahead, or before the
-        clock was stepped back, and would keep a killed process's lease for as long)."""
+        or another live process's fresh one, refreshed less than ``lease_stale_s`` ago. ``row``
+        names the record (``("lease", model)``, ``("user", model)``): one this process has read
+        before is judged by when it saw the time in it change, on its own monotonic clock
+        (``_Sightings``), so that a step of the wall clock (NTP at boot, a virtual machine
+        resumed) does not make a live process's records look stale, or a dead one's fresh.
+        Without ``row``, by the wall clock alone: fresh when the time in it is less than
+        ``lease_stale_s`` from now, either way (one further ahead was written by a host whose
+        clock was ahead, or before the clock was stepped back, and would keep a killed
+        process's lease for as long)."""
         if owner is None:
             return False
         if owner == self.owner:
             return True
-        return abs(time.time() - (heartbeat or 0.0)) < self.lease_stale_s and _alive_here(owner)
+        age = (self._sightings.age((owner, *row), heartbeat or 0.0) if row is not None
+               else abs(time.time() - (heartbeat or 0.0)))
+        return age < self.lease_stale_s and _alive_here(owner)
 
     def _holder(self, model: str) -> str | None:
         """The owner of another live process's fresh lease on ``model``, else None (caller is in a
         write transaction, so the answer holds until it commits)."""
         row = self._db.execute("SELECT owner, heartbeat FROM onboarding WHERE model = ?",
                                (model,)).fetchone()
-        if row is None or row[0] == self.owner or not self.held(*row):
+        if row is None or row[0] == self.owner or not self.held(*row, ("lease", model)):
             return None
         return row[0]
 
@@ -528,16 +572,19 @@ class Store:
         that fingerprint in the earlier versions' form, as ``upstream_changed`` takes them),
         replacing what it recorded before. A record counts while it is held as a lease is (its
         process alive, refreshed within ``lease_stale_s``): the caller refreshes it well within
-        that. Records gone stale are dropped."""
+        that. Records gone stale (``held``) are dropped."""
         now = time.time()
         with self._lock, self._transaction():
-            self._db.execute("DELETE FROM upstream_users WHERE owner = ? OR seen < ?",
-                             (self.owner, now - self.lease_stale_s))
+            rows = self._db.execute("SELECT model, owner, seen FROM upstream_users WHERE owner != ?",
+                                    (self.owner,)).fetchall()
+            self._db.executemany("DELETE FROM upstream_users WHERE model = ? AND owner = ?",
+                                 [(m, o) for m, o, seen in rows if not self.held(o, seen, ("user", m))])
+            self._db.execute("DELETE FROM upstream_users WHERE owner = ?", (self.owner,))
             self._db.executemany(
                 "INSERT INTO upstream_users (model, owner, upstream, legacy, seen) VALUES (?, ?, ?, ?, ?)",
                 [(m, self.owner, u, legacy, now) for m, (u, legacy) in upstreams.items()])
 
-    _USERS = ("SELECT u.owner, u.seen FROM upstream_users u JOIN onboarding o ON o.model = u.model "
+    _USERS = ("SELECT u.owner, u.seen, u.model FROM upstream_users u JOIN onboarding o ON o.model = u.model "
               "WHERE u.model = ? AND u.owner != ? AND (o.upstream_plain = u.upstream "
               "OR o.upstream IN (u.upstream, u.legacy))")
 
@@ -552,9 +599,10 @@ class Store:
         asks on each tick, so that waiting takes no write lock (``forget`` checks again in its own)."""
         return self._live(self._read(self._USERS, (model, self.owner)))
 
-    def _live(self, users: Sequence[tuple[str, float]]) -> str | None:
-        """The first of ``users`` (``(owner, seen)`` rows of ``_USERS``) held as a lease is."""
-        return next((owner for owner, seen in users if self.held(owner, seen)), None)
+    def _live(self, users: Sequence[tuple[str, float, str]]) -> str | None:
+        """The first of ``users`` (``(owner, seen, model)`` rows of ``_USERS``) held as a lease is."""
+        return next((owner for owner, seen, model in users if self.held(owner, seen, ("user", model))),
+                    None)
 
     def begin(self, model: str, suite: str, total: int, estimated_cost: float | None = None,
               upstream: str | None = None, legacy: str | None = None) -> None:

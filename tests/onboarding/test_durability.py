@@ -190,15 +190,21 @@ def test_a_lease_of_a_dead_process_whose_pid_is_used_again_is_free(tmp_path):
 
 def test_a_lease_whose_heartbeat_is_far_in_the_future_is_free(tmp_path):
     """A heartbeat written by a host whose clock was ahead, or before the clock was stepped
-    back, says nothing about the process now: further than the staleness in the future, the lease
-    is free (else a killed process would block the model for as long); a little ahead (clocks a
-    few seconds apart), it is held."""
-    with Store(tmp_path) as store:
-        _lease(store, "elsewhere:1:0badf00d", time.time() + 5)
+    back, says nothing about the process now: read for the first time further than the staleness
+    in the future, the lease is free (else a killed process would block the model for as long); a
+    little ahead (clocks a few seconds apart), it is held. One read before and rewritten since was
+    written since, however far ahead: held until it goes unrefreshed for the staleness."""
+    with Store(tmp_path, lease_stale_s=0.3) as store:
+        _lease(store, "elsewhere:1:0badf00d", time.time() + 0.1)
         with pytest.raises(ModelBusy):
             store.claim("m")
-        _lease(store, "elsewhere:1:0badf00d", time.time() + 3600)
-        assert not store.held("elsewhere:1:0badf00d", time.time() + 3600)
+        _lease(store, "elsewhere:1:0badf00d", time.time() + 3600)  # rewritten: its clock is ahead
+        with pytest.raises(ModelBusy):
+            store.claim("m")
+        time.sleep(0.35)
+        store.claim("m")  # not rewritten since: stale
+        _lease(store, "elsewhere:2:0badf00d", time.time() + 3600)
+        assert not store.held("elsewhere:2:0badf00d", time.time() + 3600)
         store.claim("m")
         assert store.progress("m").owner == store.owner
 

@@ -372,6 +372,43 @@ def test_answers_another_live_process_points_at_are_not_forgotten_for_another_up
             assert mine.progress("m") is None
 
 
+@pytest.mark.parametrize("step_s", [3600.0, -3600.0])
+def test_a_step_of_the_wall_clock_makes_no_live_process_look_dead(tmp_path, monkeypatch, step_s):
+    """NTP stepping the clock, or a virtual machine resumed: another process's lease and upstream
+    record, read here before the step, stay held until they go unrefreshed for lease_stale_s on
+    this process's own clock: its run is not taken over, its answers are not forgotten, and its
+    record is not dropped. Not refreshed, they go stale as before."""
+    with Store(tmp_path, lease_stale_s=0.5) as mine, Store(tmp_path) as other:
+        other.claim("run")
+        other.begin("run", "suite", total=3)
+        other.begin("m", "suite", 1, upstream="u1", legacy="u1-old")
+        other.finish("m", "suite", {"t": 0.5})
+        other.release("m")
+        other.using({"m": ("u1", "u1-old")})
+        mine.using({"m": ("u2", "u2-old")})
+        assert mine.upstream_user("m") == other.owner  # what a process waiting on it reads each tick
+        with pytest.raises(ModelBusy):
+            mine.claim("run")
+        wall = time.time
+        monkeypatch.setattr(time, "time", lambda: wall() + step_s)
+        with pytest.raises(ModelBusy):
+            mine.claim("run")
+        with pytest.raises(UpstreamInUse):
+            mine.forget("m", moved=True)
+        mine.using({"m": ("u2", "u2-old")})  # must not drop other's record as stale
+        assert mine.upstream_user("m") == other.owner and mine.get("m") == {"t": 0.5}
+        assert other.heartbeat("run")  # refreshed after the step: still held
+        other.using({"m": ("u1", "u1-old")})
+        time.sleep(0.3)
+        with pytest.raises(ModelBusy):
+            mine.claim("run")
+        assert mine.upstream_user("m") == other.owner
+        time.sleep(0.3)  # 0.6 s unrefreshed on this process's clock: stale, whatever the wall says
+        mine.claim("run")
+        mine.forget("m", moved=True)
+        assert mine.progress("m") is None
+
+
 def test_a_lease_of_a_dead_process_on_this_host_is_free(tmp_path):
     child = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                            capture_output=True, text=True, check=True)
