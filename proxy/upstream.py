@@ -66,7 +66,19 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
             when = email.utils.parsedate_to_datetime(value)
         except (TypeError, ValueError):
             return None
-        return max(0.0, when.timestamp() - time.time())
+        return max(0.0, when.timestamp() - _sent_at(headers))
+
+
+def _sent_at(headers: Mapping[str, str]) -> float:
+    """When the answer was sent, by the upstream's clock: its ``Date`` header, which the times it
+    names (a Retry-After date, Anthropic's resets) are to be read against, so that this host's
+    clock being off (a virtual machine resumed before NTP set it) neither holds a model out for
+    an hour nor ignores the wait; this host's clock when it sent none, or one unreadable."""
+    try:
+        date = email.utils.parsedate_to_datetime(headers.get("date") or "")
+    except (TypeError, ValueError):
+        return time.time()
+    return date.timestamp() if date.tzinfo is not None else time.time()
 
 
 # the rate limits whose reset a 429 may name without a Retry-After, each as the header that says
@@ -91,14 +103,14 @@ def _duration_s(value: str) -> float | None:
     return sum(float(n) * _UNIT_S[unit] for n, unit in _DURATION_PART.findall(text))
 
 
-def _time_left_s(value: str) -> float | None:
-    """An RFC 3339 time ("2026-12-07T14:00:00Z") as seconds from now (0 once it is past); None
-    for anything else."""
+def _time_left_s(value: str, sent_at: float) -> float | None:
+    """An RFC 3339 time ("2026-12-07T14:00:00Z") as seconds from ``sent_at`` (0 once it is past);
+    None for anything else."""
     try:
         when = datetime.datetime.fromisoformat(value.strip())
         if when.tzinfo is None:  # no offset: not RFC 3339, and a local time would be a guess
             return None
-        return max(0.0, when.timestamp() - time.time())
+        return max(0.0, when.timestamp() - sent_at)
     except (ValueError, OverflowError):  # OverflowError: year 1 less a day
         return None
 
@@ -112,7 +124,9 @@ def rate_limit_reset_seconds(headers: Mapping[str, str]) -> float | None:
     such header can be read."""
     said = {str(k).lower(): str(v) for k, v in headers.items()}
     resets: list[tuple[float, bool]] = []  # (seconds, used up)
-    for limits, read in ((_OPENAI_LIMITS, _duration_s), (_ANTHROPIC_LIMITS, _time_left_s)):
+    sent_at = _sent_at(said)
+    for limits, read in ((_OPENAI_LIMITS, _duration_s),
+                         (_ANTHROPIC_LIMITS, lambda value: _time_left_s(value, sent_at))):
         for remaining, reset in limits:
             seconds = read(said[reset]) if reset in said else None
             if seconds is not None and math.isfinite(seconds):

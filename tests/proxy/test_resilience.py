@@ -137,6 +137,28 @@ def test_the_wait_a_429_names_in_its_reset_headers():
     assert wait_seconds(429, {"anthropic-ratelimit-requests-reset": "soon"}) is None
 
 
+def test_a_time_a_429_names_is_read_against_the_upstream_s_date(monkeypatch):
+    """A Retry-After date and Anthropic's reset times are the upstream's clock: with the answer's
+    Date they give the wait it meant, however far this host's clock is off (a virtual machine
+    resumed before NTP set it); without a Date, or with one unreadable, this host's clock."""
+    import email.utils
+
+    from proxy.upstream import wait_seconds
+
+    sent = 1_800_000_000.0
+    date = email.utils.formatdate(sent, usegmt=True)
+    later = {"retry-after": email.utils.formatdate(sent + 20, usegmt=True)}
+    reset = {"anthropic-ratelimit-requests-remaining": "0",
+             "anthropic-ratelimit-requests-reset": "2027-01-15T08:00:20Z"}  # sent + 20
+    for off in (-3600.0, 0.0, 3600.0):
+        monkeypatch.setattr(time, "time", lambda: sent + off)
+        assert wait_seconds(429, {**later, "date": date}) == pytest.approx(20)
+        assert wait_seconds(429, {**reset, "date": date}) == pytest.approx(20)
+        assert wait_seconds(503, {**later, "date": date}) == pytest.approx(20)
+        for no_date in ({}, {"date": "yesterday"}):
+            assert wait_seconds(429, {**later, **no_date}) == pytest.approx(max(0.0, 20 - off))
+
+
 def test_a_rate_limit_s_reset_reaches_the_client_as_retry_after(tmp_path, upstream, start_proxy):
     proxy = setup(tmp_path, upstream, start_proxy, True, num_retries=0)
     upstream.set("m2", openai_rate_limit("3s"))
