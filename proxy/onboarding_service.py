@@ -569,14 +569,18 @@ class OnboardingService:
         """True when the model's stored failure was recorded with ``config`` since this process
         last read its configuration (another process failed it as this one would): then it is
         this process's failure too (stamped with ``digest``; logged once), tried again at the
-        same times as one of its own. A store that cannot be read now: True, and a later tick
-        asks again."""
+        same times as one of its own. "Since" is by the wall clock, and a failure recorded later
+        than now was recorded before the clock was stepped back: not since (else a proxy whose
+        clock went back an hour took its own failure for another's, and tried it again neither on
+        SIGHUP nor at a restart for that hour). A store that cannot be read now: True, and a
+        later tick asks again."""
         try:
             failure = await asyncio.to_thread(self.store.failure, name)
         except sqlite3.OperationalError as exc:
             self._wait(name, f"the state store cannot be read: {exc}")
             return True
-        if failure is None or failure[0] != config or failure[1] < self._since:
+        if (failure is None or failure[0] != config or failure[1] < self._since
+                or failure[1] > time.time() + self.store.lease_stale_s):  # before a step back
             return False
         self._failed_stamp[name] = digest
         self._waiting.pop(name, None)

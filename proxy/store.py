@@ -538,14 +538,17 @@ class Store:
         """Take the lease on onboarding ``model`` for this process (the row is created, ``pending``,
         if new); raises ``ModelBusy`` when another live process holds it, and ``FailedAlready``
         (nothing written) when the model's stored failure was recorded with ``config`` at
-        ``failed_since`` or later: checked under the lease, where a check before taking it let a
-        run begin after another process had failed the same one meanwhile."""
+        ``failed_since`` or later (and not later than now, give or take ``lease_stale_s``: one
+        from the future was recorded before the clock was stepped back): checked under the lease,
+        where a check before taking it let a run begin after another process had failed the same
+        one meanwhile."""
         now = time.time()
         with self._leased(model):
             if config is not None and failed_since is not None:
                 row = self._db.execute("SELECT reason FROM onboarding WHERE model = ? AND status = "
-                                       "'failed' AND failed_config = ? AND updated_at >= ?",
-                                       (model, config, failed_since)).fetchone()
+                                       "'failed' AND failed_config = ? AND updated_at >= ? "
+                                       "AND updated_at <= ?",
+                                       (model, config, failed_since, now + self.lease_stale_s)).fetchone()
                 if row is not None:
                     raise FailedAlready(model, row[0])
             self._db.execute(

@@ -7,6 +7,7 @@ import hashlib
 import logging
 import sqlite3
 import threading
+import time
 
 import orjson
 import pytest
@@ -999,6 +1000,37 @@ async def test_a_run_another_proxy_failed_with_the_same_configuration_is_not_run
             await asyncio.gather(*watches, return_exceptions=True)
             await a.stop()
             await b.stop()
+
+
+async def test_a_failure_recorded_before_the_clock_went_back_is_tried_again(tmp_path, caplog, monkeypatch):
+    """A failed run, then NTP steps the wall clock back an hour: the failure's time is now later
+    than the proxy's reading of its file, and was taken for another process's failure since that
+    reading, so neither SIGHUP nor a restart tried the run again for an hour."""
+    def runs():
+        return sum("questions to ask" in r.getMessage() for r in caplog.records)
+
+    config, suite, questions, upstream = _refused_everywhere(tmp_path, caplog)
+    with Store(tmp_path / "state") as store:
+        _, svc = service(config, store, upstream, suite, questions)
+        try:
+            await svc.sync()
+            await wait_until(lambda: store.progress("m") is not None and store.progress("m").status == "failed")
+            wall = time.time
+            monkeypatch.setattr(time, "time", lambda: wall() - 3600)
+            assert svc.retry_failed() == ["m"]
+            await svc.sync()
+            await wait_until(lambda: runs() == 2)
+        finally:
+            await svc.stop()
+    monkeypatch.setattr(time, "time", lambda: wall() - 7200)
+    with Store(tmp_path / "state") as store:  # restarted: tried again, once
+        _, svc = service(config, store, upstream, suite, questions)
+        try:
+            await svc.sync()
+            await wait_until(lambda: runs() == 3)
+        finally:
+            await svc.stop()
+    assert "failed it with the same configuration" not in caplog.text
 
 
 async def test_a_model_litellm_cannot_call_is_pending_from_the_first_check_never_failed(tmp_path):
