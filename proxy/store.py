@@ -331,6 +331,8 @@ class Store:
         self._read_lock = threading.Lock()
         self._bad_profiles: set[str] = set()  # models whose damaged stored profile was reported
         self._sightings = _Sightings(lease_stale_s)
+        wal = self.path.with_name(f"{DB_NAME}-wal")
+        self._wal_found = wal.is_file() and wal.stat().st_size > 0  # before opening makes one
         self._db = self._connect()
         try:
             self._wal()
@@ -433,9 +435,13 @@ class Store:
                 "write access to it and to its folder") from None
 
     def _damaged(self, problem: str) -> sqlite3.DatabaseError:
+        stray = (f"; if {self.path.name} was just replaced (a backup restored), {DB_NAME}-wal and "
+                 f"{DB_NAME}-shm beside it are the old file's: move them away too"
+                 if self._wal_found else "")
         return sqlite3.DatabaseError(
-            f"{self.path} is damaged: {problem}; restore it from a backup, or move it away to "
-            "start with an empty store (stored answers and profiles are then lost)")
+            f"{self.path} is damaged: {problem}{stray}; restore it from a backup (`satroute "
+            "backup`), or move it away to start with an empty store (stored answers and profiles "
+            "are then lost)")
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:

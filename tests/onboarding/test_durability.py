@@ -286,13 +286,20 @@ def test_a_damaged_store_is_refused_when_it_opens_with_one_line(tmp_path, where)
         (tmp_path / "satroute.db").write_bytes(b"garbage, not SQLite " * 300)
     else:  # a table's first page: quick_check's answer starts "*** in database main ***\n"
         _damage(tmp_path, 3 if where == "a table's first page" else None)
+    for stray in ("satroute.db-wal", "satroute.db-shm"):
+        (tmp_path / stray).unlink(missing_ok=True)
     with pytest.raises(sqlite3.DatabaseError) as refused:
         Store(tmp_path)
     message = str(refused.value)
     assert "satroute.db is damaged" in message and "backup" in message and "\n" not in message
-    assert "***" not in message
+    assert "***" not in message and "-wal" not in message
     if where == "a table's first page":
         assert "is damaged: Page 3: " in message
+    # a backup copied over satroute.db alone, beside the WAL a killed proxy left: that WAL is said
+    (tmp_path / "satroute.db-wal").write_bytes(b"not the WAL of this file" * 100)
+    with pytest.raises(sqlite3.DatabaseError, match="satroute.db-wal and satroute.db-shm beside it are "
+                                                    "the old file's: move them away too; restore"):
+        Store(tmp_path)
 
 
 def test_a_store_that_cannot_be_written_is_refused_when_it_opens_with_one_line(tmp_path, monkeypatch):
