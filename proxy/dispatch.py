@@ -108,9 +108,10 @@ class Attempt:
     request was sent and no answer of the upstream's said it was refused unserved (a timeout, a
     connection cut after sending, a 5xx other than 503 and 529: a gateway's 502, 504 or 524 while
     the model went on, a 500 midway; a 200 that carries no answer; one cancelled while it was out,
-    ``cancelled``, since whether it had been sent cannot be told). Never billed: a connection
-    that was never made, a 3xx or 4xx (429 included), a 503 or 529, a request refused before
-    sending."""
+    ``cancelled``, unless it is known not to have been sent: on the pass-through path, cut
+    before its headers were written, while its host was being resolved or connected to). Never
+    billed: a connection that was never made, a 3xx or 4xx (429 included), a 503 or 529, a
+    request refused before sending."""
 
     model: str
     outcome: str
@@ -351,12 +352,13 @@ class RetryingDispatcher:
                 timed = True
                 if called is not None:
                     called[0] = self.cooldowns.now()
+                sent: list[bool | None] = [None]  # None: not known (litellm's call)
                 try:
-                    answer = await self._attempt(d, call, budget)
+                    answer = await self._attempt(d, call, budget, sent)
                 except asyncio.CancelledError:  # the client left: the upstream's time is unknown
                     timed = False
-                    if call.attempts is not None:  # cut while out: whether it was sent is not known
-                        call.attempts.append(Attempt(d.name, "cancelled", billed=True))
+                    if call.attempts is not None:  # cut while out: billed unless known unsent
+                        call.attempts.append(Attempt(d.name, "cancelled", billed=sent[0] is not False))
                     raise
                 except UpstreamClientError as exc:  # refused before anything was sent: no upstream time
                     timed = exc.unfit in (None, CONTEXT_WINDOW, UNSUPPORTED)  # the model answered those
@@ -382,7 +384,8 @@ class RetryingDispatcher:
                 return answer
         raise AssertionError("unreachable: tenacity reraises the last failure")
 
-    async def _attempt(self, d: Deployment, call: Call, first_byte_s: float) -> Answer:
+    async def _attempt(self, d: Deployment, call: Call, first_byte_s: float,
+                       sent: list[bool | None] | None = None) -> Answer:
         local = d.info.local_server
         if local is not None:  # llama-cpp-python's server: what it cannot read is put as it reads it
             # its defaults from litellm_params too: a max_completion_tokens there is as ignored.
@@ -405,7 +408,7 @@ class RetryingDispatcher:
         if d.fast_path:
             return await self.passthrough.attempt(d, call.body, call.stream, first_byte_s,
                                                   attempt_timeout(d, call.router, call.stream), call.redact,
-                                                  connect_s=call.router.connect_timeout_s)
+                                                  connect_s=call.router.connect_timeout_s, sent=sent)
         return await self._litellm_attempt(d, call, first_byte_s)
 
     async def _import_litellm(self) -> Any:

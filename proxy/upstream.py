@@ -372,6 +372,14 @@ class Answer:
     chunks: AsyncIterator[bytes] | None = None
 
 
+async def _mark_sent(session: aiohttp.ClientSession, ctx: Any, params: Any) -> None:
+    """aiohttp's trace hook once a request's headers are written: ``PassThrough.attempt``'s
+    ``sent`` says so."""
+    holder = ctx.trace_request_ctx
+    if holder is not None:
+        holder[0] = True
+
+
 class PassThrough:
     """Calls OpenAI-compatible upstreams directly over one pooled aiohttp session."""
 
@@ -382,8 +390,11 @@ class PassThrough:
     def session(self) -> aiohttp.ClientSession:
         if self._session is None or self._session.closed:
             conn = aiohttp.TCPConnector(limit=0, ttl_dns_cache=300, keepalive_timeout=60)
+            traced = aiohttp.TraceConfig()
+            traced.on_request_headers_sent.append(_mark_sent)
             self._session = aiohttp.ClientSession(connector=conn, json_serialize=None,
-                                                  auto_decompress=True, skip_auto_headers=("User-Agent",))
+                                                  auto_decompress=True, skip_auto_headers=("User-Agent",),
+                                                  trace_configs=[traced])
         return self._session
 
     async def close(self) -> None:
@@ -434,8 +445,12 @@ class PassThrough:
 
     async def attempt(self, d: Deployment, body: Mapping[str, Any], stream: bool,
                       first_byte_s: float, read_s: float, redact,
-                      connect_s: float | None = None) -> Answer:
-        """One call; returns once the answer (or the stream's first event) is in hand."""
+                      connect_s: float | None = None, sent: list[bool | None] | None = None) -> Answer:
+        """One call; returns once the answer (or the stream's first event) is in hand. ``sent[0]``
+        is made False, then True once the request has gone out (its headers written): whether
+        an attempt cut short (the client left) can have been billed."""
+        if sent is not None:
+            sent[0] = False
         started = time.monotonic()
         timeout = aiohttp.ClientTimeout(total=None, connect=connect_s or self._connect,
                                         sock_read=read_s)
@@ -447,7 +462,7 @@ class PassThrough:
                 # another host; it is the model's failure (below)
                 resp = await self.session().post(self.url(d), data=self.payload(d, body),
                                                  headers=self.headers(d), timeout=timeout,
-                                                 allow_redirects=False)
+                                                 allow_redirects=False, trace_request_ctx=sent)
                 if 300 <= resp.status < 400:
                     raise redirected(d.name, resp.status)
                 if resp.status != 200:

@@ -86,3 +86,28 @@ async def test_a_caller_that_paces_itself_gets_a_rate_limit_at_once(tmp_path, up
         upstream.reset()
     upstream.queue("m1", rate_limit(0.2))  # traffic still waits it out and retries
     assert (await complete(tmp_path, upstream.url, fast, [], num_retries=1)).model == "m1"
+
+
+@pytest.mark.parametrize("fast", PATHS)
+async def test_an_attempt_cut_before_its_request_went_out_is_not_billed(tmp_path, upstream, fast):
+    """A caller that stops an attempt (onboarding re-pointing a model, a client gone) while its
+    connection is still being made (a host resolving or not accepting) sent nothing: it is not
+    counted as billed on the pass-through path, which knows when its headers went out. Cut once
+    they had, and on litellm's path where that is not known, it may have been billed."""
+    from support.raw_upstream import never_connecting_port
+
+    async def cut(base: str, after_s: float) -> list:
+        tried: list = []
+        task = asyncio.create_task(complete(tmp_path, base, fast, tried, num_retries=0, timeout_s=30,
+                                            connect_timeout_s=30))
+        await asyncio.sleep(after_s)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return [(a.outcome, a.billed) for a in tried]
+
+    await complete(tmp_path, upstream.url, fast, [])  # litellm imported: the attempt starts at once
+    with never_connecting_port() as port:
+        assert await cut(f"http://127.0.0.1:{port}/v1", 0.5) == [("cancelled", not fast)]
+    upstream.queue("m1", stall(5))
+    assert await cut(upstream.url, 1.0) == [("cancelled", True)]

@@ -22,7 +22,7 @@ class StubPassThrough:
     def __init__(self, make):
         self.make, self.seen, self.closed = make, [], []
 
-    async def attempt(self, d, body, stream, first_byte_s, timeout_s, redact, connect_s=None):
+    async def attempt(self, d, body, stream, first_byte_s, timeout_s, redact, connect_s=None, sent=None):
         self.seen.append(self.dispatcher.busy(d.name))
         result = self.make(self)
         if isinstance(result, Exception):

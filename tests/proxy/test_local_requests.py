@@ -21,7 +21,7 @@ class Recording:
     def __init__(self):
         self.bodies = []
 
-    async def attempt(self, d, body, stream, first_byte_s, timeout_s, redact, connect_s=None):
+    async def attempt(self, d, body, stream, first_byte_s, timeout_s, redact, connect_s=None, sent=None):
         self.bodies.append(body)
         return Answer(body=b'{"choices": []}')
 

@@ -3,7 +3,6 @@ mock upstream), driven by the openai SDK: what a client sees must not depend on 
 provider answered."""
 from __future__ import annotations
 
-import contextlib
 import os
 import time
 
@@ -15,6 +14,7 @@ from openai.lib.streaming.chat import ChatCompletionStreamState
 from conftest import RecordingScorer, model_entry, profile_file, write_config
 from support.mock_upstream import answer, fail
 from support.prometheus import scrape
+from support.raw_upstream import never_connecting_port
 
 MESSAGES = [{"role": "user", "content": "hello"}]
 
@@ -574,39 +574,12 @@ def test_a_200_that_is_no_answer_falls_back_on_the_litellm_path_as_on_the_other(
     assert raw.headers["x-satroute-model"] == "oai-fast" and text
 
 
-@contextlib.contextmanager
-def _never_connecting_port():
-    """The port of a loopback listener whose backlog is full: a connect to it never completes."""
-    import socket
-    import time
-
-    with socket.socket() as hole:
-        hole.bind(("127.0.0.1", 0))
-        hole.listen(0)
-        port = hole.getsockname()[1]
-        fillers = []
-        for _ in range(3):  # fill the backlog: later connects hang
-            s = socket.socket()
-            s.setblocking(False)
-            try:
-                s.connect(("127.0.0.1", port))
-            except BlockingIOError:
-                pass
-            fillers.append(s)
-        time.sleep(0.1)
-        try:
-            yield port
-        finally:
-            for s in fillers:
-                s.close()
-
-
 def test_the_connect_timeout_bounds_a_connect_on_the_litellm_path_too(tmp_path, upstream, start_proxy):
     """A listener whose backlog is full never completes a connect: connect_timeout_s, not the
     attempt's timeout_s, decides when the next model is tried."""
     import time
 
-    with _never_connecting_port() as port:
+    with never_connecting_port() as port:
         cfg = write_config(tmp_path / "providers.yaml",
                            [model_entry("lite", f"http://127.0.0.1:{port}/v1", tmp_path, fast_path=False),
                             model_entry("oai-fast", upstream.url, tmp_path, fast_path=True)],
@@ -1087,7 +1060,7 @@ def test_litellm_s_own_failure_is_logged_with_its_trace_only_where_prompts_are(c
 def test_a_connect_that_timed_out_is_not_told_as_a_slow_answer(tmp_path, start_proxy):
     """The 504 and the log said "no answer within 8.0s" for an attempt that gave up connecting
     after 0.5 s: an unreachable host read as a slow model."""
-    with _never_connecting_port() as port:
+    with never_connecting_port() as port:
         cfg = write_config(tmp_path / "providers.yaml",
                            [model_entry("far", f"http://127.0.0.1:{port}/v1", tmp_path, fast_path=True)],
                            num_retries=0, timeout_s=8, connect_timeout_s=0.5)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import threading
+import time
 
 
 def raw_upstream(respond):
@@ -52,3 +54,27 @@ def raw_upstream(respond):
             thread.join(5)
 
     return running()
+
+
+@contextlib.contextmanager
+def never_connecting_port():
+    """The port of a loopback listener whose backlog is full: a connect to it never completes."""
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(0)
+        port = hole.getsockname()[1]
+        fillers = []
+        for _ in range(3):  # fill the backlog: later connects hang
+            s = socket.socket()
+            s.setblocking(False)
+            try:
+                s.connect(("127.0.0.1", port))
+            except BlockingIOError:
+                pass
+            fillers.append(s)
+        time.sleep(0.1)
+        try:
+            yield port
+        finally:
+            for s in fillers:
+                s.close()
