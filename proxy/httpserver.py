@@ -94,10 +94,12 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         while data:
             try:
                 self.parser.feed_data(data)
-            except httptools.HttpParserError:
-                msg = "Invalid HTTP request received."
-                self.logger.warning(msg)
-                self.send_400_response(msg)
+            except httptools.HttpParserError as exc:
+                # in OpenAI's error shape, with a request id and a line in the request log, as the
+                # other refusals below the app are (uvicorn's is a bare text/plain 400)
+                why = str(exc).strip() or "unparsable"
+                self._refuse(400, "Bad Request", "invalid_http_request",
+                             f"not a valid HTTP/1.1 request: {why[:200]}")
             except httptools.HttpParserUpgrade as exc:
                 if self._declined:
                     data = self._without_the_offer() + data[exc.args[0]:]

@@ -98,6 +98,31 @@ def test_a_refused_head_has_its_log_line_and_request_id(server, caplog):
     assert all(r.fields["client"].startswith("127.0.0.1:") for r in lines)
 
 
+@pytest.mark.parametrize("head", [b"GET /v1/models HTTP/1.1\r\nhost: x\r\nx-bad: a\x00b\r\n\r\n",
+                                  b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-length: 2\r\n"
+                                  b"transfer-encoding: chunked\r\n\r\n",
+                                  b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03"],  # TLS on the plain port
+                         ids=["nul_in_header", "length_and_chunked", "tls_hello"])
+def test_a_request_http_cannot_parse_is_refused_in_openai_s_shape_with_its_log_line(server, caplog, head):
+    """uvicorn's own 400 was text/plain, with no request id and no request line: the client had
+    no error.message, and the admin no trace of whom it refused."""
+    import json
+    import logging
+
+    caplog.set_level(logging.INFO, logger="satroute.request")
+    with _connect(server) as sock:
+        sock.sendall(head)
+        answer = _read_all(sock)
+    status, _, body = answer.partition(b"\r\n\r\n")
+    assert status.startswith(b"HTTP/1.1 400 ") and b"content-type: application/json" in status
+    error = json.loads(body)["error"]
+    assert error["code"] == "invalid_http_request" and error["message"].startswith("not a valid HTTP/1.1 request: ")
+    [line] = [r for r in caplog.records if r.name == "satroute.request"]
+    assert line.fields["status"] == 400 and line.fields["error"] == "invalid_http_request"
+    assert f"x-request-id: {line.fields['request_id']}\r\n".encode() in status
+    assert line.fields["client"].startswith("127.0.0.1:")
+
+
 def test_a_chunked_body_s_trailers_are_bounded_as_headers_are(server):
     """llhttp hands trailers to the same callbacks as headers, built up the same costly way.
     (What follows body bytes in the same read is counted from the next read: twice the bound.)"""
