@@ -313,7 +313,8 @@ def _serve_on(sockets: list[socket.socket], settings: Settings, master: str | No
 
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_level=settings.log_level,
                             access_log=False, loop="auto", http=BoundedHttpToolsProtocol, backlog=BACKLOG,
-                            log_config=None, timeout_graceful_shutdown=settings.shutdown_timeout_s)
+                            log_config=None, timeout_graceful_shutdown=settings.shutdown_timeout_s,
+                            timeout_keep_alive=settings.keepalive_timeout_s)
     server = Server(config)
     services.forced = lambda: server.force_exit
     try:

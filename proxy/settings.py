@@ -94,6 +94,10 @@ class Settings(BaseSettings):
     shutdown_delay_s: float = Field(
         0.0, ge=0, description="on SIGTERM, how long the proxy goes on serving, /ready answering 503, "
         "before its shutdown begins: a load balancer takes it out of rotation first")
+    keepalive_timeout_s: float = Field(
+        75.0, gt=0, description="how long a client's connection is kept open idle between requests: "
+        "above a load balancer's own idle timeout (AWS ALB 60 s, nginx upstream keepalive 60 s), "
+        "which would otherwise send a request on a connection the proxy is closing")
     state_dir: Path = Field(
         Path("state"), description="persistent state (onboarding store); a volume in Docker")
     onboarding: bool = Field(

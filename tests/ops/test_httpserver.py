@@ -292,16 +292,27 @@ def test_a_body_that_stops_arriving_gets_408(monkeypatch, tmp_path):
 
 def test_satroute_serve_runs_the_bounded_protocol(tmp_path):
     """What `satroute serve` hands uvicorn: checked on the real process, with a head over the
-    bound."""
+    bound, and its keep-alive timeout (uvicorn's own, 5 s, closed connections a load balancer
+    keeps for 60 s, and the requests it then sent on them were lost)."""
     from proxy.localserver import free_port
+    from proxy.settings import Settings
     from tests.ops.test_shutdown import _config, _serve
 
+    assert Settings().keepalive_timeout_s == 75
     port = free_port()
-    proc = _serve(_config(tmp_path, "http://127.0.0.1:9/v1"), port, tmp_path, deadline_s=2)
+    proc = _serve(_config(tmp_path, "http://127.0.0.1:9/v1"), port, tmp_path, deadline_s=2,
+                  env={"SATROUTE_KEEPALIVE_TIMEOUT_S": "1.5"})
     try:
         with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
             sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * (MAX_HEAD_BYTES + 10))
             assert _read_all(sock).startswith(b"HTTP/1.1 431 ")
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+            for idle_s in (0, 1.0):  # kept open while idle within the timeout
+                time.sleep(idle_s)
+                sock.sendall(b"GET /health HTTP/1.1\r\nhost: x\r\n\r\n")
+                assert _response(sock).startswith(b"HTTP/1.1 200 ")
+            time.sleep(2.5)
+            assert sock.recv(1) == b""  # closed once idle past it
     finally:
         proc.terminate()
         proc.wait(30)
