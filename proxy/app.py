@@ -175,6 +175,26 @@ async def _internal_error(request: Request, exc: Exception) -> Response:
     return _crash_response()
 
 
+class WithoutTrailingSlash:
+    """A path written with one trailing ``/`` (``/v1/chat/completions/``, as a base URL ending in
+    ``/`` or a hand-written URL gives it) is served as the path without it. Starlette would answer
+    an empty 307 whose ``Location`` it builds from the ``Host`` header and the connection's scheme:
+    ``http://`` behind a TLS-terminating balancer, an internal host name behind a reverse proxy,
+    and a bodiless error to an SDK that does not follow redirects."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        path = scope.get("path", "")
+        if scope["type"] == "http" and len(path) > 1 and path.endswith("/"):
+            scope = {**scope, "path": path[:-1]}
+            raw = scope.get("raw_path")
+            if raw and raw.partition(b"?")[0].endswith(b"/"):
+                scope["raw_path"] = raw.partition(b"?")[0][:-1]
+        await self.app(scope, receive, send)
+
+
 def _crash_response() -> Response:
     # the server closes the connection after an error the app raised: said, so that a client's
     # pool opens a new one for its next request instead of meeting a reset on this one
@@ -295,10 +315,11 @@ def create_app(settings: Settings | None = None, *, scorer: Any = None,
                        allow_headers=["*"], expose_headers=EXPOSED_HEADERS, max_age=600)] if origins else []
     app = Starlette(
         routes=routes, lifespan=lifespan,
-        middleware=[*cors, request_log,
+        middleware=[Middleware(WithoutTrailingSlash), *cors, request_log,
                     Middleware(MasterKeyAuth, master_key=settings.master_key_value(),
                                origins=origins, loopback=is_loopback(settings.host))],
         exception_handlers={SatrouteError: endpoints.satroute_error, HTTPException: _http_error,
                             500: _internal_error})
+    app.router.redirect_slashes = False  # WithoutTrailingSlash serves those paths; no 307 for others
     app.state.services = svc
     return app

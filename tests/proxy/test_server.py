@@ -361,6 +361,23 @@ def test_the_bare_host_serves_the_same_endpoints_behind_the_same_key(config, ups
     assert "/v1/models" in doc.json()["paths"] and "/models" not in doc.json()["paths"]
 
 
+def test_a_path_with_a_trailing_slash_is_served_not_redirected(config, upstream, start_proxy):
+    """Starlette answered /v1/chat/completions/ with an empty 307 to a Location built from the Host
+    header and the connection's scheme (http:// behind a TLS-terminating balancer), which an SDK
+    given a client that follows no redirects reported as a bare 307."""
+    proxy = start_proxy(config, scorer=RecordingScorer({"m2": 1.0}), master_key="sk-master-123")
+    key = {"Authorization": "Bearer sk-master-123"}
+    chat = httpx.post(f"{proxy.base}/v1/chat/completions/?api-version=1", headers=key,
+                      json={"model": "auto", "messages": MESSAGES})
+    assert chat.status_code == 200 and chat.json()["model"] == "m2"
+    for path in ("/v1/models/", "/models/", "/health/", "/v1/models/m1/"):
+        got = httpx.get(f"{proxy.base}{path}", headers=key)
+        assert got.status_code == 200, (path, got.status_code)
+    assert httpx.get(f"{proxy.base}/v1/models/m1/", headers=key).json()["id"] == "m1"
+    assert httpx.post(f"{proxy.base}/v1/chat/completions/", json={}).status_code == 401  # guarded alike
+    assert httpx.get(f"{proxy.base}/v1/nothing/", headers=key).status_code == 404
+
+
 def test_a_local_model_on_its_way_back_is_a_503_to_retry_not_a_404(tmp_path, upstream, start_proxy):
     """While a local server (re)starts, a request naming its model and an `auto` request with
     nothing else routable get 503 with the reason and Retry-After (the SDK waits and retries);
