@@ -288,7 +288,9 @@ async def chat_completions(request: Request) -> Response:
     if reply.chunks is not None:
         return _ClientPacedStream(reply.chunks, plan.snap.router.client_write_timeout_s, record,
                                   media_type="text/event-stream",
-                                  headers={**headers, "Cache-Control": "no-cache"})
+                                  # nginx (a reverse proxy in front) would otherwise buffer the
+                                  # stream by default and pass it on only at its end
+                                  headers={**headers, "Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
     return Response(reply.body, media_type=JSON, headers=headers)
 
 

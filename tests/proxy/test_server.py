@@ -125,6 +125,8 @@ def test_streaming_sync_reports_routed_model_in_every_chunk(config, upstream, st
             model="auto", messages=MESSAGES, stream=True) as raw:
         assert raw.headers["x-satroute-model"] == "m3"
         assert raw.headers["content-type"].startswith("text/event-stream")
+        # nginx buffers a proxied answer by default: a stream came through it all at once, at its end
+        assert raw.headers["x-accel-buffering"] == "no" and raw.headers["cache-control"] == "no-cache"
         chunks = list(raw.parse())
     assert chunks and all(c.model == "m3" for c in chunks)
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == "reply from m3"
