@@ -188,6 +188,24 @@ class _GGUFWeights:
         save_file(self.tensors, str(Path(folder) / "model.safetensors"), metadata={"format": "pt"})
 
 
+# llama.cpp keeps a scaled RoPE in tensors of its own, which transformers' GGUF reader drops, and in
+# ``<arch>.rope.scaling.*`` keys, which its config mapping ignores: a copy converted from such a file
+# ran plain RoPE, another model than the file's (the same models as safetensors folders are refused)
+_ROPE_TENSORS = {"rope_freqs.weight": "llama3", "rope_factors_long.weight": "longrope",
+                 "rope_factors_short.weight": "longrope"}
+
+
+def _gguf_rope_scaling(reader, arch: str) -> str | None:
+    """The scaled RoPE a GGUF's llama.cpp metadata describes, in words (None: plain RoPE)."""
+    from transformers.modeling_gguf_pytorch_utils import read_field
+
+    for tensor in reader.tensors:
+        if tensor.name in _ROPE_TENSORS:
+            return f"{_ROPE_TENSORS[tensor.name]!r} (its {tensor.name} tensor)"
+    kind = (read_field(reader, f"{arch}.rope.scaling.type") or ["none"])[0]
+    return None if kind in ("none", "") else f"{kind!r} ({arch}.rope.scaling.type)"
+
+
 def _read_gguf(gguf: Path):
     """Dequantize a GGUF into fp32 tensors under Hugging Face names, without ``accelerate`` and
     without building the model: (weights with ``save_pretrained``, tokenizer).
@@ -197,13 +215,27 @@ def _read_gguf(gguf: Path):
     undone), and the tensors are written as they come: a first start holds one copy of the weights
     (peak RSS about 1.2 GB for SmolLM2-135M) instead of two (1.7 GB when a real fp32 model received
     them).
+
+    A GGUF with a scaled RoPE is refused (BackboneError, naming the scaling): the conversion would
+    drop it.
     """
     import torch
+    from gguf import GGUFReader
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint, read_field
 
     try:
+        reader = GGUFReader(str(gguf))
+        arch = (read_field(reader, "general.architecture") or ["?"])[0]
+        scaling = _gguf_rope_scaling(reader, arch)
+        if scaling:
+            raise BackboneError(f"GGUF {gguf} has RoPE scaling {scaling}, which converting it would drop "
+                                "(the copy would run plain RoPE, another model); use a model with plain RoPE")
+        window = read_field(reader, f"{arch}.attention.sliding_window")
+        del reader  # its memory map of the file, before the file is read whole
         config = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        if window and getattr(config, "model_type", None) == "phi3" and not config.sliding_window:
+            config.sliding_window = int(window[0])  # Phi-3-mini-4k's 2047, which the mapping drops
         tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
         with torch.device("meta"):
             layout = AutoModelForCausalLM.from_config(config, dtype=torch.float32)

@@ -6,7 +6,7 @@ with its final norm and the LM-head row of the answer token: the embedding's whe
 tied, else a copy of the head's own), the LoRA adapter used to tune
 phi, and the two forward paths:
 
-- ``score_rows``: right-padded full sequences, plain causal attention (training groups whose rows
+- ``score_rows``: right-padded full sequences, causal attention (training groups whose rows
   hold different instructions);
 - ``score_shared``: one instruction prefix whose key/value cache is computed once and shared by a
   batch of candidate suffixes (inference, and the training groups over models for one instruction).
@@ -32,7 +32,8 @@ The score is ``h_last . H['Yes']`` (the raw 'Yes' logit; only that row of the he
 embedding E where phi ties them, is computed).
 
 phi's layers are run by this file's own code, which computes exactly what the library does for the
-architectures in ``SUPPORTED_LLMS`` with plain RoPE; another phi is refused when the network is built.
+architectures in ``SUPPORTED_LLMS`` with plain RoPE, their sliding attention windows included
+(``_attention_windows``); another phi is refused when the network is built.
 
 Does not know: profiles, suites or how clause texts are written (``scorer.capability``), data sets,
 training loops, caching across requests (``scorer.inference``).
@@ -100,6 +101,36 @@ def _rope_scaling(rope: dict) -> str:
     return rope.get("rope_type", rope.get("type", "default"))
 
 
+def _rope_unsupported(llm_config) -> str | None:
+    """What of phi's RoPE the scorer's plain RoPE, over every dimension of a head, does not compute,
+    in words (None: nothing)."""
+    rope = _rope(llm_config)
+    scaling = _rope_scaling(rope)
+    if scaling != "default":
+        return f"RoPE scaling {scaling!r}"
+    partial = float(rope.get("partial_rotary_factor", getattr(llm_config, "partial_rotary_factor", None) or 1.0))
+    if partial != 1.0:
+        return f"partial rotary factor {partial:g} (RoPE on part of each head)"
+    return None
+
+
+def _attention_windows(llm_config) -> list[int | None]:
+    """Each layer's sliding attention window as transformers applies it (None: the whole causal
+    past), a query seeing itself and the ``window - 1`` positions before it. Mistral and Phi-3
+    window every layer by ``sliding_window`` (Mistral-7B-v0.1: 4096, Phi-3-mini-4k: 2047); Qwen2
+    only the layers its ``layer_types`` name "sliding_attention", none where
+    ``use_sliding_window`` is false (Qwen2.5's configs name a window they do not apply); LLaMA
+    (SmolLM2) and Gemma never, whatever their config says."""
+    kind, window = getattr(llm_config, "model_type", None), getattr(llm_config, "sliding_window", None)
+    n = llm_config.num_hidden_layers
+    if not window or kind not in ("mistral", "phi3", "qwen2"):
+        return [None] * n
+    if kind == "qwen2":
+        types = getattr(llm_config, "layer_types", None) or [None] * n
+        return [window if t == "sliding_attention" else None for t in types]
+    return [window] * n
+
+
 def as_llama(llm: nn.Module) -> nn.Module:
     """A Phi-3 causal LM with plain RoPE (Phi-3-mini-4k) as the LLaMA one that computes the same:
     its fused ``qkv_proj`` and ``gate_up_proj`` split into LLaMA's projections, the same weights
@@ -107,10 +138,9 @@ def as_llama(llm: nn.Module) -> nn.Module:
     cfg = getattr(llm, "config", None)
     if getattr(cfg, "model_type", None) != "phi3" or not hasattr(llm, "lm_head"):
         return llm
+    if _rope_unsupported(cfg):
+        return llm  # the 128k models' longrope, a partial RoPE: refused by check_llm, naming it
     rope = _rope(cfg)
-    partial = rope.get("partial_rotary_factor", getattr(cfg, "partial_rotary_factor", None) or 1.0)
-    if _rope_scaling(rope) != "default" or float(partial) != 1.0:
-        return llm  # the 128k models' longrope: refused by check_llm
     from transformers import LlamaConfig, LlamaForCausalLM
 
     heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
@@ -148,13 +178,17 @@ def as_llama(llm: nn.Module) -> nn.Module:
 def check_llm(llm_config) -> None:
     """Refuse (ValueError) a phi whose layers ``ModelSAT._layer`` would not compute as its library does."""
     kind = getattr(llm_config, "model_type", None)
-    if kind not in SUPPORTED_LLMS:
-        raise ValueError(f"phi is a {kind!r} model; the scorer's forward pass runs only "
-                         f"{', '.join(SUPPORTED_LLMS)} layers, and phi3 with plain RoPE")
-    scaling = _rope_scaling(_rope(llm_config))
-    if scaling != "default":
-        raise ValueError(f"phi's RoPE scaling {scaling!r} is not supported: the scorer's forward pass "
-                         "computes plain RoPE")
+    other = (f"phi is a {kind!r} model; the scorer's forward pass runs only "
+             f"{', '.join(SUPPORTED_LLMS)} layers, and phi3 with plain RoPE")
+    if kind not in SUPPORTED_LLMS and kind != "phi3":
+        raise ValueError(other)
+    # a Phi-3 here is one as_llama left as it is: its RoPE is the reason, where it has one
+    unsupported = _rope_unsupported(llm_config)
+    if unsupported:
+        raise ValueError(f"phi's {unsupported} is not supported: the scorer's forward pass computes "
+                         "plain RoPE over whole heads")
+    if kind == "phi3":
+        raise ValueError(other)
 
 
 def write_atomically(path: Path, text: str) -> None:
@@ -285,12 +319,14 @@ class ModelSAT(nn.Module):
         self.encoder = encoder
         self.encoder_tokenizer = encoder_tokenizer
         self.tokenizer = llm_tokenizer
+        windows = _attention_windows(llm.config)  # Phi-3's: as_llama's LLaMA config has none
         llm = as_llama(llm)
         body = llm.model if hasattr(llm, "model") else llm
         lcfg = llm.config
         check_llm(lcfg)
         self.embed = body.embed_tokens
         self.layers = nn.ModuleList(list(body.layers)[: config.n_layers])
+        self.windows = windows[: len(self.layers)]
         self.norm = body.norm
         self.n_heads = lcfg.num_attention_heads
         self.n_kv = lcfg.num_key_value_heads
@@ -556,17 +592,31 @@ class ModelSAT(nn.Module):
     def run_layers(self, h: torch.Tensor, start: int = 0, past: list | None = None):
         """phi's kept layers over ``h [B, T, D]`` at positions ``start..``; returns (h, per-layer kv)."""
         t = h.shape[1]
-        cos, sin = self._rope(torch.arange(start, start + t, device=h.device))
-        mask, is_causal = None, past is None
-        if past is not None:
-            p = past[0][0].shape[2]
-            own = torch.ones(t, t, dtype=torch.bool, device=h.device).tril()
-            mask = torch.cat([torch.ones(t, p, dtype=torch.bool, device=h.device), own], dim=1)
+        positions = torch.arange(start, start + t, device=h.device)
+        cos, sin = self._rope(positions)
+        keys = positions if past is None else torch.cat([torch.arange(past[0][0].shape[2], device=h.device),
+                                                         positions])
+        masks = {window: self._mask(positions, keys, window, past is None and start + t <= (window or t))
+                 for window in set(self.windows)}
         kvs = []
         for i, layer in enumerate(self.layers):
-            h, kv = self._layer(layer, h, cos, sin, None if past is None else past[i], mask, is_causal)
+            h, kv = self._layer(layer, h, cos, sin, None if past is None else past[i], *masks[self.windows[i]])
             kvs.append(kv)
         return h, kvs
+
+    @staticmethod
+    def _mask(queries: torch.Tensor, keys: torch.Tensor, window: int | None, causal_only: bool):
+        """(mask, is_causal) for one layer: each query sees the keys at its position and before
+        (a shared prefix's keys come first), the last ``window`` of them where the layer has a
+        sliding window, as transformers' ``kv > q - window``. No mask where plain causal attention
+        computes the same (``causal_only``: no shared prefix, and no window or one that reaches
+        back to position 0 from the last query)."""
+        if causal_only:
+            return None, True
+        seen = keys[None, :] <= queries[:, None]
+        if window is not None:
+            seen &= keys[None, :] > queries[:, None] - window
+        return seen, False
 
     def answer_score(self, last_hidden: torch.Tensor) -> torch.Tensor:
         """The 'Yes' logit: final norm, then the LM head's row of 'Yes', in float32 whatever the
@@ -578,7 +628,8 @@ class ModelSAT(nn.Module):
     def _score_padded(self, rows, past=None) -> torch.Tensor:
         """Right-pad ``rows`` (``[T_i, D]`` each) and read the score at each row's last real position.
 
-        Right padding needs no mask beyond the causal one: a pad only ever follows real tokens.
+        Right padding needs no mask beyond the causal one (and the layers' windows): a pad only
+        ever follows real tokens.
         """
         if isinstance(rows, torch.Tensor):
             rows = list(rows)
@@ -590,7 +641,7 @@ class ModelSAT(nn.Module):
         return self.answer_score(last)
 
     def score_rows(self, rows) -> torch.Tensor:
-        """Full sequences ``[T_i, D]`` (plain causal attention, no shared prefix) -> scores ``[B]``."""
+        """Full sequences ``[T_i, D]`` (causal attention, no shared prefix) -> scores ``[B]``."""
         return self._score_padded(rows)
 
     def prefix_cache(self, prefix: torch.Tensor) -> list:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -312,3 +313,80 @@ def test_one_process_at_a_time_converts_and_the_others_take_its_folder(tmp_path,
         assert backbones.convert_gguf(gguf) == out
     finally:
         other.wait(10)
+
+
+def _tiny_gguf(path: Path, arch: str, rope: str | None = None) -> Path:
+    """A tiny random GGUF laid out as llama.cpp writes ``arch``'s ("llama" or "phi3"), with
+    ``rope`` as llama.cpp stores it: "llama3" (Llama-3.1: a rope_freqs tensor), "longrope"
+    (Phi-3-128k: two factor tensors and rope.scaling keys) or "yarn" (a rope.scaling.type key)."""
+    import gguf
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    hidden, inner, heads, head_dim = 32, 64, 2, 16
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + ["\u2581", "Y", "e", "s", "\u2581Yes"]
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_context_length(131072 if rope else 4096)
+    w.add_embedding_length(hidden), w.add_feed_forward_length(inner), w.add_block_count(1)
+    w.add_head_count(heads), w.add_head_count_kv(heads), w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(head_dim), w.add_rope_freq_base(10000.0)
+    if arch == "phi3":
+        w.add_sliding_window(2047)  # Phi-3-mini-4k's
+    w.add_tokenizer_model("llama"), w.add_token_list(tokens), w.add_token_scores([0.0] * len(tokens))
+    w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (len(tokens) - 259))
+    w.add_bos_token_id(1), w.add_eos_token_id(2), w.add_unk_token_id(0), w.add_pad_token_id(2)
+    weight = lambda *shape: (rng.standard_normal(shape) * 0.2).astype(np.float32)  # noqa: E731
+    w.add_tensor("token_embd.weight", weight(len(tokens), hidden))
+    w.add_tensor("blk.0.attn_norm.weight", np.ones(hidden, np.float32))
+    w.add_tensor("blk.0.ffn_norm.weight", np.ones(hidden, np.float32))
+    w.add_tensor("blk.0.attn_output.weight", weight(hidden, hidden))
+    w.add_tensor("blk.0.ffn_down.weight", weight(hidden, inner))
+    if arch == "phi3":  # fused projections
+        w.add_tensor("blk.0.attn_qkv.weight", weight(3 * hidden, hidden))
+        w.add_tensor("blk.0.ffn_up.weight", weight(2 * inner, hidden))
+    else:
+        for name in ("attn_q", "attn_k", "attn_v"):
+            w.add_tensor(f"blk.0.{name}.weight", weight(hidden, hidden))
+        w.add_tensor("blk.0.ffn_gate.weight", weight(inner, hidden))
+        w.add_tensor("blk.0.ffn_up.weight", weight(inner, hidden))
+    w.add_tensor("output_norm.weight", np.ones(hidden, np.float32))
+    w.add_tensor("output.weight", weight(len(tokens), hidden))
+    if rope == "llama3":
+        w.add_tensor("rope_freqs.weight", np.linspace(1.0, 8.0, head_dim // 2).astype(np.float32))
+    elif rope == "longrope":
+        w.add_rope_scaling_attn_factors(1.19), w.add_rope_scaling_orig_ctx_len(4096)
+        w.add_tensor("rope_factors_long.weight", np.linspace(1.0, 40.0, head_dim // 2).astype(np.float32))
+        w.add_tensor("rope_factors_short.weight", np.linspace(1.0, 3.0, head_dim // 2).astype(np.float32))
+    elif rope == "yarn":
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN), w.add_rope_scaling_factor(4.0)
+        w.add_rope_scaling_orig_ctx_len(32768)
+    w.write_header_to_file(), w.write_kv_data_to_file(), w.write_tensors_to_file(), w.close()
+    return path
+
+
+@pytest.mark.parametrize("arch, rope, words", [
+    ("llama", "llama3", "RoPE scaling 'llama3' (its rope_freqs.weight tensor)"),
+    ("phi3", "longrope", "RoPE scaling 'longrope' (its rope_factors_long.weight tensor)"),
+    ("llama", "yarn", "RoPE scaling 'yarn' (llama.rope.scaling.type)"),
+])
+def test_a_gguf_with_a_scaled_rope_is_refused_naming_the_scaling(tmp_path, monkeypatch, arch, rope, words):
+    """Llama-3.1's and Phi-3-128k's GGUFs converted to plain-RoPE copies, and phi ran them as plain
+    RoPE: transformers' GGUF reader drops the scaling's tensors and keys. The same file without the
+    scaling converts."""
+    monkeypatch.setenv("SATROUTE_CACHE_DIR", str(tmp_path / "cache"))
+    scaled = _tiny_gguf(tmp_path / f"{arch}-{rope}.gguf", arch, rope)
+    with pytest.raises(BackboneError, match=re.escape(words)):
+        backbones.convert_gguf(scaled)
+    assert not backbones.converted_dir(scaled).exists()
+    plain = backbones.convert_gguf(_tiny_gguf(tmp_path / f"{arch}.gguf", arch))
+    assert (plain / "model.safetensors").exists()
+
+
+def test_a_phi3_gguf_keeps_its_sliding_window(tmp_path, monkeypatch):
+    """transformers' GGUF mapping drops Phi-3's attention.sliding_window (Phi-3-mini-4k: 2047): the
+    converted copy attended past it, which the safetensors Phi-3 does not."""
+    import json
+
+    monkeypatch.setenv("SATROUTE_CACHE_DIR", str(tmp_path / "cache"))
+    folder = backbones.convert_gguf(_tiny_gguf(tmp_path / "phi3.gguf", "phi3"))
+    assert json.loads((folder / "config.json").read_text())["sliding_window"] == 2047

@@ -248,7 +248,8 @@ def test_the_yes_score_is_the_library_s_yes_logit_whether_or_not_the_head_is_tie
 @pytest.mark.parametrize("kind, extra, message", [
     ("phi3", {"rope_scaling": {"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [1.0] * 8},
               "original_max_position_embeddings": 4096, "max_position_embeddings": 131072},
-     "'phi3' model.*phi3 with plain RoPE"),
+     "phi's RoPE scaling 'longrope' is not supported"),
+    ("phi3", {"partial_rotary_factor": 0.5}, "phi's partial rotary factor 0.5 .*is not supported"),
     ("gemma2", {}, "'gemma2' model"),
     ("llama", {"rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}},
@@ -259,6 +260,37 @@ def test_an_llm_the_forward_pass_would_compute_differently_is_refused(kind, extr
     _, _, enc = tiny.parts(0)
     with pytest.raises(ValueError, match=message):
         ModelSAT(ModelSATConfig(n_layers=2, suite="tiny"), enc, tok, llm, tok)
+
+
+@pytest.mark.parametrize("kind, extra, windowed", [
+    ("phi3", {"sliding_window": 8}, [8, 8]),
+    ("mistral", {"sliding_window": 8}, [8, 8]),
+    ("qwen2", {"sliding_window": 8, "use_sliding_window": True, "max_window_layers": 1}, [None, 8]),
+    ("qwen2", {"sliding_window": 8, "use_sliding_window": False}, [None, None]),  # Qwen2.5's
+])
+def test_a_sliding_window_shorter_than_the_sequence_is_applied_as_the_library_does(kind, extra, windowed):
+    """Phi-3-mini-4k's window (2047) and Mistral-7B-v0.1's (4096) were neither applied nor refused:
+    past the window, plain causal attention scored something else (0.19 apart with a window of 8).
+    Each path is checked: full rows of different lengths, and suffixes after a shared prefix."""
+    tok, llm = _library_hidden(kind, **extra)
+    _, _, enc = tiny.parts(0)
+    model = ModelSAT(ModelSATConfig(n_layers=2, suite="tiny"), enc, tok, llm, tok).eval()
+    assert model.windows == windowed
+    ids = model.token_ids("what is algebra ? Will a model with the following capability handle it " * 2)
+    prefix, suffixes = ids[:11], [ids[11:], ids[11:15], ids[11:24]]
+    assert len(ids) > 20  # past the window of 8
+    with torch.no_grad():
+        theirs = torch.stack([llm(input_ids=torch.tensor([prefix + s])).logits[0, -1, model.answer_id]
+                              for s in suffixes]).float()
+        rows = model.score_rows([model.embed_ids(prefix + s) for s in suffixes])
+        shared = model.score_shared(model.prefix_cache(model.embed_ids(prefix)),
+                                    [model.embed_ids(s) for s in suffixes])
+        x = model.embed_ids(ids)
+        ours = model.norm(model.run_layers(x[None])[0])[0]
+        hidden = llm.model(inputs_embeds=x[None]).last_hidden_state[0]
+    torch.testing.assert_close(ours, hidden, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(rows, theirs, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(shared, theirs, rtol=1e-4, atol=1e-4)
 
 
 def test_inputs_are_padded_to_few_lengths_and_the_padding_changes_nothing():
