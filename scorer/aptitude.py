@@ -177,17 +177,26 @@ def profile_from_graded(suite: Suite, graded: Mapping[str, bool | float]) -> dic
     return profile
 
 
-def graded_from_outcomes(suite: Suite, data: RoutingData, model: str) -> dict[str, float]:
-    """``{question_id: 1.0/0.0}`` for the suite's questions ``model`` has a recorded outcome on.
+def check_train_only(suite: Suite, data: RoutingData) -> list[str]:
+    """The suite's questions ``data`` holds; ``DataError`` if one is outside the train split.
 
     A suite is built from train questions; one that names a question of another split (a suite
-    edited by hand, or built from other data) would carry test outcomes into a profile, so it is
-    refused (``DataError``)."""
+    edited by hand, or built from other data) would carry test outcomes into a profile, and a
+    profile measured on it (built-in ones included) would have seen questions the router is then
+    scored on."""
     qids = [q for q in suite.question_ids if q in data]
     foreign = [q for q in qids if data.prompt(q).split != "train"]
     if foreign:
-        raise DataError(f"suite {suite.name!r} names {len(foreign)} question(s) outside the train split "
+        where = f" of {data.path}" if data.path else ""
+        raise DataError(f"suite {suite.name!r} names {len(foreign)} question(s) outside the train split{where} "
                         f"(e.g. {foreign[0]!r}): a profile must not read them")
+    return qids
+
+
+def graded_from_outcomes(suite: Suite, data: RoutingData, model: str) -> dict[str, float]:
+    """``{question_id: 1.0/0.0}`` for the suite's questions ``model`` has a recorded outcome on
+    (``check_train_only`` first: a suite question outside the train split is a ``DataError``)."""
+    qids = check_train_only(suite, data)
     values = data.correct(model)[data.rows(qids)]
     return {q: float(v) for q, v in zip(qids, values) if not np.isnan(v)}
 
@@ -195,6 +204,44 @@ def graded_from_outcomes(suite: Suite, data: RoutingData, model: str) -> dict[st
 def profile_from_outcomes(suite: Suite, data: RoutingData, model: str) -> dict[str, float]:
     """A known model's profile from its recorded outcomes, through ``profile_from_graded``."""
     return profile_from_graded(suite, graded_from_outcomes(suite, data, model))
+
+
+#: a profile computed from recorded outcomes must rest on at least this share of its suite's
+#: questions: on a few questions over a few tasks, mean accuracy is mostly noise, and routing by it
+#: collapses onto whichever model was lucky there
+MIN_COVERAGE = 0.5
+
+
+def computed_profiles(suite: Suite, data: RoutingData, models: Sequence[str]
+                      ) -> tuple[dict[str, dict[str, float]], dict[str, tuple[int, int]]]:
+    """Profiles of ``models`` computed from ``data``'s outcomes, and on how much of the suite each
+    rests: ``{model: (graded questions, tasks covered)}``, for ``check_coverage``."""
+    profiles, coverage = {}, {}
+    for model in models:
+        graded = graded_from_outcomes(suite, data, model)
+        profiles[model] = profile_from_graded(suite, graded)
+        coverage[model] = (len(graded), len(profiles[model]))
+    return profiles, coverage
+
+
+def check_coverage(suite: Suite, coverage: Mapping[str, tuple[int, int]], where: str, advice: str,
+                   allow_partial: bool = False) -> list[str]:
+    """One line per computed profile saying on how much of the suite it rests. A model with no
+    graded suite question is a ``DataError``, as is one with under ``MIN_COVERAGE`` of the suite's
+    questions unless ``allow_partial``; ``advice`` ends those messages (what the user can do)."""
+    notes = []
+    for model, (n_graded, n_tasks) in coverage.items():
+        said = (f"{n_graded} of the {len(suite.question_ids)} questions of suite {suite.name!r} ({n_tasks} of its "
+                f"{len(suite.tasks)} tasks)")
+        if not n_graded:
+            raise DataError(f"model {model!r} has no outcomes on the questions of suite {suite.name!r} in {where}, "
+                            f"so no profile can be computed for it; {advice}")
+        if n_graded < MIN_COVERAGE * len(suite.question_ids) and not allow_partial:
+            raise DataError(f"the profile of model {model!r} computed from {where} rests on {said}, under "
+                            f"{MIN_COVERAGE:.0%}: too thin to route by (--allow-partial-profiles uses it anyway); "
+                            + advice)
+        notes.append(f"profile of {model!r} computed from {where}: {said}")
+    return notes
 
 
 def profile_filename(model: str) -> str:
@@ -245,7 +292,7 @@ def suite_for(folder: str | os.PathLike, suite: str | None = "auto") -> str:
     suite named like the folder, else ``mmlu_pro``."""
     if suite and suite != "auto":
         return suite
-    name = Path(folder).name
+    name = Path(folder).resolve().name  # "." (run from inside the folder) has no name of its own
     return name if (assets_dir() / "suites" / f"{name}.json").exists() else "mmlu_pro"
 
 
@@ -255,7 +302,8 @@ def aptitude(profile: Mapping[str, float]) -> float:
 
 
 __all__ = [
-    "Suite", "Task", "aptitude", "build_suite", "builtin_profile_path", "builtin_profiles", "graded_from_outcomes",
+    "MIN_COVERAGE", "Suite", "Task", "aptitude", "build_suite", "builtin_profile_path", "builtin_profiles",
+    "check_coverage", "check_train_only", "computed_profiles", "graded_from_outcomes",
     "load_builtin_profile", "load_keywords", "load_suite", "profile_filename", "profile_from_graded",
     "profile_from_outcomes", "save_profile", "subject_of", "suite_for",
 ]

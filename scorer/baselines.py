@@ -177,8 +177,11 @@ class CategoryBestScorer(_PerModelScorer):
         self.table: dict[tuple[str, str], np.ndarray] = {}
         for key in set(keys):
             rows = [i for i, k in enumerate(keys) if k == key]
-            acc = np.nanmean(correct[rows], axis=0)
-            self.table[key] = np.where(np.isnan(acc), self.overall, acc)
+            known = ~np.isnan(correct[rows])
+            # per model, its accuracy on the category's rows it has results for (np.nanmean would
+            # warn "Mean of empty slice" for a model with none); none: its overall accuracy
+            acc = np.nansum(correct[rows], axis=0) / np.maximum(known.sum(axis=0), 1)
+            self.table[key] = np.where(known.any(axis=0), acc, self.overall)
         full = load_dataset(train.path) if train.path else train
         self.category_of = {format_instruction(p): (p.dataset, p.category) for p in full.prompts}
 

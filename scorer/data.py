@@ -6,6 +6,10 @@ names, and a (prompt x model) score matrix with NaN where a model has no result;
 ``test`` split; the rule that turns a raw score into right/wrong; and ``format_instruction``, the
 text a router sees for a prompt (used identically in training, evaluation and the proxy's tests).
 
+Reading is strict, each mistake a ``DataError`` naming the file and line: a ``split`` other than
+``train`` / ``test``, a score outside [0, 1] (NaN is no result, as a missing row), a second row for
+one (prompt, model), outcomes none of which names a listed prompt. A UTF-8 byte-order mark is skipped.
+
 Does not know: aptitude suites, capability profiles, any model or the proxy.
 
 Correctness semantics (``is_correct``), by the prompt's ``dataset``:
@@ -21,6 +25,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
+import math
 import os
 import zlib
 from contextlib import contextmanager
@@ -35,6 +40,8 @@ PROMPTS_FILE = "prompts.jsonl.gz"
 OUTCOMES_FILE = "outcomes.csv.gz"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 
+#: the splits the format knows: a prompt in any other would be silently neither trained nor tested on
+SPLITS = ("train", "test")
 #: data sets whose score is the gold option's probability when right, 0 when wrong
 POSITIVE_IS_CORRECT = frozenset({"mmlu", "arc_challenge", "arc_easy", "cmmlu", "ceval"})
 
@@ -157,7 +164,8 @@ class RoutingData:
         """Only the prompts of one split (``train`` or ``test``)."""
         mask = np.array([p.split == name for p in self.prompts], dtype=bool)
         if not mask.any():
-            raise DataError(f"no prompts in split {name!r}")
+            found = sorted({p.split for p in self.prompts})
+            raise DataError(f"no prompts in split {name!r} (the splits found: {', '.join(map(repr, found)) or 'none'})")
         return self.subset(mask)
 
     def with_models(self, models: Sequence[str]) -> "RoutingData":
@@ -182,9 +190,10 @@ class RoutingData:
 
 @contextmanager
 def _gzip_text(path: Path, newline: str | None = None):
-    """``path`` opened as gzip-compressed UTF-8 text; a file that is not one is a ``DataError``."""
+    """``path`` opened as gzip-compressed UTF-8 text (a byte-order mark at its start, as some Windows
+    tools write, skipped); a file that is not one is a ``DataError``."""
     try:
-        with gzip.open(path, "rt", encoding="utf-8", newline=newline) as fh:
+        with gzip.open(path, "rt", encoding="utf-8-sig", newline=newline) as fh:
             yield fh
     except (gzip.BadGzipFile, EOFError, zlib.error):  # not gzip at all, or a damaged / cut-short one
         raise DataError(f"{path}: not a gzip file") from None
@@ -194,6 +203,7 @@ def _gzip_text(path: Path, newline: str | None = None):
 
 def _read_prompts(path: Path) -> list[Prompt]:
     prompts = []
+    stray = None  # the first line whose split is neither train nor test
     with _gzip_text(path) as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
@@ -210,12 +220,21 @@ def _read_prompts(path: Path) -> list[Prompt]:
                 prompts.append(Prompt.from_json(obj))
             except TypeError as exc:  # e.g. "options" that is no list
                 raise DataError(f"{path}: line {n}: {exc}") from None
+            if stray is None and prompts[-1].split not in SPLITS:
+                stray = n, prompts[-1]
+    if stray is not None:
+        n, prompt = stray
+        found = sorted({p.split for p in prompts})
+        raise DataError(f"{path}: line {n}: prompt {prompt.id!r} has split {prompt.split!r}; the format allows only "
+                        f"'train' and 'test' (the splits found: {', '.join(map(repr, found))})")
     return prompts
 
 
 def _read_outcomes(path: Path, row_of: Mapping[str, int]) -> tuple[list[str], np.ndarray]:
     models: dict[str, int] = {}
     triples: list[tuple[int, int, float]] = []
+    lines: list[int] = []  # each triple's line, to name a duplicate's
+    n_rows, first_id = 0, None
     with _gzip_text(path, newline="") as fh:
         reader = csv.reader(fh)
         try:
@@ -228,6 +247,9 @@ def _read_outcomes(path: Path, row_of: Mapping[str, int]) -> tuple[list[str], np
                 if len(fields) < 3:
                     raise DataError(f"{path}: line {reader.line_num}: expected prompt_id,model,score, got {fields}")
                 pid, model, score = fields[:3]  # columns after the third are not ours to read
+                n_rows += 1
+                if first_id is None:
+                    first_id = pid
                 row = row_of.get(pid)
                 if row is None:
                     continue  # an outcome for a prompt this folder does not list: ignored
@@ -235,19 +257,44 @@ def _read_outcomes(path: Path, row_of: Mapping[str, int]) -> tuple[list[str], np
                     value = float(score)
                 except ValueError:
                     raise DataError(f"{path}: line {reader.line_num}: score {score!r} is not a number") from None
+                if not 0.0 <= value <= 1.0 and not math.isnan(value):  # NaN: no result, as a missing row
+                    raise DataError(f"{path}: line {reader.line_num}: score {score!r} is outside [0, 1]")
                 col = models.setdefault(model, len(models))
                 triples.append((row, col, value))
+                lines.append(reader.line_num)
         except csv.Error as exc:  # a stray quote swallows the rest of the file into one field
             raise DataError(f"{path}: line {reader.line_num}: {exc}") from None
+    if n_rows and not triples:
+        raise DataError(f"{path}: none of its {n_rows} rows names a prompt id of {PROMPTS_FILE} (e.g. {first_id!r}, "
+                        f"where {PROMPTS_FILE} has ids like {next(iter(row_of), None)!r})")
     scores = np.full((len(row_of), len(models)), np.nan)
     if triples:
         r, c, s = (np.array(x) for x in zip(*triples))
+        _refuse_duplicates(path, r.astype(np.int64) * len(models) + c.astype(np.int64), s, lines, row_of, models)
         scores[r.astype(np.int64), c.astype(np.int64)] = s
     return list(models), scores
 
 
+def _refuse_duplicates(path: Path, cells: np.ndarray, values: np.ndarray, lines: Sequence[int],
+                       row_of: Mapping[str, int], models: Mapping[str, int]) -> None:
+    """A second row for one (prompt, model) is a ``DataError`` naming both lines: which one should
+    count is not ours to guess (the last used to win without a word)."""
+    order = np.argsort(cells, kind="stable")
+    again = np.flatnonzero(cells[order][1:] == cells[order][:-1])
+    if not len(again):
+        return
+    first, second = order[again[0]], order[again[0] + 1]
+    pid = next(p for p, i in row_of.items() if i == cells[first] // len(models))
+    model = next(m for m, j in models.items() if j == cells[first] % len(models))
+    same = values[first] == values[second] or (np.isnan(values[first]) and np.isnan(values[second]))
+    raise DataError(f"{path}: line {lines[second]}: a second row for prompt {pid!r} and model {model!r} (the first "
+                    f"is line {lines[first]}, {'the same' if same else 'a different'} score); keep one row per pair")
+
+
 @lru_cache(maxsize=8)
-def _load_cached(path: str, mtime: float) -> RoutingData:
+def _load_cached(path: str, version: tuple) -> RoutingData:
+    """Only a folder that passed every check is kept (a ``DataError`` is not cached), under its files'
+    versions: a file rewritten since, even within one mtime tick, is parsed and checked afresh."""
     folder = Path(path)
     prompts = _read_prompts(folder / PROMPTS_FILE)
     row_of = {p.id: i for i, p in enumerate(prompts)}
@@ -265,8 +312,9 @@ def load_dataset(path: str | os.PathLike) -> RoutingData:
     if not prompts.exists():
         raise DataError(f"{folder} holds no {PROMPTS_FILE}")
     outcomes = folder / OUTCOMES_FILE
-    mtime = max(prompts.stat().st_mtime, outcomes.stat().st_mtime if outcomes.exists() else 0.0)
-    return _load_cached(str(folder), mtime)
+    version = tuple((st.st_mtime_ns, st.st_size, st.st_ino) for st in
+                    (f.stat() for f in (prompts, outcomes) if f.exists()))
+    return _load_cached(str(folder), version)
 
 
 def write_dataset(path: str | os.PathLike, prompts: Sequence[Prompt | Mapping],

@@ -17,6 +17,9 @@ Rules:
   split with no prompt left is a ``DataError`` (naming the models with no outcome there at all).
 - ``random`` is the expected accuracy of a uniformly random pick; ``oracle`` is right when any zoo
   model is right.
+- Profiles (only when Model-SAT or ``aptitude`` reads them): built-in, else computed from DIR's
+  train split, which must hold at least half the suite's questions (``--allow-partial-profiles``
+  lowers that to one); no suite question may be in DIR's test split.
 - ``limit``: a fixed sample of that many prompts, drawn with ``seed`` from the eligible prompts and
   kept in data order, so repeated runs and different scorers see the same prompts.
 """
@@ -135,7 +138,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "checkpoint (e.g. text_only=PATH)")
     parser.add_argument("--suite", default=None, help="aptitude suite of the profiles (default: DIR's name if a "
                                                       "suite has it, else mmlu_pro); none: no profiles")
-    parser.add_argument("--split", default="test")
+    parser.add_argument("--allow-partial-profiles", action="store_true",
+                        help="use a profile computed from DIR even when it rests on under half of the suite's "
+                             "questions (default: refused)")
+    parser.add_argument("--split", default="test", help="the split routed (train or test)")
     parser.add_argument("--limit", type=positive_int, default=None, help="a fixed, deterministic sample of N prompts")
     parser.add_argument("--seed", type=non_negative_int, default=0)
     parser.add_argument("--cache-dir", default=None, help="embedding cache (default: ~/.cache/satroute)")
@@ -153,22 +159,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
 
 
-def _profiles(args, data: RoutingData, models: Sequence[str]) -> dict[str, dict[str, float]]:
-    """Built-in profiles of the suite; a model without one gets it computed from DIR's outcomes."""
-    from scorer.aptitude import builtin_profiles, load_suite, profile_from_outcomes, suite_for
+#: what a user can do when the folder cannot give a model a profile (the end of those messages)
+PROFILE_ADVICE = ("a profile needs the folder's train split to hold the suite's questions, or a built-in profile "
+                  "under the model's name (scorer/assets/profiles/); otherwise route with --router none and the "
+                  "baselines knn, mlp, rf, category, or leave the model out (--models)")
 
-    if args.suite == "none":
+
+def _profiles(args, data: RoutingData, models: Sequence[str],
+              readers: Sequence[str] = ("model-sat",)) -> dict[str, dict[str, float]]:
+    """Built-in profiles of the suite; a model without one gets it computed from DIR's outcomes
+    (refused when it rests on too few of the suite's questions, unless --allow-partial-profiles;
+    said on stderr either way). Only when a router reads them (``readers``; by default, as for
+    Model-SAT): the others run on any folder."""
+    from scorer.aptitude import (builtin_profiles, check_coverage, check_train_only, computed_profiles, load_suite,
+                                 suite_for)
+
+    if args.suite == "none" or not readers:
         return {m: {} for m in models}
     name = suite_for(args.data, args.suite)
+    suite = load_suite(name)
+    check_train_only(suite, data)  # a built-in profile measured on DIR's test questions has seen them too
     stored = builtin_profiles(name)
-    suite = None
-    out = {}
-    for m in models:
-        if m not in stored:
-            suite = suite or load_suite(name)
-            stored[m] = profile_from_outcomes(suite, data, m)
-        out[m] = stored[m]
-    return out
+    computed, coverage = computed_profiles(suite, data, [m for m in models if m not in stored])
+    for note in check_coverage(suite, coverage, data.path or str(args.data), PROFILE_ADVICE,
+                               getattr(args, "allow_partial_profiles", False)):
+        print(f"satroute evaluate: {note}", file=sys.stderr)
+    return {m: stored[m] if m in stored else computed[m] for m in models}
 
 
 def _check_profiles(args, profiles: Mapping[str, Profile], readers: Sequence[str]) -> None:
@@ -182,9 +198,8 @@ def _check_profiles(args, profiles: Mapping[str, Profile], readers: Sequence[str
 
     for model, profile in profiles.items():
         if not profile:
-            raise DataError(f"model {model!r} has no outcomes on the questions of suite "
-                            f"{suite_for(args.data, args.suite)!r} in {args.data}; pass --suite with the suite "
-                            "its profiles are measured on")
+            raise DataError(f"model {model!r} has an empty profile in suite {suite_for(args.data, args.suite)!r}; "
+                            + PROFILE_ADVICE)
 
 
 def _build_scorer(spec: str, args, data: RoutingData, models: Sequence[str], embedder) -> Scorer:
@@ -235,14 +250,16 @@ def non_negative_int(text: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """The evaluation; a wrong model name, router name, data folder or checkpoint is one line on
-    stderr and exit code 2, not a traceback (and is found before any baseline is trained). Ctrl+C
-    is one line too, and exit code 130 (nothing is lost: the report comes at the end)."""
+    """The evaluation; a wrong model name, router name, data folder or checkpoint (its backbones
+    included) is one line on stderr and exit code 2, not a traceback (and is found before any
+    baseline is trained). Ctrl+C is one line too, and exit code 130 (nothing is lost: the report
+    comes at the end)."""
+    from scorer.backbones import BackboneError
     from scorer.inference import CheckpointError
 
     try:
         return _run(args)
-    except (DataError, CheckpointError, ValueError) as exc:
+    except (DataError, CheckpointError, BackboneError, ValueError) as exc:  # BackboneError: a checkpoint's psi or phi
         print(f"satroute evaluate: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
@@ -268,7 +285,7 @@ def _run(args: argparse.Namespace) -> int:
         raise DataError(f"--models names {', '.join(map(repr, twice))} more than once")
     if unknown:
         raise DataError(f"{', '.join(map(repr, unknown))} not in {args.data} (its models: {', '.join(data.models)})")
-    profiles = _profiles(args, data, models)
+    eligible_rows(data, models, args.split, args.limit, args.seed)  # a wrong split, or none left: now, not at the end
     embedder = Embedder(max_length=args.embed_tokens)
     specs = [] if args.baselines in ("", "none") else [s.strip() for s in args.baselines.split(",") if s.strip()]
     routers = [args.router] if args.router != "none" else []
@@ -276,8 +293,10 @@ def _run(args: argparse.Namespace) -> int:
     # checkpoints first, then the profiles they read: a wrong path or suite must not wait for
     # every baseline to be trained
     checkpoints = [spec for spec in wanted if spec not in BASELINES]
+    readers = checkpoints + [spec for spec in wanted if spec == "aptitude"]
     built = {spec: _build_scorer(spec, args, data, models, embedder) for spec in checkpoints}
-    _check_profiles(args, profiles, checkpoints + [spec for spec in wanted if spec == "aptitude"])
+    profiles = _profiles(args, data, models, readers)
+    _check_profiles(args, profiles, readers)
     built.update({spec: _build_scorer(spec, args, data, models, embedder) for spec in wanted if spec not in built})
     scorers = {spec.partition("=")[0]: built[spec] for spec in specs}
     if args.router != "none":

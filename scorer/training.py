@@ -47,14 +47,14 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from scorer.aptitude import load_suite, profile_from_outcomes, suite_for
+from scorer.aptitude import check_coverage, computed_profiles, load_suite, suite_for
 from scorer.baselines import neighbour_counts
 from scorer.capability import perturb, task_clause
 from scorer.data import DataError, RoutingData, data_root, format_instruction, load_dataset
@@ -64,6 +64,9 @@ from scorer.inference import (META, CapabilityWriter, CheckpointError, load_mode
 from scorer.modeling import LAYOUTS, ModelSAT, ModelSATConfig, write_atomically
 
 STATE = "train_state.pt"
+#: what a user can do when the folder cannot give a model a profile (the end of those messages)
+PROFILE_ADVICE = ("training computes every profile from the folder's train split, which must hold the suite's "
+                  "questions; otherwise leave the model out (--exclude-models)")
 BEST = "best"  # the best-validated weights so far, a checkpoint folder inside --out
 # MMLU-Pro's unseen-model setting and validation zoo: the defaults, skipped where a folder lacks them
 DEFAULT_EXCLUDE = ["gemma-7b", "Yi-34B"]
@@ -81,6 +84,8 @@ class Pool:
     profiles: dict[str, dict[str, float]]
     soft: np.ndarray | None = None  # [n_prompts, n_models] neighbour accuracies (--neighbours), or None
     ids: list[str] | None = None     # the prompts' ids in the data set, where known
+    # on how much of the suite each profile rests: {model: (graded questions, tasks)}, where known
+    coverage: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 def neighbour_targets(vectors: np.ndarray, correct: np.ndarray, k: int, chunk: int = 1024) -> np.ndarray:
@@ -160,11 +165,13 @@ def build_pools(data: RoutingData, suite_name: str, exclude: list[str], val_size
     differ by a few points.
     ``category_shrink`` > 0 pulls each category's accuracies toward its data set's
     (``category_means``).
+    Every profile is computed from the train split; the train pool's ``coverage`` says on how much
+    of the suite each rests (``_check_trainable`` refuses a thin one).
     """
     suite = load_suite(suite_name)
     train = data.split("train")
     models = [m for m in train.models if m not in set(exclude)]
-    profiles = {m: profile_from_outcomes(suite, train, m) for m in models}
+    profiles, coverage = computed_profiles(suite, train, models)
     held = set(suite.question_ids)
     rows = np.array([i for i, p in enumerate(train.prompts) if p.id not in held], dtype=np.int64)
     rng = np.random.default_rng(seed)
@@ -185,6 +192,7 @@ def build_pools(data: RoutingData, suite_name: str, exclude: list[str], val_size
                     ids=[train.prompts[i].id for i in idx])
 
     train_pool = pool(train_rows)
+    train_pool.coverage = coverage
     if neighbours > 0:
         from scorer.embeddings import Embedder, dataset_embeddings
 
@@ -548,15 +556,21 @@ def _check_names(a, datasets: list[RoutingData]) -> None:
                             f"(their models: {', '.join(sorted(known))})")
 
 
-def _check_trainable(pool: Pool, data: RoutingData, suite) -> None:
-    """A pool to train on has models, each with a profile: an empty one gives the network nothing to read."""
+def _check_trainable(pool: Pool, data: RoutingData, suite, allow_partial: bool = False) -> None:
+    """A pool to train on has models, each with a profile resting on enough of the suite (an empty or
+    thin one gives the network nothing, or noise, to read); how much each rests on goes to stderr."""
     if not pool.models:
         raise DataError(f"every model of {data.path} is excluded (--exclude-models)" if data.models
                         else f"no model outcomes in {data.path}")
+    if pool.coverage:  # a pool not built by build_pools may not know it
+        check_coverage(suite, pool.coverage, data.path, PROFILE_ADVICE, allow_partial)
+        graded = sorted(n for n, _ in pool.coverage.values())
+        print(f"satroute train: {len(graded)} profiles computed from {data.path}, each on "
+              + (f"{graded[0]}" if graded[0] == graded[-1] else f"{graded[0]} to {graded[-1]}")
+              + f" of the {len(suite.question_ids)} questions of suite {suite.name!r}", file=sys.stderr)
     for m, profile in pool.profiles.items():
         if not profile:
-            raise DataError(f"model {m!r} has no outcomes on the questions of suite {suite.name!r} in {data.path}; "
-                            f"pass --suite with the suite measured on this data (or --exclude-models {m})")
+            raise DataError(f"model {m!r} has an empty profile in suite {suite.name!r}; " + PROFILE_ADVICE)
 
 
 def check_options(a) -> None:
@@ -637,7 +651,7 @@ def build_sources(a) -> tuple[list[Source], object]:
         pool, val, suite = build_pools(data, suite_for(folder, suite_arg), excluded_models(a),
                                        a.val_size, split_seed(a), neighbours=a.neighbours,
                                        category_prior=a.category_prior, category_shrink=a.category_shrink)
-        _check_trainable(pool, data, suite)
+        _check_trainable(pool, data, suite, a.allow_partial_profiles)
         first_suite = first_suite or suite
         val_models = DEFAULT_VAL_MODELS if a.val_models is None else a.val_models
         sources.append(Source(Path(folder).name, pool, val, list(val_models), weight))
@@ -685,13 +699,15 @@ class StopSignals:
 
 
 def run(a) -> int:
-    """The training run; a wrong data folder, suite, checkpoint or option value, or a loss that
+    """The training run; a wrong data folder, suite, checkpoint, backbone or option value, or a loss that
     diverges, is one line on stderr and exit code 2, not a traceback. SIGINT or SIGTERM while it
     trains ends it after the step in progress, saved for ``--resume``: one line on stderr, exit code
     128 + the signal (130 / 143); a Ctrl+C before the first step is one line and 130."""
+    from scorer.backbones import BackboneError
+
     try:
         return _run(a)
-    except (DataError, CheckpointError, ValueError) as exc:
+    except (DataError, CheckpointError, BackboneError, ValueError) as exc:  # BackboneError: --encoder, --llm
         print(f"satroute train: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # reading the data or building the network: nothing trained to save
@@ -822,6 +838,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="routing data folder(s), comma-separated (train split)")
     p.add_argument("--suite", default="auto", help="suite per --data folder, comma-separated; auto = the "
                    "suite named like the folder, else mmlu_pro")
+    p.add_argument("--allow-partial-profiles", action="store_true",
+                   help="train on profiles that rest on under half of their suite's questions (default: refused)")
     p.add_argument("--data-weights", default="", help="sampling weight per --data folder (default: equal)")
     p.add_argument("--init", default="", help="start from this checkpoint's network and trained parts")
     p.add_argument("--out", default="runs/modelsat", help="checkpoint + log folder (resumable)")

@@ -121,3 +121,47 @@ def test_build_assets_from_a_missing_data_folder_is_one_line_and_exit_2(tmp_path
     err = capsys.readouterr().err
     assert err == f"python -m scorer.build_assets: {tmp_path / 'nowhere' / 'mmlu_pro'} holds no prompts.jsonl.gz\n"
     assert not (tmp_path / "assets").exists()
+
+
+def test_the_suite_of_a_folder_given_as_dot_is_the_folder_s_own(tmp_path, monkeypatch):
+    """``--data .`` from inside ``routerdc/``: ``Path(".").name`` is empty, and mmlu_pro was taken."""
+    from scorer.aptitude import suite_for
+
+    (tmp_path / "routerdc").mkdir()
+    monkeypatch.chdir(tmp_path / "routerdc")
+    assert suite_for(".") == "routerdc" and suite_for("../routerdc") == "routerdc"
+
+
+def _half_held_suite():
+    """Two tasks of two questions, of which the data folder holds one each (a2, s1): half the suite."""
+    from scorer.aptitude import Task
+
+    return Suite("part", 1, (Task("anatomy", ("a",) * 5, ("a2", "zz1")), Task("astronomy", ("s",) * 5, ("s1", "zz2"))))
+
+
+def test_computed_profiles_say_their_coverage_and_refuse_a_thin_one(data):
+    from scorer.aptitude import Task, check_coverage, computed_profiles
+
+    suite = _half_held_suite()
+    profiles, coverage = computed_profiles(suite, data, ["A"])
+    assert profiles == {"A": {"anatomy": 1.0, "astronomy": 1.0}} and coverage == {"A": (2, 2)}
+    assert check_coverage(suite, coverage, "DIR", "ADVICE") == [
+        "profile of 'A' computed from DIR: 2 of the 4 questions of suite 'part' (2 of its 2 tasks)"]
+    thin = Suite("thin", 1, suite.tasks[:1] + (Task("virology", ("v",) * 5, ("zz3", "zz4")),))  # 1 of 4 held
+    profiles, coverage = computed_profiles(thin, data, ["A"])
+    assert profiles == {"A": {"anatomy": 1.0}} and coverage == {"A": (1, 1)}
+    with pytest.raises(DataError, match=r"^the profile of model 'A' computed from DIR rests on 1 of the 4 questions of "
+                                        r"suite 'thin' \(1 of its 2 tasks\), under 50%: too thin to route by "
+                                        r"\(--allow-partial-profiles uses it anyway\); ADVICE$"):
+        check_coverage(thin, coverage, "DIR", "ADVICE")
+    assert len(check_coverage(thin, coverage, "DIR", "ADVICE", allow_partial=True)) == 1
+
+
+def test_a_model_with_no_graded_suite_question_is_refused_even_when_partial_profiles_are_allowed(data):
+    from scorer.aptitude import Task, check_coverage, computed_profiles
+
+    suite = Suite("elsewhere", 1, (Task("anatomy", ("a",) * 5, ("zz1", "zz2")),))
+    _, coverage = computed_profiles(suite, data, ["A"])
+    with pytest.raises(DataError, match="^model 'A' has no outcomes on the questions of suite 'elsewhere' in DIR, so "
+                                        "no profile can be computed for it; ADVICE$"):
+        check_coverage(suite, coverage, "DIR", "ADVICE", allow_partial=True)

@@ -131,3 +131,18 @@ def test_a_zoo_without_train_outcomes_is_a_data_error(zoo_with_a_test_only_model
 
     with pytest.raises(DataError, match="no model of the zoo has an outcome on .*'s train split"):
         train_baseline("knn", zoo_with_a_test_only_model, ["C"], FakeEmbedder(), cache_dir=tmp_path)
+
+
+def test_category_best_falls_back_on_overall_accuracy_without_a_warning(zoo, tmp_path):
+    """A model with no train outcome in a category: its overall accuracy there, and no numpy
+    "Mean of empty slice" RuntimeWarning on stderr."""
+    import warnings
+
+    outcomes = [(p.id, m, float(zoo.scores[i, j])) for i, p in enumerate(zoo.prompts) for j, m in enumerate(zoo.models)
+                if not (m == "B" and p.dataset == "mmlu")]
+    data = load_dataset(write_dataset(tmp_path / "zoo_b", zoo.prompts, outcomes))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        scorer = CategoryBestScorer(data.split("train"), ["A", "B"])
+    assert scorer.table[("mmlu", "mmlu")].tolist() == [1.0, scorer.overall[1]]
+    assert scorer.table[("gsm8k", "gsm8k")].tolist() == [0.0, 1.0]

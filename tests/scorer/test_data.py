@@ -141,3 +141,92 @@ def test_a_stray_quote_in_the_outcomes_is_a_data_error_naming_the_file(tmp_path)
         fh.write('prompt_id,model,score\np0,"model-a,1\n' + "p1,model-a,1\n" * 12_000)
     with pytest.raises(DataError, match=f"^{re.escape(str(folder / 'outcomes.csv.gz'))}: line \\d+: field larger"):
         load_dataset(folder)
+
+
+def _prompts_file(tmp_path, lines):
+    import gzip
+
+    folder = write_dataset(tmp_path / "set", [], [])
+    with gzip.open(folder / "prompts.jsonl.gz", "wt", encoding="utf-8") as fh:
+        fh.write(lines)
+    return folder
+
+
+@pytest.mark.parametrize("lines, message", [
+    ('{"id": "p1", "split": "train"}\n{"id": "p2", "split": "Test"}\n',
+     "line 2: prompt 'p2' has split 'Test'; the format allows only 'train' and 'test' "
+     "(the splits found: 'Test', 'train')"),
+    ('{"id": "p1", "split": "validation"}\n{"id": "p2", "split": "dev"}\n',
+     "line 1: prompt 'p1' has split 'validation'; the format allows only 'train' and 'test' "
+     "(the splits found: 'dev', 'validation')"),
+    ('{"id": "p1", "split": "test"}\n{"id": "p2"}\n',
+     "line 2: prompt 'p2' has split ''; the format allows only 'train' and 'test' (the splits found: '', 'test')"),
+])
+def test_a_split_other_than_train_or_test_is_refused_naming_its_line_and_the_splits_found(tmp_path, lines, message):
+    """Such a prompt used to be dropped without a word: neither trained nor tested on."""
+    folder = _prompts_file(tmp_path, lines)
+    with pytest.raises(DataError, match=f"^{re.escape(str(folder / 'prompts.jsonl.gz'))}: {re.escape(message)}$"):
+        load_dataset(folder)
+
+
+def test_a_split_with_no_prompt_names_the_splits_there_are(folder):
+    with pytest.raises(DataError, match=r"^no prompts in split 'tset' \(the splits found: 'test', 'train'\)$"):
+        load_dataset(folder).split("tset")
+
+
+@pytest.mark.parametrize("second, kind", [("p1,A,1", "the same"), ("p1,A,0", "a different")])
+def test_a_second_row_for_one_prompt_and_model_is_refused_naming_both_lines(tmp_path, second, kind):
+    folder = _outcomes_file(tmp_path, f"prompt_id,model,score\np1,A,1\np2,A,0\n{second}\n")
+    with pytest.raises(DataError, match=f"line 4: a second row for prompt 'p1' and model 'A' \\(the first is line 2, "
+                                        f"{kind} score\\); keep one row per pair$"):
+        load_dataset(folder)
+
+
+@pytest.mark.parametrize("score", ["2", "-1", "inf", "-inf", "1.0001"])
+def test_a_score_outside_0_1_is_refused_naming_its_line(tmp_path, score):
+    folder = _outcomes_file(tmp_path, f"prompt_id,model,score\np1,A,1\np2,A,{score}\n")
+    with pytest.raises(DataError, match=f"line 3: score '{re.escape(score)}' is outside \\[0, 1\\]$"):
+        load_dataset(folder)
+
+
+def test_a_nan_score_is_still_a_missing_result(tmp_path):
+    data = load_dataset(_outcomes_file(tmp_path, "prompt_id,model,score\np1,A,1\np2,A,nan\n"))
+    assert data.scores[0, 0] == 1.0 and math.isnan(data.scores[1, 0])
+
+
+@pytest.mark.parametrize("name", ["prompts.jsonl.gz", "outcomes.csv.gz"])
+def test_a_byte_order_mark_at_the_start_of_either_file_is_skipped(tmp_path, name):
+    """Some Windows tools write one: it broke the header check, or the first line's JSON."""
+    import gzip
+
+    folder = write_dataset(tmp_path / "set", [_prompt("p1"), _prompt("p2", split="test")],
+                           [("p1", "A", 1.0), ("p2", "A", 0.0)])
+    with gzip.open(folder / name, "rb") as fh:
+        body = fh.read()
+    (folder / name).write_bytes(gzip.compress("\ufeff".encode() + body))
+    data = load_dataset(folder)
+    assert data.ids == ["p1", "p2"] and data.models == ["A"] and data.scores[:, 0].tolist() == [1.0, 0.0]
+
+
+def test_outcomes_that_name_no_prompt_of_the_folder_say_so(tmp_path):
+    """Not "no model outcomes": the file has rows, under ids the prompts do not use."""
+    folder = _outcomes_file(tmp_path, "prompt_id,model,score\n1,A,1\n2,A,0\n")
+    with pytest.raises(DataError, match="outcomes.csv.gz: none of its 2 rows names a prompt id of prompts.jsonl.gz "
+                                        r"\(e.g. '1', where prompts.jsonl.gz has ids like 'p1'\)$"):
+        load_dataset(folder)
+
+
+def test_a_file_rewritten_within_one_mtime_tick_is_checked_again(tmp_path):
+    """The parse is cached per file version: a malformed rewrite must not hide behind the old parse."""
+    import gzip
+    import os
+
+    folder = _outcomes_file(tmp_path, "prompt_id,model,score\np1,A,1\np2,A,0\n")
+    assert load_dataset(folder).models == ["A"]
+    path = folder / "outcomes.csv.gz"
+    stamp = path.stat().st_mtime_ns
+    with gzip.open(path, "wt", encoding="utf-8", newline="") as fh:
+        fh.write("prompt_id,model,score\np1,A,1\np2,A,yes\n")
+    os.utime(path, ns=(stamp, stamp))
+    with pytest.raises(DataError, match="line 3: score 'yes' is not a number"):
+        load_dataset(folder)

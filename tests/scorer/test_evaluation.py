@@ -177,7 +177,9 @@ def test_cli_a_model_named_twice_is_one_line_and_exit_2(data, capsys):
 @pytest.mark.parametrize("router, suite, message", [
     ("model-sat", "none", "--suite none gives the models no profiles, and model-sat reads them"),
     ("aptitude", "none", "--suite none gives the models no profiles, and aptitude reads them"),
-    ("model-sat", "mmlu_pro", "model 'A' has no outcomes on the questions of suite 'mmlu_pro' in .*; pass --suite .*"),
+    ("model-sat", "mmlu_pro", "model 'A' has no outcomes on the questions of suite 'mmlu_pro' in .*, so no profile "
+                              "can be computed for it; a profile needs the folder's train split to hold the suite's "
+                              r"questions, .*; otherwise route with --router none and the baselines .*"),
 ])
 def test_cli_a_router_that_reads_profiles_needs_a_profile_for_every_model(data, capsys, monkeypatch, router, suite,
                                                                          message):
@@ -204,6 +206,21 @@ def test_cli_a_checkpoint_whose_config_does_not_describe_its_weights_is_one_line
     assert err.splitlines()[-1].startswith(f"satroute evaluate: {folder / 'config.json'} does not describe the weights")
     assert "Traceback" not in err
 
+
+
+def test_cli_a_checkpoint_whose_phi_is_gone_is_one_line_and_exit_2(data, capsys, tmp_path):
+    """A checkpoint names its backbones by path: one since moved is said in one line, no traceback."""
+    import shutil
+
+    from scorer.inference import save_checkpoint
+    from support import tiny_modelsat as tiny
+
+    enc, llm = tiny.save_backbones(tmp_path / "backbones")
+    folder = save_checkpoint(tiny.build(encoder=enc, llm=llm), tmp_path / "ckpt")
+    shutil.rmtree(llm)
+    assert run(_cli(data, "--router", f"mine={folder}", "--baselines", "none", "--suite", "none")) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith("satroute evaluate: cannot load LLM") and "Traceback" not in err
 
 
 def test_cli_a_checkpoint_whose_weights_are_a_git_lfs_pointer_is_one_line_and_exit_2(data, capsys, tmp_path):
@@ -300,3 +317,76 @@ def test_cli_ctrl_c_is_one_line_and_exit_130(data, capsys, monkeypatch):
         pytest.fail("Ctrl+C is a traceback")
     assert status == 130
     assert capsys.readouterr() == ("", "interrupted\n")
+
+
+@pytest.fixture()
+def suite_file(tmp_path):
+    """A suite of two tasks of two questions; ``data`` holds r1 and r2, its train questions: half of it."""
+    from scorer.aptitude import Suite, Task
+
+    path = tmp_path / "part.json"
+    Suite("part", 1, (Task("law", ("l",) * 5, ("r1", "zz1")), Task("art", ("a",) * 5, ("r2", "zz2")))).save(path)
+    return path
+
+
+def test_cli_a_profile_computed_from_the_folder_says_its_coverage_on_stderr(data, capsys, suite_file):
+    assert run(_cli(data, "--router", "aptitude", "--baselines", "none", "--suite", str(suite_file))) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == [f"satroute evaluate: profile of {m!r} computed from {data.path}: 2 of the 4 questions of suite "
+                   "'part' (2 of its 2 tasks)" for m in MODELS]
+
+
+def test_cli_a_thin_profile_computed_from_the_folder_is_refused_unless_allowed(data, capsys, tmp_path, monkeypatch):
+    """23 suite questions over 19 tasks routed a whole zoo onto one model: under half the suite, stop."""
+    from scorer.aptitude import Suite, Task
+
+    trained = []
+    monkeypatch.setattr("scorer.baselines.train_baseline", lambda name, *a, **k: trained.append(name))
+    path = tmp_path / "thin.json"
+    Suite("thin", 1, (Task("law", ("l",) * 5, ("r1", "zz1", "zz2")),)).save(path)
+    assert run(_cli(data, "--router", "aptitude", "--baselines", "category", "--suite", str(path))) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"satroute evaluate: the profile of model 'A' computed from {data.path} rests on 1 of the 3 "
+                          "questions of suite 'thin' (1 of its 1 tasks), under 50%: too thin to route by "
+                          "(--allow-partial-profiles uses it anyway); ") and err.count("\n") == 1 and trained == []
+    monkeypatch.undo()  # the aptitude router is built by train_baseline
+    assert run(_cli(data, "--router", "aptitude", "--baselines", "none", "--suite", str(path),
+                    "--allow-partial-profiles")) == 0
+    assert f"satroute evaluate: profile of 'C' computed from {data.path}: 1 of the 3 questions" in capsys.readouterr().err
+
+
+def test_cli_routers_that_read_no_profile_run_whatever_the_suite_holds(data, capsys, tmp_path):
+    from scorer.aptitude import Suite, Task
+
+    path = tmp_path / "elsewhere.json"
+    Suite("elsewhere", 1, (Task("law", ("l",) * 5, ("zz1", "t1")),)).save(path)  # nothing held, and a test question
+    assert run(_cli(data, "--router", "none", "--baselines", "category", "--suite", str(path))) == 0
+    assert capsys.readouterr().err == ""
+
+
+def test_cli_a_built_in_profile_is_refused_when_the_folder_tests_on_the_suite_s_questions(tmp_path, capsys):
+    """A built-in profile was measured on the suite's questions: routing them, it has seen the answers."""
+    from scorer.aptitude import load_suite
+
+    asked = load_suite("mmlu_pro").question_ids[0]
+    prompts = [{"id": p, "split": sp, "question": p} for p, sp in ((asked, "test"), ("t1", "test"), ("r1", "train"))]
+    outcomes = [(p, m, 1.0) for p in (asked, "t1", "r1") for m in ("gemma-7b", "Yi-34B")]
+    folder = write_dataset(tmp_path / "mmlu_pro", prompts, outcomes)
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert run(parser.parse_args(["--data", str(folder), "--router", "aptitude", "--baselines", "none"])) == 2
+    assert capsys.readouterr().err == (f"satroute evaluate: suite 'mmlu_pro' names 1 question(s) outside the train "
+                                       f"split of {folder.resolve()} (e.g. {asked!r}): a profile must not read them\n")
+
+
+def test_cli_a_split_with_nothing_to_route_is_found_before_any_baseline_is_trained(data, capsys, monkeypatch,
+                                                                                  tmp_path):
+    trained = []
+    monkeypatch.setattr("scorer.baselines.train_baseline", lambda name, *a, **k: trained.append(name))
+    assert run(_cli(data, "--router", "none", "--baselines", "category", "--suite", "none", "--split", "tset")) == 2
+    assert capsys.readouterr().err == ("satroute evaluate: no prompts in split 'tset' (the splits found: 'test', "
+                                       "'train')\n")
+    folder = write_dataset(tmp_path / "trainonly", [{"id": "r1", "split": "train", "question": "q"}], [("r1", "A", 1)])
+    assert run(_cli(load_dataset(folder), "--models", "A", "--router", "none", "--baselines", "category")) == 2
+    assert capsys.readouterr().err == "satroute evaluate: no prompts in split 'test' (the splits found: 'train')\n"
+    assert trained == []

@@ -719,13 +719,15 @@ def test_resume_without_a_saved_state_says_it_starts_a_new_run(tiny_run, tmp_pat
     (("--val-size", "100000"), "--val-size 100000 leaves no train prompt of .* to train on"),
     (("--llm-train-layers", "5"), "--llm-train-layers 5 is more than the 3 layers of phi kept"),
     (("--threads", "0"), "--threads is 0; it takes 1 or more"),
+    (("--llm", "/nonexistent/phi"), "cannot load LLM"),
 ])
 def test_a_mistake_is_one_line_and_exit_2(tiny_run, capsys, flags, message):
     from scorer.training import main
 
     assert main(tiny_run(*flags)) == 2
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("satroute train:")]
+    lines = [line for line in err.splitlines()  # but the profiles' coverage, said before the run goes on
+             if line.startswith("satroute train:") and " profiles computed from " not in line]
     assert len(lines) == 1 and re.match(f"satroute train: {message}", lines[0]), err
 
 
@@ -774,7 +776,28 @@ def test_a_folder_without_a_train_split_is_one_line_and_exit_2(tiny_run, tmp_pat
 
     folder = write_dataset(tmp_path / "testonly", [{"id": "q1", "split": "test", "question": "what?"}], [("q1", "a", 1)])
     assert main(tiny_run("--data", str(folder))) == 2
-    assert capsys.readouterr().err == "satroute train: no prompts in split 'train'\n"
+    assert capsys.readouterr().err == "satroute train: no prompts in split 'train' (the splits found: 'test')\n"
+
+
+def test_a_thin_profile_is_refused_and_the_coverage_of_each_is_said(tiny_run, tmp_path, capsys):
+    """Every training profile is computed from the folder: on under half the suite's questions it is noise."""
+    from scorer.aptitude import Suite, Task, load_suite
+    from scorer.training import main
+
+    assert main(tiny_run()) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "computed from" in line]
+    assert notes == [f"satroute train: 3 profiles computed from {tmp_path / 'tinydata'}, each on 8 of the 8 "
+                     "questions of suite 'tinysuite'"]
+    full = load_suite(tmp_path / "tinysuite.json")  # 2 questions a task: add 3 the folder lacks to each
+    padded = Suite("padded", 1, tuple(Task(t.id, t.keywords, t.question_ids + ("x1", "x2", "x3")) for t in full.tasks))
+    padded.save(tmp_path / "padded.json")
+    assert main(tiny_run("--suite", str(tmp_path / "padded.json"))) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        f"satroute train: the profile of model 'alg' computed from {tmp_path / 'tinydata'} rests on 8 of the 20 "
+        "questions of suite 'padded' (4 of its 4 tasks), under 50%: too thin to route by (--allow-partial-profiles "
+        "uses it anyway); training computes every profile from the folder's train split, which must hold the "
+        "suite's questions; otherwise leave the model out (--exclude-models)")
+    assert main(tiny_run("--suite", str(tmp_path / "padded.json"), "--allow-partial-profiles")) == 0
 
 
 @pytest.mark.parametrize("flag", ["--val-every", "--k"])
