@@ -95,9 +95,19 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserError as exc:
+                if not self._began and self.cycle is not None:
+                    # in the body of a request the app has (no new head began: bytes after its
+                    # answer may have been taken for one): it is answered, or being answered, by
+                    # the app, which sees the connection go (one answer and one log line each)
+                    self._refused = True
+                    self.transport.close()
+                    return
                 # in OpenAI's error shape, with a request id and a line in the request log, as the
-                # other refusals below the app are (uvicorn's is a bare text/plain 400)
-                why = str(exc).strip() or "unparsable"
+                # other refusals below the app are (uvicorn's is a bare text/plain 400); what a
+                # callback of ours or uvicorn's refused (a request target that is no URL) by its
+                # own words, not httptools' "callback error"
+                cause = exc.__context__ if isinstance(exc, httptools.parser.errors.HttpParserCallbackError) else None
+                why = str(cause or exc).strip() or "unparsable"
                 self._refuse(400, "Bad Request", "invalid_http_request",
                              f"not a valid HTTP/1.1 request: {why[:200]}")
             except httptools.HttpParserUpgrade as exc:
@@ -151,9 +161,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 and self.parser.get_method() != b"CONNECT":  # CONNECT's switch is its method's
             self._declined = True  # read again without the offer (_feed), with its body
             return
-        self._in_head = self._began = False
         self._disarm()
-        super().on_headers_complete()
+        super().on_headers_complete()  # one that raises (a target that is no URL) leaves the head in
+        self._in_head = self._began = False  # progress: its refusal waits for an answer still owed
 
     def _arm(self) -> None:
         self._disarm()

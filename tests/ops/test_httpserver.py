@@ -123,6 +123,31 @@ def test_a_request_http_cannot_parse_is_refused_in_openai_s_shape_with_its_log_l
     assert line.fields["client"].startswith("127.0.0.1:")
 
 
+def test_a_target_that_is_no_url_waits_for_the_answer_owed_and_is_refused_in_its_own_words(server):
+    """A request target uvicorn cannot parse fails in its callback, after the head was taken for
+    done: the refusal took the place of the slow answer still owed to the request before it
+    (pipelined), and said only "callback error". Now that answer comes whole, then the connection
+    closes, as for any head refused behind an answer owed; alone, the 400 names the target."""
+    with _connect(server) as sock:
+        sock.sendall(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\nGET http://[::1 HTTP/1.1\r\nhost: x\r\n\r\n")
+        answers = _read_all(sock)
+    assert answers.startswith(b"HTTP/1.1 200 ") and answers.endswith(b"\r\n\r\nslow")
+    with _connect(server) as sock:
+        sock.sendall(b"GET http://[::1 HTTP/1.1\r\nhost: x\r\n\r\n")
+        refusal = _read_all(sock)
+    assert refusal.startswith(b"HTTP/1.1 400 ") and b"invalid url b'http://[::1'" in refusal
+
+
+def test_a_body_that_turns_bad_after_its_answer_gets_no_second_answer(server):
+    """The app answered before reading a chunked body whose next chunk is malformed: the
+    connection closes, where a second, unasked-for 400 followed the answer."""
+    with _connect(server) as sock:
+        sock.sendall(b"POST /early HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        assert _response(sock).startswith(b"HTTP/1.1 200 ")
+        sock.sendall(b"zz\r\n")
+        assert _read_all(sock) == b""
+
+
 def test_a_chunked_body_s_trailers_are_bounded_as_headers_are(server):
     """llhttp hands trailers to the same callbacks as headers, built up the same costly way.
     (What follows body bytes in the same read is counted from the next read: twice the bound.)"""
