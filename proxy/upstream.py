@@ -491,11 +491,13 @@ class PassThrough:
         except TimeoutError as exc:
             if resp is not None:
                 resp.close()
-            # aiohttp's own connect timeout is one too: the request never went out (said so: an
-            # unreachable host is not a slow model)
-            unsent = isinstance(exc, aiohttp.ConnectionTimeoutError)
-            said = (f"could not connect within {connect_s or self._connect:.1f}s" if unsent
-                    else f"no answer within {first_byte_s:.1f}s")
+            # aiohttp's own connect timeout is one too, and so is the attempt's limit reached while
+            # it still connects (a model's timeout_s below connect_timeout_s): the request never
+            # went out (said so: an unreachable host is not a slow model)
+            connecting = isinstance(exc, aiohttp.ConnectionTimeoutError)
+            unsent = connecting or (sent is not None and sent[0] is False)
+            limit = (connect_s or self._connect) if connecting else first_byte_s
+            said = f"could not connect within {limit:.1f}s" if unsent else f"no answer within {limit:.1f}s"
             raise UpstreamTransient(f"{d.name}: {said}", model=d.name, status=504, timeout=True,
                                     sent=not unsent) from None
         except aiohttp.ClientError as exc:

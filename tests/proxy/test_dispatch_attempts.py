@@ -111,3 +111,17 @@ async def test_an_attempt_cut_before_its_request_went_out_is_not_billed(tmp_path
         assert await cut(f"http://127.0.0.1:{port}/v1", 0.5) == [("cancelled", not fast)]
     upstream.queue("m1", stall(5))
     assert await cut(upstream.url, 1.0) == [("cancelled", True)]
+
+
+async def test_an_attempt_whose_time_runs_out_while_it_connects_is_not_billed(tmp_path):
+    """A model's timeout_s below connect_timeout_s: the attempt's limit came while the connection
+    was still being made. Nothing was sent, so nothing was billed: the pass-through knows (through
+    litellm a timeout cannot be told apart, and counts)."""
+    from support.raw_upstream import never_connecting_port
+
+    tried: list = []
+    with never_connecting_port() as port:
+        with pytest.raises(AllUpstreamsFailed):
+            await complete(tmp_path, f"http://127.0.0.1:{port}/v1", True, tried, num_retries=0, timeout_s=0.5,
+                           connect_timeout_s=5)
+    assert [(a.outcome, a.billed) for a in tried] == [("timeout", False)]
