@@ -10,8 +10,8 @@ docs/onboarding.md, "Backing up and restoring the store".
 """
 from __future__ import annotations
 
+import contextlib
 import os
-import shutil
 import sqlite3
 import sys
 from pathlib import Path
@@ -40,16 +40,50 @@ def run(args) -> int:
 
 
 def backup(source: Path, dest: Path) -> Path:
-    """Copy the store at ``source`` into the folder ``dest`` (created; it must be empty if it
-    exists), with ``local_server.key`` beside it when there is one; the copy's path. The copy
-    is checked (``PRAGMA quick_check``) before it is given its name."""
+    """Copy the store at ``source`` into the folder ``dest`` (created, for its owner only; it must
+    be empty if it exists), with ``local_server.key`` beside it when there is one; the copy's
+    path. The copy is checked (``PRAGMA quick_check``) before it is given its name; a copy that
+    fails (a full disk, Ctrl+C) leaves nothing behind, and ``dest`` as it found it."""
     if not source.is_file():  # sqlite3.connect would make an empty database there
         raise ValueError(f"no state store at {source} (set --state-dir or SATROUTE_STATE_DIR)")
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise ValueError(f"{dest} exists and is not an empty folder: name a new one")
-    dest.mkdir(parents=True, exist_ok=True)
+    made = not dest.exists()
+    dest.mkdir(mode=0o700, parents=True, exist_ok=True)
     target, part = dest / DB_NAME, dest / f".{DB_NAME}.part"
-    src = sqlite3.connect(source)  # as the proxy opens it: it recovers a WAL a killed one left
+    try:
+        _copy(source, part)
+        part.replace(target)
+        key = source.with_name(KEY_FILE)
+        if key.is_file():  # created owner-only, never readable by others for a moment
+            fd = os.open(dest / KEY_FILE, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(key.read_bytes())
+    except BaseException:
+        for leftover in (target, part, *(part.with_name(part.name + s) for s in ("-journal", "-wal", "-shm")),
+                         dest / KEY_FILE):
+            leftover.unlink(missing_ok=True)
+        if made:
+            with contextlib.suppress(OSError):
+                dest.rmdir()
+        raise
+    return target
+
+
+def _copy(source: Path, part: Path) -> None:
+    """SQLite's online backup of ``source`` into ``part``, checked, as one self-contained file."""
+    try:
+        _backup(sqlite3.connect(source), part)  # as the proxy opens it: it recovers a WAL a killed one left
+    except sqlite3.OperationalError:
+        wal = source.with_name(f"{DB_NAME}-wal")
+        if os.access(source.parent, os.W_OK) or (wal.exists() and wal.stat().st_size):
+            raise
+        # a stopped proxy's store on a read-only mount (a snapshot, a backup sidecar's volume):
+        # SQLite cannot make the -shm a WAL database is opened with, and nothing writes it
+        _backup(sqlite3.connect(f"{source.resolve().as_uri()}?immutable=1", uri=True), part)
+
+
+def _backup(src: sqlite3.Connection, part: Path) -> None:
     try:
         out = sqlite3.connect(part)
         try:
@@ -61,10 +95,4 @@ def backup(source: Path, dest: Path) -> Path:
     finally:
         src.close()
     if problems != ["ok"]:
-        part.unlink(missing_ok=True)
-        raise ValueError(f"the copy of {source} fails its check: {'; '.join(problems[:3])}")
-    part.replace(target)
-    key = source.with_name(KEY_FILE)
-    if key.is_file():
-        shutil.copy2(key, dest / KEY_FILE)  # its mode (owner only) with it
-    return target
+        raise ValueError(f"the copy fails its check: {'; '.join(problems[:3])}")

@@ -70,3 +70,70 @@ def test_a_backup_restored_as_documented_is_what_the_store_holds(tmp_path):
     shutil.copy(tmp_path / "bk" / "satroute.db", crashed / "satroute.db")
     with Store(crashed) as store:
         assert store.progress("m").status == "running" and store.answered("m") == set()
+
+
+def test_a_backup_that_fails_midway_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
+    """A full disk or Ctrl+C during the copy left a hidden partial file, and the same command
+    then refused the folder as not empty."""
+    import sqlite3
+
+    import pytest
+
+    from proxy import backup
+
+    state = tmp_path / "state"
+    with Store(state):
+        pass
+    real = backup._backup
+
+    def fails(src, part, error):
+        part.write_bytes(b"half a copy")
+        src.close()
+        raise error
+
+    class Interrupted(BaseException):  # as Ctrl+C's KeyboardInterrupt, which pytest takes for its own
+        pass
+
+    for error in (sqlite3.OperationalError("database or disk is full"), Interrupted()):
+        monkeypatch.setattr(backup, "_backup", lambda src, part, error=error: fails(src, part, error))
+        if isinstance(error, Interrupted):
+            with pytest.raises(Interrupted):
+                main(["backup", "--state-dir", str(state), str(tmp_path / "bk")])
+        else:
+            assert main(["backup", "--state-dir", str(state), str(tmp_path / "bk")]) == 2
+            assert "disk is full" in capsys.readouterr().err
+        assert not (tmp_path / "bk").exists()
+    (tmp_path / "mine").mkdir()  # a folder the admin made: kept, emptied of the attempt
+    monkeypatch.setattr(backup, "_backup", lambda src, part: fails(src, part, sqlite3.OperationalError("full")))
+    assert main(["backup", "--state-dir", str(state), str(tmp_path / "mine")]) == 2
+    assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+    monkeypatch.setattr(backup, "_backup", real)
+    assert main(["backup", "--state-dir", str(state), str(tmp_path / "bk")]) == 0
+    assert stat.S_IMODE((tmp_path / "bk").stat().st_mode) == 0o700
+
+
+def test_a_stopped_proxy_s_store_on_a_read_only_mount_is_copied(tmp_path, monkeypatch):
+    """SQLite cannot open a WAL database read-write where it cannot make its -shm: with no WAL
+    left (the proxy stopped cleanly) and the folder not writable, it is read as immutable."""
+    import sqlite3
+
+    from proxy import backup
+
+    state = tmp_path / "state"
+    with Store(state) as store:
+        store.begin("m", "suite", total=1)
+        store.finish("m", "suite", {"t": 0.5})
+    assert not (state / "satroute.db-wal").exists()
+    real_connect = sqlite3.connect
+
+    def read_only(database, *args, **kwargs):
+        if str(database) == str(state / "satroute.db"):
+            raise sqlite3.OperationalError("unable to open database file")
+        return real_connect(database, *args, **kwargs)
+
+    monkeypatch.setattr(backup.sqlite3, "connect", read_only)
+    monkeypatch.setattr(backup.os, "access", lambda path, mode: False)
+    copied = backup.backup(state / "satroute.db", tmp_path / "bk")
+    monkeypatch.undo()
+    with Store(copied.parent) as store:
+        assert store.get("m") == {"t": 0.5}
