@@ -414,14 +414,14 @@ class Onboarding:
     async def run(self, model: str, prices: Prices | Callable[[], Prices] = Prices(),
                   upstream: str | None = None, legacy: str | None = None,
                   config: str | None = None, failed_since: float | None = None,
-                  account: str | None = None) -> Progress:
+                  account: str | None = None, also: Sequence[str] = ()) -> Progress:
         """Onboard ``model`` (resuming from the store); returns its final stored progress.
 
         ``prices`` may be a callable, read before each question: what answers cost now (an
         edit of providers.yaml mid-run). ``upstream`` fingerprints what answers for ``model``
         (``upstream_fingerprint``; ``legacy``, its ``legacy_fingerprint``, the form earlier
-        versions recorded): when the store's answers came from another one, they are forgotten
-        and the test starts over. ``config``, a digest of what the run depends on, is stored with
+        versions recorded; ``also``, ``earlier_forms``): when the store's answers came from
+        another one, they are forgotten and the test starts over. ``config``, a digest of what the run depends on, is stored with
         a failure (``Store.failure``); with ``failed_since``, a stored failure of that
         ``config`` recorded since then raises ``FailedAlready`` instead of a run (``Store.claim``).
         Raises ``ModelBusy`` (having asked and written nothing) when another process onboards
@@ -433,7 +433,7 @@ class Onboarding:
         """
         await self._store(self.store.claim, model, self.suite.name, config, failed_since)
         try:
-            return await self._run(model, prices, upstream, legacy, config, account)
+            return await self._run(model, prices, upstream, legacy, config, account, also)
         except asyncio.CancelledError:  # the proxy stops, or a signal: the store must not say running
             try:
                 await self._store(self.store.interrupted, model)
@@ -473,10 +473,11 @@ class Onboarding:
         return len(changed)
 
     async def _run(self, model: str, priced: Prices | Callable[[], Prices], upstream: str | None,
-                   legacy: str | None, config: str | None, account: str | None) -> Progress:
+                   legacy: str | None, config: str | None, account: str | None,
+                   also: Sequence[str] = ()) -> Progress:
         opts = self.options
         store = self.store
-        if upstream is not None and await self._store(store.upstream_changed, model, upstream, legacy):
+        if upstream is not None and await self._store(store.upstream_changed, model, upstream, legacy, also):
             kept = await self._store(store.forget, model, moved=True)  # the lease stays this run's
             log.warning("onboarding %s: its upstream changed; its answers and profile were "
                         "forgotten%s; onboarding it again", model, spend_kept(kept))
@@ -1181,7 +1182,7 @@ async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int
     from proxy.localserver import KEY_FILE, published_key
     from proxy.onboarding_service import (DispatchAsker, prices_of, service_options,
                                           upstream_fingerprint)
-    from proxy.providers import ProviderRegistry, legacy_fingerprint
+    from proxy.providers import ProviderRegistry, earlier_forms, legacy_fingerprint
     from proxy.questions import load_questions
     from proxy.settings import environ
     from scorer.aptitude import load_suite
@@ -1225,7 +1226,7 @@ async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int
                   f"${dropped:.2f} spent on its onboarding, were forgotten: the spend cap counts from "
                   "$0 again", file=sys.stderr)
         upstream = upstream_fingerprint(d)
-        if await asyncio.to_thread(store.upstream_changed, model, upstream, legacy_fingerprint(d)):
+        if await asyncio.to_thread(store.upstream_changed, model, upstream, legacy_fingerprint(d), earlier_forms(d)):
             kept = await asyncio.to_thread(store.forget, model, moved=True)
             print(f"satroute onboard: {model} now points at another upstream ({d.model}): "
                   f"its stored answers and profile were forgotten{spend_kept(kept)}", file=sys.stderr)
@@ -1242,7 +1243,7 @@ async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int
 
         engine = Onboarding(store, suite, questions, DispatchAsker(registry, dispatcher),
                             service_options(settings), on_progress=tick)
-        progress = await engine.run(model, prices_of(d), upstream, legacy_fingerprint(d))
+        progress = await engine.run(model, prices_of(d), upstream, legacy_fingerprint(d), also=earlier_forms(d))
     except asyncio.CancelledError:
         if not received:
             raise

@@ -39,7 +39,7 @@ import logging
 import sqlite3
 import time
 from pathlib import Path
-from typing import Any, Callable, Coroutine, Iterable, Mapping
+from typing import Any, Callable, Coroutine, Iterable, Mapping, Sequence
 
 import orjson
 
@@ -48,7 +48,7 @@ from proxy.errors import ServiceUnavailable, UpstreamError, UpstreamTransient
 from proxy.onboarding import (RUN_UPSTREAM, Onboarding, Options, Prices, RunCancelled, Said, spend_kept,
                               status_of)
 from proxy.prices import LITELLM_PRICE_KEYS, litellm_cost, listed_prices
-from proxy.providers import (Deployment, ProviderRegistry, legacy_fingerprint, upstream_account,
+from proxy.providers import (Deployment, ProviderRegistry, earlier_forms, legacy_fingerprint, upstream_account,
                              upstream_fingerprint)
 from proxy.questions import Question, QuestionSourceError, load_questions
 from proxy.store import ModelBusy, Progress, Store, UpstreamInUse
@@ -491,7 +491,8 @@ class OnboardingService:
                     continue
             elif not onboardable(d):
                 continue
-            elif (changed := await self._upstream_changed(name, upstream, legacy_fingerprint(d))) is None:
+            elif (changed := await self._upstream_changed(name, upstream, legacy_fingerprint(d),
+                                                          earlier_forms(d))) is None:
                 continue  # the store could not tell now: a later tick asks again
             elif changed:
                 if name in self._elsewhere and await self._still_elsewhere(name):
@@ -527,11 +528,12 @@ class OnboardingService:
             self._regraded.discard(name)
         _FREE_SIDES.difference_update({k for k in _FREE_SIDES if k[0] not in models})
 
-    async def _upstream_changed(self, name: str, upstream: str, legacy: str) -> bool | None:
+    async def _upstream_changed(self, name: str, upstream: str, legacy: str,
+                                also: Sequence[str] = ()) -> bool | None:
         """``Store.upstream_changed`` on a thread; None (and the model waits for a later tick)
         when the store refuses the check now (locked past its busy timeout)."""
         try:
-            changed = await asyncio.to_thread(self.store.upstream_changed, name, upstream, legacy)
+            changed = await asyncio.to_thread(self.store.upstream_changed, name, upstream, legacy, also)
         except sqlite3.OperationalError as exc:
             self._wait(name, f"the state store refuses writes: {exc}")
             return None
@@ -614,7 +616,8 @@ class OnboardingService:
             fallback = prices_of(d)
             progress = await engine.run(d.name, lambda: self._run_prices.get(d.name, fallback),
                                         upstream_fingerprint(d), legacy_fingerprint(d), config,
-                                        failed_since=self._since, account=upstream_account(d))
+                                        failed_since=self._since, account=upstream_account(d),
+                                        also=earlier_forms(d))
         except asyncio.CancelledError:
             # the next tick drops what is kept about a model that left the file, its run ended
             self._retry_asked = True

@@ -28,7 +28,7 @@ import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from secrets import token_bytes, token_urlsafe
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping, Protocol, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
@@ -84,9 +84,11 @@ MULTIMODAL_CHAT_FORMATS = frozenset({"llava-1-5", "llava-1-6", "obsidian", "mtmd
 class ProfileSource(Protocol):
     """Where profiles of models without one in providers.yaml come from (the onboarding store):
     only a profile measured on ``upstream`` (an ``upstream_fingerprint``; or recorded by an
-    earlier version as ``legacy``, its ``legacy_fingerprint``) is returned."""
+    earlier version as ``legacy``, its ``legacy_fingerprint``, or as one of ``also``,
+    ``earlier_forms``) is returned."""
 
-    def get(self, model_name: str, upstream: str, legacy: str | None = None) -> Profile | None: ...
+    def get(self, model_name: str, upstream: str, legacy: str | None = None,
+            also: Sequence[str] = ()) -> Profile | None: ...
 
     def profile_suite(self, model_name: str) -> str | None:
         """The suite the profile ``get`` returns was measured on (None: not known)."""
@@ -337,6 +339,21 @@ def legacy_fingerprint(d: Deployment) -> str:
     ``upstream_fingerprint(d)``; it is kept as it is (earlier versions sharing the store read it),
     and it is the form a new row's ``upstream`` is recorded in, beside today's."""
     return _fingerprint(d.model, d.api_base or "")
+
+
+def earlier_forms(d: Deployment) -> tuple[str, ...]:
+    """Fingerprints earlier versions recorded for the upstream ``d`` names that neither
+    ``upstream_fingerprint(d)`` nor ``legacy_fingerprint(d)`` is: for a model on its provider's
+    own ``api_base`` (``DEFAULT_BASES``), that base written out and left out, in both forms. A
+    store written before the two were one upstream keeps its profile whichever way the file now
+    writes it."""
+    default = DEFAULT_BASES.get(d.provider)
+    base = _plain_base(d.api_base)
+    if default is None or base not in ("", _plain_base(default)):
+        return ()
+    forms = {_fingerprint(f"{d.provider}/{d.upstream_model}", _plain_base(default)),
+             _fingerprint(d.model, default), _fingerprint(d.model, "")}
+    return tuple(sorted(forms - {upstream_fingerprint(d), legacy_fingerprint(d)}))
 
 
 def upstream_account(d: Deployment) -> str:
@@ -892,7 +909,7 @@ class ProviderRegistry:
             return self._profiles[d.name]
         if self._source is None:
             return None, None
-        profile = self._source.get(d.name, upstream_fingerprint(d), legacy_fingerprint(d))
+        profile = self._source.get(d.name, upstream_fingerprint(d), legacy_fingerprint(d), earlier_forms(d))
         return profile, None if profile is None else self._source.profile_suite(d.name)
 
     def _build(self, text: str) -> Snapshot:

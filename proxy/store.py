@@ -635,7 +635,8 @@ class Store:
                 (model, suite, total, estimated_cost, now, now, legacy or upstream, upstream,
                  self.owner, now))
 
-    def upstream_changed(self, model: str, upstream: str, legacy: str | None = None) -> bool:
+    def upstream_changed(self, model: str, upstream: str, legacy: str | None = None,
+                         also: Sequence[str] = ()) -> bool:
         """True when the model's stored answers came from another upstream than ``upstream`` (a
         fingerprint, ``upstream_fingerprint``). The same upstream: a row whose ``upstream_plain``
         or ``upstream`` is ``upstream``, or whose ``upstream`` is ``legacy`` (the same upstream's
@@ -644,14 +645,16 @@ class Store:
         the store (a rolling upgrade, a rollback) compares ``upstream`` with its own form, and
         would take any other for another upstream and forget the model. What is missing is filled
         in: ``upstream`` in the ``legacy`` form (which every version that fingerprints reads) when
-        given, and ``upstream_plain``. Nothing stored: False."""
+        given, and ``upstream_plain``. ``also``: other fingerprints of the same upstream that
+        earlier versions recorded (``earlier_forms``), in either column. Nothing stored: False."""
         with self._lock:
             row = self._db.execute("SELECT upstream, upstream_plain FROM onboarding WHERE model = ?",
                                    (model,)).fetchone()
             if row is None:
                 return False
             stored, plain = row
-            if stored is not None and stored not in (upstream, legacy) and plain != upstream:
+            forms = {upstream, legacy, *also} - {None}
+            if stored is not None and stored not in forms and plain not in forms:
                 return True
             if stored is None or plain is None:
                 self._db.execute("UPDATE onboarding SET upstream = COALESCE(upstream, ?), "
@@ -835,16 +838,18 @@ class Store:
                 (model, suite, note, now))
 
     def get(self, model_name: str, upstream: str | None = None,
-            legacy: str | None = None) -> dict[str, float] | None:
+            legacy: str | None = None, also: Sequence[str] = ()) -> dict[str, float] | None:
         """A finished profile, or None (the ProfileSource seam of the provider registry). With
         ``upstream`` (a fingerprint), only one measured on that upstream: another model behind the
         same name has no profile yet. A row without a recorded upstream, or with ``legacy`` (the
-        same upstream's fingerprint in an earlier version's form), is taken as measured on it
-        (as ``upstream_changed`` does)."""
+        same upstream's fingerprint in an earlier version's form) or one of ``also``, is taken as
+        measured on it (as ``upstream_changed`` does)."""
+        forms = sorted({upstream, legacy, *also} - {None})
+        marks = ", ".join("?" * len(forms)) or "NULL"
         rows = self._read("SELECT p.tasks FROM profiles p LEFT JOIN onboarding o ON o.model = p.model "
-                          "WHERE p.model = ? AND (? IS NULL OR o.upstream IS NULL OR o.upstream = ? "
-                          "OR o.upstream = ? OR o.upstream_plain = ?)",
-                          (model_name, upstream, upstream, legacy, upstream))
+                          f"WHERE p.model = ? AND (? IS NULL OR o.upstream IS NULL OR o.upstream IN ({marks}) "
+                          f"OR o.upstream_plain IN ({marks}))",
+                          (model_name, upstream, *forms, *forms))
         if not rows:
             return None
         try:

@@ -357,7 +357,7 @@ class Source:
     def __init__(self):
         self.profiles = {}
 
-    def get(self, name, upstream, legacy=None):
+    def get(self, name, upstream, legacy=None, also=()):
         return self.profiles.get(name)
 
     def profile_suite(self, name):
@@ -533,6 +533,31 @@ def test_the_provider_s_own_api_base_written_out_is_the_same_upstream(tmp_path):
         assert reg.reload() and reg.snapshot.models["m"].profile == {"t": 0.5}
         d = reg.snapshot.models["m"]
         assert not store.upstream_changed("m", upstream_fingerprint(d), legacy_fingerprint(d))
+
+
+@pytest.mark.parametrize("now", [None, "https://api.openai.com/v1"])
+def test_a_profile_stored_with_openai_s_api_base_written_out_by_an_earlier_version_is_kept(tmp_path, now):
+    """Earlier versions fingerprinted OpenAI's api_base written out as another upstream than none:
+    a row they stored so is this upstream's whether the file now writes it or not."""
+    from proxy.providers import _fingerprint, earlier_forms
+
+    base = "https://api.openai.com/v1"
+    params = "{model: openai/gpt-4o" + (f", api_base: '{now}'" if now else "") + "}"
+    path = tmp_path / "providers.yaml"
+    path.write_text(f"model_list:\n  - {{model_name: m, litellm_params: {params}}}\n")
+    with Store(tmp_path / "state") as store:
+        # as a version before this one recorded it: today's form then hashed the base as written
+        store.begin("m", "suite", total=1, upstream=_fingerprint("openai/gpt-4o", base),
+                    legacy=_fingerprint("openai/gpt-4o", base))
+        store.finish("m", "suite", {"t": 0.5})
+        reg = ProviderRegistry(path, dict, store)
+        d = reg.snapshot.models["m"]
+        assert reg.snapshot.models["m"].profile == {"t": 0.5}
+        assert not store.upstream_changed("m", upstream_fingerprint(d), legacy_fingerprint(d), earlier_forms(d))
+        other = parse("model_list:\n  - {model_name: m, litellm_params: {model: openai/gpt-4o, "
+                      "api_base: 'https://eu.example/v1'}}\n", path, {}, lambda d: None).models["m"]
+        assert earlier_forms(other) == ()
+        assert store.upstream_changed("m", upstream_fingerprint(other), legacy_fingerprint(other))
 
 
 def test_models_on_one_provider_account_share_one_upstream_account():
