@@ -16,6 +16,7 @@ from __future__ import annotations
 import gzip
 import json
 import logging
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -76,11 +77,18 @@ def from_folder(folder: str | Path, ids: Sequence[str]) -> list[Question]:
                                   "data format (e.g. ../shared/data/mmlu_pro)")
     wanted = set(ids)
     found: dict[str, Question] = {}
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
-        for line in fh:
-            obj = json.loads(line)
-            if obj.get("id") in wanted:
-                found[obj["id"]] = Question.from_json(obj)
+    n = 0
+    try:  # a byte-order mark skipped, as the routing data's reader skips it
+        with gzip.open(path, "rt", encoding="utf-8-sig") as fh:
+            for n, line in enumerate(fh, 1):
+                if not line.strip():
+                    continue
+                obj = json.loads(line)
+                if isinstance(obj, dict) and obj.get("id") in wanted:
+                    found[obj["id"]] = Question.from_json(obj)
+    except (OSError, EOFError, zlib.error, UnicodeDecodeError, ValueError, KeyError, TypeError) as exc:
+        where = f"{path}: line {n}" if n else str(path)  # OSError: not gzip (BadGzipFile)
+        raise QuestionSourceError(f"{where}: {type(exc).__name__}: {exc}") from None
     return _pick(found, ids, str(path))
 
 

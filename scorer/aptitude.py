@@ -230,6 +230,10 @@ def check_coverage(suite: Suite, coverage: Mapping[str, tuple[int, int]], where:
     graded suite question is a ``DataError``, as is one with under ``MIN_COVERAGE`` of the suite's
     questions unless ``allow_partial``; ``advice`` ends those messages (what the user can do)."""
     notes = []
+    if coverage and not any(n for n, _ in coverage.values()):  # the folder, not a model: say so once
+        raise DataError(f"no model has an outcome on a question of suite {suite.name!r} in {where}: its train "
+                        f"split holds none of them (pass --suite naming the suite its questions are from); "
+                        + advice)
     for model, (n_graded, n_tasks) in coverage.items():
         said = (f"{n_graded} of the {len(suite.question_ids)} questions of suite {suite.name!r} ({n_tasks} of its "
                 f"{len(suite.tasks)} tasks)")
@@ -292,7 +296,8 @@ def suite_for(folder: str | os.PathLike, suite: str | None = "auto") -> str:
     suite named like the folder, else ``mmlu_pro``."""
     if suite and suite != "auto":
         return suite
-    name = Path(folder).resolve().name  # "." (run from inside the folder) has no name of its own
+    # "." (run from inside the folder) has no name of its own; a link keeps the name it was given
+    name = Path(os.path.abspath(folder)).name
     return name if (assets_dir() / "suites" / f"{name}.json").exists() else "mmlu_pro"
 
 

@@ -201,7 +201,9 @@ def _gzip_text(path: Path, newline: str | None = None):
         raise DataError(f"{path}: not UTF-8 text") from None
 
 
-def _read_prompts(path: Path) -> list[Prompt]:
+def _read_prompts(path: Path, strict: bool = True) -> list[Prompt]:
+    """The prompts of ``path``; ``strict``: a split other than train and test is a ``DataError``
+    (a folder without outcomes, as MMLU's with its ``dev`` split, is routed by nothing)."""
     prompts = []
     stray = None  # the first line whose split is neither train nor test
     with _gzip_text(path) as fh:
@@ -220,7 +222,7 @@ def _read_prompts(path: Path) -> list[Prompt]:
                 prompts.append(Prompt.from_json(obj))
             except TypeError as exc:  # e.g. "options" that is no list
                 raise DataError(f"{path}: line {n}: {exc}") from None
-            if stray is None and prompts[-1].split not in SPLITS:
+            if strict and stray is None and prompts[-1].split not in SPLITS:
                 stray = n, prompts[-1]
     if stray is not None:
         n, prompt = stray
@@ -296,7 +298,7 @@ def _load_cached(path: str, version: tuple) -> RoutingData:
     """Only a folder that passed every check is kept (a ``DataError`` is not cached), under its files'
     versions: a file rewritten since, even within one mtime tick, is parsed and checked afresh."""
     folder = Path(path)
-    prompts = _read_prompts(folder / PROMPTS_FILE)
+    prompts = _read_prompts(folder / PROMPTS_FILE, strict=(folder / OUTCOMES_FILE).exists())
     row_of = {p.id: i for i, p in enumerate(prompts)}
     if len(row_of) != len(prompts):
         raise DataError(f"{folder}: duplicate prompt ids")

@@ -50,6 +50,28 @@ def test_folder_missing_questions_or_files_is_a_clear_error(tmp_path):
         from_folder(tmp_path / "nothing", ["mmlu_pro/70"])
 
 
+def test_a_folder_with_a_byte_order_mark_is_read_and_a_bad_line_named(tmp_path):
+    """The routing data's reader skips a byte-order mark: so does onboarding's, on the same folder
+    (it stopped with JSON's "Unexpected UTF-8 BOM", naming no file); a line that is no JSON is
+    named by its file and line."""
+    import gzip
+
+    folder = _folder(tmp_path)
+    path = folder / "prompts.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as fh:
+        text = fh.read()
+    with gzip.open(path, "wt", encoding="utf-8-sig") as fh:
+        fh.write(text)
+    assert [q.id for q in from_folder(folder, ["mmlu_pro/70"])] == ["mmlu_pro/70"]
+    with gzip.open(path, "wt", encoding="utf-8") as fh:
+        fh.write(text.splitlines()[0] + "\n{not json\n")
+    with pytest.raises(QuestionSourceError, match=f"^{path}: line 2: JSONDecodeError: "):
+        from_folder(folder, ["mmlu_pro/70"])
+    path.write_bytes(b"not gzip")
+    with pytest.raises(QuestionSourceError, match=f"^{path}: BadGzipFile: "):
+        from_folder(folder, ["mmlu_pro/70"])
+
+
 def _hub(total=250, fail=False):
     calls = []
 

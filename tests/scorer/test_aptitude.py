@@ -130,6 +130,11 @@ def test_the_suite_of_a_folder_given_as_dot_is_the_folder_s_own(tmp_path, monkey
     (tmp_path / "routerdc").mkdir()
     monkeypatch.chdir(tmp_path / "routerdc")
     assert suite_for(".") == "routerdc" and suite_for("../routerdc") == "routerdc"
+    # a link keeps the name it was given (data/routerdc -> /mnt/datasets/data-v2)
+    (tmp_path / "data-v2").mkdir()
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "routerdc").symlink_to(tmp_path / "data-v2")
+    assert suite_for(tmp_path / "linked" / "routerdc") == "routerdc"
 
 
 def _half_held_suite():
@@ -158,10 +163,17 @@ def test_computed_profiles_say_their_coverage_and_refuse_a_thin_one(data):
 
 
 def test_a_model_with_no_graded_suite_question_is_refused_even_when_partial_profiles_are_allowed(data):
+    """One model without a graded question is that model's problem; none with one is the folder's
+    (or the suite's): said once, with --suite, not model after model."""
     from scorer.aptitude import Task, check_coverage, computed_profiles
 
     suite = Suite("elsewhere", 1, (Task("anatomy", ("a",) * 5, ("zz1", "zz2")),))
     _, coverage = computed_profiles(suite, data, ["A"])
+    assert coverage == {"A": (0, 0)}
+    with pytest.raises(DataError, match="^no model has an outcome on a question of suite 'elsewhere' in DIR: its train "
+                                        r"split holds none of them \(pass --suite naming the suite its questions are "
+                                        r"from\); ADVICE$"):
+        check_coverage(suite, coverage, "DIR", "ADVICE", allow_partial=True)
     with pytest.raises(DataError, match="^model 'A' has no outcomes on the questions of suite 'elsewhere' in DIR, so "
                                         "no profile can be computed for it; ADVICE$"):
-        check_coverage(suite, coverage, "DIR", "ADVICE", allow_partial=True)
+        check_coverage(suite, {"B": (2, 1), **coverage}, "DIR", "ADVICE", allow_partial=True)

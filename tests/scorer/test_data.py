@@ -169,6 +169,15 @@ def test_a_split_other_than_train_or_test_is_refused_naming_its_line_and_the_spl
         load_dataset(folder)
 
 
+def test_a_folder_without_outcomes_is_not_refused_for_its_splits(tmp_path):
+    """MMLU's folder, questions only with a dev split: no outcomes to route, which is what the
+    commands that read it say (a folder of routing data has only train and test)."""
+    folder = _prompts_file(tmp_path, '{"id": "p1", "split": "dev"}\n')
+    (folder / "outcomes.csv.gz").unlink()
+    data = load_dataset(folder)
+    assert [p.split for p in data.prompts] == ["dev"] and data.models == []
+
+
 def test_a_split_with_no_prompt_names_the_splits_there_are(folder):
     with pytest.raises(DataError, match=r"^no prompts in split 'tset' \(the splits found: 'test', 'train'\)$"):
         load_dataset(folder).split("tset")

@@ -177,9 +177,9 @@ def test_cli_a_model_named_twice_is_one_line_and_exit_2(data, capsys):
 @pytest.mark.parametrize("router, suite, message", [
     ("model-sat", "none", "--suite none gives the models no profiles, and model-sat reads them"),
     ("aptitude", "none", "--suite none gives the models no profiles, and aptitude reads them"),
-    ("model-sat", "mmlu_pro", "model 'A' has no outcomes on the questions of suite 'mmlu_pro' in .*, so no profile "
-                              "can be computed for it; a profile needs the folder's train split to hold the suite's "
-                              r"questions, .*; otherwise route with --router none and the baselines .*"),
+    ("model-sat", "mmlu_pro", "no model has an outcome on a question of suite 'mmlu_pro' in .*: its train split "
+                              r"holds none of them \(pass --suite .*\); a profile needs the folder's train split to "
+                              r"hold the suite's questions, .*; otherwise route with --router none and the baselines .*"),
 ])
 def test_cli_a_router_that_reads_profiles_needs_a_profile_for_every_model(data, capsys, monkeypatch, router, suite,
                                                                          message):

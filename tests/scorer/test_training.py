@@ -703,7 +703,8 @@ def test_resume_without_a_saved_state_says_it_starts_a_new_run(tiny_run, tmp_pat
 @pytest.mark.parametrize("flags, message", [
     (("--exclude-models", "ALG"), "--exclude-models: 'ALG' in no --data folder"),
     (("--val-models", "alg,Bio"), "--val-models: 'Bio' in no --data folder"),
-    (("--suite", "mmlu_pro"), "model 'alg' has no outcomes on the questions of suite 'mmlu_pro' in"),
+    (("--suite", "mmlu_pro"), "no model has an outcome on a question of suite 'mmlu_pro' in .*: its train split "
+                              "holds none of them"),
     (("--exclude-models", "alg,bio,none"), "every model of .* is excluded"),
     (("--k", "20"), "no model of tinydata has a train instruction it got right and 19 it got wrong"),
     (("--data-weights", "a"), "--data-weights takes numbers"),
