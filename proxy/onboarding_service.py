@@ -335,7 +335,7 @@ class OnboardingService:
         again on the next call; the checks of this one go on."""
         failed_now = {name for name, stamp in self._failed_stamp.items()
                       if stamp == self.registry.file_digest}  # not run again as configured
-        now = {name: (upstream_fingerprint(d), legacy_fingerprint(d))
+        now = {name: (upstream_fingerprint(d), legacy_fingerprint(d), earlier_forms(d))
                for name, d in self.registry.snapshot.models.items()
                if d.available and not d.info.capability_profile  # onboardable, or routed on a stored profile
                and (d.profile is not None or (onboardable(d) and name not in failed_now))}

@@ -100,6 +100,7 @@ CREATE TABLE IF NOT EXISTS upstream_users (
     upstream TEXT NOT NULL,
     legacy TEXT,
     seen REAL NOT NULL,
+    also TEXT,
     PRIMARY KEY (model, owner)
 );
 CREATE TABLE IF NOT EXISTS routing_log (
@@ -119,7 +120,8 @@ _COLUMNS_ADDED = (("routing_log", "failed", "TEXT"), ("routing_log", "request_id
                   ("routing_log", "degraded", "TEXT"), ("onboarding", "upstream", "TEXT"),
                   ("onboarding", "spent_usd", "REAL"), ("onboarding", "owner", "TEXT"),
                   ("onboarding", "heartbeat", "REAL"), ("onboarding", "upstream_plain", "TEXT"),
-                  ("onboarding", "failed_config", "TEXT"), ("onboarding", "spent_forgotten_usd", "REAL"))
+                  ("onboarding", "failed_config", "TEXT"), ("onboarding", "spent_forgotten_usd", "REAL"),
+                  ("upstream_users", "also", "TEXT"))
 
 
 # what a model's onboarding spent, as ``Store.spent`` counts it: on the answers stored, and on those
@@ -576,9 +578,10 @@ class Store:
             self._db.execute("UPDATE onboarding SET owner = NULL, heartbeat = NULL "
                              "WHERE model = ? AND owner = ?", (model, self.owner))
 
-    def using(self, upstreams: Mapping[str, tuple[str, str | None]]) -> None:
-        """Record the upstream this process points each model at now (model -> its fingerprint and
-        that fingerprint in the earlier versions' form, as ``upstream_changed`` takes them),
+    def using(self, upstreams: Mapping[str, tuple]) -> None:
+        """Record the upstream this process points each model at now (model -> its fingerprint,
+        that fingerprint in the earlier versions' form and, optionally, the other forms earlier
+        versions recorded for it, as ``upstream_changed`` takes them: ``also``, kept as JSON),
         replacing what it recorded before. A record counts while it is held as a lease is (its
         process alive, refreshed within ``lease_stale_s``): the caller refreshes it well within
         that. Records gone stale (``held``) are dropped."""
@@ -590,12 +593,15 @@ class Store:
                                  [(m, o) for m, o, seen in rows if not self.held(o, seen, ("user", m))])
             self._db.execute("DELETE FROM upstream_users WHERE owner = ?", (self.owner,))
             self._db.executemany(
-                "INSERT INTO upstream_users (model, owner, upstream, legacy, seen) VALUES (?, ?, ?, ?, ?)",
-                [(m, self.owner, u, legacy, now) for m, (u, legacy) in upstreams.items()])
+                "INSERT INTO upstream_users (model, owner, upstream, legacy, seen, also) VALUES (?, ?, ?, ?, ?, ?)",
+                [(m, self.owner, forms[0], forms[1], now, json.dumps(list(forms[2])) if forms[2:] else None)
+                 for m, forms in upstreams.items()])
 
+    # a record names the stored upstream in any of the forms ``upstream_changed`` accepts
     _USERS = ("SELECT u.owner, u.seen, u.model FROM upstream_users u JOIN onboarding o ON o.model = u.model "
               "WHERE u.model = ? AND u.owner != ? AND (o.upstream_plain = u.upstream "
-              "OR o.upstream IN (u.upstream, u.legacy))")
+              "OR o.upstream IN (u.upstream, u.legacy) OR EXISTS (SELECT 1 FROM json_each(u.also) j "
+              "WHERE j.value IN (o.upstream, o.upstream_plain)))")
 
     def _user(self, model: str) -> str | None:
         """Another live process that points ``model`` at the upstream its stored answers came

@@ -517,3 +517,24 @@ def test_a_run_is_not_claimed_for_a_failure_of_its_configuration_stored_meanwhil
         mine.claim("m", "s", config="cfg-1", failed_since=time.time() + 1)  # read after: runs
         mine.release("m")
         mine.claim("m", "s")  # `satroute onboard`: no such check
+
+
+def test_a_process_on_a_stored_upstream_in_an_earlier_form_keeps_it_from_being_forgotten(tmp_path):
+    """A row an earlier version stored with OpenAI's api_base written out, a live proxy whose file
+    leaves it out (the same upstream: earlier_forms), and a third pointing the model elsewhere:
+    the third must wait, not forget the live proxy's profile."""
+    with Store(tmp_path) as earlier, Store(tmp_path) as live, Store(tmp_path) as elsewhere:
+        earlier.begin("m", "suite", 1, upstream="plain-written-out", legacy="legacy-written-out")
+        earlier.finish("m", "suite", {"t": 0.5})
+        earlier.release("m")
+        forms = ("plain-left-out", "legacy-left-out", ("legacy-written-out", "plain-written-out"))
+        assert not live.upstream_changed("m", *forms[:2], also=forms[2])
+        live.using({"m": forms})
+        elsewhere.using({"m": ("eu", "eu-old")})
+        assert elsewhere.upstream_changed("m", "eu", "eu-old")
+        assert elsewhere.upstream_user("m") == live.owner
+        with pytest.raises(UpstreamInUse):
+            elsewhere.forget("m", moved=True)
+        assert elsewhere.get("m") == {"t": 0.5}
+        live.using({"m": forms[:2]})  # as a version that records no other forms: not this upstream's
+        assert elsewhere.upstream_user("m") is None
