@@ -899,11 +899,25 @@ def shared_key(folder: Path) -> str | None:
 
 
 def published_key(folder: Path) -> str | None:
-    """The key ``publish_key`` kept in ``folder``, or None when there is none."""
+    """The key ``publish_key`` kept in ``folder``, or None when there is none. One that cannot be
+    read (restored as root by ``docker compose cp``) is said, once per file and reason: a new key
+    would otherwise replace it without a word, kept nowhere."""
+    path = Path(folder) / KEY_FILE
     try:
-        return (Path(folder) / KEY_FILE).read_text().strip() or None
-    except OSError:
+        return path.read_text().strip() or None
+    except FileNotFoundError:
         return None
+    except OSError as exc:
+        said = (str(path), exc.strerror or type(exc).__name__)
+        if said not in _UNREADABLE_KEYS:
+            _UNREADABLE_KEYS.add(said)
+            log.warning("cannot read %s (%s): the local servers get a key of this run's that nothing "
+                        "keeps, and satroute onboard cannot ask a local model; give the user this "
+                        "process runs as read access to it", *said)
+        return None
+
+
+_UNREADABLE_KEYS: set[tuple[str, str]] = set()  # published_key's warnings, said once each
 
 
 def local_models_hook(services) -> None:

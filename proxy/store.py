@@ -399,6 +399,10 @@ class Store:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 return
             except sqlite3.OperationalError as exc:
+                if (exc.sqlite_errorname or "").startswith("SQLITE_READONLY"):
+                    # a file in another journal mode (a copy `satroute backup` made, restored as
+                    # root): the switch is its first write
+                    raise self._unwritable(exc) from None
                 if not _busy(exc) or time.monotonic() >= deadline:
                     raise
             except sqlite3.DatabaseError as exc:  # its first page is garbage: "file is not a database"
@@ -432,9 +436,12 @@ class Store:
         except sqlite3.OperationalError as exc:
             if not (exc.sqlite_errorname or "").startswith("SQLITE_READONLY"):
                 raise  # locked past the busy timeout: says nothing about permissions
-            raise sqlite3.OperationalError(
-                f"{self.path} cannot be written ({exc}): give the user this process runs as "
-                "write access to it and to its folder") from None
+            raise self._unwritable(exc) from None
+
+    def _unwritable(self, exc: sqlite3.OperationalError) -> sqlite3.OperationalError:
+        return sqlite3.OperationalError(
+            f"{self.path} cannot be written ({exc}): give the user this process runs as "
+            "write access to it and to its folder")
 
     def _damaged(self, problem: str) -> sqlite3.DatabaseError:
         stray = (f"; if {self.path.name} was just replaced (a backup restored), {DB_NAME}-wal and "

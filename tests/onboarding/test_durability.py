@@ -302,14 +302,22 @@ def test_a_damaged_store_is_refused_when_it_opens_with_one_line(tmp_path, where)
         Store(tmp_path)
 
 
-def test_a_store_that_cannot_be_written_is_refused_when_it_opens_with_one_line(tmp_path, monkeypatch):
+@pytest.mark.parametrize("made_by", ["the proxy", "satroute backup"])
+def test_a_store_that_cannot_be_written_is_refused_when_it_opens_with_one_line(tmp_path, monkeypatch, made_by):
     """A satroute.db owned by another user (restored by root, a read-only volume): SQLite opens
-    it read-only without a word, so every answer and the routing log would be lost later."""
-    with Store(tmp_path) as store:
+    it read-only without a word, so every answer and the routing log would be lost later. A copy
+    `satroute backup` made (restored with `docker compose cp`, as root) is in another journal
+    mode: switching it to WAL is its first write, which failed with SQLite's bare words."""
+    from proxy.backup import backup
+
+    with Store(tmp_path / "state") as store:
         store.begin("m", "tiny", 20)
-    make_read_only(monkeypatch, tmp_path / "satroute.db")
+    folder = tmp_path / "state"
+    if made_by == "satroute backup":
+        folder = backup(folder / "satroute.db", tmp_path / "bk").parent
+    make_read_only(monkeypatch, folder / "satroute.db")
     with pytest.raises(sqlite3.OperationalError) as refused:
-        Store(tmp_path)
+        Store(folder)
     message = str(refused.value)
     assert "satroute.db cannot be written" in message and "write access" in message
     assert "\n" not in message

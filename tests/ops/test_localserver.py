@@ -345,6 +345,30 @@ def test_the_key_is_kept_for_the_onboard_command_readable_by_its_owner_only(tmp_
     assert sorted(p.name for p in tmp_path.iterdir()) == [f".{KEY_FILE}.{os.getpid()}", KEY_FILE]
 
 
+def test_a_kept_key_that_cannot_be_read_is_said_once(tmp_path, monkeypatch, caplog):
+    """A key restored as root (docker compose cp) that the proxy's user cannot read was taken for
+    none: a new key replaced it without a word, kept nowhere."""
+    import logging
+    from pathlib import Path
+
+    from proxy.localserver import KEY_FILE, published_key
+
+    (tmp_path / KEY_FILE).write_text("restored")
+    real = Path.read_text
+
+    def refused(self, *args, **kwargs):  # root reads any file: the refusal is made here
+        if self.name == KEY_FILE and self.exists():
+            raise PermissionError(13, "Permission denied", str(self))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", refused)
+    caplog.set_level(logging.WARNING, logger="satroute.localserver")
+    assert published_key(tmp_path) is None and published_key(tmp_path) is None
+    said = [r.getMessage() for r in caplog.records if KEY_FILE in r.getMessage()]
+    assert len(said) == 1 and "Permission denied" in said[0] and "read access" in said[0]
+    assert published_key(tmp_path / "none") is None and len(caplog.records) == 1  # none kept: nothing said
+
+
 def _start_on(folder, barrier, out, first_process):  # a proxy's start, in a process of its own
     import types
 
