@@ -399,7 +399,7 @@ class Store:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 return
             except sqlite3.OperationalError as exc:
-                if (exc.sqlite_errorname or "").startswith("SQLITE_READONLY"):
+                if (getattr(exc, "sqlite_errorname", None) or "").startswith("SQLITE_READONLY"):
                     # a file in another journal mode (a copy `satroute backup` made, restored as
                     # root): the switch is its first write
                     raise self._unwritable(exc) from None
