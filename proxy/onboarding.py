@@ -709,6 +709,7 @@ class Onboarding:
             if pace.resume_at > self.clock() and state.held_until != pace.resume_at:
                 # the upstream said to wait (maybe to another model on its account): say so
                 state.held_until = pace.resume_at
+                state.said_in_line = False  # the status says the hold now, not the wait in line
                 await self._set_status(state, "stalled", self._held(state))
                 continue
             if state.held_until and pace.resume_at <= self.clock():
@@ -726,9 +727,11 @@ class Onboarding:
             # model's run on its account, begun earlier, has the turn
             ahead = pace.ahead_of(state, self.clock())
             if pace.full or ahead is not None:
-                if state.in_flight == 0 and state.in_line_since is None:
-                    state.in_line_since = self.clock()
-                    if ahead is not None:  # not a stale failure's "stalled", nor "running" unsaid
+                if state.in_flight == 0:
+                    if state.in_line_since is None:
+                        state.in_line_since = self.clock()
+                    if ahead is not None and not state.said_in_line:  # not a stale failure's
+                        # "stalled", nor "running" unsaid (again after a hold, which said itself)
                         await self._set_status(
                             state, "running", f"waiting for {ahead.model}, begun earlier on its "
                             "provider account: its models are onboarded one after another")

@@ -1308,3 +1308,39 @@ async def test_a_run_waiting_in_line_says_so_not_a_stale_failure(tmp_path):
     assert mine.index(waiting) < mine.index(("running", None))
     first_m2 = next(at for at, _, m in asker.sent if m == "m2")
     assert all(at < first_m2 for at, _, m in asker.sent if m == "m1")  # it waited all along
+
+
+async def test_a_run_waiting_in_line_says_so_again_after_a_hold(tmp_path):
+    """A rate-limit hold on the account said "stalled" for the run in line too; once it was over,
+    that run showed "running" with no reason, sending nothing, until its turn came."""
+    suite, questions = make_suite(n_tasks=3, per_task=6)
+
+    class LimitedOnce(Timed):  # m1's fourth question is rate limited, the others answered
+        n = 0
+
+        async def ask(self, model, messages, **params):
+            if model == "m1":
+                self.n += 1
+                if self.n == 4:
+                    await asyncio.sleep(0.01)
+                    raise rate_limited("m1", retry_after=0.3)
+            return await super().ask(model, messages, **params)
+
+    asker = LimitedOnce(questions, lambda q: "A", delay=0.03)
+    with Store(tmp_path) as store:
+        set_status, said = store.set_status, []
+        store.set_status = lambda model, status, reason=None, **kw: (
+            said.append((model, status, reason)), set_status(model, status, reason, **kw))
+        engine = Onboarding(store, suite, questions, asker, Options(concurrency=2, backoff_s=0.01))
+        first = asyncio.create_task(engine.run("m1", account="one"))
+        await wait_until(lambda: asker.sent)
+        second = await engine.run("m2", account="one")
+        await first
+    assert second.status == "done"
+    mine = [(status, (reason or "")[:16]) for model, status, reason in said if model == "m2"]
+    held = next(i for i, (status, _) in enumerate(mine) if status == "stalled")
+    after = mine[held + 1:]
+    turn = after.index(("running", ""), after.index(("running", "waiting for m1, ")))
+    first_m2 = next(at for at, _, m in asker.sent if m == "m2")
+    assert all(at < first_m2 for at, _, m in asker.sent if m == "m1") and turn > 0
+
