@@ -1183,9 +1183,8 @@ async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int
     from proxy.cooldown import Cooldowns
     from proxy.dispatch import RetryingDispatcher
     from proxy.localserver import KEY_FILE, published_key
-    from proxy.onboarding_service import (DispatchAsker, prices_of, service_options,
-                                          upstream_fingerprint)
-    from proxy.providers import ProviderRegistry, earlier_forms, legacy_fingerprint
+    from proxy.onboarding_service import DispatchAsker, prices_of, service_options
+    from proxy.providers import ProviderRegistry, fingerprints
     from proxy.questions import load_questions
     from proxy.settings import environ
     from scorer.aptitude import load_suite
@@ -1228,8 +1227,8 @@ async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int
             print(f"satroute onboard: --restart: the stored answers and profile of {model}, and the "
                   f"${dropped:.2f} spent on its onboarding, were forgotten: the spend cap counts from "
                   "$0 again", file=sys.stderr)
-        upstream = upstream_fingerprint(d)
-        if await asyncio.to_thread(store.upstream_changed, model, upstream, legacy_fingerprint(d), earlier_forms(d)):
+        upstream, legacy, also = fingerprints(d)
+        if await asyncio.to_thread(store.upstream_changed, model, upstream, legacy, also):
             kept = await asyncio.to_thread(store.forget, model, moved=True)
             print(f"satroute onboard: {model} now points at another upstream ({d.model}): "
                   f"its stored answers and profile were forgotten{spend_kept(kept)}", file=sys.stderr)
@@ -1246,7 +1245,7 @@ async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int
 
         engine = Onboarding(store, suite, questions, DispatchAsker(registry, dispatcher),
                             service_options(settings), on_progress=tick)
-        progress = await engine.run(model, prices_of(d), upstream, legacy_fingerprint(d), also=earlier_forms(d))
+        progress = await engine.run(model, prices_of(d), upstream, legacy, also=also)
     except asyncio.CancelledError:
         if not received:
             raise

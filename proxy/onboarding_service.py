@@ -48,8 +48,7 @@ from proxy.errors import ServiceUnavailable, UpstreamError, UpstreamTransient
 from proxy.onboarding import (RUN_UPSTREAM, Onboarding, Options, Prices, RunCancelled, Said, spend_kept,
                               status_of)
 from proxy.prices import LITELLM_PRICE_KEYS, litellm_cost, listed_prices
-from proxy.providers import (Deployment, ProviderRegistry, earlier_forms, legacy_fingerprint, upstream_account,
-                             upstream_fingerprint)
+from proxy.providers import Deployment, ProviderRegistry, fingerprints, upstream_account, upstream_fingerprint
 from proxy.questions import Question, QuestionSourceError, load_questions
 from proxy.store import ModelBusy, Progress, Store, UpstreamInUse
 from scorer.data import DataError
@@ -335,7 +334,7 @@ class OnboardingService:
         again on the next call; the checks of this one go on."""
         failed_now = {name for name, stamp in self._failed_stamp.items()
                       if stamp == self.registry.file_digest}  # not run again as configured
-        now = {name: (upstream_fingerprint(d), legacy_fingerprint(d), earlier_forms(d))
+        now = {name: fingerprints(d)
                for name, d in self.registry.snapshot.models.items()
                if d.available and not d.info.capability_profile  # onboardable, or routed on a stored profile
                and (d.profile is not None or (onboardable(d) and name not in failed_now))}
@@ -491,8 +490,7 @@ class OnboardingService:
                     continue
             elif not onboardable(d):
                 continue
-            elif (changed := await self._upstream_changed(name, upstream, legacy_fingerprint(d),
-                                                          earlier_forms(d))) is None:
+            elif (changed := await self._upstream_changed(name, *fingerprints(d))) is None:
                 continue  # the store could not tell now: a later tick asks again
             elif changed:
                 if name in self._elsewhere and await self._still_elsewhere(name):
@@ -614,10 +612,10 @@ class OnboardingService:
         try:
             engine = await self._get_engine()
             fallback = prices_of(d)
+            upstream, legacy, also = fingerprints(d)
             progress = await engine.run(d.name, lambda: self._run_prices.get(d.name, fallback),
-                                        upstream_fingerprint(d), legacy_fingerprint(d), config,
-                                        failed_since=self._since, account=upstream_account(d),
-                                        also=earlier_forms(d))
+                                        upstream, legacy, config, failed_since=self._since,
+                                        account=upstream_account(d), also=also)
         except asyncio.CancelledError:
             # the next tick drops what is kept about a model that left the file, its run ended
             self._retry_asked = True

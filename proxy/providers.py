@@ -356,6 +356,14 @@ def earlier_forms(d: Deployment) -> tuple[str, ...]:
     return tuple(sorted(forms - {upstream_fingerprint(d), legacy_fingerprint(d)}))
 
 
+def fingerprints(d: Deployment) -> tuple[str, str, tuple[str, ...]]:
+    """Every form the upstream ``d`` names may be stored under, as ``Store.get``,
+    ``Store.upstream_changed`` and ``Store.using`` take them: ``upstream_fingerprint``,
+    ``legacy_fingerprint`` and ``earlier_forms`` (one place computes the three, so that no caller
+    compares with fewer)."""
+    return upstream_fingerprint(d), legacy_fingerprint(d), earlier_forms(d)
+
+
 def upstream_account(d: Deployment) -> str:
     """What the models sharing one provider account have in common, whose rate limits they share:
     the provider; the upstream, ``api_base`` as it reaches it (``_plain_base``), the provider's
@@ -909,7 +917,7 @@ class ProviderRegistry:
             return self._profiles[d.name]
         if self._source is None:
             return None, None
-        profile = self._source.get(d.name, upstream_fingerprint(d), legacy_fingerprint(d), earlier_forms(d))
+        profile = self._source.get(d.name, *fingerprints(d))
         return profile, None if profile is None else self._source.profile_suite(d.name)
 
     def _build(self, text: str) -> Snapshot:
