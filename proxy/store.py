@@ -224,6 +224,12 @@ def _busy(exc: sqlite3.OperationalError) -> bool:
     return "locked" in text or "busy" in text
 
 
+def _read_only(exc: sqlite3.OperationalError) -> bool:
+    """SQLITE_READONLY and its kinds: this process may not write the file (another user's, a
+    read-only mount). An error raised by hand carries no name."""
+    return (getattr(exc, "sqlite_errorname", None) or "").startswith("SQLITE_READONLY")
+
+
 def _instance(pid: int | str = "self") -> str | None:
     """Which process instance ``pid`` is: the boot's id and the process's start time (clock ticks
     since boot), from Linux's /proc; None where /proc does not say. A pid used again (a restarted
@@ -399,7 +405,7 @@ class Store:
                 self._db.execute("PRAGMA journal_mode=WAL")
                 return
             except sqlite3.OperationalError as exc:
-                if (getattr(exc, "sqlite_errorname", None) or "").startswith("SQLITE_READONLY"):
+                if _read_only(exc):
                     # a file in another journal mode (a copy `satroute backup` made, restored as
                     # root): the switch is its first write
                     raise self._unwritable(exc) from None
@@ -434,7 +440,7 @@ class Store:
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             self._db.execute(f"PRAGMA user_version={int(version)}")
         except sqlite3.OperationalError as exc:
-            if not (exc.sqlite_errorname or "").startswith("SQLITE_READONLY"):
+            if not _read_only(exc):
                 raise  # locked past the busy timeout: says nothing about permissions
             raise self._unwritable(exc) from None
 
