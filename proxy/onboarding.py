@@ -414,13 +414,15 @@ class Onboarding:
     async def run(self, model: str, prices: Prices | Callable[[], Prices] = Prices(),
                   upstream: str | None = None, legacy: str | None = None,
                   config: str | None = None, failed_since: float | None = None,
-                  account: str | None = None, also: Sequence[str] = ()) -> Progress:
+                  account: str | None = None, also: Sequence[str] = (),
+                  plain: str | None = None) -> Progress:
         """Onboard ``model`` (resuming from the store); returns its final stored progress.
 
         ``prices`` may be a callable, read before each question: what answers cost now (an
         edit of providers.yaml mid-run). ``upstream`` fingerprints what answers for ``model``
         (``upstream_fingerprint``; ``legacy``, its ``legacy_fingerprint``, the form earlier
-        versions recorded; ``also``, ``earlier_forms``): when the store's answers came from
+        versions recorded; ``also``, ``earlier_forms``; ``plain``, ``plain_fingerprint``, the form
+        its ``upstream_plain`` is recorded in): when the store's answers came from
         another one, they are forgotten and the test starts over. ``config``, a digest of what the run depends on, is stored with
         a failure (``Store.failure``); with ``failed_since``, a stored failure of that
         ``config`` recorded since then raises ``FailedAlready`` instead of a run (``Store.claim``).
@@ -433,7 +435,7 @@ class Onboarding:
         """
         await self._store(self.store.claim, model, self.suite.name, config, failed_since)
         try:
-            return await self._run(model, prices, upstream, legacy, config, account, also)
+            return await self._run(model, prices, upstream, legacy, config, account, also, plain)
         except asyncio.CancelledError:  # the proxy stops, or a signal: the store must not say running
             try:
                 await self._store(self.store.interrupted, model)
@@ -474,10 +476,11 @@ class Onboarding:
 
     async def _run(self, model: str, priced: Prices | Callable[[], Prices], upstream: str | None,
                    legacy: str | None, config: str | None, account: str | None,
-                   also: Sequence[str] = ()) -> Progress:
+                   also: Sequence[str] = (), plain: str | None = None) -> Progress:
         opts = self.options
         store = self.store
-        if upstream is not None and await self._store(store.upstream_changed, model, upstream, legacy, also):
+        if upstream is not None and await self._store(store.upstream_changed, model, upstream, legacy,
+                                                      also, plain):
             kept = await self._store(store.forget, model, moved=True)  # the lease stays this run's
             log.warning("onboarding %s: its upstream changed; its answers and profile were "
                         "forgotten%s; onboarding it again", model, spend_kept(kept))
@@ -504,7 +507,7 @@ class Onboarding:
         # the whole onboarding's estimate, as the cap sees it: a resumed run's is what was spent
         # plus what is left, not the questions left alone beside the spend of the others
         await self._store(store.begin, model, self.suite.name, total, round(spent + estimate, 4),
-                          upstream, legacy)
+                          upstream, legacy, plain)
         log.info("onboarding %s: %d of %d questions to ask (estimated $%.2f, $%.2f spent before)",
                  model, len(todo), total, estimate, spent)
         RUN_UPSTREAM.set(upstream)  # in this task's context, which its workers' copy
@@ -1184,7 +1187,7 @@ async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int
     from proxy.dispatch import RetryingDispatcher
     from proxy.localserver import KEY_FILE, published_key
     from proxy.onboarding_service import DispatchAsker, prices_of, service_options
-    from proxy.providers import ProviderRegistry, fingerprints
+    from proxy.providers import ProviderRegistry, fingerprints, plain_fingerprint
     from proxy.questions import load_questions
     from proxy.settings import environ
     from scorer.aptitude import load_suite
@@ -1228,7 +1231,7 @@ async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int
                   f"${dropped:.2f} spent on its onboarding, were forgotten: the spend cap counts from "
                   "$0 again", file=sys.stderr)
         upstream, legacy, also = fingerprints(d)
-        if await asyncio.to_thread(store.upstream_changed, model, upstream, legacy, also):
+        if await asyncio.to_thread(store.upstream_changed, model, upstream, legacy, also, plain_fingerprint(d)):
             kept = await asyncio.to_thread(store.forget, model, moved=True)
             print(f"satroute onboard: {model} now points at another upstream ({d.model}): "
                   f"its stored answers and profile were forgotten{spend_kept(kept)}", file=sys.stderr)
@@ -1245,7 +1248,8 @@ async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int
 
         engine = Onboarding(store, suite, questions, DispatchAsker(registry, dispatcher),
                             service_options(settings), on_progress=tick)
-        progress = await engine.run(model, prices_of(d), upstream, legacy, also=also)
+        progress = await engine.run(model, prices_of(d), upstream, legacy, also=also,
+                                    plain=plain_fingerprint(d))
     except asyncio.CancelledError:
         if not received:
             raise

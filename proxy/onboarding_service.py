@@ -48,7 +48,8 @@ from proxy.errors import ServiceUnavailable, UpstreamError, UpstreamTransient
 from proxy.onboarding import (RUN_UPSTREAM, Onboarding, Options, Prices, RunCancelled, Said, spend_kept,
                               status_of)
 from proxy.prices import LITELLM_PRICE_KEYS, litellm_cost, listed_prices
-from proxy.providers import Deployment, ProviderRegistry, fingerprints, upstream_account, upstream_fingerprint
+from proxy.providers import (Deployment, ProviderRegistry, fingerprints, plain_fingerprint, upstream_account,
+                             upstream_fingerprint)
 from proxy.questions import Question, QuestionSourceError, load_questions
 from proxy.store import ModelBusy, Progress, Store, UpstreamInUse
 from scorer.data import DataError
@@ -490,7 +491,7 @@ class OnboardingService:
                     continue
             elif not onboardable(d):
                 continue
-            elif (changed := await self._upstream_changed(name, *fingerprints(d))) is None:
+            elif (changed := await self._upstream_changed(name, *fingerprints(d), plain_fingerprint(d))) is None:
                 continue  # the store could not tell now: a later tick asks again
             elif changed:
                 if name in self._elsewhere and await self._still_elsewhere(name):
@@ -527,11 +528,11 @@ class OnboardingService:
         _FREE_SIDES.difference_update({k for k in _FREE_SIDES if k[0] not in models})
 
     async def _upstream_changed(self, name: str, upstream: str, legacy: str,
-                                also: Sequence[str] = ()) -> bool | None:
+                                also: Sequence[str] = (), plain: str | None = None) -> bool | None:
         """``Store.upstream_changed`` on a thread; None (and the model waits for a later tick)
         when the store refuses the check now (locked past its busy timeout)."""
         try:
-            changed = await asyncio.to_thread(self.store.upstream_changed, name, upstream, legacy, also)
+            changed = await asyncio.to_thread(self.store.upstream_changed, name, upstream, legacy, also, plain)
         except sqlite3.OperationalError as exc:
             self._wait(name, f"the state store refuses writes: {exc}")
             return None
@@ -615,7 +616,8 @@ class OnboardingService:
             upstream, legacy, also = fingerprints(d)
             progress = await engine.run(d.name, lambda: self._run_prices.get(d.name, fallback),
                                         upstream, legacy, config, failed_since=self._since,
-                                        account=upstream_account(d), also=also)
+                                        account=upstream_account(d), also=also,
+                                        plain=plain_fingerprint(d))
         except asyncio.CancelledError:
             # the next tick drops what is kept about a model that left the file, its run ended
             self._retry_asked = True

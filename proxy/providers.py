@@ -333,6 +333,16 @@ def upstream_fingerprint(d: Deployment) -> str:
     return _fingerprint(f"{d.provider}/{d.upstream_model}", base)
 
 
+def plain_fingerprint(d: Deployment) -> str:
+    """``upstream_fingerprint`` as the version before it computed it: the provider's own
+    ``api_base`` written out not taken for the empty base (``DEFAULT_BASES``). The store's
+    ``upstream_plain`` column is written in this form, which that version compares with its own,
+    so that it finds the upstream it would have recorded itself when it is started again on the
+    store (a rollback) with the same file. It is ``upstream_fingerprint(d)`` unless the model names
+    its provider's own base, and one of ``earlier_forms(d)`` then."""
+    return _fingerprint(f"{d.provider}/{d.upstream_model}", _plain_base(d.api_base))
+
+
 def legacy_fingerprint(d: Deployment) -> str:
     """The fingerprint earlier versions recorded for ``d``: of ``litellm_params.model`` and
     ``api_base`` as written. A store holding it measured the same upstream as one holding

@@ -633,11 +633,12 @@ class Store:
                     None)
 
     def begin(self, model: str, suite: str, total: int, estimated_cost: float | None = None,
-              upstream: str | None = None, legacy: str | None = None) -> None:
+              upstream: str | None = None, legacy: str | None = None,
+              plain: str | None = None) -> None:
         """Mark a model's onboarding as running under this process's lease (created if new;
-        answers kept if resumed). ``upstream`` and ``legacy`` fingerprint what answers (as
-        ``upstream_changed`` takes them): they are recorded where the row holds none, a stored one
-        is kept (the run checked it names this upstream). Raises ``ModelBusy`` (and changes
+        answers kept if resumed). ``upstream``, ``legacy`` and ``plain`` fingerprint what answers
+        (as ``upstream_changed`` takes them): they are recorded where the row holds none, a stored
+        one is kept (the run checked it names this upstream). Raises ``ModelBusy`` (and changes
         nothing) when another live process holds it."""
         now = time.time()
         with self._leased(model):
@@ -651,11 +652,11 @@ class Store:
                 "upstream=COALESCE(onboarding.upstream, excluded.upstream), "
                 "upstream_plain=COALESCE(onboarding.upstream_plain, excluded.upstream_plain), "
                 "owner=excluded.owner, heartbeat=excluded.heartbeat",
-                (model, suite, total, estimated_cost, now, now, legacy or upstream, upstream,
+                (model, suite, total, estimated_cost, now, now, legacy or upstream, plain or upstream,
                  self.owner, now))
 
     def upstream_changed(self, model: str, upstream: str, legacy: str | None = None,
-                         also: Sequence[str] = ()) -> bool:
+                         also: Sequence[str] = (), plain: str | None = None) -> bool:
         """True when the model's stored answers came from another upstream than ``upstream`` (a
         fingerprint, ``upstream_fingerprint``). The same upstream: a row whose ``upstream_plain``
         or ``upstream`` is ``upstream``, or whose ``upstream`` is ``legacy`` (the same upstream's
@@ -664,22 +665,32 @@ class Store:
         the store (a rolling upgrade, a rollback) compares ``upstream`` with its own form, and
         would take any other for another upstream and forget the model. What is missing is filled
         in: ``upstream`` in the ``legacy`` form (which every version that fingerprints reads) when
-        given, and ``upstream_plain``. ``also``: other fingerprints of the same upstream that
-        earlier versions recorded (``earlier_forms``), in either column. Nothing stored: False."""
+        given, and ``upstream_plain`` in the ``plain`` form (``plain_fingerprint``; ``upstream``
+        when not given), the one the version before today's compares that column with.
+        ``also``: other fingerprints of the same upstream that earlier versions recorded
+        (``earlier_forms``), in either column. Nothing stored: False.
+
+        One rewrite: an ``upstream_plain`` holding ``upstream`` where ``plain`` differs (a model on
+        its provider's own ``api_base`` written out) was written in today's form by the version
+        that recorded that column so, which every version since reads in either form; it is
+        written in the ``plain`` form, which the version before it also reads."""
         with self._lock:
             row = self._db.execute("SELECT upstream, upstream_plain FROM onboarding WHERE model = ?",
                                    (model,)).fetchone()
             if row is None:
                 return False
-            stored, plain = row
-            forms = {upstream, legacy, *also} - {None}
-            if stored is not None and stored not in forms and plain not in forms:
+            stored, stored_plain = row
+            forms = {upstream, legacy, plain, *also} - {None}
+            if stored is not None and stored not in forms and stored_plain not in forms:
                 return True
-            if stored is None or plain is None:
+            if stored is None or stored_plain is None or (plain not in (None, upstream)
+                                                          and stored_plain == upstream):
                 self._db.execute("UPDATE onboarding SET upstream = COALESCE(upstream, ?), "
-                                 "upstream_plain = COALESCE(upstream_plain, ?) WHERE model = ? "
+                                 "upstream_plain = CASE WHEN upstream_plain IS NULL OR upstream_plain = ? "
+                                 "THEN ? ELSE upstream_plain END WHERE model = ? "
                                  "AND upstream IS ? AND upstream_plain IS ?",
-                                 (legacy or upstream, upstream, model, stored, plain))
+                                 (legacy or upstream, upstream, plain or upstream, model, stored,
+                                  stored_plain))
             return False
 
     def spent(self, model: str) -> float:

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from proxy.cli import main
+from proxy.providers import DEFAULT_BASES
 from proxy.store import GradedAnswer, Store
 from support.mock_upstream import MockUpstream, answer
 
@@ -169,6 +170,24 @@ def test_onboard_command_resumes_a_run_an_earlier_version_fingerprinted(tmp_path
                  "--data", str(data), "--suite", str(suite)]) == 0
     assert "another upstream" not in capsys.readouterr().err
     assert len(up.bodies("fresh")) == 5  # the stored answer is not asked again
+
+
+def test_onboard_command_records_the_upstream_in_the_form_the_version_before_reads(tmp_path, up, monkeypatch):
+    """A model on its provider's own api_base written out (the mock plays OpenAI's here): the
+    store's ``upstream_plain`` holds the fingerprint the version before computed for it (provider,
+    model and the base normalised), which that version, rolled back to, compares with its own;
+    the form in which the base written out and left out are one upstream would be taken by it
+    for the base left out, and the profile forgotten."""
+    monkeypatch.setitem(DEFAULT_BASES, "openai", up.url)
+    suite, data = tiny_suite_files(tmp_path)
+    up.set("fresh", answer("So the answer is (B)."))
+    config = tmp_path / "providers.yaml"
+    write_providers(config, [model_entry("fresh", up.url + "/", tmp_path)])
+    assert main(["onboard", "fresh", "--config", str(config), "--state-dir", str(tmp_path / "state"),
+                 "--data", str(data), "--suite", str(suite)]) == 0
+    with Store(tmp_path / "state") as store:
+        plain = store._read("SELECT upstream_plain FROM onboarding WHERE model = 'fresh'")[0][0]
+    assert plain == hashlib.sha256(f"openai/fresh\n{up.url}".encode()).hexdigest()[:16]
 
 
 def test_onboard_command_invalid_settings_and_state_are_one_line(tmp_path, up, capsys):

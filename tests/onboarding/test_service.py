@@ -8,6 +8,7 @@ import logging
 import sqlite3
 import threading
 import time
+from urllib.parse import urlsplit, urlunsplit
 
 import orjson
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from proxy.dispatch import Reply
 from proxy.onboarding import Onboarding, Options
 from proxy.onboarding_service import DispatchAsker, OnboardingService
-from proxy.providers import ProviderRegistry, upstream_fingerprint
+from proxy.providers import ProviderRegistry, legacy_fingerprint, upstream_fingerprint
 from proxy.store import GradedAnswer, Store
 
 from onboarding.fakes import Answering, make_suite, model_entry, service, spawn, wait_until, write_providers
@@ -534,6 +535,73 @@ async def test_a_run_resumed_from_an_earlier_version_keeps_its_fingerprint(tmp_p
         stored = store._read("SELECT upstream FROM onboarding WHERE model = 'm'")[0][0]
         assert stored == earlier  # what the earlier version compares with its own form
         assert registry.snapshot.models["m"].routable
+
+
+def _changed_for_the_version_before(store: Store, model: str, params: dict) -> bool:
+    """``Store.upstream_changed`` as the version before the provider's own api_base written out
+    and left out were one upstream decides it, for a file with ``params`` as litellm_params: the
+    ``upstream`` column against the fingerprint of litellm_params.model and api_base as written,
+    ``upstream_plain`` against that of the provider/model and api_base normalised (its
+    ``upstream_fingerprint``: no credentials, lowercase scheme and host, no trailing /)."""
+    def fp(model: str, base: str) -> str:
+        return hashlib.sha256(f"{model}\n{base}".encode()).hexdigest()[:16]
+
+    base = params.get("api_base") or ""
+    url = urlsplit(base)
+    plain = urlunsplit((url.scheme.lower(), url.netloc.rpartition("@")[2].lower(), url.path.rstrip("/"),
+                        url.query, url.fragment))
+    stored, stored_plain = store._read("SELECT upstream, upstream_plain FROM onboarding WHERE model = ?",
+                                       (model,))[0]
+    ours = fp(params["model"] if "/" in params["model"] else f"openai/{params['model']}", plain)
+    return stored not in (None, ours, fp(params["model"], base)) and stored_plain != ours
+
+
+async def test_a_profile_measured_on_openai_s_own_base_is_found_on_a_rollback(tmp_path):
+    """A model onboarded with OpenAI's api_base written out one way (a trailing /) and rolled back
+    to the version before, whose file writes it another way (no /, capitals): that version took
+    both for one upstream, and must find the profile, not forget it and pay for the whole test
+    again. Its check reads ``upstream_plain`` in its own form, which onboarding records."""
+    config = tmp_path / "providers.yaml"
+    entry = model_entry("m", "https://api.openai.com/v1/", tmp_path)
+    write_providers(config, [entry])
+    suite, questions = make_suite()
+    with Store(tmp_path / "state") as store:
+        registry, svc = service(config, store, Answering("The answer is (A)."), suite, questions)
+        await svc.sync()
+        await asyncio.wait_for(svc.runs["m"], 10)
+        assert store.progress("m").status == "done"
+        for written in ("https://api.openai.com/v1", "HTTPS://API.OpenAI.com/v1/", "https://api.openai.com/v1/"):
+            assert not _changed_for_the_version_before(store, "m", dict(entry["litellm_params"], api_base=written))
+        # the same upstream left out is another one to that version (as it always was); another host too
+        params = dict(entry["litellm_params"])
+        assert _changed_for_the_version_before(store, "m", dict(params, api_base="https://eu.example/v1"))
+
+
+async def test_a_row_recorded_in_today_s_form_is_put_in_the_form_the_version_before_reads(tmp_path):
+    """The version that made the provider's own api_base written out and left out one upstream
+    recorded ``upstream_plain`` in that common form, which the version before takes for the base
+    left out: a rollback with the file writing the base out forgot the profile. A process that
+    finds such a row for a file writing the base out records the form that version reads; the
+    profile is kept and nothing is asked."""
+    config = tmp_path / "providers.yaml"
+    entry = model_entry("m", "https://api.openai.com/v1/", tmp_path)
+    rolled_back = dict(entry["litellm_params"], api_base="https://api.openai.com/v1")
+    write_providers(config, [entry])
+    suite, questions = make_suite()
+    with Store(tmp_path / "state") as store:
+        d = ProviderRegistry(config, dict, store).snapshot.models["m"]
+        store.begin("m", suite.name, len(questions), upstream=upstream_fingerprint(d),
+                    legacy=legacy_fingerprint(d))  # as the version that recorded today's form did
+        store.finish("m", suite.name, {t: 0.5 for t in suite.task_ids})
+        assert _changed_for_the_version_before(store, "m", rolled_back)
+        dispatcher = ByUpstream()
+        registry, svc = service(config, store, dispatcher, suite, questions)
+        await svc.sync()
+        assert not svc.runs and registry.snapshot.models["m"].routable
+        assert not _changed_for_the_version_before(store, "m", rolled_back)
+        await svc.sync()  # and today's version still finds it its own
+        assert not svc.runs and registry.snapshot.models["m"].profile == {t: 0.5 for t in suite.task_ids}
+        assert dispatcher.calls == {}
 
 
 async def test_answers_an_earlier_grader_got_wrong_are_graded_again_once(tmp_path, caplog):
