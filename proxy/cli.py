@@ -39,6 +39,7 @@ DELEGATED = {
     "evaluate": ("scorer.evaluation", "evaluate routing against baselines"),
     "onboard": ("proxy.onboarding", "run the aptitude test against a model and store its profile"),
     "backup": ("proxy.backup", "copy the state store consistently, also while the proxy runs"),
+    "restore": ("proxy.restore", "put a backup back into the state directory, its proxies stopped"),
 }
 
 
@@ -59,7 +60,7 @@ def _delegate_module(name: str) -> ModuleType | None:
 def build_parser(argv: Sequence[str]) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="satroute", description="satroute: an OpenAI-compatible proxy that routes each request with "
-                                     "Model-SAT. Commands: serve, train, evaluate, onboard, backup.")
+                                     "Model-SAT. Commands: serve, train, evaluate, onboard, backup, restore.")
     parser.add_argument("--version", action="version", version=f"satroute {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     serve = sub.add_parser("serve", help="run the OpenAI-compatible routing proxy")

@@ -54,6 +54,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Collection, Iterable, Iterator, Mapping, Sequence
 
+try:
+    import fcntl
+except ImportError:  # no advisory locks where there is no fcntl (Windows): nothing is held
+    fcntl = None  # type: ignore[assignment]
+
 log = logging.getLogger("satroute.store")
 
 DB_NAME = "satroute.db"
@@ -324,6 +329,41 @@ def unopenable(state_dir: str | Path, exc: BaseException) -> str:
     return f"cannot open the state store in {state_dir}: {exc}{hint}"
 
 
+RESTORE_WAIT_S = 30.0  # how long a store opening waits for a restore of its folder to end
+
+
+def lock_folder(folder: Path, exclusive: bool, wait_s: float = 0.0) -> int | None:
+    """An advisory lock (``flock``) on the state folder itself, held until its descriptor (the
+    value) is closed: shared by every store open on it (a proxy, ``satroute onboard``),
+    exclusive for ``satroute restore``, which thus never replaces the database under a process
+    of this host that has it open, and which such a process waits for. ``BlockingIOError`` when
+    the other kind is held past ``wait_s``; None where the file system takes no locks (some
+    network ones) or there is no ``fcntl``: nothing is held, nothing is refused."""
+    if fcntl is None:
+        return None
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # a folder that can be entered, not listed: nothing to lock with
+        return None
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+                return fd
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.05)
+            except OSError:  # ENOLCK, EINVAL: locks not supported here
+                os.close(fd)
+                return None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+
+
 class Store:
     """The state database. Safe to share between threads; one instance per process."""
 
@@ -331,6 +371,12 @@ class Store:
         self.dir = Path(state_dir)
         self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / DB_NAME
+        try:
+            self._folder_lock = lock_folder(self.dir, exclusive=False, wait_s=RESTORE_WAIT_S)
+        except BlockingIOError:
+            raise sqlite3.OperationalError(
+                f"{self.dir} is being restored (`satroute restore`) and was still locked after "
+                f"{RESTORE_WAIT_S:.0f} s: start again once the restore has ended") from None
         instance = _instance()
         self.owner = (f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
                       + (f":{instance}" if instance else ""))
@@ -339,9 +385,13 @@ class Store:
         self._read_lock = threading.Lock()
         self._bad_profiles: set[str] = set()  # models whose damaged stored profile was reported
         self._sightings = _Sightings(lease_stale_s)
-        wal = self.path.with_name(f"{DB_NAME}-wal")
-        self._wal_found = wal.is_file() and wal.stat().st_size > 0  # before opening makes one
-        self._db = self._connect()
+        try:
+            wal = self.path.with_name(f"{DB_NAME}-wal")
+            self._wal_found = wal.is_file() and wal.stat().st_size > 0  # before opening makes one
+            self._db = self._connect()
+        except BaseException:
+            self._unlock_folder()
+            raise
         try:
             self._wal()
             self._check()
@@ -352,6 +402,7 @@ class Store:
                 self._add_missing_columns()
         except BaseException:
             self._db.close()
+            self._unlock_folder()
             raise
         self._reader = self._connect()
         self._identity: tuple[int, int] | None = None  # unknown until a stat tells it
@@ -455,7 +506,7 @@ class Store:
                  if self._wal_found else "")
         return sqlite3.DatabaseError(
             f"{self.path} is damaged: {problem}{stray}; restore it from a backup (`satroute "
-            "backup`), or move it away to start with an empty store (stored answers and profiles "
+            "restore`, of a copy `satroute backup` made), or move it away to start with an empty store (stored answers and profiles "
             "are then lost)")
 
     @contextlib.contextmanager
@@ -500,6 +551,12 @@ class Store:
                 self._db.execute("DELETE FROM upstream_users WHERE owner = ?", (self.owner,))
             self._reader.close()
             self._db.close()
+            self._unlock_folder()
+
+    def _unlock_folder(self) -> None:
+        fd, self._folder_lock = self._folder_lock, None
+        if fd is not None:
+            os.close(fd)
 
     def __enter__(self) -> "Store":
         return self

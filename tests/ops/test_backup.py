@@ -1,8 +1,14 @@
 """`satroute backup`: a copy of the state store that holds what the running proxy wrote last."""
 from __future__ import annotations
 
+import os
 import shutil
+import signal
+import sqlite3
 import stat
+import time
+
+import pytest
 
 from proxy.cli import main
 from proxy.localserver import KEY_FILE
@@ -75,10 +81,6 @@ def test_a_backup_restored_as_documented_is_what_the_store_holds(tmp_path):
 def test_a_backup_that_fails_midway_leaves_nothing_behind(tmp_path, monkeypatch, capsys):
     """A full disk or Ctrl+C during the copy left a hidden partial file, and the same command
     then refused the folder as not empty."""
-    import sqlite3
-
-    import pytest
-
     from proxy import backup
 
     state = tmp_path / "state"
@@ -91,32 +93,107 @@ def test_a_backup_that_fails_midway_leaves_nothing_behind(tmp_path, monkeypatch,
         src.close()
         raise error
 
-    class Interrupted(BaseException):  # as Ctrl+C's KeyboardInterrupt, which pytest takes for its own
-        pass
+    def terminated(src, part):  # SIGTERM mid-copy: Python's default would leave the part
+        part.write_bytes(b"half a copy")
+        src.close()
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)
 
-    for error in (sqlite3.OperationalError("database or disk is full"), Interrupted()):
-        monkeypatch.setattr(backup, "_backup", lambda src, part, error=error: fails(src, part, error))
-        if isinstance(error, Interrupted):
-            with pytest.raises(Interrupted):
-                main(["backup", "--state-dir", str(state), str(tmp_path / "bk")])
-        else:
-            assert main(["backup", "--state-dir", str(state), str(tmp_path / "bk")]) == 2
-            assert "disk is full" in capsys.readouterr().err
-        assert not (tmp_path / "bk").exists()
-    (tmp_path / "mine").mkdir()  # a folder the admin made: kept, emptied of the attempt
+    for error, status, said in ((sqlite3.OperationalError("database or disk is full"), 2, "disk is full"),
+                                (KeyboardInterrupt(), 130, "interrupted; nothing was kept at"),
+                                (None, 143, "interrupted; nothing was kept at")):
+        monkeypatch.setattr(backup, "_backup", terminated if error is None else
+                            lambda src, part, error=error: fails(src, part, error))
+        assert main(["backup", "--state-dir", str(state), str(tmp_path / "bk" / "in" / "new")]) == status
+        err = capsys.readouterr().err
+        assert said in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "bk").exists()  # nor the folders made above it
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    (tmp_path / "mine").mkdir(mode=0o750)  # a folder the admin made: kept, emptied of the attempt
     monkeypatch.setattr(backup, "_backup", lambda src, part: fails(src, part, sqlite3.OperationalError("full")))
     assert main(["backup", "--state-dir", str(state), str(tmp_path / "mine")]) == 2
     assert (tmp_path / "mine").is_dir() and not any((tmp_path / "mine").iterdir())
+    assert stat.S_IMODE((tmp_path / "mine").stat().st_mode) == 0o750
     monkeypatch.setattr(backup, "_backup", real)
     assert main(["backup", "--state-dir", str(state), str(tmp_path / "bk")]) == 0
     assert stat.S_IMODE((tmp_path / "bk").stat().st_mode) == 0o700
+    # a folder the admin made, readable by others: made owner-only, the copy in it too
+    (tmp_path / "open").mkdir(mode=0o755)
+    assert main(["backup", "--state-dir", str(state), str(tmp_path / "open")]) == 0
+    assert stat.S_IMODE((tmp_path / "open").stat().st_mode) == 0o700
+    assert stat.S_IMODE((tmp_path / "open" / "satroute.db").stat().st_mode) == 0o600
+
+
+def test_a_backup_into_a_folder_others_can_swap_files_in_is_refused(tmp_path, capsys):
+    """Another local user who made the (predictable) folder, or may write to it, could replace the
+    key and the copy with theirs, which a restore would then install."""
+    state = tmp_path / "state"
+    with Store(state):
+        pass
+    (tmp_path / "shared").mkdir()
+    (tmp_path / "shared").chmod(0o777)
+    assert main(["backup", "--state-dir", str(state), str(tmp_path / "shared")]) == 2
+    assert "can be written by others than its owner" in capsys.readouterr().err
+    assert not any((tmp_path / "shared").iterdir())
+    if os.geteuid() == 0:
+        (tmp_path / "theirs").mkdir(mode=0o700)
+        os.chown(tmp_path / "theirs", 10002, 10002)
+        (tmp_path / "link").symlink_to(tmp_path / "theirs")
+        for dest in ("theirs", "link"):
+            assert main(["backup", "--state-dir", str(state), str(tmp_path / dest)]) == 2
+            assert "belongs to another user (uid 10002)" in capsys.readouterr().err
+        assert not any((tmp_path / "theirs").iterdir())
+
+
+def test_two_backups_into_one_folder_never_delete_each_other_s_copy(tmp_path, monkeypatch, capsys):
+    """Two backups started together into one new folder (a cron job and an admin) both found it
+    empty: the one that failed removed the other's finished copy, which had said "backed up"."""
+    from proxy import backup
+
+    state = tmp_path / "state"
+    with Store(state) as store:
+        store.finish("m", "suite", {"t": 0.5})
+    dest = tmp_path / "bk"
+    real_make = backup.make_folders
+
+    def another_starts_meanwhile(folder):  # after this one found the folder free
+        made = real_make(folder)
+        (dest / ".satroute.db.part").write_bytes(b"another backup at work")
+        return made
+
+    monkeypatch.setattr(backup, "make_folders", another_starts_meanwhile)
+    assert main(["backup", "--state-dir", str(state), str(dest)]) == 2
+    assert "another backup is being written to" in capsys.readouterr().err
+    assert (dest / ".satroute.db.part").read_bytes() == b"another backup at work"
+    (dest / ".satroute.db.part").unlink()
+    monkeypatch.setattr(backup, "make_folders", real_make)
+    real = backup._backup
+
+    def another_finishes_meanwhile(src, part):
+        real(src, part)
+        real(sqlite3.connect(state / "satroute.db"), dest / "theirs")
+        (dest / "theirs").rename(dest / "satroute.db")
+
+    monkeypatch.setattr(backup, "_backup", another_finishes_meanwhile)
+    assert main(["backup", "--state-dir", str(state), str(dest)]) == 2
+    assert "another backup was written to" in capsys.readouterr().err
+    assert sorted(p.name for p in dest.iterdir()) == ["satroute.db"]  # theirs, whole
+    with Store(dest) as copy:
+        assert copy.get("m") == {"t": 0.5}
+
+
+def test_a_backup_into_a_symbolic_link_to_nothing_says_so(tmp_path, capsys):
+    state = tmp_path / "state"
+    with Store(state):
+        pass
+    (tmp_path / "link").symlink_to(tmp_path / "gone")
+    assert main(["backup", "--state-dir", str(state), str(tmp_path / "link")]) == 2
+    assert "is a symbolic link to nothing" in capsys.readouterr().err
 
 
 def test_a_stopped_proxy_s_store_on_a_read_only_mount_is_copied(tmp_path, monkeypatch):
     """SQLite cannot open a WAL database read-write where it cannot make its -shm: with no WAL
     left (the proxy stopped cleanly) and the folder not writable, it is read as immutable."""
-    import sqlite3
-
     from proxy import backup
 
     state = tmp_path / "state"
@@ -137,3 +214,128 @@ def test_a_stopped_proxy_s_store_on_a_read_only_mount_is_copied(tmp_path, monkey
     monkeypatch.undo()
     with Store(copied.parent) as store:
         assert store.get("m") == {"t": 0.5}
+
+
+def _stored(state) -> tuple:
+    with Store(state) as store:
+        return store.progress("m").status, store.answered("m"), store.get("m")
+
+
+def test_restore_puts_a_backup_back_over_a_killed_proxy_s_files(tmp_path, capsys):
+    """`satroute restore` does the documented steps: the killed proxy's WAL is set aside with the
+    file it belongs to (SQLite would apply it to the restored one), the copy goes in under its
+    name at once, and the key with it, owner-only. Nothing is deleted."""
+    state = tmp_path / "state"
+    with Store(state) as store:
+        store.begin("m", "suite", total=2)
+        store.record("m", GradedAnswer("q0", "A", True))
+    (state / KEY_FILE).write_text("the backup's key")
+    (state / KEY_FILE).chmod(0o600)
+    assert main(["backup", "--state-dir", str(state), str(tmp_path / "bk")]) == 0
+    crashed = tmp_path / "crashed"
+    with Store(state) as store:
+        for i in range(1, 300):
+            store.record("m", GradedAnswer(f"q{i}", "A" * 200, True))
+        store.finish("m", "suite", {"t": 0.5})
+        shutil.copytree(state, crashed)  # as the killed process left it: with its WAL
+    assert (crashed / "satroute.db-wal").stat().st_size > 0
+    (crashed / KEY_FILE).write_text("a newer key")
+    capsys.readouterr()
+    assert main(["restore", "--state-dir", str(crashed), str(tmp_path / "bk")]) == 0
+    out = capsys.readouterr().out
+    assert f"into {crashed / 'satroute.db'} (0 profiles, 1 answer of 1 model, with {KEY_FILE})" in out
+    assert _stored(crashed) == ("running", {"q0"}, None)
+    assert (crashed / KEY_FILE).read_text() == "the backup's key"
+    assert stat.S_IMODE((crashed / KEY_FILE).stat().st_mode) == 0o600
+    aside = [p for p in crashed.iterdir() if p.name.startswith("replaced-")]
+    assert len(aside) == 1 and f"the files it replaced are in {aside[0]}" in out
+    assert sorted(p.name for p in aside[0].iterdir()) == sorted(
+        [KEY_FILE, "satroute.db", "satroute.db-wal", "satroute.db-shm"])
+    assert not [p for p in crashed.iterdir() if p.name.endswith(".restoring")]
+
+
+def test_restore_is_refused_while_a_process_has_the_store_open(tmp_path, capsys):
+    """A copy put in place under a running proxy (`cp` over the file: the same inode, not seen)
+    was overwritten again by the proxy's WAL, or left torn: answers asked and paid for twice."""
+    state = tmp_path / "state"
+    with Store(state) as store:
+        store.finish("m", "suite", {"t": 0.5})
+    assert main(["backup", "--state-dir", str(state), str(tmp_path / "bk")]) == 0
+    with Store(state) as running:
+        running.record("m", GradedAnswer("q1", "A", True))
+        before = (state / "satroute.db").stat().st_ino
+        assert main(["restore", "--state-dir", str(state), str(tmp_path / "bk")]) == 2
+        assert "is in use by a proxy or `satroute onboard` on this host" in capsys.readouterr().err
+        assert (state / "satroute.db").stat().st_ino == before
+        assert not [p for p in state.iterdir() if p.name.startswith(("replaced-", "."))]
+        assert running.answered("m") == {"q1"}
+    assert main(["restore", "--state-dir", str(state), str(tmp_path / "bk")]) == 0  # stopped: done
+
+
+def test_a_store_opening_waits_for_a_restore_under_way(tmp_path, monkeypatch):
+    """A proxy started while a restore puts the file in place opens the restored store, not the
+    one being replaced; past RESTORE_WAIT_S it says why it cannot start."""
+    import threading
+
+    from proxy import store as store_module
+    from proxy.store import lock_folder
+
+    state = tmp_path / "state"
+    state.mkdir()
+    held = lock_folder(state, exclusive=True)
+    assert held is not None
+    threading.Timer(0.3, os.close, (held,)).start()
+    began = time.monotonic()
+    with Store(state):
+        assert time.monotonic() - began >= 0.25
+    held = lock_folder(state, exclusive=True)
+    monkeypatch.setattr(store_module, "RESTORE_WAIT_S", 0.1)
+    try:
+        with pytest.raises(sqlite3.OperationalError, match="is being restored .* still locked after"):
+            Store(state)
+    finally:
+        os.close(held)
+    with Store(state), Store(state):  # stores share it
+        pass
+
+
+def test_restore_refuses_what_it_cannot_put_back_and_changes_nothing(tmp_path, capsys, monkeypatch):
+    from proxy import restore
+
+    state = tmp_path / "state"
+    with Store(state) as store:
+        store.finish("m", "suite", {"t": 0.5})
+    (tmp_path / "junk.db").write_bytes(b"not a database at all" * 100)
+    sqlite3.connect(tmp_path / "other.db").execute("CREATE TABLE t (x)").connection.close()
+    for src, said in (("nothing", "no satroute.db at"), ("junk.db", "is not a state store"),
+                      ("other.db", "is not a state store (no onboarding table)"),
+                      ("state", "is the state store itself")):
+        assert main(["restore", "--state-dir", str(state), str(tmp_path / src)]) == 2
+        assert said in capsys.readouterr().err, src
+    assert main(["backup", "--state-dir", str(state), str(tmp_path / "bk")]) == 0
+
+    def interrupted(source, part):
+        part.write_bytes(b"half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(restore, "copy", interrupted)
+    capsys.readouterr()
+    assert main(["restore", "--state-dir", str(state), str(tmp_path / "bk")]) == 130
+    assert "interrupted;" in capsys.readouterr().err
+    assert sorted(p.name for p in state.iterdir()) == ["satroute.db"]
+    assert _stored(state)[2] == {"t": 0.5}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving files another owner takes root")
+def test_restore_run_as_root_gives_the_files_the_state_folder_s_owner(tmp_path):
+    """Under compose the proxy runs as uid 10001 and a restore is run as root: files left to
+    root are refused by the proxy at start."""
+    state = tmp_path / "state"
+    with Store(state) as store:
+        store.finish("m", "suite", {"t": 0.5})
+    (state / KEY_FILE).write_text("k")
+    assert main(["backup", "--state-dir", str(state), str(tmp_path / "bk")]) == 0
+    os.chown(state, 10001, 10001)
+    assert main(["restore", "--state-dir", str(state), str(tmp_path / "bk")]) == 0
+    for name in ("satroute.db", KEY_FILE):
+        assert ((state / name).stat().st_uid, (state / name).stat().st_gid) == (10001, 10001), name

@@ -1,0 +1,172 @@
+"""``satroute restore SRC``: put a copy ``satroute backup`` made back into the state directory.
+
+Done by hand, a restore has three ways to lose work: a proxy still running keeps writing to the
+file it opened, or applies its WAL to the copied one (a ``cp`` over the file in place is not
+seen); a ``satroute.db-wal`` a killed proxy left is applied to the restored file (the restore is
+undone, or the file reads as damaged); and a file copied in as root cannot be written by the
+proxy's user. This command refuses while a process of this host has the store open (the lock
+``Store`` holds: ``lock_folder``), sets the files it replaces aside (never deletes them), puts the
+copy in under a temporary name and renames it, and gives the files the state folder's owner.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+import sys
+import time
+from pathlib import Path
+
+from proxy.backup import INTERRUPTED, Stopped, copy, interruptible, new_file, state_dir
+from proxy.localserver import KEY_FILE
+from proxy.store import DB_NAME, lock_folder
+
+REPLACED = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", KEY_FILE)
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("src", help="a folder `satroute backup` made (or a satroute.db file)")
+    parser.add_argument("--state-dir", help="state folder (default: SATROUTE_STATE_DIR or ./state)")
+
+
+def run(args) -> int:
+    """Exit status 0 when restored, 2 when it cannot be (one line on stderr saying why; the state
+    folder as it was), 130 / 143 when Ctrl+C / SIGTERM stops it (the state folder as it was)."""
+    state = state_dir(args)
+    try:
+        with interruptible():
+            done = restore(Path(args.src), state)
+    except (OSError, sqlite3.Error, ValueError) as exc:
+        print(f"satroute restore: {exc}", file=sys.stderr)
+        return 2
+    except (KeyboardInterrupt, Stopped) as exc:
+        print(f"satroute restore: interrupted; {state} is as it was", file=sys.stderr)
+        return 143 if isinstance(exc, Stopped) else INTERRUPTED
+    print(done)
+    return 0
+
+
+def restore(src: Path, state: Path) -> str:
+    """Restore the copy at ``src`` (a folder holding ``satroute.db`` and maybe
+    ``local_server.key``, or the database file itself) into ``state``; what was done, in a line.
+    Raises ``ValueError`` (nothing changed) when ``src`` is no state store or fails its check,
+    or when a process of this host has ``state``'s store open."""
+    source = src / DB_NAME if src.is_dir() else src
+    if not source.is_file():
+        raise ValueError(f"no {DB_NAME} at {src}: name a folder `satroute backup` made, or the file")
+    target = state / DB_NAME
+    if target.exists() and source.resolve() == target.resolve():
+        raise ValueError(f"{source} is the state store itself: name a backup")
+    _is_a_store(source)
+    state.mkdir(parents=True, exist_ok=True)
+    try:
+        held = lock_folder(state, exclusive=True)
+    except BlockingIOError:
+        raise ValueError(f"{state} is in use by a proxy or `satroute onboard` on this host: stop "
+                         "every process on it first (those on other hosts too)") from None
+    try:
+        return _restore(source, src, state)
+    finally:
+        if held is not None:
+            os.close(held)
+
+
+def _is_a_store(source: Path) -> None:
+    """``ValueError`` unless ``source`` opens as a database holding the store's tables."""
+    try:
+        db = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        finally:
+            db.close()
+    except sqlite3.DatabaseError as exc:
+        raise ValueError(f"{source} is not a state store: {exc}") from None
+    if "onboarding" not in tables:
+        raise ValueError(f"{source} is not a state store (no onboarding table)")
+
+
+def _restore(source: Path, src: Path, state: Path) -> str:
+    part = state / f".{DB_NAME}.restoring"
+    with contextlib.suppress(FileNotFoundError):
+        part.unlink()  # left by an interrupted restore: the lock says none runs now
+    os.close(new_file(part, f"{part} is being written by another restore"))
+    key = src / KEY_FILE if src.is_dir() else None
+    try:
+        copy(source, part)  # checked, one self-contained file, as `satroute backup` makes it
+        key_part = None
+        if key is not None and key.is_file():
+            key_part = state / f".{KEY_FILE}.restoring"
+            with contextlib.suppress(FileNotFoundError):
+                key_part.unlink()
+            with os.fdopen(new_file(key_part, f"{key_part} exists"), "wb") as out:
+                out.write(key.read_bytes())
+        owner = state.stat()
+        for path in (part, key_part):
+            if path is not None and os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
+                os.chown(path, owner.st_uid, owner.st_gid)  # run as root: the proxy's user's files
+        counts = _counts(part)
+    except BaseException:
+        for leftover in (part, state / f".{KEY_FILE}.restoring"):
+            with contextlib.suppress(OSError):
+                leftover.unlink(missing_ok=True)
+        raise
+    replaced = _set_aside(state, with_key=key_part is not None)
+    part.replace(state / DB_NAME)
+    if key_part is not None:
+        key_part.replace(state / KEY_FILE)
+    _sync(state)
+    aside = f"; the files it replaced are in {replaced}" if replaced else ""
+    return (f"restored {source} into {state / DB_NAME} ({counts}"
+            f"{', with ' + KEY_FILE if key_part is not None else ''}){aside}")
+
+
+def _set_aside(state: Path, with_key: bool) -> Path | None:
+    """Move the store's files (and the key, when the backup brings one) into a new folder
+    ``replaced-<UTC time>`` of ``state``, owner-only; that folder, or None when there was
+    nothing to move. The WAL and shared memory go with the database: SQLite would otherwise apply
+    the old file's WAL to the restored one."""
+    present = [state / name for name in REPLACED
+               if (state / name).exists() and (with_key or name != KEY_FILE)]
+    if not present:
+        return None
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    aside = state / f"replaced-{stamp}"
+    n = 1
+    while True:
+        try:
+            aside.mkdir(mode=0o700)
+            break
+        except FileExistsError:
+            n += 1
+            aside = state / f"replaced-{stamp}-{n}"
+    owner = state.stat()
+    if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
+        os.chown(aside, owner.st_uid, owner.st_gid)
+    for path in present:
+        path.replace(aside / path.name)
+    return aside
+
+
+def _counts(db_path: Path) -> str:
+    """What a restored store holds, in words: its profiles and stored answers."""
+    db = sqlite3.connect(db_path)
+    try:
+        profiles = db.execute("SELECT COUNT(*) FROM profiles").fetchone()[0]
+        answers, models = db.execute("SELECT COUNT(*), COUNT(DISTINCT model) FROM answers").fetchone()
+    except sqlite3.OperationalError:  # a store of a version before these tables
+        return "an earlier version's store"
+    finally:
+        db.close()
+    return (f"{profiles} profile{'s' * (profiles != 1)}, {answers} answer{'s' * (answers != 1)} "
+            f"of {models} model{'s' * (models != 1)}")
+
+
+def _sync(folder: Path) -> None:
+    """The renames made durable (a crash right after would otherwise lose them on some file
+    systems)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
