@@ -63,10 +63,9 @@ def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
         return max(0.0, seconds) if math.isfinite(seconds) else None
     except ValueError:
         try:
-            when = email.utils.parsedate_to_datetime(value)
-        except (TypeError, ValueError):
+            return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - _sent_at(headers))
+        except (TypeError, ValueError, OverflowError, OSError):  # a year past what a clock holds
             return None
-        return max(0.0, when.timestamp() - _sent_at(headers))
 
 
 def _sent_at(headers: Mapping[str, str]) -> float:
@@ -76,9 +75,9 @@ def _sent_at(headers: Mapping[str, str]) -> float:
     an hour nor ignores the wait; this host's clock when it sent none, or one unreadable."""
     try:
         date = email.utils.parsedate_to_datetime(headers.get("date") or "")
-    except (TypeError, ValueError):
+        return date.timestamp() if date.tzinfo is not None else time.time()
+    except (TypeError, ValueError, OverflowError, OSError):  # a year past what a clock holds
         return time.time()
-    return date.timestamp() if date.tzinfo is not None else time.time()
 
 
 # the rate limits whose reset a 429 may name without a Retry-After, each as the header that says

@@ -159,6 +159,37 @@ def test_a_time_a_429_names_is_read_against_the_upstream_s_date(monkeypatch):
             assert wait_seconds(429, {**later, **no_date}) == pytest.approx(max(0.0, 20 - off))
 
 
+BEYOND_ANY_CLOCK = "Mon, 01 Jan 99999999999999999999 00:00:00 GMT"
+
+
+def test_a_date_no_clock_can_hold_is_read_as_none():
+    """A year past what a date can hold raised OverflowError, not ValueError, out of the parser."""
+    import email.utils
+
+    from proxy.upstream import wait_seconds
+
+    soon = email.utils.formatdate(time.time() + 20, usegmt=True)
+    for date in (BEYOND_ANY_CLOCK, "Mon, 01 Jan 10000 00:00:00 GMT",
+                 "Mon, 01 Jan 0001 00:00:00", "\x00"):
+        assert wait_seconds(503, {"retry-after": date}) in (None, 0.0), date
+        assert wait_seconds(429, {"retry-after": soon, "date": date}) == pytest.approx(20, abs=2), date
+        assert wait_seconds(429, {"anthropic-ratelimit-requests-reset": "2027-01-15T08:00:20Z",
+                                  "date": date}) is not None, date
+
+
+@pytest.mark.parametrize("fast", PATHS)
+@pytest.mark.parametrize("headers", [{"retry-after": BEYOND_ANY_CLOCK}, {"date": BEYOND_ANY_CLOCK}],
+                         ids=["retry-after", "date"])
+def test_a_429_with_a_date_no_clock_can_hold_hands_the_request_on(tmp_path, upstream, start_proxy, fast,
+                                                                   headers):
+    """Such a header from the upstream (or from anyone on an http:// path to it) made every
+    routed request to that model a 500, the next model never tried."""
+    proxy = setup(tmp_path, upstream, start_proxy, fast, num_retries=0)
+    upstream.set("m1", fail(429, "Rate limit reached", "requests", headers=headers))
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.parse().model == "m2" and raw.headers["x-satroute-failed"].startswith("m1")
+
+
 def test_a_rate_limit_s_reset_reaches_the_client_as_retry_after(tmp_path, upstream, start_proxy):
     proxy = setup(tmp_path, upstream, start_proxy, True, num_retries=0)
     upstream.set("m2", openai_rate_limit("3s"))
