@@ -38,7 +38,7 @@ import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from proxy.errors import error_body
-from proxy.logs import new_request_id
+from proxy.logs import RequestRecord, new_request_id, request_record_of
 
 _request_log = logging.getLogger("satroute.request")
 
@@ -95,10 +95,10 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserError as exc:
-                if not self._began and self.cycle is not None:
-                    # in the body of a request the app has (no new head began: bytes after its
-                    # answer may have been taken for one): it is answered, or being answered, by
-                    # the app, which sees the connection go (one answer and one log line each)
+                if not self._began and self.cycle is not None and self.cycle.response_started:
+                    # in the body of a request the app has answered, or is answering (no new head
+                    # began: bytes after its answer may have been taken for one): the app sees the
+                    # connection go (one answer and one log line each)
                     self._refused = True
                     self.transport.close()
                     return
@@ -108,8 +108,17 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 # own words, not httptools' "callback error"
                 cause = exc.__context__ if isinstance(exc, httptools.parser.errors.HttpParserCallbackError) else None
                 why = str(cause or exc).strip() or "unparsable"
+                record = None
+                if not self._began and self.cycle is not None:
+                    # in the body of a request the app has and has not answered yet (it waits for
+                    # the body): the 400 is that request's answer, under its request id, and its
+                    # line and count say so, not a client that left; what the app sends after it
+                    # is dropped (the cycle is done with)
+                    record = request_record_of(self.cycle.scope)
+                    self.cycle.disconnected = True
+                    self.cycle.message_event.set()
                 self._refuse(400, "Bad Request", "invalid_http_request",
-                             f"not a valid HTTP/1.1 request: {why[:200]}")
+                             f"not a valid HTTP/1.1 request: {why[:200]}", record)
             except httptools.HttpParserUpgrade as exc:
                 if self._declined:
                     data = self._without_the_offer() + data[exc.args[0]:]
@@ -191,7 +200,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         else:  # nothing was sent: nothing to answer
             self.transport.close()
 
-    def _refuse(self, status: int, phrase: str, code: str, message: str) -> None:
+    def _refuse(self, status: int, phrase: str, code: str, message: str,
+                record: RequestRecord | None = None) -> None:
+        """Answer ``status`` in OpenAI's error shape and close. ``record``: the app's record of the
+        request refused, which takes the refusal for its own line (the request id the answer
+        carries, the status and the code); else a line is written here."""
         self._refused = True
         self._disarm()
         if self._in_head and self._owed():  # an earlier request's answer first, then close
@@ -203,7 +216,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()  # this request's own answer began (its trailers came late): cut
             return
         body = orjson.dumps(error_body(message, "invalid_request_error", code))
-        request_id = new_request_id()
+        request_id = record.request_id if record is not None else new_request_id()
         self.transport.write(b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
                              b"x-request-id: %s\r\nconnection: close\r\n\r\n%s"
                              % (status, phrase.encode(), len(body), request_id.encode(), body))
@@ -211,12 +224,15 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         # line is written here, so that a refused request leaves a trace too
         # the path as far as it came, without its query (which may carry a token), as every other
         # request's line has it
-        url = getattr(self, "url", b"") if self._began else b""
-        path = url.partition(b"?")[0].decode("latin-1", "replace")[:200]
-        fields = {"request_id": request_id, "path": path, "status": status, "error": code}
-        if self.client:
-            fields["client"] = "%s:%s" % tuple(self.client)
-        _request_log.info("- %s %d", path or "-", status, extra={"fields": fields})
+        if record is not None:
+            record.refused = (status, code)
+        else:
+            url = getattr(self, "url", b"") if self._began else b""
+            path = url.partition(b"?")[0].decode("latin-1", "replace")[:200]
+            fields = {"request_id": request_id, "path": path, "status": status, "error": code}
+            if self.client:
+                fields["client"] = "%s:%s" % tuple(self.client)
+            _request_log.info("- %s %d", path or "-", status, extra={"fields": fields})
         # a lingering close: what the client is still sending is read and dropped for a moment, so
         # that its unread bytes do not make the kernel reset the connection before it reads this
         try:

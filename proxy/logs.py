@@ -235,15 +235,24 @@ class RequestRecord:
     # the code of the error event that ended the response (a stream the upstream cut short), as
     # against an error of the proxy or a client that left; in the log line as ``error``
     upstream_error: str | None = None
+    # (status, code) of a refusal the HTTP server answered in the app's place (a body that turned
+    # out malformed before the answer began): what the line and the count say, whatever the app
+    # made of the connection it then saw closed
+    refused: tuple[int, str] | None = None
 
     def fields(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items()
-                if v is not None and v != [] and k != "upstream_error"}
+                if v is not None and v != [] and k not in ("upstream_error", "refused")}
 
 
 def request_record(request) -> RequestRecord | None:
     """The record of the request being served (a Starlette ``Request``), if the middleware runs."""
-    return request.scope.get("state", {}).get(_STATE_KEY)
+    return request_record_of(request.scope)
+
+
+def request_record_of(scope) -> RequestRecord | None:
+    """``request_record`` from an ASGI scope."""
+    return scope.get("state", {}).get(_STATE_KEY)
 
 
 def parse_scores(value: str) -> dict[str, float] | None:
@@ -430,6 +439,8 @@ class RequestLogMiddleware:
     def _finish(self, record: RequestRecord, sniff: "_BodySniffer", started: float,
                 request_body: bytearray | None) -> None:
         record.total_ms = round((time.perf_counter() - started) * 1000, 2)
+        if record.refused is not None:
+            record.status, record.error = record.refused
         record.stream = bool(record.stream)
         sniff.close()
         if record.routed_model is None:

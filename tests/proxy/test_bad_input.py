@@ -45,6 +45,43 @@ def test_malformed_bodies_are_400(proxy, upstream, body, words):
     assert upstream.bodies() == []
 
 
+def test_a_chat_body_that_turns_out_malformed_is_answered_400_as_that_request(proxy, upstream, caplog):
+    """A chunked body whose next chunk is no chunk, while the app waits for it: the connection was
+    closed with no answer, and the log and /metrics said the client had left (499)."""
+    import json
+    import logging
+    import socket
+
+    from support.prometheus import scrape
+
+    caplog.set_level(logging.INFO, logger="satroute.request")
+    with socket.create_connection(("127.0.0.1", proxy.port), timeout=10) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+                     b"transfer-encoding: chunked\r\n\r\n10\r\n{\"model\":\"m1\",\"m\r\n")
+        time.sleep(0.3)  # the app has the request, and reads its body
+        sock.sendall(b"ZZZ\r\n")
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    head, _, body = answer.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), answer
+    assert json.loads(body)["error"]["code"] == "invalid_http_request"
+    rid = next(line.split(b": ")[1].decode() for line in head.split(b"\r\n")
+               if line.lower().startswith(b"x-request-id:"))
+    deadline = time.monotonic() + 5
+    while not (lines := [r for r in caplog.records if r.name == "satroute.request"]):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    time.sleep(0.3)  # a second line, were one written
+    lines = [r for r in caplog.records if r.name == "satroute.request"]
+    assert [(r.fields["request_id"], r.fields["status"], r.fields["error"]) for r in lines] == [
+        (rid, 400, "invalid_http_request")]
+    counted = {labels: v for (name, labels), v in scrape(proxy.base).items()
+               if name == "satroute_requests_total"}
+    assert counted == {(("model", "none"), ("status", "400")): 1.0}
+    assert upstream.bodies() == []
+
+
 @pytest.mark.parametrize("body, param", [
     ({"model": "auto"}, "messages"),
     ({"model": "auto", "messages": []}, "messages"),
