@@ -314,6 +314,7 @@ class _Run:
         self.params: dict = {}  # the sampling parameters of each ask (adapted to what the model takes)
         self.ever_answered = answered_before
         self.failures = 0  # consecutive transient failures
+        self.saying = asyncio.Lock()  # status writes (``_set_status``), in the order decided
         # clock times: when the run sent its first question (its wait in line behind another
         # run on its account is no wait on the upstream), and its last answer
         self.started = self.answered_at = 0.0
@@ -630,8 +631,11 @@ class Onboarding:
         only logged, the run goes on and the next change says it."""
         state.stalled = status == "stalled"
         try:
-            await self._store(self.store.set_status, state.model, status, reason,
-                              suite=self.suite.name, leased=True)
+            # one at a time, in the order the run's workers decided them: two writes at once on
+            # the store's threads may land in either order, the earlier decision last
+            async with state.saying:
+                await self._store(self.store.set_status, state.model, status, reason,
+                                  suite=self.suite.name, leased=True)
             self.unstored.pop(state.model, None)
         except ModelBusy:
             self._lost(state)
@@ -711,6 +715,8 @@ class Onboarding:
                 continue
             if pace.resume_at > self.clock() and state.held_until != pace.resume_at:
                 # the upstream said to wait (maybe to another model on its account): say so
+                if pace.told != state.model and not state.held_until:  # its own is said as it fails
+                    log.info("onboarding %s held: %s", state.model, self._held(state))
                 state.held_until = pace.resume_at
                 state.said_in_line = False  # the status says the hold now, not the wait in line
                 await self._set_status(state, "stalled", self._held(state))
@@ -733,8 +739,10 @@ class Onboarding:
                 if state.in_flight == 0:
                     if state.in_line_since is None:
                         state.in_line_since = self.clock()
-                    if ahead is not None and not state.said_in_line:  # not a stale failure's
-                        # "stalled", nor "running" unsaid (again after a hold, which said itself)
+                    if ahead is not None and not state.said_in_line and not state.held_until:
+                        # not a stale failure's "stalled", nor "running" unsaid (again after a
+                        # hold, which said itself); not during a hold, which another worker of the
+                        # run has just said (one worker's wait in line wrote over it)
                         await self._set_status(
                             state, "running", f"waiting for {ahead.model}, begun earlier on its "
                             "provider account: its models are onboarded one after another")
@@ -998,18 +1006,24 @@ class Onboarding:
         opts = self.options
         if state.failures == 0:
             state.first_failure = now
-        if state.failures == 0 or epoch is None or epoch == state.epoch:
+        counted = state.failures == 0 or epoch is None or epoch == state.epoch
+        if counted:
             state.epoch += 1
             state.failures += 1
             delay = min(opts.backoff_max_s, opts.backoff_s * 2 ** min(state.failures - 1, 20))
             state.resume_at = max(state.resume_at, now + delay)
-            if state.failures == 1 or state.failures % 10 == 0:
-                log.warning("onboarding %s stalled (%d failures): %s", state.model,
-                            state.failures, reason)
         if retry_after is not None:  # whichever ask it came with: the upstream said when
             state.pace.hold(now, now + min(retry_after, opts.backoff_max_s), retry_after, state.model)
         elif limited:
             state.pace.hold(now, state.resume_at, None, state.model)
+        if counted and (state.failures == 1 or state.failures % 10 == 0):
+            if retry_after is not None and state.failures < 10:
+                # a wait the upstream named, which the run keeps by itself: routine, one line
+                # with its end (a rate limit an account meets every few minutes is no warning)
+                log.info("onboarding %s held: %s (%s)", state.model, self._held(state), reason)
+            else:
+                log.warning("onboarding %s stalled (%d failures): %s", state.model,
+                            state.failures, reason)
         # a timeout counts from the run's start (the ask waited all along: a hung upstream's first
         # failure comes at its timeout, and counting from it doubled the wait); another failure
         # from the first one (a slow model's answers may be on their way past one 429)

@@ -851,6 +851,7 @@ async def test_a_stopped_run_whose_cut_asks_the_store_refuses_still_stops_at_onc
 
 @pytest.mark.parametrize("status", [429, 503])
 async def test_no_question_is_asked_again_before_the_upstream_s_retry_after(tmp_path, tiny, caplog, status):
+    caplog.set_level(logging.INFO, logger="satroute.onboarding")
     suite, questions = tiny
     limited = AllUpstreamsFailed(f"every model failed: m (http_{status})", failed=[("m", f"http_{status}")])
     if status == 429:  # every failure a 429: the client is told too
@@ -871,7 +872,10 @@ async def test_no_question_is_asked_again_before_the_upstream_s_retry_after(tmp_
                                     Options(concurrency=1, backoff_s=0.01, backoff_max_s=5)).run("m")
     assert progress.status == "done"
     assert times[1] - times[0] >= 0.5  # not the 0.01 s backoff
-    assert "onboarding m stalled (1 failures): AllUpstreamsFailed" in caplog.text  # and said so
+    # and said so, once, with the hold's end: at info, a named wait kept by itself is routine
+    [held] = [r for r in caplog.records if r.name == "satroute.onboarding" and " held: " in r.getMessage()]
+    assert held.levelname == "INFO" and "asked to wait 0.5s (Retry-After); resuming at " in held.getMessage()
+    assert "stalled (" not in caplog.text
 
 
 def rate_limited(model="m", retry_after=None):
@@ -971,10 +975,12 @@ async def test_models_on_one_account_are_onboarded_one_after_another_not_all_tog
         assert "m4" in order[first_m5:]
 
 
-async def test_a_run_the_upstream_holds_says_stalled_until_the_hold_is_over(tmp_path):
+async def test_a_run_the_upstream_holds_says_stalled_until_the_hold_is_over(tmp_path, caplog):
     """An answer that came during the hold (its question sent before) said "running", reason
     null, for the rest of a 57 s Retry-After with nothing in flight: the run stays stalled, saying
-    why and until when, and so does a run of another model on the same provider account."""
+    why and until when, and so does a run of another model on the same provider account. The log
+    says each run's hold once, and its end, at info: a named wait kept by itself is routine."""
+    caplog.set_level(logging.INFO, logger="satroute.onboarding")
     suite, questions = make_suite(n_tasks=3, per_task=4)
 
     class LimitedOnce(FakeAsker):  # m1's first question is rate limited, the others answered
@@ -1016,6 +1022,12 @@ async def test_a_run_the_upstream_holds_says_stalled_until_the_hold_is_over(tmp_
         told = " when asked for m1, another model on its provider account"
         assert all((told in reason) == (m == "m2") for _, reason in during)
         assert ("running", None) in [(status, reason) for at, status, reason in statuses if at > end]
+        said = [(r.levelname, r.getMessage()) for r in caplog.records
+                if r.name == "satroute.onboarding" and r.getMessage().startswith(f"onboarding {m}")]
+        held = [text for _, text in said if " held: " in text]
+        assert len(held) == 1 and (told in held[0]) == (m == "m2"), said
+        assert f"onboarding {m}: the upstream's hold is over, resuming" in [text for _, text in said]
+        assert all(level == "INFO" for level, _ in said), said
 
 
 async def test_a_held_run_says_when_it_resumes_its_own_backoff_included(tmp_path, tiny):
