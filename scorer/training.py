@@ -563,11 +563,16 @@ def _check_trainable(pool: Pool, data: RoutingData, suite, allow_partial: bool =
         raise DataError(f"every model of {data.path} is excluded (--exclude-models)" if data.models
                         else f"no model outcomes in {data.path}")
     if pool.coverage:  # a pool not built by build_pools may not know it
-        check_coverage(suite, pool.coverage, data.path, PROFILE_ADVICE, allow_partial)
+        notes = check_coverage(suite, pool.coverage, data.path, PROFILE_ADVICE, allow_partial)
         graded = sorted(n for n, _ in pool.coverage.values())
         print(f"satroute train: {len(graded)} profiles computed from {data.path}, each on "
               + (f"{graded[0]}" if graded[0] == graded[-1] else f"{graded[0]} to {graded[-1]}")
               + f" of the {len(suite.question_ids)} questions of suite {suite.name!r}", file=sys.stderr)
+        # each profile on less than the whole suite by name, as `satroute evaluate` says them (the
+        # models an --allow-partial-profiles run took thin)
+        for note, (n_graded, _) in zip(notes, pool.coverage.values()):
+            if n_graded < len(suite.question_ids):
+                print(f"satroute train: {note}", file=sys.stderr)
     for m, profile in pool.profiles.items():
         if not profile:
             raise DataError(f"model {m!r} has an empty profile in suite {suite.name!r}; " + PROFILE_ADVICE)

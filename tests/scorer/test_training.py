@@ -792,6 +792,11 @@ def test_a_thin_profile_is_refused_and_the_coverage_of_each_is_said(tiny_run, tm
     full = load_suite(tmp_path / "tinysuite.json")  # 2 questions a task: add 3 the folder lacks to each
     padded = Suite("padded", 1, tuple(Task(t.id, t.keywords, t.question_ids + ("x1", "x2", "x3")) for t in full.tasks))
     padded.save(tmp_path / "padded.json")
+    assert main(tiny_run("--suite", str(tmp_path / "padded.json"), "--allow-partial-profiles",
+                         "--stage1-steps", "0", "--stage2-steps", "0")) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "computed from" in line]
+    assert notes[1:] == [f"satroute train: profile of {m!r} computed from {tmp_path / 'tinydata'}: 8 of the 20 "
+                         "questions of suite 'padded' (4 of its 4 tasks)" for m in ("alg", "bio", "none")], notes
     assert main(tiny_run("--suite", str(tmp_path / "padded.json"))) == 2
     assert capsys.readouterr().err.splitlines()[-1] == (
         f"satroute train: the profile of model 'alg' computed from {tmp_path / 'tinydata'} rests on 8 of the 20 "
