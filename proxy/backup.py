@@ -77,6 +77,24 @@ def _stop(signum, frame) -> None:
     raise Stopped()
 
 
+@contextlib.contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Ctrl+C and SIGTERM are held off until the block is over (on the main thread, where Python
+    acts on them), so that what it changes is changed whole; one that came meanwhile is then not
+    acted on: the work it would have stopped is done."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    came: list[int] = []
+    previous = {sig: signal.signal(sig, lambda signum, frame: came.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def backup(source: Path, dest: Path) -> Path:
     """Copy the store at ``source`` into the folder ``dest`` (created, for its owner only; it must
     be empty if it exists), with ``local_server.key`` beside it when there is one; the copy's
@@ -98,8 +116,9 @@ def backup(source: Path, dest: Path) -> Path:
         new_file(part, f"another backup is being written to {dest}: name another folder")
         mine += [part, *(part.with_name(part.name + s) for s in ("-journal", "-wal", "-shm"))]
         copy(source, part)
-        give_name(part, target, f"another backup was written to {dest} meanwhile: name another folder")
-        mine.append(target)
+        with deferred_signals():  # named and counted as this call's, or neither
+            give_name(part, target, f"another backup was written to {dest} meanwhile: name another folder")
+            mine.append(target)
         key = source.with_name(KEY_FILE)
         if key.is_file():
             fd = new_file(dest / KEY_FILE, f"another backup was written to {dest} meanwhile")

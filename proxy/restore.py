@@ -12,14 +12,15 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import sqlite3
 import sys
 import time
 from pathlib import Path
 
-from proxy.backup import INTERRUPTED, Stopped, copy, interruptible, new_file, state_dir
+from proxy.backup import INTERRUPTED, Stopped, copy, deferred_signals, interruptible, new_file, state_dir
 from proxy.localserver import KEY_FILE
-from proxy.store import DB_NAME, lock_folder
+from proxy.store import DB_NAME, RESTORING as PART, lock_folder
 
 REPLACED = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", KEY_FILE)
 
@@ -54,16 +55,20 @@ def restore(src: Path, state: Path) -> str:
     source = src / DB_NAME if src.is_dir() else src
     if not source.is_file():
         raise ValueError(f"no {DB_NAME} at {src}: name a folder `satroute backup` made, or the file")
+    if not os.access(source, os.R_OK):
+        raise ValueError(f"{source} cannot be read by this user (uid {os.geteuid()}): run the restore as "
+                         "root (under compose, `docker compose run --rm --no-deps -u root satroute "
+                         "restore ...`) or make it readable")
     target = state / DB_NAME
     if target.exists() and source.resolve() == target.resolve():
         raise ValueError(f"{source} is the state store itself: name a backup")
-    _is_a_store(source)
     state.mkdir(parents=True, exist_ok=True)
     try:
         held = lock_folder(state, exclusive=True)
     except BlockingIOError:
-        raise ValueError(f"{state} is in use by a proxy or `satroute onboard` on this host: stop "
-                         "every process on it first (those on other hosts too)") from None
+        raise ValueError(f"{state} is in use by a proxy, `satroute onboard` or another `satroute "
+                         "restore` on this host: stop every process on it first (those on other "
+                         "hosts too)") from None
     try:
         return _restore(source, src, state)
     finally:
@@ -71,61 +76,56 @@ def restore(src: Path, state: Path) -> str:
             os.close(held)
 
 
-def _is_a_store(source: Path) -> None:
-    """``ValueError`` unless ``source`` opens as a database holding the store's tables."""
-    try:
-        db = sqlite3.connect(f"{source.resolve().as_uri()}?mode=ro", uri=True)
-        try:
-            tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-        finally:
-            db.close()
-    except sqlite3.DatabaseError as exc:
-        raise ValueError(f"{source} is not a state store: {exc}") from None
-    if "onboarding" not in tables:
-        raise ValueError(f"{source} is not a state store (no onboarding table)")
-
-
 def _restore(source: Path, src: Path, state: Path) -> str:
-    part = state / f".{DB_NAME}.restoring"
-    with contextlib.suppress(FileNotFoundError):
-        part.unlink()  # left by an interrupted restore: the lock says none runs now
+    part, key_part = state / PART, state / f".{KEY_FILE}.restoring"
+    for stale in (part, key_part):  # left by a restore that was killed: the lock says none runs now
+        with contextlib.suppress(FileNotFoundError):
+            stale.unlink()
     os.close(new_file(part, f"{part} is being written by another restore"))
     key = src / KEY_FILE if src.is_dir() else None
+    with_key = key is not None and key.is_file()
     try:
-        copy(source, part)  # checked, one self-contained file, as `satroute backup` makes it
-        key_part = None
-        if key is not None and key.is_file():
-            key_part = state / f".{KEY_FILE}.restoring"
-            with contextlib.suppress(FileNotFoundError):
-                key_part.unlink()
+        try:
+            copy(source, part)  # checked, one self-contained file, as `satroute backup` makes it
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise ValueError(f"{source} is not a state store: {exc}") from None
+        counts = _counts(part, source)
+        if with_key:
             with os.fdopen(new_file(key_part, f"{key_part} exists"), "wb") as out:
                 out.write(key.read_bytes())
         owner = state.stat()
-        for path in (part, key_part):
+        for path in (part, key_part if with_key else None):
             if path is not None and os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
                 os.chown(path, owner.st_uid, owner.st_gid)  # run as root: the proxy's user's files
-        counts = _counts(part)
     except BaseException:
-        for leftover in (part, state / f".{KEY_FILE}.restoring"):
+        for leftover in (part, key_part):
             with contextlib.suppress(OSError):
                 leftover.unlink(missing_ok=True)
         raise
-    replaced = _set_aside(state, with_key=key_part is not None)
-    part.replace(state / DB_NAME)
-    if key_part is not None:
-        key_part.replace(state / KEY_FILE)
-    _sync(state)
+    # from here the state folder changes: Ctrl+C and SIGTERM wait for the end of it, and the order
+    # leaves a database in place at every step (a kill between two of them leaves the part, which
+    # a store refuses to start beside: ``Store``, ``PART``)
+    with deferred_signals():
+        replaced = _set_aside(state, with_key)
+        part.replace(state / DB_NAME)
+        if with_key:
+            key_part.replace(state / KEY_FILE)
+        _sync(state)
     aside = f"; the files it replaced are in {replaced}" if replaced else ""
     return (f"restored {source} into {state / DB_NAME} ({counts}"
-            f"{', with ' + KEY_FILE if key_part is not None else ''}){aside}")
+            f"{', with ' + KEY_FILE if with_key else ''}){aside}")
 
 
 def _set_aside(state: Path, with_key: bool) -> Path | None:
-    """Move the store's files (and the key, when the backup brings one) into a new folder
+    """Put the store's files (and the key, when the backup brings one) into a new folder
     ``replaced-<UTC time>`` of ``state``, owner-only; that folder, or None when there was
-    nothing to move. The WAL and shared memory go with the database: SQLite would otherwise apply
-    the old file's WAL to the restored one."""
-    present = [state / name for name in REPLACED
+    nothing there. The database and the key are linked there (they stay in place until the
+    restored ones are renamed over them, so the folder never lacks them); the WAL and shared
+    memory are moved, before the database is replaced: SQLite would apply the old file's WAL to
+    the restored one."""
+    present = [name for name in REPLACED
                if (state / name).exists() and (with_key or name != KEY_FILE)]
     if not present:
         return None
@@ -142,19 +142,30 @@ def _set_aside(state: Path, with_key: bool) -> Path | None:
     owner = state.stat()
     if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
         os.chown(aside, owner.st_uid, owner.st_gid)
-    for path in present:
-        path.replace(aside / path.name)
+    for name in present:
+        if name in (DB_NAME, KEY_FILE):
+            try:
+                os.link(state / name, aside / name)
+            except OSError:  # no hard links here: a copy, its metadata kept
+                shutil.copy2(state / name, aside / name)
+        else:
+            (state / name).replace(aside / name)
+    _sync(aside)
     return aside
 
 
-def _counts(db_path: Path) -> str:
-    """What a restored store holds, in words: its profiles and stored answers."""
+def _counts(db_path: Path, source: Path) -> str:
+    """What a restored store holds, in words: its profiles and stored answers. ``ValueError`` when
+    it is no state store (``source``: the file it was copied from)."""
     db = sqlite3.connect(db_path)
     try:
+        tables = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if "onboarding" not in tables:
+            raise ValueError(f"{source} is not a state store (no onboarding table)")
+        if not {"profiles", "answers"} <= tables:  # a store of a version before these tables
+            return "an earlier version's store"
         profiles = db.execute("SELECT COUNT(*) FROM profiles").fetchone()[0]
         answers, models = db.execute("SELECT COUNT(*), COUNT(DISTINCT model) FROM answers").fetchone()
-    except sqlite3.OperationalError:  # a store of a version before these tables
-        return "an earlier version's store"
     finally:
         db.close()
     return (f"{profiles} profile{'s' * (profiles != 1)}, {answers} answer{'s' * (answers != 1)} "

@@ -330,6 +330,8 @@ def unopenable(state_dir: str | Path, exc: BaseException) -> str:
 
 
 RESTORE_WAIT_S = 30.0  # how long a store opening waits for a restore of its folder to end
+# the copy `satroute restore` puts in place; beside no running restore, one that was killed
+RESTORING = f".{DB_NAME}.restoring"
 
 
 def lock_folder(folder: Path, exclusive: bool, wait_s: float = 0.0) -> int | None:
@@ -377,6 +379,13 @@ class Store:
             raise sqlite3.OperationalError(
                 f"{self.dir} is being restored (`satroute restore`) and was still locked after "
                 f"{RESTORE_WAIT_S:.0f} s: start again once the restore has ended") from None
+        if (self.dir / RESTORING).exists():
+            self._unlock_folder()
+            raise sqlite3.OperationalError(
+                f"{self.dir} holds {RESTORING}, left by a `satroute restore` that was killed before "
+                "it ended: run it again (the files it was replacing are in the newest replaced-<time> "
+                f"folder there, if it got that far), or delete {RESTORING} to start with the store "
+                "as it is")
         instance = _instance()
         self.owner = (f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
                       + (f":{instance}" if instance else ""))

@@ -7,6 +7,7 @@ import signal
 import sqlite3
 import stat
 import time
+from pathlib import Path
 
 import pytest
 
@@ -191,6 +192,22 @@ def test_a_backup_into_a_symbolic_link_to_nothing_says_so(tmp_path, capsys):
     assert "is a symbolic link to nothing" in capsys.readouterr().err
 
 
+def _on_a_read_only_mount(monkeypatch, folder: Path) -> None:
+    """``folder`` as a read-only mount shows it to the copy: SQLite cannot open its WAL database
+    read-write (it cannot make the -shm), and the folder cannot be written."""
+    from proxy import backup
+
+    real_connect = sqlite3.connect
+
+    def read_only(database, *args, **kwargs):
+        if str(database) == str(folder / "satroute.db"):
+            raise sqlite3.OperationalError("unable to open database file")
+        return real_connect(database, *args, **kwargs)
+
+    monkeypatch.setattr(backup.sqlite3, "connect", read_only)
+    monkeypatch.setattr(backup.os, "access", lambda path, mode: Path(path) != folder)
+
+
 def test_a_stopped_proxy_s_store_on_a_read_only_mount_is_copied(tmp_path, monkeypatch):
     """SQLite cannot open a WAL database read-write where it cannot make its -shm: with no WAL
     left (the proxy stopped cleanly) and the folder not writable, it is read as immutable."""
@@ -201,15 +218,7 @@ def test_a_stopped_proxy_s_store_on_a_read_only_mount_is_copied(tmp_path, monkey
         store.begin("m", "suite", total=1)
         store.finish("m", "suite", {"t": 0.5})
     assert not (state / "satroute.db-wal").exists()
-    real_connect = sqlite3.connect
-
-    def read_only(database, *args, **kwargs):
-        if str(database) == str(state / "satroute.db"):
-            raise sqlite3.OperationalError("unable to open database file")
-        return real_connect(database, *args, **kwargs)
-
-    monkeypatch.setattr(backup.sqlite3, "connect", read_only)
-    monkeypatch.setattr(backup.os, "access", lambda path, mode: False)
+    _on_a_read_only_mount(monkeypatch, state)
     copied = backup.backup(state / "satroute.db", tmp_path / "bk")
     monkeypatch.undo()
     with Store(copied.parent) as store:
@@ -265,7 +274,8 @@ def test_restore_is_refused_while_a_process_has_the_store_open(tmp_path, capsys)
         running.record("m", GradedAnswer("q1", "A", True))
         before = (state / "satroute.db").stat().st_ino
         assert main(["restore", "--state-dir", str(state), str(tmp_path / "bk")]) == 2
-        assert "is in use by a proxy or `satroute onboard` on this host" in capsys.readouterr().err
+        assert ("is in use by a proxy, `satroute onboard` or another `satroute restore` on this host"
+                in capsys.readouterr().err)
         assert (state / "satroute.db").stat().st_ino == before
         assert not [p for p in state.iterdir() if p.name.startswith(("replaced-", "."))]
         assert running.answered("m") == {"q1"}
@@ -339,3 +349,105 @@ def test_restore_run_as_root_gives_the_files_the_state_folder_s_owner(tmp_path):
     assert main(["restore", "--state-dir", str(state), str(tmp_path / "bk")]) == 0
     for name in ("satroute.db", KEY_FILE):
         assert ((state / name).stat().st_uid, (state / name).stat().st_gid) == (10001, 10001), name
+
+
+def test_a_restore_interrupted_once_it_replaces_files_finishes_first(tmp_path, monkeypatch, capsys):
+    """SIGTERM after the store had been set aside, before the copy had its name: the folder was
+    left with no database, the next start made an empty one (everything onboarded and paid for
+    again), and the command said the folder was as it was."""
+    from proxy import restore
+
+    state = tmp_path / "state"
+    with Store(state) as store:
+        store.finish("m", "suite", {"t": 0.5})
+    (state / KEY_FILE).write_text("k")
+    assert main(["backup", "--state-dir", str(state), str(tmp_path / "bk")]) == 0
+    with Store(state) as store:
+        store.record("m", GradedAnswer("q-after", "A", True))
+    real = restore._set_aside
+
+    def terminated_meanwhile(*args):
+        aside = real(*args)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)  # delivered here, were it not held off
+        return aside
+
+    monkeypatch.setattr(restore, "_set_aside", terminated_meanwhile)
+    assert main(["restore", "--state-dir", str(state), str(tmp_path / "bk")]) == 0
+    assert "restored " in capsys.readouterr().out
+    assert _stored(state)[1:] == (set(), {"t": 0.5})
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+
+
+def test_setting_the_store_aside_leaves_it_in_place_until_it_is_replaced(tmp_path):
+    """A kill between two steps must never leave the folder without its database: it is linked
+    into replaced-<time>, and the WAL moved there before the database is replaced (SQLite would
+    apply it to the restored file)."""
+    from proxy import restore
+
+    state = tmp_path / "state"
+    state.mkdir()
+    for name in ("satroute.db", "satroute.db-wal", "satroute.db-shm", KEY_FILE):
+        (state / name).write_text(name)
+    aside = restore._set_aside(state, with_key=True)
+    assert sorted(p.name for p in aside.iterdir()) == sorted(["satroute.db", "satroute.db-wal", "satroute.db-shm",
+                                                              KEY_FILE])
+    assert sorted(p.name for p in state.iterdir() if p.is_file()) == sorted(["satroute.db", KEY_FILE])
+    assert (state / "satroute.db").read_text() == "satroute.db"
+
+
+def test_a_store_refuses_to_start_beside_a_restore_that_was_killed(tmp_path, capsys):
+    """A restore killed between its steps leaves its copy under the temporary name: a proxy
+    started then would run on a store the admin meant to replace, and write to it."""
+    from proxy.store import RESTORING
+
+    state = tmp_path / "state"
+    with Store(state) as store:
+        store.finish("m", "suite", {"t": 0.5})
+    assert main(["backup", "--state-dir", str(state), str(tmp_path / "bk")]) == 0
+    (state / RESTORING).write_bytes(b"half a copy")
+    with pytest.raises(sqlite3.OperationalError, match="left by a `satroute restore` that was killed"):
+        Store(state)
+    assert main(["restore", "--state-dir", str(state), str(tmp_path / "bk")]) == 0  # run again
+    assert not (state / RESTORING).exists() and _stored(state)[2] == {"t": 0.5}
+
+
+def test_a_restore_from_a_read_only_copy_and_one_that_cannot_be_read(tmp_path, monkeypatch, capsys):
+    """A stopped proxy's store on a read-only mount (a snapshot) is restored as it is backed up
+    (read as immutable); one this user cannot read says how to run the restore."""
+    from proxy import restore
+
+    snap = tmp_path / "snap"
+    with Store(snap) as store:
+        store.finish("m", "suite", {"t": 0.5})
+    _on_a_read_only_mount(monkeypatch, snap)
+    state = tmp_path / "state"
+    assert main(["restore", "--state-dir", str(state), str(snap / "satroute.db")]) == 0
+    monkeypatch.undo()
+    assert _stored(state)[2] == {"t": 0.5}
+    monkeypatch.setattr(restore.os, "access", lambda path, mode: False)
+    assert main(["restore", "--state-dir", str(state), str(snap)]) == 2
+    assert "cannot be read by this user" in capsys.readouterr().err
+
+
+def test_a_backup_stopped_as_its_copy_gets_its_name_keeps_it_whole(tmp_path, monkeypatch, capsys):
+    """SIGTERM between the link that names the copy and the part's removal: the command said
+    nothing was kept, and left the copy, without its key, in the way of the next attempt."""
+    from proxy import backup
+
+    state = tmp_path / "state"
+    with Store(state) as store:
+        store.finish("m", "suite", {"t": 0.5})
+    (state / KEY_FILE).write_text("k")
+    real = backup.give_name
+
+    def terminated_meanwhile(part, target, taken):
+        os.link(part, target)
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(0.2)
+        target.unlink()
+        real(part, target, taken)
+
+    monkeypatch.setattr(backup, "give_name", terminated_meanwhile)
+    assert main(["backup", "--state-dir", str(state), str(tmp_path / "bk")]) == 0
+    assert sorted(p.name for p in (tmp_path / "bk").iterdir()) == [KEY_FILE, "satroute.db"]
