@@ -59,6 +59,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False  # what comes after a refusal is not read
         self._declined = False  # this head offers a protocol switch the server does not take
+        self._after_owed: str | None = None  # a pipelined request's refusal, after the answers owed
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -95,30 +96,38 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             try:
                 self.parser.feed_data(data)
             except httptools.HttpParserError as exc:
-                if not self._began and self.cycle is not None and self.cycle.response_started:
-                    # in the body of a request the app has answered, or is answering (no new head
-                    # began: bytes after its answer may have been taken for one): the app sees the
-                    # connection go (one answer and one log line each)
+                # what a callback of ours or uvicorn's refused (a request target that is no URL)
+                # by its own words, not httptools' "callback error"
+                cause = exc.__context__ if isinstance(exc, httptools.parser.errors.HttpParserCallbackError) else None
+                why = f"not a valid HTTP/1.1 request: {(str(cause or exc).strip() or 'unparsable')[:200]}"
+                in_body = not self._began and self.cycle is not None  # of a request the app has
+                if in_body and self._queued(self.cycle):
+                    # of a pipelined request not begun yet: it never reaches the app; the answers
+                    # owed before it go first, then its 400 (on_response_complete)
+                    self.pipeline.remove(next(p for p in self.pipeline if p[0] is self.cycle))
+                    self._refused = True
+                    self.transport.pause_reading()
+                    self._after_owed = why
+                    return
+                if in_body and self.cycle.response_started:
+                    # of a request the app has answered, or is answering (bytes after its answer
+                    # may have been taken for its body): the app sees the connection go (one
+                    # answer and one log line each)
                     self._refused = True
                     self.transport.close()
                     return
-                # in OpenAI's error shape, with a request id and a line in the request log, as the
-                # other refusals below the app are (uvicorn's is a bare text/plain 400); what a
-                # callback of ours or uvicorn's refused (a request target that is no URL) by its
-                # own words, not httptools' "callback error"
-                cause = exc.__context__ if isinstance(exc, httptools.parser.errors.HttpParserCallbackError) else None
-                why = str(cause or exc).strip() or "unparsable"
                 record = None
-                if not self._began and self.cycle is not None:
-                    # in the body of a request the app has and has not answered yet (it waits for
-                    # the body): the 400 is that request's answer, under its request id, and its
-                    # line and count say so, not a client that left; what the app sends after it
-                    # is dropped (the cycle is done with)
+                if in_body:
+                    # of a request the app runs and has not answered yet (it waits for the body):
+                    # the 400 is that request's answer, under its request id, and its line and
+                    # count say so, not a client that left; what the app sends after it is
+                    # dropped (the cycle is done with)
                     record = request_record_of(self.cycle.scope)
                     self.cycle.disconnected = True
                     self.cycle.message_event.set()
-                self._refuse(400, "Bad Request", "invalid_http_request",
-                             f"not a valid HTTP/1.1 request: {why[:200]}", record)
+                # in OpenAI's error shape, with a request id and a line in the request log, as the
+                # other refusals below the app are (uvicorn's is a bare text/plain 400)
+                self._refuse(400, "Bad Request", "invalid_http_request", why, record)
             except httptools.HttpParserUpgrade as exc:
                 if self._declined:
                     data = self._without_the_offer() + data[exc.args[0]:]
@@ -128,6 +137,22 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                 else:  # CONNECT: uvicorn's answer, unchanged
                     self._unsupported_upgrade_warning()
             return
+
+    def _queued(self, cycle) -> bool:
+        """Whether ``cycle`` waits in the pipeline, behind a request still being answered."""
+        return any(queued is cycle for queued, _ in self.pipeline)
+
+    def on_response_complete(self) -> None:
+        owed = bool(self.pipeline)
+        super().on_response_complete()
+        if self._after_owed is not None and not owed and not self.transport.is_closing():
+            # the last answer owed before a pipelined request refused in its body: its 400 now
+            if self.timeout_keep_alive_task is not None:
+                self.timeout_keep_alive_task.cancel()
+                self.timeout_keep_alive_task = None
+            message, self._after_owed = self._after_owed, None
+            self._refused = False  # _refuse sets it again
+            self._refuse(400, "Bad Request", "invalid_http_request", message)
 
     def _without_the_offer(self) -> bytes:
         """The declined head, as it was parsed but without its offer to switch protocols, for a
