@@ -81,6 +81,8 @@ def _restore(source: Path, src: Path, state: Path) -> str:
     for stale in (part, key_part):  # left by a restore that was killed: the lock says none runs now
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
+    for building in state.glob(".replaced-*.partial"):  # links and copies of a killed one's
+        shutil.rmtree(building, ignore_errors=True)
     os.close(new_file(part, f"{part} is being written by another restore"))
     key = src / KEY_FILE if src.is_dir() else None
     with_key = key is not None and key.is_file()
@@ -104,54 +106,62 @@ def _restore(source: Path, src: Path, state: Path) -> str:
             with contextlib.suppress(OSError):
                 leftover.unlink(missing_ok=True)
         raise
-    # from here the state folder changes: Ctrl+C and SIGTERM wait for the end of it, and the order
-    # leaves a database in place at every step (a kill between two of them leaves the part, which
-    # a store refuses to start beside: ``Store``, ``PART``)
+    # from here the state folder changes: Ctrl+C and SIGTERM wait for the end of it. What is
+    # replaced is first copied whole (``_snapshot``); the key goes in before the database, whose
+    # part is the last thing renamed: while it is there, a store refuses to start (``Store``)
     with deferred_signals():
-        replaced = _set_aside(state, with_key)
-        part.replace(state / DB_NAME)
+        try:
+            replaced = _snapshot(state, with_key)
+        except BaseException:
+            for leftover in (part, key_part):
+                with contextlib.suppress(OSError):
+                    leftover.unlink(missing_ok=True)
+            raise
+        for name in (f"{DB_NAME}-wal", f"{DB_NAME}-shm"):  # SQLite would apply them to the copy
+            with contextlib.suppress(FileNotFoundError):
+                (state / name).unlink()
         if with_key:
             key_part.replace(state / KEY_FILE)
+        part.replace(state / DB_NAME)
         _sync(state)
     aside = f"; the files it replaced are in {replaced}" if replaced else ""
     return (f"restored {source} into {state / DB_NAME} ({counts}"
             f"{', with ' + KEY_FILE if with_key else ''}){aside}")
 
 
-def _set_aside(state: Path, with_key: bool) -> Path | None:
-    """Put the store's files (and the key, when the backup brings one) into a new folder
-    ``replaced-<UTC time>`` of ``state``, owner-only; that folder, or None when there was
-    nothing there. The database and the key are linked there (they stay in place until the
-    restored ones are renamed over them, so the folder never lacks them); the WAL and shared
-    memory are moved, before the database is replaced: SQLite would apply the old file's WAL to
-    the restored one."""
-    present = [name for name in REPLACED
-               if (state / name).exists() and (with_key or name != KEY_FILE)]
+def _snapshot(state: Path, with_key: bool) -> Path | None:
+    """The store's files (and the key, when the backup brings one) linked, or copied where links
+    cannot be made, into a new folder ``replaced-<UTC time>`` of ``state``, owner-only; that
+    folder, or None when there was nothing there. It is built under a hidden name and named once
+    whole, so that every ``replaced-`` folder holds a whole store (the database with its WAL),
+    which ``satroute restore`` takes back; nothing in ``state`` is changed. A failure removes what
+    it built."""
+    present = [name for name in REPLACED if (state / name).exists() and (with_key or name != KEY_FILE)]
     if not present:
         return None
     stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-    aside = state / f"replaced-{stamp}"
-    n = 1
-    while True:
-        try:
-            aside.mkdir(mode=0o700)
-            break
-        except FileExistsError:
-            n += 1
-            aside = state / f"replaced-{stamp}-{n}"
-    owner = state.stat()
-    if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
-        os.chown(aside, owner.st_uid, owner.st_gid)
-    for name in present:
-        if name in (DB_NAME, KEY_FILE):
+    building = state / f".replaced-{stamp}.{os.getpid()}.partial"
+    building.mkdir(mode=0o700)
+    try:
+        owner = state.stat()
+        if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
+            os.chown(building, owner.st_uid, owner.st_gid)
+        for name in present:
             try:
-                os.link(state / name, aside / name)
+                os.link(state / name, building / name)
             except OSError:  # no hard links here: a copy, its metadata kept
-                shutil.copy2(state / name, aside / name)
-        else:
-            (state / name).replace(aside / name)
-    _sync(aside)
-    return aside
+                shutil.copy2(state / name, building / name)
+        _sync(building)
+        n = 1
+        while True:
+            aside = state / (f"replaced-{stamp}" if n == 1 else f"replaced-{stamp}-{n}")
+            if not aside.exists():
+                building.rename(aside)
+                return aside
+            n += 1
+    except BaseException:
+        shutil.rmtree(building, ignore_errors=True)
+        raise
 
 
 def _counts(db_path: Path, source: Path) -> str:

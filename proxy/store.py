@@ -383,9 +383,9 @@ class Store:
             self._unlock_folder()
             raise sqlite3.OperationalError(
                 f"{self.dir} holds {RESTORING}, left by a `satroute restore` that was killed before "
-                "it ended: run it again (the files it was replacing are in the newest replaced-<time> "
-                f"folder there, if it got that far), or delete {RESTORING} to start with the store "
-                "as it is")
+                "it ended: run it again to finish it, or `satroute restore` the newest "
+                "replaced-<time> folder there, if there is one, to go back to the store it was "
+                "replacing (the store left in the folder may lack its WAL)")
         instance = _instance()
         self.owner = (f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
                       + (f":{instance}" if instance else ""))

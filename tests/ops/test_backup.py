@@ -364,7 +364,7 @@ def test_a_restore_interrupted_once_it_replaces_files_finishes_first(tmp_path, m
     assert main(["backup", "--state-dir", str(state), str(tmp_path / "bk")]) == 0
     with Store(state) as store:
         store.record("m", GradedAnswer("q-after", "A", True))
-    real = restore._set_aside
+    real = restore._snapshot
 
     def terminated_meanwhile(*args):
         aside = real(*args)
@@ -372,28 +372,42 @@ def test_a_restore_interrupted_once_it_replaces_files_finishes_first(tmp_path, m
         time.sleep(0.2)  # delivered here, were it not held off
         return aside
 
-    monkeypatch.setattr(restore, "_set_aside", terminated_meanwhile)
+    monkeypatch.setattr(restore, "_snapshot", terminated_meanwhile)
     assert main(["restore", "--state-dir", str(state), str(tmp_path / "bk")]) == 0
     assert "restored " in capsys.readouterr().out
     assert _stored(state)[1:] == (set(), {"t": 0.5})
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
-def test_setting_the_store_aside_leaves_it_in_place_until_it_is_replaced(tmp_path):
-    """A kill between two steps must never leave the folder without its database: it is linked
-    into replaced-<time>, and the WAL moved there before the database is replaced (SQLite would
-    apply it to the restored file)."""
+def test_what_a_restore_replaces_is_copied_whole_before_anything_changes(tmp_path, monkeypatch, capsys):
+    """A kill between two steps must never leave the folder without its database, nor a
+    replaced-<time> folder without the WAL that goes with its database; a failure while copying
+    them (no hard links here, and a full disk) changes nothing, and says so as any refusal does."""
     from proxy import restore
 
     state = tmp_path / "state"
     state.mkdir()
-    for name in ("satroute.db", "satroute.db-wal", "satroute.db-shm", KEY_FILE):
+    files = ("satroute.db", "satroute.db-wal", "satroute.db-shm", KEY_FILE)
+    for name in files:
         (state / name).write_text(name)
-    aside = restore._set_aside(state, with_key=True)
-    assert sorted(p.name for p in aside.iterdir()) == sorted(["satroute.db", "satroute.db-wal", "satroute.db-shm",
-                                                              KEY_FILE])
-    assert sorted(p.name for p in state.iterdir() if p.is_file()) == sorted(["satroute.db", KEY_FILE])
-    assert (state / "satroute.db").read_text() == "satroute.db"
+    aside = restore._snapshot(state, with_key=True)
+    assert aside.name.startswith("replaced-") and sorted(p.name for p in aside.iterdir()) == sorted(files)
+    assert sorted(p.name for p in state.iterdir() if p.is_file()) == sorted(files)  # unchanged
+    assert (aside / "satroute.db-wal").read_text() == "satroute.db-wal"
+    shutil.rmtree(aside)
+    with Store(tmp_path / "live") as store:
+        store.finish("m", "suite", {"t": 0.5})
+    assert main(["backup", "--state-dir", str(tmp_path / "live"), str(tmp_path / "bk")]) == 0
+
+    def no_room(src, dst, **kw):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(restore.os, "link", lambda *a: (_ for _ in ()).throw(PermissionError(1, "no links")))
+    monkeypatch.setattr(restore.shutil, "copy2", no_room)
+    capsys.readouterr()
+    assert main(["restore", "--state-dir", str(state), str(tmp_path / "bk")]) == 2
+    assert "No space left on device" in capsys.readouterr().err
+    assert sorted(p.name for p in state.iterdir()) == sorted(files)  # as it was: no part, no folder
 
 
 def test_a_store_refuses_to_start_beside_a_restore_that_was_killed(tmp_path, capsys):
@@ -451,3 +465,23 @@ def test_a_backup_stopped_as_its_copy_gets_its_name_keeps_it_whole(tmp_path, mon
     monkeypatch.setattr(backup, "give_name", terminated_meanwhile)
     assert main(["backup", "--state-dir", str(state), str(tmp_path / "bk")]) == 0
     assert sorted(p.name for p in (tmp_path / "bk").iterdir()) == [KEY_FILE, "satroute.db"]
+
+
+def test_the_database_is_the_last_file_a_restore_puts_in_place(tmp_path, monkeypatch):
+    """Its part is what tells a store a restore did not finish: with the key renamed after it, a
+    restore killed between the two left the restored database running with the replaced key (the
+    stored failures keyed with another one), and nothing said so."""
+    state = tmp_path / "state"
+    with Store(state) as store:
+        store.finish("m", "suite", {"t": 0.5})
+    (state / KEY_FILE).write_text("k")
+    assert main(["backup", "--state-dir", str(state), str(tmp_path / "bk")]) == 0
+    renamed, real = [], Path.replace
+
+    def replace(self, target):
+        renamed.append(Path(target).name)
+        return real(self, target)
+
+    monkeypatch.setattr(Path, "replace", replace)
+    assert main(["restore", "--state-dir", str(state), str(tmp_path / "bk")]) == 0
+    assert renamed[-2:] == [KEY_FILE, "satroute.db"]
