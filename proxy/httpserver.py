@@ -59,7 +59,8 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer: asyncio.TimerHandle | None = None
         self._refused = False  # what comes after a refusal is not read
         self._declined = False  # this head offers a protocol switch the server does not take
-        self._after_owed: str | None = None  # a pipelined request's refusal, after the answers owed
+        # a pipelined request's refusal (its message and path), after the answers owed
+        self._after_owed: tuple[str, str] | None = None
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -107,7 +108,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                     self.pipeline.remove(next(p for p in self.pipeline if p[0] is self.cycle))
                     self._refused = True
                     self.transport.pause_reading()
-                    self._after_owed = why
+                    self._after_owed = (why, self.url.partition(b"?")[0].decode("latin-1", "replace")[:200])
                     return
                 if in_body and self.cycle.response_started:
                     # of a request the app has answered, or is answering (bytes after its answer
@@ -150,9 +151,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             if self.timeout_keep_alive_task is not None:
                 self.timeout_keep_alive_task.cancel()
                 self.timeout_keep_alive_task = None
-            message, self._after_owed = self._after_owed, None
+            (message, path), self._after_owed = self._after_owed, None
             self._refused = False  # _refuse sets it again
-            self._refuse(400, "Bad Request", "invalid_http_request", message)
+            self._refuse(400, "Bad Request", "invalid_http_request", message, path=path)
 
     def _without_the_offer(self) -> bytes:
         """The declined head, as it was parsed but without its offer to switch protocols, for a
@@ -226,10 +227,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
             self.transport.close()
 
     def _refuse(self, status: int, phrase: str, code: str, message: str,
-                record: RequestRecord | None = None) -> None:
+                record: RequestRecord | None = None, path: str | None = None) -> None:
         """Answer ``status`` in OpenAI's error shape and close. ``record``: the app's record of the
         request refused, which takes the refusal for its own line (the request id the answer
-        carries, the status and the code); else a line is written here."""
+        carries, the status and the code); else a line is written here, with ``path`` (the
+        request's, as far as it came when not given)."""
         self._refused = True
         self._disarm()
         if self._in_head and self._owed():  # an earlier request's answer first, then close
@@ -252,8 +254,9 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
         if record is not None:
             record.refused = (status, code)
         else:
-            url = getattr(self, "url", b"") if self._began else b""
-            path = url.partition(b"?")[0].decode("latin-1", "replace")[:200]
+            if path is None:
+                url = getattr(self, "url", b"") if self._began else b""
+                path = url.partition(b"?")[0].decode("latin-1", "replace")[:200]
             fields = {"request_id": request_id, "path": path, "status": status, "error": code}
             if self.client:
                 fields["client"] = "%s:%s" % tuple(self.client)

@@ -148,14 +148,17 @@ def test_a_body_that_turns_bad_after_its_answer_gets_no_second_answer(server):
         assert _read_all(sock) == b""
 
 
-def test_a_pipelined_request_whose_body_turns_bad_is_refused_after_the_answer_before_it(server):
+def test_a_pipelined_request_whose_body_turns_bad_is_refused_after_the_answer_before_it(server, caplog):
     """Its 400 was written at once, in the place of the answer still owed to the request before
-    it (whose upstream call was made and paid for), and that answer was then lost."""
+    it (whose upstream call was made and paid for), and that answer was then lost. Its line names
+    its path, as a refused request's line does."""
     import json
+    import logging
 
+    caplog.set_level(logging.INFO, logger="satroute.request")
     with _connect(server) as sock:
         sock.sendall(b"GET /slow HTTP/1.1\r\nhost: x\r\n\r\n"
-                     b"POST / HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nZZZ\r\n")
+                     b"POST /?token=secret HTTP/1.1\r\nhost: x\r\ntransfer-encoding: chunked\r\n\r\nZZZ\r\n")
         answers = _read_all(sock)
     first, _, rest = answers.partition(b"\r\n\r\nslow")
     assert first.startswith(b"HTTP/1.1 200 "), answers
@@ -163,6 +166,8 @@ def test_a_pipelined_request_whose_body_turns_bad_is_refused_after_the_answer_be
     assert head.startswith(b"HTTP/1.1 400 "), answers
     # one JSON document and nothing after it: the refused request never reached the app
     assert json.loads(body)["error"]["code"] == "invalid_http_request"
+    [line] = [r for r in caplog.records if r.name == "satroute.request"]
+    assert (line.fields["path"], line.fields["status"]) == ("/", 400)
 
 
 def test_a_chunked_body_s_trailers_are_bounded_as_headers_are(server):
