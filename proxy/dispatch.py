@@ -49,7 +49,7 @@ from proxy.routing import part_types
 from proxy.settings import prepare_litellm_environment
 from proxy.upstream import (CONTEXT_WINDOW, LIMIT_NAMES, RETRYABLE, UNSUPPORTED, Answer, PassThrough,
                             StreamStalled, cannot_read, classify, dumps_lenient, error_labels,
-                            interrupted_event, labelled, limited, out_of_quota, redirected,
+                            interrupted_event, labelled, limited, out_of_quota, redirected, retried_already,
                             too_long, unfit_request, unfit_summary, wait_seconds, within_gaps)
 
 log = logging.getLogger("satroute.dispatch")
@@ -140,13 +140,13 @@ _UNAVAILABLE_5XX = frozenset({502, 503, 504, 520, 521, 522, 523, 524, 529})
 def _cause(exc: UpstreamTransient, call: "Call") -> bytes | None:
     """What a failure counts under towards the cooldown: the request (a digest of its body, the
     ``model`` aside) when the upstream answered with an error that may be the request's own (a
-    ``5xx`` not in ``_UNAVAILABLE_5XX``), so that its retries, by the proxy or by its client,
-    count once; None when nothing answered, in time or at all, the upstream said it is unavailable
+    ``5xx`` not in ``_UNAVAILABLE_5XX``, text-generation-inference's ``424``), so that its
+    retries, by the proxy or by its client, count once; None when nothing answered, in time or at all, the upstream said it is unavailable
     or overloaded (``408``, ``409``, ``425``, ``429``, ``_UNAVAILABLE_5XX``), or it answered 200
     with no answer (an HTML page: a wrong ``api_base``, a captive portal): that is the model's
     state, and every attempt counts."""
     status = exc.upstream_status
-    if exc.timeout or not 500 <= status < 600 or status in _UNAVAILABLE_5XX:
+    if exc.timeout or not (500 <= status < 600 or status == 424) or status in _UNAVAILABLE_5XX:
         return None
     if call.digest is None:  # once per request, however many of its attempts fail so
         rest = {k: v for k, v in call.body.items() if k != "model"}
@@ -332,8 +332,9 @@ class RetryingDispatcher:
             # took the whole attempt's time, and a model that hangs would take it again; nor is a
             # rate limit (a 429, or any failure that names a wait): the next model may answer now
             # a caller that paces itself (``Call.paced``) gets a rate limit at once
+            # nor is a failure whose answer says a proxy in front of the model retried it already
             retry=retry_if_exception(lambda exc: isinstance(exc, UpstreamTransient)
-                                     and not (call.paced and exc.slow_down)
+                                     and not exc.retried and not (call.paced and exc.slow_down)
                                      and (last or not (exc.timeout or _waits(exc)
                                                        or self.cooldowns.cooling(d.name)))),
             reraise=True, sleep=asyncio.sleep)
@@ -826,7 +827,8 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str],
         timeout = not answered and "timeout" in type(exc).__name__.lower()
         return UpstreamTransient(f"{model}: {type(exc).__name__}: {message}", model=model,
                                  status=status or 0, retry_after=wait_seconds(status or 0, headers),
-                                 timeout=timeout, summary=f"{model}: {type(exc).__name__}" + (
+                                 timeout=timeout, retried=retried_already(headers),
+                                 summary=f"{model}: {type(exc).__name__}" + (
                                      f": HTTP {status}{labelled(upstream, redact)}" if status else ""))
     # litellm knows its providers' words for a request longer than the model's context
     too_long_for_it = isinstance(exc, litellm.ContextWindowExceededError)
@@ -902,19 +904,29 @@ def _upstream_error(exc: BaseException) -> dict | None:
     response itself; None when none is found."""
     for link in _chain(exc):
         body = getattr(link, "body", None)
-        if isinstance(body, dict):
-            err = body.get("error", body)
-            if isinstance(err, dict) and isinstance(err.get("message"), str):
-                return err
+        if isinstance(body, dict) and (err := _error_object(body)) is not None:
+            return err
         raw = getattr(getattr(link, "response", None), "content", None)
         if isinstance(raw, (bytes, bytearray)) and raw:
             try:
                 parsed = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 parsed = None
-            err = parsed.get("error") if isinstance(parsed, dict) else None
-            if isinstance(err, dict) and isinstance(err.get("message"), str):
+            if isinstance(parsed, dict) and (err := _error_object(parsed, whole=False)) is not None:
                 return err
+    return None
+
+
+def _error_object(body: dict, whole: bool = True) -> dict | None:
+    """The error object of an upstream's error body: OpenAI's ``error`` object (or, ``whole``, the
+    body itself where it is one: what the openai SDK keeps of it), or text-generation-inference's
+    ``{"error": "<text>", "error_type": ...}`` made one (its text, its type)."""
+    err = body.get("error", body if whole else None)
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        return err
+    if isinstance(err, str) and err:
+        kind = body.get("error_type")
+        return {"message": err, "type": kind if isinstance(kind, str) else None}
     return None
 
 

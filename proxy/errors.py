@@ -206,12 +206,15 @@ class UpstreamTransient(UpstreamError):
     litellm fails before sending anything), so whether it feeds the model's cooldown. ``reason``
     names what failed when neither the status nor a timeout does (``x-satroute-failed``).
     ``sent``: whether the request may have reached the upstream (False: the connection to it was
-    never made, so nothing was generated for it, nor billed)."""
+    never made, so nothing was generated for it, nor billed). ``retried``: the upstream said not
+    to ask again (``upstream.retried_already``): the same model is not, another one may be."""
 
     def __init__(self, message: str, *, model: str = "", status: int = 0,
                  retry_after: float | None = None, timeout: bool = False, counts: bool = True,
-                 reason: str | None = None, summary: str | None = None, sent: bool = True):
+                 reason: str | None = None, summary: str | None = None, sent: bool = True,
+                 retried: bool = False):
         super().__init__(message, model=model, summary=summary)
+        self.retried = retried
         self.reason = reason
         self.upstream_status = status
         self.retry_after = retry_after

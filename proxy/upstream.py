@@ -42,7 +42,17 @@ def limited(body: Mapping[str, Any]) -> bool:
     return any(body.get(name) is not None for name in LIMIT_NAMES)
 USER_AGENT = f"satroute/{__version__}"
 MODEL_FIELD = re.compile(rb'"model"\s*:\s*(?:"(?:[^"\\]|\\.)*"|null)')
-RETRYABLE = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
+# 424: text-generation-inference's failure while generating (a GPU out of memory, a shard gone):
+# the server's, though a 4xx, and counted as a 500 is (``dispatch._cause``)
+RETRYABLE = frozenset({408, 409, 424, 425, 429}) | frozenset(range(500, 600))
+
+
+def retried_already(headers: Mapping[str, str]) -> bool:
+    """Whether the upstream says not to ask again (``x-should-retry: false``, the OpenAI SDK's
+    convention): a proxy in front of the model (another satroute, a LiteLLM proxy) that has
+    retried it already, or a provider that knows another try fails too. Its retries on top of
+    that proxy's multiply the calls to the model (3 x 3); falling back to another model stays."""
+    return str(headers.get("x-should-retry", "")).strip().lower() == "false"
 
 
 def retry_after_seconds(headers: Mapping[str, str]) -> float | None:
@@ -283,7 +293,8 @@ def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
     said = f"HTTP {status}{labelled(err, redact)}"  # the summary: no words of the upstream's
     if status in RETRYABLE and not out_of_quota(status, labels):
         return UpstreamTransient(f"{model}: HTTP {status}: {message}", model=model, status=status,
-                                 retry_after=wait_seconds(status, headers), summary=f"{model}: {said}")
+                                 retry_after=wait_seconds(status, headers), summary=f"{model}: {said}",
+                                 retried=retried_already(headers))
     shaped = None
     if isinstance(err, dict):  # every field redacted: an upstream may echo the key in any of them
         shaped = {"error": {"message": message,
@@ -303,11 +314,15 @@ def unfit_summary(model: str, unfit: str | None, said: str) -> str:
 
 
 # a model's answer that the request is longer than its context: OpenAI's and llama-cpp-python's
-# code, vLLM's and OpenAI's words, llama.cpp's server's type and words, Anthropic's words
+# code, vLLM's and OpenAI's words, llama.cpp's server's type and words, Anthropic's words,
+# text-generation-inference's ("`inputs` tokens + `max_new_tokens` must be <= 4096", "`inputs`
+# must have less than 4096 tokens")
 CONTEXT_WINDOW = "context_window"
 _TOO_LONG_LABEL = re.compile(r"context_length_exceeded|exceed_context_size", re.I)
 _TOO_LONG_WORDS = re.compile(r"context[_ ]length[_ ]exceeded|maximum context length"
-                             r"|exceeds? (the )?(available |model'?s? )?context|prompt is too long", re.I)
+                             r"|exceeds? (the )?(available |model'?s? )?context|prompt is too long"
+                             r"|`?inputs`? tokens \+ `?max_new_tokens`? must be <="
+                             r"|`?inputs`? must have less than \d+ tokens", re.I)
 # where an error message starts quoting the request back (a validation error's "input": ...,
 # input_value=..., 'content': ...), whose words are the client's, not the model's
 _ECHO = re.compile(r"""\b(input|input_value|messages|content)['"]?\s*[:=]""", re.I)

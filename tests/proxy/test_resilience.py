@@ -1514,3 +1514,54 @@ def test_the_scorer_reads_the_candidates_with_the_best_means_past_its_limit(tmp_
     assert sorted(ranked[:read]) == sorted(best[:read]) and ranked[read:] == best[read:]
     assert all(e["score"] is None or e["score"] == float("-inf") for e in r.json()["ranked"][read:])
     assert r.json()["chosen"] == ("m00" if read == 25 else ranked[0])
+
+
+_TGI = {
+    # text-generation-inference's GenerationError: the server failed while generating
+    "424": (424, {"error": "Request failed during generation: Server error: CUDA out of memory",
+                  "error_type": "generation"}, "tgi:http_424"),
+    # its validation of a request longer than the model's max_total_tokens
+    "422": (422, {"error": "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. "
+                           "Given: 4000 `inputs` tokens and 200 `max_new_tokens`", "error_type": "validation"},
+            "tgi:context_window"),
+}
+
+
+@pytest.mark.parametrize("fast", PATHS)
+@pytest.mark.parametrize("case", sorted(_TGI))
+def test_text_generation_inference_s_failures_hand_a_routed_request_on(tmp_path, upstream, start_proxy, fast,
+                                                                       case):
+    """Its 424 (the GPU failed mid-generation) went back to the client as the client's own
+    error, the next model never tried; its 422 for a request past the context fell back on
+    litellm's path only. A request naming the model gets TGI's own words, not a repr."""
+    import json
+
+    status, said, failed = _TGI[case]
+    reply = (f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n".encode()
+             + json.dumps(said).encode())
+    with raw_upstream(lambda request: reply) as url:
+        models = [model_entry("tgi", url, tmp_path, fast_path=fast), model_entry("ok", upstream.url, tmp_path)]
+        cfg = write_config(tmp_path / "providers.yaml", models, num_retries=0)
+        proxy = start_proxy(cfg, scorer=RecordingScorer({"tgi": 0.9, "ok": 0.1}))
+        raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+        assert raw.parse().model == "ok"
+        assert raw.headers["x-satroute-failed"].startswith(failed), raw.headers["x-satroute-failed"]
+        with pytest.raises(openai.APIStatusError) as named:
+            client(proxy).chat.completions.create(model="tgi", messages=MESSAGES)
+    if status == 422:
+        assert named.value.status_code == 422
+        assert named.value.body["message"] == said["error"]  # the upstream's text, on both paths
+
+
+@pytest.mark.parametrize("fast", PATHS)
+def test_an_upstream_that_says_not_to_retry_is_not_asked_again(tmp_path, upstream, start_proxy, fast):
+    """A satroute (or a LiteLLM proxy) in front of the model answers its last failure with
+    `x-should-retry: false`, having retried already: asking it again ran its whole cascade three
+    times, nine calls to the model for one request. The next model is still tried."""
+    proxy = setup(tmp_path, upstream, start_proxy, fast)
+    upstream.set("m1", fail(502, "every model failed", headers={"x-should-retry": "false"}))
+    with pytest.raises(openai.APIStatusError):
+        client(proxy).chat.completions.create(model="m1", messages=MESSAGES)
+    assert len(upstream.bodies("m1")) == 1
+    raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
+    assert raw.parse().model == "m2" and len(upstream.bodies("m1")) == 2
