@@ -47,10 +47,10 @@ from proxy.protocol import OPENAI_CHAT_PARAMS
 from proxy.providers import OPENAI_COMPATIBLE, Deployment, RouterSettings
 from proxy.routing import part_types
 from proxy.settings import prepare_litellm_environment
-from proxy.upstream import (CONTEXT_WINDOW, LIMIT_NAMES, RETRYABLE, UNSUPPORTED, Answer, PassThrough,
+from proxy.upstream import (CONTEXT_WINDOW, GENERATION_FAILED, LIMIT_NAMES, UNSUPPORTED, Answer, PassThrough,
                             StreamStalled, cannot_read, classify, dumps_lenient, error_labels,
                             interrupted_event, labelled, limited, out_of_quota, redirected, retried_already,
-                            too_long, unfit_request, unfit_summary, wait_seconds, within_gaps)
+                            too_long, transient, unfit_request, unfit_summary, wait_seconds, within_gaps)
 
 log = logging.getLogger("satroute.dispatch")
 
@@ -107,11 +107,11 @@ class Attempt:
     ``billed``: the upstream may have generated, and billed, an answer the call did not get: the
     request was sent and no answer of the upstream's said it was refused unserved (a timeout, a
     connection cut after sending, a 5xx other than 503 and 529: a gateway's 502, 504 or 524 while
-    the model went on, a 500 midway; a 200 that carries no answer; one cancelled while it was out,
-    ``cancelled``, unless it is known not to have been sent: on the pass-through path, cut
-    before its headers were written, while its host was being resolved or connected to). Never
-    billed: a connection that was never made, a 3xx or 4xx (429 included), a 503 or 529, a
-    request refused before sending."""
+    the model went on, a 500 midway, text-generation-inference's 424 (``GENERATION_FAILED``); a
+    200 that carries no answer; one cancelled while it was out, ``cancelled``, unless it is known
+    not to have been sent: on the pass-through path, cut before its headers were written, while
+    its host was being resolved or connected to). Never billed: a connection that was never made,
+    another 3xx or 4xx (429 included), a 503 or 529, a request refused before sending."""
 
     model: str
     outcome: str
@@ -124,7 +124,8 @@ class Attempt:
         if isinstance(failure, UpstreamClientError):  # a 4xx, or refused before it was sent
             return cls(model, failure.reason)
         status = failure.upstream_status
-        refused = not failure.timeout and (300 <= status < 500 or status in _REFUSED_UNSERVED)
+        refused = not failure.timeout and (300 <= status < 500 and status != GENERATION_FAILED
+                                           or status in _REFUSED_UNSERVED)
         return cls(model, _reason(failure), failure.sent and not refused)
 
 
@@ -146,7 +147,7 @@ def _cause(exc: UpstreamTransient, call: "Call") -> bytes | None:
     with no answer (an HTML page: a wrong ``api_base``, a captive portal): that is the model's
     state, and every attempt counts."""
     status = exc.upstream_status
-    if exc.timeout or not (500 <= status < 600 or status == 424) or status in _UNAVAILABLE_5XX:
+    if exc.timeout or not (500 <= status < 600 or status == GENERATION_FAILED) or status in _UNAVAILABLE_5XX:
         return None
     if call.digest is None:  # once per request, however many of its attempts fail so
         rest = {k: v for k, v in call.body.items() if k != "model"}
@@ -820,7 +821,8 @@ def _classify_litellm(exc: Exception, model: str, redact: Callable[[str], str],
         refused = classify(500, orjson.dumps({"error": upstream}), model, {}, redact, local=True)
         if isinstance(refused, UpstreamClientError):
             return refused
-    if status is None or status in RETRYABLE and not out_of_quota(int(status), error_labels(upstream)):
+    if status is None or transient(status, (upstream or {}).get("type")) \
+            and not out_of_quota(int(status), error_labels(upstream)):
         response = getattr(exc, "response", None)
         headers = (getattr(exc, "litellm_response_headers", None)
                    or getattr(response, "headers", None) or {})
@@ -924,9 +926,10 @@ def _error_object(body: dict, whole: bool = True) -> dict | None:
     err = body.get("error", body if whole else None)
     if isinstance(err, dict) and isinstance(err.get("message"), str):
         return err
-    if isinstance(err, str) and err:
-        kind = body.get("error_type")
-        return {"message": err, "type": kind if isinstance(kind, str) else None}
+    if isinstance(err, str) and err:  # a web framework's {"error": "Bad Request", "message": ...}
+        said, kind = body.get("message"), body.get("error_type")  # says more in its message
+        return {"message": said if isinstance(said, str) and said else err,
+                "type": kind if isinstance(kind, str) else None}
     return None
 
 

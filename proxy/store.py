@@ -366,6 +366,24 @@ def lock_folder(folder: Path, exclusive: bool, wait_s: float = 0.0) -> int | Non
         raise
 
 
+def _killed_restore(folder: Path) -> str:
+    """What to do about the part a killed ``satroute restore`` left in ``folder``. The restore
+    copies what it replaces into ``replaced-<time>`` after its part is written, and changes
+    nothing before: with no such folder newer than the part, the store there is as it was."""
+    said = f"{folder} holds {RESTORING}, left by a `satroute restore` that was killed before it ended"
+    try:
+        since = (folder / RESTORING).stat().st_mtime_ns
+        taken = [p for p in folder.glob("replaced-*") if p.is_dir() and p.stat().st_mtime_ns >= since]
+    except OSError:
+        taken = []
+    if not taken:
+        return (f"{said}, before it changed anything: run it again, or delete {RESTORING} to go on "
+                "with the store as it is")
+    newest = max(taken, key=lambda p: p.stat().st_mtime_ns)
+    return (f"{said}, while it replaced the store: run it again to finish it, or `satroute restore "
+            f"{newest}` to go back to the store it was replacing")
+
+
 class Store:
     """The state database. Safe to share between threads; one instance per process."""
 
@@ -381,11 +399,7 @@ class Store:
                 f"{RESTORE_WAIT_S:.0f} s: start again once the restore has ended") from None
         if (self.dir / RESTORING).exists():
             self._unlock_folder()
-            raise sqlite3.OperationalError(
-                f"{self.dir} holds {RESTORING}, left by a `satroute restore` that was killed before "
-                "it ended: run it again to finish it, or `satroute restore` the newest "
-                "replaced-<time> folder there, if there is one, to go back to the store it was "
-                "replacing (the store left in the folder may lack its WAL)")
+            raise sqlite3.OperationalError(_killed_restore(self.dir))
         instance = _instance()
         self.owner = (f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
                       + (f":{instance}" if instance else ""))

@@ -42,9 +42,17 @@ def limited(body: Mapping[str, Any]) -> bool:
     return any(body.get(name) is not None for name in LIMIT_NAMES)
 USER_AGENT = f"satroute/{__version__}"
 MODEL_FIELD = re.compile(rb'"model"\s*:\s*(?:"(?:[^"\\]|\\.)*"|null)')
-# 424: text-generation-inference's failure while generating (a GPU out of memory, a shard gone):
-# the server's, though a 4xx, and counted as a 500 is (``dispatch._cause``)
-RETRYABLE = frozenset({408, 409, 424, 425, 429}) | frozenset(range(500, 600))
+RETRYABLE = frozenset({408, 409, 425, 429}) | frozenset(range(500, 600))
+# text-generation-inference's failure while generating (a GPU out of memory, a shard gone): a 424
+# whose error_type is "generation", the server's though a 4xx, and counted and billed as a 500 is
+# (``dispatch._cause``, ``dispatch.Attempt``). Only that one: SageMaker's 424 wraps any error of
+# its model's container, the client's 400 included
+GENERATION_FAILED = 424
+
+
+def transient(status: int, error_type: object = None) -> bool:
+    """Whether an upstream's ``status`` (with its error's type) says a failure worth retrying."""
+    return status in RETRYABLE or (status == GENERATION_FAILED and error_type == "generation")
 
 
 def retried_already(headers: Mapping[str, str]) -> bool:
@@ -279,8 +287,10 @@ def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
         err = parsed  # vLLM's shape: {"object": "error", "message", "type", "code"} at the top
     if isinstance(err, dict):
         message = str(err.get("message", ""))
-    elif isinstance(err, str):
-        message = err
+    elif isinstance(err, str):  # text-generation-inference's {"error": "<text>", "error_type": ...};
+        # a web framework's {"error": "Bad Request", "message": "<text>"} says more in its message
+        said = parsed.get("message")
+        message = said if isinstance(said, str) and said else err
     else:  # redacted whole, then cut: a key across the cut would no longer match the redaction
         message = redact(body.decode("utf-8", "replace"))[:300]
     message = redact(message) or f"upstream answered HTTP {status}"
@@ -291,7 +301,8 @@ def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
                              "untranslatable", "untranslatable_request", param)
     labels = error_labels(err)
     said = f"HTTP {status}{labelled(err, redact)}"  # the summary: no words of the upstream's
-    if status in RETRYABLE and not out_of_quota(status, labels):
+    if transient(status, parsed.get("error_type") if isinstance(parsed, dict) else None) \
+            and not out_of_quota(status, labels):
         return UpstreamTransient(f"{model}: HTTP {status}: {message}", model=model, status=status,
                                  retry_after=wait_seconds(status, headers), summary=f"{model}: {said}",
                                  retried=retried_already(headers))

@@ -419,11 +419,22 @@ def test_a_store_refuses_to_start_beside_a_restore_that_was_killed(tmp_path, cap
     with Store(state) as store:
         store.finish("m", "suite", {"t": 0.5})
     assert main(["backup", "--state-dir", str(state), str(tmp_path / "bk")]) == 0
-    (state / RESTORING).write_bytes(b"half a copy")
-    with pytest.raises(sqlite3.OperationalError, match="left by a `satroute restore` that was killed"):
+    assert main(["restore", "--state-dir", str(state), str(tmp_path / "bk")]) == 0  # an earlier one
+    [earlier] = state.glob("replaced-*")
+    time.sleep(0.01)
+    (state / RESTORING).write_bytes(b"half a copy")  # killed while copying: nothing replaced yet
+    with pytest.raises(sqlite3.OperationalError, match="killed before it ended, before it changed anything: "
+                                                       "run it again, or delete .satroute.db.restoring"):
+        Store(state)
+    time.sleep(0.01)
+    taken = state / "replaced-20991231T000000Z"  # killed after it copied what it replaces
+    taken.mkdir()
+    with pytest.raises(sqlite3.OperationalError, match=f"while it replaced the store: run it again to finish "
+                                                       f"it, or `satroute restore {taken}`"):
         Store(state)
     assert main(["restore", "--state-dir", str(state), str(tmp_path / "bk")]) == 0  # run again
     assert not (state / RESTORING).exists() and _stored(state)[2] == {"t": 0.5}
+    assert earlier.exists()
 
 
 def test_a_restore_from_a_read_only_copy_and_one_that_cannot_be_read(tmp_path, monkeypatch, capsys):

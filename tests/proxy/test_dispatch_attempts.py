@@ -125,3 +125,31 @@ async def test_an_attempt_whose_time_runs_out_while_it_connects_is_not_billed(tm
             await complete(tmp_path, f"http://127.0.0.1:{port}/v1", True, tried, num_retries=0, timeout_s=0.5,
                            connect_timeout_s=5)
     assert [(a.outcome, a.billed) for a in tried] == [("timeout", False)]
+
+
+@pytest.mark.parametrize("fast", PATHS)
+async def test_a_424_is_the_server_s_failure_only_when_text_generation_inference_says_so(tmp_path, fast):
+    """TGI's 424 with error_type "generation" failed while generating: retried, and billed as a
+    500 midway is. SageMaker's 424 wraps any error of its model's container, a client's 400
+    included: the request's own, asked once, never billed."""
+    import json
+
+    from support.raw_upstream import raw_upstream
+
+    bodies = {"generation": {"error": "Request failed during generation: Server error: CUDA out of memory",
+                             "error_type": "generation"},
+              "sagemaker": {"error": {"message": "Received client error (400) from primary with message "
+                                                 "\"bad input\"", "type": "ModelError"}}}
+    for kind, body in bodies.items():
+        reply = (b"HTTP/1.1 424 Failed Dependency\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n"
+                 + json.dumps(body).encode())
+        with raw_upstream(lambda request: reply) as url:
+            tried: list = []
+            with pytest.raises((AllUpstreamsFailed, UpstreamClientError)) as failed:
+                await complete(tmp_path, url, fast, tried, num_retries=1, allowed_fails=100)
+        if kind == "generation":
+            assert isinstance(failed.value, AllUpstreamsFailed)
+            assert [(a.outcome, a.billed) for a in tried] == [("http_424", True)] * 2
+        else:
+            assert isinstance(failed.value, UpstreamClientError) and failed.value.status == 424
+            assert [(a.outcome, a.billed) for a in tried] == [("http_424", False)]

@@ -1519,11 +1519,11 @@ def test_the_scorer_reads_the_candidates_with_the_best_means_past_its_limit(tmp_
 _TGI = {
     # text-generation-inference's GenerationError: the server failed while generating
     "424": (424, {"error": "Request failed during generation: Server error: CUDA out of memory",
-                  "error_type": "generation"}, "tgi:http_424"),
+                  "error_type": "generation"}, "bad:http_424"),
     # its validation of a request longer than the model's max_total_tokens
     "422": (422, {"error": "Input validation error: `inputs` tokens + `max_new_tokens` must be <= 4096. "
                            "Given: 4000 `inputs` tokens and 200 `max_new_tokens`", "error_type": "validation"},
-            "tgi:context_window"),
+            "bad:context_window"),
 }
 
 
@@ -1534,23 +1534,30 @@ def test_text_generation_inference_s_failures_hand_a_routed_request_on(tmp_path,
     """Its 424 (the GPU failed mid-generation) went back to the client as the client's own
     error, the next model never tried; its 422 for a request past the context fell back on
     litellm's path only. A request naming the model gets TGI's own words, not a repr."""
+    status, said, failed = _TGI[case]
+    raw, named = _routed_and_named(tmp_path, upstream, start_proxy, fast, status, said)
+    assert raw.parse().model == "ok"
+    assert raw.headers["x-satroute-failed"].startswith(failed), raw.headers["x-satroute-failed"]
+    if status == 422:
+        assert named.status_code == 422
+        assert named.body["message"] == said["error"]  # the upstream's text, on both paths
+
+
+def _routed_and_named(tmp_path, upstream, start_proxy, fast, status: int, said: dict):
+    """A model "bad" that answers everything with ``status`` and the JSON ``said``, ranked above a
+    healthy "ok": the answer a routed request gets, and the error a request naming "bad" gets."""
     import json
 
-    status, said, failed = _TGI[case]
     reply = (f"HTTP/1.1 {status} X\r\ncontent-type: application/json\r\nconnection: close\r\n\r\n".encode()
              + json.dumps(said).encode())
     with raw_upstream(lambda request: reply) as url:
-        models = [model_entry("tgi", url, tmp_path, fast_path=fast), model_entry("ok", upstream.url, tmp_path)]
+        models = [model_entry("bad", url, tmp_path, fast_path=fast), model_entry("ok", upstream.url, tmp_path)]
         cfg = write_config(tmp_path / "providers.yaml", models, num_retries=0)
-        proxy = start_proxy(cfg, scorer=RecordingScorer({"tgi": 0.9, "ok": 0.1}))
+        proxy = start_proxy(cfg, scorer=RecordingScorer({"bad": 0.9, "ok": 0.1}))
         raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
-        assert raw.parse().model == "ok"
-        assert raw.headers["x-satroute-failed"].startswith(failed), raw.headers["x-satroute-failed"]
         with pytest.raises(openai.APIStatusError) as named:
-            client(proxy).chat.completions.create(model="tgi", messages=MESSAGES)
-    if status == 422:
-        assert named.value.status_code == 422
-        assert named.value.body["message"] == said["error"]  # the upstream's text, on both paths
+            client(proxy).chat.completions.create(model="bad", messages=MESSAGES)
+    return raw, named.value
 
 
 @pytest.mark.parametrize("fast", PATHS)
@@ -1565,3 +1572,14 @@ def test_an_upstream_that_says_not_to_retry_is_not_asked_again(tmp_path, upstrea
     assert len(upstream.bodies("m1")) == 1
     raw = client(proxy).chat.completions.with_raw_response.create(model="auto", messages=MESSAGES)
     assert raw.parse().model == "m2" and len(upstream.bodies("m1")) == 2
+
+
+@pytest.mark.parametrize("fast", PATHS)
+def test_a_gateway_s_error_label_does_not_hide_its_message(tmp_path, upstream, start_proxy, fast):
+    """NestJS, Fastify and Spring answer {"statusCode": 400, "error": "Bad Request", "message": ...}:
+    the client got "Bad Request" alone, and a model saying it cannot read images was not seen as
+    such (a routed request no longer fell back)."""
+    said = {"statusCode": 400, "error": "Bad Request", "message": "This model does not support images"}
+    raw, named = _routed_and_named(tmp_path, upstream, start_proxy, fast, 400, said)
+    assert raw.parse().model == "ok" and raw.headers["x-satroute-failed"] == "bad:unsupported_feature"
+    assert named.status_code == 400 and named.body["message"] == "This model does not support images"
