@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import sqlite3
 import sys
@@ -20,7 +21,7 @@ from pathlib import Path
 
 from proxy.backup import INTERRUPTED, Stopped, copy, deferred_signals, interruptible, new_file, state_dir
 from proxy.localserver import KEY_FILE
-from proxy.store import DB_NAME, RESTORING as PART, lock_folder
+from proxy.store import DB_NAME, RESTORE_ID, RESTORING as PART, RESTORING_ID, lock_folder
 
 REPLACED = (DB_NAME, f"{DB_NAME}-wal", f"{DB_NAME}-shm", KEY_FILE)
 
@@ -77,12 +78,16 @@ def restore(src: Path, state: Path) -> str:
 
 
 def _restore(source: Path, src: Path, state: Path) -> str:
-    part, key_part = state / PART, state / f".{KEY_FILE}.restoring"
-    for stale in (part, key_part):  # left by a restore that was killed: the lock says none runs now
+    part, key_part, made_by = state / PART, state / f".{KEY_FILE}.restoring", state / RESTORING_ID
+    for stale in (part, key_part, made_by):  # a killed restore's: the lock says none runs now
         with contextlib.suppress(FileNotFoundError):
             stale.unlink()
     for building in state.glob(".replaced-*.partial"):  # links and copies of a killed one's
         shutil.rmtree(building, ignore_errors=True)
+    # this restore's id, which the folder of what it replaces carries: a store refusing to start
+    # beside a part it left names that folder, never an earlier restore's (``store._killed_restore``)
+    restore_id = secrets.token_hex(8)
+    made_by.write_text(restore_id)
     os.close(new_file(part, f"{part} is being written by another restore"))
     key = src / KEY_FILE if src.is_dir() else None
     with_key = key is not None and key.is_file()
@@ -102,7 +107,7 @@ def _restore(source: Path, src: Path, state: Path) -> str:
             if path is not None and os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
                 os.chown(path, owner.st_uid, owner.st_gid)  # run as root: the proxy's user's files
     except BaseException:
-        for leftover in (part, key_part):
+        for leftover in (part, key_part, made_by):
             with contextlib.suppress(OSError):
                 leftover.unlink(missing_ok=True)
         raise
@@ -111,9 +116,9 @@ def _restore(source: Path, src: Path, state: Path) -> str:
     # part is the last thing renamed: while it is there, a store refuses to start (``Store``)
     with deferred_signals():
         try:
-            replaced = _snapshot(state, with_key)
+            replaced = _snapshot(state, with_key, restore_id)
         except BaseException:
-            for leftover in (part, key_part):
+            for leftover in (part, key_part, made_by):
                 with contextlib.suppress(OSError):
                     leftover.unlink(missing_ok=True)
             raise
@@ -123,19 +128,20 @@ def _restore(source: Path, src: Path, state: Path) -> str:
         if with_key:
             key_part.replace(state / KEY_FILE)
         part.replace(state / DB_NAME)
+        made_by.unlink(missing_ok=True)
         _sync(state)
     aside = f"; the files it replaced are in {replaced}" if replaced else ""
     return (f"restored {source} into {state / DB_NAME} ({counts}"
             f"{', with ' + KEY_FILE if with_key else ''}){aside}")
 
 
-def _snapshot(state: Path, with_key: bool) -> Path | None:
+def _snapshot(state: Path, with_key: bool, restore_id: str = "") -> Path | None:
     """The store's files (and the key, when the backup brings one) linked, or copied where links
     cannot be made, into a new folder ``replaced-<UTC time>`` of ``state``, owner-only; that
     folder, or None when there was nothing there. It is built under a hidden name and named once
     whole, so that every ``replaced-`` folder holds a whole store (the database with its WAL),
-    which ``satroute restore`` takes back; nothing in ``state`` is changed. A failure removes what
-    it built."""
+    which ``satroute restore`` takes back; nothing in ``state`` is changed. It carries
+    ``restore_id`` (``RESTORE_ID``). A failure removes what it built."""
     present = [name for name in REPLACED if (state / name).exists() and (with_key or name != KEY_FILE)]
     if not present:
         return None
@@ -151,6 +157,7 @@ def _snapshot(state: Path, with_key: bool) -> Path | None:
                 os.link(state / name, building / name)
             except OSError:  # no hard links here: a copy, its metadata kept
                 shutil.copy2(state / name, building / name)
+        (building / RESTORE_ID).write_text(restore_id)
         _sync(building)
         n = 1
         while True:

@@ -332,6 +332,9 @@ def unopenable(state_dir: str | Path, exc: BaseException) -> str:
 RESTORE_WAIT_S = 30.0  # how long a store opening waits for a restore of its folder to end
 # the copy `satroute restore` puts in place; beside no running restore, one that was killed
 RESTORING = f".{DB_NAME}.restoring"
+# that restore's id, beside it and in the replaced-<time> folder it makes (as ``RESTORE_ID``)
+RESTORING_ID = f"{RESTORING}.id"
+RESTORE_ID = ".restore-id"
 
 
 def lock_folder(folder: Path, exclusive: bool, wait_s: float = 0.0) -> int | None:
@@ -368,20 +371,23 @@ def lock_folder(folder: Path, exclusive: bool, wait_s: float = 0.0) -> int | Non
 
 def _killed_restore(folder: Path) -> str:
     """What to do about the part a killed ``satroute restore`` left in ``folder``. The restore
-    copies what it replaces into ``replaced-<time>`` after its part is written, and changes
-    nothing before: with no such folder newer than the part, the store there is as it was."""
+    copies what it replaces into a ``replaced-<time>`` folder marked with its id, and changes
+    nothing before: with no folder of its id, the store there is as it was."""
     said = f"{folder} holds {RESTORING}, left by a `satroute restore` that was killed before it ended"
+    taken = None
     try:
-        since = (folder / RESTORING).stat().st_mtime_ns
-        taken = [p for p in folder.glob("replaced-*") if p.is_dir() and p.stat().st_mtime_ns >= since]
-    except OSError:
-        taken = []
-    if not taken:
+        made_by = (folder / RESTORING_ID).read_text()
+        for aside in folder.glob("replaced-*"):
+            with contextlib.suppress(OSError):
+                if (aside / RESTORE_ID).read_text() == made_by:
+                    taken = aside
+    except OSError:  # no id: it was killed before it wrote one
+        pass
+    if taken is None:
         return (f"{said}, before it changed anything: run it again, or delete {RESTORING} to go on "
                 "with the store as it is")
-    newest = max(taken, key=lambda p: p.stat().st_mtime_ns)
     return (f"{said}, while it replaced the store: run it again to finish it, or `satroute restore "
-            f"{newest}` to go back to the store it was replacing")
+            f"{taken}` to go back to the store it was replacing")
 
 
 class Store:

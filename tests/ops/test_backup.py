@@ -259,7 +259,7 @@ def test_restore_puts_a_backup_back_over_a_killed_proxy_s_files(tmp_path, capsys
     aside = [p for p in crashed.iterdir() if p.name.startswith("replaced-")]
     assert len(aside) == 1 and f"the files it replaced are in {aside[0]}" in out
     assert sorted(p.name for p in aside[0].iterdir()) == sorted(
-        [KEY_FILE, "satroute.db", "satroute.db-wal", "satroute.db-shm"])
+        [KEY_FILE, "satroute.db", "satroute.db-wal", "satroute.db-shm", ".restore-id"])
     assert not [p for p in crashed.iterdir() if p.name.endswith(".restoring")]
 
 
@@ -390,8 +390,10 @@ def test_what_a_restore_replaces_is_copied_whole_before_anything_changes(tmp_pat
     files = ("satroute.db", "satroute.db-wal", "satroute.db-shm", KEY_FILE)
     for name in files:
         (state / name).write_text(name)
-    aside = restore._snapshot(state, with_key=True)
-    assert aside.name.startswith("replaced-") and sorted(p.name for p in aside.iterdir()) == sorted(files)
+    aside = restore._snapshot(state, with_key=True, restore_id="r1")
+    assert aside.name.startswith("replaced-")
+    assert sorted(p.name for p in aside.iterdir()) == sorted(files + (".restore-id",))
+    assert (aside / ".restore-id").read_text() == "r1"
     assert sorted(p.name for p in state.iterdir() if p.is_file()) == sorted(files)  # unchanged
     assert (aside / "satroute.db-wal").read_text() == "satroute.db-wal"
     shutil.rmtree(aside)
@@ -413,7 +415,7 @@ def test_what_a_restore_replaces_is_copied_whole_before_anything_changes(tmp_pat
 def test_a_store_refuses_to_start_beside_a_restore_that_was_killed(tmp_path, capsys):
     """A restore killed between its steps leaves its copy under the temporary name: a proxy
     started then would run on a store the admin meant to replace, and write to it."""
-    from proxy.store import RESTORING
+    from proxy.store import RESTORING, RESTORING_ID
 
     state = tmp_path / "state"
     with Store(state) as store:
@@ -421,14 +423,16 @@ def test_a_store_refuses_to_start_beside_a_restore_that_was_killed(tmp_path, cap
     assert main(["backup", "--state-dir", str(state), str(tmp_path / "bk")]) == 0
     assert main(["restore", "--state-dir", str(state), str(tmp_path / "bk")]) == 0  # an earlier one
     [earlier] = state.glob("replaced-*")
-    time.sleep(0.01)
+    assert not (state / RESTORING_ID).exists()  # a restore that ended leaves no id behind
     (state / RESTORING).write_bytes(b"half a copy")  # killed while copying: nothing replaced yet
+    (state / RESTORING_ID).write_text("killed-one")
+    os.utime(earlier)  # newer than the part: a restore of that folder opens its database there
     with pytest.raises(sqlite3.OperationalError, match="killed before it ended, before it changed anything: "
                                                        "run it again, or delete .satroute.db.restoring"):
         Store(state)
-    time.sleep(0.01)
     taken = state / "replaced-20991231T000000Z"  # killed after it copied what it replaces
     taken.mkdir()
+    (taken / ".restore-id").write_text("killed-one")
     with pytest.raises(sqlite3.OperationalError, match=f"while it replaced the store: run it again to finish "
                                                        f"it, or `satroute restore {taken}`"):
         Store(state)
