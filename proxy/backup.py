@@ -113,7 +113,7 @@ def backup(source: Path, dest: Path) -> Path:
     target, part = dest / DB_NAME, dest / f".{DB_NAME}.part"
     mine: list[Path] = []  # what this call created, removed again if it fails
     try:
-        new_file(part, f"another backup is being written to {dest}: name another folder")
+        os.close(new_file(part, f"another backup is being written to {dest}: name another folder"))
         mine += [part, *(part.with_name(part.name + s) for s in ("-journal", "-wal", "-shm"))]
         copy(source, part)
         with deferred_signals():  # named and counted as this call's, or neither

@@ -5,8 +5,9 @@ file it opened, or applies its WAL to the copied one (a ``cp`` over the file in 
 seen); a ``satroute.db-wal`` a killed proxy left is applied to the restored file (the restore is
 undone, or the file reads as damaged); and a file copied in as root cannot be written by the
 proxy's user. This command refuses while a process of this host has the store open (the lock
-``Store`` holds: ``lock_folder``), sets the files it replaces aside (never deletes them), puts the
-copy in under a temporary name and renames it, and gives the files the state folder's owner.
+``Store`` holds: ``lock_folder``), copies the files it replaces whole into ``replaced-<time>``
+(never deleting them), puts the copy in under a temporary name and renames it last, and gives
+the files the state folder's owner.
 """
 from __future__ import annotations
 
@@ -91,6 +92,7 @@ def _restore(source: Path, src: Path, state: Path) -> str:
     os.close(new_file(part, f"{part} is being written by another restore"))
     key = src / KEY_FILE if src.is_dir() else None
     with_key = key is not None and key.is_file()
+    changing = False  # once what is replaced is copied aside: the part stays, a store's warning
     try:
         try:
             copy(source, part)  # checked, one self-contained file, as `satroute backup` makes it
@@ -106,30 +108,26 @@ def _restore(source: Path, src: Path, state: Path) -> str:
         for path in (part, key_part if with_key else None):
             if path is not None and os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
                 os.chown(path, owner.st_uid, owner.st_gid)  # run as root: the proxy's user's files
-    except BaseException:
-        for leftover in (part, key_part, made_by):
-            with contextlib.suppress(OSError):
-                leftover.unlink(missing_ok=True)
-        raise
-    # from here the state folder changes: Ctrl+C and SIGTERM wait for the end of it. What is
-    # replaced is first copied whole (``_snapshot``); the key goes in before the database, whose
-    # part is the last thing renamed: while it is there, a store refuses to start (``Store``)
-    with deferred_signals():
-        try:
+        # from here the state folder changes: Ctrl+C and SIGTERM wait for the end of it. What is
+        # replaced is first copied whole (``_snapshot``); the key goes in before the database,
+        # whose part is the last thing renamed: while it is there, a store refuses to start
+        with deferred_signals():
             replaced = _snapshot(state, with_key, restore_id)
-        except BaseException:
+            changing = True
+            for name in (f"{DB_NAME}-wal", f"{DB_NAME}-shm"):  # SQLite would apply them to the copy
+                with contextlib.suppress(FileNotFoundError):
+                    (state / name).unlink()
+            if with_key:
+                key_part.replace(state / KEY_FILE)
+            part.replace(state / DB_NAME)
+            made_by.unlink(missing_ok=True)
+            _sync(state)
+    except BaseException:
+        if not changing:  # the state folder as it was
             for leftover in (part, key_part, made_by):
                 with contextlib.suppress(OSError):
                     leftover.unlink(missing_ok=True)
-            raise
-        for name in (f"{DB_NAME}-wal", f"{DB_NAME}-shm"):  # SQLite would apply them to the copy
-            with contextlib.suppress(FileNotFoundError):
-                (state / name).unlink()
-        if with_key:
-            key_part.replace(state / KEY_FILE)
-        part.replace(state / DB_NAME)
-        made_by.unlink(missing_ok=True)
-        _sync(state)
+        raise
     aside = f"; the files it replaced are in {replaced}" if replaced else ""
     return (f"restored {source} into {state / DB_NAME} ({counts}"
             f"{', with ' + KEY_FILE if with_key else ''}){aside}")
