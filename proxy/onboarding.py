@@ -56,7 +56,7 @@ from proxy.questions import Question
 from proxy.routing import approx_tokens
 from proxy.store import GradedAnswer, ModelBusy, Progress, Store, UpstreamInUse, unopenable
 from scorer.aptitude import Suite, profile_from_graded
-from scorer.grading import build_messages, extract_answer
+from scorer.grading import build_messages, extract_answer, without_scratchpad_tags
 
 log = logging.getLogger("satroute.onboarding")
 T = TypeVar("T")
@@ -345,6 +345,8 @@ class _Run:
         self.strikes: Counter[str] = Counter()  # failures of a question while others answered
         self.cut_off = 0  # answers stopped at max_tokens before they stated a letter (graded wrong)
         self.filtered = 0  # answers the provider's content filter withheld, with no letter (graded wrong)
+        # answers whose content came back empty, the model's text in its reasoning (graded from it)
+        self.from_reasoning = 0
         self.workers = 0  # asking now: the run's pace serves it in its turn while any is
 
     @property
@@ -891,6 +893,17 @@ class Onboarding:
 
     async def _answered(self, state: _Run, question: Question, said: Said, budget: int) -> None:
         text = said.text
+        if not text.strip() and said.reasoning.strip() and not (said.cut_off or said.filtered):
+            # the content empty and the model's text in its reasoning, finished: a server's
+            # reasoning parser holds all of it when the model never closed its thinking (vLLM's
+            # deepseek_r1 gives content null): graded from it, stored so, and said, rather than
+            # a profile of zeros that says nothing
+            text = without_scratchpad_tags(said.reasoning)  # read, not skipped as a scratchpad
+            state.from_reasoning += 1
+            if state.from_reasoning == 1:
+                log.warning("onboarding %s: an answer came back with empty content and the model's "
+                            "text in its reasoning (reasoning_content); graded from the reasoning: "
+                            "check the server's reasoning parser", state.model)
         letter = extract_answer(text, len(question.options))
         if said.filtered and letter is None:  # a safety block: no sign of the answer's form
             state.filtered += 1
@@ -1066,7 +1079,8 @@ NO_LETTER_SHARE = 0.30
 
 def _understated(state: _Run, max_tokens: int, letters: Sequence[str | None]) -> str | None:
     """What the status's reason says of a finished run whose profile may understate its model:
-    answers of this run cut off at ``max_tokens`` or withheld by a content filter, and, over all its
+    answers of this run cut off at ``max_tokens`` or withheld by a content filter, or graded from
+    their reasoning (their content empty), and, over all its
     stored answers that hold text (``letters``, earlier runs' too: the profile is made of them),
     answers in a form the grading does not read."""
     notes = []
@@ -1077,6 +1091,10 @@ def _understated(state: _Run, max_tokens: int, letters: Sequence[str | None]) ->
     if state.filtered:
         notes.append(f"{state.filtered} of {state.answers} answers of this run were withheld by the "
                      "provider's content filter (finish_reason content_filter; graded wrong)")
+    if state.from_reasoning:
+        notes.append(f"{state.from_reasoning} of {state.answers} answers of this run came back with empty "
+                     "content and the model's text in its reasoning (reasoning_content), and were graded "
+                     "from it: the server's reasoning parser may be holding back the model's answers")
     none = sum(letter is None for letter in letters)
     if letters and none / len(letters) > NO_LETTER_SHARE:
         notes.append(f"{none} of its {len(letters)} answers stated no letter as 'the answer is (X)' "

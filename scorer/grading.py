@@ -126,6 +126,13 @@ def strip_reasoning(text: str) -> str | None:
     return text
 
 
+def without_scratchpad_tags(text: str) -> str:
+    """``text`` with the scratchpads' tags (``_SCRATCHPADS``) taken out and what they enclose
+    kept: a model's reasoning, as its upstream returned it apart from its answer, to be read as
+    text (the tags a reasoning field may keep would otherwise make it all a scratchpad)."""
+    return _THINK_CLOSE.sub(" ", _THINK_OPEN.sub(" ", text)).strip()
+
+
 def extract_answer(text: str | None, n_options: int = len(LETTERS)) -> str | None:
     """The answer letter a model's free text commits to, or None when it states none.
 

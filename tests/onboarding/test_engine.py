@@ -1098,6 +1098,34 @@ async def test_answers_cut_off_at_max_tokens_are_graded_wrong_and_said_so(tmp_pa
     assert "SATROUTE_ONBOARDING_MAX_TOKENS" in warnings[1] and "2 of" in warnings[1]
 
 
+async def test_an_answer_that_came_back_only_as_reasoning_is_graded_from_it_and_said(tmp_path, tiny, caplog):
+    """vLLM's reasoning parser gives content null, and the whole text as reasoning_content, when
+    a model never closes its thinking (finish_reason stop): every answer was graded empty, the
+    profile all zeros, and the run said done with no reason and no warning."""
+    import logging
+
+    from proxy.onboarding import Said
+
+    suite, questions = tiny
+    thinker = FakeAsker(questions, lambda q: "A")
+    thinker.answers = {q.id: Said("", reasoning=f"<think>Option {q.answer} fits best. The answer is ({q.answer}).")
+                       for q in questions}
+    thinker.answers[questions[0].id] = Said("", reasoning="I am not sure.", cut_off=True)  # not this
+    caplog.set_level(logging.WARNING, logger="satroute.onboarding")
+    with Store(tmp_path) as store:
+        progress = await Onboarding(store, suite, questions, thinker,
+                                    Options(concurrency=1)).run("m", Prices())
+        assert progress.status == "done"
+        graded = store.graded("m")
+        assert sum(graded.values()) == len(questions) - 1 and not graded[questions[0].id]
+        assert f"{len(questions) - 1} of {len(questions)} answers of this run came back with empty content" \
+            in progress.reason
+        stored = {a.question_id: a.text for a in store.answers("m")}
+        assert stored[questions[1].id].endswith(f"The answer is ({questions[1].answer}).")  # as graded
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum("graded from the reasoning" in w for w in warnings) == 1
+
+
 async def test_a_model_that_often_states_no_letter_in_the_graded_form_is_flagged(tmp_path, tiny):
     """Asked zero-shot, a chat model may answer "**Answer: B**", which MMLU-Pro's rule (and so the
     zoo's recorded outcomes) counts as no answer: above NO_LETTER_SHARE of answers the status says so."""
