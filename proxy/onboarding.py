@@ -56,7 +56,7 @@ from proxy.questions import Question
 from proxy.routing import approx_tokens
 from proxy.store import GradedAnswer, ModelBusy, Progress, Store, UpstreamInUse, unopenable
 from scorer.aptitude import Suite, profile_from_graded
-from scorer.grading import build_messages, extract_answer, without_scratchpad_tags
+from scorer.grading import build_messages, extract_answer, reasoning_conclusion
 
 log = logging.getLogger("satroute.onboarding")
 T = TypeVar("T")
@@ -574,7 +574,9 @@ class Onboarding:
         # the form of the answers: those with no text at all (a content filter's block, an empty
         # answer, in this run or an earlier one) show none
         letters = [a.letter for a in answers if a.question_id in ids and (a.text or "").strip()]
-        note = _understated(state, self.options.max_tokens, letters)
+        # answers that came back empty (a text of "", not a question never answered: None)
+        empty = sum(a.question_id in ids and a.text is not None and not a.text.strip() for a in answers)
+        note = _understated(state, self.options.max_tokens, letters, empty)
         if note:  # the profile stands, but an admin must see what it may understate
             log.warning("onboarding %s done, but %s", model, note)
         await self._write(state, store.finish, model, self.suite.name,
@@ -896,9 +898,9 @@ class Onboarding:
         if not text.strip() and said.reasoning.strip() and not (said.cut_off or said.filtered):
             # the content empty and the model's text in its reasoning, finished: a server's
             # reasoning parser holds all of it when the model never closed its thinking (vLLM's
-            # deepseek_r1 gives content null): graded from it, stored so, and said, rather than
-            # a profile of zeros that says nothing
-            text = without_scratchpad_tags(said.reasoning)  # read, not skipped as a scratchpad
+            # deepseek_r1 gives content null): graded by its conclusion, stored so (a re-grade
+            # reads the same), and said, rather than a profile of zeros that says nothing
+            text = reasoning_conclusion(said.reasoning, len(question.options))
             state.from_reasoning += 1
             if state.from_reasoning == 1:
                 log.warning("onboarding %s: an answer came back with empty content and the model's "
@@ -1077,10 +1079,11 @@ class Onboarding:
 NO_LETTER_SHARE = 0.30
 
 
-def _understated(state: _Run, max_tokens: int, letters: Sequence[str | None]) -> str | None:
+def _understated(state: _Run, max_tokens: int, letters: Sequence[str | None], empty: int = 0) -> str | None:
     """What the status's reason says of a finished run whose profile may understate its model:
     answers of this run cut off at ``max_tokens`` or withheld by a content filter, or graded from
-    their reasoning (their content empty), and, over all its
+    their reasoning (their content empty); stored answers that are empty (``empty`` of them, past
+    ``NO_LETTER_SHARE``); and, over all its
     stored answers that hold text (``letters``, earlier runs' too: the profile is made of them),
     answers in a form the grading does not read."""
     notes = []
@@ -1095,6 +1098,12 @@ def _understated(state: _Run, max_tokens: int, letters: Sequence[str | None]) ->
         notes.append(f"{state.from_reasoning} of {state.answers} answers of this run came back with empty "
                      "content and the model's text in its reasoning (reasoning_content), and were graded "
                      "from it: the server's reasoning parser may be holding back the model's answers")
+    unexplained = empty - state.cut_off - state.filtered  # those this run's notes above do not name
+    if unexplained > NO_LETTER_SHARE * (len(letters) + empty):
+        notes.append(f"{unexplained} of its {len(letters) + empty} stored answers are empty (graded wrong): "
+                     "stored before this version graded a reasoning model's text returned as reasoning "
+                     "only, or cut off or withheld in an earlier run; `satroute onboard --restart` asks "
+                     "them again")
     none = sum(letter is None for letter in letters)
     if letters and none / len(letters) > NO_LETTER_SHARE:
         notes.append(f"{none} of its {len(letters)} answers stated no letter as 'the answer is (X)' "

@@ -88,12 +88,12 @@ def _restore(source: Path, src: Path, state: Path) -> str:
     # this restore's id, which the folder of what it replaces carries: a store refusing to start
     # beside a part it left names that folder, never an earlier restore's (``store._killed_restore``)
     restore_id = secrets.token_hex(8)
-    made_by.write_text(restore_id)
-    os.close(new_file(part, f"{part} is being written by another restore"))
     key = src / KEY_FILE if src.is_dir() else None
     with_key = key is not None and key.is_file()
     changing = False  # once what is replaced is copied aside: the part stays, a store's warning
     try:
+        made_by.write_text(restore_id)
+        os.close(new_file(part, f"{part} is being written by another restore"))  # (the lock is held)
         try:
             copy(source, part)  # checked, one self-contained file, as `satroute backup` makes it
         except sqlite3.OperationalError:

@@ -126,11 +126,21 @@ def strip_reasoning(text: str) -> str | None:
     return text
 
 
-def without_scratchpad_tags(text: str) -> str:
-    """``text`` with the scratchpads' tags (``_SCRATCHPADS``) taken out and what they enclose
-    kept: a model's reasoning, as its upstream returned it apart from its answer, to be read as
-    text (the tags a reasoning field may keep would otherwise make it all a scratchpad)."""
-    return _THINK_CLOSE.sub(" ", _THINK_OPEN.sub(" ", text)).strip()
+def reasoning_conclusion(reasoning: str, n_options: int = len(LETTERS)) -> str:
+    """The part of a model's reasoning, returned apart from its answer, that states its answer:
+    from its last statement of a letter on (a trace tries letters before it settles: "the answer
+    is B? Wait, no..."), by the first of ``RULES`` that finds one; so that ``extract_answer``
+    reads the conclusion in it, now and when stored answers are graded again. The reasoning's
+    tags (scratchpads', harmony's) are taken out, what they enclose kept: it is all reasoning.
+    The whole of it, so tidied, when it states no letter."""
+    text = _THINK_CLOSE.sub(" ", _THINK_OPEN.sub(" ", reasoning))
+    text = _HARMONY_BARE.sub(" ", _HARMONY_TAGS.sub(" ", text).replace(_HARMONY_BARE_FINAL, " ")).strip()
+    valid = LETTERS[: max(1, min(n_options, len(LETTERS)))]
+    for pattern in RULES:
+        starts = [m.start() for m in pattern.finditer(text) if m.group(1) in valid]
+        if starts:
+            return text[starts[-1]:]
+    return text
 
 
 def extract_answer(text: str | None, n_options: int = len(LETTERS)) -> str | None:

@@ -11,7 +11,7 @@ import pytest
 
 from proxy.errors import AllUpstreamsFailed, UpstreamClientError
 from proxy.onboarding import PROBE, PROBE_TOKENS, Onboarding, Options, Prices, estimate_cost
-from proxy.store import ModelBusy, Store
+from proxy.store import GradedAnswer, ModelBusy, Store
 from scorer.aptitude import profile_from_graded
 
 from onboarding.fakes import FakeAsker, make_suite, wait_until
@@ -1108,8 +1108,14 @@ async def test_an_answer_that_came_back_only_as_reasoning_is_graded_from_it_and_
 
     suite, questions = tiny
     thinker = FakeAsker(questions, lambda q: "A")
-    thinker.answers = {q.id: Said("", reasoning=f"<think>Option {q.answer} fits best. The answer is ({q.answer}).")
-                       for q in questions}
+    def trace(q):  # a trace tries a letter before it settles on another
+        wrong = "B" if q.answer != "B" else "C"
+        return (f"<think>At first glance the answer is ({wrong})? Wait, no: option {q.answer} fits best."
+                f"\n**Final Answer**\nThe answer is ({q.answer}).")
+
+    thinker.answers = {q.id: Said("", reasoning=trace(q)) for q in questions}
+    thinker.answers[questions[2].id] = Said("", reasoning=f"<|channel|>analysis<|message|>so the answer is "
+                                                            f"({questions[2].answer})<|end|>")  # harmony
     thinker.answers[questions[0].id] = Said("", reasoning="I am not sure.", cut_off=True)  # not this
     caplog.set_level(logging.WARNING, logger="satroute.onboarding")
     with Store(tmp_path) as store:
@@ -1120,10 +1126,24 @@ async def test_an_answer_that_came_back_only_as_reasoning_is_graded_from_it_and_
         assert sum(graded.values()) == len(questions) - 1 and not graded[questions[0].id]
         assert f"{len(questions) - 1} of {len(questions)} answers of this run came back with empty content" \
             in progress.reason
-        stored = {a.question_id: a.text for a in store.answers("m")}
-        assert stored[questions[1].id].endswith(f"The answer is ({questions[1].answer}).")  # as graded
+        assert await Onboarding(store, suite, questions, thinker, Options()).regrade("m") == 0  # as stored
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert sum("graded from the reasoning" in w for w in warnings) == 1
+
+
+async def test_answers_stored_empty_are_said_when_the_run_ends(tmp_path, tiny):
+    """Before answers came back as reasoning only were graded from it, they were stored empty: the
+    profile all zeros, and nothing said. A run that ends on such a store says so, and how to ask
+    them again."""
+    suite, questions = tiny
+    with Store(tmp_path) as store:
+        for q in questions[:-1]:  # as the version before stored them
+            store.record("m", GradedAnswer(q.id, None, False, ""))
+        progress = await Onboarding(store, suite, questions, FakeAsker(questions, lambda q: "A"),
+                                    Options(concurrency=1)).run("m", Prices())
+    assert progress.status == "done"
+    assert f"{len(questions) - 1} of its {len(questions)} stored answers are empty" in progress.reason
+    assert "satroute onboard --restart" in progress.reason
 
 
 async def test_a_model_that_often_states_no_letter_in_the_graded_form_is_flagged(tmp_path, tiny):
