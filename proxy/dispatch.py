@@ -48,7 +48,7 @@ from proxy.providers import OPENAI_COMPATIBLE, Deployment, RouterSettings
 from proxy.routing import part_types
 from proxy.settings import prepare_litellm_environment
 from proxy.upstream import (CONTEXT_WINDOW, GENERATION_FAILED, LIMIT_NAMES, UNSUPPORTED, Answer, PassThrough,
-                            StreamStalled, cannot_read, classify, dumps_lenient, error_labels,
+                            StreamStalled, cannot_read, classify, dumps_lenient, error_labels, error_object,
                             interrupted_event, labelled, limited, out_of_quota, redirected, retried_already,
                             too_long, transient, unfit_request, unfit_summary, wait_seconds, within_gaps)
 
@@ -142,10 +142,10 @@ def _cause(exc: UpstreamTransient, call: "Call") -> bytes | None:
     """What a failure counts under towards the cooldown: the request (a digest of its body, the
     ``model`` aside) when the upstream answered with an error that may be the request's own (a
     ``5xx`` not in ``_UNAVAILABLE_5XX``, text-generation-inference's ``424``), so that its
-    retries, by the proxy or by its client, count once; None when nothing answered, in time or at all, the upstream said it is unavailable
-    or overloaded (``408``, ``409``, ``425``, ``429``, ``_UNAVAILABLE_5XX``), or it answered 200
-    with no answer (an HTML page: a wrong ``api_base``, a captive portal): that is the model's
-    state, and every attempt counts."""
+    retries, by the proxy or by its client, count once; None when nothing answered, in time or at
+    all, the upstream said it is unavailable or overloaded (``408``, ``409``, ``425``, ``429``,
+    ``_UNAVAILABLE_5XX``), or it answered 200 with no answer (an HTML page: a wrong ``api_base``, a
+    captive portal): that is the model's state, and every attempt counts."""
     status = exc.upstream_status
     if exc.timeout or not (500 <= status < 600 or status == GENERATION_FAILED) or status in _UNAVAILABLE_5XX:
         return None
@@ -906,7 +906,7 @@ def _upstream_error(exc: BaseException) -> dict | None:
     response itself; None when none is found."""
     for link in _chain(exc):
         body = getattr(link, "body", None)
-        if isinstance(body, dict) and (err := _error_object(body)) is not None:
+        if isinstance(body, dict) and (err := error_object(body)) is not None:
             return err
         raw = getattr(getattr(link, "response", None), "content", None)
         if isinstance(raw, (bytes, bytearray)) and raw:
@@ -914,22 +914,8 @@ def _upstream_error(exc: BaseException) -> dict | None:
                 parsed = orjson.loads(raw)
             except orjson.JSONDecodeError:
                 parsed = None
-            if isinstance(parsed, dict) and (err := _error_object(parsed, whole=False)) is not None:
+            if isinstance(parsed, dict) and (err := error_object(parsed, whole=False)) is not None:
                 return err
-    return None
-
-
-def _error_object(body: dict, whole: bool = True) -> dict | None:
-    """The error object of an upstream's error body: OpenAI's ``error`` object (or, ``whole``, the
-    body itself where it is one: what the openai SDK keeps of it), or text-generation-inference's
-    ``{"error": "<text>", "error_type": ...}`` made one (its text, its type)."""
-    err = body.get("error", body if whole else None)
-    if isinstance(err, dict) and isinstance(err.get("message"), str):
-        return err
-    if isinstance(err, str) and err:  # a web framework's {"error": "Bad Request", "message": ...}
-        said, kind = body.get("message"), body.get("error_type")  # says more in its message
-        return {"message": said if isinstance(said, str) and said else err,
-                "type": kind if isinstance(kind, str) else None}
     return None
 
 

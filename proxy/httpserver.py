@@ -47,6 +47,12 @@ HEAD_TIMEOUT_S = 30.0  # nginx's client_header_timeout is 60 s
 LINGER_S = 2.0  # after a refusal, how long what the client still sends is read and dropped
 
 
+def _path_of(url: bytes) -> str:
+    """A request target as a refusal's log line names it: without its query (which may carry a
+    token), as every other request's line has it, and at most 200 characters."""
+    return url.partition(b"?")[0].decode("latin-1", "replace")[:200]
+
+
 class BoundedHttpToolsProtocol(HttpToolsProtocol):
     max_head_bytes = MAX_HEAD_BYTES
     head_timeout_s = HEAD_TIMEOUT_S
@@ -108,7 +114,7 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                     self.pipeline.remove(next(p for p in self.pipeline if p[0] is self.cycle))
                     self._refused = True
                     self.transport.pause_reading()
-                    self._after_owed = (why, self.url.partition(b"?")[0].decode("latin-1", "replace")[:200])
+                    self._after_owed = (why, _path_of(self.url))
                     return
                 if in_body and self.cycle.response_started:
                     # of a request the app has answered, or is answering (bytes after its answer
@@ -249,14 +255,11 @@ class BoundedHttpToolsProtocol(HttpToolsProtocol):
                              % (status, phrase.encode(), len(body), request_id.encode(), body))
         # answered below the app, whose middleware writes every other request's line: this one's
         # line is written here, so that a refused request leaves a trace too
-        # the path as far as it came, without its query (which may carry a token), as every other
-        # request's line has it
         if record is not None:
             record.refused = (status, code)
         else:
-            if path is None:
-                url = getattr(self, "url", b"") if self._began else b""
-                path = url.partition(b"?")[0].decode("latin-1", "replace")[:200]
+            if path is None:  # the path as far as it came
+                path = _path_of(getattr(self, "url", b"") if self._began else b"")
             fields = {"request_id": request_id, "path": path, "status": status, "error": code}
             if self.client:
                 fields["client"] = "%s:%s" % tuple(self.client)

@@ -425,10 +425,10 @@ class Onboarding:
         edit of providers.yaml mid-run). ``upstream`` fingerprints what answers for ``model``
         (``upstream_fingerprint``; ``legacy``, its ``legacy_fingerprint``, the form earlier
         versions recorded; ``also``, ``earlier_forms``; ``plain``, ``plain_fingerprint``, the form
-        its ``upstream_plain`` is recorded in): when the store's answers came from
-        another one, they are forgotten and the test starts over. ``config``, a digest of what the run depends on, is stored with
-        a failure (``Store.failure``); with ``failed_since``, a stored failure of that
-        ``config`` recorded since then raises ``FailedAlready`` instead of a run (``Store.claim``).
+        its ``upstream_plain`` is recorded in): when the store's answers came from another one,
+        they are forgotten and the test starts over. ``config``, a digest of what the run depends
+        on, is stored with a failure (``Store.failure``); with ``failed_since``, a stored failure
+        of that ``config`` recorded since then raises ``FailedAlready`` instead of a run (``Store.claim``).
         Raises ``ModelBusy`` (having asked and written nothing) when another process onboards
         ``model`` now, or ``UpstreamInUse`` when the store's answers came from another upstream
         that another live process points ``model`` at; this run's lease is released however it
@@ -1272,7 +1272,8 @@ async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int
                   f"${dropped:.2f} spent on its onboarding, were forgotten: the spend cap counts from "
                   "$0 again", file=sys.stderr)
         upstream, legacy, also = fingerprints(d)
-        if await asyncio.to_thread(store.upstream_changed, model, upstream, legacy, also, plain_fingerprint(d)):
+        plain = plain_fingerprint(d)
+        if await asyncio.to_thread(store.upstream_changed, model, upstream, legacy, also, plain):
             kept = await asyncio.to_thread(store.forget, model, moved=True)
             print(f"satroute onboard: {model} now points at another upstream ({d.model}): "
                   f"its stored answers and profile were forgotten{spend_kept(kept)}", file=sys.stderr)
@@ -1289,8 +1290,7 @@ async def _onboard_cli(settings, store: Store, model: str, restart: bool) -> int
 
         engine = Onboarding(store, suite, questions, DispatchAsker(registry, dispatcher),
                             service_options(settings), on_progress=tick)
-        progress = await engine.run(model, prices_of(d), upstream, legacy, also=also,
-                                    plain=plain_fingerprint(d))
+        progress = await engine.run(model, prices_of(d), upstream, legacy, also=also, plain=plain)
     except asyncio.CancelledError:
         if not received:
             raise

@@ -104,10 +104,8 @@ def _restore(source: Path, src: Path, state: Path) -> str:
         if with_key:
             with os.fdopen(new_file(key_part, f"{key_part} exists"), "wb") as out:
                 out.write(key.read_bytes())
-        owner = state.stat()
-        for path in (part, key_part if with_key else None):
-            if path is not None and os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
-                os.chown(path, owner.st_uid, owner.st_gid)  # run as root: the proxy's user's files
+        for path in (part, key_part) if with_key else (part,):
+            _owned_like(path, state)
         # from here the state folder changes: Ctrl+C and SIGTERM wait for the end of it. What is
         # replaced is first copied whole (``_snapshot``); the key goes in before the database,
         # whose part is the last thing renamed: while it is there, a store refuses to start
@@ -147,9 +145,7 @@ def _snapshot(state: Path, with_key: bool, restore_id: str = "") -> Path | None:
     building = state / f".replaced-{stamp}.{os.getpid()}.partial"
     building.mkdir(mode=0o700)
     try:
-        owner = state.stat()
-        if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
-            os.chown(building, owner.st_uid, owner.st_gid)
+        _owned_like(building, state)
         for name in present:
             try:
                 os.link(state / name, building / name)
@@ -167,6 +163,14 @@ def _snapshot(state: Path, with_key: bool, restore_id: str = "") -> Path | None:
     except BaseException:
         shutil.rmtree(building, ignore_errors=True)
         raise
+
+
+def _owned_like(path: Path, state: Path) -> None:
+    """Run as root (compose's recipe), ``path`` is given the owner of the state folder: the
+    proxy's user, which could not write a file left to root."""
+    owner = state.stat()
+    if os.geteuid() == 0 and (owner.st_uid, owner.st_gid) != (0, 0):
+        os.chown(path, owner.st_uid, owner.st_gid)
 
 
 def _counts(db_path: Path, source: Path) -> str:

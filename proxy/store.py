@@ -403,9 +403,6 @@ class Store:
             raise sqlite3.OperationalError(
                 f"{self.dir} is being restored (`satroute restore`) and was still locked after "
                 f"{RESTORE_WAIT_S:.0f} s: start again once the restore has ended") from None
-        if (self.dir / RESTORING).exists():
-            self._unlock_folder()
-            raise sqlite3.OperationalError(_killed_restore(self.dir))
         instance = _instance()
         self.owner = (f"{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
                       + (f":{instance}" if instance else ""))
@@ -414,14 +411,13 @@ class Store:
         self._read_lock = threading.Lock()
         self._bad_profiles: set[str] = set()  # models whose damaged stored profile was reported
         self._sightings = _Sightings(lease_stale_s)
-        try:
+        db = None
+        try:  # a store that does not open gives up the folder's lock, and what it opened
+            if (self.dir / RESTORING).exists():
+                raise sqlite3.OperationalError(_killed_restore(self.dir))
             wal = self.path.with_name(f"{DB_NAME}-wal")
             self._wal_found = wal.is_file() and wal.stat().st_size > 0  # before opening makes one
-            self._db = self._connect()
-        except BaseException:
-            self._unlock_folder()
-            raise
-        try:
+            self._db = db = self._connect()
             self._wal()
             self._check()
             self._db.execute("PRAGMA synchronous=NORMAL")
@@ -429,11 +425,12 @@ class Store:
                 self._writable()
                 self._db.executescript(_SCHEMA)
                 self._add_missing_columns()
+            self._reader = self._connect()
         except BaseException:
-            self._db.close()
+            if db is not None:
+                db.close()
             self._unlock_folder()
             raise
-        self._reader = self._connect()
         self._identity: tuple[int, int] | None = None  # unknown until a stat tells it
         for attempt in range(3):  # a network volume's passing ESTALE
             try:
@@ -535,8 +532,8 @@ class Store:
                  if self._wal_found else "")
         return sqlite3.DatabaseError(
             f"{self.path} is damaged: {problem}{stray}; restore it from a backup (`satroute "
-            "restore`, of a copy `satroute backup` made), or move it away to start with an empty store (stored answers and profiles "
-            "are then lost)")
+            "restore`, of a copy `satroute backup` made), or move it away to start with an empty "
+            "store (stored answers and profiles are then lost)")
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[None]:

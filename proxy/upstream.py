@@ -273,6 +273,22 @@ def unfit_request(model: str, text: str, reason: str, code: str,
                                                         "param": param, "code": code}})
 
 
+def error_object(body: dict, whole: bool = True) -> dict | None:
+    """The error object of an upstream's error body: OpenAI's ``error`` object (or, ``whole``, the
+    body itself where it is one: what the openai SDK keeps of it), or an ``error`` that is a string
+    made one: text-generation-inference's ``{"error": "<text>", "error_type": ...}`` (its text, its
+    type), a web framework's ``{"error": "Bad Request", "message": "<text>"}`` (its message, which
+    says more). None when it has neither."""
+    err = body.get("error", body if whole else None)
+    if isinstance(err, dict) and isinstance(err.get("message"), str):
+        return err
+    if isinstance(err, str) and err:
+        said, kind = body.get("message"), body.get("error_type")
+        return {"message": said if isinstance(said, str) and said else err,
+                "type": kind if isinstance(kind, str) else None}
+    return None
+
+
 def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
              redact, local: bool = False) -> Exception:
     """What an upstream's answer other than 200 stands for: a failure worth retrying, or the
@@ -287,10 +303,8 @@ def classify(status: int, body: bytes, model: str, headers: Mapping[str, str],
         err = parsed  # vLLM's shape: {"object": "error", "message", "type", "code"} at the top
     if isinstance(err, dict):
         message = str(err.get("message", ""))
-    elif isinstance(err, str):  # text-generation-inference's {"error": "<text>", "error_type": ...};
-        # a web framework's {"error": "Bad Request", "message": "<text>"} says more in its message
-        said = parsed.get("message")
-        message = said if isinstance(said, str) and said else err
+    elif isinstance(err, str):  # its text, or the message beside it (``error_object``)
+        message = error_object(parsed, whole=False)["message"] if err else ""
     else:  # redacted whole, then cut: a key across the cut would no longer match the redaction
         message = redact(body.decode("utf-8", "replace"))[:300]
     message = redact(message) or f"upstream answered HTTP {status}"
